@@ -1,0 +1,27 @@
+//! # livemig-kvm — the KVM backend for livemig
+//!
+//! [`KvmVm`] is a KVM virtual machine built on kvm-ioctls: guest memory as a
+//! vm-memory `GuestMemoryMmap` with dirty bitmaps, an in-kernel irqchip and
+//! PIT, one thread per vCPU with an explicit [`vcpu::VcpuSet::pause`] /
+//! [`vcpu::VcpuSet::resume`], KVM dirty logging (classic or manual-protect
+//! with chunked `KVM_CLEAR_DIRTY_LOG`), and every piece of vCPU, VM-wide and
+//! device state as versioned livemig sections. It implements
+//! [`livemig::vm::SourceVm`] and [`livemig::vm::DestinationVm`].
+#![deny(missing_docs)]
+
+pub mod dirty;
+pub mod serial;
+pub mod state;
+pub mod vcpu;
+pub mod vm;
+
+pub use dirty::DirtyMode;
+pub use vcpu::ExitHandler;
+pub use vm::{
+    check_compatible, check_properties, x86_layout, KvmVm, KvmVmError, SharedDevice, VmConfig,
+};
+
+/// Whether `/dev/kvm` can be opened on this machine.
+pub fn kvm_available() -> bool {
+    kvm_ioctls::Kvm::new().is_ok()
+}

@@ -1,0 +1,442 @@
+//! vCPU and VM-wide KVM state as livemig [`Section`]s.
+//!
+//! Each KVM structure is stored as its raw bytes (they are plain C structs;
+//! zerocopy checks that they are), tagged and length-prefixed, so a receiver
+//! checks every size before it converts bytes back into a structure.
+//!
+//! * `vcpu.<n>` (version 1): records `tag u16, len u32, bytes` for REGS,
+//!   SREGS, FPU, XSAVE, XCRS, LAPIC, MP_STATE, VCPU_EVENTS, DEBUGREGS and MSRS
+//!   (count u32, then `index u32, value u64` pairs); each exactly once.
+//! * `vm.irqchip` (version 1): PIC master, PIC slave, IOAPIC (`kvm_irqchip` each).
+//! * `vm.pit` (version 1): `kvm_pit_state2`.
+//! * `vm.clock` (version 1): `kvm_clock_data`.
+
+use kvm_bindings::{
+    kvm_clock_data, kvm_debugregs, kvm_fpu, kvm_irqchip, kvm_lapic_state, kvm_mp_state,
+    kvm_msr_entry, kvm_pit_state2, kvm_regs, kvm_sregs, kvm_vcpu_events, kvm_xcrs, kvm_xsave, Msrs,
+    KVM_IRQCHIP_IOAPIC, KVM_IRQCHIP_PIC_MASTER, KVM_IRQCHIP_PIC_SLAVE,
+};
+use kvm_ioctls::{VcpuFd, VmFd};
+use livemig::state::{Section, StateError, StateReader, StateWriter};
+use zerocopy::{FromBytes, Immutable, IntoBytes};
+
+/// Version of the `vcpu.<n>` section.
+pub const VCPU_VERSION: u32 = 1;
+/// Version of the `vm.*` sections.
+pub const VM_VERSION: u32 = 1;
+/// Most MSRs accepted in one vCPU section.
+pub const MAX_MSRS: u32 = 1024;
+
+const TAG_REGS: u16 = 1;
+const TAG_SREGS: u16 = 2;
+const TAG_FPU: u16 = 3;
+const TAG_XSAVE: u16 = 4;
+const TAG_XCRS: u16 = 5;
+const TAG_LAPIC: u16 = 6;
+const TAG_MP_STATE: u16 = 7;
+const TAG_EVENTS: u16 = 8;
+const TAG_DEBUGREGS: u16 = 9;
+const TAG_MSRS: u16 = 10;
+const TAG_NAMES: [&str; 11] = [
+    "",
+    "regs",
+    "sregs",
+    "fpu",
+    "xsave",
+    "xcrs",
+    "lapic",
+    "mp_state",
+    "vcpu_events",
+    "debugregs",
+    "msrs",
+];
+
+fn hv(name: &str, op: &'static str, e: kvm_ioctls::Error) -> StateError {
+    StateError::Hypervisor {
+        name: name.to_string(),
+        op,
+        source: std::io::Error::from_raw_os_error(e.errno()),
+    }
+}
+
+fn put<T: IntoBytes + Immutable>(w: &mut StateWriter, tag: u16, v: &T) {
+    let b = v.as_bytes();
+    w.u16(tag).u32(b.len() as u32).bytes(b);
+}
+
+fn get<T: FromBytes>(name: &str, tag: u16, data: &[u8]) -> Result<T, StateError> {
+    T::read_from_bytes(data).map_err(|_| StateError::Malformed {
+        name: name.to_string(),
+        reason: format!(
+            "{} is {} bytes, expected {}",
+            TAG_NAMES[tag as usize],
+            data.len(),
+            std::mem::size_of::<T>()
+        ),
+    })
+}
+
+const FPU_LEN: usize = 8 * 16 + 2 + 2 + 1 + 1 + 2 + 8 + 8 + 16 * 16 + 4;
+
+// kvm_fpu has no zerocopy derives: encode its fields explicitly.
+fn encode_fpu(f: &kvm_fpu) -> Vec<u8> {
+    let mut w = StateWriter::new();
+    for r in &f.fpr {
+        w.bytes(r);
+    }
+    w.u16(f.fcw)
+        .u16(f.fsw)
+        .u8(f.ftwx)
+        .u8(f.pad1)
+        .u16(f.last_opcode);
+    w.u64(f.last_ip).u64(f.last_dp);
+    for x in &f.xmm {
+        w.bytes(x);
+    }
+    w.u32(f.mxcsr);
+    w.finish()
+}
+
+fn decode_fpu(name: &str, data: &[u8]) -> Result<kvm_fpu, StateError> {
+    if data.len() != FPU_LEN {
+        return Err(StateError::Malformed {
+            name: name.to_string(),
+            reason: format!("fpu is {} bytes, expected {FPU_LEN}", data.len()),
+        });
+    }
+    let mut r = StateReader::new(name, data);
+    let mut f = kvm_fpu::default();
+    for reg in f.fpr.iter_mut() {
+        *reg = r.array()?;
+    }
+    f.fcw = r.u16()?;
+    f.fsw = r.u16()?;
+    f.ftwx = r.u8()?;
+    f.pad1 = r.u8()?;
+    f.last_opcode = r.u16()?;
+    f.last_ip = r.u64()?;
+    f.last_dp = r.u64()?;
+    for x in f.xmm.iter_mut() {
+        *x = r.array()?;
+    }
+    f.mxcsr = r.u32()?;
+    r.finish()?;
+    Ok(f)
+}
+
+/// Section name of vCPU `index`.
+pub fn vcpu_section_name(index: usize) -> String {
+    format!("vcpu.{index}")
+}
+
+/// Saves one vCPU (which must not be running).
+pub fn save_vcpu(index: usize, fd: &VcpuFd, msr_indices: &[u32]) -> Result<Section, StateError> {
+    let name = vcpu_section_name(index);
+    let n = name.as_str();
+    let mut w = StateWriter::new();
+    put(
+        &mut w,
+        TAG_REGS,
+        &fd.get_regs().map_err(|e| hv(n, "KVM_GET_REGS", e))?,
+    );
+    put(
+        &mut w,
+        TAG_SREGS,
+        &fd.get_sregs().map_err(|e| hv(n, "KVM_GET_SREGS", e))?,
+    );
+    let fpu = encode_fpu(&fd.get_fpu().map_err(|e| hv(n, "KVM_GET_FPU", e))?);
+    w.u16(TAG_FPU).u32(fpu.len() as u32).bytes(&fpu);
+    put(
+        &mut w,
+        TAG_XSAVE,
+        &fd.get_xsave().map_err(|e| hv(n, "KVM_GET_XSAVE", e))?,
+    );
+    put(
+        &mut w,
+        TAG_XCRS,
+        &fd.get_xcrs().map_err(|e| hv(n, "KVM_GET_XCRS", e))?,
+    );
+    put(
+        &mut w,
+        TAG_LAPIC,
+        &fd.get_lapic().map_err(|e| hv(n, "KVM_GET_LAPIC", e))?,
+    );
+    put(
+        &mut w,
+        TAG_MP_STATE,
+        &fd.get_mp_state()
+            .map_err(|e| hv(n, "KVM_GET_MP_STATE", e))?,
+    );
+    put(
+        &mut w,
+        TAG_EVENTS,
+        &fd.get_vcpu_events()
+            .map_err(|e| hv(n, "KVM_GET_VCPU_EVENTS", e))?,
+    );
+    put(
+        &mut w,
+        TAG_DEBUGREGS,
+        &fd.get_debug_regs()
+            .map_err(|e| hv(n, "KVM_GET_DEBUGREGS", e))?,
+    );
+    let msrs = read_msrs(n, fd, msr_indices)?;
+    let mut m = StateWriter::new();
+    m.u32(msrs.len() as u32);
+    for (i, v) in &msrs {
+        m.u32(*i).u64(*v);
+    }
+    let mb = m.finish();
+    w.u16(TAG_MSRS).u32(mb.len() as u32).bytes(&mb);
+    Ok(Section::new(name, VCPU_VERSION, w.finish()))
+}
+
+/// Reads the MSRs in `indices`, skipping any the vCPU refuses to read.
+fn read_msrs(name: &str, fd: &VcpuFd, indices: &[u32]) -> Result<Vec<(u32, u64)>, StateError> {
+    let mut want: Vec<u32> = indices.to_vec();
+    let mut out = Vec::with_capacity(want.len());
+    while !want.is_empty() {
+        let entries: Vec<kvm_msr_entry> = want
+            .iter()
+            .map(|&index| kvm_msr_entry {
+                index,
+                ..Default::default()
+            })
+            .collect();
+        let mut msrs = Msrs::from_entries(&entries).map_err(|e| StateError::Malformed {
+            name: name.to_string(),
+            reason: format!("MSR list: {e:?}"),
+        })?;
+        let n = fd
+            .get_msrs(&mut msrs)
+            .map_err(|e| hv(name, "KVM_GET_MSRS", e))?;
+        out.extend(msrs.as_slice()[..n].iter().map(|e| (e.index, e.data)));
+        if n < want.len() {
+            log::debug!("{name}: MSR 0x{:x} cannot be read, skipped", want[n]);
+            want.drain(..=n);
+        } else {
+            want.clear();
+        }
+    }
+    Ok(out)
+}
+
+/// Restores one vCPU from its section (version already checked by the caller
+/// or checked here).
+pub fn restore_vcpu(fd: &VcpuFd, section: &Section) -> Result<(), StateError> {
+    let n = section.name.as_str();
+    if section.version != VCPU_VERSION {
+        return Err(StateError::UnsupportedVersion {
+            name: n.to_string(),
+            got: section.version,
+            min: VCPU_VERSION,
+            max: VCPU_VERSION,
+        });
+    }
+    let mut r = StateReader::new(n, &section.data);
+    let mut seen = [false; 11];
+    let mut regs = None;
+    let mut sregs = None;
+    let mut fpu = None;
+    let mut xsave = None;
+    let mut xcrs = None;
+    let mut lapic = None;
+    let mut mp = None;
+    let mut events = None;
+    let mut dregs = None;
+    let mut msrs: Vec<kvm_msr_entry> = Vec::new();
+    while let Ok(tag) = r.u16() {
+        let len = r.u32()? as usize;
+        let data = r.bytes(len)?;
+        let t = tag as usize;
+        if t == 0 || t >= seen.len() {
+            return Err(StateError::Malformed {
+                name: n.to_string(),
+                reason: format!("unknown record tag {tag}"),
+            });
+        }
+        if seen[t] {
+            return Err(StateError::Malformed {
+                name: n.to_string(),
+                reason: format!("record {} appears twice", TAG_NAMES[t]),
+            });
+        }
+        seen[t] = true;
+        match tag {
+            TAG_REGS => regs = Some(get::<kvm_regs>(n, tag, data)?),
+            TAG_SREGS => sregs = Some(get::<kvm_sregs>(n, tag, data)?),
+            TAG_FPU => fpu = Some(decode_fpu(n, data)?),
+            TAG_XSAVE => xsave = Some(get::<kvm_xsave>(n, tag, data)?),
+            TAG_XCRS => xcrs = Some(get::<kvm_xcrs>(n, tag, data)?),
+            TAG_LAPIC => lapic = Some(get::<kvm_lapic_state>(n, tag, data)?),
+            TAG_MP_STATE => mp = Some(get::<kvm_mp_state>(n, tag, data)?),
+            TAG_EVENTS => events = Some(get::<kvm_vcpu_events>(n, tag, data)?),
+            TAG_DEBUGREGS => dregs = Some(get::<kvm_debugregs>(n, tag, data)?),
+            _ => {
+                let mut m = StateReader::new(n, data);
+                let count = m.u32()?;
+                if count > MAX_MSRS {
+                    return Err(StateError::Malformed {
+                        name: n.to_string(),
+                        reason: format!("{count} MSRs exceeds the limit of {MAX_MSRS}"),
+                    });
+                }
+                for _ in 0..count {
+                    let index = m.u32()?;
+                    let data = m.u64()?;
+                    msrs.push(kvm_msr_entry {
+                        index,
+                        data,
+                        ..Default::default()
+                    });
+                }
+                m.finish()?;
+            }
+        }
+    }
+    r.finish()?;
+    let missing = |what: &str| StateError::Malformed {
+        name: n.to_string(),
+        reason: format!("record {what} is missing"),
+    };
+    let regs = regs.ok_or_else(|| missing("regs"))?;
+    let sregs = sregs.ok_or_else(|| missing("sregs"))?;
+    let fpu = fpu.ok_or_else(|| missing("fpu"))?;
+    let xsave = xsave.ok_or_else(|| missing("xsave"))?;
+    let xcrs = xcrs.ok_or_else(|| missing("xcrs"))?;
+    let lapic = lapic.ok_or_else(|| missing("lapic"))?;
+    let mp = mp.ok_or_else(|| missing("mp_state"))?;
+    let events = events.ok_or_else(|| missing("vcpu_events"))?;
+    let dregs = dregs.ok_or_else(|| missing("debugregs"))?;
+    if !seen[TAG_MSRS as usize] {
+        return Err(missing("msrs"));
+    }
+
+    // Order as QEMU: sregs before regs (mode), xsave/xcrs, MSRs, then the
+    // APIC, MP state and pending events.
+    fd.set_sregs(&sregs)
+        .map_err(|e| hv(n, "KVM_SET_SREGS", e))?;
+    fd.set_regs(&regs).map_err(|e| hv(n, "KVM_SET_REGS", e))?;
+    fd.set_fpu(&fpu).map_err(|e| hv(n, "KVM_SET_FPU", e))?;
+    // SAFETY: `xsave` is a complete kvm_xsave read back from a same-sized
+    // structure of the source; KVM validates its contents.
+    unsafe { fd.set_xsave(&xsave) }.map_err(|e| hv(n, "KVM_SET_XSAVE", e))?;
+    fd.set_xcrs(&xcrs).map_err(|e| hv(n, "KVM_SET_XCRS", e))?;
+    if !msrs.is_empty() {
+        let m = Msrs::from_entries(&msrs).map_err(|e| StateError::Malformed {
+            name: n.to_string(),
+            reason: format!("MSR list: {e:?}"),
+        })?;
+        let set = fd.set_msrs(&m).map_err(|e| hv(n, "KVM_SET_MSRS", e))?;
+        if set < msrs.len() {
+            return Err(StateError::Malformed {
+                name: n.to_string(),
+                reason: format!(
+                    "KVM_SET_MSRS refused MSR 0x{:x} = 0x{:x}",
+                    msrs[set].index, msrs[set].data
+                ),
+            });
+        }
+    }
+    fd.set_lapic(&lapic)
+        .map_err(|e| hv(n, "KVM_SET_LAPIC", e))?;
+    fd.set_mp_state(mp)
+        .map_err(|e| hv(n, "KVM_SET_MP_STATE", e))?;
+    fd.set_vcpu_events(&events)
+        .map_err(|e| hv(n, "KVM_SET_VCPU_EVENTS", e))?;
+    fd.set_debug_regs(&dregs)
+        .map_err(|e| hv(n, "KVM_SET_DEBUGREGS", e))?;
+    Ok(())
+}
+
+/// Saves the VM-wide state: irqchip, PIT and kvmclock.
+pub fn save_vm(vm: &VmFd) -> Result<Vec<Section>, StateError> {
+    let mut w = StateWriter::new();
+    for (chip, what) in [
+        (KVM_IRQCHIP_PIC_MASTER, "PIC master"),
+        (KVM_IRQCHIP_PIC_SLAVE, "PIC slave"),
+        (KVM_IRQCHIP_IOAPIC, "IOAPIC"),
+    ] {
+        let mut c = kvm_irqchip {
+            chip_id: chip,
+            ..Default::default()
+        };
+        vm.get_irqchip(&mut c).map_err(|e| {
+            log::error!("KVM_GET_IRQCHIP {what}: {e}");
+            hv("vm.irqchip", "KVM_GET_IRQCHIP", e)
+        })?;
+        w.bytes(c.as_bytes());
+    }
+    let pit = vm.get_pit2().map_err(|e| hv("vm.pit", "KVM_GET_PIT2", e))?;
+    let clock = vm
+        .get_clock()
+        .map_err(|e| hv("vm.clock", "KVM_GET_CLOCK", e))?;
+    Ok(vec![
+        Section::new("vm.irqchip", VM_VERSION, w.finish()),
+        Section::new("vm.pit", VM_VERSION, pit.as_bytes().to_vec()),
+        Section::new("vm.clock", VM_VERSION, clock.as_bytes().to_vec()),
+    ])
+}
+
+/// Names of the VM-wide sections.
+pub const VM_SECTIONS: [&str; 3] = ["vm.irqchip", "vm.pit", "vm.clock"];
+
+/// Restores one VM-wide section.
+pub fn restore_vm_section(vm: &VmFd, s: &Section) -> Result<(), StateError> {
+    if s.version != VM_VERSION {
+        return Err(StateError::UnsupportedVersion {
+            name: s.name.clone(),
+            got: s.version,
+            min: VM_VERSION,
+            max: VM_VERSION,
+        });
+    }
+    let n = s.name.as_str();
+    let bad = |reason: String| StateError::Malformed {
+        name: n.to_string(),
+        reason,
+    };
+    match n {
+        "vm.irqchip" => {
+            let sz = std::mem::size_of::<kvm_irqchip>();
+            if s.data.len() != 3 * sz {
+                return Err(bad(format!("{} bytes, expected {}", s.data.len(), 3 * sz)));
+            }
+            for (i, chunk) in s.data.chunks_exact(sz).enumerate() {
+                let c = kvm_irqchip::read_from_bytes(chunk)
+                    .map_err(|_| bad("irqchip record size".into()))?;
+                if c.chip_id != i as u32 {
+                    return Err(bad(format!("record {i} has chip id {}", c.chip_id)));
+                }
+                vm.set_irqchip(&c)
+                    .map_err(|e| hv("vm.irqchip", "KVM_SET_IRQCHIP", e))?;
+            }
+        }
+        "vm.pit" => {
+            let p = kvm_pit_state2::read_from_bytes(&s.data).map_err(|_| {
+                bad(format!(
+                    "{} bytes, expected {}",
+                    s.data.len(),
+                    std::mem::size_of::<kvm_pit_state2>()
+                ))
+            })?;
+            vm.set_pit2(&p)
+                .map_err(|e| hv("vm.pit", "KVM_SET_PIT2", e))?;
+        }
+        "vm.clock" => {
+            let mut c = kvm_clock_data::read_from_bytes(&s.data).map_err(|_| {
+                bad(format!(
+                    "{} bytes, expected {}",
+                    s.data.len(),
+                    std::mem::size_of::<kvm_clock_data>()
+                ))
+            })?;
+            // Only flags KVM_SET_CLOCK understands; KVM_CLOCK_REALTIME makes
+            // the clock advance by the real time that passed since the save.
+            c.flags &= kvm_bindings::KVM_CLOCK_REALTIME;
+            vm.set_clock(&c)
+                .map_err(|e| hv("vm.clock", "KVM_SET_CLOCK", e))?;
+        }
+        other => return Err(StateError::Unknown(other.to_string())),
+    }
+    Ok(())
+}

@@ -1,0 +1,359 @@
+//! vCPU threads and the pause/resume controller.
+//!
+//! Each vCPU runs `KVM_RUN` in a loop on its own thread. [`VcpuSet::pause`]
+//! asks every thread to park and kicks it out of `KVM_RUN` with a signal
+//! (the signal handler sets `immediate_exit` in the thread's `kvm_run`
+//! page, so a kick that races with the entry into `KVM_RUN` is never lost);
+//! it returns only once every vCPU is parked. While parked a vCPU's
+//! [`VcpuFd`] is free, and the state code locks it to save or restore
+//! registers. [`VcpuSet::resume`] lets the threads run again.
+
+use std::cell::Cell;
+use std::sync::{Arc, Condvar, Mutex, MutexGuard};
+use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
+
+use kvm_bindings::kvm_run;
+use kvm_ioctls::{VcpuExit, VcpuFd};
+use vmm_sys_util::signal::{register_signal_handler, Killable, SIGRTMIN};
+
+/// Port-I/O and MMIO handler the VMM provides for exits the kernel does not
+/// handle. Unclaimed accesses should be ignored (reads return all ones).
+pub trait ExitHandler: Send + Sync {
+    /// A guest `in` from `port`; fill `data`.
+    fn pio_read(&self, port: u16, data: &mut [u8]);
+    /// A guest `out` to `port`.
+    fn pio_write(&self, port: u16, data: &[u8]);
+    /// A guest MMIO read at `addr`; fill `data`.
+    fn mmio_read(&self, addr: u64, data: &mut [u8]);
+    /// A guest MMIO write at `addr`.
+    fn mmio_write(&self, addr: u64, data: &[u8]);
+}
+
+/// Errors of the vCPU controller.
+#[derive(Debug, thiserror::Error)]
+pub enum VcpuError {
+    /// Installing the kick signal handler failed.
+    #[error("installing the vCPU kick signal handler: {0}")]
+    Signal(vmm_sys_util::errno::Error),
+    /// Spawning a vCPU thread failed.
+    #[error("spawning vCPU thread {0}: {1}")]
+    Spawn(usize, std::io::Error),
+    /// A vCPU stopped with a fatal exit (shutdown, internal error, failed entry).
+    #[error("vCPU {index} stopped: {reason}")]
+    Fatal {
+        /// The vCPU.
+        index: usize,
+        /// What happened.
+        reason: String,
+    },
+    /// Pausing did not complete in time.
+    #[error("vCPUs did not park within {0:?}")]
+    PauseTimeout(Duration),
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Want {
+    Run,
+    Pause,
+    Exit,
+}
+
+struct Ctl {
+    want: Want,
+    parked: usize,
+    exited: usize,
+    fatal: Option<(usize, String)>,
+}
+
+struct Shared {
+    ctl: Mutex<Ctl>,
+    cv: Condvar,
+}
+
+impl Shared {
+    fn lock(&self) -> MutexGuard<'_, Ctl> {
+        // A poisoned lock only means another thread panicked while holding
+        // it; the plain-data control block is still consistent.
+        self.ctl.lock().unwrap_or_else(|e| e.into_inner())
+    }
+}
+
+thread_local! {
+    // The kvm_run page of the vCPU on this thread, for the signal handler.
+    // `const` initialisation: no lazy init or destructor, so touching it
+    // from a signal handler is async-signal-safe.
+    static KVM_RUN_PTR: Cell<*mut kvm_run> = const { Cell::new(std::ptr::null_mut()) };
+}
+
+extern "C" fn kick_handler(_: libc::c_int, _: *mut libc::siginfo_t, _: *mut libc::c_void) {
+    KVM_RUN_PTR.with(|p| {
+        let ptr = p.get();
+        if !ptr.is_null() {
+            // SAFETY: the pointer is the kvm_run mmap of the VcpuFd owned by
+            // this thread's VcpuSet entry; it stays mapped until the thread
+            // exits, and the thread clears the pointer before that.
+            unsafe { std::ptr::write_volatile(&mut (*ptr).immediate_exit, 1) };
+        }
+    });
+}
+
+/// The signal used to kick vCPU threads out of `KVM_RUN`.
+pub fn kick_signal() -> libc::c_int {
+    SIGRTMIN()
+}
+
+struct VcpuThread(JoinHandle<()>);
+
+// SAFETY: the pthread_t comes from a JoinHandle we own and have not joined,
+// so it is valid for as long as the VcpuThread exists.
+unsafe impl Killable for VcpuThread {
+    fn pthread_handle(&self) -> libc::pthread_t {
+        use std::os::unix::thread::JoinHandleExt;
+        self.0.as_pthread_t()
+    }
+}
+
+/// A set of vCPUs, each on its own thread, that start parked.
+pub struct VcpuSet {
+    vcpus: Vec<Arc<Mutex<VcpuFd>>>,
+    threads: Vec<VcpuThread>,
+    shared: Arc<Shared>,
+    pause_timeout: Duration,
+}
+
+impl VcpuSet {
+    /// Spawns one thread per vCPU. The vCPUs start *paused*: set their
+    /// initial state, then call [`VcpuSet::resume`].
+    pub fn spawn(vcpus: Vec<VcpuFd>, handler: Arc<dyn ExitHandler>) -> Result<Self, VcpuError> {
+        register_signal_handler(kick_signal(), kick_handler).map_err(VcpuError::Signal)?;
+        let shared = Arc::new(Shared {
+            ctl: Mutex::new(Ctl {
+                want: Want::Pause,
+                parked: 0,
+                exited: 0,
+                fatal: None,
+            }),
+            cv: Condvar::new(),
+        });
+        let vcpus: Vec<_> = vcpus.into_iter().map(|v| Arc::new(Mutex::new(v))).collect();
+        let mut set = VcpuSet {
+            vcpus: vcpus.clone(),
+            threads: Vec::new(),
+            shared: shared.clone(),
+            pause_timeout: Duration::from_secs(5),
+        };
+        for (index, vcpu) in vcpus.into_iter().enumerate() {
+            let shared = shared.clone();
+            let handler = handler.clone();
+            let t = std::thread::Builder::new()
+                .name(format!("vcpu{index}"))
+                .spawn(move || vcpu_loop(index, vcpu, shared, handler))
+                .map_err(|e| VcpuError::Spawn(index, e))?;
+            set.threads.push(VcpuThread(t));
+        }
+        // Wait until every thread has parked once, so that state set by the
+        // caller is never raced by a first KVM_RUN.
+        set.wait_parked()?;
+        Ok(set)
+    }
+
+    /// Number of vCPUs.
+    pub fn len(&self) -> usize {
+        self.vcpus.len()
+    }
+
+    /// Whether the set is empty.
+    pub fn is_empty(&self) -> bool {
+        self.vcpus.is_empty()
+    }
+
+    /// The vCPU file descriptors. Lock one only while the set is paused;
+    /// while running, its thread holds the lock inside `KVM_RUN`.
+    pub fn vcpu(&self, index: usize) -> Option<&Arc<Mutex<VcpuFd>>> {
+        self.vcpus.get(index)
+    }
+
+    /// Whether the vCPUs are currently asked to run.
+    pub fn is_running(&self) -> bool {
+        self.shared.lock().want == Want::Run
+    }
+
+    /// The first fatal vCPU exit, if any (guest shutdown, internal error).
+    pub fn fatal(&self) -> Option<VcpuError> {
+        self.shared
+            .lock()
+            .fatal
+            .clone()
+            .map(|(index, reason)| VcpuError::Fatal { index, reason })
+    }
+
+    /// Blocks until a vCPU stops with a fatal exit or the set is dropped.
+    pub fn wait_fatal(&self, timeout: Duration) -> Option<VcpuError> {
+        let ctl = self.shared.lock();
+        let (ctl, _) = self
+            .shared
+            .cv
+            .wait_timeout_while(ctl, timeout, |c| c.fatal.is_none())
+            .unwrap_or_else(|e| e.into_inner());
+        ctl.fatal
+            .clone()
+            .map(|(index, reason)| VcpuError::Fatal { index, reason })
+    }
+
+    /// Pauses every vCPU: returns once each has left `KVM_RUN` and parked.
+    pub fn pause(&self) -> Result<(), VcpuError> {
+        self.shared.lock().want = Want::Pause;
+        self.wait_parked()
+    }
+
+    fn wait_parked(&self) -> Result<(), VcpuError> {
+        let n = self.vcpus.len();
+        let deadline = Instant::now() + self.pause_timeout;
+        let mut ctl = self.shared.lock();
+        while ctl.parked + ctl.exited < n {
+            drop(ctl);
+            for t in &self.threads {
+                // A failed kick only means the thread already exited.
+                let _ = t.kill(kick_signal());
+            }
+            ctl = self.shared.lock();
+            if ctl.parked + ctl.exited >= n {
+                break;
+            }
+            let (c, _) = self
+                .shared
+                .cv
+                .wait_timeout(ctl, Duration::from_micros(500))
+                .unwrap_or_else(|e| e.into_inner());
+            ctl = c;
+            if Instant::now() > deadline {
+                return Err(VcpuError::PauseTimeout(self.pause_timeout));
+            }
+        }
+        Ok(())
+    }
+
+    /// Lets every vCPU run again.
+    pub fn resume(&self) {
+        let mut ctl = self.shared.lock();
+        if ctl.want != Want::Exit {
+            ctl.want = Want::Run;
+        }
+        self.shared.cv.notify_all();
+    }
+}
+
+impl Drop for VcpuSet {
+    fn drop(&mut self) {
+        self.shared.lock().want = Want::Exit;
+        self.shared.cv.notify_all();
+        let deadline = Instant::now() + Duration::from_secs(2);
+        loop {
+            let done = {
+                let c = self.shared.lock();
+                c.exited >= self.vcpus.len()
+            };
+            if done || Instant::now() > deadline {
+                break;
+            }
+            for t in &self.threads {
+                let _ = t.kill(kick_signal());
+            }
+            std::thread::sleep(Duration::from_micros(200));
+        }
+        for t in self.threads.drain(..) {
+            if t.0.is_finished() {
+                let _ = t.0.join();
+            }
+        }
+    }
+}
+
+fn vcpu_loop(
+    index: usize,
+    vcpu: Arc<Mutex<VcpuFd>>,
+    shared: Arc<Shared>,
+    handler: Arc<dyn ExitHandler>,
+) {
+    {
+        let mut fd = vcpu.lock().unwrap_or_else(|e| e.into_inner());
+        let ptr: *mut kvm_run = fd.get_kvm_run();
+        KVM_RUN_PTR.with(|p| p.set(ptr));
+    }
+    loop {
+        {
+            let mut ctl = shared.lock();
+            if ctl.want != Want::Run {
+                ctl.parked += 1;
+                shared.cv.notify_all();
+                while ctl.want == Want::Pause {
+                    ctl = shared.cv.wait(ctl).unwrap_or_else(|e| e.into_inner());
+                }
+                ctl.parked -= 1;
+                if ctl.want == Want::Exit {
+                    break;
+                }
+            }
+        }
+        let mut fd = vcpu.lock().unwrap_or_else(|e| e.into_inner());
+        let fatal = match fd.run() {
+            Ok(VcpuExit::IoOut(port, data)) => {
+                handler.pio_write(port, data);
+                None
+            }
+            Ok(VcpuExit::IoIn(port, data)) => {
+                handler.pio_read(port, data);
+                None
+            }
+            Ok(VcpuExit::MmioRead(addr, data)) => {
+                handler.mmio_read(addr, data);
+                None
+            }
+            Ok(VcpuExit::MmioWrite(addr, data)) => {
+                handler.mmio_write(addr, data);
+                None
+            }
+            Ok(VcpuExit::Hlt) => {
+                drop(fd);
+                std::thread::sleep(Duration::from_micros(100));
+                continue;
+            }
+            Ok(VcpuExit::Shutdown) => Some("guest shutdown (triple fault?)".to_string()),
+            Ok(VcpuExit::FailEntry(reason, cpu)) => {
+                Some(format!("KVM_EXIT_FAIL_ENTRY reason 0x{reason:x} cpu {cpu}"))
+            }
+            Ok(VcpuExit::InternalError) => Some("KVM_EXIT_INTERNAL_ERROR".to_string()),
+            Ok(VcpuExit::SystemEvent(kind, _)) => Some(format!("system event {kind}")),
+            Ok(other) => {
+                log::debug!("vcpu{index}: ignored exit {other:?}");
+                None
+            }
+            Err(e) if e.errno() == libc::EINTR || e.errno() == libc::EAGAIN => {
+                fd.set_kvm_immediate_exit(0);
+                None
+            }
+            Err(e) => Some(format!("KVM_RUN failed: {e}")),
+        };
+        drop(fd);
+        if let Some(reason) = fatal {
+            log::error!("vcpu{index}: {reason}");
+            let mut ctl = shared.lock();
+            if ctl.fatal.is_none() {
+                ctl.fatal = Some((index, reason));
+            }
+            // Park for good: the VM is dead, but pause/drop still work.
+            ctl.parked += 1;
+            shared.cv.notify_all();
+            while ctl.want != Want::Exit {
+                ctl = shared.cv.wait(ctl).unwrap_or_else(|e| e.into_inner());
+            }
+            ctl.parked -= 1;
+            break;
+        }
+    }
+    KVM_RUN_PTR.with(|p| p.set(std::ptr::null_mut()));
+    let mut ctl = shared.lock();
+    ctl.exited += 1;
+    shared.cv.notify_all();
+}

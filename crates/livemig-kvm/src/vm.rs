@@ -1,0 +1,493 @@
+//! A KVM virtual machine: guest memory, in-kernel irqchip and PIT, vCPU
+//! threads, dirty tracking and state sections. It implements livemig's
+//! [`SourceVm`] and [`DestinationVm`] seams.
+
+use std::collections::BTreeMap;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use kvm_bindings::{
+    kvm_enable_cap, kvm_pit_config, CpuId, KVM_MAX_CPUID_ENTRIES, KVM_PIT_SPEAKER_DUMMY,
+};
+use kvm_ioctls::{Kvm, VcpuFd, VmFd};
+use livemig::memory::{allocate, GuestRam, MemoryLayout, RegionDesc};
+use livemig::state::{DeviceState, Section, StateError};
+use livemig::vm::{DestinationVm, DirtyTracker, NicInfo, SourceVm, VmDescription, VmError};
+use vm_memory::{GuestMemoryBackend, GuestMemoryRegion};
+
+use crate::dirty::{DirtyMode, KvmDirtyTracker, Slot};
+use crate::state::{
+    restore_vcpu, restore_vm_section, save_vcpu, save_vm, vcpu_section_name, VM_SECTIONS,
+};
+use crate::vcpu::{ExitHandler, VcpuError, VcpuSet};
+
+const KVM_DIRTY_LOG_MANUAL_PROTECT_ENABLE: u64 = 1;
+const KVM_DIRTY_LOG_INITIALLY_SET: u64 = 2;
+
+/// Start of the PCI hole on x86: RAM beyond this moves above 4 GiB.
+pub const MMIO_HOLE_START: u64 = 3 << 30;
+/// Where RAM continues after the hole.
+pub const HIGH_RAM_START: u64 = 4 << 30;
+/// Most vCPUs a VM may have.
+pub const MAX_VCPUS: u32 = 64;
+
+/// Errors creating or driving a KVM VM.
+#[derive(Debug, thiserror::Error)]
+pub enum KvmVmError {
+    /// `/dev/kvm` could not be opened.
+    #[error("cannot open /dev/kvm: {0} (is KVM available and are you allowed to use it?)")]
+    OpenKvm(kvm_ioctls::Error),
+    /// A KVM ioctl failed.
+    #[error("{op}: {source}")]
+    Kvm {
+        /// The operation.
+        op: &'static str,
+        /// The error.
+        source: kvm_ioctls::Error,
+    },
+    /// The configuration is invalid.
+    #[error("invalid VM configuration: {0}")]
+    Config(String),
+    /// Allocating guest memory failed.
+    #[error("allocating guest memory: {0}")]
+    Memory(String),
+    /// A vCPU error.
+    #[error(transparent)]
+    Vcpu(#[from] VcpuError),
+}
+
+fn kvm_err(op: &'static str) -> impl FnOnce(kvm_ioctls::Error) -> KvmVmError {
+    move |source| KvmVmError::Kvm { op, source }
+}
+
+/// A device registered with the VM for state save/restore.
+pub type SharedDevice = Arc<Mutex<dyn DeviceState + Send>>;
+
+/// How to build a VM.
+#[derive(Clone)]
+pub struct VmConfig {
+    /// Guest memory in bytes (a multiple of 4 KiB).
+    pub memory: u64,
+    /// Number of vCPUs (1..=[`MAX_VCPUS`]).
+    pub vcpus: u32,
+    /// The VM's NICs (announced after migration).
+    pub nics: Vec<NicInfo>,
+    /// Dirty-tracking mode; `None` picks manual-protect where KVM offers it.
+    pub dirty_mode: Option<DirtyMode>,
+}
+
+/// The standard x86 layout for `bytes` of RAM: below 3 GiB in one region,
+/// the rest above 4 GiB.
+pub fn x86_layout(bytes: u64) -> Result<MemoryLayout, KvmVmError> {
+    if bytes == 0 || bytes % 4096 != 0 {
+        return Err(KvmVmError::Config(format!(
+            "memory size {bytes} must be a non-zero multiple of 4 KiB"
+        )));
+    }
+    let mut regions = vec![RegionDesc {
+        guest_addr: 0,
+        size: bytes.min(MMIO_HOLE_START),
+    }];
+    if bytes > MMIO_HOLE_START {
+        regions.push(RegionDesc {
+            guest_addr: HIGH_RAM_START,
+            size: bytes - MMIO_HOLE_START,
+        });
+    }
+    MemoryLayout::new(regions).map_err(|e| KvmVmError::Config(e.to_string()))
+}
+
+/// A KVM VM with its vCPU threads.
+pub struct KvmVm {
+    kvm: Kvm,
+    vm: VmFd,
+    memory: GuestRam,
+    slots: Vec<Slot>,
+    vcpus: VcpuSet,
+    devices: Vec<SharedDevice>,
+    msr_indices: Vec<u32>,
+    dirty_mode: DirtyMode,
+    nics: Vec<NicInfo>,
+    cpuid_hash: u64,
+}
+
+impl KvmVm {
+    /// Creates a VM with in-kernel irqchip and PIT, guest memory for
+    /// `config.memory`, and paused vCPU threads whose exits go to `handler`.
+    /// `devices` are saved and restored with the VM.
+    pub fn create(
+        config: &VmConfig,
+        handler: Arc<dyn ExitHandler>,
+        devices: Vec<SharedDevice>,
+    ) -> Result<Self, KvmVmError> {
+        if config.vcpus == 0 || config.vcpus > MAX_VCPUS {
+            return Err(KvmVmError::Config(format!(
+                "{} vCPUs: must be between 1 and {MAX_VCPUS}",
+                config.vcpus
+            )));
+        }
+        let layout = x86_layout(config.memory)?;
+        let kvm = Kvm::new().map_err(KvmVmError::OpenKvm)?;
+        let vm = kvm.create_vm().map_err(kvm_err("KVM_CREATE_VM"))?;
+        vm.set_tss_address(0xfffb_d000)
+            .map_err(kvm_err("KVM_SET_TSS_ADDR"))?;
+        vm.create_irq_chip()
+            .map_err(kvm_err("KVM_CREATE_IRQCHIP"))?;
+        vm.create_pit2(kvm_pit_config {
+            flags: KVM_PIT_SPEAKER_DUMMY,
+            ..Default::default()
+        })
+        .map_err(kvm_err("KVM_CREATE_PIT2"))?;
+
+        let wanted = config.dirty_mode.unwrap_or(DirtyMode::ManualProtect);
+        let mut dirty_mode = DirtyMode::Classic;
+        if wanted == DirtyMode::ManualProtect {
+            let supported =
+                vm.check_extension_raw(u64::from(kvm_bindings::KVM_CAP_MANUAL_DIRTY_LOG_PROTECT2));
+            if supported > 0 {
+                let mut flags = KVM_DIRTY_LOG_MANUAL_PROTECT_ENABLE;
+                if supported as u64 & KVM_DIRTY_LOG_INITIALLY_SET != 0 {
+                    flags |= KVM_DIRTY_LOG_INITIALLY_SET;
+                }
+                let mut cap = kvm_enable_cap {
+                    cap: kvm_bindings::KVM_CAP_MANUAL_DIRTY_LOG_PROTECT2,
+                    ..Default::default()
+                };
+                cap.args[0] = flags;
+                vm.enable_cap(&cap)
+                    .map_err(kvm_err("KVM_ENABLE_CAP(MANUAL_DIRTY_LOG_PROTECT2)"))?;
+                dirty_mode = DirtyMode::ManualProtect;
+            } else {
+                log::info!(
+                    "KVM_CAP_MANUAL_DIRTY_LOG_PROTECT2 not offered; using the classic dirty log"
+                );
+            }
+        }
+
+        let memory = allocate(&layout).map_err(|e| KvmVmError::Memory(e.to_string()))?;
+        let mut slots = Vec::new();
+        for (i, r) in memory.iter().enumerate() {
+            let host = memory
+                .get_host_address(r.start_addr())
+                .map_err(|e| KvmVmError::Memory(e.to_string()))?;
+            let slot = Slot {
+                slot: i as u32,
+                guest_addr: r.start_addr().0,
+                size: r.len(),
+                host_addr: host as u64,
+            };
+            slot.register(&vm, 0)
+                .map_err(kvm_err("KVM_SET_USER_MEMORY_REGION"))?;
+            slots.push(slot);
+        }
+
+        let cpuid = kvm
+            .get_supported_cpuid(KVM_MAX_CPUID_ENTRIES)
+            .map_err(kvm_err("KVM_GET_SUPPORTED_CPUID"))?;
+        let cpuid_hash = hash_cpuid(&cpuid);
+        let mut fds: Vec<VcpuFd> = Vec::new();
+        for id in 0..config.vcpus {
+            let fd = vm
+                .create_vcpu(u64::from(id))
+                .map_err(kvm_err("KVM_CREATE_VCPU"))?;
+            let mut c = cpuid.clone();
+            for e in c.as_mut_slice() {
+                match e.function {
+                    1 => e.ebx = (e.ebx & 0x00ff_ffff) | (id << 24),
+                    0xb | 0x1f => e.edx = id,
+                    _ => {}
+                }
+            }
+            fd.set_cpuid2(&c).map_err(kvm_err("KVM_SET_CPUID2"))?;
+            fds.push(fd);
+        }
+        let msr_indices = kvm
+            .get_msr_index_list()
+            .map_err(kvm_err("KVM_GET_MSR_INDEX_LIST"))?
+            .as_slice()
+            .to_vec();
+        let vcpus = VcpuSet::spawn(fds, handler)?;
+        Ok(KvmVm {
+            kvm,
+            vm,
+            memory,
+            slots,
+            vcpus,
+            devices,
+            msr_indices,
+            dirty_mode,
+            nics: config.nics.clone(),
+            cpuid_hash,
+        })
+    }
+
+    /// The KVM VM file descriptor (to register irqfds, ioeventfds, ...).
+    pub fn vm_fd(&self) -> &VmFd {
+        &self.vm
+    }
+
+    /// The KVM system handle.
+    pub fn kvm(&self) -> &Kvm {
+        &self.kvm
+    }
+
+    /// The vCPU set.
+    pub fn vcpus(&self) -> &VcpuSet {
+        &self.vcpus
+    }
+
+    /// The dirty-tracking mode in use.
+    pub fn dirty_mode(&self) -> DirtyMode {
+        self.dirty_mode
+    }
+
+    /// The host TSC frequency in kHz as KVM reports it (= the guest's).
+    pub fn tsc_khz(&self) -> Result<u32, KvmVmError> {
+        let v = self
+            .vcpus
+            .vcpu(0)
+            .ok_or_else(|| KvmVmError::Config("no vCPU".into()))?;
+        let fd = v.lock().unwrap_or_else(|e| e.into_inner());
+        fd.get_tsc_khz().map_err(kvm_err("KVM_GET_TSC_KHZ"))
+    }
+
+    /// Runs `f` on vCPU `index`'s fd. The VM must be paused.
+    pub fn with_vcpu<R>(
+        &self,
+        index: usize,
+        f: impl FnOnce(&VcpuFd) -> R,
+    ) -> Result<R, KvmVmError> {
+        if self.vcpus.is_running() {
+            return Err(KvmVmError::Config(
+                "vCPU access while running; pause first".into(),
+            ));
+        }
+        let v = self
+            .vcpus
+            .vcpu(index)
+            .ok_or_else(|| KvmVmError::Config(format!("no vCPU {index}")))?;
+        let fd = v.lock().unwrap_or_else(|e| e.into_inner());
+        Ok(f(&fd))
+    }
+
+    /// Pauses every vCPU.
+    pub fn pause_vcpus(&self) -> Result<(), KvmVmError> {
+        Ok(self.vcpus.pause()?)
+    }
+
+    /// Resumes every vCPU.
+    pub fn resume_vcpus(&self) {
+        self.vcpus.resume()
+    }
+
+    /// Blocks until a vCPU stops fatally (guest shutdown), up to `timeout`.
+    pub fn wait_fatal(&self, timeout: Duration) -> Option<VcpuError> {
+        self.vcpus.wait_fatal(timeout)
+    }
+
+    fn properties(&self) -> BTreeMap<String, String> {
+        let mut p = BTreeMap::new();
+        p.insert("kvm.cpuid".to_string(), format!("{:016x}", self.cpuid_hash));
+        p.insert("kvm.irqchip".to_string(), "pic+ioapic+pit2".to_string());
+        p
+    }
+}
+
+fn hash_cpuid(c: &CpuId) -> u64 {
+    // FNV-1a over the supported CPUID entries: equal on hosts with the same
+    // CPU features and KVM version.
+    let mut h: u64 = 0xcbf2_9ce4_8422_2325;
+    for e in c.as_slice() {
+        for v in [e.function, e.index, e.flags, e.eax, e.ebx, e.ecx, e.edx] {
+            for b in v.to_le_bytes() {
+                h ^= u64::from(b);
+                h = h.wrapping_mul(0x0100_0000_01b3);
+            }
+        }
+    }
+    h
+}
+
+impl SourceVm for KvmVm {
+    fn memory(&self) -> &GuestRam {
+        &self.memory
+    }
+
+    fn describe(&self) -> Result<VmDescription, VmError> {
+        Ok(VmDescription {
+            layout: MemoryLayout::of(&self.memory)
+                .map_err(|e| VmError::Incompatible(e.to_string()))?,
+            vcpus: self.vcpus.len() as u32,
+            nics: self.nics.clone(),
+            properties: self.properties(),
+        })
+    }
+
+    fn dirty_tracker(&self) -> Result<Box<dyn DirtyTracker + '_>, VmError> {
+        Ok(Box::new(KvmDirtyTracker::new(
+            &self.vm,
+            &self.slots,
+            self.dirty_mode,
+        )))
+    }
+
+    fn pause(&self) -> Result<(), VmError> {
+        self.vcpus
+            .pause()
+            .map_err(|e| VmError::Pause(e.to_string()))
+    }
+
+    fn resume(&self) -> Result<(), VmError> {
+        if let Some(e) = self.vcpus.fatal() {
+            return Err(VmError::Resume(e.to_string()));
+        }
+        self.vcpus.resume();
+        Ok(())
+    }
+
+    fn save_state(&self) -> Result<Vec<Section>, VmError> {
+        if self.vcpus.is_running() {
+            return Err(VmError::Pause(
+                "save_state called while the vCPUs run".into(),
+            ));
+        }
+        // Save vCPUs in parallel: each vCPU's ioctls are independent.
+        let results: Vec<Result<Section, StateError>> = std::thread::scope(|s| {
+            let handles: Vec<_> = (0..self.vcpus.len())
+                .map(|i| {
+                    let msrs = &self.msr_indices;
+                    let v = self.vcpus.vcpu(i).cloned();
+                    s.spawn(move || {
+                        let v = v.ok_or_else(|| StateError::Missing(vcpu_section_name(i)))?;
+                        let fd = v.lock().unwrap_or_else(|e| e.into_inner());
+                        save_vcpu(i, &fd, msrs)
+                    })
+                })
+                .collect();
+            handles
+                .into_iter()
+                .map(|h| {
+                    h.join().unwrap_or_else(|_| {
+                        Err(StateError::Malformed {
+                            name: "vcpu".into(),
+                            reason: "save thread panicked".into(),
+                        })
+                    })
+                })
+                .collect()
+        });
+        let mut sections = Vec::new();
+        for r in results {
+            sections.push(r?);
+        }
+        sections.extend(save_vm(&self.vm)?);
+        for d in &self.devices {
+            let d = d.lock().unwrap_or_else(|e| e.into_inner());
+            sections.push(d.save_section()?);
+        }
+        Ok(sections)
+    }
+}
+
+impl DestinationVm for KvmVm {
+    fn memory(&self) -> &GuestRam {
+        &self.memory
+    }
+
+    fn restore_state(&mut self, sections: &[Section]) -> Result<(), VmError> {
+        if self.vcpus.is_running() {
+            return Err(VmError::State(StateError::Malformed {
+                name: "vm".into(),
+                reason: "restore while running".into(),
+            }));
+        }
+        let find = |name: &str| sections.iter().find(|s| s.name == name);
+        // Every section must be claimed by someone on this side.
+        let mut known: Vec<String> = (0..self.vcpus.len()).map(vcpu_section_name).collect();
+        known.extend(VM_SECTIONS.iter().map(|s| s.to_string()));
+        for d in &self.devices {
+            known.push(d.lock().unwrap_or_else(|e| e.into_inner()).section_name());
+        }
+        for s in sections {
+            if !known.contains(&s.name) {
+                return Err(StateError::Unknown(s.name.clone()).into());
+            }
+        }
+        for name in &known {
+            if find(name).is_none() {
+                return Err(StateError::Missing(name.clone()).into());
+            }
+        }
+        // VM-wide first (irqchip before LAPICs), clock last.
+        for name in ["vm.irqchip", "vm.pit"] {
+            if let Some(s) = find(name) {
+                restore_vm_section(&self.vm, s)?;
+            }
+        }
+        for i in 0..self.vcpus.len() {
+            let name = vcpu_section_name(i);
+            let s = find(&name).ok_or(StateError::Missing(name))?;
+            let v = self
+                .vcpus
+                .vcpu(i)
+                .ok_or_else(|| StateError::Missing(vcpu_section_name(i)))?;
+            let fd = v.lock().unwrap_or_else(|e| e.into_inner());
+            restore_vcpu(&fd, s)?;
+        }
+        for d in &self.devices {
+            let mut d = d.lock().unwrap_or_else(|e| e.into_inner());
+            let name = d.section_name();
+            let s = find(&name).ok_or(StateError::Missing(name))?;
+            d.restore_section(s)?;
+        }
+        if let Some(s) = find("vm.clock") {
+            restore_vm_section(&self.vm, s)?;
+        }
+        Ok(())
+    }
+
+    fn resume(&mut self) -> Result<(), VmError> {
+        self.vcpus.resume();
+        Ok(())
+    }
+}
+
+/// Checks that a destination built with `config` can host the VM described
+/// by `desc` (layout, vCPU count, CPU features).
+pub fn check_compatible(desc: &VmDescription, config: &VmConfig) -> Result<(), VmError> {
+    let layout = x86_layout(config.memory).map_err(|e| VmError::Incompatible(e.to_string()))?;
+    if layout != desc.layout {
+        return Err(VmError::Incompatible(format!(
+            "memory differs: source has {} MiB in {:?}, this destination is configured for {} MiB in {:?}",
+            desc.layout.total_bytes() >> 20,
+            desc.layout.regions(),
+            layout.total_bytes() >> 20,
+            layout.regions()
+        )));
+    }
+    if desc.vcpus != config.vcpus {
+        return Err(VmError::Incompatible(format!(
+            "vCPU count differs: source {}, destination {}",
+            desc.vcpus, config.vcpus
+        )));
+    }
+    Ok(())
+}
+
+/// Checks the source's KVM properties against this host's.
+pub fn check_properties(desc: &VmDescription) -> Result<(), VmError> {
+    let kvm = Kvm::new().map_err(|e| VmError::Create(format!("opening /dev/kvm: {e}")))?;
+    let cpuid = kvm
+        .get_supported_cpuid(KVM_MAX_CPUID_ENTRIES)
+        .map_err(|e| VmError::Create(format!("KVM_GET_SUPPORTED_CPUID: {e}")))?;
+    let ours = format!("{:016x}", hash_cpuid(&cpuid));
+    match desc.properties.get("kvm.cpuid") {
+        Some(theirs) if *theirs == ours => Ok(()),
+        Some(theirs) => Err(VmError::Incompatible(format!(
+            "CPU features differ (source CPUID hash {theirs}, destination {ours})"
+        ))),
+        None => Err(VmError::Incompatible(
+            "source did not describe its CPU features (kvm.cpuid)".into(),
+        )),
+    }
+}

@@ -1,0 +1,326 @@
+//! A self-verifying Multiboot v1 test guest for live-migration tests.
+//!
+//! [`image()`] generates (with iced-x86's `CodeAssembler`, no prebuilt blobs) a small ELF32
+//! (`EM_386`) Multiboot v1 kernel. Booted by QEMU's `-kernel` or by any VMM that implements the
+//! Multiboot v1 ELF boot protocol, it switches to 64-bit long mode, drops to CPL3 and then keeps
+//! rewriting and re-verifying a working set of memory pages while printing a heartbeat on COM1.
+//! Every page carries a deterministic pattern derived from its page number and a per-page
+//! generation counter ([`expected_qword`]), so the guest itself notices when a migration lost or
+//! corrupted a page, and a host-side tool notices a stalled guest from the heartbeat gaps
+//! ([`OutputParser`], [`HeartbeatStats`]).
+//!
+//! # Boot
+//!
+//! The image has one `PT_LOAD` segment at physical 1 MiB (`p_paddr == p_vaddr`, file-backed up to
+//! [`BSS_START`], zero-filled (`p_memsz > p_filesz`) up to [`IMAGE_END`]). The Multiboot header
+//! (magic `0x1BADB002`, flags `0x3` = page-align | memory info, no a.out kludge) is the first 12
+//! bytes of the segment, at file offset 0x1000. The entry point ([`ENTRY`]) expects the Multiboot
+//! hand-off state (32-bit protected mode, paging off, `EAX = 0x2BADB002`, `EBX` = physical address
+//! of the Multiboot info structure); with any other `EAX` it spins forever.
+//!
+//! The code that runs in 32-bit mode or at CPL0 (which PVM emulates instruction by instruction) is
+//! about 25 instructions: the GDT, the 64-bit TSS (with an all-zero I/O permission bitmap so CPL3
+//! may use `in`/`out`) and the page tables are prebuilt data in the image. The boot code loads the
+//! GDT, sets `CR4 = 0x620`, `CR3`, `EFER = 0x501`, `CR0 = 0x80010033`, far-jumps to 64-bit code,
+//! loads the data selectors and the task register (`0x30`) and `iretq`s to CPL3 (`CS = 0x23`,
+//! `SS = 0x1B`, `RFLAGS = 0x3002`, interrupts stay off). Everything else runs at CPL3, natively under
+//! PVM. Application processors are never started (no INIT/SIPI is sent), so a VM may have any
+//! number of vCPUs.
+//!
+//! # Memory map (guest-physical, identity-mapped with 2 MiB pages, U/S|R/W|P at every level)
+//!
+//! | range | contents |
+//! |---|---|
+//! | `0x100000` | Multiboot header (12 bytes), then the 32-bit entry code at [`ENTRY`] (`0x100010`) |
+//! | `0x100100` | GDT (8 entries: null, `0x08` kernel code64, `0x10` kernel data, `0x18` user data, `0x20` user code64, `0x28` unused, `0x30` 64-bit TSS, 16 bytes), `0x100140` GDTR |
+//! | `0x101000 .. 0x108000` | 64-bit code ([`CODE64_ADDR`]): the CPL0 trampoline, the CPL3 program, its strings |
+//! | `0x108000 .. 0x10a069` | 64-bit TSS ([`TSS_ADDR`]): `rsp0` = [`KSTACK_TOP`], iomap base `0x68`, 8192 zero bytes, `0xFF`; limit `0x2068` |
+//! | `0x10b000` | PML4 ([`PML4_ADDR`]); `0x10c000` PDPT; `0x10d000 .. 0x115000` 8 page directories: identity map of `0 .. 8 GiB` |
+//! | `0x115000 .. 0x116000` | CPL0 stack (zero-filled, top [`KSTACK_TOP`]) |
+//! | `0x116000 .. 0x11e000` | CPL3 stack (zero-filled, top [`USTACK_TOP`]) |
+//! | `0x11e000 .. 0x11f000` | CPL3 variables ([`VARS_ADDR`]); [`IMAGE_END`] = `0x11f000` |
+//! | `0x800000 .. 0xc00000` | generation table ([`GEN_TABLE`]): one `u32` per working-set page |
+//! | `0x1000000 ..` | working set ([`WS_BASE`]): page `n` at `WS_BASE + n * 4096`, `ws` MiB |
+//!
+//! The VMM must place the Multiboot info structure and the command line below [`GEN_TABLE`]
+//! (QEMU puts them right after the image), and must hand over RAM that reads as zero from
+//! [`GEN_TABLE`] upwards (any VMM using anonymous memory does): the guest does not clear the
+//! generation table or the working set, a page whose generation is 0 must read as all zero.
+//!
+//! # Command line (Multiboot `cmdline`, space-separated `key=value`, unknown tokens ignored)
+//!
+//! | key | meaning | default |
+//! |---|---|---|
+//! | `ws=<MiB>` | working-set size in MiB (1 ..= 4096, must fit: `16 MiB + ws <= mem_upper + 1 MiB`) | 16 |
+//! | `rate=<n>` | pages written per heartbeat period; `0` = idle (only verify); `rate=max` = write continuously | 0 |
+//! | `hb=<µs>` | heartbeat period in microseconds | 1000 |
+//! | `pattern=seq\|rand` | page choice for writes: a cursor going round the working set, or xorshift64 modulo the page count | seq |
+//! | `tsc_khz=<n>` | TSC frequency in kHz; absent or 0: calibrated with PIT channel 2 (see below) | (calibrate) |
+//!
+//! See [`GuestConfig::cmdline`] to build one.
+//!
+//! Without `tsc_khz`, the guest measures the TSC ticks of PIT channel 2 counting down in mode 0
+//! (ports 0x61/0x42/0x43, as Linux's `pit_calibrate_tsc`) from ~10 ms and from ~1 ms, the
+//! shortest of 5 runs of each (a host stall only lengthens a run), and uses the difference,
+//! which cancels the fixed latency of the I/O exits. This takes about 55 ms. Note that on PVM
+//! `KVM_GET_TSC_KHZ` answered 2445404 while the TSC really ran at ~2596100 kHz (measured against
+//! `CLOCK_MONOTONIC`): pass a measured value, or let the guest calibrate.
+//!
+//! # Serial protocol (COM1, port 0x3f8, one `out` per byte)
+//!
+//! - `INFO tsc_khz=<n> hb=<µs> pattern=<seq|rand>` — once, the effective settings (an
+//!   [`Event::Other`] line for the parser).
+//! - `READY ws=<MiB> rate=<n|max>` — once, when the main loop starts ([`Event::Ready`]).
+//! - `.` — one byte per heartbeat period ([`Event::Heartbeat`]).
+//! - `\nT <heartbeats> <pages_written> <pages_verified> <corrupt>\n` — after every 1000th
+//!   heartbeat, decimal counters since boot ([`Event::Tline`]).
+//! - `\nCORRUPT page=<n> got=<16 hex digits> want=<16 hex digits>\n` — the first mismatching qword
+//!   of a page found by the verifier ([`Event::Corrupt`]); the page is then rewritten with its
+//!   expected contents, so one damage is reported once.
+//! - `ERROR ws=<n> does not fit` / `ERROR PIT calibration failed` — fatal; the guest then spins.
+//!
+//! # Main loop
+//!
+//! With `period = hb * tsc_khz / 1000` TSC ticks: when `rdtsc >= next` the guest prints a heartbeat
+//! (and every 1000th time a `T` line), advances `next` by one period (or to `now + period` if it
+//! fell behind: missed beats are skipped, not replayed) and refills its write budget to `rate`
+//! pages. Otherwise it writes one page while the budget lasts (`gen[p] += 1`, then all 512 qwords
+//! = [`expected_qword`]`(p, gen[p], i)`), else it verifies the next page round-robin. Each step
+//! handles one page (about a microsecond natively), so heartbeats are accurate to a few µs.
+
+#![warn(missing_docs)]
+
+mod codegen;
+mod elf;
+mod parser;
+
+use std::sync::OnceLock;
+
+pub use parser::{Event, Gap, HeartbeatStats, OutputParser, MAX_LINE};
+
+/// Guest-physical address where the image is loaded (the start of its only `PT_LOAD` segment).
+pub const LOAD_ADDR: u64 = 0x10_0000;
+/// Guest-physical address of the 32-bit entry point (the ELF `e_entry`).
+pub const ENTRY: u64 = LOAD_ADDR + 0x10;
+/// Guest-physical address of the GDT.
+pub const GDT_ADDR: u64 = LOAD_ADDR + 0x100;
+/// Guest-physical address of the 6-byte GDT pseudo-descriptor loaded by `lgdt`.
+pub const GDTR_ADDR: u64 = LOAD_ADDR + 0x140;
+/// Guest-physical address of the 64-bit code (CPL0 trampoline and CPL3 program).
+pub const CODE64_ADDR: u64 = 0x10_1000;
+/// Guest-physical address of the 64-bit TSS (with its I/O permission bitmap).
+pub const TSS_ADDR: u64 = 0x10_8000;
+/// Guest-physical address of the PML4 (the value loaded into CR3).
+pub const PML4_ADDR: u64 = 0x10_b000;
+/// Guest-physical address of the PDPT.
+pub const PDPT_ADDR: u64 = 0x10_c000;
+/// Guest-physical address of the first of the page directories (2 MiB pages).
+pub const PD_ADDR: u64 = 0x10_d000;
+/// Number of page directories: the identity map covers `PD_COUNT` GiB.
+pub const PD_COUNT: u64 = 8;
+/// End of the file-backed part of the segment; zero-filled (bss) from here to [`IMAGE_END`].
+pub const BSS_START: u64 = PD_ADDR + PD_COUNT * 0x1000;
+/// Top (initial `rsp`, and `TSS.rsp0`) of the CPL0 stack.
+pub const KSTACK_TOP: u64 = BSS_START + 0x1000;
+/// Top (initial `rsp`) of the CPL3 stack.
+pub const USTACK_TOP: u64 = KSTACK_TOP + 0x8000;
+/// Guest-physical address of the CPL3 program's variables (one page).
+pub const VARS_ADDR: u64 = USTACK_TOP;
+/// End of the loaded segment (`p_paddr + p_memsz`).
+pub const IMAGE_END: u64 = VARS_ADDR + 0x1000;
+
+/// Guest-physical address of the per-page generation table: one little-endian `u32` per
+/// working-set page (page `n` at `GEN_TABLE + 4 * n`); 0 means "never written".
+pub const GEN_TABLE: u64 = 0x80_0000;
+/// Guest-physical address of working-set page 0; page `n` is at `WS_BASE + n * 4096`.
+pub const WS_BASE: u64 = 0x100_0000;
+/// Size of a working-set page in bytes.
+pub const PAGE_SIZE: u64 = 4096;
+/// Largest accepted working set, in MiB (1 Mi pages; the generation table holds 1 Mi entries).
+pub const MAX_WS_MIB: u64 = 4096;
+/// Default working-set size in MiB (`ws=`).
+pub const DEFAULT_WS_MIB: u64 = 16;
+/// Default heartbeat period in microseconds (`hb=`).
+pub const DEFAULT_HB_US: u64 = 1000;
+/// A `T` line is printed after every `HEARTBEATS_PER_TLINE` heartbeats.
+pub const HEARTBEATS_PER_TLINE: u64 = 1000;
+/// Multiplier of the qword index in [`expected_qword`].
+pub const INDEX_MUL: u64 = 0x9E37_79B9_7F4A_7C15;
+
+// The memory map is consistent (checked at compile time).
+const _: () = {
+    assert!(ENTRY < GDT_ADDR && GDTR_ADDR >= GDT_ADDR + 64 && GDTR_ADDR + 6 <= CODE64_ADDR);
+    assert!(CODE64_ADDR < TSS_ADDR && TSS_ADDR + 0x68 + 8192 < PML4_ADDR);
+    assert!(PDPT_ADDR == PML4_ADDR + 0x1000 && PD_ADDR == PDPT_ADDR + 0x1000);
+    assert!(IMAGE_END <= GEN_TABLE);
+    assert!(GEN_TABLE + 4 * (MAX_WS_MIB << 8) <= WS_BASE);
+    assert!(WS_BASE + (MAX_WS_MIB << 20) <= PD_COUNT << 30);
+};
+
+/// Errors from building the guest image.
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    /// iced-x86 refused to assemble an instruction or to encode a code block.
+    #[error("assembling the guest code failed: {0}")]
+    Assemble(#[from] iced_x86::IcedError),
+    /// A generated part does not fit in the room the memory map gives it.
+    #[error("guest layout: {what} is {size:#x} bytes, only {room:#x} available")]
+    Layout {
+        /// Which part of the image.
+        what: &'static str,
+        /// Its generated size in bytes.
+        size: usize,
+        /// The room the memory map has for it.
+        room: usize,
+    },
+}
+
+/// The value the guest writes into qword `index` (0..512) of working-set page `page` at
+/// generation `gen`. Generation 0 means "never written": such a page must read as all zero.
+#[must_use]
+pub fn expected_qword(page: u64, gen: u32, index: usize) -> u64 {
+    ((page << 32) | u64::from(gen)) ^ (index as u64).wrapping_mul(INDEX_MUL)
+}
+
+/// Builds the guest's ELF32 Multiboot image (see the crate docs for its layout). The image is
+/// built once per process and cached; each call returns a copy.
+///
+/// # Errors
+///
+/// [`Error`] if code generation fails, which would be a bug in this crate.
+pub fn image() -> Result<Vec<u8>, Error> {
+    static CACHE: OnceLock<Vec<u8>> = OnceLock::new();
+    if let Some(img) = CACHE.get() {
+        return Ok(img.clone());
+    }
+    let img = codegen::build_image()?;
+    Ok(CACHE.get_or_init(|| img).clone())
+}
+
+/// How many pages the guest writes per heartbeat period (`rate=`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum Rate {
+    /// Write this many pages after each heartbeat, then verify until the next one (0 = idle).
+    Pages(u64),
+    /// Write pages continuously, as fast as the vCPU can (`rate=max`); never verify.
+    Max,
+}
+
+impl std::fmt::Display for Rate {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Rate::Pages(n) => write!(f, "{n}"),
+            Rate::Max => f.write_str("max"),
+        }
+    }
+}
+
+/// How the guest picks the next page to write (`pattern=`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Default)]
+pub enum Pattern {
+    /// A cursor going round the working set.
+    #[default]
+    Seq,
+    /// xorshift64 (fixed seed) modulo the number of pages.
+    Rand,
+}
+
+impl std::fmt::Display for Pattern {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            Pattern::Seq => "seq",
+            Pattern::Rand => "rand",
+        })
+    }
+}
+
+/// The guest's settings, as passed on its Multiboot command line.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub struct GuestConfig {
+    /// Working-set size in MiB (`ws=`).
+    pub ws_mib: u64,
+    /// Write rate (`rate=`).
+    pub rate: Rate,
+    /// Heartbeat period in microseconds (`hb=`).
+    pub hb_us: u64,
+    /// Page choice for writes (`pattern=`).
+    pub pattern: Pattern,
+    /// TSC frequency in kHz (`tsc_khz=`); `None` lets the guest calibrate it with the PIT.
+    pub tsc_khz: Option<u64>,
+}
+
+impl Default for GuestConfig {
+    fn default() -> Self {
+        GuestConfig {
+            ws_mib: DEFAULT_WS_MIB,
+            rate: Rate::Pages(0),
+            hb_us: DEFAULT_HB_US,
+            pattern: Pattern::Seq,
+            tsc_khz: None,
+        }
+    }
+}
+
+impl GuestConfig {
+    /// The Multiboot command line for these settings, e.g.
+    /// `ws=64 rate=100 hb=1000 pattern=seq tsc_khz=2445404`.
+    #[must_use]
+    pub fn cmdline(&self) -> String {
+        let mut s = format!(
+            "ws={} rate={} hb={} pattern={}",
+            self.ws_mib, self.rate, self.hb_us, self.pattern
+        );
+        if let Some(khz) = self.tsc_khz {
+            s.push_str(&format!(" tsc_khz={khz}"));
+        }
+        s
+    }
+
+    /// Number of working-set pages.
+    #[must_use]
+    pub fn ws_pages(&self) -> u64 {
+        self.ws_mib * (1 << 20) / PAGE_SIZE
+    }
+
+    /// Guest RAM in bytes that the working set needs (everything below `WS_BASE + ws`).
+    #[must_use]
+    pub fn min_ram_bytes(&self) -> u64 {
+        WS_BASE + self.ws_mib * (1 << 20)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn expected_qword_formula() {
+        assert_eq!(expected_qword(0, 0, 0), 0);
+        assert_eq!(expected_qword(3, 7, 0), (3 << 32) | 7);
+        assert_eq!(expected_qword(3, 7, 1), ((3 << 32) | 7) ^ INDEX_MUL);
+        assert_eq!(
+            expected_qword(1, 1, 511),
+            ((1 << 32) | 1) ^ 511u64.wrapping_mul(INDEX_MUL)
+        );
+    }
+
+    #[test]
+    fn cmdline() {
+        let c = GuestConfig {
+            ws_mib: 64,
+            rate: Rate::Max,
+            hb_us: 500,
+            pattern: Pattern::Rand,
+            tsc_khz: Some(2_445_404),
+        };
+        assert_eq!(
+            c.cmdline(),
+            "ws=64 rate=max hb=500 pattern=rand tsc_khz=2445404"
+        );
+        assert_eq!(
+            GuestConfig::default().cmdline(),
+            "ws=16 rate=0 hb=1000 pattern=seq"
+        );
+        assert_eq!(GuestConfig::default().ws_pages(), 4096);
+    }
+}

@@ -1,0 +1,316 @@
+//! Per-region dirty bitmaps: one bit per guest page, 64 pages per word, the
+//! same layout as KVM's dirty log and vm-memory's `AtomicBitmap`, so merging
+//! either is a word-wise OR.
+
+use crate::memory::MemoryLayout;
+
+/// A dirty bitmap covering every region of a [`MemoryLayout`].
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct DirtyBitmap {
+    regions: Vec<RegionBits>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+struct RegionBits {
+    pages: u64,
+    words: Vec<u64>,
+}
+
+/// A run of consecutive dirty pages: `npages` pages starting at page
+/// `first_page` of region `region`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct PageRun {
+    /// Region index in the layout.
+    pub region: usize,
+    /// First page of the run, relative to the region start.
+    pub first_page: u64,
+    /// Number of pages.
+    pub npages: u64,
+}
+
+impl DirtyBitmap {
+    /// An all-clean bitmap for `layout`.
+    pub fn new(layout: &MemoryLayout) -> Self {
+        DirtyBitmap {
+            regions: layout
+                .regions()
+                .iter()
+                .map(|r| RegionBits {
+                    pages: r.pages(),
+                    words: vec![0; r.pages().div_ceil(64) as usize],
+                })
+                .collect(),
+        }
+    }
+
+    /// Number of regions.
+    pub fn num_regions(&self) -> usize {
+        self.regions.len()
+    }
+
+    /// Pages in region `region` (0 if it does not exist).
+    pub fn region_pages(&self, region: usize) -> u64 {
+        self.regions.get(region).map_or(0, |r| r.pages)
+    }
+
+    /// The words of a region (bit `i % 64` of word `i / 64` is page `i`).
+    pub fn words(&self, region: usize) -> &[u64] {
+        self.regions.get(region).map_or(&[], |r| &r.words)
+    }
+
+    /// ORs `words` (KVM dirty-log layout) into region `region`. Extra words
+    /// or bits beyond the region's end are ignored.
+    pub fn or_words(&mut self, region: usize, words: &[u64]) {
+        if let Some(r) = self.regions.get_mut(region) {
+            for (dst, src) in r.words.iter_mut().zip(words) {
+                *dst |= *src;
+            }
+            r.mask_tail();
+        }
+    }
+
+    /// Marks every page dirty.
+    pub fn set_all(&mut self) {
+        for r in &mut self.regions {
+            r.words.iter_mut().for_each(|w| *w = u64::MAX);
+            r.mask_tail();
+        }
+    }
+
+    /// Marks one page dirty. Out-of-range pages are ignored.
+    pub fn set(&mut self, region: usize, page: u64) {
+        if let Some(r) = self.regions.get_mut(region) {
+            if page < r.pages {
+                r.words[(page / 64) as usize] |= 1 << (page % 64);
+            }
+        }
+    }
+
+    /// Whether a page is dirty.
+    pub fn is_set(&self, region: usize, page: u64) -> bool {
+        self.regions.get(region).is_some_and(|r| {
+            page < r.pages && r.words[(page / 64) as usize] & (1 << (page % 64)) != 0
+        })
+    }
+
+    /// Number of dirty pages.
+    pub fn count(&self) -> u64 {
+        self.regions
+            .iter()
+            .flat_map(|r| r.words.iter())
+            .map(|w| u64::from(w.count_ones()))
+            .sum()
+    }
+
+    /// Marks every page clean.
+    pub fn clear(&mut self) {
+        for r in &mut self.regions {
+            r.words.iter_mut().for_each(|w| *w = 0);
+        }
+    }
+
+    /// Iterates runs of consecutive dirty pages, none longer than
+    /// `max_run` pages, in address order. Scans a word at a time, so clean
+    /// stretches cost one comparison per 64 pages.
+    pub fn runs(&self, max_run: u64) -> Runs<'_> {
+        Runs {
+            bm: self,
+            region: 0,
+            page: 0,
+            end: None,
+            max_run: max_run.max(1),
+        }
+    }
+
+    /// Like [`DirtyBitmap::runs`], restricted to pages `first..end` of one region.
+    pub fn runs_in(&self, region: usize, first: u64, end: u64, max_run: u64) -> Runs<'_> {
+        Runs {
+            bm: self,
+            region,
+            page: first,
+            end: Some(end),
+            max_run: max_run.max(1),
+        }
+    }
+
+    /// Whether any page in `first..end` of `region` is dirty (word-wise).
+    pub fn any_in(&self, region: usize, first: u64, end: u64) -> bool {
+        self.regions
+            .get(region)
+            .and_then(|r| r.next_set(first))
+            .is_some_and(|p| p < end)
+    }
+}
+
+impl RegionBits {
+    fn mask_tail(&mut self) {
+        let rem = self.pages % 64;
+        if rem != 0 {
+            if let Some(last) = self.words.last_mut() {
+                *last &= (1u64 << rem) - 1;
+            }
+        }
+    }
+
+    /// First set bit at or after `page`.
+    fn next_set(&self, page: u64) -> Option<u64> {
+        if page >= self.pages {
+            return None;
+        }
+        let mut wi = (page / 64) as usize;
+        let mut w = self.words[wi] & (u64::MAX << (page % 64));
+        loop {
+            if w != 0 {
+                return Some(wi as u64 * 64 + u64::from(w.trailing_zeros()));
+            }
+            wi += 1;
+            if wi >= self.words.len() {
+                return None;
+            }
+            w = self.words[wi];
+        }
+    }
+
+    /// First clear bit at or after `page` (or `pages`).
+    fn next_clear(&self, page: u64) -> u64 {
+        if page >= self.pages {
+            return self.pages;
+        }
+        let mut wi = (page / 64) as usize;
+        let mut w = !self.words[wi] & (u64::MAX << (page % 64));
+        loop {
+            if w != 0 {
+                return (wi as u64 * 64 + u64::from(w.trailing_zeros())).min(self.pages);
+            }
+            wi += 1;
+            if wi >= self.words.len() {
+                return self.pages;
+            }
+            w = !self.words[wi];
+        }
+    }
+}
+
+/// Iterator over the dirty runs of a [`DirtyBitmap`].
+pub struct Runs<'a> {
+    bm: &'a DirtyBitmap,
+    region: usize,
+    page: u64,
+    end: Option<u64>,
+    max_run: u64,
+}
+
+impl Iterator for Runs<'_> {
+    type Item = PageRun;
+
+    fn next(&mut self) -> Option<PageRun> {
+        while let Some(r) = self.bm.regions.get(self.region) {
+            let limit = self.end.unwrap_or(r.pages).min(r.pages);
+            if let Some(start) = r.next_set(self.page).filter(|&s| s < limit) {
+                let end = r
+                    .next_clear(start)
+                    .min(start.saturating_add(self.max_run))
+                    .min(limit);
+                self.page = end;
+                return Some(PageRun {
+                    region: self.region,
+                    first_page: start,
+                    npages: end - start,
+                });
+            }
+            if self.end.is_some() {
+                return None;
+            }
+            self.region += 1;
+            self.page = 0;
+        }
+        None
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::memory::RegionDesc;
+
+    fn layout() -> MemoryLayout {
+        MemoryLayout::new(vec![
+            RegionDesc {
+                guest_addr: 0,
+                size: 130 * 4096,
+            },
+            RegionDesc {
+                guest_addr: 1 << 30,
+                size: 64 * 4096,
+            },
+        ])
+        .unwrap()
+    }
+
+    #[test]
+    fn runs_match_naive_scan() {
+        let l = layout();
+        let mut bm = DirtyBitmap::new(&l);
+        let mut x = 0x1234_5678_9abc_def1u64;
+        let mut naive = vec![vec![false; 130], vec![false; 64]];
+        for _ in 0..120 {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            let region = (x % 2) as usize;
+            let page = (x >> 8) % naive[region].len() as u64;
+            bm.set(region, page);
+            naive[region][page as usize] = true;
+        }
+        for max_run in [1, 3, 64, 1000] {
+            let mut rebuilt = vec![vec![false; 130], vec![false; 64]];
+            for run in bm.runs(max_run) {
+                assert!(run.npages >= 1 && run.npages <= max_run);
+                for p in run.first_page..run.first_page + run.npages {
+                    assert!(!rebuilt[run.region][p as usize]);
+                    rebuilt[run.region][p as usize] = true;
+                }
+            }
+            assert_eq!(rebuilt, naive);
+        }
+        let n: usize = naive.iter().flatten().filter(|b| **b).count();
+        assert_eq!(bm.count(), n as u64);
+    }
+
+    #[test]
+    fn runs_in_range() {
+        let l = layout();
+        let mut bm = DirtyBitmap::new(&l);
+        for p in [3, 4, 5, 63, 64, 65, 100, 129] {
+            bm.set(0, p);
+        }
+        bm.set(1, 0);
+        let runs: Vec<_> = bm
+            .runs_in(0, 4, 65, 100)
+            .map(|r| (r.first_page, r.npages))
+            .collect();
+        assert_eq!(runs, vec![(4, 2), (63, 2)]);
+        assert!(bm.any_in(0, 100, 101));
+        assert!(!bm.any_in(0, 101, 129));
+        assert_eq!(bm.runs_in(1, 0, 64, 8).count(), 1);
+    }
+
+    #[test]
+    fn or_words_masks_tail_and_set_all() {
+        let l = layout();
+        let mut bm = DirtyBitmap::new(&l);
+        bm.or_words(0, &[0, 0, u64::MAX, u64::MAX]);
+        assert_eq!(bm.count(), 2);
+        assert!(bm.is_set(0, 128) && bm.is_set(0, 129) && !bm.is_set(0, 130));
+        bm.set_all();
+        assert_eq!(bm.count(), 194);
+        let runs: Vec<_> = bm.runs(u64::MAX).collect();
+        assert_eq!(runs.len(), 2);
+        assert_eq!(runs[0].npages, 130);
+        bm.clear();
+        assert_eq!(bm.runs(8).count(), 0);
+        bm.set(5, 0);
+        bm.set(0, 10_000);
+        assert_eq!(bm.count(), 0);
+    }
+}

@@ -1,0 +1,109 @@
+//! Migration errors: what went wrong, and in which phase.
+
+use std::fmt;
+
+use crate::protocol::ProtocolError;
+use crate::vm::VmError;
+
+/// The phase a migration was in when something went wrong.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Phase {
+    /// Connecting, handshake, and measuring the state size.
+    Handshake,
+    /// Pre-copy round `n` (0 = the full pass).
+    Precopy(u32),
+    /// The VM is paused; the last dirty pages are being sent.
+    FinalMemory,
+    /// Saving, sending or restoring vCPU, VM and device state.
+    State,
+    /// The completion exchange (`Ready`, `Go`, `Resumed`).
+    Completion,
+}
+
+impl fmt::Display for Phase {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Phase::Handshake => write!(f, "handshake"),
+            Phase::Precopy(n) => write!(f, "pre-copy round {n}"),
+            Phase::FinalMemory => write!(f, "final memory (stop-and-copy)"),
+            Phase::State => write!(f, "device state"),
+            Phase::Completion => write!(f, "completion"),
+        }
+    }
+}
+
+/// What went wrong.
+#[derive(Debug, thiserror::Error)]
+pub enum ErrorKind {
+    /// Reading, writing or decoding the stream failed.
+    #[error(transparent)]
+    Protocol(#[from] ProtocolError),
+    /// The VM implementation failed.
+    #[error(transparent)]
+    Vm(#[from] VmError),
+    /// The destination refused the migration in the handshake.
+    #[error("destination refused: {0}")]
+    Refused(String),
+    /// The peer reported an error.
+    #[error("peer reported an error in its {phase} phase: {message}")]
+    Remote {
+        /// The peer's phase.
+        phase: String,
+        /// The peer's message.
+        message: String,
+    },
+    /// A frame arrived that is not valid at this point.
+    #[error("unexpected {got} frame (expected {expected})")]
+    Unexpected {
+        /// What arrived.
+        got: String,
+        /// What was expected.
+        expected: &'static str,
+    },
+    /// The stream carried something inconsistent (e.g. pages outside memory).
+    #[error("invalid stream: {0}")]
+    Invalid(String),
+    /// The migration was cancelled.
+    #[error("cancelled")]
+    Cancelled,
+    /// Pre-copy did not converge within the caps and the policy is to fail.
+    #[error("did not converge: after {rounds} rounds the expected downtime is {expected_ms:.1} ms (limit {limit_ms:.1} ms)")]
+    NotConverged {
+        /// Rounds run.
+        rounds: u32,
+        /// Expected downtime at the end, ms.
+        expected_ms: f64,
+        /// The limit, ms.
+        limit_ms: f64,
+    },
+    /// The source sent `Go` but never heard that the destination runs the
+    /// guest. The guest may be running there: the source must not resume it.
+    #[error("switchover outcome unknown: the destination was told to run the guest but did not confirm ({0}); the source stays paused to avoid running the guest twice")]
+    Ambiguous(String),
+}
+
+/// A migration error: the phase and what went wrong.
+#[derive(Debug, thiserror::Error)]
+#[error("migration failed in {phase}: {kind}")]
+pub struct MigrationError {
+    /// Where.
+    pub phase: Phase,
+    /// What.
+    #[source]
+    pub kind: ErrorKind,
+}
+
+impl MigrationError {
+    /// Builds an error.
+    pub fn new(phase: Phase, kind: impl Into<ErrorKind>) -> Self {
+        MigrationError {
+            phase,
+            kind: kind.into(),
+        }
+    }
+
+    /// Whether the source must stay paused (the guest may run elsewhere).
+    pub fn is_ambiguous(&self) -> bool {
+        matches!(self.kind, ErrorKind::Ambiguous(_))
+    }
+}

@@ -1,0 +1,43 @@
+//! # livemig — pre-copy live migration for Rust VMMs
+//!
+//! `livemig` moves a running virtual machine from one host (the *source*) to
+//! another (the *destination*) while the guest keeps running: memory is copied
+//! in iterative rounds while dirty tracking records what the guest changes,
+//! then the VM is paused for a short stop-and-copy of the remaining dirty pages
+//! and the device state, and resumed on the destination.
+//!
+//! The engine knows nothing about KVM, sockets or a particular VMM. It works
+//! through a handful of seams:
+//!
+//! * [`vm::SourceVm`] / [`vm::DestinationVm`] — the VM being migrated (guest
+//!   memory as a vm-memory [`memory::GuestRam`], pause/resume, state sections);
+//! * [`vm::DirtyTracker`] — the hypervisor's dirty log (the engine merges the
+//!   VMM's own writes, recorded by vm-memory's bitmap, into every round);
+//! * [`state::DeviceState`] — one versioned state section per device;
+//! * [`transport::Transport`] — an ordered, reliable byte stream (TCP, Unix
+//!   socket, in-memory pipe, or anything else implementing the trait).
+//!
+//! The `livemig-kvm` crate implements the VM seams for real KVM guests; the
+//! [`soft`] module here implements them for a software VM (memory plus writer
+//! threads) so the engine can be tested without `/dev/kvm`.
+#![deny(missing_docs)]
+
+pub mod bitmap;
+pub mod destination;
+pub mod error;
+pub mod memory;
+pub mod policy;
+pub mod protocol;
+mod ram;
+pub mod report;
+pub mod soft;
+pub mod source;
+pub mod state;
+pub mod transport;
+pub mod vm;
+
+pub use destination::{receive, ReceiveConfig, ReceiveReport};
+pub use error::{ErrorKind, MigrationError, Phase};
+pub use policy::{MigrationConfig, OnLimit};
+pub use report::{Progress, Report};
+pub use source::{migrate, CancelToken};

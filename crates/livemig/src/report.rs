@@ -1,0 +1,165 @@
+//! The migration report (built as the migration runs) and progress events.
+
+use serde::Serialize;
+
+/// One pre-copy round.
+#[derive(Debug, Clone, Default, Serialize)]
+pub struct RoundReport {
+    /// Round number (0 = the full pass).
+    pub round: u32,
+    /// Pages sent with their data.
+    pub pages: u64,
+    /// Pages sent as zero markers (or skipped as never touched in round 0).
+    pub zero_pages: u64,
+    /// Bytes written to the transport in this round.
+    pub bytes: u64,
+    /// Duration of the round, ms.
+    pub duration_ms: f64,
+    /// Pages found dirty after the round (to send next).
+    pub dirty_pages_after: u64,
+    /// Guest dirty rate during the round, MB/s (10^6 bytes).
+    pub dirty_rate_mbps: f64,
+    /// Transfer rate of the round, MB/s.
+    pub bandwidth_mbps: f64,
+    /// Expected downtime if switching over after this round, ms.
+    pub expected_downtime_ms: f64,
+}
+
+/// Where the downtime went (all on the source clock, ms).
+#[derive(Debug, Clone, Default, Serialize)]
+pub struct DowntimeBreakdown {
+    /// Pausing the vCPUs.
+    pub pause_ms: f64,
+    /// Final dirty-log sync.
+    pub final_sync_ms: f64,
+    /// Sending the last dirty pages.
+    pub final_memory_ms: f64,
+    /// Saving vCPU, VM and device state.
+    pub state_save_ms: f64,
+    /// Sending the state until the destination reported it restored.
+    pub state_transfer_ms: f64,
+    /// Restoring state on the destination (destination clock).
+    pub dest_restore_ms: f64,
+    /// From `Go` until the destination reported its vCPUs running.
+    pub resume_ack_ms: f64,
+    /// Resuming on the destination (destination clock).
+    pub dest_resume_ms: f64,
+}
+
+/// The outcome.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum Status {
+    /// The guest runs on the destination.
+    Completed,
+    /// The migration failed; the source kept the guest.
+    Failed,
+    /// Cancelled; the source kept the guest.
+    Cancelled,
+}
+
+/// The migration report, QMP `query-migrate`-like.
+#[derive(Debug, Clone, Serialize)]
+pub struct Report {
+    /// Outcome.
+    pub status: Status,
+    /// Total time from the call to the end, ms.
+    pub total_ms: f64,
+    /// Handshake and state measurement, ms.
+    pub setup_ms: f64,
+    /// Source pause → destination's "running" acknowledgement, ms.
+    pub downtime_ms: f64,
+    /// The downtime limit in force, ms.
+    pub downtime_limit_ms: f64,
+    /// The downtime the policy expected at switchover, ms.
+    pub expected_downtime_ms: f64,
+    /// Breakdown of the downtime.
+    pub downtime_breakdown: DowntimeBreakdown,
+    /// Whether the switchover was forced by a cap.
+    pub forced: bool,
+    /// Pre-copy rounds.
+    pub rounds: Vec<RoundReport>,
+    /// Pages sent in the stop-and-copy phase.
+    pub final_pages: u64,
+    /// Total bytes written to the transport.
+    pub bytes_sent: u64,
+    /// Total pages sent with data.
+    pub pages_sent: u64,
+    /// Total zero pages (markers, or skipped in round 0).
+    pub zero_pages: u64,
+    /// Guest memory size, bytes.
+    pub memory_bytes: u64,
+    /// Bytes of state sections.
+    pub state_bytes: u64,
+    /// Dirty-tracking note (e.g. whether manual clear was used).
+    pub dirty_tracking: String,
+    /// The error, if any.
+    pub error: Option<String>,
+}
+
+impl Report {
+    /// A report with nothing measured yet.
+    pub fn new(memory_bytes: u64, downtime_limit_ms: f64) -> Self {
+        Report {
+            status: Status::Failed,
+            total_ms: 0.0,
+            setup_ms: 0.0,
+            downtime_ms: 0.0,
+            downtime_limit_ms,
+            expected_downtime_ms: 0.0,
+            downtime_breakdown: DowntimeBreakdown::default(),
+            forced: false,
+            rounds: Vec::new(),
+            final_pages: 0,
+            bytes_sent: 0,
+            pages_sent: 0,
+            zero_pages: 0,
+            memory_bytes,
+            state_bytes: 0,
+            dirty_tracking: String::new(),
+            error: None,
+        }
+    }
+
+    /// The report as pretty JSON.
+    pub fn to_json(&self) -> String {
+        serde_json::to_string_pretty(self).unwrap_or_else(|e| format!("{{\"error\":\"{e}\"}}"))
+    }
+}
+
+/// Progress events, delivered to the callback given to the source.
+#[derive(Debug, Clone, Serialize)]
+#[serde(tag = "event", rename_all = "kebab-case")]
+pub enum Progress {
+    /// The destination accepted the handshake.
+    Accepted,
+    /// A pre-copy round finished.
+    Round(RoundReport),
+    /// The VM was paused for the stop-and-copy.
+    Paused {
+        /// Dirty pages to send while paused.
+        remaining_pages: u64,
+    },
+    /// The destination runs the guest.
+    Completed {
+        /// Downtime, ms.
+        downtime_ms: f64,
+    },
+}
+
+impl std::fmt::Display for RoundReport {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(
+            f,
+            "round {}: {} pages ({} zero) in {:.1} ms, {:.0} MB/s; dirty rate {:.0} MB/s, {} pages left, expected downtime {:.1} ms",
+            self.round,
+            self.pages,
+            self.zero_pages,
+            self.duration_ms,
+            self.bandwidth_mbps,
+            self.dirty_rate_mbps,
+            self.dirty_pages_after,
+            self.expected_downtime_ms
+        )
+    }
+}

@@ -1,0 +1,646 @@
+//! The source side: handshake → pre-copy rounds → stop-and-copy → state →
+//! completion. See [`migrate`].
+
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use vm_memory::{GuestMemoryBackend, GuestMemoryRegion};
+
+use crate::bitmap::DirtyBitmap;
+use crate::error::{ErrorKind, MigrationError, Phase};
+use crate::memory::{MemoryLayout, PAGE_SIZE};
+use crate::policy::{decide, Decision, MigrationConfig, RoundEstimate};
+use crate::protocol::{
+    ErrorMsg, FrameReader, FrameWriter, Hello, HelloReply, Message, MsgKind, PageBatch,
+    ProtocolError, Ready, Resumed, RoundEnd, State,
+};
+use crate::ram::HostRam;
+use crate::report::{Progress, Report, RoundReport, Status};
+use crate::transport::Transport;
+use crate::vm::{DirtyTracker, SourceVm};
+
+/// Pages per dirty-log chunk: in manual-protect mode each chunk is
+/// re-protected (`clear`) just before its pages are read.
+pub const CHUNK_PAGES: u64 = 1024;
+
+/// Cancels a running migration from another thread.
+///
+/// Cancelling before the switchover leaves the source running as before.
+#[derive(Clone, Default)]
+pub struct CancelToken {
+    flag: Arc<AtomicBool>,
+    transport: Arc<Mutex<Option<Box<dyn Transport>>>>,
+}
+
+impl CancelToken {
+    /// A fresh token.
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    /// Requests cancellation; a blocked read or write on the migration's
+    /// transport is interrupted.
+    pub fn cancel(&self) {
+        self.flag.store(true, Ordering::SeqCst);
+        if let Ok(g) = self.transport.lock() {
+            if let Some(t) = g.as_ref() {
+                let _ = t.shutdown();
+            }
+        }
+    }
+
+    /// Whether cancellation was requested.
+    pub fn is_cancelled(&self) -> bool {
+        self.flag.load(Ordering::SeqCst)
+    }
+
+    fn attach(&self, t: Option<Box<dyn Transport>>) {
+        if let Ok(mut g) = self.transport.lock() {
+            *g = t;
+        }
+    }
+}
+
+fn ms(d: Duration) -> f64 {
+    d.as_secs_f64() * 1000.0
+}
+
+/// Simple pacing for `max_bandwidth`.
+struct Pacer {
+    rate: Option<u64>,
+    start: Instant,
+    bytes: u64,
+}
+
+impl Pacer {
+    fn new(rate: Option<u64>) -> Self {
+        Pacer {
+            rate,
+            start: Instant::now(),
+            bytes: 0,
+        }
+    }
+
+    fn account(&mut self, bytes: u64) {
+        let Some(rate) = self.rate.filter(|r| *r > 0) else {
+            return;
+        };
+        self.bytes += bytes;
+        let due = Duration::from_secs_f64(self.bytes as f64 / rate as f64);
+        let el = self.start.elapsed();
+        if due > el {
+            std::thread::sleep(due - el);
+        }
+        // Keep the window short so bursts after idle periods stay bounded.
+        if self.start.elapsed() > Duration::from_secs(1) {
+            self.start = Instant::now();
+            self.bytes = 0;
+        }
+    }
+}
+
+#[derive(Default, Clone, Copy)]
+struct Counts {
+    pages: u64,
+    zero: u64,
+    bytes: u64,
+}
+
+struct PageSender<'a> {
+    fw: FrameWriter<Box<dyn Transport>>,
+    batch: PageBatch,
+    batch_pages: u64,
+    ram: HostRam<'a>,
+    layout: MemoryLayout,
+    pacer: Pacer,
+    counts: Counts,
+}
+
+impl PageSender<'_> {
+    fn flush(&mut self) -> Result<(), ProtocolError> {
+        if self.batch.is_empty() {
+            return Ok(());
+        }
+        let before = self.fw.bytes_written();
+        self.fw
+            .write_frame(MsgKind::Pages, &[self.batch.as_bytes()])?;
+        let n = self.fw.bytes_written() - before;
+        self.counts.bytes += n;
+        self.batch.clear();
+        self.pacer.account(n);
+        Ok(())
+    }
+
+    fn gpa(&self, region: usize, page: u64) -> u64 {
+        self.layout.regions()[region].guest_addr + page * PAGE_SIZE
+    }
+
+    /// Sends pages `first..first+npages` of `region`, zero pages as markers.
+    fn send_run(&mut self, region: usize, first: u64, npages: u64) -> Result<(), ProtocolError> {
+        let mut p = first;
+        let end = first + npages;
+        while p < end {
+            let zero = self.ram.is_zero(region, p);
+            let mut q = p + 1;
+            while q < end && q - p < self.batch_pages && self.ram.is_zero(region, q) == zero {
+                q += 1;
+            }
+            let n = q - p;
+            let gpa = self.gpa(region, p);
+            if zero {
+                self.batch.push_zero(gpa, n as u32)?;
+                self.counts.zero += n;
+            } else {
+                let ram = &self.ram;
+                self.batch.push_data_with(gpa, n as u32, |dst| {
+                    if ram.read_pages(region, p, dst) {
+                        Ok(())
+                    } else {
+                        Err(ProtocolError::PagesOutsideMemory {
+                            gpa,
+                            npages: n as u32,
+                        })
+                    }
+                })?;
+                self.counts.pages += n;
+            }
+            if self.batch.data_pages() >= self.batch_pages
+                || self.batch.len_bytes() as u64 >= self.batch_pages * PAGE_SIZE
+            {
+                self.flush()?;
+            }
+            p = q;
+        }
+        Ok(())
+    }
+
+    /// Sends every page set in `bitmap`, chunk by chunk; in manual-protect
+    /// mode each chunk is re-armed in `tracker` just before it is read.
+    ///
+    /// With `clear_with` set, every chunk is re-armed using that bitmap
+    /// (round 0 re-arms all of memory, chunk by chunk, including pages it
+    /// skips because they were never touched).
+    fn send_bitmap(
+        &mut self,
+        bitmap: &DirtyBitmap,
+        mut tracker: Option<&mut (dyn DirtyTracker + '_)>,
+        clear_with: Option<&DirtyBitmap>,
+        cancel: &CancelToken,
+        phase: Phase,
+    ) -> Result<(), MigrationError> {
+        for region in 0..bitmap.num_regions() {
+            let pages = bitmap.region_pages(region);
+            let mut chunk = 0;
+            while chunk < pages {
+                let end = (chunk + CHUNK_PAGES).min(pages);
+                let has_pages = bitmap.any_in(region, chunk, end);
+                if has_pages || clear_with.is_some() {
+                    if cancel.is_cancelled() {
+                        return Err(MigrationError::new(phase, ErrorKind::Cancelled));
+                    }
+                    if let Some(t) = tracker.as_deref_mut() {
+                        t.clear(region, chunk, end - chunk, clear_with.unwrap_or(bitmap))
+                            .map_err(|e| MigrationError::new(phase, e))?;
+                    }
+                }
+                if has_pages {
+                    let runs: Vec<_> = bitmap.runs_in(region, chunk, end, u64::MAX).collect();
+                    for run in runs {
+                        self.send_run(region, run.first_page, run.npages)
+                            .map_err(|e| MigrationError::new(phase, e))?;
+                    }
+                }
+                chunk = end;
+            }
+        }
+        self.flush().map_err(|e| MigrationError::new(phase, e))
+    }
+}
+
+/// Merges the VMM's own writes (vm-memory's bitmap) into `bitmap`.
+fn merge_vmm_writes<V: SourceVm + ?Sized>(vm: &V, bitmap: &mut DirtyBitmap) {
+    let mut regions: Vec<_> = vm.memory().iter().collect();
+    regions.sort_by_key(|r| r.start_addr());
+    for (i, r) in regions.into_iter().enumerate() {
+        let words = vm_memory::MmapRegion::bitmap(r).get_and_reset();
+        bitmap.or_words(i, &words);
+    }
+}
+
+/// Reads the next frame, turning a peer `Error` frame into an error.
+fn expect(
+    fr: &mut FrameReader<Box<dyn Transport>>,
+    want: MsgKind,
+    phase: Phase,
+) -> Result<Vec<u8>, MigrationError> {
+    let f = fr.read_frame().map_err(|e| MigrationError::new(phase, e))?;
+    if f.kind == want {
+        return Ok(f.payload.to_vec());
+    }
+    if f.kind == MsgKind::Error {
+        let e = ErrorMsg::decode(f.payload).map_err(|e| MigrationError::new(phase, e))?;
+        return Err(MigrationError::new(
+            phase,
+            ErrorKind::Remote {
+                phase: e.phase,
+                message: e.message,
+            },
+        ));
+    }
+    Err(MigrationError::new(
+        phase,
+        ErrorKind::Unexpected {
+            got: format!("{:?}", f.kind),
+            expected: want.name(),
+        },
+    ))
+}
+
+/// Migrates `vm` over `transport`.
+///
+/// Runs on the calling thread while the VM's own threads keep running the
+/// guest. On success the guest runs on the destination and the source VM is
+/// left paused (the caller tears it down). On any error before the
+/// switchover the source VM is running again and dirty logging is off; the
+/// error names the phase. If the error [`MigrationError::is_ambiguous`], the
+/// destination may be running the guest: the source stays paused.
+///
+/// `progress` is called after each round and at the switchover.
+pub fn migrate<V: SourceVm + ?Sized>(
+    vm: &V,
+    transport: Box<dyn Transport>,
+    config: &MigrationConfig,
+    cancel: &CancelToken,
+    progress: &mut dyn FnMut(&Progress),
+) -> Result<Report, MigrationError> {
+    let started = Instant::now();
+    let desc = vm
+        .describe()
+        .map_err(|e| MigrationError::new(Phase::Handshake, e))?;
+    let layout = desc.layout.clone();
+    let mut report = Report::new(layout.total_bytes(), ms(config.downtime_limit));
+    cancel.attach(transport.try_clone().ok());
+    let result = run_source(
+        vm,
+        transport,
+        config,
+        cancel,
+        progress,
+        &mut report,
+        started,
+        desc,
+    );
+    cancel.attach(None);
+    report.total_ms = ms(started.elapsed());
+    match result {
+        Ok(()) => {
+            report.status = Status::Completed;
+            Ok(report)
+        }
+        Err(mut e) => {
+            // A cancel shuts the transport down; the I/O error it causes is
+            // the cancel, not a failure.
+            if cancel.is_cancelled() && !e.is_ambiguous() {
+                e.kind = ErrorKind::Cancelled;
+            }
+            report.status = if matches!(e.kind, ErrorKind::Cancelled) {
+                Status::Cancelled
+            } else {
+                Status::Failed
+            };
+            report.error = Some(e.to_string());
+            log::warn!("{e}");
+            Err(e)
+        }
+    }
+}
+
+#[allow(clippy::too_many_arguments)]
+fn run_source<V: SourceVm + ?Sized>(
+    vm: &V,
+    transport: Box<dyn Transport>,
+    config: &MigrationConfig,
+    cancel: &CancelToken,
+    progress: &mut dyn FnMut(&Progress),
+    report: &mut Report,
+    started: Instant,
+    desc: crate::vm::VmDescription,
+) -> Result<(), MigrationError> {
+    let hs = Phase::Handshake;
+    let layout = desc.layout.clone();
+    let mut rx = transport
+        .try_clone()
+        .map_err(|e| MigrationError::new(hs, ProtocolError::Io(e)))?;
+    rx.set_read_timeout(Some(config.io_timeout))
+        .map_err(|e| MigrationError::new(hs, ProtocolError::Io(e)))?;
+    let mut fr = FrameReader::new(rx);
+    let mut fw = FrameWriter::new(transport);
+
+    // Handshake: refuse before a single page is sent.
+    let hello = Hello::new(desc);
+    fw.send(&hello).map_err(|e| MigrationError::new(hs, e))?;
+    let reply = HelloReply::decode(&expect(&mut fr, MsgKind::HelloReply, hs)?)
+        .map_err(|e| MigrationError::new(hs, e))?;
+    if !reply.accepted {
+        return Err(MigrationError::new(hs, ErrorKind::Refused(reply.reason)));
+    }
+    progress(&Progress::Accepted);
+
+    // Measure the state: a short pause now tells what the switchover costs
+    // beyond memory, and proves the state can be saved before we commit.
+    let t = Instant::now();
+    vm.pause().map_err(|e| MigrationError::new(hs, e))?;
+    let saved = vm.save_state();
+    let resumed = vm.resume();
+    let state_time = t.elapsed();
+    let sections = saved.map_err(|e| MigrationError::new(hs, e))?;
+    resumed.map_err(|e| MigrationError::new(hs, e))?;
+    let state_bytes: u64 = sections
+        .iter()
+        .map(|s| s.data.len() as u64 + s.name.len() as u64 + 16)
+        .sum();
+    report.state_bytes = state_bytes;
+
+    let ram = HostRam::new(vm.memory(), &layout).ok_or_else(|| {
+        MigrationError::new(
+            hs,
+            ErrorKind::Invalid("guest memory is not one mapping per region".into()),
+        )
+    })?;
+    let mut tracker = vm.dirty_tracker().map_err(|e| MigrationError::new(hs, e))?;
+    report.dirty_tracking = if tracker.needs_clear() {
+        "manual-protect, chunked clear".into()
+    } else {
+        "get-dirty-log".into()
+    };
+    let mut sender = PageSender {
+        fw,
+        batch: PageBatch::with_capacity(
+            (config.batch_pages.max(1) as usize) * PAGE_SIZE as usize + 4096,
+        ),
+        batch_pages: u64::from(config.batch_pages.max(1)),
+        ram,
+        layout: layout.clone(),
+        pacer: Pacer::new(config.max_bandwidth),
+        counts: Counts::default(),
+    };
+    tracker.start().map_err(|e| MigrationError::new(hs, e))?;
+    report.setup_ms = ms(started.elapsed());
+
+    let outcome = precopy_and_switch(
+        vm,
+        &mut *tracker,
+        &mut sender,
+        &mut fr,
+        config,
+        cancel,
+        progress,
+        report,
+        state_time,
+        state_bytes,
+    );
+    let committed = matches!(&outcome, Ok(())) || matches!(&outcome, Err(e) if e.is_ambiguous());
+    if let Err(e) = tracker.stop() {
+        log::error!("stopping dirty logging: {e}");
+    }
+    report.bytes_sent = sender.fw.bytes_written();
+    if let Err(e) = &outcome {
+        if !committed {
+            // Fail safe: the source keeps the guest.
+            if let Err(re) = vm.resume() {
+                log::error!("resuming the source after a failed migration: {re}");
+            }
+            let msg = ErrorMsg {
+                phase: e.phase.to_string(),
+                message: e.kind.to_string(),
+            };
+            let _ = sender.fw.send(&msg);
+            // A peer-side failure usually shows up here as a broken pipe;
+            // fetch the peer's own reason if it sent one.
+            if let ErrorKind::Protocol(pe) = &e.kind {
+                if pe.is_disconnect() {
+                    let _ = fr
+                        .get_mut()
+                        .set_read_timeout(Some(Duration::from_millis(200)));
+                    if let Ok(f) = fr.read_frame() {
+                        if f.kind == MsgKind::Error {
+                            if let Ok(m) = ErrorMsg::decode(f.payload) {
+                                return Err(MigrationError::new(
+                                    e.phase,
+                                    ErrorKind::Remote {
+                                        phase: m.phase,
+                                        message: m.message,
+                                    },
+                                ));
+                            }
+                        }
+                    }
+                }
+            }
+        }
+    }
+    outcome
+}
+
+#[allow(clippy::too_many_arguments)]
+fn precopy_and_switch<V: SourceVm + ?Sized>(
+    vm: &V,
+    tracker: &mut (dyn DirtyTracker + '_),
+    sender: &mut PageSender<'_>,
+    fr: &mut FrameReader<Box<dyn Transport>>,
+    config: &MigrationConfig,
+    cancel: &CancelToken,
+    progress: &mut dyn FnMut(&Progress),
+    report: &mut Report,
+    state_time: Duration,
+    state_bytes: u64,
+) -> Result<(), MigrationError> {
+    let layout = sender.layout.clone();
+    let precopy_start = Instant::now();
+    // Discard VMM writes recorded before tracking started: round 0 sends
+    // everything anyway.
+    let mut scratch = DirtyBitmap::new(&layout);
+    merge_vmm_writes(vm, &mut scratch);
+
+    // Round 0: every page that exists on the host. Pages of the anonymous
+    // mapping that were never touched read as zero and the destination's
+    // fresh memory is zero already: skip them without reading them.
+    let mut bitmap = DirtyBitmap::new(&layout);
+    let mut skipped = 0u64;
+    for (i, r) in layout.regions().iter().enumerate() {
+        match sender.ram.populated(i) {
+            Some(pop) => {
+                for (p, present) in pop.iter().enumerate() {
+                    if *present {
+                        bitmap.set(i, p as u64);
+                    } else {
+                        skipped += 1;
+                    }
+                }
+            }
+            None => {
+                for p in 0..r.pages() {
+                    bitmap.set(i, p);
+                }
+            }
+        }
+    }
+
+    let mut round = 0u32;
+    let forced;
+    loop {
+        let phase = Phase::Precopy(round);
+        let t0 = Instant::now();
+        let before = sender.counts;
+        let clear = tracker.needs_clear();
+        let all = (clear && round == 0).then(|| {
+            let mut a = DirtyBitmap::new(&layout);
+            a.set_all();
+            a
+        });
+        sender.send_bitmap(
+            &bitmap,
+            if clear { Some(&mut *tracker) } else { None },
+            all.as_ref(),
+            cancel,
+            phase,
+        )?;
+        let end = RoundEnd {
+            round,
+            pages: sender.counts.pages - before.pages,
+        };
+        sender
+            .fw
+            .send(&end)
+            .map_err(|e| MigrationError::new(phase, e))?;
+        let dur = t0.elapsed();
+        bitmap.clear();
+        tracker
+            .sync(&mut bitmap)
+            .map_err(|e| MigrationError::new(phase, e))?;
+        merge_vmm_writes(vm, &mut bitmap);
+        let dirty = bitmap.count();
+        let secs = dur.as_secs_f64().max(1e-6);
+        let bytes = sender.counts.bytes - before.bytes;
+        let bandwidth = bytes as f64 / secs;
+        let est = RoundEstimate {
+            remaining_bytes: dirty * PAGE_SIZE,
+            // A round with almost nothing to send says little about the
+            // link; never assume less than 100 MB/s from such a round.
+            bandwidth: if bytes < (1 << 20) {
+                bandwidth.max(100e6)
+            } else {
+                bandwidth
+            },
+            state_time,
+            state_bytes,
+        };
+        let rr = RoundReport {
+            round,
+            pages: sender.counts.pages - before.pages,
+            zero_pages: sender.counts.zero - before.zero + if round == 0 { skipped } else { 0 },
+            bytes,
+            duration_ms: ms(dur),
+            dirty_pages_after: dirty,
+            dirty_rate_mbps: (dirty * PAGE_SIZE) as f64 / secs / 1e6,
+            bandwidth_mbps: bandwidth / 1e6,
+            expected_downtime_ms: ms(est.expected_downtime()),
+        };
+        log::info!("{rr}");
+        progress(&Progress::Round(rr.clone()));
+        report.rounds.push(rr);
+        report.expected_downtime_ms = ms(est.expected_downtime());
+        if cancel.is_cancelled() {
+            return Err(MigrationError::new(phase, ErrorKind::Cancelled));
+        }
+        match decide(config, round, precopy_start.elapsed(), &est) {
+            Decision::Continue => round += 1,
+            Decision::Switchover => {
+                forced = false;
+                break;
+            }
+            Decision::ForceSwitchover => {
+                forced = true;
+                break;
+            }
+            Decision::GiveUp => {
+                return Err(MigrationError::new(
+                    phase,
+                    ErrorKind::NotConverged {
+                        rounds: round + 1,
+                        expected_ms: ms(est.expected_downtime()),
+                        limit_ms: ms(config.downtime_limit),
+                    },
+                ))
+            }
+        }
+    }
+    report.forced = forced;
+    report.pages_sent = sender.counts.pages;
+    report.zero_pages = sender.counts.zero + skipped;
+
+    // Stop-and-copy.
+    let fm = Phase::FinalMemory;
+    let t_pause = Instant::now();
+    vm.pause().map_err(|e| MigrationError::new(fm, e))?;
+    let t_paused = Instant::now();
+    tracker
+        .sync(&mut bitmap)
+        .map_err(|e| MigrationError::new(fm, e))?;
+    merge_vmm_writes(vm, &mut bitmap);
+    let t_synced = Instant::now();
+    progress(&Progress::Paused {
+        remaining_pages: bitmap.count(),
+    });
+    let before = sender.counts;
+    // Paused: no need to re-arm the log, nothing is writing.
+    sender.send_bitmap(&bitmap, None, None, &CancelToken::new(), fm)?;
+    report.final_pages = sender.counts.pages - before.pages + sender.counts.zero - before.zero;
+    let t_mem = Instant::now();
+
+    let st = Phase::State;
+    let sections = vm.save_state().map_err(|e| MigrationError::new(st, e))?;
+    let t_saved = Instant::now();
+    report.state_bytes = sections.iter().map(|s| s.data.len() as u64).sum();
+    let state = State { sections };
+    let fw = &mut sender.fw;
+    fw.send(&state).map_err(|e| MigrationError::new(st, e))?;
+    fw.write_frame(MsgKind::Complete, &[])
+        .map_err(|e| MigrationError::new(st, e))?;
+    fw.flush().map_err(|e| MigrationError::new(st, e))?;
+    let ready = Ready::decode(&expect(fr, MsgKind::Ready, Phase::Completion)?)
+        .map_err(|e| MigrationError::new(Phase::Completion, e))?;
+    let t_ready = Instant::now();
+    if cancel.is_cancelled() {
+        return Err(MigrationError::new(Phase::Completion, ErrorKind::Cancelled));
+    }
+
+    // Commit: from here on the source never resumes the guest by itself.
+    let cp = Phase::Completion;
+    if let Err(e) = fw.write_frame(MsgKind::Go, &[]).and_then(|_| fw.flush()) {
+        return Err(MigrationError::new(cp, ErrorKind::Ambiguous(e.to_string())));
+    }
+    let resumed = match expect(fr, MsgKind::Resumed, cp) {
+        Ok(p) => Resumed::decode(&p).map_err(|e| MigrationError::new(cp, e))?,
+        Err(e) => return Err(MigrationError::new(cp, ErrorKind::Ambiguous(e.to_string()))),
+    };
+    let t_done = Instant::now();
+
+    report.pages_sent = sender.counts.pages;
+    report.zero_pages = sender.counts.zero + skipped;
+    report.downtime_ms = ms(t_done - t_pause);
+    let b = &mut report.downtime_breakdown;
+    b.pause_ms = ms(t_paused - t_pause);
+    b.final_sync_ms = ms(t_synced - t_paused);
+    b.final_memory_ms = ms(t_mem - t_synced);
+    b.state_save_ms = ms(t_saved - t_mem);
+    b.state_transfer_ms = ms(t_ready - t_saved);
+    b.dest_restore_ms = ready.restore_us as f64 / 1000.0;
+    b.resume_ack_ms = ms(t_done - t_ready);
+    b.dest_resume_ms = resumed.resume_us as f64 / 1000.0;
+    progress(&Progress::Completed {
+        downtime_ms: report.downtime_ms,
+    });
+    Ok(())
+}

@@ -1,0 +1,660 @@
+//! Transports: an ordered, reliable byte stream between the two sides.
+//!
+//! The engine only sees the [`Transport`] trait, never a socket. This module
+//! provides three implementations:
+//!
+//! * [`TcpTransport`] — TCP (with `TCP_NODELAY`), addressed as `tcp:HOST:PORT`;
+//! * [`UnixTransport`] — Unix stream sockets, addressed as `unix:PATH`;
+//! * [`mem::MemTransport`] — an in-memory pipe for tests ([`mem::pair`]).
+//!
+//! [`connect`] and [`listen`] turn an [`Endpoint`] into a connected
+//! `Box<dyn Transport>` on either side.
+//!
+//! ```no_run
+//! use livemig::transport::{self, Endpoint};
+//! use std::time::Duration;
+//!
+//! let ep: Endpoint = "tcp:127.0.0.1:0".parse()?;
+//! let listener = transport::listen(&ep)?;
+//! let real = listener.local_endpoint().clone(); // tcp:127.0.0.1:<port>
+//! let client = transport::connect(&real, Some(Duration::from_secs(5)))?;
+//! let server = listener.accept()?;
+//! # Ok::<(), transport::TransportError>(())
+//! ```
+
+use std::fmt;
+use std::io;
+use std::net::TcpListener;
+use std::os::unix::fs::{FileTypeExt, MetadataExt};
+use std::os::unix::net::{UnixListener, UnixStream};
+use std::path::{Path, PathBuf};
+use std::str::FromStr;
+use std::time::{Duration, Instant};
+
+pub mod mem;
+mod tcp;
+mod unix;
+
+pub use tcp::TcpTransport;
+pub use unix::UnixTransport;
+
+/// An ordered, reliable, bidirectional byte stream.
+///
+/// Reads and writes follow the usual [`std::io::Read`] / [`std::io::Write`]
+/// contracts. Implementations must be cheap to [`Transport::try_clone`] so
+/// that one thread can read (acknowledgements, cancel requests) while another
+/// writes (pages).
+pub trait Transport: io::Read + io::Write + Send {
+    /// Timeout for blocking reads (`None` = block forever). A timed-out read
+    /// returns an error of kind [`io::ErrorKind::TimedOut`] or
+    /// [`io::ErrorKind::WouldBlock`].
+    ///
+    /// Like a socket option, the timeout may be shared by all clones of the
+    /// connection. A zero duration is rejected with `InvalidInput`.
+    fn set_read_timeout(&mut self, timeout: Option<Duration>) -> io::Result<()>;
+
+    /// Timeout for blocking writes (`None` = block forever). A timed-out write
+    /// returns an error of kind [`io::ErrorKind::TimedOut`] or
+    /// [`io::ErrorKind::WouldBlock`]; how much of the buffer was written is
+    /// then unknown, so the stream should be abandoned.
+    fn set_write_timeout(&mut self, timeout: Option<Duration>) -> io::Result<()>;
+
+    /// Closes both directions so that a blocked read or write on any clone
+    /// returns (reads see end-of-file, writes fail). Used to cancel.
+    fn shutdown(&self) -> io::Result<()>;
+
+    /// Human-readable description of the peer for error messages, for
+    /// example `tcp:127.0.0.1:4444`.
+    fn peer(&self) -> String;
+
+    /// A second handle to the same connection.
+    fn try_clone(&self) -> io::Result<Box<dyn Transport>>;
+}
+
+impl Transport for Box<dyn Transport> {
+    fn set_read_timeout(&mut self, timeout: Option<Duration>) -> io::Result<()> {
+        (**self).set_read_timeout(timeout)
+    }
+
+    fn set_write_timeout(&mut self, timeout: Option<Duration>) -> io::Result<()> {
+        (**self).set_write_timeout(timeout)
+    }
+
+    fn shutdown(&self) -> io::Result<()> {
+        (**self).shutdown()
+    }
+
+    fn peer(&self) -> String {
+        (**self).peer()
+    }
+
+    fn try_clone(&self) -> io::Result<Box<dyn Transport>> {
+        (**self).try_clone()
+    }
+}
+
+/// Errors setting up a transport. Errors on an established connection are
+/// plain [`io::Error`]s from `Read` / `Write`.
+#[derive(Debug, thiserror::Error)]
+pub enum TransportError {
+    /// The endpoint string is not `tcp:HOST:PORT` or `unix:PATH`.
+    #[error("{0}")]
+    InvalidEndpoint(String),
+    /// Connecting failed (refused, unreachable, timed out, name resolution).
+    #[error("cannot connect to {endpoint}: {source}")]
+    Connect {
+        /// The endpoint, as a URI.
+        endpoint: String,
+        /// The OS error.
+        #[source]
+        source: io::Error,
+    },
+    /// Binding or listening failed.
+    #[error("cannot listen on {endpoint}: {source}")]
+    Listen {
+        /// The endpoint, as a URI.
+        endpoint: String,
+        /// The OS error.
+        #[source]
+        source: io::Error,
+    },
+    /// Accepting a connection failed (or timed out).
+    #[error("accepting a connection on {endpoint} failed: {source}")]
+    Accept {
+        /// The listening endpoint, as a URI.
+        endpoint: String,
+        /// The OS error.
+        #[source]
+        source: io::Error,
+    },
+    /// Configuring a connected socket failed.
+    #[error("configuring the connection to {peer}: {what}: {source}")]
+    Setup {
+        /// The peer.
+        peer: String,
+        /// What was being configured.
+        what: &'static str,
+        /// The OS error.
+        #[source]
+        source: io::Error,
+    },
+}
+
+impl TransportError {
+    /// Whether the error is a timeout (connect or accept timed out).
+    pub fn is_timeout(&self) -> bool {
+        match self {
+            TransportError::InvalidEndpoint(_) => false,
+            TransportError::Connect { source, .. }
+            | TransportError::Listen { source, .. }
+            | TransportError::Accept { source, .. }
+            | TransportError::Setup { source, .. } => matches!(
+                source.kind(),
+                io::ErrorKind::TimedOut | io::ErrorKind::WouldBlock
+            ),
+        }
+    }
+}
+
+const ENDPOINT_FORMS: &str = "expected tcp:HOST:PORT or unix:PATH";
+
+/// Where to connect or listen: `tcp:HOST:PORT` or `unix:PATH`.
+///
+/// `HOST` is a name, an IPv4 address, or an IPv6 address in brackets
+/// (`tcp:[::1]:4444`).
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub enum Endpoint {
+    /// TCP; the string is `host:port` (port validated on parsing).
+    Tcp(String),
+    /// A Unix stream socket at a filesystem path.
+    Unix(PathBuf),
+}
+
+impl FromStr for Endpoint {
+    type Err = TransportError;
+
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        let bad = |reason: String| TransportError::InvalidEndpoint(reason);
+        let Some((scheme, rest)) = s.split_once(':') else {
+            return Err(bad(format!(
+                "'{s}' has no transport prefix; {ENDPOINT_FORMS}"
+            )));
+        };
+        match scheme {
+            "tcp" => {
+                let Some((host, port)) = rest.rsplit_once(':') else {
+                    return Err(bad(format!("'{s}': missing port; expected tcp:HOST:PORT")));
+                };
+                if host.is_empty() {
+                    return Err(bad(format!("'{s}': missing host; expected tcp:HOST:PORT")));
+                }
+                if port.parse::<u16>().is_err() {
+                    return Err(bad(format!(
+                        "'{s}': invalid port '{port}' (expected 0..=65535)"
+                    )));
+                }
+                if let Some(inner) = host.strip_prefix('[') {
+                    let ok = inner
+                        .strip_suffix(']')
+                        .is_some_and(|a| a.parse::<std::net::Ipv6Addr>().is_ok());
+                    if !ok {
+                        return Err(bad(format!("'{s}': invalid IPv6 address '{host}'")));
+                    }
+                } else if host.contains(':') {
+                    return Err(bad(format!(
+                        "'{s}': IPv6 addresses must be in brackets, e.g. tcp:[::1]:4444"
+                    )));
+                } else if host.chars().any(|c| c.is_whitespace() || c.is_control()) {
+                    return Err(bad(format!("'{s}': invalid host '{host}'")));
+                }
+                Ok(Endpoint::Tcp(rest.to_string()))
+            }
+            "unix" => {
+                if rest.is_empty() {
+                    return Err(bad(format!("'{s}': empty path; expected unix:PATH")));
+                }
+                if rest.contains('\0') {
+                    return Err(bad(format!("'{s}': path contains a NUL byte")));
+                }
+                Ok(Endpoint::Unix(PathBuf::from(rest)))
+            }
+            other => Err(bad(format!(
+                "unknown transport '{other}:'; {ENDPOINT_FORMS}"
+            ))),
+        }
+    }
+}
+
+impl fmt::Display for Endpoint {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Endpoint::Tcp(addr) => write!(f, "tcp:{addr}"),
+            Endpoint::Unix(path) => write!(f, "unix:{}", path.display()),
+        }
+    }
+}
+
+/// Connects to `endpoint`. `timeout` bounds the TCP connection attempt (per
+/// resolved address; name resolution itself is not bounded); Unix sockets
+/// connect immediately or fail.
+pub fn connect(
+    endpoint: &Endpoint,
+    timeout: Option<Duration>,
+) -> Result<Box<dyn Transport>, TransportError> {
+    let connect_err = |source| TransportError::Connect {
+        endpoint: endpoint.to_string(),
+        source,
+    };
+    match endpoint {
+        Endpoint::Tcp(addr) => {
+            let t = TcpTransport::connect(addr, timeout).map_err(connect_err)?;
+            Ok(Box::new(t))
+        }
+        Endpoint::Unix(path) => {
+            let t = UnixTransport::connect(path).map_err(connect_err)?;
+            Ok(Box::new(t))
+        }
+    }
+}
+
+/// Starts listening on `endpoint`.
+///
+/// For `tcp:HOST:0` the OS picks a port; [`Listener::local_endpoint`] reports
+/// it. For `unix:PATH` a stale socket file (one nobody listens on) is
+/// removed first; a live socket or a file that is not a socket is an error.
+/// The socket file is removed again when the listener is dropped.
+pub fn listen(endpoint: &Endpoint) -> Result<Listener, TransportError> {
+    let listen_err = |source| TransportError::Listen {
+        endpoint: endpoint.to_string(),
+        source,
+    };
+    match endpoint {
+        Endpoint::Tcp(addr) => {
+            let listener = TcpListener::bind(addr.as_str()).map_err(listen_err)?;
+            let local = listener.local_addr().map_err(listen_err)?;
+            Ok(Listener {
+                endpoint: Endpoint::Tcp(local.to_string()),
+                inner: ListenerInner::Tcp(listener),
+            })
+        }
+        Endpoint::Unix(path) => {
+            remove_stale_socket(path).map_err(listen_err)?;
+            let listener = UnixListener::bind(path).map_err(listen_err)?;
+            let id = std::fs::symlink_metadata(path)
+                .ok()
+                .map(|m| (m.dev(), m.ino()));
+            Ok(Listener {
+                endpoint: endpoint.clone(),
+                inner: ListenerInner::Unix {
+                    listener,
+                    path: path.clone(),
+                    id,
+                },
+            })
+        }
+    }
+}
+
+/// Removes `path` if it is a Unix socket nobody is listening on.
+fn remove_stale_socket(path: &Path) -> io::Result<()> {
+    let md = match std::fs::symlink_metadata(path) {
+        Ok(md) => md,
+        Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(()),
+        Err(e) => return Err(e),
+    };
+    if !md.file_type().is_socket() {
+        return Err(io::Error::new(
+            io::ErrorKind::AlreadyExists,
+            format!("{} exists and is not a socket", path.display()),
+        ));
+    }
+    match UnixStream::connect(path) {
+        Ok(_) => Err(io::Error::new(
+            io::ErrorKind::AddrInUse,
+            format!("another process is listening on {}", path.display()),
+        )),
+        Err(e) if e.kind() == io::ErrorKind::ConnectionRefused => {
+            log::debug!("removing stale socket {}", path.display());
+            std::fs::remove_file(path)
+        }
+        Err(e) => Err(e),
+    }
+}
+
+enum ListenerInner {
+    Tcp(TcpListener),
+    Unix {
+        listener: UnixListener,
+        path: PathBuf,
+        /// Device and inode of the socket file we created, so that drop only
+        /// removes our own file.
+        id: Option<(u64, u64)>,
+    },
+}
+
+/// A listening socket from [`listen`].
+pub struct Listener {
+    endpoint: Endpoint,
+    inner: ListenerInner,
+}
+
+impl fmt::Debug for Listener {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Listener")
+            .field("endpoint", &self.endpoint)
+            .finish()
+    }
+}
+
+/// How often [`Listener::accept_timeout`] polls.
+const ACCEPT_POLL: Duration = Duration::from_millis(5);
+
+impl Listener {
+    /// The endpoint actually listened on (with the real port for `tcp:…:0`).
+    pub fn local_endpoint(&self) -> &Endpoint {
+        &self.endpoint
+    }
+
+    fn accept_err(&self, source: io::Error) -> TransportError {
+        TransportError::Accept {
+            endpoint: self.endpoint.to_string(),
+            source,
+        }
+    }
+
+    /// Waits for one connection.
+    pub fn accept(&self) -> Result<Box<dyn Transport>, TransportError> {
+        match &self.inner {
+            ListenerInner::Tcp(l) => {
+                let (stream, _) = l.accept().map_err(|e| self.accept_err(e))?;
+                self.wrap_tcp(stream)
+            }
+            ListenerInner::Unix { listener, path, .. } => {
+                let (stream, _) = listener.accept().map_err(|e| self.accept_err(e))?;
+                Ok(Box::new(UnixTransport::new(stream, path)))
+            }
+        }
+    }
+
+    /// Waits at most `timeout` for one connection; on expiry the error's
+    /// [`TransportError::is_timeout`] is true.
+    ///
+    /// Polls a non-blocking socket every few milliseconds; do not call
+    /// [`Listener::accept`] from another thread at the same time.
+    pub fn accept_timeout(&self, timeout: Duration) -> Result<Box<dyn Transport>, TransportError> {
+        self.set_nonblocking(true).map_err(|e| self.accept_err(e))?;
+        let result = self.poll_accept(timeout);
+        let restore = self.set_nonblocking(false);
+        let t = result?;
+        restore.map_err(|e| self.accept_err(e))?;
+        Ok(t)
+    }
+
+    fn set_nonblocking(&self, on: bool) -> io::Result<()> {
+        match &self.inner {
+            ListenerInner::Tcp(l) => l.set_nonblocking(on),
+            ListenerInner::Unix { listener, .. } => listener.set_nonblocking(on),
+        }
+    }
+
+    fn poll_accept(&self, timeout: Duration) -> Result<Box<dyn Transport>, TransportError> {
+        let deadline = Instant::now() + timeout;
+        loop {
+            let r: io::Result<Box<dyn Transport>> = match &self.inner {
+                ListenerInner::Tcp(l) => match l.accept() {
+                    Ok((s, _)) => {
+                        s.set_nonblocking(false).map_err(|e| self.accept_err(e))?;
+                        return self.wrap_tcp(s);
+                    }
+                    Err(e) => Err(e),
+                },
+                ListenerInner::Unix { listener, path, .. } => match listener.accept() {
+                    Ok((s, _)) => {
+                        s.set_nonblocking(false).map_err(|e| self.accept_err(e))?;
+                        return Ok(Box::new(UnixTransport::new(s, path)));
+                    }
+                    Err(e) => Err(e),
+                },
+            };
+            match r {
+                Ok(t) => return Ok(t),
+                Err(e)
+                    if e.kind() == io::ErrorKind::WouldBlock
+                        || e.kind() == io::ErrorKind::Interrupted =>
+                {
+                    let now = Instant::now();
+                    if now >= deadline {
+                        return Err(self.accept_err(io::Error::new(
+                            io::ErrorKind::TimedOut,
+                            format!("no connection within {timeout:?}"),
+                        )));
+                    }
+                    std::thread::sleep(ACCEPT_POLL.min(deadline - now));
+                }
+                Err(e) => return Err(self.accept_err(e)),
+            }
+        }
+    }
+
+    fn wrap_tcp(&self, stream: std::net::TcpStream) -> Result<Box<dyn Transport>, TransportError> {
+        let t = TcpTransport::new(stream).map_err(|source| TransportError::Setup {
+            peer: format!("a client of {}", self.endpoint),
+            what: "TCP_NODELAY",
+            source,
+        })?;
+        Ok(Box::new(t))
+    }
+}
+
+impl Drop for Listener {
+    fn drop(&mut self) {
+        if let ListenerInner::Unix { path, id, .. } = &self.inner {
+            // Only remove the file if it is still the socket we bound (someone
+            // may have replaced it since).
+            let ours = std::fs::symlink_metadata(path)
+                .map(|m| m.file_type().is_socket() && Some((m.dev(), m.ino())) == *id)
+                .unwrap_or(false);
+            if ours {
+                if let Err(e) = std::fs::remove_file(path) {
+                    log::warn!("cannot remove socket {}: {e}", path.display());
+                }
+            }
+        }
+    }
+}
+
+/// Helpers shared by the transport tests.
+#[cfg(test)]
+pub(crate) mod testutil {
+    use super::Transport;
+    use std::io::{Read, Write};
+    use std::time::{Duration, Instant};
+
+    /// Deterministic test pattern.
+    pub fn pattern(len: usize, seed: u64) -> Vec<u8> {
+        let mut x = seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1;
+        (0..len)
+            .map(|_| {
+                x ^= x << 13;
+                x ^= x >> 7;
+                x ^= x << 17;
+                x as u8
+            })
+            .collect()
+    }
+
+    /// Sends 64 MiB from `a` to `b` (in odd-sized writes) and checks it.
+    pub fn carries_64mib(mut a: Box<dyn Transport>, mut b: Box<dyn Transport>) {
+        const LEN: usize = 64 << 20;
+        let data = pattern(LEN, 42);
+        let expected = data.clone();
+        let writer = std::thread::spawn(move || {
+            let mut off = 0;
+            let mut step = 1;
+            while off < data.len() {
+                let end = (off + step).min(data.len());
+                a.write_all(&data[off..end]).unwrap();
+                off = end;
+                step = (step * 7 + 3) % (1 << 20) + 1;
+            }
+            a.flush().unwrap();
+            a
+        });
+        let mut got = vec![0u8; LEN];
+        let t0 = Instant::now();
+        b.read_exact(&mut got).unwrap();
+        let elapsed = t0.elapsed();
+        let a = writer.join().unwrap();
+        assert!(got == expected, "64 MiB corrupted on {}", b.peer());
+        eprintln!("{}: 64 MiB in {elapsed:?}", b.peer());
+        // Closing the writer gives the reader EOF.
+        drop(a);
+        let mut one = [0u8; 1];
+        assert_eq!(b.read(&mut one).unwrap(), 0);
+    }
+
+    /// A read with a timeout and nothing to read fails in about that time.
+    pub fn read_timeout_fires(_a: Box<dyn Transport>, mut b: Box<dyn Transport>) {
+        b.set_read_timeout(Some(Duration::from_millis(50))).unwrap();
+        let t0 = Instant::now();
+        let mut buf = [0u8; 8];
+        let e = b.read(&mut buf).unwrap_err();
+        assert!(
+            matches!(
+                e.kind(),
+                std::io::ErrorKind::TimedOut | std::io::ErrorKind::WouldBlock
+            ),
+            "{e:?}"
+        );
+        let el = t0.elapsed();
+        assert!(el >= Duration::from_millis(40), "{el:?}");
+        assert!(el < Duration::from_secs(5), "{el:?}");
+        b.set_read_timeout(None).unwrap();
+    }
+
+    /// A write timeout fires when the peer never reads.
+    pub fn write_timeout_fires(_a: Box<dyn Transport>, mut b: Box<dyn Transport>) {
+        b.set_write_timeout(Some(Duration::from_millis(50)))
+            .unwrap();
+        let chunk = vec![0u8; 1 << 20];
+        let t0 = Instant::now();
+        loop {
+            match b.write(&chunk) {
+                Ok(n) => assert!(
+                    n > 0 && t0.elapsed() < Duration::from_secs(20),
+                    "never blocked"
+                ),
+                Err(e) => {
+                    assert!(
+                        matches!(
+                            e.kind(),
+                            std::io::ErrorKind::TimedOut | std::io::ErrorKind::WouldBlock
+                        ),
+                        "{e:?}"
+                    );
+                    break;
+                }
+            }
+        }
+    }
+
+    /// Shutdown from another thread (on a clone) unblocks a blocked reader.
+    pub fn shutdown_unblocks_reader(a: Box<dyn Transport>, b: Box<dyn Transport>) {
+        let mut reader = b.try_clone().unwrap();
+        let t = std::thread::spawn(move || {
+            let mut buf = [0u8; 16];
+            let t0 = Instant::now();
+            let r = reader.read(&mut buf);
+            (r.map_err(|e| e.kind()), t0.elapsed())
+        });
+        std::thread::sleep(Duration::from_millis(100));
+        b.shutdown().unwrap();
+        let (r, el) = t.join().unwrap();
+        // EOF (Ok(0)) or an error, but it returned.
+        assert!(matches!(r, Ok(0) | Err(_)), "{r:?}");
+        assert!(el < Duration::from_secs(5));
+        let mut b = b;
+        assert!(b.write_all(&[1, 2, 3]).is_err(), "write after shutdown");
+        drop(a);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn endpoint_round_trips() {
+        for s in [
+            "tcp:127.0.0.1:4444",
+            "tcp:localhost:0",
+            "tcp:[::1]:65535",
+            "tcp:host.example:80",
+            "unix:/run/livemig.sock",
+            "unix:relative/path with spaces.sock",
+            "unix:/tmp/a:b",
+        ] {
+            let ep: Endpoint = s.parse().unwrap();
+            assert_eq!(ep.to_string(), s);
+            assert_eq!(ep.to_string().parse::<Endpoint>().unwrap(), ep);
+        }
+        assert_eq!(
+            "tcp:10.0.0.1:7".parse::<Endpoint>().unwrap(),
+            Endpoint::Tcp("10.0.0.1:7".into())
+        );
+        assert_eq!(
+            "unix:/x".parse::<Endpoint>().unwrap(),
+            Endpoint::Unix(PathBuf::from("/x"))
+        );
+    }
+
+    #[test]
+    fn endpoint_rejects_junk() {
+        let err = |s: &str| s.parse::<Endpoint>().unwrap_err().to_string();
+        assert_eq!(
+            err("foo:bar"),
+            "unknown transport 'foo:'; expected tcp:HOST:PORT or unix:PATH"
+        );
+        assert!(err("127.0.0.1:4444").contains("unknown transport '127.0.0.1:'"));
+        assert!(err("tcp4444").contains("no transport prefix"));
+        assert!(err("").contains("no transport prefix"));
+        assert!(err("TCP:a:1").contains("unknown transport"));
+        assert!(err("tcp:").contains("missing port"));
+        assert!(err("tcp:host").contains("missing port"));
+        assert!(err("tcp::80").contains("missing host"));
+        assert!(err("tcp:host:").contains("invalid port ''"));
+        assert!(err("tcp:host:65536").contains("invalid port '65536'"));
+        assert!(err("tcp:host:-1").contains("invalid port"));
+        assert!(err("tcp:host:http").contains("invalid port"));
+        assert!(err("tcp:::1:80").contains("brackets"));
+        assert!(err("tcp:[::1:80").contains("invalid IPv6"));
+        assert!(err("tcp:[nope]:80").contains("invalid IPv6"));
+        assert!(err("tcp:a b:80").contains("invalid host"));
+        assert!(err("unix:").contains("empty path"));
+        assert!(err("unix:/a\0b").contains("NUL"));
+    }
+
+    #[test]
+    fn boxed_transport_forwards() {
+        use std::io::{Read, Write};
+
+        fn takes<T: Transport>(t: &mut T) -> String {
+            t.set_read_timeout(Some(Duration::from_millis(5))).unwrap();
+            t.peer()
+        }
+
+        let (a, b) = mem::pair();
+        let mut a: Box<dyn Transport> = Box::new(a);
+        let mut b: Box<dyn Transport> = Box::new(b);
+        // Generic code accepts a Box<dyn Transport> as a Transport.
+        assert!(takes(&mut a).starts_with("mem:"));
+        let mut c = b.try_clone().unwrap();
+        a.write_all(b"xyz").unwrap();
+        let mut buf = [0u8; 3];
+        c.read_exact(&mut buf).unwrap();
+        assert_eq!(&buf, b"xyz");
+        Transport::shutdown(&b).unwrap();
+        assert_eq!(a.read(&mut buf).unwrap(), 0);
+        b.set_write_timeout(None).unwrap();
+    }
+}

@@ -1,0 +1,146 @@
+//! The VM seams: what the engine needs from the VM on each side.
+
+use std::collections::BTreeMap;
+
+use serde::{Deserialize, Serialize};
+
+use crate::bitmap::DirtyBitmap;
+use crate::memory::{GuestRam, MemoryLayout};
+use crate::state::{Section, StateError};
+
+/// Errors reported by a VM implementation.
+#[derive(Debug, thiserror::Error)]
+pub enum VmError {
+    /// Pausing the vCPUs (or devices) failed.
+    #[error("pause failed: {0}")]
+    Pause(String),
+    /// Resuming failed.
+    #[error("resume failed: {0}")]
+    Resume(String),
+    /// Dirty tracking failed.
+    #[error("dirty tracking: {0}")]
+    DirtyLog(String),
+    /// Saving or restoring state failed.
+    #[error(transparent)]
+    State(#[from] StateError),
+    /// Creating the destination VM failed.
+    #[error("creating the VM failed: {0}")]
+    Create(String),
+    /// The destination cannot host a VM of this shape.
+    #[error("incompatible VM: {0}")]
+    Incompatible(String),
+}
+
+/// A network interface of the VM, announced on the destination after
+/// switchover so the network learns where the guest now lives.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct NicInfo {
+    /// The guest NIC's MAC address.
+    pub mac: [u8; 6],
+    /// The guest's IPv4 address, if the VMM knows it.
+    pub ipv4: Option<[u8; 4]>,
+}
+
+/// The shape of a VM: everything the destination must agree to before a
+/// single page is sent. Sent by the source in the handshake.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct VmDescription {
+    /// Guest-physical memory layout.
+    pub layout: MemoryLayout,
+    /// Number of vCPUs.
+    pub vcpus: u32,
+    /// The VM's NICs.
+    pub nics: Vec<NicInfo>,
+    /// Further properties that must match or be satisfiable on the destination
+    /// (for example `cpu.vendor`); interpreted by the VM implementations.
+    pub properties: BTreeMap<String, String>,
+}
+
+/// Dirty-page tracking provided by the hypervisor (for KVM: the dirty log).
+///
+/// The engine additionally merges vm-memory's own bitmap (the VMM's writes)
+/// into every sync, so a tracker only reports what the guest wrote.
+pub trait DirtyTracker: Send {
+    /// Starts tracking. Every page counts as clean afterwards, except what the
+    /// guest writes from now on.
+    fn start(&mut self) -> Result<(), VmError>;
+
+    /// ORs every page written since `start` or the previous `sync` into
+    /// `bitmap` (one bit per page per region, in layout order).
+    ///
+    /// If [`DirtyTracker::needs_clear`] is true the pages stay
+    /// unprotected until [`DirtyTracker::clear`] re-arms them.
+    fn sync(&mut self, bitmap: &mut DirtyBitmap) -> Result<(), VmError>;
+
+    /// Whether `sync` leaves pages unprotected until `clear` is called
+    /// (KVM's manual-protect mode). The engine then calls `clear` for each
+    /// chunk just before it reads the chunk's pages.
+    fn needs_clear(&self) -> bool;
+
+    /// Re-arms write tracking for the pages set in `bitmap` within
+    /// `region`, pages `first_page .. first_page + npages`.
+    fn clear(
+        &mut self,
+        region: usize,
+        first_page: u64,
+        npages: u64,
+        bitmap: &DirtyBitmap,
+    ) -> Result<(), VmError>;
+
+    /// Stops tracking (also called when a migration fails or is cancelled).
+    fn stop(&mut self) -> Result<(), VmError>;
+}
+
+/// The VM on the source side.
+///
+/// Implementations must be usable from the migration thread while the VMM's
+/// own threads keep running the guest.
+pub trait SourceVm: Send + Sync {
+    /// Guest memory.
+    fn memory(&self) -> &GuestRam;
+
+    /// The VM's shape, for the handshake.
+    fn describe(&self) -> Result<VmDescription, VmError>;
+
+    /// A dirty tracker over all of guest memory.
+    fn dirty_tracker(&self) -> Result<Box<dyn DirtyTracker + '_>, VmError>;
+
+    /// Stops every vCPU and device that can write guest memory. Returns when
+    /// they are all stopped.
+    fn pause(&self) -> Result<(), VmError>;
+
+    /// Lets a paused VM run again (used when a migration fails before the
+    /// switchover; also when the VM is throttled).
+    fn resume(&self) -> Result<(), VmError>;
+
+    /// Saves all non-memory state (vCPUs, VM-wide, devices) as sections.
+    /// Called only while paused.
+    fn save_state(&self) -> Result<Vec<Section>, VmError>;
+}
+
+/// The VM on the destination side, created from the source's
+/// [`VmDescription`] and not running until [`DestinationVm::resume`].
+pub trait DestinationVm: Send {
+    /// Guest memory (fresh, zero-filled).
+    fn memory(&self) -> &GuestRam;
+
+    /// Loads all non-memory state. Must refuse unknown sections or versions.
+    fn restore_state(&mut self, sections: &[Section]) -> Result<(), VmError>;
+
+    /// Starts the vCPUs. Called once, after `restore_state` succeeded and the
+    /// source committed to the switchover.
+    fn resume(&mut self) -> Result<(), VmError>;
+}
+
+/// Checks a destination memory object against a description's layout.
+pub fn check_layout(mem: &GuestRam, desc: &VmDescription) -> Result<(), VmError> {
+    let have = MemoryLayout::of(mem).map_err(|e| VmError::Incompatible(e.to_string()))?;
+    if have != desc.layout {
+        return Err(VmError::Incompatible(format!(
+            "memory layout differs: source {:?}, destination {:?}",
+            desc.layout.regions(),
+            have.regions()
+        )));
+    }
+    Ok(())
+}
