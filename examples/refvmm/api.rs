@@ -1,0 +1,242 @@
+//! The API socket: line-delimited JSON requests on a Unix socket, one
+//! client at a time. Each request is one JSON object on one line; each
+//! reply is one or more JSON lines, the last with a `"result"` field.
+//!
+//! | request | reply |
+//! |---|---|
+//! | `{"cmd":"status"}` | `{"result":"ok","running":true,"vcpus":1,"memory":...}` |
+//! | `{"cmd":"pause"}` / `{"cmd":"resume"}` | `{"result":"ok"}` |
+//! | `{"cmd":"migrate","to":"tcp:HOST:PORT","downtime_limit_ms":20,"max_bandwidth_mib":0}` | progress lines `{"event":...}`, then `{"result":"ok","report":{...}}` or `{"result":"error","phase":...,"error":...}` |
+//! | `{"cmd":"write-memory","gpa":N,"value":N}` | writes a u64 through vm-memory (tracked as a VMM write) |
+//! | `{"cmd":"memory-hash"}` | FNV-1a hash of each memory region (pause first for a stable answer) |
+//! | `{"cmd":"quit"}` | `{"result":"ok"}`, then the VMM exits |
+
+use std::io::{BufRead, BufReader, Write};
+use std::os::unix::net::{UnixListener, UnixStream};
+use std::path::Path;
+use std::sync::mpsc::Sender;
+use std::sync::Arc;
+use std::time::Duration;
+
+use livemig::memory::GuestRam;
+use livemig::policy::{MigrationConfig, OnLimit};
+use livemig::transport::{connect, Endpoint};
+use livemig::vm::SourceVm;
+use livemig::{migrate, CancelToken};
+use serde_json::{json, Value};
+use vm_memory::{Bytes, GuestAddress, GuestMemoryBackend, GuestMemoryRegion};
+
+use crate::vmm::Machine;
+
+/// What the API tells the main loop.
+pub enum ApiEvent {
+    /// The guest now runs elsewhere: exit 0.
+    Migrated,
+    /// The guest's fate is unknown (split-brain guard): exit 3, never resume.
+    Ambiguous(String),
+    /// Asked to quit.
+    Quit,
+}
+
+/// Starts the API server thread on `path`.
+pub fn serve(path: &Path, machine: Arc<Machine>, events: Sender<ApiEvent>) -> Result<(), String> {
+    if path.exists() {
+        // A stale socket from an earlier run: refuse if someone listens on it.
+        if UnixStream::connect(path).is_ok() {
+            return Err(format!("API socket {} is in use", path.display()));
+        }
+        let _ = std::fs::remove_file(path);
+    }
+    let listener =
+        UnixListener::bind(path).map_err(|e| format!("API socket {}: {e}", path.display()))?;
+    std::thread::Builder::new()
+        .name("api".into())
+        .spawn(move || {
+            for conn in listener.incoming() {
+                match conn {
+                    Ok(c) => {
+                        if let Err(e) = handle(c, &machine, &events) {
+                            log::warn!("API client: {e}");
+                        }
+                    }
+                    Err(e) => log::warn!("API accept: {e}"),
+                }
+            }
+        })
+        .map_err(|e| format!("API thread: {e}"))?;
+    Ok(())
+}
+
+fn send(w: &mut UnixStream, v: &Value) -> std::io::Result<()> {
+    let mut line = v.to_string();
+    line.push('\n');
+    w.write_all(line.as_bytes())
+}
+
+fn hash_regions(mem: &GuestRam) -> Vec<Value> {
+    let mut out = Vec::new();
+    for r in mem.iter() {
+        let mut h: u64 = 0xcbf2_9ce4_8422_2325;
+        let mut buf = vec![0u8; 1 << 20];
+        let mut off = 0u64;
+        while off < r.len() {
+            let n = (r.len() - off).min(buf.len() as u64) as usize;
+            if mem
+                .read_slice(&mut buf[..n], GuestAddress(r.start_addr().0 + off))
+                .is_err()
+            {
+                break;
+            }
+            for b in &buf[..n] {
+                h ^= u64::from(*b);
+                h = h.wrapping_mul(0x0100_0000_01b3);
+            }
+            off += n as u64;
+        }
+        out.push(json!({"gpa": r.start_addr().0, "size": r.len(), "fnv1a": format!("{h:016x}")}));
+    }
+    out
+}
+
+fn handle(conn: UnixStream, m: &Arc<Machine>, events: &Sender<ApiEvent>) -> Result<(), String> {
+    let mut w = conn.try_clone().map_err(|e| e.to_string())?;
+    let reader = BufReader::new(conn);
+    for line in reader.lines() {
+        let line = line.map_err(|e| e.to_string())?;
+        if line.trim().is_empty() {
+            continue;
+        }
+        let req: Value = match serde_json::from_str(&line) {
+            Ok(v) => v,
+            Err(e) => {
+                send(
+                    &mut w,
+                    &json!({"result":"error","error":format!("bad request: {e}")}),
+                )
+                .map_err(|e| e.to_string())?;
+                continue;
+            }
+        };
+        let reply = match req["cmd"].as_str().unwrap_or("") {
+            "status" => json!({
+                "result": "ok",
+                "running": m.vm.vcpus().is_running(),
+                "vcpus": m.vm.vcpus().len(),
+                "memory": m.vm.memory().iter().map(|r| r.len()).sum::<u64>(),
+            }),
+            "pause" => match m.vm.pause_vcpus() {
+                Ok(()) => json!({"result":"ok"}),
+                Err(e) => json!({"result":"error","error":e.to_string()}),
+            },
+            "resume" => {
+                m.vm.resume_vcpus();
+                json!({"result":"ok"})
+            }
+            "write-memory" => {
+                let gpa = req["gpa"].as_u64();
+                let value = req["value"].as_u64();
+                match (gpa, value) {
+                    (Some(gpa), Some(value)) => {
+                        match m.vm.memory().write_obj(value, GuestAddress(gpa)) {
+                            Ok(()) => json!({"result":"ok"}),
+                            Err(e) => {
+                                json!({"result":"error","error":format!("write at 0x{gpa:x}: {e}")})
+                            }
+                        }
+                    }
+                    _ => {
+                        json!({"result":"error","error":"write-memory needs numeric gpa and value"})
+                    }
+                }
+            }
+            "memory-hash" => json!({"result":"ok","regions": hash_regions(m.vm.memory())}),
+            "quit" => {
+                send(&mut w, &json!({"result":"ok"})).map_err(|e| e.to_string())?;
+                let _ = events.send(ApiEvent::Quit);
+                return Ok(());
+            }
+            "migrate" => {
+                let r = do_migrate(&req, m, &mut w);
+                match r {
+                    Ok(report) => {
+                        send(&mut w, &json!({"result":"ok","report":report}))
+                            .map_err(|e| e.to_string())?;
+                        let _ = events.send(ApiEvent::Migrated);
+                        return Ok(());
+                    }
+                    Err((v, ambiguous)) => {
+                        send(&mut w, &v).map_err(|e| e.to_string())?;
+                        if let Some(msg) = ambiguous {
+                            let _ = events.send(ApiEvent::Ambiguous(msg));
+                        }
+                        continue;
+                    }
+                }
+            }
+            other => json!({"result":"error","error":format!("unknown command '{other}'")}),
+        };
+        send(&mut w, &reply).map_err(|e| e.to_string())?;
+    }
+    Ok(())
+}
+
+type MigrateError = (Value, Option<String>);
+
+fn do_migrate(req: &Value, m: &Arc<Machine>, w: &mut UnixStream) -> Result<Value, MigrateError> {
+    let err = |msg: String| (json!({"result":"error","phase":"setup","error":msg}), None);
+    let to = req["to"]
+        .as_str()
+        .ok_or_else(|| err("migrate needs \"to\"".into()))?;
+    let endpoint: Endpoint = to.parse().map_err(|e| err(format!("{e}")))?;
+    let mut cfg = MigrationConfig::default();
+    if let Some(ms) = req["downtime_limit_ms"].as_u64() {
+        cfg.downtime_limit = Duration::from_millis(ms);
+    }
+    if let Some(mib) = req["max_bandwidth_mib"].as_u64().filter(|v| *v > 0) {
+        cfg.max_bandwidth = Some(mib << 20);
+    }
+    if let Some(r) = req["max_rounds"].as_u64() {
+        cfg.max_rounds = r.clamp(1, 10_000) as u32;
+    }
+    if req["force"].as_bool() == Some(true) {
+        cfg.on_limit = OnLimit::ForceSwitchover;
+    }
+    let transport = connect(&endpoint, Some(Duration::from_secs(10)))
+        .map_err(|e| err(format!("connecting to {endpoint}: {e}")))?;
+    let mut progress_out = w.try_clone().ok();
+    let result = migrate(&m.vm, transport, &cfg, &CancelToken::new(), &mut |p| {
+        if let Some(o) = progress_out.as_mut() {
+            if let Ok(v) = serde_json::to_value(p) {
+                let _ = send(o, &v);
+            }
+        }
+    });
+    match result {
+        Ok(report) => serde_json::to_value(&report).map_err(|e| err(e.to_string())),
+        Err(e) => {
+            let ambiguous = e.is_ambiguous().then(|| e.to_string());
+            Err((
+                json!({"result":"error","phase":e.phase.to_string(),"error":e.to_string()}),
+                ambiguous,
+            ))
+        }
+    }
+}
+
+/// Client side: sends one request and returns every reply line; `on_line`
+/// sees each as it arrives.
+pub fn request(path: &Path, req: &Value, mut on_line: impl FnMut(&Value)) -> Result<Value, String> {
+    let mut c = UnixStream::connect(path)
+        .map_err(|e| format!("cannot connect to API socket {}: {e}", path.display()))?;
+    send(&mut c, req).map_err(|e| e.to_string())?;
+    let reader = BufReader::new(c);
+    for line in reader.lines() {
+        let line = line.map_err(|e| e.to_string())?;
+        let v: Value = serde_json::from_str(&line).map_err(|e| format!("bad reply: {e}"))?;
+        if v.get("result").is_some() {
+            return Ok(v);
+        }
+        on_line(&v);
+    }
+    Err("the VMM closed the API connection without a result".into())
+}

@@ -1,0 +1,484 @@
+//! `refvmm` — the livemig reference VMM.
+//!
+//! A tiny KVM VMM that boots Multiboot v1 kernels with a COM1 serial console,
+//! and migrates them live with livemig:
+//!
+//! ```text
+//! refvmm run --memory 512M --kernel builtin:testguest --cmdline "ws=64 rate=100" --api-socket /tmp/a.sock
+//! refvmm receive --listen tcp:127.0.0.1:4444 --api-socket /tmp/b.sock
+//! refvmm migrate --api-socket /tmp/a.sock --to tcp:127.0.0.1:4444
+//! refvmm demo          # all of the above on one machine, with a report
+//! refvmm guest-image --out guest.elf
+//! ```
+//!
+//! It uses only the public APIs of `livemig`, `livemig-kvm` and
+//! `livemig-testguest`.
+
+mod api;
+mod multiboot;
+mod vmm;
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::sync::mpsc::{channel, RecvTimeoutError};
+use std::sync::Arc;
+use std::time::Duration;
+
+use clap::{Parser, Subcommand};
+use livemig::transport::{listen, Endpoint};
+use livemig::vm::VmError;
+use livemig::{receive, ReceiveConfig};
+use livemig_kvm::serial::SerialOutput;
+use livemig_kvm::{check_compatible, check_properties, x86_layout, DirtyMode};
+use serde_json::json;
+
+use crate::api::ApiEvent;
+use crate::vmm::{Machine, MachineConfig};
+
+#[derive(Parser)]
+#[command(
+    name = "refvmm",
+    version,
+    about = "livemig reference VMM: boots Multiboot kernels under KVM and migrates them live"
+)]
+struct Cli {
+    #[command(subcommand)]
+    cmd: Cmd,
+}
+
+#[derive(clap::Args, Clone)]
+struct Common {
+    /// Serial console (COM1) output: `stdio`, `file:<PATH>` or `none`.
+    /// Output is written through unbuffered, byte by byte.
+    #[arg(long, default_value = "stdio")]
+    serial: String,
+    /// Unix socket for control requests (status, pause, resume, migrate, ...).
+    #[arg(long)]
+    api_socket: Option<PathBuf>,
+    /// Dirty tracking: `auto` (manual-protect with chunked clear where KVM
+    /// offers it), `manual` or `classic`.
+    #[arg(long, default_value = "auto")]
+    dirty_log: String,
+}
+
+#[derive(Subcommand)]
+enum Cmd {
+    /// Boot a Multiboot v1 kernel and run it.
+    Run {
+        /// Guest memory, e.g. 512M, 2G (a bare number is MiB).
+        #[arg(long)]
+        memory: String,
+        /// The kernel: a Multiboot v1 ELF32 (or a.out-kludge) file, or
+        /// `builtin:testguest` for livemig's self-verifying test guest.
+        #[arg(long)]
+        kernel: String,
+        /// Kernel command line. For the test guest: ws=<MiB> rate=<pages per
+        /// heartbeat>|max hb=<us> pattern=seq|rand (tsc_khz is added).
+        #[arg(long, default_value = "")]
+        cmdline: String,
+        /// Number of vCPUs (the application processors stay parked until the
+        /// guest starts them).
+        #[arg(long, default_value_t = 1)]
+        vcpus: u32,
+        #[command(flatten)]
+        common: Common,
+    },
+    /// Wait for one incoming migration, then run the migrated guest.
+    Receive {
+        /// Where to listen: tcp:HOST:PORT or unix:PATH.
+        #[arg(long)]
+        listen: String,
+        /// Expected guest memory; if given, a source with a different size is
+        /// refused in the handshake (default: take it from the stream).
+        #[arg(long)]
+        memory: Option<String>,
+        /// Expected vCPU count (default: take it from the stream).
+        #[arg(long)]
+        vcpus: Option<u32>,
+        /// Seconds without data from the source before giving up.
+        #[arg(long, default_value_t = 10)]
+        io_timeout: u64,
+        #[command(flatten)]
+        common: Common,
+    },
+    /// Tell a running refvmm (through its API socket) to migrate its guest.
+    /// Progress goes to stderr, the JSON report to stdout.
+    Migrate {
+        /// The source VMM's API socket.
+        #[arg(long)]
+        api_socket: PathBuf,
+        /// Destination: tcp:HOST:PORT or unix:PATH.
+        #[arg(long)]
+        to: String,
+        /// Longest acceptable downtime in milliseconds (default 20).
+        #[arg(long)]
+        downtime_limit_ms: Option<u64>,
+        /// Bandwidth cap in MiB/s (default: none).
+        #[arg(long)]
+        max_bandwidth: Option<u64>,
+        /// Most pre-copy rounds before the limit policy applies (default 30).
+        #[arg(long)]
+        max_rounds: Option<u64>,
+        /// Switch over when a cap is reached instead of giving up.
+        #[arg(long)]
+        force: bool,
+    },
+    /// Live-migrate the test guest between two refvmm processes on this
+    /// machine over loopback TCP, and print the report and the
+    /// guest-observed blackout.
+    Demo(livemig_suite::demo::DemoArgs),
+    /// Write the built-in test guest image (a Multiboot v1 ELF32) to a file,
+    /// e.g. to boot it with `qemu-system-x86_64 -kernel`.
+    GuestImage {
+        /// Output path.
+        #[arg(long)]
+        out: PathBuf,
+    },
+}
+
+/// An error with the process exit code it maps to.
+struct Fail(u8, String);
+
+fn usage(msg: impl Into<String>) -> Fail {
+    Fail(2, msg.into())
+}
+
+fn runtime(msg: impl Into<String>) -> Fail {
+    Fail(1, msg.into())
+}
+
+fn parse_size(s: &str) -> Result<u64, Fail> {
+    let t = s.trim();
+    let (num, mult) = match t.char_indices().last() {
+        Some((i, c)) if c.is_ascii_alphabetic() => {
+            let m: u64 = match c.to_ascii_uppercase() {
+                'K' => 1 << 10,
+                'M' => 1 << 20,
+                'G' => 1 << 30,
+                'T' => 1 << 40,
+                _ => {
+                    return Err(usage(format!(
+                        "memory size '{s}': unknown suffix '{c}' (use K, M or G)"
+                    )))
+                }
+            };
+            (&t[..i], m)
+        }
+        _ => (t, 1 << 20),
+    };
+    let n: u64 = num.parse().map_err(|_| {
+        usage(format!(
+            "memory size '{s}' is not a number with an optional K/M/G suffix"
+        ))
+    })?;
+    let bytes = n
+        .checked_mul(mult)
+        .ok_or_else(|| usage(format!("memory size '{s}' is too large")))?;
+    if bytes == 0 {
+        return Err(usage("memory size must be greater than 0"));
+    }
+    if bytes % 4096 != 0 {
+        return Err(usage(format!(
+            "memory size '{s}' is not a multiple of 4 KiB"
+        )));
+    }
+    if bytes > (1 << 40) {
+        return Err(usage(format!("memory size '{s}' exceeds 1 TiB")));
+    }
+    Ok(bytes)
+}
+
+fn parse_serial(s: &str) -> Result<SerialOutput, Fail> {
+    match s {
+        "stdio" => Ok(SerialOutput::Stdout),
+        "none" => Ok(SerialOutput::None),
+        _ => match s.strip_prefix("file:") {
+            Some(p) if !p.is_empty() => Ok(SerialOutput::File(PathBuf::from(p))),
+            _ => Err(usage(format!(
+                "--serial '{s}': expected stdio, file:<PATH> or none"
+            ))),
+        },
+    }
+}
+
+fn parse_dirty(s: &str) -> Result<Option<DirtyMode>, Fail> {
+    match s {
+        "auto" => Ok(None),
+        "manual" => Ok(Some(DirtyMode::ManualProtect)),
+        "classic" => Ok(Some(DirtyMode::Classic)),
+        _ => Err(usage(format!(
+            "--dirty-log '{s}': expected auto, manual or classic"
+        ))),
+    }
+}
+
+fn require_kvm() -> Result<(), Fail> {
+    if !livemig_kvm::kvm_available() {
+        return Err(runtime(
+            "cannot open /dev/kvm: KVM is not available here (or not permitted)",
+        ));
+    }
+    Ok(())
+}
+
+/// Runs the machine until it dies, migrates away, or is told to quit.
+fn run_machine(machine: Machine, api_socket: Option<PathBuf>) -> Result<(), Fail> {
+    let machine = Arc::new(machine);
+    let (tx, rx) = channel();
+    if let Some(p) = &api_socket {
+        api::serve(p, machine.clone(), tx.clone()).map_err(runtime)?;
+    }
+    machine.vm.resume_vcpus();
+    let result = loop {
+        match rx.recv_timeout(Duration::from_millis(100)) {
+            Ok(ApiEvent::Migrated) => {
+                eprintln!("refvmm: guest migrated; source exits");
+                break Ok(());
+            }
+            Ok(ApiEvent::Quit) => break Ok(()),
+            Ok(ApiEvent::Ambiguous(msg)) => {
+                break Err(Fail(
+                    3,
+                    format!("{msg}; exiting without resuming the guest"),
+                ))
+            }
+            Err(RecvTimeoutError::Timeout) | Err(RecvTimeoutError::Disconnected) => {}
+        }
+        if let Some(e) = machine.vm.vcpus().fatal() {
+            break Err(runtime(format!("guest stopped: {e}")));
+        }
+    };
+    if let Some(p) = &api_socket {
+        let _ = std::fs::remove_file(p);
+    }
+    // Stop the vCPUs before the process exits so no thread runs the guest
+    // while the process tears down.
+    let _ = machine.vm.pause_vcpus();
+    result
+}
+
+fn cmd_run(
+    memory: String,
+    kernel: String,
+    cmdline: String,
+    vcpus: u32,
+    common: Common,
+) -> Result<(), Fail> {
+    let memory = parse_size(&memory)?;
+    let serial = parse_serial(&common.serial)?;
+    let dirty_mode = parse_dirty(&common.dirty_log)?;
+    if vcpus == 0 || vcpus > livemig_kvm::vm::MAX_VCPUS {
+        return Err(usage(format!(
+            "--vcpus {vcpus}: must be between 1 and {}",
+            livemig_kvm::vm::MAX_VCPUS
+        )));
+    }
+    let image = if kernel == "builtin:testguest" {
+        livemig_testguest::image().map_err(|e| runtime(format!("building the test guest: {e}")))?
+    } else {
+        std::fs::read(&kernel).map_err(|e| usage(format!("cannot read kernel '{kernel}': {e}")))?
+    };
+    // Validate the image against a scratch memory of the same size first, so
+    // a bad kernel is a usage error even where KVM is missing.
+    let layout = x86_layout(memory).map_err(|e| usage(e.to_string()))?;
+    {
+        let scratch = livemig::memory::allocate(&layout).map_err(|e| runtime(e.to_string()))?;
+        multiboot::load(&scratch, &image, &cmdline)
+            .map_err(|e| usage(format!("kernel '{kernel}': {e}")))?;
+    }
+    require_kvm()?;
+    let machine = Machine::create(MachineConfig {
+        memory,
+        vcpus,
+        serial,
+        nics: Vec::new(),
+        dirty_mode,
+    })
+    .map_err(runtime)?;
+    let mut cmdline = cmdline;
+    if !cmdline
+        .split_whitespace()
+        .any(|w| w.starts_with("tsc_khz="))
+    {
+        if let Ok(khz) = machine.vm.tsc_khz() {
+            cmdline = format!("{cmdline} tsc_khz={khz}").trim().to_string();
+        }
+    }
+    let loaded = multiboot::load(livemig::vm::SourceVm::memory(&machine.vm), &image, &cmdline)
+        .map_err(|e| usage(format!("kernel '{kernel}': {e}")))?;
+    log::info!(
+        "kernel entry 0x{:x}, info at 0x{:x}",
+        loaded.entry,
+        loaded.info_addr
+    );
+    machine.set_multiboot_entry(&loaded).map_err(runtime)?;
+    run_machine(machine, common.api_socket)
+}
+
+fn cmd_receive(
+    listen_at: String,
+    memory: Option<String>,
+    vcpus: Option<u32>,
+    io_timeout: u64,
+    common: Common,
+) -> Result<(), Fail> {
+    let endpoint: Endpoint = listen_at
+        .parse()
+        .map_err(|e| usage(format!("--listen: {e}")))?;
+    let memory = memory.as_deref().map(parse_size).transpose()?;
+    let dirty_mode = parse_dirty(&common.dirty_log)?;
+    let serial = parse_serial(&common.serial)?;
+    require_kvm()?;
+    let listener = listen(&endpoint).map_err(|e| runtime(e.to_string()))?;
+    eprintln!(
+        "refvmm: waiting for a migration on {}",
+        listener.local_endpoint()
+    );
+    let transport = listener.accept().map_err(|e| runtime(e.to_string()))?;
+    // One migration at a time: stop listening while this one runs.
+    drop(listener);
+    let cfg = ReceiveConfig {
+        io_timeout: Duration::from_secs(io_timeout.max(1)),
+    };
+    let mut serial = Some(serial);
+    let result = receive(transport, &cfg, |desc| {
+        let want = livemig_kvm::VmConfig {
+            memory: memory.unwrap_or(desc.layout.total_bytes()),
+            vcpus: vcpus.unwrap_or(desc.vcpus),
+            nics: desc.nics.clone(),
+            dirty_mode,
+        };
+        check_compatible(desc, &want)?;
+        check_properties(desc)?;
+        let machine = Machine::create(MachineConfig {
+            memory: want.memory,
+            vcpus: want.vcpus,
+            serial: serial.take().unwrap_or(SerialOutput::None),
+            nics: desc.nics.clone(),
+            dirty_mode,
+        })
+        .map_err(VmError::Create)?;
+        Ok(DestMachine(machine))
+    });
+    match result {
+        Ok((DestMachine(machine), report)) => {
+            eprintln!(
+                "refvmm: migration received ({} pages, {} zero, {} rounds, restore {:.2} ms); guest running",
+                report.pages, report.zero_pages, report.rounds, report.restore_ms
+            );
+            run_machine(machine, common.api_socket)
+        }
+        Err(e) => Err(runtime(format!("incoming {e}"))),
+    }
+}
+
+/// The destination machine, as the engine's DestinationVm.
+struct DestMachine(Machine);
+
+impl livemig::vm::DestinationVm for DestMachine {
+    fn memory(&self) -> &livemig::memory::GuestRam {
+        livemig::vm::DestinationVm::memory(&self.0.vm)
+    }
+    fn restore_state(&mut self, sections: &[livemig::state::Section]) -> Result<(), VmError> {
+        self.0.vm.restore_state(sections)
+    }
+    fn resume(&mut self) -> Result<(), VmError> {
+        livemig::vm::DestinationVm::resume(&mut self.0.vm)
+    }
+}
+
+fn cmd_migrate(
+    api_socket: PathBuf,
+    to: String,
+    downtime_limit_ms: Option<u64>,
+    max_bandwidth: Option<u64>,
+    max_rounds: Option<u64>,
+    force: bool,
+) -> Result<(), Fail> {
+    let _: Endpoint = to.parse().map_err(|e| usage(format!("--to: {e}")))?;
+    let mut req = json!({"cmd": "migrate", "to": to, "force": force});
+    if let Some(v) = downtime_limit_ms {
+        req["downtime_limit_ms"] = json!(v);
+    }
+    if let Some(v) = max_bandwidth {
+        req["max_bandwidth_mib"] = json!(v);
+    }
+    if let Some(v) = max_rounds {
+        req["max_rounds"] = json!(v);
+    }
+    let reply = api::request(&api_socket, &req, |ev| match ev["event"].as_str() {
+        Some("round") => eprintln!(
+            "round {}: {} pages in {:.1} ms ({:.0} MB/s), dirty rate {:.0} MB/s, {} dirty pages left, expected downtime {:.1} ms",
+            ev["round"], ev["pages"], ev["duration_ms"].as_f64().unwrap_or(0.0),
+            ev["bandwidth_mbps"].as_f64().unwrap_or(0.0), ev["dirty_rate_mbps"].as_f64().unwrap_or(0.0),
+            ev["dirty_pages_after"], ev["expected_downtime_ms"].as_f64().unwrap_or(0.0)
+        ),
+        Some("paused") => eprintln!("paused: {} pages left to send", ev["remaining_pages"]),
+        Some(other) => eprintln!("{other}"),
+        None => {}
+    })
+    .map_err(runtime)?;
+    if reply["result"] == "ok" {
+        println!(
+            "{}",
+            serde_json::to_string_pretty(&reply["report"]).unwrap_or_default()
+        );
+        Ok(())
+    } else {
+        Err(runtime(format!(
+            "migration failed ({}): {}",
+            reply["phase"].as_str().unwrap_or("?"),
+            reply["error"].as_str().unwrap_or("?")
+        )))
+    }
+}
+
+fn main() -> ExitCode {
+    env_logger::Builder::from_env(env_logger::Env::default().default_filter_or("warn")).init();
+    let cli = Cli::parse();
+    let r = match cli.cmd {
+        Cmd::Run {
+            memory,
+            kernel,
+            cmdline,
+            vcpus,
+            common,
+        } => cmd_run(memory, kernel, cmdline, vcpus, common),
+        Cmd::Receive {
+            listen,
+            memory,
+            vcpus,
+            io_timeout,
+            common,
+        } => cmd_receive(listen, memory, vcpus, io_timeout, common),
+        Cmd::Migrate {
+            api_socket,
+            to,
+            downtime_limit_ms,
+            max_bandwidth,
+            max_rounds,
+            force,
+        } => cmd_migrate(
+            api_socket,
+            to,
+            downtime_limit_ms,
+            max_bandwidth,
+            max_rounds,
+            force,
+        ),
+        Cmd::Demo(args) => livemig_suite::demo::run(&args).map_err(runtime),
+        Cmd::GuestImage { out } => livemig_testguest::image()
+            .map_err(|e| runtime(format!("building the test guest: {e}")))
+            .and_then(|img| {
+                std::fs::write(&out, img)
+                    .map_err(|e| runtime(format!("writing {}: {e}", out.display())))
+            }),
+    };
+    match r {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(Fail(code, msg)) => {
+            eprintln!("refvmm: error: {msg}");
+            ExitCode::from(code)
+        }
+    }
+}

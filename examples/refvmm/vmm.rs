@@ -1,0 +1,143 @@
+//! The reference VMM's machine: a KvmVm, the COM1 UART, the I/O bus, and
+//! the Multiboot entry state. Everything here uses only the public APIs of
+//! `livemig` and `livemig-kvm`.
+
+use std::sync::{Arc, Mutex};
+
+use kvm_bindings::kvm_segment;
+use livemig::state::DeviceState;
+use livemig::vm::NicInfo;
+use livemig_kvm::serial::{SerialDevice, SerialOutput, COM1_IRQ, COM1_PORT};
+use livemig_kvm::{DirtyMode, ExitHandler, KvmVm, SharedDevice, VmConfig};
+
+use crate::multiboot::{LoadedKernel, BOOTLOADER_MAGIC};
+
+/// Port I/O and MMIO dispatch: COM1, everything else ignored.
+pub struct Bus {
+    serial: Arc<Mutex<SerialDevice>>,
+}
+
+impl ExitHandler for Bus {
+    fn pio_read(&self, port: u16, data: &mut [u8]) {
+        if (COM1_PORT..COM1_PORT + 8).contains(&port) && data.len() == 1 {
+            let mut s = self.serial.lock().unwrap_or_else(|e| e.into_inner());
+            data[0] = s.pio_read((port - COM1_PORT) as u8);
+        } else {
+            log::debug!("ignored in from port 0x{port:x} ({} bytes)", data.len());
+            data.fill(0xff);
+        }
+    }
+
+    fn pio_write(&self, port: u16, data: &[u8]) {
+        if (COM1_PORT..COM1_PORT + 8).contains(&port) && data.len() == 1 {
+            let mut s = self.serial.lock().unwrap_or_else(|e| e.into_inner());
+            s.pio_write((port - COM1_PORT) as u8, data[0]);
+        } else {
+            log::debug!("ignored out to port 0x{port:x}: {data:02x?}");
+        }
+    }
+
+    fn mmio_read(&self, addr: u64, data: &mut [u8]) {
+        log::debug!("ignored MMIO read at 0x{addr:x} ({} bytes)", data.len());
+        data.fill(0xff);
+    }
+
+    fn mmio_write(&self, addr: u64, data: &[u8]) {
+        log::debug!("ignored MMIO write at 0x{addr:x}: {data:02x?}");
+    }
+}
+
+/// A running (or paused) machine.
+pub struct Machine {
+    /// The VM (the COM1 UART is one of its devices).
+    pub vm: KvmVm,
+}
+
+/// What a machine is built from.
+pub struct MachineConfig {
+    pub memory: u64,
+    pub vcpus: u32,
+    pub serial: SerialOutput,
+    pub nics: Vec<NicInfo>,
+    pub dirty_mode: Option<DirtyMode>,
+}
+
+impl Machine {
+    /// Creates the VM (paused) with its UART wired to IRQ 4.
+    pub fn create(cfg: MachineConfig) -> Result<Self, String> {
+        let serial = Arc::new(Mutex::new(
+            SerialDevice::new(cfg.serial).map_err(|e| format!("serial output: {e}"))?,
+        ));
+        let bus = Arc::new(Bus {
+            serial: serial.clone(),
+        });
+        let devices: Vec<SharedDevice> = vec![serial.clone() as Arc<Mutex<dyn DeviceState + Send>>];
+        let vm = KvmVm::create(
+            &VmConfig {
+                memory: cfg.memory,
+                vcpus: cfg.vcpus,
+                nics: cfg.nics,
+                dirty_mode: cfg.dirty_mode,
+            },
+            bus,
+            devices,
+        )
+        .map_err(|e| e.to_string())?;
+        {
+            let s = serial.lock().unwrap_or_else(|e| e.into_inner());
+            vm.vm_fd()
+                .register_irqfd(s.irq_evt(), COM1_IRQ)
+                .map_err(|e| format!("KVM_IRQFD for COM1: {e}"))?;
+        }
+        Ok(Machine { vm })
+    }
+
+    /// Sets the boot processor to the Multiboot entry state.
+    pub fn set_multiboot_entry(&self, k: &LoadedKernel) -> Result<(), String> {
+        self.vm
+            .with_vcpu(0, |fd| -> Result<(), String> {
+                let mut sregs = fd.get_sregs().map_err(|e| format!("KVM_GET_SREGS: {e}"))?;
+                let code = kvm_segment {
+                    base: 0,
+                    limit: 0xffff_ffff,
+                    selector: 0x08,
+                    type_: 0xb,
+                    present: 1,
+                    dpl: 0,
+                    db: 1,
+                    s: 1,
+                    l: 0,
+                    g: 1,
+                    avl: 0,
+                    unusable: 0,
+                    padding: 0,
+                };
+                let data = kvm_segment {
+                    selector: 0x10,
+                    type_: 0x3,
+                    ..code
+                };
+                sregs.cs = code;
+                sregs.ds = data;
+                sregs.es = data;
+                sregs.fs = data;
+                sregs.gs = data;
+                sregs.ss = data;
+                sregs.cr0 = 0x11;
+                sregs.cr3 = 0;
+                sregs.cr4 = 0;
+                sregs.efer = 0;
+                fd.set_sregs(&sregs)
+                    .map_err(|e| format!("KVM_SET_SREGS: {e}"))?;
+                let mut regs = fd.get_regs().map_err(|e| format!("KVM_GET_REGS: {e}"))?;
+                regs.rip = u64::from(k.entry);
+                regs.rax = u64::from(BOOTLOADER_MAGIC);
+                regs.rbx = u64::from(k.info_addr);
+                regs.rflags = 0x2;
+                fd.set_regs(&regs)
+                    .map_err(|e| format!("KVM_SET_REGS: {e}"))?;
+                Ok(())
+            })
+            .map_err(|e| e.to_string())?
+    }
+}

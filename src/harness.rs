@@ -1,0 +1,441 @@
+//! Drive `refvmm` processes: spawn, watch the test guest's serial protocol
+//! (each chunk timestamped when it arrives), talk to the API socket.
+
+use std::io::{BufRead, BufReader, Read, Write};
+use std::os::unix::net::UnixStream;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, ExitStatus, Stdio};
+use std::sync::{Arc, Mutex};
+use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
+
+use livemig_testguest::{Event, OutputParser};
+use serde_json::{json, Value};
+
+/// Path of the `refvmm` binary: `$REFVMM`, else `examples/refvmm` next to
+/// the running test/bench binary's profile directory, else the running
+/// binary itself if it is refvmm.
+pub fn refvmm_path() -> PathBuf {
+    if let Some(p) = std::env::var_os("REFVMM") {
+        return PathBuf::from(p);
+    }
+    let exe = std::env::current_exe().unwrap_or_default();
+    if exe.file_name().is_some_and(|n| n == "refvmm") {
+        return exe;
+    }
+    // target/<profile>/deps/<test> → target/<profile>/examples/refvmm
+    let mut dir = exe.parent().map(Path::to_path_buf).unwrap_or_default();
+    if dir.ends_with("deps") {
+        dir.pop();
+    }
+    dir.join("examples").join("refvmm")
+}
+
+/// A `T` line with the time it arrived.
+#[derive(Debug, Clone, Copy)]
+pub struct TLine {
+    /// Arrival time.
+    pub at: Instant,
+    /// Heartbeats so far.
+    pub heartbeats: u64,
+    /// Pages written so far.
+    pub pages_written: u64,
+    /// Pages verified so far.
+    pub pages_verified: u64,
+    /// Corruptions so far.
+    pub corrupt: u64,
+}
+
+/// Everything the guest said, parsed.
+#[derive(Debug, Default)]
+pub struct GuestLog {
+    /// `READY` seen.
+    pub ready: bool,
+    /// Arrival time of every heartbeat.
+    pub heartbeats: Vec<Instant>,
+    /// Every `T` line.
+    pub tlines: Vec<TLine>,
+    /// Every `CORRUPT` line, verbatim.
+    pub corrupt: Vec<String>,
+    /// Every other line.
+    pub other: Vec<String>,
+    /// The `CORRUPT` pages, in order.
+    pub corrupt_pages: Vec<u64>,
+}
+
+/// A running `refvmm` process.
+pub struct Vmm {
+    child: Child,
+    /// API socket path.
+    pub api: PathBuf,
+    /// The guest's serial output, parsed.
+    pub log: Arc<Mutex<GuestLog>>,
+    /// The VMM's stderr, captured.
+    pub stderr: Arc<Mutex<String>>,
+    readers: Vec<JoinHandle<()>>,
+    /// Name for messages.
+    pub name: String,
+}
+
+fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+impl Vmm {
+    /// Spawns `refvmm <args>` with the serial console on a pipe.
+    pub fn spawn(name: &str, args: &[String], api: PathBuf) -> Result<Vmm, String> {
+        let bin = refvmm_path();
+        let mut child = Command::new(&bin)
+            .args(args)
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .map_err(|e| format!("spawning {}: {e}", bin.display()))?;
+        let log = Arc::new(Mutex::new(GuestLog::default()));
+        let stderr = Arc::new(Mutex::new(String::new()));
+        let mut out = child.stdout.take().ok_or("no stdout")?;
+        let err = child.stderr.take().ok_or("no stderr")?;
+        let l2 = log.clone();
+        let r1 = std::thread::spawn(move || {
+            let mut parser = OutputParser::new();
+            let mut buf = [0u8; 4096];
+            let mut events = Vec::new();
+            loop {
+                let n = match out.read(&mut buf) {
+                    Ok(0) | Err(_) => break,
+                    Ok(n) => n,
+                };
+                let at = Instant::now();
+                events.clear();
+                parser.feed_into(&buf[..n], at, &mut events);
+                let mut g = lock(&l2);
+                for e in events.drain(..) {
+                    match e {
+                        Event::Ready { .. } => g.ready = true,
+                        Event::Heartbeat(t) => g.heartbeats.push(t),
+                        Event::Tline {
+                            heartbeats,
+                            pages_written,
+                            pages_verified,
+                            corrupt,
+                        } => g.tlines.push(TLine {
+                            at,
+                            heartbeats,
+                            pages_written,
+                            pages_verified,
+                            corrupt,
+                        }),
+                        Event::Corrupt { page, got, want } => {
+                            g.corrupt_pages.push(page);
+                            g.corrupt.push(format!(
+                                "CORRUPT page={page} got={got:016x} want={want:016x}"
+                            ))
+                        }
+                        Event::Other(s) => g.other.push(s),
+                    }
+                }
+            }
+        });
+        let e2 = stderr.clone();
+        let r2 = std::thread::spawn(move || {
+            let r = BufReader::new(err);
+            for line in r.lines() {
+                let Ok(line) = line else { break };
+                if std::env::var_os("LIVEMIG_ECHO").is_some() {
+                    eprintln!("[vmm] {line}");
+                }
+                let mut s = lock(&e2);
+                s.push_str(&line);
+                s.push('\n');
+            }
+        });
+        Ok(Vmm {
+            child,
+            api,
+            log,
+            stderr,
+            readers: vec![r1, r2],
+            name: name.to_string(),
+        })
+    }
+
+    /// Waits until `pred(log)` holds, or fails after `timeout` (or if the
+    /// process exits first).
+    pub fn wait_for(
+        &mut self,
+        what: &str,
+        timeout: Duration,
+        pred: impl Fn(&GuestLog) -> bool,
+    ) -> Result<(), String> {
+        let deadline = Instant::now() + timeout;
+        loop {
+            if pred(&lock(&self.log)) {
+                return Ok(());
+            }
+            if let Ok(Some(st)) = self.child.try_wait() {
+                // Give the readers a moment to drain.
+                std::thread::sleep(Duration::from_millis(50));
+                if pred(&lock(&self.log)) {
+                    return Ok(());
+                }
+                return Err(format!(
+                    "{}: exited ({st}) while waiting for {what}; stderr:\n{}",
+                    self.name,
+                    self.stderr()
+                ));
+            }
+            if Instant::now() > deadline {
+                return Err(format!(
+                    "{}: timed out after {timeout:?} waiting for {what}; stderr:\n{}",
+                    self.name,
+                    self.stderr()
+                ));
+            }
+            std::thread::sleep(Duration::from_millis(5));
+        }
+    }
+
+    /// Waits for `READY` and then `n` heartbeats.
+    pub fn wait_heartbeats(&mut self, n: usize, timeout: Duration) -> Result<(), String> {
+        let have = lock(&self.log).heartbeats.len();
+        self.wait_for(&format!("{n} heartbeats"), timeout, |g| {
+            g.ready && g.heartbeats.len() >= have + n
+        })
+    }
+
+    /// Captured stderr so far.
+    pub fn stderr(&self) -> String {
+        lock(&self.stderr).clone()
+    }
+
+    /// Number of heartbeats seen.
+    pub fn heartbeat_count(&self) -> usize {
+        lock(&self.log).heartbeats.len()
+    }
+
+    /// One API request; returns the final reply, progress lines go to `on_event`.
+    pub fn api(&self, req: &Value, on_event: impl FnMut(&Value)) -> Result<Value, String> {
+        api_request(&self.api, req, on_event)
+    }
+
+    /// Waits for the API socket to appear.
+    pub fn wait_api(&mut self, timeout: Duration) -> Result<(), String> {
+        let deadline = Instant::now() + timeout;
+        while UnixStream::connect(&self.api).is_err() {
+            if let Ok(Some(st)) = self.child.try_wait() {
+                return Err(format!(
+                    "{}: exited ({st}); stderr:\n{}",
+                    self.name,
+                    self.stderr()
+                ));
+            }
+            if Instant::now() > deadline {
+                return Err(format!("{}: API socket never appeared", self.name));
+            }
+            std::thread::sleep(Duration::from_millis(5));
+        }
+        Ok(())
+    }
+
+    /// Waits for the process to exit.
+    pub fn wait_exit(&mut self, timeout: Duration) -> Option<ExitStatus> {
+        let deadline = Instant::now() + timeout;
+        loop {
+            if let Ok(Some(st)) = self.child.try_wait() {
+                return Some(st);
+            }
+            if Instant::now() > deadline {
+                return None;
+            }
+            std::thread::sleep(Duration::from_millis(5));
+        }
+    }
+
+    /// Whether the process still runs.
+    pub fn is_running(&mut self) -> bool {
+        matches!(self.child.try_wait(), Ok(None))
+    }
+
+    /// Kills the process.
+    pub fn kill(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+
+    /// The process id.
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
+    /// The endpoint a `receive` process listens on (parsed from its stderr).
+    pub fn listen_endpoint(&mut self, timeout: Duration) -> Result<String, String> {
+        let deadline = Instant::now() + timeout;
+        loop {
+            if let Some(l) = self.stderr().lines().find_map(|l| {
+                l.strip_prefix("refvmm: waiting for a migration on ")
+                    .map(str::to_string)
+            }) {
+                return Ok(l);
+            }
+            if !self.is_running() || Instant::now() > deadline {
+                return Err(format!(
+                    "{}: no listen endpoint; stderr:\n{}",
+                    self.name,
+                    self.stderr()
+                ));
+            }
+            std::thread::sleep(Duration::from_millis(5));
+        }
+    }
+}
+
+impl Drop for Vmm {
+    fn drop(&mut self) {
+        self.kill();
+        let _ = std::fs::remove_file(&self.api);
+        for r in self.readers.drain(..) {
+            let _ = r.join();
+        }
+    }
+}
+
+/// One API request over a Unix socket (see the refvmm API docs).
+pub fn api_request(
+    path: &Path,
+    req: &Value,
+    mut on_event: impl FnMut(&Value),
+) -> Result<Value, String> {
+    let mut c = UnixStream::connect(path).map_err(|e| format!("API {}: {e}", path.display()))?;
+    let mut line = req.to_string();
+    line.push('\n');
+    c.write_all(line.as_bytes()).map_err(|e| e.to_string())?;
+    for l in BufReader::new(c).lines() {
+        let l = l.map_err(|e| e.to_string())?;
+        let v: Value = serde_json::from_str(&l).map_err(|e| format!("bad API reply '{l}': {e}"))?;
+        if v.get("result").is_some() {
+            return Ok(v);
+        }
+        on_event(&v);
+    }
+    Err("API connection closed without a result".into())
+}
+
+/// A fresh scratch directory under the system temp dir.
+pub fn scratch_dir(tag: &str) -> PathBuf {
+    static N: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+    let n = N.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+    let d = std::env::temp_dir().join(format!("livemig-{tag}-{}-{n}", std::process::id()));
+    let _ = std::fs::create_dir_all(&d);
+    d
+}
+
+/// Starts `refvmm run` with the built-in test guest.
+pub fn start_source(
+    dir: &Path,
+    name: &str,
+    memory: &str,
+    vcpus: u32,
+    cmdline: &str,
+) -> Result<Vmm, String> {
+    let api = dir.join(format!("{name}.sock"));
+    let args: Vec<String> = [
+        "run",
+        "--memory",
+        memory,
+        "--kernel",
+        "builtin:testguest",
+        "--cmdline",
+        cmdline,
+        "--vcpus",
+        &vcpus.to_string(),
+        "--api-socket",
+        &api.to_string_lossy(),
+    ]
+    .iter()
+    .map(|s| s.to_string())
+    .collect();
+    let mut v = Vmm::spawn(name, &args, api)?;
+    v.wait_api(Duration::from_secs(20))?;
+    Ok(v)
+}
+
+/// Starts `refvmm receive` on a free loopback TCP port; returns it and its endpoint.
+pub fn start_destination(dir: &Path, name: &str, extra: &[&str]) -> Result<(Vmm, String), String> {
+    let api = dir.join(format!("{name}.sock"));
+    let mut args: Vec<String> = vec![
+        "receive".into(),
+        "--listen".into(),
+        "tcp:127.0.0.1:0".into(),
+        "--api-socket".into(),
+        api.to_string_lossy().into_owned(),
+    ];
+    args.extend(extra.iter().map(|s| s.to_string()));
+    let mut v = Vmm::spawn(name, &args, api)?;
+    let ep = v.listen_endpoint(Duration::from_secs(20))?;
+    Ok((v, ep))
+}
+
+/// Asks `src` to migrate to `to`; returns the report (JSON) or the error reply.
+pub fn migrate(src: &Vmm, to: &str, extra: Value) -> Result<Value, Value> {
+    let mut req = json!({"cmd": "migrate", "to": to});
+    if let (Some(obj), Some(more)) = (req.as_object_mut(), extra.as_object()) {
+        for (k, v) in more {
+            obj.insert(k.clone(), v.clone());
+        }
+    }
+    match src.api(&req, |_| {}) {
+        Ok(v) if v["result"] == "ok" => Ok(v["report"].clone()),
+        Ok(v) => Err(v),
+        Err(e) => Err(json!({"result": "error", "error": e})),
+    }
+}
+
+/// Heartbeat gaps across a migration.
+#[derive(Debug, Clone, Copy)]
+pub struct Blackout {
+    /// Last source heartbeat → first destination heartbeat.
+    pub switchover_gap: Duration,
+    /// Largest gap between consecutive heartbeats (source then destination,
+    /// merged) from `from` on.
+    pub largest_gap: Duration,
+}
+
+/// Computes the blackout from the source's and destination's heartbeats.
+pub fn blackout(src: &GuestLog, dst: &GuestLog, from: Instant) -> Option<Blackout> {
+    let last_src = *src.heartbeats.last()?;
+    let first_dst = *dst.heartbeats.first()?;
+    let mut all: Vec<Instant> = src
+        .heartbeats
+        .iter()
+        .chain(dst.heartbeats.iter())
+        .copied()
+        .filter(|t| *t >= from)
+        .collect();
+    all.sort();
+    let largest = all
+        .windows(2)
+        .map(|w| w[1] - w[0])
+        .max()
+        .unwrap_or_default();
+    Some(Blackout {
+        switchover_gap: first_dst.saturating_duration_since(last_src),
+        largest_gap: largest,
+    })
+}
+
+/// Largest heartbeat gap within `[from, to]`.
+pub fn largest_gap(log: &GuestLog, from: Instant, to: Instant) -> Duration {
+    let v: Vec<Instant> = log
+        .heartbeats
+        .iter()
+        .copied()
+        .filter(|t| *t >= from && *t <= to)
+        .collect();
+    v.windows(2).map(|w| w[1] - w[0]).max().unwrap_or_default()
+}
+
+/// Locks a log.
+pub fn log_of(v: &Vmm) -> std::sync::MutexGuard<'_, GuestLog> {
+    lock(&v.log)
+}
