@@ -61,6 +61,7 @@ pub fn run(a: &DemoArgs) -> Result<(), String> {
         a.memory
     ));
     let mut src = start_source(&dir, "source", &a.memory, a.vcpus, &cmdline)?;
+    src.wait_ready(Duration::from_secs(60))?;
     src.wait_heartbeats(1000, Duration::from_secs(60))?;
     let (dst, endpoint) = start_destination(&dir, "destination", &[])?;
     say(format!(

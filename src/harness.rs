@@ -196,12 +196,17 @@ impl Vmm {
         }
     }
 
-    /// Waits for `READY` and then `n` heartbeats.
+    /// Waits for `n` more heartbeats (a migrated guest prints no `READY`).
     pub fn wait_heartbeats(&mut self, n: usize, timeout: Duration) -> Result<(), String> {
         let have = lock(&self.log).heartbeats.len();
         self.wait_for(&format!("{n} heartbeats"), timeout, |g| {
-            g.ready && g.heartbeats.len() >= have + n
+            g.heartbeats.len() >= have + n
         })
+    }
+
+    /// Waits for `READY`.
+    pub fn wait_ready(&mut self, timeout: Duration) -> Result<(), String> {
+        self.wait_for("READY", timeout, |g| g.ready)
     }
 
     /// Captured stderr so far.

@@ -149,6 +149,43 @@ fn handle(conn: UnixStream, m: &Arc<Machine>, events: &Sender<ApiEvent>) -> Resu
                     }
                 }
             }
+            "vcpu-regs" => {
+                // Debug aid: pause, read every vCPU's RIP/RSP/RFLAGS/CR0/mp_state, resume if it ran.
+                let was_running = m.vm.vcpus().is_running();
+                let mut out = Vec::new();
+                if m.vm.pause_vcpus().is_ok() {
+                    for i in 0..m.vm.vcpus().len() {
+                        let r = m.vm.with_vcpu(i, |fd| {
+                            let regs = fd.get_regs().ok();
+                            let sregs = fd.get_sregs().ok();
+                            let mp = fd.get_mp_state().ok();
+                            json!({
+                                "rip": regs.map(|r| format!("0x{:x}", r.rip)),
+                                "rsp": regs.map(|r| format!("0x{:x}", r.rsp)),
+                                "rflags": regs.map(|r| format!("0x{:x}", r.rflags)),
+                                "cs": sregs.map(|s| format!("0x{:x}", s.cs.selector)),
+                                "cr0": sregs.map(|s| format!("0x{:x}", s.cr0)),
+                                "efer": sregs.map(|s| format!("0x{:x}", s.efer)),
+                                "mp_state": mp.map(|m| m.mp_state),
+                            })
+                        });
+                        out.push(r.unwrap_or_else(|e| json!({"error": e.to_string()})));
+                    }
+                    if was_running {
+                        m.vm.resume_vcpus();
+                    }
+                }
+                json!({"result":"ok","vcpus": out})
+            }
+            "read-memory" => {
+                let gpa = req["gpa"].as_u64().unwrap_or(0);
+                let len = req["len"].as_u64().unwrap_or(8).min(4096) as usize;
+                let mut buf = vec![0u8; len];
+                match m.vm.memory().read_slice(&mut buf, GuestAddress(gpa)) {
+                    Ok(()) => json!({"result":"ok","hex": buf.iter().map(|b| format!("{b:02x}")).collect::<String>()}),
+                    Err(e) => json!({"result":"error","error":format!("read at 0x{gpa:x}: {e}")}),
+                }
+            }
             "memory-hash" => json!({"result":"ok","regions": hash_regions(m.vm.memory())}),
             "quit" => {
                 send(&mut w, &json!({"result":"ok"})).map_err(|e| e.to_string())?;

@@ -1126,6 +1126,11 @@ mod tests {
         // Branches land on instruction boundaries of the code; RIP-relative operands point at
         // the string data (or, for the lea of the user entry, at the CPL3 code).
         let starts: HashSet<u64> = ins.iter().map(Instruction::ip).collect();
+        let branches = ins
+            .iter()
+            .filter(|i| i.op0_kind() == OpKind::NearBranch64)
+            .count();
+        assert!(branches > 50, "{branches} branches");
         for i in &ins {
             if i.op0_kind() == OpKind::NearBranch64 {
                 assert!(
