@@ -6,8 +6,10 @@
 //! |---|---|
 //! | `{"cmd":"status"}` | `{"result":"ok","running":true,"vcpus":1,"memory":...}` |
 //! | `{"cmd":"pause"}` / `{"cmd":"resume"}` | `{"result":"ok"}` |
-//! | `{"cmd":"migrate","to":"tcp:HOST:PORT","downtime_limit_ms":20,"max_bandwidth_mib":0}` | progress lines `{"event":...}`, then `{"result":"ok","report":{...}}` or `{"result":"error","phase":...,"error":...}` |
+//! | `{"cmd":"migrate","to":"tcp:HOST:PORT","downtime_limit_ms":20,"max_bandwidth_mib":0,"keep_source":false}` | progress lines `{"event":...}`, then `{"result":"ok","report":{...}}` or `{"result":"error","phase":...,"error":...}` |
 //! | `{"cmd":"write-memory","gpa":N,"value":N}` | writes a u64 through vm-memory (tracked as a VMM write) |
+//! | `{"cmd":"read-memory","gpa":N,"len":N}` | `{"result":"ok","hex":"..."}` (at most 4096 bytes) |
+//! | `{"cmd":"vcpu-regs"}` | RIP, RSP, RFLAGS, CS, CR0, EFER and MP state of every vCPU (pauses briefly) |
 //! | `{"cmd":"memory-hash"}` | FNV-1a hash of each memory region (pause first for a stable answer) |
 //! | `{"cmd":"quit"}` | `{"result":"ok"}`, then the VMM exits |
 
@@ -52,11 +54,22 @@ pub fn serve(path: &Path, machine: Arc<Machine>, events: Sender<ApiEvent>) -> Re
     std::thread::Builder::new()
         .name("api".into())
         .spawn(move || {
+            // One thread per client, so status/pause/write requests are
+            // answered while a migration request runs.
             for conn in listener.incoming() {
                 match conn {
                     Ok(c) => {
-                        if let Err(e) = handle(c, &machine, &events) {
-                            log::warn!("API client: {e}");
+                        let machine = machine.clone();
+                        let events = events.clone();
+                        let spawned = std::thread::Builder::new()
+                            .name("api-client".into())
+                            .spawn(move || {
+                                if let Err(e) = handle(c, &machine, &events) {
+                                    log::warn!("API client: {e}");
+                                }
+                            });
+                        if let Err(e) = spawned {
+                            log::warn!("API client thread: {e}");
                         }
                     }
                     Err(e) => log::warn!("API accept: {e}"),
@@ -198,7 +211,11 @@ fn handle(conn: UnixStream, m: &Arc<Machine>, events: &Sender<ApiEvent>) -> Resu
                     Ok(report) => {
                         send(&mut w, &json!({"result":"ok","report":report}))
                             .map_err(|e| e.to_string())?;
-                        let _ = events.send(ApiEvent::Migrated);
+                        // keep_source (for tests): stay, paused, so the
+                        // source memory can be compared with the destination.
+                        if req["keep_source"].as_bool() != Some(true) {
+                            let _ = events.send(ApiEvent::Migrated);
+                        }
                         return Ok(());
                     }
                     Err((v, ambiguous)) => {

@@ -98,6 +98,10 @@ enum Cmd {
         /// Seconds without data from the source before giving up.
         #[arg(long, default_value_t = 10)]
         io_timeout: u64,
+        /// Leave the migrated guest paused until an API `resume` (for
+        /// comparing memory with a source kept by `keep_source`).
+        #[arg(long)]
+        start_paused: bool,
         #[command(flatten)]
         common: Common,
     },
@@ -222,13 +226,15 @@ fn require_kvm() -> Result<(), Fail> {
 }
 
 /// Runs the machine until it dies, migrates away, or is told to quit.
-fn run_machine(machine: Machine, api_socket: Option<PathBuf>) -> Result<(), Fail> {
+fn run_machine(machine: Machine, api_socket: Option<PathBuf>, start: bool) -> Result<(), Fail> {
     let machine = Arc::new(machine);
     let (tx, rx) = channel();
     if let Some(p) = &api_socket {
         api::serve(p, machine.clone(), tx.clone()).map_err(runtime)?;
     }
-    machine.vm.resume_vcpus();
+    if start {
+        machine.vm.resume_vcpus();
+    }
     let result = loop {
         match rx.recv_timeout(Duration::from_millis(100)) {
             Ok(ApiEvent::Migrated) => {
@@ -312,7 +318,7 @@ fn cmd_run(
         loaded.info_addr
     );
     machine.set_multiboot_entry(&loaded).map_err(runtime)?;
-    run_machine(machine, common.api_socket)
+    run_machine(machine, common.api_socket, true)
 }
 
 fn cmd_receive(
@@ -320,6 +326,7 @@ fn cmd_receive(
     memory: Option<String>,
     vcpus: Option<u32>,
     io_timeout: u64,
+    start_paused: bool,
     common: Common,
 ) -> Result<(), Fail> {
     let endpoint: Endpoint = listen_at
@@ -358,22 +365,23 @@ fn cmd_receive(
             dirty_mode,
         })
         .map_err(VmError::Create)?;
-        Ok(DestMachine(machine))
+        Ok(DestMachine(machine, start_paused))
     });
     match result {
-        Ok((DestMachine(machine), report)) => {
+        Ok((DestMachine(machine, _), report)) => {
             eprintln!(
                 "refvmm: migration received ({} pages, {} zero, {} rounds, restore {:.2} ms); guest running",
                 report.pages, report.zero_pages, report.rounds, report.restore_ms
             );
-            run_machine(machine, common.api_socket)
+            run_machine(machine, common.api_socket, !start_paused)
         }
         Err(e) => Err(runtime(format!("incoming {e}"))),
     }
 }
 
-/// The destination machine, as the engine's DestinationVm.
-struct DestMachine(Machine);
+/// The destination machine, as the engine's DestinationVm (optionally
+/// left paused after the switchover).
+struct DestMachine(Machine, bool);
 
 impl livemig::vm::DestinationVm for DestMachine {
     fn memory(&self) -> &livemig::memory::GuestRam {
@@ -383,6 +391,9 @@ impl livemig::vm::DestinationVm for DestMachine {
         self.0.vm.restore_state(sections)
     }
     fn resume(&mut self) -> Result<(), VmError> {
+        if self.1 {
+            return Ok(());
+        }
         livemig::vm::DestinationVm::resume(&mut self.0.vm)
     }
 }
@@ -449,8 +460,9 @@ fn main() -> ExitCode {
             memory,
             vcpus,
             io_timeout,
+            start_paused,
             common,
-        } => cmd_receive(listen, memory, vcpus, io_timeout, common),
+        } => cmd_receive(listen, memory, vcpus, io_timeout, start_paused, common),
         Cmd::Migrate {
             api_socket,
             to,
