@@ -17,8 +17,10 @@ fn boots_test_guest_heartbeats_and_counters() {
     let dir = scratch_dir("boot");
     let mut vm = start_source(&dir, "boot", "256M", 1, "ws=16 rate=20 hb=1000").unwrap();
     vm.wait_ready(Duration::from_secs(30)).unwrap();
-    vm.wait_for("two T lines", Duration::from_secs(30), |g| g.tlines.len() >= 2)
-        .unwrap();
+    vm.wait_for("two T lines", Duration::from_secs(30), |g| {
+        g.tlines.len() >= 2
+    })
+    .unwrap();
     let g = log_of(&vm);
     let t = &g.tlines;
     assert!(t[1].heartbeats > t[0].heartbeats, "{:?}", t);
@@ -39,7 +41,8 @@ fn boots_test_guest_heartbeats_and_counters() {
 
 #[test]
 fn checker_reports_a_page_changed_behind_the_guests_back() {
-    let Some(_kvm) = common::kvm_or_skip("checker_reports_a_page_changed_behind_the_guests_back") else {
+    let Some(_kvm) = common::kvm_or_skip("checker_reports_a_page_changed_behind_the_guests_back")
+    else {
         return;
     };
     let dir = scratch_dir("corrupt");
@@ -53,13 +56,19 @@ fn checker_reports_a_page_changed_behind_the_guests_back() {
         .api(&json!({"cmd":"write-memory","gpa": WS_BASE + page * 4096 + 64, "value": 0xdead_beef_u64}), |_| {})
         .unwrap();
     assert_eq!(r["result"], "ok", "{r}");
-    vm.wait_for("CORRUPT", Duration::from_secs(30), |g| !g.corrupt.is_empty())
-        .unwrap();
+    vm.wait_for("CORRUPT", Duration::from_secs(30), |g| {
+        !g.corrupt.is_empty()
+    })
+    .unwrap();
     // Let the verifier go round the working set a few more times.
     vm.wait_heartbeats(300, Duration::from_secs(30)).unwrap();
     let g = log_of(&vm);
     assert_eq!(g.corrupt_pages, vec![page], "{:?}", g.corrupt);
-    assert!(g.corrupt[0].contains("got=00000000deadbeef"), "{:?}", g.corrupt);
+    assert!(
+        g.corrupt[0].contains("got=00000000deadbeef"),
+        "{:?}",
+        g.corrupt
+    );
 }
 
 #[test]
@@ -71,13 +80,22 @@ fn pause_resume_makes_a_gap_and_heartbeats_continue() {
     let mut vm = start_source(&dir, "pause", "128M", 1, "ws=16 rate=10 hb=1000").unwrap();
     vm.wait_ready(Duration::from_secs(30)).unwrap();
     vm.wait_heartbeats(200, Duration::from_secs(30)).unwrap();
-    assert_eq!(vm.api(&json!({"cmd":"pause"}), |_| {}).unwrap()["result"], "ok");
+    assert_eq!(
+        vm.api(&json!({"cmd":"pause"}), |_| {}).unwrap()["result"],
+        "ok"
+    );
     let paused_at = Instant::now();
     let during = vm.heartbeat_count();
     std::thread::sleep(Duration::from_millis(200));
     let after_pause = vm.heartbeat_count();
-    assert!(after_pause <= during + 1, "heartbeats continued while paused");
-    assert_eq!(vm.api(&json!({"cmd":"resume"}), |_| {}).unwrap()["result"], "ok");
+    assert!(
+        after_pause <= during + 1,
+        "heartbeats continued while paused"
+    );
+    assert_eq!(
+        vm.api(&json!({"cmd":"resume"}), |_| {}).unwrap()["result"],
+        "ok"
+    );
     vm.wait_heartbeats(200, Duration::from_secs(30)).unwrap();
     let g = log_of(&vm);
     let gap = g
@@ -113,7 +131,10 @@ fn two_vcpus_boot_with_the_ap_parked() {
 }
 
 fn refvmm(args: &[&str]) -> (i32, String) {
-    let out = Command::new(refvmm_path()).args(args).output().expect("run refvmm");
+    let out = Command::new(refvmm_path())
+        .args(args)
+        .output()
+        .expect("run refvmm");
     (
         out.status.code().unwrap_or(-1),
         String::from_utf8_lossy(&out.stderr).into_owned(),
@@ -125,7 +146,11 @@ fn assert_usage_error(args: &[&str], needle: &str) {
     assert_eq!(code, 2, "{args:?}: exit {code}, stderr: {err}");
     assert!(!err.contains("panicked"), "{args:?} panicked: {err}");
     let lines: Vec<&str> = err.lines().filter(|l| !l.trim().is_empty()).collect();
-    assert_eq!(lines.len(), 1, "{args:?}: want a one-line error, got: {err}");
+    assert_eq!(
+        lines.len(),
+        1,
+        "{args:?}: want a one-line error, got: {err}"
+    );
     assert!(err.contains(needle), "{args:?}: '{needle}' not in: {err}");
 }
 
@@ -140,20 +165,61 @@ fn bad_input_is_a_clear_error_with_exit_code_2() {
     std::fs::write(&truncated, &img[..img.len() / 3]).unwrap();
     let s = |p: &std::path::Path| p.to_string_lossy().into_owned();
     let (nm, tr) = (s(&not_mb), s(&truncated));
-    assert_usage_error(&["run", "--memory", "64M", "--kernel", &nm, "--serial", "none"], "Multiboot");
-    assert_usage_error(&["run", "--memory", "64M", "--kernel", &tr, "--serial", "none"], "truncated");
+    assert_usage_error(
+        &[
+            "run", "--memory", "64M", "--kernel", &nm, "--serial", "none",
+        ],
+        "Multiboot",
+    );
+    assert_usage_error(
+        &[
+            "run", "--memory", "64M", "--kernel", &tr, "--serial", "none",
+        ],
+        "truncated",
+    );
     // The test guest loads at 1 MiB and needs ~1.1 MiB: 1 MiB of RAM is too small.
     assert_usage_error(
-        &["run", "--memory", "1M", "--kernel", "builtin:testguest", "--serial", "none"],
+        &[
+            "run",
+            "--memory",
+            "1M",
+            "--kernel",
+            "builtin:testguest",
+            "--serial",
+            "none",
+        ],
         "does not fit",
     );
-    assert_usage_error(&["run", "--memory", "0", "--kernel", "builtin:testguest"], "greater than 0");
     assert_usage_error(
-        &["run", "--memory", "64M", "--kernel", "/nonexistent/kernel.elf"],
+        &["run", "--memory", "0", "--kernel", "builtin:testguest"],
+        "greater than 0",
+    );
+    assert_usage_error(
+        &[
+            "run",
+            "--memory",
+            "64M",
+            "--kernel",
+            "/nonexistent/kernel.elf",
+        ],
         "cannot read kernel",
     );
-    assert_usage_error(&["run", "--memory", "64Q", "--kernel", "builtin:testguest"], "suffix");
-    assert_usage_error(&["run", "--memory", "64M", "--kernel", "builtin:testguest", "--serial", "tty"], "--serial");
+    assert_usage_error(
+        &["run", "--memory", "64Q", "--kernel", "builtin:testguest"],
+        "suffix",
+    );
+    assert_usage_error(
+        &[
+            "run",
+            "--memory",
+            "64M",
+            "--kernel",
+            "builtin:testguest",
+            "--serial",
+            "tty",
+        ],
+        "--serial",
+    );
     let _ = std::fs::remove_dir_all(dir);
 }
 

@@ -61,13 +61,13 @@ pub fn serve(path: &Path, machine: Arc<Machine>, events: Sender<ApiEvent>) -> Re
                     Ok(c) => {
                         let machine = machine.clone();
                         let events = events.clone();
-                        let spawned = std::thread::Builder::new()
-                            .name("api-client".into())
-                            .spawn(move || {
+                        let spawned = std::thread::Builder::new().name("api-client".into()).spawn(
+                            move || {
                                 if let Err(e) = handle(c, &machine, &events) {
                                     log::warn!("API client: {e}");
                                 }
-                            });
+                            },
+                        );
                         if let Err(e) = spawned {
                             log::warn!("API client thread: {e}");
                         }
@@ -137,26 +137,22 @@ fn handle(conn: UnixStream, m: &Arc<Machine>, events: &Sender<ApiEvent>) -> Resu
                 "vcpus": m.vm.vcpus().len(),
                 "memory": m.vm.memory().iter().map(|r| r.len()).sum::<u64>(),
             }),
-            "pause" => match m.vm.pause_vcpus() {
+            "pause" => match SourceVm::pause(&**m) {
                 Ok(()) => json!({"result":"ok"}),
                 Err(e) => json!({"result":"error","error":e.to_string()}),
             },
-            "resume" => {
-                m.vm.resume_vcpus();
-                json!({"result":"ok"})
-            }
+            "resume" => match SourceVm::resume(&**m) {
+                Ok(()) => json!({"result":"ok"}),
+                Err(e) => json!({"result":"error","error":e.to_string()}),
+            },
             "write-memory" => {
                 let gpa = req["gpa"].as_u64();
                 let value = req["value"].as_u64();
                 match (gpa, value) {
-                    (Some(gpa), Some(value)) => {
-                        match m.vm.memory().write_obj(value, GuestAddress(gpa)) {
-                            Ok(()) => json!({"result":"ok"}),
-                            Err(e) => {
-                                json!({"result":"error","error":format!("write at 0x{gpa:x}: {e}")})
-                            }
-                        }
-                    }
+                    (Some(gpa), Some(value)) => match m.device_write(gpa, value) {
+                        Ok(()) => json!({"result":"ok"}),
+                        Err(e) => json!({"result":"error","error":e}),
+                    },
                     _ => {
                         json!({"result":"error","error":"write-memory needs numeric gpa and value"})
                     }
@@ -195,7 +191,9 @@ fn handle(conn: UnixStream, m: &Arc<Machine>, events: &Sender<ApiEvent>) -> Resu
                 let len = req["len"].as_u64().unwrap_or(8).min(4096) as usize;
                 let mut buf = vec![0u8; len];
                 match m.vm.memory().read_slice(&mut buf, GuestAddress(gpa)) {
-                    Ok(()) => json!({"result":"ok","hex": buf.iter().map(|b| format!("{b:02x}")).collect::<String>()}),
+                    Ok(()) => {
+                        json!({"result":"ok","hex": buf.iter().map(|b| format!("{b:02x}")).collect::<String>()})
+                    }
                     Err(e) => json!({"result":"error","error":format!("read at 0x{gpa:x}: {e}")}),
                 }
             }
@@ -258,7 +256,7 @@ fn do_migrate(req: &Value, m: &Arc<Machine>, w: &mut UnixStream) -> Result<Value
     let transport = connect(&endpoint, Some(Duration::from_secs(10)))
         .map_err(|e| err(format!("connecting to {endpoint}: {e}")))?;
     let mut progress_out = w.try_clone().ok();
-    let result = migrate(&m.vm, transport, &cfg, &CancelToken::new(), &mut |p| {
+    let result = migrate(&**m, transport, &cfg, &CancelToken::new(), &mut |p| {
         if let Some(o) = progress_out.as_mut() {
             if let Ok(v) = serde_json::to_value(p) {
                 let _ = send(o, &v);

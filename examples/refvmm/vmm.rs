@@ -10,6 +10,11 @@ use livemig::vm::NicInfo;
 use livemig_kvm::serial::{SerialDevice, SerialOutput, COM1_IRQ, COM1_PORT};
 use livemig_kvm::{DirtyMode, ExitHandler, KvmVm, SharedDevice, VmConfig};
 
+use livemig::memory::GuestRam;
+use livemig::state::Section;
+use livemig::vm::{DirtyTracker, SourceVm, VmDescription, VmError};
+use vm_memory::{Bytes, GuestAddress};
+
 use crate::multiboot::{LoadedKernel, BOOTLOADER_MAGIC};
 
 /// Port I/O and MMIO dispatch: COM1, everything else ignored.
@@ -51,6 +56,11 @@ impl ExitHandler for Bus {
 pub struct Machine {
     /// The VM (the COM1 UART is one of its devices).
     pub vm: KvmVm,
+    /// Set while the machine is paused for migration: the VMM's own writes
+    /// into guest memory (the API's `write-memory`, standing in for device
+    /// emulation) are refused then, so none can slip in after the final
+    /// dirty sync.
+    devices_stopped: Mutex<bool>,
 }
 
 /// What a machine is built from.
@@ -89,7 +99,25 @@ impl Machine {
                 .register_irqfd(s.irq_evt(), COM1_IRQ)
                 .map_err(|e| format!("KVM_IRQFD for COM1: {e}"))?;
         }
-        Ok(Machine { vm })
+        Ok(Machine {
+            vm,
+            devices_stopped: Mutex::new(false),
+        })
+    }
+
+    /// A VMM-side ("device") write of `value` at `gpa` through vm-memory, so
+    /// it is recorded in the dirty bitmap. Refused while paused.
+    pub fn device_write(&self, gpa: u64, value: u64) -> Result<(), String> {
+        let stopped = self
+            .devices_stopped
+            .lock()
+            .unwrap_or_else(|e| e.into_inner());
+        if *stopped {
+            return Err("the VM is paused: device writes are stopped".into());
+        }
+        SourceVm::memory(&self.vm)
+            .write_obj(value, GuestAddress(gpa))
+            .map_err(|e| format!("write at 0x{gpa:x}: {e}"))
     }
 
     /// Sets the boot processor to the Multiboot entry state.
@@ -139,5 +167,44 @@ impl Machine {
                 Ok(())
             })
             .map_err(|e| e.to_string())?
+    }
+}
+
+/// The source seam: the KVM VM plus this VMM's devices. Pausing stops the
+/// vCPUs *and* the VMM's own writers, which is what every embedding VMM must
+/// do for its device threads.
+impl SourceVm for Machine {
+    fn memory(&self) -> &GuestRam {
+        SourceVm::memory(&self.vm)
+    }
+    fn describe(&self) -> Result<VmDescription, VmError> {
+        self.vm.describe()
+    }
+    fn dirty_tracker(&self) -> Result<Box<dyn DirtyTracker + '_>, VmError> {
+        self.vm.dirty_tracker()
+    }
+    fn pause(&self) -> Result<(), VmError> {
+        let mut stopped = self
+            .devices_stopped
+            .lock()
+            .unwrap_or_else(|e| e.into_inner());
+        *stopped = true;
+        let r = SourceVm::pause(&self.vm);
+        if r.is_err() {
+            *stopped = false;
+        }
+        r
+    }
+    fn resume(&self) -> Result<(), VmError> {
+        let mut stopped = self
+            .devices_stopped
+            .lock()
+            .unwrap_or_else(|e| e.into_inner());
+        SourceVm::resume(&self.vm)?;
+        *stopped = false;
+        Ok(())
+    }
+    fn save_state(&self) -> Result<Vec<Section>, VmError> {
+        self.vm.save_state()
     }
 }

@@ -300,8 +300,16 @@ fn hash_cpuid(c: &CpuId) -> u64 {
     for e in c.as_slice() {
         // Leave out what depends on the host CPU the ioctl ran on (initial
         // APIC ids in leaf 1 EBX and the x2APIC id in leaves 0xb/0x1f EDX).
-        let ebx = if e.function == 1 { e.ebx & 0xffff } else { e.ebx };
-        let edx = if e.function == 0xb || e.function == 0x1f { 0 } else { e.edx };
+        let ebx = if e.function == 1 {
+            e.ebx & 0xffff
+        } else {
+            e.ebx
+        };
+        let edx = if e.function == 0xb || e.function == 0x1f {
+            0
+        } else {
+            e.edx
+        };
         for v in [e.function, e.index, e.flags, e.eax, ebx, e.ecx, edx] {
             for b in v.to_le_bytes() {
                 h ^= u64::from(b);

@@ -1,0 +1,331 @@
+//! Live migration between two refvmm processes on real KVM (issue: engine).
+
+mod common;
+
+use std::time::{Duration, Instant};
+
+use livemig_suite::harness::{
+    blackout, log_of, migrate, scratch_dir, start_destination, start_source, Vmm,
+};
+use serde_json::{json, Value};
+
+/// Source and destination heartbeats/T-lines after a migration: the guest
+/// kept going (counters continue, not reset) and never saw a wrong byte.
+fn check_continuation(src: &Vmm, dst: &Vmm, t0: Instant, what: &str) {
+    let s = log_of(src);
+    let d = log_of(dst);
+    assert!(
+        s.corrupt.is_empty(),
+        "{what}: source CORRUPT {:?}",
+        s.corrupt
+    );
+    assert!(
+        d.corrupt.is_empty(),
+        "{what}: destination CORRUPT {:?}",
+        d.corrupt
+    );
+    assert!(!d.ready, "{what}: the destination guest rebooted (READY)");
+    let last_src = s.tlines.last().expect("source T line");
+    let first_dst = d.tlines.first().expect("destination T line");
+    assert!(
+        first_dst.heartbeats > last_src.heartbeats
+            && first_dst.pages_written >= last_src.pages_written,
+        "{what}: counters did not continue: source {last_src:?} destination {first_dst:?}"
+    );
+    if let Some(b) = blackout(&s, &d, t0) {
+        eprintln!(
+            "{what}: switchover gap {:.2} ms, largest heartbeat gap {:.2} ms",
+            b.switchover_gap.as_secs_f64() * 1e3,
+            b.largest_gap.as_secs_f64() * 1e3
+        );
+    }
+}
+
+fn migrate_once(memory: &str, vcpus: u32, cmdline: &str, what: &str) -> Value {
+    let dir = scratch_dir("mig");
+    let mut src = start_source(&dir, "src", memory, vcpus, cmdline).unwrap();
+    src.wait_ready(Duration::from_secs(30)).unwrap();
+    src.wait_for("a T line", Duration::from_secs(30), |g| {
+        !g.tlines.is_empty()
+    })
+    .unwrap();
+    let (mut dst, ep) = start_destination(&dir, "dst", &[]).unwrap();
+    let t0 = Instant::now();
+    let report = migrate(&src, &ep, json!({"downtime_limit_ms": 50}))
+        .unwrap_or_else(|e| panic!("{what}: {e}"));
+    // The source exits 0 after handing the guest over.
+    let st = src
+        .wait_exit(Duration::from_secs(10))
+        .expect("source exits");
+    assert!(st.success(), "{what}: source exit {st}");
+    dst.wait_for(
+        "a T line on the destination",
+        Duration::from_secs(30),
+        |g| !g.tlines.is_empty(),
+    )
+    .unwrap();
+    dst.wait_heartbeats(500, Duration::from_secs(30)).unwrap();
+    check_continuation(&src, &dst, t0, what);
+    assert_eq!(report["status"], "completed");
+    eprintln!(
+        "{what}: downtime {} ms, total {} ms, rounds {}",
+        report["downtime_ms"],
+        report["total_ms"],
+        report["rounds"].as_array().map_or(0, |r| r.len())
+    );
+    let _ = std::fs::remove_dir_all(dir);
+    report
+}
+
+#[test]
+fn migrate_idle_guest() {
+    let Some(_kvm) = common::kvm_or_skip("migrate_idle_guest") else {
+        return;
+    };
+    migrate_once("256M", 1, "ws=32 rate=0", "idle");
+}
+
+#[test]
+fn migrate_dirtying_guest_seq() {
+    let Some(_kvm) = common::kvm_or_skip("migrate_dirtying_guest_seq") else {
+        return;
+    };
+    migrate_once("256M", 1, "ws=64 rate=10 pattern=seq", "seq 40 MB/s");
+}
+
+#[test]
+fn migrate_dirtying_guest_rand() {
+    let Some(_kvm) = common::kvm_or_skip("migrate_dirtying_guest_rand") else {
+        return;
+    };
+    migrate_once("256M", 1, "ws=64 rate=10 pattern=rand", "rand 40 MB/s");
+}
+
+#[test]
+fn migrate_two_vcpus_ap_state_survives() {
+    let Some(_kvm) = common::kvm_or_skip("migrate_two_vcpus_ap_state_survives") else {
+        return;
+    };
+    let dir = scratch_dir("smp-mig");
+    let mut src = start_source(&dir, "src", "256M", 2, "ws=32 rate=10").unwrap();
+    src.wait_ready(Duration::from_secs(30)).unwrap();
+    src.wait_for("a T line", Duration::from_secs(30), |g| {
+        !g.tlines.is_empty()
+    })
+    .unwrap();
+    let before = src.api(&json!({"cmd":"vcpu-regs"}), |_| {}).unwrap();
+    let (mut dst, ep) = start_destination(&dir, "dst", &[]).unwrap();
+    let t0 = Instant::now();
+    migrate(&src, &ep, json!({})).unwrap();
+    dst.wait_for("a T line", Duration::from_secs(30), |g| {
+        !g.tlines.is_empty()
+    })
+    .unwrap();
+    dst.wait_api(Duration::from_secs(10)).unwrap();
+    let after = dst.api(&json!({"cmd":"vcpu-regs"}), |_| {}).unwrap();
+    assert_eq!(
+        before["vcpus"][1]["mp_state"], after["vcpus"][1]["mp_state"],
+        "{before} / {after}"
+    );
+    assert_ne!(after["vcpus"][1]["mp_state"], 0);
+    dst.wait_heartbeats(300, Duration::from_secs(30)).unwrap();
+    check_continuation(&src, &dst, t0, "2 vCPUs");
+}
+
+fn hashes(v: &Vmm) -> Value {
+    let r = v.api(&json!({"cmd":"memory-hash"}), |_| {}).unwrap();
+    assert_eq!(r["result"], "ok", "{r}");
+    r["regions"].clone()
+}
+
+#[test]
+fn memory_identical_after_final_round() {
+    let Some(_kvm) = common::kvm_or_skip("memory_identical_after_final_round") else {
+        return;
+    };
+    let dir = scratch_dir("memeq");
+    let mut src = start_source(&dir, "src", "256M", 1, "ws=64 rate=20 pattern=rand").unwrap();
+    src.wait_ready(Duration::from_secs(30)).unwrap();
+    src.wait_heartbeats(500, Duration::from_secs(30)).unwrap();
+    let (mut dst, ep) = start_destination(&dir, "dst", &["--start-paused"]).unwrap();
+    migrate(&src, &ep, json!({"keep_source": true})).unwrap();
+    dst.wait_api(Duration::from_secs(10)).unwrap();
+    // Both paused: the source after its final round, the destination before running.
+    let (a, b) = (hashes(&src), hashes(&dst));
+    assert_eq!(a, b, "memory differs between source and destination");
+    assert_eq!(
+        dst.api(&json!({"cmd":"resume"}), |_| {}).unwrap()["result"],
+        "ok"
+    );
+    dst.wait_heartbeats(1200, Duration::from_secs(30)).unwrap();
+    assert!(log_of(&dst).corrupt.is_empty());
+    // The hash really covers memory: it changes once the guest runs again.
+    assert_eq!(
+        dst.api(&json!({"cmd":"pause"}), |_| {}).unwrap()["result"],
+        "ok"
+    );
+    assert_ne!(hashes(&dst), b);
+    let _ = src.api(&json!({"cmd":"quit"}), |_| {});
+}
+
+#[test]
+fn vmm_write_during_precopy_reaches_destination() {
+    let Some(_kvm) = common::kvm_or_skip("vmm_write_during_precopy_reaches_destination") else {
+        return;
+    };
+    let dir = scratch_dir("devwrite");
+    let mut src = start_source(&dir, "src", "256M", 1, "ws=16 rate=0").unwrap();
+    src.wait_ready(Duration::from_secs(30)).unwrap();
+    src.wait_heartbeats(500, Duration::from_secs(30)).unwrap();
+    // The VMM writes into low memory (sent at the very start of round 0)
+    // every millisecond while the migration runs, until the source pauses
+    // and refuses device writes. The destination must hold the last value
+    // written: that only happens if the engine merges vm-memory's bitmap.
+    let marker_gpa = 0x20_000u64;
+    let (mut dst, ep) = start_destination(&dir, "dst", &[]).unwrap();
+    let api = src.api.clone();
+    let done = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let done2 = done.clone();
+    let writer = std::thread::spawn(move || {
+        let mut last_ok = None;
+        for i in 1u64.. {
+            if done2.load(std::sync::atomic::Ordering::SeqCst) {
+                break;
+            }
+            let v = 0x5eed_0000_0000_0000 | i;
+            match livemig_suite::harness::api_request(
+                &api,
+                &json!({"cmd":"write-memory","gpa": marker_gpa, "value": v}),
+                |_| {},
+            ) {
+                Ok(r) if r["result"] == "ok" => last_ok = Some(v),
+                _ => break,
+            }
+            std::thread::sleep(Duration::from_millis(1));
+        }
+        last_ok
+    });
+    std::thread::sleep(Duration::from_millis(20));
+    let report = migrate(&src, &ep, json!({"max_bandwidth_mib": 1})).unwrap();
+    done.store(true, std::sync::atomic::Ordering::SeqCst);
+    let last = writer.join().unwrap().expect("at least one write");
+    dst.wait_api(Duration::from_secs(10)).unwrap();
+    assert!(
+        last & 0xffff >= 5,
+        "too few writes during the migration ({last:x}): {report}"
+    );
+    let r = dst
+        .api(
+            &json!({"cmd":"read-memory","gpa": marker_gpa, "len": 8}),
+            |_| {},
+        )
+        .unwrap();
+    assert_eq!(
+        r["hex"],
+        format!("{:016x}", last.swap_bytes()),
+        "{r} {report}"
+    );
+    dst.wait_heartbeats(200, Duration::from_secs(30)).unwrap();
+    assert!(log_of(&dst).corrupt.is_empty());
+}
+
+#[test]
+fn ping_pong_ten_times_while_dirtying() {
+    let Some(_kvm) = common::kvm_or_skip("ping_pong_ten_times_while_dirtying") else {
+        return;
+    };
+    let dir = scratch_dir("pingpong");
+    let mut cur = start_source(&dir, "vm0", "256M", 1, "ws=64 rate=10 pattern=rand").unwrap();
+    cur.wait_ready(Duration::from_secs(30)).unwrap();
+    cur.wait_for("a T line", Duration::from_secs(30), |g| {
+        !g.tlines.is_empty()
+    })
+    .unwrap();
+    let mut last_t = 0;
+    for hop in 1..=10 {
+        let (mut next, ep) = start_destination(&dir, &format!("vm{hop}"), &[]).unwrap();
+        let t0 = Instant::now();
+        migrate(&cur, &ep, json!({"downtime_limit_ms": 50}))
+            .unwrap_or_else(|e| panic!("hop {hop}: {e}"));
+        next.wait_for("a T line", Duration::from_secs(30), |g| {
+            !g.tlines.is_empty()
+        })
+        .unwrap();
+        check_continuation(&cur, &next, t0, &format!("hop {hop}"));
+        let t = log_of(&next).tlines[0].heartbeats;
+        assert!(
+            t > last_t,
+            "hop {hop}: heartbeats went back ({t} after {last_t})"
+        );
+        last_t = t;
+        cur = next;
+    }
+}
+
+#[test]
+fn destination_killed_mid_transfer_source_keeps_running() {
+    let Some(_kvm) = common::kvm_or_skip("destination_killed_mid_transfer_source_keeps_running")
+    else {
+        return;
+    };
+    let dir = scratch_dir("kill");
+    let mut src = start_source(&dir, "src", "256M", 1, "ws=64 rate=10").unwrap();
+    src.wait_ready(Duration::from_secs(30)).unwrap();
+    src.wait_heartbeats(300, Duration::from_secs(30)).unwrap();
+    let (mut dst, ep) = start_destination(&dir, "dst", &[]).unwrap();
+    let pid = dst.pid();
+    let killer = std::thread::spawn(move || {
+        std::thread::sleep(Duration::from_millis(300));
+        // SAFETY-free: plain kill(2) of our own child by pid.
+        let _ = std::process::Command::new("kill")
+            .args(["-9", &pid.to_string()])
+            .status();
+    });
+    let err = migrate(&src, &ep, json!({"max_bandwidth_mib": 40})).unwrap_err();
+    killer.join().unwrap();
+    let phase = err["phase"].as_str().unwrap_or("");
+    assert!(
+        phase.starts_with("pre-copy round"),
+        "phase not named: {err}"
+    );
+    eprintln!("killed destination: {err}");
+    dst.kill();
+    // The source runs on: heartbeats continue, no corruption, and a new
+    // migration afterwards succeeds.
+    src.wait_heartbeats(500, Duration::from_secs(30)).unwrap();
+    assert!(log_of(&src).corrupt.is_empty());
+    let (mut dst2, ep2) = start_destination(&dir, "dst2", &[]).unwrap();
+    let t0 = Instant::now();
+    migrate(&src, &ep2, json!({})).unwrap();
+    dst2.wait_for("a T line", Duration::from_secs(30), |g| {
+        !g.tlines.is_empty()
+    })
+    .unwrap();
+    check_continuation(&src, &dst2, t0, "retry after kill");
+}
+
+#[test]
+fn memory_mismatch_refused_before_any_page() {
+    let Some(_kvm) = common::kvm_or_skip("memory_mismatch_refused_before_any_page") else {
+        return;
+    };
+    let dir = scratch_dir("mismatch");
+    let mut src = start_source(&dir, "src", "256M", 1, "ws=16 rate=10").unwrap();
+    src.wait_ready(Duration::from_secs(30)).unwrap();
+    let (mut dst, ep) = start_destination(&dir, "dst", &["--memory", "512M"]).unwrap();
+    let err = migrate(&src, &ep, json!({})).unwrap_err();
+    let msg = err["error"].as_str().unwrap_or("").to_string();
+    assert_eq!(err["phase"], "handshake", "{err}");
+    assert!(
+        msg.contains("refused") && msg.contains("memory differs"),
+        "{msg}"
+    );
+    let st = dst
+        .wait_exit(Duration::from_secs(10))
+        .expect("destination exits");
+    assert!(!st.success());
+    assert!(dst.stderr().contains("memory differs"), "{}", dst.stderr());
+    // Nothing was sent and the source runs on.
+    src.wait_heartbeats(300, Duration::from_secs(30)).unwrap();
+    assert!(log_of(&src).corrupt.is_empty());
+}
