@@ -86,6 +86,22 @@ impl DirtyBitmap {
         }
     }
 
+    /// Marks one page clean. Out-of-range pages are ignored.
+    pub fn unset(&mut self, region: usize, page: u64) {
+        if let Some(r) = self.regions.get_mut(region) {
+            if page < r.pages {
+                r.words[(page / 64) as usize] &= !(1 << (page % 64));
+            }
+        }
+    }
+
+    /// Sets pages `first..first + n` of `region` (clipped to the region).
+    pub fn set_range(&mut self, region: usize, first: u64, n: u64) {
+        for p in first..first.saturating_add(n).min(self.region_pages(region)) {
+            self.set(region, p);
+        }
+    }
+
     /// Whether a page is dirty.
     pub fn is_set(&self, region: usize, page: u64) -> bool {
         self.regions.get(region).is_some_and(|r| {

@@ -160,7 +160,10 @@ where
     .and_then(|_| fw.flush())
     .map_err(|e| MigrationError::new(hs, e))?;
 
-    // Memory and state.
+    // Memory and state. `written` records which pages received data: the
+    // fresh memory is zero, so a zero marker for a page never written costs
+    // nothing (and must not touch, i.e. allocate, the page).
+    let mut written = crate::bitmap::DirtyBitmap::new(&layout);
     *phase = Phase::Precopy(0);
     let mut sections: Option<Vec<Section>> = None;
     loop {
@@ -178,11 +181,19 @@ where
                     let ok = match rec.data {
                         Some(data) => {
                             report.pages += n;
+                            written.set_range(region, page, n);
                             ram.write_pages(region, page, data)
                         }
                         None => {
                             report.zero_pages += n;
-                            ram.zero_pages(region, page, n)
+                            let mut ok = true;
+                            for p in page..page + n {
+                                if written.is_set(region, p) {
+                                    ok &= ram.zero_pages(region, p, 1);
+                                    written.unset(region, p);
+                                }
+                            }
+                            ok
                         }
                     };
                     if !ok {

@@ -115,6 +115,9 @@ struct PageSender<'a> {
     layout: MemoryLayout,
     pacer: Pacer,
     counts: Counts,
+    /// Round 0: the destination's memory is fresh (zero), so zero pages are
+    /// counted but not sent at all.
+    skip_zero: bool,
 }
 
 impl PageSender<'_> {
@@ -149,7 +152,9 @@ impl PageSender<'_> {
             let n = q - p;
             let gpa = self.gpa(region, p);
             if zero {
-                self.batch.push_zero(gpa, n as u32)?;
+                if !self.skip_zero {
+                    self.batch.push_zero(gpa, n as u32)?;
+                }
                 self.counts.zero += n;
             } else {
                 let ram = &self.ram;
@@ -384,6 +389,7 @@ fn run_source<V: SourceVm + ?Sized>(
         layout: layout.clone(),
         pacer: Pacer::new(config.max_bandwidth),
         counts: Counts::default(),
+        skip_zero: true,
     };
     tracker.start().map_err(|e| MigrationError::new(hs, e))?;
     report.setup_ms = ms(started.elapsed());
@@ -499,6 +505,7 @@ fn precopy_and_switch<V: SourceVm + ?Sized>(
             a.set_all();
             a
         });
+        sender.skip_zero = round == 0;
         sender.send_bitmap(
             &bitmap,
             if clear { Some(&mut *tracker) } else { None },
@@ -506,6 +513,7 @@ fn precopy_and_switch<V: SourceVm + ?Sized>(
             cancel,
             phase,
         )?;
+        sender.skip_zero = false;
         let end = RoundEnd {
             round,
             pages: sender.counts.pages - before.pages,
