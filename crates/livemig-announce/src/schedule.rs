@@ -149,12 +149,7 @@ impl Schedule {
             Self::MAX_DELAY,
         )?;
         check("max", self.max, Duration::ZERO, Self::MAX_DELAY)?;
-        check(
-            "step",
-            self.step,
-            Duration::from_millis(1),
-            Self::MAX_STEP,
-        )
+        check("step", self.step, Duration::from_millis(1), Self::MAX_STEP)
     }
 }
 
@@ -195,10 +190,7 @@ mod tests {
             ..Schedule::default()
         };
         // Gaps 50, 150, 250, 350, 450, 550, 550 (650 capped).
-        assert_eq!(
-            s.offsets(),
-            ms(&[0, 50, 200, 450, 800, 1250, 1800, 2350])
-        );
+        assert_eq!(s.offsets(), ms(&[0, 50, 200, 450, 800, 1250, 1800, 2350]));
         let s = Schedule {
             rounds: 3,
             initial_delay: Duration::from_millis(700),

@@ -322,3 +322,35 @@ fn not_converging_fails_by_policy_and_source_runs() {
     std::thread::sleep(Duration::from_millis(50));
     assert!(src.writes() > w);
 }
+
+#[test]
+fn newer_protocol_version_refused_before_any_page() {
+    use livemig::protocol::{FrameReader, FrameWriter, Hello, HelloReply, Message, MsgKind};
+    let (a, b) = mem::pair();
+    let dest = std::thread::spawn(move || {
+        receive::<SoftVm, _>(Box::new(b), &ReceiveConfig::default(), |_| {
+            panic!("the VM must not be created for a refused stream")
+        })
+    });
+    let src = SoftVm::new(&layout(8), &idle()).unwrap();
+    use livemig::vm::SourceVm;
+    let mut hello = Hello::new(src.describe().unwrap());
+    hello.protocol_version = 7;
+    hello.min_protocol_version = 7;
+    let rx: Box<dyn Transport> = a.try_clone().unwrap();
+    let mut fw = FrameWriter::new(Box::new(a) as Box<dyn Transport>);
+    fw.send(&hello).unwrap();
+    let mut fr = FrameReader::new(rx);
+    let f = fr.read_frame().unwrap();
+    assert_eq!(f.kind, MsgKind::HelloReply);
+    let reply = HelloReply::decode(f.payload).unwrap();
+    assert!(!reply.accepted);
+    assert!(
+        reply.reason.contains('7'),
+        "reason does not name the version: {}",
+        reply.reason
+    );
+    let e = dest.join().unwrap().err().unwrap();
+    assert_eq!(e.phase, Phase::Handshake);
+    assert!(e.to_string().contains("version"), "{e}");
+}

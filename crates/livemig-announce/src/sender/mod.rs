@@ -152,7 +152,16 @@ mod tests {
     fn interface_names() {
         assert!(interface_name("eth0").is_ok());
         assert!(interface_name("a23456789012345").is_ok());
-        for bad in ["", "a234567890123456", ".", "..", "a/b", "a:b", "a b", "a\0b"] {
+        for bad in [
+            "",
+            "a234567890123456",
+            ".",
+            "..",
+            "a/b",
+            "a:b",
+            "a b",
+            "a\0b",
+        ] {
             assert!(
                 matches!(interface_name(bad), Err(SendError::InvalidName { .. })),
                 "{bad:?}"
