@@ -12,7 +12,7 @@ use livemig_kvm::{DirtyMode, ExitHandler, KvmVm, SharedDevice, VmConfig};
 
 use livemig::memory::GuestRam;
 use livemig::state::Section;
-use livemig::vm::{DirtyTracker, SourceVm, VmDescription, VmError};
+use livemig::vm::{DirtyTracker, SourceVm, VcpuThrottle, VmDescription, VmError};
 use vm_memory::{Bytes, GuestAddress};
 
 use crate::multiboot::{LoadedKernel, BOOTLOADER_MAGIC};
@@ -206,5 +206,9 @@ impl SourceVm for Machine {
     }
     fn save_state(&self) -> Result<Vec<Section>, VmError> {
         self.vm.save_state()
+    }
+    fn throttle(&self) -> Option<&dyn VcpuThrottle> {
+        // Throttling parks the vCPUs only; the VMM's devices keep running.
+        self.vm.throttle()
     }
 }

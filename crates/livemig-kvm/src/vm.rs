@@ -12,7 +12,9 @@ use kvm_bindings::{
 use kvm_ioctls::{Kvm, VcpuFd, VmFd};
 use livemig::memory::{allocate, GuestRam, MemoryLayout, RegionDesc};
 use livemig::state::{DeviceState, Section, StateError};
-use livemig::vm::{DestinationVm, DirtyTracker, NicInfo, SourceVm, VmDescription, VmError};
+use livemig::vm::{
+    DestinationVm, DirtyTracker, NicInfo, SourceVm, VcpuThrottle, VmDescription, VmError,
+};
 use vm_memory::{GuestMemoryBackend, GuestMemoryRegion};
 
 use crate::dirty::{DirtyMode, KvmDirtyTracker, Slot};
@@ -398,6 +400,21 @@ impl SourceVm for KvmVm {
             sections.push(d.save_section()?);
         }
         Ok(sections)
+    }
+
+    fn throttle(&self) -> Option<&dyn VcpuThrottle> {
+        Some(self)
+    }
+}
+
+impl VcpuThrottle for KvmVm {
+    fn pause_vcpus(&self) -> Result<(), VmError> {
+        self.vcpus.pause().map_err(|e| VmError::Pause(e.to_string()))
+    }
+
+    fn resume_vcpus(&self) -> Result<(), VmError> {
+        self.vcpus.resume();
+        Ok(())
     }
 }
 

@@ -63,6 +63,14 @@ pub enum ErrorKind {
     /// The stream carried something inconsistent (e.g. pages outside memory).
     #[error("invalid stream: {0}")]
     Invalid(String),
+    /// The peer did not answer in time.
+    #[error("no {waiting_for} from the peer within {after:?}")]
+    Timeout {
+        /// What was expected.
+        waiting_for: &'static str,
+        /// The timeout.
+        after: std::time::Duration,
+    },
     /// The migration was cancelled.
     #[error("cancelled")]
     Cancelled,

@@ -51,6 +51,18 @@ pub struct MigrationConfig {
     pub io_timeout: Duration,
     /// Pages per `Pages` frame (the staging buffer is this many pages).
     pub batch_pages: u32,
+    /// Auto-converge: when the guest dirties memory faster than half the
+    /// transfer rate for two rounds in a row, throttle its vCPUs, starting at
+    /// `throttle_initial` percent and adding `throttle_increment` each round
+    /// the condition still holds, up to `throttle_max` (QEMU's cpu-throttle
+    /// scheme: 20 % + 10 %).
+    pub auto_converge: bool,
+    /// First throttle step, percent of CPU time taken from the guest.
+    pub throttle_initial: u32,
+    /// Increment per round, percent.
+    pub throttle_increment: u32,
+    /// Ceiling, percent (at most 99).
+    pub throttle_max: u32,
 }
 
 impl Default for MigrationConfig {
@@ -63,7 +75,43 @@ impl Default for MigrationConfig {
             on_limit: OnLimit::Fail,
             io_timeout: Duration::from_secs(10),
             batch_pages: 256,
+            auto_converge: true,
+            throttle_initial: 20,
+            throttle_increment: 10,
+            throttle_max: 99,
         }
+    }
+}
+
+/// Auto-converge bookkeeping: decides the throttle after each round.
+#[derive(Debug, Default, Clone)]
+pub struct Throttle {
+    /// Current throttle, percent.
+    pub pct: u32,
+    strikes: u32,
+}
+
+impl Throttle {
+    /// Updates the throttle after a round in which the guest dirtied
+    /// `dirtied_bytes` while `sent_bytes` went out; returns the new percentage.
+    pub fn after_round(&mut self, config: &MigrationConfig, dirtied_bytes: u64, sent_bytes: u64) -> u32 {
+        if !config.auto_converge {
+            return 0;
+        }
+        if dirtied_bytes.saturating_mul(2) > sent_bytes {
+            self.strikes += 1;
+        } else {
+            self.strikes = 0;
+        }
+        if self.strikes >= 2 {
+            let max = config.throttle_max.min(99);
+            self.pct = if self.pct == 0 {
+                config.throttle_initial.min(max)
+            } else {
+                (self.pct + config.throttle_increment).min(max)
+            };
+        }
+        self.pct
     }
 }
 
@@ -147,6 +195,27 @@ mod tests {
             decide(&c, 1, Duration::ZERO, &est(100_000_000)),
             Decision::Continue
         );
+    }
+
+    #[test]
+    fn throttle_steps_like_qemu() {
+        let c = MigrationConfig::default();
+        let mut t = Throttle::default();
+        assert_eq!(t.after_round(&c, 100, 100), 0); // first strike
+        assert_eq!(t.after_round(&c, 100, 100), 20);
+        assert_eq!(t.after_round(&c, 100, 100), 30);
+        assert_eq!(t.after_round(&c, 10, 100), 30); // keeps, strikes reset
+        assert_eq!(t.after_round(&c, 100, 100), 30);
+        assert_eq!(t.after_round(&c, 100, 100), 40);
+        for _ in 0..20 {
+            t.after_round(&c, 100, 100);
+        }
+        assert_eq!(t.pct, 99);
+        let off = MigrationConfig {
+            auto_converge: false,
+            ..Default::default()
+        };
+        assert_eq!(Throttle::default().after_round(&off, 100, 1), 0);
     }
 
     #[test]

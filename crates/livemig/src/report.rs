@@ -23,6 +23,8 @@ pub struct RoundReport {
     pub bandwidth_mbps: f64,
     /// Expected downtime if switching over after this round, ms.
     pub expected_downtime_ms: f64,
+    /// vCPU throttle (auto-converge) in force after this round, percent.
+    pub throttle_pct: u32,
 }
 
 /// Where the downtime went (all on the source clock, ms).
@@ -93,6 +95,9 @@ pub struct Report {
     pub state_bytes: u64,
     /// Dirty-tracking note (e.g. whether manual clear was used).
     pub dirty_tracking: String,
+    /// Highest vCPU throttle applied by auto-converge, percent (0 = none;
+    /// `None` = the VM cannot be throttled).
+    pub throttle_max_pct: Option<u32>,
     /// The error, if any.
     pub error: Option<String>,
 }
@@ -117,6 +122,7 @@ impl Report {
             memory_bytes,
             state_bytes: 0,
             dirty_tracking: String::new(),
+            throttle_max_pct: Some(0),
             error: None,
         }
     }

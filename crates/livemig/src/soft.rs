@@ -19,7 +19,7 @@ use vm_memory::{Bytes, GuestAddress, GuestMemoryBackend};
 use crate::bitmap::DirtyBitmap;
 use crate::memory::{allocate, GuestRam, MemoryLayout, PAGE_SIZE};
 use crate::state::{Section, StateError, StateReader, StateWriter};
-use crate::vm::{DestinationVm, DirtyTracker, SourceVm, VmDescription, VmError};
+use crate::vm::{DestinationVm, DirtyTracker, SourceVm, VcpuThrottle, VmDescription, VmError};
 
 /// How the software VM's writers behave.
 #[derive(Debug, Clone)]
@@ -355,6 +355,23 @@ impl SourceVm for SoftVm {
             return Err(VmError::Pause("save_state while running".into()));
         }
         Ok(vec![self.save()])
+    }
+
+    fn throttle(&self) -> Option<&dyn VcpuThrottle> {
+        Some(self)
+    }
+}
+
+/// The soft VM's "vCPUs" are its writer threads.
+impl VcpuThrottle for SoftVm {
+    fn pause_vcpus(&self) -> Result<(), VmError> {
+        self.stop();
+        Ok(())
+    }
+
+    fn resume_vcpus(&self) -> Result<(), VmError> {
+        self.start();
+        Ok(())
     }
 }
 

@@ -1,7 +1,7 @@
 //! The source side: handshake → pre-copy rounds → stop-and-copy → state →
 //! completion. See [`migrate`].
 
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -10,7 +10,7 @@ use vm_memory::{GuestMemoryBackend, GuestMemoryRegion};
 use crate::bitmap::DirtyBitmap;
 use crate::error::{ErrorKind, MigrationError, Phase};
 use crate::memory::{MemoryLayout, PAGE_SIZE};
-use crate::policy::{decide, Decision, MigrationConfig, RoundEstimate};
+use crate::policy::{decide, Decision, MigrationConfig, RoundEstimate, Throttle};
 use crate::protocol::{
     ErrorMsg, FrameReader, FrameWriter, Hello, HelloReply, Message, MsgKind, PageBatch,
     ProtocolError, Ready, Resumed, RoundEnd, State,
@@ -18,7 +18,53 @@ use crate::protocol::{
 use crate::ram::HostRam;
 use crate::report::{Progress, Report, RoundReport, Status};
 use crate::transport::Transport;
-use crate::vm::{DirtyTracker, SourceVm};
+use crate::vm::{DirtyTracker, SourceVm, VcpuThrottle};
+
+/// Auto-converge's worker: parks the vCPUs for `pct / (100 - pct)` of each
+/// 10 ms slice of running time (QEMU's cpu-throttle timing).
+#[derive(Default)]
+struct Throttler {
+    pct: AtomicU32,
+    stop: AtomicBool,
+    exited: AtomicBool,
+}
+
+impl Throttler {
+    const SLICE: Duration = Duration::from_millis(10);
+
+    fn run(&self, vcpus: &dyn VcpuThrottle) {
+        while !self.stop.load(Ordering::SeqCst) {
+            let pct = self.pct.load(Ordering::SeqCst).min(99);
+            if pct == 0 {
+                std::thread::sleep(Duration::from_millis(2));
+                continue;
+            }
+            let off = Self::SLICE * pct / (100 - pct);
+            if let Err(e) = vcpus.pause_vcpus() {
+                log::warn!("auto-converge: pausing vCPUs: {e}");
+                break;
+            }
+            let until = Instant::now() + off;
+            while Instant::now() < until && !self.stop.load(Ordering::SeqCst) {
+                std::thread::sleep((until - Instant::now()).min(Duration::from_millis(2)));
+            }
+            if let Err(e) = vcpus.resume_vcpus() {
+                log::error!("auto-converge: resuming vCPUs: {e}");
+                break;
+            }
+            std::thread::sleep(Self::SLICE);
+        }
+        self.exited.store(true, Ordering::SeqCst);
+    }
+
+    /// Stops throttling; returns once the vCPUs are no longer held.
+    fn finish(&self, running: bool) {
+        self.stop.store(true, Ordering::SeqCst);
+        while running && !self.exited.load(Ordering::SeqCst) {
+            std::thread::sleep(Duration::from_micros(200));
+        }
+    }
+}
 
 /// Pages per dirty-log chunk: in manual-protect mode each chunk is
 /// re-protected (`clear`) just before its pages are read.
@@ -233,13 +279,33 @@ fn merge_vmm_writes<V: SourceVm + ?Sized>(vm: &V, bitmap: &mut DirtyBitmap) {
     }
 }
 
+thread_local! {
+    static IO_TIMEOUT: std::cell::Cell<Duration> = const { std::cell::Cell::new(Duration::from_secs(10)) };
+}
+
+fn fr_timeout() -> Duration {
+    IO_TIMEOUT.with(|t| t.get())
+}
+
 /// Reads the next frame, turning a peer `Error` frame into an error.
 fn expect(
     fr: &mut FrameReader<Box<dyn Transport>>,
     want: MsgKind,
     phase: Phase,
 ) -> Result<Vec<u8>, MigrationError> {
-    let f = fr.read_frame().map_err(|e| MigrationError::new(phase, e))?;
+    let f = fr.read_frame().map_err(|e| {
+        if e.is_timeout() {
+            MigrationError::new(
+                phase,
+                ErrorKind::Timeout {
+                    waiting_for: want.name(),
+                    after: fr_timeout(),
+                },
+            )
+        } else {
+            MigrationError::new(phase, e)
+        }
+    })?;
     if f.kind == want {
         return Ok(f.payload.to_vec());
     }
@@ -333,6 +399,7 @@ fn run_source<V: SourceVm + ?Sized>(
     desc: crate::vm::VmDescription,
 ) -> Result<(), MigrationError> {
     let hs = Phase::Handshake;
+    IO_TIMEOUT.with(|t| t.set(config.io_timeout));
     let layout = desc.layout.clone();
     let mut rx = transport
         .try_clone()
@@ -394,18 +461,40 @@ fn run_source<V: SourceVm + ?Sized>(
     tracker.start().map_err(|e| MigrationError::new(hs, e))?;
     report.setup_ms = ms(started.elapsed());
 
-    let outcome = precopy_and_switch(
-        vm,
-        &mut *tracker,
-        &mut sender,
-        &mut fr,
-        config,
-        cancel,
-        progress,
-        report,
-        state_time,
-        state_bytes,
-    );
+    let throttler = Throttler::default();
+    let throttle_target = if config.auto_converge { vm.throttle() } else { None };
+    if config.auto_converge && throttle_target.is_none() {
+        report.throttle_max_pct = None;
+    }
+    let outcome = std::thread::scope(|s| {
+        if let Some(t) = throttle_target {
+            let th = &throttler;
+            let spawned = std::thread::Builder::new()
+                .name("livemig-throttle".into())
+                .spawn_scoped(s, move || th.run(t));
+            if let Err(e) = spawned {
+                log::warn!("auto-converge unavailable: {e}");
+                throttler.exited.store(true, Ordering::SeqCst);
+            }
+        } else {
+            throttler.exited.store(true, Ordering::SeqCst);
+        }
+        let r = precopy_and_switch(
+            vm,
+            &mut *tracker,
+            &mut sender,
+            &mut fr,
+            config,
+            cancel,
+            progress,
+            report,
+            state_time,
+            state_bytes,
+            &throttler,
+        );
+        throttler.finish(true);
+        r
+    });
     let committed = matches!(&outcome, Ok(())) || matches!(&outcome, Err(e) if e.is_ambiguous());
     if let Err(e) = tracker.stop() {
         log::error!("stopping dirty logging: {e}");
@@ -461,8 +550,10 @@ fn precopy_and_switch<V: SourceVm + ?Sized>(
     report: &mut Report,
     state_time: Duration,
     state_bytes: u64,
+    throttler: &Throttler,
 ) -> Result<(), MigrationError> {
     let layout = sender.layout.clone();
+    let mut throttle = Throttle::default();
     let precopy_start = Instant::now();
     // Discard VMM writes recorded before tracking started: round 0 sends
     // everything anyway.
@@ -544,6 +635,19 @@ fn precopy_and_switch<V: SourceVm + ?Sized>(
             state_time,
             state_bytes,
         };
+        let dirtied = dirty * PAGE_SIZE;
+        let pct = if round > 0 {
+            throttle.after_round(config, dirtied, bytes)
+        } else {
+            0
+        };
+        if pct != throttler.pct.load(Ordering::SeqCst) {
+            log::info!("auto-converge: throttling vCPUs to {pct} %");
+            throttler.pct.store(pct, Ordering::SeqCst);
+        }
+        if let Some(m) = report.throttle_max_pct.as_mut() {
+            *m = (*m).max(pct);
+        }
         let rr = RoundReport {
             round,
             pages: sender.counts.pages - before.pages,
@@ -554,6 +658,7 @@ fn precopy_and_switch<V: SourceVm + ?Sized>(
             dirty_rate_mbps: (dirty * PAGE_SIZE) as f64 / secs / 1e6,
             bandwidth_mbps: bandwidth / 1e6,
             expected_downtime_ms: ms(est.expected_downtime()),
+            throttle_pct: pct,
         };
         log::info!("{rr}");
         progress(&Progress::Round(rr.clone()));
@@ -588,7 +693,8 @@ fn precopy_and_switch<V: SourceVm + ?Sized>(
     report.pages_sent = sender.counts.pages;
     report.zero_pages = sender.counts.zero + skipped;
 
-    // Stop-and-copy.
+    // Stop-and-copy: stop throttling first so it cannot race the pause.
+    throttler.finish(true);
     let fm = Phase::FinalMemory;
     let t_pause = Instant::now();
     vm.pause().map_err(|e| MigrationError::new(fm, e))?;

@@ -91,6 +91,15 @@ pub trait DirtyTracker: Send {
     fn stop(&mut self) -> Result<(), VmError>;
 }
 
+/// Slows a running guest down by parking its vCPUs for part of each time
+/// slice (auto-converge). Only the vCPUs: devices keep running.
+pub trait VcpuThrottle: Send + Sync {
+    /// Parks every vCPU.
+    fn pause_vcpus(&self) -> Result<(), VmError>;
+    /// Lets the vCPUs run again.
+    fn resume_vcpus(&self) -> Result<(), VmError>;
+}
+
 /// The VM on the source side.
 ///
 /// Implementations must be usable from the migration thread while the VMM's
@@ -116,6 +125,10 @@ pub trait SourceVm: Send + Sync {
     /// Saves all non-memory state (vCPUs, VM-wide, devices) as sections.
     /// Called only while paused.
     fn save_state(&self) -> Result<Vec<Section>, VmError>;
+
+    /// vCPU throttling for auto-converge, or `None` if this VM cannot be
+    /// throttled (the report then says auto-converge was unavailable).
+    fn throttle(&self) -> Option<&dyn VcpuThrottle>;
 }
 
 /// The VM on the destination side, created from the source's

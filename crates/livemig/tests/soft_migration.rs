@@ -354,3 +354,99 @@ fn newer_protocol_version_refused_before_any_page() {
     assert_eq!(e.phase, Phase::Handshake);
     assert!(e.to_string().contains("version"), "{e}");
 }
+
+fn self_stat() -> (u64, usize) {
+    let status = std::fs::read_to_string("/proc/self/status").unwrap_or_default();
+    let rss = status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmRSS:"))
+        .and_then(|v| v.split_whitespace().next().and_then(|n| n.parse().ok()))
+        .unwrap_or(0);
+    let fds = std::fs::read_dir("/proc/self/fd").map(|d| d.count()).unwrap_or(0);
+    (rss, fds)
+}
+
+/// The engine in one process, 100 migrations: no growth in memory or fds.
+#[test]
+#[ignore]
+fn soak_engine_100_migrations_no_leaks() {
+    let cfg = SoftConfig {
+        guest_writers: 2,
+        device_writers: 1,
+        pages_per_ms: 5,
+    };
+    let mut src = SoftVm::new(&layout(32), &cfg).unwrap();
+    src.fill(9);
+    src.start();
+    let mut stats = Vec::new();
+    for i in 0..100 {
+        let (a, b) = mem::pair();
+        let dest = std::thread::spawn(move || {
+            receive(Box::new(b), &ReceiveConfig::default(), |d| {
+                SoftVm::new(
+                    &d.layout,
+                    &SoftConfig {
+                        guest_writers: 2,
+                        device_writers: 1,
+                        pages_per_ms: 5,
+                    },
+                )
+            })
+        });
+        let mc = MigrationConfig {
+            downtime_limit: Duration::from_millis(100),
+            ..Default::default()
+        };
+        migrate(&src, Box::new(a), &mc, &CancelToken::new(), &mut |_| {}).unwrap_or_else(|e| panic!("{i}: {e}"));
+        let (vm, _) = dest.join().unwrap().unwrap();
+        src = vm;
+        if i == 9 || i == 99 {
+            stats.push(self_stat());
+        }
+    }
+    eprintln!("soak (engine): after 10 and 100 migrations: {stats:?}");
+    assert_eq!(stats[0].1, stats[1].1, "fds grew");
+    assert!(stats[1].0 < stats[0].0 + 64 * 1024, "RSS grew: {stats:?}");
+}
+
+#[test]
+fn auto_converge_throttles_a_fast_writer_until_it_converges() {
+    let cfg = SoftConfig {
+        guest_writers: 2,
+        device_writers: 0,
+        pages_per_ms: 50,
+    };
+    let src = SoftVm::new(&layout(16), &cfg).unwrap();
+    src.fill(11);
+    src.start();
+    // ~400 MB/s of writes against a 50 MiB/s link: hopeless without throttling.
+    let mc = MigrationConfig {
+        downtime_limit: Duration::from_millis(100),
+        max_bandwidth: Some(50 << 20),
+        max_rounds: 40,
+        ..Default::default()
+    };
+    let (r, dst) = run(&src, &mc, |t| t);
+    let report = r.expect("auto-converge should make it converge");
+    assert!(report.throttle_max_pct.unwrap_or(0) >= 20, "{}", report.to_json());
+    assert!(report.rounds.iter().any(|r| r.throttle_pct > 0));
+    assert_eq!(src.snapshot(), dst.unwrap().snapshot());
+    eprintln!(
+        "auto-converge: {} rounds, throttle up to {:?} %, downtime {:.1} ms",
+        report.rounds.len(),
+        report.throttle_max_pct,
+        report.downtime_ms
+    );
+
+    // The same without auto-converge does not converge.
+    let src2 = SoftVm::new(&layout(16), &cfg).unwrap();
+    src2.fill(12);
+    src2.start();
+    let mc2 = MigrationConfig {
+        auto_converge: false,
+        max_rounds: 8,
+        ..mc
+    };
+    let (r2, _) = run(&src2, &mc2, |t| t);
+    assert!(matches!(r2.unwrap_err().kind, ErrorKind::NotConverged { .. }));
+}

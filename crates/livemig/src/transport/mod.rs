@@ -31,6 +31,7 @@ use std::path::{Path, PathBuf};
 use std::str::FromStr;
 use std::time::{Duration, Instant};
 
+pub mod fault;
 pub mod mem;
 mod tcp;
 mod unix;
