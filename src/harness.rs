@@ -84,8 +84,26 @@ fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
 impl Vmm {
     /// Spawns `refvmm <args>` with the serial console on a pipe.
     pub fn spawn(name: &str, args: &[String], api: PathBuf) -> Result<Vmm, String> {
+        Self::spawn_prefixed(name, &[], args, api)
+    }
+
+    /// Spawns `<prefix...> refvmm <args>` (e.g. `ip netns exec NS`).
+    pub fn spawn_prefixed(
+        name: &str,
+        prefix: &[String],
+        args: &[String],
+        api: PathBuf,
+    ) -> Result<Vmm, String> {
         let bin = refvmm_path();
-        let mut child = Command::new(&bin)
+        let mut cmd = match prefix.split_first() {
+            Some((first, rest)) => {
+                let mut c = Command::new(first);
+                c.args(rest).arg(&bin);
+                c
+            }
+            None => Command::new(&bin),
+        };
+        let mut child = cmd
             .args(args)
             .stdin(Stdio::null())
             .stdout(Stdio::piped())

@@ -17,19 +17,29 @@ fn proc_stat(pid: u32) -> (u64, usize) {
         .find_map(|l| l.strip_prefix("VmRSS:"))
         .and_then(|v| v.split_whitespace().next().and_then(|n| n.parse().ok()))
         .unwrap_or(0);
-    let fds = std::fs::read_dir(format!("/proc/{pid}/fd")).map(|d| d.count()).unwrap_or(0);
+    let fds = std::fs::read_dir(format!("/proc/{pid}/fd"))
+        .map(|d| d.count())
+        .unwrap_or(0);
     (rss_kb, fds)
 }
 
 #[test]
 #[ignore]
 fn soak_100_ping_pong_two_vcpus() {
-    let Some(_kvm) = common::kvm_or_skip("soak_100_ping_pong_two_vcpus") else { return };
-    let hops: usize = std::env::var("LIVEMIG_SOAK_HOPS").ok().and_then(|v| v.parse().ok()).unwrap_or(100);
+    let Some(_kvm) = common::kvm_or_skip("soak_100_ping_pong_two_vcpus") else {
+        return;
+    };
+    let hops: usize = std::env::var("LIVEMIG_SOAK_HOPS")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(100);
     let dir = scratch_dir("soak");
     let mut cur = start_source(&dir, "vm0", "512M", 2, "ws=128 rate=10 pattern=rand").unwrap();
     cur.wait_ready(Duration::from_secs(30)).unwrap();
-    cur.wait_for("a T line", Duration::from_secs(30), |g| !g.tlines.is_empty()).unwrap();
+    cur.wait_for("a T line", Duration::from_secs(30), |g| {
+        !g.tlines.is_empty()
+    })
+    .unwrap();
     let mut samples = Vec::new();
     let started = Instant::now();
     let mut downtimes = Vec::new();
@@ -44,13 +54,24 @@ fn soak_100_ping_pong_two_vcpus() {
             )
         });
         downtimes.push(r["downtime_ms"].as_f64().unwrap_or(f64::NAN));
-        next.wait_for("a T line", Duration::from_secs(30), |g| !g.tlines.is_empty()).unwrap();
+        next.wait_for("a T line", Duration::from_secs(30), |g| {
+            !g.tlines.is_empty()
+        })
+        .unwrap();
         {
             let a = log_of(&cur);
             let b = log_of(&next);
-            assert!(a.corrupt.is_empty() && b.corrupt.is_empty(), "hop {hop}: {:?} {:?}", a.corrupt, b.corrupt);
+            assert!(
+                a.corrupt.is_empty() && b.corrupt.is_empty(),
+                "hop {hop}: {:?} {:?}",
+                a.corrupt,
+                b.corrupt
+            );
             assert!(!b.ready, "hop {hop}: guest rebooted");
-            assert!(b.tlines[0].heartbeats > a.tlines.last().map_or(0, |t| t.heartbeats), "hop {hop}: counters reset");
+            assert!(
+                b.tlines[0].heartbeats > a.tlines.last().map_or(0, |t| t.heartbeats),
+                "hop {hop}: counters reset"
+            );
         }
         samples.push(proc_stat(next.pid()));
         cur = next;

@@ -10,6 +10,8 @@
 //! | `{"cmd":"write-memory","gpa":N,"value":N}` | writes a u64 through vm-memory (tracked as a VMM write) |
 //! | `{"cmd":"read-memory","gpa":N,"len":N}` | `{"result":"ok","hex":"..."}` (at most 4096 bytes) |
 //! | `{"cmd":"vcpu-regs"}` | RIP, RSP, RFLAGS, CS, CR0, EFER and MP state of every vCPU (pauses briefly) |
+//! | `{"cmd":"net-stats"}` | per NIC: frames the network delivered to its TAP, and how many were unicast to the guest MAC |
+//! | `{"cmd":"announce-self"}` | one RARP (+ gratuitous ARP) per NIC now, like QEMU's `announce-self` |
 //! | `{"cmd":"memory-hash"}` | FNV-1a hash of each memory region (pause first for a stable answer) |
 //! | `{"cmd":"quit"}` | `{"result":"ok"}`, then the VMM exits |
 
@@ -195,6 +197,35 @@ fn handle(conn: UnixStream, m: &Arc<Machine>, events: &Sender<ApiEvent>) -> Resu
                         json!({"result":"ok","hex": buf.iter().map(|b| format!("{b:02x}")).collect::<String>()})
                     }
                     Err(e) => json!({"result":"error","error":format!("read at 0x{gpa:x}: {e}")}),
+                }
+            }
+            "net-stats" => {
+                use std::sync::atomic::Ordering;
+                let nics: Vec<Value> = m
+                    .nets
+                    .iter()
+                    .map(|n| {
+                        json!({
+                            "tap": n.tap,
+                            "mac": livemig_announce::format_mac(&n.mac),
+                            "rx_frames": n.rx.frames.load(Ordering::Relaxed),
+                            "rx_to_guest_mac": n.rx.to_guest.load(Ordering::Relaxed),
+                        })
+                    })
+                    .collect();
+                json!({"result":"ok","nics": nics})
+            }
+            "announce-self" => {
+                // Like QEMU's announce-self: one RARP (+ gratuitous ARP) per NIC now.
+                let one = livemig_announce::Schedule {
+                    rounds: 1,
+                    ..Default::default()
+                };
+                match crate::net::start_announce(&m.nets, &one, std::time::Instant::now()) {
+                    Ok(h) => {
+                        json!({"result":"ok","report": serde_json::to_value(h.join()).unwrap_or_default()})
+                    }
+                    Err(e) => json!({"result":"error","error":e}),
                 }
             }
             "memory-hash" => json!({"result":"ok","regions": hash_regions(m.vm.memory())}),

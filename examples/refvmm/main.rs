@@ -16,6 +16,7 @@
 
 mod api;
 mod multiboot;
+mod net;
 mod vmm;
 
 use std::path::PathBuf;
@@ -59,6 +60,12 @@ struct Common {
     /// offers it), `manual` or `classic`.
     #[arg(long, default_value = "auto")]
     dirty_log: String,
+    /// A NIC backed by a TAP device (opened, or created if missing):
+    /// `tap=<IFNAME>,mac=<MAC>[,ip=<IPv4>]`. Repeatable. After a migration
+    /// the destination announces each NIC's MAC (RARP, and a gratuitous ARP
+    /// when the IPv4 address is known) on its TAP.
+    #[arg(long = "net")]
+    net: Vec<String>,
 }
 
 #[derive(Subcommand)]
@@ -98,6 +105,10 @@ enum Cmd {
         /// Seconds without data from the source before giving up.
         #[arg(long, default_value_t = 10)]
         io_timeout: u64,
+        /// Do not announce the NICs after the switchover (for tests that
+        /// show what happens without the announce).
+        #[arg(long)]
+        no_announce: bool,
         /// Leave the migrated guest paused until an API `resume` (for
         /// comparing memory with a source kept by `keep_source`).
         #[arg(long)]
@@ -292,12 +303,19 @@ fn cmd_run(
         multiboot::load(&scratch, &image, &cmdline)
             .map_err(|e| usage(format!("kernel '{kernel}': {e}")))?;
     }
+    for spec in &common.net {
+        net::parse_spec(spec).map_err(usage)?;
+    }
     require_kvm()?;
+    let mut nets = Vec::new();
+    for spec in &common.net {
+        nets.push(net::NetBackend::open(spec).map_err(runtime)?);
+    }
     let machine = Machine::create(MachineConfig {
         memory,
         vcpus,
         serial,
-        nics: Vec::new(),
+        nets,
         dirty_mode,
     })
     .map_err(runtime)?;
@@ -326,6 +344,7 @@ fn cmd_receive(
     memory: Option<String>,
     vcpus: Option<u32>,
     io_timeout: u64,
+    announce: bool,
     start_paused: bool,
     common: Common,
 ) -> Result<(), Fail> {
@@ -335,7 +354,15 @@ fn cmd_receive(
     let memory = memory.as_deref().map(parse_size).transpose()?;
     let dirty_mode = parse_dirty(&common.dirty_log)?;
     let serial = parse_serial(&common.serial)?;
+    for spec in &common.net {
+        net::parse_spec(spec).map_err(usage)?;
+    }
     require_kvm()?;
+    // Open the TAPs before accepting anything: a bad --net fails early.
+    let mut nets = Vec::new();
+    for spec in &common.net {
+        nets.push(net::NetBackend::open(spec).map_err(runtime)?);
+    }
     let listener = listen(&endpoint).map_err(|e| runtime(e.to_string()))?;
     eprintln!(
         "refvmm: waiting for a migration on {}",
@@ -348,7 +375,10 @@ fn cmd_receive(
         io_timeout: Duration::from_secs(io_timeout.max(1)),
     };
     let mut serial = Some(serial);
+    let mut nets = Some(nets);
     let result = receive(transport, &cfg, |desc| {
+        let mut my_nets = nets.take().unwrap_or_default();
+        net::reconcile(&desc.nics, &mut my_nets).map_err(VmError::Incompatible)?;
         let want = livemig_kvm::VmConfig {
             memory: memory.unwrap_or(desc.layout.total_bytes()),
             vcpus: vcpus.unwrap_or(desc.vcpus),
@@ -361,7 +391,7 @@ fn cmd_receive(
             memory: want.memory,
             vcpus: want.vcpus,
             serial: serial.take().unwrap_or(SerialOutput::None),
-            nics: desc.nics.clone(),
+            nets: my_nets,
             dirty_mode,
         })
         .map_err(VmError::Create)?;
@@ -369,6 +399,25 @@ fn cmd_receive(
     });
     match result {
         Ok((DestMachine(machine, _), report)) => {
+            let resumed_at = std::time::Instant::now();
+            if announce && !machine.nets.is_empty() && !start_paused {
+                match net::start_announce(
+                    &machine.nets,
+                    &livemig_announce::Schedule::default(),
+                    resumed_at,
+                ) {
+                    Ok(h) => {
+                        std::thread::spawn(move || {
+                            let r = h.join();
+                            eprintln!(
+                                "refvmm: announce report: {}",
+                                serde_json::to_string(&r).unwrap_or_default()
+                            );
+                        });
+                    }
+                    Err(e) => eprintln!("refvmm: announce failed to start: {e}"),
+                }
+            }
             eprintln!(
                 "refvmm: migration received ({} pages, {} zero, {} rounds, restore {:.2} ms); guest running",
                 report.pages, report.zero_pages, report.rounds, report.restore_ms
@@ -460,9 +509,18 @@ fn main() -> ExitCode {
             memory,
             vcpus,
             io_timeout,
+            no_announce,
             start_paused,
             common,
-        } => cmd_receive(listen, memory, vcpus, io_timeout, start_paused, common),
+        } => cmd_receive(
+            listen,
+            memory,
+            vcpus,
+            io_timeout,
+            !no_announce,
+            start_paused,
+            common,
+        ),
         Cmd::Migrate {
             api_socket,
             to,

@@ -45,21 +45,26 @@ fn load(hosts_path: &Path, vm_path: &Path) -> Result<(Vec<Host>, Vm), CliError> 
 }
 
 /// Chooses with the default configuration; maps the library's errors.
-/// `on_excluded` is called with the exclusions when no host is eligible.
+/// `on_excluded` is called when no host is eligible, to print every host
+/// with why it was excluded; the returned message then only summarises.
 fn choose(
     hosts: &[Host],
     vm: &Vm,
     on_excluded: impl FnOnce(&PlacementError),
 ) -> Result<Decision, CliError> {
-    choose_destination(hosts, vm, &PlacementConfig::default()).map_err(|e| {
-        let code = match e {
-            PlacementError::Invalid(_) => 2,
-            PlacementError::NoHosts { .. } | PlacementError::NoEligibleHost { .. } => {
-                on_excluded(&e);
-                1
-            }
-        };
-        (code, e.to_string())
+    choose_destination(hosts, vm, &PlacementConfig::default()).map_err(|e| match &e {
+        PlacementError::Invalid(_) => (2, e.to_string()),
+        PlacementError::NoHosts { .. } => (1, e.to_string()),
+        PlacementError::NoEligibleHost { vm, excluded } => {
+            on_excluded(&e);
+            (
+                1,
+                format!(
+                    "no eligible destination for {vm}: all {} hosts excluded (reasons above)",
+                    excluded.len()
+                ),
+            )
+        }
     })
 }
 

@@ -56,6 +56,8 @@ impl ExitHandler for Bus {
 pub struct Machine {
     /// The VM (the COM1 UART is one of its devices).
     pub vm: KvmVm,
+    /// The NICs (TAP backends).
+    pub nets: Vec<crate::net::NetBackend>,
     /// Set while the machine is paused for migration: the VMM's own writes
     /// into guest memory (the API's `write-memory`, standing in for device
     /// emulation) are refused then, so none can slip in after the final
@@ -68,7 +70,7 @@ pub struct MachineConfig {
     pub memory: u64,
     pub vcpus: u32,
     pub serial: SerialOutput,
-    pub nics: Vec<NicInfo>,
+    pub nets: Vec<crate::net::NetBackend>,
     pub dirty_mode: Option<DirtyMode>,
 }
 
@@ -86,7 +88,7 @@ impl Machine {
             &VmConfig {
                 memory: cfg.memory,
                 vcpus: cfg.vcpus,
-                nics: cfg.nics,
+                nics: cfg.nets.iter().map(|n| n.info()).collect::<Vec<NicInfo>>(),
                 dirty_mode: cfg.dirty_mode,
             },
             bus,
@@ -101,6 +103,7 @@ impl Machine {
         }
         Ok(Machine {
             vm,
+            nets: cfg.nets,
             devices_stopped: Mutex::new(false),
         })
     }

@@ -409,7 +409,9 @@ impl SourceVm for KvmVm {
 
 impl VcpuThrottle for KvmVm {
     fn pause_vcpus(&self) -> Result<(), VmError> {
-        self.vcpus.pause().map_err(|e| VmError::Pause(e.to_string()))
+        self.vcpus
+            .pause()
+            .map_err(|e| VmError::Pause(e.to_string()))
     }
 
     fn resume_vcpus(&self) -> Result<(), VmError> {

@@ -69,9 +69,9 @@ pub struct Decision {
 
 fn vm_label(vm: &Vm) -> String {
     if vm.name.is_empty() {
-        "(unnamed)".to_string()
+        "the unnamed VM".to_string()
     } else {
-        format!("`{}`", vm.name)
+        format!("VM `{}`", vm.name)
     }
 }
 

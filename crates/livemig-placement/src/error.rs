@@ -22,16 +22,16 @@ pub struct ValidationError {
 #[derive(Debug, Clone, PartialEq, thiserror::Error)]
 pub enum PlacementError {
     /// The host list is empty.
-    #[error("no destination for VM {vm}: the host list is empty")]
+    #[error("no destination for {vm}: the host list is empty")]
     NoHosts {
-        /// The VM, as `` `name` `` or `(unnamed)`.
+        /// The VM, as ``VM `name` `` or `the unnamed VM`.
         vm: String,
     },
     /// Every host failed at least one filter. `excluded` lists every host,
     /// in name order, with all the filters it failed.
-    #[error("no eligible destination for VM {vm}: all {} hosts excluded: {}", excluded.len(), ExclusionList(excluded))]
+    #[error("no eligible destination for {vm}: all {} hosts excluded: {}", excluded.len(), ExclusionList(excluded))]
     NoEligibleHost {
-        /// The VM, as `` `name` `` or `(unnamed)`.
+        /// The VM, as ``VM `name` `` or `the unnamed VM`.
         vm: String,
         /// Every host, with why it was excluded.
         excluded: Vec<Excluded>,

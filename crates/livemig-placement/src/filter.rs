@@ -152,3 +152,127 @@ pub fn check(host: &Host, vm: &Vm, config: &PlacementConfig) -> Vec<Reason> {
     }
     reasons
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn host() -> Host {
+        Host {
+            name: "h".to_string(),
+            migration_address: "tcp:10.0.0.1:4444".to_string(),
+            memory_total_mib: 16384,
+            memory_free_mib: 8192,
+            cpus: 4,
+            cpu_load: 1.0,
+            vcpus_allocated: 10,
+            cpu_model: String::new(),
+            cpu_features: ["aes", "avx2"].iter().map(|s| s.to_string()).collect(),
+            link_bandwidth_mib_s: 1000,
+            labels: ["rack:r1"].iter().map(|s| s.to_string()).collect(),
+            maintenance: false,
+        }
+    }
+
+    fn vm() -> Vm {
+        Vm {
+            name: "v".to_string(),
+            memory_mib: 4096,
+            vcpus: 2,
+            required_cpu_features: ["aes"].iter().map(|s| s.to_string()).collect(),
+            dirty_rate_mib_s: 10,
+            anti_affinity: ["group:web"].iter().map(|s| s.to_string()).collect(),
+            current_host: "other".to_string(),
+        }
+    }
+
+    fn kinds(h: &Host, v: &Vm, c: &PlacementConfig) -> Vec<&'static str> {
+        check(h, v, c).iter().map(Reason::kind).collect()
+    }
+
+    #[test]
+    fn a_fitting_host_passes() {
+        assert!(check(&host(), &vm(), &PlacementConfig::default()).is_empty());
+    }
+
+    #[test]
+    fn each_filter_on_its_own() {
+        let c = PlacementConfig::default();
+        let mut h = host();
+        h.name = "other".into();
+        assert_eq!(kinds(&h, &vm(), &c), ["current_host"]);
+
+        let mut h = host();
+        h.maintenance = true;
+        assert_eq!(kinds(&h, &vm(), &c), ["maintenance"]);
+
+        // 4096 + 1024 headroom: 5120 is just enough, 5119 is not.
+        let mut h = host();
+        h.memory_free_mib = 5120;
+        assert!(kinds(&h, &vm(), &c).is_empty());
+        h.memory_free_mib = 5119;
+        assert_eq!(kinds(&h, &vm(), &c), ["memory"]);
+
+        // 4 CPUs x 4 = 16: 14 + 2 fits, 15 + 2 does not.
+        let mut h = host();
+        h.vcpus_allocated = 14;
+        assert!(kinds(&h, &vm(), &c).is_empty());
+        h.vcpus_allocated = 15;
+        assert_eq!(kinds(&h, &vm(), &c), ["vcpu_overcommit"]);
+
+        let mut v = vm();
+        v.required_cpu_features.insert("avx512f".into());
+        v.required_cpu_features.insert("amx".into());
+        assert_eq!(
+            check(&host(), &v, &c),
+            [Reason::CpuFeatures {
+                missing: vec!["amx".into(), "avx512f".into()]
+            }]
+        );
+
+        let mut h = host();
+        h.labels.insert("group:web".into());
+        assert_eq!(
+            check(&h, &vm(), &c),
+            [Reason::AntiAffinity {
+                labels: vec!["group:web".into()]
+            }]
+        );
+    }
+
+    #[test]
+    fn every_failed_filter_is_reported_in_order() {
+        let c = PlacementConfig::default();
+        let mut h = host();
+        h.name = "other".into();
+        h.maintenance = true;
+        h.memory_free_mib = 0;
+        h.vcpus_allocated = 100;
+        h.cpu_features.clear();
+        h.labels.insert("group:web".into());
+        assert_eq!(
+            kinds(&h, &vm(), &c),
+            [
+                "current_host",
+                "maintenance",
+                "memory",
+                "vcpu_overcommit",
+                "cpu_features",
+                "anti_affinity"
+            ]
+        );
+    }
+
+    #[test]
+    fn reasons_read_plainly() {
+        let r = Reason::Memory {
+            free_mib: 6144,
+            vm_mib: 8192,
+            headroom_mib: 1024,
+        };
+        assert_eq!(
+            r.to_string(),
+            "memory: needs 9216 MiB free (8192 MiB VM + 1024 MiB headroom), has 6144 MiB"
+        );
+    }
+}

@@ -215,3 +215,113 @@ pub(crate) fn score(
     let m = micro(terms.sum());
     (terms, facts, m)
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn host(name: &str, total: u64, free: u64) -> Host {
+        Host {
+            name: name.to_string(),
+            migration_address: format!("tcp:{name}:4444"),
+            memory_total_mib: total,
+            memory_free_mib: free,
+            cpus: 8,
+            cpu_load: 2.0,
+            vcpus_allocated: 0,
+            cpu_model: String::new(),
+            cpu_features: Default::default(),
+            link_bandwidth_mib_s: 1000,
+            labels: Default::default(),
+            maintenance: false,
+        }
+    }
+
+    fn vm(mem: u64, current: &str) -> Vm {
+        Vm {
+            name: String::new(),
+            memory_mib: mem,
+            vcpus: 2,
+            required_cpu_features: Default::default(),
+            dirty_rate_mib_s: 100,
+            anti_affinity: Default::default(),
+            current_host: current.to_string(),
+        }
+    }
+
+    /// The standard deviation computed the slow, obvious way.
+    fn naive_imbalance(hosts: &[Host], vm: &Vm, dest: &str) -> f64 {
+        let us: Vec<f64> = hosts
+            .iter()
+            .map(|h| {
+                let mut used = h.memory_total_mib - h.memory_free_mib;
+                if h.name == vm.current_host {
+                    used = used.saturating_sub(vm.memory_mib);
+                }
+                if h.name == dest {
+                    used += vm.memory_mib;
+                }
+                used as f64 / h.memory_total_mib as f64
+            })
+            .collect();
+        let n = us.len() as f64;
+        let mean = us.iter().sum::<f64>() / n;
+        (us.iter().map(|u| (u - mean) * (u - mean)).sum::<f64>() / n).sqrt()
+    }
+
+    #[test]
+    fn migration_time_is_memory_over_spare_bandwidth() {
+        assert_eq!(migration_time_s(8192, 1100, 100), Some(8.192));
+        assert_eq!(migration_time_s(1000, 1000, 0), Some(1.0));
+        assert_eq!(migration_time_s(1000, 1000, 1000), None);
+        assert_eq!(migration_time_s(1000, 100, 5000), None);
+    }
+
+    #[test]
+    fn incremental_balance_matches_naive_computation() {
+        let hosts = vec![
+            host("a", 65536, 12288),
+            host("b", 32768, 6144),
+            host("c", 131072, 65536),
+            host("d", 65536, 32768),
+        ];
+        let v = vm(8192, "a");
+        let (cluster, now) = Cluster::new(hosts.iter(), &v, hosts.first());
+        let plain = naive_imbalance(&hosts, &vm(0, "none"), "none");
+        assert!((now - plain).abs() < 1e-12, "{now} vs {plain}");
+        for dest in &hosts[2..] {
+            let fast = cluster.imbalance_with(dest, &v);
+            let slow = naive_imbalance(&hosts, &v, &dest.name);
+            assert!((fast - slow).abs() < 1e-12, "{}: {fast} vs {slow}", dest.name);
+        }
+    }
+
+    #[test]
+    fn terms_follow_the_documented_formula() {
+        let hosts = vec![host("a", 16384, 4096), host("b", 16384, 12288)];
+        let v = vm(4096, "a");
+        let cfg = PlacementConfig::default();
+        let (cluster, _) = Cluster::new(hosts.iter(), &v, hosts.first());
+        let (t, f, m) = score(&hosts[1], &v, &cfg, &cluster);
+        // free: (12288 - 4096) / 16384
+        assert_eq!(t.free_memory.value, 0.5);
+        // cpu: (8 - 2 - 2) / 8
+        assert_eq!(t.cpu_headroom.value, 0.5);
+        // time: 4096 / (1000 - 100) s; 60 / (60 + t)
+        let secs = 4096.0 / 900.0;
+        assert_eq!(f.migration_time_s, Some(secs));
+        assert!((t.migration_time.value - 60.0 / (60.0 + secs)).abs() < 1e-15);
+        // balance: after the move both hosts are 50% used: sigma 0.
+        assert_eq!(f.cluster_imbalance_after, 0.0);
+        assert_eq!(t.balance.value, 1.0);
+        assert_eq!(m, micro(0.3 * 0.5 + 0.3 * 0.5 + 0.2 * t.migration_time.value + 0.2));
+    }
+
+    #[test]
+    fn micro_rounds_and_never_wraps() {
+        assert_eq!(micro(0.1234564), 123456);
+        assert_eq!(micro(0.1234566), 123457);
+        assert_eq!(micro(-1.0), 0);
+        assert_eq!(micro(f64::NAN), 0);
+    }
+}

@@ -148,10 +148,14 @@ impl TlsIdentity {
         let mut roots = RootCertStore::empty();
         for (i, cert) in ca_certs.into_iter().enumerate() {
             roots.add(cert).map_err(|e| {
+                let why = match e {
+                    rustls::Error::InvalidCertificate(e) => e.to_string(),
+                    other => other.to_string(),
+                };
                 invalid(
                     CA,
                     &config.ca,
-                    format!("certificate #{} is not a usable trust anchor: {e}", i + 1),
+                    format!("certificate #{} is not a usable trust anchor: {why}", i + 1),
                 )
             })?;
         }
@@ -255,20 +259,18 @@ mod tests {
     use super::*;
 
     fn id(server_name: Option<&str>) -> TlsIdentity {
-        let client = ClientConfig::builder_with_provider(Arc::new(
-            rustls::crypto::ring::default_provider(),
-        ))
-        .with_safe_default_protocol_versions()
-        .unwrap()
-        .with_root_certificates(RootCertStore::empty())
-        .with_no_client_auth();
-        let server = ServerConfig::builder_with_provider(Arc::new(
-            rustls::crypto::ring::default_provider(),
-        ))
-        .with_safe_default_protocol_versions()
-        .unwrap()
-        .with_no_client_auth()
-        .with_cert_resolver(Arc::new(rustls::server::ResolvesServerCertUsingSni::new()));
+        let client =
+            ClientConfig::builder_with_provider(Arc::new(rustls::crypto::ring::default_provider()))
+                .with_safe_default_protocol_versions()
+                .unwrap()
+                .with_root_certificates(RootCertStore::empty())
+                .with_no_client_auth();
+        let server =
+            ServerConfig::builder_with_provider(Arc::new(rustls::crypto::ring::default_provider()))
+                .with_safe_default_protocol_versions()
+                .unwrap()
+                .with_no_client_auth()
+                .with_cert_resolver(Arc::new(rustls::server::ResolvesServerCertUsingSni::new()));
         TlsIdentity {
             client: Arc::new(client),
             server: Arc::new(server),
@@ -280,8 +282,14 @@ mod tests {
     fn server_name_defaults_to_host() {
         let ep = |s: &str| s.parse::<Endpoint>().unwrap();
         let i = id(None);
-        assert_eq!(i.server_name_for(&ep("tcp:localhost:1")).unwrap(), "localhost");
-        assert_eq!(i.server_name_for(&ep("tcp:10.0.0.1:1")).unwrap(), "10.0.0.1");
+        assert_eq!(
+            i.server_name_for(&ep("tcp:localhost:1")).unwrap(),
+            "localhost"
+        );
+        assert_eq!(
+            i.server_name_for(&ep("tcp:10.0.0.1:1")).unwrap(),
+            "10.0.0.1"
+        );
         assert_eq!(i.server_name_for(&ep("tcp:[::1]:1")).unwrap(), "::1");
         let e = i.server_name_for(&ep("unix:/x.sock")).unwrap_err();
         assert!(e.to_string().contains("set server_name"), "{e}");

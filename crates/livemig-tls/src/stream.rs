@@ -174,6 +174,13 @@ impl Shared {
             match session.reader().read(buf) {
                 Ok(n) => break Some(Ok(n)),
                 Err(e) if e.kind() == io::ErrorKind::WouldBlock => {}
+                Err(e) if e.kind() == io::ErrorKind::UnexpectedEof => {
+                    break Some(Err(io::Error::new(
+                        io::ErrorKind::UnexpectedEof,
+                        "the connection ended without a TLS close_notify \
+                         (the peer stopped or the connection was cut)",
+                    )))
+                }
                 Err(e) => break Some(Err(e)),
             }
             if rx.start == rx.end {
@@ -188,7 +195,7 @@ impl Shared {
             }
             if let Err(e) = session.process_new_packets() {
                 wants_write = session.wants_write();
-                let msg = format!("TLS error on the connection with {}: {e}", self.peer);
+                let msg = format!("TLS error: {}", describe(&e));
                 rx.failed = Some(msg.clone());
                 break Some(Err(io::Error::new(io::ErrorKind::InvalidData, msg)));
             }
@@ -399,6 +406,17 @@ fn is_certificate_alert(a: &AlertDescription) -> bool {
     )
 }
 
+/// A TLS error on an established connection, with a hint at the usual
+/// cause.
+fn describe(e: &rustls::Error) -> String {
+    match e {
+        rustls::Error::DecryptError => {
+            format!("{e} (the data was corrupted or tampered with in transit)")
+        }
+        _ => e.to_string(),
+    }
+}
+
 /// A TLS error from the handshake, with a hint at the usual cause.
 fn explain(e: rustls::Error, we_are_client: bool) -> io::Error {
     let (us, them) = if we_are_client {
@@ -419,7 +437,8 @@ fn explain(e: rustls::Error, we_are_client: bool) -> io::Error {
         rustls::Error::NoApplicationProtocol => {
             format!("{e} (the {them} is not a livemig TLS endpoint)")
         }
-        _ => e.to_string(),
+        rustls::Error::InvalidMessage(_) => format!("{e} (is the {them} speaking TLS?)"),
+        _ => describe(&e),
     };
     io::Error::new(io::ErrorKind::InvalidData, msg)
 }
@@ -473,7 +492,12 @@ fn handshake(
         let n = match session.read_tls(io) {
             Ok(n) => n,
             Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
-            Err(e) if matches!(e.kind(), io::ErrorKind::WouldBlock | io::ErrorKind::TimedOut) => {
+            Err(e)
+                if matches!(
+                    e.kind(),
+                    io::ErrorKind::WouldBlock | io::ErrorKind::TimedOut
+                ) =>
+            {
                 return Err(timed_out())
             }
             Err(e) => return Err(e),
@@ -527,12 +551,11 @@ impl TlsTransport {
         timeout: Duration,
         label: String,
     ) -> Result<Self, TlsError> {
-        let name = ServerName::try_from(server_name.to_string()).map_err(|e| {
-            TlsError::ServerName {
+        let name =
+            ServerName::try_from(server_name.to_string()).map_err(|e| TlsError::ServerName {
                 endpoint: label.clone(),
                 reason: format!("'{server_name}' is not a valid DNS name or IP address: {e}"),
-            }
-        })?;
+            })?;
         let session = ClientConnection::new(id.client.clone(), name)
             .map_err(|e| handshake_err(&label, io::Error::new(io::ErrorKind::InvalidData, e)))?;
         Self::establish(inner, session.into(), label, timeout)

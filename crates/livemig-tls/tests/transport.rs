@@ -83,7 +83,8 @@ fn read_timeout_is_honoured_and_loses_nothing() {
     let pki = Pki::new("rto");
     let (mut a, mut b) = tls_pair(&pki.identity("src"), &pki.identity("dst"));
     let mut rx = b.try_clone().unwrap();
-    rx.set_read_timeout(Some(Duration::from_millis(50))).unwrap();
+    rx.set_read_timeout(Some(Duration::from_millis(50)))
+        .unwrap();
     let t0 = Instant::now();
     let mut buf = [0u8; 8];
     let e = rx.read(&mut buf).unwrap_err();
@@ -92,7 +93,10 @@ fn read_timeout_is_honoured_and_loses_nothing() {
         "{e:?}"
     );
     let el = t0.elapsed();
-    assert!(el >= Duration::from_millis(40) && el < Duration::from_secs(5), "{el:?}");
+    assert!(
+        el >= Duration::from_millis(40) && el < Duration::from_secs(5),
+        "{el:?}"
+    );
     // The stream is intact after the timeout.
     a.write_all(b"after the timeout").unwrap();
     let mut got = [0u8; 17];
@@ -110,7 +114,8 @@ fn read_timeout_is_honoured_and_loses_nothing() {
 fn write_timeout_fires_when_peer_never_reads() {
     let pki = Pki::new("wto");
     let (_a, mut b) = tls_pair(&pki.identity("src"), &pki.identity("dst"));
-    b.set_write_timeout(Some(Duration::from_millis(50))).unwrap();
+    b.set_write_timeout(Some(Duration::from_millis(50)))
+        .unwrap();
     let chunk = vec![0u8; 1 << 20];
     let t0 = Instant::now();
     loop {
@@ -213,7 +218,10 @@ fn silent_client_times_out_the_handshake() {
     let e = l.accept().err().unwrap();
     assert!(e.is_timeout(), "{e}");
     assert!(t0.elapsed() < Duration::from_secs(5));
-    assert!(e.to_string().contains("TLS handshake with tcp:127.0.0.1:"), "{e}");
+    assert!(
+        e.to_string().contains("TLS handshake with tcp:127.0.0.1:"),
+        "{e}"
+    );
 
     // Nobody connects: accept_timeout expires.
     let e = l.accept_timeout(Duration::from_millis(30)).err().unwrap();
@@ -235,7 +243,11 @@ fn plain_tcp_peer_is_not_tls() {
     });
     let e = l.accept().err().unwrap();
     assert!(!e.is_timeout(), "{e}");
-    assert!(e.to_string().starts_with("TLS handshake with tcp:127.0.0.1:"), "{e}");
+    assert!(
+        e.to_string()
+            .starts_with("TLS handshake with tcp:127.0.0.1:"),
+        "{e}"
+    );
     eprintln!("{e}");
     t.join().unwrap();
 

@@ -94,7 +94,12 @@ pub struct Throttle {
 impl Throttle {
     /// Updates the throttle after a round in which the guest dirtied
     /// `dirtied_bytes` while `sent_bytes` went out; returns the new percentage.
-    pub fn after_round(&mut self, config: &MigrationConfig, dirtied_bytes: u64, sent_bytes: u64) -> u32 {
+    pub fn after_round(
+        &mut self,
+        config: &MigrationConfig,
+        dirtied_bytes: u64,
+        sent_bytes: u64,
+    ) -> u32 {
         if !config.auto_converge {
             return 0;
         }

@@ -462,7 +462,11 @@ fn run_source<V: SourceVm + ?Sized>(
     report.setup_ms = ms(started.elapsed());
 
     let throttler = Throttler::default();
-    let throttle_target = if config.auto_converge { vm.throttle() } else { None };
+    let throttle_target = if config.auto_converge {
+        vm.throttle()
+    } else {
+        None
+    };
     if config.auto_converge && throttle_target.is_none() {
         report.throttle_max_pct = None;
     }

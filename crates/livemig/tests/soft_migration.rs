@@ -362,7 +362,9 @@ fn self_stat() -> (u64, usize) {
         .find_map(|l| l.strip_prefix("VmRSS:"))
         .and_then(|v| v.split_whitespace().next().and_then(|n| n.parse().ok()))
         .unwrap_or(0);
-    let fds = std::fs::read_dir("/proc/self/fd").map(|d| d.count()).unwrap_or(0);
+    let fds = std::fs::read_dir("/proc/self/fd")
+        .map(|d| d.count())
+        .unwrap_or(0);
     (rss, fds)
 }
 
@@ -397,7 +399,8 @@ fn soak_engine_100_migrations_no_leaks() {
             downtime_limit: Duration::from_millis(100),
             ..Default::default()
         };
-        migrate(&src, Box::new(a), &mc, &CancelToken::new(), &mut |_| {}).unwrap_or_else(|e| panic!("{i}: {e}"));
+        migrate(&src, Box::new(a), &mc, &CancelToken::new(), &mut |_| {})
+            .unwrap_or_else(|e| panic!("{i}: {e}"));
         let (vm, _) = dest.join().unwrap().unwrap();
         src = vm;
         if i == 9 || i == 99 {
@@ -428,7 +431,11 @@ fn auto_converge_throttles_a_fast_writer_until_it_converges() {
     };
     let (r, dst) = run(&src, &mc, |t| t);
     let report = r.expect("auto-converge should make it converge");
-    assert!(report.throttle_max_pct.unwrap_or(0) >= 20, "{}", report.to_json());
+    assert!(
+        report.throttle_max_pct.unwrap_or(0) >= 20,
+        "{}",
+        report.to_json()
+    );
     assert!(report.rounds.iter().any(|r| r.throttle_pct > 0));
     assert_eq!(src.snapshot(), dst.unwrap().snapshot());
     eprintln!(
@@ -448,5 +455,8 @@ fn auto_converge_throttles_a_fast_writer_until_it_converges() {
         ..mc
     };
     let (r2, _) = run(&src2, &mc2, |t| t);
-    assert!(matches!(r2.unwrap_err().kind, ErrorKind::NotConverged { .. }));
+    assert!(matches!(
+        r2.unwrap_err().kind,
+        ErrorKind::NotConverged { .. }
+    ));
 }

@@ -71,8 +71,7 @@ impl Pki {
     /// both as a server and as a client; returns (chain file, key file).
     pub fn issue(&self, name: &str, sans: &[&str]) -> (PathBuf, PathBuf) {
         let mut params =
-            CertificateParams::new(sans.iter().map(|s| s.to_string()).collect::<Vec<_>>())
-                .unwrap();
+            CertificateParams::new(sans.iter().map(|s| s.to_string()).collect::<Vec<_>>()).unwrap();
         params.distinguished_name.push(DnType::CommonName, name);
         params.extended_key_usages = vec![
             ExtendedKeyUsagePurpose::ServerAuth,
@@ -113,7 +112,10 @@ pub fn loopback() -> Endpoint {
 }
 
 /// A connected (client, server) TLS pair over TCP loopback.
-pub fn tls_pair(client: &TlsIdentity, server: &TlsIdentity) -> (Box<dyn Transport>, Box<dyn Transport>) {
+pub fn tls_pair(
+    client: &TlsIdentity,
+    server: &TlsIdentity,
+) -> (Box<dyn Transport>, Box<dyn Transport>) {
     let l = TlsListener::bind(&loopback(), server).unwrap();
     let ep = l.local_endpoint().clone();
     let id = client.clone();

@@ -435,12 +435,16 @@ impl State {
             let hit = match p.spec.at {
                 At::Byte(_) => None,
                 At::Frame { index: i, offset } => (i == index).then_some(offset),
-                At::Kind { kind, nth: n, offset } => {
-                    (kind as u8 == kind_byte && n == nth).then_some(offset)
-                }
-                At::After { kind, nth: n, offset } => {
-                    (prev == Some((kind as u8, n))).then_some(offset)
-                }
+                At::Kind {
+                    kind,
+                    nth: n,
+                    offset,
+                } => (kind as u8 == kind_byte && n == nth).then_some(offset),
+                At::After {
+                    kind,
+                    nth: n,
+                    offset,
+                } => (prev == Some((kind as u8, n))).then_some(offset),
             };
             if let Some(offset) = hit {
                 p.point = Some(start.saturating_add(offset));
@@ -615,7 +619,10 @@ impl Write for FaultTransport {
             }
             return Ok(k);
         }
-        let left = st.frame_start.saturating_add(st.frame_len).saturating_sub(st.pos);
+        let left = st
+            .frame_start
+            .saturating_add(st.frame_len)
+            .saturating_sub(st.pos);
         let k = usize::try_from(left).map_or(buf.len(), |l| l.min(buf.len()));
         let start = st.pos;
         st.forward(inner, &shared.closed, &buf[..k], start)?;
@@ -766,14 +773,27 @@ mod tests {
         fr.read_frame().unwrap();
         fr.read_frame().unwrap();
         let e = fr.read_frame().unwrap_err();
-        assert!(matches!(e, ProtocolError::BadSeq { got: 1, expected: 2 }), "{e}");
+        assert!(
+            matches!(
+                e,
+                ProtocolError::BadSeq {
+                    got: 1,
+                    expected: 2
+                }
+            ),
+            "{e}"
+        );
     }
 
     #[test]
     fn after_and_blackhole() {
         let base = clean(5, 8);
         // Silence from the frame after RoundEnd #0 (frame 2) on.
-        let (got, probe) = run(vec![Fault::Blackhole.at(At::after(MsgKind::RoundEnd, 0))], 5, 8);
+        let (got, probe) = run(
+            vec![Fault::Blackhole.at(At::after(MsgKind::RoundEnd, 0))],
+            5,
+            8,
+        );
         assert_eq!(got, base[..48]);
         assert_eq!(probe.fired()[0].kind, Some(MsgKind::Pages));
         assert_eq!(probe.fired()[0].frame, 2);

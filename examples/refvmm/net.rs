@@ -1,0 +1,170 @@
+//! `--net tap=<IFNAME>,mac=<MAC>[,ip=<IPv4>]`: a NIC backed by a TAP device.
+//! The test guest has no network driver, so the TAP only carries the
+//! post-migration announce (RARP + gratuitous ARP) for now.
+
+use std::os::fd::{AsFd, OwnedFd};
+use std::time::Instant;
+
+use livemig::vm::NicInfo;
+use livemig_announce::{
+    announce_from, format_mac, open_tap, parse_mac, AnnounceHandle, Nic, Schedule, TapSender,
+};
+
+/// A NIC: its TAP (kept open for the VM's lifetime) and addresses.
+pub struct NetBackend {
+    /// TAP interface name.
+    pub tap: String,
+    /// Guest MAC.
+    pub mac: [u8; 6],
+    /// Guest IPv4, if known.
+    pub ip: Option<[u8; 4]>,
+    fd: OwnedFd,
+    /// Frames the network delivered to this NIC (read from the TAP and
+    /// dropped: the test guest has no NIC driver), and how many of them
+    /// were unicast to the guest's MAC.
+    pub rx: std::sync::Arc<RxCounters>,
+}
+
+/// Receive counters of a NIC.
+#[derive(Default, Debug)]
+pub struct RxCounters {
+    /// All frames.
+    pub frames: std::sync::atomic::AtomicU64,
+    /// Frames whose destination MAC is the guest's.
+    pub to_guest: std::sync::atomic::AtomicU64,
+}
+
+/// A parsed `--net` value: TAP name, MAC, optional IPv4.
+pub type NetSpec = (String, [u8; 6], Option<[u8; 4]>);
+
+/// Parses a `--net` value.
+pub fn parse_spec(spec: &str) -> Result<NetSpec, String> {
+    let mut tap = None;
+    let mut mac = None;
+    let mut ip = None;
+    for part in spec.split(',') {
+        let (k, v) = part.split_once('=').ok_or_else(|| {
+            format!("--net '{spec}': expected tap=<IFNAME>,mac=<MAC>[,ip=<IPv4>]")
+        })?;
+        match k {
+            "tap" if !v.is_empty() && v.len() < 16 => tap = Some(v.to_string()),
+            "tap" => return Err(format!("--net '{spec}': interface name must be 1-15 bytes")),
+            "mac" => {
+                mac = Some(parse_mac(v).ok_or_else(|| format!("--net '{spec}': bad MAC '{v}'"))?)
+            }
+            "ip" => {
+                let a: std::net::Ipv4Addr = v
+                    .parse()
+                    .map_err(|_| format!("--net '{spec}': bad IPv4 '{v}'"))?;
+                ip = Some(a.octets());
+            }
+            _ => return Err(format!("--net '{spec}': unknown key '{k}'")),
+        }
+    }
+    match (tap, mac) {
+        (Some(t), Some(m)) => Ok((t, m, ip)),
+        _ => Err(format!("--net '{spec}': tap= and mac= are required")),
+    }
+}
+
+impl NetBackend {
+    /// Opens (or creates) the TAP named in `spec`.
+    pub fn open(spec: &str) -> Result<Self, String> {
+        let (tap, mac, ip) = parse_spec(spec)?;
+        let fd = open_tap(&tap).map_err(|e| format!("--net {spec}: {e}"))?;
+        let rx = std::sync::Arc::new(RxCounters::default());
+        // Drain what the network sends to the guest, counting it, so the
+        // TAP queue never fills.
+        let reader = fd.try_clone().map_err(|e| format!("--net {spec}: {e}"))?;
+        let counters = rx.clone();
+        std::thread::Builder::new()
+            .name(format!("tap-{tap}"))
+            .spawn(move || {
+                use std::io::Read;
+                use std::sync::atomic::Ordering;
+                let mut f = std::fs::File::from(reader);
+                let mut buf = vec![0u8; 65536];
+                while let Ok(n) = f.read(&mut buf) {
+                    if n == 0 {
+                        break;
+                    }
+                    counters.frames.fetch_add(1, Ordering::Relaxed);
+                    if n >= 6 && buf[..6] == mac {
+                        counters.to_guest.fetch_add(1, Ordering::Relaxed);
+                    }
+                }
+            })
+            .map_err(|e| format!("--net {spec}: {e}"))?;
+        Ok(NetBackend {
+            tap,
+            mac,
+            ip,
+            fd,
+            rx,
+        })
+    }
+
+    /// What the migration stream carries for this NIC.
+    pub fn info(&self) -> NicInfo {
+        NicInfo {
+            mac: self.mac,
+            ipv4: self.ip,
+        }
+    }
+}
+
+/// Checks the stream's NICs against this destination's `--net` flags and
+/// takes the IPv4 addresses from the stream where the flags gave none.
+pub fn reconcile(stream: &[NicInfo], nets: &mut [NetBackend]) -> Result<(), String> {
+    let fmt = |m: &[u8; 6]| format_mac(m);
+    if stream.len() != nets.len() || stream.iter().zip(nets.iter()).any(|(s, n)| s.mac != n.mac) {
+        return Err(format!(
+            "NICs differ: the source has [{}], this destination was given --net [{}]",
+            stream
+                .iter()
+                .map(|n| fmt(&n.mac))
+                .collect::<Vec<_>>()
+                .join(", "),
+            nets.iter()
+                .map(|n| format!("{}={}", n.tap, fmt(&n.mac)))
+                .collect::<Vec<_>>()
+                .join(", ")
+        ));
+    }
+    for (s, n) in stream.iter().zip(nets.iter_mut()) {
+        match (s.ipv4, n.ip) {
+            (Some(a), Some(b)) if a != b => {
+                return Err(format!(
+                    "NIC {}: the source says IPv4 {}, --net says {}",
+                    fmt(&n.mac),
+                    std::net::Ipv4Addr::from(a),
+                    std::net::Ipv4Addr::from(b)
+                ))
+            }
+            (Some(a), None) => n.ip = Some(a),
+            _ => {}
+        }
+    }
+    Ok(())
+}
+
+/// Starts announcing every NIC on its own TAP, on `schedule`, counted from
+/// `resumed_at`. Never blocks; the announce thread gets its own copies of the
+/// TAP descriptors (the VMM keeps its own, so the TAPs stay up).
+pub fn start_announce(
+    nets: &[NetBackend],
+    schedule: &Schedule,
+    resumed_at: Instant,
+) -> Result<AnnounceHandle, String> {
+    let mut nics = Vec::new();
+    for n in nets {
+        let sender =
+            TapSender::dup_from(n.fd.as_fd()).map_err(|e| format!("announce on {}: {e}", n.tap))?;
+        let mut nic = Nic::new(n.mac, Box::new(sender));
+        if let Some(ip) = n.ip {
+            nic = nic.with_ipv4(ip);
+        }
+        nics.push(nic);
+    }
+    Ok(announce_from(nics, schedule, resumed_at))
+}

@@ -1,0 +1,347 @@
+//! The switch learns the move: a Linux bridge with the source VMM's TAP, the
+//! destination VMM's TAP and a veth to a client namespace. After migration
+//! the destination's announce moves the guest MAC to its port; without the
+//! announce it stays on the source's port.
+//!
+//! Needs root, iproute2, /dev/net/tun, python3 and /dev/kvm; creates and
+//! always removes its own namespaces.
+
+mod common;
+
+use std::process::Command;
+use std::time::{Duration, Instant};
+
+use livemig_suite::harness::{log_of, migrate, scratch_dir, Vmm};
+use serde_json::{json, Value};
+
+const MAC: &str = "52:54:00:4c:4d:01";
+const IP: &str = "10.77.0.2";
+
+fn sh(args: &[&str]) -> Result<String, String> {
+    let out = Command::new(args[0])
+        .args(&args[1..])
+        .output()
+        .map_err(|e| format!("{args:?}: {e}"))?;
+    if !out.status.success() {
+        return Err(format!(
+            "{args:?}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        ));
+    }
+    Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+}
+
+/// Namespaces and links of one test; removed on drop, also after a panic.
+struct Net {
+    ns: String,
+    client: String,
+}
+
+impl Net {
+    fn new(tag: &str) -> Result<Net, String> {
+        let id = std::process::id() % 100_000;
+        let n = Net {
+            ns: format!("lmA{tag}{id}"),
+            client: format!("lmC{tag}{id}"),
+        };
+        sh(&["ip", "netns", "add", &n.ns])?;
+        sh(&["ip", "netns", "add", &n.client])?;
+        sh(&["ip", "-n", &n.ns, "link", "set", "lo", "up"])?;
+        sh(&["ip", "-n", &n.ns, "link", "add", "br0", "type", "bridge"])?;
+        sh(&["ip", "-n", &n.ns, "link", "set", "br0", "up"])?;
+        sh(&[
+            "ip", "-n", &n.ns, "link", "add", "vA", "type", "veth", "peer", "name", "vC", "netns",
+            &n.client,
+        ])?;
+        sh(&[
+            "ip", "-n", &n.ns, "link", "set", "vA", "master", "br0", "up",
+        ])?;
+        sh(&["ip", "-n", &n.client, "link", "set", "vC", "up"])?;
+        Ok(n)
+    }
+
+    fn enslave(&self, tap: &str) -> Result<(), String> {
+        // The VMM creates the TAP; wait for it, then put it on the bridge.
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while sh(&["ip", "-n", &self.ns, "link", "show", tap]).is_err() {
+            if Instant::now() > deadline {
+                return Err(format!("TAP {tap} never appeared"));
+            }
+            std::thread::sleep(Duration::from_millis(10));
+        }
+        sh(&[
+            "ip", "-n", &self.ns, "link", "set", tap, "master", "br0", "up",
+        ])
+        .map(|_| ())
+    }
+
+    /// The bridge port the guest MAC is learned on, if any.
+    fn port_of_mac(&self) -> Option<String> {
+        let out = sh(&["bridge", "-n", &self.ns, "-j", "fdb", "show", "br", "br0"]).ok()?;
+        let v: Value = serde_json::from_str(&out).ok()?;
+        v.as_array()?
+            .iter()
+            .find(|e| e["mac"] == MAC && e.get("vlan").is_none())
+            .and_then(|e| e["ifname"].as_str().map(str::to_string))
+    }
+
+    fn wait_port(&self, want: &str, timeout: Duration) -> Option<Duration> {
+        let t = Instant::now();
+        while t.elapsed() < timeout {
+            if self.port_of_mac().as_deref() == Some(want) {
+                return Some(t.elapsed());
+            }
+            std::thread::sleep(Duration::from_millis(1));
+        }
+        None
+    }
+
+    /// Sends `n` unicast frames to the guest MAC from the client namespace.
+    fn send_unicast(&self, n: u32) -> Result<(), String> {
+        let py = format!(
+            "import socket\ns=socket.socket(socket.AF_PACKET,socket.SOCK_RAW)\ns.bind(('vC',0))\n\
+             dst=bytes.fromhex('{}')\nsrc=bytes.fromhex('020000000099')\n\
+             for i in range({n}): s.send(dst+src+b'\\x88\\xb5'+bytes(46))\n",
+            MAC.replace(':', "")
+        );
+        sh(&["ip", "netns", "exec", &self.client, "python3", "-c", &py]).map(|_| ())
+    }
+
+    fn exec_prefix(&self) -> Vec<String> {
+        vec!["ip".into(), "netns".into(), "exec".into(), self.ns.clone()]
+    }
+}
+
+impl Drop for Net {
+    fn drop(&mut self) {
+        let _ = sh(&["ip", "netns", "del", &self.ns]);
+        let _ = sh(&["ip", "netns", "del", &self.client]);
+    }
+}
+
+fn prerequisites(test: &str) -> bool {
+    // SAFETY-free check of our uid through /proc.
+    let root = std::fs::read_to_string("/proc/self/status")
+        .map(|s| {
+            s.lines()
+                .any(|l| l.starts_with("Uid:") && l.split_whitespace().nth(1) == Some("0"))
+        })
+        .unwrap_or(false);
+    let tools = sh(&["ip", "-V"]).is_ok()
+        && sh(&["bridge", "-V"]).is_ok()
+        && sh(&["python3", "-V"]).is_ok();
+    let ok = root && tools && std::path::Path::new("/dev/net/tun").exists();
+    if !ok {
+        if std::env::var_os("LIVEMIG_REQUIRE_NETNS").is_some() {
+            panic!("{test}: needs root, iproute2, python3 and /dev/net/tun");
+        }
+        eprintln!("\n*** SKIPPED {test}: needs root, iproute2, python3 and /dev/net/tun ***\n");
+    }
+    ok
+}
+
+fn vmm(net: &Net, dir: &std::path::Path, name: &str, args: &[&str]) -> Vmm {
+    let api = dir.join(format!("{name}.sock"));
+    let mut a: Vec<String> = args.iter().map(|s| s.to_string()).collect();
+    a.extend([
+        "--api-socket".to_string(),
+        api.to_string_lossy().into_owned(),
+    ]);
+    Vmm::spawn_prefixed(name, &net.exec_prefix(), &a, api).unwrap()
+}
+
+fn rx_to_guest(v: &Vmm) -> u64 {
+    let r = v.api(&json!({"cmd":"net-stats"}), |_| {}).unwrap();
+    r["nics"][0]["rx_to_guest_mac"].as_u64().unwrap_or(0)
+}
+
+/// Runs source → destination on the bridge; returns (fdb move time, net).
+fn scenario(tag: &str, announce: bool) -> (Option<Duration>, u64, u64, Vec<f64>) {
+    let net = Net::new(tag).unwrap();
+    let dir = scratch_dir(&format!("announce-{tag}"));
+    let netspec_src = format!("tap=lmsrc,mac={MAC},ip={IP}");
+    let netspec_dst = format!("tap=lmdst,mac={MAC}");
+    let mut src = vmm(
+        &net,
+        &dir,
+        "src",
+        &[
+            "run",
+            "--memory",
+            "128M",
+            "--kernel",
+            "builtin:testguest",
+            "--cmdline",
+            "ws=16 rate=5",
+            "--net",
+            &netspec_src,
+        ],
+    );
+    src.wait_api(Duration::from_secs(20)).unwrap();
+    net.enslave("lmsrc").unwrap();
+    src.wait_ready(Duration::from_secs(30)).unwrap();
+    let mut dargs = vec![
+        "receive",
+        "--listen",
+        "tcp:127.0.0.1:0",
+        "--net",
+        &netspec_dst,
+    ];
+    if !announce {
+        dargs.push("--no-announce");
+    }
+    let mut dst = vmm(&net, &dir, "dst", &dargs);
+    let ep = dst.listen_endpoint(Duration::from_secs(20)).unwrap();
+    net.enslave("lmdst").unwrap();
+    // Before: the source's traffic teaches the bridge where the guest is.
+    let r = src.api(&json!({"cmd":"announce-self"}), |_| {}).unwrap();
+    assert_eq!(r["result"], "ok", "{r}");
+    assert!(
+        net.wait_port("lmsrc", Duration::from_secs(2)).is_some(),
+        "bridge never learned the MAC on lmsrc"
+    );
+
+    // Capture the announces on the client side, with timestamps.
+    let cap = dir.join("capture.txt");
+    let py = format!(
+        "import socket,time\ns=socket.socket(socket.AF_PACKET,socket.SOCK_RAW,socket.htons(0x8035))\ns.bind(('vC',0))\n\
+         s.settimeout(2.5)\nout=open('{}','w')\n\
+         try:\n  while True:\n    f=s.recv(100)\n    out.write('%.6f\\n'%time.monotonic()); out.flush()\nexcept Exception: pass\n",
+        cap.display()
+    );
+    let mut capture = Command::new("ip")
+        .args(["netns", "exec", &net.client, "python3", "-c", &py])
+        .spawn()
+        .unwrap();
+    std::thread::sleep(Duration::from_millis(300));
+
+    // Keep the source (paused) so its TAP port stays on the bridge, as a
+    // real source host's port would.
+    let report = migrate(&src, &ep, json!({"keep_source": true})).unwrap();
+    let moved = net.wait_port(
+        "lmdst",
+        Duration::from_millis(if announce { 3000 } else { 1500 }),
+    );
+    dst.wait_heartbeats(200, Duration::from_secs(30)).unwrap();
+    assert!(log_of(&dst).corrupt.is_empty());
+    assert_eq!(report["status"], "completed");
+    dst.wait_api(Duration::from_secs(10)).unwrap();
+    let (s0, d0) = (rx_to_guest(&src), rx_to_guest(&dst));
+    net.send_unicast(5).unwrap();
+    std::thread::sleep(Duration::from_millis(200));
+    let (s1, d1) = (rx_to_guest(&src), rx_to_guest(&dst));
+    let _ = capture.wait();
+    let times: Vec<f64> = std::fs::read_to_string(&cap)
+        .unwrap_or_default()
+        .lines()
+        .filter_map(|l| l.parse().ok())
+        .collect();
+    let offsets: Vec<f64> = times
+        .iter()
+        .map(|t| (t - times.first().copied().unwrap_or(0.0)) * 1e3)
+        .collect();
+    let _ = src.api(&json!({"cmd":"quit"}), |_| {});
+    let _ = std::fs::remove_dir_all(&dir);
+    (moved, s1 - s0, d1 - d0, offsets)
+}
+
+#[test]
+fn bridge_learns_the_move_and_only_with_the_announce() {
+    let Some(_kvm) = common::kvm_or_skip("bridge_learns_the_move_and_only_with_the_announce")
+    else {
+        return;
+    };
+    if !prerequisites("bridge_learns_the_move_and_only_with_the_announce") {
+        return;
+    }
+    // With the announce: the FDB moves to the destination's port, unicast
+    // frames for the guest arrive there and not at the source.
+    let (moved, src_rx, dst_rx, offsets) = scenario("y", true);
+    let moved = moved.expect("with the announce the bridge must learn the destination port");
+    eprintln!(
+        "announce: FDB moved to the destination port {:.1} ms after the migration returned; announce offsets (client capture) {offsets:.1?} ms",
+        moved.as_secs_f64() * 1e3
+    );
+    assert_eq!(
+        dst_rx, 5,
+        "unicast frames did not reach the destination's TAP"
+    );
+    assert_eq!(src_rx, 0, "unicast frames still went to the source's TAP");
+    // The schedule: 5 rounds at 0, 50, 200, 450, 800 ms (RARP only is
+    // captured: the capture filters ethertype 0x8035).
+    assert_eq!(offsets.len(), 5, "captured {offsets:?}");
+    for (got, want) in offsets.iter().zip([0.0, 50.0, 200.0, 450.0, 800.0]) {
+        assert!(
+            (got - want).abs() < 25.0,
+            "announce at {got:.1} ms, schedule says {want} ms: {offsets:?}"
+        );
+    }
+
+    // Without it: the bridge keeps sending the guest's frames to the source.
+    let (moved, src_rx, dst_rx, offsets) = scenario("n", false);
+    assert!(
+        moved.is_none(),
+        "without the announce the FDB must not move"
+    );
+    assert_eq!(
+        src_rx, 5,
+        "without the announce the frames should go to the old port"
+    );
+    assert_eq!(dst_rx, 0);
+    assert!(
+        offsets.is_empty(),
+        "announces captured although disabled: {offsets:?}"
+    );
+}
+
+#[test]
+fn nic_mismatch_is_refused_in_the_handshake() {
+    let Some(_kvm) = common::kvm_or_skip("nic_mismatch_is_refused_in_the_handshake") else {
+        return;
+    };
+    if !prerequisites("nic_mismatch_is_refused_in_the_handshake") {
+        return;
+    }
+    let net = Net::new("m").unwrap();
+    let dir = scratch_dir("announce-m");
+    let mut src = vmm(
+        &net,
+        &dir,
+        "src",
+        &[
+            "run",
+            "--memory",
+            "128M",
+            "--kernel",
+            "builtin:testguest",
+            "--cmdline",
+            "ws=16",
+            "--net",
+            &format!("tap=lmsrc,mac={MAC}"),
+        ],
+    );
+    src.wait_api(Duration::from_secs(20)).unwrap();
+    src.wait_ready(Duration::from_secs(30)).unwrap();
+    let mut dst = vmm(
+        &net,
+        &dir,
+        "dst",
+        &[
+            "receive",
+            "--listen",
+            "tcp:127.0.0.1:0",
+            "--net",
+            "tap=lmdst,mac=52:54:00:00:00:99",
+        ],
+    );
+    let ep = dst.listen_endpoint(Duration::from_secs(20)).unwrap();
+    let err = migrate(&src, &ep, json!({})).unwrap_err();
+    assert_eq!(err["phase"], "handshake", "{err}");
+    assert!(
+        err["error"].as_str().unwrap_or("").contains("NICs differ"),
+        "{err}"
+    );
+    let _ = dst.wait_exit(Duration::from_secs(5));
+    assert!(dst.stderr().contains("NICs differ"), "{}", dst.stderr());
+    src.wait_heartbeats(100, Duration::from_secs(10)).unwrap();
+}
