@@ -297,7 +297,7 @@ impl Vmm {
         loop {
             if let Some(l) = self.stderr().lines().find_map(|l| {
                 l.strip_prefix("refvmm: waiting for a migration on ")
-                    .map(str::to_string)
+                    .map(|r| r.trim_end_matches(" (mutual TLS)").to_string())
             }) {
                 return Ok(l);
             }

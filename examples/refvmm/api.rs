@@ -7,6 +7,7 @@
 //! | `{"cmd":"status"}` | `{"result":"ok","running":true,"vcpus":1,"memory":...}` |
 //! | `{"cmd":"pause"}` / `{"cmd":"resume"}` | `{"result":"ok"}` |
 //! | `{"cmd":"migrate","to":"tcp:HOST:PORT","downtime_limit_ms":20,"max_bandwidth_mib":0,"keep_source":false}` | progress lines `{"event":...}`, then `{"result":"ok","report":{...}}` or `{"result":"error","phase":...,"error":...}` |
+//! | `... "tls":{"cert":P,"key":P,"ca":P,"server_name":S}` in `migrate` | migrate over mutual TLS |
 //! | `{"cmd":"write-memory","gpa":N,"value":N}` | writes a u64 through vm-memory (tracked as a VMM write) |
 //! | `{"cmd":"read-memory","gpa":N,"len":N}` | `{"result":"ok","hex":"..."}` (at most 4096 bytes) |
 //! | `{"cmd":"vcpu-regs"}` | RIP, RSP, RFLAGS, CS, CR0, EFER and MP state of every vCPU (pauses briefly) |
@@ -284,8 +285,26 @@ fn do_migrate(req: &Value, m: &Arc<Machine>, w: &mut UnixStream) -> Result<Value
     if req["force"].as_bool() == Some(true) {
         cfg.on_limit = OnLimit::ForceSwitchover;
     }
-    let transport = connect(&endpoint, Some(Duration::from_secs(10)))
-        .map_err(|e| err(format!("connecting to {endpoint}: {e}")))?;
+    let transport = if req["tls"].is_object() {
+        let path = |k: &str| {
+            req["tls"][k]
+                .as_str()
+                .map(std::path::PathBuf::from)
+                .ok_or_else(|| err(format!("tls.{k} missing")))
+        };
+        let cfg = livemig_tls::TlsConfig {
+            cert_chain: path("cert")?,
+            key: path("key")?,
+            ca: path("ca")?,
+            server_name: req["tls"]["server_name"].as_str().map(str::to_string),
+        };
+        let id = cfg.load().map_err(|e| err(e.to_string()))?;
+        livemig_tls::connect_tls(&endpoint, &id, Some(Duration::from_secs(10)))
+            .map_err(|e| err(format!("connecting to {endpoint}: {e}")))?
+    } else {
+        connect(&endpoint, Some(Duration::from_secs(10)))
+            .map_err(|e| err(format!("connecting to {endpoint}: {e}")))?
+    };
     let mut progress_out = w.try_clone().ok();
     let result = migrate(&**m, transport, &cfg, &CancelToken::new(), &mut |p| {
         if let Some(o) = progress_out.as_mut() {

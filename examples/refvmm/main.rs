@@ -68,6 +68,35 @@ struct Common {
     net: Vec<String>,
 }
 
+/// Mutual TLS (rustls): our certificate chain and key, and the CA that
+/// must have signed the peer's certificate. All three or none.
+#[derive(clap::Args, Clone, Default)]
+struct TlsArgs {
+    /// PEM certificate chain presented to the peer.
+    #[arg(long, requires_all = ["tls_key", "tls_ca"])]
+    tls_cert: Option<PathBuf>,
+    /// PEM private key of that certificate.
+    #[arg(long, requires_all = ["tls_cert", "tls_ca"])]
+    tls_key: Option<PathBuf>,
+    /// PEM CA certificate(s) the peer's certificate must chain to.
+    #[arg(long, requires_all = ["tls_cert", "tls_key"])]
+    tls_ca: Option<PathBuf>,
+}
+
+impl TlsArgs {
+    fn config(&self, server_name: Option<String>) -> Option<livemig_tls::TlsConfig> {
+        match (&self.tls_cert, &self.tls_key, &self.tls_ca) {
+            (Some(c), Some(k), Some(a)) => Some(livemig_tls::TlsConfig {
+                cert_chain: c.clone(),
+                key: k.clone(),
+                ca: a.clone(),
+                server_name,
+            }),
+            _ => None,
+        }
+    }
+}
+
 #[derive(Subcommand)]
 enum Cmd {
     /// Boot a Multiboot v1 kernel and run it.
@@ -114,6 +143,8 @@ enum Cmd {
         #[arg(long)]
         start_paused: bool,
         #[command(flatten)]
+        tls: TlsArgs,
+        #[command(flatten)]
         common: Common,
     },
     /// Tell a running refvmm (through its API socket) to migrate its guest.
@@ -137,6 +168,12 @@ enum Cmd {
         /// Switch over when a cap is reached instead of giving up.
         #[arg(long)]
         force: bool,
+        #[command(flatten)]
+        tls: TlsArgs,
+        /// Name the destination's certificate must carry (default: the host
+        /// part of --to).
+        #[arg(long)]
+        tls_server_name: Option<String>,
     },
     /// Live-migrate the test guest between two refvmm processes on this
     /// machine over loopback TCP, and print the report and the
@@ -227,6 +264,18 @@ fn parse_dirty(s: &str) -> Result<Option<DirtyMode>, Fail> {
     }
 }
 
+/// Checks every `--net` (usage errors first), then KVM, then opens the TAPs.
+fn open_nets(specs: &[String]) -> Result<Vec<net::NetBackend>, Fail> {
+    for spec in specs {
+        net::parse_spec(spec).map_err(usage)?;
+    }
+    require_kvm()?;
+    specs
+        .iter()
+        .map(|spec| net::NetBackend::open(spec).map_err(runtime))
+        .collect()
+}
+
 fn require_kvm() -> Result<(), Fail> {
     if !livemig_kvm::kvm_available() {
         return Err(runtime(
@@ -303,14 +352,7 @@ fn cmd_run(
         multiboot::load(&scratch, &image, &cmdline)
             .map_err(|e| usage(format!("kernel '{kernel}': {e}")))?;
     }
-    for spec in &common.net {
-        net::parse_spec(spec).map_err(usage)?;
-    }
-    require_kvm()?;
-    let mut nets = Vec::new();
-    for spec in &common.net {
-        nets.push(net::NetBackend::open(spec).map_err(runtime)?);
-    }
+    let nets = open_nets(&common.net)?;
     let machine = Machine::create(MachineConfig {
         memory,
         vcpus,
@@ -339,6 +381,7 @@ fn cmd_run(
     run_machine(machine, common.api_socket, true)
 }
 
+#[allow(clippy::too_many_arguments)] // one per CLI flag
 fn cmd_receive(
     listen_at: String,
     memory: Option<String>,
@@ -346,6 +389,7 @@ fn cmd_receive(
     io_timeout: u64,
     announce: bool,
     start_paused: bool,
+    tls: Option<livemig_tls::TlsConfig>,
     common: Common,
 ) -> Result<(), Fail> {
     let endpoint: Endpoint = listen_at
@@ -354,23 +398,36 @@ fn cmd_receive(
     let memory = memory.as_deref().map(parse_size).transpose()?;
     let dirty_mode = parse_dirty(&common.dirty_log)?;
     let serial = parse_serial(&common.serial)?;
-    for spec in &common.net {
-        net::parse_spec(spec).map_err(usage)?;
-    }
-    require_kvm()?;
     // Open the TAPs before accepting anything: a bad --net fails early.
-    let mut nets = Vec::new();
-    for spec in &common.net {
-        nets.push(net::NetBackend::open(spec).map_err(runtime)?);
-    }
-    let listener = listen(&endpoint).map_err(|e| runtime(e.to_string()))?;
-    eprintln!(
-        "refvmm: waiting for a migration on {}",
-        listener.local_endpoint()
-    );
-    let transport = listener.accept().map_err(|e| runtime(e.to_string()))?;
-    // One migration at a time: stop listening while this one runs.
-    drop(listener);
+    let nets = open_nets(&common.net)?;
+    let transport = match tls {
+        Some(cfg) => {
+            let id = cfg.load().map_err(|e| usage(e.to_string()))?;
+            let listener = livemig_tls::TlsListener::bind(&endpoint, &id)
+                .map_err(|e| runtime(e.to_string()))?;
+            eprintln!(
+                "refvmm: waiting for a migration on {} (mutual TLS)",
+                listener.local_endpoint()
+            );
+            // A peer that fails the TLS handshake is refused; keep waiting.
+            loop {
+                match listener.accept() {
+                    Ok(t) => break t,
+                    Err(e) => eprintln!("refvmm: refused a connection: {e}"),
+                }
+            }
+        }
+        None => {
+            let listener = listen(&endpoint).map_err(|e| runtime(e.to_string()))?;
+            eprintln!(
+                "refvmm: waiting for a migration on {}",
+                listener.local_endpoint()
+            );
+            listener.accept().map_err(|e| runtime(e.to_string()))?
+        }
+    };
+    // One migration at a time: the listener is closed now, so a second
+    // connection while this one runs is refused by the kernel.
     let cfg = ReceiveConfig {
         io_timeout: Duration::from_secs(io_timeout.max(1)),
     };
@@ -454,9 +511,15 @@ fn cmd_migrate(
     max_bandwidth: Option<u64>,
     max_rounds: Option<u64>,
     force: bool,
+    tls: Option<livemig_tls::TlsConfig>,
 ) -> Result<(), Fail> {
     let _: Endpoint = to.parse().map_err(|e| usage(format!("--to: {e}")))?;
     let mut req = json!({"cmd": "migrate", "to": to, "force": force});
+    if let Some(t) = tls {
+        req["tls"] = json!({
+            "cert": t.cert_chain, "key": t.key, "ca": t.ca, "server_name": t.server_name,
+        });
+    }
     if let Some(v) = downtime_limit_ms {
         req["downtime_limit_ms"] = json!(v);
     }
@@ -511,6 +574,7 @@ fn main() -> ExitCode {
             io_timeout,
             no_announce,
             start_paused,
+            tls,
             common,
         } => cmd_receive(
             listen,
@@ -519,6 +583,7 @@ fn main() -> ExitCode {
             io_timeout,
             !no_announce,
             start_paused,
+            tls.config(None),
             common,
         ),
         Cmd::Migrate {
@@ -528,6 +593,8 @@ fn main() -> ExitCode {
             max_bandwidth,
             max_rounds,
             force,
+            tls,
+            tls_server_name,
         } => cmd_migrate(
             api_socket,
             to,
@@ -535,6 +602,7 @@ fn main() -> ExitCode {
             max_bandwidth,
             max_rounds,
             force,
+            tls.config(tls_server_name),
         ),
         Cmd::Demo(args) => livemig_suite::demo::run(&args).map_err(runtime),
         Cmd::GuestImage { out } => livemig_testguest::image()

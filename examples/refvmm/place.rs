@@ -84,10 +84,7 @@ pub fn cmd_place(hosts: &Path, vm: &Path, explain: bool, json: bool) -> Result<(
                 "error": e.to_string(),
                 "excluded": excluded,
             });
-            println!(
-                "{}",
-                serde_json::to_string_pretty(&out).unwrap_or_default()
-            );
+            println!("{}", serde_json::to_string_pretty(&out).unwrap_or_default());
         } else if !excluded.is_empty() {
             print!("{}", render_exclusions(excluded));
         }

@@ -140,7 +140,7 @@ impl DirtyTracker for KvmDirtyTracker<'_> {
             .get(region)
             .ok_or_else(|| VmError::DirtyLog(format!("clear: no region {region}")))?;
         let slot_pages = slot.size / 4096;
-        if first_page % 64 != 0 || first_page >= slot_pages {
+        if !first_page.is_multiple_of(64) || first_page >= slot_pages {
             return Err(VmError::DirtyLog(format!(
                 "clear: first page {first_page} of slot {} not 64-aligned or out of range",
                 slot.slot

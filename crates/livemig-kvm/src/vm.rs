@@ -81,7 +81,7 @@ pub struct VmConfig {
 /// The standard x86 layout for `bytes` of RAM: below 3 GiB in one region,
 /// the rest above 4 GiB.
 pub fn x86_layout(bytes: u64) -> Result<MemoryLayout, KvmVmError> {
-    if bytes == 0 || bytes % 4096 != 0 {
+    if bytes == 0 || !bytes.is_multiple_of(4096) {
         return Err(KvmVmError::Config(format!(
             "memory size {bytes} must be a non-zero multiple of 4 KiB"
         )));

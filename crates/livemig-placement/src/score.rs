@@ -292,13 +292,17 @@ mod tests {
         for dest in &hosts[2..] {
             let fast = cluster.imbalance_with(dest, &v);
             let slow = naive_imbalance(&hosts, &v, &dest.name);
-            assert!((fast - slow).abs() < 1e-12, "{}: {fast} vs {slow}", dest.name);
+            assert!(
+                (fast - slow).abs() < 1e-12,
+                "{}: {fast} vs {slow}",
+                dest.name
+            );
         }
     }
 
     #[test]
     fn terms_follow_the_documented_formula() {
-        let hosts = vec![host("a", 16384, 4096), host("b", 16384, 12288)];
+        let hosts = [host("a", 16384, 4096), host("b", 16384, 12288)];
         let v = vm(4096, "a");
         let cfg = PlacementConfig::default();
         let (cluster, _) = Cluster::new(hosts.iter(), &v, hosts.first());
@@ -314,7 +318,10 @@ mod tests {
         // balance: after the move both hosts are 50% used: sigma 0.
         assert_eq!(f.cluster_imbalance_after, 0.0);
         assert_eq!(t.balance.value, 1.0);
-        assert_eq!(m, micro(0.3 * 0.5 + 0.3 * 0.5 + 0.2 * t.migration_time.value + 0.2));
+        assert_eq!(
+            m,
+            micro(0.3 * 0.5 + 0.3 * 0.5 + 0.2 * t.migration_time.value + 0.2)
+        );
     }
 
     #[test]

@@ -36,7 +36,12 @@ fn worked_example_chooses_delta_and_explains_every_host() {
     let d = choose_destination(&hosts, &vm, &PlacementConfig::default()).expect("a destination");
     assert_eq!(d.chosen.name, "delta");
     assert_eq!(d.chosen.migration_address, "tcp:10.0.0.4:4444");
-    let ranked: Vec<&str> = d.evaluation.ranking.iter().map(|c| c.name.as_str()).collect();
+    let ranked: Vec<&str> = d
+        .evaluation
+        .ranking
+        .iter()
+        .map(|c| c.name.as_str())
+        .collect();
     assert_eq!(ranked, ["delta", "charlie"]);
     assert_eq!(d.chosen, d.evaluation.ranking[0]);
 
@@ -62,7 +67,11 @@ fn most_free_cpu_but_too_little_memory_is_excluded_for_memory() {
     assert_eq!(most_idle.name, "bravo");
     // ...but only 6144 MiB free for an 8192 MiB VM.
     let e = evaluate(&hosts, &vm, &PlacementConfig::default()).expect("valid");
-    let bravo = e.excluded.iter().find(|x| x.name == "bravo").expect("excluded");
+    let bravo = e
+        .excluded
+        .iter()
+        .find(|x| x.name == "bravo")
+        .expect("excluded");
     assert_eq!(bravo.reasons.len(), 1);
     assert_eq!(bravo.reasons[0].kind(), "memory");
     assert_eq!(

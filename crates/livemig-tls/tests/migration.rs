@@ -271,9 +271,9 @@ fn client_without_certificate_is_refused() {
     assert!(msg.contains("sent no certificate"), "{msg}");
 }
 
-/// Forwards `from` to `to`, flipping one bit of the byte at offset `flip_at`
-/// (if given) of the stream.
-fn forward(mut from: TcpStream, mut to: TcpStream, flip_at: Option<u64>) {
+/// Forwards `from` to `to`, flipping one bit of the bytes at the offsets
+/// `flip` of the stream.
+fn forward(mut from: TcpStream, mut to: TcpStream, flip: &[u64]) {
     let mut buf = vec![0u8; 64 << 10];
     let mut pos = 0u64;
     loop {
@@ -281,7 +281,7 @@ fn forward(mut from: TcpStream, mut to: TcpStream, flip_at: Option<u64>) {
             Ok(0) | Err(_) => break,
             Ok(n) => n,
         };
-        if let Some(at) = flip_at {
+        for &at in flip {
             if at >= pos && at < pos + n as u64 {
                 buf[(at - pos) as usize] ^= 0x10;
             }
@@ -305,8 +305,10 @@ fn tampering_on_the_wire_is_detected() {
     };
     let dest = destination(listener);
 
-    // An on-path attacker that relays everything but flips one bit 3 MiB
-    // into the source's stream (in the middle of the page data).
+    // An on-path attacker that relays everything but flips a bit 3 MiB into
+    // the source's stream (in the middle of the page data), and another 100
+    // bytes later (so that at least one lands inside a record, not in a
+    // record header).
     let proxy = TcpListener::bind("127.0.0.1:0").unwrap();
     let proxy_ep: Endpoint = format!("tcp:{}", proxy.local_addr().unwrap())
         .parse()
@@ -315,8 +317,8 @@ fn tampering_on_the_wire_is_detected() {
         let (client, _) = proxy.accept().unwrap();
         let server = TcpStream::connect(&server_addr).unwrap();
         let (c2, s2) = (client.try_clone().unwrap(), server.try_clone().unwrap());
-        let back = std::thread::spawn(move || forward(s2, c2, None));
-        forward(client, server, Some(3 << 20));
+        let back = std::thread::spawn(move || forward(s2, c2, &[]));
+        forward(client, server, &[3 << 20, (3 << 20) + 100]);
         back.join().unwrap();
     });
 
@@ -342,8 +344,9 @@ fn tampering_on_the_wire_is_detected() {
         .expect("the destination must reject the tampered stream");
     eprintln!("destination: {de}");
     let dm = de.to_string();
+    // Almost always "cannot decrypt peer's message"; a flip in a record
+    // header is another TLS error.
     assert!(dm.contains("TLS error"), "{dm}");
-    assert!(dm.contains("decrypt"), "{dm}");
     relay.join().unwrap();
 }
 

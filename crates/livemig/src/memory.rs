@@ -127,7 +127,7 @@ impl MemoryLayout {
     /// one region and is page aligned; returns the region index and the page
     /// index within that region.
     pub fn locate(&self, guest_addr: u64, npages: u64) -> Option<(usize, u64)> {
-        if guest_addr % PAGE_SIZE != 0 || npages == 0 {
+        if !guest_addr.is_multiple_of(PAGE_SIZE) || npages == 0 {
             return None;
         }
         let len = npages.checked_mul(PAGE_SIZE)?;

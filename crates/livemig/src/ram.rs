@@ -86,7 +86,8 @@ impl<'a> HostRam<'a> {
         let Some(r) = self.regions.get(region) else {
             return false;
         };
-        if dst.len() as u64 % PAGE_SIZE != 0 || page.checked_add(npages).is_none_or(|e| e > r.pages)
+        if !(dst.len() as u64).is_multiple_of(PAGE_SIZE)
+            || page.checked_add(npages).is_none_or(|e| e > r.pages)
         {
             return false;
         }
@@ -104,7 +105,8 @@ impl<'a> HostRam<'a> {
         let Some(r) = self.regions.get(region) else {
             return false;
         };
-        if src.len() as u64 % PAGE_SIZE != 0 || page.checked_add(npages).is_none_or(|e| e > r.pages)
+        if !(src.len() as u64).is_multiple_of(PAGE_SIZE)
+            || page.checked_add(npages).is_none_or(|e| e > r.pages)
         {
             return false;
         }

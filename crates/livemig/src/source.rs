@@ -423,9 +423,14 @@ fn run_source<V: SourceVm + ?Sized>(
     // beyond memory, and proves the state can be saved before we commit.
     let t = Instant::now();
     vm.pause().map_err(|e| MigrationError::new(hs, e))?;
+    let t_paused = Instant::now();
     let saved = vm.save_state();
+    let t_saved = Instant::now();
     let resumed = vm.resume();
-    let state_time = t.elapsed();
+    // The estimate: the save itself, plus the pause latency capped at 2 ms
+    // (one slow pause under host load must not make the policy believe
+    // every switchover costs that much and never converge).
+    let state_time = (t_saved - t_paused) + (t_paused - t).min(Duration::from_millis(2));
     let sections = saved.map_err(|e| MigrationError::new(hs, e))?;
     resumed.map_err(|e| MigrationError::new(hs, e))?;
     let state_bytes: u64 = sections
@@ -589,6 +594,8 @@ fn precopy_and_switch<V: SourceVm + ?Sized>(
     }
 
     let mut round = 0u32;
+    let mut total_sent = 0u64;
+    let mut total_time = Duration::ZERO;
     let forced;
     loop {
         let phase = Phase::Precopy(round);
@@ -627,15 +634,13 @@ fn precopy_and_switch<V: SourceVm + ?Sized>(
         let secs = dur.as_secs_f64().max(1e-6);
         let bytes = sender.counts.bytes - before.bytes;
         let bandwidth = bytes as f64 / secs;
+        // Bandwidth estimate: all bytes sent so far over all sending time,
+        // so a tiny round (dominated by fixed costs) cannot drag it down.
+        total_sent += bytes;
+        total_time += dur;
         let est = RoundEstimate {
             remaining_bytes: dirty * PAGE_SIZE,
-            // A round with almost nothing to send says little about the
-            // link; never assume less than 100 MB/s from such a round.
-            bandwidth: if bytes < (1 << 20) {
-                bandwidth.max(100e6)
-            } else {
-                bandwidth
-            },
+            bandwidth: total_sent as f64 / total_time.as_secs_f64().max(1e-6),
             state_time,
             state_bytes,
         };
