@@ -274,8 +274,17 @@ fn destination_killed_mid_transfer_source_keeps_running() {
     src.wait_heartbeats(300, Duration::from_secs(30)).unwrap();
     let (mut dst, ep) = start_destination(&dir, "dst", &[]).unwrap();
     let pid = dst.pid();
+    let addr = ep.trim_start_matches("tcp:").to_string();
     let killer = std::thread::spawn(move || {
-        std::thread::sleep(Duration::from_millis(300));
+        // One migration at a time: while this one runs, a second
+        // connection to the receiver is refused.
+        std::thread::sleep(Duration::from_millis(150));
+        let second = std::net::TcpStream::connect(&addr);
+        assert!(
+            second.is_err(),
+            "a second connection was accepted while busy"
+        );
+        std::thread::sleep(Duration::from_millis(150));
         // SAFETY-free: plain kill(2) of our own child by pid.
         let _ = std::process::Command::new("kill")
             .args(["-9", &pid.to_string()])

@@ -522,3 +522,56 @@ pub fn check_properties(desc: &VmDescription) -> Result<(), VmError> {
         )),
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn desc(props: &[(&str, &str)]) -> VmDescription {
+        VmDescription {
+            layout: x86_layout(64 << 20).unwrap(),
+            vcpus: 1,
+            nics: vec![],
+            properties: props
+                .iter()
+                .map(|(k, v)| (k.to_string(), v.to_string()))
+                .collect(),
+        }
+    }
+
+    #[test]
+    fn layout_and_vcpus_must_match() {
+        let cfg = VmConfig {
+            memory: 64 << 20,
+            vcpus: 1,
+            nics: vec![],
+            dirty_mode: None,
+        };
+        assert!(check_compatible(&desc(&[]), &cfg).is_ok());
+        let e = check_compatible(
+            &desc(&[]),
+            &VmConfig {
+                memory: 128 << 20,
+                ..cfg.clone()
+            },
+        )
+        .unwrap_err();
+        assert!(e.to_string().contains("memory differs"), "{e}");
+        let e = check_compatible(&desc(&[]), &VmConfig { vcpus: 2, ..cfg }).unwrap_err();
+        assert!(e.to_string().contains("vCPU count differs"), "{e}");
+    }
+
+    #[test]
+    fn foreign_cpu_features_are_refused() {
+        if !crate::kvm_available() {
+            eprintln!(
+                "*** SKIPPED foreign_cpu_features_are_refused: /dev/kvm is not available ***"
+            );
+            return;
+        }
+        let e = check_properties(&desc(&[("kvm.cpuid", "0123456789abcdef")])).unwrap_err();
+        assert!(e.to_string().contains("CPU features differ"), "{e}");
+        let e = check_properties(&desc(&[])).unwrap_err();
+        assert!(e.to_string().contains("kvm.cpuid"), "{e}");
+    }
+}
