@@ -338,3 +338,55 @@ fn memory_mismatch_refused_before_any_page() {
     src.wait_heartbeats(300, Duration::from_secs(30)).unwrap();
     assert!(log_of(&src).corrupt.is_empty());
 }
+
+#[test]
+fn migrate_to_auto_chooses_with_placement_and_migrates() {
+    let Some(_kvm) = common::kvm_or_skip("migrate_to_auto_chooses_with_placement_and_migrates")
+    else {
+        return;
+    };
+    let dir = scratch_dir("auto");
+    let mut src = start_source(&dir, "src", "128M", 1, "ws=16 rate=5").unwrap();
+    src.wait_ready(Duration::from_secs(30)).unwrap();
+    let (mut dst, ep) = start_destination(&dir, "dst", &[]).unwrap();
+    let host = |name: &str, addr: &str, free: u64| {
+        json!({"name": name, "migration_address": addr, "memory_total_mib": 32768,
+               "memory_free_mib": free, "cpus": 16, "cpu_load": 2.0, "link_bandwidth_mib_s": 1000})
+    };
+    // "small" has the most free CPU but too little memory; "here" is the
+    // current host: the only eligible host is the real destination.
+    let hosts = json!([
+        host("here", "tcp:127.0.0.1:1", 30000),
+        host("small", "tcp:127.0.0.1:2", 64),
+        host("target", &ep, 16000),
+    ]);
+    let vm = json!({"name": "guest", "memory_mib": 128, "vcpus": 1, "dirty_rate_mib_s": 5, "current_host": "here"});
+    let (hp, vp) = (dir.join("hosts.json"), dir.join("vm.json"));
+    std::fs::write(&hp, hosts.to_string()).unwrap();
+    std::fs::write(&vp, vm.to_string()).unwrap();
+    let out = std::process::Command::new(livemig_suite::harness::refvmm_path())
+        .args([
+            "migrate",
+            "--api-socket",
+            &src.api.to_string_lossy(),
+            "--to",
+            "auto",
+        ])
+        .args([
+            "--hosts",
+            &hp.to_string_lossy(),
+            "--vm",
+            &vp.to_string_lossy(),
+        ])
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "{stderr}");
+    let report: Value = serde_json::from_slice(&out.stdout).expect("JSON report");
+    assert_eq!(report["status"], "completed");
+    dst.wait_for("a T line", Duration::from_secs(30), |g| {
+        !g.tlines.is_empty()
+    })
+    .unwrap();
+    assert!(log_of(&dst).corrupt.is_empty());
+}

@@ -17,6 +17,7 @@
 mod api;
 mod multiboot;
 mod net;
+mod place;
 mod vmm;
 
 use std::path::PathBuf;
@@ -153,9 +154,16 @@ enum Cmd {
         /// The source VMM's API socket.
         #[arg(long)]
         api_socket: PathBuf,
-        /// Destination: tcp:HOST:PORT or unix:PATH.
+        /// Destination: tcp:HOST:PORT, unix:PATH, or `auto` to choose one
+        /// of --hosts for the VM described by --vm (see docs/placement.md).
         #[arg(long)]
         to: String,
+        /// With `--to auto`: the candidate hosts (a JSON array).
+        #[arg(long)]
+        hosts: Option<PathBuf>,
+        /// With `--to auto`: the VM being migrated (a JSON object).
+        #[arg(long)]
+        vm: Option<PathBuf>,
         /// Longest acceptable downtime in milliseconds (default 20).
         #[arg(long)]
         downtime_limit_ms: Option<u64>,
@@ -174,6 +182,22 @@ enum Cmd {
         /// part of --to).
         #[arg(long)]
         tls_server_name: Option<String>,
+    },
+    /// Choose a destination host for a VM among candidate hosts, and
+    /// explain the choice (see docs/placement.md).
+    Place {
+        /// The candidate hosts (a JSON array).
+        #[arg(long)]
+        hosts: PathBuf,
+        /// The VM to place (a JSON object).
+        #[arg(long)]
+        vm: PathBuf,
+        /// Also print the filters, the formula and each score's breakdown.
+        #[arg(long)]
+        explain: bool,
+        /// Print the decision (or the exclusions) as JSON.
+        #[arg(long)]
+        json: bool,
     },
     /// Live-migrate the test guest between two refvmm processes on this
     /// machine over loopback TCP, and print the report and the
@@ -589,21 +613,33 @@ fn main() -> ExitCode {
         Cmd::Migrate {
             api_socket,
             to,
+            hosts,
+            vm,
             downtime_limit_ms,
             max_bandwidth,
             max_rounds,
             force,
             tls,
             tls_server_name,
-        } => cmd_migrate(
-            api_socket,
-            to,
-            downtime_limit_ms,
-            max_bandwidth,
-            max_rounds,
-            force,
-            tls.config(tls_server_name),
-        ),
+        } => place::resolve_destination(&to, hosts.as_deref(), vm.as_deref())
+            .map_err(|(code, msg)| Fail(code, msg))
+            .and_then(|to| {
+                cmd_migrate(
+                    api_socket,
+                    to,
+                    downtime_limit_ms,
+                    max_bandwidth,
+                    max_rounds,
+                    force,
+                    tls.config(tls_server_name),
+                )
+            }),
+        Cmd::Place {
+            hosts,
+            vm,
+            explain,
+            json,
+        } => place::cmd_place(&hosts, &vm, explain, json).map_err(|(code, msg)| Fail(code, msg)),
         Cmd::Demo(args) => livemig_suite::demo::run(&args).map_err(runtime),
         Cmd::GuestImage { out } => livemig_testguest::image()
             .map_err(|e| runtime(format!("building the test guest: {e}")))
