@@ -273,25 +273,35 @@ fn destination_killed_mid_transfer_source_keeps_running() {
     src.wait_ready(Duration::from_secs(30)).unwrap();
     src.wait_heartbeats(300, Duration::from_secs(30)).unwrap();
     let (mut dst, ep) = start_destination(&dir, "dst", &[]).unwrap();
-    let pid = dst.pid();
-    let addr = ep.trim_start_matches("tcp:").to_string();
-    let killer = std::thread::spawn(move || {
-        // One migration at a time: while this one runs, a second
-        // connection to the receiver is refused.
-        std::thread::sleep(Duration::from_millis(150));
-        let second = std::net::TcpStream::connect(&addr);
-        assert!(
-            second.is_err(),
-            "a second connection was accepted while busy"
-        );
-        std::thread::sleep(Duration::from_millis(150));
-        // SAFETY-free: plain kill(2) of our own child by pid.
-        let _ = std::process::Command::new("kill")
-            .args(["-9", &pid.to_string()])
-            .status();
+    // Kill the destination once round 0 is under way (after the handshake
+    // was accepted), however slow the machine is.
+    let (tx, rx) = std::sync::mpsc::channel();
+    let api = src.api.clone();
+    let ep2 = ep.clone();
+    let mig = std::thread::spawn(move || {
+        livemig_suite::harness::api_request(
+            &api,
+            &json!({"cmd": "migrate", "to": ep2, "max_bandwidth_mib": 40}),
+            |ev| {
+                if ev["event"] == "accepted" {
+                    let _ = tx.send(());
+                }
+            },
+        )
     });
-    let err = migrate(&src, &ep, json!({"max_bandwidth_mib": 40})).unwrap_err();
-    killer.join().unwrap();
+    rx.recv_timeout(Duration::from_secs(30))
+        .expect("handshake accepted");
+    std::thread::sleep(Duration::from_millis(200));
+    // One migration at a time: while this one runs, a second connection to
+    // the receiver is refused.
+    let second = std::net::TcpStream::connect(ep.trim_start_matches("tcp:"));
+    assert!(
+        second.is_err(),
+        "a second connection was accepted while busy"
+    );
+    dst.kill();
+    let err = mig.join().unwrap().unwrap();
+    assert_eq!(err["result"], "error", "{err}");
     let phase = err["phase"].as_str().unwrap_or("");
     assert!(
         phase.starts_with("pre-copy round"),

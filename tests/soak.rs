@@ -76,15 +76,20 @@ fn soak_100_ping_pong_two_vcpus() {
         samples.push(proc_stat(next.pid()));
         cur = next;
     }
-    let (rss0, fd0) = samples[0];
+    // The guest's own memory fills the destination's RSS until its working
+    // set has been touched everywhere; compare from hop 10 on (VMM growth).
+    let base = samples.len().min(10) - 1;
+    let (rss0, fd0) = samples[base];
     let (rss1, fd1) = *samples.last().unwrap();
     downtimes.sort_by(|a, b| a.partial_cmp(b).unwrap());
     eprintln!(
-        "soak: {hops} hops in {:.0} s; destination VMM after migration: RSS {rss0} kB -> {rss1} kB, fds {fd0} -> {fd1}; downtime median {:.2} ms, max {:.2} ms",
+        "soak: {hops} hops in {:.0} s; destination VMM after migration (hop {} vs last): RSS {rss0} kB -> {rss1} kB, fds {fd0} -> {fd1}; first hop RSS {} kB; downtime median {:.2} ms, max {:.2} ms",
         started.elapsed().as_secs_f64(),
+        base + 1,
+        samples[0].0,
         downtimes[downtimes.len() / 2],
         downtimes[downtimes.len() - 1]
     );
     assert_eq!(fd0, fd1, "file descriptors grew across hops: {samples:?}");
-    assert!(rss1 < rss0 + 64 * 1024, "RSS grew across hops: {samples:?}");
+    assert!(rss1 < rss0 + 16 * 1024, "RSS grew across hops: {samples:?}");
 }

@@ -1,4 +1,4 @@
-//! Fuzz target `page_records`: see `livemig_fuzz::page_records` and docs/fuzzing.md.
+//! Fuzz target `page_records`: see `livemig_fuzz::page_records_target` and docs/fuzzing.md.
 #![no_main]
 
-libfuzzer_sys::fuzz_target!(|data: &[u8]| livemig_fuzz::page_records(data));
+libfuzzer_sys::fuzz_target!(|data: &[u8]| livemig_fuzz::page_records_target(data));

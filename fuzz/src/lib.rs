@@ -392,7 +392,7 @@ struct Chunky<'a> {
 impl Read for Chunky<'_> {
     fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
         self.calls += 1;
-        if self.every != 0 && self.calls % self.every == 0 {
+        if self.calls.checked_rem(self.every) == Some(0) {
             return Err(io::ErrorKind::TimedOut.into());
         }
         let n = buf.len().min(self.max).min(self.data.len() - self.pos);
@@ -410,14 +410,12 @@ fn read_all<R: Read>(
 ) -> (Vec<(MsgKind, u32, Vec<u8>)>, String) {
     let mut got = Vec::new();
     let mut timeouts = 0u32;
+    let max = fr.max_payload();
     loop {
         match fr.read_frame() {
             Ok(f) => {
                 assert_eq!(f.seq, got.len() as u32, "frame seq");
-                assert!(
-                    f.payload.len() <= fr.max_payload(),
-                    "payload over the limit"
-                );
+                assert!(f.payload.len() <= max, "payload over the limit");
                 got.push((f.kind, f.seq, f.payload.to_vec()));
             }
             Err(e) if e.is_timeout() && retry_timeouts && timeouts < 1_000_000 => {
