@@ -476,9 +476,10 @@ pub fn frame_reader(data: &[u8]) {
     let chunky = Chunky {
         data,
         pos: 0,
-        max: usize::from(mode & 0x1f) + 1,
+        // 1 byte to 32 KiB per read.
+        max: 1 << (mode & 0x0f),
         // Never a timeout on every call (no progress at all).
-        every: match mode >> 5 {
+        every: match mode >> 4 {
             1 => 2,
             n => u32::from(n),
         },

@@ -723,3 +723,336 @@ fn first_fault_wins() {
     assert_running(&src, "source");
     assert_retry_succeeds(&src, "after two faults");
 }
+
+// ---------------------------------------------------------------------------
+// Hostile streams
+// ---------------------------------------------------------------------------
+//
+// Streams no correct source sends, fed to `receive` through the fuzz
+// harness (a transport that serves fixed bytes, a SoftVm factory for a
+// small fixed layout: 16 pages at 0, 4 pages at 1 MiB). The harness also
+// checks, byte for byte, that guest memory holds exactly what the valid
+// records before the refusal wrote, and nothing else.
+
+#[allow(dead_code)]
+#[path = "../../../fuzz/src/lib.rs"]
+mod harness;
+
+use harness::{pages, record, REGION1};
+
+const PAGE: u64 = livemig::memory::PAGE_SIZE;
+
+/// The valid migration with frame `i` replaced by `frame` (or removed, for
+/// `None`), framed with correct seq and crc.
+fn with_frame(i: usize, frame: Option<(MsgKind, Vec<u8>)>) -> Vec<u8> {
+    let mut f = harness::valid_frames();
+    match frame {
+        Some(x) => f[i] = x,
+        None => {
+            f.remove(i);
+        }
+    }
+    harness::frames(&f)
+}
+
+/// `receive` refuses `stream` in `phase` with a message containing `needle`.
+fn refused(stream: &[u8], phase: Phase, needle: &str) -> harness::Received {
+    let r = harness::receive_stream(stream);
+    let e = match &r.result {
+        Ok(rep) => panic!("hostile stream accepted ({rep:?}); expected '{needle}'"),
+        Err(e) => e,
+    };
+    eprintln!("refused: {e}");
+    assert_eq!(e.phase, phase, "{e}");
+    assert!(e.to_string().contains(needle), "expected '{needle}': {e}");
+    r
+}
+
+/// A Pages frame: one valid data record, then `bad`.
+fn pages_then(bad: Vec<u8>) -> (MsgKind, Vec<u8>) {
+    let mut p = record(PAGE, 1, 1, &pages(1, 0x5a));
+    p.extend(bad);
+    (MsgKind::Pages, p)
+}
+
+#[test]
+fn hostile_addresses_outside_guest_memory() {
+    let p0 = Phase::Precopy(0);
+    let outside = "outside guest memory";
+    let cases: Vec<(Vec<u8>, &str)> = vec![
+        // In the gap between the regions.
+        (record(32 * PAGE, 1, 1, &pages(1, 1)), outside),
+        // Starting in region 0, running past its end.
+        (record(15 * PAGE, 2, 1, &pages(2, 2)), outside),
+        // Past the last region (a zero record must be refused too).
+        (record(REGION1 + 4 * PAGE, 1, 0, &[]), outside),
+        (record(REGION1 + 3 * PAGE, 2, 0, &[]), outside),
+        // Far away, and at the top of the address space.
+        (record(1 << 40, 1, 1, &pages(1, 3)), outside),
+        (record(!(PAGE - 1), 1, 0, &[]), "wrap around"),
+        (record(0, u32::MAX, 0, &[]), outside),
+        // Not page aligned, no pages, unknown kind, reserved bytes.
+        (record(PAGE + 8, 1, 1, &pages(1, 4)), "not page aligned"),
+        (record(0, 0, 0, &[]), "zero pages"),
+        (record(0, 1, 7, &pages(1, 5)), "unknown record kind 7"),
+        (
+            {
+                let mut r = record(0, 1, 0, &[]);
+                r[13] = 1;
+                r
+            },
+            "reserved bytes",
+        ),
+    ];
+    for (bad, needle) in cases {
+        let r = refused(&with_frame(1, Some(pages_then(bad))), p0, needle);
+        assert!(r.created);
+    }
+}
+
+#[test]
+fn hostile_lengths_and_allocations() {
+    let p0 = Phase::Precopy(0);
+    // A frame header claiming 4 GiB: refused on the header, before
+    // allocating (or waiting for) the payload.
+    let mut s = harness::frames(&harness::valid_frames()[..1]);
+    let mut hdr = harness::frames(&[(MsgKind::Pages, Vec::new())])[..16].to_vec();
+    hdr[4..8].copy_from_slice(&1u32.to_le_bytes());
+    hdr[8..12].copy_from_slice(&u32::MAX.to_le_bytes());
+    s.extend(hdr);
+    refused(&s, p0, "payload length 4294967295 exceeds limit 8388608");
+    // Just over the frame limit.
+    let mut s = harness::frames(&harness::valid_frames()[..1]);
+    let mut hdr = harness::frames(&[(MsgKind::Pages, Vec::new())])[..16].to_vec();
+    hdr[4..8].copy_from_slice(&1u32.to_le_bytes());
+    hdr[8..12].copy_from_slice(&((8u32 << 20) + 1).to_le_bytes());
+    s.extend(hdr);
+    refused(&s, p0, "exceeds limit");
+    // A data record claiming more pages than the frame carries.
+    let bad = record(0, 1000, 1, &pages(1, 9));
+    refused(
+        &with_frame(1, Some(pages_then(bad))),
+        p0,
+        "data runs past end of frame",
+    );
+    // A state section longer than the limit, and one longer than the frame.
+    let state = |count: u32, name: &str, version: u32, len: u32, data: &[u8]| {
+        let mut v = count.to_le_bytes().to_vec();
+        v.extend((name.len() as u16).to_le_bytes());
+        v.extend(name.as_bytes());
+        v.extend(version.to_le_bytes());
+        v.extend(len.to_le_bytes());
+        v.extend(data);
+        (MsgKind::State, v)
+    };
+    let p3 = Phase::State;
+    refused(
+        &with_frame(
+            5,
+            Some(state(1, "soft.writers", 1, (1 << 20) + 1, &[0; 12])),
+        ),
+        p3,
+        "exceeds the limit of 1048576",
+    );
+    refused(
+        &with_frame(5, Some(state(1, "soft.writers", 1, 1000, &[0; 12]))),
+        p3,
+        "runs past the end of the frame",
+    );
+    // Counts that would allocate a lot: refused before allocating.
+    refused(
+        &with_frame(5, Some(state(u32::MAX, "soft.writers", 1, 12, &[0; 12]))),
+        p3,
+        "4294967295 sections exceeds the limit of 4096",
+    );
+    refused(
+        &with_frame(5, Some(state(4096, "soft.writers", 1, 12, &[0; 12]))),
+        p3,
+        "need at least",
+    );
+    // A Hello with 2^32-1 regions, and one describing 1 PiB of memory: the
+    // fixed-layout destination refuses before creating anything.
+    let mut hello = harness::valid_frames()[0].1.clone();
+    hello[20..24].copy_from_slice(&u32::MAX.to_le_bytes());
+    let r = refused(
+        &with_frame(0, Some((MsgKind::Hello, hello))),
+        Phase::Handshake,
+        "exceeds the limit of 64",
+    );
+    assert!(!r.created);
+    let mut d = harness::description();
+    d.layout = MemoryLayout::new(vec![RegionDesc {
+        guest_addr: 0,
+        size: 1 << 50,
+    }])
+    .unwrap();
+    let hello = livemig::protocol::Hello::new(d);
+    let hello = livemig::protocol::Message::encode(&hello).unwrap();
+    let r = refused(
+        &with_frame(0, Some((MsgKind::Hello, hello))),
+        Phase::Handshake,
+        "incompatible VM",
+    );
+    assert!(!r.created);
+    // An Error frame with a 5000-byte message.
+    let mut e = 3u16.to_le_bytes().to_vec();
+    e.extend(b"abc");
+    e.extend(5000u16.to_le_bytes());
+    e.extend(vec![b'x'; 5000]);
+    refused(
+        &with_frame(3, Some((MsgKind::Error, e))),
+        Phase::Precopy(1),
+        "message is 5000 bytes, limit 4096",
+    );
+}
+
+#[test]
+fn hostile_state_sections() {
+    let st = Phase::State;
+    let sec = |name: &str, version: u32, data: Vec<u8>| {
+        let s = livemig::protocol::State {
+            sections: vec![livemig::state::Section::new(name, version, data)],
+        };
+        (
+            MsgKind::State,
+            livemig::protocol::Message::encode(&s).unwrap(),
+        )
+    };
+    let good = harness::soft_section().data;
+    refused(
+        &with_frame(5, Some(sec("soft.writers", 2, good.clone()))),
+        st,
+        "section 'soft.writers': version 2 is not supported (this side reads 1..=1)",
+    );
+    refused(
+        &with_frame(5, Some(sec("soft.writers", 0, good.clone()))),
+        st,
+        "version 0 is not supported",
+    );
+    refused(
+        &with_frame(5, Some(sec("vcpu.0", 1, good.clone()))),
+        st,
+        "section 'vcpu.0' is unknown to this side",
+    );
+    let none = livemig::protocol::State { sections: vec![] };
+    let none = livemig::protocol::Message::encode(&none).unwrap();
+    refused(
+        &with_frame(5, Some((MsgKind::State, none))),
+        st,
+        "section 'soft.writers' is missing from the stream",
+    );
+    // Trailing garbage inside the section, and a truncated one.
+    let mut long = good.clone();
+    long.push(0xee);
+    refused(
+        &with_frame(5, Some(sec("soft.writers", 1, long))),
+        st,
+        "1 trailing bytes after the end of the state",
+    );
+    refused(
+        &with_frame(5, Some(sec("soft.writers", 1, good[..5].to_vec()))),
+        st,
+        "truncated",
+    );
+    // No State at all, and two of them.
+    refused(&with_frame(5, None), st, "Complete before any State");
+    let mut f = harness::valid_frames();
+    f.insert(5, f[5].clone());
+    refused(&harness::frames(&f), st, "a second State frame");
+}
+
+#[test]
+fn hostile_checksums_and_sequence() {
+    let valid = harness::valid_stream();
+    // The crc of the Hello, of the first Pages frame, of Complete.
+    let starts: Vec<usize> = {
+        let mut v = Vec::new();
+        let mut off = 0;
+        for (_, p) in harness::valid_frames() {
+            v.push(off);
+            off += 16 + p.len();
+        }
+        v
+    };
+    for (frame, phase) in [
+        (0, Phase::Handshake),
+        (1, Phase::Precopy(0)),
+        (6, Phase::State),
+    ] {
+        let mut s = valid.clone();
+        s[starts[frame] + 12] ^= 0x01;
+        refused(&s, phase, "crc mismatch");
+    }
+    // A payload byte (in the page data) flipped.
+    let mut s = valid.clone();
+    s[starts[1] + 16 + 16 + 100] ^= 0x80;
+    refused(&s, Phase::Precopy(0), "crc mismatch");
+    // A frame with a sequence number from the future (correct crc).
+    let script = [&[0xf1u8, 0, 0][..], &[0xd4, 12, 0], &[0; 12]].concat();
+    refused(
+        &harness::frames_from_script(&script),
+        Phase::Precopy(0),
+        "unexpected frame seq 2, expected 1",
+    );
+}
+
+#[test]
+fn hostile_trailing_garbage_and_order() {
+    let f = harness::valid_frames();
+    let p0 = Phase::Precopy(0);
+    // Trailing bytes in a payload.
+    let mut end = f[2].1.clone();
+    end.push(0);
+    refused(
+        &with_frame(2, Some((MsgKind::RoundEnd, end))),
+        p0,
+        "RoundEnd: 1 trailing bytes",
+    );
+    let mut hello = f[0].1.clone();
+    hello.extend(b"junk");
+    refused(
+        &with_frame(0, Some((MsgKind::Hello, hello))),
+        Phase::Handshake,
+        "4 trailing bytes",
+    );
+    // Garbage between frames.
+    let mut s = harness::frames(&f[..1]);
+    s.extend(b"garbage after the hello, not a frame");
+    refused(&s, p0, "bad magic");
+    // Garbage where Go should be: the VM is dropped, never resumed.
+    let mut s = harness::frames(&f[..7]);
+    s.extend([0xffu8; 32]);
+    let r = refused(&s, Phase::Completion, "bad magic");
+    assert!(r.created);
+    // Frames out of order.
+    let pages_first = harness::frames(&f[1..]);
+    refused(
+        &pages_first,
+        Phase::Handshake,
+        "unexpected Pages frame (expected Hello)",
+    );
+    let go_early = with_frame(6, Some((MsgKind::Go, Vec::new())));
+    refused(&go_early, Phase::State, "unexpected Go frame");
+    let ready = with_frame(2, Some((MsgKind::Ready, vec![0; 8])));
+    refused(&ready, p0, "unexpected Ready frame");
+    let hello_again = with_frame(3, Some(f[0].clone()));
+    refused(&hello_again, Phase::Precopy(1), "unexpected Hello frame");
+    // A source that cancels, or reports an error.
+    refused(
+        &with_frame(3, Some((MsgKind::Cancel, Vec::new()))),
+        Phase::Precopy(1),
+        "cancelled",
+    );
+    // The stream just ends (mid-frame, and between frames).
+    let valid = harness::valid_stream();
+    refused(
+        &valid[..valid.len() - 20],
+        Phase::State,
+        "connection closed by the peer",
+    );
+    refused(
+        &harness::frames(&f[..3]),
+        Phase::Precopy(1),
+        "connection closed by the peer",
+    );
+}

@@ -138,7 +138,9 @@ impl fmt::Display for At {
 pub enum Fault {
     /// The connection is shut down (both directions, like a reset): the
     /// write reaching the point fails, every later write fails, and the peer
-    /// sees end-of-file. Bytes before the point were passed on.
+    /// sees end-of-file. Bytes before the point were passed on; whether the
+    /// peer reads those still in flight depends on the wrapped transport
+    /// (the in-memory pipe, like a reset TCP connection, discards them).
     Drop,
     /// The byte at the point is XORed with this mask; everything else passes.
     Flip(u8),
