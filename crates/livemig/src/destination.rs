@@ -209,8 +209,8 @@ where
             }
             MsgKind::RoundEnd => {
                 let r = RoundEnd::decode(f.payload).map_err(|e| MigrationError::new(*phase, e))?;
-                report.rounds = r.round + 1;
-                *phase = Phase::Precopy(r.round + 1);
+                report.rounds = r.round.saturating_add(1);
+                *phase = Phase::Precopy(r.round.saturating_add(1));
             }
             MsgKind::State => {
                 *phase = Phase::State;

@@ -1056,3 +1056,18 @@ fn hostile_trailing_garbage_and_order() {
         "connection closed by the peer",
     );
 }
+
+/// A `RoundEnd` for round 2^32 - 1 must not crash the destination (it did:
+/// `r.round + 1` overflowed, a panic where overflow checks are on).
+#[test]
+fn hostile_last_round_number() {
+    let end = livemig::protocol::RoundEnd {
+        round: u32::MAX,
+        pages: u64::MAX,
+    };
+    let end = livemig::protocol::Message::encode(&end).unwrap();
+    let r = harness::receive_stream(&with_frame(4, Some((MsgKind::RoundEnd, end))));
+    // The round number is only reported: the migration completes.
+    let report = r.result.expect("received");
+    assert_eq!(report.rounds, u32::MAX);
+}
