@@ -717,6 +717,10 @@ fn precopy_and_switch<V: SourceVm + ?Sized>(
         remaining_pages: bitmap.count(),
     });
     let before = sender.counts;
+    // The bandwidth cap protects the guest's network while it runs; while
+    // it is paused every millisecond is downtime (QEMU lifts its limit at
+    // completion too).
+    sender.pacer.rate = None;
     // Paused: no need to re-arm the log, nothing is writing.
     sender.send_bitmap(&bitmap, None, None, &CancelToken::new(), fm)?;
     report.final_pages = sender.counts.pages - before.pages + sender.counts.zero - before.zero;
