@@ -227,6 +227,19 @@ impl Vmm {
         self.wait_for("READY", timeout, |g| g.ready)
     }
 
+    /// Waits (up to `timeout`) until the captured stderr contains `needle`;
+    /// the pipe may still be draining after the process exited.
+    pub fn wait_stderr(&self, needle: &str, timeout: Duration) -> bool {
+        let deadline = Instant::now() + timeout;
+        while !self.stderr().contains(needle) {
+            if Instant::now() > deadline {
+                return false;
+            }
+            std::thread::sleep(Duration::from_millis(5));
+        }
+        true
+    }
+
     /// Captured stderr so far.
     pub fn stderr(&self) -> String {
         lock(&self.stderr).clone()

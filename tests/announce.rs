@@ -342,6 +342,10 @@ fn nic_mismatch_is_refused_in_the_handshake() {
         "{err}"
     );
     let _ = dst.wait_exit(Duration::from_secs(5));
-    assert!(dst.stderr().contains("NICs differ"), "{}", dst.stderr());
+    assert!(
+        dst.wait_stderr("NICs differ", Duration::from_secs(5)),
+        "{}",
+        dst.stderr()
+    );
     src.wait_heartbeats(100, Duration::from_secs(10)).unwrap();
 }

@@ -343,7 +343,11 @@ fn memory_mismatch_refused_before_any_page() {
         .wait_exit(Duration::from_secs(10))
         .expect("destination exits");
     assert!(!st.success());
-    assert!(dst.stderr().contains("memory differs"), "{}", dst.stderr());
+    assert!(
+        dst.wait_stderr("memory differs", Duration::from_secs(5)),
+        "{}",
+        dst.stderr()
+    );
     // Nothing was sent and the source runs on.
     src.wait_heartbeats(300, Duration::from_secs(30)).unwrap();
     assert!(log_of(&src).corrupt.is_empty());

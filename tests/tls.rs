@@ -76,7 +76,7 @@ fn migrate_over_mutual_tls_and_refuse_a_stranger() {
     .unwrap();
     assert!(log_of(&dst).corrupt.is_empty());
     assert!(
-        dst.stderr().contains("refused a connection"),
+        dst.wait_stderr("refused a connection", Duration::from_secs(5)),
         "{}",
         dst.stderr()
     );
