@@ -123,16 +123,3 @@ pub fn tls_pair(
     let s = l.accept().unwrap();
     (t.join().unwrap(), s)
 }
-
-/// Deterministic test pattern.
-pub fn pattern(len: usize, seed: u64) -> Vec<u8> {
-    let mut x = seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1;
-    (0..len)
-        .map(|_| {
-            x ^= x << 13;
-            x ^= x >> 7;
-            x ^= x << 17;
-            x as u8
-        })
-        .collect()
-}

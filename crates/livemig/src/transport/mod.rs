@@ -464,9 +464,10 @@ impl Drop for Listener {
     }
 }
 
-/// Helpers shared by the transport tests.
-#[cfg(test)]
-pub(crate) mod testutil {
+/// Helpers shared by the transport tests, here and in other crates
+/// (feature `test-util`). They panic on failure: tests only.
+#[cfg(any(test, feature = "test-util"))]
+pub mod testutil {
     use super::Transport;
     use std::io::{Read, Write};
     use std::time::{Duration, Instant};
