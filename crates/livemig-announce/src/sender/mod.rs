@@ -121,6 +121,37 @@ impl<T: FrameSender + ?Sized> FrameSender for Box<T> {
 
 /// Check `name` the way the kernel's `dev_valid_name()` does and turn it into
 /// a C string.
+/// Runs a one-shot write-like `syscall` of `len` bytes: retries on EINTR,
+/// and turns a failure or a short write into a [`SendError`] naming `target`.
+pub(crate) fn send_all(
+    len: usize,
+    target: impl Fn() -> String,
+    mut syscall: impl FnMut() -> isize,
+) -> Result<(), SendError> {
+    loop {
+        let n = syscall();
+        if n < 0 {
+            let source = std::io::Error::last_os_error();
+            if source.kind() == std::io::ErrorKind::Interrupted {
+                continue;
+            }
+            return Err(SendError::Send {
+                target: target(),
+                source,
+            });
+        }
+        let written = n.unsigned_abs();
+        if written != len {
+            return Err(SendError::ShortWrite {
+                target: target(),
+                written,
+                len,
+            });
+        }
+        return Ok(());
+    }
+}
+
 pub(crate) fn interface_name(name: &str) -> Result<CString, SendError> {
     let invalid = |reason| SendError::InvalidName {
         name: name.to_string(),

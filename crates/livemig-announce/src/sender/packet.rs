@@ -108,40 +108,25 @@ impl FrameSender for PacketSender {
             .map(|b| u16::from_be_bytes([b[0], b[1]]))
             .unwrap_or(0);
         let addr = link_address(self.ifindex, protocol, frame.get(0..6));
-        loop {
-            // SAFETY: `frame` is valid for reads of `frame.len()` bytes, `addr`
-            // is a valid `sockaddr_ll` of the size given, and `self.fd` is an
-            // open socket owned by this sender.
-            let n = unsafe {
-                libc::sendto(
-                    self.fd.as_raw_fd(),
-                    frame.as_ptr().cast(),
-                    frame.len(),
-                    0,
-                    (&addr as *const libc::sockaddr_ll).cast(),
-                    mem::size_of::<libc::sockaddr_ll>() as libc::socklen_t,
-                )
-            };
-            if n < 0 {
-                let source = io::Error::last_os_error();
-                if source.kind() == io::ErrorKind::Interrupted {
-                    continue;
+        super::send_all(
+            frame.len(),
+            || self.describe(),
+            || {
+                // SAFETY: `frame` is valid for reads of `frame.len()` bytes, `addr`
+                // is a valid `sockaddr_ll` of the size given, and `self.fd` is an
+                // open socket owned by this sender.
+                unsafe {
+                    libc::sendto(
+                        self.fd.as_raw_fd(),
+                        frame.as_ptr().cast(),
+                        frame.len(),
+                        0,
+                        (&addr as *const libc::sockaddr_ll).cast(),
+                        mem::size_of::<libc::sockaddr_ll>() as libc::socklen_t,
+                    )
                 }
-                return Err(SendError::Send {
-                    target: self.describe(),
-                    source,
-                });
-            }
-            let written = n.unsigned_abs();
-            if written != frame.len() {
-                return Err(SendError::ShortWrite {
-                    target: self.describe(),
-                    written,
-                    len: frame.len(),
-                });
-            }
-            return Ok(());
-        }
+            },
+        )
     }
 
     fn describe(&self) -> String {

@@ -215,36 +215,16 @@ impl FrameSender for TapSender {
         self.buf
             .resize(self.buf.len() + self.framing.vnet_hdr_len, 0);
         self.buf.extend_from_slice(frame);
-        loop {
-            // SAFETY: `self.buf` is valid for reads of `self.buf.len()` bytes
-            // and `self.fd` is an open descriptor owned by this sender.
-            let n = unsafe {
-                libc::write(
-                    self.fd.as_raw_fd(),
-                    self.buf.as_ptr().cast(),
-                    self.buf.len(),
-                )
-            };
-            if n < 0 {
-                let source = io::Error::last_os_error();
-                if source.kind() == io::ErrorKind::Interrupted {
-                    continue;
-                }
-                return Err(SendError::Send {
-                    target: self.describe(),
-                    source,
-                });
-            }
-            let written = n.unsigned_abs();
-            if written != self.buf.len() {
-                return Err(SendError::ShortWrite {
-                    target: self.describe(),
-                    written,
-                    len: self.buf.len(),
-                });
-            }
-            return Ok(());
-        }
+        let (fd, buf) = (self.fd.as_raw_fd(), &self.buf);
+        super::send_all(
+            buf.len(),
+            || self.describe(),
+            || {
+                // SAFETY: `buf` is valid for reads of `buf.len()` bytes and `fd`
+                // is an open descriptor owned by this sender.
+                unsafe { libc::write(fd, buf.as_ptr().cast(), buf.len()) }
+            },
+        )
     }
 
     fn describe(&self) -> String {
