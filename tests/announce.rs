@@ -150,6 +150,28 @@ fn vmm(net: &Net, dir: &std::path::Path, name: &str, args: &[&str]) -> Vmm {
     Vmm::spawn_prefixed(name, &net.exec_prefix(), &a, api).unwrap()
 }
 
+/// `refvmm run` with the test guest and one `--net`, inside the namespace.
+fn source(net: &Net, dir: &std::path::Path, cmdline: &str, netspec: &str) -> Vmm {
+    let mut v = vmm(
+        net,
+        dir,
+        "src",
+        &[
+            "run",
+            "--memory",
+            "128M",
+            "--kernel",
+            "builtin:testguest",
+            "--cmdline",
+            cmdline,
+            "--net",
+            netspec,
+        ],
+    );
+    v.wait_api(Duration::from_secs(20)).unwrap();
+    v
+}
+
 fn rx_to_guest(v: &Vmm) -> u64 {
     let r = v.api(&json!({"cmd":"net-stats"}), |_| {}).unwrap();
     r["nics"][0]["rx_to_guest_mac"].as_u64().unwrap_or(0)
@@ -161,23 +183,7 @@ fn scenario(tag: &str, announce: bool) -> (Option<Duration>, u64, u64, Vec<f64>)
     let dir = scratch_dir(&format!("announce-{tag}"));
     let netspec_src = format!("tap=lmsrc,mac={MAC},ip={IP}");
     let netspec_dst = format!("tap=lmdst,mac={MAC}");
-    let mut src = vmm(
-        &net,
-        &dir,
-        "src",
-        &[
-            "run",
-            "--memory",
-            "128M",
-            "--kernel",
-            "builtin:testguest",
-            "--cmdline",
-            "ws=16 rate=5",
-            "--net",
-            &netspec_src,
-        ],
-    );
-    src.wait_api(Duration::from_secs(20)).unwrap();
+    let mut src = source(&net, &dir, "ws=16 rate=5", &netspec_src);
     net.enslave("lmsrc").unwrap();
     src.wait_ready(Duration::from_secs(30)).unwrap();
     let mut dargs = vec![
@@ -304,23 +310,7 @@ fn nic_mismatch_is_refused_in_the_handshake() {
     }
     let net = Net::new("m").unwrap();
     let dir = scratch_dir("announce-m");
-    let mut src = vmm(
-        &net,
-        &dir,
-        "src",
-        &[
-            "run",
-            "--memory",
-            "128M",
-            "--kernel",
-            "builtin:testguest",
-            "--cmdline",
-            "ws=16",
-            "--net",
-            &format!("tap=lmsrc,mac={MAC}"),
-        ],
-    );
-    src.wait_api(Duration::from_secs(20)).unwrap();
+    let mut src = source(&net, &dir, "ws=16", &format!("tap=lmsrc,mac={MAC}"));
     src.wait_ready(Duration::from_secs(30)).unwrap();
     let mut dst = vmm(
         &net,
