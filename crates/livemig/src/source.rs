@@ -279,19 +279,13 @@ fn merge_vmm_writes<V: SourceVm + ?Sized>(vm: &V, bitmap: &mut DirtyBitmap) {
     }
 }
 
-thread_local! {
-    static IO_TIMEOUT: std::cell::Cell<Duration> = const { std::cell::Cell::new(Duration::from_secs(10)) };
-}
-
-fn fr_timeout() -> Duration {
-    IO_TIMEOUT.with(|t| t.get())
-}
-
 /// Reads the next frame, turning a peer `Error` frame into an error.
+/// `timeout` is the read timeout set on `fr`, for the error message.
 fn expect(
     fr: &mut FrameReader<Box<dyn Transport>>,
     want: MsgKind,
     phase: Phase,
+    timeout: Duration,
 ) -> Result<Vec<u8>, MigrationError> {
     let f = fr.read_frame().map_err(|e| {
         if e.is_timeout() {
@@ -299,7 +293,7 @@ fn expect(
                 phase,
                 ErrorKind::Timeout {
                     waiting_for: want.name(),
-                    after: fr_timeout(),
+                    after: timeout,
                 },
             )
         } else {
@@ -399,7 +393,6 @@ fn run_source<V: SourceVm + ?Sized>(
     desc: crate::vm::VmDescription,
 ) -> Result<(), MigrationError> {
     let hs = Phase::Handshake;
-    IO_TIMEOUT.with(|t| t.set(config.io_timeout));
     let layout = desc.layout.clone();
     let mut rx = transport
         .try_clone()
@@ -412,8 +405,13 @@ fn run_source<V: SourceVm + ?Sized>(
     // Handshake: refuse before a single page is sent.
     let hello = Hello::new(desc);
     fw.send(&hello).map_err(|e| MigrationError::new(hs, e))?;
-    let reply = HelloReply::decode(&expect(&mut fr, MsgKind::HelloReply, hs)?)
-        .map_err(|e| MigrationError::new(hs, e))?;
+    let reply = HelloReply::decode(&expect(
+        &mut fr,
+        MsgKind::HelloReply,
+        hs,
+        config.io_timeout,
+    )?)
+    .map_err(|e| MigrationError::new(hs, e))?;
     if !reply.accepted {
         return Err(MigrationError::new(hs, ErrorKind::Refused(reply.reason)));
     }
@@ -736,8 +734,13 @@ fn precopy_and_switch<V: SourceVm + ?Sized>(
     fw.write_frame(MsgKind::Complete, &[])
         .map_err(|e| MigrationError::new(st, e))?;
     fw.flush().map_err(|e| MigrationError::new(st, e))?;
-    let ready = Ready::decode(&expect(fr, MsgKind::Ready, Phase::Completion)?)
-        .map_err(|e| MigrationError::new(Phase::Completion, e))?;
+    let ready = Ready::decode(&expect(
+        fr,
+        MsgKind::Ready,
+        Phase::Completion,
+        config.io_timeout,
+    )?)
+    .map_err(|e| MigrationError::new(Phase::Completion, e))?;
     let t_ready = Instant::now();
     if cancel.is_cancelled() {
         return Err(MigrationError::new(Phase::Completion, ErrorKind::Cancelled));
@@ -748,7 +751,7 @@ fn precopy_and_switch<V: SourceVm + ?Sized>(
     if let Err(e) = fw.write_frame(MsgKind::Go, &[]).and_then(|_| fw.flush()) {
         return Err(MigrationError::new(cp, ErrorKind::Ambiguous(e.to_string())));
     }
-    let resumed = match expect(fr, MsgKind::Resumed, cp) {
+    let resumed = match expect(fr, MsgKind::Resumed, cp, config.io_timeout) {
         Ok(p) => Resumed::decode(&p).map_err(|e| MigrationError::new(cp, e))?,
         Err(e) => return Err(MigrationError::new(cp, ErrorKind::Ambiguous(e.to_string()))),
     };
