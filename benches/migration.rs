@@ -16,7 +16,7 @@ use std::time::{Duration, Instant};
 
 use criterion::{criterion_group, criterion_main, Criterion, SamplingMode};
 use livemig_suite::harness::{
-    log_of, migrate, refvmm_path, scratch_dir, start_destination, start_source, Vmm,
+    largest_gap_in, log_of, migrate, refvmm_path, scratch_dir, start_destination, start_source, Vmm,
 };
 use serde_json::{json, Value};
 
@@ -92,15 +92,6 @@ fn gap_ms(d: Duration) -> f64 {
     d.as_secs_f64() * 1e3
 }
 
-fn largest_gap(hb: &[Instant], from: Instant, to: Instant) -> Duration {
-    let v: Vec<Instant> = hb
-        .iter()
-        .copied()
-        .filter(|t| *t >= from && *t <= to)
-        .collect();
-    v.windows(2).map(|w| w[1] - w[0]).max().unwrap_or_default()
-}
-
 /// Runs one migration of `src`, returns the new source (the destination).
 fn one_migration(sc: &Scenario, dir: &std::path::Path, src: Vmm, n: usize) -> (Vmm, Sample) {
     let (mut dst, ep) = if sc.transport == "unix" {
@@ -152,9 +143,9 @@ fn one_migration(sc: &Scenario, dir: &std::path::Path, src: Vmm, n: usize) -> (V
                 .copied()
                 .collect();
             all.sort();
-            s.blackout_ms = gap_ms(largest_gap(&all, t0, t1 + Duration::from_millis(50)));
+            s.blackout_ms = gap_ms(largest_gap_in(&all, t0, t1 + Duration::from_millis(50)));
             let span = (t1 - t0).max(Duration::from_millis(200));
-            s.noise_floor_ms = gap_ms(largest_gap(
+            s.noise_floor_ms = gap_ms(largest_gap_in(
                 &sl.heartbeats,
                 t0.checked_sub(span).unwrap_or(t0),
                 t0,

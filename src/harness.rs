@@ -462,8 +462,12 @@ pub fn blackout(src: &GuestLog, dst: &GuestLog, from: Instant) -> Option<Blackou
 
 /// Largest heartbeat gap within `[from, to]`.
 pub fn largest_gap(log: &GuestLog, from: Instant, to: Instant) -> Duration {
-    let v: Vec<Instant> = log
-        .heartbeats
+    largest_gap_in(&log.heartbeats, from, to)
+}
+
+/// Largest gap between consecutive (sorted) instants within `[from, to]`.
+pub fn largest_gap_in(heartbeats: &[Instant], from: Instant, to: Instant) -> Duration {
+    let v: Vec<Instant> = heartbeats
         .iter()
         .copied()
         .filter(|t| *t >= from && *t <= to)

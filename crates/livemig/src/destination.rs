@@ -12,7 +12,6 @@ use std::time::{Duration, Instant};
 use serde::Serialize;
 
 use crate::error::{ErrorKind, MigrationError, Phase};
-use crate::memory::PAGE_SIZE;
 use crate::protocol::{
     page_records, ErrorMsg, FrameReader, FrameWriter, Hello, HelloReply, Message, MsgKind,
     ProtocolError, Ready, Resumed, RoundEnd, State,
@@ -306,6 +305,5 @@ where
     }
     report.bytes = fr.bytes_read();
     report.total_ms = ms(started.elapsed());
-    let _ = PAGE_SIZE;
     Ok((vm, report))
 }
