@@ -63,6 +63,91 @@ pub struct GuestLog {
     pub corrupt_pages: Vec<u64>,
 }
 
+/// Starts a thread that reads a guest's serial output from `out` until EOF,
+/// timestamps every chunk the moment `read` returns it (the pipe is
+/// unbuffered on the VMM side: each guest byte is written as it is sent),
+/// and parses it into `log`.
+pub fn spawn_serial_reader(
+    mut out: impl Read + Send + 'static,
+    log: Arc<Mutex<GuestLog>>,
+) -> JoinHandle<()> {
+    std::thread::spawn(move || {
+        let mut parser = OutputParser::new();
+        let mut buf = [0u8; 4096];
+        let mut events = Vec::new();
+        loop {
+            let n = match out.read(&mut buf) {
+                Ok(0) | Err(_) => break,
+                Ok(n) => n,
+            };
+            let at = Instant::now();
+            events.clear();
+            parser.feed_into(&buf[..n], at, &mut events);
+            let mut g = lock(&log);
+            for e in events.drain(..) {
+                match e {
+                    Event::Ready { .. } => g.ready = true,
+                    Event::Heartbeat(t) => g.heartbeats.push(t),
+                    Event::Tline {
+                        heartbeats,
+                        pages_written,
+                        pages_verified,
+                        corrupt,
+                    } => g.tlines.push(TLine {
+                        at,
+                        heartbeats,
+                        pages_written,
+                        pages_verified,
+                        corrupt,
+                    }),
+                    Event::Corrupt { page, got, want } => {
+                        g.corrupt_pages.push(page);
+                        g.corrupt.push(format!(
+                            "CORRUPT page={page} got={got:016x} want={want:016x}"
+                        ))
+                    }
+                    Event::Other(s) => g.other.push(s),
+                }
+            }
+        }
+    })
+}
+
+/// Starts a thread that appends every line of `err` to `sink` (and echoes
+/// it as `[tag] line` when `LIVEMIG_ECHO` is set).
+pub fn spawn_stderr_reader(
+    err: impl Read + Send + 'static,
+    sink: Arc<Mutex<String>>,
+    tag: &'static str,
+) -> JoinHandle<()> {
+    std::thread::spawn(move || {
+        let r = BufReader::new(err);
+        for line in r.lines() {
+            let Ok(line) = line else { break };
+            if std::env::var_os("LIVEMIG_ECHO").is_some() {
+                eprintln!("[{tag}] {line}");
+            }
+            let mut s = lock(&sink);
+            s.push_str(&line);
+            s.push('\n');
+        }
+    })
+}
+
+impl GuestLog {
+    /// The TSC frequency the guest reported in its `INFO tsc_khz=<n> ...`
+    /// line (the value refvmm passed it, from `KVM_GET_TSC_KHZ`).
+    pub fn tsc_khz(&self) -> Option<u64> {
+        self.other.iter().find_map(|l| {
+            l.strip_prefix("INFO tsc_khz=")?
+                .split_whitespace()
+                .next()?
+                .parse()
+                .ok()
+        })
+    }
+}
+
 /// A running `refvmm` process.
 pub struct Vmm {
     child: Child,
@@ -77,7 +162,7 @@ pub struct Vmm {
     pub name: String,
 }
 
-fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+pub(crate) fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
     m.lock().unwrap_or_else(|e| e.into_inner())
 }
 
@@ -112,62 +197,10 @@ impl Vmm {
             .map_err(|e| format!("spawning {}: {e}", bin.display()))?;
         let log = Arc::new(Mutex::new(GuestLog::default()));
         let stderr = Arc::new(Mutex::new(String::new()));
-        let mut out = child.stdout.take().ok_or("no stdout")?;
+        let out = child.stdout.take().ok_or("no stdout")?;
         let err = child.stderr.take().ok_or("no stderr")?;
-        let l2 = log.clone();
-        let r1 = std::thread::spawn(move || {
-            let mut parser = OutputParser::new();
-            let mut buf = [0u8; 4096];
-            let mut events = Vec::new();
-            loop {
-                let n = match out.read(&mut buf) {
-                    Ok(0) | Err(_) => break,
-                    Ok(n) => n,
-                };
-                let at = Instant::now();
-                events.clear();
-                parser.feed_into(&buf[..n], at, &mut events);
-                let mut g = lock(&l2);
-                for e in events.drain(..) {
-                    match e {
-                        Event::Ready { .. } => g.ready = true,
-                        Event::Heartbeat(t) => g.heartbeats.push(t),
-                        Event::Tline {
-                            heartbeats,
-                            pages_written,
-                            pages_verified,
-                            corrupt,
-                        } => g.tlines.push(TLine {
-                            at,
-                            heartbeats,
-                            pages_written,
-                            pages_verified,
-                            corrupt,
-                        }),
-                        Event::Corrupt { page, got, want } => {
-                            g.corrupt_pages.push(page);
-                            g.corrupt.push(format!(
-                                "CORRUPT page={page} got={got:016x} want={want:016x}"
-                            ))
-                        }
-                        Event::Other(s) => g.other.push(s),
-                    }
-                }
-            }
-        });
-        let e2 = stderr.clone();
-        let r2 = std::thread::spawn(move || {
-            let r = BufReader::new(err);
-            for line in r.lines() {
-                let Ok(line) = line else { break };
-                if std::env::var_os("LIVEMIG_ECHO").is_some() {
-                    eprintln!("[vmm] {line}");
-                }
-                let mut s = lock(&e2);
-                s.push_str(&line);
-                s.push('\n');
-            }
-        });
+        let r1 = spawn_serial_reader(out, log.clone());
+        let r2 = spawn_stderr_reader(err, stderr.clone(), "vmm");
         Ok(Vmm {
             child,
             api,
