@@ -16,7 +16,11 @@ use std::time::{Duration, Instant};
 
 use criterion::{criterion_group, criterion_main, Criterion, SamplingMode};
 use livemig_suite::harness::{
-    largest_gap_in, log_of, migrate, refvmm_path, scratch_dir, start_destination, start_source, Vmm,
+    largest_gap_in, log_of, migrate, refvmm_path, scratch_dir, start_destination, start_source,
+    GuestLog, Vmm,
+};
+use livemig_suite::qemu::{
+    qboot_path, qemu_path, qemu_version, write_guest_image, QemuConfig, QemuMigrateParams, QemuVm,
 };
 use serde_json::{json, Value};
 
@@ -92,6 +96,41 @@ fn gap_ms(d: Duration) -> f64 {
     d.as_secs_f64() * 1e3
 }
 
+/// The guest-observed figures of one migration that ran from `t0` (request
+/// sent) to `t1` (the VMM said it completed), the same for refvmm and QEMU.
+struct Gaps {
+    /// Last source heartbeat → first destination heartbeat.
+    switchover_gap_ms: f64,
+    /// Largest heartbeat gap (source and destination merged) in `[t0, t1 + 50 ms]`.
+    blackout_ms: f64,
+    /// Largest source heartbeat gap over an equally long stretch (≥ 200 ms) before `t0`.
+    noise_floor_ms: f64,
+}
+
+impl Gaps {
+    fn measure(sl: &GuestLog, dl: &GuestLog, t0: Instant, t1: Instant) -> Gaps {
+        let last_src = sl.heartbeats.last().copied().unwrap_or(t0);
+        let first_dst = dl.heartbeats.first().copied().unwrap_or(t1);
+        let mut all: Vec<Instant> = sl
+            .heartbeats
+            .iter()
+            .chain(dl.heartbeats.iter())
+            .copied()
+            .collect();
+        all.sort();
+        let span = (t1 - t0).max(Duration::from_millis(200));
+        Gaps {
+            switchover_gap_ms: gap_ms(first_dst.saturating_duration_since(last_src)),
+            blackout_ms: gap_ms(largest_gap_in(&all, t0, t1 + Duration::from_millis(50))),
+            noise_floor_ms: gap_ms(largest_gap_in(
+                &sl.heartbeats,
+                t0.checked_sub(span).unwrap_or(t0),
+                t0,
+            )),
+        }
+    }
+}
+
 /// Runs one migration of `src`, returns the new source (the destination).
 fn one_migration(sc: &Scenario, dir: &std::path::Path, src: Vmm, n: usize) -> (Vmm, Sample) {
     let (mut dst, ep) = if sc.transport == "unix" {
@@ -133,23 +172,10 @@ fn one_migration(sc: &Scenario, dir: &std::path::Path, src: Vmm, n: usize) -> (V
             let _ = dst.wait_heartbeats(2000, Duration::from_secs(30));
             let sl = log_of(&src);
             let dl = log_of(&dst);
-            let last_src = sl.heartbeats.last().copied().unwrap_or(t0);
-            let first_dst = dl.heartbeats.first().copied().unwrap_or(t1);
-            s.switchover_gap_ms = gap_ms(first_dst.saturating_duration_since(last_src));
-            let mut all: Vec<Instant> = sl
-                .heartbeats
-                .iter()
-                .chain(dl.heartbeats.iter())
-                .copied()
-                .collect();
-            all.sort();
-            s.blackout_ms = gap_ms(largest_gap_in(&all, t0, t1 + Duration::from_millis(50)));
-            let span = (t1 - t0).max(Duration::from_millis(200));
-            s.noise_floor_ms = gap_ms(largest_gap_in(
-                &sl.heartbeats,
-                t0.checked_sub(span).unwrap_or(t0),
-                t0,
-            ));
+            let g = Gaps::measure(&sl, &dl, t0, t1);
+            s.switchover_gap_ms = g.switchover_gap_ms;
+            s.blackout_ms = g.blackout_ms;
+            s.noise_floor_ms = g.noise_floor_ms;
             let bad: Vec<String> = sl
                 .corrupt
                 .iter()
@@ -188,14 +214,11 @@ fn bench_scenarios(c: &mut Criterion) {
         eprintln!("*** SKIPPED migration benches: /dev/kvm is not available ***");
         return;
     }
-    if !refvmm_path().exists() {
-        // `cargo bench` does not build examples.
-        let st = std::process::Command::new(env!("CARGO"))
-            .args(["build", "--release", "--example", "refvmm"])
-            .status()
-            .expect("cargo build");
-        assert!(st.success());
+    if qemu_mode() == "only" {
+        eprintln!("*** SKIPPED refvmm scenarios: LIVEMIG_BENCH_QEMU=only ***");
+        return;
     }
+    ensure_refvmm();
     let quick = std::env::var_os("LIVEMIG_BENCH_QUICK").is_some();
     let mut g = c.benchmark_group("switchover_gap");
     g.sampling_mode(SamplingMode::Flat)
@@ -233,7 +256,17 @@ fn bench_scenarios(c: &mut Criterion) {
         let _ = std::fs::remove_dir_all(&dir);
     }
     g.finish();
-    write_summary();
+}
+
+/// Builds the refvmm example if it is missing (`cargo bench` does not build examples).
+fn ensure_refvmm() {
+    if !refvmm_path().exists() {
+        let st = std::process::Command::new(env!("CARGO"))
+            .args(["build", "--release", "--example", "refvmm"])
+            .status()
+            .expect("cargo build");
+        assert!(st.success());
+    }
 }
 
 fn memcpy_gbs() -> f64 {
@@ -374,6 +407,14 @@ fn write_summary() {
         ));
         rows.push(row);
     }
+    if names.is_empty() {
+        md.push_str("(refvmm scenarios not run in this invocation)\n");
+    }
+    let cmp = cmp_summary();
+    if let Some((cmd, _)) = &cmp {
+        md.push('\n');
+        md.push_str(cmd);
+    }
     let out = std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
         .join("target")
         .join("livemig-bench");
@@ -381,9 +422,17 @@ fn write_summary() {
     let _ = std::fs::write(out.join("summary.md"), &md);
     let _ = std::fs::write(
         out.join("summary.json"),
-        serde_json::to_string_pretty(
-            &json!({"memcpy_gbs": memcpy, "loopback_tcp_gbs": tcp, "scenarios": rows}),
-        )
+        serde_json::to_string_pretty(&json!({
+            "memcpy_gbs": memcpy,
+            "loopback_tcp_gbs": tcp,
+            "scenarios": rows,
+            "qemu_side_by_side": cmp.map(|(_, r)| json!({
+                "qemu": QEMU_INFO.lock().unwrap().clone(),
+                "heartbeat_us": HB_US,
+                "qemu_max_bandwidth": QEMU_MAX_BANDWIDTH,
+                "rows": r,
+            })),
+        }))
         .unwrap_or_default(),
     );
     let _ = std::fs::write(out.join("downtime-vs-dirty-rate.svg"), svg(&results));
@@ -420,5 +469,466 @@ fn svg(results: &[(String, Sample)]) -> String {
     s
 }
 
-criterion_group!(benches, bench_scenarios);
+// ---------------------------------------------------------------------------
+// The peer, side by side: the same guest image migrated by QEMU and by refvmm
+// in the same run, at the same downtime limit and each at its default.
+// ---------------------------------------------------------------------------
+
+/// One side-by-side scenario (the performance issue's QEMU orientation set).
+struct CmpScenario {
+    name: &'static str,
+    memory_mib: u64,
+    ws_mib: u64,
+    rate_mbs: u64,
+    quick: bool,
+}
+
+fn cmp_scenarios() -> Vec<CmpScenario> {
+    let c = |name, memory_mib, ws_mib, rate_mbs, quick| CmpScenario {
+        name,
+        memory_mib,
+        ws_mib,
+        rate_mbs,
+        quick,
+    };
+    vec![
+        c("idle-1G", 1024, 16, 0, true),
+        c("idle-4G", 4096, 16, 0, false),
+        c("ws256-100MBs", 1024, 256, 100, true),
+        // 1 GiB working set needs 16 MiB + 1 GiB of RAM above 1 MiB.
+        c("ws1G-1GBs", 1536, 1024, 1000, false),
+    ]
+}
+
+/// A downtime-limit setting: both at the same limit, or each at its default.
+#[derive(Clone, Copy)]
+struct CmpLimit {
+    label: &'static str,
+    /// refvmm's `downtime_limit_ms`; `None` = the engine's default (20 ms).
+    ours_ms: Option<u64>,
+    /// QEMU's `downtime-limit`; `None` = QEMU's default (300 ms).
+    qemu_ms: Option<u64>,
+}
+
+const CMP_LIMITS: [CmpLimit; 2] = [
+    CmpLimit {
+        label: "same limit (10 ms)",
+        ours_ms: Some(10),
+        qemu_ms: Some(10),
+    },
+    CmpLimit {
+        label: "defaults (ours 20 ms, QEMU 300 ms)",
+        ours_ms: None,
+        qemu_ms: None,
+    },
+];
+
+/// QEMU's `max-bandwidth` in every run: effectively unlimited (1 TiB/s), as
+/// refvmm has no cap by default and libvirt lifts QEMU's 128 MiB/s default.
+const QEMU_MAX_BANDWIDTH: u64 = 1 << 40;
+
+/// One side-by-side migration.
+#[derive(Clone, Default)]
+struct CmpSample {
+    ok: bool,
+    error: String,
+    switchover_gap_ms: f64,
+    blackout_ms: f64,
+    noise_floor_ms: f64,
+    total_ms: f64,
+    downtime_ms: f64,
+    mb_sent: f64,
+    rounds: f64,
+    corrupt: usize,
+}
+
+/// Picks one figure out of a sample.
+type Field = fn(&CmpSample) -> f64;
+
+/// (scenario, limit label, "ours" | "qemu") → samples.
+type CmpKey = (String, &'static str, &'static str);
+
+static CMP: Mutex<Vec<(CmpKey, CmpSample)>> = Mutex::new(Vec::new());
+static QEMU_INFO: Mutex<Option<String>> = Mutex::new(None);
+
+fn cmp_cmdline(sc: &CmpScenario, tsc_khz: Option<u64>) -> String {
+    let per_hb = (sc.rate_mbs as f64 * 1e6 / 4096.0 * HB_US as f64 / 1e6).round() as u64;
+    let mut c = format!("ws={} rate={per_hb} hb={HB_US} pattern=seq", sc.ws_mib);
+    if let Some(k) = tsc_khz {
+        c.push_str(&format!(" tsc_khz={k}"));
+    }
+    c
+}
+
+fn cmp_warm_heartbeats(sc: &CmpScenario) -> usize {
+    let ms = if sc.rate_mbs > 0 { 3000 } else { 500 };
+    ms * (1000 / HB_US as usize)
+}
+
+/// `LIVEMIG_BENCH_QEMU`: unset/`1` = run the comparison when QEMU is
+/// installed, `0` = never, `only` = only the comparison.
+fn qemu_mode() -> &'static str {
+    match std::env::var("LIVEMIG_BENCH_QEMU").as_deref() {
+        Ok("0") | Ok("off") => "off",
+        Ok("only") => "only",
+        _ => "on",
+    }
+}
+
+fn cmp_runs() -> usize {
+    let quick = std::env::var_os("LIVEMIG_BENCH_QUICK").is_some();
+    std::env::var("LIVEMIG_BENCH_QEMU_RUNS")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .filter(|n| *n > 0)
+        .unwrap_or(if quick { 3 } else { 5 })
+}
+
+fn cmp_record(sc: &CmpScenario, lim: &CmpLimit, vmm: &'static str, s: CmpSample) {
+    if !s.ok {
+        eprintln!(
+            "{} [{}] {vmm}: migration failed: {}",
+            sc.name, lim.label, s.error
+        );
+    } else {
+        eprintln!(
+            "{} [{}] {vmm}: gap {:.2} ms, blackout {:.2} ms, total {:.0} ms, downtime {:.2} ms",
+            sc.name, lim.label, s.switchover_gap_ms, s.blackout_ms, s.total_ms, s.downtime_ms
+        );
+    }
+    CMP.lock()
+        .unwrap()
+        .push(((sc.name.to_string(), lim.label, vmm), s));
+}
+
+/// refvmm's runs of one scenario (all limits); returns the TSC frequency it
+/// passed the guest, for QEMU to pass the same.
+fn cmp_ours(sc: &CmpScenario, runs: usize) -> Option<u64> {
+    let dir = scratch_dir("cmp-ours");
+    let mem = format!("{}M", sc.memory_mib);
+    let mut src = match start_source(&dir, "s0", &mem, 1, &cmp_cmdline(sc, None)) {
+        Ok(v) => v,
+        Err(e) => {
+            eprintln!("{}: refvmm source: {e}", sc.name);
+            return None;
+        }
+    };
+    if let Err(e) = src
+        .wait_ready(Duration::from_secs(60))
+        .and_then(|_| src.wait_heartbeats(cmp_warm_heartbeats(sc), Duration::from_secs(60)))
+    {
+        eprintln!("{}: refvmm warm-up: {e}", sc.name);
+        return None;
+    }
+    let tsc_khz = log_of(&src).tsc_khz();
+    let mut n = 0;
+    for lim in &CMP_LIMITS {
+        for _ in 0..runs {
+            n += 1;
+            let (mut dst, ep) = match start_destination(&dir, &format!("d{n}"), &[]) {
+                Ok(x) => x,
+                Err(e) => {
+                    cmp_record(
+                        sc,
+                        lim,
+                        "ours",
+                        CmpSample {
+                            error: e,
+                            ..Default::default()
+                        },
+                    );
+                    continue;
+                }
+            };
+            let extra = match lim.ours_ms {
+                Some(ms) => json!({ "downtime_limit_ms": ms }),
+                None => json!({}),
+            };
+            let t0 = Instant::now();
+            let r = migrate(&src, &ep, extra);
+            let t1 = Instant::now();
+            let mut s = CmpSample::default();
+            match r {
+                Ok(rep) => {
+                    let _ = dst.wait_heartbeats(2000, Duration::from_secs(30));
+                    {
+                        let sl = log_of(&src);
+                        let dl = log_of(&dst);
+                        let g = Gaps::measure(&sl, &dl, t0, t1);
+                        s.ok = true;
+                        s.switchover_gap_ms = g.switchover_gap_ms;
+                        s.blackout_ms = g.blackout_ms;
+                        s.noise_floor_ms = g.noise_floor_ms;
+                        s.corrupt = sl.corrupt.len() + dl.corrupt.len();
+                    }
+                    s.total_ms = rep["total_ms"].as_f64().unwrap_or(f64::NAN);
+                    s.downtime_ms = rep["downtime_ms"].as_f64().unwrap_or(f64::NAN);
+                    s.mb_sent = rep["bytes_sent"].as_f64().unwrap_or(f64::NAN) / 1e6;
+                    s.rounds = rep["rounds"].as_array().map_or(0, |x| x.len()) as f64;
+                    assert_eq!(s.corrupt, 0, "{}: the guest saw corruption", sc.name);
+                    src = dst;
+                }
+                Err(e) => {
+                    s.error = e.to_string();
+                    drop(dst);
+                }
+            }
+            cmp_record(sc, lim, "ours", s);
+        }
+    }
+    drop(src);
+    let _ = std::fs::remove_dir_all(&dir);
+    tsc_khz
+}
+
+/// QEMU's runs of one scenario (all limits).
+fn cmp_qemu(sc: &CmpScenario, runs: usize, qemu: &std::path::Path, tsc_khz: Option<u64>) {
+    let dir = scratch_dir("cmp-qemu");
+    let kernel = match write_guest_image(&dir) {
+        Ok(k) => k,
+        Err(e) => {
+            eprintln!("{}: {e}", sc.name);
+            return;
+        }
+    };
+    let cfg = QemuConfig {
+        qemu: qemu.to_path_buf(),
+        kernel,
+        cmdline: cmp_cmdline(sc, tsc_khz),
+        memory_mib: sc.memory_mib,
+        vcpus: 1,
+        bios: qboot_path(),
+    };
+    let mut src = match QemuVm::start_source(&dir, "qs0", &cfg) {
+        Ok(v) => v,
+        Err(e) => {
+            eprintln!("{}: QEMU source: {e}", sc.name);
+            return;
+        }
+    };
+    if let Err(e) = src
+        .wait_ready(Duration::from_secs(60))
+        .and_then(|_| src.wait_heartbeats(cmp_warm_heartbeats(sc), Duration::from_secs(60)))
+    {
+        eprintln!("{}: QEMU warm-up: {e}", sc.name);
+        return;
+    }
+    let mut n = 0;
+    for lim in &CMP_LIMITS {
+        for _ in 0..runs {
+            n += 1;
+            let (mut dst, uri) = match QemuVm::start_destination(&dir, &format!("qd{n}"), &cfg) {
+                Ok(x) => x,
+                Err(e) => {
+                    cmp_record(
+                        sc,
+                        lim,
+                        "qemu",
+                        CmpSample {
+                            error: e,
+                            ..Default::default()
+                        },
+                    );
+                    continue;
+                }
+            };
+            let params = QemuMigrateParams {
+                // Always set explicitly: an earlier run on this source may have changed it.
+                downtime_limit_ms: Some(lim.qemu_ms.unwrap_or(300)),
+                max_bandwidth: Some(QEMU_MAX_BANDWIDTH),
+                timeout: Duration::from_secs(30),
+                ..Default::default()
+            };
+            let t0 = Instant::now();
+            let r = src.migrate(&uri, &params);
+            let mut s = CmpSample::default();
+            match r {
+                Ok(rep) => {
+                    let t1 = rep.completed_at;
+                    let _ = dst.wait_heartbeats(2000, Duration::from_secs(30));
+                    {
+                        let sl = src.log();
+                        let dl = dst.log();
+                        let g = Gaps::measure(&sl, &dl, t0, t1);
+                        s.ok = true;
+                        s.switchover_gap_ms = g.switchover_gap_ms;
+                        s.blackout_ms = g.blackout_ms;
+                        s.noise_floor_ms = g.noise_floor_ms;
+                        s.corrupt = sl.corrupt.len() + dl.corrupt.len();
+                        if s.corrupt > 0 {
+                            eprintln!(
+                                "*** {}: the guest saw corruption under QEMU: {:?} {:?}",
+                                sc.name, sl.corrupt, dl.corrupt
+                            );
+                        }
+                    }
+                    s.total_ms = rep.total_ms;
+                    s.downtime_ms = rep.downtime_ms;
+                    s.mb_sent = rep.ram_transferred as f64 / 1e6;
+                    s.rounds = rep.dirty_sync_count as f64;
+                    src = dst;
+                }
+                Err(e) => {
+                    s.error = e;
+                    drop(dst);
+                }
+            }
+            cmp_record(sc, lim, "qemu", s);
+        }
+    }
+    drop(src);
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+fn bench_qemu_side_by_side(_c: &mut Criterion) {
+    if qemu_mode() == "off" {
+        eprintln!("*** SKIPPED QEMU side-by-side: LIVEMIG_BENCH_QEMU=0 ***");
+        return;
+    }
+    if !livemig_kvm::kvm_available() {
+        eprintln!("*** SKIPPED QEMU side-by-side: /dev/kvm is not available ***");
+        return;
+    }
+    let Some(qemu) = qemu_path() else {
+        eprintln!(
+            "*** SKIPPED QEMU side-by-side: qemu-system-x86_64 is not installed (or $QEMU does not exist) ***"
+        );
+        return;
+    };
+    let version = match qemu_version(&qemu) {
+        Ok(v) => v,
+        Err(e) => {
+            eprintln!("*** SKIPPED QEMU side-by-side: {e} ***");
+            return;
+        }
+    };
+    ensure_refvmm();
+    *QEMU_INFO.lock().unwrap() = Some(format!(
+        "{version} ({}), BIOS {}",
+        qemu.display(),
+        qboot_path().map_or("SeaBIOS (default)".into(), |p| p.display().to_string())
+    ));
+    let quick = std::env::var_os("LIVEMIG_BENCH_QUICK").is_some();
+    let runs = cmp_runs();
+    let started = Instant::now();
+    for sc in cmp_scenarios().iter().filter(|s| !quick || s.quick) {
+        let tsc = cmp_ours(sc, runs);
+        if tsc.is_none() {
+            eprintln!(
+                "{}: no tsc_khz from refvmm's guest; QEMU's guest calibrates its own",
+                sc.name
+            );
+        }
+        cmp_qemu(sc, runs, &qemu, tsc);
+    }
+    eprintln!(
+        "QEMU side-by-side took {:.0} s",
+        started.elapsed().as_secs_f64()
+    );
+}
+
+/// The side-by-side table (markdown) and rows (JSON), medians of the ok runs.
+fn cmp_summary() -> Option<(String, Vec<Value>)> {
+    let info = QEMU_INFO.lock().unwrap().clone()?;
+    let results = CMP.lock().unwrap().clone();
+    let mut md = format!(
+        "### QEMU side by side\n\nPeer: {info}. Same guest image and command line (heartbeat {HB_US} µs), loopback TCP, 1 vCPU; QEMU `max-bandwidth` {} GiB/s (uncapped) in every run; medians of the successful runs; ratio = ours / QEMU (below 1: we are better).\n\n",
+        QEMU_MAX_BANDWIDTH >> 30
+    );
+    md.push_str("| scenario | limit | runs ok (ours / QEMU) | switchover gap ms (ours / QEMU / ratio) | blackout ms (ours / QEMU / ratio) | total ms (ours / QEMU / ratio) | downtime ms, self-reported (ours / QEMU / ratio) | noise floor ms (ours / QEMU) | MB sent (ours / QEMU) | rounds (ours) / dirty syncs (QEMU) |\n|---|---|---|---|---|---|---|---|---|---|\n");
+    let mut rows = Vec::new();
+    for sc in cmp_scenarios() {
+        for lim in &CMP_LIMITS {
+            let pick = |vmm: &str| -> (usize, usize, Vec<CmpSample>, Vec<String>) {
+                let all: Vec<&CmpSample> = results
+                    .iter()
+                    .filter(|((n, l, v), _)| n == sc.name && *l == lim.label && *v == vmm)
+                    .map(|(_, s)| s)
+                    .collect();
+                let ok: Vec<CmpSample> =
+                    all.iter().filter(|s| s.ok).map(|s| (*s).clone()).collect();
+                let errs = all
+                    .iter()
+                    .filter(|s| !s.ok)
+                    .map(|s| s.error.clone())
+                    .collect();
+                (all.len(), ok.len(), ok, errs)
+            };
+            let (on, ook, o, oerr) = pick("ours");
+            let (qn, qok, q, qerr) = pick("qemu");
+            if on + qn == 0 {
+                continue;
+            }
+            let m = |v: &[CmpSample], f: Field| median(v.iter().map(f).collect());
+            let fields: [(&str, Field); 7] = [
+                ("switchover_gap_ms", |s| s.switchover_gap_ms),
+                ("blackout_ms", |s| s.blackout_ms),
+                ("total_ms", |s| s.total_ms),
+                ("downtime_ms", |s| s.downtime_ms),
+                ("noise_floor_ms", |s| s.noise_floor_ms),
+                ("mb_sent", |s| s.mb_sent),
+                ("rounds", |s| s.rounds),
+            ];
+            let mut row = json!({
+                "scenario": sc.name, "limit": lim.label,
+                "ours_limit_ms": lim.ours_ms.unwrap_or(20), "qemu_limit_ms": lim.qemu_ms.unwrap_or(300),
+                "ours_runs": on, "ours_ok": ook, "qemu_runs": qn, "qemu_ok": qok,
+                "ours_errors": oerr, "qemu_errors": qerr,
+                "qemu_corrupt_runs": q.iter().filter(|s| s.corrupt > 0).count(),
+            });
+            let mut v = std::collections::HashMap::new();
+            for (k, f) in fields {
+                let (a, b) = (m(&o, f), m(&q, f));
+                row[format!("ours_{k}")] = json!(a);
+                row[format!("qemu_{k}")] = json!(b);
+                row[format!("ratio_{k}")] = json!(a / b);
+                v.insert(k, (a, b));
+            }
+            let tri = |k: &str| {
+                let (a, b) = v[k];
+                format!("{a:.2} / {b:.2} / {:.2}", a / b)
+            };
+            let (nf_o, nf_q) = v["noise_floor_ms"];
+            let (mb_o, mb_q) = v["mb_sent"];
+            let (r_o, r_q) = v["rounds"];
+            md.push_str(&format!(
+                "| {} | {} | {on} ({ook}) / {qn} ({qok}) | {} | {} | {} | {} | {nf_o:.2} / {nf_q:.2} | {mb_o:.0} / {mb_q:.0} | {r_o:.0} / {r_q:.0} |\n",
+                sc.name,
+                lim.label,
+                tri("switchover_gap_ms"),
+                tri("blackout_ms"),
+                tri("total_ms"),
+                tri("downtime_ms"),
+            ));
+            rows.push(row);
+        }
+    }
+    let errs: Vec<String> = results
+        .iter()
+        .filter(|(_, s)| !s.ok)
+        .map(|((n, l, v), s)| format!("* {n} [{l}] {v}: {}", s.error.lines().next().unwrap_or("")))
+        .collect();
+    if !errs.is_empty() {
+        md.push_str("\nFailed runs:\n");
+        for e in errs {
+            md.push_str(&e);
+            md.push('\n');
+        }
+    }
+    Some((md, rows))
+}
+
+fn write_all_summaries(_c: &mut Criterion) {
+    if RESULTS.lock().unwrap().is_empty() && CMP.lock().unwrap().is_empty() {
+        return;
+    }
+    write_summary();
+}
+
+criterion_group!(
+    benches,
+    bench_scenarios,
+    bench_qemu_side_by_side,
+    write_all_summaries
+);
 criterion_main!(benches);
