@@ -3,8 +3,15 @@
 //! next to the physical limits (memcpy and loopback TCP bandwidth) measured
 //! in the same run.
 //!
-//! `cargo bench --bench migration` (full: about 10 minutes on 2 cores);
+//! `cargo bench --bench migration` (full: about 11 minutes on 2 cores, of
+//! which about 4 are the QEMU side by side);
 //! `LIVEMIG_BENCH_QUICK=1 cargo bench --bench migration` (a few scenarios).
+//!
+//! When `qemu-system-x86_64` is installed (or `$QEMU` names it), the same
+//! run also migrates the same guest image between two QEMU processes and
+//! compares (see `docs/benchmarks.md`). `LIVEMIG_BENCH_QEMU=0` skips that,
+//! `LIVEMIG_BENCH_QEMU=only` runs only that; `LIVEMIG_BENCH_QEMU_RUNS=N`
+//! sets the runs per (scenario, limit, VMM) (default 5, quick mode 3).
 //! Results: criterion's report (the timed value is the **switchover gap** as
 //! the guest's heartbeats show it, not wall time), plus
 //! `target/livemig-bench/summary.{md,json}` and `downtime-vs-dirty-rate.svg`.
@@ -101,7 +108,10 @@ fn gap_ms(d: Duration) -> f64 {
 struct Gaps {
     /// Last source heartbeat → first destination heartbeat.
     switchover_gap_ms: f64,
-    /// Largest heartbeat gap (source and destination merged) in `[t0, t1 + 50 ms]`.
+    /// Largest heartbeat gap (source and destination merged) from `t0` to
+    /// 50 ms after the later of `t1` and the destination's first heartbeat
+    /// (QEMU reports completion when the source has sent everything, which
+    /// can be well before the destination runs the guest).
     blackout_ms: f64,
     /// Largest source heartbeat gap over an equally long stretch (≥ 200 ms) before `t0`.
     noise_floor_ms: f64,
@@ -121,7 +131,11 @@ impl Gaps {
         let span = (t1 - t0).max(Duration::from_millis(200));
         Gaps {
             switchover_gap_ms: gap_ms(first_dst.saturating_duration_since(last_src)),
-            blackout_ms: gap_ms(largest_gap_in(&all, t0, t1 + Duration::from_millis(50))),
+            blackout_ms: gap_ms(largest_gap_in(
+                &all,
+                t0,
+                t1.max(first_dst) + Duration::from_millis(50),
+            )),
             noise_floor_ms: gap_ms(largest_gap_in(
                 &sl.heartbeats,
                 t0.checked_sub(span).unwrap_or(t0),
