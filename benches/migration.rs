@@ -3,8 +3,8 @@
 //! next to the physical limits (memcpy and loopback TCP bandwidth) measured
 //! in the same run.
 //!
-//! `cargo bench --bench migration` (full: about 11 minutes on 2 cores, of
-//! which about 4 are the QEMU side by side);
+//! `cargo bench --bench migration` (full: 8 minutes on 2 mostly quiet cores,
+//! 12 when busy, of which 2.5–4.5 are the QEMU side by side);
 //! `LIVEMIG_BENCH_QUICK=1 cargo bench --bench migration` (a few scenarios).
 //!
 //! When `qemu-system-x86_64` is installed (or `$QEMU` names it), the same
