@@ -553,6 +553,8 @@ struct CmpSample {
     downtime_ms: f64,
     mb_sent: f64,
     rounds: f64,
+    /// QEMU's `setup-time` (QEMU only; unused for ours).
+    setup_ms: f64,
     corrupt: usize,
 }
 
@@ -786,6 +788,7 @@ fn cmp_qemu(
                     s.downtime_ms = rep.downtime_ms;
                     s.mb_sent = rep.ram_transferred as f64 / 1e6;
                     s.rounds = rep.dirty_sync_count as f64;
+                    s.setup_ms = rep.setup_ms;
                     src = dst;
                 }
                 Err(e) => {
@@ -899,6 +902,7 @@ fn cmp_summary() -> Option<(String, Vec<Value>)> {
                 "ours_runs": on, "ours_ok": ook, "qemu_runs": qn, "qemu_ok": qok,
                 "ours_errors": oerr, "qemu_errors": qerr,
                 "qemu_corrupt_runs": q.iter().filter(|s| s.corrupt > 0).count(),
+                "qemu_setup_ms": m(&q, |s| s.setup_ms),
             });
             let mut v = std::collections::HashMap::new();
             for (k, f) in fields {
