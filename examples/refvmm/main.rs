@@ -181,6 +181,9 @@ enum Cmd {
         /// the one connection). The destination may grant fewer.
         #[arg(long)]
         streams: Option<u32>,
+        /// Compress page frames with LZ4 (for slow links; off by default).
+        #[arg(long)]
+        compress: bool,
         #[command(flatten)]
         tls: TlsArgs,
         /// Name the destination's certificate must carry (default: the host
@@ -546,10 +549,11 @@ fn cmd_migrate(
     max_rounds: Option<u64>,
     force: bool,
     streams: Option<u32>,
+    compress: bool,
     tls: Option<livemig_tls::TlsConfig>,
 ) -> Result<(), Fail> {
     let _: Endpoint = to.parse().map_err(|e| usage(format!("--to: {e}")))?;
-    let mut req = json!({"cmd": "migrate", "to": to, "force": force});
+    let mut req = json!({"cmd": "migrate", "to": to, "force": force, "compress": compress});
     if let Some(t) = tls {
         req["tls"] = json!({
             "cert": t.cert_chain, "key": t.key, "ca": t.ca, "server_name": t.server_name,
@@ -640,6 +644,7 @@ fn main() -> ExitCode {
             max_rounds,
             force,
             streams,
+            compress,
             tls,
             tls_server_name,
         } => place::resolve_destination(&to, hosts.as_deref(), vm.as_deref())
@@ -653,6 +658,7 @@ fn main() -> ExitCode {
                     max_rounds,
                     force,
                     streams,
+                    compress,
                     tls.config(tls_server_name),
                 )
             }),

@@ -17,9 +17,9 @@ use crate::bitmap::DirtyBitmap;
 use crate::error::{ErrorKind, MigrationError, Phase};
 use crate::memory::MemoryLayout;
 use crate::protocol::{
-    page_records, stream_of, ErrorMsg, FrameReader, FrameWriter, Hello, HelloReply, Message,
-    MsgKind, ProtocolError, Ready, Resumed, RoundEnd, State, StreamHello, MAX_STREAMS,
-    STREAM_CHUNK_PAGES,
+    decompress_pages, page_records, stream_of, ErrorMsg, FrameReader, FrameWriter, Hello,
+    HelloReply, Message, MsgKind, ProtocolError, Ready, Resumed, RoundEnd, State, StreamHello,
+    MAX_STREAMS, STREAM_CHUNK_PAGES,
 };
 use crate::ram::HostRam;
 use crate::state::Section;
@@ -308,6 +308,7 @@ fn stream_reader(
 ) -> (u64, u64, u64) {
     let mut written = DirtyBitmap::new(layout);
     let mut counts = (0u64, 0u64);
+    let mut scratch = Vec::new();
     let r: Result<(), ErrorKind> = loop {
         if shared.abort.load(Ordering::SeqCst) {
             break Ok(());
@@ -317,9 +318,17 @@ fn stream_reader(
             Err(e) => break Err(e.into()),
         };
         match f.kind {
-            MsgKind::Pages => {
+            MsgKind::Pages | MsgKind::PagesLz4 => {
+                let payload = if f.kind == MsgKind::PagesLz4 {
+                    if let Err(e) = decompress_pages(f.payload, &mut scratch) {
+                        break Err(e.into());
+                    }
+                    &scratch[..]
+                } else {
+                    f.payload
+                };
                 if let Err(e) = apply_pages(
-                    f.payload,
+                    payload,
                     layout,
                     ram,
                     &mut written,
@@ -587,6 +596,7 @@ fn receive_memory(
     // must not touch, i.e. allocate, the page).
     let mut written = DirtyBitmap::new(layout);
     let mut counts = (0u64, 0u64);
+    let mut scratch = Vec::new();
     *phase = Phase::Precopy(0);
     let mut sections: Option<Vec<Section>> = None;
     let r = loop {
@@ -595,7 +605,7 @@ fn receive_memory(
             Err(e) => break Err(MigrationError::new(*phase, e)),
         };
         match f.kind {
-            MsgKind::Pages => {
+            MsgKind::Pages | MsgKind::PagesLz4 => {
                 if report.streams > 1 {
                     break Err(MigrationError::new(
                         *phase,
@@ -604,8 +614,15 @@ fn receive_memory(
                         ),
                     ));
                 }
-                if let Err(e) = apply_pages(f.payload, layout, ram, &mut written, &mut counts, None)
-                {
+                let payload = if f.kind == MsgKind::PagesLz4 {
+                    if let Err(e) = decompress_pages(f.payload, &mut scratch) {
+                        break Err(MigrationError::new(*phase, e));
+                    }
+                    &scratch[..]
+                } else {
+                    f.payload
+                };
+                if let Err(e) = apply_pages(payload, layout, ram, &mut written, &mut counts, None) {
                     break Err(MigrationError::new(*phase, e));
                 }
             }

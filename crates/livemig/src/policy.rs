@@ -70,6 +70,10 @@ pub struct MigrationConfig {
     /// core's copy speed is not the limit. The destination may grant fewer.
     /// Default 1: everything on the one connection.
     pub streams: u32,
+    /// Compress page frames with LZ4 (for slow links; a frame that does not
+    /// shrink is sent as it is). Off by default: on a fast link the
+    /// compression costs more time than the bytes it saves.
+    pub compress: bool,
 }
 
 impl Default for MigrationConfig {
@@ -87,6 +91,7 @@ impl Default for MigrationConfig {
             throttle_increment: 10,
             throttle_max: 99,
             streams: 1,
+            compress: false,
         }
     }
 }

@@ -366,11 +366,16 @@ pub enum MsgKind {
     /// Source → destination, first frame of an extra page stream
     /// ([`StreamHello`]).
     StreamHello = 13,
+    /// Source → destination: a `Pages` payload compressed with LZ4 (block
+    /// format): `u32` length of the uncompressed payload (at most
+    /// [`MAX_FRAME_PAYLOAD`]), then the block ([`compress_pages`],
+    /// [`decompress_pages`]).
+    PagesLz4 = 14,
 }
 
 impl MsgKind {
     /// Every kind, in wire order.
-    pub const ALL: [MsgKind; 13] = [
+    pub const ALL: [MsgKind; 14] = [
         MsgKind::Hello,
         MsgKind::HelloReply,
         MsgKind::Pages,
@@ -384,6 +389,7 @@ impl MsgKind {
         MsgKind::Cancel,
         MsgKind::Keepalive,
         MsgKind::StreamHello,
+        MsgKind::PagesLz4,
     ];
 
     /// The kind for a wire byte, if known.
@@ -408,6 +414,7 @@ impl MsgKind {
             MsgKind::Cancel => "Cancel",
             MsgKind::Keepalive => "Keepalive",
             MsgKind::StreamHello => "StreamHello",
+            MsgKind::PagesLz4 => "PagesLz4",
         }
     }
 }
@@ -1467,6 +1474,47 @@ pub fn stream_of(layout: &MemoryLayout, region: usize, page: u64, streams: u32) 
     ((before + page / STREAM_CHUNK_PAGES) % u64::from(streams)) as u32
 }
 
+/// Compresses a `Pages` payload into `out` (cleared first) as a
+/// [`MsgKind::PagesLz4`] payload.
+pub fn compress_pages(pages: &[u8], out: &mut Vec<u8>) {
+    out.clear();
+    put_u32(out, pages.len() as u32);
+    let start = out.len();
+    out.resize(
+        start + lz4_flex::block::get_maximum_output_size(pages.len()),
+        0,
+    );
+    match lz4_flex::block::compress_into(pages, &mut out[start..]) {
+        Ok(n) => out.truncate(start + n),
+        // Cannot happen with a buffer of the maximum size; send it raw-sized
+        // garbage-free anyway: an empty block decodes to a length mismatch.
+        Err(_) => out.truncate(start),
+    }
+}
+
+/// Decompresses a [`MsgKind::PagesLz4`] payload into `out` (cleared first);
+/// the claimed size is checked against [`MAX_FRAME_PAYLOAD`] before anything
+/// is allocated, and the block must decode to exactly that size.
+pub fn decompress_pages(payload: &[u8], out: &mut Vec<u8>) -> Result<(), ProtocolError> {
+    let mut c = Cursor::new("PagesLz4", payload);
+    let at = c.pos;
+    let len = c.u32()? as usize;
+    if len > MAX_FRAME_PAYLOAD {
+        return Err(c.malformed_at(
+            at,
+            format!("uncompressed size {len} exceeds {MAX_FRAME_PAYLOAD}"),
+        ));
+    }
+    let block = &payload[4..];
+    out.clear();
+    out.resize(len, 0);
+    match lz4_flex::block::decompress_into(block, out) {
+        Ok(n) if n == len => Ok(()),
+        Ok(n) => Err(c.malformed_at(4, format!("block decodes to {n} bytes, {len} claimed"))),
+        Err(e) => Err(c.malformed_at(4, format!("bad LZ4 block: {e}"))),
+    }
+}
+
 /// Pages per chunk for [`stream_of`].
 pub const STREAM_CHUNK_PAGES: u64 = 1024;
 
@@ -2182,7 +2230,7 @@ mod tests {
     #[test]
     fn round_trip_every_message() {
         let msgs = all_messages();
-        assert_eq!(msgs.len(), MsgKind::ALL.len() - 1); // all but Pages
+        assert_eq!(msgs.len(), MsgKind::ALL.len() - 2); // all but Pages, PagesLz4
         round_trip(&HelloReply {
             accepted: true,
             reason: String::new(),
@@ -2198,7 +2246,7 @@ mod tests {
             assert_eq!(MsgKind::from_u8(k as u8), Some(k));
         }
         assert_eq!(MsgKind::from_u8(0), None);
-        assert_eq!(MsgKind::from_u8(14), None);
+        assert_eq!(MsgKind::from_u8(15), None);
     }
 
     #[test]
@@ -2233,6 +2281,37 @@ mod tests {
         check_hostile::<ErrorMsg>(&ErrorMsg::new("memory", "boom").encode().unwrap());
         let e = Go::decode(&[1]).unwrap_err();
         assert_eq!(e.to_string(), "Go: 1 trailing bytes at offset 0");
+    }
+
+    #[test]
+    fn lz4_pages_round_trip_and_hostile_blocks() {
+        let mut raw = Vec::new();
+        for i in 0..20_000u32 {
+            raw.extend_from_slice(&(i / 7).to_le_bytes());
+        }
+        let mut z = Vec::new();
+        compress_pages(&raw, &mut z);
+        assert!(z.len() < raw.len() / 2, "{} of {}", z.len(), raw.len());
+        let mut back = Vec::new();
+        decompress_pages(&z, &mut back).unwrap();
+        assert_eq!(back, raw);
+        // A size claim over the frame limit is refused before allocating.
+        let mut big = z.clone();
+        big[..4].copy_from_slice(&(MAX_FRAME_PAYLOAD as u32 + 1).to_le_bytes());
+        let e = decompress_pages(&big, &mut back).unwrap_err().to_string();
+        assert!(e.contains("exceeds"), "{e}");
+        // A claim that does not match the block, a damaged block, truncation.
+        let mut lie = z.clone();
+        lie[..4].copy_from_slice(&(raw.len() as u32 - 1).to_le_bytes());
+        assert!(decompress_pages(&lie, &mut back).is_err());
+        let mut bad = z.clone();
+        let n = bad.len();
+        bad[n / 2] ^= 0xff;
+        bad[n - 1] ^= 0xff;
+        let _ = decompress_pages(&bad, &mut back); // must not panic
+        for cut in [0, 3, 4, 5, z.len() / 2, z.len() - 1] {
+            assert!(decompress_pages(&z[..cut], &mut back).is_err(), "cut {cut}");
+        }
     }
 
     #[test]

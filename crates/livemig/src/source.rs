@@ -12,8 +12,9 @@ use crate::error::{ErrorKind, MigrationError, Phase};
 use crate::memory::{MemoryLayout, PAGE_SIZE};
 use crate::policy::{decide, Decision, MigrationConfig, RoundEstimate, Throttle};
 use crate::protocol::{
-    stream_of, ErrorMsg, FrameReader, FrameWriter, Hello, HelloReply, Message, MsgKind, PageBatch,
-    ProtocolError, Ready, Resumed, RoundEnd, State, StreamHello, MAX_STREAMS, STREAM_CHUNK_PAGES,
+    compress_pages, stream_of, ErrorMsg, FrameReader, FrameWriter, Hello, HelloReply, Message,
+    MsgKind, PageBatch, ProtocolError, Ready, Resumed, RoundEnd, State, StreamHello, MAX_STREAMS,
+    STREAM_CHUNK_PAGES,
 };
 use crate::ram::HostRam;
 use crate::report::{Progress, Report, RoundReport, Status};
@@ -185,6 +186,8 @@ struct PageSender<'a> {
     /// When the control connection last carried a frame (keepalives while
     /// the pages go elsewhere).
     last_control: Instant,
+    /// Compression buffer, when compressing.
+    lz4: Option<Vec<u8>>,
 }
 
 /// How long a stream may stay silent before a keepalive goes out (well
@@ -364,8 +367,19 @@ impl PageSender<'_> {
             return Ok(());
         }
         let before = self.fw.bytes_written();
-        self.fw
-            .write_frame(MsgKind::Pages, &[self.batch.as_bytes()])?;
+        let raw = self.batch.as_bytes();
+        match self.lz4.as_mut() {
+            Some(buf) => {
+                compress_pages(raw, buf);
+                // Keep it only if it saves at least an eighth.
+                if buf.len() < raw.len() - raw.len() / 8 {
+                    self.fw.write_frame(MsgKind::PagesLz4, &[buf])?;
+                } else {
+                    self.fw.write_frame(MsgKind::Pages, &[raw])?;
+                }
+            }
+            None => self.fw.write_frame(MsgKind::Pages, &[raw])?,
+        }
         let n = self.fw.bytes_written() - before;
         self.counts.bytes += n;
         self.batch.clear();
@@ -782,6 +796,7 @@ fn run_source<V: SourceVm + ?Sized>(
         skip_zero: true,
         pool: None,
         last_control: Instant::now(),
+        lz4: config.compress.then(Vec::new),
     };
     let nstreams = streams.len() as u64;
     let per_stream_rate = config.max_bandwidth.map(|r| (r / nstreams.max(1)).max(1));
