@@ -81,7 +81,8 @@ impl NetBackend {
             .map_err(|e| format!("NIC {index} ({}): {e}", self.tap))?;
         let backend = livemig_virtio::TapBackend::from_fd(fd)
             .map_err(|e| format!("NIC {index} ({}): {e}", self.tap))?;
-        livemig_virtio::VirtioNet::new(index, self.mac, Box::new(backend)).map_err(|e| e.to_string())
+        livemig_virtio::VirtioNet::new(index, self.mac, Box::new(backend))
+            .map_err(|e| e.to_string())
     }
 
     /// What the migration stream carries for this NIC.

@@ -128,7 +128,12 @@ impl Machine {
         }
         let nic_counters = nics
             .iter()
-            .map(|n| n.lock().unwrap_or_else(|e| e.into_inner()).counters().clone())
+            .map(|n| {
+                n.lock()
+                    .unwrap_or_else(|e| e.into_inner())
+                    .counters()
+                    .clone()
+            })
             .collect();
         let bus = Arc::new(Bus {
             serial: serial.clone(),

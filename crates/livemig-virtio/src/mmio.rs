@@ -466,7 +466,9 @@ impl<D: VirtioDevice> MmioTransport<D> {
             REG_QUEUE_NOTIFY => self.notify(v),
             REG_INTERRUPT_ACK => self.interrupt_status &= !v,
             REG_STATUS => self.write_status(v),
-            _ => log::debug!("virtio: write of {v:#x} to read-only or unknown register {offset:#x}"),
+            _ => {
+                log::debug!("virtio: write of {v:#x} to read-only or unknown register {offset:#x}")
+            }
         }
     }
 
@@ -480,10 +482,7 @@ impl<D: VirtioDevice> MmioTransport<D> {
         }
         match self.driver_features_sel {
             0 => self.driver_features = (self.driver_features & !0xffff_ffff) | u64::from(v),
-            1 => {
-                self.driver_features =
-                    (self.driver_features & 0xffff_ffff) | (u64::from(v) << 32)
-            }
+            1 => self.driver_features = (self.driver_features & 0xffff_ffff) | (u64::from(v) << 32),
             s => log::debug!("virtio: driver features page {s} written: ignored"),
         }
     }
@@ -616,7 +615,9 @@ impl<D: VirtioDevice> MmioTransport<D> {
             return Err(bad(format!("status {status:#x} has unknown bits")));
         }
         if status & STATUS_DRIVER_OK != 0 && status & STATUS_FEATURES_OK == 0 {
-            return Err(bad(format!("status {status:#x}: DRIVER_OK without FEATURES_OK")));
+            return Err(bad(format!(
+                "status {status:#x}: DRIVER_OK without FEATURES_OK"
+            )));
         }
         let offered = self.device.device_features();
         if driver_features & !offered != 0 {
@@ -639,9 +640,10 @@ impl<D: VirtioDevice> MmioTransport<D> {
                 max_sizes.len()
             )));
         }
-        let mem = self.mem.as_ref().ok_or_else(|| {
-            bad("restore before guest memory was attached to the device".into())
-        })?;
+        let mem = self
+            .mem
+            .as_ref()
+            .ok_or_else(|| bad("restore before guest memory was attached to the device".into()))?;
         let mut queues = Vec::with_capacity(nq);
         for (i, &max_size) in max_sizes.iter().enumerate() {
             let size = r.u16()?;

@@ -28,9 +28,9 @@ use std::time::Duration;
 
 use virtio_bindings::virtio_ids::VIRTIO_ID_NET;
 use virtio_bindings::virtio_net::{
-    VIRTIO_NET_CTRL_ANNOUNCE, VIRTIO_NET_CTRL_ANNOUNCE_ACK, VIRTIO_NET_ERR,
-    VIRTIO_NET_F_CTRL_VQ, VIRTIO_NET_F_GUEST_ANNOUNCE, VIRTIO_NET_F_MAC, VIRTIO_NET_F_STATUS,
-    VIRTIO_NET_OK, VIRTIO_NET_S_ANNOUNCE, VIRTIO_NET_S_LINK_UP,
+    VIRTIO_NET_CTRL_ANNOUNCE, VIRTIO_NET_CTRL_ANNOUNCE_ACK, VIRTIO_NET_ERR, VIRTIO_NET_F_CTRL_VQ,
+    VIRTIO_NET_F_GUEST_ANNOUNCE, VIRTIO_NET_F_MAC, VIRTIO_NET_F_STATUS, VIRTIO_NET_OK,
+    VIRTIO_NET_S_ANNOUNCE, VIRTIO_NET_S_LINK_UP,
 };
 use virtio_queue::{Queue, QueueT};
 use vm_memory::{Bytes, GuestAddress};
@@ -169,7 +169,11 @@ impl NetDevice {
             let head = chain.head_index();
             self.tx_buf.clear();
             let mut ok = true;
+            // virtio-queue ends a chain that loops or points past the table
+            // silently: a last descriptor that still says NEXT marks it.
+            let mut dangling = true;
             for d in chain {
+                dangling = d.has_next();
                 let len = d.len() as usize;
                 if d.is_write_only() || self.tx_buf.len() + len > NET_HDR_LEN + MAX_FRAME {
                     ok = false;
@@ -186,7 +190,7 @@ impl NetDevice {
                     break;
                 }
             }
-            if ok && self.tx_buf.len() > NET_HDR_LEN {
+            if ok && !dangling && self.tx_buf.len() > NET_HDR_LEN {
                 match self.backend.send(&self.tx_buf[NET_HDR_LEN..]) {
                     Ok(()) => bump(&self.counters.tx_frames),
                     Err(e) => {
@@ -198,11 +202,12 @@ impl NetDevice {
                 log::debug!("virtio-net: malformed transmit chain at head {head}: dropped");
                 bump(&self.counters.tx_dropped);
             }
-            if let Err(e) = q.add_used(ctx.mem, head, 0) {
-                log::warn!("virtio-net: transmit used ring: {e}");
-                break;
+            // A head index past the table cannot be returned; the rest of
+            // the ring is still processed.
+            match q.add_used(ctx.mem, head, 0) {
+                Ok(()) => ev.used = true,
+                Err(e) => log::debug!("virtio-net: transmit used ring: {e}"),
             }
-            ev.used = true;
         }
         ev
     }
@@ -221,7 +226,9 @@ impl NetDevice {
             let mut cmd = Vec::new();
             let mut ack_at: Option<GuestAddress> = None;
             let mut ok = true;
+            let mut dangling = true;
             for d in chain {
+                dangling = d.has_next();
                 if d.is_write_only() {
                     if ack_at.is_none() && d.len() >= 1 {
                         ack_at = Some(d.addr());
@@ -241,6 +248,7 @@ impl NetDevice {
                 }
             }
             let ack = if ok
+                && !dangling
                 && cmd.len() == 2
                 && u32::from(cmd[0]) == VIRTIO_NET_CTRL_ANNOUNCE
                 && u32::from(cmd[1]) == VIRTIO_NET_CTRL_ANNOUNCE_ACK
@@ -259,11 +267,10 @@ impl NetDevice {
                 Some(a) if ctx.mem.write_obj(ack, a).is_ok() => 1,
                 _ => 0,
             };
-            if let Err(e) = q.add_used(ctx.mem, head, written) {
-                log::warn!("virtio-net: control used ring: {e}");
-                break;
+            match q.add_used(ctx.mem, head, written) {
+                Ok(()) => ev.used = true,
+                Err(e) => log::debug!("virtio-net: control used ring: {e}"),
             }
-            ev.used = true;
         }
         ev
     }
@@ -511,7 +518,10 @@ impl VirtioNet {
 
     /// Handles a guest read at `offset` in the device's window.
     pub fn mmio_read(&self, offset: u64, data: &mut [u8]) {
-        if offset.checked_add(data.len() as u64).is_none_or(|e| e > MMIO_WINDOW) {
+        if offset
+            .checked_add(data.len() as u64)
+            .is_none_or(|e| e > MMIO_WINDOW)
+        {
             data.fill(0);
             return;
         }
@@ -522,7 +532,10 @@ impl VirtioNet {
     /// notification arriving while the device is paused is remembered and
     /// processed on [`VirtioNet::resume`].
     pub fn mmio_write(&self, offset: u64, data: &[u8]) {
-        if offset.checked_add(data.len() as u64).is_none_or(|e| e > MMIO_WINDOW) {
+        if offset
+            .checked_add(data.len() as u64)
+            .is_none_or(|e| e > MMIO_WINDOW)
+        {
             return;
         }
         let mut g = self.shared.lock();
