@@ -97,9 +97,6 @@ const INT_KNOWN: u32 = INT_VRING | INT_CONFIG;
 /// `VIRTIO_F_VERSION_1` as a feature mask.
 pub const FEATURE_VERSION_1: u64 = 1 << VIRTIO_F_VERSION_1;
 
-/// Most queues a device may have (bounds what a restore allocates).
-pub const MAX_QUEUES: usize = 16;
-
 /// What processing a queue produced.
 #[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
 pub struct QueueEvents {
@@ -126,8 +123,8 @@ pub trait VirtioDevice: Send {
     fn device_type(&self) -> u32;
     /// The features the device offers.
     fn device_features(&self) -> u64;
-    /// `QueueNumMax` of each queue; the length is the number of queues
-    /// (at most [`MAX_QUEUES`]).
+    /// `QueueNumMax` of each queue (a power of two, at most 32768); the
+    /// length is the number of queues (at most 255).
     fn queue_max_sizes(&self) -> &[u16];
     /// Reads `data.len()` bytes of config space at `offset`. The caller
     /// guarantees the access is inside [`VirtioDevice::config_len`].
@@ -585,7 +582,7 @@ impl<D: VirtioDevice> MmioTransport<D> {
             .u32(self.queue_sel)
             .u32(self.interrupt_status)
             .u32(self.config_generation)
-            .u8(self.queues.len() as u8);
+            .u8(u8::try_from(self.queues.len()).unwrap_or(u8::MAX));
         for q in &self.queues {
             w.u16(q.size())
                 .u8(u8::from(q.ready()))

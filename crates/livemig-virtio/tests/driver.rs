@@ -566,6 +566,7 @@ fn state_round_trip_is_identical_and_versions_are_checked() {
     let s1 = save(&d.nic);
     assert_eq!(s1.name, "virtio-net.0");
     assert_eq!(s1.version, 1);
+    assert_eq!(s1.data.len(), 158, "layout of docs/virtio-net.md");
     let (nic2, _net2, r) = restored(&d.mem, &s1, MAC);
     r.unwrap();
     assert_eq!(save(&nic2), s1, "save -> restore -> save is identical");
