@@ -392,18 +392,7 @@ fn cmd_run(
     })
     .map_err(runtime)?;
     let mut cmdline = cmdline;
-    if let Some(ip) = machine.nets.first().and_then(|n| n.ip) {
-        if !cmdline.split_whitespace().any(|w| w.starts_with("net=")) {
-            cmdline = format!(
-                "{cmdline} net=mmio:{:#x}:{},ip={}",
-                net::VIRTIO_NET_BASE,
-                net::VIRTIO_NET_GSI,
-                std::net::Ipv4Addr::from(ip)
-            )
-            .trim()
-            .to_string();
-        }
-    }
+    cmdline = net::with_net_token(&cmdline, machine.nets.first().and_then(|n| n.ip));
     if !cmdline
         .split_whitespace()
         .any(|w| w.starts_with("tsc_khz="))

@@ -94,6 +94,20 @@ impl NetBackend {
     }
 }
 
+/// The guest command line with `net=mmio:0xd0000000:5,ip=<ip>` appended
+/// for NIC 0 when it has an IPv4 address and `cmdline` has no `net=` token.
+pub fn with_net_token(cmdline: &str, nic0_ip: Option<[u8; 4]>) -> String {
+    match nic0_ip {
+        Some(ip) if !cmdline.split_whitespace().any(|w| w.starts_with("net=")) => format!(
+            "{cmdline} net=mmio:{VIRTIO_NET_BASE:#x}:{VIRTIO_NET_GSI},ip={}",
+            std::net::Ipv4Addr::from(ip)
+        )
+        .trim()
+        .to_string(),
+        _ => cmdline.to_string(),
+    }
+}
+
 /// Checks the stream's NICs against this destination's `--net` flags and
 /// takes the IPv4 addresses from the stream where the flags gave none.
 pub fn reconcile(stream: &[NicInfo], nets: &mut [NetBackend]) -> Result<(), String> {
@@ -148,4 +162,26 @@ pub fn start_announce(
         nics.push(nic);
     }
     Ok(announce_from(nics, schedule, resumed_at))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn net_token_is_added_only_when_missing_and_known() {
+        assert_eq!(
+            with_net_token("ws=16", Some([10, 99, 0, 2])),
+            "ws=16 net=mmio:0xd0000000:5,ip=10.99.0.2"
+        );
+        assert_eq!(
+            with_net_token("", Some([10, 0, 0, 1])),
+            "net=mmio:0xd0000000:5,ip=10.0.0.1"
+        );
+        assert_eq!(
+            with_net_token("net=mmio:1:2,ip=1.2.3.4 ws=1", Some([10, 0, 0, 1])),
+            "net=mmio:1:2,ip=1.2.3.4 ws=1"
+        );
+        assert_eq!(with_net_token("ws=16", None), "ws=16");
+    }
 }
