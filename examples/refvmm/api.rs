@@ -8,6 +8,7 @@
 //! | `{"cmd":"pause"}` / `{"cmd":"resume"}` | `{"result":"ok"}` |
 //! | `{"cmd":"migrate","to":"tcp:HOST:PORT","downtime_limit_ms":20,"max_bandwidth_mib":0,"keep_source":false}` | progress lines `{"event":...}`, then `{"result":"ok","report":{...}}` or `{"result":"error","phase":...,"error":...}` |
 //! | `... "tls":{"cert":P,"key":P,"ca":P,"server_name":S}` in `migrate` | migrate over mutual TLS |
+//! | `... "streams":N` in `migrate` | spread the pages over N extra connections (1..=16) |
 //! | `{"cmd":"write-memory","gpa":N,"value":N}` | writes a u64 through vm-memory (tracked as a VMM write) |
 //! | `{"cmd":"read-memory","gpa":N,"len":N}` | `{"result":"ok","hex":"..."}` (at most 4096 bytes) |
 //! | `{"cmd":"vcpu-regs"}` | RIP, RSP, RFLAGS, CS, CR0, EFER and MP state of every vCPU (pauses briefly) |
@@ -25,9 +26,9 @@ use std::time::Duration;
 
 use livemig::memory::GuestRam;
 use livemig::policy::{MigrationConfig, OnLimit};
-use livemig::transport::{connect, Endpoint};
+use livemig::transport::{connect, Dialer, Endpoint, StreamOpener};
 use livemig::vm::SourceVm;
-use livemig::{migrate, CancelToken};
+use livemig::{migrate_streams, CancelToken};
 use serde_json::{json, Value};
 use vm_memory::{Bytes, GuestAddress, GuestMemoryBackend, GuestMemoryRegion};
 
@@ -293,6 +294,16 @@ fn do_migrate(req: &Value, m: &Arc<Machine>, w: &mut UnixStream) -> Result<Value
     if req["force"].as_bool() == Some(true) {
         cfg.on_limit = OnLimit::ForceSwitchover;
     }
+    if let Some(n) = req["streams"].as_u64() {
+        if n == 0 || n > u64::from(livemig::protocol::MAX_STREAMS) {
+            return Err(err(format!(
+                "streams {n} is outside 1..={}",
+                livemig::protocol::MAX_STREAMS
+            )));
+        }
+        cfg.streams = n as u32;
+    }
+    let mut opener: Box<dyn StreamOpener>;
     let transport = if req["tls"].is_object() {
         let path = |k: &str| {
             req["tls"][k]
@@ -307,20 +318,37 @@ fn do_migrate(req: &Value, m: &Arc<Machine>, w: &mut UnixStream) -> Result<Value
             server_name: req["tls"]["server_name"].as_str().map(str::to_string),
         };
         let id = cfg.load().map_err(|e| err(e.to_string()))?;
-        livemig_tls::connect_tls(&endpoint, &id, Some(Duration::from_secs(10)))
-            .map_err(|e| err(format!("connecting to {endpoint}: {e}")))?
+        let t = livemig_tls::connect_tls(&endpoint, &id, Some(Duration::from_secs(10)))
+            .map_err(|e| err(format!("connecting to {endpoint}: {e}")))?;
+        opener = Box::new(livemig_tls::TlsDialer {
+            endpoint: endpoint.clone(),
+            id,
+            timeout: Some(Duration::from_secs(10)),
+        });
+        t
     } else {
+        opener = Box::new(Dialer {
+            endpoint: endpoint.clone(),
+            timeout: Some(Duration::from_secs(10)),
+        });
         connect(&endpoint, Some(Duration::from_secs(10)))
             .map_err(|e| err(format!("connecting to {endpoint}: {e}")))?
     };
     let mut progress_out = w.try_clone().ok();
-    let result = migrate(&**m, transport, &cfg, &CancelToken::new(), &mut |p| {
-        if let Some(o) = progress_out.as_mut() {
-            if let Ok(v) = serde_json::to_value(p) {
-                let _ = send(o, &v);
+    let result = migrate_streams(
+        &**m,
+        transport,
+        Some(&mut *opener),
+        &cfg,
+        &CancelToken::new(),
+        &mut |p| {
+            if let Some(o) = progress_out.as_mut() {
+                if let Ok(v) = serde_json::to_value(p) {
+                    let _ = send(o, &v);
+                }
             }
-        }
-    });
+        },
+    );
     match result {
         Ok(report) => serde_json::to_value(&report).map_err(|e| err(e.to_string())),
         Err(e) => {

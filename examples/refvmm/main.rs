@@ -27,9 +27,9 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use clap::{Parser, Subcommand};
-use livemig::transport::{listen, Endpoint};
+use livemig::transport::{listen, Endpoint, OwnedAcceptor, StreamAcceptor};
 use livemig::vm::VmError;
-use livemig::{receive, ReceiveConfig};
+use livemig::{receive_streams, ReceiveConfig};
 use livemig_kvm::serial::SerialOutput;
 use livemig_kvm::{check_compatible, check_properties, x86_layout, DirtyMode};
 use serde_json::json;
@@ -182,6 +182,11 @@ enum Cmd {
         /// Switch over when a cap is reached instead of giving up.
         #[arg(long)]
         force: bool,
+        /// Page streams: spread each round's pages over this many extra
+        /// connections, one sender thread each (1..=16, default 1 = all on
+        /// the one connection). The destination may grant fewer.
+        #[arg(long)]
+        streams: Option<u32>,
         #[command(flatten)]
         tls: TlsArgs,
         /// Name the destination's certificate must carry (default: the host
@@ -431,7 +436,7 @@ fn cmd_receive(
     let serial = parse_serial(&common.serial)?;
     // Open the TAPs before accepting anything: a bad --net fails early.
     let nets = open_nets(&common.net)?;
-    let transport = match tls {
+    let (transport, mut acceptor): (_, Box<dyn StreamAcceptor>) = match tls {
         Some(cfg) => {
             let id = cfg.load().map_err(|e| usage(e.to_string()))?;
             let listener = livemig_tls::TlsListener::bind(&endpoint, &id)
@@ -441,12 +446,13 @@ fn cmd_receive(
                 listener.local_endpoint()
             );
             // A peer that fails the TLS handshake is refused; keep waiting.
-            loop {
+            let t = loop {
                 match listener.accept() {
                     Ok(t) => break t,
                     Err(e) => eprintln!("refvmm: refused a connection: {e}"),
                 }
-            }
+            };
+            (t, Box::new(livemig_tls::TlsAcceptor(Some(listener))))
         }
         None => {
             let listener = listen(&endpoint).map_err(|e| runtime(e.to_string()))?;
@@ -454,17 +460,20 @@ fn cmd_receive(
                 "refvmm: waiting for a migration on {}",
                 listener.local_endpoint()
             );
-            listener.accept().map_err(|e| runtime(e.to_string()))?
+            let t = listener.accept().map_err(|e| runtime(e.to_string()))?;
+            (t, Box::new(OwnedAcceptor(Some(listener))))
         }
     };
-    // One migration at a time: the listener is closed now, so a second
+    // One migration at a time: the engine closes the listener (through the
+    // acceptor) as soon as the page streams the source asked for are
+    // connected — right after the handshake with one stream — so a second
     // connection while this one runs is refused by the kernel.
     let cfg = ReceiveConfig {
         io_timeout: Duration::from_secs(io_timeout.max(1)),
     };
     let mut serial = Some(serial);
     let mut nets = Some(nets);
-    let result = receive(transport, &cfg, |desc| {
+    let result = receive_streams(transport, Some(&mut *acceptor), &cfg, |desc| {
         let mut my_nets = nets.take().unwrap_or_default();
         net::reconcile(&desc.nics, &mut my_nets).map_err(VmError::Incompatible)?;
         let want = livemig_kvm::VmConfig {
@@ -543,6 +552,7 @@ impl livemig::vm::DestinationVm for DestMachine {
     }
 }
 
+#[allow(clippy::too_many_arguments)] // one per CLI flag
 fn cmd_migrate(
     api_socket: PathBuf,
     to: String,
@@ -550,6 +560,7 @@ fn cmd_migrate(
     max_bandwidth: Option<u64>,
     max_rounds: Option<u64>,
     force: bool,
+    streams: Option<u32>,
     tls: Option<livemig_tls::TlsConfig>,
 ) -> Result<(), Fail> {
     let _: Endpoint = to.parse().map_err(|e| usage(format!("--to: {e}")))?;
@@ -567,6 +578,15 @@ fn cmd_migrate(
     }
     if let Some(v) = max_rounds {
         req["max_rounds"] = json!(v);
+    }
+    if let Some(v) = streams {
+        if !(1..=livemig::protocol::MAX_STREAMS).contains(&v) {
+            return Err(usage(format!(
+                "--streams {v}: must be 1..={}",
+                livemig::protocol::MAX_STREAMS
+            )));
+        }
+        req["streams"] = json!(v);
     }
     let reply = api::request(&api_socket, &req, |ev| match ev["event"].as_str() {
         Some("round") => eprintln!(
@@ -634,6 +654,7 @@ fn main() -> ExitCode {
             max_bandwidth,
             max_rounds,
             force,
+            streams,
             tls,
             tls_server_name,
         } => place::resolve_destination(&to, hosts.as_deref(), vm.as_deref())
@@ -646,6 +667,7 @@ fn main() -> ExitCode {
                     max_bandwidth,
                     max_rounds,
                     force,
+                    streams,
                     tls.config(tls_server_name),
                 )
             }),
