@@ -675,6 +675,7 @@ fn rx_loop(shared: &Shared, mac: [u8; 6]) {
             continue;
         }
         let mut g = shared.lock();
+        let mut failed = false;
         for _ in 0..RX_BATCH {
             if g.run == Run::Paused {
                 break;
@@ -684,6 +685,7 @@ fn rx_loop(shared: &Shared, mac: [u8; 6]) {
                 Ok(None) => break,
                 Err(e) => {
                     log::warn!("virtio-net: receive: {e}");
+                    failed = true;
                     break;
                 }
             };
@@ -703,6 +705,11 @@ fn rx_loop(shared: &Shared, mac: [u8; 6]) {
             } else {
                 &c.rx_dropped
             });
+        }
+        drop(g);
+        if failed {
+            // A backend in error stays readable: do not spin on it.
+            std::thread::sleep(RX_POLL);
         }
     }
 }

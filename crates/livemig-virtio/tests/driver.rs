@@ -326,6 +326,31 @@ fn identification_and_negotiation() {
     d.w(STATUS, 0);
     d.w(STATUS, S_ACK | S_DRIVER | S_DRIVER_OK);
     assert_eq!(d.status() & S_DRIVER_OK, 0);
+    // Bits cannot be cleared except by a reset; features are frozen after
+    // FEATURES_OK; queue registers are frozen after DRIVER_OK.
+    let mut d = Driver::new();
+    d.init();
+    d.w(STATUS, S_ACK);
+    assert_eq!(d.status(), S_ACK | S_DRIVER | S_FEATURES_OK | S_DRIVER_OK);
+    d.w(DRV_FEATURES_SEL, 0);
+    d.w(DRV_FEATURES, 0);
+    d.w(QUEUE_SEL, 0);
+    d.w(QUEUE_NUM, 4);
+    d.w(DESC_LO, 0x1000);
+    d.w(QUEUE_READY, 0);
+    assert_eq!(d.r(QUEUE_NUM), u32::from(QSIZE));
+    assert_eq!(u64::from(d.r(DESC_LO)), desc_addr(0));
+    assert_eq!(d.r(QUEUE_READY), 1);
+    d.post_rx(1);
+    d.net.send(&frame(9, 60)).unwrap();
+    assert_eq!(d.next_used(0), (0, 72), "still fully working");
+    // A reset stops everything; the device then drops frames.
+    d.w(STATUS, 0);
+    assert_eq!((d.status(), d.r(QUEUE_READY), d.r(ISR)), (0, 0, 0));
+    d.net.send(&frame(10, 60)).unwrap();
+    wait_for("dropped after reset", || {
+        d.nic.counters().snapshot().rx_dropped == 1
+    });
 }
 
 #[test]
