@@ -485,6 +485,18 @@ impl<D: VirtioDevice> MmioTransport<D> {
     }
 
     fn write_queue_ready(&mut self, v: u32) {
+        if v == 0 {
+            // Disabling a queue is allowed until DRIVER_OK.
+            if self.status & STATUS_DRIVER_OK == 0 {
+                if let Some(q) = usize::try_from(self.queue_sel)
+                    .ok()
+                    .and_then(|i| self.queues.get_mut(i))
+                {
+                    q.set_ready(false);
+                }
+            }
+            return;
+        }
         let Some(mem) = self.mem.clone() else {
             self.needs_reset("queue enabled before guest memory was attached");
             return;
@@ -492,10 +504,6 @@ impl<D: VirtioDevice> MmioTransport<D> {
         let Some(q) = self.configurable_queue() else {
             return;
         };
-        if v == 0 {
-            q.set_ready(false);
-            return;
-        }
         q.set_ready(true);
         let why = if q.avail_ring() == 0 || q.used_ring() == 0 {
             Some("a ring is at guest address 0")

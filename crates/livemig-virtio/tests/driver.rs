@@ -472,7 +472,24 @@ fn bad_queue_setup_sets_needs_reset() {
     assert!(d.negotiate(ALL));
     d.setup_queue_at(0, 16, desc_addr(0), avail_addr(0), 1 << 40);
     assert_ne!(d.status() & S_NEEDS_RESET, 0, "used ring far outside");
+    // A ready queue can be disabled (and reconfigured) before DRIVER_OK.
     assert!(d.negotiate(ALL));
+    d.setup_queue(0);
+    assert_eq!(d.r(QUEUE_READY), 1);
+    d.w(QUEUE_READY, 0);
+    assert_eq!(d.r(QUEUE_READY), 0);
+    d.w(QUEUE_NUM, 8);
+    assert_eq!(d.r(QUEUE_NUM), 8);
+    d.w(QUEUE_READY, 1);
+    assert_eq!(d.r(QUEUE_READY), 1);
+    assert_eq!(d.status() & S_NEEDS_RESET, 0);
+    d.setup_queue_at(0, 16, desc_addr(0) + 1, avail_addr(0), used_addr(0));
+    assert_eq!(
+        d.status() & S_NEEDS_RESET,
+        0,
+        "ready queue: registers ignored"
+    );
+    d.w(QUEUE_READY, 0);
     d.setup_queue_at(0, 16, desc_addr(0) + 1, avail_addr(0), used_addr(0));
     assert_ne!(d.status() & S_NEEDS_RESET, 0, "misaligned");
     // A device that needs a reset does nothing on DRIVER_OK + notify.
