@@ -13,7 +13,7 @@
 //! | `{"cmd":"write-memory","gpa":N,"value":N}` | writes a u64 through vm-memory (tracked as a VMM write) |
 //! | `{"cmd":"read-memory","gpa":N,"len":N}` | `{"result":"ok","hex":"..."}` (at most 4096 bytes) |
 //! | `{"cmd":"vcpu-regs"}` | RIP, RSP, RFLAGS, CS, CR0, EFER and MP state of every vCPU (pauses briefly) |
-//! | `{"cmd":"net-stats"}` | per NIC: frames the network delivered to its TAP, and how many were unicast to the guest MAC |
+//! | `{"cmd":"net-stats"}` | per NIC: frames the virtio-net device read from its TAP (`rx_frames`, delivered or dropped) and how many were unicast to the guest MAC, frames delivered to / dropped for the guest, frames the guest sent |
 //! | `{"cmd":"announce-self"}` | one RARP (+ gratuitous ARP) per NIC now, like QEMU's `announce-self` |
 //! | `{"cmd":"memory-hash"}` | FNV-1a hash of each memory region (pause first for a stable answer) |
 //! | `{"cmd":"quit"}` | `{"result":"ok"}`, then the VMM exits |
@@ -203,16 +203,21 @@ fn handle(conn: UnixStream, m: &Arc<Machine>, events: &Sender<ApiEvent>) -> Resu
                 }
             }
             "net-stats" => {
-                use std::sync::atomic::Ordering;
                 let nics: Vec<Value> = m
                     .nets
                     .iter()
-                    .map(|n| {
+                    .zip(&m.nic_counters)
+                    .map(|(n, c)| {
+                        let s = c.snapshot();
                         json!({
                             "tap": n.tap,
                             "mac": livemig_announce::format_mac(&n.mac),
-                            "rx_frames": n.rx.frames.load(Ordering::Relaxed),
-                            "rx_to_guest_mac": n.rx.to_guest.load(Ordering::Relaxed),
+                            "rx_frames": s.backend_rx,
+                            "rx_to_guest_mac": s.backend_rx_to_mac,
+                            "rx_delivered": s.rx_delivered,
+                            "rx_dropped": s.rx_dropped,
+                            "tx_frames": s.tx_frames,
+                            "tx_dropped": s.tx_dropped,
                         })
                     })
                     .collect();
@@ -241,6 +246,9 @@ fn handle(conn: UnixStream, m: &Arc<Machine>, events: &Sender<ApiEvent>) -> Resu
                 let r = do_migrate(&req, m, &mut w);
                 match r {
                     Ok(report) => {
+                        // The guest runs on the destination now: the NICs
+                        // here only count what still arrives.
+                        m.migrated_away();
                         send(&mut w, &json!({"result":"ok","report":report}))
                             .map_err(|e| e.to_string())?;
                         // keep_source (for tests): stay, paused, so the

@@ -62,9 +62,13 @@ struct Common {
     #[arg(long, default_value = "auto")]
     dirty_log: String,
     /// A NIC backed by a TAP device (opened, or created if missing):
-    /// `tap=<IFNAME>,mac=<MAC>[,ip=<IPv4>]`. Repeatable. After a migration
-    /// the destination announces each NIC's MAC (RARP, and a gratuitous ARP
-    /// when the IPv4 address is known) on its TAP.
+    /// `tap=<IFNAME>,mac=<MAC>[,ip=<IPv4>]`. Repeatable. NIC i is a
+    /// virtio-net device (virtio-mmio) at 0xd0000000 + i*0x1000, GSI 5+i;
+    /// for NIC 0 with an ip, `run` appends `net=mmio:0xd0000000:5,ip=<ip>`
+    /// to a command line without a `net=` token. After a migration the
+    /// destination announces each NIC's MAC (RARP, and a gratuitous ARP
+    /// when the IPv4 address is known) on its TAP, and asks the guest
+    /// driver to announce itself (VIRTIO_NET_F_GUEST_ANNOUNCE).
     #[arg(long = "net")]
     net: Vec<String>,
 }
@@ -136,7 +140,9 @@ enum Cmd {
         #[arg(long, default_value_t = 10)]
         io_timeout: u64,
         /// Do not announce the NICs after the switchover (for tests that
-        /// show what happens without the announce).
+        /// show what happens without the announce): turns off both the
+        /// VMM's RARP / gratuitous-ARP announce and the guest announce
+        /// request (virtio-net VIRTIO_NET_S_ANNOUNCE).
         #[arg(long)]
         no_announce: bool,
         /// Leave the migrated guest paused until an API `resume` (for
@@ -325,7 +331,7 @@ fn run_machine(machine: Machine, api_socket: Option<PathBuf>, start: bool) -> Re
         api::serve(p, machine.clone(), tx.clone()).map_err(runtime)?;
     }
     if start {
-        machine.vm.resume_vcpus();
+        machine.start();
     }
     let result = loop {
         match rx.recv_timeout(Duration::from_millis(100)) {
@@ -394,6 +400,7 @@ fn cmd_run(
     })
     .map_err(runtime)?;
     let mut cmdline = cmdline;
+    cmdline = net::with_net_token(&cmdline, machine.nets.first().and_then(|n| n.ip));
     if !cmdline
         .split_whitespace()
         .any(|w| w.starts_with("tsc_khz="))
@@ -493,6 +500,13 @@ fn cmd_receive(
     match result {
         Ok((DestMachine(machine, _), report)) => {
             let resumed_at = std::time::Instant::now();
+            if announce && !start_paused {
+                // The guest runs: ask its drivers to announce themselves too.
+                let n = machine.guest_announce();
+                if n > 0 {
+                    eprintln!("refvmm: asked {n} guest NIC driver(s) to announce");
+                }
+            }
             if announce && !machine.nets.is_empty() && !start_paused {
                 match net::start_announce(
                     &machine.nets,
@@ -536,7 +550,8 @@ impl livemig::vm::DestinationVm for DestMachine {
         if self.1 {
             return Ok(());
         }
-        livemig::vm::DestinationVm::resume(&mut self.0.vm)
+        self.0.start();
+        Ok(())
     }
 }
 
