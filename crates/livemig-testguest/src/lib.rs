@@ -129,6 +129,36 @@ pub const VARS_ADDR: u64 = USTACK_TOP;
 /// End of the loaded segment (`p_paddr + p_memsz`).
 pub const IMAGE_END: u64 = VARS_ADDR + 0x1000;
 
+/// Guest-physical start of the virtio-net driver's memory (virtqueues and buffers), used only
+/// with a `net=` token; see the crate docs.
+pub const NET_MEM: u64 = 0x20_0000;
+/// Receive queue (queue 0): descriptor table; its available ring is at `+0x1000`, its used
+/// ring at `+0x2000`.
+pub const NET_RXQ: u64 = NET_MEM;
+/// Transmit queue (queue 1), laid out as [`NET_RXQ`].
+pub const NET_TXQ: u64 = NET_MEM + 0x3000;
+/// Control queue (queue 2), laid out as [`NET_RXQ`].
+pub const NET_CTRLQ: u64 = NET_MEM + 0x6000;
+/// The control request (`class`, `cmd`) at this address, its `ack` byte at `+0x10`.
+pub const NET_CTRL_BUF: u64 = NET_MEM + 0x9000;
+/// Receive buffers: [`NET_RX_SIZE`] of [`NET_BUF_SIZE`] bytes, descriptor `i` at
+/// `NET_RX_BUFS + i * NET_BUF_SIZE`.
+pub const NET_RX_BUFS: u64 = NET_MEM + 0x1_0000;
+/// Transmit buffers: [`NET_TX_SIZE`] of [`NET_BUF_SIZE`] bytes.
+pub const NET_TX_BUFS: u64 = NET_RX_BUFS + NET_RX_SIZE * NET_BUF_SIZE;
+/// End of the driver's memory.
+pub const NET_MEM_END: u64 = NET_TX_BUFS + NET_TX_SIZE * NET_BUF_SIZE;
+/// Size of one receive or transmit buffer (12-byte `virtio_net_hdr_v1`, then the frame).
+pub const NET_BUF_SIZE: u64 = 2048;
+/// Receive queue size (all buffers stay posted).
+pub const NET_RX_SIZE: u64 = 64;
+/// Transmit queue size.
+pub const NET_TX_SIZE: u64 = 32;
+/// Control queue size.
+pub const NET_CTRL_SIZE: u64 = 4;
+/// Longest console line the guest keeps; longer lines are discarded.
+pub const CONSOLE_LINE_MAX: u64 = 64;
+
 /// Guest-physical address of the per-page generation table: one little-endian `u32` per
 /// working-set page (page `n` at `GEN_TABLE + 4 * n`); 0 means "never written".
 pub const GEN_TABLE: u64 = 0x80_0000;
@@ -152,7 +182,10 @@ const _: () = {
     assert!(ENTRY < GDT_ADDR && GDTR_ADDR >= GDT_ADDR + 64 && GDTR_ADDR + 6 <= CODE64_ADDR);
     assert!(CODE64_ADDR < TSS_ADDR && TSS_ADDR + 0x68 + 8192 < PML4_ADDR);
     assert!(PDPT_ADDR == PML4_ADDR + 0x1000 && PD_ADDR == PDPT_ADDR + 0x1000);
-    assert!(IMAGE_END <= GEN_TABLE);
+    assert!(IMAGE_END <= NET_MEM && NET_MEM_END <= GEN_TABLE);
+    assert!(NET_RX_BUFS >= NET_CTRL_BUF + 0x1000);
+    assert!(NET_RX_SIZE.is_power_of_two() && NET_TX_SIZE.is_power_of_two());
+    assert!(NET_CTRL_SIZE.is_power_of_two() && NET_BUF_SIZE == 2048);
     assert!(GEN_TABLE + 4 * (MAX_WS_MIB << 8) <= WS_BASE);
     assert!(WS_BASE + (MAX_WS_MIB << 20) <= PD_COUNT << 30);
 };
