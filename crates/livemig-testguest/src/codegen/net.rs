@@ -162,11 +162,31 @@ pub(super) fn strings(a: &mut CodeAssembler, n: &mut NetLabels) -> Result<(), Er
     string(a, &mut n.s_net_up, b"NET up mac=")?;
     string(a, &mut n.s_ip, b" ip=")?;
     string(a, &mut n.s_garp, b"\nNET announce\n")?;
-    string(a, &mut n.s_err_token, b"ERROR net bad token (want net=mmio:<addr>:<irq>,ip=<a.b.c.d>)\n")?;
-    string(a, &mut n.s_err_magic, b"ERROR net no virtio-mmio device (bad magic)\n")?;
-    string(a, &mut n.s_err_version, b"ERROR net virtio-mmio version is not 2\n")?;
-    string(a, &mut n.s_err_device, b"ERROR net device is not a network card\n")?;
-    string(a, &mut n.s_err_features, b"ERROR net feature negotiation failed\n")?;
+    string(
+        a,
+        &mut n.s_err_token,
+        b"ERROR net bad token (want net=mmio:<addr>:<irq>,ip=<a.b.c.d>)\n",
+    )?;
+    string(
+        a,
+        &mut n.s_err_magic,
+        b"ERROR net no virtio-mmio device (bad magic)\n",
+    )?;
+    string(
+        a,
+        &mut n.s_err_version,
+        b"ERROR net virtio-mmio version is not 2\n",
+    )?;
+    string(
+        a,
+        &mut n.s_err_device,
+        b"ERROR net device is not a network card\n",
+    )?;
+    string(
+        a,
+        &mut n.s_err_features,
+        b"ERROR net feature negotiation failed\n",
+    )?;
     string(a, &mut n.s_err_queue, b"ERROR net queue setup failed\n")?;
     Ok(())
 }
@@ -216,7 +236,11 @@ pub(super) fn poll_config(a: &mut CodeAssembler, l: &Labels) -> Result<(), Error
 }
 
 /// Stores the 6-byte MAC of the guest at `[dst]` (clobbers eax).
-fn put_my_mac(a: &mut CodeAssembler, dst: AsmMemoryOperand, dst4: AsmMemoryOperand) -> Result<(), Error> {
+fn put_my_mac(
+    a: &mut CodeAssembler,
+    dst: AsmMemoryOperand,
+    dst4: AsmMemoryOperand,
+) -> Result<(), Error> {
     a.mov(eax, dword_ptr(r15 + var::NET_MAC))?;
     a.mov(dst, eax)?;
     a.mov(ax, word_ptr(r15 + (var::NET_MAC + 4)))?;
@@ -786,7 +810,13 @@ fn frame(a: &mut CodeAssembler, l: &mut Labels) -> Result<(), Error> {
     a.jne(ignore)?;
     a.call(l.n.tx_alloc)?;
     a.jc(ignore)?;
-    copy_mac(a, dword_ptr(rdi), word_ptr(rdi + 4), dword_ptr(rsi + 22), word_ptr(rsi + 26))?;
+    copy_mac(
+        a,
+        dword_ptr(rdi),
+        word_ptr(rdi + 4),
+        dword_ptr(rsi + 22),
+        word_ptr(rsi + 26),
+    )?;
     put_my_mac(a, dword_ptr(rdi + 6), word_ptr(rdi + 10))?;
     a.mov(word_ptr(rdi + 12), 0x0608)?;
     a.mov(dword_ptr(rdi + 14), 0x0008_0100)?;
@@ -794,7 +824,13 @@ fn frame(a: &mut CodeAssembler, l: &mut Labels) -> Result<(), Error> {
     put_my_mac(a, dword_ptr(rdi + 22), word_ptr(rdi + 26))?;
     a.mov(eax, dword_ptr(r15 + var::NET_IP))?;
     a.mov(dword_ptr(rdi + 28), eax)?;
-    copy_mac(a, dword_ptr(rdi + 32), word_ptr(rdi + 36), dword_ptr(rsi + 22), word_ptr(rsi + 26))?;
+    copy_mac(
+        a,
+        dword_ptr(rdi + 32),
+        word_ptr(rdi + 36),
+        dword_ptr(rsi + 22),
+        word_ptr(rsi + 26),
+    )?;
     a.mov(eax, dword_ptr(rsi + 28))?;
     a.mov(dword_ptr(rdi + 38), eax)?;
     a.mov(ecx, 42u32)?;
@@ -840,7 +876,13 @@ fn frame(a: &mut CodeAssembler, l: &mut Labels) -> Result<(), Error> {
     a.rep().movsb()?;
     a.pop(rsi)?;
     a.pop(rdi)?;
-    copy_mac(a, dword_ptr(rdi), word_ptr(rdi + 4), dword_ptr(rsi + 6), word_ptr(rsi + 10))?;
+    copy_mac(
+        a,
+        dword_ptr(rdi),
+        word_ptr(rdi + 4),
+        dword_ptr(rsi + 6),
+        word_ptr(rsi + 10),
+    )?;
     put_my_mac(a, dword_ptr(rdi + 6), word_ptr(rdi + 10))?;
     a.mov(eax, dword_ptr(rsi + 26))?;
     a.mov(dword_ptr(rdi + 30), eax)?;
@@ -848,8 +890,8 @@ fn frame(a: &mut CodeAssembler, l: &mut Labels) -> Result<(), Error> {
     a.mov(dword_ptr(rdi + 26), eax)?;
     a.lea(r11, ptr(rdi + r10 + 14))?;
     a.mov(byte_ptr(r11), 0)?; // echo reply
-    // HC' = ~(~HC + ~m + m') with m = 0x0800 (type 8, code 0) and m' = 0, in the byte order
-    // of memory (one's complement sums do not depend on it): ~m = 0xfff7 little endian.
+                              // HC' = ~(~HC + ~m + m') with m = 0x0800 (type 8, code 0) and m' = 0, in the byte order
+                              // of memory (one's complement sums do not depend on it): ~m = 0xfff7 little endian.
     a.movzx(eax, word_ptr(r11 + 2))?;
     a.not(eax)?;
     a.and(eax, 0xffff)?;
@@ -951,7 +993,7 @@ fn config(a: &mut CodeAssembler, l: &mut Labels) -> Result<(), Error> {
     a.jne(done)?; // the previous ack is still with the device
     a.call(l.n.tx_alloc)?;
     a.jc(done)?; // no transmit buffer: try again at the next heartbeat
-    // Gratuitous ARP: broadcast ARP request, sender = target = our address.
+                 // Gratuitous ARP: broadcast ARP request, sender = target = our address.
     a.mov(dword_ptr(rdi), -1)?;
     a.mov(word_ptr(rdi + 4), -1)?;
     put_my_mac(a, dword_ptr(rdi + 6), word_ptr(rdi + 10))?;
