@@ -63,6 +63,13 @@ pub struct MigrationConfig {
     pub throttle_increment: u32,
     /// Ceiling, percent (at most 99).
     pub throttle_max: u32,
+    /// Page streams (1 ..= [`crate::protocol::MAX_STREAMS`]). With more
+    /// than one, [`crate::source::migrate_streams`] opens that many extra
+    /// connections and spreads each round's pages over them (one sender
+    /// thread each; a page always travels on the same stream), so that one
+    /// core's copy speed is not the limit. The destination may grant fewer.
+    /// Default 1: everything on the one connection.
+    pub streams: u32,
 }
 
 impl Default for MigrationConfig {
@@ -79,6 +86,7 @@ impl Default for MigrationConfig {
             throttle_initial: 20,
             throttle_increment: 10,
             throttle_max: 99,
+            streams: 1,
         }
     }
 }
