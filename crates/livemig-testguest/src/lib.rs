@@ -115,7 +115,10 @@
 //! memory read; when it moved, the guest handles the new frames (at most one queue's worth per
 //! pass), re-posts each buffer at once and notifies queue 0 unless the device set
 //! `VRING_USED_F_NO_NOTIFY`. It answers:
-//! - an ARP request (Ethernet/IPv4) for its address, with an ARP reply;
+//! - an ARP request (Ethernet/IPv4) for its address, with an ARP reply — except a gratuitous
+//!   one (sender IP = its own address, e.g. the VMM's announce on its behalf that was queued at
+//!   a destination's TAP before the guest ran there): answering that would teach the switch a
+//!   port the announce did not choose;
 //! - an IPv4 ICMP echo request (type 8, code 0, not fragmented, lengths consistent with the
 //!   frame) to its address, with an echo reply: the request copied, MACs and IPs swapped,
 //!   type 0, the ICMP checksum updated incrementally (RFC 1624); the TTL is kept, so the IP

@@ -797,7 +797,7 @@ fn frame(a: &mut CodeAssembler, l: &mut Labels) -> Result<(), Error> {
     a.set_label(&mut ignore)?;
     a.ret()?;
 
-    // ARP request (Ethernet, IPv4) for our address → ARP reply.
+    // ARP request (Ethernet, IPv4) for our address, from another address → ARP reply.
     a.set_label(&mut arp)?;
     a.cmp(r9d, 42)?;
     a.jb(ignore)?;
@@ -808,6 +808,11 @@ fn frame(a: &mut CodeAssembler, l: &mut Labels) -> Result<(), Error> {
     a.mov(eax, dword_ptr(r15 + var::NET_IP))?;
     a.cmp(eax, dword_ptr(rsi + 38))?;
     a.jne(ignore)?;
+    // A gratuitous ARP for our address (sender IP = ours: e.g. the VMM's announce on our
+    // behalf, queued at a destination's TAP before we ran there) is news, not a question:
+    // answering it would move the switch's idea of where we are.
+    a.cmp(eax, dword_ptr(rsi + 28))?;
+    a.je(ignore)?;
     a.call(l.n.tx_alloc)?;
     a.jc(ignore)?;
     copy_mac(
