@@ -21,7 +21,7 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command};
 use std::time::{Duration, Instant};
 
-use livemig_suite::harness::{log_of, migrate, scratch_dir, Vmm};
+use livemig_suite::harness::{blackout, log_of, migrate, scratch_dir, Vmm};
 use serde_json::json;
 
 const MAC: &str = "52:54:00:4c:50:01";
@@ -344,10 +344,12 @@ fn ping_survives_five_ping_pong_migrations() {
 
     let mut starts = Vec::new();
     let mut downtimes = Vec::new();
+    let mut blackouts = Vec::new();
     let mut last_status = before;
     for hop in 1..=5 {
         let (mut dst, ep) = net.destination(&dir, &format!("dst{hop}"), taps[hop % 2], true);
         starts.push(monotonic());
+        let t_hop = Instant::now();
         let report = migrate(
             &cur,
             &ep,
@@ -376,6 +378,10 @@ fn ping_survives_five_ping_pong_migrations() {
         {
             let s = log_of(&cur);
             let d = log_of(&dst);
+            // The guest's own blackout: its last heartbeat on the source to
+            // its first on the destination.
+            let b = blackout(&s, &d, t_hop).expect("heartbeats on both sides");
+            blackouts.push(b.switchover_gap.as_secs_f64() * 1e3);
             assert!(s.corrupt.is_empty() && d.corrupt.is_empty());
             assert!(!d.ready, "migration {hop}: the guest rebooted");
             assert!(
@@ -400,29 +406,36 @@ fn ping_survives_five_ping_pong_migrations() {
         let to = starts.get(i + 1).copied().unwrap_or(end);
         let (lost, n, gap) = window(&echoes, from, to);
         eprintln!(
-            "migration {}: {n} requests, {} lost {lost:?}, longest reply gap {:.1} ms",
+            "migration {}: {n} requests, {} lost {lost:?}, longest reply gap {:.1} ms, guest blackout {:.1} ms, engine downtime {:.1} ms",
             i + 1,
             lost.len(),
-            gap * 1e3
+            gap * 1e3,
+            blackouts[i],
+            downtimes[i]
         );
         assert!(n > 50, "too few requests in the window: {n}");
-        // Requests that reach the source while it is paused for the
-        // switchover are lost with it (nothing else may be): one at most
-        // when the downtime stays within the 20 ms limit. When the engine
-        // overran the limit (a loaded host), allow one per 20 ms of it.
-        let allowed = 1 + (downtimes[i] / (INTERVAL_S * 1e3)).floor() as usize;
-        if downtimes[i] > 20.0 {
+        // Requests that reach the source while the guest is paused for the
+        // switchover are lost with it; nothing else may be (the guest's
+        // gratuitous ARP moves the bridge within a heartbeat of it running
+        // on the destination). So: at most one when the guest's blackout
+        // (heartbeat gap) stays under one ping interval, as it does when the
+        // engine meets its 20 ms downtime limit; when a loaded host stretched
+        // the blackout, at most the requests that fit in it.
+        let interval_ms = INTERVAL_S * 1e3;
+        let allowed = (((blackouts[i] + 2.0) / interval_ms).ceil() as usize).max(1);
+        if allowed > 1 {
             eprintln!(
-                "*** migration {}: downtime {:.1} ms overran the 20 ms limit; allowing {allowed} lost ***",
+                "*** migration {}: guest blackout {:.1} ms (engine downtime {:.1} ms) is over one ping interval; allowing {allowed} lost ***",
                 i + 1,
+                blackouts[i],
                 downtimes[i]
             );
         }
-        let allowed = if downtimes[i] > 20.0 { allowed } else { 1 };
         assert!(
             lost.len() <= allowed,
-            "migration {}: downtime {:.1} ms, lost {lost:?}",
+            "migration {}: guest blackout {:.1} ms, engine downtime {:.1} ms, lost {lost:?}",
             i + 1,
+            blackouts[i],
             downtimes[i]
         );
         total += lost.len();
