@@ -399,7 +399,19 @@ fn ping_survives_five_ping_pong_migrations() {
     let (echoes, bad) = pinger.finish();
     assert_eq!(bad, 0, "replies with a bad checksum or payload");
     let pre = window(&echoes, 0.0, starts[0]);
-    eprintln!("before migrating: {} requests, {} lost", pre.1, pre.0.len());
+    let mut rtt: Vec<f64> = echoes
+        .iter()
+        .filter(|e| e.sent < starts[0])
+        .filter_map(|e| e.reply.map(|r| (r - e.sent) * 1e3))
+        .collect();
+    rtt.sort_by(f64::total_cmp);
+    eprintln!(
+        "before migrating: {} requests, {} lost, round trip median {:.3} ms, max {:.3} ms",
+        pre.1,
+        pre.0.len(),
+        rtt.get(rtt.len() / 2).copied().unwrap_or(f64::NAN),
+        rtt.last().copied().unwrap_or(f64::NAN)
+    );
     assert!(pre.1 > 20 && pre.0.is_empty(), "{pre:?}");
     let mut total = 0;
     for (i, &from) in starts.iter().enumerate() {
