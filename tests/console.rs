@@ -49,6 +49,20 @@ fn console_status_answered_before_and_after_migration() {
     let s2 = src.query_status(T).unwrap();
     assert!(s2.heartbeats > s1.heartbeats && s2.pages_written > s1.pages_written);
 
+    // Typed while the machine is paused: held (not put into a UART whose
+    // state a migration may already have saved) and answered after resume.
+    let r = src.api(&json!({"cmd": "pause"}), |_| {}).unwrap();
+    assert_eq!(r["result"], "ok", "{r}");
+    let seen = src.status_count();
+    src.console_write("status\n").unwrap();
+    std::thread::sleep(Duration::from_millis(200));
+    assert_eq!(src.status_count(), seen, "answered while paused?");
+    let r = src.api(&json!({"cmd": "resume"}), |_| {}).unwrap();
+    assert_eq!(r["result"], "ok", "{r}");
+    let s3 = src.wait_status(seen, T).unwrap();
+    assert!(s3.heartbeats > s2.heartbeats, "{s3:?}");
+    let s2 = s3;
+
     let (mut dst, ep) = start_destination(&dir, "dst", &[]).unwrap();
     // Typed on the destination's console before the guest is there: it
     // waits (in the pipe) and is answered once the guest runs there.
@@ -82,7 +96,7 @@ fn console_status_answered_before_and_after_migration() {
             d.corrupt
         );
         assert!(!d.ready, "the destination guest rebooted");
-        assert_eq!(s.status.len(), 2, "one answer per line typed on the source");
+        assert_eq!(s.status.len(), 3, "one answer per line typed on the source");
         assert_eq!(
             d.status.len(),
             2,
