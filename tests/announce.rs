@@ -211,15 +211,24 @@ fn scenario(tag: &str, announce: bool) -> (Option<Duration>, u64, u64, Vec<f64>)
     let cap = dir.join("capture.txt");
     let py = format!(
         "import socket,time\ns=socket.socket(socket.AF_PACKET,socket.SOCK_RAW,socket.htons(0x8035))\ns.bind(('vC',0))\n\
-         s.settimeout(2.5)\nout=open('{}','w')\n\
+         s.settimeout(2.5)\nout=open('{}','w')\nprint('ready',flush=True)\n\
          try:\n  while True:\n    f=s.recv(100)\n    out.write('%.6f\\n'%time.monotonic()); out.flush()\nexcept Exception: pass\n",
         cap.display()
     );
     let mut capture = Command::new("ip")
         .args(["netns", "exec", &net.client, "python3", "-c", &py])
+        .stdout(std::process::Stdio::piped())
         .spawn()
         .unwrap();
-    std::thread::sleep(Duration::from_millis(300));
+    // Migrate only once the capture socket is bound (a loaded host can take
+    // longer than any fixed sleep to start python).
+    let mut ready = String::new();
+    std::io::BufRead::read_line(
+        &mut std::io::BufReader::new(capture.stdout.take().unwrap()),
+        &mut ready,
+    )
+    .unwrap();
+    assert_eq!(ready.trim(), "ready");
 
     // Keep the source (paused) so its TAP port stays on the bridge, as a
     // real source host's port would.

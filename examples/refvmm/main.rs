@@ -1,6 +1,7 @@
 //! `refvmm` — the livemig reference VMM.
 //!
-//! A tiny KVM VMM that boots Multiboot v1 kernels with a COM1 serial console,
+//! A tiny KVM VMM that boots Multiboot v1 kernels with a COM1 serial console
+//! (guest output on stdout, stdin forwarded to the guest as console input),
 //! and migrates them live with livemig:
 //!
 //! ```text
@@ -15,6 +16,7 @@
 //! `livemig-testguest`.
 
 mod api;
+mod console;
 mod multiboot;
 mod net;
 mod place;
@@ -326,6 +328,7 @@ fn require_kvm() -> Result<(), Fail> {
 /// Runs the machine until it dies, migrates away, or is told to quit.
 fn run_machine(machine: Machine, api_socket: Option<PathBuf>, start: bool) -> Result<(), Fail> {
     let machine = Arc::new(machine);
+    console::forward_stdin(&machine);
     let (tx, rx) = channel();
     if let Some(p) = &api_socket {
         api::serve(p, machine.clone(), tx.clone()).map_err(runtime)?;

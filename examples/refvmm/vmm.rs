@@ -97,6 +97,8 @@ pub struct Machine {
     /// emulation) are refused then, so none can slip in after the final
     /// dirty sync.
     devices_stopped: Mutex<bool>,
+    /// The COM1 UART (also reached through the bus), for console input.
+    serial: Arc<Mutex<SerialDevice>>,
 }
 
 /// What a machine is built from.
@@ -176,7 +178,28 @@ impl Machine {
             nics,
             nic_counters,
             devices_stopped: Mutex::new(false),
+            serial,
         })
+    }
+
+    /// Queues console input in the UART's receive FIFO, as much as fits;
+    /// returns how many bytes were taken (0 while the FIFO is full or the
+    /// machine is paused for migration: the device state may already be
+    /// saved then, so the bytes must wait).
+    pub fn console_input(&self, bytes: &[u8]) -> Result<usize, String> {
+        let stopped = self
+            .devices_stopped
+            .lock()
+            .unwrap_or_else(|e| e.into_inner());
+        if *stopped {
+            return Ok(0);
+        }
+        let mut s = self.serial.lock().unwrap_or_else(|e| e.into_inner());
+        let k = bytes.len().min(s.fifo_capacity());
+        if k > 0 {
+            s.enqueue_input(&bytes[..k]).map_err(|e| e.to_string())?;
+        }
+        Ok(k)
     }
 
     fn each_nic(&self, f: impl Fn(&VirtioNet)) {
