@@ -498,36 +498,14 @@ fn cmd_receive(
             dirty_mode,
         })
         .map_err(VmError::Create)?;
-        Ok(DestMachine(machine, start_paused))
+        Ok(DestMachine {
+            machine,
+            start_paused,
+            announce,
+        })
     });
     match result {
-        Ok((DestMachine(machine, _), report)) => {
-            let resumed_at = std::time::Instant::now();
-            if announce && !start_paused {
-                // The guest runs: ask its drivers to announce themselves too.
-                let n = machine.guest_announce();
-                if n > 0 {
-                    eprintln!("refvmm: asked {n} guest NIC driver(s) to announce");
-                }
-            }
-            if announce && !machine.nets.is_empty() && !start_paused {
-                match net::start_announce(
-                    &machine.nets,
-                    &livemig_announce::Schedule::default(),
-                    resumed_at,
-                ) {
-                    Ok(h) => {
-                        std::thread::spawn(move || {
-                            let r = h.join();
-                            eprintln!(
-                                "refvmm: announce report: {}",
-                                serde_json::to_string(&r).unwrap_or_default()
-                            );
-                        });
-                    }
-                    Err(e) => eprintln!("refvmm: announce failed to start: {e}"),
-                }
-            }
+        Ok((DestMachine { machine, .. }, report)) => {
             eprintln!(
                 "refvmm: migration received ({} pages, {} zero, {} rounds, restore {:.2} ms); guest running",
                 report.pages, report.zero_pages, report.rounds, report.restore_ms
@@ -540,20 +518,64 @@ fn cmd_receive(
 
 /// The destination machine, as the engine's DestinationVm (optionally
 /// left paused after the switchover).
-struct DestMachine(Machine, bool);
+struct DestMachine {
+    machine: Machine,
+    start_paused: bool,
+    /// Announce the NICs (VMM RARP/GARP and the guest announce) as soon as
+    /// the guest runs.
+    announce: bool,
+}
+
+impl DestMachine {
+    /// The announce, started the moment the vCPUs run (every millisecond
+    /// before it, the network still delivers to the old port).
+    fn start_announce(&self) {
+        let resumed_at = std::time::Instant::now();
+        let m = &self.machine;
+        if m.nets.is_empty() {
+            return;
+        }
+        match net::start_announce(&m.nets, &livemig_announce::Schedule::default(), resumed_at) {
+            Ok(h) => {
+                std::thread::spawn(move || {
+                    let r = h.join();
+                    eprintln!(
+                        "refvmm: announce report: {}",
+                        serde_json::to_string(&r).unwrap_or_default()
+                    );
+                });
+            }
+            Err(e) => eprintln!("refvmm: announce failed to start: {e}"),
+        }
+        // Ask the guest's drivers to announce themselves too.
+        let n = m.guest_announce();
+        if n > 0 {
+            eprintln!("refvmm: asked {n} guest NIC driver(s) to announce");
+        }
+    }
+}
 
 impl livemig::vm::DestinationVm for DestMachine {
     fn memory(&self) -> &livemig::memory::GuestRam {
-        livemig::vm::DestinationVm::memory(&self.0.vm)
+        livemig::vm::DestinationVm::memory(&self.machine.vm)
     }
     fn restore_state(&mut self, sections: &[livemig::state::Section]) -> Result<(), VmError> {
-        self.0.vm.restore_state(sections)
+        self.machine.vm.restore_state(sections)
     }
     fn resume(&mut self) -> Result<(), VmError> {
-        if self.1 {
+        if self.start_paused {
             return Ok(());
         }
-        self.0.start();
+        // Frames that reached this host's TAPs before the guest ran here
+        // are stale (the source had the guest then): never replay them.
+        let stale = self.machine.drop_queued_frames();
+        self.machine.start();
+        if self.announce {
+            self.start_announce();
+        }
+        if stale > 0 {
+            eprintln!("refvmm: dropped {stale} frame(s) queued on the TAPs before the switchover");
+        }
         Ok(())
     }
 }

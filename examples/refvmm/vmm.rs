@@ -214,6 +214,15 @@ impl Machine {
         self.vm.resume_vcpus();
     }
 
+    /// Drops the frames queued on the NICs' TAPs (see
+    /// [`VirtioNet::drop_queued`]); returns how many.
+    pub fn drop_queued_frames(&self) -> u64 {
+        self.nics
+            .iter()
+            .map(|n| n.lock().unwrap_or_else(|e| e.into_inner()).drop_queued())
+            .sum()
+    }
+
     /// After a completed outgoing migration: the NICs stop touching guest
     /// memory for good and only count (and drop) what still arrives on
     /// this host's TAPs.

@@ -575,6 +575,32 @@ impl VirtioNet {
         self.shared.wake.notify_all();
     }
 
+    /// Reads and drops every frame already queued on the backend (counted
+    /// as received and dropped) and returns how many there were.
+    ///
+    /// For a destination about to run a migrated guest: what sits in its
+    /// TAP before the switchover are flooded copies of traffic the source
+    /// handled, or frames that arrived before the guest ran here; handing
+    /// them to the guest late would make it answer stale requests from the
+    /// new port (an ARP reply that moves a bridge's entry without any
+    /// announce, a duplicate echo reply).
+    pub fn drop_queued(&self) -> u64 {
+        let mac = self.mac();
+        let mut g = self.shared.lock();
+        let mut buf = vec![0u8; MAX_FRAME + 1];
+        let mut n = 0;
+        while let Ok(Some(len)) = g.transport.device_mut().backend.recv(&mut buf) {
+            let c = &self.shared.counters;
+            bump(&c.backend_rx);
+            if len >= 6 && buf[..6] == mac {
+                bump(&c.backend_rx_to_mac);
+            }
+            bump(&c.rx_dropped);
+            n += 1;
+        }
+        n
+    }
+
     /// The guest has migrated away for good: from now on frames arriving on
     /// the backend are read and counted as dropped, and guest memory is
     /// never touched again.
