@@ -4,7 +4,7 @@
 use std::io::{BufRead, BufReader, Read, Write};
 use std::os::unix::net::UnixStream;
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, ExitStatus, Stdio};
+use std::process::{Child, ChildStdin, Command, ExitStatus, Stdio};
 use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
@@ -46,6 +46,25 @@ pub struct TLine {
     pub corrupt: u64,
 }
 
+/// A `STATUS` line (the answer to `status` typed on the console) with the time it arrived.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct StatusLine {
+    /// Arrival time.
+    pub at: Instant,
+    /// Heartbeats so far.
+    pub heartbeats: u64,
+    /// Pages written so far.
+    pub pages_written: u64,
+    /// Pages verified so far.
+    pub pages_verified: u64,
+    /// Corruptions so far.
+    pub corrupt: u64,
+    /// Frames the guest's NIC driver received.
+    pub rx: u64,
+    /// Frames it sent.
+    pub tx: u64,
+}
+
 /// Everything the guest said, parsed.
 #[derive(Debug, Default)]
 pub struct GuestLog {
@@ -61,6 +80,8 @@ pub struct GuestLog {
     pub other: Vec<String>,
     /// The `CORRUPT` pages, in order.
     pub corrupt_pages: Vec<u64>,
+    /// Every `STATUS` line.
+    pub status: Vec<StatusLine>,
 }
 
 /// Starts a thread that reads a guest's serial output from `out` until EOF,
@@ -106,6 +127,22 @@ pub fn spawn_serial_reader(
                             "CORRUPT page={page} got={got:016x} want={want:016x}"
                         ))
                     }
+                    Event::Status {
+                        heartbeats,
+                        pages_written,
+                        pages_verified,
+                        corrupt,
+                        rx,
+                        tx,
+                    } => g.status.push(StatusLine {
+                        at,
+                        heartbeats,
+                        pages_written,
+                        pages_verified,
+                        corrupt,
+                        rx,
+                        tx,
+                    }),
                     Event::Other(s) => g.other.push(s),
                 }
             }
@@ -151,6 +188,7 @@ impl GuestLog {
 /// A running `refvmm` process.
 pub struct Vmm {
     child: Child,
+    stdin: Option<ChildStdin>,
     /// API socket path.
     pub api: PathBuf,
     /// The guest's serial output, parsed.
@@ -167,7 +205,7 @@ pub(crate) fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
 }
 
 impl Vmm {
-    /// Spawns `refvmm <args>` with the serial console on a pipe.
+    /// Spawns `refvmm <args>` with the serial console (output and input) on pipes.
     pub fn spawn(name: &str, args: &[String], api: PathBuf) -> Result<Vmm, String> {
         Self::spawn_prefixed(name, &[], args, api)
     }
@@ -190,19 +228,21 @@ impl Vmm {
         };
         let mut child = cmd
             .args(args)
-            .stdin(Stdio::null())
+            .stdin(Stdio::piped())
             .stdout(Stdio::piped())
             .stderr(Stdio::piped())
             .spawn()
             .map_err(|e| format!("spawning {}: {e}", bin.display()))?;
         let log = Arc::new(Mutex::new(GuestLog::default()));
         let stderr = Arc::new(Mutex::new(String::new()));
+        let stdin = child.stdin.take();
         let out = child.stdout.take().ok_or("no stdout")?;
         let err = child.stderr.take().ok_or("no stderr")?;
         let r1 = spawn_serial_reader(out, log.clone());
         let r2 = spawn_stderr_reader(err, stderr.clone(), "vmm");
         Ok(Vmm {
             child,
+            stdin,
             api,
             log,
             stderr,
@@ -253,6 +293,44 @@ impl Vmm {
         self.wait_for(&format!("{n} heartbeats"), timeout, |g| {
             g.heartbeats.len() >= have + n
         })
+    }
+
+    /// Types `text` on the guest's serial console (refvmm forwards its stdin to the UART).
+    pub fn console_write(&mut self, text: &str) -> Result<(), String> {
+        let w = self
+            .stdin
+            .as_mut()
+            .ok_or_else(|| format!("{}: console input is closed", self.name))?;
+        w.write_all(text.as_bytes())
+            .and_then(|()| w.flush())
+            .map_err(|e| format!("{}: console input: {e}", self.name))
+    }
+
+    /// Closes the console input (refvmm sees end of file).
+    pub fn console_close(&mut self) {
+        self.stdin = None;
+    }
+
+    /// Types `status` on the console and waits (up to `timeout`) for the `STATUS` answer.
+    pub fn query_status(&mut self, timeout: Duration) -> Result<StatusLine, String> {
+        let have = lock(&self.log).status.len();
+        self.console_write("status\n")?;
+        self.wait_status(have, timeout)
+    }
+
+    /// Waits for a `STATUS` line beyond the first `seen` ones and returns it.
+    pub fn wait_status(&mut self, seen: usize, timeout: Duration) -> Result<StatusLine, String> {
+        self.wait_for("a STATUS line", timeout, |g| g.status.len() > seen)?;
+        lock(&self.log)
+            .status
+            .get(seen)
+            .copied()
+            .ok_or_else(|| format!("{}: STATUS line vanished", self.name))
+    }
+
+    /// Number of `STATUS` lines seen.
+    pub fn status_count(&self) -> usize {
+        lock(&self.log).status.len()
     }
 
     /// Waits for `READY`.
@@ -361,6 +439,7 @@ impl Vmm {
 
 impl Drop for Vmm {
     fn drop(&mut self) {
+        self.stdin = None;
         self.kill();
         let _ = std::fs::remove_file(&self.api);
         for r in self.readers.drain(..) {

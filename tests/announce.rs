@@ -211,15 +211,24 @@ fn scenario(tag: &str, announce: bool) -> (Option<Duration>, u64, u64, Vec<f64>)
     let cap = dir.join("capture.txt");
     let py = format!(
         "import socket,time\ns=socket.socket(socket.AF_PACKET,socket.SOCK_RAW,socket.htons(0x8035))\ns.bind(('vC',0))\n\
-         s.settimeout(2.5)\nout=open('{}','w')\n\
+         s.settimeout(2.5)\nout=open('{}','w')\nprint('ready',flush=True)\n\
          try:\n  while True:\n    f=s.recv(100)\n    out.write('%.6f\\n'%time.monotonic()); out.flush()\nexcept Exception: pass\n",
         cap.display()
     );
     let mut capture = Command::new("ip")
         .args(["netns", "exec", &net.client, "python3", "-c", &py])
+        .stdout(std::process::Stdio::piped())
         .spawn()
         .unwrap();
-    std::thread::sleep(Duration::from_millis(300));
+    // Migrate only once the capture socket is bound (a loaded host can take
+    // longer than any fixed sleep to start python).
+    let mut ready = String::new();
+    std::io::BufRead::read_line(
+        &mut std::io::BufReader::new(capture.stdout.take().unwrap()),
+        &mut ready,
+    )
+    .unwrap();
+    assert_eq!(ready.trim(), "ready");
 
     // Keep the source (paused) so its TAP port stays on the bridge, as a
     // real source host's port would.
@@ -276,9 +285,12 @@ fn bridge_learns_the_move_and_only_with_the_announce() {
     // The schedule: 5 rounds at 0, 50, 200, 450, 800 ms (RARP only is
     // captured: the capture filters ethertype 0x8035).
     assert_eq!(offsets.len(), 5, "captured {offsets:?}");
+    // Behaviour, not timing: never earlier than the schedule (a sender that
+    // bursts is the bug this catches); lateness only measures host load, so
+    // it is printed, and bounded loosely (a lost round would show as ~1 s).
     for (got, want) in offsets.iter().zip([0.0, 50.0, 200.0, 450.0, 800.0]) {
         assert!(
-            (got - want).abs() < 25.0,
+            *got >= want - 5.0 && *got < want + 1000.0,
             "announce at {got:.1} ms, schedule says {want} ms: {offsets:?}"
         );
     }

@@ -245,7 +245,7 @@ fn ping_pong_ten_times_while_dirtying() {
     for hop in 1..=10 {
         let (mut next, ep) = start_destination(&dir, &format!("vm{hop}"), &[]).unwrap();
         let t0 = Instant::now();
-        migrate(&cur, &ep, json!({"downtime_limit_ms": 50}))
+        migrate(&cur, &ep, json!({"downtime_limit_ms": 50, "force": true}))
             .unwrap_or_else(|e| panic!("hop {hop}: {e}"));
         next.wait_for("a T line", Duration::from_secs(30), |g| {
             !g.tlines.is_empty()
@@ -403,4 +403,36 @@ fn migrate_to_auto_chooses_with_placement_and_migrates() {
     })
     .unwrap();
     assert!(log_of(&dst).corrupt.is_empty());
+}
+
+#[test]
+fn four_page_streams_memory_identical() {
+    let Some(_kvm) = common::kvm_or_skip("four_page_streams_memory_identical") else {
+        return;
+    };
+    let dir = scratch_dir("streams");
+    let mut src = start_source(&dir, "src", "256M", 1, "ws=64 rate=20 pattern=rand").unwrap();
+    src.wait_ready(Duration::from_secs(30)).unwrap();
+    src.wait_heartbeats(500, Duration::from_secs(30)).unwrap();
+    let (mut dst, ep) = start_destination(&dir, "dst", &["--start-paused"]).unwrap();
+    let report = migrate(&src, &ep, json!({"keep_source": true, "streams": 4})).unwrap();
+    assert_eq!(report["streams"], 4, "{report}");
+    dst.wait_api(Duration::from_secs(10)).unwrap();
+    let (a, b) = (hashes(&src), hashes(&dst));
+    assert_eq!(a, b, "memory differs after a 4-stream migration");
+    assert_eq!(
+        dst.api(&json!({"cmd":"resume"}), |_| {}).unwrap()["result"],
+        "ok"
+    );
+    dst.wait_heartbeats(1200, Duration::from_secs(30)).unwrap();
+    let d = log_of(&dst);
+    assert!(
+        d.corrupt.is_empty(),
+        "CORRUPT after 4 streams: {:?}",
+        d.corrupt
+    );
+    assert!(!d.ready, "the guest rebooted");
+    drop(d);
+    let _ = src.api(&json!({"cmd":"quit"}), |_| {});
+    let _ = std::fs::remove_dir_all(dir);
 }

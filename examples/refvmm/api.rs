@@ -8,10 +8,12 @@
 //! | `{"cmd":"pause"}` / `{"cmd":"resume"}` | `{"result":"ok"}` |
 //! | `{"cmd":"migrate","to":"tcp:HOST:PORT","downtime_limit_ms":20,"max_bandwidth_mib":0,"keep_source":false}` | progress lines `{"event":...}`, then `{"result":"ok","report":{...}}` or `{"result":"error","phase":...,"error":...}` |
 //! | `... "tls":{"cert":P,"key":P,"ca":P,"server_name":S}` in `migrate` | migrate over mutual TLS |
+//! | `... "streams":N` in `migrate` | spread the pages over N extra connections (1..=16) |
+//! | `... "compress":true` in `migrate` | LZ4-compress page frames |
 //! | `{"cmd":"write-memory","gpa":N,"value":N}` | writes a u64 through vm-memory (tracked as a VMM write) |
 //! | `{"cmd":"read-memory","gpa":N,"len":N}` | `{"result":"ok","hex":"..."}` (at most 4096 bytes) |
 //! | `{"cmd":"vcpu-regs"}` | RIP, RSP, RFLAGS, CS, CR0, EFER and MP state of every vCPU (pauses briefly) |
-//! | `{"cmd":"net-stats"}` | per NIC: frames the network delivered to its TAP, and how many were unicast to the guest MAC |
+//! | `{"cmd":"net-stats"}` | per NIC: frames the virtio-net device read from its TAP (`rx_frames`, delivered or dropped) and how many were unicast to the guest MAC, frames delivered to / dropped for the guest, frames the guest sent |
 //! | `{"cmd":"announce-self"}` | one RARP (+ gratuitous ARP) per NIC now, like QEMU's `announce-self` |
 //! | `{"cmd":"memory-hash"}` | FNV-1a hash of each memory region (pause first for a stable answer) |
 //! | `{"cmd":"quit"}` | `{"result":"ok"}`, then the VMM exits |
@@ -25,9 +27,9 @@ use std::time::Duration;
 
 use livemig::memory::GuestRam;
 use livemig::policy::{MigrationConfig, OnLimit};
-use livemig::transport::{connect, Endpoint};
+use livemig::transport::{connect, Dialer, Endpoint, StreamOpener};
 use livemig::vm::SourceVm;
-use livemig::{migrate, CancelToken};
+use livemig::{migrate_streams, CancelToken};
 use serde_json::{json, Value};
 use vm_memory::{Bytes, GuestAddress, GuestMemoryBackend, GuestMemoryRegion};
 
@@ -201,16 +203,21 @@ fn handle(conn: UnixStream, m: &Arc<Machine>, events: &Sender<ApiEvent>) -> Resu
                 }
             }
             "net-stats" => {
-                use std::sync::atomic::Ordering;
                 let nics: Vec<Value> = m
                     .nets
                     .iter()
-                    .map(|n| {
+                    .zip(&m.nic_counters)
+                    .map(|(n, c)| {
+                        let s = c.snapshot();
                         json!({
                             "tap": n.tap,
                             "mac": livemig_announce::format_mac(&n.mac),
-                            "rx_frames": n.rx.frames.load(Ordering::Relaxed),
-                            "rx_to_guest_mac": n.rx.to_guest.load(Ordering::Relaxed),
+                            "rx_frames": s.backend_rx,
+                            "rx_to_guest_mac": s.backend_rx_to_mac,
+                            "rx_delivered": s.rx_delivered,
+                            "rx_dropped": s.rx_dropped,
+                            "tx_frames": s.tx_frames,
+                            "tx_dropped": s.tx_dropped,
                         })
                     })
                     .collect();
@@ -239,6 +246,9 @@ fn handle(conn: UnixStream, m: &Arc<Machine>, events: &Sender<ApiEvent>) -> Resu
                 let r = do_migrate(&req, m, &mut w);
                 match r {
                     Ok(report) => {
+                        // The guest runs on the destination now: the NICs
+                        // here only count what still arrives.
+                        m.migrated_away();
                         send(&mut w, &json!({"result":"ok","report":report}))
                             .map_err(|e| e.to_string())?;
                         // keep_source (for tests): stay, paused, so the
@@ -285,6 +295,17 @@ fn do_migrate(req: &Value, m: &Arc<Machine>, w: &mut UnixStream) -> Result<Value
     if req["force"].as_bool() == Some(true) {
         cfg.on_limit = OnLimit::ForceSwitchover;
     }
+    if let Some(n) = req["streams"].as_u64() {
+        if n == 0 || n > u64::from(livemig::protocol::MAX_STREAMS) {
+            return Err(err(format!(
+                "streams {n} is outside 1..={}",
+                livemig::protocol::MAX_STREAMS
+            )));
+        }
+        cfg.streams = n as u32;
+    }
+    cfg.compress = req["compress"].as_bool() == Some(true);
+    let mut opener: Box<dyn StreamOpener>;
     let transport = if req["tls"].is_object() {
         let path = |k: &str| {
             req["tls"][k]
@@ -299,20 +320,37 @@ fn do_migrate(req: &Value, m: &Arc<Machine>, w: &mut UnixStream) -> Result<Value
             server_name: req["tls"]["server_name"].as_str().map(str::to_string),
         };
         let id = cfg.load().map_err(|e| err(e.to_string()))?;
-        livemig_tls::connect_tls(&endpoint, &id, Some(Duration::from_secs(10)))
-            .map_err(|e| err(format!("connecting to {endpoint}: {e}")))?
+        let t = livemig_tls::connect_tls(&endpoint, &id, Some(Duration::from_secs(10)))
+            .map_err(|e| err(format!("connecting to {endpoint}: {e}")))?;
+        opener = Box::new(livemig_tls::TlsDialer {
+            endpoint: endpoint.clone(),
+            id,
+            timeout: Some(Duration::from_secs(10)),
+        });
+        t
     } else {
+        opener = Box::new(Dialer {
+            endpoint: endpoint.clone(),
+            timeout: Some(Duration::from_secs(10)),
+        });
         connect(&endpoint, Some(Duration::from_secs(10)))
             .map_err(|e| err(format!("connecting to {endpoint}: {e}")))?
     };
     let mut progress_out = w.try_clone().ok();
-    let result = migrate(&**m, transport, &cfg, &CancelToken::new(), &mut |p| {
-        if let Some(o) = progress_out.as_mut() {
-            if let Ok(v) = serde_json::to_value(p) {
-                let _ = send(o, &v);
+    let result = migrate_streams(
+        &**m,
+        transport,
+        Some(&mut *opener),
+        &cfg,
+        &CancelToken::new(),
+        &mut |p| {
+            if let Some(o) = progress_out.as_mut() {
+                if let Ok(v) = serde_json::to_value(p) {
+                    let _ = send(o, &v);
+                }
             }
-        }
-    });
+        },
+    );
     match result {
         Ok(report) => serde_json::to_value(&report).map_err(|e| err(e.to_string())),
         Err(e) => {

@@ -1,6 +1,7 @@
 //! `refvmm` — the livemig reference VMM.
 //!
-//! A tiny KVM VMM that boots Multiboot v1 kernels with a COM1 serial console,
+//! A tiny KVM VMM that boots Multiboot v1 kernels with a COM1 serial console
+//! (guest output on stdout, stdin forwarded to the guest as console input),
 //! and migrates them live with livemig:
 //!
 //! ```text
@@ -15,6 +16,7 @@
 //! `livemig-testguest`.
 
 mod api;
+mod console;
 mod multiboot;
 mod net;
 mod place;
@@ -27,9 +29,9 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use clap::{Parser, Subcommand};
-use livemig::transport::{listen, Endpoint};
+use livemig::transport::{listen, Endpoint, OwnedAcceptor, StreamAcceptor};
 use livemig::vm::VmError;
-use livemig::{receive, ReceiveConfig};
+use livemig::{receive_streams, ReceiveConfig};
 use livemig_kvm::serial::SerialOutput;
 use livemig_kvm::{check_compatible, check_properties, x86_layout, DirtyMode};
 use serde_json::json;
@@ -62,9 +64,13 @@ struct Common {
     #[arg(long, default_value = "auto")]
     dirty_log: String,
     /// A NIC backed by a TAP device (opened, or created if missing):
-    /// `tap=<IFNAME>,mac=<MAC>[,ip=<IPv4>]`. Repeatable. After a migration
-    /// the destination announces each NIC's MAC (RARP, and a gratuitous ARP
-    /// when the IPv4 address is known) on its TAP.
+    /// `tap=<IFNAME>,mac=<MAC>[,ip=<IPv4>]`. Repeatable. NIC i is a
+    /// virtio-net device (virtio-mmio) at 0xd0000000 + i*0x1000, GSI 5+i;
+    /// for NIC 0 with an ip, `run` appends `net=mmio:0xd0000000:5,ip=<ip>`
+    /// to a command line without a `net=` token. After a migration the
+    /// destination announces each NIC's MAC (RARP, and a gratuitous ARP
+    /// when the IPv4 address is known) on its TAP, and asks the guest
+    /// driver to announce itself (VIRTIO_NET_F_GUEST_ANNOUNCE).
     #[arg(long = "net")]
     net: Vec<String>,
 }
@@ -136,7 +142,9 @@ enum Cmd {
         #[arg(long, default_value_t = 10)]
         io_timeout: u64,
         /// Do not announce the NICs after the switchover (for tests that
-        /// show what happens without the announce).
+        /// show what happens without the announce): turns off both the
+        /// VMM's RARP / gratuitous-ARP announce and the guest announce
+        /// request (virtio-net VIRTIO_NET_S_ANNOUNCE).
         #[arg(long)]
         no_announce: bool,
         /// Leave the migrated guest paused until an API `resume` (for
@@ -176,6 +184,14 @@ enum Cmd {
         /// Switch over when a cap is reached instead of giving up.
         #[arg(long)]
         force: bool,
+        /// Page streams: spread each round's pages over this many extra
+        /// connections, one sender thread each (1..=16, default 1 = all on
+        /// the one connection). The destination may grant fewer.
+        #[arg(long)]
+        streams: Option<u32>,
+        /// Compress page frames with LZ4 (for slow links; off by default).
+        #[arg(long)]
+        compress: bool,
         #[command(flatten)]
         tls: TlsArgs,
         /// Name the destination's certificate must carry (default: the host
@@ -312,12 +328,13 @@ fn require_kvm() -> Result<(), Fail> {
 /// Runs the machine until it dies, migrates away, or is told to quit.
 fn run_machine(machine: Machine, api_socket: Option<PathBuf>, start: bool) -> Result<(), Fail> {
     let machine = Arc::new(machine);
+    console::forward_stdin(&machine);
     let (tx, rx) = channel();
     if let Some(p) = &api_socket {
         api::serve(p, machine.clone(), tx.clone()).map_err(runtime)?;
     }
     if start {
-        machine.vm.resume_vcpus();
+        machine.start();
     }
     let result = loop {
         match rx.recv_timeout(Duration::from_millis(100)) {
@@ -386,6 +403,7 @@ fn cmd_run(
     })
     .map_err(runtime)?;
     let mut cmdline = cmdline;
+    cmdline = net::with_net_token(&cmdline, machine.nets.first().and_then(|n| n.ip));
     if !cmdline
         .split_whitespace()
         .any(|w| w.starts_with("tsc_khz="))
@@ -424,7 +442,7 @@ fn cmd_receive(
     let serial = parse_serial(&common.serial)?;
     // Open the TAPs before accepting anything: a bad --net fails early.
     let nets = open_nets(&common.net)?;
-    let transport = match tls {
+    let (transport, mut acceptor): (_, Box<dyn StreamAcceptor>) = match tls {
         Some(cfg) => {
             let id = cfg.load().map_err(|e| usage(e.to_string()))?;
             let listener = livemig_tls::TlsListener::bind(&endpoint, &id)
@@ -434,12 +452,13 @@ fn cmd_receive(
                 listener.local_endpoint()
             );
             // A peer that fails the TLS handshake is refused; keep waiting.
-            loop {
+            let t = loop {
                 match listener.accept() {
                     Ok(t) => break t,
                     Err(e) => eprintln!("refvmm: refused a connection: {e}"),
                 }
-            }
+            };
+            (t, Box::new(livemig_tls::TlsAcceptor(Some(listener))))
         }
         None => {
             let listener = listen(&endpoint).map_err(|e| runtime(e.to_string()))?;
@@ -447,17 +466,20 @@ fn cmd_receive(
                 "refvmm: waiting for a migration on {}",
                 listener.local_endpoint()
             );
-            listener.accept().map_err(|e| runtime(e.to_string()))?
+            let t = listener.accept().map_err(|e| runtime(e.to_string()))?;
+            (t, Box::new(OwnedAcceptor(Some(listener))))
         }
     };
-    // One migration at a time: the listener is closed now, so a second
+    // One migration at a time: the engine closes the listener (through the
+    // acceptor) as soon as the page streams the source asked for are
+    // connected — right after the handshake with one stream — so a second
     // connection while this one runs is refused by the kernel.
     let cfg = ReceiveConfig {
         io_timeout: Duration::from_secs(io_timeout.max(1)),
     };
     let mut serial = Some(serial);
     let mut nets = Some(nets);
-    let result = receive(transport, &cfg, |desc| {
+    let result = receive_streams(transport, Some(&mut *acceptor), &cfg, |desc| {
         let mut my_nets = nets.take().unwrap_or_default();
         net::reconcile(&desc.nics, &mut my_nets).map_err(VmError::Incompatible)?;
         let want = livemig_kvm::VmConfig {
@@ -476,29 +498,14 @@ fn cmd_receive(
             dirty_mode,
         })
         .map_err(VmError::Create)?;
-        Ok(DestMachine(machine, start_paused))
+        Ok(DestMachine {
+            machine,
+            start_paused,
+            announce,
+        })
     });
     match result {
-        Ok((DestMachine(machine, _), report)) => {
-            let resumed_at = std::time::Instant::now();
-            if announce && !machine.nets.is_empty() && !start_paused {
-                match net::start_announce(
-                    &machine.nets,
-                    &livemig_announce::Schedule::default(),
-                    resumed_at,
-                ) {
-                    Ok(h) => {
-                        std::thread::spawn(move || {
-                            let r = h.join();
-                            eprintln!(
-                                "refvmm: announce report: {}",
-                                serde_json::to_string(&r).unwrap_or_default()
-                            );
-                        });
-                    }
-                    Err(e) => eprintln!("refvmm: announce failed to start: {e}"),
-                }
-            }
+        Ok((DestMachine { machine, .. }, report)) => {
             eprintln!(
                 "refvmm: migration received ({} pages, {} zero, {} rounds, restore {:.2} ms); guest running",
                 report.pages, report.zero_pages, report.rounds, report.restore_ms
@@ -511,23 +518,69 @@ fn cmd_receive(
 
 /// The destination machine, as the engine's DestinationVm (optionally
 /// left paused after the switchover).
-struct DestMachine(Machine, bool);
+struct DestMachine {
+    machine: Machine,
+    start_paused: bool,
+    /// Announce the NICs (VMM RARP/GARP and the guest announce) as soon as
+    /// the guest runs.
+    announce: bool,
+}
 
-impl livemig::vm::DestinationVm for DestMachine {
-    fn memory(&self) -> &livemig::memory::GuestRam {
-        livemig::vm::DestinationVm::memory(&self.0.vm)
-    }
-    fn restore_state(&mut self, sections: &[livemig::state::Section]) -> Result<(), VmError> {
-        self.0.vm.restore_state(sections)
-    }
-    fn resume(&mut self) -> Result<(), VmError> {
-        if self.1 {
-            return Ok(());
+impl DestMachine {
+    /// The announce, started the moment the vCPUs run (every millisecond
+    /// before it, the network still delivers to the old port).
+    fn start_announce(&self) {
+        let resumed_at = std::time::Instant::now();
+        let m = &self.machine;
+        if m.nets.is_empty() {
+            return;
         }
-        livemig::vm::DestinationVm::resume(&mut self.0.vm)
+        match net::start_announce(&m.nets, &livemig_announce::Schedule::default(), resumed_at) {
+            Ok(h) => {
+                std::thread::spawn(move || {
+                    let r = h.join();
+                    eprintln!(
+                        "refvmm: announce report: {}",
+                        serde_json::to_string(&r).unwrap_or_default()
+                    );
+                });
+            }
+            Err(e) => eprintln!("refvmm: announce failed to start: {e}"),
+        }
+        // Ask the guest's drivers to announce themselves too.
+        let n = m.guest_announce();
+        if n > 0 {
+            eprintln!("refvmm: asked {n} guest NIC driver(s) to announce");
+        }
     }
 }
 
+impl livemig::vm::DestinationVm for DestMachine {
+    fn memory(&self) -> &livemig::memory::GuestRam {
+        livemig::vm::DestinationVm::memory(&self.machine.vm)
+    }
+    fn restore_state(&mut self, sections: &[livemig::state::Section]) -> Result<(), VmError> {
+        self.machine.vm.restore_state(sections)
+    }
+    fn resume(&mut self) -> Result<(), VmError> {
+        if self.start_paused {
+            return Ok(());
+        }
+        // Frames that reached this host's TAPs before the guest ran here
+        // are stale (the source had the guest then): never replay them.
+        let stale = self.machine.drop_queued_frames();
+        self.machine.start();
+        if self.announce {
+            self.start_announce();
+        }
+        if stale > 0 {
+            eprintln!("refvmm: dropped {stale} frame(s) queued on the TAPs before the switchover");
+        }
+        Ok(())
+    }
+}
+
+#[allow(clippy::too_many_arguments)] // one per CLI flag
 fn cmd_migrate(
     api_socket: PathBuf,
     to: String,
@@ -535,10 +588,12 @@ fn cmd_migrate(
     max_bandwidth: Option<u64>,
     max_rounds: Option<u64>,
     force: bool,
+    streams: Option<u32>,
+    compress: bool,
     tls: Option<livemig_tls::TlsConfig>,
 ) -> Result<(), Fail> {
     let _: Endpoint = to.parse().map_err(|e| usage(format!("--to: {e}")))?;
-    let mut req = json!({"cmd": "migrate", "to": to, "force": force});
+    let mut req = json!({"cmd": "migrate", "to": to, "force": force, "compress": compress});
     if let Some(t) = tls {
         req["tls"] = json!({
             "cert": t.cert_chain, "key": t.key, "ca": t.ca, "server_name": t.server_name,
@@ -552,6 +607,15 @@ fn cmd_migrate(
     }
     if let Some(v) = max_rounds {
         req["max_rounds"] = json!(v);
+    }
+    if let Some(v) = streams {
+        if !(1..=livemig::protocol::MAX_STREAMS).contains(&v) {
+            return Err(usage(format!(
+                "--streams {v}: must be 1..={}",
+                livemig::protocol::MAX_STREAMS
+            )));
+        }
+        req["streams"] = json!(v);
     }
     let reply = api::request(&api_socket, &req, |ev| match ev["event"].as_str() {
         Some("round") => eprintln!(
@@ -619,6 +683,8 @@ fn main() -> ExitCode {
             max_bandwidth,
             max_rounds,
             force,
+            streams,
+            compress,
             tls,
             tls_server_name,
         } => place::resolve_destination(&to, hosts.as_deref(), vm.as_deref())
@@ -631,6 +697,8 @@ fn main() -> ExitCode {
                     max_bandwidth,
                     max_rounds,
                     force,
+                    streams,
+                    compress,
                     tls.config(tls_server_name),
                 )
             }),

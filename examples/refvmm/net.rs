@@ -1,6 +1,7 @@
 //! `--net tap=<IFNAME>,mac=<MAC>[,ip=<IPv4>]`: a NIC backed by a TAP device.
-//! The test guest has no network driver, so the TAP only carries the
-//! post-migration announce (RARP + gratuitous ARP) for now.
+//! NIC i is a virtio-net device (`livemig-virtio`) at
+//! `0xd000_0000 + i * 0x1000`, GSI `5 + i`; the TAP also carries the
+//! post-migration announce (RARP + gratuitous ARP).
 
 use std::os::fd::{AsFd, OwnedFd};
 use std::time::Instant;
@@ -19,20 +20,16 @@ pub struct NetBackend {
     /// Guest IPv4, if known.
     pub ip: Option<[u8; 4]>,
     fd: OwnedFd,
-    /// Frames the network delivered to this NIC (read from the TAP and
-    /// dropped: the test guest has no NIC driver), and how many of them
-    /// were unicast to the guest's MAC.
-    pub rx: std::sync::Arc<RxCounters>,
 }
 
-/// Receive counters of a NIC.
-#[derive(Default, Debug)]
-pub struct RxCounters {
-    /// All frames.
-    pub frames: std::sync::atomic::AtomicU64,
-    /// Frames whose destination MAC is the guest's.
-    pub to_guest: std::sync::atomic::AtomicU64,
-}
+/// Guest-physical address of NIC 0's virtio-mmio window.
+pub const VIRTIO_NET_BASE: u64 = 0xd000_0000;
+/// Distance between the windows of consecutive NICs.
+pub const VIRTIO_NET_STRIDE: u64 = 0x1000;
+/// GSI of NIC 0 (NIC i uses `VIRTIO_NET_GSI + i`).
+pub const VIRTIO_NET_GSI: u32 = 5;
+/// At most this many NICs (GSIs 5..=20 of the IOAPIC's 24).
+pub const MAX_NICS: usize = 16;
 
 /// A parsed `--net` value: TAP name, MAC, optional IPv4.
 pub type NetSpec = (String, [u8; 6], Option<[u8; 4]>);
@@ -72,36 +69,20 @@ impl NetBackend {
     pub fn open(spec: &str) -> Result<Self, String> {
         let (tap, mac, ip) = parse_spec(spec)?;
         let fd = open_tap(&tap).map_err(|e| format!("--net {spec}: {e}"))?;
-        let rx = std::sync::Arc::new(RxCounters::default());
-        // Drain what the network sends to the guest, counting it, so the
-        // TAP queue never fills.
-        let reader = fd.try_clone().map_err(|e| format!("--net {spec}: {e}"))?;
-        let counters = rx.clone();
-        std::thread::Builder::new()
-            .name(format!("tap-{tap}"))
-            .spawn(move || {
-                use std::io::Read;
-                use std::sync::atomic::Ordering;
-                let mut f = std::fs::File::from(reader);
-                let mut buf = vec![0u8; 65536];
-                while let Ok(n) = f.read(&mut buf) {
-                    if n == 0 {
-                        break;
-                    }
-                    counters.frames.fetch_add(1, Ordering::Relaxed);
-                    if n >= 6 && buf[..6] == mac {
-                        counters.to_guest.fetch_add(1, Ordering::Relaxed);
-                    }
-                }
-            })
-            .map_err(|e| format!("--net {spec}: {e}"))?;
-        Ok(NetBackend {
-            tap,
-            mac,
-            ip,
-            fd,
-            rx,
-        })
+        Ok(NetBackend { tap, mac, ip, fd })
+    }
+
+    /// The virtio-net device number `index` on this TAP (a duplicate of the
+    /// TAP descriptor: the announce keeps using the original).
+    pub fn device(&self, index: usize) -> Result<livemig_virtio::VirtioNet, String> {
+        let fd = self
+            .fd
+            .try_clone()
+            .map_err(|e| format!("NIC {index} ({}): {e}", self.tap))?;
+        let backend = livemig_virtio::TapBackend::from_fd(fd)
+            .map_err(|e| format!("NIC {index} ({}): {e}", self.tap))?;
+        livemig_virtio::VirtioNet::new(index, self.mac, Box::new(backend))
+            .map_err(|e| e.to_string())
     }
 
     /// What the migration stream carries for this NIC.
@@ -110,6 +91,20 @@ impl NetBackend {
             mac: self.mac,
             ipv4: self.ip,
         }
+    }
+}
+
+/// The guest command line with `net=mmio:0xd0000000:5,ip=<ip>` appended
+/// for NIC 0 when it has an IPv4 address and `cmdline` has no `net=` token.
+pub fn with_net_token(cmdline: &str, nic0_ip: Option<[u8; 4]>) -> String {
+    match nic0_ip {
+        Some(ip) if !cmdline.split_whitespace().any(|w| w.starts_with("net=")) => format!(
+            "{cmdline} net=mmio:{VIRTIO_NET_BASE:#x}:{VIRTIO_NET_GSI},ip={}",
+            std::net::Ipv4Addr::from(ip)
+        )
+        .trim()
+        .to_string(),
+        _ => cmdline.to_string(),
     }
 }
 
@@ -167,4 +162,26 @@ pub fn start_announce(
         nics.push(nic);
     }
     Ok(announce_from(nics, schedule, resumed_at))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn net_token_is_added_only_when_missing_and_known() {
+        assert_eq!(
+            with_net_token("ws=16", Some([10, 99, 0, 2])),
+            "ws=16 net=mmio:0xd0000000:5,ip=10.99.0.2"
+        );
+        assert_eq!(
+            with_net_token("", Some([10, 0, 0, 1])),
+            "net=mmio:0xd0000000:5,ip=10.0.0.1"
+        );
+        assert_eq!(
+            with_net_token("net=mmio:1:2,ip=1.2.3.4 ws=1", Some([10, 0, 0, 1])),
+            "net=mmio:1:2,ip=1.2.3.4 ws=1"
+        );
+        assert_eq!(with_net_token("ws=16", None), "ws=16");
+    }
 }

@@ -1,5 +1,5 @@
-//! The reference VMM's machine: a KvmVm, the COM1 UART, the I/O bus, and
-//! the Multiboot entry state. Everything here uses only the public APIs of
+//! The reference VMM's machine: a KvmVm, the COM1 UART, the virtio-net NICs,
+//! the I/O bus, and the Multiboot entry state. Everything here uses only the public APIs of
 //! `livemig` and `livemig-kvm`.
 
 use std::sync::{Arc, Mutex};
@@ -9,6 +9,7 @@ use livemig::state::DeviceState;
 use livemig::vm::NicInfo;
 use livemig_kvm::serial::{SerialDevice, SerialOutput, COM1_IRQ, COM1_PORT};
 use livemig_kvm::{DirtyMode, ExitHandler, KvmVm, SharedDevice, VmConfig};
+use livemig_virtio::{NetCounters, VirtioNet, MMIO_WINDOW};
 
 use livemig::memory::GuestRam;
 use livemig::state::Section;
@@ -17,9 +18,26 @@ use vm_memory::{Bytes, GuestAddress};
 
 use crate::multiboot::{LoadedKernel, BOOTLOADER_MAGIC};
 
-/// Port I/O and MMIO dispatch: COM1, everything else ignored.
+use crate::net::{VIRTIO_NET_BASE, VIRTIO_NET_GSI, VIRTIO_NET_STRIDE};
+
+/// Port I/O and MMIO dispatch: COM1, the virtio-net windows, everything
+/// else ignored.
 pub struct Bus {
     serial: Arc<Mutex<SerialDevice>>,
+    nics: Vec<Arc<Mutex<VirtioNet>>>,
+}
+
+impl Bus {
+    /// The NIC whose window holds `addr`, and the offset in it.
+    fn nic(&self, addr: u64, len: usize) -> Option<(&Arc<Mutex<VirtioNet>>, u64)> {
+        let rel = addr.checked_sub(VIRTIO_NET_BASE)?;
+        let i = usize::try_from(rel / VIRTIO_NET_STRIDE).ok()?;
+        let off = rel % VIRTIO_NET_STRIDE;
+        if off.checked_add(len as u64)? > MMIO_WINDOW {
+            return None;
+        }
+        self.nics.get(i).map(|n| (n, off))
+    }
 }
 
 impl ExitHandler for Bus {
@@ -43,11 +61,23 @@ impl ExitHandler for Bus {
     }
 
     fn mmio_read(&self, addr: u64, data: &mut [u8]) {
+        if let Some((nic, off)) = self.nic(addr, data.len()) {
+            nic.lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .mmio_read(off, data);
+            return;
+        }
         log::debug!("ignored MMIO read at 0x{addr:x} ({} bytes)", data.len());
         data.fill(0xff);
     }
 
     fn mmio_write(&self, addr: u64, data: &[u8]) {
+        if let Some((nic, off)) = self.nic(addr, data.len()) {
+            nic.lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .mmio_write(off, data);
+            return;
+        }
         log::debug!("ignored MMIO write at 0x{addr:x}: {data:02x?}");
     }
 }
@@ -58,11 +88,17 @@ pub struct Machine {
     pub vm: KvmVm,
     /// The NICs (TAP backends).
     pub nets: Vec<crate::net::NetBackend>,
+    /// The virtio-net devices, one per NIC, in `--net` order.
+    pub nics: Vec<Arc<Mutex<VirtioNet>>>,
+    /// Their frame counters (readable without the device lock).
+    pub nic_counters: Vec<Arc<NetCounters>>,
     /// Set while the machine is paused for migration: the VMM's own writes
     /// into guest memory (the API's `write-memory`, standing in for device
     /// emulation) are refused then, so none can slip in after the final
     /// dirty sync.
     devices_stopped: Mutex<bool>,
+    /// The COM1 UART (also reached through the bus), for console input.
+    serial: Arc<Mutex<SerialDevice>>,
 }
 
 /// What a machine is built from.
@@ -75,15 +111,42 @@ pub struct MachineConfig {
 }
 
 impl Machine {
-    /// Creates the VM (paused) with its UART wired to IRQ 4.
+    /// Creates the VM (paused) with its UART wired to IRQ 4 and NIC i
+    /// (virtio-net, paused too) at `0xd000_0000 + i * 0x1000` on GSI `5 + i`.
     pub fn create(cfg: MachineConfig) -> Result<Self, String> {
+        if cfg.nets.len() > crate::net::MAX_NICS {
+            return Err(format!(
+                "{} NICs: at most {} are supported",
+                cfg.nets.len(),
+                crate::net::MAX_NICS
+            ));
+        }
         let serial = Arc::new(Mutex::new(
             SerialDevice::new(cfg.serial).map_err(|e| format!("serial output: {e}"))?,
         ));
+        let mut nics = Vec::new();
+        for (i, n) in cfg.nets.iter().enumerate() {
+            nics.push(Arc::new(Mutex::new(n.device(i)?)));
+        }
+        let nic_counters = nics
+            .iter()
+            .map(|n| {
+                n.lock()
+                    .unwrap_or_else(|e| e.into_inner())
+                    .counters()
+                    .clone()
+            })
+            .collect();
         let bus = Arc::new(Bus {
             serial: serial.clone(),
+            nics: nics.clone(),
         });
-        let devices: Vec<SharedDevice> = vec![serial.clone() as Arc<Mutex<dyn DeviceState + Send>>];
+        let mut devices: Vec<SharedDevice> =
+            vec![serial.clone() as Arc<Mutex<dyn DeviceState + Send>>];
+        devices.extend(
+            nics.iter()
+                .map(|n| n.clone() as Arc<Mutex<dyn DeviceState + Send>>),
+        );
         let vm = KvmVm::create(
             &VmConfig {
                 memory: cfg.memory,
@@ -101,11 +164,79 @@ impl Machine {
                 .register_irqfd(s.irq_evt(), COM1_IRQ)
                 .map_err(|e| format!("KVM_IRQFD for COM1: {e}"))?;
         }
+        for (i, n) in nics.iter().enumerate() {
+            let n = n.lock().unwrap_or_else(|e| e.into_inner());
+            n.attach_memory(SourceVm::memory(&vm).clone());
+            let gsi = VIRTIO_NET_GSI + i as u32;
+            vm.vm_fd()
+                .register_irqfd(n.irq_evt(), gsi)
+                .map_err(|e| format!("KVM_IRQFD for NIC {i} (GSI {gsi}): {e}"))?;
+        }
         Ok(Machine {
             vm,
             nets: cfg.nets,
+            nics,
+            nic_counters,
             devices_stopped: Mutex::new(false),
+            serial,
         })
+    }
+
+    /// Queues console input in the UART's receive FIFO, as much as fits;
+    /// returns how many bytes were taken (0 while the FIFO is full or the
+    /// machine is paused for migration: the device state may already be
+    /// saved then, so the bytes must wait).
+    pub fn console_input(&self, bytes: &[u8]) -> Result<usize, String> {
+        let stopped = self
+            .devices_stopped
+            .lock()
+            .unwrap_or_else(|e| e.into_inner());
+        if *stopped {
+            return Ok(0);
+        }
+        let mut s = self.serial.lock().unwrap_or_else(|e| e.into_inner());
+        let k = bytes.len().min(s.fifo_capacity());
+        if k > 0 {
+            s.enqueue_input(&bytes[..k]).map_err(|e| e.to_string())?;
+        }
+        Ok(k)
+    }
+
+    fn each_nic(&self, f: impl Fn(&VirtioNet)) {
+        for n in &self.nics {
+            f(&n.lock().unwrap_or_else(|e| e.into_inner()));
+        }
+    }
+
+    /// Starts the devices, then the vCPUs.
+    pub fn start(&self) {
+        self.each_nic(VirtioNet::resume);
+        self.vm.resume_vcpus();
+    }
+
+    /// Drops the frames queued on the NICs' TAPs (see
+    /// [`VirtioNet::drop_queued`]); returns how many.
+    pub fn drop_queued_frames(&self) -> u64 {
+        self.nics
+            .iter()
+            .map(|n| n.lock().unwrap_or_else(|e| e.into_inner()).drop_queued())
+            .sum()
+    }
+
+    /// After a completed outgoing migration: the NICs stop touching guest
+    /// memory for good and only count (and drop) what still arrives on
+    /// this host's TAPs.
+    pub fn migrated_away(&self) {
+        self.each_nic(VirtioNet::discard);
+    }
+
+    /// Asks each NIC's guest driver to announce itself (virtio-net
+    /// `GUEST_ANNOUNCE`); returns how many drivers were asked.
+    pub fn guest_announce(&self) -> usize {
+        self.nics
+            .iter()
+            .filter(|n| n.lock().unwrap_or_else(|e| e.into_inner()).announce())
+            .count()
     }
 
     /// A VMM-side ("device") write of `value` at `gpa` through vm-memory, so
@@ -195,14 +326,20 @@ impl SourceVm for Machine {
         let r = SourceVm::pause(&self.vm);
         if r.is_err() {
             *stopped = false;
+            return r;
         }
-        r
+        // vCPUs first (no new notifications), then the NICs: when this
+        // returns no device writes guest memory, so the final dirty sync
+        // sees everything.
+        self.each_nic(VirtioNet::pause);
+        Ok(())
     }
     fn resume(&self) -> Result<(), VmError> {
         let mut stopped = self
             .devices_stopped
             .lock()
             .unwrap_or_else(|e| e.into_inner());
+        self.each_nic(VirtioNet::resume);
         SourceVm::resume(&self.vm)?;
         *stopped = false;
         Ok(())

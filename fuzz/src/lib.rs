@@ -804,6 +804,8 @@ pub fn seeds() -> Vec<(&'static str, String, Vec<u8>)> {
             encode(&HelloReply {
                 accepted: false,
                 reason: "memory differs".into(),
+                streams: 1,
+                token: [0; 16],
             }),
         ),
         (1, encode(&RoundEnd { round: 3, pages: 7 })),

@@ -57,6 +57,8 @@ const PRNG_SEED: u64 = 0x2545_F491_4F6C_DD1D;
 const COM1: i32 = 0x3f8;
 
 /// Offsets of the CPL3 program's variables from `VARS_ADDR` (kept in `r15`).
+mod net;
+
 mod var {
     pub const WS_MIB: i32 = 0;
     pub const WS_PAGES: i32 = 8;
@@ -80,6 +82,36 @@ mod var {
     pub const TCOUNT: i32 = 152;
     /// 32-byte scratch buffer for number formatting.
     pub const NUMBUF: i32 = 192;
+    /// Console line buffer: bytes in it, and 1 once the line overflowed.
+    pub const LINE_LEN: i32 = 224;
+    pub const LINE_OVF: i32 = 232;
+    /// Frames the network driver received / sent / could not send.
+    pub const RX_FRAMES: i32 = 240;
+    pub const TX_FRAMES: i32 = 248;
+    pub const TX_DROP: i32 = 256;
+    /// 1 once the virtio-net driver is up (DRIVER_OK).
+    pub const NET_ON: i32 = 264;
+    /// `net=` token: 0 absent, 1 parsed, 2 malformed.
+    pub const NET_TOKEN: i32 = 272;
+    /// virtio-mmio register window address, IRQ (unused: the guest polls).
+    pub const NET_BASE: i32 = 280;
+    pub const NET_IRQ: i32 = 288;
+    /// The guest's IPv4 address, network byte order (dword).
+    pub const NET_IP: i32 = 296;
+    /// The MAC (6 bytes).
+    pub const NET_MAC: i32 = 304;
+    /// Negotiated feature bits 0..31.
+    pub const NET_FEAT: i32 = 312;
+    /// Next avail index of the receive / transmit / control queue (u16).
+    pub const RX_AVAIL: i32 = 320;
+    pub const TX_AVAIL: i32 = 328;
+    pub const CTRL_AVAIL: i32 = 336;
+    /// Last used index of the receive queue the driver processed (u16).
+    pub const RX_USED: i32 = 344;
+    /// Gratuitous ARPs sent for announce requests.
+    pub const ANNOUNCES: i32 = 352;
+    /// Console line buffer (`LINE_MAX` bytes and a NUL).
+    pub const LINEBUF: i32 = 512;
 }
 
 /// The Multiboot v1 header (12 bytes).
@@ -224,6 +256,7 @@ struct Labels {
     s_corrupt: CodeLabel,
     s_got: CodeLabel,
     s_want: CodeLabel,
+    n: net::NetLabels,
 }
 
 impl Labels {
@@ -260,6 +293,7 @@ impl Labels {
             s_corrupt: a.create_label(),
             s_got: a.create_label(),
             s_want: a.create_label(),
+            n: net::NetLabels::new(a),
         }
     }
 }
@@ -367,6 +401,7 @@ fn init_and_parse(a: &mut CodeAssembler, l: &Labels) -> Result<(), Error> {
     let mut not_hb = a.create_label();
     let mut not_pattern = a.create_label();
     let mut not_rand = a.create_label();
+    let mut not_tsc = a.create_label();
 
     a.test(dword_ptr(rbx), 4)?; // flags bit 2: cmdline valid
     a.jz(done)?;
@@ -443,9 +478,17 @@ fn init_and_parse(a: &mut CodeAssembler, l: &Labels) -> Result<(), Error> {
     a.lea(rdi, ptr(l.k_tsc))?;
     a.call(l.match_key)?;
     a.test(eax, eax)?;
-    a.jz(tok_skip)?;
+    a.jz(not_tsc)?;
     a.call(l.parse_dec)?;
     a.mov(v(var::TSC_KHZ), rax)?;
+    a.jmp(tok_skip)?;
+    // net=
+    a.set_label(&mut not_tsc)?;
+    a.lea(rdi, ptr(l.n.k_net))?;
+    a.call(l.match_key)?;
+    a.test(eax, eax)?;
+    a.jz(tok_skip)?;
+    a.call(l.n.parse_net)?;
     // Skip the rest of the token.
     a.set_label(&mut tok_skip)?;
     a.mov(al, byte_ptr(rsi))?;
@@ -536,6 +579,9 @@ fn validate_and_setup(a: &mut CodeAssembler, l: &Labels) -> Result<(), Error> {
     a.call(l.puts)?;
     print_char(a, l, b'\n')?;
 
+    // The network driver, if `net=` was given (prints `NET up ...` or `ERROR net ...`).
+    net::init_if_configured(a, l)?;
+
     // READY ws=<n> rate=<n|max>
     print_str(a, l, l.s_ready)?;
     print_var(a, l, var::WS_MIB)?;
@@ -567,6 +613,7 @@ fn main_loop(a: &mut CodeAssembler, l: &Labels) -> Result<(), Error> {
     let mut next_ok = a.create_label();
 
     a.set_label(&mut top)?;
+    net::poll_rx(a, l)?;
     rdtsc64(a)?;
     a.cmp(rax, v(var::NEXT))?;
     a.jae(beat)?;
@@ -607,6 +654,9 @@ fn main_loop(a: &mut CodeAssembler, l: &Labels) -> Result<(), Error> {
     a.mov(v(var::NEXT), rax)?;
     a.mov(rax, v(var::RATE))?;
     a.mov(v(var::BUDGET), rax)?;
+    // Once per heartbeat: console input, and the NIC's announce request.
+    a.call(l.n.console_poll)?;
+    net::poll_config(a, l)?;
     a.jmp(top)?;
     Ok(())
 }
@@ -964,6 +1014,7 @@ fn subroutines(a: &mut CodeAssembler, l: &Labels) -> Result<(), Error> {
         a.call(l.fill_page)?;
         a.jmp(done)?;
     }
+    net::subroutines(a, l)?;
     Ok(())
 }
 
@@ -988,6 +1039,7 @@ fn strings(a: &mut CodeAssembler, mut l: Labels) -> Result<CodeLabel, Error> {
     string(a, &mut l.s_corrupt, b"\nCORRUPT page=")?;
     string(a, &mut l.s_got, b" got=")?;
     string(a, &mut l.s_want, b" want=")?;
+    net::strings(a, &mut l.n)?;
     Ok(l.k_ws)
 }
 
@@ -1179,7 +1231,7 @@ mod tests {
         }
         let count = |m: Mnemonic| ins.iter().filter(|i| i.mnemonic() == m).count();
         assert!(count(Mnemonic::Out) >= 5, "serial and PIT output");
-        assert!(count(Mnemonic::In) >= 2, "PIT input");
+        assert!(count(Mnemonic::In) >= 4, "PIT and COM1 input");
         assert!(count(Mnemonic::Rdtsc) >= 3);
         assert!(ins
             .iter()
@@ -1198,10 +1250,65 @@ mod tests {
             b"INFO tsc_khz=\0",
             b"tsc_khz=\0",
             b"pattern=\0",
+            b"net=\0",
+            b"mmio:\0",
+            b",ip=\0",
+            b"status\0",
+            b"\nSTATUS hb=\0",
+            b" rx=\0",
+            b" tx=\0",
+            b"NET up mac=\0",
+            b"\nNET announce\n\0",
         ] {
             assert!(strings.windows(s.len()).any(|w| w == s), "{s:?}");
         }
         assert!(CODE64_ADDR + c.bytes.len() as u64 <= TSS_ADDR);
+    }
+
+    /// Every 32-bit access the network driver makes to the virtio-mmio window goes through a
+    /// register that holds the window address loaded from NET_BASE; the protocol needs 32-bit
+    /// accesses to registers and allows 8/16-bit ones to config space (offset 0x100 and up).
+    #[test]
+    fn virtio_register_accesses_have_the_right_width() {
+        use iced_x86::{MemorySize, Register};
+        let c = code64().expect("code64");
+        let ins = decode_all(64, CODE64_ADDR, &c.bytes[..c.data_start]);
+        let mut regs = 0;
+        let mut config = 0;
+        for i in &ins {
+            // Register accesses are `[rbx + reg]` (net_init, net_config) or `[rax + 0x50]`
+            // (notifies) with a displacement below 0x200, never RIP-relative or indexed.
+            let mem = (0..i.op_count()).any(|n| i.op_kind(n) == OpKind::Memory);
+            if !mem || i.memory_index() != Register::None || i.is_ip_rel_memory_operand() {
+                continue;
+            }
+            let d = i.memory_displacement64();
+            let window = (i.memory_base() == Register::RBX && d < 0x200 && d != 0)
+                || (i.memory_base() == Register::RAX && d == 0x50);
+            if !window || i.mnemonic() == Mnemonic::Lea {
+                continue;
+            }
+            if d >= 0x100 {
+                config += 1;
+                assert!(
+                    matches!(i.memory_size(), MemorySize::UInt8 | MemorySize::UInt16),
+                    "config access at {:#x}: {:?}",
+                    i.ip(),
+                    i.memory_size()
+                );
+            } else {
+                regs += 1;
+                assert!(
+                    matches!(i.memory_size(), MemorySize::UInt32 | MemorySize::Int32),
+                    "register access at {:#x} ({:?}, offset {d:#x}): {:?}",
+                    i.ip(),
+                    i.mnemonic(),
+                    i.memory_size()
+                );
+            }
+        }
+        assert!(regs > 30, "{regs} register accesses");
+        assert_eq!(config, 7, "6 MAC bytes and the status word");
     }
 
     #[test]

@@ -39,6 +39,7 @@
 //! | `0x115000 .. 0x116000` | CPL0 stack (zero-filled, top [`KSTACK_TOP`]) |
 //! | `0x116000 .. 0x11e000` | CPL3 stack (zero-filled, top [`USTACK_TOP`]) |
 //! | `0x11e000 .. 0x11f000` | CPL3 variables ([`VARS_ADDR`]); [`IMAGE_END`] = `0x11f000` |
+//! | `0x200000 .. 0x240000` | only with `net=`: the virtio-net driver's queues and buffers ([`NET_MEM`] .. [`NET_MEM_END`], see below) |
 //! | `0x800000 .. 0xc00000` | generation table ([`GEN_TABLE`]): one `u32` per working-set page |
 //! | `0x1000000 ..` | working set ([`WS_BASE`]): page `n` at `WS_BASE + n * 4096`, `ws` MiB |
 //!
@@ -56,6 +57,7 @@
 //! | `hb=<µs>` | heartbeat period in microseconds | 1000 |
 //! | `pattern=seq\|rand` | page choice for writes: a cursor going round the working set, or xorshift64 modulo the page count | seq |
 //! | `tsc_khz=<n>` | TSC frequency in kHz; absent or 0: calibrated with PIT channel 2 (see below) | (calibrate) |
+//! | `net=mmio:<addr>:<irq>,ip=<a.b.c.d>` | a virtio-net device (virtio-mmio version 2) at guest-physical `<addr>` (`0x` hex or decimal, 4-aligned, at least [`NET_MEM_END`], below 8 GiB); `<irq>` is parsed and unused (the guest polls); the guest's IPv4 address (see "Network") | no network |
 //!
 //! See [`GuestConfig::cmdline`] to build one.
 //!
@@ -78,13 +80,71 @@
 //!   of a page found by the verifier ([`Event::Corrupt`]); the page is then rewritten with its
 //!   expected contents, so one damage is reported once.
 //! - `ERROR ws=<n> does not fit` / `ERROR PIT calibration failed` — fatal; the guest then spins.
+//! - `\nSTATUS hb=<n> written=<n> verified=<n> corrupt=<n> rx=<n> tx=<n>\n` — the answer to a
+//!   `status` line typed on the console ([`Event::Status`]); `rx`/`tx` count the frames the
+//!   network driver received and sent (0 without `net=`).
+//! - `\n? <line>\n` — the answer to any other non-empty console line (bytes outside printable
+//!   ASCII shown as `?`); `\n? (line too long)\n` for a line longer than
+//!   [`CONSOLE_LINE_MAX`] bytes, which is discarded.
+//! - `NET up mac=<xx:xx:xx:xx:xx:xx> ip=<a.b.c.d>` — once, before `READY`, when the network
+//!   driver is up; `ERROR net <reason>` instead if the token is malformed or the device cannot
+//!   be driven (the guest then runs on without a network).
+//! - `\nNET announce\n` — the device asked for an announce; the guest sent a gratuitous ARP.
+//!
+//! # Console input
+//!
+//! Once per heartbeat the guest polls COM1's line status register (port `0x3fd`, bit 0) and
+//! reads what waits in the receive FIFO (at most 64 bytes per heartbeat, two port reads each)
+//! into a [`CONSOLE_LINE_MAX`]-byte line buffer. `\r` or `\n` ends a line; `status` is
+//! answered with the `STATUS` line above, other non-empty lines with `? <line>`; input is not
+//! echoed. The UART's interrupts stay disabled (IER = 0): the guest never takes interrupts.
+//!
+//! # Network (with `net=`)
+//!
+//! A minimal polled virtio-net driver (virtio 1.x over virtio-mmio version 2, split queues).
+//! Initialisation, before `READY`, as in the virtio spec (3.1.1): check `MagicValue`,
+//! `Version` = 2 and `DeviceID` = 1; reset, ACKNOWLEDGE, DRIVER; accept `VERSION_1` (required),
+//! `MAC` (required), `STATUS`, `CTRL_VQ`, `GUEST_ANNOUNCE` if offered; FEATURES_OK (re-read);
+//! clear its memory; set up queue 0 (receive, [`NET_RX_SIZE`] entries), 1 (transmit,
+//! [`NET_TX_SIZE`]) and, with `CTRL_VQ`, 2 (control, [`NET_CTRL_SIZE`]); read the MAC from
+//! config space; post all receive buffers (one 2048-byte device-writable descriptor each) and
+//! notify queue 0; DRIVER_OK. A failure after the device answered sets FAILED. All register
+//! accesses are 32-bit (config space: 8/16-bit).
+//!
+//! Every main-loop iteration (about a microsecond) reads the receive queue's used index, one
+//! memory read; when it moved, the guest handles the new frames (at most one queue's worth per
+//! pass), re-posts each buffer at once and notifies queue 0 unless the device set
+//! `VRING_USED_F_NO_NOTIFY`. It answers:
+//! - an ARP request (Ethernet/IPv4) for its address, with an ARP reply — except a gratuitous
+//!   one (sender IP = its own address, e.g. the VMM's announce on its behalf that was queued at
+//!   a destination's TAP before the guest ran there): answering that would teach the switch a
+//!   port the announce did not choose;
+//! - an IPv4 ICMP echo request (type 8, code 0, not fragmented, lengths consistent with the
+//!   frame) to its address, with an echo reply: the request copied, MACs and IPs swapped,
+//!   type 0, the ICMP checksum updated incrementally (RFC 1624); the TTL is kept, so the IP
+//!   checksum stays valid.
+//!
+//! Everything else is counted (`rx`) and dropped. Replies go out through the transmit queue
+//! (header all zeros, one descriptor, frames padded to 60 bytes) with a notify of queue 1; a
+//! transmit buffer is reused once the used ring shows the device is done with it (if all are
+//! in flight, the reply is dropped). Once per heartbeat, when `CTRL_VQ` and `GUEST_ANNOUNCE`
+//! were negotiated, the guest reads the config `status`; if `VIRTIO_NET_S_ANNOUNCE` is set (and
+//! no earlier ack is still with the device) it sends one gratuitous ARP (broadcast ARP request,
+//! sender and target IP its own) and acks on the control queue (`class` 3, `cmd` 0, then a
+//! device-writable `ack` byte). Per frame the guest runs a few hundred instructions plus one or
+//! two MMIO exits (the notifies).
+//!
+//! The driver's state (ring indices, counters) lives in guest memory, so it migrates with the
+//! guest; the device's state migrates in the VMM's device section.
 //!
 //! # Main loop
 //!
 //! With `period = hb * tsc_khz / 1000` TSC ticks: when `rdtsc >= next` the guest prints a heartbeat
 //! (and every 1000th time a `T` line), advances `next` by one period (or to `now + period` if it
 //! fell behind: missed beats are skipped, not replayed) and refills its write budget to `rate`
-//! pages. Otherwise it writes one page while the budget lasts (`gen[p] += 1`, then all 512 qwords
+//! pages, then polls the console and (with a NIC) the announce request. Every iteration first
+//! checks the NIC's receive queue (see "Network"). Otherwise it writes one page while the budget
+//! lasts (`gen[p] += 1`, then all 512 qwords
 //! = [`expected_qword`]`(p, gen[p], i)`), else it verifies the next page round-robin. Each step
 //! handles one page (about a microsecond natively), so heartbeats are accurate to a few µs.
 
@@ -129,6 +189,36 @@ pub const VARS_ADDR: u64 = USTACK_TOP;
 /// End of the loaded segment (`p_paddr + p_memsz`).
 pub const IMAGE_END: u64 = VARS_ADDR + 0x1000;
 
+/// Guest-physical start of the virtio-net driver's memory (virtqueues and buffers), used only
+/// with a `net=` token; see the crate docs.
+pub const NET_MEM: u64 = 0x20_0000;
+/// Receive queue (queue 0): descriptor table; its available ring is at `+0x1000`, its used
+/// ring at `+0x2000`.
+pub const NET_RXQ: u64 = NET_MEM;
+/// Transmit queue (queue 1), laid out as [`NET_RXQ`].
+pub const NET_TXQ: u64 = NET_MEM + 0x3000;
+/// Control queue (queue 2), laid out as [`NET_RXQ`].
+pub const NET_CTRLQ: u64 = NET_MEM + 0x6000;
+/// The control request (`class`, `cmd`) at this address, its `ack` byte at `+0x10`.
+pub const NET_CTRL_BUF: u64 = NET_MEM + 0x9000;
+/// Receive buffers: [`NET_RX_SIZE`] of [`NET_BUF_SIZE`] bytes, descriptor `i` at
+/// `NET_RX_BUFS + i * NET_BUF_SIZE`.
+pub const NET_RX_BUFS: u64 = NET_MEM + 0x1_0000;
+/// Transmit buffers: [`NET_TX_SIZE`] of [`NET_BUF_SIZE`] bytes.
+pub const NET_TX_BUFS: u64 = NET_RX_BUFS + NET_RX_SIZE * NET_BUF_SIZE;
+/// End of the driver's memory.
+pub const NET_MEM_END: u64 = NET_TX_BUFS + NET_TX_SIZE * NET_BUF_SIZE;
+/// Size of one receive or transmit buffer (12-byte `virtio_net_hdr_v1`, then the frame).
+pub const NET_BUF_SIZE: u64 = 2048;
+/// Receive queue size (all buffers stay posted).
+pub const NET_RX_SIZE: u64 = 64;
+/// Transmit queue size.
+pub const NET_TX_SIZE: u64 = 32;
+/// Control queue size.
+pub const NET_CTRL_SIZE: u64 = 4;
+/// Longest console line the guest keeps; longer lines are discarded.
+pub const CONSOLE_LINE_MAX: u64 = 64;
+
 /// Guest-physical address of the per-page generation table: one little-endian `u32` per
 /// working-set page (page `n` at `GEN_TABLE + 4 * n`); 0 means "never written".
 pub const GEN_TABLE: u64 = 0x80_0000;
@@ -152,7 +242,10 @@ const _: () = {
     assert!(ENTRY < GDT_ADDR && GDTR_ADDR >= GDT_ADDR + 64 && GDTR_ADDR + 6 <= CODE64_ADDR);
     assert!(CODE64_ADDR < TSS_ADDR && TSS_ADDR + 0x68 + 8192 < PML4_ADDR);
     assert!(PDPT_ADDR == PML4_ADDR + 0x1000 && PD_ADDR == PDPT_ADDR + 0x1000);
-    assert!(IMAGE_END <= GEN_TABLE);
+    assert!(IMAGE_END <= NET_MEM && NET_MEM_END <= GEN_TABLE);
+    assert!(NET_RX_BUFS >= NET_CTRL_BUF + 0x1000);
+    assert!(NET_RX_SIZE.is_power_of_two() && NET_TX_SIZE.is_power_of_two());
+    assert!(NET_CTRL_SIZE.is_power_of_two() && NET_BUF_SIZE == 2048);
     assert!(GEN_TABLE + 4 * (MAX_WS_MIB << 8) <= WS_BASE);
     assert!(WS_BASE + (MAX_WS_MIB << 20) <= PD_COUNT << 30);
 };

@@ -42,18 +42,36 @@ pub enum Event {
         /// The qword expected.
         want: u64,
     },
+    /// `STATUS hb=<n> written=<n> verified=<n> corrupt=<n> rx=<n> tx=<n>`: the guest's answer
+    /// to a `status` line typed on its serial console (counters since boot; `rx`/`tx` are the
+    /// frames its network driver received and sent, 0 without a NIC).
+    Status {
+        /// Heartbeats printed so far.
+        heartbeats: u64,
+        /// Pages written so far.
+        pages_written: u64,
+        /// Pages verified so far.
+        pages_verified: u64,
+        /// Corrupt pages found so far.
+        corrupt: u64,
+        /// Frames received.
+        rx: u64,
+        /// Frames sent.
+        tx: u64,
+    },
     /// Any other complete, non-empty line (e.g. `INFO ...`, `ERROR ...`, firmware output).
     Other(String),
 }
 
 impl Event {
-    /// Parses one complete line (without its newline). Lines that do not match `READY`, `T`
-    /// or `CORRUPT` exactly become [`Event::Other`].
+    /// Parses one complete line (without its newline). Lines that do not match `READY`, `T`,
+    /// `CORRUPT` or `STATUS` exactly become [`Event::Other`].
     #[must_use]
     pub fn from_line(line: &str) -> Event {
         parse_ready(line)
             .or_else(|| parse_tline(line))
             .or_else(|| parse_corrupt(line))
+            .or_else(|| parse_status(line))
             .unwrap_or_else(|| Event::Other(line.to_string()))
     }
 }
@@ -105,6 +123,31 @@ fn parse_corrupt(line: &str) -> Option<Event> {
     let got = u64::from_str_radix(value(t.next(), "got")?, 16).ok()?;
     let want = u64::from_str_radix(value(t.next(), "want")?, 16).ok()?;
     Some(Event::Corrupt { page, got, want })
+}
+
+fn parse_status(line: &str) -> Option<Event> {
+    let mut t = line.split_whitespace();
+    if t.next()? != "STATUS" {
+        return None;
+    }
+    let mut n = [0u64; 6];
+    for (v, key) in n
+        .iter_mut()
+        .zip(["hb", "written", "verified", "corrupt", "rx", "tx"])
+    {
+        *v = value(t.next(), key)?.parse().ok()?;
+    }
+    if t.next().is_some() {
+        return None;
+    }
+    Some(Event::Status {
+        heartbeats: n[0],
+        pages_written: n[1],
+        pages_verified: n[2],
+        corrupt: n[3],
+        rx: n[4],
+        tx: n[5],
+    })
 }
 
 /// Incremental parser of the guest's serial output.
@@ -435,6 +478,42 @@ mod tests {
                 rate: Rate::Pages(7)
             }
         );
+    }
+
+    #[test]
+    fn status_lines() {
+        let t = t0();
+        let mut p = OutputParser::new();
+        let ev = p.feed(
+            b"..\nSTATUS hb=12 written=3 verified=45 corrupt=0 rx=7 tx=6\n.\n? statu\n",
+            t,
+        );
+        assert_eq!(
+            ev,
+            vec![
+                Event::Heartbeat(t),
+                Event::Heartbeat(t),
+                Event::Status {
+                    heartbeats: 12,
+                    pages_written: 3,
+                    pages_verified: 45,
+                    corrupt: 0,
+                    rx: 7,
+                    tx: 6
+                },
+                Event::Heartbeat(t),
+                Event::Other("? statu".into()),
+            ]
+        );
+        for l in [
+            "STATUS hb=1 written=2 verified=3 corrupt=4 rx=5",
+            "STATUS hb=1 written=2 verified=3 corrupt=4 rx=5 tx=6 x=7",
+            "STATUS hb=1 written=2 verified=3 corrupt=4 tx=5 rx=6",
+            "STATUS hb=x written=2 verified=3 corrupt=4 rx=5 tx=6",
+            "STATUS hb=-1 written=2 verified=3 corrupt=4 rx=5 tx=6",
+        ] {
+            assert_eq!(Event::from_line(l), Event::Other(l.into()), "{l}");
+        }
     }
 
     #[test]

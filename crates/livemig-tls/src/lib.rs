@@ -51,5 +51,5 @@ mod stream;
 
 pub use error::TlsError;
 pub use identity::{TlsConfig, TlsIdentity};
-pub use net::{connect_tls, TlsListener};
+pub use net::{connect_tls, TlsAcceptor, TlsDialer, TlsListener};
 pub use stream::{TlsTransport, DEFAULT_HANDSHAKE_TIMEOUT};

@@ -105,3 +105,56 @@ impl TlsListener {
         Ok(Box::new(t))
     }
 }
+
+/// A [`livemig::transport::StreamOpener`] that opens each extra page stream
+/// of a multi-stream migration with [`connect_tls`].
+#[derive(Clone)]
+pub struct TlsDialer {
+    /// Where to connect.
+    pub endpoint: Endpoint,
+    /// Our identity (certificate, key, CA).
+    pub id: TlsIdentity,
+    /// Connect and handshake timeout, as in [`connect_tls`].
+    pub timeout: Option<Duration>,
+}
+
+impl fmt::Debug for TlsDialer {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("TlsDialer")
+            .field("endpoint", &self.endpoint)
+            .finish()
+    }
+}
+
+impl transport::StreamOpener for TlsDialer {
+    fn open(&mut self) -> std::io::Result<Box<dyn Transport>> {
+        connect_tls(&self.endpoint, &self.id, self.timeout)
+            .map_err(|e| std::io::Error::other(e.to_string()))
+    }
+}
+
+/// A [`livemig::transport::StreamAcceptor`] owning a [`TlsListener`]; it
+/// closes the listener in `close`. A connection that fails the handshake is
+/// an error of that accept only (the engine drops it and keeps waiting).
+#[derive(Debug)]
+pub struct TlsAcceptor(pub Option<TlsListener>);
+
+impl transport::StreamAcceptor for TlsAcceptor {
+    fn accept_stream(&mut self, timeout: Duration) -> std::io::Result<Box<dyn Transport>> {
+        let l = self.0.as_ref().ok_or_else(|| {
+            std::io::Error::new(std::io::ErrorKind::NotConnected, "the listener is closed")
+        })?;
+        l.accept_timeout(timeout).map_err(|e| {
+            let kind = if e.is_timeout() {
+                std::io::ErrorKind::TimedOut
+            } else {
+                std::io::ErrorKind::ConnectionRefused
+            };
+            std::io::Error::new(kind, e.to_string())
+        })
+    }
+
+    fn close(&mut self) {
+        self.0 = None;
+    }
+}

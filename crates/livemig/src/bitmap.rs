@@ -150,11 +150,32 @@ impl DirtyBitmap {
     }
 
     /// Whether any page in `first..end` of `region` is dirty (word-wise).
+    ///
+    /// Looks only at the words covering `first..end` (a scan to the next
+    /// set bit could cross the whole region for every chunk of a nearly
+    /// clean bitmap).
     pub fn any_in(&self, region: usize, first: u64, end: u64) -> bool {
-        self.regions
-            .get(region)
-            .and_then(|r| r.next_set(first))
-            .is_some_and(|p| p < end)
+        let Some(r) = self.regions.get(region) else {
+            return false;
+        };
+        let end = end.min(r.pages);
+        if first >= end {
+            return false;
+        }
+        let (fw, lw) = ((first / 64) as usize, ((end - 1) / 64) as usize);
+        for wi in fw..=lw {
+            let mut w = r.words[wi];
+            if wi == fw {
+                w &= u64::MAX << (first % 64);
+            }
+            if wi == lw && end % 64 != 0 {
+                w &= (1u64 << (end % 64)) - 1;
+            }
+            if w != 0 {
+                return true;
+            }
+        }
+        false
     }
 }
 
@@ -309,6 +330,31 @@ mod tests {
         assert!(bm.any_in(0, 100, 101));
         assert!(!bm.any_in(0, 101, 129));
         assert_eq!(bm.runs_in(1, 0, 64, 8).count(), 1);
+    }
+
+    #[test]
+    fn any_in_matches_a_bit_by_bit_scan() {
+        let l = layout();
+        let pages = l.regions()[0].pages();
+        let mut bm = DirtyBitmap::new(&l);
+        let mut x = 0x9E37_79B9_7F4A_7C15u64;
+        for _ in 0..12 {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            bm.set(0, x % pages);
+        }
+        let mut checked = 0;
+        for first in (0..pages).step_by(7) {
+            for len in [0, 1, 2, 63, 64, 65, 200, 1000] {
+                let end = first + len;
+                let naive = (first..end.min(pages)).any(|p| bm.is_set(0, p));
+                assert_eq!(bm.any_in(0, first, end), naive, "{first}..{end}");
+                checked += 1;
+            }
+        }
+        assert!(checked > 100);
+        assert!(!bm.any_in(9, 0, 10), "a missing region has no pages");
     }
 
     #[test]

@@ -7,18 +7,23 @@
 //! the VM is only resumed after the state restored cleanly *and* the source
 //! committed with `Go`. On any error the VM is dropped without ever running.
 
+use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
+use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
 use serde::Serialize;
 
+use crate::bitmap::DirtyBitmap;
 use crate::error::{ErrorKind, MigrationError, Phase};
+use crate::memory::MemoryLayout;
 use crate::protocol::{
-    page_records, ErrorMsg, FrameReader, FrameWriter, Hello, HelloReply, Message, MsgKind,
-    ProtocolError, Ready, Resumed, RoundEnd, State,
+    decompress_pages, page_records, stream_of, ErrorMsg, FrameReader, FrameWriter, Hello,
+    HelloReply, Message, MsgKind, ProtocolError, Ready, Resumed, RoundEnd, State, StreamHello,
+    MAX_STREAMS, STREAM_CHUNK_PAGES,
 };
 use crate::ram::HostRam;
 use crate::state::Section;
-use crate::transport::Transport;
+use crate::transport::{StreamAcceptor, Transport};
 use crate::vm::{check_layout, DestinationVm, VmDescription, VmError};
 
 /// What the destination saw.
@@ -32,6 +37,8 @@ pub struct ReceiveReport {
     pub bytes: u64,
     /// Rounds announced by the source.
     pub rounds: u32,
+    /// Page streams used (1 = pages on the control connection).
+    pub streams: u32,
     /// Time to restore the state, ms.
     pub restore_ms: f64,
     /// Time to resume the vCPUs, ms.
@@ -66,8 +73,32 @@ fn ms(d: Duration) -> f64 {
 /// passed the protocol checks; it builds the (paused) destination VM or
 /// refuses with a [`VmError`] whose message is sent back to the source. The
 /// VM is returned running; on error it has been dropped without running.
+///
+/// A source asking for several page streams is granted one (everything on
+/// `transport`); see [`receive_streams`].
 pub fn receive<V, F>(
     transport: Box<dyn Transport>,
+    config: &ReceiveConfig,
+    create: F,
+) -> Result<(V, ReceiveReport), MigrationError>
+where
+    V: DestinationVm,
+    F: FnOnce(&VmDescription) -> Result<V, VmError>,
+{
+    receive_streams(transport, None, config, create)
+}
+
+/// Like [`receive`], granting a source's request for several page streams
+/// and accepting them through `acceptor`.
+///
+/// Each extra connection must start with a [`StreamHello`] carrying the
+/// random token sent in the [`HelloReply`] (connections that do not are
+/// dropped); all must arrive within [`ReceiveConfig::io_timeout`].
+/// `acceptor.close()` is called once they are all there (or right after the
+/// handshake when one stream suffices).
+pub fn receive_streams<V, F>(
+    transport: Box<dyn Transport>,
+    acceptor: Option<&mut dyn StreamAcceptor>,
     config: &ReceiveConfig,
     create: F,
 ) -> Result<(V, ReceiveReport), MigrationError>
@@ -84,7 +115,7 @@ where
     let mut fr = FrameReader::new(rx);
     let mut fw = FrameWriter::new(transport);
     let mut phase = hs;
-    let result = run_destination(&mut fr, &mut fw, create, &mut phase);
+    let result = run_destination(&mut fr, &mut fw, acceptor, config, create, &mut phase);
     if let Err(e) = &result {
         // Tell the source why (best effort), unless the source itself failed.
         if !matches!(e.kind, ErrorKind::Remote { .. } | ErrorKind::Cancelled) {
@@ -100,9 +131,240 @@ where
     result
 }
 
+/// Random bytes for the stream token (from the kernel; never fails in
+/// practice, and the token only keeps stray connections out — TLS is what
+/// keeps attackers out).
+fn random_token() -> [u8; 16] {
+    use std::io::Read;
+    let mut t = [0u8; 16];
+    let ok = std::fs::File::open("/dev/urandom")
+        .and_then(|mut f| f.read_exact(&mut t))
+        .is_ok();
+    if !ok {
+        let now = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map(|d| d.as_nanos())
+            .unwrap_or(0);
+        let x = now ^ (u128::from(std::process::id()) << 64);
+        t = x.to_le_bytes();
+    }
+    t
+}
+
+/// Accepts the `n` page streams of a migration.
+fn accept_streams(
+    acceptor: &mut dyn StreamAcceptor,
+    n: u32,
+    token: [u8; 16],
+    timeout: Duration,
+) -> Result<Vec<FrameReader<Box<dyn Transport>>>, MigrationError> {
+    let hs = Phase::Handshake;
+    let deadline = Instant::now() + timeout;
+    let mut slots: Vec<Option<FrameReader<Box<dyn Transport>>>> = (0..n).map(|_| None).collect();
+    let mut have = 0;
+    while have < n {
+        let left = deadline.saturating_duration_since(Instant::now());
+        if left.is_zero() {
+            return Err(MigrationError::new(
+                hs,
+                ErrorKind::Timeout {
+                    waiting_for: "page stream connections",
+                    after: timeout,
+                },
+            ));
+        }
+        let mut t = match acceptor.accept_stream(left) {
+            Ok(t) => t,
+            Err(e)
+                if matches!(
+                    e.kind(),
+                    std::io::ErrorKind::TimedOut | std::io::ErrorKind::WouldBlock
+                ) =>
+            {
+                continue; // the deadline check above reports it
+            }
+            Err(e) if e.kind() == std::io::ErrorKind::ConnectionRefused => {
+                // One bad connection (say, a failed TLS handshake): keep waiting.
+                log::warn!("refused a page stream connection: {e}");
+                continue;
+            }
+            Err(e) => return Err(MigrationError::new(hs, ProtocolError::Io(e))),
+        };
+        let peer = t.peer();
+        if let Err(e) = t.set_read_timeout(Some(left.max(Duration::from_millis(1)))) {
+            log::warn!("page stream from {peer}: {e}; dropped");
+            continue;
+        }
+        let mut r = FrameReader::new(t);
+        let hello = match r.read_frame() {
+            Ok(f) if f.kind == MsgKind::StreamHello => StreamHello::decode(f.payload),
+            Ok(f) => {
+                log::warn!(
+                    "connection from {peer} sent {:?} instead of StreamHello; dropped",
+                    f.kind
+                );
+                continue;
+            }
+            Err(e) => {
+                log::warn!("connection from {peer}: {e}; dropped");
+                continue;
+            }
+        };
+        match hello {
+            Ok(h) if h.token == token && h.index < n => {
+                let slot = &mut slots[h.index as usize];
+                if slot.is_some() {
+                    log::warn!("page stream {} from {peer} a second time; dropped", h.index);
+                    continue;
+                }
+                if let Err(e) = r.get_mut().set_read_timeout(Some(timeout)) {
+                    return Err(MigrationError::new(hs, ProtocolError::Io(e)));
+                }
+                *slot = Some(r);
+                have += 1;
+            }
+            Ok(h) => log::warn!(
+                "connection from {peer}: wrong token or stream index {} (of {n}); dropped",
+                h.index
+            ),
+            Err(e) => log::warn!("connection from {peer}: {e}; dropped"),
+        }
+    }
+    Ok(slots.into_iter().flatten().collect())
+}
+
+/// Applies one `Pages` frame. With `stream = Some((index, n))` every record
+/// must belong to that stream (see [`stream_of`]).
+fn apply_pages(
+    payload: &[u8],
+    layout: &MemoryLayout,
+    ram: &HostRam<'_>,
+    written: &mut DirtyBitmap,
+    counts: &mut (u64, u64),
+    stream: Option<(u32, u32)>,
+) -> Result<(), ErrorKind> {
+    for rec in page_records(payload) {
+        let rec = rec?;
+        let (region, page) = rec.check(layout)?;
+        let n = u64::from(rec.npages);
+        if let Some((index, streams)) = stream {
+            let last = page + n.saturating_sub(1);
+            if page / STREAM_CHUNK_PAGES != last / STREAM_CHUNK_PAGES
+                || stream_of(layout, region, page, streams) != index
+            {
+                return Err(ErrorKind::Invalid(format!(
+                    "pages 0x{:x}+{} do not belong to page stream {index}",
+                    rec.gpa, rec.npages
+                )));
+            }
+        }
+        let ok = match rec.data {
+            Some(data) => {
+                counts.0 += n;
+                written.set_range(region, page, n);
+                ram.write_pages(region, page, data)
+            }
+            None => {
+                counts.1 += n;
+                let mut ok = true;
+                for p in page..page + n {
+                    if written.is_set(region, p) {
+                        ok &= ram.zero_pages(region, p, 1);
+                        written.unset(region, p);
+                    }
+                }
+                ok
+            }
+        };
+        if !ok {
+            return Err(ErrorKind::Invalid(format!(
+                "pages 0x{:x}+{} do not fit guest memory",
+                rec.gpa, rec.npages
+            )));
+        }
+    }
+    Ok(())
+}
+
+/// What the page-stream threads share with the control loop.
+struct StreamShared {
+    /// The first failure of any stream.
+    error: Mutex<Option<(u32, ErrorKind)>>,
+    /// Set when the control loop gives up (stream threads stop).
+    abort: AtomicBool,
+    /// The round the control connection is in, for error messages.
+    round: AtomicU32,
+}
+
+/// One page stream: applies pages until `Complete`.
+fn stream_reader(
+    index: u32,
+    streams: u32,
+    mut fr: FrameReader<Box<dyn Transport>>,
+    layout: &MemoryLayout,
+    ram: &HostRam<'_>,
+    shared: &StreamShared,
+    control: Option<Box<dyn Transport>>,
+) -> (u64, u64, u64) {
+    let mut written = DirtyBitmap::new(layout);
+    let mut counts = (0u64, 0u64);
+    let mut scratch = Vec::new();
+    let r: Result<(), ErrorKind> = loop {
+        if shared.abort.load(Ordering::SeqCst) {
+            break Ok(());
+        }
+        let f = match fr.read_frame() {
+            Ok(f) => f,
+            Err(e) => break Err(e.into()),
+        };
+        match f.kind {
+            MsgKind::Pages | MsgKind::PagesLz4 => {
+                let payload = if f.kind == MsgKind::PagesLz4 {
+                    if let Err(e) = decompress_pages(f.payload, &mut scratch) {
+                        break Err(e.into());
+                    }
+                    &scratch[..]
+                } else {
+                    f.payload
+                };
+                if let Err(e) = apply_pages(
+                    payload,
+                    layout,
+                    ram,
+                    &mut written,
+                    &mut counts,
+                    Some((index, streams)),
+                ) {
+                    break Err(e);
+                }
+            }
+            MsgKind::Keepalive => {}
+            MsgKind::Complete => break Ok(()),
+            other => {
+                break Err(ErrorKind::Unexpected {
+                    got: format!("{other:?}"),
+                    expected: "Pages, Keepalive or Complete",
+                })
+            }
+        }
+    };
+    if let Err(kind) = r {
+        if let Ok(mut g) = shared.error.lock() {
+            g.get_or_insert((index, kind));
+        }
+        // Wake the control loop up.
+        if let Some(c) = control {
+            let _ = c.shutdown();
+        }
+    }
+    (counts.0, counts.1, fr.bytes_read())
+}
+
 fn run_destination<V, F>(
     fr: &mut FrameReader<Box<dyn Transport>>,
     fw: &mut FrameWriter<Box<dyn Transport>>,
+    acceptor: Option<&mut dyn StreamAcceptor>,
+    config: &ReceiveConfig,
     create: F,
     phase: &mut Phase,
 ) -> Result<(V, ReceiveReport), MigrationError>
@@ -125,10 +387,7 @@ where
         ));
     }
     let refuse = |fw: &mut FrameWriter<Box<dyn Transport>>, reason: String| {
-        let r = HelloReply {
-            accepted: false,
-            reason: reason.clone(),
-        };
+        let r = HelloReply::refused(reason.clone());
         let _ = fw.send(&r);
         let _ = fw.flush();
         MigrationError::new(hs, ErrorKind::Refused(reason))
@@ -152,108 +411,121 @@ where
             "destination memory is not one mapping per region".into(),
         )
     })?;
+    let streams = if acceptor.is_some() {
+        hello.streams.clamp(1, MAX_STREAMS)
+    } else {
+        1
+    };
+    let token = if streams > 1 { random_token() } else { [0; 16] };
     fw.send(&HelloReply {
         accepted: true,
         reason: String::new(),
+        streams,
+        token,
     })
     .and_then(|_| fw.flush())
     .map_err(|e| MigrationError::new(hs, e))?;
-
-    // Memory and state. `written` records which pages received data: the
-    // fresh memory is zero, so a zero marker for a page never written costs
-    // nothing (and must not touch, i.e. allocate, the page).
-    let mut written = crate::bitmap::DirtyBitmap::new(&layout);
-    *phase = Phase::Precopy(0);
-    let mut sections: Option<Vec<Section>> = None;
-    loop {
-        let f = fr
-            .read_frame()
-            .map_err(|e| MigrationError::new(*phase, e))?;
-        match f.kind {
-            MsgKind::Pages => {
-                for rec in page_records(f.payload) {
-                    let rec = rec.map_err(|e| MigrationError::new(*phase, e))?;
-                    let (region, page) = rec
-                        .check(&layout)
-                        .map_err(|e| MigrationError::new(*phase, e))?;
-                    let n = u64::from(rec.npages);
-                    let ok = match rec.data {
-                        Some(data) => {
-                            report.pages += n;
-                            written.set_range(region, page, n);
-                            ram.write_pages(region, page, data)
-                        }
-                        None => {
-                            report.zero_pages += n;
-                            let mut ok = true;
-                            for p in page..page + n {
-                                if written.is_set(region, p) {
-                                    ok &= ram.zero_pages(region, p, 1);
-                                    written.unset(region, p);
-                                }
-                            }
-                            ok
-                        }
-                    };
-                    if !ok {
-                        return Err(MigrationError::new(
-                            *phase,
-                            ErrorKind::Invalid(format!(
-                                "pages 0x{:x}+{} do not fit guest memory",
-                                rec.gpa, rec.npages
-                            )),
+    report.streams = streams;
+    let readers = match acceptor {
+        Some(a) if streams > 1 => {
+            let r = accept_streams(a, streams, token, config.io_timeout);
+            a.close();
+            r?
+        }
+        Some(a) => {
+            a.close();
+            Vec::new()
+        }
+        None => Vec::new(),
+    };
+    let control = fr
+        .get_ref()
+        .try_clone()
+        .map_err(|e| MigrationError::new(hs, ProtocolError::Io(e)))?;
+    let shared = StreamShared {
+        error: Mutex::new(None),
+        abort: AtomicBool::new(false),
+        round: AtomicU32::new(0),
+    };
+    let stream_handles: Vec<Box<dyn Transport>> = readers
+        .iter()
+        .filter_map(|r| r.get_ref().try_clone().ok())
+        .collect();
+    let ram_ref = &ram;
+    let layout_ref = &layout;
+    let shared_ref = &shared;
+    let outcome = std::thread::scope(|s| {
+        let mut handles = Vec::new();
+        for (i, r) in readers.into_iter().enumerate() {
+            let control_clone = control.try_clone().ok();
+            let h = std::thread::Builder::new()
+                .name(format!("livemig-rx{i}"))
+                .spawn_scoped(s, move || {
+                    stream_reader(
+                        i as u32,
+                        streams,
+                        r,
+                        layout_ref,
+                        ram_ref,
+                        shared_ref,
+                        control_clone,
+                    )
+                });
+            match h {
+                Ok(h) => handles.push(h),
+                Err(e) => {
+                    shared.abort.store(true, Ordering::SeqCst);
+                    for t in &stream_handles {
+                        let _ = t.shutdown();
+                    }
+                    return Err(MigrationError::new(
+                        hs,
+                        ErrorKind::Invalid(format!("cannot start page stream thread: {e}")),
+                    ));
+                }
+            }
+        }
+        let r = receive_memory(fr, &layout, &ram, &mut report, &shared, phase);
+        if r.is_err() {
+            shared.abort.store(true, Ordering::SeqCst);
+            for t in &stream_handles {
+                let _ = t.shutdown();
+            }
+        }
+        for h in handles {
+            match h.join() {
+                Ok((pages, zero, bytes)) => {
+                    report.pages += pages;
+                    report.zero_pages += zero;
+                    report.bytes += bytes;
+                }
+                Err(_) => {
+                    if let Ok(mut g) = shared.error.lock() {
+                        g.get_or_insert((
+                            u32::MAX,
+                            ErrorKind::Invalid("page stream thread panicked".into()),
                         ));
                     }
                 }
             }
-            MsgKind::RoundEnd => {
-                let r = RoundEnd::decode(f.payload).map_err(|e| MigrationError::new(*phase, e))?;
-                report.rounds = r.round.saturating_add(1);
-                *phase = Phase::Precopy(r.round.saturating_add(1));
-            }
-            MsgKind::State => {
-                *phase = Phase::State;
-                if sections.is_some() {
-                    return Err(MigrationError::new(
-                        *phase,
-                        ErrorKind::Invalid("a second State frame".into()),
-                    ));
-                }
-                let s = State::decode(f.payload).map_err(|e| MigrationError::new(*phase, e))?;
-                sections = Some(s.sections);
-            }
-            MsgKind::Complete => break,
-            MsgKind::Error => {
-                let m = ErrorMsg::decode(f.payload).map_err(|e| MigrationError::new(*phase, e))?;
-                return Err(MigrationError::new(
-                    *phase,
-                    ErrorKind::Remote {
-                        phase: m.phase,
-                        message: m.message,
-                    },
-                ));
-            }
-            MsgKind::Cancel => return Err(MigrationError::new(*phase, ErrorKind::Cancelled)),
-            other => {
-                return Err(MigrationError::new(
-                    *phase,
-                    ErrorKind::Unexpected {
-                        got: format!("{other:?}"),
-                        expected: "Pages, RoundEnd, State or Complete",
-                    },
-                ))
-            }
         }
-    }
+        // A stream's failure is the real cause of whatever the control
+        // connection saw (the stream shut it down).
+        if let Some((index, kind)) = shared.error.lock().ok().and_then(|mut g| g.take()) {
+            return Err(MigrationError::new(
+                *phase,
+                ErrorKind::Stream {
+                    index,
+                    source: Box::new(kind),
+                },
+            ));
+        }
+        r
+    });
+    let sections = outcome?;
 
     // Restore, then wait for the source's commitment before running.
     *phase = Phase::State;
-    let sections = sections.ok_or_else(|| {
-        MigrationError::new(
-            Phase::State,
-            ErrorKind::Invalid("Complete before any State".into()),
-        )
-    })?;
     let t = Instant::now();
     vm.restore_state(&sections)
         .map_err(|e| MigrationError::new(Phase::State, e))?;
@@ -303,7 +575,114 @@ where
     {
         log::warn!("guest resumed but the acknowledgement could not be sent: {e}");
     }
-    report.bytes = fr.bytes_read();
+    report.bytes += fr.bytes_read();
     report.total_ms = ms(started.elapsed());
     Ok((vm, report))
+}
+
+/// The control connection's part of the memory phase: pages (when they
+/// travel here), round ends, the state; returns the state sections at
+/// `Complete`.
+fn receive_memory(
+    fr: &mut FrameReader<Box<dyn Transport>>,
+    layout: &MemoryLayout,
+    ram: &HostRam<'_>,
+    report: &mut ReceiveReport,
+    shared: &StreamShared,
+    phase: &mut Phase,
+) -> Result<Vec<Section>, MigrationError> {
+    // `written` records which pages received data: the fresh memory is
+    // zero, so a zero marker for a page never written costs nothing (and
+    // must not touch, i.e. allocate, the page).
+    let mut written = DirtyBitmap::new(layout);
+    let mut counts = (0u64, 0u64);
+    let mut scratch = Vec::new();
+    *phase = Phase::Precopy(0);
+    let mut sections: Option<Vec<Section>> = None;
+    let r = loop {
+        let f = match fr.read_frame() {
+            Ok(f) => f,
+            Err(e) => break Err(MigrationError::new(*phase, e)),
+        };
+        match f.kind {
+            MsgKind::Pages | MsgKind::PagesLz4 => {
+                if report.streams > 1 {
+                    break Err(MigrationError::new(
+                        *phase,
+                        ErrorKind::Invalid(
+                            "pages on the control connection of a multi-stream migration".into(),
+                        ),
+                    ));
+                }
+                let payload = if f.kind == MsgKind::PagesLz4 {
+                    if let Err(e) = decompress_pages(f.payload, &mut scratch) {
+                        break Err(MigrationError::new(*phase, e));
+                    }
+                    &scratch[..]
+                } else {
+                    f.payload
+                };
+                if let Err(e) = apply_pages(payload, layout, ram, &mut written, &mut counts, None) {
+                    break Err(MigrationError::new(*phase, e));
+                }
+            }
+            MsgKind::RoundEnd => {
+                let r = match RoundEnd::decode(f.payload) {
+                    Ok(r) => r,
+                    Err(e) => break Err(MigrationError::new(*phase, e)),
+                };
+                report.rounds = r.round.saturating_add(1);
+                *phase = Phase::Precopy(r.round.saturating_add(1));
+                shared
+                    .round
+                    .store(r.round.saturating_add(1), Ordering::SeqCst);
+            }
+            MsgKind::Keepalive => {}
+            MsgKind::State => {
+                *phase = Phase::State;
+                if sections.is_some() {
+                    break Err(MigrationError::new(
+                        *phase,
+                        ErrorKind::Invalid("a second State frame".into()),
+                    ));
+                }
+                match State::decode(f.payload) {
+                    Ok(s) => sections = Some(s.sections),
+                    Err(e) => break Err(MigrationError::new(*phase, e)),
+                }
+            }
+            MsgKind::Complete => break Ok(()),
+            MsgKind::Error => {
+                break Err(match ErrorMsg::decode(f.payload) {
+                    Ok(m) => MigrationError::new(
+                        *phase,
+                        ErrorKind::Remote {
+                            phase: m.phase,
+                            message: m.message,
+                        },
+                    ),
+                    Err(e) => MigrationError::new(*phase, e),
+                })
+            }
+            MsgKind::Cancel => break Err(MigrationError::new(*phase, ErrorKind::Cancelled)),
+            other => {
+                break Err(MigrationError::new(
+                    *phase,
+                    ErrorKind::Unexpected {
+                        got: format!("{other:?}"),
+                        expected: "Pages, RoundEnd, State or Complete",
+                    },
+                ))
+            }
+        }
+    };
+    report.pages += counts.0;
+    report.zero_pages += counts.1;
+    r?;
+    sections.ok_or_else(|| {
+        MigrationError::new(
+            Phase::State,
+            ErrorKind::Invalid("Complete before any State".into()),
+        )
+    })
 }

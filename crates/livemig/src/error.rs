@@ -74,6 +74,15 @@ pub enum ErrorKind {
     /// The migration was cancelled.
     #[error("cancelled")]
     Cancelled,
+    /// Something went wrong on one of the extra page streams of a
+    /// multi-stream migration.
+    #[error("page stream {index}: {source}")]
+    Stream {
+        /// Stream index (`0 ..` streams).
+        index: u32,
+        /// What went wrong there.
+        source: Box<ErrorKind>,
+    },
     /// Pre-copy did not converge within the caps and the policy is to fail.
     #[error("did not converge: after {rounds} rounds the expected downtime is {expected_ms:.1} ms (limit {limit_ms:.1} ms)")]
     NotConverged {

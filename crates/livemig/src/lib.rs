@@ -36,8 +36,8 @@ pub mod state;
 pub mod transport;
 pub mod vm;
 
-pub use destination::{receive, ReceiveConfig, ReceiveReport};
+pub use destination::{receive, receive_streams, ReceiveConfig, ReceiveReport};
 pub use error::{ErrorKind, MigrationError, Phase};
 pub use policy::{MigrationConfig, OnLimit};
 pub use report::{Progress, Report};
-pub use source::{migrate, CancelToken};
+pub use source::{migrate, migrate_streams, CancelToken};

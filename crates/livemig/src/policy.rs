@@ -63,6 +63,17 @@ pub struct MigrationConfig {
     pub throttle_increment: u32,
     /// Ceiling, percent (at most 99).
     pub throttle_max: u32,
+    /// Page streams (1 ..= [`crate::protocol::MAX_STREAMS`]). With more
+    /// than one, [`crate::source::migrate_streams`] opens that many extra
+    /// connections and spreads each round's pages over them (one sender
+    /// thread each; a page always travels on the same stream), so that one
+    /// core's copy speed is not the limit. The destination may grant fewer.
+    /// Default 1: everything on the one connection.
+    pub streams: u32,
+    /// Compress page frames with LZ4 (for slow links; a frame that does not
+    /// shrink is sent as it is). Off by default: on a fast link the
+    /// compression costs more time than the bytes it saves.
+    pub compress: bool,
 }
 
 impl Default for MigrationConfig {
@@ -79,6 +90,8 @@ impl Default for MigrationConfig {
             throttle_initial: 20,
             throttle_increment: 10,
             throttle_max: 99,
+            streams: 1,
+            compress: false,
         }
     }
 }

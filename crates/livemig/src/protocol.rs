@@ -61,9 +61,15 @@ pub const MAX_FRAME_PAYLOAD: usize = 8 << 20;
 /// Magic at the start of a [`Hello`].
 pub const HELLO_MAGIC: [u8; 8] = *b"LIVEMIG\0";
 /// The newest protocol version this side speaks.
-pub const PROTOCOL_VERSION: u32 = 1;
+///
+/// Version 2 added multiple page streams ([`Hello::streams`],
+/// [`HelloReply::streams`], [`StreamHello`]) and [`MsgKind::Keepalive`].
+/// Version 1 was never released and is not spoken any more.
+pub const PROTOCOL_VERSION: u32 = 2;
 /// The oldest protocol version this side speaks.
-pub const MIN_PROTOCOL_VERSION: u32 = 1;
+pub const MIN_PROTOCOL_VERSION: u32 = 2;
+/// Most page streams one migration may use.
+pub const MAX_STREAMS: u32 = 16;
 
 /// Most vCPUs a [`Hello`] may describe.
 pub const MAX_VCPUS: u32 = 256;
@@ -353,11 +359,23 @@ pub enum MsgKind {
     Error = 10,
     /// Source → destination: the migration is cancelled ([`Cancel`]).
     Cancel = 11,
+    /// Either direction, any stream: nothing to say, still alive (empty
+    /// payload). Sent on a stream that has been idle for a while so the
+    /// peer's read timeout only fires on a dead peer.
+    Keepalive = 12,
+    /// Source → destination, first frame of an extra page stream
+    /// ([`StreamHello`]).
+    StreamHello = 13,
+    /// Source → destination: a `Pages` payload compressed with LZ4 (block
+    /// format): `u32` length of the uncompressed payload (at most
+    /// [`MAX_FRAME_PAYLOAD`]), then the block ([`compress_pages`],
+    /// [`decompress_pages`]).
+    PagesLz4 = 14,
 }
 
 impl MsgKind {
     /// Every kind, in wire order.
-    pub const ALL: [MsgKind; 11] = [
+    pub const ALL: [MsgKind; 14] = [
         MsgKind::Hello,
         MsgKind::HelloReply,
         MsgKind::Pages,
@@ -369,6 +387,9 @@ impl MsgKind {
         MsgKind::Resumed,
         MsgKind::Error,
         MsgKind::Cancel,
+        MsgKind::Keepalive,
+        MsgKind::StreamHello,
+        MsgKind::PagesLz4,
     ];
 
     /// The kind for a wire byte, if known.
@@ -391,6 +412,9 @@ impl MsgKind {
             MsgKind::Resumed => "Resumed",
             MsgKind::Error => "Error",
             MsgKind::Cancel => "Cancel",
+            MsgKind::Keepalive => "Keepalive",
+            MsgKind::StreamHello => "StreamHello",
+            MsgKind::PagesLz4 => "PagesLz4",
         }
     }
 }
@@ -1128,6 +1152,9 @@ pub struct Hello {
     pub page_size: u32,
     /// The VM to migrate.
     pub desc: VmDescription,
+    /// Page streams the source would like to use (1 ..= [`MAX_STREAMS`]);
+    /// the destination grants at most this many in [`HelloReply::streams`].
+    pub streams: u32,
 }
 
 impl Hello {
@@ -1139,6 +1166,7 @@ impl Hello {
             min_protocol_version: MIN_PROTOCOL_VERSION,
             page_size: PAGE_SIZE as u32,
             desc,
+            streams: 1,
         }
     }
 
@@ -1216,6 +1244,13 @@ impl Message for Hello {
                 MAX_PROPERTY_LEN,
             )?;
         }
+        if self.streams == 0 || self.streams > MAX_STREAMS {
+            return Err(ProtocolError::Unencodable {
+                msg: M,
+                reason: format!("{} streams is outside 1..={MAX_STREAMS}", self.streams),
+            });
+        }
+        put_u32(out, self.streams);
         Ok(())
     }
 
@@ -1287,6 +1322,14 @@ impl Message for Hello {
             }
             properties.insert(k, v);
         }
+        let at = c.pos;
+        let streams = c.u32()?;
+        if streams == 0 || streams > MAX_STREAMS {
+            return Err(c.malformed_at(
+                at,
+                format!("{streams} streams is outside 1..={MAX_STREAMS}"),
+            ));
+        }
         c.finish()?;
         Ok(Hello {
             magic,
@@ -1299,6 +1342,7 @@ impl Message for Hello {
                 nics,
                 properties,
             },
+            streams,
         })
     }
 }
@@ -1310,6 +1354,26 @@ pub struct HelloReply {
     pub accepted: bool,
     /// Why not (or empty). Cut to [`MAX_TEXT_LEN`] bytes when encoded.
     pub reason: String,
+    /// Page streams granted (1 ..= the [`Hello::streams`] asked for). With
+    /// 1, pages travel on the control connection; with N > 1 the source
+    /// opens N more connections, each starting with a [`StreamHello`]
+    /// carrying [`HelloReply::token`], and pages travel only on those.
+    pub streams: u32,
+    /// Random token the extra streams must present (all zero when
+    /// `streams == 1`).
+    pub token: [u8; 16],
+}
+
+impl HelloReply {
+    /// A refusal with `reason`.
+    pub fn refused(reason: String) -> Self {
+        HelloReply {
+            accepted: false,
+            reason,
+            streams: 1,
+            token: [0; 16],
+        }
+    }
 }
 
 impl Message for HelloReply {
@@ -1323,17 +1387,136 @@ impl Message for HelloReply {
             "reason",
             truncate_text(&self.reason, MAX_TEXT_LEN),
             MAX_TEXT_LEN,
-        )
+        )?;
+        if self.streams == 0 || self.streams > MAX_STREAMS {
+            return Err(ProtocolError::Unencodable {
+                msg: "HelloReply",
+                reason: format!("{} streams is outside 1..={MAX_STREAMS}", self.streams),
+            });
+        }
+        put_u32(out, self.streams);
+        out.extend_from_slice(&self.token);
+        Ok(())
     }
 
     fn decode(payload: &[u8]) -> Result<Self, ProtocolError> {
         let mut c = Cursor::new("HelloReply", payload);
         let accepted = c.bool("accepted")?;
         let reason = c.string("reason", MAX_TEXT_LEN)?;
+        let at = c.pos;
+        let streams = c.u32()?;
+        if streams == 0 || streams > MAX_STREAMS {
+            return Err(c.malformed_at(
+                at,
+                format!("{streams} streams is outside 1..={MAX_STREAMS}"),
+            ));
+        }
+        let token: [u8; 16] = c.array()?;
         c.finish()?;
-        Ok(HelloReply { accepted, reason })
+        Ok(HelloReply {
+            accepted,
+            reason,
+            streams,
+            token,
+        })
     }
 }
+
+/// First frame of an extra page stream (source → destination): which
+/// migration it belongs to and which stream it is.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct StreamHello {
+    /// [`HelloReply::token`] of the migration.
+    pub token: [u8; 16],
+    /// Stream index, `0 .. HelloReply::streams`.
+    pub index: u32,
+}
+
+impl Message for StreamHello {
+    const KIND: MsgKind = MsgKind::StreamHello;
+
+    fn encode_into(&self, out: &mut Vec<u8>) -> Result<(), ProtocolError> {
+        out.extend_from_slice(&self.token);
+        put_u32(out, self.index);
+        Ok(())
+    }
+
+    fn decode(payload: &[u8]) -> Result<Self, ProtocolError> {
+        let mut c = Cursor::new("StreamHello", payload);
+        let token: [u8; 16] = c.array()?;
+        let at = c.pos;
+        let index = c.u32()?;
+        if index >= MAX_STREAMS {
+            return Err(c.malformed_at(at, format!("stream index {index} >= {MAX_STREAMS}")));
+        }
+        c.finish()?;
+        Ok(StreamHello { token, index })
+    }
+}
+
+/// The page stream (`0 .. streams`) that carries page `page` of region
+/// `region` when a migration uses `streams` page streams.
+///
+/// Memory is cut into chunks of [`STREAM_CHUNK_PAGES`] pages, numbered
+/// across the regions in layout order; chunk `n` travels on stream
+/// `n % streams`. A page therefore always travels on the same stream, so
+/// its newer copies (later rounds) can never overtake older ones.
+pub fn stream_of(layout: &MemoryLayout, region: usize, page: u64, streams: u32) -> u32 {
+    if streams <= 1 {
+        return 0;
+    }
+    let before: u64 = layout
+        .regions()
+        .iter()
+        .take(region)
+        .map(|r| r.pages().div_ceil(STREAM_CHUNK_PAGES))
+        .sum();
+    ((before + page / STREAM_CHUNK_PAGES) % u64::from(streams)) as u32
+}
+
+/// Compresses a `Pages` payload into `out` (cleared first) as a
+/// [`MsgKind::PagesLz4`] payload.
+pub fn compress_pages(pages: &[u8], out: &mut Vec<u8>) {
+    out.clear();
+    put_u32(out, pages.len() as u32);
+    let start = out.len();
+    out.resize(
+        start + lz4_flex::block::get_maximum_output_size(pages.len()),
+        0,
+    );
+    match lz4_flex::block::compress_into(pages, &mut out[start..]) {
+        Ok(n) => out.truncate(start + n),
+        // Cannot happen with a buffer of the maximum size; send it raw-sized
+        // garbage-free anyway: an empty block decodes to a length mismatch.
+        Err(_) => out.truncate(start),
+    }
+}
+
+/// Decompresses a [`MsgKind::PagesLz4`] payload into `out` (cleared first);
+/// the claimed size is checked against [`MAX_FRAME_PAYLOAD`] before anything
+/// is allocated, and the block must decode to exactly that size.
+pub fn decompress_pages(payload: &[u8], out: &mut Vec<u8>) -> Result<(), ProtocolError> {
+    let mut c = Cursor::new("PagesLz4", payload);
+    let at = c.pos;
+    let len = c.u32()? as usize;
+    if len > MAX_FRAME_PAYLOAD {
+        return Err(c.malformed_at(
+            at,
+            format!("uncompressed size {len} exceeds {MAX_FRAME_PAYLOAD}"),
+        ));
+    }
+    let block = &payload[4..];
+    out.clear();
+    out.resize(len, 0);
+    match lz4_flex::block::decompress_into(block, out) {
+        Ok(n) if n == len => Ok(()),
+        Ok(n) => Err(c.malformed_at(4, format!("block decodes to {n} bytes, {len} claimed"))),
+        Err(e) => Err(c.malformed_at(4, format!("bad LZ4 block: {e}"))),
+    }
+}
+
+/// Pages per chunk for [`stream_of`].
+pub const STREAM_CHUNK_PAGES: u64 = 1024;
 
 /// End of a memory copy round (source → destination).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -1523,6 +1706,10 @@ empty_message!(
 empty_message!(
     /// The source cancels the migration (source → destination). Empty payload.
     Cancel
+);
+empty_message!(
+    /// Still alive, nothing to say (any stream, either direction). Empty payload.
+    Keepalive
 );
 
 /// State restored, VM not yet running (destination → source).
@@ -2008,6 +2195,8 @@ mod tests {
                 round_trip(&HelloReply {
                     accepted: false,
                     reason: "no room für you".into(),
+                    streams: 1,
+                    token: [0; 16],
                 }),
             ),
             (
@@ -2027,16 +2216,26 @@ mod tests {
                 round_trip(&ErrorMsg::new("restore", "section 'x': version 9")),
             ),
             (MsgKind::Cancel, round_trip(&Cancel)),
+            (MsgKind::Keepalive, round_trip(&Keepalive)),
+            (
+                MsgKind::StreamHello,
+                round_trip(&StreamHello {
+                    token: [7; 16],
+                    index: 3,
+                }),
+            ),
         ]
     }
 
     #[test]
     fn round_trip_every_message() {
         let msgs = all_messages();
-        assert_eq!(msgs.len(), MsgKind::ALL.len() - 1); // all but Pages
+        assert_eq!(msgs.len(), MsgKind::ALL.len() - 2); // all but Pages, PagesLz4
         round_trip(&HelloReply {
             accepted: true,
             reason: String::new(),
+            streams: 1,
+            token: [0; 16],
         });
         round_trip(&State::default());
         let mut d = desc();
@@ -2047,7 +2246,7 @@ mod tests {
             assert_eq!(MsgKind::from_u8(k as u8), Some(k));
         }
         assert_eq!(MsgKind::from_u8(0), None);
-        assert_eq!(MsgKind::from_u8(12), None);
+        assert_eq!(MsgKind::from_u8(15), None);
     }
 
     #[test]
@@ -2057,6 +2256,8 @@ mod tests {
             &HelloReply {
                 accepted: true,
                 reason: "ok".into(),
+                streams: 1,
+                token: [0; 16],
             }
             .encode()
             .unwrap(),
@@ -2066,11 +2267,51 @@ mod tests {
         check_hostile::<Complete>(&[]);
         check_hostile::<Go>(&[]);
         check_hostile::<Cancel>(&[]);
+        check_hostile::<Keepalive>(&[]);
+        check_hostile::<StreamHello>(
+            &StreamHello {
+                token: [1; 16],
+                index: 2,
+            }
+            .encode()
+            .unwrap(),
+        );
         check_hostile::<Ready>(&Ready { restore_us: 5 }.encode().unwrap());
         check_hostile::<Resumed>(&Resumed { resume_us: 5 }.encode().unwrap());
         check_hostile::<ErrorMsg>(&ErrorMsg::new("memory", "boom").encode().unwrap());
         let e = Go::decode(&[1]).unwrap_err();
         assert_eq!(e.to_string(), "Go: 1 trailing bytes at offset 0");
+    }
+
+    #[test]
+    fn lz4_pages_round_trip_and_hostile_blocks() {
+        let mut raw = Vec::new();
+        for i in 0..20_000u32 {
+            raw.extend_from_slice(&(i / 7).to_le_bytes());
+        }
+        let mut z = Vec::new();
+        compress_pages(&raw, &mut z);
+        assert!(z.len() < raw.len() / 2, "{} of {}", z.len(), raw.len());
+        let mut back = Vec::new();
+        decompress_pages(&z, &mut back).unwrap();
+        assert_eq!(back, raw);
+        // A size claim over the frame limit is refused before allocating.
+        let mut big = z.clone();
+        big[..4].copy_from_slice(&(MAX_FRAME_PAYLOAD as u32 + 1).to_le_bytes());
+        let e = decompress_pages(&big, &mut back).unwrap_err().to_string();
+        assert!(e.contains("exceeds"), "{e}");
+        // A claim that does not match the block, a damaged block, truncation.
+        let mut lie = z.clone();
+        lie[..4].copy_from_slice(&(raw.len() as u32 - 1).to_le_bytes());
+        assert!(decompress_pages(&lie, &mut back).is_err());
+        let mut bad = z.clone();
+        let n = bad.len();
+        bad[n / 2] ^= 0xff;
+        bad[n - 1] ^= 0xff;
+        let _ = decompress_pages(&bad, &mut back); // must not panic
+        for cut in [0, 3, 4, 5, z.len() / 2, z.len() - 1] {
+            assert!(decompress_pages(&z[..cut], &mut back).is_err(), "cut {cut}");
+        }
     }
 
     #[test]
@@ -2093,22 +2334,40 @@ mod tests {
                 ProtocolError::UnsupportedVersion {
                     peer_version: 7,
                     peer_min: 7,
-                    min: 1,
-                    max: 1
+                    min: 2,
+                    max: 2
                 }
             ),
             "{e}"
         );
         let s = e.to_string();
         assert!(s.contains("unsupported protocol version 7"), "{s}");
-        assert!(s.contains("this side speaks 1..=1"), "{s}");
+        assert!(s.contains("this side speaks 2..=2"), "{s}");
 
-        // A newer peer that still speaks version 1 negotiates down.
-        h.min_protocol_version = 1;
+        // A newer peer that still speaks version 2 negotiates down.
+        h.min_protocol_version = 2;
         let got = Hello::decode(&h.encode().unwrap()).unwrap();
-        assert_eq!(got.negotiated_version().unwrap(), 1);
+        assert_eq!(got.negotiated_version().unwrap(), 2);
+
+        // The pre-release version 1 is refused.
+        h.protocol_version = 1;
+        h.min_protocol_version = 1;
+        assert!(Hello::decode(&h.encode().unwrap()).is_err());
+
+        // Stream counts outside 1..=MAX_STREAMS are refused both ways.
+        let mut h = Hello::new(desc());
+        h.streams = MAX_STREAMS + 1;
+        assert!(h.encode().is_err());
+        let mut raw = Hello::new(desc()).encode().unwrap();
+        let n = raw.len();
+        raw[n - 4..].copy_from_slice(&0u32.to_le_bytes());
+        assert!(Hello::decode(&raw)
+            .unwrap_err()
+            .to_string()
+            .contains("streams"));
 
         // Version 0 / inverted ranges are refused.
+        h.streams = 1;
         h.protocol_version = 0;
         h.min_protocol_version = 0;
         assert!(matches!(
@@ -2227,6 +2486,8 @@ mod tests {
         let r = HelloReply {
             accepted: false,
             reason: long,
+            streams: 1,
+            token: [0; 16],
         };
         assert_eq!(
             HelloReply::decode(&r.encode().unwrap())

@@ -22,6 +22,7 @@ struct HostRegion {
 /// and harmless, because every page written after its dirty bit was cleared
 /// is sent again; the engine never relies on a page being stable while the
 /// VM runs.
+#[derive(Clone)]
 pub(crate) struct HostRam<'a> {
     _mem: &'a GuestRam,
     regions: Vec<HostRegion>,
@@ -30,6 +31,11 @@ pub(crate) struct HostRam<'a> {
 // SAFETY: the pointers refer to mappings owned by `_mem`, which outlives this
 // value; HostRam only hands out copies, never references that escape it.
 unsafe impl Send for HostRam<'_> {}
+// SAFETY: all accesses are raw copies into or out of the mappings; several
+// threads may copy disjoint pages at once (the multi-stream receiver writes
+// each page from exactly one stream thread), and concurrent reads of pages
+// the guest is writing are the pre-copy race described above.
+unsafe impl Sync for HostRam<'_> {}
 
 impl<'a> HostRam<'a> {
     /// Resolves the host mappings for `layout` in `mem`.

@@ -95,6 +95,8 @@ pub struct Report {
     pub state_bytes: u64,
     /// Dirty-tracking note (e.g. whether manual clear was used).
     pub dirty_tracking: String,
+    /// Page streams used (1 = pages on the control connection).
+    pub streams: u32,
     /// Highest vCPU throttle applied by auto-converge, percent (0 = none;
     /// `None` = the VM cannot be throttled).
     pub throttle_max_pct: Option<u32>,
@@ -122,6 +124,7 @@ impl Report {
             memory_bytes,
             state_bytes: 0,
             dirty_tracking: String::new(),
+            streams: 1,
             throttle_max_pct: Some(0),
             error: None,
         }

@@ -12,12 +12,13 @@ use crate::error::{ErrorKind, MigrationError, Phase};
 use crate::memory::{MemoryLayout, PAGE_SIZE};
 use crate::policy::{decide, Decision, MigrationConfig, RoundEstimate, Throttle};
 use crate::protocol::{
-    ErrorMsg, FrameReader, FrameWriter, Hello, HelloReply, Message, MsgKind, PageBatch,
-    ProtocolError, Ready, Resumed, RoundEnd, State,
+    compress_pages, stream_of, ErrorMsg, FrameReader, FrameWriter, Hello, HelloReply, Message,
+    MsgKind, PageBatch, ProtocolError, Ready, Resumed, RoundEnd, State, StreamHello, MAX_STREAMS,
+    STREAM_CHUNK_PAGES,
 };
 use crate::ram::HostRam;
 use crate::report::{Progress, Report, RoundReport, Status};
-use crate::transport::Transport;
+use crate::transport::{StreamOpener, Transport};
 use crate::vm::{DirtyTracker, SourceVm, VcpuThrottle};
 
 /// Auto-converge's worker: parks the vCPUs for `pct / (100 - pct)` of each
@@ -68,7 +69,7 @@ impl Throttler {
 
 /// Pages per dirty-log chunk: in manual-protect mode each chunk is
 /// re-protected (`clear`) just before its pages are read.
-pub const CHUNK_PAGES: u64 = 1024;
+pub const CHUNK_PAGES: u64 = STREAM_CHUNK_PAGES;
 
 /// Cancels a running migration from another thread.
 ///
@@ -76,7 +77,7 @@ pub const CHUNK_PAGES: u64 = 1024;
 #[derive(Clone, Default)]
 pub struct CancelToken {
     flag: Arc<AtomicBool>,
-    transport: Arc<Mutex<Option<Box<dyn Transport>>>>,
+    transports: Arc<Mutex<Vec<Box<dyn Transport>>>>,
 }
 
 impl CancelToken {
@@ -89,8 +90,8 @@ impl CancelToken {
     /// transport is interrupted.
     pub fn cancel(&self) {
         self.flag.store(true, Ordering::SeqCst);
-        if let Ok(g) = self.transport.lock() {
-            if let Some(t) = g.as_ref() {
+        if let Ok(g) = self.transports.lock() {
+            for t in g.iter() {
                 let _ = t.shutdown();
             }
         }
@@ -101,9 +102,19 @@ impl CancelToken {
         self.flag.load(Ordering::SeqCst)
     }
 
+    /// Adds a connection to shut down on cancel.
     fn attach(&self, t: Option<Box<dyn Transport>>) {
-        if let Ok(mut g) = self.transport.lock() {
-            *g = t;
+        if let Ok(mut g) = self.transports.lock() {
+            g.extend(t);
+        }
+        if self.is_cancelled() {
+            self.cancel();
+        }
+    }
+
+    fn detach_all(&self) {
+        if let Ok(mut g) = self.transports.lock() {
+            g.clear();
         }
     }
 }
@@ -117,14 +128,17 @@ struct Pacer {
     rate: Option<u64>,
     start: Instant,
     bytes: u64,
+    /// Shared by all streams: set when the cap no longer applies.
+    lifted: Arc<AtomicBool>,
 }
 
 impl Pacer {
-    fn new(rate: Option<u64>) -> Self {
+    fn new(rate: Option<u64>, lifted: Arc<AtomicBool>) -> Self {
         Pacer {
             rate,
             start: Instant::now(),
             bytes: 0,
+            lifted,
         }
     }
 
@@ -132,6 +146,9 @@ impl Pacer {
         let Some(rate) = self.rate.filter(|r| *r > 0) else {
             return;
         };
+        if self.lifted.load(Ordering::Relaxed) {
+            return;
+        }
         self.bytes += bytes;
         let due = Duration::from_secs_f64(self.bytes as f64 / rate as f64);
         let el = self.start.elapsed();
@@ -146,7 +163,7 @@ impl Pacer {
     }
 }
 
-#[derive(Default, Clone, Copy)]
+#[derive(Default, Clone, Copy, Debug)]
 struct Counts {
     pages: u64,
     zero: u64,
@@ -164,6 +181,184 @@ struct PageSender<'a> {
     /// Round 0: the destination's memory is fresh (zero), so zero pages are
     /// counted but not sent at all.
     skip_zero: bool,
+    /// The extra page streams, when there are several.
+    pool: Option<StreamPool>,
+    /// When the control connection last carried a frame (keepalives while
+    /// the pages go elsewhere).
+    last_control: Instant,
+    /// Compression buffer, when compressing.
+    lz4: Option<Vec<u8>>,
+}
+
+/// How long a stream may stay silent before a keepalive goes out (well
+/// under any sensible `io_timeout`).
+const KEEPALIVE: Duration = Duration::from_secs(1);
+
+/// Work for one page-stream thread.
+enum Job {
+    /// Send these runs `(first_page, npages)` of `region`.
+    Runs {
+        region: usize,
+        runs: Vec<(u64, u64)>,
+        skip_zero: bool,
+    },
+    /// Flush what is buffered, then report the counts since the last report.
+    Flush,
+    /// Flush, send `Complete` on the stream, report, and exit.
+    Finish,
+}
+
+/// The page-stream threads of a multi-stream migration.
+struct StreamPool {
+    jobs: Vec<crossbeam_channel::Sender<Job>>,
+    done: Vec<crossbeam_channel::Receiver<Result<Counts, ProtocolError>>>,
+    /// Set once a stream has failed (its thread then drops further work).
+    failed: Arc<AtomicBool>,
+    /// Index of the stream that failed first (`u32::MAX`: none).
+    first_failed: Arc<AtomicU32>,
+}
+
+impl StreamPool {
+    fn dispatch(&self, index: u32, job: Job) -> Result<(), MigrationError> {
+        self.jobs
+            .get(index as usize)
+            .and_then(|tx| tx.send(job).ok())
+            .ok_or_else(|| {
+                MigrationError::new(
+                    Phase::Handshake,
+                    ErrorKind::Invalid(format!("page stream {index} is gone")),
+                )
+            })
+    }
+
+    /// Sends `job` (Flush or Finish) to every stream and collects the counts.
+    fn barrier(&self, finish: bool, phase: Phase) -> Result<Counts, MigrationError> {
+        for (i, tx) in self.jobs.iter().enumerate() {
+            let job = if finish { Job::Finish } else { Job::Flush };
+            if tx.send(job).is_err() {
+                return Err(MigrationError::new(
+                    phase,
+                    ErrorKind::Stream {
+                        index: i as u32,
+                        source: Box::new(ErrorKind::Invalid("sender thread exited".into())),
+                    },
+                ));
+            }
+        }
+        let mut total = Counts::default();
+        let mut errors = Vec::new();
+        for (i, rx) in self.done.iter().enumerate() {
+            match rx.recv() {
+                Ok(Ok(c)) => {
+                    total.pages += c.pages;
+                    total.zero += c.zero;
+                    total.bytes += c.bytes;
+                }
+                Ok(Err(e)) => errors.push((i, ErrorKind::Protocol(e))),
+                Err(_) => errors.push((i, ErrorKind::Invalid("sender thread exited".into()))),
+            }
+        }
+        // Name the stream that failed first, not the ones that broke after.
+        let first = self.first_failed.load(Ordering::SeqCst) as usize;
+        let pick = errors.iter().position(|(i, _)| *i == first).unwrap_or(0);
+        let first_err = (!errors.is_empty()).then(|| errors.swap_remove(pick));
+        match first_err {
+            None => Ok(total),
+            Some((i, kind)) => Err(MigrationError::new(
+                phase,
+                ErrorKind::Stream {
+                    index: i as u32,
+                    source: Box::new(kind),
+                },
+            )),
+        }
+    }
+}
+
+/// One page-stream thread: sends what it is given on its own connection.
+fn stream_worker(
+    index: u32,
+    mut sender: PageSender<'_>,
+    jobs: crossbeam_channel::Receiver<Job>,
+    done: crossbeam_channel::Sender<Result<Counts, ProtocolError>>,
+    failed: &AtomicBool,
+    first_failed: &AtomicU32,
+) {
+    let fail = |e: ProtocolError| {
+        if !failed.swap(true, Ordering::SeqCst) {
+            first_failed.store(index, Ordering::SeqCst);
+        }
+        e
+    };
+    let mut error: Option<ProtocolError> = None;
+    let mut reported = Counts::default();
+    loop {
+        let job = match jobs.recv_timeout(KEEPALIVE) {
+            Ok(j) => j,
+            Err(crossbeam_channel::RecvTimeoutError::Timeout) => {
+                if error.is_none() {
+                    let r = sender
+                        .fw
+                        .write_frame(MsgKind::Keepalive, &[])
+                        .and_then(|_| sender.fw.flush());
+                    if let Err(e) = r {
+                        error = Some(fail(e));
+                    }
+                }
+                continue;
+            }
+            Err(crossbeam_channel::RecvTimeoutError::Disconnected) => return,
+        };
+        let finish = matches!(job, Job::Finish);
+        match job {
+            Job::Runs {
+                region,
+                runs,
+                skip_zero,
+            } => {
+                if error.is_none() {
+                    sender.skip_zero = skip_zero;
+                    for (first, n) in runs {
+                        if let Err(e) = sender.send_run(region, first, n) {
+                            error = Some(fail(e));
+                            break;
+                        }
+                    }
+                }
+            }
+            Job::Flush | Job::Finish => {
+                if error.is_none() {
+                    let mut r = sender.flush();
+                    if finish {
+                        r = r.and_then(|_| sender.fw.write_frame(MsgKind::Complete, &[]));
+                    }
+                    if let Err(e) = r.and_then(|_| sender.fw.flush()) {
+                        error = Some(fail(e));
+                    }
+                }
+                let reply = match error.take() {
+                    Some(e) => {
+                        // Report once; later barriers see the thread gone.
+                        let _ = done.send(Err(e));
+                        return;
+                    }
+                    None => {
+                        let c = sender.counts;
+                        let delta = Counts {
+                            pages: c.pages - reported.pages,
+                            zero: c.zero - reported.zero,
+                            bytes: c.bytes - reported.bytes,
+                        };
+                        reported = c;
+                        Ok(delta)
+                    }
+                };
+                if done.send(reply).is_err() || finish {
+                    return;
+                }
+            }
+        }
+    }
 }
 
 impl PageSender<'_> {
@@ -172,8 +367,19 @@ impl PageSender<'_> {
             return Ok(());
         }
         let before = self.fw.bytes_written();
-        self.fw
-            .write_frame(MsgKind::Pages, &[self.batch.as_bytes()])?;
+        let raw = self.batch.as_bytes();
+        match self.lz4.as_mut() {
+            Some(buf) => {
+                compress_pages(raw, buf);
+                // Keep it only if it saves at least an eighth.
+                if buf.len() < raw.len() - raw.len() / 8 {
+                    self.fw.write_frame(MsgKind::PagesLz4, &[buf])?;
+                } else {
+                    self.fw.write_frame(MsgKind::Pages, &[raw])?;
+                }
+            }
+            None => self.fw.write_frame(MsgKind::Pages, &[raw])?,
+        }
         let n = self.fw.bytes_written() - before;
         self.counts.bytes += n;
         self.batch.clear();
@@ -256,16 +462,59 @@ impl PageSender<'_> {
                     }
                 }
                 if has_pages {
-                    let runs: Vec<_> = bitmap.runs_in(region, chunk, end, u64::MAX).collect();
-                    for run in runs {
-                        self.send_run(region, run.first_page, run.npages)
+                    let runs: Vec<(u64, u64)> = bitmap
+                        .runs_in(region, chunk, end, u64::MAX)
+                        .map(|r| (r.first_page, r.npages))
+                        .collect();
+                    if let Some(pool) = &self.pool {
+                        let streams = pool.jobs.len() as u32;
+                        let index = stream_of(&self.layout, region, chunk, streams);
+                        let job = Job::Runs {
+                            region,
+                            runs,
+                            skip_zero: self.skip_zero,
+                        };
+                        if pool.dispatch(index, job).is_err() || pool.failed.load(Ordering::SeqCst)
+                        {
+                            // The barrier below names the stream and why.
+                            break;
+                        }
+                        self.keepalive()
                             .map_err(|e| MigrationError::new(phase, e))?;
+                    } else {
+                        for (first, n) in runs {
+                            self.send_run(region, first, n)
+                                .map_err(|e| MigrationError::new(phase, e))?;
+                        }
                     }
                 }
                 chunk = end;
             }
         }
-        self.flush().map_err(|e| MigrationError::new(phase, e))
+        self.end_round(phase)
+    }
+
+    /// Flushes this round's pages (on every stream) and accounts them.
+    fn end_round(&mut self, phase: Phase) -> Result<(), MigrationError> {
+        self.flush().map_err(|e| MigrationError::new(phase, e))?;
+        if let Some(pool) = &self.pool {
+            let c = pool.barrier(false, phase)?;
+            self.counts.pages += c.pages;
+            self.counts.zero += c.zero;
+            self.counts.bytes += c.bytes;
+        }
+        Ok(())
+    }
+
+    /// A keepalive on the control connection if it has been quiet for a
+    /// while (its pages travel on the other streams).
+    fn keepalive(&mut self) -> Result<(), ProtocolError> {
+        if self.last_control.elapsed() >= KEEPALIVE {
+            self.fw.write_frame(MsgKind::Keepalive, &[])?;
+            self.fw.flush()?;
+            self.last_control = Instant::now();
+        }
+        Ok(())
     }
 }
 
@@ -332,9 +581,29 @@ fn expect(
 /// destination may be running the guest: the source stays paused.
 ///
 /// `progress` is called after each round and at the switchover.
+///
+/// Everything travels on `transport`; [`MigrationConfig::streams`] must be 1
+/// (see [`migrate_streams`]).
 pub fn migrate<V: SourceVm + ?Sized>(
     vm: &V,
     transport: Box<dyn Transport>,
+    config: &MigrationConfig,
+    cancel: &CancelToken,
+    progress: &mut dyn FnMut(&Progress),
+) -> Result<Report, MigrationError> {
+    migrate_streams(vm, transport, None, config, cancel, progress)
+}
+
+/// Like [`migrate`], with [`MigrationConfig::streams`] page streams opened
+/// through `opener` (the control exchange stays on `transport`).
+///
+/// The destination may grant fewer streams than asked for (a destination
+/// called without a [`crate::transport::StreamAcceptor`] grants one); with
+/// one, `opener` is not used.
+pub fn migrate_streams<V: SourceVm + ?Sized>(
+    vm: &V,
+    transport: Box<dyn Transport>,
+    opener: Option<&mut dyn StreamOpener>,
     config: &MigrationConfig,
     cancel: &CancelToken,
     progress: &mut dyn FnMut(&Progress),
@@ -346,17 +615,36 @@ pub fn migrate<V: SourceVm + ?Sized>(
     let layout = desc.layout.clone();
     let mut report = Report::new(layout.total_bytes(), ms(config.downtime_limit));
     cancel.attach(transport.try_clone().ok());
-    let result = run_source(
-        vm,
-        transport,
-        config,
-        cancel,
-        progress,
-        &mut report,
-        started,
-        desc,
-    );
-    cancel.attach(None);
+    let result = if config.streams == 0 || config.streams > MAX_STREAMS {
+        Err(MigrationError::new(
+            Phase::Handshake,
+            ErrorKind::Invalid(format!(
+                "streams = {} is outside 1..={MAX_STREAMS}",
+                config.streams
+            )),
+        ))
+    } else if config.streams > 1 && opener.is_none() {
+        Err(MigrationError::new(
+            Phase::Handshake,
+            ErrorKind::Invalid(format!(
+                "streams = {} needs a StreamOpener (use migrate_streams)",
+                config.streams
+            )),
+        ))
+    } else {
+        run_source(
+            vm,
+            transport,
+            opener,
+            config,
+            cancel,
+            progress,
+            &mut report,
+            started,
+            desc,
+        )
+    };
+    cancel.detach_all();
     report.total_ms = ms(started.elapsed());
     match result {
         Ok(()) => {
@@ -385,6 +673,7 @@ pub fn migrate<V: SourceVm + ?Sized>(
 fn run_source<V: SourceVm + ?Sized>(
     vm: &V,
     transport: Box<dyn Transport>,
+    opener: Option<&mut dyn StreamOpener>,
     config: &MigrationConfig,
     cancel: &CancelToken,
     progress: &mut dyn FnMut(&Progress),
@@ -403,7 +692,8 @@ fn run_source<V: SourceVm + ?Sized>(
     let mut fw = FrameWriter::new(transport);
 
     // Handshake: refuse before a single page is sent.
-    let hello = Hello::new(desc);
+    let mut hello = Hello::new(desc);
+    hello.streams = config.streams;
     fw.send(&hello).map_err(|e| MigrationError::new(hs, e))?;
     let reply = HelloReply::decode(&expect(
         &mut fr,
@@ -415,6 +705,49 @@ fn run_source<V: SourceVm + ?Sized>(
     if !reply.accepted {
         return Err(MigrationError::new(hs, ErrorKind::Refused(reply.reason)));
     }
+    if reply.streams > config.streams {
+        return Err(MigrationError::new(
+            hs,
+            ErrorKind::Invalid(format!(
+                "the destination granted {} streams, {} were asked for",
+                reply.streams, config.streams
+            )),
+        ));
+    }
+    // Open the extra page streams (only when more than one was granted).
+    let mut streams: Vec<FrameWriter<Box<dyn Transport>>> = Vec::new();
+    if reply.streams > 1 {
+        let Some(opener) = opener else {
+            return Err(MigrationError::new(
+                hs,
+                ErrorKind::Invalid("no StreamOpener for the granted streams".into()),
+            ));
+        };
+        for index in 0..reply.streams {
+            let stream_err = |kind: ErrorKind| {
+                MigrationError::new(
+                    hs,
+                    ErrorKind::Stream {
+                        index,
+                        source: Box::new(kind),
+                    },
+                )
+            };
+            let t = opener
+                .open()
+                .map_err(|e| stream_err(ProtocolError::Io(e).into()))?;
+            cancel.attach(t.try_clone().ok());
+            let mut w = FrameWriter::new(t);
+            w.send(&StreamHello {
+                token: reply.token,
+                index,
+            })
+            .and_then(|_| w.flush())
+            .map_err(|e| stream_err(e.into()))?;
+            streams.push(w);
+        }
+    }
+    report.streams = reply.streams;
     progress(&Progress::Accepted);
 
     // Measure the state: a short pause now tells what the switchover costs
@@ -449,7 +782,8 @@ fn run_source<V: SourceVm + ?Sized>(
     } else {
         "get-dirty-log".into()
     };
-    let mut sender = PageSender {
+    let lifted = Arc::new(AtomicBool::new(false));
+    let new_sender = |fw, ram, rate| PageSender {
         fw,
         batch: PageBatch::with_capacity(
             (config.batch_pages.max(1) as usize) * PAGE_SIZE as usize + 4096,
@@ -457,10 +791,20 @@ fn run_source<V: SourceVm + ?Sized>(
         batch_pages: u64::from(config.batch_pages.max(1)),
         ram,
         layout: layout.clone(),
-        pacer: Pacer::new(config.max_bandwidth),
+        pacer: Pacer::new(rate, lifted.clone()),
         counts: Counts::default(),
         skip_zero: true,
+        pool: None,
+        last_control: Instant::now(),
+        lz4: config.compress.then(Vec::new),
     };
+    let nstreams = streams.len() as u64;
+    let per_stream_rate = config.max_bandwidth.map(|r| (r / nstreams.max(1)).max(1));
+    let workers: Vec<PageSender<'_>> = streams
+        .into_iter()
+        .map(|w| new_sender(w, ram.clone(), per_stream_rate))
+        .collect();
+    let mut sender = new_sender(fw, ram, config.max_bandwidth);
     tracker.start().map_err(|e| MigrationError::new(hs, e))?;
     report.setup_ms = ms(started.elapsed());
 
@@ -473,7 +817,38 @@ fn run_source<V: SourceVm + ?Sized>(
     if config.auto_converge && throttle_target.is_none() {
         report.throttle_max_pct = None;
     }
+    let failed = Arc::new(AtomicBool::new(false));
+    let first_failed = Arc::new(AtomicU32::new(u32::MAX));
+    let mut stream_bytes = 0u64;
     let outcome = std::thread::scope(|s| {
+        if !workers.is_empty() {
+            let mut pool = StreamPool {
+                jobs: Vec::new(),
+                done: Vec::new(),
+                failed: failed.clone(),
+                first_failed: first_failed.clone(),
+            };
+            for (i, w) in workers.into_iter().enumerate() {
+                let (jtx, jrx) = crossbeam_channel::bounded(4);
+                let (dtx, drx) = crossbeam_channel::bounded(1);
+                let failed = &*failed;
+                let first_failed = &*first_failed;
+                let spawned = std::thread::Builder::new()
+                    .name(format!("livemig-stream{i}"))
+                    .spawn_scoped(s, move || {
+                        stream_worker(i as u32, w, jrx, dtx, failed, first_failed)
+                    });
+                if let Err(e) = spawned {
+                    return Err(MigrationError::new(
+                        hs,
+                        ErrorKind::Invalid(format!("cannot start page stream thread: {e}")),
+                    ));
+                }
+                pool.jobs.push(jtx);
+                pool.done.push(drx);
+            }
+            sender.pool = Some(pool);
+        }
         if let Some(t) = throttle_target {
             let th = &throttler;
             let spawned = std::thread::Builder::new()
@@ -500,13 +875,26 @@ fn run_source<V: SourceVm + ?Sized>(
             &throttler,
         );
         throttler.finish(true);
+        // Stop the stream threads (on success they have already finished).
+        if let Some(pool) = sender.pool.take() {
+            drop(pool.jobs);
+            for rx in &pool.done {
+                while rx.recv().is_ok() {}
+            }
+        }
+        stream_bytes = sender.counts.bytes;
         r
     });
     let committed = matches!(&outcome, Ok(())) || matches!(&outcome, Err(e) if e.is_ambiguous());
     if let Err(e) = tracker.stop() {
         log::error!("stopping dirty logging: {e}");
     }
-    report.bytes_sent = sender.fw.bytes_written();
+    report.bytes_sent = if nstreams > 0 {
+        // Pages went over the streams; add the control connection's bytes.
+        stream_bytes + sender.fw.bytes_written()
+    } else {
+        sender.fw.bytes_written()
+    };
     if let Err(e) = &outcome {
         if !committed {
             // Fail safe: the source keeps the guest.
@@ -718,9 +1106,16 @@ fn precopy_and_switch<V: SourceVm + ?Sized>(
     // The bandwidth cap protects the guest's network while it runs; while
     // it is paused every millisecond is downtime (QEMU lifts its limit at
     // completion too).
-    sender.pacer.rate = None;
+    sender.pacer.lifted.store(true, Ordering::SeqCst);
     // Paused: no need to re-arm the log, nothing is writing.
     sender.send_bitmap(&bitmap, None, None, &CancelToken::new(), fm)?;
+    if let Some(pool) = &sender.pool {
+        // Every stream ends with `Complete` once its last page is out.
+        let c = pool.barrier(true, fm)?;
+        sender.counts.pages += c.pages;
+        sender.counts.zero += c.zero;
+        sender.counts.bytes += c.bytes;
+    }
     report.final_pages = sender.counts.pages - before.pages + sender.counts.zero - before.zero;
     let t_mem = Instant::now();
 

@@ -112,7 +112,13 @@ fn any_message() -> impl Strategy<Value = (MsgKind, Vec<u8>)> {
         description().prop_map(move |d| enc(MsgKind::Hello, Hello::new(d).encode())),
         (any::<bool>(), "\\PC{0,40}").prop_map(move |(accepted, reason)| enc(
             MsgKind::HelloReply,
-            HelloReply { accepted, reason }.encode()
+            HelloReply {
+                accepted,
+                reason,
+                streams: 1,
+                token: [0; 16]
+            }
+            .encode()
         )),
         (any::<u32>(), any::<u64>()).prop_map(move |(round, pages)| enc(
             MsgKind::RoundEnd,
@@ -249,7 +255,7 @@ proptest! {
 
     #[test]
     fn hello_reply_round_trip(accepted in any::<bool>(), reason in text()) {
-        let m = HelloReply { accepted, reason };
+        let m = HelloReply { accepted, reason, streams: 1, token: [0; 16] };
         if m.reason.len() <= MAX_TEXT_LEN {
             round_trip(&m)?;
         } else {
@@ -451,11 +457,14 @@ fn duplicate_property_refused() {
         properties: BTreeMap::from([("a".to_string(), "1".to_string())]),
     };
     let mut bytes = Hello::new(d).encode().unwrap();
-    // properties count 1 -> 2, and the same pair again.
+    // Take off the trailing stream count, set the properties count 1 -> 2,
+    // add the same pair again, put the stream count back.
+    let streams = bytes.split_off(bytes.len() - 4);
     let pair = [1u8, 0, b'a', 1, 0, b'1'];
     let n = bytes.len();
     bytes[n - 10..n - 6].copy_from_slice(&2u32.to_le_bytes());
     bytes.extend_from_slice(&pair);
+    bytes.extend_from_slice(&streams);
     let e = Hello::decode(&bytes).unwrap_err();
     assert!(e.to_string().contains("appears twice"), "{e}");
 }

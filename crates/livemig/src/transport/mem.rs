@@ -384,3 +384,57 @@ mod tests {
         assert!(t0.elapsed() < Duration::from_secs(5));
     }
 }
+
+/// The source's half of [`streams`]: each [`StreamOpener::open`] makes a new
+/// in-memory pair and hands the other end to the [`MemAcceptor`].
+#[derive(Debug, Clone)]
+pub struct MemOpener {
+    tx: crossbeam_channel::Sender<MemTransport>,
+}
+
+/// The destination's half of [`streams`].
+#[derive(Debug)]
+pub struct MemAcceptor {
+    rx: Option<crossbeam_channel::Receiver<MemTransport>>,
+}
+
+/// A connected opener/acceptor pair for multi-stream migrations in one
+/// process (tests, examples).
+pub fn streams() -> (MemOpener, MemAcceptor) {
+    let (tx, rx) = crossbeam_channel::unbounded();
+    (MemOpener { tx }, MemAcceptor { rx: Some(rx) })
+}
+
+impl super::StreamOpener for MemOpener {
+    fn open(&mut self) -> io::Result<Box<dyn super::Transport>> {
+        let (a, b) = pair();
+        self.tx
+            .send(b)
+            .map_err(|_| io::Error::new(io::ErrorKind::ConnectionRefused, "acceptor closed"))?;
+        Ok(Box::new(a))
+    }
+}
+
+impl super::StreamAcceptor for MemAcceptor {
+    fn accept_stream(&mut self, timeout: Duration) -> io::Result<Box<dyn super::Transport>> {
+        let rx = self
+            .rx
+            .as_ref()
+            .ok_or_else(|| io::Error::new(io::ErrorKind::NotConnected, "acceptor closed"))?;
+        match rx.recv_timeout(timeout) {
+            Ok(t) => Ok(Box::new(t)),
+            Err(crossbeam_channel::RecvTimeoutError::Timeout) => Err(io::Error::new(
+                io::ErrorKind::TimedOut,
+                "no stream connected in time",
+            )),
+            Err(crossbeam_channel::RecvTimeoutError::Disconnected) => Err(io::Error::new(
+                io::ErrorKind::ConnectionAborted,
+                "opener dropped",
+            )),
+        }
+    }
+
+    fn close(&mut self) {
+        self.rx = None;
+    }
+}

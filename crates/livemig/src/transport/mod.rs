@@ -94,6 +94,77 @@ impl Transport for Box<dyn Transport> {
     }
 }
 
+/// Opens the extra page streams of a multi-stream migration (source side).
+///
+/// See [`crate::MigrationConfig::streams`]. [`Dialer`] opens them with
+/// [`connect`]; a VMM with its own transport (TLS, say) implements this for
+/// it.
+pub trait StreamOpener: Send {
+    /// Opens one more connection to the destination.
+    fn open(&mut self) -> io::Result<Box<dyn Transport>>;
+}
+
+/// Accepts the extra page streams of a multi-stream migration (destination
+/// side). [`Listener`] implements it.
+pub trait StreamAcceptor: Send {
+    /// Waits at most `timeout` for the next connection.
+    fn accept_stream(&mut self, timeout: Duration) -> io::Result<Box<dyn Transport>>;
+
+    /// Called once every stream the migration needs has been accepted (or
+    /// none is needed): stop accepting, so that another connection attempt
+    /// during this migration is refused. The default does nothing.
+    fn close(&mut self) {}
+}
+
+/// A [`StreamOpener`] that connects to an [`Endpoint`].
+#[derive(Debug, Clone)]
+pub struct Dialer {
+    /// Where to connect.
+    pub endpoint: Endpoint,
+    /// Connection timeout (see [`connect`]).
+    pub timeout: Option<Duration>,
+}
+
+impl StreamOpener for Dialer {
+    fn open(&mut self) -> io::Result<Box<dyn Transport>> {
+        connect(&self.endpoint, self.timeout).map_err(|e| io::Error::other(e.to_string()))
+    }
+}
+
+impl StreamAcceptor for Listener {
+    fn accept_stream(&mut self, timeout: Duration) -> io::Result<Box<dyn Transport>> {
+        self.accept_timeout(timeout).map_err(|e| {
+            let kind = if e.is_timeout() {
+                io::ErrorKind::TimedOut
+            } else {
+                io::ErrorKind::Other
+            };
+            io::Error::new(kind, e.to_string())
+        })
+    }
+}
+
+/// A [`StreamAcceptor`] that owns a [`Listener`] and closes it in
+/// [`StreamAcceptor::close`].
+#[derive(Debug)]
+pub struct OwnedAcceptor(pub Option<Listener>);
+
+impl StreamAcceptor for OwnedAcceptor {
+    fn accept_stream(&mut self, timeout: Duration) -> io::Result<Box<dyn Transport>> {
+        match self.0.as_mut() {
+            Some(l) => l.accept_stream(timeout),
+            None => Err(io::Error::new(
+                io::ErrorKind::NotConnected,
+                "the listener is closed",
+            )),
+        }
+    }
+
+    fn close(&mut self) {
+        self.0 = None;
+    }
+}
+
 /// Errors setting up a transport. Errors on an established connection are
 /// plain [`io::Error`]s from `Read` / `Write`.
 #[derive(Debug, thiserror::Error)]

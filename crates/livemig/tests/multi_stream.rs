@@ -1,0 +1,387 @@
+//! Multi-stream migrations on the software VM: pages spread over several
+//! connections, memory identical, and the stream handshake refuses strays.
+
+use std::io::Write;
+use std::time::Duration;
+
+use livemig::memory::{MemoryLayout, RegionDesc};
+use livemig::protocol::{FrameWriter, StreamHello};
+use livemig::soft::{SoftConfig, SoftVm};
+use livemig::transport::{mem, Dialer, OwnedAcceptor, StreamAcceptor, StreamOpener, Transport};
+use livemig::{
+    migrate, migrate_streams, receive, receive_streams, CancelToken, ErrorKind, MigrationConfig,
+    ReceiveConfig,
+};
+
+fn layout() -> MemoryLayout {
+    MemoryLayout::new(vec![
+        RegionDesc {
+            guest_addr: 0,
+            size: 48 << 20,
+        },
+        RegionDesc {
+            guest_addr: 4 << 30,
+            size: 9 << 20,
+        },
+    ])
+    .unwrap()
+}
+
+fn idle() -> SoftConfig {
+    SoftConfig {
+        guest_writers: 0,
+        device_writers: 0,
+        pages_per_ms: 0,
+    }
+}
+
+fn busy() -> SoftConfig {
+    SoftConfig {
+        guest_writers: 2,
+        device_writers: 1,
+        pages_per_ms: 5,
+    }
+}
+
+/// Runs a migration over in-memory streams; returns both reports and
+/// whether memory ended identical.
+fn run_mem(
+    src: &SoftVm,
+    streams: u32,
+    dest_acceptor: bool,
+) -> (livemig::Report, livemig::ReceiveReport, bool) {
+    run_mem_with(src, streams, dest_acceptor, false)
+}
+
+fn run_mem_with(
+    src: &SoftVm,
+    streams: u32,
+    dest_acceptor: bool,
+    compress: bool,
+) -> (livemig::Report, livemig::ReceiveReport, bool) {
+    let (a, b) = mem::pair();
+    let (mut opener, mut acceptor) = mem::streams();
+    let dest = std::thread::spawn(move || {
+        let cfg = ReceiveConfig {
+            io_timeout: Duration::from_secs(5),
+        };
+        let acc: Option<&mut dyn StreamAcceptor> = if dest_acceptor {
+            Some(&mut acceptor)
+        } else {
+            None
+        };
+        receive_streams(Box::new(b), acc, &cfg, |d| SoftVm::new(&d.layout, &idle()))
+    });
+    let mc = MigrationConfig {
+        streams,
+        compress,
+        downtime_limit: Duration::from_millis(200),
+        ..Default::default()
+    };
+    let r = migrate_streams(
+        src,
+        Box::new(a),
+        Some(&mut opener),
+        &mc,
+        &CancelToken::new(),
+        &mut |_| {},
+    )
+    .expect("migration");
+    let (dst, dr) = dest.join().unwrap().expect("destination");
+    let same = src.snapshot() == dst.snapshot();
+    (r, dr, same)
+}
+
+#[test]
+fn four_streams_busy_vm_memory_identical() {
+    let src = SoftVm::new(&layout(), &busy()).unwrap();
+    src.fill(3);
+    src.start();
+    std::thread::sleep(Duration::from_millis(30));
+    let (r, dr, same) = run_mem(&src, 4, true);
+    assert!(same, "memory differs after a 4-stream migration");
+    assert_eq!(r.streams, 4);
+    assert_eq!(dr.streams, 4);
+    assert!(src.writes() > 0);
+    // Every data page the source counted arrived (on some stream).
+    assert_eq!(r.pages_sent, dr.pages, "{r:?}");
+    println!("{}", r.to_json());
+}
+
+#[test]
+fn destination_without_acceptor_grants_one_stream() {
+    let src = SoftVm::new(&layout(), &busy()).unwrap();
+    src.fill(4);
+    src.start();
+    let (r, dr, same) = run_mem(&src, 3, false);
+    assert!(same);
+    assert_eq!(r.streams, 1);
+    assert_eq!(dr.streams, 1);
+}
+
+#[test]
+fn streams_without_opener_is_a_clear_error() {
+    let src = SoftVm::new(&layout(), &idle()).unwrap();
+    src.start();
+    let (a, _b) = mem::pair();
+    let mc = MigrationConfig {
+        streams: 2,
+        ..Default::default()
+    };
+    let e = migrate(&src, Box::new(a), &mc, &CancelToken::new(), &mut |_| {}).unwrap_err();
+    assert!(e.to_string().contains("StreamOpener"), "{e}");
+    let mc = MigrationConfig {
+        streams: 99,
+        ..Default::default()
+    };
+    let (a, _b) = mem::pair();
+    let e = migrate(&src, Box::new(a), &mc, &CancelToken::new(), &mut |_| {}).unwrap_err();
+    assert!(e.to_string().contains("outside"), "{e}");
+}
+
+/// An opener that first connects a stranger (wrong token) and a duplicate
+/// of stream 0, then the real streams: the destination drops the strays.
+struct StrayFirst {
+    inner: mem::MemOpener,
+    strays: u32,
+}
+
+impl StreamOpener for StrayFirst {
+    fn open(&mut self) -> std::io::Result<Box<dyn Transport>> {
+        while self.strays > 0 {
+            self.strays -= 1;
+            let t = self.inner.open()?;
+            let mut w = FrameWriter::new(t);
+            let h = StreamHello {
+                token: [0xAA; 16],
+                index: 0,
+            };
+            w.send(&h).unwrap();
+            w.flush().unwrap();
+            // Keep it open: the destination must drop it, not wait on it.
+            std::mem::forget(w);
+        }
+        self.inner.open()
+    }
+}
+
+#[test]
+fn stray_connections_are_dropped() {
+    let src = SoftVm::new(&layout(), &busy()).unwrap();
+    src.fill(5);
+    src.start();
+    let (a, b) = mem::pair();
+    let (opener, mut acceptor) = mem::streams();
+    let dest = std::thread::spawn(move || {
+        receive_streams(
+            Box::new(b),
+            Some(&mut acceptor),
+            &ReceiveConfig::default(),
+            |d| SoftVm::new(&d.layout, &idle()),
+        )
+    });
+    let mut stray = StrayFirst {
+        inner: opener,
+        strays: 2,
+    };
+    let mc = MigrationConfig {
+        streams: 2,
+        downtime_limit: Duration::from_millis(200),
+        ..Default::default()
+    };
+    let r = migrate_streams(
+        &src,
+        Box::new(a),
+        Some(&mut stray),
+        &mc,
+        &CancelToken::new(),
+        &mut |_| {},
+    )
+    .expect("migration");
+    let (dst, _) = dest.join().unwrap().expect("destination");
+    assert_eq!(r.streams, 2);
+    assert_eq!(src.snapshot(), dst.snapshot());
+}
+
+/// A stream that dies mid-transfer fails the migration before switchover on
+/// both sides, naming the stream; the source keeps running.
+#[test]
+fn a_broken_stream_fails_safely() {
+    struct Breaking {
+        inner: mem::MemOpener,
+        n: u32,
+    }
+    impl StreamOpener for Breaking {
+        fn open(&mut self) -> std::io::Result<Box<dyn Transport>> {
+            self.n += 1;
+            let t = self.inner.open()?;
+            if self.n == 2 {
+                let k = t.try_clone()?;
+                std::thread::spawn(move || {
+                    std::thread::sleep(Duration::from_millis(30));
+                    let _ = k.shutdown();
+                });
+            }
+            Ok(t)
+        }
+    }
+    let src = SoftVm::new(&layout(), &busy()).unwrap();
+    src.fill(6);
+    src.start();
+    let (a, b) = mem::pair();
+    let (opener, mut acceptor) = mem::streams();
+    let dest = std::thread::spawn(move || {
+        receive_streams(
+            Box::new(b),
+            Some(&mut acceptor),
+            &ReceiveConfig::default(),
+            |d| SoftVm::new(&d.layout, &idle()),
+        )
+    });
+    let mc = MigrationConfig {
+        streams: 3,
+        // Never converges: keeps sending until the stream breaks.
+        downtime_limit: Duration::from_nanos(1),
+        max_rounds: 1000,
+        max_bandwidth: Some(100 << 20),
+        ..Default::default()
+    };
+    let e = migrate_streams(
+        &src,
+        Box::new(a),
+        Some(&mut Breaking {
+            inner: opener,
+            n: 0,
+        }),
+        &mc,
+        &CancelToken::new(),
+        &mut |_| {},
+    )
+    .unwrap_err();
+    assert!(!e.is_ambiguous());
+    assert!(
+        matches!(e.kind, ErrorKind::Stream { .. } | ErrorKind::Remote { .. }),
+        "{e}"
+    );
+    let de = dest.join().unwrap().err().expect("destination must fail");
+    println!("source: {e}\ndestination: {de}");
+    // The source runs on: its writers keep writing.
+    let w = src.writes();
+    std::thread::sleep(Duration::from_millis(50));
+    assert!(
+        src.writes() > w,
+        "source VM not running after a failed migration"
+    );
+}
+
+#[test]
+fn tcp_streams_end_to_end() {
+    let src = SoftVm::new(&layout(), &busy()).unwrap();
+    src.fill(7);
+    src.start();
+    let listener = livemig::transport::listen(&"tcp:127.0.0.1:0".parse().unwrap()).unwrap();
+    let ep = listener.local_endpoint().clone();
+    let dest = std::thread::spawn(move || {
+        let t = listener.accept().unwrap();
+        let mut acc = OwnedAcceptor(Some(listener));
+        let r = receive_streams(t, Some(&mut acc), &ReceiveConfig::default(), |d| {
+            SoftVm::new(&d.layout, &idle())
+        });
+        // The listener was closed once the streams were in.
+        assert!(acc.0.is_none());
+        r
+    });
+    let t = livemig::transport::connect(&ep, Some(Duration::from_secs(5))).unwrap();
+    let mut dialer = Dialer {
+        endpoint: ep.clone(),
+        timeout: Some(Duration::from_secs(5)),
+    };
+    let mc = MigrationConfig {
+        streams: 3,
+        downtime_limit: Duration::from_millis(200),
+        ..Default::default()
+    };
+    let r = migrate_streams(
+        &src,
+        t,
+        Some(&mut dialer),
+        &mc,
+        &CancelToken::new(),
+        &mut |_| {},
+    )
+    .expect("migration");
+    let (dst, dr) = dest.join().unwrap().expect("destination");
+    assert_eq!(r.streams, 3);
+    assert_eq!(src.snapshot(), dst.snapshot());
+    assert!(
+        dr.bytes >= r.bytes_sent - 64,
+        "{} vs {}",
+        dr.bytes,
+        r.bytes_sent
+    );
+    // A second connection after the migration is refused (listener closed).
+    assert!(livemig::transport::connect(&ep, Some(Duration::from_secs(1))).is_err());
+}
+
+#[test]
+fn plain_receive_still_works_with_one_stream() {
+    let src = SoftVm::new(&layout(), &idle()).unwrap();
+    src.fill(8);
+    src.start();
+    let (a, b) = mem::pair();
+    let dest = std::thread::spawn(move || {
+        receive(Box::new(b), &ReceiveConfig::default(), |d| {
+            SoftVm::new(&d.layout, &idle())
+        })
+    });
+    let r = migrate(
+        &src,
+        Box::new(a),
+        &MigrationConfig::default(),
+        &CancelToken::new(),
+        &mut |_| {},
+    )
+    .unwrap();
+    let (dst, _) = dest.join().unwrap().unwrap();
+    assert_eq!(r.streams, 1);
+    assert_eq!(src.snapshot(), dst.snapshot());
+    let _ = std::io::stdout().flush();
+}
+
+/// LZ4-compressed page frames, on one stream and on three: memory identical,
+/// and fewer bytes on the wire for compressible memory.
+#[test]
+fn compressed_pages_memory_identical() {
+    for streams in [1, 3] {
+        let src = SoftVm::new(&layout(), &busy()).unwrap();
+        // Compressible content: a repeating pattern in every page.
+        use vm_memory::{Bytes, GuestAddress};
+        for p in 0..(48u64 << 20) / 4096 {
+            let v = [(p % 251) as u8; 4096];
+            src.ram().write_slice(&v, GuestAddress(p * 4096)).unwrap();
+        }
+        src.start();
+        let (plain, _, same) = run_mem_with(&src, streams, true, false);
+        assert!(same);
+        drop(src);
+        let src = SoftVm::new(&layout(), &busy()).unwrap();
+        for p in 0..(48u64 << 20) / 4096 {
+            let v = [(p % 251) as u8; 4096];
+            src.ram().write_slice(&v, GuestAddress(p * 4096)).unwrap();
+        }
+        src.start();
+        let (z, dr, same) = run_mem_with(&src, streams, true, true);
+        assert!(same, "memory differs with compression ({streams} streams)");
+        assert_eq!(z.pages_sent, dr.pages);
+        assert!(
+            z.bytes_sent * 4 < plain.bytes_sent,
+            "{streams} streams: compressed {} vs plain {} bytes",
+            z.bytes_sent,
+            plain.bytes_sent
+        );
+        println!(
+            "{streams} stream(s): {} bytes plain, {} compressed",
+            plain.bytes_sent, z.bytes_sent
+        );
+    }
+}
