@@ -213,6 +213,7 @@ pub struct DirtyRing {
     slots: Vec<(u32, u64)>,
     inner: Mutex<RingInner>,
     ring_full_exits: AtomicU64,
+    ring_full_ns: AtomicU64,
     harvested: AtomicU64,
 }
 
@@ -289,6 +290,7 @@ impl DirtyRing {
             rings,
             slots,
             ring_full_exits: AtomicU64::new(0),
+            ring_full_ns: AtomicU64::new(0),
             harvested: AtomicU64::new(0),
         })
     }
@@ -307,6 +309,12 @@ impl DirtyRing {
     /// How many `KVM_EXIT_DIRTY_RING_FULL` exits the vCPUs handled.
     pub fn ring_full_exits(&self) -> u64 {
         self.ring_full_exits.load(Ordering::Relaxed)
+    }
+
+    /// Time the vCPU threads spent harvesting on ring-full exits (the
+    /// guest's vCPU is stopped meanwhile).
+    pub fn ring_full_time(&self) -> std::time::Duration {
+        std::time::Duration::from_nanos(self.ring_full_ns.load(Ordering::Relaxed))
     }
 
     /// How many ring entries were harvested in total.
@@ -377,9 +385,15 @@ impl DirtyRing {
     /// ring into the pending bitmap (the next sync picks the pages up) so
     /// the vCPU can re-enter at once. Returns the entries taken.
     pub fn on_ring_full(&self) -> Result<u64, RingError> {
+        let t0 = std::time::Instant::now();
         self.ring_full_exits.fetch_add(1, Ordering::Relaxed);
-        let mut inner = self.lock();
-        self.harvest(&mut inner)
+        let r = {
+            let mut inner = self.lock();
+            self.harvest(&mut inner)
+        };
+        let ns = u64::try_from(t0.elapsed().as_nanos()).unwrap_or(u64::MAX);
+        self.ring_full_ns.fetch_add(ns, Ordering::Relaxed);
+        r
     }
 
     /// Harvests every ring and ORs all pages dirtied since the previous
