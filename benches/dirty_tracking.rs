@@ -5,7 +5,7 @@
 //! `cargo bench --bench dirty_tracking` (about a minute on 2 cores);
 //! `LIVEMIG_DIRTY_BENCH_MIB=<MiB>` changes the guest size (default 1024),
 //! `LIVEMIG_DIRTY_BENCH_REPS=<n>` the repetitions (default 5; medians are
-//! printed). No criterion: each number is one labeled host-side measurement.
+//! printed; 0 skips this part). No criterion: each number is one labeled host-side measurement.
 //!
 //! The guest is the CPL3 page writer of the tests (native speed under PVM):
 //! it writes one qword per page, as fast as it can, to a set of pages chosen
@@ -154,13 +154,17 @@ fn measure(mode: DirtyMode, mem: u64, reps: usize) -> Samples {
 
 const HB_US: u64 = 200;
 
+/// Spawns refvmm; a `run` waits for its API socket (a `receive` opens its
+/// socket only once it holds a guest).
 fn spawn(dir: &std::path::Path, name: &str, args: &[&str]) -> Vmm {
     let api = dir.join(format!("{name}.sock"));
     let mut a: Vec<String> = args.iter().map(|s| s.to_string()).collect();
     a.push("--api-socket".into());
     a.push(api.to_string_lossy().into_owned());
     let mut v = Vmm::spawn(name, &a, api).expect("spawn refvmm");
-    v.wait_api(Duration::from_secs(30)).expect("API socket");
+    if args.first() == Some(&"run") {
+        v.wait_api(Duration::from_secs(30)).expect("API socket");
+    }
     v
 }
 
@@ -268,6 +272,7 @@ fn migrations(mode: &str, memory: &str, cmdline: &str, warm_hb: usize, n: usize)
             .push(report["rounds"].as_array().map_or(0, |r| r.len()) as f64);
         drop(src);
         src = dst;
+        let _ = src.wait_api(Duration::from_secs(10));
         // Let the destination settle (and measure its noise floor) before
         // it migrates on.
         std::thread::sleep(Duration::from_millis(500));
@@ -350,7 +355,7 @@ fn main() {
         (mem >> 12) / 100,
         ((mem >> 12) / 2).min(((mem - WRITE_BASE) >> 12) / 2),
     );
-    for (name, mode) in modes {
+    for (name, mode) in modes.into_iter().filter(|_| reps > 0) {
         let s = measure(mode, mem, reps);
         let line = format!(
             "| {name} | {:.2} | {:.2} | {:.3} | {:.2} | {:.0} | {:.2} | {:.2} | {:.2} | {:.2} | {:.2} |\n",

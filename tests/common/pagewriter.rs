@@ -175,9 +175,9 @@ impl PageWriter {
         PageWriter { vm, done }
     }
 
-    /// Runs the program once: writes `count` pages from `WRITE_BASE + first
-    /// * 4096`, `stride` pages apart, and returns how long it took (from
-    /// resume to the guest's done signal). The VM is paused afterwards.
+    /// Runs the program once: writes `count` pages, `stride` pages apart,
+    /// the first at `WRITE_BASE + first * 4096`, and returns how long it took
+    /// (from resume to the guest's done signal). The VM is paused afterwards.
     pub fn write_pages(&self, first: u64, count: u64, stride: u64) -> Duration {
         assert!(WRITE_BASE + (first + count.saturating_sub(1) * stride) * 4096 < (3 << 30));
         let before = *self.done.count.lock().unwrap();
