@@ -16,6 +16,7 @@
 //! - **write**: µs per page for the guest to write pages after they were
 //!   re-armed (every first write faults), next to the same writes with
 //!   tracking off: the guest's slowdown.
+//! - **sync 0 %**: a sync when nothing was written (the fixed cost).
 //! - **sync 1 % / 50 %**: harvesting after the guest wrote 1 % / 50 % of
 //!   guest memory (guest paused), and for manual-protect the re-arm of those
 //!   pages (the engine does it chunk by chunk while sending).
@@ -26,7 +27,9 @@
 //! migrated `LIVEMIG_DIRTY_BENCH_MIGRATIONS` times (default 3) along a chain
 //! of VMs that all use the mode; switchover gap, blackout (largest heartbeat
 //! gap during the migration), engine downtime and final-sync time, total
-//! time and rounds (medians). `LIVEMIG_DIRTY_BENCH_MIGRATIONS=0` skips it.
+//! time and rounds (medians). `LIVEMIG_DIRTY_BENCH_MIGRATIONS=0` skips it;
+//! `LIVEMIG_DIRTY_BENCH_ONLY=<words,...>` keeps the scenarios and the modes
+//! whose name contains one of the words (e.g. `ws256,manual,ring`).
 //!
 //! Results: stdout and `target/livemig-bench/dirty-tracking.md`.
 
@@ -49,6 +52,7 @@ struct Samples {
     rearm0_ms: Vec<f64>,
     write_untracked_us: Vec<f64>,
     write_tracked_us: Vec<f64>,
+    sync0_ms: Vec<f64>,
     sync1_ms: Vec<f64>,
     rearm1_ms: Vec<f64>,
     sync50_ms: Vec<f64>,
@@ -147,6 +151,13 @@ fn measure(mode: DirtyMode, mem: u64, reps: usize) -> Samples {
         s.sync1_ms.push(ms(t0.elapsed()));
         assert_eq!(b.count(), one, "{mode:?}: 1 % sync");
         s.rearm1_ms.push(ms(rearm(&mut t, &b)));
+
+        // Nothing written: the fixed cost of a sync.
+        let mut b = DirtyBitmap::new(&layout);
+        let t0 = Instant::now();
+        t.sync(&mut b).unwrap();
+        s.sync0_ms.push(ms(t0.elapsed()));
+        assert_eq!(b.count(), 0, "{mode:?}: idle sync");
         t.stop().unwrap();
     }
     s
@@ -172,6 +183,7 @@ fn spawn(dir: &std::path::Path, name: &str, args: &[&str]) -> Vmm {
 struct MigSamples {
     switchover_ms: Vec<f64>,
     blackout_ms: Vec<f64>,
+    blackout_at_ms: Vec<f64>,
     noise_ms: Vec<f64>,
     downtime_ms: Vec<f64>,
     final_sync_ms: Vec<f64>,
@@ -253,6 +265,16 @@ fn migrations(mode: &str, memory: &str, cmdline: &str, warm_hb: usize, n: usize)
             all.sort();
             s.blackout_ms
                 .push(ms(largest_gap_in(&all, t0, t1 + Duration::from_millis(50))));
+            // When the largest gap began, after the migrate request.
+            let end = t1 + Duration::from_millis(50);
+            let w: Vec<Instant> = all
+                .iter()
+                .copied()
+                .filter(|t| *t >= t0 && *t <= end)
+                .collect();
+            if let Some(p) = w.windows(2).max_by_key(|p| p[1] - p[0]) {
+                s.blackout_at_ms.push(ms(p[0] - t0));
+            }
             let span = (t1 - t0).max(Duration::from_millis(200));
             s.noise_ms.push(ms(largest_gap_in(
                 &sl.heartbeats,
@@ -303,22 +325,74 @@ fn migration_part(md: &mut String, n: usize) {
     ];
     md.push_str(&format!(
         "\nMigrations (loopback TCP, 10 ms limit, heartbeat {HB_US} µs), medians of {n}\n\n\
-         | scenario | mode | switchover gap ms | blackout ms | noise floor ms | engine downtime ms | final sync ms | total ms | rounds | failed |\n\
-         |---|---|---|---|---|---|---|---|---|---|\n"
+         | scenario | mode | switchover gap ms | blackout ms | blackout began at ms (each run) | noise floor ms | engine downtime ms | final sync ms | total ms | rounds | failed |\n\
+         |---|---|---|---|---|---|---|---|---|---|---|\n"
     ));
-    for (name, memory, cmdline, warm) in scenarios {
-        for mode in ["classic", "manual", "ring:4096", "ring:65536"] {
+    let only = std::env::var("LIVEMIG_DIRTY_BENCH_ONLY").unwrap_or_default();
+    let picked = |what: &str| only.is_empty() || only.split(',').any(|o| what.contains(o));
+    for (name, memory, cmdline, warm) in scenarios.into_iter().filter(|s| picked(s.0)) {
+        for mode in ["classic", "manual", "ring:4096", "ring:65536"]
+            .into_iter()
+            .filter(|m| picked(m))
+        {
             let s = migrations(mode, memory, cmdline, warm, n);
             let line = format!(
-                "| {name} | {mode} | {:.2} | {:.2} | {:.2} | {:.2} | {:.3} | {:.0} | {:.0} | {} |\n",
+                "| {name} | {mode} | {:.2} | {:.2} | {} | {:.2} | {:.2} | {:.3} | {:.0} | {:.0} | {} |\n",
                 median(&s.switchover_ms),
                 median(&s.blackout_ms),
+                s.blackout_at_ms
+                    .iter()
+                    .map(|v| format!("{v:.0}"))
+                    .collect::<Vec<_>>()
+                    .join(", "),
                 median(&s.noise_ms),
                 median(&s.downtime_ms),
                 median(&s.final_sync_ms),
                 median(&s.total_ms),
                 median(&s.rounds),
                 s.failed
+            );
+            eprint!("{line}");
+            md.push_str(&line);
+        }
+    }
+}
+
+/// Start and idle-sync cost of each mode for an idle guest of `mib` MiB
+/// (never run, nothing resident): what a sync costs when nothing changed.
+fn fixed_costs(md: &mut String, sizes: &[u64], modes: &[(&str, DirtyMode)]) {
+    md.push_str(
+        "\nFixed costs by guest size (guest idle, memory untouched; medians of 5)\n\n\
+         | guest | mode | start ms | round-0 re-arm ms | sync 0 % ms |\n|---|---|---|---|---|\n",
+    );
+    for &mib in sizes {
+        for (name, mode) in modes {
+            let w = PageWriter::new(mib << 20, *mode);
+            let layout = MemoryLayout::of(w.vm.memory()).unwrap();
+            let mut all = DirtyBitmap::new(&layout);
+            all.set_all();
+            let (mut st, mut re, mut sy) = (vec![], vec![], vec![]);
+            for _ in 0..5 {
+                let mut t = w.vm.kvm_dirty_tracker();
+                let t0 = Instant::now();
+                t.start().unwrap();
+                st.push(ms(t0.elapsed()));
+                let mut b = DirtyBitmap::new(&layout);
+                t.sync(&mut b).unwrap();
+                re.push(ms(rearm(&mut t, &all)));
+                let mut b = DirtyBitmap::new(&layout);
+                let t0 = Instant::now();
+                t.sync(&mut b).unwrap();
+                sy.push(ms(t0.elapsed()));
+                assert_eq!(b.count(), 0);
+                t.stop().unwrap();
+            }
+            let line = format!(
+                "| {} GiB | {name} | {:.2} | {:.2} | {:.3} |\n",
+                mib >> 10,
+                median(&st),
+                median(&re),
+                median(&sy)
             );
             eprint!("{line}");
             md.push_str(&line);
@@ -350,21 +424,22 @@ fn main() {
     let mut md = format!(
         "Dirty tracking, {mib} MiB guest, 1 vCPU at CPL3, medians of {reps}; \
          \"1 %\" = {} pages, \"50 %\" = {} pages\n\n\
-         | mode | start ms | round-0 re-arm ms | write µs/page untracked | write µs/page tracked | ring-full exits (50 % write) | harvest on ring-full ms | sync 1 % ms | re-arm 1 % ms | sync 50 % ms | re-arm 50 % ms |\n\
-         |---|---|---|---|---|---|---|---|---|---|---|\n",
+         | mode | start ms | round-0 re-arm ms | write µs/page untracked | write µs/page tracked | ring-full exits (50 % write) | harvest on ring-full ms | sync 0 % ms | sync 1 % ms | re-arm 1 % ms | sync 50 % ms | re-arm 50 % ms |\n\
+         |---|---|---|---|---|---|---|---|---|---|---|---|\n",
         (mem >> 12) / 100,
         ((mem >> 12) / 2).min(((mem - WRITE_BASE) >> 12) / 2),
     );
     for (name, mode) in modes.into_iter().filter(|_| reps > 0) {
         let s = measure(mode, mem, reps);
         let line = format!(
-            "| {name} | {:.2} | {:.2} | {:.3} | {:.2} | {:.0} | {:.2} | {:.2} | {:.2} | {:.2} | {:.2} |\n",
+            "| {name} | {:.2} | {:.2} | {:.3} | {:.2} | {:.0} | {:.2} | {:.3} | {:.2} | {:.2} | {:.2} | {:.2} |\n",
             median(&s.start_ms),
             median(&s.rearm0_ms),
             median(&s.write_untracked_us),
             median(&s.write_tracked_us),
             median(&s.ring_full_exits),
             median(&s.ring_full_ms),
+            median(&s.sync0_ms),
             median(&s.sync1_ms),
             median(&s.rearm1_ms),
             median(&s.sync50_ms),
@@ -372,6 +447,9 @@ fn main() {
         );
         eprint!("{line}");
         md.push_str(&line);
+    }
+    if reps > 0 {
+        fixed_costs(&mut md, &[1024, 4096, 16384], &modes);
     }
     let migs: usize = std::env::var("LIVEMIG_DIRTY_BENCH_MIGRATIONS")
         .ok()

@@ -92,9 +92,10 @@ fn seg(selector: u16, type_: u8, l: u8, db: u8) -> kvm_segment {
 }
 
 impl PageWriter {
-    /// A VM of `memory` bytes (at most 3 GiB) with one vCPU, parked.
+    /// A VM of `memory` bytes with one vCPU, parked. The guest maps (and
+    /// writes) only the first 3 GiB.
     pub fn new(memory: u64, mode: DirtyMode) -> PageWriter {
-        assert!(memory <= 3 << 30 && memory > WRITE_BASE);
+        assert!(memory > WRITE_BASE);
         let done = Arc::new(Done::default());
         let vm = KvmVm::create(
             &VmConfig {
