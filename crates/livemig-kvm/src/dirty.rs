@@ -187,12 +187,71 @@ impl Drop for RingMap {
     }
 }
 
+/// Pages harvested but not yet handed to a sync: one bitmap per region,
+/// plus a summary bit per bitmap word, so handing them over costs time in
+/// proportion to the pages dirtied, not to the size of guest memory.
+struct Pending {
+    pages: Vec<u64>,
+    words: Vec<Vec<u64>>,
+    summary: Vec<Vec<u64>>,
+}
+
+impl Pending {
+    fn new(pages: impl Iterator<Item = u64>) -> Pending {
+        let pages: Vec<u64> = pages.collect();
+        let words: Vec<Vec<u64>> = pages
+            .iter()
+            .map(|p| vec![0u64; p.div_ceil(64) as usize])
+            .collect();
+        let summary = words
+            .iter()
+            .map(|w| vec![0u64; w.len().div_ceil(64)])
+            .collect();
+        Pending {
+            pages,
+            words,
+            summary,
+        }
+    }
+
+    fn set(&mut self, region: usize, page: u64) {
+        if self.pages.get(region).is_none_or(|n| page >= *n) {
+            return;
+        }
+        let w = (page / 64) as usize;
+        if let Some(word) = self.words.get_mut(region).and_then(|r| r.get_mut(w)) {
+            *word |= 1u64 << (page % 64);
+            if let Some(s) = self.summary.get_mut(region).and_then(|r| r.get_mut(w / 64)) {
+                *s |= 1u64 << (w % 64);
+            }
+        }
+    }
+
+    /// Empties the pending set, handing each page to `f(region, page)`.
+    fn drain(&mut self, mut f: impl FnMut(usize, u64)) {
+        for (r, (words, summary)) in self.words.iter_mut().zip(&mut self.summary).enumerate() {
+            for (si, s) in summary.iter_mut().enumerate() {
+                let mut sbits = std::mem::take(s);
+                while sbits != 0 {
+                    let w = si * 64 + sbits.trailing_zeros() as usize;
+                    sbits &= sbits - 1;
+                    let mut bits = words.get_mut(w).map_or(0, std::mem::take);
+                    while bits != 0 {
+                        f(r, w as u64 * 64 + u64::from(bits.trailing_zeros()));
+                        bits &= bits - 1;
+                    }
+                }
+            }
+        }
+    }
+}
+
 /// Harvest state, behind the ring's lock.
 struct RingInner {
     /// Next entry to look at, per vCPU (free-running, like KVM's indices).
     next: Vec<u32>,
-    /// Pages harvested but not yet handed to a sync, per region.
-    pending: Vec<Vec<u64>>,
+    /// Pages harvested but not yet handed to a sync.
+    pending: Pending,
     /// Entries that named no page of guest memory since the last sync.
     invalid: u64,
 }
@@ -276,10 +335,7 @@ impl DirtyRing {
             });
         }
         let slots: Vec<(u32, u64)> = slots.iter().map(|s| (s.slot, s.size / 4096)).collect();
-        let pending = slots
-            .iter()
-            .map(|(_, pages)| vec![0u64; pages.div_ceil(64) as usize])
-            .collect();
+        let pending = Pending::new(slots.iter().map(|(_, pages)| *pages));
         Ok(DirtyRing {
             vm,
             inner: Mutex::new(RingInner {
@@ -356,12 +412,7 @@ impl DirtyRing {
                     .iter()
                     .position(|(id, pages)| slot == *id && offset < *pages);
                 match region {
-                    Some(r) => {
-                        let (w, b) = ((offset / 64) as usize, offset % 64);
-                        if let Some(word) = inner.pending.get_mut(r).and_then(|p| p.get_mut(w)) {
-                            *word |= 1u64 << b;
-                        }
-                    }
+                    Some(r) => inner.pending.set(r, offset),
                     None => {
                         log::error!("dirty ring: entry for slot {slot:#x} page {offset} is outside guest memory");
                         inner.invalid += 1;
@@ -402,10 +453,7 @@ impl DirtyRing {
         let mut inner = self.lock();
         self.harvest(&mut inner)?;
         let invalid = std::mem::take(&mut inner.invalid);
-        for (i, p) in inner.pending.iter_mut().enumerate() {
-            bitmap.or_words(i, p);
-            p.fill(0);
-        }
+        inner.pending.drain(|r, p| bitmap.set(r, p));
         if invalid > 0 {
             return Err(RingError::Invalid(invalid));
         }
@@ -418,9 +466,7 @@ impl DirtyRing {
         let mut inner = self.lock();
         self.harvest(&mut inner)?;
         inner.invalid = 0;
-        for p in inner.pending.iter_mut() {
-            p.fill(0);
-        }
+        inner.pending.drain(|_, _| {});
         Ok(())
     }
 }
@@ -600,6 +646,49 @@ impl Drop for KvmDirtyTracker<'_> {
             if let Err(e) = self.stop() {
                 log::error!("turning dirty logging off: {e}");
             }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn pending_hands_over_exactly_what_was_set_once() {
+        let mut p = Pending::new([100u64, 70_000].into_iter());
+        let set = [
+            (0, 0),
+            (0, 63),
+            (0, 64),
+            (0, 99),
+            (1, 4095),
+            (1, 4096),
+            (1, 69_999),
+        ];
+        for (r, pg) in set {
+            p.set(r, pg);
+            p.set(r, pg);
+        }
+        // Out of range: ignored, never a panic.
+        p.set(0, 100);
+        p.set(2, 0);
+        p.set(1, 1 << 40);
+        let mut got = Vec::new();
+        p.drain(|r, pg| got.push((r, pg)));
+        assert_eq!(got, set);
+        let mut again = Vec::new();
+        p.drain(|r, pg| again.push((r, pg)));
+        assert!(again.is_empty());
+    }
+
+    #[test]
+    fn ring_sizes_follow_kvm_rules() {
+        assert!(check_ring_entries(4096, 1 << 20).is_ok());
+        assert!(check_ring_entries(65536, 1 << 20).is_ok());
+        assert!(check_ring_entries(256, 1 << 20).is_ok());
+        for bad in [0, 128, 255, 1000, 131_072] {
+            assert!(check_ring_entries(bad, 1 << 20).is_err(), "{bad}");
         }
     }
 }
