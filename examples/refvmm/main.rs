@@ -59,7 +59,7 @@ struct Common {
     api_socket: Option<PathBuf>,
     /// Dirty tracking: `auto` (manual-protect with chunked clear where KVM
     /// offers it), `manual`, `classic`, or `ring[:ENTRIES]` (the KVM dirty
-    /// ring, ENTRIES a power of two from 256 to 65536, default 65536).
+    /// ring, ENTRIES a power of two from 256 to 65536, default 4096).
     #[arg(long, default_value = "auto")]
     dirty_log: String,
     /// A NIC backed by a TAP device (opened, or created if missing):
