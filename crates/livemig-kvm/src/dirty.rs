@@ -277,6 +277,9 @@ struct RingInner {
     pending: Pending,
     /// Entries that named no page of guest memory since the last sync.
     invalid: u64,
+    /// Entries were marked harvested but `KVM_RESET_DIRTY_RINGS` failed:
+    /// retry it on the next harvest even if that finds nothing new.
+    reset_owed: bool,
 }
 
 /// The dirty rings of a VM's vCPUs, harvested by the tracker's sync and by a
@@ -365,6 +368,7 @@ impl DirtyRing {
                 next: vec![0; rings.len()],
                 pending,
                 invalid: 0,
+                reset_owed: false,
             }),
             rings,
             slots,
@@ -443,14 +447,16 @@ impl DirtyRing {
                 }
             }
         }
-        if taken > 0 {
+        self.harvested.fetch_add(taken, Ordering::Relaxed);
+        if taken > 0 || inner.reset_owed {
+            inner.reset_owed = true;
             // SAFETY: KVM_RESET_DIRTY_RINGS takes no argument; the fd is our
             // dup of the VM fd.
             let ret = unsafe { ioctl(&self.vm, KVM_RESET_DIRTY_RINGS()) };
             if ret < 0 {
                 return Err(RingError::Reset(std::io::Error::last_os_error()));
             }
-            self.harvested.fetch_add(taken, Ordering::Relaxed);
+            inner.reset_owed = false;
         }
         Ok(taken)
     }
