@@ -408,45 +408,7 @@ impl DirtyRing {
     /// Moves every filled entry of every ring into the pending bitmap, marks
     /// them harvested and lets KVM re-arm them. Returns the entries taken.
     fn harvest(&self, inner: &mut RingInner) -> Result<u64, RingError> {
-        let mut taken = 0u64;
-        for (ring, next) in self.rings.iter().zip(inner.next.iter_mut()) {
-            // At most one lap: a ring never holds more than `entries`
-            // un-reset entries, whatever the flags say.
-            for _ in 0..ring.entries {
-                let e = ring.entry(*next);
-                // SAFETY: `e` points into the live mapping; `flags` is the
-                // first u32 of the 16-byte-aligned entry, so it is aligned
-                // for AtomicU32, and KVM only accesses it atomically too.
-                let flags = unsafe { AtomicU32::from_ptr(std::ptr::addr_of_mut!((*e).flags)) };
-                if flags.load(Ordering::Acquire) & GFN_F_DIRTY == 0 {
-                    break;
-                }
-                // SAFETY: in-bounds reads of plain fields KVM wrote before
-                // it released DIRTY; volatile because the memory is shared.
-                let (slot, offset) = unsafe {
-                    (
-                        std::ptr::read_volatile(std::ptr::addr_of!((*e).slot)),
-                        std::ptr::read_volatile(std::ptr::addr_of!((*e).offset)),
-                    )
-                };
-                flags.store(GFN_F_RESET, Ordering::Release);
-                *next = next.wrapping_add(1);
-                taken += 1;
-                // The slot field is (address space << 16) | slot id; we only
-                // use address space 0 (no SMM).
-                let region = self
-                    .slots
-                    .iter()
-                    .position(|(id, pages)| slot == *id && offset < *pages);
-                match region {
-                    Some(r) => inner.pending.set(r, offset),
-                    None => {
-                        log::error!("dirty ring: entry for slot {slot:#x} page {offset} is outside guest memory");
-                        inner.invalid += 1;
-                    }
-                }
-            }
-        }
+        let taken = collect(&self.rings, &self.slots, inner);
         self.harvested.fetch_add(taken, Ordering::Relaxed);
         if taken > 0 || inner.reset_owed {
             inner.reset_owed = true;
@@ -498,6 +460,53 @@ impl DirtyRing {
         inner.pending.drain(|_, _| {});
         Ok(())
     }
+}
+
+/// Takes every filled entry of every ring (marking each harvested) into
+/// `inner.pending`; entries naming no page of `slots` ((KVM slot id, pages)
+/// per region) are counted in `inner.invalid`. Returns the entries taken.
+fn collect(rings: &[RingMap], slots: &[(u32, u64)], inner: &mut RingInner) -> u64 {
+    let mut taken = 0u64;
+    for (ring, next) in rings.iter().zip(inner.next.iter_mut()) {
+        // At most one lap: a ring never holds more than `entries`
+        // un-reset entries, whatever the flags say.
+        for _ in 0..ring.entries {
+            let e = ring.entry(*next);
+            // SAFETY: `e` points into the live mapping; `flags` is the
+            // first u32 of the 16-byte-aligned entry, so it is aligned
+            // for AtomicU32, and KVM only accesses it atomically too.
+            let flags = unsafe { AtomicU32::from_ptr(std::ptr::addr_of_mut!((*e).flags)) };
+            if flags.load(Ordering::Acquire) & GFN_F_DIRTY == 0 {
+                break;
+            }
+            // SAFETY: in-bounds reads of plain fields KVM wrote before
+            // it released DIRTY; volatile because the memory is shared.
+            let (slot, offset) = unsafe {
+                (
+                    std::ptr::read_volatile(std::ptr::addr_of!((*e).slot)),
+                    std::ptr::read_volatile(std::ptr::addr_of!((*e).offset)),
+                )
+            };
+            flags.store(GFN_F_RESET, Ordering::Release);
+            *next = next.wrapping_add(1);
+            taken += 1;
+            // The slot field is (address space << 16) | slot id; we only
+            // use address space 0 (no SMM), so any higher bit is invalid.
+            let region = slots
+                .iter()
+                .position(|(id, pages)| slot == *id && offset < *pages);
+            match region {
+                Some(r) => inner.pending.set(r, offset),
+                None => {
+                    log::error!(
+                        "dirty ring: entry for slot {slot:#x} page {offset} is outside guest memory"
+                    );
+                    inner.invalid += 1;
+                }
+            }
+        }
+    }
+    taken
 }
 
 /// The KVM dirty tracker over a VM's slots.
@@ -682,6 +691,76 @@ impl Drop for KvmDirtyTracker<'_> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A ring in anonymous memory (RingMap's Drop unmaps it).
+    fn fake_ring(entries: u32) -> RingMap {
+        let len = entries as usize * std::mem::size_of::<kvm_dirty_gfn>();
+        // SAFETY: a fresh private anonymous mapping, checked below.
+        let p = unsafe {
+            libc::mmap(
+                std::ptr::null_mut(),
+                len,
+                libc::PROT_READ | libc::PROT_WRITE,
+                libc::MAP_PRIVATE | libc::MAP_ANONYMOUS,
+                -1,
+                0,
+            )
+        };
+        assert_ne!(p, libc::MAP_FAILED);
+        RingMap {
+            ptr: p as *mut kvm_dirty_gfn,
+            entries,
+        }
+    }
+
+    fn push(ring: &RingMap, index: u32, slot: u32, offset: u64) {
+        // SAFETY: in-bounds entry of the test's own mapping.
+        unsafe {
+            *ring.entry(index) = kvm_dirty_gfn {
+                flags: GFN_F_DIRTY,
+                slot,
+                offset,
+            }
+        };
+    }
+
+    #[test]
+    fn entries_outside_guest_memory_are_counted_not_used() {
+        let ring = fake_ring(256);
+        let slots = [(0u32, 100u64), (1, 50)];
+        push(&ring, 0, 0, 5);
+        push(&ring, 1, 1, 3);
+        push(&ring, 2, 7, 0); // no such slot
+        push(&ring, 3, 0, 100); // past the slot's end
+        push(&ring, 4, 1 << 16, 2); // address space 1 (SMM): not ours
+        push(&ring, 5, 1, u64::MAX);
+        push(&ring, 6, 0, 99);
+        let rings = [ring];
+        let mut inner = RingInner {
+            next: vec![0],
+            pending: Pending::new(slots.iter().map(|s| s.1)),
+            invalid: 0,
+            reset_owed: false,
+        };
+        assert_eq!(collect(&rings, &slots, &mut inner), 7);
+        assert_eq!(inner.invalid, 4);
+        assert_eq!(inner.next, vec![7]);
+        for i in 0..7 {
+            // SAFETY: in-bounds entry of the test's own mapping.
+            assert_eq!(unsafe { (*rings[0].entry(i)).flags }, GFN_F_RESET);
+        }
+        let mut got = Vec::new();
+        inner.pending.drain(|r, p| got.push((r, p)));
+        assert_eq!(got, vec![(0, 5), (0, 99), (1, 3)]);
+        // Nothing new: nothing taken, harvested entries are not re-read.
+        assert_eq!(collect(&rings, &slots, &mut inner), 0);
+        // The free-running index wraps around the ring.
+        inner.next[0] = u32::MAX;
+        push(&rings[0], u32::MAX, 0, 1);
+        push(&rings[0], 0, 0, 2);
+        assert_eq!(collect(&rings, &slots, &mut inner), 2);
+        assert_eq!(inner.next, vec![1]);
+    }
 
     #[test]
     fn pending_hands_over_exactly_what_was_set_once() {
