@@ -60,7 +60,8 @@ struct Common {
     #[arg(long)]
     api_socket: Option<PathBuf>,
     /// Dirty tracking: `auto` (manual-protect with chunked clear where KVM
-    /// offers it), `manual` or `classic`.
+    /// offers it), `manual`, `classic`, or `ring[:ENTRIES]` (the KVM dirty
+    /// ring, ENTRIES a power of two from 256 to 65536, default 4096).
     #[arg(long, default_value = "auto")]
     dirty_log: String,
     /// A NIC backed by a TAP device (opened, or created if missing):
@@ -298,9 +299,20 @@ fn parse_dirty(s: &str) -> Result<Option<DirtyMode>, Fail> {
         "auto" => Ok(None),
         "manual" => Ok(Some(DirtyMode::ManualProtect)),
         "classic" => Ok(Some(DirtyMode::Classic)),
-        _ => Err(usage(format!(
-            "--dirty-log '{s}': expected auto, manual or classic"
-        ))),
+        "ring" => Ok(Some(DirtyMode::Ring {
+            entries: livemig_kvm::dirty::DEFAULT_RING_ENTRIES,
+        })),
+        _ => match s.strip_prefix("ring:").map(str::parse::<u32>) {
+            Some(Ok(entries)) if entries.is_power_of_two() && entries >= 256 => {
+                Ok(Some(DirtyMode::Ring { entries }))
+            }
+            Some(_) => Err(usage(format!(
+                "--dirty-log '{s}': ring entries must be a power of two, at least 256"
+            ))),
+            None => Err(usage(format!(
+                "--dirty-log '{s}': expected auto, manual, classic or ring[:ENTRIES]"
+            ))),
+        },
     }
 }
 

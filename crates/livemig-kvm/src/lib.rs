@@ -3,8 +3,8 @@
 //! [`KvmVm`] is a KVM virtual machine built on kvm-ioctls: guest memory as a
 //! vm-memory `GuestMemoryMmap` with dirty bitmaps, an in-kernel irqchip and
 //! PIT, one thread per vCPU with an explicit [`vcpu::VcpuSet::pause`] /
-//! [`vcpu::VcpuSet::resume`], KVM dirty logging (classic or manual-protect
-//! with chunked `KVM_CLEAR_DIRTY_LOG`), and every piece of vCPU, VM-wide and
+//! [`vcpu::VcpuSet::resume`], KVM dirty logging (classic, manual-protect
+//! with chunked `KVM_CLEAR_DIRTY_LOG`, or the per-vCPU dirty ring), and every piece of vCPU, VM-wide and
 //! device state as versioned livemig sections. It implements
 //! [`livemig::vm::SourceVm`] and [`livemig::vm::DestinationVm`].
 #![deny(missing_docs)]

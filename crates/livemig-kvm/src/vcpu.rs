@@ -7,15 +7,30 @@
 //! it returns only once every vCPU is parked. While parked a vCPU's
 //! [`VcpuFd`] is free, and the state code locks it to save or restore
 //! registers. [`VcpuSet::resume`] lets the threads run again.
+//!
+//! With a dirty ring ([`crate::dirty::DirtyRing`]) a vCPU whose ring is
+//! full exits with `KVM_EXIT_DIRTY_RING_FULL`; its thread harvests all rings
+//! itself (under the ring's lock, the same one a tracker sync takes) and
+//! re-enters. It does not wait for the migration thread: a sync may be a
+//! whole pre-copy round away, and a stalled vCPU would be a guest-visible
+//! blackout. Nothing spins: each harvest frees the ring, and if a harvest
+//! ever frees nothing while KVM keeps saying "full", the vCPU stops with a
+//! fatal error after a few tries instead of looping.
 
 use std::cell::Cell;
 use std::sync::{Arc, Condvar, Mutex, MutexGuard};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
-use kvm_bindings::kvm_run;
+use kvm_bindings::{kvm_run, KVM_EXIT_DIRTY_RING_FULL};
 use kvm_ioctls::{VcpuExit, VcpuFd};
 use vmm_sys_util::signal::{register_signal_handler, Killable, SIGRTMIN};
+
+use crate::dirty::DirtyRing;
+
+/// Consecutive ring-full exits whose harvest freed nothing before the vCPU
+/// gives up (KVM would otherwise bounce it out of `KVM_RUN` forever).
+const RING_FULL_NO_PROGRESS_LIMIT: u32 = 100;
 
 /// Port-I/O and MMIO handler the VMM provides for exits the kernel does not
 /// handle. Unclaimed accesses should be ignored (reads return all ones).
@@ -126,6 +141,16 @@ impl VcpuSet {
     /// Spawns one thread per vCPU. The vCPUs start *paused*: set their
     /// initial state, then call [`VcpuSet::resume`].
     pub fn spawn(vcpus: Vec<VcpuFd>, handler: Arc<dyn ExitHandler>) -> Result<Self, VcpuError> {
+        Self::spawn_with_ring(vcpus, handler, None)
+    }
+
+    /// Like [`VcpuSet::spawn`], for a VM with dirty rings: the threads
+    /// harvest `ring` on `KVM_EXIT_DIRTY_RING_FULL`.
+    pub fn spawn_with_ring(
+        vcpus: Vec<VcpuFd>,
+        handler: Arc<dyn ExitHandler>,
+        ring: Option<Arc<DirtyRing>>,
+    ) -> Result<Self, VcpuError> {
         register_signal_handler(kick_signal(), kick_handler).map_err(VcpuError::Signal)?;
         let shared = Arc::new(Shared {
             ctl: Mutex::new(Ctl {
@@ -146,9 +171,10 @@ impl VcpuSet {
         for (index, vcpu) in vcpus.into_iter().enumerate() {
             let shared = shared.clone();
             let handler = handler.clone();
+            let ring = ring.clone();
             let t = std::thread::Builder::new()
                 .name(format!("vcpu{index}"))
-                .spawn(move || vcpu_loop(index, vcpu, shared, handler))
+                .spawn(move || vcpu_loop(index, vcpu, shared, handler, ring))
                 .map_err(|e| VcpuError::Spawn(index, e))?;
             set.threads.push(VcpuThread(t));
         }
@@ -275,7 +301,9 @@ fn vcpu_loop(
     vcpu: Arc<Mutex<VcpuFd>>,
     shared: Arc<Shared>,
     handler: Arc<dyn ExitHandler>,
+    ring: Option<Arc<DirtyRing>>,
 ) {
+    let mut no_progress = 0u32;
     {
         let mut fd = vcpu.lock().unwrap_or_else(|e| e.into_inner());
         let ptr: *mut kvm_run = fd.get_kvm_run();
@@ -325,6 +353,31 @@ fn vcpu_loop(
             }
             Ok(VcpuExit::InternalError) => Some("KVM_EXIT_INTERNAL_ERROR".to_string()),
             Ok(VcpuExit::SystemEvent(kind, _)) => Some(format!("system event {kind}")),
+            Ok(VcpuExit::Unsupported(KVM_EXIT_DIRTY_RING_FULL)) => match ring.as_deref() {
+                None => Some("KVM_EXIT_DIRTY_RING_FULL without a dirty ring".to_string()),
+                Some(r) => match r.on_ring_full() {
+                    Err(e) => Some(format!("harvesting the full dirty ring: {e}")),
+                    Ok(0) => {
+                        // Someone else harvested between the exit and our
+                        // lock (fine), or KVM says full while the rings are
+                        // empty (a bug): yield, and give up if it persists.
+                        no_progress += 1;
+                        if no_progress >= RING_FULL_NO_PROGRESS_LIMIT {
+                            Some(format!(
+                                "KVM_EXIT_DIRTY_RING_FULL {no_progress} times with nothing to harvest"
+                            ))
+                        } else {
+                            drop(fd);
+                            std::thread::sleep(Duration::from_micros(50));
+                            continue;
+                        }
+                    }
+                    Ok(_) => {
+                        no_progress = 0;
+                        None
+                    }
+                },
+            },
             Ok(other) => {
                 log::debug!("vcpu{index}: ignored exit {other:?}");
                 None

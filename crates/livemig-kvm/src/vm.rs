@@ -17,7 +17,7 @@ use livemig::vm::{
 };
 use vm_memory::{GuestMemoryBackend, GuestMemoryRegion};
 
-use crate::dirty::{DirtyMode, KvmDirtyTracker, Slot};
+use crate::dirty::{check_ring_entries, DirtyMode, DirtyRing, KvmDirtyTracker, Slot};
 use crate::state::{
     restore_vcpu, restore_vm_section, save_vcpu, save_vm, vcpu_section_name, VM_SECTIONS,
 };
@@ -56,6 +56,9 @@ pub enum KvmVmError {
     /// A vCPU error.
     #[error(transparent)]
     Vcpu(#[from] VcpuError),
+    /// Setting up the dirty ring failed.
+    #[error(transparent)]
+    Ring(#[from] crate::dirty::RingError),
 }
 
 fn kvm_err(op: &'static str) -> impl FnOnce(kvm_ioctls::Error) -> KvmVmError {
@@ -109,6 +112,7 @@ pub struct KvmVm {
     devices: Vec<SharedDevice>,
     msr_indices: Vec<u32>,
     dirty_mode: DirtyMode,
+    ring: Option<Arc<DirtyRing>>,
     nics: Vec<NicInfo>,
     cpuid_hash: u64,
 }
@@ -143,6 +147,30 @@ impl KvmVm {
 
         let wanted = config.dirty_mode.unwrap_or(DirtyMode::ManualProtect);
         let mut dirty_mode = DirtyMode::Classic;
+        if let DirtyMode::Ring { entries } = wanted {
+            // The ring must be enabled before any vCPU exists. Prefer the
+            // ACQ_REL flavour (same ABI, ordering spelled out) where offered.
+            let acq_rel = kvm_bindings::KVM_CAP_DIRTY_LOG_RING_ACQ_REL;
+            let plain = kvm_bindings::KVM_CAP_DIRTY_LOG_RING;
+            let (cap_id, max_bytes) = match vm.check_extension_raw(u64::from(acq_rel)) {
+                n if n > 0 => (acq_rel, n),
+                _ => (plain, vm.check_extension_raw(u64::from(plain))),
+            };
+            if max_bytes <= 0 {
+                return Err(KvmVmError::Config(
+                    "dirty ring requested but KVM does not offer KVM_CAP_DIRTY_LOG_RING".into(),
+                ));
+            }
+            check_ring_entries(entries, max_bytes as u64)?;
+            let mut cap = kvm_enable_cap {
+                cap: cap_id,
+                ..Default::default()
+            };
+            cap.args[0] = u64::from(entries) * 16;
+            vm.enable_cap(&cap)
+                .map_err(kvm_err("KVM_ENABLE_CAP(DIRTY_LOG_RING)"))?;
+            dirty_mode = wanted;
+        }
         if wanted == DirtyMode::ManualProtect {
             let supported =
                 vm.check_extension_raw(u64::from(kvm_bindings::KVM_CAP_MANUAL_DIRTY_LOG_PROTECT2));
@@ -208,7 +236,13 @@ impl KvmVm {
             .map_err(kvm_err("KVM_GET_MSR_INDEX_LIST"))?
             .as_slice()
             .to_vec();
-        let vcpus = VcpuSet::spawn(fds, handler)?;
+        let ring = match dirty_mode {
+            DirtyMode::Ring { entries } => {
+                Some(Arc::new(DirtyRing::new(&vm, &fds, entries, &slots)?))
+            }
+            _ => None,
+        };
+        let vcpus = VcpuSet::spawn_with_ring(fds, handler, ring.clone())?;
         Ok(KvmVm {
             kvm,
             vm,
@@ -218,6 +252,7 @@ impl KvmVm {
             devices,
             msr_indices,
             dirty_mode,
+            ring,
             nics: config.nics.clone(),
             cpuid_hash,
         })
@@ -241,6 +276,17 @@ impl KvmVm {
     /// The dirty-tracking mode in use.
     pub fn dirty_mode(&self) -> DirtyMode {
         self.dirty_mode
+    }
+
+    /// The vCPUs' dirty rings, in [`DirtyMode::Ring`].
+    pub fn dirty_ring(&self) -> Option<&DirtyRing> {
+        self.ring.as_deref()
+    }
+
+    /// A dirty tracker over all of guest memory (the same one
+    /// [`SourceVm::dirty_tracker`] returns, with its concrete type).
+    pub fn kvm_dirty_tracker(&self) -> KvmDirtyTracker<'_> {
+        KvmDirtyTracker::new(&self.vm, &self.slots, self.dirty_mode, self.ring.as_deref())
     }
 
     /// The host TSC frequency in kHz as KVM reports it (= the guest's).
@@ -338,11 +384,7 @@ impl SourceVm for KvmVm {
     }
 
     fn dirty_tracker(&self) -> Result<Box<dyn DirtyTracker + '_>, VmError> {
-        Ok(Box::new(KvmDirtyTracker::new(
-            &self.vm,
-            &self.slots,
-            self.dirty_mode,
-        )))
+        Ok(Box::new(self.kvm_dirty_tracker()))
     }
 
     fn pause(&self) -> Result<(), VmError> {

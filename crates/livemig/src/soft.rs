@@ -306,6 +306,10 @@ impl DirtyTracker for SoftTracker<'_> {
         self.vm.shared.logging.store(false, Ordering::SeqCst);
         Ok(())
     }
+
+    fn describe(&self) -> String {
+        "software bitmap".into()
+    }
 }
 
 const SECTION: &str = "soft.writers";

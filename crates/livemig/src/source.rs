@@ -777,11 +777,7 @@ fn run_source<V: SourceVm + ?Sized>(
         )
     })?;
     let mut tracker = vm.dirty_tracker().map_err(|e| MigrationError::new(hs, e))?;
-    report.dirty_tracking = if tracker.needs_clear() {
-        "manual-protect, chunked clear".into()
-    } else {
-        "get-dirty-log".into()
-    };
+    report.dirty_tracking = tracker.describe();
     let lifted = Arc::new(AtomicBool::new(false));
     let new_sender = |fw, ram, rate| PageSender {
         fw,

@@ -89,6 +89,10 @@ pub trait DirtyTracker: Send {
 
     /// Stops tracking (also called when a migration fails or is cancelled).
     fn stop(&mut self) -> Result<(), VmError>;
+
+    /// A short human-readable name of the mechanism, for the report
+    /// (for example `"get-dirty-log"`).
+    fn describe(&self) -> String;
 }
 
 /// Slows a running guest down by parking its vCPUs for part of each time
