@@ -42,6 +42,8 @@ struct Scenario {
     transport: &'static str,
     max_bandwidth_mib: Option<u64>,
     downtime_limit_ms: u64,
+    /// Page streams (`migrate --streams`).
+    streams: u32,
     quick: bool,
 }
 
@@ -57,6 +59,7 @@ fn scenarios() -> Vec<Scenario> {
         transport: "tcp",
         max_bandwidth_mib: None,
         downtime_limit_ms: 10,
+        streams: 1,
         quick,
     };
     let mut v = vec![
@@ -73,6 +76,9 @@ fn scenarios() -> Vec<Scenario> {
     let mut unix = s("ws256-200MBs-seq-unix", "1G", 256, 200, "seq", false);
     unix.transport = "unix";
     v.push(unix);
+    let mut two = s("ws256-200MBs-seq-2streams", "1G", 256, 200, "seq", false);
+    two.streams = 2;
+    v.push(two);
     let mut capped = s(
         "above-bandwidth-200MBs-cap100MiB",
         "1G",
@@ -170,6 +176,9 @@ fn one_migration(sc: &Scenario, dir: &std::path::Path, src: Vmm, n: usize) -> (V
         start_destination(dir, &format!("d{n}"), &[]).expect("spawn receiver")
     };
     let mut extra = json!({"downtime_limit_ms": sc.downtime_limit_ms});
+    if sc.streams > 1 {
+        extra["streams"] = json!(sc.streams);
+    }
     if let Some(b) = sc.max_bandwidth_mib {
         extra["max_bandwidth_mib"] = json!(b);
         extra["force"] = json!(true);
