@@ -8,6 +8,8 @@
 
 mod common;
 
+use common::netns::{prerequisites, sh, Bridge};
+
 use std::process::Command;
 use std::time::{Duration, Instant};
 
@@ -17,64 +19,10 @@ use serde_json::{json, Value};
 const MAC: &str = "52:54:00:4c:4d:01";
 const IP: &str = "10.77.0.2";
 
-fn sh(args: &[&str]) -> Result<String, String> {
-    let out = Command::new(args[0])
-        .args(&args[1..])
-        .output()
-        .map_err(|e| format!("{args:?}: {e}"))?;
-    if !out.status.success() {
-        return Err(format!(
-            "{args:?}: {}",
-            String::from_utf8_lossy(&out.stderr)
-        ));
-    }
-    Ok(String::from_utf8_lossy(&out.stdout).into_owned())
-}
+type Net = Bridge;
 
-/// Namespaces and links of one test; removed on drop, also after a panic.
-struct Net {
-    ns: String,
-    client: String,
-}
-
-impl Net {
-    fn new(tag: &str) -> Result<Net, String> {
-        let id = std::process::id() % 100_000;
-        let n = Net {
-            ns: format!("lmA{tag}{id}"),
-            client: format!("lmC{tag}{id}"),
-        };
-        sh(&["ip", "netns", "add", &n.ns])?;
-        sh(&["ip", "netns", "add", &n.client])?;
-        sh(&["ip", "-n", &n.ns, "link", "set", "lo", "up"])?;
-        sh(&["ip", "-n", &n.ns, "link", "add", "br0", "type", "bridge"])?;
-        sh(&["ip", "-n", &n.ns, "link", "set", "br0", "up"])?;
-        sh(&[
-            "ip", "-n", &n.ns, "link", "add", "vA", "type", "veth", "peer", "name", "vC", "netns",
-            &n.client,
-        ])?;
-        sh(&[
-            "ip", "-n", &n.ns, "link", "set", "vA", "master", "br0", "up",
-        ])?;
-        sh(&["ip", "-n", &n.client, "link", "set", "vC", "up"])?;
-        Ok(n)
-    }
-
-    fn enslave(&self, tap: &str) -> Result<(), String> {
-        // The VMM creates the TAP; wait for it, then put it on the bridge.
-        let deadline = Instant::now() + Duration::from_secs(10);
-        while sh(&["ip", "-n", &self.ns, "link", "show", tap]).is_err() {
-            if Instant::now() > deadline {
-                return Err(format!("TAP {tap} never appeared"));
-            }
-            std::thread::sleep(Duration::from_millis(10));
-        }
-        sh(&[
-            "ip", "-n", &self.ns, "link", "set", tap, "master", "br0", "up",
-        ])
-        .map(|_| ())
-    }
-
+/// What this test asks of the bridge.
+impl Bridge {
     /// The bridge port the guest MAC is learned on, if any.
     fn port_of_mac(&self) -> Option<String> {
         let out = sh(&["bridge", "-n", &self.ns, "-j", "fdb", "show", "br", "br0"]).ok()?;
@@ -106,48 +54,10 @@ impl Net {
         );
         sh(&["ip", "netns", "exec", &self.client, "python3", "-c", &py]).map(|_| ())
     }
-
-    fn exec_prefix(&self) -> Vec<String> {
-        vec!["ip".into(), "netns".into(), "exec".into(), self.ns.clone()]
-    }
-}
-
-impl Drop for Net {
-    fn drop(&mut self) {
-        let _ = sh(&["ip", "netns", "del", &self.ns]);
-        let _ = sh(&["ip", "netns", "del", &self.client]);
-    }
-}
-
-fn prerequisites(test: &str) -> bool {
-    // SAFETY-free check of our uid through /proc.
-    let root = std::fs::read_to_string("/proc/self/status")
-        .map(|s| {
-            s.lines()
-                .any(|l| l.starts_with("Uid:") && l.split_whitespace().nth(1) == Some("0"))
-        })
-        .unwrap_or(false);
-    let tools = sh(&["ip", "-V"]).is_ok()
-        && sh(&["bridge", "-V"]).is_ok()
-        && sh(&["python3", "-V"]).is_ok();
-    let ok = root && tools && std::path::Path::new("/dev/net/tun").exists();
-    if !ok {
-        if std::env::var_os("LIVEMIG_REQUIRE_NETNS").is_some() {
-            panic!("{test}: needs root, iproute2, python3 and /dev/net/tun");
-        }
-        eprintln!("\n*** SKIPPED {test}: needs root, iproute2, python3 and /dev/net/tun ***\n");
-    }
-    ok
 }
 
 fn vmm(net: &Net, dir: &std::path::Path, name: &str, args: &[&str]) -> Vmm {
-    let api = dir.join(format!("{name}.sock"));
-    let mut a: Vec<String> = args.iter().map(|s| s.to_string()).collect();
-    a.extend([
-        "--api-socket".to_string(),
-        api.to_string_lossy().into_owned(),
-    ]);
-    Vmm::spawn_prefixed(name, &net.exec_prefix(), &a, api).unwrap()
+    net.vmm(dir, name, args)
 }
 
 /// `refvmm run` with the test guest and one `--net`, inside the namespace.
@@ -179,7 +89,7 @@ fn rx_to_guest(v: &Vmm) -> u64 {
 
 /// Runs source → destination on the bridge; returns (fdb move time, net).
 fn scenario(tag: &str, announce: bool) -> (Option<Duration>, u64, u64, Vec<f64>) {
-    let net = Net::new(tag).unwrap();
+    let net = Net::new("lmA", tag, None).unwrap();
     let dir = scratch_dir(&format!("announce-{tag}"));
     let netspec_src = format!("tap=lmsrc,mac={MAC},ip={IP}");
     let netspec_dst = format!("tap=lmdst,mac={MAC}");
@@ -320,7 +230,7 @@ fn nic_mismatch_is_refused_in_the_handshake() {
     if !prerequisites("nic_mismatch_is_refused_in_the_handshake") {
         return;
     }
-    let net = Net::new("m").unwrap();
+    let net = Net::new("lmA", "m", None).unwrap();
     let dir = scratch_dir("announce-m");
     let mut src = source(&net, &dir, "ws=16", &format!("tap=lmsrc,mac={MAC}"));
     src.wait_ready(Duration::from_secs(30)).unwrap();

@@ -17,6 +17,8 @@
 
 mod common;
 
+use common::netns::{prerequisites, Bridge};
+
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command};
 use std::time::{Duration, Instant};
@@ -28,20 +30,6 @@ const MAC: &str = "52:54:00:4c:50:01";
 const PREFIX: &str = "10.78.0";
 const T: Duration = Duration::from_secs(30);
 const INTERVAL_S: f64 = 0.02;
-
-fn sh(args: &[&str]) -> Result<String, String> {
-    let out = Command::new(args[0])
-        .args(&args[1..])
-        .output()
-        .map_err(|e| format!("{args:?}: {e}"))?;
-    if !out.status.success() {
-        return Err(format!(
-            "{args:?}: {}",
-            String::from_utf8_lossy(&out.stderr)
-        ));
-    }
-    Ok(String::from_utf8_lossy(&out.stdout).into_owned())
-}
 
 /// CLOCK_MONOTONIC in seconds: the clock Python's `time.monotonic()` reads,
 /// so the pinger's times and the test's can be compared.
@@ -57,75 +45,10 @@ fn monotonic() -> f64 {
     ts.tv_sec as f64 + ts.tv_nsec as f64 * 1e-9
 }
 
-/// Namespaces and links of one test; removed on drop, also after a panic.
-struct Net {
-    ns: String,
-    client: String,
-}
+type Net = Bridge;
 
-impl Net {
-    fn new(tag: &str) -> Result<Net, String> {
-        let id = std::process::id() % 100_000;
-        let n = Net {
-            ns: format!("lmP{tag}{id}"),
-            client: format!("lmQ{tag}{id}"),
-        };
-        sh(&["ip", "netns", "add", &n.ns])?;
-        sh(&["ip", "netns", "add", &n.client])?;
-        sh(&["ip", "-n", &n.ns, "link", "set", "lo", "up"])?;
-        sh(&["ip", "-n", &n.ns, "link", "add", "br0", "type", "bridge"])?;
-        sh(&["ip", "-n", &n.ns, "link", "set", "br0", "up"])?;
-        sh(&[
-            "ip", "-n", &n.ns, "link", "add", "vA", "type", "veth", "peer", "name", "vC", "netns",
-            &n.client,
-        ])?;
-        sh(&[
-            "ip", "-n", &n.ns, "link", "set", "vA", "master", "br0", "up",
-        ])?;
-        sh(&["ip", "-n", &n.client, "link", "set", "lo", "up"])?;
-        sh(&[
-            "ip",
-            "-n",
-            &n.client,
-            "addr",
-            "add",
-            &format!("{PREFIX}.1/24"),
-            "dev",
-            "vC",
-        ])?;
-        sh(&["ip", "-n", &n.client, "link", "set", "vC", "up"])?;
-        Ok(n)
-    }
-
-    /// Waits for the TAP a VMM creates, then puts it on the bridge.
-    fn enslave(&self, tap: &str) -> Result<(), String> {
-        let deadline = Instant::now() + Duration::from_secs(10);
-        while sh(&["ip", "-n", &self.ns, "link", "show", tap]).is_err() {
-            if Instant::now() > deadline {
-                return Err(format!("TAP {tap} never appeared"));
-            }
-            std::thread::sleep(Duration::from_millis(10));
-        }
-        sh(&[
-            "ip", "-n", &self.ns, "link", "set", tap, "master", "br0", "up",
-        ])
-        .map(|_| ())
-    }
-
-    fn vmm(&self, dir: &Path, name: &str, args: &[&str]) -> Vmm {
-        let api = dir.join(format!("{name}.sock"));
-        let mut a: Vec<String> = args.iter().map(|s| s.to_string()).collect();
-        a.extend([
-            "--api-socket".to_string(),
-            api.to_string_lossy().into_owned(),
-        ]);
-        let prefix: Vec<String> = ["ip", "netns", "exec", &self.ns]
-            .iter()
-            .map(|s| s.to_string())
-            .collect();
-        Vmm::spawn_prefixed(name, &prefix, &a, api).unwrap()
-    }
-
+/// The source and destination VMMs of this test, on the bridge.
+impl Bridge {
     /// `refvmm run` with the test guest on TAP `tap`, on the bridge.
     fn source(&self, dir: &Path, tap: &str, cmdline: &str) -> Vmm {
         let netspec = format!("tap={tap},mac={MAC},ip={PREFIX}.2");
@@ -161,31 +84,6 @@ impl Net {
         self.enslave(tap).unwrap();
         (v, ep)
     }
-}
-
-impl Drop for Net {
-    fn drop(&mut self) {
-        let _ = sh(&["ip", "netns", "del", &self.ns]);
-        let _ = sh(&["ip", "netns", "del", &self.client]);
-    }
-}
-
-fn prerequisites(test: &str) -> bool {
-    let root = std::fs::read_to_string("/proc/self/status")
-        .map(|s| {
-            s.lines()
-                .any(|l| l.starts_with("Uid:") && l.split_whitespace().nth(1) == Some("0"))
-        })
-        .unwrap_or(false);
-    let tools = sh(&["ip", "-V"]).is_ok() && sh(&["python3", "-V"]).is_ok();
-    let ok = root && tools && Path::new("/dev/net/tun").exists();
-    if !ok {
-        if std::env::var_os("LIVEMIG_REQUIRE_NETNS").is_some() {
-            panic!("{test}: needs root, iproute2, python3 and /dev/net/tun");
-        }
-        eprintln!("\n*** SKIPPED {test}: needs root, iproute2, python3 and /dev/net/tun ***\n");
-    }
-    ok
 }
 
 /// The pinger: an ICMP echo request every `interval` seconds until the stop
@@ -334,7 +232,7 @@ fn ping_survives_five_ping_pong_migrations() {
     if !prerequisites(TEST) {
         return;
     }
-    let net = Net::new("y").unwrap();
+    let net = Net::new("lmP", "y", Some(&format!("{PREFIX}.1/24"))).unwrap();
     let dir = scratch_dir("ping-y");
     let taps = ["lmpa", "lmpb"];
     let mut cur = net.source(&dir, taps[0], "ws=64 rate=10");
@@ -468,7 +366,7 @@ fn without_announce_replies_go_to_the_old_port() {
     if !prerequisites(TEST) {
         return;
     }
-    let net = Net::new("n").unwrap();
+    let net = Net::new("lmP", "n", Some(&format!("{PREFIX}.1/24"))).unwrap();
     let dir = scratch_dir("ping-n");
     let mut src = net.source(&dir, "lmpa", "ws=64 rate=10");
     wait_answering(&mut src);

@@ -1,6 +1,8 @@
 //! Shared helpers of the end-to-end tests.
 #![allow(dead_code)]
 
+pub mod netns;
+
 use std::sync::{Mutex, MutexGuard};
 
 /// KVM tests in one binary run one at a time: each VM spins a host core and

@@ -92,6 +92,31 @@ fn run_mem_with(
     (r, dr, same)
 }
 
+type Destination =
+    std::thread::JoinHandle<Result<(SoftVm, livemig::ReceiveReport), livemig::MigrationError>>;
+
+/// A running busy source filled with `seed`, and a destination thread that
+/// accepts streams: returns the source, its control end, the stream opener
+/// and the destination's handle.
+fn busy_source_and_destination(
+    seed: u64,
+) -> (SoftVm, mem::MemTransport, mem::MemOpener, Destination) {
+    let src = SoftVm::new(&layout(), &busy()).unwrap();
+    src.fill(seed);
+    src.start();
+    let (a, b) = mem::pair();
+    let (opener, mut acceptor) = mem::streams();
+    let dest = std::thread::spawn(move || {
+        receive_streams(
+            Box::new(b),
+            Some(&mut acceptor),
+            &ReceiveConfig::default(),
+            |d| SoftVm::new(&d.layout, &idle()),
+        )
+    });
+    (src, a, opener, dest)
+}
+
 #[test]
 fn four_streams_busy_vm_memory_identical() {
     let src = SoftVm::new(&layout(), &busy()).unwrap();
@@ -167,19 +192,7 @@ impl StreamOpener for StrayFirst {
 
 #[test]
 fn stray_connections_are_dropped() {
-    let src = SoftVm::new(&layout(), &busy()).unwrap();
-    src.fill(5);
-    src.start();
-    let (a, b) = mem::pair();
-    let (opener, mut acceptor) = mem::streams();
-    let dest = std::thread::spawn(move || {
-        receive_streams(
-            Box::new(b),
-            Some(&mut acceptor),
-            &ReceiveConfig::default(),
-            |d| SoftVm::new(&d.layout, &idle()),
-        )
-    });
+    let (src, a, opener, dest) = busy_source_and_destination(5);
     let mut stray = StrayFirst {
         inner: opener,
         strays: 2,
@@ -225,19 +238,7 @@ fn a_broken_stream_fails_safely() {
             Ok(t)
         }
     }
-    let src = SoftVm::new(&layout(), &busy()).unwrap();
-    src.fill(6);
-    src.start();
-    let (a, b) = mem::pair();
-    let (opener, mut acceptor) = mem::streams();
-    let dest = std::thread::spawn(move || {
-        receive_streams(
-            Box::new(b),
-            Some(&mut acceptor),
-            &ReceiveConfig::default(),
-            |d| SoftVm::new(&d.layout, &idle()),
-        )
-    });
+    let (src, a, opener, dest) = busy_source_and_destination(6);
     let mc = MigrationConfig {
         streams: 3,
         // Never converges: keeps sending until the stream breaks.
