@@ -845,3 +845,29 @@ pub fn seeds() -> Vec<(&'static str, String, Vec<u8>)> {
     out.push(("receive_frames", "valid".into(), script));
     out
 }
+
+/// `PagesLz4` payloads: [`decompress_pages`] never panics, never produces
+/// more than the claimed size (at most the frame limit), and what it accepts
+/// round-trips through [`compress_pages`]; the decoded payload then goes
+/// through the page-record checks.
+pub fn decompress_pages_target(data: &[u8]) {
+    use livemig::protocol::{compress_pages, decompress_pages, MAX_FRAME_PAYLOAD};
+    let mut out = Vec::new();
+    if decompress_pages(data, &mut out).is_ok() {
+        assert!(out.len() <= MAX_FRAME_PAYLOAD);
+        let claimed = u32::from_le_bytes([data[0], data[1], data[2], data[3]]) as usize;
+        assert_eq!(out.len(), claimed);
+        let mut z = Vec::new();
+        compress_pages(&out, &mut z);
+        let mut back = Vec::new();
+        decompress_pages(&z, &mut back).expect("own compression must decode");
+        assert_eq!(back, out);
+        page_records_target(&out);
+    }
+    // Compressing arbitrary bytes always decodes back to them.
+    let mut z = Vec::new();
+    compress_pages(data, &mut z);
+    let mut back = Vec::new();
+    decompress_pages(&z, &mut back).expect("own compression must decode");
+    assert_eq!(back, data);
+}
