@@ -351,6 +351,22 @@ fn run_machine(machine: Machine, api_socket: Option<PathBuf>, start: bool) -> Re
     let result = loop {
         match rx.recv_timeout(Duration::from_millis(100)) {
             Ok(ApiEvent::Migrated) => {
+                // Frames that reached this host's TAPs after the pause were
+                // never delivered to the guest: say so, do not pretend.
+                let queued = machine.drop_queued_frames();
+                let dropped: u64 = machine
+                    .nics
+                    .iter()
+                    .map(|n| {
+                        let n = n.lock().unwrap_or_else(|e| e.into_inner());
+                        n.counters().snapshot().rx_dropped
+                    })
+                    .sum();
+                if !machine.nics.is_empty() {
+                    eprintln!(
+                        "refvmm: {queued} frame(s) still queued on this host's TAPs at exit; {dropped} received frame(s) in all were never delivered to the guest"
+                    );
+                }
                 eprintln!("refvmm: guest migrated; source exits");
                 break Ok(());
             }
