@@ -944,6 +944,19 @@ impl<'a> Cursor<'a> {
         self.data.len() - self.pos
     }
 
+    /// A page-stream count, `1..=MAX_STREAMS`.
+    fn streams(&mut self) -> Result<u32, ProtocolError> {
+        let at = self.pos;
+        let streams = self.u32()?;
+        if streams == 0 || streams > MAX_STREAMS {
+            return Err(self.malformed_at(
+                at,
+                format!("{streams} streams is outside 1..={MAX_STREAMS}"),
+            ));
+        }
+        Ok(streams)
+    }
+
     fn malformed_at(&self, offset: usize, reason: impl Into<String>) -> ProtocolError {
         ProtocolError::Malformed {
             msg: self.msg,
@@ -1052,6 +1065,19 @@ fn put_u16(out: &mut Vec<u8>, v: u16) {
 
 fn put_u32(out: &mut Vec<u8>, v: u32) {
     out.extend_from_slice(&v.to_le_bytes());
+}
+
+/// Writes a page-stream count (`Hello::streams`, `HelloReply::streams`),
+/// refusing one outside `1..=MAX_STREAMS`.
+fn put_streams(out: &mut Vec<u8>, msg: &'static str, streams: u32) -> Result<(), ProtocolError> {
+    if streams == 0 || streams > MAX_STREAMS {
+        return Err(ProtocolError::Unencodable {
+            msg,
+            reason: format!("{streams} streams is outside 1..={MAX_STREAMS}"),
+        });
+    }
+    put_u32(out, streams);
+    Ok(())
 }
 
 fn put_u64(out: &mut Vec<u8>, v: u64) {
@@ -1244,14 +1270,7 @@ impl Message for Hello {
                 MAX_PROPERTY_LEN,
             )?;
         }
-        if self.streams == 0 || self.streams > MAX_STREAMS {
-            return Err(ProtocolError::Unencodable {
-                msg: M,
-                reason: format!("{} streams is outside 1..={MAX_STREAMS}", self.streams),
-            });
-        }
-        put_u32(out, self.streams);
-        Ok(())
+        put_streams(out, M, self.streams)
     }
 
     fn decode(payload: &[u8]) -> Result<Self, ProtocolError> {
@@ -1322,14 +1341,7 @@ impl Message for Hello {
             }
             properties.insert(k, v);
         }
-        let at = c.pos;
-        let streams = c.u32()?;
-        if streams == 0 || streams > MAX_STREAMS {
-            return Err(c.malformed_at(
-                at,
-                format!("{streams} streams is outside 1..={MAX_STREAMS}"),
-            ));
-        }
+        let streams = c.streams()?;
         c.finish()?;
         Ok(Hello {
             magic,
@@ -1388,13 +1400,7 @@ impl Message for HelloReply {
             truncate_text(&self.reason, MAX_TEXT_LEN),
             MAX_TEXT_LEN,
         )?;
-        if self.streams == 0 || self.streams > MAX_STREAMS {
-            return Err(ProtocolError::Unencodable {
-                msg: "HelloReply",
-                reason: format!("{} streams is outside 1..={MAX_STREAMS}", self.streams),
-            });
-        }
-        put_u32(out, self.streams);
+        put_streams(out, "HelloReply", self.streams)?;
         out.extend_from_slice(&self.token);
         Ok(())
     }
@@ -1403,14 +1409,7 @@ impl Message for HelloReply {
         let mut c = Cursor::new("HelloReply", payload);
         let accepted = c.bool("accepted")?;
         let reason = c.string("reason", MAX_TEXT_LEN)?;
-        let at = c.pos;
-        let streams = c.u32()?;
-        if streams == 0 || streams > MAX_STREAMS {
-            return Err(c.malformed_at(
-                at,
-                format!("{streams} streams is outside 1..={MAX_STREAMS}"),
-            ));
-        }
+        let streams = c.streams()?;
         let token: [u8; 16] = c.array()?;
         c.finish()?;
         Ok(HelloReply {
