@@ -170,6 +170,14 @@ struct Counts {
     bytes: u64,
 }
 
+impl Counts {
+    fn add(&mut self, c: Counts) {
+        self.pages += c.pages;
+        self.zero += c.zero;
+        self.bytes += c.bytes;
+    }
+}
+
 struct PageSender<'a> {
     fw: FrameWriter<Box<dyn Transport>>,
     batch: PageBatch,
@@ -251,11 +259,7 @@ impl StreamPool {
         let mut errors = Vec::new();
         for (i, rx) in self.done.iter().enumerate() {
             match rx.recv() {
-                Ok(Ok(c)) => {
-                    total.pages += c.pages;
-                    total.zero += c.zero;
-                    total.bytes += c.bytes;
-                }
+                Ok(Ok(c)) => total.add(c),
                 Ok(Err(e)) => errors.push((i, ErrorKind::Protocol(e))),
                 Err(_) => errors.push((i, ErrorKind::Invalid("sender thread exited".into()))),
             }
@@ -440,6 +444,9 @@ impl PageSender<'_> {
     /// With `clear_with` set, every chunk is re-armed using that bitmap
     /// (round 0 re-arms all of memory, chunk by chunk, including pages it
     /// skips because they were never touched).
+    ///
+    /// Pages may still be buffered (here or in the stream threads) when this
+    /// returns: [`PageSender::end_round`] flushes and accounts them.
     fn send_bitmap(
         &mut self,
         bitmap: &DirtyBitmap,
@@ -495,17 +502,16 @@ impl PageSender<'_> {
                 chunk = end;
             }
         }
-        self.end_round(phase)
+        Ok(())
     }
 
-    /// Flushes this round's pages (on every stream) and accounts them.
-    fn end_round(&mut self, phase: Phase) -> Result<(), MigrationError> {
+    /// Flushes this round's pages (on every stream) and accounts them. With
+    /// `last`, every stream also ends with `Complete` (the final copy).
+    fn end_round(&mut self, phase: Phase, last: bool) -> Result<(), MigrationError> {
         self.flush().map_err(|e| MigrationError::new(phase, e))?;
         if let Some(pool) = &self.pool {
-            let c = pool.barrier(false, phase)?;
-            self.counts.pages += c.pages;
-            self.counts.zero += c.zero;
-            self.counts.bytes += c.bytes;
+            let c = pool.barrier(last, phase)?;
+            self.counts.add(c);
         }
         Ok(())
     }
@@ -1013,6 +1019,7 @@ fn precopy_and_switch<V: SourceVm + ?Sized>(
             cancel,
             phase,
         )?;
+        sender.end_round(phase, false)?;
         sender.skip_zero = false;
         let end = RoundEnd {
             round,
@@ -1128,13 +1135,8 @@ fn precopy_and_switch<V: SourceVm + ?Sized>(
     sender.pacer.lifted.store(true, Ordering::SeqCst);
     // Paused: no need to re-arm the log, nothing is writing.
     sender.send_bitmap(&bitmap, None, None, &CancelToken::new(), fm)?;
-    if let Some(pool) = &sender.pool {
-        // Every stream ends with `Complete` once its last page is out.
-        let c = pool.barrier(true, fm)?;
-        sender.counts.pages += c.pages;
-        sender.counts.zero += c.zero;
-        sender.counts.bytes += c.bytes;
-    }
+    // One barrier: every stream flushes and ends with `Complete`.
+    sender.end_round(fm, true)?;
     report.final_pages = sender.counts.pages - before.pages + sender.counts.zero - before.zero;
     let t_mem = Instant::now();
 
