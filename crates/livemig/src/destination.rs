@@ -7,7 +7,7 @@
 //! the VM is only resumed after the state restored cleanly *and* the source
 //! committed with `Go`. On any error the VM is dropped without ever running.
 
-use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
@@ -233,57 +233,94 @@ fn accept_streams(
     Ok(slots.into_iter().flatten().collect())
 }
 
-/// Applies one `Pages` frame. With `stream = Some((index, n))` every record
-/// must belong to that stream (see [`stream_of`]).
-fn apply_pages(
-    payload: &[u8],
-    layout: &MemoryLayout,
-    ram: &HostRam<'_>,
-    written: &mut DirtyBitmap,
-    counts: &mut (u64, u64),
+/// Where one connection's pages go: guest memory, with the bookkeeping of
+/// which pages received data (the fresh memory is zero, so a zero marker for
+/// a page never written costs nothing and must not touch, i.e. allocate, the
+/// page) and a buffer for decompressing `PagesLz4` frames.
+struct PageSink<'a> {
+    layout: &'a MemoryLayout,
+    ram: &'a HostRam<'a>,
+    written: DirtyBitmap,
+    /// Data pages and zero markers applied.
+    pages: u64,
+    zero: u64,
+    scratch: Vec<u8>,
+    /// `Some((index, streams))`: every record must belong to that page
+    /// stream (see [`stream_of`]).
     stream: Option<(u32, u32)>,
-) -> Result<(), ErrorKind> {
-    for rec in page_records(payload) {
-        let rec = rec?;
-        let (region, page) = rec.check(layout)?;
-        let n = u64::from(rec.npages);
-        if let Some((index, streams)) = stream {
-            let last = page + n.saturating_sub(1);
-            if page / STREAM_CHUNK_PAGES != last / STREAM_CHUNK_PAGES
-                || stream_of(layout, region, page, streams) != index
-            {
+}
+
+impl<'a> PageSink<'a> {
+    fn new(layout: &'a MemoryLayout, ram: &'a HostRam<'a>, stream: Option<(u32, u32)>) -> Self {
+        PageSink {
+            layout,
+            ram,
+            written: DirtyBitmap::new(layout),
+            pages: 0,
+            zero: 0,
+            scratch: Vec::new(),
+            stream,
+        }
+    }
+
+    /// Applies one `Pages` or `PagesLz4` frame.
+    fn apply(&mut self, kind: MsgKind, payload: &[u8]) -> Result<(), ErrorKind> {
+        let mut scratch = std::mem::take(&mut self.scratch);
+        let r = if kind == MsgKind::PagesLz4 {
+            decompress_pages(payload, &mut scratch)
+                .map_err(ErrorKind::from)
+                .and_then(|_| self.apply_records(&scratch))
+        } else {
+            self.apply_records(payload)
+        };
+        self.scratch = scratch;
+        r
+    }
+
+    fn apply_records(&mut self, payload: &[u8]) -> Result<(), ErrorKind> {
+        let (layout, ram) = (self.layout, self.ram);
+        for rec in page_records(payload) {
+            let rec = rec?;
+            let (region, page) = rec.check(layout)?;
+            let n = u64::from(rec.npages);
+            if let Some((index, streams)) = self.stream {
+                let last = page + n.saturating_sub(1);
+                if page / STREAM_CHUNK_PAGES != last / STREAM_CHUNK_PAGES
+                    || stream_of(layout, region, page, streams) != index
+                {
+                    return Err(ErrorKind::Invalid(format!(
+                        "pages 0x{:x}+{} do not belong to page stream {index}",
+                        rec.gpa, rec.npages
+                    )));
+                }
+            }
+            let ok = match rec.data {
+                Some(data) => {
+                    self.pages += n;
+                    self.written.set_range(region, page, n);
+                    ram.write_pages(region, page, data)
+                }
+                None => {
+                    self.zero += n;
+                    let mut ok = true;
+                    for p in page..page + n {
+                        if self.written.is_set(region, p) {
+                            ok &= ram.zero_pages(region, p, 1);
+                            self.written.unset(region, p);
+                        }
+                    }
+                    ok
+                }
+            };
+            if !ok {
                 return Err(ErrorKind::Invalid(format!(
-                    "pages 0x{:x}+{} do not belong to page stream {index}",
+                    "pages 0x{:x}+{} do not fit guest memory",
                     rec.gpa, rec.npages
                 )));
             }
         }
-        let ok = match rec.data {
-            Some(data) => {
-                counts.0 += n;
-                written.set_range(region, page, n);
-                ram.write_pages(region, page, data)
-            }
-            None => {
-                counts.1 += n;
-                let mut ok = true;
-                for p in page..page + n {
-                    if written.is_set(region, p) {
-                        ok &= ram.zero_pages(region, p, 1);
-                        written.unset(region, p);
-                    }
-                }
-                ok
-            }
-        };
-        if !ok {
-            return Err(ErrorKind::Invalid(format!(
-                "pages 0x{:x}+{} do not fit guest memory",
-                rec.gpa, rec.npages
-            )));
-        }
+        Ok(())
     }
-    Ok(())
 }
 
 /// What the page-stream threads share with the control loop.
@@ -292,8 +329,6 @@ struct StreamShared {
     error: Mutex<Option<(u32, ErrorKind)>>,
     /// Set when the control loop gives up (stream threads stop).
     abort: AtomicBool,
-    /// The round the control connection is in, for error messages.
-    round: AtomicU32,
 }
 
 /// One page stream: applies pages until `Complete`.
@@ -306,9 +341,7 @@ fn stream_reader(
     shared: &StreamShared,
     control: Option<Box<dyn Transport>>,
 ) -> (u64, u64, u64) {
-    let mut written = DirtyBitmap::new(layout);
-    let mut counts = (0u64, 0u64);
-    let mut scratch = Vec::new();
+    let mut sink = PageSink::new(layout, ram, Some((index, streams)));
     let r: Result<(), ErrorKind> = loop {
         if shared.abort.load(Ordering::SeqCst) {
             break Ok(());
@@ -319,22 +352,7 @@ fn stream_reader(
         };
         match f.kind {
             MsgKind::Pages | MsgKind::PagesLz4 => {
-                let payload = if f.kind == MsgKind::PagesLz4 {
-                    if let Err(e) = decompress_pages(f.payload, &mut scratch) {
-                        break Err(e.into());
-                    }
-                    &scratch[..]
-                } else {
-                    f.payload
-                };
-                if let Err(e) = apply_pages(
-                    payload,
-                    layout,
-                    ram,
-                    &mut written,
-                    &mut counts,
-                    Some((index, streams)),
-                ) {
+                if let Err(e) = sink.apply(f.kind, f.payload) {
                     break Err(e);
                 }
             }
@@ -357,7 +375,7 @@ fn stream_reader(
             let _ = c.shutdown();
         }
     }
-    (counts.0, counts.1, fr.bytes_read())
+    (sink.pages, sink.zero, fr.bytes_read())
 }
 
 fn run_destination<V, F>(
@@ -445,7 +463,6 @@ where
     let shared = StreamShared {
         error: Mutex::new(None),
         abort: AtomicBool::new(false),
-        round: AtomicU32::new(0),
     };
     let stream_handles: Vec<Box<dyn Transport>> = readers
         .iter()
@@ -485,7 +502,7 @@ where
                 }
             }
         }
-        let r = receive_memory(fr, &layout, &ram, &mut report, &shared, phase);
+        let r = receive_memory(fr, &layout, &ram, &mut report, phase);
         if r.is_err() {
             shared.abort.store(true, Ordering::SeqCst);
             for t in &stream_handles {
@@ -588,15 +605,9 @@ fn receive_memory(
     layout: &MemoryLayout,
     ram: &HostRam<'_>,
     report: &mut ReceiveReport,
-    shared: &StreamShared,
     phase: &mut Phase,
 ) -> Result<Vec<Section>, MigrationError> {
-    // `written` records which pages received data: the fresh memory is
-    // zero, so a zero marker for a page never written costs nothing (and
-    // must not touch, i.e. allocate, the page).
-    let mut written = DirtyBitmap::new(layout);
-    let mut counts = (0u64, 0u64);
-    let mut scratch = Vec::new();
+    let mut sink = PageSink::new(layout, ram, None);
     *phase = Phase::Precopy(0);
     let mut sections: Option<Vec<Section>> = None;
     let r = loop {
@@ -614,15 +625,7 @@ fn receive_memory(
                         ),
                     ));
                 }
-                let payload = if f.kind == MsgKind::PagesLz4 {
-                    if let Err(e) = decompress_pages(f.payload, &mut scratch) {
-                        break Err(MigrationError::new(*phase, e));
-                    }
-                    &scratch[..]
-                } else {
-                    f.payload
-                };
-                if let Err(e) = apply_pages(payload, layout, ram, &mut written, &mut counts, None) {
+                if let Err(e) = sink.apply(f.kind, f.payload) {
                     break Err(MigrationError::new(*phase, e));
                 }
             }
@@ -633,9 +636,6 @@ fn receive_memory(
                 };
                 report.rounds = r.round.saturating_add(1);
                 *phase = Phase::Precopy(r.round.saturating_add(1));
-                shared
-                    .round
-                    .store(r.round.saturating_add(1), Ordering::SeqCst);
             }
             MsgKind::Keepalive => {}
             MsgKind::State => {
@@ -676,8 +676,8 @@ fn receive_memory(
             }
         }
     };
-    report.pages += counts.0;
-    report.zero_pages += counts.1;
+    report.pages += sink.pages;
+    report.zero_pages += sink.zero;
     r?;
     sections.ok_or_else(|| {
         MigrationError::new(
