@@ -259,32 +259,15 @@ impl Vmm {
         timeout: Duration,
         pred: impl Fn(&GuestLog) -> bool,
     ) -> Result<(), String> {
-        let deadline = Instant::now() + timeout;
-        loop {
-            if pred(&lock(&self.log)) {
-                return Ok(());
-            }
-            if let Ok(Some(st)) = self.child.try_wait() {
-                // Give the readers a moment to drain.
-                std::thread::sleep(Duration::from_millis(50));
-                if pred(&lock(&self.log)) {
-                    return Ok(());
-                }
-                return Err(format!(
-                    "{}: exited ({st}) while waiting for {what}; stderr:\n{}",
-                    self.name,
-                    self.stderr()
-                ));
-            }
-            if Instant::now() > deadline {
-                return Err(format!(
-                    "{}: timed out after {timeout:?} waiting for {what}; stderr:\n{}",
-                    self.name,
-                    self.stderr()
-                ));
-            }
-            std::thread::sleep(Duration::from_millis(5));
-        }
+        wait_for_log(
+            &self.name,
+            &mut self.child,
+            &self.log,
+            &self.stderr,
+            what,
+            timeout,
+            pred,
+        )
     }
 
     /// Waits for `n` more heartbeats (a migrated guest prints no `READY`).
@@ -590,4 +573,41 @@ pub fn largest_gap_in(heartbeats: &[Instant], from: Instant, to: Instant) -> Dur
 /// Locks a log.
 pub fn log_of(v: &Vmm) -> std::sync::MutexGuard<'_, GuestLog> {
     lock(&v.log)
+}
+
+/// Polls `pred` on a guest's log until it holds. Fails when the process
+/// (refvmm or QEMU) exits first — after giving the readers 50 ms to drain
+/// what it printed last — or after `timeout`; the error carries its stderr.
+pub(crate) fn wait_for_log(
+    name: &str,
+    child: &mut Child,
+    log: &Mutex<GuestLog>,
+    stderr: &Mutex<String>,
+    what: &str,
+    timeout: Duration,
+    pred: impl Fn(&GuestLog) -> bool,
+) -> Result<(), String> {
+    let deadline = Instant::now() + timeout;
+    loop {
+        if pred(&lock(log)) {
+            return Ok(());
+        }
+        if let Ok(Some(st)) = child.try_wait() {
+            std::thread::sleep(Duration::from_millis(50));
+            if pred(&lock(log)) {
+                return Ok(());
+            }
+            return Err(format!(
+                "{name}: exited ({st}) while waiting for {what}; stderr:\n{}",
+                lock(stderr)
+            ));
+        }
+        if Instant::now() > deadline {
+            return Err(format!(
+                "{name}: timed out after {timeout:?} waiting for {what}; stderr:\n{}",
+                lock(stderr)
+            ));
+        }
+        std::thread::sleep(Duration::from_millis(5));
+    }
 }

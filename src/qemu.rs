@@ -17,7 +17,7 @@ use std::time::{Duration, Instant};
 
 use serde_json::{json, Value};
 
-use crate::harness::{lock, spawn_serial_reader, spawn_stderr_reader, GuestLog};
+use crate::harness::{lock, spawn_serial_reader, spawn_stderr_reader, wait_for_log, GuestLog};
 
 /// The QEMU binary: `$QEMU` if set, else `qemu-system-x86_64` found on
 /// `$PATH`; `None` when neither exists.
@@ -301,34 +301,23 @@ impl QemuVm {
         lock(&self.log)
     }
 
-    /// Waits until `pred(log)` holds, or fails after `timeout` (or if QEMU exits).
+    /// Waits until `pred(log)` holds, or fails after `timeout` (or if QEMU exits;
+    /// a last look at the log after 50 ms for what it printed last).
     pub fn wait_for(
         &mut self,
         what: &str,
         timeout: Duration,
         pred: impl Fn(&GuestLog) -> bool,
     ) -> Result<(), String> {
-        let deadline = Instant::now() + timeout;
-        loop {
-            if pred(&lock(&self.log)) {
-                return Ok(());
-            }
-            if let Ok(Some(st)) = self.child.try_wait() {
-                return Err(format!(
-                    "{}: exited ({st}) while waiting for {what}; stderr:\n{}",
-                    self.name,
-                    self.stderr()
-                ));
-            }
-            if Instant::now() > deadline {
-                return Err(format!(
-                    "{}: timed out after {timeout:?} waiting for {what}; stderr:\n{}",
-                    self.name,
-                    self.stderr()
-                ));
-            }
-            std::thread::sleep(Duration::from_millis(5));
-        }
+        wait_for_log(
+            &self.name,
+            &mut self.child,
+            &self.log,
+            &self.stderr,
+            what,
+            timeout,
+            pred,
+        )
     }
 
     /// Waits for `READY`.
