@@ -30,14 +30,6 @@ use vm_memory::{Bytes, GuestAddress, GuestMemoryBackend};
 
 const MIB: u64 = 512;
 
-fn idle() -> SoftConfig {
-    SoftConfig {
-        guest_writers: 0,
-        device_writers: 0,
-        pages_per_ms: 0,
-    }
-}
-
 #[derive(Clone, Copy, PartialEq)]
 enum Content {
     Random,
@@ -50,7 +42,7 @@ fn source(content: Content) -> SoftVm {
         size: MIB << 20,
     }])
     .expect("layout");
-    let vm = SoftVm::new(&layout, &idle()).expect("soft VM");
+    let vm = SoftVm::new(&layout, &SoftConfig::idle()).expect("soft VM");
     match content {
         Content::Random => vm.fill(11),
         Content::Text => {
@@ -93,7 +85,7 @@ fn migrate_once(
         let t = listener.accept().expect("accept");
         let mut acc = OwnedAcceptor(Some(listener));
         receive_streams(t, Some(&mut acc), &ReceiveConfig::default(), |d| {
-            let vm = SoftVm::new(&d.layout, &idle())?;
+            let vm = SoftVm::new(&d.layout, &SoftConfig::idle())?;
             if prefault {
                 populate(&vm, &d.layout);
             }
@@ -168,7 +160,7 @@ fn fault_rate() -> f64 {
         size: MIB << 20,
     }])
     .expect("layout");
-    let vm = SoftVm::new(&layout, &idle()).expect("vm");
+    let vm = SoftVm::new(&layout, &SoftConfig::idle()).expect("vm");
     let t = Instant::now();
     populate(&vm, &layout);
     (MIB << 20) as f64 / t.elapsed().as_secs_f64()

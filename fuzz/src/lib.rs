@@ -646,11 +646,7 @@ pub fn receive_stream(stream: &[u8]) -> Received {
     let cfg = ReceiveConfig {
         io_timeout: Duration::from_secs(1),
     };
-    let idle = SoftConfig {
-        guest_writers: 0,
-        device_writers: 0,
-        pages_per_ms: 0,
-    };
+    let idle = SoftConfig::idle();
     let result = receive(Box::new(t), &cfg, move |desc| {
         if desc.layout != layout() {
             return Err(VmError::Incompatible(format!(

@@ -29,14 +29,6 @@ fn layout(mib: u64) -> MemoryLayout {
     .unwrap()
 }
 
-fn idle() -> SoftConfig {
-    SoftConfig {
-        guest_writers: 0,
-        device_writers: 0,
-        pages_per_ms: 0,
-    }
-}
-
 type DestResult = Result<SoftVm, livemig::MigrationError>;
 
 /// Receives one migration on a thread: accept, handshake, `receive`.
@@ -46,7 +38,10 @@ fn destination(listener: TlsListener) -> std::thread::JoinHandle<Result<DestResu
         let cfg = ReceiveConfig {
             io_timeout: Duration::from_secs(5),
         };
-        Ok(receive(transport, &cfg, |desc| SoftVm::new(&desc.layout, &idle())).map(|(vm, _)| vm))
+        Ok(receive(transport, &cfg, |desc| {
+            SoftVm::new(&desc.layout, &SoftConfig::idle())
+        })
+        .map(|(vm, _)| vm))
     })
 }
 
@@ -80,7 +75,7 @@ fn migrate_over_tls(src: &SoftVm, config: &MigrationConfig, ep: Endpoint, id: &T
 #[test]
 fn idle_vm_migrates_over_tls() {
     let pki = Pki::new("idle");
-    let src = SoftVm::new(&layout(32), &idle()).unwrap();
+    let src = SoftVm::new(&layout(32), &SoftConfig::idle()).unwrap();
     src.fill(7);
     src.start();
     migrate_over_tls(
@@ -114,7 +109,7 @@ fn busy_vm_migrates_over_tls() {
 #[test]
 fn migrates_over_a_unix_socket_with_server_name() {
     let pki = Pki::new("unixmig");
-    let src = SoftVm::new(&layout(8), &idle()).unwrap();
+    let src = SoftVm::new(&layout(8), &SoftConfig::idle()).unwrap();
     src.fill(3);
     src.start();
     let id = TlsConfig {
@@ -322,7 +317,7 @@ fn tampering_on_the_wire_is_detected() {
         back.join().unwrap();
     });
 
-    let src = SoftVm::new(&layout(16), &idle()).unwrap();
+    let src = SoftVm::new(&layout(16), &SoftConfig::idle()).unwrap();
     src.fill(9);
     src.start();
     let transport = connect_tls(&proxy_ep, &id, Some(TIMEOUT)).unwrap();
@@ -357,7 +352,7 @@ fn cancel_interrupts_a_migration_over_tls() {
     let listener = TlsListener::bind(&loopback(), &id).unwrap();
     let ep = listener.local_endpoint().clone();
     let dest = destination(listener);
-    let src = SoftVm::new(&layout(64), &idle()).unwrap();
+    let src = SoftVm::new(&layout(64), &SoftConfig::idle()).unwrap();
     src.fill(5);
     src.start();
     // Slow enough (8 MiB/s for 68 MiB) that the cancel lands mid-round.

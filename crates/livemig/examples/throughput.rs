@@ -56,11 +56,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         guest_addr: 0,
         size: mib << 20,
     }])?;
-    let idle = SoftConfig {
-        guest_writers: 0,
-        device_writers: 0,
-        pages_per_ms: 0,
-    };
+    let idle = SoftConfig::idle();
     let source = SoftVm::new(&layout, &idle)?;
     source.fill(7);
     source.start();

@@ -32,6 +32,17 @@ pub struct SoftConfig {
     pub pages_per_ms: u64,
 }
 
+impl SoftConfig {
+    /// No writers at all: the memory changes only when the test changes it.
+    pub fn idle() -> Self {
+        SoftConfig {
+            guest_writers: 0,
+            device_writers: 0,
+            pages_per_ms: 0,
+        }
+    }
+}
+
 impl Default for SoftConfig {
     fn default() -> Self {
         SoftConfig {

@@ -66,14 +66,6 @@ fn busy() -> SoftConfig {
     }
 }
 
-fn idle() -> SoftConfig {
-    SoftConfig {
-        guest_writers: 0,
-        device_writers: 0,
-        pages_per_ms: 0,
-    }
-}
-
 /// Exactly three pre-copy rounds, then a forced switchover: the frame
 /// sequence is the same in every attempt (`RoundEnd` 0, 1, 2, then the final
 /// memory, `State`, `Complete`).
@@ -208,7 +200,7 @@ fn assert_logging_off(vm: &SoftVm, what: &str) {
 
 /// A migration without faults succeeds and the memory is identical.
 fn assert_retry_succeeds(src: &Arc<SoftVm>, what: &str) {
-    let a = attempt(src, &[], idle());
+    let a = attempt(src, &[], SoftConfig::idle());
     if let Err(e) = &a.src {
         panic!("{what}: the retry failed on the source: {e}");
     }
@@ -486,7 +478,7 @@ fn source_side_final_memory() {
     let src = source(1);
     std::thread::sleep(Duration::from_millis(10));
     let probe = [slow[0], (Side::Source, Fault::Flip(0).at(at))];
-    let a = attempt(&src, &probe, idle());
+    let a = attempt(&src, &probe, SoftConfig::idle());
     assert!(a.src.is_ok() && a.dst.is_ok());
     let kind = a.probes[0].fired()[1].kind;
     assert_eq!(

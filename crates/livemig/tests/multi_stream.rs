@@ -27,14 +27,6 @@ fn layout() -> MemoryLayout {
     .unwrap()
 }
 
-fn idle() -> SoftConfig {
-    SoftConfig {
-        guest_writers: 0,
-        device_writers: 0,
-        pages_per_ms: 0,
-    }
-}
-
 fn busy() -> SoftConfig {
     SoftConfig {
         guest_writers: 2,
@@ -70,7 +62,9 @@ fn run_mem_with(
         } else {
             None
         };
-        receive_streams(Box::new(b), acc, &cfg, |d| SoftVm::new(&d.layout, &idle()))
+        receive_streams(Box::new(b), acc, &cfg, |d| {
+            SoftVm::new(&d.layout, &SoftConfig::idle())
+        })
     });
     let mc = MigrationConfig {
         streams,
@@ -111,7 +105,7 @@ fn busy_source_and_destination(
             Box::new(b),
             Some(&mut acceptor),
             &ReceiveConfig::default(),
-            |d| SoftVm::new(&d.layout, &idle()),
+            |d| SoftVm::new(&d.layout, &SoftConfig::idle()),
         )
     });
     (src, a, opener, dest)
@@ -146,7 +140,7 @@ fn destination_without_acceptor_grants_one_stream() {
 
 #[test]
 fn streams_without_opener_is_a_clear_error() {
-    let src = SoftVm::new(&layout(), &idle()).unwrap();
+    let src = SoftVm::new(&layout(), &SoftConfig::idle()).unwrap();
     src.start();
     let (a, _b) = mem::pair();
     let mc = MigrationConfig {
@@ -286,7 +280,7 @@ fn tcp_streams_end_to_end() {
         let t = listener.accept().unwrap();
         let mut acc = OwnedAcceptor(Some(listener));
         let r = receive_streams(t, Some(&mut acc), &ReceiveConfig::default(), |d| {
-            SoftVm::new(&d.layout, &idle())
+            SoftVm::new(&d.layout, &SoftConfig::idle())
         });
         // The listener was closed once the streams were in.
         assert!(acc.0.is_none());
@@ -326,13 +320,13 @@ fn tcp_streams_end_to_end() {
 
 #[test]
 fn plain_receive_still_works_with_one_stream() {
-    let src = SoftVm::new(&layout(), &idle()).unwrap();
+    let src = SoftVm::new(&layout(), &SoftConfig::idle()).unwrap();
     src.fill(8);
     src.start();
     let (a, b) = mem::pair();
     let dest = std::thread::spawn(move || {
         receive(Box::new(b), &ReceiveConfig::default(), |d| {
-            SoftVm::new(&d.layout, &idle())
+            SoftVm::new(&d.layout, &SoftConfig::idle())
         })
     });
     let r = migrate(

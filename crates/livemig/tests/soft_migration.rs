@@ -23,14 +23,6 @@ fn layout(mib: u64) -> MemoryLayout {
     .unwrap()
 }
 
-fn idle() -> SoftConfig {
-    SoftConfig {
-        guest_writers: 0,
-        device_writers: 0,
-        pages_per_ms: 0,
-    }
-}
-
 /// Migrates `src` to a fresh destination whose writers stay idle, returns
 /// (source result, destination VM or error).
 fn run(
@@ -52,7 +44,7 @@ fn run(
             assert_eq!(desc.layout, dst_layout);
             // Writers of the destination never start (0 writers), so its memory
             // stays exactly what was received.
-            SoftVm::new(&desc.layout, &idle())
+            SoftVm::new(&desc.layout, &SoftConfig::idle())
         })
         .map(|(vm, _)| vm)
     });
@@ -64,7 +56,7 @@ fn run(
 
 #[test]
 fn idle_vm_memory_identical() {
-    let src = SoftVm::new(&layout(32), &idle()).unwrap();
+    let src = SoftVm::new(&layout(32), &SoftConfig::idle()).unwrap();
     // Some content, including a page that will be all-zero again later.
     use vm_memory::{Bytes, GuestAddress};
     for i in 0..1000u64 {
@@ -115,7 +107,7 @@ fn busy_vm_converges_and_memory_identical() {
 
 #[test]
 fn refused_handshake_sends_no_page() {
-    let src = SoftVm::new(&layout(8), &idle()).unwrap();
+    let src = SoftVm::new(&layout(8), &SoftConfig::idle()).unwrap();
     src.start();
     let (a, b) = mem::pair();
     let dest = std::thread::spawn(move || {
@@ -271,7 +263,7 @@ fn cancel_keeps_source_running() {
     let c2 = cancel.clone();
     let dest = std::thread::spawn(move || {
         receive(Box::new(b), &ReceiveConfig::default(), |d| {
-            SoftVm::new(&d.layout, &idle())
+            SoftVm::new(&d.layout, &SoftConfig::idle())
         })
         .map(|_| ())
     });
@@ -332,7 +324,7 @@ fn newer_protocol_version_refused_before_any_page() {
             panic!("the VM must not be created for a refused stream")
         })
     });
-    let src = SoftVm::new(&layout(8), &idle()).unwrap();
+    let src = SoftVm::new(&layout(8), &SoftConfig::idle()).unwrap();
     use livemig::vm::SourceVm;
     let mut hello = Hello::new(src.describe().unwrap());
     hello.protocol_version = 7;
