@@ -18,7 +18,6 @@
 //! loopback TCP bandwidth, the memcpy bandwidth and the fresh-memory fault
 //! rate, all measured at start.
 
-use std::io::{Read, Write};
 use std::time::{Duration, Instant};
 
 use criterion::{criterion_group, criterion_main, Criterion};
@@ -121,39 +120,6 @@ fn migrate_once(
     r
 }
 
-fn loopback() -> f64 {
-    let l = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
-    let a = l.local_addr().expect("addr");
-    let bytes = 1usize << 30;
-    let rx = std::thread::spawn(move || {
-        let (mut s, _) = l.accept().expect("accept");
-        let mut b = vec![0u8; 1 << 20];
-        while s.read(&mut b).map(|n| n > 0).unwrap_or(false) {}
-    });
-    let mut s = std::net::TcpStream::connect(a).expect("connect");
-    let b = vec![1u8; 1 << 20];
-    let t = Instant::now();
-    for _ in 0..bytes >> 20 {
-        s.write_all(&b).expect("write");
-    }
-    drop(s);
-    let _ = rx.join();
-    bytes as f64 / t.elapsed().as_secs_f64()
-}
-
-fn memcpy_rate() -> f64 {
-    let n = (MIB << 20) as usize;
-    let a = vec![3u8; n];
-    let mut b = vec![0u8; n];
-    b.copy_from_slice(&a);
-    let t = Instant::now();
-    for _ in 0..4 {
-        std::hint::black_box(&mut b).copy_from_slice(std::hint::black_box(&a));
-    }
-    std::hint::black_box(&b);
-    (4 * n) as f64 / t.elapsed().as_secs_f64()
-}
-
 fn fault_rate() -> f64 {
     let layout = MemoryLayout::new(vec![RegionDesc {
         guest_addr: 0,
@@ -174,8 +140,8 @@ struct Row {
 }
 
 fn bench(c: &mut Criterion) {
-    let lo = loopback();
-    let mc = memcpy_rate();
+    let lo = livemig_suite::limits::loopback_tcp_rate(1 << 30);
+    let mc = livemig_suite::limits::memcpy_rate((MIB << 20) as usize);
     let fr = fault_rate();
     eprintln!(
         "limits: loopback TCP {:.2} GB/s, memcpy {:.1} GB/s, fresh-memory faults {:.2} GB/s",

@@ -16,8 +16,6 @@
 //! the guest's heartbeats show it, not wall time), plus
 //! `target/livemig-bench/summary.{md,json}` and `downtime-vs-dirty-rate.svg`.
 
-use std::io::{Read, Write};
-use std::net::{TcpListener, TcpStream};
 use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
@@ -293,45 +291,11 @@ fn ensure_refvmm() {
 }
 
 fn memcpy_gbs() -> f64 {
-    let n = 256 << 20;
-    let src = vec![1u8; n];
-    let mut dst = vec![0u8; n];
-    dst.copy_from_slice(&src);
-    let t = Instant::now();
-    for _ in 0..4 {
-        dst.copy_from_slice(&src);
-        std::hint::black_box(&dst);
-    }
-    (4 * n) as f64 / t.elapsed().as_secs_f64() / 1e9
+    livemig_suite::limits::memcpy_rate(256 << 20) / 1e9
 }
 
 fn tcp_gbs() -> f64 {
-    let l = TcpListener::bind("127.0.0.1:0").unwrap();
-    let addr = l.local_addr().unwrap();
-    let total: usize = 2 << 30;
-    let h = std::thread::spawn(move || {
-        let (mut s, _) = l.accept().unwrap();
-        let mut buf = vec![0u8; 1 << 20];
-        let mut got = 0;
-        while got < total {
-            let n = s.read(&mut buf).unwrap();
-            if n == 0 {
-                break;
-            }
-            got += n;
-        }
-    });
-    let mut s = TcpStream::connect(addr).unwrap();
-    let buf = vec![7u8; 1 << 20];
-    let t = Instant::now();
-    let mut sent = 0;
-    while sent < total {
-        s.write_all(&buf).unwrap();
-        sent += buf.len();
-    }
-    drop(s);
-    h.join().unwrap();
-    total as f64 / t.elapsed().as_secs_f64() / 1e9
+    livemig_suite::limits::loopback_tcp_rate(2 << 30) / 1e9
 }
 
 fn median(mut v: Vec<f64>) -> f64 {

@@ -5,4 +5,5 @@
 
 pub mod demo;
 pub mod harness;
+pub mod limits;
 pub mod qemu;
