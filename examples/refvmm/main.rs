@@ -355,14 +355,11 @@ fn run_machine(machine: Machine, api_socket: Option<PathBuf>, start: bool) -> Re
                 // never delivered to the guest: say so, do not pretend.
                 let queued = machine.drop_queued_frames();
                 let dropped: u64 = machine
-                    .nics
+                    .nic_counters
                     .iter()
-                    .map(|n| {
-                        let n = n.lock().unwrap_or_else(|e| e.into_inner());
-                        n.counters().snapshot().rx_dropped
-                    })
+                    .map(|c| c.snapshot().rx_dropped)
                     .sum();
-                if !machine.nics.is_empty() {
+                if !machine.nic_counters.is_empty() {
                     eprintln!(
                         "refvmm: {queued} frame(s) still queued on this host's TAPs at exit; {dropped} received frame(s) in all were never delivered to the guest"
                     );
