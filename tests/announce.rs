@@ -56,14 +56,9 @@ impl Bridge {
     }
 }
 
-fn vmm(net: &Net, dir: &std::path::Path, name: &str, args: &[&str]) -> Vmm {
-    net.vmm(dir, name, args)
-}
-
 /// `refvmm run` with the test guest and one `--net`, inside the namespace.
 fn source(net: &Net, dir: &std::path::Path, cmdline: &str, netspec: &str) -> Vmm {
-    let mut v = vmm(
-        net,
+    let mut v = net.vmm(
         dir,
         "src",
         &[
@@ -106,7 +101,7 @@ fn scenario(tag: &str, announce: bool) -> (Option<Duration>, u64, u64, Vec<f64>)
     if !announce {
         dargs.push("--no-announce");
     }
-    let mut dst = vmm(&net, &dir, "dst", &dargs);
+    let mut dst = net.vmm(&dir, "dst", &dargs);
     let ep = dst.listen_endpoint(Duration::from_secs(20)).unwrap();
     net.enslave("lmdst").unwrap();
     // Before: the source's traffic teaches the bridge where the guest is.
@@ -234,8 +229,7 @@ fn nic_mismatch_is_refused_in_the_handshake() {
     let dir = scratch_dir("announce-m");
     let mut src = source(&net, &dir, "ws=16", &format!("tap=lmsrc,mac={MAC}"));
     src.wait_ready(Duration::from_secs(30)).unwrap();
-    let mut dst = vmm(
-        &net,
+    let mut dst = net.vmm(
         &dir,
         "dst",
         &[
