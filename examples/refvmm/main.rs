@@ -591,15 +591,11 @@ impl livemig::vm::DestinationVm for DestMachine {
         if self.start_paused {
             return Ok(());
         }
-        // Frames that reached this host's TAPs before the guest ran here
-        // are stale (the source had the guest then): never replay them.
-        let stale = self.machine.drop_queued_frames();
+        // The NICs drop what reached this host's TAPs before the guest ran
+        // here (`VirtioNet::resume` after a restore).
         self.machine.start();
         if self.announce {
             self.start_announce();
-        }
-        if stale > 0 {
-            eprintln!("refvmm: dropped {stale} frame(s) queued on the TAPs before the switchover");
         }
         Ok(())
     }

@@ -396,6 +396,9 @@ struct Inner {
     run: Run,
     /// Queues notified while paused, processed on resume (bit per queue).
     pending: u32,
+    /// Set by a state restore: what the backend holds was queued before
+    /// the restored guest ran here, and is dropped on the next resume.
+    stale_backend: bool,
 }
 
 struct Shared {
@@ -476,6 +479,7 @@ impl VirtioNet {
                 transport: MmioTransport::new(device, irq.clone()),
                 run: Run::Paused,
                 pending: 0,
+                stale_backend: false,
             }),
             wake: Condvar::new(),
             stop: AtomicBool::new(false),
@@ -562,8 +566,25 @@ impl VirtioNet {
 
     /// Lets the device run again, first processing queue notifications the
     /// guest made while it was paused.
+    ///
+    /// The first resume after a state restore (an incoming migration) first
+    /// drops the frames already queued on the backend: they are flooded
+    /// copies of traffic the source handled, or arrived before the guest
+    /// ran here, and handing them to the guest late would make it answer
+    /// stale requests from the new port (an ARP reply that moves a bridge's
+    /// entry without any announce, a duplicate echo reply). They are counted
+    /// as received and dropped.
     pub fn resume(&self) {
         let mut g = self.shared.lock();
+        if std::mem::take(&mut g.stale_backend) {
+            let n = self.drain_backend(&mut g);
+            if n > 0 {
+                log::info!(
+                    "virtio-net {}: dropped {n} frame(s) queued before the restored guest ran",
+                    livemig_announce::format_mac(&self.mac)
+                );
+            }
+        }
         g.run = Run::Running;
         let pending = std::mem::take(&mut g.pending);
         for q in 0..32u32 {
@@ -576,17 +597,15 @@ impl VirtioNet {
     }
 
     /// Reads and drops every frame already queued on the backend (counted
-    /// as received and dropped) and returns how many there were.
-    ///
-    /// For a destination about to run a migrated guest: what sits in its
-    /// TAP before the switchover are flooded copies of traffic the source
-    /// handled, or frames that arrived before the guest ran here; handing
-    /// them to the guest late would make it answer stale requests from the
-    /// new port (an ARP reply that moves a bridge's entry without any
-    /// announce, a duplicate echo reply).
+    /// as received and dropped) and returns how many there were — for a
+    /// source whose guest has migrated away, before it exits.
     pub fn drop_queued(&self) -> u64 {
-        let mac = self.mac();
         let mut g = self.shared.lock();
+        self.drain_backend(&mut g)
+    }
+
+    fn drain_backend(&self, g: &mut Inner) -> u64 {
+        let mac = self.mac;
         let mut buf = vec![0u8; MAX_FRAME + 1];
         let mut n = 0;
         while let Ok(Some(len)) = g.transport.device_mut().backend.recv(&mut buf) {
@@ -807,6 +826,7 @@ impl DeviceState for VirtioNet {
         }
         g.transport.commit_state(common);
         g.transport.device_mut().status = status;
+        g.stale_backend = true;
         let c = &self.shared.counters;
         c.rx_delivered.store(rx_delivered, Ordering::Relaxed);
         c.rx_dropped.store(rx_dropped, Ordering::Relaxed);
