@@ -9,7 +9,7 @@
 //! device emulation does). The engine must merge both or lose writes.
 
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::sync::{Arc, Condvar, Mutex};
+use std::sync::{Arc, Condvar, Mutex, RwLock};
 use std::thread::JoinHandle;
 use std::time::Duration;
 
@@ -53,6 +53,23 @@ impl Default for SoftConfig {
     }
 }
 
+/// Which dirty-log semantics the software VM's "hypervisor" models.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum SoftTracking {
+    /// A bitmap harvested and re-armed in one step (KVM's classic
+    /// `KVM_GET_DIRTY_LOG`): every write after `start` is logged.
+    #[default]
+    Bitmap,
+    /// KVM's manual-protect mode with `KVM_DIRTY_LOG_INITIALLY_SET`,
+    /// exactly: at `start` every page's dirty bit is set and *no* page is
+    /// write-protected, so writes go unrecorded until the engine clears (and
+    /// thereby write-protects) the page; `sync` reads the bits without
+    /// clearing them; a write to a protected page sets its bit and lifts the
+    /// protection (the write fault). The check-and-store of a write and a
+    /// `clear` exclude each other, as KVM's `mmu_lock` makes them.
+    ManualProtect,
+}
+
 struct Ctl {
     run: bool,
     exit: bool,
@@ -64,6 +81,13 @@ struct Shared {
     cv: Condvar,
     /// The "hypervisor" dirty log, one AtomicBitmap per region.
     log: Vec<AtomicBitmap>,
+    /// Manual-protect model: the write-protected pages, one bitmap per
+    /// region (unused in [`SoftTracking::Bitmap`]).
+    protected: Vec<AtomicBitmap>,
+    /// Manual-protect model: writers hold it shared around check-and-store,
+    /// `clear` holds it exclusively (KVM's mmu_lock).
+    mmu: RwLock<()>,
+    tracking: SoftTracking,
     logging: AtomicBool,
     writes: AtomicU64,
     /// Writer PRNG states, part of the migrated state.
@@ -84,19 +108,35 @@ fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
 }
 
 impl SoftVm {
-    /// A paused software VM with `layout` and writers per `config`.
+    /// A paused software VM with `layout` (fresh private anonymous memory)
+    /// and writers per `config`, tracked like KVM's classic dirty log.
     pub fn new(layout: &MemoryLayout, config: &SoftConfig) -> Result<Self, VmError> {
-        let memory = Arc::new(allocate(layout).map_err(|e| VmError::Create(e.to_string()))?);
-        let log = layout
-            .regions()
-            .iter()
-            .map(|r| {
-                AtomicBitmap::new(
-                    r.size as usize,
-                    std::num::NonZeroUsize::MIN.saturating_add(PAGE_SIZE as usize - 1),
-                )
-            })
-            .collect();
+        let memory = allocate(layout).map_err(|e| VmError::Create(e.to_string()))?;
+        Self::with_memory(memory, config, SoftTracking::Bitmap)
+    }
+
+    /// A paused software VM over `memory` (any backing: anonymous, memfd,
+    /// a file), with writers per `config` and dirty tracking per `tracking`.
+    pub fn with_memory(
+        memory: GuestRam,
+        config: &SoftConfig,
+        tracking: SoftTracking,
+    ) -> Result<Self, VmError> {
+        let layout = &MemoryLayout::of(&memory).map_err(|e| VmError::Create(e.to_string()))?;
+        let memory = Arc::new(memory);
+        let bitmaps = || -> Vec<AtomicBitmap> {
+            layout
+                .regions()
+                .iter()
+                .map(|r| {
+                    AtomicBitmap::new(
+                        r.size as usize,
+                        std::num::NonZeroUsize::MIN.saturating_add(PAGE_SIZE as usize - 1),
+                    )
+                })
+                .collect()
+        };
+        let log = bitmaps();
         let n = config.guest_writers + config.device_writers;
         let shared = Arc::new(Shared {
             ctl: Mutex::new(Ctl {
@@ -106,6 +146,9 @@ impl SoftVm {
             }),
             cv: Condvar::new(),
             log,
+            protected: bitmaps(),
+            mmu: RwLock::new(()),
+            tracking,
             logging: AtomicBool::new(false),
             writes: AtomicU64::new(0),
             seeds: Mutex::new(
@@ -266,13 +309,7 @@ fn writer(
             // Through vm-memory: its AtomicBitmap records the page.
             let _ = memory.write_obj(seed, addr);
         } else if let Ok(host) = memory.get_host_address(addr) {
-            // Like a guest store: straight into memory, logged by the "hypervisor".
-            // SAFETY: `addr` lies inside region `region` (offset < size),
-            // so `host` points at 8 valid, 8-byte aligned bytes of the mapping.
-            unsafe { std::ptr::write_volatile(host as *mut u64, seed) };
-            if shared.logging.load(Ordering::SeqCst) {
-                shared.log[region].set_addr_range(offset as usize, 8);
-            }
+            guest_store(shared, region, offset, host as *mut u64, seed);
         }
         shared.writes.fetch_add(1, Ordering::SeqCst);
         burst += 1;
@@ -283,33 +320,111 @@ fn writer(
     }
 }
 
+/// A guest store of `value` at `host` (byte `offset` of `region`), logged
+/// the way the VM's tracking mode logs it.
+fn guest_store(shared: &Shared, region: usize, offset: u64, host: *mut u64, value: u64) {
+    let store = || {
+        // SAFETY: the callers pass a host address inside region `region`
+        // (offset < size), 8-byte aligned, of a mapping that outlives them.
+        unsafe { std::ptr::write_volatile(host, value) }
+    };
+    match shared.tracking {
+        SoftTracking::Bitmap => {
+            store();
+            if shared.logging.load(Ordering::SeqCst) {
+                shared.log[region].set_addr_range(offset as usize, 8);
+            }
+        }
+        SoftTracking::ManualProtect => {
+            let _mmu = shared.mmu.read().unwrap_or_else(|e| e.into_inner());
+            let prot = &shared.protected[region];
+            if shared.logging.load(Ordering::SeqCst) && prot.is_addr_set(offset as usize) {
+                // The write fault: log the page, lift the protection.
+                shared.log[region].set_addr_range(offset as usize, 8);
+                prot.reset_addr_range(offset as usize, 8);
+            }
+            store();
+        }
+    }
+}
+
 /// The software VM's dirty log.
 struct SoftTracker<'a> {
     vm: &'a SoftVm,
 }
 
+impl SoftTracker<'_> {
+    fn manual(&self) -> bool {
+        self.vm.shared.tracking == SoftTracking::ManualProtect
+    }
+}
+
 impl DirtyTracker for SoftTracker<'_> {
     fn start(&mut self) -> Result<(), VmError> {
-        for l in &self.vm.shared.log {
-            l.reset();
+        let sh = &self.vm.shared;
+        let _mmu = sh.mmu.write().unwrap_or_else(|e| e.into_inner());
+        for ((l, p), r) in sh.log.iter().zip(&sh.protected).zip(self.vm.layout.regions()) {
+            p.reset();
+            if self.manual() {
+                // INITIALLY_SET: every page dirty, none protected.
+                l.set_addr_range(0, r.size as usize);
+            } else {
+                l.reset();
+            }
         }
-        self.vm.shared.logging.store(true, Ordering::SeqCst);
+        sh.logging.store(true, Ordering::SeqCst);
         Ok(())
     }
 
     fn sync(&mut self, bitmap: &mut DirtyBitmap) -> Result<(), VmError> {
         for (i, l) in self.vm.shared.log.iter().enumerate() {
-            bitmap.or_words(i, &l.get_and_reset());
+            if self.manual() {
+                // Manual-protect: reading does not clear (KVM_GET_DIRTY_LOG).
+                let words: Vec<u64> = (0..bitmap.region_pages(i))
+                    .step_by(64)
+                    .map(|p| {
+                        (0..64u64)
+                            .filter(|b| l.is_bit_set((p + b) as usize))
+                            .fold(0, |w, b| w | 1 << b)
+                    })
+                    .collect();
+                bitmap.or_words(i, &words);
+            } else {
+                bitmap.or_words(i, &l.get_and_reset());
+            }
         }
         Ok(())
     }
 
     fn needs_clear(&self) -> bool {
-        false
+        self.manual()
     }
 
-    fn clear(&mut self, _: usize, _: u64, _: u64, _: &DirtyBitmap) -> Result<(), VmError> {
-        // Harvesting with get_and_reset re-arms the log already.
+    fn clear(
+        &mut self,
+        region: usize,
+        first_page: u64,
+        npages: u64,
+        bitmap: &DirtyBitmap,
+    ) -> Result<(), VmError> {
+        if !self.manual() {
+            // Harvesting with get_and_reset re-arms the log already.
+            return Ok(());
+        }
+        let sh = &self.vm.shared;
+        let (Some(log), Some(prot)) = (sh.log.get(region), sh.protected.get(region)) else {
+            return Err(VmError::DirtyLog(format!("clear: no region {region}")));
+        };
+        let _mmu = sh.mmu.write().unwrap_or_else(|e| e.into_inner());
+        let end = (first_page + npages).min(bitmap.region_pages(region));
+        for p in first_page..end {
+            if bitmap.is_set(region, p) {
+                // KVM_CLEAR_DIRTY_LOG: clear the bit, write-protect the page.
+                let addr = (p * PAGE_SIZE) as usize;
+                log.reset_addr_range(addr, 1);
+                prot.set_addr_range(addr, 1);
+            }
+        }
         Ok(())
     }
 
@@ -319,7 +434,10 @@ impl DirtyTracker for SoftTracker<'_> {
     }
 
     fn describe(&self) -> String {
-        "software bitmap".into()
+        match self.vm.shared.tracking {
+            SoftTracking::Bitmap => "software bitmap".into(),
+            SoftTracking::ManualProtect => "software manual-protect (initially set)".into(),
+        }
     }
 }
 
