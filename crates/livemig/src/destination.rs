@@ -429,6 +429,18 @@ where
             "destination memory is not one mapping per region".into(),
         )
     })?;
+    // The source leaves out pages that read as zero there: make every page
+    // here read as zero first, whatever the VMM put in it before.
+    let t_scrub = Instant::now();
+    match ram.scrub() {
+        Ok(0) => {}
+        Ok(n) => log::warn!(
+            "zeroed {n} region(s) of destination memory by writing ({:.1} ms): \
+             their backing cannot drop pages",
+            ms(t_scrub.elapsed())
+        ),
+        Err(e) => return Err(refuse(fw, format!("cannot zero destination memory: {e}"))),
+    }
     let streams = if acceptor.is_some() {
         hello.streams.clamp(1, MAX_STREAMS)
     } else {

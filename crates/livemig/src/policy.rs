@@ -74,6 +74,14 @@ pub struct MigrationConfig {
     /// shrink is sent as it is). Off by default: on a fast link the
     /// compression costs more time than the bytes it saves.
     pub compress: bool,
+    /// Round 0 leaves out pages that certainly read as zero without reading
+    /// them: in private anonymous memory the pages `/proc/self/pagemap`
+    /// shows neither present nor swapped, in memory mapped shared from a
+    /// file (memfd, shmem, hugetlbfs) the file's holes. Other memory is read
+    /// in full. Default on. Turn it off when guest memory is filled behind
+    /// the kernel's back, for example served by a userfaultfd handler on
+    /// first access: such a page looks untouched but is not zero.
+    pub skip_untouched: bool,
 }
 
 impl Default for MigrationConfig {
@@ -92,6 +100,7 @@ impl Default for MigrationConfig {
             throttle_max: 99,
             streams: 1,
             compress: false,
+            skip_untouched: true,
         }
     }
 }

@@ -1990,6 +1990,13 @@ impl PageBatch {
         Ok(())
     }
 
+    /// Ends the current record: the next push starts a new one even if its
+    /// pages follow on. A sender calls it where a memory region ends, since
+    /// a record must lie inside one region (two regions may touch).
+    pub fn end_record(&mut self) {
+        self.last = None;
+    }
+
     /// Appends a record (or extends the last one); returns the offset where
     /// page data for it must go.
     fn push_record(&mut self, gpa: u64, npages: u32, kind: u8) -> usize {

@@ -363,7 +363,12 @@ impl DirtyTracker for SoftTracker<'_> {
     fn start(&mut self) -> Result<(), VmError> {
         let sh = &self.vm.shared;
         let _mmu = sh.mmu.write().unwrap_or_else(|e| e.into_inner());
-        for ((l, p), r) in sh.log.iter().zip(&sh.protected).zip(self.vm.layout.regions()) {
+        for ((l, p), r) in sh
+            .log
+            .iter()
+            .zip(&sh.protected)
+            .zip(self.vm.layout.regions())
+        {
             p.reset();
             if self.manual() {
                 // INITIALLY_SET: every page dirty, none protected.

@@ -189,6 +189,11 @@ struct PageSender<'a> {
     /// Round 0: the destination's memory is fresh (zero), so zero pages are
     /// counted but not sent at all.
     skip_zero: bool,
+    /// Round 0: pages that certainly read as zero ([`HostRam::populated`])
+    /// are not read at all (the destination's memory is zero too).
+    skip_untouched: bool,
+    /// Pages left out that way.
+    skipped: u64,
     /// The extra page streams, when there are several.
     pool: Option<StreamPool>,
     /// When the control connection last carried a frame (keepalives while
@@ -399,6 +404,9 @@ impl PageSender<'_> {
 
     /// Sends pages `first..first+npages` of `region`, zero pages as markers.
     fn send_run(&mut self, region: usize, first: u64, npages: u64) -> Result<(), ProtocolError> {
+        // Never merge with a record of the previous run: it may end exactly
+        // where this region begins.
+        self.batch.end_record();
         let mut p = first;
         let end = first + npages;
         while p < end {
@@ -441,9 +449,10 @@ impl PageSender<'_> {
     /// Sends every page set in `bitmap`, chunk by chunk; in manual-protect
     /// mode each chunk is re-armed in `tracker` just before it is read.
     ///
-    /// With `clear_with` set, every chunk is re-armed using that bitmap
-    /// (round 0 re-arms all of memory, chunk by chunk, including pages it
-    /// skips because they were never touched).
+    /// With [`PageSender::skip_untouched`] set (round 0), each chunk's pages
+    /// are then narrowed to those that may hold data ([`HostRam::populated`])
+    /// — after the re-arm, so a page first written between the two is
+    /// either seen as populated here or logged dirty for the next round.
     ///
     /// Pages may still be buffered (here or in the stream threads) when this
     /// returns: [`PageSender::end_round`] flushes and accounts them.
@@ -451,55 +460,74 @@ impl PageSender<'_> {
         &mut self,
         bitmap: &DirtyBitmap,
         mut tracker: Option<&mut (dyn DirtyTracker + '_)>,
-        clear_with: Option<&DirtyBitmap>,
         cancel: &CancelToken,
         phase: Phase,
     ) -> Result<(), MigrationError> {
+        let mut populated = Vec::new();
         for region in 0..bitmap.num_regions() {
             let pages = bitmap.region_pages(region);
             let mut chunk = 0;
             while chunk < pages {
                 let end = (chunk + CHUNK_PAGES).min(pages);
-                let has_pages = bitmap.any_in(region, chunk, end);
-                if has_pages || clear_with.is_some() {
-                    if cancel.is_cancelled() {
-                        return Err(MigrationError::new(phase, ErrorKind::Cancelled));
-                    }
-                    if let Some(t) = tracker.as_deref_mut() {
-                        let t0 = Instant::now();
-                        t.clear(region, chunk, end - chunk, clear_with.unwrap_or(bitmap))
-                            .map_err(|e| MigrationError::new(phase, e))?;
-                        self.clear_time += t0.elapsed();
-                    }
+                if !bitmap.any_in(region, chunk, end) {
+                    chunk = end;
+                    continue;
                 }
-                if has_pages {
-                    let runs: Vec<(u64, u64)> = bitmap
-                        .runs_in(region, chunk, end, u64::MAX)
-                        .map(|r| (r.first_page, r.npages))
-                        .collect();
-                    if let Some(pool) = &self.pool {
-                        let streams = pool.jobs.len() as u32;
-                        let index = stream_of(&self.layout, region, chunk, streams);
-                        let job = Job::Runs {
-                            region,
-                            runs,
-                            skip_zero: self.skip_zero,
-                        };
-                        if pool.dispatch(index, job).is_err() || pool.failed.load(Ordering::SeqCst)
-                        {
-                            // The barrier below names the stream and why.
-                            break;
-                        }
-                        self.keepalive()
-                            .map_err(|e| MigrationError::new(phase, e))?;
-                    } else {
-                        for (first, n) in runs {
-                            self.send_run(region, first, n)
-                                .map_err(|e| MigrationError::new(phase, e))?;
-                        }
-                    }
+                if cancel.is_cancelled() {
+                    return Err(MigrationError::new(phase, ErrorKind::Cancelled));
+                }
+                if let Some(t) = tracker.as_deref_mut() {
+                    let t0 = Instant::now();
+                    t.clear(region, chunk, end - chunk, bitmap)
+                        .map_err(|e| MigrationError::new(phase, e))?;
+                    self.clear_time += t0.elapsed();
+                }
+                let mut runs: Vec<(u64, u64)> = bitmap
+                    .runs_in(region, chunk, end, u64::MAX)
+                    .map(|r| (r.first_page, r.npages))
+                    .collect();
+                if self.skip_untouched {
+                    populated.resize((end - chunk) as usize, false);
+                    self.ram.populated(region, chunk, &mut populated);
+                    let before: u64 = runs.iter().map(|r| r.1).sum();
+                    runs = narrow_runs(&runs, chunk, &populated);
+                    self.skipped += before - runs.iter().map(|r| r.1).sum::<u64>();
+                }
+                if !runs.is_empty() {
+                    self.dispatch(region, chunk, runs, phase)?;
                 }
                 chunk = end;
+            }
+        }
+        Ok(())
+    }
+
+    /// Sends the runs of one chunk: on a page stream, or right here.
+    fn dispatch(
+        &mut self,
+        region: usize,
+        chunk: u64,
+        runs: Vec<(u64, u64)>,
+        phase: Phase,
+    ) -> Result<(), MigrationError> {
+        if let Some(pool) = &self.pool {
+            let streams = pool.jobs.len() as u32;
+            let index = stream_of(&self.layout, region, chunk, streams);
+            let job = Job::Runs {
+                region,
+                runs,
+                skip_zero: self.skip_zero,
+            };
+            if pool.dispatch(index, job).is_err() || pool.failed.load(Ordering::SeqCst) {
+                // The barrier at the end of the round names the stream and why.
+                return Ok(());
+            }
+            self.keepalive()
+                .map_err(|e| MigrationError::new(phase, e))?;
+        } else {
+            for (first, n) in runs {
+                self.send_run(region, first, n)
+                    .map_err(|e| MigrationError::new(phase, e))?;
             }
         }
         Ok(())
@@ -526,6 +554,36 @@ impl PageSender<'_> {
         }
         Ok(())
     }
+}
+
+#[cfg(test)]
+#[test]
+fn narrow_runs_keeps_marked_pages_as_maximal_runs() {
+    let keep = [true, false, true, true, false, false, true, true];
+    // Pages 100..108 with base 100; runs (100, 3) and (104, 4).
+    assert_eq!(
+        narrow_runs(&[(100, 3), (104, 4)], 100, &keep),
+        vec![(100, 1), (102, 1), (106, 2)]
+    );
+    assert!(narrow_runs(&[(101, 1)], 100, &keep).is_empty());
+}
+
+/// The parts of `runs` (pages `(first, n)`) whose pages are marked in
+/// `keep` (indexed from page `base`).
+fn narrow_runs(runs: &[(u64, u64)], base: u64, keep: &[bool]) -> Vec<(u64, u64)> {
+    let mut out: Vec<(u64, u64)> = Vec::new();
+    for &(first, n) in runs {
+        for p in first..first + n {
+            if !keep.get((p - base) as usize).copied().unwrap_or(true) {
+                continue;
+            }
+            match out.last_mut() {
+                Some((f, m)) if *f + *m == p => *m += 1,
+                _ => out.push((p, 1)),
+            }
+        }
+    }
+    out
 }
 
 /// Merges the VMM's own writes (vm-memory's bitmap) into `bitmap`.
@@ -810,6 +868,8 @@ fn run_source<V: SourceVm + ?Sized>(
         pacer: Pacer::new(rate, lifted.clone()),
         counts: Counts::default(),
         skip_zero: true,
+        skip_untouched: false,
+        skipped: 0,
         pool: None,
         last_control: Instant::now(),
         lz4: config.compress.then(Vec::new),
@@ -972,29 +1032,11 @@ fn precopy_and_switch<V: SourceVm + ?Sized>(
     let mut scratch = DirtyBitmap::new(&layout);
     merge_vmm_writes(vm, &mut scratch);
 
-    // Round 0: every page that exists on the host. Pages of the anonymous
-    // mapping that were never touched read as zero and the destination's
-    // fresh memory is zero already: skip them without reading them.
+    // Round 0: every page, except those that certainly read as zero
+    // ([`HostRam::populated`], asked per chunk after its re-arm): the
+    // destination scrubbed its memory to zero in the handshake.
     let mut bitmap = DirtyBitmap::new(&layout);
-    let mut skipped = 0u64;
-    for (i, r) in layout.regions().iter().enumerate() {
-        match sender.ram.populated(i) {
-            Some(pop) => {
-                for (p, present) in pop.iter().enumerate() {
-                    if *present {
-                        bitmap.set(i, p as u64);
-                    } else {
-                        skipped += 1;
-                    }
-                }
-            }
-            None => {
-                for p in 0..r.pages() {
-                    bitmap.set(i, p);
-                }
-            }
-        }
-    }
+    bitmap.set_all();
 
     let mut round = 0u32;
     let mut total_sent = 0u64;
@@ -1005,22 +1047,19 @@ fn precopy_and_switch<V: SourceVm + ?Sized>(
         let t0 = Instant::now();
         let before = sender.counts;
         let clear = tracker.needs_clear();
-        let all = (clear && round == 0).then(|| {
-            let mut a = DirtyBitmap::new(&layout);
-            a.set_all();
-            a
-        });
         sender.skip_zero = round == 0;
+        sender.skip_untouched = round == 0 && config.skip_untouched;
+        let skipped_before = sender.skipped;
         sender.clear_time = Duration::ZERO;
         sender.send_bitmap(
             &bitmap,
             if clear { Some(&mut *tracker) } else { None },
-            all.as_ref(),
             cancel,
             phase,
         )?;
         sender.end_round(phase, false)?;
         sender.skip_zero = false;
+        sender.skip_untouched = false;
         let end = RoundEnd {
             round,
             pages: sender.counts.pages - before.pages,
@@ -1072,7 +1111,7 @@ fn precopy_and_switch<V: SourceVm + ?Sized>(
         let rr = RoundReport {
             round,
             pages: sender.counts.pages - before.pages,
-            zero_pages: sender.counts.zero - before.zero + if round == 0 { skipped } else { 0 },
+            zero_pages: sender.counts.zero - before.zero + sender.skipped - skipped_before,
             bytes,
             duration_ms: ms(dur),
             dirty_pages_after: dirty,
@@ -1112,7 +1151,7 @@ fn precopy_and_switch<V: SourceVm + ?Sized>(
     }
     report.forced = forced;
     report.pages_sent = sender.counts.pages;
-    report.zero_pages = sender.counts.zero + skipped;
+    report.zero_pages = sender.counts.zero + sender.skipped;
 
     // Stop-and-copy: stop throttling first so it cannot race the pause.
     throttler.finish(true);
@@ -1134,7 +1173,7 @@ fn precopy_and_switch<V: SourceVm + ?Sized>(
     // completion too).
     sender.pacer.lifted.store(true, Ordering::SeqCst);
     // Paused: no need to re-arm the log, nothing is writing.
-    sender.send_bitmap(&bitmap, None, None, &CancelToken::new(), fm)?;
+    sender.send_bitmap(&bitmap, None, &CancelToken::new(), fm)?;
     // One barrier: every stream flushes and ends with `Complete`.
     sender.end_round(fm, true)?;
     report.final_pages = sender.counts.pages - before.pages + sender.counts.zero - before.zero;
@@ -1174,7 +1213,7 @@ fn precopy_and_switch<V: SourceVm + ?Sized>(
     let t_done = Instant::now();
 
     report.pages_sent = sender.counts.pages;
-    report.zero_pages = sender.counts.zero + skipped;
+    report.zero_pages = sender.counts.zero + sender.skipped;
     report.downtime_ms = ms(t_done - t_pause);
     let b = &mut report.downtime_breakdown;
     b.pause_ms = ms(t_paused - t_pause);

@@ -138,7 +138,11 @@ pub trait SourceVm: Send + Sync {
 /// The VM on the destination side, created from the source's
 /// [`VmDescription`] and not running until [`DestinationVm::resume`].
 pub trait DestinationVm: Send {
-    /// Guest memory (fresh, zero-filled).
+    /// Guest memory. Whatever it holds before the migration is discarded:
+    /// the engine makes every page read as zero in the handshake (dropping
+    /// private anonymous pages, punching holes in a shared file, or, for
+    /// any other backing, writing zeros) and then writes the source's
+    /// contents. Do not put anything into it before `restore_state`.
     fn memory(&self) -> &GuestRam;
 
     /// Loads all non-memory state. Must refuse unknown sections or versions.

@@ -15,8 +15,7 @@ use livemig::memory::{allocate, GuestRam, MemoryLayout, RegionDesc, PAGE_SIZE};
 use livemig::soft::{SoftConfig, SoftTracking, SoftVm};
 use livemig::transport::mem;
 use livemig::{
-    migrate, migrate_streams, receive, receive_streams, CancelToken, MigrationConfig,
-    ReceiveConfig,
+    migrate, migrate_streams, receive, receive_streams, CancelToken, MigrationConfig, ReceiveConfig,
 };
 use vm_memory::bitmap::{AtomicBitmap, NewBitmap};
 use vm_memory::{FileOffset, GuestAddress, GuestRegionMmap, MmapRegion};
@@ -130,7 +129,12 @@ fn classic_pages_born_during_round_0_arrive() {
     let src = SoftVm::new(&layout, &fresh_writers()).unwrap();
     src.start();
     std::thread::sleep(Duration::from_millis(5));
-    migrate_and_compare(&src, &MigrationConfig::default(), idle_destination, "classic");
+    migrate_and_compare(
+        &src,
+        &MigrationConfig::default(),
+        idle_destination,
+        "classic",
+    );
 }
 
 /// A memfd of `mib` MiB whose pages 1, 3, 5 … hold non-zero bytes written
@@ -156,15 +160,13 @@ fn write_odd_pages(f: &mut File, mib: u64) {
 }
 
 fn file_region(addr: u64, size: usize, file: File, flags: i32) -> GuestRegionMmap<AtomicBitmap> {
-    let mapping = vm_memory::mmap::MmapRegionBuilder::new_with_bitmap(
-        size,
-        AtomicBitmap::with_len(size),
-    )
-    .with_file_offset(FileOffset::new(file, 0))
-    .with_mmap_flags(flags | libc::MAP_NORESERVE)
-    .with_mmap_prot(libc::PROT_READ | libc::PROT_WRITE)
-    .build()
-    .expect("mmap");
+    let mapping =
+        vm_memory::mmap::MmapRegionBuilder::new_with_bitmap(size, AtomicBitmap::with_len(size))
+            .with_file_offset(FileOffset::new(file, 0))
+            .with_mmap_flags(flags | libc::MAP_NORESERVE)
+            .with_mmap_prot(libc::PROT_READ | libc::PROT_WRITE)
+            .build()
+            .expect("mmap");
     let mapping: MmapRegion<AtomicBitmap> = mapping;
     GuestRegionMmap::new(mapping, GuestAddress(addr)).expect("region")
 }
@@ -265,7 +267,12 @@ fn touching_regions_one_stream() {
     let src = SoftVm::new(&layout, &SoftConfig::default()).unwrap();
     src.fill(7);
     src.start();
-    migrate_and_compare(&src, &MigrationConfig::default(), idle_destination, "touching regions");
+    migrate_and_compare(
+        &src,
+        &MigrationConfig::default(),
+        idle_destination,
+        "touching regions",
+    );
 }
 
 #[test]
@@ -282,15 +289,24 @@ fn touching_regions_four_streams() {
             io_timeout: Duration::from_secs(10),
         };
         let acc: &mut dyn StreamAcceptor = &mut acceptor;
-        receive_streams(Box::new(b), Some(acc), &cfg, |d| Ok(idle_destination(&d.layout)))
-            .map(|(vm, _)| vm)
+        receive_streams(Box::new(b), Some(acc), &cfg, |d| {
+            Ok(idle_destination(&d.layout))
+        })
+        .map(|(vm, _)| vm)
     });
     let config = MigrationConfig {
         streams: 4,
         ..Default::default()
     };
     let op: &mut dyn StreamOpener = &mut opener;
-    let r = migrate_streams(&src, Box::new(a), Some(op), &config, &CancelToken::new(), &mut |_| {});
+    let r = migrate_streams(
+        &src,
+        Box::new(a),
+        Some(op),
+        &config,
+        &CancelToken::new(),
+        &mut |_| {},
+    );
     r.expect("migration");
     let dst = dest.join().unwrap().expect("receive");
     assert_same_memory(&src, &dst, "touching regions, 4 streams");
