@@ -113,18 +113,31 @@ struct Counter {
 struct Bus {
     serial: Arc<Mutex<SerialDevice>>,
     counter: Arc<Counter>,
+    delay: Duration,
+}
+
+impl Bus {
+    fn wait(&self) {
+        if !self.delay.is_zero() {
+            std::thread::sleep(self.delay);
+        }
+    }
 }
 
 impl ExitHandler for Bus {
     fn pio_read(&self, port: u16, data: &mut [u8]) {
-        std::thread::sleep(HANDLER_DELAY);
+        self.wait();
         data.fill(0xff);
         if (COM1_PORT..COM1_PORT + COM1_PORT_COUNT).contains(&port) {
-            data[0] = self.serial.lock().unwrap().pio_read((port - COM1_PORT) as u8);
+            data[0] = self
+                .serial
+                .lock()
+                .unwrap()
+                .pio_read((port - COM1_PORT) as u8);
         }
     }
     fn pio_write(&self, port: u16, data: &[u8]) {
-        std::thread::sleep(HANDLER_DELAY);
+        self.wait();
         if (COM1_PORT..COM1_PORT + COM1_PORT_COUNT).contains(&port) {
             self.serial
                 .lock()
@@ -133,7 +146,7 @@ impl ExitHandler for Bus {
         }
     }
     fn mmio_read(&self, addr: u64, data: &mut [u8]) {
-        std::thread::sleep(HANDLER_DELAY);
+        self.wait();
         data.fill(0xff);
         if addr == MMIO_IN && data.len() == 4 {
             let v = self.counter.next.fetch_add(1, Ordering::SeqCst);
@@ -141,7 +154,7 @@ impl ExitHandler for Bus {
         }
     }
     fn mmio_write(&self, addr: u64, data: &[u8]) {
-        std::thread::sleep(HANDLER_DELAY);
+        self.wait();
         if addr == MMIO_ECHO {
             if let Ok(b) = <[u8; 4]>::try_from(data) {
                 self.counter
@@ -162,12 +175,18 @@ struct Machine {
 
 impl Machine {
     fn new(line: &Line, counter: &Arc<Counter>) -> Machine {
+        Machine::with_delay(line, counter, HANDLER_DELAY)
+    }
+
+    /// Like [`Machine::new`] with an exit handler taking `delay` per access.
+    fn with_delay(line: &Line, counter: &Arc<Counter>, delay: Duration) -> Machine {
         let serial = Arc::new(Mutex::new(
             SerialDevice::new(SerialOutput::Writer(Box::new(line.clone()))).unwrap(),
         ));
         let bus = Arc::new(Bus {
             serial: serial.clone(),
             counter: counter.clone(),
+            delay,
         });
         let device: SharedDevice = serial.clone();
         let vm = KvmVm::create(
@@ -234,7 +253,8 @@ impl Machine {
         // I/O map base right after the 0x68-byte TSS; the bitmap is zero
         // (every port allowed) and ends with the required 0xff byte.
         mem.write_obj(0x68u16, GuestAddress(TSS + 0x66)).unwrap();
-        mem.write_obj(0xffu8, GuestAddress(TSS + TSS_LIMIT)).unwrap();
+        mem.write_obj(0xffu8, GuestAddress(TSS + TSS_LIMIT))
+            .unwrap();
         // P | RW | US | A (+ D | PS for the 2 MiB leaf at 0).
         mem.write_obj((PML4 + 0x1000) | 0x27, GuestAddress(PML4))
             .unwrap();
@@ -540,7 +560,11 @@ fn uart_stream_survives_engine_migrations_exactly() {
     SourceVm::pause(&m.vm).unwrap();
     assert_no_fatal(&m.vm);
     let echoed = line.bytes();
-    assert!(echoed.len() > 20, "the guest echoed only {} bytes", echoed.len());
+    assert!(
+        echoed.len() > 20,
+        "the guest echoed only {} bytes",
+        echoed.len()
+    );
     if let Some(d) = first_difference(&echoed, &input) {
         panic!(
             "the guest's echo is not the input ({} bytes over 20 migrations): {d}",
@@ -553,4 +577,54 @@ fn uart_stream_survives_engine_migrations_exactly() {
         "{read_by_guest} bytes left the UART but the guest echoed {}",
         echoed.len()
     );
+}
+
+/// Loads a guest program into a machine.
+type Loader = fn(&Machine);
+
+/// `jmp $` in 64-bit user mode: a guest that never exits.
+const SPIN_CPL3: [u8; 2] = [0xEB, 0xFE];
+
+/// Pause latency (`SourceVm::pause` until every vCPU is parked) of a
+/// spinning guest and of guests streaming to the UART with an instant exit
+/// handler, printed as median and maximum over 300 pauses. A measurement,
+/// not a test: `cargo test -p livemig-kvm --test inflight_io -- --ignored
+/// --nocapture pause_latency`.
+#[test]
+#[ignore]
+fn pause_latency() {
+    if !kvm_or_skip("pause_latency") {
+        return;
+    }
+    let _g = KVM_LOCK.lock().unwrap_or_else(|e| e.into_inner());
+    let loads: [(&str, Loader); 4] = [
+        ("spin, 64-bit CPL3", |m| m.load_cpl3(&SPIN_CPL3)),
+        ("UART out, 64-bit CPL3", |m| m.load_cpl3(&UART_STREAM_CPL3)),
+        ("UART out, real mode", |m| m.load(&UART_STREAM)),
+        ("MMIO read+write, real mode", |m| m.load(&MMIO_ECHO_PROG)),
+    ];
+    for (name, load) in loads {
+        let line = Line::default();
+        let counter = Arc::new(Counter::default());
+        let m = Machine::with_delay(&line, &counter, Duration::ZERO);
+        load(&m);
+        let mut took = Vec::new();
+        for _ in 0..300 {
+            m.vm.resume_vcpus();
+            std::thread::sleep(Duration::from_micros(500));
+            let t = std::time::Instant::now();
+            SourceVm::pause(&m.vm).unwrap();
+            took.push(t.elapsed());
+        }
+        assert_no_fatal(&m.vm);
+        took.sort();
+        eprintln!(
+            "pause latency, {name}: median {:?}, p90 {:?}, max {:?} ({} bytes / {} MMIO values streamed)",
+            took[took.len() / 2],
+            took[took.len() * 9 / 10],
+            took[took.len() - 1],
+            line.bytes().len(),
+            counter.echoed.lock().unwrap().len()
+        );
+    }
 }
