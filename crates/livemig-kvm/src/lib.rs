@@ -18,7 +18,8 @@ pub mod vm;
 pub use dirty::DirtyMode;
 pub use vcpu::ExitHandler;
 pub use vm::{
-    check_compatible, check_properties, x86_layout, KvmVm, KvmVmError, SharedDevice, VmConfig,
+    check_compatible, check_properties, check_tsc_khz, x86_layout, KvmVm, KvmVmError, SharedDevice,
+    TscPlan, VmConfig, TSC_KHZ_PROPERTY,
 };
 
 /// Whether `/dev/kvm` can be opened on this machine.

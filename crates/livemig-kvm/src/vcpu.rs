@@ -8,6 +8,20 @@
 //! [`VcpuFd`] is free, and the state code locks it to save or restore
 //! registers. [`VcpuSet::resume`] lets the threads run again.
 //!
+//! A vCPU parks only after a `KVM_RUN` that returned `EINTR` (or before its
+//! first one), never right after an exit: KVM finishes a port-I/O or MMIO
+//! exit's instruction only on the next `KVM_RUN` (an `in` or MMIO read gets
+//! its data into the registers then; string I/O advances RSI/RDI/RCX then),
+//! so state saved there would make the destination repeat the access — a
+//! UART byte written twice, a byte read on the source lost. A thread asked
+//! to pause after an exit therefore re-enters `KVM_RUN` once with
+//! `immediate_exit` set: KVM completes the instruction without running the
+//! guest and returns `EINTR`, and the thread parks. Any exit that re-entry
+//! returns (the next piece of a string instruction) is handled as usual
+//! first. This applies to every park: a migration pause, the throttle, a
+//! pause before saving state. A VMM with its own vCPU loop must follow the
+//! same rule (see docs/embedding.md).
+//!
 //! With a dirty ring ([`crate::dirty::DirtyRing`]) a vCPU whose ring is
 //! full exits with `KVM_EXIT_DIRTY_RING_FULL`; its thread harvests all rings
 //! itself (under the ring's lock, the same one a tracker sync takes) and
@@ -304,27 +318,21 @@ fn vcpu_loop(
     ring: Option<Arc<DirtyRing>>,
 ) {
     let mut no_progress = 0u32;
+    // Whether the last KVM_RUN returned EINTR/EAGAIN (or there was none
+    // yet): only then has KVM finished every instruction it exited for, and
+    // only then may the thread park (see `park_or_complete`).
+    let mut completed = true;
     {
         let mut fd = vcpu.lock().unwrap_or_else(|e| e.into_inner());
         let ptr: *mut kvm_run = fd.get_kvm_run();
         KVM_RUN_PTR.with(|p| p.set(ptr));
     }
     loop {
-        {
-            let mut ctl = shared.lock();
-            if ctl.want != Want::Run {
-                ctl.parked += 1;
-                shared.cv.notify_all();
-                while ctl.want == Want::Pause {
-                    ctl = shared.cv.wait(ctl).unwrap_or_else(|e| e.into_inner());
-                }
-                ctl.parked -= 1;
-                if ctl.want == Want::Exit {
-                    break;
-                }
-            }
-        }
-        let mut fd = vcpu.lock().unwrap_or_else(|e| e.into_inner());
+        let mut fd = match park_or_complete(&vcpu, &shared, completed) {
+            Some(fd) => fd,
+            None => break,
+        };
+        completed = false;
         let fatal = match fd.run() {
             Ok(VcpuExit::IoOut(port, data)) => {
                 handler.pio_write(port, data);
@@ -384,6 +392,7 @@ fn vcpu_loop(
             }
             Err(e) if e.errno() == libc::EINTR || e.errno() == libc::EAGAIN => {
                 fd.set_kvm_immediate_exit(0);
+                completed = true;
                 None
             }
             Err(e) => Some(format!("KVM_RUN failed: {e}")),
@@ -409,4 +418,45 @@ fn vcpu_loop(
     let mut ctl = shared.lock();
     ctl.exited += 1;
     shared.cv.notify_all();
+}
+
+/// Parks the calling vCPU thread while the set is paused, and returns its
+/// locked fd for the next `KVM_RUN` (or `None` when the set is dropped).
+///
+/// The rule (KVM's API documentation, `KVM_EXIT_IO`/`KVM_EXIT_MMIO` and
+/// `immediate_exit`): an exit to userspace is finished by the kernel only on
+/// the next `KVM_RUN`. An `in` or MMIO read gets its data into the guest's
+/// registers then, string I/O advances RSI/RDI/RCX then, and until then the
+/// registers KVM reports may still point at the instruction. So a vCPU whose
+/// last `KVM_RUN` returned an exit (`completed == false`) must not park yet:
+/// when a pause is wanted it re-enters `KVM_RUN` once with `immediate_exit`
+/// set — KVM completes the pending instruction without running the guest
+/// and returns `EINTR` — and parks only after that. The exit handling in
+/// [`vcpu_loop`] hands any further exit such a re-entry returns (the next
+/// piece of a string instruction) to the handler as usual.
+fn park_or_complete<'a>(
+    vcpu: &'a Mutex<VcpuFd>,
+    shared: &Shared,
+    completed: bool,
+) -> Option<MutexGuard<'a, VcpuFd>> {
+    let mut ctl = shared.lock();
+    if ctl.want != Want::Run && !completed {
+        drop(ctl);
+        let mut fd = vcpu.lock().unwrap_or_else(|e| e.into_inner());
+        fd.set_kvm_immediate_exit(1);
+        return Some(fd);
+    }
+    if ctl.want != Want::Run {
+        ctl.parked += 1;
+        shared.cv.notify_all();
+        while ctl.want == Want::Pause {
+            ctl = shared.cv.wait(ctl).unwrap_or_else(|e| e.into_inner());
+        }
+        ctl.parked -= 1;
+        if ctl.want == Want::Exit {
+            return None;
+        }
+    }
+    drop(ctl);
+    Some(vcpu.lock().unwrap_or_else(|e| e.into_inner()))
 }

@@ -3,13 +3,14 @@
 //! [`SourceVm`] and [`DestinationVm`] seams.
 
 use std::collections::BTreeMap;
+use std::sync::atomic::{AtomicU32, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use kvm_bindings::{
     kvm_enable_cap, kvm_pit_config, CpuId, KVM_MAX_CPUID_ENTRIES, KVM_PIT_SPEAKER_DUMMY,
 };
-use kvm_ioctls::{Kvm, VcpuFd, VmFd};
+use kvm_ioctls::{Cap, Kvm, VcpuFd, VmFd};
 use livemig::memory::{allocate, GuestRam, MemoryLayout, RegionDesc};
 use livemig::state::{DeviceState, Section, StateError};
 use livemig::vm::{
@@ -32,6 +33,14 @@ pub const MMIO_HOLE_START: u64 = 3 << 30;
 pub const HIGH_RAM_START: u64 = 4 << 30;
 /// Most vCPUs a VM may have.
 pub const MAX_VCPUS: u32 = 64;
+/// The [`VmDescription::properties`] key of the guest's TSC frequency in
+/// kHz (decimal), as `KVM_GET_TSC_KHZ` reports it on the source.
+pub const TSC_KHZ_PROPERTY: &str = "kvm.tsc_khz";
+/// Largest difference between the source's and the destination's TSC
+/// frequency, in parts per million of the source's, that is taken as equal:
+/// KVM's own default (`kvm.tsc_tolerance_ppm`), below which KVM itself does
+/// not scale.
+pub const TSC_TOLERANCE_PPM: u64 = 250;
 
 /// Errors creating or driving a KVM VM.
 #[derive(Debug, thiserror::Error)]
@@ -115,6 +124,10 @@ pub struct KvmVm {
     ring: Option<Arc<DirtyRing>>,
     nics: Vec<NicInfo>,
     cpuid_hash: u64,
+    /// The guest's TSC frequency in kHz (0: KVM could not say), read before
+    /// the vCPU threads start (a running vCPU's fd is locked inside
+    /// `KVM_RUN`) and updated by [`KvmVm::adopt_tsc_khz`].
+    tsc_khz: AtomicU32,
 }
 
 impl KvmVm {
@@ -236,6 +249,16 @@ impl KvmVm {
             .map_err(kvm_err("KVM_GET_MSR_INDEX_LIST"))?
             .as_slice()
             .to_vec();
+        let tsc_khz = match fds.first().map(VcpuFd::get_tsc_khz) {
+            Some(Ok(khz)) => khz,
+            Some(Err(e)) => {
+                log::warn!(
+                    "KVM_GET_TSC_KHZ: {e}; the VM's description will not carry its TSC frequency"
+                );
+                0
+            }
+            None => 0,
+        };
         let ring = match dirty_mode {
             DirtyMode::Ring { entries } => {
                 Some(Arc::new(DirtyRing::new(&vm, &fds, entries, &slots)?))
@@ -255,6 +278,7 @@ impl KvmVm {
             ring,
             nics: config.nics.clone(),
             cpuid_hash,
+            tsc_khz: AtomicU32::new(tsc_khz),
         })
     }
 
@@ -289,14 +313,68 @@ impl KvmVm {
         KvmDirtyTracker::new(&self.vm, &self.slots, self.dirty_mode, self.ring.as_deref())
     }
 
-    /// The host TSC frequency in kHz as KVM reports it (= the guest's).
+    /// The guest's TSC frequency in kHz as KVM reported it when the VM was
+    /// created (the host's, unless [`KvmVm::adopt_tsc_khz`] scaled it).
+    /// Does not touch the vCPUs, so it answers while they run.
     pub fn tsc_khz(&self) -> Result<u32, KvmVmError> {
-        let v = self
-            .vcpus
-            .vcpu(0)
-            .ok_or_else(|| KvmVmError::Config("no vCPU".into()))?;
-        let fd = v.lock().unwrap_or_else(|e| e.into_inner());
-        fd.get_tsc_khz().map_err(kvm_err("KVM_GET_TSC_KHZ"))
+        match self.tsc_khz.load(Ordering::Relaxed) {
+            0 => Err(KvmVmError::Config(
+                "KVM_GET_TSC_KHZ failed when the VM was created".into(),
+            )),
+            khz => Ok(khz),
+        }
+    }
+
+    /// Gives this (destination) VM the TSC frequency of the source VM
+    /// described by `desc`, so the guest's clock keeps its rate.
+    ///
+    /// Call it on a VM created for an incoming migration, before its state
+    /// is restored (in the closure passed to `livemig::receive`, after
+    /// [`check_properties`]). Equal rates (within [`TSC_TOLERANCE_PPM`])
+    /// need nothing. Otherwise, where KVM offers `KVM_CAP_TSC_CONTROL`,
+    /// every vCPU is set to the source's rate with `KVM_SET_TSC_KHZ` (and
+    /// read back); where it does not, the VM is refused with
+    /// [`VmError::Incompatible`] naming both rates. The vCPUs must be
+    /// paused (they are until the engine resumes the VM).
+    pub fn adopt_tsc_khz(&self, desc: &VmDescription) -> Result<TscPlan, VmError> {
+        let source = source_tsc_khz(desc)?;
+        let ours = self
+            .tsc_khz()
+            .map_err(|e| VmError::Incompatible(e.to_string()))?;
+        let can_scale = self.vm.check_extension(Cap::TscControl);
+        let plan = check_tsc_khz(source, ours, can_scale)?;
+        if let TscPlan::Scale(khz) = plan {
+            self.set_tsc_khz(khz)?;
+        }
+        Ok(plan)
+    }
+
+    /// Sets every (paused) vCPU's TSC frequency and checks that it took.
+    fn set_tsc_khz(&self, khz: u32) -> Result<(), VmError> {
+        for i in 0..self.vcpus.len() {
+            self.with_vcpu(i, |fd| -> Result<(), VmError> {
+                let refused = |e: kvm_ioctls::Error| {
+                    VmError::Incompatible(format!("vCPU {i}: KVM_SET_TSC_KHZ({khz}) failed: {e}"))
+                };
+                fd.set_tsc_khz(khz).map_err(refused)?;
+                let got = fd.get_tsc_khz().map_err(refused)?;
+                check_tsc_khz(khz, got, false).map(|_| ())
+            })
+            .map_err(|e| VmError::Incompatible(e.to_string()))??;
+        }
+        self.tsc_khz.store(khz, Ordering::Relaxed);
+        Ok(())
+    }
+
+    /// Whether the vCPUs are held parked: paused through
+    /// [`KvmVm::pause_vcpus`], [`SourceVm::pause`] or the throttle, or
+    /// created and not resumed yet. It does not say who paused them (an
+    /// operator, the engine's stop-and-copy or auto-converge): a caller that
+    /// needs to know whether the operator paused the VM must read it before
+    /// pausing the VM itself. A VM whose vCPU stopped fatally is not
+    /// "paused" here (see [`VcpuSet::fatal`](crate::vcpu::VcpuSet::fatal)).
+    pub fn is_paused(&self) -> bool {
+        !self.vcpus.is_running()
     }
 
     /// Runs `f` on vCPU `index`'s fd. The VM must be paused.
@@ -337,6 +415,12 @@ impl KvmVm {
         let mut p = BTreeMap::new();
         p.insert("kvm.cpuid".to_string(), format!("{:016x}", self.cpuid_hash));
         p.insert("kvm.irqchip".to_string(), "pic+ioapic+pit2".to_string());
+        match self.tsc_khz.load(Ordering::Relaxed) {
+            0 => {}
+            khz => {
+                p.insert(TSC_KHZ_PROPERTY.to_string(), khz.to_string());
+            }
+        }
         p
     }
 }
@@ -547,7 +631,14 @@ pub fn check_compatible(desc: &VmDescription, config: &VmConfig) -> Result<(), V
     Ok(())
 }
 
-/// Checks the source's KVM properties against this host's.
+/// Checks the source's KVM properties against this host's: the CPU
+/// features (`kvm.cpuid`) must be equal, and the guest's TSC frequency
+/// ([`TSC_KHZ_PROPERTY`]) must be this host's (within
+/// [`TSC_TOLERANCE_PPM`]) unless this host's KVM can scale a guest's TSC
+/// (`KVM_CAP_TSC_CONTROL`); then the VMM must call
+/// [`KvmVm::adopt_tsc_khz`] on the VM it creates. Run it in the closure
+/// passed to `livemig::receive`, so a mismatch is refused in the handshake,
+/// before any page is sent.
 pub fn check_properties(desc: &VmDescription) -> Result<(), VmError> {
     let kvm = Kvm::new().map_err(|e| VmError::Create(format!("opening /dev/kvm: {e}")))?;
     let cpuid = kvm
@@ -555,14 +646,85 @@ pub fn check_properties(desc: &VmDescription) -> Result<(), VmError> {
         .map_err(|e| VmError::Create(format!("KVM_GET_SUPPORTED_CPUID: {e}")))?;
     let ours = format!("{:016x}", hash_cpuid(&cpuid));
     match desc.properties.get("kvm.cpuid") {
-        Some(theirs) if *theirs == ours => Ok(()),
-        Some(theirs) => Err(VmError::Incompatible(format!(
-            "CPU features differ (source CPUID hash {theirs}, destination {ours})"
-        ))),
-        None => Err(VmError::Incompatible(
-            "source did not describe its CPU features (kvm.cpuid)".into(),
-        )),
+        Some(theirs) if *theirs == ours => {}
+        Some(theirs) => {
+            return Err(VmError::Incompatible(format!(
+                "CPU features differ (source CPUID hash {theirs}, destination {ours})"
+            )))
+        }
+        None => {
+            return Err(VmError::Incompatible(
+                "source did not describe its CPU features (kvm.cpuid)".into(),
+            ))
+        }
     }
+    let source = source_tsc_khz(desc)?;
+    let host = host_tsc_khz(&kvm)?;
+    check_tsc_khz(source, host, kvm.check_extension(Cap::TscControl)).map(|_| ())
+}
+
+/// What a destination must do about the source's TSC frequency.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum TscPlan {
+    /// The rates are equal within [`TSC_TOLERANCE_PPM`]: nothing.
+    Matches,
+    /// Set the destination's vCPUs to this rate (kHz) with `KVM_SET_TSC_KHZ`.
+    Scale(u32),
+}
+
+/// Decides what to do about a guest TSC of `source_khz` on a destination
+/// whose vCPUs run at `dest_khz`, where `can_scale` says whether the
+/// destination's KVM can scale a guest's TSC (`KVM_CAP_TSC_CONTROL`).
+///
+/// Rates within [`TSC_TOLERANCE_PPM`] of the source's match; other rates
+/// need scaling, and without it the migration is refused: the guest
+/// calibrated its clock to the source's rate and would see time run at
+/// `dest / source` times the real speed.
+pub fn check_tsc_khz(source_khz: u32, dest_khz: u32, can_scale: bool) -> Result<TscPlan, VmError> {
+    if source_khz == 0 {
+        return Err(VmError::Incompatible(
+            "the source's TSC frequency is 0 kHz".into(),
+        ));
+    }
+    let diff = u64::from(source_khz.abs_diff(dest_khz));
+    if diff * 1_000_000 <= TSC_TOLERANCE_PPM * u64::from(source_khz) {
+        return Ok(TscPlan::Matches);
+    }
+    if can_scale {
+        return Ok(TscPlan::Scale(source_khz));
+    }
+    Err(VmError::Incompatible(format!(
+        "TSC frequency differs: source {source_khz} kHz, destination {dest_khz} kHz \
+         (more than {TSC_TOLERANCE_PPM} ppm apart), and this host's KVM cannot scale a \
+         guest's TSC (no KVM_CAP_TSC_CONTROL): the guest's clock would run at the wrong rate"
+    )))
+}
+
+/// The source's TSC frequency from its description.
+fn source_tsc_khz(desc: &VmDescription) -> Result<u32, VmError> {
+    let v = desc.properties.get(TSC_KHZ_PROPERTY).ok_or_else(|| {
+        VmError::Incompatible(format!(
+            "source did not describe its TSC frequency ({TSC_KHZ_PROPERTY})"
+        ))
+    })?;
+    v.parse().map_err(|_| {
+        VmError::Incompatible(format!(
+            "source's TSC frequency {TSC_KHZ_PROPERTY}={v:?} is not a number of kHz"
+        ))
+    })
+}
+
+/// This host's TSC frequency as KVM gives it to a new vCPU (asked of a
+/// throwaway VM: `KVM_GET_TSC_KHZ` is a vCPU ioctl).
+fn host_tsc_khz(kvm: &Kvm) -> Result<u32, VmError> {
+    let create = |op: &str, e: kvm_ioctls::Error| VmError::Create(format!("{op}: {e}"));
+    let vm = kvm
+        .create_vm()
+        .map_err(|e| create("KVM_CREATE_VM (probing the TSC frequency)", e))?;
+    let vcpu = vm
+        .create_vcpu(0)
+        .map_err(|e| create("KVM_CREATE_VCPU (probing the TSC frequency)", e))?;
+    vcpu.get_tsc_khz().map_err(|e| create("KVM_GET_TSC_KHZ", e))
 }
 
 #[cfg(test)]
@@ -615,5 +777,93 @@ mod tests {
         assert!(e.to_string().contains("CPU features differ"), "{e}");
         let e = check_properties(&desc(&[])).unwrap_err();
         assert!(e.to_string().contains("kvm.cpuid"), "{e}");
+    }
+
+    #[test]
+    fn tsc_rates_within_the_tolerance_match() {
+        assert_eq!(
+            check_tsc_khz(2_445_404, 2_445_404, false).unwrap(),
+            TscPlan::Matches
+        );
+        // 250 ppm of 2 445 404 kHz is 611 kHz.
+        assert_eq!(
+            check_tsc_khz(2_445_404, 2_446_015, false).unwrap(),
+            TscPlan::Matches
+        );
+        assert_eq!(
+            check_tsc_khz(2_445_404, 2_444_793, false).unwrap(),
+            TscPlan::Matches
+        );
+    }
+
+    #[test]
+    fn other_tsc_rates_are_scaled_or_refused() {
+        assert_eq!(
+            check_tsc_khz(2_445_404, 2_446_016, true).unwrap(),
+            TscPlan::Scale(2_445_404)
+        );
+        assert_eq!(
+            check_tsc_khz(2_000_000, 3_000_000, true).unwrap(),
+            TscPlan::Scale(2_000_000)
+        );
+        let e = check_tsc_khz(2_445_404, 2_446_016, false).unwrap_err();
+        let msg = e.to_string();
+        assert!(matches!(e, VmError::Incompatible(_)), "{msg}");
+        for want in ["source 2445404 kHz", "destination 2446016 kHz", "TSC"] {
+            assert!(msg.contains(want), "{want:?} missing from: {msg}");
+        }
+        assert!(check_tsc_khz(0, 2_445_404, true).is_err());
+    }
+
+    /// This host's description of itself, as a source on it would send.
+    fn host_desc(kvm: &Kvm) -> BTreeMap<String, String> {
+        let cpuid = kvm.get_supported_cpuid(KVM_MAX_CPUID_ENTRIES).unwrap();
+        let mut p = BTreeMap::new();
+        p.insert(
+            "kvm.cpuid".to_string(),
+            format!("{:016x}", hash_cpuid(&cpuid)),
+        );
+        p.insert(
+            TSC_KHZ_PROPERTY.to_string(),
+            host_tsc_khz(kvm).unwrap().to_string(),
+        );
+        p
+    }
+
+    #[test]
+    fn a_foreign_tsc_rate_is_refused_unless_kvm_can_scale() {
+        if !crate::kvm_available() {
+            eprintln!(
+                "*** SKIPPED a_foreign_tsc_rate_is_refused_unless_kvm_can_scale: /dev/kvm is not available ***"
+            );
+            return;
+        }
+        let kvm = Kvm::new().unwrap();
+        let mut d = desc(&[]);
+        d.properties = host_desc(&kvm);
+        check_properties(&d).expect("this host's own description");
+        let host = host_tsc_khz(&kvm).unwrap();
+        let foreign = host / 2;
+        d.properties
+            .insert(TSC_KHZ_PROPERTY.to_string(), foreign.to_string());
+        let r = check_properties(&d);
+        if kvm.check_extension(Cap::TscControl) {
+            r.expect("KVM can scale the TSC: accepted");
+        } else {
+            let msg = r.unwrap_err().to_string();
+            for want in [
+                format!("source {foreign} kHz"),
+                format!("destination {host} kHz"),
+            ] {
+                assert!(msg.contains(&want), "{want:?} missing from: {msg}");
+            }
+        }
+        d.properties.remove(TSC_KHZ_PROPERTY);
+        let e = check_properties(&d).unwrap_err();
+        assert!(e.to_string().contains(TSC_KHZ_PROPERTY), "{e}");
+        d.properties
+            .insert(TSC_KHZ_PROPERTY.to_string(), "fast".to_string());
+        let e = check_properties(&d).unwrap_err();
+        assert!(e.to_string().contains("not a number"), "{e}");
     }
 }

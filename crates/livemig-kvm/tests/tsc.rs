@@ -1,0 +1,207 @@
+//! The guest's TSC frequency travels in the VM description and a
+//! destination that cannot give the guest that rate refuses the migration in
+//! the handshake, before any page (issue 13, item 6).
+
+use std::sync::{Arc, Mutex};
+
+use livemig::memory::GuestRam;
+use livemig::state::Section;
+use livemig::vm::{DirtyTracker, SourceVm, VcpuThrottle, VmDescription, VmError};
+use livemig::Phase;
+use livemig_kvm::{check_properties, ExitHandler, KvmVm, VmConfig, TSC_KHZ_PROPERTY};
+use vm_memory::{Bytes, GuestAddress};
+
+struct Ignore;
+
+impl ExitHandler for Ignore {
+    fn pio_read(&self, _: u16, data: &mut [u8]) {
+        data.fill(0xff);
+    }
+    fn pio_write(&self, _: u16, _: &[u8]) {}
+    fn mmio_read(&self, _: u64, data: &mut [u8]) {
+        data.fill(0xff);
+    }
+    fn mmio_write(&self, _: u64, _: &[u8]) {}
+}
+
+fn config() -> VmConfig {
+    VmConfig {
+        memory: 2 << 20,
+        vcpus: 1,
+        nics: vec![],
+        dirty_mode: None,
+    }
+}
+
+fn vm() -> KvmVm {
+    KvmVm::create(&config(), Arc::new(Ignore), vec![]).expect("create VM")
+}
+
+/// A VM whose (real-mode) guest spins on `jmp $` at 0x1000.
+fn spinning_vm() -> KvmVm {
+    let vm = vm();
+    SourceVm::memory(&vm)
+        .write_slice(&[0xEB, 0xFE], GuestAddress(0x1000))
+        .unwrap();
+    vm.with_vcpu(0, |fd| {
+        let mut s = fd.get_sregs().unwrap();
+        s.cs.base = 0;
+        s.cs.selector = 0;
+        fd.set_sregs(&s).unwrap();
+        fd.set_regs(&kvm_bindings::kvm_regs {
+            rip: 0x1000,
+            rflags: 0x2,
+            ..Default::default()
+        })
+        .unwrap();
+    })
+    .unwrap();
+    vm
+}
+
+/// A source VM on a host with another TSC rate: `KvmVm` with its
+/// description's TSC frequency replaced.
+struct OtherHost {
+    vm: KvmVm,
+    tsc_khz: u32,
+}
+
+impl SourceVm for OtherHost {
+    fn memory(&self) -> &GuestRam {
+        SourceVm::memory(&self.vm)
+    }
+    fn describe(&self) -> Result<VmDescription, VmError> {
+        let mut d = self.vm.describe()?;
+        d.properties
+            .insert(TSC_KHZ_PROPERTY.to_string(), self.tsc_khz.to_string());
+        Ok(d)
+    }
+    fn dirty_tracker(&self) -> Result<Box<dyn DirtyTracker + '_>, VmError> {
+        self.vm.dirty_tracker()
+    }
+    fn pause(&self) -> Result<(), VmError> {
+        SourceVm::pause(&self.vm)
+    }
+    fn resume(&self) -> Result<(), VmError> {
+        SourceVm::resume(&self.vm)
+    }
+    fn save_state(&self) -> Result<Vec<Section>, VmError> {
+        self.vm.save_state()
+    }
+    fn throttle(&self) -> Option<&dyn VcpuThrottle> {
+        self.vm.throttle()
+    }
+}
+
+fn kvm_or_skip(test: &str) -> bool {
+    if livemig_kvm::kvm_available() {
+        return true;
+    }
+    if std::env::var_os("LIVEMIG_REQUIRE_KVM").is_some() {
+        panic!("{test}: /dev/kvm is not available but LIVEMIG_REQUIRE_KVM is set");
+    }
+    eprintln!("\n*** SKIPPED {test}: /dev/kvm is not available on this machine ***\n");
+    false
+}
+
+static KVM_LOCK: Mutex<()> = Mutex::new(());
+
+#[test]
+fn the_description_carries_the_tsc_frequency() {
+    if !kvm_or_skip("the_description_carries_the_tsc_frequency") {
+        return;
+    }
+    let _g = KVM_LOCK.lock().unwrap_or_else(|e| e.into_inner());
+    let vm = spinning_vm();
+    let khz = vm.tsc_khz().expect("KVM_GET_TSC_KHZ");
+    let d = vm.describe().unwrap();
+    assert_eq!(d.properties.get(TSC_KHZ_PROPERTY), Some(&khz.to_string()));
+    // Answered while the vCPU runs (its fd is busy inside KVM_RUN).
+    vm.resume_vcpus();
+    assert_eq!(vm.tsc_khz().unwrap(), khz);
+    check_properties(&vm.describe().unwrap()).expect("same host");
+    assert!(vm.vcpus().fatal().is_none());
+}
+
+#[test]
+fn a_destination_with_another_tsc_rate_refuses_in_the_handshake() {
+    if !kvm_or_skip("a_destination_with_another_tsc_rate_refuses_in_the_handshake") {
+        return;
+    }
+    let _g = KVM_LOCK.lock().unwrap_or_else(|e| e.into_inner());
+    let kvm = kvm_ioctls::Kvm::new().unwrap();
+    if kvm.check_extension(kvm_ioctls::Cap::TscControl) {
+        eprintln!("*** SKIPPED: this host's KVM can scale the TSC, so nothing is refused ***");
+        return;
+    }
+    let source = OtherHost {
+        vm: spinning_vm(),
+        tsc_khz: 1_000_000,
+    };
+    source.vm.resume_vcpus();
+    let host = source.vm.tsc_khz().unwrap();
+    let created = Arc::new(Mutex::new(false));
+    let created2 = created.clone();
+    let (to_dest, from_source) = livemig::transport::mem::pair();
+    let dest = std::thread::spawn(move || {
+        livemig::receive(
+            Box::new(from_source),
+            &livemig::ReceiveConfig::default(),
+            move |desc| {
+                check_properties(desc)?;
+                *created2.lock().unwrap() = true;
+                Ok(vm())
+            },
+        )
+        .map(|_| ())
+    });
+    let err = livemig::migrate(
+        &source,
+        Box::new(to_dest),
+        &livemig::MigrationConfig::default(),
+        &livemig::CancelToken::new(),
+        &mut |_| {},
+    )
+    .expect_err("a destination with another TSC rate must refuse");
+    let dest_err = dest.join().unwrap().expect_err("the destination refused");
+    assert_eq!(err.phase, Phase::Handshake, "{err}");
+    let msg = err.to_string();
+    eprintln!("refused: {msg}");
+    for want in [
+        "TSC frequency differs".to_string(),
+        "source 1000000 kHz".to_string(),
+        format!("destination {host} kHz"),
+    ] {
+        assert!(msg.contains(&want), "{want:?} missing from: {msg}");
+    }
+    assert!(
+        dest_err.to_string().contains("TSC frequency differs"),
+        "{dest_err}"
+    );
+    assert!(!*created.lock().unwrap(), "no destination VM was built");
+    assert!(!source.vm.is_paused(), "the source runs on");
+    assert!(source.vm.vcpus().fatal().is_none());
+}
+
+#[test]
+fn adopt_tsc_khz_accepts_the_same_rate_and_refuses_another() {
+    if !kvm_or_skip("adopt_tsc_khz_accepts_the_same_rate_and_refuses_another") {
+        return;
+    }
+    let _g = KVM_LOCK.lock().unwrap_or_else(|e| e.into_inner());
+    let source = vm();
+    let dest = vm();
+    let mut d = source.describe().unwrap();
+    assert_eq!(
+        dest.adopt_tsc_khz(&d).unwrap(),
+        livemig_kvm::TscPlan::Matches
+    );
+    let kvm = kvm_ioctls::Kvm::new().unwrap();
+    if kvm.check_extension(kvm_ioctls::Cap::TscControl) {
+        return;
+    }
+    d.properties
+        .insert(TSC_KHZ_PROPERTY.to_string(), "1000000".to_string());
+    let e = dest.adopt_tsc_khz(&d).unwrap_err();
+    assert!(e.to_string().contains("source 1000000 kHz"), "{e}");
+}
