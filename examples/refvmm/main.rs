@@ -523,6 +523,7 @@ fn cmd_receive(
             dirty_mode,
         })
         .map_err(VmError::Create)?;
+        machine.vm.adopt_tsc_khz(desc)?;
         Ok(DestMachine {
             machine,
             start_paused,

@@ -337,7 +337,9 @@ impl KvmVm {
     /// [`VmError::Incompatible`] naming both rates. The vCPUs must be
     /// paused (they are until the engine resumes the VM).
     pub fn adopt_tsc_khz(&self, desc: &VmDescription) -> Result<TscPlan, VmError> {
-        let source = source_tsc_khz(desc)?;
+        let Some(source) = source_tsc_khz(desc)? else {
+            return Ok(TscPlan::Matches);
+        };
         let ours = self
             .tsc_khz()
             .map_err(|e| VmError::Incompatible(e.to_string()))?;
@@ -658,7 +660,9 @@ pub fn check_properties(desc: &VmDescription) -> Result<(), VmError> {
             ))
         }
     }
-    let source = source_tsc_khz(desc)?;
+    let Some(source) = source_tsc_khz(desc)? else {
+        return Ok(());
+    };
     let host = host_tsc_khz(&kvm)?;
     check_tsc_khz(source, host, kvm.check_extension(Cap::TscControl)).map(|_| ())
 }
@@ -700,14 +704,18 @@ pub fn check_tsc_khz(source_khz: u32, dest_khz: u32, can_scale: bool) -> Result<
     )))
 }
 
-/// The source's TSC frequency from its description.
-fn source_tsc_khz(desc: &VmDescription) -> Result<u32, VmError> {
-    let v = desc.properties.get(TSC_KHZ_PROPERTY).ok_or_else(|| {
-        VmError::Incompatible(format!(
-            "source did not describe its TSC frequency ({TSC_KHZ_PROPERTY})"
-        ))
-    })?;
-    v.parse().map_err(|_| {
+/// The source's TSC frequency from its description; `None` from a source
+/// that does not send it (versions before it did: accepted, with a warning,
+/// so a release can still take over from the one before).
+fn source_tsc_khz(desc: &VmDescription) -> Result<Option<u32>, VmError> {
+    let Some(v) = desc.properties.get(TSC_KHZ_PROPERTY) else {
+        log::warn!(
+            "the source did not describe its TSC frequency ({TSC_KHZ_PROPERTY}); \
+             assuming this host's"
+        );
+        return Ok(None);
+    };
+    v.parse().map(Some).map_err(|_| {
         VmError::Incompatible(format!(
             "source's TSC frequency {TSC_KHZ_PROPERTY}={v:?} is not a number of kHz"
         ))
