@@ -469,8 +469,21 @@ pub fn start_source(
     vcpus: u32,
     cmdline: &str,
 ) -> Result<Vmm, String> {
+    start_source_with(dir, name, memory, vcpus, cmdline, &[])
+}
+
+/// Like [`start_source`], with `extra` options for `refvmm run` (for
+/// example `["--dirty-log", "ring"]`).
+pub fn start_source_with(
+    dir: &Path,
+    name: &str,
+    memory: &str,
+    vcpus: u32,
+    cmdline: &str,
+    extra: &[&str],
+) -> Result<Vmm, String> {
     let api = dir.join(format!("{name}.sock"));
-    let args: Vec<String> = [
+    let mut args: Vec<String> = [
         "run",
         "--memory",
         memory,
@@ -486,6 +499,7 @@ pub fn start_source(
     .iter()
     .map(|s| s.to_string())
     .collect();
+    args.extend(extra.iter().map(|s| s.to_string()));
     let mut v = Vmm::spawn(name, &args, api)?;
     v.wait_api(Duration::from_secs(20))?;
     Ok(v)
