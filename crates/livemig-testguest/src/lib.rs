@@ -186,8 +186,31 @@ pub const KSTACK_TOP: u64 = BSS_START + 0x1000;
 pub const USTACK_TOP: u64 = KSTACK_TOP + 0x8000;
 /// Guest-physical address of the CPL3 program's variables (one page).
 pub const VARS_ADDR: u64 = USTACK_TOP;
+/// Guest-physical address of the first application processor's block (with `smp=`): AP `k`
+/// (`1 ..` [`MAX_CPUS`]) uses `CPU_BLOCKS + (k - 1) * CPU_BLOCK_SIZE` for its variables (the
+/// same offsets as the boot processor's at [`VARS_ADDR`]), its report ring and its stack.
+pub const CPU_BLOCKS: u64 = VARS_ADDR + 0x1000;
+/// Size of one application processor's block; its stack top is the block's end.
+pub const CPU_BLOCK_SIZE: u64 = 0x2000;
+/// Most vCPUs the guest drives (`smp=` is clamped to this).
+pub const MAX_CPUS: u64 = 16;
+/// Offset in an AP's block of its ring of corruption reports ([`CORRUPT_RING_ENTRIES`] entries
+/// of three qwords: page, got, want), which the boot processor prints.
+pub const CORRUPT_RING_OFFSET: u64 = 0x400;
+/// Entries in an AP's corruption report ring.
+pub const CORRUPT_RING_ENTRIES: u64 = 32;
 /// End of the loaded segment (`p_paddr + p_memsz`).
-pub const IMAGE_END: u64 = VARS_ADDR + 0x1000;
+pub const IMAGE_END: u64 = CPU_BLOCKS + (MAX_CPUS - 1) * CPU_BLOCK_SIZE;
+/// Where the 16-bit AP start-up code is kept in the image (file-backed, [`TRAMPOLINE_SIZE`]
+/// bytes); the boot processor copies it to [`AP_TRAMPOLINE`] before it starts the APs.
+pub const TRAMPOLINE_IMAGE: u64 = LOAD_ADDR + 0x200;
+/// Size of the AP start-up code block (code, then its GDTR copy and far pointer).
+pub const TRAMPOLINE_SIZE: u64 = 0x80;
+/// Guest-physical address the APs start at (real mode, `CS:IP = 0x0800:0000`): the
+/// start-up IPI's vector is `AP_TRAMPOLINE >> 12`.
+pub const AP_TRAMPOLINE: u64 = 0x8000;
+/// Guest-physical base of the local APIC (its MMIO page), used to send INIT and SIPI.
+pub const LAPIC_BASE: u64 = 0xfee0_0000;
 
 /// Guest-physical start of the virtio-net driver's memory (virtqueues and buffers), used only
 /// with a `net=` token; see the crate docs.
@@ -243,6 +266,10 @@ const _: () = {
     assert!(CODE64_ADDR < TSS_ADDR && TSS_ADDR + 0x68 + 8192 < PML4_ADDR);
     assert!(PDPT_ADDR == PML4_ADDR + 0x1000 && PD_ADDR == PDPT_ADDR + 0x1000);
     assert!(IMAGE_END <= NET_MEM && NET_MEM_END <= GEN_TABLE);
+    assert!(GDTR_ADDR + 6 <= TRAMPOLINE_IMAGE && TRAMPOLINE_IMAGE + TRAMPOLINE_SIZE <= CODE64_ADDR);
+    assert!(AP_TRAMPOLINE % 4096 == 0 && AP_TRAMPOLINE + TRAMPOLINE_SIZE <= 0x9000);
+    assert!(CORRUPT_RING_OFFSET + 24 * CORRUPT_RING_ENTRIES <= CPU_BLOCK_SIZE / 2);
+    assert!(CPU_BLOCK_SIZE.is_power_of_two() && CORRUPT_RING_ENTRIES.is_power_of_two());
     assert!(NET_RX_BUFS >= NET_CTRL_BUF + 0x1000);
     assert!(NET_RX_SIZE.is_power_of_two() && NET_TX_SIZE.is_power_of_two());
     assert!(NET_CTRL_SIZE.is_power_of_two() && NET_BUF_SIZE == 2048);
@@ -273,6 +300,33 @@ pub enum Error {
 #[must_use]
 pub fn expected_qword(page: u64, gen: u32, index: usize) -> u64 {
     ((page << 32) | u64::from(gen)) ^ (index as u64).wrapping_mul(INDEX_MUL)
+}
+
+/// Whether generation `gen` of a page is all zero: generation 0 (never written), and, with
+/// `zero=<n>` (`zero_every = n > 0`), every generation that is a multiple of `n` (the `n`-th,
+/// `2n`-th, ... write of the page writes it all zero).
+#[must_use]
+pub fn generation_is_zero(gen: u32, zero_every: u32) -> bool {
+    gen == 0 || (zero_every != 0 && gen.is_multiple_of(zero_every))
+}
+
+/// The value qword `index` of working-set page `page` holds at generation `gen` under
+/// `zero=<zero_every>` (0: off): 0 for a zero generation ([`generation_is_zero`]), else
+/// [`expected_qword`].
+#[must_use]
+pub fn expected_content(page: u64, gen: u32, index: usize, zero_every: u32) -> u64 {
+    if generation_is_zero(gen, zero_every) {
+        0
+    } else {
+        expected_qword(page, gen, index)
+    }
+}
+
+/// The pages CPU `cpu` of `cpus` writes and verifies with `smp=`: `cpu * pages / cpus ..
+/// (cpu + 1) * pages / cpus` (the boot processor is CPU 0).
+#[must_use]
+pub fn cpu_pages(cpu: u64, cpus: u64, pages: u64) -> std::ops::Range<u64> {
+    cpu * pages / cpus..(cpu + 1) * pages / cpus
 }
 
 /// Builds the guest's ELF32 Multiboot image (see the crate docs for its layout). The image is
@@ -340,6 +394,15 @@ pub struct GuestConfig {
     pub pattern: Pattern,
     /// TSC frequency in kHz (`tsc_khz=`); `None` lets the guest calibrate it with the PIT.
     pub tsc_khz: Option<u64>,
+    /// `fresh=1`: the verifier never reads a page that was never written (generation 0), so
+    /// each page's first write is its first touch.
+    pub fresh: bool,
+    /// `zero=<n>`: every `n`-th write of a page writes it all zero; 0 = never.
+    pub zero_every: u32,
+    /// `smp=<n>`: number of CPUs that write and verify (the boot processor and `n - 1`
+    /// application processors, each on its own part of the working set); 1 = the boot
+    /// processor alone.
+    pub smp: u32,
 }
 
 impl Default for GuestConfig {
@@ -350,13 +413,17 @@ impl Default for GuestConfig {
             hb_us: DEFAULT_HB_US,
             pattern: Pattern::Seq,
             tsc_khz: None,
+            fresh: false,
+            zero_every: 0,
+            smp: 1,
         }
     }
 }
 
 impl GuestConfig {
     /// The Multiboot command line for these settings, e.g.
-    /// `ws=64 rate=100 hb=1000 pattern=seq tsc_khz=2445404`.
+    /// `ws=64 rate=100 hb=1000 pattern=seq tsc_khz=2445404 fresh=1 zero=4 smp=2`
+    /// (`tsc_khz`, `fresh`, `zero` and `smp` only when they differ from the guest's default).
     #[must_use]
     pub fn cmdline(&self) -> String {
         let mut s = format!(
@@ -366,7 +433,22 @@ impl GuestConfig {
         if let Some(khz) = self.tsc_khz {
             s.push_str(&format!(" tsc_khz={khz}"));
         }
+        if self.fresh {
+            s.push_str(" fresh=1");
+        }
+        if self.zero_every != 0 {
+            s.push_str(&format!(" zero={}", self.zero_every));
+        }
+        if self.smp > 1 {
+            s.push_str(&format!(" smp={}", self.smp));
+        }
         s
+    }
+
+    /// The pages CPU `cpu` writes and verifies ([`cpu_pages`] with `smp` CPUs).
+    #[must_use]
+    pub fn cpu_pages(&self, cpu: u64) -> std::ops::Range<u64> {
+        cpu_pages(cpu, u64::from(self.smp.max(1)), self.ws_pages())
     }
 
     /// Number of working-set pages.
@@ -398,6 +480,33 @@ mod tests {
     }
 
     #[test]
+    fn zero_generations() {
+        assert!(generation_is_zero(0, 0));
+        assert!(!generation_is_zero(1, 0));
+        assert!(!generation_is_zero(3, 4));
+        assert!(generation_is_zero(4, 4));
+        assert!(generation_is_zero(8, 4));
+        assert!(generation_is_zero(5, 1));
+        assert_eq!(expected_content(7, 4, 3, 4), 0);
+        assert_eq!(expected_content(7, 5, 3, 4), expected_qword(7, 5, 3));
+        assert_eq!(expected_content(7, 0, 3, 0), 0);
+    }
+
+    #[test]
+    fn cpu_parts_cover_the_working_set_once() {
+        for (cpus, pages) in [(1, 256), (2, 4096), (3, 4096), (16, 256), (5, 1000)] {
+            let mut next = 0;
+            for cpu in 0..cpus {
+                let r = cpu_pages(cpu, cpus, pages);
+                assert_eq!(r.start, next);
+                assert!(r.end > r.start);
+                next = r.end;
+            }
+            assert_eq!(next, pages);
+        }
+    }
+
+    #[test]
     fn cmdline() {
         let c = GuestConfig {
             ws_mib: 64,
@@ -405,11 +514,24 @@ mod tests {
             hb_us: 500,
             pattern: Pattern::Rand,
             tsc_khz: Some(2_445_404),
+            ..GuestConfig::default()
         };
         assert_eq!(
             c.cmdline(),
             "ws=64 rate=max hb=500 pattern=rand tsc_khz=2445404"
         );
+        let c = GuestConfig {
+            fresh: true,
+            zero_every: 4,
+            smp: 2,
+            ..c
+        };
+        assert_eq!(
+            c.cmdline(),
+            "ws=64 rate=max hb=500 pattern=rand tsc_khz=2445404 fresh=1 zero=4 smp=2"
+        );
+        assert_eq!(c.cpu_pages(0), 0..8192);
+        assert_eq!(c.cpu_pages(1), 8192..16384);
         assert_eq!(
             GuestConfig::default().cmdline(),
             "ws=16 rate=0 hb=1000 pattern=seq"
