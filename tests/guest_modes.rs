@@ -78,12 +78,20 @@ fn fresh_mode_never_reads_an_unwritten_page_and_reports_a_zeroed_written_one() {
     poke(&vm, 3000, 64, 0xdead_beef);
     // A page the guest wrote, zeroed behind its back (its first qword, the rest stays).
     poke(&vm, 10, 0, 0);
-    vm.wait_for("CORRUPT", T, |g| !g.corrupt.is_empty()).unwrap();
+    vm.wait_for("CORRUPT", T, |g| !g.corrupt.is_empty())
+        .unwrap();
     vm.wait_heartbeats(300, T).unwrap();
-    assert_eq!(generation(&vm, 3000), 0, "page 3000 written during the test");
+    assert_eq!(
+        generation(&vm, 3000),
+        0,
+        "page 3000 written during the test"
+    );
     let g = log_of(&vm);
     assert_eq!(g.corrupt_pages, vec![10], "{:?}", g.corrupt);
-    let want = format!("got=0000000000000000 want={:016x}", expected_qword(10, 1, 0));
+    let want = format!(
+        "got=0000000000000000 want={:016x}",
+        expected_qword(10, 1, 0)
+    );
     assert!(g.corrupt[0].ends_with(&want), "{:?}", g.corrupt);
 }
 
@@ -106,7 +114,8 @@ fn zero_mode_verifies_pages_written_all_zero() {
     assert!(log_of(&vm).corrupt.is_empty());
     // A stale non-zero qword in a page that became zero (as a lost zero marker would leave).
     poke(&vm, 20, 8, expected_qword(20, 1, 1));
-    vm.wait_for("CORRUPT", T, |g| !g.corrupt.is_empty()).unwrap();
+    vm.wait_for("CORRUPT", T, |g| !g.corrupt.is_empty())
+        .unwrap();
     vm.wait_heartbeats(300, T).unwrap();
     let g = log_of(&vm);
     assert_eq!(g.corrupt_pages, vec![20], "{:?}", g.corrupt);
@@ -164,7 +173,8 @@ fn smp_mode_an_application_processor_writes_and_checks_its_part() {
     // Garbage in the AP's unwritten page 4000 (not read: fresh=1) and in its written page 2050.
     poke(&vm, 4000, 64, 0xdead_beef);
     poke(&vm, 2050, 64, 0xdead_beef);
-    vm.wait_for("CORRUPT", T, |g| !g.corrupt.is_empty()).unwrap();
+    vm.wait_for("CORRUPT", T, |g| !g.corrupt.is_empty())
+        .unwrap();
     vm.wait_heartbeats(300, T).unwrap();
     let third = vm.query_status(T).unwrap();
     vm.wait_for("six CPU lines", T, |g| g.cpus.len() >= 6)
@@ -178,7 +188,12 @@ fn smp_mode_an_application_processor_writes_and_checks_its_part() {
     assert!(g.corrupt[0].ends_with(&want), "{:?}", g.corrupt);
     // Found by the AP, printed by the BSP, counted in the sums.
     assert_eq!(third.corrupt, 1, "{third:?}");
-    assert_eq!((g.cpus[4].corrupt, g.cpus[5].corrupt), (0, 1), "{:?}", g.cpus);
+    assert_eq!(
+        (g.cpus[4].corrupt, g.cpus[5].corrupt),
+        (0, 1),
+        "{:?}",
+        g.cpus
+    );
     eprintln!(
         "smp: CPU 0 wrote {} pages, CPU 1 {} (status written={})",
         g.cpus[4].pages_written, g.cpus[5].pages_written, third.pages_written

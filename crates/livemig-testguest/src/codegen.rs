@@ -62,7 +62,6 @@ mod smp;
 
 /// Offsets of the CPL3 program's variables from `VARS_ADDR` (kept in `r15`); an AP's block
 /// (`CPU_BLOCKS`) uses the same offsets for its own writer state.
-
 mod var {
     pub const WS_MIB: i32 = 0;
     pub const WS_PAGES: i32 = 8;
@@ -1548,7 +1547,11 @@ mod tests {
         assert_eq!(ins[4].immediate32(), PML4_ADDR as u32);
         assert_eq!(ins[7].immediate32(), EFER_VALUE);
         assert_eq!(ins[10].immediate32(), CR0_VALUE);
-        assert_eq!(ins[12].code(), Code::Jmp_m1632, "far jump through a 16:32 pointer");
+        assert_eq!(
+            ins[12].code(),
+            Code::Jmp_m1632,
+            "far jump through a 16:32 pointer"
+        );
         assert_eq!(
             u64::from(ins[12].memory_displacement32()),
             AP_TRAMPOLINE + smp::TR_FARPTR as u64

@@ -24,21 +24,24 @@
 //! GDT, sets `CR4 = 0x620`, `CR3`, `EFER = 0x501`, `CR0 = 0x80010033`, far-jumps to 64-bit code,
 //! loads the data selectors and the task register (`0x30`) and `iretq`s to CPL3 (`CS = 0x23`,
 //! `SS = 0x1B`, `RFLAGS = 0x3002`, interrupts stay off). Everything else runs at CPL3, natively under
-//! PVM. Application processors are never started (no INIT/SIPI is sent), so a VM may have any
-//! number of vCPUs.
+//! PVM. Without `smp=` (or with `smp=1`) application processors are never started (no INIT/SIPI
+//! is sent), so a VM may have any number of vCPUs; with `smp=<n>` see "Several CPUs" below.
 //!
 //! # Memory map (guest-physical, identity-mapped with 2 MiB pages, U/S|R/W|P at every level)
 //!
 //! | range | contents |
 //! |---|---|
+//! | `0x8000 .. 0x8080` | only with `smp=` above 1: the AP start-up code ([`AP_TRAMPOLINE`]), copied here by the boot processor before it starts the APs |
 //! | `0x100000` | Multiboot header (12 bytes), then the 32-bit entry code at [`ENTRY`] (`0x100010`) |
 //! | `0x100100` | GDT (8 entries: null, `0x08` kernel code64, `0x10` kernel data, `0x18` user data, `0x20` user code64, `0x28` unused, `0x30` 64-bit TSS, 16 bytes), `0x100140` GDTR |
+//! | `0x100200 .. 0x100280` | the AP start-up code as stored in the image ([`TRAMPOLINE_IMAGE`]) |
 //! | `0x101000 .. 0x108000` | 64-bit code ([`CODE64_ADDR`]): the CPL0 trampoline, the CPL3 program, its strings |
 //! | `0x108000 .. 0x10a069` | 64-bit TSS ([`TSS_ADDR`]): `rsp0` = [`KSTACK_TOP`], iomap base `0x68`, 8192 zero bytes, `0xFF`; limit `0x2068` |
 //! | `0x10b000` | PML4 ([`PML4_ADDR`]); `0x10c000` PDPT; `0x10d000 .. 0x115000` 8 page directories: identity map of `0 .. 8 GiB` |
 //! | `0x115000 .. 0x116000` | CPL0 stack (zero-filled, top [`KSTACK_TOP`]) |
 //! | `0x116000 .. 0x11e000` | CPL3 stack (zero-filled, top [`USTACK_TOP`]) |
-//! | `0x11e000 .. 0x11f000` | CPL3 variables ([`VARS_ADDR`]); [`IMAGE_END`] = `0x11f000` |
+//! | `0x11e000 .. 0x11f000` | CPL3 variables ([`VARS_ADDR`]) |
+//! | `0x11f000 .. 0x13d000` | 15 AP blocks of 8 KiB ([`CPU_BLOCKS`]): AP `k`'s variables, its corruption report ring at `+0x400`, its stack (top at the block's end); [`IMAGE_END`] = `0x13d000` |
 //! | `0x200000 .. 0x240000` | only with `net=`: the virtio-net driver's queues and buffers ([`NET_MEM`] .. [`NET_MEM_END`], see below) |
 //! | `0x800000 .. 0xc00000` | generation table ([`GEN_TABLE`]): one `u32` per working-set page |
 //! | `0x1000000 ..` | working set ([`WS_BASE`]): page `n` at `WS_BASE + n * 4096`, `ws` MiB |
@@ -55,8 +58,11 @@
 //! | `ws=<MiB>` | working-set size in MiB (1 ..= 4096, must fit: `16 MiB + ws <= mem_upper + 1 MiB`) | 16 |
 //! | `rate=<n>` | pages written per heartbeat period; `0` = idle (only verify); `rate=max` = write continuously | 0 |
 //! | `hb=<µs>` | heartbeat period in microseconds | 1000 |
-//! | `pattern=seq\|rand` | page choice for writes: a cursor going round the working set, or xorshift64 modulo the page count | seq |
+//! | `pattern=seq\|rand` | page choice for writes: a cursor going round the working set (each CPU's part, with `smp=`), or xorshift64 modulo the page count | seq |
 //! | `tsc_khz=<n>` | TSC frequency in kHz; absent or 0: calibrated with PIT channel 2 (see below) | (calibrate) |
+//! | `fresh=0\|1` | `1`: the verifier never reads a page whose generation is 0 (never written), so the first write to each page is its first touch, as a page a real guest clears for the first time (any non-zero value counts as 1) | 0 |
+//! | `zero=<n>` | every `n`-th write of a page (generations `n`, `2n`, ...) writes it all zero, and the verifier expects all zero for those generations ([`generation_is_zero`]); `0` = never | 0 |
+//! | `smp=<n>` | number of CPUs that write and verify: the boot processor and `n - 1` application processors (clamped to 1 ..= [`MAX_CPUS`]), each on its own part of the working set ([`cpu_pages`]) | 1 |
 //! | `net=mmio:<addr>:<irq>,ip=<a.b.c.d>` | a virtio-net device (virtio-mmio version 2) at guest-physical `<addr>` (`0x` hex or decimal, 4-aligned, at least [`NET_MEM_END`], below 8 GiB); `<irq>` is parsed and unused (the guest polls); the guest's IPv4 address (see "Network") | no network |
 //!
 //! See [`GuestConfig::cmdline`] to build one.
@@ -70,19 +76,26 @@
 //!
 //! # Serial protocol (COM1, port 0x3f8, one `out` per byte)
 //!
-//! - `INFO tsc_khz=<n> hb=<µs> pattern=<seq|rand>` — once, the effective settings (an
-//!   [`Event::Other`] line for the parser).
+//! - `INFO tsc_khz=<n> hb=<µs> pattern=<seq|rand> fresh=<0|1> zero=<n> smp=<n>` — once, the
+//!   effective settings (an [`Event::Other`] line for the parser).
+//! - `SMP cpus=<n>` — once, before `READY`, with `smp=` above 1: how many CPUs write (the boot
+//!   processor and the APs that reached CPL3); preceded by `ERROR smp <n> of <smp> cpus
+//!   started` if fewer than `smp` came up.
 //! - `READY ws=<MiB> rate=<n|max>` — once, when the main loop starts ([`Event::Ready`]).
 //! - `.` — one byte per heartbeat period ([`Event::Heartbeat`]).
 //! - `\nT <heartbeats> <pages_written> <pages_verified> <corrupt>\n` — after every 1000th
-//!   heartbeat, decimal counters since boot ([`Event::Tline`]).
+//!   heartbeat, decimal counters since boot ([`Event::Tline`]), summed over all CPUs.
 //! - `\nCORRUPT page=<n> got=<16 hex digits> want=<16 hex digits>\n` — the first mismatching qword
 //!   of a page found by the verifier ([`Event::Corrupt`]); the page is then rewritten with its
-//!   expected contents, so one damage is reported once.
+//!   expected contents, so one damage is reported once. A page an AP found is printed by the
+//!   boot processor at its next heartbeat.
 //! - `ERROR ws=<n> does not fit` / `ERROR PIT calibration failed` — fatal; the guest then spins.
 //! - `\nSTATUS hb=<n> written=<n> verified=<n> corrupt=<n> rx=<n> tx=<n>\n` — the answer to a
 //!   `status` line typed on the console ([`Event::Status`]); `rx`/`tx` count the frames the
-//!   network driver received and sent (0 without `net=`).
+//!   network driver received and sent (0 without `net=`); `written`, `verified` and `corrupt`
+//!   are summed over all CPUs. With more than one CPU running, it is followed by one
+//!   `CPU <k> written=<n> verified=<n> corrupt=<n>` line per CPU, `k = 0` the boot processor
+//!   ([`Event::Cpu`]).
 //! - `\n? <line>\n` — the answer to any other non-empty console line (bytes outside printable
 //!   ASCII shown as `?`); `\n? (line too long)\n` for a line longer than
 //!   [`CONSOLE_LINE_MAX`] bytes, which is discarded.
@@ -142,11 +155,54 @@
 //! With `period = hb * tsc_khz / 1000` TSC ticks: when `rdtsc >= next` the guest prints a heartbeat
 //! (and every 1000th time a `T` line), advances `next` by one period (or to `now + period` if it
 //! fell behind: missed beats are skipped, not replayed) and refills its write budget to `rate`
-//! pages, then polls the console and (with a NIC) the announce request. Every iteration first
-//! checks the NIC's receive queue (see "Network"). Otherwise it writes one page while the budget
-//! lasts (`gen[p] += 1`, then all 512 qwords
-//! = [`expected_qword`]`(p, gen[p], i)`), else it verifies the next page round-robin. Each step
-//! handles one page (about a microsecond natively), so heartbeats are accurate to a few µs.
+//! pages, prints the APs' queued corruption reports, then polls the console and (with a NIC)
+//! the announce request. Every iteration first checks the NIC's receive queue (see "Network").
+//! Otherwise it writes one page while the budget lasts (`gen[p] += 1`, then all 512 qwords =
+//! [`expected_content`]`(p, gen[p], i, zero)`: the pattern [`expected_qword`], or all zero for a
+//! zero generation), else it verifies the next page of its part round-robin: it reads
+//! `gen[p]`; with `fresh=1` a page at generation 0 is skipped without being read (and not
+//! counted); otherwise all 512 qwords are compared with [`expected_content`]. Each step handles
+//! one page (about a microsecond natively), so heartbeats are accurate to a few µs.
+//!
+//! # Several CPUs (`smp=<n>`)
+//!
+//! After the `INFO` line the boot processor (BSP) copies the AP start-up code to
+//! [`AP_TRAMPOLINE`] and, through its local APIC's interrupt command register at
+//! [`LAPIC_BASE`]` + 0x300` (written at CPL3; KVM's in-kernel LAPIC handles it), sends an INIT,
+//! waits 100 µs, sends a start-up IPI (vector `AP_TRAMPOLINE >> 12` = 8), waits up to 100 ms for
+//! `n - 1` APs to reach CPL3, then sends a second start-up IPI and waits up to 1 s more. The
+//! IPIs use the destination shorthand "all excluding self": measured on PVM (kernel 6.18), an
+//! INIT sent to a physical destination (ICR high `1 << 24`, low `0x4500`; the AP's APIC ID
+//! reads 1) never reached the AP (it stayed `KVM_MP_STATE_UNINITIALIZED` at `F000:FFF0`),
+//! while the shorthand starts it. So every AP of the VM starts; those beyond `n - 1` halt at
+//! CPL0 with interrupts off (`KVM_MP_STATE_HALTED`), for good.
+//!
+//! An AP starts in real mode at `0x0800:0000`; 13 instructions (emulated under PVM) load the
+//! GDT, set CR4, CR3, EFER and CR0 (protection and paging at once, straight into IA-32e mode)
+//! and far-jump through a 16:32 pointer to its 64-bit CPL0 entry in the 64-bit code. There
+//! (about 30 instructions, emulated too) it loads the data selectors; under a spinlock it clears
+//! the busy bit of the shared TSS descriptor and loads the task register (the APs share the
+//! BSP's TSS: nothing ever switches stacks through it, interrupts stay off); takes a slot with
+//! `lock xadd` (AP `k` = slot `k - 1` uses the block `CPU_BLOCKS + (k - 1) * CPU_BLOCK_SIZE`);
+//! and `iretq`s to CPL3 (`CS = 0x23`, `RFLAGS = 0x3002`) with its stack at the end of its block
+//! (never a 32-bit protected-mode `IRET`). At CPL3 it increments a counter the BSP waits on and
+//! spins until the BSP has filled its block.
+//!
+//! Just before `READY` the BSP gives CPU `k` of the `c` that came up ([`cpu_pages`]) the pages
+//! `k * pages / c .. (k + 1) * pages / c` (the BSP is CPU 0), copies `rate`, `hb` (as the TSC
+//! period), `pattern`, `fresh` and `zero` into each AP's block (its xorshift seed is
+//! `0x2545F4914F6CDD1D ^ k * INDEX_MUL`) and lets the APs go. Each AP then runs the BSP's loop
+//! without its output: per heartbeat period it writes `rate` pages of its part (or writes
+//! continuously with `rate=max`), and verifies its part round-robin otherwise, with the same
+//! write and verify code. Each page is written and verified by one CPU only. An AP counts its
+//! own `written`/`verified`/`corrupt` in its block and queues each corruption report (page,
+//! got, want) in a 32-entry ring in its block (waiting while the ring is full); the BSP sums
+//! the counters for `T` and `STATUS` and prints the queued reports once per heartbeat.
+//!
+//! Under QEMU the guest boots with `-kernel` as before (the image is still one `PT_LOAD`
+//! segment; only its zero-filled part grew). With `-smp <n>` and `smp=<n>` it would start the
+//! APs the same way (the INIT resets whatever state the firmware left them in); that was not
+//! run here (no QEMU on the machine where this was written).
 
 #![warn(missing_docs)]
 
@@ -267,7 +323,7 @@ const _: () = {
     assert!(PDPT_ADDR == PML4_ADDR + 0x1000 && PD_ADDR == PDPT_ADDR + 0x1000);
     assert!(IMAGE_END <= NET_MEM && NET_MEM_END <= GEN_TABLE);
     assert!(GDTR_ADDR + 6 <= TRAMPOLINE_IMAGE && TRAMPOLINE_IMAGE + TRAMPOLINE_SIZE <= CODE64_ADDR);
-    assert!(AP_TRAMPOLINE % 4096 == 0 && AP_TRAMPOLINE + TRAMPOLINE_SIZE <= 0x9000);
+    assert!(AP_TRAMPOLINE.is_multiple_of(4096) && AP_TRAMPOLINE + TRAMPOLINE_SIZE <= 0x9000);
     assert!(CORRUPT_RING_OFFSET + 24 * CORRUPT_RING_ENTRIES <= CPU_BLOCK_SIZE / 2);
     assert!(CPU_BLOCK_SIZE.is_power_of_two() && CORRUPT_RING_ENTRIES.is_power_of_two());
     assert!(NET_RX_BUFS >= NET_CTRL_BUF + 0x1000);

@@ -7,14 +7,14 @@
 use iced_x86::code_asm::*;
 
 use super::{
-    advance_next, print_char, print_str, print_var, rdtsc64, string, v, var, Labels, CR0_VALUE, CR4_VALUE,
-    EFER_MSR, EFER_VALUE, PRNG_SEED, SEL_KCODE, SEL_KDATA, SEL_TSS, SEL_UCODE, SEL_UDATA,
-    USER_RFLAGS,
+    advance_next, print_char, print_str, print_var, rdtsc64, string, v, var, Labels, CR0_VALUE,
+    CR4_VALUE, EFER_MSR, EFER_VALUE, PRNG_SEED, SEL_KCODE, SEL_KDATA, SEL_TSS, SEL_UCODE,
+    SEL_UDATA, USER_RFLAGS,
 };
 use crate::{
     Error, AP_TRAMPOLINE, CORRUPT_RING_ENTRIES, CORRUPT_RING_OFFSET, CPU_BLOCKS, CPU_BLOCK_SIZE,
-    GDTR_ADDR, GDT_ADDR, INDEX_MUL, LAPIC_BASE, PML4_ADDR, TRAMPOLINE_IMAGE,
-    TRAMPOLINE_SIZE, VARS_ADDR,
+    GDTR_ADDR, GDT_ADDR, INDEX_MUL, LAPIC_BASE, PML4_ADDR, TRAMPOLINE_IMAGE, TRAMPOLINE_SIZE,
+    VARS_ADDR,
 };
 
 /// Offset in the trampoline of its copy of the GDT pseudo-descriptor.
