@@ -46,6 +46,42 @@ fn generation(vm: &Vmm, page: u64) -> u32 {
     u32::from_le_bytes(b.try_into().unwrap())
 }
 
+/// The host address of guest-physical 0 in the VMM process `pid`: the start of its only
+/// anonymous mapping of exactly `bytes` (the guest RAM below the MMIO hole).
+fn guest_ram_base(pid: u32, bytes: u64) -> u64 {
+    let maps = std::fs::read_to_string(format!("/proc/{pid}/maps")).unwrap();
+    let found: Vec<u64> = maps
+        .lines()
+        .filter_map(|l| {
+            let mut f = l.split_whitespace();
+            let (a, b) = f.next()?.split_once('-')?;
+            let (a, b) = (
+                u64::from_str_radix(a, 16).ok()?,
+                u64::from_str_radix(b, 16).ok()?,
+            );
+            // Anonymous: no path after the inode.
+            (b - a == bytes && f.nth(4).is_none()).then_some(a)
+        })
+        .collect();
+    assert_eq!(
+        found.len(),
+        1,
+        "guest RAM mapping of {bytes} bytes:\n{maps}"
+    );
+    found[0]
+}
+
+/// Whether the host page behind guest-physical `gpa` is present (or swapped) in the VMM's page
+/// tables, from /proc/<pid>/pagemap: a page the guest never touched is not.
+fn host_page_present(pid: u32, ram_base: u64, gpa: u64) -> bool {
+    use std::os::unix::fs::FileExt;
+    let f = std::fs::File::open(format!("/proc/{pid}/pagemap")).unwrap();
+    let mut e = [0u8; 8];
+    f.read_exact_at(&mut e, (ram_base + gpa) / 4096 * 8)
+        .unwrap();
+    u64::from_le_bytes(e) & (3 << 62) != 0
+}
+
 /// Waits until the guest has written working-set page `page`.
 fn wait_written(vm: &Vmm, page: u64) {
     let t0 = std::time::Instant::now();
@@ -73,6 +109,11 @@ fn fresh_mode_never_reads_an_unwritten_page_and_reports_a_zeroed_written_one() {
     assert_eq!(generation(&vm, 3000), 0, "page 3000 written already");
     wait_written(&vm, 10);
     assert_eq!(generation(&vm, 10), 1);
+    // The mode is real: the unwritten page was never touched (not even read), the written
+    // one is there (checked before the VMM itself touches either).
+    let ram = guest_ram_base(vm.pid(), 128 << 20);
+    assert!(!host_page_present(vm.pid(), ram, WS_BASE + 3000 * 4096));
+    assert!(host_page_present(vm.pid(), ram, WS_BASE + 10 * 4096));
     // Garbage in a never-written page: the verifier does not read it (without fresh=1 it
     // is reported at once: tests/vmm.rs checker_reports_a_page_changed_behind_the_guests_back).
     poke(&vm, 3000, 64, 0xdead_beef);
@@ -170,6 +211,10 @@ fn smp_mode_an_application_processor_writes_and_checks_its_part() {
     wait_written(&vm, 2050);
     assert_eq!(generation(&vm, 2050), 1);
     assert_eq!(generation(&vm, 4000), 0, "page 4000 written already");
+    // The AP honours fresh=1 too: its unwritten page was never touched.
+    let ram = guest_ram_base(vm.pid(), 128 << 20);
+    assert!(!host_page_present(vm.pid(), ram, WS_BASE + 4000 * 4096));
+    assert!(host_page_present(vm.pid(), ram, WS_BASE + 2050 * 4096));
     // Garbage in the AP's unwritten page 4000 (not read: fresh=1) and in its written page 2050.
     poke(&vm, 4000, 64, 0xdead_beef);
     poke(&vm, 2050, 64, 0xdead_beef);
