@@ -65,6 +65,21 @@ pub struct StatusLine {
     pub tx: u64,
 }
 
+/// A `CPU` line (per-CPU counters after a `STATUS` line, with `smp=`) with the time it arrived.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct CpuLine {
+    /// Arrival time.
+    pub at: Instant,
+    /// CPU index (0 = boot processor).
+    pub cpu: u64,
+    /// Pages this CPU wrote.
+    pub pages_written: u64,
+    /// Pages this CPU verified.
+    pub pages_verified: u64,
+    /// Corrupt pages this CPU found.
+    pub corrupt: u64,
+}
+
 /// Everything the guest said, parsed.
 #[derive(Debug, Default)]
 pub struct GuestLog {
@@ -82,6 +97,8 @@ pub struct GuestLog {
     pub corrupt_pages: Vec<u64>,
     /// Every `STATUS` line.
     pub status: Vec<StatusLine>,
+    /// Every `CPU` line.
+    pub cpus: Vec<CpuLine>,
 }
 
 /// Starts a thread that reads a guest's serial output from `out` until EOF,
@@ -142,6 +159,18 @@ pub fn spawn_serial_reader(
                         corrupt,
                         rx,
                         tx,
+                    }),
+                    Event::Cpu {
+                        cpu,
+                        pages_written,
+                        pages_verified,
+                        corrupt,
+                    } => g.cpus.push(CpuLine {
+                        at,
+                        cpu,
+                        pages_written,
+                        pages_verified,
+                        corrupt,
                     }),
                     Event::Other(s) => g.other.push(s),
                 }

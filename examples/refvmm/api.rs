@@ -12,7 +12,7 @@
 //! | `... "compress":true` in `migrate` | LZ4-compress page frames |
 //! | `{"cmd":"write-memory","gpa":N,"value":N}` | writes a u64 through vm-memory (tracked as a VMM write) |
 //! | `{"cmd":"read-memory","gpa":N,"len":N}` | `{"result":"ok","hex":"..."}` (at most 4096 bytes) |
-//! | `{"cmd":"vcpu-regs"}` | RIP, RSP, RFLAGS, CS, CR0, EFER and MP state of every vCPU (pauses briefly) |
+//! | `{"cmd":"vcpu-regs"}` | RIP, RSP, RFLAGS, CS, CR0, EFER, APIC base and MP state of every vCPU (pauses briefly) |
 //! | `{"cmd":"net-stats"}` | per NIC: frames the virtio-net device read from its TAP (`rx_frames`, delivered or dropped) and how many were unicast to the guest MAC, frames delivered to / dropped for the guest, frames the guest sent |
 //! | `{"cmd":"announce-self"}` | one RARP (+ gratuitous ARP) per NIC now, like QEMU's `announce-self` |
 //! | `{"cmd":"memory-hash"}` | FNV-1a hash of each memory region (pause first for a stable answer) |
@@ -164,7 +164,8 @@ fn handle(conn: UnixStream, m: &Arc<Machine>, events: &Sender<ApiEvent>) -> Resu
                 }
             }
             "vcpu-regs" => {
-                // Debug aid: pause, read every vCPU's RIP/RSP/RFLAGS/CR0/mp_state, resume if it ran.
+                // Debug aid: pause, read every vCPU's RIP/RSP/RFLAGS/CR0/EFER/APIC base/mp_state,
+                // resume if it ran.
                 let was_running = m.vm.vcpus().is_running();
                 let mut out = Vec::new();
                 if m.vm.pause_vcpus().is_ok() {
@@ -180,6 +181,7 @@ fn handle(conn: UnixStream, m: &Arc<Machine>, events: &Sender<ApiEvent>) -> Resu
                                 "cs": sregs.map(|s| format!("0x{:x}", s.cs.selector)),
                                 "cr0": sregs.map(|s| format!("0x{:x}", s.cr0)),
                                 "efer": sregs.map(|s| format!("0x{:x}", s.efer)),
+                                "apic_base": sregs.map(|s| format!("0x{:x}", s.apic_base)),
                                 "mp_state": mp.map(|m| m.mp_state),
                             })
                         });

@@ -5,8 +5,9 @@ use iced_x86::code_asm::*;
 
 use crate::{
     elf, Error, BSS_START, CODE64_ADDR, DEFAULT_HB_US, DEFAULT_WS_MIB, ENTRY, GDTR_ADDR, GDT_ADDR,
-    GEN_TABLE, HEARTBEATS_PER_TLINE, IMAGE_END, INDEX_MUL, KSTACK_TOP, LOAD_ADDR, MAX_WS_MIB,
-    PDPT_ADDR, PD_ADDR, PD_COUNT, PML4_ADDR, TSS_ADDR, USTACK_TOP, VARS_ADDR, WS_BASE,
+    GEN_TABLE, HEARTBEATS_PER_TLINE, IMAGE_END, INDEX_MUL, KSTACK_TOP, LOAD_ADDR, MAX_CPUS,
+    MAX_WS_MIB, PDPT_ADDR, PD_ADDR, PD_COUNT, PML4_ADDR, TRAMPOLINE_IMAGE, TSS_ADDR, USTACK_TOP,
+    VARS_ADDR, WS_BASE,
 };
 
 /// Multiboot v1 header magic.
@@ -56,9 +57,11 @@ const PARAM_MAX: u64 = 1_000_000_000;
 const PRNG_SEED: u64 = 0x2545_F491_4F6C_DD1D;
 const COM1: i32 = 0x3f8;
 
-/// Offsets of the CPL3 program's variables from `VARS_ADDR` (kept in `r15`).
 mod net;
+mod smp;
 
+/// Offsets of the CPL3 program's variables from `VARS_ADDR` (kept in `r15`); an AP's block
+/// (`CPU_BLOCKS`) uses the same offsets for its own writer state.
 mod var {
     pub const WS_MIB: i32 = 0;
     pub const WS_PAGES: i32 = 8;
@@ -80,6 +83,13 @@ mod var {
     pub const MBI: i32 = 136;
     pub const NOW: i32 = 144;
     pub const TCOUNT: i32 = 152;
+    /// `fresh=`: non-zero = never verify a generation-0 page.
+    pub const FRESH: i32 = 160;
+    /// `zero=`: every n-th generation of a page is all zero (0 = never).
+    pub const ZERO_N: i32 = 168;
+    /// `smp=` (clamped to 1 ..= MAX_CPUS), and the number of CPUs that run (BSP + APs up).
+    pub const SMP: i32 = 176;
+    pub const CPUS: i32 = 184;
     /// 32-byte scratch buffer for number formatting.
     pub const NUMBUF: i32 = 192;
     /// Console line buffer: bytes in it, and 1 once the line overflowed.
@@ -110,6 +120,23 @@ mod var {
     pub const RX_USED: i32 = 344;
     /// Gratuitous ARPs sent for announce requests.
     pub const ANNOUNCES: i32 = 352;
+    /// This CPU's part of the working set: first page, end page (exclusive), page count.
+    pub const PART_BASE: i32 = 360;
+    pub const PART_END: i32 = 368;
+    pub const PART_COUNT: i32 = 376;
+    /// 0 on the boot processor, `k` on AP `k`.
+    pub const CPU_ID: i32 = 384;
+    /// AP blocks only: reports written (by the AP) and printed (by the BSP) so far.
+    pub const RING_HEAD: i32 = 392;
+    pub const RING_TAIL: i32 = 400;
+    /// AP blocks only: set to 1 by the BSP once the block is configured.
+    pub const GO: i32 = 408;
+    /// BSP only: APs that reached CPL3 (each increments it), and the slot counter they take
+    /// their block index from (`lock xadd`).
+    pub const CPUS_UP: i32 = 416;
+    pub const AP_SLOT: i32 = 424;
+    /// BSP only: a spinlock the APs hold while they load the shared TSS.
+    pub const AP_LOCK: i32 = 432;
     /// Console line buffer (`LINE_MAX` bytes and a NUL).
     pub const LINEBUF: i32 = 512;
 }
@@ -234,8 +261,11 @@ struct Labels {
     calibrate: CodeLabel,
     pit_measure: CodeLabel,
     fill_page: CodeLabel,
+    fill_gen: CodeLabel,
+    zero_gen: CodeLabel,
     write_page: CodeLabel,
     verify_page: CodeLabel,
+    report_corrupt: CodeLabel,
     halt: CodeLabel,
     k_ws: CodeLabel,
     k_rate: CodeLabel,
@@ -257,6 +287,7 @@ struct Labels {
     s_got: CodeLabel,
     s_want: CodeLabel,
     n: net::NetLabels,
+    s: smp::SmpLabels,
 }
 
 impl Labels {
@@ -271,8 +302,11 @@ impl Labels {
             calibrate: a.create_label(),
             pit_measure: a.create_label(),
             fill_page: a.create_label(),
+            fill_gen: a.create_label(),
+            zero_gen: a.create_label(),
             write_page: a.create_label(),
             verify_page: a.create_label(),
+            report_corrupt: a.create_label(),
             halt: a.create_label(),
             k_ws: a.create_label(),
             k_rate: a.create_label(),
@@ -294,6 +328,7 @@ impl Labels {
             s_got: a.create_label(),
             s_want: a.create_label(),
             n: net::NetLabels::new(a),
+            s: smp::SmpLabels::new(a),
         }
     }
 }
@@ -317,6 +352,14 @@ fn print_char(a: &mut CodeAssembler, l: &Labels, c: u8) -> Result<(), Error> {
     Ok(())
 }
 
+/// Prints the decimal value of a counter summed over all running CPUs.
+fn print_sum(a: &mut CodeAssembler, l: &Labels, off: i32) -> Result<(), Error> {
+    a.mov(esi, off as u32)?;
+    a.call(l.s.sum_var)?;
+    a.call(l.put_dec)?;
+    Ok(())
+}
+
 /// Prints the decimal value of a variable.
 fn print_var(a: &mut CodeAssembler, l: &Labels, off: i32) -> Result<(), Error> {
     a.mov(rax, v(off))?;
@@ -329,8 +372,13 @@ fn print_var(a: &mut CodeAssembler, l: &Labels, off: i32) -> Result<(), Error> {
 pub(crate) struct Code64 {
     /// Machine code followed by the string data, to be placed at `CODE64_ADDR`.
     pub bytes: Vec<u8>,
-    /// Offset of the CPL3 program's first instruction (the end of the CPL0 trampoline).
+    /// Offset of the CPL3 program's first instruction (the end of the CPL0 code).
     pub user_entry: usize,
+    /// Offset of the APs' 64-bit CPL0 entry (after the boot processor's CPL0 code, before
+    /// `user_entry`); the AP trampoline far-jumps here.
+    pub ap_entry: usize,
+    /// Offset of the APs' CPL3 program (inside the CPL3 part).
+    pub ap_user: usize,
     /// Offset where the instructions end and the string data starts.
     pub data_start: usize,
 }
@@ -340,6 +388,8 @@ pub(crate) fn code64() -> Result<Code64, Error> {
     let mut a = CodeAssembler::new(64)?;
     let l = Labels::new(&mut a);
     let mut user_entry = a.create_label();
+    let mut ap_entry = a.create_label();
+    let mut ap_user = a.create_label();
 
     // ---- CPL0 (emulated under PVM: keep it short) ----
     a.mov(eax, u32::from(SEL_KDATA))?;
@@ -357,12 +407,15 @@ pub(crate) fn code64() -> Result<Code64, Error> {
     a.lea(rax, ptr(user_entry))?;
     a.push(rax)?;
     a.iretq()?;
+    // The APs' CPL0 entry (emulated too; see smp.rs).
+    smp::ap_cpl0(&mut a, &mut ap_entry, ap_user)?;
 
     // ---- CPL3 ----
     a.set_label(&mut user_entry)?;
     init_and_parse(&mut a, &l)?;
     validate_and_setup(&mut a, &l)?;
     main_loop(&mut a, &l)?;
+    smp::ap_program(&mut a, &l, &mut ap_user)?;
     subroutines(&mut a, &l)?;
     let data = strings(&mut a, l)?;
     let r = a.assemble_options(
@@ -371,6 +424,8 @@ pub(crate) fn code64() -> Result<Code64, Error> {
     )?;
     Ok(Code64 {
         user_entry: (r.label_ip(&user_entry)? - CODE64_ADDR) as usize,
+        ap_entry: (r.label_ip(&ap_entry)? - CODE64_ADDR) as usize,
+        ap_user: (r.label_ip(&ap_user)? - CODE64_ADDR) as usize,
         data_start: (r.label_ip(&data)? - CODE64_ADDR) as usize,
         bytes: r.inner.code_buffer,
     })
@@ -388,6 +443,8 @@ fn init_and_parse(a: &mut CodeAssembler, l: &Labels) -> Result<(), Error> {
     a.mov(v(var::WS_MIB), DEFAULT_WS_MIB as i32)?;
     a.mov(v(var::HB_US), DEFAULT_HB_US as i32)?;
     a.mov(v(var::TCOUNT), HEARTBEATS_PER_TLINE as i32)?;
+    a.mov(v(var::SMP), 1)?;
+    a.mov(v(var::CPUS), 1)?;
     a.mov(rax, PRNG_SEED)?;
     a.mov(v(var::PRNG), rax)?;
 
@@ -482,8 +539,24 @@ fn init_and_parse(a: &mut CodeAssembler, l: &Labels) -> Result<(), Error> {
     a.call(l.parse_dec)?;
     a.mov(v(var::TSC_KHZ), rax)?;
     a.jmp(tok_skip)?;
-    // net=
+    // fresh=, zero=, smp=
     a.set_label(&mut not_tsc)?;
+    for (key, off) in [
+        (l.s.k_fresh, var::FRESH),
+        (l.s.k_zero, var::ZERO_N),
+        (l.s.k_smp, var::SMP),
+    ] {
+        let mut next = a.create_label();
+        a.lea(rdi, ptr(key))?;
+        a.call(l.match_key)?;
+        a.test(eax, eax)?;
+        a.jz(next)?;
+        a.call(l.parse_dec)?;
+        a.mov(v(off), rax)?;
+        a.jmp(tok_skip)?;
+        a.set_label(&mut next)?;
+    }
+    // net=
     a.lea(rdi, ptr(l.n.k_net))?;
     a.call(l.match_key)?;
     a.test(eax, eax)?;
@@ -551,6 +624,22 @@ fn validate_and_setup(a: &mut CodeAssembler, l: &Labels) -> Result<(), Error> {
 
     clamp_param(a, var::HB_US)?;
     clamp_param(a, var::TSC_KHZ)?;
+    clamp_param(a, var::ZERO_N)?;
+    // smp= to 1 ..= MAX_CPUS; fresh= to 0 or 1.
+    let (mut smp_low, mut smp_ok) = (a.create_label(), a.create_label());
+    a.cmp(v(var::SMP), 1)?;
+    a.jb(smp_low)?;
+    a.cmp(v(var::SMP), MAX_CPUS as i32)?;
+    a.jbe(smp_ok)?;
+    a.mov(v(var::SMP), MAX_CPUS as i32)?;
+    a.jmp(smp_ok)?;
+    a.set_label(&mut smp_low)?;
+    a.mov(v(var::SMP), 1)?;
+    a.set_label(&mut smp_ok)?;
+    a.xor(eax, eax)?;
+    a.cmp(v(var::FRESH), 0)?;
+    a.setne(al)?;
+    a.mov(v(var::FRESH), rax)?;
     a.cmp(v(var::TSC_KHZ), 0)?;
     a.jne(tsc_ok)?;
     a.call(l.calibrate)?;
@@ -577,7 +666,25 @@ fn validate_and_setup(a: &mut CodeAssembler, l: &Labels) -> Result<(), Error> {
     a.lea(rsi, ptr(l.s_rand))?;
     a.set_label(&mut pat_done)?;
     a.call(l.puts)?;
+    for (label, off) in [
+        (l.s.s_info_fresh, var::FRESH),
+        (l.s.s_info_zero, var::ZERO_N),
+        (l.s.s_info_smp, var::SMP),
+    ] {
+        print_str(a, l, label)?;
+        print_var(a, l, off)?;
+    }
     print_char(a, l, b'\n')?;
+
+    // The application processors, with smp= above 1 (prints `SMP cpus=<n>`).
+    let mut up_done = a.create_label();
+    a.cmp(v(var::SMP), 1)?;
+    a.jbe(up_done)?;
+    a.call(l.s.start_aps)?;
+    print_str(a, l, l.s.s_smp)?;
+    print_var(a, l, var::CPUS)?;
+    print_char(a, l, b'\n')?;
+    a.set_label(&mut up_done)?;
 
     // The network driver, if `net=` was given (prints `NET up ...` or `ERROR net ...`).
     net::init_if_configured(a, l)?;
@@ -595,10 +702,27 @@ fn validate_and_setup(a: &mut CodeAssembler, l: &Labels) -> Result<(), Error> {
     a.set_label(&mut rate_done)?;
     print_char(a, l, b'\n')?;
 
+    // Every CPU's part of the working set; the APs start writing.
+    a.call(l.s.partition)?;
     a.mov(rax, v(var::RATE))?;
     a.mov(v(var::BUDGET), rax)?;
     rdtsc64(a)?;
     a.add(rax, v(var::PERIOD))?;
+    a.mov(v(var::NEXT), rax)?;
+    Ok(())
+}
+
+/// Advances NEXT by one PERIOD, or to NOW + PERIOD if that is already past (missed beats are
+/// skipped, not replayed). Clobbers rax.
+fn advance_next(a: &mut CodeAssembler) -> Result<(), Error> {
+    let mut next_ok = a.create_label();
+    a.mov(rax, v(var::NEXT))?;
+    a.add(rax, v(var::PERIOD))?;
+    a.cmp(rax, v(var::NOW))?;
+    a.ja(next_ok)?;
+    a.mov(rax, v(var::NOW))?;
+    a.add(rax, v(var::PERIOD))?;
+    a.set_label(&mut next_ok)?;
     a.mov(v(var::NEXT), rax)?;
     Ok(())
 }
@@ -610,7 +734,6 @@ fn main_loop(a: &mut CodeAssembler, l: &Labels) -> Result<(), Error> {
     let mut verify = a.create_label();
     let mut beat = a.create_label();
     let mut no_tline = a.create_label();
-    let mut next_ok = a.create_label();
 
     a.set_label(&mut top)?;
     net::poll_rx(a, l)?;
@@ -638,22 +761,19 @@ fn main_loop(a: &mut CodeAssembler, l: &Labels) -> Result<(), Error> {
     a.mov(v(var::TCOUNT), HEARTBEATS_PER_TLINE as i32)?;
     print_char(a, l, b'\n')?;
     print_char(a, l, b'T')?;
-    for off in [var::HEARTBEATS, var::WRITTEN, var::VERIFIED, var::CORRUPT] {
+    print_char(a, l, b' ')?;
+    print_var(a, l, var::HEARTBEATS)?;
+    for off in [var::WRITTEN, var::VERIFIED, var::CORRUPT] {
         print_char(a, l, b' ')?;
-        print_var(a, l, off)?;
+        print_sum(a, l, off)?;
     }
     print_char(a, l, b'\n')?;
     a.set_label(&mut no_tline)?;
-    a.mov(rax, v(var::NEXT))?;
-    a.add(rax, v(var::PERIOD))?;
-    a.cmp(rax, v(var::NOW))?;
-    a.ja(next_ok)?;
-    a.mov(rax, v(var::NOW))?;
-    a.add(rax, v(var::PERIOD))?;
-    a.set_label(&mut next_ok)?;
-    a.mov(v(var::NEXT), rax)?;
+    advance_next(a)?;
     a.mov(rax, v(var::RATE))?;
     a.mov(v(var::BUDGET), rax)?;
+    // The APs' corruption reports, printed here (the BSP owns the serial port).
+    a.call(l.s.drain)?;
     // Once per heartbeat: console input, and the NIC's announce request.
     a.call(l.n.console_poll)?;
     net::poll_config(a, l)?;
@@ -661,15 +781,16 @@ fn main_loop(a: &mut CodeAssembler, l: &Labels) -> Result<(), Error> {
     Ok(())
 }
 
-/// Advances the cursor variable at `off` round the working set; its old value goes to `dst`.
+/// Advances the cursor variable at `off` round this CPU's part of the working set; its old
+/// value goes to `dst`.
 fn advance_cursor(a: &mut CodeAssembler, off: i32, dst: AsmRegister64) -> Result<(), Error> {
     let mut ok = a.create_label();
     a.mov(rax, v(off))?;
     a.mov(dst, rax)?;
     a.inc(rax)?;
-    a.cmp(rax, v(var::WS_PAGES))?;
+    a.cmp(rax, v(var::PART_END))?;
     a.jb(ok)?;
-    a.xor(eax, eax)?;
+    a.mov(rax, v(var::PART_BASE))?;
     a.set_label(&mut ok)?;
     a.mov(v(off), rax)?;
     Ok(())
@@ -894,8 +1015,65 @@ fn subroutines(a: &mut CodeAssembler, l: &Labels) -> Result<(), Error> {
         a.ret()?;
     }
 
-    // write_page: picks a page, bumps its generation, fills it. Clobbers rax, rcx, rdx, rdi,
-    // r8, r9, r12, r13.
+    // zero_gen: r13d = generation; returns eax = 1 if its contents are all zero (generation 0,
+    // or a multiple of ZERO_N when that is set), else 0. Clobbers rcx, rdx.
+    {
+        let (mut yes, mut no) = (a.create_label(), a.create_label());
+        a.set_label(&mut l.zero_gen)?;
+        a.test(r13d, r13d)?;
+        a.jz(yes)?;
+        a.mov(rcx, v(var::ZERO_N))?;
+        a.test(rcx, rcx)?;
+        a.jz(no)?;
+        a.mov(eax, r13d)?;
+        a.xor(edx, edx)?;
+        a.div(rcx)?;
+        a.test(rdx, rdx)?;
+        a.jz(yes)?;
+        a.set_label(&mut no)?;
+        a.xor(eax, eax)?;
+        a.ret()?;
+        a.set_label(&mut yes)?;
+        a.mov(eax, 1u32)?;
+        a.ret()?;
+    }
+
+    // fill_gen: r12 = page, r13 = generation: writes the page's contents for that generation
+    // (all zero, or the pattern). Clobbers rax, rcx, rdx, rdi, r8, r9.
+    {
+        let mut pattern = a.create_label();
+        a.set_label(&mut l.fill_gen)?;
+        a.call(l.zero_gen)?;
+        a.test(eax, eax)?;
+        a.jz(pattern)?;
+        page_addr(a)?;
+        a.xor(eax, eax)?;
+        a.mov(ecx, 512u32)?;
+        a.rep().stosq()?;
+        a.ret()?;
+        a.set_label(&mut pattern)?;
+        a.jmp(l.fill_page)?;
+    }
+
+    // report_corrupt: prints `CORRUPT page=<r12> got=<r10> want=<r11>`. Clobbers rax, rcx,
+    // rdx, rsi, rdi.
+    {
+        a.set_label(&mut l.report_corrupt)?;
+        print_str(a, l, l.s_corrupt)?;
+        a.mov(rax, r12)?;
+        a.call(l.put_dec)?;
+        print_str(a, l, l.s_got)?;
+        a.mov(rax, r10)?;
+        a.call(l.put_hex)?;
+        print_str(a, l, l.s_want)?;
+        a.mov(rax, r11)?;
+        a.call(l.put_hex)?;
+        print_char(a, l, b'\n')?;
+        a.ret()?;
+    }
+
+    // write_page: picks a page of this CPU's part, bumps its generation, fills it. Clobbers
+    // rax, rcx, rdx, rdi, r8, r9, r12, r13.
     {
         let mut rand = a.create_label();
         let mut have = a.create_label();
@@ -918,7 +1096,8 @@ fn subroutines(a: &mut CodeAssembler, l: &Labels) -> Result<(), Error> {
         }
         a.mov(v(var::PRNG), rax)?;
         a.xor(edx, edx)?;
-        a.div(v(var::WS_PAGES))?;
+        a.div(v(var::PART_COUNT))?;
+        a.add(rdx, v(var::PART_BASE))?;
         a.mov(r12, rdx)?;
         a.set_label(&mut have)?;
         a.mov(rcx, GEN_TABLE)?;
@@ -929,30 +1108,41 @@ fn subroutines(a: &mut CodeAssembler, l: &Labels) -> Result<(), Error> {
         a.set_label(&mut gen_ok)?;
         a.mov(dword_ptr(r12 * 4 + rcx), eax)?;
         a.mov(r13d, eax)?;
-        a.call(l.fill_page)?;
+        a.call(l.fill_gen)?;
         a.inc(v(var::WRITTEN))?;
         a.ret()?;
     }
 
-    // verify_page: checks the next page round-robin; reports and repairs the first mismatch.
+    // verify_page: checks the next page of this CPU's part round-robin (with FRESH, a page
+    // never written is skipped without being read); reports the first mismatch (the BSP
+    // prints it, an AP queues it for the BSP) and repairs the page.
     // Clobbers rax, rcx, rdx, rsi, rdi, r8 - r14.
     {
         let mut zero = a.create_label();
         let mut pat_loop = a.create_label();
         let mut zero_loop = a.create_label();
         let mut done = a.create_label();
+        let mut skip = a.create_label();
         let mut bad_pat = a.create_label();
         let mut bad_zero = a.create_label();
         let mut report = a.create_label();
-        let mut refill = a.create_label();
+        let mut queue = a.create_label();
+        let mut repair = a.create_label();
+        let mut read = a.create_label();
         a.set_label(&mut l.verify_page)?;
         advance_cursor(a, var::VCURSOR, r12)?;
         a.mov(rcx, GEN_TABLE)?;
         a.mov(r13d, dword_ptr(r12 * 4 + rcx))?;
+        a.test(r13d, r13d)?;
+        a.jnz(read)?;
+        a.cmp(v(var::FRESH), 0)?;
+        a.jne(skip)?;
+        a.set_label(&mut read)?;
+        a.call(l.zero_gen)?;
         page_addr(a)?;
         a.mov(r14, rdi)?;
-        a.test(r13d, r13d)?;
-        a.jz(zero)?;
+        a.test(eax, eax)?;
+        a.jnz(zero)?;
         a.mov(rax, r12)?;
         a.shl(rax, 32)?;
         a.or(rax, r13)?;
@@ -981,6 +1171,7 @@ fn subroutines(a: &mut CodeAssembler, l: &Labels) -> Result<(), Error> {
 
         a.set_label(&mut done)?;
         a.inc(v(var::VERIFIED))?;
+        a.set_label(&mut skip)?;
         a.ret()?;
 
         a.set_label(&mut bad_pat)?;
@@ -991,29 +1182,19 @@ fn subroutines(a: &mut CodeAssembler, l: &Labels) -> Result<(), Error> {
         a.mov(r10, qword_ptr(rdi))?;
         a.xor(r11d, r11d)?;
         a.set_label(&mut report)?;
-        print_str(a, l, l.s_corrupt)?;
-        a.mov(rax, r12)?;
-        a.call(l.put_dec)?;
-        print_str(a, l, l.s_got)?;
-        a.mov(rax, r10)?;
-        a.call(l.put_hex)?;
-        print_str(a, l, l.s_want)?;
-        a.mov(rax, r11)?;
-        a.call(l.put_hex)?;
-        print_char(a, l, b'\n')?;
+        a.cmp(v(var::CPU_ID), 0)?;
+        a.jne(queue)?;
+        a.call(l.report_corrupt)?;
+        a.jmp(repair)?;
+        a.set_label(&mut queue)?;
+        a.call(l.s.report_ap)?;
+        a.set_label(&mut repair)?;
         a.inc(v(var::CORRUPT))?;
         // Repair, so that the same damage is reported once.
-        a.test(r13d, r13d)?;
-        a.jnz(refill)?;
-        a.mov(rdi, r14)?;
-        a.xor(eax, eax)?;
-        a.mov(ecx, 512u32)?;
-        a.rep().stosq()?;
-        a.jmp(done)?;
-        a.set_label(&mut refill)?;
-        a.call(l.fill_page)?;
+        a.call(l.fill_gen)?;
         a.jmp(done)?;
     }
+    smp::subroutines(a, l)?;
     net::subroutines(a, l)?;
     Ok(())
 }
@@ -1040,6 +1221,7 @@ fn strings(a: &mut CodeAssembler, mut l: Labels) -> Result<CodeLabel, Error> {
     string(a, &mut l.s_got, b" got=")?;
     string(a, &mut l.s_want, b" want=")?;
     net::strings(a, &mut l.n)?;
+    smp::strings(a, &mut l.s)?;
     Ok(l.k_ws)
 }
 
@@ -1082,13 +1264,16 @@ pub(crate) fn build_image() -> Result<Vec<u8>, Error> {
     gdtr.extend_from_slice(&((gdt.len() - 1) as u16).to_le_bytes());
     gdtr.extend_from_slice(&(GDT_ADDR as u32).to_le_bytes());
     place(&mut seg, "GDTR", GDTR_ADDR, CODE64_ADDR, &gdtr)?;
+    let code = code64()?;
+    let ap_entry = CODE64_ADDR + code.ap_entry as u64;
     place(
         &mut seg,
-        "64-bit code",
+        "AP trampoline",
+        TRAMPOLINE_IMAGE,
         CODE64_ADDR,
-        TSS_ADDR,
-        &code64()?.bytes,
+        &smp::trampoline(ap_entry)?,
     )?;
+    place(&mut seg, "64-bit code", CODE64_ADDR, TSS_ADDR, &code.bytes)?;
     place(&mut seg, "TSS", TSS_ADDR, PML4_ADDR, &tss())?;
     place(
         &mut seg,
@@ -1168,12 +1353,34 @@ mod tests {
         let data = CODE64_ADDR + c.data_start as u64;
         let end = CODE64_ADDR + c.bytes.len() as u64;
 
-        // The CPL0 part: short, and it ends with the iretq to CPL3.
-        let cpl0: Vec<&Instruction> = ins.iter().filter(|i| i.ip() < user).collect();
+        let ap_entry = CODE64_ADDR + c.ap_entry as u64;
+        let ap_user = CODE64_ADDR + c.ap_user as u64;
+        assert!(ap_entry < user && user < ap_user && ap_user < data);
+
+        // The BSP's CPL0 part: short, and it ends with the iretq to CPL3.
+        let cpl0: Vec<&Instruction> = ins.iter().filter(|i| i.ip() < ap_entry).collect();
         assert!(cpl0.len() <= 16, "{} CPL0 instructions", cpl0.len());
         assert_eq!(cpl0.last().map(|i| i.code()), Some(Code::Iretq));
         assert!(cpl0.iter().any(|i| i.mnemonic() == Mnemonic::Ltr));
         assert!(ins.iter().any(|i| i.ip() == user));
+        // The APs' CPL0 entry: short too; a locked TSS load, a locked slot, an iretq to CPL3,
+        // and the halt loop for APs beyond smp - 1.
+        let ap0: Vec<&Instruction> = ins
+            .iter()
+            .filter(|i| (ap_entry..user).contains(&i.ip()))
+            .collect();
+        assert!(ap0.len() <= 32, "{} AP CPL0 instructions", ap0.len());
+        let m: Vec<Mnemonic> = ap0.iter().map(|i| i.mnemonic()).collect();
+        for want in [Mnemonic::Ltr, Mnemonic::Iretq, Mnemonic::Hlt] {
+            assert!(m.contains(&want), "{want:?} in {m:?}");
+        }
+        assert!(ap0
+            .iter()
+            .any(|i| i.mnemonic() == Mnemonic::Bts && i.has_lock_prefix()));
+        assert!(ap0
+            .iter()
+            .any(|i| i.mnemonic() == Mnemonic::Xadd && i.has_lock_prefix()));
+        assert!(ins.iter().any(|i| i.ip() == ap_user));
 
         // Branches land on instruction boundaries of the code; RIP-relative operands point at
         // the string data (or, for the lea of the user entry, at the CPL3 code).
@@ -1195,7 +1402,7 @@ mod tests {
             if i.is_ip_rel_memory_operand() {
                 let t = i.ip_rel_memory_address();
                 assert!(
-                    (data..end).contains(&t) || t == user,
+                    (data..end).contains(&t) || t == user || t == ap_user,
                     "rip-relative operand at {:#x} -> {t:#x}",
                     i.ip()
                 );
@@ -1309,6 +1516,66 @@ mod tests {
         }
         assert!(regs > 30, "{regs} register accesses");
         assert_eq!(config, 7, "6 MAC bytes and the status word");
+    }
+
+    /// The AP trampoline: real-mode code that goes straight to long mode and far-jumps, through
+    /// its own pointer, to the APs' CPL0 entry; its data (GDTR copy, far pointer) in place.
+    #[test]
+    fn ap_trampoline_decodes_and_points_at_the_ap_entry() {
+        use crate::{AP_TRAMPOLINE, TRAMPOLINE_SIZE};
+        let c = code64().expect("code64");
+        let entry = CODE64_ADDR + c.ap_entry as u64;
+        let t = smp::trampoline(entry).expect("trampoline");
+        assert_eq!(t.len() as u64, TRAMPOLINE_SIZE);
+        let code_len = t[..smp::TR_GDTR]
+            .iter()
+            .rposition(|&b| b != 0)
+            .expect("code")
+            + 1;
+        let ins = decode_all(16, AP_TRAMPOLINE, &t[..code_len]);
+        use Mnemonic::*;
+        let m: Vec<Mnemonic> = ins.iter().map(Instruction::mnemonic).collect();
+        assert_eq!(
+            m,
+            [Cli, Lgdt, Mov, Mov, Mov, Mov, Mov, Mov, Xor, Wrmsr, Mov, Mov, Jmp]
+        );
+        assert_eq!(
+            u64::from(ins[1].memory_displacement32()),
+            AP_TRAMPOLINE + smp::TR_GDTR as u64
+        );
+        assert_eq!(ins[2].immediate32(), CR4_VALUE);
+        assert_eq!(ins[4].immediate32(), PML4_ADDR as u32);
+        assert_eq!(ins[7].immediate32(), EFER_VALUE);
+        assert_eq!(ins[10].immediate32(), CR0_VALUE);
+        assert_eq!(
+            ins[12].code(),
+            Code::Jmp_m1632,
+            "far jump through a 16:32 pointer"
+        );
+        assert_eq!(
+            u64::from(ins[12].memory_displacement32()),
+            AP_TRAMPOLINE + smp::TR_FARPTR as u64
+        );
+        let g = smp::TR_GDTR;
+        assert_eq!(u16::from_le_bytes([t[g], t[g + 1]]), 63);
+        assert_eq!(
+            u64::from(u32::from_le_bytes(t[g + 2..g + 6].try_into().expect("4"))),
+            GDT_ADDR
+        );
+        let f = smp::TR_FARPTR;
+        assert_eq!(
+            u64::from(u32::from_le_bytes(t[f..f + 4].try_into().expect("4"))),
+            entry
+        );
+        assert_eq!(u16::from_le_bytes([t[f + 4], t[f + 5]]), SEL_KCODE);
+        // The start-up IPI's vector points at the trampoline; the IPIs use the shorthand.
+        assert_eq!(u64::from(smp::SIPI_VECTOR) << 12, AP_TRAMPOLINE);
+        assert_eq!(smp::ICR_INIT & 0xC_0700, 0xC_0500);
+        assert_eq!(smp::ICR_STARTUP & 0xC_0700, 0xC_0600);
+        // The image carries the trampoline where the BSP copies it from.
+        let img = crate::image().expect("image");
+        let off = 0x1000 + (crate::TRAMPOLINE_IMAGE - LOAD_ADDR) as usize;
+        assert_eq!(&img[off..off + t.len()], &t[..]);
     }
 
     #[test]

@@ -24,21 +24,24 @@
 //! GDT, sets `CR4 = 0x620`, `CR3`, `EFER = 0x501`, `CR0 = 0x80010033`, far-jumps to 64-bit code,
 //! loads the data selectors and the task register (`0x30`) and `iretq`s to CPL3 (`CS = 0x23`,
 //! `SS = 0x1B`, `RFLAGS = 0x3002`, interrupts stay off). Everything else runs at CPL3, natively under
-//! PVM. Application processors are never started (no INIT/SIPI is sent), so a VM may have any
-//! number of vCPUs.
+//! PVM. Without `smp=` (or with `smp=1`) application processors are never started (no INIT/SIPI
+//! is sent), so a VM may have any number of vCPUs; with `smp=<n>` see "Several CPUs" below.
 //!
 //! # Memory map (guest-physical, identity-mapped with 2 MiB pages, U/S|R/W|P at every level)
 //!
 //! | range | contents |
 //! |---|---|
+//! | `0x8000 .. 0x8080` | only with `smp=` above 1: the AP start-up code ([`AP_TRAMPOLINE`]), copied here by the boot processor before it starts the APs |
 //! | `0x100000` | Multiboot header (12 bytes), then the 32-bit entry code at [`ENTRY`] (`0x100010`) |
 //! | `0x100100` | GDT (8 entries: null, `0x08` kernel code64, `0x10` kernel data, `0x18` user data, `0x20` user code64, `0x28` unused, `0x30` 64-bit TSS, 16 bytes), `0x100140` GDTR |
+//! | `0x100200 .. 0x100280` | the AP start-up code as stored in the image ([`TRAMPOLINE_IMAGE`]) |
 //! | `0x101000 .. 0x108000` | 64-bit code ([`CODE64_ADDR`]): the CPL0 trampoline, the CPL3 program, its strings |
 //! | `0x108000 .. 0x10a069` | 64-bit TSS ([`TSS_ADDR`]): `rsp0` = [`KSTACK_TOP`], iomap base `0x68`, 8192 zero bytes, `0xFF`; limit `0x2068` |
 //! | `0x10b000` | PML4 ([`PML4_ADDR`]); `0x10c000` PDPT; `0x10d000 .. 0x115000` 8 page directories: identity map of `0 .. 8 GiB` |
 //! | `0x115000 .. 0x116000` | CPL0 stack (zero-filled, top [`KSTACK_TOP`]) |
 //! | `0x116000 .. 0x11e000` | CPL3 stack (zero-filled, top [`USTACK_TOP`]) |
-//! | `0x11e000 .. 0x11f000` | CPL3 variables ([`VARS_ADDR`]); [`IMAGE_END`] = `0x11f000` |
+//! | `0x11e000 .. 0x11f000` | CPL3 variables ([`VARS_ADDR`]) |
+//! | `0x11f000 .. 0x13d000` | 15 AP blocks of 8 KiB ([`CPU_BLOCKS`]): AP `k`'s variables, its corruption report ring at `+0x400`, its stack (top at the block's end); [`IMAGE_END`] = `0x13d000` |
 //! | `0x200000 .. 0x240000` | only with `net=`: the virtio-net driver's queues and buffers ([`NET_MEM`] .. [`NET_MEM_END`], see below) |
 //! | `0x800000 .. 0xc00000` | generation table ([`GEN_TABLE`]): one `u32` per working-set page |
 //! | `0x1000000 ..` | working set ([`WS_BASE`]): page `n` at `WS_BASE + n * 4096`, `ws` MiB |
@@ -55,8 +58,11 @@
 //! | `ws=<MiB>` | working-set size in MiB (1 ..= 4096, must fit: `16 MiB + ws <= mem_upper + 1 MiB`) | 16 |
 //! | `rate=<n>` | pages written per heartbeat period; `0` = idle (only verify); `rate=max` = write continuously | 0 |
 //! | `hb=<µs>` | heartbeat period in microseconds | 1000 |
-//! | `pattern=seq\|rand` | page choice for writes: a cursor going round the working set, or xorshift64 modulo the page count | seq |
+//! | `pattern=seq\|rand` | page choice for writes: a cursor going round the working set (each CPU's part, with `smp=`), or xorshift64 modulo the page count | seq |
 //! | `tsc_khz=<n>` | TSC frequency in kHz; absent or 0: calibrated with PIT channel 2 (see below) | (calibrate) |
+//! | `fresh=0\|1` | `1`: the verifier never reads a page whose generation is 0 (never written), so the first write to each page is its first touch, as a page a real guest clears for the first time (any non-zero value counts as 1) | 0 |
+//! | `zero=<n>` | every `n`-th write of a page (generations `n`, `2n`, ...) writes it all zero, and the verifier expects all zero for those generations ([`generation_is_zero`]); `0` = never | 0 |
+//! | `smp=<n>` | number of CPUs that write and verify: the boot processor and `n - 1` application processors (clamped to 1 ..= [`MAX_CPUS`]), each on its own part of the working set ([`cpu_pages`]) | 1 |
 //! | `net=mmio:<addr>:<irq>,ip=<a.b.c.d>` | a virtio-net device (virtio-mmio version 2) at guest-physical `<addr>` (`0x` hex or decimal, 4-aligned, at least [`NET_MEM_END`], below 8 GiB); `<irq>` is parsed and unused (the guest polls); the guest's IPv4 address (see "Network") | no network |
 //!
 //! See [`GuestConfig::cmdline`] to build one.
@@ -70,19 +76,26 @@
 //!
 //! # Serial protocol (COM1, port 0x3f8, one `out` per byte)
 //!
-//! - `INFO tsc_khz=<n> hb=<µs> pattern=<seq|rand>` — once, the effective settings (an
-//!   [`Event::Other`] line for the parser).
+//! - `INFO tsc_khz=<n> hb=<µs> pattern=<seq|rand> fresh=<0|1> zero=<n> smp=<n>` — once, the
+//!   effective settings (an [`Event::Other`] line for the parser).
+//! - `SMP cpus=<n>` — once, before `READY`, with `smp=` above 1: how many CPUs write (the boot
+//!   processor and the APs that reached CPL3); preceded by `ERROR smp <n> of <smp> cpus
+//!   started` if fewer than `smp` came up.
 //! - `READY ws=<MiB> rate=<n|max>` — once, when the main loop starts ([`Event::Ready`]).
 //! - `.` — one byte per heartbeat period ([`Event::Heartbeat`]).
 //! - `\nT <heartbeats> <pages_written> <pages_verified> <corrupt>\n` — after every 1000th
-//!   heartbeat, decimal counters since boot ([`Event::Tline`]).
+//!   heartbeat, decimal counters since boot ([`Event::Tline`]), summed over all CPUs.
 //! - `\nCORRUPT page=<n> got=<16 hex digits> want=<16 hex digits>\n` — the first mismatching qword
 //!   of a page found by the verifier ([`Event::Corrupt`]); the page is then rewritten with its
-//!   expected contents, so one damage is reported once.
+//!   expected contents, so one damage is reported once. A page an AP found is printed by the
+//!   boot processor at its next heartbeat.
 //! - `ERROR ws=<n> does not fit` / `ERROR PIT calibration failed` — fatal; the guest then spins.
 //! - `\nSTATUS hb=<n> written=<n> verified=<n> corrupt=<n> rx=<n> tx=<n>\n` — the answer to a
 //!   `status` line typed on the console ([`Event::Status`]); `rx`/`tx` count the frames the
-//!   network driver received and sent (0 without `net=`).
+//!   network driver received and sent (0 without `net=`); `written`, `verified` and `corrupt`
+//!   are summed over all CPUs. With more than one CPU running, it is followed by one
+//!   `CPU <k> written=<n> verified=<n> corrupt=<n>` line per CPU, `k = 0` the boot processor
+//!   ([`Event::Cpu`]).
 //! - `\n? <line>\n` — the answer to any other non-empty console line (bytes outside printable
 //!   ASCII shown as `?`); `\n? (line too long)\n` for a line longer than
 //!   [`CONSOLE_LINE_MAX`] bytes, which is discarded.
@@ -142,11 +155,54 @@
 //! With `period = hb * tsc_khz / 1000` TSC ticks: when `rdtsc >= next` the guest prints a heartbeat
 //! (and every 1000th time a `T` line), advances `next` by one period (or to `now + period` if it
 //! fell behind: missed beats are skipped, not replayed) and refills its write budget to `rate`
-//! pages, then polls the console and (with a NIC) the announce request. Every iteration first
-//! checks the NIC's receive queue (see "Network"). Otherwise it writes one page while the budget
-//! lasts (`gen[p] += 1`, then all 512 qwords
-//! = [`expected_qword`]`(p, gen[p], i)`), else it verifies the next page round-robin. Each step
-//! handles one page (about a microsecond natively), so heartbeats are accurate to a few µs.
+//! pages, prints the APs' queued corruption reports, then polls the console and (with a NIC)
+//! the announce request. Every iteration first checks the NIC's receive queue (see "Network").
+//! Otherwise it writes one page while the budget lasts (`gen[p] += 1`, then all 512 qwords =
+//! [`expected_content`]`(p, gen[p], i, zero)`: the pattern [`expected_qword`], or all zero for a
+//! zero generation), else it verifies the next page of its part round-robin: it reads
+//! `gen[p]`; with `fresh=1` a page at generation 0 is skipped without being read (and not
+//! counted); otherwise all 512 qwords are compared with [`expected_content`]. Each step handles
+//! one page (about a microsecond natively), so heartbeats are accurate to a few µs.
+//!
+//! # Several CPUs (`smp=<n>`)
+//!
+//! After the `INFO` line the boot processor (BSP) copies the AP start-up code to
+//! [`AP_TRAMPOLINE`] and, through its local APIC's interrupt command register at
+//! [`LAPIC_BASE`]` + 0x300` (written at CPL3; KVM's in-kernel LAPIC handles it), sends an INIT,
+//! waits 100 µs, sends a start-up IPI (vector `AP_TRAMPOLINE >> 12` = 8), waits up to 100 ms for
+//! `n - 1` APs to reach CPL3, then sends a second start-up IPI and waits up to 1 s more. The
+//! IPIs use the destination shorthand "all excluding self": measured on PVM (kernel 6.18), an
+//! INIT sent to a physical destination (ICR high `1 << 24`, low `0x4500`; the AP's APIC ID
+//! reads 1) never reached the AP (it stayed `KVM_MP_STATE_UNINITIALIZED` at `F000:FFF0`),
+//! while the shorthand starts it. So every AP of the VM starts; those beyond `n - 1` halt at
+//! CPL0 with interrupts off (`KVM_MP_STATE_HALTED`), for good.
+//!
+//! An AP starts in real mode at `0x0800:0000`; 13 instructions (emulated under PVM) load the
+//! GDT, set CR4, CR3, EFER and CR0 (protection and paging at once, straight into IA-32e mode)
+//! and far-jump through a 16:32 pointer to its 64-bit CPL0 entry in the 64-bit code. There
+//! (about 30 instructions, emulated too) it loads the data selectors; under a spinlock it clears
+//! the busy bit of the shared TSS descriptor and loads the task register (the APs share the
+//! BSP's TSS: nothing ever switches stacks through it, interrupts stay off); takes a slot with
+//! `lock xadd` (AP `k` = slot `k - 1` uses the block `CPU_BLOCKS + (k - 1) * CPU_BLOCK_SIZE`);
+//! and `iretq`s to CPL3 (`CS = 0x23`, `RFLAGS = 0x3002`) with its stack at the end of its block
+//! (never a 32-bit protected-mode `IRET`). At CPL3 it increments a counter the BSP waits on and
+//! spins until the BSP has filled its block.
+//!
+//! Just before `READY` the BSP gives CPU `k` of the `c` that came up ([`cpu_pages`]) the pages
+//! `k * pages / c .. (k + 1) * pages / c` (the BSP is CPU 0), copies `rate`, `hb` (as the TSC
+//! period), `pattern`, `fresh` and `zero` into each AP's block (its xorshift seed is
+//! `0x2545F4914F6CDD1D ^ k * INDEX_MUL`) and lets the APs go. Each AP then runs the BSP's loop
+//! without its output: per heartbeat period it writes `rate` pages of its part (or writes
+//! continuously with `rate=max`), and verifies its part round-robin otherwise, with the same
+//! write and verify code. Each page is written and verified by one CPU only. An AP counts its
+//! own `written`/`verified`/`corrupt` in its block and queues each corruption report (page,
+//! got, want) in a 32-entry ring in its block (waiting while the ring is full); the BSP sums
+//! the counters for `T` and `STATUS` and prints the queued reports once per heartbeat.
+//!
+//! Under QEMU the guest boots with `-kernel` as before (the image is still one `PT_LOAD`
+//! segment; only its zero-filled part grew). With `-smp <n>` and `smp=<n>` it would start the
+//! APs the same way (the INIT resets whatever state the firmware left them in); that was not
+//! run here (no QEMU on the machine where this was written).
 
 #![warn(missing_docs)]
 
@@ -186,8 +242,31 @@ pub const KSTACK_TOP: u64 = BSS_START + 0x1000;
 pub const USTACK_TOP: u64 = KSTACK_TOP + 0x8000;
 /// Guest-physical address of the CPL3 program's variables (one page).
 pub const VARS_ADDR: u64 = USTACK_TOP;
+/// Guest-physical address of the first application processor's block (with `smp=`): AP `k`
+/// (`1 ..` [`MAX_CPUS`]) uses `CPU_BLOCKS + (k - 1) * CPU_BLOCK_SIZE` for its variables (the
+/// same offsets as the boot processor's at [`VARS_ADDR`]), its report ring and its stack.
+pub const CPU_BLOCKS: u64 = VARS_ADDR + 0x1000;
+/// Size of one application processor's block; its stack top is the block's end.
+pub const CPU_BLOCK_SIZE: u64 = 0x2000;
+/// Most vCPUs the guest drives (`smp=` is clamped to this).
+pub const MAX_CPUS: u64 = 16;
+/// Offset in an AP's block of its ring of corruption reports ([`CORRUPT_RING_ENTRIES`] entries
+/// of three qwords: page, got, want), which the boot processor prints.
+pub const CORRUPT_RING_OFFSET: u64 = 0x400;
+/// Entries in an AP's corruption report ring.
+pub const CORRUPT_RING_ENTRIES: u64 = 32;
 /// End of the loaded segment (`p_paddr + p_memsz`).
-pub const IMAGE_END: u64 = VARS_ADDR + 0x1000;
+pub const IMAGE_END: u64 = CPU_BLOCKS + (MAX_CPUS - 1) * CPU_BLOCK_SIZE;
+/// Where the 16-bit AP start-up code is kept in the image (file-backed, [`TRAMPOLINE_SIZE`]
+/// bytes); the boot processor copies it to [`AP_TRAMPOLINE`] before it starts the APs.
+pub const TRAMPOLINE_IMAGE: u64 = LOAD_ADDR + 0x200;
+/// Size of the AP start-up code block (code, then its GDTR copy and far pointer).
+pub const TRAMPOLINE_SIZE: u64 = 0x80;
+/// Guest-physical address the APs start at (real mode, `CS:IP = 0x0800:0000`): the
+/// start-up IPI's vector is `AP_TRAMPOLINE >> 12`.
+pub const AP_TRAMPOLINE: u64 = 0x8000;
+/// Guest-physical base of the local APIC (its MMIO page), used to send INIT and SIPI.
+pub const LAPIC_BASE: u64 = 0xfee0_0000;
 
 /// Guest-physical start of the virtio-net driver's memory (virtqueues and buffers), used only
 /// with a `net=` token; see the crate docs.
@@ -243,6 +322,10 @@ const _: () = {
     assert!(CODE64_ADDR < TSS_ADDR && TSS_ADDR + 0x68 + 8192 < PML4_ADDR);
     assert!(PDPT_ADDR == PML4_ADDR + 0x1000 && PD_ADDR == PDPT_ADDR + 0x1000);
     assert!(IMAGE_END <= NET_MEM && NET_MEM_END <= GEN_TABLE);
+    assert!(GDTR_ADDR + 6 <= TRAMPOLINE_IMAGE && TRAMPOLINE_IMAGE + TRAMPOLINE_SIZE <= CODE64_ADDR);
+    assert!(AP_TRAMPOLINE.is_multiple_of(4096) && AP_TRAMPOLINE + TRAMPOLINE_SIZE <= 0x9000);
+    assert!(CORRUPT_RING_OFFSET + 24 * CORRUPT_RING_ENTRIES <= CPU_BLOCK_SIZE / 2);
+    assert!(CPU_BLOCK_SIZE.is_power_of_two() && CORRUPT_RING_ENTRIES.is_power_of_two());
     assert!(NET_RX_BUFS >= NET_CTRL_BUF + 0x1000);
     assert!(NET_RX_SIZE.is_power_of_two() && NET_TX_SIZE.is_power_of_two());
     assert!(NET_CTRL_SIZE.is_power_of_two() && NET_BUF_SIZE == 2048);
@@ -273,6 +356,33 @@ pub enum Error {
 #[must_use]
 pub fn expected_qword(page: u64, gen: u32, index: usize) -> u64 {
     ((page << 32) | u64::from(gen)) ^ (index as u64).wrapping_mul(INDEX_MUL)
+}
+
+/// Whether generation `gen` of a page is all zero: generation 0 (never written), and, with
+/// `zero=<n>` (`zero_every = n > 0`), every generation that is a multiple of `n` (the `n`-th,
+/// `2n`-th, ... write of the page writes it all zero).
+#[must_use]
+pub fn generation_is_zero(gen: u32, zero_every: u32) -> bool {
+    gen == 0 || (zero_every != 0 && gen.is_multiple_of(zero_every))
+}
+
+/// The value qword `index` of working-set page `page` holds at generation `gen` under
+/// `zero=<zero_every>` (0: off): 0 for a zero generation ([`generation_is_zero`]), else
+/// [`expected_qword`].
+#[must_use]
+pub fn expected_content(page: u64, gen: u32, index: usize, zero_every: u32) -> u64 {
+    if generation_is_zero(gen, zero_every) {
+        0
+    } else {
+        expected_qword(page, gen, index)
+    }
+}
+
+/// The pages CPU `cpu` of `cpus` writes and verifies with `smp=`: `cpu * pages / cpus ..
+/// (cpu + 1) * pages / cpus` (the boot processor is CPU 0).
+#[must_use]
+pub fn cpu_pages(cpu: u64, cpus: u64, pages: u64) -> std::ops::Range<u64> {
+    cpu * pages / cpus..(cpu + 1) * pages / cpus
 }
 
 /// Builds the guest's ELF32 Multiboot image (see the crate docs for its layout). The image is
@@ -340,6 +450,15 @@ pub struct GuestConfig {
     pub pattern: Pattern,
     /// TSC frequency in kHz (`tsc_khz=`); `None` lets the guest calibrate it with the PIT.
     pub tsc_khz: Option<u64>,
+    /// `fresh=1`: the verifier never reads a page that was never written (generation 0), so
+    /// each page's first write is its first touch.
+    pub fresh: bool,
+    /// `zero=<n>`: every `n`-th write of a page writes it all zero; 0 = never.
+    pub zero_every: u32,
+    /// `smp=<n>`: number of CPUs that write and verify (the boot processor and `n - 1`
+    /// application processors, each on its own part of the working set); 1 = the boot
+    /// processor alone.
+    pub smp: u32,
 }
 
 impl Default for GuestConfig {
@@ -350,13 +469,17 @@ impl Default for GuestConfig {
             hb_us: DEFAULT_HB_US,
             pattern: Pattern::Seq,
             tsc_khz: None,
+            fresh: false,
+            zero_every: 0,
+            smp: 1,
         }
     }
 }
 
 impl GuestConfig {
     /// The Multiboot command line for these settings, e.g.
-    /// `ws=64 rate=100 hb=1000 pattern=seq tsc_khz=2445404`.
+    /// `ws=64 rate=100 hb=1000 pattern=seq tsc_khz=2445404 fresh=1 zero=4 smp=2`
+    /// (`tsc_khz`, `fresh`, `zero` and `smp` only when they differ from the guest's default).
     #[must_use]
     pub fn cmdline(&self) -> String {
         let mut s = format!(
@@ -366,7 +489,22 @@ impl GuestConfig {
         if let Some(khz) = self.tsc_khz {
             s.push_str(&format!(" tsc_khz={khz}"));
         }
+        if self.fresh {
+            s.push_str(" fresh=1");
+        }
+        if self.zero_every != 0 {
+            s.push_str(&format!(" zero={}", self.zero_every));
+        }
+        if self.smp > 1 {
+            s.push_str(&format!(" smp={}", self.smp));
+        }
         s
+    }
+
+    /// The pages CPU `cpu` writes and verifies ([`cpu_pages`] with `smp` CPUs).
+    #[must_use]
+    pub fn cpu_pages(&self, cpu: u64) -> std::ops::Range<u64> {
+        cpu_pages(cpu, u64::from(self.smp.max(1)), self.ws_pages())
     }
 
     /// Number of working-set pages.
@@ -398,6 +536,33 @@ mod tests {
     }
 
     #[test]
+    fn zero_generations() {
+        assert!(generation_is_zero(0, 0));
+        assert!(!generation_is_zero(1, 0));
+        assert!(!generation_is_zero(3, 4));
+        assert!(generation_is_zero(4, 4));
+        assert!(generation_is_zero(8, 4));
+        assert!(generation_is_zero(5, 1));
+        assert_eq!(expected_content(7, 4, 3, 4), 0);
+        assert_eq!(expected_content(7, 5, 3, 4), expected_qword(7, 5, 3));
+        assert_eq!(expected_content(7, 0, 3, 0), 0);
+    }
+
+    #[test]
+    fn cpu_parts_cover_the_working_set_once() {
+        for (cpus, pages) in [(1, 256), (2, 4096), (3, 4096), (16, 256), (5, 1000)] {
+            let mut next = 0;
+            for cpu in 0..cpus {
+                let r = cpu_pages(cpu, cpus, pages);
+                assert_eq!(r.start, next);
+                assert!(r.end > r.start);
+                next = r.end;
+            }
+            assert_eq!(next, pages);
+        }
+    }
+
+    #[test]
     fn cmdline() {
         let c = GuestConfig {
             ws_mib: 64,
@@ -405,11 +570,24 @@ mod tests {
             hb_us: 500,
             pattern: Pattern::Rand,
             tsc_khz: Some(2_445_404),
+            ..GuestConfig::default()
         };
         assert_eq!(
             c.cmdline(),
             "ws=64 rate=max hb=500 pattern=rand tsc_khz=2445404"
         );
+        let c = GuestConfig {
+            fresh: true,
+            zero_every: 4,
+            smp: 2,
+            ..c
+        };
+        assert_eq!(
+            c.cmdline(),
+            "ws=64 rate=max hb=500 pattern=rand tsc_khz=2445404 fresh=1 zero=4 smp=2"
+        );
+        assert_eq!(c.cpu_pages(0), 0..8192);
+        assert_eq!(c.cpu_pages(1), 8192..16384);
         assert_eq!(
             GuestConfig::default().cmdline(),
             "ws=16 rate=0 hb=1000 pattern=seq"

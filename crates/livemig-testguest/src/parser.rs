@@ -59,19 +59,33 @@ pub enum Event {
         /// Frames sent.
         tx: u64,
     },
+    /// `CPU <k> written=<n> verified=<n> corrupt=<n>`: with `smp=` above 1, one line per
+    /// running CPU after each `STATUS` line (CPU 0 is the boot processor): that CPU's own
+    /// counters since boot (the `STATUS`/`T` counters are their sums).
+    Cpu {
+        /// CPU index (0 = boot processor).
+        cpu: u64,
+        /// Pages this CPU wrote.
+        pages_written: u64,
+        /// Pages this CPU verified.
+        pages_verified: u64,
+        /// Corrupt pages this CPU found.
+        corrupt: u64,
+    },
     /// Any other complete, non-empty line (e.g. `INFO ...`, `ERROR ...`, firmware output).
     Other(String),
 }
 
 impl Event {
     /// Parses one complete line (without its newline). Lines that do not match `READY`, `T`,
-    /// `CORRUPT` or `STATUS` exactly become [`Event::Other`].
+    /// `CORRUPT`, `STATUS` or `CPU` exactly become [`Event::Other`].
     #[must_use]
     pub fn from_line(line: &str) -> Event {
         parse_ready(line)
             .or_else(|| parse_tline(line))
             .or_else(|| parse_corrupt(line))
             .or_else(|| parse_status(line))
+            .or_else(|| parse_cpu(line))
             .unwrap_or_else(|| Event::Other(line.to_string()))
     }
 }
@@ -147,6 +161,27 @@ fn parse_status(line: &str) -> Option<Event> {
         corrupt: n[3],
         rx: n[4],
         tx: n[5],
+    })
+}
+
+fn parse_cpu(line: &str) -> Option<Event> {
+    let mut t = line.split_whitespace();
+    if t.next()? != "CPU" {
+        return None;
+    }
+    let cpu = t.next()?.parse().ok()?;
+    let mut n = [0u64; 3];
+    for (v, key) in n.iter_mut().zip(["written", "verified", "corrupt"]) {
+        *v = value(t.next(), key)?.parse().ok()?;
+    }
+    if t.next().is_some() {
+        return None;
+    }
+    Some(Event::Cpu {
+        cpu,
+        pages_written: n[0],
+        pages_verified: n[1],
+        corrupt: n[2],
     })
 }
 
@@ -478,6 +513,28 @@ mod tests {
                 rate: Rate::Pages(7)
             }
         );
+    }
+
+    #[test]
+    fn cpu_lines() {
+        assert_eq!(
+            Event::from_line("CPU 1 written=15779 verified=2311220 corrupt=2"),
+            Event::Cpu {
+                cpu: 1,
+                pages_written: 15779,
+                pages_verified: 2_311_220,
+                corrupt: 2
+            }
+        );
+        for l in [
+            "CPU x written=1 verified=2 corrupt=3",
+            "CPU 1 written=1 verified=2",
+            "CPU 1 written=1 verified=2 corrupt=3 x=4",
+            "CPU 1 verified=2 written=1 corrupt=3",
+            "SMP cpus=2",
+        ] {
+            assert_eq!(Event::from_line(l), Event::Other(l.into()), "{l}");
+        }
     }
 
     #[test]

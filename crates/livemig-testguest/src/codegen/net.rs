@@ -4,7 +4,7 @@
 
 use iced_x86::code_asm::*;
 
-use super::{print_char, print_str, v, var, Labels, COM1};
+use super::{print_char, print_str, print_sum, v, var, Labels, COM1};
 use crate::{
     Error, CONSOLE_LINE_MAX, NET_BUF_SIZE, NET_CTRLQ, NET_CTRL_BUF, NET_CTRL_SIZE, NET_MEM,
     NET_MEM_END, NET_RXQ, NET_RX_BUFS, NET_RX_SIZE, NET_TXQ, NET_TX_BUFS, NET_TX_SIZE, PD_COUNT,
@@ -277,7 +277,7 @@ pub(super) fn subroutines(a: &mut CodeAssembler, l: &mut Labels) -> Result<(), E
 }
 
 /// `console_poll`: reads what waits in the UART (at most 64 bytes per call) into the line
-/// buffer and answers complete lines. Clobbers rax, rcx, rdx, rsi, rdi, r8.
+/// buffer and answers complete lines. Clobbers rax, rcx, rdx, rsi, rdi, r8, r12, r13.
 fn console(a: &mut CodeAssembler, l: &mut Labels) -> Result<(), Error> {
     let mut top = a.create_label();
     let mut done = a.create_label();
@@ -342,10 +342,16 @@ fn console(a: &mut CodeAssembler, l: &mut Labels) -> Result<(), Error> {
         (l.n.s_tx, var::TX_FRAMES),
     ] {
         print_str(a, l, s)?;
-        a.mov(rax, v(off))?;
-        a.call(l.put_dec)?;
+        if [var::WRITTEN, var::VERIFIED, var::CORRUPT].contains(&off) {
+            print_sum(a, l, off)?;
+        } else {
+            a.mov(rax, v(off))?;
+            a.call(l.put_dec)?;
+        }
     }
     print_char(a, l, b'\n')?;
+    // With several CPUs, one `CPU <k> ...` line each.
+    a.call(l.s.cpu_lines)?;
     a.jmp(reset)?;
     // `? <line>`, with bytes outside printable ASCII shown as `?`.
     a.set_label(&mut not_status)?;
