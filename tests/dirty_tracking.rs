@@ -245,7 +245,7 @@ fn migrate_with_the_dirty_ring() {
         "--kernel",
         "builtin:testguest",
         "--cmdline",
-        "ws=64 rate=50 pattern=rand",
+        "ws=64 rate=50 pattern=rand fresh=1",
         "--dirty-log",
         "ring:1024",
         "--api-socket",

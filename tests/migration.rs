@@ -90,7 +90,12 @@ fn migrate_dirtying_guest_seq() {
     let Some(_kvm) = common::kvm_or_skip("migrate_dirtying_guest_seq") else {
         return;
     };
-    migrate_once("256M", 1, "ws=64 rate=10 pattern=seq", "seq 40 MB/s");
+    migrate_once(
+        "256M",
+        1,
+        "ws=64 rate=10 pattern=seq fresh=1 zero=7",
+        "seq 40 MB/s",
+    );
 }
 
 #[test]
@@ -98,7 +103,12 @@ fn migrate_dirtying_guest_rand() {
     let Some(_kvm) = common::kvm_or_skip("migrate_dirtying_guest_rand") else {
         return;
     };
-    migrate_once("256M", 1, "ws=64 rate=10 pattern=rand", "rand 40 MB/s");
+    migrate_once(
+        "256M",
+        1,
+        "ws=64 rate=10 pattern=rand fresh=1",
+        "rand 40 MB/s",
+    );
 }
 
 #[test]
@@ -107,7 +117,7 @@ fn migrate_two_vcpus_ap_state_survives() {
         return;
     };
     let dir = scratch_dir("smp-mig");
-    let mut src = start_source(&dir, "src", "256M", 2, "ws=32 rate=10").unwrap();
+    let mut src = start_source(&dir, "src", "256M", 2, "ws=32 rate=10 fresh=1").unwrap();
     src.wait_ready(Duration::from_secs(30)).unwrap();
     src.wait_for("a T line", Duration::from_secs(30), |g| {
         !g.tlines.is_empty()
@@ -144,7 +154,8 @@ fn memory_identical_after_final_round() {
         return;
     };
     let dir = scratch_dir("memeq");
-    let mut src = start_source(&dir, "src", "256M", 1, "ws=64 rate=20 pattern=rand").unwrap();
+    let mut src =
+        start_source(&dir, "src", "256M", 1, "ws=64 rate=20 pattern=rand fresh=1").unwrap();
     src.wait_ready(Duration::from_secs(30)).unwrap();
     src.wait_heartbeats(500, Duration::from_secs(30)).unwrap();
     let (mut dst, ep) = start_destination(&dir, "dst", &["--start-paused"]).unwrap();
@@ -235,7 +246,14 @@ fn ping_pong_ten_times_while_dirtying() {
         return;
     };
     let dir = scratch_dir("pingpong");
-    let mut cur = start_source(&dir, "vm0", "256M", 1, "ws=64 rate=10 pattern=rand").unwrap();
+    let mut cur = start_source(
+        &dir,
+        "vm0",
+        "256M",
+        1,
+        "ws=64 rate=10 pattern=rand fresh=1 zero=5",
+    )
+    .unwrap();
     cur.wait_ready(Duration::from_secs(30)).unwrap();
     cur.wait_for("a T line", Duration::from_secs(30), |g| {
         !g.tlines.is_empty()
@@ -411,7 +429,8 @@ fn four_page_streams_memory_identical() {
         return;
     };
     let dir = scratch_dir("streams");
-    let mut src = start_source(&dir, "src", "256M", 1, "ws=64 rate=20 pattern=rand").unwrap();
+    let mut src =
+        start_source(&dir, "src", "256M", 1, "ws=64 rate=20 pattern=rand fresh=1").unwrap();
     src.wait_ready(Duration::from_secs(30)).unwrap();
     src.wait_heartbeats(500, Duration::from_secs(30)).unwrap();
     let (mut dst, ep) = start_destination(&dir, "dst", &["--start-paused"]).unwrap();

@@ -235,7 +235,7 @@ fn ping_survives_five_ping_pong_migrations() {
     let net = Net::new("lmP", "y", Some(&format!("{PREFIX}.1/24"))).unwrap();
     let dir = scratch_dir("ping-y");
     let taps = ["lmpa", "lmpb"];
-    let mut cur = net.source(&dir, taps[0], "ws=64 rate=10");
+    let mut cur = net.source(&dir, taps[0], "ws=64 rate=10 fresh=1");
     wait_answering(&mut cur);
     let pinger = Pinger::start(&net, &dir);
     std::thread::sleep(Duration::from_secs(1));

@@ -53,11 +53,18 @@ impl Drop for HostLoad {
     }
 }
 
-/// A guest as described by `cmdline`, migrated as soon as it is READY (its
-/// working set mostly unwritten), in tracking `mode`; the destination runs
+/// A guest as described by `cmdline`, migrated `after` its READY (its
+/// working set partly written), in tracking `mode`; the destination runs
 /// on until the guest has re-verified pages, and neither side may have seen
 /// a wrong byte.
-fn migrate_at_ready(memory: &str, vcpus: u32, cmdline: &str, mode: &str, load: bool) {
+fn migrate_after_ready(
+    memory: &str,
+    vcpus: u32,
+    cmdline: &str,
+    mode: &str,
+    load: bool,
+    after: Duration,
+) {
     let what = format!(
         "{cmdline}, {vcpus} vCPU(s), --dirty-log {mode}{}",
         if load { ", host loaded" } else { "" }
@@ -66,6 +73,7 @@ fn migrate_at_ready(memory: &str, vcpus: u32, cmdline: &str, mode: &str, load: b
     let mut src =
         start_source_with(&dir, "src", memory, vcpus, cmdline, &["--dirty-log", mode]).unwrap();
     src.wait_ready(Duration::from_secs(30)).unwrap();
+    std::thread::sleep(after);
     let (mut dst, ep) = start_destination(&dir, "dst", &["--dirty-log", mode]).unwrap();
     let _load = load.then(HostLoad::start);
     let t0 = Instant::now();
@@ -116,14 +124,66 @@ fn check(src: &Vmm, dst: &Vmm, what: &str) {
     assert!(!d.ready, "{what}: the destination guest rebooted (READY)");
 }
 
-/// The issue's own reproduction: a 512 MiB working set migrated right at
-/// READY, while the guest still writes most of its pages for the first time.
+/// A guest writing its working set for the first time (never read before:
+/// `fresh=1`) from two vCPUs at once, every fifth write of a page making
+/// it all zero again, migrated half-way through the first lap (a long
+/// round 0 with pages being born all through it), on a host whose two
+/// cores are kept busy: in each tracking mode.
 #[test]
-fn working_set_born_during_migration_every_mode() {
-    let Some(_kvm) = common::kvm_or_skip("working_set_born_during_migration_every_mode") else {
+fn pages_born_on_two_vcpus_under_load_every_mode() {
+    let Some(_kvm) = common::kvm_or_skip("pages_born_on_two_vcpus_under_load_every_mode") else {
         return;
     };
     for mode in MODES {
-        migrate_at_ready("1G", 1, "ws=512 rate=64", mode, false);
+        let cmdline = "ws=512 rate=64 fresh=1 smp=2 zero=5";
+        migrate_after_ready("1G", 2, cmdline, mode, true, Duration::from_millis(1500));
+    }
+}
+
+/// A large, mostly untouched memory with a small working set that is still
+/// growing: 8 GiB, 64 MiB being written for the first time.
+#[test]
+fn large_sparse_guest_growing_working_set() {
+    let Some(_kvm) = common::kvm_or_skip("large_sparse_guest_growing_working_set") else {
+        return;
+    };
+    let cmdline = "ws=64 rate=8 fresh=1";
+    migrate_after_ready(
+        "8G",
+        1,
+        cmdline,
+        "manual",
+        false,
+        Duration::from_millis(500),
+    );
+}
+
+/// The soak of issue 12: 100 migrations, each of a new guest whose pages
+/// are being born on 2 vCPUs while it migrates, rotating through the three
+/// tracking modes, every other one with the host loaded. Ignored by
+/// default (about 8 minutes):
+/// `cargo test --release --test real_guests -- --ignored --nocapture`.
+#[test]
+#[ignore]
+fn soak_100_migrations_pages_born_on_two_vcpus() {
+    let Some(_kvm) = common::kvm_or_skip("soak_100_migrations_pages_born_on_two_vcpus") else {
+        return;
+    };
+    let n: usize = std::env::var("LIVEMIG_SOAK_HOPS")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(100);
+    for i in 0..n {
+        let mode = MODES[i % 3];
+        eprintln!("soak migration {} of {n}", i + 1);
+        let after = Duration::from_millis(200 + 100 * (i as u64 % 10));
+        migrate_after_ready(
+            "1G",
+            2,
+            "ws=256 rate=16 fresh=1 smp=2 zero=5",
+            mode,
+            i % 2 == 0,
+            after,
+        );
     }
 }

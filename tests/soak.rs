@@ -1,4 +1,6 @@
-//! Long soak: 100 ping-pong migrations of a dirtying 2-vCPU guest, checking
+//! Long soak: 100 ping-pong migrations of a guest dirtying memory on both of
+//! its 2 vCPUs (`fresh=1 smp=2 zero=5`), each hop's source tracking with the
+//! next dirty-tracking mode (manual-protect, classic, ring), checking
 //! the guest (no CORRUPT, counters continue) and the VMM processes' memory
 //! and file descriptors across iterations. Ignored by default:
 //! `cargo test --release --test soak -- --ignored --nocapture`.
@@ -34,7 +36,14 @@ fn soak_100_ping_pong_two_vcpus() {
         .and_then(|v| v.parse().ok())
         .unwrap_or(100);
     let dir = scratch_dir("soak");
-    let mut cur = start_source(&dir, "vm0", "512M", 2, "ws=128 rate=10 pattern=rand").unwrap();
+    let mut cur = start_source(
+        &dir,
+        "vm0",
+        "512M",
+        2,
+        "ws=128 rate=10 pattern=rand fresh=1 smp=2 zero=5",
+    )
+    .unwrap();
     cur.wait_ready(Duration::from_secs(30)).unwrap();
     cur.wait_for("a T line", Duration::from_secs(30), |g| {
         !g.tlines.is_empty()
@@ -44,7 +53,10 @@ fn soak_100_ping_pong_two_vcpus() {
     let started = Instant::now();
     let mut downtimes = Vec::new();
     for hop in 1..=hops {
-        let (mut next, ep) = start_destination(&dir, &format!("vm{hop}"), &[]).unwrap();
+        // The next hop's source tracks with the next mode: manual, classic, ring.
+        let mode = ["manual", "classic", "ring"][hop % 3];
+        let (mut next, ep) =
+            start_destination(&dir, &format!("vm{hop}"), &["--dirty-log", mode]).unwrap();
         let r = migrate(&cur, &ep, json!({"downtime_limit_ms": 50})).unwrap_or_else(|e| {
             std::thread::sleep(Duration::from_millis(500));
             panic!(
