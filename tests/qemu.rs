@@ -28,7 +28,7 @@ fn qemu_migrates_the_test_guest() {
         qemu,
         kernel: write_guest_image(&dir).expect("guest image"),
         cmdline: std::env::var("QEMU_TEST_CMDLINE")
-            .unwrap_or_else(|_| "ws=32 rate=10 hb=500 pattern=rand tsc_khz=2445404".into()),
+            .unwrap_or_else(|_| "ws=32 rate=10 hb=500 pattern=rand fresh=1".into()),
         memory_mib: std::env::var("QEMU_TEST_MEM")
             .ok()
             .and_then(|v| v.parse().ok())

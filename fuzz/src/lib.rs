@@ -37,6 +37,7 @@ pub const TARGETS: &[&str] = &[
     "decode_messages",
     "receive_raw",
     "receive_frames",
+    "decompress_pages",
 ];
 
 /// Runs `data` through the target `name`; false if there is no such target.
@@ -49,6 +50,7 @@ pub fn run(name: &str, data: &[u8]) -> bool {
         "decode_messages" => decode_messages(data),
         "receive_raw" => receive_raw(data),
         "receive_frames" => receive_frames(data),
+        "decompress_pages" => decompress_pages_target(data),
         _ => return false,
     }
     true
@@ -839,6 +841,17 @@ pub fn seeds() -> Vec<(&'static str, String, Vec<u8>)> {
     ]
     .concat();
     out.push(("receive_frames", "valid".into(), script));
+    // A compressed Pages payload (as PagesLz4 carries), and one whose
+    // claimed size is wrong.
+    if let Some((_, pages)) = valid.iter().find(|(k, _)| *k == MsgKind::Pages) {
+        let mut z = Vec::new();
+        livemig::protocol::compress_pages(pages, &mut z);
+        out.push(("decompress_pages", "valid".into(), z.clone()));
+        if z.len() >= 4 {
+            z[0] ^= 1;
+            out.push(("decompress_pages", "wrong-size".into(), z));
+        }
+    }
     out
 }
 

@@ -26,3 +26,17 @@ pub use vm::{
 pub fn kvm_available() -> bool {
     kvm_ioctls::Kvm::new().is_ok()
 }
+
+/// For this crate's unit tests: true if KVM is there; otherwise says loudly
+/// that `test` is skipped, or panics where `LIVEMIG_REQUIRE_KVM` is set (CI).
+#[cfg(test)]
+pub(crate) fn kvm_or_skip(test: &str) -> bool {
+    if kvm_available() {
+        return true;
+    }
+    if std::env::var_os("LIVEMIG_REQUIRE_KVM").is_some() {
+        panic!("{test}: /dev/kvm is not available but LIVEMIG_REQUIRE_KVM is set");
+    }
+    eprintln!("\n*** SKIPPED {test}: /dev/kvm is not available on this machine ***\n");
+    false
+}

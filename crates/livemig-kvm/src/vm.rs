@@ -775,10 +775,7 @@ mod tests {
 
     #[test]
     fn foreign_cpu_features_are_refused() {
-        if !crate::kvm_available() {
-            eprintln!(
-                "*** SKIPPED foreign_cpu_features_are_refused: /dev/kvm is not available ***"
-            );
+        if !crate::kvm_or_skip("foreign_cpu_features_are_refused") {
             return;
         }
         let e = check_properties(&desc(&[("kvm.cpuid", "0123456789abcdef")])).unwrap_err();
@@ -840,10 +837,7 @@ mod tests {
 
     #[test]
     fn a_foreign_tsc_rate_is_refused_unless_kvm_can_scale() {
-        if !crate::kvm_available() {
-            eprintln!(
-                "*** SKIPPED a_foreign_tsc_rate_is_refused_unless_kvm_can_scale: /dev/kvm is not available ***"
-            );
+        if !crate::kvm_or_skip("a_foreign_tsc_rate_is_refused_unless_kvm_can_scale") {
             return;
         }
         let kvm = Kvm::new().unwrap();
