@@ -4,6 +4,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::config::PlacementConfig;
 use crate::error::PlacementError;
+pub use crate::filter::Excluded;
 use crate::filter::{check, Reason};
 use crate::input::{validate_hosts, validate_vm};
 use crate::model::{Host, Vm};
@@ -26,16 +27,6 @@ pub struct Candidate {
     pub terms: Terms,
     /// The quantities behind the terms.
     pub facts: Facts,
-}
-
-/// A host that failed at least one filter.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct Excluded {
-    /// Host name.
-    pub name: String,
-    /// Every filter it failed, in filter order (never empty).
-    pub reasons: Vec<Reason>,
 }
 
 /// The full explanation: every host is either ranked or excluded.

@@ -17,6 +17,16 @@ use serde::{Deserialize, Serialize};
 use crate::config::PlacementConfig;
 use crate::model::{Host, Vm};
 
+/// A host that failed at least one filter.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Excluded {
+    /// Host name.
+    pub name: String,
+    /// Every filter it failed, in filter order (never empty).
+    pub reasons: Vec<Reason>,
+}
+
 /// One failed filter, with the numbers that made it fail.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(tag = "filter", rename_all = "snake_case", deny_unknown_fields)]
