@@ -5,7 +5,7 @@ use serde::{Deserialize, Serialize};
 use crate::config::PlacementConfig;
 use crate::error::PlacementError;
 pub use crate::filter::Excluded;
-use crate::filter::{check, Reason};
+use crate::filter::check;
 use crate::input::{validate_hosts, validate_vm};
 use crate::model::{Host, Vm};
 use crate::score::{score, Cluster, Facts, Terms};
