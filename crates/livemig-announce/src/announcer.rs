@@ -9,14 +9,14 @@
 //! [`AnnounceReport`] for the migration report.
 
 use std::fmt;
-use std::net::Ipv4Addr;
+use std::net::{Ipv4Addr, Ipv6Addr};
 use std::sync::{Arc, Condvar, Mutex, MutexGuard, PoisonError};
 use std::thread::{self, JoinHandle};
 use std::time::{Duration, Instant};
 
 use serde::Serialize;
 
-use crate::frames::{format_mac, garp_frame, rarp_frame, AnnounceKind};
+use crate::frames::{format_mac, garp_frame, na_frame, rarp_frame, AnnounceKind};
 use crate::schedule::Schedule;
 use crate::sender::FrameSender;
 
@@ -27,6 +27,9 @@ pub struct Nic {
     /// The guest's IPv4 address on this NIC, if the VMM knows it: a
     /// gratuitous ARP is sent with each RARP when it is set.
     pub ipv4: Option<[u8; 4]>,
+    /// The guest's IPv6 addresses on this NIC, if the VMM knows them: an
+    /// unsolicited neighbour advertisement is sent for each, with each RARP.
+    pub ipv6: Vec<[u8; 16]>,
     /// Where this NIC's frames go (its own backend).
     pub sender: Box<dyn FrameSender>,
 }
@@ -38,6 +41,7 @@ impl Nic {
         Nic {
             mac,
             ipv4: None,
+            ipv6: Vec::new(),
             sender,
         }
     }
@@ -47,6 +51,32 @@ impl Nic {
         self.ipv4 = Some(ipv4);
         self
     }
+
+    /// Also announce `ipv6` with an unsolicited neighbour advertisement
+    /// (call once per address; duplicates are announced once).
+    pub fn with_ipv6(mut self, ipv6: [u8; 16]) -> Self {
+        if !self.ipv6.contains(&ipv6) {
+            self.ipv6.push(ipv6);
+        }
+        self
+    }
+
+    /// Every frame of one round, in sending order: the RARP, the
+    /// gratuitous ARP if the IPv4 address is known, then one neighbour
+    /// advertisement per IPv6 address.
+    fn frames(&self) -> Vec<(AnnounceKind, Vec<u8>)> {
+        let mut frames = vec![(AnnounceKind::Rarp, rarp_frame(&self.mac).to_vec())];
+        if let Some(ip) = self.ipv4 {
+            frames.push((AnnounceKind::Garp, garp_frame(&self.mac, &ip).to_vec()));
+        }
+        for ip in &self.ipv6 {
+            frames.push((
+                AnnounceKind::UnsolicitedNa,
+                na_frame(&self.mac, ip).to_vec(),
+            ));
+        }
+        frames
+    }
 }
 
 impl fmt::Debug for Nic {
@@ -54,6 +84,14 @@ impl fmt::Debug for Nic {
         f.debug_struct("Nic")
             .field("mac", &format_mac(&self.mac))
             .field("ipv4", &self.ipv4.map(Ipv4Addr::from))
+            .field(
+                "ipv6",
+                &self
+                    .ipv6
+                    .iter()
+                    .map(|a| Ipv6Addr::from(*a))
+                    .collect::<Vec<_>>(),
+            )
             .field("sender", &self.sender.describe())
             .finish()
     }
@@ -73,12 +111,16 @@ pub struct NicReport {
     pub mac: [u8; 6],
     /// Its IPv4 address, if announced.
     pub ipv4: Option<Ipv4Addr>,
+    /// Its IPv6 addresses, if announced.
+    pub ipv6: Vec<Ipv6Addr>,
     /// The sender's description.
     pub sender: String,
     /// RARP frames sent.
     pub rarp_sent: u32,
     /// Gratuitous ARP frames sent.
     pub garp_sent: u32,
+    /// Unsolicited neighbour advertisements sent (all addresses together).
+    pub na_sent: u32,
     /// Sends that failed.
     pub failed: u32,
 }
@@ -129,7 +171,10 @@ pub struct AnnounceReport {
 impl AnnounceReport {
     /// Frames sent successfully, all NICs together.
     pub fn frames_sent(&self) -> u32 {
-        self.nics.iter().map(|n| n.rarp_sent + n.garp_sent).sum()
+        self.nics
+            .iter()
+            .map(|n| n.rarp_sent + n.garp_sent + n.na_sent)
+            .sum()
     }
 
     /// Whether everything planned was sent without an error.
@@ -206,11 +251,7 @@ fn run(mut nics: Vec<Nic>, offsets: Vec<Duration>, resumed_at: Instant, shared: 
             break;
         }
         for (index, nic) in nics.iter_mut().enumerate() {
-            let mut frames = vec![(AnnounceKind::Rarp, rarp_frame(&nic.mac))];
-            if let Some(ip) = nic.ipv4 {
-                frames.push((AnnounceKind::Garp, garp_frame(&nic.mac, &ip)));
-            }
-            for (kind, frame) in frames {
+            for (kind, frame) in nic.frames() {
                 let result = nic.sender.send(&frame);
                 let at_ms = ms(resumed_at.elapsed());
                 let mut report = shared.report();
@@ -221,6 +262,7 @@ fn run(mut nics: Vec<Nic>, offsets: Vec<Duration>, resumed_at: Instant, shared: 
                     Ok(()) => match kind {
                         AnnounceKind::Rarp => counts.rarp_sent += 1,
                         AnnounceKind::Garp => counts.garp_sent += 1,
+                        AnnounceKind::UnsolicitedNa => counts.na_sent += 1,
                     },
                     Err(e) => {
                         counts.failed += 1;
@@ -317,8 +359,9 @@ impl AnnounceHandle {
 /// offsets from now (call it right after the destination's vCPUs run).
 ///
 /// Returns at once; the frames are sent by a background thread. Each round
-/// sends, on every NIC in turn, a RARP and, when the NIC's IPv4 address is
-/// known, a gratuitous ARP.
+/// sends, on every NIC in turn, a RARP, then a gratuitous ARP when the NIC's
+/// IPv4 address is known, then an unsolicited neighbour advertisement for
+/// each of its IPv6 addresses.
 pub fn announce(nics: Vec<Nic>, schedule: &Schedule) -> AnnounceHandle {
     announce_from(nics, schedule, Instant::now())
 }
@@ -337,9 +380,11 @@ pub fn announce_from(nics: Vec<Nic>, schedule: &Schedule, resumed_at: Instant) -
                 nic,
                 mac: n.mac,
                 ipv4: n.ipv4.map(Ipv4Addr::from),
+                ipv6: n.ipv6.iter().map(|a| Ipv6Addr::from(*a)).collect(),
                 sender: n.sender.describe(),
                 rarp_sent: 0,
                 garp_sent: 0,
+                na_sent: 0,
                 failed: 0,
             })
             .collect(),
@@ -566,6 +611,42 @@ mod tests {
         assert_eq!(json["errors"][0]["kind"], "rarp");
         assert_eq!(json["errors"][0]["os_error"], libc::EPERM);
         assert_eq!(json["errors"][1]["kind"], "garp");
+    }
+
+    #[test]
+    fn ipv6_addresses_are_advertised_each_round() {
+        const GLOBAL: [u8; 16] = [0xfd, 0x77, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 2];
+        const LINK: [u8; 16] = [0xfe, 0x80, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 2];
+        let rec = RecordingSender::new("r");
+        let log = rec.log();
+        let nic = Nic::new(MAC_A, Box::new(rec))
+            .with_ipv4([10, 0, 0, 2])
+            .with_ipv6(GLOBAL)
+            .with_ipv6(LINK)
+            .with_ipv6(GLOBAL);
+        let report = announce(vec![nic], &Schedule::default()).join();
+        assert!(report.is_clean(), "{report:?}");
+        assert_eq!(report.nics[0].na_sent, 10);
+        assert_eq!(report.frames_sent(), 20);
+        let log = log.lock().unwrap();
+        assert_eq!(log.len(), 20);
+        for round in log.chunks(4) {
+            let kinds: Vec<_> = round
+                .iter()
+                .map(|r| parse_announce(&r.frame).unwrap())
+                .collect();
+            assert_eq!(kinds[0].kind, AnnounceKind::Rarp);
+            assert_eq!(kinds[1].kind, AnnounceKind::Garp);
+            assert_eq!(kinds[2].kind, AnnounceKind::UnsolicitedNa);
+            assert_eq!((kinds[2].mac, kinds[2].ipv6), (MAC_A, Some(GLOBAL)));
+            assert_eq!((kinds[3].mac, kinds[3].ipv6), (MAC_A, Some(LINK)));
+            // The same round: no schedule gap between RARP and the NAs.
+            assert!(round[3].at - round[0].at < SLACK);
+        }
+        let json = serde_json::to_value(&report).unwrap();
+        assert_eq!(json["nics"][0]["ipv6"][0], "fd77::2");
+        assert_eq!(json["nics"][0]["ipv6"][1], "fe80::2");
+        assert_eq!(json["nics"][0]["na_sent"], 10);
     }
 
     #[test]

@@ -10,7 +10,9 @@
 //!
 //! * [`frames`] — the RARP self-announce exactly as QEMU builds it, the
 //!   gratuitous ARP (RFC 5227 announcement) used when the guest's IPv4
-//!   address is known, and a parser for captures and tests;
+//!   address is known, the IPv6 unsolicited neighbour advertisement (RFC
+//!   4861) for each IPv6 address it is given, and a parser for captures and
+//!   tests;
 //! * [`schedule`] — when to send: QEMU's `announce-*` parameters (5 rounds,
 //!   frames at 0, 50, 200, 450 and 800 ms after resume by default);
 //! * [`sender`] — where to send: the [`sender::FrameSender`] trait with a TAP
@@ -47,7 +49,8 @@ pub use announcer::{
     announce, announce_from, AnnounceFailure, AnnounceHandle, AnnounceReport, Nic, NicReport,
 };
 pub use frames::{
-    format_mac, garp_frame, parse_announce, parse_mac, rarp_frame, Announce, AnnounceKind,
+    format_mac, garp_frame, icmpv6_checksum, na_frame, parse_announce, parse_mac, parse_na,
+    rarp_frame, Announce, AnnounceKind,
 };
 pub use schedule::{Schedule, ScheduleError};
 pub use sender::{

@@ -33,6 +33,11 @@ const GUEST_MAC: [u8; 6] = [0x52, 0x54, 0x00, 0xaa, 0xbb, 0x01];
 const CLIENT_SIDE_MAC: [u8; 6] = [0x52, 0x54, 0x00, 0xaa, 0xbb, 0x02];
 const NEVER_ANNOUNCED: [u8; 6] = [0x52, 0x54, 0x00, 0xaa, 0xbb, 0x99];
 const GUEST_IP: [u8; 4] = [10, 77, 0, 2];
+/// fd77::2, the guest's IPv6 address in the neighbour-cache test.
+const GUEST_IP6: [u8; 16] = [0xfd, 0x77, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 2];
+/// Where the client's neighbour cache says fd77::2 is before the announce
+/// (the guest's old location, as seen by the client).
+const OLD_LLADDR: &str = "02:00:00:00:00:66";
 
 /// Whether this machine can run the test; prints why not.
 fn can_run(test: &str) -> bool {
@@ -589,4 +594,97 @@ fn tap_that_is_down() {
     assert_eq!(report.errors[0].os_error, Some(libc::EIO));
     assert!(report.errors[0].error.contains("tap \"dst\""));
     assert!(report.error.is_none());
+}
+
+/// The link-layer address `ip -6 neigh` shows for `addr` on `vC` in `c`.
+fn client_neigh(c: &str, addr: &str) -> Option<String> {
+    let out = run(&["ip", "-n", c, "-6", "neigh", "show", addr, "dev", "vC"]);
+    let words: Vec<&str> = out.split_whitespace().collect();
+    words
+        .windows(2)
+        .find(|w| w[0] == "lladdr")
+        .map(|w| w[1].to_string())
+}
+
+/// Waits up to `timeout` for the client's entry for `addr` to show `want`.
+fn wait_neigh(c: &str, addr: &str, want: &str, timeout: Duration) -> Option<String> {
+    let t = Instant::now();
+    loop {
+        let got = client_neigh(c, addr);
+        if got.as_deref() == Some(want) || t.elapsed() > timeout {
+            return got;
+        }
+        thread::sleep(Duration::from_millis(10));
+    }
+}
+
+#[test]
+fn unsolicited_na_updates_the_clients_neighbour_cache() {
+    if !can_run("unsolicited_na_updates_the_clients_neighbour_cache") {
+        return;
+    }
+    let pid = std::process::id();
+    let ns = Namespaces::create(&[format!("lmA-{pid}-na"), format!("lmC-{pid}-na")]);
+    let (a, c) = build(&ns);
+    let tap_fd = in_netns(&a, || open_tap("dst")).expect("open_tap");
+    attach_tap(&a);
+    // The client is on fd77::/64 and believes fd77::2 is at OLD_LLADDR.
+    run(&[
+        "ip",
+        "-n",
+        &c,
+        "addr",
+        "add",
+        "fd77::1/64",
+        "dev",
+        "vC",
+        "nodad",
+    ]);
+    run(&[
+        "ip", "-n", &c, "-6", "neigh", "replace", "fd77::2", "lladdr", OLD_LLADDR, "dev", "vC",
+        "nud", "stale",
+    ]);
+    assert_eq!(client_neigh(&c, "fd77::2").as_deref(), Some(OLD_LLADDR));
+    let capture = client_capture(&c);
+    drain(&capture);
+    let schedule = Schedule {
+        rounds: 2,
+        ..Schedule::default()
+    };
+    let guest = format_mac(&GUEST_MAC);
+
+    // Control: RARP and gratuitous ARP alone leave the IPv6 entry alone.
+    let tap = TapSender::dup_from(tap_fd.as_fd()).expect("TapSender");
+    let nic = Nic::new(GUEST_MAC, Box::new(tap)).with_ipv4(GUEST_IP);
+    assert!(announce(vec![nic], &schedule).join().is_clean());
+    let unchanged = wait_neigh(&c, "fd77::2", &guest, Duration::from_millis(300));
+    assert_eq!(
+        unchanged.as_deref(),
+        Some(OLD_LLADDR),
+        "changed without an NA"
+    );
+
+    // With the IPv6 address: the NA reaches the client through the bridge
+    // and its kernel takes the new link-layer address.
+    let tap = TapSender::dup_from(tap_fd.as_fd()).expect("TapSender");
+    let nic = Nic::new(GUEST_MAC, Box::new(tap)).with_ipv6(GUEST_IP6);
+    let report = announce(vec![nic], &schedule).join();
+    assert!(report.is_clean(), "{report:?}");
+    assert_eq!(report.nics[0].na_sent, 2);
+    let updated = wait_neigh(&c, "fd77::2", &guest, Duration::from_secs(2));
+    println!(
+        "ip -6 neigh: {}",
+        run(&["ip", "-n", &c, "-6", "neigh", "show", "dev", "vC"]).trim()
+    );
+    assert_eq!(updated.as_deref(), Some(guest.as_str()));
+
+    let nas: Vec<_> = drain(&capture)
+        .iter()
+        .filter_map(|f| parse_announce(f))
+        .filter(|a| a.kind == AnnounceKind::UnsolicitedNa)
+        .collect();
+    assert_eq!(nas.len(), 2, "{nas:?}");
+    assert!(nas
+        .iter()
+        .all(|a| a.mac == GUEST_MAC && a.ipv6 == Some(GUEST_IP6)));
 }

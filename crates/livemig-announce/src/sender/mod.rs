@@ -100,8 +100,8 @@ impl SendError {
 
 /// Something that can put an Ethernet frame on a guest NIC's network.
 ///
-/// `send` gets a complete Ethernet frame without FCS (60 bytes for the
-/// announce frames); the sender adds whatever framing its device needs.
+/// `send` gets a complete Ethernet frame without FCS (60 bytes for RARP and
+/// gratuitous ARP, 86 for a neighbour advertisement); the sender adds whatever framing its device needs.
 pub trait FrameSender: Send {
     /// Send one frame.
     fn send(&mut self, frame: &[u8]) -> Result<(), SendError>;
