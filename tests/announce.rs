@@ -255,3 +255,134 @@ fn nic_mismatch_is_refused_in_the_handshake() {
     );
     src.wait_heartbeats(100, Duration::from_secs(10)).unwrap();
 }
+
+/// The link-layer address the client's `ip -6 neigh` shows for `addr`.
+fn client_neigh6(net: &Net, addr: &str) -> Option<String> {
+    let out = sh(&[
+        "ip",
+        "-n",
+        &net.client,
+        "-6",
+        "neigh",
+        "show",
+        addr,
+        "dev",
+        "vC",
+    ])
+    .ok()?;
+    let words: Vec<&str> = out.split_whitespace().collect();
+    words
+        .windows(2)
+        .find(|w| w[0] == "lladdr")
+        .map(|w| w[1].to_string())
+}
+
+/// Waits up to `timeout` for the client's entry for `addr` to be `want`;
+/// returns what it last showed.
+fn wait_neigh6(net: &Net, addr: &str, want: &str, timeout: Duration) -> Option<String> {
+    let t = Instant::now();
+    loop {
+        let got = client_neigh6(net, addr);
+        if got.as_deref() == Some(want) || t.elapsed() > timeout {
+            return got;
+        }
+        std::thread::sleep(Duration::from_millis(10));
+    }
+}
+
+#[test]
+fn ipv6_neighbour_cache_follows_the_migration() {
+    const IP6: &str = "fd77::2";
+    const OLD: &str = "02:00:00:00:00:66";
+    let test = "ipv6_neighbour_cache_follows_the_migration";
+    let Some(_kvm) = common::kvm_or_skip(test) else {
+        return;
+    };
+    if !prerequisites(test) {
+        return;
+    }
+    let net = Net::new("lmA", "6", None).unwrap();
+    let dir = scratch_dir("announce-6");
+    // The IPv6 address is given to the source only: the destination learns
+    // it from the migration stream (`net.<mac>.ipv6`).
+    let mut src = source(
+        &net,
+        &dir,
+        "ws=16 rate=5",
+        &format!("tap=lmsrc,mac={MAC},ip={IP},ip6={IP6}"),
+    );
+    net.enslave("lmsrc").unwrap();
+    src.wait_ready(Duration::from_secs(30)).unwrap();
+    let netspec_dst = format!("tap=lmdst,mac={MAC}");
+    let mut dst = net.vmm(
+        &dir,
+        "dst",
+        &[
+            "receive",
+            "--listen",
+            "tcp:127.0.0.1:0",
+            "--net",
+            &netspec_dst,
+        ],
+    );
+    let ep = dst.listen_endpoint(Duration::from_secs(20)).unwrap();
+    net.enslave("lmdst").unwrap();
+    // A client on the guest's IPv6 subnet whose neighbour cache says the
+    // guest's address is somewhere else (where it was before).
+    sh(&[
+        "ip",
+        "-n",
+        &net.client,
+        "addr",
+        "add",
+        "fd77::1/64",
+        "dev",
+        "vC",
+        "nodad",
+    ])
+    .unwrap();
+    sh(&[
+        "ip",
+        "-n",
+        &net.client,
+        "-6",
+        "neigh",
+        "replace",
+        IP6,
+        "lladdr",
+        OLD,
+        "dev",
+        "vC",
+        "nud",
+        "stale",
+    ])
+    .unwrap();
+    assert_eq!(client_neigh6(&net, IP6).as_deref(), Some(OLD));
+
+    let report = migrate(&src, &ep, json!({})).unwrap();
+    assert_eq!(report["status"], "completed");
+    let shown = wait_neigh6(&net, IP6, MAC, Duration::from_secs(3));
+    let all =
+        sh(&["ip", "-n", &net.client, "-6", "neigh", "show", "dev", "vC"]).unwrap_or_default();
+    eprintln!("client's ip -6 neigh after the migration: {}", all.trim());
+    assert_eq!(
+        shown.as_deref(),
+        Some(MAC),
+        "the client's neighbour entry for {IP6} did not move to the guest MAC"
+    );
+    // The destination's announce report counts the advertisements: five
+    // rounds, one per round.
+    assert!(
+        dst.wait_stderr("\"na_sent\":5", Duration::from_secs(5)),
+        "{}",
+        dst.stderr()
+    );
+    assert!(
+        dst.stderr().contains("\"ipv6\":[\"fd77::2\"]"),
+        "{}",
+        dst.stderr()
+    );
+    dst.wait_heartbeats(100, Duration::from_secs(30)).unwrap();
+    assert!(log_of(&dst).corrupt.is_empty());
+    let _ = std::fs::remove_dir_all(&dir);
+}

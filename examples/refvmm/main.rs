@@ -65,13 +65,17 @@ struct Common {
     #[arg(long, default_value = "auto")]
     dirty_log: String,
     /// A NIC backed by a TAP device (opened, or created if missing):
-    /// `tap=<IFNAME>,mac=<MAC>[,ip=<IPv4>]`. Repeatable. NIC i is a
+    /// `tap=<IFNAME>,mac=<MAC>[,ip=<IPv4>][,ip6=<IPv6>]...` (`ip6=` may be
+    /// repeated). Repeatable. NIC i is a
     /// virtio-net device (virtio-mmio) at 0xd0000000 + i*0x1000, GSI 5+i;
     /// for NIC 0 with an ip, `run` appends `net=mmio:0xd0000000:5,ip=<ip>`
     /// to a command line without a `net=` token. After a migration the
-    /// destination announces each NIC's MAC (RARP, and a gratuitous ARP
-    /// when the IPv4 address is known) on its TAP, and asks the guest
-    /// driver to announce itself (VIRTIO_NET_F_GUEST_ANNOUNCE).
+    /// destination announces each NIC's MAC (RARP, a gratuitous ARP when
+    /// the IPv4 address is known, an unsolicited neighbour advertisement
+    /// for each IPv6 address) on its TAP, and asks the guest driver to
+    /// announce itself (VIRTIO_NET_F_GUEST_ANNOUNCE). The source's IPv4 and
+    /// IPv6 addresses travel with the migration: a destination `--net`
+    /// without them takes the source's.
     #[arg(long = "net")]
     net: Vec<String>,
 }
@@ -507,6 +511,7 @@ fn cmd_receive(
     let result = receive_streams(transport, Some(&mut *acceptor), &cfg, |desc| {
         let mut my_nets = nets.take().unwrap_or_default();
         net::reconcile(&desc.nics, &mut my_nets).map_err(VmError::Incompatible)?;
+        net::reconcile_ipv6(&desc.properties, &mut my_nets).map_err(VmError::Incompatible)?;
         let want = livemig_kvm::VmConfig {
             memory: memory.unwrap_or(desc.layout.total_bytes()),
             vcpus: vcpus.unwrap_or(desc.vcpus),

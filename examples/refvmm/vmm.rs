@@ -312,7 +312,12 @@ impl SourceVm for Machine {
         SourceVm::memory(&self.vm)
     }
     fn describe(&self) -> Result<VmDescription, VmError> {
-        self.vm.describe()
+        // The NICs' IPv6 addresses ride along as `net.<mac>.ipv6`
+        // properties (the engine's NIC list has IPv4 only).
+        let mut desc = self.vm.describe()?;
+        desc.properties
+            .extend(crate::net::ipv6_properties(&self.nets));
+        Ok(desc)
     }
     fn dirty_tracker(&self) -> Result<Box<dyn DirtyTracker + '_>, VmError> {
         self.vm.dirty_tracker()

@@ -23,9 +23,10 @@
 //!   address to the all-nodes group ff02::1, hop limit 255; ICMPv6 type 136,
 //!   code 0, flags Override only (not Router, not Solicited), target = the
 //!   guest's address, one target link-layer address option (type 2, length
-//!   1) carrying the guest MAC. Receivers that have a neighbour entry for
-//!   the address replace its link-layer address (the Override flag) and mark
-//!   it STALE; receivers without one ignore it (RFC 4861 7.2.5).
+//!   one unit of 8 bytes) carrying the guest MAC. Receivers that have a
+//!   neighbour entry for the address replace its link-layer address (the
+//!   Override flag) and mark it STALE; receivers without one ignore it
+//!   (RFC 4861 section 7.2.5).
 
 use std::fmt::Write as _;
 
