@@ -99,6 +99,8 @@ pub struct GuestLog {
     pub status: Vec<StatusLine>,
     /// Every `CPU` line.
     pub cpus: Vec<CpuLine>,
+    /// Every byte, as it came.
+    pub raw: Vec<u8>,
 }
 
 /// Starts a thread that reads a guest's serial output from `out` until EOF,
@@ -122,6 +124,7 @@ pub fn spawn_serial_reader(
             events.clear();
             parser.feed_into(&buf[..n], at, &mut events);
             let mut g = lock(&log);
+            g.raw.extend_from_slice(&buf[..n]);
             for e in events.drain(..) {
                 match e {
                     Event::Ready { .. } => g.ready = true,
@@ -652,5 +655,105 @@ pub(crate) fn wait_for_log(
             ));
         }
         std::thread::sleep(Duration::from_millis(5));
+    }
+}
+
+/// A `refvmm console PATH` client: its standard input typed into, its
+/// standard output (the guest's console output) parsed like a VMM's.
+pub struct ConsoleClient {
+    child: Child,
+    /// The client's standard input (the guest's console input); take it
+    /// to type from another thread.
+    pub stdin: Option<ChildStdin>,
+    /// What it printed, parsed.
+    pub log: Arc<Mutex<GuestLog>>,
+    /// Its stderr.
+    pub stderr: Arc<Mutex<String>>,
+    readers: Vec<JoinHandle<()>>,
+}
+
+impl ConsoleClient {
+    /// Attaches to the console socket `path` (`--from-start` if
+    /// `from_start`: also the output the VMM still keeps).
+    pub fn attach(path: &Path, from_start: bool) -> Result<ConsoleClient, String> {
+        let bin = refvmm_path();
+        let mut cmd = Command::new(&bin);
+        cmd.arg("console").arg(path);
+        if from_start {
+            cmd.arg("--from-start");
+        }
+        let mut child = cmd
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .map_err(|e| format!("spawning {} console: {e}", bin.display()))?;
+        let log = Arc::new(Mutex::new(GuestLog::default()));
+        let stderr = Arc::new(Mutex::new(String::new()));
+        let out = child.stdout.take().ok_or("no stdout")?;
+        let err = child.stderr.take().ok_or("no stderr")?;
+        let readers = vec![
+            spawn_serial_reader(out, log.clone()),
+            spawn_stderr_reader(err, stderr.clone(), "console"),
+        ];
+        Ok(ConsoleClient {
+            stdin: child.stdin.take(),
+            child,
+            log,
+            stderr,
+            readers,
+        })
+    }
+
+    /// Waits until `pred(log)` holds, or fails after `timeout` (or if the
+    /// client exits first).
+    pub fn wait_for(
+        &mut self,
+        what: &str,
+        timeout: Duration,
+        pred: impl Fn(&GuestLog) -> bool,
+    ) -> Result<(), String> {
+        wait_for_log(
+            "console client",
+            &mut self.child,
+            &self.log,
+            &self.stderr,
+            what,
+            timeout,
+            pred,
+        )
+    }
+
+    /// Waits for the client to exit; then for its output to be read.
+    pub fn wait_exit(&mut self, timeout: Duration) -> Option<ExitStatus> {
+        let deadline = Instant::now() + timeout;
+        loop {
+            if let Ok(Some(st)) = self.child.try_wait() {
+                for r in self.readers.drain(..) {
+                    let _ = r.join();
+                }
+                return Some(st);
+            }
+            if Instant::now() > deadline {
+                return None;
+            }
+            std::thread::sleep(Duration::from_millis(5));
+        }
+    }
+
+    /// Its stderr so far.
+    pub fn stderr(&self) -> String {
+        lock(&self.stderr).clone()
+    }
+}
+
+impl Drop for ConsoleClient {
+    fn drop(&mut self) {
+        self.stdin = None;
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+        for r in self.readers.drain(..) {
+            let _ = r.join();
+        }
     }
 }

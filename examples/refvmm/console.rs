@@ -1,7 +1,9 @@
 //! Console input: the process's standard input goes to the guest's COM1
 //! receive FIFO, on `run` and on `receive` (there only once the migrated UART
 //! is restored: the forwarder starts with the running machine, and until then
-//! typed bytes wait in the stdin pipe).
+//! typed bytes wait in the stdin pipe). With `--console unix:PATH` standard
+//! input is not forwarded: the console socket is the input
+//! ([`crate::console_server`]).
 //!
 //! Bytes are queued only as far as the FIFO has room (the rest is retried
 //! every millisecond while the guest drains it), and never while the machine

@@ -9,6 +9,7 @@
 //! refvmm receive --listen tcp:127.0.0.1:4444 --api-socket /tmp/b.sock
 //! refvmm migrate --api-socket /tmp/a.sock --to tcp:127.0.0.1:4444
 //! refvmm demo          # all of the above on one machine, with a report
+//! refvmm console /tmp/a.console   # with run/receive --console unix:/tmp/a.console
 //! refvmm guest-image --out guest.elf
 //! ```
 //!
@@ -17,6 +18,9 @@
 
 mod api;
 mod console;
+mod console_client;
+mod console_proto;
+mod console_server;
 mod multiboot;
 mod net;
 mod place;
@@ -56,6 +60,15 @@ struct Common {
     /// Output is written through unbuffered, byte by byte.
     #[arg(long, default_value = "stdio")]
     serial: String,
+    /// The serial console on a Unix socket: `unix:<PATH>`; attach with
+    /// `refvmm console <PATH>`. The guest's output also still goes to
+    /// --serial (give `--serial none` to keep it off the VMM's stdout), and
+    /// standard input is then not forwarded. On `receive`, give the same
+    /// PATH as the source: the destination takes the path over when the
+    /// guest resumes there, and an attached `refvmm console` follows the
+    /// guest without losing or repeating a byte.
+    #[arg(long)]
+    console: Option<String>,
     /// Unix socket for control requests (status, pause, resume, migrate, ...).
     #[arg(long)]
     api_socket: Option<PathBuf>,
@@ -224,6 +237,17 @@ enum Cmd {
     /// machine over loopback TCP, and print the report and the
     /// guest-observed blackout.
     Demo(livemig_suite::demo::DemoArgs),
+    /// Attach standard input and output to a VMM's serial console socket
+    /// (`run`/`receive --console unix:PATH`); follows the guest when it
+    /// migrates to a VMM that took over PATH.
+    Console {
+        /// The console socket.
+        path: PathBuf,
+        /// Print the guest output the VMM still keeps (up to 1 MiB) before
+        /// the live output (default: only output from now on).
+        #[arg(long)]
+        from_start: bool,
+    },
     /// Write the built-in test guest image (a Multiboot v1 ELF32) to a file,
     /// e.g. to boot it with `qemu-system-x86_64 -kernel`.
     GuestImage {
@@ -341,10 +365,39 @@ fn require_kvm() -> Result<(), Fail> {
     Ok(())
 }
 
+/// The console socket of a machine (`--console`), bound before the machine
+/// is created: `run` binds PATH, `receive` a temporary path it takes PATH
+/// over with when the guest resumes.
+fn open_console(
+    spec: Option<&str>,
+    takeover: bool,
+) -> Result<Option<(console_server::Listener, Arc<console_server::ConsoleLog>)>, Fail> {
+    let Some(spec) = spec else { return Ok(None) };
+    let path = console_server::parse_console(spec).map_err(usage)?;
+    let listener = if takeover {
+        console_server::Listener::bind_for_takeover(&path)
+    } else {
+        console_server::Listener::bind(&path)
+    }
+    .map_err(runtime)?;
+    Ok(Some((listener, Arc::default())))
+}
+
 /// Runs the machine until it dies, migrates away, or is told to quit.
-fn run_machine(machine: Machine, api_socket: Option<PathBuf>, start: bool) -> Result<(), Fail> {
+fn run_machine(
+    machine: Machine,
+    api_socket: Option<PathBuf>,
+    start: bool,
+    console: Option<(console_server::Listener, Arc<console_server::ConsoleLog>)>,
+) -> Result<(), Fail> {
     let machine = Arc::new(machine);
-    console::forward_stdin(&machine);
+    match &console {
+        Some((listener, log)) => {
+            console_server::serve(listener, log.clone(), Arc::downgrade(&machine))
+                .map_err(runtime)?;
+        }
+        None => console::forward_stdin(&machine),
+    }
     let (tx, rx) = channel();
     if let Some(p) = &api_socket {
         api::serve(p, machine.clone(), tx.clone()).map_err(runtime)?;
@@ -390,6 +443,11 @@ fn run_machine(machine: Machine, api_socket: Option<PathBuf>, start: bool) -> Re
     // Stop the vCPUs before the process exits so no thread runs the guest
     // while the process tears down.
     let _ = machine.vm.pause_vcpus();
+    // Console clients get all of the output, then `Moved` (the guest
+    // migrated) or the end of the session.
+    if let Some((_listener, log)) = &console {
+        log.close("the VMM exits", Duration::from_secs(2));
+    }
     result
 }
 
@@ -423,12 +481,14 @@ fn cmd_run(
             .map_err(|e| usage(format!("kernel '{kernel}': {e}")))?;
     }
     let nets = open_nets(&common.net)?;
+    let console = open_console(common.console.as_deref(), false)?;
     let machine = Machine::create(MachineConfig {
         memory,
         vcpus,
         serial,
         nets,
         dirty_mode,
+        console: console.as_ref().map(|(_, log)| log.clone()),
     })
     .map_err(runtime)?;
     let mut cmdline = cmdline;
@@ -449,7 +509,7 @@ fn cmd_run(
         loaded.info_addr
     );
     machine.set_multiboot_entry(&loaded).map_err(runtime)?;
-    run_machine(machine, common.api_socket, true)
+    run_machine(machine, common.api_socket, true, console)
 }
 
 #[allow(clippy::too_many_arguments)] // one per CLI flag
@@ -471,6 +531,7 @@ fn cmd_receive(
     let serial = parse_serial(&common.serial)?;
     // Open the TAPs before accepting anything: a bad --net fails early.
     let nets = open_nets(&common.net)?;
+    let mut console = open_console(common.console.as_deref(), true)?;
     let (transport, mut acceptor): (_, Box<dyn StreamAcceptor>) = match tls {
         Some(cfg) => {
             let id = cfg.load().map_err(|e| usage(e.to_string()))?;
@@ -526,6 +587,7 @@ fn cmd_receive(
             serial: serial.take().unwrap_or(SerialOutput::None),
             nets: my_nets,
             dirty_mode,
+            console: console.as_ref().map(|(_, log)| log.clone()),
         })
         .map_err(VmError::Create)?;
         machine.vm.adopt_tsc_khz(desc)?;
@@ -533,15 +595,21 @@ fn cmd_receive(
             machine,
             start_paused,
             announce,
+            console: console.take(),
         })
     });
     match result {
-        Ok((DestMachine { machine, .. }, report)) => {
+        Ok((
+            DestMachine {
+                machine, console, ..
+            },
+            report,
+        )) => {
             eprintln!(
                 "refvmm: migration received ({} pages, {} zero, {} rounds, restore {:.2} ms); guest running",
                 report.pages, report.zero_pages, report.rounds, report.restore_ms
             );
-            run_machine(machine, common.api_socket, !start_paused)
+            run_machine(machine, common.api_socket, !start_paused, console)
         }
         Err(e) => Err(runtime(format!("incoming {e}"))),
     }
@@ -555,6 +623,8 @@ struct DestMachine {
     /// Announce the NICs (VMM RARP/GARP and the guest announce) as soon as
     /// the guest runs.
     announce: bool,
+    /// The console socket, to take over its path when the guest resumes.
+    console: Option<(console_server::Listener, Arc<console_server::ConsoleLog>)>,
 }
 
 impl DestMachine {
@@ -594,6 +664,13 @@ impl livemig::vm::DestinationVm for DestMachine {
         self.machine.vm.restore_state(sections)
     }
     fn resume(&mut self) -> Result<(), VmError> {
+        // The console path is this VMM's from now on, before the source
+        // learns that the migration completed (and tells its clients).
+        if let Some((listener, _)) = self.console.as_mut() {
+            if let Err(e) = listener.take_over() {
+                eprintln!("refvmm: {e}");
+            }
+        }
         if self.start_paused {
             return Ok(());
         }
@@ -736,6 +813,7 @@ fn main() -> ExitCode {
             json,
         } => place::cmd_place(&hosts, &vm, explain, json).map_err(|(code, msg)| Fail(code, msg)),
         Cmd::Demo(args) => livemig_suite::demo::run(&args).map_err(runtime),
+        Cmd::Console { path, from_start } => console_client::run(path, from_start).map_err(runtime),
         Cmd::GuestImage { out } => livemig_testguest::image()
             .map_err(|e| runtime(format!("building the test guest: {e}")))
             .and_then(|img| {

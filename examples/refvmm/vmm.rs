@@ -99,6 +99,9 @@ pub struct Machine {
     devices_stopped: Mutex<bool>,
     /// The COM1 UART (also reached through the bus), for console input.
     serial: Arc<Mutex<SerialDevice>>,
+    /// The console socket's output log (`--console`), told when the guest
+    /// migrates away.
+    console: Option<Arc<crate::console_server::ConsoleLog>>,
 }
 
 /// What a machine is built from.
@@ -108,6 +111,8 @@ pub struct MachineConfig {
     pub serial: SerialOutput,
     pub nets: Vec<crate::net::NetBackend>,
     pub dirty_mode: Option<DirtyMode>,
+    /// With `--console`: the guest's output also goes to this log.
+    pub console: Option<Arc<crate::console_server::ConsoleLog>>,
 }
 
 impl Machine {
@@ -121,8 +126,13 @@ impl Machine {
                 crate::net::MAX_NICS
             ));
         }
+        let output = match &cfg.console {
+            Some(log) => crate::console_server::teed_output(cfg.serial, log.clone())
+                .map_err(|e| format!("serial output: {e}"))?,
+            None => cfg.serial,
+        };
         let serial = Arc::new(Mutex::new(
-            SerialDevice::new(cfg.serial).map_err(|e| format!("serial output: {e}"))?,
+            SerialDevice::new(output).map_err(|e| format!("serial output: {e}"))?,
         ));
         let mut nics = Vec::new();
         for (i, n) in cfg.nets.iter().enumerate() {
@@ -179,6 +189,7 @@ impl Machine {
             nic_counters,
             devices_stopped: Mutex::new(false),
             serial,
+            console: cfg.console,
         })
     }
 
@@ -228,6 +239,10 @@ impl Machine {
     /// this host's TAPs.
     pub fn migrated_away(&self) {
         self.each_nic(VirtioNet::discard);
+        // Its output here is final: console clients get the rest and follow.
+        if let Some(c) = &self.console {
+            c.guest_left();
+        }
     }
 
     /// Asks each NIC's guest driver to announce itself (virtio-net
