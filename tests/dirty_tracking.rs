@@ -314,6 +314,10 @@ const SMP_PAGES: u64 = 32768;
 const SMP_DELAY: u64 = 20_000;
 /// Pre-copy rounds after round 0.
 const SMP_ROUNDS: u32 = 4;
+/// First writes each vCPU must make while tracking runs.
+const SMP_MIN_FRESH: u64 = 1000;
+/// Longest pre-copy phase while waiting for `SMP_MIN_FRESH`.
+const SMP_MAX_PRECOPY: Duration = Duration::from_secs(10);
 /// Time the guest runs between two rounds.
 const SMP_ROUND_GAP: Duration = Duration::from_millis(60);
 
@@ -553,23 +557,87 @@ fn throttle_vcpus(w: &PageWriter, stop: &AtomicBool) {
     }
 }
 
+/// Pages per vCPU that exist in `after` but not in `before` (per region
+/// and page, from [`Mirror::existing`]): its first writes in between.
+fn fresh_since(before: &[Vec<bool>], after: &[Vec<bool>], pages: u64, vcpus: usize) -> Vec<u64> {
+    let mut fresh = vec![0u64; vcpus];
+    for (r, (b, a)) in before.iter().zip(after).enumerate() {
+        for (p, (b, a)) in b.iter().zip(a).enumerate() {
+            if *a && !*b {
+                if let Some(o) = PageWriter::fresh_owner(r, p as u64, pages, vcpus) {
+                    fresh[o] += 1;
+                }
+            }
+        }
+    }
+    fresh
+}
+
+/// The conditions of one modelled migration.
+#[derive(Debug, Clone, Copy)]
+struct SmpCase {
+    /// A name for the log.
+    name: &'static str,
+    /// Two host threads spin meanwhile (the host's two CPUs are busy
+    /// beside the vCPUs).
+    load: bool,
+    /// Auto-converge pauses the vCPUs every ~13 ms ([`throttle_vcpus`]).
+    throttle: bool,
+    /// Pages each vCPU owns per region.
+    pages: u64,
+    /// Spin-loop iterations between two pages.
+    delay: u64,
+}
+
+/// The cases every mode runs: first writes all along (idle, loaded,
+/// loaded and throttled); and a small range written at full speed, so each
+/// vCPU also rewrites its pages many times in one run, on a loaded host
+/// with auto-converge kicking the vCPUs — a page whose re-arming was lost
+/// shows up as a lost rewrite.
+const SMP_CASES: [SmpCase; 4] = [
+    SmpCase {
+        name: "idle",
+        load: false,
+        throttle: false,
+        pages: SMP_PAGES,
+        delay: SMP_DELAY,
+    },
+    SmpCase {
+        name: "loaded",
+        load: true,
+        throttle: false,
+        pages: SMP_PAGES,
+        delay: SMP_DELAY,
+    },
+    SmpCase {
+        name: "loaded+throttled",
+        load: true,
+        throttle: true,
+        pages: SMP_PAGES,
+        delay: SMP_DELAY,
+    },
+    SmpCase {
+        name: "rewrites, loaded+throttled",
+        load: true,
+        throttle: true,
+        pages: 4096,
+        delay: 1,
+    },
+];
+
 /// One migration of a 2-vCPU guest whose vCPUs write pages of their own
 /// for the first time all along, modelled as the engine runs it: start
-/// tracking; round 0 (see [`Mirror::round0`]); `SMP_ROUNDS` rounds of sync
-/// + copy; pause; final sync + copy; compare. With `load`, two host threads
-/// spin meanwhile (the host's two CPUs are busy beside the vCPUs).
-fn smp_migration(mode: DirtyMode, load: bool, throttle: bool) -> SmpRun {
+/// tracking; round 0 (see [`Mirror::round0`]); `SMP_ROUNDS` or more rounds
+/// of sync + copy; pause; final sync + copy; compare.
+fn smp_migration(mode: DirtyMode, case: &SmpCase) -> SmpRun {
     const VCPUS: usize = 2;
     let w = PageWriter::with_vcpus(SMP_MEM, VCPUS as u32, mode);
     let layout = MemoryLayout::of(w.vm.memory()).unwrap();
     assert_eq!(layout.regions().len(), 2, "two regions");
     let m = Mirror::new(&w);
-    let spin = load.then(|| Spinners::start(2));
-    let delay = std::env::var("LIVEMIG_SMP_DELAY")
-        .ok()
-        .and_then(|s| s.parse().ok())
-        .unwrap_or(SMP_DELAY);
-    w.start_fresh(SMP_PAGES, delay, true);
+    let spin = case.load.then(|| Spinners::start(2));
+    let pages = case.pages;
+    w.start_fresh(pages, case.delay, true);
     // The guest is already writing when tracking starts.
     std::thread::sleep(Duration::from_millis(20));
     let before = m.existing();
@@ -580,14 +648,29 @@ fn smp_migration(mode: DirtyMode, load: bool, throttle: bool) -> SmpRun {
     t.sync(&mut bitmap).unwrap();
     let stop = AtomicBool::new(false);
     std::thread::scope(|s| {
-        if throttle {
+        if case.throttle {
             s.spawn(|| throttle_vcpus(&w, &stop));
         }
-        for _ in 0..SMP_ROUNDS {
+        // At least SMP_ROUNDS rounds, and more (up to SMP_MAX_PRECOPY)
+        // until both vCPUs wrote SMP_MIN_FRESH pages for the first time
+        // while tracking ran: a starved vCPU on a busy host must not turn
+        // the run into one that tests nothing.
+        let t0 = Instant::now();
+        let mut round = 0;
+        loop {
             std::thread::sleep(SMP_ROUND_GAP);
             m.send(&mut t, &bitmap, true);
             bitmap.clear();
             t.sync(&mut bitmap).unwrap();
+            round += 1;
+            if round >= SMP_ROUNDS
+                && (t0.elapsed() > SMP_MAX_PRECOPY
+                    || fresh_since(&before, &m.existing(), pages, VCPUS)
+                        .iter()
+                        .all(|f| *f >= SMP_MIN_FRESH))
+            {
+                break;
+            }
         }
         stop.store(true, Ordering::SeqCst);
     });
@@ -602,19 +685,10 @@ fn smp_migration(mode: DirtyMode, load: bool, throttle: bool) -> SmpRun {
     t.stop().unwrap();
     let mut lost = vec![0u64; VCPUS + 1];
     for &(r, p) in &diffs {
-        let owner = PageWriter::fresh_owner(r, p, SMP_PAGES, VCPUS).unwrap_or(VCPUS);
+        let owner = PageWriter::fresh_owner(r, p, pages, VCPUS).unwrap_or(VCPUS);
         lost[owner] += 1;
     }
-    let mut fresh = vec![0u64; VCPUS];
-    for (r, (b, a)) in before.iter().zip(&after).enumerate() {
-        for (p, (b, a)) in b.iter().zip(a).enumerate() {
-            if *a && !*b {
-                if let Some(o) = PageWriter::fresh_owner(r, p as u64, SMP_PAGES, VCPUS) {
-                    fresh[o] += 1;
-                }
-            }
-        }
-    }
+    let fresh = fresh_since(&before, &after, pages, VCPUS);
     SmpRun {
         fatal: w.vm.vcpus().fatal().map(|e| e.to_string()),
         lost,
@@ -624,19 +698,20 @@ fn smp_migration(mode: DirtyMode, load: bool, throttle: bool) -> SmpRun {
     }
 }
 
-/// Runs `smp_migration` `runs` times per load condition and panics with the
-/// losses if any run lost a page.
+/// Runs `smp_migration` `runs` times per case of [`SMP_CASES`] (only the
+/// one named by `LIVEMIG_SMP_CASE`, if set) and panics with the losses if
+/// any run lost a page or a vCPU thread failed.
 fn smp_runs(mode: DirtyMode, runs: usize) {
     let mut failures = Vec::new();
-    for (load, throttle) in [(false, false), (true, false), (true, true)] {
-        let what = match (load, throttle) {
-            (false, _) => "idle",
-            (true, false) => "loaded",
-            (true, true) => "loaded+throttled",
-        };
+    let only = std::env::var("LIVEMIG_SMP_CASE").ok();
+    for case in SMP_CASES
+        .iter()
+        .filter(|c| only.as_deref().is_none_or(|o| o == c.name))
+    {
+        let what = case.name;
         for i in 0..runs {
             let t0 = Instant::now();
-            let r = smp_migration(mode, load, throttle);
+            let r = smp_migration(mode, case);
             let lost: u64 = r.lost.iter().sum();
             eprintln!(
                 "{mode:?} {what} run {i}: lost {lost} {:?} (per vCPU, other), fresh pages written while tracking {:?}, ring-full exits {}, vCPU error {:?}, {:?}",
@@ -649,7 +724,7 @@ fn smp_runs(mode: DirtyMode, runs: usize) {
             // The run must exercise what it claims: both vCPUs wrote many
             // pages for the first time while tracking ran.
             assert!(
-                r.fresh.iter().all(|f| *f >= 1000),
+                r.fresh.iter().all(|f| *f >= SMP_MIN_FRESH),
                 "{mode:?}: too few first writes during tracking: {:?}",
                 r.fresh
             );
@@ -696,8 +771,10 @@ fn smp_first_writes_survive_ring() {
     );
 }
 
-/// The soak: `LIVEMIG_SMP_RUNS` (default 20) runs per mode and load
-/// condition.
+/// The soak: `LIVEMIG_SMP_RUNS` (default 20) runs per mode and case of
+/// [`SMP_CASES`]. `LIVEMIG_SMP_MODE` picks one mode (`ring`: 4096 entries,
+/// `ring256`, `ring65536`, `classic`, `manual`; default: ring, classic and
+/// manual-protect in turn), `LIVEMIG_SMP_CASE` one case by name.
 #[test]
 #[ignore]
 fn smp_first_writes_soak() {
@@ -711,6 +788,7 @@ fn smp_first_writes_soak() {
     let modes: Vec<DirtyMode> = match std::env::var("LIVEMIG_SMP_MODE").as_deref() {
         Ok("ring") => vec![DirtyMode::Ring { entries: 4096 }],
         Ok("ring256") => vec![DirtyMode::Ring { entries: 256 }],
+        Ok("ring65536") => vec![DirtyMode::Ring { entries: 65536 }],
         Ok("classic") => vec![DirtyMode::Classic],
         Ok("manual") => vec![DirtyMode::ManualProtect],
         _ => vec![
