@@ -351,6 +351,7 @@ pub struct DirtyRing {
     ring_full_exits: AtomicU64,
     ring_full_ns: AtomicU64,
     harvested: AtomicU64,
+    early_resets: AtomicU64,
 }
 
 // SAFETY: the raw ring pointers are only dereferenced through atomics (flags)
@@ -428,6 +429,7 @@ impl DirtyRing {
             ring_full_exits: AtomicU64::new(0),
             ring_full_ns: AtomicU64::new(0),
             harvested: AtomicU64::new(0),
+            early_resets: AtomicU64::new(0),
         })
     }
 
@@ -451,6 +453,13 @@ impl DirtyRing {
     /// guest's vCPU is stopped meanwhile).
     pub fn ring_full_time(&self) -> std::time::Duration {
         std::time::Duration::from_nanos(self.ring_full_ns.load(Ordering::Relaxed))
+    }
+
+    /// How many `KVM_RESET_DIRTY_RINGS` calls stopped before resetting
+    /// every harvested entry, or failed (see `DirtyRing::reset`; 0 unless
+    /// a signal that cannot be blocked interrupted one).
+    pub fn early_resets(&self) -> u64 {
+        self.early_resets.load(Ordering::Relaxed)
     }
 
     /// How many ring entries were harvested in total.
@@ -485,7 +494,9 @@ impl DirtyRing {
     /// stops early anyway (a signal that cannot be blocked), the pages of
     /// this harvest become sticky — reported dirty by every sync until
     /// tracking restarts, so the final copy, made with the vCPUs paused,
-    /// sends their last contents — and the reset is repeated.
+    /// sends their last contents — and the reset is repeated. A failed
+    /// reset makes them sticky too; EINTR is retried, any other error
+    /// returned.
     fn reset(&self, inner: &mut RingInner) -> Result<(), RingError> {
         let mut stalls = 0;
         while inner.unreset > 0 {
@@ -496,9 +507,22 @@ impl DirtyRing {
                 unsafe { ioctl(&self.vm, KVM_RESET_DIRTY_RINGS()) }
             };
             if ret < 0 {
-                return Err(RingError::Reset(std::io::Error::last_os_error()));
+                // Whatever KVM did before failing, the pages of this
+                // harvest may have lost their protection.
+                let e = std::io::Error::last_os_error();
+                self.early_resets.fetch_add(1, Ordering::Relaxed);
+                make_sticky(inner);
+                if e.raw_os_error() == Some(libc::EINTR) {
+                    after_reset(inner, 0, &mut stalls)?;
+                    continue;
+                }
+                return Err(RingError::Reset(e));
             }
-            after_reset(inner, u64::try_from(ret).unwrap_or(0), &mut stalls)?;
+            let done = u64::try_from(ret).unwrap_or(0);
+            if done < inner.unreset {
+                self.early_resets.fetch_add(1, Ordering::Relaxed);
+            }
+            after_reset(inner, done, &mut stalls)?;
         }
         Ok(())
     }
@@ -564,15 +588,20 @@ fn after_reset(inner: &mut RingInner, done: u64, stalls: &mut u32) -> Result<(),
         inner.unreset,
         inner.batch.len()
     );
-    let batch = std::mem::take(&mut inner.batch);
-    inner.sticky.extend(batch);
-    inner.sticky.sort_unstable();
-    inner.sticky.dedup();
+    make_sticky(inner);
     *stalls = if done == 0 { *stalls + 1 } else { 0 };
     if *stalls >= RESET_STALL_LIMIT {
         return Err(RingError::ResetIncomplete(inner.unreset));
     }
     Ok(())
+}
+
+/// Moves the pages of the harvest in progress into the sticky set.
+fn make_sticky(inner: &mut RingInner) {
+    let batch = std::mem::take(&mut inner.batch);
+    inner.sticky.extend(batch);
+    inner.sticky.sort_unstable();
+    inner.sticky.dedup();
 }
 
 /// Takes every filled entry of every ring (marking each harvested) into
