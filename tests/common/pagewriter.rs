@@ -14,7 +14,7 @@
 use std::sync::{Arc, Condvar, Mutex};
 use std::time::{Duration, Instant};
 
-use kvm_bindings::{kvm_regs, kvm_segment};
+use kvm_bindings::{kvm_mp_state, kvm_regs, kvm_segment, kvm_sregs, KVM_MP_STATE_RUNNABLE};
 use livemig_kvm::{DirtyMode, ExitHandler, KvmVm, VmConfig};
 use vm_memory::{Bytes, GuestAddress};
 
@@ -22,12 +22,19 @@ use vm_memory::{Bytes, GuestAddress};
 const GDT: u64 = 0x1000;
 /// 64-bit TSS (zeroed; only needed to be valid).
 const TSS: u64 = 0x2000;
-/// PML4; PDPT at +0x1000; four page directories after it (0..4 GiB).
+/// PML4; PDPT at +0x1000; `MAPPED_GIB` page directories after it.
 const PML4: u64 = 0x3000;
+/// GiB of guest-physical space the page tables map (0..5 GiB: RAM below
+/// the 3 GiB hole and the first GiB above 4 GiB).
+const MAPPED_GIB: u64 = 5;
 /// The guest program.
 const CODE: u64 = 0x10000;
 /// The guest writes its pages from here on.
 pub const WRITE_BASE: u64 = 16 << 20;
+/// The continuous fresh-page writer ([`FRESH_PROGRAM`]).
+const FRESH_CODE: u64 = 0x10100;
+/// Where the second region of the x86 layout starts (RAM above the hole).
+pub const HIGH_BASE: u64 = 4 << 30;
 /// An unmapped guest-physical address (in the 3–4 GiB hole): an MMIO exit.
 const DONE_ADDR: u64 = 0xE000_0000;
 
@@ -42,6 +49,35 @@ const PROGRAM: [u8; 20] = [
     0x75, 0xF5, // jnz -11
     0x88, 0x03, // mov [rbx], al
     0xEB, 0xFE, // jmp $
+];
+
+/// The continuous writer each vCPU of [`PageWriter::start_fresh`] runs,
+/// for ever (until paused):
+///
+/// ```text
+/// outer: mov r9, rdi; mov r10, rcx        ; cursor, pages left
+/// inner: mov [r9], rax; mov [r9+r8], rax  ; one qword in each region
+///        mov r11, rdx                     ; delay loop (rdx >= 1)
+/// delay: dec r11; jnz delay
+///        add r9, rsi; dec r10; jnz inner  ; next page
+///        inc rax; jmp outer               ; next pass, new value
+/// ```
+///
+/// The first pass writes every page for the first time; later passes
+/// rewrite them with a value one higher.
+const FRESH_PROGRAM: [u8; 34] = [
+    0x49, 0x89, 0xF9, // mov r9, rdi
+    0x49, 0x89, 0xCA, // mov r10, rcx
+    0x49, 0x89, 0x01, // inner: mov [r9], rax
+    0x4B, 0x89, 0x04, 0x01, // mov [r9+r8], rax
+    0x49, 0x89, 0xD3, // mov r11, rdx
+    0x49, 0xFF, 0xCB, // delay: dec r11
+    0x75, 0xFB, // jnz delay
+    0x49, 0x01, 0xF1, // add r9, rsi
+    0x49, 0xFF, 0xCA, // dec r10
+    0x75, 0xE9, // jnz inner
+    0x48, 0xFF, 0xC0, // inc rax
+    0xEB, 0xDE, // jmp outer
 ];
 
 #[derive(Default)]
@@ -91,16 +127,56 @@ fn seg(selector: u16, type_: u8, l: u8, db: u8) -> kvm_segment {
     }
 }
 
+/// A vCPU's special registers for 64-bit mode at CPL3 with the writer's GDT, TSS and
+/// page tables.
+fn cpl3_sregs(mut s: kvm_sregs) -> kvm_sregs {
+    s.cs = seg(0x23, 0xb, 1, 0);
+    let data = seg(0x1b, 0x3, 0, 1);
+    (s.ds, s.es, s.fs, s.gs, s.ss) = (data, data, data, data, data);
+    s.tr = kvm_segment {
+        base: TSS,
+        limit: 0x67,
+        selector: 0x30,
+        type_: 0xb,
+        present: 1,
+        dpl: 0,
+        db: 0,
+        s: 0,
+        l: 0,
+        g: 0,
+        avl: 0,
+        unusable: 0,
+        padding: 0,
+    };
+    s.ldt.unusable = 1;
+    s.gdt.base = GDT;
+    s.gdt.limit = 8 * 8 - 1;
+    s.idt.base = 0;
+    s.idt.limit = 0;
+    s.cr0 = 0x8001_0033;
+    s.cr3 = PML4;
+    s.cr4 = 0x620;
+    s.efer = 0x501;
+    s
+}
+
 impl PageWriter {
     /// A VM of `memory` bytes with one vCPU, parked. The guest maps (and
     /// writes) only the first 3 GiB.
     pub fn new(memory: u64, mode: DirtyMode) -> PageWriter {
+        Self::with_vcpus(memory, 1, mode)
+    }
+
+    /// A VM of `memory` bytes with `vcpus` vCPUs, each set up for 64-bit
+    /// CPL3 with the same page tables, parked. The guest maps 0..5 GiB with
+    /// 2 MiB pages (RAM below 3 GiB and from 4 GiB on).
+    pub fn with_vcpus(memory: u64, vcpus: u32, mode: DirtyMode) -> PageWriter {
         assert!(memory > WRITE_BASE);
         let done = Arc::new(Done::default());
         let vm = KvmVm::create(
             &VmConfig {
                 memory,
-                vcpus: 1,
+                vcpus,
                 nics: vec![],
                 dirty_mode: Some(mode),
             },
@@ -126,7 +202,7 @@ impl PageWriter {
         // P | RW | US | A at the upper levels; + D | PS for 2 MiB leaves.
         let pdpt = PML4 + 0x1000;
         mem.write_obj(pdpt | 0x27, GuestAddress(PML4)).unwrap();
-        for g in 0..4u64 {
+        for g in 0..MAPPED_GIB {
             let pd = pdpt + 0x1000 * (g + 1);
             mem.write_obj(pd | 0x27, GuestAddress(pdpt + 8 * g))
                 .unwrap();
@@ -141,38 +217,21 @@ impl PageWriter {
             }
         }
         mem.write_slice(&PROGRAM, GuestAddress(CODE)).unwrap();
-        vm.with_vcpu(0, |fd| {
-            let mut s = fd.get_sregs().unwrap();
-            s.cs = seg(0x23, 0xb, 1, 0);
-            let data = seg(0x1b, 0x3, 0, 1);
-            (s.ds, s.es, s.fs, s.gs, s.ss) = (data, data, data, data, data);
-            s.tr = kvm_segment {
-                base: TSS,
-                limit: 0x67,
-                selector: 0x30,
-                type_: 0xb,
-                present: 1,
-                dpl: 0,
-                db: 0,
-                s: 0,
-                l: 0,
-                g: 0,
-                avl: 0,
-                unusable: 0,
-                padding: 0,
-            };
-            s.ldt.unusable = 1;
-            s.gdt.base = GDT;
-            s.gdt.limit = 8 * 8 - 1;
-            s.idt.base = 0;
-            s.idt.limit = 0;
-            s.cr0 = 0x8001_0033;
-            s.cr3 = PML4;
-            s.cr4 = 0x620;
-            s.efer = 0x501;
-            fd.set_sregs(&s).unwrap();
-        })
-        .unwrap();
+        mem.write_slice(&FRESH_PROGRAM, GuestAddress(FRESH_CODE))
+            .unwrap();
+        for v in 0..vcpus as usize {
+            vm.with_vcpu(v, |fd| {
+                let s = cpl3_sregs(fd.get_sregs().unwrap());
+                fd.set_sregs(&s).unwrap();
+                // With the in-kernel irqchip an AP waits for INIT/SIPI:
+                // make every vCPU runnable at once.
+                fd.set_mp_state(kvm_mp_state {
+                    mp_state: KVM_MP_STATE_RUNNABLE,
+                })
+                .unwrap();
+            })
+            .unwrap();
+        }
         PageWriter { vm, done }
     }
 
@@ -227,5 +286,55 @@ impl PageWriter {
         (0..count)
             .map(|k| WRITE_BASE / 4096 + first + k * stride)
             .collect()
+    }
+
+    /// Starts every vCPU writing pages of its own for the first time,
+    /// continuously (see [`FRESH_PROGRAM`]): vCPU `i` owns the `pages` pages
+    /// from `WRITE_BASE + i * pages * 4096` in region 0 and, with `high`,
+    /// as many from `HIGH_BASE + i * pages * 4096` in region 1 (written
+    /// page by page alternately). Between pages it spins `delay` loop
+    /// iterations. Returns with the vCPUs running; pause them with
+    /// `vm.pause_vcpus()`.
+    pub fn start_fresh(&self, pages: u64, delay: u64, high: bool) {
+        let n = self.vm.vcpus().len() as u64;
+        assert!(WRITE_BASE + n * pages * 4096 <= (3 << 30));
+        for i in 0..n {
+            let low = WRITE_BASE + i * pages * 4096;
+            let r8 = if high {
+                HIGH_BASE + i * pages * 4096 - low
+            } else {
+                0
+            };
+            self.vm
+                .with_vcpu(i as usize, |fd| {
+                    fd.set_regs(&kvm_regs {
+                        rip: FRESH_CODE,
+                        rflags: 0x2,
+                        rdi: low,
+                        r8,
+                        rcx: pages,
+                        rsi: 4096,
+                        rdx: delay.max(1),
+                        rax: Self::fresh_value(i as usize, 0),
+                        ..Default::default()
+                    })
+                    .unwrap()
+                })
+                .unwrap();
+        }
+        self.vm.resume_vcpus();
+    }
+
+    /// The qword vCPU `vcpu` writes in its pass `pass` (0 = first writes).
+    pub fn fresh_value(vcpu: usize, pass: u64) -> u64 {
+        (0xA5 << 56) | ((vcpu as u64 + 1) << 48) | (pass + 1)
+    }
+
+    /// Which vCPU of [`PageWriter::start_fresh`]`(pages, ..)` owns `page`
+    /// of `region` (0: below the hole, 1: from `HIGH_BASE`), if any.
+    pub fn fresh_owner(region: usize, page: u64, pages: u64, vcpus: usize) -> Option<usize> {
+        let first = if region == 0 { WRITE_BASE / 4096 } else { 0 };
+        let i = page.checked_sub(first)? / pages;
+        (i < vcpus as u64).then_some(i as usize)
     }
 }

@@ -90,6 +90,13 @@ pub enum DirtyMode {
     /// harvests all rings itself into a pending bitmap (under the same lock
     /// as a sync) and re-enters, so no entry is lost and nobody spins
     /// waiting for the migration thread.
+    ///
+    /// `KVM_RESET_DIRTY_RINGS` is always called with every blockable signal
+    /// blocked: with a signal pending, KVM (6.18 here) stops the reset
+    /// early, returns success, and leaves pages writable without a ring
+    /// entry — later writes to them were lost (issue 12). Should a reset
+    /// stop early anyway, its pages are reported dirty by every later sync
+    /// (see `DirtyRing::reset`).
     Ring {
         /// Entries per vCPU ring (16 bytes each).
         entries: u32,
@@ -156,6 +163,10 @@ pub enum RingError {
     /// `KVM_RESET_DIRTY_RINGS` failed.
     #[error("KVM_RESET_DIRTY_RINGS: {0}")]
     Reset(std::io::Error),
+    /// `KVM_RESET_DIRTY_RINGS` kept resetting nothing while harvested
+    /// entries were left: the ring cannot be re-armed.
+    #[error("KVM_RESET_DIRTY_RINGS reset nothing {RESET_STALL_LIMIT} times with {0} harvested entries left")]
+    ResetIncomplete(u64),
     /// KVM put entries in a ring that name no page of guest memory: the
     /// dirty pages they stood for are unknown, so tracking cannot be trusted.
     #[error("{0} dirty-ring entries named a slot or page outside guest memory")]
@@ -184,6 +195,39 @@ pub fn check_ring_entries(entries: u32, max_bytes: u64) -> Result<(), RingError>
         });
     }
     Ok(())
+}
+
+/// Consecutive `KVM_RESET_DIRTY_RINGS` calls that reset nothing while
+/// entries are left before giving up.
+const RESET_STALL_LIMIT: u32 = 100;
+
+/// Blocks every blockable signal on this thread until dropped (then
+/// restores the previous mask; a signal that arrived meanwhile is
+/// delivered then).
+struct SignalsBlocked {
+    old: libc::sigset_t,
+}
+
+impl SignalsBlocked {
+    fn new() -> SignalsBlocked {
+        // SAFETY: sigset_t is plain data; sigfillset initialises `all`,
+        // pthread_sigmask only writes `old`. Neither can fail with these
+        // arguments (SIGKILL and SIGSTOP are silently left unblocked).
+        unsafe {
+            let mut all: libc::sigset_t = std::mem::zeroed();
+            let mut old: libc::sigset_t = std::mem::zeroed();
+            libc::sigfillset(&mut all);
+            libc::pthread_sigmask(libc::SIG_BLOCK, &all, &mut old);
+            SignalsBlocked { old }
+        }
+    }
+}
+
+impl Drop for SignalsBlocked {
+    fn drop(&mut self) {
+        // SAFETY: restores the mask saved in new(); `old` is initialised.
+        unsafe { libc::pthread_sigmask(libc::SIG_SETMASK, &self.old, std::ptr::null_mut()) };
+    }
 }
 
 /// One vCPU's ring, mapped from its fd.
@@ -277,9 +321,16 @@ struct RingInner {
     pending: Pending,
     /// Entries that named no page of guest memory since the last sync.
     invalid: u64,
-    /// Entries were marked harvested but `KVM_RESET_DIRTY_RINGS` failed:
-    /// retry it on the next harvest even if that finds nothing new.
-    reset_owed: bool,
+    /// Entries marked harvested that `KVM_RESET_DIRTY_RINGS` has not reset
+    /// yet (it failed, or stopped early): reset them on the next harvest
+    /// even if that finds nothing new.
+    unreset: u64,
+    /// The pages of the entries taken by the harvest in progress (so they
+    /// can be made sticky if their reset stops early).
+    batch: Vec<(usize, u64)>,
+    /// Pages whose write protection may have been lost (a reset that
+    /// stopped early): reported dirty by every sync until tracking restarts.
+    sticky: Vec<(usize, u64)>,
 }
 
 /// The dirty rings of a VM's vCPUs, harvested by the tracker's sync and by a
@@ -300,6 +351,7 @@ pub struct DirtyRing {
     ring_full_exits: AtomicU64,
     ring_full_ns: AtomicU64,
     harvested: AtomicU64,
+    early_resets: AtomicU64,
 }
 
 // SAFETY: the raw ring pointers are only dereferenced through atomics (flags)
@@ -368,13 +420,16 @@ impl DirtyRing {
                 next: vec![0; rings.len()],
                 pending,
                 invalid: 0,
-                reset_owed: false,
+                unreset: 0,
+                batch: Vec::new(),
+                sticky: Vec::new(),
             }),
             rings,
             slots,
             ring_full_exits: AtomicU64::new(0),
             ring_full_ns: AtomicU64::new(0),
             harvested: AtomicU64::new(0),
+            early_resets: AtomicU64::new(0),
         })
     }
 
@@ -400,6 +455,13 @@ impl DirtyRing {
         std::time::Duration::from_nanos(self.ring_full_ns.load(Ordering::Relaxed))
     }
 
+    /// How many `KVM_RESET_DIRTY_RINGS` calls stopped before resetting
+    /// every harvested entry, or failed (see `DirtyRing::reset`; 0 unless
+    /// a signal that cannot be blocked interrupted one).
+    pub fn early_resets(&self) -> u64 {
+        self.early_resets.load(Ordering::Relaxed)
+    }
+
     /// How many ring entries were harvested in total.
     pub fn harvested(&self) -> u64 {
         self.harvested.load(Ordering::Relaxed)
@@ -408,19 +470,61 @@ impl DirtyRing {
     /// Moves every filled entry of every ring into the pending bitmap, marks
     /// them harvested and lets KVM re-arm them. Returns the entries taken.
     fn harvest(&self, inner: &mut RingInner) -> Result<u64, RingError> {
+        inner.batch.clear();
         let taken = collect(&self.rings, &self.slots, inner);
         self.harvested.fetch_add(taken, Ordering::Relaxed);
-        if taken > 0 || inner.reset_owed {
-            inner.reset_owed = true;
-            // SAFETY: KVM_RESET_DIRTY_RINGS takes no argument; the fd is our
-            // dup of the VM fd.
-            let ret = unsafe { ioctl(&self.vm, KVM_RESET_DIRTY_RINGS()) };
-            if ret < 0 {
-                return Err(RingError::Reset(std::io::Error::last_os_error()));
-            }
-            inner.reset_owed = false;
-        }
+        inner.unreset += taken;
+        self.reset(inner)?;
         Ok(taken)
+    }
+
+    /// `KVM_RESET_DIRTY_RINGS` until every entry marked harvested is reset.
+    ///
+    /// KVM stops a reset early when the calling thread has a signal pending
+    /// and returns how many entries it did reset, not an error (measured on
+    /// 6.18; see `tests/dirty_tracking.rs`,
+    /// `a_signal_during_ring_reset_loses_nothing`). The entries it did not
+    /// reach stay un-reset (their pages writable and unlogged), and the
+    /// pages of the batch it was coalescing are taken off the ring without
+    /// being write-protected again — a later write to them is never logged.
+    /// Our threads do get signals (every pause kicks the vCPU threads,
+    /// which harvest on ring-full exits), so every blockable signal is
+    /// blocked for the duration of the ioctl (a kick arriving meanwhile is
+    /// delivered right after, and still ends the next `KVM_RUN`). If a reset
+    /// stops early anyway (a signal that cannot be blocked), the pages of
+    /// this harvest become sticky — reported dirty by every sync until
+    /// tracking restarts, so the final copy, made with the vCPUs paused,
+    /// sends their last contents — and the reset is repeated. A failed
+    /// reset makes them sticky too; EINTR is retried, any other error
+    /// returned.
+    fn reset(&self, inner: &mut RingInner) -> Result<(), RingError> {
+        let mut stalls = 0;
+        while inner.unreset > 0 {
+            let ret = {
+                let _blocked = SignalsBlocked::new();
+                // SAFETY: KVM_RESET_DIRTY_RINGS takes no argument; the fd is
+                // our dup of the VM fd.
+                unsafe { ioctl(&self.vm, KVM_RESET_DIRTY_RINGS()) }
+            };
+            if ret < 0 {
+                // Whatever KVM did before failing, the pages of this
+                // harvest may have lost their protection.
+                let e = std::io::Error::last_os_error();
+                self.early_resets.fetch_add(1, Ordering::Relaxed);
+                make_sticky(inner);
+                if e.raw_os_error() == Some(libc::EINTR) {
+                    after_reset(inner, 0, &mut stalls)?;
+                    continue;
+                }
+                return Err(RingError::Reset(e));
+            }
+            let done = u64::try_from(ret).unwrap_or(0);
+            if done < inner.unreset {
+                self.early_resets.fetch_add(1, Ordering::Relaxed);
+            }
+            after_reset(inner, done, &mut stalls)?;
+        }
+        Ok(())
     }
 
     /// Called by a vCPU thread on `KVM_EXIT_DIRTY_RING_FULL`: harvests every
@@ -445,6 +549,9 @@ impl DirtyRing {
         self.harvest(&mut inner)?;
         let invalid = std::mem::take(&mut inner.invalid);
         inner.pending.drain(|r, p| bitmap.set(r, p));
+        for &(r, p) in &inner.sticky {
+            bitmap.set(r, p);
+        }
         if invalid > 0 {
             return Err(RingError::Invalid(invalid));
         }
@@ -458,8 +565,43 @@ impl DirtyRing {
         self.harvest(&mut inner)?;
         inner.invalid = 0;
         inner.pending.drain(|_, _| {});
+        // Logging is turned off after a discard (stop) or was off before it
+        // (start): turning it on again write-protects every page.
+        inner.sticky.clear();
         Ok(())
     }
+}
+
+/// Accounts for a `KVM_RESET_DIRTY_RINGS` that reset `done` entries. If
+/// it stopped before `inner.unreset` were reset, the pages of the harvest
+/// in progress become sticky (see [`DirtyRing::reset`]); `stalls` counts
+/// consecutive calls that reset nothing, and too many are an error.
+fn after_reset(inner: &mut RingInner, done: u64, stalls: &mut u32) -> Result<(), RingError> {
+    if done >= inner.unreset {
+        inner.unreset = 0;
+        return Ok(());
+    }
+    inner.unreset -= done;
+    log::warn!(
+        "dirty ring: KVM_RESET_DIRTY_RINGS stopped early ({done} reset, {} left); \
+         {} pages will be reported dirty until tracking restarts",
+        inner.unreset,
+        inner.batch.len()
+    );
+    make_sticky(inner);
+    *stalls = if done == 0 { *stalls + 1 } else { 0 };
+    if *stalls >= RESET_STALL_LIMIT {
+        return Err(RingError::ResetIncomplete(inner.unreset));
+    }
+    Ok(())
+}
+
+/// Moves the pages of the harvest in progress into the sticky set.
+fn make_sticky(inner: &mut RingInner) {
+    let batch = std::mem::take(&mut inner.batch);
+    inner.sticky.extend(batch);
+    inner.sticky.sort_unstable();
+    inner.sticky.dedup();
 }
 
 /// Takes every filled entry of every ring (marking each harvested) into
@@ -496,7 +638,10 @@ fn collect(rings: &[RingMap], slots: &[(u32, u64)], inner: &mut RingInner) -> u6
                 .iter()
                 .position(|(id, pages)| slot == *id && offset < *pages);
             match region {
-                Some(r) => inner.pending.set(r, offset),
+                Some(r) => {
+                    inner.pending.set(r, offset);
+                    inner.batch.push((r, offset));
+                }
                 None => {
                     log::error!(
                         "dirty ring: entry for slot {slot:#x} page {offset} is outside guest memory"
@@ -736,12 +881,7 @@ mod tests {
         push(&ring, 5, 1, u64::MAX);
         push(&ring, 6, 0, 99);
         let rings = [ring];
-        let mut inner = RingInner {
-            next: vec![0],
-            pending: Pending::new(slots.iter().map(|s| s.1)),
-            invalid: 0,
-            reset_owed: false,
-        };
+        let mut inner = inner_for(&slots);
         assert_eq!(collect(&rings, &slots, &mut inner), 7);
         assert_eq!(inner.invalid, 4);
         assert_eq!(inner.next, vec![7]);
@@ -760,6 +900,55 @@ mod tests {
         push(&rings[0], 0, 0, 2);
         assert_eq!(collect(&rings, &slots, &mut inner), 2);
         assert_eq!(inner.next, vec![1]);
+    }
+
+    fn inner_for(slots: &[(u32, u64)]) -> RingInner {
+        RingInner {
+            next: vec![0],
+            pending: Pending::new(slots.iter().map(|s| s.1)),
+            invalid: 0,
+            unreset: 0,
+            batch: Vec::new(),
+            sticky: Vec::new(),
+        }
+    }
+
+    #[test]
+    fn a_reset_that_stops_early_makes_the_harvest_sticky() {
+        let ring = fake_ring(256);
+        let slots = [(0u32, 100u64), (1, 50)];
+        push(&ring, 0, 0, 5);
+        push(&ring, 1, 1, 3);
+        push(&ring, 2, 0, 7);
+        let rings = [ring];
+        let mut inner = inner_for(&slots);
+        inner.unreset = collect(&rings, &slots, &mut inner);
+        assert_eq!(inner.batch, vec![(0, 5), (1, 3), (0, 7)]);
+        let mut stalls = 0;
+        // The whole batch reset: nothing sticky.
+        let mut full = inner_for(&slots);
+        full.unreset = 3;
+        full.batch = inner.batch.clone();
+        after_reset(&mut full, 3, &mut stalls).unwrap();
+        assert_eq!((full.unreset, full.sticky.len()), (0, 0));
+        // One of three reset: the rest is owed, and every page of the
+        // batch is sticky (KVM may have dropped any of them unprotected).
+        after_reset(&mut inner, 1, &mut stalls).unwrap();
+        assert_eq!(inner.unreset, 2);
+        assert_eq!(inner.sticky, vec![(0, 5), (0, 7), (1, 3)]);
+        // Resetting nothing, again and again: an error, not a spin.
+        let mut r = Ok(());
+        for _ in 0..RESET_STALL_LIMIT {
+            r = after_reset(&mut inner, 0, &mut stalls);
+            if r.is_err() {
+                break;
+            }
+        }
+        assert!(matches!(r, Err(RingError::ResetIncomplete(2))), "{r:?}");
+        // The harvested pages are pending for the next sync as well.
+        let mut got = Vec::new();
+        inner.pending.drain(|r, p| got.push((r, p)));
+        assert_eq!(got, vec![(0, 5), (0, 7), (1, 3)]);
     }
 
     #[test]
