@@ -17,7 +17,7 @@ use crate::bitmap::DirtyBitmap;
 use crate::error::{ErrorKind, MigrationError, Phase};
 use crate::memory::MemoryLayout;
 use crate::protocol::{
-    decompress_pages, page_records, stream_of, ErrorMsg, FrameReader, FrameWriter, Hello,
+    decompress_pages, page_records, stream_of, Abandoned, ErrorMsg, FrameReader, FrameWriter, Hello,
     HelloReply, Message, MsgKind, ProtocolError, Ready, Resumed, RoundEnd, State, StreamHello,
     MAX_STREAMS, STREAM_CHUNK_PAGES,
 };
@@ -50,8 +50,11 @@ pub struct ReceiveReport {
 /// Destination settings.
 #[derive(Debug, Clone)]
 pub struct ReceiveConfig {
-    /// Timeout of every blocking read (the source sends continuously during
-    /// rounds, so a silent source for this long is a dead source).
+    /// Timeout of every blocking read and write (the source sends
+    /// continuously during rounds, or a keepalive at least every second, so
+    /// a silent source for this long is a dead source). It also bounds the
+    /// wait for `Go` after `Ready`: then the destination drops the VM and
+    /// answers `Abandoned`.
     pub io_timeout: Duration,
 }
 
@@ -112,6 +115,10 @@ where
         .map_err(|e| MigrationError::new(hs, ProtocolError::Io(e)))?;
     rx.set_read_timeout(Some(config.io_timeout))
         .map_err(|e| MigrationError::new(hs, ProtocolError::Io(e)))?;
+    let mut transport = transport;
+    transport
+        .set_write_timeout(Some(config.io_timeout))
+        .map_err(|e| MigrationError::new(hs, ProtocolError::Io(e)))?;
     let mut fr = FrameReader::new(rx);
     let mut fw = FrameWriter::new(transport);
     let mut phase = hs;
@@ -123,7 +130,15 @@ where
                 phase: e.phase.to_string(),
                 message: e.kind.to_string(),
             };
-            let _ = fw.send(&msg);
+            // In the completion phase (`Ready` sent or being sent) the source
+            // may have sent `Go` already: say that the VM is gone for good
+            // (it was dropped when `run_destination` returned), so that the
+            // source resumes instead of staying paused as ambiguous.
+            let _ = if e.phase == Phase::Completion {
+                fw.send(&Abandoned(msg))
+            } else {
+                fw.send(&msg)
+            };
             let _ = fw.flush();
         }
         log::warn!("{e}");

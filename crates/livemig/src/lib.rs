@@ -23,6 +23,8 @@
 #![deny(missing_docs)]
 
 pub mod bitmap;
+mod commit;
+mod deadline;
 pub mod destination;
 pub mod error;
 pub mod memory;

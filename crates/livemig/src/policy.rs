@@ -21,6 +21,13 @@ use serde::Serialize;
 /// time of 1 Gb/s links.)
 pub const DEFAULT_DOWNTIME_LIMIT: Duration = Duration::from_millis(20);
 
+/// The default [`MigrationConfig::max_pause`]: 10 s.
+///
+/// Far above any downtime a converged migration causes (milliseconds), so
+/// it only fires when something is stuck; short enough that a stuck
+/// switchover costs the guest seconds, not the minutes of a TCP timeout.
+pub const DEFAULT_MAX_PAUSE: Duration = Duration::from_secs(10);
+
 /// What to do when the round or time cap is reached before convergence.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
 #[serde(rename_all = "kebab-case")]
@@ -47,8 +54,16 @@ pub struct MigrationConfig {
     /// What happens when a cap is reached.
     pub on_limit: OnLimit,
     /// Timeout of every blocking read of a reply (handshake, acknowledgements)
-    /// and of every frame on the destination.
+    /// and of every write on every connection of the migration (a peer that
+    /// stops reading cannot block the source for longer).
     pub io_timeout: Duration,
+    /// Longest the source may stay paused before it commits with `Go`: the
+    /// final pages, the state and the wait for `Ready` must all fit. When it
+    /// passes, every connection is shut down, the source resumes its guest
+    /// and the error ([`crate::ErrorKind::PauseDeadline`]) says how long the
+    /// guest was paused. (After `Go` the wait for `Resumed` is bounded by
+    /// [`MigrationConfig::io_timeout`] and ends ambiguous.)
+    pub max_pause: Duration,
     /// Pages per `Pages` frame (the staging buffer is this many pages).
     pub batch_pages: u32,
     /// Auto-converge: when the guest dirties memory faster than half the
@@ -85,6 +100,7 @@ impl Default for MigrationConfig {
             max_precopy_time: Duration::from_secs(120),
             on_limit: OnLimit::Fail,
             io_timeout: Duration::from_secs(10),
+            max_pause: DEFAULT_MAX_PAUSE,
             batch_pages: 256,
             auto_converge: true,
             throttle_initial: 20,

@@ -371,11 +371,17 @@ pub enum MsgKind {
     /// [`MAX_FRAME_PAYLOAD`]), then the block ([`compress_pages`],
     /// [`decompress_pages`]).
     PagesLz4 = 14,
+    /// Destination → source, only after `Ready`: the destination has
+    /// dropped the VM and will never run it (it timed out waiting for `Go`,
+    /// or its resume failed), so the source may safely resume
+    /// ([`Abandoned`]). Any failure of the destination after `Ready` is
+    /// reported with this kind instead of `Error`.
+    Abandoned = 15,
 }
 
 impl MsgKind {
     /// Every kind, in wire order.
-    pub const ALL: [MsgKind; 14] = [
+    pub const ALL: [MsgKind; 15] = [
         MsgKind::Hello,
         MsgKind::HelloReply,
         MsgKind::Pages,
@@ -390,6 +396,7 @@ impl MsgKind {
         MsgKind::Keepalive,
         MsgKind::StreamHello,
         MsgKind::PagesLz4,
+        MsgKind::Abandoned,
     ];
 
     /// The kind for a wire byte, if known.
@@ -415,6 +422,7 @@ impl MsgKind {
             MsgKind::Keepalive => "Keepalive",
             MsgKind::StreamHello => "StreamHello",
             MsgKind::PagesLz4 => "PagesLz4",
+            MsgKind::Abandoned => "Abandoned",
         }
     }
 }
@@ -1807,6 +1815,27 @@ impl Message for ErrorMsg {
     }
 }
 
+/// The destination gave the migration up after `Ready` and will never run
+/// the VM (destination → source). Same layout as [`ErrorMsg`].
+///
+/// Unlike an `Error` after `Go` (which leaves the outcome ambiguous), this
+/// is the destination's promise that the guest runs nowhere but on the
+/// source: the source resumes it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Abandoned(pub ErrorMsg);
+
+impl Message for Abandoned {
+    const KIND: MsgKind = MsgKind::Abandoned;
+
+    fn encode_into(&self, out: &mut Vec<u8>) -> Result<(), ProtocolError> {
+        self.0.encode_into(out)
+    }
+
+    fn decode(payload: &[u8]) -> Result<Self, ProtocolError> {
+        ErrorMsg::decode(payload).map(Abandoned)
+    }
+}
+
 // ---------------------------------------------------------------------------
 // Pages
 // ---------------------------------------------------------------------------
@@ -2216,6 +2245,10 @@ mod tests {
             ),
             (MsgKind::Cancel, round_trip(&Cancel)),
             (MsgKind::Keepalive, round_trip(&Keepalive)),
+            (
+                MsgKind::Abandoned,
+                round_trip(&Abandoned(ErrorMsg::new("completion", "no Go within 10s"))),
+            ),
             (
                 MsgKind::StreamHello,
                 round_trip(&StreamHello {

@@ -13,9 +13,11 @@ use crate::memory::{MemoryLayout, PAGE_SIZE};
 use crate::policy::{decide, Decision, MigrationConfig, RoundEstimate, Throttle};
 use crate::protocol::{
     compress_pages, stream_of, ErrorMsg, FrameReader, FrameWriter, Hello, HelloReply, Message,
-    MsgKind, PageBatch, ProtocolError, Ready, Resumed, RoundEnd, State, StreamHello, MAX_STREAMS,
-    STREAM_CHUNK_PAGES,
+    MsgKind, PageBatch, ProtocolError, Ready, RoundEnd, State, StreamHello, MAX_STREAMS,
+    STREAM_CHUNK_PAGES, Go,
 };
+use crate::commit::{commit, Commit};
+use crate::deadline::PauseDeadline;
 use crate::ram::HostRam;
 use crate::report::{Progress, Report, RoundReport, Status};
 use crate::transport::{StreamOpener, Transport};
@@ -698,6 +700,13 @@ fn run_source<V: SourceVm + ?Sized>(
         .map_err(|e| MigrationError::new(hs, ProtocolError::Io(e)))?;
     rx.set_read_timeout(Some(config.io_timeout))
         .map_err(|e| MigrationError::new(hs, ProtocolError::Io(e)))?;
+    let mut transport = transport;
+    transport
+        .set_write_timeout(Some(config.io_timeout))
+        .map_err(|e| MigrationError::new(hs, ProtocolError::Io(e)))?;
+    // Every connection, for the paused phase's watchdog.
+    let mut links: Vec<Box<dyn Transport>> = Vec::new();
+    links.extend(transport.try_clone().ok());
     let mut fr = FrameReader::new(rx);
     let mut fw = FrameWriter::new(transport);
 
@@ -743,10 +752,13 @@ fn run_source<V: SourceVm + ?Sized>(
                     },
                 )
             };
-            let t = opener
+            let mut t = opener
                 .open()
                 .map_err(|e| stream_err(ProtocolError::Io(e).into()))?;
+            t.set_write_timeout(Some(config.io_timeout))
+                .map_err(|e| stream_err(ProtocolError::Io(e).into()))?;
             cancel.attach(t.try_clone().ok());
+            links.extend(t.try_clone().ok());
             let mut w = FrameWriter::new(t);
             w.send(&StreamHello {
                 token: reply.token,
@@ -890,6 +902,7 @@ fn run_source<V: SourceVm + ?Sized>(
             state_time,
             state_bytes,
             &throttler,
+            &links,
         );
         throttler.finish(true);
         // Stop the stream threads (on success they have already finished).
@@ -963,6 +976,7 @@ fn precopy_and_switch<V: SourceVm + ?Sized>(
     state_time: Duration,
     state_bytes: u64,
     throttler: &Throttler,
+    links: &[Box<dyn Transport>],
 ) -> Result<(), MigrationError> {
     let layout = sender.layout.clone();
     let mut throttle = Throttle::default();
@@ -1116,15 +1130,98 @@ fn precopy_and_switch<V: SourceVm + ?Sized>(
 
     // Stop-and-copy: stop throttling first so it cannot race the pause.
     throttler.finish(true);
-    let fm = Phase::FinalMemory;
     let t_pause = Instant::now();
-    vm.pause().map_err(|e| MigrationError::new(fm, e))?;
-    let t_paused = Instant::now();
+    vm.pause()
+        .map_err(|e| MigrationError::new(Phase::FinalMemory, e))?;
+    // From here to `Go` the guest runs nowhere: bounded by `max_pause`.
+    let deadline = PauseDeadline::arm(
+        config.max_pause,
+        links.iter().filter_map(|l| l.try_clone().ok()).collect(),
+    );
+    let expired = |e: MigrationError| {
+        if deadline.expired() {
+            MigrationError::new(
+                e.phase,
+                ErrorKind::PauseDeadline {
+                    limit: deadline.limit(),
+                    paused: deadline.paused_for(),
+                },
+            )
+        } else {
+            e
+        }
+    };
+    let (t, ready) = stop_and_copy(vm, tracker, sender, fr, config, progress, report, bitmap)
+        .map_err(expired)?;
+    if cancel.is_cancelled() {
+        return Err(MigrationError::new(Phase::Completion, ErrorKind::Cancelled));
+    }
+
+    // Commit: from here on only the destination's `Abandoned` lets the
+    // source run the guest again (see `commit`).
+    let cp = Phase::Completion;
+    if !deadline.disarm() {
+        let kind = ErrorKind::PauseDeadline {
+            limit: deadline.limit(),
+            paused: deadline.paused_for(),
+        };
+        return Err(MigrationError::new(cp, kind));
+    }
+    let answer_wait = config.io_timeout.saturating_mul(2);
+    let resumed = match commit(&mut sender.fw, fr, &Go::default(), answer_wait) {
+        Commit::Committed(r) => r,
+        Commit::Abandoned(why) => return Err(MigrationError::new(cp, ErrorKind::Abandoned(why))),
+        Commit::Ambiguous(why) => return Err(MigrationError::new(cp, ErrorKind::Ambiguous(why))),
+    };
+    let t_done = Instant::now();
+
+    report.pages_sent = sender.counts.pages;
+    report.zero_pages = sender.counts.zero + skipped;
+    report.downtime_ms = ms(t_done - t_pause);
+    let b = &mut report.downtime_breakdown;
+    b.pause_ms = ms(t.paused - t_pause);
+    b.final_sync_ms = ms(t.synced - t.paused);
+    b.final_memory_ms = ms(t.mem - t.synced);
+    b.state_save_ms = ms(t.saved - t.mem);
+    b.state_transfer_ms = ms(t.ready - t.saved);
+    b.dest_restore_ms = ready.restore_us as f64 / 1000.0;
+    b.resume_ack_ms = ms(t_done - t.ready);
+    b.dest_resume_ms = resumed.resume_us as f64 / 1000.0;
+    progress(&Progress::Completed {
+        downtime_ms: report.downtime_ms,
+    });
+    Ok(())
+}
+
+/// When each step of the stop-and-copy ended.
+struct SwitchTimes {
+    paused: Instant,
+    synced: Instant,
+    mem: Instant,
+    saved: Instant,
+    ready: Instant,
+}
+
+/// The paused part before the commit point: the last dirty pages, the
+/// state, `Complete`, and the destination's `Ready`. The VM is paused.
+#[allow(clippy::too_many_arguments)]
+fn stop_and_copy<V: SourceVm + ?Sized>(
+    vm: &V,
+    tracker: &mut (dyn DirtyTracker + '_),
+    sender: &mut PageSender<'_>,
+    fr: &mut FrameReader<Box<dyn Transport>>,
+    config: &MigrationConfig,
+    progress: &mut dyn FnMut(&Progress),
+    report: &mut Report,
+    mut bitmap: DirtyBitmap,
+) -> Result<(SwitchTimes, Ready), MigrationError> {
+    let fm = Phase::FinalMemory;
+    let paused = Instant::now();
     tracker
         .sync(&mut bitmap)
         .map_err(|e| MigrationError::new(fm, e))?;
     merge_vmm_writes(vm, &mut bitmap);
-    let t_synced = Instant::now();
+    let synced = Instant::now();
     progress(&Progress::Paused {
         remaining_pages: bitmap.count(),
     });
@@ -1138,11 +1235,11 @@ fn precopy_and_switch<V: SourceVm + ?Sized>(
     // One barrier: every stream flushes and ends with `Complete`.
     sender.end_round(fm, true)?;
     report.final_pages = sender.counts.pages - before.pages + sender.counts.zero - before.zero;
-    let t_mem = Instant::now();
+    let mem = Instant::now();
 
     let st = Phase::State;
     let sections = vm.save_state().map_err(|e| MigrationError::new(st, e))?;
-    let t_saved = Instant::now();
+    let saved = Instant::now();
     report.state_bytes = sections.iter().map(|s| s.data.len() as u64).sum();
     let state = State { sections };
     let fw = &mut sender.fw;
@@ -1157,36 +1254,12 @@ fn precopy_and_switch<V: SourceVm + ?Sized>(
         config.io_timeout,
     )?)
     .map_err(|e| MigrationError::new(Phase::Completion, e))?;
-    let t_ready = Instant::now();
-    if cancel.is_cancelled() {
-        return Err(MigrationError::new(Phase::Completion, ErrorKind::Cancelled));
-    }
-
-    // Commit: from here on the source never resumes the guest by itself.
-    let cp = Phase::Completion;
-    if let Err(e) = fw.write_frame(MsgKind::Go, &[]).and_then(|_| fw.flush()) {
-        return Err(MigrationError::new(cp, ErrorKind::Ambiguous(e.to_string())));
-    }
-    let resumed = match expect(fr, MsgKind::Resumed, cp, config.io_timeout) {
-        Ok(p) => Resumed::decode(&p).map_err(|e| MigrationError::new(cp, e))?,
-        Err(e) => return Err(MigrationError::new(cp, ErrorKind::Ambiguous(e.to_string()))),
+    let times = SwitchTimes {
+        paused,
+        synced,
+        mem,
+        saved,
+        ready: Instant::now(),
     };
-    let t_done = Instant::now();
-
-    report.pages_sent = sender.counts.pages;
-    report.zero_pages = sender.counts.zero + skipped;
-    report.downtime_ms = ms(t_done - t_pause);
-    let b = &mut report.downtime_breakdown;
-    b.pause_ms = ms(t_paused - t_pause);
-    b.final_sync_ms = ms(t_synced - t_paused);
-    b.final_memory_ms = ms(t_mem - t_synced);
-    b.state_save_ms = ms(t_saved - t_mem);
-    b.state_transfer_ms = ms(t_ready - t_saved);
-    b.dest_restore_ms = ready.restore_us as f64 / 1000.0;
-    b.resume_ack_ms = ms(t_done - t_ready);
-    b.dest_resume_ms = resumed.resume_us as f64 / 1000.0;
-    progress(&Progress::Completed {
-        downtime_ms: report.downtime_ms,
-    });
-    Ok(())
+    Ok((times, ready))
 }
