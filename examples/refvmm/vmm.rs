@@ -99,6 +99,10 @@ pub struct Machine {
     devices_stopped: Mutex<bool>,
     /// The COM1 UART (also reached through the bus), for console input.
     serial: Arc<Mutex<SerialDevice>>,
+    /// Every API `pause`, `resume` and `migrate` goes through this: refused
+    /// while a migration runs and for good after one committed or became
+    /// ambiguous.
+    pub guard: livemig::MigrationGuard,
 }
 
 /// What a machine is built from.
@@ -179,6 +183,7 @@ impl Machine {
             nic_counters,
             devices_stopped: Mutex::new(false),
             serial,
+            guard: livemig::MigrationGuard::new(),
         })
     }
 

@@ -93,6 +93,9 @@ pub enum ErrorKind {
         /// The limit, ms.
         limit_ms: f64,
     },
+    /// The VM's [`crate::guard::MigrationGuard`] refused the migration.
+    #[error(transparent)]
+    Guard(#[from] crate::guard::GuardError),
     /// The paused phase outlasted [`crate::MigrationConfig::max_pause`]
     /// before `Go`: the source gave up and resumed its guest.
     #[error("the guest was paused for {paused:?} without reaching the commit point (limit {limit:?}); the source resumed it")]
