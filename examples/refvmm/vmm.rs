@@ -349,6 +349,9 @@ impl SourceVm for Machine {
         *stopped = false;
         Ok(())
     }
+    fn is_paused(&self) -> bool {
+        self.vm.is_paused()
+    }
     fn save_state(&self) -> Result<Vec<Section>, VmError> {
         self.vm.save_state()
     }

@@ -797,12 +797,7 @@ pub fn seeds() -> Vec<(&'static str, String, Vec<u8>)> {
     let msgs: Vec<(u8, Vec<u8>)> = vec![
         (
             0,
-            encode(&HelloReply {
-                accepted: false,
-                reason: "memory differs".into(),
-                streams: 1,
-                token: [0; 16],
-            }),
+            encode(&HelloReply::refused("memory differs".into())),
         ),
         (1, encode(&RoundEnd { round: 3, pages: 7 })),
         (2, Vec::new()),

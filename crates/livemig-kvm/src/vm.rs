@@ -401,6 +401,10 @@ impl SourceVm for KvmVm {
         Ok(())
     }
 
+    fn is_paused(&self) -> bool {
+        !self.vcpus.is_running()
+    }
+
     fn save_state(&self) -> Result<Vec<Section>, VmError> {
         if self.vcpus.is_running() {
             return Err(VmError::Pause(

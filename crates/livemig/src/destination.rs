@@ -45,6 +45,12 @@ pub struct ReceiveReport {
     pub resume_ms: f64,
     /// From the handshake to the resume, ms.
     pub total_ms: f64,
+    /// The protocol version spoken.
+    pub version: u32,
+    /// Whether the VM was resumed: false when the source VM was paused
+    /// (by its operator) when the migration started; the VM is then
+    /// returned paused and [`DestinationVm::resume`] was not called.
+    pub running: bool,
 }
 
 /// Destination settings.
@@ -75,7 +81,10 @@ fn ms(d: Duration) -> f64 {
 /// `create` is called with the source's [`VmDescription`] once the handshake
 /// passed the protocol checks; it builds the (paused) destination VM or
 /// refuses with a [`VmError`] whose message is sent back to the source. The
-/// VM is returned running; on error it has been dropped without running.
+/// VM is returned running — or paused, without [`DestinationVm::resume`]
+/// having been called, when the source VM was paused when its migration
+/// started ([`ReceiveReport::running`]); on error it has been dropped
+/// without running.
 ///
 /// A source asking for several page streams is granted one (everything on
 /// `transport`); see [`receive_streams`].
@@ -429,6 +438,12 @@ where
         Ok(h) => h,
         Err(e) => return Err(refuse(fw, e.to_string())),
     };
+    let version = match hello.negotiated_version() {
+        Ok(v) => v,
+        Err(e) => return Err(refuse(fw, e.to_string())),
+    };
+    report.version = version;
+    report.running = !hello.paused;
     let desc = hello.desc;
     let mut vm = match create(&desc) {
         Ok(vm) => vm,
@@ -450,12 +465,11 @@ where
         1
     };
     let token = if streams > 1 { random_token() } else { [0; 16] };
-    fw.send(&HelloReply {
-        accepted: true,
-        reason: String::new(),
-        streams,
-        token,
-    })
+    // The newest version in both ranges (`Hello::decode` refused ranges
+    // that do not overlap); only PROTOCOL_VERSION is spoken here.
+    let mut reply = HelloReply::accepted(streams, token);
+    reply.version = version;
+    fw.send(&reply)
     .and_then(|_| fw.flush())
     .map_err(|e| MigrationError::new(hs, e))?;
     report.streams = streams;
@@ -594,7 +608,9 @@ where
         }
     }
     let t = Instant::now();
-    vm.resume().map_err(|e| MigrationError::new(cp, e))?;
+    if report.running {
+        vm.resume().map_err(|e| MigrationError::new(cp, e))?;
+    }
     let resume = t.elapsed();
     report.resume_ms = ms(resume);
     // The guest runs here now. If the acknowledgement cannot be sent the

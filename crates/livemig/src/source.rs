@@ -14,7 +14,7 @@ use crate::policy::{decide, Decision, MigrationConfig, RoundEstimate, Throttle};
 use crate::protocol::{
     compress_pages, stream_of, ErrorMsg, FrameReader, FrameWriter, Hello, HelloReply, Message,
     MsgKind, PageBatch, ProtocolError, Ready, RoundEnd, State, StreamHello, MAX_STREAMS,
-    STREAM_CHUNK_PAGES, Go,
+    MIN_PROTOCOL_VERSION, PROTOCOL_VERSION, STREAM_CHUNK_PAGES, Go,
 };
 use crate::commit::{commit, Commit};
 use crate::deadline::PauseDeadline;
@@ -627,6 +627,9 @@ pub fn migrate_streams<V: SourceVm + ?Sized>(
     let layout = desc.layout.clone();
     let mut report = Report::new(layout.total_bytes(), ms(config.downtime_limit));
     cancel.attach(transport.try_clone().ok());
+    // The operator's run state, kept from start to end (see
+    // `SourceVm::is_paused`).
+    let paused = vm.is_paused();
     let result = if config.streams == 0 || config.streams > MAX_STREAMS {
         Err(MigrationError::new(
             Phase::Handshake,
@@ -654,6 +657,7 @@ pub fn migrate_streams<V: SourceVm + ?Sized>(
             &mut report,
             started,
             desc,
+            paused,
         )
     };
     cancel.detach_all();
@@ -692,6 +696,7 @@ fn run_source<V: SourceVm + ?Sized>(
     report: &mut Report,
     started: Instant,
     desc: crate::vm::VmDescription,
+    paused: bool,
 ) -> Result<(), MigrationError> {
     let hs = Phase::Handshake;
     let layout = desc.layout.clone();
@@ -713,6 +718,7 @@ fn run_source<V: SourceVm + ?Sized>(
     // Handshake: refuse before a single page is sent.
     let mut hello = Hello::new(desc);
     hello.streams = config.streams;
+    hello.paused = paused;
     fw.send(&hello).map_err(|e| MigrationError::new(hs, e))?;
     let reply = HelloReply::decode(&expect(
         &mut fr,
@@ -723,6 +729,16 @@ fn run_source<V: SourceVm + ?Sized>(
     .map_err(|e| MigrationError::new(hs, e))?;
     if !reply.accepted {
         return Err(MigrationError::new(hs, ErrorKind::Refused(reply.reason)));
+    }
+    if !(MIN_PROTOCOL_VERSION..=PROTOCOL_VERSION).contains(&reply.version) {
+        return Err(MigrationError::new(
+            hs,
+            ErrorKind::Invalid(format!(
+                "the destination chose protocol version {}; this side speaks \
+                 {MIN_PROTOCOL_VERSION}..={PROTOCOL_VERSION}",
+                reply.version
+            )),
+        ));
     }
     if reply.streams > config.streams {
         return Err(MigrationError::new(
@@ -772,30 +788,8 @@ fn run_source<V: SourceVm + ?Sized>(
     report.streams = reply.streams;
     progress(&Progress::Accepted);
 
-    // Measure the state: a short pause now tells what the switchover costs
-    // beyond memory, and proves the state can be saved before we commit.
-    // The estimate: the save itself, plus the pause latency capped at 2 ms
-    // (one slow pause under host load must not make the policy believe
-    // every switchover costs that much and never converge). A measurement
-    // over a quarter of the downtime limit is repeated (twice at most) and
-    // the smallest kept, for the same reason.
-    let mut state_time = Duration::MAX;
-    let mut sections = Vec::new();
-    for _ in 0..3 {
-        let t = Instant::now();
-        vm.pause().map_err(|e| MigrationError::new(hs, e))?;
-        let t_paused = Instant::now();
-        let saved = vm.save_state();
-        let t_saved = Instant::now();
-        let resumed = vm.resume();
-        let this = (t_saved - t_paused) + (t_paused - t).min(Duration::from_millis(2));
-        state_time = state_time.min(this);
-        sections = saved.map_err(|e| MigrationError::new(hs, e))?;
-        resumed.map_err(|e| MigrationError::new(hs, e))?;
-        if state_time <= config.downtime_limit / 4 {
-            break;
-        }
-    }
+    // Measure the state (see `measure_state`).
+    let (state_time, sections) = measure_state(vm, paused, config.downtime_limit)?;
     let state_bytes: u64 = sections
         .iter()
         .map(|s| s.data.len() as u64 + s.name.len() as u64 + 16)
@@ -838,7 +832,9 @@ fn run_source<V: SourceVm + ?Sized>(
     report.setup_ms = ms(started.elapsed());
 
     let throttler = Throttler::default();
-    let throttle_target = if config.auto_converge {
+    // An operator-paused VM is never throttled (the throttler resumes the
+    // vCPUs it parked) — nor does it dirty memory.
+    let throttle_target = if config.auto_converge && !paused {
         vm.throttle()
     } else {
         None
@@ -927,9 +923,12 @@ fn run_source<V: SourceVm + ?Sized>(
     };
     if let Err(e) = &outcome {
         if !committed {
-            // Fail safe: the source keeps the guest.
-            if let Err(re) = vm.resume() {
-                log::error!("resuming the source after a failed migration: {re}");
+            // Fail safe: the source keeps the guest, in the run state the
+            // operator left it in.
+            if !paused {
+                if let Err(re) = vm.resume() {
+                    log::error!("resuming the source after a failed migration: {re}");
+                }
             }
             let msg = ErrorMsg {
                 phase: e.phase.to_string(),
@@ -1262,4 +1261,53 @@ fn stop_and_copy<V: SourceVm + ?Sized>(
         ready: Instant::now(),
     };
     Ok((times, ready))
+}
+
+/// Measures the state before any page is sent: a short pause now tells
+/// what the switchover costs beyond memory, and proves the state can be
+/// saved before anything is committed.
+///
+/// The estimate: the save itself, plus the pause latency capped at 2 ms (one
+/// slow pause under host load must not make the policy believe every
+/// switchover costs that much and never converge). A measurement over a
+/// quarter of `limit` is repeated (twice at most) and the smallest kept,
+/// for the same reason.
+///
+/// A VM the operator paused is only saved (never resumed). If pausing a
+/// running VM fails, it is resumed (a pause that failed half-way may have
+/// stopped some vCPUs), so it runs as before.
+fn measure_state<V: SourceVm + ?Sized>(
+    vm: &V,
+    paused: bool,
+    limit: Duration,
+) -> Result<(Duration, Vec<crate::state::Section>), MigrationError> {
+    let hs = Phase::Handshake;
+    if paused {
+        let t = Instant::now();
+        let sections = vm.save_state().map_err(|e| MigrationError::new(hs, e))?;
+        return Ok((t.elapsed(), sections));
+    }
+    let mut state_time = Duration::MAX;
+    let mut sections = Vec::new();
+    for _ in 0..3 {
+        let t = Instant::now();
+        if let Err(e) = vm.pause() {
+            if let Err(re) = vm.resume() {
+                log::error!("resuming the source after a failed pause: {re}");
+            }
+            return Err(MigrationError::new(hs, e));
+        }
+        let t_paused = Instant::now();
+        let saved = vm.save_state();
+        let t_saved = Instant::now();
+        let resumed = vm.resume();
+        let this = (t_saved - t_paused) + (t_paused - t).min(Duration::from_millis(2));
+        state_time = state_time.min(this);
+        sections = saved.map_err(|e| MigrationError::new(hs, e))?;
+        resumed.map_err(|e| MigrationError::new(hs, e))?;
+        if state_time <= limit / 4 {
+            break;
+        }
+    }
+    Ok((state_time, sections))
 }

@@ -73,12 +73,7 @@ fn a_destination_that_stops_reading_cannot_block_the_source() {
             let mut fr = FrameReader::new(t.try_clone().unwrap());
             let mut fw = FrameWriter::new(t);
             assert_eq!(fr.read_frame().unwrap().kind, MsgKind::Hello);
-            fw.send(&HelloReply {
-                accepted: true,
-                reason: String::new(),
-                streams: 1,
-                token: [0; 16],
-            })
+            fw.send(&HelloReply::accepted(1, [0; 16]))
             .unwrap();
             fw.flush().unwrap();
             // Stop reading; keep the connection open.

@@ -89,12 +89,7 @@ fn scripted(answer: fn(&mut FrameWriter<Box<dyn Transport>>)) -> impl FnOnce(Box
         let f = fr.read_frame().unwrap();
         assert_eq!(f.kind, MsgKind::Hello);
         let hello = Hello::decode(f.payload).unwrap();
-        let reply = HelloReply {
-            accepted: true,
-            reason: String::new(),
-            streams: 1,
-            token: [0; 16],
-        };
+        let reply = HelloReply::accepted(1, [0; 16]);
         assert_eq!(hello.streams, 1);
         fw.send(&reply).unwrap();
         fw.flush().unwrap();
