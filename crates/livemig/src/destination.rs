@@ -19,7 +19,7 @@ use crate::memory::MemoryLayout;
 use crate::protocol::{
     decompress_pages, page_records, stream_of, Abandoned, ErrorMsg, FrameReader, FrameWriter, Hello,
     HelloReply, Message, MsgKind, ProtocolError, Ready, Resumed, RoundEnd, State, StreamHello,
-    MAX_STREAMS, STREAM_CHUNK_PAGES,
+    MAX_STATE_FRAMES, MAX_STREAMS, STREAM_CHUNK_PAGES,
 };
 use crate::ram::HostRam;
 use crate::state::Section;
@@ -62,6 +62,15 @@ pub struct ReceiveConfig {
     /// wait for `Go` after `Ready`: then the destination drops the VM and
     /// answers `Abandoned`.
     pub io_timeout: Duration,
+}
+
+impl ReceiveConfig {
+    /// Checks the settings (`receive` calls it before reading anything):
+    /// `io_timeout` must be more than 0 and at most
+    /// [`crate::policy::MAX_DURATION`].
+    pub fn validate(&self) -> Result<(), crate::policy::ConfigError> {
+        crate::policy::check_timeout("io_timeout", self.io_timeout)
+    }
 }
 
 impl Default for ReceiveConfig {
@@ -119,6 +128,7 @@ where
     F: FnOnce(&VmDescription) -> Result<V, VmError>,
 {
     let hs = Phase::Handshake;
+    config.validate().map_err(|e| MigrationError::new(hs, e))?;
     let mut rx = transport
         .try_clone()
         .map_err(|e| MigrationError::new(hs, ProtocolError::Io(e)))?;
@@ -641,6 +651,7 @@ fn receive_memory(
     let mut sink = PageSink::new(layout, ram, None);
     *phase = Phase::Precopy(0);
     let mut sections: Option<Vec<Section>> = None;
+    let mut state_frames = 0usize;
     let r = loop {
         let f = match fr.read_frame() {
             Ok(f) => f,
@@ -671,16 +682,28 @@ fn receive_memory(
             MsgKind::Keepalive => {}
             MsgKind::State => {
                 *phase = Phase::State;
-                if sections.is_some() {
+                state_frames += 1;
+                if state_frames > MAX_STATE_FRAMES {
                     break Err(MigrationError::new(
                         *phase,
-                        ErrorKind::Invalid("a second State frame".into()),
+                        ErrorKind::Invalid(format!("more than {MAX_STATE_FRAMES} State frames")),
                     ));
                 }
-                match State::decode(f.payload) {
-                    Ok(s) => sections = Some(s.sections),
+                let more = match State::decode(f.payload) {
+                    Ok(s) => s.sections,
                     Err(e) => break Err(MigrationError::new(*phase, e)),
+                };
+                let all = sections.get_or_insert_with(Vec::new);
+                if let Some(dup) = more.iter().find(|m| all.iter().any(|s| s.name == m.name)) {
+                    break Err(MigrationError::new(
+                        *phase,
+                        ErrorKind::Invalid(format!(
+                            "section '{}' appears in two State frames",
+                            dup.name
+                        )),
+                    ));
                 }
+                all.extend(more);
             }
             MsgKind::Complete => break Ok(()),
             MsgKind::Error => {

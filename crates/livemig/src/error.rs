@@ -93,6 +93,9 @@ pub enum ErrorKind {
         /// The limit, ms.
         limit_ms: f64,
     },
+    /// A setting is out of range (nothing was sent).
+    #[error(transparent)]
+    Config(#[from] crate::policy::ConfigError),
     /// The VM's [`crate::guard::MigrationGuard`] refused the migration.
     #[error(transparent)]
     Guard(#[from] crate::guard::GuardError),

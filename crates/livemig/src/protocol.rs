@@ -1598,12 +1598,77 @@ impl Message for RoundEnd {
 /// Device state (source → destination).
 ///
 /// One `State` frame holds at most [`MAX_FRAME_PAYLOAD`] bytes; a VM with more
-/// state sends several `State` messages (section names must then be unique
-/// across all of them, which the engine checks).
+/// state sends several `State` messages ([`state_frames`]; at most
+/// [`MAX_STATE_FRAMES`]), and section names must be unique across all of
+/// them (the destination checks).
 #[derive(Debug, Clone, PartialEq, Eq, Default)]
 pub struct State {
     /// The sections, names unique.
     pub sections: Vec<Section>,
+}
+
+/// Most `State` frames in one migration (so at most 16 × 8 MiB of state).
+pub const MAX_STATE_FRAMES: usize = 16;
+
+/// Packs `sections` into as few `State` messages as fit in frames of
+/// `max_payload` bytes (in order), checking everything the encoder and the
+/// destination check: valid and unique names, sections of at most
+/// [`MAX_SECTION_LEN`], at most [`MAX_SECTIONS`] per frame and
+/// [`MAX_STATE_FRAMES`] frames. The source calls it at the handshake (on the
+/// measured state: a state that cannot be sent is refused before any page)
+/// and again at the switchover.
+pub fn state_frames(sections: Vec<Section>, max_payload: usize) -> Result<Vec<State>, ProtocolError> {
+    const M: &str = "State";
+    let mut seen = HashSet::with_capacity(sections.len());
+    for s in &sections {
+        if !seen.insert(s.name.clone()) {
+            return Err(ProtocolError::Unencodable {
+                msg: M,
+                reason: format!("section '{}' appears twice", s.name),
+            });
+        }
+    }
+    let mut frames: Vec<State> = Vec::new();
+    let mut size = usize::MAX; // of the last frame
+    for s in sections {
+        let len = 2 + s.name.len() + 4 + 4 + s.data.len();
+        let last_full = frames
+            .last()
+            .is_none_or(|f| size + len > max_payload || f.sections.len() >= MAX_SECTIONS);
+        if last_full {
+            frames.push(State::default());
+            size = 4;
+        }
+        size += len;
+        if let Some(f) = frames.last_mut() {
+            f.sections.push(s);
+        }
+    }
+    if frames.is_empty() {
+        frames.push(State::default());
+    }
+    for f in &frames {
+        let n = f.encode()?.len();
+        if n > max_payload {
+            return Err(ProtocolError::Unencodable {
+                msg: M,
+                reason: format!(
+                    "section '{}' needs a frame of {n} bytes, more than the limit of {max_payload}",
+                    f.sections[0].name
+                ),
+            });
+        }
+    }
+    if frames.len() > MAX_STATE_FRAMES {
+        return Err(ProtocolError::Unencodable {
+            msg: M,
+            reason: format!(
+                "the state needs {} frames, more than the limit of {MAX_STATE_FRAMES}",
+                frames.len()
+            ),
+        });
+    }
+    Ok(frames)
 }
 
 fn check_section_name(name: &str) -> Result<(), String> {

@@ -12,8 +12,8 @@ use crate::error::{ErrorKind, MigrationError, Phase};
 use crate::memory::{MemoryLayout, PAGE_SIZE};
 use crate::policy::{decide, Decision, MigrationConfig, RoundEstimate, Throttle};
 use crate::protocol::{
-    compress_pages, stream_of, ErrorMsg, FrameReader, FrameWriter, Hello, HelloReply, Message,
-    MsgKind, PageBatch, ProtocolError, Ready, RoundEnd, State, StreamHello, MAX_STREAMS,
+    compress_pages, state_frames, stream_of, ErrorMsg, FrameReader, FrameWriter, Hello, HelloReply, Message,
+    MsgKind, PageBatch, ProtocolError, Ready, RoundEnd, StreamHello, MAX_FRAME_PAYLOAD,
     MIN_PROTOCOL_VERSION, PROTOCOL_VERSION, STREAM_CHUNK_PAGES, Go,
 };
 use crate::commit::{commit, Commit};
@@ -630,14 +630,8 @@ pub fn migrate_streams<V: SourceVm + ?Sized>(
     // The operator's run state, kept from start to end (see
     // `SourceVm::is_paused`).
     let paused = vm.is_paused();
-    let result = if config.streams == 0 || config.streams > MAX_STREAMS {
-        Err(MigrationError::new(
-            Phase::Handshake,
-            ErrorKind::Invalid(format!(
-                "streams = {} is outside 1..={MAX_STREAMS}",
-                config.streams
-            )),
-        ))
+    let result = if let Err(e) = config.validate() {
+        Err(MigrationError::new(Phase::Handshake, e))
     } else if config.streams > 1 && opener.is_none() {
         Err(MigrationError::new(
             Phase::Handshake,
@@ -790,6 +784,10 @@ fn run_source<V: SourceVm + ?Sized>(
 
     // Measure the state (see `measure_state`).
     let (state_time, sections) = measure_state(vm, paused, config.downtime_limit)?;
+    // A state that cannot travel is refused now, not after the pause.
+    let frames = state_frames(sections.clone(), MAX_FRAME_PAYLOAD)
+        .map_err(|e| MigrationError::new(hs, e))?;
+    report.state_frames = frames.len() as u32;
     let state_bytes: u64 = sections
         .iter()
         .map(|s| s.data.len() as u64 + s.name.len() as u64 + 16)
@@ -1240,9 +1238,13 @@ fn stop_and_copy<V: SourceVm + ?Sized>(
     let sections = vm.save_state().map_err(|e| MigrationError::new(st, e))?;
     let saved = Instant::now();
     report.state_bytes = sections.iter().map(|s| s.data.len() as u64).sum();
-    let state = State { sections };
+    let frames =
+        state_frames(sections, MAX_FRAME_PAYLOAD).map_err(|e| MigrationError::new(st, e))?;
+    report.state_frames = frames.len() as u32;
     let fw = &mut sender.fw;
-    fw.send(&state).map_err(|e| MigrationError::new(st, e))?;
+    for state in &frames {
+        fw.send(state).map_err(|e| MigrationError::new(st, e))?;
+    }
     fw.write_frame(MsgKind::Complete, &[])
         .map_err(|e| MigrationError::new(st, e))?;
     fw.flush().map_err(|e| MigrationError::new(st, e))?;
