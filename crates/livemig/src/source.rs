@@ -1177,10 +1177,10 @@ fn precopy_and_switch<V: SourceVm + ?Sized>(
     report.downtime_ms = ms(t_done - t_pause);
     let b = &mut report.downtime_breakdown;
     b.pause_ms = ms(t.paused - t_pause);
-    b.final_sync_ms = ms(t.synced - t.paused);
+    b.state_save_ms = ms(t.saved - t.paused);
+    b.final_sync_ms = ms(t.synced - t.saved);
     b.final_memory_ms = ms(t.mem - t.synced);
-    b.state_save_ms = ms(t.saved - t.mem);
-    b.state_transfer_ms = ms(t.ready - t.saved);
+    b.state_transfer_ms = ms(t.ready - t.mem);
     b.dest_restore_ms = ready.restore_us as f64 / 1000.0;
     b.resume_ack_ms = ms(t_done - t.ready);
     b.dest_resume_ms = resumed.resume_us as f64 / 1000.0;
@@ -1190,17 +1190,19 @@ fn precopy_and_switch<V: SourceVm + ?Sized>(
     Ok(())
 }
 
-/// When each step of the stop-and-copy ended.
+/// When each step of the stop-and-copy ended (in this order).
 struct SwitchTimes {
     paused: Instant,
+    saved: Instant,
     synced: Instant,
     mem: Instant,
-    saved: Instant,
     ready: Instant,
 }
 
-/// The paused part before the commit point: the last dirty pages, the
-/// state, `Complete`, and the destination's `Ready`. The VM is paused.
+/// The paused part before the commit point, in this order: save the state,
+/// the final dirty sync (the hypervisor's log and the VMM's bitmap, so it
+/// includes what the save itself wrote), the last dirty pages, the state
+/// frames, `Complete`, and the destination's `Ready`. The VM is paused.
 #[allow(clippy::too_many_arguments)]
 fn stop_and_copy<V: SourceVm + ?Sized>(
     vm: &V,
@@ -1213,7 +1215,14 @@ fn stop_and_copy<V: SourceVm + ?Sized>(
     mut bitmap: DirtyBitmap,
 ) -> Result<(SwitchTimes, Ready), MigrationError> {
     let fm = Phase::FinalMemory;
+    let st = Phase::State;
     let paused = Instant::now();
+    // Save the state first: a device whose save writes guest memory
+    // through the VMM's tracked path (vm-memory) does so now, and the final
+    // sync below picks that page up with the rest (saved after the final
+    // pages, such a write was lost).
+    let sections = vm.save_state().map_err(|e| MigrationError::new(st, e))?;
+    let saved = Instant::now();
     tracker
         .sync(&mut bitmap)
         .map_err(|e| MigrationError::new(fm, e))?;
@@ -1234,9 +1243,6 @@ fn stop_and_copy<V: SourceVm + ?Sized>(
     report.final_pages = sender.counts.pages - before.pages + sender.counts.zero - before.zero;
     let mem = Instant::now();
 
-    let st = Phase::State;
-    let sections = vm.save_state().map_err(|e| MigrationError::new(st, e))?;
-    let saved = Instant::now();
     report.state_bytes = sections.iter().map(|s| s.data.len() as u64).sum();
     let frames =
         state_frames(sections, MAX_FRAME_PAYLOAD).map_err(|e| MigrationError::new(st, e))?;
