@@ -185,6 +185,11 @@ fn random_token() -> [u8; 16] {
     t
 }
 
+/// How long an accepted page-stream connection may take to send its
+/// `StreamHello` (the source sends it right after connecting) before it is
+/// dropped as a stray.
+pub const STREAM_HELLO_TIMEOUT: Duration = Duration::from_secs(1);
+
 /// Accepts the `n` page streams of a migration.
 fn accept_streams(
     acceptor: &mut dyn StreamAcceptor,
@@ -225,7 +230,10 @@ fn accept_streams(
             Err(e) => return Err(MigrationError::new(hs, ProtocolError::Io(e))),
         };
         let peer = t.peer();
-        if let Err(e) = t.set_read_timeout(Some(left.max(Duration::from_millis(1)))) {
+        // A connection gets a short time to say who it is, so a stray that
+        // sends nothing cannot hold the real streams off.
+        let hello_wait = left.min(STREAM_HELLO_TIMEOUT).max(Duration::from_millis(1));
+        if let Err(e) = t.set_read_timeout(Some(hello_wait)) {
             log::warn!("page stream from {peer}: {e}; dropped");
             continue;
         }

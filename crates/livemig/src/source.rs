@@ -144,20 +144,24 @@ impl Pacer {
         }
     }
 
-    fn account(&mut self, bytes: u64) {
+    /// Accounts `bytes` just sent; returns how long to wait before sending
+    /// more (the caller waits, sending keepalives, see
+    /// [`PageSender::pace`]).
+    fn account(&mut self, bytes: u64) -> Duration {
         let Some(rate) = self.rate.filter(|r| *r > 0) else {
-            return;
+            return Duration::ZERO;
         };
         if self.lifted.load(Ordering::Relaxed) {
-            return;
+            return Duration::ZERO;
         }
         self.bytes += bytes;
         let due = Duration::from_secs_f64(self.bytes as f64 / rate as f64);
-        let el = self.start.elapsed();
-        if due > el {
-            std::thread::sleep(due - el);
-        }
-        // Keep the window short so bursts after idle periods stay bounded.
+        due.saturating_sub(self.start.elapsed())
+    }
+
+    /// After the wait: keep the window short so bursts after idle periods
+    /// stay bounded.
+    fn rewind(&mut self) {
         if self.start.elapsed() > Duration::from_secs(1) {
             self.start = Instant::now();
             self.bytes = 0;
@@ -200,11 +204,20 @@ struct PageSender<'a> {
     lz4: Option<Vec<u8>>,
     /// Time spent re-arming the dirty log (not sending) in this round.
     clear_time: Duration,
+    /// Longest this connection stays silent ([`keepalive_every`]).
+    alive_every: Duration,
 }
 
-/// How long a stream may stay silent before a keepalive goes out (well
-/// under any sensible `io_timeout`).
+/// Longest a connection stays silent before a keepalive goes out; shorter
+/// with a short `io_timeout` (see [`keepalive_every`]).
 const KEEPALIVE: Duration = Duration::from_secs(1);
+
+/// How often a silent connection sends a keepalive: [`KEEPALIVE`], or a
+/// quarter of `io_timeout` if that is shorter (the destination is expected
+/// to use a read timeout no shorter than the source's `io_timeout`).
+fn keepalive_every(io_timeout: Duration) -> Duration {
+    KEEPALIVE.min(io_timeout / 4).max(Duration::from_millis(1))
+}
 
 /// Work for one page-stream thread.
 enum Job {
@@ -243,8 +256,16 @@ impl StreamPool {
             })
     }
 
-    /// Sends `job` (Flush or Finish) to every stream and collects the counts.
-    fn barrier(&self, finish: bool, phase: Phase) -> Result<Counts, MigrationError> {
+    /// Sends `job` (Flush or Finish) to every stream and collects the counts;
+    /// `alive` is called at least every `every` while it waits (the
+    /// control connection's keepalive: a paced stream may take long).
+    fn barrier(
+        &self,
+        finish: bool,
+        phase: Phase,
+        every: Duration,
+        alive: &mut dyn FnMut() -> Result<(), ProtocolError>,
+    ) -> Result<Counts, MigrationError> {
         for (i, tx) in self.jobs.iter().enumerate() {
             let job = if finish { Job::Finish } else { Job::Flush };
             if tx.send(job).is_err() {
@@ -260,10 +281,19 @@ impl StreamPool {
         let mut total = Counts::default();
         let mut errors = Vec::new();
         for (i, rx) in self.done.iter().enumerate() {
-            match rx.recv() {
+            let got = loop {
+                match rx.recv_timeout(every) {
+                    Ok(r) => break Ok(r),
+                    Err(crossbeam_channel::RecvTimeoutError::Timeout) => {
+                        alive().map_err(|e| MigrationError::new(phase, e))?;
+                    }
+                    Err(crossbeam_channel::RecvTimeoutError::Disconnected) => break Err(()),
+                }
+            };
+            match got {
                 Ok(Ok(c)) => total.add(c),
                 Ok(Err(e)) => errors.push((i, ErrorKind::Protocol(e))),
-                Err(_) => errors.push((i, ErrorKind::Invalid("sender thread exited".into()))),
+                Err(()) => errors.push((i, ErrorKind::Invalid("sender thread exited".into()))),
             }
         }
         // Name the stream that failed first, not the ones that broke after.
@@ -301,7 +331,7 @@ fn stream_worker(
     let mut error: Option<ProtocolError> = None;
     let mut reported = Counts::default();
     loop {
-        let job = match jobs.recv_timeout(KEEPALIVE) {
+        let job = match jobs.recv_timeout(sender.alive_every) {
             Ok(j) => j,
             Err(crossbeam_channel::RecvTimeoutError::Timeout) => {
                 if error.is_none() {
@@ -391,7 +421,30 @@ impl PageSender<'_> {
         let n = self.fw.bytes_written() - before;
         self.counts.bytes += n;
         self.batch.clear();
-        self.pacer.account(n);
+        self.last_control = Instant::now();
+        let wait = self.pacer.account(n);
+        self.pace(wait)
+    }
+
+    /// Waits `wait` for the bandwidth cap, in slices of at most
+    /// the keepalive interval, with a `Keepalive` on this connection after each
+    /// slice that leaves more to wait: a slow cap never keeps the peer's
+    /// read timeout waiting.
+    fn pace(&mut self, wait: Duration) -> Result<(), ProtocolError> {
+        let until = Instant::now() + wait;
+        loop {
+            let left = until.saturating_duration_since(Instant::now());
+            if left.is_zero() {
+                break;
+            }
+            std::thread::sleep(left.min(self.alive_every));
+            if Instant::now() < until {
+                self.fw.write_frame(MsgKind::Keepalive, &[])?;
+                self.fw.flush()?;
+                self.last_control = Instant::now();
+            }
+        }
+        self.pacer.rewind();
         Ok(())
     }
 
@@ -461,6 +514,11 @@ impl PageSender<'_> {
             let pages = bitmap.region_pages(region);
             let mut chunk = 0;
             while chunk < pages {
+                // Keep the connection (the control one, or the only one)
+                // alive through long stretches of clearing or of pages
+                // that travel on other streams.
+                self.keepalive()
+                    .map_err(|e| MigrationError::new(phase, e))?;
                 let end = (chunk + CHUNK_PAGES).min(pages);
                 let has_pages = bitmap.any_in(region, chunk, end);
                 if has_pages || clear_with.is_some() {
@@ -492,8 +550,6 @@ impl PageSender<'_> {
                             // The barrier below names the stream and why.
                             break;
                         }
-                        self.keepalive()
-                            .map_err(|e| MigrationError::new(phase, e))?;
                     } else {
                         for (first, n) in runs {
                             self.send_run(region, first, n)
@@ -512,16 +568,24 @@ impl PageSender<'_> {
     fn end_round(&mut self, phase: Phase, last: bool) -> Result<(), MigrationError> {
         self.flush().map_err(|e| MigrationError::new(phase, e))?;
         if let Some(pool) = &self.pool {
-            let c = pool.barrier(last, phase)?;
+            let (fw, last_control) = (&mut self.fw, &mut self.last_control);
+            let mut alive = || {
+                fw.write_frame(MsgKind::Keepalive, &[])?;
+                fw.flush()?;
+                *last_control = Instant::now();
+                Ok(())
+            };
+            let c = pool.barrier(last, phase, self.alive_every, &mut alive)?;
             self.counts.add(c);
         }
         Ok(())
     }
 
-    /// A keepalive on the control connection if it has been quiet for a
-    /// while (its pages travel on the other streams).
+    /// A keepalive on this connection if it has been quiet for
+    /// the keepalive interval (with page streams its pages travel elsewhere; alone,
+    /// re-arming the dirty log of a large idle region can take a while).
     fn keepalive(&mut self) -> Result<(), ProtocolError> {
-        if self.last_control.elapsed() >= KEEPALIVE {
+        if self.last_control.elapsed() >= self.alive_every {
             self.fw.write_frame(MsgKind::Keepalive, &[])?;
             self.fw.flush()?;
             self.last_control = Instant::now();
@@ -818,6 +882,7 @@ fn run_source<V: SourceVm + ?Sized>(
         last_control: Instant::now(),
         lz4: config.compress.then(Vec::new),
         clear_time: Duration::ZERO,
+        alive_every: keepalive_every(config.io_timeout),
     };
     let nstreams = streams.len() as u64;
     let per_stream_rate = config.max_bandwidth.map(|r| (r / nstreams.max(1)).max(1));
