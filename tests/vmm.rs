@@ -242,7 +242,8 @@ fn guest_image_is_written() {
 /// handshake, and all three after the success.
 #[test]
 fn api_refuses_commands_during_and_after_a_migration() {
-    let Some(_kvm) = common::kvm_or_skip("api_refuses_commands_during_and_after_a_migration") else {
+    let Some(_kvm) = common::kvm_or_skip("api_refuses_commands_during_and_after_a_migration")
+    else {
         return;
     };
     let dir = scratch_dir("guard");
@@ -250,7 +251,10 @@ fn api_refuses_commands_during_and_after_a_migration() {
     src.wait_ready(Duration::from_secs(30)).unwrap();
     let refused = |r: &serde_json::Value, what: &str| {
         assert_eq!(r["result"], "error", "{what}: {r}");
-        assert!(r["error"].as_str().unwrap_or("").contains("refused: "), "{what}: {r}");
+        assert!(
+            r["error"].as_str().unwrap_or("").contains("refused: "),
+            "{what}: {r}"
+        );
     };
 
     // A "destination" that accepts and never answers: the first migration
@@ -264,7 +268,10 @@ fn api_refuses_commands_during_and_after_a_migration() {
         // Wait until the first request is inside the engine.
         let deadline = Instant::now() + Duration::from_secs(10);
         while src_ref.api(&json!({"cmd":"status"}), |_| {}).unwrap()["migration"] != "migrating" {
-            assert!(Instant::now() < deadline, "the first migration did not start");
+            assert!(
+                Instant::now() < deadline,
+                "the first migration did not start"
+            );
             std::thread::sleep(Duration::from_millis(5));
         }
         let r = src_ref
@@ -288,14 +295,20 @@ fn api_refuses_commands_during_and_after_a_migration() {
     let (dst, ep) = start_destination(&dir, "dst", &[]).unwrap();
     let mut during = None;
     let r = src
-        .api(&json!({"cmd":"migrate","to": ep, "keep_source": true}), |ev| {
-            if ev["event"] == "paused" && during.is_none() {
-                during = Some(src_ref.api(&json!({"cmd":"resume"}), |_| {}).unwrap());
-            }
-        })
+        .api(
+            &json!({"cmd":"migrate","to": ep, "keep_source": true}),
+            |ev| {
+                if ev["event"] == "paused" && during.is_none() {
+                    during = Some(src_ref.api(&json!({"cmd":"resume"}), |_| {}).unwrap());
+                }
+            },
+        )
         .unwrap();
     assert_eq!(r["result"], "ok", "{r}");
-    refused(&during.expect("no paused event"), "resume during stop-and-copy");
+    refused(
+        &during.expect("no paused event"),
+        "resume during stop-and-copy",
+    );
     for cmd in ["resume", "pause"] {
         let r = src.api(&json!({"cmd": cmd}), |_| {}).unwrap();
         refused(&r, &format!("{cmd} after the success"));

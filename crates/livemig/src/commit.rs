@@ -124,25 +124,34 @@ mod tests {
     fn run(answer: impl FnOnce(&mut Writer)) -> Commit {
         let (mut fw, mut fr, mut peer, _keep) = ends();
         answer(&mut peer);
-        commit(&mut fw, &mut fr, &Go::default(), Duration::from_secs(5))
+        commit(&mut fw, &mut fr, &Go, Duration::from_secs(5))
     }
 
     #[test]
     fn resumed_commits() {
         let c = run(|p| p.send(&Resumed { resume_us: 7 }).unwrap());
-        assert!(matches!(c, Commit::Committed(Resumed { resume_us: 7 })), "{c:?}");
+        assert!(
+            matches!(c, Commit::Committed(Resumed { resume_us: 7 })),
+            "{c:?}"
+        );
     }
 
     #[test]
     fn malformed_resumed_is_ambiguous() {
         let c = run(|p| p.write_frame(MsgKind::Resumed, &[&[1, 2, 3]]).unwrap());
-        assert!(matches!(&c, Commit::Ambiguous(w) if w.contains("malformed Resumed")), "{c:?}");
+        assert!(
+            matches!(&c, Commit::Ambiguous(w) if w.contains("malformed Resumed")),
+            "{c:?}"
+        );
     }
 
     #[test]
     fn error_after_go_is_ambiguous() {
         let c = run(|p| p.send(&ErrorMsg::new("completion", "boom")).unwrap());
-        assert!(matches!(&c, Commit::Ambiguous(w) if w.contains("boom")), "{c:?}");
+        assert!(
+            matches!(&c, Commit::Ambiguous(w) if w.contains("boom")),
+            "{c:?}"
+        );
     }
 
     #[test]
@@ -151,7 +160,10 @@ mod tests {
             p.send(&Abandoned(ErrorMsg::new("completion", "no Go")))
                 .unwrap()
         });
-        assert!(matches!(&c, Commit::Abandoned(w) if w.contains("no Go")), "{c:?}");
+        assert!(
+            matches!(&c, Commit::Abandoned(w) if w.contains("no Go")),
+            "{c:?}"
+        );
     }
 
     #[test]
@@ -170,8 +182,11 @@ mod tests {
     fn dropped_connection_is_ambiguous() {
         let (mut fw, mut fr, peer, keep) = ends();
         drop((peer, keep));
-        let c = commit(&mut fw, &mut fr, &Go::default(), Duration::from_secs(5));
-        assert!(matches!(&c, Commit::Ambiguous(w) if w.contains("sending Go failed")), "{c:?}");
+        let c = commit(&mut fw, &mut fr, &Go, Duration::from_secs(5));
+        assert!(
+            matches!(&c, Commit::Ambiguous(w) if w.contains("sending Go failed")),
+            "{c:?}"
+        );
     }
 
     #[test]
@@ -181,7 +196,7 @@ mod tests {
         peer.send(&Abandoned(ErrorMsg::new("completion", "timed out")))
             .unwrap();
         drop((peer, keep));
-        let c = commit(&mut fw, &mut fr, &Go::default(), Duration::from_secs(5));
+        let c = commit(&mut fw, &mut fr, &Go, Duration::from_secs(5));
         assert!(matches!(c, Commit::Abandoned(_)), "{c:?}");
     }
 
@@ -191,7 +206,10 @@ mod tests {
         fr.get_mut()
             .set_read_timeout(Some(Duration::from_millis(20)))
             .unwrap();
-        let c = commit(&mut fw, &mut fr, &Go::default(), Duration::from_millis(20));
-        assert!(matches!(&c, Commit::Ambiguous(w) if w.contains("no Resumed")), "{c:?}");
+        let c = commit(&mut fw, &mut fr, &Go, Duration::from_millis(20));
+        assert!(
+            matches!(&c, Commit::Ambiguous(w) if w.contains("no Resumed")),
+            "{c:?}"
+        );
     }
 }

@@ -112,11 +112,10 @@ fn watch(s: &Shared, armed_at: Instant, limit: Duration, links: &[Box<dyn Transp
             }
             return;
         }
-        w = s
-            .cv
-            .wait_timeout(w, left)
-            .map(|(g, _)| g)
-            .unwrap_or_else(|e| e.into_inner().0);
+        w =
+            s.cv.wait_timeout(w, left)
+                .map(|(g, _)| g)
+                .unwrap_or_else(|e| e.into_inner().0);
     }
 }
 

@@ -17,9 +17,9 @@ use crate::bitmap::DirtyBitmap;
 use crate::error::{ErrorKind, MigrationError, Phase};
 use crate::memory::MemoryLayout;
 use crate::protocol::{
-    decompress_pages, page_records, stream_of, Abandoned, ErrorMsg, FrameReader, FrameWriter, Hello,
-    HelloReply, Message, MsgKind, ProtocolError, Ready, Resumed, RoundEnd, State, StreamHello,
-    MAX_STATE_FRAMES, MAX_STREAMS, STREAM_CHUNK_PAGES,
+    decompress_pages, page_records, stream_of, Abandoned, ErrorMsg, FrameReader, FrameWriter,
+    Hello, HelloReply, Message, MsgKind, ProtocolError, Ready, Resumed, RoundEnd, State,
+    StreamHello, MAX_STATE_FRAMES, MAX_STREAMS, STREAM_CHUNK_PAGES,
 };
 use crate::ram::HostRam;
 use crate::state::Section;
@@ -488,8 +488,8 @@ where
     let mut reply = HelloReply::accepted(streams, token);
     reply.version = version;
     fw.send(&reply)
-    .and_then(|_| fw.flush())
-    .map_err(|e| MigrationError::new(hs, e))?;
+        .and_then(|_| fw.flush())
+        .map_err(|e| MigrationError::new(hs, e))?;
     report.streams = streams;
     let readers = match acceptor {
         Some(a) if streams > 1 => {

@@ -138,7 +138,11 @@ pub struct ConfigError {
     pub rule: String,
 }
 
-fn invalid(field: &'static str, value: impl std::fmt::Debug, rule: impl Into<String>) -> ConfigError {
+fn invalid(
+    field: &'static str,
+    value: impl std::fmt::Debug,
+    rule: impl Into<String>,
+) -> ConfigError {
     ConfigError {
         field,
         value: format!("{value:?}"),
@@ -149,7 +153,11 @@ fn invalid(field: &'static str, value: impl std::fmt::Debug, rule: impl Into<Str
 /// Checks a timeout: more than zero, at most [`MAX_DURATION`].
 pub(crate) fn check_timeout(field: &'static str, d: Duration) -> Result<(), ConfigError> {
     if d.is_zero() || d > MAX_DURATION {
-        return Err(invalid(field, d, format!("must be more than 0 and at most {MAX_DURATION:?}")));
+        return Err(invalid(
+            field,
+            d,
+            format!("must be more than 0 and at most {MAX_DURATION:?}"),
+        ));
     }
     Ok(())
 }
@@ -162,20 +170,40 @@ impl MigrationConfig {
         check_timeout("io_timeout", self.io_timeout)?;
         check_timeout("max_pause", self.max_pause)?;
         if self.downtime_limit > MAX_DURATION {
-            return Err(invalid("downtime_limit", self.downtime_limit, format!("must be at most {MAX_DURATION:?}")));
+            return Err(invalid(
+                "downtime_limit",
+                self.downtime_limit,
+                format!("must be at most {MAX_DURATION:?}"),
+            ));
         }
         if self.max_precopy_time.is_zero() || self.max_precopy_time > MAX_DURATION {
-            return Err(invalid("max_precopy_time", self.max_precopy_time, format!("must be more than 0 and at most {MAX_DURATION:?}")));
+            return Err(invalid(
+                "max_precopy_time",
+                self.max_precopy_time,
+                format!("must be more than 0 and at most {MAX_DURATION:?}"),
+            ));
         }
         if self.max_rounds == 0 {
-            return Err(invalid("max_rounds", self.max_rounds, "must be at least 1 (round 0 is the full pass)"));
+            return Err(invalid(
+                "max_rounds",
+                self.max_rounds,
+                "must be at least 1 (round 0 is the full pass)",
+            ));
         }
         if self.batch_pages == 0 || self.batch_pages > MAX_BATCH_PAGES {
-            return Err(invalid("batch_pages", self.batch_pages, format!("must be in 1..={MAX_BATCH_PAGES}")));
+            return Err(invalid(
+                "batch_pages",
+                self.batch_pages,
+                format!("must be in 1..={MAX_BATCH_PAGES}"),
+            ));
         }
         let max_streams = crate::protocol::MAX_STREAMS;
         if self.streams == 0 || self.streams > max_streams {
-            return Err(invalid("streams", self.streams, format!("must be in 1..={max_streams}")));
+            return Err(invalid(
+                "streams",
+                self.streams,
+                format!("must be in 1..={max_streams}"),
+            ));
         }
         if let Some(b) = self.max_bandwidth {
             // Each page stream gets an equal share; every share must be at

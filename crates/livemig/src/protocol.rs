@@ -1617,7 +1617,10 @@ pub const MAX_STATE_FRAMES: usize = 16;
 /// [`MAX_STATE_FRAMES`] frames. The source calls it at the handshake (on the
 /// measured state: a state that cannot be sent is refused before any page)
 /// and again at the switchover.
-pub fn state_frames(sections: Vec<Section>, max_payload: usize) -> Result<Vec<State>, ProtocolError> {
+pub fn state_frames(
+    sections: Vec<Section>,
+    max_payload: usize,
+) -> Result<Vec<State>, ProtocolError> {
     const M: &str = "State";
     let mut seen = HashSet::with_capacity(sections.len());
     for s in &sections {
@@ -2333,7 +2336,7 @@ mod tests {
                     reason: "no room für you".into(),
                     streams: 1,
                     token: [0; 16],
-                version: 0,
+                    version: 0,
                 }),
             ),
             (
@@ -2377,7 +2380,7 @@ mod tests {
             reason: String::new(),
             streams: 1,
             token: [0; 16],
-                version: PROTOCOL_VERSION,
+            version: PROTOCOL_VERSION,
         });
         round_trip(&State::default());
         let mut d = desc();
@@ -2642,7 +2645,7 @@ mod tests {
             reason: long,
             streams: 1,
             token: [0; 16],
-                version: 0,
+            version: 0,
         };
         assert_eq!(
             HelloReply::decode(&r.encode().unwrap())

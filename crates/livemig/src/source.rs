@@ -8,16 +8,16 @@ use std::time::{Duration, Instant};
 use vm_memory::{GuestMemoryBackend, GuestMemoryRegion};
 
 use crate::bitmap::DirtyBitmap;
+use crate::commit::{commit, Commit};
+use crate::deadline::PauseDeadline;
 use crate::error::{ErrorKind, MigrationError, Phase};
 use crate::memory::{MemoryLayout, PAGE_SIZE};
 use crate::policy::{decide, Decision, MigrationConfig, RoundEstimate, Throttle};
 use crate::protocol::{
-    compress_pages, state_frames, stream_of, ErrorMsg, FrameReader, FrameWriter, Hello, HelloReply, Message,
-    MsgKind, PageBatch, ProtocolError, Ready, RoundEnd, StreamHello, MAX_FRAME_PAYLOAD,
-    MIN_PROTOCOL_VERSION, PROTOCOL_VERSION, STREAM_CHUNK_PAGES, Go,
+    compress_pages, state_frames, stream_of, ErrorMsg, FrameReader, FrameWriter, Go, Hello,
+    HelloReply, Message, MsgKind, PageBatch, ProtocolError, Ready, RoundEnd, StreamHello,
+    MAX_FRAME_PAYLOAD, MIN_PROTOCOL_VERSION, PROTOCOL_VERSION, STREAM_CHUNK_PAGES,
 };
-use crate::commit::{commit, Commit};
-use crate::deadline::PauseDeadline;
 use crate::ram::HostRam;
 use crate::report::{Progress, Report, RoundReport, Status};
 use crate::transport::{StreamOpener, Transport};
@@ -1230,7 +1230,7 @@ fn precopy_and_switch<V: SourceVm + ?Sized>(
         return Err(MigrationError::new(cp, kind));
     }
     let answer_wait = config.io_timeout.saturating_mul(2);
-    let resumed = match commit(&mut sender.fw, fr, &Go::default(), answer_wait) {
+    let resumed = match commit(&mut sender.fw, fr, &Go, answer_wait) {
         Commit::Committed(r) => r,
         Commit::Abandoned(why) => return Err(MigrationError::new(cp, ErrorKind::Abandoned(why))),
         Commit::Ambiguous(why) => return Err(MigrationError::new(cp, ErrorKind::Ambiguous(why))),

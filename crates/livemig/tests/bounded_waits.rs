@@ -42,7 +42,10 @@ fn assert_running(vm: &SoftVm, what: &str) {
     let w = vm.writes();
     let deadline = Instant::now() + Duration::from_secs(5);
     while vm.writes() == w {
-        assert!(Instant::now() < deadline, "{what}: the source's writers stopped");
+        assert!(
+            Instant::now() < deadline,
+            "{what}: the source's writers stopped"
+        );
         std::thread::sleep(Duration::from_millis(5));
     }
 }
@@ -73,8 +76,7 @@ fn a_destination_that_stops_reading_cannot_block_the_source() {
             let mut fr = FrameReader::new(t.try_clone().unwrap());
             let mut fw = FrameWriter::new(t);
             assert_eq!(fr.read_frame().unwrap().kind, MsgKind::Hello);
-            fw.send(&HelloReply::accepted(1, [0; 16]))
-            .unwrap();
+            fw.send(&HelloReply::accepted(1, [0; 16])).unwrap();
             fw.flush().unwrap();
             // Stop reading; keep the connection open.
             let _ = stop_rx.recv_timeout(Duration::from_secs(60));
@@ -148,6 +150,10 @@ fn a_partition_during_the_final_copy_resumes_the_source_after_max_pause() {
         _ => panic!("expected the paused-phase deadline: {e}"),
     }
     // Neither the 40 s stall nor the 30 s I/O timeouts were waited for.
-    assert!(started.elapsed() < Duration::from_secs(25), "{:?}", started.elapsed());
+    assert!(
+        started.elapsed() < Duration::from_secs(25),
+        "{:?}",
+        started.elapsed()
+    );
     assert_running(&src, "after the paused-phase deadline");
 }

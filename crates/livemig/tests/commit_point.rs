@@ -20,8 +20,8 @@ use livemig::state::Section;
 use livemig::transport::{mem, Transport};
 use livemig::vm::{DestinationVm, VmError};
 use livemig::{
-    migrate, receive, CancelToken, MigrationConfig, MigrationError, OnLimit, Phase,
-    ReceiveConfig, Report,
+    migrate, receive, CancelToken, MigrationConfig, MigrationError, OnLimit, Phase, ReceiveConfig,
+    Report,
 };
 
 const IO: Duration = Duration::from_millis(1000);
@@ -71,7 +71,13 @@ where
     std::thread::spawn(move || {
         let (a, b) = mem::pair();
         let d = std::thread::spawn(move || dest(Box::new(b)));
-        let r = migrate(&*src, Box::new(a), &config(), &CancelToken::new(), &mut |_| {});
+        let r = migrate(
+            &*src,
+            Box::new(a),
+            &config(),
+            &CancelToken::new(),
+            &mut |_| {},
+        );
         d.join().expect("destination thread panicked");
         let _ = tx.send(r);
     });
@@ -105,7 +111,7 @@ fn scripted(answer: fn(&mut FrameWriter<Box<dyn Transport>>)) -> impl FnOnce(Box
         assert_eq!(f.kind, MsgKind::Go);
         answer(&mut fw);
         let _ = fw.flush(); // fails after a shutdown
-        // Stay around until the source has read the answer.
+                            // Stay around until the source has read the answer.
         let _ = fr.read_frame();
     }
 }
@@ -122,7 +128,10 @@ fn assert_running(vm: &SoftVm, what: &str) {
     let w = vm.writes();
     let deadline = Instant::now() + Duration::from_secs(5);
     while vm.writes() == w {
-        assert!(Instant::now() < deadline, "{what}: the source's writers stopped");
+        assert!(
+            Instant::now() < deadline,
+            "{what}: the source's writers stopped"
+        );
         std::thread::sleep(Duration::from_millis(5));
     }
 }
@@ -209,7 +218,10 @@ impl DestinationVm for FailingResume {
 fn assert_abandoned(r: Result<Report, MigrationError>, src: &SoftVm, needle: &str) {
     let e = r.expect_err("the source must not report success");
     eprintln!("source: {e}");
-    assert!(!e.is_ambiguous(), "ambiguous, but the destination said it never runs: {e}");
+    assert!(
+        !e.is_ambiguous(),
+        "ambiguous, but the destination said it never runs: {e}"
+    );
     assert!(e.to_string().contains("will never run"), "{e}");
     assert!(e.to_string().contains(needle), "expected '{needle}': {e}");
     assert_running(src, needle);
@@ -257,13 +269,22 @@ fn destination_timing_out_before_go_resumes_the_source() {
                 });
                 let _ = dtx.send(r.map(|_| ()));
             });
-            let r = migrate(&*src, Box::new(a), &config(), &CancelToken::new(), &mut |_| {});
+            let r = migrate(
+                &*src,
+                Box::new(a),
+                &config(),
+                &CancelToken::new(),
+                &mut |_| {},
+            );
             d.join().unwrap();
             let _ = tx.send(r);
         });
         rx.recv_timeout(WATCHDOG).expect("the migration hung")
     };
-    let de = drx.recv().unwrap().expect_err("the destination must give up");
+    let de = drx
+        .recv()
+        .unwrap()
+        .expect_err("the destination must give up");
     assert_eq!(de.phase, Phase::Completion, "{de}");
     assert!(de.to_string().contains("timed out"), "{de}");
     assert_abandoned(r, &src, "timed out");

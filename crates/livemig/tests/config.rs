@@ -44,28 +44,108 @@ fn refused(field: &str, cfg: MigrationConfig) {
     assert!(matches!(e.kind, ErrorKind::Config(_)), "{field}: {e}");
     assert_eq!(e.phase, Phase::Handshake);
     assert!(e.to_string().contains(field), "{e}");
-    assert!(r.1.is_err(), "{field}: the destination received a migration");
+    assert!(
+        r.1.is_err(),
+        "{field}: the destination received a migration"
+    );
     assert!(!vm.is_paused(), "{field}: the source does not run");
-    assert!(t0.elapsed() < Duration::from_secs(5), "{field}: took {:?}", t0.elapsed());
+    assert!(
+        t0.elapsed() < Duration::from_secs(5),
+        "{field}: took {:?}",
+        t0.elapsed()
+    );
 }
 
 #[test]
 fn bad_settings_are_refused_before_anything_is_sent() {
     let d = MigrationConfig::default;
-    refused("batch_pages", MigrationConfig { batch_pages: 0, ..d() });
-    refused("batch_pages", MigrationConfig { batch_pages: u32::MAX, ..d() });
-    refused("io_timeout", MigrationConfig { io_timeout: Duration::MAX, ..d() });
-    refused("io_timeout", MigrationConfig { io_timeout: Duration::ZERO, ..d() });
-    refused("max_pause", MigrationConfig { max_pause: Duration::MAX, ..d() });
-    refused("downtime_limit", MigrationConfig { downtime_limit: Duration::MAX, ..d() });
-    refused("max_precopy_time", MigrationConfig { max_precopy_time: Duration::MAX, ..d() });
-    refused("max_bandwidth", MigrationConfig { max_bandwidth: Some(0), ..d() });
-    refused("max_bandwidth", MigrationConfig { max_bandwidth: Some(4096), streams: 2, ..d() });
-    refused("max_rounds", MigrationConfig { max_rounds: 0, ..d() });
+    refused(
+        "batch_pages",
+        MigrationConfig {
+            batch_pages: 0,
+            ..d()
+        },
+    );
+    refused(
+        "batch_pages",
+        MigrationConfig {
+            batch_pages: u32::MAX,
+            ..d()
+        },
+    );
+    refused(
+        "io_timeout",
+        MigrationConfig {
+            io_timeout: Duration::MAX,
+            ..d()
+        },
+    );
+    refused(
+        "io_timeout",
+        MigrationConfig {
+            io_timeout: Duration::ZERO,
+            ..d()
+        },
+    );
+    refused(
+        "max_pause",
+        MigrationConfig {
+            max_pause: Duration::MAX,
+            ..d()
+        },
+    );
+    refused(
+        "downtime_limit",
+        MigrationConfig {
+            downtime_limit: Duration::MAX,
+            ..d()
+        },
+    );
+    refused(
+        "max_precopy_time",
+        MigrationConfig {
+            max_precopy_time: Duration::MAX,
+            ..d()
+        },
+    );
+    refused(
+        "max_bandwidth",
+        MigrationConfig {
+            max_bandwidth: Some(0),
+            ..d()
+        },
+    );
+    refused(
+        "max_bandwidth",
+        MigrationConfig {
+            max_bandwidth: Some(4096),
+            streams: 2,
+            ..d()
+        },
+    );
+    refused(
+        "max_rounds",
+        MigrationConfig {
+            max_rounds: 0,
+            ..d()
+        },
+    );
     refused("streams", MigrationConfig { streams: 0, ..d() });
     refused("streams", MigrationConfig { streams: 17, ..d() });
-    refused("throttle_increment", MigrationConfig { throttle_increment: u32::MAX, ..d() });
-    refused("throttle_max", MigrationConfig { throttle_max: 100, ..d() });
+    refused(
+        "throttle_increment",
+        MigrationConfig {
+            throttle_increment: u32::MAX,
+            ..d()
+        },
+    );
+    refused(
+        "throttle_max",
+        MigrationConfig {
+            throttle_max: 100,
+            ..d()
+        },
+    );
 }
 
 #[test]

@@ -953,11 +953,17 @@ fn hostile_state_sections() {
         st,
         "truncated",
     );
-    // No State at all, and two of them.
+    // No State at all; the same section in two State frames (several
+    // frames are fine, names must be unique across them); too many frames.
     refused(&with_frame(5, None), st, "Complete before any State");
     let mut f = harness::valid_frames();
     f.insert(5, f[5].clone());
-    refused(&harness::frames(&f), st, "a second State frame");
+    refused(&harness::frames(&f), st, "appears in two State frames");
+    let mut f = harness::valid_frames();
+    for i in 0..livemig::protocol::MAX_STATE_FRAMES {
+        f.insert(5, sec(&format!("extra.{i}"), 1, vec![]));
+    }
+    refused(&harness::frames(&f), st, "more than 16 State frames");
 }
 
 #[test]

@@ -72,7 +72,10 @@ fn resume_during_stop_and_copy_and_after_success_is_refused() {
         },
     );
     r.expect("the migration succeeds");
-    let dst = dest.join().unwrap().expect("the destination runs the guest");
+    let dst = dest
+        .join()
+        .unwrap()
+        .expect("the destination runs the guest");
     match during {
         Some(Err(GuardError::Migrating)) => {}
         other => panic!("resume during the stop-and-copy: {other:?}"),
@@ -91,7 +94,10 @@ fn resume_during_stop_and_copy_and_after_success_is_refused() {
             &mut |_| {},
         )
         .expect_err("a second migration of a migrated VM");
-    assert!(matches!(e.kind, ErrorKind::Guard(GuardError::Migrated)), "{e}");
+    assert!(
+        matches!(e.kind, ErrorKind::Guard(GuardError::Migrated)),
+        "{e}"
+    );
     drop(dst);
 }
 
@@ -128,7 +134,10 @@ fn a_second_concurrent_migrate_is_refused() {
     });
     let deadline = Instant::now() + Duration::from_secs(10);
     while guard.state() != GuardState::Migrating {
-        assert!(Instant::now() < deadline, "the first migration did not start");
+        assert!(
+            Instant::now() < deadline,
+            "the first migration did not start"
+        );
         std::thread::sleep(Duration::from_millis(2));
     }
     let (a2, _b2) = mem::pair();
@@ -141,10 +150,16 @@ fn a_second_concurrent_migrate_is_refused() {
             &mut |_| {},
         )
         .expect_err("the second migration must be refused");
-    assert!(matches!(e.kind, ErrorKind::Guard(GuardError::Migrating)), "{e}");
+    assert!(
+        matches!(e.kind, ErrorKind::Guard(GuardError::Migrating)),
+        "{e}"
+    );
     assert!(matches!(guard.pause(&*src), Err(GuardError::Migrating)));
     go_tx.send(()).unwrap();
-    let e = first.join().unwrap().expect_err("refused by the destination");
+    let e = first
+        .join()
+        .unwrap()
+        .expect_err("refused by the destination");
     assert!(e.to_string().contains("test over"), "{e}");
     dest.join().unwrap();
     // The first migration failed safely: commands pass again.

@@ -44,7 +44,10 @@ fn a_slow_bandwidth_cap_keeps_the_destination_alive() {
         ..Default::default()
     };
     migrate(&src, a, &cfg, &CancelToken::new(), &mut |_| {}).expect("migrated");
-    let (dst, _) = dest.join().unwrap().expect("the destination did not time out");
+    let (dst, _) = dest
+        .join()
+        .unwrap()
+        .expect("the destination did not time out");
     assert!(src.snapshot() == dst.snapshot());
     let keepalives = probe
         .frames()

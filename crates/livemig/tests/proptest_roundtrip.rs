@@ -117,7 +117,11 @@ fn any_message() -> impl Strategy<Value = (MsgKind, Vec<u8>)> {
                 reason,
                 streams: 1,
                 token: [0; 16],
-                version: if accepted { livemig::protocol::PROTOCOL_VERSION } else { 0 },
+                version: if accepted {
+                    livemig::protocol::PROTOCOL_VERSION
+                } else {
+                    0
+                },
             }
             .encode()
         )),

@@ -66,7 +66,11 @@ fn a_paused_vm_migrates_paused() {
     let (dst, rr) = dest.join().unwrap().expect("received");
     let w = dst.writes();
     std::thread::sleep(Duration::from_millis(150));
-    assert_eq!(dst.writes(), w, "the destination runs a guest that was paused");
+    assert_eq!(
+        dst.writes(),
+        w,
+        "the destination runs a guest that was paused"
+    );
     assert!(!rr.running, "the report says it runs");
     assert!(src.snapshot() == dst.snapshot(), "memory differs");
     eprintln!("{} rounds", report.rounds.len());
@@ -136,7 +140,10 @@ fn a_failed_pause_at_the_handshake_leaves_the_source_running() {
     let _ = dest.join();
     let w = vm.vm.writes();
     std::thread::sleep(Duration::from_millis(100));
-    assert!(vm.vm.writes() > w, "the source stays paused after a failed pause");
+    assert!(
+        vm.vm.writes() > w,
+        "the source stays paused after a failed pause"
+    );
     // Dirty logging is off (it was never started).
     let mut t = vm.vm.dirty_tracker().unwrap();
     let mut bm = DirtyBitmap::new(&layout());

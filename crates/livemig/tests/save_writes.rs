@@ -81,12 +81,15 @@ fn a_write_by_save_state_reaches_the_destination() {
     )
     .expect("migrated");
     let (dst, _) = dest.join().unwrap().expect("received");
-    let want: u64 = SourceVm::memory(&src.vm).read_obj(GuestAddress(GPA)).unwrap();
+    let want: u64 = SourceVm::memory(&src.vm)
+        .read_obj(GuestAddress(GPA))
+        .unwrap();
     let got: u64 = livemig::vm::DestinationVm::memory(&dst)
         .read_obj(GuestAddress(GPA))
         .unwrap();
     assert_eq!(
-        got, want,
+        got,
+        want,
         "the state save's write (save #{}) is missing on the destination",
         src.saves.load(Ordering::SeqCst)
     );

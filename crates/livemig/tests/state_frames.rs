@@ -9,9 +9,7 @@ use livemig::memory::{GuestRam, MemoryLayout, RegionDesc};
 use livemig::soft::{SoftConfig, SoftVm};
 use livemig::state::Section;
 use livemig::transport::mem;
-use livemig::vm::{
-    DestinationVm, DirtyTracker, SourceVm, VcpuThrottle, VmDescription, VmError,
-};
+use livemig::vm::{DestinationVm, DirtyTracker, SourceVm, VcpuThrottle, VmDescription, VmError};
 use livemig::{migrate, receive, CancelToken, MigrationConfig, Phase, ReceiveConfig};
 
 fn layout() -> MemoryLayout {
@@ -75,10 +73,14 @@ impl DestinationVm for BigDest {
         DestinationVm::memory(&self.vm)
     }
     fn restore_state(&mut self, sections: &[Section]) -> Result<(), VmError> {
-        let (extra, soft): (Vec<Section>, Vec<Section>) =
-            sections.iter().cloned().partition(|s| s.name.starts_with("big."));
+        let (extra, soft): (Vec<Section>, Vec<Section>) = sections
+            .iter()
+            .cloned()
+            .partition(|s| s.name.starts_with("big."));
         for s in &extra {
-            let i: usize = s.name[4..].parse().map_err(|_| VmError::Create(s.name.clone()))?;
+            let i: usize = s.name[4..]
+                .parse()
+                .map_err(|_| VmError::Create(s.name.clone()))?;
             if *s != big(i, self.len) {
                 return Err(VmError::Create(format!("{} differs", s.name)));
             }
@@ -118,16 +120,14 @@ fn state_larger_than_a_frame_migrates_in_several_frames() {
         on_limit: livemig::OnLimit::ForceSwitchover,
         ..Default::default()
     };
-    let report = migrate(
-        &src,
-        Box::new(a),
-        &cfg,
-        &CancelToken::new(),
-        &mut |_| {},
-    )
-    .expect("migrated");
+    let report =
+        migrate(&src, Box::new(a), &cfg, &CancelToken::new(), &mut |_| {}).expect("migrated");
     let (dst, _) = dest.join().unwrap().expect("received");
-    assert!(report.state_frames >= 2, "{} State frames", report.state_frames);
+    assert!(
+        report.state_frames >= 2,
+        "{} State frames",
+        report.state_frames
+    );
     assert_eq!(dst.got.lock().unwrap().len(), n);
     assert!(src.vm.snapshot() == dst.vm.snapshot());
 }

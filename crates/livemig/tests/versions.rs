@@ -66,7 +66,10 @@ fn a_next_version_source_migrates_to_this_destination() {
     let f = fr.read_frame().unwrap();
     assert_eq!(f.kind, MsgKind::Resumed);
     Resumed::decode(f.payload).unwrap();
-    let (_vm, report) = dest.join().unwrap().expect("the destination runs the guest");
+    let (_vm, report) = dest
+        .join()
+        .unwrap()
+        .expect("the destination runs the guest");
     assert_eq!(report.version, PROTOCOL_VERSION);
     assert!(report.running);
 }
@@ -105,5 +108,8 @@ fn a_reply_choosing_an_unknown_version_is_refused() {
         msg.contains(&format!("chose protocol version {}", PROTOCOL_VERSION + 1)),
         "{msg}"
     );
-    assert!(!livemig::vm::SourceVm::is_paused(&vm), "the source must run");
+    assert!(
+        !livemig::vm::SourceVm::is_paused(&vm),
+        "the source must run"
+    );
 }
