@@ -5,7 +5,7 @@ mod common;
 use std::process::Command;
 use std::time::{Duration, Instant};
 
-use livemig_suite::harness::{log_of, refvmm_path, scratch_dir, start_source};
+use livemig_suite::harness::{log_of, refvmm_path, scratch_dir, start_destination, start_source};
 use livemig_testguest::WS_BASE;
 use serde_json::json;
 
@@ -233,4 +233,87 @@ fn guest_image_is_written() {
     assert_eq!(bytes, livemig_testguest::image().unwrap());
     assert_eq!(&bytes[..4], b"\x7fELF");
     let _ = std::fs::remove_dir_all(dir);
+}
+
+/// refvmm's API refuses `resume`, `pause` and `migrate` while a migration
+/// runs and for good after it succeeded (the engine's `MigrationGuard`):
+/// a `resume` sent when the source reports it is paused for the
+/// stop-and-copy, a second `migrate` while the first waits in its
+/// handshake, and all three after the success.
+#[test]
+fn api_refuses_commands_during_and_after_a_migration() {
+    let Some(_kvm) = common::kvm_or_skip("api_refuses_commands_during_and_after_a_migration")
+    else {
+        return;
+    };
+    let dir = scratch_dir("guard");
+    let mut src = start_source(&dir, "src", "128M", 1, "ws=16 rate=20 hb=1000").unwrap();
+    src.wait_ready(Duration::from_secs(30)).unwrap();
+    let refused = |r: &serde_json::Value, what: &str| {
+        assert_eq!(r["result"], "error", "{what}: {r}");
+        assert!(
+            r["error"].as_str().unwrap_or("").contains("refused: "),
+            "{what}: {r}"
+        );
+    };
+
+    // A "destination" that accepts and never answers: the first migration
+    // waits in its handshake (10 s io_timeout) while we try a second one.
+    let hold = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let hold_ep = format!("tcp:{}", hold.local_addr().unwrap());
+    let src_ref = &src;
+    std::thread::scope(|s| {
+        let first = s.spawn(|| src_ref.api(&json!({"cmd":"migrate","to": hold_ep}), |_| {}));
+        let (conn, _) = hold.accept().unwrap();
+        // Wait until the first request is inside the engine.
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while src_ref.api(&json!({"cmd":"status"}), |_| {}).unwrap()["migration"] != "migrating" {
+            assert!(
+                Instant::now() < deadline,
+                "the first migration did not start"
+            );
+            std::thread::sleep(Duration::from_millis(5));
+        }
+        let r = src_ref
+            .api(&json!({"cmd":"migrate","to": hold_ep}), |_| {})
+            .unwrap();
+        refused(&r, "a second migrate");
+        let r = src_ref.api(&json!({"cmd":"pause"}), |_| {}).unwrap();
+        refused(&r, "pause during a migration");
+        drop(conn);
+        let r = first.join().unwrap().unwrap();
+        assert_eq!(r["result"], "error", "{r}");
+    });
+    // That one failed safely: commands pass again.
+    let r = src.api(&json!({"cmd":"pause"}), |_| {}).unwrap();
+    assert_eq!(r["result"], "ok", "{r}");
+    let r = src.api(&json!({"cmd":"resume"}), |_| {}).unwrap();
+    assert_eq!(r["result"], "ok", "{r}");
+
+    // A resume sent when the source says it paused for the stop-and-copy
+    // (it may be handled after the switchover: refused either way).
+    let (dst, ep) = start_destination(&dir, "dst", &[]).unwrap();
+    let mut during = None;
+    let r = src
+        .api(
+            &json!({"cmd":"migrate","to": ep, "keep_source": true}),
+            |ev| {
+                if ev["event"] == "paused" && during.is_none() {
+                    during = Some(src_ref.api(&json!({"cmd":"resume"}), |_| {}).unwrap());
+                }
+            },
+        )
+        .unwrap();
+    assert_eq!(r["result"], "ok", "{r}");
+    refused(
+        &during.expect("no paused event"),
+        "resume during stop-and-copy",
+    );
+    for cmd in ["resume", "pause"] {
+        let r = src.api(&json!({"cmd": cmd}), |_| {}).unwrap();
+        refused(&r, &format!("{cmd} after the success"));
+    }
+    let r = src.api(&json!({"cmd":"migrate","to": ep}), |_| {}).unwrap();
+    refused(&r, "migrate after the success");
+    drop(dst);
 }

@@ -4,12 +4,13 @@
 //!
 //! | request | reply |
 //! |---|---|
-//! | `{"cmd":"status"}` | `{"result":"ok","running":true,"vcpus":1,"memory":...}` |
-//! | `{"cmd":"pause"}` / `{"cmd":"resume"}` | `{"result":"ok"}` |
+//! | `{"cmd":"status"}` | `{"result":"ok","running":true,"migration":"idle","vcpus":1,"memory":...}` (`migration`: `idle`, `migrating`, `migrated` or `ambiguous`) |
+//! | `{"cmd":"pause"}` / `{"cmd":"resume"}` | `{"result":"ok"}`; refused with `{"result":"error","error":"refused: ..."}` while a migration runs and for good after one succeeded or became ambiguous (`livemig::MigrationGuard`) |
 //! | `{"cmd":"migrate","to":"tcp:HOST:PORT","downtime_limit_ms":20,"max_bandwidth_mib":0,"keep_source":false}` | progress lines `{"event":...}`, then `{"result":"ok","report":{...}}` or `{"result":"error","phase":...,"error":...}` |
 //! | `... "tls":{"cert":P,"key":P,"ca":P,"server_name":S}` in `migrate` | migrate over mutual TLS |
 //! | `... "streams":N` in `migrate` | spread the pages over N extra connections (1..=16) |
 //! | `... "compress":true` in `migrate` | LZ4-compress page frames |
+//! | a second `migrate` while one runs, or after one succeeded or became ambiguous | `{"result":"error","phase":"handshake","error":"... refused: ..."}` |
 //! | `{"cmd":"write-memory","gpa":N,"value":N}` | writes a u64 through vm-memory (tracked as a VMM write) |
 //! | `{"cmd":"read-memory","gpa":N,"len":N}` | `{"result":"ok","hex":"..."}` (at most 4096 bytes) |
 //! | `{"cmd":"vcpu-regs"}` | RIP, RSP, RFLAGS, CS, CR0, EFER, APIC base and MP state of every vCPU (pauses briefly) |
@@ -29,7 +30,7 @@ use livemig::memory::GuestRam;
 use livemig::policy::{MigrationConfig, OnLimit};
 use livemig::transport::{connect, Dialer, Endpoint, StreamOpener};
 use livemig::vm::SourceVm;
-use livemig::{migrate_streams, CancelToken};
+use livemig::CancelToken;
 use serde_json::{json, Value};
 use vm_memory::{Bytes, GuestAddress, GuestMemoryBackend, GuestMemoryRegion};
 
@@ -139,14 +140,22 @@ fn handle(conn: UnixStream, m: &Arc<Machine>, events: &Sender<ApiEvent>) -> Resu
             "status" => json!({
                 "result": "ok",
                 "running": m.vm.vcpus().is_running(),
+                "migration": match m.guard.state() {
+                    livemig::GuardState::Idle => "idle",
+                    livemig::GuardState::Migrating => "migrating",
+                    livemig::GuardState::Migrated => "migrated",
+                    livemig::GuardState::Ambiguous => "ambiguous",
+                },
                 "vcpus": m.vm.vcpus().len(),
                 "memory": m.vm.memory().iter().map(|r| r.len()).sum::<u64>(),
             }),
-            "pause" => match SourceVm::pause(&**m) {
+            // Through the migration guard: refused while a migration runs
+            // and for good after one committed or became ambiguous.
+            "pause" => match m.guard.pause(&**m) {
                 Ok(()) => json!({"result":"ok"}),
                 Err(e) => json!({"result":"error","error":e.to_string()}),
             },
-            "resume" => match SourceVm::resume(&**m) {
+            "resume" => match m.guard.resume(&**m) {
                 Ok(()) => json!({"result":"ok"}),
                 Err(e) => json!({"result":"error","error":e.to_string()}),
             },
@@ -280,6 +289,8 @@ type MigrateError = (Value, Option<String>);
 
 fn do_migrate(req: &Value, m: &Arc<Machine>, w: &mut UnixStream) -> Result<Value, MigrateError> {
     let err = |msg: String| (json!({"result":"error","phase":"setup","error":msg}), None);
+    // Refuse before connecting anywhere (the engine's guard checks again).
+    m.guard.check().map_err(|e| err(e.to_string()))?;
     let to = req["to"]
         .as_str()
         .ok_or_else(|| err("migrate needs \"to\"".into()))?;
@@ -339,7 +350,7 @@ fn do_migrate(req: &Value, m: &Arc<Machine>, w: &mut UnixStream) -> Result<Value
             .map_err(|e| err(format!("connecting to {endpoint}: {e}")))?
     };
     let mut progress_out = w.try_clone().ok();
-    let result = migrate_streams(
+    let result = m.guard.migrate_streams(
         &**m,
         transport,
         Some(&mut *opener),

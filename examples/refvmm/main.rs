@@ -605,11 +605,18 @@ fn cmd_receive(
             },
             report,
         )) => {
+            // A guest that was paused on the source arrives paused
+            // (`report.running` is false): it waits for an API resume.
+            let run = !start_paused && report.running;
             eprintln!(
-                "refvmm: migration received ({} pages, {} zero, {} rounds, restore {:.2} ms); guest running",
-                report.pages, report.zero_pages, report.rounds, report.restore_ms
+                "refvmm: migration received ({} pages, {} zero, {} rounds, restore {:.2} ms); guest {}",
+                report.pages,
+                report.zero_pages,
+                report.rounds,
+                report.restore_ms,
+                if run { "running" } else { "paused" }
             );
-            run_machine(machine, common.api_socket, !start_paused, console)
+            run_machine(machine, common.api_socket, run, console)
         }
         Err(e) => Err(runtime(format!("incoming {e}"))),
     }

@@ -102,6 +102,10 @@ pub struct Machine {
     /// The console socket's output log (`--console`), told when the guest
     /// migrates away.
     console: Option<Arc<crate::console_server::ConsoleLog>>,
+    /// Every API `pause`, `resume` and `migrate` goes through this: refused
+    /// while a migration runs and for good after one committed or became
+    /// ambiguous.
+    pub guard: livemig::MigrationGuard,
 }
 
 /// What a machine is built from.
@@ -190,6 +194,7 @@ impl Machine {
             devices_stopped: Mutex::new(false),
             serial,
             console: cfg.console,
+            guard: livemig::MigrationGuard::new(),
         })
     }
 
@@ -363,6 +368,9 @@ impl SourceVm for Machine {
         SourceVm::resume(&self.vm)?;
         *stopped = false;
         Ok(())
+    }
+    fn is_paused(&self) -> bool {
+        self.vm.is_paused()
     }
     fn save_state(&self) -> Result<Vec<Section>, VmError> {
         self.vm.save_state()

@@ -797,15 +797,7 @@ pub fn seeds() -> Vec<(&'static str, String, Vec<u8>)> {
         .insert("kvm.cpuid".into(), "0123abcd".into());
     out.push(("decode_hello", "nics".into(), encode(&Hello::new(full))));
     let msgs: Vec<(u8, Vec<u8>)> = vec![
-        (
-            0,
-            encode(&HelloReply {
-                accepted: false,
-                reason: "memory differs".into(),
-                streams: 1,
-                token: [0; 16],
-            }),
-        ),
+        (0, encode(&HelloReply::refused("memory differs".into()))),
         (1, encode(&RoundEnd { round: 3, pages: 7 })),
         (2, Vec::new()),
         (3, encode(&Ready { restore_us: 1234 })),

@@ -487,6 +487,10 @@ impl SourceVm for KvmVm {
         Ok(())
     }
 
+    fn is_paused(&self) -> bool {
+        KvmVm::is_paused(self)
+    }
+
     fn save_state(&self) -> Result<Vec<Section>, VmError> {
         if self.vcpus.is_running() {
             return Err(VmError::Pause(

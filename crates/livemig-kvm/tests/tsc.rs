@@ -85,6 +85,9 @@ impl SourceVm for OtherHost {
     fn resume(&self) -> Result<(), VmError> {
         SourceVm::resume(&self.vm)
     }
+    fn is_paused(&self) -> bool {
+        self.vm.is_paused()
+    }
     fn save_state(&self) -> Result<Vec<Section>, VmError> {
         self.vm.save_state()
     }

@@ -4,8 +4,8 @@ use serde::{Deserialize, Serialize};
 
 use crate::config::PlacementConfig;
 use crate::error::PlacementError;
-pub use crate::filter::Excluded;
 use crate::filter::check;
+pub use crate::filter::Excluded;
 use crate::input::{validate_hosts, validate_vm};
 use crate::model::{Host, Vm};
 use crate::score::{score, Cluster, Facts, Terms};

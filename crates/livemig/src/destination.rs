@@ -17,9 +17,9 @@ use crate::bitmap::DirtyBitmap;
 use crate::error::{ErrorKind, MigrationError, Phase};
 use crate::memory::MemoryLayout;
 use crate::protocol::{
-    decompress_pages, page_records, stream_of, ErrorMsg, FrameReader, FrameWriter, Hello,
-    HelloReply, Message, MsgKind, ProtocolError, Ready, Resumed, RoundEnd, State, StreamHello,
-    MAX_STREAMS, STREAM_CHUNK_PAGES,
+    decompress_pages, page_records, stream_of, Abandoned, ErrorMsg, FrameReader, FrameWriter,
+    Hello, HelloReply, Message, MsgKind, ProtocolError, Ready, Resumed, RoundEnd, State,
+    StreamHello, MAX_STATE_FRAMES, MAX_STREAMS, STREAM_CHUNK_PAGES,
 };
 use crate::ram::HostRam;
 use crate::state::Section;
@@ -45,14 +45,32 @@ pub struct ReceiveReport {
     pub resume_ms: f64,
     /// From the handshake to the resume, ms.
     pub total_ms: f64,
+    /// The protocol version spoken.
+    pub version: u32,
+    /// Whether the VM was resumed: false when the source VM was paused
+    /// (by its operator) when the migration started; the VM is then
+    /// returned paused and [`DestinationVm::resume`] was not called.
+    pub running: bool,
 }
 
 /// Destination settings.
 #[derive(Debug, Clone)]
 pub struct ReceiveConfig {
-    /// Timeout of every blocking read (the source sends continuously during
-    /// rounds, so a silent source for this long is a dead source).
+    /// Timeout of every blocking read and write (the source sends
+    /// continuously during rounds, or a keepalive at least every second, so
+    /// a silent source for this long is a dead source). It also bounds the
+    /// wait for `Go` after `Ready`: then the destination drops the VM and
+    /// answers `Abandoned`.
     pub io_timeout: Duration,
+}
+
+impl ReceiveConfig {
+    /// Checks the settings (`receive` calls it before reading anything):
+    /// `io_timeout` must be more than 0 and at most
+    /// [`crate::policy::MAX_DURATION`].
+    pub fn validate(&self) -> Result<(), crate::policy::ConfigError> {
+        crate::policy::check_timeout("io_timeout", self.io_timeout)
+    }
 }
 
 impl Default for ReceiveConfig {
@@ -72,7 +90,10 @@ fn ms(d: Duration) -> f64 {
 /// `create` is called with the source's [`VmDescription`] once the handshake
 /// passed the protocol checks; it builds the (paused) destination VM or
 /// refuses with a [`VmError`] whose message is sent back to the source. The
-/// VM is returned running; on error it has been dropped without running.
+/// VM is returned running — or paused, without [`DestinationVm::resume`]
+/// having been called, when the source VM was paused when its migration
+/// started ([`ReceiveReport::running`]); on error it has been dropped
+/// without running.
 ///
 /// A source asking for several page streams is granted one (everything on
 /// `transport`); see [`receive_streams`].
@@ -107,10 +128,15 @@ where
     F: FnOnce(&VmDescription) -> Result<V, VmError>,
 {
     let hs = Phase::Handshake;
+    config.validate().map_err(|e| MigrationError::new(hs, e))?;
     let mut rx = transport
         .try_clone()
         .map_err(|e| MigrationError::new(hs, ProtocolError::Io(e)))?;
     rx.set_read_timeout(Some(config.io_timeout))
+        .map_err(|e| MigrationError::new(hs, ProtocolError::Io(e)))?;
+    let mut transport = transport;
+    transport
+        .set_write_timeout(Some(config.io_timeout))
         .map_err(|e| MigrationError::new(hs, ProtocolError::Io(e)))?;
     let mut fr = FrameReader::new(rx);
     let mut fw = FrameWriter::new(transport);
@@ -123,7 +149,15 @@ where
                 phase: e.phase.to_string(),
                 message: e.kind.to_string(),
             };
-            let _ = fw.send(&msg);
+            // In the completion phase (`Ready` sent or being sent) the source
+            // may have sent `Go` already: say that the VM is gone for good
+            // (it was dropped when `run_destination` returned), so that the
+            // source resumes instead of staying paused as ambiguous.
+            let _ = if e.phase == Phase::Completion {
+                fw.send(&Abandoned(msg))
+            } else {
+                fw.send(&msg)
+            };
             let _ = fw.flush();
         }
         log::warn!("{e}");
@@ -150,6 +184,11 @@ fn random_token() -> [u8; 16] {
     }
     t
 }
+
+/// How long an accepted page-stream connection may take to send its
+/// `StreamHello` (the source sends it right after connecting) before it is
+/// dropped as a stray.
+pub const STREAM_HELLO_TIMEOUT: Duration = Duration::from_secs(1);
 
 /// Accepts the `n` page streams of a migration.
 fn accept_streams(
@@ -191,7 +230,10 @@ fn accept_streams(
             Err(e) => return Err(MigrationError::new(hs, ProtocolError::Io(e))),
         };
         let peer = t.peer();
-        if let Err(e) = t.set_read_timeout(Some(left.max(Duration::from_millis(1)))) {
+        // A connection gets a short time to say who it is, so a stray that
+        // sends nothing cannot hold the real streams off.
+        let hello_wait = left.min(STREAM_HELLO_TIMEOUT).max(Duration::from_millis(1));
+        if let Err(e) = t.set_read_timeout(Some(hello_wait)) {
             log::warn!("page stream from {peer}: {e}; dropped");
             continue;
         }
@@ -414,6 +456,12 @@ where
         Ok(h) => h,
         Err(e) => return Err(refuse(fw, e.to_string())),
     };
+    let version = match hello.negotiated_version() {
+        Ok(v) => v,
+        Err(e) => return Err(refuse(fw, e.to_string())),
+    };
+    report.version = version;
+    report.running = !hello.paused;
     let desc = hello.desc;
     let mut vm = match create(&desc) {
         Ok(vm) => vm,
@@ -447,14 +495,13 @@ where
         1
     };
     let token = if streams > 1 { random_token() } else { [0; 16] };
-    fw.send(&HelloReply {
-        accepted: true,
-        reason: String::new(),
-        streams,
-        token,
-    })
-    .and_then(|_| fw.flush())
-    .map_err(|e| MigrationError::new(hs, e))?;
+    // The newest version in both ranges (`Hello::decode` refused ranges
+    // that do not overlap); only PROTOCOL_VERSION is spoken here.
+    let mut reply = HelloReply::accepted(streams, token);
+    reply.version = version;
+    fw.send(&reply)
+        .and_then(|_| fw.flush())
+        .map_err(|e| MigrationError::new(hs, e))?;
     report.streams = streams;
     let readers = match acceptor {
         Some(a) if streams > 1 => {
@@ -591,7 +638,9 @@ where
         }
     }
     let t = Instant::now();
-    vm.resume().map_err(|e| MigrationError::new(cp, e))?;
+    if report.running {
+        vm.resume().map_err(|e| MigrationError::new(cp, e))?;
+    }
     let resume = t.elapsed();
     report.resume_ms = ms(resume);
     // The guest runs here now. If the acknowledgement cannot be sent the
@@ -622,6 +671,7 @@ fn receive_memory(
     let mut sink = PageSink::new(layout, ram, None);
     *phase = Phase::Precopy(0);
     let mut sections: Option<Vec<Section>> = None;
+    let mut state_frames = 0usize;
     let r = loop {
         let f = match fr.read_frame() {
             Ok(f) => f,
@@ -652,16 +702,28 @@ fn receive_memory(
             MsgKind::Keepalive => {}
             MsgKind::State => {
                 *phase = Phase::State;
-                if sections.is_some() {
+                state_frames += 1;
+                if state_frames > MAX_STATE_FRAMES {
                     break Err(MigrationError::new(
                         *phase,
-                        ErrorKind::Invalid("a second State frame".into()),
+                        ErrorKind::Invalid(format!("more than {MAX_STATE_FRAMES} State frames")),
                     ));
                 }
-                match State::decode(f.payload) {
-                    Ok(s) => sections = Some(s.sections),
+                let more = match State::decode(f.payload) {
+                    Ok(s) => s.sections,
                     Err(e) => break Err(MigrationError::new(*phase, e)),
+                };
+                let all = sections.get_or_insert_with(Vec::new);
+                if let Some(dup) = more.iter().find(|m| all.iter().any(|s| s.name == m.name)) {
+                    break Err(MigrationError::new(
+                        *phase,
+                        ErrorKind::Invalid(format!(
+                            "section '{}' appears in two State frames",
+                            dup.name
+                        )),
+                    ));
                 }
+                all.extend(more);
             }
             MsgKind::Complete => break Ok(()),
             MsgKind::Error => {

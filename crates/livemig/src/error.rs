@@ -93,6 +93,25 @@ pub enum ErrorKind {
         /// The limit, ms.
         limit_ms: f64,
     },
+    /// A setting is out of range (nothing was sent).
+    #[error(transparent)]
+    Config(#[from] crate::policy::ConfigError),
+    /// The VM's [`crate::guard::MigrationGuard`] refused the migration.
+    #[error(transparent)]
+    Guard(#[from] crate::guard::GuardError),
+    /// The paused phase outlasted [`crate::MigrationConfig::max_pause`]
+    /// before `Go`: the source gave up and resumed its guest.
+    #[error("the guest was paused for {paused:?} without reaching the commit point (limit {limit:?}); the source resumed it")]
+    PauseDeadline {
+        /// The limit.
+        limit: std::time::Duration,
+        /// How long the guest was paused when the source gave up.
+        paused: std::time::Duration,
+    },
+    /// The destination answered `Go` with `Abandoned`: it dropped the VM
+    /// and will never run it, so the source resumed the guest.
+    #[error("the destination gave the guest up after Go and will never run it ({0}); the source runs the guest again")]
+    Abandoned(String),
     /// The source sent `Go` but never heard that the destination runs the
     /// guest. The guest may be running there: the source must not resume it.
     #[error("switchover outcome unknown: the destination was told to run the guest but did not confirm ({0}); the source stays paused to avoid running the guest twice")]

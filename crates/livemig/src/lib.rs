@@ -23,8 +23,11 @@
 #![deny(missing_docs)]
 
 pub mod bitmap;
+mod commit;
+mod deadline;
 pub mod destination;
 pub mod error;
+pub mod guard;
 pub mod memory;
 pub mod policy;
 pub mod protocol;
@@ -38,6 +41,7 @@ pub mod vm;
 
 pub use destination::{receive, receive_streams, ReceiveConfig, ReceiveReport};
 pub use error::{ErrorKind, MigrationError, Phase};
+pub use guard::{GuardError, GuardState, MigrationGuard};
 pub use policy::{MigrationConfig, OnLimit};
 pub use report::{Progress, Report};
 pub use source::{migrate, migrate_streams, CancelToken};

@@ -21,6 +21,13 @@ use serde::Serialize;
 /// time of 1 Gb/s links.)
 pub const DEFAULT_DOWNTIME_LIMIT: Duration = Duration::from_millis(20);
 
+/// The default [`MigrationConfig::max_pause`]: 10 s.
+///
+/// Far above any downtime a converged migration causes (milliseconds), so
+/// it only fires when something is stuck; short enough that a stuck
+/// switchover costs the guest seconds, not the minutes of a TCP timeout.
+pub const DEFAULT_MAX_PAUSE: Duration = Duration::from_secs(10);
+
 /// What to do when the round or time cap is reached before convergence.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
 #[serde(rename_all = "kebab-case")]
@@ -38,7 +45,8 @@ pub struct MigrationConfig {
     /// Longest acceptable downtime (source paused → destination running).
     pub downtime_limit: Duration,
     /// Bandwidth cap for memory pages, in bytes per second (`None` = as fast
-    /// as the transport goes).
+    /// as the transport goes); at least one page per second per stream.
+    /// Lifted at the pause: the final copy goes as fast as it can.
     pub max_bandwidth: Option<u64>,
     /// Most pre-copy rounds (round 0, the full pass, included).
     pub max_rounds: u32,
@@ -47,9 +55,18 @@ pub struct MigrationConfig {
     /// What happens when a cap is reached.
     pub on_limit: OnLimit,
     /// Timeout of every blocking read of a reply (handshake, acknowledgements)
-    /// and of every frame on the destination.
+    /// and of every write on every connection of the migration (a peer that
+    /// stops reading cannot block the source for longer).
     pub io_timeout: Duration,
-    /// Pages per `Pages` frame (the staging buffer is this many pages).
+    /// Longest the source may stay paused before it commits with `Go`: the
+    /// final pages, the state and the wait for `Ready` must all fit. When it
+    /// passes, every connection is shut down, the source resumes its guest
+    /// and the error ([`crate::ErrorKind::PauseDeadline`]) says how long the
+    /// guest was paused. (After `Go` the wait for `Resumed` is bounded by
+    /// [`MigrationConfig::io_timeout`] and ends ambiguous.)
+    pub max_pause: Duration,
+    /// Pages per `Pages` frame (the staging buffer is this many pages),
+    /// 1 ..= [`MAX_BATCH_PAGES`].
     pub batch_pages: u32,
     /// Auto-converge: when the guest dirties memory faster than half the
     /// transfer rate for two rounds in a row, throttle its vCPUs, starting at
@@ -61,7 +78,8 @@ pub struct MigrationConfig {
     pub throttle_initial: u32,
     /// Increment per round, percent.
     pub throttle_increment: u32,
-    /// Ceiling, percent (at most 99).
+    /// Ceiling, percent (at most 99; the three throttle settings must be in
+    /// 0..=99).
     pub throttle_max: u32,
     /// Page streams (1 ..= [`crate::protocol::MAX_STREAMS`]). With more
     /// than one, [`crate::source::migrate_streams`] opens that many extra
@@ -93,6 +111,7 @@ impl Default for MigrationConfig {
             max_precopy_time: Duration::from_secs(120),
             on_limit: OnLimit::Fail,
             io_timeout: Duration::from_secs(10),
+            max_pause: DEFAULT_MAX_PAUSE,
             batch_pages: 256,
             auto_converge: true,
             throttle_initial: 20,
@@ -102,6 +121,117 @@ impl Default for MigrationConfig {
             compress: false,
             skip_untouched: true,
         }
+    }
+}
+
+/// Most pages per `Pages` frame ([`MigrationConfig::batch_pages`]): 4 MiB
+/// of data, so that a frame with its record headers stays well inside
+/// [`crate::protocol::MAX_FRAME_PAYLOAD`].
+pub const MAX_BATCH_PAGES: u32 = 1024;
+
+/// Longest accepted timeout or limit (`io_timeout`, `max_pause`,
+/// `downtime_limit`, `max_precopy_time`): one day. Longer values are
+/// refused rather than overflowing a deadline computation.
+pub const MAX_DURATION: Duration = Duration::from_secs(24 * 3600);
+
+/// A setting refused where it enters (by [`MigrationConfig::validate`] or
+/// [`crate::ReceiveConfig::validate`]), before anything is sent.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("invalid setting {field} = {value}: {rule}")]
+pub struct ConfigError {
+    /// The field.
+    pub field: &'static str,
+    /// Its value, as given.
+    pub value: String,
+    /// What it must be.
+    pub rule: String,
+}
+
+fn invalid(
+    field: &'static str,
+    value: impl std::fmt::Debug,
+    rule: impl Into<String>,
+) -> ConfigError {
+    ConfigError {
+        field,
+        value: format!("{value:?}"),
+        rule: rule.into(),
+    }
+}
+
+/// Checks a timeout: more than zero, at most [`MAX_DURATION`].
+pub(crate) fn check_timeout(field: &'static str, d: Duration) -> Result<(), ConfigError> {
+    if d.is_zero() || d > MAX_DURATION {
+        return Err(invalid(
+            field,
+            d,
+            format!("must be more than 0 and at most {MAX_DURATION:?}"),
+        ));
+    }
+    Ok(())
+}
+
+impl MigrationConfig {
+    /// Checks every setting; `migrate` calls it before it sends anything,
+    /// so a bad setting is a clear error, never a panic or a failure in the
+    /// middle of a round.
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        check_timeout("io_timeout", self.io_timeout)?;
+        check_timeout("max_pause", self.max_pause)?;
+        if self.downtime_limit > MAX_DURATION {
+            return Err(invalid(
+                "downtime_limit",
+                self.downtime_limit,
+                format!("must be at most {MAX_DURATION:?}"),
+            ));
+        }
+        if self.max_precopy_time.is_zero() || self.max_precopy_time > MAX_DURATION {
+            return Err(invalid(
+                "max_precopy_time",
+                self.max_precopy_time,
+                format!("must be more than 0 and at most {MAX_DURATION:?}"),
+            ));
+        }
+        if self.max_rounds == 0 {
+            return Err(invalid(
+                "max_rounds",
+                self.max_rounds,
+                "must be at least 1 (round 0 is the full pass)",
+            ));
+        }
+        if self.batch_pages == 0 || self.batch_pages > MAX_BATCH_PAGES {
+            return Err(invalid(
+                "batch_pages",
+                self.batch_pages,
+                format!("must be in 1..={MAX_BATCH_PAGES}"),
+            ));
+        }
+        let max_streams = crate::protocol::MAX_STREAMS;
+        if self.streams == 0 || self.streams > max_streams {
+            return Err(invalid(
+                "streams",
+                self.streams,
+                format!("must be in 1..={max_streams}"),
+            ));
+        }
+        if let Some(b) = self.max_bandwidth {
+            // Each page stream gets an equal share; every share must be at
+            // least a page per second.
+            let min = crate::memory::PAGE_SIZE * u64::from(self.streams);
+            if b < min {
+                return Err(invalid("max_bandwidth", b, format!("must be None (no cap) or at least {min} bytes/s (one page per second per stream)")));
+            }
+        }
+        for (field, v) in [
+            ("throttle_initial", self.throttle_initial),
+            ("throttle_increment", self.throttle_increment),
+            ("throttle_max", self.throttle_max),
+        ] {
+            if v > 99 {
+                return Err(invalid(field, v, "must be a percentage in 0..=99"));
+            }
+        }
+        Ok(())
     }
 }
 

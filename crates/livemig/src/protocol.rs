@@ -62,12 +62,17 @@ pub const MAX_FRAME_PAYLOAD: usize = 8 << 20;
 pub const HELLO_MAGIC: [u8; 8] = *b"LIVEMIG\0";
 /// The newest protocol version this side speaks.
 ///
+/// Version 3 added [`HelloReply::version`] (the version the destination
+/// chose), [`Hello::paused`] (the source VM's run state),
+/// [`MsgKind::Abandoned`], and the rule that a `Hello` of a newer version
+/// only appends fields (a receiver ignores what follows the fields of its
+/// own newest version when the sender's version is newer).
 /// Version 2 added multiple page streams ([`Hello::streams`],
 /// [`HelloReply::streams`], [`StreamHello`]) and [`MsgKind::Keepalive`].
-/// Version 1 was never released and is not spoken any more.
-pub const PROTOCOL_VERSION: u32 = 2;
+/// Versions 1 and 2 are not spoken any more.
+pub const PROTOCOL_VERSION: u32 = 3;
 /// The oldest protocol version this side speaks.
-pub const MIN_PROTOCOL_VERSION: u32 = 2;
+pub const MIN_PROTOCOL_VERSION: u32 = 3;
 /// Most page streams one migration may use.
 pub const MAX_STREAMS: u32 = 16;
 
@@ -371,11 +376,17 @@ pub enum MsgKind {
     /// [`MAX_FRAME_PAYLOAD`]), then the block ([`compress_pages`],
     /// [`decompress_pages`]).
     PagesLz4 = 14,
+    /// Destination → source, only after `Ready`: the destination has
+    /// dropped the VM and will never run it (it timed out waiting for `Go`,
+    /// or its resume failed), so the source may safely resume
+    /// ([`Abandoned`]). Any failure of the destination after `Ready` is
+    /// reported with this kind instead of `Error`.
+    Abandoned = 15,
 }
 
 impl MsgKind {
     /// Every kind, in wire order.
-    pub const ALL: [MsgKind; 14] = [
+    pub const ALL: [MsgKind; 15] = [
         MsgKind::Hello,
         MsgKind::HelloReply,
         MsgKind::Pages,
@@ -390,6 +401,7 @@ impl MsgKind {
         MsgKind::Keepalive,
         MsgKind::StreamHello,
         MsgKind::PagesLz4,
+        MsgKind::Abandoned,
     ];
 
     /// The kind for a wire byte, if known.
@@ -415,6 +427,7 @@ impl MsgKind {
             MsgKind::Keepalive => "Keepalive",
             MsgKind::StreamHello => "StreamHello",
             MsgKind::PagesLz4 => "PagesLz4",
+            MsgKind::Abandoned => "Abandoned",
         }
     }
 }
@@ -1181,6 +1194,9 @@ pub struct Hello {
     /// Page streams the source would like to use (1 ..= [`MAX_STREAMS`]);
     /// the destination grants at most this many in [`HelloReply::streams`].
     pub streams: u32,
+    /// The source VM was paused (by its operator) when the migration
+    /// started: the destination keeps it paused after `Go`.
+    pub paused: bool,
 }
 
 impl Hello {
@@ -1193,6 +1209,7 @@ impl Hello {
             page_size: PAGE_SIZE as u32,
             desc,
             streams: 1,
+            paused: false,
         }
     }
 
@@ -1270,7 +1287,9 @@ impl Message for Hello {
                 MAX_PROPERTY_LEN,
             )?;
         }
-        put_streams(out, M, self.streams)
+        put_streams(out, M, self.streams)?;
+        out.push(u8::from(self.paused));
+        Ok(())
     }
 
     fn decode(payload: &[u8]) -> Result<Self, ProtocolError> {
@@ -1342,7 +1361,13 @@ impl Message for Hello {
             properties.insert(k, v);
         }
         let streams = c.streams()?;
-        c.finish()?;
+        let paused = c.bool("paused")?;
+        // A newer sender may append fields of its own version: they are not
+        // ours to read. From our own version (or older), trailing bytes are
+        // an error.
+        if protocol_version <= PROTOCOL_VERSION {
+            c.finish()?;
+        }
         Ok(Hello {
             magic,
             protocol_version,
@@ -1355,6 +1380,7 @@ impl Message for Hello {
                 properties,
             },
             streams,
+            paused,
         })
     }
 }
@@ -1374,6 +1400,9 @@ pub struct HelloReply {
     /// Random token the extra streams must present (all zero when
     /// `streams == 1`).
     pub token: [u8; 16],
+    /// The protocol version the destination chose for the rest of the
+    /// migration (the newest in both ranges); 0 in a refusal.
+    pub version: u32,
 }
 
 impl HelloReply {
@@ -1384,6 +1413,19 @@ impl HelloReply {
             reason,
             streams: 1,
             token: [0; 16],
+            version: 0,
+        }
+    }
+
+    /// An acceptance of `streams` page streams with `token`, speaking this
+    /// side's [`PROTOCOL_VERSION`].
+    pub fn accepted(streams: u32, token: [u8; 16]) -> Self {
+        HelloReply {
+            accepted: true,
+            reason: String::new(),
+            streams,
+            token,
+            version: PROTOCOL_VERSION,
         }
     }
 }
@@ -1402,21 +1444,30 @@ impl Message for HelloReply {
         )?;
         put_streams(out, "HelloReply", self.streams)?;
         out.extend_from_slice(&self.token);
+        put_u32(out, self.version);
         Ok(())
     }
 
+    /// `accepted` and `reason` are frozen for every version: a refusal is
+    /// readable whatever follows them (it may come from a destination that
+    /// speaks none of this side's versions).
     fn decode(payload: &[u8]) -> Result<Self, ProtocolError> {
         let mut c = Cursor::new("HelloReply", payload);
         let accepted = c.bool("accepted")?;
         let reason = c.string("reason", MAX_TEXT_LEN)?;
+        if !accepted {
+            return Ok(HelloReply::refused(reason));
+        }
         let streams = c.streams()?;
         let token: [u8; 16] = c.array()?;
+        let version = c.u32()?;
         c.finish()?;
         Ok(HelloReply {
             accepted,
             reason,
             streams,
             token,
+            version,
         })
     }
 }
@@ -1547,12 +1598,80 @@ impl Message for RoundEnd {
 /// Device state (source → destination).
 ///
 /// One `State` frame holds at most [`MAX_FRAME_PAYLOAD`] bytes; a VM with more
-/// state sends several `State` messages (section names must then be unique
-/// across all of them, which the engine checks).
+/// state sends several `State` messages ([`state_frames`]; at most
+/// [`MAX_STATE_FRAMES`]), and section names must be unique across all of
+/// them (the destination checks).
 #[derive(Debug, Clone, PartialEq, Eq, Default)]
 pub struct State {
     /// The sections, names unique.
     pub sections: Vec<Section>,
+}
+
+/// Most `State` frames in one migration (so at most 16 × 8 MiB of state).
+pub const MAX_STATE_FRAMES: usize = 16;
+
+/// Packs `sections` into as few `State` messages as fit in frames of
+/// `max_payload` bytes (in order), checking everything the encoder and the
+/// destination check: valid and unique names, sections of at most
+/// [`MAX_SECTION_LEN`], at most [`MAX_SECTIONS`] per frame and
+/// [`MAX_STATE_FRAMES`] frames. The source calls it at the handshake (on the
+/// measured state: a state that cannot be sent is refused before any page)
+/// and again at the switchover.
+pub fn state_frames(
+    sections: Vec<Section>,
+    max_payload: usize,
+) -> Result<Vec<State>, ProtocolError> {
+    const M: &str = "State";
+    let mut seen = HashSet::with_capacity(sections.len());
+    for s in &sections {
+        if !seen.insert(s.name.clone()) {
+            return Err(ProtocolError::Unencodable {
+                msg: M,
+                reason: format!("section '{}' appears twice", s.name),
+            });
+        }
+    }
+    let mut frames: Vec<State> = Vec::new();
+    let mut size = usize::MAX; // of the last frame
+    for s in sections {
+        let len = 2 + s.name.len() + 4 + 4 + s.data.len();
+        let last_full = frames
+            .last()
+            .is_none_or(|f| size + len > max_payload || f.sections.len() >= MAX_SECTIONS);
+        if last_full {
+            frames.push(State::default());
+            size = 4;
+        }
+        size += len;
+        if let Some(f) = frames.last_mut() {
+            f.sections.push(s);
+        }
+    }
+    if frames.is_empty() {
+        frames.push(State::default());
+    }
+    for f in &frames {
+        let n = f.encode()?.len();
+        if n > max_payload {
+            return Err(ProtocolError::Unencodable {
+                msg: M,
+                reason: format!(
+                    "section '{}' needs a frame of {n} bytes, more than the limit of {max_payload}",
+                    f.sections[0].name
+                ),
+            });
+        }
+    }
+    if frames.len() > MAX_STATE_FRAMES {
+        return Err(ProtocolError::Unencodable {
+            msg: M,
+            reason: format!(
+                "the state needs {} frames, more than the limit of {MAX_STATE_FRAMES}",
+                frames.len()
+            ),
+        });
+    }
+    Ok(frames)
 }
 
 fn check_section_name(name: &str) -> Result<(), String> {
@@ -1804,6 +1923,27 @@ impl Message for ErrorMsg {
         let message = c.string("message", MAX_TEXT_LEN)?;
         c.finish()?;
         Ok(ErrorMsg { phase, message })
+    }
+}
+
+/// The destination gave the migration up after `Ready` and will never run
+/// the VM (destination → source). Same layout as [`ErrorMsg`].
+///
+/// Unlike an `Error` after `Go` (which leaves the outcome ambiguous), this
+/// is the destination's promise that the guest runs nowhere but on the
+/// source: the source resumes it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Abandoned(pub ErrorMsg);
+
+impl Message for Abandoned {
+    const KIND: MsgKind = MsgKind::Abandoned;
+
+    fn encode_into(&self, out: &mut Vec<u8>) -> Result<(), ProtocolError> {
+        self.0.encode_into(out)
+    }
+
+    fn decode(payload: &[u8]) -> Result<Self, ProtocolError> {
+        ErrorMsg::decode(payload).map(Abandoned)
     }
 }
 
@@ -2203,6 +2343,7 @@ mod tests {
                     reason: "no room für you".into(),
                     streams: 1,
                     token: [0; 16],
+                    version: 0,
                 }),
             ),
             (
@@ -2224,6 +2365,10 @@ mod tests {
             (MsgKind::Cancel, round_trip(&Cancel)),
             (MsgKind::Keepalive, round_trip(&Keepalive)),
             (
+                MsgKind::Abandoned,
+                round_trip(&Abandoned(ErrorMsg::new("completion", "no Go within 10s"))),
+            ),
+            (
                 MsgKind::StreamHello,
                 round_trip(&StreamHello {
                     token: [7; 16],
@@ -2242,6 +2387,7 @@ mod tests {
             reason: String::new(),
             streams: 1,
             token: [0; 16],
+            version: PROTOCOL_VERSION,
         });
         round_trip(&State::default());
         let mut d = desc();
@@ -2252,7 +2398,7 @@ mod tests {
             assert_eq!(MsgKind::from_u8(k as u8), Some(k));
         }
         assert_eq!(MsgKind::from_u8(0), None);
-        assert_eq!(MsgKind::from_u8(15), None);
+        assert_eq!(MsgKind::from_u8(16), None);
     }
 
     #[test]
@@ -2264,6 +2410,7 @@ mod tests {
                 reason: "ok".into(),
                 streams: 1,
                 token: [0; 16],
+                version: PROTOCOL_VERSION,
             }
             .encode()
             .unwrap(),
@@ -2340,25 +2487,36 @@ mod tests {
                 ProtocolError::UnsupportedVersion {
                     peer_version: 7,
                     peer_min: 7,
-                    min: 2,
-                    max: 2
+                    min: 3,
+                    max: 3
                 }
             ),
             "{e}"
         );
         let s = e.to_string();
         assert!(s.contains("unsupported protocol version 7"), "{s}");
-        assert!(s.contains("this side speaks 2..=2"), "{s}");
+        assert!(s.contains("this side speaks 3..=3"), "{s}");
 
-        // A newer peer that still speaks version 2 negotiates down.
-        h.min_protocol_version = 2;
-        let got = Hello::decode(&h.encode().unwrap()).unwrap();
-        assert_eq!(got.negotiated_version().unwrap(), 2);
+        // A newer peer that still speaks version 3 negotiates down, and
+        // the fields it appends for its own version are not read.
+        h.min_protocol_version = 3;
+        let mut next = h.encode().unwrap();
+        let got = Hello::decode(&next).unwrap();
+        assert_eq!(got.negotiated_version().unwrap(), 3);
+        next.extend_from_slice(b"future fields");
+        let got = Hello::decode(&next).unwrap();
+        assert_eq!(got.negotiated_version().unwrap(), 3);
+        // From a peer of this version, trailing bytes are refused.
+        let mut same = Hello::new(desc()).encode().unwrap();
+        same.push(0);
+        assert!(Hello::decode(&same).is_err());
 
-        // The pre-release version 1 is refused.
-        h.protocol_version = 1;
-        h.min_protocol_version = 1;
-        assert!(Hello::decode(&h.encode().unwrap()).is_err());
+        // Versions 1 and 2 are refused.
+        for v in [1, 2] {
+            h.protocol_version = v;
+            h.min_protocol_version = v;
+            assert!(Hello::decode(&h.encode().unwrap()).is_err());
+        }
 
         // Stream counts outside 1..=MAX_STREAMS are refused both ways.
         let mut h = Hello::new(desc());
@@ -2366,7 +2524,7 @@ mod tests {
         assert!(h.encode().is_err());
         let mut raw = Hello::new(desc()).encode().unwrap();
         let n = raw.len();
-        raw[n - 4..].copy_from_slice(&0u32.to_le_bytes());
+        raw[n - 5..n - 1].copy_from_slice(&0u32.to_le_bytes());
         assert!(Hello::decode(&raw)
             .unwrap_err()
             .to_string()
@@ -2494,6 +2652,7 @@ mod tests {
             reason: long,
             streams: 1,
             token: [0; 16],
+            version: 0,
         };
         assert_eq!(
             HelloReply::decode(&r.encode().unwrap())

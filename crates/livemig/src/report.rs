@@ -93,6 +93,9 @@ pub struct Report {
     pub memory_bytes: u64,
     /// Bytes of state sections.
     pub state_bytes: u64,
+    /// `State` frames the device state took (several when it is larger
+    /// than one frame).
+    pub state_frames: u32,
     /// Dirty-tracking note (e.g. whether manual clear was used).
     pub dirty_tracking: String,
     /// Page streams used (1 = pages on the control connection).
@@ -123,6 +126,7 @@ impl Report {
             zero_pages: 0,
             memory_bytes,
             state_bytes: 0,
+            state_frames: 0,
             dirty_tracking: String::new(),
             streams: 1,
             throttle_max_pct: Some(0),

@@ -488,6 +488,10 @@ impl SourceVm for SoftVm {
         Ok(())
     }
 
+    fn is_paused(&self) -> bool {
+        !lock(&self.shared.ctl).run
+    }
+
     fn save_state(&self) -> Result<Vec<Section>, VmError> {
         if lock(&self.shared.ctl).run {
             return Err(VmError::Pause("save_state while running".into()));

@@ -8,13 +8,15 @@ use std::time::{Duration, Instant};
 use vm_memory::{GuestMemoryBackend, GuestMemoryRegion};
 
 use crate::bitmap::DirtyBitmap;
+use crate::commit::{commit, Commit};
+use crate::deadline::PauseDeadline;
 use crate::error::{ErrorKind, MigrationError, Phase};
 use crate::memory::{MemoryLayout, PAGE_SIZE};
 use crate::policy::{decide, Decision, MigrationConfig, RoundEstimate, Throttle};
 use crate::protocol::{
-    compress_pages, stream_of, ErrorMsg, FrameReader, FrameWriter, Hello, HelloReply, Message,
-    MsgKind, PageBatch, ProtocolError, Ready, Resumed, RoundEnd, State, StreamHello, MAX_STREAMS,
-    STREAM_CHUNK_PAGES,
+    compress_pages, state_frames, stream_of, ErrorMsg, FrameReader, FrameWriter, Go, Hello,
+    HelloReply, Message, MsgKind, PageBatch, ProtocolError, Ready, RoundEnd, StreamHello,
+    MAX_FRAME_PAYLOAD, MIN_PROTOCOL_VERSION, PROTOCOL_VERSION, STREAM_CHUNK_PAGES,
 };
 use crate::ram::HostRam;
 use crate::report::{Progress, Report, RoundReport, Status};
@@ -142,20 +144,24 @@ impl Pacer {
         }
     }
 
-    fn account(&mut self, bytes: u64) {
+    /// Accounts `bytes` just sent; returns how long to wait before sending
+    /// more (the caller waits, sending keepalives, see
+    /// [`PageSender::pace`]).
+    fn account(&mut self, bytes: u64) -> Duration {
         let Some(rate) = self.rate.filter(|r| *r > 0) else {
-            return;
+            return Duration::ZERO;
         };
         if self.lifted.load(Ordering::Relaxed) {
-            return;
+            return Duration::ZERO;
         }
         self.bytes += bytes;
         let due = Duration::from_secs_f64(self.bytes as f64 / rate as f64);
-        let el = self.start.elapsed();
-        if due > el {
-            std::thread::sleep(due - el);
-        }
-        // Keep the window short so bursts after idle periods stay bounded.
+        due.saturating_sub(self.start.elapsed())
+    }
+
+    /// After the wait: keep the window short so bursts after idle periods
+    /// stay bounded.
+    fn rewind(&mut self) {
         if self.start.elapsed() > Duration::from_secs(1) {
             self.start = Instant::now();
             self.bytes = 0;
@@ -203,11 +209,20 @@ struct PageSender<'a> {
     lz4: Option<Vec<u8>>,
     /// Time spent re-arming the dirty log (not sending) in this round.
     clear_time: Duration,
+    /// Longest this connection stays silent ([`keepalive_every`]).
+    alive_every: Duration,
 }
 
-/// How long a stream may stay silent before a keepalive goes out (well
-/// under any sensible `io_timeout`).
+/// Longest a connection stays silent before a keepalive goes out; shorter
+/// with a short `io_timeout` (see [`keepalive_every`]).
 const KEEPALIVE: Duration = Duration::from_secs(1);
+
+/// How often a silent connection sends a keepalive: [`KEEPALIVE`], or a
+/// quarter of `io_timeout` if that is shorter (the destination is expected
+/// to use a read timeout no shorter than the source's `io_timeout`).
+fn keepalive_every(io_timeout: Duration) -> Duration {
+    KEEPALIVE.min(io_timeout / 4).max(Duration::from_millis(1))
+}
 
 /// Work for one page-stream thread.
 enum Job {
@@ -246,8 +261,16 @@ impl StreamPool {
             })
     }
 
-    /// Sends `job` (Flush or Finish) to every stream and collects the counts.
-    fn barrier(&self, finish: bool, phase: Phase) -> Result<Counts, MigrationError> {
+    /// Sends `job` (Flush or Finish) to every stream and collects the counts;
+    /// `alive` is called at least every `every` while it waits (the
+    /// control connection's keepalive: a paced stream may take long).
+    fn barrier(
+        &self,
+        finish: bool,
+        phase: Phase,
+        every: Duration,
+        alive: &mut dyn FnMut() -> Result<(), ProtocolError>,
+    ) -> Result<Counts, MigrationError> {
         for (i, tx) in self.jobs.iter().enumerate() {
             let job = if finish { Job::Finish } else { Job::Flush };
             if tx.send(job).is_err() {
@@ -263,10 +286,19 @@ impl StreamPool {
         let mut total = Counts::default();
         let mut errors = Vec::new();
         for (i, rx) in self.done.iter().enumerate() {
-            match rx.recv() {
+            let got = loop {
+                match rx.recv_timeout(every) {
+                    Ok(r) => break Ok(r),
+                    Err(crossbeam_channel::RecvTimeoutError::Timeout) => {
+                        alive().map_err(|e| MigrationError::new(phase, e))?;
+                    }
+                    Err(crossbeam_channel::RecvTimeoutError::Disconnected) => break Err(()),
+                }
+            };
+            match got {
                 Ok(Ok(c)) => total.add(c),
                 Ok(Err(e)) => errors.push((i, ErrorKind::Protocol(e))),
-                Err(_) => errors.push((i, ErrorKind::Invalid("sender thread exited".into()))),
+                Err(()) => errors.push((i, ErrorKind::Invalid("sender thread exited".into()))),
             }
         }
         // Name the stream that failed first, not the ones that broke after.
@@ -304,7 +336,7 @@ fn stream_worker(
     let mut error: Option<ProtocolError> = None;
     let mut reported = Counts::default();
     loop {
-        let job = match jobs.recv_timeout(KEEPALIVE) {
+        let job = match jobs.recv_timeout(sender.alive_every) {
             Ok(j) => j,
             Err(crossbeam_channel::RecvTimeoutError::Timeout) => {
                 if error.is_none() {
@@ -394,7 +426,30 @@ impl PageSender<'_> {
         let n = self.fw.bytes_written() - before;
         self.counts.bytes += n;
         self.batch.clear();
-        self.pacer.account(n);
+        self.last_control = Instant::now();
+        let wait = self.pacer.account(n);
+        self.pace(wait)
+    }
+
+    /// Waits `wait` for the bandwidth cap, in slices of at most
+    /// the keepalive interval, with a `Keepalive` on this connection after each
+    /// slice that leaves more to wait: a slow cap never keeps the peer's
+    /// read timeout waiting.
+    fn pace(&mut self, wait: Duration) -> Result<(), ProtocolError> {
+        let until = Instant::now() + wait;
+        loop {
+            let left = until.saturating_duration_since(Instant::now());
+            if left.is_zero() {
+                break;
+            }
+            std::thread::sleep(left.min(self.alive_every));
+            if Instant::now() < until {
+                self.fw.write_frame(MsgKind::Keepalive, &[])?;
+                self.fw.flush()?;
+                self.last_control = Instant::now();
+            }
+        }
+        self.pacer.rewind();
         Ok(())
     }
 
@@ -468,6 +523,11 @@ impl PageSender<'_> {
             let pages = bitmap.region_pages(region);
             let mut chunk = 0;
             while chunk < pages {
+                // Keep the connection (the control one, or the only one)
+                // alive through long stretches of clearing or of pages
+                // that travel on other streams.
+                self.keepalive()
+                    .map_err(|e| MigrationError::new(phase, e))?;
                 let end = (chunk + CHUNK_PAGES).min(pages);
                 if !bitmap.any_in(region, chunk, end) {
                     chunk = end;
@@ -522,8 +582,6 @@ impl PageSender<'_> {
                 // The barrier at the end of the round names the stream and why.
                 return Ok(());
             }
-            self.keepalive()
-                .map_err(|e| MigrationError::new(phase, e))?;
         } else {
             for (first, n) in runs {
                 self.send_run(region, first, n)
@@ -538,16 +596,24 @@ impl PageSender<'_> {
     fn end_round(&mut self, phase: Phase, last: bool) -> Result<(), MigrationError> {
         self.flush().map_err(|e| MigrationError::new(phase, e))?;
         if let Some(pool) = &self.pool {
-            let c = pool.barrier(last, phase)?;
+            let (fw, last_control) = (&mut self.fw, &mut self.last_control);
+            let mut alive = || {
+                fw.write_frame(MsgKind::Keepalive, &[])?;
+                fw.flush()?;
+                *last_control = Instant::now();
+                Ok(())
+            };
+            let c = pool.barrier(last, phase, self.alive_every, &mut alive)?;
             self.counts.add(c);
         }
         Ok(())
     }
 
-    /// A keepalive on the control connection if it has been quiet for a
-    /// while (its pages travel on the other streams).
+    /// A keepalive on this connection if it has been quiet for
+    /// the keepalive interval (with page streams its pages travel elsewhere; alone,
+    /// re-arming the dirty log of a large idle region can take a while).
     fn keepalive(&mut self) -> Result<(), ProtocolError> {
-        if self.last_control.elapsed() >= KEEPALIVE {
+        if self.last_control.elapsed() >= self.alive_every {
             self.fw.write_frame(MsgKind::Keepalive, &[])?;
             self.fw.flush()?;
             self.last_control = Instant::now();
@@ -683,14 +749,11 @@ pub fn migrate_streams<V: SourceVm + ?Sized>(
     let layout = desc.layout.clone();
     let mut report = Report::new(layout.total_bytes(), ms(config.downtime_limit));
     cancel.attach(transport.try_clone().ok());
-    let result = if config.streams == 0 || config.streams > MAX_STREAMS {
-        Err(MigrationError::new(
-            Phase::Handshake,
-            ErrorKind::Invalid(format!(
-                "streams = {} is outside 1..={MAX_STREAMS}",
-                config.streams
-            )),
-        ))
+    // The operator's run state, kept from start to end (see
+    // `SourceVm::is_paused`).
+    let paused = vm.is_paused();
+    let result = if let Err(e) = config.validate() {
+        Err(MigrationError::new(Phase::Handshake, e))
     } else if config.streams > 1 && opener.is_none() {
         Err(MigrationError::new(
             Phase::Handshake,
@@ -710,6 +773,7 @@ pub fn migrate_streams<V: SourceVm + ?Sized>(
             &mut report,
             started,
             desc,
+            paused,
         )
     };
     cancel.detach_all();
@@ -748,6 +812,7 @@ fn run_source<V: SourceVm + ?Sized>(
     report: &mut Report,
     started: Instant,
     desc: crate::vm::VmDescription,
+    paused: bool,
 ) -> Result<(), MigrationError> {
     let hs = Phase::Handshake;
     let layout = desc.layout.clone();
@@ -756,12 +821,20 @@ fn run_source<V: SourceVm + ?Sized>(
         .map_err(|e| MigrationError::new(hs, ProtocolError::Io(e)))?;
     rx.set_read_timeout(Some(config.io_timeout))
         .map_err(|e| MigrationError::new(hs, ProtocolError::Io(e)))?;
+    let mut transport = transport;
+    transport
+        .set_write_timeout(Some(config.io_timeout))
+        .map_err(|e| MigrationError::new(hs, ProtocolError::Io(e)))?;
+    // Every connection, for the paused phase's watchdog.
+    let mut links: Vec<Box<dyn Transport>> = Vec::new();
+    links.extend(transport.try_clone().ok());
     let mut fr = FrameReader::new(rx);
     let mut fw = FrameWriter::new(transport);
 
     // Handshake: refuse before a single page is sent.
     let mut hello = Hello::new(desc);
     hello.streams = config.streams;
+    hello.paused = paused;
     fw.send(&hello).map_err(|e| MigrationError::new(hs, e))?;
     let reply = HelloReply::decode(&expect(
         &mut fr,
@@ -772,6 +845,16 @@ fn run_source<V: SourceVm + ?Sized>(
     .map_err(|e| MigrationError::new(hs, e))?;
     if !reply.accepted {
         return Err(MigrationError::new(hs, ErrorKind::Refused(reply.reason)));
+    }
+    if !(MIN_PROTOCOL_VERSION..=PROTOCOL_VERSION).contains(&reply.version) {
+        return Err(MigrationError::new(
+            hs,
+            ErrorKind::Invalid(format!(
+                "the destination chose protocol version {}; this side speaks \
+                 {MIN_PROTOCOL_VERSION}..={PROTOCOL_VERSION}",
+                reply.version
+            )),
+        ));
     }
     if reply.streams > config.streams {
         return Err(MigrationError::new(
@@ -801,10 +884,13 @@ fn run_source<V: SourceVm + ?Sized>(
                     },
                 )
             };
-            let t = opener
+            let mut t = opener
                 .open()
                 .map_err(|e| stream_err(ProtocolError::Io(e).into()))?;
+            t.set_write_timeout(Some(config.io_timeout))
+                .map_err(|e| stream_err(ProtocolError::Io(e).into()))?;
             cancel.attach(t.try_clone().ok());
+            links.extend(t.try_clone().ok());
             let mut w = FrameWriter::new(t);
             w.send(&StreamHello {
                 token: reply.token,
@@ -818,30 +904,12 @@ fn run_source<V: SourceVm + ?Sized>(
     report.streams = reply.streams;
     progress(&Progress::Accepted);
 
-    // Measure the state: a short pause now tells what the switchover costs
-    // beyond memory, and proves the state can be saved before we commit.
-    // The estimate: the save itself, plus the pause latency capped at 2 ms
-    // (one slow pause under host load must not make the policy believe
-    // every switchover costs that much and never converge). A measurement
-    // over a quarter of the downtime limit is repeated (twice at most) and
-    // the smallest kept, for the same reason.
-    let mut state_time = Duration::MAX;
-    let mut sections = Vec::new();
-    for _ in 0..3 {
-        let t = Instant::now();
-        vm.pause().map_err(|e| MigrationError::new(hs, e))?;
-        let t_paused = Instant::now();
-        let saved = vm.save_state();
-        let t_saved = Instant::now();
-        let resumed = vm.resume();
-        let this = (t_saved - t_paused) + (t_paused - t).min(Duration::from_millis(2));
-        state_time = state_time.min(this);
-        sections = saved.map_err(|e| MigrationError::new(hs, e))?;
-        resumed.map_err(|e| MigrationError::new(hs, e))?;
-        if state_time <= config.downtime_limit / 4 {
-            break;
-        }
-    }
+    // Measure the state (see `measure_state`).
+    let (state_time, sections) = measure_state(vm, paused, config.downtime_limit)?;
+    // A state that cannot travel is refused now, not after the pause.
+    let frames = state_frames(sections.clone(), MAX_FRAME_PAYLOAD)
+        .map_err(|e| MigrationError::new(hs, e))?;
+    report.state_frames = frames.len() as u32;
     let state_bytes: u64 = sections
         .iter()
         .map(|s| s.data.len() as u64 + s.name.len() as u64 + 16)
@@ -874,6 +942,7 @@ fn run_source<V: SourceVm + ?Sized>(
         last_control: Instant::now(),
         lz4: config.compress.then(Vec::new),
         clear_time: Duration::ZERO,
+        alive_every: keepalive_every(config.io_timeout),
     };
     let nstreams = streams.len() as u64;
     let per_stream_rate = config.max_bandwidth.map(|r| (r / nstreams.max(1)).max(1));
@@ -886,7 +955,9 @@ fn run_source<V: SourceVm + ?Sized>(
     report.setup_ms = ms(started.elapsed());
 
     let throttler = Throttler::default();
-    let throttle_target = if config.auto_converge {
+    // An operator-paused VM is never throttled (the throttler resumes the
+    // vCPUs it parked) — nor does it dirty memory.
+    let throttle_target = if config.auto_converge && !paused {
         vm.throttle()
     } else {
         None
@@ -950,6 +1021,7 @@ fn run_source<V: SourceVm + ?Sized>(
             state_time,
             state_bytes,
             &throttler,
+            &links,
         );
         throttler.finish(true);
         // Stop the stream threads (on success they have already finished).
@@ -974,9 +1046,12 @@ fn run_source<V: SourceVm + ?Sized>(
     };
     if let Err(e) = &outcome {
         if !committed {
-            // Fail safe: the source keeps the guest.
-            if let Err(re) = vm.resume() {
-                log::error!("resuming the source after a failed migration: {re}");
+            // Fail safe: the source keeps the guest, in the run state the
+            // operator left it in.
+            if !paused {
+                if let Err(re) = vm.resume() {
+                    log::error!("resuming the source after a failed migration: {re}");
+                }
             }
             let msg = ErrorMsg {
                 phase: e.phase.to_string(),
@@ -1023,6 +1098,7 @@ fn precopy_and_switch<V: SourceVm + ?Sized>(
     state_time: Duration,
     state_bytes: u64,
     throttler: &Throttler,
+    links: &[Box<dyn Transport>],
 ) -> Result<(), MigrationError> {
     let layout = sender.layout.clone();
     let mut throttle = Throttle::default();
@@ -1155,15 +1231,107 @@ fn precopy_and_switch<V: SourceVm + ?Sized>(
 
     // Stop-and-copy: stop throttling first so it cannot race the pause.
     throttler.finish(true);
-    let fm = Phase::FinalMemory;
     let t_pause = Instant::now();
-    vm.pause().map_err(|e| MigrationError::new(fm, e))?;
-    let t_paused = Instant::now();
+    vm.pause()
+        .map_err(|e| MigrationError::new(Phase::FinalMemory, e))?;
+    // From here to `Go` the guest runs nowhere: bounded by `max_pause`.
+    let deadline = PauseDeadline::arm(
+        config.max_pause,
+        links.iter().filter_map(|l| l.try_clone().ok()).collect(),
+    );
+    let expired = |e: MigrationError| {
+        if deadline.expired() {
+            MigrationError::new(
+                e.phase,
+                ErrorKind::PauseDeadline {
+                    limit: deadline.limit(),
+                    paused: deadline.paused_for(),
+                },
+            )
+        } else {
+            e
+        }
+    };
+    let (t, ready) = stop_and_copy(vm, tracker, sender, fr, config, progress, report, bitmap)
+        .map_err(expired)?;
+    if cancel.is_cancelled() {
+        return Err(MigrationError::new(Phase::Completion, ErrorKind::Cancelled));
+    }
+
+    // Commit: from here on only the destination's `Abandoned` lets the
+    // source run the guest again (see `commit`).
+    let cp = Phase::Completion;
+    if !deadline.disarm() {
+        let kind = ErrorKind::PauseDeadline {
+            limit: deadline.limit(),
+            paused: deadline.paused_for(),
+        };
+        return Err(MigrationError::new(cp, kind));
+    }
+    let answer_wait = config.io_timeout.saturating_mul(2);
+    let resumed = match commit(&mut sender.fw, fr, &Go, answer_wait) {
+        Commit::Committed(r) => r,
+        Commit::Abandoned(why) => return Err(MigrationError::new(cp, ErrorKind::Abandoned(why))),
+        Commit::Ambiguous(why) => return Err(MigrationError::new(cp, ErrorKind::Ambiguous(why))),
+    };
+    let t_done = Instant::now();
+
+    report.pages_sent = sender.counts.pages;
+    report.zero_pages = sender.counts.zero + sender.skipped;
+    report.downtime_ms = ms(t_done - t_pause);
+    let b = &mut report.downtime_breakdown;
+    b.pause_ms = ms(t.paused - t_pause);
+    b.state_save_ms = ms(t.saved - t.paused);
+    b.final_sync_ms = ms(t.synced - t.saved);
+    b.final_memory_ms = ms(t.mem - t.synced);
+    b.state_transfer_ms = ms(t.ready - t.mem);
+    b.dest_restore_ms = ready.restore_us as f64 / 1000.0;
+    b.resume_ack_ms = ms(t_done - t.ready);
+    b.dest_resume_ms = resumed.resume_us as f64 / 1000.0;
+    progress(&Progress::Completed {
+        downtime_ms: report.downtime_ms,
+    });
+    Ok(())
+}
+
+/// When each step of the stop-and-copy ended (in this order).
+struct SwitchTimes {
+    paused: Instant,
+    saved: Instant,
+    synced: Instant,
+    mem: Instant,
+    ready: Instant,
+}
+
+/// The paused part before the commit point, in this order: save the state,
+/// the final dirty sync (the hypervisor's log and the VMM's bitmap, so it
+/// includes what the save itself wrote), the last dirty pages, the state
+/// frames, `Complete`, and the destination's `Ready`. The VM is paused.
+#[allow(clippy::too_many_arguments)]
+fn stop_and_copy<V: SourceVm + ?Sized>(
+    vm: &V,
+    tracker: &mut (dyn DirtyTracker + '_),
+    sender: &mut PageSender<'_>,
+    fr: &mut FrameReader<Box<dyn Transport>>,
+    config: &MigrationConfig,
+    progress: &mut dyn FnMut(&Progress),
+    report: &mut Report,
+    mut bitmap: DirtyBitmap,
+) -> Result<(SwitchTimes, Ready), MigrationError> {
+    let fm = Phase::FinalMemory;
+    let st = Phase::State;
+    let paused = Instant::now();
+    // Save the state first: a device whose save writes guest memory
+    // through the VMM's tracked path (vm-memory) does so now, and the final
+    // sync below picks that page up with the rest (saved after the final
+    // pages, such a write was lost).
+    let sections = vm.save_state().map_err(|e| MigrationError::new(st, e))?;
+    let saved = Instant::now();
     tracker
         .sync(&mut bitmap)
         .map_err(|e| MigrationError::new(fm, e))?;
     merge_vmm_writes(vm, &mut bitmap);
-    let t_synced = Instant::now();
+    let synced = Instant::now();
     progress(&Progress::Paused {
         remaining_pages: bitmap.count(),
     });
@@ -1177,15 +1345,16 @@ fn precopy_and_switch<V: SourceVm + ?Sized>(
     // One barrier: every stream flushes and ends with `Complete`.
     sender.end_round(fm, true)?;
     report.final_pages = sender.counts.pages - before.pages + sender.counts.zero - before.zero;
-    let t_mem = Instant::now();
+    let mem = Instant::now();
 
-    let st = Phase::State;
-    let sections = vm.save_state().map_err(|e| MigrationError::new(st, e))?;
-    let t_saved = Instant::now();
     report.state_bytes = sections.iter().map(|s| s.data.len() as u64).sum();
-    let state = State { sections };
+    let frames =
+        state_frames(sections, MAX_FRAME_PAYLOAD).map_err(|e| MigrationError::new(st, e))?;
+    report.state_frames = frames.len() as u32;
     let fw = &mut sender.fw;
-    fw.send(&state).map_err(|e| MigrationError::new(st, e))?;
+    for state in &frames {
+        fw.send(state).map_err(|e| MigrationError::new(st, e))?;
+    }
     fw.write_frame(MsgKind::Complete, &[])
         .map_err(|e| MigrationError::new(st, e))?;
     fw.flush().map_err(|e| MigrationError::new(st, e))?;
@@ -1196,36 +1365,61 @@ fn precopy_and_switch<V: SourceVm + ?Sized>(
         config.io_timeout,
     )?)
     .map_err(|e| MigrationError::new(Phase::Completion, e))?;
-    let t_ready = Instant::now();
-    if cancel.is_cancelled() {
-        return Err(MigrationError::new(Phase::Completion, ErrorKind::Cancelled));
-    }
-
-    // Commit: from here on the source never resumes the guest by itself.
-    let cp = Phase::Completion;
-    if let Err(e) = fw.write_frame(MsgKind::Go, &[]).and_then(|_| fw.flush()) {
-        return Err(MigrationError::new(cp, ErrorKind::Ambiguous(e.to_string())));
-    }
-    let resumed = match expect(fr, MsgKind::Resumed, cp, config.io_timeout) {
-        Ok(p) => Resumed::decode(&p).map_err(|e| MigrationError::new(cp, e))?,
-        Err(e) => return Err(MigrationError::new(cp, ErrorKind::Ambiguous(e.to_string()))),
+    let times = SwitchTimes {
+        paused,
+        synced,
+        mem,
+        saved,
+        ready: Instant::now(),
     };
-    let t_done = Instant::now();
+    Ok((times, ready))
+}
 
-    report.pages_sent = sender.counts.pages;
-    report.zero_pages = sender.counts.zero + sender.skipped;
-    report.downtime_ms = ms(t_done - t_pause);
-    let b = &mut report.downtime_breakdown;
-    b.pause_ms = ms(t_paused - t_pause);
-    b.final_sync_ms = ms(t_synced - t_paused);
-    b.final_memory_ms = ms(t_mem - t_synced);
-    b.state_save_ms = ms(t_saved - t_mem);
-    b.state_transfer_ms = ms(t_ready - t_saved);
-    b.dest_restore_ms = ready.restore_us as f64 / 1000.0;
-    b.resume_ack_ms = ms(t_done - t_ready);
-    b.dest_resume_ms = resumed.resume_us as f64 / 1000.0;
-    progress(&Progress::Completed {
-        downtime_ms: report.downtime_ms,
-    });
-    Ok(())
+/// Measures the state before any page is sent: a short pause now tells
+/// what the switchover costs beyond memory, and proves the state can be
+/// saved before anything is committed.
+///
+/// The estimate: the save itself, plus the pause latency capped at 2 ms (one
+/// slow pause under host load must not make the policy believe every
+/// switchover costs that much and never converge). A measurement over a
+/// quarter of `limit` is repeated (twice at most) and the smallest kept,
+/// for the same reason.
+///
+/// A VM the operator paused is only saved (never resumed). If pausing a
+/// running VM fails, it is resumed (a pause that failed half-way may have
+/// stopped some vCPUs), so it runs as before.
+fn measure_state<V: SourceVm + ?Sized>(
+    vm: &V,
+    paused: bool,
+    limit: Duration,
+) -> Result<(Duration, Vec<crate::state::Section>), MigrationError> {
+    let hs = Phase::Handshake;
+    if paused {
+        let t = Instant::now();
+        let sections = vm.save_state().map_err(|e| MigrationError::new(hs, e))?;
+        return Ok((t.elapsed(), sections));
+    }
+    let mut state_time = Duration::MAX;
+    let mut sections = Vec::new();
+    for _ in 0..3 {
+        let t = Instant::now();
+        if let Err(e) = vm.pause() {
+            if let Err(re) = vm.resume() {
+                log::error!("resuming the source after a failed pause: {re}");
+            }
+            return Err(MigrationError::new(hs, e));
+        }
+        let t_paused = Instant::now();
+        let saved = vm.save_state();
+        let t_saved = Instant::now();
+        let resumed = vm.resume();
+        let this = (t_saved - t_paused) + (t_paused - t).min(Duration::from_millis(2));
+        state_time = state_time.min(this);
+        sections = saved.map_err(|e| MigrationError::new(hs, e))?;
+        resumed.map_err(|e| MigrationError::new(hs, e))?;
+        if state_time <= limit / 4 {
+            break;
+        }
+    }
+    Ok((state_time, sections))
 }

@@ -123,8 +123,14 @@ pub trait SourceVm: Send + Sync {
     fn pause(&self) -> Result<(), VmError>;
 
     /// Lets a paused VM run again (used when a migration fails before the
-    /// switchover; also when the VM is throttled).
+    /// switchover, unless the VM was paused when it started).
     fn resume(&self) -> Result<(), VmError>;
+
+    /// Whether the VM is paused now. The engine asks once, when a migration
+    /// starts: a paused VM migrates paused (the engine never runs it,
+    /// neither to measure its state nor after a failure, and the
+    /// destination does not resume it).
+    fn is_paused(&self) -> bool;
 
     /// Saves all non-memory state (vCPUs, VM-wide, devices) as sections.
     /// Called only while paused.
@@ -149,7 +155,10 @@ pub trait DestinationVm: Send {
     fn restore_state(&mut self, sections: &[Section]) -> Result<(), VmError>;
 
     /// Starts the vCPUs. Called once, after `restore_state` succeeded and the
-    /// source committed to the switchover.
+    /// source committed to the switchover — not at all when the source VM
+    /// was paused (the VM is then handed back paused). On error no vCPU may
+    /// be left running: the engine drops the VM and tells the source that
+    /// the guest will never run here (the source then resumes it).
     fn resume(&mut self) -> Result<(), VmError>;
 }
 

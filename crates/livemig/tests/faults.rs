@@ -535,16 +535,21 @@ fn source_side_complete() {
                 fails_in(st, &[TIMEOUT, REMOTE, CLOSED])
             }
             // The destination restores, sends Ready, and finds the copy where Go
-            // should be: it drops the VM. The source has sent Go by then.
-            Fault::Duplicate => Expect::Ambiguous { runs: false },
+            // should be: it drops the VM and answers Abandoned, so the source
+            // (which has sent Go by then) runs the guest again.
+            Fault::Duplicate => fails_in(Phase::Completion, &[SEQ]),
         },
     );
 }
 
 #[test]
 fn source_side_go() {
-    // Go, the commit: once the source tries to send it, any failure is
-    // ambiguous and the source stays paused.
+    // Go, the commit: once the source tries to send it, only the
+    // destination's answer can tell. A destination that never got a valid
+    // Go gives up and answers Abandoned (it will never run the guest), so
+    // the source runs it again; a connection that is gone both ways leaves
+    // the outcome ambiguous and the source paused.
+    let cp = Phase::Completion;
     point(
         700,
         Side::Source,
@@ -554,7 +559,9 @@ fn source_side_go() {
             _ if is_short(f) => Expect::Succeeds,
             // The destination resumes on the first Go and never reads the copy.
             Fault::Duplicate => Expect::Succeeds,
-            _ => Expect::Ambiguous { runs: false },
+            Fault::Drop => Expect::Ambiguous { runs: false },
+            Fault::Flip(_) => fails_in(cp, &[CRC]),
+            Fault::Truncate | Fault::Blackhole | Fault::Stall(_) => fails_in(cp, &[TIMEOUT]),
         },
     );
 }
@@ -946,11 +953,17 @@ fn hostile_state_sections() {
         st,
         "truncated",
     );
-    // No State at all, and two of them.
+    // No State at all; the same section in two State frames (several
+    // frames are fine, names must be unique across them); too many frames.
     refused(&with_frame(5, None), st, "Complete before any State");
     let mut f = harness::valid_frames();
     f.insert(5, f[5].clone());
-    refused(&harness::frames(&f), st, "a second State frame");
+    refused(&harness::frames(&f), st, "appears in two State frames");
+    let mut f = harness::valid_frames();
+    for i in 0..livemig::protocol::MAX_STATE_FRAMES {
+        f.insert(5, sec(&format!("extra.{i}"), 1, vec![]));
+    }
+    refused(&harness::frames(&f), st, "more than 16 State frames");
 }
 
 #[test]

@@ -155,7 +155,8 @@ fn streams_without_opener_is_a_clear_error() {
     };
     let (a, _b) = mem::pair();
     let e = migrate(&src, Box::new(a), &mc, &CancelToken::new(), &mut |_| {}).unwrap_err();
-    assert!(e.to_string().contains("outside"), "{e}");
+    assert!(e.to_string().contains("streams = 99"), "{e}");
+    assert!(matches!(e.kind, ErrorKind::Config(_)), "{e}");
 }
 
 /// An opener that first connects a stranger (wrong token) and a duplicate
@@ -379,4 +380,65 @@ fn compressed_pages_memory_identical() {
             plain.bytes_sent, z.bytes_sent
         );
     }
+}
+
+/// A stray connection that connects first and sends nothing (kept open):
+/// the destination gives each connection a short time to say `StreamHello`
+/// (`STREAM_HELLO_TIMEOUT`), so the stray cannot hold the real streams off
+/// until the stream deadline (`io_timeout`, here 4 s) passes.
+#[test]
+fn a_silent_stray_cannot_hold_off_the_streams() {
+    struct SilentFirst {
+        inner: mem::MemOpener,
+        stray: Option<Box<dyn Transport>>,
+        done: bool,
+    }
+    impl StreamOpener for SilentFirst {
+        fn open(&mut self) -> std::io::Result<Box<dyn Transport>> {
+            if !self.done {
+                self.done = true;
+                // Connects, never writes, stays open.
+                self.stray = Some(self.inner.open()?);
+            }
+            self.inner.open()
+        }
+    }
+    let src = SoftVm::new(&layout(), &busy()).unwrap();
+    src.fill(11);
+    src.start();
+    let (a, b) = mem::pair();
+    let (opener, mut acceptor) = mem::streams();
+    let dest = std::thread::spawn(move || {
+        receive_streams(
+            Box::new(b),
+            Some(&mut acceptor),
+            &ReceiveConfig {
+                io_timeout: Duration::from_secs(4),
+            },
+            |d| SoftVm::new(&d.layout, &SoftConfig::idle()),
+        )
+    });
+    let mut opener = SilentFirst {
+        inner: opener,
+        stray: None,
+        done: false,
+    };
+    let mc = MigrationConfig {
+        streams: 2,
+        downtime_limit: Duration::from_millis(200),
+        io_timeout: Duration::from_secs(4),
+        ..Default::default()
+    };
+    let r = migrate_streams(
+        &src,
+        Box::new(a),
+        Some(&mut opener),
+        &mc,
+        &CancelToken::new(),
+        &mut |_| {},
+    )
+    .expect("the real streams were accepted");
+    let (dst, _) = dest.join().unwrap().expect("destination");
+    assert_eq!(r.streams, 2);
+    assert_eq!(src.snapshot(), dst.snapshot());
 }

@@ -1,0 +1,215 @@
+//! The commit point of the source: `Go`, then the destination's answer.
+//!
+//! Once the source has *tried* to write `Go`, the destination may run the
+//! guest. From then on exactly three outcomes exist, and only one of them
+//! lets the source run the guest again:
+//!
+//! * a well-formed `Resumed`: the destination has the guest ([`Commit::Committed`]);
+//! * a well-formed `Abandoned`: the destination promises it dropped the VM
+//!   and will never run it ([`Commit::Abandoned`]); the source may resume;
+//! * anything else ([`Commit::Ambiguous`]): a `Resumed` whose payload does not
+//!   decode, an `Error`, any other frame, a timeout, a dropped connection, a
+//!   failed write of `Go` itself. The guest may be running there: the source
+//!   must stay paused.
+
+use std::time::Duration;
+
+use crate::protocol::{
+    Abandoned, FrameReader, FrameWriter, Go, Message, MsgKind, ProtocolError, Resumed,
+};
+use crate::transport::Transport;
+
+/// What the destination answered to `Go`.
+#[derive(Debug)]
+pub(crate) enum Commit {
+    /// The destination confirmed the switchover.
+    Committed(Resumed),
+    /// The destination dropped the VM and will never run it
+    /// (`phase: message`, its reason).
+    Abandoned(String),
+    /// The outcome is unknown; why.
+    Ambiguous(String),
+}
+
+/// Sends `go` and waits at most `timeout` for the answer.
+///
+/// The caller passes twice its `io_timeout`: a destination with the same
+/// timeout that gave up waiting for `Go` (it started waiting before the
+/// source did) has answered `Abandoned` by then.
+///
+/// Even when writing `Go` fails, the answer is read: a destination that gave
+/// up (and said so with `Abandoned`) before `Go` reached it may have closed
+/// the connection already.
+pub(crate) fn commit(
+    fw: &mut FrameWriter<Box<dyn Transport>>,
+    fr: &mut FrameReader<Box<dyn Transport>>,
+    go: &Go,
+    timeout: Duration,
+) -> Commit {
+    let sent = fw.send(go).and_then(|_| fw.flush());
+    if let Err(e) = fr.get_mut().set_read_timeout(Some(timeout)) {
+        return Commit::Ambiguous(format!("cannot wait for the answer to Go: {e}"));
+    }
+    let answer = read_answer(fr, timeout);
+    match (answer, sent) {
+        // A definite answer wins: the destination saw `Go` (or gave up).
+        (c @ (Commit::Committed(_) | Commit::Abandoned(_)), _) => c,
+        (Commit::Ambiguous(why), Err(e)) => {
+            Commit::Ambiguous(format!("sending Go failed ({e}); then {why}"))
+        }
+        (c, Ok(())) => c,
+    }
+}
+
+/// Reads one frame and classifies it.
+fn read_answer(fr: &mut FrameReader<Box<dyn Transport>>, timeout: Duration) -> Commit {
+    let f = match fr.read_frame() {
+        Ok(f) => f,
+        Err(e) => return Commit::Ambiguous(describe_read_error(&e, timeout)),
+    };
+    match f.kind {
+        MsgKind::Resumed => match Resumed::decode(f.payload) {
+            Ok(r) => Commit::Committed(r),
+            Err(e) => Commit::Ambiguous(format!("a malformed Resumed frame: {e}")),
+        },
+        MsgKind::Abandoned => match Abandoned::decode(f.payload) {
+            Ok(Abandoned(m)) => Commit::Abandoned(format!("{}: {}", m.phase, m.message)),
+            Err(e) => Commit::Ambiguous(format!("a malformed Abandoned frame: {e}")),
+        },
+        MsgKind::Error => match crate::protocol::ErrorMsg::decode(f.payload) {
+            Ok(m) => Commit::Ambiguous(format!(
+                "the destination reported an error after Go, in its {} phase: {}",
+                m.phase, m.message
+            )),
+            Err(e) => Commit::Ambiguous(format!("a malformed Error frame after Go: {e}")),
+        },
+        other => Commit::Ambiguous(format!("an unexpected {other} frame instead of Resumed")),
+    }
+}
+
+fn describe_read_error(e: &ProtocolError, timeout: Duration) -> String {
+    if e.is_timeout() {
+        format!("no Resumed within {timeout:?}")
+    } else {
+        e.to_string()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::protocol::ErrorMsg;
+    use crate::transport::mem;
+
+    type Reader = FrameReader<Box<dyn Transport>>;
+    type Writer = FrameWriter<Box<dyn Transport>>;
+
+    /// The source's ends, and the peer's writer (`Go` lands in its buffer;
+    /// the mem pipe holds 16 chunks, so nothing blocks).
+    fn ends() -> (Writer, Reader, Writer, Box<dyn Transport>) {
+        let (a, b) = mem::pair();
+        let a: Box<dyn Transport> = Box::new(a);
+        let mut rx = a.try_clone().unwrap();
+        rx.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+        let b: Box<dyn Transport> = Box::new(b);
+        let peer_rx = b.try_clone().unwrap();
+        (
+            FrameWriter::new(a),
+            FrameReader::new(rx),
+            FrameWriter::new(b),
+            peer_rx,
+        )
+    }
+
+    fn run(answer: impl FnOnce(&mut Writer)) -> Commit {
+        let (mut fw, mut fr, mut peer, _keep) = ends();
+        answer(&mut peer);
+        commit(&mut fw, &mut fr, &Go, Duration::from_secs(5))
+    }
+
+    #[test]
+    fn resumed_commits() {
+        let c = run(|p| p.send(&Resumed { resume_us: 7 }).unwrap());
+        assert!(
+            matches!(c, Commit::Committed(Resumed { resume_us: 7 })),
+            "{c:?}"
+        );
+    }
+
+    #[test]
+    fn malformed_resumed_is_ambiguous() {
+        let c = run(|p| p.write_frame(MsgKind::Resumed, &[&[1, 2, 3]]).unwrap());
+        assert!(
+            matches!(&c, Commit::Ambiguous(w) if w.contains("malformed Resumed")),
+            "{c:?}"
+        );
+    }
+
+    #[test]
+    fn error_after_go_is_ambiguous() {
+        let c = run(|p| p.send(&ErrorMsg::new("completion", "boom")).unwrap());
+        assert!(
+            matches!(&c, Commit::Ambiguous(w) if w.contains("boom")),
+            "{c:?}"
+        );
+    }
+
+    #[test]
+    fn abandoned_lets_the_source_resume() {
+        let c = run(|p| {
+            p.send(&Abandoned(ErrorMsg::new("completion", "no Go")))
+                .unwrap()
+        });
+        assert!(
+            matches!(&c, Commit::Abandoned(w) if w.contains("no Go")),
+            "{c:?}"
+        );
+    }
+
+    #[test]
+    fn malformed_abandoned_is_ambiguous() {
+        let c = run(|p| p.write_frame(MsgKind::Abandoned, &[&[9]]).unwrap());
+        assert!(matches!(c, Commit::Ambiguous(_)), "{c:?}");
+    }
+
+    #[test]
+    fn other_frames_are_ambiguous() {
+        let c = run(|p| p.write_frame(MsgKind::Keepalive, &[]).unwrap());
+        assert!(matches!(c, Commit::Ambiguous(_)), "{c:?}");
+    }
+
+    #[test]
+    fn dropped_connection_is_ambiguous() {
+        let (mut fw, mut fr, peer, keep) = ends();
+        drop((peer, keep));
+        let c = commit(&mut fw, &mut fr, &Go, Duration::from_secs(5));
+        assert!(
+            matches!(&c, Commit::Ambiguous(w) if w.contains("sending Go failed")),
+            "{c:?}"
+        );
+    }
+
+    #[test]
+    fn abandoned_wins_over_a_failed_go() {
+        // The destination gave up, said so and hung up before Go arrived.
+        let (mut fw, mut fr, mut peer, keep) = ends();
+        peer.send(&Abandoned(ErrorMsg::new("completion", "timed out")))
+            .unwrap();
+        drop((peer, keep));
+        let c = commit(&mut fw, &mut fr, &Go, Duration::from_secs(5));
+        assert!(matches!(c, Commit::Abandoned(_)), "{c:?}");
+    }
+
+    #[test]
+    fn silence_is_ambiguous() {
+        let (mut fw, mut fr, _peer, _keep) = ends();
+        fr.get_mut()
+            .set_read_timeout(Some(Duration::from_millis(20)))
+            .unwrap();
+        let c = commit(&mut fw, &mut fr, &Go, Duration::from_millis(20));
+        assert!(
+            matches!(&c, Commit::Ambiguous(w) if w.contains("no Resumed")),
+            "{c:?}"
+        );
+    }
+}

@@ -1,0 +1,175 @@
+//! The migration guard: one per source VM, so that operator commands cannot
+//! undo the split-brain protection.
+//!
+//! While a migration of the VM runs, an operator's `pause` or `resume` would
+//! race the engine's own (a `resume` during the stop-and-copy lets the guest
+//! write pages that are never sent); after the guest committed to the
+//! destination, or the outcome became ambiguous, a `resume` would run the
+//! guest twice. A [`MigrationGuard`] owns those decisions: route every
+//! operator `pause`, `resume` and `migrate` of a VM through its guard and
+//! they are refused in those states with a [`GuardError`] naming the state.
+//!
+//! ```
+//! use livemig::guard::{GuardError, GuardState, MigrationGuard};
+//! use livemig::memory::{MemoryLayout, RegionDesc};
+//! use livemig::soft::{SoftConfig, SoftVm};
+//!
+//! let layout = MemoryLayout::new(vec![RegionDesc { guest_addr: 0, size: 1 << 20 }]).unwrap();
+//! let vm = SoftVm::new(&layout, &SoftConfig::idle()).unwrap();
+//! let guard = MigrationGuard::new();
+//! guard.resume(&vm).unwrap(); // no migration: allowed
+//! assert_eq!(guard.state(), GuardState::Idle);
+//! ```
+
+use std::sync::{Mutex, MutexGuard};
+
+use crate::error::{ErrorKind, MigrationError, Phase};
+use crate::policy::MigrationConfig;
+use crate::report::{Progress, Report};
+use crate::source::{migrate_streams, CancelToken};
+use crate::transport::{StreamOpener, Transport};
+use crate::vm::{SourceVm, VmError};
+
+/// Where the VM stands with respect to migration.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum GuardState {
+    /// No migration runs; operator commands pass.
+    Idle,
+    /// A migration runs; the engine alone pauses and resumes the VM.
+    Migrating,
+    /// The guest runs on the destination (for good).
+    Migrated,
+    /// The last migration's outcome is unknown: the guest may run on the
+    /// destination (for good: only an operator who checked the destination
+    /// may act, outside the guard).
+    Ambiguous,
+}
+
+/// Why the guard refused a command, or the command's own failure.
+#[derive(Debug, thiserror::Error)]
+pub enum GuardError {
+    /// A migration of this VM is running.
+    #[error("refused: a migration of this VM is running (the engine pauses and resumes it)")]
+    Migrating,
+    /// The VM migrated away.
+    #[error("refused: this VM migrated away and its guest runs on the destination")]
+    Migrated,
+    /// The last migration ended ambiguous.
+    #[error("refused: the last migration's outcome is unknown and the guest may run on the destination; the source must stay paused")]
+    Ambiguous,
+    /// Allowed, but the VM failed.
+    #[error(transparent)]
+    Vm(#[from] VmError),
+}
+
+impl GuardError {
+    fn for_state(s: GuardState) -> Option<GuardError> {
+        match s {
+            GuardState::Idle => None,
+            GuardState::Migrating => Some(GuardError::Migrating),
+            GuardState::Migrated => Some(GuardError::Migrated),
+            GuardState::Ambiguous => Some(GuardError::Ambiguous),
+        }
+    }
+}
+
+/// Serialises operator commands and migrations of one VM. See the
+/// [module documentation](self).
+#[derive(Debug)]
+pub struct MigrationGuard {
+    state: Mutex<GuardState>,
+}
+
+impl Default for MigrationGuard {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl MigrationGuard {
+    /// A guard for a VM that has not migrated.
+    pub fn new() -> Self {
+        MigrationGuard {
+            state: Mutex::new(GuardState::Idle),
+        }
+    }
+
+    fn lock(&self) -> MutexGuard<'_, GuardState> {
+        self.state.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// The current state.
+    pub fn state(&self) -> GuardState {
+        *self.lock()
+    }
+
+    /// `Ok` when operator commands are allowed now (no migration running,
+    /// none committed or ambiguous).
+    pub fn check(&self) -> Result<(), GuardError> {
+        GuardError::for_state(self.state()).map_or(Ok(()), Err)
+    }
+
+    /// The operator pauses the VM (refused unless [`GuardState::Idle`]).
+    /// A migration cannot start while this runs.
+    pub fn pause<V: SourceVm + ?Sized>(&self, vm: &V) -> Result<(), GuardError> {
+        let s = self.lock();
+        if let Some(e) = GuardError::for_state(*s) {
+            return Err(e);
+        }
+        vm.pause()?;
+        Ok(())
+    }
+
+    /// The operator resumes the VM (refused unless [`GuardState::Idle`]).
+    pub fn resume<V: SourceVm + ?Sized>(&self, vm: &V) -> Result<(), GuardError> {
+        let s = self.lock();
+        if let Some(e) = GuardError::for_state(*s) {
+            return Err(e);
+        }
+        vm.resume()?;
+        Ok(())
+    }
+
+    /// [`migrate_streams`] under the guard: refused (in the handshake phase,
+    /// [`ErrorKind::Guard`]) unless [`GuardState::Idle`]; while it runs the
+    /// state is [`GuardState::Migrating`]; afterwards it is
+    /// [`GuardState::Migrated`] on success, [`GuardState::Ambiguous`] if the
+    /// error [`MigrationError::is_ambiguous`], and `Idle` again otherwise
+    /// (the source kept its guest).
+    pub fn migrate_streams<V: SourceVm + ?Sized>(
+        &self,
+        vm: &V,
+        transport: Box<dyn Transport>,
+        opener: Option<&mut dyn StreamOpener>,
+        config: &MigrationConfig,
+        cancel: &CancelToken,
+        progress: &mut dyn FnMut(&Progress),
+    ) -> Result<Report, MigrationError> {
+        {
+            let mut s = self.lock();
+            if let Some(e) = GuardError::for_state(*s) {
+                return Err(MigrationError::new(Phase::Handshake, ErrorKind::Guard(e)));
+            }
+            *s = GuardState::Migrating;
+        }
+        let r = migrate_streams(vm, transport, opener, config, cancel, progress);
+        *self.lock() = match &r {
+            Ok(_) => GuardState::Migrated,
+            Err(e) if e.is_ambiguous() => GuardState::Ambiguous,
+            Err(_) => GuardState::Idle,
+        };
+        r
+    }
+
+    /// [`crate::migrate`] under the guard (see [`MigrationGuard::migrate_streams`]).
+    pub fn migrate<V: SourceVm + ?Sized>(
+        &self,
+        vm: &V,
+        transport: Box<dyn Transport>,
+        config: &MigrationConfig,
+        cancel: &CancelToken,
+        progress: &mut dyn FnMut(&Progress),
+    ) -> Result<Report, MigrationError> {
+        self.migrate_streams(vm, transport, None, config, cancel, progress)
+    }
+}

@@ -1,0 +1,291 @@
+//! The commit point, end to end on the software VM: after the source has
+//! sent `Go`, only a well-formed `Resumed` (the destination runs the guest)
+//! or a well-formed `Abandoned` (the destination dropped it and will never
+//! run it) is an answer; everything else leaves the source paused with an
+//! ambiguous outcome.
+//!
+//! The malformed answers come from a scripted destination that speaks the
+//! protocol by hand; the "will never run" answers come from the real
+//! `receive`.
+
+use std::sync::{mpsc, Arc};
+use std::time::{Duration, Instant};
+
+use livemig::memory::{GuestRam, MemoryLayout, RegionDesc};
+use livemig::protocol::{
+    ErrorMsg, FrameReader, FrameWriter, Hello, HelloReply, Message, MsgKind, Ready,
+};
+use livemig::soft::{SoftConfig, SoftVm};
+use livemig::state::Section;
+use livemig::transport::{mem, Transport};
+use livemig::vm::{DestinationVm, VmError};
+use livemig::{
+    migrate, receive, CancelToken, MigrationConfig, MigrationError, OnLimit, Phase, ReceiveConfig,
+    Report,
+};
+
+const IO: Duration = Duration::from_millis(1000);
+const WATCHDOG: Duration = Duration::from_secs(60);
+
+fn layout() -> MemoryLayout {
+    MemoryLayout::new(vec![RegionDesc {
+        guest_addr: 0,
+        size: 4 << 20,
+    }])
+    .unwrap()
+}
+
+fn config() -> MigrationConfig {
+    MigrationConfig {
+        downtime_limit: Duration::from_nanos(1),
+        max_rounds: 2,
+        on_limit: OnLimit::ForceSwitchover,
+        io_timeout: IO,
+        ..Default::default()
+    }
+}
+
+fn source(seed: u64) -> Arc<SoftVm> {
+    let vm = SoftVm::new(
+        &layout(),
+        &SoftConfig {
+            guest_writers: 1,
+            device_writers: 1,
+            pages_per_ms: 20,
+        },
+    )
+    .unwrap();
+    vm.fill(seed);
+    vm.start();
+    Arc::new(vm)
+}
+
+/// Runs `migrate` on `src` against `dest` (given the other end), under a
+/// watchdog.
+fn run_against<D>(src: &Arc<SoftVm>, dest: D) -> Result<Report, MigrationError>
+where
+    D: FnOnce(Box<dyn Transport>) + Send + 'static,
+{
+    let src = src.clone();
+    let (tx, rx) = mpsc::channel();
+    std::thread::spawn(move || {
+        let (a, b) = mem::pair();
+        let d = std::thread::spawn(move || dest(Box::new(b)));
+        let r = migrate(
+            &*src,
+            Box::new(a),
+            &config(),
+            &CancelToken::new(),
+            &mut |_| {},
+        );
+        d.join().expect("destination thread panicked");
+        let _ = tx.send(r);
+    });
+    rx.recv_timeout(WATCHDOG).expect("the migration hung")
+}
+
+/// A destination written by hand: accepts, reads everything up to
+/// `Complete`, sends `Ready`, reads `Go`, then lets `answer` reply.
+fn scripted(answer: fn(&mut FrameWriter<Box<dyn Transport>>)) -> impl FnOnce(Box<dyn Transport>) {
+    move |t: Box<dyn Transport>| {
+        let mut rx = t.try_clone().unwrap();
+        rx.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+        let mut fr = FrameReader::new(rx);
+        let mut fw = FrameWriter::new(t);
+        let f = fr.read_frame().unwrap();
+        assert_eq!(f.kind, MsgKind::Hello);
+        let hello = Hello::decode(f.payload).unwrap();
+        let reply = HelloReply::accepted(1, [0; 16]);
+        assert_eq!(hello.streams, 1);
+        fw.send(&reply).unwrap();
+        fw.flush().unwrap();
+        loop {
+            let f = fr.read_frame().unwrap();
+            if f.kind == MsgKind::Complete {
+                break;
+            }
+        }
+        fw.send(&Ready { restore_us: 1 }).unwrap();
+        fw.flush().unwrap();
+        let f = fr.read_frame().unwrap();
+        assert_eq!(f.kind, MsgKind::Go);
+        answer(&mut fw);
+        let _ = fw.flush(); // fails after a shutdown
+                            // Stay around until the source has read the answer.
+        let _ = fr.read_frame();
+    }
+}
+
+/// The VM's writers stay stopped.
+fn assert_paused(vm: &SoftVm, what: &str) {
+    let w = vm.writes();
+    std::thread::sleep(Duration::from_millis(200));
+    assert_eq!(vm.writes(), w, "{what}: the source's writers run");
+}
+
+/// The VM's writers make progress.
+fn assert_running(vm: &SoftVm, what: &str) {
+    let w = vm.writes();
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while vm.writes() == w {
+        assert!(
+            Instant::now() < deadline,
+            "{what}: the source's writers stopped"
+        );
+        std::thread::sleep(Duration::from_millis(5));
+    }
+}
+
+fn assert_ambiguous(r: Result<Report, MigrationError>, src: &SoftVm, needle: &str) {
+    let e = r.expect_err("the source must not report success");
+    eprintln!("source: {e}");
+    assert!(e.is_ambiguous(), "not ambiguous: {e}");
+    assert_eq!(e.phase, Phase::Completion, "{e}");
+    assert!(e.to_string().contains(needle), "expected '{needle}': {e}");
+    assert_paused(src, needle);
+}
+
+/// A `Resumed` frame (valid frame, right kind) whose payload does not
+/// decode. The source used to treat it as an ordinary protocol error and
+/// resume its guest, while the destination (which sent a `Resumed`) may run
+/// it.
+#[test]
+fn malformed_resumed_is_ambiguous_and_the_source_stays_paused() {
+    let src = source(1);
+    let r = run_against(
+        &src,
+        scripted(|fw| fw.write_frame(MsgKind::Resumed, &[&[1, 2, 3]]).unwrap()),
+    );
+    assert_ambiguous(r, &src, "malformed Resumed");
+}
+
+/// An `Error` after `Go`: the destination may have started the guest
+/// before it failed.
+#[test]
+fn error_after_go_is_ambiguous() {
+    let src = source(2);
+    let r = run_against(
+        &src,
+        scripted(|fw| {
+            fw.send(&ErrorMsg::new("completion", "something broke"))
+                .unwrap()
+        }),
+    );
+    assert_ambiguous(r, &src, "something broke");
+}
+
+/// Some other frame where `Resumed` belongs.
+#[test]
+fn another_frame_after_go_is_ambiguous() {
+    let src = source(3);
+    let r = run_against(
+        &src,
+        scripted(|fw| fw.write_frame(MsgKind::Ready, &[&[0; 8]]).unwrap()),
+    );
+    assert_ambiguous(r, &src, "unexpected Ready");
+}
+
+/// The connection drops right after `Go` was read.
+#[test]
+fn dropped_connection_after_go_is_ambiguous() {
+    let src = source(4);
+    let r = run_against(
+        &src,
+        scripted(|fw| {
+            fw.get_ref().shutdown().unwrap();
+        }),
+    );
+    assert_ambiguous(r, &src, "outcome unknown");
+}
+
+/// A destination VM whose resume fails (and so never runs).
+struct FailingResume(SoftVm);
+
+impl DestinationVm for FailingResume {
+    fn memory(&self) -> &GuestRam {
+        DestinationVm::memory(&self.0)
+    }
+
+    fn restore_state(&mut self, sections: &[Section]) -> Result<(), VmError> {
+        self.0.restore_state(sections)
+    }
+
+    fn resume(&mut self) -> Result<(), VmError> {
+        Err(VmError::Resume("injected: the vCPUs cannot start".into()))
+    }
+}
+
+fn assert_abandoned(r: Result<Report, MigrationError>, src: &SoftVm, needle: &str) {
+    let e = r.expect_err("the source must not report success");
+    eprintln!("source: {e}");
+    assert!(
+        !e.is_ambiguous(),
+        "ambiguous, but the destination said it never runs: {e}"
+    );
+    assert!(e.to_string().contains("will never run"), "{e}");
+    assert!(e.to_string().contains(needle), "expected '{needle}': {e}");
+    assert_running(src, needle);
+}
+
+/// The destination's resume fails after `Go`: it knows the guest will never
+/// run there, says so, and the source runs the guest again.
+#[test]
+fn destination_resume_failure_resumes_the_source() {
+    let src = source(5);
+    let (dtx, drx) = mpsc::channel();
+    let r = run_against(&src, move |t| {
+        let want = layout();
+        let r = receive(t, &ReceiveConfig { io_timeout: IO }, |d| {
+            assert_eq!(d.layout, want);
+            SoftVm::new(&d.layout, &SoftConfig::idle()).map(FailingResume)
+        });
+        let _ = dtx.send(r.map(|_| ()));
+    });
+    let de = drx.recv().unwrap().expect_err("the destination must fail");
+    assert_eq!(de.phase, Phase::Completion, "{de}");
+    assert_abandoned(r, &src, "cannot start");
+}
+
+/// The destination gives up waiting for `Go` (the source's `Go` is late):
+/// it drops the VM and says so; when the late `Go` goes out the source reads
+/// that answer and runs the guest again instead of staying paused.
+#[test]
+fn destination_timing_out_before_go_resumes_the_source() {
+    use livemig::transport::fault::{At, Fault, FaultTransport};
+    let src = source(6);
+    let (dtx, drx) = mpsc::channel();
+    let r = {
+        let src = src.clone();
+        let (tx, rx) = mpsc::channel();
+        std::thread::spawn(move || {
+            let (a, b) = mem::pair();
+            let (a, _probe) = FaultTransport::new(
+                Box::new(a),
+                Fault::Stall(IO * 3).at(At::kind(MsgKind::Go, 0)),
+            );
+            let d = std::thread::spawn(move || {
+                let r = receive(Box::new(b), &ReceiveConfig { io_timeout: IO }, |d| {
+                    SoftVm::new(&d.layout, &SoftConfig::idle())
+                });
+                let _ = dtx.send(r.map(|_| ()));
+            });
+            let r = migrate(
+                &*src,
+                Box::new(a),
+                &config(),
+                &CancelToken::new(),
+                &mut |_| {},
+            );
+            d.join().unwrap();
+            let _ = tx.send(r);
+        });
+        rx.recv_timeout(WATCHDOG).expect("the migration hung")
+    };
+    let de = drx
+        .recv()
+        .unwrap()
+        .expect_err("the destination must give up");
+    assert_eq!(de.phase, Phase::Completion, "{de}");
+    assert!(de.to_string().contains("timed out"), "{de}");
+    assert_abandoned(r, &src, "timed out");
+}

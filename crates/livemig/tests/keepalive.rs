@@ -1,0 +1,58 @@
+//! A bandwidth cap never makes the source silent for longer than the
+//! destination's read timeout: the pacer sleeps in slices and sends a
+//! `Keepalive` between them, in single-stream mode (pages and control on
+//! one connection) as with several page streams.
+
+use std::time::Duration;
+
+use livemig::memory::{MemoryLayout, RegionDesc, PAGE_SIZE};
+use livemig::protocol::MsgKind;
+use livemig::soft::{SoftConfig, SoftVm};
+use livemig::transport::fault::FaultTransport;
+use livemig::transport::{mem, Transport};
+use livemig::{migrate, receive, CancelToken, MigrationConfig, OnLimit, ReceiveConfig};
+
+/// 64 pages at 16 pages per second: each 32-page frame makes the pacer
+/// wait about 2 s, twice the destination's 1 s read timeout.
+#[test]
+fn a_slow_bandwidth_cap_keeps_the_destination_alive() {
+    let layout = MemoryLayout::new(vec![RegionDesc {
+        guest_addr: 0,
+        size: 64 * PAGE_SIZE,
+    }])
+    .unwrap();
+    let src = SoftVm::new(&layout, &SoftConfig::idle()).unwrap();
+    src.fill(4);
+    let (a, b) = mem::pair();
+    let (a, probe) = FaultTransport::with_plan(Box::new(a), vec![]);
+    let a: Box<dyn Transport> = Box::new(a);
+    let dest = std::thread::spawn(move || {
+        receive(
+            Box::new(b),
+            &ReceiveConfig {
+                io_timeout: Duration::from_secs(1),
+            },
+            |d| SoftVm::new(&d.layout, &SoftConfig::idle()),
+        )
+    });
+    let cfg = MigrationConfig {
+        max_bandwidth: Some(16 * PAGE_SIZE),
+        batch_pages: 32,
+        max_rounds: 1,
+        on_limit: OnLimit::ForceSwitchover,
+        io_timeout: Duration::from_secs(1),
+        ..Default::default()
+    };
+    migrate(&src, a, &cfg, &CancelToken::new(), &mut |_| {}).expect("migrated");
+    let (dst, _) = dest
+        .join()
+        .unwrap()
+        .expect("the destination did not time out");
+    assert!(src.snapshot() == dst.snapshot());
+    let keepalives = probe
+        .frames()
+        .iter()
+        .filter(|f| f.kind == Some(MsgKind::Keepalive))
+        .count();
+    assert!(keepalives >= 2, "{keepalives} keepalives");
+}

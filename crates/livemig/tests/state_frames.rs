@@ -1,0 +1,168 @@
+//! Device state larger than one frame travels in several `State` frames;
+//! state that cannot travel at all (a section over the section limit) is
+//! refused at the handshake, before the guest was ever paused for the
+//! switchover.
+
+use std::sync::Mutex;
+
+use livemig::memory::{GuestRam, MemoryLayout, RegionDesc};
+use livemig::soft::{SoftConfig, SoftVm};
+use livemig::state::Section;
+use livemig::transport::mem;
+use livemig::vm::{DestinationVm, DirtyTracker, SourceVm, VcpuThrottle, VmDescription, VmError};
+use livemig::{migrate, receive, CancelToken, MigrationConfig, Phase, ReceiveConfig};
+
+fn layout() -> MemoryLayout {
+    MemoryLayout::new(vec![RegionDesc {
+        guest_addr: 0,
+        size: 1 << 20,
+    }])
+    .unwrap()
+}
+
+fn big(i: usize, len: usize) -> Section {
+    let data = (0..len).map(|j| (i * 31 + j * 7) as u8).collect();
+    Section::new(format!("big.{i}"), 1, data)
+}
+
+/// A soft VM with `n` extra device sections of `len` bytes each.
+struct BigState {
+    vm: SoftVm,
+    n: usize,
+    len: usize,
+}
+
+impl SourceVm for BigState {
+    fn memory(&self) -> &GuestRam {
+        SourceVm::memory(&self.vm)
+    }
+    fn describe(&self) -> Result<VmDescription, VmError> {
+        self.vm.describe()
+    }
+    fn dirty_tracker(&self) -> Result<Box<dyn DirtyTracker + '_>, VmError> {
+        self.vm.dirty_tracker()
+    }
+    fn pause(&self) -> Result<(), VmError> {
+        SourceVm::pause(&self.vm)
+    }
+    fn resume(&self) -> Result<(), VmError> {
+        SourceVm::resume(&self.vm)
+    }
+    fn is_paused(&self) -> bool {
+        self.vm.is_paused()
+    }
+    fn save_state(&self) -> Result<Vec<Section>, VmError> {
+        let mut s = self.vm.save_state()?;
+        s.extend((0..self.n).map(|i| big(i, self.len)));
+        Ok(s)
+    }
+    fn throttle(&self) -> Option<&dyn VcpuThrottle> {
+        None
+    }
+}
+
+/// The destination side: checks the extra sections byte for byte.
+struct BigDest {
+    vm: SoftVm,
+    got: Mutex<Vec<String>>,
+    len: usize,
+}
+
+impl DestinationVm for BigDest {
+    fn memory(&self) -> &GuestRam {
+        DestinationVm::memory(&self.vm)
+    }
+    fn restore_state(&mut self, sections: &[Section]) -> Result<(), VmError> {
+        let (extra, soft): (Vec<Section>, Vec<Section>) = sections
+            .iter()
+            .cloned()
+            .partition(|s| s.name.starts_with("big."));
+        for s in &extra {
+            let i: usize = s.name[4..]
+                .parse()
+                .map_err(|_| VmError::Create(s.name.clone()))?;
+            if *s != big(i, self.len) {
+                return Err(VmError::Create(format!("{} differs", s.name)));
+            }
+            self.got.lock().unwrap().push(s.name.clone());
+        }
+        self.vm.restore_state(&soft)
+    }
+    fn resume(&mut self) -> Result<(), VmError> {
+        DestinationVm::resume(&mut self.vm)
+    }
+}
+
+/// 12 sections of 1 MiB: 12 MiB of state, more than one 8 MiB frame.
+#[test]
+fn state_larger_than_a_frame_migrates_in_several_frames() {
+    let (n, len) = (12, 1 << 20);
+    let src = BigState {
+        vm: SoftVm::new(&layout(), &SoftConfig::default()).unwrap(),
+        n,
+        len,
+    };
+    src.vm.fill(5);
+    src.vm.start();
+    let (a, b) = mem::pair();
+    let dest = std::thread::spawn(move || {
+        receive(Box::new(b), &ReceiveConfig::default(), |d| {
+            Ok(BigDest {
+                vm: SoftVm::new(&d.layout, &SoftConfig::idle())?,
+                got: Mutex::new(Vec::new()),
+                len,
+            })
+        })
+    });
+    // 12 MiB of state never fits a 20 ms downtime: force the switchover.
+    let cfg = MigrationConfig {
+        max_rounds: 2,
+        on_limit: livemig::OnLimit::ForceSwitchover,
+        ..Default::default()
+    };
+    let report =
+        migrate(&src, Box::new(a), &cfg, &CancelToken::new(), &mut |_| {}).expect("migrated");
+    let (dst, _) = dest.join().unwrap().expect("received");
+    assert!(
+        report.state_frames >= 2,
+        "{} State frames",
+        report.state_frames
+    );
+    assert_eq!(dst.got.lock().unwrap().len(), n);
+    assert!(src.vm.snapshot() == dst.vm.snapshot());
+}
+
+/// A section over the section limit (1 MiB) cannot travel: refused at the
+/// handshake (before, the migration failed only after the guest was paused
+/// for the switchover), and the source keeps running.
+#[test]
+fn state_that_cannot_travel_is_refused_at_the_handshake() {
+    let src = BigState {
+        vm: SoftVm::new(&layout(), &SoftConfig::default()).unwrap(),
+        n: 1,
+        len: 2 << 20,
+    };
+    src.vm.start();
+    let (a, b) = mem::pair();
+    let dest = std::thread::spawn(move || {
+        receive(Box::new(b), &ReceiveConfig::default(), |d| {
+            SoftVm::new(&d.layout, &SoftConfig::idle())
+        })
+        .map(|_| ())
+    });
+    let mut paused_for_switchover = false;
+    let e = migrate(
+        &src,
+        Box::new(a),
+        &MigrationConfig::default(),
+        &CancelToken::new(),
+        &mut |p| paused_for_switchover |= matches!(p, livemig::Progress::Paused { .. }),
+    )
+    .expect_err("refused");
+    let _ = dest.join();
+    eprintln!("{e}");
+    assert_eq!(e.phase, Phase::Handshake, "{e}");
+    assert!(e.to_string().contains("big.0"), "{e}");
+    assert!(!paused_for_switchover);
+    assert!(!src.is_paused(), "the source does not run");
+}
