@@ -22,9 +22,7 @@ use std::fmt;
 use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
-use livemig_suite::harness::{
-    blackout, log_of, migrate, refvmm_path, scratch_dir, Blackout, Vmm,
-};
+use livemig_suite::harness::{blackout, log_of, migrate, refvmm_path, scratch_dir, Blackout, Vmm};
 use serde_json::{json, Value};
 
 /// The previous release, for messages.
@@ -131,8 +129,10 @@ fn migrate_across(from: Release, to: Release, transport: Transport) {
         .unwrap_or_else(|e| panic!("{what}: source: {e}"));
     src.wait_ready(Duration::from_secs(30))
         .unwrap_or_else(|e| panic!("{what}: source: {e}"));
-    src.wait_for("a T line", Duration::from_secs(30), |g| !g.tlines.is_empty())
-        .unwrap_or_else(|e| panic!("{what}: source: {e}"));
+    src.wait_for("a T line", Duration::from_secs(30), |g| {
+        !g.tlines.is_empty()
+    })
+    .unwrap_or_else(|e| panic!("{what}: source: {e}"));
 
     let listen = match transport {
         Transport::Tcp => "tcp:127.0.0.1:0".to_string(),
@@ -202,13 +202,20 @@ fn migrate_across(from: Release, to: Release, transport: Transport) {
 fn check_continuation(src: &Vmm, dst: &Vmm, what: &str) {
     let s = log_of(src);
     let d = log_of(dst);
-    assert!(s.corrupt.is_empty(), "{what}: source CORRUPT {:?}", s.corrupt);
+    assert!(
+        s.corrupt.is_empty(),
+        "{what}: source CORRUPT {:?}",
+        s.corrupt
+    );
     assert!(
         d.corrupt.is_empty(),
         "{what}: destination CORRUPT {:?}",
         d.corrupt
     );
-    assert!(!d.ready, "{what}: the guest rebooted on the destination (READY)");
+    assert!(
+        !d.ready,
+        "{what}: the guest rebooted on the destination (READY)"
+    );
     let (Some(last_src), Some(first_dst)) = (s.tlines.last(), d.tlines.first()) else {
         panic!("{what}: missing T lines");
     };
