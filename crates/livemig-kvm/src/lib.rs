@@ -10,6 +10,7 @@
 #![deny(missing_docs)]
 
 pub mod dirty;
+pub mod fdpass;
 pub mod memfd;
 pub mod serial;
 pub mod state;
