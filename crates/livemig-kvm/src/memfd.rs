@@ -220,6 +220,29 @@ mod tests {
         assert!(mem.iter().all(|r| r.file_offset().is_some()));
     }
 
+    fn free_huge_pages() -> u64 {
+        std::fs::read_to_string("/proc/meminfo")
+            .unwrap_or_default()
+            .lines()
+            .find_map(|l| l.strip_prefix("HugePages_Free:")?.trim().parse().ok())
+            .unwrap_or(0)
+    }
+
+    /// Huge pages when enough are free, otherwise ordinary pages — never a
+    /// mapping whose first touch raises SIGBUS: every page is written here.
+    #[test]
+    fn huge_pages_only_where_there_are_enough() {
+        let size = 8u64 << 20;
+        let (mem, kind) = allocate_memory(&layout(&[(0, size)]), MemoryBackend::Memfd).unwrap();
+        if free_huge_pages() * HUGE_PAGE_SIZE < size {
+            assert_eq!(kind, PageKind::Small);
+        }
+        for page in (0..size).step_by(4096) {
+            mem.write_obj(page, GuestAddress(page)).unwrap();
+        }
+        eprintln!("8 MiB memfd: {kind:?} pages");
+    }
+
     #[test]
     fn anonymous_has_no_file() {
         let (mem, kind) =
