@@ -106,8 +106,46 @@ fn stderrs(src: &Vmm, dst: &Vmm) -> String {
 /// Boots the test guest on `from`, migrates it to `to` over `transport`
 /// while it dirties memory, and checks that it carries on there with 0
 /// CORRUPT. Every failure names the direction.
+/// How the migration runs, beyond the defaults.
+#[derive(Clone, Copy)]
+struct Options {
+    /// vCPUs (the test guest without `smp=` leaves the others parked).
+    vcpus: u32,
+    /// Page streams asked for (`migrate` API `streams`).
+    streams: u32,
+    /// LZ4-compressed page frames.
+    compress: bool,
+}
+
+const PLAIN: Options = Options {
+    vcpus: 1,
+    streams: 1,
+    compress: false,
+};
+
+/// Every option both releases have, at once.
+const EVERYTHING: Options = Options {
+    vcpus: 2,
+    streams: 4,
+    compress: true,
+};
+
+impl fmt::Display for Options {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{} vCPU(s), {} page stream(s)", self.vcpus, self.streams)?;
+        if self.compress {
+            f.write_str(", compressed")?;
+        }
+        Ok(())
+    }
+}
+
 fn migrate_across(from: Release, to: Release, transport: Transport) {
-    let what = format!("{from} -> {to} over {transport}");
+    migrate_with(from, to, transport, PLAIN);
+}
+
+fn migrate_with(from: Release, to: Release, transport: Transport, opts: Options) {
+    let what = format!("{from} -> {to} over {transport}, {opts}");
     let dir = scratch_dir("compat");
     let src_api = dir.join("src.sock");
     let mut src = from.spawn(
@@ -120,6 +158,8 @@ fn migrate_across(from: Release, to: Release, transport: Transport) {
             "builtin:testguest",
             "--cmdline",
             CMDLINE,
+            "--vcpus",
+            &opts.vcpus.to_string(),
             "--api-socket",
             &src_api.to_string_lossy(),
         ]),
@@ -155,7 +195,15 @@ fn migrate_across(from: Release, to: Release, transport: Transport) {
         .unwrap_or_else(|e| panic!("{what}: destination: {e}"));
 
     let t0 = Instant::now();
-    let report = match migrate(&src, &ep, json!({"downtime_limit_ms": 50})) {
+    let report = match migrate(
+        &src,
+        &ep,
+        json!({
+            "downtime_limit_ms": 50,
+            "streams": opts.streams,
+            "compress": opts.compress,
+        }),
+    ) {
         Ok(r) => r,
         Err(e) => panic!(
             "{what}: MIGRATION FAILED in phase {}: {}\n{}",
@@ -169,6 +217,10 @@ fn migrate_across(from: Release, to: Release, transport: Transport) {
         "completed",
         "{what}: report {report}\n{}",
         stderrs(&src, &dst)
+    );
+    assert_eq!(
+        report["streams"], opts.streams,
+        "{what}: the page streams used (the source's report) are not the ones asked for: {report}"
     );
     let st = src.wait_exit(Duration::from_secs(10));
     assert!(
@@ -272,4 +324,22 @@ fn current_to_prev_over_unix_socket() {
         return;
     };
     migrate_across(Release::Current, Release::Prev, Transport::Unix);
+}
+
+#[test]
+#[ignore = "needs the previous release's refvmm: bash .ci/compat"]
+fn prev_to_current_with_every_option_both_have() {
+    let Some(_kvm) = common::kvm_or_skip("prev_to_current_with_every_option_both_have") else {
+        return;
+    };
+    migrate_with(Release::Prev, Release::Current, Transport::Tcp, EVERYTHING);
+}
+
+#[test]
+#[ignore = "needs the previous release's refvmm: bash .ci/compat"]
+fn current_to_prev_with_every_option_both_have() {
+    let Some(_kvm) = common::kvm_or_skip("current_to_prev_with_every_option_both_have") else {
+        return;
+    };
+    migrate_with(Release::Current, Release::Prev, Transport::Tcp, EVERYTHING);
 }
