@@ -1,7 +1,8 @@
 //! Release-to-release compatibility (issue 18): a running, memory-dirtying
 //! guest live-migrated from the previous release's refvmm to the current
 //! build, and from the current build back to the previous release, over TCP
-//! and over a Unix socket, with 0 CORRUPT.
+//! and over a Unix socket, with 0 CORRUPT; over TCP also with 2 vCPUs (one
+//! parked), 4 page streams and compression.
 //!
 //! The previous release is v0.1.0 = commit 103a41c (see
 //! `.ci/build-prev-refvmm`, which builds it). These tests are `#[ignore]`d
