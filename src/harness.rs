@@ -249,14 +249,25 @@ impl Vmm {
         args: &[String],
         api: PathBuf,
     ) -> Result<Vmm, String> {
-        let bin = refvmm_path();
+        Self::spawn_binary(name, &refvmm_path(), prefix, args, api)
+    }
+
+    /// Spawns `<prefix...> <bin> <args>`: a refvmm other than
+    /// [`refvmm_path`], e.g. a previous release (tests/compat.rs).
+    pub fn spawn_binary(
+        name: &str,
+        bin: &Path,
+        prefix: &[String],
+        args: &[String],
+        api: PathBuf,
+    ) -> Result<Vmm, String> {
         let mut cmd = match prefix.split_first() {
             Some((first, rest)) => {
                 let mut c = Command::new(first);
-                c.args(rest).arg(&bin);
+                c.args(rest).arg(bin);
                 c
             }
-            None => Command::new(&bin),
+            None => Command::new(bin),
         };
         let mut child = cmd
             .args(args)

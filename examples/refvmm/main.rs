@@ -77,6 +77,12 @@ struct Common {
     /// ring, ENTRIES a power of two from 256 to 65536, default 4096).
     #[arg(long, default_value = "auto")]
     dirty_log: String,
+    /// Guest memory: `anonymous` (private anonymous mappings) or `memfd`
+    /// (one memfd per region, mapped shared, with 2 MiB huge pages when
+    /// every region is a multiple of 2 MiB and enough are free, else
+    /// ordinary pages). Either side of a migration may use either.
+    #[arg(long, default_value = "anonymous")]
+    memory_backend: String,
     /// A NIC backed by a TAP device (opened, or created if missing):
     /// `tap=<IFNAME>,mac=<MAC>[,ip=<IPv4>][,ip6=<IPv6>]...` (`ip6=` may be
     /// repeated). Repeatable. NIC i is a
@@ -322,6 +328,11 @@ fn parse_serial(s: &str) -> Result<SerialOutput, Fail> {
     }
 }
 
+fn parse_memory_backend(s: &str) -> Result<livemig_kvm::MemoryBackend, Fail> {
+    s.parse()
+        .map_err(|e: livemig_kvm::memfd::MemfdError| usage(format!("--memory-backend: {e}")))
+}
+
 fn parse_dirty(s: &str) -> Result<Option<DirtyMode>, Fail> {
     match s {
         "auto" => Ok(None),
@@ -461,6 +472,7 @@ fn cmd_run(
     let memory = parse_size(&memory)?;
     let serial = parse_serial(&common.serial)?;
     let dirty_mode = parse_dirty(&common.dirty_log)?;
+    let memory_backend = parse_memory_backend(&common.memory_backend)?;
     if vcpus == 0 || vcpus > livemig_kvm::vm::MAX_VCPUS {
         return Err(usage(format!(
             "--vcpus {vcpus}: must be between 1 and {}",
@@ -489,6 +501,7 @@ fn cmd_run(
         nets,
         dirty_mode,
         console: console.as_ref().map(|(_, log)| log.clone()),
+        memory_backend,
     })
     .map_err(runtime)?;
     let mut cmdline = cmdline;
@@ -528,6 +541,7 @@ fn cmd_receive(
         .map_err(|e| usage(format!("--listen: {e}")))?;
     let memory = memory.as_deref().map(parse_size).transpose()?;
     let dirty_mode = parse_dirty(&common.dirty_log)?;
+    let memory_backend = parse_memory_backend(&common.memory_backend)?;
     let serial = parse_serial(&common.serial)?;
     // Open the TAPs before accepting anything: a bad --net fails early.
     let nets = open_nets(&common.net)?;
@@ -588,6 +602,7 @@ fn cmd_receive(
             nets: my_nets,
             dirty_mode,
             console: console.as_ref().map(|(_, log)| log.clone()),
+            memory_backend,
         })
         .map_err(VmError::Create)?;
         machine.vm.adopt_tsc_khz(desc)?;

@@ -8,7 +8,7 @@ use kvm_bindings::kvm_segment;
 use livemig::state::DeviceState;
 use livemig::vm::NicInfo;
 use livemig_kvm::serial::{SerialDevice, SerialOutput, COM1_IRQ, COM1_PORT};
-use livemig_kvm::{DirtyMode, ExitHandler, KvmVm, SharedDevice, VmConfig};
+use livemig_kvm::{DirtyMode, ExitHandler, KvmVm, MemoryBackend, SharedDevice, VmConfig};
 use livemig_virtio::{NetCounters, VirtioNet, MMIO_WINDOW};
 
 use livemig::memory::GuestRam;
@@ -117,6 +117,7 @@ pub struct MachineConfig {
     pub dirty_mode: Option<DirtyMode>,
     /// With `--console`: the guest's output also goes to this log.
     pub console: Option<Arc<crate::console_server::ConsoleLog>>,
+    pub memory_backend: MemoryBackend,
 }
 
 impl Machine {
@@ -161,13 +162,14 @@ impl Machine {
             nics.iter()
                 .map(|n| n.clone() as Arc<Mutex<dyn DeviceState + Send>>),
         );
-        let vm = KvmVm::create(
+        let vm = KvmVm::create_with_backend(
             &VmConfig {
                 memory: cfg.memory,
                 vcpus: cfg.vcpus,
                 nics: cfg.nets.iter().map(|n| n.info()).collect::<Vec<NicInfo>>(),
                 dirty_mode: cfg.dirty_mode,
             },
+            cfg.memory_backend,
             bus,
             devices,
         )

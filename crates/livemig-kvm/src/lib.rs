@@ -10,12 +10,15 @@
 #![deny(missing_docs)]
 
 pub mod dirty;
+pub mod fdpass;
+pub mod memfd;
 pub mod serial;
 pub mod state;
 pub mod vcpu;
 pub mod vm;
 
 pub use dirty::DirtyMode;
+pub use memfd::MemoryBackend;
 pub use vcpu::ExitHandler;
 pub use vm::{
     check_compatible, check_properties, check_tsc_khz, x86_layout, KvmVm, KvmVmError, SharedDevice,

@@ -11,7 +11,7 @@ use kvm_bindings::{
     kvm_enable_cap, kvm_pit_config, CpuId, KVM_MAX_CPUID_ENTRIES, KVM_PIT_SPEAKER_DUMMY,
 };
 use kvm_ioctls::{Cap, Kvm, VcpuFd, VmFd};
-use livemig::memory::{allocate, GuestRam, MemoryLayout, RegionDesc};
+use livemig::memory::{GuestRam, MemoryLayout, RegionDesc};
 use livemig::state::{DeviceState, Section, StateError};
 use livemig::vm::{
     DestinationVm, DirtyTracker, NicInfo, SourceVm, VcpuThrottle, VmDescription, VmError,
@@ -19,6 +19,7 @@ use livemig::vm::{
 use vm_memory::{GuestMemoryBackend, GuestMemoryRegion};
 
 use crate::dirty::{check_ring_entries, DirtyMode, DirtyRing, KvmDirtyTracker, Slot};
+use crate::memfd::{allocate_memory, MemoryBackend};
 use crate::state::{
     restore_vcpu, restore_vm_section, save_vcpu, save_vm, vcpu_section_name, VM_SECTIONS,
 };
@@ -139,6 +140,17 @@ impl KvmVm {
         handler: Arc<dyn ExitHandler>,
         devices: Vec<SharedDevice>,
     ) -> Result<Self, KvmVmError> {
+        Self::create_with_backend(config, MemoryBackend::Anonymous, handler, devices)
+    }
+
+    /// Like [`KvmVm::create`], with guest memory in `backend` (see
+    /// [`crate::memfd`]).
+    pub fn create_with_backend(
+        config: &VmConfig,
+        backend: MemoryBackend,
+        handler: Arc<dyn ExitHandler>,
+        devices: Vec<SharedDevice>,
+    ) -> Result<Self, KvmVmError> {
         if config.vcpus == 0 || config.vcpus > MAX_VCPUS {
             return Err(KvmVmError::Config(format!(
                 "{} vCPUs: must be between 1 and {MAX_VCPUS}",
@@ -207,7 +219,9 @@ impl KvmVm {
             }
         }
 
-        let memory = allocate(&layout).map_err(|e| KvmVmError::Memory(e.to_string()))?;
+        let (memory, pages) =
+            allocate_memory(&layout, backend).map_err(|e| KvmVmError::Memory(e.to_string()))?;
+        log::info!("guest memory: {backend:?}, {pages:?} pages");
         let mut slots = Vec::new();
         for (i, r) in memory.iter().enumerate() {
             let host = memory

@@ -1,0 +1,253 @@
+//! Where guest memory comes from: private anonymous mappings (the default),
+//! or memfd-backed shared mappings that another process can be handed as
+//! file descriptors (issue 18: a same-host hand-over needs no copy).
+//!
+//! A memfd region is built as a vm-memory `GuestRegionMmap` with a
+//! `FileOffset`, mapped `MAP_SHARED`, so the engine sees its backing
+//! (`livemig::ram`'s `Backing::SharedFile`: the file's holes read as zero,
+//! and a destination zeroes it by punching holes). Huge pages are tried
+//! first (`MFD_HUGETLB`, the system's default huge page size) when every
+//! region is a multiple of 2 MiB; where `memfd_create` or the mapping's
+//! huge-page reservation fails (no huge pages configured, or not enough
+//! free), the memory is a plain (4 KiB page) memfd instead.
+
+use std::ffi::CStr;
+use std::fs::File;
+use std::os::fd::FromRawFd;
+use std::str::FromStr;
+use std::sync::Arc;
+
+use livemig::memory::{allocate, GuestRam, MemoryLayout};
+use vm_memory::bitmap::{AtomicBitmap, NewBitmap};
+use vm_memory::mmap::MmapRegionBuilder;
+use vm_memory::{FileOffset, GuestAddress, GuestRegionMmap};
+
+/// Huge page size tried with `MFD_HUGETLB` (the x86 default).
+pub const HUGE_PAGE_SIZE: u64 = 2 << 20;
+
+/// The kind of mapping guest memory lives in.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub enum MemoryBackend {
+    /// Private anonymous mappings: pages the guest never touches cost nothing.
+    #[default]
+    Anonymous,
+    /// One memfd per region, mapped `MAP_SHARED` (huge pages where available).
+    Memfd,
+}
+
+impl FromStr for MemoryBackend {
+    type Err = MemfdError;
+
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        match s {
+            "anonymous" => Ok(MemoryBackend::Anonymous),
+            "memfd" => Ok(MemoryBackend::Memfd),
+            other => Err(MemfdError::UnknownBackend(other.to_string())),
+        }
+    }
+}
+
+/// What [`allocate_memory`] built.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum PageKind {
+    /// Anonymous memory, or a memfd of ordinary pages.
+    Small,
+    /// A hugetlb memfd ([`HUGE_PAGE_SIZE`] pages).
+    Huge,
+}
+
+/// Failures building guest memory.
+#[derive(Debug, thiserror::Error)]
+pub enum MemfdError {
+    /// Not `anonymous` or `memfd`.
+    #[error("memory backend '{0}': expected anonymous or memfd")]
+    UnknownBackend(String),
+    /// `memfd_create` failed.
+    #[error("memfd_create: {0}")]
+    Create(std::io::Error),
+    /// Sizing the memfd failed.
+    #[error("sizing the memfd to {size} bytes: {source}")]
+    Truncate {
+        /// Requested size.
+        size: u64,
+        /// The OS error.
+        source: std::io::Error,
+    },
+    /// Mapping a region failed.
+    #[error("mapping guest memory: {0}")]
+    Map(String),
+}
+
+/// Guest memory for `layout` in `backend`; for [`MemoryBackend::Memfd`],
+/// hugetlb pages where the system has enough free, ordinary ones otherwise.
+pub fn allocate_memory(
+    layout: &MemoryLayout,
+    backend: MemoryBackend,
+) -> Result<(GuestRam, PageKind), MemfdError> {
+    match backend {
+        MemoryBackend::Anonymous => allocate(layout)
+            .map(|m| (m, PageKind::Small))
+            .map_err(|e| MemfdError::Map(e.to_string())),
+        MemoryBackend::Memfd => {
+            let huge_fits = layout.regions().iter().all(|r| {
+                r.size.is_multiple_of(HUGE_PAGE_SIZE) && r.guest_addr.is_multiple_of(HUGE_PAGE_SIZE)
+            });
+            if huge_fits {
+                match memfd_memory(layout, PageKind::Huge) {
+                    Ok(m) => return Ok((m, PageKind::Huge)),
+                    Err(e) => log::info!("guest memory: no huge pages ({e}); using a plain memfd"),
+                }
+            }
+            memfd_memory(layout, PageKind::Small).map(|m| (m, PageKind::Small))
+        }
+    }
+}
+
+/// One memfd per region of `layout`, mapped shared.
+fn memfd_memory(layout: &MemoryLayout, kind: PageKind) -> Result<GuestRam, MemfdError> {
+    let mut regions = Vec::new();
+    for r in layout.regions() {
+        let file = memfd(c"livemig-guest-ram", kind)?;
+        file.set_len(r.size)
+            .map_err(|source| MemfdError::Truncate {
+                size: r.size,
+                source,
+            })?;
+        // Hugetlb: no MAP_NORESERVE, so a shortage of huge pages fails
+        // here (ENOMEM) instead of as a SIGBUS at the guest's first touch.
+        let flags = match kind {
+            PageKind::Huge => libc::MAP_SHARED,
+            PageKind::Small => libc::MAP_SHARED | libc::MAP_NORESERVE,
+        };
+        let size = usize::try_from(r.size).map_err(|e| MemfdError::Map(e.to_string()))?;
+        let mapping = MmapRegionBuilder::new_with_bitmap(size, AtomicBitmap::with_len(size))
+            .with_file_offset(FileOffset::from_arc(Arc::new(file), 0))
+            .with_mmap_prot(libc::PROT_READ | libc::PROT_WRITE)
+            .with_mmap_flags(flags)
+            .with_hugetlbfs(kind == PageKind::Huge)
+            .build()
+            .map_err(|e| MemfdError::Map(e.to_string()))?;
+        let region = GuestRegionMmap::new(mapping, GuestAddress(r.guest_addr))
+            .ok_or_else(|| MemfdError::Map(format!("region at 0x{:x}", r.guest_addr)))?;
+        regions.push(region);
+    }
+    GuestRam::from_regions(regions).map_err(|e| MemfdError::Map(e.to_string()))
+}
+
+fn memfd(name: &CStr, kind: PageKind) -> Result<File, MemfdError> {
+    let mut flags = libc::MFD_CLOEXEC;
+    if kind == PageKind::Huge {
+        flags |= libc::MFD_HUGETLB;
+    }
+    // SAFETY: name is a valid NUL-terminated string; the call has no other
+    // memory effects.
+    let fd = unsafe { libc::memfd_create(name.as_ptr(), flags) };
+    if fd < 0 {
+        return Err(MemfdError::Create(std::io::Error::last_os_error()));
+    }
+    // SAFETY: fd was just created and is owned by nothing else.
+    Ok(unsafe { File::from_raw_fd(fd) })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use livemig::memory::RegionDesc;
+    use vm_memory::{Bytes, GuestMemoryBackend, GuestMemoryRegion};
+
+    fn layout(regions: &[(u64, u64)]) -> MemoryLayout {
+        MemoryLayout::new(
+            regions
+                .iter()
+                .map(|&(guest_addr, size)| RegionDesc { guest_addr, size })
+                .collect(),
+        )
+        .unwrap()
+    }
+
+    #[test]
+    fn parses_backends() {
+        assert_eq!(
+            "memfd".parse::<MemoryBackend>().unwrap(),
+            MemoryBackend::Memfd
+        );
+        assert_eq!(
+            "anonymous".parse::<MemoryBackend>().unwrap(),
+            MemoryBackend::Anonymous
+        );
+        let e = "shm".parse::<MemoryBackend>().unwrap_err();
+        assert!(e.to_string().contains("expected anonymous or memfd"), "{e}");
+    }
+
+    /// Every region is a shared mapping of a memfd of its size, and what is
+    /// written through guest memory is in the file.
+    #[test]
+    fn memfd_regions_are_shared_file_mappings() {
+        let l = layout(&[(0, 4 << 20), (8 << 20, 1 << 20)]);
+        let (mem, _kind) = allocate_memory(&l, MemoryBackend::Memfd).unwrap();
+        assert_eq!(mem.num_regions(), 2);
+        for r in mem.iter() {
+            let fo = r.file_offset().expect("a memfd region has a file");
+            assert_eq!(fo.start(), 0);
+            assert_eq!(fo.file().metadata().unwrap().len(), r.len());
+            assert_ne!(r.flags() & libc::MAP_SHARED, 0);
+            let link = std::fs::read_link(format!(
+                "/proc/self/fd/{}",
+                std::os::fd::AsRawFd::as_raw_fd(fo.file())
+            ))
+            .unwrap();
+            assert!(
+                link.to_string_lossy()
+                    .starts_with("/memfd:livemig-guest-ram"),
+                "{link:?}"
+            );
+        }
+        mem.write_obj(0xdead_beef_u64, GuestAddress((8 << 20) + 4096))
+            .unwrap();
+        let r = mem.iter().nth(1).unwrap();
+        let mut buf = [0u8; 8];
+        std::os::unix::fs::FileExt::read_exact_at(r.file_offset().unwrap().file(), &mut buf, 4096)
+            .unwrap();
+        assert_eq!(u64::from_ne_bytes(buf), 0xdead_beef);
+    }
+
+    /// A region that is not a multiple of the huge page size gets ordinary pages.
+    #[test]
+    fn odd_sizes_get_small_pages() {
+        let l = layout(&[(0, 4096 * 3)]);
+        let (mem, kind) = allocate_memory(&l, MemoryBackend::Memfd).unwrap();
+        assert_eq!(kind, PageKind::Small);
+        assert!(mem.iter().all(|r| r.file_offset().is_some()));
+    }
+
+    fn free_huge_pages() -> u64 {
+        std::fs::read_to_string("/proc/meminfo")
+            .unwrap_or_default()
+            .lines()
+            .find_map(|l| l.strip_prefix("HugePages_Free:")?.trim().parse().ok())
+            .unwrap_or(0)
+    }
+
+    /// Huge pages when enough are free, otherwise ordinary pages — never a
+    /// mapping whose first touch raises SIGBUS: every page is written here.
+    #[test]
+    fn huge_pages_only_where_there_are_enough() {
+        let size = 8u64 << 20;
+        let (mem, kind) = allocate_memory(&layout(&[(0, size)]), MemoryBackend::Memfd).unwrap();
+        if free_huge_pages() * HUGE_PAGE_SIZE < size {
+            assert_eq!(kind, PageKind::Small);
+        }
+        for page in (0..size).step_by(4096) {
+            mem.write_obj(page, GuestAddress(page)).unwrap();
+        }
+        eprintln!("8 MiB memfd: {kind:?} pages");
+    }
+
+    #[test]
+    fn anonymous_has_no_file() {
+        let (mem, kind) =
+            allocate_memory(&layout(&[(0, 1 << 20)]), MemoryBackend::Anonymous).unwrap();
+        assert_eq!(kind, PageKind::Small);
+        assert!(mem.iter().all(|r| r.file_offset().is_none()));
+    }
+}
