@@ -19,7 +19,7 @@ use crate::memory::MemoryLayout;
 use crate::protocol::{
     decompress_pages, page_records, stream_of, Abandoned, ErrorMsg, FrameReader, FrameWriter,
     Hello, HelloReply, Message, MsgKind, ProtocolError, Ready, Resumed, RoundEnd, State,
-    StreamHello, MAX_STATE_FRAMES, MAX_STREAMS, STREAM_CHUNK_PAGES,
+    StreamHello, MAX_STATE_FRAMES, MAX_STREAMS, PROTOCOL_VERSION, STREAM_CHUNK_PAGES,
 };
 use crate::ram::HostRam;
 use crate::state::Section;
@@ -141,7 +141,16 @@ where
     let mut fr = FrameReader::new(rx);
     let mut fw = FrameWriter::new(transport);
     let mut phase = hs;
-    let result = run_destination(&mut fr, &mut fw, acceptor, config, create, &mut phase);
+    let mut version = PROTOCOL_VERSION;
+    let result = run_destination(
+        &mut fr,
+        &mut fw,
+        acceptor,
+        config,
+        create,
+        &mut phase,
+        &mut version,
+    );
     if let Err(e) = &result {
         // Tell the source why (best effort), unless the source itself failed.
         if !matches!(e.kind, ErrorKind::Remote { .. } | ErrorKind::Cancelled) {
@@ -153,7 +162,8 @@ where
             // may have sent `Go` already: say that the VM is gone for good
             // (it was dropped when `run_destination` returned), so that the
             // source resumes instead of staying paused as ambiguous.
-            let _ = if e.phase == Phase::Completion {
+            // A version-2 source knows no `Abandoned`: it gets the `Error`.
+            let _ = if e.phase == Phase::Completion && version >= 3 {
                 fw.send(&Abandoned(msg))
             } else {
                 fw.send(&msg)
@@ -427,6 +437,7 @@ fn run_destination<V, F>(
     config: &ReceiveConfig,
     create: F,
     phase: &mut Phase,
+    chosen: &mut u32,
 ) -> Result<(V, ReceiveReport), MigrationError>
 where
     V: DestinationVm,
@@ -461,6 +472,7 @@ where
         Err(e) => return Err(refuse(fw, e.to_string())),
     };
     report.version = version;
+    *chosen = version;
     report.running = !hello.paused;
     let desc = hello.desc;
     let mut vm = match create(&desc) {
@@ -496,7 +508,7 @@ where
     };
     let token = if streams > 1 { random_token() } else { [0; 16] };
     // The newest version in both ranges (`Hello::decode` refused ranges
-    // that do not overlap); only PROTOCOL_VERSION is spoken here.
+    // that do not overlap): 3, or 2 with a source of release 0.1.0.
     let mut reply = HelloReply::accepted(streams, token);
     reply.version = version;
     fw.send(&reply)

@@ -63,16 +63,28 @@ pub const HELLO_MAGIC: [u8; 8] = *b"LIVEMIG\0";
 /// The newest protocol version this side speaks.
 ///
 /// Version 3 added [`HelloReply::version`] (the version the destination
-/// chose), [`Hello::paused`] (the source VM's run state),
-/// [`MsgKind::Abandoned`], and the rule that a `Hello` of a newer version
-/// only appends fields (a receiver ignores what follows the fields of its
-/// own newest version when the sender's version is newer).
+/// chose; a version-2 reply has no such field), [`Hello::paused`] (the
+/// source VM's run state, carried as the reserved property
+/// [`PAUSED_PROPERTY`] so that the `Hello` layout is version 2's),
+/// [`MsgKind::Abandoned`], several `State` frames, and the rule that a
+/// `Hello` of a newer version only appends fields (a receiver ignores what
+/// follows the fields of its own newest version when the sender's version
+/// is newer).
 /// Version 2 added multiple page streams ([`Hello::streams`],
 /// [`HelloReply::streams`], [`StreamHello`]) and [`MsgKind::Keepalive`].
-/// Versions 1 and 2 are not spoken any more.
+///
+/// This side still speaks version 2 with a peer that speaks no newer one
+/// (release 0.1.0): as a destination it leaves out the reply's version and
+/// answers a failure after `Ready` with `Error` instead of `Abandoned`; as
+/// a source it refuses, before any page, to migrate a paused VM or a state
+/// that needs more than one `State` frame to such a destination.
 pub const PROTOCOL_VERSION: u32 = 3;
 /// The oldest protocol version this side speaks.
-pub const MIN_PROTOCOL_VERSION: u32 = 3;
+pub const MIN_PROTOCOL_VERSION: u32 = 2;
+/// The property key by which a version-3 [`Hello`] says the source VM is
+/// paused (value `"1"`). Keys starting with `livemig.` are the engine's: a
+/// VM description may not use them.
+pub const PAUSED_PROPERTY: &str = "livemig.paused";
 /// Most page streams one migration may use.
 pub const MAX_STREAMS: u32 = 16;
 
@@ -1270,8 +1282,21 @@ impl Message for Hello {
                 None => out.extend_from_slice(&[0; 5]),
             }
         }
-        put_count(out, M, "properties", d.properties.len(), MAX_PROPERTIES)?;
+        let mut props: Vec<(&str, &str)> = Vec::with_capacity(d.properties.len() + 1);
         for (k, v) in &d.properties {
+            if k.starts_with("livemig.") {
+                return Err(ProtocolError::Unencodable {
+                    msg: M,
+                    reason: format!("property key '{k}': the livemig. prefix is reserved"),
+                });
+            }
+            props.push((k, v));
+        }
+        if self.paused {
+            props.push((PAUSED_PROPERTY, "1"));
+        }
+        put_count(out, M, "properties", props.len(), MAX_PROPERTIES)?;
+        for (k, v) in props {
             if k.is_empty() {
                 return Err(ProtocolError::Unencodable {
                     msg: M,
@@ -1287,9 +1312,7 @@ impl Message for Hello {
                 MAX_PROPERTY_LEN,
             )?;
         }
-        put_streams(out, M, self.streams)?;
-        out.push(u8::from(self.paused));
-        Ok(())
+        put_streams(out, M, self.streams)
     }
 
     fn decode(payload: &[u8]) -> Result<Self, ProtocolError> {
@@ -1348,6 +1371,7 @@ impl Message for Hello {
 
         let n = c.count("properties", MAX_PROPERTIES, 4)?;
         let mut properties = BTreeMap::new();
+        let mut paused = false;
         for i in 0..n {
             let at = c.pos;
             let k = c.string(&format!("property {i} key"), MAX_PROPERTY_LEN)?;
@@ -1355,13 +1379,19 @@ impl Message for Hello {
                 return Err(c.malformed_at(at, format!("property {i} has an empty key")));
             }
             let v = c.string(&format!("property '{k}' value"), MAX_PROPERTY_LEN)?;
-            if properties.contains_key(&k) {
+            if properties.contains_key(&k) || (k == PAUSED_PROPERTY && paused) {
                 return Err(c.malformed_at(at, format!("property '{k}' appears twice")));
+            }
+            if k == PAUSED_PROPERTY {
+                if v != "1" {
+                    return Err(c.malformed_at(at, format!("property '{k}' is {v:?}, not \"1\"")));
+                }
+                paused = true;
+                continue;
             }
             properties.insert(k, v);
         }
         let streams = c.streams()?;
-        let paused = c.bool("paused")?;
         // A newer sender may append fields of its own version: they are not
         // ours to read. From our own version (or older), trailing bytes are
         // an error.
@@ -1444,7 +1474,11 @@ impl Message for HelloReply {
         )?;
         put_streams(out, "HelloReply", self.streams)?;
         out.extend_from_slice(&self.token);
-        put_u32(out, self.version);
+        // Version 2 (a source that speaks nothing newer) has no version
+        // field; a refusal (version 0) has none either.
+        if self.version >= 3 {
+            put_u32(out, self.version);
+        }
         Ok(())
     }
 
@@ -1460,7 +1494,12 @@ impl Message for HelloReply {
         }
         let streams = c.streams()?;
         let token: [u8; 16] = c.array()?;
-        let version = c.u32()?;
+        // A version-2 destination's reply ends here.
+        let at = c.pos;
+        let version = if c.left() == 0 { 2 } else { c.u32()? };
+        if version < 3 && c.pos != at {
+            return Err(c.malformed_at(at, format!("version {version} in a version-3 field")));
+        }
         c.finish()?;
         Ok(HelloReply {
             accepted,
@@ -2314,7 +2353,17 @@ mod tests {
 
     /// Every strict prefix fails, trailing garbage fails, the whole succeeds.
     fn check_hostile<M: Message + fmt::Debug>(bytes: &[u8]) {
+        check_hostile_except::<M>(bytes, &[]);
+    }
+
+    /// [`check_hostile`], except that the prefixes of the lengths in
+    /// `valid` are whole messages of an older version.
+    fn check_hostile_except<M: Message + fmt::Debug>(bytes: &[u8], valid: &[usize]) {
         for cut in 0..bytes.len() {
+            if valid.contains(&cut) {
+                M::decode(&bytes[..cut]).unwrap();
+                continue;
+            }
             assert!(
                 M::decode(&bytes[..cut]).is_err(),
                 "{}: prefix of {cut}/{} bytes accepted",
@@ -2404,17 +2453,35 @@ mod tests {
     #[test]
     fn decoders_reject_truncation_and_trailing_bytes() {
         check_hostile::<Hello>(&Hello::new(desc()).encode().unwrap());
-        check_hostile::<HelloReply>(
-            &HelloReply {
-                accepted: true,
-                reason: "ok".into(),
-                streams: 1,
-                token: [0; 16],
-                version: PROTOCOL_VERSION,
-            }
-            .encode()
-            .unwrap(),
-        );
+        let v3 = HelloReply {
+            accepted: true,
+            reason: "ok".into(),
+            streams: 1,
+            token: [0; 16],
+            version: PROTOCOL_VERSION,
+        }
+        .encode()
+        .unwrap();
+        // Without its last field it is a version-2 (release 0.1.0) reply.
+        check_hostile_except::<HelloReply>(&v3, &[v3.len() - 4]);
+        let v2 = HelloReply::decode(&v3[..v3.len() - 4]).unwrap();
+        assert_eq!(v2.version, 2);
+        assert_eq!(v2.encode().unwrap(), &v3[..v3.len() - 4]);
+        // A version field that says 2 (or less) is malformed.
+        let mut low = v3[..v3.len() - 4].to_vec();
+        low.extend_from_slice(&2u32.to_le_bytes());
+        assert!(HelloReply::decode(&low).is_err());
+        // A paused source is said with the reserved property, which never
+        // reaches the description; a description may not use the prefix.
+        let mut h = Hello::new(desc());
+        h.paused = true;
+        let got = Hello::decode(&h.encode().unwrap()).unwrap();
+        assert!(got.paused);
+        assert_eq!(got.desc, desc());
+        check_hostile::<Hello>(&h.encode().unwrap());
+        let mut d = desc();
+        d.properties.insert(PAUSED_PROPERTY.into(), "1".into());
+        assert!(Hello::new(d).encode().is_err());
         check_hostile::<RoundEnd>(&RoundEnd { round: 1, pages: 2 }.encode().unwrap());
         check_hostile::<State>(&state().encode().unwrap());
         check_hostile::<Complete>(&[]);
@@ -2487,7 +2554,7 @@ mod tests {
                 ProtocolError::UnsupportedVersion {
                     peer_version: 7,
                     peer_min: 7,
-                    min: 3,
+                    min: 2,
                     max: 3
                 }
             ),
@@ -2495,7 +2562,7 @@ mod tests {
         );
         let s = e.to_string();
         assert!(s.contains("unsupported protocol version 7"), "{s}");
-        assert!(s.contains("this side speaks 3..=3"), "{s}");
+        assert!(s.contains("this side speaks 2..=3"), "{s}");
 
         // A newer peer that still speaks version 3 negotiates down, and
         // the fields it appends for its own version are not read.
@@ -2511,12 +2578,19 @@ mod tests {
         same.push(0);
         assert!(Hello::decode(&same).is_err());
 
-        // Versions 1 and 2 are refused.
-        for v in [1, 2] {
-            h.protocol_version = v;
-            h.min_protocol_version = v;
-            assert!(Hello::decode(&h.encode().unwrap()).is_err());
-        }
+        // Version 1 is refused; version 2 (release 0.1.0) is spoken.
+        h.protocol_version = 1;
+        h.min_protocol_version = 1;
+        assert!(Hello::decode(&h.encode().unwrap()).is_err());
+        h.protocol_version = 2;
+        h.min_protocol_version = 2;
+        assert_eq!(
+            Hello::decode(&h.encode().unwrap())
+                .unwrap()
+                .negotiated_version()
+                .unwrap(),
+            2
+        );
 
         // Stream counts outside 1..=MAX_STREAMS are refused both ways.
         let mut h = Hello::new(desc());
@@ -2524,7 +2598,7 @@ mod tests {
         assert!(h.encode().is_err());
         let mut raw = Hello::new(desc()).encode().unwrap();
         let n = raw.len();
-        raw[n - 5..n - 1].copy_from_slice(&0u32.to_le_bytes());
+        raw[n - 4..n].copy_from_slice(&0u32.to_le_bytes());
         assert!(Hello::decode(&raw)
             .unwrap_err()
             .to_string()

@@ -910,6 +910,7 @@ fn run_source<V: SourceVm + ?Sized>(
     let frames = state_frames(sections.clone(), MAX_FRAME_PAYLOAD)
         .map_err(|e| MigrationError::new(hs, e))?;
     report.state_frames = frames.len() as u32;
+    check_old_peer(reply.version, paused, frames.len())?;
     let state_bytes: u64 = sections
         .iter()
         .map(|s| s.data.len() as u64 + s.name.len() as u64 + 16)
@@ -1373,6 +1374,30 @@ fn stop_and_copy<V: SourceVm + ?Sized>(
         ready: Instant::now(),
     };
     Ok((times, ready))
+}
+
+/// What a destination that speaks only protocol version 2 (release 0.1.0)
+/// cannot do, refused before any page: keep a paused VM paused (it would
+/// resume it), and read a state of several `State` frames.
+fn check_old_peer(version: u32, paused: bool, state_frames: usize) -> Result<(), MigrationError> {
+    if version >= 3 {
+        return Ok(());
+    }
+    let why = if paused {
+        "the VM is paused, and a destination speaking protocol version 2 would resume it"
+            .to_string()
+    } else if state_frames > 1 {
+        format!(
+            "the device state needs {state_frames} State frames; a destination speaking \
+             protocol version 2 reads one"
+        )
+    } else {
+        return Ok(());
+    };
+    Err(MigrationError::new(
+        Phase::Handshake,
+        ErrorKind::Refused(why),
+    ))
 }
 
 /// Measures the state before any page is sent: a short pause now tells

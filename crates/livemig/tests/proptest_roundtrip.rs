@@ -471,9 +471,9 @@ fn duplicate_property_refused() {
         properties: BTreeMap::from([("a".to_string(), "1".to_string())]),
     };
     let mut bytes = Hello::new(d).encode().unwrap();
-    // Take off the trailing stream count and paused flag, set the
-    // properties count 1 -> 2, add the same pair again, put them back.
-    let streams = bytes.split_off(bytes.len() - 5);
+    // Take off the trailing stream count, set the properties count
+    // 1 -> 2, add the same pair again, put it back.
+    let streams = bytes.split_off(bytes.len() - 4);
     let pair = [1u8, 0, b'a', 1, 0, b'1'];
     let n = bytes.len();
     bytes[n - 10..n - 6].copy_from_slice(&2u32.to_le_bytes());
