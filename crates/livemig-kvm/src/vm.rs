@@ -128,6 +128,10 @@ pub struct KvmVm {
     /// the vCPU threads start (a running vCPU's fd is locked inside
     /// `KVM_RUN`) and updated by [`KvmVm::adopt_tsc_khz`].
     tsc_khz: AtomicU32,
+    /// Threads that save or restore the vCPUs' state at once: the host's
+    /// CPUs (no more — each vCPU's ioctls are CPU work in the kernel, so a
+    /// thread per vCPU only adds thread start-up and contention).
+    state_workers: usize,
 }
 
 impl KvmVm {
@@ -279,6 +283,7 @@ impl KvmVm {
             nics: config.nics.clone(),
             cpuid_hash,
             tsc_khz: AtomicU32::new(tsc_khz),
+            state_workers: std::thread::available_parallelism().map_or(1, |n| n.get()),
         })
     }
 
@@ -398,6 +403,49 @@ impl KvmVm {
         Ok(f(&fd))
     }
 
+    /// Runs `f` on every vCPU's fd (the vCPUs must be paused) and returns
+    /// the results in vCPU order. The vCPUs are split into contiguous
+    /// shares over at most [`KvmVm::state_workers`] threads, the calling
+    /// thread taking the first share (one vCPU, or one CPU: no thread is
+    /// started).
+    fn on_each_vcpu<R: Send>(&self, f: impl Fn(usize, &VcpuFd) -> R + Sync) -> Vec<R> {
+        let n = self.vcpus.len();
+        let shares = share_out(n, self.state_workers);
+        let run_share = |range: std::ops::Range<usize>| -> Vec<R> {
+            range
+                .filter_map(|i| {
+                    let v = self.vcpus.vcpu(i)?;
+                    let fd = v.lock().unwrap_or_else(|e| e.into_inner());
+                    Some(f(i, &fd))
+                })
+                .collect()
+        };
+        std::thread::scope(|s| {
+            let mut shares = shares.into_iter();
+            let first = shares.next().unwrap_or(0..0);
+            let others: Vec<_> = shares
+                .map(|r| {
+                    let run_share = &run_share;
+                    s.spawn(move || run_share(r))
+                })
+                .collect();
+            let mut out = run_share(first);
+            for h in others {
+                match h.join() {
+                    Ok(part) => out.extend(part),
+                    // A panic in an ioctl wrapper: re-raise it here.
+                    Err(p) => std::panic::resume_unwind(p),
+                }
+            }
+            out
+        })
+    }
+
+    /// Threads [`KvmVm`] uses to save or restore vCPU state at once.
+    pub fn state_workers(&self) -> usize {
+        self.state_workers
+    }
+
     /// Pauses every vCPU.
     pub fn pause_vcpus(&self) -> Result<(), KvmVmError> {
         Ok(self.vcpus.pause()?)
@@ -493,33 +541,10 @@ impl SourceVm for KvmVm {
                 "save_state called while the vCPUs run".into(),
             ));
         }
-        // Save vCPUs in parallel: each vCPU's ioctls are independent.
-        let results: Vec<Result<Section, StateError>> = std::thread::scope(|s| {
-            let handles: Vec<_> = (0..self.vcpus.len())
-                .map(|i| {
-                    let msrs = &self.msr_indices;
-                    let v = self.vcpus.vcpu(i).cloned();
-                    s.spawn(move || {
-                        let v = v.ok_or_else(|| StateError::Missing(vcpu_section_name(i)))?;
-                        let fd = v.lock().unwrap_or_else(|e| e.into_inner());
-                        save_vcpu(i, &fd, msrs)
-                    })
-                })
-                .collect();
-            handles
-                .into_iter()
-                .map(|h| {
-                    h.join().unwrap_or_else(|_| {
-                        Err(StateError::Malformed {
-                            name: "vcpu".into(),
-                            reason: "save thread panicked".into(),
-                        })
-                    })
-                })
-                .collect()
-        });
-        let mut sections = Vec::new();
-        for r in results {
+        // Each vCPU's ioctls are independent: spread them over the CPUs.
+        let msrs = &self.msr_indices;
+        let mut sections = Vec::with_capacity(self.vcpus.len() + 3 + self.devices.len());
+        for r in self.on_each_vcpu(|i, fd| save_vcpu(i, fd, msrs)) {
             sections.push(r?);
         }
         sections.extend(save_vm(&self.vm)?);
@@ -583,15 +608,13 @@ impl DestinationVm for KvmVm {
                 restore_vm_section(&self.vm, s)?;
             }
         }
-        for i in 0..self.vcpus.len() {
+        // Each vCPU's ioctls are independent: spread them over the CPUs.
+        let restored = self.on_each_vcpu(|i, fd| {
             let name = vcpu_section_name(i);
-            let s = find(&name).ok_or(StateError::Missing(name))?;
-            let v = self
-                .vcpus
-                .vcpu(i)
-                .ok_or_else(|| StateError::Missing(vcpu_section_name(i)))?;
-            let fd = v.lock().unwrap_or_else(|e| e.into_inner());
-            restore_vcpu(&fd, s)?;
+            restore_vcpu(fd, find(&name).ok_or(StateError::Missing(name))?)
+        });
+        for r in restored {
+            r?;
         }
         for d in &self.devices {
             let mut d = d.lock().unwrap_or_else(|e| e.into_inner());
@@ -609,6 +632,16 @@ impl DestinationVm for KvmVm {
         self.vcpus.resume();
         Ok(())
     }
+}
+
+/// Splits `0..n` into at most `workers` contiguous ranges of nearly equal
+/// length (none empty).
+fn share_out(n: usize, workers: usize) -> Vec<std::ops::Range<usize>> {
+    let w = workers.clamp(1, n.max(1));
+    (0..w)
+        .map(|k| (k * n / w)..((k + 1) * n / w))
+        .filter(|r| !r.is_empty())
+        .collect()
 }
 
 /// Checks that a destination built with `config` can host the VM described
@@ -748,6 +781,24 @@ mod tests {
                 .iter()
                 .map(|(k, v)| (k.to_string(), v.to_string()))
                 .collect(),
+        }
+    }
+
+    #[test]
+    fn vcpus_are_shared_out_whole_and_in_order() {
+        for n in [0usize, 1, 2, 3, 7, 8, 32, 63, 64] {
+            for w in [0usize, 1, 2, 3, 4, 64, 100] {
+                let shares = share_out(n, w);
+                assert!(shares.len() <= w.max(1), "{n} over {w}: {shares:?}");
+                let all: Vec<usize> = shares.iter().flat_map(|r| r.clone()).collect();
+                assert_eq!(all, (0..n).collect::<Vec<_>>(), "{n} over {w}");
+                if let (Some(lo), Some(hi)) = (
+                    shares.iter().map(|r| r.len()).min(),
+                    shares.iter().map(|r| r.len()).max(),
+                ) {
+                    assert!(hi - lo <= 1, "{n} over {w}: {shares:?}");
+                }
+            }
         }
     }
 
