@@ -820,11 +820,15 @@ fn run_source<V: SourceVm + ?Sized>(
 
     // Measure the state: a short pause now tells what the switchover costs
     // beyond memory, and proves the state can be saved before we commit.
-    // The estimate: the save itself, plus the pause latency capped at 2 ms
-    // (one slow pause under host load must not make the policy believe
-    // every switchover costs that much and never converge). A measurement
-    // over a quarter of the downtime limit is repeated (twice at most) and
-    // the smallest kept, for the same reason.
+    // The estimate: the pause latency capped at 2 ms (one slow pause under
+    // host load must not make the policy believe every switchover costs
+    // that much and never converge), the save, the destination's restore
+    // (taken as long as the save: it issues the same state calls in
+    // reverse) and the destination's resume (taken as long as this
+    // resume: as many vCPUs to wake). A measurement over a quarter of the
+    // downtime limit is repeated (twice at most) and the smallest kept,
+    // for the same reason. The state's bytes are added at the measured
+    // bandwidth each round.
     let mut state_time = Duration::MAX;
     let mut sections = Vec::new();
     for _ in 0..3 {
@@ -834,7 +838,10 @@ fn run_source<V: SourceVm + ?Sized>(
         let saved = vm.save_state();
         let t_saved = Instant::now();
         let resumed = vm.resume();
-        let this = (t_saved - t_paused) + (t_paused - t).min(Duration::from_millis(2));
+        let t_resumed = Instant::now();
+        let this = (t_paused - t).min(Duration::from_millis(2))
+            + 2 * (t_saved - t_paused)
+            + (t_resumed - t_saved);
         state_time = state_time.min(this);
         sections = saved.map_err(|e| MigrationError::new(hs, e))?;
         resumed.map_err(|e| MigrationError::new(hs, e))?;
