@@ -10,6 +10,7 @@
 #![deny(missing_docs)]
 
 pub mod dirty;
+mod pool;
 pub mod serial;
 pub mod state;
 pub mod vcpu;

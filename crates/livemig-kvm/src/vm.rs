@@ -19,6 +19,7 @@ use livemig::vm::{
 use vm_memory::{GuestMemoryBackend, GuestMemoryRegion};
 
 use crate::dirty::{check_ring_entries, DirtyMode, DirtyRing, KvmDirtyTracker, Slot};
+use crate::pool::Pool;
 use crate::state::{
     restore_vcpu, restore_vm_section, save_vcpu, save_vm, vcpu_section_name, VM_SECTIONS,
 };
@@ -119,7 +120,6 @@ pub struct KvmVm {
     slots: Vec<Slot>,
     vcpus: VcpuSet,
     devices: Vec<SharedDevice>,
-    msr_indices: Vec<u32>,
     dirty_mode: DirtyMode,
     ring: Option<Arc<DirtyRing>>,
     nics: Vec<NicInfo>,
@@ -128,10 +128,13 @@ pub struct KvmVm {
     /// the vCPU threads start (a running vCPU's fd is locked inside
     /// `KVM_RUN`) and updated by [`KvmVm::adopt_tsc_khz`].
     tsc_khz: AtomicU32,
-    /// Threads that save or restore the vCPUs' state at once: the host's
-    /// CPUs (no more — each vCPU's ioctls are CPU work in the kernel, so a
-    /// thread per vCPU only adds thread start-up and contention).
-    state_workers: usize,
+    /// Helpers that save or restore the vCPUs' state beside the calling
+    /// thread: one fewer than the host's CPUs (each vCPU's ioctls are CPU
+    /// work in the kernel, so a thread per vCPU only adds thread start-up
+    /// and contention), sharing the vCPUs by claiming (see [`Pool`]).
+    state_pool: Pool,
+    /// The vCPUs' MSR list, shared with the state helpers.
+    msr_list: Arc<Vec<u32>>,
 }
 
 impl KvmVm {
@@ -277,13 +280,13 @@ impl KvmVm {
             slots,
             vcpus,
             devices,
-            msr_indices,
             dirty_mode,
             ring,
             nics: config.nics.clone(),
             cpuid_hash,
             tsc_khz: AtomicU32::new(tsc_khz),
-            state_workers: std::thread::available_parallelism().map_or(1, |n| n.get()),
+            state_pool: Pool::new(std::thread::available_parallelism().map_or(1, |n| n.get()) - 1),
+            msr_list: Arc::new(msr_indices),
         })
     }
 
@@ -404,46 +407,26 @@ impl KvmVm {
     }
 
     /// Runs `f` on every vCPU's fd (the vCPUs must be paused) and returns
-    /// the results in vCPU order. The vCPUs are split into contiguous
-    /// shares over at most [`KvmVm::state_workers`] threads, the calling
-    /// thread taking the first share (one vCPU, or one CPU: no thread is
-    /// started).
-    fn on_each_vcpu<R: Send>(&self, f: impl Fn(usize, &VcpuFd) -> R + Sync) -> Vec<R> {
-        let n = self.vcpus.len();
-        let shares = share_out(n, self.state_workers);
-        let run_share = |range: std::ops::Range<usize>| -> Vec<R> {
-            range
-                .filter_map(|i| {
-                    let v = self.vcpus.vcpu(i)?;
-                    let fd = v.lock().unwrap_or_else(|e| e.into_inner());
-                    Some(f(i, &fd))
-                })
-                .collect()
-        };
-        std::thread::scope(|s| {
-            let mut shares = shares.into_iter();
-            let first = shares.next().unwrap_or(0..0);
-            let others: Vec<_> = shares
-                .map(|r| {
-                    let run_share = &run_share;
-                    s.spawn(move || run_share(r))
-                })
-                .collect();
-            let mut out = run_share(first);
-            for h in others {
-                match h.join() {
-                    Ok(part) => out.extend(part),
-                    // A panic in an ioctl wrapper: re-raise it here.
-                    Err(p) => std::panic::resume_unwind(p),
-                }
-            }
-            out
+    /// the results in vCPU order: on the calling thread and the state
+    /// helpers, each taking the next vCPU until none is left (a helper that
+    /// is slow to get a CPU leaves its share to the caller).
+    fn on_each_vcpu<R: Send + 'static>(
+        &self,
+        f: impl Fn(usize, &VcpuFd) -> R + Send + Sync + 'static,
+    ) -> Vec<R> {
+        let fds: Vec<Arc<Mutex<VcpuFd>>> = (0..self.vcpus.len())
+            .filter_map(|i| self.vcpus.vcpu(i).cloned())
+            .collect();
+        self.state_pool.run(fds.len(), move |i| {
+            let fd = fds[i].lock().unwrap_or_else(|e| e.into_inner());
+            f(i, &fd)
         })
     }
 
-    /// Threads [`KvmVm`] uses to save or restore vCPU state at once.
+    /// Threads [`KvmVm`] uses to save or restore vCPU state at once (the
+    /// caller and its helpers).
     pub fn state_workers(&self) -> usize {
-        self.state_workers
+        self.state_pool.helpers() + 1
     }
 
     /// Pauses every vCPU.
@@ -542,9 +525,9 @@ impl SourceVm for KvmVm {
             ));
         }
         // Each vCPU's ioctls are independent: spread them over the CPUs.
-        let msrs = &self.msr_indices;
+        let msrs = self.msr_list.clone();
         let mut sections = Vec::with_capacity(self.vcpus.len() + 3 + self.devices.len());
-        for r in self.on_each_vcpu(|i, fd| save_vcpu(i, fd, msrs)) {
+        for r in self.on_each_vcpu(move |i, fd| save_vcpu(i, fd, &msrs)) {
             sections.push(r?);
         }
         sections.extend(save_vm(&self.vm)?);
@@ -609,10 +592,13 @@ impl DestinationVm for KvmVm {
             }
         }
         // Each vCPU's ioctls are independent: spread them over the CPUs.
-        let restored = self.on_each_vcpu(|i, fd| {
+        let mut mine: Vec<Section> = Vec::with_capacity(self.vcpus.len());
+        for i in 0..self.vcpus.len() {
             let name = vcpu_section_name(i);
-            restore_vcpu(fd, find(&name).ok_or(StateError::Missing(name))?)
-        });
+            mine.push(find(&name).ok_or(StateError::Missing(name))?.clone());
+        }
+        let mine = Arc::new(mine);
+        let restored = self.on_each_vcpu(move |i, fd| restore_vcpu(fd, &mine[i]));
         for r in restored {
             r?;
         }
@@ -632,16 +618,6 @@ impl DestinationVm for KvmVm {
         self.vcpus.resume();
         Ok(())
     }
-}
-
-/// Splits `0..n` into at most `workers` contiguous ranges of nearly equal
-/// length (none empty).
-fn share_out(n: usize, workers: usize) -> Vec<std::ops::Range<usize>> {
-    let w = workers.clamp(1, n.max(1));
-    (0..w)
-        .map(|k| (k * n / w)..((k + 1) * n / w))
-        .filter(|r| !r.is_empty())
-        .collect()
 }
 
 /// Checks that a destination built with `config` can host the VM described
@@ -781,24 +757,6 @@ mod tests {
                 .iter()
                 .map(|(k, v)| (k.to_string(), v.to_string()))
                 .collect(),
-        }
-    }
-
-    #[test]
-    fn vcpus_are_shared_out_whole_and_in_order() {
-        for n in [0usize, 1, 2, 3, 7, 8, 32, 63, 64] {
-            for w in [0usize, 1, 2, 3, 4, 64, 100] {
-                let shares = share_out(n, w);
-                assert!(shares.len() <= w.max(1), "{n} over {w}: {shares:?}");
-                let all: Vec<usize> = shares.iter().flat_map(|r| r.clone()).collect();
-                assert_eq!(all, (0..n).collect::<Vec<_>>(), "{n} over {w}");
-                if let (Some(lo), Some(hi)) = (
-                    shares.iter().map(|r| r.len()).min(),
-                    shares.iter().map(|r| r.len()).max(),
-                ) {
-                    assert!(hi - lo <= 1, "{n} over {w}: {shares:?}");
-                }
-            }
         }
     }
 
