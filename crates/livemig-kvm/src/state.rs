@@ -9,8 +9,8 @@
 //!   (count u32, then `index u32, value u64` pairs); each exactly once.
 //!   Version 2 (written since): `len u32` (little endian, at most
 //!   [`MAX_VCPU_RECORDS`]) then the same records LZ4-compressed (one
-//!   block) — 7.1 KB per vCPU, mostly zeros (XSAVE, LAPIC), shrink about
-//!   tenfold, which is what the switchover transfers per vCPU. Both
+//!   block) — 7.1 KB per vCPU, mostly zeros (XSAVE, LAPIC), shrink to
+//!   about 0.5 KB for an idle vCPU, and the switchover transfers them. Both
 //!   versions are restored. FPU stays although XSAVE's legacy area should
 //!   hold the same x87/SSE state: a vCPU whose registers were set with
 //!   KVM_SET_FPU and restored from XSAVE alone lost its FCW and XMM
