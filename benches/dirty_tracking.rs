@@ -42,7 +42,9 @@ use livemig::bitmap::DirtyBitmap;
 use livemig::memory::MemoryLayout;
 use livemig::vm::{DirtyTracker, SourceVm};
 use livemig_kvm::DirtyMode;
-use livemig_suite::harness::{largest_gap_in, log_of, migrate, refvmm_path, scratch_dir, Vmm};
+use livemig_suite::harness::{
+    largest_gap_in, log_of, migrate, refvmm_path, scratch_dir, switchover_gaps, Vmm,
+};
 use pagewriter::{PageWriter, WRITE_BASE};
 use serde_json::{json, Value};
 
@@ -252,10 +254,22 @@ fn migrations(mode: &str, memory: &str, cmdline: &str, warm_hb: usize, n: usize)
                 sl.corrupt,
                 dl.corrupt
             );
-            let last = sl.heartbeats.last().copied().unwrap_or(t0);
-            let first = dl.heartbeats.first().copied().unwrap_or(t1);
-            s.switchover_ms
-                .push(ms(first.saturating_duration_since(last)));
+            // A gap the heartbeats cannot tell (a late reader, a side
+            // without heartbeats) is a failed run, never a number.
+            let gaps = match switchover_gaps(&sl.heartbeats, &dl.heartbeats, t0, t1) {
+                Ok(g) => g,
+                Err(e) => {
+                    eprintln!("*** {mode} {memory} {cmdline}: measurement failed: {e}");
+                    s.failed += 1;
+                    drop((sl, dl));
+                    drop(src);
+                    src = dst;
+                    let _ = src.wait_api(Duration::from_secs(10));
+                    std::thread::sleep(Duration::from_millis(500));
+                    continue;
+                }
+            };
+            s.switchover_ms.push(ms(gaps.switchover_gap));
             let mut all: Vec<Instant> = sl
                 .heartbeats
                 .iter()
@@ -275,12 +289,7 @@ fn migrations(mode: &str, memory: &str, cmdline: &str, warm_hb: usize, n: usize)
             if let Some(p) = w.windows(2).max_by_key(|p| p[1] - p[0]) {
                 s.blackout_at_ms.push(ms(p[0] - t0));
             }
-            let span = (t1 - t0).max(Duration::from_millis(200));
-            s.noise_ms.push(ms(largest_gap_in(
-                &sl.heartbeats,
-                t0.checked_sub(span).unwrap_or(t0),
-                t0,
-            )));
+            s.noise_ms.push(ms(gaps.noise_floor));
         }
         let f = |k: &str| report[k].as_f64().unwrap_or(f64::NAN);
         s.downtime_ms.push(f("downtime_ms"));

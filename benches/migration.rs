@@ -12,6 +12,19 @@
 //! compares (see `docs/benchmarks.md`). `LIVEMIG_BENCH_QEMU=0` skips that,
 //! `LIVEMIG_BENCH_QEMU=only` runs only that; `LIVEMIG_BENCH_QEMU_RUNS=N`
 //! sets the runs per (scenario, limit, VMM) (default 5, quick mode 3).
+//!
+//! The vCPU scenario migrates an idle 512 MiB guest with 1, 8, 32 and 64
+//! vCPUs (5 runs each, quick mode 3) and prints the engine's downtime, its
+//! estimate and the breakdown per part; `LIVEMIG_BENCH_VCPUS=0` skips it,
+//! `LIVEMIG_BENCH_VCPUS=only` runs only it.
+//!
+//! A failed measurement never becomes a number: a run whose heartbeats
+//! cannot tell the switchover gap (a side without heartbeats, the
+//! destination's first heartbeat arriving before the source's last, no
+//! noise floor) or whose migration failed stops the criterion scenarios
+//! (summary written, then a panic: criterion cannot leave an iteration out)
+//! and is left out of every median and listed under "Failed runs" in the
+//! side by side and the vCPU table.
 //! Results: criterion's report (the timed value is the **switchover gap** as
 //! the guest's heartbeats show it, not wall time), plus
 //! `target/livemig-bench/summary.{md,json}` and `downtime-vs-dirty-rate.svg`.
@@ -21,8 +34,8 @@ use std::time::{Duration, Instant};
 
 use criterion::{criterion_group, criterion_main, Criterion, SamplingMode};
 use livemig_suite::harness::{
-    largest_gap_in, log_of, migrate, refvmm_path, scratch_dir, start_destination, start_source,
-    GuestLog, Vmm,
+    log_of, migrate, refvmm_path, scratch_dir, start_destination, start_source, switchover_gaps,
+    GuestLog, SwitchoverGaps as Gaps, Vmm,
 };
 use livemig_suite::qemu::{
     qboot_path, qemu_path, qemu_version, write_guest_image, QemuConfig, QemuMigrateParams, QemuVm,
@@ -108,45 +121,11 @@ fn gap_ms(d: Duration) -> f64 {
 }
 
 /// The guest-observed figures of one migration that ran from `t0` (request
-/// sent) to `t1` (the VMM said it completed), the same for refvmm and QEMU.
-struct Gaps {
-    /// Last source heartbeat → first destination heartbeat.
-    switchover_gap_ms: f64,
-    /// Largest heartbeat gap (source and destination merged) from `t0` to
-    /// 50 ms after the later of `t1` and the destination's first heartbeat
-    /// (QEMU reports completion when the source has sent everything, which
-    /// can be well before the destination runs the guest).
-    blackout_ms: f64,
-    /// Largest source heartbeat gap over an equally long stretch (≥ 200 ms) before `t0`.
-    noise_floor_ms: f64,
-}
-
-impl Gaps {
-    fn measure(sl: &GuestLog, dl: &GuestLog, t0: Instant, t1: Instant) -> Gaps {
-        let last_src = sl.heartbeats.last().copied().unwrap_or(t0);
-        let first_dst = dl.heartbeats.first().copied().unwrap_or(t1);
-        let mut all: Vec<Instant> = sl
-            .heartbeats
-            .iter()
-            .chain(dl.heartbeats.iter())
-            .copied()
-            .collect();
-        all.sort();
-        let span = (t1 - t0).max(Duration::from_millis(200));
-        Gaps {
-            switchover_gap_ms: gap_ms(first_dst.saturating_duration_since(last_src)),
-            blackout_ms: gap_ms(largest_gap_in(
-                &all,
-                t0,
-                t1.max(first_dst) + Duration::from_millis(50),
-            )),
-            noise_floor_ms: gap_ms(largest_gap_in(
-                &sl.heartbeats,
-                t0.checked_sub(span).unwrap_or(t0),
-                t0,
-            )),
-        }
-    }
+/// sent) to `t1` (the VMM said it completed), the same for refvmm and QEMU;
+/// an error (never a number) when the heartbeats cannot tell them.
+fn measure_gaps(sl: &GuestLog, dl: &GuestLog, t0: Instant, t1: Instant) -> Result<Gaps, String> {
+    switchover_gaps(&sl.heartbeats, &dl.heartbeats, t0, t1)
+        .map_err(|e| format!("measurement failed: {e}"))
 }
 
 /// Runs one migration of `src`, returns the new source (the destination).
@@ -188,15 +167,19 @@ fn one_migration(sc: &Scenario, dir: &std::path::Path, src: Vmm, n: usize) -> (V
     let mut s = Sample::default();
     match r {
         Ok(report) => {
-            s.ok = true;
             s.report = report;
-            let _ = dst.wait_heartbeats(2000, Duration::from_secs(30));
+            let waited = dst.wait_heartbeats(2000, Duration::from_secs(30));
             let sl = log_of(&src);
             let dl = log_of(&dst);
-            let g = Gaps::measure(&sl, &dl, t0, t1);
-            s.switchover_gap_ms = g.switchover_gap_ms;
-            s.blackout_ms = g.blackout_ms;
-            s.noise_floor_ms = g.noise_floor_ms;
+            match waited.and_then(|_| measure_gaps(&sl, &dl, t0, t1)) {
+                Ok(g) => {
+                    s.ok = true;
+                    s.switchover_gap_ms = gap_ms(g.switchover_gap);
+                    s.blackout_ms = gap_ms(g.blackout);
+                    s.noise_floor_ms = gap_ms(g.noise_floor);
+                }
+                Err(e) => s.error = e,
+            }
             let bad: Vec<String> = sl
                 .corrupt
                 .iter()
@@ -235,8 +218,10 @@ fn bench_scenarios(c: &mut Criterion) {
         eprintln!("*** SKIPPED migration benches: /dev/kvm is not available ***");
         return;
     }
-    if qemu_mode() == "only" {
-        eprintln!("*** SKIPPED refvmm scenarios: LIVEMIG_BENCH_QEMU=only ***");
+    if qemu_mode() == "only" || vcpus_mode() == "only" {
+        eprintln!(
+            "*** SKIPPED refvmm scenarios: LIVEMIG_BENCH_QEMU=only or LIVEMIG_BENCH_VCPUS=only ***"
+        );
         return;
     }
     ensure_refvmm();
@@ -264,11 +249,14 @@ fn bench_scenarios(c: &mut Criterion) {
                     let src = holder.take().expect("source VM");
                     let (next, s) = one_migration(&sc, &dir, src, n);
                     holder = Some(next);
-                    total += Duration::from_secs_f64(s.switchover_gap_ms.max(0.0) / 1e3);
-                    if !s.ok {
-                        eprintln!("{}: migration failed: {}", sc.name, s.error);
-                    }
+                    let (ok, gap, error) = (s.ok, s.switchover_gap_ms, s.error.clone());
                     RESULTS.lock().unwrap().push((sc.name.to_string(), s));
+                    if !ok {
+                        // Criterion cannot leave an iteration out: a failed
+                        // run must not become a time in its statistics.
+                        fail_loudly(&format!("{}: run {n}: {error}", sc.name));
+                    }
+                    total += Duration::from_secs_f64(gap / 1e3);
                 }
                 total
             })
@@ -277,6 +265,169 @@ fn bench_scenarios(c: &mut Criterion) {
         let _ = std::fs::remove_dir_all(&dir);
     }
     g.finish();
+}
+
+/// Stops the bench on a failed measurement: writes the summary so far
+/// (which lists the failure) and panics with `what`.
+fn fail_loudly(what: &str) -> ! {
+    eprintln!("*** FAILED MEASUREMENT: {what}");
+    write_summary();
+    panic!("failed measurement (not entered into any median): {what}");
+}
+
+// ---------------------------------------------------------------------------
+// Downtime against the vCPU count: an idle 512 MiB guest with 1, 8, 32 and
+// 64 vCPUs (the test guest starts no AP without `smp=`, so all but vCPU 0
+// wait for a SIPI inside KVM_RUN, as an idle SMP guest's parked APs do).
+// ---------------------------------------------------------------------------
+
+/// vCPU counts of the scenario.
+const VCPU_COUNTS: [u32; 4] = [1, 8, 32, 64];
+
+/// One migration of the vCPU scenario.
+#[derive(Clone)]
+struct VcpuSample {
+    vcpus: u32,
+    /// The engine's report, or why the run (or its measurement) failed.
+    outcome: Result<(Value, Gaps), String>,
+}
+
+static VCPU_RESULTS: Mutex<Vec<VcpuSample>> = Mutex::new(Vec::new());
+
+/// `LIVEMIG_BENCH_VCPUS`: unset/`1` = run the vCPU scenario, `0` = skip it,
+/// `only` = run only it.
+fn vcpus_mode() -> &'static str {
+    match std::env::var("LIVEMIG_BENCH_VCPUS").as_deref() {
+        Ok("0") | Ok("off") => "off",
+        Ok("only") => "only",
+        _ => "on",
+    }
+}
+
+fn bench_vcpus(_c: &mut Criterion) {
+    if vcpus_mode() == "off" {
+        eprintln!("*** SKIPPED vCPU scenario: LIVEMIG_BENCH_VCPUS=0 ***");
+        return;
+    }
+    if !livemig_kvm::kvm_available() {
+        eprintln!("*** SKIPPED vCPU scenario: /dev/kvm is not available ***");
+        return;
+    }
+    ensure_refvmm();
+    let quick = std::env::var_os("LIVEMIG_BENCH_QUICK").is_some();
+    let runs = if quick { 3 } else { 5 };
+    let cmdline = format!("ws=16 rate=0 hb={HB_US}");
+    for vcpus in VCPU_COUNTS {
+        let dir = scratch_dir("vcpus");
+        let mut src = match start_source(&dir, "s0", "512M", vcpus, &cmdline).and_then(|mut v| {
+            v.wait_ready(Duration::from_secs(60))?;
+            v.wait_heartbeats(500 * (1000 / HB_US as usize), Duration::from_secs(60))?;
+            Ok(v)
+        }) {
+            Ok(v) => v,
+            Err(e) => fail_loudly(&format!("{vcpus} vCPUs: source: {e}")),
+        };
+        for n in 1..=runs {
+            let (mut dst, ep) = start_destination(&dir, &format!("d{n}"), &[])
+                .unwrap_or_else(|e| fail_loudly(&format!("{vcpus} vCPUs: destination: {e}")));
+            let t0 = Instant::now();
+            let r = migrate(&src, &ep, json!({}));
+            let t1 = Instant::now();
+            let outcome = match r {
+                Ok(rep) => {
+                    let waited = dst.wait_heartbeats(2000, Duration::from_secs(30));
+                    let g = {
+                        let (sl, dl) = (log_of(&src), log_of(&dst));
+                        waited.and_then(|_| measure_gaps(&sl, &dl, t0, t1))
+                    };
+                    src = dst;
+                    g.map(|g| (rep, g))
+                }
+                Err(e) => Err(e.to_string()),
+            };
+            match &outcome {
+                Ok((rep, g)) => eprintln!(
+                    "{vcpus} vCPUs run {n}: downtime {:.2} ms (expected {:.2}), gap {:.2} ms, noise floor {:.2} ms, breakdown {}",
+                    rep["downtime_ms"].as_f64().unwrap_or(f64::NAN),
+                    rep["expected_downtime_ms"].as_f64().unwrap_or(f64::NAN),
+                    gap_ms(g.switchover_gap),
+                    gap_ms(g.noise_floor),
+                    rep["downtime_breakdown"]
+                ),
+                Err(e) => eprintln!("*** {vcpus} vCPUs run {n}: FAILED: {e}"),
+            }
+            VCPU_RESULTS
+                .lock()
+                .unwrap()
+                .push(VcpuSample { vcpus, outcome });
+        }
+        drop(src);
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+}
+
+/// The vCPU table (markdown): medians of the successful runs per vCPU
+/// count; failed runs are counted and listed, never entered.
+fn vcpu_summary() -> Option<String> {
+    let results = VCPU_RESULTS.lock().unwrap().clone();
+    if results.is_empty() {
+        return None;
+    }
+    let parts = [
+        "pause_ms",
+        "final_sync_ms",
+        "final_memory_ms",
+        "state_save_ms",
+        "state_transfer_ms",
+        "dest_restore_ms",
+        "resume_ack_ms",
+        "dest_resume_ms",
+    ];
+    let mut md = format!(
+        "### Downtime against vCPUs\n\nIdle 512 MiB guest (`ws=16 rate=0 hb={HB_US}`, no `smp=`: vCPU 0 runs, the others wait for a SIPI), loopback TCP, default 20 ms limit; medians of the successful runs. `state_transfer` includes `dest_restore`; `resume_ack` includes `dest_resume`.\n\n| vCPUs | runs (ok) | engine downtime ms | expected ms | expected / actual | switchover gap ms | noise floor ms | state KB | {} |\n|---|---|---|---|---|---|---|---|{}\n",
+        parts.map(|p| p.trim_end_matches("_ms")).join(" | "),
+        "---|".repeat(parts.len())
+    );
+    let mut failed = Vec::new();
+    for vcpus in VCPU_COUNTS {
+        let all: Vec<&VcpuSample> = results.iter().filter(|s| s.vcpus == vcpus).collect();
+        if all.is_empty() {
+            continue;
+        }
+        let ok: Vec<&(Value, Gaps)> = all.iter().filter_map(|s| s.outcome.as_ref().ok()).collect();
+        failed.extend(all.iter().filter_map(|s| {
+            s.outcome
+                .as_ref()
+                .err()
+                .map(|e| format!("* {vcpus} vCPUs: {e}"))
+        }));
+        let m = |f: &dyn Fn(&(Value, Gaps)) -> f64| median(ok.iter().map(|x| f(x)).collect());
+        let num = |v: &Value| v.as_f64().unwrap_or(f64::NAN);
+        let down = m(&|x| num(&x.0["downtime_ms"]));
+        let exp = m(&|x| num(&x.0["expected_downtime_ms"]));
+        let ratio = m(&|x| num(&x.0["expected_downtime_ms"]) / num(&x.0["downtime_ms"]));
+        let cols: Vec<String> = parts
+            .iter()
+            .map(|p| format!("{:.2}", m(&|x| num(&x.0["downtime_breakdown"][*p]))))
+            .collect();
+        md.push_str(&format!(
+            "| {vcpus} | {} ({}) | {down:.2} | {exp:.2} | {ratio:.2} | {:.2} | {:.2} | {:.0} | {} |\n",
+            all.len(),
+            ok.len(),
+            m(&|x| gap_ms(x.1.switchover_gap)),
+            m(&|x| gap_ms(x.1.noise_floor)),
+            m(&|x| num(&x.0["state_bytes"]) / 1e3),
+            cols.join(" | ")
+        ));
+    }
+    if !failed.is_empty() {
+        md.push_str("\nFailed runs (not in any median):\n");
+        for f in failed {
+            md.push_str(&f);
+            md.push('\n');
+        }
+    }
+    Some(md)
 }
 
 /// Builds the refvmm example if it is missing (`cargo bench` does not build examples).
@@ -401,6 +552,10 @@ fn write_summary() {
     if let Some((cmd, _)) = &cmp {
         md.push('\n');
         md.push_str(cmd);
+    }
+    if let Some(v) = vcpu_summary() {
+        md.push('\n');
+        md.push_str(&v);
     }
     let out = std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
         .join("target")
@@ -531,6 +686,22 @@ struct CmpSample {
     corrupt: usize,
 }
 
+impl CmpSample {
+    /// Takes the gaps of a completed migration, or marks the run failed
+    /// (it then stays out of every median and is listed under "Failed runs").
+    fn apply(&mut self, gaps: Result<Gaps, String>) {
+        match gaps {
+            Ok(g) => {
+                self.ok = true;
+                self.switchover_gap_ms = gap_ms(g.switchover_gap);
+                self.blackout_ms = gap_ms(g.blackout);
+                self.noise_floor_ms = gap_ms(g.noise_floor);
+            }
+            Err(e) => self.error = e,
+        }
+    }
+}
+
 /// Picks one figure out of a sample.
 type Field = fn(&CmpSample) -> f64;
 
@@ -639,15 +810,11 @@ fn cmp_ours(sc: &CmpScenario, runs: usize, limits: &[CmpLimit]) -> Option<u64> {
             let mut s = CmpSample::default();
             match r {
                 Ok(rep) => {
-                    let _ = dst.wait_heartbeats(2000, Duration::from_secs(30));
+                    let waited = dst.wait_heartbeats(2000, Duration::from_secs(30));
                     {
                         let sl = log_of(&src);
                         let dl = log_of(&dst);
-                        let g = Gaps::measure(&sl, &dl, t0, t1);
-                        s.ok = true;
-                        s.switchover_gap_ms = g.switchover_gap_ms;
-                        s.blackout_ms = g.blackout_ms;
-                        s.noise_floor_ms = g.noise_floor_ms;
+                        s.apply(waited.and_then(|_| measure_gaps(&sl, &dl, t0, t1)));
                         s.corrupt = sl.corrupt.len() + dl.corrupt.len();
                     }
                     s.total_ms = rep["total_ms"].as_f64().unwrap_or(f64::NAN);
@@ -740,15 +907,11 @@ fn cmp_qemu(
             match r {
                 Ok(rep) => {
                     let t1 = rep.completed_at;
-                    let _ = dst.wait_heartbeats(2000, Duration::from_secs(30));
+                    let waited = dst.wait_heartbeats(2000, Duration::from_secs(30));
                     {
                         let sl = src.log();
                         let dl = dst.log();
-                        let g = Gaps::measure(&sl, &dl, t0, t1);
-                        s.ok = true;
-                        s.switchover_gap_ms = g.switchover_gap_ms;
-                        s.blackout_ms = g.blackout_ms;
-                        s.noise_floor_ms = g.noise_floor_ms;
+                        s.apply(waited.and_then(|_| measure_gaps(&sl, &dl, t0, t1)));
                         s.corrupt = sl.corrupt.len() + dl.corrupt.len();
                         if s.corrupt > 0 {
                             eprintln!(
@@ -777,8 +940,10 @@ fn cmp_qemu(
 }
 
 fn bench_qemu_side_by_side(_c: &mut Criterion) {
-    if qemu_mode() == "off" {
-        eprintln!("*** SKIPPED QEMU side-by-side: LIVEMIG_BENCH_QEMU=0 ***");
+    if qemu_mode() == "off" || vcpus_mode() == "only" {
+        eprintln!(
+            "*** SKIPPED QEMU side-by-side: LIVEMIG_BENCH_QEMU=0 or LIVEMIG_BENCH_VCPUS=only ***"
+        );
         return;
     }
     if !livemig_kvm::kvm_available() {
@@ -920,7 +1085,10 @@ fn cmp_summary() -> Option<(String, Vec<Value>)> {
 }
 
 fn write_all_summaries(_c: &mut Criterion) {
-    if RESULTS.lock().unwrap().is_empty() && CMP.lock().unwrap().is_empty() {
+    if RESULTS.lock().unwrap().is_empty()
+        && CMP.lock().unwrap().is_empty()
+        && VCPU_RESULTS.lock().unwrap().is_empty()
+    {
         return;
     }
     write_summary();
@@ -930,6 +1098,7 @@ criterion_group!(
     benches,
     bench_scenarios,
     bench_qemu_side_by_side,
+    bench_vcpus,
     write_all_summaries
 );
 criterion_main!(benches);

@@ -589,7 +589,9 @@ pub struct Blackout {
     pub largest_gap: Duration,
 }
 
-/// Computes the blackout from the source's and destination's heartbeats.
+/// Computes the blackout from the source's and destination's heartbeats;
+/// `None` when a side has none, or when the destination's first heartbeat
+/// arrived before the source's last (then no gap can be told).
 pub fn blackout(src: &GuestLog, dst: &GuestLog, from: Instant) -> Option<Blackout> {
     let last_src = *src.heartbeats.last()?;
     let first_dst = *dst.heartbeats.first()?;
@@ -606,8 +608,13 @@ pub fn blackout(src: &GuestLog, dst: &GuestLog, from: Instant) -> Option<Blackou
         .map(|w| w[1] - w[0])
         .max()
         .unwrap_or_default();
+    // A destination beat that arrived first means a reader ran late: no
+    // gap can be told, and 0 would be a made-up number.
+    if first_dst <= last_src {
+        return None;
+    }
     Some(Blackout {
-        switchover_gap: first_dst.saturating_duration_since(last_src),
+        switchover_gap: first_dst - last_src,
         largest_gap: largest,
     })
 }
@@ -765,6 +772,118 @@ impl Drop for ConsoleClient {
         let _ = self.child.wait();
         for r in self.readers.drain(..) {
             let _ = r.join();
+        }
+    }
+}
+
+/// The guest-observed figures of one migration, from the heartbeats'
+/// arrival times: the same for refvmm and QEMU.
+#[derive(Debug, Clone, Copy)]
+pub struct SwitchoverGaps {
+    /// Last source heartbeat → first destination heartbeat.
+    pub switchover_gap: Duration,
+    /// Largest heartbeat gap (source and destination merged) from `t0` to
+    /// 50 ms after the later of `t1` and the destination's first heartbeat
+    /// (QEMU reports completion when the source has sent everything, which
+    /// can be well before the destination runs the guest).
+    pub blackout: Duration,
+    /// Largest source heartbeat gap over an equally long stretch (≥ 200 ms)
+    /// before `t0`: what the machine alone does to the heartbeats.
+    pub noise_floor: Duration,
+}
+
+/// Measures a migration that ran from `t0` (request sent) to `t1` (the VMM
+/// said it completed) from the source's and the destination's heartbeats.
+///
+/// Fails — it never makes up a number — when a side has no heartbeat, when
+/// the destination's first heartbeat arrived before the source's last
+/// (a reader thread ran late: the arrival times no longer tell the gap),
+/// or when the source has fewer than two heartbeats before `t0` (no noise
+/// floor to set the figures against).
+pub fn switchover_gaps(
+    src: &[Instant],
+    dst: &[Instant],
+    t0: Instant,
+    t1: Instant,
+) -> Result<SwitchoverGaps, String> {
+    let last_src = *src.last().ok_or("no source heartbeat")?;
+    let first_dst = *dst.first().ok_or("no destination heartbeat")?;
+    if first_dst <= last_src {
+        return Err(format!(
+            "the destination's first heartbeat arrived {:.2} ms before the source's last: \
+             a serial reader ran late, the switchover gap cannot be measured",
+            (last_src - first_dst).as_secs_f64() * 1e3
+        ));
+    }
+    let span = (t1.saturating_duration_since(t0)).max(Duration::from_millis(200));
+    let from = t0.checked_sub(span).unwrap_or(t0);
+    if src.iter().filter(|t| **t >= from && **t <= t0).count() < 2 {
+        return Err(format!(
+            "fewer than two source heartbeats in the {:.0} ms before the migration: no noise floor",
+            span.as_secs_f64() * 1e3
+        ));
+    }
+    let mut all: Vec<Instant> = src.iter().chain(dst.iter()).copied().collect();
+    all.sort();
+    Ok(SwitchoverGaps {
+        switchover_gap: first_dst - last_src,
+        blackout: largest_gap_in(&all, t0, t1.max(first_dst) + Duration::from_millis(50)),
+        noise_floor: largest_gap_in(src, from, t0),
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn beats(start: Instant, from_ms: u64, to_ms: u64) -> Vec<Instant> {
+        (from_ms..to_ms)
+            .map(|m| start + Duration::from_millis(m))
+            .collect()
+    }
+
+    #[test]
+    fn gaps_of_a_plain_switchover() {
+        let z = Instant::now();
+        let src = beats(z, 0, 500);
+        let dst = beats(z, 510, 600);
+        let t0 = z + Duration::from_millis(300);
+        let t1 = z + Duration::from_millis(509);
+        let g = switchover_gaps(&src, &dst, t0, t1).unwrap();
+        assert_eq!(g.switchover_gap, Duration::from_millis(11));
+        assert_eq!(g.blackout, Duration::from_millis(11));
+        assert_eq!(g.noise_floor, Duration::from_millis(1));
+    }
+
+    /// A destination heartbeat that arrived before the source's last one
+    /// (a reader thread that ran late) must not become a gap of 0.00 ms.
+    #[test]
+    fn a_destination_beat_before_the_source_s_last_is_an_error() {
+        let z = Instant::now();
+        let src = beats(z, 0, 500);
+        let dst = beats(z, 495, 600);
+        let t0 = z + Duration::from_millis(300);
+        let t1 = z + Duration::from_millis(499);
+        let e = switchover_gaps(&src, &dst, t0, t1).map(|g| g.switchover_gap);
+        assert!(e.is_err(), "measured {e:?}");
+    }
+
+    /// No heartbeats on one side, or none before the migration for the
+    /// noise floor: no measurement, not a number.
+    #[test]
+    fn missing_heartbeats_are_an_error() {
+        let z = Instant::now();
+        let t0 = z + Duration::from_millis(300);
+        let t1 = z + Duration::from_millis(500);
+        let src = beats(z, 0, 500);
+        let dst = beats(z, 510, 600);
+        for (what, s, d) in [
+            ("no destination heartbeat", &src[..], &[][..]),
+            ("no source heartbeat", &[][..], &dst[..]),
+            ("no source heartbeat before t0", &src[400..], &dst[..]),
+        ] {
+            let r = switchover_gaps(s, d, t0, t1);
+            assert!(r.is_err(), "{what}: measured {r:?}");
         }
     }
 }

@@ -20,6 +20,7 @@ use vm_memory::{GuestMemoryBackend, GuestMemoryRegion};
 
 use crate::dirty::{check_ring_entries, DirtyMode, DirtyRing, KvmDirtyTracker, Slot};
 use crate::memfd::{allocate_memory, MemoryBackend};
+use crate::pool::Pool;
 use crate::state::{
     restore_vcpu, restore_vm_section, save_vcpu, save_vm, vcpu_section_name, VM_SECTIONS,
 };
@@ -120,7 +121,6 @@ pub struct KvmVm {
     slots: Vec<Slot>,
     vcpus: VcpuSet,
     devices: Vec<SharedDevice>,
-    msr_indices: Vec<u32>,
     dirty_mode: DirtyMode,
     ring: Option<Arc<DirtyRing>>,
     nics: Vec<NicInfo>,
@@ -129,6 +129,13 @@ pub struct KvmVm {
     /// the vCPU threads start (a running vCPU's fd is locked inside
     /// `KVM_RUN`) and updated by [`KvmVm::adopt_tsc_khz`].
     tsc_khz: AtomicU32,
+    /// Helpers that save or restore the vCPUs' state beside the calling
+    /// thread: one fewer than the host's CPUs (each vCPU's ioctls are CPU
+    /// work in the kernel, so a thread per vCPU only adds thread start-up
+    /// and contention), sharing the vCPUs by claiming (see [`Pool`]).
+    state_pool: Pool,
+    /// The vCPUs' MSR list, shared with the state helpers.
+    msr_list: Arc<Vec<u32>>,
 }
 
 impl KvmVm {
@@ -287,12 +294,13 @@ impl KvmVm {
             slots,
             vcpus,
             devices,
-            msr_indices,
             dirty_mode,
             ring,
             nics: config.nics.clone(),
             cpuid_hash,
             tsc_khz: AtomicU32::new(tsc_khz),
+            state_pool: Pool::new(std::thread::available_parallelism().map_or(1, |n| n.get()) - 1),
+            msr_list: Arc::new(msr_indices),
         })
     }
 
@@ -412,6 +420,29 @@ impl KvmVm {
         Ok(f(&fd))
     }
 
+    /// Runs `f` on every vCPU's fd (the vCPUs must be paused) and returns
+    /// the results in vCPU order: on the calling thread and the state
+    /// helpers, each taking the next vCPU until none is left (a helper that
+    /// is slow to get a CPU leaves its share to the caller).
+    fn on_each_vcpu<R: Send + 'static>(
+        &self,
+        f: impl Fn(usize, &VcpuFd) -> R + Send + Sync + 'static,
+    ) -> Vec<R> {
+        let fds: Vec<Arc<Mutex<VcpuFd>>> = (0..self.vcpus.len())
+            .filter_map(|i| self.vcpus.vcpu(i).cloned())
+            .collect();
+        self.state_pool.run(fds.len(), move |i| {
+            let fd = fds[i].lock().unwrap_or_else(|e| e.into_inner());
+            f(i, &fd)
+        })
+    }
+
+    /// Threads [`KvmVm`] uses to save or restore vCPU state at once (the
+    /// caller and its helpers).
+    pub fn state_workers(&self) -> usize {
+        self.state_pool.helpers() + 1
+    }
+
     /// Pauses every vCPU.
     pub fn pause_vcpus(&self) -> Result<(), KvmVmError> {
         Ok(self.vcpus.pause()?)
@@ -511,33 +542,10 @@ impl SourceVm for KvmVm {
                 "save_state called while the vCPUs run".into(),
             ));
         }
-        // Save vCPUs in parallel: each vCPU's ioctls are independent.
-        let results: Vec<Result<Section, StateError>> = std::thread::scope(|s| {
-            let handles: Vec<_> = (0..self.vcpus.len())
-                .map(|i| {
-                    let msrs = &self.msr_indices;
-                    let v = self.vcpus.vcpu(i).cloned();
-                    s.spawn(move || {
-                        let v = v.ok_or_else(|| StateError::Missing(vcpu_section_name(i)))?;
-                        let fd = v.lock().unwrap_or_else(|e| e.into_inner());
-                        save_vcpu(i, &fd, msrs)
-                    })
-                })
-                .collect();
-            handles
-                .into_iter()
-                .map(|h| {
-                    h.join().unwrap_or_else(|_| {
-                        Err(StateError::Malformed {
-                            name: "vcpu".into(),
-                            reason: "save thread panicked".into(),
-                        })
-                    })
-                })
-                .collect()
-        });
-        let mut sections = Vec::new();
-        for r in results {
+        // Each vCPU's ioctls are independent: spread them over the CPUs.
+        let msrs = self.msr_list.clone();
+        let mut sections = Vec::with_capacity(self.vcpus.len() + 3 + self.devices.len());
+        for r in self.on_each_vcpu(move |i, fd| save_vcpu(i, fd, &msrs)) {
             sections.push(r?);
         }
         sections.extend(save_vm(&self.vm)?);
@@ -601,15 +609,16 @@ impl DestinationVm for KvmVm {
                 restore_vm_section(&self.vm, s)?;
             }
         }
+        // Each vCPU's ioctls are independent: spread them over the CPUs.
+        let mut mine: Vec<Section> = Vec::with_capacity(self.vcpus.len());
         for i in 0..self.vcpus.len() {
             let name = vcpu_section_name(i);
-            let s = find(&name).ok_or(StateError::Missing(name))?;
-            let v = self
-                .vcpus
-                .vcpu(i)
-                .ok_or_else(|| StateError::Missing(vcpu_section_name(i)))?;
-            let fd = v.lock().unwrap_or_else(|e| e.into_inner());
-            restore_vcpu(&fd, s)?;
+            mine.push(find(&name).ok_or(StateError::Missing(name))?.clone());
+        }
+        let mine = Arc::new(mine);
+        let restored = self.on_each_vcpu(move |i, fd| restore_vcpu(fd, &mine[i]));
+        for r in restored {
+            r?;
         }
         for d in &self.devices {
             let mut d = d.lock().unwrap_or_else(|e| e.into_inner());

@@ -279,7 +279,8 @@ pub struct RoundEstimate {
     pub remaining_bytes: u64,
     /// Bandwidth measured in the last round, bytes per second.
     pub bandwidth: f64,
-    /// Measured state save + restore overhead.
+    /// Measured switchover overhead beyond memory: pause, state save, the
+    /// destination's restore and resume (see `run_source`).
     pub state_time: Duration,
     /// Bytes of state to send while paused.
     pub state_bytes: u64,

@@ -1404,11 +1404,14 @@ fn check_old_peer(version: u32, paused: bool, state_frames: usize) -> Result<(),
 /// what the switchover costs beyond memory, and proves the state can be
 /// saved before anything is committed.
 ///
-/// The estimate: the save itself, plus the pause latency capped at 2 ms (one
-/// slow pause under host load must not make the policy believe every
-/// switchover costs that much and never converge). A measurement over a
-/// quarter of `limit` is repeated (twice at most) and the smallest kept,
-/// for the same reason.
+/// The estimate: the pause latency capped at 2 ms (one slow pause under
+/// host load must not make the policy believe every switchover costs that
+/// much and never converge), the save, the destination's restore (taken as
+/// long as the save: it issues the same state calls in reverse) and the
+/// destination's resume (taken as long as this resume: as many vCPUs to
+/// wake). A measurement over a quarter of `limit` is repeated (twice at
+/// most) and the smallest kept, for the same reason. The state's bytes are
+/// added at the measured bandwidth each round.
 ///
 /// A VM the operator paused is only saved (never resumed). If pausing a
 /// running VM fails, it is resumed (a pause that failed half-way may have
@@ -1438,7 +1441,10 @@ fn measure_state<V: SourceVm + ?Sized>(
         let saved = vm.save_state();
         let t_saved = Instant::now();
         let resumed = vm.resume();
-        let this = (t_saved - t_paused) + (t_paused - t).min(Duration::from_millis(2));
+        let t_resumed = Instant::now();
+        let this = (t_paused - t).min(Duration::from_millis(2))
+            + 2 * (t_saved - t_paused)
+            + (t_resumed - t_saved);
         state_time = state_time.min(this);
         sections = saved.map_err(|e| MigrationError::new(hs, e))?;
         resumed.map_err(|e| MigrationError::new(hs, e))?;

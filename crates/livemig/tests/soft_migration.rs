@@ -7,6 +7,7 @@ use std::time::Duration;
 use livemig::memory::{MemoryLayout, RegionDesc};
 use livemig::soft::{SoftConfig, SoftVm};
 use livemig::transport::{mem, Transport};
+use livemig::vm::{DirtyTracker, SourceVm, VcpuThrottle, VmDescription, VmError};
 use livemig::{migrate, receive, CancelToken, ErrorKind, MigrationConfig, Phase, ReceiveConfig};
 
 fn layout(mib: u64) -> MemoryLayout {
@@ -25,8 +26,8 @@ fn layout(mib: u64) -> MemoryLayout {
 
 /// Migrates `src` to a fresh destination whose writers stay idle, returns
 /// (source result, destination VM or error).
-fn run(
-    src: &SoftVm,
+fn run<V: SourceVm + ?Sized>(
+    src: &V,
     config: &MigrationConfig,
     wrap: impl FnOnce(Box<dyn Transport>) -> Box<dyn Transport>,
 ) -> (
@@ -35,7 +36,7 @@ fn run(
 ) {
     let (a, b) = mem::pair();
     let a = wrap(Box::new(a));
-    let dst_layout = src.layout().clone();
+    let dst_layout = MemoryLayout::of(src.memory()).unwrap();
     let dest = std::thread::spawn(move || {
         let cfg = ReceiveConfig {
             io_timeout: Duration::from_secs(5),
@@ -451,4 +452,74 @@ fn auto_converge_throttles_a_fast_writer_until_it_converges() {
         r2.unwrap_err().kind,
         ErrorKind::NotConverged { .. }
     ));
+}
+
+/// A source whose state takes `save` to save and whose vCPUs take `resume`
+/// to resume, as a VM with many vCPUs does.
+struct Costly<'a> {
+    vm: &'a SoftVm,
+    save: Duration,
+    resume: Duration,
+}
+
+impl SourceVm for Costly<'_> {
+    fn memory(&self) -> &livemig::memory::GuestRam {
+        self.vm.memory()
+    }
+    fn describe(&self) -> Result<VmDescription, VmError> {
+        self.vm.describe()
+    }
+    fn dirty_tracker(&self) -> Result<Box<dyn DirtyTracker + '_>, VmError> {
+        self.vm.dirty_tracker()
+    }
+    fn pause(&self) -> Result<(), VmError> {
+        SourceVm::pause(self.vm)
+    }
+    fn resume(&self) -> Result<(), VmError> {
+        SourceVm::resume(self.vm)?;
+        std::thread::sleep(self.resume);
+        Ok(())
+    }
+    fn is_paused(&self) -> bool {
+        SourceVm::is_paused(self.vm)
+    }
+    fn save_state(&self) -> Result<Vec<livemig::state::Section>, VmError> {
+        std::thread::sleep(self.save);
+        self.vm.save_state()
+    }
+    fn throttle(&self) -> Option<&dyn VcpuThrottle> {
+        None
+    }
+}
+
+/// The downtime the engine expects must count what a switchover costs
+/// beyond the save: the destination's restore (as many ioctls as the save)
+/// and its resume (as many vCPU threads to wake as the source's own resume
+/// in the probe). It counted the save and the pause only.
+#[test]
+fn expected_downtime_counts_restore_and_resume() {
+    let src = SoftVm::new(&layout(8), &SoftConfig::idle()).unwrap();
+    // Pages to send, so round 0 measures a bandwidth.
+    src.fill(7);
+    src.start();
+    let save = Duration::from_millis(3);
+    let resume = Duration::from_millis(20);
+    let vm = Costly {
+        vm: &src,
+        save,
+        resume,
+    };
+    let config = MigrationConfig {
+        downtime_limit: Duration::from_millis(200),
+        ..Default::default()
+    };
+    let (r, dst) = run(&vm, &config, |t| t);
+    let report = r.expect("migration");
+    dst.expect("destination");
+    let floor = (2 * save + resume).as_secs_f64() * 1e3;
+    assert!(
+        report.expected_downtime_ms >= floor,
+        "expected downtime {:.2} ms, but saving ({save:?}), restoring (as long) and resuming ({resume:?}) alone take {floor:.2} ms",
+        report.expected_downtime_ms
+    );
 }
