@@ -28,8 +28,14 @@ use kvm_ioctls::{VcpuFd, VmFd};
 use livemig::state::{Section, StateError, StateReader, StateWriter};
 use zerocopy::{FromBytes, Immutable, IntoBytes};
 
-/// Version of the `vcpu.<n>` section this side writes.
-pub const VCPU_VERSION: u32 = 2;
+/// Version of the `vcpu.<n>` section this side writes: 1, the records as
+/// they are, because release v0.1.0 (the previous release, which a guest
+/// must be able to migrate back to) reads only version 1.
+pub const VCPU_VERSION: u32 = 1;
+/// Newest version of the `vcpu.<n>` section this side restores: 2, the
+/// records LZ4-compressed (about 0.5 KB instead of 7 KB per idle vCPU),
+/// to be written once v0.1.0 is no longer the previous release.
+pub const VCPU_VERSION_MAX: u32 = 2;
 /// Oldest version of the `vcpu.<n>` section this side restores.
 pub const VCPU_VERSION_MIN: u32 = 1;
 /// Largest uncompressed records of one vCPU accepted (every structure plus
@@ -203,14 +209,18 @@ pub fn save_vcpu(index: usize, fd: &VcpuFd, msr_indices: &[u32]) -> Result<Secti
     Ok(Section::new(
         name,
         VCPU_VERSION,
-        compress_records(&w.finish()),
+        encode_records(VCPU_VERSION, w.finish()),
     ))
 }
 
-/// Version-2 body: the records' length, then the records LZ4-compressed.
-fn compress_records(records: &[u8]) -> Vec<u8> {
+/// A section body of `version`: version 1 is the records as they are,
+/// version 2 the records' length, then the records LZ4-compressed.
+fn encode_records(version: u32, records: Vec<u8>) -> Vec<u8> {
+    if version < 2 {
+        return records;
+    }
     let mut out = (records.len() as u32).to_le_bytes().to_vec();
-    out.extend(lz4_flex::block::compress(records));
+    out.extend(lz4_flex::block::compress(&records));
     out
 }
 
@@ -282,7 +292,7 @@ pub fn restore_vcpu(fd: &VcpuFd, section: &Section) -> Result<(), StateError> {
                 name: n.to_string(),
                 got,
                 min: VCPU_VERSION_MIN,
-                max: VCPU_VERSION,
+                max: VCPU_VERSION_MAX,
             })
         }
     };
@@ -503,14 +513,14 @@ mod tests {
     fn records_round_trip_compressed() {
         let mut records = vec![0u8; 7000];
         records[100..110].copy_from_slice(b"0123456789");
-        let body = compress_records(&records);
+        let body = encode_records(2, records.clone());
         assert!(body.len() < records.len() / 4, "{} bytes", body.len());
         assert_eq!(decompress_records("vcpu.0", &body).unwrap(), records);
     }
 
     #[test]
     fn hostile_compressed_records_are_refused() {
-        let body = compress_records(&[7u8; 1000]);
+        let body = encode_records(2, vec![7u8; 1000]);
         let mut huge = body.clone();
         huge[..4].copy_from_slice(&(MAX_VCPU_RECORDS as u32 + 1).to_le_bytes());
         let e = decompress_records("vcpu.0", &huge).unwrap_err();
@@ -555,8 +565,8 @@ mod tests {
         );
     }
 
-    /// A vCPU saved (version 2) restores into a fresh vCPU byte for byte;
-    /// the same records as version 1 (what older sources send) do too.
+    /// A vCPU saved (version 1) restores into a fresh vCPU byte for byte;
+    /// and compressed as version 2 (what the next release will write) too.
     #[test]
     fn a_vcpu_round_trips_in_both_versions() {
         let Ok(kvm) = kvm_ioctls::Kvm::new() else {
@@ -583,19 +593,15 @@ mod tests {
         src.set_regs(&regs).unwrap();
         let saved = save_vcpu(0, &src, &msrs).unwrap();
         assert_eq!(saved.version, VCPU_VERSION);
-        let v1 = Section::new(
-            "vcpu.0",
-            1,
-            decompress_records("vcpu.0", &saved.data).unwrap(),
-        );
-        for s in [&saved, &v1] {
+        let v1 = Section::new("vcpu.0", 1, saved.data.clone());
+        let v2 = Section::new("vcpu.0", 2, encode_records(2, saved.data.clone()));
+        for s in [&v1, &v2] {
             let (_b, dst) = new_vcpu();
             restore_vcpu(&dst, s).unwrap();
             assert_eq!(dst.get_regs().unwrap().rax, 0x1234_5678);
             let again = save_vcpu(0, &dst, &msrs).unwrap();
-            let records = |s: &Section| decompress_records("vcpu.0", &s.data).unwrap();
             // The TSC MSR moves on by itself; everything else is equal.
-            assert_eq!(records(&again).len(), records(&saved).len());
+            assert_eq!(again.data.len(), saved.data.len());
             assert_eq!(dst.get_sregs().unwrap().cs, src.get_sregs().unwrap().cs);
         }
     }
@@ -635,9 +641,9 @@ mod tests {
         let got = dst.get_fpu().unwrap();
         assert_eq!((got.fcw, got.xmm[3]), (fpu.fcw, fpu.xmm[3]));
 
-        // Version 1: the same records, uncompressed.
-        let records = decompress_records("vcpu.0", &saved.data).unwrap();
-        restore_vcpu(&old, &Section::new("vcpu.0", 1, records)).unwrap();
+        // Version 2: the same records, compressed.
+        let v2 = encode_records(2, saved.data.clone());
+        restore_vcpu(&old, &Section::new("vcpu.0", 2, v2)).unwrap();
         let got = old.get_fpu().unwrap();
         assert_eq!((got.fcw, got.xmm[3]), (fpu.fcw, fpu.xmm[3]));
     }
