@@ -330,6 +330,12 @@ fn destination_killed_mid_transfer_source_keeps_running() {
     // The source runs on: heartbeats continue, no corruption, and a new
     // migration afterwards succeeds.
     src.wait_heartbeats(500, Duration::from_secs(30)).unwrap();
+    // A T line before the retry, so that the counters' continuation can be
+    // checked (one comes every 1000 heartbeats).
+    src.wait_for("a T line", Duration::from_secs(30), |g| {
+        !g.tlines.is_empty()
+    })
+    .unwrap();
     assert!(log_of(&src).corrupt.is_empty());
     let (mut dst2, ep2) = start_destination(&dir, "dst2", &[]).unwrap();
     let t0 = Instant::now();
