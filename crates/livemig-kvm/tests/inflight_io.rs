@@ -24,6 +24,9 @@
 //! the instruction only on the next `KVM_RUN`, and these tests catch the
 //! repeated byte there.
 
+mod common;
+use common::{kvm_or_skip, KVM_LOCK};
+
 use std::io::Write;
 use std::sync::atomic::{AtomicU32, Ordering};
 use std::sync::{Arc, Mutex};
@@ -349,20 +352,6 @@ fn assert_no_fatal(vm: &KvmVm) {
         panic!("the guest stopped: {e}");
     }
 }
-
-fn kvm_or_skip(test: &str) -> bool {
-    if livemig_kvm::kvm_available() {
-        return true;
-    }
-    if std::env::var_os("LIVEMIG_REQUIRE_KVM").is_some() {
-        panic!("{test}: /dev/kvm is not available but LIVEMIG_REQUIRE_KVM is set");
-    }
-    eprintln!("\n*** SKIPPED {test}: /dev/kvm is not available on this machine ***\n");
-    false
-}
-
-/// One VM per test at a time: each spins a host core.
-static KVM_LOCK: Mutex<()> = Mutex::new(());
 
 /// The first index where `got` is not `want`'s prefix, with some context.
 fn first_difference<T: PartialEq + std::fmt::Debug>(got: &[T], want: &[T]) -> Option<String> {

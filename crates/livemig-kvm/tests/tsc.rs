@@ -2,6 +2,9 @@
 //! destination that cannot give the guest that rate refuses the migration in
 //! the handshake, before any page (issue 13, item 6).
 
+mod common;
+use common::{kvm_or_skip, KVM_LOCK};
+
 use std::sync::{Arc, Mutex};
 
 use livemig::memory::GuestRam;
@@ -95,19 +98,6 @@ impl SourceVm for OtherHost {
         self.vm.throttle()
     }
 }
-
-fn kvm_or_skip(test: &str) -> bool {
-    if livemig_kvm::kvm_available() {
-        return true;
-    }
-    if std::env::var_os("LIVEMIG_REQUIRE_KVM").is_some() {
-        panic!("{test}: /dev/kvm is not available but LIVEMIG_REQUIRE_KVM is set");
-    }
-    eprintln!("\n*** SKIPPED {test}: /dev/kvm is not available on this machine ***\n");
-    false
-}
-
-static KVM_LOCK: Mutex<()> = Mutex::new(());
 
 #[test]
 fn the_description_carries_the_tsc_frequency() {
