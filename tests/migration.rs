@@ -12,19 +12,9 @@ use serde_json::{json, Value};
 /// Source and destination heartbeats/T-lines after a migration: the guest
 /// kept going (counters continue, not reset) and never saw a wrong byte.
 fn check_continuation(src: &Vmm, dst: &Vmm, t0: Instant, what: &str) {
+    common::assert_no_corruption(src, dst, what);
     let s = log_of(src);
     let d = log_of(dst);
-    assert!(
-        s.corrupt.is_empty(),
-        "{what}: source CORRUPT {:?}",
-        s.corrupt
-    );
-    assert!(
-        d.corrupt.is_empty(),
-        "{what}: destination CORRUPT {:?}",
-        d.corrupt
-    );
-    assert!(!d.ready, "{what}: the destination guest rebooted (READY)");
     let last_src = s.tlines.last().expect("source T line");
     let first_dst = d.tlines.first().expect("destination T line");
     assert!(

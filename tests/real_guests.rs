@@ -11,9 +11,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use livemig_suite::harness::{
-    log_of, migrate, scratch_dir, start_destination, start_source_with, Vmm,
-};
+use livemig_suite::harness::{migrate, scratch_dir, start_destination, start_source_with};
 use serde_json::json;
 
 /// The three dirty-tracking modes, as `refvmm --dirty-log` names them.
@@ -96,7 +94,7 @@ fn migrate_after_ready(
         |g| g.tlines.len() >= 2,
     )
     .unwrap_or_else(|e| panic!("{what}: {e}"));
-    check(&src, &dst, &what);
+    common::assert_no_corruption(&src, &dst, &what);
     eprintln!(
         "{what}: {tracking}; downtime {} ms, total {} ms, rounds {}, {:?}",
         report["downtime_ms"],
@@ -105,23 +103,6 @@ fn migrate_after_ready(
         t0.elapsed()
     );
     let _ = std::fs::remove_dir_all(dir);
-}
-
-fn check(src: &Vmm, dst: &Vmm, what: &str) {
-    let s = log_of(src);
-    let d = log_of(dst);
-    assert!(
-        s.corrupt.is_empty(),
-        "{what}: source CORRUPT {:?}",
-        s.corrupt
-    );
-    assert!(
-        d.corrupt.is_empty(),
-        "{what}: {} pages CORRUPT on the destination, first {:?}",
-        d.corrupt.len(),
-        &d.corrupt[..d.corrupt.len().min(5)]
-    );
-    assert!(!d.ready, "{what}: the destination guest rebooted (READY)");
 }
 
 /// A guest writing its working set for the first time (never read before:

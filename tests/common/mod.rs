@@ -22,3 +22,26 @@ pub fn kvm_or_skip(test: &str) -> Option<MutexGuard<'static, ()>> {
     }
     Some(KVM_LOCK.lock().unwrap_or_else(|e| e.into_inner()))
 }
+
+/// Neither side of a migration saw a wrong byte, and the guest did not
+/// start over on the destination.
+pub fn assert_no_corruption(
+    src: &livemig_suite::harness::Vmm,
+    dst: &livemig_suite::harness::Vmm,
+    what: &str,
+) {
+    let s = livemig_suite::harness::log_of(src);
+    let d = livemig_suite::harness::log_of(dst);
+    assert!(
+        s.corrupt.is_empty(),
+        "{what}: source CORRUPT {:?}",
+        s.corrupt
+    );
+    assert!(
+        d.corrupt.is_empty(),
+        "{what}: {} pages CORRUPT on the destination, first {:?}",
+        d.corrupt.len(),
+        &d.corrupt[..d.corrupt.len().min(5)]
+    );
+    assert!(!d.ready, "{what}: the destination guest rebooted (READY)");
+}
