@@ -1,0 +1,164 @@
+//! minivmm: a second, deliberately small VMM that embeds livemig through its
+//! public API only (docs/embedding.md, "A second VMM"). It shares no machine
+//! code with refvmm: its own guest memory (a memfd it maps itself), its own
+//! single-vCPU loop on kvm-ioctls, its own output-only serial port, its own
+//! Multiboot loader. It boots the built-in test guest with one vCPU.
+//!
+//! ```text
+//! minivmm run [--memory MiB] [--cmdline "ws=32 rate=10"] [--dirty-log classic|manual]
+//!             [--migrate-to tcp:HOST:PORT|unix:PATH --after-ms N]
+//! minivmm receive --listen tcp:HOST:PORT|unix:PATH [--memory MiB]
+//! ```
+//!
+//! The guest's serial output goes to stdout, everything else to stderr. `run`
+//! with `--migrate-to` migrates the guest after `--after-ms` and exits 0
+//! once the destination runs it (1 if the migration failed and the guest
+//! runs here again, 3 if the outcome is ambiguous and the guest stays
+//! paused); `receive` prints `minivmm: listening on EP`, then runs the guest
+//! it received until it is killed.
+
+mod boot;
+mod machine;
+mod migration;
+mod ram;
+mod vcpu;
+
+use std::time::Duration;
+
+use clap::{Parser, Subcommand, ValueEnum};
+use livemig::transport::Endpoint;
+use livemig_kvm::DirtyMode;
+
+use machine::Machine;
+
+#[derive(Parser)]
+#[command(
+    name = "minivmm",
+    about = "A minimal single-vCPU VMM embedding livemig"
+)]
+struct Cli {
+    #[command(subcommand)]
+    cmd: Cmd,
+}
+
+#[derive(Clone, Copy, ValueEnum)]
+enum Dirty {
+    /// KVM_GET_DIRTY_LOG harvests and re-protects at once.
+    Classic,
+    /// KVM_CAP_MANUAL_DIRTY_LOG_PROTECT2 with chunked KVM_CLEAR_DIRTY_LOG.
+    Manual,
+}
+
+#[derive(Subcommand)]
+enum Cmd {
+    /// Boot the test guest; optionally migrate it away.
+    Run {
+        /// Guest RAM in MiB.
+        #[arg(long, default_value_t = 128)]
+        memory: u64,
+        /// The test guest's command line (`tsc_khz=` is added).
+        #[arg(long, default_value = "")]
+        cmdline: String,
+        /// Dirty tracking mode for a migration.
+        #[arg(long, value_enum, default_value = "manual")]
+        dirty_log: Dirty,
+        /// Migrate the guest to this endpoint.
+        #[arg(long)]
+        migrate_to: Option<Endpoint>,
+        /// Milliseconds to run before migrating.
+        #[arg(long, default_value_t = 1000)]
+        after_ms: u64,
+    },
+    /// Receive a guest and run it.
+    Receive {
+        /// Endpoint to listen on.
+        #[arg(long)]
+        listen: Endpoint,
+        /// Guest RAM in MiB (must equal the source's).
+        #[arg(long, default_value_t = 128)]
+        memory: u64,
+    },
+}
+
+fn main() {
+    let code = match Cli::parse().cmd {
+        Cmd::Run {
+            memory,
+            cmdline,
+            dirty_log,
+            migrate_to,
+            after_ms,
+        } => run(memory << 20, &cmdline, dirty_log, migrate_to, after_ms),
+        Cmd::Receive { listen, memory } => receive(&listen, memory << 20),
+    };
+    // Never tear the VM down under a running vCPU thread: exit directly.
+    std::process::exit(code)
+}
+
+fn run(memory: u64, cmdline: &str, dirty: Dirty, to: Option<Endpoint>, after_ms: u64) -> i32 {
+    let mode = match dirty {
+        Dirty::Classic => DirtyMode::Classic,
+        Dirty::Manual => DirtyMode::ManualProtect,
+    };
+    let m = match boot(memory, cmdline, mode) {
+        Ok(m) => m,
+        Err(e) => {
+            eprintln!("minivmm: {e}");
+            return 1;
+        }
+    };
+    m.vcpu.resume();
+    let Some(to) = to else { idle() };
+    std::thread::sleep(Duration::from_millis(after_ms));
+    match migration::migrate_to(&m, &to) {
+        Ok(report) => {
+            eprintln!("minivmm: migrated: {}", json(&report));
+            0
+        }
+        Err(migration::GlueError::Migration(e)) if e.is_ambiguous() => {
+            eprintln!("minivmm: migration outcome unknown, guest stays paused: {e}");
+            m.vcpu.pause();
+            3
+        }
+        Err(e) => {
+            eprintln!("minivmm: migration failed, the guest runs here: {e}");
+            idle()
+        }
+    }
+}
+
+fn boot(memory: u64, cmdline: &str, mode: DirtyMode) -> Result<Machine, String> {
+    let m = Machine::create(memory, mode).map_err(|e| e.to_string())?;
+    let image = livemig_testguest::image().map_err(|e| e.to_string())?;
+    let cmdline = format!("{cmdline} tsc_khz={}", m.tsc_khz);
+    let entry =
+        boot::load(&m.ram.guest, &image, cmdline.trim(), memory).map_err(|e| e.to_string())?;
+    let fd = m.vcpu.fd.lock().map_err(|_| "vCPU lock poisoned")?;
+    boot::set_entry_state(&fd, entry).map_err(|e| e.to_string())?;
+    drop(fd);
+    Ok(m)
+}
+
+fn receive(listen: &Endpoint, memory: u64) -> i32 {
+    match migration::receive_on(listen, memory) {
+        Ok((_machine, report)) => {
+            eprintln!("minivmm: received: {}", json(&report));
+            idle()
+        }
+        Err(e) => {
+            eprintln!("minivmm: receive failed: {e}");
+            1
+        }
+    }
+}
+
+fn json(v: &impl serde::Serialize) -> String {
+    serde_json::to_string(v).unwrap_or_else(|e| format!("(report: {e})"))
+}
+
+/// Lets the vCPU thread run the guest until the process is killed.
+fn idle() -> ! {
+    loop {
+        std::thread::sleep(Duration::from_secs(3600));
+    }
+}
