@@ -4,7 +4,9 @@
 
 use kvm_bindings::{kvm_enable_cap, kvm_pit_config, KVM_MAX_CPUID_ENTRIES, KVM_PIT_SPEAKER_DUMMY};
 use kvm_ioctls::{Kvm, VmFd};
-use livemig_kvm::dirty::Slot;
+use std::sync::Arc;
+
+use livemig_kvm::dirty::{DirtyRing, RingError, Slot};
 use livemig_kvm::DirtyMode;
 
 use crate::ram::{Ram, RamError};
@@ -22,6 +24,9 @@ pub enum MachineError {
     /// Guest memory.
     #[error(transparent)]
     Ram(#[from] RamError),
+    /// Mapping the dirty ring failed.
+    #[error("dirty ring: {0}")]
+    Ring(#[from] RingError),
     /// Starting the vCPU thread failed.
     #[error("starting the vCPU thread: {0}")]
     Thread(std::io::Error),
@@ -44,6 +49,8 @@ pub struct Machine {
     pub vcpu: Vcpu,
     /// Dirty tracking mode (set when the VM was created).
     pub dirty_mode: DirtyMode,
+    /// The vCPU's dirty ring, in `DirtyMode::Ring`.
+    pub ring: Option<Arc<DirtyRing>>,
     /// MSRs to save (`KVM_GET_MSR_INDEX_LIST`).
     pub msrs: Vec<u32>,
     /// The vCPU's TSC rate (`KVM_GET_TSC_KHZ`).
@@ -52,7 +59,6 @@ pub struct Machine {
 
 impl Machine {
     /// Creates the VM, `memory` bytes of RAM, its vCPU parked.
-    /// `DirtyMode::Ring` is not supported (taken as classic).
     pub fn create(memory: u64, dirty_mode: DirtyMode) -> Result<Machine, MachineError> {
         let kvm = Kvm::new().map_err(kvm_err("opening /dev/kvm"))?;
         let vm = kvm.create_vm().map_err(kvm_err("KVM_CREATE_VM"))?;
@@ -76,7 +82,18 @@ impl Machine {
                     .map_err(kvm_err("KVM_ENABLE_CAP(MANUAL_DIRTY_LOG_PROTECT2)"))?;
                 DirtyMode::ManualProtect
             }
-            _ => DirtyMode::Classic,
+            DirtyMode::Ring { entries } => {
+                // Before any vCPU exists; 16 bytes per entry.
+                let mut cap = kvm_enable_cap {
+                    cap: kvm_bindings::KVM_CAP_DIRTY_LOG_RING_ACQ_REL,
+                    ..Default::default()
+                };
+                cap.args[0] = u64::from(entries) * 16;
+                vm.enable_cap(&cap)
+                    .map_err(kvm_err("KVM_ENABLE_CAP(DIRTY_LOG_RING_ACQ_REL)"))?;
+                dirty_mode
+            }
+            DirtyMode::Classic => DirtyMode::Classic,
         };
         let ram = Ram::new(memory)?;
         let slot = Slot {
@@ -98,13 +115,24 @@ impl Machine {
             .map_err(kvm_err("KVM_GET_MSR_INDEX_LIST"))?
             .as_slice()
             .to_vec();
-        let vcpu = Vcpu::spawn(fd).map_err(MachineError::Thread)?;
+        let slots = vec![slot];
+        let ring = match dirty_mode {
+            DirtyMode::Ring { entries } => Some(Arc::new(DirtyRing::new(
+                &vm,
+                std::slice::from_ref(&fd),
+                entries,
+                &slots,
+            )?)),
+            _ => None,
+        };
+        let vcpu = Vcpu::spawn(fd, ring.clone()).map_err(MachineError::Thread)?;
         Ok(Machine {
             vm,
             ram,
-            slots: vec![slot],
+            slots,
             vcpu,
             dirty_mode,
+            ring,
             msrs,
             tsc_khz,
         })

@@ -5,17 +5,19 @@
 //! Multiboot loader. It boots the built-in test guest with one vCPU.
 //!
 //! ```text
-//! minivmm run [--memory MiB] [--cmdline "ws=32 rate=10"] [--dirty-log classic|manual]
-//!             [--migrate-to tcp:HOST:PORT|unix:PATH --after-ms N]
+//! minivmm run [--memory MiB] [--cmdline "ws=32 rate=10"] [--dirty-log classic|manual|ring]
+//!             [--migrate-to tcp:HOST:PORT|unix:PATH [--after-ms N] [--downtime-limit-ms 20]]
 //! minivmm receive --listen tcp:HOST:PORT|unix:PATH [--memory MiB]
 //! ```
 //!
-//! The guest's serial output goes to stdout, everything else to stderr. `run`
-//! with `--migrate-to` migrates the guest after `--after-ms` and exits 0
-//! once the destination runs it (1 if the migration failed and the guest
-//! runs here again, 3 if the outcome is ambiguous and the guest stays
-//! paused); `receive` prints `minivmm: listening on EP`, then runs the guest
-//! it received until it is killed.
+//! The guest's serial output goes to stdout (unbuffered), everything else
+//! to stderr. `run` with `--migrate-to` migrates the guest after
+//! `--after-ms` (or, without it, when a line arrives on stdin): once the
+//! destination runs the guest it prints `minivmm: migrated: <report JSON>`
+//! and exits 0; if the migration failed safely it says so and keeps running
+//! the guest; if the outcome is ambiguous it keeps the guest paused and
+//! exits 3. `receive` prints `minivmm: listening on EP`, then
+//! `minivmm: received: <report JSON>`, and runs the guest until killed.
 
 mod boot;
 mod machine;
@@ -27,6 +29,7 @@ use std::time::Duration;
 
 use clap::{Parser, Subcommand, ValueEnum};
 use livemig::transport::Endpoint;
+use livemig::MigrationConfig;
 use livemig_kvm::DirtyMode;
 
 use machine::Machine;
@@ -47,6 +50,8 @@ enum Dirty {
     Classic,
     /// KVM_CAP_MANUAL_DIRTY_LOG_PROTECT2 with chunked KVM_CLEAR_DIRTY_LOG.
     Manual,
+    /// The vCPU's dirty ring (KVM_CAP_DIRTY_LOG_RING_ACQ_REL), 4096 entries.
+    Ring,
 }
 
 #[derive(Subcommand)]
@@ -65,9 +70,13 @@ enum Cmd {
         /// Migrate the guest to this endpoint.
         #[arg(long)]
         migrate_to: Option<Endpoint>,
-        /// Milliseconds to run before migrating.
-        #[arg(long, default_value_t = 1000)]
-        after_ms: u64,
+        /// The engine's downtime limit in milliseconds.
+        #[arg(long, default_value_t = 20)]
+        downtime_limit_ms: u64,
+        /// Milliseconds to run before migrating (default: migrate when a
+        /// line arrives on stdin).
+        #[arg(long)]
+        after_ms: Option<u64>,
     },
     /// Receive a guest and run it.
     Receive {
@@ -87,18 +96,35 @@ fn main() {
             cmdline,
             dirty_log,
             migrate_to,
+            downtime_limit_ms,
             after_ms,
-        } => run(memory << 20, &cmdline, dirty_log, migrate_to, after_ms),
+        } => {
+            let config = MigrationConfig {
+                downtime_limit: Duration::from_millis(downtime_limit_ms),
+                ..Default::default()
+            };
+            let to = migrate_to.map(|ep| (ep, config));
+            run(memory << 20, &cmdline, dirty_log, to, after_ms)
+        }
         Cmd::Receive { listen, memory } => receive(&listen, memory << 20),
     };
     // Never tear the VM down under a running vCPU thread: exit directly.
     std::process::exit(code)
 }
 
-fn run(memory: u64, cmdline: &str, dirty: Dirty, to: Option<Endpoint>, after_ms: u64) -> i32 {
+fn run(
+    memory: u64,
+    cmdline: &str,
+    dirty: Dirty,
+    to: Option<(Endpoint, MigrationConfig)>,
+    after_ms: Option<u64>,
+) -> i32 {
     let mode = match dirty {
         Dirty::Classic => DirtyMode::Classic,
         Dirty::Manual => DirtyMode::ManualProtect,
+        Dirty::Ring => DirtyMode::Ring {
+            entries: livemig_kvm::dirty::DEFAULT_RING_ENTRIES,
+        },
     };
     let m = match boot(memory, cmdline, mode) {
         Ok(m) => m,
@@ -108,9 +134,14 @@ fn run(memory: u64, cmdline: &str, dirty: Dirty, to: Option<Endpoint>, after_ms:
         }
     };
     m.vcpu.resume();
-    let Some(to) = to else { idle() };
-    std::thread::sleep(Duration::from_millis(after_ms));
-    match migration::migrate_to(&m, &to) {
+    let Some((to, config)) = to else { idle() };
+    match after_ms {
+        Some(ms) => std::thread::sleep(Duration::from_millis(ms)),
+        None => {
+            let _ = std::io::stdin().read_line(&mut String::new());
+        }
+    }
+    match migration::migrate_to(&m, &to, &config) {
         Ok(report) => {
             eprintln!("minivmm: migrated: {}", json(&report));
             0

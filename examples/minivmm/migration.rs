@@ -37,7 +37,7 @@ impl SourceVm for Machine {
             &self.vm,
             &self.slots,
             self.dirty_mode,
-            None,
+            self.ring.as_deref(),
         )))
     }
 
@@ -119,12 +119,16 @@ pub enum GlueError {
 }
 
 /// Sends the running guest to `to`. On success the guest runs there.
-pub fn migrate_to(m: &Machine, to: &Endpoint) -> Result<Report, GlueError> {
+pub fn migrate_to(
+    m: &Machine,
+    to: &Endpoint,
+    config: &MigrationConfig,
+) -> Result<Report, GlueError> {
     let t = livemig::transport::connect(to, None)?;
     Ok(livemig::migrate(
         m,
         t,
-        &MigrationConfig::default(),
+        config,
         &CancelToken::new(),
         &mut |p| eprintln!("minivmm: {p:?}"),
     )?)

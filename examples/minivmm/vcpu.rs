@@ -10,7 +10,9 @@ use std::sync::atomic::{AtomicBool, AtomicPtr, Ordering};
 use std::sync::{Arc, Condvar, Mutex, MutexGuard};
 use std::time::Duration;
 
+use kvm_bindings::KVM_EXIT_DIRTY_RING_FULL;
 use kvm_ioctls::{VcpuExit, VcpuFd};
+use livemig_kvm::dirty::DirtyRing;
 
 /// The kick signal (a real-time signal nothing else here uses).
 fn kick_signal() -> libc::c_int {
@@ -75,7 +77,7 @@ fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
 
 impl Vcpu {
     /// Starts the vCPU thread, parked.
-    pub fn spawn(mut fd: VcpuFd) -> std::io::Result<Vcpu> {
+    pub fn spawn(mut fd: VcpuFd, ring: Option<Arc<DirtyRing>>) -> std::io::Result<Vcpu> {
         install_handler()?;
         IMMEDIATE_EXIT.store(&mut fd.get_kvm_run().immediate_exit, Ordering::SeqCst);
         let fd = Arc::new(Mutex::new(fd));
@@ -87,7 +89,7 @@ impl Vcpu {
         let (f, c) = (fd.clone(), ctl.clone());
         let handle = std::thread::Builder::new()
             .name("vcpu0".into())
-            .spawn(move || vcpu_thread(&f, &c))?;
+            .spawn(move || vcpu_thread(&f, &c, ring.as_deref()))?;
         let thread = handle.as_pthread_t();
         Ok(Vcpu { fd, ctl, thread })
     }
@@ -125,14 +127,14 @@ impl Vcpu {
 }
 
 /// The vCPU thread: runs the guest; a guest error ends the process.
-fn vcpu_thread(fd: &Mutex<VcpuFd>, ctl: &Control) {
-    if let Err(e) = run_loop(fd, ctl) {
+fn vcpu_thread(fd: &Mutex<VcpuFd>, ctl: &Control, ring: Option<&DirtyRing>) {
+    if let Err(e) = run_loop(fd, ctl, ring) {
         eprintln!("minivmm: vCPU stopped: {e}");
         std::process::exit(2);
     }
 }
 
-fn run_loop(fd: &Mutex<VcpuFd>, ctl: &Control) -> Result<(), String> {
+fn run_loop(fd: &Mutex<VcpuFd>, ctl: &Control, ring: Option<&DirtyRing>) -> Result<(), String> {
     loop {
         park(ctl);
         let mut vcpu = lock(fd);
@@ -146,11 +148,11 @@ fn run_loop(fd: &Mutex<VcpuFd>, ctl: &Control) -> Result<(), String> {
             if ctl.stop.load(Ordering::SeqCst) {
                 break;
             }
-            pending = step(&mut vcpu)?;
+            pending = step(&mut vcpu, ring)?;
         }
         if pending {
             vcpu.set_kvm_immediate_exit(1);
-            while step(&mut vcpu)? {}
+            while step(&mut vcpu, ring)? {}
             vcpu.set_kvm_immediate_exit(0);
         }
     }
@@ -158,7 +160,7 @@ fn run_loop(fd: &Mutex<VcpuFd>, ctl: &Control) -> Result<(), String> {
 
 /// One `KVM_RUN` and its exit. Returns whether the exit left an
 /// instruction for the next `KVM_RUN` to complete.
-fn step(vcpu: &mut VcpuFd) -> Result<bool, String> {
+fn step(vcpu: &mut VcpuFd, ring: Option<&DirtyRing>) -> Result<bool, String> {
     match vcpu.run() {
         Ok(VcpuExit::IoOut(port, data)) => {
             serial_out(port, data);
@@ -173,6 +175,12 @@ fn step(vcpu: &mut VcpuFd) -> Result<bool, String> {
             Ok(true)
         }
         Ok(VcpuExit::MmioWrite(..)) => Ok(true),
+        // Raised before entering the guest: nothing to complete. Harvest
+        // into the ring's pending bitmap (the next sync reports it).
+        Ok(VcpuExit::Unsupported(KVM_EXIT_DIRTY_RING_FULL)) => match ring {
+            Some(r) => r.on_ring_full().map(|_| false).map_err(|e| e.to_string()),
+            None => Err("KVM_EXIT_DIRTY_RING_FULL without a ring".into()),
+        },
         Ok(other) => Err(format!("unexpected exit {other:?}")),
         Err(e) if e.errno() == libc::EINTR || e.errno() == libc::EAGAIN => Ok(false),
         Err(e) => Err(format!("KVM_RUN: {e}")),
