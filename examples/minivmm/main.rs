@@ -5,8 +5,10 @@
 //! Multiboot loader. It boots the built-in test guest with one vCPU.
 //!
 //! ```text
-//! minivmm run [--memory MiB] [--cmdline "ws=32 rate=10"] [--dirty-log classic|manual|ring]
-//!             [--migrate-to tcp:HOST:PORT|unix:PATH [--after-ms N] [--downtime-limit-ms 20]]
+//! minivmm run [--memory MiB] [--cmdline "ws=32 rate=10"]
+//!             [--dirty-log classic|manual|ring [--ring-entries 4096]]
+//!             [--migrate-to tcp:HOST:PORT|unix:PATH [--after-ms N] [--downtime-limit-ms 20]
+//!             [--max-bandwidth MiB/s]]
 //! minivmm receive --listen tcp:HOST:PORT|unix:PATH [--memory MiB]
 //! ```
 //!
@@ -50,7 +52,7 @@ enum Dirty {
     Classic,
     /// KVM_CAP_MANUAL_DIRTY_LOG_PROTECT2 with chunked KVM_CLEAR_DIRTY_LOG.
     Manual,
-    /// The vCPU's dirty ring (KVM_CAP_DIRTY_LOG_RING_ACQ_REL), 4096 entries.
+    /// The vCPU's dirty ring (KVM_CAP_DIRTY_LOG_RING_ACQ_REL).
     Ring,
 }
 
@@ -67,12 +69,19 @@ enum Cmd {
         /// Dirty tracking mode for a migration.
         #[arg(long, value_enum, default_value = "manual")]
         dirty_log: Dirty,
+        /// Entries of the vCPU's dirty ring (`--dirty-log ring`): a power
+        /// of two, at least 256.
+        #[arg(long, default_value_t = livemig_kvm::dirty::DEFAULT_RING_ENTRIES)]
+        ring_entries: u32,
         /// Migrate the guest to this endpoint.
         #[arg(long)]
         migrate_to: Option<Endpoint>,
         /// The engine's downtime limit in milliseconds.
         #[arg(long, default_value_t = 20)]
         downtime_limit_ms: u64,
+        /// Cap on the pre-copy bandwidth, MiB/s (default: none).
+        #[arg(long)]
+        max_bandwidth: Option<u64>,
         /// Milliseconds to run before migrating (default: migrate when a
         /// line arrives on stdin).
         #[arg(long)]
@@ -95,16 +104,26 @@ fn main() {
             memory,
             cmdline,
             dirty_log,
+            ring_entries,
             migrate_to,
             downtime_limit_ms,
+            max_bandwidth,
             after_ms,
         } => {
             let config = MigrationConfig {
                 downtime_limit: Duration::from_millis(downtime_limit_ms),
+                max_bandwidth: max_bandwidth.map(|m| m << 20),
                 ..Default::default()
             };
             let to = migrate_to.map(|ep| (ep, config));
-            run(memory << 20, &cmdline, dirty_log, to, after_ms)
+            let mode = match dirty_log {
+                Dirty::Classic => DirtyMode::Classic,
+                Dirty::Manual => DirtyMode::ManualProtect,
+                Dirty::Ring => DirtyMode::Ring {
+                    entries: ring_entries,
+                },
+            };
+            run(memory << 20, &cmdline, mode, to, after_ms)
         }
         Cmd::Receive { listen, memory } => receive(&listen, memory << 20),
     };
@@ -115,17 +134,10 @@ fn main() {
 fn run(
     memory: u64,
     cmdline: &str,
-    dirty: Dirty,
+    mode: DirtyMode,
     to: Option<(Endpoint, MigrationConfig)>,
     after_ms: Option<u64>,
 ) -> i32 {
-    let mode = match dirty {
-        Dirty::Classic => DirtyMode::Classic,
-        Dirty::Manual => DirtyMode::ManualProtect,
-        Dirty::Ring => DirtyMode::Ring {
-            entries: livemig_kvm::dirty::DEFAULT_RING_ENTRIES,
-        },
-    };
     let m = match boot(memory, cmdline, mode) {
         Ok(m) => m,
         Err(e) => {
@@ -143,6 +155,9 @@ fn run(
     }
     match migration::migrate_to(&m, &to, &config) {
         Ok(report) => {
+            if let Some(r) = &m.ring {
+                eprintln!("minivmm: dirty ring full exits: {}", r.ring_full_exits());
+            }
             eprintln!("minivmm: migrated: {}", json(&report));
             0
         }
