@@ -58,7 +58,7 @@ pub struct Ram {
 impl Ram {
     /// Creates a memfd of `size` bytes and maps it shared.
     pub fn new(size: u64) -> Result<Ram, RamError> {
-        if size == 0 || size % 4096 != 0 {
+        if size == 0 || !size.is_multiple_of(4096) {
             return Err(RamError::Size(size));
         }
         let file = memfd(size)?;
