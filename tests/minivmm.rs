@@ -225,3 +225,42 @@ fn minivmm_dirtying_ring() {
         .unwrap_or_else(|| panic!("no ring-full count; stderr:\n{err}"));
     assert!(exits > 0, "the dirty ring never filled; stderr:\n{err}");
 }
+
+/// A destination with another memory size refuses in the handshake; the
+/// source's guest keeps running there, intact.
+#[test]
+fn minivmm_refuses_other_memory_size() {
+    let what = "minivmm_refuses_other_memory_size";
+    let Some(_kvm) = common::kvm_or_skip(what) else {
+        return;
+    };
+    let dir = scratch_dir("minivmm");
+    let ep = format!("unix:{}", dir.join("migration.sock").display());
+    let mut dst = spawn("dst", &dir, &["receive", "--listen", &ep, "--memory", "64"]);
+    assert!(
+        dst.wait_stderr("minivmm: listening on", WAIT),
+        "{}",
+        dst.stderr()
+    );
+    let args = ["run", "--cmdline", DIRTY, "--migrate-to", &ep];
+    let mut src = spawn("src", &dir, &args);
+    src.wait_ready(WAIT).unwrap();
+    src.console_write("migrate\n").unwrap();
+    assert!(
+        src.wait_stderr("minivmm: migration failed", WAIT),
+        "{what}: {}",
+        src.stderr()
+    );
+    let err = src.stderr();
+    assert!(err.contains("memory layout differs"), "{what}: {err}");
+    let st = dst.wait_exit(WAIT).expect("the destination exits");
+    assert_eq!(st.code(), Some(1), "{what}: {}", dst.stderr());
+    // The source's guest runs on: two more T lines, nothing corrupt.
+    let seen = log_of(&src).tlines.len();
+    src.wait_for("two more T lines", WAIT, |g| g.tlines.len() >= seen + 2)
+        .unwrap();
+    let s = log_of(&src);
+    assert!(s.corrupt.is_empty(), "{what}: CORRUPT {:?}", s.corrupt);
+    let n = s.tlines.len();
+    assert!(s.tlines[n - 1].pages_written > s.tlines[n - 2].pages_written);
+}
