@@ -21,6 +21,8 @@ mod console;
 mod console_client;
 mod console_proto;
 mod console_server;
+mod migrate_client;
+mod monitor;
 mod multiboot;
 mod net;
 mod place;
@@ -181,7 +183,12 @@ enum Cmd {
         common: Common,
     },
     /// Tell a running refvmm (through its API socket) to migrate its guest.
-    /// Progress goes to stderr, the JSON report to stdout.
+    /// Progress goes to stderr (a status line on a terminal, plain lines
+    /// otherwise), the JSON report to stdout. Ctrl-C (SIGINT) or SIGTERM
+    /// cancels the migration unless its switchover has begun; a second one
+    /// leaves at once. Exit codes: 0 migrated, 1 failed, 2 usage, 3 outcome
+    /// unknown, 4 cancelled (the guest stays on the source), 130 left
+    /// without the outcome.
     Migrate {
         /// The source VMM's API socket.
         #[arg(long)]
@@ -222,6 +229,21 @@ enum Cmd {
         /// part of --to).
         #[arg(long)]
         tls_server_name: Option<String>,
+    },
+    /// Show the progress of the migration a running refvmm is doing (or the
+    /// outcome of its last one), as JSON (QEMU `query-migrate` field names).
+    MigrateStatus {
+        /// The source VMM's API socket.
+        #[arg(long)]
+        api_socket: PathBuf,
+    },
+    /// Cancel the migration a running refvmm is doing: the guest stays on
+    /// the source. Refused (exit 1) when none runs or its switchover has
+    /// begun.
+    MigrateCancel {
+        /// The source VMM's API socket.
+        #[arg(long)]
+        api_socket: PathBuf,
     },
     /// Choose a destination host for a VM among candidate hosts, and
     /// explain the choice (see docs/placement.md).
@@ -743,31 +765,7 @@ fn cmd_migrate(
         }
         req["streams"] = json!(v);
     }
-    let reply = api::request(&api_socket, &req, |ev| match ev["event"].as_str() {
-        Some("round") => eprintln!(
-            "round {}: {} pages in {:.1} ms ({:.0} MB/s), dirty rate {:.0} MB/s, {} dirty pages left, expected downtime {:.1} ms",
-            ev["round"], ev["pages"], ev["duration_ms"].as_f64().unwrap_or(0.0),
-            ev["bandwidth_mbps"].as_f64().unwrap_or(0.0), ev["dirty_rate_mbps"].as_f64().unwrap_or(0.0),
-            ev["dirty_pages_after"], ev["expected_downtime_ms"].as_f64().unwrap_or(0.0)
-        ),
-        Some("paused") => eprintln!("paused: {} pages left to send", ev["remaining_pages"]),
-        Some(other) => eprintln!("{other}"),
-        None => {}
-    })
-    .map_err(runtime)?;
-    if reply["result"] == "ok" {
-        println!(
-            "{}",
-            serde_json::to_string_pretty(&reply["report"]).unwrap_or_default()
-        );
-        Ok(())
-    } else {
-        Err(runtime(format!(
-            "migration failed ({}): {}",
-            reply["phase"].as_str().unwrap_or("?"),
-            reply["error"].as_str().unwrap_or("?")
-        )))
-    }
+    migrate_client::migrate(&api_socket, &req).map_err(|f| Fail(f.0, f.1))
 }
 
 fn main() -> ExitCode {
@@ -828,6 +826,12 @@ fn main() -> ExitCode {
                     tls.config(tls_server_name),
                 )
             }),
+        Cmd::MigrateStatus { api_socket } => {
+            migrate_client::status(&api_socket).map_err(|f| Fail(f.0, f.1))
+        }
+        Cmd::MigrateCancel { api_socket } => {
+            migrate_client::cancel(&api_socket).map_err(|f| Fail(f.0, f.1))
+        }
         Cmd::Place {
             hosts,
             vm,
