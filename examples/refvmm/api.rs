@@ -41,12 +41,11 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use livemig::memory::GuestRam;
-use livemig::policy::{MigrationConfig, OnLimit};
-use livemig::transport::{connect, Dialer, Endpoint, StreamOpener, Transport};
 use livemig::vm::SourceVm;
 use serde_json::{json, Value};
 use vm_memory::{Bytes, GuestAddress, GuestMemoryBackend, GuestMemoryRegion};
 
+use crate::migration::{do_migrate, Outcome};
 use crate::monitor::MigrationMonitor;
 use crate::vmm::Machine;
 
@@ -294,7 +293,7 @@ fn handle(
 
 /// The connection of the client that asked for a migration: progress lines
 /// go to it while it listens.
-struct ClientLine {
+pub(crate) struct ClientLine {
     w: Mutex<UnixStream>,
     /// Set once a write failed: no more progress lines.
     deaf: AtomicBool,
@@ -303,7 +302,7 @@ struct ClientLine {
 impl ClientLine {
     /// Sends one line; `Err` with the error once the client is gone
     /// (`BrokenPipe`/`ConnectionReset`) or stopped reading (timeout).
-    fn send(&self, v: &Value) -> std::io::Result<()> {
+    pub(crate) fn send(&self, v: &Value) -> std::io::Result<()> {
         if self.deaf.load(Ordering::SeqCst) {
             return Ok(());
         }
@@ -317,14 +316,14 @@ impl ClientLine {
 }
 
 /// Whether a write error means the peer closed its connection.
-fn peer_gone(e: &std::io::Error) -> bool {
+pub(crate) fn peer_gone(e: &std::io::Error) -> bool {
     matches!(
         e.kind(),
         std::io::ErrorKind::BrokenPipe | std::io::ErrorKind::ConnectionReset
     )
 }
 
-const VANISHED: &str = "the API client that asked for the migration, which went away";
+pub(crate) const VANISHED: &str = "the API client that asked for the migration, which went away";
 
 /// Runs one `migrate` request: the last request on its connection.
 fn migrate_request(
@@ -354,15 +353,6 @@ fn migrate_request(
     let keep_source = req["keep_source"].as_bool() == Some(true);
     finish_migrate(outcome, &line, events, keep_source, || m.migrated_away());
     Ok(())
-}
-
-/// What a finished migration means for the client and the main loop.
-enum Outcome {
-    /// The guest runs on the destination.
-    Migrated(Value),
-    /// The source kept the guest (`None`), or the outcome is unknown
-    /// (`Some`: the main loop must exit without resuming).
-    Failed(Value, Option<String>),
 }
 
 /// Replies to the client, then tells the main loop. The reply is best
@@ -482,154 +472,6 @@ fn wait_hangup(fd: std::os::fd::RawFd, done: &AtomicBool) -> bool {
         }
     }
     false
-}
-
-fn setup_error(msg: String) -> Outcome {
-    Outcome::Failed(
-        json!({"result":"error","phase":"setup","status":"failed","error":msg}),
-        None,
-    )
-}
-
-/// The engine configuration a `migrate` request asks for.
-fn migrate_config(req: &Value) -> Result<MigrationConfig, String> {
-    let mut cfg = MigrationConfig::default();
-    if let Some(ms) = req["downtime_limit_ms"].as_u64() {
-        cfg.downtime_limit = Duration::from_millis(ms);
-    }
-    if let Some(mib) = req["max_bandwidth_mib"].as_u64().filter(|v| *v > 0) {
-        cfg.max_bandwidth = Some(mib << 20);
-    }
-    if let Some(r) = req["max_rounds"].as_u64() {
-        cfg.max_rounds = r.clamp(1, 10_000) as u32;
-    }
-    if req["force"].as_bool() == Some(true) {
-        cfg.on_limit = OnLimit::ForceSwitchover;
-    }
-    if let Some(n) = req["streams"].as_u64() {
-        if n == 0 || n > u64::from(livemig::protocol::MAX_STREAMS) {
-            return Err(format!(
-                "streams {n} is outside 1..={}",
-                livemig::protocol::MAX_STREAMS
-            ));
-        }
-        cfg.streams = n as u32;
-    }
-    cfg.compress = req["compress"].as_bool() == Some(true);
-    Ok(cfg)
-}
-
-/// The control connection and the opener of the extra page streams.
-type Connected = (Box<dyn Transport>, Box<dyn StreamOpener>);
-
-/// Connects to the destination (over mutual TLS if the request says so);
-/// returns the control connection and the opener of extra page streams.
-fn connect_to(req: &Value, endpoint: &Endpoint) -> Result<Connected, String> {
-    let timeout = Some(Duration::from_secs(10));
-    if !req["tls"].is_object() {
-        let t = connect(endpoint, timeout).map_err(|e| format!("connecting to {endpoint}: {e}"))?;
-        let opener = Dialer {
-            endpoint: endpoint.clone(),
-            timeout,
-        };
-        return Ok((t, Box::new(opener)));
-    }
-    let path = |k: &str| {
-        req["tls"][k]
-            .as_str()
-            .map(std::path::PathBuf::from)
-            .ok_or_else(|| format!("tls.{k} missing"))
-    };
-    let cfg = livemig_tls::TlsConfig {
-        cert_chain: path("cert")?,
-        key: path("key")?,
-        ca: path("ca")?,
-        server_name: req["tls"]["server_name"].as_str().map(str::to_string),
-    };
-    let id = cfg.load().map_err(|e| e.to_string())?;
-    let t = livemig_tls::connect_tls(endpoint, &id, timeout)
-        .map_err(|e| format!("connecting to {endpoint}: {e}"))?;
-    let opener = livemig_tls::TlsDialer {
-        endpoint: endpoint.clone(),
-        id,
-        timeout,
-    };
-    Ok((t, Box::new(opener)))
-}
-
-fn do_migrate(
-    req: &Value,
-    m: &Arc<Machine>,
-    monitor: &MigrationMonitor,
-    line: &ClientLine,
-) -> Outcome {
-    // Refuse before connecting anywhere (the engine's guard checks again).
-    if let Err(e) = m.guard.check() {
-        return setup_error(e.to_string());
-    }
-    let Some(to) = req["to"].as_str() else {
-        return setup_error("migrate needs \"to\"".into());
-    };
-    let endpoint: Endpoint = match to.parse() {
-        Ok(e) => e,
-        Err(e) => return setup_error(format!("{e}")),
-    };
-    let cfg = match migrate_config(req) {
-        Ok(c) => c,
-        Err(e) => return setup_error(e),
-    };
-    let memory = m.vm.memory().iter().map(|r| r.len()).sum::<u64>();
-    let active = match monitor.begin(memory, &cfg) {
-        Ok(a) => a,
-        Err(e) => return setup_error(e.into()),
-    };
-    let (transport, mut opener) = match connect_to(req, &endpoint) {
-        Ok(c) => c,
-        Err(e) => return setup_error(e),
-    };
-    let mut opener = active.count_opener(&mut *opener);
-    let result = m.guard.migrate_streams(
-        &**m,
-        active.count(transport),
-        Some(&mut opener),
-        &cfg,
-        &active.cancel.clone(),
-        &mut |p| {
-            active.progress(p);
-            let sent = serde_json::to_value(p).map(|v| line.send(&v));
-            if let Ok(Err(e)) = sent {
-                if peer_gone(&e) {
-                    let _ = monitor.cancel(VANISHED);
-                }
-            }
-        },
-    );
-    let cancelled_by = active.cancelled_by();
-    active.finish(&result);
-    match result {
-        Ok(report) => match serde_json::to_value(&report) {
-            Ok(v) => Outcome::Migrated(v),
-            Err(e) => Outcome::Migrated(json!({"error": e.to_string()})),
-        },
-        Err(e) => {
-            let ambiguous = e.is_ambiguous().then(|| e.to_string());
-            let status = if ambiguous.is_some() {
-                "ambiguous"
-            } else if matches!(e.kind, livemig::ErrorKind::Cancelled) {
-                "cancelled"
-            } else {
-                "failed"
-            };
-            let v = json!({
-                "result": "error",
-                "phase": e.phase.to_string(),
-                "status": status,
-                "error": e.to_string(),
-                "cancelled_by": cancelled_by,
-            });
-            Outcome::Failed(v, ambiguous)
-        }
-    }
 }
 
 #[cfg(test)]
