@@ -6,7 +6,7 @@
 //! |---|---|
 //! | `{"cmd":"status"}` | `{"result":"ok","running":true,"migration":"idle","vcpus":1,"memory":...}` (`migration`: `idle`, `migrating`, `migrated` or `ambiguous`) |
 //! | `{"cmd":"pause"}` / `{"cmd":"resume"}` | `{"result":"ok"}`; refused with `{"result":"error","error":"refused: ..."}` while a migration runs and for good after one succeeded or became ambiguous (`livemig::MigrationGuard`) |
-//! | `{"cmd":"migrate","to":"tcp:HOST:PORT","downtime_limit_ms":20,"max_bandwidth_mib":0,"keep_source":false}` | progress lines `{"event":...}`, then `{"result":"ok","report":{...}}` or `{"result":"error","phase":...,"status":"failed"\|"cancelled"\|"ambiguous","error":...,"cancelled_by":...}`; the last request on its connection (the VMM closes it after the result) |
+//! | `{"cmd":"migrate","to":"tcp:HOST:PORT","downtime_limit_ms":20,"max_bandwidth_mib":0,"keep_source":false}` | progress lines `{"event":...}`, then `{"result":"ok","report":{...}}` or `{"result":"error","phase":...,"status":"failed"\|"cancelled"\|"ambiguous","error":...,"cancelled_by":...}`; the last request on its connection (the VMM closes it after the result). The fields are `MigrateOptions` (migration.rs), the same as the `refvmm migrate` flags; an unknown field is refused |
 //! | `... "tls":{"cert":P,"key":P,"ca":P,"server_name":S}` in `migrate` | migrate over mutual TLS |
 //! | `... "streams":N` in `migrate` | spread the pages over N extra connections (1..=16) |
 //! | `... "compress":true` in `migrate` | LZ4-compress page frames |
@@ -45,7 +45,7 @@ use livemig::vm::SourceVm;
 use serde_json::{json, Value};
 use vm_memory::{Bytes, GuestAddress, GuestMemoryBackend, GuestMemoryRegion};
 
-use crate::migration::{do_migrate, Outcome};
+use crate::migration::{do_migrate, setup_error, MigrateOptions, Outcome};
 use crate::monitor::MigrationMonitor;
 use crate::vmm::Machine;
 
@@ -340,18 +340,26 @@ fn migrate_request(
         w: Mutex::new(w),
         deaf: AtomicBool::new(false),
     };
+    let opts = match MigrateOptions::from_request(req) {
+        Ok(o) => o,
+        Err(e) => {
+            finish_migrate(setup_error(e), &line, events, false, || {});
+            return Ok(());
+        }
+    };
     let done = AtomicBool::new(false);
     let watched = conn.try_clone().map_err(|e| e.to_string())?;
     let outcome = std::thread::scope(|s| {
         s.spawn(|| watch_client(watched, &line, monitor, &done));
-        let r = do_migrate(req, m, monitor, &line);
+        let r = do_migrate(&opts, m, monitor, &line);
         done.store(true, Ordering::SeqCst);
         // Wakes the watcher's read.
         let _ = conn.shutdown(std::net::Shutdown::Read);
         r
     });
-    let keep_source = req["keep_source"].as_bool() == Some(true);
-    finish_migrate(outcome, &line, events, keep_source, || m.migrated_away());
+    finish_migrate(outcome, &line, events, opts.keep_source, || {
+        m.migrated_away()
+    });
     Ok(())
 }
 

@@ -192,42 +192,14 @@ enum Cmd {
         /// The source VMM's API socket.
         #[arg(long)]
         api_socket: PathBuf,
-        /// Destination: tcp:HOST:PORT, unix:PATH, or `auto` to choose one
-        /// of --hosts for the VM described by --vm (see docs/placement.md).
-        #[arg(long)]
-        to: String,
         /// With `--to auto`: the candidate hosts (a JSON array).
         #[arg(long)]
         hosts: Option<PathBuf>,
         /// With `--to auto`: the VM being migrated (a JSON object).
         #[arg(long)]
         vm: Option<PathBuf>,
-        /// Longest acceptable downtime in milliseconds (default 20).
-        #[arg(long)]
-        downtime_limit_ms: Option<u64>,
-        /// Bandwidth cap in MiB/s (default: none).
-        #[arg(long)]
-        max_bandwidth: Option<u64>,
-        /// Most pre-copy rounds before the limit policy applies (default 30).
-        #[arg(long)]
-        max_rounds: Option<u64>,
-        /// Switch over when a cap is reached instead of giving up.
-        #[arg(long)]
-        force: bool,
-        /// Page streams: spread each round's pages over this many extra
-        /// connections, one sender thread each (1..=16, default 1 = all on
-        /// the one connection). The destination may grant fewer.
-        #[arg(long)]
-        streams: Option<u32>,
-        /// Compress page frames with LZ4 (for slow links; off by default).
-        #[arg(long)]
-        compress: bool,
         #[command(flatten)]
-        tls: TlsArgs,
-        /// Name the destination's certificate must carry (default: the host
-        /// part of --to).
-        #[arg(long)]
-        tls_server_name: Option<String>,
+        opts: migration::MigrateOptions,
     },
     /// Show the progress of the migration a running refvmm is doing (or the
     /// outcome of its last one), as JSON (QEMU `query-migrate` field names).
@@ -578,31 +550,14 @@ fn main() -> ExitCode {
         ),
         Cmd::Migrate {
             api_socket,
-            to,
             hosts,
             vm,
-            downtime_limit_ms,
-            max_bandwidth,
-            max_rounds,
-            force,
-            streams,
-            compress,
-            tls,
-            tls_server_name,
-        } => place::resolve_destination(&to, hosts.as_deref(), vm.as_deref())
+            mut opts,
+        } => place::resolve_destination(&opts.to, hosts.as_deref(), vm.as_deref())
             .map_err(|(code, msg)| Fail(code, msg))
             .and_then(|to| {
-                cmd_migrate(
-                    api_socket,
-                    to,
-                    downtime_limit_ms,
-                    max_bandwidth,
-                    max_rounds,
-                    force,
-                    streams,
-                    compress,
-                    tls.config(tls_server_name),
-                )
+                opts.to = to;
+                cmd_migrate(&api_socket, &opts)
             }),
         Cmd::MigrateStatus { api_socket } => {
             migrate_client::status(&api_socket).map_err(|f| Fail(f.0, f.1))

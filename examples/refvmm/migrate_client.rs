@@ -14,10 +14,10 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use livemig::transport::Endpoint;
 use serde_json::{json, Value};
 
-use crate::{migrate_client, usage, Fail};
+use crate::migration::MigrateOptions;
+use crate::{usage, Fail};
 
 /// Exit code: the migration was cancelled; the guest stays on the source.
 pub const EXIT_CANCELLED: u8 = 4;
@@ -311,44 +311,13 @@ fn outcome(reply: &Value, interrupted: bool) -> Result<(), ClientFail> {
     }
 }
 
-#[allow(clippy::too_many_arguments)] // one per CLI flag
-pub(crate) fn cmd_migrate(
-    api_socket: PathBuf,
-    to: String,
-    downtime_limit_ms: Option<u64>,
-    max_bandwidth: Option<u64>,
-    max_rounds: Option<u64>,
-    force: bool,
-    streams: Option<u32>,
-    compress: bool,
-    tls: Option<livemig_tls::TlsConfig>,
-) -> Result<(), Fail> {
-    let _: Endpoint = to.parse().map_err(|e| usage(format!("--to: {e}")))?;
-    let mut req = json!({"cmd": "migrate", "to": to, "force": force, "compress": compress});
-    if let Some(t) = tls {
-        req["tls"] = json!({
-            "cert": t.cert_chain, "key": t.key, "ca": t.ca, "server_name": t.server_name,
-        });
-    }
-    if let Some(v) = downtime_limit_ms {
-        req["downtime_limit_ms"] = json!(v);
-    }
-    if let Some(v) = max_bandwidth {
-        req["max_bandwidth_mib"] = json!(v);
-    }
-    if let Some(v) = max_rounds {
-        req["max_rounds"] = json!(v);
-    }
-    if let Some(v) = streams {
-        if !(1..=livemig::protocol::MAX_STREAMS).contains(&v) {
-            return Err(usage(format!(
-                "--streams {v}: must be 1..={}",
-                livemig::protocol::MAX_STREAMS
-            )));
-        }
-        req["streams"] = json!(v);
-    }
-    migrate_client::migrate(&api_socket, &req).map_err(|f| Fail(f.0, f.1))
+/// `refvmm migrate` once its destination is known: checks the options as
+/// the source will (a usage error, exit 2, before anything is sent), then
+/// runs [`migrate`].
+pub(crate) fn cmd_migrate(api_socket: &Path, opts: &MigrateOptions) -> Result<(), Fail> {
+    opts.endpoint().map_err(|e| usage(format!("--to: {e}")))?;
+    opts.config().map_err(|e| usage(format!("--{e}")))?;
+    migrate(api_socket, &opts.to_request()).map_err(|f| Fail(f.0, f.1))
 }
 
 #[cfg(test)]
