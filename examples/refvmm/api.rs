@@ -42,6 +42,7 @@ use std::time::Duration;
 
 use livemig::memory::GuestRam;
 use livemig::vm::SourceVm;
+use livemig::Progress;
 use serde_json::{json, Value};
 use vm_memory::{Bytes, GuestAddress, GuestMemoryBackend, GuestMemoryRegion};
 
@@ -293,7 +294,7 @@ fn handle(
 
 /// The connection of the client that asked for a migration: progress lines
 /// go to it while it listens.
-pub(crate) struct ClientLine {
+struct ClientLine {
     w: Mutex<UnixStream>,
     /// Set once a write failed: no more progress lines.
     deaf: AtomicBool,
@@ -302,7 +303,7 @@ pub(crate) struct ClientLine {
 impl ClientLine {
     /// Sends one line; `Err` with the error once the client is gone
     /// (`BrokenPipe`/`ConnectionReset`) or stopped reading (timeout).
-    pub(crate) fn send(&self, v: &Value) -> std::io::Result<()> {
+    fn send(&self, v: &Value) -> std::io::Result<()> {
         if self.deaf.load(Ordering::SeqCst) {
             return Ok(());
         }
@@ -316,14 +317,14 @@ impl ClientLine {
 }
 
 /// Whether a write error means the peer closed its connection.
-pub(crate) fn peer_gone(e: &std::io::Error) -> bool {
+fn peer_gone(e: &std::io::Error) -> bool {
     matches!(
         e.kind(),
         std::io::ErrorKind::BrokenPipe | std::io::ErrorKind::ConnectionReset
     )
 }
 
-pub(crate) const VANISHED: &str = "the API client that asked for the migration, which went away";
+const VANISHED: &str = "the API client that asked for the migration, which went away";
 
 /// Runs one `migrate` request: the last request on its connection.
 fn migrate_request(
@@ -351,7 +352,17 @@ fn migrate_request(
     let watched = conn.try_clone().map_err(|e| e.to_string())?;
     let outcome = std::thread::scope(|s| {
         s.spawn(|| watch_client(watched, &line, monitor, &done));
-        let r = do_migrate(&opts, m, monitor, &line);
+        // Engine events go to the asking client; a broken pipe means it
+        // is gone.
+        let mut to_client = |p: &Progress| {
+            let sent = serde_json::to_value(p).map(|v| line.send(&v));
+            if let Ok(Err(e)) = sent {
+                if peer_gone(&e) {
+                    let _ = monitor.cancel(VANISHED);
+                }
+            }
+        };
+        let r = do_migrate(&opts, m, monitor, &mut to_client);
         done.store(true, Ordering::SeqCst);
         // Wakes the watcher's read.
         let _ = conn.shutdown(std::net::Shutdown::Read);

@@ -11,14 +11,13 @@ use livemig::transport::{
     connect, listen, Dialer, Endpoint, OwnedAcceptor, StreamAcceptor, StreamOpener, Transport,
 };
 use livemig::vm::{SourceVm, VmError};
-use livemig::{receive_streams, ReceiveConfig};
+use livemig::{receive_streams, Progress, ReceiveConfig};
 use livemig_kvm::serial::SerialOutput;
 use livemig_kvm::{check_compatible, check_properties};
 use serde::{Deserialize, Serialize};
 use serde_json::{json, Value};
 use vm_memory::{GuestMemoryBackend, GuestMemoryRegion};
 
-use crate::api::{peer_gone, ClientLine, VANISHED};
 use crate::monitor::MigrationMonitor;
 use crate::vmm::{DestMachine, Machine, MachineConfig};
 use crate::{
@@ -219,13 +218,14 @@ fn connect_to(opts: &MigrateOptions, endpoint: &Endpoint) -> Result<Connected, S
     Ok((t, Box::new(opener)))
 }
 
-/// Runs the migration `opts` asks for on `m`, reported to `monitor`;
-/// progress lines go to the asking client on `line`.
+/// Runs the migration `opts` asks for on `m`, reported to `monitor` (for
+/// every API client) and to `progress` (the engine's events, for the
+/// asking client).
 pub(crate) fn do_migrate(
     opts: &MigrateOptions,
     m: &Arc<Machine>,
     monitor: &MigrationMonitor,
-    line: &ClientLine,
+    progress: &mut dyn FnMut(&Progress),
 ) -> Outcome {
     // Refuse before connecting anywhere (the engine's guard checks again).
     if let Err(e) = m.guard.check() {
@@ -246,7 +246,10 @@ pub(crate) fn do_migrate(
     };
     let (transport, mut opener) = match connect_to(opts, &endpoint) {
         Ok(c) => c,
-        Err(e) => return setup_error(e),
+        Err(e) => {
+            active.abort(&e);
+            return setup_error(e);
+        }
     };
     let mut opener = active.count_opener(&mut *opener);
     let result = m.guard.migrate_streams(
@@ -257,12 +260,7 @@ pub(crate) fn do_migrate(
         &active.cancel.clone(),
         &mut |p| {
             active.progress(p);
-            let sent = serde_json::to_value(p).map(|v| line.send(&v));
-            if let Ok(Err(e)) = sent {
-                if peer_gone(&e) {
-                    let _ = monitor.cancel(VANISHED);
-                }
-            }
+            progress(p);
         },
     );
     let cancelled_by = active.cancelled_by();

@@ -219,6 +219,23 @@ impl Active<'_> {
         self.monitor.lock().as_ref()?.cancelled_by.clone()
     }
 
+    /// Ends a migration that failed before the engine ran (connecting to
+    /// the destination): the final status says why.
+    pub fn abort(mut self, why: &str) {
+        self.end_failed(why);
+    }
+
+    fn end_failed(&mut self, why: &str) {
+        self.finished = true;
+        let last = self.monitor.lock().take().map(|r| {
+            let mut v = r.status();
+            v["status"] = json!("failed");
+            v["error-desc"] = json!(why);
+            v
+        });
+        *self.monitor.lock_last() = last;
+    }
+
     /// Ends the migration in the monitor with its outcome; the final
     /// status stays readable until the next migration.
     pub fn finish(mut self, outcome: &Result<Report, MigrationError>) {
@@ -231,13 +248,7 @@ impl Active<'_> {
 impl Drop for Active<'_> {
     fn drop(&mut self) {
         if !self.finished {
-            let last = self.monitor.lock().take().map(|r| {
-                let mut v = r.status();
-                v["status"] = json!("failed");
-                v["error-desc"] = json!("the migration ended before it reached the engine");
-                v
-            });
-            *self.monitor.lock_last() = last;
+            self.end_failed("the migration ended before it reached the engine");
         }
     }
 }
@@ -451,5 +462,17 @@ mod tests {
         assert_eq!(s["cancel-requested-by"], "client 7");
         // A Paused that races the cancel does not make it look refusable.
         assert_eq!(a.cancelled_by().as_deref(), Some("client 7"));
+    }
+
+    #[test]
+    fn a_migration_that_never_reached_the_engine_says_why() {
+        let m = MigrationMonitor::default();
+        let a = m.begin(1 << 20, &MigrationConfig::default()).unwrap();
+        a.abort("connecting to tcp:127.0.0.1:1: refused");
+        let s = m.status();
+        assert_eq!(s["status"], "failed", "{s}");
+        assert_eq!(s["error-desc"], "connecting to tcp:127.0.0.1:1: refused");
+        // The next migration may start.
+        assert!(m.begin(1 << 20, &MigrationConfig::default()).is_ok());
     }
 }
