@@ -374,3 +374,34 @@ fn a_client_gone_during_the_switchover_does_not_stop_it_and_the_source_exits() {
     assert!(log_of(&dst).corrupt.is_empty());
     let _ = std::fs::remove_dir_all(dir);
 }
+
+#[test]
+fn a_cancel_pipelined_behind_the_migrate_request_is_not_lost() {
+    let Some(_kvm) = common::kvm_or_skip("a_cancel_pipelined_behind_the_migrate_request") else {
+        return;
+    };
+    let (dir, mut src, mut dst, ep) = source_and_destination("pipelined");
+    let mut c = UnixStream::connect(&src.api).unwrap();
+    c.set_read_timeout(Some(Duration::from_secs(60))).unwrap();
+    // Both lines in one write: the server reads them together.
+    let req = json!({"cmd":"migrate","to":ep,"max_bandwidth_mib":10});
+    let cancel = json!({"cmd":"migrate-cancel","reason":"test"});
+    c.write_all(format!("{req}\n{cancel}\n").as_bytes())
+        .unwrap();
+    let mut result = None;
+    for line in BufReader::new(c).lines() {
+        let v: Value = serde_json::from_str(&line.unwrap()).unwrap();
+        if v.get("result").is_some() {
+            result = Some(v);
+            break;
+        }
+    }
+    let r = result.expect("a result");
+    assert_eq!(r["status"], "cancelled", "{r}");
+    assert!(
+        r["cancelled_by"].as_str().unwrap_or("").contains("test"),
+        "{r}"
+    );
+    assert_guest_stayed(&mut src, &mut dst, "after a pipelined cancel");
+    let _ = std::fs::remove_dir_all(dir);
+}

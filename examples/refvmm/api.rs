@@ -278,8 +278,9 @@ fn handle(
                 return Ok(());
             }
             "migrate" => {
-                drop(reader);
-                return migrate_request(&req, m, monitor, &conn, events);
+                // The reader goes to the watcher with whatever it has
+                // already read past the request (a pipelined cancel).
+                return migrate_request(&req, m, monitor, reader, &conn, events);
             }
             "migrate-status" | "query-migrate" => monitor.status(),
             "migrate-cancel" => match monitor.cancel("an API client's migrate-cancel") {
@@ -331,6 +332,7 @@ fn migrate_request(
     req: &Value,
     m: &Arc<Machine>,
     monitor: &MigrationMonitor,
+    reader: BufReader<UnixStream>,
     conn: &UnixStream,
     events: &Sender<ApiEvent>,
 ) -> Result<(), String> {
@@ -349,9 +351,8 @@ fn migrate_request(
         }
     };
     let done = AtomicBool::new(false);
-    let watched = conn.try_clone().map_err(|e| e.to_string())?;
     let outcome = std::thread::scope(|s| {
-        s.spawn(|| watch_client(watched, &line, monitor, &done));
+        s.spawn(|| watch_client(reader, &line, monitor, &done));
         // Engine events go to the asking client; a broken pipe means it
         // is gone.
         let mut to_client = |p: &Progress| {
@@ -414,13 +415,12 @@ fn finish_migrate(
 /// `migrate-cancel` line cancels; a connection closed without a word
 /// cancels too (before the switchover: see [`MigrationMonitor::cancel`]).
 fn watch_client(
-    conn: UnixStream,
+    mut r: BufReader<UnixStream>,
     line: &ClientLine,
     monitor: &MigrationMonitor,
     done: &AtomicBool,
 ) {
-    let fd = conn.as_raw_fd();
-    let mut r = BufReader::new(conn);
+    let fd = r.get_ref().as_raw_fd();
     let mut buf = String::new();
     loop {
         buf.clear();
