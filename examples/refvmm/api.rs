@@ -1,16 +1,28 @@
-//! The API socket: line-delimited JSON requests on a Unix socket, one
-//! client at a time. Each request is one JSON object on one line; each
+//! The API socket: line-delimited JSON requests on a Unix socket, each
+//! client served on its own thread. Each request is one JSON object on one line; each
 //! reply is one or more JSON lines, the last with a `"result"` field.
 //!
 //! | request | reply |
 //! |---|---|
 //! | `{"cmd":"status"}` | `{"result":"ok","running":true,"migration":"idle","vcpus":1,"memory":...}` (`migration`: `idle`, `migrating`, `migrated` or `ambiguous`) |
 //! | `{"cmd":"pause"}` / `{"cmd":"resume"}` | `{"result":"ok"}`; refused with `{"result":"error","error":"refused: ..."}` while a migration runs and for good after one succeeded or became ambiguous (`livemig::MigrationGuard`) |
-//! | `{"cmd":"migrate","to":"tcp:HOST:PORT","downtime_limit_ms":20,"max_bandwidth_mib":0,"keep_source":false}` | progress lines `{"event":...}`, then `{"result":"ok","report":{...}}` or `{"result":"error","phase":...,"error":...}` |
+//! | `{"cmd":"migrate","to":"tcp:HOST:PORT","downtime_limit_ms":20,"max_bandwidth_mib":0,"keep_source":false}` | progress lines `{"event":...}`, then `{"result":"ok","report":{...}}` or `{"result":"error","phase":...,"status":"failed"\|"cancelled"\|"ambiguous","error":...,"cancelled_by":...}`; the last request on its connection (the VMM closes it after the result). The fields are `MigrateOptions` (migration.rs), the same as the `refvmm migrate` flags; an unknown field is refused |
 //! | `... "tls":{"cert":P,"key":P,"ca":P,"server_name":S}` in `migrate` | migrate over mutual TLS |
 //! | `... "streams":N` in `migrate` | spread the pages over N extra connections (1..=16) |
 //! | `... "compress":true` in `migrate` | LZ4-compress page frames |
-//! | a second `migrate` while one runs, or after one succeeded or became ambiguous | `{"result":"error","phase":"handshake","error":"... refused: ..."}` |
+//! | a second `migrate` while one runs, or after one succeeded or became ambiguous | `{"result":"error","phase":"setup","error":"... refused: ..."}` |
+//! | `{"cmd":"migrate-status"}` (or `query-migrate`), from any client | the running migration, else the last one's outcome, else `"status":"none"`: `status` (`setup`, `active`, `cancelling`, `device` = paused for the switchover, then `completed`, `failed`, `cancelled` or `ambiguous`), `phase`, `round`, `total-time`, `setup-time`, `expected-downtime`, `downtime` (ms), `cpu-throttle-percentage`, `ram` {`total`, `transferred`, `remaining`, `mbps`, `dirty-pages-rate`, `dirty-sync-count`, `normal`, `duplicate`, `page-size`}, `cancel-requested-by`, `error-desc` (see docs/operations.md) |
+//! | `{"cmd":"migrate-cancel"}`, from any client | `{"result":"ok","status":"cancelling"}`; `{"result":"error",...}` when no migration runs or its switchover has begun |
+//!
+//! While a migration runs, its own connection takes two requests, answered
+//! as events: `migrate-cancel` (`{"event":"cancelling"}` or
+//! `{"event":"cancel-refused","error":...}`; an optional `"reason"` is
+//! recorded) and `migrate-status` (`{"event":"status",...}`). If that
+//! connection closes (the peer hangs up; closing only its writing side does
+//! not count), the migration is cancelled unless its switchover has begun.
+//!
+//! | request | reply |
+//! |---|---|
 //! | `{"cmd":"write-memory","gpa":N,"value":N}` | writes a u64 through vm-memory (tracked as a VMM write) |
 //! | `{"cmd":"read-memory","gpa":N,"len":N}` | `{"result":"ok","hex":"..."}` (at most 4096 bytes) |
 //! | `{"cmd":"vcpu-regs"}` | RIP, RSP, RFLAGS, CS, CR0, EFER, APIC base and MP state of every vCPU (pauses briefly) |
@@ -20,20 +32,22 @@
 //! | `{"cmd":"quit"}` | `{"result":"ok"}`, then the VMM exits |
 
 use std::io::{BufRead, BufReader, Write};
+use std::os::fd::AsRawFd;
 use std::os::unix::net::{UnixListener, UnixStream};
 use std::path::Path;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::mpsc::Sender;
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use livemig::memory::GuestRam;
-use livemig::policy::{MigrationConfig, OnLimit};
-use livemig::transport::{connect, Dialer, Endpoint, StreamOpener};
 use livemig::vm::SourceVm;
-use livemig::CancelToken;
+use livemig::Progress;
 use serde_json::{json, Value};
 use vm_memory::{Bytes, GuestAddress, GuestMemoryBackend, GuestMemoryRegion};
 
+use crate::migration::{do_migrate, setup_error, MigrateOptions, Outcome};
+use crate::monitor::MigrationMonitor;
 use crate::vmm::Machine;
 
 /// What the API tells the main loop.
@@ -55,6 +69,7 @@ pub fn serve(path: &Path, machine: Arc<Machine>, events: Sender<ApiEvent>) -> Re
         }
         let _ = std::fs::remove_file(path);
     }
+    let monitor = Arc::new(MigrationMonitor::default());
     let listener =
         UnixListener::bind(path).map_err(|e| format!("API socket {}: {e}", path.display()))?;
     std::thread::Builder::new()
@@ -66,10 +81,11 @@ pub fn serve(path: &Path, machine: Arc<Machine>, events: Sender<ApiEvent>) -> Re
                 match conn {
                     Ok(c) => {
                         let machine = machine.clone();
+                        let monitor = monitor.clone();
                         let events = events.clone();
                         let spawned = std::thread::Builder::new().name("api-client".into()).spawn(
                             move || {
-                                if let Err(e) = handle(c, &machine, &events) {
+                                if let Err(e) = handle(c, &machine, &monitor, &events) {
                                     log::warn!("API client: {e}");
                                 }
                             },
@@ -117,11 +133,19 @@ fn hash_regions(mem: &GuestRam) -> Vec<Value> {
     out
 }
 
-fn handle(conn: UnixStream, m: &Arc<Machine>, events: &Sender<ApiEvent>) -> Result<(), String> {
+fn handle(
+    conn: UnixStream,
+    m: &Arc<Machine>,
+    monitor: &MigrationMonitor,
+    events: &Sender<ApiEvent>,
+) -> Result<(), String> {
     let mut w = conn.try_clone().map_err(|e| e.to_string())?;
-    let reader = BufReader::new(conn);
-    for line in reader.lines() {
-        let line = line.map_err(|e| e.to_string())?;
+    let mut reader = BufReader::new(conn.try_clone().map_err(|e| e.to_string())?);
+    loop {
+        let mut line = String::new();
+        if reader.read_line(&mut line).map_err(|e| e.to_string())? == 0 {
+            return Ok(());
+        }
         if line.trim().is_empty() {
             continue;
         }
@@ -254,142 +278,273 @@ fn handle(conn: UnixStream, m: &Arc<Machine>, events: &Sender<ApiEvent>) -> Resu
                 return Ok(());
             }
             "migrate" => {
-                let r = do_migrate(&req, m, &mut w);
-                match r {
-                    Ok(report) => {
-                        // The guest runs on the destination now: the NICs
-                        // here only count what still arrives.
-                        m.migrated_away();
-                        send(&mut w, &json!({"result":"ok","report":report}))
-                            .map_err(|e| e.to_string())?;
-                        // keep_source (for tests): stay, paused, so the
-                        // source memory can be compared with the destination.
-                        if req["keep_source"].as_bool() != Some(true) {
-                            let _ = events.send(ApiEvent::Migrated);
-                        }
-                        return Ok(());
-                    }
-                    Err((v, ambiguous)) => {
-                        send(&mut w, &v).map_err(|e| e.to_string())?;
-                        if let Some(msg) = ambiguous {
-                            let _ = events.send(ApiEvent::Ambiguous(msg));
-                        }
-                        continue;
-                    }
-                }
+                // The reader goes to the watcher with whatever it has
+                // already read past the request (a pipelined cancel).
+                return migrate_request(&req, m, monitor, reader, &conn, events);
             }
+            "migrate-status" | "query-migrate" => monitor.status(),
+            "migrate-cancel" => match monitor.cancel("an API client's migrate-cancel") {
+                Ok(()) => json!({"result":"ok","status":"cancelling"}),
+                Err(e) => json!({"result":"error","error":e.to_string()}),
+            },
             other => json!({"result":"error","error":format!("unknown command '{other}'")}),
         };
         send(&mut w, &reply).map_err(|e| e.to_string())?;
     }
+}
+
+/// The connection of the client that asked for a migration: progress lines
+/// go to it while it listens.
+struct ClientLine {
+    w: Mutex<UnixStream>,
+    /// Set once a write failed: no more progress lines.
+    deaf: AtomicBool,
+}
+
+impl ClientLine {
+    /// Sends one line; `Err` with the error once the client is gone
+    /// (`BrokenPipe`/`ConnectionReset`) or stopped reading (timeout).
+    fn send(&self, v: &Value) -> std::io::Result<()> {
+        if self.deaf.load(Ordering::SeqCst) {
+            return Ok(());
+        }
+        let mut w = self.w.lock().unwrap_or_else(|e| e.into_inner());
+        let r = send(&mut w, v);
+        if r.is_err() {
+            self.deaf.store(true, Ordering::SeqCst);
+        }
+        r
+    }
+}
+
+/// Whether a write error means the peer closed its connection.
+fn peer_gone(e: &std::io::Error) -> bool {
+    matches!(
+        e.kind(),
+        std::io::ErrorKind::BrokenPipe | std::io::ErrorKind::ConnectionReset
+    )
+}
+
+const VANISHED: &str = "the API client that asked for the migration, which went away";
+
+/// Runs one `migrate` request: the last request on its connection.
+fn migrate_request(
+    req: &Value,
+    m: &Arc<Machine>,
+    monitor: &MigrationMonitor,
+    reader: BufReader<UnixStream>,
+    conn: &UnixStream,
+    events: &Sender<ApiEvent>,
+) -> Result<(), String> {
+    let w = conn.try_clone().map_err(|e| e.to_string())?;
+    // A client that stops reading must not stall the migration.
+    let _ = w.set_write_timeout(Some(Duration::from_secs(2)));
+    let line = ClientLine {
+        w: Mutex::new(w),
+        deaf: AtomicBool::new(false),
+    };
+    let opts = match MigrateOptions::from_request(req) {
+        Ok(o) => o,
+        Err(e) => {
+            finish_migrate(setup_error(e), &line, events, false, || {});
+            return Ok(());
+        }
+    };
+    let done = AtomicBool::new(false);
+    let outcome = std::thread::scope(|s| {
+        s.spawn(|| watch_client(reader, &line, monitor, &done));
+        // Engine events go to the asking client; a broken pipe means it
+        // is gone.
+        let mut to_client = |p: &Progress| {
+            let sent = serde_json::to_value(p).map(|v| line.send(&v));
+            if let Ok(Err(e)) = sent {
+                if peer_gone(&e) {
+                    let _ = monitor.cancel(VANISHED);
+                }
+            }
+        };
+        let r = do_migrate(&opts, m, monitor, &mut to_client);
+        done.store(true, Ordering::SeqCst);
+        // Wakes the watcher's read.
+        let _ = conn.shutdown(std::net::Shutdown::Read);
+        r
+    });
+    finish_migrate(outcome, &line, events, opts.keep_source, || {
+        m.migrated_away()
+    });
     Ok(())
 }
 
-type MigrateError = (Value, Option<String>);
-
-fn do_migrate(req: &Value, m: &Arc<Machine>, w: &mut UnixStream) -> Result<Value, MigrateError> {
-    let err = |msg: String| (json!({"result":"error","phase":"setup","error":msg}), None);
-    // Refuse before connecting anywhere (the engine's guard checks again).
-    m.guard.check().map_err(|e| err(e.to_string()))?;
-    let to = req["to"]
-        .as_str()
-        .ok_or_else(|| err("migrate needs \"to\"".into()))?;
-    let endpoint: Endpoint = to.parse().map_err(|e| err(format!("{e}")))?;
-    let mut cfg = MigrationConfig::default();
-    if let Some(ms) = req["downtime_limit_ms"].as_u64() {
-        cfg.downtime_limit = Duration::from_millis(ms);
-    }
-    if let Some(mib) = req["max_bandwidth_mib"].as_u64().filter(|v| *v > 0) {
-        cfg.max_bandwidth = Some(mib << 20);
-    }
-    if let Some(r) = req["max_rounds"].as_u64() {
-        cfg.max_rounds = r.clamp(1, 10_000) as u32;
-    }
-    if req["force"].as_bool() == Some(true) {
-        cfg.on_limit = OnLimit::ForceSwitchover;
-    }
-    if let Some(n) = req["streams"].as_u64() {
-        if n == 0 || n > u64::from(livemig::protocol::MAX_STREAMS) {
-            return Err(err(format!(
-                "streams {n} is outside 1..={}",
-                livemig::protocol::MAX_STREAMS
-            )));
-        }
-        cfg.streams = n as u32;
-    }
-    cfg.compress = req["compress"].as_bool() == Some(true);
-    let mut opener: Box<dyn StreamOpener>;
-    let transport = if req["tls"].is_object() {
-        let path = |k: &str| {
-            req["tls"][k]
-                .as_str()
-                .map(std::path::PathBuf::from)
-                .ok_or_else(|| err(format!("tls.{k} missing")))
-        };
-        let cfg = livemig_tls::TlsConfig {
-            cert_chain: path("cert")?,
-            key: path("key")?,
-            ca: path("ca")?,
-            server_name: req["tls"]["server_name"].as_str().map(str::to_string),
-        };
-        let id = cfg.load().map_err(|e| err(e.to_string()))?;
-        let t = livemig_tls::connect_tls(&endpoint, &id, Some(Duration::from_secs(10)))
-            .map_err(|e| err(format!("connecting to {endpoint}: {e}")))?;
-        opener = Box::new(livemig_tls::TlsDialer {
-            endpoint: endpoint.clone(),
-            id,
-            timeout: Some(Duration::from_secs(10)),
-        });
-        t
-    } else {
-        opener = Box::new(Dialer {
-            endpoint: endpoint.clone(),
-            timeout: Some(Duration::from_secs(10)),
-        });
-        connect(&endpoint, Some(Duration::from_secs(10)))
-            .map_err(|e| err(format!("connecting to {endpoint}: {e}")))?
-    };
-    let mut progress_out = w.try_clone().ok();
-    let result = m.guard.migrate_streams(
-        &**m,
-        transport,
-        Some(&mut *opener),
-        &cfg,
-        &CancelToken::new(),
-        &mut |p| {
-            if let Some(o) = progress_out.as_mut() {
-                if let Ok(v) = serde_json::to_value(p) {
-                    let _ = send(o, &v);
-                }
+/// Replies to the client, then tells the main loop. The reply is best
+/// effort: a client that went away must not keep a source whose guest runs
+/// on the destination alive (nor one whose outcome is unknown).
+fn finish_migrate(
+    outcome: Outcome,
+    line: &ClientLine,
+    events: &Sender<ApiEvent>,
+    keep_source: bool,
+    migrated_away: impl FnOnce(),
+) {
+    line.deaf.store(false, Ordering::SeqCst);
+    match outcome {
+        Outcome::Migrated(report) => {
+            // The guest runs on the destination now: the NICs here only
+            // count what still arrives.
+            migrated_away();
+            if let Err(e) = line.send(&json!({"result":"ok","report":report})) {
+                log::warn!("API client: the migration completed, but the reply was lost: {e}");
             }
-        },
-    );
-    match result {
-        Ok(report) => serde_json::to_value(&report).map_err(|e| err(e.to_string())),
-        Err(e) => {
-            let ambiguous = e.is_ambiguous().then(|| e.to_string());
-            Err((
-                json!({"result":"error","phase":e.phase.to_string(),"error":e.to_string()}),
-                ambiguous,
-            ))
+            // keep_source (for tests): stay, paused, so the source memory
+            // can be compared with the destination.
+            if !keep_source {
+                let _ = events.send(ApiEvent::Migrated);
+            }
+        }
+        Outcome::Failed(v, ambiguous) => {
+            if let Err(e) = line.send(&v) {
+                log::warn!("API client: the migration failed, and the reply was lost: {e}");
+            }
+            if let Some(msg) = ambiguous {
+                let _ = events.send(ApiEvent::Ambiguous(msg));
+            }
         }
     }
 }
 
-/// Client side: sends one request and returns every reply line; `on_line`
-/// sees each as it arrives.
-pub fn request(path: &Path, req: &Value, mut on_line: impl FnMut(&Value)) -> Result<Value, String> {
-    let mut c = UnixStream::connect(path)
-        .map_err(|e| format!("cannot connect to API socket {}: {e}", path.display()))?;
-    send(&mut c, req).map_err(|e| e.to_string())?;
-    let reader = BufReader::new(c);
-    for line in reader.lines() {
-        let line = line.map_err(|e| e.to_string())?;
-        let v: Value = serde_json::from_str(&line).map_err(|e| format!("bad reply: {e}"))?;
-        if v.get("result").is_some() {
-            return Ok(v);
+/// Reads the asking client's connection while its migration runs: a
+/// `migrate-cancel` line cancels; a connection closed without a word
+/// cancels too (before the switchover: see [`MigrationMonitor::cancel`]).
+fn watch_client(
+    mut r: BufReader<UnixStream>,
+    line: &ClientLine,
+    monitor: &MigrationMonitor,
+    done: &AtomicBool,
+) {
+    let fd = r.get_ref().as_raw_fd();
+    let mut buf = String::new();
+    loop {
+        buf.clear();
+        match r.read_line(&mut buf) {
+            Ok(0) | Err(_) => break,
+            Ok(_) => {}
         }
-        on_line(&v);
+        if done.load(Ordering::SeqCst) {
+            return;
+        }
+        let reply = in_band(&buf, monitor);
+        let _ = line.send(&reply);
     }
-    Err("the VMM closed the API connection without a result".into())
+    // End of input: the client either closed its writing side only (and
+    // still reads), or is gone. Only a hang-up (both sides closed) is gone.
+    if wait_hangup(fd, done) && !done.load(Ordering::SeqCst) {
+        match monitor.cancel(VANISHED) {
+            Ok(()) => log::warn!("API client went away: migration cancelled"),
+            Err(e) => log::warn!("API client went away; not cancelled: {e}"),
+        }
+    }
+}
+
+/// A request on the connection of a running migration: only
+/// `migrate-cancel` and `migrate-status` are answered, as events (a
+/// `result` line would end the client's wait for the migration).
+fn in_band(text: &str, monitor: &MigrationMonitor) -> Value {
+    let req: Value = serde_json::from_str(text).unwrap_or(Value::Null);
+    match req["cmd"].as_str() {
+        Some("migrate-cancel") => {
+            let why = req["reason"].as_str().unwrap_or("a request");
+            let by = format!("the client that asked for the migration ({why})");
+            match monitor.cancel(&by) {
+                Ok(()) => json!({"event":"cancelling"}),
+                Err(e) => json!({"event":"cancel-refused","error":e.to_string()}),
+            }
+        }
+        Some("migrate-status" | "query-migrate") => {
+            let mut v = monitor.status();
+            v["event"] = json!("status");
+            if let Some(o) = v.as_object_mut() {
+                o.remove("result");
+            }
+            v
+        }
+        _ => {
+            json!({"event":"ignored","error":"a migration runs on this connection: only migrate-cancel and migrate-status are answered here"})
+        }
+    }
+}
+
+/// Waits until `fd`'s peer hung up (true) or `done` is set (false).
+fn wait_hangup(fd: std::os::fd::RawFd, done: &AtomicBool) -> bool {
+    while !done.load(Ordering::SeqCst) {
+        let mut p = libc::pollfd {
+            fd,
+            events: 0,
+            revents: 0,
+        };
+        // SAFETY: one valid pollfd on the stack; `fd` stays open (the
+        // caller's UnixStream owns it) until this returns.
+        let n = unsafe { libc::poll(&mut p, 1, 100) };
+        if n > 0 && p.revents & (libc::POLLHUP | libc::POLLERR) != 0 {
+            return true;
+        }
+        if n < 0 && std::io::Error::last_os_error().kind() != std::io::ErrorKind::Interrupted {
+            return false;
+        }
+    }
+    false
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn line_to_a_vanished_client() -> ClientLine {
+        let (ours, theirs) = UnixStream::pair().unwrap();
+        drop(theirs);
+        ClientLine {
+            w: Mutex::new(ours),
+            deaf: AtomicBool::new(false),
+        }
+    }
+
+    #[test]
+    fn a_source_whose_client_went_away_still_exits_after_the_guest_left() {
+        let line = line_to_a_vanished_client();
+        let (tx, rx) = std::sync::mpsc::channel();
+        let mut away = false;
+        finish_migrate(Outcome::Migrated(json!({})), &line, &tx, false, || {
+            away = true
+        });
+        assert!(away);
+        assert!(
+            matches!(rx.try_recv(), Ok(ApiEvent::Migrated)),
+            "the main loop was not told that the guest left"
+        );
+    }
+
+    #[test]
+    fn an_ambiguous_outcome_reaches_the_main_loop_without_a_client() {
+        let line = line_to_a_vanished_client();
+        let (tx, rx) = std::sync::mpsc::channel();
+        finish_migrate(
+            Outcome::Failed(json!({"result":"error"}), Some("unknown".into())),
+            &line,
+            &tx,
+            false,
+            || {},
+        );
+        assert!(matches!(rx.try_recv(), Ok(ApiEvent::Ambiguous(_))));
+    }
+
+    #[test]
+    fn in_band_requests_are_answered_as_events() {
+        let m = MigrationMonitor::default();
+        let r = in_band("{\"cmd\":\"migrate-cancel\"}\n", &m);
+        assert_eq!(r["event"], "cancel-refused", "{r}");
+        assert!(r.get("result").is_none());
+        let r = in_band("{\"cmd\":\"migrate-status\"}\n", &m);
+        assert_eq!(r["event"], "status", "{r}");
+        assert!(r.get("result").is_none(), "{r}");
+        let r = in_band("{\"cmd\":\"pause\"}\n", &m);
+        assert_eq!(r["event"], "ignored", "{r}");
+    }
 }

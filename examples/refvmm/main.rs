@@ -21,6 +21,9 @@ mod console;
 mod console_client;
 mod console_proto;
 mod console_server;
+mod migrate_client;
+mod migration;
+mod monitor;
 mod multiboot;
 mod net;
 mod place;
@@ -33,14 +36,12 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use clap::{Parser, Subcommand};
-use livemig::transport::{listen, Endpoint, OwnedAcceptor, StreamAcceptor};
-use livemig::vm::VmError;
-use livemig::{receive_streams, ReceiveConfig};
 use livemig_kvm::serial::SerialOutput;
-use livemig_kvm::{check_compatible, check_properties, x86_layout, DirtyMode};
-use serde_json::json;
+use livemig_kvm::{x86_layout, DirtyMode};
 
 use crate::api::ApiEvent;
+use crate::migrate_client::cmd_migrate;
+use crate::migration::cmd_receive;
 use crate::vmm::{Machine, MachineConfig};
 
 #[derive(Parser)]
@@ -181,47 +182,39 @@ enum Cmd {
         common: Common,
     },
     /// Tell a running refvmm (through its API socket) to migrate its guest.
-    /// Progress goes to stderr, the JSON report to stdout.
+    /// Progress goes to stderr (a status line on a terminal, plain lines
+    /// otherwise), the JSON report to stdout. Ctrl-C (SIGINT) or SIGTERM
+    /// cancels the migration unless its switchover has begun; a second one
+    /// leaves at once. Exit codes: 0 migrated, 1 failed, 2 usage, 3 outcome
+    /// unknown, 4 cancelled (the guest stays on the source), 130 left
+    /// without the outcome.
     Migrate {
         /// The source VMM's API socket.
         #[arg(long)]
         api_socket: PathBuf,
-        /// Destination: tcp:HOST:PORT, unix:PATH, or `auto` to choose one
-        /// of --hosts for the VM described by --vm (see docs/placement.md).
-        #[arg(long)]
-        to: String,
         /// With `--to auto`: the candidate hosts (a JSON array).
         #[arg(long)]
         hosts: Option<PathBuf>,
         /// With `--to auto`: the VM being migrated (a JSON object).
         #[arg(long)]
         vm: Option<PathBuf>,
-        /// Longest acceptable downtime in milliseconds (default 20).
-        #[arg(long)]
-        downtime_limit_ms: Option<u64>,
-        /// Bandwidth cap in MiB/s (default: none).
-        #[arg(long)]
-        max_bandwidth: Option<u64>,
-        /// Most pre-copy rounds before the limit policy applies (default 30).
-        #[arg(long)]
-        max_rounds: Option<u64>,
-        /// Switch over when a cap is reached instead of giving up.
-        #[arg(long)]
-        force: bool,
-        /// Page streams: spread each round's pages over this many extra
-        /// connections, one sender thread each (1..=16, default 1 = all on
-        /// the one connection). The destination may grant fewer.
-        #[arg(long)]
-        streams: Option<u32>,
-        /// Compress page frames with LZ4 (for slow links; off by default).
-        #[arg(long)]
-        compress: bool,
         #[command(flatten)]
-        tls: TlsArgs,
-        /// Name the destination's certificate must carry (default: the host
-        /// part of --to).
+        opts: migration::MigrateOptions,
+    },
+    /// Show the progress of the migration a running refvmm is doing (or the
+    /// outcome of its last one), as JSON (QEMU `query-migrate` field names).
+    MigrateStatus {
+        /// The source VMM's API socket.
         #[arg(long)]
-        tls_server_name: Option<String>,
+        api_socket: PathBuf,
+    },
+    /// Cancel the migration a running refvmm is doing: the guest stays on
+    /// the source. Refused (exit 1) when none runs or its switchover has
+    /// begun.
+    MigrateCancel {
+        /// The source VMM's API socket.
+        #[arg(long)]
+        api_socket: PathBuf,
     },
     /// Choose a destination host for a VM among candidate hosts, and
     /// explain the choice (see docs/placement.md).
@@ -525,251 +518,6 @@ fn cmd_run(
     run_machine(machine, common.api_socket, true, console)
 }
 
-#[allow(clippy::too_many_arguments)] // one per CLI flag
-fn cmd_receive(
-    listen_at: String,
-    memory: Option<String>,
-    vcpus: Option<u32>,
-    io_timeout: u64,
-    announce: bool,
-    start_paused: bool,
-    tls: Option<livemig_tls::TlsConfig>,
-    common: Common,
-) -> Result<(), Fail> {
-    let endpoint: Endpoint = listen_at
-        .parse()
-        .map_err(|e| usage(format!("--listen: {e}")))?;
-    let memory = memory.as_deref().map(parse_size).transpose()?;
-    let dirty_mode = parse_dirty(&common.dirty_log)?;
-    let memory_backend = parse_memory_backend(&common.memory_backend)?;
-    let serial = parse_serial(&common.serial)?;
-    // Open the TAPs before accepting anything: a bad --net fails early.
-    let nets = open_nets(&common.net)?;
-    let mut console = open_console(common.console.as_deref(), true)?;
-    let (transport, mut acceptor): (_, Box<dyn StreamAcceptor>) = match tls {
-        Some(cfg) => {
-            let id = cfg.load().map_err(|e| usage(e.to_string()))?;
-            let listener = livemig_tls::TlsListener::bind(&endpoint, &id)
-                .map_err(|e| runtime(e.to_string()))?;
-            eprintln!(
-                "refvmm: waiting for a migration on {} (mutual TLS)",
-                listener.local_endpoint()
-            );
-            // A peer that fails the TLS handshake is refused; keep waiting.
-            let t = loop {
-                match listener.accept() {
-                    Ok(t) => break t,
-                    Err(e) => eprintln!("refvmm: refused a connection: {e}"),
-                }
-            };
-            (t, Box::new(livemig_tls::TlsAcceptor(Some(listener))))
-        }
-        None => {
-            let listener = listen(&endpoint).map_err(|e| runtime(e.to_string()))?;
-            eprintln!(
-                "refvmm: waiting for a migration on {}",
-                listener.local_endpoint()
-            );
-            let t = listener.accept().map_err(|e| runtime(e.to_string()))?;
-            (t, Box::new(OwnedAcceptor(Some(listener))))
-        }
-    };
-    // One migration at a time: the engine closes the listener (through the
-    // acceptor) as soon as the page streams the source asked for are
-    // connected — right after the handshake with one stream — so a second
-    // connection while this one runs is refused by the kernel.
-    let cfg = ReceiveConfig {
-        io_timeout: Duration::from_secs(io_timeout.max(1)),
-    };
-    let mut serial = Some(serial);
-    let mut nets = Some(nets);
-    let result = receive_streams(transport, Some(&mut *acceptor), &cfg, |desc| {
-        let mut my_nets = nets.take().unwrap_or_default();
-        net::reconcile(&desc.nics, &mut my_nets).map_err(VmError::Incompatible)?;
-        net::reconcile_ipv6(&desc.properties, &mut my_nets).map_err(VmError::Incompatible)?;
-        let want = livemig_kvm::VmConfig {
-            memory: memory.unwrap_or(desc.layout.total_bytes()),
-            vcpus: vcpus.unwrap_or(desc.vcpus),
-            nics: desc.nics.clone(),
-            dirty_mode,
-        };
-        check_compatible(desc, &want)?;
-        check_properties(desc)?;
-        let machine = Machine::create(MachineConfig {
-            memory: want.memory,
-            vcpus: want.vcpus,
-            serial: serial.take().unwrap_or(SerialOutput::None),
-            nets: my_nets,
-            dirty_mode,
-            console: console.as_ref().map(|(_, log)| log.clone()),
-            memory_backend,
-        })
-        .map_err(VmError::Create)?;
-        machine.vm.adopt_tsc_khz(desc)?;
-        Ok(DestMachine {
-            machine,
-            start_paused,
-            announce,
-            console: console.take(),
-        })
-    });
-    match result {
-        Ok((
-            DestMachine {
-                machine, console, ..
-            },
-            report,
-        )) => {
-            // A guest that was paused on the source arrives paused
-            // (`report.running` is false): it waits for an API resume.
-            let run = !start_paused && report.running;
-            eprintln!(
-                "refvmm: migration received ({} pages, {} zero, {} rounds, restore {:.2} ms); guest {}",
-                report.pages,
-                report.zero_pages,
-                report.rounds,
-                report.restore_ms,
-                if run { "running" } else { "paused" }
-            );
-            run_machine(machine, common.api_socket, run, console)
-        }
-        Err(e) => Err(runtime(format!("incoming {e}"))),
-    }
-}
-
-/// The destination machine, as the engine's DestinationVm (optionally
-/// left paused after the switchover).
-struct DestMachine {
-    machine: Machine,
-    start_paused: bool,
-    /// Announce the NICs (VMM RARP/GARP and the guest announce) as soon as
-    /// the guest runs.
-    announce: bool,
-    /// The console socket, to take over its path when the guest resumes.
-    console: Option<(console_server::Listener, Arc<console_server::ConsoleLog>)>,
-}
-
-impl DestMachine {
-    /// The announce, started the moment the vCPUs run (every millisecond
-    /// before it, the network still delivers to the old port).
-    fn start_announce(&self) {
-        let resumed_at = std::time::Instant::now();
-        let m = &self.machine;
-        if m.nets.is_empty() {
-            return;
-        }
-        match net::start_announce(&m.nets, &livemig_announce::Schedule::default(), resumed_at) {
-            Ok(h) => {
-                std::thread::spawn(move || {
-                    let r = h.join();
-                    eprintln!(
-                        "refvmm: announce report: {}",
-                        serde_json::to_string(&r).unwrap_or_default()
-                    );
-                });
-            }
-            Err(e) => eprintln!("refvmm: announce failed to start: {e}"),
-        }
-        // Ask the guest's drivers to announce themselves too.
-        let n = m.guest_announce();
-        if n > 0 {
-            eprintln!("refvmm: asked {n} guest NIC driver(s) to announce");
-        }
-    }
-}
-
-impl livemig::vm::DestinationVm for DestMachine {
-    fn memory(&self) -> &livemig::memory::GuestRam {
-        livemig::vm::DestinationVm::memory(&self.machine.vm)
-    }
-    fn restore_state(&mut self, sections: &[livemig::state::Section]) -> Result<(), VmError> {
-        self.machine.vm.restore_state(sections)
-    }
-    fn resume(&mut self) -> Result<(), VmError> {
-        // The console path is this VMM's from now on, before the source
-        // learns that the migration completed (and tells its clients).
-        if let Some((listener, _)) = self.console.as_mut() {
-            if let Err(e) = listener.take_over() {
-                eprintln!("refvmm: {e}");
-            }
-        }
-        if self.start_paused {
-            return Ok(());
-        }
-        // The NICs drop what reached this host's TAPs before the guest ran
-        // here (`VirtioNet::resume` after a restore).
-        self.machine.start();
-        if self.announce {
-            self.start_announce();
-        }
-        Ok(())
-    }
-}
-
-#[allow(clippy::too_many_arguments)] // one per CLI flag
-fn cmd_migrate(
-    api_socket: PathBuf,
-    to: String,
-    downtime_limit_ms: Option<u64>,
-    max_bandwidth: Option<u64>,
-    max_rounds: Option<u64>,
-    force: bool,
-    streams: Option<u32>,
-    compress: bool,
-    tls: Option<livemig_tls::TlsConfig>,
-) -> Result<(), Fail> {
-    let _: Endpoint = to.parse().map_err(|e| usage(format!("--to: {e}")))?;
-    let mut req = json!({"cmd": "migrate", "to": to, "force": force, "compress": compress});
-    if let Some(t) = tls {
-        req["tls"] = json!({
-            "cert": t.cert_chain, "key": t.key, "ca": t.ca, "server_name": t.server_name,
-        });
-    }
-    if let Some(v) = downtime_limit_ms {
-        req["downtime_limit_ms"] = json!(v);
-    }
-    if let Some(v) = max_bandwidth {
-        req["max_bandwidth_mib"] = json!(v);
-    }
-    if let Some(v) = max_rounds {
-        req["max_rounds"] = json!(v);
-    }
-    if let Some(v) = streams {
-        if !(1..=livemig::protocol::MAX_STREAMS).contains(&v) {
-            return Err(usage(format!(
-                "--streams {v}: must be 1..={}",
-                livemig::protocol::MAX_STREAMS
-            )));
-        }
-        req["streams"] = json!(v);
-    }
-    let reply = api::request(&api_socket, &req, |ev| match ev["event"].as_str() {
-        Some("round") => eprintln!(
-            "round {}: {} pages in {:.1} ms ({:.0} MB/s), dirty rate {:.0} MB/s, {} dirty pages left, expected downtime {:.1} ms",
-            ev["round"], ev["pages"], ev["duration_ms"].as_f64().unwrap_or(0.0),
-            ev["bandwidth_mbps"].as_f64().unwrap_or(0.0), ev["dirty_rate_mbps"].as_f64().unwrap_or(0.0),
-            ev["dirty_pages_after"], ev["expected_downtime_ms"].as_f64().unwrap_or(0.0)
-        ),
-        Some("paused") => eprintln!("paused: {} pages left to send", ev["remaining_pages"]),
-        Some(other) => eprintln!("{other}"),
-        None => {}
-    })
-    .map_err(runtime)?;
-    if reply["result"] == "ok" {
-        println!(
-            "{}",
-            serde_json::to_string_pretty(&reply["report"]).unwrap_or_default()
-        );
-        Ok(())
-    } else {
-        Err(runtime(format!(
-            "migration failed ({}): {}",
-            reply["phase"].as_str().unwrap_or("?"),
-            reply["error"].as_str().unwrap_or("?")
-        )))
-    }
-}
-
 fn main() -> ExitCode {
     env_logger::Builder::from_env(env_logger::Env::default().default_filter_or("warn")).init();
     let cli = Cli::parse();
@@ -802,32 +550,21 @@ fn main() -> ExitCode {
         ),
         Cmd::Migrate {
             api_socket,
-            to,
             hosts,
             vm,
-            downtime_limit_ms,
-            max_bandwidth,
-            max_rounds,
-            force,
-            streams,
-            compress,
-            tls,
-            tls_server_name,
-        } => place::resolve_destination(&to, hosts.as_deref(), vm.as_deref())
+            mut opts,
+        } => place::resolve_destination(&opts.to, hosts.as_deref(), vm.as_deref())
             .map_err(|(code, msg)| Fail(code, msg))
             .and_then(|to| {
-                cmd_migrate(
-                    api_socket,
-                    to,
-                    downtime_limit_ms,
-                    max_bandwidth,
-                    max_rounds,
-                    force,
-                    streams,
-                    compress,
-                    tls.config(tls_server_name),
-                )
+                opts.to = to;
+                cmd_migrate(&api_socket, &opts)
             }),
+        Cmd::MigrateStatus { api_socket } => {
+            migrate_client::status(&api_socket).map_err(|f| Fail(f.0, f.1))
+        }
+        Cmd::MigrateCancel { api_socket } => {
+            migrate_client::cancel(&api_socket).map_err(|f| Fail(f.0, f.1))
+        }
         Cmd::Place {
             hosts,
             vm,

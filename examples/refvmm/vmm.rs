@@ -1,5 +1,7 @@
 //! The reference VMM's machine: a KvmVm, the COM1 UART, the virtio-net NICs,
-//! the I/O bus, and the Multiboot entry state. Everything here uses only the public APIs of
+//! the I/O bus, and the Multiboot entry state; as a migration source
+//! ([`Machine`] is the engine's `SourceVm`) and as a destination
+//! ([`DestMachine`], the engine's `DestinationVm`). Everything here uses only the public APIs of
 //! `livemig` and `livemig-kvm`.
 
 use std::sync::{Arc, Mutex};
@@ -17,6 +19,7 @@ use livemig::vm::{DirtyTracker, SourceVm, VcpuThrottle, VmDescription, VmError};
 use vm_memory::{Bytes, GuestAddress};
 
 use crate::multiboot::{LoadedKernel, BOOTLOADER_MAGIC};
+use crate::{console_server, net};
 
 use crate::net::{VIRTIO_NET_BASE, VIRTIO_NET_GSI, VIRTIO_NET_STRIDE};
 
@@ -380,5 +383,74 @@ impl SourceVm for Machine {
     fn throttle(&self) -> Option<&dyn VcpuThrottle> {
         // Throttling parks the vCPUs only; the VMM's devices keep running.
         self.vm.throttle()
+    }
+}
+
+/// The destination machine, as the engine's DestinationVm (optionally
+/// left paused after the switchover).
+pub struct DestMachine {
+    pub machine: Machine,
+    pub start_paused: bool,
+    /// Announce the NICs (VMM RARP/GARP and the guest announce) as soon as
+    /// the guest runs.
+    pub announce: bool,
+    /// The console socket, to take over its path when the guest resumes.
+    pub console: Option<(console_server::Listener, Arc<console_server::ConsoleLog>)>,
+}
+
+impl DestMachine {
+    /// The announce, started the moment the vCPUs run (every millisecond
+    /// before it, the network still delivers to the old port).
+    fn start_announce(&self) {
+        let resumed_at = std::time::Instant::now();
+        let m = &self.machine;
+        if m.nets.is_empty() {
+            return;
+        }
+        match net::start_announce(&m.nets, &livemig_announce::Schedule::default(), resumed_at) {
+            Ok(h) => {
+                std::thread::spawn(move || {
+                    let r = h.join();
+                    eprintln!(
+                        "refvmm: announce report: {}",
+                        serde_json::to_string(&r).unwrap_or_default()
+                    );
+                });
+            }
+            Err(e) => eprintln!("refvmm: announce failed to start: {e}"),
+        }
+        // Ask the guest's drivers to announce themselves too.
+        let n = m.guest_announce();
+        if n > 0 {
+            eprintln!("refvmm: asked {n} guest NIC driver(s) to announce");
+        }
+    }
+}
+
+impl livemig::vm::DestinationVm for DestMachine {
+    fn memory(&self) -> &livemig::memory::GuestRam {
+        livemig::vm::DestinationVm::memory(&self.machine.vm)
+    }
+    fn restore_state(&mut self, sections: &[livemig::state::Section]) -> Result<(), VmError> {
+        self.machine.vm.restore_state(sections)
+    }
+    fn resume(&mut self) -> Result<(), VmError> {
+        // The console path is this VMM's from now on, before the source
+        // learns that the migration completed (and tells its clients).
+        if let Some((listener, _)) = self.console.as_mut() {
+            if let Err(e) = listener.take_over() {
+                eprintln!("refvmm: {e}");
+            }
+        }
+        if self.start_paused {
+            return Ok(());
+        }
+        // The NICs drop what reached this host's TAPs before the guest ran
+        // here (`VirtioNet::resume` after a restore).
+        self.machine.start();
+        if self.announce {
+            self.start_announce();
+        }
+        Ok(())
     }
 }

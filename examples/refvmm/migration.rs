@@ -1,0 +1,500 @@
+//! Both migration drivers of refvmm: the source's (a `migrate` API request
+//! runs the engine on this VMM's machine) and the destination's
+//! (`refvmm receive`: wait for one incoming migration, then run the guest).
+
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Duration;
+
+use livemig::policy::{MigrationConfig, OnLimit};
+use livemig::transport::{
+    connect, listen, Dialer, Endpoint, OwnedAcceptor, StreamAcceptor, StreamOpener, Transport,
+};
+use livemig::vm::{SourceVm, VmError};
+use livemig::{receive_streams, Progress, ReceiveConfig};
+use livemig_kvm::serial::SerialOutput;
+use livemig_kvm::{check_compatible, check_properties};
+use serde::{Deserialize, Serialize};
+use serde_json::{json, Value};
+use vm_memory::{GuestMemoryBackend, GuestMemoryRegion};
+
+use crate::monitor::MigrationMonitor;
+use crate::vmm::{DestMachine, Machine, MachineConfig};
+use crate::{
+    net, open_console, open_nets, parse_dirty, parse_memory_backend, parse_serial, parse_size,
+    run_machine, runtime, usage, Common, Fail,
+};
+
+// ---- source ----
+
+/// What a finished migration means for the client and the main loop.
+pub(crate) enum Outcome {
+    /// The guest runs on the destination.
+    Migrated(Value),
+    /// The source kept the guest (`None`), or the outcome is unknown
+    /// (`Some`: the main loop must exit without resuming).
+    Failed(Value, Option<String>),
+}
+
+pub(crate) fn setup_error(msg: String) -> Outcome {
+    Outcome::Failed(
+        json!({"result":"error","phase":"setup","status":"failed","error":msg}),
+        None,
+    )
+}
+
+/// The options of one outgoing migration, defined once: they are the
+/// `refvmm migrate` flags (clap), the fields of the API `migrate` request
+/// (serde: the client serializes them, the source deserializes them), and
+/// [`MigrateOptions::config`] turns them into the engine's configuration.
+/// A new option is a field here and, if the engine needs it, a line in
+/// `config`.
+#[derive(clap::Args, Serialize, Deserialize, Debug, Clone, Default, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct MigrateOptions {
+    /// Destination: tcp:HOST:PORT, unix:PATH, or `auto` to choose one
+    /// of --hosts for the VM described by --vm (see docs/placement.md).
+    #[arg(long)]
+    pub to: String,
+    /// Longest acceptable downtime in milliseconds (default 20).
+    #[arg(long)]
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub downtime_limit_ms: Option<u64>,
+    /// Bandwidth cap in MiB/s (default, or 0: none).
+    #[arg(long = "max-bandwidth", value_name = "MIB_PER_S")]
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub max_bandwidth_mib: Option<u64>,
+    /// Most pre-copy rounds before the limit policy applies (default 30;
+    /// clamped to 1..=10000).
+    #[arg(long)]
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub max_rounds: Option<u64>,
+    /// Switch over when a cap is reached instead of giving up.
+    #[arg(long)]
+    #[serde(default)]
+    pub force: bool,
+    /// Page streams: spread each round's pages over this many extra
+    /// connections, one sender thread each (1..=16, default 1 = all on
+    /// the one connection). The destination may grant fewer.
+    #[arg(long)]
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub streams: Option<u32>,
+    /// Compress page frames with LZ4 (for slow links; off by default).
+    #[arg(long)]
+    #[serde(default)]
+    pub compress: bool,
+    #[command(flatten)]
+    #[serde(default, skip_serializing_if = "MigrateTls::is_empty")]
+    pub tls: MigrateTls,
+    /// Stay after the guest left, paused, so that tests can compare the
+    /// source's memory with the destination's (API only).
+    #[arg(skip)]
+    #[serde(default)]
+    pub keep_source: bool,
+}
+
+/// Mutual TLS for the migration: our certificate chain and key, and the CA
+/// that must have signed the destination's certificate (all three or
+/// none). In the API request: `"tls":{"cert","key","ca","server_name"}`.
+#[derive(clap::Args, Serialize, Deserialize, Debug, Clone, Default, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct MigrateTls {
+    /// PEM certificate chain presented to the destination.
+    #[arg(long = "tls-cert", value_name = "PATH", requires_all = ["key", "ca"])]
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub cert: Option<PathBuf>,
+    /// PEM private key of that certificate.
+    #[arg(long = "tls-key", value_name = "PATH", requires_all = ["cert", "ca"])]
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub key: Option<PathBuf>,
+    /// PEM CA certificate(s) the destination's certificate must chain to.
+    #[arg(long = "tls-ca", value_name = "PATH", requires_all = ["cert", "key"])]
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub ca: Option<PathBuf>,
+    /// Name the destination's certificate must carry (default: the host
+    /// part of --to).
+    #[arg(long = "tls-server-name")]
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub server_name: Option<String>,
+}
+
+impl MigrateTls {
+    fn is_empty(&self) -> bool {
+        *self == MigrateTls::default()
+    }
+
+    /// The TLS configuration, if TLS was asked for.
+    fn config(&self) -> Result<Option<livemig_tls::TlsConfig>, String> {
+        match (&self.cert, &self.key, &self.ca) {
+            (Some(c), Some(k), Some(a)) => Ok(Some(livemig_tls::TlsConfig {
+                cert_chain: c.clone(),
+                key: k.clone(),
+                ca: a.clone(),
+                server_name: self.server_name.clone(),
+            })),
+            (None, None, None) => Ok(None),
+            _ => Err("tls needs cert, key and ca".into()),
+        }
+    }
+}
+
+impl MigrateOptions {
+    /// The options of an API `migrate` request (its `cmd` aside); unknown
+    /// fields are refused.
+    pub fn from_request(req: &Value) -> Result<MigrateOptions, String> {
+        let mut fields = req.clone();
+        if let Some(o) = fields.as_object_mut() {
+            o.remove("cmd");
+        }
+        serde_json::from_value(fields).map_err(|e| format!("bad migrate request: {e}"))
+    }
+
+    /// The API `migrate` request for these options.
+    pub fn to_request(&self) -> Value {
+        let mut v = serde_json::to_value(self).unwrap_or_else(|_| json!({}));
+        v["cmd"] = json!("migrate");
+        v
+    }
+
+    /// The destination endpoint.
+    pub fn endpoint(&self) -> Result<Endpoint, String> {
+        self.to.parse().map_err(|e| format!("{e}"))
+    }
+
+    /// The engine configuration these options ask for; refused when out
+    /// of range.
+    pub fn config(&self) -> Result<MigrationConfig, String> {
+        let mut cfg = MigrationConfig::default();
+        if let Some(ms) = self.downtime_limit_ms {
+            cfg.downtime_limit = Duration::from_millis(ms);
+        }
+        if let Some(mib) = self.max_bandwidth_mib.filter(|v| *v > 0) {
+            cfg.max_bandwidth = Some(mib << 20);
+        }
+        if let Some(r) = self.max_rounds {
+            cfg.max_rounds = r.clamp(1, 10_000) as u32;
+        }
+        if self.force {
+            cfg.on_limit = OnLimit::ForceSwitchover;
+        }
+        if let Some(n) = self.streams {
+            if n == 0 || n > livemig::protocol::MAX_STREAMS {
+                return Err(format!(
+                    "streams {n} is outside 1..={}",
+                    livemig::protocol::MAX_STREAMS
+                ));
+            }
+            cfg.streams = n;
+        }
+        cfg.compress = self.compress;
+        self.tls.config()?;
+        Ok(cfg)
+    }
+}
+
+/// The control connection and the opener of the extra page streams.
+type Connected = (Box<dyn Transport>, Box<dyn StreamOpener>);
+
+/// Connects to the destination (over mutual TLS if asked for); returns the
+/// control connection and the opener of extra page streams.
+fn connect_to(opts: &MigrateOptions, endpoint: &Endpoint) -> Result<Connected, String> {
+    let timeout = Some(Duration::from_secs(10));
+    let Some(cfg) = opts.tls.config()? else {
+        let t = connect(endpoint, timeout).map_err(|e| format!("connecting to {endpoint}: {e}"))?;
+        let opener = Dialer {
+            endpoint: endpoint.clone(),
+            timeout,
+        };
+        return Ok((t, Box::new(opener)));
+    };
+    let id = cfg.load().map_err(|e| e.to_string())?;
+    let t = livemig_tls::connect_tls(endpoint, &id, timeout)
+        .map_err(|e| format!("connecting to {endpoint}: {e}"))?;
+    let opener = livemig_tls::TlsDialer {
+        endpoint: endpoint.clone(),
+        id,
+        timeout,
+    };
+    Ok((t, Box::new(opener)))
+}
+
+/// Runs the migration `opts` asks for on `m`, reported to `monitor` (for
+/// every API client) and to `progress` (the engine's events, for the
+/// asking client).
+pub(crate) fn do_migrate(
+    opts: &MigrateOptions,
+    m: &Arc<Machine>,
+    monitor: &MigrationMonitor,
+    progress: &mut dyn FnMut(&Progress),
+) -> Outcome {
+    // Refuse before connecting anywhere (the engine's guard checks again).
+    if let Err(e) = m.guard.check() {
+        return setup_error(e.to_string());
+    }
+    let endpoint = match opts.endpoint() {
+        Ok(e) => e,
+        Err(e) => return setup_error(e),
+    };
+    let cfg = match opts.config() {
+        Ok(c) => c,
+        Err(e) => return setup_error(e),
+    };
+    let memory = m.vm.memory().iter().map(|r| r.len()).sum::<u64>();
+    let active = match monitor.begin(memory, &cfg) {
+        Ok(a) => a,
+        Err(e) => return setup_error(e.into()),
+    };
+    let (transport, mut opener) = match connect_to(opts, &endpoint) {
+        Ok(c) => c,
+        Err(e) => {
+            active.abort(&e);
+            return setup_error(e);
+        }
+    };
+    let mut opener = active.count_opener(&mut *opener);
+    let result = m.guard.migrate_streams(
+        &**m,
+        active.count(transport),
+        Some(&mut opener),
+        &cfg,
+        &active.cancel.clone(),
+        &mut |p| {
+            active.progress(p);
+            progress(p);
+        },
+    );
+    let cancelled_by = active.cancelled_by();
+    active.finish(&result);
+    match result {
+        Ok(report) => match serde_json::to_value(&report) {
+            Ok(v) => Outcome::Migrated(v),
+            Err(e) => Outcome::Migrated(json!({"error": e.to_string()})),
+        },
+        Err(e) => {
+            let ambiguous = e.is_ambiguous().then(|| e.to_string());
+            let status = if ambiguous.is_some() {
+                "ambiguous"
+            } else if matches!(e.kind, livemig::ErrorKind::Cancelled) {
+                "cancelled"
+            } else {
+                "failed"
+            };
+            let v = json!({
+                "result": "error",
+                "phase": e.phase.to_string(),
+                "status": status,
+                "error": e.to_string(),
+                "cancelled_by": cancelled_by,
+            });
+            Outcome::Failed(v, ambiguous)
+        }
+    }
+}
+
+// ---- destination ----
+
+#[allow(clippy::too_many_arguments)] // one per CLI flag
+pub(crate) fn cmd_receive(
+    listen_at: String,
+    memory: Option<String>,
+    vcpus: Option<u32>,
+    io_timeout: u64,
+    announce: bool,
+    start_paused: bool,
+    tls: Option<livemig_tls::TlsConfig>,
+    common: Common,
+) -> Result<(), Fail> {
+    let endpoint: Endpoint = listen_at
+        .parse()
+        .map_err(|e| usage(format!("--listen: {e}")))?;
+    let memory = memory.as_deref().map(parse_size).transpose()?;
+    let dirty_mode = parse_dirty(&common.dirty_log)?;
+    let memory_backend = parse_memory_backend(&common.memory_backend)?;
+    let serial = parse_serial(&common.serial)?;
+    // Open the TAPs before accepting anything: a bad --net fails early.
+    let nets = open_nets(&common.net)?;
+    let mut console = open_console(common.console.as_deref(), true)?;
+    let (transport, mut acceptor): (_, Box<dyn StreamAcceptor>) = match tls {
+        Some(cfg) => {
+            let id = cfg.load().map_err(|e| usage(e.to_string()))?;
+            let listener = livemig_tls::TlsListener::bind(&endpoint, &id)
+                .map_err(|e| runtime(e.to_string()))?;
+            eprintln!(
+                "refvmm: waiting for a migration on {} (mutual TLS)",
+                listener.local_endpoint()
+            );
+            // A peer that fails the TLS handshake is refused; keep waiting.
+            let t = loop {
+                match listener.accept() {
+                    Ok(t) => break t,
+                    Err(e) => eprintln!("refvmm: refused a connection: {e}"),
+                }
+            };
+            (t, Box::new(livemig_tls::TlsAcceptor(Some(listener))))
+        }
+        None => {
+            let listener = listen(&endpoint).map_err(|e| runtime(e.to_string()))?;
+            eprintln!(
+                "refvmm: waiting for a migration on {}",
+                listener.local_endpoint()
+            );
+            let t = listener.accept().map_err(|e| runtime(e.to_string()))?;
+            (t, Box::new(OwnedAcceptor(Some(listener))))
+        }
+    };
+    // One migration at a time: the engine closes the listener (through the
+    // acceptor) as soon as the page streams the source asked for are
+    // connected — right after the handshake with one stream — so a second
+    // connection while this one runs is refused by the kernel.
+    let cfg = ReceiveConfig {
+        io_timeout: Duration::from_secs(io_timeout.max(1)),
+    };
+    let mut serial = Some(serial);
+    let mut nets = Some(nets);
+    let result = receive_streams(transport, Some(&mut *acceptor), &cfg, |desc| {
+        let mut my_nets = nets.take().unwrap_or_default();
+        net::reconcile(&desc.nics, &mut my_nets).map_err(VmError::Incompatible)?;
+        net::reconcile_ipv6(&desc.properties, &mut my_nets).map_err(VmError::Incompatible)?;
+        let want = livemig_kvm::VmConfig {
+            memory: memory.unwrap_or(desc.layout.total_bytes()),
+            vcpus: vcpus.unwrap_or(desc.vcpus),
+            nics: desc.nics.clone(),
+            dirty_mode,
+        };
+        check_compatible(desc, &want)?;
+        check_properties(desc)?;
+        let machine = Machine::create(MachineConfig {
+            memory: want.memory,
+            vcpus: want.vcpus,
+            serial: serial.take().unwrap_or(SerialOutput::None),
+            nets: my_nets,
+            dirty_mode,
+            console: console.as_ref().map(|(_, log)| log.clone()),
+            memory_backend,
+        })
+        .map_err(VmError::Create)?;
+        machine.vm.adopt_tsc_khz(desc)?;
+        Ok(DestMachine {
+            machine,
+            start_paused,
+            announce,
+            console: console.take(),
+        })
+    });
+    match result {
+        Ok((
+            DestMachine {
+                machine, console, ..
+            },
+            report,
+        )) => {
+            // A guest that was paused on the source arrives paused
+            // (`report.running` is false): it waits for an API resume.
+            let run = !start_paused && report.running;
+            eprintln!(
+                "refvmm: migration received ({} pages, {} zero, {} rounds, restore {:.2} ms); guest {}",
+                report.pages,
+                report.zero_pages,
+                report.rounds,
+                report.restore_ms,
+                if run { "running" } else { "paused" }
+            );
+            run_machine(machine, common.api_socket, run, console)
+        }
+        Err(e) => Err(runtime(format!("incoming {e}"))),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use clap::Parser;
+
+    #[derive(Parser)]
+    struct Cli {
+        #[command(flatten)]
+        opts: MigrateOptions,
+    }
+
+    fn parse(args: &[&str]) -> MigrateOptions {
+        Cli::try_parse_from(std::iter::once("refvmm").chain(args.iter().copied()))
+            .unwrap()
+            .opts
+    }
+
+    #[test]
+    fn flags_become_the_api_request_the_source_reads() {
+        let o = parse(&[
+            "--to",
+            "tcp:10.0.0.2:4444",
+            "--downtime-limit-ms",
+            "50",
+            "--max-bandwidth",
+            "30",
+            "--max-rounds",
+            "5",
+            "--force",
+            "--streams",
+            "4",
+            "--compress",
+            "--tls-cert",
+            "c.pem",
+            "--tls-key",
+            "k.pem",
+            "--tls-ca",
+            "ca.pem",
+            "--tls-server-name",
+            "dst",
+        ]);
+        let req = o.to_request();
+        assert_eq!(
+            req,
+            json!({"cmd":"migrate","to":"tcp:10.0.0.2:4444","downtime_limit_ms":50,
+                   "max_bandwidth_mib":30,"max_rounds":5,"force":true,"streams":4,
+                   "compress":true,"keep_source":false,
+                   "tls":{"cert":"c.pem","key":"k.pem","ca":"ca.pem","server_name":"dst"}})
+        );
+        let back = MigrateOptions::from_request(&req).unwrap();
+        assert_eq!(back, o);
+        let cfg = back.config().unwrap();
+        assert_eq!(cfg.downtime_limit, Duration::from_millis(50));
+        assert_eq!(cfg.max_bandwidth, Some(30 << 20));
+        assert_eq!(cfg.max_rounds, 5);
+        assert_eq!(cfg.on_limit, OnLimit::ForceSwitchover);
+        assert_eq!(cfg.streams, 4);
+        assert!(cfg.compress);
+    }
+
+    #[test]
+    fn a_minimal_request_takes_the_defaults() {
+        let o = MigrateOptions::from_request(&json!({"cmd":"migrate","to":"unix:/x"})).unwrap();
+        assert_eq!(
+            o.to_request(),
+            json!({"cmd":"migrate","to":"unix:/x","force":false,"compress":false,"keep_source":false})
+        );
+        let cfg = o.config().unwrap();
+        let d = MigrationConfig::default();
+        assert_eq!(
+            (cfg.downtime_limit, cfg.max_bandwidth, cfg.streams),
+            (d.downtime_limit, d.max_bandwidth, d.streams)
+        );
+        assert!(o.tls.config().unwrap().is_none());
+    }
+
+    #[test]
+    fn bad_requests_are_refused() {
+        let bad = |v: Value| MigrateOptions::from_request(&v).and_then(|o| o.config());
+        assert!(bad(json!({"to":"unix:/x","max_bandwith_mib":3}))
+            .unwrap_err()
+            .contains("unknown field"));
+        assert!(bad(json!({"max_rounds":3})).is_err(), "to is required");
+        assert!(bad(json!({"to":"unix:/x","streams":0}))
+            .unwrap_err()
+            .contains("outside"));
+        assert!(bad(json!({"to":"unix:/x","streams":17})).is_err());
+        assert!(bad(json!({"to":"unix:/x","tls":{"cert":"c"}}))
+            .unwrap_err()
+            .contains("cert, key and ca"));
+        assert!(Cli::try_parse_from(["refvmm", "--to", "x", "--tls-cert", "c"]).is_err());
+    }
+}

@@ -1,0 +1,478 @@
+//! What every API client may know about this VMM's outgoing migration, and
+//! the one way to cancel it.
+//!
+//! The engine reports a migration through its progress callback
+//! ([`livemig::report::Progress`]: handshake accepted, each pre-copy round,
+//! paused for the stop-and-copy, completed). Between rounds (a round may take
+//! seconds on a capped link) the bytes written so far come from
+//! [`CountingTransport`], which wraps every connection of the migration.
+//!
+//! Cancel is refused once the engine reported `Paused`: from the
+//! stop-and-copy on, the source is about to send `Go`, and shutting its
+//! connections down after `Go` would turn a finished migration into an
+//! unknown outcome. Before that, [`CancelToken::cancel`] leaves the guest on
+//! the source as it was.
+
+use std::io;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::{Duration, Instant};
+
+use livemig::report::{Progress, Report, RoundReport};
+use livemig::transport::{StreamOpener, Transport};
+use livemig::{CancelToken, MigrationConfig, MigrationError};
+use serde_json::{json, Value};
+
+const PAGE_SIZE: f64 = 4096.0;
+
+/// Where a running migration is, in QEMU's `query-migrate` words.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Stage {
+    /// Connecting and the handshake.
+    Setup,
+    /// Pre-copy rounds: the guest runs; cancel is possible.
+    Active,
+    /// Cancel requested, not yet finished.
+    Cancelling,
+    /// Paused for the stop-and-copy and the switchover (QEMU's `device`).
+    Device,
+}
+
+impl Stage {
+    fn status(self) -> &'static str {
+        match self {
+            Stage::Setup => "setup",
+            Stage::Active => "active",
+            Stage::Cancelling => "cancelling",
+            Stage::Device => "device",
+        }
+    }
+}
+
+/// Why a cancel was not done.
+#[derive(Debug, thiserror::Error)]
+pub enum CancelRefused {
+    /// Nothing to cancel.
+    #[error("no migration is running")]
+    NotRunning,
+    /// The switchover has begun.
+    #[error("too late to cancel: the guest is paused for the switchover, which completes or fails on its own")]
+    Switchover,
+}
+
+/// A running migration.
+struct Running {
+    cancel: CancelToken,
+    cancelled_by: Option<String>,
+    stage: Stage,
+    started: Instant,
+    setup_ms: Option<f64>,
+    memory_bytes: u64,
+    config: Limits,
+    /// Bytes written on all of the migration's connections.
+    sent: Arc<AtomicU64>,
+    /// The round now running (0 = the full pass).
+    round: u32,
+    round_started: Instant,
+    sent_at_round_start: u64,
+    last_round: Option<RoundReport>,
+    pages: u64,
+    zero_pages: u64,
+    paused_remaining: Option<u64>,
+}
+
+/// The limits asked for, echoed in the status.
+#[derive(Debug, Clone, Copy)]
+struct Limits {
+    downtime_limit_ms: f64,
+    max_bandwidth: Option<u64>,
+}
+
+/// The running migration and the last one's final status, shared by every
+/// API client of the VMM.
+#[derive(Default)]
+pub struct MigrationMonitor {
+    running: Mutex<Option<Running>>,
+    last: Mutex<Option<Value>>,
+}
+
+/// Held by the thread that runs a migration; ends it in the monitor when
+/// dropped.
+pub struct Active<'a> {
+    monitor: &'a MigrationMonitor,
+    /// The token the engine watches.
+    pub cancel: CancelToken,
+    sent: Arc<AtomicU64>,
+    finished: bool,
+}
+
+impl MigrationMonitor {
+    fn lock(&self) -> MutexGuard<'_, Option<Running>> {
+        self.running.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    fn lock_last(&self) -> MutexGuard<'_, Option<Value>> {
+        self.last.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Registers a migration of `memory_bytes` about to start; refused
+    /// while another one runs.
+    pub fn begin(
+        &self,
+        memory_bytes: u64,
+        cfg: &MigrationConfig,
+    ) -> Result<Active<'_>, &'static str> {
+        let mut g = self.lock();
+        if g.is_some() {
+            return Err("refused: a migration of this VM is running");
+        }
+        let cancel = CancelToken::new();
+        let sent = Arc::new(AtomicU64::new(0));
+        let now = Instant::now();
+        *g = Some(Running {
+            cancel: cancel.clone(),
+            cancelled_by: None,
+            stage: Stage::Setup,
+            started: now,
+            setup_ms: None,
+            memory_bytes,
+            config: Limits {
+                downtime_limit_ms: cfg.downtime_limit.as_secs_f64() * 1e3,
+                max_bandwidth: cfg.max_bandwidth,
+            },
+            sent: sent.clone(),
+            round: 0,
+            round_started: now,
+            sent_at_round_start: 0,
+            last_round: None,
+            pages: 0,
+            zero_pages: 0,
+            paused_remaining: None,
+        });
+        Ok(Active {
+            monitor: self,
+            cancel,
+            sent,
+            finished: false,
+        })
+    }
+
+    /// Cancels the running migration on behalf of `by` (said in the status
+    /// and the result), unless the switchover has begun.
+    pub fn cancel(&self, by: &str) -> Result<(), CancelRefused> {
+        let mut g = self.lock();
+        let r = g.as_mut().ok_or(CancelRefused::NotRunning)?;
+        match r.stage {
+            Stage::Device => Err(CancelRefused::Switchover),
+            Stage::Cancelling => Ok(()),
+            Stage::Setup | Stage::Active => {
+                // Under the lock: the progress callback cannot report
+                // `Paused` (and the engine cannot reach `Go`) before the
+                // connections are shut down.
+                r.cancel.cancel();
+                r.stage = Stage::Cancelling;
+                r.cancelled_by = Some(by.to_string());
+                Ok(())
+            }
+        }
+    }
+
+    /// The `migrate-status` reply: the running migration, else the last
+    /// one's final status, else `none`.
+    pub fn status(&self) -> Value {
+        if let Some(r) = self.lock().as_ref() {
+            return r.status();
+        }
+        self.lock_last()
+            .clone()
+            .unwrap_or_else(|| json!({"result":"ok","status":"none"}))
+    }
+}
+
+impl Active<'_> {
+    /// Wraps the migration's main connection so its bytes are counted.
+    pub fn count(&self, t: Box<dyn Transport>) -> Box<dyn Transport> {
+        Box::new(CountingTransport {
+            inner: t,
+            sent: self.sent.clone(),
+        })
+    }
+
+    /// Wraps the opener of the extra page streams likewise.
+    pub fn count_opener<'o>(&self, o: &'o mut dyn StreamOpener) -> CountingOpener<'o> {
+        CountingOpener {
+            inner: o,
+            sent: self.sent.clone(),
+        }
+    }
+
+    /// Records an engine progress event.
+    pub fn progress(&self, p: &Progress) {
+        let mut g = self.monitor.lock();
+        if let Some(r) = g.as_mut() {
+            r.progress(p);
+        }
+    }
+
+    /// Who cancelled, if anyone did.
+    pub fn cancelled_by(&self) -> Option<String> {
+        self.monitor.lock().as_ref()?.cancelled_by.clone()
+    }
+
+    /// Ends a migration that failed before the engine ran (connecting to
+    /// the destination): the final status says why.
+    pub fn abort(mut self, why: &str) {
+        self.end_failed(why);
+    }
+
+    fn end_failed(&mut self, why: &str) {
+        self.finished = true;
+        let last = self.monitor.lock().take().map(|r| {
+            let mut v = r.status();
+            v["status"] = json!("failed");
+            v["error-desc"] = json!(why);
+            v
+        });
+        *self.monitor.lock_last() = last;
+    }
+
+    /// Ends the migration in the monitor with its outcome; the final
+    /// status stays readable until the next migration.
+    pub fn finish(mut self, outcome: &Result<Report, MigrationError>) {
+        self.finished = true;
+        let last = self.monitor.lock().take().map(|r| r.final_status(outcome));
+        *self.monitor.lock_last() = last;
+    }
+}
+
+impl Drop for Active<'_> {
+    fn drop(&mut self) {
+        if !self.finished {
+            self.end_failed("the migration ended before it reached the engine");
+        }
+    }
+}
+
+fn ms(d: Duration) -> f64 {
+    d.as_secs_f64() * 1e3
+}
+
+impl Running {
+    fn progress(&mut self, p: &Progress) {
+        match p {
+            Progress::Accepted => {
+                self.setup_ms = Some(ms(self.started.elapsed()));
+                self.round_started = Instant::now();
+                self.sent_at_round_start = self.sent.load(Ordering::Relaxed);
+                if self.stage == Stage::Setup {
+                    self.stage = Stage::Active;
+                }
+            }
+            Progress::Round(rr) => {
+                self.pages += rr.pages;
+                self.zero_pages += rr.zero_pages;
+                self.round = rr.round + 1;
+                self.round_started = Instant::now();
+                self.sent_at_round_start = self.sent.load(Ordering::Relaxed);
+                self.last_round = Some(rr.clone());
+            }
+            Progress::Paused { remaining_pages } => {
+                self.stage = Stage::Device;
+                self.paused_remaining = Some(remaining_pages * PAGE_SIZE as u64);
+            }
+            Progress::Completed { .. } => {}
+        }
+    }
+
+    /// Bytes still to send: what the last round left dirty (all of memory
+    /// before the first round: an upper bound, as pages the guest never
+    /// touched are skipped), less what this round has sent so far.
+    fn remaining(&self, sent_in_round: u64) -> u64 {
+        if let Some(p) = self.paused_remaining {
+            return p;
+        }
+        let to_send = match &self.last_round {
+            Some(rr) => rr.dirty_pages_after * PAGE_SIZE as u64,
+            None => self.memory_bytes,
+        };
+        to_send.saturating_sub(sent_in_round)
+    }
+
+    /// Megabits per second written in this round so far (the last round's
+    /// rate in its first 100 ms).
+    fn mbps(&self, sent_in_round: u64) -> Option<f64> {
+        let t = self.round_started.elapsed();
+        if t >= Duration::from_millis(100) && self.stage != Stage::Setup {
+            return Some(sent_in_round as f64 * 8.0 / t.as_secs_f64() / 1e6);
+        }
+        self.last_round.as_ref().map(|rr| rr.bandwidth_mbps * 8.0)
+    }
+
+    fn status(&self) -> Value {
+        let sent = self.sent.load(Ordering::Relaxed);
+        let in_round = sent.saturating_sub(self.sent_at_round_start);
+        let lr = self.last_round.as_ref();
+        json!({
+            "result": "ok",
+            "status": self.stage.status(),
+            "phase": match self.stage {
+                Stage::Setup => "handshake",
+                Stage::Active | Stage::Cancelling => "pre-copy",
+                Stage::Device => "stop-and-copy",
+            },
+            "round": self.round,
+            "total-time": ms(self.started.elapsed()),
+            "setup-time": self.setup_ms,
+            "expected-downtime": lr.map(|r| r.expected_downtime_ms),
+            "downtime-limit": self.config.downtime_limit_ms,
+            "max-bandwidth": self.config.max_bandwidth,
+            "cpu-throttle-percentage": lr.map_or(0, |r| r.throttle_pct),
+            "ram": {
+                "total": self.memory_bytes,
+                "transferred": sent,
+                "remaining": self.remaining(in_round),
+                "mbps": self.mbps(in_round),
+                "dirty-pages-rate": lr.map(|r| r.dirty_rate_mbps * 1e6 / PAGE_SIZE),
+                "dirty-sync-count": self.last_round.as_ref().map_or(0, |r| r.round + 1),
+                "normal": self.pages,
+                "duplicate": self.zero_pages,
+                "page-size": PAGE_SIZE as u64,
+            },
+            "cancel-requested-by": self.cancelled_by,
+        })
+    }
+
+    fn final_status(&self, outcome: &Result<Report, MigrationError>) -> Value {
+        let mut v = self.status();
+        let (status, error) = match outcome {
+            Ok(report) => {
+                v["downtime"] = json!(report.downtime_ms);
+                v["ram"]["remaining"] = json!(0);
+                ("completed", None)
+            }
+            Err(e) if e.is_ambiguous() => ("ambiguous", Some(e.to_string())),
+            Err(e) if matches!(e.kind, livemig::ErrorKind::Cancelled) => {
+                let by = self.cancelled_by.as_deref().unwrap_or("the engine");
+                ("cancelled", Some(format!("cancelled by {by}")))
+            }
+            Err(e) => ("failed", Some(e.to_string())),
+        };
+        v["status"] = json!(status);
+        v["error-desc"] = json!(error);
+        v
+    }
+}
+
+/// A [`Transport`] that counts the bytes written through it (and through
+/// its clones) into a shared counter.
+pub struct CountingTransport {
+    inner: Box<dyn Transport>,
+    sent: Arc<AtomicU64>,
+}
+
+impl io::Read for CountingTransport {
+    fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+        self.inner.read(buf)
+    }
+}
+
+impl io::Write for CountingTransport {
+    fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
+        let n = self.inner.write(buf)?;
+        self.sent.fetch_add(n as u64, Ordering::Relaxed);
+        Ok(n)
+    }
+
+    fn flush(&mut self) -> io::Result<()> {
+        self.inner.flush()
+    }
+}
+
+impl Transport for CountingTransport {
+    fn set_read_timeout(&mut self, timeout: Option<Duration>) -> io::Result<()> {
+        self.inner.set_read_timeout(timeout)
+    }
+
+    fn set_write_timeout(&mut self, timeout: Option<Duration>) -> io::Result<()> {
+        self.inner.set_write_timeout(timeout)
+    }
+
+    fn shutdown(&self) -> io::Result<()> {
+        self.inner.shutdown()
+    }
+
+    fn peer(&self) -> String {
+        self.inner.peer()
+    }
+
+    fn try_clone(&self) -> io::Result<Box<dyn Transport>> {
+        Ok(Box::new(CountingTransport {
+            inner: self.inner.try_clone()?,
+            sent: self.sent.clone(),
+        }))
+    }
+}
+
+/// A [`StreamOpener`] whose connections count their bytes into the
+/// migration's counter.
+pub struct CountingOpener<'o> {
+    inner: &'o mut dyn StreamOpener,
+    sent: Arc<AtomicU64>,
+}
+
+impl StreamOpener for CountingOpener<'_> {
+    fn open(&mut self) -> io::Result<Box<dyn Transport>> {
+        let t = self.inner.open()?;
+        Ok(Box::new(CountingTransport {
+            inner: t,
+            sent: self.sent.clone(),
+        }))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn cancel_is_refused_once_paused_and_without_a_migration() {
+        let m = MigrationMonitor::default();
+        assert!(matches!(m.cancel("t"), Err(CancelRefused::NotRunning)));
+        let a = m.begin(1 << 20, &MigrationConfig::default()).unwrap();
+        assert!(m.begin(1 << 20, &MigrationConfig::default()).is_err());
+        a.progress(&Progress::Accepted);
+        assert_eq!(m.status()["status"], "active");
+        a.progress(&Progress::Paused { remaining_pages: 3 });
+        assert!(matches!(m.cancel("t"), Err(CancelRefused::Switchover)));
+        assert!(!a.cancel.is_cancelled());
+        assert_eq!(m.status()["ram"]["remaining"], 3 * 4096);
+        drop(a);
+        assert_eq!(m.status()["status"], "failed");
+    }
+
+    #[test]
+    fn cancel_before_the_switchover_trips_the_token_and_names_the_canceller() {
+        let m = MigrationMonitor::default();
+        let a = m.begin(1 << 20, &MigrationConfig::default()).unwrap();
+        a.progress(&Progress::Accepted);
+        m.cancel("client 7").unwrap();
+        assert!(a.cancel.is_cancelled());
+        let s = m.status();
+        assert_eq!(s["status"], "cancelling");
+        assert_eq!(s["cancel-requested-by"], "client 7");
+        // A Paused that races the cancel does not make it look refusable.
+        assert_eq!(a.cancelled_by().as_deref(), Some("client 7"));
+    }
+
+    #[test]
+    fn a_migration_that_never_reached_the_engine_says_why() {
+        let m = MigrationMonitor::default();
+        let a = m.begin(1 << 20, &MigrationConfig::default()).unwrap();
+        a.abort("connecting to tcp:127.0.0.1:1: refused");
+        let s = m.status();
+        assert_eq!(s["status"], "failed", "{s}");
+        assert_eq!(s["error-desc"], "connecting to tcp:127.0.0.1:1: refused");
+        // The next migration may start.
+        assert!(m.begin(1 << 20, &MigrationConfig::default()).is_ok());
+    }
+}
