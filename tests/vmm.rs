@@ -28,12 +28,14 @@ fn boots_test_guest_heartbeats_and_counters() {
     assert!(t[1].pages_verified > t[0].pages_verified, "{:?}", t);
     assert_eq!(t[1].corrupt, 0);
     assert!(g.corrupt.is_empty(), "{:?}", g.corrupt);
-    // Heartbeats at roughly the requested 1 ms: over the 1000 beats between
-    // the two T lines the mean interval is within a factor of two.
+    // Heartbeats never faster than the requested 1 ms (missed beats are
+    // skipped, never burst): over the 1000 beats between the two T lines
+    // the mean interval is at least half of it. How much longer it is
+    // depends on the machine's load: printed, not asserted.
     let span = t[1].at - t[0].at;
     let mean = span / 1000;
     assert!(
-        mean > Duration::from_micros(500) && mean < Duration::from_micros(2000),
+        mean > Duration::from_micros(500),
         "mean heartbeat interval {mean:?}"
     );
     eprintln!("boot: mean heartbeat interval {mean:?}");
