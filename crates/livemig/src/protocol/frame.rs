@@ -9,6 +9,131 @@ use super::{Message, MsgKind, ProtocolError, MAX_FRAME_PAYLOAD};
 pub const FRAME_MAGIC: u16 = 0x4C4D;
 /// Size of a frame header in bytes.
 pub const FRAME_HEADER_LEN: usize = 16;
+/// Header bytes the CRC covers (everything before the `crc` field).
+const CRC_COVERS: usize = 12;
+
+/// The 16-byte frame header, field by field as on the wire (see the table in
+/// the [module docs](super)). This type is the only code that knows the
+/// header's byte layout: [`FrameWriter`] and [`FrameReader`] go through it.
+///
+/// [`FrameHeader::decode`] maps any 16 bytes to fields without judging them;
+/// [`FrameHeader::check`] then says whether they make a valid header.
+///
+/// ```
+/// use livemig::protocol::{FrameHeader, MsgKind, FRAME_MAGIC};
+///
+/// let payload = b"\x01";
+/// let h = FrameHeader::new(MsgKind::Go, 7, &[payload]);
+/// let bytes = h.encode();
+/// assert_eq!(&bytes[..2], &FRAME_MAGIC.to_le_bytes());
+/// assert_eq!(FrameHeader::decode(&bytes), h);
+/// assert_eq!(h.crc, h.compute_crc(&[payload]));
+/// ```
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct FrameHeader {
+    /// Bytes 0..2: [`FRAME_MAGIC`] in a valid header.
+    pub magic: u16,
+    /// Byte 2: the [`MsgKind`] as its wire byte (maybe unknown).
+    pub kind: u8,
+    /// Byte 3: reserved flags, 0 in a valid header.
+    pub flags: u8,
+    /// Bytes 4..8: the frame counter of this direction, starting at 0.
+    pub seq: u32,
+    /// Bytes 8..12: payload length.
+    pub len: u32,
+    /// Bytes 12..16: CRC-32C over header bytes 0..12, then the payload.
+    pub crc: u32,
+}
+
+impl FrameHeader {
+    /// The header of a frame of `kind` with sequence number `seq` whose
+    /// payload is the concatenation of `parts`: magic and flags set, length
+    /// and CRC computed. The payload length must fit in a `u32` (a
+    /// [`FrameWriter`] checks its limit, at most `u32::MAX`, first); a longer
+    /// one is recorded as `u32::MAX`.
+    pub fn new(kind: MsgKind, seq: u32, parts: &[&[u8]]) -> Self {
+        let len: usize = parts.iter().map(|p| p.len()).sum();
+        let mut h = FrameHeader {
+            magic: FRAME_MAGIC,
+            kind: kind as u8,
+            flags: 0,
+            seq,
+            len: u32::try_from(len).unwrap_or(u32::MAX),
+            crc: 0,
+        };
+        h.crc = h.compute_crc(parts);
+        h
+    }
+
+    /// The header's wire bytes.
+    pub fn encode(&self) -> [u8; FRAME_HEADER_LEN] {
+        let mut b = [0u8; FRAME_HEADER_LEN];
+        b[0..2].copy_from_slice(&self.magic.to_le_bytes());
+        b[2] = self.kind;
+        b[3] = self.flags;
+        b[4..8].copy_from_slice(&self.seq.to_le_bytes());
+        b[8..12].copy_from_slice(&self.len.to_le_bytes());
+        b[12..16].copy_from_slice(&self.crc.to_le_bytes());
+        b
+    }
+
+    /// The fields of any 16 bytes, unchecked (`decode(&h.encode()) == h`
+    /// and `decode(b).encode() == *b`).
+    pub fn decode(b: &[u8; FRAME_HEADER_LEN]) -> Self {
+        FrameHeader {
+            magic: u16::from_le_bytes([b[0], b[1]]),
+            kind: b[2],
+            flags: b[3],
+            seq: u32::from_le_bytes([b[4], b[5], b[6], b[7]]),
+            len: u32::from_le_bytes([b[8], b[9], b[10], b[11]]),
+            crc: u32::from_le_bytes([b[12], b[13], b[14], b[15]]),
+        }
+    }
+
+    /// The CRC a frame with this header (its `crc` field aside) and the
+    /// payload `parts` must carry.
+    pub fn compute_crc(&self, parts: &[&[u8]]) -> u32 {
+        let bytes = self.encode();
+        parts
+            .iter()
+            .fold(crc32c::crc32c(&bytes[..CRC_COVERS]), |crc, p| {
+                crc32c::crc32c_append(crc, p)
+            })
+    }
+
+    /// Checks what can be checked before the payload arrives, in this order:
+    /// magic, flags, kind, and the length against `max_payload`; returns the
+    /// kind and the payload length. `frame` is the sequence number the frame
+    /// should have, for the error. (The CRC and `seq` are checked by
+    /// [`FrameReader`] once the payload is in.)
+    pub fn check(&self, frame: u32, max_payload: usize) -> Result<(MsgKind, usize), ProtocolError> {
+        if self.magic != FRAME_MAGIC {
+            return Err(ProtocolError::BadFrameMagic {
+                frame,
+                got: self.magic,
+            });
+        }
+        if self.flags != 0 {
+            return Err(ProtocolError::BadFlags {
+                frame,
+                flags: self.flags,
+            });
+        }
+        let kind = MsgKind::from_u8(self.kind).ok_or(ProtocolError::UnknownKind {
+            frame,
+            kind: self.kind,
+        })?;
+        let len = usize::try_from(self.len).unwrap_or(usize::MAX);
+        if len > max_payload {
+            return Err(ProtocolError::PayloadTooLarge {
+                frame,
+                len: u64::from(self.len),
+                limit: max_payload,
+            });
+        }
+        Ok((kind, len))
+    }
+}
 
 /// Most slices handed to one `write_vectored` call.
 const MAX_IOV: usize = 8;
@@ -79,19 +204,8 @@ impl<W: Write> FrameWriter<W> {
                 limit: self.max_payload,
             });
         }
-        let mut header = [0u8; FRAME_HEADER_LEN];
-        header[0..2].copy_from_slice(&FRAME_MAGIC.to_le_bytes());
-        header[2] = kind as u8;
-        header[3] = 0;
-        header[4..8].copy_from_slice(&self.seq.to_le_bytes());
         // `len <= max_payload <= u32::MAX` was checked above.
-        header[8..12].copy_from_slice(&(len as u32).to_le_bytes());
-        let mut crc = crc32c::crc32c(&header[..12]);
-        for p in parts {
-            crc = crc32c::crc32c_append(crc, p);
-        }
-        header[12..16].copy_from_slice(&crc.to_le_bytes());
-
+        let header = FrameHeader::new(kind, self.seq, parts).encode();
         if let Err(source) = write_all_gather(&mut self.inner, &header, parts) {
             self.broken = true;
             return Err(ProtocolError::Write {
@@ -255,12 +369,12 @@ impl Frame<'_> {
     }
 }
 
+/// A header that passed [`FrameHeader::check`], with what the check returned.
 #[derive(Clone, Copy)]
 struct Header {
+    raw: FrameHeader,
     kind: MsgKind,
-    seq: u32,
     len: usize,
-    crc: u32,
 }
 
 /// Reads and checks frames from a byte stream.
@@ -357,7 +471,7 @@ impl<R: Read> FrameReader<R> {
         match self.read_frame_inner() {
             Ok(h) => Ok(Frame {
                 kind: h.kind,
-                seq: h.seq,
+                seq: h.raw.seq,
                 payload: self.buf.get(..h.len).unwrap_or_default(),
             }),
             Err(e) => {
@@ -428,17 +542,17 @@ impl<R: Read> FrameReader<R> {
         self.hdr_have = 0;
         self.payload_have = 0;
         let payload = self.buf.get(..header.len).unwrap_or_default();
-        let computed = crc32c::crc32c_append(crc32c::crc32c(&self.hdr[..12]), payload);
-        if computed != header.crc {
+        let computed = header.raw.compute_crc(&[payload]);
+        if computed != header.raw.crc {
             return Err(ProtocolError::CrcMismatch {
                 frame,
-                got: header.crc,
+                got: header.raw.crc,
                 computed,
             });
         }
-        if header.seq != frame {
+        if header.raw.seq != frame {
             return Err(ProtocolError::BadSeq {
-                got: header.seq,
+                got: header.raw.seq,
                 expected: frame,
             });
         }
@@ -446,36 +560,11 @@ impl<R: Read> FrameReader<R> {
         Ok(header)
     }
 
-    /// Validates the header in `self.hdr` (everything but seq and crc).
+    /// Decodes and checks the header in `self.hdr` (everything but seq and crc).
     fn parse_header(&self) -> Result<Header, ProtocolError> {
-        let frame = self.next_seq;
-        let h = &self.hdr;
-        let magic = u16::from_le_bytes([h[0], h[1]]);
-        if magic != FRAME_MAGIC {
-            return Err(ProtocolError::BadFrameMagic { frame, got: magic });
-        }
-        if h[3] != 0 {
-            return Err(ProtocolError::BadFlags { frame, flags: h[3] });
-        }
-        let kind =
-            MsgKind::from_u8(h[2]).ok_or(ProtocolError::UnknownKind { frame, kind: h[2] })?;
-        let seq = u32::from_le_bytes([h[4], h[5], h[6], h[7]]);
-        let len = u32::from_le_bytes([h[8], h[9], h[10], h[11]]);
-        let crc = u32::from_le_bytes([h[12], h[13], h[14], h[15]]);
-        let len_usize = usize::try_from(len).unwrap_or(usize::MAX);
-        if len_usize > self.max_payload {
-            return Err(ProtocolError::PayloadTooLarge {
-                frame,
-                len: u64::from(len),
-                limit: self.max_payload,
-            });
-        }
-        Ok(Header {
-            kind,
-            seq,
-            len: len_usize,
-            crc,
-        })
+        let raw = FrameHeader::decode(&self.hdr);
+        let (kind, len) = raw.check(self.next_seq, self.max_payload)?;
+        Ok(Header { raw, kind, len })
     }
 
     /// Sequence number expected for the next frame (= frames read so far,
@@ -513,6 +602,78 @@ mod tests {
     use crate::protocol::test_support::layout;
     use crate::protocol::{page_records, Complete, Go, PageBatch, Ready, Resumed, RoundEnd};
     use crate::transport::{self, Transport};
+
+    #[test]
+    fn frame_header_owns_the_layout() {
+        let h = FrameHeader {
+            magic: FRAME_MAGIC,
+            kind: MsgKind::Ready as u8,
+            flags: 0,
+            seq: 0x0102_0304,
+            len: 0x0a0b_0c0d,
+            crc: 0xdead_beef,
+        };
+        // Written out by hand, as the module docs' table says.
+        let wire = [
+            0x4d, 0x4c, 7, 0, 4, 3, 2, 1, 0x0d, 0x0c, 0x0b, 0x0a, 0xef, 0xbe, 0xad, 0xde,
+        ];
+        assert_eq!(h.encode(), wire);
+        assert_eq!(FrameHeader::decode(&wire), h);
+        for b in [
+            [0u8; 16],
+            [0xff; 16],
+            std::array::from_fn(|i| (i as u8) * 17),
+        ] {
+            assert_eq!(FrameHeader::decode(&b).encode(), b);
+        }
+
+        // new(): length and CRC over header bytes 0..12, then the payload.
+        let h = FrameHeader::new(MsgKind::Pages, 5, &[b"ab", b"", b"cd"]);
+        let crc = crc32c::crc32c_append(crc32c::crc32c(&h.encode()[..12]), b"abcd");
+        assert_eq!(
+            (h.magic, h.flags, h.seq, h.len, h.crc),
+            (FRAME_MAGIC, 0, 5, 4, crc)
+        );
+        assert_eq!(h.check(5, 4).unwrap(), (MsgKind::Pages, 4));
+        assert!(matches!(
+            h.check(5, 3),
+            Err(ProtocolError::PayloadTooLarge {
+                frame: 5,
+                len: 4,
+                limit: 3
+            })
+        ));
+        // Magic before flags before kind before length.
+        let bad = FrameHeader {
+            magic: 0,
+            flags: 1,
+            kind: 0,
+            len: u32::MAX,
+            ..h
+        };
+        assert!(matches!(
+            bad.check(0, 0),
+            Err(ProtocolError::BadFrameMagic { .. })
+        ));
+        let bad = FrameHeader {
+            magic: FRAME_MAGIC,
+            ..bad
+        };
+        assert!(matches!(
+            bad.check(0, 0),
+            Err(ProtocolError::BadFlags { flags: 1, .. })
+        ));
+        let bad = FrameHeader { flags: 0, ..bad };
+        assert!(matches!(
+            bad.check(0, 0),
+            Err(ProtocolError::UnknownKind { kind: 0, .. })
+        ));
+
+        // What a FrameWriter writes is this header, then the payload.
+        let bytes = frames_bytes(&[(MsgKind::Go, b""), (MsgKind::Pages, b"abcd")]);
+        let second = FrameHeader::new(MsgKind::Pages, 1, &[b"abcd"]).encode();
+        assert_eq!(&bytes[FRAME_HEADER_LEN..2 * FRAME_HEADER_LEN], &second[..]);
+    }
 
     fn frames_bytes(frames: &[(MsgKind, &[u8])]) -> Vec<u8> {
         let mut w = FrameWriter::new(Vec::new());

@@ -14,6 +14,8 @@
 //! | 8      | 4    | `len`: payload length                               |
 //! | 12     | 4    | `crc`: CRC-32C over header bytes 0..12, then payload |
 //!
+//! [`FrameHeader`] is the one owner of this layout.
+//!
 //! [`FrameReader`] treats its input as hostile: it checks magic, flags, kind
 //! and the length limit before it touches the payload (and never allocates
 //! for a length over its limit), then the CRC, then the sequence number (so
@@ -41,7 +43,8 @@
 //! Every message except `Pages` is a type implementing [`Message`]; their
 //! decoders bounds-check everything, refuse trailing bytes, and allocate at
 //! most in proportion to the payload. `Pages` is encoded with [`PageBatch`]
-//! and decoded without copying by [`page_records`].
+//! and decoded without copying by [`page_records`]; [`RecordHeader`] owns
+//! the layout of its records.
 
 mod codec;
 mod error;
@@ -53,7 +56,7 @@ mod pages;
 mod test_support;
 
 pub use error::ProtocolError;
-pub use frame::{Frame, FrameReader, FrameWriter, FRAME_HEADER_LEN, FRAME_MAGIC};
+pub use frame::{Frame, FrameHeader, FrameReader, FrameWriter, FRAME_HEADER_LEN, FRAME_MAGIC};
 pub use kind::MsgKind;
 pub use messages::{
     state_frames, Abandoned, Cancel, Complete, ErrorMsg, Go, Hello, HelloReply, Keepalive, Message,
@@ -61,7 +64,7 @@ pub use messages::{
 };
 pub use pages::{
     compress_pages, decompress_pages, page_records, stream_of, PageBatch, PageRecord, PageRecords,
-    PAGE_RECORD_HEADER_LEN, STREAM_CHUNK_PAGES,
+    RecordHeader, PAGE_RECORD_HEADER_LEN, STREAM_CHUNK_PAGES,
 };
 
 /// Default (and largest useful) payload size of one frame.

@@ -2,12 +2,107 @@
 //! [`page_records`] (decoding), LZ4 compression, and which stream carries a
 //! page ([`stream_of`]).
 
-use super::codec::{put_u32, put_u64, Cursor};
+use super::codec::{put_u32, Cursor};
 use super::{ProtocolError, MAX_FRAME_PAYLOAD};
 use crate::memory::{MemoryLayout, PAGE_SIZE};
 
 /// Size of a page record header in a `Pages` payload.
 pub const PAGE_RECORD_HEADER_LEN: usize = 16;
+
+/// The header of one record in a `Pages` payload, little-endian; `npages`
+/// pages of data follow it when `kind` is [`RecordHeader::KIND_DATA`].
+/// This type is the only code that knows the record header's byte layout:
+/// [`PageBatch`] writes it and [`page_records`] reads it through this type.
+///
+/// | offset | size | field                                          |
+/// |-------:|-----:|------------------------------------------------|
+/// | 0      | 8    | `gpa`: guest-physical address, page aligned    |
+/// | 8      | 4    | `npages`: number of pages, at least 1          |
+/// | 12     | 1    | `kind`: 0 = zero pages, 1 = data follows       |
+/// | 13     | 3    | reserved, 0                                    |
+///
+/// ```
+/// use livemig::protocol::RecordHeader;
+///
+/// let h = RecordHeader::new(0x1000, 2, RecordHeader::KIND_DATA);
+/// assert_eq!(h.encode(), [0, 0x10, 0, 0, 0, 0, 0, 0, 2, 0, 0, 0, 1, 0, 0, 0]);
+/// assert_eq!(RecordHeader::decode(&h.encode())?, h);
+/// # Ok::<(), livemig::protocol::ProtocolError>(())
+/// ```
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct RecordHeader {
+    /// Guest-physical address of the first page.
+    pub gpa: u64,
+    /// Number of pages.
+    pub npages: u32,
+    /// [`RecordHeader::KIND_ZERO`] or [`RecordHeader::KIND_DATA`] in a valid
+    /// record.
+    pub kind: u8,
+    /// Reserved, zero in a valid record.
+    pub reserved: [u8; 3],
+}
+
+impl RecordHeader {
+    /// `kind` of a record of zero pages (no data follows).
+    pub const KIND_ZERO: u8 = 0;
+    /// `kind` of a record whose `npages * PAGE_SIZE` bytes of data follow.
+    pub const KIND_DATA: u8 = 1;
+
+    /// A header with the reserved bytes zero.
+    pub fn new(gpa: u64, npages: u32, kind: u8) -> Self {
+        RecordHeader {
+            gpa,
+            npages,
+            kind,
+            reserved: [0; 3],
+        }
+    }
+
+    /// The header's wire bytes.
+    pub fn encode(&self) -> [u8; PAGE_RECORD_HEADER_LEN] {
+        let mut b = [0u8; PAGE_RECORD_HEADER_LEN];
+        b[0..8].copy_from_slice(&self.gpa.to_le_bytes());
+        b[8..12].copy_from_slice(&self.npages.to_le_bytes());
+        b[12] = self.kind;
+        b[13..16].copy_from_slice(&self.reserved);
+        b
+    }
+
+    /// The fields of the header at the start of `bytes`, unchecked (what
+    /// makes a valid record is checked by [`page_records`]); fails only if
+    /// `bytes` is shorter than a header.
+    pub fn decode(bytes: &[u8]) -> Result<Self, ProtocolError> {
+        RecordHeader::read(&mut Cursor::new("Pages record", bytes))
+    }
+
+    /// Reads the fields in wire order, so that a truncated header is
+    /// reported at the field it cuts.
+    fn read(c: &mut Cursor<'_>) -> Result<Self, ProtocolError> {
+        Ok(RecordHeader {
+            gpa: c.u64()?,
+            npages: c.u32()?,
+            kind: c.u8()?,
+            reserved: c.array()?,
+        })
+    }
+
+    /// The address just past the record's pages, if it does not overflow.
+    fn end(&self) -> Option<u64> {
+        self.gpa.checked_add(u64::from(self.npages) * PAGE_SIZE)
+    }
+
+    /// This header extended by `next`, if `next` is of the same kind,
+    /// starts where this one ends, and the page count still fits.
+    fn merged(&self, next: &RecordHeader) -> Option<RecordHeader> {
+        if self.kind != next.kind || self.end() != Some(next.gpa) {
+            return None;
+        }
+        Some(RecordHeader {
+            npages: self.npages.checked_add(next.npages)?,
+            ..*self
+        })
+    }
+}
 
 pub(super) const PAGE_BYTES: usize = PAGE_SIZE as usize;
 
@@ -80,9 +175,6 @@ pub fn decompress_pages(payload: &[u8], out: &mut Vec<u8>) -> Result<(), Protoco
 /// Pages per chunk for [`stream_of`].
 pub const STREAM_CHUNK_PAGES: u64 = 1024;
 
-const PAGE_KIND_ZERO: u8 = 0;
-const PAGE_KIND_DATA: u8 = 1;
-
 /// One record of a `Pages` payload: `npages` pages at `gpa`, either all zero
 /// (`data == None`) or with their contents.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -145,10 +237,12 @@ impl<'a> PageRecords<'a> {
             data: self.payload,
             pos: at,
         };
-        let gpa = c.u64()?;
-        let npages = c.u32()?;
-        let kind = c.u8()?;
-        let reserved: [u8; 3] = c.array()?;
+        let RecordHeader {
+            gpa,
+            npages,
+            kind,
+            reserved,
+        } = RecordHeader::read(&mut c)?;
         if reserved != [0; 3] {
             return Err(c.malformed_at(at, format!("reserved bytes {reserved:02x?} are not zero")));
         }
@@ -166,8 +260,8 @@ impl<'a> PageRecords<'a> {
             ));
         }
         let data = match kind {
-            PAGE_KIND_ZERO => None,
-            PAGE_KIND_DATA => {
+            RecordHeader::KIND_ZERO => None,
+            RecordHeader::KIND_DATA => {
                 let len = usize::try_from(len).unwrap_or(usize::MAX);
                 if len > c.left() {
                     return Err(c.malformed_at(
@@ -227,9 +321,9 @@ pub struct PageBatch {
     buf: Vec<u8>,
     data_pages: u64,
     zero_pages: u64,
-    /// Offset of the last record header, its kind, and the address just
-    /// past its pages (for merging).
-    last: Option<(usize, u8, u64)>,
+    /// Offset of the last record header and the header as written there
+    /// (for merging).
+    last: Option<(usize, RecordHeader)>,
 }
 
 impl PageBatch {
@@ -269,30 +363,31 @@ impl PageBatch {
     /// Appends a record (or extends the last one); returns the offset where
     /// page data for it must go.
     fn push_record(&mut self, gpa: u64, npages: u32, kind: u8) -> usize {
-        let end = gpa + u64::from(npages) * PAGE_SIZE;
-        if let Some((off, k, last_end)) = self.last {
-            if k == kind && last_end == gpa {
-                let mut n = [0u8; 4];
-                n.copy_from_slice(&self.buf[off + 8..off + 12]);
-                if let Some(total) = u32::from_le_bytes(n).checked_add(npages) {
-                    self.buf[off + 8..off + 12].copy_from_slice(&total.to_le_bytes());
-                    self.last = Some((off, k, end));
-                    return self.buf.len();
-                }
+        let new = RecordHeader::new(gpa, npages, kind);
+        if let Some((off, last)) = self.last {
+            if let Some(merged) = last.merged(&new) {
+                self.rewrite_header(off, merged);
+                self.last = Some((off, merged));
+                return self.buf.len();
             }
         }
         let off = self.buf.len();
-        put_u64(&mut self.buf, gpa);
-        put_u32(&mut self.buf, npages);
-        self.buf.extend_from_slice(&[kind, 0, 0, 0]);
-        self.last = Some((off, kind, end));
+        self.buf.extend_from_slice(&new.encode());
+        self.last = Some((off, new));
         self.buf.len()
+    }
+
+    /// Overwrites the record header at `off` (one this batch wrote).
+    fn rewrite_header(&mut self, off: usize, header: RecordHeader) {
+        if let Some(dst) = self.buf.get_mut(off..off + PAGE_RECORD_HEADER_LEN) {
+            dst.copy_from_slice(&header.encode());
+        }
     }
 
     /// Adds `npages` zero pages at `gpa` (no page data is sent).
     pub fn push_zero(&mut self, gpa: u64, npages: u32) -> Result<(), ProtocolError> {
         Self::check_range(gpa, npages)?;
-        self.push_record(gpa, npages, PAGE_KIND_ZERO);
+        self.push_record(gpa, npages, RecordHeader::KIND_ZERO);
         self.zero_pages += u64::from(npages);
         Ok(())
     }
@@ -308,12 +403,7 @@ impl PageBatch {
         Self::check_range(gpa, npages)?;
         let saved_len = self.buf.len();
         let saved_last = self.last;
-        let saved_npages = saved_last.and_then(|(off, _, _)| {
-            let mut n = [0u8; 4];
-            n.copy_from_slice(self.buf.get(off + 8..off + 12)?);
-            Some(n)
-        });
-        let start = self.push_record(gpa, npages, PAGE_KIND_DATA);
+        let start = self.push_record(gpa, npages, RecordHeader::KIND_DATA);
         let len = npages as usize * PAGE_BYTES;
         self.buf.resize(start + len, 0);
         match fill(&mut self.buf[start..start + len]) {
@@ -324,8 +414,9 @@ impl PageBatch {
             Err(e) => {
                 self.buf.truncate(saved_len);
                 self.last = saved_last;
-                if let (Some((off, _, _)), Some(n)) = (saved_last, saved_npages) {
-                    self.buf[off + 8..off + 12].copy_from_slice(&n);
+                if let Some((off, header)) = saved_last {
+                    // A merge may have grown it.
+                    self.rewrite_header(off, header);
                 }
                 Err(e)
             }
@@ -512,6 +603,47 @@ mod tests {
         v.push(kind);
         v.extend_from_slice(&reserved);
         v
+    }
+
+    #[test]
+    fn record_header_owns_the_layout() {
+        // The test's own encoding (rec) and the type agree, both ways.
+        let h = RecordHeader::new(0x1234_5000, 7, RecordHeader::KIND_DATA);
+        assert_eq!(h.encode().to_vec(), rec(0x1234_5000, 7, 1, [0; 3]));
+        let odd = rec(u64::MAX, u32::MAX, 9, [1, 2, 3]);
+        let got = RecordHeader::decode(&odd).unwrap();
+        assert_eq!(
+            got,
+            RecordHeader {
+                gpa: u64::MAX,
+                npages: u32::MAX,
+                kind: 9,
+                reserved: [1, 2, 3]
+            }
+        );
+        assert_eq!(got.encode().to_vec(), odd);
+        // A short header is cut at the field it ends in.
+        let e = RecordHeader::decode(&odd[..10]).unwrap_err().to_string();
+        assert_eq!(
+            e,
+            "Pages record: truncated at offset 8 (needs 4 more bytes, 2 left)"
+        );
+        // What a PageBatch writes, including a merged record's count.
+        let mut b = PageBatch::default();
+        b.push_zero(0x2000, 1).unwrap();
+        b.push_zero(0x3000, 2).unwrap();
+        b.push_data(0x8000, 1, &page(5)).unwrap();
+        let want = [
+            RecordHeader::new(0x2000, 3, RecordHeader::KIND_ZERO)
+                .encode()
+                .to_vec(),
+            RecordHeader::new(0x8000, 1, RecordHeader::KIND_DATA)
+                .encode()
+                .to_vec(),
+            page(5),
+        ]
+        .concat();
+        assert_eq!(b.as_bytes(), &want[..]);
     }
 
     fn first_err(payload: &[u8]) -> String {
