@@ -188,64 +188,10 @@ impl Message for Hello {
             });
         }
 
-        let at = c.pos;
-        let n = c.count("regions", MAX_REGIONS, 16)?;
-        let mut regions = Vec::with_capacity(n);
-        for _ in 0..n {
-            regions.push(RegionDesc {
-                guest_addr: c.u64()?,
-                size: c.u64()?,
-            });
-        }
-        let layout = MemoryLayout::new(regions)
-            .map_err(|e| c.malformed_at(at, format!("invalid memory layout: {e}")))?;
-
-        let at = c.pos;
-        let vcpus = c.u32()?;
-        if vcpus == 0 || vcpus > MAX_VCPUS {
-            return Err(c.malformed_at(at, format!("{vcpus} vCPUs is outside 1..={MAX_VCPUS}")));
-        }
-
-        let n = c.count("NICs", MAX_NICS, NIC_LEN)?;
-        let mut nics = Vec::with_capacity(n);
-        for i in 0..n {
-            let mac: [u8; 6] = c.array()?;
-            let has_ip = c.bool(&format!("NIC {i} has_ip"))?;
-            let at = c.pos;
-            let ip: [u8; 4] = c.array()?;
-            if !has_ip && ip != [0; 4] {
-                return Err(
-                    c.malformed_at(at, format!("NIC {i}: address bytes set without has_ip"))
-                );
-            }
-            nics.push(NicInfo {
-                mac,
-                ipv4: has_ip.then_some(ip),
-            });
-        }
-
-        let n = c.count("properties", MAX_PROPERTIES, 4)?;
-        let mut properties = BTreeMap::new();
-        let mut paused = false;
-        for i in 0..n {
-            let at = c.pos;
-            let k = c.string(&format!("property {i} key"), MAX_PROPERTY_LEN)?;
-            if k.is_empty() {
-                return Err(c.malformed_at(at, format!("property {i} has an empty key")));
-            }
-            let v = c.string(&format!("property '{k}' value"), MAX_PROPERTY_LEN)?;
-            if properties.contains_key(&k) || (k == PAUSED_PROPERTY && paused) {
-                return Err(c.malformed_at(at, format!("property '{k}' appears twice")));
-            }
-            if k == PAUSED_PROPERTY {
-                if v != "1" {
-                    return Err(c.malformed_at(at, format!("property '{k}' is {v:?}, not \"1\"")));
-                }
-                paused = true;
-                continue;
-            }
-            properties.insert(k, v);
-        }
+        let layout = read_layout(&mut c)?;
+        let vcpus = read_vcpus(&mut c)?;
+        let nics = read_nics(&mut c)?;
+        let (properties, paused) = read_properties(&mut c)?;
         let streams = c.streams()?;
         // A newer sender may append fields of its own version: they are not
         // ours to read. From our own version (or older), trailing bytes are
@@ -268,6 +214,79 @@ impl Message for Hello {
             paused,
         })
     }
+}
+
+/// Reads a [`Hello`]'s region count and regions as a valid layout.
+fn read_layout(c: &mut Cursor<'_>) -> Result<MemoryLayout, ProtocolError> {
+    let at = c.pos;
+    let n = c.count("regions", MAX_REGIONS, 16)?;
+    let mut regions = Vec::with_capacity(n);
+    for _ in 0..n {
+        regions.push(RegionDesc {
+            guest_addr: c.u64()?,
+            size: c.u64()?,
+        });
+    }
+    MemoryLayout::new(regions)
+        .map_err(|e| c.malformed_at(at, format!("invalid memory layout: {e}")))
+}
+
+/// Reads a [`Hello`]'s vCPU count, `1..=MAX_VCPUS`.
+fn read_vcpus(c: &mut Cursor<'_>) -> Result<u32, ProtocolError> {
+    let at = c.pos;
+    let vcpus = c.u32()?;
+    if vcpus == 0 || vcpus > MAX_VCPUS {
+        return Err(c.malformed_at(at, format!("{vcpus} vCPUs is outside 1..={MAX_VCPUS}")));
+    }
+    Ok(vcpus)
+}
+
+/// Reads a [`Hello`]'s NIC count and NICs.
+fn read_nics(c: &mut Cursor<'_>) -> Result<Vec<NicInfo>, ProtocolError> {
+    let n = c.count("NICs", MAX_NICS, NIC_LEN)?;
+    let mut nics = Vec::with_capacity(n);
+    for i in 0..n {
+        let mac: [u8; 6] = c.array()?;
+        let has_ip = c.bool(&format!("NIC {i} has_ip"))?;
+        let at = c.pos;
+        let ip: [u8; 4] = c.array()?;
+        if !has_ip && ip != [0; 4] {
+            return Err(c.malformed_at(at, format!("NIC {i}: address bytes set without has_ip")));
+        }
+        nics.push(NicInfo {
+            mac,
+            ipv4: has_ip.then_some(ip),
+        });
+    }
+    Ok(nics)
+}
+
+/// Reads a [`Hello`]'s properties: the description's, and whether the
+/// reserved [`PAUSED_PROPERTY`] says the source VM is paused.
+fn read_properties(c: &mut Cursor<'_>) -> Result<(BTreeMap<String, String>, bool), ProtocolError> {
+    let n = c.count("properties", MAX_PROPERTIES, 4)?;
+    let mut properties = BTreeMap::new();
+    let mut paused = false;
+    for i in 0..n {
+        let at = c.pos;
+        let k = c.string(&format!("property {i} key"), MAX_PROPERTY_LEN)?;
+        if k.is_empty() {
+            return Err(c.malformed_at(at, format!("property {i} has an empty key")));
+        }
+        let v = c.string(&format!("property '{k}' value"), MAX_PROPERTY_LEN)?;
+        if properties.contains_key(&k) || (k == PAUSED_PROPERTY && paused) {
+            return Err(c.malformed_at(at, format!("property '{k}' appears twice")));
+        }
+        if k == PAUSED_PROPERTY {
+            if v != "1" {
+                return Err(c.malformed_at(at, format!("property '{k}' is {v:?}, not \"1\"")));
+            }
+            paused = true;
+            continue;
+        }
+        properties.insert(k, v);
+    }
+    Ok((properties, paused))
 }
 
 /// Reply to [`Hello`] (destination → source).
