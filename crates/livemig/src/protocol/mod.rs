@@ -46,6 +46,12 @@
 //! and decoded without copying by [`page_records`]; [`RecordHeader`] owns
 //! the layout of its records.
 
+// Where things live: kind.rs (MsgKind), error.rs (ProtocolError), frame.rs
+// (FrameHeader, FrameWriter, FrameReader), codec.rs (the bounds-checked
+// Cursor and the put_* writers every encoder uses), messages.rs (Message
+// and every control message), pages.rs (RecordHeader, PageBatch,
+// page_records, LZ4, stream_of). crates/livemig/tests/golden_wire.rs pins
+// the bytes of every message of PROTOCOL_VERSION 3.
 mod codec;
 mod error;
 mod frame;
@@ -88,6 +94,11 @@ pub const MAX_FRAME_PAYLOAD: usize = 8 << 20;
 /// answers a failure after `Ready` with `Error` instead of `Abandoned`; as
 /// a source it refuses, before any page, to migrate a paused VM or a state
 /// that needs more than one `State` frame to such a destination.
+///
+/// The exact bytes of every version-3 message, of version 2's `Hello` and
+/// `HelloReply`, and of a page frame are fixtures in
+/// `crates/livemig/tests/golden_wire.rs`: a new version keeps them passing
+/// to show that it still reads this one.
 pub const PROTOCOL_VERSION: u32 = 3;
 /// The oldest protocol version this side speaks.
 pub const MIN_PROTOCOL_VERSION: u32 = 2;
