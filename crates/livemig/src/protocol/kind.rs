@@ -1,0 +1,104 @@
+//! [`MsgKind`]: the kind byte of a frame.
+
+use std::fmt;
+
+/// The kind of a frame.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+#[repr(u8)]
+pub enum MsgKind {
+    /// Source → destination: versions and the VM description ([`Hello`](super::Hello)).
+    Hello = 1,
+    /// Destination → source: accepted or refused ([`HelloReply`](super::HelloReply)).
+    HelloReply = 2,
+    /// Source → destination: guest pages ([`PageBatch`](super::PageBatch), [`page_records`](super::page_records)).
+    Pages = 3,
+    /// Source → destination: end of a copy round ([`RoundEnd`](super::RoundEnd)).
+    RoundEnd = 4,
+    /// Source → destination: device state sections ([`State`](super::State)).
+    State = 5,
+    /// Source → destination: all memory and state sent ([`Complete`](super::Complete)).
+    Complete = 6,
+    /// Destination → source: state restored, VM not yet running ([`Ready`](super::Ready)).
+    Ready = 7,
+    /// Source → destination: switchover committed; the source will not
+    /// resume the VM any more ([`Go`](super::Go)).
+    Go = 8,
+    /// Destination → source: vCPUs running ([`Resumed`](super::Resumed)).
+    Resumed = 9,
+    /// Either side: the migration failed ([`ErrorMsg`](super::ErrorMsg)).
+    Error = 10,
+    /// Source → destination: the migration is cancelled ([`Cancel`](super::Cancel)).
+    Cancel = 11,
+    /// Either direction, any stream: nothing to say, still alive (empty
+    /// payload). Sent on a stream that has been idle for a while so the
+    /// peer's read timeout only fires on a dead peer.
+    Keepalive = 12,
+    /// Source → destination, first frame of an extra page stream
+    /// ([`StreamHello`](super::StreamHello)).
+    StreamHello = 13,
+    /// Source → destination: a `Pages` payload compressed with LZ4 (block
+    /// format): `u32` length of the uncompressed payload (at most
+    /// [`MAX_FRAME_PAYLOAD`](super::MAX_FRAME_PAYLOAD)), then the block ([`compress_pages`](super::compress_pages),
+    /// [`decompress_pages`](super::decompress_pages)).
+    PagesLz4 = 14,
+    /// Destination → source, only after `Ready`: the destination has
+    /// dropped the VM and will never run it (it timed out waiting for `Go`,
+    /// or its resume failed), so the source may safely resume
+    /// ([`Abandoned`](super::Abandoned)). Any failure of the destination after `Ready` is
+    /// reported with this kind instead of `Error`.
+    Abandoned = 15,
+}
+
+impl MsgKind {
+    /// Every kind, in wire order.
+    pub const ALL: [MsgKind; 15] = [
+        MsgKind::Hello,
+        MsgKind::HelloReply,
+        MsgKind::Pages,
+        MsgKind::RoundEnd,
+        MsgKind::State,
+        MsgKind::Complete,
+        MsgKind::Ready,
+        MsgKind::Go,
+        MsgKind::Resumed,
+        MsgKind::Error,
+        MsgKind::Cancel,
+        MsgKind::Keepalive,
+        MsgKind::StreamHello,
+        MsgKind::PagesLz4,
+        MsgKind::Abandoned,
+    ];
+
+    /// The kind for a wire byte, if known.
+    pub fn from_u8(v: u8) -> Option<MsgKind> {
+        let i = usize::from(v).checked_sub(1)?;
+        MsgKind::ALL.get(i).copied()
+    }
+
+    /// The message name.
+    pub fn name(self) -> &'static str {
+        match self {
+            MsgKind::Hello => "Hello",
+            MsgKind::HelloReply => "HelloReply",
+            MsgKind::Pages => "Pages",
+            MsgKind::RoundEnd => "RoundEnd",
+            MsgKind::State => "State",
+            MsgKind::Complete => "Complete",
+            MsgKind::Ready => "Ready",
+            MsgKind::Go => "Go",
+            MsgKind::Resumed => "Resumed",
+            MsgKind::Error => "Error",
+            MsgKind::Cancel => "Cancel",
+            MsgKind::Keepalive => "Keepalive",
+            MsgKind::StreamHello => "StreamHello",
+            MsgKind::PagesLz4 => "PagesLz4",
+            MsgKind::Abandoned => "Abandoned",
+        }
+    }
+}
+
+impl fmt::Display for MsgKind {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.name())
+    }
+}

@@ -1,0 +1,1259 @@
+//! The typed control messages ([`Message`] and its implementations).
+
+use std::collections::{BTreeMap, HashSet};
+
+use super::codec::{
+    put_count, put_streams, put_string, put_u16, put_u32, put_u64, truncate_text, Cursor,
+};
+use super::{
+    MsgKind, ProtocolError, MAX_NICS, MAX_PROPERTIES, MAX_PROPERTY_LEN, MAX_SECTIONS,
+    MAX_STATE_FRAMES, MAX_STREAMS, MAX_TEXT_LEN, MAX_VCPUS, MIN_PROTOCOL_VERSION, PROTOCOL_VERSION,
+};
+use crate::memory::{MemoryLayout, RegionDesc, MAX_REGIONS, PAGE_SIZE};
+use crate::state::{Section, MAX_SECTION_LEN, MAX_SECTION_NAME};
+use crate::vm::{NicInfo, VmDescription};
+
+/// Magic at the start of a [`Hello`].
+pub const HELLO_MAGIC: [u8; 8] = *b"LIVEMIG\0";
+/// The property key by which a version-3 [`Hello`] says the source VM is
+/// paused (value `"1"`). Keys starting with `livemig.` are the engine's: a
+/// VM description may not use them.
+pub const PAUSED_PROPERTY: &str = "livemig.paused";
+
+/// A message with a typed payload (every kind except `Pages`).
+pub trait Message: Sized {
+    /// The frame kind carrying this message.
+    const KIND: MsgKind;
+
+    /// Appends the encoded payload to `out`. Fails (without a partial frame
+    /// ever being sent) if a field exceeds a protocol limit.
+    fn encode_into(&self, out: &mut Vec<u8>) -> Result<(), ProtocolError>;
+
+    /// Decodes a payload: every field is bounds-checked, trailing bytes are
+    /// refused, and allocation is bounded by the payload length.
+    fn decode(payload: &[u8]) -> Result<Self, ProtocolError>;
+
+    /// The encoded payload.
+    fn encode(&self) -> Result<Vec<u8>, ProtocolError> {
+        let mut v = Vec::new();
+        self.encode_into(&mut v)?;
+        Ok(v)
+    }
+}
+
+/// First message (source → destination): protocol versions and the VM shape.
+///
+/// The prefix `magic, protocol_version, min_protocol_version` is frozen for
+/// all versions, so that any two sides can at least negotiate; the rest of
+/// the layout belongs to the protocol version.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Hello {
+    /// [`HELLO_MAGIC`].
+    pub magic: [u8; 8],
+    /// Newest protocol version the sender speaks.
+    pub protocol_version: u32,
+    /// Oldest protocol version the sender speaks.
+    pub min_protocol_version: u32,
+    /// The sender's page size (must equal [`PAGE_SIZE`]).
+    pub page_size: u32,
+    /// The VM to migrate.
+    pub desc: VmDescription,
+    /// Page streams the source would like to use (1 ..= [`MAX_STREAMS`]);
+    /// the destination grants at most this many in [`HelloReply::streams`].
+    pub streams: u32,
+    /// The source VM was paused (by its operator) when the migration
+    /// started: the destination keeps it paused after `Go`.
+    pub paused: bool,
+}
+
+impl Hello {
+    /// A `Hello` for this side's versions and page size.
+    pub fn new(desc: VmDescription) -> Self {
+        Hello {
+            magic: HELLO_MAGIC,
+            protocol_version: PROTOCOL_VERSION,
+            min_protocol_version: MIN_PROTOCOL_VERSION,
+            page_size: PAGE_SIZE as u32,
+            desc,
+            streams: 1,
+            paused: false,
+        }
+    }
+
+    /// The protocol version both sides will speak: the newest one in both
+    /// ranges.
+    pub fn negotiated_version(&self) -> Result<u32, ProtocolError> {
+        negotiate(self.min_protocol_version, self.protocol_version)
+    }
+}
+
+/// The newest version in both `peer_min..=peer_max` and this side's range.
+fn negotiate(peer_min: u32, peer_max: u32) -> Result<u32, ProtocolError> {
+    let v = peer_max.min(PROTOCOL_VERSION);
+    if peer_min > peer_max || v < peer_min || v < MIN_PROTOCOL_VERSION {
+        return Err(ProtocolError::UnsupportedVersion {
+            peer_version: peer_max,
+            peer_min,
+            min: MIN_PROTOCOL_VERSION,
+            max: PROTOCOL_VERSION,
+        });
+    }
+    Ok(v)
+}
+
+const NIC_LEN: usize = 6 + 1 + 4;
+
+impl Message for Hello {
+    const KIND: MsgKind = MsgKind::Hello;
+
+    fn encode_into(&self, out: &mut Vec<u8>) -> Result<(), ProtocolError> {
+        const M: &str = "Hello";
+        let d = &self.desc;
+        if d.vcpus == 0 || d.vcpus > MAX_VCPUS {
+            return Err(ProtocolError::Unencodable {
+                msg: M,
+                reason: format!("{} vCPUs is outside 1..={MAX_VCPUS}", d.vcpus),
+            });
+        }
+        out.extend_from_slice(&self.magic);
+        put_u32(out, self.protocol_version);
+        put_u32(out, self.min_protocol_version);
+        put_u32(out, self.page_size);
+        let regions = d.layout.regions();
+        put_count(out, M, "regions", regions.len(), MAX_REGIONS)?;
+        for r in regions {
+            put_u64(out, r.guest_addr);
+            put_u64(out, r.size);
+        }
+        put_u32(out, d.vcpus);
+        put_count(out, M, "NICs", d.nics.len(), MAX_NICS)?;
+        for nic in &d.nics {
+            out.extend_from_slice(&nic.mac);
+            match nic.ipv4 {
+                Some(ip) => {
+                    out.push(1);
+                    out.extend_from_slice(&ip);
+                }
+                None => out.extend_from_slice(&[0; 5]),
+            }
+        }
+        let mut props: Vec<(&str, &str)> = Vec::with_capacity(d.properties.len() + 1);
+        for (k, v) in &d.properties {
+            if k.starts_with("livemig.") {
+                return Err(ProtocolError::Unencodable {
+                    msg: M,
+                    reason: format!("property key '{k}': the livemig. prefix is reserved"),
+                });
+            }
+            props.push((k, v));
+        }
+        if self.paused {
+            props.push((PAUSED_PROPERTY, "1"));
+        }
+        put_count(out, M, "properties", props.len(), MAX_PROPERTIES)?;
+        for (k, v) in props {
+            if k.is_empty() {
+                return Err(ProtocolError::Unencodable {
+                    msg: M,
+                    reason: "empty property key".to_string(),
+                });
+            }
+            put_string(out, M, &format!("property key '{k}'"), k, MAX_PROPERTY_LEN)?;
+            put_string(
+                out,
+                M,
+                &format!("property '{k}' value"),
+                v,
+                MAX_PROPERTY_LEN,
+            )?;
+        }
+        put_streams(out, M, self.streams)
+    }
+
+    fn decode(payload: &[u8]) -> Result<Self, ProtocolError> {
+        let mut c = Cursor::new("Hello", payload);
+        let magic: [u8; 8] = c.array()?;
+        if magic != HELLO_MAGIC {
+            return Err(ProtocolError::BadHelloMagic { got: magic });
+        }
+        let protocol_version = c.u32()?;
+        let min_protocol_version = c.u32()?;
+        // Refuse before parsing a layout that may belong to another version.
+        negotiate(min_protocol_version, protocol_version)?;
+        let page_size = c.u32()?;
+        if u64::from(page_size) != PAGE_SIZE {
+            return Err(ProtocolError::PageSizeMismatch {
+                peer: page_size,
+                ours: PAGE_SIZE,
+            });
+        }
+
+        let layout = read_layout(&mut c)?;
+        let vcpus = read_vcpus(&mut c)?;
+        let nics = read_nics(&mut c)?;
+        let (properties, paused) = read_properties(&mut c)?;
+        let streams = c.streams()?;
+        // A newer sender may append fields of its own version: they are not
+        // ours to read. From our own version (or older), trailing bytes are
+        // an error.
+        if protocol_version <= PROTOCOL_VERSION {
+            c.finish()?;
+        }
+        Ok(Hello {
+            magic,
+            protocol_version,
+            min_protocol_version,
+            page_size,
+            desc: VmDescription {
+                layout,
+                vcpus,
+                nics,
+                properties,
+            },
+            streams,
+            paused,
+        })
+    }
+}
+
+/// Reads a [`Hello`]'s region count and regions as a valid layout.
+fn read_layout(c: &mut Cursor<'_>) -> Result<MemoryLayout, ProtocolError> {
+    let at = c.pos;
+    let n = c.count("regions", MAX_REGIONS, 16)?;
+    let mut regions = Vec::with_capacity(n);
+    for _ in 0..n {
+        regions.push(RegionDesc {
+            guest_addr: c.u64()?,
+            size: c.u64()?,
+        });
+    }
+    MemoryLayout::new(regions)
+        .map_err(|e| c.malformed_at(at, format!("invalid memory layout: {e}")))
+}
+
+/// Reads a [`Hello`]'s vCPU count, `1..=MAX_VCPUS`.
+fn read_vcpus(c: &mut Cursor<'_>) -> Result<u32, ProtocolError> {
+    let at = c.pos;
+    let vcpus = c.u32()?;
+    if vcpus == 0 || vcpus > MAX_VCPUS {
+        return Err(c.malformed_at(at, format!("{vcpus} vCPUs is outside 1..={MAX_VCPUS}")));
+    }
+    Ok(vcpus)
+}
+
+/// Reads a [`Hello`]'s NIC count and NICs.
+fn read_nics(c: &mut Cursor<'_>) -> Result<Vec<NicInfo>, ProtocolError> {
+    let n = c.count("NICs", MAX_NICS, NIC_LEN)?;
+    let mut nics = Vec::with_capacity(n);
+    for i in 0..n {
+        let mac: [u8; 6] = c.array()?;
+        let has_ip = c.bool(&format!("NIC {i} has_ip"))?;
+        let at = c.pos;
+        let ip: [u8; 4] = c.array()?;
+        if !has_ip && ip != [0; 4] {
+            return Err(c.malformed_at(at, format!("NIC {i}: address bytes set without has_ip")));
+        }
+        nics.push(NicInfo {
+            mac,
+            ipv4: has_ip.then_some(ip),
+        });
+    }
+    Ok(nics)
+}
+
+/// Reads a [`Hello`]'s properties: the description's, and whether the
+/// reserved [`PAUSED_PROPERTY`] says the source VM is paused.
+fn read_properties(c: &mut Cursor<'_>) -> Result<(BTreeMap<String, String>, bool), ProtocolError> {
+    let n = c.count("properties", MAX_PROPERTIES, 4)?;
+    let mut properties = BTreeMap::new();
+    let mut paused = false;
+    for i in 0..n {
+        let at = c.pos;
+        let k = c.string(&format!("property {i} key"), MAX_PROPERTY_LEN)?;
+        if k.is_empty() {
+            return Err(c.malformed_at(at, format!("property {i} has an empty key")));
+        }
+        let v = c.string(&format!("property '{k}' value"), MAX_PROPERTY_LEN)?;
+        if properties.contains_key(&k) || (k == PAUSED_PROPERTY && paused) {
+            return Err(c.malformed_at(at, format!("property '{k}' appears twice")));
+        }
+        if k == PAUSED_PROPERTY {
+            if v != "1" {
+                return Err(c.malformed_at(at, format!("property '{k}' is {v:?}, not \"1\"")));
+            }
+            paused = true;
+            continue;
+        }
+        properties.insert(k, v);
+    }
+    Ok((properties, paused))
+}
+
+/// Reply to [`Hello`] (destination → source).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct HelloReply {
+    /// Whether the destination accepts the migration.
+    pub accepted: bool,
+    /// Why not (or empty). Cut to [`MAX_TEXT_LEN`] bytes when encoded.
+    pub reason: String,
+    /// Page streams granted (1 ..= the [`Hello::streams`] asked for). With
+    /// 1, pages travel on the control connection; with N > 1 the source
+    /// opens N more connections, each starting with a [`StreamHello`]
+    /// carrying [`HelloReply::token`], and pages travel only on those.
+    pub streams: u32,
+    /// Random token the extra streams must present (all zero when
+    /// `streams == 1`).
+    pub token: [u8; 16],
+    /// The protocol version the destination chose for the rest of the
+    /// migration (the newest in both ranges); 0 in a refusal.
+    pub version: u32,
+}
+
+impl HelloReply {
+    /// A refusal with `reason`.
+    pub fn refused(reason: String) -> Self {
+        HelloReply {
+            accepted: false,
+            reason,
+            streams: 1,
+            token: [0; 16],
+            version: 0,
+        }
+    }
+
+    /// An acceptance of `streams` page streams with `token`, speaking this
+    /// side's [`PROTOCOL_VERSION`].
+    pub fn accepted(streams: u32, token: [u8; 16]) -> Self {
+        HelloReply {
+            accepted: true,
+            reason: String::new(),
+            streams,
+            token,
+            version: PROTOCOL_VERSION,
+        }
+    }
+}
+
+impl Message for HelloReply {
+    const KIND: MsgKind = MsgKind::HelloReply;
+
+    fn encode_into(&self, out: &mut Vec<u8>) -> Result<(), ProtocolError> {
+        out.push(u8::from(self.accepted));
+        put_string(
+            out,
+            "HelloReply",
+            "reason",
+            truncate_text(&self.reason, MAX_TEXT_LEN),
+            MAX_TEXT_LEN,
+        )?;
+        put_streams(out, "HelloReply", self.streams)?;
+        out.extend_from_slice(&self.token);
+        // Version 2 (a source that speaks nothing newer) has no version
+        // field; a refusal (version 0) has none either.
+        if self.version >= 3 {
+            put_u32(out, self.version);
+        }
+        Ok(())
+    }
+
+    /// `accepted` and `reason` are frozen for every version: a refusal is
+    /// readable whatever follows them (it may come from a destination that
+    /// speaks none of this side's versions).
+    fn decode(payload: &[u8]) -> Result<Self, ProtocolError> {
+        let mut c = Cursor::new("HelloReply", payload);
+        let accepted = c.bool("accepted")?;
+        let reason = c.string("reason", MAX_TEXT_LEN)?;
+        if !accepted {
+            return Ok(HelloReply::refused(reason));
+        }
+        let streams = c.streams()?;
+        let token: [u8; 16] = c.array()?;
+        // A version-2 destination's reply ends here.
+        let at = c.pos;
+        let version = if c.left() == 0 { 2 } else { c.u32()? };
+        if version < 3 && c.pos != at {
+            return Err(c.malformed_at(at, format!("version {version} in a version-3 field")));
+        }
+        c.finish()?;
+        Ok(HelloReply {
+            accepted,
+            reason,
+            streams,
+            token,
+            version,
+        })
+    }
+}
+
+/// First frame of an extra page stream (source → destination): which
+/// migration it belongs to and which stream it is.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct StreamHello {
+    /// [`HelloReply::token`] of the migration.
+    pub token: [u8; 16],
+    /// Stream index, `0 .. HelloReply::streams`.
+    pub index: u32,
+}
+
+impl Message for StreamHello {
+    const KIND: MsgKind = MsgKind::StreamHello;
+
+    fn encode_into(&self, out: &mut Vec<u8>) -> Result<(), ProtocolError> {
+        out.extend_from_slice(&self.token);
+        put_u32(out, self.index);
+        Ok(())
+    }
+
+    fn decode(payload: &[u8]) -> Result<Self, ProtocolError> {
+        let mut c = Cursor::new("StreamHello", payload);
+        let token: [u8; 16] = c.array()?;
+        let at = c.pos;
+        let index = c.u32()?;
+        if index >= MAX_STREAMS {
+            return Err(c.malformed_at(at, format!("stream index {index} >= {MAX_STREAMS}")));
+        }
+        c.finish()?;
+        Ok(StreamHello { token, index })
+    }
+}
+
+/// End of a memory copy round (source → destination).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct RoundEnd {
+    /// Round number (0 = the full first pass).
+    pub round: u32,
+    /// Pages sent in this round (data and zero).
+    pub pages: u64,
+}
+
+impl Message for RoundEnd {
+    const KIND: MsgKind = MsgKind::RoundEnd;
+
+    fn encode_into(&self, out: &mut Vec<u8>) -> Result<(), ProtocolError> {
+        put_u32(out, self.round);
+        put_u64(out, self.pages);
+        Ok(())
+    }
+
+    fn decode(payload: &[u8]) -> Result<Self, ProtocolError> {
+        let mut c = Cursor::new("RoundEnd", payload);
+        let round = c.u32()?;
+        let pages = c.u64()?;
+        c.finish()?;
+        Ok(RoundEnd { round, pages })
+    }
+}
+
+/// Device state (source → destination).
+///
+/// One `State` frame holds at most [`MAX_FRAME_PAYLOAD`](super::MAX_FRAME_PAYLOAD) bytes; a VM with more
+/// state sends several `State` messages ([`state_frames`]; at most
+/// [`MAX_STATE_FRAMES`]), and section names must be unique across all of
+/// them (the destination checks).
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub struct State {
+    /// The sections, names unique.
+    pub sections: Vec<Section>,
+}
+
+/// Packs `sections` into as few `State` messages as fit in frames of
+/// `max_payload` bytes (in order), checking everything the encoder and the
+/// destination check: valid and unique names, sections of at most
+/// [`MAX_SECTION_LEN`], at most [`MAX_SECTIONS`] per frame and
+/// [`MAX_STATE_FRAMES`] frames. The source calls it at the handshake (on the
+/// measured state: a state that cannot be sent is refused before any page)
+/// and again at the switchover.
+pub fn state_frames(
+    sections: Vec<Section>,
+    max_payload: usize,
+) -> Result<Vec<State>, ProtocolError> {
+    const M: &str = "State";
+    let mut seen = HashSet::with_capacity(sections.len());
+    for s in &sections {
+        if !seen.insert(s.name.clone()) {
+            return Err(ProtocolError::Unencodable {
+                msg: M,
+                reason: format!("section '{}' appears twice", s.name),
+            });
+        }
+    }
+    let mut frames: Vec<State> = Vec::new();
+    let mut size = usize::MAX; // of the last frame
+    for s in sections {
+        let len = 2 + s.name.len() + 4 + 4 + s.data.len();
+        let last_full = frames
+            .last()
+            .is_none_or(|f| size + len > max_payload || f.sections.len() >= MAX_SECTIONS);
+        if last_full {
+            frames.push(State::default());
+            size = 4;
+        }
+        size += len;
+        if let Some(f) = frames.last_mut() {
+            f.sections.push(s);
+        }
+    }
+    if frames.is_empty() {
+        frames.push(State::default());
+    }
+    for f in &frames {
+        let n = f.encode()?.len();
+        if n > max_payload {
+            return Err(ProtocolError::Unencodable {
+                msg: M,
+                reason: format!(
+                    "section '{}' needs a frame of {n} bytes, more than the limit of {max_payload}",
+                    f.sections[0].name
+                ),
+            });
+        }
+    }
+    if frames.len() > MAX_STATE_FRAMES {
+        return Err(ProtocolError::Unencodable {
+            msg: M,
+            reason: format!(
+                "the state needs {} frames, more than the limit of {MAX_STATE_FRAMES}",
+                frames.len()
+            ),
+        });
+    }
+    Ok(frames)
+}
+
+fn check_section_name(name: &str) -> Result<(), String> {
+    if name.is_empty() {
+        return Err("empty section name".to_string());
+    }
+    if name.len() > MAX_SECTION_NAME {
+        return Err(format!(
+            "section name of {} bytes exceeds the limit of {MAX_SECTION_NAME}",
+            name.len()
+        ));
+    }
+    if let Some(b) = name.bytes().find(|b| !(0x20..=0x7e).contains(b)) {
+        return Err(format!(
+            "section name {:?} contains byte 0x{b:02x} (only printable ASCII is allowed)",
+            name.escape_default().to_string()
+        ));
+    }
+    Ok(())
+}
+
+impl Message for State {
+    const KIND: MsgKind = MsgKind::State;
+
+    fn encode_into(&self, out: &mut Vec<u8>) -> Result<(), ProtocolError> {
+        const M: &str = "State";
+        put_count(out, M, "sections", self.sections.len(), MAX_SECTIONS)?;
+        let mut seen = HashSet::with_capacity(self.sections.len());
+        for s in &self.sections {
+            check_section_name(&s.name)
+                .map_err(|reason| ProtocolError::Unencodable { msg: M, reason })?;
+            if !seen.insert(s.name.as_str()) {
+                return Err(ProtocolError::Unencodable {
+                    msg: M,
+                    reason: format!("section '{}' appears twice", s.name),
+                });
+            }
+            if s.data.len() > MAX_SECTION_LEN {
+                return Err(ProtocolError::Unencodable {
+                    msg: M,
+                    reason: format!(
+                        "section '{}' is {} bytes, limit {MAX_SECTION_LEN}",
+                        s.name,
+                        s.data.len()
+                    ),
+                });
+            }
+            // Both lengths were bounded above.
+            put_u16(out, s.name.len() as u16);
+            out.extend_from_slice(s.name.as_bytes());
+            put_u32(out, s.version);
+            put_u32(out, s.data.len() as u32);
+            out.extend_from_slice(&s.data);
+        }
+        Ok(())
+    }
+
+    fn decode(payload: &[u8]) -> Result<Self, ProtocolError> {
+        let mut c = Cursor::new("State", payload);
+        // Smallest section: name length, 1-byte name, version, data length.
+        let n = c.count("sections", MAX_SECTIONS, 2 + 1 + 4 + 4)?;
+        let mut sections: Vec<Section> = Vec::with_capacity(n);
+        let mut seen = HashSet::with_capacity(n);
+        for i in 0..n {
+            let at = c.pos;
+            let name_len = usize::from(c.u16()?);
+            if name_len > MAX_SECTION_NAME {
+                return Err(c.malformed_at(
+                    at,
+                    format!(
+                        "section {i}: name of {name_len} bytes exceeds the limit of {MAX_SECTION_NAME}"
+                    ),
+                ));
+            }
+            let name_bytes = c.bytes(name_len)?;
+            // Printable ASCII is valid UTF-8, so one check covers both.
+            let name = match std::str::from_utf8(name_bytes) {
+                Ok(n) if check_section_name(n).is_ok() => n,
+                _ => {
+                    return Err(c.malformed_at(
+                        at + 2,
+                        format!(
+                            "section {i}: name \"{}\" is not 1..={MAX_SECTION_NAME} printable ASCII bytes",
+                            name_bytes.escape_ascii()
+                        ),
+                    ))
+                }
+            };
+            if !seen.insert(name) {
+                return Err(c.malformed_at(at, format!("section '{name}' appears twice")));
+            }
+            let version = c.u32()?;
+            let len_at = c.pos;
+            let len = usize::try_from(c.u32()?).unwrap_or(usize::MAX);
+            if len > MAX_SECTION_LEN {
+                return Err(c.malformed_at(
+                    len_at,
+                    format!(
+                        "section '{name}' (version {version}): length {len} exceeds the limit of {MAX_SECTION_LEN}"
+                    ),
+                ));
+            }
+            if len > c.left() {
+                return Err(c.malformed_at(
+                    len_at,
+                    format!(
+                        "section '{name}' (version {version}): length {len} runs past the end of the frame ({} bytes left)",
+                        c.left()
+                    ),
+                ));
+            }
+            let data = c.bytes(len)?.to_vec();
+            sections.push(Section::new(name, version, data));
+        }
+        c.finish()?;
+        Ok(State { sections })
+    }
+}
+
+macro_rules! empty_message {
+    ($(#[$doc:meta])* $name:ident) => {
+        $(#[$doc])*
+        #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+        pub struct $name;
+
+        impl Message for $name {
+            const KIND: MsgKind = MsgKind::$name;
+
+            fn encode_into(&self, _out: &mut Vec<u8>) -> Result<(), ProtocolError> {
+                Ok(())
+            }
+
+            fn decode(payload: &[u8]) -> Result<Self, ProtocolError> {
+                Cursor::new(stringify!($name), payload).finish()?;
+                Ok($name)
+            }
+        }
+    };
+}
+
+empty_message!(
+    /// All memory and state have been sent (source → destination). Empty payload.
+    Complete
+);
+empty_message!(
+    /// The source commits the switchover and will not resume the VM itself
+    /// any more (source → destination). Empty payload.
+    Go
+);
+empty_message!(
+    /// The source cancels the migration (source → destination). Empty payload.
+    Cancel
+);
+empty_message!(
+    /// Still alive, nothing to say (any stream, either direction). Empty payload.
+    Keepalive
+);
+
+/// State restored, VM not yet running (destination → source).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct Ready {
+    /// Time the destination spent restoring state, in µs.
+    pub restore_us: u64,
+}
+
+impl Message for Ready {
+    const KIND: MsgKind = MsgKind::Ready;
+
+    fn encode_into(&self, out: &mut Vec<u8>) -> Result<(), ProtocolError> {
+        put_u64(out, self.restore_us);
+        Ok(())
+    }
+
+    fn decode(payload: &[u8]) -> Result<Self, ProtocolError> {
+        let mut c = Cursor::new("Ready", payload);
+        let restore_us = c.u64()?;
+        c.finish()?;
+        Ok(Ready { restore_us })
+    }
+}
+
+/// vCPUs running on the destination (destination → source).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct Resumed {
+    /// Time from receiving `Go` to the vCPUs running, in µs.
+    pub resume_us: u64,
+}
+
+impl Message for Resumed {
+    const KIND: MsgKind = MsgKind::Resumed;
+
+    fn encode_into(&self, out: &mut Vec<u8>) -> Result<(), ProtocolError> {
+        put_u64(out, self.resume_us);
+        Ok(())
+    }
+
+    fn decode(payload: &[u8]) -> Result<Self, ProtocolError> {
+        let mut c = Cursor::new("Resumed", payload);
+        let resume_us = c.u64()?;
+        c.finish()?;
+        Ok(Resumed { resume_us })
+    }
+}
+
+/// The sender failed (either direction).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ErrorMsg {
+    /// The phase that failed (for example `"memory"`, `"restore"`).
+    /// Cut to [`MAX_TEXT_LEN`] bytes when encoded.
+    pub phase: String,
+    /// What went wrong. Cut to [`MAX_TEXT_LEN`] bytes when encoded.
+    pub message: String,
+}
+
+impl ErrorMsg {
+    /// Builds an error message.
+    pub fn new(phase: impl Into<String>, message: impl Into<String>) -> Self {
+        ErrorMsg {
+            phase: phase.into(),
+            message: message.into(),
+        }
+    }
+}
+
+impl Message for ErrorMsg {
+    const KIND: MsgKind = MsgKind::Error;
+
+    fn encode_into(&self, out: &mut Vec<u8>) -> Result<(), ProtocolError> {
+        const M: &str = "Error";
+        put_string(
+            out,
+            M,
+            "phase",
+            truncate_text(&self.phase, MAX_TEXT_LEN),
+            MAX_TEXT_LEN,
+        )?;
+        put_string(
+            out,
+            M,
+            "message",
+            truncate_text(&self.message, MAX_TEXT_LEN),
+            MAX_TEXT_LEN,
+        )
+    }
+
+    fn decode(payload: &[u8]) -> Result<Self, ProtocolError> {
+        let mut c = Cursor::new("Error", payload);
+        let phase = c.string("phase", MAX_TEXT_LEN)?;
+        let message = c.string("message", MAX_TEXT_LEN)?;
+        c.finish()?;
+        Ok(ErrorMsg { phase, message })
+    }
+}
+
+/// The destination gave the migration up after `Ready` and will never run
+/// the VM (destination → source). Same layout as [`ErrorMsg`].
+///
+/// Unlike an `Error` after `Go` (which leaves the outcome ambiguous), this
+/// is the destination's promise that the guest runs nowhere but on the
+/// source: the source resumes it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Abandoned(pub ErrorMsg);
+
+impl Message for Abandoned {
+    const KIND: MsgKind = MsgKind::Abandoned;
+
+    fn encode_into(&self, out: &mut Vec<u8>) -> Result<(), ProtocolError> {
+        self.0.encode_into(out)
+    }
+
+    fn decode(payload: &[u8]) -> Result<Self, ProtocolError> {
+        ErrorMsg::decode(payload).map(Abandoned)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::protocol::test_support::layout;
+    use std::fmt;
+
+    fn desc() -> VmDescription {
+        let mut properties = BTreeMap::new();
+        properties.insert("cpu.vendor".to_string(), "GenuineIntel".to_string());
+        properties.insert("machine".to_string(), "refvmm-ü".to_string());
+        VmDescription {
+            layout: layout(),
+            vcpus: 4,
+            nics: vec![
+                NicInfo {
+                    mac: [0x52, 0x54, 0, 0x12, 0x34, 0x56],
+                    ipv4: Some([10, 0, 0, 2]),
+                },
+                NicInfo {
+                    mac: [0x52, 0x54, 0, 0x12, 0x34, 0x57],
+                    ipv4: None,
+                },
+            ],
+            properties,
+        }
+    }
+
+    fn state() -> State {
+        State {
+            sections: vec![
+                Section::new("vcpu.0.regs", 1, vec![1, 2, 3, 4]),
+                Section::new("irqchip", 3, vec![]),
+                Section::new("serial.com1", 2, (0..=255).collect()),
+            ],
+        }
+    }
+
+    fn round_trip<M: Message + PartialEq + fmt::Debug>(m: &M) -> Vec<u8> {
+        let bytes = m.encode().unwrap();
+        assert_eq!(&M::decode(&bytes).unwrap(), m);
+        bytes
+    }
+
+    /// Every strict prefix fails, trailing garbage fails, the whole succeeds.
+    fn check_hostile<M: Message + fmt::Debug>(bytes: &[u8]) {
+        check_hostile_except::<M>(bytes, &[]);
+    }
+
+    /// [`check_hostile`], except that the prefixes of the lengths in
+    /// `valid` are whole messages of an older version.
+    fn check_hostile_except<M: Message + fmt::Debug>(bytes: &[u8], valid: &[usize]) {
+        for cut in 0..bytes.len() {
+            if valid.contains(&cut) {
+                M::decode(&bytes[..cut]).unwrap();
+                continue;
+            }
+            assert!(
+                M::decode(&bytes[..cut]).is_err(),
+                "{}: prefix of {cut}/{} bytes accepted",
+                M::KIND,
+                bytes.len()
+            );
+        }
+        let mut long = bytes.to_vec();
+        long.push(0);
+        let e = M::decode(&long).unwrap_err();
+        assert!(
+            matches!(e, ProtocolError::TrailingBytes { count: 1, .. }),
+            "{}: {e}",
+            M::KIND
+        );
+        M::decode(bytes).unwrap();
+    }
+
+    fn all_messages() -> Vec<(MsgKind, Vec<u8>)> {
+        vec![
+            (MsgKind::Hello, round_trip(&Hello::new(desc()))),
+            (
+                MsgKind::HelloReply,
+                round_trip(&HelloReply {
+                    accepted: false,
+                    reason: "no room für you".into(),
+                    streams: 1,
+                    token: [0; 16],
+                    version: 0,
+                }),
+            ),
+            (
+                MsgKind::RoundEnd,
+                round_trip(&RoundEnd {
+                    round: 3,
+                    pages: 123_456_789_012,
+                }),
+            ),
+            (MsgKind::State, round_trip(&state())),
+            (MsgKind::Complete, round_trip(&Complete)),
+            (MsgKind::Ready, round_trip(&Ready { restore_us: 1234 })),
+            (MsgKind::Go, round_trip(&Go)),
+            (MsgKind::Resumed, round_trip(&Resumed { resume_us: 99 })),
+            (
+                MsgKind::Error,
+                round_trip(&ErrorMsg::new("restore", "section 'x': version 9")),
+            ),
+            (MsgKind::Cancel, round_trip(&Cancel)),
+            (MsgKind::Keepalive, round_trip(&Keepalive)),
+            (
+                MsgKind::Abandoned,
+                round_trip(&Abandoned(ErrorMsg::new("completion", "no Go within 10s"))),
+            ),
+            (
+                MsgKind::StreamHello,
+                round_trip(&StreamHello {
+                    token: [7; 16],
+                    index: 3,
+                }),
+            ),
+        ]
+    }
+
+    #[test]
+    fn round_trip_every_message() {
+        let msgs = all_messages();
+        assert_eq!(msgs.len(), MsgKind::ALL.len() - 2); // all but Pages, PagesLz4
+        round_trip(&HelloReply {
+            accepted: true,
+            reason: String::new(),
+            streams: 1,
+            token: [0; 16],
+            version: PROTOCOL_VERSION,
+        });
+        round_trip(&State::default());
+        let mut d = desc();
+        d.nics.clear();
+        d.properties.clear();
+        round_trip(&Hello::new(d));
+        for k in MsgKind::ALL {
+            assert_eq!(MsgKind::from_u8(k as u8), Some(k));
+        }
+        assert_eq!(MsgKind::from_u8(0), None);
+        assert_eq!(MsgKind::from_u8(16), None);
+    }
+
+    #[test]
+    fn decoders_reject_truncation_and_trailing_bytes() {
+        check_hostile::<Hello>(&Hello::new(desc()).encode().unwrap());
+        let v3 = HelloReply {
+            accepted: true,
+            reason: "ok".into(),
+            streams: 1,
+            token: [0; 16],
+            version: PROTOCOL_VERSION,
+        }
+        .encode()
+        .unwrap();
+        // Without its last field it is a version-2 (release 0.1.0) reply.
+        check_hostile_except::<HelloReply>(&v3, &[v3.len() - 4]);
+        let v2 = HelloReply::decode(&v3[..v3.len() - 4]).unwrap();
+        assert_eq!(v2.version, 2);
+        assert_eq!(v2.encode().unwrap(), &v3[..v3.len() - 4]);
+        // A version field that says 2 (or less) is malformed.
+        let mut low = v3[..v3.len() - 4].to_vec();
+        low.extend_from_slice(&2u32.to_le_bytes());
+        assert!(HelloReply::decode(&low).is_err());
+        // A paused source is said with the reserved property, which never
+        // reaches the description; a description may not use the prefix.
+        let mut h = Hello::new(desc());
+        h.paused = true;
+        let got = Hello::decode(&h.encode().unwrap()).unwrap();
+        assert!(got.paused);
+        assert_eq!(got.desc, desc());
+        check_hostile::<Hello>(&h.encode().unwrap());
+        let mut d = desc();
+        d.properties.insert(PAUSED_PROPERTY.into(), "1".into());
+        assert!(Hello::new(d).encode().is_err());
+        check_hostile::<RoundEnd>(&RoundEnd { round: 1, pages: 2 }.encode().unwrap());
+        check_hostile::<State>(&state().encode().unwrap());
+        check_hostile::<Complete>(&[]);
+        check_hostile::<Go>(&[]);
+        check_hostile::<Cancel>(&[]);
+        check_hostile::<Keepalive>(&[]);
+        check_hostile::<StreamHello>(
+            &StreamHello {
+                token: [1; 16],
+                index: 2,
+            }
+            .encode()
+            .unwrap(),
+        );
+        check_hostile::<Ready>(&Ready { restore_us: 5 }.encode().unwrap());
+        check_hostile::<Resumed>(&Resumed { resume_us: 5 }.encode().unwrap());
+        check_hostile::<ErrorMsg>(&ErrorMsg::new("memory", "boom").encode().unwrap());
+        let e = Go::decode(&[1]).unwrap_err();
+        assert_eq!(e.to_string(), "Go: 1 trailing bytes at offset 0");
+    }
+
+    #[test]
+    fn hello_wrong_magic_and_versions() {
+        let good = Hello::new(desc()).encode().unwrap();
+        let mut bad = good.clone();
+        bad[0] = b'X';
+        assert!(matches!(
+            Hello::decode(&bad),
+            Err(ProtocolError::BadHelloMagic { .. })
+        ));
+
+        let mut h = Hello::new(desc());
+        h.protocol_version = 7;
+        h.min_protocol_version = 7;
+        let e = Hello::decode(&h.encode().unwrap()).unwrap_err();
+        assert!(
+            matches!(
+                e,
+                ProtocolError::UnsupportedVersion {
+                    peer_version: 7,
+                    peer_min: 7,
+                    min: 2,
+                    max: 3
+                }
+            ),
+            "{e}"
+        );
+        let s = e.to_string();
+        assert!(s.contains("unsupported protocol version 7"), "{s}");
+        assert!(s.contains("this side speaks 2..=3"), "{s}");
+
+        // A newer peer that still speaks version 3 negotiates down, and
+        // the fields it appends for its own version are not read.
+        h.min_protocol_version = 3;
+        let mut next = h.encode().unwrap();
+        let got = Hello::decode(&next).unwrap();
+        assert_eq!(got.negotiated_version().unwrap(), 3);
+        next.extend_from_slice(b"future fields");
+        let got = Hello::decode(&next).unwrap();
+        assert_eq!(got.negotiated_version().unwrap(), 3);
+        // From a peer of this version, trailing bytes are refused.
+        let mut same = Hello::new(desc()).encode().unwrap();
+        same.push(0);
+        assert!(Hello::decode(&same).is_err());
+
+        // Version 1 is refused; version 2 (release 0.1.0) is spoken.
+        h.protocol_version = 1;
+        h.min_protocol_version = 1;
+        assert!(Hello::decode(&h.encode().unwrap()).is_err());
+        h.protocol_version = 2;
+        h.min_protocol_version = 2;
+        assert_eq!(
+            Hello::decode(&h.encode().unwrap())
+                .unwrap()
+                .negotiated_version()
+                .unwrap(),
+            2
+        );
+
+        // Stream counts outside 1..=MAX_STREAMS are refused both ways.
+        let mut h = Hello::new(desc());
+        h.streams = MAX_STREAMS + 1;
+        assert!(h.encode().is_err());
+        let mut raw = Hello::new(desc()).encode().unwrap();
+        let n = raw.len();
+        raw[n - 4..n].copy_from_slice(&0u32.to_le_bytes());
+        assert!(Hello::decode(&raw)
+            .unwrap_err()
+            .to_string()
+            .contains("streams"));
+
+        // Version 0 / inverted ranges are refused.
+        h.streams = 1;
+        h.protocol_version = 0;
+        h.min_protocol_version = 0;
+        assert!(matches!(
+            Hello::decode(&h.encode().unwrap()),
+            Err(ProtocolError::UnsupportedVersion { .. })
+        ));
+
+        let mut h = Hello::new(desc());
+        h.page_size = 65536;
+        assert!(matches!(
+            Hello::decode(&h.encode().unwrap()),
+            Err(ProtocolError::PageSizeMismatch { peer: 65536, .. })
+        ));
+    }
+
+    /// Offsets of the Hello fields after the fixed prefix, for `desc()`.
+    fn hello_offsets() -> (usize, usize, usize, usize) {
+        let regions_at = 8 + 4 + 4 + 4;
+        let vcpus_at = regions_at + 4 + 2 * 16;
+        let nics_at = vcpus_at + 4;
+        let props_at = nics_at + 4 + 2 * NIC_LEN;
+        (regions_at, vcpus_at, nics_at, props_at)
+    }
+
+    #[test]
+    fn hello_rejects_bad_fields() {
+        let good = Hello::new(desc()).encode().unwrap();
+        let (regions_at, vcpus_at, nics_at, props_at) = hello_offsets();
+        let patch = |at: usize, bytes: &[u8]| {
+            let mut b = good.clone();
+            b[at..at + bytes.len()].copy_from_slice(bytes);
+            Hello::decode(&b).unwrap_err().to_string()
+        };
+        // Huge region count fails fast.
+        let e = patch(regions_at, &u32::MAX.to_le_bytes());
+        assert!(e.contains("exceeds the limit of 64"), "{e}");
+        // Overlapping regions: second region starts at 0.
+        let e = patch(regions_at + 4 + 16, &0u64.to_le_bytes());
+        assert!(e.contains("invalid memory layout"), "{e}");
+        // Unaligned region.
+        let e = patch(regions_at + 4, &1u64.to_le_bytes());
+        assert!(e.contains("not page aligned"), "{e}");
+        assert!(patch(vcpus_at, &0u32.to_le_bytes()).contains("0 vCPUs"));
+        assert!(patch(vcpus_at, &257u32.to_le_bytes()).contains("257 vCPUs"));
+        assert!(patch(nics_at, &17u32.to_le_bytes()).contains("17 NICs"));
+        // has_ip = 2.
+        assert!(patch(nics_at + 4 + 6, &[2]).contains("not a boolean"));
+        // IP bytes without has_ip (second NIC has none).
+        assert!(patch(nics_at + 4 + NIC_LEN + 7, &[1]).contains("without has_ip"));
+        assert!(patch(props_at, &65u32.to_le_bytes()).contains("65 properties"));
+        // Key length over the limit.
+        assert!(patch(props_at + 4, &300u16.to_le_bytes()).contains("limit 256"));
+        // Bad UTF-8 in the first key ("cpu.vendor").
+        let e = patch(props_at + 4 + 2, &[0xff]);
+        assert!(e.contains("not valid UTF-8"), "{e}");
+        // Duplicate key: rename "machine" (7 bytes) to "cpu.ven" — not a
+        // duplicate; build one explicitly instead.
+        let mut b = good[..props_at].to_vec();
+        b.extend_from_slice(&2u32.to_le_bytes());
+        for _ in 0..2 {
+            b.extend_from_slice(&1u16.to_le_bytes());
+            b.push(b'k');
+            b.extend_from_slice(&0u16.to_le_bytes());
+        }
+        let e = Hello::decode(&b).unwrap_err().to_string();
+        assert!(e.contains("'k' appears twice"), "{e}");
+        // Empty key.
+        let mut b = good[..props_at].to_vec();
+        b.extend_from_slice(&1u32.to_le_bytes());
+        b.extend_from_slice(&[0, 0, 0, 0]);
+        let e = Hello::decode(&b).unwrap_err().to_string();
+        assert!(e.contains("empty key"), "{e}");
+    }
+
+    #[test]
+    fn encoders_refuse_what_decoders_would_reject() {
+        let mut d = desc();
+        d.vcpus = 0;
+        assert!(Hello::new(d).encode().is_err());
+        let mut d = desc();
+        d.properties.insert("x".repeat(300), "v".into());
+        assert!(Hello::new(d).encode().is_err());
+        let mut d = desc();
+        d.nics = vec![d.nics[0].clone(); 17];
+        assert!(Hello::new(d).encode().is_err());
+        let mut d = desc();
+        d.properties.insert(String::new(), "v".into());
+        assert!(Hello::new(d).encode().is_err());
+
+        for bad in [
+            State {
+                sections: vec![Section::new("a", 1, vec![]), Section::new("a", 2, vec![])],
+            },
+            State {
+                sections: vec![Section::new("", 1, vec![])],
+            },
+            State {
+                sections: vec![Section::new("tab\there", 1, vec![])],
+            },
+            State {
+                sections: vec![Section::new("x".repeat(65), 1, vec![])],
+            },
+            State {
+                sections: vec![Section::new("big", 1, vec![0; MAX_SECTION_LEN + 1])],
+            },
+        ] {
+            assert!(bad.encode().is_err(), "{bad:?}");
+        }
+
+        // Long texts are cut at a character boundary, not refused.
+        let long = "é".repeat(3000); // 6000 bytes
+        let m = ErrorMsg::new(long.clone(), long.clone());
+        let got = ErrorMsg::decode(&m.encode().unwrap()).unwrap();
+        assert_eq!(got.message.len(), MAX_TEXT_LEN);
+        assert!(long.starts_with(&got.message));
+        let r = HelloReply {
+            accepted: false,
+            reason: long,
+            streams: 1,
+            token: [0; 16],
+            version: 0,
+        };
+        assert_eq!(
+            HelloReply::decode(&r.encode().unwrap())
+                .unwrap()
+                .reason
+                .len(),
+            MAX_TEXT_LEN
+        );
+    }
+
+    #[test]
+    fn state_rejects_hostile_input() {
+        let t0 = std::time::Instant::now();
+        // 4 billion sections: refused by the count check, nothing allocated.
+        let e = State::decode(&u32::MAX.to_le_bytes())
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("exceeds the limit of 4096"), "{e}");
+        // 4096 sections claimed, 10 bytes present.
+        let mut b = 4096u32.to_le_bytes().to_vec();
+        b.extend_from_slice(&[0; 10]);
+        let e = State::decode(&b).unwrap_err().to_string();
+        assert!(e.contains("only 10 are left"), "{e}");
+        assert!(t0.elapsed() < std::time::Duration::from_secs(1));
+
+        let section = |name: &[u8], version: u32, len: u32, data: &[u8]| {
+            let mut v = (name.len() as u16).to_le_bytes().to_vec();
+            v.extend_from_slice(name);
+            v.extend_from_slice(&version.to_le_bytes());
+            v.extend_from_slice(&len.to_le_bytes());
+            v.extend_from_slice(data);
+            v
+        };
+        let msg = |secs: &[Vec<u8>]| {
+            let mut v = (secs.len() as u32).to_le_bytes().to_vec();
+            for s in secs {
+                v.extend_from_slice(s);
+            }
+            State::decode(&v).unwrap_err().to_string()
+        };
+        let e = msg(&[section(b"a", 1, 0, &[]), section(b"a", 2, 0, &[])]);
+        assert!(e.contains("section 'a' appears twice"), "{e}");
+        let e = msg(&[section(b"x", 4, u32::MAX, &[])]);
+        assert!(
+            e.contains("section 'x' (version 4): length 4294967295 exceeds"),
+            "{e}"
+        );
+        let e = msg(&[section(b"x", 4, 100, &[1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11])]);
+        assert!(e.contains("runs past the end of the frame"), "{e}");
+        let e = msg(&[section(&[0xc3, 0x28], 1, 0, &[0; 2])]);
+        assert!(e.contains("printable ASCII"), "{e}");
+        let e = msg(&[section(b"new\nline", 1, 0, &[])]);
+        assert!(e.contains("printable ASCII"), "{e}");
+        let e = msg(&[section(&[b'n'; 65], 1, 0, &[])]);
+        assert!(e.contains("65 bytes exceeds"), "{e}");
+        let e = msg(&[section(b"", 1, 0, &[0])]);
+        assert!(e.contains("printable ASCII"), "{e}");
+    }
+
+    #[test]
+    fn text_rejects_bad_utf8_and_oversize() {
+        let mut b = vec![0u8];
+        b.extend_from_slice(&2u16.to_le_bytes());
+        b.extend_from_slice(&[0xff, 0xfe]);
+        let e = HelloReply::decode(&b).unwrap_err().to_string();
+        assert!(e.contains("reason is not valid UTF-8"), "{e}");
+        let mut b = 4097u16.to_le_bytes().to_vec();
+        b.extend_from_slice(&[b'a'; 4097]);
+        b.extend_from_slice(&0u16.to_le_bytes());
+        let e = ErrorMsg::decode(&b).unwrap_err().to_string();
+        assert!(e.contains("phase is 4097 bytes, limit 4096"), "{e}");
+        // accepted must be 0 or 1.
+        let e = HelloReply::decode(&[2, 0, 0]).unwrap_err().to_string();
+        assert!(e.contains("not a boolean"), "{e}");
+    }
+}

@@ -1,0 +1,698 @@
+//! `Pages` payloads: the page-record layout, [`PageBatch`] (encoding),
+//! [`page_records`] (decoding), LZ4 compression, and which stream carries a
+//! page ([`stream_of`]).
+
+use super::codec::{put_u32, Cursor};
+use super::{ProtocolError, MAX_FRAME_PAYLOAD};
+use crate::memory::{MemoryLayout, PAGE_SIZE};
+
+/// Size of a page record header in a `Pages` payload.
+pub const PAGE_RECORD_HEADER_LEN: usize = 16;
+
+/// The header of one record in a `Pages` payload, little-endian; `npages`
+/// pages of data follow it when `kind` is [`RecordHeader::KIND_DATA`].
+/// This type is the only code that knows the record header's byte layout:
+/// [`PageBatch`] writes it and [`page_records`] reads it through this type.
+///
+/// | offset | size | field                                          |
+/// |-------:|-----:|------------------------------------------------|
+/// | 0      | 8    | `gpa`: guest-physical address, page aligned    |
+/// | 8      | 4    | `npages`: number of pages, at least 1          |
+/// | 12     | 1    | `kind`: 0 = zero pages, 1 = data follows       |
+/// | 13     | 3    | reserved, 0                                    |
+///
+/// ```
+/// use livemig::protocol::RecordHeader;
+///
+/// let h = RecordHeader::new(0x1000, 2, RecordHeader::KIND_DATA);
+/// assert_eq!(h.encode(), [0, 0x10, 0, 0, 0, 0, 0, 0, 2, 0, 0, 0, 1, 0, 0, 0]);
+/// assert_eq!(RecordHeader::decode(&h.encode())?, h);
+/// # Ok::<(), livemig::protocol::ProtocolError>(())
+/// ```
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct RecordHeader {
+    /// Guest-physical address of the first page.
+    pub gpa: u64,
+    /// Number of pages.
+    pub npages: u32,
+    /// [`RecordHeader::KIND_ZERO`] or [`RecordHeader::KIND_DATA`] in a valid
+    /// record.
+    pub kind: u8,
+    /// Reserved, zero in a valid record.
+    pub reserved: [u8; 3],
+}
+
+impl RecordHeader {
+    /// `kind` of a record of zero pages (no data follows).
+    pub const KIND_ZERO: u8 = 0;
+    /// `kind` of a record whose `npages * PAGE_SIZE` bytes of data follow.
+    pub const KIND_DATA: u8 = 1;
+
+    /// A header with the reserved bytes zero.
+    pub fn new(gpa: u64, npages: u32, kind: u8) -> Self {
+        RecordHeader {
+            gpa,
+            npages,
+            kind,
+            reserved: [0; 3],
+        }
+    }
+
+    /// The header's wire bytes.
+    pub fn encode(&self) -> [u8; PAGE_RECORD_HEADER_LEN] {
+        let mut b = [0u8; PAGE_RECORD_HEADER_LEN];
+        b[0..8].copy_from_slice(&self.gpa.to_le_bytes());
+        b[8..12].copy_from_slice(&self.npages.to_le_bytes());
+        b[12] = self.kind;
+        b[13..16].copy_from_slice(&self.reserved);
+        b
+    }
+
+    /// The fields of the header at the start of `bytes`, unchecked (what
+    /// makes a valid record is checked by [`page_records`]); fails only if
+    /// `bytes` is shorter than a header.
+    pub fn decode(bytes: &[u8]) -> Result<Self, ProtocolError> {
+        RecordHeader::read(&mut Cursor::new("Pages record", bytes))
+    }
+
+    /// Reads the fields in wire order, so that a truncated header is
+    /// reported at the field it cuts.
+    fn read(c: &mut Cursor<'_>) -> Result<Self, ProtocolError> {
+        Ok(RecordHeader {
+            gpa: c.u64()?,
+            npages: c.u32()?,
+            kind: c.u8()?,
+            reserved: c.array()?,
+        })
+    }
+
+    /// The address just past the record's pages, if it does not overflow.
+    fn end(&self) -> Option<u64> {
+        self.gpa.checked_add(u64::from(self.npages) * PAGE_SIZE)
+    }
+
+    /// This header extended by `next`, if `next` is of the same kind,
+    /// starts where this one ends, and the page count still fits.
+    fn merged(&self, next: &RecordHeader) -> Option<RecordHeader> {
+        if self.kind != next.kind || self.end() != Some(next.gpa) {
+            return None;
+        }
+        Some(RecordHeader {
+            npages: self.npages.checked_add(next.npages)?,
+            ..*self
+        })
+    }
+}
+
+pub(super) const PAGE_BYTES: usize = PAGE_SIZE as usize;
+
+/// Whether `addr` is a multiple of [`PAGE_SIZE`] (a power of two).
+fn page_aligned(addr: u64) -> bool {
+    addr & (PAGE_SIZE - 1) == 0
+}
+
+/// The page stream (`0 .. streams`) that carries page `page` of region
+/// `region` when a migration uses `streams` page streams.
+///
+/// Memory is cut into chunks of [`STREAM_CHUNK_PAGES`] pages, numbered
+/// across the regions in layout order; chunk `n` travels on stream
+/// `n % streams`. A page therefore always travels on the same stream, so
+/// its newer copies (later rounds) can never overtake older ones.
+pub fn stream_of(layout: &MemoryLayout, region: usize, page: u64, streams: u32) -> u32 {
+    if streams <= 1 {
+        return 0;
+    }
+    let before: u64 = layout
+        .regions()
+        .iter()
+        .take(region)
+        .map(|r| r.pages().div_ceil(STREAM_CHUNK_PAGES))
+        .sum();
+    ((before + page / STREAM_CHUNK_PAGES) % u64::from(streams)) as u32
+}
+
+/// Compresses a `Pages` payload into `out` (cleared first) as a
+/// [`MsgKind::PagesLz4`](super::MsgKind::PagesLz4) payload.
+pub fn compress_pages(pages: &[u8], out: &mut Vec<u8>) {
+    out.clear();
+    put_u32(out, pages.len() as u32);
+    let start = out.len();
+    out.resize(
+        start + lz4_flex::block::get_maximum_output_size(pages.len()),
+        0,
+    );
+    match lz4_flex::block::compress_into(pages, &mut out[start..]) {
+        Ok(n) => out.truncate(start + n),
+        // Cannot happen with a buffer of the maximum size; send it raw-sized
+        // garbage-free anyway: an empty block decodes to a length mismatch.
+        Err(_) => out.truncate(start),
+    }
+}
+
+/// Decompresses a [`MsgKind::PagesLz4`](super::MsgKind::PagesLz4) payload into `out` (cleared first);
+/// the claimed size is checked against [`MAX_FRAME_PAYLOAD`] before anything
+/// is allocated, and the block must decode to exactly that size.
+pub fn decompress_pages(payload: &[u8], out: &mut Vec<u8>) -> Result<(), ProtocolError> {
+    let mut c = Cursor::new("PagesLz4", payload);
+    let at = c.pos;
+    let len = c.u32()? as usize;
+    if len > MAX_FRAME_PAYLOAD {
+        return Err(c.malformed_at(
+            at,
+            format!("uncompressed size {len} exceeds {MAX_FRAME_PAYLOAD}"),
+        ));
+    }
+    let block = &payload[4..];
+    out.clear();
+    out.resize(len, 0);
+    match lz4_flex::block::decompress_into(block, out) {
+        Ok(n) if n == len => Ok(()),
+        Ok(n) => Err(c.malformed_at(4, format!("block decodes to {n} bytes, {len} claimed"))),
+        Err(e) => Err(c.malformed_at(4, format!("bad LZ4 block: {e}"))),
+    }
+}
+
+/// Pages per chunk for [`stream_of`].
+pub const STREAM_CHUNK_PAGES: u64 = 1024;
+
+/// One record of a `Pages` payload: `npages` pages at `gpa`, either all zero
+/// (`data == None`) or with their contents.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct PageRecord<'a> {
+    /// Guest-physical address of the first page (page aligned).
+    pub gpa: u64,
+    /// Number of pages (at least 1).
+    pub npages: u32,
+    /// `npages * PAGE_SIZE` bytes of page data, or `None` for zero pages.
+    pub data: Option<&'a [u8]>,
+}
+
+impl PageRecord<'_> {
+    /// Length of the record's range in bytes.
+    pub fn len_bytes(&self) -> u64 {
+        u64::from(self.npages) * PAGE_SIZE
+    }
+
+    /// Checks that the record lies inside one region of `layout`; returns
+    /// the region index and the first page's index within that region.
+    pub fn check(&self, layout: &MemoryLayout) -> Result<(usize, u64), ProtocolError> {
+        layout
+            .locate(self.gpa, u64::from(self.npages))
+            .ok_or(ProtocolError::PagesOutsideMemory {
+                gpa: self.gpa,
+                npages: self.npages,
+            })
+    }
+}
+
+/// Iterates over the records of a `Pages` payload without copying; see
+/// [`page_records`]. Stops after the first error.
+#[derive(Debug, Clone)]
+pub struct PageRecords<'a> {
+    payload: &'a [u8],
+    pos: usize,
+    failed: bool,
+}
+
+/// Decodes a `Pages` payload record by record, without copying page data.
+///
+/// Each record is checked for a page-aligned `gpa`, `npages >= 1`, a known
+/// kind, zero reserved bytes, no address overflow, and data that fits in the
+/// payload. Whether the pages lie in guest memory is checked by
+/// [`PageRecord::check`].
+pub fn page_records(payload: &[u8]) -> PageRecords<'_> {
+    PageRecords {
+        payload,
+        pos: 0,
+        failed: false,
+    }
+}
+
+impl<'a> PageRecords<'a> {
+    fn next_record(&mut self) -> Result<PageRecord<'a>, ProtocolError> {
+        const M: &str = "Pages record";
+        let at = self.pos;
+        let mut c = Cursor {
+            msg: M,
+            data: self.payload,
+            pos: at,
+        };
+        let RecordHeader {
+            gpa,
+            npages,
+            kind,
+            reserved,
+        } = RecordHeader::read(&mut c)?;
+        if reserved != [0; 3] {
+            return Err(c.malformed_at(at, format!("reserved bytes {reserved:02x?} are not zero")));
+        }
+        if !page_aligned(gpa) {
+            return Err(c.malformed_at(at, format!("address 0x{gpa:x} is not page aligned")));
+        }
+        if npages == 0 {
+            return Err(c.malformed_at(at, "zero pages"));
+        }
+        let len = u64::from(npages) * PAGE_SIZE;
+        if gpa.checked_add(len).is_none() {
+            return Err(c.malformed_at(
+                at,
+                format!("pages 0x{gpa:x}+{npages} wrap around the address space"),
+            ));
+        }
+        let data = match kind {
+            RecordHeader::KIND_ZERO => None,
+            RecordHeader::KIND_DATA => {
+                let len = usize::try_from(len).unwrap_or(usize::MAX);
+                if len > c.left() {
+                    return Err(c.malformed_at(
+                        at,
+                        format!(
+                            "data runs past end of frame ({npages} pages need {len} bytes, {} left)",
+                            c.left()
+                        ),
+                    ));
+                }
+                Some(c.bytes(len)?)
+            }
+            k => return Err(c.malformed_at(at, format!("unknown record kind {k}"))),
+        };
+        self.pos = c.pos;
+        Ok(PageRecord { gpa, npages, data })
+    }
+}
+
+impl<'a> Iterator for PageRecords<'a> {
+    type Item = Result<PageRecord<'a>, ProtocolError>;
+
+    fn next(&mut self) -> Option<Self::Item> {
+        if self.failed || self.pos >= self.payload.len() {
+            return None;
+        }
+        let r = self.next_record();
+        if r.is_err() {
+            self.failed = true;
+        }
+        Some(r)
+    }
+}
+
+impl std::iter::FusedIterator for PageRecords<'_> {}
+
+/// Builds a `Pages` payload. Adjacent pushes of the same kind with
+/// contiguous addresses are merged into one record.
+///
+/// ```
+/// use livemig::protocol::{page_records, PageBatch};
+/// use livemig::memory::PAGE_SIZE;
+///
+/// let mut batch = PageBatch::with_capacity(1 << 20);
+/// batch.push_zero(0, 4)?;
+/// batch.push_data_with(0x10000, 1, |dst| {
+///     dst.fill(0xaa); // copy the guest page here
+///     Ok::<(), livemig::protocol::ProtocolError>(())
+/// })?;
+/// assert_eq!((batch.zero_pages(), batch.data_pages()), (4, 1));
+/// let recs: Vec<_> = page_records(batch.as_bytes()).collect::<Result<_, _>>()?;
+/// assert_eq!(recs.len(), 2);
+/// # Ok::<(), livemig::protocol::ProtocolError>(())
+/// ```
+#[derive(Debug, Clone, Default)]
+pub struct PageBatch {
+    buf: Vec<u8>,
+    data_pages: u64,
+    zero_pages: u64,
+    /// Offset of the last record header and the header as written there
+    /// (for merging).
+    last: Option<(usize, RecordHeader)>,
+}
+
+impl PageBatch {
+    /// An empty batch with room for `bytes` bytes of payload.
+    pub fn with_capacity(bytes: usize) -> Self {
+        PageBatch {
+            buf: Vec::with_capacity(bytes),
+            ..Default::default()
+        }
+    }
+
+    /// Payload bytes a record of `npages` data pages adds at most.
+    pub const fn data_record_len(npages: u32) -> usize {
+        PAGE_RECORD_HEADER_LEN + npages as usize * PAGE_BYTES
+    }
+
+    fn check_range(gpa: u64, npages: u32) -> Result<(), ProtocolError> {
+        let ok = npages > 0
+            && page_aligned(gpa)
+            && gpa.checked_add(u64::from(npages) * PAGE_SIZE).is_some();
+        if !ok {
+            return Err(ProtocolError::Unencodable {
+                msg: "Pages",
+                reason: format!("bad page range 0x{gpa:x}+{npages}"),
+            });
+        }
+        Ok(())
+    }
+
+    /// Ends the current record: the next push starts a new one even if its
+    /// pages follow on. A sender calls it where a memory region ends, since
+    /// a record must lie inside one region (two regions may touch).
+    pub fn end_record(&mut self) {
+        self.last = None;
+    }
+
+    /// Appends a record (or extends the last one); returns the offset where
+    /// page data for it must go.
+    fn push_record(&mut self, gpa: u64, npages: u32, kind: u8) -> usize {
+        let new = RecordHeader::new(gpa, npages, kind);
+        if let Some((off, last)) = self.last {
+            if let Some(merged) = last.merged(&new) {
+                self.rewrite_header(off, merged);
+                self.last = Some((off, merged));
+                return self.buf.len();
+            }
+        }
+        let off = self.buf.len();
+        self.buf.extend_from_slice(&new.encode());
+        self.last = Some((off, new));
+        self.buf.len()
+    }
+
+    /// Overwrites the record header at `off` (one this batch wrote).
+    fn rewrite_header(&mut self, off: usize, header: RecordHeader) {
+        if let Some(dst) = self.buf.get_mut(off..off + PAGE_RECORD_HEADER_LEN) {
+            dst.copy_from_slice(&header.encode());
+        }
+    }
+
+    /// Adds `npages` zero pages at `gpa` (no page data is sent).
+    pub fn push_zero(&mut self, gpa: u64, npages: u32) -> Result<(), ProtocolError> {
+        Self::check_range(gpa, npages)?;
+        self.push_record(gpa, npages, RecordHeader::KIND_ZERO);
+        self.zero_pages += u64::from(npages);
+        Ok(())
+    }
+
+    /// Adds `npages` pages at `gpa`: reserves `npages * PAGE_SIZE` bytes in
+    /// the batch and lets `fill` copy the page contents into them directly.
+    /// If `fill` fails the batch is left as it was before the call.
+    pub fn push_data_with<E, F>(&mut self, gpa: u64, npages: u32, fill: F) -> Result<(), E>
+    where
+        E: From<ProtocolError>,
+        F: FnOnce(&mut [u8]) -> Result<(), E>,
+    {
+        Self::check_range(gpa, npages)?;
+        let saved_len = self.buf.len();
+        let saved_last = self.last;
+        let start = self.push_record(gpa, npages, RecordHeader::KIND_DATA);
+        let len = npages as usize * PAGE_BYTES;
+        self.buf.resize(start + len, 0);
+        match fill(&mut self.buf[start..start + len]) {
+            Ok(()) => {
+                self.data_pages += u64::from(npages);
+                Ok(())
+            }
+            Err(e) => {
+                self.buf.truncate(saved_len);
+                self.last = saved_last;
+                if let Some((off, header)) = saved_last {
+                    // A merge may have grown it.
+                    self.rewrite_header(off, header);
+                }
+                Err(e)
+            }
+        }
+    }
+
+    /// Adds `npages` pages at `gpa` copied from `data` (`npages * PAGE_SIZE`
+    /// bytes).
+    pub fn push_data(&mut self, gpa: u64, npages: u32, data: &[u8]) -> Result<(), ProtocolError> {
+        if data.len() as u64 != u64::from(npages) * PAGE_SIZE {
+            return Err(ProtocolError::Unencodable {
+                msg: "Pages",
+                reason: format!(
+                    "{} bytes of data for {npages} pages at 0x{gpa:x}",
+                    data.len()
+                ),
+            });
+        }
+        self.push_data_with(gpa, npages, |dst: &mut [u8]| {
+            dst.copy_from_slice(data);
+            Ok(())
+        })
+    }
+
+    /// Payload length in bytes.
+    pub fn len_bytes(&self) -> usize {
+        self.buf.len()
+    }
+
+    /// Whether no record was pushed.
+    pub fn is_empty(&self) -> bool {
+        self.buf.is_empty()
+    }
+
+    /// Empties the batch, keeping its buffer.
+    pub fn clear(&mut self) {
+        self.buf.clear();
+        self.data_pages = 0;
+        self.zero_pages = 0;
+        self.last = None;
+    }
+
+    /// The encoded payload, to send with
+    /// `writer.write_frame(MsgKind::Pages, &[batch.as_bytes()])`.
+    pub fn as_bytes(&self) -> &[u8] {
+        &self.buf
+    }
+
+    /// Pages with data in the batch.
+    pub fn data_pages(&self) -> u64 {
+        self.data_pages
+    }
+
+    /// Zero pages in the batch.
+    pub fn zero_pages(&self) -> u64 {
+        self.zero_pages
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::protocol::test_support::layout;
+
+    #[test]
+    fn lz4_pages_round_trip_and_hostile_blocks() {
+        let mut raw = Vec::new();
+        for i in 0..20_000u32 {
+            raw.extend_from_slice(&(i / 7).to_le_bytes());
+        }
+        let mut z = Vec::new();
+        compress_pages(&raw, &mut z);
+        assert!(z.len() < raw.len() / 2, "{} of {}", z.len(), raw.len());
+        let mut back = Vec::new();
+        decompress_pages(&z, &mut back).unwrap();
+        assert_eq!(back, raw);
+        // A size claim over the frame limit is refused before allocating.
+        let mut big = z.clone();
+        big[..4].copy_from_slice(&(MAX_FRAME_PAYLOAD as u32 + 1).to_le_bytes());
+        let e = decompress_pages(&big, &mut back).unwrap_err().to_string();
+        assert!(e.contains("exceeds"), "{e}");
+        // A claim that does not match the block, a damaged block, truncation.
+        let mut lie = z.clone();
+        lie[..4].copy_from_slice(&(raw.len() as u32 - 1).to_le_bytes());
+        assert!(decompress_pages(&lie, &mut back).is_err());
+        let mut bad = z.clone();
+        let n = bad.len();
+        bad[n / 2] ^= 0xff;
+        bad[n - 1] ^= 0xff;
+        let _ = decompress_pages(&bad, &mut back); // must not panic
+        for cut in [0, 3, 4, 5, z.len() / 2, z.len() - 1] {
+            assert!(decompress_pages(&z[..cut], &mut back).is_err(), "cut {cut}");
+        }
+    }
+
+    fn page(fill: u8) -> Vec<u8> {
+        vec![fill; PAGE_BYTES]
+    }
+
+    #[test]
+    fn page_batch_round_trip_and_merging() {
+        let mut b = PageBatch::with_capacity(1 << 20);
+        assert!(b.is_empty());
+        b.push_zero(0, 2).unwrap();
+        b.push_zero(0x2000, 3).unwrap(); // merged
+        b.push_data(0x5000, 1, &page(1)).unwrap();
+        b.push_data_with(0x6000, 2, |dst: &mut [u8]| {
+            assert_eq!(dst.len(), 2 * PAGE_BYTES);
+            dst[..PAGE_BYTES].fill(2);
+            dst[PAGE_BYTES..].fill(3);
+            Ok::<(), ProtocolError>(())
+        })
+        .unwrap(); // merged with the previous data record
+        b.push_data(0x100000, 1, &page(4)).unwrap(); // not contiguous
+        b.push_zero(0x101000, 1).unwrap(); // other kind
+        assert_eq!(b.zero_pages(), 6);
+        assert_eq!(b.data_pages(), 4);
+        assert_eq!(b.len_bytes(), 4 * PAGE_RECORD_HEADER_LEN + 4 * PAGE_BYTES);
+
+        let recs: Vec<_> = page_records(b.as_bytes())
+            .collect::<Result<_, _>>()
+            .unwrap();
+        assert_eq!(recs.len(), 4);
+        assert_eq!((recs[0].gpa, recs[0].npages, recs[0].data), (0, 5, None));
+        assert_eq!((recs[1].gpa, recs[1].npages), (0x5000, 3));
+        let d = recs[1].data.unwrap();
+        assert_eq!(d.len(), 3 * PAGE_BYTES);
+        assert!(d[..PAGE_BYTES].iter().all(|&x| x == 1));
+        assert!(d[PAGE_BYTES..2 * PAGE_BYTES].iter().all(|&x| x == 2));
+        assert!(d[2 * PAGE_BYTES..].iter().all(|&x| x == 3));
+        assert_eq!(recs[2].data.unwrap(), &page(4)[..]);
+        assert_eq!(
+            (recs[3].gpa, recs[3].npages, recs[3].data),
+            (0x101000, 1, None)
+        );
+
+        let l = layout();
+        assert_eq!(recs[0].check(&l).unwrap(), (0, 0));
+        assert_eq!(recs[2].check(&l).unwrap(), (1, 0));
+        let out = PageRecord {
+            gpa: 0x9f000,
+            npages: 2,
+            data: None,
+        };
+        assert_eq!(
+            out.check(&l).unwrap_err().to_string(),
+            "pages 0x9f000+2 outside guest memory"
+        );
+
+        // A failing fill leaves the batch untouched (also a merge candidate).
+        let before = b.as_bytes().to_vec();
+        let r: Result<(), ProtocolError> = b.push_data_with(0x102000, 1, |_| {
+            Err(ProtocolError::Unencodable {
+                msg: "test",
+                reason: "boom".into(),
+            })
+        });
+        assert!(r.is_err());
+        let r: Result<(), ProtocolError> = b.push_data_with(0x101000, 1, |_| {
+            Err(ProtocolError::Unencodable {
+                msg: "test",
+                reason: "boom".into(),
+            })
+        });
+        assert!(r.is_err());
+        assert_eq!(b.as_bytes(), &before[..]);
+        assert_eq!(b.data_pages(), 4);
+
+        // Bad pushes.
+        assert!(b.push_zero(1, 1).is_err());
+        assert!(b.push_zero(0, 0).is_err());
+        assert!(b.push_zero(u64::MAX - 4095, 2).is_err());
+        assert!(b.push_data(0, 1, &[0; 10]).is_err());
+
+        b.clear();
+        assert!(b.is_empty());
+        assert_eq!((b.data_pages(), b.zero_pages()), (0, 0));
+        assert_eq!(page_records(b.as_bytes()).count(), 0);
+    }
+
+    fn rec(gpa: u64, npages: u32, kind: u8, reserved: [u8; 3]) -> Vec<u8> {
+        let mut v = gpa.to_le_bytes().to_vec();
+        v.extend_from_slice(&npages.to_le_bytes());
+        v.push(kind);
+        v.extend_from_slice(&reserved);
+        v
+    }
+
+    #[test]
+    fn record_header_owns_the_layout() {
+        // The test's own encoding (rec) and the type agree, both ways.
+        let h = RecordHeader::new(0x1234_5000, 7, RecordHeader::KIND_DATA);
+        assert_eq!(h.encode().to_vec(), rec(0x1234_5000, 7, 1, [0; 3]));
+        let odd = rec(u64::MAX, u32::MAX, 9, [1, 2, 3]);
+        let got = RecordHeader::decode(&odd).unwrap();
+        assert_eq!(
+            got,
+            RecordHeader {
+                gpa: u64::MAX,
+                npages: u32::MAX,
+                kind: 9,
+                reserved: [1, 2, 3]
+            }
+        );
+        assert_eq!(got.encode().to_vec(), odd);
+        // A short header is cut at the field it ends in.
+        let e = RecordHeader::decode(&odd[..10]).unwrap_err().to_string();
+        assert_eq!(
+            e,
+            "Pages record: truncated at offset 8 (needs 4 more bytes, 2 left)"
+        );
+        // What a PageBatch writes, including a merged record's count.
+        let mut b = PageBatch::default();
+        b.push_zero(0x2000, 1).unwrap();
+        b.push_zero(0x3000, 2).unwrap();
+        b.push_data(0x8000, 1, &page(5)).unwrap();
+        let want = [
+            RecordHeader::new(0x2000, 3, RecordHeader::KIND_ZERO)
+                .encode()
+                .to_vec(),
+            RecordHeader::new(0x8000, 1, RecordHeader::KIND_DATA)
+                .encode()
+                .to_vec(),
+            page(5),
+        ]
+        .concat();
+        assert_eq!(b.as_bytes(), &want[..]);
+    }
+
+    fn first_err(payload: &[u8]) -> String {
+        let mut it = page_records(payload);
+        loop {
+            match it.next() {
+                Some(Ok(_)) => continue,
+                Some(Err(e)) => {
+                    assert!(it.next().is_none(), "iterator continues after an error");
+                    return e.to_string();
+                }
+                None => panic!("no error"),
+            }
+        }
+    }
+
+    #[test]
+    fn page_records_reject_hostile_input() {
+        let mut b = PageBatch::default();
+        b.push_zero(0, 1).unwrap();
+        b.push_data(0x3000, 1, &page(9)).unwrap();
+        b.push_zero(0x10000, 7).unwrap();
+        let good = b.as_bytes().to_vec();
+        // Every strict prefix fails somewhere (except record boundaries,
+        // which are valid shorter batches).
+        let boundaries = [0, 16, 16 + 16 + PAGE_BYTES, good.len()];
+        for cut in 0..good.len() {
+            let r: Result<Vec<_>, _> = page_records(&good[..cut]).collect();
+            assert_eq!(r.is_ok(), boundaries.contains(&cut), "cut {cut}");
+        }
+
+        let e = first_err(&[good.clone(), rec(0x1001, 1, 0, [0; 3])].concat());
+        assert!(e.contains("not page aligned"), "{e}");
+        assert!(
+            e.starts_with(&format!("Pages record at offset {}", good.len())),
+            "{e}"
+        );
+        assert!(first_err(&rec(0, 0, 0, [0; 3])).contains("zero pages"));
+        assert!(first_err(&rec(0, 1, 2, [0; 3])).contains("unknown record kind 2"));
+        assert!(first_err(&rec(0, 1, 0, [0, 1, 0])).contains("reserved"));
+        assert!(first_err(&rec(u64::MAX - 4095, 2, 0, [0; 3])).contains("wrap"));
+        let e = first_err(&rec(0, u32::MAX, 1, [0; 3]));
+        assert!(
+            e.starts_with("Pages record at offset 0: data runs past end of frame"),
+            "{e}"
+        );
+        let mut short = rec(0x4000, 2, 1, [0; 3]);
+        short.extend_from_slice(&page(1));
+        let e = first_err(&[good.clone(), short].concat());
+        assert!(e.contains("data runs past end of frame"), "{e}");
+    }
+}
