@@ -5,7 +5,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Mutex;
 
 use crate::bitmap::DirtyBitmap;
-use crate::error::{ErrorKind, MigrationError, Phase};
+use crate::error::{ErrorKind, MigrationError, PeerError, Phase};
 use crate::memory::MemoryLayout;
 use crate::protocol::{
     decompress_pages, page_records, stream_of, ErrorMsg, FrameReader, Message, MsgKind, RoundEnd,
@@ -76,10 +76,12 @@ impl<'a> PageSink<'a> {
                 if page / STREAM_CHUNK_PAGES != last / STREAM_CHUNK_PAGES
                     || stream_of(layout, region, page, streams) != index
                 {
-                    return Err(ErrorKind::Invalid(format!(
-                        "pages 0x{:x}+{} do not belong to page stream {index}",
-                        rec.gpa, rec.npages
-                    )));
+                    return Err(PeerError::WrongStream {
+                        gpa: rec.gpa,
+                        npages: rec.npages,
+                        index,
+                    }
+                    .into());
                 }
             }
             let ok = match rec.data {
@@ -101,10 +103,11 @@ impl<'a> PageSink<'a> {
                 }
             };
             if !ok {
-                return Err(ErrorKind::Invalid(format!(
-                    "pages 0x{:x}+{} do not fit guest memory",
-                    rec.gpa, rec.npages
-                )));
+                return Err(PeerError::OutsideMemory {
+                    gpa: rec.gpa,
+                    npages: rec.npages,
+                }
+                .into());
             }
         }
         Ok(())
@@ -188,12 +191,7 @@ pub(super) fn receive_memory(
         match f.kind {
             MsgKind::Pages | MsgKind::PagesLz4 => {
                 if report.streams > 1 {
-                    break Err(MigrationError::new(
-                        *phase,
-                        ErrorKind::Invalid(
-                            "pages on the control connection of a multi-stream migration".into(),
-                        ),
-                    ));
+                    break Err(MigrationError::new(*phase, PeerError::PagesOnControl));
                 }
                 if let Err(e) = sink.apply(f.kind, f.payload) {
                     break Err(MigrationError::new(*phase, e));
@@ -214,7 +212,9 @@ pub(super) fn receive_memory(
                 if state_frames > MAX_STATE_FRAMES {
                     break Err(MigrationError::new(
                         *phase,
-                        ErrorKind::Invalid(format!("more than {MAX_STATE_FRAMES} State frames")),
+                        PeerError::TooManyStateFrames {
+                            max: MAX_STATE_FRAMES,
+                        },
                     ));
                 }
                 let more = match State::decode(f.payload) {
@@ -225,10 +225,7 @@ pub(super) fn receive_memory(
                 if let Some(dup) = more.iter().find(|m| all.iter().any(|s| s.name == m.name)) {
                     break Err(MigrationError::new(
                         *phase,
-                        ErrorKind::Invalid(format!(
-                            "section '{}' appears in two State frames",
-                            dup.name
-                        )),
+                        PeerError::DuplicateSection(dup.name.clone()),
                     ));
                 }
                 all.extend(more);
@@ -261,10 +258,5 @@ pub(super) fn receive_memory(
     report.pages += sink.pages;
     report.zero_pages += sink.zero;
     r?;
-    sections.ok_or_else(|| {
-        MigrationError::new(
-            Phase::State,
-            ErrorKind::Invalid("Complete before any State".into()),
-        )
-    })
+    sections.ok_or_else(|| MigrationError::new(Phase::State, PeerError::NoState))
 }

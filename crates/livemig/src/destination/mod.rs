@@ -13,7 +13,7 @@ use std::time::{Duration, Instant};
 
 use serde::Serialize;
 
-use crate::error::{ErrorKind, MigrationError, Phase};
+use crate::error::{ErrorKind, InternalError, MigrationError, Phase};
 use crate::protocol::{
     Abandoned, ErrorMsg, FrameReader, FrameWriter, Hello, HelloReply, Message, MsgKind,
     ProtocolError, Ready, Resumed, MAX_STREAMS, PROTOCOL_VERSION,
@@ -316,7 +316,10 @@ where
                     }
                     return Err(MigrationError::new(
                         hs,
-                        ErrorKind::Invalid(format!("cannot start page stream thread: {e}")),
+                        InternalError::Spawn {
+                            what: "page stream",
+                            source: e,
+                        },
                     ));
                 }
             }
@@ -337,10 +340,7 @@ where
                 }
                 Err(_) => {
                     if let Ok(mut g) = shared.error.lock() {
-                        g.get_or_insert((
-                            u32::MAX,
-                            ErrorKind::Invalid("page stream thread panicked".into()),
-                        ));
+                        g.get_or_insert((u32::MAX, InternalError::Panicked.into()));
                     }
                 }
             }

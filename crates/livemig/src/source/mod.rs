@@ -5,7 +5,7 @@ use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use crate::error::{ErrorKind, MigrationError, Phase};
+use crate::error::{ErrorKind, InternalError, MigrationError, PeerError, Phase};
 use crate::memory::PAGE_SIZE;
 use crate::policy::MigrationConfig;
 use crate::protocol::{
@@ -16,7 +16,7 @@ use crate::protocol::{
 use crate::ram::HostRam;
 use crate::report::{Progress, Report, Status};
 use crate::transport::{StreamOpener, Transport};
-use crate::vm::SourceVm;
+use crate::vm::{SourceVm, VmError};
 
 mod cancel;
 mod handshake;
@@ -137,10 +137,7 @@ pub fn migrate_streams<V: SourceVm + ?Sized>(
     } else if config.streams > 1 && opener.is_none() {
         Err(MigrationError::new(
             Phase::Handshake,
-            ErrorKind::Invalid(format!(
-                "streams = {} needs a StreamOpener (use migrate_streams)",
-                config.streams
-            )),
+            needs_opener(config.streams),
         ))
     } else {
         run_source(
@@ -229,30 +226,27 @@ fn run_source<V: SourceVm + ?Sized>(
     if !(MIN_PROTOCOL_VERSION..=PROTOCOL_VERSION).contains(&reply.version) {
         return Err(MigrationError::new(
             hs,
-            ErrorKind::Invalid(format!(
-                "the destination chose protocol version {}; this side speaks \
-                 {MIN_PROTOCOL_VERSION}..={PROTOCOL_VERSION}",
-                reply.version
-            )),
+            PeerError::Version {
+                chosen: reply.version,
+                min: MIN_PROTOCOL_VERSION,
+                max: PROTOCOL_VERSION,
+            },
         ));
     }
     if reply.streams > config.streams {
         return Err(MigrationError::new(
             hs,
-            ErrorKind::Invalid(format!(
-                "the destination granted {} streams, {} were asked for",
-                reply.streams, config.streams
-            )),
+            PeerError::TooManyStreams {
+                granted: reply.streams,
+                asked: config.streams,
+            },
         ));
     }
     // Open the extra page streams (only when more than one was granted).
     let mut streams: Vec<FrameWriter<Box<dyn Transport>>> = Vec::new();
     if reply.streams > 1 {
         let Some(opener) = opener else {
-            return Err(MigrationError::new(
-                hs,
-                ErrorKind::Invalid("no StreamOpener for the granted streams".into()),
-            ));
+            return Err(MigrationError::new(hs, needs_opener(reply.streams)));
         };
         for index in 0..reply.streams {
             let stream_err = |kind: ErrorKind| {
@@ -300,7 +294,7 @@ fn run_source<V: SourceVm + ?Sized>(
     let ram = HostRam::new(vm.memory(), &layout).ok_or_else(|| {
         MigrationError::new(
             hs,
-            ErrorKind::Invalid("guest memory is not one mapping per region".into()),
+            VmError::Incompatible("guest memory is not one mapping per region".into()),
         )
     })?;
     let mut tracker = vm.dirty_tracker().map_err(|e| MigrationError::new(hs, e))?;
@@ -370,7 +364,10 @@ fn run_source<V: SourceVm + ?Sized>(
                 if let Err(e) = spawned {
                     return Err(MigrationError::new(
                         hs,
-                        ErrorKind::Invalid(format!("cannot start page stream thread: {e}")),
+                        InternalError::Spawn {
+                            what: "page stream",
+                            source: e,
+                        },
                     ));
                 }
                 pool.jobs.push(jtx);
@@ -464,4 +461,14 @@ fn run_source<V: SourceVm + ?Sized>(
         }
     }
     outcome
+}
+
+/// `streams` page streams need a [`StreamOpener`]: a setting that does not
+/// fit the call.
+fn needs_opener(streams: u32) -> crate::policy::ConfigError {
+    crate::policy::ConfigError {
+        field: "streams",
+        value: streams.to_string(),
+        rule: "needs a StreamOpener (use migrate_streams)".into(),
+    }
 }

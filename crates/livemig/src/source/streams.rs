@@ -5,7 +5,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use super::sender::{Counts, PageSender};
-use crate::error::{ErrorKind, MigrationError, Phase};
+use crate::error::{ErrorKind, InternalError, MigrationError, Phase};
 use crate::protocol::{MsgKind, ProtocolError};
 
 /// Work for one page-stream thread.
@@ -37,12 +37,7 @@ impl StreamPool {
         self.jobs
             .get(index as usize)
             .and_then(|tx| tx.send(job).ok())
-            .ok_or_else(|| {
-                MigrationError::new(
-                    Phase::Handshake,
-                    ErrorKind::Invalid(format!("page stream {index} is gone")),
-                )
-            })
+            .ok_or_else(|| MigrationError::new(Phase::Handshake, InternalError::StreamGone(index)))
     }
 
     /// Sends `job` (Flush or Finish) to every stream and collects the counts;
@@ -62,7 +57,7 @@ impl StreamPool {
                     phase,
                     ErrorKind::Stream {
                         index: i as u32,
-                        source: Box::new(ErrorKind::Invalid("sender thread exited".into())),
+                        source: Box::new(InternalError::Exited.into()),
                     },
                 ));
             }
@@ -82,7 +77,7 @@ impl StreamPool {
             match got {
                 Ok(Ok(c)) => total.add(c),
                 Ok(Err(e)) => errors.push((i, ErrorKind::Protocol(e))),
-                Err(()) => errors.push((i, ErrorKind::Invalid("sender thread exited".into()))),
+                Err(()) => errors.push((i, InternalError::Exited.into())),
             }
         }
         // Name the stream that failed first, not the ones that broke after.
