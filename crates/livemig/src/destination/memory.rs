@@ -5,17 +5,17 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Mutex;
 
 use crate::bitmap::DirtyBitmap;
+use crate::control::{unexpected, ControlReader};
+use crate::error::InternalError;
 use crate::error::{ErrorKind, MigrationError, PeerError, Phase};
 use crate::memory::MemoryLayout;
 use crate::protocol::{
-    decompress_pages, page_records, stream_of, ErrorMsg, FrameReader, Message, MsgKind, RoundEnd,
-    State, MAX_STATE_FRAMES, STREAM_CHUNK_PAGES,
+    decompress_pages, page_records, stream_of, FrameReader, Message, MsgKind, ProtocolError,
+    RoundEnd, State, MAX_STATE_FRAMES, STREAM_CHUNK_PAGES,
 };
 use crate::ram::HostRam;
 use crate::state::Section;
 use crate::transport::Transport;
-
-use super::ReceiveReport;
 
 /// Where one connection's pages go: guest memory, with the bookkeeping of
 /// which pages received data (the fresh memory is zero, so a zero marker for
@@ -158,9 +158,7 @@ pub(super) fn stream_reader(
         }
     };
     if let Err(kind) = r {
-        if let Ok(mut g) = shared.error.lock() {
-            g.get_or_insert((index, kind));
-        }
+        shared.fail(index, kind);
         // Wake the control loop up.
         if let Some(c) = control {
             let _ = c.shutdown();
@@ -169,94 +167,187 @@ pub(super) fn stream_reader(
     (sink.pages, sink.zero, fr.bytes_read())
 }
 
-/// The control connection's part of the memory phase: pages (when they
-/// travel here), round ends, the state; returns the state sections at
-/// `Complete`.
-pub(super) fn receive_memory(
-    fr: &mut FrameReader<Box<dyn Transport>>,
+/// What the memory phase received.
+#[derive(Debug, Default)]
+pub(super) struct Received {
+    /// The state sections, complete.
+    pub(super) sections: Vec<Section>,
+    /// Data pages and zero markers applied, on every connection.
+    pub(super) pages: u64,
+    pub(super) zero: u64,
+    /// Bytes read on the page streams (the control connection's are
+    /// counted at the end).
+    pub(super) stream_bytes: u64,
+    /// Rounds announced by the source.
+    pub(super) rounds: u32,
+}
+
+/// The memory phase: pages on every connection, round ends and the state
+/// on the control one, until `Complete`. A failing page stream stops the
+/// others and is named as the cause.
+pub(super) fn receive(
+    control: &mut ControlReader,
+    readers: Vec<FrameReader<Box<dyn Transport>>>,
     layout: &MemoryLayout,
     ram: &HostRam<'_>,
-    report: &mut ReceiveReport,
-    phase: &mut Phase,
-) -> Result<Vec<Section>, MigrationError> {
-    let mut sink = PageSink::new(layout, ram, None);
-    *phase = Phase::Precopy(0);
-    let mut sections: Option<Vec<Section>> = None;
-    let mut state_frames = 0usize;
-    let r = loop {
-        let f = match fr.read_frame() {
-            Ok(f) => f,
-            Err(e) => break Err(MigrationError::new(*phase, e)),
-        };
-        match f.kind {
-            MsgKind::Pages | MsgKind::PagesLz4 => {
-                if report.streams > 1 {
-                    break Err(MigrationError::new(*phase, PeerError::PagesOnControl));
-                }
-                if let Err(e) = sink.apply(f.kind, f.payload) {
-                    break Err(MigrationError::new(*phase, e));
-                }
-            }
-            MsgKind::RoundEnd => {
-                let r = match RoundEnd::decode(f.payload) {
-                    Ok(r) => r,
-                    Err(e) => break Err(MigrationError::new(*phase, e)),
-                };
-                report.rounds = r.round.saturating_add(1);
-                *phase = Phase::Precopy(r.round.saturating_add(1));
-            }
-            MsgKind::Keepalive => {}
-            MsgKind::State => {
-                *phase = Phase::State;
-                state_frames += 1;
-                if state_frames > MAX_STATE_FRAMES {
-                    break Err(MigrationError::new(
-                        *phase,
-                        PeerError::TooManyStateFrames {
-                            max: MAX_STATE_FRAMES,
-                        },
-                    ));
-                }
-                let more = match State::decode(f.payload) {
-                    Ok(s) => s.sections,
-                    Err(e) => break Err(MigrationError::new(*phase, e)),
-                };
-                let all = sections.get_or_insert_with(Vec::new);
-                if let Some(dup) = more.iter().find(|m| all.iter().any(|s| s.name == m.name)) {
-                    break Err(MigrationError::new(
-                        *phase,
-                        PeerError::DuplicateSection(dup.name.clone()),
-                    ));
-                }
-                all.extend(more);
-            }
-            MsgKind::Complete => break Ok(()),
-            MsgKind::Error => {
-                break Err(match ErrorMsg::decode(f.payload) {
-                    Ok(m) => MigrationError::new(
-                        *phase,
-                        ErrorKind::Remote {
-                            phase: m.phase,
-                            message: m.message,
-                        },
-                    ),
-                    Err(e) => MigrationError::new(*phase, e),
-                })
-            }
-            MsgKind::Cancel => break Err(MigrationError::new(*phase, ErrorKind::Cancelled)),
-            other => {
-                break Err(MigrationError::new(
-                    *phase,
-                    ErrorKind::Unexpected {
-                        got: format!("{other:?}"),
-                        expected: "Pages, RoundEnd, State or Complete",
-                    },
-                ))
-            }
+) -> Result<Received, MigrationError> {
+    let streams = readers.len().max(1) as u32;
+    let shared = StreamShared {
+        error: Mutex::new(None),
+        abort: AtomicBool::new(false),
+    };
+    let handles: Vec<Box<dyn Transport>> = readers
+        .iter()
+        .filter_map(|r| r.get_ref().try_clone().ok())
+        .collect();
+    let stop = || {
+        shared.abort.store(true, Ordering::SeqCst);
+        for t in &handles {
+            let _ = t.shutdown();
         }
     };
-    report.pages += sink.pages;
-    report.zero_pages += sink.zero;
-    r?;
-    sections.ok_or_else(|| MigrationError::new(Phase::State, PeerError::NoState))
+    std::thread::scope(|s| {
+        let mut threads = Vec::new();
+        for (i, r) in readers.into_iter().enumerate() {
+            let wake = control.transport().try_clone().ok();
+            let (shared, index) = (&shared, i as u32);
+            let spawned = std::thread::Builder::new()
+                .name(format!("livemig-rx{i}"))
+                .spawn_scoped(s, move || {
+                    stream_reader(index, streams, r, layout, ram, shared, wake)
+                });
+            match spawned {
+                Ok(h) => threads.push(h),
+                Err(source) => {
+                    stop();
+                    let what = "page stream";
+                    let e = InternalError::Spawn { what, source };
+                    return Err(MigrationError::new(Phase::Handshake, e));
+                }
+            }
+        }
+        let mut cl = ControlLoop::new(layout, ram, streams);
+        let r = cl.run(control);
+        if r.is_err() {
+            stop();
+        }
+        let mut got = cl.received();
+        for h in threads {
+            match h.join() {
+                Ok((pages, zero, bytes)) => {
+                    got.pages += pages;
+                    got.zero += zero;
+                    got.stream_bytes += bytes;
+                }
+                Err(_) => shared.fail(u32::MAX, InternalError::Panicked.into()),
+            }
+        }
+        // A stream's failure is the real cause of whatever the control
+        // connection saw (the stream shut it down).
+        if let Some((index, kind)) = shared.error.lock().ok().and_then(|mut g| g.take()) {
+            let source = Box::new(kind);
+            return Err(MigrationError::new(
+                cl.phase,
+                ErrorKind::Stream { index, source },
+            ));
+        }
+        got.sections = r?;
+        Ok(got)
+    })
+}
+
+impl StreamShared {
+    /// Records the first failure.
+    fn fail(&self, index: u32, kind: ErrorKind) {
+        if let Ok(mut g) = self.error.lock() {
+            g.get_or_insert((index, kind));
+        }
+    }
+}
+
+/// The control connection's part of the memory phase: pages (when they
+/// travel here), round ends, the state.
+struct ControlLoop<'a> {
+    sink: PageSink<'a>,
+    phase: Phase,
+    streams: u32,
+    rounds: u32,
+    sections: Option<Vec<Section>>,
+    state_frames: usize,
+}
+
+impl<'a> ControlLoop<'a> {
+    fn new(layout: &'a MemoryLayout, ram: &'a HostRam<'a>, streams: u32) -> Self {
+        ControlLoop {
+            sink: PageSink::new(layout, ram, None),
+            phase: Phase::Precopy(0),
+            streams,
+            rounds: 0,
+            sections: None,
+            state_frames: 0,
+        }
+    }
+
+    /// Reads until `Complete`; returns the state sections.
+    fn run(&mut self, control: &mut ControlReader) -> Result<Vec<Section>, MigrationError> {
+        const EXPECTED: &str = "Pages, RoundEnd, State or Complete";
+        loop {
+            let f = control.next(self.phase, EXPECTED)?;
+            let at = |e: ErrorKind| MigrationError::new(self.phase, e);
+            match f.kind {
+                MsgKind::Pages | MsgKind::PagesLz4 => {
+                    if self.streams > 1 {
+                        return Err(at(PeerError::PagesOnControl.into()));
+                    }
+                    self.sink.apply(f.kind, f.payload).map_err(at)?;
+                }
+                MsgKind::RoundEnd => {
+                    let r = RoundEnd::decode(f.payload).map_err(|e| at(e.into()))?;
+                    self.rounds = r.round.saturating_add(1);
+                    self.phase = Phase::Precopy(self.rounds);
+                }
+                MsgKind::Keepalive => {}
+                MsgKind::State => {
+                    self.phase = Phase::State;
+                    let state = State::decode(f.payload);
+                    self.add_state(state)?;
+                }
+                MsgKind::Complete => break,
+                MsgKind::Cancel => return Err(at(ErrorKind::Cancelled)),
+                other => return Err(unexpected(other, EXPECTED, self.phase)),
+            }
+        }
+        let none = || MigrationError::new(Phase::State, PeerError::NoState);
+        self.sections.take().ok_or_else(none)
+    }
+
+    /// One `State` frame: at most [`MAX_STATE_FRAMES`], each section once.
+    fn add_state(&mut self, state: Result<State, ProtocolError>) -> Result<(), MigrationError> {
+        let st = Phase::State;
+        self.state_frames += 1;
+        if self.state_frames > MAX_STATE_FRAMES {
+            let e = PeerError::TooManyStateFrames {
+                max: MAX_STATE_FRAMES,
+            };
+            return Err(MigrationError::new(st, e));
+        }
+        let more = state.map_err(|e| MigrationError::new(st, e))?.sections;
+        let all = self.sections.get_or_insert_with(Vec::new);
+        if let Some(dup) = more.iter().find(|m| all.iter().any(|s| s.name == m.name)) {
+            let e = PeerError::DuplicateSection(dup.name.clone());
+            return Err(MigrationError::new(st, e));
+        }
+        all.extend(more);
+        Ok(())
+    }
+
+    /// The counts so far (the sections are returned by [`Self::run`]).
+    fn received(&self) -> Received {
+        Received {
+            pages: self.sink.pages,
+            zero: self.sink.zero,
+            rounds: self.rounds,
+            ..Received::default()
+        }
+    }
 }

@@ -10,8 +10,8 @@ use crate::transport::Transport;
 /// Cancelling before the switchover leaves the source running as before.
 #[derive(Clone, Default)]
 pub struct CancelToken {
-    pub(super) flag: Arc<AtomicBool>,
-    pub(super) transports: Arc<Mutex<Vec<Box<dyn Transport>>>>,
+    flag: Arc<AtomicBool>,
+    transports: Arc<Mutex<Vec<Box<dyn Transport>>>>,
 }
 
 impl CancelToken {

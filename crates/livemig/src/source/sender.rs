@@ -7,6 +7,7 @@ use std::time::{Duration, Instant};
 
 use super::streams::StreamPool;
 use crate::memory::{MemoryLayout, PAGE_SIZE};
+use crate::policy::MigrationConfig;
 use crate::protocol::{compress_pages, FrameWriter, MsgKind, PageBatch, ProtocolError};
 use crate::ram::HostRam;
 use crate::transport::Transport;
@@ -97,6 +98,49 @@ pub(super) struct PageSender<'a> {
     pub(super) clear_time: Duration,
     /// Longest this connection stays silent ([`keepalive_every`]).
     pub(super) alive_every: Duration,
+}
+
+impl<'a> PageSender<'a> {
+    /// A writer of the pages of `ram` (laid out as `layout`) on `fw`,
+    /// capped at `rate` bytes/s until `lifted` is set.
+    pub(super) fn new(
+        fw: FrameWriter<Box<dyn Transport>>,
+        ram: HostRam<'a>,
+        layout: &MemoryLayout,
+        rate: Option<u64>,
+        lifted: Arc<AtomicBool>,
+        config: &MigrationConfig,
+    ) -> Self {
+        let batch_pages = config.batch_pages.max(1);
+        PageSender {
+            fw,
+            batch: PageBatch::with_capacity(batch_pages as usize * PAGE_SIZE as usize + 4096),
+            batch_pages: u64::from(batch_pages),
+            layout: layout.clone(),
+            ram,
+            pacer: Pacer::new(rate, lifted),
+            counts: Counts::default(),
+            skip_zero: true,
+            skip_untouched: false,
+            skipped: 0,
+            pool: None,
+            last_control: Instant::now(),
+            lz4: config.compress.then(Vec::new),
+            clear_time: Duration::ZERO,
+            alive_every: keepalive_every(config.io_timeout),
+        }
+    }
+
+    /// Stops the page-stream threads, if any (on success they have
+    /// finished already).
+    pub(super) fn stop_streams(&mut self) {
+        if let Some(pool) = self.pool.take() {
+            drop(pool.jobs);
+            for rx in &pool.done {
+                while rx.recv().is_ok() {}
+            }
+        }
+    }
 }
 
 /// Longest a connection stays silent before a keepalive goes out; shorter

@@ -97,88 +97,145 @@ impl StreamPool {
     }
 }
 
-/// One page-stream thread: sends what it is given on its own connection.
-pub(super) fn stream_worker(
-    index: u32,
-    mut sender: PageSender<'_>,
-    jobs: crossbeam_channel::Receiver<Job>,
-    done: crossbeam_channel::Sender<Result<Counts, ProtocolError>>,
-    failed: &AtomicBool,
-    first_failed: &AtomicU32,
-) {
-    let fail = |e: ProtocolError| {
-        if !failed.swap(true, Ordering::SeqCst) {
-            first_failed.store(index, Ordering::SeqCst);
-        }
-        e
+/// Starts one thread per page stream, each writing with its own sender.
+pub(super) fn spawn<'scope, 'a: 'scope>(
+    scope: &'scope std::thread::Scope<'scope, '_>,
+    senders: Vec<PageSender<'a>>,
+) -> Result<StreamPool, MigrationError> {
+    let failed = Arc::new(AtomicBool::new(false));
+    let first_failed = Arc::new(AtomicU32::new(u32::MAX));
+    let mut pool = StreamPool {
+        jobs: Vec::new(),
+        done: Vec::new(),
+        failed: failed.clone(),
+        first_failed: first_failed.clone(),
     };
-    let mut error: Option<ProtocolError> = None;
-    let mut reported = Counts::default();
-    loop {
-        let job = match jobs.recv_timeout(sender.alive_every) {
-            Ok(j) => j,
-            Err(crossbeam_channel::RecvTimeoutError::Timeout) => {
-                if error.is_none() {
-                    let r = sender
-                        .fw
-                        .write_frame(MsgKind::Keepalive, &[])
-                        .and_then(|_| sender.fw.flush());
-                    if let Err(e) = r {
-                        error = Some(fail(e));
-                    }
-                }
-                continue;
-            }
-            Err(crossbeam_channel::RecvTimeoutError::Disconnected) => return,
+    for (i, sender) in senders.into_iter().enumerate() {
+        let (jtx, jrx) = crossbeam_channel::bounded(4);
+        let (dtx, drx) = crossbeam_channel::bounded(1);
+        let worker = Worker {
+            index: i as u32,
+            sender,
+            done: dtx,
+            failed: failed.clone(),
+            first_failed: first_failed.clone(),
+            error: None,
+            reported: Counts::default(),
         };
-        let finish = matches!(job, Job::Finish);
-        match job {
-            Job::Runs {
-                region,
-                runs,
-                skip_zero,
-            } => {
-                if error.is_none() {
-                    sender.skip_zero = skip_zero;
-                    for (first, n) in runs {
-                        if let Err(e) = sender.send_run(region, first, n) {
-                            error = Some(fail(e));
-                            break;
-                        }
-                    }
+        std::thread::Builder::new()
+            .name(format!("livemig-stream{i}"))
+            .spawn_scoped(scope, move || worker.run(jrx))
+            .map_err(|source| {
+                let what = "page stream";
+                MigrationError::new(Phase::Handshake, InternalError::Spawn { what, source })
+            })?;
+        pool.jobs.push(jtx);
+        pool.done.push(drx);
+    }
+    Ok(pool)
+}
+
+/// One page-stream thread: sends what it is given on its own connection.
+struct Worker<'a> {
+    index: u32,
+    sender: PageSender<'a>,
+    done: crossbeam_channel::Sender<Result<Counts, ProtocolError>>,
+    failed: Arc<AtomicBool>,
+    first_failed: Arc<AtomicU32>,
+    /// The first failure: later work is dropped, the next barrier hears it.
+    error: Option<ProtocolError>,
+    /// The counts at the last report.
+    reported: Counts,
+}
+
+impl Worker<'_> {
+    fn run(mut self, jobs: crossbeam_channel::Receiver<Job>) {
+        loop {
+            let job = match jobs.recv_timeout(self.sender.alive_every) {
+                Ok(j) => j,
+                Err(crossbeam_channel::RecvTimeoutError::Timeout) => {
+                    self.keepalive();
+                    continue;
                 }
-            }
-            Job::Flush | Job::Finish => {
-                if error.is_none() {
-                    let mut r = sender.flush();
-                    if finish {
-                        r = r.and_then(|_| sender.fw.write_frame(MsgKind::Complete, &[]));
-                    }
-                    if let Err(e) = r.and_then(|_| sender.fw.flush()) {
-                        error = Some(fail(e));
-                    }
-                }
-                let reply = match error.take() {
-                    Some(e) => {
-                        // Report once; later barriers see the thread gone.
-                        let _ = done.send(Err(e));
+                Err(crossbeam_channel::RecvTimeoutError::Disconnected) => return,
+            };
+            match job {
+                Job::Runs {
+                    region,
+                    runs,
+                    skip_zero,
+                } => self.send_runs(region, runs, skip_zero),
+                Job::Flush => {
+                    if !self.flush_and_report(false) {
                         return;
                     }
-                    None => {
-                        let c = sender.counts;
-                        let delta = Counts {
-                            pages: c.pages - reported.pages,
-                            zero: c.zero - reported.zero,
-                            bytes: c.bytes - reported.bytes,
-                        };
-                        reported = c;
-                        Ok(delta)
-                    }
-                };
-                if done.send(reply).is_err() || finish {
+                }
+                Job::Finish => {
+                    self.flush_and_report(true);
                     return;
                 }
             }
         }
+    }
+
+    /// Records the first failure of any stream.
+    fn fail(&mut self, e: ProtocolError) {
+        if !self.failed.swap(true, Ordering::SeqCst) {
+            self.first_failed.store(self.index, Ordering::SeqCst);
+        }
+        self.error = Some(e);
+    }
+
+    fn keepalive(&mut self) {
+        if self.error.is_none() {
+            let fw = &mut self.sender.fw;
+            if let Err(e) = fw
+                .write_frame(MsgKind::Keepalive, &[])
+                .and_then(|_| fw.flush())
+            {
+                self.fail(e);
+            }
+        }
+    }
+
+    fn send_runs(&mut self, region: usize, runs: Vec<(u64, u64)>, skip_zero: bool) {
+        if self.error.is_some() {
+            return;
+        }
+        self.sender.skip_zero = skip_zero;
+        for (first, n) in runs {
+            if let Err(e) = self.sender.send_run(region, first, n) {
+                self.fail(e);
+                return;
+            }
+        }
+    }
+
+    /// Flushes (with `finish`, ends the stream with `Complete`) and reports
+    /// the counts since the last report, or the failure; whether the thread
+    /// goes on.
+    fn flush_and_report(&mut self, finish: bool) -> bool {
+        if self.error.is_none() {
+            let mut r = self.sender.flush();
+            if finish {
+                r = r.and_then(|_| self.sender.fw.write_frame(MsgKind::Complete, &[]));
+            }
+            if let Err(e) = r.and_then(|_| self.sender.fw.flush()) {
+                self.fail(e);
+            }
+        }
+        if let Some(e) = self.error.take() {
+            // Report once; later barriers see the thread gone.
+            let _ = self.done.send(Err(e));
+            return false;
+        }
+        let c = self.sender.counts;
+        let delta = Counts {
+            pages: c.pages - self.reported.pages,
+            zero: c.zero - self.reported.zero,
+            bytes: c.bytes - self.reported.bytes,
+        };
+        self.reported = c;
+        self.done.send(Ok(delta)).is_ok()
     }
 }

@@ -17,6 +17,26 @@ pub(super) struct Throttler {
 impl Throttler {
     pub(super) const SLICE: Duration = Duration::from_millis(10);
 
+    /// Starts throttling `target` on a thread of `scope` (with no target,
+    /// or no thread, there is nothing to stop later).
+    pub(super) fn spawn<'scope>(
+        &'scope self,
+        scope: &'scope std::thread::Scope<'scope, '_>,
+        target: Option<&'scope dyn VcpuThrottle>,
+    ) {
+        let Some(target) = target else {
+            self.exited.store(true, Ordering::SeqCst);
+            return;
+        };
+        let spawned = std::thread::Builder::new()
+            .name("livemig-throttle".into())
+            .spawn_scoped(scope, move || self.run(target));
+        if let Err(e) = spawned {
+            log::warn!("auto-converge unavailable: {e}");
+            self.exited.store(true, Ordering::SeqCst);
+        }
+    }
+
     pub(super) fn run(&self, vcpus: &dyn VcpuThrottle) {
         while !self.stop.load(Ordering::SeqCst) {
             let pct = self.pct.load(Ordering::SeqCst).min(99);
