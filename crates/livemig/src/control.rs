@@ -158,3 +158,61 @@ pub(crate) fn unexpected(got: MsgKind, expected: &'static str, phase: Phase) -> 
         },
     )
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::protocol::{Ready, Resumed};
+    use crate::transport::mem;
+
+    /// This side's reader, and the peer's writer.
+    fn ends(timeout: Duration) -> (ControlReader, ControlWriter, Box<dyn Transport>) {
+        let (a, b) = mem::pair();
+        let (rx, _fw) = open(Box::new(a), timeout).unwrap();
+        let b: Box<dyn Transport> = Box::new(b);
+        let keep = b.try_clone().unwrap();
+        (rx, FrameWriter::new(b), keep)
+    }
+
+    #[test]
+    fn the_message_asked_for_is_decoded() {
+        let (mut rx, mut peer, _keep) = ends(Duration::from_secs(5));
+        peer.send(&Ready { restore_us: 3 }).unwrap();
+        let r: Ready = rx.recv(Phase::Completion).unwrap();
+        assert_eq!(r.restore_us, 3);
+    }
+
+    #[test]
+    fn a_peer_error_frame_is_remote() {
+        let (mut rx, mut peer, _keep) = ends(Duration::from_secs(5));
+        peer.send(&ErrorMsg::new("state", "boom")).unwrap();
+        let e = rx.recv::<Ready>(Phase::Completion).unwrap_err();
+        assert_eq!(e.phase, Phase::Completion);
+        assert!(
+            matches!(&e.kind, ErrorKind::Remote { phase, message } if phase == "state" && message == "boom"),
+            "{e}"
+        );
+    }
+
+    #[test]
+    fn another_kind_is_unexpected() {
+        let (mut rx, mut peer, _keep) = ends(Duration::from_secs(5));
+        peer.send(&Resumed { resume_us: 1 }).unwrap();
+        let e = rx.recv::<Ready>(Phase::Completion).unwrap_err();
+        assert!(
+            matches!(&e.kind, ErrorKind::Unexpected { expected: "Ready", got } if got == "Resumed"),
+            "{e}"
+        );
+    }
+
+    #[test]
+    fn silence_is_a_timeout() {
+        let (mut rx, _peer, _keep) = ends(Duration::from_millis(20));
+        let e = rx.recv::<Ready>(Phase::Handshake).unwrap_err();
+        assert!(
+            matches!(e.kind, ErrorKind::Timeout { waiting_for: "Ready", after } if after == Duration::from_millis(20)),
+            "{e}"
+        );
+        assert!(e.to_string().contains("timed out"), "{e}");
+    }
+}
