@@ -1,6 +1,12 @@
 //! The destination side: handshake → memory → state → `Ready` → `Go` →
 //! resume → `Resumed`. See [`receive`].
 //!
+//! One file per phase: `handshake.rs` (`Hello`, the VM built and its
+//! memory scrubbed, `HelloReply`, the page streams), `memory.rs` (pages on
+//! every connection, round ends and the state on the control one, until
+//! `Complete`), `commit.rs` (restore → `Ready` → `Go` → resume →
+//! `Resumed`). Control messages are read through `crate::control`.
+//!
 //! The stream is hostile until proven otherwise: every frame is checked
 //! (length bound before allocation, sequence number, crc32c), every page
 //! range is checked against the memory layout before a byte is written, and
@@ -109,8 +115,10 @@ where
 /// Like [`receive`], granting a source's request for several page streams
 /// and accepting them through `acceptor`.
 ///
-/// Each extra connection must start with a [`StreamHello`] carrying the
-/// random token sent in the [`HelloReply`] (connections that do not are
+/// Each extra connection must start with a
+/// [`StreamHello`](crate::protocol::StreamHello) carrying the
+/// random token sent in the [`HelloReply`](crate::protocol::HelloReply)
+/// (connections that do not are
 /// dropped); all must arrive within [`ReceiveConfig::io_timeout`].
 /// `acceptor.close()` is called once they are all there (or right after the
 /// handshake when one stream suffices).

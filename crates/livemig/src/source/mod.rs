@@ -1,11 +1,21 @@
 //! The source side, in the order of the protocol (see
-//! `docs/architecture.md`): [`handshake`](handshake::handshake) →
-//! [`precopy`](precopy::precopy) → [`stop_and_copy`](precopy::Converged) →
-//! [`commit`](switchover::Paused::commit). See [`migrate`].
+//! `docs/architecture.md`). See [`migrate`].
 //!
-//! Each phase is a function or method that takes the one before's result
-//! and returns its own: `Accepted` → `Tracking` → `Converged` → `Paused` →
-//! `Committed`. The report is assembled once, from what they return.
+//! Each phase is a file, and a function or method that takes the result of
+//! the one before and returns its own:
+//!
+//! * `handshake.rs`: `Hello` → `HelloReply`, the page streams, the state
+//!   measured → `Accepted`, `StateEstimate`;
+//! * `session.rs`: dirty logging on → `Tracking`;
+//! * `precopy.rs`: the rounds (`rounds.rs` walks a bitmap and re-arms the
+//!   dirty log; `sender.rs` writes one connection, `streams.rs` runs the
+//!   page-stream threads, `throttle.rs` auto-converge) → `Converged`;
+//! * `switchover.rs`: `stop_and_copy` → `Paused`, then `Paused::commit`
+//!   → `Committed`, or the ambiguous outcome (only there, from
+//!   `crate::commit`, which sends `Go`).
+//!
+//! The report is assembled once, from what they return; on any other
+//! error one fail-safe hands the guest back to the source.
 
 use std::time::Instant;
 
