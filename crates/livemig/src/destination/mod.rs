@@ -118,8 +118,8 @@ where
 /// Each extra connection must start with a
 /// [`StreamHello`](crate::protocol::StreamHello) carrying the
 /// random token sent in the [`HelloReply`](crate::protocol::HelloReply)
-/// (connections that do not are
-/// dropped); all must arrive within [`ReceiveConfig::io_timeout`].
+/// (connections that do not are dropped); all must arrive within
+/// [`ReceiveConfig::io_timeout`].
 /// `acceptor.close()` is called once they are all there (or right after the
 /// handshake when one stream suffices).
 pub fn receive_streams<V, F>(
