@@ -14,10 +14,9 @@
 
 use std::time::Duration;
 
-use crate::protocol::{
-    Abandoned, FrameReader, FrameWriter, Go, Message, MsgKind, ProtocolError, Resumed,
-};
-use crate::transport::Transport;
+use crate::control::{ControlReader, ControlWriter};
+use crate::error::{ErrorKind, MigrationError, Phase};
+use crate::protocol::{Abandoned, Go, Message, MsgKind, Resumed};
 
 /// What the destination answered to `Go`.
 #[derive(Debug)]
@@ -41,16 +40,16 @@ pub(crate) enum Commit {
 /// up (and said so with `Abandoned`) before `Go` reached it may have closed
 /// the connection already.
 pub(crate) fn commit(
-    fw: &mut FrameWriter<Box<dyn Transport>>,
-    fr: &mut FrameReader<Box<dyn Transport>>,
+    fw: &mut ControlWriter,
+    control: &mut ControlReader,
     go: &Go,
     timeout: Duration,
 ) -> Commit {
     let sent = fw.send(go).and_then(|_| fw.flush());
-    if let Err(e) = fr.get_mut().set_read_timeout(Some(timeout)) {
+    if let Err(e) = control.set_timeout(timeout) {
         return Commit::Ambiguous(format!("cannot wait for the answer to Go: {e}"));
     }
-    let answer = read_answer(fr, timeout);
+    let answer = read_answer(control);
     match (answer, sent) {
         // A definite answer wins: the destination saw `Go` (or gave up).
         (c @ (Commit::Committed(_) | Commit::Abandoned(_)), _) => c,
@@ -62,10 +61,10 @@ pub(crate) fn commit(
 }
 
 /// Reads one frame and classifies it.
-fn read_answer(fr: &mut FrameReader<Box<dyn Transport>>, timeout: Duration) -> Commit {
-    let f = match fr.read_frame() {
+fn read_answer(control: &mut ControlReader) -> Commit {
+    let f = match control.next(Phase::Completion, "Resumed") {
         Ok(f) => f,
-        Err(e) => return Commit::Ambiguous(describe_read_error(&e, timeout)),
+        Err(e) => return Commit::Ambiguous(describe(e)),
     };
     match f.kind {
         MsgKind::Resumed => match Resumed::decode(f.payload) {
@@ -76,49 +75,39 @@ fn read_answer(fr: &mut FrameReader<Box<dyn Transport>>, timeout: Duration) -> C
             Ok(Abandoned(m)) => Commit::Abandoned(format!("{}: {}", m.phase, m.message)),
             Err(e) => Commit::Ambiguous(format!("a malformed Abandoned frame: {e}")),
         },
-        MsgKind::Error => match crate::protocol::ErrorMsg::decode(f.payload) {
-            Ok(m) => Commit::Ambiguous(format!(
-                "the destination reported an error after Go, in its {} phase: {}",
-                m.phase, m.message
-            )),
-            Err(e) => Commit::Ambiguous(format!("a malformed Error frame after Go: {e}")),
-        },
         other => Commit::Ambiguous(format!("an unexpected {other} frame instead of Resumed")),
     }
 }
 
-fn describe_read_error(e: &ProtocolError, timeout: Duration) -> String {
-    if e.is_timeout() {
-        format!("no Resumed within {timeout:?}")
-    } else {
-        e.to_string()
+/// Why no answer came.
+fn describe(e: MigrationError) -> String {
+    match e.kind {
+        ErrorKind::Timeout { after, .. } => format!("no Resumed within {after:?}"),
+        ErrorKind::Remote { phase, message } => {
+            format!("the destination reported an error after Go, in its {phase} phase: {message}")
+        }
+        other => other.to_string(),
     }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::protocol::ErrorMsg;
-    use crate::transport::mem;
+    use crate::control;
+    use crate::protocol::{ErrorMsg, FrameWriter};
+    use crate::transport::{mem, Transport};
 
-    type Reader = FrameReader<Box<dyn Transport>>;
+    type Reader = ControlReader;
     type Writer = FrameWriter<Box<dyn Transport>>;
 
     /// The source's ends, and the peer's writer (`Go` lands in its buffer;
     /// the mem pipe holds 16 chunks, so nothing blocks).
     fn ends() -> (Writer, Reader, Writer, Box<dyn Transport>) {
         let (a, b) = mem::pair();
-        let a: Box<dyn Transport> = Box::new(a);
-        let mut rx = a.try_clone().unwrap();
-        rx.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+        let (rx, fw) = control::open(Box::new(a), Duration::from_secs(5)).unwrap();
         let b: Box<dyn Transport> = Box::new(b);
         let peer_rx = b.try_clone().unwrap();
-        (
-            FrameWriter::new(a),
-            FrameReader::new(rx),
-            FrameWriter::new(b),
-            peer_rx,
-        )
+        (fw, rx, FrameWriter::new(b), peer_rx)
     }
 
     fn run(answer: impl FnOnce(&mut Writer)) -> Commit {
@@ -203,9 +192,7 @@ mod tests {
     #[test]
     fn silence_is_ambiguous() {
         let (mut fw, mut fr, _peer, _keep) = ends();
-        fr.get_mut()
-            .set_read_timeout(Some(Duration::from_millis(20)))
-            .unwrap();
+        fr.set_timeout(Duration::from_millis(20)).unwrap();
         let c = commit(&mut fw, &mut fr, &Go, Duration::from_millis(20));
         assert!(
             matches!(&c, Commit::Ambiguous(w) if w.contains("no Resumed")),

@@ -60,11 +60,16 @@ pub enum ErrorKind {
         /// What was expected.
         expected: &'static str,
     },
-    /// The stream carried something inconsistent (e.g. pages outside memory).
+    /// The peer broke the protocol: what it sent is well framed but not
+    /// valid here (e.g. pages outside memory).
     #[error("invalid stream: {0}")]
-    Invalid(String),
+    Peer(#[from] PeerError),
+    /// A failure on this side that is neither the VM's nor the peer's
+    /// (e.g. a thread could not be started).
+    #[error("internal failure: {0}")]
+    Internal(#[from] InternalError),
     /// The peer did not answer in time.
-    #[error("no {waiting_for} from the peer within {after:?}")]
+    #[error("timed out: no {waiting_for} from the peer within {after:?}")]
     Timeout {
         /// What was expected.
         waiting_for: &'static str,
@@ -93,7 +98,8 @@ pub enum ErrorKind {
         /// The limit, ms.
         limit_ms: f64,
     },
-    /// A setting is out of range (nothing was sent).
+    /// A setting is out of range, or the settings do not fit the call
+    /// (nothing was sent).
     #[error(transparent)]
     Config(#[from] crate::policy::ConfigError),
     /// The VM's [`crate::guard::MigrationGuard`] refused the migration.
@@ -142,4 +148,84 @@ impl MigrationError {
     pub fn is_ambiguous(&self) -> bool {
         matches!(self.kind, ErrorKind::Ambiguous(_))
     }
+}
+
+/// What a misbehaving peer sent: well-framed, but not valid at this point.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum PeerError {
+    /// The destination chose a protocol version this side does not speak.
+    #[error("the destination chose protocol version {chosen}; this side speaks {min}..={max}")]
+    Version {
+        /// The version chosen.
+        chosen: u32,
+        /// The oldest version this side speaks.
+        min: u32,
+        /// The newest version this side speaks.
+        max: u32,
+    },
+    /// The destination granted more page streams than were asked for.
+    #[error("the destination granted {granted} streams, {asked} were asked for")]
+    TooManyStreams {
+        /// Streams granted.
+        granted: u32,
+        /// Streams asked for.
+        asked: u32,
+    },
+    /// A page record on a page stream that does not own its pages.
+    #[error("pages 0x{gpa:x}+{npages} do not belong to page stream {index}")]
+    WrongStream {
+        /// First guest-physical address.
+        gpa: u64,
+        /// Pages.
+        npages: u32,
+        /// The stream the record arrived on.
+        index: u32,
+    },
+    /// A page record outside guest memory.
+    #[error("pages 0x{gpa:x}+{npages} do not fit guest memory")]
+    OutsideMemory {
+        /// First guest-physical address.
+        gpa: u64,
+        /// Pages.
+        npages: u32,
+    },
+    /// Pages on the control connection of a multi-stream migration.
+    #[error("pages on the control connection of a multi-stream migration")]
+    PagesOnControl,
+    /// More `State` frames than the protocol allows.
+    #[error("more than {max} State frames")]
+    TooManyStateFrames {
+        /// The limit.
+        max: usize,
+    },
+    /// A state section sent twice.
+    #[error("section '{0}' appears in two State frames")]
+    DuplicateSection(String),
+    /// `Complete` before any `State` frame.
+    #[error("Complete before any State")]
+    NoState,
+}
+
+/// A failure inside this side of the migration, not caused by the VM or the
+/// peer.
+#[derive(Debug, thiserror::Error)]
+pub enum InternalError {
+    /// A worker thread could not be started.
+    #[error("cannot start {what} thread")]
+    Spawn {
+        /// Which thread.
+        what: &'static str,
+        /// Why.
+        #[source]
+        source: std::io::Error,
+    },
+    /// A page-stream thread exited before it was asked to.
+    #[error("page stream {0} is gone")]
+    StreamGone(u32),
+    /// A page-stream thread exited before it reported.
+    #[error("sender thread exited")]
+    Exited,
+    /// A page-stream thread panicked.
+    #[error("page stream thread panicked")]
+    Panicked,
 }

@@ -24,6 +24,7 @@
 
 pub mod bitmap;
 mod commit;
+mod control;
 mod deadline;
 pub mod destination;
 pub mod error;

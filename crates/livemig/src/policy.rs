@@ -280,7 +280,7 @@ pub struct RoundEstimate {
     /// Bandwidth measured in the last round, bytes per second.
     pub bandwidth: f64,
     /// Measured switchover overhead beyond memory: pause, state save, the
-    /// destination's restore and resume (see `run_source`).
+    /// destination's restore and resume (see `source::handshake::measure_state`).
     pub state_time: Duration,
     /// Bytes of state to send while paused.
     pub state_bytes: u64,

@@ -24,6 +24,7 @@ use std::sync::{mpsc, Arc};
 use std::time::{Duration, Instant};
 
 use livemig::bitmap::DirtyBitmap;
+use livemig::error::PeerError;
 use livemig::memory::{MemoryLayout, RegionDesc};
 use livemig::protocol::MsgKind;
 use livemig::soft::{SoftConfig, SoftVm};
@@ -31,8 +32,8 @@ use livemig::transport::fault::{At, Fault, FaultProbe, FaultSpec, FaultTransport
 use livemig::transport::{mem, Transport};
 use livemig::vm::{SourceVm, VmError};
 use livemig::{
-    migrate, receive, CancelToken, MigrationConfig, MigrationError, OnLimit, Phase, ReceiveConfig,
-    ReceiveReport, Report,
+    migrate, receive, CancelToken, ErrorKind, MigrationConfig, MigrationError, OnLimit, Phase,
+    ReceiveConfig, ReceiveReport, Report,
 };
 
 /// I/O timeout of both sides.
@@ -964,6 +965,28 @@ fn hostile_state_sections() {
         f.insert(5, sec(&format!("extra.{i}"), 1, vec![]));
     }
     refused(&harness::frames(&f), st, "more than 16 State frames");
+}
+
+/// A broken peer is an error a caller can match on, not a string.
+#[test]
+fn a_broken_peer_is_a_peer_error() {
+    let st = Phase::State;
+    let kind = |r: harness::Received| match r.result {
+        Err(e) => e.kind,
+        Ok(rep) => panic!("accepted: {rep:?}"),
+    };
+    let r = refused(&with_frame(5, None), st, "Complete before any State");
+    assert!(
+        matches!(kind(r), ErrorKind::Peer(PeerError::NoState)),
+        "not a PeerError"
+    );
+    let mut f = harness::valid_frames();
+    f.insert(5, f[5].clone());
+    let r = refused(&harness::frames(&f), st, "appears in two State frames");
+    assert!(
+        matches!(kind(r), ErrorKind::Peer(PeerError::DuplicateSection(ref n)) if n == "soft.writers"),
+        "not a PeerError"
+    );
 }
 
 #[test]

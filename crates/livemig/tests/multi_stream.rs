@@ -149,6 +149,9 @@ fn streams_without_opener_is_a_clear_error() {
     };
     let e = migrate(&src, Box::new(a), &mc, &CancelToken::new(), &mut |_| {}).unwrap_err();
     assert!(e.to_string().contains("StreamOpener"), "{e}");
+    // A setting that does not fit the call is a configuration error a
+    // caller can match on (it was a catch-all `Invalid(String)`).
+    assert!(matches!(e.kind, ErrorKind::Config(_)), "{e}");
     let mc = MigrationConfig {
         streams: 99,
         ..Default::default()

@@ -1,0 +1,240 @@
+//! The destination's handshake: `Hello` ([`read_hello`]), the VM built for
+//! it ([`create_vm`]), its memory scrubbed ([`prepare_memory`]), then
+//! `HelloReply` and the extra page streams ([`reply`]). Anything refused
+//! here is refused with a `HelloReply` that says why.
+
+use std::time::{Duration, Instant};
+
+use super::{ms, Link};
+use crate::control::{unexpected, ControlWriter};
+use crate::error::{ErrorKind, MigrationError, Phase};
+use crate::memory::MemoryLayout;
+use crate::protocol::{
+    FrameReader, Hello, HelloReply, Message, MsgKind, ProtocolError, StreamHello, MAX_STREAMS,
+};
+use crate::ram::HostRam;
+use crate::transport::{StreamAcceptor, Transport};
+use crate::vm::{check_layout, DestinationVm, VmDescription, VmError};
+
+/// Refuses the migration: a `HelloReply` with `reason` (best effort), and
+/// the error.
+fn refuse(fw: &mut ControlWriter, reason: String) -> MigrationError {
+    let _ = fw.send(&HelloReply::refused(reason.clone()));
+    let _ = fw.flush();
+    MigrationError::new(Phase::Handshake, ErrorKind::Refused(reason))
+}
+
+/// Reads `Hello` and negotiates the version (recorded in `link`).
+pub(super) fn read_hello(link: &mut Link) -> Result<Hello, MigrationError> {
+    let hs = Phase::Handshake;
+    let f = link.control.next(hs, "Hello")?;
+    if f.kind != MsgKind::Hello {
+        return Err(unexpected(f.kind, "Hello", hs));
+    }
+    let hello = Hello::decode(f.payload);
+    let hello = hello.map_err(|e| refuse(&mut link.fw, e.to_string()))?;
+    let version = hello.negotiated_version();
+    link.version = version.map_err(|e| refuse(&mut link.fw, e.to_string()))?;
+    Ok(hello)
+}
+
+/// Builds the (paused) VM for `desc` and checks its memory matches.
+pub(super) fn create_vm<V, F>(
+    fw: &mut ControlWriter,
+    desc: &VmDescription,
+    create: F,
+) -> Result<V, MigrationError>
+where
+    V: DestinationVm,
+    F: FnOnce(&VmDescription) -> Result<V, VmError>,
+{
+    let vm = create(desc).map_err(|e| refuse(fw, e.to_string()))?;
+    check_layout(vm.memory(), desc).map_err(|e| refuse(fw, e.to_string()))?;
+    Ok(vm)
+}
+
+/// The VM's memory, every page reading as zero: the source leaves out
+/// pages that read as zero there, whatever the VMM put in them here.
+pub(super) fn prepare_memory<'a, V: DestinationVm>(
+    fw: &mut ControlWriter,
+    vm: &'a V,
+    layout: &MemoryLayout,
+) -> Result<HostRam<'a>, MigrationError> {
+    let ram = HostRam::new(vm.memory(), layout).ok_or_else(|| {
+        let why = "destination memory is not one mapping per region";
+        refuse(fw, why.into())
+    })?;
+    let t_scrub = Instant::now();
+    match ram.scrub() {
+        Ok(0) => {}
+        Ok(n) => log::warn!(
+            "zeroed {n} region(s) of destination memory by writing ({:.1} ms): \
+             their backing cannot drop pages",
+            ms(t_scrub.elapsed())
+        ),
+        Err(e) => return Err(refuse(fw, format!("cannot zero destination memory: {e}"))),
+    }
+    Ok(ram)
+}
+
+/// Accepts: `HelloReply` with the streams granted (one without an
+/// acceptor), then the extra page streams. Returns their readers (none
+/// with one stream).
+pub(super) fn reply(
+    link: &mut Link,
+    acceptor: Option<&mut dyn StreamAcceptor>,
+    asked: u32,
+    timeout: Duration,
+) -> Result<Vec<FrameReader<Box<dyn Transport>>>, MigrationError> {
+    let streams = if acceptor.is_some() {
+        asked.clamp(1, MAX_STREAMS)
+    } else {
+        1
+    };
+    let token = if streams > 1 { random_token() } else { [0; 16] };
+    // The newest version in both ranges (`Hello::decode` refused ranges
+    // that do not overlap): 3, or 2 with a source of release 0.1.0.
+    let mut reply = HelloReply::accepted(streams, token);
+    reply.version = link.version;
+    link.granted = streams;
+    crate::control::send(&mut link.fw, &reply, Phase::Handshake)?;
+    match acceptor {
+        Some(a) if streams > 1 => {
+            let r = accept_streams(a, streams, token, timeout);
+            a.close();
+            r
+        }
+        Some(a) => {
+            a.close();
+            Ok(Vec::new())
+        }
+        None => Ok(Vec::new()),
+    }
+}
+
+/// Random bytes for the stream token (from the kernel; never fails in
+/// practice, and the token only keeps stray connections out — TLS is what
+/// keeps attackers out).
+pub(super) fn random_token() -> [u8; 16] {
+    use std::io::Read;
+    let mut t = [0u8; 16];
+    let ok = std::fs::File::open("/dev/urandom")
+        .and_then(|mut f| f.read_exact(&mut t))
+        .is_ok();
+    if !ok {
+        let now = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map(|d| d.as_nanos())
+            .unwrap_or(0);
+        let x = now ^ (u128::from(std::process::id()) << 64);
+        t = x.to_le_bytes();
+    }
+    t
+}
+
+/// How long an accepted page-stream connection may take to send its
+/// `StreamHello` (the source sends it right after connecting) before it is
+/// dropped as a stray.
+pub const STREAM_HELLO_TIMEOUT: Duration = Duration::from_secs(1);
+
+/// Accepts the `n` page streams of a migration.
+pub(super) fn accept_streams(
+    acceptor: &mut dyn StreamAcceptor,
+    n: u32,
+    token: [u8; 16],
+    timeout: Duration,
+) -> Result<Vec<FrameReader<Box<dyn Transport>>>, MigrationError> {
+    let hs = Phase::Handshake;
+    let deadline = Instant::now() + timeout;
+    let mut slots: Vec<Option<FrameReader<Box<dyn Transport>>>> = (0..n).map(|_| None).collect();
+    let mut have = 0;
+    while have < n {
+        let left = deadline.saturating_duration_since(Instant::now());
+        if left.is_zero() {
+            return Err(MigrationError::new(
+                hs,
+                ErrorKind::Timeout {
+                    waiting_for: "page stream connections",
+                    after: timeout,
+                },
+            ));
+        }
+        let t = match acceptor.accept_stream(left) {
+            Ok(t) => t,
+            Err(e)
+                if matches!(
+                    e.kind(),
+                    std::io::ErrorKind::TimedOut | std::io::ErrorKind::WouldBlock
+                ) =>
+            {
+                continue; // the deadline check above reports it
+            }
+            Err(e) if e.kind() == std::io::ErrorKind::ConnectionRefused => {
+                // One bad connection (say, a failed TLS handshake): keep waiting.
+                log::warn!("refused a page stream connection: {e}");
+                continue;
+            }
+            Err(e) => return Err(MigrationError::new(hs, ProtocolError::Io(e))),
+        };
+        let Some((index, mut r)) = identify(t, left, token, n) else {
+            continue;
+        };
+        let slot = &mut slots[index as usize];
+        if slot.is_some() {
+            let peer = r.get_ref().peer();
+            log::warn!("page stream {index} from {peer} a second time; dropped");
+            continue;
+        }
+        if let Err(e) = r.get_mut().set_read_timeout(Some(timeout)) {
+            return Err(MigrationError::new(hs, ProtocolError::Io(e)));
+        }
+        *slot = Some(r);
+        have += 1;
+    }
+    Ok(slots.into_iter().flatten().collect())
+}
+
+/// Reads a new connection's `StreamHello` (waiting at most `left`, and at
+/// most [`STREAM_HELLO_TIMEOUT`], so a stray that sends nothing cannot hold
+/// the real streams off): its stream index if it carries `token` and an
+/// index below `n`; otherwise the connection is logged and dropped.
+fn identify(
+    mut t: Box<dyn Transport>,
+    left: Duration,
+    token: [u8; 16],
+    n: u32,
+) -> Option<(u32, FrameReader<Box<dyn Transport>>)> {
+    let peer = t.peer();
+    let hello_wait = left.min(STREAM_HELLO_TIMEOUT).max(Duration::from_millis(1));
+    if let Err(e) = t.set_read_timeout(Some(hello_wait)) {
+        log::warn!("page stream from {peer}: {e}; dropped");
+        return None;
+    }
+    let mut r = FrameReader::new(t);
+    let hello = match r.read_frame() {
+        Ok(f) if f.kind == MsgKind::StreamHello => StreamHello::decode(f.payload),
+        Ok(f) => {
+            let kind = f.kind;
+            log::warn!("connection from {peer} sent {kind:?} instead of StreamHello; dropped");
+            return None;
+        }
+        Err(e) => {
+            log::warn!("connection from {peer}: {e}; dropped");
+            return None;
+        }
+    };
+    match hello {
+        Ok(h) if h.token == token && h.index < n => Some((h.index, r)),
+        Ok(h) => {
+            let index = h.index;
+            log::warn!(
+                "connection from {peer}: wrong token or stream index {index} (of {n}); dropped"
+            );
+            None
+        }
+        Err(e) => {
+            log::warn!("connection from {peer}: {e}; dropped");
+            None
+        }
+    }
+}

@@ -1,0 +1,353 @@
+//! The memory phase: where pages go ([`PageSink`]) and the readers of the
+//! control connection and of each page stream.
+
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Mutex;
+
+use crate::bitmap::DirtyBitmap;
+use crate::control::{unexpected, ControlReader};
+use crate::error::InternalError;
+use crate::error::{ErrorKind, MigrationError, PeerError, Phase};
+use crate::memory::MemoryLayout;
+use crate::protocol::{
+    decompress_pages, page_records, stream_of, FrameReader, Message, MsgKind, ProtocolError,
+    RoundEnd, State, MAX_STATE_FRAMES, STREAM_CHUNK_PAGES,
+};
+use crate::ram::HostRam;
+use crate::state::Section;
+use crate::transport::Transport;
+
+/// Where one connection's pages go: guest memory, with the bookkeeping of
+/// which pages received data (the fresh memory is zero, so a zero marker for
+/// a page never written costs nothing and must not touch, i.e. allocate, the
+/// page) and a buffer for decompressing `PagesLz4` frames.
+pub(super) struct PageSink<'a> {
+    pub(super) layout: &'a MemoryLayout,
+    pub(super) ram: &'a HostRam<'a>,
+    pub(super) written: DirtyBitmap,
+    /// Data pages and zero markers applied.
+    pub(super) pages: u64,
+    pub(super) zero: u64,
+    pub(super) scratch: Vec<u8>,
+    /// `Some((index, streams))`: every record must belong to that page
+    /// stream (see [`stream_of`]).
+    pub(super) stream: Option<(u32, u32)>,
+}
+
+impl<'a> PageSink<'a> {
+    pub(super) fn new(
+        layout: &'a MemoryLayout,
+        ram: &'a HostRam<'a>,
+        stream: Option<(u32, u32)>,
+    ) -> Self {
+        PageSink {
+            layout,
+            ram,
+            written: DirtyBitmap::new(layout),
+            pages: 0,
+            zero: 0,
+            scratch: Vec::new(),
+            stream,
+        }
+    }
+
+    /// Applies one `Pages` or `PagesLz4` frame.
+    pub(super) fn apply(&mut self, kind: MsgKind, payload: &[u8]) -> Result<(), ErrorKind> {
+        let mut scratch = std::mem::take(&mut self.scratch);
+        let r = if kind == MsgKind::PagesLz4 {
+            decompress_pages(payload, &mut scratch)
+                .map_err(ErrorKind::from)
+                .and_then(|_| self.apply_records(&scratch))
+        } else {
+            self.apply_records(payload)
+        };
+        self.scratch = scratch;
+        r
+    }
+
+    pub(super) fn apply_records(&mut self, payload: &[u8]) -> Result<(), ErrorKind> {
+        let (layout, ram) = (self.layout, self.ram);
+        for rec in page_records(payload) {
+            let rec = rec?;
+            let (region, page) = rec.check(layout)?;
+            let n = u64::from(rec.npages);
+            if let Some((index, streams)) = self.stream {
+                let last = page + n.saturating_sub(1);
+                if page / STREAM_CHUNK_PAGES != last / STREAM_CHUNK_PAGES
+                    || stream_of(layout, region, page, streams) != index
+                {
+                    return Err(PeerError::WrongStream {
+                        gpa: rec.gpa,
+                        npages: rec.npages,
+                        index,
+                    }
+                    .into());
+                }
+            }
+            let ok = match rec.data {
+                Some(data) => {
+                    self.pages += n;
+                    self.written.set_range(region, page, n);
+                    ram.write_pages(region, page, data)
+                }
+                None => {
+                    self.zero += n;
+                    let mut ok = true;
+                    for p in page..page + n {
+                        if self.written.is_set(region, p) {
+                            ok &= ram.zero_pages(region, p, 1);
+                            self.written.unset(region, p);
+                        }
+                    }
+                    ok
+                }
+            };
+            if !ok {
+                return Err(PeerError::OutsideMemory {
+                    gpa: rec.gpa,
+                    npages: rec.npages,
+                }
+                .into());
+            }
+        }
+        Ok(())
+    }
+}
+
+/// What the page-stream threads share with the control loop.
+pub(super) struct StreamShared {
+    /// The first failure of any stream.
+    pub(super) error: Mutex<Option<(u32, ErrorKind)>>,
+    /// Set when the control loop gives up (stream threads stop).
+    pub(super) abort: AtomicBool,
+}
+
+/// One page stream: applies pages until `Complete`.
+pub(super) fn stream_reader(
+    index: u32,
+    streams: u32,
+    mut fr: FrameReader<Box<dyn Transport>>,
+    layout: &MemoryLayout,
+    ram: &HostRam<'_>,
+    shared: &StreamShared,
+    control: Option<Box<dyn Transport>>,
+) -> (u64, u64, u64) {
+    let mut sink = PageSink::new(layout, ram, Some((index, streams)));
+    let r: Result<(), ErrorKind> = loop {
+        if shared.abort.load(Ordering::SeqCst) {
+            break Ok(());
+        }
+        let f = match fr.read_frame() {
+            Ok(f) => f,
+            Err(e) => break Err(e.into()),
+        };
+        match f.kind {
+            MsgKind::Pages | MsgKind::PagesLz4 => {
+                if let Err(e) = sink.apply(f.kind, f.payload) {
+                    break Err(e);
+                }
+            }
+            MsgKind::Keepalive => {}
+            MsgKind::Complete => break Ok(()),
+            other => {
+                break Err(ErrorKind::Unexpected {
+                    got: format!("{other:?}"),
+                    expected: "Pages, Keepalive or Complete",
+                })
+            }
+        }
+    };
+    if let Err(kind) = r {
+        shared.fail(index, kind);
+        // Wake the control loop up.
+        if let Some(c) = control {
+            let _ = c.shutdown();
+        }
+    }
+    (sink.pages, sink.zero, fr.bytes_read())
+}
+
+/// What the memory phase received.
+#[derive(Debug, Default)]
+pub(super) struct Received {
+    /// The state sections, complete.
+    pub(super) sections: Vec<Section>,
+    /// Data pages and zero markers applied, on every connection.
+    pub(super) pages: u64,
+    pub(super) zero: u64,
+    /// Bytes read on the page streams (the control connection's are
+    /// counted at the end).
+    pub(super) stream_bytes: u64,
+    /// Rounds announced by the source.
+    pub(super) rounds: u32,
+}
+
+/// The memory phase: pages on every connection, round ends and the state
+/// on the control one, until `Complete`. A failing page stream stops the
+/// others and is named as the cause.
+pub(super) fn receive(
+    control: &mut ControlReader,
+    readers: Vec<FrameReader<Box<dyn Transport>>>,
+    layout: &MemoryLayout,
+    ram: &HostRam<'_>,
+) -> Result<Received, MigrationError> {
+    let streams = readers.len().max(1) as u32;
+    let shared = StreamShared {
+        error: Mutex::new(None),
+        abort: AtomicBool::new(false),
+    };
+    let handles: Vec<Box<dyn Transport>> = readers
+        .iter()
+        .filter_map(|r| r.get_ref().try_clone().ok())
+        .collect();
+    let stop = || {
+        shared.abort.store(true, Ordering::SeqCst);
+        for t in &handles {
+            let _ = t.shutdown();
+        }
+    };
+    std::thread::scope(|s| {
+        let mut threads = Vec::new();
+        for (i, r) in readers.into_iter().enumerate() {
+            let wake = control.transport().try_clone().ok();
+            let (shared, index) = (&shared, i as u32);
+            let spawned = std::thread::Builder::new()
+                .name(format!("livemig-rx{i}"))
+                .spawn_scoped(s, move || {
+                    stream_reader(index, streams, r, layout, ram, shared, wake)
+                });
+            match spawned {
+                Ok(h) => threads.push(h),
+                Err(source) => {
+                    stop();
+                    let what = "page stream";
+                    let e = InternalError::Spawn { what, source };
+                    return Err(MigrationError::new(Phase::Handshake, e));
+                }
+            }
+        }
+        let mut cl = ControlLoop::new(layout, ram, streams);
+        let r = cl.run(control);
+        if r.is_err() {
+            stop();
+        }
+        let mut got = cl.received();
+        for h in threads {
+            match h.join() {
+                Ok((pages, zero, bytes)) => {
+                    got.pages += pages;
+                    got.zero += zero;
+                    got.stream_bytes += bytes;
+                }
+                Err(_) => shared.fail(u32::MAX, InternalError::Panicked.into()),
+            }
+        }
+        // A stream's failure is the real cause of whatever the control
+        // connection saw (the stream shut it down).
+        if let Some((index, kind)) = shared.error.lock().ok().and_then(|mut g| g.take()) {
+            let source = Box::new(kind);
+            return Err(MigrationError::new(
+                cl.phase,
+                ErrorKind::Stream { index, source },
+            ));
+        }
+        got.sections = r?;
+        Ok(got)
+    })
+}
+
+impl StreamShared {
+    /// Records the first failure.
+    fn fail(&self, index: u32, kind: ErrorKind) {
+        if let Ok(mut g) = self.error.lock() {
+            g.get_or_insert((index, kind));
+        }
+    }
+}
+
+/// The control connection's part of the memory phase: pages (when they
+/// travel here), round ends, the state.
+struct ControlLoop<'a> {
+    sink: PageSink<'a>,
+    phase: Phase,
+    streams: u32,
+    rounds: u32,
+    sections: Option<Vec<Section>>,
+    state_frames: usize,
+}
+
+impl<'a> ControlLoop<'a> {
+    fn new(layout: &'a MemoryLayout, ram: &'a HostRam<'a>, streams: u32) -> Self {
+        ControlLoop {
+            sink: PageSink::new(layout, ram, None),
+            phase: Phase::Precopy(0),
+            streams,
+            rounds: 0,
+            sections: None,
+            state_frames: 0,
+        }
+    }
+
+    /// Reads until `Complete`; returns the state sections.
+    fn run(&mut self, control: &mut ControlReader) -> Result<Vec<Section>, MigrationError> {
+        const EXPECTED: &str = "Pages, RoundEnd, State or Complete";
+        loop {
+            let f = control.next(self.phase, EXPECTED)?;
+            let at = |e: ErrorKind| MigrationError::new(self.phase, e);
+            match f.kind {
+                MsgKind::Pages | MsgKind::PagesLz4 => {
+                    if self.streams > 1 {
+                        return Err(at(PeerError::PagesOnControl.into()));
+                    }
+                    self.sink.apply(f.kind, f.payload).map_err(at)?;
+                }
+                MsgKind::RoundEnd => {
+                    let r = RoundEnd::decode(f.payload).map_err(|e| at(e.into()))?;
+                    self.rounds = r.round.saturating_add(1);
+                    self.phase = Phase::Precopy(self.rounds);
+                }
+                MsgKind::Keepalive => {}
+                MsgKind::State => {
+                    self.phase = Phase::State;
+                    let state = State::decode(f.payload);
+                    self.add_state(state)?;
+                }
+                MsgKind::Complete => break,
+                MsgKind::Cancel => return Err(at(ErrorKind::Cancelled)),
+                other => return Err(unexpected(other, EXPECTED, self.phase)),
+            }
+        }
+        let none = || MigrationError::new(Phase::State, PeerError::NoState);
+        self.sections.take().ok_or_else(none)
+    }
+
+    /// One `State` frame: at most [`MAX_STATE_FRAMES`], each section once.
+    fn add_state(&mut self, state: Result<State, ProtocolError>) -> Result<(), MigrationError> {
+        let st = Phase::State;
+        self.state_frames += 1;
+        if self.state_frames > MAX_STATE_FRAMES {
+            let e = PeerError::TooManyStateFrames {
+                max: MAX_STATE_FRAMES,
+            };
+            return Err(MigrationError::new(st, e));
+        }
+        let more = state.map_err(|e| MigrationError::new(st, e))?.sections;
+        let all = self.sections.get_or_insert_with(Vec::new);
+        if let Some(dup) = more.iter().find(|m| all.iter().any(|s| s.name == m.name)) {
+            let e = PeerError::DuplicateSection(dup.name.clone());
+            return Err(MigrationError::new(st, e));
+        }
+        all.extend(more);
+        Ok(())
+    }
+
+    /// The counts so far (the sections are returned by [`Self::run`]).
+    fn received(&self) -> Received {
+        Received {
+            pages: self.sink.pages,
+            zero: self.sink.zero,
+            rounds: self.rounds,
+            ..Received::default()
+        }
+    }
+}

@@ -1,0 +1,239 @@
+//! The handshake: `Hello` → `HelloReply`, the extra page streams, and the
+//! state measured before any page is sent. Ends in [`Accepted`] and a
+//! [`StateEstimate`].
+
+use std::time::{Duration, Instant};
+
+use super::session::Session;
+use crate::control::{self, ControlReader, ControlWriter};
+use crate::error::{ErrorKind, MigrationError, PeerError, Phase};
+use crate::protocol::{
+    state_frames, FrameWriter, Hello, HelloReply, ProtocolError, StreamHello, MAX_FRAME_PAYLOAD,
+    MIN_PROTOCOL_VERSION, PROTOCOL_VERSION,
+};
+use crate::transport::{StreamOpener, Transport};
+use crate::vm::{SourceVm, VmDescription};
+
+/// The destination accepted the migration.
+pub(super) struct Accepted {
+    /// The control connection.
+    pub(super) control: ControlReader,
+    /// Its writer.
+    pub(super) fw: ControlWriter,
+    /// The extra page streams (none when one stream was granted).
+    pub(super) streams: Vec<FrameWriter<Box<dyn Transport>>>,
+    /// Every connection, for the paused phase's watchdog.
+    pub(super) links: Vec<Box<dyn Transport>>,
+    /// The protocol version the destination chose.
+    pub(super) version: u32,
+    /// Page streams granted.
+    pub(super) granted: u32,
+}
+
+/// What the switchover will cost beyond memory, measured before any page.
+pub(super) struct StateEstimate {
+    /// Pause, save, restore and resume (see [`measure_state`]).
+    pub(super) time: Duration,
+    /// The state's size on the wire (sections with their headers): what
+    /// the policy adds to the remaining memory each round.
+    pub(super) wire_bytes: u64,
+}
+
+/// `Hello`, the destination's answer, and the extra page streams: refuses
+/// before a single page is sent.
+pub(super) fn handshake<V: SourceVm + ?Sized>(
+    s: &mut Session<'_, V>,
+    transport: Box<dyn Transport>,
+    opener: Option<&mut dyn StreamOpener>,
+    desc: VmDescription,
+) -> Result<Accepted, MigrationError> {
+    let hs = Phase::Handshake;
+    let config = s.config;
+    let (mut control, mut fw) = control::open(transport, config.io_timeout)?;
+    let mut links: Vec<Box<dyn Transport>> = Vec::new();
+    links.extend(fw.get_ref().try_clone().ok());
+    let mut hello = Hello::new(desc);
+    hello.streams = config.streams;
+    hello.paused = s.paused;
+    fw.send(&hello).map_err(|e| MigrationError::new(hs, e))?;
+    let reply: HelloReply = control.recv(hs)?;
+    check_reply(&reply, config.streams)?;
+    let streams = if reply.streams > 1 {
+        // `migrate_streams` refused streams > 1 without an opener, and the
+        // destination grants no more than asked for.
+        let opener =
+            opener.ok_or_else(|| MigrationError::new(hs, super::needs_opener(reply.streams)))?;
+        open_streams(s, opener, &reply, &mut links)?
+    } else {
+        Vec::new()
+    };
+    (s.progress)(&crate::report::Progress::Accepted);
+    Ok(Accepted {
+        control,
+        fw,
+        streams,
+        links,
+        version: reply.version,
+        granted: reply.streams,
+    })
+}
+
+/// The destination's answer: accepted, a version this side speaks, no more
+/// streams than asked for.
+fn check_reply(reply: &HelloReply, asked: u32) -> Result<(), MigrationError> {
+    let hs = Phase::Handshake;
+    if !reply.accepted {
+        return Err(MigrationError::new(
+            hs,
+            ErrorKind::Refused(reply.reason.clone()),
+        ));
+    }
+    if !(MIN_PROTOCOL_VERSION..=PROTOCOL_VERSION).contains(&reply.version) {
+        let e = PeerError::Version {
+            chosen: reply.version,
+            min: MIN_PROTOCOL_VERSION,
+            max: PROTOCOL_VERSION,
+        };
+        return Err(MigrationError::new(hs, e));
+    }
+    if reply.streams > asked {
+        let e = PeerError::TooManyStreams {
+            granted: reply.streams,
+            asked,
+        };
+        return Err(MigrationError::new(hs, e));
+    }
+    Ok(())
+}
+
+/// Opens the granted page streams, each introduced by a `StreamHello`.
+fn open_streams<V: SourceVm + ?Sized>(
+    s: &Session<'_, V>,
+    opener: &mut dyn StreamOpener,
+    reply: &HelloReply,
+    links: &mut Vec<Box<dyn Transport>>,
+) -> Result<Vec<FrameWriter<Box<dyn Transport>>>, MigrationError> {
+    let mut streams = Vec::new();
+    for index in 0..reply.streams {
+        let stream_err = |kind: ErrorKind| {
+            let source = Box::new(kind);
+            MigrationError::new(Phase::Handshake, ErrorKind::Stream { index, source })
+        };
+        let io = |e| stream_err(ProtocolError::Io(e).into());
+        let mut t = opener.open().map_err(io)?;
+        t.set_write_timeout(Some(s.config.io_timeout)).map_err(io)?;
+        s.cancel.attach(t.try_clone().ok());
+        links.extend(t.try_clone().ok());
+        let mut w = FrameWriter::new(t);
+        let hello = StreamHello {
+            token: reply.token,
+            index,
+        };
+        w.send(&hello)
+            .and_then(|_| w.flush())
+            .map_err(|e| stream_err(e.into()))?;
+        streams.push(w);
+    }
+    Ok(streams)
+}
+
+/// Measures the state (see [`measure_state`]) and refuses now, not after
+/// the pause, a state that cannot travel or an old peer that cannot take it.
+pub(super) fn estimate_state<V: SourceVm + ?Sized>(
+    s: &Session<'_, V>,
+    accepted: &Accepted,
+) -> Result<StateEstimate, MigrationError> {
+    let hs = Phase::Handshake;
+    let (time, sections) = measure_state(s.vm, s.paused, s.config.downtime_limit)?;
+    let wire_bytes = sections
+        .iter()
+        .map(|s| s.data.len() as u64 + s.name.len() as u64 + 16)
+        .sum();
+    let frames =
+        state_frames(sections, MAX_FRAME_PAYLOAD).map_err(|e| MigrationError::new(hs, e))?;
+    check_old_peer(accepted.version, s.paused, frames.len())?;
+    Ok(StateEstimate { time, wire_bytes })
+}
+
+/// What a destination that speaks only protocol version 2 (release 0.1.0)
+/// cannot do, refused before any page: keep a paused VM paused (it would
+/// resume it), and read a state of several `State` frames.
+pub(super) fn check_old_peer(
+    version: u32,
+    paused: bool,
+    state_frames: usize,
+) -> Result<(), MigrationError> {
+    if version >= 3 {
+        return Ok(());
+    }
+    let why = if paused {
+        "the VM is paused, and a destination speaking protocol version 2 would resume it"
+            .to_string()
+    } else if state_frames > 1 {
+        format!(
+            "the device state needs {state_frames} State frames; a destination speaking \
+             protocol version 2 reads one"
+        )
+    } else {
+        return Ok(());
+    };
+    Err(MigrationError::new(
+        Phase::Handshake,
+        ErrorKind::Refused(why),
+    ))
+}
+
+/// Measures the state before any page is sent: a short pause now tells
+/// what the switchover costs beyond memory, and proves the state can be
+/// saved before anything is committed.
+///
+/// The estimate: the pause latency capped at 2 ms (one slow pause under
+/// host load must not make the policy believe every switchover costs that
+/// much and never converge), the save, the destination's restore (taken as
+/// long as the save: it issues the same state calls in reverse) and the
+/// destination's resume (taken as long as this resume: as many vCPUs to
+/// wake). A measurement over a quarter of `limit` is repeated (twice at
+/// most) and the smallest kept, for the same reason. The state's bytes are
+/// added at the measured bandwidth each round.
+///
+/// A VM the operator paused is only saved (never resumed). If pausing a
+/// running VM fails, it is resumed (a pause that failed half-way may have
+/// stopped some vCPUs), so it runs as before.
+pub(super) fn measure_state<V: SourceVm + ?Sized>(
+    vm: &V,
+    paused: bool,
+    limit: Duration,
+) -> Result<(Duration, Vec<crate::state::Section>), MigrationError> {
+    let hs = Phase::Handshake;
+    if paused {
+        let t = Instant::now();
+        let sections = vm.save_state().map_err(|e| MigrationError::new(hs, e))?;
+        return Ok((t.elapsed(), sections));
+    }
+    let mut state_time = Duration::MAX;
+    let mut sections = Vec::new();
+    for _ in 0..3 {
+        let t = Instant::now();
+        if let Err(e) = vm.pause() {
+            if let Err(re) = vm.resume() {
+                log::error!("resuming the source after a failed pause: {re}");
+            }
+            return Err(MigrationError::new(hs, e));
+        }
+        let t_paused = Instant::now();
+        let saved = vm.save_state();
+        let t_saved = Instant::now();
+        let resumed = vm.resume();
+        let t_resumed = Instant::now();
+        let this = (t_paused - t).min(Duration::from_millis(2))
+            + 2 * (t_saved - t_paused)
+            + (t_resumed - t_saved);
+        state_time = state_time.min(this);
+        sections = saved.map_err(|e| MigrationError::new(hs, e))?;
+        resumed.map_err(|e| MigrationError::new(hs, e))?;
+        if state_time <= limit / 4 {
+            break;
+        }
+    }
+    Ok((state_time, sections))
+}

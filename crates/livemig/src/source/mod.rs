@@ -1,0 +1,266 @@
+//! The source side, in the order of the protocol (see
+//! `docs/architecture.md`). See [`migrate`].
+//!
+//! Each phase is a file, and a function or method that takes the result of
+//! the one before and returns its own:
+//!
+//! * `handshake.rs`: `Hello` → `HelloReply`, the page streams, the state
+//!   measured → `Accepted`, `StateEstimate`;
+//! * `session.rs`: dirty logging on → `Tracking`;
+//! * `precopy.rs`: the rounds (`rounds.rs` walks a bitmap and re-arms the
+//!   dirty log; `sender.rs` writes one connection, `streams.rs` runs the
+//!   page-stream threads, `throttle.rs` auto-converge) → `Converged`;
+//! * `switchover.rs`: `stop_and_copy` → `Paused`, then `Paused::commit`
+//!   → `Committed`, or the ambiguous outcome (only there, from
+//!   `crate::commit`, which sends `Go`).
+//!
+//! The report is assembled once, from what they return; on any other
+//! error one fail-safe hands the guest back to the source.
+
+use std::time::Instant;
+
+use crate::error::{ErrorKind, MigrationError, Phase};
+use crate::policy::{ConfigError, MigrationConfig};
+use crate::protocol::STREAM_CHUNK_PAGES;
+use crate::report::{DowntimeBreakdown, Progress, Report, Status};
+use crate::transport::{StreamOpener, Transport};
+use crate::vm::{SourceVm, VmDescription};
+
+mod cancel;
+mod handshake;
+mod precopy;
+mod rounds;
+mod sender;
+mod session;
+mod streams;
+mod switchover;
+mod throttle;
+
+pub use cancel::CancelToken;
+use session::{ms, Session, Tracking};
+use switchover::{Committed, NotCommitted};
+use throttle::Throttler;
+
+/// Pages per dirty-log chunk: in manual-protect mode each chunk is
+/// re-protected (`clear`) just before its pages are read.
+pub const CHUNK_PAGES: u64 = STREAM_CHUNK_PAGES;
+
+/// Migrates `vm` over `transport`.
+///
+/// Runs on the calling thread while the VM's own threads keep running the
+/// guest. On success the guest runs on the destination and the source VM is
+/// left paused (the caller tears it down). On any error before the
+/// switchover the source VM is running again and dirty logging is off; the
+/// error names the phase. If the error [`MigrationError::is_ambiguous`], the
+/// destination may be running the guest: the source stays paused.
+///
+/// `progress` is called after each round and at the switchover.
+///
+/// Everything travels on `transport`; [`MigrationConfig::streams`] must be 1
+/// (see [`migrate_streams`]).
+pub fn migrate<V: SourceVm + ?Sized>(
+    vm: &V,
+    transport: Box<dyn Transport>,
+    config: &MigrationConfig,
+    cancel: &CancelToken,
+    progress: &mut dyn FnMut(&Progress),
+) -> Result<Report, MigrationError> {
+    migrate_streams(vm, transport, None, config, cancel, progress)
+}
+
+/// Like [`migrate`], with [`MigrationConfig::streams`] page streams opened
+/// through `opener` (the control exchange stays on `transport`).
+///
+/// The destination may grant fewer streams than asked for (a destination
+/// called without a [`crate::transport::StreamAcceptor`] grants one); with
+/// one, `opener` is not used.
+pub fn migrate_streams<V: SourceVm + ?Sized>(
+    vm: &V,
+    transport: Box<dyn Transport>,
+    opener: Option<&mut dyn StreamOpener>,
+    config: &MigrationConfig,
+    cancel: &CancelToken,
+    progress: &mut dyn FnMut(&Progress),
+) -> Result<Report, MigrationError> {
+    let started = Instant::now();
+    let desc = vm
+        .describe()
+        .map_err(|e| MigrationError::new(Phase::Handshake, e))?;
+    cancel.attach(transport.try_clone().ok());
+    let mut s = Session {
+        vm,
+        config,
+        cancel,
+        progress,
+        paused: vm.is_paused(),
+        started,
+    };
+    let result =
+        validate(config, opener.is_some()).and_then(|()| run(&mut s, transport, opener, desc));
+    cancel.detach_all();
+    result.map_err(|mut e| {
+        // A cancel shuts the transport down; the I/O error it causes is
+        // the cancel, not a failure.
+        if cancel.is_cancelled() && !e.is_ambiguous() {
+            e.kind = ErrorKind::Cancelled;
+        }
+        log::warn!("{e}");
+        e
+    })
+}
+
+/// The settings, and whether they fit the call (nothing is sent before).
+fn validate(config: &MigrationConfig, has_opener: bool) -> Result<(), MigrationError> {
+    let hs = Phase::Handshake;
+    config.validate().map_err(|e| MigrationError::new(hs, e))?;
+    if config.streams > 1 && !has_opener {
+        return Err(MigrationError::new(hs, needs_opener(config.streams)));
+    }
+    Ok(())
+}
+
+/// The phases, in order. Errors before dirty logging is on leave nothing
+/// to undo; after, [`fail_safe`] hands the guest back to the source unless
+/// the outcome is ambiguous.
+fn run<V: SourceVm + ?Sized>(
+    s: &mut Session<'_, V>,
+    transport: Box<dyn Transport>,
+    opener: Option<&mut dyn StreamOpener>,
+    desc: VmDescription,
+) -> Result<Report, MigrationError> {
+    let layout = desc.layout.clone();
+    let accepted = handshake::handshake(s, transport, opener, desc)?;
+    let estimate = handshake::estimate_state(s, &accepted)?;
+    let mut t = Tracking::start(s, accepted, estimate, &layout)?;
+    let outcome = transfer(s, &mut t);
+    let bytes_sent = t.stop();
+    match outcome {
+        Ok(committed) => Ok(assemble(s, &t, committed, layout.total_bytes(), bytes_sent)),
+        Err(NotCommitted::Ambiguous(e)) => Err(e),
+        Err(NotCommitted::Kept(e)) => Err(fail_safe(s, &mut t, e)),
+    }
+}
+
+/// Pre-copy, stop-and-copy and the commit, with the page-stream threads
+/// and the auto-converge throttle running.
+fn transfer<V: SourceVm + ?Sized>(
+    s: &mut Session<'_, V>,
+    t: &mut Tracking<'_>,
+) -> Result<Committed, NotCommitted> {
+    let throttler = Throttler::default();
+    // An operator-paused VM is never throttled (the throttler resumes the
+    // vCPUs it parked) — nor does it dirty memory.
+    let target = if s.config.auto_converge && !s.paused {
+        s.vm.throttle()
+    } else {
+        None
+    };
+    std::thread::scope(|scope| {
+        let workers = std::mem::take(&mut t.workers);
+        if !workers.is_empty() {
+            t.sender.pool = Some(streams::spawn(scope, workers)?);
+        }
+        throttler.spawn(scope, target);
+        let r = phases(s, t, &throttler);
+        throttler.finish(true);
+        t.sender.stop_streams();
+        r
+    })
+}
+
+/// The protocol, phase by phase.
+fn phases<V: SourceVm + ?Sized>(
+    s: &mut Session<'_, V>,
+    t: &mut Tracking<'_>,
+    throttler: &Throttler,
+) -> Result<Committed, NotCommitted> {
+    let converged = precopy::precopy(s, t, throttler)?;
+    // Stop throttling first so it cannot race the pause.
+    throttler.finish(true);
+    let paused = converged.stop_and_copy(s, t)?;
+    paused.commit(s, t)
+}
+
+/// The source keeps the guest, in the run state the operator left it in,
+/// and tells the destination why (or, when the connection broke, fetches
+/// the destination's own reason if it sent one).
+fn fail_safe<V: SourceVm + ?Sized>(
+    s: &Session<'_, V>,
+    t: &mut Tracking<'_>,
+    e: MigrationError,
+) -> MigrationError {
+    if !s.paused {
+        if let Err(re) = s.vm.resume() {
+            log::error!("resuming the source after a failed migration: {re}");
+        }
+    }
+    crate::control::send_failure(&mut t.sender.fw, &e, false);
+    match &e.kind {
+        ErrorKind::Protocol(pe) if pe.is_disconnect() => {
+            let wait = std::time::Duration::from_millis(200);
+            t.control.peer_reason(e.phase, wait).unwrap_or(e)
+        }
+        _ => e,
+    }
+}
+
+/// The report, from what the phases returned.
+fn assemble<V: SourceVm + ?Sized>(
+    s: &mut Session<'_, V>,
+    t: &Tracking<'_>,
+    c: Committed,
+    memory_bytes: u64,
+    bytes_sent: u64,
+) -> Report {
+    let p = &c.paused;
+    let downtime_ms = ms(c.done - p.times.pause);
+    (s.progress)(&Progress::Completed { downtime_ms });
+    let config = s.config;
+    let counts = t.sender.counts;
+    let throttled = !config.auto_converge || (s.vm.throttle().is_some() && !s.paused);
+    Report {
+        status: Status::Completed,
+        total_ms: ms(s.started.elapsed()),
+        setup_ms: t.setup_ms,
+        downtime_ms,
+        downtime_breakdown: breakdown(&c),
+        forced: p.summary.forced,
+        expected_downtime_ms: p.summary.expected_downtime_ms,
+        rounds: p.summary.rounds.clone(),
+        final_pages: p.copied.final_pages,
+        bytes_sent,
+        pages_sent: counts.pages,
+        zero_pages: counts.zero + t.sender.skipped,
+        state_bytes: p.copied.state_bytes,
+        state_frames: p.copied.state_frames,
+        dirty_tracking: t.dirty_tracking.clone(),
+        streams: t.streams,
+        throttle_max_pct: throttled.then_some(p.summary.throttle_max_pct),
+        ..Report::new(memory_bytes, ms(config.downtime_limit))
+    }
+}
+
+/// Where the downtime went.
+fn breakdown(c: &Committed) -> DowntimeBreakdown {
+    let t = &c.paused.times;
+    DowntimeBreakdown {
+        pause_ms: ms(t.paused - t.pause),
+        state_save_ms: ms(t.saved - t.paused),
+        final_sync_ms: ms(t.synced - t.saved),
+        final_memory_ms: ms(t.mem - t.synced),
+        state_transfer_ms: ms(t.ready - t.mem),
+        dest_restore_ms: c.paused.ready.restore_us as f64 / 1000.0,
+        resume_ack_ms: ms(c.done - t.ready),
+        dest_resume_ms: c.resumed.resume_us as f64 / 1000.0,
+    }
+}
+
+/// `streams` page streams need a [`StreamOpener`]: a setting that does not
+/// fit the call.
+fn needs_opener(streams: u32) -> ConfigError {
+    ConfigError {
+        field: "streams",
+        value: streams.to_string(),
+        rule: "needs a StreamOpener (use migrate_streams)".into(),
+    }
+}

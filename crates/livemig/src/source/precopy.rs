@@ -1,0 +1,234 @@
+//! Pre-copy: round 0 sends every page, each later round the pages dirtied
+//! during the one before, until the policy decides to switch over. Ends in
+//! [`Converged`].
+
+use std::sync::atomic::Ordering;
+use std::time::{Duration, Instant};
+
+use super::rounds::merge_vmm_writes;
+use super::session::{ms, Session, Tracking};
+use super::throttle::Throttler;
+use crate::bitmap::DirtyBitmap;
+use crate::error::{ErrorKind, MigrationError, Phase};
+use crate::memory::{MemoryLayout, PAGE_SIZE};
+use crate::policy::{decide, Decision, RoundEstimate, Throttle};
+use crate::protocol::RoundEnd;
+use crate::report::{Progress, RoundReport};
+use crate::vm::SourceVm;
+
+/// The policy decided to switch over.
+pub(super) struct Converged {
+    /// The pages dirtied since the last round: the stop-and-copy sends them.
+    pub(super) bitmap: DirtyBitmap,
+    /// What the rounds measured.
+    pub(super) summary: PrecopySummary,
+}
+
+/// What pre-copy measured, for the report.
+#[derive(Debug, Default)]
+pub(super) struct PrecopySummary {
+    /// One entry per round.
+    pub(super) rounds: Vec<RoundReport>,
+    /// Whether a cap forced the switchover.
+    pub(super) forced: bool,
+    /// The downtime expected after the last round, ms.
+    pub(super) expected_downtime_ms: f64,
+    /// The highest vCPU throttle applied, percent.
+    pub(super) throttle_max_pct: u32,
+}
+
+/// What one round sent, and how long it took.
+struct Sent {
+    pages: u64,
+    zero: u64,
+    bytes: u64,
+    duration: Duration,
+    /// The round minus re-arming the dirty log.
+    sending: Duration,
+}
+
+/// The rounds' running state.
+struct Precopy {
+    round: u32,
+    start: Instant,
+    throttle: Throttle,
+    /// All bytes and all sending time so far (the bandwidth estimate).
+    total_sent: u64,
+    total_time: Duration,
+    summary: PrecopySummary,
+}
+
+/// Runs the rounds until the policy says switch over (or gives up).
+pub(super) fn precopy<V: SourceVm + ?Sized>(
+    s: &mut Session<'_, V>,
+    t: &mut Tracking<'_>,
+    throttler: &Throttler,
+) -> Result<Converged, MigrationError> {
+    let start = Instant::now();
+    let layout = t.sender.layout.clone();
+    // Discard VMM writes recorded before tracking started: round 0 sends
+    // everything anyway.
+    merge_vmm_writes(s.vm, &mut DirtyBitmap::new(&layout));
+    let mut bitmap = first_round_pages(&layout);
+    let mut p = Precopy {
+        round: 0,
+        start,
+        throttle: Throttle::default(),
+        total_sent: 0,
+        total_time: Duration::ZERO,
+        summary: PrecopySummary::default(),
+    };
+    loop {
+        let phase = Phase::Precopy(p.round);
+        let sent = send_round(s, t, &bitmap, p.round)?;
+        bitmap.clear();
+        t.tracker
+            .sync(&mut bitmap)
+            .map_err(|e| MigrationError::new(phase, e))?;
+        merge_vmm_writes(s.vm, &mut bitmap);
+        let est = p.account(s, t, throttler, &sent, bitmap.count());
+        if s.cancel.is_cancelled() {
+            return Err(MigrationError::new(phase, ErrorKind::Cancelled));
+        }
+        match decide(s.config, p.round, p.start.elapsed(), &est) {
+            Decision::Continue => p.round += 1,
+            Decision::Switchover => return Ok(p.converged(bitmap, false)),
+            Decision::ForceSwitchover => return Ok(p.converged(bitmap, true)),
+            Decision::GiveUp => return Err(not_converged(s, p.round, &est)),
+        }
+    }
+}
+
+/// Round 0: every page, except those that certainly read as zero
+/// ([`crate::ram::HostRam::populated`], asked per chunk after its re-arm):
+/// the destination scrubbed its memory to zero in the handshake.
+fn first_round_pages(layout: &MemoryLayout) -> DirtyBitmap {
+    let mut bitmap = DirtyBitmap::new(layout);
+    bitmap.set_all();
+    bitmap
+}
+
+/// Sends the pages of `bitmap` (re-arming the dirty log chunk by chunk in
+/// manual-clear mode), flushes every stream and ends the round with
+/// `RoundEnd`.
+fn send_round<V: SourceVm + ?Sized>(
+    s: &mut Session<'_, V>,
+    t: &mut Tracking<'_>,
+    bitmap: &DirtyBitmap,
+    round: u32,
+) -> Result<Sent, MigrationError> {
+    let phase = Phase::Precopy(round);
+    let t0 = Instant::now();
+    let sender = &mut t.sender;
+    let before = sender.counts;
+    let skipped_before = sender.skipped;
+    sender.skip_zero = round == 0;
+    sender.skip_untouched = round == 0 && s.config.skip_untouched;
+    sender.clear_time = Duration::ZERO;
+    let tracker = if t.tracker.needs_clear() {
+        Some(&mut *t.tracker)
+    } else {
+        None
+    };
+    sender.send_bitmap(bitmap, tracker, s.cancel, phase)?;
+    sender.end_round(phase, false)?;
+    sender.skip_zero = false;
+    sender.skip_untouched = false;
+    let pages = sender.counts.pages - before.pages;
+    sender
+        .fw
+        .send(&RoundEnd { round, pages })
+        .map_err(|e| MigrationError::new(phase, e))?;
+    let duration = t0.elapsed();
+    Ok(Sent {
+        pages,
+        zero: sender.counts.zero - before.zero + sender.skipped - skipped_before,
+        bytes: sender.counts.bytes - before.bytes,
+        duration,
+        // Sending time: the round minus re-arming the dirty log (a round 0
+        // of a mostly idle guest is nearly all re-arming; counting it as
+        // transfer time made the link look slow and an idle guest "not
+        // converge" under load).
+        sending: duration
+            .saturating_sub(sender.clear_time)
+            .max(Duration::from_micros(50)),
+    })
+}
+
+impl Precopy {
+    /// Accounts a round with `dirty` pages found after it: the estimate,
+    /// the throttle, the round's report (logged and passed to `progress`).
+    fn account<V: SourceVm + ?Sized>(
+        &mut self,
+        s: &mut Session<'_, V>,
+        t: &Tracking<'_>,
+        throttler: &Throttler,
+        sent: &Sent,
+        dirty: u64,
+    ) -> RoundEstimate {
+        // Bandwidth estimate: all bytes sent so far over all sending time,
+        // so a tiny round (dominated by fixed costs) cannot drag it down.
+        self.total_sent += sent.bytes;
+        self.total_time += sent.sending;
+        let est = RoundEstimate {
+            remaining_bytes: dirty * PAGE_SIZE,
+            bandwidth: self.total_sent as f64 / self.total_time.as_secs_f64().max(1e-6),
+            state_time: t.estimate.time,
+            state_bytes: t.estimate.wire_bytes,
+        };
+        let pct = if self.round > 0 {
+            self.throttle
+                .after_round(s.config, dirty * PAGE_SIZE, sent.bytes)
+        } else {
+            0
+        };
+        if pct != throttler.pct.load(Ordering::SeqCst) {
+            log::info!("auto-converge: throttling vCPUs to {pct} %");
+            throttler.pct.store(pct, Ordering::SeqCst);
+        }
+        let secs = sent.duration.as_secs_f64().max(1e-6);
+        let rr = RoundReport {
+            round: self.round,
+            pages: sent.pages,
+            zero_pages: sent.zero,
+            bytes: sent.bytes,
+            duration_ms: ms(sent.duration),
+            dirty_pages_after: dirty,
+            dirty_rate_mbps: (dirty * PAGE_SIZE) as f64 / secs / 1e6,
+            bandwidth_mbps: sent.bytes as f64 / sent.sending.as_secs_f64() / 1e6,
+            expected_downtime_ms: ms(est.expected_downtime()),
+            throttle_pct: pct,
+        };
+        log::info!("{rr}");
+        (s.progress)(&Progress::Round(rr.clone()));
+        let summary = &mut self.summary;
+        summary.throttle_max_pct = summary.throttle_max_pct.max(pct);
+        summary.expected_downtime_ms = rr.expected_downtime_ms;
+        summary.rounds.push(rr);
+        est
+    }
+
+    fn converged(mut self, bitmap: DirtyBitmap, forced: bool) -> Converged {
+        self.summary.forced = forced;
+        Converged {
+            bitmap,
+            summary: self.summary,
+        }
+    }
+}
+
+/// The policy gave up after `round`.
+fn not_converged<V: SourceVm + ?Sized>(
+    s: &Session<'_, V>,
+    round: u32,
+    est: &RoundEstimate,
+) -> MigrationError {
+    MigrationError::new(
+        Phase::Precopy(round),
+        ErrorKind::NotConverged {
+            rounds: round + 1,
+            expected_ms: ms(est.expected_downtime()),
+            limit_ms: ms(s.config.downtime_limit),
+        },
+    )
+}

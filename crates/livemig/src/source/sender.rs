@@ -1,0 +1,270 @@
+//! One connection's page writer: batching, zero pages, compression, the
+//! bandwidth cap and keepalives.
+
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use super::streams::StreamPool;
+use crate::memory::{MemoryLayout, PAGE_SIZE};
+use crate::policy::MigrationConfig;
+use crate::protocol::{compress_pages, FrameWriter, MsgKind, PageBatch, ProtocolError};
+use crate::ram::HostRam;
+use crate::transport::Transport;
+
+/// Simple pacing for `max_bandwidth`.
+pub(super) struct Pacer {
+    pub(super) rate: Option<u64>,
+    pub(super) start: Instant,
+    pub(super) bytes: u64,
+    /// Shared by all streams: set when the cap no longer applies.
+    pub(super) lifted: Arc<AtomicBool>,
+}
+
+impl Pacer {
+    pub(super) fn new(rate: Option<u64>, lifted: Arc<AtomicBool>) -> Self {
+        Pacer {
+            rate,
+            start: Instant::now(),
+            bytes: 0,
+            lifted,
+        }
+    }
+
+    /// Accounts `bytes` just sent; returns how long to wait before sending
+    /// more (the caller waits, sending keepalives, see
+    /// [`PageSender::pace`]).
+    pub(super) fn account(&mut self, bytes: u64) -> Duration {
+        let Some(rate) = self.rate.filter(|r| *r > 0) else {
+            return Duration::ZERO;
+        };
+        if self.lifted.load(Ordering::Relaxed) {
+            return Duration::ZERO;
+        }
+        self.bytes += bytes;
+        let due = Duration::from_secs_f64(self.bytes as f64 / rate as f64);
+        due.saturating_sub(self.start.elapsed())
+    }
+
+    /// After the wait: keep the window short so bursts after idle periods
+    /// stay bounded.
+    pub(super) fn rewind(&mut self) {
+        if self.start.elapsed() > Duration::from_secs(1) {
+            self.start = Instant::now();
+            self.bytes = 0;
+        }
+    }
+}
+
+#[derive(Default, Clone, Copy, Debug)]
+pub(super) struct Counts {
+    pub(super) pages: u64,
+    pub(super) zero: u64,
+    pub(super) bytes: u64,
+}
+
+impl Counts {
+    pub(super) fn add(&mut self, c: Counts) {
+        self.pages += c.pages;
+        self.zero += c.zero;
+        self.bytes += c.bytes;
+    }
+}
+
+pub(super) struct PageSender<'a> {
+    pub(super) fw: FrameWriter<Box<dyn Transport>>,
+    pub(super) batch: PageBatch,
+    pub(super) batch_pages: u64,
+    pub(super) ram: HostRam<'a>,
+    pub(super) layout: MemoryLayout,
+    pub(super) pacer: Pacer,
+    pub(super) counts: Counts,
+    /// Round 0: the destination's memory is fresh (zero), so zero pages are
+    /// counted but not sent at all.
+    pub(super) skip_zero: bool,
+    /// Round 0: pages that certainly read as zero ([`HostRam::populated`])
+    /// are not read at all (the destination's memory is zero too).
+    pub(super) skip_untouched: bool,
+    /// Pages left out that way.
+    pub(super) skipped: u64,
+    /// The extra page streams, when there are several.
+    pub(super) pool: Option<StreamPool>,
+    /// When the control connection last carried a frame (keepalives while
+    /// the pages go elsewhere).
+    pub(super) last_control: Instant,
+    /// Compression buffer, when compressing.
+    pub(super) lz4: Option<Vec<u8>>,
+    /// Time spent re-arming the dirty log (not sending) in this round.
+    pub(super) clear_time: Duration,
+    /// Longest this connection stays silent ([`keepalive_every`]).
+    pub(super) alive_every: Duration,
+}
+
+impl<'a> PageSender<'a> {
+    /// A writer of the pages of `ram` (laid out as `layout`) on `fw`,
+    /// capped at `rate` bytes/s until `lifted` is set.
+    pub(super) fn new(
+        fw: FrameWriter<Box<dyn Transport>>,
+        ram: HostRam<'a>,
+        layout: &MemoryLayout,
+        rate: Option<u64>,
+        lifted: Arc<AtomicBool>,
+        config: &MigrationConfig,
+    ) -> Self {
+        let batch_pages = config.batch_pages.max(1);
+        PageSender {
+            fw,
+            batch: PageBatch::with_capacity(batch_pages as usize * PAGE_SIZE as usize + 4096),
+            batch_pages: u64::from(batch_pages),
+            layout: layout.clone(),
+            ram,
+            pacer: Pacer::new(rate, lifted),
+            counts: Counts::default(),
+            skip_zero: true,
+            skip_untouched: false,
+            skipped: 0,
+            pool: None,
+            last_control: Instant::now(),
+            lz4: config.compress.then(Vec::new),
+            clear_time: Duration::ZERO,
+            alive_every: keepalive_every(config.io_timeout),
+        }
+    }
+
+    /// Stops the page-stream threads, if any (on success they have
+    /// finished already).
+    pub(super) fn stop_streams(&mut self) {
+        if let Some(pool) = self.pool.take() {
+            drop(pool.jobs);
+            for rx in &pool.done {
+                while rx.recv().is_ok() {}
+            }
+        }
+    }
+}
+
+/// Longest a connection stays silent before a keepalive goes out; shorter
+/// with a short `io_timeout` (see [`keepalive_every`]).
+pub(super) const KEEPALIVE: Duration = Duration::from_secs(1);
+
+/// How often a silent connection sends a keepalive: [`KEEPALIVE`], or a
+/// quarter of `io_timeout` if that is shorter (the destination is expected
+/// to use a read timeout no shorter than the source's `io_timeout`).
+pub(super) fn keepalive_every(io_timeout: Duration) -> Duration {
+    KEEPALIVE.min(io_timeout / 4).max(Duration::from_millis(1))
+}
+
+impl PageSender<'_> {
+    pub(super) fn flush(&mut self) -> Result<(), ProtocolError> {
+        if self.batch.is_empty() {
+            return Ok(());
+        }
+        let before = self.fw.bytes_written();
+        let raw = self.batch.as_bytes();
+        match self.lz4.as_mut() {
+            Some(buf) => {
+                compress_pages(raw, buf);
+                // Keep it only if it saves at least an eighth.
+                if buf.len() < raw.len() - raw.len() / 8 {
+                    self.fw.write_frame(MsgKind::PagesLz4, &[buf])?;
+                } else {
+                    self.fw.write_frame(MsgKind::Pages, &[raw])?;
+                }
+            }
+            None => self.fw.write_frame(MsgKind::Pages, &[raw])?,
+        }
+        let n = self.fw.bytes_written() - before;
+        self.counts.bytes += n;
+        self.batch.clear();
+        self.last_control = Instant::now();
+        let wait = self.pacer.account(n);
+        self.pace(wait)
+    }
+
+    /// Waits `wait` for the bandwidth cap, in slices of at most
+    /// the keepalive interval, with a `Keepalive` on this connection after each
+    /// slice that leaves more to wait: a slow cap never keeps the peer's
+    /// read timeout waiting.
+    pub(super) fn pace(&mut self, wait: Duration) -> Result<(), ProtocolError> {
+        let until = Instant::now() + wait;
+        loop {
+            let left = until.saturating_duration_since(Instant::now());
+            if left.is_zero() {
+                break;
+            }
+            std::thread::sleep(left.min(self.alive_every));
+            if Instant::now() < until {
+                self.fw.write_frame(MsgKind::Keepalive, &[])?;
+                self.fw.flush()?;
+                self.last_control = Instant::now();
+            }
+        }
+        self.pacer.rewind();
+        Ok(())
+    }
+
+    pub(super) fn gpa(&self, region: usize, page: u64) -> u64 {
+        self.layout.regions()[region].guest_addr + page * PAGE_SIZE
+    }
+
+    /// Sends pages `first..first+npages` of `region`, zero pages as markers.
+    pub(super) fn send_run(
+        &mut self,
+        region: usize,
+        first: u64,
+        npages: u64,
+    ) -> Result<(), ProtocolError> {
+        // Never merge with a record of the previous run: it may end exactly
+        // where this region begins.
+        self.batch.end_record();
+        let mut p = first;
+        let end = first + npages;
+        while p < end {
+            let zero = self.ram.is_zero(region, p);
+            let mut q = p + 1;
+            while q < end && q - p < self.batch_pages && self.ram.is_zero(region, q) == zero {
+                q += 1;
+            }
+            let n = q - p;
+            let gpa = self.gpa(region, p);
+            if zero {
+                if !self.skip_zero {
+                    self.batch.push_zero(gpa, n as u32)?;
+                }
+                self.counts.zero += n;
+            } else {
+                let ram = &self.ram;
+                self.batch.push_data_with(gpa, n as u32, |dst| {
+                    if ram.read_pages(region, p, dst) {
+                        Ok(())
+                    } else {
+                        Err(ProtocolError::PagesOutsideMemory {
+                            gpa,
+                            npages: n as u32,
+                        })
+                    }
+                })?;
+                self.counts.pages += n;
+            }
+            if self.batch.data_pages() >= self.batch_pages
+                || self.batch.len_bytes() as u64 >= self.batch_pages * PAGE_SIZE
+            {
+                self.flush()?;
+            }
+            p = q;
+        }
+        Ok(())
+    }
+
+    /// A keepalive on this connection if it has been quiet for
+    /// the keepalive interval (with page streams its pages travel elsewhere; alone,
+    /// re-arming the dirty log of a large idle region can take a while).
+    pub(super) fn keepalive(&mut self) -> Result<(), ProtocolError> {
+        if self.last_control.elapsed() >= self.alive_every {
+            self.fw.write_frame(MsgKind::Keepalive, &[])?;
+            self.fw.flush()?;
+            self.last_control = Instant::now();
+        }
+        Ok(())
+    }
+}

@@ -1,0 +1,124 @@
+//! What every phase of the source works with: the call's arguments
+//! ([`Session`]) and, once dirty logging is on, the connections and the
+//! tracker ([`Tracking`]).
+
+use std::sync::atomic::AtomicBool;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use super::cancel::CancelToken;
+use super::handshake::{Accepted, StateEstimate};
+use super::sender::PageSender;
+use crate::control::ControlReader;
+use crate::error::{MigrationError, Phase};
+use crate::memory::MemoryLayout;
+use crate::policy::MigrationConfig;
+use crate::ram::HostRam;
+use crate::report::Progress;
+use crate::transport::Transport;
+use crate::vm::{DirtyTracker, SourceVm, VmError};
+
+/// The call: the VM, the settings, the cancel token and the progress
+/// callback, and the operator's run state.
+pub(super) struct Session<'a, V: SourceVm + ?Sized> {
+    /// The VM being migrated.
+    pub(super) vm: &'a V,
+    /// The settings (validated).
+    pub(super) config: &'a MigrationConfig,
+    /// Cancellation from another thread.
+    pub(super) cancel: &'a CancelToken,
+    /// Called after each round and at the switchover.
+    pub(super) progress: &'a mut dyn FnMut(&Progress),
+    /// The operator's run state, kept from start to end (see
+    /// [`SourceVm::is_paused`]): a paused VM is never resumed.
+    pub(super) paused: bool,
+    /// When the call started.
+    pub(super) started: Instant,
+}
+
+/// Dirty logging is on: the connections, the tracker and what the
+/// handshake measured.
+pub(super) struct Tracking<'a> {
+    /// The control connection's writer (and the pages, with one stream).
+    pub(super) sender: PageSender<'a>,
+    /// One writer per extra page stream (moved to their threads when the
+    /// rounds start).
+    pub(super) workers: Vec<PageSender<'a>>,
+    /// The control connection's reader.
+    pub(super) control: ControlReader,
+    /// The hypervisor's dirty log.
+    pub(super) tracker: Box<dyn DirtyTracker + 'a>,
+    /// Every connection, for the paused phase's watchdog.
+    pub(super) links: Vec<Box<dyn Transport>>,
+    /// The state's cost, measured in the handshake.
+    pub(super) estimate: StateEstimate,
+    /// How the dirty log works (for the report).
+    pub(super) dirty_tracking: String,
+    /// From the call to dirty logging on, ms.
+    pub(super) setup_ms: f64,
+    /// Page streams granted (1 = pages on the control connection).
+    pub(super) streams: u32,
+}
+
+impl<'a> Tracking<'a> {
+    /// Builds the page writers and turns dirty logging on.
+    pub(super) fn start<V: SourceVm + ?Sized>(
+        s: &Session<'a, V>,
+        accepted: Accepted,
+        estimate: StateEstimate,
+        layout: &MemoryLayout,
+    ) -> Result<Self, MigrationError> {
+        let hs = Phase::Handshake;
+        let config = s.config;
+        let ram = HostRam::new(s.vm.memory(), layout).ok_or_else(|| {
+            let why = "guest memory is not one mapping per region";
+            MigrationError::new(hs, VmError::Incompatible(why.into()))
+        })?;
+        let mut tracker =
+            s.vm.dirty_tracker()
+                .map_err(|e| MigrationError::new(hs, e))?;
+        let dirty_tracking = tracker.describe();
+        let lifted = Arc::new(AtomicBool::new(false));
+        let nstreams = accepted.streams.len() as u64;
+        let per_stream = config.max_bandwidth.map(|r| (r / nstreams.max(1)).max(1));
+        let new = |fw, rate| PageSender::new(fw, ram.clone(), layout, rate, lifted.clone(), config);
+        let workers = accepted
+            .streams
+            .into_iter()
+            .map(|w| new(w, per_stream))
+            .collect();
+        let sender = new(accepted.fw, config.max_bandwidth);
+        tracker.start().map_err(|e| MigrationError::new(hs, e))?;
+        Ok(Tracking {
+            sender,
+            workers,
+            control: accepted.control,
+            tracker,
+            links: accepted.links,
+            estimate,
+            dirty_tracking,
+            setup_ms: ms(s.started.elapsed()),
+            streams: accepted.granted,
+        })
+    }
+
+    /// Turns dirty logging off; returns the bytes written on every
+    /// connection.
+    pub(super) fn stop(&mut self) -> u64 {
+        if let Err(e) = self.tracker.stop() {
+            log::error!("stopping dirty logging: {e}");
+        }
+        // With page streams their bytes are counted in the sender's counts
+        // (the barriers collect them); add the control connection's.
+        if self.streams > 1 {
+            self.sender.counts.bytes + self.sender.fw.bytes_written()
+        } else {
+            self.sender.fw.bytes_written()
+        }
+    }
+}
+
+/// A duration in ms.
+pub(super) fn ms(d: Duration) -> f64 {
+    d.as_secs_f64() * 1000.0
+}
