@@ -33,9 +33,10 @@ pub mod policy;
 pub mod protocol;
 mod ram;
 pub mod report;
-pub mod soft;
+pub use testing::soft;
 pub mod source;
 pub mod state;
+pub mod testing;
 pub mod transport;
 pub mod vm;
 
