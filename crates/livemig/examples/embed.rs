@@ -1,6 +1,6 @@
 //! Embedding livemig: migrate a VM between two threads of one process.
 //!
-//! This uses the software VM (`livemig::soft::SoftVm`) so it runs anywhere;
+//! This uses the software VM (`livemig::testing::soft::SoftVm`) so it runs anywhere;
 //! a KVM VMM passes its `livemig_kvm::KvmVm` (or its own wrapper that also
 //! pauses its devices) instead — the calls are the same.
 //!
@@ -10,7 +10,7 @@ use std::time::Duration;
 
 use livemig::memory::{MemoryLayout, RegionDesc};
 use livemig::report::Progress;
-use livemig::soft::{SoftConfig, SoftVm};
+use livemig::testing::soft::{SoftConfig, SoftVm};
 use livemig::transport::mem;
 use livemig::{migrate, receive, CancelToken, MigrationConfig, ReceiveConfig};
 

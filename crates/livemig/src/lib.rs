@@ -17,9 +17,13 @@
 //! * [`transport::Transport`] — an ordered, reliable byte stream (TCP, Unix
 //!   socket, in-memory pipe, or anything else implementing the trait).
 //!
-//! The `livemig-kvm` crate implements the VM seams for real KVM guests; the
-//! [`soft`] module here implements them for a software VM (memory plus writer
-//! threads) so the engine can be tested without `/dev/kvm`.
+//! The `livemig-kvm` crate implements the VM seams for real KVM guests.
+//!
+//! With the `test-util` feature (for tests, benchmarks and experiments, not
+//! for production: its helpers panic on failure) the `testing` module adds
+//! a software VM (memory plus writer threads, so the engine runs without
+//! `/dev/kvm`), a fault-injecting transport and conformance checks for
+//! transports and dirty trackers.
 #![deny(missing_docs)]
 
 pub mod bitmap;
@@ -33,9 +37,9 @@ pub mod policy;
 pub mod protocol;
 mod ram;
 pub mod report;
-pub use testing::soft;
 pub mod source;
 pub mod state;
+#[cfg(any(test, feature = "test-util"))]
 pub mod testing;
 pub mod transport;
 pub mod vm;

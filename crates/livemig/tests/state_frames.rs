@@ -6,7 +6,7 @@
 use std::sync::Mutex;
 
 use livemig::memory::{GuestRam, MemoryLayout, RegionDesc};
-use livemig::soft::{SoftConfig, SoftVm};
+use livemig::testing::soft::{SoftConfig, SoftVm};
 use livemig::state::Section;
 use livemig::transport::mem;
 use livemig::vm::{DestinationVm, DirtyTracker, SourceVm, VcpuThrottle, VmDescription, VmError};

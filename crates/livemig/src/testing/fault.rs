@@ -19,7 +19,7 @@
 //!
 //! ```
 //! use livemig::protocol::MsgKind;
-//! use livemig::transport::fault::{At, Fault, FaultTransport};
+//! use livemig::testing::fault::{At, Fault, FaultTransport};
 //! use livemig::transport::{mem, Transport};
 //!
 //! let (a, _b) = mem::pair();

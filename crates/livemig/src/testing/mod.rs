@@ -1,7 +1,16 @@
-//! Test equipment: a software VM, a fault-injecting transport and
-//! conformance checks for the seams' implementations.
+//! Test equipment, behind the `test-util` feature: a software VM
+//! ([`soft`]), a fault-injecting transport ([`fault`]) and conformance
+//! checks for transports ([`transport`]).
+//! Not for production use: the transport checks panic on failure, and the
+//! software VM's "guest" is a set of writer threads.
+//!
+//! Enable it for tests only:
+//!
+//! ```toml
+//! [dev-dependencies]
+//! livemig = { version = "0.1", features = ["test-util"] }
+//! ```
 
 pub mod fault;
 pub mod soft;
-#[cfg(any(test, feature = "test-util"))]
 pub mod transport;

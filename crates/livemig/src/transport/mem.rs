@@ -267,7 +267,7 @@ impl Transport for MemTransport {
 
 #[cfg(test)]
 mod tests {
-    use super::super::testutil::*;
+    use crate::testing::transport::*;
     use super::*;
     use std::time::Instant;
 

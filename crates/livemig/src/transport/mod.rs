@@ -31,15 +31,10 @@ use std::path::{Path, PathBuf};
 use std::str::FromStr;
 use std::time::{Duration, Instant};
 
-pub use crate::testing::fault;
 pub mod mem;
 mod tcp;
 mod unix;
 
-/// Helpers shared by the transport tests, here and in other crates
-/// (feature `test-util`). They panic on failure: tests only.
-#[cfg(any(test, feature = "test-util"))]
-pub use crate::testing::transport as testutil;
 pub use tcp::TcpTransport;
 pub use unix::UnixTransport;
 

@@ -119,7 +119,7 @@ impl Transport for TcpTransport {
 
 #[cfg(test)]
 mod tests {
-    use super::super::testutil::*;
+    use crate::testing::transport::*;
     use super::super::{connect, listen, Endpoint};
     use std::time::Duration;
 

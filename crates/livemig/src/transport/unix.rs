@@ -90,7 +90,7 @@ impl Transport for UnixTransport {
 
 #[cfg(test)]
 mod tests {
-    use super::super::testutil::*;
+    use crate::testing::transport::*;
     use super::super::{connect, listen, Endpoint, Transport};
     use std::path::PathBuf;
 
