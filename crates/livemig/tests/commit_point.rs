@@ -15,8 +15,8 @@ use livemig::memory::{GuestRam, MemoryLayout, RegionDesc};
 use livemig::protocol::{
     ErrorMsg, FrameReader, FrameWriter, Hello, HelloReply, Message, MsgKind, Ready,
 };
-use livemig::testing::soft::{SoftConfig, SoftVm};
 use livemig::state::Section;
+use livemig::testing::soft::{SoftConfig, SoftVm};
 use livemig::transport::{mem, Transport};
 use livemig::vm::{DestinationVm, VmError};
 use livemig::{

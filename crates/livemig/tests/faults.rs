@@ -26,8 +26,8 @@ use std::time::{Duration, Instant};
 use livemig::bitmap::DirtyBitmap;
 use livemig::memory::{MemoryLayout, RegionDesc};
 use livemig::protocol::MsgKind;
-use livemig::testing::soft::{SoftConfig, SoftVm};
 use livemig::testing::fault::{At, Fault, FaultProbe, FaultSpec, FaultTransport};
+use livemig::testing::soft::{SoftConfig, SoftVm};
 use livemig::transport::{mem, Transport};
 use livemig::vm::{SourceVm, VmError};
 use livemig::{

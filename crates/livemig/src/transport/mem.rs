@@ -267,8 +267,8 @@ impl Transport for MemTransport {
 
 #[cfg(test)]
 mod tests {
-    use crate::testing::transport::*;
     use super::*;
+    use crate::testing::transport::*;
     use std::time::Instant;
 
     fn boxed() -> (Box<dyn Transport>, Box<dyn Transport>) {
