@@ -385,7 +385,7 @@ mod tests {
     }
 }
 
-/// The source's half of [`streams`]: each [`StreamOpener::open`] makes a new
+/// The source's half of [`streams`]: each [`StreamOpener::open`](super::StreamOpener::open) makes a new
 /// in-memory pair and hands the other end to the [`MemAcceptor`].
 #[derive(Debug, Clone)]
 pub struct MemOpener {
