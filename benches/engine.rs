@@ -1,4 +1,4 @@
-//! The engine alone, without KVM: a software VM (`livemig::soft::SoftVm`)
+//! The engine alone, without KVM: a software VM (`livemig::testing::soft::SoftVm`)
 //! migrated over loopback TCP between two threads of this process, to
 //! measure the transfer path (copy, checksum, send, receive, write) against
 //! the physical limits measured in the same run.
@@ -22,7 +22,7 @@ use std::time::{Duration, Instant};
 
 use criterion::{criterion_group, criterion_main, Criterion};
 use livemig::memory::{MemoryLayout, RegionDesc};
-use livemig::soft::{SoftConfig, SoftVm};
+use livemig::testing::soft::{SoftConfig, SoftVm};
 use livemig::transport::{self, Dialer, Endpoint, OwnedAcceptor};
 use livemig::{migrate_streams, receive_streams, CancelToken, MigrationConfig, ReceiveConfig};
 use vm_memory::{Bytes, GuestAddress, GuestMemoryBackend};

@@ -12,6 +12,7 @@ use std::time::{Duration, Instant};
 
 use livemig::bitmap::DirtyBitmap;
 use livemig::memory::MemoryLayout;
+use livemig::testing::dirty::{check_dirty_tracker, PageRun, PageWindow};
 use livemig::vm::{DirtyTracker, SourceVm};
 use livemig_kvm::DirtyMode;
 use livemig_suite::harness::{log_of, migrate, refvmm_path, scratch_dir, start_destination, Vmm};
@@ -112,6 +113,40 @@ fn every_mode_reports_exactly_the_written_pages() {
             got1.len(),
             got2.len()
         );
+    }
+}
+
+/// The shared dirty-tracker contract (`livemig::testing::check_dirty_tracker`,
+/// which the software VM's tracker runs too) in each KVM mode, with the
+/// guest writing the pages the check asks for.
+#[test]
+fn every_mode_passes_the_dirty_tracker_check() {
+    let Some(_kvm) = common::kvm_or_skip("every_mode_passes_the_dirty_tracker_check") else {
+        return;
+    };
+    let base = pagewriter::WRITE_BASE / 4096;
+    let window = PageWindow {
+        region: 0,
+        first: base,
+        pages: 1024,
+    };
+    for mode in [
+        DirtyMode::Classic,
+        DirtyMode::ManualProtect,
+        DirtyMode::Ring { entries: 4096 },
+    ] {
+        let w = PageWriter::new(MEM, mode);
+        let layout = MemoryLayout::of(w.vm.memory()).unwrap();
+        let mut t = w.vm.kvm_dirty_tracker();
+        check_dirty_tracker(&mut t, &layout, window, &mut |run: &PageRun| {
+            if run.region != 0 || run.first < base {
+                return Err(format!("{run:?} is outside the guest's window"));
+            }
+            w.write_pages(run.first - base, run.count, run.stride);
+            Ok(())
+        })
+        .unwrap_or_else(|e| panic!("{mode:?} ({}): {e}", t.describe()));
+        eprintln!("{mode:?}: passes the dirty-tracker check");
     }
 }
 

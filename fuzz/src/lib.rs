@@ -20,8 +20,8 @@ use livemig::protocol::{
     page_records, Cancel, Complete, ErrorMsg, FrameReader, FrameWriter, Go, Hello, HelloReply,
     Message, MsgKind, ProtocolError, Ready, Resumed, RoundEnd, State, FRAME_HEADER_LEN,
 };
-use livemig::soft::{SoftConfig, SoftVm};
 use livemig::state::{Section, StateReader, StateWriter};
+use livemig::testing::soft::{SoftConfig, SoftVm};
 use livemig::transport::Transport;
 use livemig::vm::{VmDescription, VmError};
 use livemig::{receive, MigrationError, ReceiveConfig, ReceiveReport};

@@ -16,7 +16,7 @@ use kvm_bindings::{
 };
 use kvm_ioctls::{VcpuFd, VmFd};
 use livemig::bitmap::DirtyBitmap;
-use livemig::vm::{DirtyTracker, VmError};
+use livemig::vm::{DirtyTracker, VmError, VmOp};
 use vmm_sys_util::ioctl::{ioctl, ioctl_with_ref};
 
 mod ioctls {
@@ -159,10 +159,10 @@ pub enum RingError {
     },
     /// Duplicating the VM fd failed.
     #[error("duplicating the VM fd for the dirty ring: {0}")]
-    Dup(std::io::Error),
+    Dup(#[source] std::io::Error),
     /// `KVM_RESET_DIRTY_RINGS` failed.
     #[error("KVM_RESET_DIRTY_RINGS: {0}")]
-    Reset(std::io::Error),
+    Reset(#[source] std::io::Error),
     /// `KVM_RESET_DIRTY_RINGS` kept resetting nothing while harvested
     /// entries were left: the ring cannot be re-armed.
     #[error("KVM_RESET_DIRTY_RINGS reset nothing {RESET_STALL_LIMIT} times with {0} harvested entries left")]
@@ -175,7 +175,7 @@ pub enum RingError {
 
 impl From<RingError> for VmError {
     fn from(e: RingError) -> Self {
-        VmError::DirtyLog(e.to_string())
+        VmError::failed(VmOp::DirtyLog, "dirty ring", e)
     }
 }
 
@@ -697,11 +697,9 @@ impl<'a> KvmDirtyTracker<'a> {
         let flags = if on { KVM_MEM_LOG_DIRTY_PAGES } else { 0 };
         for s in self.slots {
             s.register(self.vm, flags).map_err(|e| {
-                VmError::DirtyLog(format!(
-                    "KVM_SET_USER_MEMORY_REGION slot {} (logging {}): {e}",
-                    s.slot,
-                    if on { "on" } else { "off" }
-                ))
+                let on = if on { "on" } else { "off" };
+                let context = format!("KVM_SET_USER_MEMORY_REGION slot {} (logging {on})", s.slot);
+                VmError::failed(VmOp::DirtyLog, context, e)
             })?;
         }
         Ok(())
@@ -731,7 +729,11 @@ impl DirtyTracker for KvmDirtyTracker<'_> {
                 .vm
                 .get_dirty_log(s.slot, s.size as usize)
                 .map_err(|e| {
-                    VmError::DirtyLog(format!("KVM_GET_DIRTY_LOG slot {}: {e}", s.slot))
+                    VmError::failed(
+                        VmOp::DirtyLog,
+                        format!("KVM_GET_DIRTY_LOG slot {}", s.slot),
+                        e,
+                    )
                 })?;
             bitmap.or_words(i, &words);
         }
@@ -792,11 +794,14 @@ impl DirtyTracker for KvmDirtyTracker<'_> {
         // reads it.
         let ret = unsafe { ioctl_with_ref(self.vm, KVM_CLEAR_DIRTY_LOG(), &arg) };
         if ret < 0 {
-            return Err(VmError::DirtyLog(format!(
-                "KVM_CLEAR_DIRTY_LOG slot {} pages {first_page}+{num_pages}: {}",
-                slot.slot,
-                std::io::Error::last_os_error()
-            )));
+            return Err(VmError::failed(
+                VmOp::DirtyLog,
+                format!(
+                    "KVM_CLEAR_DIRTY_LOG slot {} pages {first_page}+{num_pages}",
+                    slot.slot
+                ),
+                std::io::Error::last_os_error(),
+            ));
         }
         Ok(())
     }
@@ -836,6 +841,23 @@ impl Drop for KvmDirtyTracker<'_> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A ring failure reaches the engine as a `VmError` whose source is the
+    /// `RingError` itself (issue 14: sources kept, not flattened).
+    #[test]
+    fn a_ring_error_keeps_its_source() {
+        let e: VmError = RingError::Reset(std::io::Error::from_raw_os_error(libc::EFAULT)).into();
+        let source = std::error::Error::source(&e).expect("the VmError has a source");
+        let ring = source
+            .downcast_ref::<RingError>()
+            .expect("the source is the RingError");
+        let io = std::error::Error::source(ring).expect("the RingError keeps the OS error");
+        assert_eq!(
+            io.downcast_ref::<std::io::Error>()
+                .and_then(|e| e.raw_os_error()),
+            Some(libc::EFAULT)
+        );
+    }
 
     /// A ring in anonymous memory (RingMap's Drop unmaps it).
     fn fake_ring(entries: u32) -> RingMap {

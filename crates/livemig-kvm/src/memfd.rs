@@ -64,7 +64,7 @@ pub enum MemfdError {
     UnknownBackend(String),
     /// `memfd_create` failed.
     #[error("memfd_create: {0}")]
-    Create(std::io::Error),
+    Create(#[source] std::io::Error),
     /// Sizing the memfd failed.
     #[error("sizing the memfd to {size} bytes: {source}")]
     Truncate {
@@ -75,7 +75,7 @@ pub enum MemfdError {
     },
     /// Mapping a region failed.
     #[error("mapping guest memory: {0}")]
-    Map(String),
+    Map(#[source] Box<dyn std::error::Error + Send + Sync + 'static>),
 }
 
 /// Guest memory for `layout` in `backend`; for [`MemoryBackend::Memfd`],
@@ -87,7 +87,7 @@ pub fn allocate_memory(
     match backend {
         MemoryBackend::Anonymous => allocate(layout)
             .map(|m| (m, PageKind::Small))
-            .map_err(|e| MemfdError::Map(e.to_string())),
+            .map_err(|e| MemfdError::Map(e.into())),
         MemoryBackend::Memfd => {
             let huge_fits = layout.regions().iter().all(|r| {
                 r.size.is_multiple_of(HUGE_PAGE_SIZE) && r.guest_addr.is_multiple_of(HUGE_PAGE_SIZE)
@@ -119,19 +119,21 @@ fn memfd_memory(layout: &MemoryLayout, kind: PageKind) -> Result<GuestRam, Memfd
             PageKind::Huge => libc::MAP_SHARED,
             PageKind::Small => libc::MAP_SHARED | libc::MAP_NORESERVE,
         };
-        let size = usize::try_from(r.size).map_err(|e| MemfdError::Map(e.to_string()))?;
+        let size = usize::try_from(r.size).map_err(|e| MemfdError::Map(e.into()))?;
         let mapping = MmapRegionBuilder::new_with_bitmap(size, AtomicBitmap::with_len(size))
             .with_file_offset(FileOffset::from_arc(Arc::new(file), 0))
             .with_mmap_prot(libc::PROT_READ | libc::PROT_WRITE)
             .with_mmap_flags(flags)
             .with_hugetlbfs(kind == PageKind::Huge)
             .build()
-            .map_err(|e| MemfdError::Map(e.to_string()))?;
-        let region = GuestRegionMmap::new(mapping, GuestAddress(r.guest_addr))
-            .ok_or_else(|| MemfdError::Map(format!("region at 0x{:x}", r.guest_addr)))?;
+            .map_err(|e| MemfdError::Map(e.into()))?;
+        let region =
+            GuestRegionMmap::new(mapping, GuestAddress(r.guest_addr)).ok_or_else(|| {
+                MemfdError::Map(format!("no guest region at 0x{:x}", r.guest_addr).into())
+            })?;
         regions.push(region);
     }
-    GuestRam::from_regions(regions).map_err(|e| MemfdError::Map(e.to_string()))
+    GuestRam::from_regions(regions).map_err(|e| MemfdError::Map(e.into()))
 }
 
 fn memfd(name: &CStr, kind: PageKind) -> Result<File, MemfdError> {

@@ -68,10 +68,10 @@ pub trait ExitHandler: Send + Sync {
 pub enum VcpuError {
     /// Installing the kick signal handler failed.
     #[error("installing the vCPU kick signal handler: {0}")]
-    Signal(vmm_sys_util::errno::Error),
+    Signal(#[source] vmm_sys_util::errno::Error),
     /// Spawning a vCPU thread failed.
     #[error("spawning vCPU thread {0}: {1}")]
-    Spawn(usize, std::io::Error),
+    Spawn(usize, #[source] std::io::Error),
     /// A vCPU stopped with a fatal exit (shutdown, internal error, failed entry).
     #[error("vCPU {index} stopped: {reason}")]
     Fatal {

@@ -14,7 +14,7 @@ use kvm_ioctls::{Cap, Kvm, VcpuFd, VmFd};
 use livemig::memory::{GuestRam, MemoryLayout, RegionDesc};
 use livemig::state::{DeviceState, Section, StateError};
 use livemig::vm::{
-    DestinationVm, DirtyTracker, NicInfo, SourceVm, VcpuThrottle, VmDescription, VmError,
+    DestinationVm, DirtyTracker, NicInfo, SourceVm, VcpuThrottle, VmDescription, VmError, VmOp,
 };
 use vm_memory::{GuestMemoryBackend, GuestMemoryRegion};
 
@@ -49,7 +49,7 @@ pub const TSC_TOLERANCE_PPM: u64 = 250;
 pub enum KvmVmError {
     /// `/dev/kvm` could not be opened.
     #[error("cannot open /dev/kvm: {0} (is KVM available and are you allowed to use it?)")]
-    OpenKvm(kvm_ioctls::Error),
+    OpenKvm(#[source] kvm_ioctls::Error),
     /// A KVM ioctl failed.
     #[error("{op}: {source}")]
     Kvm {
@@ -63,7 +63,7 @@ pub enum KvmVmError {
     Config(String),
     /// Allocating guest memory failed.
     #[error("allocating guest memory: {0}")]
-    Memory(String),
+    Memory(#[source] Box<dyn std::error::Error + Send + Sync + 'static>),
     /// A vCPU error.
     #[error(transparent)]
     Vcpu(#[from] VcpuError),
@@ -227,13 +227,13 @@ impl KvmVm {
         }
 
         let (memory, pages) =
-            allocate_memory(&layout, backend).map_err(|e| KvmVmError::Memory(e.to_string()))?;
+            allocate_memory(&layout, backend).map_err(|e| KvmVmError::Memory(e.into()))?;
         log::info!("guest memory: {backend:?}, {pages:?} pages");
         let mut slots = Vec::new();
         for (i, r) in memory.iter().enumerate() {
             let host = memory
                 .get_host_address(r.start_addr())
-                .map_err(|e| KvmVmError::Memory(e.to_string()))?;
+                .map_err(|e| KvmVmError::Memory(e.into()))?;
             let slot = Slot {
                 slot: i as u32,
                 guest_addr: r.start_addr().0,
@@ -364,7 +364,7 @@ impl KvmVm {
         };
         let ours = self
             .tsc_khz()
-            .map_err(|e| VmError::Incompatible(e.to_string()))?;
+            .map_err(|e| VmError::failed(VmOp::Incompatible, "this host's TSC frequency", e))?;
         let can_scale = self.vm.check_extension(Cap::TscControl);
         let plan = check_tsc_khz(source, ours, can_scale)?;
         if let TscPlan::Scale(khz) = plan {
@@ -378,13 +378,14 @@ impl KvmVm {
         for i in 0..self.vcpus.len() {
             self.with_vcpu(i, |fd| -> Result<(), VmError> {
                 let refused = |e: kvm_ioctls::Error| {
-                    VmError::Incompatible(format!("vCPU {i}: KVM_SET_TSC_KHZ({khz}) failed: {e}"))
+                    let context = format!("vCPU {i}: KVM_SET_TSC_KHZ({khz})");
+                    VmError::failed(VmOp::Incompatible, context, e)
                 };
                 fd.set_tsc_khz(khz).map_err(refused)?;
                 let got = fd.get_tsc_khz().map_err(refused)?;
                 check_tsc_khz(khz, got, false).map(|_| ())
             })
-            .map_err(|e| VmError::Incompatible(e.to_string()))??;
+            .map_err(|e| VmError::failed(VmOp::Incompatible, format!("vCPU {i}"), e))??;
         }
         self.tsc_khz.store(khz, Ordering::Relaxed);
         Ok(())
@@ -507,7 +508,7 @@ impl SourceVm for KvmVm {
     fn describe(&self) -> Result<VmDescription, VmError> {
         Ok(VmDescription {
             layout: MemoryLayout::of(&self.memory)
-                .map_err(|e| VmError::Incompatible(e.to_string()))?,
+                .map_err(|e| VmError::failed(VmOp::Incompatible, "guest memory layout", e))?,
             vcpus: self.vcpus.len() as u32,
             nics: self.nics.clone(),
             properties: self.properties(),
@@ -521,12 +522,12 @@ impl SourceVm for KvmVm {
     fn pause(&self) -> Result<(), VmError> {
         self.vcpus
             .pause()
-            .map_err(|e| VmError::Pause(e.to_string()))
+            .map_err(|e| VmError::failed(VmOp::Pause, "parking the vCPUs", e))
     }
 
     fn resume(&self) -> Result<(), VmError> {
         if let Some(e) = self.vcpus.fatal() {
-            return Err(VmError::Resume(e.to_string()));
+            return Err(VmError::failed(VmOp::Resume, "a vCPU stopped for good", e));
         }
         self.vcpus.resume();
         Ok(())
@@ -565,7 +566,7 @@ impl VcpuThrottle for KvmVm {
     fn pause_vcpus(&self) -> Result<(), VmError> {
         self.vcpus
             .pause()
-            .map_err(|e| VmError::Pause(e.to_string()))
+            .map_err(|e| VmError::failed(VmOp::Pause, "parking the vCPUs (throttle)", e))
     }
 
     fn resume_vcpus(&self) -> Result<(), VmError> {
@@ -641,7 +642,8 @@ impl DestinationVm for KvmVm {
 /// Checks that a destination built with `config` can host the VM described
 /// by `desc` (layout, vCPU count, CPU features).
 pub fn check_compatible(desc: &VmDescription, config: &VmConfig) -> Result<(), VmError> {
-    let layout = x86_layout(config.memory).map_err(|e| VmError::Incompatible(e.to_string()))?;
+    let layout = x86_layout(config.memory)
+        .map_err(|e| VmError::failed(VmOp::Incompatible, "this destination's memory size", e))?;
     if layout != desc.layout {
         return Err(VmError::Incompatible(format!(
             "memory differs: source has {} MiB in {:?}, this destination is configured for {} MiB in {:?}",
@@ -669,10 +671,10 @@ pub fn check_compatible(desc: &VmDescription, config: &VmConfig) -> Result<(), V
 /// passed to `livemig::receive`, so a mismatch is refused in the handshake,
 /// before any page is sent.
 pub fn check_properties(desc: &VmDescription) -> Result<(), VmError> {
-    let kvm = Kvm::new().map_err(|e| VmError::Create(format!("opening /dev/kvm: {e}")))?;
+    let kvm = Kvm::new().map_err(|e| VmError::failed(VmOp::Create, "opening /dev/kvm", e))?;
     let cpuid = kvm
         .get_supported_cpuid(KVM_MAX_CPUID_ENTRIES)
-        .map_err(|e| VmError::Create(format!("KVM_GET_SUPPORTED_CPUID: {e}")))?;
+        .map_err(|e| VmError::failed(VmOp::Create, "KVM_GET_SUPPORTED_CPUID", e))?;
     let ours = format!("{:016x}", hash_cpuid(&cpuid));
     match desc.properties.get("kvm.cpuid") {
         Some(theirs) if *theirs == ours => {}
@@ -752,7 +754,7 @@ fn source_tsc_khz(desc: &VmDescription) -> Result<Option<u32>, VmError> {
 /// This host's TSC frequency as KVM gives it to a new vCPU (asked of a
 /// throwaway VM: `KVM_GET_TSC_KHZ` is a vCPU ioctl).
 fn host_tsc_khz(kvm: &Kvm) -> Result<u32, VmError> {
-    let create = |op: &str, e: kvm_ioctls::Error| VmError::Create(format!("{op}: {e}"));
+    let create = |op: &str, e: kvm_ioctls::Error| VmError::failed(VmOp::Create, op, e);
     let vm = kvm
         .create_vm()
         .map_err(|e| create("KVM_CREATE_VM (probing the TSC frequency)", e))?;

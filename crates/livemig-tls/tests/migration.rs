@@ -10,7 +10,7 @@ use std::time::{Duration, Instant};
 
 use common::*;
 use livemig::memory::{MemoryLayout, RegionDesc};
-use livemig::soft::{SoftConfig, SoftVm};
+use livemig::testing::soft::{SoftConfig, SoftVm};
 use livemig::transport::{Endpoint, Transport};
 use livemig::{migrate, receive, CancelToken, ErrorKind, MigrationConfig, ReceiveConfig};
 use livemig_tls::{connect_tls, TlsConfig, TlsError, TlsIdentity, TlsListener};

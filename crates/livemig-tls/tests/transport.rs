@@ -8,7 +8,7 @@ use std::net::TcpStream;
 use std::time::{Duration, Instant};
 
 use common::*;
-use livemig::transport::testutil::{carries_64mib, pattern};
+use livemig::testing::transport::{carries_64mib, pattern};
 use livemig::transport::{mem, Endpoint, Transport};
 use livemig_tls::{connect_tls, TlsConfig, TlsError, TlsListener, TlsTransport};
 

@@ -12,7 +12,7 @@
 //! ```
 //! use livemig::guard::{GuardError, GuardState, MigrationGuard};
 //! use livemig::memory::{MemoryLayout, RegionDesc};
-//! use livemig::soft::{SoftConfig, SoftVm};
+//! use livemig::testing::soft::{SoftConfig, SoftVm};
 //!
 //! let layout = MemoryLayout::new(vec![RegionDesc { guest_addr: 0, size: 1 << 20 }]).unwrap();
 //! let vm = SoftVm::new(&layout, &SoftConfig::idle()).unwrap();

@@ -17,9 +17,80 @@
 //! * [`transport::Transport`] — an ordered, reliable byte stream (TCP, Unix
 //!   socket, in-memory pipe, or anything else implementing the trait).
 //!
-//! The `livemig-kvm` crate implements the VM seams for real KVM guests; the
-//! [`soft`] module here implements them for a software VM (memory plus writer
-//! threads) so the engine can be tested without `/dev/kvm`.
+//! The `livemig-kvm` crate implements the VM seams for real KVM guests.
+//!
+//! With the `test-util` feature (for tests, benchmarks and experiments, not
+//! for production: its helpers panic on failure) the `testing` module adds
+//! a software VM (memory plus writer threads, so the engine runs without
+//! `/dev/kvm`), a fault-injecting transport and conformance checks for
+//! transports and dirty trackers.
+//!
+//! # Example
+//!
+//! A migration between two threads of one process, with the software VM
+//! (`testing::soft::SoftVm`, feature `test-util`; this crate's own doctests
+//! enable it, elsewhere the example is shown but not compiled). A KVM VMM
+//! passes its `livemig_kvm::KvmVm`, or its own wrapper that also pauses its
+//! devices, instead: the calls are the same. Over a network the transports
+//! come from [`transport::connect`] on the source and
+//! [`transport::listen`]`(..)?.accept()` on the destination.
+//!
+#![cfg_attr(feature = "test-util", doc = "```")]
+#![cfg_attr(not(feature = "test-util"), doc = "```ignore")]
+//! use std::time::Duration;
+//!
+//! use livemig::memory::{MemoryLayout, RegionDesc};
+//! use livemig::report::Progress;
+//! use livemig::testing::soft::{SoftConfig, SoftVm};
+//! use livemig::transport::mem;
+//! use livemig::{migrate, receive, CancelToken, MigrationConfig, ReceiveConfig};
+//!
+//! let layout = MemoryLayout::new(vec![RegionDesc { guest_addr: 0, size: 16 << 20 }])?;
+//!
+//! // The running source VM: two writer threads dirty its memory.
+//! let config = SoftConfig { guest_writers: 1, device_writers: 1, pages_per_ms: 5 };
+//! let source = SoftVm::new(&layout, &config)?;
+//! source.fill(42);
+//! source.start();
+//!
+//! // A connected pair of transports (an in-memory pipe here).
+//! let (to_destination, from_source) = mem::pair();
+//!
+//! // The destination builds its VM from the source's description (or
+//! // refuses with `VmError::Incompatible`), restores it and returns it
+//! // running.
+//! let destination = std::thread::spawn(move || {
+//!     receive(Box::new(from_source), &ReceiveConfig::default(), |desc| {
+//!         SoftVm::new(&desc.layout, &SoftConfig::idle())
+//!     })
+//! });
+//!
+//! // The source: a 20 ms downtime limit, progress after every round;
+//! // `cancel.cancel()` from another thread aborts safely.
+//! let config = MigrationConfig {
+//!     downtime_limit: Duration::from_millis(20),
+//!     ..Default::default()
+//! };
+//! let cancel = CancelToken::new();
+//! let report = migrate(&source, Box::new(to_destination), &config, &cancel, &mut |p| {
+//!     if let Progress::Round(round) = p {
+//!         eprintln!("{round}");
+//!     }
+//! })?;
+//! let (guest, received) = destination.join().expect("destination thread")?;
+//!
+//! // The guest now runs on the destination; the source stays paused.
+//! assert!(received.running);
+//! guest.stop();
+//! assert_eq!(guest.snapshot(), source.snapshot());
+//! println!(
+//!     "migrated {} MiB in {} rounds, downtime {:.2} ms",
+//!     report.memory_bytes >> 20,
+//!     report.rounds.len(),
+//!     report.downtime_ms
+//! );
+//! # Ok::<(), Box<dyn std::error::Error>>(())
+//! ```
 #![deny(missing_docs)]
 
 pub mod bitmap;
@@ -34,15 +105,22 @@ pub mod policy;
 pub mod protocol;
 mod ram;
 pub mod report;
-pub mod soft;
 pub mod source;
 pub mod state;
+#[cfg(any(test, feature = "test-util"))]
+pub mod testing;
 pub mod transport;
 pub mod vm;
 
-pub use destination::{receive, receive_streams, ReceiveConfig, ReceiveReport};
+#[cfg_attr(feature = "test-util", doc = include_str!("doc/receive.md"))]
+#[doc(inline)]
+pub use destination::receive;
+pub use destination::{receive_streams, ReceiveConfig, ReceiveReport};
 pub use error::{ErrorKind, MigrationError, Phase};
 pub use guard::{GuardError, GuardState, MigrationGuard};
 pub use policy::{MigrationConfig, OnLimit};
 pub use report::{Progress, Report};
-pub use source::{migrate, migrate_streams, CancelToken};
+#[cfg_attr(feature = "test-util", doc = include_str!("doc/migrate.md"))]
+#[doc(inline)]
+pub use source::migrate;
+pub use source::{migrate_streams, CancelToken};

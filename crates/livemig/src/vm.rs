@@ -9,7 +9,14 @@ use crate::memory::{GuestRam, MemoryLayout};
 use crate::state::{Section, StateError};
 
 /// Errors reported by a VM implementation.
+///
+/// The message variants ([`VmError::Pause`], ...) carry text; when a failure
+/// comes from an underlying error (an ioctl's errno, an I/O error, the
+/// implementation's own error type), [`VmError::Failed`] keeps that error as
+/// its [`source`](std::error::Error::source) so a caller can walk the chain
+/// or downcast it. [`VmError::op`] tells what failed for either kind.
 #[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
 pub enum VmError {
     /// Pausing the vCPUs (or devices) failed.
     #[error("pause failed: {0}")]
@@ -29,6 +36,79 @@ pub enum VmError {
     /// The destination cannot host a VM of this shape.
     #[error("incompatible VM: {0}")]
     Incompatible(String),
+    /// An operation failed because of an underlying error, kept as the
+    /// source.
+    #[error("{op}: {context}: {source}")]
+    Failed {
+        /// What failed.
+        op: VmOp,
+        /// The call or object that failed (for example
+        /// `KVM_GET_DIRTY_LOG slot 0`).
+        context: String,
+        /// The underlying error.
+        #[source]
+        source: Box<dyn std::error::Error + Send + Sync + 'static>,
+    },
+}
+
+/// What a VM implementation was doing when it failed: the variant of
+/// [`VmError`] for message errors, the `op` of [`VmError::Failed`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum VmOp {
+    /// Pausing the vCPUs or devices ([`VmError::Pause`]).
+    Pause,
+    /// Resuming ([`VmError::Resume`]).
+    Resume,
+    /// Dirty tracking ([`VmError::DirtyLog`]).
+    DirtyLog,
+    /// Saving or restoring state ([`VmError::State`]).
+    State,
+    /// Creating the destination VM ([`VmError::Create`]).
+    Create,
+    /// Checking that this host can run the VM ([`VmError::Incompatible`]).
+    Incompatible,
+}
+
+impl std::fmt::Display for VmOp {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            VmOp::Pause => "pause failed",
+            VmOp::Resume => "resume failed",
+            VmOp::DirtyLog => "dirty tracking",
+            VmOp::State => "state",
+            VmOp::Create => "creating the VM failed",
+            VmOp::Incompatible => "incompatible VM",
+        })
+    }
+}
+
+impl VmError {
+    /// A [`VmError::Failed`]: `op` failed at `context` because of `source`.
+    pub fn failed(
+        op: VmOp,
+        context: impl Into<String>,
+        source: impl Into<Box<dyn std::error::Error + Send + Sync + 'static>>,
+    ) -> Self {
+        VmError::Failed {
+            op,
+            context: context.into(),
+            source: source.into(),
+        }
+    }
+
+    /// What failed, whichever variant carries it.
+    pub fn op(&self) -> VmOp {
+        match self {
+            VmError::Pause(_) => VmOp::Pause,
+            VmError::Resume(_) => VmOp::Resume,
+            VmError::DirtyLog(_) => VmOp::DirtyLog,
+            VmError::State(_) => VmOp::State,
+            VmError::Create(_) => VmOp::Create,
+            VmError::Incompatible(_) => VmOp::Incompatible,
+            VmError::Failed { op, .. } => *op,
+        }
+    }
 }
 
 /// A network interface of the VM, announced on the destination after

@@ -7,8 +7,8 @@ use std::time::{Duration, Instant};
 
 use livemig::memory::{MemoryLayout, RegionDesc};
 use livemig::protocol::{FrameReader, FrameWriter, HelloReply, MsgKind};
-use livemig::soft::{SoftConfig, SoftVm};
-use livemig::transport::fault::{At, Fault, FaultTransport};
+use livemig::testing::fault::{At, Fault, FaultTransport};
+use livemig::testing::soft::{SoftConfig, SoftVm};
 use livemig::transport::{mem, Transport};
 use livemig::{
     migrate, receive, CancelToken, ErrorKind, MigrationConfig, MigrationError, OnLimit,

@@ -15,8 +15,8 @@ use livemig::memory::{GuestRam, MemoryLayout, RegionDesc};
 use livemig::protocol::{
     ErrorMsg, FrameReader, FrameWriter, Hello, HelloReply, Message, MsgKind, Ready,
 };
-use livemig::soft::{SoftConfig, SoftVm};
 use livemig::state::Section;
+use livemig::testing::soft::{SoftConfig, SoftVm};
 use livemig::transport::{mem, Transport};
 use livemig::vm::{DestinationVm, VmError};
 use livemig::{
@@ -251,7 +251,7 @@ fn destination_resume_failure_resumes_the_source() {
 /// that answer and runs the guest again instead of staying paused.
 #[test]
 fn destination_timing_out_before_go_resumes_the_source() {
-    use livemig::transport::fault::{At, Fault, FaultTransport};
+    use livemig::testing::fault::{At, Fault, FaultTransport};
     let src = source(6);
     let (dtx, drx) = mpsc::channel();
     let r = {

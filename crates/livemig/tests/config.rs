@@ -6,7 +6,7 @@
 use std::time::{Duration, Instant};
 
 use livemig::memory::{MemoryLayout, RegionDesc};
-use livemig::soft::{SoftConfig, SoftVm};
+use livemig::testing::soft::{SoftConfig, SoftVm};
 use livemig::transport::{mem, Transport};
 use livemig::vm::SourceVm;
 use livemig::{migrate, receive, CancelToken, ErrorKind, MigrationConfig, Phase, ReceiveConfig};

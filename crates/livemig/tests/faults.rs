@@ -27,8 +27,8 @@ use livemig::bitmap::DirtyBitmap;
 use livemig::error::PeerError;
 use livemig::memory::{MemoryLayout, RegionDesc};
 use livemig::protocol::MsgKind;
-use livemig::soft::{SoftConfig, SoftVm};
-use livemig::transport::fault::{At, Fault, FaultProbe, FaultSpec, FaultTransport};
+use livemig::testing::fault::{At, Fault, FaultProbe, FaultSpec, FaultTransport};
+use livemig::testing::soft::{SoftConfig, SoftVm};
 use livemig::transport::{mem, Transport};
 use livemig::vm::{SourceVm, VmError};
 use livemig::{

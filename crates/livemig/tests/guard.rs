@@ -8,7 +8,7 @@ use std::time::{Duration, Instant};
 
 use livemig::memory::{MemoryLayout, RegionDesc};
 use livemig::protocol::{FrameReader, FrameWriter, Hello, HelloReply, Message, MsgKind};
-use livemig::soft::{SoftConfig, SoftVm};
+use livemig::testing::soft::{SoftConfig, SoftVm};
 use livemig::transport::{mem, Transport};
 use livemig::{
     receive, CancelToken, ErrorKind, GuardError, GuardState, MigrationConfig, MigrationGuard,

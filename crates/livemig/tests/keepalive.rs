@@ -7,8 +7,8 @@ use std::time::Duration;
 
 use livemig::memory::{MemoryLayout, RegionDesc, PAGE_SIZE};
 use livemig::protocol::MsgKind;
-use livemig::soft::{SoftConfig, SoftVm};
-use livemig::transport::fault::FaultTransport;
+use livemig::testing::fault::FaultTransport;
+use livemig::testing::soft::{SoftConfig, SoftVm};
 use livemig::transport::{mem, Transport};
 use livemig::{migrate, receive, CancelToken, MigrationConfig, OnLimit, ReceiveConfig};
 

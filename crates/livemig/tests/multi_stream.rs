@@ -6,7 +6,7 @@ use std::time::Duration;
 
 use livemig::memory::{MemoryLayout, RegionDesc};
 use livemig::protocol::{FrameWriter, StreamHello};
-use livemig::soft::{SoftConfig, SoftVm};
+use livemig::testing::soft::{SoftConfig, SoftVm};
 use livemig::transport::{mem, Dialer, OwnedAcceptor, StreamAcceptor, StreamOpener, Transport};
 use livemig::{
     migrate, migrate_streams, receive, receive_streams, CancelToken, ErrorKind, MigrationConfig,

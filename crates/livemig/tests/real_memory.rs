@@ -12,7 +12,7 @@ use std::os::fd::FromRawFd;
 use std::time::Duration;
 
 use livemig::memory::{allocate, GuestRam, MemoryLayout, RegionDesc, PAGE_SIZE};
-use livemig::soft::{SoftConfig, SoftTracking, SoftVm};
+use livemig::testing::soft::{SoftConfig, SoftTracking, SoftVm};
 use livemig::transport::mem;
 use livemig::{
     migrate, migrate_streams, receive, receive_streams, CancelToken, MigrationConfig, ReceiveConfig,

@@ -7,8 +7,8 @@ use std::time::Duration;
 
 use livemig::bitmap::DirtyBitmap;
 use livemig::memory::{GuestRam, MemoryLayout, RegionDesc};
-use livemig::soft::{SoftConfig, SoftVm};
 use livemig::state::Section;
+use livemig::testing::soft::{SoftConfig, SoftVm};
 use livemig::transport::mem;
 use livemig::vm::{DirtyTracker, SourceVm, VcpuThrottle, VmDescription, VmError};
 use livemig::{migrate, receive, CancelToken, MigrationConfig, Progress, ReceiveConfig};

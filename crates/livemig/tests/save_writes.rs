@@ -7,8 +7,8 @@
 use std::sync::atomic::{AtomicU64, Ordering};
 
 use livemig::memory::{GuestRam, MemoryLayout, RegionDesc};
-use livemig::soft::{SoftConfig, SoftVm};
 use livemig::state::Section;
+use livemig::testing::soft::{SoftConfig, SoftVm};
 use livemig::transport::mem;
 use livemig::vm::{DirtyTracker, SourceVm, VcpuThrottle, VmDescription, VmError};
 use livemig::{migrate, receive, CancelToken, MigrationConfig, ReceiveConfig};

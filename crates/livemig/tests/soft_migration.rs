@@ -5,7 +5,7 @@ use std::io::{Read, Write};
 use std::time::Duration;
 
 use livemig::memory::{MemoryLayout, RegionDesc};
-use livemig::soft::{SoftConfig, SoftVm};
+use livemig::testing::soft::{SoftConfig, SoftVm};
 use livemig::transport::{mem, Transport};
 use livemig::vm::{DirtyTracker, SourceVm, VcpuThrottle, VmDescription, VmError};
 use livemig::{migrate, receive, CancelToken, ErrorKind, MigrationConfig, Phase, ReceiveConfig};

@@ -6,8 +6,8 @@
 use std::sync::Mutex;
 
 use livemig::memory::{GuestRam, MemoryLayout, RegionDesc};
-use livemig::soft::{SoftConfig, SoftVm};
 use livemig::state::Section;
+use livemig::testing::soft::{SoftConfig, SoftVm};
 use livemig::transport::mem;
 use livemig::vm::{DestinationVm, DirtyTracker, SourceVm, VcpuThrottle, VmDescription, VmError};
 use livemig::{migrate, receive, CancelToken, MigrationConfig, Phase, ReceiveConfig};

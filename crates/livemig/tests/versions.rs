@@ -13,7 +13,7 @@ use std::time::Duration;
 use livemig::protocol::{
     FrameReader, FrameWriter, Hello, HelloReply, Message, MsgKind, Resumed, PROTOCOL_VERSION,
 };
-use livemig::soft::{SoftConfig, SoftVm};
+use livemig::testing::soft::{SoftConfig, SoftVm};
 use livemig::transport::{mem, Transport};
 use livemig::{migrate, receive, CancelToken, MigrationConfig, ReceiveConfig};
 

@@ -267,8 +267,8 @@ impl Transport for MemTransport {
 
 #[cfg(test)]
 mod tests {
-    use super::super::testutil::*;
     use super::*;
+    use crate::testing::transport::*;
     use std::time::Instant;
 
     fn boxed() -> (Box<dyn Transport>, Box<dyn Transport>) {
@@ -385,7 +385,7 @@ mod tests {
     }
 }
 
-/// The source's half of [`streams`]: each [`StreamOpener::open`] makes a new
+/// The source's half of [`streams`]: each [`StreamOpener::open`](super::StreamOpener::open) makes a new
 /// in-memory pair and hands the other end to the [`MemAcceptor`].
 #[derive(Debug, Clone)]
 pub struct MemOpener {

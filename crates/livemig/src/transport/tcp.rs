@@ -119,8 +119,8 @@ impl Transport for TcpTransport {
 
 #[cfg(test)]
 mod tests {
-    use super::super::testutil::*;
     use super::super::{connect, listen, Endpoint};
+    use crate::testing::transport::*;
     use std::time::Duration;
 
     fn pair() -> (Box<dyn super::Transport>, Box<dyn super::Transport>) {

@@ -90,8 +90,8 @@ impl Transport for UnixTransport {
 
 #[cfg(test)]
 mod tests {
-    use super::super::testutil::*;
     use super::super::{connect, listen, Endpoint, Transport};
+    use crate::testing::transport::*;
     use std::path::PathBuf;
 
     fn sock_path(name: &str) -> PathBuf {

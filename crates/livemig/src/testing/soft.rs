@@ -213,6 +213,27 @@ impl SoftVm {
         &self.layout
     }
 
+    /// Stores `value` at guest address `addr` (8-byte aligned) the way a
+    /// vCPU would: straight into the host mapping, logged by the VM's own
+    /// dirty log per its [`SoftTracking`] mode (not by vm-memory's bitmap).
+    /// For tests that need the guest to write known pages, for example
+    /// [`check_dirty_tracker`](super::dirty::check_dirty_tracker).
+    pub fn write_as_guest(&self, addr: u64, value: u64) -> Result<(), VmError> {
+        let page = addr - addr % PAGE_SIZE;
+        let (region, _) = self
+            .layout
+            .locate(page, 1)
+            .filter(|_| addr.is_multiple_of(8))
+            .ok_or_else(|| VmError::DirtyLog(format!("no aligned guest word at {addr:#x}")))?;
+        let offset = addr - self.layout.regions()[region].guest_addr;
+        let host = self
+            .memory
+            .get_host_address(GuestAddress(addr))
+            .map_err(|e| VmError::DirtyLog(format!("guest address {addr:#x}: {e}")))?;
+        guest_store(&self.shared, region, offset, host as *mut u64, value);
+        Ok(())
+    }
+
     /// Fills every page with non-zero bytes derived from `seed` (so that a
     /// migration has real data to move), through vm-memory.
     pub fn fill(&self, seed: u64) {

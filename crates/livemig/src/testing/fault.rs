@@ -19,7 +19,7 @@
 //!
 //! ```
 //! use livemig::protocol::MsgKind;
-//! use livemig::transport::fault::{At, Fault, FaultTransport};
+//! use livemig::testing::fault::{At, Fault, FaultTransport};
 //! use livemig::transport::{mem, Transport};
 //!
 //! let (a, _b) = mem::pair();
@@ -39,8 +39,8 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
-use super::Transport;
 use crate::protocol::{MsgKind, FRAME_HEADER_LEN};
+use crate::transport::Transport;
 
 const HDR: usize = FRAME_HEADER_LEN;
 /// How often a stall checks whether the connection was shut down.

@@ -1,0 +1,19 @@
+//! Test equipment, behind the `test-util` feature: a software VM
+//! ([`soft`]), a fault-injecting transport ([`fault`]) and conformance
+//! checks for transports ([`transport`]) and dirty trackers ([`dirty`]).
+//! Not for production use: the transport checks panic on failure, and the
+//! software VM's "guest" is a set of writer threads.
+//!
+//! Enable it for tests only:
+//!
+//! ```toml
+//! [dev-dependencies]
+//! livemig = { version = "0.1", features = ["test-util"] }
+//! ```
+
+pub mod dirty;
+pub mod fault;
+pub mod soft;
+pub mod transport;
+
+pub use dirty::check_dirty_tracker;
