@@ -141,8 +141,12 @@ pub struct VmDescription {
 /// The engine additionally merges vm-memory's own bitmap (the VMM's writes)
 /// into every sync, so a tracker only reports what the guest wrote.
 pub trait DirtyTracker: Send {
-    /// Starts tracking. Every page counts as clean afterwards, except what the
-    /// guest writes from now on.
+    /// Starts tracking. Afterwards every page the guest writes is reported by
+    /// a later `sync`. Pages not written may be reported too: in KVM's
+    /// manual-protect mode with `INITIALLY_SET` every page starts dirty and
+    /// unprotected, and a write is only seen after the engine re-armed
+    /// (`clear`ed) its chunk — which is why round 0 re-arms a chunk before it
+    /// decides what to read.
     fn start(&mut self) -> Result<(), VmError>;
 
     /// ORs every page written since `start` or the previous `sync` into
