@@ -563,8 +563,7 @@ mod tests {
     /// sleeps in the in-kernel LAPIC's halt until kicked), the others wait
     /// for a SIPI inside `KVM_RUN`, as an idle SMP guest's parked APs do.
     fn idle_vm(n: u32) -> Option<KvmVm> {
-        if !crate::kvm_available() {
-            eprintln!("*** SKIPPED: /dev/kvm is not available ***");
+        if !crate::kvm_or_skip("a vcpu.rs test's idle VM") {
             return None;
         }
         let cfg = VmConfig {

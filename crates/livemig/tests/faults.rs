@@ -643,7 +643,7 @@ fn connection_dies_before_resumed_is_ambiguous_and_source_stays_paused() {
     assert_eq!(e.phase, Phase::Completion);
     assert!(e.to_string().contains("outcome unknown"), "{e}");
     let (dst, report) = a.dst.expect("the destination runs the guest");
-    assert!(report.resume_ms >= 0.0);
+    assert!(report.running, "the destination reports its guest running");
     assert_running(&dst, "destination");
     // The source never resumes by itself.
     assert_paused(&src, "source");
