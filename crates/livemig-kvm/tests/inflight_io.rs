@@ -387,6 +387,23 @@ fn run_hops(
     (m, sent)
 }
 
+/// `out` is the guest's counter 0, 1, 2, … (mod 256), longer than one byte
+/// per hop: nothing repeated, nothing lost.
+fn assert_counter_sequence(out: &[u8]) {
+    let want: Vec<u8> = (0..out.len()).map(|i| i as u8).collect();
+    assert!(
+        out.len() > HOPS,
+        "the guest wrote only {} bytes in {HOPS} hops",
+        out.len()
+    );
+    if let Some(d) = first_difference(out, &want) {
+        panic!(
+            "the UART output is not the guest's counter sequence ({} bytes over {HOPS} save/restore hops): {d}",
+            out.len()
+        );
+    }
+}
+
 #[test]
 fn uart_output_is_never_repeated_across_save_restore() {
     if !kvm_or_skip("uart_output_is_never_repeated_across_save_restore") {
@@ -396,19 +413,7 @@ fn uart_output_is_never_repeated_across_save_restore() {
     let line = Line::default();
     let counter = Arc::new(Counter::default());
     let (_m, _) = run_hops(|m| m.load(&UART_STREAM), &line, &counter, &[]);
-    let out = line.bytes();
-    let want: Vec<u8> = (0..out.len()).map(|i| i as u8).collect();
-    assert!(
-        out.len() > HOPS,
-        "the guest wrote only {} bytes in {HOPS} hops",
-        out.len()
-    );
-    if let Some(d) = first_difference(&out, &want) {
-        panic!(
-            "the UART output is not the guest's counter sequence ({} bytes over {HOPS} save/restore hops): {d}",
-            out.len()
-        );
-    }
+    assert_counter_sequence(&line.bytes());
 }
 
 #[test]
@@ -420,19 +425,7 @@ fn user_mode_uart_output_is_never_repeated_across_save_restore() {
     let line = Line::default();
     let counter = Arc::new(Counter::default());
     let _m = run_hops(|m| m.load_cpl3(&UART_STREAM_CPL3), &line, &counter, &[]);
-    let out = line.bytes();
-    let want: Vec<u8> = (0..out.len()).map(|i| i as u8).collect();
-    assert!(
-        out.len() > HOPS,
-        "the guest wrote only {} bytes in {HOPS} hops",
-        out.len()
-    );
-    if let Some(d) = first_difference(&out, &want) {
-        panic!(
-            "the UART output is not the guest's counter sequence ({} bytes over {HOPS} save/restore hops): {d}",
-            out.len()
-        );
-    }
+    assert_counter_sequence(&line.bytes());
 }
 
 #[test]
