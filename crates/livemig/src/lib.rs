@@ -112,15 +112,9 @@ pub mod testing;
 pub mod transport;
 pub mod vm;
 
-#[cfg_attr(feature = "test-util", doc = include_str!("doc/receive.md"))]
-#[doc(inline)]
-pub use destination::receive;
-pub use destination::{receive_streams, ReceiveConfig, ReceiveReport};
+pub use destination::{receive, receive_streams, ReceiveConfig, ReceiveReport};
 pub use error::{ErrorKind, MigrationError, Phase};
 pub use guard::{GuardError, GuardState, MigrationGuard};
 pub use policy::{MigrationConfig, OnLimit};
 pub use report::{Progress, Report};
-#[cfg_attr(feature = "test-util", doc = include_str!("doc/migrate.md"))]
-#[doc(inline)]
-pub use source::migrate;
-pub use source::{migrate_streams, CancelToken};
+pub use source::{migrate, migrate_streams, CancelToken};

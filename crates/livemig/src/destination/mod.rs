@@ -100,6 +100,7 @@ fn ms(d: Duration) -> f64 {
 ///
 /// A source asking for several page streams is granted one (everything on
 /// `transport`); see [`receive_streams`].
+#[cfg_attr(feature = "test-util", doc = include_str!("../doc/receive.md"))]
 pub fn receive<V, F>(
     transport: Box<dyn Transport>,
     config: &ReceiveConfig,

@@ -58,6 +58,7 @@ pub const CHUNK_PAGES: u64 = STREAM_CHUNK_PAGES;
 ///
 /// Everything travels on `transport`; [`MigrationConfig::streams`] must be 1
 /// (see [`migrate_streams`]).
+#[cfg_attr(feature = "test-util", doc = include_str!("../doc/migrate.md"))]
 pub fn migrate<V: SourceVm + ?Sized>(
     vm: &V,
     transport: Box<dyn Transport>,
