@@ -12,6 +12,7 @@
 pub mod dirty;
 pub mod fdpass;
 pub mod memfd;
+pub mod pause;
 mod pool;
 pub mod serial;
 pub mod state;

@@ -1,6 +1,8 @@
 //! vCPU threads and the pause/resume controller.
 //!
-//! Each vCPU runs `KVM_RUN` in a loop on its own thread. [`VcpuSet::pause`]
+//! Each vCPU runs `KVM_RUN` in a loop on its own thread, following the
+//! pause protocol of [`crate::pause`] (the same [`PauseGate`] a VMM with
+//! its own vCPU loop uses). [`VcpuSet::pause`]
 //! asks every thread to park and kicks it out of `KVM_RUN` with a signal
 //! (the signal handler sets `immediate_exit` in the thread's `kvm_run`
 //! page, so a kick that races with the entry into `KVM_RUN` is never lost);
@@ -31,24 +33,21 @@
 //! ever frees nothing while KVM keeps saying "full", the vCPU stops with a
 //! fatal error after a few tries instead of looping.
 
-use std::cell::Cell;
-use std::sync::{Arc, Condvar, Mutex, MutexGuard};
+use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
-use kvm_bindings::{kvm_run, KVM_EXIT_DIRTY_RING_FULL};
+use kvm_bindings::KVM_EXIT_DIRTY_RING_FULL;
 use kvm_ioctls::{VcpuExit, VcpuFd};
-use vmm_sys_util::signal::{register_signal_handler, Killable, SIGRTMIN};
 
 use crate::dirty::DirtyRing;
+use crate::pause::{PauseGate, VcpuPauser};
+
+pub use crate::pause::kick_signal;
 
 /// Consecutive ring-full exits whose harvest freed nothing before the vCPU
 /// gives up (KVM would otherwise bounce it out of `KVM_RUN` forever).
 const RING_FULL_NO_PROGRESS_LIMIT: u32 = 100;
-
-/// How long a pause waits for the kicked threads before it kicks the ones
-/// still running again.
-const KICK_INTERVAL: Duration = Duration::from_millis(1);
 
 /// Port-I/O and MMIO handler the VMM provides for exits the kernel does not
 /// handle. Unclaimed accesses should be ignored (reads return all ones).
@@ -72,6 +71,9 @@ pub enum VcpuError {
     /// Spawning a vCPU thread failed.
     #[error("spawning vCPU thread {0}: {1}")]
     Spawn(usize, #[source] std::io::Error),
+    /// A thread could not attach to a [`PauseGate`].
+    #[error("attaching vCPU {0} to the pause gate: {1}")]
+    Attach(usize, String),
     /// A vCPU stopped with a fatal exit (shutdown, internal error, failed entry).
     #[error("vCPU {index} stopped: {reason}")]
     Fatal {
@@ -85,105 +87,12 @@ pub enum VcpuError {
     PauseTimeout(Duration),
 }
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-enum Want {
-    Run,
-    Pause,
-    Exit,
-}
-
-/// Where one vCPU thread is, as the controller sees it.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-enum Where {
-    /// Running (or on its way in or out of `KVM_RUN`).
-    Running,
-    /// Parked (a thread stopped by a fatal exit stays parked for good).
-    Parked,
-    /// The thread has ended.
-    Exited,
-}
-
-struct Ctl {
-    want: Want,
-    /// Each thread's place, by vCPU index: a pause kicks only the threads
-    /// that are not parked yet.
-    at: Vec<Where>,
-    parked: usize,
-    exited: usize,
-    fatal: Option<(usize, String)>,
-    /// Times a parked thread woke up and found it still had to stay
-    /// parked (a wake-up meant for someone else).
-    idle_wakeups: u64,
-}
-
-impl Ctl {
-    /// Every thread is parked or gone.
-    fn all_parked(&self) -> bool {
-        self.parked + self.exited >= self.at.len()
-    }
-}
-
-/// The control block and its two condition variables: the vCPU threads
-/// wait on `run_cv` for a change of `want`, the controller (pause,
-/// `wait_fatal`) waits on `done_cv` for the threads. Two, so that a thread
-/// that parks wakes only the controller, never the threads already parked
-/// (with one shared variable each park woke every earlier one: n²/2
-/// wake-ups per pause).
-struct Shared {
-    ctl: Mutex<Ctl>,
-    run_cv: Condvar,
-    done_cv: Condvar,
-}
-
-impl Shared {
-    fn lock(&self) -> MutexGuard<'_, Ctl> {
-        // A poisoned lock only means another thread panicked while holding
-        // it; the plain-data control block is still consistent.
-        self.ctl.lock().unwrap_or_else(|e| e.into_inner())
-    }
-}
-
-thread_local! {
-    // The kvm_run page of the vCPU on this thread, for the signal handler.
-    // `const` initialisation: no lazy init or destructor, so touching it
-    // from a signal handler is async-signal-safe.
-    static KVM_RUN_PTR: Cell<*mut kvm_run> = const { Cell::new(std::ptr::null_mut()) };
-}
-
-extern "C" fn kick_handler(_: libc::c_int, _: *mut libc::siginfo_t, _: *mut libc::c_void) {
-    KVM_RUN_PTR.with(|p| {
-        let ptr = p.get();
-        if !ptr.is_null() {
-            // SAFETY: the pointer is the kvm_run mmap of the VcpuFd owned by
-            // this thread's VcpuSet entry; it stays mapped until the thread
-            // exits, and the thread clears the pointer before that.
-            unsafe { std::ptr::write_volatile(&mut (*ptr).immediate_exit, 1) };
-        }
-    });
-}
-
-/// The signal used to kick vCPU threads out of `KVM_RUN`.
-pub fn kick_signal() -> libc::c_int {
-    SIGRTMIN()
-}
-
-struct VcpuThread(JoinHandle<()>);
-
-// SAFETY: the pthread_t comes from a JoinHandle we own and have not joined,
-// so it is valid for as long as the VcpuThread exists.
-unsafe impl Killable for VcpuThread {
-    fn pthread_handle(&self) -> libc::pthread_t {
-        use std::os::unix::thread::JoinHandleExt;
-        self.0.as_pthread_t()
-    }
-}
-
-/// A set of vCPUs, each on its own thread, that start parked.
+/// A set of vCPUs, each on its own thread, that start parked. The threads
+/// follow the pause protocol through a [`PauseGate`].
 pub struct VcpuSet {
     vcpus: Vec<Arc<Mutex<VcpuFd>>>,
-    threads: Vec<VcpuThread>,
-    shared: Arc<Shared>,
-    pause_timeout: Duration,
+    threads: Vec<JoinHandle<()>>,
+    gate: PauseGate,
 }
 
 impl VcpuSet {
@@ -200,39 +109,26 @@ impl VcpuSet {
         handler: Arc<dyn ExitHandler>,
         ring: Option<Arc<DirtyRing>>,
     ) -> Result<Self, VcpuError> {
-        register_signal_handler(kick_signal(), kick_handler).map_err(VcpuError::Signal)?;
-        let shared = Arc::new(Shared {
-            ctl: Mutex::new(Ctl {
-                want: Want::Pause,
-                at: vec![Where::Running; vcpus.len()],
-                parked: 0,
-                exited: 0,
-                fatal: None,
-                idle_wakeups: 0,
-            }),
-            run_cv: Condvar::new(),
-            done_cv: Condvar::new(),
-        });
+        let gate = PauseGate::new(vcpus.len())?;
         let vcpus: Vec<_> = vcpus.into_iter().map(|v| Arc::new(Mutex::new(v))).collect();
         let mut set = VcpuSet {
             vcpus: vcpus.clone(),
             threads: Vec::new(),
-            shared: shared.clone(),
-            pause_timeout: Duration::from_secs(5),
+            gate: gate.clone(),
         };
         for (index, vcpu) in vcpus.into_iter().enumerate() {
-            let shared = shared.clone();
+            let gate = gate.clone();
             let handler = handler.clone();
             let ring = ring.clone();
             let t = std::thread::Builder::new()
                 .name(format!("vcpu{index}"))
-                .spawn(move || vcpu_loop(index, vcpu, shared, handler, ring))
+                .spawn(move || vcpu_thread(index, vcpu, gate, handler, ring))
                 .map_err(|e| VcpuError::Spawn(index, e))?;
-            set.threads.push(VcpuThread(t));
+            set.threads.push(t);
         }
         // Wait until every thread has parked once, so that state set by the
         // caller is never raced by a first KVM_RUN.
-        set.wait_parked()?;
+        set.gate.pause()?;
         Ok(set)
     }
 
@@ -252,81 +148,35 @@ impl VcpuSet {
         self.vcpus.get(index)
     }
 
+    /// The pause gate the threads follow.
+    pub fn gate(&self) -> &PauseGate {
+        &self.gate
+    }
+
     /// Wake-ups of parked threads that had to stay parked (test hook).
     #[cfg(test)]
     pub(crate) fn idle_wakeups(&self) -> u64 {
-        self.shared.lock().idle_wakeups
+        self.gate.idle_wakeups()
     }
 
     /// Whether the vCPUs are currently asked to run.
     pub fn is_running(&self) -> bool {
-        self.shared.lock().want == Want::Run
+        self.gate.is_running()
     }
 
     /// The first fatal vCPU exit, if any (guest shutdown, internal error).
     pub fn fatal(&self) -> Option<VcpuError> {
-        self.shared
-            .lock()
-            .fatal
-            .clone()
-            .map(|(index, reason)| VcpuError::Fatal { index, reason })
+        self.gate.fatal()
     }
 
     /// Blocks until a vCPU stops with a fatal exit or the set is dropped.
     pub fn wait_fatal(&self, timeout: Duration) -> Option<VcpuError> {
-        let ctl = self.shared.lock();
-        let (ctl, _) = self
-            .shared
-            .done_cv
-            .wait_timeout_while(ctl, timeout, |c| c.fatal.is_none())
-            .unwrap_or_else(|e| e.into_inner());
-        ctl.fatal
-            .clone()
-            .map(|(index, reason)| VcpuError::Fatal { index, reason })
+        self.gate.wait_fatal(timeout)
     }
 
     /// Pauses every vCPU: returns once each has left `KVM_RUN` and parked.
     pub fn pause(&self) -> Result<(), VcpuError> {
-        self.shared.lock().want = Want::Pause;
-        self.wait_parked()
-    }
-
-    /// Kicks every thread that has not parked yet and waits until all
-    /// have; kicks the stragglers again every [`KICK_INTERVAL`] (a kick is
-    /// never lost — the handler sets `immediate_exit` — so this is only a
-    /// safety net).
-    fn wait_parked(&self) -> Result<(), VcpuError> {
-        let deadline = Instant::now() + self.pause_timeout;
-        let mut ctl = self.shared.lock();
-        let mut kick = Vec::with_capacity(self.threads.len());
-        while !ctl.all_parked() {
-            if Instant::now() > deadline {
-                return Err(VcpuError::PauseTimeout(self.pause_timeout));
-            }
-            kick.clear();
-            kick.extend(
-                ctl.at
-                    .iter()
-                    .enumerate()
-                    .filter(|(_, w)| **w == Where::Running)
-                    .map(|(i, _)| i),
-            );
-            drop(ctl);
-            for &i in &kick {
-                if let Some(t) = self.threads.get(i) {
-                    // A failed kick only means the thread just exited.
-                    let _ = t.kill(kick_signal());
-                }
-            }
-            ctl = self.shared.lock();
-            ctl = self
-                .shared
-                .done_cv
-                .wait_timeout_while(ctl, KICK_INTERVAL, |c| !c.all_parked())
-                .unwrap_or_else(|e| e.into_inner())
-                .0;
-        }
-        Ok(())
+        self.gate.pause()
     }
 
     /// Lets every vCPU run again. It returns at once: the threads leave
@@ -336,203 +186,120 @@ impl VcpuSet {
     /// 12–42 ms to be scheduled, while the guest's own heartbeat resumed
     /// after 2–17 ms.)
     pub fn resume(&self) {
-        {
-            let mut ctl = self.shared.lock();
-            if ctl.want == Want::Exit {
-                return;
-            }
-            ctl.want = Want::Run;
-        }
-        self.shared.run_cv.notify_all();
+        self.gate.resume()
     }
 }
 
 impl Drop for VcpuSet {
     fn drop(&mut self) {
-        self.shared.lock().want = Want::Exit;
-        self.shared.run_cv.notify_all();
-        let deadline = Instant::now() + Duration::from_secs(2);
-        loop {
-            let done = {
-                let c = self.shared.lock();
-                c.exited >= self.vcpus.len()
-            };
-            if done || Instant::now() > deadline {
-                break;
-            }
-            for t in &self.threads {
-                let _ = t.kill(kick_signal());
-            }
-            std::thread::sleep(Duration::from_micros(200));
-        }
+        self.gate.close(Duration::from_secs(2));
         for t in self.threads.drain(..) {
-            if t.0.is_finished() {
-                let _ = t.0.join();
+            if t.is_finished() {
+                let _ = t.join();
             }
         }
     }
 }
 
-fn vcpu_loop(
+/// A vCPU thread: attaches to the gate, runs the loop, detaches.
+fn vcpu_thread(
     index: usize,
     vcpu: Arc<Mutex<VcpuFd>>,
-    shared: Arc<Shared>,
+    gate: PauseGate,
     handler: Arc<dyn ExitHandler>,
     ring: Option<Arc<DirtyRing>>,
 ) {
-    let mut no_progress = 0u32;
-    // Whether the last KVM_RUN returned EINTR/EAGAIN (or there was none
-    // yet): only then has KVM finished every instruction it exited for, and
-    // only then may the thread park (see `park_or_complete`).
-    let mut completed = true;
-    {
+    let attached = {
         let mut fd = vcpu.lock().unwrap_or_else(|e| e.into_inner());
-        let ptr: *mut kvm_run = fd.get_kvm_run();
-        KVM_RUN_PTR.with(|p| p.set(ptr));
+        // SAFETY: `vcpu` (an Arc this thread holds until it ends) keeps
+        // the VcpuFd and its kvm_run page alive; the pauser is dropped at
+        // the end of this function, on this thread, before `vcpu`.
+        unsafe { gate.attach(index, &mut fd) }
+    };
+    let mut pauser = match attached {
+        Ok(p) => p,
+        Err(e) => {
+            // The gate never sees this vCPU park: pauses time out.
+            log::error!("vcpu{index}: {e}");
+            return;
+        }
+    };
+    if let Some(reason) = vcpu_loop(index, &vcpu, &mut pauser, &*handler, ring.as_deref()) {
+        log::error!("vcpu{index}: {reason}");
+        // Park for good: the VM is dead, but pause/drop still work.
+        pauser.stop(reason);
     }
-    loop {
-        let mut fd = match park_or_complete(index, &vcpu, &shared, completed) {
-            Some(fd) => fd,
-            None => break,
-        };
-        completed = false;
-        let fatal = match fd.run() {
-            Ok(VcpuExit::IoOut(port, data)) => {
-                handler.pio_write(port, data);
-                None
-            }
-            Ok(VcpuExit::IoIn(port, data)) => {
-                handler.pio_read(port, data);
-                None
-            }
-            Ok(VcpuExit::MmioRead(addr, data)) => {
-                handler.mmio_read(addr, data);
-                None
-            }
-            Ok(VcpuExit::MmioWrite(addr, data)) => {
-                handler.mmio_write(addr, data);
-                None
-            }
+}
+
+/// Runs the vCPU until the gate is closed (`None`) or a fatal exit
+/// (`Some(reason)`).
+fn vcpu_loop(
+    index: usize,
+    vcpu: &Mutex<VcpuFd>,
+    pauser: &mut VcpuPauser,
+    handler: &dyn ExitHandler,
+    ring: Option<&DirtyRing>,
+) -> Option<String> {
+    let mut no_progress = 0u32;
+    while pauser.before_run() {
+        let mut fd = vcpu.lock().unwrap_or_else(|e| e.into_inner());
+        let exit = fd.run();
+        pauser.after_run(&exit);
+        match exit {
+            Ok(VcpuExit::IoOut(port, data)) => handler.pio_write(port, data),
+            Ok(VcpuExit::IoIn(port, data)) => handler.pio_read(port, data),
+            Ok(VcpuExit::MmioRead(addr, data)) => handler.mmio_read(addr, data),
+            Ok(VcpuExit::MmioWrite(addr, data)) => handler.mmio_write(addr, data),
             Ok(VcpuExit::Hlt) => {
                 drop(fd);
                 std::thread::sleep(Duration::from_micros(100));
-                continue;
             }
-            Ok(VcpuExit::Shutdown) => Some("guest shutdown (triple fault?)".to_string()),
+            Ok(VcpuExit::Shutdown) => return Some("guest shutdown (triple fault?)".to_string()),
             Ok(VcpuExit::FailEntry(reason, cpu)) => {
-                Some(format!("KVM_EXIT_FAIL_ENTRY reason 0x{reason:x} cpu {cpu}"))
+                return Some(format!("KVM_EXIT_FAIL_ENTRY reason 0x{reason:x} cpu {cpu}"))
             }
-            Ok(VcpuExit::InternalError) => Some("KVM_EXIT_INTERNAL_ERROR".to_string()),
-            Ok(VcpuExit::SystemEvent(kind, _)) => Some(format!("system event {kind}")),
-            Ok(VcpuExit::Unsupported(KVM_EXIT_DIRTY_RING_FULL)) => match ring.as_deref() {
-                None => Some("KVM_EXIT_DIRTY_RING_FULL without a dirty ring".to_string()),
-                Some(r) => match r.on_ring_full() {
-                    Err(e) => Some(format!("harvesting the full dirty ring: {e}")),
-                    Ok(0) => {
-                        // Someone else harvested between the exit and our
-                        // lock (fine), or KVM says full while the rings are
-                        // empty (a bug): yield, and give up if it persists.
-                        no_progress += 1;
-                        if no_progress >= RING_FULL_NO_PROGRESS_LIMIT {
-                            Some(format!(
-                                "KVM_EXIT_DIRTY_RING_FULL {no_progress} times with nothing to harvest"
-                            ))
-                        } else {
-                            drop(fd);
-                            std::thread::sleep(Duration::from_micros(50));
-                            continue;
-                        }
-                    }
-                    Ok(_) => {
-                        no_progress = 0;
-                        None
-                    }
-                },
-            },
-            Ok(other) => {
-                log::debug!("vcpu{index}: ignored exit {other:?}");
-                None
+            Ok(VcpuExit::InternalError) => return Some("KVM_EXIT_INTERNAL_ERROR".to_string()),
+            Ok(VcpuExit::SystemEvent(kind, _)) => return Some(format!("system event {kind}")),
+            Ok(VcpuExit::Unsupported(KVM_EXIT_DIRTY_RING_FULL)) => {
+                drop(fd);
+                if let Some(reason) = ring_full(ring, &mut no_progress) {
+                    return Some(reason);
+                }
             }
-            Err(e) if e.errno() == libc::EINTR || e.errno() == libc::EAGAIN => {
-                fd.set_kvm_immediate_exit(0);
-                completed = true;
-                None
-            }
-            Err(e) => Some(format!("KVM_RUN failed: {e}")),
-        };
-        drop(fd);
-        if let Some(reason) = fatal {
-            log::error!("vcpu{index}: {reason}");
-            let mut ctl = shared.lock();
-            if ctl.fatal.is_none() {
-                ctl.fatal = Some((index, reason));
-            }
-            // Park for good: the VM is dead, but pause/drop still work.
-            ctl.parked += 1;
-            ctl.at[index] = Where::Parked;
-            shared.done_cv.notify_all();
-            while ctl.want != Want::Exit {
-                ctl = shared.run_cv.wait(ctl).unwrap_or_else(|e| e.into_inner());
-            }
-            ctl.parked -= 1;
-            break;
+            Ok(other) => log::debug!("vcpu{index}: ignored exit {other:?}"),
+            Err(e) if e.errno() == libc::EINTR || e.errno() == libc::EAGAIN => {}
+            Err(e) => return Some(format!("KVM_RUN failed: {e}")),
         }
     }
-    KVM_RUN_PTR.with(|p| p.set(std::ptr::null_mut()));
-    let mut ctl = shared.lock();
-    ctl.exited += 1;
-    ctl.at[index] = Where::Exited;
-    shared.done_cv.notify_all();
+    None
 }
 
-/// Parks the calling vCPU thread while the set is paused, and returns its
-/// locked fd for the next `KVM_RUN` (or `None` when the set is dropped).
-///
-/// The rule (KVM's API documentation, `KVM_EXIT_IO`/`KVM_EXIT_MMIO` and
-/// `immediate_exit`): an exit to userspace is finished by the kernel only on
-/// the next `KVM_RUN`. An `in` or MMIO read gets its data into the guest's
-/// registers then, string I/O advances RSI/RDI/RCX then, and until then the
-/// registers KVM reports may still point at the instruction. So a vCPU whose
-/// last `KVM_RUN` returned an exit (`completed == false`) must not park yet:
-/// when a pause is wanted it re-enters `KVM_RUN` once with `immediate_exit`
-/// set — KVM completes the pending instruction without running the guest
-/// and returns `EINTR` — and parks only after that. The exit handling in
-/// [`vcpu_loop`] hands any further exit such a re-entry returns (the next
-/// piece of a string instruction) to the handler as usual.
-fn park_or_complete<'a>(
-    index: usize,
-    vcpu: &'a Mutex<VcpuFd>,
-    shared: &Shared,
-    completed: bool,
-) -> Option<MutexGuard<'a, VcpuFd>> {
-    let mut ctl = shared.lock();
-    if ctl.want != Want::Run && !completed {
-        drop(ctl);
-        let mut fd = vcpu.lock().unwrap_or_else(|e| e.into_inner());
-        fd.set_kvm_immediate_exit(1);
-        return Some(fd);
-    }
-    if ctl.want != Want::Run {
-        ctl.parked += 1;
-        ctl.at[index] = Where::Parked;
-        // Only the last thread to park wakes the controller.
-        if ctl.all_parked() {
-            shared.done_cv.notify_all();
-        }
-        while ctl.want == Want::Pause {
-            ctl = shared.run_cv.wait(ctl).unwrap_or_else(|e| e.into_inner());
-            if ctl.want == Want::Pause {
-                ctl.idle_wakeups += 1;
+/// Handles `KVM_EXIT_DIRTY_RING_FULL`: harvests the rings on this thread.
+/// `None` to run on; `Some(reason)` when the vCPU must stop.
+fn ring_full(ring: Option<&DirtyRing>, no_progress: &mut u32) -> Option<String> {
+    let Some(r) = ring else {
+        return Some("KVM_EXIT_DIRTY_RING_FULL without a dirty ring".to_string());
+    };
+    match r.on_ring_full() {
+        Err(e) => Some(format!("harvesting the full dirty ring: {e}")),
+        Ok(0) => {
+            // Someone else harvested between the exit and our lock (fine),
+            // or KVM says full while the rings are empty (a bug): yield, and
+            // give up if it persists.
+            *no_progress += 1;
+            if *no_progress >= RING_FULL_NO_PROGRESS_LIMIT {
+                return Some(format!(
+                    "KVM_EXIT_DIRTY_RING_FULL {no_progress} times with nothing to harvest"
+                ));
             }
+            std::thread::sleep(Duration::from_micros(50));
+            None
         }
-        ctl.parked -= 1;
-        ctl.at[index] = Where::Running;
-        if ctl.want == Want::Exit {
-            return None;
+        Ok(_) => {
+            *no_progress = 0;
+            None
         }
     }
-    drop(ctl);
-    Some(vcpu.lock().unwrap_or_else(|e| e.into_inner()))
 }
 
 #[cfg(test)]
