@@ -9,12 +9,14 @@
 //! [`livemig::vm::SourceVm`] and [`livemig::vm::DestinationVm`].
 #![deny(missing_docs)]
 
+pub mod cpu;
 pub mod dirty;
 pub mod fdpass;
 pub mod memfd;
 pub mod pause;
 mod pool;
 pub mod serial;
+pub mod setup;
 pub mod state;
 pub mod vcpu;
 pub mod vm;

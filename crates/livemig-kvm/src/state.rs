@@ -25,7 +25,7 @@ use kvm_bindings::{
     KVM_IRQCHIP_IOAPIC, KVM_IRQCHIP_PIC_MASTER, KVM_IRQCHIP_PIC_SLAVE,
 };
 use kvm_ioctls::{VcpuFd, VmFd};
-use livemig::state::{Section, StateError, StateReader, StateWriter};
+use livemig::state::{DeviceState, Section, StateError, StateReader, StateWriter};
 use zerocopy::{FromBytes, Immutable, IntoBytes};
 
 /// Version of the `vcpu.<n>` section this side writes: 1, the records as
@@ -148,69 +148,116 @@ pub fn vcpu_section_name(index: usize) -> String {
     format!("vcpu.{index}")
 }
 
-/// Saves one vCPU (which must not be running).
+/// The state of one vCPU, as KVM's structures: what a `vcpu.<n>` section
+/// carries. [`VcpuState::save`] and [`VcpuState::restore`] are the ioctls
+/// (for a [`VcpuFd`] the caller owns, on any thread, while the vCPU is not
+/// in `KVM_RUN`); [`VcpuState::to_section`] and
+/// [`VcpuState::from_section`] the encoding. A VMM whose vCPU fds stay on
+/// their own threads can save there and send the `VcpuState` (or its
+/// section) to the migration thread.
+///
+/// ```no_run
+/// use kvm_ioctls::Kvm;
+/// use livemig_kvm::state::VcpuState;
+/// # fn main() -> Result<(), Box<dyn std::error::Error>> {
+/// let kvm = Kvm::new()?;
+/// let msrs = kvm.get_msr_index_list()?.as_slice().to_vec();
+/// let vm = kvm.create_vm()?;
+/// vm.create_irq_chip()?;
+/// let vcpu = vm.create_vcpu(0)?;
+/// // … the vCPU ran and is parked now:
+/// let section = VcpuState::save(&vcpu, &msrs)?.to_section(0);
+/// // on the destination, into its own vCPU 0:
+/// VcpuState::from_section(&section)?.restore(&vcpu)?;
+/// # Ok(()) }
+/// ```
+pub struct VcpuState {
+    /// `KVM_GET_REGS`.
+    pub regs: kvm_regs,
+    /// `KVM_GET_SREGS`.
+    pub sregs: kvm_sregs,
+    /// `KVM_GET_FPU` (kept beside XSAVE: see the module documentation).
+    pub fpu: kvm_fpu,
+    /// `KVM_GET_XSAVE`.
+    pub xsave: kvm_xsave,
+    /// `KVM_GET_XCRS`.
+    pub xcrs: kvm_xcrs,
+    /// `KVM_GET_LAPIC`.
+    pub lapic: kvm_lapic_state,
+    /// `KVM_GET_MP_STATE`.
+    pub mp_state: kvm_mp_state,
+    /// `KVM_GET_VCPU_EVENTS`.
+    pub events: kvm_vcpu_events,
+    /// `KVM_GET_DEBUGREGS`.
+    pub debugregs: kvm_debugregs,
+    /// `(index, value)` of every MSR read (at most [`MAX_MSRS`]).
+    pub msrs: Vec<(u32, u64)>,
+}
+
+impl VcpuState {
+    /// Reads the state of `fd` (which must not be in `KVM_RUN`: pause it
+    /// first, see [`crate::pause`]). `msr_indices` are the MSRs to save,
+    /// usually `Kvm::get_msr_index_list()`; any the vCPU refuses to read
+    /// are skipped.
+    pub fn save(fd: &VcpuFd, msr_indices: &[u32]) -> Result<VcpuState, StateError> {
+        Self::save_named("vcpu", fd, msr_indices)
+    }
+
+    /// [`VcpuState::save`], naming the section `name` in errors.
+    fn save_named(n: &str, fd: &VcpuFd, msr_indices: &[u32]) -> Result<VcpuState, StateError> {
+        Ok(VcpuState {
+            regs: fd.get_regs().map_err(|e| hv(n, "KVM_GET_REGS", e))?,
+            sregs: fd.get_sregs().map_err(|e| hv(n, "KVM_GET_SREGS", e))?,
+            fpu: fd.get_fpu().map_err(|e| hv(n, "KVM_GET_FPU", e))?,
+            xsave: fd.get_xsave().map_err(|e| hv(n, "KVM_GET_XSAVE", e))?,
+            xcrs: fd.get_xcrs().map_err(|e| hv(n, "KVM_GET_XCRS", e))?,
+            lapic: fd.get_lapic().map_err(|e| hv(n, "KVM_GET_LAPIC", e))?,
+            mp_state: fd
+                .get_mp_state()
+                .map_err(|e| hv(n, "KVM_GET_MP_STATE", e))?,
+            events: fd
+                .get_vcpu_events()
+                .map_err(|e| hv(n, "KVM_GET_VCPU_EVENTS", e))?,
+            debugregs: fd
+                .get_debug_regs()
+                .map_err(|e| hv(n, "KVM_GET_DEBUGREGS", e))?,
+            msrs: read_msrs(n, fd, msr_indices)?,
+        })
+    }
+
+    /// The `vcpu.<index>` section (version [`VCPU_VERSION`]).
+    pub fn to_section(&self, index: usize) -> Section {
+        let mut w = StateWriter::new();
+        put(&mut w, TAG_REGS, &self.regs);
+        put(&mut w, TAG_SREGS, &self.sregs);
+        let fpu = encode_fpu(&self.fpu);
+        w.u16(TAG_FPU).u32(fpu.len() as u32).bytes(&fpu);
+        put(&mut w, TAG_XSAVE, &self.xsave);
+        put(&mut w, TAG_XCRS, &self.xcrs);
+        put(&mut w, TAG_LAPIC, &self.lapic);
+        put(&mut w, TAG_MP_STATE, &self.mp_state);
+        put(&mut w, TAG_EVENTS, &self.events);
+        put(&mut w, TAG_DEBUGREGS, &self.debugregs);
+        let mut m = StateWriter::new();
+        m.u32(self.msrs.len() as u32);
+        for (i, v) in &self.msrs {
+            m.u32(*i).u64(*v);
+        }
+        let mb = m.finish();
+        w.u16(TAG_MSRS).u32(mb.len() as u32).bytes(&mb);
+        Section::new(
+            vcpu_section_name(index),
+            VCPU_VERSION,
+            encode_records(VCPU_VERSION, w.finish()),
+        )
+    }
+}
+
+/// Saves one vCPU (which must not be running) as its `vcpu.<index>`
+/// section: [`VcpuState::save`] then [`VcpuState::to_section`].
 pub fn save_vcpu(index: usize, fd: &VcpuFd, msr_indices: &[u32]) -> Result<Section, StateError> {
     let name = vcpu_section_name(index);
-    let n = name.as_str();
-    let mut w = StateWriter::new();
-    put(
-        &mut w,
-        TAG_REGS,
-        &fd.get_regs().map_err(|e| hv(n, "KVM_GET_REGS", e))?,
-    );
-    put(
-        &mut w,
-        TAG_SREGS,
-        &fd.get_sregs().map_err(|e| hv(n, "KVM_GET_SREGS", e))?,
-    );
-    let fpu = encode_fpu(&fd.get_fpu().map_err(|e| hv(n, "KVM_GET_FPU", e))?);
-    w.u16(TAG_FPU).u32(fpu.len() as u32).bytes(&fpu);
-    put(
-        &mut w,
-        TAG_XSAVE,
-        &fd.get_xsave().map_err(|e| hv(n, "KVM_GET_XSAVE", e))?,
-    );
-    put(
-        &mut w,
-        TAG_XCRS,
-        &fd.get_xcrs().map_err(|e| hv(n, "KVM_GET_XCRS", e))?,
-    );
-    put(
-        &mut w,
-        TAG_LAPIC,
-        &fd.get_lapic().map_err(|e| hv(n, "KVM_GET_LAPIC", e))?,
-    );
-    put(
-        &mut w,
-        TAG_MP_STATE,
-        &fd.get_mp_state()
-            .map_err(|e| hv(n, "KVM_GET_MP_STATE", e))?,
-    );
-    put(
-        &mut w,
-        TAG_EVENTS,
-        &fd.get_vcpu_events()
-            .map_err(|e| hv(n, "KVM_GET_VCPU_EVENTS", e))?,
-    );
-    put(
-        &mut w,
-        TAG_DEBUGREGS,
-        &fd.get_debug_regs()
-            .map_err(|e| hv(n, "KVM_GET_DEBUGREGS", e))?,
-    );
-    let msrs = read_msrs(n, fd, msr_indices)?;
-    let mut m = StateWriter::new();
-    m.u32(msrs.len() as u32);
-    for (i, v) in &msrs {
-        m.u32(*i).u64(*v);
-    }
-    let mb = m.finish();
-    w.u16(TAG_MSRS).u32(mb.len() as u32).bytes(&mb);
-    Ok(Section::new(
-        name,
-        VCPU_VERSION,
-        encode_records(VCPU_VERSION, w.finish()),
-    ))
+    Ok(VcpuState::save_named(&name, fd, msr_indices)?.to_section(index))
 }
 
 /// A section body of `version`: version 1 is the records as they are,
@@ -280,136 +327,165 @@ fn read_msrs(name: &str, fd: &VcpuFd, indices: &[u32]) -> Result<Vec<(u32, u64)>
     Ok(out)
 }
 
-/// Restores one vCPU from its section (version already checked by the caller
-/// or checked here).
-pub fn restore_vcpu(fd: &VcpuFd, section: &Section) -> Result<(), StateError> {
-    let n = section.name.as_str();
-    let records = match section.version {
-        1 => std::borrow::Cow::Borrowed(section.data.as_slice()),
-        2 => std::borrow::Cow::Owned(decompress_records(n, &section.data)?),
-        got => {
-            return Err(StateError::UnsupportedVersion {
-                name: n.to_string(),
-                got,
-                min: VCPU_VERSION_MIN,
-                max: VCPU_VERSION_MAX,
-            })
-        }
-    };
-    let mut r = StateReader::new(n, &records);
-    let mut seen = [false; 11];
-    let mut regs = None;
-    let mut sregs = None;
-    let mut fpu = None;
-    let mut xsave = None;
-    let mut xcrs = None;
-    let mut lapic = None;
-    let mut mp = None;
-    let mut events = None;
-    let mut dregs = None;
-    let mut msrs: Vec<kvm_msr_entry> = Vec::new();
-    while let Ok(tag) = r.u16() {
-        let len = r.u32()? as usize;
-        let data = r.bytes(len)?;
-        let t = tag as usize;
-        if t == 0 || t >= seen.len() {
-            return Err(StateError::Malformed {
-                name: n.to_string(),
-                reason: format!("unknown record tag {tag}"),
-            });
-        }
-        if seen[t] {
-            return Err(StateError::Malformed {
-                name: n.to_string(),
-                reason: format!("record {} appears twice", TAG_NAMES[t]),
-            });
-        }
-        seen[t] = true;
-        match tag {
-            TAG_REGS => regs = Some(get::<kvm_regs>(n, tag, data)?),
-            TAG_SREGS => sregs = Some(get::<kvm_sregs>(n, tag, data)?),
-            TAG_FPU => fpu = Some(decode_fpu(n, data)?),
-            TAG_XSAVE => xsave = Some(get::<kvm_xsave>(n, tag, data)?),
-            TAG_XCRS => xcrs = Some(get::<kvm_xcrs>(n, tag, data)?),
-            TAG_LAPIC => lapic = Some(get::<kvm_lapic_state>(n, tag, data)?),
-            TAG_MP_STATE => mp = Some(get::<kvm_mp_state>(n, tag, data)?),
-            TAG_EVENTS => events = Some(get::<kvm_vcpu_events>(n, tag, data)?),
-            TAG_DEBUGREGS => dregs = Some(get::<kvm_debugregs>(n, tag, data)?),
-            _ => {
-                let mut m = StateReader::new(n, data);
-                let count = m.u32()?;
-                if count > MAX_MSRS {
-                    return Err(StateError::Malformed {
-                        name: n.to_string(),
-                        reason: format!("{count} MSRs exceeds the limit of {MAX_MSRS}"),
-                    });
+impl VcpuState {
+    /// Decodes a `vcpu.<n>` section (versions [`VCPU_VERSION_MIN`] to
+    /// [`VCPU_VERSION_MAX`]), checking every record's size; touches no
+    /// vCPU.
+    pub fn from_section(section: &Section) -> Result<VcpuState, StateError> {
+        let n = section.name.as_str();
+        let records = match section.version {
+            1 => std::borrow::Cow::Borrowed(section.data.as_slice()),
+            2 => std::borrow::Cow::Owned(decompress_records(n, &section.data)?),
+            got => {
+                return Err(StateError::UnsupportedVersion {
+                    name: n.to_string(),
+                    got,
+                    min: VCPU_VERSION_MIN,
+                    max: VCPU_VERSION_MAX,
+                })
+            }
+        };
+        let mut r = StateReader::new(n, &records);
+        let mut seen = [false; 11];
+        let mut regs = None;
+        let mut sregs = None;
+        let mut fpu = None;
+        let mut xsave = None;
+        let mut xcrs = None;
+        let mut lapic = None;
+        let mut mp = None;
+        let mut events = None;
+        let mut dregs = None;
+        let mut msrs: Vec<(u32, u64)> = Vec::new();
+        while let Ok(tag) = r.u16() {
+            let len = r.u32()? as usize;
+            let data = r.bytes(len)?;
+            let t = tag as usize;
+            if t == 0 || t >= seen.len() {
+                return Err(StateError::Malformed {
+                    name: n.to_string(),
+                    reason: format!("unknown record tag {tag}"),
+                });
+            }
+            if seen[t] {
+                return Err(StateError::Malformed {
+                    name: n.to_string(),
+                    reason: format!("record {} appears twice", TAG_NAMES[t]),
+                });
+            }
+            seen[t] = true;
+            match tag {
+                TAG_REGS => regs = Some(get::<kvm_regs>(n, tag, data)?),
+                TAG_SREGS => sregs = Some(get::<kvm_sregs>(n, tag, data)?),
+                TAG_FPU => fpu = Some(decode_fpu(n, data)?),
+                TAG_XSAVE => xsave = Some(get::<kvm_xsave>(n, tag, data)?),
+                TAG_XCRS => xcrs = Some(get::<kvm_xcrs>(n, tag, data)?),
+                TAG_LAPIC => lapic = Some(get::<kvm_lapic_state>(n, tag, data)?),
+                TAG_MP_STATE => mp = Some(get::<kvm_mp_state>(n, tag, data)?),
+                TAG_EVENTS => events = Some(get::<kvm_vcpu_events>(n, tag, data)?),
+                TAG_DEBUGREGS => dregs = Some(get::<kvm_debugregs>(n, tag, data)?),
+                _ => {
+                    let mut m = StateReader::new(n, data);
+                    let count = m.u32()?;
+                    if count > MAX_MSRS {
+                        return Err(StateError::Malformed {
+                            name: n.to_string(),
+                            reason: format!("{count} MSRs exceeds the limit of {MAX_MSRS}"),
+                        });
+                    }
+                    for _ in 0..count {
+                        let index = m.u32()?;
+                        let data = m.u64()?;
+                        msrs.push((index, data));
+                    }
+                    m.finish()?;
                 }
-                for _ in 0..count {
-                    let index = m.u32()?;
-                    let data = m.u64()?;
-                    msrs.push(kvm_msr_entry {
-                        index,
-                        data,
-                        ..Default::default()
-                    });
-                }
-                m.finish()?;
             }
         }
-    }
-    r.finish()?;
-    let missing = |what: &str| StateError::Malformed {
-        name: n.to_string(),
-        reason: format!("record {what} is missing"),
-    };
-    let regs = regs.ok_or_else(|| missing("regs"))?;
-    let sregs = sregs.ok_or_else(|| missing("sregs"))?;
-    let fpu = fpu.ok_or_else(|| missing("fpu"))?;
-    let xsave = xsave.ok_or_else(|| missing("xsave"))?;
-    let xcrs = xcrs.ok_or_else(|| missing("xcrs"))?;
-    let lapic = lapic.ok_or_else(|| missing("lapic"))?;
-    let mp = mp.ok_or_else(|| missing("mp_state"))?;
-    let events = events.ok_or_else(|| missing("vcpu_events"))?;
-    let dregs = dregs.ok_or_else(|| missing("debugregs"))?;
-    if !seen[TAG_MSRS as usize] {
-        return Err(missing("msrs"));
+        r.finish()?;
+        let missing = |what: &str| StateError::Malformed {
+            name: n.to_string(),
+            reason: format!("record {what} is missing"),
+        };
+        Ok(VcpuState {
+            regs: regs.ok_or_else(|| missing("regs"))?,
+            sregs: sregs.ok_or_else(|| missing("sregs"))?,
+            fpu: fpu.ok_or_else(|| missing("fpu"))?,
+            xsave: xsave.ok_or_else(|| missing("xsave"))?,
+            xcrs: xcrs.ok_or_else(|| missing("xcrs"))?,
+            lapic: lapic.ok_or_else(|| missing("lapic"))?,
+            mp_state: mp.ok_or_else(|| missing("mp_state"))?,
+            events: events.ok_or_else(|| missing("vcpu_events"))?,
+            debugregs: dregs.ok_or_else(|| missing("debugregs"))?,
+            msrs: if seen[TAG_MSRS as usize] {
+                msrs
+            } else {
+                return Err(missing("msrs"));
+            },
+        })
     }
 
-    // Order as QEMU: sregs before regs (mode), xsave/xcrs, MSRs, then the
-    // APIC, MP state and pending events.
-    fd.set_sregs(&sregs)
-        .map_err(|e| hv(n, "KVM_SET_SREGS", e))?;
-    fd.set_regs(&regs).map_err(|e| hv(n, "KVM_SET_REGS", e))?;
-    fd.set_fpu(&fpu).map_err(|e| hv(n, "KVM_SET_FPU", e))?;
-    // SAFETY: `xsave` is a complete kvm_xsave read back from a same-sized
-    // structure of the source; KVM validates its contents.
-    unsafe { fd.set_xsave(&xsave) }.map_err(|e| hv(n, "KVM_SET_XSAVE", e))?;
-    fd.set_xcrs(&xcrs).map_err(|e| hv(n, "KVM_SET_XCRS", e))?;
-    if !msrs.is_empty() {
-        let m = Msrs::from_entries(&msrs).map_err(|e| StateError::Malformed {
-            name: n.to_string(),
-            reason: format!("MSR list: {e:?}"),
-        })?;
-        let set = fd.set_msrs(&m).map_err(|e| hv(n, "KVM_SET_MSRS", e))?;
-        if set < msrs.len() {
-            return Err(StateError::Malformed {
-                name: n.to_string(),
-                reason: format!(
-                    "KVM_SET_MSRS refused MSR 0x{:x} = 0x{:x}",
-                    msrs[set].index, msrs[set].data
-                ),
-            });
-        }
+    /// Writes this state into `fd` (a vCPU of a VM whose irqchip is already
+    /// restored — the LAPIC needs it — and that is not in `KVM_RUN`).
+    /// Errors name the vCPU section `vcpu`.
+    pub fn restore(&self, fd: &VcpuFd) -> Result<(), StateError> {
+        self.restore_named("vcpu", fd)
     }
-    fd.set_lapic(&lapic)
-        .map_err(|e| hv(n, "KVM_SET_LAPIC", e))?;
-    fd.set_mp_state(mp)
-        .map_err(|e| hv(n, "KVM_SET_MP_STATE", e))?;
-    fd.set_vcpu_events(&events)
-        .map_err(|e| hv(n, "KVM_SET_VCPU_EVENTS", e))?;
-    fd.set_debug_regs(&dregs)
-        .map_err(|e| hv(n, "KVM_SET_DEBUGREGS", e))?;
-    Ok(())
+
+    fn restore_named(&self, n: &str, fd: &VcpuFd) -> Result<(), StateError> {
+        // Order as QEMU: sregs before regs (mode), xsave/xcrs, MSRs, then the
+        // APIC, MP state and pending events.
+        fd.set_sregs(&self.sregs)
+            .map_err(|e| hv(n, "KVM_SET_SREGS", e))?;
+        fd.set_regs(&self.regs)
+            .map_err(|e| hv(n, "KVM_SET_REGS", e))?;
+        fd.set_fpu(&self.fpu).map_err(|e| hv(n, "KVM_SET_FPU", e))?;
+        // SAFETY: `xsave` is a complete kvm_xsave read back from a same-sized
+        // structure of the source; KVM validates its contents.
+        unsafe { fd.set_xsave(&self.xsave) }.map_err(|e| hv(n, "KVM_SET_XSAVE", e))?;
+        fd.set_xcrs(&self.xcrs)
+            .map_err(|e| hv(n, "KVM_SET_XCRS", e))?;
+        let msrs: Vec<kvm_msr_entry> = self
+            .msrs
+            .iter()
+            .map(|&(index, data)| kvm_msr_entry {
+                index,
+                data,
+                ..Default::default()
+            })
+            .collect();
+        if !msrs.is_empty() {
+            let m = Msrs::from_entries(&msrs).map_err(|e| StateError::Malformed {
+                name: n.to_string(),
+                reason: format!("MSR list: {e:?}"),
+            })?;
+            let set = fd.set_msrs(&m).map_err(|e| hv(n, "KVM_SET_MSRS", e))?;
+            if set < msrs.len() {
+                return Err(StateError::Malformed {
+                    name: n.to_string(),
+                    reason: format!(
+                        "KVM_SET_MSRS refused MSR 0x{:x} = 0x{:x}",
+                        msrs[set].index, msrs[set].data
+                    ),
+                });
+            }
+        }
+        fd.set_lapic(&self.lapic)
+            .map_err(|e| hv(n, "KVM_SET_LAPIC", e))?;
+        fd.set_mp_state(self.mp_state)
+            .map_err(|e| hv(n, "KVM_SET_MP_STATE", e))?;
+        fd.set_vcpu_events(&self.events)
+            .map_err(|e| hv(n, "KVM_SET_VCPU_EVENTS", e))?;
+        fd.set_debug_regs(&self.debugregs)
+            .map_err(|e| hv(n, "KVM_SET_DEBUGREGS", e))?;
+        Ok(())
+    }
+}
+
+/// Restores one vCPU from its section: [`VcpuState::from_section`] then
+/// [`VcpuState::restore`].
+pub fn restore_vcpu(fd: &VcpuFd, section: &Section) -> Result<(), StateError> {
+    VcpuState::from_section(section)?.restore_named(&section.name, fd)
 }
 
 /// Saves the VM-wide state: irqchip, PIT and kvmclock.
@@ -503,6 +579,96 @@ pub fn restore_vm_section(vm: &VmFd, s: &Section) -> Result<(), StateError> {
         other => return Err(StateError::Unknown(other.to_string())),
     }
     Ok(())
+}
+
+/// Names of every section a KVM VM of `vcpus` vCPUs (in-kernel irqchip
+/// and PIT) writes besides its devices': `vcpu.0` … `vcpu.<vcpus-1>`, then
+/// [`VM_SECTIONS`].
+pub fn kvm_section_names(vcpus: usize) -> Vec<String> {
+    let mut names: Vec<String> = (0..vcpus).map(vcpu_section_name).collect();
+    names.extend(VM_SECTIONS.iter().map(|s| s.to_string()));
+    names
+}
+
+/// Checks that `sections` are exactly the `expected` ones: a section no
+/// one here restores is [`StateError::Unknown`], an expected one that is
+/// not there [`StateError::Missing`]. Run it before restoring anything.
+pub fn check_sections(sections: &[Section], expected: &[String]) -> Result<(), StateError> {
+    if let Some(s) = sections.iter().find(|s| !expected.contains(&s.name)) {
+        return Err(StateError::Unknown(s.name.clone()));
+    }
+    match expected
+        .iter()
+        .find(|name| !sections.iter().any(|s| s.name == **name))
+    {
+        Some(name) => Err(StateError::Missing(name.clone())),
+        None => Ok(()),
+    }
+}
+
+/// The section called `name`, or [`StateError::Missing`].
+pub fn find_section<'a>(sections: &'a [Section], name: &str) -> Result<&'a Section, StateError> {
+    sections
+        .iter()
+        .find(|s| s.name == name)
+        .ok_or_else(|| StateError::Missing(name.to_string()))
+}
+
+/// Restores the VM-wide sections that go before the vCPUs: `vm.irqchip`
+/// (the LAPICs restored with the vCPUs need it) and `vm.pit`.
+pub fn restore_vm_before_vcpus(vm: &VmFd, sections: &[Section]) -> Result<(), StateError> {
+    restore_vm_section(vm, find_section(sections, "vm.irqchip")?)?;
+    restore_vm_section(vm, find_section(sections, "vm.pit")?)
+}
+
+/// Restores `vm.clock`: last, after the vCPUs and devices, so that the
+/// kvmclock continues from the moment closest to the guest's resumption.
+pub fn restore_vm_last(vm: &VmFd, sections: &[Section]) -> Result<(), StateError> {
+    restore_vm_section(vm, find_section(sections, "vm.clock")?)
+}
+
+/// Saves a whole KVM VM whose vCPUs are all parked: each vCPU
+/// (`vcpus[i]` as `vcpu.<i>`), the VM-wide sections, then each device's
+/// section. What [`crate::KvmVm`]'s `save_state` writes, for a VMM that
+/// owns its VM and vCPU fds.
+pub fn save_all(
+    vm: &VmFd,
+    vcpus: &[&VcpuFd],
+    msr_indices: &[u32],
+    devices: &[&dyn DeviceState],
+) -> Result<Vec<Section>, StateError> {
+    let mut sections = Vec::with_capacity(vcpus.len() + VM_SECTIONS.len() + devices.len());
+    for (i, fd) in vcpus.iter().enumerate() {
+        sections.push(save_vcpu(i, fd, msr_indices)?);
+    }
+    sections.extend(save_vm(vm)?);
+    for d in devices {
+        sections.push(d.save_section()?);
+    }
+    Ok(sections)
+}
+
+/// Restores what [`save_all`] saved into a fresh VM (vCPUs not running),
+/// in KVM's order: checks that every section is claimed and none missing
+/// ([`check_sections`]), then irqchip and PIT, the vCPUs, the devices, and
+/// the clock last.
+pub fn restore_all(
+    vm: &VmFd,
+    vcpus: &[&VcpuFd],
+    devices: &mut [&mut dyn DeviceState],
+    sections: &[Section],
+) -> Result<(), StateError> {
+    let mut expected = kvm_section_names(vcpus.len());
+    expected.extend(devices.iter().map(|d| d.section_name()));
+    check_sections(sections, &expected)?;
+    restore_vm_before_vcpus(vm, sections)?;
+    for (i, fd) in vcpus.iter().enumerate() {
+        restore_vcpu(fd, find_section(sections, &vcpu_section_name(i))?)?;
+    }
+    for d in devices.iter_mut() {
+        d.restore_section(find_section(sections, &d.section_name())?)?;
+    }
+    restore_vm_last(vm, sections)
 }
 
 #[cfg(test)]
@@ -643,5 +809,72 @@ mod tests {
         restore_vcpu(&old, &Section::new("vcpu.0", 2, v2)).unwrap();
         let got = old.get_fpu().unwrap();
         assert_eq!((got.fcw, got.xmm[3]), (fpu.fcw, fpu.xmm[3]));
+    }
+
+    fn names(n: &[&str]) -> Vec<String> {
+        n.iter().map(|s| s.to_string()).collect()
+    }
+
+    #[test]
+    fn sections_must_be_exactly_the_expected_ones() {
+        let expected = kvm_section_names(1);
+        assert_eq!(
+            expected,
+            names(&["vcpu.0", "vm.irqchip", "vm.pit", "vm.clock"])
+        );
+        let all: Vec<Section> = expected
+            .iter()
+            .map(|n| Section::new(n.clone(), 1, vec![]))
+            .collect();
+        check_sections(&all, &expected).expect("exactly the expected ones");
+        let mut extra = all.clone();
+        extra.push(Section::new("dev.uart", 1, vec![]));
+        let e = check_sections(&extra, &expected).unwrap_err();
+        assert!(
+            matches!(&e, StateError::Unknown(n) if n == "dev.uart"),
+            "{e}"
+        );
+        let e = check_sections(&all[1..], &expected).unwrap_err();
+        assert!(matches!(&e, StateError::Missing(n) if n == "vcpu.0"), "{e}");
+    }
+
+    /// `save_all` of one VM restores with `restore_all` into another, and
+    /// the second VM saves the same vCPU registers back.
+    #[test]
+    fn a_whole_vm_round_trips() {
+        if !crate::kvm_or_skip("a_whole_vm_round_trips") {
+            return;
+        }
+        let Ok(kvm) = kvm_ioctls::Kvm::new() else {
+            return;
+        };
+        let msrs = kvm.get_msr_index_list().unwrap().as_slice().to_vec();
+        let cpuid = kvm
+            .get_supported_cpuid(kvm_bindings::KVM_MAX_CPUID_ENTRIES)
+            .unwrap();
+        let new_vm = || {
+            let vm = kvm.create_vm().unwrap();
+            vm.create_irq_chip().unwrap();
+            vm.create_pit2(kvm_bindings::kvm_pit_config::default())
+                .unwrap();
+            let fds: Vec<VcpuFd> = (0..2)
+                .map(|i| {
+                    let fd = vm.create_vcpu(i).unwrap();
+                    fd.set_cpuid2(&cpuid).unwrap();
+                    fd
+                })
+                .collect();
+            (vm, fds)
+        };
+        let (vm_a, a) = new_vm();
+        let mut regs = a[1].get_regs().unwrap();
+        regs.rbx = 0xfeed;
+        a[1].set_regs(&regs).unwrap();
+        let saved = save_all(&vm_a, &[&a[0], &a[1]], &msrs, &[]).unwrap();
+        let (vm_b, b) = new_vm();
+        restore_all(&vm_b, &[&b[0], &b[1]], &mut [], &saved).unwrap();
+        assert_eq!(b[1].get_regs().unwrap().rbx, 0xfeed);
+        let e = restore_all(&vm_b, &[&b[0]], &mut [], &saved).unwrap_err();
+        assert!(matches!(&e, StateError::Unknown(n) if n == "vcpu.1"), "{e}");
     }
 }

@@ -7,9 +7,7 @@ use std::sync::atomic::{AtomicU32, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use kvm_bindings::{
-    kvm_enable_cap, kvm_pit_config, CpuId, KVM_MAX_CPUID_ENTRIES, KVM_PIT_SPEAKER_DUMMY,
-};
+use kvm_bindings::KVM_MAX_CPUID_ENTRIES;
 use kvm_ioctls::{Cap, Kvm, VcpuFd, VmFd};
 use livemig::memory::{GuestRam, MemoryLayout, RegionDesc};
 use livemig::state::{DeviceState, Section, StateError};
@@ -18,16 +16,19 @@ use livemig::vm::{
 };
 use vm_memory::{GuestMemoryBackend, GuestMemoryRegion};
 
-use crate::dirty::{check_ring_entries, DirtyMode, DirtyRing, KvmDirtyTracker, Slot};
+use crate::cpu::{
+    hash_cpuid, host_tsc_khz, properties, set_vcpu_tsc_khz, source_tsc_khz, supported_cpuid,
+    CPUID_PROPERTY,
+};
+use crate::dirty::{DirtyMode, DirtyRing, KvmDirtyTracker, Slot};
 use crate::memfd::{allocate_memory, MemoryBackend};
 use crate::pool::Pool;
+use crate::setup::{create_vcpus, create_vm, enable_dirty_mode, msr_indices};
 use crate::state::{
-    restore_vcpu, restore_vm_section, save_vcpu, save_vm, vcpu_section_name, VM_SECTIONS,
+    check_sections, find_section, kvm_section_names, restore_vcpu, restore_vm_before_vcpus,
+    restore_vm_last, save_vcpu, save_vm, vcpu_section_name,
 };
 use crate::vcpu::{ExitHandler, VcpuError, VcpuSet};
-
-const KVM_DIRTY_LOG_MANUAL_PROTECT_ENABLE: u64 = 1;
-const KVM_DIRTY_LOG_INITIALLY_SET: u64 = 2;
 
 /// Start of the PCI hole on x86: RAM beyond this moves above 4 GiB.
 pub const MMIO_HOLE_START: u64 = 3 << 30;
@@ -166,65 +167,9 @@ impl KvmVm {
         }
         let layout = x86_layout(config.memory)?;
         let kvm = Kvm::new().map_err(KvmVmError::OpenKvm)?;
-        let vm = kvm.create_vm().map_err(kvm_err("KVM_CREATE_VM"))?;
-        vm.set_tss_address(0xfffb_d000)
-            .map_err(kvm_err("KVM_SET_TSS_ADDR"))?;
-        vm.create_irq_chip()
-            .map_err(kvm_err("KVM_CREATE_IRQCHIP"))?;
-        vm.create_pit2(kvm_pit_config {
-            flags: KVM_PIT_SPEAKER_DUMMY,
-            ..Default::default()
-        })
-        .map_err(kvm_err("KVM_CREATE_PIT2"))?;
-
+        let vm = create_vm(&kvm)?;
         let wanted = config.dirty_mode.unwrap_or(DirtyMode::ManualProtect);
-        let mut dirty_mode = DirtyMode::Classic;
-        if let DirtyMode::Ring { entries } = wanted {
-            // The ring must be enabled before any vCPU exists. Prefer the
-            // ACQ_REL flavour (same ABI, ordering spelled out) where offered.
-            let acq_rel = kvm_bindings::KVM_CAP_DIRTY_LOG_RING_ACQ_REL;
-            let plain = kvm_bindings::KVM_CAP_DIRTY_LOG_RING;
-            let (cap_id, max_bytes) = match vm.check_extension_raw(u64::from(acq_rel)) {
-                n if n > 0 => (acq_rel, n),
-                _ => (plain, vm.check_extension_raw(u64::from(plain))),
-            };
-            if max_bytes <= 0 {
-                return Err(KvmVmError::Config(
-                    "dirty ring requested but KVM does not offer KVM_CAP_DIRTY_LOG_RING".into(),
-                ));
-            }
-            check_ring_entries(entries, max_bytes as u64)?;
-            let mut cap = kvm_enable_cap {
-                cap: cap_id,
-                ..Default::default()
-            };
-            cap.args[0] = u64::from(entries) * 16;
-            vm.enable_cap(&cap)
-                .map_err(kvm_err("KVM_ENABLE_CAP(DIRTY_LOG_RING)"))?;
-            dirty_mode = wanted;
-        }
-        if wanted == DirtyMode::ManualProtect {
-            let supported =
-                vm.check_extension_raw(u64::from(kvm_bindings::KVM_CAP_MANUAL_DIRTY_LOG_PROTECT2));
-            if supported > 0 {
-                let mut flags = KVM_DIRTY_LOG_MANUAL_PROTECT_ENABLE;
-                if supported as u64 & KVM_DIRTY_LOG_INITIALLY_SET != 0 {
-                    flags |= KVM_DIRTY_LOG_INITIALLY_SET;
-                }
-                let mut cap = kvm_enable_cap {
-                    cap: kvm_bindings::KVM_CAP_MANUAL_DIRTY_LOG_PROTECT2,
-                    ..Default::default()
-                };
-                cap.args[0] = flags;
-                vm.enable_cap(&cap)
-                    .map_err(kvm_err("KVM_ENABLE_CAP(MANUAL_DIRTY_LOG_PROTECT2)"))?;
-                dirty_mode = DirtyMode::ManualProtect;
-            } else {
-                log::info!(
-                    "KVM_CAP_MANUAL_DIRTY_LOG_PROTECT2 not offered; using the classic dirty log"
-                );
-            }
-        }
+        let dirty_mode = enable_dirty_mode(&vm, wanted)?;
 
         let (memory, pages) =
             allocate_memory(&layout, backend).map_err(|e| KvmVmError::Memory(e.into()))?;
@@ -245,31 +190,10 @@ impl KvmVm {
             slots.push(slot);
         }
 
-        let cpuid = kvm
-            .get_supported_cpuid(KVM_MAX_CPUID_ENTRIES)
-            .map_err(kvm_err("KVM_GET_SUPPORTED_CPUID"))?;
+        let cpuid = supported_cpuid(&kvm).map_err(kvm_err("KVM_GET_SUPPORTED_CPUID"))?;
         let cpuid_hash = hash_cpuid(&cpuid);
-        let mut fds: Vec<VcpuFd> = Vec::new();
-        for id in 0..config.vcpus {
-            let fd = vm
-                .create_vcpu(u64::from(id))
-                .map_err(kvm_err("KVM_CREATE_VCPU"))?;
-            let mut c = cpuid.clone();
-            for e in c.as_mut_slice() {
-                match e.function {
-                    1 => e.ebx = (e.ebx & 0x00ff_ffff) | (id << 24),
-                    0xb | 0x1f => e.edx = id,
-                    _ => {}
-                }
-            }
-            fd.set_cpuid2(&c).map_err(kvm_err("KVM_SET_CPUID2"))?;
-            fds.push(fd);
-        }
-        let msr_indices = kvm
-            .get_msr_index_list()
-            .map_err(kvm_err("KVM_GET_MSR_INDEX_LIST"))?
-            .as_slice()
-            .to_vec();
+        let fds = create_vcpus(&kvm, &vm, config.vcpus)?;
+        let msr_indices = msr_indices(&kvm)?;
         let tsc_khz = match fds.first().map(VcpuFd::get_tsc_khz) {
             Some(Ok(khz)) => khz,
             Some(Err(e)) => {
@@ -376,16 +300,8 @@ impl KvmVm {
     /// Sets every (paused) vCPU's TSC frequency and checks that it took.
     fn set_tsc_khz(&self, khz: u32) -> Result<(), VmError> {
         for i in 0..self.vcpus.len() {
-            self.with_vcpu(i, |fd| -> Result<(), VmError> {
-                let refused = |e: kvm_ioctls::Error| {
-                    let context = format!("vCPU {i}: KVM_SET_TSC_KHZ({khz})");
-                    VmError::failed(VmOp::Incompatible, context, e)
-                };
-                fd.set_tsc_khz(khz).map_err(refused)?;
-                let got = fd.get_tsc_khz().map_err(refused)?;
-                check_tsc_khz(khz, got, false).map(|_| ())
-            })
-            .map_err(|e| VmError::failed(VmOp::Incompatible, format!("vCPU {i}"), e))??;
+            self.with_vcpu(i, |fd| set_vcpu_tsc_khz(fd, khz))
+                .map_err(|e| VmError::failed(VmOp::Incompatible, format!("vCPU {i}"), e))??;
         }
         self.tsc_khz.store(khz, Ordering::Relaxed);
         Ok(())
@@ -460,44 +376,8 @@ impl KvmVm {
     }
 
     fn properties(&self) -> BTreeMap<String, String> {
-        let mut p = BTreeMap::new();
-        p.insert("kvm.cpuid".to_string(), format!("{:016x}", self.cpuid_hash));
-        p.insert("kvm.irqchip".to_string(), "pic+ioapic+pit2".to_string());
-        match self.tsc_khz.load(Ordering::Relaxed) {
-            0 => {}
-            khz => {
-                p.insert(TSC_KHZ_PROPERTY.to_string(), khz.to_string());
-            }
-        }
-        p
+        properties(self.cpuid_hash, self.tsc_khz.load(Ordering::Relaxed))
     }
-}
-
-fn hash_cpuid(c: &CpuId) -> u64 {
-    // FNV-1a over the supported CPUID entries: equal on hosts with the same
-    // CPU features and KVM version.
-    let mut h: u64 = 0xcbf2_9ce4_8422_2325;
-    for e in c.as_slice() {
-        // Leave out what depends on the host CPU the ioctl ran on (initial
-        // APIC ids in leaf 1 EBX and the x2APIC id in leaves 0xb/0x1f EDX).
-        let ebx = if e.function == 1 {
-            e.ebx & 0xffff
-        } else {
-            e.ebx
-        };
-        let edx = if e.function == 0xb || e.function == 0x1f {
-            0
-        } else {
-            e.edx
-        };
-        for v in [e.function, e.index, e.flags, e.eax, ebx, e.ecx, edx] {
-            for b in v.to_le_bytes() {
-                h ^= u64::from(b);
-                h = h.wrapping_mul(0x0100_0000_01b3);
-            }
-        }
-    }
-    h
 }
 
 impl SourceVm for KvmVm {
@@ -587,34 +467,17 @@ impl DestinationVm for KvmVm {
                 reason: "restore while running".into(),
             }));
         }
-        let find = |name: &str| sections.iter().find(|s| s.name == name);
-        // Every section must be claimed by someone on this side.
-        let mut known: Vec<String> = (0..self.vcpus.len()).map(vcpu_section_name).collect();
-        known.extend(VM_SECTIONS.iter().map(|s| s.to_string()));
+        // The same steps as `state::restore_all`, with the vCPUs spread
+        // over the state helpers.
+        let mut expected = kvm_section_names(self.vcpus.len());
         for d in &self.devices {
-            known.push(d.lock().unwrap_or_else(|e| e.into_inner()).section_name());
+            expected.push(d.lock().unwrap_or_else(|e| e.into_inner()).section_name());
         }
-        for s in sections {
-            if !known.contains(&s.name) {
-                return Err(StateError::Unknown(s.name.clone()).into());
-            }
-        }
-        for name in &known {
-            if find(name).is_none() {
-                return Err(StateError::Missing(name.clone()).into());
-            }
-        }
-        // VM-wide first (irqchip before LAPICs), clock last.
-        for name in ["vm.irqchip", "vm.pit"] {
-            if let Some(s) = find(name) {
-                restore_vm_section(&self.vm, s)?;
-            }
-        }
-        // Each vCPU's ioctls are independent: spread them over the CPUs.
+        check_sections(sections, &expected)?;
+        restore_vm_before_vcpus(&self.vm, sections)?;
         let mut mine: Vec<Section> = Vec::with_capacity(self.vcpus.len());
         for i in 0..self.vcpus.len() {
-            let name = vcpu_section_name(i);
-            mine.push(find(&name).ok_or(StateError::Missing(name))?.clone());
+            mine.push(find_section(sections, &vcpu_section_name(i))?.clone());
         }
         let mine = Arc::new(mine);
         let restored = self.on_each_vcpu(move |i, fd| restore_vcpu(fd, &mine[i]));
@@ -624,13 +487,9 @@ impl DestinationVm for KvmVm {
         for d in &self.devices {
             let mut d = d.lock().unwrap_or_else(|e| e.into_inner());
             let name = d.section_name();
-            let s = find(&name).ok_or(StateError::Missing(name))?;
-            d.restore_section(s)?;
+            d.restore_section(find_section(sections, &name)?)?;
         }
-        if let Some(s) = find("vm.clock") {
-            restore_vm_section(&self.vm, s)?;
-        }
-        Ok(())
+        Ok(restore_vm_last(&self.vm, sections)?)
     }
 
     fn resume(&mut self) -> Result<(), VmError> {
@@ -676,7 +535,7 @@ pub fn check_properties(desc: &VmDescription) -> Result<(), VmError> {
         .get_supported_cpuid(KVM_MAX_CPUID_ENTRIES)
         .map_err(|e| VmError::failed(VmOp::Create, "KVM_GET_SUPPORTED_CPUID", e))?;
     let ours = format!("{:016x}", hash_cpuid(&cpuid));
-    match desc.properties.get("kvm.cpuid") {
+    match desc.properties.get(CPUID_PROPERTY) {
         Some(theirs) if *theirs == ours => {}
         Some(theirs) => {
             return Err(VmError::Incompatible(format!(
@@ -733,40 +592,10 @@ pub fn check_tsc_khz(source_khz: u32, dest_khz: u32, can_scale: bool) -> Result<
     )))
 }
 
-/// The source's TSC frequency from its description; `None` from a source
-/// that does not send it (versions before it did: accepted, with a warning,
-/// so a release can still take over from the one before).
-fn source_tsc_khz(desc: &VmDescription) -> Result<Option<u32>, VmError> {
-    let Some(v) = desc.properties.get(TSC_KHZ_PROPERTY) else {
-        log::warn!(
-            "the source did not describe its TSC frequency ({TSC_KHZ_PROPERTY}); \
-             assuming this host's"
-        );
-        return Ok(None);
-    };
-    v.parse().map(Some).map_err(|_| {
-        VmError::Incompatible(format!(
-            "source's TSC frequency {TSC_KHZ_PROPERTY}={v:?} is not a number of kHz"
-        ))
-    })
-}
-
-/// This host's TSC frequency as KVM gives it to a new vCPU (asked of a
-/// throwaway VM: `KVM_GET_TSC_KHZ` is a vCPU ioctl).
-fn host_tsc_khz(kvm: &Kvm) -> Result<u32, VmError> {
-    let create = |op: &str, e: kvm_ioctls::Error| VmError::failed(VmOp::Create, op, e);
-    let vm = kvm
-        .create_vm()
-        .map_err(|e| create("KVM_CREATE_VM (probing the TSC frequency)", e))?;
-    let vcpu = vm
-        .create_vcpu(0)
-        .map_err(|e| create("KVM_CREATE_VCPU (probing the TSC frequency)", e))?;
-    vcpu.get_tsc_khz().map_err(|e| create("KVM_GET_TSC_KHZ", e))
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::cpu::{hash_cpuid, host_tsc_khz};
 
     fn desc(props: &[(&str, &str)]) -> VmDescription {
         VmDescription {
