@@ -145,7 +145,7 @@ fn run(
             return 1;
         }
     };
-    m.vcpu.resume();
+    m.kvm.gate().resume();
     let Some((to, config)) = to else { idle() };
     match after_ms {
         Some(ms) => std::thread::sleep(Duration::from_millis(ms)),
@@ -163,7 +163,7 @@ fn run(
         }
         Err(migration::GlueError::Migration(e)) if e.is_ambiguous() => {
             eprintln!("minivmm: migration outcome unknown, guest stays paused: {e}");
-            m.vcpu.pause();
+            let _ = m.kvm.pause();
             3
         }
         Err(e) => {
@@ -176,10 +176,11 @@ fn run(
 fn boot(memory: u64, cmdline: &str, mode: DirtyMode) -> Result<Machine, String> {
     let m = Machine::create(memory, mode).map_err(|e| e.to_string())?;
     let image = livemig_testguest::image().map_err(|e| e.to_string())?;
-    let cmdline = format!("{cmdline} tsc_khz={}", m.tsc_khz);
+    let cmdline = format!("{cmdline} tsc_khz={}", m.kvm.tsc_khz());
     let entry =
         boot::load(&m.ram.guest, &image, cmdline.trim(), memory).map_err(|e| e.to_string())?;
-    let fd = m.vcpu.fd.lock().map_err(|_| "vCPU lock poisoned")?;
+    let fd = m.kvm.vcpu(0).ok_or("no vCPU")?;
+    let fd = fd.lock().map_err(|_| "vCPU lock poisoned")?;
     boot::set_entry_state(&fd, entry).map_err(|e| e.to_string())?;
     drop(fd);
     Ok(m)

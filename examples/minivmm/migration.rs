@@ -2,16 +2,13 @@
 //! [`Machine`], and the calls into `livemig`. (docs/embedding.md, "A second
 //! VMM", counts these lines.)
 
-use std::collections::BTreeMap;
-
 use livemig::memory::{GuestRam, MemoryLayout};
-use livemig::state::{Section, StateError};
+use livemig::state::Section;
 use livemig::transport::{Endpoint, TransportError};
 use livemig::vm::{DestinationVm, DirtyTracker, SourceVm, VcpuThrottle, VmDescription, VmError};
 use livemig::{CancelToken, MigrationConfig, MigrationError, ReceiveReport, Report};
 use livemig_kvm::dirty::KvmDirtyTracker;
-use livemig_kvm::state::{restore_vcpu, restore_vm_section, save_vcpu, save_vm};
-use livemig_kvm::{check_tsc_khz, DirtyMode, TSC_KHZ_PROPERTY};
+use livemig_kvm::DirtyMode;
 
 use crate::machine::Machine;
 
@@ -23,51 +20,35 @@ impl SourceVm for Machine {
     fn describe(&self) -> Result<VmDescription, VmError> {
         let layout =
             MemoryLayout::of(&self.ram.guest).map_err(|e| VmError::Incompatible(e.to_string()))?;
-        let properties = BTreeMap::from([(TSC_KHZ_PROPERTY.to_string(), self.tsc_khz.to_string())]);
-        Ok(VmDescription {
-            layout,
-            vcpus: 1,
-            nics: vec![],
-            properties,
-        })
+        Ok(self.kvm.describe(layout, vec![]))
     }
 
     fn dirty_tracker(&self) -> Result<Box<dyn DirtyTracker + '_>, VmError> {
-        Ok(Box::new(KvmDirtyTracker::new(
-            &self.vm,
-            &self.slots,
-            self.dirty_mode,
-            self.ring.as_deref(),
-        )))
+        let ring = self.ring.as_deref();
+        let tracker = KvmDirtyTracker::new(self.kvm.vm(), &self.slots, self.dirty_mode, ring);
+        Ok(Box::new(tracker))
     }
 
+    // minivmm's only device writer is the vCPU (its serial port writes no
+    // guest memory), so parking the vCPU stops every writer.
     fn pause(&self) -> Result<(), VmError> {
-        self.vcpu.pause();
-        Ok(())
+        self.kvm.pause()
     }
 
     fn resume(&self) -> Result<(), VmError> {
-        self.vcpu.resume();
-        Ok(())
+        self.kvm.resume()
     }
 
     fn is_paused(&self) -> bool {
-        self.vcpu.is_paused()
+        self.kvm.is_paused()
     }
 
     fn save_state(&self) -> Result<Vec<Section>, VmError> {
-        let vcpu = self
-            .vcpu
-            .fd
-            .lock()
-            .map_err(|_| VmError::Pause("vCPU lock poisoned".into()))?;
-        let mut sections = save_vm(&self.vm)?;
-        sections.push(save_vcpu(0, &vcpu, &self.msrs)?);
-        Ok(sections)
+        self.kvm.save_state(&[])
     }
 
     fn throttle(&self) -> Option<&dyn VcpuThrottle> {
-        None
+        Some(&self.kvm)
     }
 }
 
@@ -77,33 +58,11 @@ impl DestinationVm for Machine {
     }
 
     fn restore_state(&mut self, sections: &[Section]) -> Result<(), VmError> {
-        let find = |name: &str| {
-            sections
-                .iter()
-                .find(|s| s.name == name)
-                .ok_or(StateError::Missing(name.into()))
-        };
-        if let Some(s) = sections
-            .iter()
-            .find(|s| !["vm.irqchip", "vm.pit", "vm.clock", "vcpu.0"].contains(&s.name.as_str()))
-        {
-            return Err(StateError::Unknown(s.name.clone()).into());
-        }
-        // The irqchip before the LAPIC, the clock last.
-        restore_vm_section(&self.vm, find("vm.irqchip")?)?;
-        restore_vm_section(&self.vm, find("vm.pit")?)?;
-        let vcpu = self
-            .vcpu
-            .fd
-            .lock()
-            .map_err(|_| VmError::Create("vCPU lock poisoned".into()))?;
-        restore_vcpu(&vcpu, find("vcpu.0")?)?;
-        Ok(restore_vm_section(&self.vm, find("vm.clock")?)?)
+        self.kvm.restore_state(sections, &mut [])
     }
 
     fn resume(&mut self) -> Result<(), VmError> {
-        self.vcpu.resume();
-        Ok(())
+        self.kvm.resume()
     }
 }
 
@@ -143,24 +102,10 @@ pub fn receive_on(listen: &Endpoint, memory: u64) -> Result<(Machine, ReceiveRep
         l.accept()?,
         &Default::default(),
         |desc| {
-            let khz = desc
-                .properties
-                .get(TSC_KHZ_PROPERTY)
-                .and_then(|k| k.parse().ok());
-            let m = Machine::create(memory, DirtyMode::Classic)
+            let mut m = Machine::create(memory, DirtyMode::Classic)
                 .map_err(|e| VmError::Create(e.to_string()))?;
-            check_tsc_khz(
-                khz.ok_or_else(|| VmError::Incompatible("no TSC rate".into()))?,
-                m.tsc_khz,
-                false,
-            )?;
-            if desc.vcpus != 1 {
-                return Err(VmError::Incompatible(format!(
-                    "{} vCPUs, minivmm has 1",
-                    desc.vcpus
-                )));
-            }
             livemig::vm::check_layout(&m.ram.guest, desc)?;
+            m.kvm.check_incoming(desc)?;
             Ok(m)
         },
     )?)

@@ -13,6 +13,7 @@ pub mod cpu;
 pub mod dirty;
 pub mod fdpass;
 pub mod memfd;
+pub mod parts;
 pub mod pause;
 mod pool;
 pub mod serial;

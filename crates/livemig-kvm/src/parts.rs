@@ -1,0 +1,224 @@
+//! [`KvmParts`]: the KVM side of the engine's seams for a VMM that owns
+//! its guest memory and runs its own vCPU threads — everything
+//! `SourceVm`/`DestinationVm` need except memory and dirty tracking, built
+//! from the same pieces as [`crate::KvmVm`] ([`crate::pause`],
+//! [`crate::state`], [`crate::cpu`]).
+//!
+//! The VMM keeps its VM and vCPUs here and its vCPU threads follow the
+//! pause protocol through [`KvmParts::gate`]; each seam method is then one
+//! line:
+//!
+//! ```ignore
+//! impl SourceVm for MyVmm {
+//!     fn memory(&self) -> &GuestRam { &self.ram }
+//!     fn describe(&self) -> Result<VmDescription, VmError> {
+//!         Ok(self.kvm.describe(MemoryLayout::of(&self.ram).map_err(/* … */)?, vec![]))
+//!     }
+//!     fn dirty_tracker(&self) -> Result<Box<dyn DirtyTracker + '_>, VmError> {
+//!         Ok(Box::new(KvmDirtyTracker::new(self.kvm.vm(), &self.slots, self.mode, None)))
+//!     }
+//!     fn pause(&self) -> Result<(), VmError> { self.kvm.pause() }   // + stop device writers
+//!     fn resume(&self) -> Result<(), VmError> { self.kvm.resume() }
+//!     fn is_paused(&self) -> bool { self.kvm.is_paused() }
+//!     fn save_state(&self) -> Result<Vec<Section>, VmError> { self.kvm.save_state(&[&self.uart]) }
+//!     fn throttle(&self) -> Option<&dyn VcpuThrottle> { Some(&self.kvm) }
+//! }
+//! impl DestinationVm for MyVmm {
+//!     fn memory(&self) -> &GuestRam { &self.ram }
+//!     fn restore_state(&mut self, s: &[Section]) -> Result<(), VmError> {
+//!         self.kvm.restore_state(s, &mut [&mut self.uart])
+//!     }
+//!     fn resume(&mut self) -> Result<(), VmError> { self.kvm.resume() }
+//! }
+//! ```
+//!
+//! On the destination, call [`KvmParts::check_incoming`] in the closure
+//! passed to `livemig::receive` (besides checking the memory layout).
+
+use std::collections::BTreeMap;
+use std::sync::{Arc, Mutex, MutexGuard};
+
+use kvm_ioctls::{Kvm, VcpuFd, VmFd};
+use livemig::memory::MemoryLayout;
+use livemig::state::{DeviceState, Section, StateError};
+use livemig::vm::{NicInfo, VcpuThrottle, VmDescription, VmError, VmOp};
+
+use crate::cpu::{adopt_tsc_khz, hash_cpuid, properties, supported_cpuid};
+use crate::pause::PauseGate;
+use crate::setup::msr_indices;
+use crate::state::{restore_all, save_all};
+use crate::vm::{check_properties, KvmVmError, TscPlan};
+
+/// A KVM VM's fd, its vCPUs (each shared with the VMM's vCPU thread), the
+/// [`PauseGate`] those threads follow, and what saving and describing the
+/// VM needs (MSR list, CPUID hash, TSC rate).
+pub struct KvmParts {
+    vm: VmFd,
+    vcpus: Vec<Arc<Mutex<VcpuFd>>>,
+    gate: PauseGate,
+    msrs: Vec<u32>,
+    cpuid_hash: u64,
+    tsc_khz: u32,
+}
+
+fn locked(fd: &Mutex<VcpuFd>) -> MutexGuard<'_, VcpuFd> {
+    // A poisoned lock only means a vCPU thread panicked; the fd is fine.
+    fd.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+impl KvmParts {
+    /// Takes `vm` and its vCPUs (created with [`crate::setup`] or
+    /// equivalent: the host's supported CPUID, in-kernel irqchip and PIT),
+    /// reads the MSR list and vCPU 0's TSC rate, and creates a paused
+    /// [`PauseGate`] for them. Start one thread per vCPU that attaches to
+    /// [`KvmParts::gate`] with its fd from [`KvmParts::vcpu`].
+    pub fn new(kvm: &Kvm, vm: VmFd, vcpus: Vec<VcpuFd>) -> Result<Self, KvmVmError> {
+        let kvm_err = |op| move |source| KvmVmError::Kvm { op, source };
+        let cpuid = supported_cpuid(kvm).map_err(kvm_err("KVM_GET_SUPPORTED_CPUID"))?;
+        let tsc_khz = match vcpus.first() {
+            Some(fd) => fd.get_tsc_khz().map_err(kvm_err("KVM_GET_TSC_KHZ"))?,
+            None => return Err(KvmVmError::Config("no vCPUs".into())),
+        };
+        Ok(KvmParts {
+            vm,
+            gate: PauseGate::new(vcpus.len())?,
+            vcpus: vcpus.into_iter().map(|v| Arc::new(Mutex::new(v))).collect(),
+            msrs: msr_indices(kvm)?,
+            cpuid_hash: hash_cpuid(&cpuid),
+            tsc_khz,
+        })
+    }
+
+    /// The VM fd (memory slots, irqfds, the dirty tracker).
+    pub fn vm(&self) -> &VmFd {
+        &self.vm
+    }
+
+    /// vCPU `index`'s fd. Its thread locks it around each `KVM_RUN` and
+    /// not while parked; everyone else locks it only while paused.
+    pub fn vcpu(&self, index: usize) -> Option<&Arc<Mutex<VcpuFd>>> {
+        self.vcpus.get(index)
+    }
+
+    /// Number of vCPUs.
+    pub fn vcpu_count(&self) -> usize {
+        self.vcpus.len()
+    }
+
+    /// The gate the vCPU threads follow (see [`crate::pause`]).
+    pub fn gate(&self) -> &PauseGate {
+        &self.gate
+    }
+
+    /// The guest's TSC rate in kHz, read when these parts were made (or
+    /// set by [`KvmParts::check_incoming`]).
+    pub fn tsc_khz(&self) -> u32 {
+        self.tsc_khz
+    }
+
+    /// The VM's description for the handshake: `layout` (from the VMM's
+    /// memory), the vCPU count, `nics`, and the KVM properties
+    /// ([`crate::cpu::properties`]).
+    pub fn describe(&self, layout: MemoryLayout, nics: Vec<NicInfo>) -> VmDescription {
+        VmDescription {
+            layout,
+            vcpus: self.vcpus.len() as u32,
+            nics,
+            properties: self.properties(),
+        }
+    }
+
+    /// The KVM properties of [`KvmParts::describe`].
+    pub fn properties(&self) -> BTreeMap<String, String> {
+        properties(self.cpuid_hash, self.tsc_khz)
+    }
+
+    /// For a destination, in the closure passed to `livemig::receive`:
+    /// refuses a source with another vCPU count, other CPU features or a
+    /// TSC rate this host cannot give ([`check_properties`]), and scales
+    /// the vCPUs' TSC to the source's where KVM can
+    /// ([`crate::cpu::adopt_tsc_khz`]). The memory layout is the VMM's to
+    /// check (`livemig::vm::check_layout`).
+    pub fn check_incoming(&mut self, desc: &VmDescription) -> Result<TscPlan, VmError> {
+        if desc.vcpus as usize != self.vcpus.len() {
+            return Err(VmError::Incompatible(format!(
+                "vCPU count differs: source {}, destination {}",
+                desc.vcpus,
+                self.vcpus.len()
+            )));
+        }
+        check_properties(desc)?;
+        let fds: Vec<_> = self.vcpus.iter().map(|v| locked(v)).collect();
+        let refs: Vec<&VcpuFd> = fds.iter().map(|g| &**g).collect();
+        let plan = adopt_tsc_khz(&self.vm, &refs, self.tsc_khz, desc)?;
+        if let TscPlan::Scale(khz) = plan {
+            self.tsc_khz = khz;
+        }
+        Ok(plan)
+    }
+
+    /// Pauses every vCPU thread ([`PauseGate::pause`]): returns once each
+    /// is parked with no exit pending.
+    pub fn pause(&self) -> Result<(), VmError> {
+        self.gate
+            .pause()
+            .map_err(|e| VmError::failed(VmOp::Pause, "parking the vCPUs", e))
+    }
+
+    /// Lets the vCPU threads run; refused if a vCPU stopped for good.
+    pub fn resume(&self) -> Result<(), VmError> {
+        if let Some(e) = self.gate.fatal() {
+            return Err(VmError::failed(VmOp::Resume, "a vCPU stopped for good", e));
+        }
+        self.gate.resume();
+        Ok(())
+    }
+
+    /// Whether the vCPUs are held parked.
+    pub fn is_paused(&self) -> bool {
+        !self.gate.is_running()
+    }
+
+    /// Every vCPU's, the VM-wide and `devices`' sections
+    /// ([`crate::state::save_all`]). Refused while the vCPUs run.
+    pub fn save_state(&self, devices: &[&dyn DeviceState]) -> Result<Vec<Section>, VmError> {
+        if self.gate.is_running() {
+            return Err(VmError::Pause(
+                "save_state called while the vCPUs run".into(),
+            ));
+        }
+        let fds: Vec<_> = self.vcpus.iter().map(|v| locked(v)).collect();
+        let refs: Vec<&VcpuFd> = fds.iter().map(|g| &**g).collect();
+        Ok(save_all(&self.vm, &refs, &self.msrs, devices)?)
+    }
+
+    /// Restores what [`KvmParts::save_state`] saved, in KVM's order
+    /// ([`crate::state::restore_all`]). Refused while the vCPUs run.
+    pub fn restore_state(
+        &self,
+        sections: &[Section],
+        devices: &mut [&mut dyn DeviceState],
+    ) -> Result<(), VmError> {
+        if self.gate.is_running() {
+            return Err(VmError::State(StateError::Malformed {
+                name: "vm".into(),
+                reason: "restore while running".into(),
+            }));
+        }
+        let fds: Vec<_> = self.vcpus.iter().map(|v| locked(v)).collect();
+        let refs: Vec<&VcpuFd> = fds.iter().map(|g| &**g).collect();
+        Ok(restore_all(&self.vm, &refs, devices, sections)?)
+    }
+}
+
+/// Auto-converge parks and releases the vCPU threads through the gate.
+impl VcpuThrottle for KvmParts {
+    fn pause_vcpus(&self) -> Result<(), VmError> {
+        self.pause()
+    }
+
+    fn resume_vcpus(&self) -> Result<(), VmError> {
+        self.gate.resume();
+        Ok(())
+    }
+}
