@@ -49,7 +49,11 @@ fn vcpu_thread(
 }
 
 /// One `KVM_RUN` and its exit.
-fn step(vcpu: &mut VcpuFd, pauser: &mut VcpuPauser, ring: Option<&DirtyRing>) -> Result<(), String> {
+fn step(
+    vcpu: &mut VcpuFd,
+    pauser: &mut VcpuPauser,
+    ring: Option<&DirtyRing>,
+) -> Result<(), String> {
     let exit = vcpu.run();
     pauser.after_run(&exit);
     match exit {
