@@ -7,6 +7,15 @@
 //! with chunked `KVM_CLEAR_DIRTY_LOG`, or the per-vCPU dirty ring), and every piece of vCPU, VM-wide and
 //! device state as versioned livemig sections. It implements
 //! [`livemig::vm::SourceVm`] and [`livemig::vm::DestinationVm`].
+//!
+//! A VMM that owns its guest memory and runs its own vCPU loop uses the
+//! pieces [`KvmVm`] is built from instead (docs/embedding.md, "Your own
+//! vCPU loop"): [`setup`] (VM, dirty-tracking mode, vCPUs), [`pause`] (the
+//! pause protocol its vCPU threads follow), [`state`] (vCPU state for a
+//! `VcpuFd` it owns, VM-wide state for a `VmFd`, the restore order),
+//! [`cpu`] (CPUID, TSC and the description's properties), [`dirty`]
+//! (tracking over its `VmFd` and slots), or all of them behind
+//! [`parts::KvmParts`].
 #![deny(missing_docs)]
 
 pub mod cpu;

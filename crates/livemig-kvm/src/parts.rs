@@ -222,3 +222,56 @@ impl VcpuThrottle for KvmParts {
         Ok(())
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::setup::{create_vcpus, create_vm};
+    use crate::vm::x86_layout;
+
+    fn parts(kvm: &Kvm, vcpus: u32) -> KvmParts {
+        let vm = create_vm(kvm).unwrap();
+        let fds = create_vcpus(kvm, &vm, vcpus).unwrap();
+        KvmParts::new(kvm, vm, fds).unwrap()
+    }
+
+    /// What one `KvmParts` saves (no vCPU thread has run: the gate starts
+    /// paused) restores into another after `check_incoming` accepted its
+    /// description; a description with another vCPU count is refused.
+    #[test]
+    fn state_moves_between_two_parts() {
+        if !crate::kvm_or_skip("state_moves_between_two_parts") {
+            return;
+        }
+        let kvm = Kvm::new().unwrap();
+        let src = parts(&kvm, 2);
+        let mut regs = locked(&src.vcpus[1]).get_regs().unwrap();
+        regs.rdx = 0xabcd;
+        locked(&src.vcpus[1]).set_regs(&regs).unwrap();
+        let desc = src.describe(x86_layout(2 << 20).unwrap(), vec![]);
+        assert_eq!(desc.vcpus, 2);
+        let sections = src.save_state(&[]).unwrap();
+
+        let mut dst = parts(&kvm, 2);
+        dst.check_incoming(&desc).expect("same host, same shape");
+        dst.restore_state(&sections, &mut []).unwrap();
+        assert_eq!(locked(&dst.vcpus[1]).get_regs().unwrap().rdx, 0xabcd);
+
+        let e = parts(&kvm, 1).check_incoming(&desc).unwrap_err();
+        assert!(e.to_string().contains("vCPU count differs"), "{e}");
+    }
+
+    /// State is refused while the gate lets the vCPUs run.
+    #[test]
+    fn state_is_refused_while_running() {
+        if !crate::kvm_or_skip("state_is_refused_while_running") {
+            return;
+        }
+        let kvm = Kvm::new().unwrap();
+        let p = parts(&kvm, 1);
+        p.gate().resume();
+        assert!(!p.is_paused());
+        assert!(p.save_state(&[]).is_err());
+        assert!(p.restore_state(&[], &mut []).is_err());
+    }
+}

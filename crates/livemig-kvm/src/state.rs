@@ -1,5 +1,12 @@
 //! vCPU and VM-wide KVM state as livemig [`Section`]s.
 //!
+//! [`VcpuState`] saves and restores one vCPU (a [`VcpuFd`] the caller
+//! owns) and converts it to and from its section; [`save_vm`] and
+//! [`restore_vm_section`] do the VM-wide state of a [`VmFd`];
+//! [`save_all`] and [`restore_all`] a whole VM in KVM's order (irqchip and
+//! PIT before the vCPUs, devices, the clock last), with
+//! [`check_sections`] refusing unknown and missing sections.
+//!
 //! Each KVM structure is stored as its raw bytes (they are plain C structs;
 //! zerocopy checks that they are), tagged and length-prefixed, so a receiver
 //! checks every size before it converts bytes back into a structure.
