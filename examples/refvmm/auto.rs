@@ -111,16 +111,27 @@ fn verdicts(h: &HostFacts, vm: &MeasuredVm, cfg: &PlacementConfig) -> (Vec<Strin
     let failed = check(&h.host, &vm.vm, cfg);
     let mut all = Vec::new();
     let mut reasons = Vec::new();
+    let (hf, v) = (&h.host, &vm.vm);
     for f in FILTERS {
         match failed.iter().find(|r| r.kind() == f) {
             Some(r) => {
                 all.push(format!("{r} FAIL"));
                 reasons.push(r.to_string());
             }
+            None if f == "memory" => all.push(format!(
+                "memory ok ({} MiB free >= {} MiB VM + {} MiB headroom)",
+                hf.memory_free_mib, v.memory_mib, cfg.memory_headroom_mib
+            )),
+            None if f == "vcpu_overcommit" => all.push(format!(
+                "vcpu_overcommit ok ({} + {} vCPUs <= {} CPUs x {})",
+                hf.vcpus_allocated, v.vcpus, hf.cpus, cfg.vcpu_overcommit_ratio
+            )),
             None => all.push(format!("{f} ok")),
         }
     }
     match &h.refusal {
+        // Maintenance is the filter's verdict already.
+        Some(_) if hf.maintenance => {}
         Some(why) => {
             all.push(format!("accepting: {why} FAIL"));
             reasons.push(format!("accepting: {why}"));
@@ -221,7 +232,11 @@ pub fn plan(
 /// Why the chosen host: its rank and score, and what it beat.
 fn why(c: &Candidate, plan: &Plan, failed_before: &[(String, String)]) -> String {
     let n = plan.ranking.len();
-    let mut s = format!("ranked #{} of {n} eligible, score {:.6}", c.rank, c.score);
+    let t = &c.terms;
+    let mut s = format!(
+        "ranked #{} of {n} eligible, score {:.6} (free_memory {:.3}, cpu_headroom {:.3}, migration_time {:.3}, balance {:.3})",
+        c.rank, c.score, t.free_memory.value, t.cpu_headroom.value, t.migration_time.value, t.balance.value
+    );
     if let Some((next, _)) = plan.ranking.get(c.rank) {
         let _ = write!(s, " against {:.6} for `{}`", next.score, next.name);
     }
