@@ -136,6 +136,7 @@ fn verdicts(h: &HostFacts, vm: &MeasuredVm, cfg: &PlacementConfig) -> (Vec<Strin
             all.push(format!("accepting: {why} FAIL"));
             reasons.push(format!("accepting: {why}"));
         }
+        None if h.agent.is_none() => all.push("accepting not asked (static facts)".into()),
         None => all.push("accepting ok".into()),
     }
     (all, reasons)
