@@ -122,7 +122,12 @@ fn dirty_rate_counts_the_written_pages_in_every_mode_and_a_migration_follows() {
     for mode in ["manual", "classic", "ring"] {
         // The guest rewrites an 8 MiB working set (2048 pages) of its
         // 64 MiB (16384 pages).
-        let src = source(&dir, &format!("src-{mode}"), "ws=8 rate=20", &["--dirty-log", mode]);
+        let src = source(
+            &dir,
+            &format!("src-{mode}"),
+            "ws=8 rate=20",
+            &["--dirty-log", mode],
+        );
         let r = src
             .api(&json!({"cmd":"dirty-rate","window-ms":400}), |_| {})
             .unwrap();
@@ -148,8 +153,8 @@ fn dirty_rate_counts_the_written_pages_in_every_mode_and_a_migration_follows() {
 
         // The measurement left the dirty log as a migration needs it: the
         // guest moves intact.
-        let (mut dst, ep) = start_destination(&dir, &format!("dst-{mode}"), &["--dirty-log", mode])
-            .unwrap();
+        let (mut dst, ep) =
+            start_destination(&dir, &format!("dst-{mode}"), &["--dirty-log", mode]).unwrap();
         let report = migrate(&src, &ep, json!({})).unwrap();
         assert_eq!(report["status"], "completed", "{mode}");
         dst.wait_heartbeats(200, Duration::from_secs(30)).unwrap();
@@ -187,7 +192,14 @@ fn auto_says_not_migrated_with_every_reason_then_falls_back_to_the_next_host() {
     let api = src.api.to_string_lossy().into_owned();
     let hp = hosts.to_string_lossy().into_owned();
     let args = [
-        "migrate", "--api-socket", &api, "--to", "auto", "--hosts", &hp, "--agents",
+        "migrate",
+        "--api-socket",
+        &api,
+        "--to",
+        "auto",
+        "--hosts",
+        &hp,
+        "--agents",
         &b.endpoint,
     ];
 
@@ -199,12 +211,24 @@ fn auto_says_not_migrated_with_every_reason_then_falls_back_to_the_next_host() {
     assert!(out.stdout.is_empty());
     assert!(err.contains("dirty rate"), "{err}");
     assert!(err.contains("predicted: "), "{err}");
-    assert!(err.contains("not migrated: VM `web1` stays on the source"), "{err}");
+    assert!(
+        err.contains("not migrated: VM `web1` stays on the source"),
+        "{err}"
+    );
     assert!(err.contains("hostA: excluded: maintenance"), "{err}");
-    assert!(err.contains("hostB: excluded: memory: needs 1088 MiB free"), "{err}");
-    assert!(err.contains("ghost: ") && err.contains("connecting to tcp:127.0.0.1:1"), "{err}");
+    assert!(
+        err.contains("hostB: excluded: memory: needs 1088 MiB free"),
+        "{err}"
+    );
+    assert!(
+        err.contains("ghost: ") && err.contains("connecting to tcp:127.0.0.1:1"),
+        "{err}"
+    );
     let st = src.api(&json!({"cmd":"status"}), |_| {}).unwrap();
-    assert_eq!((st["migration"].as_str(), st["running"].as_bool()), (Some("idle"), Some(true)));
+    assert_eq!(
+        (st["migration"].as_str(), st["running"].as_bool()),
+        (Some("idle"), Some(true))
+    );
 
     // 2. hostA leaves maintenance: ghost ranks first and fails, hostA
     // takes the guest; every step is said.
@@ -216,9 +240,15 @@ fn auto_says_not_migrated_with_every_reason_then_falls_back_to_the_next_host() {
     assert_eq!(report["status"], "completed");
     assert!(err.contains("agent ") && err.contains("(live)"), "{err}");
     assert!(err.contains("attempt 1/2: host `ghost`"), "{err}");
-    assert!(err.contains("host `ghost` failed before the switchover"), "{err}");
+    assert!(
+        err.contains("host `ghost` failed before the switchover"),
+        "{err}"
+    );
     assert!(err.contains("attempt 2/2: host `hostA`"), "{err}");
-    assert!(err.contains("migrated to `hostA` (ranked #2 of 2 eligible"), "{err}");
+    assert!(
+        err.contains("migrated to `hostA` (ranked #2 of 2 eligible"),
+        "{err}"
+    );
     assert!(err.contains("tried after `ghost` failed"), "{err}");
     // The guest runs in the receiver hostA's agent started, intact.
     let running = a.running();
@@ -235,15 +265,21 @@ fn auto_says_not_migrated_with_every_reason_then_falls_back_to_the_next_host() {
 
 #[test]
 fn evacuate_moves_every_vm_that_fits_and_leaves_the_rest_running() {
-    let Some(_kvm) = common::kvm_or_skip(
-        "evacuate_moves_every_vm_that_fits_and_leaves_the_rest_running",
-    ) else {
+    let Some(_kvm) =
+        common::kvm_or_skip("evacuate_moves_every_vm_that_fits_and_leaves_the_rest_running")
+    else {
         return;
     };
     let dir = scratch_dir("evacuate");
     // Five 64 MiB guests dirtying memory ever faster; two hosts with room
     // for two each (1152 MiB: 64 + 1024 headroom fits twice, not thrice).
-    let cmdlines = ["ws=1 rate=0", "ws=2 rate=1", "ws=4 rate=2", "ws=8 rate=5", "ws=24 rate=40"];
+    let cmdlines = [
+        "ws=1 rate=0",
+        "ws=2 rate=1",
+        "ws=4 rate=2",
+        "ws=8 rate=5",
+        "ws=24 rate=40",
+    ];
     let vms: Vec<Vmm> = cmdlines
         .iter()
         .enumerate()
@@ -251,12 +287,22 @@ fn evacuate_moves_every_vm_that_fits_and_leaves_the_rest_running() {
         .collect();
     let a = Agent::start(&dir, "hostA", &["--memory-mib", "1152"]);
     let b = Agent::start(&dir, "hostB", &["--memory-mib", "1152"]);
-    let sockets: Vec<String> = vms.iter().map(|v| v.api.to_string_lossy().into_owned()).collect();
+    let sockets: Vec<String> = vms
+        .iter()
+        .map(|v| v.api.to_string_lossy().into_owned())
+        .collect();
     let sockets = sockets.join(",");
     let agents = format!("{},{}", a.endpoint, b.endpoint);
     let out = refvmm(&[
-        "evacuate", "--api-sockets", &sockets, "--agents", &agents, "--parallel", "2",
-        "--dirty-rate-window-ms", "300",
+        "evacuate",
+        "--api-sockets",
+        &sockets,
+        "--agents",
+        &agents,
+        "--parallel",
+        "2",
+        "--dirty-rate-window-ms",
+        "300",
     ]);
     let err = String::from_utf8_lossy(&out.stderr);
     eprintln!("{err}");
@@ -272,7 +318,10 @@ fn evacuate_moves_every_vm_that_fits_and_leaves_the_rest_running() {
     assert!(left.contains("vm4"), "{left}");
     assert!(left.contains("memory: needs 1088 MiB free"), "{left}");
     let st = vms[4].api(&json!({"cmd":"status"}), |_| {}).unwrap();
-    assert_eq!((st["migration"].as_str(), st["running"].as_bool()), (Some("idle"), Some(true)));
+    assert_eq!(
+        (st["migration"].as_str(), st["running"].as_bool()),
+        (Some("idle"), Some(true))
+    );
     // Capacity was updated as VMs landed: two on each host.
     assert_eq!(a.running().len(), 2, "{err}");
     assert_eq!(b.running().len(), 2, "{err}");
@@ -299,15 +348,27 @@ fn an_agent_over_tls_answers_only_clients_of_its_ca() {
     let agent = Agent::start(
         &dir,
         "hostT",
-        &["--tls-cert", &c, "--tls-key", &k, "--tls-ca", &ca, "--memory-mib", "2048"],
+        &[
+            "--tls-cert",
+            &c,
+            "--tls-key",
+            &k,
+            "--tls-ca",
+            &ca,
+            "--memory-mib",
+            "2048",
+        ],
     );
     let ep: livemig::transport::Endpoint = agent.endpoint.parse().unwrap();
     let ask = |id: &livemig_tls::TlsIdentity| -> Result<Value, String> {
         let mut t = livemig_tls::connect_tls(&ep, id, Some(Duration::from_secs(5)))
             .map_err(|e| e.to_string())?;
-        t.write_all(b"{\"cmd\":\"capacity\"}\n").map_err(|e| e.to_string())?;
+        t.write_all(b"{\"cmd\":\"capacity\"}\n")
+            .map_err(|e| e.to_string())?;
         let mut line = String::new();
-        BufReader::new(t).read_line(&mut line).map_err(|e| e.to_string())?;
+        BufReader::new(t)
+            .read_line(&mut line)
+            .map_err(|e| e.to_string())?;
         serde_json::from_str(&line).map_err(|e| format!("{e}: {line}"))
     };
     let v = ask(&ours.identity("client")).unwrap();

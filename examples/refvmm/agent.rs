@@ -167,7 +167,8 @@ impl Agent {
                 out.1 += r.memory_mib;
                 out.3 += 1;
             }
-            out.4.push(json!({"id": r.id, "vm": r.vm, "memory_mib": r.memory_mib,
+            out.4
+                .push(json!({"id": r.id, "vm": r.vm, "memory_mib": r.memory_mib,
                 "vcpus": r.vcpus, "migration_address": r.address,
                 "api_socket": r.api_socket, "state": format!("{st:?}").to_lowercase()}));
         }
@@ -286,7 +287,10 @@ impl Agent {
             Err(_) => {
                 let _ = child.kill();
                 let _ = child.wait();
-                return Err(format!("refvmm receive did not start listening (see {id}.log in {})", self.work_dir.display()));
+                return Err(format!(
+                    "refvmm receive did not start listening (see {id}.log in {})",
+                    self.work_dir.display()
+                ));
             }
         };
         eprintln!("refvmm agent: {id}: waiting for VM `{vm}` ({memory_mib} MiB, {vcpus} vCPUs) on {address}");
@@ -338,7 +342,10 @@ impl Agent {
             "set-maintenance" => {
                 let on = req["on"].as_bool().unwrap_or(true);
                 self.maintenance.store(on, Ordering::SeqCst);
-                eprintln!("refvmm agent: maintenance {}", if on { "on" } else { "off" });
+                eprintln!(
+                    "refvmm agent: maintenance {}",
+                    if on { "on" } else { "off" }
+                );
                 json!({"result":"ok","maintenance":on})
             }
             other => json!({"result":"error","error":format!("unknown command '{other}'")}),

@@ -72,8 +72,12 @@ pub struct Plan {
 fn limits(opts: &MigrateOptions) -> PredictLimits {
     let d = PredictLimits::default();
     PredictLimits {
-        downtime_limit_ms: opts.downtime_limit_ms.map_or(d.downtime_limit_ms, |v| v as f64),
-        max_rounds: opts.max_rounds.map_or(d.max_rounds, |r| r.clamp(1, 10_000) as u32),
+        downtime_limit_ms: opts
+            .downtime_limit_ms
+            .map_or(d.downtime_limit_ms, |v| v as f64),
+        max_rounds: opts
+            .max_rounds
+            .map_or(d.max_rounds, |r| r.clamp(1, 10_000) as u32),
     }
 }
 
@@ -199,7 +203,11 @@ pub fn plan(
         }
     }
     for u in unreachable {
-        let _ = writeln!(text, "\n  agent {}: did not answer: {}", u.endpoint, u.error);
+        let _ = writeln!(
+            text,
+            "\n  agent {}: did not answer: {}",
+            u.endpoint, u.error
+        );
         excluded.push((
             format!("agent {}", u.endpoint),
             vec![format!("unreachable: {}", u.error)],
@@ -212,12 +220,20 @@ pub fn plan(
             ranking.push((c, h.clone()));
         }
     }
-    let _ = writeln!(text, "\nranking ({} eligible of {}):", ranking.len(), hosts.len() + unreachable.len());
+    let _ = writeln!(
+        text,
+        "\nranking ({} eligible of {}):",
+        ranking.len(),
+        hosts.len() + unreachable.len()
+    );
     for (c, h) in &ranking {
         let _ = writeln!(
             text,
             "  #{} {} score {:.6}, predicted {}",
-            c.rank, c.name, c.score, prediction_text(vm, h, &lim)
+            c.rank,
+            c.name,
+            c.score,
+            prediction_text(vm, h, &lim)
         );
     }
     for (name, reasons) in &excluded {
@@ -242,7 +258,10 @@ fn why(c: &Candidate, plan: &Plan, failed_before: &[(String, String)]) -> String
         let _ = write!(s, " against {:.6} for `{}`", next.score, next.name);
     }
     if !failed_before.is_empty() {
-        let names: Vec<_> = failed_before.iter().map(|(h, _)| format!("`{h}`")).collect();
+        let names: Vec<_> = failed_before
+            .iter()
+            .map(|(h, _)| format!("`{h}`"))
+            .collect();
         let _ = write!(s, "; tried after {} failed", names.join(", "));
     }
     s
@@ -285,7 +304,9 @@ fn address_for(
     };
     let req = json!({"cmd":"prepare-receive","vm":vm.vm.name,
                      "memory_mib":vm.vm.memory_mib,"vcpus":vm.vm.vcpus});
-    let v = client.request(ep, &req).map_err(|e| format!("its agent {ep}: {e}"))?;
+    let v = client
+        .request(ep, &req)
+        .map_err(|e| format!("its agent {ep}: {e}"))?;
     if v["result"] != "ok" {
         return Err(format!(
             "refused by its agent: {}",
@@ -339,7 +360,10 @@ pub fn attempt(
         if i >= bound {
             reasons.push((
                 c.name.clone(),
-                format!("not tried: at most {bound} attempts (--max-attempts), rank #{}", c.rank),
+                format!(
+                    "not tried: at most {bound} attempts (--max-attempts), rank #{}",
+                    c.rank
+                ),
             ));
             continue;
         }
@@ -358,7 +382,10 @@ pub fn attempt(
         let (addr, rx) = match prepared {
             Ok(a) => a,
             Err(e) => {
-                eprintln!("{label}refvmm: host `{}`: {e}; trying the next host", c.name);
+                eprintln!(
+                    "{label}refvmm: host `{}`: {e}; trying the next host",
+                    c.name
+                );
                 failed.push((c.name.clone(), e));
                 continue;
             }
@@ -388,7 +415,12 @@ pub fn attempt(
                     };
                     eprintln!("{label}refvmm: host `{}`: {msg}; {stop}", c.name);
                     reasons.extend(failed);
-                    for (c2, _) in plan.ranking.iter().skip(i + 1).take(bound.saturating_sub(i + 1)) {
+                    for (c2, _) in plan
+                        .ranking
+                        .iter()
+                        .skip(i + 1)
+                        .take(bound.saturating_sub(i + 1))
+                    {
                         reasons.push((c2.name.clone(), format!("not tried: {stop}")));
                     }
                     return Attempts::NotMigrated { code, reasons };
@@ -418,13 +450,19 @@ pub fn not_migrated_text(vm: &str, reasons: &[(String, String)]) -> String {
 pub fn cmd_migrate(api: &Path, auto: AutoArgs, opts: MigrateOptions) -> Result<(), (u8, String)> {
     if opts.to != "auto" {
         if auto.given() {
-            return Err((2, "--hosts, --agents and --vm are only used with --to auto".into()));
+            return Err((
+                2,
+                "--hosts, --agents and --vm are only used with --to auto".into(),
+            ));
         }
         return crate::migrate_client::cmd_migrate(api, &opts).map_err(|f| (f.0, f.1));
     }
     let sources = auto.sources(opts.tls.config().map_err(|e| (2, e))?);
     if sources.is_empty() {
-        return Err((2, "--to auto needs --hosts <hosts.json> and/or --agents <endpoints>".into()));
+        return Err((
+            2,
+            "--to auto needs --hosts <hosts.json> and/or --agents <endpoints>".into(),
+        ));
     }
     let mut probe = opts.clone();
     probe.to = "unix:/probe".into();
@@ -437,7 +475,18 @@ pub fn cmd_migrate(api: &Path, auto: AutoArgs, opts: MigrateOptions) -> Result<(
     let plan = plan(&vm, &hosts, &unreachable, &opts)?;
     eprint!("{}", plan.text);
     let session = Session::start();
-    match attempt(&session, api, &opts, &vm, &plan, &sources.client, auto.max_attempts, "", true, None) {
+    match attempt(
+        &session,
+        api,
+        &opts,
+        &vm,
+        &plan,
+        &sources.client,
+        auto.max_attempts,
+        "",
+        true,
+        None,
+    ) {
         Attempts::Migrated { host, why, report } => {
             print_migrated(&report, session.interrupted());
             eprintln!("refvmm: migrated to `{host}` ({why})");
@@ -445,7 +494,11 @@ pub fn cmd_migrate(api: &Path, auto: AutoArgs, opts: MigrateOptions) -> Result<(
         }
         Attempts::NotMigrated { code, reasons } => {
             let code = if code == 0 { 1 } else { code };
-            let code = if session.interrupted() && code == 1 { EXIT_CANCELLED } else { code };
+            let code = if session.interrupted() && code == 1 {
+                EXIT_CANCELLED
+            } else {
+                code
+            };
             Err((code, not_migrated_text(&vm.vm.name, &reasons)))
         }
     }

@@ -103,7 +103,10 @@ fn with_landed(mut hosts: Vec<HostFacts>, landed: &BTreeMap<String, (u64, u32)>)
         if let Some((mem, vcpus)) = landed.get(&h.host.name) {
             h.host.memory_free_mib = h.host.memory_free_mib.saturating_sub(*mem);
             h.host.vcpus_allocated = h.host.vcpus_allocated.saturating_add(*vcpus);
-            h.origin = format!("{} minus {mem} MiB / {vcpus} vCPUs evacuated there", h.origin);
+            h.origin = format!(
+                "{} minus {mem} MiB / {vcpus} vCPUs evacuated there",
+                h.origin
+            );
         }
     }
     hosts
@@ -169,7 +172,11 @@ fn worker(
         }
         // Count the best-ranked static host as taken while the VM moves, so
         // the next VM's plan sees it; undone if the VM goes elsewhere.
-        let first = p.ranking.first().filter(|(_, h)| h.agent.is_none()).map(|(c, _)| c.name.clone());
+        let first = p
+            .ranking
+            .first()
+            .filter(|(_, h)| h.agent.is_none())
+            .map(|(c, _)| c.name.clone());
         if let Some(h) = &first {
             let mut l = lock(&shared.landed);
             let e = l.entry(h.clone()).or_default();
@@ -199,7 +206,10 @@ fn worker(
         rows[i].seconds = t0.elapsed().as_secs_f64();
         match out {
             Attempts::Migrated { host, why, .. } => {
-                if hosts.iter().any(|h| h.host.name == host && h.agent.is_none()) {
+                if hosts
+                    .iter()
+                    .any(|h| h.host.name == host && h.agent.is_none())
+                {
                     let e = l.entry(host.clone()).or_default();
                     e.0 += vm.vm.memory_mib;
                     e.1 += vm.vm.vcpus;
@@ -234,9 +244,13 @@ fn summary(rows: &[Row]) -> String {
             ),
             None => (r.api.display().to_string(), "-".into(), "-".into()),
         };
-        let pred = r
-            .predicted_s
-            .map_or("-".into(), |p| if p.is_finite() { format!("{p:.2}") } else { "never".into() });
+        let pred = r.predicted_s.map_or("-".into(), |p| {
+            if p.is_finite() {
+                format!("{p:.2}")
+            } else {
+                "never".into()
+            }
+        });
         let _ = writeln!(
             s,
             "{:>3}  {:<12} {:>8} {:>10} {:>10} {:>8.2}  {}",
@@ -259,7 +273,10 @@ pub fn cmd_evacuate(args: EvacuateArgs) -> Result<(), (u8, String)> {
         },
     };
     if sources.is_empty() {
-        return Err((2, "evacuate needs --hosts <hosts.json> and/or --agents <endpoints>".into()));
+        return Err((
+            2,
+            "evacuate needs --hosts <hosts.json> and/or --agents <endpoints>".into(),
+        ));
     }
     let mut probe = opts.clone();
     probe.to = "unix:/probe".into();
@@ -279,7 +296,15 @@ pub fn cmd_evacuate(args: EvacuateArgs) -> Result<(), (u8, String)> {
                     m.vm.name, m.vm.memory_mib, m.vm.vcpus, m.dirty_mib_s
                 );
             }
-            Row { order: 0, api: api.clone(), vm, predicted_s: None, result, moved: false, seconds: 0.0 }
+            Row {
+                order: 0,
+                api: api.clone(),
+                vm,
+                predicted_s: None,
+                result,
+                moved: false,
+                seconds: 0.0,
+            }
         })
         .collect();
     let (hosts, _) = gather_hosts(&sources, opts.max_bandwidth_mib)?;
@@ -303,7 +328,12 @@ pub fn cmd_evacuate(args: EvacuateArgs) -> Result<(), (u8, String)> {
         args.parallel.max(1),
         names.join(", ")
     );
-    let queue = rows.iter().enumerate().filter(|(_, r)| r.vm.is_some()).map(|(i, _)| i).collect();
+    let queue = rows
+        .iter()
+        .enumerate()
+        .filter(|(_, r)| r.vm.is_some())
+        .map(|(i, _)| i)
+        .collect();
     let shared = Shared {
         queue: Mutex::new(queue),
         rows: Mutex::new(rows),
@@ -322,6 +352,12 @@ pub fn cmd_evacuate(args: EvacuateArgs) -> Result<(), (u8, String)> {
     if left == 0 {
         Ok(())
     } else {
-        Err((1, format!("{left} of {} VMs not moved (reasons in the summary); they run on here", rows.len())))
+        Err((
+            1,
+            format!(
+                "{left} of {} VMs not moved (reasons in the summary); they run on here",
+                rows.len()
+            ),
+        ))
     }
 }

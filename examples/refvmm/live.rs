@@ -45,8 +45,8 @@ pub fn measure_vm(api: &Path, name: Option<&str>, window_ms: u64) -> Result<Meas
     }
     let memory = status["memory"].as_u64().unwrap_or(0);
     let vcpus = status["vcpus"].as_u64().unwrap_or(1) as u32;
-    let rate = api_request(api, &json!({"cmd":"dirty-rate","window-ms":window_ms}))
-        .map_err(|e| (1, e))?;
+    let rate =
+        api_request(api, &json!({"cmd":"dirty-rate","window-ms":window_ms})).map_err(|e| (1, e))?;
     if rate["result"] != "ok" {
         return Err((
             1,
@@ -137,10 +137,7 @@ impl HostSources {
 
 /// Asks `endpoint` for its capacity: the host's facts and whether it
 /// accepts migrations now.
-pub fn ask_agent(
-    client: &AgentClient,
-    endpoint: &str,
-) -> Result<(Host, Option<String>), String> {
+pub fn ask_agent(client: &AgentClient, endpoint: &str) -> Result<(Host, Option<String>), String> {
     let v = client.request(endpoint, &json!({"cmd":"capacity"}))?;
     if v["result"] != "ok" {
         return Err(v["error"].as_str().unwrap_or("?").to_string());
@@ -188,7 +185,12 @@ pub fn gather_hosts(
     }
     // One entry per name: a host listed twice (file and --agents) keeps
     // the live one.
-    out.sort_by(|a, b| a.host.name.cmp(&b.host.name).then(b.agent.is_some().cmp(&a.agent.is_some())));
+    out.sort_by(|a, b| {
+        a.host
+            .name
+            .cmp(&b.host.name)
+            .then(b.agent.is_some().cmp(&a.agent.is_some()))
+    });
     out.dedup_by(|a, b| a.host.name == b.host.name);
     if let Some(cap) = cap_mib_s.filter(|c| *c > 0) {
         for h in &mut out {

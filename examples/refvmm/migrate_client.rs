@@ -156,7 +156,12 @@ impl Session {
                 signal_name(sig)
             );
             let req = json!({"cmd":"migrate-cancel","reason":format!("interrupted by {}", signal_name(sig))});
-            for conn in self.running.lock().unwrap_or_else(|e| e.into_inner()).iter() {
+            for conn in self
+                .running
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .iter()
+            {
                 if let Err(e) = send_line(conn, &req) {
                     eprintln!("refvmm: could not ask for the cancel: {e}");
                 }
@@ -168,24 +173,43 @@ impl Session {
     /// bar only with `bar` on a terminal; event lines prefixed with
     /// `label`), cancels on SIGINT/SIGTERM. Returns the report when the
     /// guest moved.
-    pub fn run(&self, api: &Path, req: &Value, label: &str, bar: bool) -> Result<Value, ClientFail> {
+    pub fn run(
+        &self,
+        api: &Path,
+        req: &Value,
+        label: &str,
+        bar: bool,
+    ) -> Result<Value, ClientFail> {
         if self.interrupted() {
-            return Err(ClientFail(EXIT_CANCELLED, "interrupted before the migration started: the guest stays on the source".into()));
+            return Err(ClientFail(
+                EXIT_CANCELLED,
+                "interrupted before the migration started: the guest stays on the source".into(),
+            ));
         }
         let conn = connect(api)?;
         send_line(&conn, req).map_err(|e| ClientFail(1, e.to_string()))?;
         let sig_conn = conn.try_clone().map_err(|e| ClientFail(1, e.to_string()))?;
         let fd = sig_conn.as_raw_fd();
-        self.running.lock().unwrap_or_else(|e| e.into_inner()).push(sig_conn);
+        self.running
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .push(sig_conn);
         let tty = bar && std::io::stderr().is_terminal();
-        let display = Arc::new(Mutex::new(Display { tty, drawn: false, label: label.to_string() }));
+        let display = Arc::new(Mutex::new(Display {
+            tty,
+            drawn: false,
+            label: label.to_string(),
+        }));
         let stop = Arc::new(AtomicBool::new(false));
         if tty {
             spawn_poller(api.to_path_buf(), display.clone(), stop.clone());
         }
         let reply = read_result(conn, &display);
         stop.store(true, Ordering::SeqCst);
-        self.running.lock().unwrap_or_else(|e| e.into_inner()).retain(|c| c.as_raw_fd() != fd);
+        self.running
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .retain(|c| c.as_raw_fd() != fd);
         {
             // No status line after this: the outcome is the last word.
             let mut d = display.lock().unwrap_or_else(|e| e.into_inner());
@@ -309,7 +333,10 @@ pub fn migrate(api: &Path, req: &Value) -> Result<(), ClientFail> {
 
 /// The report on stdout and the outcome on stderr.
 pub fn print_migrated(report: &Value, interrupted: bool) {
-    println!("{}", serde_json::to_string_pretty(report).unwrap_or_default());
+    println!(
+        "{}",
+        serde_json::to_string_pretty(report).unwrap_or_default()
+    );
     let late = if interrupted {
         " (the interrupt came after the switchover had begun, too late to cancel)"
     } else {

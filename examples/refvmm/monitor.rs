@@ -139,7 +139,9 @@ impl MigrationMonitor {
             return Err("refused: a migration of this VM is running");
         }
         if self.measuring.load(Ordering::SeqCst) {
-            return Err("refused: a dirty-rate measurement of this VM is running; try again when it ends");
+            return Err(
+                "refused: a dirty-rate measurement of this VM is running; try again when it ends",
+            );
         }
         let cancel = CancelToken::new();
         let sent = Arc::new(AtomicU64::new(0));
