@@ -379,3 +379,113 @@ fn an_agent_over_tls_answers_only_clients_of_its_ca() {
     // The agent still answers after refusing a stranger.
     assert_eq!(ask(&ours.identity("client")).unwrap()["result"], "ok");
 }
+
+/// `refvmm <args>` running, its stderr collected.
+struct Running {
+    child: Child,
+    stderr: std::sync::Arc<std::sync::Mutex<String>>,
+}
+
+impl Running {
+    fn spawn(args: &[&str]) -> Running {
+        let mut child = Command::new(refvmm_path())
+            .args(args)
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("spawn refvmm");
+        let stderr = std::sync::Arc::new(std::sync::Mutex::new(String::new()));
+        let (pipe, buf) = (child.stderr.take().unwrap(), stderr.clone());
+        std::thread::spawn(move || {
+            for l in BufReader::new(pipe).lines().map_while(Result::ok) {
+                let mut b = buf.lock().unwrap_or_else(|e| e.into_inner());
+                b.push_str(&l);
+                b.push('\n');
+            }
+        });
+        Running { child, stderr }
+    }
+
+    fn stderr(&self) -> String {
+        self.stderr
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone()
+    }
+
+    fn wait_stderr(&mut self, needle: &str) {
+        let deadline = std::time::Instant::now() + Duration::from_secs(30);
+        while !self.stderr().contains(needle) {
+            assert!(
+                self.child.try_wait().unwrap().is_none(),
+                "exited before '{needle}':\n{}",
+                self.stderr()
+            );
+            assert!(std::time::Instant::now() < deadline, "{}", self.stderr());
+            std::thread::sleep(Duration::from_millis(5));
+        }
+    }
+}
+
+impl Drop for Running {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+#[test]
+fn ctrl_c_during_auto_cancels_and_tries_no_other_host() {
+    let Some(_kvm) = common::kvm_or_skip("ctrl_c_during_auto_cancels_and_tries_no_other_host")
+    else {
+        return;
+    };
+    let dir = scratch_dir("autoctrlc");
+    let mut src = start_source_with(&dir, "db1", "256M", 1, "ws=16 rate=10", &[]).unwrap();
+    src.wait_ready(Duration::from_secs(30)).unwrap();
+    src.wait_heartbeats(50, Duration::from_secs(30)).unwrap();
+    let a = Agent::start(&dir, "hostA", &["--memory-mib", "4096"]);
+    let b = Agent::start(&dir, "hostB", &["--memory-mib", "4096"]);
+    let api = src.api.to_string_lossy().into_owned();
+    let agents = format!("{},{}", a.endpoint, b.endpoint);
+    // 10 MiB/s: the first round alone takes seconds.
+    let mut c = Running::spawn(&[
+        "migrate",
+        "--api-socket",
+        &api,
+        "--to",
+        "auto",
+        "--agents",
+        &agents,
+        "--max-bandwidth",
+        "10",
+    ]);
+    c.wait_stderr("accepted");
+    // SAFETY: kill(2) on our own child's pid.
+    unsafe { libc::kill(c.child.id() as i32, libc::SIGINT) };
+    let st = c.child.wait().unwrap();
+    std::thread::sleep(Duration::from_millis(100));
+    let err = c.stderr();
+    assert_eq!(st.code(), Some(4), "{err}");
+    assert_eq!(err.matches("refvmm: attempt ").count(), 1, "{err}");
+    assert!(err.contains("no other host is tried"), "{err}");
+    assert!(
+        err.contains("not migrated: VM `db1` stays on the source"),
+        "{err}"
+    );
+    assert!(err.contains("not tried: no other host is tried"), "{err}");
+    let s = src.api(&json!({"cmd":"status"}), |_| {}).unwrap();
+    assert_eq!(
+        (s["migration"].as_str(), s["running"].as_bool()),
+        (Some("idle"), Some(true))
+    );
+    src.wait_heartbeats(300, Duration::from_secs(30)).unwrap();
+    assert!(log_of(&src).corrupt.is_empty());
+    // The receiver prepared for the cancelled attempt is gone, on both.
+    for ag in [&a, &b] {
+        let cap = ag.ask(&json!({"cmd":"capacity"}));
+        assert_eq!(cap["incoming"], json!([]), "{cap}");
+        assert_eq!(cap["host"]["memory_free_mib"], 4096, "{cap}");
+    }
+}

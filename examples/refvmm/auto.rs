@@ -415,12 +415,7 @@ pub fn attempt(
                     };
                     eprintln!("{label}refvmm: host `{}`: {msg}; {stop}", c.name);
                     reasons.extend(failed);
-                    for (c2, _) in plan
-                        .ranking
-                        .iter()
-                        .skip(i + 1)
-                        .take(bound.saturating_sub(i + 1))
-                    {
+                    for (c2, _) in plan.ranking.iter().skip(i + 1) {
                         reasons.push((c2.name.clone(), format!("not tried: {stop}")));
                     }
                     return Attempts::NotMigrated { code, reasons };

@@ -125,10 +125,18 @@ fn order(rows: &mut [Row], best_link: f64, limits: &PredictLimits) {
             }
         });
     }
+    // Unmeasured VMs (not moved) after every measured one.
     rows.sort_by(|a, b| {
-        let ka = a.predicted_s.unwrap_or(f64::INFINITY);
-        let kb = b.predicted_s.unwrap_or(f64::INFINITY);
-        ka.total_cmp(&kb).then_with(|| a.api.cmp(&b.api))
+        let key = |r: &Row| {
+            (
+                r.predicted_s.is_none(),
+                r.predicted_s.unwrap_or(f64::INFINITY),
+            )
+        };
+        let (ka, kb) = (key(a), key(b));
+        ka.0.cmp(&kb.0)
+            .then_with(|| ka.1.total_cmp(&kb.1))
+            .then_with(|| a.api.cmp(&b.api))
     });
     for (i, r) in rows.iter_mut().enumerate() {
         r.order = i + 1;
@@ -359,5 +367,62 @@ pub fn cmd_evacuate(args: EvacuateArgs) -> Result<(), (u8, String)> {
                 rows.len()
             ),
         ))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use livemig_placement::Vm;
+
+    fn row(name: &str, memory_mib: u64, dirty: f64) -> Row {
+        Row {
+            order: 0,
+            api: PathBuf::from(format!("/run/{name}.api")),
+            vm: Some(MeasuredVm {
+                vm: Vm {
+                    name: name.into(),
+                    memory_mib,
+                    vcpus: 1,
+                    required_cpu_features: Default::default(),
+                    dirty_rate_mib_s: dirty.ceil() as u64,
+                    anti_affinity: Default::default(),
+                    current_host: "here".into(),
+                },
+                dirty_mib_s: dirty,
+                origin: String::new(),
+            }),
+            predicted_s: None,
+            result: String::new(),
+            moved: false,
+            seconds: 0.0,
+        }
+    }
+
+    #[test]
+    fn shortest_predicted_migration_first_non_converging_last() {
+        let mut rows = vec![
+            row("big", 8192, 10.0),
+            row("hot", 1024, 2000.0),
+            row("busy", 1024, 500.0),
+            row("quiet", 1024, 0.0),
+            Row {
+                vm: None,
+                ..row("gone", 1, 0.0)
+            },
+        ];
+        order(&mut rows, 1000.0, &PredictLimits::default());
+        let names: Vec<_> = rows
+            .iter()
+            .map(|r| r.vm.as_ref().map_or("-".to_string(), |m| m.vm.name.clone()))
+            .collect();
+        // quiet: 1.0 s; busy: 1024 / (1000 - 500) ~ 2 s; big: 8192 / 990 ~
+        // 8.3 s; hot never converges; the unmeasured one last.
+        assert_eq!(names, ["quiet", "busy", "big", "hot", "-"]);
+        assert_eq!(rows[3].predicted_s, Some(f64::INFINITY));
+        assert_eq!(
+            rows.iter().map(|r| r.order).collect::<Vec<_>>(),
+            [1, 2, 3, 4, 5]
+        );
     }
 }
