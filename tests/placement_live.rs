@@ -177,7 +177,10 @@ fn auto_says_not_migrated_with_every_reason_then_falls_back_to_the_next_host() {
         return;
     };
     let dir = scratch_dir("autofallback");
-    let src = source(&dir, "web1", "ws=4 rate=5", &[]);
+    // 64 MiB + 4 KiB: the receiver must get exactly this size (the
+    // handshake refuses another), and the hosts count 65 MiB.
+    let mut src = start_source_with(&dir, "web1", "65540K", 1, "ws=4 rate=5", &[]).unwrap();
+    src.wait_ready(Duration::from_secs(30)).unwrap();
     let a = Agent::start(&dir, "hostA", &["--memory-mib", "4096", "--maintenance"]);
     let b = Agent::start(&dir, "hostB", &["--memory-mib", "512"]);
     // `ghost`: a stale hosts-file entry that looks best (idle, all memory
@@ -217,7 +220,7 @@ fn auto_says_not_migrated_with_every_reason_then_falls_back_to_the_next_host() {
     );
     assert!(err.contains("hostA: excluded: maintenance"), "{err}");
     assert!(
-        err.contains("hostB: excluded: memory: needs 1088 MiB free"),
+        err.contains("hostB: excluded: memory: needs 1089 MiB free"),
         "{err}"
     );
     assert!(
@@ -259,7 +262,7 @@ fn auto_says_not_migrated_with_every_reason_then_falls_back_to_the_next_host() {
     assert!(log_of(&src).corrupt.is_empty());
     // hostA's capacity counts the guest now.
     let cap = a.ask(&json!({"cmd":"capacity"}));
-    assert_eq!(cap["host"]["memory_free_mib"], 4096 - 64, "{cap}");
+    assert_eq!(cap["host"]["memory_free_mib"], 4096 - 65, "{cap}");
     assert_eq!(cap["host"]["vcpus_allocated"], 1, "{cap}");
 }
 

@@ -9,7 +9,7 @@
 //! | request | reply |
 //! |---|---|
 //! | `{"cmd":"capacity"}` | `{"result":"ok","host":{...},"accepting":true\|false,"refusal":...,"incoming":[...]}`: `host` has the fields of a hosts-file entry (without `migration_address`); `refusal` says why not accepting |
-//! | `{"cmd":"prepare-receive","vm":NAME,"memory_mib":M,"vcpus":V}` | starts `refvmm receive` for one incoming migration of that size; `{"result":"ok","id":ID,"migration_address":EP,"api_socket":PATH,"tls":bool}`, or `{"result":"error","refused":true,"error":WHY}` |
+//! | `{"cmd":"prepare-receive","vm":NAME,"memory_mib":M,"memory_bytes":B,"vcpus":V}` | starts `refvmm receive --memory B --vcpus V` for one incoming migration of that size (`memory_bytes` optional, default M MiB); `{"result":"ok","id":ID,"migration_address":EP,"api_socket":PATH,"tls":bool}`, or `{"result":"error","refused":true,"error":WHY}` |
 //! | `{"cmd":"release","id":ID}` | stops a receiver that has not received its guest (a migration that failed or was not started) |
 //! | `{"cmd":"set-maintenance","on":true}` | enters/leaves maintenance: `accepting` false, `prepare-receive` refused |
 //!
@@ -232,6 +232,11 @@ impl Agent {
             return json!({"result":"error","error":"prepare-receive needs memory_mib and vcpus"});
         };
         let vm = req["vm"].as_str().unwrap_or("").to_string();
+        // The exact size, when given (the handshake refuses another one).
+        let bytes = req["memory_bytes"].as_u64().unwrap_or(memory_mib << 20);
+        if bytes == 0 || bytes % 4096 != 0 || bytes.div_ceil(1 << 20) != memory_mib {
+            return json!({"result":"error","error":format!("memory_bytes {bytes} does not match memory_mib {memory_mib}")});
+        }
         let (host, waiting) = self.host_facts();
         if let Some(why) = self.refusal(waiting) {
             return refuse(why);
@@ -242,13 +247,14 @@ impl Agent {
                 "not enough memory: {memory_mib} MiB asked, {free} MiB free"
             ));
         }
-        match self.spawn_receiver(&vm, memory_mib, vcpus as u32) {
+        match self.spawn_receiver(&vm, bytes, vcpus as u32) {
             Ok(v) => v,
             Err(e) => json!({"result":"error","error":e}),
         }
     }
 
-    fn spawn_receiver(&self, vm: &str, memory_mib: u64, vcpus: u32) -> Result<Value, String> {
+    fn spawn_receiver(&self, vm: &str, bytes: u64, vcpus: u32) -> Result<Value, String> {
+        let memory_mib = bytes.div_ceil(1 << 20);
         let n = self.next_id.fetch_add(1, Ordering::SeqCst);
         let id = format!("rx-{n}");
         let api = self.work_dir.join(format!("{id}.api"));
@@ -258,7 +264,7 @@ impl Agent {
         cmd.args(["receive", "--listen"])
             .arg(format!("tcp:{}:0", self.args.receive_host))
             .arg("--memory")
-            .arg(format!("{memory_mib}M"))
+            .arg(format!("{}K", bytes / 1024))
             .arg("--vcpus")
             .arg(vcpus.to_string())
             .arg("--api-socket")

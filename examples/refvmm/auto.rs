@@ -303,7 +303,8 @@ fn address_for(
         return Ok((h.host.migration_address.clone(), None));
     };
     let req = json!({"cmd":"prepare-receive","vm":vm.vm.name,
-                     "memory_mib":vm.vm.memory_mib,"vcpus":vm.vm.vcpus});
+                     "memory_mib":vm.vm.memory_mib,"memory_bytes":vm.memory_bytes,
+                     "vcpus":vm.vm.vcpus});
     let v = client
         .request(ep, &req)
         .map_err(|e| format!("its agent {ep}: {e}"))?;
@@ -420,7 +421,7 @@ pub fn attempt(
                     }
                     return Attempts::NotMigrated { code, reasons };
                 }
-                eprintln!("{label}refvmm: host `{}` failed before the switchover: {msg}; the guest stays on the source; trying the next host", c.name);
+                eprintln!("{label}refvmm: host `{}` failed before the switchover: {msg}; trying the next host", c.name);
             }
         }
     }

@@ -390,6 +390,7 @@ mod tests {
                     current_host: "here".into(),
                 },
                 dirty_mib_s: dirty,
+                memory_bytes: memory_mib << 20,
                 origin: String::new(),
             }),
             predicted_s: None,

@@ -21,6 +21,9 @@ pub struct MeasuredVm {
     /// The measured dirty rate, MiB/s, unrounded (`vm.dirty_rate_mib_s` is
     /// its ceiling).
     pub dirty_mib_s: f64,
+    /// Guest memory in bytes (the destination must match it exactly;
+    /// `vm.memory_mib` is rounded up).
+    pub memory_bytes: u64,
     /// How the facts were obtained, for the report.
     pub origin: String,
 }
@@ -66,7 +69,7 @@ pub fn measure_vm(api: &Path, name: Option<&str>, window_ms: u64) -> Result<Meas
     Ok(MeasuredVm {
         vm: Vm {
             name,
-            memory_mib: (memory >> 20).max(1),
+            memory_mib: memory.div_ceil(1 << 20).max(1),
             vcpus: vcpus.max(1),
             required_cpu_features: Default::default(),
             dirty_rate_mib_s: dirty.ceil() as u64,
@@ -74,6 +77,7 @@ pub fn measure_vm(api: &Path, name: Option<&str>, window_ms: u64) -> Result<Meas
             current_host: hostname(),
         },
         dirty_mib_s: dirty,
+        memory_bytes: memory,
         origin: format!(
             "measured: status + dirty-rate ({} pages in {:.0} ms, {})",
             rate["dirty-pages"],
@@ -88,6 +92,7 @@ pub fn vm_from_file(path: &Path) -> Result<MeasuredVm, CliError> {
     let vm = load_vm(path).map_err(|e| (2, e.to_string()))?;
     Ok(MeasuredVm {
         dirty_mib_s: vm.dirty_rate_mib_s as f64,
+        memory_bytes: vm.memory_mib << 20,
         origin: format!("from {}", path.display()),
         vm,
     })

@@ -10,6 +10,9 @@
 //! refvmm migrate --api-socket /tmp/a.sock --to tcp:127.0.0.1:4444
 //! refvmm demo          # all of the above on one machine, with a report
 //! refvmm console /tmp/a.console   # with run/receive --console unix:/tmp/a.console
+//! refvmm agent --listen tcp:0.0.0.0:7070      # on every host: capacity + receivers
+//! refvmm migrate --api-socket /tmp/a.sock --to auto --agents tcp:node-b:7070,tcp:node-c:7070
+//! refvmm evacuate --api-sockets /tmp/a.sock,/tmp/c.sock --agents tcp:node-b:7070
 //! refvmm guest-image --out guest.elf
 //! ```
 //!
