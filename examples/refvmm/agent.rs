@@ -234,7 +234,7 @@ impl Agent {
         let vm = req["vm"].as_str().unwrap_or("").to_string();
         // The exact size, when given (the handshake refuses another one).
         let bytes = req["memory_bytes"].as_u64().unwrap_or(memory_mib << 20);
-        if bytes == 0 || bytes % 4096 != 0 || bytes.div_ceil(1 << 20) != memory_mib {
+        if bytes == 0 || !bytes.is_multiple_of(4096) || bytes.div_ceil(1 << 20) != memory_mib {
             return json!({"result":"error","error":format!("memory_bytes {bytes} does not match memory_mib {memory_mib}")});
         }
         let (host, waiting) = self.host_facts();
