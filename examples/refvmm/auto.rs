@@ -453,7 +453,7 @@ pub fn cmd_migrate(api: &Path, auto: AutoArgs, opts: MigrateOptions) -> Result<(
         }
         return crate::migrate_client::cmd_migrate(api, &opts).map_err(|f| (f.0, f.1));
     }
-    let sources = auto.sources(opts.tls.config().map_err(|e| (2, e))?);
+    let sources = auto.sources(crate::live::agent_tls(&opts.tls)?);
     if sources.is_empty() {
         return Err((
             2,

@@ -277,7 +277,7 @@ pub fn cmd_evacuate(args: EvacuateArgs) -> Result<(), (u8, String)> {
         file: args.hosts.clone(),
         agents: args.agents.clone(),
         client: crate::agent::AgentClient {
-            tls: opts.tls.config().map_err(|e| (2, e))?,
+            tls: crate::live::agent_tls(&opts.tls)?,
         },
     };
     if sources.is_empty() {
@@ -398,6 +398,51 @@ mod tests {
             moved: false,
             seconds: 0.0,
         }
+    }
+
+    fn static_host(name: &str, free: u64) -> HostFacts {
+        HostFacts {
+            host: livemig_placement::Host {
+                name: name.into(),
+                migration_address: "tcp:10.0.0.1:4444".into(),
+                memory_total_mib: 8192,
+                memory_free_mib: free,
+                cpus: 8,
+                cpu_load: 0.0,
+                vcpus_allocated: 2,
+                cpu_model: String::new(),
+                cpu_features: Default::default(),
+                link_bandwidth_mib_s: 1000,
+                labels: Default::default(),
+                maintenance: false,
+                agent: None,
+            },
+            origin: "hosts file".into(),
+            agent: None,
+            refusal: None,
+        }
+    }
+
+    #[test]
+    fn static_hosts_carry_what_landed_agents_count_themselves() {
+        let mut agent = static_host("b", 4096);
+        agent.agent = Some("tcp:10.0.0.2:7070".into());
+        let landed = BTreeMap::from([("a".to_string(), (1024, 3)), ("b".to_string(), (512, 1))]);
+        let hosts = with_landed(vec![static_host("a", 4096), agent], &landed);
+        assert_eq!(
+            (hosts[0].host.memory_free_mib, hosts[0].host.vcpus_allocated),
+            (3072, 5)
+        );
+        assert!(
+            hosts[0].origin.contains("minus 1024 MiB"),
+            "{}",
+            hosts[0].origin
+        );
+        // The agent's answer already counts its receivers.
+        assert_eq!(
+            (hosts[1].host.memory_free_mib, hosts[1].host.vcpus_allocated),
+            (4096, 2)
+        );
     }
 
     #[test]

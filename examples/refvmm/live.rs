@@ -98,6 +98,19 @@ pub fn vm_from_file(path: &Path) -> Result<MeasuredVm, CliError> {
     })
 }
 
+/// The TLS identity for agents: the migration's certificate, key and CA;
+/// the server name is each agent endpoint's host (`--tls-server-name`
+/// names the migration's destination only).
+pub fn agent_tls(
+    tls: &crate::migration::MigrateTls,
+) -> Result<Option<livemig_tls::TlsConfig>, CliError> {
+    let cfg = tls.config().map_err(|e| (2, e))?;
+    Ok(cfg.map(|c| livemig_tls::TlsConfig {
+        server_name: None,
+        ..c
+    }))
+}
+
 /// One candidate host and where its facts came from.
 #[derive(Debug, Clone)]
 pub struct HostFacts {
