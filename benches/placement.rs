@@ -51,6 +51,7 @@ fn cluster(n: usize) -> Vec<Host> {
                 .into_iter()
                 .collect(),
                 maintenance: next(50) == 0,
+                agent: None,
             }
         })
         .collect()

@@ -29,6 +29,7 @@
 //! | `{"cmd":"net-stats"}` | per NIC: frames the virtio-net device read from its TAP (`rx_frames`, delivered or dropped) and how many were unicast to the guest MAC, frames delivered to / dropped for the guest, frames the guest sent |
 //! | `{"cmd":"announce-self"}` | one RARP (+ gratuitous ARP) per NIC now, like QEMU's `announce-self` |
 //! | `{"cmd":"memory-hash"}` | FNV-1a hash of each memory region (pause first for a stable answer) |
+//! | `{"cmd":"dirty-rate","window-ms":500}` (or `calc-dirty-rate`) | `{"result":"ok","dirty-rate-mib-s":R,"dirty-pages":N,"window-ms":W,"memory":B,...}`: distinct pages the vCPUs wrote in the window (a tracker of its own; refused while a migration runs, and a migration is refused while it runs) |
 //! | `{"cmd":"quit"}` | `{"result":"ok"}`, then the VMM exits |
 
 use std::io::{BufRead, BufReader, Write};
@@ -283,6 +284,7 @@ fn handle(
                 return migrate_request(&req, m, monitor, reader, &conn, events);
             }
             "migrate-status" | "query-migrate" => monitor.status(),
+            "dirty-rate" | "calc-dirty-rate" => crate::dirty_rate::request(&req, m, monitor),
             "migrate-cancel" => match monitor.cancel("an API client's migrate-cancel") {
                 Ok(()) => json!({"result":"ok","status":"cancelling"}),
                 Err(e) => json!({"result":"error","error":e.to_string()}),

@@ -10,17 +10,25 @@
 //! refvmm migrate --api-socket /tmp/a.sock --to tcp:127.0.0.1:4444
 //! refvmm demo          # all of the above on one machine, with a report
 //! refvmm console /tmp/a.console   # with run/receive --console unix:/tmp/a.console
+//! refvmm agent --listen tcp:0.0.0.0:7070      # on every host: capacity + receivers
+//! refvmm migrate --api-socket /tmp/a.sock --to auto --agents tcp:node-b:7070,tcp:node-c:7070
+//! refvmm evacuate --api-sockets /tmp/a.sock,/tmp/c.sock --agents tcp:node-b:7070
 //! refvmm guest-image --out guest.elf
 //! ```
 //!
 //! It uses only the public APIs of `livemig`, `livemig-kvm` and
 //! `livemig-testguest`.
 
+mod agent;
 mod api;
+mod auto;
 mod console;
 mod console_client;
 mod console_proto;
 mod console_server;
+mod dirty_rate;
+mod evacuate;
+mod live;
 mod migrate_client;
 mod migration;
 mod monitor;
@@ -40,7 +48,6 @@ use livemig_kvm::serial::SerialOutput;
 use livemig_kvm::{x86_layout, DirtyMode};
 
 use crate::api::ApiEvent;
-use crate::migrate_client::cmd_migrate;
 use crate::migration::cmd_receive;
 use crate::vmm::{Machine, MachineConfig};
 
@@ -192,12 +199,8 @@ enum Cmd {
         /// The source VMM's API socket.
         #[arg(long)]
         api_socket: PathBuf,
-        /// With `--to auto`: the candidate hosts (a JSON array).
-        #[arg(long)]
-        hosts: Option<PathBuf>,
-        /// With `--to auto`: the VM being migrated (a JSON object).
-        #[arg(long)]
-        vm: Option<PathBuf>,
+        #[command(flatten)]
+        auto: auto::AutoArgs,
         #[command(flatten)]
         opts: migration::MigrateOptions,
     },
@@ -247,6 +250,13 @@ enum Cmd {
         #[arg(long)]
         from_start: bool,
     },
+    /// A host agent: answers capacity queries (free memory, CPU load, CPU
+    /// features, maintenance, accepting now) and starts a `refvmm receive`
+    /// per incoming migration (see docs/placement.md).
+    Agent(agent::AgentArgs),
+    /// Move every VM of this host (their API sockets) to hosts chosen from
+    /// live facts, at most N at a time (see docs/operations.md).
+    Evacuate(evacuate::EvacuateArgs),
     /// Write the built-in test guest image (a Multiboot v1 ELF32) to a file,
     /// e.g. to boot it with `qemu-system-x86_64 -kernel`.
     GuestImage {
@@ -550,15 +560,11 @@ fn main() -> ExitCode {
         ),
         Cmd::Migrate {
             api_socket,
-            hosts,
-            vm,
-            mut opts,
-        } => place::resolve_destination(&opts.to, hosts.as_deref(), vm.as_deref())
-            .map_err(|(code, msg)| Fail(code, msg))
-            .and_then(|to| {
-                opts.to = to;
-                cmd_migrate(&api_socket, &opts)
-            }),
+            auto,
+            opts,
+        } => auto::cmd_migrate(&api_socket, auto, opts).map_err(|(c, m)| Fail(c, m)),
+        Cmd::Agent(args) => agent::cmd_agent(args),
+        Cmd::Evacuate(args) => evacuate::cmd_evacuate(args).map_err(|(c, m)| Fail(c, m)),
         Cmd::MigrateStatus { api_socket } => {
             migrate_client::status(&api_socket).map_err(|f| Fail(f.0, f.1))
         }

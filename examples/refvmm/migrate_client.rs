@@ -8,6 +8,7 @@
 //! left without waiting for the outcome.
 
 use std::io::{BufRead, BufReader, IsTerminal, Write};
+use std::os::fd::AsRawFd;
 use std::os::unix::net::UnixStream;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -51,6 +52,11 @@ fn one_request(api: &Path, req: &Value) -> Result<Value, ClientFail> {
         .read_line(&mut line)
         .map_err(|e| ClientFail(1, e.to_string()))?;
     serde_json::from_str(&line).map_err(|e| ClientFail(1, format!("bad reply '{line}': {e}")))
+}
+
+/// One request, one reply, with the error as text.
+pub fn api_request(api: &Path, req: &Value) -> Result<Value, String> {
+    one_request(api, req).map_err(|f| f.1)
 }
 
 /// `refvmm migrate-status`: the source's view of its migration, as JSON.
@@ -97,11 +103,37 @@ fn signal_name(sig: i32) -> &'static str {
     }
 }
 
-/// Waits for SIGINT/SIGTERM: the first asks the source (on the migration's
-/// own connection) to cancel; the second leaves at once, which the source
-/// also takes as a cancel (before the switchover).
-fn spawn_signal_thread(set: libc::sigset_t, conn: UnixStream, interrupted: Arc<AtomicBool>) {
-    std::thread::spawn(move || {
+/// The migrations this client runs, and whether it was interrupted: one
+/// signal thread serves them all (`refvmm migrate --to auto` may try
+/// several hosts in turn, `refvmm evacuate` runs several at once).
+#[derive(Clone)]
+pub struct Session {
+    running: Arc<Mutex<Vec<UnixStream>>>,
+    interrupted: Arc<AtomicBool>,
+}
+
+impl Session {
+    /// Blocks SIGINT/SIGTERM and starts the thread that waits for them:
+    /// the first asks the source of every running migration (on the
+    /// migration's own connection) to cancel; the second leaves at once,
+    /// which each source also takes as a cancel (before the switchover).
+    pub fn start() -> Session {
+        let set = block_stop_signals();
+        let s = Session {
+            running: Arc::new(Mutex::new(Vec::new())),
+            interrupted: Arc::new(AtomicBool::new(false)),
+        };
+        let me = s.clone();
+        std::thread::spawn(move || me.wait_signals(set));
+        s
+    }
+
+    /// Whether SIGINT/SIGTERM came.
+    pub fn interrupted(&self) -> bool {
+        self.interrupted.load(Ordering::SeqCst)
+    }
+
+    fn wait_signals(&self, set: libc::sigset_t) {
         let mut count = 0;
         loop {
             let mut sig: libc::c_int = 0;
@@ -118,23 +150,84 @@ fn spawn_signal_thread(set: libc::sigset_t, conn: UnixStream, interrupted: Arc<A
                 );
                 std::process::exit(i32::from(EXIT_INTERRUPTED));
             }
-            interrupted.store(true, Ordering::SeqCst);
+            self.interrupted.store(true, Ordering::SeqCst);
             eprintln!(
                 "\nrefvmm: {}: cancelling the migration (interrupt again to leave without waiting)",
                 signal_name(sig)
             );
             let req = json!({"cmd":"migrate-cancel","reason":format!("interrupted by {}", signal_name(sig))});
-            if let Err(e) = send_line(&conn, &req) {
-                eprintln!("refvmm: could not ask for the cancel: {e}");
+            for conn in self
+                .running
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .iter()
+            {
+                if let Err(e) = send_line(conn, &req) {
+                    eprintln!("refvmm: could not ask for the cancel: {e}");
+                }
             }
         }
-    });
+    }
+
+    /// Runs one migration: sends the request, shows progress (a status
+    /// bar only with `bar` on a terminal; event lines prefixed with
+    /// `label`), cancels on SIGINT/SIGTERM. Returns the report when the
+    /// guest moved.
+    pub fn run(
+        &self,
+        api: &Path,
+        req: &Value,
+        label: &str,
+        bar: bool,
+    ) -> Result<Value, ClientFail> {
+        if self.interrupted() {
+            return Err(ClientFail(
+                EXIT_CANCELLED,
+                "interrupted before the migration started: the guest stays on the source".into(),
+            ));
+        }
+        let conn = connect(api)?;
+        send_line(&conn, req).map_err(|e| ClientFail(1, e.to_string()))?;
+        let sig_conn = conn.try_clone().map_err(|e| ClientFail(1, e.to_string()))?;
+        let fd = sig_conn.as_raw_fd();
+        self.running
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .push(sig_conn);
+        let tty = bar && std::io::stderr().is_terminal();
+        let display = Arc::new(Mutex::new(Display {
+            tty,
+            drawn: false,
+            label: label.to_string(),
+        }));
+        let stop = Arc::new(AtomicBool::new(false));
+        if tty {
+            spawn_poller(api.to_path_buf(), display.clone(), stop.clone());
+        }
+        let reply = read_result(conn, &display);
+        stop.store(true, Ordering::SeqCst);
+        self.running
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .retain(|c| c.as_raw_fd() != fd);
+        {
+            // No status line after this: the outcome is the last word.
+            let mut d = display.lock().unwrap_or_else(|e| e.into_inner());
+            d.tty = false;
+            if d.drawn {
+                eprintln!();
+            }
+        }
+        outcome(&reply?)
+    }
 }
 
 /// The progress display: one line redrawn on a terminal, plain lines
 /// otherwise.
 struct Display {
     tty: bool,
+    /// Prefix of event lines (the VM's name when several migrate).
+    label: String,
     /// The status line is on screen (to clear before a plain line).
     drawn: bool,
 }
@@ -146,7 +239,7 @@ impl Display {
             let _ = write!(e, "\r\x1b[2K");
             self.drawn = false;
         }
-        let _ = writeln!(e, "{text}");
+        let _ = writeln!(e, "{}{text}", self.label);
     }
 
     fn bar(&mut self, q: &Value) {
@@ -232,30 +325,24 @@ fn spawn_poller(api: PathBuf, display: Arc<Mutex<Display>>, stop: Arc<AtomicBool
 /// `refvmm migrate`: sends the request, shows progress, and cancels on
 /// SIGINT/SIGTERM. Prints the report on stdout when the guest moved.
 pub fn migrate(api: &Path, req: &Value) -> Result<(), ClientFail> {
-    let set = block_stop_signals();
-    let conn = connect(api)?;
-    send_line(&conn, req).map_err(|e| ClientFail(1, e.to_string()))?;
-    let interrupted = Arc::new(AtomicBool::new(false));
-    let sig_conn = conn.try_clone().map_err(|e| ClientFail(1, e.to_string()))?;
-    spawn_signal_thread(set, sig_conn, interrupted.clone());
-    let tty = std::io::stderr().is_terminal();
-    let display = Arc::new(Mutex::new(Display { tty, drawn: false }));
-    let stop = Arc::new(AtomicBool::new(false));
-    if tty {
-        spawn_poller(api.to_path_buf(), display.clone(), stop.clone());
-    }
-    let reply = read_result(conn, &display);
-    stop.store(true, Ordering::SeqCst);
-    {
-        // No status line after this: the outcome is the last word.
-        let mut d = display.lock().unwrap_or_else(|e| e.into_inner());
-        d.tty = false;
-        if d.drawn {
-            eprintln!();
-        }
-    }
-    let reply = reply?;
-    outcome(&reply, interrupted.load(Ordering::SeqCst))
+    let session = Session::start();
+    let report = session.run(api, req, "", true)?;
+    print_migrated(&report, session.interrupted());
+    Ok(())
+}
+
+/// The report on stdout and the outcome on stderr.
+pub fn print_migrated(report: &Value, interrupted: bool) {
+    println!(
+        "{}",
+        serde_json::to_string_pretty(report).unwrap_or_default()
+    );
+    let late = if interrupted {
+        " (the interrupt came after the switchover had begun, too late to cancel)"
+    } else {
+        ""
+    };
+    eprintln!("refvmm: migrated: the guest runs on the destination{late}");
 }
 
 /// Reads event lines until the result.
@@ -277,20 +364,10 @@ fn read_result(conn: UnixStream, display: &Mutex<Display>) -> Result<Value, Clie
     ))
 }
 
-/// The exit code and message for the source's final reply.
-fn outcome(reply: &Value, interrupted: bool) -> Result<(), ClientFail> {
+/// The report, or the exit code and message, for the source's final reply.
+fn outcome(reply: &Value) -> Result<Value, ClientFail> {
     if reply["result"] == "ok" {
-        println!(
-            "{}",
-            serde_json::to_string_pretty(&reply["report"]).unwrap_or_default()
-        );
-        let late = if interrupted {
-            " (the interrupt came after the switchover had begun, too late to cancel)"
-        } else {
-            ""
-        };
-        eprintln!("refvmm: migrated: the guest runs on the destination{late}");
-        return Ok(());
+        return Ok(reply["report"].clone());
     }
     let phase = reply["phase"].as_str().unwrap_or("?");
     let error = reply["error"].as_str().unwrap_or("?");
@@ -326,7 +403,7 @@ mod tests {
 
     #[test]
     fn exit_codes_follow_the_outcome() {
-        let code = |v: Value| outcome(&v, false).err().map(|f| f.0);
+        let code = |v: Value| outcome(&v).err().map(|f| f.0);
         assert_eq!(
             code(json!({"result":"error","status":"cancelled"})),
             Some(4)

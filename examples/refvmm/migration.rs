@@ -124,7 +124,7 @@ impl MigrateTls {
     }
 
     /// The TLS configuration, if TLS was asked for.
-    fn config(&self) -> Result<Option<livemig_tls::TlsConfig>, String> {
+    pub(crate) fn config(&self) -> Result<Option<livemig_tls::TlsConfig>, String> {
         match (&self.cert, &self.key, &self.ca) {
             (Some(c), Some(k), Some(a)) => Ok(Some(livemig_tls::TlsConfig {
                 cert_chain: c.clone(),

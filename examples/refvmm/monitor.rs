@@ -94,6 +94,18 @@ struct Limits {
 pub struct MigrationMonitor {
     running: Mutex<Option<Running>>,
     last: Mutex<Option<Value>>,
+    /// A `dirty-rate` measurement runs (it has its own dirty tracker):
+    /// a migration must not start meanwhile, nor it during a migration.
+    measuring: std::sync::atomic::AtomicBool,
+}
+
+/// Held while a `dirty-rate` measurement runs; ends it when dropped.
+pub struct Measuring<'a>(&'a MigrationMonitor);
+
+impl Drop for Measuring<'_> {
+    fn drop(&mut self) {
+        self.0.measuring.store(false, Ordering::SeqCst);
+    }
 }
 
 /// Held by the thread that runs a migration; ends it in the monitor when
@@ -126,6 +138,11 @@ impl MigrationMonitor {
         if g.is_some() {
             return Err("refused: a migration of this VM is running");
         }
+        if self.measuring.load(Ordering::SeqCst) {
+            return Err(
+                "refused: a dirty-rate measurement of this VM is running; try again when it ends",
+            );
+        }
         let cancel = CancelToken::new();
         let sent = Arc::new(AtomicU64::new(0));
         let now = Instant::now();
@@ -155,6 +172,20 @@ impl MigrationMonitor {
             sent,
             finished: false,
         })
+    }
+
+    /// Registers a dirty-rate measurement; refused while a migration or
+    /// another measurement runs.
+    pub fn begin_measure(&self) -> Result<Measuring<'_>, &'static str> {
+        let g = self.lock();
+        if g.is_some() {
+            return Err("refused: a migration of this VM is running");
+        }
+        if self.measuring.swap(true, Ordering::SeqCst) {
+            return Err("refused: a dirty-rate measurement of this VM is already running");
+        }
+        drop(g);
+        Ok(Measuring(self))
     }
 
     /// Cancels the running migration on behalf of `by` (said in the status

@@ -1,5 +1,6 @@
-//! `refvmm place` and `refvmm migrate --to auto`: choosing a destination
-//! host with `livemig-placement` (see docs/placement.md).
+//! `refvmm place`: choosing a destination host from files with
+//! `livemig-placement` (see docs/placement.md; `migrate --to auto` is in
+//! auto.rs).
 //!
 //! All the logic lives in the library; this is the command-line glue:
 //! reading the files, checking that every migration address is one refvmm
@@ -97,44 +98,4 @@ pub fn cmd_place(hosts: &Path, vm: &Path, explain: bool, json: bool) -> Result<(
         print!("{}", render_decision(&decision, explain));
     }
     Ok(())
-}
-
-/// `refvmm migrate --to auto`: chooses the destination exactly as `place`
-/// does, reports the choice and the ranked table on stderr, and returns
-/// the chosen host's name and migration address.
-pub fn choose_address(hosts: &Path, vm: &Path) -> Result<(String, String), CliError> {
-    let (hosts, vm) = load(hosts, vm)?;
-    let decision = choose(&hosts, &vm, |e| {
-        if let PlacementError::NoEligibleHost { excluded, .. } = e {
-            eprint!("{}", render_exclusions(excluded));
-        }
-    })?;
-    eprint!("{}", render_decision(&decision, false));
-    Ok((decision.chosen.name, decision.chosen.migration_address))
-}
-
-/// Resolves `migrate --to`: `auto` (which needs `--hosts` and `--vm`)
-/// chooses with [`choose_address`]; any other value is used as given, and
-/// then `--hosts`/`--vm` must be absent.
-pub fn resolve_destination(
-    to: &str,
-    hosts: Option<&Path>,
-    vm: Option<&Path>,
-) -> Result<String, CliError> {
-    match (to, hosts, vm) {
-        ("auto", Some(h), Some(v)) => {
-            let (name, address) = choose_address(h, v)?;
-            eprintln!("refvmm: --to auto: migrating to host `{name}` at {address}");
-            Ok(address)
-        }
-        ("auto", _, _) => Err((
-            2,
-            "--to auto needs --hosts <hosts.json> and --vm <vm.json>".to_string(),
-        )),
-        (_, None, None) => Ok(to.to_string()),
-        _ => Err((
-            2,
-            "--hosts and --vm are only used with --to auto".to_string(),
-        )),
-    }
 }

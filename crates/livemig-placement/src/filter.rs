@@ -181,6 +181,7 @@ mod tests {
             link_bandwidth_mib_s: 1000,
             labels: ["rack:r1"].iter().map(|s| s.to_string()).collect(),
             maintenance: false,
+            agent: None,
         }
     }
 

@@ -48,6 +48,7 @@ pub mod error;
 pub mod filter;
 pub mod input;
 pub mod model;
+pub mod predict;
 pub mod report;
 pub mod score;
 
@@ -58,4 +59,5 @@ pub use error::{InputError, PlacementError, ValidationError};
 pub use filter::Reason;
 pub use input::{load_hosts, load_vm, parse_hosts, parse_vm, validate_hosts, validate_vm};
 pub use model::{Host, Vm};
+pub use predict::{predict, PredictLimits, Prediction};
 pub use score::{Facts, Term, Terms};

@@ -25,7 +25,8 @@ use serde::{Deserialize, Serialize};
 ///   "cpu_features": [],
 ///   "link_bandwidth_mib_s": 1200,
 ///   "labels": [],
-///   "maintenance": false
+///   "maintenance": false,
+///   "agent": null
 /// }
 /// ```
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -65,6 +66,12 @@ pub struct Host {
     /// The host is in maintenance and must not receive VMs. Default false.
     #[serde(default)]
     pub maintenance: bool,
+    /// The endpoint of the host's capacity agent (`refvmm agent`), e.g.
+    /// `tcp:10.0.0.4:7070`: refvmm asks it for live facts and uses this
+    /// entry's values only when it does not answer. Placement itself
+    /// ignores it. Default none.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub agent: Option<String>,
 }
 
 /// The VM to migrate.

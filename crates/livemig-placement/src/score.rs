@@ -234,6 +234,7 @@ mod tests {
             link_bandwidth_mib_s: 1000,
             labels: Default::default(),
             maintenance: false,
+            agent: None,
         }
     }
 

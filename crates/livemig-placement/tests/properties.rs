@@ -51,6 +51,7 @@ prop_compose! {
             link_bandwidth_mib_s: bandwidth,
             labels: set(labels),
             maintenance,
+            agent: None,
         }
     }
 }
@@ -324,6 +325,7 @@ fn ten_thousand_hosts() {
                 link_bandwidth_mib_s: 500 + next(2000),
                 labels: BTreeSet::new(),
                 maintenance: next(50) == 0,
+                agent: None,
             }
         })
         .collect();
