@@ -492,3 +492,63 @@ fn ctrl_c_during_auto_cancels_and_tries_no_other_host() {
         assert_eq!(cap["host"]["memory_free_mib"], 4096, "{cap}");
     }
 }
+
+/// The pids of `pid`'s children (every thread's).
+fn children_of(pid: u32) -> Vec<u32> {
+    let tasks = std::fs::read_dir(format!("/proc/{pid}/task")).unwrap();
+    tasks
+        .flatten()
+        .filter_map(|t| std::fs::read_to_string(t.path().join("children")).ok())
+        .flat_map(|s| {
+            s.split_whitespace()
+                .filter_map(|p| p.parse().ok())
+                .collect::<Vec<u32>>()
+        })
+        .collect()
+}
+
+/// Whether `pid` is gone or a zombie.
+fn exited(pid: u32) -> bool {
+    match std::fs::read_to_string(format!("/proc/{pid}/stat")) {
+        Err(_) => true,
+        Ok(s) => s
+            .rsplit(')')
+            .next()
+            .is_some_and(|r| r.trim_start().starts_with('Z')),
+    }
+}
+
+/// A receiver the agent started must stop on SIGTERM like any process: the
+/// agent waits for its own stop signals with them blocked, and a blocked
+/// mask is inherited across exec — the receiver must not inherit it.
+#[test]
+fn a_receiver_started_by_the_agent_stops_on_sigterm() {
+    let Some(_kvm) = common::kvm_or_skip("a_receiver_started_by_the_agent_stops_on_sigterm") else {
+        return;
+    };
+    let dir = scratch_dir("agentsigterm");
+    let agent = Agent::start(&dir, "hostS", &["--memory-mib", "512"]);
+    let r = agent.ask(&json!({"cmd":"prepare-receive","vm":"v","memory_mib":64,"vcpus":1}));
+    assert_eq!(r["result"], "ok", "{r}");
+    let kids = children_of(agent.child.id());
+    assert_eq!(kids.len(), 1, "the agent's children: {kids:?}");
+    let rx = kids[0];
+    let status = std::fs::read_to_string(format!("/proc/{rx}/status")).unwrap();
+    let blocked = status
+        .lines()
+        .find_map(|l| l.strip_prefix("SigBlk:"))
+        .map(|v| u64::from_str_radix(v.trim(), 16).unwrap())
+        .unwrap();
+    assert_eq!(
+        blocked & (1 << (libc::SIGTERM - 1)),
+        0,
+        "the receiver starts with SIGTERM blocked (SigBlk {blocked:#x})"
+    );
+    // SAFETY: kill(2) on a pid we just read; at worst it is gone (ESRCH).
+    unsafe { libc::kill(rx as i32, libc::SIGTERM) };
+    let gone = (0..200).any(|_| {
+        std::thread::sleep(Duration::from_millis(50));
+        exited(rx)
+    });
+    assert!(gone, "the receiver {rx} ignored SIGTERM for 10 s");
+}

@@ -277,6 +277,7 @@ impl Agent {
             cmd.arg("--tls-key").arg(k);
             cmd.arg("--tls-ca").arg(a);
         }
+        unblock_stop_signals_on_exec(&mut cmd);
         let mut child = cmd
             .stdin(Stdio::null())
             .stdout(Stdio::null())
@@ -466,6 +467,28 @@ fn listener(args: &AgentArgs, endpoint: &Endpoint) -> Result<Accept, Fail> {
             eprintln!("refvmm agent: answering on {}", l.local_endpoint());
             Ok(Box::new(move || l.accept().map_err(|e| e.to_string())))
         }
+    }
+}
+
+/// Makes `cmd`'s process start with SIGINT/SIGTERM unblocked: the agent's
+/// threads block them (see [`on_stop_signal`]) and a blocked mask survives
+/// exec, so a receiver would otherwise ignore SIGTERM.
+fn unblock_stop_signals_on_exec(cmd: &mut Command) {
+    use std::os::unix::process::CommandExt;
+    // SAFETY: the closure runs in the child between fork and exec and only
+    // calls sigemptyset/sigaddset on a local set and pthread_sigmask, all
+    // async-signal-safe; it allocates nothing and takes no lock.
+    unsafe {
+        cmd.pre_exec(|| {
+            let mut set: libc::sigset_t = std::mem::zeroed();
+            libc::sigemptyset(&mut set);
+            libc::sigaddset(&mut set, libc::SIGINT);
+            libc::sigaddset(&mut set, libc::SIGTERM);
+            match libc::pthread_sigmask(libc::SIG_UNBLOCK, &set, std::ptr::null_mut()) {
+                0 => Ok(()),
+                e => Err(std::io::Error::from_raw_os_error(e)),
+            }
+        });
     }
 }
 
