@@ -42,6 +42,8 @@ use std::time::{Duration, Instant};
 
 use serde_json::Value;
 
+use crate::harness::Vmm;
+
 /// The link's device in both namespaces.
 pub const LINK_DEV: &str = "lnk0";
 
@@ -280,6 +282,16 @@ impl ShapedLink {
             .iter()
             .map(|s| s.to_string())
             .collect()
+    }
+
+    /// Spawns `refvmm <args> --api-socket <dir>/<name>.sock` on `side`
+    /// (inside its namespace); the API socket is a file, reachable from
+    /// any namespace.
+    pub fn refvmm(&self, side: Side, dir: &Path, name: &str, args: &[&str]) -> Result<Vmm, String> {
+        let api = dir.join(format!("{name}.sock"));
+        let mut a: Vec<String> = args.iter().map(|s| s.to_string()).collect();
+        a.extend(["--api-socket".into(), api.to_string_lossy().into_owned()]);
+        Vmm::spawn_prefixed(name, &self.exec_prefix(side), &a, api)
     }
 
     /// The namespace of `side`, its loopback up, and its TAP opened there.

@@ -57,12 +57,8 @@ fn the_link_is_shaped() {
     assert!(f.bytes >= bytes, "the delay line carried {f:?}");
 }
 
-/// `refvmm` with `args` (plus `--api-socket`) on `side` of the link.
 fn vmm_on(link: &ShapedLink, side: Side, dir: &std::path::Path, name: &str, args: &[&str]) -> Vmm {
-    let api = dir.join(format!("{name}.sock"));
-    let mut a: Vec<String> = args.iter().map(|s| s.to_string()).collect();
-    a.extend(["--api-socket".into(), api.to_string_lossy().into_owned()]);
-    Vmm::spawn_prefixed(name, &link.exec_prefix(side), &a, api).unwrap()
+    link.refvmm(side, dir, name, args).unwrap()
 }
 
 #[test]
