@@ -352,12 +352,14 @@ impl ShapedLink {
             (b, a, self.counters[1].clone()),
         ] {
             let (tx, rx) = mpsc::channel();
+            let (free_tx, free_rx) = mpsc::channel();
             let stop = self.stop.clone();
             self.threads.push(std::thread::spawn(move || {
-                read_frames(&from, one_way, &tx, &stop)
+                read_frames(&from, one_way, &tx, &free_rx, &stop)
             }));
-            self.threads
-                .push(std::thread::spawn(move || write_frames(&to, &rx, &c)));
+            self.threads.push(std::thread::spawn(move || {
+                write_frames(&to, &rx, &free_tx, &c)
+            }));
         }
     }
 
@@ -561,12 +563,18 @@ fn readable(f: &File, ms: i32) -> io::Result<bool> {
     }
 }
 
-/// The delay line's intake: every frame `from` gives is queued with the
-/// time it may leave (now + `delay`), until `stop` or an error.
+/// A frame in the delay line: when it may leave, its buffer (recycled,
+/// [`FRAME_MAX`] long) and its length.
+type Queued = (Instant, Vec<u8>, usize);
+
+/// The delay line's intake: every frame `from` gives is read into a buffer
+/// the output gave back (or a new one) and queued with the time it may
+/// leave (now + `delay`), until `stop` or an error.
 fn read_frames(
     from: &File,
     delay: Duration,
-    tx: &mpsc::Sender<(Instant, Vec<u8>)>,
+    tx: &mpsc::Sender<Queued>,
+    free: &mpsc::Receiver<Vec<u8>>,
     stop: &AtomicBool,
 ) {
     let mut buf = vec![0u8; FRAME_MAX];
@@ -580,10 +588,9 @@ fn read_frames(
         match r.read(&mut buf) {
             Ok(0) => return,
             Ok(n) => {
-                if tx
-                    .send((Instant::now() + delay, buf[..n].to_vec()))
-                    .is_err()
-                {
+                let next = free.try_recv().unwrap_or_else(|_| vec![0u8; FRAME_MAX]);
+                let full = std::mem::replace(&mut buf, next);
+                if tx.send((Instant::now() + delay, full, n)).is_err() {
                     return;
                 }
             }
@@ -594,27 +601,37 @@ fn read_frames(
 }
 
 /// The delay line's output: writes each queued frame to `to` once its time
-/// has come; ends when the intake does.
-fn write_frames(to: &File, rx: &mpsc::Receiver<(Instant, Vec<u8>)>, c: &Counters) {
+/// has come and gives its buffer back to the intake; ends when the intake
+/// does.
+fn write_frames(
+    to: &File,
+    rx: &mpsc::Receiver<Queued>,
+    free: &mpsc::Sender<Vec<u8>>,
+    c: &Counters,
+) {
     const VNET_HDR_LEN: u64 = 10;
-    while let Ok((at, frame)) = rx.recv() {
+    while let Ok((at, buf, len)) = rx.recv() {
         let now = Instant::now();
         if at > now {
             std::thread::sleep(at - now);
         }
+        let frame = &buf[..len];
         let mut w = to;
-        match w.write(&frame) {
-            Ok(_) => {
+        // A TAP takes a frame whole or not at all.
+        match w.write(frame) {
+            Ok(n) if n == frame.len() => {
                 c.frames.fetch_add(1, Ordering::Relaxed);
                 c.bytes.fetch_add(
                     (frame.len() as u64).saturating_sub(VNET_HDR_LEN),
                     Ordering::Relaxed,
                 );
             }
-            Err(_) => {
+            Ok(_) | Err(_) => {
                 c.write_errors.fetch_add(1, Ordering::Relaxed);
             }
         }
+        // The intake may have ended; the buffer is then simply dropped.
+        let _ = free.send(buf);
     }
 }
 
