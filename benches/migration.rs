@@ -18,6 +18,12 @@
 //! estimate and the breakdown per part; `LIVEMIG_BENCH_VCPUS=0` skips it,
 //! `LIVEMIG_BENCH_VCPUS=only` runs only it.
 //!
+//! The shaped-links group (`benches/migration/shaped_links.rs`) migrates
+//! an idle and a dirtying guest, refvmm and QEMU, between two network
+//! namespaces joined by a shaped link (1 Gbit/s with 2 ms RTT, 10 Gbit/s
+//! with 0.5 ms RTT); `LIVEMIG_BENCH_LINKS=0` skips it, `=only` runs only
+//! it, `LIVEMIG_BENCH_LINK_RUNS=N` sets its runs per configuration.
+//!
 //! A failed measurement never becomes a number: a run whose heartbeats
 //! cannot tell the switchover gap (a side without heartbeats, the
 //! destination's first heartbeat arriving before the source's last, no
@@ -41,6 +47,10 @@ use livemig_suite::qemu::{
     qboot_path, qemu_path, qemu_version, write_guest_image, QemuConfig, QemuMigrateParams, QemuVm,
 };
 use serde_json::{json, Value};
+
+#[path = "migration/shaped_links.rs"]
+mod shaped_links;
+use shaped_links::{bench_shaped_links, links_mode};
 
 #[derive(Clone)]
 struct Scenario {
@@ -218,9 +228,9 @@ fn bench_scenarios(c: &mut Criterion) {
         eprintln!("*** SKIPPED migration benches: /dev/kvm is not available ***");
         return;
     }
-    if qemu_mode() == "only" || vcpus_mode() == "only" {
+    if qemu_mode() == "only" || vcpus_mode() == "only" || links_mode() == "only" {
         eprintln!(
-            "*** SKIPPED refvmm scenarios: LIVEMIG_BENCH_QEMU=only or LIVEMIG_BENCH_VCPUS=only ***"
+            "*** SKIPPED refvmm scenarios: LIVEMIG_BENCH_QEMU=only, LIVEMIG_BENCH_VCPUS=only or LIVEMIG_BENCH_LINKS=only ***"
         );
         return;
     }
@@ -305,8 +315,10 @@ fn vcpus_mode() -> &'static str {
 }
 
 fn bench_vcpus(_c: &mut Criterion) {
-    if vcpus_mode() == "off" {
-        eprintln!("*** SKIPPED vCPU scenario: LIVEMIG_BENCH_VCPUS=0 ***");
+    if vcpus_mode() == "off" || links_mode() == "only" {
+        eprintln!(
+            "*** SKIPPED vCPU scenario: LIVEMIG_BENCH_VCPUS=0 or LIVEMIG_BENCH_LINKS=only ***"
+        );
         return;
     }
     if !livemig_kvm::kvm_available() {
@@ -557,6 +569,11 @@ fn write_summary() {
         md.push('\n');
         md.push_str(&v);
     }
+    let links = shaped_links::summary();
+    if let Some((l, _)) = &links {
+        md.push('\n');
+        md.push_str(l);
+    }
     let out = std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
         .join("target")
         .join("livemig-bench");
@@ -574,6 +591,7 @@ fn write_summary() {
                 "qemu_max_bandwidth": QEMU_MAX_BANDWIDTH,
                 "rows": r,
             })),
+            "shaped_links": links.map(|(_, r)| r),
         }))
         .unwrap_or_default(),
     );
@@ -940,9 +958,9 @@ fn cmp_qemu(
 }
 
 fn bench_qemu_side_by_side(_c: &mut Criterion) {
-    if qemu_mode() == "off" || vcpus_mode() == "only" {
+    if qemu_mode() == "off" || vcpus_mode() == "only" || links_mode() == "only" {
         eprintln!(
-            "*** SKIPPED QEMU side-by-side: LIVEMIG_BENCH_QEMU=0 or LIVEMIG_BENCH_VCPUS=only ***"
+            "*** SKIPPED QEMU side-by-side: LIVEMIG_BENCH_QEMU=0, LIVEMIG_BENCH_VCPUS=only or LIVEMIG_BENCH_LINKS=only ***"
         );
         return;
     }
@@ -1088,6 +1106,7 @@ fn write_all_summaries(_c: &mut Criterion) {
     if RESULTS.lock().unwrap().is_empty()
         && CMP.lock().unwrap().is_empty()
         && VCPU_RESULTS.lock().unwrap().is_empty()
+        && !shaped_links::has_results()
     {
         return;
     }
@@ -1099,6 +1118,7 @@ criterion_group!(
     bench_scenarios,
     bench_qemu_side_by_side,
     bench_vcpus,
+    bench_shaped_links,
     write_all_summaries
 );
 criterion_main!(benches);

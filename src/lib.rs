@@ -6,4 +6,5 @@
 pub mod demo;
 pub mod harness;
 pub mod limits;
+pub mod link;
 pub mod qemu;

@@ -172,6 +172,20 @@ impl Qmp {
         serde_json::from_str(&line).map_err(|e| format!("QMP: bad message '{}': {e}", line.trim()))
     }
 
+    /// Turns on the `multifd` capability with `channels` channels (both
+    /// sides need it, the destination before `migrate-incoming`).
+    pub fn set_multifd(&mut self, channels: u32) -> Result<(), String> {
+        self.execute(
+            "migrate-set-capabilities",
+            json!({"capabilities": [{"capability": "multifd", "state": true}]}),
+        )?;
+        self.execute(
+            "migrate-set-parameters",
+            json!({ "multifd-channels": channels }),
+        )?;
+        Ok(())
+    }
+
     /// Runs one command; returns its `return` value, or the QMP error as text.
     /// Events that arrive meanwhile are kept in [`Qmp::events`].
     pub fn execute(&mut self, cmd: &str, args: Value) -> Result<Value, String> {
@@ -219,7 +233,18 @@ pub struct QemuVm {
 impl QemuVm {
     /// Starts a QEMU that boots the guest.
     pub fn start_source(dir: &Path, name: &str, cfg: &QemuConfig) -> Result<QemuVm, String> {
-        Self::spawn(dir, name, cfg, &[])
+        Self::spawn(dir, name, cfg, &[], &[])
+    }
+
+    /// Starts a QEMU that boots the guest, run as `<prefix...> qemu ...`
+    /// (e.g. `ip netns exec NS`, see [`crate::link::ShapedLink::exec_prefix`]).
+    pub fn start_source_in(
+        dir: &Path,
+        name: &str,
+        cfg: &QemuConfig,
+        prefix: &[String],
+    ) -> Result<QemuVm, String> {
+        Self::spawn(dir, name, cfg, prefix, &[])
     }
 
     /// Starts a QEMU that waits for an incoming migration and listens on a
@@ -229,22 +254,63 @@ impl QemuVm {
         name: &str,
         cfg: &QemuConfig,
     ) -> Result<(QemuVm, String), String> {
-        let mut vm = Self::spawn(dir, name, cfg, &["-incoming".into(), "defer".into()])?;
-        vm.qmp
-            .execute("migrate-incoming", json!({"uri": "tcp:127.0.0.1:0"}))?;
+        Self::start_destination_on(dir, name, cfg, &[], "127.0.0.1", None)
+    }
+
+    /// Starts a QEMU that waits for an incoming migration, run as
+    /// `<prefix...> qemu ...`, listening on `host` (any port); with
+    /// `multifd_channels`, the `multifd` capability and that many channels
+    /// are set before it listens (the source must use the same). Returns
+    /// it and the URI to migrate to.
+    pub fn start_destination_on(
+        dir: &Path,
+        name: &str,
+        cfg: &QemuConfig,
+        prefix: &[String],
+        host: &str,
+        multifd_channels: Option<u32>,
+    ) -> Result<(QemuVm, String), String> {
+        let mut vm = Self::spawn(
+            dir,
+            name,
+            cfg,
+            prefix,
+            &["-incoming".into(), "defer".into()],
+        )?;
+        if let Some(n) = multifd_channels {
+            vm.qmp.set_multifd(n)?;
+        }
+        vm.qmp.execute(
+            "migrate-incoming",
+            json!({ "uri": format!("tcp:{host}:0") }),
+        )?;
         let q = vm.qmp.execute("query-migrate", json!({}))?;
         let port = q["socket-address"]
             .as_array()
             .and_then(|a| a.iter().find(|s| s["type"] == "inet"))
             .and_then(|s| s["port"].as_str().map(str::to_string))
             .ok_or_else(|| format!("{name}: no listening port in {q}"))?;
-        Ok((vm, format!("tcp:127.0.0.1:{port}")))
+        Ok((vm, format!("tcp:{host}:{port}")))
     }
 
-    fn spawn(dir: &Path, name: &str, cfg: &QemuConfig, extra: &[String]) -> Result<QemuVm, String> {
+    fn spawn(
+        dir: &Path,
+        name: &str,
+        cfg: &QemuConfig,
+        prefix: &[String],
+        extra: &[String],
+    ) -> Result<QemuVm, String> {
         let qmp_path = dir.join(format!("{name}.qmp"));
         let _ = std::fs::remove_file(&qmp_path);
-        let mut child = Command::new(&cfg.qemu)
+        let mut cmd = match prefix.split_first() {
+            Some((first, rest)) => {
+                let mut c = Command::new(first);
+                c.args(rest).arg(&cfg.qemu);
+                c
+            }
+            None => Command::new(&cfg.qemu),
+        };
+        let mut child = cmd
             .args(cfg.args())
             .arg("-qmp")
             .arg(format!("unix:{},server=on,wait=off", qmp_path.display()))
@@ -347,6 +413,9 @@ impl QemuVm {
         if p.as_object().is_some_and(|o| !o.is_empty()) {
             self.qmp.execute("migrate-set-parameters", p)?;
         }
+        if let Some(n) = params.multifd_channels {
+            self.qmp.set_multifd(n)?;
+        }
         let effective = self.qmp.execute("query-migrate-parameters", json!({}))?;
         self.qmp.execute("migrate", json!({ "uri": uri }))?;
         let deadline = Instant::now() + params.timeout;
@@ -397,6 +466,10 @@ pub struct QemuMigrateParams {
     pub downtime_limit_ms: Option<u64>,
     /// `max-bandwidth` in bytes/s; `None` keeps QEMU's default (128 MiB/s in 7.2).
     pub max_bandwidth: Option<u64>,
+    /// `multifd` with this many channels (the destination must have been
+    /// started with the same, see [`QemuVm::start_destination_on`]);
+    /// `None` leaves the capability as it is (off unless set earlier).
+    pub multifd_channels: Option<u32>,
     /// Interval between `query-migrate` polls.
     pub poll: Duration,
     /// Give up (and `migrate_cancel`) after this long.
@@ -408,6 +481,7 @@ impl Default for QemuMigrateParams {
         QemuMigrateParams {
             downtime_limit_ms: None,
             max_bandwidth: None,
+            multifd_channels: None,
             poll: Duration::from_millis(5),
             timeout: Duration::from_secs(120),
         }

@@ -120,3 +120,26 @@ impl Drop for Bridge {
         let _ = sh(&["ip", "netns", "del", &self.client]);
     }
 }
+
+/// A [`livemig_suite::link::ShapedLink`] (two namespaces, `rate_bps`,
+/// `rtt`), or None after a loud skip when this machine cannot make one
+/// (a panic instead under `LIVEMIG_REQUIRE_NETNS`). Other set-up errors
+/// fail the test.
+pub fn shaped_link_or_skip(
+    test: &str,
+    rate_bps: u64,
+    rtt: Duration,
+) -> Option<livemig_suite::link::ShapedLink> {
+    use livemig_suite::link::{LinkError, ShapedLink};
+    match ShapedLink::new("t", rate_bps, rtt) {
+        Ok(l) => Some(l),
+        Err(LinkError::Unavailable(why)) => {
+            if std::env::var_os("LIVEMIG_REQUIRE_NETNS").is_some() {
+                panic!("{test}: shaped links need {why}");
+            }
+            eprintln!("\n*** SKIPPED {test}: shaped links need {why} ***\n");
+            None
+        }
+        Err(e) => panic!("{test}: setting up the shaped link: {e}"),
+    }
+}
