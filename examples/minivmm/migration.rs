@@ -4,7 +4,7 @@
 
 use std::collections::BTreeMap;
 
-use livemig::memory::{GuestRam, MemoryLayout};
+use livemig::memory::{GuestMemory, MemoryLayout};
 use livemig::state::{Section, StateError};
 use livemig::transport::{Endpoint, TransportError};
 use livemig::vm::{DestinationVm, DirtyTracker, SourceVm, VcpuThrottle, VmDescription, VmError};
@@ -16,13 +16,13 @@ use livemig_kvm::{check_tsc_khz, DirtyMode, TSC_KHZ_PROPERTY};
 use crate::machine::Machine;
 
 impl SourceVm for Machine {
-    fn memory(&self) -> &GuestRam {
-        &self.ram.guest
+    fn memory(&self) -> &dyn GuestMemory {
+        &self.ram
     }
 
     fn describe(&self) -> Result<VmDescription, VmError> {
         let layout =
-            MemoryLayout::of(&self.ram.guest).map_err(|e| VmError::Incompatible(e.to_string()))?;
+            MemoryLayout::of(&self.ram).map_err(|e| VmError::Incompatible(e.to_string()))?;
         let properties = BTreeMap::from([(TSC_KHZ_PROPERTY.to_string(), self.tsc_khz.to_string())]);
         Ok(VmDescription {
             layout,
@@ -72,8 +72,8 @@ impl SourceVm for Machine {
 }
 
 impl DestinationVm for Machine {
-    fn memory(&self) -> &GuestRam {
-        &self.ram.guest
+    fn memory(&self) -> &dyn GuestMemory {
+        &self.ram
     }
 
     fn restore_state(&mut self, sections: &[Section]) -> Result<(), VmError> {
@@ -160,7 +160,7 @@ pub fn receive_on(listen: &Endpoint, memory: u64) -> Result<(Machine, ReceiveRep
                     desc.vcpus
                 )));
             }
-            livemig::vm::check_layout(&m.ram.guest, desc)?;
+            livemig::vm::check_layout(&m.ram, desc)?;
             Ok(m)
         },
     )?)

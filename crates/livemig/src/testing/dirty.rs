@@ -487,7 +487,7 @@ mod tests {
         );
     }
 
-    /// A manual-protect tracker whose `clear` does not re-arm: pages
+    /// A manual-protect tracker whose `rearm` does not re-arm: pages
     /// written after their chunk was cleared are never reported.
     struct ClearWithoutRearm<'a> {
         inner: Box<dyn DirtyTracker + 'a>,

@@ -73,7 +73,7 @@ pub enum SoftTracking {
     /// thereby write-protects) the page; `sync` reads the bits without
     /// clearing them; a write to a protected page sets its bit and lifts the
     /// protection (the write fault). The check-and-store of a write and a
-    /// `clear` exclude each other, as KVM's `mmu_lock` makes them.
+    /// `rearm` exclude each other, as KVM's `mmu_lock` makes them.
     ManualProtect,
 }
 
@@ -92,7 +92,7 @@ struct Shared {
     /// region (unused in [`SoftTracking::Bitmap`]).
     protected: Vec<AtomicBitmap>,
     /// Manual-protect model: writers hold it shared around check-and-store,
-    /// `clear` holds it exclusively (KVM's mmu_lock).
+    /// `rearm` holds it exclusively (KVM's mmu_lock).
     mmu: RwLock<()>,
     tracking: SoftTracking,
     logging: AtomicBool,
