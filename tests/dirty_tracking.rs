@@ -412,13 +412,12 @@ struct Mirror {
 
 impl Mirror {
     fn new(w: &PageWriter) -> Mirror {
-        let guest: Vec<(*mut u8, u64)> = w
-            .vm
-            .memory()
-            .regions()
-            .iter()
-            .map(|r| (r.host, r.len / 4096))
-            .collect();
+        let guest: Vec<(*mut u8, u64)> =
+            w.vm.memory()
+                .regions()
+                .iter()
+                .map(|r| (r.host, r.len / 4096))
+                .collect();
         let dest = guest
             .iter()
             .map(|(_, n)| Anon::new((n * 4096) as usize))

@@ -274,7 +274,8 @@ impl Machine {
         if *stopped {
             return Err("the VM is paused: device writes are stopped".into());
         }
-        self.vm.ram()
+        self.vm
+            .ram()
             .write_obj(value, GuestAddress(gpa))
             .map_err(|e| format!("write at 0x{gpa:x}: {e}"))
     }

@@ -209,7 +209,8 @@ impl Machine {
     /// Loads `program` at [`CODE`] and points vCPU 0 at it (real mode,
     /// CS = 0, DS = 0x8000).
     fn load(&self, program: &[u8]) {
-        self.vm.ram()
+        self.vm
+            .ram()
             .write_slice(program, GuestAddress(CODE))
             .unwrap();
         self.vm
@@ -306,12 +307,8 @@ impl Machine {
         let sections = self.vm.save_state().expect("save state");
         let mut next = Machine::new(line, counter);
         let mut ram = vec![0u8; MEMORY as usize];
-        self.vm.ram()
-            .read_slice(&mut ram, GuestAddress(0))
-            .unwrap();
-        next.vm.ram()
-            .write_slice(&ram, GuestAddress(0))
-            .unwrap();
+        self.vm.ram().read_slice(&mut ram, GuestAddress(0)).unwrap();
+        next.vm.ram().write_slice(&ram, GuestAddress(0)).unwrap();
         drop(self);
         next.vm.restore_state(&sections).expect("restore state");
         next

@@ -36,7 +36,10 @@ pub const PAGE_SIZE: u64 = 4096;
 pub fn host_page_size() -> u64 {
     // SAFETY: sysconf only reads a system constant.
     let n = unsafe { libc::sysconf(libc::_SC_PAGESIZE) };
-    u64::try_from(n).ok().filter(|n| *n > 0).unwrap_or(PAGE_SIZE)
+    u64::try_from(n)
+        .ok()
+        .filter(|n| *n > 0)
+        .unwrap_or(PAGE_SIZE)
 }
 
 /// How a region's host mapping is backed. The engine uses it to learn,

@@ -6,7 +6,7 @@ use std::fs::File;
 use std::os::fd::{AsFd, AsRawFd, FromRawFd};
 use std::time::Duration;
 
-use livemig::memory::{Backing, GuestMemory, HostRegion, MemoryLayout, RegionDesc};
+use livemig::memory::{Backing, GuestMemory, HostRegion, MemoryLayout};
 use livemig::testing::soft::{SoftConfig, SoftTracking, SoftVm};
 use livemig::transport::mem;
 use livemig::vm::SourceVm;
@@ -43,7 +43,12 @@ unsafe impl Sync for OwnMemory {}
 
 impl OwnMemory {
     fn new(regions: &[(u64, u64, Kind)]) -> OwnMemory {
-        OwnMemory(regions.iter().map(|&(a, l, k)| Region::map(a, l, k)).collect())
+        OwnMemory(
+            regions
+                .iter()
+                .map(|&(a, l, k)| Region::map(a, l, k))
+                .collect(),
+        )
     }
 
     /// Writes `byte` over every byte (what a destination might hold
@@ -174,7 +179,10 @@ fn migrate_own_memory(tracking: SoftTracking) {
     let before = src.writes();
     migrate(&src, Box::new(a), &config, &CancelToken::new(), &mut |_| {}).expect("migration");
     let dst = dest.join().unwrap().expect("destination");
-    assert!(src.writes() > before, "the writers ran during the migration");
+    assert!(
+        src.writes() > before,
+        "the writers ran during the migration"
+    );
     let (want, got) = (src.snapshot(), dst.snapshot());
     assert_eq!(want.len(), got.len());
     let differ = want.iter().zip(&got).filter(|(a, b)| a != b).count();
@@ -208,8 +216,14 @@ fn memory_that_differs_from_its_description_is_refused() {
         })
         .map(|_| ())
     });
-    let e = migrate(&src, Box::new(a), &MigrationConfig::default(), &CancelToken::new(), &mut |_| {})
-        .unwrap_err();
+    let e = migrate(
+        &src,
+        Box::new(a),
+        &MigrationConfig::default(),
+        &CancelToken::new(),
+        &mut |_| {},
+    )
+    .unwrap_err();
     assert!(e.to_string().contains("memory layout differs"), "{e}");
     assert!(dest.join().unwrap().is_err());
 }

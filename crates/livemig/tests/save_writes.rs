@@ -44,7 +44,10 @@ impl SourceVm for WritingDevice {
     fn save_state(&self) -> Result<Vec<Section>, VmError> {
         // Like a device flushing a completion into guest memory at save.
         let n = self.saves.fetch_add(1, Ordering::SeqCst) + 1;
-        let ram = self.vm.ram().ok_or(VmError::Pause("not vm-memory".into()))?;
+        let ram = self
+            .vm
+            .ram()
+            .ok_or(VmError::Pause("not vm-memory".into()))?;
         ram.write_obj(0xC0DE_0000_0000_0000 | n, GuestAddress(GPA))
             .map_err(|e| VmError::Pause(e.to_string()))?;
         self.vm.save_state()

@@ -61,11 +61,13 @@ fn idle_vm_memory_identical() {
     // Some content, including a page that will be all-zero again later.
     use vm_memory::{Bytes, GuestAddress};
     for i in 0..1000u64 {
-        src.ram().expect("vm-memory")
+        src.ram()
+            .expect("vm-memory")
             .write_obj(i * 7 + 1, GuestAddress(i * 4096 * 3))
             .unwrap();
     }
-    src.ram().expect("vm-memory")
+    src.ram()
+        .expect("vm-memory")
         .write_obj(0xfeedu64, GuestAddress((4 << 30) + 8))
         .unwrap();
     src.start();

@@ -48,31 +48,25 @@ fn backing(r: &GuestRegionMmap<AtomicBitmap>) -> Backing<'_> {
 fn or_bitmap(bitmap: &AtomicBitmap, region_len: u64, words: &mut [u64]) {
     let bits = bitmap.get_and_reset();
     let nbits = bitmap.len() as u64;
-    let pages = region_len / PAGE_SIZE;
-    if nbits == pages {
+    if nbits == region_len / PAGE_SIZE {
         for (w, b) in words.iter_mut().zip(&bits) {
             *w |= *b;
         }
         return;
     }
-    let per_bit = if nbits > 0 && region_len % (nbits * PAGE_SIZE) == 0 {
-        region_len / (nbits * PAGE_SIZE)
-    } else {
-        0
+    if nbits == 0 || !region_len.is_multiple_of(nbits * PAGE_SIZE) {
+        words.iter_mut().for_each(|w| *w = u64::MAX);
+        return;
+    }
+    let per_bit = region_len / (nbits * PAGE_SIZE);
+    let set = |bit: u64| {
+        bits.get((bit / 64) as usize)
+            .is_some_and(|w| w & (1 << (bit % 64)) != 0)
     };
-    for bit in 0..nbits {
-        let set = bits
-            .get((bit / 64) as usize)
-            .is_some_and(|w| w & (1 << (bit % 64)) != 0);
-        if per_bit == 0 {
-            words.iter_mut().for_each(|w| *w = u64::MAX);
-            return;
-        }
-        if set {
-            for p in bit * per_bit..(bit + 1) * per_bit {
-                if let Some(w) = words.get_mut((p / 64) as usize) {
-                    *w |= 1 << (p % 64);
-                }
+    for bit in (0..nbits).filter(|b| set(*b)) {
+        for p in bit * per_bit..(bit + 1) * per_bit {
+            if let Some(w) = words.get_mut((p / 64) as usize) {
+                *w |= 1 << (p % 64);
             }
         }
     }
@@ -136,7 +130,8 @@ mod tests {
         let r = m.regions();
         assert_eq!(r.len(), 2);
         assert!(matches!(r[1].backing, Backing::PrivateAnonymous));
-        m.write_obj(7u64, GuestAddress((1 << 20) + 65 * 4096)).unwrap();
+        m.write_obj(7u64, GuestAddress((1 << 20) + 65 * 4096))
+            .unwrap();
         let mut words = [0u64; 2];
         m.take_vmm_dirty(1, &mut words);
         assert_eq!(words, [0, 2]);

@@ -220,11 +220,20 @@ impl SoftVm {
                 Inner::Other(m) => &**m,
             };
             let regions = mem.regions();
-            if let Some(r) = regions.iter().find(|r| !(r.host as u64).is_multiple_of(PAGE_SIZE)) {
-                return Err(create(format!("host address {:p} is not 4 KiB aligned", r.host)));
+            if let Some(r) = regions
+                .iter()
+                .find(|r| !(r.host as u64).is_multiple_of(PAGE_SIZE))
+            {
+                return Err(create(format!(
+                    "host address {:p} is not 4 KiB aligned",
+                    r.host
+                )));
             }
             let bases: Vec<usize> = regions.iter().map(|r| r.host as usize).collect();
-            (MemoryLayout::of(mem).map_err(|e| create(e.to_string()))?, bases)
+            (
+                MemoryLayout::of(mem).map_err(|e| create(e.to_string()))?,
+                bases,
+            )
         };
         let layout = &layout;
         let bitmaps = || -> Vec<AtomicBitmap> {
