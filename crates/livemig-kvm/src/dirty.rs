@@ -654,7 +654,14 @@ fn collect(rings: &[RingMap], slots: &[(u32, u64)], inner: &mut RingInner) -> u6
     taken
 }
 
-/// The KVM dirty tracker over a VM's slots.
+/// The KVM dirty tracker over a VM's slots (slot `i` is the layout's region
+/// `i`).
+///
+/// KVM's dirty log counts pages of 4 KiB on x86-64 (the only architecture
+/// this crate supports), the engine's page. In manual-protect mode it is a
+/// [`Rearm::BeforeRead`] tracker: `KVM_CLEAR_DIRTY_LOG` takes 64-page
+/// blocks, so [`DirtyTracker::rearm`] rounds each range out to whole blocks
+/// and masks the pages outside it; any range may be asked for.
 pub struct KvmDirtyTracker<'a> {
     vm: &'a VmFd,
     slots: &'a [Slot],
