@@ -229,7 +229,8 @@ impl<'a> HostRam<'a> {
 
     /// Makes every page of every region read as zero, cheaply where the
     /// backing allows: private anonymous memory is dropped
-    /// (`MADV_DONTNEED`), a shared file's range is punched out
+    /// (`MADV_DONTNEED`, if the region is whole host pages), a shared
+    /// file's range is punched out
     /// (`FALLOC_FL_PUNCH_HOLE`), anything else is overwritten with zeros.
     /// Only for memory no vCPU runs on (the destination before the guest
     /// exists there). Returns the regions that had to be overwritten.
@@ -238,13 +239,14 @@ impl<'a> HostRam<'a> {
         for r in &self.regions {
             let len = (r.pages * PAGE_SIZE) as usize;
             let dropped = match r.zero {
-                // SAFETY: ptr..ptr+len is one private anonymous mapping
-                // (the GuestMemory contract); dropping its pages makes them
-                // read as zero, which is the point. An address not aligned
-                // to the host page fails with EINVAL and is zeroed below.
-                ZeroKnowledge::Pagemap => unsafe {
+                // SAFETY: ptr..ptr+len is private anonymous memory (the
+                // GuestMemory contract); dropping its pages makes them read
+                // as zero, which is the point. Only whole host pages: the
+                // kernel would round a shorter length up, past the region.
+                ZeroKnowledge::Pagemap if self.host_aligned(r.ptr, len) => unsafe {
                     libc::madvise(r.ptr as *mut libc::c_void, len, libc::MADV_DONTNEED) == 0
                 },
+                ZeroKnowledge::Pagemap => false,
                 ZeroKnowledge::FileHoles { fd, offset } => {
                     // SAFETY: fallocate on a descriptor the guest memory
                     // keeps open; the range is the region's own.
@@ -267,6 +269,13 @@ impl<'a> HostRam<'a> {
             }
         }
         written
+    }
+}
+
+impl HostRam<'_> {
+    /// Whether `ptr .. ptr + len` is whole host pages.
+    fn host_aligned(&self, ptr: *mut u8, len: usize) -> bool {
+        (ptr as u64).is_multiple_of(self.host_page) && (len as u64).is_multiple_of(self.host_page)
     }
 }
 

@@ -75,8 +75,8 @@ fn or_bitmap(bitmap: &AtomicBitmap, region_len: u64, words: &mut [u64]) {
 // SAFETY: vm-memory's regions are mappings owned by the `GuestMemoryMmap`
 // (or, for a region built `with_raw_mmap_pointer`, by whoever built it, who
 // promised vm-memory the mapping outlives the region); they are fixed for
-// the object's lifetime, sorted by address (`from_regions` sorts and
-// rejects overlaps) and readable and writable (vm-memory maps them
+// the object's lifetime, sorted by address (vm-memory refuses unsorted
+// or overlapping regions) and readable and writable (vm-memory maps them
 // `PROT_READ | PROT_WRITE`). The backing comes from the flags and file
 // offset the region was mapped with, and the `FileOffset` keeps the file
 // open as long as the region lives.
