@@ -385,6 +385,62 @@ mod tests {
         assert_eq!(got, vec![3, 4]); // pages 5 and 6, from page 2; page 63 is past the end
     }
 
+    /// Memory described by hand: `(guest_addr, host, len)` per region.
+    struct Described(Vec<(u64, *mut u8, u64)>);
+    // SAFETY: test-only; the regions are never dereferenced, only checked.
+    unsafe impl Send for Described {}
+    // SAFETY: as above.
+    unsafe impl Sync for Described {}
+    // SAFETY: HostRam::new refuses these before any access (the test).
+    unsafe impl GuestMemory for Described {
+        fn regions(&self) -> Vec<crate::memory::HostRegion<'_>> {
+            let other = Backing::Other;
+            let r =
+                |&(a, h, l): &(u64, *mut u8, u64)| crate::memory::HostRegion::new(a, h, l, other);
+            self.0.iter().map(r).collect()
+        }
+        fn take_vmm_dirty(&self, _: usize, _: &mut [u64]) {}
+    }
+
+    #[test]
+    fn memory_that_does_not_fit_the_layout_is_refused_by_name() {
+        let layout = MemoryLayout::new(vec![crate::memory::RegionDesc {
+            guest_addr: 0x10000,
+            size: 4 * PAGE_SIZE,
+        }])
+        .unwrap();
+        let host = 0x7f00_0000_0000usize as *mut u8;
+        let len = 4 * PAGE_SIZE;
+        let cases: [(Vec<(u64, *mut u8, u64)>, HostRegionError); 4] = [
+            (vec![], HostRegionError::RegionCount { have: 0, want: 1 }),
+            (
+                vec![(0x10000, host, len), (0x20000, host, len)],
+                HostRegionError::RegionCount { have: 2, want: 1 },
+            ),
+            (
+                vec![(0x10000, host, len - PAGE_SIZE)],
+                HostRegionError::Mismatch {
+                    index: 0,
+                    have_addr: 0x10000,
+                    have_len: len - PAGE_SIZE,
+                    want_addr: 0x10000,
+                    want_len: len,
+                },
+            ),
+            (
+                vec![(0x10000, host.wrapping_add(8), len)],
+                HostRegionError::Unaligned {
+                    index: 0,
+                    host: host as usize + 8,
+                },
+            ),
+        ];
+        for (regions, want) in cases {
+            let mem = Described(regions);
+            assert_eq!(HostRam::new(&mem, &layout).err(), Some(want));
+        }
+    }
+
     #[cfg(feature = "vm-memory")]
     #[test]
     fn pagemap_is_read_across_its_buffer_and_an_unreadable_one_means_read_all() {
