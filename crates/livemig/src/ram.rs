@@ -385,8 +385,11 @@ mod tests {
         assert_eq!(got, vec![3, 4]); // pages 5 and 6, from page 2; page 63 is past the end
     }
 
-    /// Memory described by hand: `(guest_addr, host, len)` per region.
-    struct Described(Vec<(u64, *mut u8, u64)>);
+    /// A region described by hand: `(guest_addr, host, len)`.
+    type Raw = (u64, *mut u8, u64);
+
+    /// Memory described by hand.
+    struct Described(Vec<Raw>);
     // SAFETY: test-only; the regions are never dereferenced, only checked.
     unsafe impl Send for Described {}
     // SAFETY: as above.
@@ -411,7 +414,7 @@ mod tests {
         .unwrap();
         let host = 0x7f00_0000_0000usize as *mut u8;
         let len = 4 * PAGE_SIZE;
-        let cases: [(Vec<(u64, *mut u8, u64)>, HostRegionError); 4] = [
+        let cases: [(Vec<Raw>, HostRegionError); 4] = [
             (vec![], HostRegionError::RegionCount { have: 0, want: 1 }),
             (
                 vec![(0x10000, host, len), (0x20000, host, len)],
