@@ -79,14 +79,14 @@ fn ms(d: Duration) -> f64 {
 /// Re-arms (manual-protect) the pages set in `with`, 1024-page chunks.
 fn rearm(t: &mut dyn DirtyTracker, with: &DirtyBitmap) -> Duration {
     let t0 = Instant::now();
-    if t.needs_clear() {
+    if t.rearm_mode() == livemig::vm::Rearm::BeforeRead {
         for r in 0..with.num_regions() {
             let pages = with.region_pages(r);
             let mut c = 0;
             while c < pages {
                 let n = 1024.min(pages - c);
                 if with.any_in(r, c, c + n) {
-                    t.clear(r, c, n, with).unwrap();
+                    t.rearm(r, c, n, with).unwrap();
                 }
                 c += n;
             }

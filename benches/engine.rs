@@ -52,7 +52,9 @@ fn source(content: Content) -> SoftVm {
                     let line = format!("{:<63}\n", format!("page {p:08} line {i:02} lorem ipsum"));
                     c.copy_from_slice(&line.as_bytes()[..64]);
                 }
-                let _ = vm.ram().write_slice(&page, GuestAddress(p * 4096));
+                if let Some(ram) = vm.ram() {
+                    let _ = ram.write_slice(&page, GuestAddress(p * 4096));
+                }
             }
         }
     }
@@ -62,7 +64,10 @@ fn source(content: Content) -> SoftVm {
 
 fn populate(vm: &SoftVm, layout: &MemoryLayout) {
     for r in layout.regions() {
-        if let Ok(p) = vm.ram().get_host_address(GuestAddress(r.guest_addr)) {
+        let host = vm
+            .ram()
+            .map(|m| m.get_host_address(GuestAddress(r.guest_addr)));
+        if let Some(Ok(p)) = host {
             // SAFETY: p .. p + size is this region's own mapping.
             unsafe { libc::madvise(p.cast(), r.size as usize, libc::MADV_POPULATE_WRITE) };
         }

@@ -13,7 +13,7 @@ use std::time::{Duration, Instant};
 use livemig::bitmap::DirtyBitmap;
 use livemig::memory::MemoryLayout;
 use livemig::testing::dirty::{check_dirty_tracker, PageRun, PageWindow};
-use livemig::vm::{DirtyTracker, SourceVm};
+use livemig::vm::{DirtyTracker, Rearm, SourceVm};
 use livemig_kvm::DirtyMode;
 use livemig_suite::harness::{log_of, migrate, refvmm_path, scratch_dir, start_destination, Vmm};
 use pagewriter::PageWriter;
@@ -52,14 +52,14 @@ fn set_of(b: &DirtyBitmap) -> BTreeSet<u64> {
 /// Re-arms every page in manual-protect mode, chunk by chunk as the engine
 /// does (no-op in the other modes).
 fn clear_all(t: &mut dyn DirtyTracker, with: &DirtyBitmap) {
-    if !t.needs_clear() {
+    if t.rearm_mode() != Rearm::BeforeRead {
         return;
     }
     let pages = with.region_pages(0);
     let mut c = 0;
     while c < pages {
         let n = 4096.min(pages - c);
-        t.clear(0, c, n, with).unwrap();
+        t.rearm(0, c, n, with).unwrap();
         c += n;
     }
 }
@@ -412,17 +412,12 @@ struct Mirror {
 
 impl Mirror {
     fn new(w: &PageWriter) -> Mirror {
-        use vm_memory::{GuestAddress, GuestMemoryBackend};
-        let mem = w.vm.memory();
-        let layout = MemoryLayout::of(mem).unwrap();
-        let guest: Vec<(*mut u8, u64)> = layout
-            .regions()
-            .iter()
-            .map(|r| {
-                let p = mem.get_host_address(GuestAddress(r.guest_addr)).unwrap();
-                (p, r.pages())
-            })
-            .collect();
+        let guest: Vec<(*mut u8, u64)> =
+            w.vm.memory()
+                .regions()
+                .iter()
+                .map(|r| (r.host, r.len / 4096))
+                .collect();
         let dest = guest
             .iter()
             .map(|(_, n)| Anon::new((n * 4096) as usize))
@@ -462,8 +457,8 @@ impl Mirror {
             let mut chunk = 0;
             while chunk < pages {
                 let end = (chunk + CHUNK).min(pages);
-                if t.needs_clear() {
-                    t.clear(region, chunk, end - chunk, &all).unwrap();
+                if t.rearm_mode() == Rearm::BeforeRead {
+                    t.rearm(region, chunk, end - chunk, &all).unwrap();
                 }
                 // SAFETY: chunk < pages: inside the region's mapping.
                 let exist = populated(unsafe { g.add((chunk * 4096) as usize) }, end - chunk);
@@ -487,8 +482,8 @@ impl Mirror {
             while chunk < pages {
                 let end = (chunk + CHUNK).min(pages);
                 if bitmap.any_in(region, chunk, end) {
-                    if clear && t.needs_clear() {
-                        t.clear(region, chunk, end - chunk, bitmap).unwrap();
+                    if clear && t.rearm_mode() == Rearm::BeforeRead {
+                        t.rearm(region, chunk, end - chunk, bitmap).unwrap();
                     }
                     self.copy_set(bitmap, region, chunk, end);
                 }

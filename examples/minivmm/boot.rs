@@ -7,8 +7,8 @@
 
 use kvm_bindings::kvm_segment;
 use kvm_ioctls::VcpuFd;
-use livemig::memory::GuestRam;
-use vm_memory::{Bytes, GuestAddress};
+
+use crate::ram::{Ram, RamError};
 
 /// `EAX` at the kernel's entry.
 const BOOTLOADER_MAGIC: u64 = 0x2BAD_B002;
@@ -28,8 +28,8 @@ pub enum BootError {
     #[error("kernel image: {0}")]
     Image(String),
     /// Writing guest memory failed (segment outside RAM).
-    #[error("writing guest memory at 0x{0:x}: {1}")]
-    Memory(u64, vm_memory::GuestMemoryError),
+    #[error(transparent)]
+    Memory(#[from] RamError),
     /// Setting the vCPU registers failed.
     #[error("{0}: {1}")]
     Kvm(&'static str, kvm_ioctls::Error),
@@ -48,7 +48,7 @@ fn u32_at(b: &[u8], off: usize) -> Result<u32, BootError> {
 }
 
 /// Loads `image` into `mem` with `cmdline`; returns the entry point.
-pub fn load(mem: &GuestRam, image: &[u8], cmdline: &str, ram_size: u64) -> Result<u32, BootError> {
+pub fn load(mem: &Ram, image: &[u8], cmdline: &str, ram_size: u64) -> Result<u32, BootError> {
     if image.get(..6) != Some(&[0x7f, b'E', b'L', b'F', 1, 1][..]) {
         return Err(BootError::Image("not a little-endian ELF32 file".into()));
     }
@@ -66,14 +66,13 @@ pub fn load(mem: &GuestRam, image: &[u8], cmdline: &str, ram_size: u64) -> Resul
             .get(offset..offset + filesz)
             .ok_or_else(|| BootError::Image(format!("segment {i} outside the file")))?;
         let at = u64::from(paddr);
-        mem.write_slice(bytes, GuestAddress(at))
-            .map_err(|e| BootError::Memory(at, e))?;
+        mem.write(at, bytes)?;
     }
     write_info(mem, cmdline, ram_size)?;
     Ok(entry)
 }
 
-fn write_info(mem: &GuestRam, cmdline: &str, ram_size: u64) -> Result<(), BootError> {
+fn write_info(mem: &Ram, cmdline: &str, ram_size: u64) -> Result<(), BootError> {
     let mut cmd = cmdline.as_bytes()[..cmdline.len().min(MAX_CMDLINE)].to_vec();
     cmd.push(0);
     let mem_upper_kib = (ram_size.saturating_sub(1 << 20) >> 10) as u32;
@@ -84,10 +83,8 @@ fn write_info(mem: &GuestRam, cmdline: &str, ram_size: u64) -> Result<(), BootEr
     {
         info[i * 4..i * 4 + 4].copy_from_slice(&v.to_le_bytes());
     }
-    mem.write_slice(&cmd, GuestAddress(CMDLINE_ADDR))
-        .map_err(|e| BootError::Memory(CMDLINE_ADDR, e))?;
-    mem.write_slice(&info, GuestAddress(INFO_ADDR))
-        .map_err(|e| BootError::Memory(INFO_ADDR, e))
+    mem.write(CMDLINE_ADDR, &cmd)?;
+    Ok(mem.write(INFO_ADDR, &info)?)
 }
 
 /// Sets `fd` to the Multiboot hand-off state: flat 32-bit protected mode,

@@ -2,7 +2,7 @@
 //! [`Machine`], and the calls into `livemig`. (docs/embedding.md, "A second
 //! VMM", counts these lines.)
 
-use livemig::memory::{GuestRam, MemoryLayout};
+use livemig::memory::{GuestMemory, MemoryLayout};
 use livemig::state::Section;
 use livemig::transport::{Endpoint, TransportError};
 use livemig::vm::{DestinationVm, DirtyTracker, SourceVm, VcpuThrottle, VmDescription, VmError};
@@ -13,13 +13,13 @@ use livemig_kvm::DirtyMode;
 use crate::machine::Machine;
 
 impl SourceVm for Machine {
-    fn memory(&self) -> &GuestRam {
-        &self.ram.guest
+    fn memory(&self) -> &dyn GuestMemory {
+        &self.ram
     }
 
     fn describe(&self) -> Result<VmDescription, VmError> {
         let layout =
-            MemoryLayout::of(&self.ram.guest).map_err(|e| VmError::Incompatible(e.to_string()))?;
+            MemoryLayout::of(&self.ram).map_err(|e| VmError::Incompatible(e.to_string()))?;
         Ok(self.kvm.describe(layout, vec![]))
     }
 
@@ -53,8 +53,8 @@ impl SourceVm for Machine {
 }
 
 impl DestinationVm for Machine {
-    fn memory(&self) -> &GuestRam {
-        &self.ram.guest
+    fn memory(&self) -> &dyn GuestMemory {
+        &self.ram
     }
 
     fn restore_state(&mut self, sections: &[Section]) -> Result<(), VmError> {
@@ -104,7 +104,7 @@ pub fn receive_on(listen: &Endpoint, memory: u64) -> Result<(Machine, ReceiveRep
         |desc| {
             let mut m = Machine::create(memory, DirtyMode::Classic)
                 .map_err(|e| VmError::Create(e.to_string()))?;
-            livemig::vm::check_layout(&m.ram.guest, desc)?;
+            livemig::vm::check_layout(&m.ram, desc)?;
             m.kvm.check_incoming(desc)?;
             Ok(m)
         },

@@ -1,16 +1,11 @@
 //! Guest memory that minivmm owns: one memfd, mapped `MAP_SHARED` once, at
-//! guest-physical 0. The engine sees it through `livemig::memory::GuestRam`
-//! (vm-memory), built over this mapping without vm-memory allocating or
-//! mapping anything itself.
+//! guest-physical 0. The engine sees it through `livemig::memory::GuestMemory`,
+//! implemented right here (no vm-memory).
 
 use std::fs::File;
-use std::os::fd::{AsRawFd, FromRawFd};
-use std::sync::Arc;
+use std::os::fd::{AsFd, AsRawFd, FromRawFd};
 
-use livemig::memory::GuestRam;
-use vm_memory::bitmap::{AtomicBitmap, NewBitmap};
-use vm_memory::mmap::MmapRegionBuilder;
-use vm_memory::{FileOffset, GuestAddress, GuestRegionMmap};
+use livemig::memory::{Backing, GuestMemory, HostRegion};
 
 /// Errors setting up guest memory.
 #[derive(Debug, thiserror::Error)]
@@ -18,16 +13,15 @@ pub enum RamError {
     /// `memfd_create`, `ftruncate` or `mmap` failed.
     #[error("{0}: {1}")]
     Os(&'static str, std::io::Error),
-    /// vm-memory refused the mapping.
-    #[error("wrapping the mapping for the engine: {0}")]
-    Wrap(String),
+    /// A write outside guest memory.
+    #[error("guest range 0x{0:x}+0x{1:x} is outside RAM")]
+    Outside(u64, usize),
     /// The size is zero or not a multiple of 4 KiB.
     #[error("memory size {0} is not a non-zero multiple of 4 KiB")]
     Size(u64),
 }
 
-/// The mapping: unmapped on drop. The memfd stays open as long as the
-/// `GuestRam` (which holds it through its `FileOffset`) lives.
+/// The mapping: unmapped on drop.
 struct Mapping {
     ptr: *mut u8,
     len: usize,
@@ -42,17 +36,15 @@ unsafe impl Sync for Mapping {}
 impl Drop for Mapping {
     fn drop(&mut self) {
         // SAFETY: ptr/len are exactly what mmap returned; nothing uses the
-        // mapping any more (the GuestRam that borrows it is dropped first,
-        // see the field order of `Ram`).
+        // mapping any more (the engine borrows the `Ram` that owns this).
         unsafe { libc::munmap(self.ptr.cast(), self.len) };
     }
 }
 
 /// Guest RAM: `size` bytes at guest-physical 0.
 pub struct Ram {
-    /// The engine's view (declared first: dropped before the mapping).
-    pub guest: GuestRam,
     mapping: Mapping,
+    file: File,
 }
 
 impl Ram {
@@ -82,8 +74,22 @@ impl Ram {
             ptr: ptr.cast(),
             len,
         };
-        let guest = wrap(&mapping, file)?;
-        Ok(Ram { guest, mapping })
+        Ok(Ram { mapping, file })
+    }
+
+    /// Copies `data` into guest memory at `gpa` (the boot loader's writes,
+    /// before the guest runs).
+    pub fn write(&self, gpa: u64, data: &[u8]) -> Result<(), RamError> {
+        let end = gpa.checked_add(data.len() as u64);
+        if end.is_none_or(|e| e > self.size()) {
+            return Err(RamError::Outside(gpa, data.len()));
+        }
+        // SAFETY: gpa..gpa+len lies inside the mapping (checked above).
+        unsafe {
+            let dst = self.mapping.ptr.add(gpa as usize);
+            std::ptr::copy_nonoverlapping(data.as_ptr(), dst, data.len());
+        }
+        Ok(())
     }
 
     /// Host address of guest-physical 0.
@@ -113,22 +119,20 @@ fn memfd(size: u64) -> Result<File, RamError> {
     Ok(file)
 }
 
-/// The engine's seam: a one-region `GuestRam` over our mapping. The
-/// `FileOffset` and `MAP_SHARED` tell the engine the region is a shared
-/// file, so it finds never-written pages with `SEEK_DATA`/`SEEK_HOLE` and
-/// clears a destination's memory by punching holes.
-fn wrap(m: &Mapping, file: File) -> Result<GuestRam, RamError> {
-    let bitmap = AtomicBitmap::with_len(m.len);
-    // SAFETY: ptr..ptr+len is one live mapping owned by `Ram`, which drops
-    // the GuestRam before it unmaps.
-    let region =
-        unsafe { MmapRegionBuilder::new_with_bitmap(m.len, bitmap).with_raw_mmap_pointer(m.ptr) }
-            .with_mmap_prot(libc::PROT_READ | libc::PROT_WRITE)
-            .with_mmap_flags(libc::MAP_SHARED | libc::MAP_NORESERVE)
-            .with_file_offset(FileOffset::from_arc(Arc::new(file), 0))
-            .build()
-            .map_err(|e| RamError::Wrap(e.to_string()))?;
-    let region = GuestRegionMmap::new(region, GuestAddress(0))
-        .ok_or_else(|| RamError::Wrap("region wraps around".into()))?;
-    GuestRam::from_regions(vec![region]).map_err(|e| RamError::Wrap(e.to_string()))
+// SAFETY: one region, the whole mapping, which lives (mapped read-write,
+// never remapped) as long as `Ram`; mmap returns page-aligned addresses.
+// It is a `MAP_SHARED` mapping of `file` from offset 0, which `Ram` keeps
+// open, so the engine finds never-written pages with SEEK_DATA/SEEK_HOLE
+// and clears a destination's memory by punching holes.
+unsafe impl GuestMemory for Ram {
+    fn regions(&self) -> Vec<HostRegion<'_>> {
+        let (fd, offset) = (self.file.as_fd(), 0);
+        let backing = Backing::SharedFile { fd, offset };
+        vec![HostRegion::new(0, self.mapping.ptr, self.size(), backing)]
+    }
+
+    /// Nothing to add: minivmm's devices never write guest memory (its
+    /// serial port has no DMA), and the boot loader writes before dirty
+    /// tracking starts.
+    fn take_vmm_dirty(&self, _region: usize, _words: &mut [u64]) {}
 }

@@ -42,7 +42,6 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use livemig::memory::GuestRam;
-use livemig::vm::SourceVm;
 use livemig::Progress;
 use serde_json::{json, Value};
 use vm_memory::{Bytes, GuestAddress, GuestMemoryBackend, GuestMemoryRegion};
@@ -172,7 +171,7 @@ fn handle(
                     livemig::GuardState::Ambiguous => "ambiguous",
                 },
                 "vcpus": m.vm.vcpus().len(),
-                "memory": m.vm.memory().iter().map(|r| r.len()).sum::<u64>(),
+                "memory": m.vm.ram().iter().map(|r| r.len()).sum::<u64>(),
             }),
             // Through the migration guard: refused while a migration runs
             // and for good after one committed or became ambiguous.
@@ -231,7 +230,7 @@ fn handle(
                 let gpa = req["gpa"].as_u64().unwrap_or(0);
                 let len = req["len"].as_u64().unwrap_or(8).min(4096) as usize;
                 let mut buf = vec![0u8; len];
-                match m.vm.memory().read_slice(&mut buf, GuestAddress(gpa)) {
+                match m.vm.ram().read_slice(&mut buf, GuestAddress(gpa)) {
                     Ok(()) => {
                         json!({"result":"ok","hex": buf.iter().map(|b| format!("{b:02x}")).collect::<String>()})
                     }
@@ -272,7 +271,7 @@ fn handle(
                     Err(e) => json!({"result":"error","error":e}),
                 }
             }
-            "memory-hash" => json!({"result":"ok","regions": hash_regions(m.vm.memory())}),
+            "memory-hash" => json!({"result":"ok","regions": hash_regions(m.vm.ram())}),
             "quit" => {
                 send(&mut w, &json!({"result":"ok"})).map_err(|e| e.to_string())?;
                 let _ = events.send(ApiEvent::Quit);

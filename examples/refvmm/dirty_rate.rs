@@ -21,7 +21,7 @@ use std::time::{Duration, Instant};
 
 use livemig::bitmap::DirtyBitmap;
 use livemig::memory::MemoryLayout;
-use livemig::vm::{DirtyTracker, SourceVm};
+use livemig::vm::{DirtyTracker, Rearm, SourceVm};
 use serde_json::{json, Value};
 
 use crate::monitor::MigrationMonitor;
@@ -84,10 +84,10 @@ pub enum DirtyRateError {
 /// writes since `start`).
 fn arm(t: &mut dyn DirtyTracker, bitmap: &mut DirtyBitmap) -> Result<(), DirtyRateError> {
     let e = |e: livemig::vm::VmError| DirtyRateError::Tracker(e.to_string());
-    if t.needs_clear() {
+    if t.rearm_mode() == Rearm::BeforeRead {
         bitmap.set_all();
         for r in 0..bitmap.num_regions() {
-            t.clear(r, 0, bitmap.region_pages(r), bitmap).map_err(e)?;
+            t.rearm(r, 0, bitmap.region_pages(r), bitmap).map_err(e)?;
         }
     } else {
         t.sync(bitmap).map_err(e)?;

@@ -517,7 +517,7 @@ fn cmd_run(
             cmdline = format!("{cmdline} tsc_khz={khz}").trim().to_string();
         }
     }
-    let loaded = multiboot::load(livemig::vm::SourceVm::memory(&machine.vm), &image, &cmdline)
+    let loaded = multiboot::load(machine.vm.ram(), &image, &cmdline)
         .map_err(|e| usage(format!("kernel '{kernel}': {e}")))?;
     log::info!(
         "kernel entry 0x{:x}, info at 0x{:x}",

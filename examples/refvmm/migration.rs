@@ -10,7 +10,7 @@ use livemig::policy::{MigrationConfig, OnLimit};
 use livemig::transport::{
     connect, listen, Dialer, Endpoint, OwnedAcceptor, StreamAcceptor, StreamOpener, Transport,
 };
-use livemig::vm::{SourceVm, VmError};
+use livemig::vm::VmError;
 use livemig::{receive_streams, Progress, ReceiveConfig};
 use livemig_kvm::serial::SerialOutput;
 use livemig_kvm::{check_compatible, check_properties};
@@ -239,7 +239,7 @@ pub(crate) fn do_migrate(
         Ok(c) => c,
         Err(e) => return setup_error(e),
     };
-    let memory = m.vm.memory().iter().map(|r| r.len()).sum::<u64>();
+    let memory = m.vm.ram().iter().map(|r| r.len()).sum::<u64>();
     let active = match monitor.begin(memory, &cfg) {
         Ok(a) => a,
         Err(e) => return setup_error(e.into()),

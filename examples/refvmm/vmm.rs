@@ -13,7 +13,7 @@ use livemig_kvm::serial::{SerialDevice, SerialOutput, COM1_IRQ, COM1_PORT};
 use livemig_kvm::{DirtyMode, ExitHandler, KvmVm, MemoryBackend, SharedDevice, VmConfig};
 use livemig_virtio::{NetCounters, VirtioNet, MMIO_WINDOW};
 
-use livemig::memory::GuestRam;
+use livemig::memory::GuestMemory;
 use livemig::state::Section;
 use livemig::vm::{DirtyTracker, SourceVm, VcpuThrottle, VmDescription, VmError};
 use vm_memory::{Bytes, GuestAddress};
@@ -185,7 +185,7 @@ impl Machine {
         }
         for (i, n) in nics.iter().enumerate() {
             let n = n.lock().unwrap_or_else(|e| e.into_inner());
-            n.attach_memory(SourceVm::memory(&vm).clone());
+            n.attach_memory(vm.ram().clone());
             let gsi = VIRTIO_NET_GSI + i as u32;
             vm.vm_fd()
                 .register_irqfd(n.irq_evt(), gsi)
@@ -274,7 +274,8 @@ impl Machine {
         if *stopped {
             return Err("the VM is paused: device writes are stopped".into());
         }
-        SourceVm::memory(&self.vm)
+        self.vm
+            .ram()
             .write_obj(value, GuestAddress(gpa))
             .map_err(|e| format!("write at 0x{gpa:x}: {e}"))
     }
@@ -333,7 +334,7 @@ impl Machine {
 /// vCPUs *and* the VMM's own writers, which is what every embedding VMM must
 /// do for its device threads.
 impl SourceVm for Machine {
-    fn memory(&self) -> &GuestRam {
+    fn memory(&self) -> &dyn GuestMemory {
         SourceVm::memory(&self.vm)
     }
     fn describe(&self) -> Result<VmDescription, VmError> {
@@ -428,7 +429,7 @@ impl DestMachine {
 }
 
 impl livemig::vm::DestinationVm for DestMachine {
-    fn memory(&self) -> &livemig::memory::GuestRam {
+    fn memory(&self) -> &dyn livemig::memory::GuestMemory {
         livemig::vm::DestinationVm::memory(&self.machine.vm)
     }
     fn restore_state(&mut self, sections: &[livemig::state::Section]) -> Result<(), VmError> {

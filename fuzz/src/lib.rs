@@ -658,7 +658,7 @@ pub fn receive_stream(stream: &[u8]) -> Received {
             )));
         }
         let vm = SoftVm::new(&desc.layout, &idle)?;
-        *lock(&keep) = Some(vm.ram().clone());
+        *lock(&keep) = vm.ram().cloned();
         Ok(vm)
     })
     .map(|(_vm, report)| report);

@@ -184,7 +184,7 @@ impl PageWriter {
             vec![],
         )
         .expect("create VM");
-        let mem = livemig::vm::SourceVm::memory(&vm);
+        let mem = vm.ram();
         let gdt: [u64; 8] = [
             0,
             0x00af_9a00_0000_ffff,

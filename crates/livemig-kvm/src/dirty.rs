@@ -16,7 +16,7 @@ use kvm_bindings::{
 };
 use kvm_ioctls::{VcpuFd, VmFd};
 use livemig::bitmap::DirtyBitmap;
-use livemig::vm::{DirtyTracker, VmError, VmOp};
+use livemig::vm::{DirtyTracker, Rearm, VmError, VmOp};
 use vmm_sys_util::ioctl::{ioctl, ioctl_with_ref};
 
 mod ioctls {
@@ -654,7 +654,14 @@ fn collect(rings: &[RingMap], slots: &[(u32, u64)], inner: &mut RingInner) -> u6
     taken
 }
 
-/// The KVM dirty tracker over a VM's slots.
+/// The KVM dirty tracker over a VM's slots (slot `i` is the layout's region
+/// `i`).
+///
+/// KVM's dirty log counts pages of 4 KiB on x86-64 (the only architecture
+/// this crate supports), the engine's page. In manual-protect mode it is a
+/// [`Rearm::BeforeRead`] tracker: `KVM_CLEAR_DIRTY_LOG` takes 64-page
+/// blocks, so [`DirtyTracker::rearm`] rounds each range out to whole blocks
+/// and masks the pages outside it; any range may be asked for.
 pub struct KvmDirtyTracker<'a> {
     vm: &'a VmFd,
     slots: &'a [Slot],
@@ -740,11 +747,15 @@ impl DirtyTracker for KvmDirtyTracker<'_> {
         Ok(())
     }
 
-    fn needs_clear(&self) -> bool {
-        self.mode == DirtyMode::ManualProtect
+    fn rearm_mode(&self) -> Rearm {
+        if self.mode == DirtyMode::ManualProtect {
+            Rearm::BeforeRead
+        } else {
+            Rearm::OnSync
+        }
     }
 
-    fn clear(
+    fn rearm(
         &mut self,
         region: usize,
         first_page: u64,
@@ -757,31 +768,34 @@ impl DirtyTracker for KvmDirtyTracker<'_> {
         let slot = self
             .slots
             .get(region)
-            .ok_or_else(|| VmError::DirtyLog(format!("clear: no region {region}")))?;
+            .ok_or_else(|| VmError::DirtyLog(format!("rearm: no region {region}")))?;
         let slot_pages = slot.size / 4096;
-        if !first_page.is_multiple_of(64) || first_page >= slot_pages {
-            return Err(VmError::DirtyLog(format!(
-                "clear: first page {first_page} of slot {} not 64-aligned or out of range",
-                slot.slot
-            )));
+        let end = first_page.saturating_add(npages).min(slot_pages);
+        if first_page >= end {
+            return Ok(());
         }
-        let npages = npages.min(slot_pages - first_page);
+        // KVM_CLEAR_DIRTY_LOG takes a 64-page-aligned first page and a
+        // multiple of 64 pages (unless the range ends the slot): round the
+        // range out to whole bitmap words and mask the pages outside
+        // `first_page..end` out of them, so exactly the pages asked for are
+        // re-armed.
+        let (w0, w1) = ((first_page / 64) as usize, end.div_ceil(64) as usize);
         let words = bitmap.words(region);
-        let w0 = (first_page / 64) as usize;
-        let wn = npages.div_ceil(64) as usize;
         self.scratch.clear();
         self.scratch
-            .extend_from_slice(words.get(w0..(w0 + wn).min(words.len())).unwrap_or(&[]));
+            .extend_from_slice(words.get(w0..w1.min(words.len())).unwrap_or(&[]));
+        self.scratch.resize(w1 - w0, 0);
+        if let Some(w) = self.scratch.first_mut() {
+            *w &= u64::MAX << (first_page % 64);
+        }
+        if let Some(w) = self.scratch.last_mut().filter(|_| end % 64 != 0) {
+            *w &= (1u64 << (end % 64)) - 1;
+        }
         if self.scratch.iter().all(|w| *w == 0) {
             return Ok(());
         }
-        self.scratch.resize(wn, 0);
-        // KVM wants num_pages a multiple of 64 unless the range ends the slot.
-        let num_pages = if first_page + npages == slot_pages {
-            npages
-        } else {
-            npages.div_ceil(64) * 64
-        };
+        let first_page = w0 as u64 * 64;
+        let num_pages = (w1 as u64 * 64).min(slot_pages) - first_page;
         let mut arg = kvm_clear_dirty_log {
             slot: slot.slot,
             num_pages: num_pages as u32,

@@ -307,7 +307,6 @@ mod tests {
     use std::sync::Arc;
 
     use kvm_bindings::kvm_regs;
-    use livemig::vm::SourceVm;
     use vm_memory::{Bytes, GuestAddress};
 
     use super::ExitHandler;
@@ -340,7 +339,7 @@ mod tests {
             dirty_mode: None,
         };
         let vm = KvmVm::create(&cfg, Arc::new(NoDevices), vec![]).expect("create VM");
-        SourceVm::memory(&vm)
+        vm.ram()
             .write_slice(&[0xf4, 0xeb, 0xfd], GuestAddress(0x1000))
             .expect("load");
         vm.with_vcpu(0, |fd| {

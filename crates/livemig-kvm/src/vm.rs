@@ -9,7 +9,7 @@ use std::time::Duration;
 
 use kvm_bindings::KVM_MAX_CPUID_ENTRIES;
 use kvm_ioctls::{Cap, Kvm, VcpuFd, VmFd};
-use livemig::memory::{GuestRam, MemoryLayout, RegionDesc};
+use livemig::memory::{GuestMemory, GuestRam, MemoryLayout, RegionDesc};
 use livemig::state::{DeviceState, Section, StateError};
 use livemig::vm::{
     DestinationVm, DirtyTracker, NicInfo, SourceVm, VcpuThrottle, VmDescription, VmError, VmOp,
@@ -228,6 +228,14 @@ impl KvmVm {
         })
     }
 
+    /// Guest memory as vm-memory's `GuestMemoryMmap` (the version
+    /// `livemig::vm_memory` re-exports): load a kernel and let devices
+    /// write through it, so their writes are in its dirty bitmap, which the
+    /// engine drains ([`GuestMemory::take_vmm_dirty`]).
+    pub fn ram(&self) -> &GuestRam {
+        &self.memory
+    }
+
     /// The KVM VM file descriptor (to register irqfds, ioeventfds, ...).
     pub fn vm_fd(&self) -> &VmFd {
         &self.vm
@@ -381,7 +389,7 @@ impl KvmVm {
 }
 
 impl SourceVm for KvmVm {
-    fn memory(&self) -> &GuestRam {
+    fn memory(&self) -> &dyn GuestMemory {
         &self.memory
     }
 
@@ -456,7 +464,7 @@ impl VcpuThrottle for KvmVm {
 }
 
 impl DestinationVm for KvmVm {
-    fn memory(&self) -> &GuestRam {
+    fn memory(&self) -> &dyn GuestMemory {
         &self.memory
     }
 

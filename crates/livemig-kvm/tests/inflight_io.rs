@@ -209,7 +209,8 @@ impl Machine {
     /// Loads `program` at [`CODE`] and points vCPU 0 at it (real mode,
     /// CS = 0, DS = 0x8000).
     fn load(&self, program: &[u8]) {
-        SourceVm::memory(&self.vm)
+        self.vm
+            .ram()
             .write_slice(program, GuestAddress(CODE))
             .unwrap();
         self.vm
@@ -233,7 +234,7 @@ impl Machine {
     /// Loads `program` at [`CODE64`] and starts vCPU 0 on it in 64-bit mode
     /// at CPL3 (the working setup of docs' KVM notes).
     fn load_cpl3(&self, program: &[u8]) {
-        let mem = SourceVm::memory(&self.vm);
+        let mem = self.vm.ram();
         mem.write_slice(program, GuestAddress(CODE64)).unwrap();
         let tss_desc = 0x0000_8b00_0000_0000
             | (TSS_LIMIT & 0xffff)
@@ -306,12 +307,8 @@ impl Machine {
         let sections = self.vm.save_state().expect("save state");
         let mut next = Machine::new(line, counter);
         let mut ram = vec![0u8; MEMORY as usize];
-        SourceVm::memory(&self.vm)
-            .read_slice(&mut ram, GuestAddress(0))
-            .unwrap();
-        DestinationVm::memory(&next.vm)
-            .write_slice(&ram, GuestAddress(0))
-            .unwrap();
+        self.vm.ram().read_slice(&mut ram, GuestAddress(0)).unwrap();
+        next.vm.ram().write_slice(&ram, GuestAddress(0)).unwrap();
         drop(self);
         next.vm.restore_state(&sections).expect("restore state");
         next

@@ -7,7 +7,7 @@ use common::{kvm_or_skip, KVM_LOCK};
 
 use std::sync::{Arc, Mutex};
 
-use livemig::memory::GuestRam;
+use livemig::memory::GuestMemory;
 use livemig::state::Section;
 use livemig::vm::{DirtyTracker, SourceVm, VcpuThrottle, VmDescription, VmError};
 use livemig::Phase;
@@ -43,7 +43,7 @@ fn vm() -> KvmVm {
 /// A VM whose (real-mode) guest spins on `jmp $` at 0x1000.
 fn spinning_vm() -> KvmVm {
     let vm = vm();
-    SourceVm::memory(&vm)
+    vm.ram()
         .write_slice(&[0xEB, 0xFE], GuestAddress(0x1000))
         .unwrap();
     vm.with_vcpu(0, |fd| {
@@ -70,7 +70,7 @@ struct OtherHost {
 }
 
 impl SourceVm for OtherHost {
-    fn memory(&self) -> &GuestRam {
+    fn memory(&self) -> &dyn GuestMemory {
         SourceVm::memory(&self.vm)
     }
     fn describe(&self) -> Result<VmDescription, VmError> {

@@ -1,6 +1,8 @@
-//! Per-region dirty bitmaps: one bit per guest page, 64 pages per word, the
-//! same layout as KVM's dirty log and vm-memory's `AtomicBitmap`, so merging
-//! either is a word-wise OR.
+//! Per-region dirty bitmaps: one bit per 4 KiB guest page
+//! ([`PAGE_SIZE`](crate::memory::PAGE_SIZE)), 64 pages per word, the same
+//! layout as KVM's dirty log on x86-64 and as
+//! [`GuestMemory::take_vmm_dirty`](crate::memory::GuestMemory::take_vmm_dirty)'s
+//! words, so merging either is a word-wise OR.
 
 use crate::memory::MemoryLayout;
 

@@ -10,9 +10,14 @@
 //! through a handful of seams:
 //!
 //! * [`vm::SourceVm`] / [`vm::DestinationVm`] — the VM being migrated (guest
-//!   memory as a vm-memory [`memory::GuestRam`], pause/resume, state sections);
+//!   memory as a [`memory::GuestMemory`], pause/resume, state sections);
+//! * [`memory::GuestMemory`] — the regions as (guest address, host pointer,
+//!   length, backing) and the VMM's own dirty bits; implemented for
+//!   vm-memory's `GuestMemoryMmap<AtomicBitmap>` ([`memory::GuestRam`],
+//!   default feature `vm-memory`, that version re-exported as `vm_memory`);
 //! * [`vm::DirtyTracker`] — the hypervisor's dirty log (the engine merges the
-//!   VMM's own writes, recorded by vm-memory's bitmap, into every round);
+//!   VMM's own writes, from [`memory::GuestMemory::take_vmm_dirty`], into
+//!   every round);
 //! * [`state::DeviceState`] — one versioned state section per device;
 //! * [`transport::Transport`] — an ordered, reliable byte stream (TCP, Unix
 //!   socket, in-memory pipe, or anything else implementing the trait).
@@ -111,6 +116,13 @@ pub mod state;
 pub mod testing;
 pub mod transport;
 pub mod vm;
+
+/// The vm-memory version [`memory::GuestRam`] adapts (feature `vm-memory`).
+/// A VMM on this version can hand its `GuestMemoryMmap<AtomicBitmap>` to the
+/// engine as it is; one on another version (or with its own memory)
+/// implements [`memory::GuestMemory`].
+#[cfg(feature = "vm-memory")]
+pub use vm_memory;
 
 pub use destination::{receive, receive_streams, ReceiveConfig, ReceiveReport};
 pub use error::{ErrorKind, MigrationError, Phase};

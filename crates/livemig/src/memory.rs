@@ -1,18 +1,202 @@
-//! Guest memory as the engine sees it: a vm-memory `GuestMemoryMmap` whose
-//! regions carry an [`AtomicBitmap`] recording the VMM's own writes, and the
-//! memory *layout* (region addresses and sizes) exchanged in the handshake.
+//! Guest memory as the engine sees it: the [`GuestMemory`] seam (the
+//! regions as guest address, host pointer, length and backing, and the
+//! VMM's own dirty bits), and the memory *layout* (region addresses and
+//! sizes) exchanged in the handshake.
+//!
+//! With the default feature `vm-memory`, vm-memory's
+//! `GuestMemoryMmap<AtomicBitmap>` ([`GuestRam`]) implements [`GuestMemory`];
+//! the vm-memory version adapted is re-exported as [`crate::vm_memory`].
+//! Any other memory (a VMM's own mmap, another vm-memory version) plugs in
+//! by implementing [`GuestMemory`] itself.
+
+use std::os::fd::BorrowedFd;
 
 use serde::{Deserialize, Serialize};
-use vm_memory::bitmap::AtomicBitmap;
-use vm_memory::{GuestMemoryBackend, GuestMemoryRegion};
 
-/// Size of a guest page, the unit of dirty tracking and transfer.
+#[cfg(feature = "vm-memory")]
+mod vm_adapter;
+#[cfg(feature = "vm-memory")]
+pub use vm_adapter::{allocate, GuestRam};
+
+/// Size of a guest page as the engine counts it: the unit of dirty
+/// tracking, of the dirty bitmaps and of transfer (the wire format's page).
+///
+/// It is fixed at 4 KiB whatever the host's page size
+/// ([`host_page_size`]): a host page of 16 or 64 KiB is several engine
+/// pages. Where the host page matters, the engine asks for it: reading
+/// `/proc/self/pagemap` (one entry per host page), dropping pages with
+/// `madvise` (which fails on an unaligned range, and the engine then writes
+/// zeros instead), and the vm-memory adapter (whose `AtomicBitmap` counts
+/// host pages). Region addresses, sizes and host pointers must be multiples
+/// of 4 KiB ([`HostRegionError`] otherwise).
 pub const PAGE_SIZE: u64 = 4096;
 
-/// Guest memory with vm-memory's dirty bitmap enabled: every write the VMM
-/// makes through vm-memory (device emulation, loaders) marks its pages dirty,
-/// and the engine merges those marks into each round's dirty set.
-pub type GuestRam = vm_memory::GuestMemoryMmap<AtomicBitmap>;
+/// The host's page size (`sysconf(_SC_PAGESIZE)`), or [`PAGE_SIZE`] if the
+/// system does not say.
+pub fn host_page_size() -> u64 {
+    // SAFETY: sysconf only reads a system constant.
+    let n = unsafe { libc::sysconf(libc::_SC_PAGESIZE) };
+    u64::try_from(n)
+        .ok()
+        .filter(|n| *n > 0)
+        .unwrap_or(PAGE_SIZE)
+}
+
+/// How a region's host mapping is backed. The engine uses it to learn,
+/// without reading them, which pages read as zero (round 0 skips them) and
+/// how to make a destination's memory read as zero before the first page
+/// arrives. Saying [`Backing::Other`] is always correct, only slower.
+#[derive(Debug, Clone, Copy)]
+#[non_exhaustive]
+pub enum Backing<'a> {
+    /// A private anonymous mapping (`MAP_PRIVATE | MAP_ANONYMOUS`): a page
+    /// that is neither present nor swapped (`/proc/self/pagemap`) was never
+    /// touched and reads as zero; `MADV_DONTNEED` makes a page read as zero.
+    /// Where `/proc/self/pagemap` cannot be read, every page is read.
+    PrivateAnonymous,
+    /// A file mapped `MAP_SHARED` (memfd, shmem, hugetlbfs, a file): the
+    /// file's holes (`SEEK_DATA`/`SEEK_HOLE`) read as zero whether or not
+    /// this process ever mapped the page, and punching a hole
+    /// (`FALLOC_FL_PUNCH_HOLE`) makes a range read as zero.
+    SharedFile {
+        /// The file. The engine calls `lseek` (`SEEK_DATA`/`SEEK_HOLE`)
+        /// and `fallocate` on it; it moves the descriptor's offset, so the
+        /// VMM must not use that offset (`pread`/`pwrite` are fine).
+        fd: BorrowedFd<'a>,
+        /// The file offset mapped at the region's first byte.
+        offset: u64,
+    },
+    /// Anything else (a `MAP_PRIVATE` file mapping, whose unfaulted pages
+    /// read the file; shared anonymous memory; memory the VMM does not
+    /// want the engine to reason about): every page is read, and a
+    /// destination's memory is zeroed by writing zeros.
+    Other,
+}
+
+/// One region of guest memory as the host sees it.
+#[derive(Debug, Clone, Copy)]
+#[non_exhaustive]
+pub struct HostRegion<'a> {
+    /// Guest-physical address of the first byte.
+    pub guest_addr: u64,
+    /// Host address of the first byte.
+    pub host: *mut u8,
+    /// Length in bytes.
+    pub len: u64,
+    /// How the host mapping is backed.
+    pub backing: Backing<'a>,
+}
+
+impl<'a> HostRegion<'a> {
+    /// A region of `len` bytes at guest-physical `guest_addr`, mapped at
+    /// `host`. Building one is safe; handing it to the engine is what the
+    /// [`GuestMemory`] implementation vouches for.
+    pub fn new(guest_addr: u64, host: *mut u8, len: u64, backing: Backing<'a>) -> Self {
+        HostRegion {
+            guest_addr,
+            host,
+            len,
+            backing,
+        }
+    }
+
+    /// The region's guest-physical range as a layout entry.
+    pub fn desc(&self) -> RegionDesc {
+        RegionDesc {
+            guest_addr: self.guest_addr,
+            size: self.len,
+        }
+    }
+}
+
+/// Guest memory as the engine needs it: where each region is mapped on the
+/// host and how it is backed, and the pages the VMM itself wrote.
+///
+/// The engine reads guest memory (source) and writes it (destination)
+/// through the host pointers directly, in bulk, from its own threads; it
+/// never goes through the VMM's accessors. The guest's own writes are
+/// reported by a [`DirtyTracker`](crate::vm::DirtyTracker); the VMM's writes
+/// (device emulation, loaders: anything that writes guest memory without a
+/// vCPU) are reported by [`GuestMemory::take_vmm_dirty`].
+///
+/// # Safety
+///
+/// The engine dereferences the host pointers, so an implementation
+/// promises, for as long as the `&self` borrow the engine holds lasts:
+///
+/// - every region returned by [`GuestMemory::regions`] is `len` bytes of
+///   readable and writable memory mapped at `host`, which is neither
+///   unmapped, nor remapped, nor made read-only meanwhile (the engine
+///   writes to it on the destination, and may read it from several threads
+///   at once);
+/// - `host` and `len` are multiples of [`PAGE_SIZE`] (checked by the engine
+///   too), and the regions do not overlap, neither in guest-physical nor in
+///   host addresses;
+/// - [`GuestMemory::regions`] returns the same regions, in the same order,
+///   sorted by guest address, every time it is called;
+/// - a [`Backing::SharedFile`] descriptor stays open and is the file
+///   mapped there, at that offset; a region said to be
+///   [`Backing::PrivateAnonymous`] is such a mapping (the engine drops its
+///   pages with `MADV_DONTNEED` on the destination).
+///
+/// Concurrent writes by running vCPUs or devices are expected (pre-copy
+/// reads pages the guest is changing; the dirty bits make up for it); they
+/// are not a breach of this contract.
+pub unsafe trait GuestMemory: Send + Sync {
+    /// The regions, sorted by guest-physical address.
+    fn regions(&self) -> Vec<HostRegion<'_>>;
+
+    /// ORs into `words` every 4 KiB page of region `region` (its index in
+    /// [`GuestMemory::regions`]) that the VMM itself wrote since the
+    /// previous call, and forgets them: bit `p % 64` of word `p / 64` is
+    /// page `p` of the region ([`PAGE_SIZE`] pages, whatever the host's
+    /// page size). `words` has one word per 64 pages of the region.
+    ///
+    /// The engine calls it when dirty tracking starts (to forget older
+    /// writes), after every dirty-log sync and after the final pause.
+    ///
+    /// A VMM whose devices never write guest memory, or which reports
+    /// their writes through its [`DirtyTracker`](crate::vm::DirtyTracker)
+    /// instead, leaves `words` alone; it must say why in its
+    /// implementation, since a write reported by neither is lost.
+    fn take_vmm_dirty(&self, region: usize, words: &mut [u64]);
+}
+
+/// Why a [`GuestMemory`] cannot be used for a layout.
+#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum HostRegionError {
+    /// The memory has a different number of regions than the layout.
+    #[error("guest memory has {have} regions, the layout {want}")]
+    RegionCount {
+        /// Regions of the memory.
+        have: usize,
+        /// Regions of the layout.
+        want: usize,
+    },
+    /// A region differs from the layout's.
+    #[error("region {index} is 0x{have_addr:x}+0x{have_len:x}, the layout says 0x{want_addr:x}+0x{want_len:x}")]
+    Mismatch {
+        /// Index of the region.
+        index: usize,
+        /// The memory's guest address and length.
+        have_addr: u64,
+        /// (length)
+        have_len: u64,
+        /// The layout's guest address and size.
+        want_addr: u64,
+        /// (size)
+        want_len: u64,
+    },
+    /// A host pointer is null or not a multiple of [`PAGE_SIZE`].
+    #[error("region {index}: host address {host:#x} is not 4 KiB aligned")]
+    Unaligned {
+        /// Index of the region.
+        index: usize,
+        /// The host address.
+        host: usize,
+    },
+}
 
 /// One contiguous region of guest-physical memory.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
@@ -95,17 +279,10 @@ impl MemoryLayout {
         Ok(MemoryLayout { regions })
     }
 
-    /// The layout of an existing guest memory object.
-    pub fn of(mem: &GuestRam) -> Result<Self, LayoutError> {
-        let mut regions: Vec<RegionDesc> = mem
-            .iter()
-            .map(|r| RegionDesc {
-                guest_addr: r.start_addr().0,
-                size: r.len(),
-            })
-            .collect();
-        regions.sort_by_key(|r| r.guest_addr);
-        Self::new(regions)
+    /// The layout of an existing guest memory object (its regions must be
+    /// sorted by address, as [`GuestMemory::regions`] promises).
+    pub fn of(mem: &dyn GuestMemory) -> Result<Self, LayoutError> {
+        Self::new(mem.regions().iter().map(HostRegion::desc).collect())
     }
 
     /// The regions, sorted by address.
@@ -138,17 +315,6 @@ impl MemoryLayout {
             .position(|r| guest_addr >= r.guest_addr && end <= r.end())?;
         Some((idx, (guest_addr - self.regions[idx].guest_addr) / PAGE_SIZE))
     }
-}
-
-/// Creates guest memory with dirty bitmaps for a layout (anonymous, private
-/// mappings: pages the guest never touches cost nothing).
-pub fn allocate(layout: &MemoryLayout) -> Result<GuestRam, vm_memory::mmap::FromRangesError> {
-    let ranges: Vec<(vm_memory::GuestAddress, usize)> = layout
-        .regions()
-        .iter()
-        .map(|r| (vm_memory::GuestAddress(r.guest_addr), r.size as usize))
-        .collect();
-    GuestRam::from_ranges(&ranges)
 }
 
 #[cfg(test)]
@@ -197,6 +363,7 @@ mod tests {
         assert_eq!(l.total_pages(), 6);
     }
 
+    #[cfg(feature = "vm-memory")]
     #[test]
     fn allocate_matches_layout() {
         let l = MemoryLayout::new(vec![rd(0, 16 * 4096), rd(0x100000, 4096)]).unwrap();

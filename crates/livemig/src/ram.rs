@@ -1,56 +1,34 @@
-//! Direct access to guest RAM through the host mappings, for the engine's
-//! bulk copies (vm-memory's per-access checks would dominate at GB/s).
+//! Direct access to guest RAM through the host mappings a
+//! [`GuestMemory`] hands out, for the engine's bulk copies.
 
 use std::fs::File;
-use std::os::fd::{AsRawFd, RawFd};
+use std::os::fd::{AsRawFd, BorrowedFd};
 use std::os::unix::fs::FileExt;
 use std::sync::Arc;
 
-use vm_memory::{GuestAddress, GuestMemoryBackend as _, GuestMemoryRegion as _};
+use crate::memory::{
+    host_page_size, Backing, GuestMemory, HostRegionError, MemoryLayout, PAGE_SIZE,
+};
 
-use crate::memory::{GuestRam, MemoryLayout, PAGE_SIZE};
-
-/// How a region's host mapping is backed, which decides how the engine
-/// may learn that a page it never read is zero.
-///
-/// - [`Backing::PrivateAnonymous`]: a page that is neither present nor
-///   swapped (`/proc/self/pagemap`) was never touched and reads as zero.
-/// - [`Backing::SharedFile`] (memfd, shmem, hugetlbfs or another file
-///   mapped `MAP_SHARED`): the file's holes (`SEEK_DATA`/`SEEK_HOLE`) read
-///   as zero, whether or not this process ever mapped the page; pagemap is
-///   no guide (pages written through another mapping, swapped shmem).
-/// - [`Backing::Other`] (a `MAP_PRIVATE` file mapping, whose unfaulted
-///   pages read the file; shared anonymous memory): nothing is known, every
-///   page must be read.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub(crate) enum Backing {
-    PrivateAnonymous,
-    SharedFile { fd: RawFd, offset: u64 },
-    Other,
-}
-
-impl Backing {
-    fn of(r: &vm_memory::GuestRegionMmap<vm_memory::bitmap::AtomicBitmap>) -> Backing {
-        let flags = r.flags();
-        match r.file_offset() {
-            None if flags & libc::MAP_ANONYMOUS != 0 && flags & libc::MAP_SHARED == 0 => {
-                Backing::PrivateAnonymous
-            }
-            Some(fo) if flags & libc::MAP_SHARED != 0 => Backing::SharedFile {
-                fd: fo.file().as_raw_fd(),
-                offset: fo.start(),
-            },
-            _ => Backing::Other,
-        }
-    }
+/// How the engine learns which pages of a region read as zero without
+/// reading them (see [`Backing`]).
+#[derive(Debug, Clone, Copy)]
+enum ZeroKnowledge<'a> {
+    /// Private anonymous memory: `/proc/self/pagemap` (a Linux fact about
+    /// this kind of mapping only); `None` where it cannot be read.
+    Pagemap,
+    /// A shared file: its holes.
+    FileHoles { fd: BorrowedFd<'a>, offset: u64 },
+    /// Nothing: every page may hold data.
+    Nothing,
 }
 
 /// Host view of one guest region.
 #[derive(Debug, Clone, Copy)]
-struct HostRegion {
+struct Mapped<'a> {
     ptr: *mut u8,
     pages: u64,
-    backing: Backing,
+    zero: ZeroKnowledge<'a>,
 }
 
 /// Host pointers to every region of a guest memory object, in layout order.
@@ -62,14 +40,17 @@ struct HostRegion {
 /// VM runs.
 #[derive(Clone)]
 pub(crate) struct HostRam<'a> {
-    _mem: &'a GuestRam,
-    regions: Vec<HostRegion>,
-    /// `/proc/self/pagemap`, if it can be read.
+    regions: Vec<Mapped<'a>>,
+    /// `/proc/self/pagemap`, if a region is private anonymous memory and
+    /// the file can be read.
     pagemap: Option<Arc<File>>,
+    /// The host's page size (pagemap has one entry per host page).
+    host_page: u64,
 }
 
-// SAFETY: the pointers refer to mappings owned by `_mem`, which outlives this
-// value; HostRam only hands out copies, never references that escape it.
+// SAFETY: the pointers refer to mappings the `GuestMemory` borrowed for 'a
+// keeps mapped (its `# Safety` contract); HostRam only copies into or out of
+// them, never hands out references.
 unsafe impl Send for HostRam<'_> {}
 // SAFETY: all accesses are raw copies into or out of the mappings; several
 // threads may copy disjoint pages at once (the multi-stream receiver writes
@@ -78,37 +59,51 @@ unsafe impl Send for HostRam<'_> {}
 unsafe impl Sync for HostRam<'_> {}
 
 impl<'a> HostRam<'a> {
-    /// Resolves the host mappings for `layout` in `mem`.
-    pub fn new(mem: &'a GuestRam, layout: &MemoryLayout) -> Option<Self> {
-        let mut regions = Vec::new();
-        for r in layout.regions() {
-            let ptr = mem.get_host_address(GuestAddress(r.guest_addr)).ok()?;
-            // The whole region must be one contiguous mapping.
-            let last = mem.get_host_address(GuestAddress(r.end() - 1)).ok()?;
-            if last as usize != ptr as usize + (r.size as usize - 1) {
-                return None;
-            }
-            let host = mem.find_region(GuestAddress(r.guest_addr))?;
-            // The mapping's start is the region's start (one mapping per
-            // region was checked above); a file offset applies from there.
-            let backing = match Backing::of(host) {
-                Backing::SharedFile { fd, offset } => Backing::SharedFile {
-                    fd,
-                    offset: offset + (r.guest_addr - host.start_addr().0),
-                },
-                b => b,
-            };
-            regions.push(HostRegion {
-                ptr,
-                pages: r.pages(),
-                backing,
+    /// Resolves the host mappings of `mem`, which must have exactly the
+    /// regions of `layout`, each 4 KiB aligned on the host.
+    pub fn new(mem: &'a dyn GuestMemory, layout: &MemoryLayout) -> Result<Self, HostRegionError> {
+        let have = mem.regions();
+        let want = layout.regions();
+        if have.len() != want.len() {
+            return Err(HostRegionError::RegionCount {
+                have: have.len(),
+                want: want.len(),
             });
         }
-        let pagemap = File::open("/proc/self/pagemap").ok().map(Arc::new);
-        Some(HostRam {
-            _mem: mem,
+        let mut regions = Vec::with_capacity(have.len());
+        for (index, (h, w)) in have.iter().zip(want).enumerate() {
+            if h.guest_addr != w.guest_addr || h.len != w.size {
+                return Err(HostRegionError::Mismatch {
+                    index,
+                    have_addr: h.guest_addr,
+                    have_len: h.len,
+                    want_addr: w.guest_addr,
+                    want_len: w.size,
+                });
+            }
+            if h.host.is_null() || !(h.host as u64).is_multiple_of(PAGE_SIZE) {
+                let host = h.host as usize;
+                return Err(HostRegionError::Unaligned { index, host });
+            }
+            let zero = match h.backing {
+                Backing::PrivateAnonymous => ZeroKnowledge::Pagemap,
+                Backing::SharedFile { fd, offset } => ZeroKnowledge::FileHoles { fd, offset },
+                _ => ZeroKnowledge::Nothing,
+            };
+            regions.push(Mapped {
+                ptr: h.host,
+                pages: w.pages(),
+                zero,
+            });
+        }
+        let anonymous = regions
+            .iter()
+            .any(|r| matches!(r.zero, ZeroKnowledge::Pagemap));
+        let pagemap = if anonymous { open_pagemap() } else { None };
+        Ok(HostRam {
             regions,
             pagemap,
+            host_page: host_page_size(),
         })
     }
 
@@ -213,28 +208,29 @@ impl<'a> HostRam<'a> {
         if first.checked_add(n).is_none_or(|e| e > r.pages) {
             return;
         }
-        match r.backing {
-            Backing::PrivateAnonymous => {
+        match r.zero {
+            ZeroKnowledge::Pagemap => {
                 if let Some(pm) = &self.pagemap {
-                    let first_host = r.ptr as u64 / PAGE_SIZE + first;
-                    if pagemap_present(pm, first_host, out).is_err() {
+                    let first_addr = r.ptr as u64 + first * PAGE_SIZE;
+                    if pagemap_present(pm, self.host_page, first_addr, out).is_err() {
                         out.fill(true);
                     }
                 }
             }
-            Backing::SharedFile { fd, offset } => {
+            ZeroKnowledge::FileHoles { fd, offset } => {
                 let start = offset + first * PAGE_SIZE;
                 if file_data(fd, start, out).is_err() {
                     out.fill(true);
                 }
             }
-            Backing::Other => {}
+            ZeroKnowledge::Nothing => {}
         }
     }
 
     /// Makes every page of every region read as zero, cheaply where the
     /// backing allows: private anonymous memory is dropped
-    /// (`MADV_DONTNEED`), a shared file's range is punched out
+    /// (`MADV_DONTNEED`, if the region is whole host pages), a shared
+    /// file's range is punched out
     /// (`FALLOC_FL_PUNCH_HOLE`), anything else is overwritten with zeros.
     /// Only for memory no vCPU runs on (the destination before the guest
     /// exists there). Returns the regions that had to be overwritten.
@@ -242,30 +238,32 @@ impl<'a> HostRam<'a> {
         let mut written = 0;
         for r in &self.regions {
             let len = (r.pages * PAGE_SIZE) as usize;
-            let dropped = match r.backing {
-                // SAFETY: ptr..ptr+len is one private anonymous mapping
-                // owned by the guest memory object; dropping its pages
-                // makes them read as zero, which is the point.
-                Backing::PrivateAnonymous => unsafe {
+            let dropped = match r.zero {
+                // SAFETY: ptr..ptr+len is private anonymous memory (the
+                // GuestMemory contract); dropping its pages makes them read
+                // as zero, which is the point. Only whole host pages: the
+                // kernel would round a shorter length up, past the region.
+                ZeroKnowledge::Pagemap if self.host_aligned(r.ptr, len) => unsafe {
                     libc::madvise(r.ptr as *mut libc::c_void, len, libc::MADV_DONTNEED) == 0
                 },
-                Backing::SharedFile { fd, offset } => {
+                ZeroKnowledge::Pagemap => false,
+                ZeroKnowledge::FileHoles { fd, offset } => {
                     // SAFETY: fallocate on a descriptor the guest memory
-                    // object keeps open; the range is the region's own.
+                    // keeps open; the range is the region's own.
                     unsafe {
                         libc::fallocate(
-                            fd,
+                            fd.as_raw_fd(),
                             libc::FALLOC_FL_PUNCH_HOLE | libc::FALLOC_FL_KEEP_SIZE,
                             offset as libc::off_t,
                             len as libc::off_t,
                         ) == 0
                     }
                 }
-                Backing::Other => false,
+                ZeroKnowledge::Nothing => false,
             };
             if !dropped {
-                // SAFETY: the whole region is one writable mapping (checked
-                // in `new`); nothing runs on this memory yet.
+                // SAFETY: the whole region is one writable mapping (the
+                // GuestMemory contract); nothing runs on this memory yet.
                 unsafe { std::ptr::write_bytes(r.ptr, 0, len) };
                 written += 1;
             }
@@ -274,26 +272,61 @@ impl<'a> HostRam<'a> {
     }
 }
 
-/// Reads `/proc/self/pagemap` for `out.len()` host pages from `first_host`:
-/// true where a page is present or swapped.
-fn pagemap_present(pm: &File, first_host: u64, out: &mut [bool]) -> std::io::Result<()> {
-    let mut buf = [0u8; 8 * 1024];
-    for (c, chunk) in out.chunks_mut(1024).enumerate() {
-        let bytes = &mut buf[..chunk.len() * 8];
-        pm.read_exact_at(bytes, (first_host + c as u64 * 1024) * 8)?;
-        for (o, e) in chunk.iter_mut().zip(bytes.chunks_exact(8)) {
-            let mut a = [0u8; 8];
-            a.copy_from_slice(e);
-            // bit 63: present, bit 62: swapped.
-            *o = u64::from_le_bytes(a) & (3 << 62) != 0;
+impl HostRam<'_> {
+    /// Whether `ptr .. ptr + len` is whole host pages.
+    fn host_aligned(&self, ptr: *mut u8, len: usize) -> bool {
+        (ptr as u64).is_multiple_of(self.host_page) && (len as u64).is_multiple_of(self.host_page)
+    }
+}
+
+/// `/proc/self/pagemap`, or `None` (logged once per session) where it
+/// cannot be read: round 0 then reads every page of anonymous memory.
+fn open_pagemap() -> Option<Arc<File>> {
+    match File::open("/proc/self/pagemap") {
+        Ok(f) => Some(Arc::new(f)),
+        Err(e) => {
+            log::info!("/proc/self/pagemap: {e}; round 0 reads every page");
+            None
         }
+    }
+}
+
+/// Reads `/proc/self/pagemap` for the `out.len()` engine pages from host
+/// address `first_addr`: true where the host page holding the engine page
+/// is present or swapped. Pagemap has one entry per host page of
+/// `host_page` bytes (several engine pages share one on a 16 or 64 KiB
+/// host).
+fn pagemap_present(
+    pm: &File,
+    host_page: u64,
+    first_addr: u64,
+    out: &mut [bool],
+) -> std::io::Result<()> {
+    const ENTRIES: u64 = 1024;
+    let mut buf = [0u8; 8 * ENTRIES as usize];
+    let last = (first_addr + out.len() as u64 * PAGE_SIZE).saturating_sub(1) / host_page;
+    // Entries `base .. base + have` are in `buf`.
+    let (mut base, mut have) = (0u64, 0u64);
+    for (i, o) in out.iter_mut().enumerate() {
+        let entry = (first_addr + i as u64 * PAGE_SIZE) / host_page;
+        if have == 0 || entry >= base + have {
+            base = entry;
+            have = (last + 1 - entry).min(ENTRIES);
+            pm.read_exact_at(&mut buf[..(have * 8) as usize], base * 8)?;
+        }
+        let at = ((entry - base) * 8) as usize;
+        let mut a = [0u8; 8];
+        a.copy_from_slice(&buf[at..at + 8]);
+        // bit 63: present, bit 62: swapped.
+        *o = u64::from_le_bytes(a) & (3 << 62) != 0;
     }
     Ok(())
 }
 
 /// Marks the pages of `out` (from byte `start` of the file) that hold data
 /// in the file (`SEEK_DATA`/`SEEK_HOLE`); holes read as zero.
-fn file_data(fd: RawFd, start: u64, out: &mut [bool]) -> std::io::Result<()> {
+fn file_data(fd: BorrowedFd<'_>, start: u64, out: &mut [bool]) -> std::io::Result<()> {
+    let fd = fd.as_raw_fd();
     out.fill(false);
     let end = start + out.len() as u64 * PAGE_SIZE;
     let mut pos = start;
@@ -332,7 +365,7 @@ fn file_data(fd: RawFd, start: u64, out: &mut [bool]) -> std::io::Result<()> {
 mod tests {
     use super::*;
     use std::io::{Seek, SeekFrom, Write};
-    use std::os::fd::FromRawFd;
+    use std::os::fd::{AsFd, FromRawFd};
 
     #[test]
     fn file_data_marks_exactly_the_pages_with_data() {
@@ -347,11 +380,99 @@ mod tests {
             f.write_all(&[1]).unwrap();
         }
         let mut out = vec![false; 60];
-        file_data(f.as_raw_fd(), 2 * PAGE_SIZE, &mut out).unwrap();
+        file_data(f.as_fd(), 2 * PAGE_SIZE, &mut out).unwrap();
         let got: Vec<usize> = (0..60).filter(|i| out[*i]).collect();
         assert_eq!(got, vec![3, 4]); // pages 5 and 6, from page 2; page 63 is past the end
     }
 
+    /// A region described by hand: `(guest_addr, host, len)`.
+    type Raw = (u64, *mut u8, u64);
+
+    /// Memory described by hand.
+    struct Described(Vec<Raw>);
+    // SAFETY: test-only; the regions are never dereferenced, only checked.
+    unsafe impl Send for Described {}
+    // SAFETY: as above.
+    unsafe impl Sync for Described {}
+    // SAFETY: HostRam::new refuses these before any access (the test).
+    unsafe impl GuestMemory for Described {
+        fn regions(&self) -> Vec<crate::memory::HostRegion<'_>> {
+            let other = Backing::Other;
+            let r =
+                |&(a, h, l): &(u64, *mut u8, u64)| crate::memory::HostRegion::new(a, h, l, other);
+            self.0.iter().map(r).collect()
+        }
+        fn take_vmm_dirty(&self, _: usize, _: &mut [u64]) {}
+    }
+
+    #[test]
+    fn memory_that_does_not_fit_the_layout_is_refused_by_name() {
+        let layout = MemoryLayout::new(vec![crate::memory::RegionDesc {
+            guest_addr: 0x10000,
+            size: 4 * PAGE_SIZE,
+        }])
+        .unwrap();
+        let host = 0x7f00_0000_0000usize as *mut u8;
+        let len = 4 * PAGE_SIZE;
+        let cases: [(Vec<Raw>, HostRegionError); 4] = [
+            (vec![], HostRegionError::RegionCount { have: 0, want: 1 }),
+            (
+                vec![(0x10000, host, len), (0x20000, host, len)],
+                HostRegionError::RegionCount { have: 2, want: 1 },
+            ),
+            (
+                vec![(0x10000, host, len - PAGE_SIZE)],
+                HostRegionError::Mismatch {
+                    index: 0,
+                    have_addr: 0x10000,
+                    have_len: len - PAGE_SIZE,
+                    want_addr: 0x10000,
+                    want_len: len,
+                },
+            ),
+            (
+                vec![(0x10000, host.wrapping_add(8), len)],
+                HostRegionError::Unaligned {
+                    index: 0,
+                    host: host as usize + 8,
+                },
+            ),
+        ];
+        for (regions, want) in cases {
+            let mem = Described(regions);
+            assert_eq!(HostRam::new(&mem, &layout).err(), Some(want));
+        }
+    }
+
+    #[cfg(feature = "vm-memory")]
+    #[test]
+    fn pagemap_is_read_across_its_buffer_and_an_unreadable_one_means_read_all() {
+        let pages = 2100;
+        let layout = MemoryLayout::new(vec![crate::memory::RegionDesc {
+            guest_addr: 0,
+            size: pages * PAGE_SIZE,
+        }])
+        .unwrap();
+        let mem = crate::memory::allocate(&layout).unwrap();
+        let mut ram = HostRam::new(&mem, &layout).unwrap();
+        let written = [0u64, 1023, 1024, 1025, 2047, 2099];
+        for p in written {
+            assert!(ram.write_pages(0, p, &[1u8; PAGE_SIZE as usize]));
+        }
+        let mut out = vec![false; pages as usize];
+        ram.populated(0, 0, &mut out);
+        let got: Vec<u64> = (0..pages).filter(|i| out[*i as usize]).collect();
+        assert_eq!(got, written);
+        let mut out = vec![false; 100];
+        ram.populated(0, 1000, &mut out);
+        let got: Vec<u64> = (0..100).filter(|i| out[*i as usize]).collect();
+        assert_eq!(got, vec![23, 24, 25]);
+        ram.pagemap = None;
+        ram.populated(0, 0, &mut out);
+        assert!(out.iter().all(|b| *b), "without pagemap every page is read");
+    }
+
+    #[cfg(feature = "vm-memory")]
     #[test]
     fn untouched_anonymous_pages_are_not_populated_and_scrub_zeroes() {
         let layout = MemoryLayout::new(vec![crate::memory::RegionDesc {

@@ -5,7 +5,7 @@ use std::collections::BTreeMap;
 use serde::{Deserialize, Serialize};
 
 use crate::bitmap::DirtyBitmap;
-use crate::memory::{GuestRam, MemoryLayout};
+use crate::memory::{GuestMemory, MemoryLayout};
 use crate::state::{Section, StateError};
 
 /// Errors reported by a VM implementation.
@@ -136,40 +136,69 @@ pub struct VmDescription {
     pub properties: BTreeMap<String, String>,
 }
 
-/// Dirty-page tracking provided by the hypervisor (for KVM: the dirty log).
+/// When the pages a [`DirtyTracker::sync`] reports are tracked again.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum Rearm {
+    /// `sync` re-arms what it reports: a write after a `sync` is reported
+    /// by the next one (KVM's `KVM_GET_DIRTY_LOG` without manual protect,
+    /// the dirty ring). The engine never calls [`DirtyTracker::rearm`].
+    OnSync,
+    /// Reported pages stay unarmed (writes to them go unrecorded) until the
+    /// engine calls [`DirtyTracker::rearm`] for them, which it does for
+    /// each stretch of pages just before it reads them (KVM's manual
+    /// protect: re-arming late makes a page written often cost one write
+    /// fault per round instead of one per write). Such a tracker may report
+    /// pages that were not written (manual protect with `INITIALLY_SET`
+    /// reports every page until it is re-armed).
+    BeforeRead,
+}
+
+/// Dirty-page tracking provided by the hypervisor (for KVM: the dirty log):
+/// the pages the *guest* writes. The VMM's own writes come from
+/// [`GuestMemory::take_vmm_dirty`], which the engine merges into every sync.
 ///
-/// The engine additionally merges vm-memory's own bitmap (the VMM's writes)
-/// into every sync, so a tracker only reports what the guest wrote.
+/// Pages are the engine's 4 KiB pages ([`crate::memory::PAGE_SIZE`]),
+/// region indices those of the layout.
 pub trait DirtyTracker: Send {
     /// Starts tracking. Afterwards every page the guest writes is reported by
-    /// a later `sync`. Pages not written may be reported too: in KVM's
-    /// manual-protect mode with `INITIALLY_SET` every page starts dirty and
-    /// unprotected, and a write is only seen after the engine re-armed
-    /// (`clear`ed) its chunk — which is why round 0 re-arms a chunk before it
-    /// decides what to read.
+    /// a later `sync` (for a [`Rearm::BeforeRead`] tracker: once the page
+    /// has been re-armed).
     fn start(&mut self) -> Result<(), VmError>;
 
     /// ORs every page written since `start` or the previous `sync` into
     /// `bitmap` (one bit per page per region, in layout order).
-    ///
-    /// If [`DirtyTracker::needs_clear`] is true the pages stay
-    /// unprotected until [`DirtyTracker::clear`] re-arms them.
     fn sync(&mut self, bitmap: &mut DirtyBitmap) -> Result<(), VmError>;
 
-    /// Whether `sync` leaves pages unprotected until `clear` is called
-    /// (KVM's manual-protect mode). The engine then calls `clear` for each
-    /// chunk just before it reads the chunk's pages.
-    fn needs_clear(&self) -> bool;
+    /// Whether `sync` re-arms what it reports or leaves that to
+    /// [`DirtyTracker::rearm`].
+    fn rearm_mode(&self) -> Rearm;
 
-    /// Re-arms write tracking for the pages set in `bitmap` within
-    /// `region`, pages `first_page .. first_page + npages`.
-    fn clear(
+    /// Re-arms tracking for the pages set in `dirty` among pages
+    /// `first_page .. first_page + npages` of region `region` (clipped to
+    /// the region), and for no other page: the engine reads these pages
+    /// right after this call, and may already have read the others, so
+    /// re-arming one of those would lose a write made since. Any range is
+    /// allowed; a mechanism that works on aligned blocks rounds itself and
+    /// masks out the pages outside the range (KVM's `KVM_CLEAR_DIRTY_LOG`
+    /// takes 64-page-aligned blocks: `livemig_kvm`'s tracker does this).
+    ///
+    /// Called only for [`Rearm::BeforeRead`] trackers. The default fails,
+    /// so a tracker that says `BeforeRead` and forgets this method makes
+    /// the migration fail instead of losing writes.
+    fn rearm(
         &mut self,
         region: usize,
         first_page: u64,
         npages: u64,
-        bitmap: &DirtyBitmap,
-    ) -> Result<(), VmError>;
+        dirty: &DirtyBitmap,
+    ) -> Result<(), VmError> {
+        let _ = (region, first_page, npages, dirty);
+        Err(VmError::DirtyLog(format!(
+            "{}: rearm is not implemented",
+            self.describe()
+        )))
+    }
 
     /// Stops tracking (also called when a migration fails or is cancelled).
     fn stop(&mut self) -> Result<(), VmError>;
@@ -192,9 +221,16 @@ pub trait VcpuThrottle: Send + Sync {
 ///
 /// Implementations must be usable from the migration thread while the VMM's
 /// own threads keep running the guest.
+///
+/// The memory is a trait object (not an associated type) so that
+/// `&dyn SourceVm` stays usable without naming the memory type, and the
+/// engine is compiled once for every kind of memory; the engine asks for
+/// the regions once per migration, not per page.
 pub trait SourceVm: Send + Sync {
-    /// Guest memory.
-    fn memory(&self) -> &GuestRam;
+    /// Guest memory: its regions must be exactly those of
+    /// [`SourceVm::describe`]'s layout (the migration fails in the
+    /// handshake otherwise).
+    fn memory(&self) -> &dyn GuestMemory;
 
     /// The VM's shape, for the handshake.
     fn describe(&self) -> Result<VmDescription, VmError>;
@@ -233,7 +269,8 @@ pub trait DestinationVm: Send {
     /// private anonymous pages, punching holes in a shared file, or, for
     /// any other backing, writing zeros) and then writes the source's
     /// contents. Do not put anything into it before `restore_state`.
-    fn memory(&self) -> &GuestRam;
+    /// Its regions must be exactly the source's layout ([`check_layout`]).
+    fn memory(&self) -> &dyn GuestMemory;
 
     /// Loads all non-memory state. Must refuse unknown sections or versions.
     fn restore_state(&mut self, sections: &[Section]) -> Result<(), VmError>;
@@ -247,7 +284,7 @@ pub trait DestinationVm: Send {
 }
 
 /// Checks a destination memory object against a description's layout.
-pub fn check_layout(mem: &GuestRam, desc: &VmDescription) -> Result<(), VmError> {
+pub fn check_layout(mem: &dyn GuestMemory, desc: &VmDescription) -> Result<(), VmError> {
     let have = MemoryLayout::of(mem).map_err(|e| VmError::Incompatible(e.to_string()))?;
     if have != desc.layout {
         return Err(VmError::Incompatible(format!(

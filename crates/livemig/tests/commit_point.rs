@@ -11,7 +11,7 @@
 use std::sync::{mpsc, Arc};
 use std::time::{Duration, Instant};
 
-use livemig::memory::{GuestRam, MemoryLayout, RegionDesc};
+use livemig::memory::{GuestMemory, MemoryLayout, RegionDesc};
 use livemig::protocol::{
     ErrorMsg, FrameReader, FrameWriter, Hello, HelloReply, Message, MsgKind, Ready,
 };
@@ -202,7 +202,7 @@ fn dropped_connection_after_go_is_ambiguous() {
 struct FailingResume(SoftVm);
 
 impl DestinationVm for FailingResume {
-    fn memory(&self) -> &GuestRam {
+    fn memory(&self) -> &dyn GuestMemory {
         DestinationVm::memory(&self.0)
     }
 

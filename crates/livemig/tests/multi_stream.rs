@@ -357,7 +357,10 @@ fn compressed_pages_memory_identical() {
         use vm_memory::{Bytes, GuestAddress};
         for p in 0..(48u64 << 20) / 4096 {
             let v = [(p % 251) as u8; 4096];
-            src.ram().write_slice(&v, GuestAddress(p * 4096)).unwrap();
+            src.ram()
+                .expect("vm-memory")
+                .write_slice(&v, GuestAddress(p * 4096))
+                .unwrap();
         }
         src.start();
         let (plain, _, same) = run_mem_with(&src, streams, true, false);
@@ -366,7 +369,10 @@ fn compressed_pages_memory_identical() {
         let src = SoftVm::new(&layout(), &busy()).unwrap();
         for p in 0..(48u64 << 20) / 4096 {
             let v = [(p % 251) as u8; 4096];
-            src.ram().write_slice(&v, GuestAddress(p * 4096)).unwrap();
+            src.ram()
+                .expect("vm-memory")
+                .write_slice(&v, GuestAddress(p * 4096))
+                .unwrap();
         }
         src.start();
         let (z, dr, same) = run_mem_with(&src, streams, true, true);

@@ -6,7 +6,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
 use livemig::bitmap::DirtyBitmap;
-use livemig::memory::{GuestRam, MemoryLayout, RegionDesc};
+use livemig::memory::{GuestMemory, MemoryLayout, RegionDesc};
 use livemig::state::Section;
 use livemig::testing::soft::{SoftConfig, SoftVm};
 use livemig::transport::mem;
@@ -84,7 +84,7 @@ struct FlakyPause {
 }
 
 impl SourceVm for FlakyPause {
-    fn memory(&self) -> &GuestRam {
+    fn memory(&self) -> &dyn GuestMemory {
         SourceVm::memory(&self.vm)
     }
     fn describe(&self) -> Result<VmDescription, VmError> {

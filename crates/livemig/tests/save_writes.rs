@@ -6,7 +6,7 @@
 
 use std::sync::atomic::{AtomicU64, Ordering};
 
-use livemig::memory::{GuestRam, MemoryLayout, RegionDesc};
+use livemig::memory::{GuestMemory, MemoryLayout, RegionDesc};
 use livemig::state::Section;
 use livemig::testing::soft::{SoftConfig, SoftVm};
 use livemig::transport::mem;
@@ -23,7 +23,7 @@ struct WritingDevice {
 }
 
 impl SourceVm for WritingDevice {
-    fn memory(&self) -> &GuestRam {
+    fn memory(&self) -> &dyn GuestMemory {
         SourceVm::memory(&self.vm)
     }
     fn describe(&self) -> Result<VmDescription, VmError> {
@@ -44,8 +44,11 @@ impl SourceVm for WritingDevice {
     fn save_state(&self) -> Result<Vec<Section>, VmError> {
         // Like a device flushing a completion into guest memory at save.
         let n = self.saves.fetch_add(1, Ordering::SeqCst) + 1;
-        SourceVm::memory(&self.vm)
-            .write_obj(0xC0DE_0000_0000_0000 | n, GuestAddress(GPA))
+        let ram = self
+            .vm
+            .ram()
+            .ok_or(VmError::Pause("not vm-memory".into()))?;
+        ram.write_obj(0xC0DE_0000_0000_0000 | n, GuestAddress(GPA))
             .map_err(|e| VmError::Pause(e.to_string()))?;
         self.vm.save_state()
     }
@@ -81,12 +84,8 @@ fn a_write_by_save_state_reaches_the_destination() {
     )
     .expect("migrated");
     let (dst, _) = dest.join().unwrap().expect("received");
-    let want: u64 = SourceVm::memory(&src.vm)
-        .read_obj(GuestAddress(GPA))
-        .unwrap();
-    let got: u64 = livemig::vm::DestinationVm::memory(&dst)
-        .read_obj(GuestAddress(GPA))
-        .unwrap();
+    let want: u64 = src.vm.ram().unwrap().read_obj(GuestAddress(GPA)).unwrap();
+    let got: u64 = dst.ram().unwrap().read_obj(GuestAddress(GPA)).unwrap();
     assert_eq!(
         got,
         want,

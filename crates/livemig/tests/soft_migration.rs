@@ -62,10 +62,12 @@ fn idle_vm_memory_identical() {
     use vm_memory::{Bytes, GuestAddress};
     for i in 0..1000u64 {
         src.ram()
+            .expect("vm-memory")
             .write_obj(i * 7 + 1, GuestAddress(i * 4096 * 3))
             .unwrap();
     }
     src.ram()
+        .expect("vm-memory")
         .write_obj(0xfeedu64, GuestAddress((4 << 30) + 8))
         .unwrap();
     src.start();
@@ -463,7 +465,7 @@ struct Costly<'a> {
 }
 
 impl SourceVm for Costly<'_> {
-    fn memory(&self) -> &livemig::memory::GuestRam {
+    fn memory(&self) -> &dyn livemig::memory::GuestMemory {
         self.vm.memory()
     }
     fn describe(&self) -> Result<VmDescription, VmError> {

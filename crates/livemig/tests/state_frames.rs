@@ -5,7 +5,7 @@
 
 use std::sync::Mutex;
 
-use livemig::memory::{GuestRam, MemoryLayout, RegionDesc};
+use livemig::memory::{GuestMemory, MemoryLayout, RegionDesc};
 use livemig::state::Section;
 use livemig::testing::soft::{SoftConfig, SoftVm};
 use livemig::transport::mem;
@@ -33,7 +33,7 @@ struct BigState {
 }
 
 impl SourceVm for BigState {
-    fn memory(&self) -> &GuestRam {
+    fn memory(&self) -> &dyn GuestMemory {
         SourceVm::memory(&self.vm)
     }
     fn describe(&self) -> Result<VmDescription, VmError> {
@@ -69,7 +69,7 @@ struct BigDest {
 }
 
 impl DestinationVm for BigDest {
-    fn memory(&self) -> &GuestRam {
+    fn memory(&self) -> &dyn GuestMemory {
         DestinationVm::memory(&self.vm)
     }
     fn restore_state(&mut self, sections: &[Section]) -> Result<(), VmError> {

@@ -60,9 +60,9 @@ pub(super) fn prepare_memory<'a, V: DestinationVm>(
     vm: &'a V,
     layout: &MemoryLayout,
 ) -> Result<HostRam<'a>, MigrationError> {
-    let ram = HostRam::new(vm.memory(), layout).ok_or_else(|| {
-        let why = "destination memory is not one mapping per region";
-        refuse(fw, why.into())
+    let ram = HostRam::new(vm.memory(), layout).map_err(|e| {
+        let why = format!("destination memory cannot be used: {e}");
+        refuse(fw, why)
     })?;
     let t_scrub = Instant::now();
     let written = ram.scrub();

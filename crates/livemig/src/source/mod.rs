@@ -41,8 +41,12 @@ use session::{ms, Session, Tracking};
 use switchover::{Committed, NotCommitted};
 use throttle::Throttler;
 
-/// Pages per dirty-log chunk: in manual-protect mode each chunk is
-/// re-protected (`clear`) just before its pages are read.
+/// Pages per dirty-log chunk: with a [`Rearm::BeforeRead`] tracker each
+/// chunk's dirty pages are re-armed ([`DirtyTracker::rearm`]) just before
+/// they are read.
+///
+/// [`Rearm::BeforeRead`]: crate::vm::Rearm::BeforeRead
+/// [`DirtyTracker::rearm`]: crate::vm::DirtyTracker::rearm
 pub const CHUNK_PAGES: u64 = STREAM_CHUNK_PAGES;
 
 /// Migrates `vm` over `transport`.

@@ -14,7 +14,7 @@ use crate::memory::{MemoryLayout, PAGE_SIZE};
 use crate::policy::{decide, Decision, RoundEstimate, Throttle};
 use crate::protocol::RoundEnd;
 use crate::report::{Progress, RoundReport};
-use crate::vm::SourceVm;
+use crate::vm::{Rearm, SourceVm};
 
 /// The policy decided to switch over.
 pub(super) struct Converged {
@@ -125,7 +125,7 @@ fn send_round<V: SourceVm + ?Sized>(
     sender.skip_zero = round == 0;
     sender.skip_untouched = round == 0 && s.config.skip_untouched;
     sender.clear_time = Duration::ZERO;
-    let tracker = if t.tracker.needs_clear() {
+    let tracker = if t.tracker.rearm_mode() == Rearm::BeforeRead {
         Some(&mut *t.tracker)
     } else {
         None

@@ -4,8 +4,6 @@
 use std::sync::atomic::Ordering;
 use std::time::Instant;
 
-use vm_memory::{GuestMemoryBackend, GuestMemoryRegion};
-
 use super::{cancel::CancelToken, sender::PageSender, streams::Job, CHUNK_PAGES};
 use crate::bitmap::DirtyBitmap;
 use crate::error::{ErrorKind, MigrationError, Phase};
@@ -13,8 +11,9 @@ use crate::protocol::{stream_of, MsgKind};
 use crate::vm::{DirtyTracker, SourceVm};
 
 impl PageSender<'_> {
-    /// Sends every page set in `bitmap`, chunk by chunk; in manual-protect
-    /// mode each chunk is re-armed in `tracker` just before it is read.
+    /// Sends every page set in `bitmap`, chunk by chunk; with a `tracker`
+    /// ([`Rearm::BeforeRead`](crate::vm::Rearm::BeforeRead)) each chunk's
+    /// pages are re-armed just before they are read.
     ///
     /// With [`PageSender::skip_untouched`] set (round 0), each chunk's pages
     /// are then narrowed to those that may hold data ([`HostRam::populated`])
@@ -50,7 +49,7 @@ impl PageSender<'_> {
                 }
                 if let Some(t) = tracker.as_deref_mut() {
                     let t0 = Instant::now();
-                    t.clear(region, chunk, end - chunk, bitmap)
+                    t.rearm(region, chunk, end - chunk, bitmap)
                         .map_err(|e| MigrationError::new(phase, e))?;
                     self.clear_time += t0.elapsed();
                 }
@@ -152,12 +151,17 @@ pub(super) fn narrow_runs(runs: &[(u64, u64)], base: u64, keep: &[bool]) -> Vec<
     out
 }
 
-/// Merges the VMM's own writes (vm-memory's bitmap) into `bitmap`.
+/// Merges the VMM's own writes ([`GuestMemory::take_vmm_dirty`]) into
+/// `bitmap`.
+///
+/// [`GuestMemory::take_vmm_dirty`]: crate::memory::GuestMemory::take_vmm_dirty
 pub(super) fn merge_vmm_writes<V: SourceVm + ?Sized>(vm: &V, bitmap: &mut DirtyBitmap) {
-    let mut regions: Vec<_> = vm.memory().iter().collect();
-    regions.sort_by_key(|r| r.start_addr());
-    for (i, r) in regions.into_iter().enumerate() {
-        let words = vm_memory::MmapRegion::bitmap(r).get_and_reset();
-        bitmap.or_words(i, &words);
+    let mem = vm.memory();
+    let mut words = Vec::new();
+    for region in 0..bitmap.num_regions() {
+        words.clear();
+        words.resize(bitmap.region_pages(region).div_ceil(64) as usize, 0);
+        mem.take_vmm_dirty(region, &mut words);
+        bitmap.or_words(region, &words);
     }
 }

@@ -70,9 +70,9 @@ impl<'a> Tracking<'a> {
     ) -> Result<Self, MigrationError> {
         let hs = Phase::Handshake;
         let config = s.config;
-        let ram = HostRam::new(s.vm.memory(), layout).ok_or_else(|| {
-            let why = "guest memory is not one mapping per region";
-            MigrationError::new(hs, VmError::Incompatible(why.into()))
+        let ram = HostRam::new(s.vm.memory(), layout).map_err(|e| {
+            let why = format!("guest memory does not match its description: {e}");
+            MigrationError::new(hs, VmError::Incompatible(why))
         })?;
         let mut tracker =
             s.vm.dirty_tracker()

@@ -9,20 +9,24 @@
 //!
 //! The contract checked, step by step:
 //! 1. `start`, write run 1, `sync`: every written page is reported. A
-//!    tracker without [`DirtyTracker::needs_clear`] reports exactly those
-//!    pages; one with it may report more (KVM's manual-protect mode with
-//!    `KVM_DIRTY_LOG_INITIALLY_SET` reports every page at the first sync).
-//! 2. With `needs_clear`: `clear` every page reported, in 64-page-aligned
-//!    chunks, as the engine does. Then a `sync` with no write in between
-//!    reports nothing.
+//!    [`Rearm::OnSync`] tracker reports exactly those pages; a
+//!    [`Rearm::BeforeRead`] one may report more (KVM's manual-protect mode
+//!    with `KVM_DIRTY_LOG_INITIALLY_SET` reports every page at the first
+//!    sync).
+//! 2. With `BeforeRead`: `rearm` every page reported, in chunks of
+//!    [`CLEAR_CHUNK_PAGES`] (100: deliberately not a multiple of 64, so a
+//!    tracker working on aligned blocks must round and mask itself). Then a
+//!    `sync` with no write in between reports nothing.
 //! 3. Write run 2 (overlapping run 1), `sync`: exactly run 2 is reported.
-//! 4. With `needs_clear`: `clear` (with step 3's bitmap) only the chunks of
-//!    the first half of the window. Write run 3 over the whole window,
+//! 4. With `BeforeRead`: `rearm` (with step 3's bitmap) only the pages of
+//!    a range covering about the first half of the window, starting and
+//!    ending off any 64-page boundary. Write run 3 over the whole window,
 //!    `sync`: every page of run 3 is reported (in particular those written
-//!    after their chunk was cleared) and nothing outside runs 2 and 3 (a
-//!    page of run 2 that was cleared and not written again may or may not
-//!    be reported; one that was not cleared stays reported). Without
-//!    `needs_clear`: exactly run 3.
+//!    after they were re-armed), every page of run 2 outside the re-armed
+//!    range is still reported (re-arming a page outside the range asked
+//!    for would lose a write the engine has not read), and nothing outside
+//!    runs 2 and 3 (a page of run 2 that was re-armed and not written again
+//!    may or may not be reported). With `OnSync`: exactly run 3.
 //! 5. `stop` succeeds.
 //!
 //! The writes must be the guest's own stores (a vCPU's, or the software
@@ -55,11 +59,12 @@ use std::fmt;
 
 use crate::bitmap::DirtyBitmap;
 use crate::memory::MemoryLayout;
-use crate::vm::{DirtyTracker, VmError};
+use crate::vm::{DirtyTracker, Rearm, VmError};
 
-/// Pages re-armed per `clear` call (a multiple of 64: KVM's
-/// `KVM_CLEAR_DIRTY_LOG` takes a 64-page-aligned first page).
-pub const CLEAR_CHUNK_PAGES: u64 = 128;
+/// Pages re-armed per `rearm` call: not a multiple of 64, so that the
+/// check exercises a tracker's own rounding (KVM's `KVM_CLEAR_DIRTY_LOG`
+/// takes 64-page-aligned blocks).
+pub const CLEAR_CHUNK_PAGES: u64 = 100;
 
 /// The pages of one region the check may have the guest write: pages
 /// `first .. first + pages` of region `region`.
@@ -192,7 +197,7 @@ pub fn check_dirty_tracker(
     c.call("start", |t| t.start())?;
     let run1 = c.run(1, 3);
     let first = c.write_and_sync("first sync after start", &run1)?;
-    let manual = c.tracker.needs_clear();
+    let manual = c.tracker.rearm_mode() == Rearm::BeforeRead;
     let allowed = if manual { None } else { Some(&run1.set()) };
     expect("first sync after start", &first, &run1.set(), allowed)?;
 
@@ -217,15 +222,18 @@ pub fn check_dirty_tracker(
     }
     let run3 = c.run(2, 7);
     let third = c.write_and_sync("write after a partial re-arm", &run3)?;
-    let allowed = if manual {
-        run2.set().union(&run3.set()).copied().collect()
+    let (required, allowed) = if manual {
+        let kept = run2.pages().filter(|p| *p < half.0 || *p >= half.1);
+        let kept: BTreeSet<_> = kept.map(|p| (run2.region, p)).collect();
+        let required = run3.set().union(&kept).copied().collect();
+        (required, run2.set().union(&run3.set()).copied().collect())
     } else {
-        run3.set()
+        (run3.set(), run3.set())
     };
     expect(
         "write after a partial re-arm",
         &third,
-        &run3.set(),
+        &required,
         Some(&allowed),
     )?;
     c.call("stop", |t| t.stop())
@@ -267,10 +275,12 @@ impl Check<'_, '_> {
         }
     }
 
-    /// The 64-aligned page range covering the first half of the window.
+    /// A page range covering about the first half of the window, starting
+    /// and ending off any 64-page boundary.
     fn first_half(&self) -> (u64, u64) {
-        let start = self.window.first / 64 * 64;
-        let end = (self.window.first + self.window.pages / 2).div_ceil(64) * 64;
+        let off64 = |p: u64| if p.is_multiple_of(64) { p + 3 } else { p };
+        let start = off64(self.window.first + 3);
+        let end = off64(self.window.first + self.window.pages / 2);
         (start, end)
     }
 
@@ -315,7 +325,7 @@ impl Check<'_, '_> {
             let mut chunk = start;
             while chunk < end {
                 let n = CLEAR_CHUNK_PAGES.min(end - chunk);
-                self.call(step, |t| t.clear(region, chunk, n, bitmap))?;
+                self.call(step, |t| t.rearm(region, chunk, n, bitmap))?;
                 chunk += n;
             }
         }
@@ -429,17 +439,17 @@ mod tests {
             }
             self.0.sync(bitmap)
         }
-        fn needs_clear(&self) -> bool {
-            self.0.needs_clear()
+        fn rearm_mode(&self) -> Rearm {
+            self.0.rearm_mode()
         }
-        fn clear(
+        fn rearm(
             &mut self,
             region: usize,
             first_page: u64,
             npages: u64,
             bitmap: &DirtyBitmap,
         ) -> Result<(), VmError> {
-            self.0.clear(region, first_page, npages, bitmap)
+            self.0.rearm(region, first_page, npages, bitmap)
         }
         fn stop(&mut self) -> Result<(), VmError> {
             self.0.stop()
@@ -477,7 +487,7 @@ mod tests {
         );
     }
 
-    /// A manual-protect tracker whose `clear` does not re-arm: pages
+    /// A manual-protect tracker whose `rearm` does not re-arm: pages
     /// written after their chunk was cleared are never reported.
     struct ClearWithoutRearm<'a> {
         inner: Box<dyn DirtyTracker + 'a>,
@@ -501,10 +511,10 @@ mod tests {
             }
             Ok(())
         }
-        fn needs_clear(&self) -> bool {
-            true
+        fn rearm_mode(&self) -> Rearm {
+            Rearm::BeforeRead
         }
-        fn clear(
+        fn rearm(
             &mut self,
             region: usize,
             first_page: u64,
@@ -512,7 +522,7 @@ mod tests {
             bitmap: &DirtyBitmap,
         ) -> Result<(), VmError> {
             self.cleared.push((region, first_page, npages));
-            self.inner.clear(region, first_page, npages, bitmap)
+            self.inner.rearm(region, first_page, npages, bitmap)
         }
         fn stop(&mut self) -> Result<(), VmError> {
             self.inner.stop()
@@ -553,6 +563,73 @@ mod tests {
                 &e,
                 TrackerCheckError::Contract { step: "second write", mismatch }
                     if mismatch.missing.len() == 103 && mismatch.unexpected.is_empty()
+            ),
+            "{e}"
+        );
+    }
+
+    /// A manual-protect tracker that rounds each re-arm out to 64-page
+    /// blocks without masking: it re-arms pages outside the range asked
+    /// for, losing their dirty bits.
+    struct OverArming<'a>(Box<dyn DirtyTracker + 'a>);
+
+    impl DirtyTracker for OverArming<'_> {
+        fn start(&mut self) -> Result<(), VmError> {
+            self.0.start()
+        }
+        fn sync(&mut self, bitmap: &mut DirtyBitmap) -> Result<(), VmError> {
+            self.0.sync(bitmap)
+        }
+        fn rearm_mode(&self) -> Rearm {
+            self.0.rearm_mode()
+        }
+        fn rearm(
+            &mut self,
+            region: usize,
+            first_page: u64,
+            npages: u64,
+            bitmap: &DirtyBitmap,
+        ) -> Result<(), VmError> {
+            let start = first_page / 64 * 64;
+            let end = (first_page + npages).div_ceil(64) * 64;
+            self.0.rearm(region, start, end - start, bitmap)
+        }
+        fn stop(&mut self) -> Result<(), VmError> {
+            self.0.stop()
+        }
+        fn describe(&self) -> String {
+            "over-arming".into()
+        }
+    }
+
+    #[test]
+    fn a_tracker_that_rearms_outside_the_range_fails_the_check() {
+        let layout = layout();
+        let vm = SoftVm::with_memory(
+            allocate(&layout).unwrap(),
+            &SoftConfig::idle(),
+            SoftTracking::ManualProtect,
+        )
+        .unwrap();
+        let mut t = OverArming(vm.dirty_tracker().unwrap());
+        let window = PageWindow {
+            region: 0,
+            first: 0,
+            pages: 512,
+        };
+        let e = check_dirty_tracker(&mut t, &layout, window, &mut |run: &PageRun| {
+            for p in run.pages() {
+                vm.write_as_guest(p * PAGE_SIZE, p)
+                    .map_err(|e| e.to_string())?;
+            }
+            Ok(())
+        })
+        .unwrap_err();
+        assert!(
+            matches!(
+                &e,
+                TrackerCheckError::Contract { step: "write after a partial re-arm", mismatch }
+                    if !mismatch.missing.is_empty() && mismatch.unexpected.is_empty()
             ),
             "{e}"
         );

@@ -4,9 +4,14 @@
 //!
 //! Writers play two roles: "guest" writers store straight into the host
 //! mapping and record the page in the VM's own dirty log (what KVM's dirty
-//! log does for a real guest), and "device" writers write through vm-memory,
-//! whose [`vm_memory::bitmap::AtomicBitmap`] records the page (what a VMM's
-//! device emulation does). The engine must merge both or lose writes.
+//! log does for a real guest), and "device" writers write the way a VMM's
+//! device emulation does: through vm-memory, whose
+//! [`vm_memory::bitmap::AtomicBitmap`] records the page, when the memory is
+//! vm-memory's ([`SoftVm::with_memory`]); into the host mapping, recorded
+//! in the soft VM's own device log, for any other [`GuestMemory`]
+//! ([`SoftVm::with_guest_memory`]). Either way the engine learns of them
+//! only through [`GuestMemory::take_vmm_dirty`], and must merge them or lose
+//! writes.
 
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Condvar, Mutex, RwLock};
@@ -14,12 +19,14 @@ use std::thread::JoinHandle;
 use std::time::Duration;
 
 use vm_memory::bitmap::AtomicBitmap;
-use vm_memory::{Bytes, GuestAddress, GuestMemoryBackend};
+use vm_memory::{Bytes, GuestAddress};
 
 use crate::bitmap::DirtyBitmap;
-use crate::memory::{allocate, GuestRam, MemoryLayout, PAGE_SIZE};
+use crate::memory::{allocate, GuestMemory, GuestRam, HostRegion, MemoryLayout, PAGE_SIZE};
 use crate::state::{Section, StateError, StateReader, StateWriter};
-use crate::vm::{DestinationVm, DirtyTracker, SourceVm, VcpuThrottle, VmDescription, VmError};
+use crate::vm::{
+    DestinationVm, DirtyTracker, Rearm, SourceVm, VcpuThrottle, VmDescription, VmError,
+};
 
 /// How the software VM's writers behave.
 #[derive(Debug, Clone)]
@@ -66,7 +73,7 @@ pub enum SoftTracking {
     /// thereby write-protects) the page; `sync` reads the bits without
     /// clearing them; a write to a protected page sets its bit and lifts the
     /// protection (the write fault). The check-and-store of a write and a
-    /// `clear` exclude each other, as KVM's `mmu_lock` makes them.
+    /// `rearm` exclude each other, as KVM's `mmu_lock` makes them.
     ManualProtect,
 }
 
@@ -85,7 +92,7 @@ struct Shared {
     /// region (unused in [`SoftTracking::Bitmap`]).
     protected: Vec<AtomicBitmap>,
     /// Manual-protect model: writers hold it shared around check-and-store,
-    /// `clear` holds it exclusively (KVM's mmu_lock).
+    /// `rearm` holds it exclusively (KVM's mmu_lock).
     mmu: RwLock<()>,
     tracking: SoftTracking,
     logging: AtomicBool,
@@ -94,9 +101,75 @@ struct Shared {
     seeds: Mutex<Vec<u64>>,
 }
 
+/// The soft VM's memory: vm-memory's, or any other [`GuestMemory`] plus
+/// the soft VM's own log of its device writes.
+struct SoftMemory {
+    inner: Inner,
+    /// Host address of each region's first byte (the mappings live as long
+    /// as `inner`).
+    bases: Vec<usize>,
+    /// [`Inner::Other`]: the device writers' pages, one bitmap (4 KiB
+    /// pages) per region.
+    device_log: Vec<AtomicBitmap>,
+}
+
+enum Inner {
+    VmMemory(GuestRam),
+    Other(Box<dyn GuestMemory>),
+}
+
+impl SoftMemory {
+    fn dyn_mem(&self) -> &dyn GuestMemory {
+        match &self.inner {
+            Inner::VmMemory(m) => m,
+            Inner::Other(m) => &**m,
+        }
+    }
+
+    /// A device (VMM) write of `data` at byte `offset` of `region`: through
+    /// vm-memory, or into the mapping and the device log.
+    fn device_write(&self, layout: &MemoryLayout, region: usize, offset: u64, data: &[u8]) {
+        let Some(r) = layout.regions().get(region) else {
+            return;
+        };
+        if offset.saturating_add(data.len() as u64) > r.size {
+            return;
+        }
+        match &self.inner {
+            Inner::VmMemory(m) => {
+                let _ = m.write_slice(data, GuestAddress(r.guest_addr + offset));
+            }
+            Inner::Other(_) => {
+                let dst = (self.bases[region] + offset as usize) as *mut u8;
+                // SAFETY: offset + len <= the region's size (checked above),
+                // inside a mapping the GuestMemory keeps mapped while `self`
+                // lives; racing writers store whole words of their own.
+                unsafe { std::ptr::copy_nonoverlapping(data.as_ptr(), dst, data.len()) };
+                self.device_log[region].set_addr_range(offset as usize, data.len());
+            }
+        }
+    }
+}
+
+// SAFETY: delegates to the wrapped memory, which made the same promises.
+unsafe impl GuestMemory for SoftMemory {
+    fn regions(&self) -> Vec<HostRegion<'_>> {
+        self.dyn_mem().regions()
+    }
+
+    fn take_vmm_dirty(&self, region: usize, words: &mut [u64]) {
+        self.dyn_mem().take_vmm_dirty(region, words);
+        if let Some(log) = self.device_log.get(region) {
+            for (w, b) in words.iter_mut().zip(log.get_and_reset()) {
+                *w |= b;
+            }
+        }
+    }
+}
+
 /// A software VM.
 pub struct SoftVm {
-    memory: Arc<GuestRam>,
+    memory: Arc<SoftMemory>,
     layout: MemoryLayout,
     shared: Arc<Shared>,
     writers: Vec<JoinHandle<()>>,
@@ -115,15 +188,54 @@ impl SoftVm {
         Self::with_memory(memory, config, SoftTracking::Bitmap)
     }
 
-    /// A paused software VM over `memory` (any backing: anonymous, memfd,
-    /// a file), with writers per `config` and dirty tracking per `tracking`.
+    /// A paused software VM over vm-memory `memory` (any backing:
+    /// anonymous, memfd, a file), with writers per `config` and dirty
+    /// tracking per `tracking`. Device writers write through vm-memory.
     pub fn with_memory(
         memory: GuestRam,
         config: &SoftConfig,
         tracking: SoftTracking,
     ) -> Result<Self, VmError> {
-        let layout = &MemoryLayout::of(&memory).map_err(|e| VmError::Create(e.to_string()))?;
-        let memory = Arc::new(memory);
+        Self::build(Inner::VmMemory(memory), config, tracking)
+    }
+
+    /// A paused software VM over any [`GuestMemory`] (for example a VMM's
+    /// own mapping, without vm-memory). Device writers store into the
+    /// mapping and record the page in the soft VM's own device log, which
+    /// the soft VM's [`GuestMemory::take_vmm_dirty`] adds to whatever
+    /// `memory` itself reports.
+    pub fn with_guest_memory(
+        memory: Box<dyn GuestMemory>,
+        config: &SoftConfig,
+        tracking: SoftTracking,
+    ) -> Result<Self, VmError> {
+        Self::build(Inner::Other(memory), config, tracking)
+    }
+
+    fn build(inner: Inner, config: &SoftConfig, tracking: SoftTracking) -> Result<Self, VmError> {
+        let create = |e: String| VmError::Create(e);
+        let (layout, bases) = {
+            let mem: &dyn GuestMemory = match &inner {
+                Inner::VmMemory(m) => m,
+                Inner::Other(m) => &**m,
+            };
+            let regions = mem.regions();
+            if let Some(r) = regions
+                .iter()
+                .find(|r| !(r.host as u64).is_multiple_of(PAGE_SIZE))
+            {
+                return Err(create(format!(
+                    "host address {:p} is not 4 KiB aligned",
+                    r.host
+                )));
+            }
+            let bases: Vec<usize> = regions.iter().map(|r| r.host as usize).collect();
+            (
+                MemoryLayout::of(mem).map_err(|e| create(e.to_string()))?,
+                bases,
+            )
+        };
+        let layout = &layout;
         let bitmaps = || -> Vec<AtomicBitmap> {
             layout
                 .regions()
@@ -137,6 +249,15 @@ impl SoftVm {
                 .collect()
         };
         let log = bitmaps();
+        let device_log = match inner {
+            Inner::VmMemory(_) => Vec::new(),
+            Inner::Other(_) => bitmaps(),
+        };
+        let memory = Arc::new(SoftMemory {
+            inner,
+            bases,
+            device_log,
+        });
         let n = config.guest_writers + config.device_writers;
         let shared = Arc::new(Shared {
             ctl: Mutex::new(Ctl {
@@ -203,9 +324,12 @@ impl SoftVm {
         self.shared.writes.load(Ordering::SeqCst)
     }
 
-    /// The guest memory.
-    pub fn ram(&self) -> &GuestRam {
-        &self.memory
+    /// The guest memory, if it is vm-memory's ([`SoftVm::with_memory`]).
+    pub fn ram(&self) -> Option<&GuestRam> {
+        match &self.memory.inner {
+            Inner::VmMemory(m) => Some(m),
+            Inner::Other(_) => None,
+        }
     }
 
     /// The layout.
@@ -226,28 +350,25 @@ impl SoftVm {
             .filter(|_| addr.is_multiple_of(8))
             .ok_or_else(|| VmError::DirtyLog(format!("no aligned guest word at {addr:#x}")))?;
         let offset = addr - self.layout.regions()[region].guest_addr;
-        let host = self
-            .memory
-            .get_host_address(GuestAddress(addr))
-            .map_err(|e| VmError::DirtyLog(format!("guest address {addr:#x}: {e}")))?;
+        let host = self.memory.bases[region] + offset as usize;
         guest_store(&self.shared, region, offset, host as *mut u64, value);
         Ok(())
     }
 
     /// Fills every page with non-zero bytes derived from `seed` (so that a
-    /// migration has real data to move), through vm-memory.
+    /// migration has real data to move), as device writes (through
+    /// vm-memory, or recorded in the device log).
     pub fn fill(&self, seed: u64) {
         let mut page = vec![0u8; PAGE_SIZE as usize];
-        for r in self.layout.regions() {
+        for (i, r) in self.layout.regions().iter().enumerate() {
             for p in 0..r.pages() {
                 let v =
                     (seed ^ (r.guest_addr + p * PAGE_SIZE)).wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1;
                 for (i, c) in page.chunks_exact_mut(8).enumerate() {
                     c.copy_from_slice(&(v.wrapping_add(i as u64)).to_le_bytes());
                 }
-                let _ = self
-                    .memory
-                    .write_slice(&page, GuestAddress(r.guest_addr + p * PAGE_SIZE));
+                self.memory
+                    .device_write(&self.layout, i, p * PAGE_SIZE, &page);
             }
         }
     }
@@ -255,16 +376,18 @@ impl SoftVm {
     /// A copy of all guest memory (for comparisons in tests).
     pub fn snapshot(&self) -> Vec<u8> {
         let mut out = Vec::with_capacity(self.layout.total_bytes() as usize);
-        for r in self.layout.regions() {
-            let mut buf = vec![0u8; r.size as usize];
-            if self
-                .memory
-                .read_slice(&mut buf, GuestAddress(r.guest_addr))
-                .is_err()
-            {
-                buf.clear();
-            }
-            out.extend_from_slice(&buf);
+        for (r, base) in self.layout.regions().iter().zip(&self.memory.bases) {
+            let start = out.len();
+            out.resize(start + r.size as usize, 0);
+            // SAFETY: the region is `size` bytes mapped at `base` while
+            // the memory lives (the GuestMemory contract); `out` has room.
+            unsafe {
+                std::ptr::copy_nonoverlapping(
+                    *base as *const u8,
+                    out[start..].as_mut_ptr(),
+                    r.size as usize,
+                )
+            };
         }
         out
     }
@@ -284,7 +407,7 @@ fn writer(
     index: usize,
     device: bool,
     pages_per_ms: u64,
-    memory: &GuestRam,
+    memory: &SoftMemory,
     layout: &MemoryLayout,
     shared: &Shared,
 ) {
@@ -325,11 +448,12 @@ fn writer(
         }
         let r = layout.regions()[region];
         let offset = page * PAGE_SIZE + ((seed >> 40) % (PAGE_SIZE / 8)) * 8;
-        let addr = GuestAddress(r.guest_addr + offset);
         if device {
-            // Through vm-memory: its AtomicBitmap records the page.
-            let _ = memory.write_obj(seed, addr);
-        } else if let Ok(host) = memory.get_host_address(addr) {
+            // As the VMM: vm-memory's AtomicBitmap or the device log
+            // records the page.
+            memory.device_write(layout, region, offset, &seed.to_le_bytes());
+        } else if offset < r.size {
+            let host = memory.bases[region] + offset as usize;
             guest_store(shared, region, offset, host as *mut u64, seed);
         }
         shared.writes.fetch_add(1, Ordering::SeqCst);
@@ -422,11 +546,16 @@ impl DirtyTracker for SoftTracker<'_> {
         Ok(())
     }
 
-    fn needs_clear(&self) -> bool {
-        self.manual()
+    fn rearm_mode(&self) -> Rearm {
+        if self.manual() {
+            Rearm::BeforeRead
+        } else {
+            // Harvesting with get_and_reset re-arms the log already.
+            Rearm::OnSync
+        }
     }
 
-    fn clear(
+    fn rearm(
         &mut self,
         region: usize,
         first_page: u64,
@@ -434,7 +563,6 @@ impl DirtyTracker for SoftTracker<'_> {
         bitmap: &DirtyBitmap,
     ) -> Result<(), VmError> {
         if !self.manual() {
-            // Harvesting with get_and_reset re-arms the log already.
             return Ok(());
         }
         let sh = &self.vm.shared;
@@ -482,8 +610,8 @@ impl SoftVm {
 }
 
 impl SourceVm for SoftVm {
-    fn memory(&self) -> &GuestRam {
-        &self.memory
+    fn memory(&self) -> &dyn GuestMemory {
+        &*self.memory
     }
 
     fn describe(&self) -> Result<VmDescription, VmError> {
@@ -539,8 +667,8 @@ impl VcpuThrottle for SoftVm {
 }
 
 impl DestinationVm for SoftVm {
-    fn memory(&self) -> &GuestRam {
-        &self.memory
+    fn memory(&self) -> &dyn GuestMemory {
+        &*self.memory
     }
 
     fn restore_state(&mut self, sections: &[Section]) -> Result<(), VmError> {
