@@ -26,7 +26,7 @@ use std::time::{Duration, Instant};
 use livemig::bitmap::DirtyBitmap;
 use livemig::error::PeerError;
 use livemig::memory::{MemoryLayout, RegionDesc};
-use livemig::protocol::MsgKind;
+use livemig::protocol::{FrameHeader, MsgKind, FRAME_HEADER_LEN};
 use livemig::testing::fault::{At, Fault, FaultProbe, FaultSpec, FaultTransport};
 use livemig::testing::soft::{SoftConfig, SoftVm};
 use livemig::transport::{mem, Transport};
@@ -810,23 +810,27 @@ fn hostile_addresses_outside_guest_memory() {
     }
 }
 
+/// The header of the second frame (seq 1), an empty `Pages` frame's
+/// header (its CRC unchanged) that claims a payload of `len` bytes.
+fn pages_header_claiming(len: u32) -> [u8; FRAME_HEADER_LEN] {
+    let empty = harness::frames(&[(MsgKind::Pages, Vec::new())]);
+    let mut h = FrameHeader::decode(empty[..FRAME_HEADER_LEN].try_into().unwrap());
+    h.seq = 1;
+    h.len = len;
+    h.encode()
+}
+
 #[test]
 fn hostile_lengths_and_allocations() {
     let p0 = Phase::Precopy(0);
     // A frame header claiming 4 GiB: refused on the header, before
     // allocating (or waiting for) the payload.
     let mut s = harness::frames(&harness::valid_frames()[..1]);
-    let mut hdr = harness::frames(&[(MsgKind::Pages, Vec::new())])[..16].to_vec();
-    hdr[4..8].copy_from_slice(&1u32.to_le_bytes());
-    hdr[8..12].copy_from_slice(&u32::MAX.to_le_bytes());
-    s.extend(hdr);
+    s.extend(pages_header_claiming(u32::MAX));
     refused(&s, p0, "payload length 4294967295 exceeds limit 8388608");
     // Just over the frame limit.
     let mut s = harness::frames(&harness::valid_frames()[..1]);
-    let mut hdr = harness::frames(&[(MsgKind::Pages, Vec::new())])[..16].to_vec();
-    hdr[4..8].copy_from_slice(&1u32.to_le_bytes());
-    hdr[8..12].copy_from_slice(&((8u32 << 20) + 1).to_le_bytes());
-    s.extend(hdr);
+    s.extend(pages_header_claiming((8u32 << 20) + 1));
     refused(&s, p0, "exceeds limit");
     // A data record claiming more pages than the frame carries.
     let bad = record(0, 1000, 1, &pages(1, 9));
