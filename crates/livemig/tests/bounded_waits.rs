@@ -5,49 +5,24 @@
 use std::sync::{mpsc, Arc};
 use std::time::{Duration, Instant};
 
-use livemig::memory::{MemoryLayout, RegionDesc};
 use livemig::protocol::{FrameReader, FrameWriter, HelloReply, MsgKind};
 use livemig::testing::fault::{At, Fault, FaultTransport};
 use livemig::testing::soft::{SoftConfig, SoftVm};
 use livemig::transport::{mem, Transport};
-use livemig::{
-    migrate, receive, CancelToken, ErrorKind, MigrationConfig, MigrationError, OnLimit,
-    ReceiveConfig, Report,
-};
+use livemig::{migrate, CancelToken, ErrorKind, MigrationConfig, MigrationError, OnLimit, Report};
 
-fn layout() -> MemoryLayout {
-    MemoryLayout::new(vec![RegionDesc {
-        guest_addr: 0,
-        size: 16 << 20,
-    }])
-    .unwrap()
-}
+mod common;
+use common::{one_region, running_source, soft_destination};
 
 fn source(seed: u64) -> Arc<SoftVm> {
-    let vm = SoftVm::new(
-        &layout(),
-        &SoftConfig {
-            guest_writers: 1,
-            device_writers: 1,
-            pages_per_ms: 20,
-        },
-    )
-    .unwrap();
-    vm.fill(seed);
-    vm.start();
-    Arc::new(vm)
+    running_source(&one_region(16 << 20), &SoftConfig::busy(), seed)
 }
 
 fn assert_running(vm: &SoftVm, what: &str) {
-    let w = vm.writes();
-    let deadline = Instant::now() + Duration::from_secs(5);
-    while vm.writes() == w {
-        assert!(
-            Instant::now() < deadline,
-            "{what}: the source's writers stopped"
-        );
-        std::thread::sleep(Duration::from_millis(5));
-    }
+    assert!(
+        vm.writes_within(Duration::from_secs(5)),
+        "{what}: the source's writers stopped"
+    );
 }
 
 /// Runs `f` on a thread; panics if it takes longer than `limit`.
@@ -116,16 +91,7 @@ fn a_partition_during_the_final_copy_resumes_the_source_after_max_pause() {
             Box::new(a),
             Fault::Stall(Duration::from_secs(40)).at(At::after(MsgKind::RoundEnd, 1)),
         );
-        let dest = std::thread::spawn(move || {
-            receive(
-                Box::new(b),
-                &ReceiveConfig {
-                    io_timeout: Duration::from_secs(30),
-                },
-                |d| SoftVm::new(&d.layout, &SoftConfig::idle()),
-            )
-            .map(|_| ())
-        });
+        let dest = soft_destination(b, Duration::from_secs(30));
         let cfg = MigrationConfig {
             downtime_limit: Duration::from_nanos(1),
             max_rounds: 2,
@@ -136,7 +102,7 @@ fn a_partition_during_the_final_copy_resumes_the_source_after_max_pause() {
         };
         let r = migrate(&*s2, Box::new(a), &cfg, &CancelToken::new(), &mut |_| {});
         assert_eq!(probe.fired().len(), 1, "the stall did not strike");
-        (r, dest.join().unwrap())
+        (r, dest.join().unwrap().map(|_| ()))
     });
     let e = r.expect_err("the migration cannot succeed");
     eprintln!("source: {e}");

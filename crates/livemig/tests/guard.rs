@@ -6,7 +6,7 @@
 use std::sync::{mpsc, Arc};
 use std::time::{Duration, Instant};
 
-use livemig::memory::{MemoryLayout, RegionDesc};
+use livemig::memory::MemoryLayout;
 use livemig::protocol::{FrameReader, FrameWriter, Hello, HelloReply, Message, MsgKind};
 use livemig::testing::soft::{SoftConfig, SoftVm};
 use livemig::transport::{mem, Transport};
@@ -15,19 +15,15 @@ use livemig::{
     Progress, ReceiveConfig,
 };
 
+mod common;
+use common::{one_region, running_source};
+
 fn layout() -> MemoryLayout {
-    MemoryLayout::new(vec![RegionDesc {
-        guest_addr: 0,
-        size: 2 << 20,
-    }])
-    .unwrap()
+    one_region(2 << 20)
 }
 
 fn source() -> Arc<SoftVm> {
-    let vm = SoftVm::new(&layout(), &SoftConfig::default()).unwrap();
-    vm.fill(7);
-    vm.start();
-    Arc::new(vm)
+    running_source(&layout(), &SoftConfig::default(), 7)
 }
 
 fn destination(t: mem::MemTransport) -> std::thread::JoinHandle<Option<SoftVm>> {
@@ -41,9 +37,7 @@ fn destination(t: mem::MemTransport) -> std::thread::JoinHandle<Option<SoftVm>> 
 }
 
 fn paused(vm: &SoftVm) -> bool {
-    let w = vm.writes();
-    std::thread::sleep(Duration::from_millis(100));
-    vm.writes() == w
+    vm.writes_none_during(Duration::from_millis(100))
 }
 
 /// An operator `resume` (from another thread) while the source is paused

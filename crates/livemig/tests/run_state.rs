@@ -6,27 +6,18 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
 use livemig::bitmap::DirtyBitmap;
-use livemig::memory::{MemoryLayout, RegionDesc};
+use livemig::memory::MemoryLayout;
 use livemig::testing::hooked::HookedVm;
 use livemig::testing::soft::{SoftConfig, SoftVm};
 use livemig::transport::mem;
 use livemig::vm::{SourceVm, VmError};
 use livemig::{migrate, receive, CancelToken, MigrationConfig, Progress, ReceiveConfig};
 
-fn layout() -> MemoryLayout {
-    MemoryLayout::new(vec![RegionDesc {
-        guest_addr: 0,
-        size: 4 << 20,
-    }])
-    .unwrap()
-}
+mod common;
+use common::one_region;
 
-fn busy() -> SoftConfig {
-    SoftConfig {
-        guest_writers: 1,
-        device_writers: 1,
-        pages_per_ms: 20,
-    }
+fn layout() -> MemoryLayout {
+    one_region(4 << 20)
 }
 
 /// The source's writers were stopped by the operator: nothing writes during
@@ -35,7 +26,7 @@ fn busy() -> SoftConfig {
 /// it always resumed it).
 #[test]
 fn a_paused_vm_migrates_paused() {
-    let src = SoftVm::new(&layout(), &busy()).unwrap();
+    let src = SoftVm::new(&layout(), &SoftConfig::busy()).unwrap();
     src.fill(3);
     src.start();
     std::thread::sleep(Duration::from_millis(20));
@@ -44,7 +35,7 @@ fn a_paused_vm_migrates_paused() {
     let (a, b) = mem::pair();
     let dest = std::thread::spawn(move || {
         receive(Box::new(b), &ReceiveConfig::default(), |d| {
-            SoftVm::new(&d.layout, &busy())
+            SoftVm::new(&d.layout, &SoftConfig::busy())
         })
     });
     let mut ran = false;
@@ -81,7 +72,7 @@ fn a_failed_pause_at_the_handshake_leaves_the_source_running() {
     // The first pause fails half-way: the writers are stopped, then an
     // error is returned.
     let failed = AtomicBool::new(false);
-    let vm = HookedVm::new(SoftVm::new(&layout(), &busy()).unwrap())
+    let vm = HookedVm::new(SoftVm::new(&layout(), &SoftConfig::busy()).unwrap())
         .on_pause(|vm| {
             SourceVm::pause(vm)?;
             if !failed.swap(true, Ordering::SeqCst) {

@@ -15,7 +15,10 @@ use livemig::protocol::{
 };
 use livemig::testing::soft::{SoftConfig, SoftVm};
 use livemig::transport::{mem, Transport};
-use livemig::{migrate, receive, CancelToken, MigrationConfig, ReceiveConfig};
+use livemig::{migrate, CancelToken, MigrationConfig};
+
+mod common;
+use common::soft_destination;
 
 /// A source of the next version: its Hello offers `PROTOCOL_VERSION ..=
 /// PROTOCOL_VERSION + 1` and carries 12 bytes of a field this build does
@@ -23,15 +26,7 @@ use livemig::{migrate, receive, CancelToken, MigrationConfig, ReceiveConfig};
 #[test]
 fn a_next_version_source_migrates_to_this_destination() {
     let (a, b) = mem::pair();
-    let dest = std::thread::spawn(move || {
-        receive(
-            Box::new(b),
-            &ReceiveConfig {
-                io_timeout: Duration::from_secs(5),
-            },
-            |d| SoftVm::new(&d.layout, &SoftConfig::idle()),
-        )
-    });
+    let dest = soft_destination(b, Duration::from_secs(5));
     let t: Box<dyn Transport> = Box::new(a);
     let mut rx = t.try_clone().unwrap();
     rx.set_read_timeout(Some(Duration::from_secs(5))).unwrap();

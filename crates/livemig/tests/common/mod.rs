@@ -1,0 +1,43 @@
+//! Set-ups several of this crate's integration tests share (each test
+//! file uses some of them).
+#![allow(dead_code)]
+
+use std::sync::Arc;
+use std::thread::JoinHandle;
+use std::time::Duration;
+
+use livemig::memory::{MemoryLayout, RegionDesc};
+use livemig::testing::soft::{SoftConfig, SoftVm};
+use livemig::transport::Transport;
+use livemig::{receive, MigrationError, ReceiveConfig, ReceiveReport};
+
+/// One region of `size` bytes at guest address 0.
+pub fn one_region(size: u64) -> MemoryLayout {
+    MemoryLayout::new(vec![RegionDesc {
+        guest_addr: 0,
+        size,
+    }])
+    .unwrap()
+}
+
+/// A soft VM with writers per `config`, every page filled from `seed`,
+/// its writers started.
+pub fn running_source(layout: &MemoryLayout, config: &SoftConfig, seed: u64) -> Arc<SoftVm> {
+    let vm = SoftVm::new(layout, config).unwrap();
+    vm.fill(seed);
+    vm.start();
+    Arc::new(vm)
+}
+
+/// `receive` on a thread, over `t`, into an idle soft VM of the source's
+/// layout, with read/write timeouts of `io_timeout`.
+pub fn soft_destination(
+    t: impl Transport + 'static,
+    io_timeout: Duration,
+) -> JoinHandle<Result<(SoftVm, ReceiveReport), MigrationError>> {
+    std::thread::spawn(move || {
+        receive(Box::new(t), &ReceiveConfig { io_timeout }, |d| {
+            SoftVm::new(&d.layout, &SoftConfig::idle())
+        })
+    })
+}
