@@ -5,14 +5,14 @@
 use std::sync::{mpsc, Arc};
 use std::time::{Duration, Instant};
 
-use livemig::protocol::{FrameReader, FrameWriter, HelloReply, MsgKind};
+use livemig::protocol::{HelloReply, MsgKind};
 use livemig::testing::fault::{At, Fault, FaultTransport};
 use livemig::testing::soft::{SoftConfig, SoftVm};
-use livemig::transport::{mem, Transport};
+use livemig::transport::mem;
 use livemig::{migrate, CancelToken, ErrorKind, MigrationConfig, MigrationError, OnLimit, Report};
 
 mod common;
-use common::{one_region, running_source, soft_destination};
+use common::{hand_destination, one_region, running_source, soft_destination};
 
 fn source(seed: u64) -> Arc<SoftVm> {
     running_source(&one_region(16 << 20), &SoftConfig::busy(), seed)
@@ -47,10 +47,7 @@ fn a_destination_that_stops_reading_cannot_block_the_source() {
     let r: Result<Report, MigrationError> = within(Duration::from_secs(30), move || {
         let (a, b) = mem::pair();
         let dest = std::thread::spawn(move || {
-            let t: Box<dyn Transport> = Box::new(b);
-            let mut fr = FrameReader::new(t.try_clone().unwrap());
-            let mut fw = FrameWriter::new(t);
-            assert_eq!(fr.read_frame().unwrap().kind, MsgKind::Hello);
+            let (_, _fr, mut fw) = hand_destination(Box::new(b), None);
             fw.send(&HelloReply::accepted(1, [0; 16])).unwrap();
             fw.flush().unwrap();
             // Stop reading; keep the connection open.

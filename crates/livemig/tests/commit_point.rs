@@ -12,9 +12,7 @@ use std::sync::{mpsc, Arc};
 use std::time::Duration;
 
 use livemig::memory::{GuestRam, MemoryLayout};
-use livemig::protocol::{
-    ErrorMsg, FrameReader, FrameWriter, Hello, HelloReply, Message, MsgKind, Ready,
-};
+use livemig::protocol::{ErrorMsg, FrameWriter, HelloReply, MsgKind, Ready};
 use livemig::state::Section;
 use livemig::testing::soft::{SoftConfig, SoftVm};
 use livemig::transport::{mem, Transport};
@@ -25,7 +23,7 @@ use livemig::{
 };
 
 mod common;
-use common::{one_region, running_source};
+use common::{hand_destination, one_region, running_source};
 
 const IO: Duration = Duration::from_millis(1000);
 const WATCHDOG: Duration = Duration::from_secs(60);
@@ -86,13 +84,7 @@ where
 /// `Complete`, sends `Ready`, reads `Go`, then lets `answer` reply.
 fn scripted(answer: fn(&mut FrameWriter<Box<dyn Transport>>)) -> impl FnOnce(Box<dyn Transport>) {
     move |t: Box<dyn Transport>| {
-        let mut rx = t.try_clone().unwrap();
-        rx.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
-        let mut fr = FrameReader::new(rx);
-        let mut fw = FrameWriter::new(t);
-        let f = fr.read_frame().unwrap();
-        assert_eq!(f.kind, MsgKind::Hello);
-        let hello = Hello::decode(f.payload).unwrap();
+        let (hello, mut fr, mut fw) = hand_destination(t, Some(Duration::from_secs(10)));
         let reply = HelloReply::accepted(1, [0; 16]);
         assert_eq!(hello.streams, 1);
         fw.send(&reply).unwrap();

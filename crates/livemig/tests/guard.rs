@@ -7,16 +7,16 @@ use std::sync::{mpsc, Arc};
 use std::time::{Duration, Instant};
 
 use livemig::memory::MemoryLayout;
-use livemig::protocol::{FrameReader, FrameWriter, Hello, HelloReply, Message, MsgKind};
+use livemig::protocol::HelloReply;
 use livemig::testing::soft::{SoftConfig, SoftVm};
-use livemig::transport::{mem, Transport};
+use livemig::transport::mem;
 use livemig::{
     receive, CancelToken, ErrorKind, GuardError, GuardState, MigrationConfig, MigrationGuard,
     Progress, ReceiveConfig,
 };
 
 mod common;
-use common::{one_region, running_source};
+use common::{hand_destination, one_region, running_source};
 
 fn layout() -> MemoryLayout {
     one_region(2 << 20)
@@ -106,12 +106,7 @@ fn a_second_concurrent_migrate_is_refused() {
     // A destination that holds the first migration in its handshake until
     // told, then refuses it.
     let dest = std::thread::spawn(move || {
-        let t: Box<dyn Transport> = Box::new(b);
-        let mut fr = FrameReader::new(t.try_clone().unwrap());
-        let mut fw = FrameWriter::new(t);
-        let f = fr.read_frame().unwrap();
-        assert_eq!(f.kind, MsgKind::Hello);
-        Hello::decode(f.payload).unwrap();
+        let (_, _fr, mut fw) = hand_destination(Box::new(b), None);
         go_rx.recv().unwrap();
         fw.send(&HelloReply::refused("test over".into())).unwrap();
         fw.flush().unwrap();

@@ -18,7 +18,7 @@ use livemig::transport::{mem, Transport};
 use livemig::{migrate, CancelToken, MigrationConfig};
 
 mod common;
-use common::soft_destination;
+use common::{hand_destination, soft_destination};
 
 /// A source of the next version: its Hello offers `PROTOCOL_VERSION ..=
 /// PROTOCOL_VERSION + 1` and carries 12 bytes of a field this build does
@@ -78,10 +78,7 @@ fn a_reply_choosing_an_unknown_version_is_refused() {
     let vm = SoftVm::new(&layout, &SoftConfig::idle()).unwrap();
     let (a, b) = mem::pair();
     let dest = std::thread::spawn(move || {
-        let t: Box<dyn Transport> = Box::new(b);
-        let mut fr = FrameReader::new(t.try_clone().unwrap());
-        let mut fw = FrameWriter::new(t);
-        assert_eq!(fr.read_frame().unwrap().kind, MsgKind::Hello);
+        let (_, mut fr, mut fw) = hand_destination(Box::new(b), None);
         let mut reply = HelloReply::accepted(1, [0; 16]);
         reply.version = PROTOCOL_VERSION + 1;
         fw.send(&reply).unwrap();

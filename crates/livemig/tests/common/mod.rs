@@ -7,6 +7,7 @@ use std::thread::JoinHandle;
 use std::time::Duration;
 
 use livemig::memory::{MemoryLayout, RegionDesc};
+use livemig::protocol::{FrameReader, FrameWriter, Hello, Message, MsgKind};
 use livemig::testing::soft::{SoftConfig, SoftVm};
 use livemig::transport::Transport;
 use livemig::{receive, MigrationError, ReceiveConfig, ReceiveReport};
@@ -40,4 +41,26 @@ pub fn soft_destination(
             SoftVm::new(&d.layout, &SoftConfig::idle())
         })
     })
+}
+
+/// The end of a destination written by hand.
+pub type HandReader = FrameReader<Box<dyn Transport>>;
+/// The other end of a destination written by hand.
+pub type HandWriter = FrameWriter<Box<dyn Transport>>;
+
+/// A destination written by hand, over `t` (reads time out after
+/// `read_timeout`, or never): reads the source's first frame, which must
+/// be a well-formed `Hello`, and returns it with the reader and writer.
+pub fn hand_destination(
+    t: Box<dyn Transport>,
+    read_timeout: Option<Duration>,
+) -> (Hello, HandReader, HandWriter) {
+    let mut rx = t.try_clone().unwrap();
+    rx.set_read_timeout(read_timeout).unwrap();
+    let mut fr = FrameReader::new(rx);
+    let fw = FrameWriter::new(t);
+    let f = fr.read_frame().unwrap();
+    assert_eq!(f.kind, MsgKind::Hello);
+    let hello = Hello::decode(f.payload).unwrap();
+    (hello, fr, fw)
 }
