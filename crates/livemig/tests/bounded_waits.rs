@@ -9,7 +9,10 @@ use livemig::protocol::{HelloReply, MsgKind};
 use livemig::testing::fault::{At, Fault, FaultTransport};
 use livemig::testing::soft::{SoftConfig, SoftVm};
 use livemig::transport::mem;
-use livemig::{migrate, CancelToken, ErrorKind, MigrationConfig, MigrationError, OnLimit, Report};
+use livemig::{
+    migrate, CancelToken, ErrorKind, MigrationConfig, MigrationError, OnLimit, ReceiveConfig,
+    Report,
+};
 
 mod common;
 use common::{hand_destination, one_region, running_source, soft_destination};
@@ -88,7 +91,12 @@ fn a_partition_during_the_final_copy_resumes_the_source_after_max_pause() {
             Box::new(a),
             Fault::Stall(Duration::from_secs(40)).at(At::after(MsgKind::RoundEnd, 1)),
         );
-        let dest = soft_destination(b, Duration::from_secs(30));
+        let dest = soft_destination(
+            b,
+            ReceiveConfig {
+                io_timeout: Duration::from_secs(30),
+            },
+        );
         let cfg = MigrationConfig {
             downtime_limit: Duration::from_nanos(1),
             max_rounds: 2,

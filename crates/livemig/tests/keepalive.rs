@@ -10,7 +10,7 @@ use livemig::protocol::MsgKind;
 use livemig::testing::fault::FaultTransport;
 use livemig::testing::soft::{SoftConfig, SoftVm};
 use livemig::transport::{mem, Transport};
-use livemig::{migrate, CancelToken, MigrationConfig, OnLimit};
+use livemig::{migrate, CancelToken, MigrationConfig, OnLimit, ReceiveConfig};
 
 mod common;
 use common::{one_region, soft_destination};
@@ -25,7 +25,12 @@ fn a_slow_bandwidth_cap_keeps_the_destination_alive() {
     let (a, b) = mem::pair();
     let (a, probe) = FaultTransport::with_plan(Box::new(a), vec![]);
     let a: Box<dyn Transport> = Box::new(a);
-    let dest = soft_destination(b, Duration::from_secs(1));
+    let dest = soft_destination(
+        b,
+        ReceiveConfig {
+            io_timeout: Duration::from_secs(1),
+        },
+    );
     let cfg = MigrationConfig {
         max_bandwidth: Some(16 * PAGE_SIZE),
         batch_pages: 32,

@@ -10,12 +10,12 @@ use livemig::protocol::{FrameWriter, StreamHello};
 use livemig::testing::soft::{SoftConfig, SoftVm};
 use livemig::transport::{mem, Dialer, OwnedAcceptor, StreamAcceptor, StreamOpener, Transport};
 use livemig::{
-    migrate, migrate_streams, receive, receive_streams, CancelToken, ErrorKind, MigrationConfig,
+    migrate, migrate_streams, receive_streams, CancelToken, ErrorKind, MigrationConfig,
     ReceiveConfig,
 };
 
 mod common;
-use common::running_source;
+use common::{migrate_with_defaults, running_source, soft_destination};
 
 fn layout() -> MemoryLayout {
     MemoryLayout::new(vec![
@@ -335,19 +335,8 @@ fn plain_receive_still_works_with_one_stream() {
     src.fill(8);
     src.start();
     let (a, b) = mem::pair();
-    let dest = std::thread::spawn(move || {
-        receive(Box::new(b), &ReceiveConfig::default(), |d| {
-            SoftVm::new(&d.layout, &SoftConfig::idle())
-        })
-    });
-    let r = migrate(
-        &src,
-        Box::new(a),
-        &MigrationConfig::default(),
-        &CancelToken::new(),
-        &mut |_| {},
-    )
-    .unwrap();
+    let dest = soft_destination(b, ReceiveConfig::default());
+    let r = migrate_with_defaults(&src, a).unwrap();
     let (dst, _) = dest.join().unwrap().unwrap();
     assert_eq!(r.streams, 1);
     assert_eq!(src.snapshot(), dst.snapshot());

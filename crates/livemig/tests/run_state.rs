@@ -14,7 +14,7 @@ use livemig::vm::{SourceVm, VmError};
 use livemig::{migrate, receive, CancelToken, MigrationConfig, Progress, ReceiveConfig};
 
 mod common;
-use common::one_region;
+use common::{migrate_with_defaults, one_region, soft_destination};
 
 fn layout() -> MemoryLayout {
     one_region(4 << 20)
@@ -83,20 +83,8 @@ fn a_failed_pause_at_the_handshake_leaves_the_source_running() {
         .without_throttle();
     vm.vm().start();
     let (a, b) = mem::pair();
-    let dest = std::thread::spawn(move || {
-        receive(Box::new(b), &ReceiveConfig::default(), |d| {
-            SoftVm::new(&d.layout, &SoftConfig::idle())
-        })
-        .map(|_| ())
-    });
-    let e = migrate(
-        &vm,
-        Box::new(a),
-        &MigrationConfig::default(),
-        &CancelToken::new(),
-        &mut |_| {},
-    )
-    .expect_err("the pause failed");
+    let dest = soft_destination(b, ReceiveConfig::default());
+    let e = migrate_with_defaults(&vm, a).expect_err("the pause failed");
     assert!(e.to_string().contains("did not stop"), "{e}");
     let _ = dest.join();
     let w = vm.vm().writes();

@@ -11,8 +11,11 @@ use livemig::testing::hooked::HookedVm;
 use livemig::testing::soft::{SoftConfig, SoftVm};
 use livemig::transport::mem;
 use livemig::vm::{SourceVm, VmError};
-use livemig::{migrate, receive, CancelToken, MigrationConfig, ReceiveConfig};
+use livemig::ReceiveConfig;
 use vm_memory::{Bytes, GuestAddress};
+
+mod common;
+use common::{migrate_with_defaults, soft_destination};
 
 /// Where the "device" writes on every save.
 const GPA: u64 = 0x3000 + 0x40;
@@ -37,19 +40,8 @@ fn a_write_by_save_state_reaches_the_destination() {
         .without_throttle();
     src.vm().fill(9);
     let (a, b) = mem::pair();
-    let dest = std::thread::spawn(move || {
-        receive(Box::new(b), &ReceiveConfig::default(), |d| {
-            SoftVm::new(&d.layout, &SoftConfig::idle())
-        })
-    });
-    migrate(
-        &src,
-        Box::new(a),
-        &MigrationConfig::default(),
-        &CancelToken::new(),
-        &mut |_| {},
-    )
-    .expect("migrated");
+    let dest = soft_destination(b, ReceiveConfig::default());
+    migrate_with_defaults(&src, a).expect("migrated");
     let (dst, _) = dest.join().unwrap().expect("received");
     let want: u64 = SourceVm::memory(src.vm())
         .read_obj(GuestAddress(GPA))

@@ -11,6 +11,9 @@ use livemig::transport::{mem, Transport};
 use livemig::vm::SourceVm;
 use livemig::{migrate, receive, CancelToken, ErrorKind, MigrationConfig, Phase, ReceiveConfig};
 
+mod common;
+use common::{migrate_with_defaults, soft_destination};
+
 fn layout(mib: u64) -> MemoryLayout {
     MemoryLayout::new(vec![
         RegionDesc {
@@ -119,14 +122,7 @@ fn refused_handshake_sends_no_page() {
             ))
         })
     });
-    let e = migrate(
-        &src,
-        Box::new(a),
-        &MigrationConfig::default(),
-        &CancelToken::new(),
-        &mut |_| {},
-    )
-    .unwrap_err();
+    let e = migrate_with_defaults(&src, a).unwrap_err();
     assert_eq!(e.phase, Phase::Handshake);
     assert!(
         matches!(e.kind, ErrorKind::Refused(ref r) if r.contains("memory differs")),
@@ -263,12 +259,7 @@ fn cancel_keeps_source_running() {
     let (a, b) = mem::pair();
     let cancel = CancelToken::new();
     let c2 = cancel.clone();
-    let dest = std::thread::spawn(move || {
-        receive(Box::new(b), &ReceiveConfig::default(), |d| {
-            SoftVm::new(&d.layout, &SoftConfig::idle())
-        })
-        .map(|_| ())
-    });
+    let dest = soft_destination(b, ReceiveConfig::default());
     let mc = MigrationConfig {
         max_bandwidth: Some(50 << 20),
         ..Default::default()

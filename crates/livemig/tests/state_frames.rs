@@ -13,6 +13,9 @@ use livemig::transport::mem;
 use livemig::vm::{DestinationVm, SourceVm, VmError};
 use livemig::{migrate, receive, CancelToken, MigrationConfig, Phase, ReceiveConfig};
 
+mod common;
+use common::soft_destination;
+
 fn layout() -> MemoryLayout {
     MemoryLayout::new(vec![RegionDesc {
         guest_addr: 0,
@@ -112,12 +115,7 @@ fn state_that_cannot_travel_is_refused_at_the_handshake() {
     let src = big_state(1, 2 << 20);
     src.vm().start();
     let (a, b) = mem::pair();
-    let dest = std::thread::spawn(move || {
-        receive(Box::new(b), &ReceiveConfig::default(), |d| {
-            SoftVm::new(&d.layout, &SoftConfig::idle())
-        })
-        .map(|_| ())
-    });
+    let dest = soft_destination(b, ReceiveConfig::default());
     let mut paused_for_switchover = false;
     let e = migrate(
         &src,

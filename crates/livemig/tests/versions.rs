@@ -15,10 +15,10 @@ use livemig::protocol::{
 };
 use livemig::testing::soft::{SoftConfig, SoftVm};
 use livemig::transport::{mem, Transport};
-use livemig::{migrate, CancelToken, MigrationConfig};
+use livemig::ReceiveConfig;
 
 mod common;
-use common::{hand_destination, soft_destination};
+use common::{hand_destination, migrate_with_defaults, soft_destination};
 
 /// A source of the next version: its Hello offers `PROTOCOL_VERSION ..=
 /// PROTOCOL_VERSION + 1` and carries 12 bytes of a field this build does
@@ -26,7 +26,12 @@ use common::{hand_destination, soft_destination};
 #[test]
 fn a_next_version_source_migrates_to_this_destination() {
     let (a, b) = mem::pair();
-    let dest = soft_destination(b, Duration::from_secs(5));
+    let dest = soft_destination(
+        b,
+        ReceiveConfig {
+            io_timeout: Duration::from_secs(5),
+        },
+    );
     let t: Box<dyn Transport> = Box::new(a);
     let mut rx = t.try_clone().unwrap();
     rx.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
@@ -86,14 +91,7 @@ fn a_reply_choosing_an_unknown_version_is_refused() {
         let _ = fr.read_frame();
     });
     vm.start();
-    let e = migrate(
-        &vm,
-        Box::new(a),
-        &MigrationConfig::default(),
-        &CancelToken::new(),
-        &mut |_| {},
-    )
-    .expect_err("refused");
+    let e = migrate_with_defaults(&vm, a).expect_err("refused");
     dest.join().unwrap();
     let msg = e.to_string();
     assert!(

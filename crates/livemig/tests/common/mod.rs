@@ -10,7 +10,11 @@ use livemig::memory::{MemoryLayout, RegionDesc};
 use livemig::protocol::{FrameReader, FrameWriter, Hello, Message, MsgKind};
 use livemig::testing::soft::{SoftConfig, SoftVm};
 use livemig::transport::Transport;
-use livemig::{receive, MigrationError, ReceiveConfig, ReceiveReport};
+use livemig::vm::SourceVm;
+use livemig::{
+    migrate, receive, CancelToken, MigrationConfig, MigrationError, ReceiveConfig, ReceiveReport,
+    Report,
+};
 
 /// One region of `size` bytes at guest address 0.
 pub fn one_region(size: u64) -> MemoryLayout {
@@ -30,17 +34,32 @@ pub fn running_source(layout: &MemoryLayout, config: &SoftConfig, seed: u64) -> 
     Arc::new(vm)
 }
 
-/// `receive` on a thread, over `t`, into an idle soft VM of the source's
-/// layout, with read/write timeouts of `io_timeout`.
+/// `receive` on a thread, over `t`, with `config`, into an idle soft VM of
+/// the source's layout.
 pub fn soft_destination(
     t: impl Transport + 'static,
-    io_timeout: Duration,
+    config: ReceiveConfig,
 ) -> JoinHandle<Result<(SoftVm, ReceiveReport), MigrationError>> {
     std::thread::spawn(move || {
-        receive(Box::new(t), &ReceiveConfig { io_timeout }, |d| {
+        receive(Box::new(t), &config, |d| {
             SoftVm::new(&d.layout, &SoftConfig::idle())
         })
     })
+}
+
+/// `migrate` of `vm` over `t` with the default configuration, no
+/// cancellation and no progress callback.
+pub fn migrate_with_defaults<V: SourceVm + ?Sized>(
+    vm: &V,
+    t: impl Transport + 'static,
+) -> Result<Report, MigrationError> {
+    migrate(
+        vm,
+        Box::new(t),
+        &MigrationConfig::default(),
+        &CancelToken::new(),
+        &mut |_| {},
+    )
 }
 
 /// The end of a destination written by hand.
