@@ -15,17 +15,10 @@ use livemig::{
 };
 
 mod common;
-use common::{hand_destination, one_region, running_source, soft_destination};
+use common::{assert_running, hand_destination, one_region, running_source, soft_destination};
 
 fn source(seed: u64) -> Arc<SoftVm> {
     running_source(&one_region(16 << 20), &SoftConfig::busy(), seed)
-}
-
-fn assert_running(vm: &SoftVm, what: &str) {
-    assert!(
-        vm.writes_within(Duration::from_secs(5)),
-        "{what}: the source's writers stopped"
-    );
 }
 
 /// Runs `f` on a thread; panics if it takes longer than `limit`.

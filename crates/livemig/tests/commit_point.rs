@@ -23,7 +23,7 @@ use livemig::{
 };
 
 mod common;
-use common::{hand_destination, one_region, running_source};
+use common::{assert_paused, assert_running, hand_destination, one_region, running_source};
 
 const IO: Duration = Duration::from_millis(1000);
 const WATCHDOG: Duration = Duration::from_secs(60);
@@ -104,22 +104,6 @@ fn scripted(answer: fn(&mut FrameWriter<Box<dyn Transport>>)) -> impl FnOnce(Box
                             // Stay around until the source has read the answer.
         let _ = fr.read_frame();
     }
-}
-
-/// The VM's writers stay stopped.
-fn assert_paused(vm: &SoftVm, what: &str) {
-    assert!(
-        vm.writes_none_during(Duration::from_millis(200)),
-        "{what}: the source's writers run"
-    );
-}
-
-/// The VM's writers make progress.
-fn assert_running(vm: &SoftVm, what: &str) {
-    assert!(
-        vm.writes_within(Duration::from_secs(5)),
-        "{what}: the source's writers stopped"
-    );
 }
 
 /// Migrates source `seed` against [`scripted`] with `answer` after `Go`:

@@ -38,7 +38,7 @@ use livemig::{
 
 /// I/O timeout of both sides.
 mod common;
-use common::running_source;
+use common::{assert_paused, assert_running, running_source};
 
 const IO: Duration = Duration::from_millis(1000);
 /// A stall the peer must notice (longer than its timeout).
@@ -149,22 +149,6 @@ fn attempt(src: &Arc<SoftVm>, faults: &[(Side, FaultSpec)], dest_cfg: SoftConfig
             t0.elapsed()
         ),
     }
-}
-
-/// The VM's writers make progress.
-fn assert_running(vm: &SoftVm, what: &str) {
-    assert!(
-        vm.writes_within(Duration::from_secs(5)),
-        "{what}: writers stopped"
-    );
-}
-
-/// The VM's writers stay stopped.
-fn assert_paused(vm: &SoftVm, what: &str) {
-    assert!(
-        vm.writes_none_during(Duration::from_millis(150)),
-        "{what}: writers run"
-    );
 }
 
 /// Collects what the VM's dirty log records while its writers (which must

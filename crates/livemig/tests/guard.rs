@@ -11,8 +11,8 @@ use livemig::protocol::HelloReply;
 use livemig::testing::soft::{SoftConfig, SoftVm};
 use livemig::transport::mem;
 use livemig::{
-    receive, CancelToken, ErrorKind, GuardError, GuardState, MigrationConfig, MigrationGuard,
-    Progress, ReceiveConfig,
+    receive, CancelToken, ErrorKind, GuardError, GuardState, MigrationConfig, MigrationError,
+    MigrationGuard, Progress, ReceiveConfig, Report,
 };
 
 mod common;
@@ -34,6 +34,22 @@ fn destination(t: mem::MemTransport) -> std::thread::JoinHandle<Option<SoftVm>> 
         .ok()
         .map(|(vm, _)| vm)
     })
+}
+
+/// `guard.migrate` of `src` over `t`, default configuration, no
+/// cancellation, no progress callback.
+fn migrate_through(
+    guard: &MigrationGuard,
+    src: &SoftVm,
+    t: mem::MemTransport,
+) -> Result<Report, MigrationError> {
+    guard.migrate(
+        src,
+        Box::new(t),
+        &MigrationConfig::default(),
+        &CancelToken::new(),
+        &mut |_| {},
+    )
 }
 
 fn paused(vm: &SoftVm) -> bool {
@@ -79,15 +95,7 @@ fn resume_during_stop_and_copy_and_after_success_is_refused() {
     assert!(matches!(guard.pause(&*src), Err(GuardError::Migrated)));
     assert!(paused(&src), "the source runs after a successful migration");
     let (a, _b) = mem::pair();
-    let e = guard
-        .migrate(
-            &*src,
-            Box::new(a),
-            &MigrationConfig::default(),
-            &CancelToken::new(),
-            &mut |_| {},
-        )
-        .expect_err("a second migration of a migrated VM");
+    let e = migrate_through(&guard, &src, a).expect_err("a second migration of a migrated VM");
     assert!(
         matches!(e.kind, ErrorKind::Guard(GuardError::Migrated)),
         "{e}"
@@ -112,15 +120,7 @@ fn a_second_concurrent_migrate_is_refused() {
         fw.flush().unwrap();
     });
     let (g1, s1) = (guard.clone(), src.clone());
-    let first = std::thread::spawn(move || {
-        g1.migrate(
-            &*s1,
-            Box::new(a),
-            &MigrationConfig::default(),
-            &CancelToken::new(),
-            &mut |_| {},
-        )
-    });
+    let first = std::thread::spawn(move || migrate_through(&g1, &s1, a));
     let deadline = Instant::now() + Duration::from_secs(10);
     while guard.state() != GuardState::Migrating {
         assert!(
@@ -130,15 +130,7 @@ fn a_second_concurrent_migrate_is_refused() {
         std::thread::sleep(Duration::from_millis(2));
     }
     let (a2, _b2) = mem::pair();
-    let e = guard
-        .migrate(
-            &*src,
-            Box::new(a2),
-            &MigrationConfig::default(),
-            &CancelToken::new(),
-            &mut |_| {},
-        )
-        .expect_err("the second migration must be refused");
+    let e = migrate_through(&guard, &src, a2).expect_err("the second migration must be refused");
     assert!(
         matches!(e.kind, ErrorKind::Guard(GuardError::Migrating)),
         "{e}"

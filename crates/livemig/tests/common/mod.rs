@@ -83,3 +83,19 @@ pub fn hand_destination(
     let hello = Hello::decode(f.payload).unwrap();
     (hello, fr, fw)
 }
+
+/// The source's writers make progress (they write again within 5 s).
+pub fn assert_running(vm: &SoftVm, what: &str) {
+    assert!(
+        vm.writes_within(Duration::from_secs(5)),
+        "{what}: the source's writers stopped"
+    );
+}
+
+/// The source's writers stay stopped (no write for 200 ms).
+pub fn assert_paused(vm: &SoftVm, what: &str) {
+    assert!(
+        vm.writes_none_during(Duration::from_millis(200)),
+        "{what}: the source's writers run"
+    );
+}
