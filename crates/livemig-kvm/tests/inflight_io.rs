@@ -25,7 +25,7 @@
 //! repeated byte there.
 
 mod common;
-use common::{kvm_or_skip, KVM_LOCK};
+use common::kvm_or_skip;
 
 use std::io::Write;
 use std::sync::atomic::{AtomicU32, Ordering};
@@ -439,10 +439,7 @@ fn assert_every_input_byte_reached_the_guest(queued: usize, unread: usize, echoe
 /// Skips (returns `None`) without KVM; otherwise takes the KVM lock and
 /// gives a fresh line and MMIO counter.
 fn kvm_test(name: &str) -> Option<(MutexGuard<'static, ()>, Line, Arc<Counter>)> {
-    if !kvm_or_skip(name) {
-        return None;
-    }
-    let g = KVM_LOCK.lock().unwrap_or_else(|e| e.into_inner());
+    let g = kvm_or_skip(name)?;
     Some((g, Line::default(), Arc::new(Counter::default())))
 }
 
@@ -589,10 +586,9 @@ const SPIN_CPL3: [u8; 2] = [0xEB, 0xFE];
 #[test]
 #[ignore]
 fn pause_latency() {
-    if !kvm_or_skip("pause_latency") {
+    let Some(_g) = kvm_or_skip("pause_latency") else {
         return;
-    }
-    let _g = KVM_LOCK.lock().unwrap_or_else(|e| e.into_inner());
+    };
     let loads: [(&str, Loader); 4] = [
         ("spin, 64-bit CPL3", |m| m.load_cpl3(&SPIN_CPL3)),
         ("UART out, 64-bit CPL3", |m| m.load_cpl3(&UART_STREAM_CPL3)),

@@ -3,7 +3,7 @@
 //! the handshake, before any page (issue 13, item 6).
 
 mod common;
-use common::{kvm_or_skip, KVM_LOCK};
+use common::kvm_or_skip;
 
 use std::sync::{Arc, Mutex};
 
@@ -74,10 +74,9 @@ fn other_host(vm: KvmVm, tsc_khz: u32) -> HookedVm<'static, KvmVm> {
 
 #[test]
 fn the_description_carries_the_tsc_frequency() {
-    if !kvm_or_skip("the_description_carries_the_tsc_frequency") {
+    let Some(_g) = kvm_or_skip("the_description_carries_the_tsc_frequency") else {
         return;
-    }
-    let _g = KVM_LOCK.lock().unwrap_or_else(|e| e.into_inner());
+    };
     let vm = spinning_vm();
     let khz = vm.tsc_khz().expect("KVM_GET_TSC_KHZ");
     let d = vm.describe().unwrap();
@@ -91,10 +90,10 @@ fn the_description_carries_the_tsc_frequency() {
 
 #[test]
 fn a_destination_with_another_tsc_rate_refuses_in_the_handshake() {
-    if !kvm_or_skip("a_destination_with_another_tsc_rate_refuses_in_the_handshake") {
+    let Some(_g) = kvm_or_skip("a_destination_with_another_tsc_rate_refuses_in_the_handshake")
+    else {
         return;
-    }
-    let _g = KVM_LOCK.lock().unwrap_or_else(|e| e.into_inner());
+    };
     let kvm = kvm_ioctls::Kvm::new().unwrap();
     if kvm.check_extension(kvm_ioctls::Cap::TscControl) {
         eprintln!("*** SKIPPED: this host's KVM can scale the TSC, so nothing is refused ***");
@@ -148,10 +147,9 @@ fn a_destination_with_another_tsc_rate_refuses_in_the_handshake() {
 
 #[test]
 fn adopt_tsc_khz_accepts_the_same_rate_and_refuses_another() {
-    if !kvm_or_skip("adopt_tsc_khz_accepts_the_same_rate_and_refuses_another") {
+    let Some(_g) = kvm_or_skip("adopt_tsc_khz_accepts_the_same_rate_and_refuses_another") else {
         return;
-    }
-    let _g = KVM_LOCK.lock().unwrap_or_else(|e| e.into_inner());
+    };
     let source = vm();
     let dest = vm();
     let mut d = source.describe().unwrap();
