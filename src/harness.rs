@@ -269,27 +269,15 @@ impl Vmm {
             }
             None => Command::new(bin),
         };
-        let mut child = cmd
-            .args(args)
-            .stdin(Stdio::piped())
-            .stdout(Stdio::piped())
-            .stderr(Stdio::piped())
-            .spawn()
-            .map_err(|e| format!("spawning {}: {e}", bin.display()))?;
-        let log = Arc::new(Mutex::new(GuestLog::default()));
-        let stderr = Arc::new(Mutex::new(String::new()));
-        let stdin = child.stdin.take();
-        let out = child.stdout.take().ok_or("no stdout")?;
-        let err = child.stderr.take().ok_or("no stderr")?;
-        let r1 = spawn_serial_reader(out, log.clone());
-        let r2 = spawn_stderr_reader(err, stderr.clone(), "vmm");
+        cmd.args(args).stdin(Stdio::piped());
+        let c = spawn_captured(&mut cmd, &bin.display().to_string(), "vmm")?;
         Ok(Vmm {
-            child,
-            stdin,
+            child: c.child,
+            stdin: c.stdin,
             api,
-            log,
-            stderr,
-            readers: vec![r1, r2],
+            log: c.log,
+            stderr: c.stderr,
+            readers: c.readers,
             name: name.to_string(),
         })
     }
@@ -642,6 +630,48 @@ pub fn log_of(v: &Vmm) -> std::sync::MutexGuard<'_, GuestLog> {
 /// Polls `pred` on a guest's log until it holds. Fails when the process
 /// (refvmm or QEMU) exits first — after giving the readers 50 ms to drain
 /// what it printed last — or after `timeout`; the error carries its stderr.
+/// A spawned program whose standard output is parsed as the guest's serial
+/// output and whose standard error is captured.
+pub(crate) struct Captured {
+    pub(crate) child: Child,
+    pub(crate) stdin: Option<ChildStdin>,
+    pub(crate) log: Arc<Mutex<GuestLog>>,
+    pub(crate) stderr: Arc<Mutex<String>>,
+    pub(crate) readers: Vec<JoinHandle<()>>,
+}
+
+/// Spawns `cmd` with standard output and error piped (standard input as
+/// the caller set it): a reader thread parses the output into the log,
+/// another collects standard error (its lines logged as `tag`). `what`
+/// names the program in the error.
+pub(crate) fn spawn_captured(
+    cmd: &mut Command,
+    what: &str,
+    tag: &'static str,
+) -> Result<Captured, String> {
+    let mut child = cmd
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .map_err(|e| format!("spawning {what}: {e}"))?;
+    let log = Arc::new(Mutex::new(GuestLog::default()));
+    let stderr = Arc::new(Mutex::new(String::new()));
+    let stdin = child.stdin.take();
+    let out = child.stdout.take().ok_or("no stdout")?;
+    let err = child.stderr.take().ok_or("no stderr")?;
+    let readers = vec![
+        spawn_serial_reader(out, log.clone()),
+        spawn_stderr_reader(err, stderr.clone(), tag),
+    ];
+    Ok(Captured {
+        child,
+        stdin,
+        log,
+        stderr,
+        readers,
+    })
+}
+
 pub(crate) fn wait_for_log(
     name: &str,
     child: &mut Child,
@@ -700,26 +730,14 @@ impl ConsoleClient {
         if from_start {
             cmd.arg("--from-start");
         }
-        let mut child = cmd
-            .stdin(Stdio::piped())
-            .stdout(Stdio::piped())
-            .stderr(Stdio::piped())
-            .spawn()
-            .map_err(|e| format!("spawning {} console: {e}", bin.display()))?;
-        let log = Arc::new(Mutex::new(GuestLog::default()));
-        let stderr = Arc::new(Mutex::new(String::new()));
-        let out = child.stdout.take().ok_or("no stdout")?;
-        let err = child.stderr.take().ok_or("no stderr")?;
-        let readers = vec![
-            spawn_serial_reader(out, log.clone()),
-            spawn_stderr_reader(err, stderr.clone(), "console"),
-        ];
+        cmd.stdin(Stdio::piped());
+        let c = spawn_captured(&mut cmd, &format!("{} console", bin.display()), "console")?;
         Ok(ConsoleClient {
-            stdin: child.stdin.take(),
-            child,
-            log,
-            stderr,
-            readers,
+            stdin: c.stdin,
+            child: c.child,
+            log: c.log,
+            stderr: c.stderr,
+            readers: c.readers,
         })
     }
 

@@ -17,7 +17,7 @@ use std::time::{Duration, Instant};
 
 use serde_json::{json, Value};
 
-use crate::harness::{lock, spawn_serial_reader, spawn_stderr_reader, wait_for_log, GuestLog};
+use crate::harness::{lock, spawn_captured, wait_for_log, Captured, GuestLog};
 
 /// The QEMU binary: `$QEMU` if set, else `qemu-system-x86_64` found on
 /// `$PATH`; `None` when neither exists.
@@ -310,25 +310,18 @@ impl QemuVm {
             }
             None => Command::new(&cfg.qemu),
         };
-        let mut child = cmd
-            .args(cfg.args())
+        cmd.args(cfg.args())
             .arg("-qmp")
             .arg(format!("unix:{},server=on,wait=off", qmp_path.display()))
             .args(extra)
-            .stdin(Stdio::null())
-            .stdout(Stdio::piped())
-            .stderr(Stdio::piped())
-            .spawn()
-            .map_err(|e| format!("spawning {}: {e}", cfg.qemu.display()))?;
-        let log = Arc::new(Mutex::new(GuestLog::default()));
-        let stderr = Arc::new(Mutex::new(String::new()));
-        let mut readers = Vec::new();
-        if let Some(out) = child.stdout.take() {
-            readers.push(spawn_serial_reader(out, log.clone()));
-        }
-        if let Some(err) = child.stderr.take() {
-            readers.push(spawn_stderr_reader(err, stderr.clone(), "qemu"));
-        }
+            .stdin(Stdio::null());
+        let Captured {
+            mut child,
+            log,
+            stderr,
+            readers,
+            ..
+        } = spawn_captured(&mut cmd, &cfg.qemu.display().to_string(), "qemu")?;
         let qmp = match Qmp::connect(&qmp_path, Duration::from_secs(20)) {
             Ok(q) => q,
             Err(e) => {

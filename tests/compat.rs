@@ -253,22 +253,9 @@ fn migrate_with(from: Release, to: Release, transport: Transport, opts: Options)
 
 /// No CORRUPT on either side, no reboot, counters continued.
 fn check_continuation(src: &Vmm, dst: &Vmm, what: &str) {
+    common::assert_no_corruption(src, dst, what);
     let s = log_of(src);
     let d = log_of(dst);
-    assert!(
-        s.corrupt.is_empty(),
-        "{what}: source CORRUPT {:?}",
-        s.corrupt
-    );
-    assert!(
-        d.corrupt.is_empty(),
-        "{what}: destination CORRUPT {:?}",
-        d.corrupt
-    );
-    assert!(
-        !d.ready,
-        "{what}: the guest rebooted on the destination (READY)"
-    );
     let (Some(last_src), Some(first_dst)) = (s.tlines.last(), d.tlines.first()) else {
         panic!("{what}: missing T lines");
     };

@@ -120,18 +120,8 @@ fn migrate(mode: &[&str], tracker: &str, cmdline: &str, what: &str) -> String {
     let last_src = *log_of(&src).tlines.last().expect("source T line");
     dst.wait_for("two T lines", WAIT, |g| g.tlines.len() >= 2)
         .unwrap_or_else(|e| panic!("{what}: {e}"));
+    common::assert_no_corruption(&src, &dst, what);
     let (s, d) = (log_of(&src), log_of(&dst));
-    assert!(
-        s.corrupt.is_empty(),
-        "{what}: source CORRUPT {:?}",
-        s.corrupt
-    );
-    assert!(
-        d.corrupt.is_empty(),
-        "{what}: destination CORRUPT {:?}",
-        d.corrupt
-    );
-    assert!(!d.ready, "{what}: the destination guest rebooted (READY)");
     let (first, second) = (d.tlines[0], d.tlines[1]);
     assert!(
         first.heartbeats > last_src.heartbeats && first.pages_written >= last_src.pages_written,

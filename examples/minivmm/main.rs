@@ -177,8 +177,7 @@ fn boot(memory: u64, cmdline: &str, mode: DirtyMode) -> Result<Machine, String> 
     let m = Machine::create(memory, mode).map_err(|e| e.to_string())?;
     let image = livemig_testguest::image().map_err(|e| e.to_string())?;
     let cmdline = format!("{cmdline} tsc_khz={}", m.kvm.tsc_khz());
-    let entry =
-        boot::load(&m.ram, &image, cmdline.trim(), memory).map_err(|e| e.to_string())?;
+    let entry = boot::load(&m.ram, &image, cmdline.trim(), memory).map_err(|e| e.to_string())?;
     let fd = m.kvm.vcpu(0).ok_or("no vCPU")?;
     let fd = fd.lock().map_err(|_| "vCPU lock poisoned")?;
     boot::set_entry_state(&fd, entry).map_err(|e| e.to_string())?;

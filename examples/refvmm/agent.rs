@@ -33,7 +33,7 @@ use std::time::Duration;
 use livemig::transport::{connect, listen, Endpoint, Transport};
 use serde_json::{json, Value};
 
-use crate::{runtime, usage, Fail, TlsArgs};
+use crate::cli::{runtime, usage, Fail, TlsArgs};
 
 /// `refvmm agent` options.
 #[derive(clap::Args, Clone)]

@@ -13,10 +13,10 @@ use std::time::Instant;
 use livemig_placement::{predict, PredictLimits};
 
 use crate::auto::{attempt, plan, Attempts};
+use crate::cli::TlsArgs;
 use crate::live::{gather_hosts, measure_vm, HostFacts, HostSources, MeasuredVm};
 use crate::migrate_client::Session;
 use crate::migration::MigrateOptions;
-use crate::TlsArgs;
 
 /// `refvmm evacuate` options.
 #[derive(clap::Args, Clone)]

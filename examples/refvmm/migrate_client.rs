@@ -17,8 +17,8 @@ use std::time::Duration;
 
 use serde_json::{json, Value};
 
+use crate::cli::{usage, Fail};
 use crate::migration::MigrateOptions;
-use crate::{usage, Fail};
 
 /// Exit code: the migration was cancelled; the guest stays on the source.
 pub const EXIT_CANCELLED: u8 = 4;

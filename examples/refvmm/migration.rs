@@ -18,12 +18,13 @@ use serde::{Deserialize, Serialize};
 use serde_json::{json, Value};
 use vm_memory::{GuestMemoryBackend, GuestMemoryRegion};
 
-use crate::monitor::MigrationMonitor;
-use crate::vmm::{DestMachine, Machine, MachineConfig};
-use crate::{
-    net, open_console, open_nets, parse_dirty, parse_memory_backend, parse_serial, parse_size,
-    run_machine, runtime, usage, Common, Fail,
+use crate::cli::{
+    parse_dirty, parse_memory_backend, parse_serial, parse_size, runtime, usage, Fail, ReceiveArgs,
 };
+use crate::monitor::MigrationMonitor;
+use crate::net;
+use crate::run::{open_console, open_nets, run_machine};
+use crate::vmm::{DestMachine, Machine, MachineConfig};
 
 // ---- source ----
 
@@ -293,17 +294,18 @@ pub(crate) fn do_migrate(
 
 // ---- destination ----
 
-#[allow(clippy::too_many_arguments)] // one per CLI flag
-pub(crate) fn cmd_receive(
-    listen_at: String,
-    memory: Option<String>,
-    vcpus: Option<u32>,
-    io_timeout: u64,
-    announce: bool,
-    start_paused: bool,
-    tls: Option<livemig_tls::TlsConfig>,
-    common: Common,
-) -> Result<(), Fail> {
+pub(crate) fn cmd_receive(args: ReceiveArgs) -> Result<(), Fail> {
+    let ReceiveArgs {
+        listen: listen_at,
+        memory,
+        vcpus,
+        io_timeout,
+        no_announce,
+        start_paused,
+        tls,
+        common,
+    } = args;
+    let (announce, tls) = (!no_announce, tls.config(None));
     let endpoint: Endpoint = listen_at
         .parse()
         .map_err(|e| usage(format!("--listen: {e}")))?;

@@ -25,11 +25,11 @@
 //! repeated byte there.
 
 mod common;
-use common::{kvm_or_skip, KVM_LOCK};
+use common::kvm_or_skip;
 
 use std::io::Write;
 use std::sync::atomic::{AtomicU32, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Duration;
 
 use kvm_bindings::{kvm_regs, kvm_segment};
@@ -384,102 +384,125 @@ fn run_hops(
     (m, sent)
 }
 
-/// `out` is the guest's counter 0, 1, 2, … (mod 256), longer than one byte
-/// per hop: nothing repeated, nothing lost.
-fn assert_counter_sequence(out: &[u8]) {
-    let want: Vec<u8> = (0..out.len()).map(|i| i as u8).collect();
+/// `got` (what the guest produced over `over`) is a prefix of `want` and
+/// longer than `min`: nothing repeated, nothing lost. `what` names `got`,
+/// `expected` names `want`, in the failure message.
+fn assert_exact_prefix<T: PartialEq + std::fmt::Debug>(
+    got: &[T],
+    want: &[T],
+    min: usize,
+    (what, expected, over): (&str, &str, &str),
+) {
     assert!(
-        out.len() > HOPS,
-        "the guest wrote only {} bytes in {HOPS} hops",
-        out.len()
+        got.len() > min,
+        "{what}: only {} items over {over}",
+        got.len()
     );
-    if let Some(d) = first_difference(out, &want) {
+    if let Some(d) = first_difference(got, want) {
         panic!(
-            "the UART output is not the guest's counter sequence ({} bytes over {HOPS} save/restore hops): {d}",
-            out.len()
+            "{what} is not {expected} ({} items over {over}): {d}",
+            got.len()
         );
     }
 }
 
+/// `out` is the guest's counter 0, 1, 2, … (mod 256), longer than one byte
+/// per hop: nothing repeated, nothing lost.
+fn assert_counter_sequence(out: &[u8]) {
+    let want: Vec<u8> = (0..out.len()).map(|i| i as u8).collect();
+    assert_exact_prefix(
+        out,
+        &want,
+        HOPS,
+        (
+            "the UART output",
+            "the guest's counter sequence",
+            &format!("{HOPS} save/restore hops"),
+        ),
+    );
+}
+
+/// Every byte that left the UART (`queued` fed, `unread` still in the
+/// UART) reached the guest: it was echoed, or it is the one byte the guest
+/// read and has not written back yet.
+fn assert_every_input_byte_reached_the_guest(queued: usize, unread: usize, echoed: usize) {
+    let read_by_guest = queued - unread;
+    assert!(
+        read_by_guest >= echoed && read_by_guest - echoed <= 1,
+        "{read_by_guest} bytes left the UART but the guest echoed {echoed}"
+    );
+}
+
+/// Skips (returns `None`) without KVM; otherwise takes the KVM lock and
+/// gives a fresh line and MMIO counter.
+fn kvm_test(name: &str) -> Option<(MutexGuard<'static, ()>, Line, Arc<Counter>)> {
+    let g = kvm_or_skip(name)?;
+    Some((g, Line::default(), Arc::new(Counter::default())))
+}
+
 #[test]
 fn uart_output_is_never_repeated_across_save_restore() {
-    if !kvm_or_skip("uart_output_is_never_repeated_across_save_restore") {
+    let Some((_g, line, counter)) = kvm_test("uart_output_is_never_repeated_across_save_restore")
+    else {
         return;
-    }
-    let _g = KVM_LOCK.lock().unwrap_or_else(|e| e.into_inner());
-    let line = Line::default();
-    let counter = Arc::new(Counter::default());
+    };
     let (_m, _) = run_hops(|m| m.load(&UART_STREAM), &line, &counter, &[]);
     assert_counter_sequence(&line.bytes());
 }
 
 #[test]
 fn user_mode_uart_output_is_never_repeated_across_save_restore() {
-    if !kvm_or_skip("user_mode_uart_output_is_never_repeated_across_save_restore") {
+    let Some((_g, line, counter)) =
+        kvm_test("user_mode_uart_output_is_never_repeated_across_save_restore")
+    else {
         return;
-    }
-    let _g = KVM_LOCK.lock().unwrap_or_else(|e| e.into_inner());
-    let line = Line::default();
-    let counter = Arc::new(Counter::default());
+    };
     let _m = run_hops(|m| m.load_cpl3(&UART_STREAM_CPL3), &line, &counter, &[]);
     assert_counter_sequence(&line.bytes());
 }
 
 #[test]
 fn uart_input_is_never_lost_across_save_restore() {
-    if !kvm_or_skip("uart_input_is_never_lost_across_save_restore") {
+    let Some((_g, line, counter)) = kvm_test("uart_input_is_never_lost_across_save_restore") else {
         return;
-    }
-    let _g = KVM_LOCK.lock().unwrap_or_else(|e| e.into_inner());
-    let line = Line::default();
-    let counter = Arc::new(Counter::default());
+    };
     let input: Vec<u8> = (0..100_000u32).map(|i| i as u8).collect();
     let (m, queued) = run_hops(|m| m.load(&UART_ECHO), &line, &counter, &input);
     let echoed = line.bytes();
-    assert!(
-        echoed.len() > HOPS,
-        "the guest echoed only {} bytes in {HOPS} hops",
-        echoed.len()
+    assert_exact_prefix(
+        &echoed,
+        &input,
+        HOPS,
+        (
+            "the guest's echo",
+            "the input",
+            &format!("{HOPS} save/restore hops"),
+        ),
     );
-    if let Some(d) = first_difference(&echoed, &input) {
-        panic!(
-            "the guest's echo is not the input ({} bytes over {HOPS} save/restore hops): {d}",
-            echoed.len()
-        );
-    }
-    // Every byte that left the UART reached the guest: it was echoed, or it
-    // is the one byte the guest read and has not written back yet.
-    let read_by_guest = queued - m.unread();
-    assert!(
-        read_by_guest >= echoed.len() && read_by_guest - echoed.len() <= 1,
-        "{read_by_guest} bytes left the UART but the guest echoed {}",
-        echoed.len()
-    );
+    assert_every_input_byte_reached_the_guest(queued, m.unread(), echoed.len());
 }
 
 #[test]
 fn mmio_reads_and_writes_happen_once_across_save_restore() {
-    if !kvm_or_skip("mmio_reads_and_writes_happen_once_across_save_restore") {
+    let Some((_g, line, counter)) =
+        kvm_test("mmio_reads_and_writes_happen_once_across_save_restore")
+    else {
         return;
-    }
-    let _g = KVM_LOCK.lock().unwrap_or_else(|e| e.into_inner());
-    let line = Line::default();
-    let counter = Arc::new(Counter::default());
+    };
     let (_m, _) = run_hops(|m| m.load(&MMIO_ECHO_PROG), &line, &counter, &[]);
     let echoed = counter.echoed.lock().unwrap().clone();
     let handed_out = counter.next.load(Ordering::SeqCst) as usize;
     let want: Vec<u32> = (0..echoed.len() as u32).collect();
-    assert!(
-        echoed.len() > HOPS,
-        "the guest echoed only {} values in {HOPS} hops",
-        echoed.len()
+    assert_exact_prefix(
+        &echoed,
+        &want,
+        HOPS,
+        (
+            "the MMIO echo",
+            "the counter sequence",
+            &format!("{HOPS} save/restore hops"),
+        ),
     );
-    if let Some(d) = first_difference(&echoed, &want) {
-        panic!(
-            "the MMIO echo is not the counter sequence ({} values over {HOPS} save/restore hops): {d}",
-            echoed.len()
-        );
-    }
     assert!(
         handed_out - echoed.len() <= 1,
         "the device handed out {handed_out} values but the guest echoed {}",
@@ -515,12 +538,10 @@ fn migrate_once(m: &Machine, line: &Line, counter: &Arc<Counter>) -> Machine {
 
 #[test]
 fn uart_stream_survives_engine_migrations_exactly() {
-    if !kvm_or_skip("uart_stream_survives_engine_migrations_exactly") {
+    let Some((_g, line, counter)) = kvm_test("uart_stream_survives_engine_migrations_exactly")
+    else {
         return;
-    }
-    let _g = KVM_LOCK.lock().unwrap_or_else(|e| e.into_inner());
-    let line = Line::default();
-    let counter = Arc::new(Counter::default());
+    };
     let input: Vec<u8> = (0..100_000u32).map(|i| (i * 7) as u8).collect();
     let mut m = Machine::new(&line, &counter);
     m.load(&UART_ECHO);
@@ -539,23 +560,13 @@ fn uart_stream_survives_engine_migrations_exactly() {
     SourceVm::pause(&m.vm).unwrap();
     assert_no_fatal(&m.vm);
     let echoed = line.bytes();
-    assert!(
-        echoed.len() > 20,
-        "the guest echoed only {} bytes",
-        echoed.len()
+    assert_exact_prefix(
+        &echoed,
+        &input,
+        20,
+        ("the guest's echo", "the input", "20 migrations"),
     );
-    if let Some(d) = first_difference(&echoed, &input) {
-        panic!(
-            "the guest's echo is not the input ({} bytes over 20 migrations): {d}",
-            echoed.len()
-        );
-    }
-    let read_by_guest = queued - m.unread();
-    assert!(
-        read_by_guest >= echoed.len() && read_by_guest - echoed.len() <= 1,
-        "{read_by_guest} bytes left the UART but the guest echoed {}",
-        echoed.len()
-    );
+    assert_every_input_byte_reached_the_guest(queued, m.unread(), echoed.len());
 }
 
 /// Loads a guest program into a machine.
@@ -572,10 +583,9 @@ const SPIN_CPL3: [u8; 2] = [0xEB, 0xFE];
 #[test]
 #[ignore]
 fn pause_latency() {
-    if !kvm_or_skip("pause_latency") {
+    let Some(_g) = kvm_or_skip("pause_latency") else {
         return;
-    }
-    let _g = KVM_LOCK.lock().unwrap_or_else(|e| e.into_inner());
+    };
     let loads: [(&str, Loader); 4] = [
         ("spin, 64-bit CPL3", |m| m.load_cpl3(&SPIN_CPL3)),
         ("UART out, 64-bit CPL3", |m| m.load_cpl3(&UART_STREAM_CPL3)),

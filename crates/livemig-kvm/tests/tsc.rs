@@ -3,13 +3,12 @@
 //! the handshake, before any page (issue 13, item 6).
 
 mod common;
-use common::{kvm_or_skip, KVM_LOCK};
+use common::kvm_or_skip;
 
 use std::sync::{Arc, Mutex};
 
-use livemig::memory::GuestMemory;
-use livemig::state::Section;
-use livemig::vm::{DirtyTracker, SourceVm, VcpuThrottle, VmDescription, VmError};
+use livemig::testing::hooked::HookedVm;
+use livemig::vm::SourceVm;
 use livemig::Phase;
 use livemig_kvm::{check_properties, ExitHandler, KvmVm, VmConfig, TSC_KHZ_PROPERTY};
 use vm_memory::{Bytes, GuestAddress};
@@ -63,48 +62,21 @@ fn spinning_vm() -> KvmVm {
 }
 
 /// A source VM on a host with another TSC rate: `KvmVm` with its
-/// description's TSC frequency replaced.
-struct OtherHost {
-    vm: KvmVm,
-    tsc_khz: u32,
-}
-
-impl SourceVm for OtherHost {
-    fn memory(&self) -> &dyn GuestMemory {
-        SourceVm::memory(&self.vm)
-    }
-    fn describe(&self) -> Result<VmDescription, VmError> {
-        let mut d = self.vm.describe()?;
+/// description's TSC frequency replaced by `tsc_khz`.
+fn other_host(vm: KvmVm, tsc_khz: u32) -> HookedVm<'static, KvmVm> {
+    HookedVm::new(vm).on_describe(move |vm| {
+        let mut d = vm.describe()?;
         d.properties
-            .insert(TSC_KHZ_PROPERTY.to_string(), self.tsc_khz.to_string());
+            .insert(TSC_KHZ_PROPERTY.to_string(), tsc_khz.to_string());
         Ok(d)
-    }
-    fn dirty_tracker(&self) -> Result<Box<dyn DirtyTracker + '_>, VmError> {
-        self.vm.dirty_tracker()
-    }
-    fn pause(&self) -> Result<(), VmError> {
-        SourceVm::pause(&self.vm)
-    }
-    fn resume(&self) -> Result<(), VmError> {
-        SourceVm::resume(&self.vm)
-    }
-    fn is_paused(&self) -> bool {
-        self.vm.is_paused()
-    }
-    fn save_state(&self) -> Result<Vec<Section>, VmError> {
-        self.vm.save_state()
-    }
-    fn throttle(&self) -> Option<&dyn VcpuThrottle> {
-        self.vm.throttle()
-    }
+    })
 }
 
 #[test]
 fn the_description_carries_the_tsc_frequency() {
-    if !kvm_or_skip("the_description_carries_the_tsc_frequency") {
+    let Some(_g) = kvm_or_skip("the_description_carries_the_tsc_frequency") else {
         return;
-    }
-    let _g = KVM_LOCK.lock().unwrap_or_else(|e| e.into_inner());
+    };
     let vm = spinning_vm();
     let khz = vm.tsc_khz().expect("KVM_GET_TSC_KHZ");
     let d = vm.describe().unwrap();
@@ -118,21 +90,18 @@ fn the_description_carries_the_tsc_frequency() {
 
 #[test]
 fn a_destination_with_another_tsc_rate_refuses_in_the_handshake() {
-    if !kvm_or_skip("a_destination_with_another_tsc_rate_refuses_in_the_handshake") {
+    let Some(_g) = kvm_or_skip("a_destination_with_another_tsc_rate_refuses_in_the_handshake")
+    else {
         return;
-    }
-    let _g = KVM_LOCK.lock().unwrap_or_else(|e| e.into_inner());
+    };
     let kvm = kvm_ioctls::Kvm::new().unwrap();
     if kvm.check_extension(kvm_ioctls::Cap::TscControl) {
         eprintln!("*** SKIPPED: this host's KVM can scale the TSC, so nothing is refused ***");
         return;
     }
-    let source = OtherHost {
-        vm: spinning_vm(),
-        tsc_khz: 1_000_000,
-    };
-    source.vm.resume_vcpus();
-    let host = source.vm.tsc_khz().unwrap();
+    let source = other_host(spinning_vm(), 1_000_000);
+    source.vm().resume_vcpus();
+    let host = source.vm().tsc_khz().unwrap();
     let created = Arc::new(Mutex::new(false));
     let created2 = created.clone();
     let (to_dest, from_source) = livemig::transport::mem::pair();
@@ -172,16 +141,15 @@ fn a_destination_with_another_tsc_rate_refuses_in_the_handshake() {
         "{dest_err}"
     );
     assert!(!*created.lock().unwrap(), "no destination VM was built");
-    assert!(!source.vm.is_paused(), "the source runs on");
-    assert!(source.vm.vcpus().fatal().is_none());
+    assert!(!source.vm().is_paused(), "the source runs on");
+    assert!(source.vm().vcpus().fatal().is_none());
 }
 
 #[test]
 fn adopt_tsc_khz_accepts_the_same_rate_and_refuses_another() {
-    if !kvm_or_skip("adopt_tsc_khz_accepts_the_same_rate_and_refuses_another") {
+    let Some(_g) = kvm_or_skip("adopt_tsc_khz_accepts_the_same_rate_and_refuses_another") else {
         return;
-    }
-    let _g = KVM_LOCK.lock().unwrap_or_else(|e| e.into_inner());
+    };
     let source = vm();
     let dest = vm();
     let mut d = source.describe().unwrap();

@@ -5,8 +5,8 @@ use serde::{Deserialize, Serialize};
 use crate::config::PlacementConfig;
 use crate::error::PlacementError;
 use crate::filter::check;
-pub use crate::filter::Excluded;
 use crate::input::{validate_hosts, validate_vm};
+pub use crate::model::Excluded;
 use crate::model::{Host, Vm};
 use crate::score::{score, Cluster, Facts, Terms};
 

@@ -3,7 +3,7 @@
 use std::fmt;
 use std::path::PathBuf;
 
-use crate::filter::Excluded;
+use crate::model::Excluded;
 
 /// A semantic problem with otherwise well-formed input, naming the object
 /// and the field.

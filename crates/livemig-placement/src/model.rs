@@ -1,10 +1,13 @@
-//! The input data: the candidate hosts and the VM to place.
+//! The data: the candidate hosts and the VM to place (the input), and why a
+//! host was excluded ([`Excluded`], [`Reason`]; the filters in
+//! [`crate::filter`] produce them, errors and reports carry them).
 //!
-//! Both are plain serde structs. Unknown keys are rejected
+//! The input types are plain serde structs. Unknown keys are rejected
 //! (`deny_unknown_fields`), sizes are unsigned integers in MiB and MiB/s, so
 //! a negative number or a misspelt key is a parse error, not a silent zero.
 
 use std::collections::BTreeSet;
+use std::fmt;
 
 use serde::{Deserialize, Serialize};
 
@@ -111,4 +114,104 @@ pub struct Vm {
     pub anti_affinity: BTreeSet<String>,
     /// Name of the host the VM runs on now (never chosen as destination).
     pub current_host: String,
+}
+
+/// A host that failed at least one filter.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Excluded {
+    /// Host name.
+    pub name: String,
+    /// Every filter it failed, in filter order (never empty).
+    pub reasons: Vec<Reason>,
+}
+
+/// One failed filter, with the numbers that made it fail.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(tag = "filter", rename_all = "snake_case", deny_unknown_fields)]
+pub enum Reason {
+    /// The host is the one the VM runs on.
+    CurrentHost,
+    /// The host is in maintenance.
+    Maintenance,
+    /// Not enough free memory for the VM plus the headroom.
+    Memory {
+        /// Free memory on the host, MiB.
+        free_mib: u64,
+        /// The VM's memory, MiB.
+        vm_mib: u64,
+        /// The configured headroom, MiB.
+        headroom_mib: u64,
+    },
+    /// The VM's vCPUs would push the host over the overcommit ratio.
+    VcpuOvercommit {
+        /// vCPUs already on the host.
+        allocated: u32,
+        /// The VM's vCPUs.
+        requested: u32,
+        /// Physical CPUs of the host.
+        cpus: u32,
+        /// The configured ratio.
+        ratio: f64,
+    },
+    /// The host lacks CPU features the VM requires.
+    CpuFeatures {
+        /// The missing features, sorted.
+        missing: Vec<String>,
+    },
+    /// The host carries labels the VM must not share a host with.
+    AntiAffinity {
+        /// The conflicting labels, sorted.
+        labels: Vec<String>,
+    },
+}
+
+impl Reason {
+    /// The filter's short name: `current_host`, `maintenance`, `memory`,
+    /// `vcpu_overcommit`, `cpu_features` or `anti_affinity`.
+    pub fn kind(&self) -> &'static str {
+        match self {
+            Reason::CurrentHost => "current_host",
+            Reason::Maintenance => "maintenance",
+            Reason::Memory { .. } => "memory",
+            Reason::VcpuOvercommit { .. } => "vcpu_overcommit",
+            Reason::CpuFeatures { .. } => "cpu_features",
+            Reason::AntiAffinity { .. } => "anti_affinity",
+        }
+    }
+}
+
+impl fmt::Display for Reason {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let kind = self.kind();
+        match self {
+            Reason::CurrentHost => write!(f, "{kind}: the VM runs there now"),
+            Reason::Maintenance => write!(f, "{kind}: the host is in maintenance"),
+            Reason::Memory {
+                free_mib,
+                vm_mib,
+                headroom_mib,
+            } => write!(
+                f,
+                "{kind}: needs {} MiB free ({vm_mib} MiB VM + {headroom_mib} MiB headroom), has {free_mib} MiB",
+                vm_mib.saturating_add(*headroom_mib)
+            ),
+            Reason::VcpuOvercommit {
+                allocated,
+                requested,
+                cpus,
+                ratio,
+            } => write!(
+                f,
+                "{kind}: {allocated} + {requested} vCPUs > {cpus} CPUs x {ratio} = {}",
+                f64::from(*cpus) * ratio
+            ),
+            Reason::CpuFeatures { missing } => {
+                write!(f, "{kind}: missing {}", missing.join(", "))
+            }
+            Reason::AntiAffinity { labels } => {
+                write!(f, "{kind}: host has label {}", labels.join(", "))
+            }
+        }
+    }
 }

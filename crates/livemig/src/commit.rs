@@ -15,7 +15,7 @@
 use std::time::Duration;
 
 use crate::control::{ControlReader, ControlWriter};
-use crate::error::{ErrorKind, MigrationError, Phase};
+use crate::error::{Abandonment, ErrorKind, MigrationError, Phase, Unconfirmed};
 use crate::protocol::{Abandoned, Go, Message, MsgKind, Resumed};
 
 /// What the destination answered to `Go`.
@@ -23,11 +23,11 @@ use crate::protocol::{Abandoned, Go, Message, MsgKind, Resumed};
 pub(crate) enum Commit {
     /// The destination confirmed the switchover.
     Committed(Resumed),
-    /// The destination dropped the VM and will never run it
-    /// (`phase: message`, its reason).
-    Abandoned(String),
+    /// The destination dropped the VM and will never run it (its phase and
+    /// reason).
+    Abandoned(Abandonment),
     /// The outcome is unknown; why.
-    Ambiguous(String),
+    Ambiguous(Unconfirmed),
 }
 
 /// Sends `go` and waits at most `timeout` for the answer.
@@ -47,15 +47,16 @@ pub(crate) fn commit(
 ) -> Commit {
     let sent = fw.send(go).and_then(|_| fw.flush());
     if let Err(e) = control.set_timeout(timeout) {
-        return Commit::Ambiguous(format!("cannot wait for the answer to Go: {e}"));
+        return Commit::Ambiguous(Unconfirmed::CannotWait(e));
     }
     let answer = read_answer(control);
     match (answer, sent) {
         // A definite answer wins: the destination saw `Go` (or gave up).
         (c @ (Commit::Committed(_) | Commit::Abandoned(_)), _) => c,
-        (Commit::Ambiguous(why), Err(e)) => {
-            Commit::Ambiguous(format!("sending Go failed ({e}); then {why}"))
-        }
+        (Commit::Ambiguous(why), Err(e)) => Commit::Ambiguous(Unconfirmed::GoNotSent {
+            go: e,
+            then: Box::new(why),
+        }),
         (c, Ok(())) => c,
     }
 }
@@ -69,24 +70,25 @@ fn read_answer(control: &mut ControlReader) -> Commit {
     match f.kind {
         MsgKind::Resumed => match Resumed::decode(f.payload) {
             Ok(r) => Commit::Committed(r),
-            Err(e) => Commit::Ambiguous(format!("a malformed Resumed frame: {e}")),
+            Err(e) => Commit::Ambiguous(Unconfirmed::MalformedResumed(e)),
         },
         MsgKind::Abandoned => match Abandoned::decode(f.payload) {
-            Ok(Abandoned(m)) => Commit::Abandoned(format!("{}: {}", m.phase, m.message)),
-            Err(e) => Commit::Ambiguous(format!("a malformed Abandoned frame: {e}")),
+            Ok(Abandoned(m)) => Commit::Abandoned(Abandonment {
+                phase: m.phase,
+                message: m.message,
+            }),
+            Err(e) => Commit::Ambiguous(Unconfirmed::MalformedAbandoned(e)),
         },
-        other => Commit::Ambiguous(format!("an unexpected {other} frame instead of Resumed")),
+        other => Commit::Ambiguous(Unconfirmed::UnexpectedFrame(other)),
     }
 }
 
 /// Why no answer came.
-fn describe(e: MigrationError) -> String {
+fn describe(e: MigrationError) -> Unconfirmed {
     match e.kind {
-        ErrorKind::Timeout { after, .. } => format!("no Resumed within {after:?}"),
-        ErrorKind::Remote { phase, message } => {
-            format!("the destination reported an error after Go, in its {phase} phase: {message}")
-        }
-        other => other.to_string(),
+        ErrorKind::Timeout { after, .. } => Unconfirmed::NoAnswer(after),
+        ErrorKind::Remote { phase, message } => Unconfirmed::RemoteError { phase, message },
+        other => Unconfirmed::Read(Box::new(other)),
     }
 }
 
@@ -129,7 +131,7 @@ mod tests {
     fn malformed_resumed_is_ambiguous() {
         let c = run(|p| p.write_frame(MsgKind::Resumed, &[&[1, 2, 3]]).unwrap());
         assert!(
-            matches!(&c, Commit::Ambiguous(w) if w.contains("malformed Resumed")),
+            matches!(&c, Commit::Ambiguous(Unconfirmed::MalformedResumed(_))),
             "{c:?}"
         );
     }
@@ -138,7 +140,8 @@ mod tests {
     fn error_after_go_is_ambiguous() {
         let c = run(|p| p.send(&ErrorMsg::new("completion", "boom")).unwrap());
         assert!(
-            matches!(&c, Commit::Ambiguous(w) if w.contains("boom")),
+            matches!(&c, Commit::Ambiguous(Unconfirmed::RemoteError { phase, message })
+                if phase == "completion" && message == "boom"),
             "{c:?}"
         );
     }
@@ -150,7 +153,7 @@ mod tests {
                 .unwrap()
         });
         assert!(
-            matches!(&c, Commit::Abandoned(w) if w.contains("no Go")),
+            matches!(&c, Commit::Abandoned(a) if a.phase == "completion" && a.message == "no Go"),
             "{c:?}"
         );
     }
@@ -158,13 +161,22 @@ mod tests {
     #[test]
     fn malformed_abandoned_is_ambiguous() {
         let c = run(|p| p.write_frame(MsgKind::Abandoned, &[&[9]]).unwrap());
-        assert!(matches!(c, Commit::Ambiguous(_)), "{c:?}");
+        assert!(
+            matches!(c, Commit::Ambiguous(Unconfirmed::MalformedAbandoned(_))),
+            "{c:?}"
+        );
     }
 
     #[test]
     fn other_frames_are_ambiguous() {
         let c = run(|p| p.write_frame(MsgKind::Keepalive, &[]).unwrap());
-        assert!(matches!(c, Commit::Ambiguous(_)), "{c:?}");
+        assert!(
+            matches!(
+                c,
+                Commit::Ambiguous(Unconfirmed::UnexpectedFrame(MsgKind::Keepalive))
+            ),
+            "{c:?}"
+        );
     }
 
     #[test]
@@ -173,7 +185,7 @@ mod tests {
         drop((peer, keep));
         let c = commit(&mut fw, &mut fr, &Go, Duration::from_secs(5));
         assert!(
-            matches!(&c, Commit::Ambiguous(w) if w.contains("sending Go failed")),
+            matches!(&c, Commit::Ambiguous(Unconfirmed::GoNotSent { .. })),
             "{c:?}"
         );
     }
@@ -189,13 +201,31 @@ mod tests {
         assert!(matches!(c, Commit::Abandoned(_)), "{c:?}");
     }
 
+    /// The structured reasons keep the text they had as strings.
+    #[test]
+    fn reasons_read_as_before() {
+        let c = run(|p| p.write_frame(MsgKind::Keepalive, &[]).unwrap());
+        let Commit::Ambiguous(why) = c else {
+            panic!("{c:?}")
+        };
+        assert_eq!(
+            why.to_string(),
+            "an unexpected Keepalive frame instead of Resumed"
+        );
+        let a = Abandonment {
+            phase: "completion".into(),
+            message: "no Go".into(),
+        };
+        assert_eq!(a.to_string(), "completion: no Go");
+    }
+
     #[test]
     fn silence_is_ambiguous() {
         let (mut fw, mut fr, _peer, _keep) = ends();
         fr.set_timeout(Duration::from_millis(20)).unwrap();
         let c = commit(&mut fw, &mut fr, &Go, Duration::from_millis(20));
         assert!(
-            matches!(&c, Commit::Ambiguous(w) if w.contains("no Resumed")),
+            matches!(&c, Commit::Ambiguous(Unconfirmed::NoAnswer(_))),
             "{c:?}"
         );
     }

@@ -117,11 +117,63 @@ pub enum ErrorKind {
     /// The destination answered `Go` with `Abandoned`: it dropped the VM
     /// and will never run it, so the source resumed the guest.
     #[error("the destination gave the guest up after Go and will never run it ({0}); the source runs the guest again")]
-    Abandoned(String),
+    Abandoned(Abandonment),
     /// The source sent `Go` but never heard that the destination runs the
     /// guest. The guest may be running there: the source must not resume it.
     #[error("switchover outcome unknown: the destination was told to run the guest but did not confirm ({0}); the source stays paused to avoid running the guest twice")]
-    Ambiguous(String),
+    Ambiguous(Unconfirmed),
+}
+
+/// Why the destination gave the guest up after `Go`, as its `Abandoned`
+/// frame says: where (its phase) and what happened.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("{phase}: {message}")]
+pub struct Abandonment {
+    /// The destination's phase when it gave up (for example `completion`).
+    pub phase: String,
+    /// The destination's reason.
+    pub message: String,
+}
+
+/// Why the source does not know whether the destination runs the guest
+/// (see [`ErrorKind::Ambiguous`]): what happened after it tried to send `Go`.
+#[derive(Debug, thiserror::Error)]
+pub enum Unconfirmed {
+    /// The source could not set the timeout of its wait for the answer.
+    #[error("cannot wait for the answer to Go: {0}")]
+    CannotWait(#[source] ProtocolError),
+    /// No answer came within the wait.
+    #[error("no Resumed within {0:?}")]
+    NoAnswer(std::time::Duration),
+    /// The destination answered with an `Error` frame.
+    #[error("the destination reported an error after Go, in its {phase} phase: {message}")]
+    RemoteError {
+        /// The destination's phase.
+        phase: String,
+        /// The destination's message.
+        message: String,
+    },
+    /// Reading the answer failed (for example the connection dropped).
+    #[error(transparent)]
+    Read(Box<ErrorKind>),
+    /// A `Resumed` frame whose payload does not decode.
+    #[error("a malformed Resumed frame: {0}")]
+    MalformedResumed(#[source] ProtocolError),
+    /// An `Abandoned` frame whose payload does not decode.
+    #[error("a malformed Abandoned frame: {0}")]
+    MalformedAbandoned(#[source] ProtocolError),
+    /// Another kind of frame where `Resumed` belongs.
+    #[error("an unexpected {0} frame instead of Resumed")]
+    UnexpectedFrame(crate::protocol::MsgKind),
+    /// Writing `Go` failed, and then no definite answer came either.
+    #[error("sending Go failed ({go}); then {then}")]
+    GoNotSent {
+        /// Why writing `Go` failed.
+        #[source]
+        go: ProtocolError,
+        /// What happened while waiting for the answer.
+        then: Box<Unconfirmed>,
+    },
 }
 
 /// A migration error: the phase and what went wrong.

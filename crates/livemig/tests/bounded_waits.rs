@@ -5,49 +5,20 @@
 use std::sync::{mpsc, Arc};
 use std::time::{Duration, Instant};
 
-use livemig::memory::{MemoryLayout, RegionDesc};
-use livemig::protocol::{FrameReader, FrameWriter, HelloReply, MsgKind};
+use livemig::protocol::{HelloReply, MsgKind};
 use livemig::testing::fault::{At, Fault, FaultTransport};
 use livemig::testing::soft::{SoftConfig, SoftVm};
-use livemig::transport::{mem, Transport};
+use livemig::transport::mem;
 use livemig::{
-    migrate, receive, CancelToken, ErrorKind, MigrationConfig, MigrationError, OnLimit,
-    ReceiveConfig, Report,
+    migrate, CancelToken, ErrorKind, MigrationConfig, MigrationError, OnLimit, ReceiveConfig,
+    Report,
 };
 
-fn layout() -> MemoryLayout {
-    MemoryLayout::new(vec![RegionDesc {
-        guest_addr: 0,
-        size: 16 << 20,
-    }])
-    .unwrap()
-}
+mod common;
+use common::{assert_running, hand_destination, one_region, running_source, soft_destination};
 
 fn source(seed: u64) -> Arc<SoftVm> {
-    let vm = SoftVm::new(
-        &layout(),
-        &SoftConfig {
-            guest_writers: 1,
-            device_writers: 1,
-            pages_per_ms: 20,
-        },
-    )
-    .unwrap();
-    vm.fill(seed);
-    vm.start();
-    Arc::new(vm)
-}
-
-fn assert_running(vm: &SoftVm, what: &str) {
-    let w = vm.writes();
-    let deadline = Instant::now() + Duration::from_secs(5);
-    while vm.writes() == w {
-        assert!(
-            Instant::now() < deadline,
-            "{what}: the source's writers stopped"
-        );
-        std::thread::sleep(Duration::from_millis(5));
-    }
+    running_source(&one_region(16 << 20), &SoftConfig::busy(), seed)
 }
 
 /// Runs `f` on a thread; panics if it takes longer than `limit`.
@@ -72,10 +43,7 @@ fn a_destination_that_stops_reading_cannot_block_the_source() {
     let r: Result<Report, MigrationError> = within(Duration::from_secs(30), move || {
         let (a, b) = mem::pair();
         let dest = std::thread::spawn(move || {
-            let t: Box<dyn Transport> = Box::new(b);
-            let mut fr = FrameReader::new(t.try_clone().unwrap());
-            let mut fw = FrameWriter::new(t);
-            assert_eq!(fr.read_frame().unwrap().kind, MsgKind::Hello);
+            let (_, _fr, mut fw) = hand_destination(Box::new(b), None);
             fw.send(&HelloReply::accepted(1, [0; 16])).unwrap();
             fw.flush().unwrap();
             // Stop reading; keep the connection open.
@@ -116,16 +84,12 @@ fn a_partition_during_the_final_copy_resumes_the_source_after_max_pause() {
             Box::new(a),
             Fault::Stall(Duration::from_secs(40)).at(At::after(MsgKind::RoundEnd, 1)),
         );
-        let dest = std::thread::spawn(move || {
-            receive(
-                Box::new(b),
-                &ReceiveConfig {
-                    io_timeout: Duration::from_secs(30),
-                },
-                |d| SoftVm::new(&d.layout, &SoftConfig::idle()),
-            )
-            .map(|_| ())
-        });
+        let dest = soft_destination(
+            b,
+            ReceiveConfig {
+                io_timeout: Duration::from_secs(30),
+            },
+        );
         let cfg = MigrationConfig {
             downtime_limit: Duration::from_nanos(1),
             max_rounds: 2,
@@ -136,7 +100,7 @@ fn a_partition_during_the_final_copy_resumes_the_source_after_max_pause() {
         };
         let r = migrate(&*s2, Box::new(a), &cfg, &CancelToken::new(), &mut |_| {});
         assert_eq!(probe.fired().len(), 1, "the stall did not strike");
-        (r, dest.join().unwrap())
+        (r, dest.join().unwrap().map(|_| ()))
     });
     let e = r.expect_err("the migration cannot succeed");
     eprintln!("source: {e}");

@@ -9,12 +9,10 @@
 //! `receive`.
 
 use std::sync::{mpsc, Arc};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
-use livemig::memory::{GuestMemory, MemoryLayout, RegionDesc};
-use livemig::protocol::{
-    ErrorMsg, FrameReader, FrameWriter, Hello, HelloReply, Message, MsgKind, Ready,
-};
+use livemig::memory::{GuestMemory, MemoryLayout};
+use livemig::protocol::{ErrorMsg, FrameWriter, HelloReply, MsgKind, Ready};
 use livemig::state::Section;
 use livemig::testing::soft::{SoftConfig, SoftVm};
 use livemig::transport::{mem, Transport};
@@ -24,15 +22,14 @@ use livemig::{
     Report,
 };
 
+mod common;
+use common::{assert_paused, assert_running, hand_destination, one_region, running_source};
+
 const IO: Duration = Duration::from_millis(1000);
 const WATCHDOG: Duration = Duration::from_secs(60);
 
 fn layout() -> MemoryLayout {
-    MemoryLayout::new(vec![RegionDesc {
-        guest_addr: 0,
-        size: 4 << 20,
-    }])
-    .unwrap()
+    one_region(4 << 20)
 }
 
 fn config() -> MigrationConfig {
@@ -46,24 +43,23 @@ fn config() -> MigrationConfig {
 }
 
 fn source(seed: u64) -> Arc<SoftVm> {
-    let vm = SoftVm::new(
-        &layout(),
-        &SoftConfig {
-            guest_writers: 1,
-            device_writers: 1,
-            pages_per_ms: 20,
-        },
-    )
-    .unwrap();
-    vm.fill(seed);
-    vm.start();
-    Arc::new(vm)
+    running_source(&layout(), &SoftConfig::busy(), seed)
 }
 
 /// Runs `migrate` on `src` against `dest` (given the other end), under a
 /// watchdog.
 fn run_against<D>(src: &Arc<SoftVm>, dest: D) -> Result<Report, MigrationError>
 where
+    D: FnOnce(Box<dyn Transport>) + Send + 'static,
+{
+    run_against_via(src, |t| t, dest)
+}
+
+/// Like [`run_against`], the source's end of the connection wrapped by
+/// `wrap`.
+fn run_against_via<W, D>(src: &Arc<SoftVm>, wrap: W, dest: D) -> Result<Report, MigrationError>
+where
+    W: FnOnce(Box<dyn Transport>) -> Box<dyn Transport> + Send + 'static,
     D: FnOnce(Box<dyn Transport>) + Send + 'static,
 {
     let src = src.clone();
@@ -73,7 +69,7 @@ where
         let d = std::thread::spawn(move || dest(Box::new(b)));
         let r = migrate(
             &*src,
-            Box::new(a),
+            wrap(Box::new(a)),
             &config(),
             &CancelToken::new(),
             &mut |_| {},
@@ -88,13 +84,7 @@ where
 /// `Complete`, sends `Ready`, reads `Go`, then lets `answer` reply.
 fn scripted(answer: fn(&mut FrameWriter<Box<dyn Transport>>)) -> impl FnOnce(Box<dyn Transport>) {
     move |t: Box<dyn Transport>| {
-        let mut rx = t.try_clone().unwrap();
-        rx.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
-        let mut fr = FrameReader::new(rx);
-        let mut fw = FrameWriter::new(t);
-        let f = fr.read_frame().unwrap();
-        assert_eq!(f.kind, MsgKind::Hello);
-        let hello = Hello::decode(f.payload).unwrap();
+        let (hello, mut fr, mut fw) = hand_destination(t, Some(Duration::from_secs(10)));
         let reply = HelloReply::accepted(1, [0; 16]);
         assert_eq!(hello.streams, 1);
         fw.send(&reply).unwrap();
@@ -116,24 +106,13 @@ fn scripted(answer: fn(&mut FrameWriter<Box<dyn Transport>>)) -> impl FnOnce(Box
     }
 }
 
-/// The VM's writers stay stopped.
-fn assert_paused(vm: &SoftVm, what: &str) {
-    let w = vm.writes();
-    std::thread::sleep(Duration::from_millis(200));
-    assert_eq!(vm.writes(), w, "{what}: the source's writers run");
-}
-
-/// The VM's writers make progress.
-fn assert_running(vm: &SoftVm, what: &str) {
-    let w = vm.writes();
-    let deadline = Instant::now() + Duration::from_secs(5);
-    while vm.writes() == w {
-        assert!(
-            Instant::now() < deadline,
-            "{what}: the source's writers stopped"
-        );
-        std::thread::sleep(Duration::from_millis(5));
-    }
+/// Migrates source `seed` against [`scripted`] with `answer` after `Go`:
+/// the outcome must be ambiguous, name `needle`, and leave the source
+/// paused.
+fn ambiguous_after_go(seed: u64, answer: fn(&mut FrameWriter<Box<dyn Transport>>), needle: &str) {
+    let src = source(seed);
+    let r = run_against(&src, scripted(answer));
+    assert_ambiguous(r, &src, needle);
 }
 
 fn assert_ambiguous(r: Result<Report, MigrationError>, src: &SoftVm, needle: &str) {
@@ -151,51 +130,47 @@ fn assert_ambiguous(r: Result<Report, MigrationError>, src: &SoftVm, needle: &st
 /// it.
 #[test]
 fn malformed_resumed_is_ambiguous_and_the_source_stays_paused() {
-    let src = source(1);
-    let r = run_against(
-        &src,
-        scripted(|fw| fw.write_frame(MsgKind::Resumed, &[&[1, 2, 3]]).unwrap()),
+    ambiguous_after_go(
+        1,
+        |fw| fw.write_frame(MsgKind::Resumed, &[&[1, 2, 3]]).unwrap(),
+        "malformed Resumed",
     );
-    assert_ambiguous(r, &src, "malformed Resumed");
 }
 
 /// An `Error` after `Go`: the destination may have started the guest
 /// before it failed.
 #[test]
 fn error_after_go_is_ambiguous() {
-    let src = source(2);
-    let r = run_against(
-        &src,
-        scripted(|fw| {
+    ambiguous_after_go(
+        2,
+        |fw| {
             fw.send(&ErrorMsg::new("completion", "something broke"))
                 .unwrap()
-        }),
+        },
+        "something broke",
     );
-    assert_ambiguous(r, &src, "something broke");
 }
 
 /// Some other frame where `Resumed` belongs.
 #[test]
 fn another_frame_after_go_is_ambiguous() {
-    let src = source(3);
-    let r = run_against(
-        &src,
-        scripted(|fw| fw.write_frame(MsgKind::Ready, &[&[0; 8]]).unwrap()),
+    ambiguous_after_go(
+        3,
+        |fw| fw.write_frame(MsgKind::Ready, &[&[0; 8]]).unwrap(),
+        "unexpected Ready",
     );
-    assert_ambiguous(r, &src, "unexpected Ready");
 }
 
 /// The connection drops right after `Go` was read.
 #[test]
 fn dropped_connection_after_go_is_ambiguous() {
-    let src = source(4);
-    let r = run_against(
-        &src,
-        scripted(|fw| {
+    ambiguous_after_go(
+        4,
+        |fw| {
             fw.get_ref().shutdown().unwrap();
-        }),
+        },
+        "outcome unknown",
     );
-    assert_ambiguous(r, &src, "outcome unknown");
 }
 
 /// A destination VM whose resume fails (and so never runs).
@@ -254,33 +229,20 @@ fn destination_timing_out_before_go_resumes_the_source() {
     use livemig::testing::fault::{At, Fault, FaultTransport};
     let src = source(6);
     let (dtx, drx) = mpsc::channel();
-    let r = {
-        let src = src.clone();
-        let (tx, rx) = mpsc::channel();
-        std::thread::spawn(move || {
-            let (a, b) = mem::pair();
-            let (a, _probe) = FaultTransport::new(
-                Box::new(a),
-                Fault::Stall(IO * 3).at(At::kind(MsgKind::Go, 0)),
-            );
-            let d = std::thread::spawn(move || {
-                let r = receive(Box::new(b), &ReceiveConfig { io_timeout: IO }, |d| {
-                    SoftVm::new(&d.layout, &SoftConfig::idle())
-                });
-                let _ = dtx.send(r.map(|_| ()));
+    let r = run_against_via(
+        &src,
+        |a| {
+            let (a, _probe) =
+                FaultTransport::new(a, Fault::Stall(IO * 3).at(At::kind(MsgKind::Go, 0)));
+            Box::new(a)
+        },
+        move |b| {
+            let r = receive(b, &ReceiveConfig { io_timeout: IO }, |d| {
+                SoftVm::new(&d.layout, &SoftConfig::idle())
             });
-            let r = migrate(
-                &*src,
-                Box::new(a),
-                &config(),
-                &CancelToken::new(),
-                &mut |_| {},
-            );
-            d.join().unwrap();
-            let _ = tx.send(r);
-        });
-        rx.recv_timeout(WATCHDOG).expect("the migration hung")
-    };
+            let _ = dtx.send(r.map(|_| ()));
+        },
+    );
     let de = drx
         .recv()
         .unwrap()

@@ -12,6 +12,8 @@ mod harness;
 
 use std::path::{Path, PathBuf};
 
+use livemig::protocol::{FrameHeader, FRAME_HEADER_LEN};
+
 fn fuzz_dir() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("../../fuzz")
 }
@@ -93,11 +95,11 @@ fn valid_stream_is_received() {
 #[test]
 fn harness_crc_matches_livemig() {
     let stream = harness::valid_stream();
-    let h = &stream[..16];
-    let len = u32::from_le_bytes([h[8], h[9], h[10], h[11]]) as usize;
-    let crc = u32::from_le_bytes([h[12], h[13], h[14], h[15]]);
+    let h: &[u8; FRAME_HEADER_LEN] = stream[..FRAME_HEADER_LEN].try_into().unwrap();
+    let header = FrameHeader::decode(h);
+    let len = header.len as usize;
     assert_eq!(
-        crc,
+        header.crc,
         harness::crc32c_software(&h[..12], &stream[16..16 + len])
     );
     // A stream built from a script with a corrupted crc is refused.

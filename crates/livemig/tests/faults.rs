@@ -26,7 +26,7 @@ use std::time::{Duration, Instant};
 use livemig::bitmap::DirtyBitmap;
 use livemig::error::PeerError;
 use livemig::memory::{MemoryLayout, RegionDesc};
-use livemig::protocol::MsgKind;
+use livemig::protocol::{FrameHeader, MsgKind, FRAME_HEADER_LEN};
 use livemig::testing::fault::{At, Fault, FaultProbe, FaultSpec, FaultTransport};
 use livemig::testing::soft::{SoftConfig, SoftVm};
 use livemig::transport::{mem, Transport};
@@ -37,6 +37,9 @@ use livemig::{
 };
 
 /// I/O timeout of both sides.
+mod common;
+use common::{assert_paused, assert_running, running_source};
+
 const IO: Duration = Duration::from_millis(1000);
 /// A stall the peer must notice (longer than its timeout).
 const LONG_STALL: Duration = Duration::from_millis(2500);
@@ -59,14 +62,6 @@ fn layout() -> MemoryLayout {
     .unwrap()
 }
 
-fn busy() -> SoftConfig {
-    SoftConfig {
-        guest_writers: 1,
-        device_writers: 1,
-        pages_per_ms: 20,
-    }
-}
-
 /// Exactly three pre-copy rounds, then a forced switchover: the frame
 /// sequence is the same in every attempt (`RoundEnd` 0, 1, 2, then the final
 /// memory, `State`, `Complete`).
@@ -83,10 +78,7 @@ fn config() -> MigrationConfig {
 
 /// A running source VM with data in every page.
 fn source(seed: u64) -> Arc<SoftVm> {
-    let vm = SoftVm::new(&layout(), &busy()).unwrap();
-    vm.fill(seed);
-    vm.start();
-    Arc::new(vm)
+    running_source(&layout(), &SoftConfig::busy(), seed)
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -157,23 +149,6 @@ fn attempt(src: &Arc<SoftVm>, faults: &[(Side, FaultSpec)], dest_cfg: SoftConfig
             t0.elapsed()
         ),
     }
-}
-
-/// The VM's writers make progress.
-fn assert_running(vm: &SoftVm, what: &str) {
-    let w = vm.writes();
-    let deadline = Instant::now() + Duration::from_secs(5);
-    while vm.writes() == w {
-        assert!(Instant::now() < deadline, "{what}: writers stopped");
-        std::thread::sleep(Duration::from_millis(5));
-    }
-}
-
-/// The VM's writers stay stopped.
-fn assert_paused(vm: &SoftVm, what: &str) {
-    let w = vm.writes();
-    std::thread::sleep(Duration::from_millis(150));
-    assert_eq!(vm.writes(), w, "{what}: writers run");
 }
 
 /// Collects what the VM's dirty log records while its writers (which must
@@ -268,7 +243,7 @@ fn case(seed: u64, faults: &[(Side, FaultSpec)], expect: Expect) {
     let src = source(seed);
     // Let the writers dirty some memory first.
     std::thread::sleep(Duration::from_millis(10));
-    let a = attempt(&src, faults, busy());
+    let a = attempt(&src, faults, SoftConfig::busy());
     let fired: Vec<_> = a.probes.iter().flat_map(|p| p.fired()).collect();
     assert_eq!(
         fired.len(),
@@ -636,7 +611,7 @@ fn connection_dies_before_resumed_is_ambiguous_and_source_stays_paused() {
     let src = source(42);
     std::thread::sleep(Duration::from_millis(10));
     let spec = Fault::Drop.at(At::kind(MsgKind::Resumed, 0));
-    let a = attempt(&src, &[(Side::Destination, spec)], busy());
+    let a = attempt(&src, &[(Side::Destination, spec)], SoftConfig::busy());
     assert_eq!(a.probes[0].fired().len(), 1);
     let e = a.src.expect_err("the source must fail");
     assert!(e.is_ambiguous(), "{e}");
@@ -672,7 +647,7 @@ fn connection_dies_after_ready_before_go() {
             Fault::Blackhole.at(At::after(MsgKind::Complete, 0)),
         ),
     ];
-    let a = attempt(&src, &faults, busy());
+    let a = attempt(&src, &faults, SoftConfig::busy());
     let fired: Vec<_> = a.probes.iter().flat_map(|p| p.fired()).collect();
     assert_eq!(fired.len(), 2, "{fired:?}");
     let e = a.src.expect_err("the source must fail");
@@ -713,7 +688,7 @@ fn first_fault_wins() {
         ),
         (Side::Source, Fault::Drop.at(At::kind(MsgKind::State, 0))),
     ];
-    let a = attempt(&src, &faults, busy());
+    let a = attempt(&src, &faults, SoftConfig::busy());
     assert_eq!(a.probes[0].fired().len(), 1);
     assert_eq!(a.probes[0].pending().len(), 1);
     let de = a.dst.err().expect("destination");
@@ -810,23 +785,27 @@ fn hostile_addresses_outside_guest_memory() {
     }
 }
 
+/// The header of the second frame (seq 1), an empty `Pages` frame's
+/// header (its CRC unchanged) that claims a payload of `len` bytes.
+fn pages_header_claiming(len: u32) -> [u8; FRAME_HEADER_LEN] {
+    let empty = harness::frames(&[(MsgKind::Pages, Vec::new())]);
+    let mut h = FrameHeader::decode(empty[..FRAME_HEADER_LEN].try_into().unwrap());
+    h.seq = 1;
+    h.len = len;
+    h.encode()
+}
+
 #[test]
 fn hostile_lengths_and_allocations() {
     let p0 = Phase::Precopy(0);
     // A frame header claiming 4 GiB: refused on the header, before
     // allocating (or waiting for) the payload.
     let mut s = harness::frames(&harness::valid_frames()[..1]);
-    let mut hdr = harness::frames(&[(MsgKind::Pages, Vec::new())])[..16].to_vec();
-    hdr[4..8].copy_from_slice(&1u32.to_le_bytes());
-    hdr[8..12].copy_from_slice(&u32::MAX.to_le_bytes());
-    s.extend(hdr);
+    s.extend(pages_header_claiming(u32::MAX));
     refused(&s, p0, "payload length 4294967295 exceeds limit 8388608");
     // Just over the frame limit.
     let mut s = harness::frames(&harness::valid_frames()[..1]);
-    let mut hdr = harness::frames(&[(MsgKind::Pages, Vec::new())])[..16].to_vec();
-    hdr[4..8].copy_from_slice(&1u32.to_le_bytes());
-    hdr[8..12].copy_from_slice(&((8u32 << 20) + 1).to_le_bytes());
-    s.extend(hdr);
+    s.extend(pages_header_claiming((8u32 << 20) + 1));
     refused(&s, p0, "exceeds limit");
     // A data record claiming more pages than the frame carries.
     let bad = record(0, 1000, 1, &pages(1, 9));

@@ -6,28 +6,24 @@
 use std::sync::{mpsc, Arc};
 use std::time::{Duration, Instant};
 
-use livemig::memory::{MemoryLayout, RegionDesc};
-use livemig::protocol::{FrameReader, FrameWriter, Hello, HelloReply, Message, MsgKind};
+use livemig::memory::MemoryLayout;
+use livemig::protocol::HelloReply;
 use livemig::testing::soft::{SoftConfig, SoftVm};
-use livemig::transport::{mem, Transport};
+use livemig::transport::mem;
 use livemig::{
-    receive, CancelToken, ErrorKind, GuardError, GuardState, MigrationConfig, MigrationGuard,
-    Progress, ReceiveConfig,
+    receive, CancelToken, ErrorKind, GuardError, GuardState, MigrationConfig, MigrationError,
+    MigrationGuard, Progress, ReceiveConfig, Report,
 };
 
+mod common;
+use common::{hand_destination, one_region, running_source};
+
 fn layout() -> MemoryLayout {
-    MemoryLayout::new(vec![RegionDesc {
-        guest_addr: 0,
-        size: 2 << 20,
-    }])
-    .unwrap()
+    one_region(2 << 20)
 }
 
 fn source() -> Arc<SoftVm> {
-    let vm = SoftVm::new(&layout(), &SoftConfig::default()).unwrap();
-    vm.fill(7);
-    vm.start();
-    Arc::new(vm)
+    running_source(&layout(), &SoftConfig::default(), 7)
 }
 
 fn destination(t: mem::MemTransport) -> std::thread::JoinHandle<Option<SoftVm>> {
@@ -40,10 +36,24 @@ fn destination(t: mem::MemTransport) -> std::thread::JoinHandle<Option<SoftVm>> 
     })
 }
 
+/// `guard.migrate` of `src` over `t`, default configuration, no
+/// cancellation, no progress callback.
+fn migrate_through(
+    guard: &MigrationGuard,
+    src: &SoftVm,
+    t: mem::MemTransport,
+) -> Result<Report, MigrationError> {
+    guard.migrate(
+        src,
+        Box::new(t),
+        &MigrationConfig::default(),
+        &CancelToken::new(),
+        &mut |_| {},
+    )
+}
+
 fn paused(vm: &SoftVm) -> bool {
-    let w = vm.writes();
-    std::thread::sleep(Duration::from_millis(100));
-    vm.writes() == w
+    vm.writes_none_during(Duration::from_millis(100))
 }
 
 /// An operator `resume` (from another thread) while the source is paused
@@ -85,15 +95,7 @@ fn resume_during_stop_and_copy_and_after_success_is_refused() {
     assert!(matches!(guard.pause(&*src), Err(GuardError::Migrated)));
     assert!(paused(&src), "the source runs after a successful migration");
     let (a, _b) = mem::pair();
-    let e = guard
-        .migrate(
-            &*src,
-            Box::new(a),
-            &MigrationConfig::default(),
-            &CancelToken::new(),
-            &mut |_| {},
-        )
-        .expect_err("a second migration of a migrated VM");
+    let e = migrate_through(&guard, &src, a).expect_err("a second migration of a migrated VM");
     assert!(
         matches!(e.kind, ErrorKind::Guard(GuardError::Migrated)),
         "{e}"
@@ -112,26 +114,13 @@ fn a_second_concurrent_migrate_is_refused() {
     // A destination that holds the first migration in its handshake until
     // told, then refuses it.
     let dest = std::thread::spawn(move || {
-        let t: Box<dyn Transport> = Box::new(b);
-        let mut fr = FrameReader::new(t.try_clone().unwrap());
-        let mut fw = FrameWriter::new(t);
-        let f = fr.read_frame().unwrap();
-        assert_eq!(f.kind, MsgKind::Hello);
-        Hello::decode(f.payload).unwrap();
+        let (_, _fr, mut fw) = hand_destination(Box::new(b), None);
         go_rx.recv().unwrap();
         fw.send(&HelloReply::refused("test over".into())).unwrap();
         fw.flush().unwrap();
     });
     let (g1, s1) = (guard.clone(), src.clone());
-    let first = std::thread::spawn(move || {
-        g1.migrate(
-            &*s1,
-            Box::new(a),
-            &MigrationConfig::default(),
-            &CancelToken::new(),
-            &mut |_| {},
-        )
-    });
+    let first = std::thread::spawn(move || migrate_through(&g1, &s1, a));
     let deadline = Instant::now() + Duration::from_secs(10);
     while guard.state() != GuardState::Migrating {
         assert!(
@@ -141,15 +130,7 @@ fn a_second_concurrent_migrate_is_refused() {
         std::thread::sleep(Duration::from_millis(2));
     }
     let (a2, _b2) = mem::pair();
-    let e = guard
-        .migrate(
-            &*src,
-            Box::new(a2),
-            &MigrationConfig::default(),
-            &CancelToken::new(),
-            &mut |_| {},
-        )
-        .expect_err("the second migration must be refused");
+    let e = migrate_through(&guard, &src, a2).expect_err("the second migration must be refused");
     assert!(
         matches!(e.kind, ErrorKind::Guard(GuardError::Migrating)),
         "{e}"

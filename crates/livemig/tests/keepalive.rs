@@ -5,36 +5,32 @@
 
 use std::time::Duration;
 
-use livemig::memory::{MemoryLayout, RegionDesc, PAGE_SIZE};
+use livemig::memory::PAGE_SIZE;
 use livemig::protocol::MsgKind;
 use livemig::testing::fault::FaultTransport;
 use livemig::testing::soft::{SoftConfig, SoftVm};
 use livemig::transport::{mem, Transport};
-use livemig::{migrate, receive, CancelToken, MigrationConfig, OnLimit, ReceiveConfig};
+use livemig::{migrate, CancelToken, MigrationConfig, OnLimit, ReceiveConfig};
+
+mod common;
+use common::{one_region, soft_destination};
 
 /// 64 pages at 16 pages per second: each 32-page frame makes the pacer
 /// wait about 2 s, twice the destination's 1 s read timeout.
 #[test]
 fn a_slow_bandwidth_cap_keeps_the_destination_alive() {
-    let layout = MemoryLayout::new(vec![RegionDesc {
-        guest_addr: 0,
-        size: 64 * PAGE_SIZE,
-    }])
-    .unwrap();
+    let layout = one_region(64 * PAGE_SIZE);
     let src = SoftVm::new(&layout, &SoftConfig::idle()).unwrap();
     src.fill(4);
     let (a, b) = mem::pair();
     let (a, probe) = FaultTransport::with_plan(Box::new(a), vec![]);
     let a: Box<dyn Transport> = Box::new(a);
-    let dest = std::thread::spawn(move || {
-        receive(
-            Box::new(b),
-            &ReceiveConfig {
-                io_timeout: Duration::from_secs(1),
-            },
-            |d| SoftVm::new(&d.layout, &SoftConfig::idle()),
-        )
-    });
+    let dest = soft_destination(
+        b,
+        ReceiveConfig {
+            io_timeout: Duration::from_secs(1),
+        },
+    );
     let cfg = MigrationConfig {
         max_bandwidth: Some(16 * PAGE_SIZE),
         batch_pages: 32,

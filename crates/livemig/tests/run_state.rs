@@ -6,27 +6,18 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
 use livemig::bitmap::DirtyBitmap;
-use livemig::memory::{GuestMemory, MemoryLayout, RegionDesc};
-use livemig::state::Section;
+use livemig::memory::MemoryLayout;
+use livemig::testing::hooked::HookedVm;
 use livemig::testing::soft::{SoftConfig, SoftVm};
 use livemig::transport::mem;
-use livemig::vm::{DirtyTracker, SourceVm, VcpuThrottle, VmDescription, VmError};
+use livemig::vm::{SourceVm, VmError};
 use livemig::{migrate, receive, CancelToken, MigrationConfig, Progress, ReceiveConfig};
 
-fn layout() -> MemoryLayout {
-    MemoryLayout::new(vec![RegionDesc {
-        guest_addr: 0,
-        size: 4 << 20,
-    }])
-    .unwrap()
-}
+mod common;
+use common::{migrate_with_defaults, one_region, soft_destination};
 
-fn busy() -> SoftConfig {
-    SoftConfig {
-        guest_writers: 1,
-        device_writers: 1,
-        pages_per_ms: 20,
-    }
+fn layout() -> MemoryLayout {
+    one_region(4 << 20)
 }
 
 /// The source's writers were stopped by the operator: nothing writes during
@@ -35,7 +26,7 @@ fn busy() -> SoftConfig {
 /// it always resumed it).
 #[test]
 fn a_paused_vm_migrates_paused() {
-    let src = SoftVm::new(&layout(), &busy()).unwrap();
+    let src = SoftVm::new(&layout(), &SoftConfig::busy()).unwrap();
     src.fill(3);
     src.start();
     std::thread::sleep(Duration::from_millis(20));
@@ -44,7 +35,7 @@ fn a_paused_vm_migrates_paused() {
     let (a, b) = mem::pair();
     let dest = std::thread::spawn(move || {
         receive(Box::new(b), &ReceiveConfig::default(), |d| {
-            SoftVm::new(&d.layout, &busy())
+            SoftVm::new(&d.layout, &SoftConfig::busy())
         })
     });
     let mut ran = false;
@@ -76,76 +67,34 @@ fn a_paused_vm_migrates_paused() {
     eprintln!("{} rounds", report.rounds.len());
 }
 
-/// A SoftVm whose first pause fails half-way (the writers are stopped, then
-/// an error is returned).
-struct FlakyPause {
-    vm: SoftVm,
-    failed: AtomicBool,
-}
-
-impl SourceVm for FlakyPause {
-    fn memory(&self) -> &dyn GuestMemory {
-        SourceVm::memory(&self.vm)
-    }
-    fn describe(&self) -> Result<VmDescription, VmError> {
-        self.vm.describe()
-    }
-    fn dirty_tracker(&self) -> Result<Box<dyn DirtyTracker + '_>, VmError> {
-        self.vm.dirty_tracker()
-    }
-    fn pause(&self) -> Result<(), VmError> {
-        SourceVm::pause(&self.vm)?;
-        if !self.failed.swap(true, Ordering::SeqCst) {
-            return Err(VmError::Pause("injected: one vCPU did not stop".into()));
-        }
-        Ok(())
-    }
-    fn resume(&self) -> Result<(), VmError> {
-        SourceVm::resume(&self.vm)
-    }
-    fn is_paused(&self) -> bool {
-        self.vm.is_paused()
-    }
-    fn save_state(&self) -> Result<Vec<Section>, VmError> {
-        self.vm.save_state()
-    }
-    fn throttle(&self) -> Option<&dyn VcpuThrottle> {
-        None
-    }
-}
-
 #[test]
 fn a_failed_pause_at_the_handshake_leaves_the_source_running() {
-    let vm = FlakyPause {
-        vm: SoftVm::new(&layout(), &busy()).unwrap(),
-        failed: AtomicBool::new(false),
-    };
-    vm.vm.start();
-    let (a, b) = mem::pair();
-    let dest = std::thread::spawn(move || {
-        receive(Box::new(b), &ReceiveConfig::default(), |d| {
-            SoftVm::new(&d.layout, &SoftConfig::idle())
+    // The first pause fails half-way: the writers are stopped, then an
+    // error is returned.
+    let failed = AtomicBool::new(false);
+    let vm = HookedVm::new(SoftVm::new(&layout(), &SoftConfig::busy()).unwrap())
+        .on_pause(|vm| {
+            SourceVm::pause(vm)?;
+            if !failed.swap(true, Ordering::SeqCst) {
+                return Err(VmError::Pause("injected: one vCPU did not stop".into()));
+            }
+            Ok(())
         })
-        .map(|_| ())
-    });
-    let e = migrate(
-        &vm,
-        Box::new(a),
-        &MigrationConfig::default(),
-        &CancelToken::new(),
-        &mut |_| {},
-    )
-    .expect_err("the pause failed");
+        .without_throttle();
+    vm.vm().start();
+    let (a, b) = mem::pair();
+    let dest = soft_destination(b, ReceiveConfig::default());
+    let e = migrate_with_defaults(&vm, a).expect_err("the pause failed");
     assert!(e.to_string().contains("did not stop"), "{e}");
     let _ = dest.join();
-    let w = vm.vm.writes();
+    let w = vm.vm().writes();
     std::thread::sleep(Duration::from_millis(100));
     assert!(
-        vm.vm.writes() > w,
+        vm.vm().writes() > w,
         "the source stays paused after a failed pause"
     );
     // Dirty logging is off (it was never started).
-    let mut t = vm.vm.dirty_tracker().unwrap();
+    let mut t = vm.vm().dirty_tracker().unwrap();
     let mut bm = DirtyBitmap::new(&layout());
     t.sync(&mut bm).unwrap();
 }

@@ -6,56 +6,19 @@
 
 use std::sync::atomic::{AtomicU64, Ordering};
 
-use livemig::memory::{GuestMemory, MemoryLayout, RegionDesc};
-use livemig::state::Section;
+use livemig::memory::{MemoryLayout, RegionDesc};
+use livemig::testing::hooked::HookedVm;
 use livemig::testing::soft::{SoftConfig, SoftVm};
 use livemig::transport::mem;
-use livemig::vm::{DirtyTracker, SourceVm, VcpuThrottle, VmDescription, VmError};
-use livemig::{migrate, receive, CancelToken, MigrationConfig, ReceiveConfig};
+use livemig::vm::{SourceVm, VmError};
+use livemig::ReceiveConfig;
 use vm_memory::{Bytes, GuestAddress};
+
+mod common;
+use common::{migrate_with_defaults, soft_destination};
 
 /// Where the "device" writes on every save.
 const GPA: u64 = 0x3000 + 0x40;
-
-struct WritingDevice {
-    vm: SoftVm,
-    saves: AtomicU64,
-}
-
-impl SourceVm for WritingDevice {
-    fn memory(&self) -> &dyn GuestMemory {
-        SourceVm::memory(&self.vm)
-    }
-    fn describe(&self) -> Result<VmDescription, VmError> {
-        self.vm.describe()
-    }
-    fn dirty_tracker(&self) -> Result<Box<dyn DirtyTracker + '_>, VmError> {
-        self.vm.dirty_tracker()
-    }
-    fn pause(&self) -> Result<(), VmError> {
-        SourceVm::pause(&self.vm)
-    }
-    fn resume(&self) -> Result<(), VmError> {
-        SourceVm::resume(&self.vm)
-    }
-    fn is_paused(&self) -> bool {
-        self.vm.is_paused()
-    }
-    fn save_state(&self) -> Result<Vec<Section>, VmError> {
-        // Like a device flushing a completion into guest memory at save.
-        let n = self.saves.fetch_add(1, Ordering::SeqCst) + 1;
-        let ram = self
-            .vm
-            .ram()
-            .ok_or(VmError::Pause("not vm-memory".into()))?;
-        ram.write_obj(0xC0DE_0000_0000_0000 | n, GuestAddress(GPA))
-            .map_err(|e| VmError::Pause(e.to_string()))?;
-        self.vm.save_state()
-    }
-    fn throttle(&self) -> Option<&dyn VcpuThrottle> {
-        None
-    }
-}
 
 #[test]
 fn a_write_by_save_state_reaches_the_destination() {
@@ -64,33 +27,30 @@ fn a_write_by_save_state_reaches_the_destination() {
         size: 2 << 20,
     }])
     .unwrap();
-    let src = WritingDevice {
-        vm: SoftVm::new(&layout, &SoftConfig::idle()).unwrap(),
-        saves: AtomicU64::new(0),
-    };
-    src.vm.fill(9);
-    let (a, b) = mem::pair();
-    let dest = std::thread::spawn(move || {
-        receive(Box::new(b), &ReceiveConfig::default(), |d| {
-            SoftVm::new(&d.layout, &SoftConfig::idle())
+    let saves = AtomicU64::new(0);
+    // Like a device flushing a completion into guest memory at save.
+    let src = HookedVm::new(SoftVm::new(&layout, &SoftConfig::idle()).unwrap())
+        .on_save_state(|vm| {
+            let n = saves.fetch_add(1, Ordering::SeqCst) + 1;
+            vm.ram()
+                .ok_or(VmError::Pause("not vm-memory".into()))?
+                .write_obj(0xC0DE_0000_0000_0000 | n, GuestAddress(GPA))
+                .map_err(|e| VmError::Pause(e.to_string()))?;
+            vm.save_state()
         })
-    });
-    migrate(
-        &src,
-        Box::new(a),
-        &MigrationConfig::default(),
-        &CancelToken::new(),
-        &mut |_| {},
-    )
-    .expect("migrated");
+        .without_throttle();
+    src.vm().fill(9);
+    let (a, b) = mem::pair();
+    let dest = soft_destination(b, ReceiveConfig::default());
+    migrate_with_defaults(&src, a).expect("migrated");
     let (dst, _) = dest.join().unwrap().expect("received");
-    let want: u64 = src.vm.ram().unwrap().read_obj(GuestAddress(GPA)).unwrap();
+    let want: u64 = src.vm().ram().unwrap().read_obj(GuestAddress(GPA)).unwrap();
     let got: u64 = dst.ram().unwrap().read_obj(GuestAddress(GPA)).unwrap();
     assert_eq!(
         got,
         want,
         "the state save's write (save #{}) is missing on the destination",
-        src.saves.load(Ordering::SeqCst)
+        saves.load(Ordering::SeqCst)
     );
-    assert!(src.vm.snapshot() == dst.snapshot(), "memory differs");
+    assert!(src.vm().snapshot() == dst.snapshot(), "memory differs");
 }

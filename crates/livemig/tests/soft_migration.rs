@@ -5,10 +5,14 @@ use std::io::{Read, Write};
 use std::time::Duration;
 
 use livemig::memory::{MemoryLayout, RegionDesc};
+use livemig::testing::hooked::HookedVm;
 use livemig::testing::soft::{SoftConfig, SoftVm};
 use livemig::transport::{mem, Transport};
-use livemig::vm::{DirtyTracker, SourceVm, VcpuThrottle, VmDescription, VmError};
+use livemig::vm::SourceVm;
 use livemig::{migrate, receive, CancelToken, ErrorKind, MigrationConfig, Phase, ReceiveConfig};
+
+mod common;
+use common::{migrate_with_defaults, soft_destination};
 
 fn layout(mib: u64) -> MemoryLayout {
     MemoryLayout::new(vec![
@@ -120,14 +124,7 @@ fn refused_handshake_sends_no_page() {
             ))
         })
     });
-    let e = migrate(
-        &src,
-        Box::new(a),
-        &MigrationConfig::default(),
-        &CancelToken::new(),
-        &mut |_| {},
-    )
-    .unwrap_err();
+    let e = migrate_with_defaults(&src, a).unwrap_err();
     assert_eq!(e.phase, Phase::Handshake);
     assert!(
         matches!(e.kind, ErrorKind::Refused(ref r) if r.contains("memory differs")),
@@ -264,12 +261,7 @@ fn cancel_keeps_source_running() {
     let (a, b) = mem::pair();
     let cancel = CancelToken::new();
     let c2 = cancel.clone();
-    let dest = std::thread::spawn(move || {
-        receive(Box::new(b), &ReceiveConfig::default(), |d| {
-            SoftVm::new(&d.layout, &SoftConfig::idle())
-        })
-        .map(|_| ())
-    });
+    let dest = soft_destination(b, ReceiveConfig::default());
     let mc = MigrationConfig {
         max_bandwidth: Some(50 << 20),
         ..Default::default()
@@ -456,44 +448,6 @@ fn auto_converge_throttles_a_fast_writer_until_it_converges() {
     ));
 }
 
-/// A source whose state takes `save` to save and whose vCPUs take `resume`
-/// to resume, as a VM with many vCPUs does.
-struct Costly<'a> {
-    vm: &'a SoftVm,
-    save: Duration,
-    resume: Duration,
-}
-
-impl SourceVm for Costly<'_> {
-    fn memory(&self) -> &dyn livemig::memory::GuestMemory {
-        self.vm.memory()
-    }
-    fn describe(&self) -> Result<VmDescription, VmError> {
-        self.vm.describe()
-    }
-    fn dirty_tracker(&self) -> Result<Box<dyn DirtyTracker + '_>, VmError> {
-        self.vm.dirty_tracker()
-    }
-    fn pause(&self) -> Result<(), VmError> {
-        SourceVm::pause(self.vm)
-    }
-    fn resume(&self) -> Result<(), VmError> {
-        SourceVm::resume(self.vm)?;
-        std::thread::sleep(self.resume);
-        Ok(())
-    }
-    fn is_paused(&self) -> bool {
-        SourceVm::is_paused(self.vm)
-    }
-    fn save_state(&self) -> Result<Vec<livemig::state::Section>, VmError> {
-        std::thread::sleep(self.save);
-        self.vm.save_state()
-    }
-    fn throttle(&self) -> Option<&dyn VcpuThrottle> {
-        None
-    }
-}
-
 /// The downtime the engine expects must count what a switchover costs
 /// beyond the save: the destination's restore (as many ioctls as the save)
 /// and its resume (as many vCPU threads to wake as the source's own resume
@@ -506,11 +460,19 @@ fn expected_downtime_counts_restore_and_resume() {
     src.start();
     let save = Duration::from_millis(3);
     let resume = Duration::from_millis(20);
-    let vm = Costly {
-        vm: &src,
-        save,
-        resume,
-    };
+    // A source whose state takes `save` to save and whose vCPUs take
+    // `resume` to resume, as a VM with many vCPUs does.
+    let vm = HookedVm::new(src)
+        .on_save_state(|vm| {
+            std::thread::sleep(save);
+            vm.save_state()
+        })
+        .on_resume(|vm| {
+            SourceVm::resume(vm)?;
+            std::thread::sleep(resume);
+            Ok(())
+        })
+        .without_throttle();
     let config = MigrationConfig {
         downtime_limit: Duration::from_millis(200),
         ..Default::default()

@@ -7,10 +7,14 @@ use std::sync::Mutex;
 
 use livemig::memory::{GuestMemory, MemoryLayout, RegionDesc};
 use livemig::state::Section;
+use livemig::testing::hooked::HookedVm;
 use livemig::testing::soft::{SoftConfig, SoftVm};
 use livemig::transport::mem;
-use livemig::vm::{DestinationVm, DirtyTracker, SourceVm, VcpuThrottle, VmDescription, VmError};
+use livemig::vm::{DestinationVm, SourceVm, VmError};
 use livemig::{migrate, receive, CancelToken, MigrationConfig, Phase, ReceiveConfig};
+
+mod common;
+use common::soft_destination;
 
 fn layout() -> MemoryLayout {
     MemoryLayout::new(vec![RegionDesc {
@@ -26,39 +30,14 @@ fn big(i: usize, len: usize) -> Section {
 }
 
 /// A soft VM with `n` extra device sections of `len` bytes each.
-struct BigState {
-    vm: SoftVm,
-    n: usize,
-    len: usize,
-}
-
-impl SourceVm for BigState {
-    fn memory(&self) -> &dyn GuestMemory {
-        SourceVm::memory(&self.vm)
-    }
-    fn describe(&self) -> Result<VmDescription, VmError> {
-        self.vm.describe()
-    }
-    fn dirty_tracker(&self) -> Result<Box<dyn DirtyTracker + '_>, VmError> {
-        self.vm.dirty_tracker()
-    }
-    fn pause(&self) -> Result<(), VmError> {
-        SourceVm::pause(&self.vm)
-    }
-    fn resume(&self) -> Result<(), VmError> {
-        SourceVm::resume(&self.vm)
-    }
-    fn is_paused(&self) -> bool {
-        self.vm.is_paused()
-    }
-    fn save_state(&self) -> Result<Vec<Section>, VmError> {
-        let mut s = self.vm.save_state()?;
-        s.extend((0..self.n).map(|i| big(i, self.len)));
-        Ok(s)
-    }
-    fn throttle(&self) -> Option<&dyn VcpuThrottle> {
-        None
-    }
+fn big_state(n: usize, len: usize) -> HookedVm<'static, SoftVm> {
+    HookedVm::new(SoftVm::new(&layout(), &SoftConfig::default()).unwrap())
+        .on_save_state(move |vm| {
+            let mut s = vm.save_state()?;
+            s.extend((0..n).map(|i| big(i, len)));
+            Ok(s)
+        })
+        .without_throttle()
 }
 
 /// The destination side: checks the extra sections byte for byte.
@@ -97,13 +76,9 @@ impl DestinationVm for BigDest {
 #[test]
 fn state_larger_than_a_frame_migrates_in_several_frames() {
     let (n, len) = (12, 1 << 20);
-    let src = BigState {
-        vm: SoftVm::new(&layout(), &SoftConfig::default()).unwrap(),
-        n,
-        len,
-    };
-    src.vm.fill(5);
-    src.vm.start();
+    let src = big_state(n, len);
+    src.vm().fill(5);
+    src.vm().start();
     let (a, b) = mem::pair();
     let dest = std::thread::spawn(move || {
         receive(Box::new(b), &ReceiveConfig::default(), |d| {
@@ -129,7 +104,7 @@ fn state_larger_than_a_frame_migrates_in_several_frames() {
         report.state_frames
     );
     assert_eq!(dst.got.lock().unwrap().len(), n);
-    assert!(src.vm.snapshot() == dst.vm.snapshot());
+    assert!(src.vm().snapshot() == dst.vm.snapshot());
 }
 
 /// A section over the section limit (1 MiB) cannot travel: refused at the
@@ -137,19 +112,10 @@ fn state_larger_than_a_frame_migrates_in_several_frames() {
 /// for the switchover), and the source keeps running.
 #[test]
 fn state_that_cannot_travel_is_refused_at_the_handshake() {
-    let src = BigState {
-        vm: SoftVm::new(&layout(), &SoftConfig::default()).unwrap(),
-        n: 1,
-        len: 2 << 20,
-    };
-    src.vm.start();
+    let src = big_state(1, 2 << 20);
+    src.vm().start();
     let (a, b) = mem::pair();
-    let dest = std::thread::spawn(move || {
-        receive(Box::new(b), &ReceiveConfig::default(), |d| {
-            SoftVm::new(&d.layout, &SoftConfig::idle())
-        })
-        .map(|_| ())
-    });
+    let dest = soft_destination(b, ReceiveConfig::default());
     let mut paused_for_switchover = false;
     let e = migrate(
         &src,

@@ -15,7 +15,10 @@ use livemig::protocol::{
 };
 use livemig::testing::soft::{SoftConfig, SoftVm};
 use livemig::transport::{mem, Transport};
-use livemig::{migrate, receive, CancelToken, MigrationConfig, ReceiveConfig};
+use livemig::ReceiveConfig;
+
+mod common;
+use common::{hand_destination, migrate_with_defaults, soft_destination};
 
 /// A source of the next version: its Hello offers `PROTOCOL_VERSION ..=
 /// PROTOCOL_VERSION + 1` and carries 12 bytes of a field this build does
@@ -23,15 +26,12 @@ use livemig::{migrate, receive, CancelToken, MigrationConfig, ReceiveConfig};
 #[test]
 fn a_next_version_source_migrates_to_this_destination() {
     let (a, b) = mem::pair();
-    let dest = std::thread::spawn(move || {
-        receive(
-            Box::new(b),
-            &ReceiveConfig {
-                io_timeout: Duration::from_secs(5),
-            },
-            |d| SoftVm::new(&d.layout, &SoftConfig::idle()),
-        )
-    });
+    let dest = soft_destination(
+        b,
+        ReceiveConfig {
+            io_timeout: Duration::from_secs(5),
+        },
+    );
     let t: Box<dyn Transport> = Box::new(a);
     let mut rx = t.try_clone().unwrap();
     rx.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
@@ -83,10 +83,7 @@ fn a_reply_choosing_an_unknown_version_is_refused() {
     let vm = SoftVm::new(&layout, &SoftConfig::idle()).unwrap();
     let (a, b) = mem::pair();
     let dest = std::thread::spawn(move || {
-        let t: Box<dyn Transport> = Box::new(b);
-        let mut fr = FrameReader::new(t.try_clone().unwrap());
-        let mut fw = FrameWriter::new(t);
-        assert_eq!(fr.read_frame().unwrap().kind, MsgKind::Hello);
+        let (_, mut fr, mut fw) = hand_destination(Box::new(b), None);
         let mut reply = HelloReply::accepted(1, [0; 16]);
         reply.version = PROTOCOL_VERSION + 1;
         fw.send(&reply).unwrap();
@@ -94,14 +91,7 @@ fn a_reply_choosing_an_unknown_version_is_refused() {
         let _ = fr.read_frame();
     });
     vm.start();
-    let e = migrate(
-        &vm,
-        Box::new(a),
-        &MigrationConfig::default(),
-        &CancelToken::new(),
-        &mut |_| {},
-    )
-    .expect_err("refused");
+    let e = migrate_with_defaults(&vm, a).expect_err("refused");
     dest.join().unwrap();
     let msg = e.to_string();
     assert!(

@@ -1,19 +1,20 @@
 //! What every KVM test of this crate shares.
 
-use std::sync::Mutex;
-
-/// True if `/dev/kvm` is there; otherwise says loudly that `test` is
-/// skipped, or panics where `LIVEMIG_REQUIRE_KVM` is set (CI).
-pub fn kvm_or_skip(test: &str) -> bool {
-    if livemig_kvm::kvm_available() {
-        return true;
-    }
-    if std::env::var_os("LIVEMIG_REQUIRE_KVM").is_some() {
-        panic!("{test}: /dev/kvm is not available but LIVEMIG_REQUIRE_KVM is set");
-    }
-    eprintln!("\n*** SKIPPED {test}: /dev/kvm is not available on this machine ***\n");
-    false
-}
+use std::sync::{Mutex, MutexGuard};
 
 /// One VM per test at a time: each spins a host core.
-pub static KVM_LOCK: Mutex<()> = Mutex::new(());
+static KVM_LOCK: Mutex<()> = Mutex::new(());
+
+/// The KVM lock's guard if `/dev/kvm` is there; otherwise says loudly that
+/// `test` is skipped and returns `None`, or panics where
+/// `LIVEMIG_REQUIRE_KVM` is set (CI).
+pub fn kvm_or_skip(test: &str) -> Option<MutexGuard<'static, ()>> {
+    if !livemig_kvm::kvm_available() {
+        if std::env::var_os("LIVEMIG_REQUIRE_KVM").is_some() {
+            panic!("{test}: /dev/kvm is not available but LIVEMIG_REQUIRE_KVM is set");
+        }
+        eprintln!("\n*** SKIPPED {test}: /dev/kvm is not available on this machine ***\n");
+        return None;
+    }
+    Some(KVM_LOCK.lock().unwrap_or_else(|e| e.into_inner()))
+}

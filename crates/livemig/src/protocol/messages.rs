@@ -989,7 +989,7 @@ mod tests {
     }
 
     #[test]
-    fn hello_wrong_magic_and_versions() {
+    fn hello_wrong_magic_is_refused() {
         let good = Hello::new(desc()).encode().unwrap();
         let mut bad = good.clone();
         bad[0] = b'X';
@@ -997,7 +997,10 @@ mod tests {
             Hello::decode(&bad),
             Err(ProtocolError::BadHelloMagic { .. })
         ));
+    }
 
+    #[test]
+    fn hello_versions_negotiate_down_or_are_refused() {
         let mut h = Hello::new(desc());
         h.protocol_version = 7;
         h.min_protocol_version = 7;
@@ -1046,6 +1049,18 @@ mod tests {
             2
         );
 
+        // Version 0 / inverted ranges are refused.
+        let mut h = Hello::new(desc());
+        h.protocol_version = 0;
+        h.min_protocol_version = 0;
+        assert!(matches!(
+            Hello::decode(&h.encode().unwrap()),
+            Err(ProtocolError::UnsupportedVersion { .. })
+        ));
+    }
+
+    #[test]
+    fn hello_stream_count_and_page_size_are_checked() {
         // Stream counts outside 1..=MAX_STREAMS are refused both ways.
         let mut h = Hello::new(desc());
         h.streams = MAX_STREAMS + 1;
@@ -1057,15 +1072,6 @@ mod tests {
             .unwrap_err()
             .to_string()
             .contains("streams"));
-
-        // Version 0 / inverted ranges are refused.
-        h.streams = 1;
-        h.protocol_version = 0;
-        h.min_protocol_version = 0;
-        assert!(matches!(
-            Hello::decode(&h.encode().unwrap()),
-            Err(ProtocolError::UnsupportedVersion { .. })
-        ));
 
         let mut h = Hello::new(desc());
         h.page_size = 65536;

@@ -424,6 +424,34 @@ mod tests {
         check_soft(SoftTracking::ManualProtect).unwrap();
     }
 
+    /// Runs the check on `t` (a tracker of `vm`) over the first 512 pages
+    /// of region 0, the guest writing through `vm`: it must fail at the
+    /// second write, every one of that step's 103 pages missing and none
+    /// unexpected.
+    fn assert_misses_the_second_write(t: &mut dyn DirtyTracker, vm: &SoftVm) {
+        let window = PageWindow {
+            region: 0,
+            first: 0,
+            pages: 512,
+        };
+        let e = check_dirty_tracker(t, vm.layout(), window, &mut |run: &PageRun| {
+            for p in run.pages() {
+                vm.write_as_guest(p * PAGE_SIZE, p)
+                    .map_err(|e| e.to_string())?;
+            }
+            Ok(())
+        })
+        .unwrap_err();
+        assert!(
+            matches!(
+                &e,
+                TrackerCheckError::Contract { step: "second write", mismatch }
+                    if mismatch.missing.len() == 103 && mismatch.unexpected.is_empty()
+            ),
+            "{e}"
+        );
+    }
+
     /// A tracker that forgets: it reports nothing after the first sync.
     struct Forgetful<'a>(Box<dyn DirtyTracker + 'a>, u32);
 
@@ -464,27 +492,7 @@ mod tests {
         let layout = layout();
         let vm = SoftVm::new(&layout, &SoftConfig::idle()).unwrap();
         let mut t = Forgetful(vm.dirty_tracker().unwrap(), 0);
-        let window = PageWindow {
-            region: 0,
-            first: 0,
-            pages: 512,
-        };
-        let e = check_dirty_tracker(&mut t, &layout, window, &mut |run: &PageRun| {
-            for p in run.pages() {
-                vm.write_as_guest(p * PAGE_SIZE, p)
-                    .map_err(|e| e.to_string())?;
-            }
-            Ok(())
-        })
-        .unwrap_err();
-        assert!(
-            matches!(
-                &e,
-                TrackerCheckError::Contract { step: "second write", mismatch }
-                    if mismatch.missing.len() == 103 && mismatch.unexpected.is_empty()
-            ),
-            "{e}"
-        );
+        assert_misses_the_second_write(&mut t, &vm);
     }
 
     /// A manual-protect tracker whose `rearm` does not re-arm: pages
@@ -545,27 +553,7 @@ mod tests {
             inner: vm.dirty_tracker().unwrap(),
             cleared: Vec::new(),
         };
-        let window = PageWindow {
-            region: 0,
-            first: 0,
-            pages: 512,
-        };
-        let e = check_dirty_tracker(&mut t, &layout, window, &mut |run: &PageRun| {
-            for p in run.pages() {
-                vm.write_as_guest(p * PAGE_SIZE, p)
-                    .map_err(|e| e.to_string())?;
-            }
-            Ok(())
-        })
-        .unwrap_err();
-        assert!(
-            matches!(
-                &e,
-                TrackerCheckError::Contract { step: "second write", mismatch }
-                    if mismatch.missing.len() == 103 && mismatch.unexpected.is_empty()
-            ),
-            "{e}"
-        );
+        assert_misses_the_second_write(&mut t, &vm);
     }
 
     /// A manual-protect tracker that rounds each re-arm out to 64-page

@@ -12,8 +12,8 @@
 //! Points are given as an [`At`]: a byte offset of the outgoing stream, or an
 //! offset into a frame chosen by index, by kind, or as the frame following
 //! one of a kind. The wrapper follows the frame boundaries of the outgoing
-//! stream (16-byte header, length at bytes 8..12, see
-//! [`crate::protocol`]) and holds each header back until it is complete, so a
+//! stream (each header read with [`crate::protocol::FrameHeader`], the one
+//! owner of the 16-byte layout) and holds each header back until it is complete, so a
 //! fault planned at the start of a frame strikes before any of its bytes
 //! leave.
 //!
@@ -39,7 +39,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
-use crate::protocol::{MsgKind, FRAME_HEADER_LEN};
+use crate::protocol::{FrameHeader, MsgKind, FRAME_HEADER_LEN};
 use crate::transport::Transport;
 
 const HDR: usize = FRAME_HEADER_LEN;
@@ -423,10 +423,9 @@ impl State {
     /// resolve the frame-relative points that refer to it, and start a copy
     /// if it is to be duplicated.
     fn header_complete(&mut self) {
-        let h = &self.hdr;
-        let len = u32::from_le_bytes([h[8], h[9], h[10], h[11]]);
-        let kind_byte = h[2];
-        self.frame_len = HDR as u64 + u64::from(len);
+        let header = FrameHeader::decode(&self.hdr);
+        let kind_byte = header.kind;
+        self.frame_len = HDR as u64 + u64::from(header.len);
         self.frame_kind = MsgKind::from_u8(kind_byte);
         let nth = self.kind_counts[usize::from(kind_byte)];
         self.kind_counts[usize::from(kind_byte)] = nth.saturating_add(1);

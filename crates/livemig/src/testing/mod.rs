@@ -1,5 +1,6 @@
 //! Test equipment, behind the `test-util` feature: a software VM
-//! ([`soft`]), a fault-injecting transport ([`fault`]) and conformance
+//! ([`soft`]), a delegating source VM with hooks ([`hooked`]), a
+//! fault-injecting transport ([`fault`]) and conformance
 //! checks for transports ([`transport`]) and dirty trackers ([`dirty`]).
 //! Not for production use: the transport checks panic on failure, and the
 //! software VM's "guest" is a set of writer threads.
@@ -13,6 +14,7 @@
 
 pub mod dirty;
 pub mod fault;
+pub mod hooked;
 pub mod soft;
 pub mod transport;
 

@@ -16,7 +16,7 @@
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Condvar, Mutex, RwLock};
 use std::thread::JoinHandle;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use vm_memory::bitmap::AtomicBitmap;
 use vm_memory::{Bytes, GuestAddress};
@@ -46,6 +46,16 @@ impl SoftConfig {
             guest_writers: 0,
             device_writers: 0,
             pages_per_ms: 0,
+        }
+    }
+
+    /// One guest writer and one device writer, each dirtying 20 pages per
+    /// millisecond.
+    pub fn busy() -> Self {
+        SoftConfig {
+            guest_writers: 1,
+            device_writers: 1,
+            pages_per_ms: 20,
         }
     }
 }
@@ -322,6 +332,28 @@ impl SoftVm {
     /// Total writes so far (all writers).
     pub fn writes(&self) -> u64 {
         self.shared.writes.load(Ordering::SeqCst)
+    }
+
+    /// Whether the writers write again within `limit` (polled every 5 ms):
+    /// true if they run, false if no write came by `limit`.
+    pub fn writes_within(&self, limit: Duration) -> bool {
+        let w = self.writes();
+        let deadline = Instant::now() + limit;
+        while self.writes() == w {
+            if Instant::now() >= deadline {
+                return false;
+            }
+            std::thread::sleep(Duration::from_millis(5));
+        }
+        true
+    }
+
+    /// Whether the writers make no write at all during `d` (this call
+    /// sleeps `d`): true if they are stopped.
+    pub fn writes_none_during(&self, d: Duration) -> bool {
+        let w = self.writes();
+        std::thread::sleep(d);
+        self.writes() == w
     }
 
     /// The guest memory, if it is vm-memory's ([`SoftVm::with_memory`]).

@@ -96,7 +96,12 @@ pub fn write_timeout_fires(_a: Box<dyn Transport>, mut b: Box<dyn Transport>) {
 }
 
 /// Shutdown from another thread (on a clone) unblocks a blocked reader.
-pub fn shutdown_unblocks_reader(a: Box<dyn Transport>, b: Box<dyn Transport>) {
+/// Returns `a` (the peer of the end shut down), for checks of what the
+/// peer sees.
+pub fn shutdown_unblocks_reader(
+    a: Box<dyn Transport>,
+    b: Box<dyn Transport>,
+) -> Box<dyn Transport> {
     let mut reader = b.try_clone().unwrap();
     let t = std::thread::spawn(move || {
         let mut buf = [0u8; 16];
@@ -112,5 +117,5 @@ pub fn shutdown_unblocks_reader(a: Box<dyn Transport>, b: Box<dyn Transport>) {
     assert!(el < Duration::from_secs(5));
     let mut b = b;
     assert!(b.write_all(&[1, 2, 3]).is_err(), "write after shutdown");
-    drop(a);
+    a
 }

@@ -1,0 +1,188 @@
+//! Running a machine: the `run` command (boot a kernel), and the main loop
+//! `run` and `receive` share (serve the API and the console until the
+//! guest dies, migrates away, or the VMM is told to quit).
+
+use std::path::PathBuf;
+use std::sync::mpsc::{channel, RecvTimeoutError};
+use std::sync::Arc;
+use std::time::Duration;
+
+use livemig_kvm::x86_layout;
+
+use crate::api::ApiEvent;
+use crate::cli::{
+    parse_dirty, parse_memory_backend, parse_serial, parse_size, runtime, usage, Fail, RunArgs,
+};
+use crate::vmm::{Machine, MachineConfig};
+use crate::{api, console, console_server, multiboot, net};
+
+/// Checks every `--net` (usage errors first), then KVM, then opens the TAPs.
+pub(crate) fn open_nets(specs: &[String]) -> Result<Vec<net::NetBackend>, Fail> {
+    for spec in specs {
+        net::parse_spec(spec).map_err(usage)?;
+    }
+    require_kvm()?;
+    specs
+        .iter()
+        .map(|spec| net::NetBackend::open(spec).map_err(runtime))
+        .collect()
+}
+
+pub(crate) fn require_kvm() -> Result<(), Fail> {
+    if !livemig_kvm::kvm_available() {
+        return Err(runtime(
+            "cannot open /dev/kvm: KVM is not available here (or not permitted)",
+        ));
+    }
+    Ok(())
+}
+
+/// The console socket of a machine (`--console`), bound before the machine
+/// is created: `run` binds PATH, `receive` a temporary path it takes PATH
+/// over with when the guest resumes.
+pub(crate) fn open_console(
+    spec: Option<&str>,
+    takeover: bool,
+) -> Result<Option<(console_server::Listener, Arc<console_server::ConsoleLog>)>, Fail> {
+    let Some(spec) = spec else { return Ok(None) };
+    let path = console_server::parse_console(spec).map_err(usage)?;
+    let listener = if takeover {
+        console_server::Listener::bind_for_takeover(&path)
+    } else {
+        console_server::Listener::bind(&path)
+    }
+    .map_err(runtime)?;
+    Ok(Some((listener, Arc::default())))
+}
+
+/// Runs the machine until it dies, migrates away, or is told to quit.
+pub(crate) fn run_machine(
+    machine: Machine,
+    api_socket: Option<PathBuf>,
+    start: bool,
+    console: Option<(console_server::Listener, Arc<console_server::ConsoleLog>)>,
+) -> Result<(), Fail> {
+    let machine = Arc::new(machine);
+    match &console {
+        Some((listener, log)) => {
+            console_server::serve(listener, log.clone(), Arc::downgrade(&machine))
+                .map_err(runtime)?;
+        }
+        None => console::forward_stdin(&machine),
+    }
+    let (tx, rx) = channel();
+    if let Some(p) = &api_socket {
+        api::serve(p, machine.clone(), tx.clone()).map_err(runtime)?;
+    }
+    if start {
+        machine.start();
+    }
+    let result = loop {
+        match rx.recv_timeout(Duration::from_millis(100)) {
+            Ok(ApiEvent::Migrated) => {
+                // Frames that reached this host's TAPs after the pause were
+                // never delivered to the guest: say so, do not pretend.
+                let queued = machine.drop_queued_frames();
+                let dropped: u64 = machine
+                    .nic_counters
+                    .iter()
+                    .map(|c| c.snapshot().rx_dropped)
+                    .sum();
+                if !machine.nic_counters.is_empty() {
+                    eprintln!(
+                        "refvmm: {queued} frame(s) still queued on this host's TAPs at exit; {dropped} received frame(s) in all were never delivered to the guest"
+                    );
+                }
+                eprintln!("refvmm: guest migrated; source exits");
+                break Ok(());
+            }
+            Ok(ApiEvent::Quit) => break Ok(()),
+            Ok(ApiEvent::Ambiguous(msg)) => {
+                break Err(Fail(
+                    3,
+                    format!("{msg}; exiting without resuming the guest"),
+                ))
+            }
+            Err(RecvTimeoutError::Timeout) | Err(RecvTimeoutError::Disconnected) => {}
+        }
+        if let Some(e) = machine.vm.vcpus().fatal() {
+            break Err(runtime(format!("guest stopped: {e}")));
+        }
+    };
+    if let Some(p) = &api_socket {
+        let _ = std::fs::remove_file(p);
+    }
+    // Stop the vCPUs before the process exits so no thread runs the guest
+    // while the process tears down.
+    let _ = machine.vm.pause_vcpus();
+    // Console clients get all of the output, then `Moved` (the guest
+    // migrated) or the end of the session.
+    if let Some((_listener, log)) = &console {
+        log.close("the VMM exits", Duration::from_secs(2));
+    }
+    result
+}
+
+pub(crate) fn cmd_run(args: RunArgs) -> Result<(), Fail> {
+    let RunArgs {
+        memory,
+        kernel,
+        cmdline,
+        vcpus,
+        common,
+    } = args;
+    let memory = parse_size(&memory)?;
+    let serial = parse_serial(&common.serial)?;
+    let dirty_mode = parse_dirty(&common.dirty_log)?;
+    let memory_backend = parse_memory_backend(&common.memory_backend)?;
+    if vcpus == 0 || vcpus > livemig_kvm::vm::MAX_VCPUS {
+        return Err(usage(format!(
+            "--vcpus {vcpus}: must be between 1 and {}",
+            livemig_kvm::vm::MAX_VCPUS
+        )));
+    }
+    let image = if kernel == "builtin:testguest" {
+        livemig_testguest::image().map_err(|e| runtime(format!("building the test guest: {e}")))?
+    } else {
+        std::fs::read(&kernel).map_err(|e| usage(format!("cannot read kernel '{kernel}': {e}")))?
+    };
+    // Validate the image against a scratch memory of the same size first, so
+    // a bad kernel is a usage error even where KVM is missing.
+    let layout = x86_layout(memory).map_err(|e| usage(e.to_string()))?;
+    {
+        let scratch = livemig::memory::allocate(&layout).map_err(|e| runtime(e.to_string()))?;
+        multiboot::load(&scratch, &image, &cmdline)
+            .map_err(|e| usage(format!("kernel '{kernel}': {e}")))?;
+    }
+    let nets = open_nets(&common.net)?;
+    let console = open_console(common.console.as_deref(), false)?;
+    let machine = Machine::create(MachineConfig {
+        memory,
+        vcpus,
+        serial,
+        nets,
+        dirty_mode,
+        console: console.as_ref().map(|(_, log)| log.clone()),
+        memory_backend,
+    })
+    .map_err(runtime)?;
+    let mut cmdline = cmdline;
+    cmdline = net::with_net_token(&cmdline, machine.nets.first().and_then(|n| n.ip));
+    if !cmdline
+        .split_whitespace()
+        .any(|w| w.starts_with("tsc_khz="))
+    {
+        if let Ok(khz) = machine.vm.tsc_khz() {
+            cmdline = format!("{cmdline} tsc_khz={khz}").trim().to_string();
+        }
+    }
+    let loaded = multiboot::load(machine.vm.ram(), &image, &cmdline)
+        .map_err(|e| usage(format!("kernel '{kernel}': {e}")))?;
+    log::info!(
+        "kernel entry 0x{:x}, info at 0x{:x}",
+        loaded.entry,
+        loaded.info_addr
+    );
+    machine.set_multiboot_entry(&loaded).map_err(runtime)?;
+    run_machine(machine, common.api_socket, true, console)
+}
