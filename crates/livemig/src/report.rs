@@ -105,6 +105,9 @@ pub struct Report {
     pub throttle_max_pct: Option<u32>,
     /// The error, if any.
     pub error: Option<String>,
+    /// The post-copy phase, when the migration switched to post-copy.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub postcopy: Option<crate::source::postcopy::PostcopySourceReport>,
 }
 
 impl Report {
@@ -131,6 +134,7 @@ impl Report {
             streams: 1,
             throttle_max_pct: Some(0),
             error: None,
+            postcopy: None,
         }
     }
 

@@ -281,7 +281,9 @@ fn read_nics(c: &mut Cursor<'_>) -> Result<Vec<NicInfo>, ProtocolError> {
 
 /// Reads a [`Hello`]'s properties: the description's, and the engine's
 /// reserved flags ([`PAUSED_PROPERTY`], [`POSTCOPY_PROPERTY`]).
-fn read_properties(c: &mut Cursor<'_>) -> Result<(BTreeMap<String, String>, HelloFlags), ProtocolError> {
+fn read_properties(
+    c: &mut Cursor<'_>,
+) -> Result<(BTreeMap<String, String>, HelloFlags), ProtocolError> {
     let n = c.count("properties", MAX_PROPERTIES, 4)?;
     let mut properties = BTreeMap::new();
     let mut flags = HelloFlags::default();

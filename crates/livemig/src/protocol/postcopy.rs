@@ -184,7 +184,11 @@ macro_rules! count_message {
 }
 
 count_message!(PostcopyPushed, MsgKind::PostcopyPushed, "PostcopyPushed");
-count_message!(PostcopyComplete, MsgKind::PostcopyComplete, "PostcopyComplete");
+count_message!(
+    PostcopyComplete,
+    MsgKind::PostcopyComplete,
+    "PostcopyComplete"
+);
 
 #[cfg(test)]
 mod tests {
@@ -266,7 +270,11 @@ mod tests {
             vec![run(0, 0, 0)],               // empty
             vec![run(0, u64::MAX, 2)],        // wraps
         ] {
-            let bytes = PostcopySwitch { discard: bad.clone() }.encode().unwrap();
+            let bytes = PostcopySwitch {
+                discard: bad.clone(),
+            }
+            .encode()
+            .unwrap();
             assert!(PostcopySwitch::decode(&bytes).is_err(), "{bad:?}");
         }
     }

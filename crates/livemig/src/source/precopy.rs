@@ -70,6 +70,13 @@ pub(super) fn precopy<V: SourceVm + ?Sized>(
     // everything anyway.
     merge_vmm_writes(s.vm, &mut DirtyBitmap::new(&layout));
     let mut bitmap = first_round_pages(&layout);
+    if super::postcopy::pure(s, t) {
+        // Pure post-copy: no round; every page is requested or pushed.
+        return Ok(Converged {
+            bitmap,
+            summary: PrecopySummary::default(),
+        });
+    }
     let mut p = Precopy {
         round: 0,
         start,
@@ -90,7 +97,11 @@ pub(super) fn precopy<V: SourceVm + ?Sized>(
         if s.cancel.is_cancelled() {
             return Err(MigrationError::new(phase, ErrorKind::Cancelled));
         }
-        match decide(s.config, p.round, p.start.elapsed(), &est) {
+        let decision = decide(s.config, p.round, p.start.elapsed(), &est);
+        if super::postcopy::switch_now(s, t, p.round, &decision, &est) {
+            return Ok(p.converged(bitmap, false));
+        }
+        match decision {
             Decision::Continue => p.round += 1,
             Decision::Switchover => return Ok(p.converged(bitmap, false)),
             Decision::ForceSwitchover => return Ok(p.converged(bitmap, true)),

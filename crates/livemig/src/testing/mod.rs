@@ -13,6 +13,7 @@
 
 pub mod dirty;
 pub mod fault;
+pub mod postcopy;
 pub mod soft;
 pub mod transport;
 

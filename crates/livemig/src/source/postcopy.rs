@@ -1,0 +1,456 @@
+//! Post-copy on the source (see `docs/postcopy.md`): [`migrate_postcopy`],
+//! when to switch, the switch itself (`PostcopySwitch` instead of the final
+//! pages) and, after `Go`, serving requests and pushing the rest.
+
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Mutex;
+use std::time::Instant;
+
+use serde::Serialize;
+
+use super::session::{ms, Session, Tracking};
+use super::CancelToken;
+use crate::bitmap::DirtyBitmap;
+use crate::error::{ErrorKind, MigrationError, Phase};
+use crate::memory::{MemoryLayout, PAGE_SIZE};
+use crate::policy::{ConfigError, Decision, MigrationConfig, RoundEstimate};
+use crate::protocol::{
+    FrameReader, FrameWriter, Message, MsgKind, PageBatch, PageRequest, PageRun, PostcopyComplete,
+    PostcopyPushed, PostcopySwitch, ProtocolError,
+};
+use crate::ram::HostRam;
+use crate::report::{Progress, Report};
+use crate::transport::Transport;
+use crate::vm::SourceVm;
+
+/// When to switch to post-copy.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct PostcopyConfig {
+    /// Switch after this many pre-copy rounds (0 = pure post-copy: no
+    /// round at all), unless pre-copy converged first.
+    pub after_rounds: u32,
+    /// Also switch as soon as the convergence policy gives up or would
+    /// force a switchover over the downtime limit (instead of failing or
+    /// pausing too long).
+    pub on_non_convergence: bool,
+}
+
+impl Default for PostcopyConfig {
+    fn default() -> Self {
+        PostcopyConfig {
+            after_rounds: u32::MAX,
+            on_non_convergence: true,
+        }
+    }
+}
+
+/// What the source's post-copy phase did.
+#[derive(Debug, Clone, Default, Serialize)]
+pub struct PostcopySourceReport {
+    /// Why the migration switched.
+    pub reason: String,
+    /// Pre-copy rounds before the switch.
+    pub rounds_before: u32,
+    /// Pages the destination dropped at the switch (all sent again).
+    pub discard_pages: u64,
+    /// Requests answered.
+    pub requests: u64,
+    /// Pages sent as answers to requests.
+    pub requested_pages: u64,
+    /// Pages sent by the background push.
+    pub pushed_pages: u64,
+    /// From `Resumed` to `PostcopyComplete`, ms.
+    pub switch_to_complete_ms: f64,
+}
+
+/// Post-copy asked for by the call.
+pub(super) struct Plan {
+    config: PostcopyConfig,
+    fault: Mutex<Option<Box<dyn Transport>>>,
+    reason: Mutex<Option<(String, u32)>>,
+}
+
+/// Like [`crate::migrate`], offering post-copy; `fault` is a second
+/// connection to the same destination (`receive_postcopy`'s `fault`),
+/// used for page requests and their answers only.
+///
+/// A destination that does not grant post-copy gets a pre-copy migration.
+/// Once switched, the guest runs on the destination from `Go` on; an error
+/// after that ([`ErrorKind::PostcopyInterrupted`]) leaves the source VM
+/// paused with its memory intact.
+pub fn migrate_postcopy<V: SourceVm + ?Sized>(
+    vm: &V,
+    transport: Box<dyn Transport>,
+    fault: Box<dyn Transport>,
+    postcopy: &PostcopyConfig,
+    config: &MigrationConfig,
+    cancel: &CancelToken,
+    progress: &mut dyn FnMut(&Progress),
+) -> Result<Report, MigrationError> {
+    if config.streams > 1 {
+        let e = ConfigError {
+            field: "streams",
+            value: config.streams.to_string(),
+            rule: "post-copy uses one page stream in this build".into(),
+        };
+        return Err(MigrationError::new(Phase::Handshake, e));
+    }
+    let plan = Plan {
+        config: *postcopy,
+        fault: Mutex::new(Some(fault)),
+        reason: Mutex::new(None),
+    };
+    super::migrate_with(vm, transport, None, Some(plan), config, cancel, progress)
+}
+
+/// Whether `Hello` offers post-copy: asked for, and the VM is running (a
+/// VM its operator paused has nothing to gain).
+pub(super) fn offer<V: SourceVm + ?Sized>(s: &Session<'_, V>) -> bool {
+    s.postcopy.is_some() && !s.paused
+}
+
+/// A grant is only valid for an offer.
+pub(super) fn check_grant(offered: bool, granted: bool) -> Result<(), MigrationError> {
+    if granted && !offered {
+        let e = ErrorKind::Unexpected {
+            got: "a post-copy grant".into(),
+            expected: "HelloReply without post-copy (it was not offered)",
+        };
+        return Err(MigrationError::new(Phase::Handshake, e));
+    }
+    Ok(())
+}
+
+fn decide_switch<V: SourceVm + ?Sized>(s: &Session<'_, V>, reason: String, rounds: u32) -> bool {
+    log::info!("switching to post-copy: {reason}");
+    if let Some(plan) = &s.postcopy {
+        *plan.reason.lock().unwrap_or_else(|e| e.into_inner()) = Some((reason, rounds));
+    }
+    true
+}
+
+/// Whether the migration decided to switch to post-copy (the switchover
+/// then sends `PostcopySwitch` instead of the final pages).
+pub(super) fn switched<V: SourceVm + ?Sized>(s: &Session<'_, V>) -> bool {
+    s.postcopy
+        .as_ref()
+        .is_some_and(|p| lock(&p.reason).is_some())
+}
+
+/// Pure post-copy: granted and asked for after 0 rounds.
+pub(super) fn pure<V: SourceVm + ?Sized>(s: &Session<'_, V>, t: &Tracking<'_>) -> bool {
+    match &s.postcopy {
+        Some(plan) if t.postcopy && plan.config.after_rounds == 0 => {
+            decide_switch(s, "pure post-copy (asked for)".into(), 0)
+        }
+        _ => false,
+    }
+}
+
+/// After pre-copy round `round`: switch to post-copy now? Never when
+/// pre-copy converged (`decision` is a switchover within the limit); when
+/// the operator's round count is reached; and, with
+/// [`PostcopyConfig::on_non_convergence`], when the policy gives up or
+/// would force a switchover over the limit.
+pub(super) fn switch_now<V: SourceVm + ?Sized>(
+    s: &Session<'_, V>,
+    t: &Tracking<'_>,
+    round: u32,
+    decision: &Decision,
+    est: &RoundEstimate,
+) -> bool {
+    let Some(plan) = s.postcopy.as_ref().filter(|_| t.postcopy) else {
+        return false;
+    };
+    let rounds = round + 1;
+    match decision {
+        Decision::Switchover => false,
+        _ if rounds >= plan.config.after_rounds => decide_switch(
+            s,
+            format!("asked for after {rounds} pre-copy round(s)"),
+            rounds,
+        ),
+        Decision::GiveUp | Decision::ForceSwitchover if plan.config.on_non_convergence => {
+            let why = format!(
+                "pre-copy does not converge: expected downtime {:.1} ms > limit {:.1} ms \
+                 after {rounds} round(s)",
+                ms(est.expected_downtime()),
+                ms(s.config.downtime_limit)
+            );
+            decide_switch(s, why, rounds)
+        }
+        _ => false,
+    }
+}
+
+/// The switch, while paused: `PostcopySwitch` with the pages still to
+/// come, instead of the final pages. Returns the pages sent (none).
+pub(super) fn switch(t: &mut Tracking<'_>, bitmap: &DirtyBitmap) -> Result<u64, MigrationError> {
+    let mut discard = Vec::new();
+    for region in 0..bitmap.num_regions() {
+        let end = bitmap.region_pages(region);
+        for r in bitmap.runs_in(region, 0, end, u64::MAX) {
+            discard.push(PageRun {
+                region: region as u32,
+                first_page: r.first_page,
+                npages: r.npages,
+            });
+        }
+    }
+    let fm = Phase::FinalMemory;
+    let fw = &mut t.sender.fw;
+    fw.send(&PostcopySwitch { discard })
+        .and_then(|_| fw.flush())
+        .map_err(|e| MigrationError::new(fm, e))?;
+    t.discard = Some(bitmap.clone());
+    Ok(0)
+}
+
+/// After `Resumed`: serves requests and pushes every page of the discard
+/// set, until the destination confirms it has them all.
+pub(super) fn after_commit<V: SourceVm + ?Sized>(
+    s: &Session<'_, V>,
+    t: &mut Tracking<'_>,
+) -> Result<(), MigrationError> {
+    let (Some(discard), Some(plan)) = (t.discard.take(), s.postcopy.as_ref()) else {
+        return Ok(());
+    };
+    let fault = plan.fault.lock().unwrap_or_else(|e| e.into_inner()).take();
+    let (reason, rounds_before) = plan
+        .reason
+        .lock()
+        .unwrap_or_else(|e| e.into_inner())
+        .take()
+        .unwrap_or_default();
+    let fault = fault.ok_or_else(|| interrupted(discard.count(), "no fault connection".into()))?;
+    let started = Instant::now();
+    let mut report = serve(t, discard, fault)?;
+    report.reason = reason;
+    report.rounds_before = rounds_before;
+    report.switch_to_complete_ms = ms(started.elapsed());
+    t.postcopy_report = Some(report);
+    Ok(())
+}
+
+fn interrupted(missing: u64, why: String) -> MigrationError {
+    MigrationError::new(
+        Phase::Postcopy,
+        ErrorKind::PostcopyInterrupted { missing, why },
+    )
+}
+
+/// What the request server and the pusher share.
+struct Shared<'r> {
+    ram: &'r HostRam<'r>,
+    layout: &'r MemoryLayout,
+    /// Pages of the discard set not sent yet.
+    unsent: Mutex<DirtyBitmap>,
+    /// Where the last request was (the push continues from there: pages
+    /// near a fault are likely next).
+    hint: Mutex<Option<(usize, u64)>>,
+    stop: AtomicBool,
+    requests: Mutex<(u64, u64)>,
+}
+
+fn serve(
+    t: &mut Tracking<'_>,
+    discard: DirtyBitmap,
+    fault: Box<dyn Transport>,
+) -> Result<PostcopySourceReport, MigrationError> {
+    let io = |e: std::io::Error| interrupted(discard.count(), e.to_string());
+    let fault_rx = fault.try_clone().map_err(io)?;
+    let stopper = fault.try_clone().map_err(io)?;
+    let ram = t.sender.ram.clone();
+    let layout = t.sender.layout.clone();
+    let discard_pages = discard.count();
+    let shared = Shared {
+        ram: &ram,
+        layout: &layout,
+        unsent: Mutex::new(discard),
+        hint: Mutex::new(None),
+        stop: AtomicBool::new(false),
+        requests: Mutex::new((0, 0)),
+    };
+    let pushed = std::thread::scope(|scope| {
+        let server = scope.spawn(|| shared.answer(FrameReader::new(fault_rx), fault));
+        let r = shared.push(t);
+        shared.stop.store(true, Ordering::SeqCst);
+        let _ = stopper.shutdown();
+        let served = server.join();
+        match (r, served) {
+            (Ok(p), Ok(Ok(()))) => Ok(p),
+            (Err(e), _) => Err(e),
+            (_, Ok(Err(why))) => Err(why),
+            (_, Err(_)) => Err("the request server panicked".into()),
+        }
+    });
+    let missing = lock(&shared.unsent).count();
+    let pushed_pages = pushed.map_err(|why| interrupted(missing, why))?;
+    let (requests, requested_pages) = *lock(&shared.requests);
+    Ok(PostcopySourceReport {
+        discard_pages,
+        requests,
+        requested_pages,
+        pushed_pages,
+        ..PostcopySourceReport::default()
+    })
+}
+
+fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+/// Pages per pushed frame (1 MiB).
+const PUSH_PAGES: u64 = 256;
+
+impl Shared<'_> {
+    /// The fault connection: each request answered at once.
+    fn answer(
+        &self,
+        mut fr: FrameReader<Box<dyn Transport>>,
+        fault: Box<dyn Transport>,
+    ) -> Result<(), String> {
+        let mut fw = FrameWriter::new(fault);
+        let mut batch = PageBatch::with_capacity(PageBatch::data_record_len(64));
+        loop {
+            let f = match fr.read_frame() {
+                Ok(f) => f,
+                Err(_) if self.stop.load(Ordering::SeqCst) => return Ok(()),
+                Err(e) => {
+                    // The push still sends every page: a broken fault
+                    // connection costs latency, not correctness.
+                    log::warn!("post-copy fault connection: {e}; pushing the rest");
+                    return Ok(());
+                }
+            };
+            let req = match f.kind {
+                MsgKind::PageRequest => {
+                    PageRequest::decode(f.payload).map_err(|e| e.to_string())?
+                }
+                MsgKind::Keepalive => continue,
+                other => return Err(format!("unexpected {other} frame on the fault connection")),
+            };
+            let (region, page, n) = (req.region as usize, req.page, u64::from(req.npages));
+            PageRun {
+                region: req.region,
+                first_page: page,
+                npages: n,
+            }
+            .check(self.layout)
+            .map_err(|e| e.to_string())?;
+            batch.clear();
+            self.fill(&mut batch, region, page, n)
+                .map_err(|e| e.to_string())?;
+            let sent = fw
+                .write_frame(MsgKind::Pages, &[batch.as_bytes()])
+                .and_then(|_| fw.flush());
+            if let Err(e) = sent {
+                log::warn!("post-copy fault connection: {e}; pushing the rest");
+                return Ok(());
+            }
+            let mut unsent = lock(&self.unsent);
+            for p in page..page + n {
+                if unsent.is_set(region, p) {
+                    unsent.unset(region, p);
+                }
+            }
+            drop(unsent);
+            *lock(&self.hint) = Some((region, page + n));
+            let mut r = lock(&self.requests);
+            r.0 += 1;
+            r.1 += n;
+        }
+    }
+
+    /// Appends pages `page..page + n` of `region` to `batch`: zero pages
+    /// as markers, the others with their contents.
+    fn fill(
+        &self,
+        batch: &mut PageBatch,
+        region: usize,
+        page: u64,
+        n: u64,
+    ) -> Result<(), ProtocolError> {
+        let base = self.layout.regions()[region].guest_addr;
+        for p in page..page + n {
+            let gpa = base + p * PAGE_SIZE;
+            if self.ram.is_zero(region, p) {
+                batch.push_zero(gpa, 1)?;
+            } else {
+                batch.push_data_with(gpa, 1, |dst| {
+                    if self.ram.read_pages(region, p, dst) {
+                        Ok(())
+                    } else {
+                        Err(ProtocolError::Unencodable {
+                            msg: "Pages",
+                            reason: format!("page {p} of region {region} is outside memory"),
+                        })
+                    }
+                })?;
+            }
+        }
+        batch.end_record();
+        Ok(())
+    }
+
+    /// The next run of unsent pages (at most [`PUSH_PAGES`]), from the last
+    /// request's neighbourhood or else from `cursor`; marks it sent.
+    fn next_run(&self, cursor: &mut (usize, u64)) -> Option<(usize, u64, u64)> {
+        if let Some(h) = lock(&self.hint).take() {
+            *cursor = h;
+        }
+        let mut unsent = lock(&self.unsent);
+        let regions = unsent.num_regions();
+        // Two passes: from the cursor to the end, then from the start.
+        for pass in 0..2 {
+            let from_region = if pass == 0 { cursor.0 } else { 0 };
+            for region in from_region..regions {
+                let end = unsent.region_pages(region);
+                let first = if pass == 0 && region == cursor.0 {
+                    cursor.1.min(end)
+                } else {
+                    0
+                };
+                let run = unsent.runs_in(region, first, end, PUSH_PAGES).next();
+                if let Some(r) = run {
+                    for p in r.first_page..r.first_page + r.npages {
+                        unsent.unset(region, p);
+                    }
+                    *cursor = (region, r.first_page + r.npages);
+                    return Some((region, r.first_page, r.npages));
+                }
+            }
+        }
+        None
+    }
+
+    /// The control connection: every unsent page, then `PostcopyPushed`,
+    /// then the destination's `PostcopyComplete`. Returns the pages pushed.
+    fn push(&self, t: &mut Tracking<'_>) -> Result<u64, String> {
+        let fw = &mut t.sender.fw;
+        let mut batch = PageBatch::with_capacity(PageBatch::data_record_len(PUSH_PAGES as u32));
+        let mut cursor = (0, 0);
+        let mut pushed = 0;
+        while let Some((region, page, n)) = self.next_run(&mut cursor) {
+            batch.clear();
+            self.fill(&mut batch, region, page, n)
+                .map_err(|e| e.to_string())?;
+            fw.write_frame(MsgKind::Pages, &[batch.as_bytes()])
+                .and_then(|_| fw.flush())
+                .map_err(|e| e.to_string())?;
+            pushed += n;
+        }
+        let (_, requested) = *lock(&self.requests);
+        fw.send(&PostcopyPushed {
+            pages: pushed + requested,
+        })
+        .and_then(|_| fw.flush())
+        .map_err(|e| e.to_string())?;
+        let done: PostcopyComplete = t.control.recv(Phase::Postcopy).map_err(|e| e.to_string())?;
+        log::info!(
+            "post-copy complete: the destination installed {} pages",
+            done.pages
+        );
+        Ok(pushed)
+    }
+}
