@@ -12,9 +12,14 @@ use livemig::source::postcopy::{migrate_postcopy, PostcopyConfig};
 use livemig::state::Section;
 use livemig::testing::postcopy::SoftPager;
 use livemig::testing::soft::{SoftConfig, SoftVm};
-use livemig::transport::mem;
+use livemig::protocol::MsgKind;
+use livemig::testing::fault::{At, Fault, FaultTransport};
+use livemig::transport::{mem, Transport};
 use livemig::vm::{DestinationVm, SourceVm, VmError};
-use livemig::{CancelToken, MigrationConfig, ReceiveConfig, ReceiveReport, Report};
+use livemig::{
+    CancelToken, ErrorKind, MigrationConfig, MigrationError, Phase, ReceiveConfig, ReceiveReport,
+    Report,
+};
 
 fn layout() -> MemoryLayout {
     MemoryLayout::new(vec![
@@ -32,6 +37,7 @@ fn layout() -> MemoryLayout {
 
 type Slot = Arc<Mutex<Option<Arc<SoftPager>>>>;
 
+
 /// The destination VM: a soft VM whose `resume` first lets a "vCPU" touch
 /// the last page of region 0 and returns only once that fault was taken by
 /// the page server (so at least one page is requested, whatever the
@@ -39,9 +45,35 @@ type Slot = Arc<Mutex<Option<Arc<SoftPager>>>>;
 struct Dest {
     vm: SoftVm,
     slot: Slot,
-    reader: Option<std::thread::JoinHandle<Option<Vec<u8>>>>,
-    /// The page the "vCPU" read (region, page).
-    read: (usize, u64),
+    vcpu: Vcpu,
+}
+
+/// The destination's "vCPU": which page it read and what it got (`None`:
+/// still missing after `patience`). Outlives the VM (shared with the test).
+#[derive(Clone)]
+struct Vcpu {
+    patience: Duration,
+    read: Arc<Mutex<Option<(usize, u64)>>>,
+    got: Arc<Mutex<Option<Option<Vec<u8>>>>>,
+    done: Arc<std::sync::Barrier>,
+}
+
+impl Vcpu {
+    fn new(patience: Duration) -> Self {
+        Vcpu {
+            patience,
+            read: Arc::default(),
+            got: Arc::default(),
+            done: Arc::new(std::sync::Barrier::new(2)),
+        }
+    }
+
+    /// Waits for the read to finish; the page and what it read.
+    fn result(&self) -> ((usize, u64), Option<Vec<u8>>) {
+        self.done.wait();
+        let read = self.read.lock().unwrap().expect("a page was read");
+        (read, self.got.lock().unwrap().take().expect("a result"))
+    }
 }
 
 impl DestinationVm for Dest {
@@ -54,11 +86,14 @@ impl DestinationVm for Dest {
     fn resume(&mut self) -> Result<(), VmError> {
         let pager = self.slot.lock().unwrap().clone().expect("armed before Go");
         let (region, page) = pager.last_missing().expect("a page to come");
-        self.read = (region, page);
+        *self.vcpu.read.lock().unwrap() = Some((region, page));
         let p = pager.clone();
-        self.reader = Some(std::thread::spawn(move || {
-            p.read(region, page, Duration::from_secs(30))
-        }));
+        let vcpu = self.vcpu.clone();
+        std::thread::spawn(move || {
+            let got = p.read(region, page, vcpu.patience);
+            *vcpu.got.lock().unwrap() = Some(got);
+            vcpu.done.wait();
+        });
         while pager.faulted_reads() == 0 || pager.pending_faults() > 0 {
             std::thread::sleep(Duration::from_millis(1));
         }
@@ -80,24 +115,52 @@ struct Outcome {
     report: Report,
     received: ReceiveReport,
     dest: Dest,
+    vcpu: Vcpu,
 }
 
 fn migrate(src: &SoftVm, pc: PostcopyConfig, config: &MigrationConfig) -> Outcome {
+    let vcpu = Vcpu::new(Duration::from_secs(30));
+    let (dest, report) = migrate_with(src, pc, config, &vcpu, |t| t, |t| t);
+    let report = report.expect("source");
+    let (dest, received) = dest.expect("destination");
+    Outcome {
+        report,
+        received,
+        dest,
+        vcpu,
+    }
+}
+
+/// A migration whose source control connection and destination fault
+/// connection go through `src_control` and `dst_fault`.
+fn migrate_with(
+    src: &SoftVm,
+    pc: PostcopyConfig,
+    config: &MigrationConfig,
+    vcpu: &Vcpu,
+    src_control: impl FnOnce(Box<dyn Transport>) -> Box<dyn Transport>,
+    dst_fault: impl FnOnce(Box<dyn Transport>) -> Box<dyn Transport> + Send + 'static,
+) -> (
+    Result<(Dest, ReceiveReport), MigrationError>,
+    Result<Report, MigrationError>,
+) {
     let (a, b) = mem::pair();
     let (fa, fb) = mem::pair();
+    let fb = dst_fault(Box::new(fb));
+    let a = src_control(Box::new(a));
     let slot: Slot = Arc::default();
     let pager = pager_into(slot.clone());
+    let vcpu = vcpu.clone();
     let dest = std::thread::spawn(move || {
         receive_postcopy(
             Box::new(b),
-            Box::new(fb),
+            fb,
             &ReceiveConfig::default(),
             |desc| {
                 Ok(Dest {
                     vm: SoftVm::new(&desc.layout, &SoftConfig::idle())?,
                     slot,
-                    reader: None,
-                    read: (0, 0),
+                    vcpu,
                 })
             },
             pager,
@@ -105,30 +168,23 @@ fn migrate(src: &SoftVm, pc: PostcopyConfig, config: &MigrationConfig) -> Outcom
     });
     let report = migrate_postcopy(
         src,
-        Box::new(a),
+        a,
         Box::new(fa),
         &pc,
         config,
         &CancelToken::new(),
         &mut |_| {},
-    )
-    .expect("source");
-    let (dest, received) = dest.join().unwrap().expect("destination");
-    Outcome {
-        report,
-        received,
-        dest,
-    }
+    );
+    (dest.join().unwrap(), report)
 }
 
 /// Every byte on the destination is the paused source's, including the
 /// page the "vCPU" read while it was missing.
-fn check(src: &SoftVm, mut o: Outcome) {
+fn check(src: &SoftVm, o: Outcome) {
     o.dest.vm.stop();
     let want = src.snapshot();
     assert!(o.dest.vm.snapshot() == want, "destination memory differs");
-    let read = o.dest.reader.take().unwrap().join().unwrap();
-    let (region, page) = o.dest.read;
+    let ((region, page), read) = o.vcpu.result();
     let at = (layout().regions()[..region]
         .iter()
         .map(|r| r.size)
@@ -192,4 +248,61 @@ fn hybrid_switches_after_the_rounds_asked_for() {
     assert_eq!(st.discard_pages, rp.discard_pages);
     assert!(st.faults >= 1, "{st:?}");
     check(&src, o);
+}
+
+#[test]
+fn a_broken_link_during_postcopy_leaves_missing_pages_missing() {
+    let src = SoftVm::new(&layout(), &SoftConfig::default()).unwrap();
+    src.fill(5);
+    src.start();
+    let pc = PostcopyConfig {
+        after_rounds: 0,
+        on_non_convergence: false,
+    };
+    let vcpu = Vcpu::new(Duration::from_millis(300));
+    // The control connection drops before the third pushed frame (pages
+    // 0..512 arrived, the rest never); the destination's first request is
+    // lost too, so the "vCPU"'s page (the last one) cannot arrive.
+    let cut_push = |t: Box<dyn Transport>| -> Box<dyn Transport> {
+        let (t, _) = FaultTransport::new(t, Fault::Drop.at(At::kind(MsgKind::Pages, 2)));
+        Box::new(t)
+    };
+    let cut_requests = |t: Box<dyn Transport>| -> Box<dyn Transport> {
+        let (t, _) = FaultTransport::new(t, Fault::Drop.at(At::kind(MsgKind::PageRequest, 0)));
+        Box::new(t)
+    };
+    let (dest, report) = migrate_with(
+        &src,
+        pc,
+        &MigrationConfig::default(),
+        &vcpu,
+        cut_push,
+        cut_requests,
+    );
+    let e = report.expect_err("the source cannot finish");
+    assert_eq!(e.phase, Phase::Postcopy, "{e}");
+    assert!(
+        matches!(e.kind, ErrorKind::PostcopyInterrupted { missing, .. } if missing > 0),
+        "{e}"
+    );
+    let e = match dest {
+        Ok(_) => panic!("the destination cannot finish"),
+        Err(e) => e,
+    };
+    assert_eq!(e.phase, Phase::Postcopy, "{e}");
+    assert!(
+        matches!(e.kind, ErrorKind::PostcopyInterrupted { missing, .. } if missing > 0),
+        "{e}"
+    );
+    // The source keeps the guest paused (it runs on the destination) and
+    // does not write its memory any more.
+    assert!(SourceVm::is_paused(&src));
+    let writes = src.writes();
+    std::thread::sleep(Duration::from_millis(20));
+    assert_eq!(src.writes(), writes);
+    // The destination's "vCPU" waited for its page and never got one: no
+    // zero page, no stale page (its fault was lost and the push broke off
+    // before reaching it).
+    let (_, got) = vcpu.result();
+    assert!(got.is_none(), "a missing page was read");
 }
