@@ -306,3 +306,29 @@ fn a_broken_link_during_postcopy_leaves_missing_pages_missing() {
     let (_, got) = vcpu.result();
     assert!(got.is_none(), "a missing page was read");
 }
+
+#[test]
+fn a_guest_that_outdirties_the_link_switches_instead_of_being_throttled() {
+    // Writers as fast as they can over 9 MiB, a link capped at 32 MiB/s:
+    // every round finds nearly all memory dirty again.
+    let config = SoftConfig {
+        guest_writers: 1,
+        device_writers: 1,
+        pages_per_ms: 0,
+    };
+    let src = SoftVm::new(&layout(), &config).unwrap();
+    src.fill(9);
+    src.start();
+    let pc = PostcopyConfig::default(); // no round count: only the rule
+    let config = MigrationConfig {
+        max_bandwidth: Some(32 << 20),
+        ..Default::default()
+    };
+    let o = migrate(&src, pc, &config);
+    let rp = o.report.postcopy.clone().expect("switched to post-copy");
+    assert!(rp.reason.contains("does not converge"), "{}", rp.reason);
+    // Round 0, then two rounds with strikes.
+    assert_eq!(rp.rounds_before, 3, "{rp:?}");
+    assert_eq!(o.report.throttle_max_pct, Some(0), "never throttled");
+    check(&src, o);
+}

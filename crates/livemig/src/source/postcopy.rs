@@ -19,7 +19,7 @@ use crate::protocol::{
     PostcopyPushed, PostcopySwitch, ProtocolError,
 };
 use crate::ram::HostRam;
-use crate::report::{Progress, Report};
+use crate::report::{Progress, Report, RoundReport};
 use crate::transport::Transport;
 use crate::vm::SourceVm;
 
@@ -147,37 +147,66 @@ pub(super) fn pure<V: SourceVm + ?Sized>(s: &Session<'_, V>, t: &Tracking<'_>) -
     }
 }
 
-/// After pre-copy round `round`: switch to post-copy now? Never when
-/// pre-copy converged (`decision` is a switchover within the limit); when
-/// the operator's round count is reached; and, with
-/// [`PostcopyConfig::on_non_convergence`], when the policy gives up or
-/// would force a switchover over the limit.
+/// Whether post-copy replaces auto-converge: granted, and asked to switch
+/// on non-convergence. The guest is then never throttled.
+pub(super) fn replaces_throttle<V: SourceVm + ?Sized>(s: &Session<'_, V>, t: &Tracking<'_>) -> bool {
+    t.postcopy && s.postcopy.as_ref().is_some_and(|p| p.config.on_non_convergence)
+}
+
+/// Rounds after the full pass in which the guest dirtied more than half of
+/// what the round sent (auto-converge's own "strike"), counted back from
+/// the last round while they follow each other.
+fn strikes(rounds: &[RoundReport]) -> usize {
+    rounds
+        .iter()
+        .skip(1)
+        .rev()
+        .take_while(|r| (r.dirty_pages_after * PAGE_SIZE).saturating_mul(2) > r.bytes)
+        .count()
+}
+
+/// After the last pre-copy round of `rounds`: switch to post-copy now?
+/// Never when pre-copy converged (`decision` is a switchover within the
+/// limit). Otherwise: when the operator's round count is reached; and, with
+/// [`PostcopyConfig::on_non_convergence`], when pre-copy is predicted not
+/// to converge — two rounds in a row dirtied more than half of what they
+/// sent (where auto-converge would start throttling) — or when the policy
+/// gives up or would force a switchover over the limit.
 pub(super) fn switch_now<V: SourceVm + ?Sized>(
     s: &Session<'_, V>,
     t: &Tracking<'_>,
-    round: u32,
+    rounds: &[RoundReport],
     decision: &Decision,
     est: &RoundEstimate,
 ) -> bool {
     let Some(plan) = s.postcopy.as_ref().filter(|_| t.postcopy) else {
         return false;
     };
-    let rounds = round + 1;
+    let n = rounds.len() as u32;
+    let over = || {
+        format!(
+            "expected downtime {:.1} ms > limit {:.1} ms after {n} round(s)",
+            ms(est.expected_downtime()),
+            ms(s.config.downtime_limit)
+        )
+    };
+    let auto = plan.config.on_non_convergence;
     match decision {
         Decision::Switchover => false,
-        _ if rounds >= plan.config.after_rounds => decide_switch(
-            s,
-            format!("asked for after {rounds} pre-copy round(s)"),
-            rounds,
-        ),
-        Decision::GiveUp | Decision::ForceSwitchover if plan.config.on_non_convergence => {
+        _ if n >= plan.config.after_rounds => {
+            decide_switch(s, format!("asked for after {n} pre-copy round(s)"), n)
+        }
+        _ if auto && strikes(rounds) >= 2 => {
             let why = format!(
-                "pre-copy does not converge: expected downtime {:.1} ms > limit {:.1} ms \
-                 after {rounds} round(s)",
-                ms(est.expected_downtime()),
-                ms(s.config.downtime_limit)
+                "pre-copy does not converge: the guest dirtied more than half of what the \
+                 last two rounds sent; {}",
+                over()
             );
-            decide_switch(s, why, rounds)
+            decide_switch(s, why, n)
+        }
+        Decision::GiveUp | Decision::ForceSwitchover if auto => {
+            let why = format!("pre-copy reached its cap without converging: {}", over());
+            decide_switch(s, why, n)
         }
         _ => false,
     }

@@ -98,7 +98,7 @@ pub(super) fn precopy<V: SourceVm + ?Sized>(
             return Err(MigrationError::new(phase, ErrorKind::Cancelled));
         }
         let decision = decide(s.config, p.round, p.start.elapsed(), &est);
-        if super::postcopy::switch_now(s, t, p.round, &decision, &est) {
+        if super::postcopy::switch_now(s, t, &p.summary.rounds, &decision, &est) {
             return Ok(p.converged(bitmap, false));
         }
         match decision {
@@ -187,7 +187,9 @@ impl Precopy {
             state_time: t.estimate.time,
             state_bytes: t.estimate.wire_bytes,
         };
-        let pct = if self.round > 0 {
+        // With post-copy standing in for auto-converge, the guest is never
+        // throttled: a non-converging pre-copy switches instead.
+        let pct = if self.round > 0 && !super::postcopy::replaces_throttle(s, t) {
             self.throttle
                 .after_round(s.config, dirty * PAGE_SIZE, sent.bytes)
         } else {
