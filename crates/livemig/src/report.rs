@@ -157,6 +157,12 @@ pub enum Progress {
         /// Dirty pages to send while paused.
         remaining_pages: u64,
     },
+    /// The migration switches to post-copy (the VM pauses next; the
+    /// destination runs it after `Go` while its memory arrives).
+    Postcopy {
+        /// Why (asked for, or pre-copy predicted not to converge).
+        reason: String,
+    },
     /// The destination runs the guest.
     Completed {
         /// Downtime, ms.

@@ -17,7 +17,7 @@ use livemig::testing::fault::{At, Fault, FaultTransport};
 use livemig::transport::{mem, Transport};
 use livemig::vm::{DestinationVm, SourceVm, VmError};
 use livemig::{
-    CancelToken, ErrorKind, MigrationConfig, MigrationError, Phase, ReceiveConfig, ReceiveReport,
+    CancelToken, Progress, ErrorKind, MigrationConfig, MigrationError, Phase, ReceiveConfig, ReceiveReport,
     Report,
 };
 
@@ -56,6 +56,8 @@ struct Vcpu {
     read: Arc<Mutex<Option<(usize, u64)>>>,
     got: Arc<Mutex<Option<Option<Vec<u8>>>>>,
     done: Arc<std::sync::Barrier>,
+    /// The source's `Progress::Postcopy` reasons (test bookkeeping).
+    switches: Arc<Mutex<Vec<String>>>,
 }
 
 impl Vcpu {
@@ -65,6 +67,7 @@ impl Vcpu {
             read: Arc::default(),
             got: Arc::default(),
             done: Arc::new(std::sync::Barrier::new(2)),
+            switches: Arc::default(),
         }
     }
 
@@ -150,7 +153,7 @@ fn migrate_with(
     let a = src_control(Box::new(a));
     let slot: Slot = Arc::default();
     let pager = pager_into(slot.clone());
-    let vcpu = vcpu.clone();
+    let dst_vcpu = vcpu.clone();
     let dest = std::thread::spawn(move || {
         receive_postcopy(
             Box::new(b),
@@ -160,7 +163,7 @@ fn migrate_with(
                 Ok(Dest {
                     vm: SoftVm::new(&desc.layout, &SoftConfig::idle())?,
                     slot,
-                    vcpu,
+                    vcpu: dst_vcpu,
                 })
             },
             pager,
@@ -173,7 +176,11 @@ fn migrate_with(
         &pc,
         config,
         &CancelToken::new(),
-        &mut |_| {},
+        &mut |p| {
+            if let Progress::Postcopy { reason } = p {
+                vcpu.switches.lock().unwrap().push(reason.clone());
+            }
+        },
     );
     (dest.join().unwrap(), report)
 }
@@ -327,6 +334,8 @@ fn a_guest_that_outdirties_the_link_switches_instead_of_being_throttled() {
     let o = migrate(&src, pc, &config);
     let rp = o.report.postcopy.clone().expect("switched to post-copy");
     assert!(rp.reason.contains("does not converge"), "{}", rp.reason);
+    let said = o.vcpu.switches.lock().unwrap().clone();
+    assert_eq!(said, vec![rp.reason.clone()], "the progress says why, once");
     // Round 0, then two rounds with strikes.
     assert_eq!(rp.rounds_before, 3, "{rp:?}");
     assert_eq!(o.report.throttle_max_pct, Some(0), "never throttled");

@@ -121,8 +121,15 @@ pub(super) fn check_grant(offered: bool, granted: bool) -> Result<(), MigrationE
     Ok(())
 }
 
-fn decide_switch<V: SourceVm + ?Sized>(s: &Session<'_, V>, reason: String, rounds: u32) -> bool {
+fn decide_switch<V: SourceVm + ?Sized>(
+    s: &mut Session<'_, V>,
+    reason: String,
+    rounds: u32,
+) -> bool {
     log::info!("switching to post-copy: {reason}");
+    (s.progress)(&Progress::Postcopy {
+        reason: reason.clone(),
+    });
     if let Some(plan) = &s.postcopy {
         *plan.reason.lock().unwrap_or_else(|e| e.into_inner()) = Some((reason, rounds));
     }
@@ -138,13 +145,12 @@ pub(super) fn switched<V: SourceVm + ?Sized>(s: &Session<'_, V>) -> bool {
 }
 
 /// Pure post-copy: granted and asked for after 0 rounds.
-pub(super) fn pure<V: SourceVm + ?Sized>(s: &Session<'_, V>, t: &Tracking<'_>) -> bool {
-    match &s.postcopy {
-        Some(plan) if t.postcopy && plan.config.after_rounds == 0 => {
-            decide_switch(s, "pure post-copy (asked for)".into(), 0)
-        }
-        _ => false,
-    }
+pub(super) fn pure<V: SourceVm + ?Sized>(s: &mut Session<'_, V>, t: &Tracking<'_>) -> bool {
+    let pure = s
+        .postcopy
+        .as_ref()
+        .is_some_and(|plan| t.postcopy && plan.config.after_rounds == 0);
+    pure && decide_switch(s, "pure post-copy (asked for)".into(), 0)
 }
 
 /// Whether post-copy replaces auto-converge: granted, and asked to switch
@@ -173,7 +179,7 @@ fn strikes(rounds: &[RoundReport]) -> usize {
 /// sent (where auto-converge would start throttling) — or when the policy
 /// gives up or would force a switchover over the limit.
 pub(super) fn switch_now<V: SourceVm + ?Sized>(
-    s: &Session<'_, V>,
+    s: &mut Session<'_, V>,
     t: &Tracking<'_>,
     rounds: &[RoundReport],
     decision: &Decision,
@@ -182,6 +188,7 @@ pub(super) fn switch_now<V: SourceVm + ?Sized>(
     let Some(plan) = s.postcopy.as_ref().filter(|_| t.postcopy) else {
         return false;
     };
+    let (after_rounds, auto) = (plan.config.after_rounds, plan.config.on_non_convergence);
     let n = rounds.len() as u32;
     let over = || {
         format!(
@@ -190,10 +197,9 @@ pub(super) fn switch_now<V: SourceVm + ?Sized>(
             ms(s.config.downtime_limit)
         )
     };
-    let auto = plan.config.on_non_convergence;
     match decision {
         Decision::Switchover => false,
-        _ if n >= plan.config.after_rounds => {
+        _ if n >= after_rounds => {
             decide_switch(s, format!("asked for after {n} pre-copy round(s)"), n)
         }
         _ if auto && strikes(rounds) >= 2 => {
