@@ -72,7 +72,12 @@ impl UffdPager {
         Ok(UffdPager { uffd, regions })
     }
 
-    fn ptr(&self, region: usize, page: u64, npages: u64) -> Result<*mut libc::c_void, PostcopyError> {
+    fn ptr(
+        &self,
+        region: usize,
+        page: u64,
+        npages: u64,
+    ) -> Result<*mut libc::c_void, PostcopyError> {
         match self.regions.get(region) {
             Some(r) if page.checked_add(npages).is_some_and(|e| e <= r.pages) => {
                 Ok((r.addr + (page * PAGE_SIZE) as usize) as *mut libc::c_void)
@@ -83,7 +88,14 @@ impl UffdPager {
         }
     }
 
-    fn madvise(&self, region: usize, page: u64, n: u64, advice: i32, op: &'static str) -> Result<(), PostcopyError> {
+    fn madvise(
+        &self,
+        region: usize,
+        page: u64,
+        n: u64,
+        advice: i32,
+        op: &'static str,
+    ) -> Result<(), PostcopyError> {
         let p = self.ptr(region, page, n)?;
         // SAFETY: inside a mapping the caller of `new` vouched for; dropping
         // or populating pages of a VM that is not running.
@@ -98,7 +110,8 @@ impl UffdPager {
     fn locate(&self, addr: usize) -> Option<(usize, u64)> {
         self.regions.iter().enumerate().find_map(|(i, r)| {
             let len = (r.pages * PAGE_SIZE) as usize;
-            (addr >= r.addr && addr < r.addr + len).then(|| (i, ((addr - r.addr) as u64) / PAGE_SIZE))
+            (addr >= r.addr && addr < r.addr + len)
+                .then(|| (i, ((addr - r.addr) as u64) / PAGE_SIZE))
         })
     }
 }
@@ -116,9 +129,21 @@ impl PostcopyMemory for UffdPager {
                     end += 1;
                 }
                 if m {
-                    self.madvise(region, page, end - page, libc::MADV_DONTNEED, "madvise(DONTNEED)")?;
+                    self.madvise(
+                        region,
+                        page,
+                        end - page,
+                        libc::MADV_DONTNEED,
+                        "madvise(DONTNEED)",
+                    )?;
                 } else {
-                    self.madvise(region, page, end - page, libc::MADV_POPULATE_READ, "madvise(POPULATE_READ)")?;
+                    self.madvise(
+                        region,
+                        page,
+                        end - page,
+                        libc::MADV_POPULATE_READ,
+                        "madvise(POPULATE_READ)",
+                    )?;
                 }
                 page = end;
             }
@@ -144,17 +169,23 @@ impl PostcopyMemory for UffdPager {
             if e.kind() == std::io::ErrorKind::Interrupted {
                 return Ok(None);
             }
-            return Err(PostcopyError::Os { op: "poll(userfaultfd)", source: e });
+            return Err(PostcopyError::Os {
+                op: "poll(userfaultfd)",
+                source: e,
+            });
         }
         if n == 0 {
             return Ok(None);
         }
         match self.uffd.read_event().map_err(os("read(userfaultfd)"))? {
-            Some(Event::Pagefault { addr, .. }) => self
-                .locate(addr as usize)
-                .map(Some)
-                .ok_or_else(|| PostcopyError::Other(format!("a fault outside guest memory at {addr:?}"))),
-            Some(other) => Err(PostcopyError::Other(format!("unexpected userfaultfd event {other:?}"))),
+            Some(Event::Pagefault { addr, .. }) => {
+                self.locate(addr as usize).map(Some).ok_or_else(|| {
+                    PostcopyError::Other(format!("a fault outside guest memory at {addr:?}"))
+                })
+            }
+            Some(other) => Err(PostcopyError::Other(format!(
+                "unexpected userfaultfd event {other:?}"
+            ))),
             None => Ok(None),
         }
     }
@@ -170,7 +201,10 @@ impl PostcopyMemory for UffdPager {
                 .map_err(os("UFFDIO_COPY"))?
         };
         if copied != data.len() {
-            return Err(PostcopyError::Other(format!("UFFDIO_COPY copied {copied} of {} bytes", data.len())));
+            return Err(PostcopyError::Other(format!(
+                "UFFDIO_COPY copied {copied} of {} bytes",
+                data.len()
+            )));
         }
         Ok(())
     }
@@ -179,16 +213,24 @@ impl PostcopyMemory for UffdPager {
         let dst = self.ptr(region, page, npages)?;
         let len = (npages * PAGE_SIZE) as usize;
         // SAFETY: inside a registered region (checked).
-        let done = unsafe { self.uffd.zeropage(dst, len, true).map_err(os("UFFDIO_ZEROPAGE"))? };
+        let done = unsafe {
+            self.uffd
+                .zeropage(dst, len, true)
+                .map_err(os("UFFDIO_ZEROPAGE"))?
+        };
         if done != len {
-            return Err(PostcopyError::Other(format!("UFFDIO_ZEROPAGE zeroed {done} of {len} bytes")));
+            return Err(PostcopyError::Other(format!(
+                "UFFDIO_ZEROPAGE zeroed {done} of {len} bytes"
+            )));
         }
         Ok(())
     }
 
     fn wake(&self, region: usize, page: u64) -> Result<(), PostcopyError> {
         let p = self.ptr(region, page, 1)?;
-        self.uffd.wake(p, PAGE_SIZE as usize).map_err(os("UFFDIO_WAKE"))
+        self.uffd
+            .wake(p, PAGE_SIZE as usize)
+            .map_err(os("UFFDIO_WAKE"))
     }
 }
 

@@ -104,7 +104,9 @@ fn a_reader_of_a_missing_page_waits_for_exactly_its_contents() {
     let reader = std::thread::spawn(move || {
         let p = addr as *const u8;
         // SAFETY: inside the mapping; blocks until page 1 is installed.
-        let v: Vec<u8> = (0..PS).map(|i| unsafe { std::ptr::read_volatile(p.add(i)) }).collect();
+        let v: Vec<u8> = (0..PS)
+            .map(|i| unsafe { std::ptr::read_volatile(p.add(i)) })
+            .collect();
         v
     });
     let fault = pager
@@ -115,7 +117,11 @@ fn a_reader_of_a_missing_page_waits_for_exactly_its_contents() {
     assert!(!reader.is_finished(), "the reader did not wait");
     let data: Vec<u8> = (0..PS).map(|i| (i % 251) as u8).collect();
     pager.install(0, 1, &data).unwrap();
-    assert_eq!(reader.join().unwrap(), data, "the reader saw the installed page");
+    assert_eq!(
+        reader.join().unwrap(),
+        data,
+        "the reader saw the installed page"
+    );
 
     // Zero installation and a writer's fault.
     let addr = mem.page(5) as usize;
@@ -123,7 +129,10 @@ fn a_reader_of_a_missing_page_waits_for_exactly_its_contents() {
         // SAFETY: inside the mapping; blocks until page 5 is installed.
         unsafe { std::ptr::write_volatile((addr as *mut u8).add(7), 0x55) };
     });
-    assert_eq!(pager.next_fault(Duration::from_secs(10)).unwrap(), Some((0, 5)));
+    assert_eq!(
+        pager.next_fault(Duration::from_secs(10)).unwrap(),
+        Some((0, 5))
+    );
     pager.install_zero(0, 5, 2).unwrap();
     writer.join().unwrap();
     // SAFETY: both pages installed.

@@ -31,9 +31,12 @@ fn layout() -> MemoryLayout {
     .unwrap()
 }
 
+/// The pages the "vCPU" read: (page, contents).
+type Reads = Vec<(u64, Vec<u8>)>;
+
 struct Dest {
     vm: SoftVm,
-    reader: Option<std::thread::JoinHandle<Vec<(u64, Vec<u8>)>>>,
+    reader: Option<std::thread::JoinHandle<Reads>>,
 }
 
 impl DestinationVm for Dest {
@@ -73,7 +76,10 @@ fn pure_postcopy_into_userfaultfd_memory() {
     // SAFETY: a plain syscall, closed at once.
     let fd = unsafe { libc::syscall(libc::SYS_userfaultfd, libc::O_CLOEXEC) };
     if fd < 0 {
-        assert!(std::env::var_os("LIVEMIG_REQUIRE_KVM").is_none(), "no userfaultfd");
+        assert!(
+            std::env::var_os("LIVEMIG_REQUIRE_KVM").is_none(),
+            "no userfaultfd"
+        );
         eprintln!("SKIPPED: userfaultfd unavailable");
         return;
     }
@@ -121,6 +127,7 @@ fn pure_postcopy_into_userfaultfd_memory() {
     let pc = PostcopyConfig {
         after_rounds: 0,
         on_non_convergence: false,
+        ..Default::default()
     };
     let report = migrate_postcopy(
         &src,
@@ -138,7 +145,10 @@ fn pure_postcopy_into_userfaultfd_memory() {
     let reads = dest.reader.take().unwrap().join().unwrap();
     for (page, got) in &reads {
         let at = (page * PAGE_SIZE) as usize;
-        assert!(got[..] == want[at..at + PAGE_SIZE as usize], "page {page} differs");
+        assert!(
+            got[..] == want[at..at + PAGE_SIZE as usize],
+            "page {page} differs"
+        );
     }
     dest.vm.stop();
     assert!(dest.vm.snapshot() == want, "destination memory differs");

@@ -8,17 +8,17 @@ use std::time::Duration;
 
 use livemig::destination::postcopy::{receive_postcopy, PostcopyMemory};
 use livemig::memory::{GuestRam, MemoryLayout, RegionDesc, PAGE_SIZE};
-use livemig::source::postcopy::{migrate_postcopy, PostcopyConfig};
+use livemig::protocol::MsgKind;
+use livemig::source::postcopy::{migrate_postcopy, PostcopyConfig, SwitchRequest};
 use livemig::state::Section;
+use livemig::testing::fault::{At, Fault, FaultTransport};
 use livemig::testing::postcopy::SoftPager;
 use livemig::testing::soft::{SoftConfig, SoftVm};
-use livemig::protocol::MsgKind;
-use livemig::testing::fault::{At, Fault, FaultTransport};
 use livemig::transport::{mem, Transport};
 use livemig::vm::{DestinationVm, SourceVm, VmError};
 use livemig::{
-    CancelToken, Progress, ErrorKind, MigrationConfig, MigrationError, Phase, ReceiveConfig, ReceiveReport,
-    Report,
+    CancelToken, ErrorKind, MigrationConfig, MigrationError, Phase, Progress, ReceiveConfig,
+    ReceiveReport, Report,
 };
 
 fn layout() -> MemoryLayout {
@@ -36,7 +36,6 @@ fn layout() -> MemoryLayout {
 }
 
 type Slot = Arc<Mutex<Option<Arc<SoftPager>>>>;
-
 
 /// The destination VM: a soft VM whose `resume` first lets a "vCPU" touch
 /// the last page of region 0 and returns only once that fault was taken by
@@ -58,6 +57,8 @@ struct Vcpu {
     done: Arc<std::sync::Barrier>,
     /// The source's `Progress::Postcopy` reasons (test bookkeeping).
     switches: Arc<Mutex<Vec<String>>>,
+    /// Requests the switch when round 1 ends (test bookkeeping).
+    ask_in_round_1: Option<SwitchRequest>,
 }
 
 impl Vcpu {
@@ -68,6 +69,7 @@ impl Vcpu {
             got: Arc::default(),
             done: Arc::new(std::sync::Barrier::new(2)),
             switches: Arc::default(),
+            ask_in_round_1: None,
         }
     }
 
@@ -122,7 +124,9 @@ struct Outcome {
 }
 
 fn migrate(src: &SoftVm, pc: PostcopyConfig, config: &MigrationConfig) -> Outcome {
-    let vcpu = Vcpu::new(Duration::from_secs(30));
+    let mut vcpu = Vcpu::new(Duration::from_secs(30));
+    vcpu.ask_in_round_1 =
+        Some(pc.request.clone()).filter(|_| pc.after_rounds == u32::MAX && !pc.on_non_convergence);
     let (dest, report) = migrate_with(src, pc, config, &vcpu, |t| t, |t| t);
     let report = report.expect("source");
     let (dest, received) = dest.expect("destination");
@@ -180,6 +184,12 @@ fn migrate_with(
             if let Progress::Postcopy { reason } = p {
                 vcpu.switches.lock().unwrap().push(reason.clone());
             }
+            // An operator asking during round 1 (the second round).
+            if let (Progress::Round(rr), Some(req)) = (p, &vcpu.ask_in_round_1) {
+                if rr.round == 1 {
+                    req.request();
+                }
+            }
         },
     );
     (dest.join().unwrap(), report)
@@ -212,6 +222,7 @@ fn pure_postcopy_serves_a_fault_and_pushes_the_rest() {
     let pc = PostcopyConfig {
         after_rounds: 0,
         on_non_convergence: false,
+        ..Default::default()
     };
     let o = migrate(&src, pc, &MigrationConfig::default());
     let rp = o.report.postcopy.clone().expect("switched to post-copy");
@@ -240,6 +251,7 @@ fn hybrid_switches_after_the_rounds_asked_for() {
     let pc = PostcopyConfig {
         after_rounds: 2,
         on_non_convergence: false,
+        ..Default::default()
     };
     // A limit pre-copy cannot meet with writers running: it would go on.
     let config = MigrationConfig {
@@ -265,6 +277,7 @@ fn a_broken_link_during_postcopy_leaves_missing_pages_missing() {
     let pc = PostcopyConfig {
         after_rounds: 0,
         on_non_convergence: false,
+        ..Default::default()
     };
     let vcpu = Vcpu::new(Duration::from_millis(300));
     // The control connection drops before the third pushed frame (pages
@@ -339,5 +352,31 @@ fn a_guest_that_outdirties_the_link_switches_instead_of_being_throttled() {
     // Round 0, then two rounds with strikes.
     assert_eq!(rp.rounds_before, 3, "{rp:?}");
     assert_eq!(o.report.throttle_max_pct, Some(0), "never throttled");
+    check(&src, o);
+}
+
+#[test]
+fn an_operator_request_switches_after_the_current_round() {
+    let src = SoftVm::new(&layout(), &SoftConfig::default()).unwrap();
+    src.fill(4);
+    src.start();
+    // No round count, no automatic rule: only the request (made by the
+    // progress callback when round 1 ends) switches.
+    let pc = PostcopyConfig {
+        on_non_convergence: false,
+        ..Default::default()
+    };
+    let config = MigrationConfig {
+        downtime_limit: Duration::from_nanos(1),
+        ..Default::default()
+    };
+    let o = migrate(&src, pc, &config);
+    let rp = o.report.postcopy.clone().expect("switched to post-copy");
+    assert_eq!(rp.rounds_before, 2, "{rp:?}");
+    assert!(
+        rp.reason.contains("requested during the migration"),
+        "{}",
+        rp.reason
+    );
     check(&src, o);
 }

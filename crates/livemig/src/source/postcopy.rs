@@ -3,7 +3,7 @@
 //! pages) and, after `Go`, serving requests and pushing the rest.
 
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::Mutex;
+use std::sync::{Arc, Mutex};
 use std::time::Instant;
 
 use serde::Serialize;
@@ -23,16 +23,44 @@ use crate::report::{Progress, Report, RoundReport};
 use crate::transport::Transport;
 use crate::vm::SourceVm;
 
+/// Asks a running migration to switch to post-copy after its current
+/// round (an operator's "switch now"). Clone it to another thread; the
+/// request is checked after every pre-copy round.
+#[derive(Debug, Clone, Default)]
+pub struct SwitchRequest(Arc<AtomicBool>);
+
+impl SwitchRequest {
+    /// A request not made yet.
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    /// Switch after the current round (if post-copy was granted; a
+    /// migration without post-copy ignores it).
+    pub fn request(&self) {
+        self.0.store(true, Ordering::SeqCst);
+    }
+
+    /// Whether [`SwitchRequest::request`] was called.
+    pub fn is_requested(&self) -> bool {
+        self.0.load(Ordering::SeqCst)
+    }
+}
+
 /// When to switch to post-copy.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone)]
 pub struct PostcopyConfig {
     /// Switch after this many pre-copy rounds (0 = pure post-copy: no
     /// round at all), unless pre-copy converged first.
     pub after_rounds: u32,
-    /// Also switch as soon as the convergence policy gives up or would
-    /// force a switchover over the downtime limit (instead of failing or
-    /// pausing too long).
+    /// Also switch when pre-copy is predicted not to converge (see
+    /// `switch_now`: two rounds in a row that dirtied more than half of
+    /// what they sent, or the policy's cap reached), instead of throttling
+    /// the guest, failing or pausing too long. The guest is then never
+    /// throttled (auto-converge is not used).
     pub on_non_convergence: bool,
+    /// Switch after the round during which this was requested.
+    pub request: SwitchRequest,
 }
 
 impl Default for PostcopyConfig {
@@ -40,6 +68,7 @@ impl Default for PostcopyConfig {
         PostcopyConfig {
             after_rounds: u32::MAX,
             on_non_convergence: true,
+            request: SwitchRequest::new(),
         }
     }
 }
@@ -96,7 +125,7 @@ pub fn migrate_postcopy<V: SourceVm + ?Sized>(
         return Err(MigrationError::new(Phase::Handshake, e));
     }
     let plan = Plan {
-        config: *postcopy,
+        config: postcopy.clone(),
         fault: Mutex::new(Some(fault)),
         reason: Mutex::new(None),
     };
@@ -155,8 +184,14 @@ pub(super) fn pure<V: SourceVm + ?Sized>(s: &mut Session<'_, V>, t: &Tracking<'_
 
 /// Whether post-copy replaces auto-converge: granted, and asked to switch
 /// on non-convergence. The guest is then never throttled.
-pub(super) fn replaces_throttle<V: SourceVm + ?Sized>(s: &Session<'_, V>, t: &Tracking<'_>) -> bool {
-    t.postcopy && s.postcopy.as_ref().is_some_and(|p| p.config.on_non_convergence)
+pub(super) fn replaces_throttle<V: SourceVm + ?Sized>(
+    s: &Session<'_, V>,
+    t: &Tracking<'_>,
+) -> bool {
+    t.postcopy
+        && s.postcopy
+            .as_ref()
+            .is_some_and(|p| p.config.on_non_convergence)
 }
 
 /// Rounds after the full pass in which the guest dirtied more than half of
@@ -189,6 +224,7 @@ pub(super) fn switch_now<V: SourceVm + ?Sized>(
         return false;
     };
     let (after_rounds, auto) = (plan.config.after_rounds, plan.config.on_non_convergence);
+    let asked = plan.config.request.is_requested();
     let n = rounds.len() as u32;
     let over = || {
         format!(
@@ -202,6 +238,11 @@ pub(super) fn switch_now<V: SourceVm + ?Sized>(
         _ if n >= after_rounds => {
             decide_switch(s, format!("asked for after {n} pre-copy round(s)"), n)
         }
+        _ if asked => decide_switch(
+            s,
+            format!("requested during the migration, after {n} pre-copy round(s)"),
+            n,
+        ),
         _ if auto && strikes(rounds) >= 2 => {
             let why = format!(
                 "pre-copy does not converge: the guest dirtied more than half of what the \
