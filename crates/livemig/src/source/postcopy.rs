@@ -86,7 +86,9 @@ pub struct PostcopySourceReport {
     pub requests: u64,
     /// Pages sent as answers to requests.
     pub requested_pages: u64,
-    /// Pages sent by the background push.
+    /// Pages sent by the background push: every page of the discard set
+    /// (a requested page is pushed too, unless the push had sent it before;
+    /// the destination installs the first copy that arrives).
     pub pushed_pages: u64,
     /// From `Resumed` to `PostcopyComplete`, ms.
     pub switch_to_complete_ms: f64,
@@ -319,7 +321,7 @@ fn interrupted(missing: u64, why: String) -> MigrationError {
 struct Shared<'r> {
     ram: &'r HostRam<'r>,
     layout: &'r MemoryLayout,
-    /// Pages of the discard set not sent yet.
+    /// Pages of the discard set the push has not sent yet.
     unsent: Mutex<DirtyBitmap>,
     /// Where the last request was (the push continues from there: pages
     /// near a fault are likely next).
@@ -424,14 +426,11 @@ impl Shared<'_> {
                 log::warn!("post-copy fault connection: {e}; pushing the rest");
                 return Ok(());
             }
-            let mut unsent = lock(&self.unsent);
-            for p in page..page + n {
-                if unsent.is_set(region, p) {
-                    unsent.unset(region, p);
-                }
-            }
-            drop(unsent);
-            *lock(&self.hint) = Some((region, page + n));
+            // The push still sends these pages (the destination installs
+            // the first copy): the push alone delivers every page, so an
+            // answer lost with a broken fault connection costs latency,
+            // never completion. It continues from here.
+            *lock(&self.hint) = Some((region, page));
             let mut r = lock(&self.requests);
             r.0 += 1;
             r.1 += n;
@@ -503,7 +502,7 @@ impl Shared<'_> {
     /// The control connection: every unsent page, then `PostcopyPushed`,
     /// then the destination's `PostcopyComplete`. Returns the pages pushed.
     fn push(&self, t: &mut Tracking<'_>) -> Result<u64, String> {
-        let fw = &mut t.sender.fw;
+        let (fw, pacer) = (&mut t.sender.fw, &mut t.sender.pacer);
         let mut batch = PageBatch::with_capacity(PageBatch::data_record_len(PUSH_PAGES as u32));
         let mut cursor = (0, 0);
         let mut pushed = 0;
@@ -515,6 +514,14 @@ impl Shared<'_> {
                 .and_then(|_| fw.flush())
                 .map_err(|e| e.to_string())?;
             pushed += n;
+            // `max_bandwidth` caps the push too (the guest's network is
+            // shared while it runs on the destination); answers are not
+            // paced: they are few and a vCPU waits for each.
+            let wait = pacer.account(batch.len_bytes() as u64);
+            if !wait.is_zero() {
+                std::thread::sleep(wait);
+                pacer.rewind();
+            }
         }
         let (_, requested) = *lock(&self.requests);
         fw.send(&PostcopyPushed {
