@@ -318,6 +318,7 @@ fn kind_bytes() {
         (PageRequest, 17),
         (PostcopyPushed, 18),
         (PostcopyComplete, 19),
+        (PostcopyResume, 20),
     ];
     assert_eq!(table.len(), MsgKind::ALL.len());
     for (kind, byte) in table {

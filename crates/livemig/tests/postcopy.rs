@@ -6,10 +6,12 @@
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use livemig::destination::postcopy::{receive_postcopy, PostcopyMemory};
+use livemig::destination::postcopy::{receive_postcopy_resumable, PostcopyMemory};
 use livemig::memory::{GuestRam, MemoryLayout, RegionDesc, PAGE_SIZE};
 use livemig::protocol::MsgKind;
-use livemig::source::postcopy::{migrate_postcopy, PostcopyConfig, SwitchRequest};
+use livemig::source::postcopy::{
+    migrate_postcopy_resumable, PostcopyConfig, Reconnect, SwitchRequest,
+};
 use livemig::state::Section;
 use livemig::testing::fault::{At, Fault, FaultTransport};
 use livemig::testing::postcopy::SoftPager;
@@ -59,6 +61,27 @@ struct Vcpu {
     switches: Arc<Mutex<Vec<String>>>,
     /// Requests the switch when round 1 ends (test bookkeeping).
     ask_in_round_1: Option<SwitchRequest>,
+    /// The second pair of connections, for a resumed migration.
+    reconnect: Arc<Mutex<Option<NewPair>>>,
+}
+
+type Pair = (Box<dyn Transport>, Box<dyn Transport>);
+
+/// Connected (control, fault) pairs for both ends.
+struct NewPair {
+    src: Pair,
+    dst: Pair,
+}
+
+impl NewPair {
+    fn new() -> Self {
+        let (a, b) = mem::pair();
+        let (fa, fb) = mem::pair();
+        NewPair {
+            src: (Box::new(a), Box::new(fa)),
+            dst: (Box::new(b), Box::new(fb)),
+        }
+    }
 }
 
 impl Vcpu {
@@ -70,6 +93,7 @@ impl Vcpu {
             done: Arc::new(std::sync::Barrier::new(2)),
             switches: Arc::default(),
             ask_in_round_1: None,
+            reconnect: Arc::default(),
         }
     }
 
@@ -158,8 +182,16 @@ fn migrate_with(
     let slot: Slot = Arc::default();
     let pager = pager_into(slot.clone());
     let dst_vcpu = vcpu.clone();
+    let (src_pair, mut dst_next) = match vcpu.reconnect.lock().unwrap().take() {
+        Some(p) => (Some(p.src), Some(p.dst)),
+        None => (None, None),
+    };
+    let src_next = src_pair.map(|p| {
+        let mut p = Some(p);
+        Box::new(move || p.take()) as Reconnect
+    });
     let dest = std::thread::spawn(move || {
-        receive_postcopy(
+        receive_postcopy_resumable(
             Box::new(b),
             fb,
             &ReceiveConfig::default(),
@@ -171,12 +203,14 @@ fn migrate_with(
                 })
             },
             pager,
+            &mut || dst_next.take(),
         )
     });
-    let report = migrate_postcopy(
+    let report = migrate_postcopy_resumable(
         src,
         a,
         Box::new(fa),
+        src_next,
         &pc,
         config,
         &CancelToken::new(),
@@ -417,6 +451,57 @@ fn a_broken_fault_connection_costs_latency_not_completion() {
     let st = received.postcopy.clone().expect("stats");
     assert_eq!(st.requested_pages, 0);
     assert_eq!(st.pushed_pages, st.discard_pages);
+    check(
+        &src,
+        Outcome {
+            report,
+            received,
+            dest,
+            vcpu,
+        },
+    );
+}
+
+#[test]
+fn a_broken_link_during_postcopy_resumes_on_new_connections() {
+    let src = SoftVm::new(&layout(), &SoftConfig::default()).unwrap();
+    src.fill(8);
+    src.start();
+    let pc = PostcopyConfig {
+        after_rounds: 0,
+        on_non_convergence: false,
+        ..Default::default()
+    };
+    let vcpu = Vcpu::new(Duration::from_secs(30));
+    *vcpu.reconnect.lock().unwrap() = Some(NewPair::new());
+    // As in the test above: the push breaks off after two frames and the
+    // first request is lost; then both sides continue on a new pair.
+    let cut_push = |t: Box<dyn Transport>| -> Box<dyn Transport> {
+        let (t, _) = FaultTransport::new(t, Fault::Drop.at(At::kind(MsgKind::Pages, 2)));
+        Box::new(t)
+    };
+    let cut_requests = |t: Box<dyn Transport>| -> Box<dyn Transport> {
+        let (t, _) = FaultTransport::new(t, Fault::Drop.at(At::kind(MsgKind::PageRequest, 0)));
+        Box::new(t)
+    };
+    let (dest, report) = migrate_with(
+        &src,
+        pc,
+        &MigrationConfig::default(),
+        &vcpu,
+        cut_push,
+        cut_requests,
+    );
+    let report = report.expect("source");
+    let (dest, received) = dest.expect("destination");
+    let rp = report.postcopy.clone().expect("post-copy");
+    assert_eq!(rp.reconnects, 1, "{rp:?}");
+    let st = received.postcopy.clone().expect("stats");
+    assert_eq!(
+        st.requested_pages + st.pushed_pages,
+        st.discard_pages,
+        "{st:?}"
+    );
     check(
         &src,
         Outcome {

@@ -19,8 +19,8 @@ use crate::control::{self, unexpected};
 use crate::error::{ErrorKind, MigrationError, Phase};
 use crate::memory::{MemoryLayout, PAGE_SIZE};
 use crate::protocol::{
-    decompress_pages, page_records, FrameReader, FrameWriter, Go, MsgKind, PageRequest,
-    PostcopyComplete, PostcopySwitch, Ready, Resumed, PROTOCOL_VERSION,
+    decompress_pages, page_records, FrameReader, FrameWriter, Go, MsgKind, PageRequest, PageRun,
+    PostcopyComplete, PostcopyResume, PostcopySwitch, Ready, Resumed, PROTOCOL_VERSION,
 };
 use crate::transport::Transport;
 use crate::vm::{DestinationVm, VmDescription, VmError};
@@ -160,6 +160,32 @@ where
     F: FnOnce(&VmDescription) -> Result<V, VmError>,
     P: FnOnce(&V, &MemoryLayout) -> Result<Box<dyn PostcopyMemory>, VmError>,
 {
+    receive_postcopy_resumable(transport, fault, config, create, pager, &mut || None)
+}
+
+/// Gives a new (control, fault) pair of connections from the same source
+/// after the previous pair broke during post-copy, or `None` to give up
+/// (it decides how long to wait: accept with a deadline, say).
+pub type Reconnect<'a> = dyn FnMut() -> Option<(Box<dyn Transport>, Box<dyn Transport>)> + 'a;
+
+/// Like [`receive_postcopy`]; when a connection breaks after `Go`, calls
+/// `reconnect` for a new pair and continues: it sends the pages still
+/// missing ([`PostcopyResume`]) as the first frame of the new control
+/// connection and asks again for the pages vCPUs wait for. The pages
+/// installed so far stay; the vCPUs keep waiting meanwhile.
+pub fn receive_postcopy_resumable<V, F, P>(
+    transport: Box<dyn Transport>,
+    fault: Box<dyn Transport>,
+    config: &ReceiveConfig,
+    create: F,
+    pager: P,
+    reconnect: &mut Reconnect<'_>,
+) -> Result<(V, ReceiveReport), MigrationError>
+where
+    V: DestinationVm,
+    F: FnOnce(&VmDescription) -> Result<V, VmError>,
+    P: FnOnce(&V, &MemoryLayout) -> Result<Box<dyn PostcopyMemory>, VmError>,
+{
     config
         .validate()
         .map_err(|e| MigrationError::new(Phase::Handshake, e))?;
@@ -171,7 +197,7 @@ where
         granted: 1,
         postcopy: false,
     };
-    let result = run(&mut link, fault, config, create, pager);
+    let result = run(&mut link, fault, config, create, pager, reconnect);
     if let Err(e) = &result {
         if !matches!(e.kind, ErrorKind::Remote { .. } | ErrorKind::Cancelled) {
             let abandoned = e.phase == Phase::Completion && link.version >= 3;
@@ -188,6 +214,7 @@ fn run<V, F, P>(
     config: &ReceiveConfig,
     create: F,
     pager: P,
+    reconnect: &mut Reconnect<'_>,
 ) -> Result<(V, ReceiveReport), MigrationError>
 where
     V: DestinationVm,
@@ -244,7 +271,7 @@ where
     control::send(&mut link.fw, &Ready { restore_us }, cp)?;
     link.control.recv::<Go>(cp)?;
     let server = Server::new(&layout, &*pager, discard);
-    let stats = server.run(link, fault, config, || {
+    let stats = server.run_with(link, fault, config, reconnect, || {
         let t = Instant::now();
         if running {
             vm.resume().map_err(|e| MigrationError::new(cp, e))?;
@@ -279,7 +306,6 @@ struct Server<'a> {
     discard: DirtyBitmap,
     st: Mutex<ServerState>,
     all_in: Condvar,
-    stop: AtomicBool,
 }
 
 #[derive(Default)]
@@ -310,7 +336,6 @@ impl<'a> Server<'a> {
             discard,
             st: Mutex::new(st),
             all_in: Condvar::new(),
-            stop: AtomicBool::new(false),
         }
     }
 
@@ -326,38 +351,121 @@ impl<'a> Server<'a> {
     }
 
     /// Starts the fault threads, resumes the VM (`resume`), answers
-    /// `Resumed` and installs pushed pages until all are in.
-    fn run(
+    /// `Resumed` and installs pages until all are in; when a connection
+    /// breaks, continues over the pair `reconnect` gives (if any).
+    fn run_with<R>(
         &self,
         link: &mut Link,
         fault: Box<dyn Transport>,
         config: &ReceiveConfig,
-        resume: impl FnOnce() -> Result<Duration, MigrationError>,
-    ) -> Result<(PostcopyStats, f64), MigrationError> {
+        reconnect: &mut Reconnect<'_>,
+        resume: R,
+    ) -> Result<(PostcopyStats, f64), MigrationError>
+    where
+        R: FnOnce() -> Result<Duration, MigrationError>,
+    {
+        let mut fault = fault;
+        let mut resume = Some(resume);
+        let mut took = Duration::ZERO;
+        let resumed_at = Instant::now();
+        loop {
+            let e = match self.attempt(link, fault, config, &mut resume, &mut took) {
+                Ok(()) => return Ok((self.stats(resumed_at), ms(took))),
+                Err(e) if e.phase == Phase::Completion || self.lock().error.is_some() => {
+                    return Err(self.interrupted(e))
+                }
+                Err(e) => e,
+            };
+            let Some((control, next_fault)) = reconnect() else {
+                return Err(self.interrupted(e));
+            };
+            log::warn!("post-copy: {e}; continuing on new connections");
+            let (reader, writer) =
+                control::open(control, config.io_timeout).map_err(|e| self.interrupted(e))?;
+            link.control = reader;
+            link.fw = writer;
+            let resume_msg = PostcopyResume {
+                missing: self.missing_runs(),
+            };
+            control::send(&mut link.fw, &resume_msg, Phase::Postcopy)
+                .map_err(|e| self.interrupted(e))?;
+            fault = next_fault;
+        }
+    }
+
+    /// One pair of connections: the fault threads, the resume (the first
+    /// time), then the push until every page is in.
+    fn attempt<R>(
+        &self,
+        link: &mut Link,
+        fault: Box<dyn Transport>,
+        config: &ReceiveConfig,
+        resume: &mut Option<R>,
+        took: &mut Duration,
+    ) -> Result<(), MigrationError>
+    where
+        R: FnOnce() -> Result<Duration, MigrationError>,
+    {
         let pc = Phase::Postcopy;
         let io = |e: std::io::Error| MigrationError::new(pc, crate::protocol::ProtocolError::Io(e));
         let fault_rx = fault.try_clone().map_err(io)?;
         let stopper = fault.try_clone().map_err(io)?;
+        let stop = AtomicBool::new(false);
         std::thread::scope(|scope| {
-            scope.spawn(|| self.fault_loop(FrameWriter::new(fault)));
-            scope.spawn(|| self.answer_loop(FrameReader::new(fault_rx)));
-            let resumed_at = Instant::now();
-            let r = resume().and_then(|took| {
-                let resumed = Resumed {
-                    resume_us: took.as_micros() as u64,
-                };
-                if let Err(e) = control::send(&mut link.fw, &resumed, Phase::Completion) {
-                    log::warn!("guest resumed but the acknowledgement could not be sent: {e}");
-                }
+            scope.spawn(|| self.fault_loop(FrameWriter::new(fault), &stop));
+            scope.spawn(|| self.answer_loop(FrameReader::new(fault_rx), &stop));
+            let mut r = Ok(());
+            if let Some(resume) = resume.take() {
+                r = resume().map(|t| {
+                    *took = t;
+                    let resumed = Resumed {
+                        resume_us: t.as_micros() as u64,
+                    };
+                    if let Err(e) = control::send(&mut link.fw, &resumed, Phase::Completion) {
+                        log::warn!("guest resumed but the acknowledgement could not be sent: {e}");
+                    }
+                });
+            }
+            let r = r.and_then(|()| {
                 let pages = self.push_loop(link, config.io_timeout)?;
-                control::send(&mut link.fw, &PostcopyComplete { pages }, pc)?;
-                Ok(ms(took))
+                control::send(&mut link.fw, &PostcopyComplete { pages }, pc)
             });
-            self.stop.store(true, Ordering::SeqCst);
+            stop.store(true, Ordering::SeqCst);
             let _ = stopper.shutdown();
-            r.map(|took| (self.stats(resumed_at), took))
+            r
         })
-        .map_err(|e| self.interrupted(e))
+    }
+
+    /// The pages of the discard set not installed, as runs.
+    fn missing_runs(&self) -> Vec<PageRun> {
+        let st = self.lock();
+        let mut runs = Vec::new();
+        let Some(installed) = st.installed.as_ref() else {
+            return runs;
+        };
+        for region in 0..self.discard.num_regions() {
+            let end = self.discard.region_pages(region);
+            let mut page = 0;
+            while page < end {
+                if !self.discard.is_set(region, page) || installed.is_set(region, page) {
+                    page += 1;
+                    continue;
+                }
+                let first = page;
+                while page < end
+                    && self.discard.is_set(region, page)
+                    && !installed.is_set(region, page)
+                {
+                    page += 1;
+                }
+                runs.push(PageRun {
+                    region: region as u32,
+                    first_page: first,
+                    npages: page - first,
+                });
+            }
+        }
+        runs
     }
 
     /// An error after `Go`, with how much is missing.
@@ -419,9 +527,22 @@ impl<'a> Server<'a> {
         Ok(st.requested_pages + st.pushed_pages)
     }
 
-    /// Faults → requests on the fault connection.
-    fn fault_loop(&self, mut fw: FrameWriter<Box<dyn Transport>>) {
-        while !self.stop.load(Ordering::SeqCst) {
+    /// Faults → requests on the fault connection. Requests made on an
+    /// earlier connection and not answered yet are made again first (the
+    /// vCPUs waiting for them raise no new fault).
+    fn fault_loop(&self, mut fw: FrameWriter<Box<dyn Transport>>, stop: &AtomicBool) {
+        let outstanding: Vec<(usize, u64)> = self.lock().requested.keys().copied().collect();
+        for (region, page) in outstanding {
+            let req = PageRequest {
+                region: region as u32,
+                page,
+                npages: 1,
+            };
+            if fw.send(&req).and_then(|_| fw.flush()).is_err() {
+                return;
+            }
+        }
+        while !stop.load(Ordering::SeqCst) {
             let (region, page) = match self.pager.next_fault(Duration::from_millis(50)) {
                 Ok(Some(f)) => f,
                 Ok(None) => continue,
@@ -454,7 +575,7 @@ impl<'a> Server<'a> {
                 npages: 1,
             };
             if let Err(e) = fw.send(&req).and_then(|_| fw.flush()) {
-                if !self.stop.load(Ordering::SeqCst) {
+                if !stop.load(Ordering::SeqCst) {
                     // The push still brings every page: a broken fault
                     // connection only costs latency.
                     log::warn!("post-copy fault connection: {e}; waiting for the push");
@@ -465,12 +586,12 @@ impl<'a> Server<'a> {
     }
 
     /// Answers to requests, from the fault connection.
-    fn answer_loop(&self, mut fr: FrameReader<Box<dyn Transport>>) {
+    fn answer_loop(&self, mut fr: FrameReader<Box<dyn Transport>>, stop: &AtomicBool) {
         loop {
             let f = match fr.read_frame() {
                 Ok(f) => f,
                 Err(e) => {
-                    if !self.stop.load(Ordering::SeqCst) {
+                    if !stop.load(Ordering::SeqCst) {
                         log::warn!("post-copy fault connection: {e}; waiting for the push");
                     }
                     return;

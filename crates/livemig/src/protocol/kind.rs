@@ -60,11 +60,15 @@ pub enum MsgKind {
     /// Destination → source: every page of the discard set is installed
     /// ([`PostcopyComplete`](super::PostcopyComplete)).
     PostcopyComplete = 19,
+    /// Destination → source, first frame of a new control connection after
+    /// the old one broke during post-copy: the pages still missing
+    /// ([`PostcopyResume`](super::PostcopyResume)).
+    PostcopyResume = 20,
 }
 
 impl MsgKind {
     /// Every kind, in wire order.
-    pub const ALL: [MsgKind; 19] = [
+    pub const ALL: [MsgKind; 20] = [
         MsgKind::Hello,
         MsgKind::HelloReply,
         MsgKind::Pages,
@@ -84,6 +88,7 @@ impl MsgKind {
         MsgKind::PageRequest,
         MsgKind::PostcopyPushed,
         MsgKind::PostcopyComplete,
+        MsgKind::PostcopyResume,
     ];
 
     /// The kind for a wire byte, if known.
@@ -114,6 +119,7 @@ impl MsgKind {
             MsgKind::PageRequest => "PageRequest",
             MsgKind::PostcopyPushed => "PostcopyPushed",
             MsgKind::PostcopyComplete => "PostcopyComplete",
+            MsgKind::PostcopyResume => "PostcopyResume",
         }
     }
 }

@@ -960,9 +960,9 @@ mod tests {
     #[test]
     fn round_trip_every_message() {
         let msgs = all_messages();
-        // All but Pages, PagesLz4 and the four post-copy kinds (their round
+        // All but Pages, PagesLz4 and the five post-copy kinds (their round
         // trips are in protocol/postcopy.rs).
-        assert_eq!(msgs.len(), MsgKind::ALL.len() - 6);
+        assert_eq!(msgs.len(), MsgKind::ALL.len() - 7);
         round_trip(&HelloReply {
             accepted: true,
             reason: String::new(),
@@ -980,7 +980,7 @@ mod tests {
             assert_eq!(MsgKind::from_u8(k as u8), Some(k));
         }
         assert_eq!(MsgKind::from_u8(0), None);
-        assert_eq!(MsgKind::from_u8(20), None);
+        assert_eq!(MsgKind::from_u8(21), None);
     }
 
     #[test]

@@ -74,8 +74,8 @@ pub use pages::{
     RecordHeader, PAGE_RECORD_HEADER_LEN, STREAM_CHUNK_PAGES,
 };
 pub use postcopy::{
-    PageRequest, PageRun, PostcopyComplete, PostcopyPushed, PostcopySwitch, MAX_DISCARD_RUNS,
-    MAX_REQUEST_PAGES,
+    PageRequest, PageRun, PostcopyComplete, PostcopyPushed, PostcopyResume, PostcopySwitch,
+    MAX_DISCARD_RUNS, MAX_REQUEST_PAGES,
 };
 
 /// Default (and largest useful) payload size of one frame.

@@ -55,24 +55,59 @@ pub struct PostcopySwitch {
     pub discard: Vec<PageRun>,
 }
 
+/// Destination → source, first frame of a new control connection after the
+/// previous one broke during post-copy: the pages of the discard set still
+/// missing here (the source pushes them again).
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub struct PostcopyResume {
+    /// The missing pages, sorted by (region, page), non-overlapping.
+    pub missing: Vec<PageRun>,
+}
+
 const RUN_LEN: usize = 4 + 8 + 8;
+
+fn put_runs(out: &mut Vec<u8>, msg: &'static str, runs: &[PageRun]) -> Result<(), ProtocolError> {
+    put_count(out, msg, "runs", runs.len(), MAX_DISCARD_RUNS)?;
+    for r in runs {
+        put_u32(out, r.region);
+        put_u64(out, r.first_page);
+        put_u64(out, r.npages);
+    }
+    Ok(())
+}
+
+impl Message for PostcopyResume {
+    const KIND: MsgKind = MsgKind::PostcopyResume;
+
+    fn encode_into(&self, out: &mut Vec<u8>) -> Result<(), ProtocolError> {
+        put_runs(out, "PostcopyResume", &self.missing)
+    }
+
+    fn decode(payload: &[u8]) -> Result<Self, ProtocolError> {
+        Ok(PostcopyResume {
+            missing: read_runs("PostcopyResume", payload)?,
+        })
+    }
+}
 
 impl Message for PostcopySwitch {
     const KIND: MsgKind = MsgKind::PostcopySwitch;
 
     fn encode_into(&self, out: &mut Vec<u8>) -> Result<(), ProtocolError> {
-        const M: &str = "PostcopySwitch";
-        put_count(out, M, "runs", self.discard.len(), MAX_DISCARD_RUNS)?;
-        for r in &self.discard {
-            put_u32(out, r.region);
-            put_u64(out, r.first_page);
-            put_u64(out, r.npages);
-        }
-        Ok(())
+        put_runs(out, "PostcopySwitch", &self.discard)
     }
 
     fn decode(payload: &[u8]) -> Result<Self, ProtocolError> {
-        let mut c = Cursor::new("PostcopySwitch", payload);
+        Ok(PostcopySwitch {
+            discard: read_runs("PostcopySwitch", payload)?,
+        })
+    }
+}
+
+/// Reads runs that are non-empty, sorted and disjoint.
+fn read_runs(msg: &'static str, payload: &[u8]) -> Result<Vec<PageRun>, ProtocolError> {
+    {
+        let mut c = Cursor::new(msg, payload);
         let n = c.count("runs", MAX_DISCARD_RUNS, RUN_LEN)?;
         let mut discard = Vec::with_capacity(n);
         let mut prev: Option<(u32, u64)> = None; // region, end page
@@ -97,7 +132,7 @@ impl Message for PostcopySwitch {
             discard.push(run);
         }
         c.finish()?;
-        Ok(PostcopySwitch { discard })
+        Ok(discard)
     }
 }
 
@@ -220,6 +255,9 @@ mod tests {
             discard: vec![run(0, 0, 3), run(0, 10, 1), run(1, 0, 7)],
         });
         round_trip(&PostcopySwitch::default());
+        round_trip(&PostcopyResume {
+            missing: vec![run(0, 4, 2), run(2, 0, 1)],
+        });
         round_trip(&PageRequest {
             region: 1,
             page: 77,

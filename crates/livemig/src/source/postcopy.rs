@@ -16,7 +16,7 @@ use crate::memory::{MemoryLayout, PAGE_SIZE};
 use crate::policy::{ConfigError, Decision, MigrationConfig, RoundEstimate};
 use crate::protocol::{
     FrameReader, FrameWriter, Message, MsgKind, PageBatch, PageRequest, PageRun, PostcopyComplete,
-    PostcopyPushed, PostcopySwitch, ProtocolError,
+    PostcopyPushed, PostcopyResume, PostcopySwitch, ProtocolError,
 };
 use crate::ram::HostRam;
 use crate::report::{Progress, Report, RoundReport};
@@ -92,12 +92,21 @@ pub struct PostcopySourceReport {
     pub pushed_pages: u64,
     /// From `Resumed` to `PostcopyComplete`, ms.
     pub switch_to_complete_ms: f64,
+    /// Times the post-copy phase continued over new connections.
+    pub reconnects: u32,
 }
+
+/// Gives a new (control, fault) pair of connections to the same
+/// destination after the previous pair broke during post-copy, or `None` to
+/// give up (it decides how long to try: dial with retries until a deadline,
+/// say).
+pub type Reconnect = Box<dyn FnMut() -> Option<(Box<dyn Transport>, Box<dyn Transport>)>>;
 
 /// Post-copy asked for by the call.
 pub(super) struct Plan {
     config: PostcopyConfig,
     fault: Mutex<Option<Box<dyn Transport>>>,
+    reconnect: Mutex<Option<Reconnect>>,
     reason: Mutex<Option<(String, u32)>>,
 }
 
@@ -126,9 +135,39 @@ pub fn migrate_postcopy<V: SourceVm + ?Sized>(
         };
         return Err(MigrationError::new(Phase::Handshake, e));
     }
+    migrate_postcopy_resumable(
+        vm, transport, fault, None, postcopy, config, cancel, progress,
+    )
+}
+
+/// Like [`migrate_postcopy`]; when a connection breaks after `Go`, calls
+/// `reconnect` for a new pair and continues: the destination names the
+/// pages it still misses on the new control connection
+/// ([`PostcopyResume`]) and the push sends them again. The source stays
+/// paused throughout.
+#[allow(clippy::too_many_arguments)]
+pub fn migrate_postcopy_resumable<V: SourceVm + ?Sized>(
+    vm: &V,
+    transport: Box<dyn Transport>,
+    fault: Box<dyn Transport>,
+    reconnect: Option<Reconnect>,
+    postcopy: &PostcopyConfig,
+    config: &MigrationConfig,
+    cancel: &CancelToken,
+    progress: &mut dyn FnMut(&Progress),
+) -> Result<Report, MigrationError> {
+    if config.streams > 1 {
+        let e = ConfigError {
+            field: "streams",
+            value: config.streams.to_string(),
+            rule: "post-copy uses one page stream in this build".into(),
+        };
+        return Err(MigrationError::new(Phase::Handshake, e));
+    }
     let plan = Plan {
         config: postcopy.clone(),
         fault: Mutex::new(Some(fault)),
+        reconnect: Mutex::new(reconnect),
         reason: Mutex::new(None),
     };
     super::migrate_with(vm, transport, None, Some(plan), config, cancel, progress)
@@ -302,7 +341,12 @@ pub(super) fn after_commit<V: SourceVm + ?Sized>(
         .unwrap_or_default();
     let fault = fault.ok_or_else(|| interrupted(discard.count(), "no fault connection".into()))?;
     let started = Instant::now();
-    let mut report = serve(t, discard, fault)?;
+    let mut reconnect = plan
+        .reconnect
+        .lock()
+        .unwrap_or_else(|e| e.into_inner())
+        .take();
+    let mut report = serve(t, discard, fault, &mut reconnect, s.config.io_timeout)?;
     report.reason = reason;
     report.rounds_before = rounds_before;
     report.switch_to_complete_ms = ms(started.elapsed());
@@ -334,10 +378,9 @@ fn serve(
     t: &mut Tracking<'_>,
     discard: DirtyBitmap,
     fault: Box<dyn Transport>,
+    reconnect: &mut Option<Reconnect>,
+    io_timeout: std::time::Duration,
 ) -> Result<PostcopySourceReport, MigrationError> {
-    let io = |e: std::io::Error| interrupted(discard.count(), e.to_string());
-    let fault_rx = fault.try_clone().map_err(io)?;
-    let stopper = fault.try_clone().map_err(io)?;
     let ram = t.sender.ram.clone();
     let layout = t.sender.layout.clone();
     let discard_pages = discard.count();
@@ -349,27 +392,44 @@ fn serve(
         stop: AtomicBool::new(false),
         requests: Mutex::new((0, 0)),
     };
-    let pushed = std::thread::scope(|scope| {
-        let server = scope.spawn(|| shared.answer(FrameReader::new(fault_rx), fault));
-        let r = shared.push(t);
-        shared.stop.store(true, Ordering::SeqCst);
-        let _ = stopper.shutdown();
-        let served = server.join();
-        match (r, served) {
-            (Ok(p), Ok(Ok(()))) => Ok(p),
-            (Err(e), _) => Err(e),
-            (_, Ok(Err(why))) => Err(why),
-            (_, Err(_)) => Err("the request server panicked".into()),
+    let mut fault = fault;
+    let mut pushed_pages = 0;
+    let mut reconnects = 0;
+    loop {
+        let why = match shared.attempt(t, fault, &mut pushed_pages) {
+            Ok(()) => break,
+            Err(why) => why,
+        };
+        let missing = lock(&shared.unsent).count();
+        let Some((control, next_fault)) = reconnect.as_mut().and_then(|r| r()) else {
+            return Err(interrupted(missing, why));
+        };
+        log::warn!("post-copy: {why}; continuing on new connections");
+        reconnects += 1;
+        let (reader, writer) = crate::control::open(control, io_timeout)
+            .map_err(|e| interrupted(missing, e.to_string()))?;
+        t.control = reader;
+        t.sender.fw = writer;
+        let resume: PostcopyResume = t
+            .control
+            .recv(Phase::Postcopy)
+            .map_err(|e| interrupted(missing, e.to_string()))?;
+        let mut unsent = DirtyBitmap::new(&layout);
+        for run in &resume.missing {
+            run.check(&layout)
+                .map_err(|e| interrupted(missing, e.to_string()))?;
+            unsent.set_range(run.region as usize, run.first_page, run.npages);
         }
-    });
-    let missing = lock(&shared.unsent).count();
-    let pushed_pages = pushed.map_err(|why| interrupted(missing, why))?;
+        *lock(&shared.unsent) = unsent;
+        fault = next_fault;
+    }
     let (requests, requested_pages) = *lock(&shared.requests);
     Ok(PostcopySourceReport {
         discard_pages,
         requests,
         requested_pages,
         pushed_pages,
+        reconnects,
         ..PostcopySourceReport::default()
     })
 }
@@ -382,6 +442,31 @@ fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
 const PUSH_PAGES: u64 = 256;
 
 impl Shared<'_> {
+    /// One pair of connections: the request server and the push, until
+    /// the destination has every page (`Ok`) or a connection broke.
+    fn attempt(
+        &self,
+        t: &mut Tracking<'_>,
+        fault: Box<dyn Transport>,
+        pushed: &mut u64,
+    ) -> Result<(), String> {
+        let fault_rx = fault.try_clone().map_err(|e| e.to_string())?;
+        let stopper = fault.try_clone().map_err(|e| e.to_string())?;
+        self.stop.store(false, Ordering::SeqCst);
+        std::thread::scope(|scope| {
+            let server = scope.spawn(|| self.answer(FrameReader::new(fault_rx), fault));
+            let r = self.push(t, pushed);
+            self.stop.store(true, Ordering::SeqCst);
+            let _ = stopper.shutdown();
+            match (r, server.join()) {
+                (Ok(()), Ok(Ok(()))) => Ok(()),
+                (Err(e), _) => Err(e),
+                (_, Ok(Err(why))) => Err(why),
+                (_, Err(_)) => Err("the request server panicked".into()),
+            }
+        })
+    }
+
     /// The fault connection: each request answered at once.
     fn answer(
         &self,
@@ -501,11 +586,10 @@ impl Shared<'_> {
 
     /// The control connection: every unsent page, then `PostcopyPushed`,
     /// then the destination's `PostcopyComplete`. Returns the pages pushed.
-    fn push(&self, t: &mut Tracking<'_>) -> Result<u64, String> {
+    fn push(&self, t: &mut Tracking<'_>, pushed: &mut u64) -> Result<(), String> {
         let (fw, pacer) = (&mut t.sender.fw, &mut t.sender.pacer);
         let mut batch = PageBatch::with_capacity(PageBatch::data_record_len(PUSH_PAGES as u32));
         let mut cursor = (0, 0);
-        let mut pushed = 0;
         while let Some((region, page, n)) = self.next_run(&mut cursor) {
             batch.clear();
             self.fill(&mut batch, region, page, n)
@@ -513,7 +597,7 @@ impl Shared<'_> {
             fw.write_frame(MsgKind::Pages, &[batch.as_bytes()])
                 .and_then(|_| fw.flush())
                 .map_err(|e| e.to_string())?;
-            pushed += n;
+            *pushed += n;
             // `max_bandwidth` caps the push too (the guest's network is
             // shared while it runs on the destination); answers are not
             // paced: they are few and a vCPU waits for each.
@@ -525,7 +609,7 @@ impl Shared<'_> {
         }
         let (_, requested) = *lock(&self.requests);
         fw.send(&PostcopyPushed {
-            pages: pushed + requested,
+            pages: *pushed + requested,
         })
         .and_then(|_| fw.flush())
         .map_err(|e| e.to_string())?;
@@ -534,6 +618,6 @@ impl Shared<'_> {
             "post-copy complete: the destination installed {} pages",
             done.pages
         );
-        Ok(pushed)
+        Ok(())
     }
 }
