@@ -512,3 +512,60 @@ fn a_broken_link_during_postcopy_resumes_on_new_connections() {
         },
     );
 }
+
+#[test]
+fn a_slow_push_keeps_the_destination_listening() {
+    // 2 MiB of data at 1 MiB/s: the pacer waits about a second after the
+    // first 1 MiB frame, longer than both sides' 300 ms I/O timeout.
+    let small = MemoryLayout::new(vec![RegionDesc {
+        guest_addr: 0,
+        size: 2 << 20,
+    }])
+    .unwrap();
+    let src = SoftVm::new(&small, &SoftConfig::idle()).unwrap();
+    src.fill(2);
+    src.start(); // running (no writers): a paused VM is never offered post-copy
+    let timeout = Duration::from_millis(300);
+    let (a, b) = mem::pair();
+    let (fa, fb) = mem::pair();
+    let dest = std::thread::spawn(move || {
+        receive_postcopy_resumable(
+            Box::new(b),
+            Box::new(fb),
+            &ReceiveConfig {
+                io_timeout: timeout,
+            },
+            |desc| SoftVm::new(&desc.layout, &SoftConfig::idle()),
+            |vm: &SoftVm, layout: &MemoryLayout| {
+                let p = SoftPager::new(DestinationVm::memory(vm), layout);
+                Ok(Box::new(p) as Box<dyn PostcopyMemory>)
+            },
+            &mut || None,
+        )
+    });
+    let pc = PostcopyConfig {
+        after_rounds: 0,
+        on_non_convergence: false,
+        ..Default::default()
+    };
+    let config = MigrationConfig {
+        io_timeout: timeout,
+        max_bandwidth: Some(1 << 20),
+        ..Default::default()
+    };
+    let report = migrate_postcopy_resumable(
+        &src,
+        Box::new(a),
+        Box::new(fa),
+        None,
+        &pc,
+        &config,
+        &CancelToken::new(),
+        &mut |_| {},
+    )
+    .expect("source");
+    assert!(report.postcopy.is_some(), "switched to post-copy");
+    let (dst, _) = dest.join().unwrap().expect("destination");
+    dst.stop();
+    assert!(dst.snapshot() == src.snapshot());
+}

@@ -587,6 +587,7 @@ impl Shared<'_> {
     /// The control connection: every unsent page, then `PostcopyPushed`,
     /// then the destination's `PostcopyComplete`. Returns the pages pushed.
     fn push(&self, t: &mut Tracking<'_>, pushed: &mut u64) -> Result<(), String> {
+        let alive_every = t.sender.alive_every;
         let (fw, pacer) = (&mut t.sender.fw, &mut t.sender.pacer);
         let mut batch = PageBatch::with_capacity(PageBatch::data_record_len(PUSH_PAGES as u32));
         let mut cursor = (0, 0);
@@ -603,7 +604,19 @@ impl Shared<'_> {
             // paced: they are few and a vCPU waits for each.
             let wait = pacer.account(batch.len_bytes() as u64);
             if !wait.is_zero() {
-                std::thread::sleep(wait);
+                // In slices, each followed by a keepalive: the destination
+                // reads with its I/O timeout.
+                let until = Instant::now() + wait;
+                loop {
+                    let left = until.saturating_duration_since(Instant::now());
+                    if left.is_zero() {
+                        break;
+                    }
+                    std::thread::sleep(left.min(alive_every));
+                    fw.write_frame(MsgKind::Keepalive, &[])
+                        .and_then(|_| fw.flush())
+                        .map_err(|e| e.to_string())?;
+                }
                 pacer.rewind();
             }
         }
