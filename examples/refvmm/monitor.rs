@@ -311,7 +311,7 @@ impl Running {
                 self.stage = Stage::Device;
                 self.paused_remaining = Some(remaining_pages * PAGE_SIZE as u64);
             }
-            Progress::Completed { .. } => {}
+            Progress::Completed { .. } | Progress::Postcopy { .. } => {}
         }
     }
 

@@ -18,6 +18,9 @@ pub enum Phase {
     State,
     /// The completion exchange (`Ready`, `Go`, `Resumed`).
     Completion,
+    /// After `Go` in a post-copy migration: the guest runs on the
+    /// destination while its remaining pages are requested and pushed.
+    Postcopy,
 }
 
 impl fmt::Display for Phase {
@@ -28,6 +31,7 @@ impl fmt::Display for Phase {
             Phase::FinalMemory => write!(f, "final memory (stop-and-copy)"),
             Phase::State => write!(f, "device state"),
             Phase::Completion => write!(f, "completion"),
+            Phase::Postcopy => write!(f, "post-copy"),
         }
     }
 }
@@ -75,6 +79,19 @@ pub enum ErrorKind {
         waiting_for: &'static str,
         /// The timeout.
         after: std::time::Duration,
+    },
+    /// Post-copy stopped before every page reached the destination. The
+    /// guest runs on the destination and part of its memory is still only
+    /// on the source: the source keeps its VM paused with its memory intact,
+    /// the destination's vCPUs that touch a missing page wait for it
+    /// (docs/postcopy.md).
+    #[error("post-copy interrupted with {missing} page(s) not yet on the destination: {why}")]
+    PostcopyInterrupted {
+        /// Pages of the discard set not installed (destination) or not sent
+        /// (source).
+        missing: u64,
+        /// What broke.
+        why: String,
     },
     /// The migration was cancelled.
     #[error("cancelled")]
@@ -274,6 +291,10 @@ pub enum InternalError {
     /// A page-stream thread exited before it was asked to.
     #[error("page stream {0} is gone")]
     StreamGone(u32),
+    /// The post-copy page server failed (installing a page, reading
+    /// faults, a bad frame on the fault connection).
+    #[error("post-copy page server: {0}")]
+    Postcopy(String),
     /// A page-stream thread exited before it reported.
     #[error("sender thread exited")]
     Exited,

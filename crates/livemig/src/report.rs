@@ -105,6 +105,9 @@ pub struct Report {
     pub throttle_max_pct: Option<u32>,
     /// The error, if any.
     pub error: Option<String>,
+    /// The post-copy phase, when the migration switched to post-copy.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub postcopy: Option<crate::source::postcopy::PostcopySourceReport>,
 }
 
 impl Report {
@@ -131,6 +134,7 @@ impl Report {
             streams: 1,
             throttle_max_pct: Some(0),
             error: None,
+            postcopy: None,
         }
     }
 
@@ -152,6 +156,12 @@ pub enum Progress {
     Paused {
         /// Dirty pages to send while paused.
         remaining_pages: u64,
+    },
+    /// The migration switches to post-copy (the VM pauses next; the
+    /// destination runs it after `Go` while its memory arrives).
+    Postcopy {
+        /// Why (asked for, or pre-copy predicted not to converge).
+        reason: String,
     },
     /// The destination runs the guest.
     Completed {

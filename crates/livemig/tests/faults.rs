@@ -226,6 +226,7 @@ fn rank(p: Phase) -> u64 {
         Phase::FinalMemory => 1 << 40,
         Phase::State => (1 << 40) + 1,
         Phase::Completion => (1 << 40) + 2,
+        Phase::Postcopy => (1 << 40) + 3,
     }
 }
 

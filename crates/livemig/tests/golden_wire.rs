@@ -92,6 +92,24 @@ const HELLO_REPLY_V3: &str = r#"
     03000000                          # version 3
 "#;
 
+// HELLO_REPLY_POSTCOPY: 28 bytes (a version-3 reply granting post-copy to
+// a source that offered it; docs/postcopy.md)
+const HELLO_REPLY_POSTCOPY: &str = r#"
+    01                                # accepted
+    0000                              # reason: length 0
+    01000000                          # streams 1
+    000102030405060708090a0b0c0d0e0f  # token
+    03000000                          # version 3
+    01                                # postcopy granted
+"#;
+
+// PAGE_REQUEST: 16 bytes
+const PAGE_REQUEST: &str = r#"
+    01000000                          # region 1
+    2a00000000000000                  # page 42
+    01000000                          # npages 1
+"#;
+
 // HELLO_REPLY_V2: 23 bytes
 const HELLO_REPLY_V2: &str = r#"
     01                                # accepted
@@ -273,6 +291,7 @@ fn hello(protocol_version: u32, paused: bool) -> Hello {
         desc: desc(),
         streams: 2,
         paused,
+        postcopy: false,
     }
 }
 
@@ -295,6 +314,11 @@ fn kind_bytes() {
         (StreamHello, 13),
         (PagesLz4, 14),
         (Abandoned, 15),
+        (PostcopySwitch, 16),
+        (PageRequest, 17),
+        (PostcopyPushed, 18),
+        (PostcopyComplete, 19),
+        (PostcopyResume, 20),
     ];
     assert_eq!(table.len(), MsgKind::ALL.len());
     for (kind, byte) in table {
@@ -327,6 +351,34 @@ fn hello_reply_v3() {
             streams: 2,
             token: TOKEN,
             version: 3,
+            postcopy: false,
+        },
+    );
+}
+
+#[test]
+fn hello_reply_granting_postcopy() {
+    check(
+        HELLO_REPLY_POSTCOPY,
+        &HelloReply {
+            accepted: true,
+            reason: String::new(),
+            streams: 1,
+            token: TOKEN,
+            version: 3,
+            postcopy: true,
+        },
+    );
+}
+
+#[test]
+fn page_request() {
+    check(
+        PAGE_REQUEST,
+        &livemig::protocol::PageRequest {
+            region: 1,
+            page: 42,
+            npages: 1,
         },
     );
 }
@@ -341,6 +393,7 @@ fn hello_reply_v2() {
             streams: 2,
             token: TOKEN,
             version: 2,
+            postcopy: false,
         },
     );
 }

@@ -95,6 +95,8 @@ pub(super) fn reply(
     // that do not overlap): 3, or 2 with a source of release 0.1.0.
     let mut reply = HelloReply::accepted(streams, token);
     reply.version = link.version;
+    // Granted only in version 3 or later (the byte follows `version`).
+    reply.postcopy = link.postcopy && link.version >= 3;
     link.granted = streams;
     crate::control::send(&mut link.fw, &reply, Phase::Handshake)?;
     match acceptor {

@@ -180,6 +180,9 @@ pub(super) struct Received {
     pub(super) stream_bytes: u64,
     /// Rounds announced by the source.
     pub(super) rounds: u32,
+    /// The source switched to post-copy: the pages to drop
+    /// (`destination::postcopy`; refused unless post-copy was granted).
+    pub(super) switch: Option<crate::protocol::PostcopySwitch>,
 }
 
 /// The memory phase: pages on every connection, round ends and the state
@@ -252,6 +255,7 @@ pub(super) fn receive(
             ));
         }
         got.sections = r?;
+        got.switch = cl.switch.take();
         Ok(got)
     })
 }
@@ -274,6 +278,7 @@ struct ControlLoop<'a> {
     rounds: u32,
     sections: Option<Vec<Section>>,
     state_frames: usize,
+    switch: Option<crate::protocol::PostcopySwitch>,
 }
 
 impl<'a> ControlLoop<'a> {
@@ -285,6 +290,7 @@ impl<'a> ControlLoop<'a> {
             rounds: 0,
             sections: None,
             state_frames: 0,
+            switch: None,
         }
     }
 
@@ -311,6 +317,15 @@ impl<'a> ControlLoop<'a> {
                     self.phase = Phase::State;
                     let state = State::decode(f.payload);
                     self.add_state(state)?;
+                }
+                MsgKind::PostcopySwitch if self.switch.is_none() => {
+                    let sw = crate::protocol::PostcopySwitch::decode(f.payload);
+                    let sw = sw.map_err(|e| at(e.into()))?;
+                    for run in &sw.discard {
+                        run.check(self.sink.layout).map_err(|e| at(e.into()))?;
+                    }
+                    self.switch = Some(sw);
+                    self.phase = Phase::FinalMemory;
                 }
                 MsgKind::Complete => break,
                 MsgKind::Cancel => return Err(at(ErrorKind::Cancelled)),

@@ -26,6 +26,7 @@ use crate::vm::{DestinationVm, VmDescription, VmError};
 mod commit;
 mod handshake;
 mod memory;
+pub mod postcopy;
 
 pub use handshake::STREAM_HELLO_TIMEOUT;
 
@@ -54,6 +55,9 @@ pub struct ReceiveReport {
     /// (by its operator) when the migration started; the VM is then
     /// returned paused and [`DestinationVm::resume`] was not called.
     pub running: bool,
+    /// The post-copy phase's measurements, when the migration used it.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub postcopy: Option<postcopy::PostcopyStats>,
 }
 
 /// Destination settings.
@@ -142,6 +146,7 @@ where
         fw,
         version: PROTOCOL_VERSION,
         granted: 1,
+        postcopy: false,
     };
     let result = run(&mut link, acceptor, config, create);
     if let Err(e) = &result {
@@ -168,6 +173,9 @@ pub(super) struct Link {
     version: u32,
     /// Page streams granted (1 = pages on the control connection).
     granted: u32,
+    /// Post-copy granted (only by `postcopy::receive_postcopy`, to a source
+    /// that offered it).
+    postcopy: bool,
 }
 
 /// The phases, in order: handshake, memory and state, restore and commit.
@@ -191,6 +199,13 @@ where
         let readers = handshake::reply(link, acceptor, hello.streams, config.io_timeout)?;
         memory::receive(&mut link.control, readers, &layout, &ram)?
     };
+    if received.switch.is_some() {
+        let e = ErrorKind::Unexpected {
+            got: "PostcopySwitch".into(),
+            expected: "Pages, RoundEnd, State or Complete (post-copy was not granted)",
+        };
+        return Err(MigrationError::new(Phase::FinalMemory, e));
+    }
     let running = !hello.paused;
     let times = commit::commit(&mut vm, link, &received.sections, running)?;
     let report = ReceiveReport {
@@ -204,6 +219,7 @@ where
         total_ms: ms(started.elapsed()),
         version: link.version,
         running,
+        postcopy: None,
     };
     Ok((vm, report))
 }

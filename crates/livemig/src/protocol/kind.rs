@@ -47,11 +47,28 @@ pub enum MsgKind {
     /// ([`Abandoned`](super::Abandoned)). Any failure of the destination after `Ready` is
     /// reported with this kind instead of `Error`.
     Abandoned = 15,
+    /// Source → destination, control connection, only when post-copy was
+    /// granted: the guest switches to post-copy; the pages to drop
+    /// ([`PostcopySwitch`](super::PostcopySwitch)).
+    PostcopySwitch = 16,
+    /// Destination → source, fault connection: the guest needs these pages
+    /// now ([`PageRequest`](super::PageRequest)).
+    PageRequest = 17,
+    /// Source → destination: every page of the switch's discard set was sent
+    /// ([`PostcopyPushed`](super::PostcopyPushed)).
+    PostcopyPushed = 18,
+    /// Destination → source: every page of the discard set is installed
+    /// ([`PostcopyComplete`](super::PostcopyComplete)).
+    PostcopyComplete = 19,
+    /// Destination → source, first frame of a new control connection after
+    /// the old one broke during post-copy: the pages still missing
+    /// ([`PostcopyResume`](super::PostcopyResume)).
+    PostcopyResume = 20,
 }
 
 impl MsgKind {
     /// Every kind, in wire order.
-    pub const ALL: [MsgKind; 15] = [
+    pub const ALL: [MsgKind; 20] = [
         MsgKind::Hello,
         MsgKind::HelloReply,
         MsgKind::Pages,
@@ -67,6 +84,11 @@ impl MsgKind {
         MsgKind::StreamHello,
         MsgKind::PagesLz4,
         MsgKind::Abandoned,
+        MsgKind::PostcopySwitch,
+        MsgKind::PageRequest,
+        MsgKind::PostcopyPushed,
+        MsgKind::PostcopyComplete,
+        MsgKind::PostcopyResume,
     ];
 
     /// The kind for a wire byte, if known.
@@ -93,6 +115,11 @@ impl MsgKind {
             MsgKind::StreamHello => "StreamHello",
             MsgKind::PagesLz4 => "PagesLz4",
             MsgKind::Abandoned => "Abandoned",
+            MsgKind::PostcopySwitch => "PostcopySwitch",
+            MsgKind::PageRequest => "PageRequest",
+            MsgKind::PostcopyPushed => "PostcopyPushed",
+            MsgKind::PostcopyComplete => "PostcopyComplete",
+            MsgKind::PostcopyResume => "PostcopyResume",
         }
     }
 }

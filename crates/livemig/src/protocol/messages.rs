@@ -19,6 +19,10 @@ pub const HELLO_MAGIC: [u8; 8] = *b"LIVEMIG\0";
 /// paused (value `"1"`). Keys starting with `livemig.` are the engine's: a
 /// VM description may not use them.
 pub const PAUSED_PROPERTY: &str = "livemig.paused";
+/// The property key by which a [`Hello`] offers post-copy (value `"1"`;
+/// see `docs/postcopy.md`). Sent only by a source that may use post-copy,
+/// so a source that does not sends the bytes it always sent.
+pub const POSTCOPY_PROPERTY: &str = "livemig.postcopy";
 
 /// A message with a typed payload (every kind except `Pages`).
 pub trait Message: Sized {
@@ -64,6 +68,8 @@ pub struct Hello {
     /// The source VM was paused (by its operator) when the migration
     /// started: the destination keeps it paused after `Go`.
     pub paused: bool,
+    /// The source offers post-copy ([`POSTCOPY_PROPERTY`]).
+    pub postcopy: bool,
 }
 
 impl Hello {
@@ -77,6 +83,7 @@ impl Hello {
             desc,
             streams: 1,
             paused: false,
+            postcopy: false,
         }
     }
 
@@ -150,6 +157,9 @@ impl Message for Hello {
         if self.paused {
             props.push((PAUSED_PROPERTY, "1"));
         }
+        if self.postcopy {
+            props.push((POSTCOPY_PROPERTY, "1"));
+        }
         put_count(out, M, "properties", props.len(), MAX_PROPERTIES)?;
         for (k, v) in props {
             if k.is_empty() {
@@ -191,7 +201,7 @@ impl Message for Hello {
         let layout = read_layout(&mut c)?;
         let vcpus = read_vcpus(&mut c)?;
         let nics = read_nics(&mut c)?;
-        let (properties, paused) = read_properties(&mut c)?;
+        let (properties, flags) = read_properties(&mut c)?;
         let streams = c.streams()?;
         // A newer sender may append fields of its own version: they are not
         // ours to read. From our own version (or older), trailing bytes are
@@ -211,9 +221,17 @@ impl Message for Hello {
                 properties,
             },
             streams,
-            paused,
+            paused: flags.paused,
+            postcopy: flags.postcopy,
         })
     }
+}
+
+/// The engine's own flags among a [`Hello`]'s properties.
+#[derive(Default)]
+struct HelloFlags {
+    paused: bool,
+    postcopy: bool,
 }
 
 /// Reads a [`Hello`]'s region count and regions as a valid layout.
@@ -261,12 +279,14 @@ fn read_nics(c: &mut Cursor<'_>) -> Result<Vec<NicInfo>, ProtocolError> {
     Ok(nics)
 }
 
-/// Reads a [`Hello`]'s properties: the description's, and whether the
-/// reserved [`PAUSED_PROPERTY`] says the source VM is paused.
-fn read_properties(c: &mut Cursor<'_>) -> Result<(BTreeMap<String, String>, bool), ProtocolError> {
+/// Reads a [`Hello`]'s properties: the description's, and the engine's
+/// reserved flags ([`PAUSED_PROPERTY`], [`POSTCOPY_PROPERTY`]).
+fn read_properties(
+    c: &mut Cursor<'_>,
+) -> Result<(BTreeMap<String, String>, HelloFlags), ProtocolError> {
     let n = c.count("properties", MAX_PROPERTIES, 4)?;
     let mut properties = BTreeMap::new();
-    let mut paused = false;
+    let mut flags = HelloFlags::default();
     for i in 0..n {
         let at = c.pos;
         let k = c.string(&format!("property {i} key"), MAX_PROPERTY_LEN)?;
@@ -274,19 +294,27 @@ fn read_properties(c: &mut Cursor<'_>) -> Result<(BTreeMap<String, String>, bool
             return Err(c.malformed_at(at, format!("property {i} has an empty key")));
         }
         let v = c.string(&format!("property '{k}' value"), MAX_PROPERTY_LEN)?;
-        if properties.contains_key(&k) || (k == PAUSED_PROPERTY && paused) {
+        let flag = match k.as_str() {
+            PAUSED_PROPERTY => Some(&mut flags.paused),
+            POSTCOPY_PROPERTY => Some(&mut flags.postcopy),
+            _ => None,
+        };
+        let Some(flag) = flag else {
+            if properties.contains_key(&k) {
+                return Err(c.malformed_at(at, format!("property '{k}' appears twice")));
+            }
+            properties.insert(k, v);
+            continue;
+        };
+        if *flag {
             return Err(c.malformed_at(at, format!("property '{k}' appears twice")));
         }
-        if k == PAUSED_PROPERTY {
-            if v != "1" {
-                return Err(c.malformed_at(at, format!("property '{k}' is {v:?}, not \"1\"")));
-            }
-            paused = true;
-            continue;
+        if v != "1" {
+            return Err(c.malformed_at(at, format!("property '{k}' is {v:?}, not \"1\"")));
         }
-        properties.insert(k, v);
+        *flag = true;
     }
-    Ok((properties, paused))
+    Ok((properties, flags))
 }
 
 /// Reply to [`Hello`] (destination → source).
@@ -307,6 +335,9 @@ pub struct HelloReply {
     /// The protocol version the destination chose for the rest of the
     /// migration (the newest in both ranges); 0 in a refusal.
     pub version: u32,
+    /// Post-copy granted (only to a source that offered it, in version 3
+    /// and later: one more byte after `version`).
+    pub postcopy: bool,
 }
 
 impl HelloReply {
@@ -318,6 +349,7 @@ impl HelloReply {
             streams: 1,
             token: [0; 16],
             version: 0,
+            postcopy: false,
         }
     }
 
@@ -330,6 +362,7 @@ impl HelloReply {
             streams,
             token,
             version: PROTOCOL_VERSION,
+            postcopy: false,
         }
     }
 }
@@ -352,6 +385,9 @@ impl Message for HelloReply {
         // field; a refusal (version 0) has none either.
         if self.version >= 3 {
             put_u32(out, self.version);
+            if self.postcopy {
+                out.push(1);
+            }
         }
         Ok(())
     }
@@ -374,6 +410,13 @@ impl Message for HelloReply {
         if version < 3 && c.pos != at {
             return Err(c.malformed_at(at, format!("version {version} in a version-3 field")));
         }
+        // Only a source that offered post-copy gets this byte (docs/postcopy.md).
+        // Present only when granted, as a 1: any other byte is left to
+        // `finish`, which refuses it as trailing.
+        let postcopy = version >= 3 && c.data.get(c.pos) == Some(&1);
+        if postcopy {
+            c.pos += 1;
+        }
         c.finish()?;
         Ok(HelloReply {
             accepted,
@@ -381,6 +424,7 @@ impl Message for HelloReply {
             streams,
             token,
             version,
+            postcopy,
         })
     }
 }
@@ -878,6 +922,7 @@ mod tests {
                     streams: 1,
                     token: [0; 16],
                     version: 0,
+                    postcopy: false,
                 }),
             ),
             (
@@ -915,13 +960,16 @@ mod tests {
     #[test]
     fn round_trip_every_message() {
         let msgs = all_messages();
-        assert_eq!(msgs.len(), MsgKind::ALL.len() - 2); // all but Pages, PagesLz4
+        // All but Pages, PagesLz4 and the five post-copy kinds (their round
+        // trips are in protocol/postcopy.rs).
+        assert_eq!(msgs.len(), MsgKind::ALL.len() - 7);
         round_trip(&HelloReply {
             accepted: true,
             reason: String::new(),
             streams: 1,
             token: [0; 16],
             version: PROTOCOL_VERSION,
+            postcopy: false,
         });
         round_trip(&State::default());
         let mut d = desc();
@@ -932,7 +980,7 @@ mod tests {
             assert_eq!(MsgKind::from_u8(k as u8), Some(k));
         }
         assert_eq!(MsgKind::from_u8(0), None);
-        assert_eq!(MsgKind::from_u8(16), None);
+        assert_eq!(MsgKind::from_u8(21), None);
     }
 
     #[test]
@@ -944,6 +992,7 @@ mod tests {
             streams: 1,
             token: [0; 16],
             version: PROTOCOL_VERSION,
+            postcopy: false,
         }
         .encode()
         .unwrap();
@@ -1187,6 +1236,7 @@ mod tests {
             streams: 1,
             token: [0; 16],
             version: 0,
+            postcopy: false,
         };
         assert_eq!(
             HelloReply::decode(&r.encode().unwrap())

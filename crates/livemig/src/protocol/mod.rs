@@ -58,6 +58,7 @@ mod frame;
 mod kind;
 mod messages;
 mod pages;
+mod postcopy;
 #[cfg(test)]
 mod test_support;
 
@@ -66,11 +67,15 @@ pub use frame::{Frame, FrameHeader, FrameReader, FrameWriter, FRAME_HEADER_LEN, 
 pub use kind::MsgKind;
 pub use messages::{
     state_frames, Abandoned, Cancel, Complete, ErrorMsg, Go, Hello, HelloReply, Keepalive, Message,
-    Ready, Resumed, RoundEnd, State, StreamHello, HELLO_MAGIC, PAUSED_PROPERTY,
+    Ready, Resumed, RoundEnd, State, StreamHello, HELLO_MAGIC, PAUSED_PROPERTY, POSTCOPY_PROPERTY,
 };
 pub use pages::{
     compress_pages, decompress_pages, page_records, stream_of, PageBatch, PageRecord, PageRecords,
     RecordHeader, PAGE_RECORD_HEADER_LEN, STREAM_CHUNK_PAGES,
+};
+pub use postcopy::{
+    PageRequest, PageRun, PostcopyComplete, PostcopyPushed, PostcopyResume, PostcopySwitch,
+    MAX_DISCARD_RUNS, MAX_REQUEST_PAGES,
 };
 
 /// Default (and largest useful) payload size of one frame.

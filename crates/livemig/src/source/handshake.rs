@@ -28,6 +28,8 @@ pub(super) struct Accepted {
     pub(super) version: u32,
     /// Page streams granted.
     pub(super) granted: u32,
+    /// Post-copy granted.
+    pub(super) postcopy: bool,
 }
 
 /// What the switchover will cost beyond memory, measured before any page.
@@ -55,9 +57,11 @@ pub(super) fn handshake<V: SourceVm + ?Sized>(
     let mut hello = Hello::new(desc);
     hello.streams = config.streams;
     hello.paused = s.paused;
+    hello.postcopy = super::postcopy::offer(s);
     fw.send(&hello).map_err(|e| MigrationError::new(hs, e))?;
     let reply: HelloReply = control.recv(hs)?;
     check_reply(&reply, config.streams)?;
+    super::postcopy::check_grant(hello.postcopy, reply.postcopy)?;
     let streams = if reply.streams > 1 {
         // `migrate_streams` refused streams > 1 without an opener, and the
         // destination grants no more than asked for.
@@ -75,6 +79,7 @@ pub(super) fn handshake<V: SourceVm + ?Sized>(
         links,
         version: reply.version,
         granted: reply.streams,
+        postcopy: reply.postcopy,
     })
 }
 

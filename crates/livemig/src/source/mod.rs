@@ -28,6 +28,7 @@ use crate::vm::{SourceVm, VmDescription};
 
 mod cancel;
 mod handshake;
+pub mod postcopy;
 mod precopy;
 mod rounds;
 mod sender;
@@ -87,6 +88,19 @@ pub fn migrate_streams<V: SourceVm + ?Sized>(
     cancel: &CancelToken,
     progress: &mut dyn FnMut(&Progress),
 ) -> Result<Report, MigrationError> {
+    migrate_with(vm, transport, opener, None, config, cancel, progress)
+}
+
+/// [`migrate_streams`], with post-copy when `postcopy` is set.
+fn migrate_with<V: SourceVm + ?Sized>(
+    vm: &V,
+    transport: Box<dyn Transport>,
+    opener: Option<&mut dyn StreamOpener>,
+    postcopy: Option<postcopy::Plan>,
+    config: &MigrationConfig,
+    cancel: &CancelToken,
+    progress: &mut dyn FnMut(&Progress),
+) -> Result<Report, MigrationError> {
     let started = Instant::now();
     let desc = vm
         .describe()
@@ -99,6 +113,7 @@ pub fn migrate_streams<V: SourceVm + ?Sized>(
         progress,
         paused: vm.is_paused(),
         started,
+        postcopy,
     };
     let result =
         validate(config, opener.is_some()).and_then(|()| run(&mut s, transport, opener, desc));
@@ -140,7 +155,11 @@ fn run<V: SourceVm + ?Sized>(
     let outcome = transfer(s, &mut t);
     let bytes_sent = t.stop();
     match outcome {
-        Ok(committed) => Ok(assemble(s, &t, committed, layout.total_bytes(), bytes_sent)),
+        Ok(committed) => {
+            let mut report = assemble(s, &t, committed, layout.total_bytes(), bytes_sent);
+            report.postcopy = t.postcopy_report.take();
+            Ok(report)
+        }
         Err(NotCommitted::Ambiguous(e)) => Err(e),
         Err(NotCommitted::Kept(e)) => Err(fail_safe(s, &mut t, e)),
     }
@@ -183,7 +202,11 @@ fn phases<V: SourceVm + ?Sized>(
     // Stop throttling first so it cannot race the pause.
     throttler.finish(true);
     let paused = converged.stop_and_copy(s, t)?;
-    paused.commit(s, t)
+    let committed = paused.commit(s, t)?;
+    // Post-copy: the guest runs on the destination from here; any failure
+    // leaves the source paused with its memory intact.
+    postcopy::after_commit(s, t).map_err(NotCommitted::Ambiguous)?;
+    Ok(committed)
 }
 
 /// The source keeps the guest, in the run state the operator left it in,

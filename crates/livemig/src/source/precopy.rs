@@ -70,6 +70,13 @@ pub(super) fn precopy<V: SourceVm + ?Sized>(
     // everything anyway.
     merge_vmm_writes(s.vm, &mut DirtyBitmap::new(&layout));
     let mut bitmap = first_round_pages(&layout);
+    if super::postcopy::pure(s, t) {
+        // Pure post-copy: no round; every page is requested or pushed.
+        return Ok(Converged {
+            bitmap,
+            summary: PrecopySummary::default(),
+        });
+    }
     let mut p = Precopy {
         round: 0,
         start,
@@ -90,7 +97,11 @@ pub(super) fn precopy<V: SourceVm + ?Sized>(
         if s.cancel.is_cancelled() {
             return Err(MigrationError::new(phase, ErrorKind::Cancelled));
         }
-        match decide(s.config, p.round, p.start.elapsed(), &est) {
+        let decision = decide(s.config, p.round, p.start.elapsed(), &est);
+        if super::postcopy::switch_now(s, t, &p.summary.rounds, &decision, &est) {
+            return Ok(p.converged(bitmap, false));
+        }
+        match decision {
             Decision::Continue => p.round += 1,
             Decision::Switchover => return Ok(p.converged(bitmap, false)),
             Decision::ForceSwitchover => return Ok(p.converged(bitmap, true)),
@@ -176,7 +187,9 @@ impl Precopy {
             state_time: t.estimate.time,
             state_bytes: t.estimate.wire_bytes,
         };
-        let pct = if self.round > 0 {
+        // With post-copy standing in for auto-converge, the guest is never
+        // throttled: a non-converging pre-copy switches instead.
+        let pct = if self.round > 0 && !super::postcopy::replaces_throttle(s, t) {
             self.throttle
                 .after_round(s.config, dirty * PAGE_SIZE, sent.bytes)
         } else {

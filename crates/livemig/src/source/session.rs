@@ -34,6 +34,8 @@ pub(super) struct Session<'a, V: SourceVm + ?Sized> {
     pub(super) paused: bool,
     /// When the call started.
     pub(super) started: Instant,
+    /// Post-copy asked for (`migrate_postcopy`), with its fault connection.
+    pub(super) postcopy: Option<super::postcopy::Plan>,
 }
 
 /// Dirty logging is on: the connections, the tracker and what the
@@ -58,6 +60,12 @@ pub(super) struct Tracking<'a> {
     pub(super) setup_ms: f64,
     /// Page streams granted (1 = pages on the control connection).
     pub(super) streams: u32,
+    /// Post-copy granted by the destination.
+    pub(super) postcopy: bool,
+    /// Set at the switch to post-copy: the pages the destination drops.
+    pub(super) discard: Option<crate::bitmap::DirtyBitmap>,
+    /// The post-copy phase's report, once it ran.
+    pub(super) postcopy_report: Option<super::postcopy::PostcopySourceReport>,
 }
 
 impl<'a> Tracking<'a> {
@@ -99,6 +107,9 @@ impl<'a> Tracking<'a> {
             dirty_tracking,
             setup_ms: ms(s.started.elapsed()),
             streams: accepted.granted,
+            postcopy: accepted.postcopy,
+            discard: None,
+            postcopy_report: None,
         })
     }
 

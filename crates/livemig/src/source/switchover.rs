@@ -133,7 +133,11 @@ fn copy<V: SourceVm + ?Sized>(
     (s.progress)(&Progress::Paused {
         remaining_pages: bitmap.count(),
     });
-    let final_pages = final_memory(t, &bitmap)?;
+    let final_pages = if super::postcopy::switched(s) {
+        super::postcopy::switch(t, &bitmap)?
+    } else {
+        final_memory(t, &bitmap)?
+    };
     let mem = Instant::now();
     let (state_bytes, state_frames) = send_state(t, sections)?;
     let ready: Ready = t.control.recv(Phase::Completion)?;

@@ -15,6 +15,7 @@
 pub mod dirty;
 pub mod fault;
 pub mod hooked;
+pub mod postcopy;
 pub mod soft;
 pub mod transport;
 

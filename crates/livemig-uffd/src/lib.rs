@@ -1,0 +1,242 @@
+//! # livemig-uffd — a userfaultfd page installer for post-copy
+//!
+//! [`UffdPager`] implements livemig's
+//! [`PostcopyMemory`](livemig::destination::postcopy::PostcopyMemory) over
+//! host mappings of guest memory: the pages still to come are dropped
+//! (`MADV_DONTNEED`), every other page is made present (`MADV_POPULATE_READ`
+//! maps a never-written page to the zero page), then the regions are
+//! registered with userfaultfd in missing-page mode. An access to a missing
+//! page — by a vCPU inside `KVM_RUN`, or by the VMM itself — blocks in the
+//! kernel until the engine installs the page with `UFFDIO_COPY` (or
+//! `UFFDIO_ZEROPAGE`). Linux only; needs `CAP_SYS_PTRACE` or
+//! `vm.unprivileged_userfaultfd = 1` for faults raised by the kernel (KVM).
+//!
+//! Only private anonymous memory is supported in this build (for a
+//! `MAP_SHARED` memfd, `MADV_DONTNEED` does not drop the page: it would
+//! need `FALLOC_FL_PUNCH_HOLE` and shmem registration; not built).
+
+use std::os::fd::AsRawFd;
+use std::time::Duration;
+
+use livemig::bitmap::DirtyBitmap;
+use livemig::destination::postcopy::{PostcopyError, PostcopyMemory};
+use livemig::memory::PAGE_SIZE;
+use userfaultfd::{Event, Uffd, UffdBuilder};
+
+/// One region's host mapping: its address and length in pages.
+#[derive(Debug, Clone, Copy)]
+pub struct HostRegion {
+    /// Host address of the region's first page (page aligned).
+    pub addr: usize,
+    /// Pages in the region.
+    pub pages: u64,
+}
+
+/// The userfaultfd installer over a VM's regions (in layout order).
+pub struct UffdPager {
+    uffd: Uffd,
+    regions: Vec<HostRegion>,
+}
+
+fn os(op: &'static str) -> impl FnOnce(userfaultfd::Error) -> PostcopyError {
+    move |e| PostcopyError::Os {
+        op,
+        source: std::io::Error::other(e.to_string()),
+    }
+}
+
+fn last_os(op: &'static str) -> PostcopyError {
+    PostcopyError::Os {
+        op,
+        source: std::io::Error::last_os_error(),
+    }
+}
+
+impl UffdPager {
+    /// An installer over `regions`.
+    ///
+    /// # Safety
+    ///
+    /// Each region must be a private anonymous mapping of `pages` pages at
+    /// `addr` that stays mapped while the pager exists, and nobody but the
+    /// pager may populate its missing pages after [`PostcopyMemory::arm`].
+    pub unsafe fn new(regions: Vec<HostRegion>) -> Result<Self, PostcopyError> {
+        let uffd = UffdBuilder::new()
+            .close_on_exec(true)
+            .non_blocking(true)
+            // Faults raised by the kernel on behalf of a vCPU (KVM's
+            // get_user_pages) must reach us too.
+            .user_mode_only(false)
+            .create()
+            .map_err(os("userfaultfd"))?;
+        Ok(UffdPager { uffd, regions })
+    }
+
+    fn ptr(
+        &self,
+        region: usize,
+        page: u64,
+        npages: u64,
+    ) -> Result<*mut libc::c_void, PostcopyError> {
+        match self.regions.get(region) {
+            Some(r) if page.checked_add(npages).is_some_and(|e| e <= r.pages) => {
+                Ok((r.addr + (page * PAGE_SIZE) as usize) as *mut libc::c_void)
+            }
+            _ => Err(PostcopyError::Other(format!(
+                "pages {page}+{npages} of region {region} are outside memory"
+            ))),
+        }
+    }
+
+    fn madvise(
+        &self,
+        region: usize,
+        page: u64,
+        n: u64,
+        advice: i32,
+        op: &'static str,
+    ) -> Result<(), PostcopyError> {
+        let p = self.ptr(region, page, n)?;
+        // SAFETY: inside a mapping the caller of `new` vouched for; dropping
+        // or populating pages of a VM that is not running.
+        let r = unsafe { libc::madvise(p, (n * PAGE_SIZE) as usize, advice) };
+        if r != 0 {
+            return Err(last_os(op));
+        }
+        Ok(())
+    }
+
+    /// The region and page of a host address.
+    fn locate(&self, addr: usize) -> Option<(usize, u64)> {
+        self.regions.iter().enumerate().find_map(|(i, r)| {
+            let len = (r.pages * PAGE_SIZE) as usize;
+            (addr >= r.addr && addr < r.addr + len)
+                .then(|| (i, ((addr - r.addr) as u64) / PAGE_SIZE))
+        })
+    }
+}
+
+impl PostcopyMemory for UffdPager {
+    fn arm(&self, missing: &DirtyBitmap) -> Result<(), PostcopyError> {
+        for (region, r) in self.regions.iter().enumerate() {
+            let mut page = 0;
+            // Alternate runs: missing pages are dropped, the others made
+            // present, so that only the missing ones raise missing faults.
+            while page < r.pages {
+                let m = missing.is_set(region, page);
+                let mut end = page + 1;
+                while end < r.pages && missing.is_set(region, end) == m {
+                    end += 1;
+                }
+                if m {
+                    self.madvise(
+                        region,
+                        page,
+                        end - page,
+                        libc::MADV_DONTNEED,
+                        "madvise(DONTNEED)",
+                    )?;
+                } else {
+                    self.madvise(
+                        region,
+                        page,
+                        end - page,
+                        libc::MADV_POPULATE_READ,
+                        "madvise(POPULATE_READ)",
+                    )?;
+                }
+                page = end;
+            }
+            let len = (r.pages * PAGE_SIZE) as usize;
+            self.uffd
+                .register(r.addr as *mut libc::c_void, len)
+                .map_err(os("UFFDIO_REGISTER"))?;
+        }
+        Ok(())
+    }
+
+    fn next_fault(&self, timeout: Duration) -> Result<Option<(usize, u64)>, PostcopyError> {
+        let mut pfd = libc::pollfd {
+            fd: self.uffd.as_raw_fd(),
+            events: libc::POLLIN,
+            revents: 0,
+        };
+        let ms = timeout.as_millis().min(i32::MAX as u128) as i32;
+        // SAFETY: one valid pollfd.
+        let n = unsafe { libc::poll(&mut pfd, 1, ms) };
+        if n < 0 {
+            let e = std::io::Error::last_os_error();
+            if e.kind() == std::io::ErrorKind::Interrupted {
+                return Ok(None);
+            }
+            return Err(PostcopyError::Os {
+                op: "poll(userfaultfd)",
+                source: e,
+            });
+        }
+        if n == 0 {
+            return Ok(None);
+        }
+        match self.uffd.read_event().map_err(os("read(userfaultfd)"))? {
+            Some(Event::Pagefault { addr, .. }) => {
+                self.locate(addr as usize).map(Some).ok_or_else(|| {
+                    PostcopyError::Other(format!("a fault outside guest memory at {addr:?}"))
+                })
+            }
+            Some(other) => Err(PostcopyError::Other(format!(
+                "unexpected userfaultfd event {other:?}"
+            ))),
+            None => Ok(None),
+        }
+    }
+
+    fn install(&self, region: usize, page: u64, data: &[u8]) -> Result<(), PostcopyError> {
+        let n = data.len() as u64 / PAGE_SIZE;
+        let dst = self.ptr(region, page, n)?;
+        // SAFETY: `dst` is inside a registered region (checked), `data` is
+        // n whole pages; UFFDIO_COPY copies atomically and wakes waiters.
+        let copied = unsafe {
+            self.uffd
+                .copy(data.as_ptr() as *const libc::c_void, dst, data.len(), true)
+                .map_err(os("UFFDIO_COPY"))?
+        };
+        if copied != data.len() {
+            return Err(PostcopyError::Other(format!(
+                "UFFDIO_COPY copied {copied} of {} bytes",
+                data.len()
+            )));
+        }
+        Ok(())
+    }
+
+    fn install_zero(&self, region: usize, page: u64, npages: u64) -> Result<(), PostcopyError> {
+        let dst = self.ptr(region, page, npages)?;
+        let len = (npages * PAGE_SIZE) as usize;
+        // SAFETY: inside a registered region (checked).
+        let done = unsafe {
+            self.uffd
+                .zeropage(dst, len, true)
+                .map_err(os("UFFDIO_ZEROPAGE"))?
+        };
+        if done != len {
+            return Err(PostcopyError::Other(format!(
+                "UFFDIO_ZEROPAGE zeroed {done} of {len} bytes"
+            )));
+        }
+        Ok(())
+    }
+
+    fn wake(&self, region: usize, page: u64) -> Result<(), PostcopyError> {
+        let p = self.ptr(region, page, 1)?;
+        self.uffd
+            .wake(p, PAGE_SIZE as usize)
+            .map_err(os("UFFDIO_WAKE"))
+    }
+}
+
+// SAFETY: the raw addresses point into mappings the creator keeps alive
+// (see `new`); the userfaultfd is a file descriptor, usable from any thread.
+unsafe impl Send for UffdPager {}
+// SAFETY: every operation is a system call on the fd or the mappings; the
+// engine installs each page once.
+unsafe impl Sync for UffdPager {}

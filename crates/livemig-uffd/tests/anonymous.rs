@@ -1,0 +1,147 @@
+//! The userfaultfd installer on plain anonymous memory (no KVM): a thread
+//! reading a missing page blocks until the page is installed and then reads
+//! exactly the installed bytes; pages outside the missing set keep their
+//! contents (or read as zero) without a fault.
+
+use std::time::Duration;
+
+use livemig::bitmap::DirtyBitmap;
+use livemig::destination::postcopy::PostcopyMemory;
+use livemig::memory::{MemoryLayout, RegionDesc, PAGE_SIZE};
+use livemig_uffd::{HostRegion, UffdPager};
+
+const PAGES: u64 = 64;
+const PS: usize = PAGE_SIZE as usize;
+
+struct Anon(*mut u8);
+
+impl Anon {
+    fn new() -> Anon {
+        // SAFETY: a fresh private anonymous mapping.
+        let p = unsafe {
+            libc::mmap(
+                std::ptr::null_mut(),
+                PAGES as usize * PS,
+                libc::PROT_READ | libc::PROT_WRITE,
+                libc::MAP_PRIVATE | libc::MAP_ANONYMOUS,
+                -1,
+                0,
+            )
+        };
+        assert_ne!(p, libc::MAP_FAILED);
+        Anon(p as *mut u8)
+    }
+    fn page(&self, i: u64) -> *mut u8 {
+        // SAFETY: i < PAGES.
+        unsafe { self.0.add(i as usize * PS) }
+    }
+}
+
+impl Drop for Anon {
+    fn drop(&mut self) {
+        // SAFETY: our own mapping.
+        unsafe { libc::munmap(self.0 as *mut libc::c_void, PAGES as usize * PS) };
+    }
+}
+
+fn uffd_available() -> bool {
+    // SAFETY: a plain syscall; the fd is closed at once.
+    let fd = unsafe { libc::syscall(libc::SYS_userfaultfd, libc::O_CLOEXEC) };
+    if fd < 0 {
+        let e = std::io::Error::last_os_error();
+        // CI machines have it (the same requirement as KVM post-copy).
+        assert!(
+            std::env::var_os("LIVEMIG_REQUIRE_KVM").is_none(),
+            "userfaultfd unavailable: {e}"
+        );
+        eprintln!("SKIPPED: userfaultfd unavailable: {e}");
+        return false;
+    }
+    // SAFETY: the fd we just got.
+    unsafe { libc::close(fd as i32) };
+    true
+}
+
+#[test]
+fn a_reader_of_a_missing_page_waits_for_exactly_its_contents() {
+    if !uffd_available() {
+        return;
+    }
+    let mem = Anon::new();
+    // Page 1 holds stale data (it will be dropped), page 2 holds data that
+    // stays, page 3 was never written and stays zero.
+    // SAFETY: inside the mapping.
+    unsafe {
+        std::ptr::write_bytes(mem.page(1), 0x11, PS);
+        std::ptr::write_bytes(mem.page(2), 0x22, PS);
+    }
+    let layout = MemoryLayout::new(vec![RegionDesc {
+        guest_addr: 0,
+        size: PAGES * PAGE_SIZE,
+    }])
+    .unwrap();
+    let mut missing = DirtyBitmap::new(&layout);
+    missing.set(0, 1);
+    missing.set(0, 5);
+    missing.set(0, 6);
+    let regions = vec![HostRegion {
+        addr: mem.0 as usize,
+        pages: PAGES,
+    }];
+    // SAFETY: `mem` outlives the pager (dropped after it, below).
+    let pager = unsafe { UffdPager::new(regions) }.expect("userfaultfd");
+    pager.arm(&missing).expect("arm");
+
+    // Present pages read without a fault.
+    // SAFETY: inside the mapping; present pages do not block.
+    unsafe {
+        assert_eq!(*mem.page(2), 0x22);
+        assert_eq!(*mem.page(3), 0);
+    }
+    assert_eq!(pager.next_fault(Duration::from_millis(10)).unwrap(), None);
+
+    let addr = mem.page(1) as usize;
+    let reader = std::thread::spawn(move || {
+        let p = addr as *const u8;
+        // SAFETY: inside the mapping; blocks until page 1 is installed.
+        let v: Vec<u8> = (0..PS)
+            .map(|i| unsafe { std::ptr::read_volatile(p.add(i)) })
+            .collect();
+        v
+    });
+    let fault = pager
+        .next_fault(Duration::from_secs(10))
+        .unwrap()
+        .expect("the reader faulted");
+    assert_eq!(fault, (0, 1));
+    assert!(!reader.is_finished(), "the reader did not wait");
+    let data: Vec<u8> = (0..PS).map(|i| (i % 251) as u8).collect();
+    pager.install(0, 1, &data).unwrap();
+    assert_eq!(
+        reader.join().unwrap(),
+        data,
+        "the reader saw the installed page"
+    );
+
+    // Zero installation and a writer's fault.
+    let addr = mem.page(5) as usize;
+    let writer = std::thread::spawn(move || {
+        // SAFETY: inside the mapping; blocks until page 5 is installed.
+        unsafe { std::ptr::write_volatile((addr as *mut u8).add(7), 0x55) };
+    });
+    assert_eq!(
+        pager.next_fault(Duration::from_secs(10)).unwrap(),
+        Some((0, 5))
+    );
+    pager.install_zero(0, 5, 2).unwrap();
+    writer.join().unwrap();
+    // SAFETY: both pages installed.
+    unsafe {
+        assert_eq!(*mem.page(5).add(7), 0x55);
+        assert_eq!(*mem.page(5), 0);
+        assert_eq!(*mem.page(6), 0);
+        // The page that stayed is untouched.
+        assert_eq!(*mem.page(2).add(100), 0x22);
+    }
+    drop(pager);
+}

@@ -1,0 +1,711 @@
+//! Post-copy on the destination (see `docs/postcopy.md`): the page
+//! installer seam ([`PostcopyMemory`]), [`receive_postcopy`], and the page
+//! server that runs while the guest already runs here.
+//!
+//! The engine stays free of Linux-only requirements: a userfaultfd
+//! installer lives in the `livemig-uffd` crate; `livemig::testing` has a
+//! software one whose "vCPUs" block on a condition variable.
+
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Condvar, Mutex, MutexGuard};
+use std::time::{Duration, Instant};
+
+use serde::Serialize;
+
+use super::{handshake, memory, ms, Link, ReceiveConfig, ReceiveReport};
+use crate::bitmap::DirtyBitmap;
+use crate::control::{self, unexpected};
+use crate::error::{ErrorKind, MigrationError, Phase};
+use crate::memory::{MemoryLayout, PAGE_SIZE};
+use crate::protocol::{
+    decompress_pages, page_records, FrameReader, FrameWriter, Go, MsgKind, PageRequest, PageRun,
+    PostcopyComplete, PostcopyResume, PostcopySwitch, Ready, Resumed, PROTOCOL_VERSION,
+};
+use crate::transport::Transport;
+use crate::vm::{DestinationVm, VmDescription, VmError};
+
+/// A failure of a [`PostcopyMemory`].
+#[derive(Debug, thiserror::Error)]
+pub enum PostcopyError {
+    /// A system call failed.
+    #[error("{op}: {source}")]
+    Os {
+        /// What was called.
+        op: &'static str,
+        /// The OS error.
+        #[source]
+        source: std::io::Error,
+    },
+    /// Anything else (a page outside memory, an unexpected event).
+    #[error("{0}")]
+    Other(String),
+}
+
+/// Guest memory whose missing pages fault until the engine installs them:
+/// the destination's half of post-copy. Pages are named by region (in
+/// layout order) and page index inside the region.
+pub trait PostcopyMemory: Send + Sync {
+    /// Makes exactly the pages of `missing` fault on access until they are
+    /// installed; every other page keeps its contents (or reads as zero if
+    /// it never had any) and never faults. Called once, before the guest
+    /// runs.
+    fn arm(&self, missing: &DirtyBitmap) -> Result<(), PostcopyError>;
+    /// Waits at most `timeout` for an access to a missing page; returns
+    /// `(region, page)`. May return a page that was installed since (the
+    /// engine then calls [`PostcopyMemory::wake`]).
+    fn next_fault(&self, timeout: Duration) -> Result<Option<(usize, u64)>, PostcopyError>;
+    /// Installs `data` (whole pages) at `page` of `region` atomically and
+    /// wakes everyone waiting for those pages. The engine installs each
+    /// missing page exactly once.
+    fn install(&self, region: usize, page: u64, data: &[u8]) -> Result<(), PostcopyError>;
+    /// Installs `npages` zero pages at `page` of `region`, like `install`.
+    fn install_zero(&self, region: usize, page: u64, npages: u64) -> Result<(), PostcopyError>;
+    /// Wakes whoever waits on a page that is present already (a fault that
+    /// raced with its installation).
+    fn wake(&self, region: usize, page: u64) -> Result<(), PostcopyError>;
+}
+
+impl<T: PostcopyMemory + ?Sized> PostcopyMemory for Arc<T> {
+    fn arm(&self, missing: &DirtyBitmap) -> Result<(), PostcopyError> {
+        (**self).arm(missing)
+    }
+    fn next_fault(&self, timeout: Duration) -> Result<Option<(usize, u64)>, PostcopyError> {
+        (**self).next_fault(timeout)
+    }
+    fn install(&self, region: usize, page: u64, data: &[u8]) -> Result<(), PostcopyError> {
+        (**self).install(region, page, data)
+    }
+    fn install_zero(&self, region: usize, page: u64, npages: u64) -> Result<(), PostcopyError> {
+        (**self).install_zero(region, page, npages)
+    }
+    fn wake(&self, region: usize, page: u64) -> Result<(), PostcopyError> {
+        (**self).wake(region, page)
+    }
+}
+
+/// Median, 99th percentile and maximum, µs.
+#[derive(Debug, Clone, Copy, Default, Serialize, PartialEq)]
+pub struct LatencySummary {
+    /// Median.
+    pub median_us: u64,
+    /// 99th percentile (nearest rank).
+    pub p99_us: u64,
+    /// Maximum.
+    pub max_us: u64,
+}
+
+impl LatencySummary {
+    /// The summary of `samples` (all zero when empty).
+    pub fn of(mut samples: Vec<u64>) -> Self {
+        if samples.is_empty() {
+            return LatencySummary::default();
+        }
+        samples.sort_unstable();
+        let n = samples.len();
+        let p99 = (n * 99).div_ceil(100).clamp(1, n) - 1;
+        LatencySummary {
+            median_us: samples[n / 2],
+            p99_us: samples[p99],
+            max_us: samples[n - 1],
+        }
+    }
+}
+
+/// What the destination measured during post-copy.
+#[derive(Debug, Clone, Default, Serialize)]
+pub struct PostcopyStats {
+    /// Pages the source said to drop at the switch (to be installed).
+    pub discard_pages: u64,
+    /// Faults on missing pages that were requested from the source (a
+    /// second fault on a page already requested is not counted).
+    pub faults: u64,
+    /// Pages installed from the source's answers to requests.
+    pub requested_pages: u64,
+    /// Pages installed from the background push.
+    pub pushed_pages: u64,
+    /// From a fault being read to its page being installed.
+    pub fault_latency: LatencySummary,
+    /// The sum of those latencies over all faults, ms: vCPU time spent
+    /// waiting, summed over vCPUs (not QEMU's wall-clock "blocktime").
+    pub blocked_ms: f64,
+    /// From the resume to the last page installed, ms.
+    pub switch_to_last_page_ms: f64,
+}
+
+/// Like [`crate::receive`], and grants post-copy to a source that offers
+/// it. `fault` is the second connection of the migration (the source's
+/// `migrate_postcopy` opened it): requests and their answers only.
+///
+/// When the source switches to post-copy, `pager` is called with the VM to
+/// get its memory's page installer; the pages still to come are made
+/// missing ([`PostcopyMemory::arm`]) before the state is restored, and the
+/// VM is resumed after `Go` while they arrive. `receive_postcopy` returns
+/// once every page is installed (the VM has been running since `Go`).
+/// If the source does not switch, this is a plain pre-copy `receive`.
+///
+/// A failure after `Go` returns [`ErrorKind::PostcopyInterrupted`] and
+/// drops the VM and the installer; pages that never arrived were never
+/// installed, so nothing read a wrong page. Resuming the copy over new
+/// connections is not built yet.
+pub fn receive_postcopy<V, F, P>(
+    transport: Box<dyn Transport>,
+    fault: Box<dyn Transport>,
+    config: &ReceiveConfig,
+    create: F,
+    pager: P,
+) -> Result<(V, ReceiveReport), MigrationError>
+where
+    V: DestinationVm,
+    F: FnOnce(&VmDescription) -> Result<V, VmError>,
+    P: FnOnce(&V, &MemoryLayout) -> Result<Box<dyn PostcopyMemory>, VmError>,
+{
+    receive_postcopy_resumable(transport, fault, config, create, pager, &mut || None)
+}
+
+/// Gives a new (control, fault) pair of connections from the same source
+/// after the previous pair broke during post-copy, or `None` to give up
+/// (it decides how long to wait: accept with a deadline, say).
+pub type Reconnect<'a> = dyn FnMut() -> Option<(Box<dyn Transport>, Box<dyn Transport>)> + 'a;
+
+/// Like [`receive_postcopy`]; when a connection breaks after `Go`, calls
+/// `reconnect` for a new pair and continues: it sends the pages still
+/// missing ([`PostcopyResume`]) as the first frame of the new control
+/// connection and asks again for the pages vCPUs wait for. The pages
+/// installed so far stay; the vCPUs keep waiting meanwhile.
+pub fn receive_postcopy_resumable<V, F, P>(
+    transport: Box<dyn Transport>,
+    fault: Box<dyn Transport>,
+    config: &ReceiveConfig,
+    create: F,
+    pager: P,
+    reconnect: &mut Reconnect<'_>,
+) -> Result<(V, ReceiveReport), MigrationError>
+where
+    V: DestinationVm,
+    F: FnOnce(&VmDescription) -> Result<V, VmError>,
+    P: FnOnce(&V, &MemoryLayout) -> Result<Box<dyn PostcopyMemory>, VmError>,
+{
+    config
+        .validate()
+        .map_err(|e| MigrationError::new(Phase::Handshake, e))?;
+    let (control, fw) = control::open(transport, config.io_timeout)?;
+    let mut link = Link {
+        control,
+        fw,
+        version: PROTOCOL_VERSION,
+        granted: 1,
+        postcopy: false,
+    };
+    let result = run(&mut link, fault, config, create, pager, reconnect);
+    if let Err(e) = &result {
+        if !matches!(e.kind, ErrorKind::Remote { .. } | ErrorKind::Cancelled) {
+            let abandoned = e.phase == Phase::Completion && link.version >= 3;
+            control::send_failure(&mut link.fw, e, abandoned);
+        }
+        log::warn!("{e}");
+    }
+    result
+}
+
+fn run<V, F, P>(
+    link: &mut Link,
+    fault: Box<dyn Transport>,
+    config: &ReceiveConfig,
+    create: F,
+    pager: P,
+    reconnect: &mut Reconnect<'_>,
+) -> Result<(V, ReceiveReport), MigrationError>
+where
+    V: DestinationVm,
+    F: FnOnce(&VmDescription) -> Result<V, VmError>,
+    P: FnOnce(&V, &MemoryLayout) -> Result<Box<dyn PostcopyMemory>, VmError>,
+{
+    let started = Instant::now();
+    let hello = handshake::read_hello(link)?;
+    link.postcopy = hello.postcopy;
+    let layout = hello.desc.layout.clone();
+    let mut vm = handshake::create_vm(&mut link.fw, &hello.desc, create)?;
+    let received = {
+        let ram = handshake::prepare_memory(&mut link.fw, &vm, &layout)?;
+        let readers = handshake::reply(link, None, hello.streams, config.io_timeout)?;
+        memory::receive(&mut link.control, readers, &layout, &ram)?
+    };
+    let running = !hello.paused;
+    let mut report = ReceiveReport {
+        pages: received.pages,
+        zero_pages: received.zero,
+        rounds: received.rounds,
+        streams: link.granted,
+        version: link.version,
+        running,
+        ..ReceiveReport::default()
+    };
+    let Some(switch) = received.switch else {
+        let times = super::commit::commit(&mut vm, link, &received.sections, running)?;
+        report.restore_ms = ms(times.restore);
+        report.resume_ms = ms(times.resume);
+        report.bytes = link.control.bytes_read();
+        report.total_ms = ms(started.elapsed());
+        return Ok((vm, report));
+    };
+    if !link.postcopy {
+        let e = ErrorKind::Unexpected {
+            got: "PostcopySwitch".into(),
+            expected: "Pages, RoundEnd, State or Complete (post-copy was not granted)",
+        };
+        return Err(MigrationError::new(Phase::FinalMemory, e));
+    }
+    let discard = discard_bitmap(&layout, &switch);
+    let fm = Phase::FinalMemory;
+    let pager = pager(&vm, &layout).map_err(|e| MigrationError::new(fm, e))?;
+    pager
+        .arm(&discard)
+        .map_err(|e| MigrationError::new(fm, vm_error(e)))?;
+    let t = Instant::now();
+    vm.restore_state(&received.sections)
+        .map_err(|e| MigrationError::new(Phase::State, e))?;
+    report.restore_ms = ms(t.elapsed());
+    let cp = Phase::Completion;
+    let restore_us = t.elapsed().as_micros() as u64;
+    control::send(&mut link.fw, &Ready { restore_us }, cp)?;
+    link.control.recv::<Go>(cp)?;
+    let server = Server::new(&layout, &*pager, discard);
+    let stats = server.run_with(link, fault, config, reconnect, || {
+        let t = Instant::now();
+        if running {
+            vm.resume().map_err(|e| MigrationError::new(cp, e))?;
+        }
+        Ok(t.elapsed())
+    })?;
+    report.resume_ms = stats.1;
+    report.postcopy = Some(stats.0);
+    report.bytes = link.control.bytes_read();
+    report.total_ms = ms(started.elapsed());
+    Ok((vm, report))
+}
+
+fn vm_error(e: PostcopyError) -> VmError {
+    VmError::failed(crate::vm::VmOp::Resume, "post-copy memory", e)
+}
+
+/// The pages of `switch` as a bitmap (the runs were checked against the
+/// layout when the frame arrived).
+fn discard_bitmap(layout: &MemoryLayout, switch: &PostcopySwitch) -> DirtyBitmap {
+    let mut b = DirtyBitmap::new(layout);
+    for r in &switch.discard {
+        b.set_range(r.region as usize, r.first_page, r.npages);
+    }
+    b
+}
+
+/// What the page server's threads share.
+struct Server<'a> {
+    layout: &'a MemoryLayout,
+    pager: &'a dyn PostcopyMemory,
+    discard: DirtyBitmap,
+    st: Mutex<ServerState>,
+    all_in: Condvar,
+}
+
+#[derive(Default)]
+struct ServerState {
+    /// Pages of the discard set claimed for installation (installed, or
+    /// being installed by one thread).
+    installed: Option<DirtyBitmap>,
+    missing: u64,
+    requested: HashMap<(usize, u64), Instant>,
+    latencies: Vec<u64>,
+    faults: u64,
+    requested_pages: u64,
+    pushed_pages: u64,
+    last_install: Option<Instant>,
+    error: Option<String>,
+}
+
+impl<'a> Server<'a> {
+    fn new(layout: &'a MemoryLayout, pager: &'a dyn PostcopyMemory, discard: DirtyBitmap) -> Self {
+        let st = ServerState {
+            installed: Some(DirtyBitmap::new(layout)),
+            missing: discard.count(),
+            ..ServerState::default()
+        };
+        Server {
+            layout,
+            pager,
+            discard,
+            st: Mutex::new(st),
+            all_in: Condvar::new(),
+        }
+    }
+
+    fn lock(&self) -> MutexGuard<'_, ServerState> {
+        self.st.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    fn fail(&self, why: String) {
+        let mut st = self.lock();
+        st.error.get_or_insert(why);
+        drop(st);
+        self.all_in.notify_all();
+    }
+
+    /// Starts the fault threads, resumes the VM (`resume`), answers
+    /// `Resumed` and installs pages until all are in; when a connection
+    /// breaks, continues over the pair `reconnect` gives (if any).
+    fn run_with<R>(
+        &self,
+        link: &mut Link,
+        fault: Box<dyn Transport>,
+        config: &ReceiveConfig,
+        reconnect: &mut Reconnect<'_>,
+        resume: R,
+    ) -> Result<(PostcopyStats, f64), MigrationError>
+    where
+        R: FnOnce() -> Result<Duration, MigrationError>,
+    {
+        let mut fault = fault;
+        let mut resume = Some(resume);
+        let mut took = Duration::ZERO;
+        let resumed_at = Instant::now();
+        loop {
+            let e = match self.attempt(link, fault, config, &mut resume, &mut took) {
+                Ok(()) => return Ok((self.stats(resumed_at), ms(took))),
+                Err(e) if e.phase == Phase::Completion || self.lock().error.is_some() => {
+                    return Err(self.interrupted(e))
+                }
+                Err(e) => e,
+            };
+            let Some((control, next_fault)) = reconnect() else {
+                return Err(self.interrupted(e));
+            };
+            log::warn!("post-copy: {e}; continuing on new connections");
+            let (reader, writer) =
+                control::open(control, config.io_timeout).map_err(|e| self.interrupted(e))?;
+            link.control = reader;
+            link.fw = writer;
+            let resume_msg = PostcopyResume {
+                missing: self.missing_runs(),
+            };
+            control::send(&mut link.fw, &resume_msg, Phase::Postcopy)
+                .map_err(|e| self.interrupted(e))?;
+            fault = next_fault;
+        }
+    }
+
+    /// One pair of connections: the fault threads, the resume (the first
+    /// time), then the push until every page is in.
+    fn attempt<R>(
+        &self,
+        link: &mut Link,
+        fault: Box<dyn Transport>,
+        config: &ReceiveConfig,
+        resume: &mut Option<R>,
+        took: &mut Duration,
+    ) -> Result<(), MigrationError>
+    where
+        R: FnOnce() -> Result<Duration, MigrationError>,
+    {
+        let pc = Phase::Postcopy;
+        let io = |e: std::io::Error| MigrationError::new(pc, crate::protocol::ProtocolError::Io(e));
+        let fault_rx = fault.try_clone().map_err(io)?;
+        let stopper = fault.try_clone().map_err(io)?;
+        let stop = AtomicBool::new(false);
+        std::thread::scope(|scope| {
+            scope.spawn(|| self.fault_loop(FrameWriter::new(fault), &stop));
+            scope.spawn(|| self.answer_loop(FrameReader::new(fault_rx), &stop));
+            let mut r = Ok(());
+            if let Some(resume) = resume.take() {
+                r = resume().map(|t| {
+                    *took = t;
+                    let resumed = Resumed {
+                        resume_us: t.as_micros() as u64,
+                    };
+                    if let Err(e) = control::send(&mut link.fw, &resumed, Phase::Completion) {
+                        log::warn!("guest resumed but the acknowledgement could not be sent: {e}");
+                    }
+                });
+            }
+            let r = r.and_then(|()| {
+                let pages = self.push_loop(link, config.io_timeout)?;
+                control::send(&mut link.fw, &PostcopyComplete { pages }, pc)
+            });
+            stop.store(true, Ordering::SeqCst);
+            let _ = stopper.shutdown();
+            r
+        })
+    }
+
+    /// The pages of the discard set not installed, as runs.
+    fn missing_runs(&self) -> Vec<PageRun> {
+        let st = self.lock();
+        let mut runs = Vec::new();
+        let Some(installed) = st.installed.as_ref() else {
+            return runs;
+        };
+        for region in 0..self.discard.num_regions() {
+            let end = self.discard.region_pages(region);
+            let mut page = 0;
+            while page < end {
+                if !self.discard.is_set(region, page) || installed.is_set(region, page) {
+                    page += 1;
+                    continue;
+                }
+                let first = page;
+                while page < end
+                    && self.discard.is_set(region, page)
+                    && !installed.is_set(region, page)
+                {
+                    page += 1;
+                }
+                runs.push(PageRun {
+                    region: region as u32,
+                    first_page: first,
+                    npages: page - first,
+                });
+            }
+        }
+        runs
+    }
+
+    /// An error after `Go`, with how much is missing.
+    fn interrupted(&self, e: MigrationError) -> MigrationError {
+        if e.phase == Phase::Completion {
+            return e;
+        }
+        let missing = self.lock().missing;
+        let why = e.to_string();
+        MigrationError::new(
+            Phase::Postcopy,
+            ErrorKind::PostcopyInterrupted { missing, why },
+        )
+    }
+
+    /// The control connection: pushed pages until `PostcopyPushed`, then
+    /// waits for the last answers. Returns the pages installed.
+    fn push_loop(&self, link: &mut Link, wait: Duration) -> Result<u64, MigrationError> {
+        let pc = Phase::Postcopy;
+        const EXPECTED: &str = "Pages or PostcopyPushed";
+        let mut scratch = Vec::new();
+        loop {
+            if let Some(why) = self.lock().error.clone() {
+                return Err(MigrationError::new(pc, ErrorKind::Internal(internal(why))));
+            }
+            let f = link.control.next(pc, EXPECTED)?;
+            match f.kind {
+                MsgKind::Pages => self.apply(f.payload, false),
+                MsgKind::PagesLz4 => decompress_pages(f.payload, &mut scratch)
+                    .map_err(|e| e.to_string())
+                    .and_then(|_| self.apply(&scratch, false)),
+                MsgKind::Keepalive => Ok(()),
+                MsgKind::PostcopyPushed => break,
+                other => return Err(unexpected(other, EXPECTED, pc)),
+            }
+            .map_err(|why| MigrationError::new(pc, ErrorKind::Internal(internal(why))))?;
+        }
+        // Every page was sent; answers to requests may still be on the way.
+        let deadline = Instant::now() + wait;
+        let mut st = self.lock();
+        while st.missing > 0 && st.error.is_none() {
+            let left = deadline.saturating_duration_since(Instant::now());
+            if left.is_zero() {
+                let e = ErrorKind::Timeout {
+                    waiting_for: "the last post-copy pages",
+                    after: wait,
+                };
+                return Err(MigrationError::new(pc, e));
+            }
+            st = self
+                .all_in
+                .wait_timeout(st, left)
+                .unwrap_or_else(|e| e.into_inner())
+                .0;
+        }
+        if let Some(why) = st.error.clone() {
+            return Err(MigrationError::new(pc, ErrorKind::Internal(internal(why))));
+        }
+        Ok(st.requested_pages + st.pushed_pages)
+    }
+
+    /// Faults → requests on the fault connection. Requests made on an
+    /// earlier connection and not answered yet are made again first (the
+    /// vCPUs waiting for them raise no new fault).
+    fn fault_loop(&self, mut fw: FrameWriter<Box<dyn Transport>>, stop: &AtomicBool) {
+        let outstanding: Vec<(usize, u64)> = self.lock().requested.keys().copied().collect();
+        for (region, page) in outstanding {
+            let req = PageRequest {
+                region: region as u32,
+                page,
+                npages: 1,
+            };
+            if fw.send(&req).and_then(|_| fw.flush()).is_err() {
+                return;
+            }
+        }
+        while !stop.load(Ordering::SeqCst) {
+            let (region, page) = match self.pager.next_fault(Duration::from_millis(50)) {
+                Ok(Some(f)) => f,
+                Ok(None) => continue,
+                Err(e) => return self.fail(format!("reading faults: {e}")),
+            };
+            if region >= self.discard.num_regions() || page >= self.discard.region_pages(region) {
+                return self.fail(format!("a fault outside guest memory: {region}/{page}"));
+            }
+            let mut st = self.lock();
+            let claimed = st
+                .installed
+                .as_ref()
+                .is_some_and(|b| b.is_set(region, page));
+            if !self.discard.is_set(region, page) || claimed {
+                drop(st);
+                if let Err(e) = self.pager.wake(region, page) {
+                    return self.fail(format!("waking a fault: {e}"));
+                }
+                continue;
+            }
+            if st.requested.contains_key(&(region, page)) {
+                continue;
+            }
+            st.requested.insert((region, page), Instant::now());
+            st.faults += 1;
+            drop(st);
+            let req = PageRequest {
+                region: region as u32,
+                page,
+                npages: 1,
+            };
+            if let Err(e) = fw.send(&req).and_then(|_| fw.flush()) {
+                if !stop.load(Ordering::SeqCst) {
+                    // The push still brings every page: a broken fault
+                    // connection only costs latency.
+                    log::warn!("post-copy fault connection: {e}; waiting for the push");
+                }
+                return;
+            }
+        }
+    }
+
+    /// Answers to requests, from the fault connection.
+    fn answer_loop(&self, mut fr: FrameReader<Box<dyn Transport>>, stop: &AtomicBool) {
+        loop {
+            let f = match fr.read_frame() {
+                Ok(f) => f,
+                Err(e) => {
+                    if !stop.load(Ordering::SeqCst) {
+                        log::warn!("post-copy fault connection: {e}; waiting for the push");
+                    }
+                    return;
+                }
+            };
+            let r = match f.kind {
+                MsgKind::Pages => self.apply(f.payload, true),
+                MsgKind::Keepalive => Ok(()),
+                other => Err(format!("unexpected {other} frame on the fault connection")),
+            };
+            if let Err(why) = r {
+                return self.fail(why);
+            }
+        }
+    }
+
+    /// Installs the pages of a `Pages` payload that belong to the discard
+    /// set and are not installed yet (each exactly once).
+    fn apply(&self, payload: &[u8], answered: bool) -> Result<(), String> {
+        for rec in page_records(payload) {
+            let rec = rec.map_err(|e| e.to_string())?;
+            let (region, first) = rec.check(self.layout).map_err(|e| e.to_string())?;
+            let runs = self.claim(region, first, u64::from(rec.npages));
+            for (page, n) in runs {
+                let r = match rec.data {
+                    Some(data) => {
+                        let off = ((page - first) * PAGE_SIZE) as usize;
+                        let len = (n * PAGE_SIZE) as usize;
+                        self.pager.install(region, page, &data[off..off + len])
+                    }
+                    None => self.pager.install_zero(region, page, n),
+                };
+                r.map_err(|e| format!("installing pages {page}+{n} of region {region}: {e}"))?;
+                self.installed(region, page, n, answered);
+            }
+        }
+        Ok(())
+    }
+
+    /// Claims the pages of `first..first + n` that are in the discard set
+    /// and not claimed yet; returns them as runs.
+    fn claim(&self, region: usize, first: u64, n: u64) -> Vec<(u64, u64)> {
+        let mut st = self.lock();
+        let Some(installed) = st.installed.as_mut() else {
+            return Vec::new();
+        };
+        let mut runs: Vec<(u64, u64)> = Vec::new();
+        for p in first..first + n {
+            if !self.discard.is_set(region, p) || installed.is_set(region, p) {
+                continue;
+            }
+            installed.set(region, p);
+            match runs.last_mut() {
+                Some((f, m)) if *f + *m == p => *m += 1,
+                _ => runs.push((p, 1)),
+            }
+        }
+        runs
+    }
+
+    /// Accounts pages just installed.
+    fn installed(&self, region: usize, page: u64, n: u64, answered: bool) {
+        let now = Instant::now();
+        let mut st = self.lock();
+        for p in page..page + n {
+            if let Some(t) = st.requested.remove(&(region, p)) {
+                st.latencies.push(now.duration_since(t).as_micros() as u64);
+            }
+        }
+        if answered {
+            st.requested_pages += n;
+        } else {
+            st.pushed_pages += n;
+        }
+        st.missing -= n;
+        st.last_install = Some(now);
+        if st.missing == 0 {
+            drop(st);
+            self.all_in.notify_all();
+        }
+    }
+
+    fn stats(&self, resumed_at: Instant) -> PostcopyStats {
+        let st = self.lock();
+        let blocked_us: u64 = st.latencies.iter().sum();
+        PostcopyStats {
+            discard_pages: self.discard.count(),
+            faults: st.faults,
+            requested_pages: st.requested_pages,
+            pushed_pages: st.pushed_pages,
+            fault_latency: LatencySummary::of(st.latencies.clone()),
+            blocked_ms: blocked_us as f64 / 1000.0,
+            switch_to_last_page_ms: st
+                .last_install
+                .map(|t| ms(t.saturating_duration_since(resumed_at)))
+                .unwrap_or(0.0),
+        }
+    }
+}
+
+fn internal(why: String) -> crate::error::InternalError {
+    crate::error::InternalError::Postcopy(why)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::LatencySummary;
+
+    #[test]
+    fn latency_summary_uses_nearest_rank() {
+        assert_eq!(LatencySummary::of(Vec::new()), LatencySummary::default());
+        let s = LatencySummary::of((1..=100).rev().collect());
+        assert_eq!((s.median_us, s.p99_us, s.max_us), (51, 99, 100));
+        let s = LatencySummary::of(vec![7]);
+        assert_eq!((s.median_us, s.p99_us, s.max_us), (7, 7, 7));
+    }
+}

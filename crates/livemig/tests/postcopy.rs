@@ -1,0 +1,571 @@
+//! Post-copy end to end on the software VM (docs/postcopy.md): the
+//! destination runs from the state, a "vCPU" reading a missing page blocks
+//! until the page it requested is installed, the rest is pushed, and every
+//! byte is checked against the paused source.
+
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use livemig::destination::postcopy::{receive_postcopy_resumable, PostcopyMemory};
+use livemig::memory::{GuestMemory, MemoryLayout, RegionDesc, PAGE_SIZE};
+use livemig::protocol::MsgKind;
+use livemig::source::postcopy::{
+    migrate_postcopy_resumable, PostcopyConfig, Reconnect, SwitchRequest,
+};
+use livemig::state::Section;
+use livemig::testing::fault::{At, Fault, FaultTransport};
+use livemig::testing::postcopy::SoftPager;
+use livemig::testing::soft::{SoftConfig, SoftVm};
+use livemig::transport::{mem, Transport};
+use livemig::vm::{DestinationVm, SourceVm, VmError};
+use livemig::{
+    CancelToken, ErrorKind, MigrationConfig, MigrationError, Phase, Progress, ReceiveConfig,
+    ReceiveReport, Report,
+};
+
+fn layout() -> MemoryLayout {
+    MemoryLayout::new(vec![
+        RegionDesc {
+            guest_addr: 0,
+            size: 8 << 20,
+        },
+        RegionDesc {
+            guest_addr: 4 << 30,
+            size: 1 << 20,
+        },
+    ])
+    .unwrap()
+}
+
+type Slot = Arc<Mutex<Option<Arc<SoftPager>>>>;
+
+/// The destination VM: a soft VM whose `resume` first lets a "vCPU" touch
+/// the last page of region 0 and returns only once that fault was taken by
+/// the page server (so at least one page is requested, whatever the
+/// timing: nothing is installed before `Resumed`).
+struct Dest {
+    vm: SoftVm,
+    slot: Slot,
+    vcpu: Vcpu,
+}
+
+/// The destination's "vCPU": which page it read and what it got (`None`:
+/// still missing after `patience`). Outlives the VM (shared with the test).
+#[derive(Clone)]
+struct Vcpu {
+    patience: Duration,
+    read: Arc<Mutex<Option<(usize, u64)>>>,
+    got: Arc<Mutex<Option<Option<Vec<u8>>>>>,
+    done: Arc<std::sync::Barrier>,
+    /// The source's `Progress::Postcopy` reasons (test bookkeeping).
+    switches: Arc<Mutex<Vec<String>>>,
+    /// Requests the switch when round 1 ends (test bookkeeping).
+    ask_in_round_1: Option<SwitchRequest>,
+    /// The second pair of connections, for a resumed migration.
+    reconnect: Arc<Mutex<Option<NewPair>>>,
+}
+
+type Pair = (Box<dyn Transport>, Box<dyn Transport>);
+
+/// Connected (control, fault) pairs for both ends.
+struct NewPair {
+    src: Pair,
+    dst: Pair,
+}
+
+impl NewPair {
+    fn new() -> Self {
+        let (a, b) = mem::pair();
+        let (fa, fb) = mem::pair();
+        NewPair {
+            src: (Box::new(a), Box::new(fa)),
+            dst: (Box::new(b), Box::new(fb)),
+        }
+    }
+}
+
+impl Vcpu {
+    fn new(patience: Duration) -> Self {
+        Vcpu {
+            patience,
+            read: Arc::default(),
+            got: Arc::default(),
+            done: Arc::new(std::sync::Barrier::new(2)),
+            switches: Arc::default(),
+            ask_in_round_1: None,
+            reconnect: Arc::default(),
+        }
+    }
+
+    /// Waits for the read to finish; the page and what it read.
+    fn result(&self) -> ((usize, u64), Option<Vec<u8>>) {
+        self.done.wait();
+        let read = self.read.lock().unwrap().expect("a page was read");
+        (read, self.got.lock().unwrap().take().expect("a result"))
+    }
+}
+
+impl DestinationVm for Dest {
+    fn memory(&self) -> &dyn GuestMemory {
+        DestinationVm::memory(&self.vm)
+    }
+    fn restore_state(&mut self, sections: &[Section]) -> Result<(), VmError> {
+        self.vm.restore_state(sections)
+    }
+    fn resume(&mut self) -> Result<(), VmError> {
+        let pager = self.slot.lock().unwrap().clone().expect("armed before Go");
+        let (region, page) = pager.last_missing().expect("a page to come");
+        *self.vcpu.read.lock().unwrap() = Some((region, page));
+        let p = pager.clone();
+        let vcpu = self.vcpu.clone();
+        std::thread::spawn(move || {
+            let got = p.read(region, page, vcpu.patience);
+            *vcpu.got.lock().unwrap() = Some(got);
+            vcpu.done.wait();
+        });
+        while pager.faulted_reads() == 0 || pager.pending_faults() > 0 {
+            std::thread::sleep(Duration::from_millis(1));
+        }
+        self.vm.resume()
+    }
+}
+
+fn pager_into(
+    slot: Slot,
+) -> impl FnOnce(&Dest, &MemoryLayout) -> Result<Box<dyn PostcopyMemory>, VmError> {
+    move |vm, layout| {
+        let p = SoftPager::new(DestinationVm::memory(&vm.vm), layout);
+        *slot.lock().unwrap() = Some(p.clone());
+        Ok(Box::new(p))
+    }
+}
+
+struct Outcome {
+    report: Report,
+    received: ReceiveReport,
+    dest: Dest,
+    vcpu: Vcpu,
+}
+
+fn migrate(src: &SoftVm, pc: PostcopyConfig, config: &MigrationConfig) -> Outcome {
+    let mut vcpu = Vcpu::new(Duration::from_secs(30));
+    vcpu.ask_in_round_1 =
+        Some(pc.request.clone()).filter(|_| pc.after_rounds == u32::MAX && !pc.on_non_convergence);
+    let (dest, report) = migrate_with(src, pc, config, &vcpu, |t| t, |t| t);
+    let report = report.expect("source");
+    let (dest, received) = dest.expect("destination");
+    Outcome {
+        report,
+        received,
+        dest,
+        vcpu,
+    }
+}
+
+/// A migration whose source control connection and destination fault
+/// connection go through `src_control` and `dst_fault`.
+fn migrate_with(
+    src: &SoftVm,
+    pc: PostcopyConfig,
+    config: &MigrationConfig,
+    vcpu: &Vcpu,
+    src_control: impl FnOnce(Box<dyn Transport>) -> Box<dyn Transport>,
+    dst_fault: impl FnOnce(Box<dyn Transport>) -> Box<dyn Transport> + Send + 'static,
+) -> (
+    Result<(Dest, ReceiveReport), MigrationError>,
+    Result<Report, MigrationError>,
+) {
+    let (a, b) = mem::pair();
+    let (fa, fb) = mem::pair();
+    let fb = dst_fault(Box::new(fb));
+    let a = src_control(Box::new(a));
+    let slot: Slot = Arc::default();
+    let pager = pager_into(slot.clone());
+    let dst_vcpu = vcpu.clone();
+    let (src_pair, mut dst_next) = match vcpu.reconnect.lock().unwrap().take() {
+        Some(p) => (Some(p.src), Some(p.dst)),
+        None => (None, None),
+    };
+    let src_next = src_pair.map(|p| {
+        let mut p = Some(p);
+        Box::new(move || p.take()) as Reconnect
+    });
+    let dest = std::thread::spawn(move || {
+        receive_postcopy_resumable(
+            Box::new(b),
+            fb,
+            &ReceiveConfig::default(),
+            |desc| {
+                Ok(Dest {
+                    vm: SoftVm::new(&desc.layout, &SoftConfig::idle())?,
+                    slot,
+                    vcpu: dst_vcpu,
+                })
+            },
+            pager,
+            &mut || dst_next.take(),
+        )
+    });
+    let report = migrate_postcopy_resumable(
+        src,
+        a,
+        Box::new(fa),
+        src_next,
+        &pc,
+        config,
+        &CancelToken::new(),
+        &mut |p| {
+            if let Progress::Postcopy { reason } = p {
+                vcpu.switches.lock().unwrap().push(reason.clone());
+            }
+            // An operator asking during round 1 (the second round).
+            if let (Progress::Round(rr), Some(req)) = (p, &vcpu.ask_in_round_1) {
+                if rr.round == 1 {
+                    req.request();
+                }
+            }
+        },
+    );
+    (dest.join().unwrap(), report)
+}
+
+/// Every byte on the destination is the paused source's, including the
+/// page the "vCPU" read while it was missing.
+fn check(src: &SoftVm, o: Outcome) {
+    o.dest.vm.stop();
+    let want = src.snapshot();
+    assert!(o.dest.vm.snapshot() == want, "destination memory differs");
+    let ((region, page), read) = o.vcpu.result();
+    let at = (layout().regions()[..region]
+        .iter()
+        .map(|r| r.size)
+        .sum::<u64>()
+        + page * PAGE_SIZE) as usize;
+    let got = read.expect("the vCPU's page arrived");
+    assert!(
+        got[..] == want[at..at + PAGE_SIZE as usize],
+        "the faulted page differs"
+    );
+}
+
+#[test]
+fn pure_postcopy_serves_a_fault_and_pushes_the_rest() {
+    let src = SoftVm::new(&layout(), &SoftConfig::default()).unwrap();
+    src.fill(7);
+    src.start();
+    let pc = PostcopyConfig {
+        after_rounds: 0,
+        on_non_convergence: false,
+        ..Default::default()
+    };
+    let o = migrate(&src, pc, &MigrationConfig::default());
+    let rp = o.report.postcopy.clone().expect("switched to post-copy");
+    assert_eq!(rp.rounds_before, 0);
+    assert!(o.report.rounds.is_empty());
+    let total = layout().total_bytes() / PAGE_SIZE;
+    assert_eq!(rp.discard_pages, total);
+    assert_eq!(
+        rp.pushed_pages, total,
+        "the push alone sends every page: {rp:?}"
+    );
+    assert!(rp.requested_pages >= 1, "{rp:?}");
+    let st = o.received.postcopy.clone().expect("destination stats");
+    assert!(st.faults >= 1, "{st:?}");
+    assert_eq!(st.discard_pages, total);
+    assert_eq!(
+        st.requested_pages + st.pushed_pages,
+        total,
+        "each page installed once"
+    );
+    assert!(st.fault_latency.max_us >= st.fault_latency.median_us);
+    check(&src, o);
+}
+
+#[test]
+fn hybrid_switches_after_the_rounds_asked_for() {
+    let src = SoftVm::new(&layout(), &SoftConfig::default()).unwrap();
+    src.fill(3);
+    src.start();
+    let pc = PostcopyConfig {
+        after_rounds: 2,
+        on_non_convergence: false,
+        ..Default::default()
+    };
+    // A limit pre-copy cannot meet with writers running: it would go on.
+    let config = MigrationConfig {
+        downtime_limit: Duration::from_nanos(1),
+        ..Default::default()
+    };
+    let o = migrate(&src, pc, &config);
+    let rp = o.report.postcopy.clone().expect("switched to post-copy");
+    assert_eq!(rp.rounds_before, 2, "{rp:?}");
+    assert_eq!(o.report.rounds.len(), 2);
+    assert!(rp.reason.contains("after 2"), "{}", rp.reason);
+    let st = o.received.postcopy.clone().expect("destination stats");
+    assert_eq!(st.discard_pages, rp.discard_pages);
+    assert!(st.faults >= 1, "{st:?}");
+    check(&src, o);
+}
+
+#[test]
+fn a_broken_link_during_postcopy_leaves_missing_pages_missing() {
+    let src = SoftVm::new(&layout(), &SoftConfig::default()).unwrap();
+    src.fill(5);
+    src.start();
+    let pc = PostcopyConfig {
+        after_rounds: 0,
+        on_non_convergence: false,
+        ..Default::default()
+    };
+    let vcpu = Vcpu::new(Duration::from_millis(300));
+    // The control connection drops before the third pushed frame (pages
+    // 0..512 arrived, the rest never); the destination's first request is
+    // lost too, so the "vCPU"'s page (the last one) cannot arrive.
+    let cut_push = |t: Box<dyn Transport>| -> Box<dyn Transport> {
+        let (t, _) = FaultTransport::new(t, Fault::Drop.at(At::kind(MsgKind::Pages, 2)));
+        Box::new(t)
+    };
+    let cut_requests = |t: Box<dyn Transport>| -> Box<dyn Transport> {
+        let (t, _) = FaultTransport::new(t, Fault::Drop.at(At::kind(MsgKind::PageRequest, 0)));
+        Box::new(t)
+    };
+    let (dest, report) = migrate_with(
+        &src,
+        pc,
+        &MigrationConfig::default(),
+        &vcpu,
+        cut_push,
+        cut_requests,
+    );
+    let e = report.expect_err("the source cannot finish");
+    assert_eq!(e.phase, Phase::Postcopy, "{e}");
+    assert!(
+        matches!(e.kind, ErrorKind::PostcopyInterrupted { missing, .. } if missing > 0),
+        "{e}"
+    );
+    let e = match dest {
+        Ok(_) => panic!("the destination cannot finish"),
+        Err(e) => e,
+    };
+    assert_eq!(e.phase, Phase::Postcopy, "{e}");
+    assert!(
+        matches!(e.kind, ErrorKind::PostcopyInterrupted { missing, .. } if missing > 0),
+        "{e}"
+    );
+    // The source keeps the guest paused (it runs on the destination) and
+    // does not write its memory any more.
+    assert!(SourceVm::is_paused(&src));
+    let writes = src.writes();
+    std::thread::sleep(Duration::from_millis(20));
+    assert_eq!(src.writes(), writes);
+    // The destination's "vCPU" waited for its page and never got one: no
+    // zero page, no stale page (its fault was lost and the push broke off
+    // before reaching it).
+    let (_, got) = vcpu.result();
+    assert!(got.is_none(), "a missing page was read");
+}
+
+#[test]
+fn a_guest_that_outdirties_the_link_switches_instead_of_being_throttled() {
+    // Writers as fast as they can over 9 MiB, a link capped at 32 MiB/s:
+    // every round finds nearly all memory dirty again.
+    let config = SoftConfig {
+        guest_writers: 1,
+        device_writers: 1,
+        pages_per_ms: 0,
+    };
+    let src = SoftVm::new(&layout(), &config).unwrap();
+    src.fill(9);
+    src.start();
+    let pc = PostcopyConfig::default(); // no round count: only the rule
+    let config = MigrationConfig {
+        max_bandwidth: Some(32 << 20),
+        ..Default::default()
+    };
+    let o = migrate(&src, pc, &config);
+    let rp = o.report.postcopy.clone().expect("switched to post-copy");
+    assert!(rp.reason.contains("does not converge"), "{}", rp.reason);
+    let said = o.vcpu.switches.lock().unwrap().clone();
+    assert_eq!(said, vec![rp.reason.clone()], "the progress says why, once");
+    // Round 0, then two rounds with strikes.
+    assert_eq!(rp.rounds_before, 3, "{rp:?}");
+    assert_eq!(o.report.throttle_max_pct, Some(0), "never throttled");
+    check(&src, o);
+}
+
+#[test]
+fn an_operator_request_switches_after_the_current_round() {
+    let src = SoftVm::new(&layout(), &SoftConfig::default()).unwrap();
+    src.fill(4);
+    src.start();
+    // No round count, no automatic rule: only the request (made by the
+    // progress callback when round 1 ends) switches.
+    let pc = PostcopyConfig {
+        on_non_convergence: false,
+        ..Default::default()
+    };
+    let config = MigrationConfig {
+        downtime_limit: Duration::from_nanos(1),
+        ..Default::default()
+    };
+    let o = migrate(&src, pc, &config);
+    let rp = o.report.postcopy.clone().expect("switched to post-copy");
+    assert_eq!(rp.rounds_before, 2, "{rp:?}");
+    assert!(
+        rp.reason.contains("requested during the migration"),
+        "{}",
+        rp.reason
+    );
+    check(&src, o);
+}
+
+#[test]
+fn a_broken_fault_connection_costs_latency_not_completion() {
+    let src = SoftVm::new(&layout(), &SoftConfig::default()).unwrap();
+    src.fill(6);
+    src.start();
+    let pc = PostcopyConfig {
+        after_rounds: 0,
+        on_non_convergence: false,
+        ..Default::default()
+    };
+    let vcpu = Vcpu::new(Duration::from_secs(30));
+    // The destination's first request never leaves: its fault connection
+    // drops. The push still brings the page the "vCPU" waits for.
+    let cut_requests = |t: Box<dyn Transport>| -> Box<dyn Transport> {
+        let (t, _) = FaultTransport::new(t, Fault::Drop.at(At::kind(MsgKind::PageRequest, 0)));
+        Box::new(t)
+    };
+    let (dest, report) = migrate_with(
+        &src,
+        pc,
+        &MigrationConfig::default(),
+        &vcpu,
+        |t| t,
+        cut_requests,
+    );
+    let report = report.expect("source");
+    let (dest, received) = dest.expect("destination");
+    let rp = report.postcopy.clone().expect("post-copy");
+    assert_eq!(rp.requested_pages, 0, "{rp:?}");
+    let st = received.postcopy.clone().expect("stats");
+    assert_eq!(st.requested_pages, 0);
+    assert_eq!(st.pushed_pages, st.discard_pages);
+    check(
+        &src,
+        Outcome {
+            report,
+            received,
+            dest,
+            vcpu,
+        },
+    );
+}
+
+#[test]
+fn a_broken_link_during_postcopy_resumes_on_new_connections() {
+    let src = SoftVm::new(&layout(), &SoftConfig::default()).unwrap();
+    src.fill(8);
+    src.start();
+    let pc = PostcopyConfig {
+        after_rounds: 0,
+        on_non_convergence: false,
+        ..Default::default()
+    };
+    let vcpu = Vcpu::new(Duration::from_secs(30));
+    *vcpu.reconnect.lock().unwrap() = Some(NewPair::new());
+    // As in the test above: the push breaks off after two frames and the
+    // first request is lost; then both sides continue on a new pair.
+    let cut_push = |t: Box<dyn Transport>| -> Box<dyn Transport> {
+        let (t, _) = FaultTransport::new(t, Fault::Drop.at(At::kind(MsgKind::Pages, 2)));
+        Box::new(t)
+    };
+    let cut_requests = |t: Box<dyn Transport>| -> Box<dyn Transport> {
+        let (t, _) = FaultTransport::new(t, Fault::Drop.at(At::kind(MsgKind::PageRequest, 0)));
+        Box::new(t)
+    };
+    let (dest, report) = migrate_with(
+        &src,
+        pc,
+        &MigrationConfig::default(),
+        &vcpu,
+        cut_push,
+        cut_requests,
+    );
+    let report = report.expect("source");
+    let (dest, received) = dest.expect("destination");
+    let rp = report.postcopy.clone().expect("post-copy");
+    assert_eq!(rp.reconnects, 1, "{rp:?}");
+    let st = received.postcopy.clone().expect("stats");
+    assert_eq!(
+        st.requested_pages + st.pushed_pages,
+        st.discard_pages,
+        "{st:?}"
+    );
+    check(
+        &src,
+        Outcome {
+            report,
+            received,
+            dest,
+            vcpu,
+        },
+    );
+}
+
+#[test]
+fn a_slow_push_keeps_the_destination_listening() {
+    // 2 MiB of data at 1 MiB/s: the pacer waits about a second after the
+    // first 1 MiB frame, longer than both sides' 300 ms I/O timeout.
+    let small = MemoryLayout::new(vec![RegionDesc {
+        guest_addr: 0,
+        size: 2 << 20,
+    }])
+    .unwrap();
+    let src = SoftVm::new(&small, &SoftConfig::idle()).unwrap();
+    src.fill(2);
+    src.start(); // running (no writers): a paused VM is never offered post-copy
+    let timeout = Duration::from_millis(300);
+    let (a, b) = mem::pair();
+    let (fa, fb) = mem::pair();
+    let dest = std::thread::spawn(move || {
+        receive_postcopy_resumable(
+            Box::new(b),
+            Box::new(fb),
+            &ReceiveConfig {
+                io_timeout: timeout,
+            },
+            |desc| SoftVm::new(&desc.layout, &SoftConfig::idle()),
+            |vm: &SoftVm, layout: &MemoryLayout| {
+                let p = SoftPager::new(DestinationVm::memory(vm), layout);
+                Ok(Box::new(p) as Box<dyn PostcopyMemory>)
+            },
+            &mut || None,
+        )
+    });
+    let pc = PostcopyConfig {
+        after_rounds: 0,
+        on_non_convergence: false,
+        ..Default::default()
+    };
+    let config = MigrationConfig {
+        io_timeout: timeout,
+        max_bandwidth: Some(1 << 20),
+        ..Default::default()
+    };
+    let report = migrate_postcopy_resumable(
+        &src,
+        Box::new(a),
+        Box::new(fa),
+        None,
+        &pc,
+        &config,
+        &CancelToken::new(),
+        &mut |_| {},
+    )
+    .expect("source");
+    assert!(report.postcopy.is_some(), "switched to post-copy");
+    let (dst, _) = dest.join().unwrap().expect("destination");
+    dst.stop();
+    assert!(dst.snapshot() == src.snapshot());
+}
