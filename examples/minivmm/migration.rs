@@ -6,9 +6,11 @@ use std::collections::BTreeMap;
 
 use livemig::memory::{GuestRam, MemoryLayout};
 use livemig::state::{Section, StateError};
-use livemig::transport::{Endpoint, TransportError};
+use livemig::transport::Endpoint;
 use livemig::vm::{DestinationVm, DirtyTracker, SourceVm, VcpuThrottle, VmDescription, VmError};
-use livemig::{CancelToken, MigrationConfig, MigrationError, ReceiveReport, Report};
+use livemig::{
+    Migration, MigrationConfig, MigrationError, Progress, ReceiveReport, Reception, Report,
+};
 use livemig_kvm::dirty::KvmDirtyTracker;
 use livemig_kvm::state::{restore_vcpu, restore_vm_section, save_vcpu, save_vm};
 use livemig_kvm::{check_tsc_khz, DirtyMode, TSC_KHZ_PROPERTY};
@@ -107,61 +109,46 @@ impl DestinationVm for Machine {
     }
 }
 
-/// A migration that failed, before or inside the engine.
-#[derive(Debug, thiserror::Error)]
-pub enum GlueError {
-    /// Connecting or listening failed.
-    #[error("transport: {0}")]
-    Transport(#[from] TransportError),
-    /// The engine failed.
-    #[error(transparent)]
-    Migration(#[from] MigrationError),
-}
-
 /// Sends the running guest to `to`. On success the guest runs there.
 pub fn migrate_to(
     m: &Machine,
     to: &Endpoint,
     config: &MigrationConfig,
-) -> Result<Report, GlueError> {
+) -> Result<Report, MigrationError> {
     let t = livemig::transport::connect(to, None)?;
-    Ok(livemig::migrate(
-        m,
-        t,
-        config,
-        &CancelToken::new(),
-        &mut |p| eprintln!("minivmm: {p:?}"),
-    )?)
+    Migration::new(m)
+        .config(config.clone())
+        .progress(|p: &Progress| eprintln!("minivmm: {p:?}"))
+        .run(t)
 }
 
 /// Receives a guest on `listen` into a new VM with `memory` bytes of RAM;
 /// returns it running.
-pub fn receive_on(listen: &Endpoint, memory: u64) -> Result<(Machine, ReceiveReport), GlueError> {
+pub fn receive_on(
+    listen: &Endpoint,
+    memory: u64,
+) -> Result<(Machine, ReceiveReport), MigrationError> {
     let l = livemig::transport::listen(listen)?;
     eprintln!("minivmm: listening on {}", l.local_endpoint());
-    Ok(livemig::receive(
-        l.accept()?,
-        &Default::default(),
-        |desc| {
-            let khz = desc
-                .properties
-                .get(TSC_KHZ_PROPERTY)
-                .and_then(|k| k.parse().ok());
-            let m = Machine::create(memory, DirtyMode::Classic)
-                .map_err(|e| VmError::Create(e.to_string()))?;
-            check_tsc_khz(
-                khz.ok_or_else(|| VmError::Incompatible("no TSC rate".into()))?,
-                m.tsc_khz,
-                false,
-            )?;
-            if desc.vcpus != 1 {
-                return Err(VmError::Incompatible(format!(
-                    "{} vCPUs, minivmm has 1",
-                    desc.vcpus
-                )));
-            }
-            livemig::vm::check_layout(&m.ram.guest, desc)?;
-            Ok(m)
-        },
-    )?)
+    Reception::new(l.accept()?).run(|desc| {
+        let khz = desc
+            .properties
+            .get(TSC_KHZ_PROPERTY)
+            .and_then(|k| k.parse().ok());
+        let m = Machine::create(memory, DirtyMode::Classic)
+            .map_err(|e| VmError::Create(e.to_string()))?;
+        check_tsc_khz(
+            khz.ok_or_else(|| VmError::Incompatible("no TSC rate".into()))?,
+            m.tsc_khz,
+            false,
+        )?;
+        if desc.vcpus != 1 {
+            return Err(VmError::Incompatible(format!(
+                "{} vCPUs, minivmm has 1",
+                desc.vcpus
+            )));
+        }
+        livemig::vm::check_layout(&m.ram.guest, desc)?;
+        Ok(m)
+    })
 }

@@ -280,7 +280,8 @@ impl Running {
                 self.stage = Stage::Device;
                 self.paused_remaining = Some(remaining_pages * PAGE_SIZE as u64);
             }
-            Progress::Completed { .. } => {}
+            // Completed, and events of later releases.
+            _ => {}
         }
     }
 

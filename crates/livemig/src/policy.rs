@@ -31,6 +31,7 @@ pub const DEFAULT_MAX_PAUSE: Duration = Duration::from_secs(10);
 /// What to do when the round or time cap is reached before convergence.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
 #[serde(rename_all = "kebab-case")]
+#[non_exhaustive]
 pub enum OnLimit {
     /// Give up: the source keeps running as before and the call returns an
     /// error. The safe default: the operator asked for a short blackout.
@@ -138,6 +139,7 @@ pub const MAX_DURATION: Duration = Duration::from_secs(24 * 3600);
 /// [`crate::ReceiveConfig::validate`]), before anything is sent.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 #[error("invalid setting {field} = {value}: {rule}")]
+#[non_exhaustive]
 pub struct ConfigError {
     /// The field.
     pub field: &'static str,
@@ -297,6 +299,7 @@ impl RoundEstimate {
 
 /// The decision after a round.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[non_exhaustive]
 pub enum Decision {
     /// Run another pre-copy round.
     Continue,

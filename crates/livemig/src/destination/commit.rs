@@ -6,8 +6,9 @@ use std::time::{Duration, Instant};
 
 use super::Link;
 use crate::control;
-use crate::error::{MigrationError, Phase};
+use crate::error::{ErrorKind, MigrationError, Phase};
 use crate::protocol::{Go, Ready, Resumed};
+use crate::source::CancelToken;
 use crate::state::Section;
 use crate::vm::DestinationVm;
 
@@ -25,6 +26,7 @@ pub(super) fn commit<V: DestinationVm>(
     link: &mut Link,
     sections: &[Section],
     running: bool,
+    cancel: &CancelToken,
 ) -> Result<Timings, MigrationError> {
     let t = Instant::now();
     vm.restore_state(sections)
@@ -36,6 +38,12 @@ pub(super) fn commit<V: DestinationVm>(
     };
     control::send(&mut link.fw, &ready, cp)?;
     link.control.recv::<Go>(cp)?;
+    // Committed: from here a cancel is ignored. One that came first shut
+    // the connections down, so `Resumed` could not be sent: the VM must
+    // not run (the source, without an answer to `Go`, stays paused).
+    if !cancel.commit() {
+        return Err(MigrationError::new(cp, ErrorKind::Cancelled));
+    }
     let t = Instant::now();
     if running {
         vm.resume().map_err(|e| MigrationError::new(cp, e))?;

@@ -115,6 +115,38 @@ pub trait StreamAcceptor: Send {
     fn close(&mut self) {}
 }
 
+impl<T: StreamOpener + ?Sized> StreamOpener for &mut T {
+    fn open(&mut self) -> io::Result<Box<dyn Transport>> {
+        (**self).open()
+    }
+}
+
+impl<T: StreamOpener + ?Sized> StreamOpener for Box<T> {
+    fn open(&mut self) -> io::Result<Box<dyn Transport>> {
+        (**self).open()
+    }
+}
+
+impl<T: StreamAcceptor + ?Sized> StreamAcceptor for &mut T {
+    fn accept_stream(&mut self, timeout: Duration) -> io::Result<Box<dyn Transport>> {
+        (**self).accept_stream(timeout)
+    }
+
+    fn close(&mut self) {
+        (**self).close()
+    }
+}
+
+impl<T: StreamAcceptor + ?Sized> StreamAcceptor for Box<T> {
+    fn accept_stream(&mut self, timeout: Duration) -> io::Result<Box<dyn Transport>> {
+        (**self).accept_stream(timeout)
+    }
+
+    fn close(&mut self) {
+        (**self).close()
+    }
+}
+
 /// A [`StreamOpener`] that connects to an [`Endpoint`].
 #[derive(Debug, Clone)]
 pub struct Dialer {
@@ -167,6 +199,7 @@ impl StreamAcceptor for OwnedAcceptor {
 /// Errors setting up a transport. Errors on an established connection are
 /// plain [`io::Error`]s from `Read` / `Write`.
 #[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
 pub enum TransportError {
     /// The endpoint string is not `tcp:HOST:PORT` or `unix:PATH`.
     #[error("{0}")]
@@ -234,6 +267,7 @@ const ENDPOINT_FORMS: &str = "expected tcp:HOST:PORT or unix:PATH";
 /// `HOST` is a name, an IPv4 address, or an IPv6 address in brackets
 /// (`tcp:[::1]:4444`).
 #[derive(Debug, Clone, PartialEq, Eq, Hash)]
+#[non_exhaustive]
 pub enum Endpoint {
     /// TCP; the string is `host:port` (port validated on parsing).
     Tcp(String),
