@@ -286,3 +286,56 @@ fn the_guard_refuses_a_second_migration() {
     let mut buf = [0u8; 1];
     assert_eq!(b.read(&mut buf).unwrap(), 0, "something was sent");
 }
+
+/// A link that is only a reader, a writer and an abort (no timeouts, no
+/// clones): one end of a socket pair used as plain halves.
+fn duplex_end(s: std::os::unix::net::UnixStream, name: &str) -> Box<dyn Transport> {
+    use livemig::transport::duplex::DuplexTransport;
+    let reader = s.try_clone().unwrap();
+    let closer = s.try_clone().unwrap();
+    let abort = move || {
+        let _ = closer.shutdown(std::net::Shutdown::Both);
+    };
+    Box::new(DuplexTransport::new(reader, s, abort, name).unwrap())
+}
+
+/// The engine migrates over `DuplexTransport`s, with page streams too.
+#[test]
+fn migrates_over_reader_writer_pairs() {
+    struct Opener(crossbeam_channel::Sender<Box<dyn Transport>>);
+    impl livemig::transport::StreamOpener for Opener {
+        fn open(&mut self) -> std::io::Result<Box<dyn Transport>> {
+            let (a, b) = std::os::unix::net::UnixStream::pair()?;
+            let _ = self.0.send(duplex_end(b, "duplex:stream-dst"));
+            Ok(duplex_end(a, "duplex:stream-src"))
+        }
+    }
+    struct Acceptor(crossbeam_channel::Receiver<Box<dyn Transport>>);
+    impl livemig::transport::StreamAcceptor for Acceptor {
+        fn accept_stream(
+            &mut self,
+            timeout: std::time::Duration,
+        ) -> std::io::Result<Box<dyn Transport>> {
+            self.0
+                .recv_timeout(timeout)
+                .map_err(|e| std::io::Error::new(std::io::ErrorKind::TimedOut, e.to_string()))
+        }
+    }
+    let src = running_source();
+    let (a, b) = std::os::unix::net::UnixStream::pair().unwrap();
+    let (tx, rx) = crossbeam_channel::unbounded();
+    let control = duplex_end(b, "duplex:dst");
+    let dest = std::thread::spawn(move || {
+        Reception::new(control)
+            .accept_streams(Acceptor(rx))
+            .run(|d| SoftVm::new(&d.layout, &SoftConfig::idle()))
+    });
+    let report = Migration::new(&src)
+        .streams(2, Opener(tx))
+        .run(duplex_end(a, "duplex:src"))
+        .expect("migrates");
+    let (guest, received) = dest.join().unwrap().expect("received");
+    assert_eq!((report.streams, received.streams), (2, 2));
+    guest.stop();
+    assert_eq!(guest.snapshot(), src.snapshot());
+}

@@ -8,6 +8,9 @@ use crate::vm::{DestinationVm, VmDescription, VmError};
 
 use super::{ReceiveConfig, ReceiveReport};
 
+/// A progress callback.
+type Callback<'a> = Box<dyn FnMut(&ReceiveProgress) + 'a>;
+
 /// One incoming migration: the settings, then [`run`](Reception::run)
 /// with the function that builds the VM.
 ///
@@ -53,7 +56,7 @@ pub struct Reception<'a> {
     config: ReceiveConfig,
     acceptor: Option<Box<dyn StreamAcceptor + 'a>>,
     cancel: CancelToken,
-    progress: Option<Box<dyn FnMut(&ReceiveProgress) + 'a>>,
+    progress: Option<Callback<'a>>,
 }
 
 impl<'a> Reception<'a> {

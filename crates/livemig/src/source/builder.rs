@@ -9,6 +9,9 @@ use crate::vm::SourceVm;
 
 use super::cancel::CancelToken;
 
+/// A progress callback.
+type Callback<'a> = Box<dyn FnMut(&Progress) + 'a>;
+
 /// One outgoing migration of a source VM: the settings, then [`run`].
 ///
 /// ```text
@@ -61,7 +64,7 @@ pub struct Migration<'a, V: SourceVm + ?Sized> {
     config: MigrationConfig,
     streams: Option<(u32, Box<dyn StreamOpener + 'a>)>,
     cancel: CancelToken,
-    progress: Option<Box<dyn FnMut(&Progress) + 'a>>,
+    progress: Option<Callback<'a>>,
     guard: Option<&'a MigrationGuard>,
 }
 

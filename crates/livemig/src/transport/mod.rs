@@ -5,7 +5,11 @@
 //!
 //! * [`TcpTransport`] — TCP (with `TCP_NODELAY`), addressed as `tcp:HOST:PORT`;
 //! * [`UnixTransport`] — Unix stream sockets, addressed as `unix:PATH`;
-//! * [`mem::MemTransport`] — an in-memory pipe for tests ([`mem::pair`]).
+//! * [`mem::MemTransport`] — an in-memory pipe for tests ([`mem::pair`]);
+//! * [`duplex::DuplexTransport`] — any reader/writer pair plus a way to
+//!   abort them (RDMA, vsock, a QUIC stream): the adapter keeps the
+//!   timeouts, clones and shutdown the trait asks for, so such a link need
+//!   not pretend to be a socket.
 //!
 //! [`connect`] and [`listen`] turn an [`Endpoint`] into a connected
 //! `Box<dyn Transport>` on either side.
@@ -31,6 +35,7 @@ use std::path::{Path, PathBuf};
 use std::str::FromStr;
 use std::time::{Duration, Instant};
 
+pub mod duplex;
 pub mod mem;
 mod tcp;
 mod unix;
