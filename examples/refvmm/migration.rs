@@ -346,6 +346,8 @@ pub(crate) fn cmd_receive(
     // acceptor) as soon as the page streams the source asked for are
     // connected — right after the handshake with one stream — so a second
     // connection while this one runs is refused by the kernel.
+    // `..Default::default()`: ReceiveConfig grows in later releases.
+    #[allow(clippy::needless_update)]
     let cfg = ReceiveConfig {
         io_timeout: Duration::from_secs(io_timeout.max(1)),
         ..Default::default()
