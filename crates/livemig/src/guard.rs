@@ -6,8 +6,9 @@
 //! write pages that are never sent); after the guest committed to the
 //! destination, or the outcome became ambiguous, a `resume` would run the
 //! guest twice. A [`MigrationGuard`] owns those decisions: route every
-//! operator `pause`, `resume` and `migrate` of a VM through its guard and
-//! they are refused in those states with a [`GuardError`] naming the state.
+//! operator `pause` and `resume` of a VM through its guard, run its
+//! migrations with [`crate::Migration::guard`], and all three are refused
+//! in those states with a [`GuardError`] naming the state.
 //!
 //! ```
 //! use livemig::guard::{GuardError, GuardState, MigrationGuard};

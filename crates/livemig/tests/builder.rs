@@ -339,3 +339,72 @@ fn migrates_over_reader_writer_pairs() {
     guest.stop();
     assert_eq!(guest.snapshot(), src.snapshot());
 }
+
+/// A destination waiting for page streams that never come (the source's
+/// opener connects nowhere) is cancelled: it returns `Cancelled` instead
+/// of waiting out its hour-long `io_timeout`.
+#[test]
+fn destination_cancel_while_accepting_streams() {
+    /// Opens streams whose other end goes nowhere.
+    struct Nowhere(Vec<mem::MemTransport>);
+    impl livemig::transport::StreamOpener for Nowhere {
+        fn open(&mut self) -> std::io::Result<Box<dyn Transport>> {
+            let (a, b) = mem::pair();
+            self.0.push(b);
+            Ok(Box::new(a))
+        }
+    }
+    let src = running_source();
+    let (a, b) = mem::pair();
+    let (_opener, acceptor) = mem::streams();
+    let token = CancelToken::new();
+    let (t2, t3) = (token.clone(), token.clone());
+    let (done_tx, done_rx) = crossbeam_channel::bounded(1);
+    std::thread::spawn(move || {
+        let r = Reception::new(Box::new(b))
+            .config(livemig::ReceiveConfig {
+                io_timeout: std::time::Duration::from_secs(3600),
+            })
+            .accept_streams(acceptor)
+            .cancel(t2)
+            .progress(move |p: &ReceiveProgress| {
+                if let ReceiveProgress::Accepted { .. } = p {
+                    // Cancel once the acceptor is waiting.
+                    let t = t3.clone();
+                    std::thread::spawn(move || {
+                        std::thread::sleep(std::time::Duration::from_millis(200));
+                        t.cancel();
+                    });
+                }
+            })
+            .run(|d| SoftVm::new(&d.layout, &SoftConfig::idle()))
+            .map(|_| ());
+        let _ = done_tx.send(r);
+    });
+    let config = MigrationConfig {
+        io_timeout: std::time::Duration::from_secs(3600),
+        ..Default::default()
+    };
+    let source_token = CancelToken::new();
+    let s2 = source_token.clone();
+    let src_result = std::thread::scope(|s| {
+        let h = s.spawn(|| {
+            Migration::new(&src)
+                .config(config)
+                .streams(2, Nowhere(Vec::new()))
+                .cancel(s2)
+                .run(Box::new(a))
+        });
+        let r = done_rx.recv_timeout(std::time::Duration::from_secs(60));
+        source_token.cancel(); // in case the source still waits
+        (r, h.join().unwrap())
+    });
+    let (dest, source) = src_result;
+    let dest = dest.expect("the destination did not return after the cancel");
+    let e = dest.expect_err("cancelled");
+    assert!(matches!(e.kind, ErrorKind::Cancelled), "{e}");
+    assert!(token.is_cancelled());
+    let se = source.expect_err("the source does not migrate");
+    assert!(!se.is_ambiguous(), "{se}");
+    assert!(!src.is_paused(), "the source does not run its guest: {se}");
+}

@@ -39,9 +39,9 @@ type Callback<'a> = Box<dyn FnMut(&ReceiveProgress) + 'a>;
 /// [`crate::ErrorKind::Cancelled`]; the source sees its connection break
 /// and keeps its guest (or, if it had sent `Go` already, reports the
 /// outcome as ambiguous and stays paused: the guest then runs nowhere
-/// until an operator resumes the source). A cancel while page streams are
-/// being accepted takes effect when the acceptor returns (at most
-/// [`ReceiveConfig::io_timeout`]). Once `Go` was read the migration is
+/// until an operator resumes the source). While page streams are being
+/// accepted the acceptor is asked in slices of at most 100 ms, and a
+/// cancel is seen between two. Once `Go` was read the migration is
 /// committed and a cancel is ignored: the source was told to stop its
 /// guest, so dropping this VM would lose it.
 ///

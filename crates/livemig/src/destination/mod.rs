@@ -73,7 +73,8 @@ pub struct ReceiveConfig {
 }
 
 impl ReceiveConfig {
-    /// Checks the settings (`receive` calls it before reading anything):
+    /// Checks the settings ([`Reception::run`] calls it before reading
+    /// anything):
     /// `io_timeout` must be more than 0 and at most
     /// [`crate::policy::MAX_DURATION`].
     pub fn validate(&self) -> Result<(), crate::policy::ConfigError> {
@@ -237,7 +238,8 @@ where
             vcpus: hello.desc.vcpus,
             streams_asked: hello.streams,
         });
-        let readers = handshake::reply(link, acceptor, hello.streams, call.config.io_timeout)?;
+        let timeout = call.config.io_timeout;
+        let readers = handshake::reply(link, acceptor, hello.streams, timeout, call.cancel)?;
         for r in &readers {
             call.cancel.attach(r.get_ref().try_clone().ok());
         }

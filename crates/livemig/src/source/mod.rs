@@ -1,5 +1,5 @@
 //! The source side, in the order of the protocol (see
-//! `docs/architecture.md`). See [`migrate`].
+//! `docs/architecture.md`). See [`Migration`].
 //!
 //! Each phase is a file, and a function or method that takes the result of
 //! the one before and returns its own:
