@@ -408,3 +408,116 @@ fn destination_cancel_while_accepting_streams() {
     assert!(!se.is_ambiguous(), "{se}");
     assert!(!src.is_paused(), "the source does not run its guest: {se}");
 }
+
+/// A destination transport whose reads, once `slow` is set, each wait
+/// 300 ms first (a slow link delivering `Go`).
+struct SlowAfter {
+    inner: Box<dyn Transport>,
+    slow: Arc<std::sync::atomic::AtomicBool>,
+}
+
+impl std::io::Read for SlowAfter {
+    fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
+        if self.slow.load(std::sync::atomic::Ordering::SeqCst) {
+            std::thread::sleep(std::time::Duration::from_millis(300));
+        }
+        self.inner.read(buf)
+    }
+}
+
+impl std::io::Write for SlowAfter {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        self.inner.write(buf)
+    }
+    fn flush(&mut self) -> std::io::Result<()> {
+        self.inner.flush()
+    }
+}
+
+impl Transport for SlowAfter {
+    fn set_read_timeout(&mut self, t: Option<std::time::Duration>) -> std::io::Result<()> {
+        self.inner.set_read_timeout(t)
+    }
+    fn set_write_timeout(&mut self, t: Option<std::time::Duration>) -> std::io::Result<()> {
+        self.inner.set_write_timeout(t)
+    }
+    fn shutdown(&self) -> std::io::Result<()> {
+        self.inner.shutdown()
+    }
+    fn peer(&self) -> String {
+        self.inner.peer()
+    }
+    fn try_clone(&self) -> std::io::Result<Box<dyn Transport>> {
+        Ok(Box::new(SlowAfter {
+            inner: self.inner.try_clone()?,
+            slow: self.slow.clone(),
+        }))
+    }
+}
+
+/// A destination VM that, when its state is restored, slows its link and
+/// has its reception cancelled 100 ms later — after `Ready`, while `Go`
+/// is on its way.
+struct CancelsAfterRestore {
+    vm: SoftVm,
+    token: CancelToken,
+    slow: Arc<std::sync::atomic::AtomicBool>,
+}
+
+impl DestinationVm for CancelsAfterRestore {
+    fn memory(&self) -> &GuestRam {
+        DestinationVm::memory(&self.vm)
+    }
+
+    fn restore_state(&mut self, sections: &[Section]) -> Result<(), VmError> {
+        self.vm.restore_state(sections)?;
+        self.slow.store(true, std::sync::atomic::Ordering::SeqCst);
+        let t = self.token.clone();
+        std::thread::spawn(move || {
+            std::thread::sleep(std::time::Duration::from_millis(100));
+            t.cancel();
+        });
+        Ok(())
+    }
+
+    fn resume(&mut self) -> Result<(), VmError> {
+        self.vm.resume()
+    }
+}
+
+/// A destination cancelled between `Ready` and reading `Go` answers
+/// `Abandoned`: its VM never runs and the source resumes its guest
+/// instead of staying paused as ambiguous.
+#[test]
+fn destination_cancel_while_go_is_on_its_way_is_not_ambiguous() {
+    let src = running_source();
+    let (a, b) = mem::pair();
+    let token = CancelToken::new();
+    let slow = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let (t2, s2) = (token.clone(), slow.clone());
+    let dest = std::thread::spawn(move || {
+        let t = SlowAfter {
+            inner: Box::new(b),
+            slow: s2.clone(),
+        };
+        Reception::new(Box::new(t))
+            .cancel(t2.clone())
+            .run(|d| {
+                let vm = SoftVm::new(&d.layout, &SoftConfig::idle())?;
+                Ok(CancelsAfterRestore {
+                    vm,
+                    token: t2,
+                    slow: s2,
+                })
+            })
+            .map(|_| ())
+    });
+    let e = Migration::new(&src)
+        .run(Box::new(a))
+        .expect_err("abandoned");
+    let de = dest.join().unwrap().expect_err("cancelled");
+    assert!(matches!(de.kind, ErrorKind::Cancelled), "{de}");
+    assert!(!e.is_ambiguous(), "the source was left ambiguous: {e}");
+    assert!(matches!(e.kind, ErrorKind::Abandoned(_)), "{e}");
+    assert!(!src.is_paused(), "the source does not run its guest: {e}");
+}

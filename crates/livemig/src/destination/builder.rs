@@ -35,13 +35,15 @@ type Callback<'a> = Box<dyn FnMut(&ReceiveProgress) + 'a>;
 /// # Cancel
 ///
 /// A [`CancelToken::cancel`] before the destination read the source's `Go`
-/// shuts the connections down, drops the VM (it never ran) and fails with
-/// [`crate::ErrorKind::Cancelled`]; the source sees its connection break
-/// and keeps its guest (or, if it had sent `Go` already, reports the
-/// outcome as ambiguous and stays paused: the guest then runs nowhere
-/// until an operator resumes the source). While page streams are being
-/// accepted the acceptor is asked in slices of at most 100 ms, and a
-/// cancel is seen between two. Once `Go` was read the migration is
+/// drops the VM (it never ran) and fails with
+/// [`crate::ErrorKind::Cancelled`]; the source keeps its guest. Until the
+/// state is restored, the cancel shuts the connections down (the source
+/// sees them break); while page streams are being accepted the acceptor
+/// is asked in slices of at most 100 ms, and a cancel is seen between two.
+/// From `Ready` on the connections stay up: the wait for `Go` looks at the
+/// token every 100 ms, and a cancelled destination answers `Abandoned`, so
+/// that a source that already sent `Go` resumes its guest instead of
+/// staying paused as ambiguous. Once `Go` was read the migration is
 /// committed and a cancel is ignored: the source was told to stop its
 /// guest, so dropping this VM would lose it.
 ///

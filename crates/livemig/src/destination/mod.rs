@@ -192,7 +192,11 @@ fn fail(link: &mut Link, mut e: MigrationError, cancel: &CancelToken) -> Migrati
     if cancel.is_cancelled() {
         e.kind = ErrorKind::Cancelled;
     }
-    if !matches!(e.kind, ErrorKind::Remote { .. } | ErrorKind::Cancelled) {
+    // A cancel before `Ready` broke the connections (nothing to say); one
+    // after (the completion phase) did not, and the source must hear
+    // `Abandoned` to resume its guest instead of staying paused.
+    let cancelled_early = matches!(e.kind, ErrorKind::Cancelled) && e.phase != Phase::Completion;
+    if !matches!(e.kind, ErrorKind::Remote { .. }) && !cancelled_early {
         // In the completion phase (`Ready` sent or being sent) the source
         // may have sent `Go` already: say that the VM is gone for good
         // (it was dropped when `run` returned), so that the source
