@@ -161,7 +161,7 @@ fn run(
             eprintln!("minivmm: migrated: {}", json(&report));
             0
         }
-        Err(migration::GlueError::Migration(e)) if e.is_ambiguous() => {
+        Err(e) if e.is_ambiguous() => {
             eprintln!("minivmm: migration outcome unknown, guest stays paused: {e}");
             let _ = m.kvm.pause();
             3

@@ -4,9 +4,11 @@
 
 use livemig::memory::{GuestMemory, MemoryLayout};
 use livemig::state::Section;
-use livemig::transport::{Endpoint, TransportError};
+use livemig::transport::Endpoint;
 use livemig::vm::{DestinationVm, DirtyTracker, SourceVm, VcpuThrottle, VmDescription, VmError};
-use livemig::{CancelToken, MigrationConfig, MigrationError, ReceiveReport, Report};
+use livemig::{
+    Migration, MigrationConfig, MigrationError, Progress, ReceiveReport, Reception, Report,
+};
 use livemig_kvm::dirty::KvmDirtyTracker;
 use livemig_kvm::DirtyMode;
 
@@ -66,47 +68,32 @@ impl DestinationVm for Machine {
     }
 }
 
-/// A migration that failed, before or inside the engine.
-#[derive(Debug, thiserror::Error)]
-pub enum GlueError {
-    /// Connecting or listening failed.
-    #[error("transport: {0}")]
-    Transport(#[from] TransportError),
-    /// The engine failed.
-    #[error(transparent)]
-    Migration(#[from] MigrationError),
-}
-
 /// Sends the running guest to `to`. On success the guest runs there.
 pub fn migrate_to(
     m: &Machine,
     to: &Endpoint,
     config: &MigrationConfig,
-) -> Result<Report, GlueError> {
+) -> Result<Report, MigrationError> {
     let t = livemig::transport::connect(to, None)?;
-    Ok(livemig::migrate(
-        m,
-        t,
-        config,
-        &CancelToken::new(),
-        &mut |p| eprintln!("minivmm: {p:?}"),
-    )?)
+    Migration::new(m)
+        .config(config.clone())
+        .progress(|p: &Progress| eprintln!("minivmm: {p:?}"))
+        .run(t)
 }
 
 /// Receives a guest on `listen` into a new VM with `memory` bytes of RAM;
 /// returns it running.
-pub fn receive_on(listen: &Endpoint, memory: u64) -> Result<(Machine, ReceiveReport), GlueError> {
+pub fn receive_on(
+    listen: &Endpoint,
+    memory: u64,
+) -> Result<(Machine, ReceiveReport), MigrationError> {
     let l = livemig::transport::listen(listen)?;
     eprintln!("minivmm: listening on {}", l.local_endpoint());
-    Ok(livemig::receive(
-        l.accept()?,
-        &Default::default(),
-        |desc| {
-            let mut m = Machine::create(memory, DirtyMode::Classic)
-                .map_err(|e| VmError::Create(e.to_string()))?;
-            livemig::vm::check_layout(&m.ram, desc)?;
-            m.kvm.check_incoming(desc)?;
-            Ok(m)
-        },
-    )?)
+    Reception::new(l.accept()?).run(|desc| {
+        let mut m = Machine::create(memory, DirtyMode::Classic)
+            .map_err(|e| VmError::Create(e.to_string()))?;
+        livemig::vm::check_layout(&m.ram, desc)?;
+        m.kvm.check_incoming(desc)?;
+        Ok(m)
+    })
 }

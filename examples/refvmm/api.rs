@@ -164,12 +164,7 @@ fn handle(
             "status" => json!({
                 "result": "ok",
                 "running": m.vm.vcpus().is_running(),
-                "migration": match m.guard.state() {
-                    livemig::GuardState::Idle => "idle",
-                    livemig::GuardState::Migrating => "migrating",
-                    livemig::GuardState::Migrated => "migrated",
-                    livemig::GuardState::Ambiguous => "ambiguous",
-                },
+                "migration": m.guard.state().name(),
                 "vcpus": m.vm.vcpus().len(),
                 "memory": m.vm.ram().iter().map(|r| r.len()).sum::<u64>(),
             }),

@@ -11,7 +11,7 @@ use livemig::transport::{
     connect, listen, Dialer, Endpoint, OwnedAcceptor, StreamAcceptor, StreamOpener, Transport,
 };
 use livemig::vm::VmError;
-use livemig::{receive_streams, Progress, ReceiveConfig};
+use livemig::{Migration, Progress, ReceiveConfig, Reception};
 use livemig_kvm::serial::SerialOutput;
 use livemig_kvm::{check_compatible, check_properties};
 use serde::{Deserialize, Serialize};
@@ -252,18 +252,18 @@ pub(crate) fn do_migrate(
             return setup_error(e);
         }
     };
-    let mut opener = active.count_opener(&mut *opener);
-    let result = m.guard.migrate_streams(
-        &**m,
-        active.count(transport),
-        Some(&mut opener),
-        &cfg,
-        &active.cancel.clone(),
-        &mut |p| {
+    let opener = active.count_opener(&mut *opener);
+    let streams = cfg.streams;
+    let result = Migration::new(&**m)
+        .guard(&m.guard)
+        .config(cfg)
+        .streams(streams, opener)
+        .cancel(active.cancel.clone())
+        .progress(|p: &Progress| {
             active.progress(p);
             progress(p);
-        },
-    );
+        })
+        .run(active.count(transport));
     let cancelled_by = active.cancelled_by();
     active.finish(&result);
     match result {
@@ -348,41 +348,47 @@ pub(crate) fn cmd_receive(args: ReceiveArgs) -> Result<(), Fail> {
     // acceptor) as soon as the page streams the source asked for are
     // connected — right after the handshake with one stream — so a second
     // connection while this one runs is refused by the kernel.
+    // `..Default::default()`: ReceiveConfig grows in later releases.
+    #[allow(clippy::needless_update)]
     let cfg = ReceiveConfig {
         io_timeout: Duration::from_secs(io_timeout.max(1)),
+        ..Default::default()
     };
     let mut serial = Some(serial);
     let mut nets = Some(nets);
-    let result = receive_streams(transport, Some(&mut *acceptor), &cfg, |desc| {
-        let mut my_nets = nets.take().unwrap_or_default();
-        net::reconcile(&desc.nics, &mut my_nets).map_err(VmError::Incompatible)?;
-        net::reconcile_ipv6(&desc.properties, &mut my_nets).map_err(VmError::Incompatible)?;
-        let want = livemig_kvm::VmConfig {
-            memory: memory.unwrap_or(desc.layout.total_bytes()),
-            vcpus: vcpus.unwrap_or(desc.vcpus),
-            nics: desc.nics.clone(),
-            dirty_mode,
-        };
-        check_compatible(desc, &want)?;
-        check_properties(desc)?;
-        let machine = Machine::create(MachineConfig {
-            memory: want.memory,
-            vcpus: want.vcpus,
-            serial: serial.take().unwrap_or(SerialOutput::None),
-            nets: my_nets,
-            dirty_mode,
-            console: console.as_ref().map(|(_, log)| log.clone()),
-            memory_backend,
-        })
-        .map_err(VmError::Create)?;
-        machine.vm.adopt_tsc_khz(desc)?;
-        Ok(DestMachine {
-            machine,
-            start_paused,
-            announce,
-            console: console.take(),
-        })
-    });
+    let result = Reception::new(transport)
+        .config(cfg)
+        .accept_streams(&mut *acceptor)
+        .run(|desc| {
+            let mut my_nets = nets.take().unwrap_or_default();
+            net::reconcile(&desc.nics, &mut my_nets).map_err(VmError::Incompatible)?;
+            net::reconcile_ipv6(&desc.properties, &mut my_nets).map_err(VmError::Incompatible)?;
+            let want = livemig_kvm::VmConfig {
+                memory: memory.unwrap_or(desc.layout.total_bytes()),
+                vcpus: vcpus.unwrap_or(desc.vcpus),
+                nics: desc.nics.clone(),
+                dirty_mode,
+            };
+            check_compatible(desc, &want)?;
+            check_properties(desc)?;
+            let machine = Machine::create(MachineConfig {
+                memory: want.memory,
+                vcpus: want.vcpus,
+                serial: serial.take().unwrap_or(SerialOutput::None),
+                nets: my_nets,
+                dirty_mode,
+                console: console.as_ref().map(|(_, log)| log.clone()),
+                memory_backend,
+            })
+            .map_err(VmError::Create)?;
+            machine.vm.adopt_tsc_khz(desc)?;
+            Ok(DestMachine {
+                machine,
+                start_paused,
+                announce,
+                console: console.take(),
+            })
+        });
     match result {
         Ok((
             DestMachine {

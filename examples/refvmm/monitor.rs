@@ -311,7 +311,8 @@ impl Running {
                 self.stage = Stage::Device;
                 self.paused_remaining = Some(remaining_pages * PAGE_SIZE as u64);
             }
-            Progress::Completed { .. } | Progress::Postcopy { .. } => {}
+            // Completed, and events of later releases.
+            _ => {}
         }
     }
 

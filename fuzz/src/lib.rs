@@ -24,7 +24,7 @@ use livemig::state::{Section, StateReader, StateWriter};
 use livemig::testing::soft::{SoftConfig, SoftVm};
 use livemig::transport::Transport;
 use livemig::vm::{VmDescription, VmError};
-use livemig::{receive, MigrationError, ReceiveConfig, ReceiveReport};
+use livemig::{MigrationError, ReceiveConfig, ReceiveReport, Reception};
 use vm_memory::{Bytes, GuestAddress};
 
 /// The fuzz targets, by name (the names of `fuzz/fuzz_targets/*.rs` and of
@@ -637,7 +637,7 @@ pub struct Received {
     pub replied: u64,
 }
 
-/// Feeds `stream` to `livemig::receive` with a [`SoftVm`] factory for
+/// Feeds `stream` to `livemig::Reception` with a [`SoftVm`] factory for
 /// [`layout`] (anything else is refused), then checks the destination's
 /// memory byte for byte against a model of what the stream may write.
 pub fn receive_stream(stream: &[u8]) -> Received {
@@ -649,19 +649,21 @@ pub fn receive_stream(stream: &[u8]) -> Received {
         io_timeout: Duration::from_secs(1),
     };
     let idle = SoftConfig::idle();
-    let result = receive(Box::new(t), &cfg, move |desc| {
-        if desc.layout != layout() {
-            return Err(VmError::Incompatible(format!(
-                "this destination hosts {:?}, not {:?}",
-                layout().regions(),
-                desc.layout.regions()
-            )));
-        }
-        let vm = SoftVm::new(&desc.layout, &idle)?;
-        *lock(&keep) = vm.ram().cloned();
-        Ok(vm)
-    })
-    .map(|(_vm, report)| report);
+    let result = Reception::new(Box::new(t))
+        .config(cfg)
+        .run(move |desc| {
+            if desc.layout != layout() {
+                return Err(VmError::Incompatible(format!(
+                    "this destination hosts {:?}, not {:?}",
+                    layout().regions(),
+                    desc.layout.regions()
+                )));
+            }
+            let vm = SoftVm::new(&desc.layout, &idle)?;
+            *lock(&keep) = vm.ram().cloned();
+            Ok(vm)
+        })
+        .map(|(_vm, report)| report);
     let ram = lock(&slot).take();
     if let Some(ram) = &ram {
         check_memory(stream, ram);

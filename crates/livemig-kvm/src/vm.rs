@@ -283,7 +283,7 @@ impl KvmVm {
     /// described by `desc`, so the guest's clock keeps its rate.
     ///
     /// Call it on a VM created for an incoming migration, before its state
-    /// is restored (in the closure passed to `livemig::receive`, after
+    /// is restored (in the closure passed to `livemig::Reception::run`, after
     /// [`check_properties`]). Equal rates (within [`TSC_TOLERANCE_PPM`])
     /// need nothing. Otherwise, where KVM offers `KVM_CAP_TSC_CONTROL`,
     /// every vCPU is set to the source's rate with `KVM_SET_TSC_KHZ` (and
@@ -535,7 +535,7 @@ pub fn check_compatible(desc: &VmDescription, config: &VmConfig) -> Result<(), V
 /// [`TSC_TOLERANCE_PPM`]) unless this host's KVM can scale a guest's TSC
 /// (`KVM_CAP_TSC_CONTROL`); then the VMM must call
 /// [`KvmVm::adopt_tsc_khz`] on the VM it creates. Run it in the closure
-/// passed to `livemig::receive`, so a mismatch is refused in the handshake,
+/// passed to `livemig::Reception::run`, so a mismatch is refused in the handshake,
 /// before any page is sent.
 pub fn check_properties(desc: &VmDescription) -> Result<(), VmError> {
     let kvm = Kvm::new().map_err(|e| VmError::failed(VmOp::Create, "opening /dev/kvm", e))?;

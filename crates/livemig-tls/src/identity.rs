@@ -244,9 +244,9 @@ impl TlsIdentity {
                     .unwrap_or(host);
                 Ok(host.to_string())
             }
-            Endpoint::Unix(_) => Err(TlsError::ServerName {
+            _ => Err(TlsError::ServerName {
                 endpoint: endpoint.to_string(),
-                reason: "a unix socket has no host name; set server_name to a name in the \
+                reason: "only a TCP endpoint has a host name; set server_name to a name in the \
                          server's certificate"
                     .into(),
             }),

@@ -11,7 +11,7 @@
 //!   loads them.
 //! * [`connect_tls`] connects to an [`Endpoint`] (the source side);
 //!   [`TlsListener`] listens and accepts (the destination side). Both return
-//!   a `Box<dyn Transport>` for [`livemig::migrate`] / [`livemig::receive`],
+//!   a `Box<dyn Transport>` for [`livemig::Migration`] / [`livemig::Reception`],
 //!   only after the handshake succeeded on both ends.
 //! * [`TlsTransport`] runs TLS over any other connected
 //!   [`Transport`](livemig::transport::Transport).
@@ -29,11 +29,11 @@
 //! }
 //! .load()?;
 //!
-//! // Destination: accept one authenticated source, then `livemig::receive`.
+//! // Destination: accept one authenticated source, then `livemig::Reception`.
 //! let listener = TlsListener::bind(&"tcp:0.0.0.0:4444".parse::<Endpoint>()?, &id)?;
 //! let from_source = listener.accept()?;
 //!
-//! // Source: connect, then `livemig::migrate`. The destination's certificate
+//! // Source: connect, then `livemig::Migration`. The destination's certificate
 //! // must be valid for "dest.example".
 //! let ep: Endpoint = "tcp:dest.example:4444".parse()?;
 //! let to_destination = connect_tls(&ep, &id, Some(Duration::from_secs(10)))?;

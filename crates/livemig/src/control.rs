@@ -137,6 +137,11 @@ impl ControlReader {
         Ok(())
     }
 
+    /// The read timeout in force.
+    pub(crate) fn timeout(&self) -> Duration {
+        self.timeout
+    }
+
     /// Bytes read so far.
     pub(crate) fn bytes_read(&self) -> u64 {
         self.fr.bytes_read()

@@ -3,10 +3,12 @@
 use std::fmt;
 
 use crate::protocol::ProtocolError;
+use crate::transport::TransportError;
 use crate::vm::VmError;
 
 /// The phase a migration was in when something went wrong.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[non_exhaustive]
 pub enum Phase {
     /// Connecting, handshake, and measuring the state size.
     Handshake,
@@ -37,8 +39,20 @@ impl fmt::Display for Phase {
 }
 
 /// What went wrong.
+///
+/// Two questions most callers ask have methods: whether the link failed
+/// ([`ErrorKind::is_link_failure`]: connecting, or the connection broke or
+/// went silent) or the peer misbehaved ([`ErrorKind::is_peer_fault`]:
+/// what it sent is malformed or not valid at this point).
 #[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
 pub enum ErrorKind {
+    /// Setting the connection up failed (connecting, listening, accepting,
+    /// an endpoint that does not parse): nothing was sent. A
+    /// [`TransportError`] converts into a [`MigrationError`] in the
+    /// handshake phase with `?`.
+    #[error(transparent)]
+    Transport(#[from] TransportError),
     /// Reading, writing or decoding the stream failed.
     #[error(transparent)]
     Protocol(#[from] ProtocolError),
@@ -193,6 +207,42 @@ pub enum Unconfirmed {
     },
 }
 
+impl ErrorKind {
+    /// Whether the link failed: a transport could not be set up, the
+    /// connection broke (end of file, reset, any I/O error) or the peer
+    /// went silent past a timeout — on the control connection or on a page
+    /// stream. Not a misbehaving peer, a refusal or a local failure.
+    pub fn is_link_failure(&self) -> bool {
+        match self {
+            ErrorKind::Transport(_) | ErrorKind::Timeout { .. } => true,
+            ErrorKind::Protocol(p) => matches!(
+                p,
+                ProtocolError::Io(_)
+                    | ProtocolError::Read { .. }
+                    | ProtocolError::Write { .. }
+                    | ProtocolError::Eof { .. }
+                    | ProtocolError::Broken { .. }
+            ),
+            ErrorKind::Stream { source, .. } => source.is_link_failure(),
+            _ => false,
+        }
+    }
+
+    /// Whether the peer misbehaved: it sent something malformed (a bad
+    /// frame, checksum, sequence number or payload) or well formed but not
+    /// valid at this point ([`ErrorKind::Unexpected`], [`ErrorKind::Peer`]).
+    /// A peer's own reported failure ([`ErrorKind::Remote`]) or refusal is
+    /// not a fault.
+    pub fn is_peer_fault(&self) -> bool {
+        match self {
+            ErrorKind::Unexpected { .. } | ErrorKind::Peer(_) => true,
+            ErrorKind::Protocol(_) => !self.is_link_failure(),
+            ErrorKind::Stream { source, .. } => source.is_peer_fault(),
+            _ => false,
+        }
+    }
+}
+
 /// A migration error: the phase and what went wrong.
 #[derive(Debug, thiserror::Error)]
 #[error("migration failed in {phase}: {kind}")]
@@ -217,10 +267,30 @@ impl MigrationError {
     pub fn is_ambiguous(&self) -> bool {
         matches!(self.kind, ErrorKind::Ambiguous(_))
     }
+
+    /// See [`ErrorKind::is_link_failure`].
+    pub fn is_link_failure(&self) -> bool {
+        self.kind.is_link_failure()
+    }
+
+    /// See [`ErrorKind::is_peer_fault`].
+    pub fn is_peer_fault(&self) -> bool {
+        self.kind.is_peer_fault()
+    }
+}
+
+/// Setting up a connection failed: a [`MigrationError`] in the handshake
+/// phase (nothing was sent), so that an embedder's
+/// `transport::connect(..)?` and `Migration::run(..)?` share one error type.
+impl From<TransportError> for MigrationError {
+    fn from(e: TransportError) -> Self {
+        MigrationError::new(Phase::Handshake, e)
+    }
 }
 
 /// What a misbehaving peer sent: well-framed, but not valid at this point.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[non_exhaustive]
 pub enum PeerError {
     /// The destination chose a protocol version this side does not speak.
     #[error("the destination chose protocol version {chosen}; this side speaks {min}..={max}")]
@@ -278,6 +348,7 @@ pub enum PeerError {
 /// A failure inside this side of the migration, not caused by the VM or the
 /// peer.
 #[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
 pub enum InternalError {
     /// A worker thread could not be started.
     #[error("cannot start {what} thread")]

@@ -6,8 +6,9 @@
 //! write pages that are never sent); after the guest committed to the
 //! destination, or the outcome became ambiguous, a `resume` would run the
 //! guest twice. A [`MigrationGuard`] owns those decisions: route every
-//! operator `pause`, `resume` and `migrate` of a VM through its guard and
-//! they are refused in those states with a [`GuardError`] naming the state.
+//! operator `pause` and `resume` of a VM through its guard, run its
+//! migrations with [`crate::Migration::guard`], and all three are refused
+//! in those states with a [`GuardError`] naming the state.
 //!
 //! ```
 //! use livemig::guard::{GuardError, GuardState, MigrationGuard};
@@ -26,12 +27,13 @@ use std::sync::{Mutex, MutexGuard};
 use crate::error::{ErrorKind, MigrationError, Phase};
 use crate::policy::MigrationConfig;
 use crate::report::{Progress, Report};
-use crate::source::{migrate_streams, CancelToken};
+use crate::source::{CancelToken, Migration};
 use crate::transport::{StreamOpener, Transport};
 use crate::vm::{SourceVm, VmError};
 
 /// Where the VM stands with respect to migration.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[non_exhaustive]
 pub enum GuardState {
     /// No migration runs; operator commands pass.
     Idle,
@@ -45,8 +47,22 @@ pub enum GuardState {
     Ambiguous,
 }
 
+impl GuardState {
+    /// The state as one lower-case word (`idle`, `migrating`, `migrated`,
+    /// `ambiguous`), for status reports.
+    pub fn name(self) -> &'static str {
+        match self {
+            GuardState::Idle => "idle",
+            GuardState::Migrating => "migrating",
+            GuardState::Migrated => "migrated",
+            GuardState::Ambiguous => "ambiguous",
+        }
+    }
+}
+
 /// Why the guard refused a command, or the command's own failure.
 #[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
 pub enum GuardError {
     /// A migration of this VM is running.
     #[error("refused: a migration of this VM is running (the engine pauses and resumes it)")]
@@ -130,12 +146,38 @@ impl MigrationGuard {
         Ok(())
     }
 
-    /// [`migrate_streams`] under the guard: refused (in the handshake phase,
-    /// [`ErrorKind::Guard`]) unless [`GuardState::Idle`]; while it runs the
-    /// state is [`GuardState::Migrating`]; afterwards it is
+    /// Enters [`GuardState::Migrating`], or refuses (in the handshake
+    /// phase, [`ErrorKind::Guard`]) unless [`GuardState::Idle`].
+    pub(crate) fn enter(&self) -> Result<(), MigrationError> {
+        let mut s = self.lock();
+        if let Some(e) = GuardError::for_state(*s) {
+            return Err(MigrationError::new(Phase::Handshake, ErrorKind::Guard(e)));
+        }
+        *s = GuardState::Migrating;
+        Ok(())
+    }
+
+    /// Leaves [`GuardState::Migrating`] after a migration that returned `r`.
+    pub(crate) fn leave<T>(&self, r: &Result<T, MigrationError>) {
+        *self.lock() = match r {
+            Ok(_) => GuardState::Migrated,
+            Err(e) if e.is_ambiguous() => GuardState::Ambiguous,
+            Err(_) => GuardState::Idle,
+        };
+    }
+
+    /// A migration of `vm` under the guard: refused (in the handshake
+    /// phase, [`ErrorKind::Guard`]) unless [`GuardState::Idle`]; while it
+    /// runs the state is [`GuardState::Migrating`]; afterwards it is
     /// [`GuardState::Migrated`] on success, [`GuardState::Ambiguous`] if the
     /// error [`MigrationError::is_ambiguous`], and `Idle` again otherwise
     /// (the source kept its guest).
+    ///
+    /// Kept for one release; use `Migration::new(vm).guard(&guard)`.
+    #[deprecated(
+        since = "0.2.0",
+        note = "use livemig::Migration::new(vm).guard(&guard).streams(n, opener)...run(transport)"
+    )]
     pub fn migrate_streams<V: SourceVm + ?Sized>(
         &self,
         vm: &V,
@@ -145,23 +187,24 @@ impl MigrationGuard {
         cancel: &CancelToken,
         progress: &mut dyn FnMut(&Progress),
     ) -> Result<Report, MigrationError> {
-        {
-            let mut s = self.lock();
-            if let Some(e) = GuardError::for_state(*s) {
-                return Err(MigrationError::new(Phase::Handshake, ErrorKind::Guard(e)));
-            }
-            *s = GuardState::Migrating;
+        let m = Migration::new(vm)
+            .guard(self)
+            .config(config.clone())
+            .cancel(cancel.clone())
+            .progress(progress);
+        match opener {
+            Some(o) => m.streams(config.streams, o).run(transport),
+            None => m.run(transport),
         }
-        let r = migrate_streams(vm, transport, opener, config, cancel, progress);
-        *self.lock() = match &r {
-            Ok(_) => GuardState::Migrated,
-            Err(e) if e.is_ambiguous() => GuardState::Ambiguous,
-            Err(_) => GuardState::Idle,
-        };
-        r
     }
 
-    /// [`crate::migrate`] under the guard (see [`MigrationGuard::migrate_streams`]).
+    /// A migration under the guard (see [`MigrationGuard::migrate_streams`]).
+    ///
+    /// Kept for one release; use `Migration::new(vm).guard(&guard)`.
+    #[deprecated(
+        since = "0.2.0",
+        note = "use livemig::Migration::new(vm).guard(&guard)...run(transport)"
+    )]
     pub fn migrate<V: SourceVm + ?Sized>(
         &self,
         vm: &V,
@@ -170,6 +213,11 @@ impl MigrationGuard {
         cancel: &CancelToken,
         progress: &mut dyn FnMut(&Progress),
     ) -> Result<Report, MigrationError> {
-        self.migrate_streams(vm, transport, None, config, cancel, progress)
+        Migration::new(vm)
+            .guard(self)
+            .config(config.clone())
+            .cancel(cancel.clone())
+            .progress(progress)
+            .run(transport)
     }
 }

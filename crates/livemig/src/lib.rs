@@ -24,6 +24,14 @@
 //!
 //! The `livemig-kvm` crate implements the VM seams for real KVM guests.
 //!
+//! One entry point per side, each a builder: [`Migration`] on the source
+//! (`Migration::new(&vm).config(..).streams(n, opener).cancel(token)
+//! .progress(|p| ..).run(transport)`) and [`Reception`] on the destination
+//! (`Reception::new(transport).config(..).accept_streams(acceptor)
+//! .cancel(token).progress(|p| ..).run(|desc| build_vm(desc))`). The
+//! functions `migrate`, `migrate_streams`, `receive` and `receive_streams`
+//! of release 0.1 remain, deprecated, as thin wrappers over them.
+//!
 //! With the `test-util` feature (for tests, benchmarks and experiments, not
 //! for production: its helpers panic on failure) the `testing` module adds
 //! a software VM (memory plus writer threads, so the engine runs without
@@ -48,7 +56,7 @@
 //! use livemig::report::Progress;
 //! use livemig::testing::soft::{SoftConfig, SoftVm};
 //! use livemig::transport::mem;
-//! use livemig::{migrate, receive, CancelToken, MigrationConfig, ReceiveConfig};
+//! use livemig::{CancelToken, Migration, MigrationConfig, Reception};
 //!
 //! let layout = MemoryLayout::new(vec![RegionDesc { guest_addr: 0, size: 16 << 20 }])?;
 //!
@@ -65,7 +73,7 @@
 //! // refuses with `VmError::Incompatible`), restores it and returns it
 //! // running.
 //! let destination = std::thread::spawn(move || {
-//!     receive(Box::new(from_source), &ReceiveConfig::default(), |desc| {
+//!     Reception::new(Box::new(from_source)).run(|desc| {
 //!         SoftVm::new(&desc.layout, &SoftConfig::idle())
 //!     })
 //! });
@@ -77,11 +85,15 @@
 //!     ..Default::default()
 //! };
 //! let cancel = CancelToken::new();
-//! let report = migrate(&source, Box::new(to_destination), &config, &cancel, &mut |p| {
-//!     if let Progress::Round(round) = p {
-//!         eprintln!("{round}");
-//!     }
-//! })?;
+//! let report = Migration::new(&source)
+//!     .config(config)
+//!     .cancel(cancel.clone())
+//!     .progress(|p: &Progress| {
+//!         if let Progress::Round(round) = p {
+//!             eprintln!("{round}");
+//!         }
+//!     })
+//!     .run(Box::new(to_destination))?;
 //! let (guest, received) = destination.join().expect("destination thread")?;
 //!
 //! // The guest now runs on the destination; the source stays paused.
@@ -124,9 +136,13 @@ pub mod vm;
 #[cfg(feature = "vm-memory")]
 pub use vm_memory;
 
-pub use destination::{receive, receive_streams, ReceiveConfig, ReceiveReport};
+#[allow(deprecated)]
+pub use destination::{receive, receive_streams};
+pub use destination::{ReceiveConfig, ReceiveReport, Reception};
 pub use error::{ErrorKind, MigrationError, Phase};
 pub use guard::{GuardError, GuardState, MigrationGuard};
 pub use policy::{MigrationConfig, OnLimit};
-pub use report::{Progress, Report};
-pub use source::{migrate, migrate_streams, CancelToken};
+pub use report::{Progress, ReceiveProgress, Report};
+#[allow(deprecated)]
+pub use source::{migrate, migrate_streams};
+pub use source::{CancelToken, Migration};

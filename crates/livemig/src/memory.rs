@@ -221,6 +221,7 @@ impl RegionDesc {
 
 /// Errors about memory layouts.
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
+#[non_exhaustive]
 pub enum LayoutError {
     /// A region start or size is not a multiple of the page size.
     #[error("region {index} (0x{guest_addr:x}+0x{size:x}) is not page aligned")]

@@ -31,6 +31,7 @@ pub const DEFAULT_MAX_PAUSE: Duration = Duration::from_secs(10);
 /// What to do when the round or time cap is reached before convergence.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
 #[serde(rename_all = "kebab-case")]
+#[non_exhaustive]
 pub enum OnLimit {
     /// Give up: the source keeps running as before and the call returns an
     /// error. The safe default: the operator asked for a short blackout.
@@ -82,7 +83,9 @@ pub struct MigrationConfig {
     /// 0..=99).
     pub throttle_max: u32,
     /// Page streams (1 ..= [`crate::protocol::MAX_STREAMS`]). With more
-    /// than one, [`crate::source::migrate_streams`] opens that many extra
+    /// than one, the opener given to [`crate::Migration::streams`] (which
+    /// sets this count too, and is the only way to supply an opener; a
+    /// count above 1 without one is refused) opens that many extra
     /// connections and spreads each round's pages over them (one sender
     /// thread each; a page always travels on the same stream), so that one
     /// core's copy speed is not the limit. The destination may grant fewer.
@@ -138,6 +141,7 @@ pub const MAX_DURATION: Duration = Duration::from_secs(24 * 3600);
 /// [`crate::ReceiveConfig::validate`]), before anything is sent.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 #[error("invalid setting {field} = {value}: {rule}")]
+#[non_exhaustive]
 pub struct ConfigError {
     /// The field.
     pub field: &'static str,
@@ -172,7 +176,8 @@ pub(crate) fn check_timeout(field: &'static str, d: Duration) -> Result<(), Conf
 }
 
 impl MigrationConfig {
-    /// Checks every setting; `migrate` calls it before it sends anything,
+    /// Checks every setting; [`crate::Migration::run`] calls it before it
+    /// touches the VM or sends anything,
     /// so a bad setting is a clear error, never a panic or a failure in the
     /// middle of a round.
     pub fn validate(&self) -> Result<(), ConfigError> {
@@ -297,6 +302,7 @@ impl RoundEstimate {
 
 /// The decision after a round.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[non_exhaustive]
 pub enum Decision {
     /// Run another pre-copy round.
     Continue,

@@ -4,6 +4,7 @@ use serde::Serialize;
 
 /// One pre-copy round.
 #[derive(Debug, Clone, Default, Serialize)]
+#[non_exhaustive]
 pub struct RoundReport {
     /// Round number (0 = the full pass).
     pub round: u32,
@@ -29,6 +30,7 @@ pub struct RoundReport {
 
 /// Where the downtime went (all on the source clock, ms).
 #[derive(Debug, Clone, Default, Serialize)]
+#[non_exhaustive]
 pub struct DowntimeBreakdown {
     /// Pausing the vCPUs.
     pub pause_ms: f64,
@@ -51,6 +53,7 @@ pub struct DowntimeBreakdown {
 /// The outcome.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
 #[serde(rename_all = "kebab-case")]
+#[non_exhaustive]
 pub enum Status {
     /// The guest runs on the destination.
     Completed,
@@ -62,6 +65,7 @@ pub enum Status {
 
 /// The migration report, QMP `query-migrate`-like.
 #[derive(Debug, Clone, Serialize)]
+#[non_exhaustive]
 pub struct Report {
     /// Outcome.
     pub status: Status,
@@ -147,6 +151,7 @@ impl Report {
 /// Progress events, delivered to the callback given to the source.
 #[derive(Debug, Clone, Serialize)]
 #[serde(tag = "event", rename_all = "kebab-case")]
+#[non_exhaustive]
 pub enum Progress {
     /// The destination accepted the handshake.
     Accepted,
@@ -185,4 +190,34 @@ impl std::fmt::Display for RoundReport {
             self.expected_downtime_ms
         )
     }
+}
+
+/// Progress events of the destination, delivered to the callback given to
+/// [`crate::Reception::progress`].
+///
+/// None arrives while the guest is paused: `Accepted` comes before the
+/// destination answers the source's `Hello` (so before the source can send
+/// a page, let alone pause), `Completed` after the destination told the
+/// source that the guest runs here.
+#[derive(Debug, Clone, Serialize)]
+#[serde(tag = "event", rename_all = "kebab-case")]
+#[non_exhaustive]
+pub enum ReceiveProgress {
+    /// The VM was built for the source's description and its memory
+    /// cleared; the acceptance is about to be sent.
+    Accepted {
+        /// Guest memory, bytes.
+        memory_bytes: u64,
+        /// vCPUs.
+        vcpus: u32,
+        /// Page streams the source asked for.
+        streams_asked: u32,
+    },
+    /// The source committed (`Go`) and the VM was resumed (or left paused,
+    /// `running: false`, when the source VM had been paused by its
+    /// operator); `Resumed` was sent.
+    Completed {
+        /// Whether the guest runs here now.
+        running: bool,
+    },
 }

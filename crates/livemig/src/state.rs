@@ -35,6 +35,7 @@ impl Section {
 
 /// Errors saving or restoring state.
 #[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
 pub enum StateError {
     /// The receiver does not know this section version.
     #[error("section '{name}': version {got} is not supported (this side reads {min}..={max})")]

@@ -10,7 +10,7 @@ use livemig::memory::{Backing, GuestMemory, HostRegion, MemoryLayout};
 use livemig::testing::soft::{SoftConfig, SoftTracking, SoftVm};
 use livemig::transport::mem;
 use livemig::vm::SourceVm;
-use livemig::{migrate, receive, CancelToken, MigrationConfig, ReceiveConfig};
+use livemig::{Migration, MigrationConfig, ReceiveConfig, Reception};
 
 /// How a test region is mapped.
 #[derive(Clone, Copy, Debug)]
@@ -163,21 +163,26 @@ fn migrate_own_memory(tracking: SoftTracking) {
         let cfg = ReceiveConfig {
             io_timeout: Duration::from_secs(5),
         };
-        receive(Box::new(b), &cfg, |desc| {
-            let own = OwnMemory::new(&REGIONS);
-            own.poison(0xA5);
-            let vm = SoftVm::with_guest_memory(Box::new(own), &SoftConfig::idle(), tracking)?;
-            assert_eq!(desc.layout, *vm.layout());
-            Ok(vm)
-        })
-        .map(|(vm, _)| vm)
+        Reception::new(Box::new(b))
+            .config(cfg)
+            .run(|desc| {
+                let own = OwnMemory::new(&REGIONS);
+                own.poison(0xA5);
+                let vm = SoftVm::with_guest_memory(Box::new(own), &SoftConfig::idle(), tracking)?;
+                assert_eq!(desc.layout, *vm.layout());
+                Ok(vm)
+            })
+            .map(|(vm, _)| vm)
     });
     let config = MigrationConfig {
         downtime_limit: Duration::from_millis(200),
         ..Default::default()
     };
     let before = src.writes();
-    migrate(&src, Box::new(a), &config, &CancelToken::new(), &mut |_| {}).expect("migration");
+    Migration::new(&src)
+        .config(config)
+        .run(Box::new(a))
+        .expect("migration");
     let dst = dest.join().unwrap().expect("destination");
     assert!(
         src.writes() > before,
@@ -210,20 +215,14 @@ fn memory_that_differs_from_its_description_is_refused() {
     .unwrap();
     let (a, b) = mem::pair();
     let dest = std::thread::spawn(move || {
-        receive(Box::new(b), &ReceiveConfig::default(), |_| {
-            let own = OwnMemory::new(&REGIONS[..2]);
-            SoftVm::with_guest_memory(Box::new(own), &SoftConfig::idle(), SoftTracking::Bitmap)
-        })
-        .map(|_| ())
+        Reception::new(Box::new(b))
+            .run(|_| {
+                let own = OwnMemory::new(&REGIONS[..2]);
+                SoftVm::with_guest_memory(Box::new(own), &SoftConfig::idle(), SoftTracking::Bitmap)
+            })
+            .map(|_| ())
     });
-    let e = migrate(
-        &src,
-        Box::new(a),
-        &MigrationConfig::default(),
-        &CancelToken::new(),
-        &mut |_| {},
-    )
-    .unwrap_err();
+    let e = Migration::new(&src).run(Box::new(a)).unwrap_err();
     assert!(e.to_string().contains("memory layout differs"), "{e}");
     assert!(dest.join().unwrap().is_err());
 }

@@ -6,10 +6,54 @@ use std::time::{Duration, Instant};
 
 use super::Link;
 use crate::control;
-use crate::error::{MigrationError, Phase};
+use crate::error::{ErrorKind, MigrationError, Phase};
 use crate::protocol::{Go, Ready, Resumed};
+use crate::source::CancelToken;
 use crate::state::Section;
 use crate::vm::DestinationVm;
+
+/// How often the wait for `Go` looks at the cancel token.
+const GO_SLICE: Duration = Duration::from_millis(100);
+
+/// Waits for `Go` for at most the control connection's timeout, in
+/// slices, failing `Cancelled` as soon as `cancel` is cancelled.
+fn wait_for_go(link: &mut Link, cancel: &CancelToken) -> Result<(), MigrationError> {
+    let cp = Phase::Completion;
+    let limit = link.control.timeout();
+    let deadline = Instant::now() + limit;
+    let slice = |now: Instant| deadline.saturating_duration_since(now).min(GO_SLICE);
+    let restore = |link: &mut Link| link.control.set_timeout(limit);
+    loop {
+        if cancel.is_cancelled() {
+            let _ = restore(link);
+            return Err(MigrationError::new(cp, ErrorKind::Cancelled));
+        }
+        let left = slice(Instant::now());
+        if left.is_zero() {
+            let _ = restore(link);
+            let kind = ErrorKind::Timeout {
+                waiting_for: "Go",
+                after: limit,
+            };
+            return Err(MigrationError::new(cp, kind));
+        }
+        link.control
+            .set_timeout(left)
+            .map_err(|e| MigrationError::new(cp, e))?;
+        match link.control.recv::<Go>(cp) {
+            Ok(_) => {
+                restore(link).map_err(|e| MigrationError::new(cp, e))?;
+                return Ok(());
+            }
+            // A timed-out read keeps the partial frame: try again.
+            Err(MigrationError {
+                kind: ErrorKind::Timeout { .. },
+                ..
+            }) => continue,
+            Err(e) => return Err(e),
+        }
+    }
+}
 
 /// How long the restore and the resume took.
 pub(super) struct Timings {
@@ -25,6 +69,7 @@ pub(super) fn commit<V: DestinationVm>(
     link: &mut Link,
     sections: &[Section],
     running: bool,
+    cancel: &CancelToken,
 ) -> Result<Timings, MigrationError> {
     let t = Instant::now();
     vm.restore_state(sections)
@@ -34,8 +79,21 @@ pub(super) fn commit<V: DestinationVm>(
     let ready = Ready {
         restore_us: restore.as_micros() as u64,
     };
+    // From `Ready` on the source may send `Go` at any moment: a cancel
+    // must not break the connection any more (the source, without an
+    // answer to `Go`, would stay paused as ambiguous) but only be noticed,
+    // so that the failure path can answer `Abandoned`.
+    cancel.detach_all();
+    if cancel.is_cancelled() {
+        return Err(MigrationError::new(cp, ErrorKind::Cancelled));
+    }
     control::send(&mut link.fw, &ready, cp)?;
-    link.control.recv::<Go>(cp)?;
+    wait_for_go(link, cancel)?;
+    // Committed: from here a cancel is ignored. One that came first makes
+    // this side answer `Abandoned` (the VM never runs; the source resumes).
+    if !cancel.commit() {
+        return Err(MigrationError::new(cp, ErrorKind::Cancelled));
+    }
     let t = Instant::now();
     if running {
         vm.resume().map_err(|e| MigrationError::new(cp, e))?;

@@ -13,6 +13,7 @@ use crate::protocol::{
     FrameReader, Hello, HelloReply, Message, MsgKind, ProtocolError, StreamHello, MAX_STREAMS,
 };
 use crate::ram::HostRam;
+use crate::source::CancelToken;
 use crate::transport::{StreamAcceptor, Transport};
 use crate::vm::{check_layout, DestinationVm, VmDescription, VmError};
 
@@ -84,6 +85,7 @@ pub(super) fn reply(
     acceptor: Option<&mut dyn StreamAcceptor>,
     asked: u32,
     timeout: Duration,
+    cancel: &CancelToken,
 ) -> Result<Vec<FrameReader<Box<dyn Transport>>>, MigrationError> {
     let streams = if acceptor.is_some() {
         asked.clamp(1, MAX_STREAMS)
@@ -101,7 +103,7 @@ pub(super) fn reply(
     crate::control::send(&mut link.fw, &reply, Phase::Handshake)?;
     match acceptor {
         Some(a) if streams > 1 => {
-            let r = accept_streams(a, streams, token, timeout);
+            let r = accept_streams(a, streams, token, timeout, cancel);
             a.close();
             r
         }
@@ -138,18 +140,27 @@ pub(super) fn random_token() -> [u8; 16] {
 /// dropped as a stray.
 pub const STREAM_HELLO_TIMEOUT: Duration = Duration::from_secs(1);
 
-/// Accepts the `n` page streams of a migration.
+/// The longest single wait for a page-stream connection: a cancel is seen
+/// within this.
+const ACCEPT_SLICE: Duration = Duration::from_millis(100);
+
+/// Accepts the `n` page streams of a migration (until they are all there,
+/// `timeout` passed, or `cancel` was cancelled).
 pub(super) fn accept_streams(
     acceptor: &mut dyn StreamAcceptor,
     n: u32,
     token: [u8; 16],
     timeout: Duration,
+    cancel: &CancelToken,
 ) -> Result<Vec<FrameReader<Box<dyn Transport>>>, MigrationError> {
     let hs = Phase::Handshake;
     let deadline = Instant::now() + timeout;
     let mut slots: Vec<Option<FrameReader<Box<dyn Transport>>>> = (0..n).map(|_| None).collect();
     let mut have = 0;
     while have < n {
+        if cancel.is_cancelled() {
+            return Err(MigrationError::new(hs, ErrorKind::Cancelled));
+        }
         let left = deadline.saturating_duration_since(Instant::now());
         if left.is_zero() {
             return Err(MigrationError::new(
@@ -160,7 +171,8 @@ pub(super) fn accept_streams(
                 },
             ));
         }
-        let t = match acceptor.accept_stream(left) {
+        // In slices, so that a cancel is seen while no connection comes.
+        let t = match acceptor.accept_stream(left.min(ACCEPT_SLICE)) {
             Ok(t) => t,
             Err(e)
                 if matches!(

@@ -1,5 +1,5 @@
 //! The destination side: handshake → memory → state → `Ready` → `Go` →
-//! resume → `Resumed`. See [`receive`].
+//! resume → `Resumed`. See [`Reception`].
 //!
 //! One file per phase: `handshake.rs` (`Hello`, the VM built and its
 //! memory scrubbed, `HelloReply`, the page streams), `memory.rs` (pages on
@@ -20,18 +20,23 @@ use serde::Serialize;
 use crate::control::{self, ControlReader, ControlWriter};
 use crate::error::{ErrorKind, MigrationError, Phase};
 use crate::protocol::PROTOCOL_VERSION;
+use crate::report::ReceiveProgress;
+use crate::source::CancelToken;
 use crate::transport::{StreamAcceptor, Transport};
 use crate::vm::{DestinationVm, VmDescription, VmError};
 
+mod builder;
 mod commit;
 mod handshake;
 mod memory;
 pub mod postcopy;
 
+pub use builder::Reception;
 pub use handshake::STREAM_HELLO_TIMEOUT;
 
 /// What the destination saw.
 #[derive(Debug, Clone, Default, Serialize)]
+#[non_exhaustive]
 pub struct ReceiveReport {
     /// Pages received with data.
     pub pages: u64,
@@ -72,7 +77,8 @@ pub struct ReceiveConfig {
 }
 
 impl ReceiveConfig {
-    /// Checks the settings (`receive` calls it before reading anything):
+    /// Checks the settings ([`Reception::run`] calls it before reading
+    /// anything):
     /// `io_timeout` must be more than 0 and at most
     /// [`crate::policy::MAX_DURATION`].
     pub fn validate(&self) -> Result<(), crate::policy::ConfigError> {
@@ -92,19 +98,17 @@ fn ms(d: Duration) -> f64 {
     d.as_secs_f64() * 1000.0
 }
 
-/// Receives one migration from `transport`.
+/// Receives one migration from `transport`:
+/// `Reception::new(transport).config(..).run(create)`.
 ///
-/// `create` is called with the source's [`VmDescription`] once the handshake
-/// passed the protocol checks; it builds the (paused) destination VM or
-/// refuses with a [`VmError`] whose message is sent back to the source. The
-/// VM is returned running — or paused, without [`DestinationVm::resume`]
-/// having been called, when the source VM was paused when its migration
-/// started ([`ReceiveReport::running`]); on error it has been dropped
-/// without running.
-///
-/// A source asking for several page streams is granted one (everything on
-/// `transport`); see [`receive_streams`].
-#[cfg_attr(feature = "test-util", doc = include_str!("../doc/receive.md"))]
+/// Kept for one release so that callers keep compiling; use
+/// [`Reception`], which also takes an acceptor for page streams, a cancel
+/// token and a progress callback. A source asking for several page streams
+/// is granted one (everything on `transport`).
+#[deprecated(
+    since = "0.2.0",
+    note = "use livemig::Reception::new(transport)...run(create)"
+)]
 pub fn receive<V, F>(
     transport: Box<dyn Transport>,
     config: &ReceiveConfig,
@@ -114,19 +118,18 @@ where
     V: DestinationVm,
     F: FnOnce(&VmDescription) -> Result<V, VmError>,
 {
-    receive_streams(transport, None, config, create)
+    Reception::new(transport).config(config.clone()).run(create)
 }
 
 /// Like [`receive`], granting a source's request for several page streams
-/// and accepting them through `acceptor`.
+/// and accepting them through `acceptor`:
+/// `Reception::new(transport).accept_streams(acceptor)..`.
 ///
-/// Each extra connection must start with a
-/// [`StreamHello`](crate::protocol::StreamHello) carrying the
-/// random token sent in the [`HelloReply`](crate::protocol::HelloReply)
-/// (connections that do not are dropped); all must arrive within
-/// [`ReceiveConfig::io_timeout`].
-/// `acceptor.close()` is called once they are all there (or right after the
-/// handshake when one stream suffices).
+/// Kept for one release so that callers keep compiling; use [`Reception`].
+#[deprecated(
+    since = "0.2.0",
+    note = "use livemig::Reception::new(transport).accept_streams(acceptor)...run(create)"
+)]
 pub fn receive_streams<V, F>(
     transport: Box<dyn Transport>,
     acceptor: Option<&mut dyn StreamAcceptor>,
@@ -137,32 +140,78 @@ where
     V: DestinationVm,
     F: FnOnce(&VmDescription) -> Result<V, VmError>,
 {
-    config
-        .validate()
-        .map_err(|e| MigrationError::new(Phase::Handshake, e))?;
-    let (control, fw) = control::open(transport, config.io_timeout)?;
-    let mut link = Link {
-        control,
-        fw,
-        version: PROTOCOL_VERSION,
-        granted: 1,
-        postcopy: false,
-    };
-    let result = run(&mut link, acceptor, config, create);
-    if let Err(e) = &result {
-        // Tell the source why (best effort), unless the source itself failed.
-        if !matches!(e.kind, ErrorKind::Remote { .. } | ErrorKind::Cancelled) {
-            // In the completion phase (`Ready` sent or being sent) the source
-            // may have sent `Go` already: say that the VM is gone for good
-            // (it was dropped when `run` returned), so that the source
-            // resumes instead of staying paused as ambiguous. A version-2
-            // source knows no `Abandoned`: it gets the `Error`.
-            let abandoned = e.phase == Phase::Completion && link.version >= 3;
-            control::send_failure(&mut link.fw, e, abandoned);
-        }
-        log::warn!("{e}");
+    let r = Reception::new(transport).config(config.clone());
+    match acceptor {
+        Some(a) => r.accept_streams(a).run(create),
+        None => r.run(create),
     }
+}
+
+/// What [`Reception::run`] passes along besides the transport, the
+/// acceptor and `create`.
+pub(super) struct Call<'c> {
+    pub(super) config: &'c ReceiveConfig,
+    pub(super) cancel: &'c CancelToken,
+    pub(super) progress: &'c mut dyn FnMut(&ReceiveProgress),
+}
+
+/// The reception: checks the settings, runs the phases, and on error tells
+/// the source why.
+fn receive_checked<V, F>(
+    transport: Box<dyn Transport>,
+    acceptor: Option<&mut dyn StreamAcceptor>,
+    call: Call<'_>,
+    create: F,
+) -> Result<(V, ReceiveReport), MigrationError>
+where
+    V: DestinationVm,
+    F: FnOnce(&VmDescription) -> Result<V, VmError>,
+{
+    let hs = Phase::Handshake;
+    call.config
+        .validate()
+        .map_err(|e| MigrationError::new(hs, e))?;
+    let cancel = call.cancel;
+    if cancel.is_cancelled() {
+        return Err(MigrationError::new(hs, ErrorKind::Cancelled));
+    }
+    cancel.attach(transport.try_clone().ok());
+    let result = control::open(transport, call.config.io_timeout).and_then(|(control, fw)| {
+        let mut link = Link {
+            control,
+            fw,
+            version: PROTOCOL_VERSION,
+            granted: 1,
+            postcopy: false,
+        };
+        let r = run(&mut link, acceptor, call, create);
+        r.map_err(|e| fail(&mut link, e, cancel))
+    });
+    cancel.detach_all();
     result
+}
+
+/// A failed reception: a cancel is named as such, and the source is told
+/// why (best effort) unless it failed itself.
+fn fail(link: &mut Link, mut e: MigrationError, cancel: &CancelToken) -> MigrationError {
+    if cancel.is_cancelled() {
+        e.kind = ErrorKind::Cancelled;
+    }
+    // A cancel before `Ready` broke the connections (nothing to say); one
+    // after (the completion phase) did not, and the source must hear
+    // `Abandoned` to resume its guest instead of staying paused.
+    let cancelled_early = matches!(e.kind, ErrorKind::Cancelled) && e.phase != Phase::Completion;
+    if !matches!(e.kind, ErrorKind::Remote { .. }) && !cancelled_early {
+        // In the completion phase (`Ready` sent or being sent) the source
+        // may have sent `Go` already: say that the VM is gone for good
+        // (it was dropped when `run` returned), so that the source
+        // resumes instead of staying paused as ambiguous. A version-2
+        // source knows no `Abandoned`: it gets the `Error`.
+        let abandoned = e.phase == Phase::Completion && link.version >= 3;
+        control::send_failure(&mut link.fw, &e, abandoned);
+    }
+    log::warn!("{e}");
+    e
 }
 
 /// The control connection and the protocol version negotiated on it.
@@ -183,7 +232,7 @@ pub(super) struct Link {
 fn run<V, F>(
     link: &mut Link,
     acceptor: Option<&mut dyn StreamAcceptor>,
-    config: &ReceiveConfig,
+    call: Call<'_>,
     create: F,
 ) -> Result<(V, ReceiveReport), MigrationError>
 where
@@ -196,7 +245,16 @@ where
     let mut vm = handshake::create_vm(&mut link.fw, &hello.desc, create)?;
     let received = {
         let ram = handshake::prepare_memory(&mut link.fw, &vm, &layout)?;
-        let readers = handshake::reply(link, acceptor, hello.streams, config.io_timeout)?;
+        (call.progress)(&ReceiveProgress::Accepted {
+            memory_bytes: layout.total_bytes(),
+            vcpus: hello.desc.vcpus,
+            streams_asked: hello.streams,
+        });
+        let timeout = call.config.io_timeout;
+        let readers = handshake::reply(link, acceptor, hello.streams, timeout, call.cancel)?;
+        for r in &readers {
+            call.cancel.attach(r.get_ref().try_clone().ok());
+        }
         memory::receive(&mut link.control, readers, &layout, &ram)?
     };
     if received.switch.is_some() {
@@ -207,7 +265,8 @@ where
         return Err(MigrationError::new(Phase::FinalMemory, e));
     }
     let running = !hello.paused;
-    let times = commit::commit(&mut vm, link, &received.sections, running)?;
+    let times = commit::commit(&mut vm, link, &received.sections, running, call.cancel)?;
+    (call.progress)(&ReceiveProgress::Completed { running });
     let report = ReceiveReport {
         pages: received.pages,
         zero_pages: received.zero,

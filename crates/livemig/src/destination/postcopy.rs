@@ -222,13 +222,16 @@ where
     P: FnOnce(&V, &MemoryLayout) -> Result<Box<dyn PostcopyMemory>, VmError>,
 {
     let started = Instant::now();
+    // Post-copy's entry points take no cancel token yet (`Reception` does
+    // not offer post-copy): this one is never cancelled.
+    let never = crate::source::CancelToken::new();
     let hello = handshake::read_hello(link)?;
     link.postcopy = hello.postcopy;
     let layout = hello.desc.layout.clone();
     let mut vm = handshake::create_vm(&mut link.fw, &hello.desc, create)?;
     let received = {
         let ram = handshake::prepare_memory(&mut link.fw, &vm, &layout)?;
-        let readers = handshake::reply(link, None, hello.streams, config.io_timeout)?;
+        let readers = handshake::reply(link, None, hello.streams, config.io_timeout, &never)?;
         memory::receive(&mut link.control, readers, &layout, &ram)?
     };
     let running = !hello.paused;
@@ -242,7 +245,7 @@ where
         ..ReceiveReport::default()
     };
     let Some(switch) = received.switch else {
-        let times = super::commit::commit(&mut vm, link, &received.sections, running)?;
+        let times = super::commit::commit(&mut vm, link, &received.sections, running, &never)?;
         report.restore_ms = ms(times.restore);
         report.resume_ms = ms(times.resume);
         report.bytes = link.control.bytes_read();

@@ -7,6 +7,7 @@ use super::{MsgKind, FRAME_MAGIC};
 
 /// Errors of the wire protocol: I/O, framing, and malformed payloads.
 #[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
 pub enum ProtocolError {
     /// An I/O error without frame context (for example on flush).
     #[error("I/O error: {0}")]

@@ -63,7 +63,7 @@ pub(super) fn handshake<V: SourceVm + ?Sized>(
     check_reply(&reply, config.streams)?;
     super::postcopy::check_grant(hello.postcopy, reply.postcopy)?;
     let streams = if reply.streams > 1 {
-        // `migrate_streams` refused streams > 1 without an opener, and the
+        // `Migration::run` refused streams > 1 without an opener, and the
         // destination grants no more than asked for.
         let opener =
             opener.ok_or_else(|| MigrationError::new(hs, super::needs_opener(reply.streams)))?;

@@ -1,5 +1,5 @@
 //! The source side, in the order of the protocol (see
-//! `docs/architecture.md`). See [`migrate`].
+//! `docs/architecture.md`). See [`Migration`].
 //!
 //! Each phase is a file, and a function or method that takes the result of
 //! the one before and returns its own:
@@ -26,6 +26,7 @@ use crate::report::{DowntimeBreakdown, Progress, Report, Status};
 use crate::transport::{StreamOpener, Transport};
 use crate::vm::{SourceVm, VmDescription};
 
+mod builder;
 mod cancel;
 mod handshake;
 pub mod postcopy;
@@ -37,6 +38,7 @@ mod streams;
 mod switchover;
 mod throttle;
 
+pub use builder::Migration;
 pub use cancel::CancelToken;
 use session::{ms, Session, Tracking};
 use switchover::{Committed, NotCommitted};
@@ -50,20 +52,16 @@ use throttle::Throttler;
 /// [`DirtyTracker::rearm`]: crate::vm::DirtyTracker::rearm
 pub const CHUNK_PAGES: u64 = STREAM_CHUNK_PAGES;
 
-/// Migrates `vm` over `transport`.
+/// Migrates `vm` over `transport`: `Migration::new(vm).config(..)
+/// .cancel(..).progress(..).run(transport)`.
 ///
-/// Runs on the calling thread while the VM's own threads keep running the
-/// guest. On success the guest runs on the destination and the source VM is
-/// left paused (the caller tears it down). On any error before the
-/// switchover the source VM is running again and dirty logging is off; the
-/// error names the phase. If the error [`MigrationError::is_ambiguous`], the
-/// destination may be running the guest: the source stays paused.
-///
-/// `progress` is called after each round and at the switchover.
-///
-/// Everything travels on `transport`; [`MigrationConfig::streams`] must be 1
-/// (see [`migrate_streams`]).
-#[cfg_attr(feature = "test-util", doc = include_str!("../doc/migrate.md"))]
+/// Kept for one release so that callers keep compiling; use
+/// [`Migration`], which also takes page streams, a guard, and progress
+/// without a `&mut` closure. [`MigrationConfig::streams`] must be 1 here.
+#[deprecated(
+    since = "0.2.0",
+    note = "use livemig::Migration::new(vm)...run(transport)"
+)]
 pub fn migrate<V: SourceVm + ?Sized>(
     vm: &V,
     transport: Box<dyn Transport>,
@@ -71,15 +69,21 @@ pub fn migrate<V: SourceVm + ?Sized>(
     cancel: &CancelToken,
     progress: &mut dyn FnMut(&Progress),
 ) -> Result<Report, MigrationError> {
-    migrate_streams(vm, transport, None, config, cancel, progress)
+    Migration::new(vm)
+        .config(config.clone())
+        .cancel(cancel.clone())
+        .progress(progress)
+        .run(transport)
 }
 
 /// Like [`migrate`], with [`MigrationConfig::streams`] page streams opened
-/// through `opener` (the control exchange stays on `transport`).
+/// through `opener`: `Migration::new(vm).config(..).streams(n, opener)..`.
 ///
-/// The destination may grant fewer streams than asked for (a destination
-/// called without a [`crate::transport::StreamAcceptor`] grants one); with
-/// one, `opener` is not used.
+/// Kept for one release so that callers keep compiling; use [`Migration`].
+#[deprecated(
+    since = "0.2.0",
+    note = "use livemig::Migration::new(vm).streams(n, opener)...run(transport)"
+)]
 pub fn migrate_streams<V: SourceVm + ?Sized>(
     vm: &V,
     transport: Box<dyn Transport>,
@@ -88,11 +92,19 @@ pub fn migrate_streams<V: SourceVm + ?Sized>(
     cancel: &CancelToken,
     progress: &mut dyn FnMut(&Progress),
 ) -> Result<Report, MigrationError> {
-    migrate_with(vm, transport, opener, None, config, cancel, progress)
+    let m = Migration::new(vm)
+        .config(config.clone())
+        .cancel(cancel.clone())
+        .progress(progress);
+    match opener {
+        Some(o) => m.streams(config.streams, o).run(transport),
+        None => m.run(transport),
+    }
 }
 
-/// [`migrate_streams`], with post-copy when `postcopy` is set.
-fn migrate_with<V: SourceVm + ?Sized>(
+/// The migration, with settings that [`Migration::checked_config`] passed,
+/// and with post-copy when `postcopy` is set.
+fn migrate_checked<V: SourceVm + ?Sized>(
     vm: &V,
     transport: Box<dyn Transport>,
     opener: Option<&mut dyn StreamOpener>,
@@ -102,6 +114,9 @@ fn migrate_with<V: SourceVm + ?Sized>(
     progress: &mut dyn FnMut(&Progress),
 ) -> Result<Report, MigrationError> {
     let started = Instant::now();
+    if cancel.is_cancelled() {
+        return Err(MigrationError::new(Phase::Handshake, ErrorKind::Cancelled));
+    }
     let desc = vm
         .describe()
         .map_err(|e| MigrationError::new(Phase::Handshake, e))?;
@@ -115,8 +130,7 @@ fn migrate_with<V: SourceVm + ?Sized>(
         started,
         postcopy,
     };
-    let result =
-        validate(config, opener.is_some()).and_then(|()| run(&mut s, transport, opener, desc));
+    let result = run(&mut s, transport, opener, desc);
     cancel.detach_all();
     result.map_err(|mut e| {
         // A cancel shuts the transport down; the I/O error it causes is
@@ -127,16 +141,6 @@ fn migrate_with<V: SourceVm + ?Sized>(
         log::warn!("{e}");
         e
     })
-}
-
-/// The settings, and whether they fit the call (nothing is sent before).
-fn validate(config: &MigrationConfig, has_opener: bool) -> Result<(), MigrationError> {
-    let hs = Phase::Handshake;
-    config.validate().map_err(|e| MigrationError::new(hs, e))?;
-    if config.streams > 1 && !has_opener {
-        return Err(MigrationError::new(hs, needs_opener(config.streams)));
-    }
-    Ok(())
 }
 
 /// The phases, in order. Errors before dirty logging is on leave nothing
@@ -289,6 +293,6 @@ fn needs_opener(streams: u32) -> ConfigError {
     ConfigError {
         field: "streams",
         value: streams.to_string(),
-        rule: "needs a StreamOpener (use migrate_streams)".into(),
+        rule: "needs a StreamOpener (set both with Migration::streams(n, opener))".into(),
     }
 }

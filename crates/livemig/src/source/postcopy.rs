@@ -170,7 +170,12 @@ pub fn migrate_postcopy_resumable<V: SourceVm + ?Sized>(
         reconnect: Mutex::new(reconnect),
         reason: Mutex::new(None),
     };
-    super::migrate_with(vm, transport, None, Some(plan), config, cancel, progress)
+    super::Migration::new(vm)
+        .config(config.clone())
+        .cancel(cancel.clone())
+        .progress(progress)
+        .postcopy_plan(plan)
+        .run(transport)
 }
 
 /// Whether `Hello` offers post-copy: asked for, and the VM is running (a

@@ -5,7 +5,11 @@
 //!
 //! * [`TcpTransport`] — TCP (with `TCP_NODELAY`), addressed as `tcp:HOST:PORT`;
 //! * [`UnixTransport`] — Unix stream sockets, addressed as `unix:PATH`;
-//! * [`mem::MemTransport`] — an in-memory pipe for tests ([`mem::pair`]).
+//! * [`mem::MemTransport`] — an in-memory pipe for tests ([`mem::pair`]);
+//! * [`duplex::DuplexTransport`] — any reader/writer pair plus a way to
+//!   abort them (RDMA, vsock, a QUIC stream): the adapter keeps the
+//!   timeouts, clones and shutdown the trait asks for, so such a link need
+//!   not pretend to be a socket.
 //!
 //! [`connect`] and [`listen`] turn an [`Endpoint`] into a connected
 //! `Box<dyn Transport>` on either side.
@@ -31,6 +35,7 @@ use std::path::{Path, PathBuf};
 use std::str::FromStr;
 use std::time::{Duration, Instant};
 
+pub mod duplex;
 pub mod mem;
 mod tcp;
 mod unix;
@@ -115,6 +120,38 @@ pub trait StreamAcceptor: Send {
     fn close(&mut self) {}
 }
 
+impl<T: StreamOpener + ?Sized> StreamOpener for &mut T {
+    fn open(&mut self) -> io::Result<Box<dyn Transport>> {
+        (**self).open()
+    }
+}
+
+impl<T: StreamOpener + ?Sized> StreamOpener for Box<T> {
+    fn open(&mut self) -> io::Result<Box<dyn Transport>> {
+        (**self).open()
+    }
+}
+
+impl<T: StreamAcceptor + ?Sized> StreamAcceptor for &mut T {
+    fn accept_stream(&mut self, timeout: Duration) -> io::Result<Box<dyn Transport>> {
+        (**self).accept_stream(timeout)
+    }
+
+    fn close(&mut self) {
+        (**self).close()
+    }
+}
+
+impl<T: StreamAcceptor + ?Sized> StreamAcceptor for Box<T> {
+    fn accept_stream(&mut self, timeout: Duration) -> io::Result<Box<dyn Transport>> {
+        (**self).accept_stream(timeout)
+    }
+
+    fn close(&mut self) {
+        (**self).close()
+    }
+}
+
 /// A [`StreamOpener`] that connects to an [`Endpoint`].
 #[derive(Debug, Clone)]
 pub struct Dialer {
@@ -167,6 +204,7 @@ impl StreamAcceptor for OwnedAcceptor {
 /// Errors setting up a transport. Errors on an established connection are
 /// plain [`io::Error`]s from `Read` / `Write`.
 #[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
 pub enum TransportError {
     /// The endpoint string is not `tcp:HOST:PORT` or `unix:PATH`.
     #[error("{0}")]
@@ -234,6 +272,7 @@ const ENDPOINT_FORMS: &str = "expected tcp:HOST:PORT or unix:PATH";
 /// `HOST` is a name, an IPv4 address, or an IPv6 address in brackets
 /// (`tcp:[::1]:4444`).
 #[derive(Debug, Clone, PartialEq, Eq, Hash)]
+#[non_exhaustive]
 pub enum Endpoint {
     /// TCP; the string is `host:port` (port validated on parsing).
     Tcp(String),
