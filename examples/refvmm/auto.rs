@@ -334,22 +334,42 @@ fn source_idle(api: &Path) -> bool {
         .unwrap_or(false)
 }
 
+/// How [`attempt`] drives the migrations: the client session, the
+/// options, the agents' client, the attempt bound, the label that
+/// prefixes its lines and whether a progress bar is drawn.
+pub struct Driver<'a> {
+    /// The client session (signals, progress).
+    pub session: &'a Session,
+    /// The migration's options.
+    pub opts: &'a MigrateOptions,
+    /// How to reach the agents.
+    pub client: &'a AgentClient,
+    /// At most this many hosts are tried.
+    pub max_attempts: usize,
+    /// Prefix of every line (evacuate names the VM).
+    pub label: &'a str,
+    /// Whether to draw a progress bar.
+    pub bar: bool,
+}
+
 /// Tries the ranked hosts in order, at most `max_attempts`, reporting
 /// every step on stderr (prefixed with `label`). `held` (a placement
 /// lock) is released once the first host's receiver is prepared.
-#[allow(clippy::too_many_arguments)] // the migration's context, each used
 pub fn attempt(
-    session: &Session,
+    driver: &Driver<'_>,
     api: &Path,
-    opts: &MigrateOptions,
     vm: &MeasuredVm,
     plan: &Plan,
-    client: &AgentClient,
-    max_attempts: usize,
-    label: &str,
-    bar: bool,
     mut held: Option<std::sync::MutexGuard<'_, ()>>,
 ) -> Attempts {
+    let &Driver {
+        session,
+        opts,
+        client,
+        max_attempts,
+        label,
+        bar,
+    } = driver;
     let mut reasons: Vec<(String, String)> = plan
         .excluded
         .iter()
@@ -471,18 +491,15 @@ pub fn cmd_migrate(api: &Path, auto: AutoArgs, opts: MigrateOptions) -> Result<(
     let plan = plan(&vm, &hosts, &unreachable, &opts)?;
     eprint!("{}", plan.text);
     let session = Session::start();
-    match attempt(
-        &session,
-        api,
-        &opts,
-        &vm,
-        &plan,
-        &sources.client,
-        auto.max_attempts,
-        "",
-        true,
-        None,
-    ) {
+    let driver = Driver {
+        session: &session,
+        opts: &opts,
+        client: &sources.client,
+        max_attempts: auto.max_attempts,
+        label: "",
+        bar: true,
+    };
+    match attempt(&driver, api, &vm, &plan, None) {
         Attempts::Migrated { host, why, report } => {
             print_migrated(&report, session.interrupted());
             eprintln!("refvmm: migrated to `{host}` ({why})");

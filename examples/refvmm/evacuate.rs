@@ -12,7 +12,7 @@ use std::time::Instant;
 
 use livemig_placement::{predict, PredictLimits};
 
-use crate::auto::{attempt, plan, Attempts};
+use crate::auto::{attempt, plan, Attempts, Driver};
 use crate::cli::TlsArgs;
 use crate::live::{gather_hosts, measure_vm, HostFacts, HostSources, MeasuredVm};
 use crate::migrate_client::Session;
@@ -191,18 +191,15 @@ fn worker(
             e.0 += vm.vm.memory_mib;
             e.1 += vm.vm.vcpus;
         }
-        let out = attempt(
+        let driver = Driver {
             session,
-            &row.api,
             opts,
-            &vm,
-            &p,
-            &sources.client,
-            args.max_attempts,
-            &label,
-            false,
-            Some(held),
-        );
+            client: &sources.client,
+            max_attempts: args.max_attempts,
+            label: &label,
+            bar: false,
+        };
+        let out = attempt(&driver, &row.api, &vm, &p, Some(held));
         let mut l = lock(&shared.landed);
         if let Some(h) = &first {
             if let Some(e) = l.get_mut(h) {

@@ -9,9 +9,7 @@ use std::time::Duration;
 use livemig::destination::postcopy::{receive_postcopy_resumable, PostcopyMemory};
 use livemig::memory::{GuestMemory, MemoryLayout, RegionDesc, PAGE_SIZE};
 use livemig::protocol::MsgKind;
-use livemig::source::postcopy::{
-    migrate_postcopy_resumable, PostcopyConfig, Reconnect, SwitchRequest,
-};
+use livemig::source::postcopy::{PostcopyConfig, Reconnect, SwitchRequest};
 use livemig::state::Section;
 use livemig::testing::fault::{At, Fault, FaultTransport};
 use livemig::testing::postcopy::SoftPager;
@@ -19,7 +17,7 @@ use livemig::testing::soft::{SoftConfig, SoftVm};
 use livemig::transport::{mem, Transport};
 use livemig::vm::{DestinationVm, SourceVm, VmError};
 use livemig::{
-    CancelToken, ErrorKind, MigrationConfig, MigrationError, Phase, Progress, ReceiveConfig,
+    ErrorKind, Migration, MigrationConfig, MigrationError, Phase, Progress, ReceiveConfig,
     ReceiveReport, Report,
 };
 
@@ -206,15 +204,10 @@ fn migrate_with(
             &mut || dst_next.take(),
         )
     });
-    let report = migrate_postcopy_resumable(
-        src,
-        a,
-        Box::new(fa),
-        src_next,
-        &pc,
-        config,
-        &CancelToken::new(),
-        &mut |p| {
+    let mut m = Migration::new(src)
+        .config(config.clone())
+        .postcopy(Box::new(fa), pc)
+        .progress(|p: &Progress| {
             if let Progress::Postcopy { reason } = p {
                 vcpu.switches.lock().unwrap().push(reason.clone());
             }
@@ -224,8 +217,11 @@ fn migrate_with(
                     req.request();
                 }
             }
-        },
-    );
+        });
+    if let Some(next) = src_next {
+        m = m.postcopy_reconnect(next);
+    }
+    let report = m.run(a);
     (dest.join().unwrap(), report)
 }
 
@@ -553,17 +549,11 @@ fn a_slow_push_keeps_the_destination_listening() {
         max_bandwidth: Some(1 << 20),
         ..Default::default()
     };
-    let report = migrate_postcopy_resumable(
-        &src,
-        Box::new(a),
-        Box::new(fa),
-        None,
-        &pc,
-        &config,
-        &CancelToken::new(),
-        &mut |_| {},
-    )
-    .expect("source");
+    let report = Migration::new(&src)
+        .config(config)
+        .postcopy(Box::new(fa), pc)
+        .run(Box::new(a))
+        .expect("source");
     assert!(report.postcopy.is_some(), "switched to post-copy");
     let (dst, _) = dest.join().unwrap().expect("destination");
     dst.stop();

@@ -126,9 +126,29 @@ impl<'a, V: SourceVm + ?Sized> Migration<'a, V> {
         self
     }
 
-    /// Post-copy as `plan` says (the post-copy entry points set it).
-    pub(super) fn postcopy_plan(mut self, plan: super::postcopy::Plan) -> Self {
-        self.postcopy = Some(plan);
+    /// Offers post-copy (`docs/postcopy.md`): `fault` is a second
+    /// connection to the same destination, for page requests and their
+    /// answers only; `config` says when to switch. A destination that does
+    /// not grant post-copy gets a pre-copy migration. Post-copy uses one
+    /// page stream (more are refused with a `Config` error).
+    pub fn postcopy(
+        mut self,
+        fault: Box<dyn Transport>,
+        config: super::postcopy::PostcopyConfig,
+    ) -> Self {
+        self.postcopy = Some(super::postcopy::Plan::new(fault, config));
+        self
+    }
+
+    /// With [`Migration::postcopy`]: when a connection breaks after `Go`,
+    /// `reconnect` gives a new (control, fault) pair and the copy
+    /// continues (the destination names the pages it still misses); `None`
+    /// from it gives up. The source stays paused throughout. Without
+    /// `postcopy` this does nothing.
+    pub fn postcopy_reconnect(mut self, reconnect: super::postcopy::Reconnect) -> Self {
+        if let Some(plan) = self.postcopy.as_mut() {
+            plan.set_reconnect(reconnect);
+        }
         self
     }
 
@@ -144,6 +164,9 @@ impl<'a, V: SourceVm + ?Sized> Migration<'a, V> {
         config.validate().map_err(|e| MigrationError::new(hs, e))?;
         if config.streams > 1 && self.streams.is_none() {
             return Err(MigrationError::new(hs, super::needs_opener(config.streams)));
+        }
+        if self.postcopy.is_some() {
+            super::postcopy::check_streams(config.streams)?;
         }
         Ok(config)
     }

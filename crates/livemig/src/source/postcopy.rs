@@ -112,7 +112,10 @@ pub(super) struct Plan {
 
 /// Like [`crate::migrate`], offering post-copy; `fault` is a second
 /// connection to the same destination (`receive_postcopy`'s `fault`),
-/// used for page requests and their answers only.
+/// used for page requests and their answers only. The same as
+/// `Migration::new(vm).config(..).cancel(..).progress(..)
+/// .postcopy(fault, postcopy).run(transport)`; a resumable post-copy adds
+/// [`crate::Migration::postcopy_reconnect`].
 ///
 /// A destination that does not grant post-copy gets a pre-copy migration.
 /// Once switched, the guest runs on the destination from `Go` on; an error
@@ -127,55 +130,42 @@ pub fn migrate_postcopy<V: SourceVm + ?Sized>(
     cancel: &CancelToken,
     progress: &mut dyn FnMut(&Progress),
 ) -> Result<Report, MigrationError> {
-    if config.streams > 1 {
-        let e = ConfigError {
-            field: "streams",
-            value: config.streams.to_string(),
-            rule: "post-copy uses one page stream in this build".into(),
-        };
-        return Err(MigrationError::new(Phase::Handshake, e));
-    }
-    migrate_postcopy_resumable(
-        vm, transport, fault, None, postcopy, config, cancel, progress,
-    )
-}
-
-/// Like [`migrate_postcopy`]; when a connection breaks after `Go`, calls
-/// `reconnect` for a new pair and continues: the destination names the
-/// pages it still misses on the new control connection
-/// ([`PostcopyResume`]) and the push sends them again. The source stays
-/// paused throughout.
-#[allow(clippy::too_many_arguments)]
-pub fn migrate_postcopy_resumable<V: SourceVm + ?Sized>(
-    vm: &V,
-    transport: Box<dyn Transport>,
-    fault: Box<dyn Transport>,
-    reconnect: Option<Reconnect>,
-    postcopy: &PostcopyConfig,
-    config: &MigrationConfig,
-    cancel: &CancelToken,
-    progress: &mut dyn FnMut(&Progress),
-) -> Result<Report, MigrationError> {
-    if config.streams > 1 {
-        let e = ConfigError {
-            field: "streams",
-            value: config.streams.to_string(),
-            rule: "post-copy uses one page stream in this build".into(),
-        };
-        return Err(MigrationError::new(Phase::Handshake, e));
-    }
-    let plan = Plan {
-        config: postcopy.clone(),
-        fault: Mutex::new(Some(fault)),
-        reconnect: Mutex::new(reconnect),
-        reason: Mutex::new(None),
-    };
     super::Migration::new(vm)
         .config(config.clone())
         .cancel(cancel.clone())
         .progress(progress)
-        .postcopy_plan(plan)
+        .postcopy(fault, postcopy.clone())
         .run(transport)
+}
+
+impl Plan {
+    /// Post-copy as `config` says, with page requests on `fault`.
+    pub(super) fn new(fault: Box<dyn Transport>, config: PostcopyConfig) -> Plan {
+        Plan {
+            config,
+            fault: Mutex::new(Some(fault)),
+            reconnect: Mutex::new(None),
+            reason: Mutex::new(None),
+        }
+    }
+
+    /// Continues over new connections from `reconnect` after a break.
+    pub(super) fn set_reconnect(&mut self, reconnect: Reconnect) {
+        *self.reconnect.get_mut().unwrap_or_else(|e| e.into_inner()) = Some(reconnect);
+    }
+}
+
+/// Post-copy uses one page stream in this build.
+pub(super) fn check_streams(streams: u32) -> Result<(), MigrationError> {
+    if streams > 1 {
+        let e = ConfigError {
+            field: "streams",
+            value: streams.to_string(),
+            rule: "post-copy uses one page stream in this build".into(),
+        };
+        return Err(MigrationError::new(Phase::Handshake, e));
+    }
+    Ok(())
 }
 
 /// Whether `Hello` offers post-copy: asked for, and the VM is running (a

@@ -222,29 +222,31 @@ impl SoftVm {
         Self::build(Inner::Other(memory), config, tracking)
     }
 
-    fn build(inner: Inner, config: &SoftConfig, tracking: SoftTracking) -> Result<Self, VmError> {
+    /// The layout of `inner` and each region's host address (refused
+    /// unless 4 KiB aligned).
+    fn describe_memory(inner: &Inner) -> Result<(MemoryLayout, Vec<usize>), VmError> {
         let create = |e: String| VmError::Create(e);
-        let (layout, bases) = {
-            let mem: &dyn GuestMemory = match &inner {
-                Inner::VmMemory(m) => m,
-                Inner::Other(m) => &**m,
-            };
-            let regions = mem.regions();
-            if let Some(r) = regions
-                .iter()
-                .find(|r| !(r.host as u64).is_multiple_of(PAGE_SIZE))
-            {
-                return Err(create(format!(
-                    "host address {:p} is not 4 KiB aligned",
-                    r.host
-                )));
-            }
-            let bases: Vec<usize> = regions.iter().map(|r| r.host as usize).collect();
-            (
-                MemoryLayout::of(mem).map_err(|e| create(e.to_string()))?,
-                bases,
-            )
+        let mem: &dyn GuestMemory = match inner {
+            Inner::VmMemory(m) => m,
+            Inner::Other(m) => &**m,
         };
+        let regions = mem.regions();
+        if let Some(r) = regions
+            .iter()
+            .find(|r| !(r.host as u64).is_multiple_of(PAGE_SIZE))
+        {
+            return Err(create(format!(
+                "host address {:p} is not 4 KiB aligned",
+                r.host
+            )));
+        }
+        let bases: Vec<usize> = regions.iter().map(|r| r.host as usize).collect();
+        let layout = MemoryLayout::of(mem).map_err(|e| create(e.to_string()))?;
+        Ok((layout, bases))
+    }
+
+    fn build(inner: Inner, config: &SoftConfig, tracking: SoftTracking) -> Result<Self, VmError> {
+        let (layout, bases) = Self::describe_memory(&inner)?;
         let layout = &layout;
         let bitmaps = || -> Vec<AtomicBitmap> {
             layout
