@@ -223,6 +223,30 @@ fn wait_answering(src: &mut Vmm) {
     src.wait_ready(T).unwrap();
 }
 
+/// Starts the pinger and returns once the guest received at least
+/// `PRE_REQUESTS` more frames (a fixed sleep measured less under load: the
+/// pinger's interpreter can take most of a second to start).
+fn start_pinging(net: &Net, dir: &Path, vm: &mut Vmm) -> Pinger {
+    let rx0 = vm.query_status(T).unwrap().rx;
+    let pinger = Pinger::start(net, dir);
+    let deadline = Instant::now() + T;
+    loop {
+        let st = vm.query_status(T).unwrap();
+        if st.rx >= rx0 + PRE_REQUESTS {
+            return pinger;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the guest received {} frames in {T:?} of pinging",
+            st.rx - rx0
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
+/// Echo requests the guest must have received before a migration starts.
+const PRE_REQUESTS: u64 = 30;
+
 #[test]
 fn ping_survives_five_ping_pong_migrations() {
     const TEST: &str = "ping_survives_five_ping_pong_migrations";
@@ -237,8 +261,7 @@ fn ping_survives_five_ping_pong_migrations() {
     let taps = ["lmpa", "lmpb"];
     let mut cur = net.source(&dir, taps[0], "ws=64 rate=10 fresh=1");
     wait_answering(&mut cur);
-    let pinger = Pinger::start(&net, &dir);
-    std::thread::sleep(Duration::from_secs(1));
+    let pinger = start_pinging(&net, &dir, &mut cur);
     let before = cur.query_status(T).unwrap();
     assert!(before.rx > 0 && before.tx > 0, "{before:?}");
 
@@ -370,8 +393,7 @@ fn without_announce_replies_go_to_the_old_port() {
     let dir = scratch_dir("ping-n");
     let mut src = net.source(&dir, "lmpa", "ws=64 rate=10");
     wait_answering(&mut src);
-    let pinger = Pinger::start(&net, &dir);
-    std::thread::sleep(Duration::from_secs(1));
+    let pinger = start_pinging(&net, &dir, &mut src);
     // No request may be in flight at the switchover: one that the source's
     // device put into the guest's receive ring just before the pause would
     // be answered from the destination after it, and that single reply
