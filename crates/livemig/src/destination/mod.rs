@@ -25,6 +25,7 @@ use crate::vm::{DestinationVm, VmDescription, VmError};
 
 mod commit;
 mod handshake;
+pub mod local;
 mod memory;
 pub mod postcopy;
 
@@ -195,7 +196,7 @@ where
     let layout = hello.desc.layout.clone();
     let mut vm = handshake::create_vm(&mut link.fw, &hello.desc, create)?;
     let received = {
-        let ram = handshake::prepare_memory(&mut link.fw, &vm, &layout)?;
+        let ram = handshake::prepare_memory(&mut link.fw, &vm, &layout, hello.local.as_ref())?;
         let readers = handshake::reply(link, acceptor, hello.streams, config.io_timeout)?;
         memory::receive(&mut link.control, readers, &layout, &ram)?
     };

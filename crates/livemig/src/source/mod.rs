@@ -28,6 +28,7 @@ use crate::vm::{SourceVm, VmDescription};
 
 mod cancel;
 mod handshake;
+pub mod local;
 pub mod postcopy;
 mod precopy;
 mod rounds;
