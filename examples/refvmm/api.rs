@@ -564,9 +564,14 @@ mod tests {
         let line = line_to_a_vanished_client();
         let (tx, rx) = std::sync::mpsc::channel();
         let mut away = false;
-        finish_migrate(Outcome::Migrated(json!({})), &line, &tx, false, || {
-            away = true
-        });
+        finish_migrate(
+            Outcome::Migrated(json!({})),
+            &line,
+            &tx,
+            false,
+            false,
+            || away = true,
+        );
         assert!(away);
         assert!(
             matches!(rx.try_recv(), Ok(ApiEvent::Migrated)),
@@ -583,9 +588,22 @@ mod tests {
             &line,
             &tx,
             false,
+            false,
             || {},
         );
         assert!(matches!(rx.try_recv(), Ok(ApiEvent::Ambiguous(_))));
+    }
+
+    #[test]
+    fn a_local_hand_over_tells_the_main_loop_to_leave_the_taps_alone() {
+        let (tx, rx) = std::sync::mpsc::channel();
+        let (a, _b) = UnixStream::pair().unwrap();
+        let line = ClientLine {
+            w: Mutex::new(a),
+            deaf: AtomicBool::new(false),
+        };
+        finish_migrate(Outcome::Migrated(json!({})), &line, &tx, false, true, || {});
+        assert!(matches!(rx.try_recv(), Ok(ApiEvent::HandedOver)));
     }
 
     #[test]

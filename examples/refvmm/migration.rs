@@ -576,6 +576,17 @@ mod tests {
     }
 
     #[test]
+    fn local_travels_in_the_request_only_when_asked_for() {
+        let o = parse(&["--to", "unix:/h.sock", "--local"]);
+        let req = o.to_request();
+        assert_eq!(req["local"], true, "{req}");
+        assert!(req.get("upgrade_binary").is_none(), "{req}");
+        assert_eq!(MigrateOptions::from_request(&req).unwrap(), o);
+        let plain = parse(&["--to", "unix:/h.sock"]).to_request();
+        assert!(plain.get("local").is_none(), "{plain}");
+    }
+
+    #[test]
     fn bad_requests_are_refused() {
         let bad = |v: Value| MigrateOptions::from_request(&v).and_then(|o| o.config());
         assert!(bad(json!({"to":"unix:/x","max_bandwith_mib":3}))
