@@ -464,6 +464,7 @@ pub(crate) fn cmd_receive(args: ReceiveArgs) -> Result<(), Fail> {
             start_paused,
             announce,
             console: console.take(),
+            local,
         })
     };
     let result = match acceptor {

@@ -409,6 +409,9 @@ pub struct DestMachine {
     pub announce: bool,
     /// The console socket, to take over its path when the guest resumes.
     pub console: Option<(console_server::Listener, Arc<console_server::ConsoleLog>)>,
+    /// A same-host hand-over: the TAPs are the source's, and the frames
+    /// queued on them arrived for this guest during the pause (kept).
+    pub local: bool,
 }
 
 impl DestMachine {
@@ -459,7 +462,12 @@ impl livemig::vm::DestinationVm for DestMachine {
             return Ok(());
         }
         // The NICs drop what reached this host's TAPs before the guest ran
-        // here (`VirtioNet::resume` after a restore).
+        // here (`VirtioNet::resume` after a restore) — except after a local
+        // hand-over, whose TAPs are the source's: what they hold is the
+        // guest's traffic of the pause.
+        if self.local {
+            self.machine.each_nic(VirtioNet::keep_queued_frames);
+        }
         self.machine.start();
         if self.announce {
             self.start_announce();
