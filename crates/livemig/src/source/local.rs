@@ -195,13 +195,18 @@ fn switchover<V: SourceVm + ?Sized>(
     config: &MigrationConfig,
 ) -> Result<(Times, Ready, u64, StateSent), (MigrationError, bool)> {
     let kept = |e| (e, false);
+    let deadline_error = |phase| {
+        let kind = ErrorKind::PauseDeadline {
+            limit: deadline.limit(),
+            paused: deadline.paused_for(),
+        };
+        (MigrationError::new(phase, kind), false)
+    };
+    // An I/O error after the deadline fired is the deadline (it shut the
+    // connection down).
     let expired = |e: MigrationError| {
         if deadline.expired() {
-            let kind = ErrorKind::PauseDeadline {
-                limit: deadline.limit(),
-                paused: deadline.paused_for(),
-            };
-            (MigrationError::new(e.phase, kind), false)
+            deadline_error(e.phase)
         } else {
             (e, false)
         }
@@ -219,7 +224,7 @@ fn switchover<V: SourceVm + ?Sized>(
         return Err(kept(MigrationError::new(cp, ErrorKind::Cancelled)));
     }
     if !deadline.disarm() {
-        return Err(expired(MigrationError::new(cp, ErrorKind::Cancelled)));
+        return Err(deadline_error(cp));
     }
     let answer_wait = config.io_timeout.saturating_mul(2);
     let resumed = match commit(fw, control, &Go, answer_wait) {
