@@ -268,3 +268,78 @@ impl Drop for UnixAcceptor {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn memfd(len: u64) -> File {
+        // SAFETY: a NUL-terminated name; the result is checked.
+        let fd = unsafe { libc::memfd_create(c"handover-test".as_ptr(), libc::MFD_CLOEXEC) };
+        assert!(fd >= 0);
+        // SAFETY: a fresh descriptor nothing else owns.
+        let f = unsafe { <File as std::os::fd::FromRawFd>::from_raw_fd(fd) };
+        f.set_len(len).unwrap();
+        f
+    }
+
+    fn send(msg: &Handover, files: &[&File]) -> Result<Received, String> {
+        let (a, b) = UnixStream::pair().unwrap();
+        let payload = serde_json::to_vec(msg).unwrap();
+        let fds: Vec<BorrowedFd<'_>> = files.iter().map(|f| f.as_fd()).collect();
+        send_fds(&a, &payload, &fds).unwrap();
+        assert!(is_handover(&b, Duration::from_secs(1)).unwrap());
+        recv_handover(&b)
+    }
+
+    fn one_region(version: u32) -> Handover {
+        Handover {
+            version,
+            regions: vec![RegionFd {
+                guest_addr: 0,
+                size: 1 << 20,
+                offset: 0,
+            }],
+            nics: Vec::new(),
+        }
+    }
+
+    #[test]
+    fn the_memory_arrives_mapped_and_shared() {
+        let f = memfd(1 << 20);
+        std::os::unix::fs::FileExt::write_all_at(&f, &0xfeed_u64.to_le_bytes(), 4096).unwrap();
+        let got = send(&one_region(HANDOVER_VERSION), &[&f]).unwrap();
+        use vm_memory::Bytes;
+        let v: u64 = got.memory.read_obj(vm_memory::GuestAddress(4096)).unwrap();
+        assert_eq!(v, 0xfeed, "the destination sees the source's bytes");
+        got.memory
+            .write_obj(7u64, vm_memory::GuestAddress(8192))
+            .unwrap();
+        let mut b = [0u8; 8];
+        std::os::unix::fs::FileExt::read_exact_at(&f, &mut b, 8192).unwrap();
+        assert_eq!(u64::from_le_bytes(b), 7, "one memory, not a copy");
+    }
+
+    #[test]
+    fn another_version_or_fd_count_is_refused() {
+        let f = memfd(1 << 20);
+        let e = send(&one_region(2), &[&f]).err().unwrap();
+        assert!(e.contains("version 2"), "{e}");
+        let e = send(&one_region(HANDOVER_VERSION), &[&f, &f])
+            .err()
+            .unwrap();
+        assert!(e.contains("2 descriptors for 1 regions"), "{e}");
+        let small = memfd(4096);
+        let e = send(&one_region(HANDOVER_VERSION), &[&small])
+            .err()
+            .unwrap();
+        assert!(e.contains("the file has 4096 bytes"), "{e}");
+    }
+
+    #[test]
+    fn an_engine_frame_is_not_a_handover() {
+        let (mut a, b) = UnixStream::pair().unwrap();
+        std::io::Write::write_all(&mut a, &[0x4d, 0x4c, 1, 0]).unwrap();
+        assert!(!is_handover(&b, Duration::from_secs(1)).unwrap());
+    }
+}
