@@ -443,3 +443,90 @@ fn without_announce_replies_go_to_the_old_port() {
     let _ = src.api(&json!({"cmd": "quit"}), |_| {});
     let _ = std::fs::remove_dir_all(dir);
 }
+
+/// Kills a process the test did not start itself (the upgraded VMM is the
+/// old VMM's child) when the test ends, however it ends.
+struct KillPid(Option<u32>);
+
+impl Drop for KillPid {
+    fn drop(&mut self) {
+        if let Some(pid) = self.0 {
+            // SAFETY: kill(2) on a pid; no memory is involved.
+            unsafe { libc::kill(pid as libc::pid_t, libc::SIGKILL) };
+        }
+    }
+}
+
+#[test]
+fn ping_across_a_local_upgrade_loses_no_reply() {
+    const TEST: &str = "ping_across_a_local_upgrade_loses_no_reply";
+    let Some(_kvm) = common::kvm_or_skip(TEST) else {
+        return;
+    };
+    if !prerequisites(TEST) {
+        return;
+    }
+    let net = Net::new("lmU", "u", Some(&format!("{PREFIX}.1/24"))).unwrap();
+    let dir = scratch_dir("ping-u");
+    let tap = "lmpu";
+    let netspec = format!("tap={tap},mac={MAC},ip={PREFIX}.2");
+    let mut src = net.vmm(
+        &dir,
+        "src",
+        &[
+            "run",
+            "--memory",
+            "256M",
+            "--kernel",
+            "builtin:testguest",
+            "--cmdline",
+            "ws=64 rate=10 fresh=1",
+            "--memory-backend",
+            "memfd",
+            "--net",
+            &netspec,
+        ],
+    );
+    src.wait_api(T).unwrap();
+    net.enslave(tap).unwrap();
+    wait_answering(&mut src);
+    let pinger = Pinger::start(&net, &dir);
+    std::thread::sleep(Duration::from_secs(1));
+    let start = monotonic();
+    // The new VMM is started by the old one, inside its namespace, and
+    // takes the same TAP (its descriptor travels): no bridge port changes.
+    let out = Command::new(livemig_suite::harness::refvmm_path())
+        .arg("upgrade")
+        .arg("--api-socket")
+        .arg(&src.api)
+        .arg("--binary")
+        .arg(livemig_suite::harness::refvmm_path())
+        .output()
+        .unwrap();
+    let st = livemig_suite::harness::api_request(&src.api, &json!({"cmd": "status"}), |_| {});
+    let _new = KillPid(
+        st.as_ref()
+            .ok()
+            .and_then(|v| v["pid"].as_u64())
+            .map(|p| p as u32),
+    );
+    assert!(
+        out.status.success(),
+        "upgrade: {}\nold VMM:\n{}",
+        String::from_utf8_lossy(&out.stderr),
+        src.stderr()
+    );
+    std::thread::sleep(Duration::from_millis(1500));
+    let end = monotonic();
+    let (echoes, bad) = pinger.finish();
+    assert_eq!(bad, 0, "replies with a bad checksum or payload");
+    let (lost, sent, gap) = window(&echoes, start, end);
+    eprintln!(
+        "ping across a local upgrade: {sent} requests, lost {lost:?}, longest reply gap {:.1} ms",
+        gap * 1e3
+    );
+    assert!(sent > 50, "{sent} requests");
+    assert!(lost.is_empty(), "replies lost across the upgrade: {lost:?}");
+    assert!(log_of(&src).corrupt.is_empty());
+    let _ = livemig_suite::harness::api_request(&src.api, &json!({"cmd": "quit"}), |_| {});
+}

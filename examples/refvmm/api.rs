@@ -35,7 +35,7 @@
 use std::io::{BufRead, BufReader, Write};
 use std::os::fd::AsRawFd;
 use std::os::unix::net::{UnixListener, UnixStream};
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::mpsc::Sender;
 use std::sync::{Arc, Mutex};
@@ -54,24 +54,64 @@ use crate::vmm::Machine;
 pub enum ApiEvent {
     /// The guest now runs elsewhere: exit 0.
     Migrated,
+    /// The guest was handed over to a VMM on this host (which shares its
+    /// memory and TAPs): exit 0 without touching either.
+    HandedOver,
     /// The guest's fate is unknown (split-brain guard): exit 3, never resume.
     Ambiguous(String),
     /// Asked to quit.
     Quit,
 }
 
-/// Starts the API server thread on `path`.
-pub fn serve(path: &Path, machine: Arc<Machine>, events: Sender<ApiEvent>) -> Result<(), String> {
-    if path.exists() {
+/// Device and inode of the file at `path`.
+pub fn file_id(path: &Path) -> Option<(u64, u64)> {
+    use std::os::unix::fs::MetadataExt;
+    std::fs::symlink_metadata(path)
+        .ok()
+        .map(|m| (m.dev(), m.ino()))
+}
+
+/// Starts the API server thread on `path`; returns the socket file's
+/// identity (remove `path` at exit only if it is still this file: a VMM
+/// that took the path over may own it by then).
+///
+/// With `takeover` (a VMM that received a local hand-over: the old VMM may
+/// still listen on `path`), the socket is bound beside `path` and renamed
+/// over it, so a client connecting to `path` reaches one VMM or the other.
+pub fn serve(
+    path: &Path,
+    machine: Arc<Machine>,
+    events: Sender<ApiEvent>,
+    takeover: bool,
+) -> Result<(u64, u64), String> {
+    let bind_at = if takeover {
+        let mut name = path.as_os_str().to_owned();
+        name.push(format!(".{}.new", std::process::id()));
+        PathBuf::from(name)
+    } else {
+        path.to_path_buf()
+    };
+    if bind_at.exists() {
         // A stale socket from an earlier run: refuse if someone listens on it.
-        if UnixStream::connect(path).is_ok() {
-            return Err(format!("API socket {} is in use", path.display()));
+        if UnixStream::connect(&bind_at).is_ok() {
+            return Err(format!("API socket {} is in use", bind_at.display()));
         }
-        let _ = std::fs::remove_file(path);
+        let _ = std::fs::remove_file(&bind_at);
     }
     let monitor = Arc::new(MigrationMonitor::default());
-    let listener =
-        UnixListener::bind(path).map_err(|e| format!("API socket {}: {e}", path.display()))?;
+    let listener = UnixListener::bind(&bind_at)
+        .map_err(|e| format!("API socket {}: {e}", bind_at.display()))?;
+    let id = file_id(&bind_at).ok_or_else(|| format!("API socket {}: gone", bind_at.display()))?;
+    if takeover {
+        std::fs::rename(&bind_at, path).map_err(|e| {
+            let _ = std::fs::remove_file(&bind_at);
+            format!(
+                "API socket: renaming {} to {}: {e}",
+                bind_at.display(),
+                path.display()
+            )
+        })?;
+    }
     std::thread::Builder::new()
         .name("api".into())
         .spawn(move || {
@@ -99,7 +139,7 @@ pub fn serve(path: &Path, machine: Arc<Machine>, events: Sender<ApiEvent>) -> Re
             }
         })
         .map_err(|e| format!("API thread: {e}"))?;
-    Ok(())
+    Ok(id)
 }
 
 fn send(w: &mut UnixStream, v: &Value) -> std::io::Result<()> {
@@ -163,6 +203,8 @@ fn handle(
         let reply = match req["cmd"].as_str().unwrap_or("") {
             "status" => json!({
                 "result": "ok",
+                "version": env!("CARGO_PKG_VERSION"),
+                "pid": std::process::id(),
                 "running": m.vm.vcpus().is_running(),
                 "migration": m.guard.state().name(),
                 "vcpus": m.vm.vcpus().len(),
@@ -342,7 +384,7 @@ fn migrate_request(
     let opts = match MigrateOptions::from_request(req) {
         Ok(o) => o,
         Err(e) => {
-            finish_migrate(setup_error(e), &line, events, false, || {});
+            finish_migrate(setup_error(e), &line, events, false, false, || {});
             return Ok(());
         }
     };
@@ -365,8 +407,13 @@ fn migrate_request(
         let _ = conn.shutdown(std::net::Shutdown::Read);
         r
     });
-    finish_migrate(outcome, &line, events, opts.keep_source, || {
-        m.migrated_away()
+    let local = opts.local;
+    finish_migrate(outcome, &line, events, opts.keep_source, local, || {
+        if local {
+            m.handed_over()
+        } else {
+            m.migrated_away()
+        }
     });
     Ok(())
 }
@@ -379,6 +426,7 @@ fn finish_migrate(
     line: &ClientLine,
     events: &Sender<ApiEvent>,
     keep_source: bool,
+    local: bool,
     migrated_away: impl FnOnce(),
 ) {
     line.deaf.store(false, Ordering::SeqCst);
@@ -393,7 +441,11 @@ fn finish_migrate(
             // keep_source (for tests): stay, paused, so the source memory
             // can be compared with the destination.
             if !keep_source {
-                let _ = events.send(ApiEvent::Migrated);
+                let _ = events.send(if local {
+                    ApiEvent::HandedOver
+                } else {
+                    ApiEvent::Migrated
+                });
             }
         }
         Outcome::Failed(v, ambiguous) => {
@@ -507,9 +559,14 @@ mod tests {
         let line = line_to_a_vanished_client();
         let (tx, rx) = std::sync::mpsc::channel();
         let mut away = false;
-        finish_migrate(Outcome::Migrated(json!({})), &line, &tx, false, || {
-            away = true
-        });
+        finish_migrate(
+            Outcome::Migrated(json!({})),
+            &line,
+            &tx,
+            false,
+            false,
+            || away = true,
+        );
         assert!(away);
         assert!(
             matches!(rx.try_recv(), Ok(ApiEvent::Migrated)),
@@ -526,9 +583,22 @@ mod tests {
             &line,
             &tx,
             false,
+            false,
             || {},
         );
         assert!(matches!(rx.try_recv(), Ok(ApiEvent::Ambiguous(_))));
+    }
+
+    #[test]
+    fn a_local_hand_over_tells_the_main_loop_to_leave_the_taps_alone() {
+        let (tx, rx) = std::sync::mpsc::channel();
+        let (a, _b) = UnixStream::pair().unwrap();
+        let line = ClientLine {
+            w: Mutex::new(a),
+            deaf: AtomicBool::new(false),
+        };
+        finish_migrate(Outcome::Migrated(json!({})), &line, &tx, false, true, || {});
+        assert!(matches!(rx.try_recv(), Ok(ApiEvent::HandedOver)));
     }
 
     #[test]

@@ -22,8 +22,10 @@ pub(crate) struct Cli {
 
 #[derive(clap::Args, Clone)]
 pub(crate) struct Common {
-    /// Serial console (COM1) output: `stdio`, `file:<PATH>` or `none`.
-    /// Output is written through unbuffered, byte by byte.
+    /// Serial console (COM1) output: `stdio`, `file:<PATH>` (created or
+    /// truncated), `append:<PATH>` (appended to; what `upgrade` gives the
+    /// new VMM for a `file:` console) or `none`. Output is written through
+    /// unbuffered, byte by byte.
     #[arg(long, default_value = "stdio")]
     pub(crate) serial: String,
     /// The serial console on a Unix socket: `unix:<PATH>`; attach with
@@ -224,6 +226,22 @@ pub(crate) enum Cmd {
     /// Move every VM of this host (their API sockets) to hosts chosen from
     /// live facts, at most N at a time (see docs/operations.md).
     Evacuate(crate::evacuate::EvacuateArgs),
+    /// Upgrade the VMM under a running guest: the VMM at --api-socket starts
+    /// --binary as `receive` on a private Unix socket (with its own
+    /// --serial, --console, --dirty-log and --api-socket), hands the guest
+    /// over locally (memory memfds and TAP descriptors pass; no page is
+    /// copied; needs `--memory-backend memfd`) and exits; the new VMM takes
+    /// over the API socket path, the console socket and the NICs. On a
+    /// failure before the switchover the old VMM keeps the guest and stops
+    /// the new one. Exit codes as for `migrate`.
+    Upgrade {
+        /// The running VMM's API socket.
+        #[arg(long)]
+        api_socket: PathBuf,
+        /// The new refvmm binary.
+        #[arg(long)]
+        binary: PathBuf,
+    },
     /// Write the built-in test guest image (a Multiboot v1 ELF32) to a file,
     /// e.g. to boot it with `qemu-system-x86_64 -kernel`.
     GuestImage {
@@ -291,9 +309,17 @@ pub(crate) fn parse_serial(s: &str) -> Result<SerialOutput, Fail> {
         "none" => Ok(SerialOutput::None),
         _ => match s.strip_prefix("file:") {
             Some(p) if !p.is_empty() => Ok(SerialOutput::File(PathBuf::from(p))),
-            _ => Err(usage(format!(
-                "--serial '{s}': expected stdio, file:<PATH> or none"
-            ))),
+            _ => match s.strip_prefix("append:") {
+                Some(p) if !p.is_empty() => std::fs::OpenOptions::new()
+                    .append(true)
+                    .create(true)
+                    .open(p)
+                    .map(|f| SerialOutput::Writer(Box::new(f)))
+                    .map_err(|e| usage(format!("--serial '{s}': {e}"))),
+                _ => Err(usage(format!(
+                    "--serial '{s}': expected stdio, file:<PATH>, append:<PATH> or none"
+                ))),
+            },
         },
     }
 }

@@ -13,6 +13,8 @@
 //! refvmm agent --listen tcp:0.0.0.0:7070      # on every host: capacity + receivers
 //! refvmm migrate --api-socket /tmp/a.sock --to auto --agents tcp:node-b:7070,tcp:node-c:7070
 //! refvmm evacuate --api-sockets /tmp/a.sock,/tmp/c.sock --agents tcp:node-b:7070
+//! refvmm migrate --api-socket /tmp/a.sock --local --to unix:/tmp/h.sock   # same host, memfd memory
+//! refvmm upgrade --api-socket /tmp/a.sock --binary ./refvmm-new
 //! refvmm guest-image --out guest.elf
 //! ```
 //!
@@ -34,6 +36,7 @@ mod console_server;
 mod dirty_rate;
 mod evacuate;
 mod live;
+mod local;
 mod migrate_client;
 mod migration;
 mod monitor;
@@ -41,6 +44,7 @@ mod multiboot;
 mod net;
 mod place;
 mod run;
+mod upgrade;
 mod vmm;
 
 use std::process::ExitCode;
@@ -78,6 +82,7 @@ fn main() -> ExitCode {
         } => place::cmd_place(&hosts, &vm, explain, json).map_err(|(code, msg)| Fail(code, msg)),
         Cmd::Demo(args) => livemig_suite::demo::run(&args).map_err(runtime),
         Cmd::Console { path, from_start } => console_client::run(path, from_start).map_err(runtime),
+        Cmd::Upgrade { api_socket, binary } => upgrade::cmd_upgrade(&api_socket, &binary),
         Cmd::GuestImage { out } => livemig_testguest::image()
             .map_err(|e| runtime(format!("building the test guest: {e}")))
             .and_then(|img| {

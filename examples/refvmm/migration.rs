@@ -92,6 +92,22 @@ pub struct MigrateOptions {
     #[arg(skip)]
     #[serde(default)]
     pub keep_source: bool,
+    /// A same-host hand-over (`--to unix:PATH` only): pass the guest
+    /// memory's memfds and the NICs' TAP descriptors to the destination,
+    /// which maps the same memory; no page is copied. Needs a VMM started
+    /// with `--memory-backend memfd`.
+    #[arg(long)]
+    #[serde(default, skip_serializing_if = "is_false")]
+    pub local: bool,
+    /// `refvmm upgrade`: the binary the source starts as the destination
+    /// (`receive --listen` at `--to`) before the local hand-over (API only).
+    #[arg(skip)]
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub upgrade_binary: Option<PathBuf>,
+}
+
+fn is_false(b: &bool) -> bool {
+    !*b
 }
 
 /// Mutual TLS for the migration: our certificate chain and key, and the CA
@@ -240,6 +256,9 @@ pub(crate) fn do_migrate(
         Ok(c) => c,
         Err(e) => return setup_error(e),
     };
+    if opts.local {
+        return crate::upgrade::do_local(opts, &endpoint, cfg, m, monitor, progress);
+    }
     let memory = m.vm.ram().iter().map(|r| r.len()).sum::<u64>();
     let active = match monitor.begin(memory, &cfg) {
         Ok(a) => a,
@@ -266,6 +285,14 @@ pub(crate) fn do_migrate(
         .run(active.count(transport));
     let cancelled_by = active.cancelled_by();
     active.finish(&result);
+    outcome_of(result, cancelled_by)
+}
+
+/// The outcome of an engine call, for the API client and the main loop.
+pub(crate) fn outcome_of(
+    result: Result<livemig::Report, livemig::MigrationError>,
+    cancelled_by: Option<String>,
+) -> Outcome {
     match result {
         Ok(report) => match serde_json::to_value(&report) {
             Ok(v) => Outcome::Migrated(v),
@@ -294,6 +321,67 @@ pub(crate) fn do_migrate(
 
 // ---- destination ----
 
+/// The first connection of `receive`: a migration (its transport and the
+/// acceptor of its page streams), or on a Unix socket a same-host hand-over
+/// (its transport, the memory and NICs it brought).
+enum Incoming {
+    Remote(Box<dyn Transport>, Box<dyn StreamAcceptor>),
+    Local(Box<dyn Transport>, crate::local::Received),
+}
+
+fn accept_incoming(
+    endpoint: &Endpoint,
+    tls: Option<livemig_tls::TlsConfig>,
+) -> Result<Incoming, Fail> {
+    match (tls, endpoint) {
+        (Some(cfg), _) => {
+            let id = cfg.load().map_err(|e| usage(e.to_string()))?;
+            let listener = livemig_tls::TlsListener::bind(endpoint, &id)
+                .map_err(|e| runtime(e.to_string()))?;
+            eprintln!(
+                "refvmm: waiting for a migration on {} (mutual TLS)",
+                listener.local_endpoint()
+            );
+            // A peer that fails the TLS handshake is refused; keep waiting.
+            let t = loop {
+                match listener.accept() {
+                    Ok(t) => break t,
+                    Err(e) => eprintln!("refvmm: refused a connection: {e}"),
+                }
+            };
+            Ok(Incoming::Remote(
+                t,
+                Box::new(livemig_tls::TlsAcceptor(Some(listener))),
+            ))
+        }
+        (None, Endpoint::Unix(path)) => {
+            let acceptor = crate::local::UnixAcceptor::bind(path).map_err(runtime)?;
+            // Either a migration or a local hand-over (told apart by the
+            // first bytes); the line is the one `receive` always prints.
+            eprintln!("refvmm: waiting for a migration on {endpoint}");
+            let s = acceptor.accept().map_err(runtime)?;
+            if !crate::local::is_handover(&s, Duration::from_secs(10)).map_err(runtime)? {
+                let t = acceptor.transport(s);
+                return Ok(Incoming::Remote(t, Box::new(acceptor)));
+            }
+            let received = crate::local::recv_handover(&s).map_err(runtime)?;
+            let t = acceptor.transport(s);
+            // One hand-over: nobody else connects.
+            drop(acceptor);
+            Ok(Incoming::Local(t, received))
+        }
+        (None, _) => {
+            let listener = listen(endpoint).map_err(|e| runtime(e.to_string()))?;
+            eprintln!(
+                "refvmm: waiting for a migration on {}",
+                listener.local_endpoint()
+            );
+            let t = listener.accept().map_err(|e| runtime(e.to_string()))?;
+            Ok(Incoming::Remote(t, Box::new(OwnedAcceptor(Some(listener)))))
+        }
+    }
+}
+
 pub(crate) fn cmd_receive(args: ReceiveArgs) -> Result<(), Fail> {
     let ReceiveArgs {
         listen: listen_at,
@@ -316,32 +404,27 @@ pub(crate) fn cmd_receive(args: ReceiveArgs) -> Result<(), Fail> {
     // Open the TAPs before accepting anything: a bad --net fails early.
     let nets = open_nets(&common.net)?;
     let mut console = open_console(common.console.as_deref(), true)?;
-    let (transport, mut acceptor): (_, Box<dyn StreamAcceptor>) = match tls {
-        Some(cfg) => {
-            let id = cfg.load().map_err(|e| usage(e.to_string()))?;
-            let listener = livemig_tls::TlsListener::bind(&endpoint, &id)
-                .map_err(|e| runtime(e.to_string()))?;
-            eprintln!(
-                "refvmm: waiting for a migration on {} (mutual TLS)",
-                listener.local_endpoint()
-            );
-            // A peer that fails the TLS handshake is refused; keep waiting.
-            let t = loop {
-                match listener.accept() {
-                    Ok(t) => break t,
-                    Err(e) => eprintln!("refvmm: refused a connection: {e}"),
-                }
-            };
-            (t, Box::new(livemig_tls::TlsAcceptor(Some(listener))))
-        }
-        None => {
-            let listener = listen(&endpoint).map_err(|e| runtime(e.to_string()))?;
-            eprintln!(
-                "refvmm: waiting for a migration on {}",
-                listener.local_endpoint()
-            );
-            let t = listener.accept().map_err(|e| runtime(e.to_string()))?;
-            (t, Box::new(OwnedAcceptor(Some(listener))))
+    crate::upgrade::record_launch(crate::upgrade::Launch {
+        api_socket: common.api_socket.clone(),
+        serial: common.serial.clone(),
+        console: common.console.clone(),
+        dirty_log: common.dirty_log.clone(),
+    });
+    let incoming = accept_incoming(&endpoint, tls)?;
+    let local = matches!(incoming, Incoming::Local(..));
+    let mut shared_memory = None;
+    let mut nets = Some(nets);
+    let (transport, acceptor) = match incoming {
+        Incoming::Remote(t, a) => (t, Some(a)),
+        Incoming::Local(t, received) => {
+            if !common.net.is_empty() {
+                return Err(usage(
+                    "a local hand-over brings its NICs (the source's TAPs): give no --net",
+                ));
+            }
+            shared_memory = Some(received.memory);
+            nets = Some(received.nets);
+            (t, None)
         }
     };
     // One migration at a time: the engine closes the listener (through the
@@ -355,40 +438,45 @@ pub(crate) fn cmd_receive(args: ReceiveArgs) -> Result<(), Fail> {
         ..Default::default()
     };
     let mut serial = Some(serial);
-    let mut nets = Some(nets);
-    let result = Reception::new(transport)
-        .config(cfg)
-        .accept_streams(&mut *acceptor)
-        .run(|desc| {
-            let mut my_nets = nets.take().unwrap_or_default();
-            net::reconcile(&desc.nics, &mut my_nets).map_err(VmError::Incompatible)?;
-            net::reconcile_ipv6(&desc.properties, &mut my_nets).map_err(VmError::Incompatible)?;
-            let want = livemig_kvm::VmConfig {
-                memory: memory.unwrap_or(desc.layout.total_bytes()),
-                vcpus: vcpus.unwrap_or(desc.vcpus),
-                nics: desc.nics.clone(),
-                dirty_mode,
-            };
-            check_compatible(desc, &want)?;
-            check_properties(desc)?;
-            let machine = Machine::create(MachineConfig {
-                memory: want.memory,
-                vcpus: want.vcpus,
-                serial: serial.take().unwrap_or(SerialOutput::None),
-                nets: my_nets,
-                dirty_mode,
-                console: console.as_ref().map(|(_, log)| log.clone()),
-                memory_backend,
-            })
-            .map_err(VmError::Create)?;
-            machine.vm.adopt_tsc_khz(desc)?;
-            Ok(DestMachine {
-                machine,
-                start_paused,
-                announce,
-                console: console.take(),
-            })
-        });
+    let create = |desc: &livemig::vm::VmDescription| {
+        let mut my_nets = nets.take().unwrap_or_default();
+        net::reconcile(&desc.nics, &mut my_nets).map_err(VmError::Incompatible)?;
+        net::reconcile_ipv6(&desc.properties, &mut my_nets).map_err(VmError::Incompatible)?;
+        let want = livemig_kvm::VmConfig {
+            memory: memory.unwrap_or(desc.layout.total_bytes()),
+            vcpus: vcpus.unwrap_or(desc.vcpus),
+            nics: desc.nics.clone(),
+            dirty_mode,
+        };
+        check_compatible(desc, &want)?;
+        check_properties(desc)?;
+        let machine = Machine::create(MachineConfig {
+            memory: want.memory,
+            vcpus: want.vcpus,
+            serial: serial.take().unwrap_or(SerialOutput::None),
+            nets: my_nets,
+            dirty_mode,
+            console: console.as_ref().map(|(_, log)| log.clone()),
+            memory_backend,
+            shared_memory: shared_memory.take(),
+        })
+        .map_err(VmError::Create)?;
+        machine.vm.adopt_tsc_khz(desc)?;
+        Ok(DestMachine {
+            machine,
+            start_paused,
+            announce,
+            console: console.take(),
+            local,
+        })
+    };
+    let result = match acceptor {
+        Some(mut a) => Reception::new(transport)
+            .config(cfg)
+            .accept_streams(&mut *a)
+            .run(create),
+        None => livemig::destination::local::receive_local(transport, &cfg, create),
+    };
     match result {
         Ok((
             DestMachine {
@@ -400,14 +488,19 @@ pub(crate) fn cmd_receive(args: ReceiveArgs) -> Result<(), Fail> {
             // (`report.running` is false): it waits for an API resume.
             let run = !start_paused && report.running;
             eprintln!(
-                "refvmm: migration received ({} pages, {} zero, {} rounds, restore {:.2} ms); guest {}",
+                "refvmm: {} received ({} pages, {} zero, {} rounds, restore {:.2} ms); guest {}",
+                if local {
+                    "local hand-over"
+                } else {
+                    "migration"
+                },
                 report.pages,
                 report.zero_pages,
                 report.rounds,
                 report.restore_ms,
                 if run { "running" } else { "paused" }
             );
-            run_machine(machine, common.api_socket, run, console)
+            run_machine(machine, common.api_socket, run, console, local)
         }
         Err(e) => Err(runtime(format!("incoming {e}"))),
     }
@@ -487,6 +580,17 @@ mod tests {
             (d.downtime_limit, d.max_bandwidth, d.streams)
         );
         assert!(o.tls.config().unwrap().is_none());
+    }
+
+    #[test]
+    fn local_travels_in_the_request_only_when_asked_for() {
+        let o = parse(&["--to", "unix:/h.sock", "--local"]);
+        let req = o.to_request();
+        assert_eq!(req["local"], true, "{req}");
+        assert!(req.get("upgrade_binary").is_none(), "{req}");
+        assert_eq!(MigrateOptions::from_request(&req).unwrap(), o);
+        let plain = parse(&["--to", "unix:/h.sock"]).to_request();
+        assert!(plain.get("local").is_none(), "{plain}");
     }
 
     #[test]

@@ -199,6 +199,36 @@ impl NetBackend {
         })
     }
 
+    /// A NIC on a TAP descriptor received from another VMM (a same-host
+    /// hand-over), described by that VMM's `spec` (see [`NetBackend::spec`]).
+    pub fn from_fd(spec: &str, fd: OwnedFd) -> Result<Self, String> {
+        let NetSpec { tap, mac, ip, ip6 } = parse_spec(spec)?;
+        Ok(NetBackend {
+            tap,
+            mac,
+            ip,
+            ip6,
+            fd,
+        })
+    }
+
+    /// The `--net` value that describes this NIC now.
+    pub fn spec(&self) -> String {
+        let mut s = format!("tap={},mac={}", self.tap, format_mac(&self.mac));
+        if let Some(ip) = self.ip {
+            s.push_str(&format!(",ip={}", std::net::Ipv4Addr::from(ip)));
+        }
+        for a in &self.ip6 {
+            s.push_str(&format!(",ip6={}", Ipv6Addr::from(*a)));
+        }
+        s
+    }
+
+    /// The TAP descriptor (to pass to another VMM).
+    pub fn fd(&self) -> std::os::fd::BorrowedFd<'_> {
+        self.fd.as_fd()
+    }
+
     /// The virtio-net device number `index` on this TAP (a duplicate of the
     /// TAP descriptor: the announce keeps using the original).
     pub fn device(&self, index: usize) -> Result<livemig_virtio::VirtioNet, String> {

@@ -56,11 +56,15 @@ pub(crate) fn open_console(
 }
 
 /// Runs the machine until it dies, migrates away, or is told to quit.
+///
+/// With `takeover` (a local hand-over arrived), the API socket path is taken
+/// over from the old VMM that may still listen there.
 pub(crate) fn run_machine(
     machine: Machine,
     api_socket: Option<PathBuf>,
     start: bool,
     console: Option<(console_server::Listener, Arc<console_server::ConsoleLog>)>,
+    takeover: bool,
 ) -> Result<(), Fail> {
     let machine = Arc::new(machine);
     match &console {
@@ -71,9 +75,10 @@ pub(crate) fn run_machine(
         None => console::forward_stdin(&machine),
     }
     let (tx, rx) = channel();
-    if let Some(p) = &api_socket {
-        api::serve(p, machine.clone(), tx.clone()).map_err(runtime)?;
-    }
+    let api_id = match &api_socket {
+        Some(p) => Some(api::serve(p, machine.clone(), tx.clone(), takeover).map_err(runtime)?),
+        None => None,
+    };
     if start {
         machine.start();
     }
@@ -96,6 +101,10 @@ pub(crate) fn run_machine(
                 eprintln!("refvmm: guest migrated; source exits");
                 break Ok(());
             }
+            Ok(ApiEvent::HandedOver) => {
+                eprintln!("refvmm: guest handed over to the VMM on this host; exits");
+                break Ok(());
+            }
             Ok(ApiEvent::Quit) => break Ok(()),
             Ok(ApiEvent::Ambiguous(msg)) => {
                 break Err(Fail(
@@ -109,8 +118,11 @@ pub(crate) fn run_machine(
             break Err(runtime(format!("guest stopped: {e}")));
         }
     };
-    if let Some(p) = &api_socket {
-        let _ = std::fs::remove_file(p);
+    // Only our own socket: after a hand-over the new VMM owns the path.
+    if let (Some(p), Some(id)) = (&api_socket, api_id) {
+        if api::file_id(p) == Some(id) {
+            let _ = std::fs::remove_file(p);
+        }
     }
     // Stop the vCPUs before the process exits so no thread runs the guest
     // while the process tears down.
@@ -164,6 +176,7 @@ pub(crate) fn cmd_run(args: RunArgs) -> Result<(), Fail> {
         dirty_mode,
         console: console.as_ref().map(|(_, log)| log.clone()),
         memory_backend,
+        shared_memory: None,
     })
     .map_err(runtime)?;
     let mut cmdline = cmdline;
@@ -184,5 +197,11 @@ pub(crate) fn cmd_run(args: RunArgs) -> Result<(), Fail> {
         loaded.info_addr
     );
     machine.set_multiboot_entry(&loaded).map_err(runtime)?;
-    run_machine(machine, common.api_socket, true, console)
+    crate::upgrade::record_launch(crate::upgrade::Launch {
+        api_socket: common.api_socket.clone(),
+        serial: common.serial.clone(),
+        console: common.console.clone(),
+        dirty_log: common.dirty_log.clone(),
+    });
+    run_machine(machine, common.api_socket, true, console, false)
 }

@@ -121,6 +121,9 @@ pub struct MachineConfig {
     /// With `--console`: the guest's output also goes to this log.
     pub console: Option<Arc<crate::console_server::ConsoleLog>>,
     pub memory_backend: MemoryBackend,
+    /// Guest memory made elsewhere (a same-host hand-over: the source's
+    /// memfds, mapped shared) instead of `memory_backend`'s.
+    pub shared_memory: Option<livemig::memory::GuestRam>,
 }
 
 impl Machine {
@@ -165,17 +168,16 @@ impl Machine {
             nics.iter()
                 .map(|n| n.clone() as Arc<Mutex<dyn DeviceState + Send>>),
         );
-        let vm = KvmVm::create_with_backend(
-            &VmConfig {
-                memory: cfg.memory,
-                vcpus: cfg.vcpus,
-                nics: cfg.nets.iter().map(|n| n.info()).collect::<Vec<NicInfo>>(),
-                dirty_mode: cfg.dirty_mode,
-            },
-            cfg.memory_backend,
-            bus,
-            devices,
-        )
+        let vm_config = VmConfig {
+            memory: cfg.memory,
+            vcpus: cfg.vcpus,
+            nics: cfg.nets.iter().map(|n| n.info()).collect::<Vec<NicInfo>>(),
+            dirty_mode: cfg.dirty_mode,
+        };
+        let vm = match cfg.shared_memory {
+            Some(mem) => KvmVm::create_with_memory(&vm_config, mem, bus, devices),
+            None => KvmVm::create_with_backend(&vm_config, cfg.memory_backend, bus, devices),
+        }
         .map_err(|e| e.to_string())?;
         {
             let s = serial.lock().unwrap_or_else(|e| e.into_inner());
@@ -250,6 +252,16 @@ impl Machine {
     pub fn migrated_away(&self) {
         self.each_nic(VirtioNet::discard);
         // Its output here is final: console clients get the rest and follow.
+        if let Some(c) = &self.console {
+            c.guest_left();
+        }
+    }
+
+    /// After a completed local hand-over: the new VMM on this host runs the
+    /// guest on the same memory and TAPs, so the NICs stay paused (reading
+    /// a TAP now would steal the new VMM's frames) and nothing here touches
+    /// guest memory again.
+    pub fn handed_over(&self) {
         if let Some(c) = &self.console {
             c.guest_left();
         }
@@ -397,6 +409,9 @@ pub struct DestMachine {
     pub announce: bool,
     /// The console socket, to take over its path when the guest resumes.
     pub console: Option<(console_server::Listener, Arc<console_server::ConsoleLog>)>,
+    /// A same-host hand-over: the TAPs are the source's, and the frames
+    /// queued on them arrived for this guest during the pause (kept).
+    pub local: bool,
 }
 
 impl DestMachine {
@@ -447,7 +462,12 @@ impl livemig::vm::DestinationVm for DestMachine {
             return Ok(());
         }
         // The NICs drop what reached this host's TAPs before the guest ran
-        // here (`VirtioNet::resume` after a restore).
+        // here (`VirtioNet::resume` after a restore) — except after a local
+        // hand-over, whose TAPs are the source's: what they hold is the
+        // guest's traffic of the pause.
+        if self.local {
+            self.machine.each_nic(VirtioNet::keep_queued_frames);
+        }
         self.machine.start();
         if self.announce {
             self.start_announce();

@@ -136,6 +136,52 @@ fn memfd_memory(layout: &MemoryLayout, kind: PageKind) -> Result<GuestRam, Memfd
     GuestRam::from_regions(regions).map_err(|e| MemfdError::Map(e.into()))
 }
 
+/// Guest memory over files another process shares (a same-host
+/// hand-over: the memfds the source VMM passed), one file per region of
+/// `layout`, each mapped `MAP_SHARED` from offset `offsets[i]`. Nothing is
+/// written: the memory holds the running guest.
+pub fn map_shared(layout: &MemoryLayout, files: Vec<(File, u64)>) -> Result<GuestRam, MemfdError> {
+    if files.len() != layout.regions().len() {
+        return Err(MemfdError::Map(
+            format!(
+                "{} files for {} regions",
+                files.len(),
+                layout.regions().len()
+            )
+            .into(),
+        ));
+    }
+    let mut regions = Vec::new();
+    for (r, (file, offset)) in layout.regions().iter().zip(files) {
+        let have = file
+            .metadata()
+            .map_err(|e| MemfdError::Map(e.into()))?
+            .len();
+        if offset.checked_add(r.size).is_none_or(|end| end > have) {
+            return Err(MemfdError::Map(
+                format!(
+                    "region 0x{:x}+0x{:x}: the file has {have} bytes (offset {offset})",
+                    r.guest_addr, r.size
+                )
+                .into(),
+            ));
+        }
+        let size = usize::try_from(r.size).map_err(|e| MemfdError::Map(e.into()))?;
+        let mapping = MmapRegionBuilder::new_with_bitmap(size, AtomicBitmap::with_len(size))
+            .with_file_offset(FileOffset::from_arc(Arc::new(file), offset))
+            .with_mmap_prot(libc::PROT_READ | libc::PROT_WRITE)
+            .with_mmap_flags(libc::MAP_SHARED)
+            .build()
+            .map_err(|e| MemfdError::Map(e.into()))?;
+        let region =
+            GuestRegionMmap::new(mapping, GuestAddress(r.guest_addr)).ok_or_else(|| {
+                MemfdError::Map(format!("no guest region at 0x{:x}", r.guest_addr).into())
+            })?;
+        regions.push(region);
+    }
+    GuestRam::from_regions(regions).map_err(|e| MemfdError::Map(e.into()))
+}
+
 fn memfd(name: &CStr, kind: PageKind) -> Result<File, MemfdError> {
     let mut flags = libc::MFD_CLOEXEC;
     if kind == PageKind::Huge {

@@ -166,14 +166,43 @@ impl KvmVm {
             )));
         }
         let layout = x86_layout(config.memory)?;
+        let (memory, pages) =
+            allocate_memory(&layout, backend).map_err(|e| KvmVmError::Memory(e.into()))?;
+        log::info!("guest memory: {backend:?}, {pages:?} pages");
+        Self::create_with_memory(config, memory, handler, devices)
+    }
+
+    /// Like [`KvmVm::create`], over `memory` the caller built (for a
+    /// same-host hand-over: the source's memfds, mapped shared, see
+    /// [`crate::memfd::map_shared`]). Its layout must be
+    /// [`x86_layout`]`(config.memory)`'s; the memory is not written.
+    pub fn create_with_memory(
+        config: &VmConfig,
+        memory: GuestRam,
+        handler: Arc<dyn ExitHandler>,
+        devices: Vec<SharedDevice>,
+    ) -> Result<Self, KvmVmError> {
+        if config.vcpus == 0 || config.vcpus > MAX_VCPUS {
+            return Err(KvmVmError::Config(format!(
+                "{} vCPUs: must be between 1 and {MAX_VCPUS}",
+                config.vcpus
+            )));
+        }
+        let layout = x86_layout(config.memory)?;
+        let have = MemoryLayout::of(&memory).map_err(|e| KvmVmError::Memory(e.into()))?;
+        if have != layout {
+            return Err(KvmVmError::Config(format!(
+                "guest memory {:?} is not the layout of {} bytes {:?}",
+                have.regions(),
+                config.memory,
+                layout.regions()
+            )));
+        }
         let kvm = Kvm::new().map_err(KvmVmError::OpenKvm)?;
         let vm = create_vm(&kvm)?;
         let wanted = config.dirty_mode.unwrap_or(DirtyMode::ManualProtect);
         let dirty_mode = enable_dirty_mode(&vm, wanted)?;
 
-        let (memory, pages) =
-            allocate_memory(&layout, backend).map_err(|e| KvmVmError::Memory(e.into()))?;
-        log::info!("guest memory: {backend:?}, {pages:?} pages");
         let mut slots = Vec::new();
         for (i, r) in memory.iter().enumerate() {
             let host = memory

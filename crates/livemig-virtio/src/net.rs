@@ -596,6 +596,14 @@ impl VirtioNet {
         self.shared.wake.notify_all();
     }
 
+    /// Keeps the frames queued on the backend for the guest at the next
+    /// resume, instead of dropping them (see [`VirtioNet::resume`]): for a
+    /// same-host hand-over, where the backend is the source's own TAP and
+    /// what it holds arrived for this guest while it was paused.
+    pub fn keep_queued_frames(&self) {
+        self.shared.lock().stale_backend = false;
+    }
+
     /// Reads and drops every frame already queued on the backend (counted
     /// as received and dropped) and returns how many there were — for a
     /// source whose guest has migrated away, before it exits.

@@ -133,6 +133,10 @@ pub enum ErrorKind {
     /// (nothing was sent).
     #[error(transparent)]
     Config(#[from] crate::policy::ConfigError),
+    /// The guest memory cannot be handed over locally (refused before
+    /// anything was sent, or by the destination in the handshake).
+    #[error("local hand-over: {0}")]
+    Local(#[from] crate::local::LocalError),
     /// The VM's [`crate::guard::MigrationGuard`] refused the migration.
     #[error(transparent)]
     Guard(#[from] crate::guard::GuardError),

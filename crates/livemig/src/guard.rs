@@ -198,6 +198,33 @@ impl MigrationGuard {
         }
     }
 
+    /// [`crate::source::local::migrate_local`] (the same-host hand-over)
+    /// under the guard, with the same states as
+    /// [`MigrationGuard::migrate_streams`].
+    pub fn migrate_local<V: SourceVm + ?Sized>(
+        &self,
+        vm: &V,
+        transport: Box<dyn Transport>,
+        config: &MigrationConfig,
+        cancel: &CancelToken,
+        progress: &mut dyn FnMut(&Progress),
+    ) -> Result<Report, MigrationError> {
+        {
+            let mut s = self.lock();
+            if let Some(e) = GuardError::for_state(*s) {
+                return Err(MigrationError::new(Phase::Handshake, ErrorKind::Guard(e)));
+            }
+            *s = GuardState::Migrating;
+        }
+        let r = crate::source::local::migrate_local(vm, transport, config, cancel, progress);
+        *self.lock() = match &r {
+            Ok(_) => GuardState::Migrated,
+            Err(e) if e.is_ambiguous() => GuardState::Ambiguous,
+            Err(_) => GuardState::Idle,
+        };
+        r
+    }
+
     /// A migration under the guard (see [`MigrationGuard::migrate_streams`]).
     ///
     /// Kept for one release; use `Migration::new(vm).guard(&guard)`.

@@ -117,6 +117,7 @@ mod deadline;
 pub mod destination;
 pub mod error;
 pub mod guard;
+pub mod local;
 pub mod memory;
 pub mod policy;
 pub mod protocol;

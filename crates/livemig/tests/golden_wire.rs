@@ -103,6 +103,17 @@ const HELLO_REPLY_POSTCOPY: &str = r#"
     01                                # postcopy granted
 "#;
 
+// HELLO_REPLY_LOCAL: 28 bytes (a version-3 reply granting a local
+// hand-over to a source that asked for one; docs/protocol.md)
+const HELLO_REPLY_LOCAL: &str = r#"
+    01                                # accepted
+    0000                              # reason: length 0
+    01000000                          # streams 1
+    000102030405060708090a0b0c0d0e0f  # token
+    03000000                          # version 3
+    02                                # local hand-over granted
+"#;
+
 // PAGE_REQUEST: 16 bytes
 const PAGE_REQUEST: &str = r#"
     01000000                          # region 1
@@ -292,6 +303,7 @@ fn hello(protocol_version: u32, paused: bool) -> Hello {
         streams: 2,
         paused,
         postcopy: false,
+        local: None,
     }
 }
 
@@ -352,6 +364,7 @@ fn hello_reply_v3() {
             token: TOKEN,
             version: 3,
             postcopy: false,
+            local: false,
         },
     );
 }
@@ -367,6 +380,23 @@ fn hello_reply_granting_postcopy() {
             token: TOKEN,
             version: 3,
             postcopy: true,
+            local: false,
+        },
+    );
+}
+
+#[test]
+fn hello_reply_granting_a_local_hand_over() {
+    check(
+        HELLO_REPLY_LOCAL,
+        &HelloReply {
+            accepted: true,
+            reason: String::new(),
+            streams: 1,
+            token: TOKEN,
+            version: 3,
+            postcopy: false,
+            local: true,
         },
     );
 }
@@ -394,6 +424,7 @@ fn hello_reply_v2() {
             token: TOKEN,
             version: 2,
             postcopy: false,
+            local: false,
         },
     );
 }

@@ -8,6 +8,7 @@ use std::time::{Duration, Instant};
 use super::{ms, Link};
 use crate::control::{unexpected, ControlWriter};
 use crate::error::{ErrorKind, MigrationError, Phase};
+use crate::local::LocalIdentity;
 use crate::memory::MemoryLayout;
 use crate::protocol::{
     FrameReader, Hello, HelloReply, Message, MsgKind, ProtocolError, StreamHello, MAX_STREAMS,
@@ -56,11 +57,22 @@ where
 
 /// The VM's memory, every page reading as zero: the source leaves out
 /// pages that read as zero there, whatever the VMM put in them here.
+///
+/// Refused instead when the source asked for a local hand-over (`local`)
+/// and this memory is backed by one of the source's own files: scrubbing
+/// it would destroy the running guest's memory.
 pub(super) fn prepare_memory<'a, V: DestinationVm>(
     fw: &mut ControlWriter,
     vm: &'a V,
     layout: &MemoryLayout,
+    local: Option<&LocalIdentity>,
 ) -> Result<HostRam<'a>, MigrationError> {
+    if local.is_some_and(|l| l.shares_file_with(vm.memory())) {
+        let why = "this destination's memory is the source's own guest memory (the same \
+                   shared file), and it copies memory, which would overwrite it: \
+                   a local hand-over must be received as one (receive_local)";
+        return Err(refuse(fw, why.to_string()));
+    }
     let ram = HostRam::new(vm.memory(), layout).map_err(|e| {
         let why = format!("destination memory cannot be used: {e}");
         refuse(fw, why)

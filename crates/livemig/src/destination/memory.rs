@@ -336,24 +336,9 @@ impl<'a> ControlLoop<'a> {
         self.sections.take().ok_or_else(none)
     }
 
-    /// One `State` frame: at most [`MAX_STATE_FRAMES`], each section once.
+    /// One `State` frame (see [`add_state`]).
     fn add_state(&mut self, state: Result<State, ProtocolError>) -> Result<(), MigrationError> {
-        let st = Phase::State;
-        self.state_frames += 1;
-        if self.state_frames > MAX_STATE_FRAMES {
-            let e = PeerError::TooManyStateFrames {
-                max: MAX_STATE_FRAMES,
-            };
-            return Err(MigrationError::new(st, e));
-        }
-        let more = state.map_err(|e| MigrationError::new(st, e))?.sections;
-        let all = self.sections.get_or_insert_with(Vec::new);
-        if let Some(dup) = more.iter().find(|m| all.iter().any(|s| s.name == m.name)) {
-            let e = PeerError::DuplicateSection(dup.name.clone());
-            return Err(MigrationError::new(st, e));
-        }
-        all.extend(more);
-        Ok(())
+        add_state(&mut self.sections, &mut self.state_frames, state)
     }
 
     /// The counts so far (the sections are returned by [`Self::run`]).
@@ -365,4 +350,29 @@ impl<'a> ControlLoop<'a> {
             ..Received::default()
         }
     }
+}
+
+/// One `State` frame into `sections`: at most [`MAX_STATE_FRAMES`] (counted
+/// in `frames`), each section once.
+pub(super) fn add_state(
+    sections: &mut Option<Vec<Section>>,
+    frames: &mut usize,
+    state: Result<State, ProtocolError>,
+) -> Result<(), MigrationError> {
+    let st = Phase::State;
+    *frames += 1;
+    if *frames > MAX_STATE_FRAMES {
+        let e = PeerError::TooManyStateFrames {
+            max: MAX_STATE_FRAMES,
+        };
+        return Err(MigrationError::new(st, e));
+    }
+    let more = state.map_err(|e| MigrationError::new(st, e))?.sections;
+    let all = sections.get_or_insert_with(Vec::new);
+    if let Some(dup) = more.iter().find(|m| all.iter().any(|s| s.name == m.name)) {
+        let e = PeerError::DuplicateSection(dup.name.clone());
+        return Err(MigrationError::new(st, e));
+    }
+    all.extend(more);
+    Ok(())
 }

@@ -28,6 +28,7 @@ use crate::vm::{DestinationVm, VmDescription, VmError};
 mod builder;
 mod commit;
 mod handshake;
+pub mod local;
 mod memory;
 pub mod postcopy;
 
@@ -244,7 +245,7 @@ where
     let layout = hello.desc.layout.clone();
     let mut vm = handshake::create_vm(&mut link.fw, &hello.desc, create)?;
     let received = {
-        let ram = handshake::prepare_memory(&mut link.fw, &vm, &layout)?;
+        let ram = handshake::prepare_memory(&mut link.fw, &vm, &layout, hello.local.as_ref())?;
         (call.progress)(&ReceiveProgress::Accepted {
             memory_bytes: layout.total_bytes(),
             vcpus: hello.desc.vcpus,

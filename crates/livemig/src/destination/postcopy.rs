@@ -230,7 +230,7 @@ where
     let layout = hello.desc.layout.clone();
     let mut vm = handshake::create_vm(&mut link.fw, &hello.desc, create)?;
     let received = {
-        let ram = handshake::prepare_memory(&mut link.fw, &vm, &layout)?;
+        let ram = handshake::prepare_memory(&mut link.fw, &vm, &layout, hello.local.as_ref())?;
         let readers = handshake::reply(link, None, hello.streams, config.io_timeout, &never)?;
         memory::receive(&mut link.control, readers, &layout, &ram)?
     };

@@ -9,6 +9,7 @@ use super::{
     MsgKind, ProtocolError, MAX_NICS, MAX_PROPERTIES, MAX_PROPERTY_LEN, MAX_SECTIONS,
     MAX_STATE_FRAMES, MAX_STREAMS, MAX_TEXT_LEN, MAX_VCPUS, MIN_PROTOCOL_VERSION, PROTOCOL_VERSION,
 };
+use crate::local::{LocalIdentity, RegionIdentity};
 use crate::memory::{MemoryLayout, RegionDesc, MAX_REGIONS, PAGE_SIZE};
 use crate::state::{Section, MAX_SECTION_LEN, MAX_SECTION_NAME};
 use crate::vm::{NicInfo, VmDescription};
@@ -23,6 +24,12 @@ pub const PAUSED_PROPERTY: &str = "livemig.paused";
 /// see `docs/postcopy.md`). Sent only by a source that may use post-copy,
 /// so a source that does not sends the bytes it always sent.
 pub const POSTCOPY_PROPERTY: &str = "livemig.postcopy";
+/// The property key by which a [`Hello`] offers a same-host hand-over
+/// (local mode; value: the source host's boot id), with one
+/// `livemig.local.<i>` property per memory region (value
+/// `dev:ino:offset:len`, see [`RegionIdentity`]). Sent only by
+/// `migrate_local`.
+pub const LOCAL_PROPERTY: &str = "livemig.local";
 
 /// A message with a typed payload (every kind except `Pages`).
 pub trait Message: Sized {
@@ -70,6 +77,9 @@ pub struct Hello {
     pub paused: bool,
     /// The source offers post-copy ([`POSTCOPY_PROPERTY`]).
     pub postcopy: bool,
+    /// The source asks for a same-host hand-over of the memory it names
+    /// ([`LOCAL_PROPERTY`]).
+    pub local: Option<LocalIdentity>,
 }
 
 impl Hello {
@@ -84,6 +94,7 @@ impl Hello {
             streams: 1,
             paused: false,
             postcopy: false,
+            local: None,
         }
     }
 
@@ -160,6 +171,8 @@ impl Message for Hello {
         if self.postcopy {
             props.push((POSTCOPY_PROPERTY, "1"));
         }
+        let local = local_properties(self.local.as_ref());
+        props.extend(local.iter().map(|(k, v)| (k.as_str(), v.as_str())));
         put_count(out, M, "properties", props.len(), MAX_PROPERTIES)?;
         for (k, v) in props {
             if k.is_empty() {
@@ -201,7 +214,7 @@ impl Message for Hello {
         let layout = read_layout(&mut c)?;
         let vcpus = read_vcpus(&mut c)?;
         let nics = read_nics(&mut c)?;
-        let (properties, flags) = read_properties(&mut c)?;
+        let (properties, mut flags) = read_properties(&mut c)?;
         let streams = c.streams()?;
         // A newer sender may append fields of its own version: they are not
         // ours to read. From our own version (or older), trailing bytes are
@@ -223,6 +236,7 @@ impl Message for Hello {
             streams,
             paused: flags.paused,
             postcopy: flags.postcopy,
+            local: flags.local()?,
         })
     }
 }
@@ -232,6 +246,78 @@ impl Message for Hello {
 struct HelloFlags {
     paused: bool,
     postcopy: bool,
+    /// [`LOCAL_PROPERTY`]'s value.
+    boot_id: Option<String>,
+    /// The `livemig.local.<i>` properties, by index.
+    local_regions: BTreeMap<usize, RegionIdentity>,
+}
+
+impl HelloFlags {
+    /// The local hand-over asked for: a boot id and regions `0..n`, or
+    /// neither.
+    fn local(&mut self) -> Result<Option<LocalIdentity>, ProtocolError> {
+        let bad = |reason: String| ProtocolError::Malformed {
+            msg: "Hello",
+            offset: 0,
+            reason,
+        };
+        let regions = std::mem::take(&mut self.local_regions);
+        let Some(boot_id) = self.boot_id.take() else {
+            if regions.is_empty() {
+                return Ok(None);
+            }
+            return Err(bad(format!(
+                "{LOCAL_PROPERTY}.<i> without {LOCAL_PROPERTY}"
+            )));
+        };
+        if regions.keys().copied().ne(0..regions.len()) {
+            return Err(bad(format!("{LOCAL_PROPERTY}.<i> indices are not 0..n")));
+        }
+        Ok(Some(LocalIdentity {
+            boot_id,
+            regions: regions.into_values().collect(),
+        }))
+    }
+
+    /// Takes a `livemig.local` or `livemig.local.<i>` property; false if
+    /// `k` is neither.
+    fn take_local(&mut self, k: &str, v: &str) -> Result<bool, String> {
+        if k == LOCAL_PROPERTY {
+            if v.is_empty() || self.boot_id.is_some() {
+                return Err(format!("property '{k}' is empty or appears twice"));
+            }
+            self.boot_id = Some(v.to_string());
+            return Ok(true);
+        }
+        let Some(index) = k
+            .strip_prefix(LOCAL_PROPERTY)
+            .and_then(|r| r.strip_prefix('.'))
+        else {
+            return Ok(false);
+        };
+        let index: usize = index
+            .parse()
+            .ok()
+            .filter(|i| *i < MAX_REGIONS)
+            .ok_or_else(|| format!("property '{k}': not a region index"))?;
+        let id = RegionIdentity::decode(v).ok_or_else(|| format!("property '{k}' is {v:?}"))?;
+        if self.local_regions.insert(index, id).is_some() {
+            return Err(format!("property '{k}' appears twice"));
+        }
+        Ok(true)
+    }
+}
+
+/// The properties by which a [`Hello`] asks for a local hand-over.
+fn local_properties(local: Option<&LocalIdentity>) -> Vec<(String, String)> {
+    let Some(l) = local else {
+        return Vec::new();
+    };
+    let mut props = vec![(LOCAL_PROPERTY.to_string(), l.boot_id.clone())];
+    for (i, r) in l.regions.iter().enumerate() {
+        props.push((format!("{LOCAL_PROPERTY}.{i}"), r.encode()));
+    }
+    props
 }
 
 /// Reads a [`Hello`]'s region count and regions as a valid layout.
@@ -294,6 +380,12 @@ fn read_properties(
             return Err(c.malformed_at(at, format!("property {i} has an empty key")));
         }
         let v = c.string(&format!("property '{k}' value"), MAX_PROPERTY_LEN)?;
+        if flags
+            .take_local(&k, &v)
+            .map_err(|r| c.malformed_at(at, r))?
+        {
+            continue;
+        }
         let flag = match k.as_str() {
             PAUSED_PROPERTY => Some(&mut flags.paused),
             POSTCOPY_PROPERTY => Some(&mut flags.postcopy),
@@ -336,8 +428,11 @@ pub struct HelloReply {
     /// migration (the newest in both ranges); 0 in a refusal.
     pub version: u32,
     /// Post-copy granted (only to a source that offered it, in version 3
-    /// and later: one more byte after `version`).
+    /// and later: one more byte after `version`, `1`).
     pub postcopy: bool,
+    /// A local hand-over granted (only to a source that asked for one, in
+    /// version 3 and later: one more byte after `version`, `2`).
+    pub local: bool,
 }
 
 impl HelloReply {
@@ -350,6 +445,7 @@ impl HelloReply {
             token: [0; 16],
             version: 0,
             postcopy: false,
+            local: false,
         }
     }
 
@@ -363,6 +459,7 @@ impl HelloReply {
             token,
             version: PROTOCOL_VERSION,
             postcopy: false,
+            local: false,
         }
     }
 }
@@ -387,6 +484,8 @@ impl Message for HelloReply {
             put_u32(out, self.version);
             if self.postcopy {
                 out.push(1);
+            } else if self.local {
+                out.push(2);
             }
         }
         Ok(())
@@ -413,8 +512,15 @@ impl Message for HelloReply {
         // Only a source that offered post-copy gets this byte (docs/postcopy.md).
         // Present only when granted, as a 1: any other byte is left to
         // `finish`, which refuses it as trailing.
-        let postcopy = version >= 3 && c.data.get(c.pos) == Some(&1);
-        if postcopy {
+        // The same byte is `2` for a local hand-over granted (only to a
+        // source that asked for one).
+        let grant = if version >= 3 {
+            c.data.get(c.pos).copied()
+        } else {
+            None
+        };
+        let (postcopy, local) = (grant == Some(1), grant == Some(2));
+        if postcopy || local {
             c.pos += 1;
         }
         c.finish()?;
@@ -425,6 +531,7 @@ impl Message for HelloReply {
             token,
             version,
             postcopy,
+            local,
         })
     }
 }
@@ -923,6 +1030,7 @@ mod tests {
                     token: [0; 16],
                     version: 0,
                     postcopy: false,
+                    local: false,
                 }),
             ),
             (
@@ -970,6 +1078,7 @@ mod tests {
             token: [0; 16],
             version: PROTOCOL_VERSION,
             postcopy: false,
+            local: false,
         });
         round_trip(&State::default());
         let mut d = desc();
@@ -993,6 +1102,7 @@ mod tests {
             token: [0; 16],
             version: PROTOCOL_VERSION,
             postcopy: false,
+            local: false,
         }
         .encode()
         .unwrap();
@@ -1016,6 +1126,26 @@ mod tests {
         let mut d = desc();
         d.properties.insert(PAUSED_PROPERTY.into(), "1".into());
         assert!(Hello::new(d).encode().is_err());
+        // A local hand-over: the boot id and one identity per region, as
+        // reserved properties that never reach the description.
+        let mut h = Hello::new(desc());
+        let region = RegionIdentity {
+            dev: 7,
+            ino: 99,
+            offset: 4096,
+            len: 8192,
+        };
+        h.local = Some(LocalIdentity {
+            boot_id: "b00t".into(),
+            regions: vec![region, region],
+        });
+        let got = Hello::decode(&h.encode().unwrap()).unwrap();
+        assert_eq!(got.local, h.local);
+        assert_eq!(got.desc, desc());
+        check_hostile::<Hello>(&h.encode().unwrap());
+        let mut r = HelloReply::accepted(1, [0; 16]);
+        r.local = true;
+        assert_eq!(HelloReply::decode(&r.encode().unwrap()).unwrap(), r);
         check_hostile::<RoundEnd>(&RoundEnd { round: 1, pages: 2 }.encode().unwrap());
         check_hostile::<State>(&state().encode().unwrap());
         check_hostile::<Complete>(&[]);
@@ -1237,6 +1367,7 @@ mod tests {
             token: [0; 16],
             version: 0,
             postcopy: false,
+            local: false,
         };
         assert_eq!(
             HelloReply::decode(&r.encode().unwrap())

@@ -85,7 +85,7 @@ pub(super) fn handshake<V: SourceVm + ?Sized>(
 
 /// The destination's answer: accepted, a version this side speaks, no more
 /// streams than asked for.
-fn check_reply(reply: &HelloReply, asked: u32) -> Result<(), MigrationError> {
+pub(super) fn check_reply(reply: &HelloReply, asked: u32) -> Result<(), MigrationError> {
     let hs = Phase::Handshake;
     if !reply.accepted {
         return Err(MigrationError::new(

@@ -29,6 +29,7 @@ use crate::vm::{SourceVm, VmDescription};
 mod builder;
 mod cancel;
 mod handshake;
+pub mod local;
 pub mod postcopy;
 mod precopy;
 mod rounds;

@@ -1,0 +1,271 @@
+//! The same-host hand-over on the source ([`migrate_local`]): the memory is
+//! shared with the destination, so only the state travels. See
+//! `docs/protocol.md`, "Local hand-over".
+
+use std::time::Instant;
+
+use super::session::ms;
+use super::CancelToken;
+use crate::commit::{commit, Commit};
+use crate::control::{self, ControlReader, ControlWriter};
+use crate::deadline::PauseDeadline;
+use crate::error::{ErrorKind, MigrationError, Phase};
+use crate::local::LocalIdentity;
+use crate::policy::{ConfigError, MigrationConfig};
+use crate::protocol::{state_frames, Go, Hello, HelloReply, MsgKind, Ready, MAX_FRAME_PAYLOAD};
+use crate::report::{DowntimeBreakdown, Progress, Report, Status};
+use crate::transport::Transport;
+use crate::vm::SourceVm;
+
+/// What the dirty-tracking note of a local hand-over's report says.
+pub const LOCAL_TRACKING_NOTE: &str = "none (local hand-over: memory shared, no page sent)";
+
+/// Hands `vm` over to a destination on the same host that maps the same
+/// guest memory (`receive_local` there), over `transport`.
+///
+/// Every region of `vm.memory()` must be [`Backing::SharedFile`] memory
+/// that the destination maps too (the embedder passes the descriptors, for
+/// example with `SCM_RIGHTS`); otherwise this refuses before anything is
+/// sent. No page is sent and no dirty tracking runs: the source pauses the
+/// VM, saves its state, sends it, and commits with `Go` as in a migration.
+/// A destination that does not grant the hand-over (another build, or one
+/// that was not called with `receive_local`), runs on another host, or
+/// maps other memory is refused in the handshake; any failure before `Go`
+/// leaves the VM running here, its memory untouched by the destination.
+///
+/// [`MigrationConfig::downtime_limit`] is not used (nothing converges);
+/// [`MigrationConfig::max_pause`] and [`MigrationConfig::io_timeout`] are;
+/// [`MigrationConfig::streams`] must be 1.
+///
+/// [`Backing::SharedFile`]: crate::memory::Backing::SharedFile
+pub fn migrate_local<V: SourceVm + ?Sized>(
+    vm: &V,
+    transport: Box<dyn Transport>,
+    config: &MigrationConfig,
+    cancel: &CancelToken,
+    progress: &mut dyn FnMut(&Progress),
+) -> Result<Report, MigrationError> {
+    let started = Instant::now();
+    let hs = Phase::Handshake;
+    check_config(config)?;
+    let desc = vm.describe().map_err(|e| MigrationError::new(hs, e))?;
+    let identity = LocalIdentity::of(vm.memory()).map_err(|e| MigrationError::new(hs, e))?;
+    let memory_bytes = desc.layout.total_bytes();
+    cancel.attach(transport.try_clone().ok());
+    let paused = vm.is_paused();
+    let mut hello = Hello::new(desc);
+    hello.paused = paused;
+    hello.local = Some(identity);
+    let result = run(vm, transport, hello, config, cancel, progress);
+    cancel.detach_all();
+    let (times, ready, resumed_us, state) = result.map_err(|mut e| {
+        if cancel.is_cancelled() && !e.is_ambiguous() {
+            e.kind = ErrorKind::Cancelled;
+        }
+        log::warn!("{e}");
+        e
+    })?;
+    let downtime_ms = ms(times.done - times.pause);
+    progress(&Progress::Completed { downtime_ms });
+    Ok(Report {
+        status: Status::Completed,
+        total_ms: ms(started.elapsed()),
+        setup_ms: ms(times.pause - started),
+        downtime_ms,
+        downtime_breakdown: DowntimeBreakdown {
+            pause_ms: ms(times.paused - times.pause),
+            state_save_ms: ms(times.saved - times.paused),
+            state_transfer_ms: ms(times.ready - times.saved),
+            dest_restore_ms: ready.restore_us as f64 / 1000.0,
+            resume_ack_ms: ms(times.done - times.ready),
+            dest_resume_ms: resumed_us as f64 / 1000.0,
+            ..DowntimeBreakdown::default()
+        },
+        bytes_sent: state.2,
+        state_bytes: state.0,
+        state_frames: state.1,
+        dirty_tracking: LOCAL_TRACKING_NOTE.to_string(),
+        throttle_max_pct: None,
+        ..Report::new(memory_bytes, ms(config.downtime_limit))
+    })
+}
+
+/// The settings (nothing is sent before).
+fn check_config(config: &MigrationConfig) -> Result<(), MigrationError> {
+    let hs = Phase::Handshake;
+    config.validate().map_err(|e| MigrationError::new(hs, e))?;
+    if config.streams > 1 {
+        let e = ConfigError {
+            field: "streams",
+            value: config.streams.to_string(),
+            rule: "a local hand-over sends no pages: one connection".into(),
+        };
+        return Err(MigrationError::new(hs, e));
+    }
+    Ok(())
+}
+
+/// When each step ended.
+struct Times {
+    pause: Instant,
+    paused: Instant,
+    saved: Instant,
+    ready: Instant,
+    done: Instant,
+}
+
+/// State bytes, `State` frames, bytes written.
+type StateSent = (u64, u32, u64);
+
+/// Handshake, pause, state, commit.
+fn run<V: SourceVm + ?Sized>(
+    vm: &V,
+    transport: Box<dyn Transport>,
+    hello: Hello,
+    config: &MigrationConfig,
+    cancel: &CancelToken,
+    progress: &mut dyn FnMut(&Progress),
+) -> Result<(Times, Ready, u64, StateSent), MigrationError> {
+    let paused = hello.paused;
+    let (mut control, mut fw) = control::open(transport, config.io_timeout)?;
+    let links: Vec<Box<dyn Transport>> = fw.get_ref().try_clone().ok().into_iter().collect();
+    handshake(&mut control, &mut fw, &hello)?;
+    progress(&Progress::Accepted);
+    let pause = Instant::now();
+    if !paused {
+        if let Err(e) = vm.pause() {
+            // A pause that failed half-way may have stopped some vCPUs.
+            if let Err(re) = vm.resume() {
+                log::error!("resuming the source after a failed pause: {re}");
+            }
+            let e = MigrationError::new(Phase::State, e);
+            control::send_failure(&mut fw, &e, false);
+            return Err(e);
+        }
+    }
+    let deadline = PauseDeadline::arm(config.max_pause, links);
+    progress(&Progress::Paused { remaining_pages: 0 });
+    let r = switchover(vm, &mut control, &mut fw, &deadline, cancel, pause, config);
+    match r {
+        Ok(done) => Ok(done),
+        Err((e, true)) => Err(e),
+        Err((e, false)) => {
+            if !paused {
+                if let Err(re) = vm.resume() {
+                    log::error!("resuming the source after a failed hand-over: {re}");
+                }
+            }
+            control::send_failure(&mut fw, &e, false);
+            Err(e)
+        }
+    }
+}
+
+/// `Hello` and a `HelloReply` that grants the hand-over (anything else is
+/// refused here, before the VM is paused).
+fn handshake(
+    control: &mut ControlReader,
+    fw: &mut ControlWriter,
+    hello: &Hello,
+) -> Result<(), MigrationError> {
+    let hs = Phase::Handshake;
+    fw.send(hello).map_err(|e| MigrationError::new(hs, e))?;
+    let reply: HelloReply = control.recv(hs)?;
+    super::handshake::check_reply(&reply, 1)?;
+    if !reply.local || reply.postcopy {
+        let why = "the destination did not grant a local hand-over (it is not a local \
+                   receiver of this build: a remote migration must be asked for as such)";
+        let e = MigrationError::new(hs, ErrorKind::Refused(why.into()));
+        control::send_failure(fw, &e, false);
+        return Err(e);
+    }
+    Ok(())
+}
+
+/// The paused part: save, send the state, `Ready`, `Go`. The error's flag
+/// says whether the outcome is ambiguous (the source must stay paused).
+#[allow(clippy::too_many_arguments)]
+fn switchover<V: SourceVm + ?Sized>(
+    vm: &V,
+    control: &mut ControlReader,
+    fw: &mut ControlWriter,
+    deadline: &PauseDeadline,
+    cancel: &CancelToken,
+    pause: Instant,
+    config: &MigrationConfig,
+) -> Result<(Times, Ready, u64, StateSent), (MigrationError, bool)> {
+    let kept = |e| (e, false);
+    let deadline_error = |phase| {
+        let kind = ErrorKind::PauseDeadline {
+            limit: deadline.limit(),
+            paused: deadline.paused_for(),
+        };
+        (MigrationError::new(phase, kind), false)
+    };
+    // An I/O error after the deadline fired is the deadline (it shut the
+    // connection down).
+    let expired = |e: MigrationError| {
+        if deadline.expired() {
+            deadline_error(e.phase)
+        } else {
+            (e, false)
+        }
+    };
+    let paused = Instant::now();
+    let sections = vm
+        .save_state()
+        .map_err(|e| kept(MigrationError::new(Phase::State, e)))?;
+    let saved = Instant::now();
+    let (state_bytes, frames) = send_state(fw, sections).map_err(expired)?;
+    let ready: Ready = control.recv(Phase::Completion).map_err(expired)?;
+    let ready_at = Instant::now();
+    let cp = Phase::Completion;
+    if cancel.is_cancelled() {
+        return Err(kept(MigrationError::new(cp, ErrorKind::Cancelled)));
+    }
+    if !deadline.disarm() {
+        return Err(deadline_error(cp));
+    }
+    let answer_wait = config.io_timeout.saturating_mul(2);
+    let resumed = match commit(fw, control, &Go, answer_wait) {
+        Commit::Committed(r) => r,
+        Commit::Abandoned(why) => {
+            return Err(kept(MigrationError::new(cp, ErrorKind::Abandoned(why))))
+        }
+        Commit::Ambiguous(why) => {
+            return Err((MigrationError::new(cp, ErrorKind::Ambiguous(why)), true))
+        }
+    };
+    let times = Times {
+        pause,
+        paused,
+        saved,
+        ready: ready_at,
+        done: Instant::now(),
+    };
+    let bytes = fw.bytes_written();
+    Ok((
+        times,
+        ready,
+        resumed.resume_us,
+        (state_bytes, frames, bytes),
+    ))
+}
+
+/// Sends the state frames and `Complete`.
+fn send_state(
+    fw: &mut ControlWriter,
+    sections: Vec<crate::state::Section>,
+) -> Result<(u64, u32), MigrationError> {
+    let st = Phase::State;
+    let data_bytes = sections.iter().map(|s| s.data.len() as u64).sum();
+    let frames =
+        state_frames(sections, MAX_FRAME_PAYLOAD).map_err(|e| MigrationError::new(st, e))?;
+    for state in &frames {
+        fw.send(state).map_err(|e| MigrationError::new(st, e))?;
+    }
+    fw.write_frame(MsgKind::Complete, &[])
+        .and_then(|_| fw.flush())
+        .map_err(|e| MigrationError::new(st, e))?;
+    Ok((data_bytes, frames.len() as u32))
+}
