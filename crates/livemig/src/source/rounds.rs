@@ -81,6 +81,7 @@ impl PageSender<'_> {
         runs: Vec<(u64, u64)>,
         phase: Phase,
     ) -> Result<(), MigrationError> {
+        self.first_page.get_or_insert_with(Instant::now);
         if let Some(pool) = &self.pool {
             let streams = pool.jobs.len() as u32;
             let index = stream_of(&self.layout, region, chunk, streams);
