@@ -120,6 +120,30 @@ impl DirtyBitmap {
             .sum()
     }
 
+    /// Number of dirty pages in `first..end` of `region` (word-wise).
+    pub fn count_in(&self, region: usize, first: u64, end: u64) -> u64 {
+        let Some(r) = self.regions.get(region) else {
+            return 0;
+        };
+        let end = end.min(r.pages);
+        if first >= end {
+            return 0;
+        }
+        let (fw, lw) = ((first / 64) as usize, ((end - 1) / 64) as usize);
+        let mut n = 0;
+        for wi in fw..=lw {
+            let mut w = r.words[wi];
+            if wi == fw {
+                w &= u64::MAX << (first % 64);
+            }
+            if wi == lw && end % 64 != 0 {
+                w &= (1u64 << (end % 64)) - 1;
+            }
+            n += u64::from(w.count_ones());
+        }
+        n
+    }
+
     /// Marks every page clean.
     pub fn clear(&mut self) {
         for r in &mut self.regions {
@@ -402,6 +426,8 @@ mod tests {
                 let end = first + len;
                 let naive = (first..end.min(pages)).any(|p| bm.is_set(0, p));
                 assert_eq!(bm.any_in(0, first, end), naive, "{first}..{end}");
+                let n = (first..end.min(pages)).filter(|p| bm.is_set(0, *p)).count();
+                assert_eq!(bm.count_in(0, first, end), n as u64, "{first}..{end}");
                 checked += 1;
             }
         }
