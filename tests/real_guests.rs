@@ -168,3 +168,58 @@ fn soak_100_migrations_pages_born_on_two_vcpus() {
         );
     }
 }
+
+/// Cost against guest size (issue 16): the same guest (`ws=512 rate=64`,
+/// its working set written once) in a 2 GiB and in a 64 GiB VM, in
+/// manual-protect mode, idle host; prints the engine's timings. A
+/// measurement, ignored by default:
+/// `cargo test --release --test real_guests guest_size_cost -- --ignored --nocapture`
+/// (`LIVEMIG_COST_SIZES=2G,64G`, `LIVEMIG_COST_CMDLINE="ws=512 rate=64"`,
+/// `LIVEMIG_COST_RUNS=1` change it; `LIVEMIG_COST_ATTACH_MS` waits that
+/// long between starting the destination and migrating, to attach a tracer).
+#[test]
+#[ignore]
+fn guest_size_cost() {
+    let Some(_kvm) = common::kvm_or_skip("guest_size_cost") else {
+        return;
+    };
+    let env = |k: &str, d: &str| std::env::var(k).unwrap_or_else(|_| d.to_string());
+    let sizes = env("LIVEMIG_COST_SIZES", "2G,64G");
+    let cmdline = env("LIVEMIG_COST_CMDLINE", "ws=512 rate=64");
+    let runs: usize = env("LIVEMIG_COST_RUNS", "1").parse().unwrap_or(1);
+    for _ in 0..runs {
+        for memory in sizes.split(',') {
+            let dir = scratch_dir("sizecost");
+            let mut src = start_source_with(&dir, "src", memory, 1, &cmdline, &[]).unwrap();
+            src.wait_ready(Duration::from_secs(60)).unwrap();
+            // READY: the working set has been written once.
+            std::thread::sleep(Duration::from_millis(500));
+            let (mut dst, ep) = start_destination(&dir, "dst", &[]).unwrap();
+            // Time to attach a tracer to both sides, if asked for.
+            let wait: u64 = env("LIVEMIG_COST_ATTACH_MS", "0").parse().unwrap_or(0);
+            std::thread::sleep(Duration::from_millis(wait));
+            let r = migrate(&src, &ep, json!({})).unwrap_or_else(|e| panic!("{memory}: {e}"));
+            assert_eq!(r["status"], "completed", "{memory}: {r}");
+            let rounds = r["rounds"].as_array().cloned().unwrap_or_default();
+            let round_ms: Vec<String> = rounds
+                .iter()
+                .map(|x| format!("{:.1}", x["duration_ms"].as_f64().unwrap_or(0.0)))
+                .collect();
+            println!(
+                "{memory} {cmdline}: total {:.1} ms, set-up {:.1} ms, first page {:.1} ms, \
+                 rounds {round_ms:?} ms, downtime {:.2} ms (final sync {:.2} ms), {}",
+                r["total_ms"].as_f64().unwrap_or(0.0),
+                r["setup_ms"].as_f64().unwrap_or(0.0),
+                r["first_page_ms"].as_f64().unwrap_or(0.0),
+                r["downtime_ms"].as_f64().unwrap_or(0.0),
+                r["downtime_breakdown"]["final_sync_ms"]
+                    .as_f64()
+                    .unwrap_or(0.0),
+                r["dirty_tracking"],
+            );
+            let _ = src.wait_exit(Duration::from_secs(10));
+            dst.kill();
+            let _ = std::fs::remove_dir_all(dir);
+        }
+    }
+}

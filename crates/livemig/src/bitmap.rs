@@ -120,6 +120,30 @@ impl DirtyBitmap {
             .sum()
     }
 
+    /// Number of dirty pages in `first..end` of `region` (word-wise).
+    pub fn count_in(&self, region: usize, first: u64, end: u64) -> u64 {
+        let Some(r) = self.regions.get(region) else {
+            return 0;
+        };
+        let end = end.min(r.pages);
+        if first >= end {
+            return 0;
+        }
+        let (fw, lw) = ((first / 64) as usize, ((end - 1) / 64) as usize);
+        let mut n = 0;
+        for wi in fw..=lw {
+            let mut w = r.words[wi];
+            if wi == fw {
+                w &= u64::MAX << (first % 64);
+            }
+            if wi == lw && end % 64 != 0 {
+                w &= (1u64 << (end % 64)) - 1;
+            }
+            n += u64::from(w.count_ones());
+        }
+        n
+    }
+
     /// Marks every page clean.
     pub fn clear(&mut self) {
         for r in &mut self.regions {
@@ -181,6 +205,19 @@ impl DirtyBitmap {
     }
 }
 
+#[cfg(test)]
+thread_local! {
+    /// Words read by the run scans (tests check what a scan costs).
+    static WORDS_READ: std::cell::Cell<u64> = const { std::cell::Cell::new(0) };
+}
+
+/// Counts one word read by a run scan (tests only).
+#[inline]
+fn count_word() {
+    #[cfg(test)]
+    WORDS_READ.with(|c| c.set(c.get() + 1));
+}
+
 impl RegionBits {
     fn mask_tail(&mut self) {
         let rem = self.pages % 64;
@@ -191,41 +228,52 @@ impl RegionBits {
         }
     }
 
-    /// First set bit at or after `page`.
-    fn next_set(&self, page: u64) -> Option<u64> {
-        if page >= self.pages {
+    /// First set bit in `page..limit` (`limit` at most `pages`); reads
+    /// only the words covering that range.
+    fn next_set(&self, page: u64, limit: u64) -> Option<u64> {
+        let limit = limit.min(self.pages);
+        if page >= limit {
             return None;
         }
+        let last = ((limit - 1) / 64) as usize;
         let mut wi = (page / 64) as usize;
         let mut w = self.words[wi] & (u64::MAX << (page % 64));
+        count_word();
         loop {
             if w != 0 {
-                return Some(wi as u64 * 64 + u64::from(w.trailing_zeros()));
+                let at = wi as u64 * 64 + u64::from(w.trailing_zeros());
+                return (at < limit).then_some(at);
             }
             wi += 1;
-            if wi >= self.words.len() {
+            if wi > last {
                 return None;
             }
             w = self.words[wi];
+            count_word();
         }
     }
 
-    /// First clear bit at or after `page` (or `pages`).
-    fn next_clear(&self, page: u64) -> u64 {
-        if page >= self.pages {
-            return self.pages;
+    /// First clear bit in `page..limit` (`limit` at most `pages`), or
+    /// `limit`; reads only the words covering that range.
+    fn next_clear(&self, page: u64, limit: u64) -> u64 {
+        let limit = limit.min(self.pages);
+        if page >= limit {
+            return limit;
         }
+        let last = ((limit - 1) / 64) as usize;
         let mut wi = (page / 64) as usize;
         let mut w = !self.words[wi] & (u64::MAX << (page % 64));
+        count_word();
         loop {
             if w != 0 {
-                return (wi as u64 * 64 + u64::from(w.trailing_zeros())).min(self.pages);
+                return (wi as u64 * 64 + u64::from(w.trailing_zeros())).min(limit);
             }
             wi += 1;
-            if wi >= self.words.len() {
-                return self.pages;
+            if wi > last {
+                return limit;
             }
             w = !self.words[wi];
+            count_word();
         }
     }
 }
@@ -245,11 +293,9 @@ impl Iterator for Runs<'_> {
     fn next(&mut self) -> Option<PageRun> {
         while let Some(r) = self.bm.regions.get(self.region) {
             let limit = self.end.unwrap_or(r.pages).min(r.pages);
-            if let Some(start) = r.next_set(self.page).filter(|&s| s < limit) {
-                let end = r
-                    .next_clear(start)
-                    .min(start.saturating_add(self.max_run))
-                    .min(limit);
+            if let Some(start) = r.next_set(self.page, limit) {
+                let cap = start.saturating_add(self.max_run).min(limit);
+                let end = r.next_clear(start, cap);
                 self.page = end;
                 return Some(PageRun {
                     region: self.region,
@@ -271,6 +317,34 @@ impl Iterator for Runs<'_> {
 mod tests {
     use super::*;
     use crate::memory::RegionDesc;
+
+    /// `runs_in` over one chunk looks at that chunk's words, however much
+    /// of the region lies beyond it set (or clear): walking a 64 GiB
+    /// bitmap chunk by chunk must cost the bitmap once, not once per chunk.
+    #[test]
+    fn runs_in_reads_only_the_words_of_its_range() {
+        let pages = 1 << 20;
+        let l = MemoryLayout::new(vec![RegionDesc {
+            guest_addr: 0,
+            size: pages * 4096,
+        }])
+        .unwrap();
+        let mut bm = DirtyBitmap::new(&l);
+        bm.set_all();
+        let read = || WORDS_READ.with(|c| c.get());
+        let before = read();
+        let runs: Vec<_> = bm.runs_in(0, 1024, 2048, u64::MAX).collect();
+        assert_eq!(runs.len(), 1);
+        assert_eq!((runs[0].first_page, runs[0].npages), (1024, 1024));
+        let all_set = read() - before;
+        assert!(all_set <= 2 * (1024 / 64 + 2), "read {all_set} words");
+        bm.clear();
+        bm.set(0, pages - 1);
+        let before = read();
+        assert_eq!(bm.runs_in(0, 0, 1024, u64::MAX).count(), 0);
+        let all_clear = read() - before;
+        assert!(all_clear <= 1024 / 64 + 2, "read {all_clear} words");
+    }
 
     fn layout() -> MemoryLayout {
         MemoryLayout::new(vec![
@@ -352,6 +426,8 @@ mod tests {
                 let end = first + len;
                 let naive = (first..end.min(pages)).any(|p| bm.is_set(0, p));
                 assert_eq!(bm.any_in(0, first, end), naive, "{first}..{end}");
+                let n = (first..end.min(pages)).filter(|p| bm.is_set(0, *p)).count();
+                assert_eq!(bm.count_in(0, first, end), n as u64, "{first}..{end}");
                 checked += 1;
             }
         }

@@ -227,6 +227,69 @@ impl<'a> HostRam<'a> {
         }
     }
 
+    /// The page ranges `(first, n)` of `first .. end` of `region` that may
+    /// hold non-zero data, in address order; the pages between them
+    /// certainly read as zero (the same knowledge as
+    /// [`HostRam::populated`], and the same "about this instant" rule).
+    ///
+    /// Costs what the backing's index of populated memory costs, not one
+    /// step per page: private anonymous memory asks the kernel's
+    /// `PAGEMAP_SCAN` (Linux 6.7+; it skips unpopulated page tables whole)
+    /// and falls back to reading `/proc/self/pagemap` entry by entry; a
+    /// shared file asks for its data ranges (`SEEK_DATA`/`SEEK_HOLE`).
+    /// Where nothing is known the whole range is returned.
+    pub fn populated_ranges(&self, region: usize, first: u64, end: u64) -> Vec<(u64, u64)> {
+        let Some(r) = self.regions.get(region) else {
+            return Vec::new();
+        };
+        let end = end.min(r.pages);
+        if first >= end {
+            return Vec::new();
+        }
+        let all = vec![(first, end - first)];
+        match r.zero {
+            ZeroKnowledge::Pagemap => {
+                let Some(pm) = &self.pagemap else {
+                    return all;
+                };
+                let start = r.ptr as u64 + first * PAGE_SIZE;
+                match pagemap_scan(pm, self.host_page, start, end - first) {
+                    Ok(ranges) => ranges.into_iter().map(|(p, n)| (first + p, n)).collect(),
+                    Err(e) => {
+                        log::debug!("PAGEMAP_SCAN: {e}; reading pagemap entries");
+                        self.ranges_from_flags(region, first, end)
+                    }
+                }
+            }
+            ZeroKnowledge::FileHoles { .. } => self.ranges_from_flags(region, first, end),
+            ZeroKnowledge::Nothing => all,
+        }
+    }
+
+    /// [`HostRam::populated_ranges`] through [`HostRam::populated`], a
+    /// chunk of flags at a time.
+    fn ranges_from_flags(&self, region: usize, first: u64, end: u64) -> Vec<(u64, u64)> {
+        const STEP: u64 = 64 * 1024;
+        let mut flags = Vec::new();
+        let mut out: Vec<(u64, u64)> = Vec::new();
+        let mut at = first;
+        while at < end {
+            let n = (end - at).min(STEP);
+            flags.clear();
+            flags.resize(n as usize, false);
+            self.populated(region, at, &mut flags);
+            for (i, _) in flags.iter().enumerate().filter(|(_, f)| **f) {
+                let p = at + i as u64;
+                match out.last_mut() {
+                    Some((f, m)) if *f + *m == p => *m += 1,
+                    _ => out.push((p, 1)),
+                }
+            }
+            at += n;
+        }
+        out
+    }
+
     /// Makes every page of every region read as zero, cheaply where the
     /// backing allows: private anonymous memory is dropped
     /// (`MADV_DONTNEED`, if the region is whole host pages), a shared
@@ -321,6 +384,98 @@ fn pagemap_present(
         *o = u64::from_le_bytes(a) & (3 << 62) != 0;
     }
     Ok(())
+}
+
+/// `struct pm_scan_arg` of `<linux/fs.h>` (Linux 6.7+).
+#[repr(C)]
+#[derive(Default)]
+struct PmScanArg {
+    size: u64,
+    flags: u64,
+    start: u64,
+    end: u64,
+    walk_end: u64,
+    vec: u64,
+    vec_len: u64,
+    max_pages: u64,
+    category_inverted: u64,
+    category_mask: u64,
+    category_anyof_mask: u64,
+    return_mask: u64,
+}
+
+/// `struct page_region` of `<linux/fs.h>`.
+#[repr(C)]
+#[derive(Default, Clone, Copy)]
+struct PageRegion {
+    start: u64,
+    end: u64,
+    categories: u64,
+}
+
+/// `PAGEMAP_SCAN`: `_IOWR('f', 16, struct pm_scan_arg)`.
+const PAGEMAP_SCAN: libc::c_ulong = (3 << 30)
+    | ((std::mem::size_of::<PmScanArg>() as libc::c_ulong) << 16)
+    | ((b'f' as libc::c_ulong) << 8)
+    | 16;
+/// `PAGE_IS_PRESENT` and `PAGE_IS_SWAPPED`.
+const PAGE_IS_PRESENT: u64 = 1 << 3;
+const PAGE_IS_SWAPPED: u64 = 1 << 4;
+
+/// The ranges of the `npages` engine pages from host address `start`
+/// whose host pages are present or swapped, as `(first, n)` in engine
+/// pages from `start`, through the `PAGEMAP_SCAN` ioctl on `pm`.
+fn pagemap_scan(
+    pm: &File,
+    host_page: u64,
+    start: u64,
+    npages: u64,
+) -> std::io::Result<Vec<(u64, u64)>> {
+    let end = start + npages * PAGE_SIZE;
+    // The scan works in host pages: widen to whole host pages, clip back.
+    let (wide_start, wide_end) = (
+        start / host_page * host_page,
+        end.div_ceil(host_page) * host_page,
+    );
+    let mut vec = [PageRegion::default(); 256];
+    let mut out: Vec<(u64, u64)> = Vec::new();
+    let mut at = wide_start;
+    while at < wide_end {
+        let mut arg = PmScanArg {
+            size: std::mem::size_of::<PmScanArg>() as u64,
+            start: at,
+            end: wide_end,
+            vec: vec.as_mut_ptr() as u64,
+            vec_len: vec.len() as u64,
+            category_anyof_mask: PAGE_IS_PRESENT | PAGE_IS_SWAPPED,
+            return_mask: PAGE_IS_PRESENT | PAGE_IS_SWAPPED,
+            ..PmScanArg::default()
+        };
+        // SAFETY: PAGEMAP_SCAN on our own /proc/self/pagemap; `arg` is a
+        // valid pm_scan_arg whose `vec` points at `vec.len()` page_region
+        // entries that live across the call; the kernel only reads the
+        // page tables of the range and writes `vec` and `arg.walk_end`.
+        let n = unsafe { libc::ioctl(pm.as_raw_fd(), PAGEMAP_SCAN as _, &mut arg) };
+        if n < 0 {
+            return Err(std::io::Error::last_os_error());
+        }
+        for r in vec.iter().take(n as usize) {
+            let (a, b) = (r.start.max(start), r.end.min(end));
+            if a >= b {
+                continue;
+            }
+            let (p, q) = ((a - start) / PAGE_SIZE, (b - start).div_ceil(PAGE_SIZE));
+            match out.last_mut() {
+                Some((f, m)) if *f + *m >= p => *m = (*m).max(q - *f),
+                _ => out.push((p, q - p)),
+            }
+        }
+        if arg.walk_end <= at {
+            return Err(std::io::Error::other("PAGEMAP_SCAN made no progress"));
+        }
+        at = arg.walk_end;
+    }
+    Ok(out)
 }
 
 /// Marks the pages of `out` (from byte `start` of the file) that hold data
@@ -470,6 +625,49 @@ mod tests {
         ram.pagemap = None;
         ram.populated(0, 0, &mut out);
         assert!(out.iter().all(|b| *b), "without pagemap every page is read");
+    }
+
+    /// `populated_ranges` (PAGEMAP_SCAN, and its pagemap fallback) says
+    /// exactly what `populated` says, for sub-ranges that cut runs.
+    #[cfg(feature = "vm-memory")]
+    #[test]
+    fn populated_ranges_match_the_page_by_page_answer() {
+        let pages = 3 * 512 + 77;
+        let layout = MemoryLayout::new(vec![crate::memory::RegionDesc {
+            guest_addr: 0,
+            size: pages * PAGE_SIZE,
+        }])
+        .unwrap();
+        let mem = crate::memory::allocate(&layout).unwrap();
+        let ram = HostRam::new(&mem, &layout).unwrap();
+        for p in [0u64, 1, 2, 511, 512, 700, 701, 1023, 1535, pages - 1] {
+            assert!(ram.write_pages(0, p, &[3u8; PAGE_SIZE as usize]));
+        }
+        let flags_to_ranges = |first: u64, end: u64| {
+            let mut f = vec![false; (end - first) as usize];
+            ram.populated(0, first, &mut f);
+            let mut out: Vec<(u64, u64)> = Vec::new();
+            for p in (first..end).filter(|p| f[(p - first) as usize]) {
+                match out.last_mut() {
+                    Some((a, n)) if *a + *n == p => *n += 1,
+                    _ => out.push((p, 1)),
+                }
+            }
+            out
+        };
+        for (first, end) in [(0, pages), (1, 701), (2, 3), (600, 1600), (1536, pages)] {
+            let want = flags_to_ranges(first, end);
+            assert_eq!(ram.populated_ranges(0, first, end), want, "{first}..{end}");
+            assert_eq!(ram.ranges_from_flags(0, first, end), want, "{first}..{end}");
+        }
+        let pm = ram.pagemap.as_deref().expect("pagemap");
+        let base = mem.regions()[0].host as u64;
+        if let Err(e) = pagemap_scan(pm, ram.host_page, base, pages) {
+            eprintln!("PAGEMAP_SCAN unavailable here ({e}): only the fallback was checked");
+        }
+        assert_eq!(ram.populated_ranges(0, 0, 3), vec![(0, 3)]);
+        assert!(ram.populated_ranges(0, 3, 511).is_empty());
+        assert!(ram.populated_ranges(1, 0, 10).is_empty(), "no such region");
     }
 
     #[cfg(feature = "vm-memory")]

@@ -71,8 +71,13 @@ pub struct Report {
     pub status: Status,
     /// Total time from the call to the end, ms.
     pub total_ms: f64,
-    /// Handshake and state measurement, ms.
+    /// Handshake and state measurement, until dirty logging is on, ms.
     pub setup_ms: f64,
+    /// From the call to the first page handed to a connection (or, when
+    /// round 0 sent no page at all, to its end; 0 without a pre-copy
+    /// round), ms: the set-up plus round 0's scan for the first page worth
+    /// sending.
+    pub first_page_ms: f64,
     /// Source pause → destination's "running" acknowledgement, ms.
     pub downtime_ms: f64,
     /// The downtime limit in force, ms.
@@ -121,6 +126,7 @@ impl Report {
             status: Status::Failed,
             total_ms: 0.0,
             setup_ms: 0.0,
+            first_page_ms: 0.0,
             downtime_ms: 0.0,
             downtime_limit_ms,
             expected_downtime_ms: 0.0,

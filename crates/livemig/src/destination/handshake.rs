@@ -79,6 +79,10 @@ pub(super) fn prepare_memory<'a, V: DestinationVm>(
     })?;
     let t_scrub = Instant::now();
     let written = ram.scrub();
+    log::debug!(
+        "destination memory scrubbed in {:.2} ms",
+        ms(t_scrub.elapsed())
+    );
     if written > 0 {
         log::warn!(
             "zeroed {written} region(s) of destination memory by writing ({:.1} ms): \

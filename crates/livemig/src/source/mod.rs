@@ -255,6 +255,10 @@ fn assemble<V: SourceVm + ?Sized>(
         status: Status::Completed,
         total_ms: ms(s.started.elapsed()),
         setup_ms: t.setup_ms,
+        first_page_ms: t
+            .sender
+            .first_page
+            .map_or(0.0, |f| ms(f.saturating_duration_since(s.started))),
         downtime_ms,
         downtime_breakdown: breakdown(&c),
         forced: p.summary.forced,

@@ -88,6 +88,7 @@ pub(super) fn precopy<V: SourceVm + ?Sized>(
     loop {
         let phase = Phase::Precopy(p.round);
         let sent = send_round(s, t, &bitmap, p.round)?;
+        t.sender.first_page.get_or_insert_with(Instant::now);
         bitmap.clear();
         t.tracker
             .sync(&mut bitmap)

@@ -10,15 +10,25 @@ use crate::error::{ErrorKind, MigrationError, Phase};
 use crate::protocol::{stream_of, MsgKind};
 use crate::vm::{DirtyTracker, SourceVm};
 
+/// Round 0 re-arms and scans for populated memory a block of this many
+/// pages (256 MiB) at a time, before its chunks (see
+/// [`PageSender::send_bitmap`]).
+pub(super) const BLOCK_PAGES: u64 = 64 * CHUNK_PAGES;
+
 impl PageSender<'_> {
     /// Sends every page set in `bitmap`, chunk by chunk; with a `tracker`
     /// ([`Rearm::BeforeRead`](crate::vm::Rearm::BeforeRead)) each chunk's
     /// pages are re-armed just before they are read.
     ///
-    /// With [`PageSender::skip_untouched`] set (round 0), each chunk's pages
-    /// are then narrowed to those that may hold data ([`HostRam::populated`])
-    /// — after the re-arm, so a page first written between the two is
-    /// either seen as populated here or logged dirty for the next round.
+    /// With [`PageSender::skip_untouched`] set (round 0), the bitmap is
+    /// walked a block of [`BLOCK_PAGES`] at a time: the block is re-armed
+    /// and scanned once for memory that may hold data, chunks without any
+    /// are left out whole; each other chunk is re-armed again and its pages
+    /// narrowed to those that may hold data ([`HostRam::populated`]) — after
+    /// its re-arm, so a page first written between the two is either seen
+    /// as populated here or logged dirty for the next round. Round 0 thus
+    /// costs one re-arm and one scan per 256 MiB of guest memory plus work
+    /// in proportion to the chunks that hold data.
     ///
     /// Pages may still be buffered (here or in the stream threads) when this
     /// returns: [`PageSender::end_round`] flushes and accounts them.
@@ -32,43 +42,133 @@ impl PageSender<'_> {
         let mut populated = Vec::new();
         for region in 0..bitmap.num_regions() {
             let pages = bitmap.region_pages(region);
-            let mut chunk = 0;
-            while chunk < pages {
-                // Keep the connection (the control one, or the only one)
-                // alive through long stretches of clearing or of pages
-                // that travel on other streams.
-                self.keepalive()
-                    .map_err(|e| MigrationError::new(phase, e))?;
-                let end = (chunk + CHUNK_PAGES).min(pages);
-                if !bitmap.any_in(region, chunk, end) {
-                    chunk = end;
-                    continue;
+            let mut block = 0;
+            while block < pages {
+                let end = (block + BLOCK_PAGES).min(pages);
+                // Round 0: one re-arm and one scan for populated memory per
+                // block, so the chunks nothing was ever written to cost
+                // nothing more (see `untouched_chunks`).
+                let skip = self.untouched_chunks(
+                    bitmap,
+                    tracker.as_deref_mut(),
+                    region,
+                    block,
+                    end,
+                    phase,
+                )?;
+                let mut chunk = block;
+                while chunk < end {
+                    let chunk_end = (chunk + CHUNK_PAGES).min(end);
+                    let i = ((chunk - block) / CHUNK_PAGES) as usize;
+                    if skip.get(i).copied().unwrap_or(false) {
+                        self.skipped += bitmap.count_in(region, chunk, chunk_end);
+                    } else {
+                        self.send_chunk(
+                            bitmap,
+                            tracker.as_deref_mut(),
+                            &mut populated,
+                            region,
+                            chunk,
+                            chunk_end,
+                            cancel,
+                            phase,
+                        )?;
+                    }
+                    chunk = chunk_end;
                 }
-                if cancel.is_cancelled() {
-                    return Err(MigrationError::new(phase, ErrorKind::Cancelled));
-                }
-                if let Some(t) = tracker.as_deref_mut() {
-                    let t0 = Instant::now();
-                    t.rearm(region, chunk, end - chunk, bitmap)
-                        .map_err(|e| MigrationError::new(phase, e))?;
-                    self.clear_time += t0.elapsed();
-                }
-                let mut runs: Vec<(u64, u64)> = bitmap
-                    .runs_in(region, chunk, end, u64::MAX)
-                    .map(|r| (r.first_page, r.npages))
-                    .collect();
-                if self.skip_untouched {
-                    populated.resize((end - chunk) as usize, false);
-                    self.ram.populated(region, chunk, &mut populated);
-                    let before: u64 = runs.iter().map(|r| r.1).sum();
-                    runs = narrow_runs(&runs, chunk, &populated);
-                    self.skipped += before - runs.iter().map(|r| r.1).sum::<u64>();
-                }
-                if !runs.is_empty() {
-                    self.dispatch(region, chunk, runs, phase)?;
-                }
-                chunk = end;
+                block = end;
             }
+        }
+        Ok(())
+    }
+
+    /// With [`PageSender::skip_untouched`] (round 0): re-arms the pages of
+    /// `bitmap` in `block..end` (with a `tracker`), then asks which pages
+    /// of the block may hold data ([`HostRam::populated_ranges`]); returns,
+    /// per chunk of the block, whether it holds none. Such a chunk needs
+    /// nothing this round: none of its pages held data before the re-arm
+    /// (the scan came after it and saw none), and every page written after
+    /// it is logged dirty for the next round — its chunk is not re-armed
+    /// again in this round. Without `skip_untouched`: nothing skipped.
+    ///
+    /// [`HostRam::populated_ranges`]: crate::ram::HostRam::populated_ranges
+    fn untouched_chunks(
+        &mut self,
+        bitmap: &DirtyBitmap,
+        tracker: Option<&mut (dyn DirtyTracker + '_)>,
+        region: usize,
+        block: u64,
+        end: u64,
+        phase: Phase,
+    ) -> Result<Vec<bool>, MigrationError> {
+        if !self.skip_untouched || !bitmap.any_in(region, block, end) {
+            return Ok(Vec::new());
+        }
+        if let Some(t) = tracker {
+            let t0 = Instant::now();
+            let r = t.rearm(region, block, end - block, bitmap);
+            self.clear_time += t0.elapsed();
+            r.map_err(|e| MigrationError::new(phase, e))?;
+        }
+        let mut skip = vec![true; (end - block).div_ceil(CHUNK_PAGES) as usize];
+        for (first, n) in self.ram.populated_ranges(region, block, end) {
+            let (a, b) = (
+                (first - block) / CHUNK_PAGES,
+                (first + n - 1 - block) / CHUNK_PAGES,
+            );
+            for s in skip.iter_mut().take(b as usize + 1).skip(a as usize) {
+                *s = false;
+            }
+        }
+        Ok(skip)
+    }
+
+    /// Sends the pages of `bitmap` in `chunk..end` of `region` (one chunk):
+    /// re-armed first with a `tracker`, narrowed to the populated ones in
+    /// round 0.
+    #[allow(clippy::too_many_arguments)]
+    fn send_chunk(
+        &mut self,
+        bitmap: &DirtyBitmap,
+        tracker: Option<&mut (dyn DirtyTracker + '_)>,
+        populated: &mut Vec<bool>,
+        region: usize,
+        chunk: u64,
+        end: u64,
+        cancel: &CancelToken,
+        phase: Phase,
+    ) -> Result<(), MigrationError> {
+        // Keep the connection (the control one, or the only one) alive
+        // through long stretches of clearing or of pages that travel on
+        // other streams.
+        self.keepalive()
+            .map_err(|e| MigrationError::new(phase, e))?;
+        if !bitmap.any_in(region, chunk, end) {
+            return Ok(());
+        }
+        if cancel.is_cancelled() {
+            return Err(MigrationError::new(phase, ErrorKind::Cancelled));
+        }
+        if let Some(t) = tracker {
+            let t0 = Instant::now();
+            t.rearm(region, chunk, end - chunk, bitmap)
+                .map_err(|e| MigrationError::new(phase, e))?;
+            self.clear_time += t0.elapsed();
+        }
+        let mut runs: Vec<(u64, u64)> = bitmap
+            .runs_in(region, chunk, end, u64::MAX)
+            .map(|r| (r.first_page, r.npages))
+            .collect();
+        if self.skip_untouched {
+            populated.clear();
+            populated.resize((end - chunk) as usize, false);
+            self.ram.populated(region, chunk, populated);
+            let before: u64 = runs.iter().map(|r| r.1).sum();
+            runs = narrow_runs(&runs, chunk, populated);
+            self.skipped += before - runs.iter().map(|r| r.1).sum::<u64>();
+        }
+        if !runs.is_empty() {
+            self.dispatch(region, chunk, runs, phase)?;
         }
         Ok(())
     }
@@ -81,6 +181,7 @@ impl PageSender<'_> {
         runs: Vec<(u64, u64)>,
         phase: Phase,
     ) -> Result<(), MigrationError> {
+        self.first_page.get_or_insert_with(Instant::now);
         if let Some(pool) = &self.pool {
             let streams = pool.jobs.len() as u32;
             let index = stream_of(&self.layout, region, chunk, streams);

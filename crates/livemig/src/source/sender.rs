@@ -98,6 +98,9 @@ pub(super) struct PageSender<'a> {
     pub(super) clear_time: Duration,
     /// Longest this connection stays silent ([`keepalive_every`]).
     pub(super) alive_every: Duration,
+    /// When the first page was handed to a connection (the report's
+    /// `first_page_ms`).
+    pub(super) first_page: Option<Instant>,
 }
 
 impl<'a> PageSender<'a> {
@@ -128,6 +131,7 @@ impl<'a> PageSender<'a> {
             lz4: config.compress.then(Vec::new),
             clear_time: Duration::ZERO,
             alive_every: keepalive_every(config.io_timeout),
+            first_page: None,
         }
     }
 
