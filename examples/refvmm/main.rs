@@ -40,6 +40,7 @@ mod monitor;
 mod multiboot;
 mod net;
 mod place;
+mod postcopy;
 mod run;
 mod vmm;
 

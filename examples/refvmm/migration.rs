@@ -6,7 +6,9 @@ use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Duration;
 
+use livemig::destination::postcopy::receive_postcopy_streams;
 use livemig::policy::{MigrationConfig, OnLimit};
+use livemig::source::postcopy::{PostcopyConfig, SwitchRequest};
 use livemig::transport::{
     connect, listen, Dialer, Endpoint, OwnedAcceptor, StreamAcceptor, StreamOpener, Transport,
 };
@@ -23,6 +25,7 @@ use crate::cli::{
 };
 use crate::monitor::MigrationMonitor;
 use crate::net;
+use crate::postcopy::{open_fault, uffd_pager, LazyFault, SharedAcceptor};
 use crate::run::{open_console, open_nets, run_machine};
 use crate::vmm::{DestMachine, Machine, MachineConfig};
 
@@ -84,6 +87,27 @@ pub struct MigrateOptions {
     #[arg(long)]
     #[serde(default)]
     pub compress: bool,
+    /// Pure post-copy: no pre-copy round; the guest runs on the
+    /// destination as soon as its vCPU and device state arrived, its
+    /// memory follows (on demand and pushed). See docs/postcopy.md.
+    #[arg(long, conflicts_with = "postcopy_after_rounds")]
+    #[serde(default, skip_serializing_if = "is_false")]
+    pub postcopy: bool,
+    /// Switch to post-copy after N pre-copy rounds (unless pre-copy
+    /// converged first).
+    #[arg(long, value_name = "N")]
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub postcopy_after_rounds: Option<u32>,
+    /// Switch to post-copy when pre-copy is predicted not to converge
+    /// (instead of throttling the guest with auto-converge).
+    #[arg(long)]
+    #[serde(default, skip_serializing_if = "is_false")]
+    pub postcopy_auto: bool,
+    /// Offer post-copy and switch when an API `migrate-postcopy` request
+    /// arrives (the other post-copy options imply it).
+    #[arg(long)]
+    #[serde(default, skip_serializing_if = "is_false")]
+    pub postcopy_on_request: bool,
     #[command(flatten)]
     #[serde(default, skip_serializing_if = "MigrateTls::is_empty")]
     pub tls: MigrateTls,
@@ -139,7 +163,38 @@ impl MigrateTls {
     }
 }
 
+fn is_false(b: &bool) -> bool {
+    !*b
+}
+
 impl MigrateOptions {
+    /// Whether any post-copy option was given (the migration then offers
+    /// post-copy and opens the fault connection).
+    pub fn wants_postcopy(&self) -> bool {
+        self.postcopy
+            || self.postcopy_after_rounds.is_some()
+            || self.postcopy_auto
+            || self.postcopy_on_request
+    }
+
+    /// When to switch to post-copy, if asked for (`request` is the
+    /// `migrate-postcopy` API request's handle).
+    pub fn postcopy_config(&self, request: SwitchRequest) -> Option<PostcopyConfig> {
+        if !self.wants_postcopy() {
+            return None;
+        }
+        let after_rounds = if self.postcopy {
+            0
+        } else {
+            self.postcopy_after_rounds.unwrap_or(u32::MAX)
+        };
+        Some(PostcopyConfig {
+            after_rounds,
+            on_non_convergence: self.postcopy_auto,
+            request,
+        })
+    }
+
     /// The options of an API `migrate` request (its `cmd` aside); unknown
     /// fields are refused.
     pub fn from_request(req: &Value) -> Result<MigrateOptions, String> {
@@ -188,7 +243,15 @@ impl MigrateOptions {
             cfg.streams = n;
         }
         cfg.compress = self.compress;
-        self.tls.config()?;
+        let tls = self.tls.config()?;
+        if self.wants_postcopy() {
+            if cfg.streams > 1 {
+                return Err("post-copy uses one page stream (give no --streams)".into());
+            }
+            if tls.is_some() {
+                return Err("post-copy over TLS is not built in refvmm".into());
+            }
+        }
         Ok(cfg)
     }
 }
@@ -252,18 +315,45 @@ pub(crate) fn do_migrate(
             return setup_error(e);
         }
     };
-    let mut opener = active.count_opener(&mut *opener);
-    let result = m.guard.migrate_streams(
-        &**m,
-        active.count(transport),
-        Some(&mut opener),
-        &cfg,
-        &active.cancel.clone(),
-        &mut |p| {
-            active.progress(p);
-            progress(p);
-        },
-    );
+    let switch = SwitchRequest::new();
+    let result = match opts.postcopy_config(switch.clone()) {
+        None => {
+            let mut opener = active.count_opener(&mut *opener);
+            m.guard.migrate_streams(
+                &**m,
+                active.count(transport),
+                Some(&mut opener),
+                &cfg,
+                &active.cancel.clone(),
+                &mut |p| {
+                    active.progress(p);
+                    progress(p);
+                },
+            )
+        }
+        Some(pc) => {
+            let fault = match open_fault(&endpoint) {
+                Ok(f) => f,
+                Err(e) => {
+                    active.abort(&e);
+                    return setup_error(e);
+                }
+            };
+            active.allow_postcopy_request(switch);
+            m.guard.migrate_postcopy(
+                &**m,
+                active.count(transport),
+                active.count(fault),
+                &pc,
+                &cfg,
+                &active.cancel.clone(),
+                &mut |p| {
+                    active.progress(p);
+                    progress(p);
+                },
+            )
+        }
+    };
     let cancelled_by = active.cancelled_by();
     active.finish(&result);
     match result {
@@ -272,8 +362,13 @@ pub(crate) fn do_migrate(
             Err(e) => Outcome::Migrated(json!({"error": e.to_string()})),
         },
         Err(e) => {
-            let ambiguous = e.is_ambiguous().then(|| e.to_string());
-            let status = if ambiguous.is_some() {
+            // A post-copy that broke after `Go`: the guest ran on the
+            // destination, so this side must never resume it.
+            let interrupted = matches!(e.kind, livemig::ErrorKind::PostcopyInterrupted { .. });
+            let ambiguous = (e.is_ambiguous() || interrupted).then(|| e.to_string());
+            let status = if interrupted {
+                "postcopy-interrupted"
+            } else if ambiguous.is_some() {
                 "ambiguous"
             } else if matches!(e.kind, livemig::ErrorKind::Cancelled) {
                 "cancelled"
@@ -316,6 +411,13 @@ pub(crate) fn cmd_receive(args: ReceiveArgs) -> Result<(), Fail> {
     // Open the TAPs before accepting anything: a bad --net fails early.
     let nets = open_nets(&common.net)?;
     let mut console = open_console(common.console.as_deref(), true)?;
+    // Post-copy is granted to a source that offers it unless the guest
+    // memory here is a shared memfd (the userfaultfd installer takes
+    // private anonymous memory only) or the migration runs over TLS (the
+    // fault connection is plain): such a source then migrates by pre-copy.
+    let postcopy_ok =
+        tls.is_none() && memory_backend == livemig_kvm::memfd::MemoryBackend::Anonymous;
+    let mut shared_listener = None;
     let (transport, mut acceptor): (_, Box<dyn StreamAcceptor>) = match tls {
         Some(cfg) => {
             let id = cfg.load().map_err(|e| usage(e.to_string()))?;
@@ -341,7 +443,13 @@ pub(crate) fn cmd_receive(args: ReceiveArgs) -> Result<(), Fail> {
                 listener.local_endpoint()
             );
             let t = listener.accept().map_err(|e| runtime(e.to_string()))?;
-            (t, Box::new(OwnedAcceptor(Some(listener))))
+            if postcopy_ok {
+                let listener = Arc::new(listener);
+                shared_listener = Some(listener.clone());
+                (t, Box::new(SharedAcceptor(Some(listener))))
+            } else {
+                (t, Box::new(OwnedAcceptor(Some(listener))))
+            }
         }
     };
     // One migration at a time: the engine closes the listener (through the
@@ -353,7 +461,7 @@ pub(crate) fn cmd_receive(args: ReceiveArgs) -> Result<(), Fail> {
     };
     let mut serial = Some(serial);
     let mut nets = Some(nets);
-    let result = receive_streams(transport, Some(&mut *acceptor), &cfg, |desc| {
+    let create = |desc: &livemig::vm::VmDescription| {
         let mut my_nets = nets.take().unwrap_or_default();
         net::reconcile(&desc.nics, &mut my_nets).map_err(VmError::Incompatible)?;
         net::reconcile_ipv6(&desc.properties, &mut my_nets).map_err(VmError::Incompatible)?;
@@ -382,7 +490,21 @@ pub(crate) fn cmd_receive(args: ReceiveArgs) -> Result<(), Fail> {
             announce,
             console: console.take(),
         })
-    });
+    };
+    let result = match shared_listener {
+        // One listener for the control connection, the page streams and
+        // the fault connection (see postcopy.rs).
+        Some(listener) => receive_postcopy_streams(
+            transport,
+            Box::new(LazyFault::new(listener)),
+            Some(&mut *acceptor),
+            &cfg,
+            create,
+            uffd_pager,
+        ),
+        None => receive_streams(transport, Some(&mut *acceptor), &cfg, create),
+    };
+    drop(acceptor);
     match result {
         Ok((
             DestMachine {
@@ -401,6 +523,12 @@ pub(crate) fn cmd_receive(args: ReceiveArgs) -> Result<(), Fail> {
                 report.restore_ms,
                 if run { "running" } else { "paused" }
             );
+            if let Some(pc) = &report.postcopy {
+                eprintln!(
+                    "refvmm: post-copy: {}",
+                    serde_json::to_string(pc).unwrap_or_default()
+                );
+            }
             run_machine(machine, common.api_socket, run, console)
         }
         Err(e) => Err(runtime(format!("incoming {e}"))),

@@ -63,6 +63,8 @@ pub enum CancelRefused {
 /// A running migration.
 struct Running {
     cancel: CancelToken,
+    /// Post-copy's switch request, when the migration offers post-copy.
+    switch: Option<livemig::source::postcopy::SwitchRequest>,
     cancelled_by: Option<String>,
     stage: Stage,
     started: Instant,
@@ -148,6 +150,7 @@ impl MigrationMonitor {
         let now = Instant::now();
         *g = Some(Running {
             cancel: cancel.clone(),
+            switch: None,
             cancelled_by: None,
             stage: Stage::Setup,
             started: now,
@@ -208,6 +211,22 @@ impl MigrationMonitor {
         }
     }
 
+    /// Asks the running migration to switch to post-copy after its
+    /// current pre-copy round (API `migrate-postcopy`).
+    pub fn request_postcopy(&self) -> Result<(), &'static str> {
+        let g = self.lock();
+        let r = g.as_ref().ok_or("no migration is running")?;
+        let switch = r.switch.as_ref().ok_or(
+            "this migration does not offer post-copy (start it with --postcopy-on-request, \
+             --postcopy-auto or --postcopy-after-rounds)",
+        )?;
+        if !matches!(r.stage, Stage::Setup | Stage::Active) {
+            return Err("too late: the migration is past its pre-copy rounds");
+        }
+        switch.request();
+        Ok(())
+    }
+
     /// The `migrate-status` reply: the running migration, else the last
     /// one's final status, else `none`.
     pub fn status(&self) -> Value {
@@ -234,6 +253,13 @@ impl Active<'_> {
         CountingOpener {
             inner: o,
             sent: self.sent.clone(),
+        }
+    }
+
+    /// Lets API `migrate-postcopy` requests reach this migration.
+    pub fn allow_postcopy_request(&self, switch: livemig::source::postcopy::SwitchRequest) {
+        if let Some(r) = self.monitor.lock().as_mut() {
+            r.switch = Some(switch);
         }
     }
 

@@ -145,6 +145,38 @@ impl MigrationGuard {
         cancel: &CancelToken,
         progress: &mut dyn FnMut(&Progress),
     ) -> Result<Report, MigrationError> {
+        self.guarded(|| migrate_streams(vm, transport, opener, config, cancel, progress))
+    }
+
+    /// [`crate::source::postcopy::migrate_postcopy`] under the guard (see
+    /// [`MigrationGuard::migrate_streams`]). A post-copy that broke after
+    /// `Go` ([`ErrorKind::PostcopyInterrupted`]) leaves the guard
+    /// [`GuardState::Ambiguous`]: the guest ran on the destination, so the
+    /// source must never resume it.
+    #[allow(clippy::too_many_arguments)]
+    pub fn migrate_postcopy<V: SourceVm + ?Sized>(
+        &self,
+        vm: &V,
+        transport: Box<dyn Transport>,
+        fault: Box<dyn Transport>,
+        postcopy: &crate::source::postcopy::PostcopyConfig,
+        config: &MigrationConfig,
+        cancel: &CancelToken,
+        progress: &mut dyn FnMut(&Progress),
+    ) -> Result<Report, MigrationError> {
+        self.guarded(|| {
+            crate::source::postcopy::migrate_postcopy(
+                vm, transport, fault, postcopy, config, cancel, progress,
+            )
+        })
+    }
+
+    /// Runs `migration` in state [`GuardState::Migrating`] (refused unless
+    /// idle), then records its outcome.
+    fn guarded(
+        &self,
+        migration: impl FnOnce() -> Result<Report, MigrationError>,
+    ) -> Result<Report, MigrationError> {
         {
             let mut s = self.lock();
             if let Some(e) = GuardError::for_state(*s) {
@@ -152,10 +184,13 @@ impl MigrationGuard {
             }
             *s = GuardState::Migrating;
         }
-        let r = migrate_streams(vm, transport, opener, config, cancel, progress);
+        let r = migration();
         *self.lock() = match &r {
             Ok(_) => GuardState::Migrated,
             Err(e) if e.is_ambiguous() => GuardState::Ambiguous,
+            Err(e) if matches!(e.kind, ErrorKind::PostcopyInterrupted { .. }) => {
+                GuardState::Ambiguous
+            }
             Err(_) => GuardState::Idle,
         };
         r

@@ -22,7 +22,7 @@ use crate::protocol::{
     decompress_pages, page_records, FrameReader, FrameWriter, Go, MsgKind, PageRequest, PageRun,
     PostcopyComplete, PostcopyResume, PostcopySwitch, Ready, Resumed, PROTOCOL_VERSION,
 };
-use crate::transport::Transport;
+use crate::transport::{StreamAcceptor, Transport};
 use crate::vm::{DestinationVm, VmDescription, VmError};
 
 /// A failure of a [`PostcopyMemory`].
@@ -163,6 +163,26 @@ where
     receive_postcopy_resumable(transport, fault, config, create, pager, &mut || None)
 }
 
+/// Like [`receive_postcopy`], and grants page streams (accepted from
+/// `acceptor`, as [`crate::receive_streams`] does) to a source that asks
+/// for them — such a source does not use post-copy (`migrate_postcopy`
+/// refuses streams), so one call serves both kinds of source.
+pub fn receive_postcopy_streams<V, F, P>(
+    transport: Box<dyn Transport>,
+    fault: Box<dyn Transport>,
+    acceptor: Option<&mut dyn StreamAcceptor>,
+    config: &ReceiveConfig,
+    create: F,
+    pager: P,
+) -> Result<(V, ReceiveReport), MigrationError>
+where
+    V: DestinationVm,
+    F: FnOnce(&VmDescription) -> Result<V, VmError>,
+    P: FnOnce(&V, &MemoryLayout) -> Result<Box<dyn PostcopyMemory>, VmError>,
+{
+    receive_inner(transport, fault, acceptor, config, create, pager, &mut || None)
+}
+
 /// Gives a new (control, fault) pair of connections from the same source
 /// after the previous pair broke during post-copy, or `None` to give up
 /// (it decides how long to wait: accept with a deadline, say).
@@ -186,6 +206,23 @@ where
     F: FnOnce(&VmDescription) -> Result<V, VmError>,
     P: FnOnce(&V, &MemoryLayout) -> Result<Box<dyn PostcopyMemory>, VmError>,
 {
+    receive_inner(transport, fault, None, config, create, pager, reconnect)
+}
+
+fn receive_inner<V, F, P>(
+    transport: Box<dyn Transport>,
+    fault: Box<dyn Transport>,
+    acceptor: Option<&mut dyn StreamAcceptor>,
+    config: &ReceiveConfig,
+    create: F,
+    pager: P,
+    reconnect: &mut Reconnect<'_>,
+) -> Result<(V, ReceiveReport), MigrationError>
+where
+    V: DestinationVm,
+    F: FnOnce(&VmDescription) -> Result<V, VmError>,
+    P: FnOnce(&V, &MemoryLayout) -> Result<Box<dyn PostcopyMemory>, VmError>,
+{
     config
         .validate()
         .map_err(|e| MigrationError::new(Phase::Handshake, e))?;
@@ -197,7 +234,7 @@ where
         granted: 1,
         postcopy: false,
     };
-    let result = run(&mut link, fault, config, create, pager, reconnect);
+    let result = run(&mut link, fault, acceptor, config, create, pager, reconnect);
     if let Err(e) = &result {
         if !matches!(e.kind, ErrorKind::Remote { .. } | ErrorKind::Cancelled) {
             let abandoned = e.phase == Phase::Completion && link.version >= 3;
@@ -211,6 +248,7 @@ where
 fn run<V, F, P>(
     link: &mut Link,
     fault: Box<dyn Transport>,
+    acceptor: Option<&mut dyn StreamAcceptor>,
     config: &ReceiveConfig,
     create: F,
     pager: P,
@@ -228,7 +266,7 @@ where
     let mut vm = handshake::create_vm(&mut link.fw, &hello.desc, create)?;
     let received = {
         let ram = handshake::prepare_memory(&mut link.fw, &vm, &layout)?;
-        let readers = handshake::reply(link, None, hello.streams, config.io_timeout)?;
+        let readers = handshake::reply(link, acceptor, hello.streams, config.io_timeout)?;
         memory::receive(&mut link.control, readers, &layout, &ram)?
     };
     let running = !hello.paused;
