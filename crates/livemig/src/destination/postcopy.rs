@@ -144,10 +144,12 @@ pub struct PostcopyStats {
 /// once every page is installed (the VM has been running since `Go`).
 /// If the source does not switch, this is a plain pre-copy `receive`.
 ///
-/// A failure after `Go` returns [`ErrorKind::PostcopyInterrupted`] and
-/// drops the VM and the installer; pages that never arrived were never
-/// installed, so nothing read a wrong page. Resuming the copy over new
-/// connections is not built yet.
+/// A failure after `Go` returns [`ErrorKind::PostcopyInterrupted`]; it
+/// drops the VM, then leaks the installer (it is never closed: closing a
+/// userfaultfd lets a thread still waiting on a missing page read it as
+/// zero). Pages that never arrived were never installed, so nothing read a
+/// wrong page. [`receive_postcopy_resumable`] continues over new
+/// connections instead.
 pub fn receive_postcopy<V, F, P>(
     transport: Box<dyn Transport>,
     fault: Box<dyn Transport>,
@@ -315,12 +317,31 @@ where
             vm.resume().map_err(|e| MigrationError::new(cp, e))?;
         }
         Ok(t.elapsed())
-    })?;
+    });
+    drop(server);
+    let stats = match stats {
+        Ok(s) => s,
+        Err(e) => {
+            abandon(vm, pager);
+            return Err(e);
+        }
+    };
     report.resume_ms = stats.1;
     report.postcopy = Some(stats.0);
     report.bytes = link.control.bytes_read();
     report.total_ms = ms(started.elapsed());
     Ok((vm, report))
+}
+
+/// A failure after `Go`: the guest ran here and pages are missing. The VM
+/// goes first (its vCPUs stop), and the installer is never closed (leaked:
+/// its userfaultfd stays open until the process exits). Closing a
+/// userfaultfd wakes every thread blocked on a missing page, and the page
+/// then faults in as zero: a vCPU not stopped yet, or a VMM thread, would
+/// run on it.
+fn abandon<V>(vm: V, pager: Box<dyn PostcopyMemory>) {
+    drop(vm);
+    std::mem::forget(pager);
 }
 
 fn vm_error(e: PostcopyError) -> VmError {
