@@ -182,7 +182,15 @@ where
     F: FnOnce(&VmDescription) -> Result<V, VmError>,
     P: FnOnce(&V, &MemoryLayout) -> Result<Box<dyn PostcopyMemory>, VmError>,
 {
-    receive_inner(transport, fault, acceptor, config, create, pager, &mut || None)
+    receive_inner(
+        transport,
+        fault,
+        acceptor,
+        config,
+        create,
+        pager,
+        &mut || None,
+    )
 }
 
 /// Gives a new (control, fault) pair of connections from the same source
