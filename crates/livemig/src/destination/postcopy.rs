@@ -310,16 +310,21 @@ where
     pager
         .arm(&discard)
         .map_err(|e| MigrationError::new(fm, vm_error(e)))?;
-    let t = Instant::now();
-    vm.restore_state(&received.sections)
-        .map_err(|e| MigrationError::new(Phase::State, e))?;
-    report.restore_ms = ms(t.elapsed());
+    // The page server runs from here, before the restore: a device whose
+    // restore reads guest memory (a virtio queue) faults on a missing page
+    // like a vCPU does, and the source answers requests from the switch on.
     let cp = Phase::Completion;
-    let restore_us = t.elapsed().as_micros() as u64;
-    control::send(&mut link.fw, &Ready { restore_us }, cp)?;
-    link.control.recv::<Go>(cp)?;
+    let sections = &received.sections;
+    let mut restore_ms = 0.0;
     let server = Server::new(&layout, &*pager, discard);
-    let stats = server.run_with(link, fault, config, reconnect, || {
+    let stats = server.run_with(link, fault, config, reconnect, |link: &mut Link| {
+        let t = Instant::now();
+        vm.restore_state(sections)
+            .map_err(|e| MigrationError::new(Phase::State, e))?;
+        restore_ms = ms(t.elapsed());
+        let restore_us = t.elapsed().as_micros() as u64;
+        control::send(&mut link.fw, &Ready { restore_us }, cp)?;
+        link.control.recv::<Go>(cp)?;
         let t = Instant::now();
         if running {
             vm.resume().map_err(|e| MigrationError::new(cp, e))?;
@@ -327,6 +332,7 @@ where
         Ok(t.elapsed())
     });
     drop(server);
+    report.restore_ms = restore_ms;
     let stats = match stats {
         Ok(s) => s,
         Err(e) => {
@@ -417,9 +423,10 @@ impl<'a> Server<'a> {
         self.all_in.notify_all();
     }
 
-    /// Starts the fault threads, resumes the VM (`resume`), answers
-    /// `Resumed` and installs pages until all are in; when a connection
-    /// breaks, continues over the pair `reconnect` gives (if any).
+    /// Starts the fault threads, restores and resumes the VM (`resume`:
+    /// restore, `Ready`, `Go`, resume), answers `Resumed` and installs
+    /// pages until all are in; when a connection breaks after that,
+    /// continues over the pair `reconnect` gives (if any).
     fn run_with<R>(
         &self,
         link: &mut Link,
@@ -429,15 +436,19 @@ impl<'a> Server<'a> {
         resume: R,
     ) -> Result<(PostcopyStats, f64), MigrationError>
     where
-        R: FnOnce() -> Result<Duration, MigrationError>,
+        R: FnOnce(&mut Link) -> Result<Duration, MigrationError>,
     {
         let mut fault = fault;
         let mut resume = Some(resume);
-        let mut took = Duration::ZERO;
-        let resumed_at = Instant::now();
+        let mut took = None;
         loop {
             let e = match self.attempt(link, fault, config, &mut resume, &mut took) {
-                Ok(()) => return Ok((self.stats(resumed_at), ms(took))),
+                Ok(()) => {
+                    let (resumed_at, took) = took.unwrap_or((Instant::now(), Duration::ZERO));
+                    return Ok((self.stats(resumed_at), ms(took)));
+                }
+                // Before `Go` (restore, Ready, Go): a plain failure.
+                Err(e) if took.is_none() => return Err(e),
                 Err(e) if e.phase == Phase::Completion || self.lock().error.is_some() => {
                     return Err(self.interrupted(e))
                 }
@@ -468,10 +479,10 @@ impl<'a> Server<'a> {
         fault: Box<dyn Transport>,
         config: &ReceiveConfig,
         resume: &mut Option<R>,
-        took: &mut Duration,
+        took: &mut Option<(Instant, Duration)>,
     ) -> Result<(), MigrationError>
     where
-        R: FnOnce() -> Result<Duration, MigrationError>,
+        R: FnOnce(&mut Link) -> Result<Duration, MigrationError>,
     {
         let pc = Phase::Postcopy;
         let io = |e: std::io::Error| MigrationError::new(pc, crate::protocol::ProtocolError::Io(e));
@@ -483,8 +494,8 @@ impl<'a> Server<'a> {
             scope.spawn(|| self.answer_loop(FrameReader::new(fault_rx), &stop));
             let mut r = Ok(());
             if let Some(resume) = resume.take() {
-                r = resume().map(|t| {
-                    *took = t;
+                r = resume(link).map(|t| {
+                    *took = Some((Instant::now(), t));
                     let resumed = Resumed {
                         resume_us: t.as_micros() as u64,
                     };
