@@ -251,3 +251,86 @@ fn link_dropped_during_postcopy_reports_the_loss_without_corruption() {
     );
     let _ = std::fs::remove_dir_all(dir);
 }
+
+/// The comparison (printed, not asserted; `--ignored`): a guest
+/// dirtying about 200 MB/s (`rate=49` pages per 1 ms heartbeat, random
+/// pages of a 128 MiB working set) over a link capped at 50 MiB/s
+/// (`max_bandwidth_mib`), migrated with auto-converge only and with
+/// post-copy on predicted non-convergence, `LIVEMIG_PC_RUNS` times each
+/// (default 2).
+#[test]
+#[ignore]
+fn postcopy_vs_auto_converge_measurement() {
+    let Some(_kvm) = common::kvm_or_skip("postcopy_vs_auto_converge_measurement") else {
+        return;
+    };
+    let runs: usize = std::env::var("LIVEMIG_PC_RUNS")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(2);
+    let cmdline = "ws=128 rate=49 pattern=rand fresh=1";
+    for run in 0..runs {
+        let only = std::env::var("LIVEMIG_PC_ONLY").unwrap_or_default();
+        for (name, opts) in [
+            ("auto-converge", json!({"max_bandwidth_mib": 50})),
+            ("post-copy", json!({"max_bandwidth_mib": 50, "postcopy_auto": true})),
+        ] {
+            if !only.is_empty() && only != name {
+                continue;
+            }
+            measure_once(name, run, cmdline, opts);
+        }
+    }
+}
+
+fn measure_once(name: &str, run: usize, cmdline: &str, opts: Value) {
+    let dir = scratch_dir("pc-bench");
+    let mut src = start_source(&dir, "src", "256M", 1, cmdline).unwrap();
+    src.wait_ready(T).unwrap();
+    src.wait_for("two T lines", T, |g| g.tlines.len() >= 2).unwrap();
+    // The guest's own dirty rate before the migration.
+    let rate = {
+        let g = log_of(&src);
+        let (a, b) = (&g.tlines[0], &g.tlines[1]);
+        (b.pages_written - a.pages_written) as f64 * 4096.0
+            / ((b.heartbeats - a.heartbeats) as f64 / 1000.0)
+            / 1e6
+    };
+    let (mut dst, ep) = start_destination(&dir, "dst", &[]).unwrap();
+    let t0 = Instant::now();
+    let report = migrate(&src, &ep, opts).unwrap_or_else(|e| panic!("{name}: {e}"));
+    let done = Instant::now();
+    let _ = src.wait_exit(Duration::from_secs(10));
+    dst.wait_for("two T lines here", T, |g| g.tlines.len() >= 2)
+        .unwrap();
+    common::assert_no_corruption(&src, &dst, name);
+    let corrupt = log_of(&dst).corrupt.len();
+    let gap_after =
+        livemig_suite::harness::largest_gap(&log_of(&dst), t0, done).as_secs_f64() * 1e3;
+    let line = format!(
+        "MEASURE {name} run {run}: guest dirtying {rate:.0} MB/s; total {:.0} ms, downtime {:.2} ms, rounds {}, throttle max {}%, CORRUPT {corrupt}",
+        report["total_ms"].as_f64().unwrap_or(0.0),
+        report["downtime_ms"].as_f64().unwrap_or(0.0),
+        report["rounds"].as_array().map_or(0, |r| r.len()),
+        report["throttle_max_pct"],
+    ) + &format!(" {}", report["downtime_breakdown"]);
+    if report["postcopy"].is_object() {
+        let st = dest_stats(&dst);
+        eprintln!(
+            "{line}; switched after {} round(s) ({}); faults {}, latency median/p99/max {}/{}/{} us, blocked {:.1} ms, switch to last page {:.0} ms, discard {} pages, arm {:.1} ms, largest destination heartbeat gap during post-copy {gap_after:.1} ms",
+            report["postcopy"]["rounds_before"],
+            report["postcopy"]["reason"].as_str().unwrap_or(""),
+            st["faults"],
+            st["fault_latency"]["median_us"],
+            st["fault_latency"]["p99_us"],
+            st["fault_latency"]["max_us"],
+            st["blocked_ms"].as_f64().unwrap_or(0.0),
+            st["switch_to_last_page_ms"].as_f64().unwrap_or(0.0),
+            st["discard_pages"],
+            st["arm_ms"].as_f64().unwrap_or(0.0),
+        );
+    } else {
+        eprintln!("{line}");
+    }
+    let _ = std::fs::remove_dir_all(dir);
+}

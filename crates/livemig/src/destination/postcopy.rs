@@ -131,6 +131,9 @@ pub struct PostcopyStats {
     pub blocked_ms: f64,
     /// From the resume to the last page installed, ms.
     pub switch_to_last_page_ms: f64,
+    /// [`PostcopyMemory::arm`], ms (inside the downtime: between the
+    /// source's pause and `Go`).
+    pub arm_ms: f64,
 }
 
 /// Like [`crate::receive`], and grants post-copy to a source that offers
@@ -307,9 +310,11 @@ where
     let discard = discard_bitmap(&layout, &switch);
     let fm = Phase::FinalMemory;
     let pager = pager(&vm, &layout).map_err(|e| MigrationError::new(fm, e))?;
+    let armed = Instant::now();
     pager
         .arm(&discard)
         .map_err(|e| MigrationError::new(fm, vm_error(e)))?;
+    let arm_ms = ms(armed.elapsed());
     // The page server runs from here, before the restore: a device whose
     // restore reads guest memory (a virtio queue) faults on a missing page
     // like a vCPU does, and the source answers requests from the switch on.
@@ -341,7 +346,7 @@ where
         }
     };
     report.resume_ms = stats.1;
-    report.postcopy = Some(stats.0);
+    report.postcopy = Some(PostcopyStats { arm_ms, ..stats.0 });
     report.bytes = link.control.bytes_read();
     report.total_ms = ms(started.elapsed());
     Ok((vm, report))
@@ -766,6 +771,7 @@ impl<'a> Server<'a> {
                 .last_install
                 .map(|t| ms(t.saturating_duration_since(resumed_at)))
                 .unwrap_or(0.0),
+            arm_ms: 0.0,
         }
     }
 }
