@@ -273,7 +273,10 @@ fn postcopy_vs_auto_converge_measurement() {
         let only = std::env::var("LIVEMIG_PC_ONLY").unwrap_or_default();
         for (name, opts) in [
             ("auto-converge", json!({"max_bandwidth_mib": 50})),
-            ("post-copy", json!({"max_bandwidth_mib": 50, "postcopy_auto": true})),
+            (
+                "post-copy",
+                json!({"max_bandwidth_mib": 50, "postcopy_auto": true}),
+            ),
         ] {
             if !only.is_empty() && only != name {
                 continue;
@@ -287,7 +290,8 @@ fn measure_once(name: &str, run: usize, cmdline: &str, opts: Value) {
     let dir = scratch_dir("pc-bench");
     let mut src = start_source(&dir, "src", "256M", 1, cmdline).unwrap();
     src.wait_ready(T).unwrap();
-    src.wait_for("two T lines", T, |g| g.tlines.len() >= 2).unwrap();
+    src.wait_for("two T lines", T, |g| g.tlines.len() >= 2)
+        .unwrap();
     // The guest's own dirty rate before the migration.
     let rate = {
         let g = log_of(&src);

@@ -596,6 +596,41 @@ mod tests {
     }
 
     #[test]
+    fn postcopy_flags_become_the_engine_postcopy_config() {
+        let req = SwitchRequest::new;
+        assert!(parse(&["--to", "tcp:h:1"]).postcopy_config(req()).is_none());
+        let pure = parse(&["--to", "tcp:h:1", "--postcopy"]);
+        assert_eq!(pure.to_request()["postcopy"], true);
+        let pc = pure.postcopy_config(req()).unwrap();
+        assert_eq!((pc.after_rounds, pc.on_non_convergence), (0, false));
+        let o = parse(&[
+            "--to",
+            "tcp:h:1",
+            "--postcopy-after-rounds",
+            "3",
+            "--postcopy-auto",
+        ]);
+        let back = MigrateOptions::from_request(&o.to_request()).unwrap();
+        assert_eq!(back, o);
+        let pc = back.postcopy_config(req()).unwrap();
+        assert_eq!((pc.after_rounds, pc.on_non_convergence), (3, true));
+        let o = parse(&["--to", "tcp:h:1", "--postcopy-on-request"]);
+        let pc = o.postcopy_config(req()).unwrap();
+        assert_eq!((pc.after_rounds, pc.on_non_convergence), (u32::MAX, false));
+        assert!(Cli::try_parse_from([
+            "refvmm",
+            "--to",
+            "x",
+            "--postcopy",
+            "--postcopy-after-rounds",
+            "1"
+        ])
+        .is_err());
+        let bad = parse(&["--to", "tcp:h:1", "--postcopy", "--streams", "2"]);
+        assert!(bad.config().unwrap_err().contains("one page stream"));
+    }
+
+    #[test]
     fn a_minimal_request_takes_the_defaults() {
         let o = MigrateOptions::from_request(&json!({"cmd":"migrate","to":"unix:/x"})).unwrap();
         assert_eq!(
