@@ -66,8 +66,11 @@ struct Vcpu {
     /// A device whose restore reads guest memory (a virtio queue, say):
     /// `restore_state` reads the last missing page through the installer
     /// and records the page and what it got (`None`: nothing in time).
-    restore_read: Option<Arc<Mutex<Option<((usize, u64), Option<Vec<u8>>)>>>>,
+    restore_read: Option<RestoreRead>,
 }
+
+/// What a restore read: the page, and its bytes if they came in time.
+type RestoreRead = Arc<Mutex<Option<((usize, u64), Option<Vec<u8>>)>>>;
 
 type Pair = (Box<dyn Transport>, Box<dyn Transport>);
 
