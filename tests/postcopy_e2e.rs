@@ -338,3 +338,51 @@ fn measure_once(name: &str, run: usize, cmdline: &str, opts: Value) {
     }
     let _ = std::fs::remove_dir_all(dir);
 }
+
+/// An operator's `migrate-postcopy` (from a second API client) switches a
+/// migration started with `--postcopy-on-request`, which pre-copy alone
+/// would not finish (a 1 ms downtime limit with a writing guest).
+#[test]
+fn an_api_request_switches_a_running_migration_to_postcopy() {
+    let Some(_kvm) = common::kvm_or_skip("an_api_request_switches_a_running_migration") else {
+        return;
+    };
+    let dir = scratch_dir("pc-req");
+    let mut src = source(&dir, "ws=64 rate=20 pattern=rand fresh=1 smp=2");
+    let (mut dst, ep) = start_destination(&dir, "dst", &[]).unwrap();
+    // Refused while no migration runs.
+    let r = src.api(&json!({"cmd":"migrate-postcopy"}), |_| {}).unwrap();
+    assert_eq!(r["result"], "error", "{r}");
+    let api = src.api.clone();
+    let mig = std::thread::spawn(move || {
+        livemig_suite::harness::api_request(
+            &api,
+            &json!({"cmd":"migrate","to":ep,"postcopy_on_request":true,
+                    "downtime_limit_ms":1,"max_bandwidth_mib":64}),
+            |_| {},
+        )
+    });
+    let t = Instant::now();
+    loop {
+        let st = src.api(&json!({"cmd":"migrate-status"}), |_| {}).unwrap();
+        if st["status"] == "active" && st["round"].as_u64().unwrap_or(0) >= 1 {
+            break;
+        }
+        assert!(t.elapsed() < T, "the migration never reached round 1: {st}");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let r = src.api(&json!({"cmd":"migrate-postcopy"}), |_| {}).unwrap();
+    assert_eq!(r["status"], "switching", "{r}");
+    let reply = mig.join().unwrap().unwrap();
+    assert_eq!(reply["result"], "ok", "{reply}");
+    let reason = reply["report"]["postcopy"]["reason"].as_str().unwrap();
+    assert!(
+        reason.contains("requested during the migration"),
+        "{reason}"
+    );
+    let _ = src.wait_exit(Duration::from_secs(10));
+    dst.wait_for("two T lines on the destination", T, |g| g.tlines.len() >= 2)
+        .unwrap();
+    common::assert_no_corruption(&src, &dst, "switch on request");
+    let _ = std::fs::remove_dir_all(dir);
+}

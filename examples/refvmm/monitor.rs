@@ -408,6 +408,9 @@ impl Running {
                 ("completed", None)
             }
             Err(e) if e.is_ambiguous() => ("ambiguous", Some(e.to_string())),
+            Err(e) if matches!(e.kind, livemig::ErrorKind::PostcopyInterrupted { .. }) => {
+                ("postcopy-interrupted", Some(e.to_string()))
+            }
             Err(e) if matches!(e.kind, livemig::ErrorKind::Cancelled) => {
                 let by = self.cancelled_by.as_deref().unwrap_or("the engine");
                 ("cancelled", Some(format!("cancelled by {by}")))
