@@ -25,7 +25,7 @@ use crate::cli::{
 };
 use crate::monitor::MigrationMonitor;
 use crate::net;
-use crate::postcopy::{open_fault, uffd_pager, LazyFault, SharedAcceptor};
+use crate::postcopy::{classify, open_fault, uffd_pager, First};
 use crate::run::{open_console, open_nets, run_machine};
 use crate::vmm::{DestMachine, Machine, MachineConfig};
 
@@ -308,6 +308,18 @@ pub(crate) fn do_migrate(
         Ok(a) => a,
         Err(e) => return setup_error(e.into()),
     };
+    // A post-copy source opens its fault connection first (postcopy.rs).
+    let fault = if opts.wants_postcopy() {
+        match open_fault(&endpoint) {
+            Ok(f) => Some(f),
+            Err(e) => {
+                active.abort(&e);
+                return setup_error(e);
+            }
+        }
+    } else {
+        None
+    };
     let (transport, mut opener) = match connect_to(opts, &endpoint) {
         Ok(c) => c,
         Err(e) => {
@@ -332,12 +344,8 @@ pub(crate) fn do_migrate(
             )
         }
         Some(pc) => {
-            let fault = match open_fault(&endpoint) {
-                Ok(f) => f,
-                Err(e) => {
-                    active.abort(&e);
-                    return setup_error(e);
-                }
+            let Some(fault) = fault else {
+                return setup_error("no fault connection".into());
             };
             active.allow_postcopy_request(switch);
             m.guard.migrate_postcopy(
@@ -417,7 +425,7 @@ pub(crate) fn cmd_receive(args: ReceiveArgs) -> Result<(), Fail> {
     // fault connection is plain): such a source then migrates by pre-copy.
     let postcopy_ok =
         tls.is_none() && memory_backend == livemig_kvm::memfd::MemoryBackend::Anonymous;
-    let mut shared_listener = None;
+    let mut fault = None;
     let (transport, mut acceptor): (_, Box<dyn StreamAcceptor>) = match tls {
         Some(cfg) => {
             let id = cfg.load().map_err(|e| usage(e.to_string()))?;
@@ -443,15 +451,23 @@ pub(crate) fn cmd_receive(args: ReceiveArgs) -> Result<(), Fail> {
                 listener.local_endpoint()
             );
             let t = listener.accept().map_err(|e| runtime(e.to_string()))?;
-            if postcopy_ok {
-                let listener = Arc::new(listener);
-                shared_listener = Some(listener.clone());
-                (t, Box::new(SharedAcceptor(Some(listener))))
-            } else {
-                (t, Box::new(OwnedAcceptor(Some(listener))))
-            }
+            // A post-copy source's first connection is its fault
+            // connection; the control connection follows.
+            let t = match classify(t).map_err(runtime)? {
+                First::Control(t) => t,
+                First::Fault(f) => {
+                    fault = Some(f);
+                    listener.accept().map_err(|e| runtime(e.to_string()))?
+                }
+            };
+            (t, Box::new(OwnedAcceptor(Some(listener))))
         }
     };
+    if !postcopy_ok && fault.take().is_some() {
+        eprintln!(
+            "refvmm: post-copy not granted (memfd guest memory or TLS): the source migrates by pre-copy"
+        );
+    }
     // One migration at a time: the engine closes the listener (through the
     // acceptor) as soon as the page streams the source asked for are
     // connected — right after the handshake with one stream — so a second
@@ -491,12 +507,10 @@ pub(crate) fn cmd_receive(args: ReceiveArgs) -> Result<(), Fail> {
             console: console.take(),
         })
     };
-    let result = match shared_listener {
-        // One listener for the control connection, the page streams and
-        // the fault connection (see postcopy.rs).
-        Some(listener) => receive_postcopy_streams(
+    let result = match fault {
+        Some(fault) => receive_postcopy_streams(
             transport,
-            Box::new(LazyFault::new(listener)),
+            fault,
             Some(&mut *acceptor),
             &cfg,
             create,
