@@ -386,3 +386,29 @@ fn an_api_request_switches_a_running_migration_to_postcopy() {
     common::assert_no_corruption(&src, &dst, "switch on request");
     let _ = std::fs::remove_dir_all(dir);
 }
+
+/// A destination whose guest memory is a shared memfd does not grant
+/// post-copy (the userfaultfd installer takes anonymous memory only): a
+/// source asking for pure post-copy migrates by pre-copy instead.
+#[test]
+fn a_memfd_destination_gets_a_precopy_migration() {
+    let Some(_kvm) = common::kvm_or_skip("a_memfd_destination_gets_a_precopy_migration") else {
+        return;
+    };
+    let dir = scratch_dir("pc-memfd");
+    let src = source(&dir, "ws=64 rate=20 pattern=rand fresh=1 smp=2");
+    let (mut dst, ep) = start_destination(&dir, "dst", &["--memory-backend", "memfd"]).unwrap();
+    let report = migrate(&src, &ep, json!({"postcopy": true})).unwrap();
+    assert_eq!(report["status"], "completed", "{report}");
+    assert!(report["postcopy"].is_null(), "{report}");
+    assert!(!report["rounds"].as_array().unwrap().is_empty(), "{report}");
+    dst.wait_for("two T lines on the destination", T, |g| g.tlines.len() >= 2)
+        .unwrap();
+    assert!(
+        dst.stderr().contains("post-copy not granted"),
+        "{}",
+        dst.stderr()
+    );
+    common::assert_no_corruption(&src, &dst, "memfd destination");
+    let _ = std::fs::remove_dir_all(dir);
+}
