@@ -65,6 +65,8 @@ struct Running {
     cancel: CancelToken,
     /// Post-copy's switch request, when the migration offers post-copy.
     switch: Option<livemig::source::postcopy::SwitchRequest>,
+    /// Why the migration switched to post-copy, once it did.
+    postcopy: Option<String>,
     cancelled_by: Option<String>,
     stage: Stage,
     started: Instant,
@@ -151,6 +153,7 @@ impl MigrationMonitor {
         *g = Some(Running {
             cancel: cancel.clone(),
             switch: None,
+            postcopy: None,
             cancelled_by: None,
             stage: Stage::Setup,
             started: now,
@@ -337,7 +340,8 @@ impl Running {
                 self.stage = Stage::Device;
                 self.paused_remaining = Some(remaining_pages * PAGE_SIZE as u64);
             }
-            Progress::Completed { .. } | Progress::Postcopy { .. } => {}
+            Progress::Postcopy { reason } => self.postcopy = Some(reason.clone()),
+            Progress::Completed { .. } => {}
         }
     }
 
@@ -372,11 +376,13 @@ impl Running {
         json!({
             "result": "ok",
             "status": self.stage.status(),
-            "phase": match self.stage {
-                Stage::Setup => "handshake",
-                Stage::Active | Stage::Cancelling => "pre-copy",
-                Stage::Device => "stop-and-copy",
+            "phase": match (self.stage, &self.postcopy) {
+                (Stage::Setup, _) => "handshake",
+                (Stage::Active | Stage::Cancelling, _) => "pre-copy",
+                (Stage::Device, None) => "stop-and-copy",
+                (Stage::Device, Some(_)) => "post-copy",
             },
+            "postcopy-reason": self.postcopy,
             "round": self.round,
             "total-time": ms(self.started.elapsed()),
             "setup-time": self.setup_ms,
@@ -508,6 +514,29 @@ mod tests {
         assert_eq!(m.status()["ram"]["remaining"], 3 * 4096);
         drop(a);
         assert_eq!(m.status()["status"], "failed");
+    }
+
+    #[test]
+    fn a_postcopy_request_reaches_only_a_migration_that_offers_postcopy() {
+        use livemig::source::postcopy::SwitchRequest;
+        let m = MigrationMonitor::default();
+        assert!(m.request_postcopy().is_err(), "no migration runs");
+        let a = m.begin(1 << 20, &MigrationConfig::default()).unwrap();
+        a.progress(&Progress::Accepted);
+        let err = m.request_postcopy().unwrap_err();
+        assert!(err.contains("does not offer post-copy"), "{err}");
+        let switch = SwitchRequest::new();
+        a.allow_postcopy_request(switch.clone());
+        m.request_postcopy().unwrap();
+        assert!(switch.is_requested());
+        a.progress(&Progress::Postcopy {
+            reason: "requested".into(),
+        });
+        a.progress(&Progress::Paused { remaining_pages: 0 });
+        let s = m.status();
+        assert_eq!(s["phase"], "post-copy", "{s}");
+        assert_eq!(s["postcopy-reason"], "requested", "{s}");
+        assert!(m.request_postcopy().unwrap_err().contains("too late"));
     }
 
     #[test]
