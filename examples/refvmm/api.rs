@@ -12,6 +12,7 @@
 //! | `... "compress":true` in `migrate` | LZ4-compress page frames |
 //! | a second `migrate` while one runs, or after one succeeded or became ambiguous | `{"result":"error","phase":"setup","error":"... refused: ..."}` |
 //! | `{"cmd":"migrate-status"}` (or `query-migrate`), from any client | the running migration, else the last one's outcome, else `"status":"none"`: `status` (`setup`, `active`, `cancelling`, `device` = paused for the switchover, then `completed`, `failed`, `cancelled` or `ambiguous`), `phase`, `round`, `total-time`, `setup-time`, `expected-downtime`, `downtime` (ms), `cpu-throttle-percentage`, `ram` {`total`, `transferred`, `remaining`, `mbps`, `dirty-pages-rate`, `dirty-sync-count`, `normal`, `duplicate`, `page-size`}, `cancel-requested-by`, `error-desc` (see docs/operations.md) |
+//! | `{"cmd":"migrate-postcopy"}`, from any client (or in band, answered `{"event":"postcopy-requested"}`) | `{"result":"ok","status":"switching"}`: the running migration switches to post-copy after its current pre-copy round; refused when none runs, when it was started without a post-copy option (`postcopy`, `postcopy_after_rounds`, `postcopy_auto`, `postcopy_on_request`) or when it is past its rounds |
 //! | `{"cmd":"migrate-cancel"}`, from any client | `{"result":"ok","status":"cancelling"}`; `{"result":"error",...}` when no migration runs or its switchover has begun |
 //!
 //! While a migration runs, its own connection takes two requests, answered
@@ -321,6 +322,10 @@ fn handle(
             }
             "migrate-status" | "query-migrate" => monitor.status(),
             "dirty-rate" | "calc-dirty-rate" => crate::dirty_rate::request(&req, m, monitor),
+            "migrate-postcopy" => match monitor.request_postcopy() {
+                Ok(()) => json!({"result":"ok","status":"switching"}),
+                Err(e) => json!({"result":"error","error":e}),
+            },
             "migrate-cancel" => match monitor.cancel("an API client's migrate-cancel") {
                 Ok(()) => json!({"result":"ok","status":"cancelling"}),
                 Err(e) => json!({"result":"error","error":e.to_string()}),
@@ -506,6 +511,10 @@ fn in_band(text: &str, monitor: &MigrationMonitor) -> Value {
                 Err(e) => json!({"event":"cancel-refused","error":e.to_string()}),
             }
         }
+        Some("migrate-postcopy") => match monitor.request_postcopy() {
+            Ok(()) => json!({"event":"postcopy-requested"}),
+            Err(e) => json!({"event":"postcopy-refused","error":e}),
+        },
         Some("migrate-status" | "query-migrate") => {
             let mut v = monitor.status();
             v["event"] = json!("status");
@@ -515,7 +524,7 @@ fn in_band(text: &str, monitor: &MigrationMonitor) -> Value {
             v
         }
         _ => {
-            json!({"event":"ignored","error":"a migration runs on this connection: only migrate-cancel and migrate-status are answered here"})
+            json!({"event":"ignored","error":"a migration runs on this connection: only migrate-cancel, migrate-postcopy and migrate-status are answered here"})
         }
     }
 }

@@ -43,6 +43,7 @@ mod monitor;
 mod multiboot;
 mod net;
 mod place;
+mod postcopy;
 mod run;
 mod upgrade;
 mod vmm;

@@ -379,6 +379,9 @@ fn outcome(reply: &Value) -> Result<Value, ClientFail> {
                 format!("migration cancelled by {by} in its {phase} phase: the guest stays on the source, as it was before the migration"),
             ))
         }
+        Some("postcopy-interrupted") => Err(ClientFail(EXIT_AMBIGUOUS, format!(
+            "post-copy interrupted ({phase}): {error}; the guest ran on the destination and part of its memory is only on the source, which stays paused and must not resume it"
+        ))),
         Some("ambiguous") => Err(ClientFail(EXIT_AMBIGUOUS, format!(
             "migration outcome unknown ({phase}): {error}; the source stays paused: check the destination before doing anything"
         ))),

@@ -6,7 +6,9 @@ use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Duration;
 
+use livemig::destination::postcopy::receive_postcopy_streams;
 use livemig::policy::{MigrationConfig, OnLimit};
+use livemig::source::postcopy::{PostcopyConfig, SwitchRequest};
 use livemig::transport::{
     connect, listen, Dialer, Endpoint, OwnedAcceptor, StreamAcceptor, StreamOpener, Transport,
 };
@@ -23,6 +25,7 @@ use crate::cli::{
 };
 use crate::monitor::MigrationMonitor;
 use crate::net;
+use crate::postcopy::{classify, open_fault, uffd_pager, First};
 use crate::run::{open_console, open_nets, run_machine};
 use crate::vmm::{DestMachine, Machine, MachineConfig};
 
@@ -84,6 +87,27 @@ pub struct MigrateOptions {
     #[arg(long)]
     #[serde(default)]
     pub compress: bool,
+    /// Pure post-copy: no pre-copy round; the guest runs on the
+    /// destination as soon as its vCPU and device state arrived, its
+    /// memory follows (on demand and pushed). See docs/postcopy.md.
+    #[arg(long, conflicts_with = "postcopy_after_rounds")]
+    #[serde(default, skip_serializing_if = "is_false")]
+    pub postcopy: bool,
+    /// Switch to post-copy after N pre-copy rounds (unless pre-copy
+    /// converged first).
+    #[arg(long, value_name = "N")]
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub postcopy_after_rounds: Option<u32>,
+    /// Switch to post-copy when pre-copy is predicted not to converge
+    /// (instead of throttling the guest with auto-converge).
+    #[arg(long)]
+    #[serde(default, skip_serializing_if = "is_false")]
+    pub postcopy_auto: bool,
+    /// Offer post-copy and switch when an API `migrate-postcopy` request
+    /// arrives (the other post-copy options imply it).
+    #[arg(long)]
+    #[serde(default, skip_serializing_if = "is_false")]
+    pub postcopy_on_request: bool,
     #[command(flatten)]
     #[serde(default, skip_serializing_if = "MigrateTls::is_empty")]
     pub tls: MigrateTls,
@@ -156,6 +180,33 @@ impl MigrateTls {
 }
 
 impl MigrateOptions {
+    /// Whether any post-copy option was given (the migration then offers
+    /// post-copy and opens the fault connection).
+    pub fn wants_postcopy(&self) -> bool {
+        self.postcopy
+            || self.postcopy_after_rounds.is_some()
+            || self.postcopy_auto
+            || self.postcopy_on_request
+    }
+
+    /// When to switch to post-copy, if asked for (`request` is the
+    /// `migrate-postcopy` API request's handle).
+    pub fn postcopy_config(&self, request: SwitchRequest) -> Option<PostcopyConfig> {
+        if !self.wants_postcopy() {
+            return None;
+        }
+        let after_rounds = if self.postcopy {
+            0
+        } else {
+            self.postcopy_after_rounds.unwrap_or(u32::MAX)
+        };
+        Some(PostcopyConfig {
+            after_rounds,
+            on_non_convergence: self.postcopy_auto,
+            request,
+        })
+    }
+
     /// The options of an API `migrate` request (its `cmd` aside); unknown
     /// fields are refused.
     pub fn from_request(req: &Value) -> Result<MigrateOptions, String> {
@@ -204,7 +255,15 @@ impl MigrateOptions {
             cfg.streams = n;
         }
         cfg.compress = self.compress;
-        self.tls.config()?;
+        let tls = self.tls.config()?;
+        if self.wants_postcopy() {
+            if cfg.streams > 1 {
+                return Err("post-copy uses one page stream (give no --streams)".into());
+            }
+            if tls.is_some() {
+                return Err("post-copy over TLS is not built in refvmm".into());
+            }
+        }
         Ok(cfg)
     }
 }
@@ -264,6 +323,18 @@ pub(crate) fn do_migrate(
         Ok(a) => a,
         Err(e) => return setup_error(e.into()),
     };
+    // A post-copy source opens its fault connection first (postcopy.rs).
+    let fault = if opts.wants_postcopy() {
+        match open_fault(&endpoint) {
+            Ok(f) => Some(f),
+            Err(e) => {
+                active.abort(&e);
+                return setup_error(e);
+            }
+        }
+    } else {
+        None
+    };
     let (transport, mut opener) = match connect_to(opts, &endpoint) {
         Ok(c) => c,
         Err(e) => {
@@ -271,18 +342,33 @@ pub(crate) fn do_migrate(
             return setup_error(e);
         }
     };
-    let opener = active.count_opener(&mut *opener);
+    let switch = SwitchRequest::new();
     let streams = cfg.streams;
-    let result = Migration::new(&**m)
+    let migration = Migration::new(&**m)
         .guard(&m.guard)
         .config(cfg)
-        .streams(streams, opener)
         .cancel(active.cancel.clone())
         .progress(|p: &Progress| {
             active.progress(p);
             progress(p);
-        })
-        .run(active.count(transport));
+        });
+    let result = match opts.postcopy_config(switch.clone()) {
+        None => {
+            let opener = active.count_opener(&mut *opener);
+            migration
+                .streams(streams, opener)
+                .run(active.count(transport))
+        }
+        Some(pc) => {
+            let Some(fault) = fault else {
+                return setup_error("no fault connection".into());
+            };
+            active.allow_postcopy_request(switch);
+            migration
+                .postcopy(active.count(fault), pc)
+                .run(active.count(transport))
+        }
+    };
     let cancelled_by = active.cancelled_by();
     active.finish(&result);
     outcome_of(result, cancelled_by)
@@ -299,8 +385,13 @@ pub(crate) fn outcome_of(
             Err(e) => Outcome::Migrated(json!({"error": e.to_string()})),
         },
         Err(e) => {
-            let ambiguous = e.is_ambiguous().then(|| e.to_string());
-            let status = if ambiguous.is_some() {
+            // A post-copy that broke after `Go`: the guest ran on the
+            // destination, so this side must never resume it.
+            let interrupted = matches!(e.kind, livemig::ErrorKind::PostcopyInterrupted { .. });
+            let ambiguous = (e.is_ambiguous() || interrupted).then(|| e.to_string());
+            let status = if interrupted {
+                "postcopy-interrupted"
+            } else if ambiguous.is_some() {
                 "ambiguous"
             } else if matches!(e.kind, livemig::ErrorKind::Cancelled) {
                 "cancelled"
@@ -325,7 +416,13 @@ pub(crate) fn outcome_of(
 /// acceptor of its page streams), or on a Unix socket a same-host hand-over
 /// (its transport, the memory and NICs it brought).
 enum Incoming {
-    Remote(Box<dyn Transport>, Box<dyn StreamAcceptor>),
+    /// The control connection, the page-stream acceptor and, from a
+    /// post-copy source, its fault connection (which came first).
+    Remote(
+        Box<dyn Transport>,
+        Box<dyn StreamAcceptor>,
+        Option<Box<dyn Transport>>,
+    ),
     Local(Box<dyn Transport>, crate::local::Received),
 }
 
@@ -352,6 +449,7 @@ fn accept_incoming(
             Ok(Incoming::Remote(
                 t,
                 Box::new(livemig_tls::TlsAcceptor(Some(listener))),
+                None,
             ))
         }
         (None, Endpoint::Unix(path)) => {
@@ -361,8 +459,16 @@ fn accept_incoming(
             eprintln!("refvmm: waiting for a migration on {endpoint}");
             let s = acceptor.accept().map_err(runtime)?;
             if !crate::local::is_handover(&s, Duration::from_secs(10)).map_err(runtime)? {
-                let t = acceptor.transport(s);
-                return Ok(Incoming::Remote(t, Box::new(acceptor)));
+                // A post-copy source's first connection is its fault
+                // connection; the control connection follows.
+                let (t, fault) = match classify(acceptor.transport(s)).map_err(runtime)? {
+                    First::Control(t) => (t, None),
+                    First::Fault(f) => {
+                        let s = acceptor.accept().map_err(runtime)?;
+                        (acceptor.transport(s), Some(f))
+                    }
+                };
+                return Ok(Incoming::Remote(t, Box::new(acceptor), fault));
             }
             let received = crate::local::recv_handover(&s).map_err(runtime)?;
             let t = acceptor.transport(s);
@@ -377,7 +483,20 @@ fn accept_incoming(
                 listener.local_endpoint()
             );
             let t = listener.accept().map_err(|e| runtime(e.to_string()))?;
-            Ok(Incoming::Remote(t, Box::new(OwnedAcceptor(Some(listener)))))
+            // A post-copy source's first connection is its fault
+            // connection; the control connection follows.
+            let (t, fault) = match classify(t).map_err(runtime)? {
+                First::Control(t) => (t, None),
+                First::Fault(f) => (
+                    listener.accept().map_err(|e| runtime(e.to_string()))?,
+                    Some(f),
+                ),
+            };
+            Ok(Incoming::Remote(
+                t,
+                Box::new(OwnedAcceptor(Some(listener))),
+                fault,
+            ))
         }
     }
 }
@@ -410,12 +529,18 @@ pub(crate) fn cmd_receive(args: ReceiveArgs) -> Result<(), Fail> {
         console: common.console.clone(),
         dirty_log: common.dirty_log.clone(),
     });
+    let tls_plain = tls.is_none();
     let incoming = accept_incoming(&endpoint, tls)?;
     let local = matches!(incoming, Incoming::Local(..));
     let mut shared_memory = None;
+    // Post-copy is granted to a source that offers it unless the guest
+    // memory here is a shared memfd (the userfaultfd installer takes
+    // private anonymous memory only) or the migration runs over TLS (the
+    // fault connection is plain): such a source then migrates by pre-copy.
+    let postcopy_ok = tls_plain && memory_backend == livemig_kvm::memfd::MemoryBackend::Anonymous;
     let mut nets = Some(nets);
-    let (transport, acceptor) = match incoming {
-        Incoming::Remote(t, a) => (t, Some(a)),
+    let (transport, acceptor, mut fault) = match incoming {
+        Incoming::Remote(t, a, f) => (t, Some(a), f),
         Incoming::Local(t, received) => {
             if !common.net.is_empty() {
                 return Err(usage(
@@ -424,9 +549,14 @@ pub(crate) fn cmd_receive(args: ReceiveArgs) -> Result<(), Fail> {
             }
             shared_memory = Some(received.memory);
             nets = Some(received.nets);
-            (t, None)
+            (t, None, None)
         }
     };
+    if !postcopy_ok && fault.take().is_some() {
+        eprintln!(
+            "refvmm: post-copy not granted (memfd guest memory or TLS): the source migrates by pre-copy"
+        );
+    }
     // One migration at a time: the engine closes the listener (through the
     // acceptor) as soon as the page streams the source asked for are
     // connected — right after the handshake with one stream — so a second
@@ -470,12 +600,18 @@ pub(crate) fn cmd_receive(args: ReceiveArgs) -> Result<(), Fail> {
             local,
         })
     };
-    let result = match acceptor {
-        Some(mut a) => Reception::new(transport)
+    let result = match (acceptor, fault) {
+        (Some(mut a), Some(fault)) => {
+            let r =
+                receive_postcopy_streams(transport, fault, Some(&mut *a), &cfg, create, uffd_pager);
+            drop(a);
+            r
+        }
+        (Some(mut a), None) => Reception::new(transport)
             .config(cfg)
             .accept_streams(&mut *a)
             .run(create),
-        None => livemig::destination::local::receive_local(transport, &cfg, create),
+        (None, _) => livemig::destination::local::receive_local(transport, &cfg, create),
     };
     match result {
         Ok((
@@ -500,6 +636,12 @@ pub(crate) fn cmd_receive(args: ReceiveArgs) -> Result<(), Fail> {
                 report.restore_ms,
                 if run { "running" } else { "paused" }
             );
+            if let Some(pc) = &report.postcopy {
+                eprintln!(
+                    "refvmm: post-copy: {}",
+                    serde_json::to_string(pc).unwrap_or_default()
+                );
+            }
             run_machine(machine, common.api_socket, run, console, local)
         }
         Err(e) => Err(runtime(format!("incoming {e}"))),
@@ -564,6 +706,41 @@ mod tests {
         assert_eq!(cfg.on_limit, OnLimit::ForceSwitchover);
         assert_eq!(cfg.streams, 4);
         assert!(cfg.compress);
+    }
+
+    #[test]
+    fn postcopy_flags_become_the_engine_postcopy_config() {
+        let req = SwitchRequest::new;
+        assert!(parse(&["--to", "tcp:h:1"]).postcopy_config(req()).is_none());
+        let pure = parse(&["--to", "tcp:h:1", "--postcopy"]);
+        assert_eq!(pure.to_request()["postcopy"], true);
+        let pc = pure.postcopy_config(req()).unwrap();
+        assert_eq!((pc.after_rounds, pc.on_non_convergence), (0, false));
+        let o = parse(&[
+            "--to",
+            "tcp:h:1",
+            "--postcopy-after-rounds",
+            "3",
+            "--postcopy-auto",
+        ]);
+        let back = MigrateOptions::from_request(&o.to_request()).unwrap();
+        assert_eq!(back, o);
+        let pc = back.postcopy_config(req()).unwrap();
+        assert_eq!((pc.after_rounds, pc.on_non_convergence), (3, true));
+        let o = parse(&["--to", "tcp:h:1", "--postcopy-on-request"]);
+        let pc = o.postcopy_config(req()).unwrap();
+        assert_eq!((pc.after_rounds, pc.on_non_convergence), (u32::MAX, false));
+        assert!(Cli::try_parse_from([
+            "refvmm",
+            "--to",
+            "x",
+            "--postcopy",
+            "--postcopy-after-rounds",
+            "1"
+        ])
+        .is_err());
+        let bad = parse(&["--to", "tcp:h:1", "--postcopy", "--streams", "2"]);
+        assert!(bad.config().unwrap_err().contains("one page stream"));
     }
 
     #[test]

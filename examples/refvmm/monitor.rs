@@ -63,6 +63,10 @@ pub enum CancelRefused {
 /// A running migration.
 struct Running {
     cancel: CancelToken,
+    /// Post-copy's switch request, when the migration offers post-copy.
+    switch: Option<livemig::source::postcopy::SwitchRequest>,
+    /// Why the migration switched to post-copy, once it did.
+    postcopy: Option<String>,
     cancelled_by: Option<String>,
     stage: Stage,
     started: Instant,
@@ -148,6 +152,8 @@ impl MigrationMonitor {
         let now = Instant::now();
         *g = Some(Running {
             cancel: cancel.clone(),
+            switch: None,
+            postcopy: None,
             cancelled_by: None,
             stage: Stage::Setup,
             started: now,
@@ -208,6 +214,22 @@ impl MigrationMonitor {
         }
     }
 
+    /// Asks the running migration to switch to post-copy after its
+    /// current pre-copy round (API `migrate-postcopy`).
+    pub fn request_postcopy(&self) -> Result<(), &'static str> {
+        let g = self.lock();
+        let r = g.as_ref().ok_or("no migration is running")?;
+        let switch = r.switch.as_ref().ok_or(
+            "this migration does not offer post-copy (start it with --postcopy-on-request, \
+             --postcopy-auto or --postcopy-after-rounds)",
+        )?;
+        if !matches!(r.stage, Stage::Setup | Stage::Active) {
+            return Err("too late: the migration is past its pre-copy rounds");
+        }
+        switch.request();
+        Ok(())
+    }
+
     /// The `migrate-status` reply: the running migration, else the last
     /// one's final status, else `none`.
     pub fn status(&self) -> Value {
@@ -234,6 +256,13 @@ impl Active<'_> {
         CountingOpener {
             inner: o,
             sent: self.sent.clone(),
+        }
+    }
+
+    /// Lets API `migrate-postcopy` requests reach this migration.
+    pub fn allow_postcopy_request(&self, switch: livemig::source::postcopy::SwitchRequest) {
+        if let Some(r) = self.monitor.lock().as_mut() {
+            r.switch = Some(switch);
         }
     }
 
@@ -311,6 +340,7 @@ impl Running {
                 self.stage = Stage::Device;
                 self.paused_remaining = Some(remaining_pages * PAGE_SIZE as u64);
             }
+            Progress::Postcopy { reason } => self.postcopy = Some(reason.clone()),
             // Completed, and events of later releases.
             _ => {}
         }
@@ -347,11 +377,13 @@ impl Running {
         json!({
             "result": "ok",
             "status": self.stage.status(),
-            "phase": match self.stage {
-                Stage::Setup => "handshake",
-                Stage::Active | Stage::Cancelling => "pre-copy",
-                Stage::Device => "stop-and-copy",
+            "phase": match (self.stage, &self.postcopy) {
+                (Stage::Setup, _) => "handshake",
+                (Stage::Active | Stage::Cancelling, _) => "pre-copy",
+                (Stage::Device, None) => "stop-and-copy",
+                (Stage::Device, Some(_)) => "post-copy",
             },
+            "postcopy-reason": self.postcopy,
             "round": self.round,
             "total-time": ms(self.started.elapsed()),
             "setup-time": self.setup_ms,
@@ -383,6 +415,9 @@ impl Running {
                 ("completed", None)
             }
             Err(e) if e.is_ambiguous() => ("ambiguous", Some(e.to_string())),
+            Err(e) if matches!(e.kind, livemig::ErrorKind::PostcopyInterrupted { .. }) => {
+                ("postcopy-interrupted", Some(e.to_string()))
+            }
             Err(e) if matches!(e.kind, livemig::ErrorKind::Cancelled) => {
                 let by = self.cancelled_by.as_deref().unwrap_or("the engine");
                 ("cancelled", Some(format!("cancelled by {by}")))
@@ -480,6 +515,29 @@ mod tests {
         assert_eq!(m.status()["ram"]["remaining"], 3 * 4096);
         drop(a);
         assert_eq!(m.status()["status"], "failed");
+    }
+
+    #[test]
+    fn a_postcopy_request_reaches_only_a_migration_that_offers_postcopy() {
+        use livemig::source::postcopy::SwitchRequest;
+        let m = MigrationMonitor::default();
+        assert!(m.request_postcopy().is_err(), "no migration runs");
+        let a = m.begin(1 << 20, &MigrationConfig::default()).unwrap();
+        a.progress(&Progress::Accepted);
+        let err = m.request_postcopy().unwrap_err();
+        assert!(err.contains("does not offer post-copy"), "{err}");
+        let switch = SwitchRequest::new();
+        a.allow_postcopy_request(switch.clone());
+        m.request_postcopy().unwrap();
+        assert!(switch.is_requested());
+        a.progress(&Progress::Postcopy {
+            reason: "requested".into(),
+        });
+        a.progress(&Progress::Paused { remaining_pages: 0 });
+        let s = m.status();
+        assert_eq!(s["phase"], "post-copy", "{s}");
+        assert_eq!(s["postcopy-reason"], "requested", "{s}");
+        assert!(m.request_postcopy().unwrap_err().contains("too late"));
     }
 
     #[test]

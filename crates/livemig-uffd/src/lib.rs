@@ -3,9 +3,14 @@
 //! [`UffdPager`] implements livemig's
 //! [`PostcopyMemory`](livemig::destination::postcopy::PostcopyMemory) over
 //! host mappings of guest memory: the pages still to come are dropped
-//! (`MADV_DONTNEED`), every other page is made present (`MADV_POPULATE_READ`
-//! maps a never-written page to the zero page), then the regions are
-//! registered with userfaultfd in missing-page mode. An access to a missing
+//! (`MADV_DONTNEED`), then the regions are registered with userfaultfd in
+//! missing-page mode. A page outside the missing set that was never
+//! touched here (it reads as zero) also raises a missing fault when first
+//! accessed: [`PostcopyMemory::next_fault`] resolves it itself with the
+//! zero page (`UFFDIO_ZEROPAGE`) and does not report it, so for the engine
+//! such a page never faults. (Making every such page present at `arm`
+//! instead, with `MADV_POPULATE_READ`, cost about 75 ms of downtime for a
+//! 256 MiB guest.) An access to a missing
 //! page — by a vCPU inside `KVM_RUN`, or by the VMM itself — blocks in the
 //! kernel until the engine installs the page with `UFFDIO_COPY` (or
 //! `UFFDIO_ZEROPAGE`). Linux only; needs `CAP_SYS_PTRACE` or
@@ -36,6 +41,20 @@ pub struct HostRegion {
 pub struct UffdPager {
     uffd: Uffd,
     regions: Vec<HostRegion>,
+    /// The missing set given to `arm`.
+    missing: std::sync::OnceLock<DirtyBitmap>,
+    /// A pidfd of this process, for `process_madvise` (`None` where the
+    /// kernel has no `pidfd_open`).
+    pidfd: Option<i32>,
+}
+
+impl Drop for UffdPager {
+    fn drop(&mut self) {
+        if let Some(fd) = self.pidfd {
+            // SAFETY: our own descriptor, closed once.
+            unsafe { libc::close(fd) };
+        }
+    }
 }
 
 fn os(op: &'static str) -> impl FnOnce(userfaultfd::Error) -> PostcopyError {
@@ -69,7 +88,14 @@ impl UffdPager {
             .user_mode_only(false)
             .create()
             .map_err(os("userfaultfd"))?;
-        Ok(UffdPager { uffd, regions })
+        // SAFETY: a plain system call; the descriptor is ours.
+        let pidfd = unsafe { libc::syscall(libc::SYS_pidfd_open, libc::getpid(), 0) };
+        Ok(UffdPager {
+            uffd,
+            regions,
+            missing: std::sync::OnceLock::new(),
+            pidfd: i32::try_from(pidfd).ok().filter(|fd| *fd >= 0),
+        })
     }
 
     fn ptr(
@@ -106,6 +132,52 @@ impl UffdPager {
         Ok(())
     }
 
+    /// Drops the pages of `runs` (first page, count) of `region`: batched
+    /// with `process_madvise(MADV_DONTNEED)` on this process (one call
+    /// and one TLB flush per 1024 runs; measured 2-4x faster than one
+    /// `madvise` per run for 8000 runs, and this runs inside the
+    /// downtime), one `madvise` per run where the kernel refuses that.
+    fn drop_runs(&self, region: usize, runs: &[(u64, u64)]) -> Result<(), PostcopyError> {
+        for batch in runs.chunks(1024) {
+            let mut iov = Vec::with_capacity(batch.len());
+            let mut want = 0usize;
+            for &(page, n) in batch {
+                let len = (n * PAGE_SIZE) as usize;
+                iov.push(libc::iovec {
+                    iov_base: self.ptr(region, page, n)?,
+                    iov_len: len,
+                });
+                want += len;
+            }
+            if self.process_madvise_dontneed(&iov) == Some(want) {
+                continue;
+            }
+            for &(page, n) in batch {
+                self.madvise(region, page, n, libc::MADV_DONTNEED, "madvise(DONTNEED)")?;
+            }
+        }
+        Ok(())
+    }
+
+    /// `process_madvise(MADV_DONTNEED)` on this process; the bytes it
+    /// advised, or `None` where it is not available.
+    fn process_madvise_dontneed(&self, iov: &[libc::iovec]) -> Option<usize> {
+        let pidfd = self.pidfd?;
+        // SAFETY: `iov` describes ranges inside mappings the caller of
+        // `new` vouched for; dropping pages of a VM that is not running.
+        let r = unsafe {
+            libc::syscall(
+                libc::SYS_process_madvise,
+                pidfd,
+                iov.as_ptr(),
+                iov.len(),
+                libc::MADV_DONTNEED,
+                0,
+            )
+        };
+        usize::try_from(r).ok()
+    }
+
     /// The region and page of a host address.
     fn locate(&self, addr: usize) -> Option<(usize, u64)> {
         self.regions.iter().enumerate().find_map(|(i, r)| {
@@ -118,10 +190,14 @@ impl UffdPager {
 
 impl PostcopyMemory for UffdPager {
     fn arm(&self, missing: &DirtyBitmap) -> Result<(), PostcopyError> {
+        self.missing
+            .set(missing.clone())
+            .map_err(|_| PostcopyError::Other("armed twice".into()))?;
         for (region, r) in self.regions.iter().enumerate() {
             let mut page = 0;
-            // Alternate runs: missing pages are dropped, the others made
-            // present, so that only the missing ones raise missing faults.
+            // Runs of missing pages are dropped; the others stay as they
+            // are (a never-touched one is zero-filled at its first fault).
+            let mut runs = Vec::new();
             while page < r.pages {
                 let m = missing.is_set(region, page);
                 let mut end = page + 1;
@@ -129,24 +205,11 @@ impl PostcopyMemory for UffdPager {
                     end += 1;
                 }
                 if m {
-                    self.madvise(
-                        region,
-                        page,
-                        end - page,
-                        libc::MADV_DONTNEED,
-                        "madvise(DONTNEED)",
-                    )?;
-                } else {
-                    self.madvise(
-                        region,
-                        page,
-                        end - page,
-                        libc::MADV_POPULATE_READ,
-                        "madvise(POPULATE_READ)",
-                    )?;
+                    runs.push((page, end - page));
                 }
                 page = end;
             }
+            self.drop_runs(region, &runs)?;
             let len = (r.pages * PAGE_SIZE) as usize;
             self.uffd
                 .register(r.addr as *mut libc::c_void, len)
@@ -179,9 +242,15 @@ impl PostcopyMemory for UffdPager {
         }
         match self.uffd.read_event().map_err(os("read(userfaultfd)"))? {
             Some(Event::Pagefault { addr, .. }) => {
-                self.locate(addr as usize).map(Some).ok_or_else(|| {
+                let (region, page) = self.locate(addr as usize).ok_or_else(|| {
                     PostcopyError::Other(format!("a fault outside guest memory at {addr:?}"))
-                })
+                })?;
+                let missing = self.missing.get().is_some_and(|m| m.is_set(region, page));
+                if missing {
+                    return Ok(Some((region, page)));
+                }
+                self.zero_fill(region, page)?;
+                Ok(None)
             }
             Some(other) => Err(PostcopyError::Other(format!(
                 "unexpected userfaultfd event {other:?}"
@@ -227,6 +296,26 @@ impl PostcopyMemory for UffdPager {
     }
 
     fn wake(&self, region: usize, page: u64) -> Result<(), PostcopyError> {
+        self.wake_page(region, page)
+    }
+}
+
+impl UffdPager {
+    /// A page outside the missing set faulted: it was never touched here,
+    /// so it reads as zero. Maps the zero page (a racing fault may have
+    /// done it already: then only wakes).
+    fn zero_fill(&self, region: usize, page: u64) -> Result<(), PostcopyError> {
+        let dst = self.ptr(region, page, 1)?;
+        // SAFETY: inside a registered region (checked); the page is not
+        // in the missing set, so the engine never installs it.
+        let r = unsafe { self.uffd.zeropage(dst, PAGE_SIZE as usize, true) };
+        match r {
+            Ok(_) => Ok(()),
+            Err(_) => self.wake_page(region, page),
+        }
+    }
+
+    fn wake_page(&self, region: usize, page: u64) -> Result<(), PostcopyError> {
         let p = self.ptr(region, page, 1)?;
         self.uffd
             .wake(p, PAGE_SIZE as usize)

@@ -162,6 +162,10 @@ impl MigrationGuard {
         *self.lock() = match r {
             Ok(_) => GuardState::Migrated,
             Err(e) if e.is_ambiguous() => GuardState::Ambiguous,
+            // The guest ran on the destination: never resume it here.
+            Err(e) if matches!(e.kind, ErrorKind::PostcopyInterrupted { .. }) => {
+                GuardState::Ambiguous
+            }
             Err(_) => GuardState::Idle,
         };
     }
@@ -209,19 +213,9 @@ impl MigrationGuard {
         cancel: &CancelToken,
         progress: &mut dyn FnMut(&Progress),
     ) -> Result<Report, MigrationError> {
-        {
-            let mut s = self.lock();
-            if let Some(e) = GuardError::for_state(*s) {
-                return Err(MigrationError::new(Phase::Handshake, ErrorKind::Guard(e)));
-            }
-            *s = GuardState::Migrating;
-        }
+        self.enter()?;
         let r = crate::source::local::migrate_local(vm, transport, config, cancel, progress);
-        *self.lock() = match &r {
-            Ok(_) => GuardState::Migrated,
-            Err(e) if e.is_ambiguous() => GuardState::Ambiguous,
-            Err(_) => GuardState::Idle,
-        };
+        self.leave(&r);
         r
     }
 

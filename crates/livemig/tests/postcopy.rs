@@ -61,7 +61,14 @@ struct Vcpu {
     ask_in_round_1: Option<SwitchRequest>,
     /// The second pair of connections, for a resumed migration.
     reconnect: Arc<Mutex<Option<NewPair>>>,
+    /// A device whose restore reads guest memory (a virtio queue, say):
+    /// `restore_state` reads the last missing page through the installer
+    /// and records the page and what it got (`None`: nothing in time).
+    restore_read: Option<RestoreRead>,
 }
+
+/// What a restore read: the page, and its bytes if they came in time.
+type RestoreRead = Arc<Mutex<Option<((usize, u64), Option<Vec<u8>>)>>>;
 
 type Pair = (Box<dyn Transport>, Box<dyn Transport>);
 
@@ -92,6 +99,7 @@ impl Vcpu {
             switches: Arc::default(),
             ask_in_round_1: None,
             reconnect: Arc::default(),
+            restore_read: None,
         }
     }
 
@@ -108,6 +116,24 @@ impl DestinationVm for Dest {
         DestinationVm::memory(&self.vm)
     }
     fn restore_state(&mut self, sections: &[Section]) -> Result<(), VmError> {
+        if let Some(record) = &self.vcpu.restore_read {
+            let pager = self
+                .slot
+                .lock()
+                .unwrap()
+                .clone()
+                .expect("armed before restore");
+            let at = pager.last_missing().expect("a page to come");
+            let got = pager.read(at.0, at.1, Duration::from_secs(5));
+            let arrived = got.is_some();
+            *record.lock().unwrap() = Some((at, got));
+            if !arrived {
+                return Err(VmError::Create(format!(
+                    "the device's restore waited in vain for page {} of region {}",
+                    at.1, at.0
+                )));
+            }
+        }
         self.vm.restore_state(sections)
     }
     fn resume(&mut self) -> Result<(), VmError> {
@@ -558,4 +584,42 @@ fn a_slow_push_keeps_the_destination_listening() {
     let (dst, _) = dest.join().unwrap().expect("destination");
     dst.stop();
     assert!(dst.snapshot() == src.snapshot());
+}
+
+#[test]
+fn a_restore_that_reads_guest_memory_gets_its_page_before_go() {
+    let src = SoftVm::new(&layout(), &SoftConfig::default()).unwrap();
+    src.fill(6);
+    src.start();
+    let pc = PostcopyConfig {
+        after_rounds: 0,
+        on_non_convergence: false,
+        ..Default::default()
+    };
+    let mut vcpu = Vcpu::new(Duration::from_secs(30));
+    let record = Arc::new(Mutex::new(None));
+    vcpu.restore_read = Some(record.clone());
+    let (dest, report) = migrate_with(&src, pc, &MigrationConfig::default(), &vcpu, |t| t, |t| t);
+    let (dest, received) = dest.expect("destination");
+    let report = report.expect("source");
+    let o = Outcome {
+        report,
+        received,
+        dest,
+        vcpu,
+    };
+    // The page the restore read is the paused source's.
+    let ((region, page), got) = record.lock().unwrap().take().expect("restore read");
+    let got = got.expect("the restore's page arrived");
+    let want = src.snapshot();
+    let at = (layout().regions()[..region]
+        .iter()
+        .map(|r| r.size)
+        .sum::<u64>()
+        + page * PAGE_SIZE) as usize;
+    assert!(
+        got[..] == want[at..at + PAGE_SIZE as usize],
+        "the restore's page differs"
+    );
+    check(&src, o);
 }

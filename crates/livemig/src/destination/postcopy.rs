@@ -22,7 +22,7 @@ use crate::protocol::{
     decompress_pages, page_records, FrameReader, FrameWriter, Go, MsgKind, PageRequest, PageRun,
     PostcopyComplete, PostcopyResume, PostcopySwitch, Ready, Resumed, PROTOCOL_VERSION,
 };
-use crate::transport::Transport;
+use crate::transport::{StreamAcceptor, Transport};
 use crate::vm::{DestinationVm, VmDescription, VmError};
 
 /// A failure of a [`PostcopyMemory`].
@@ -131,6 +131,9 @@ pub struct PostcopyStats {
     pub blocked_ms: f64,
     /// From the resume to the last page installed, ms.
     pub switch_to_last_page_ms: f64,
+    /// [`PostcopyMemory::arm`], ms (inside the downtime: between the
+    /// source's pause and `Go`).
+    pub arm_ms: f64,
 }
 
 /// Like [`crate::receive`], and grants post-copy to a source that offers
@@ -144,10 +147,12 @@ pub struct PostcopyStats {
 /// once every page is installed (the VM has been running since `Go`).
 /// If the source does not switch, this is a plain pre-copy `receive`.
 ///
-/// A failure after `Go` returns [`ErrorKind::PostcopyInterrupted`] and
-/// drops the VM and the installer; pages that never arrived were never
-/// installed, so nothing read a wrong page. Resuming the copy over new
-/// connections is not built yet.
+/// A failure after `Go` returns [`ErrorKind::PostcopyInterrupted`]; it
+/// drops the VM, then leaks the installer (it is never closed: closing a
+/// userfaultfd lets a thread still waiting on a missing page read it as
+/// zero). Pages that never arrived were never installed, so nothing read a
+/// wrong page. [`receive_postcopy_resumable`] continues over new
+/// connections instead.
 pub fn receive_postcopy<V, F, P>(
     transport: Box<dyn Transport>,
     fault: Box<dyn Transport>,
@@ -161,6 +166,34 @@ where
     P: FnOnce(&V, &MemoryLayout) -> Result<Box<dyn PostcopyMemory>, VmError>,
 {
     receive_postcopy_resumable(transport, fault, config, create, pager, &mut || None)
+}
+
+/// Like [`receive_postcopy`], and grants page streams (accepted from
+/// `acceptor`, as [`crate::receive_streams`] does) to a source that asks
+/// for them — such a source does not use post-copy (`migrate_postcopy`
+/// refuses streams), so one call serves both kinds of source.
+pub fn receive_postcopy_streams<V, F, P>(
+    transport: Box<dyn Transport>,
+    fault: Box<dyn Transport>,
+    acceptor: Option<&mut dyn StreamAcceptor>,
+    config: &ReceiveConfig,
+    create: F,
+    pager: P,
+) -> Result<(V, ReceiveReport), MigrationError>
+where
+    V: DestinationVm,
+    F: FnOnce(&VmDescription) -> Result<V, VmError>,
+    P: FnOnce(&V, &MemoryLayout) -> Result<Box<dyn PostcopyMemory>, VmError>,
+{
+    receive_inner(
+        transport,
+        fault,
+        acceptor,
+        config,
+        create,
+        pager,
+        &mut || None,
+    )
 }
 
 /// Gives a new (control, fault) pair of connections from the same source
@@ -186,6 +219,23 @@ where
     F: FnOnce(&VmDescription) -> Result<V, VmError>,
     P: FnOnce(&V, &MemoryLayout) -> Result<Box<dyn PostcopyMemory>, VmError>,
 {
+    receive_inner(transport, fault, None, config, create, pager, reconnect)
+}
+
+fn receive_inner<V, F, P>(
+    transport: Box<dyn Transport>,
+    fault: Box<dyn Transport>,
+    acceptor: Option<&mut dyn StreamAcceptor>,
+    config: &ReceiveConfig,
+    create: F,
+    pager: P,
+    reconnect: &mut Reconnect<'_>,
+) -> Result<(V, ReceiveReport), MigrationError>
+where
+    V: DestinationVm,
+    F: FnOnce(&VmDescription) -> Result<V, VmError>,
+    P: FnOnce(&V, &MemoryLayout) -> Result<Box<dyn PostcopyMemory>, VmError>,
+{
     config
         .validate()
         .map_err(|e| MigrationError::new(Phase::Handshake, e))?;
@@ -197,7 +247,7 @@ where
         granted: 1,
         postcopy: false,
     };
-    let result = run(&mut link, fault, config, create, pager, reconnect);
+    let result = run(&mut link, fault, acceptor, config, create, pager, reconnect);
     if let Err(e) = &result {
         if !matches!(e.kind, ErrorKind::Remote { .. } | ErrorKind::Cancelled) {
             let abandoned = e.phase == Phase::Completion && link.version >= 3;
@@ -211,6 +261,7 @@ where
 fn run<V, F, P>(
     link: &mut Link,
     fault: Box<dyn Transport>,
+    acceptor: Option<&mut dyn StreamAcceptor>,
     config: &ReceiveConfig,
     create: F,
     pager: P,
@@ -231,7 +282,7 @@ where
     let mut vm = handshake::create_vm(&mut link.fw, &hello.desc, create)?;
     let received = {
         let ram = handshake::prepare_memory(&mut link.fw, &vm, &layout, hello.local.as_ref())?;
-        let readers = handshake::reply(link, None, hello.streams, config.io_timeout, &never)?;
+        let readers = handshake::reply(link, acceptor, hello.streams, config.io_timeout, &never)?;
         memory::receive(&mut link.control, readers, &layout, &ram)?
     };
     let running = !hello.paused;
@@ -262,30 +313,57 @@ where
     let discard = discard_bitmap(&layout, &switch);
     let fm = Phase::FinalMemory;
     let pager = pager(&vm, &layout).map_err(|e| MigrationError::new(fm, e))?;
+    let armed = Instant::now();
     pager
         .arm(&discard)
         .map_err(|e| MigrationError::new(fm, vm_error(e)))?;
-    let t = Instant::now();
-    vm.restore_state(&received.sections)
-        .map_err(|e| MigrationError::new(Phase::State, e))?;
-    report.restore_ms = ms(t.elapsed());
+    let arm_ms = ms(armed.elapsed());
+    // The page server runs from here, before the restore: a device whose
+    // restore reads guest memory (a virtio queue) faults on a missing page
+    // like a vCPU does, and the source answers requests from the switch on.
     let cp = Phase::Completion;
-    let restore_us = t.elapsed().as_micros() as u64;
-    control::send(&mut link.fw, &Ready { restore_us }, cp)?;
-    link.control.recv::<Go>(cp)?;
+    let sections = &received.sections;
+    let mut restore_ms = 0.0;
     let server = Server::new(&layout, &*pager, discard);
-    let stats = server.run_with(link, fault, config, reconnect, || {
+    let stats = server.run_with(link, fault, config, reconnect, |link: &mut Link| {
+        let t = Instant::now();
+        vm.restore_state(sections)
+            .map_err(|e| MigrationError::new(Phase::State, e))?;
+        restore_ms = ms(t.elapsed());
+        let restore_us = t.elapsed().as_micros() as u64;
+        control::send(&mut link.fw, &Ready { restore_us }, cp)?;
+        link.control.recv::<Go>(cp)?;
         let t = Instant::now();
         if running {
             vm.resume().map_err(|e| MigrationError::new(cp, e))?;
         }
         Ok(t.elapsed())
-    })?;
+    });
+    drop(server);
+    report.restore_ms = restore_ms;
+    let stats = match stats {
+        Ok(s) => s,
+        Err(e) => {
+            abandon(vm, pager);
+            return Err(e);
+        }
+    };
     report.resume_ms = stats.1;
-    report.postcopy = Some(stats.0);
+    report.postcopy = Some(PostcopyStats { arm_ms, ..stats.0 });
     report.bytes = link.control.bytes_read();
     report.total_ms = ms(started.elapsed());
     Ok((vm, report))
+}
+
+/// A failure after `Go`: the guest ran here and pages are missing. The VM
+/// goes first (its vCPUs stop), and the installer is never closed (leaked:
+/// its userfaultfd stays open until the process exits). Closing a
+/// userfaultfd wakes every thread blocked on a missing page, and the page
+/// then faults in as zero: a vCPU not stopped yet, or a VMM thread, would
+/// run on it.
+fn abandon<V>(vm: V, pager: Box<dyn PostcopyMemory>) {
+    drop(vm);
+    std::mem::forget(pager);
 }
 
 fn vm_error(e: PostcopyError) -> VmError {
@@ -353,9 +431,10 @@ impl<'a> Server<'a> {
         self.all_in.notify_all();
     }
 
-    /// Starts the fault threads, resumes the VM (`resume`), answers
-    /// `Resumed` and installs pages until all are in; when a connection
-    /// breaks, continues over the pair `reconnect` gives (if any).
+    /// Starts the fault threads, restores and resumes the VM (`resume`:
+    /// restore, `Ready`, `Go`, resume), answers `Resumed` and installs
+    /// pages until all are in; when a connection breaks after that,
+    /// continues over the pair `reconnect` gives (if any).
     fn run_with<R>(
         &self,
         link: &mut Link,
@@ -365,15 +444,19 @@ impl<'a> Server<'a> {
         resume: R,
     ) -> Result<(PostcopyStats, f64), MigrationError>
     where
-        R: FnOnce() -> Result<Duration, MigrationError>,
+        R: FnOnce(&mut Link) -> Result<Duration, MigrationError>,
     {
         let mut fault = fault;
         let mut resume = Some(resume);
-        let mut took = Duration::ZERO;
-        let resumed_at = Instant::now();
+        let mut took = None;
         loop {
             let e = match self.attempt(link, fault, config, &mut resume, &mut took) {
-                Ok(()) => return Ok((self.stats(resumed_at), ms(took))),
+                Ok(()) => {
+                    let (resumed_at, took) = took.unwrap_or((Instant::now(), Duration::ZERO));
+                    return Ok((self.stats(resumed_at), ms(took)));
+                }
+                // Before `Go` (restore, Ready, Go): a plain failure.
+                Err(e) if took.is_none() => return Err(e),
                 Err(e) if e.phase == Phase::Completion || self.lock().error.is_some() => {
                     return Err(self.interrupted(e))
                 }
@@ -404,10 +487,10 @@ impl<'a> Server<'a> {
         fault: Box<dyn Transport>,
         config: &ReceiveConfig,
         resume: &mut Option<R>,
-        took: &mut Duration,
+        took: &mut Option<(Instant, Duration)>,
     ) -> Result<(), MigrationError>
     where
-        R: FnOnce() -> Result<Duration, MigrationError>,
+        R: FnOnce(&mut Link) -> Result<Duration, MigrationError>,
     {
         let pc = Phase::Postcopy;
         let io = |e: std::io::Error| MigrationError::new(pc, crate::protocol::ProtocolError::Io(e));
@@ -419,8 +502,8 @@ impl<'a> Server<'a> {
             scope.spawn(|| self.answer_loop(FrameReader::new(fault_rx), &stop));
             let mut r = Ok(());
             if let Some(resume) = resume.take() {
-                r = resume().map(|t| {
-                    *took = t;
+                r = resume(link).map(|t| {
+                    *took = Some((Instant::now(), t));
                     let resumed = Resumed {
                         resume_us: t.as_micros() as u64,
                     };
@@ -691,6 +774,7 @@ impl<'a> Server<'a> {
                 .last_install
                 .map(|t| ms(t.saturating_duration_since(resumed_at)))
                 .unwrap_or(0.0),
+            arm_ms: 0.0,
         }
     }
 }

@@ -206,11 +206,12 @@ fn phases<V: SourceVm + ?Sized>(
     let converged = precopy::precopy(s, t, throttler)?;
     // Stop throttling first so it cannot race the pause.
     throttler.finish(true);
+    if postcopy::switched(s) {
+        // Requests are answered from the switch on, before `Go` too.
+        return postcopy::switch_and_serve(s, t, converged);
+    }
     let paused = converged.stop_and_copy(s, t)?;
     let committed = paused.commit(s, t)?;
-    // Post-copy: the guest runs on the destination from here; any failure
-    // leaves the source paused with its memory intact.
-    postcopy::after_commit(s, t).map_err(NotCommitted::Ambiguous)?;
     Ok(committed)
 }
 

@@ -8,7 +8,9 @@ use std::time::Instant;
 
 use serde::Serialize;
 
+use super::precopy::Converged;
 use super::session::{ms, Session, Tracking};
+use super::switchover::{Committed, NotCommitted};
 use super::CancelToken;
 use crate::bitmap::DirtyBitmap;
 use crate::error::{ErrorKind, MigrationError, Phase};
@@ -318,30 +320,81 @@ pub(super) fn switch(t: &mut Tracking<'_>, bitmap: &DirtyBitmap) -> Result<u64, 
     Ok(0)
 }
 
+/// The switch and everything after it, with the fault connection's
+/// request server running from before the pause to the end: the
+/// destination may need pages before `Go` (a device whose restore reads
+/// guest memory), and the paused source's memory is final, so answering
+/// then is safe.
+pub(super) fn switch_and_serve<V: SourceVm + ?Sized>(
+    s: &mut Session<'_, V>,
+    t: &mut Tracking<'_>,
+    converged: Converged,
+) -> Result<Committed, NotCommitted> {
+    let hs = Phase::FinalMemory;
+    let no_fault = || MigrationError::new(hs, ErrorKind::Internal(internal("no fault connection")));
+    let fault = s
+        .postcopy
+        .as_ref()
+        .and_then(|p| lock(&p.fault).take())
+        .ok_or_else(no_fault)?;
+    let io = |e: std::io::Error| MigrationError::new(hs, ProtocolError::Io(e));
+    let fault_rx = fault.try_clone().map_err(io)?;
+    let stopper = fault.try_clone().map_err(io)?;
+    let closer = fault.try_clone().map_err(io)?;
+    let ram = t.sender.ram.clone();
+    let layout = t.sender.layout.clone();
+    let shared = Shared::new(&ram, &layout);
+    std::thread::scope(|scope| {
+        let server = scope.spawn(|| shared.answer(FrameReader::new(fault_rx), fault));
+        let r = (|| {
+            let paused = converged.stop_and_copy(s, t)?;
+            let committed = paused.commit(s, t)?;
+            // The guest runs on the destination from here; any failure
+            // leaves the source paused with its memory intact.
+            after_commit(s, t, &shared, (server, stopper)).map_err(NotCommitted::Ambiguous)?;
+            Ok(committed)
+        })();
+        // A failure before `Go` leaves the request server running: stop it.
+        shared.stop.store(true, Ordering::SeqCst);
+        let _ = closer.shutdown();
+        r
+    })
+}
+
+fn internal(why: &str) -> crate::error::InternalError {
+    crate::error::InternalError::Postcopy(why.into())
+}
+
+/// The request server of the first fault connection, and a handle to
+/// shut that connection down.
+type FirstServer<'scope> = (
+    std::thread::ScopedJoinHandle<'scope, Result<(), String>>,
+    Box<dyn Transport>,
+);
+
 /// After `Resumed`: serves requests and pushes every page of the discard
 /// set, until the destination confirms it has them all.
-pub(super) fn after_commit<V: SourceVm + ?Sized>(
+fn after_commit<V: SourceVm + ?Sized>(
     s: &Session<'_, V>,
     t: &mut Tracking<'_>,
+    shared: &Shared<'_>,
+    first: FirstServer<'_>,
 ) -> Result<(), MigrationError> {
     let (Some(discard), Some(plan)) = (t.discard.take(), s.postcopy.as_ref()) else {
+        let _ = first.1.shutdown();
         return Ok(());
     };
-    let fault = plan.fault.lock().unwrap_or_else(|e| e.into_inner()).take();
-    let (reason, rounds_before) = plan
-        .reason
-        .lock()
-        .unwrap_or_else(|e| e.into_inner())
-        .take()
-        .unwrap_or_default();
-    let fault = fault.ok_or_else(|| interrupted(discard.count(), "no fault connection".into()))?;
+    let (reason, rounds_before) = lock(&plan.reason).take().unwrap_or_default();
     let started = Instant::now();
-    let mut reconnect = plan
-        .reconnect
-        .lock()
-        .unwrap_or_else(|e| e.into_inner())
-        .take();
-    let mut report = serve(t, discard, fault, &mut reconnect, s.config.io_timeout)?;
+    let mut reconnect = lock(&plan.reconnect).take();
+    let mut report = serve(
+        t,
+        shared,
+        discard,
+        first,
+        &mut reconnect,
+        s.config.io_timeout,
+    )?;
     report.reason = reason;
     report.rounds_before = rounds_before;
     report.switch_to_complete_ms = ms(started.elapsed());
@@ -369,29 +422,43 @@ struct Shared<'r> {
     requests: Mutex<(u64, u64)>,
 }
 
+impl<'r> Shared<'r> {
+    fn new(ram: &'r HostRam<'r>, layout: &'r MemoryLayout) -> Self {
+        Shared {
+            ram,
+            layout,
+            unsent: Mutex::new(DirtyBitmap::new(layout)),
+            hint: Mutex::new(None),
+            stop: AtomicBool::new(false),
+            requests: Mutex::new((0, 0)),
+        }
+    }
+}
+
 fn serve(
     t: &mut Tracking<'_>,
+    shared: &Shared<'_>,
     discard: DirtyBitmap,
-    fault: Box<dyn Transport>,
+    first: FirstServer<'_>,
     reconnect: &mut Option<Reconnect>,
     io_timeout: std::time::Duration,
 ) -> Result<PostcopySourceReport, MigrationError> {
-    let ram = t.sender.ram.clone();
     let layout = t.sender.layout.clone();
     let discard_pages = discard.count();
-    let shared = Shared {
-        ram: &ram,
-        layout: &layout,
-        unsent: Mutex::new(discard),
-        hint: Mutex::new(None),
-        stop: AtomicBool::new(false),
-        requests: Mutex::new((0, 0)),
-    };
-    let mut fault = fault;
+    *lock(&shared.unsent) = discard;
     let mut pushed_pages = 0;
     let mut reconnects = 0;
+    let mut first = Some(first);
+    let mut fault = None;
     loop {
-        let why = match shared.attempt(t, fault, &mut pushed_pages) {
+        let r = match (first.take(), fault.take()) {
+            (Some((server, stopper)), _) => {
+                shared.attempt_first(t, server, stopper, &mut pushed_pages)
+            }
+            (None, Some(f)) => shared.attempt(t, f, &mut pushed_pages),
+            (None, None) => Err("no fault connection".into()),
+        };
+        let why = match r {
             Ok(()) => break,
             Err(why) => why,
         };
@@ -416,7 +483,7 @@ fn serve(
             unsent.set_range(run.region as usize, run.first_page, run.npages);
         }
         *lock(&shared.unsent) = unsent;
-        fault = next_fault;
+        fault = Some(next_fault);
     }
     let (requests, requested_pages) = *lock(&shared.requests);
     Ok(PostcopySourceReport {
@@ -437,6 +504,27 @@ fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
 const PUSH_PAGES: u64 = 256;
 
 impl Shared<'_> {
+    /// The first pair of connections: the request server runs already
+    /// (since the switch); the push, until the destination has every page
+    /// (`Ok`) or a connection broke.
+    fn attempt_first(
+        &self,
+        t: &mut Tracking<'_>,
+        server: std::thread::ScopedJoinHandle<'_, Result<(), String>>,
+        stopper: Box<dyn Transport>,
+        pushed: &mut u64,
+    ) -> Result<(), String> {
+        let r = self.push(t, pushed);
+        self.stop.store(true, Ordering::SeqCst);
+        let _ = stopper.shutdown();
+        match (r, server.join()) {
+            (Ok(()), Ok(Ok(()))) => Ok(()),
+            (Err(e), _) => Err(e),
+            (_, Ok(Err(why))) => Err(why),
+            (_, Err(_)) => Err("the request server panicked".into()),
+        }
+    }
+
     /// One pair of connections: the request server and the push, until
     /// the destination has every page (`Ok`) or a connection broke.
     fn attempt(
