@@ -10,7 +10,7 @@ use std::time::Instant;
 use super::{commit, handshake, memory, ms, Link, ReceiveConfig, ReceiveReport};
 use crate::control::{self, unexpected, ControlReader};
 use crate::error::{ErrorKind, MigrationError, Phase};
-use crate::protocol::{HelloReply, MsgKind, State, PROTOCOL_VERSION};
+use crate::protocol::{HelloReply, MsgKind, State};
 use crate::state::Section;
 use crate::transport::Transport;
 use crate::vm::{DestinationVm, VmDescription, VmError};
@@ -39,23 +39,10 @@ where
     config
         .validate()
         .map_err(|e| MigrationError::new(Phase::Handshake, e))?;
-    let (control, fw) = control::open(transport, config.io_timeout)?;
-    let mut link = Link {
-        control,
-        fw,
-        version: PROTOCOL_VERSION,
-        granted: 1,
-        postcopy: false,
-    };
-    let result = run(&mut link, create);
-    if let Err(e) = &result {
-        if !matches!(e.kind, ErrorKind::Remote { .. } | ErrorKind::Cancelled) {
-            let abandoned = e.phase == Phase::Completion && link.version >= 3;
-            control::send_failure(&mut link.fw, e, abandoned);
-        }
-        log::warn!("{e}");
-    }
-    result
+    let never = crate::source::CancelToken::new();
+    super::on_link(transport, config.io_timeout, &never, |link| {
+        run(link, create)
+    })
 }
 
 /// Handshake (with the identity check), state, commit.

@@ -177,19 +177,32 @@ where
         return Err(MigrationError::new(hs, ErrorKind::Cancelled));
     }
     cancel.attach(transport.try_clone().ok());
-    let result = control::open(transport, call.config.io_timeout).and_then(|(control, fw)| {
-        let mut link = Link {
-            control,
-            fw,
-            version: PROTOCOL_VERSION,
-            granted: 1,
-            postcopy: false,
-        };
-        let r = run(&mut link, acceptor, call, create);
-        r.map_err(|e| fail(&mut link, e, cancel))
+    let timeout = call.config.io_timeout;
+    let result = on_link(transport, timeout, cancel, |link| {
+        run(link, acceptor, call, create)
     });
     cancel.detach_all();
     result
+}
+
+/// Opens the control connection (reads time out after `io_timeout`) and
+/// runs `body` on it; a failure is named and reported to the source as
+/// [`fail`] says. Every entry point of the destination goes through here.
+pub(super) fn on_link<T>(
+    transport: Box<dyn Transport>,
+    io_timeout: Duration,
+    cancel: &CancelToken,
+    body: impl FnOnce(&mut Link) -> Result<T, MigrationError>,
+) -> Result<T, MigrationError> {
+    let (control, fw) = control::open(transport, io_timeout)?;
+    let mut link = Link {
+        control,
+        fw,
+        version: PROTOCOL_VERSION,
+        granted: 1,
+        postcopy: false,
+    };
+    body(&mut link).map_err(|e| fail(&mut link, e, cancel))
 }
 
 /// A failed reception: a cancel is named as such, and the source is told

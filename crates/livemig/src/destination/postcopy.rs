@@ -20,7 +20,7 @@ use crate::error::{ErrorKind, MigrationError, Phase};
 use crate::memory::{MemoryLayout, PAGE_SIZE};
 use crate::protocol::{
     decompress_pages, page_records, FrameReader, FrameWriter, Go, MsgKind, PageRequest, PageRun,
-    PostcopyComplete, PostcopyResume, PostcopySwitch, Ready, Resumed, PROTOCOL_VERSION,
+    PostcopyComplete, PostcopyResume, PostcopySwitch, Ready, Resumed,
 };
 use crate::transport::{StreamAcceptor, Transport};
 use crate::vm::{DestinationVm, VmDescription, VmError};
@@ -239,23 +239,10 @@ where
     config
         .validate()
         .map_err(|e| MigrationError::new(Phase::Handshake, e))?;
-    let (control, fw) = control::open(transport, config.io_timeout)?;
-    let mut link = Link {
-        control,
-        fw,
-        version: PROTOCOL_VERSION,
-        granted: 1,
-        postcopy: false,
-    };
-    let result = run(&mut link, fault, acceptor, config, create, pager, reconnect);
-    if let Err(e) = &result {
-        if !matches!(e.kind, ErrorKind::Remote { .. } | ErrorKind::Cancelled) {
-            let abandoned = e.phase == Phase::Completion && link.version >= 3;
-            control::send_failure(&mut link.fw, e, abandoned);
-        }
-        log::warn!("{e}");
-    }
-    result
+    let never = crate::source::CancelToken::new();
+    super::on_link(transport, config.io_timeout, &never, |link| {
+        run(link, fault, acceptor, config, create, pager, reconnect)
+    })
 }
 
 fn run<V, F, P>(

@@ -514,6 +514,19 @@ impl Shared<'_> {
         stopper: Box<dyn Transport>,
         pushed: &mut u64,
     ) -> Result<(), String> {
+        self.push_while_serving(t, server, &*stopper, pushed)
+    }
+
+    /// Pushes the pages while `server` answers requests; then stops the
+    /// server (shutting its connection down through `stopper`) and returns
+    /// the first failure of either.
+    fn push_while_serving(
+        &self,
+        t: &mut Tracking<'_>,
+        server: std::thread::ScopedJoinHandle<'_, Result<(), String>>,
+        stopper: &dyn Transport,
+        pushed: &mut u64,
+    ) -> Result<(), String> {
         let r = self.push(t, pushed);
         self.stop.store(true, Ordering::SeqCst);
         let _ = stopper.shutdown();
@@ -538,15 +551,7 @@ impl Shared<'_> {
         self.stop.store(false, Ordering::SeqCst);
         std::thread::scope(|scope| {
             let server = scope.spawn(|| self.answer(FrameReader::new(fault_rx), fault));
-            let r = self.push(t, pushed);
-            self.stop.store(true, Ordering::SeqCst);
-            let _ = stopper.shutdown();
-            match (r, server.join()) {
-                (Ok(()), Ok(Ok(()))) => Ok(()),
-                (Err(e), _) => Err(e),
-                (_, Ok(Err(why))) => Err(why),
-                (_, Err(_)) => Err("the request server panicked".into()),
-            }
+            self.push_while_serving(t, server, &*stopper, pushed)
         })
     }
 
