@@ -493,18 +493,15 @@ fn ctrl_c_during_auto_cancels_and_tries_no_other_host() {
     }
 }
 
-/// The pids of `pid`'s children (every thread's).
-fn children_of(pid: u32) -> Vec<u32> {
-    let tasks = std::fs::read_dir(format!("/proc/{pid}/task")).unwrap();
-    tasks
-        .flatten()
-        .filter_map(|t| std::fs::read_to_string(t.path().join("children")).ok())
-        .flat_map(|s| {
-            s.split_whitespace()
-                .filter_map(|p| p.parse().ok())
-                .collect::<Vec<u32>>()
-        })
-        .collect()
+/// The pid of the process whose command line contains `needle` (a path
+/// only that process was given), if any.
+fn pid_with_arg(needle: &str) -> Option<u32> {
+    std::fs::read_dir("/proc").ok()?.flatten().find_map(|e| {
+        let pid: u32 = e.file_name().to_str()?.parse().ok()?;
+        let cmdline = std::fs::read(e.path().join("cmdline")).ok()?;
+        let args = String::from_utf8_lossy(&cmdline);
+        args.split('\0').any(|a| a == needle).then_some(pid)
+    })
 }
 
 /// Whether `pid` is gone or a zombie.
@@ -530,9 +527,8 @@ fn a_receiver_started_by_the_agent_stops_on_sigterm() {
     let agent = Agent::start(&dir, "hostS", &["--memory-mib", "512"]);
     let r = agent.ask(&json!({"cmd":"prepare-receive","vm":"v","memory_mib":64,"vcpus":1}));
     assert_eq!(r["result"], "ok", "{r}");
-    let kids = children_of(agent.child.id());
-    assert_eq!(kids.len(), 1, "the agent's children: {kids:?}");
-    let rx = kids[0];
+    let api = r["api_socket"].as_str().expect("the receiver's API socket");
+    let rx = pid_with_arg(api).unwrap_or_else(|| panic!("no process was started with {api}"));
     let status = std::fs::read_to_string(format!("/proc/{rx}/status")).unwrap();
     let blocked = status
         .lines()
