@@ -442,15 +442,23 @@ fn vcpu_summary() -> Option<String> {
     Some(md)
 }
 
-/// Builds the refvmm example if it is missing (`cargo bench` does not build examples).
+/// Builds the refvmm example (`cargo bench` does not build examples), every
+/// time: cargo does nothing when it is up to date, and a binary left from an
+/// older checkout would otherwise be measured silently. With `REFVMM=` set,
+/// that binary is used as it is.
 fn ensure_refvmm() {
-    if !refvmm_path().exists() {
-        let st = std::process::Command::new(env!("CARGO"))
-            .args(["build", "--release", "--example", "refvmm"])
-            .status()
-            .expect("cargo build");
-        assert!(st.success());
+    if std::env::var_os("REFVMM").is_some() {
+        return;
     }
+    let st = std::process::Command::new(env!("CARGO"))
+        .args(["build", "--release", "--example", "refvmm"])
+        .status()
+        .expect("cargo build");
+    assert!(
+        st.success(),
+        "cargo build --release --example refvmm failed"
+    );
+    assert!(refvmm_path().exists(), "no refvmm at {:?}", refvmm_path());
 }
 
 fn memcpy_gbs() -> f64 {
