@@ -290,21 +290,7 @@ where
         report.total_ms = ms(started.elapsed());
         return Ok((vm, report));
     };
-    if !link.postcopy {
-        let e = ErrorKind::Unexpected {
-            got: "PostcopySwitch".into(),
-            expected: "Pages, RoundEnd, State or Complete (post-copy was not granted)",
-        };
-        return Err(MigrationError::new(Phase::FinalMemory, e));
-    }
-    let discard = discard_bitmap(&layout, &switch);
-    let fm = Phase::FinalMemory;
-    let pager = pager(&vm, &layout).map_err(|e| MigrationError::new(fm, e))?;
-    let armed = Instant::now();
-    pager
-        .arm(&discard)
-        .map_err(|e| MigrationError::new(fm, vm_error(e)))?;
-    let arm_ms = ms(armed.elapsed());
+    let (pager, discard, arm_ms) = arm(link, &vm, &layout, &switch, pager)?;
     // The page server runs from here, before the restore: a device whose
     // restore reads guest memory (a virtio queue) faults on a missing page
     // like a vCPU does, and the source answers requests from the switch on.
@@ -359,6 +345,36 @@ fn vm_error(e: PostcopyError) -> VmError {
 
 /// The pages of `switch` as a bitmap (the runs were checked against the
 /// layout when the frame arrived).
+/// The switch to post-copy (refused unless granted): builds the installer
+/// for `vm` and arms every page the source has not sent. Returns the
+/// installer, those pages and how long arming took (ms).
+fn arm<V, P>(
+    link: &Link,
+    vm: &V,
+    layout: &MemoryLayout,
+    switch: &PostcopySwitch,
+    pager: P,
+) -> Result<(Box<dyn PostcopyMemory>, DirtyBitmap, f64), MigrationError>
+where
+    P: FnOnce(&V, &MemoryLayout) -> Result<Box<dyn PostcopyMemory>, VmError>,
+{
+    let fm = Phase::FinalMemory;
+    if !link.postcopy {
+        let e = ErrorKind::Unexpected {
+            got: "PostcopySwitch".into(),
+            expected: "Pages, RoundEnd, State or Complete (post-copy was not granted)",
+        };
+        return Err(MigrationError::new(fm, e));
+    }
+    let discard = discard_bitmap(layout, switch);
+    let pager = pager(vm, layout).map_err(|e| MigrationError::new(fm, e))?;
+    let armed = Instant::now();
+    pager
+        .arm(&discard)
+        .map_err(|e| MigrationError::new(fm, vm_error(e)))?;
+    Ok((pager, discard, ms(armed.elapsed())))
+}
+
 fn discard_bitmap(layout: &MemoryLayout, switch: &PostcopySwitch) -> DirtyBitmap {
     let mut b = DirtyBitmap::new(layout);
     for r in &switch.discard {

@@ -184,7 +184,6 @@ fn handshake(
 
 /// The paused part: save, send the state, `Ready`, `Go`. The error's flag
 /// says whether the outcome is ambiguous (the source must stay paused).
-#[allow(clippy::too_many_arguments)]
 fn switchover<V: SourceVm + ?Sized>(
     vm: &V,
     control: &mut ControlReader,

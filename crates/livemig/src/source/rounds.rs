@@ -67,9 +67,7 @@ impl PageSender<'_> {
                             bitmap,
                             tracker.as_deref_mut(),
                             &mut populated,
-                            region,
-                            chunk,
-                            chunk_end,
+                            (region, chunk, chunk_end),
                             cancel,
                             phase,
                         )?;
@@ -123,21 +121,19 @@ impl PageSender<'_> {
         Ok(skip)
     }
 
-    /// Sends the pages of `bitmap` in `chunk..end` of `region` (one chunk):
-    /// re-armed first with a `tracker`, narrowed to the populated ones in
-    /// round 0.
-    #[allow(clippy::too_many_arguments)]
+    /// Sends the pages of `bitmap` in `span` = (region, `chunk..end`) (one
+    /// chunk): re-armed first with a `tracker`, narrowed to the populated
+    /// ones in round 0.
     fn send_chunk(
         &mut self,
         bitmap: &DirtyBitmap,
         tracker: Option<&mut (dyn DirtyTracker + '_)>,
         populated: &mut Vec<bool>,
-        region: usize,
-        chunk: u64,
-        end: u64,
+        span: (usize, u64, u64),
         cancel: &CancelToken,
         phase: Phase,
     ) -> Result<(), MigrationError> {
+        let (region, chunk, end) = span;
         // Keep the connection (the control one, or the only one) alive
         // through long stretches of clearing or of pages that travel on
         // other streams.
