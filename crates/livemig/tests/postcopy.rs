@@ -188,6 +188,25 @@ fn migrate(src: &SoftVm, pc: PostcopyConfig, config: &MigrationConfig) -> Outcom
 
 /// A migration whose source control connection and destination fault
 /// connection go through `src_control` and `dst_fault`.
+/// Pure post-copy: the switch before the first round, never on a
+/// prediction.
+fn pure() -> PostcopyConfig {
+    PostcopyConfig {
+        after_rounds: 0,
+        on_non_convergence: false,
+        ..Default::default()
+    }
+}
+
+/// Wraps a connection so that it breaks (`Fault::Drop`: shut down like a
+/// reset) right before the `n`-th frame of `kind` (counted from 0).
+fn drop_frame(kind: MsgKind, n: u32) -> impl FnOnce(Box<dyn Transport>) -> Box<dyn Transport> {
+    move |t| {
+        let (t, _) = FaultTransport::new(t, Fault::Drop.at(At::kind(kind, n)));
+        Box::new(t)
+    }
+}
+
 fn migrate_with(
     src: &SoftVm,
     pc: PostcopyConfig,
@@ -275,11 +294,7 @@ fn pure_postcopy_serves_a_fault_and_pushes_the_rest() {
     let src = SoftVm::new(&layout(), &SoftConfig::default()).unwrap();
     src.fill(7);
     src.start();
-    let pc = PostcopyConfig {
-        after_rounds: 0,
-        on_non_convergence: false,
-        ..Default::default()
-    };
+    let pc = pure();
     let o = migrate(&src, pc, &MigrationConfig::default());
     let rp = o.report.postcopy.clone().expect("switched to post-copy");
     assert_eq!(rp.rounds_before, 0);
@@ -334,23 +349,13 @@ fn a_broken_link_during_postcopy_leaves_missing_pages_missing() {
     let src = SoftVm::new(&layout(), &SoftConfig::default()).unwrap();
     src.fill(5);
     src.start();
-    let pc = PostcopyConfig {
-        after_rounds: 0,
-        on_non_convergence: false,
-        ..Default::default()
-    };
+    let pc = pure();
     let vcpu = Vcpu::new(Duration::from_millis(300));
     // The control connection drops before the third pushed frame (pages
     // 0..512 arrived, the rest never); the destination's first request is
     // lost too, so the "vCPU"'s page (the last one) cannot arrive.
-    let cut_push = |t: Box<dyn Transport>| -> Box<dyn Transport> {
-        let (t, _) = FaultTransport::new(t, Fault::Drop.at(At::kind(MsgKind::Pages, 2)));
-        Box::new(t)
-    };
-    let cut_requests = |t: Box<dyn Transport>| -> Box<dyn Transport> {
-        let (t, _) = FaultTransport::new(t, Fault::Drop.at(At::kind(MsgKind::PageRequest, 0)));
-        Box::new(t)
-    };
+    let cut_push = drop_frame(MsgKind::Pages, 2);
+    let cut_requests = drop_frame(MsgKind::PageRequest, 0);
     let (dest, report) = migrate_with(
         &src,
         pc,
@@ -446,18 +451,11 @@ fn a_broken_fault_connection_costs_latency_not_completion() {
     let src = SoftVm::new(&layout(), &SoftConfig::default()).unwrap();
     src.fill(6);
     src.start();
-    let pc = PostcopyConfig {
-        after_rounds: 0,
-        on_non_convergence: false,
-        ..Default::default()
-    };
+    let pc = pure();
     let vcpu = Vcpu::new(Duration::from_secs(30));
     // The destination's first request never leaves: its fault connection
     // drops. The push still brings the page the "vCPU" waits for.
-    let cut_requests = |t: Box<dyn Transport>| -> Box<dyn Transport> {
-        let (t, _) = FaultTransport::new(t, Fault::Drop.at(At::kind(MsgKind::PageRequest, 0)));
-        Box::new(t)
-    };
+    let cut_requests = drop_frame(MsgKind::PageRequest, 0);
     let (dest, report) = migrate_with(
         &src,
         pc,
@@ -489,23 +487,13 @@ fn a_broken_link_during_postcopy_resumes_on_new_connections() {
     let src = SoftVm::new(&layout(), &SoftConfig::default()).unwrap();
     src.fill(8);
     src.start();
-    let pc = PostcopyConfig {
-        after_rounds: 0,
-        on_non_convergence: false,
-        ..Default::default()
-    };
+    let pc = pure();
     let vcpu = Vcpu::new(Duration::from_secs(30));
     *vcpu.reconnect.lock().unwrap() = Some(NewPair::new());
     // As in the test above: the push breaks off after two frames and the
     // first request is lost; then both sides continue on a new pair.
-    let cut_push = |t: Box<dyn Transport>| -> Box<dyn Transport> {
-        let (t, _) = FaultTransport::new(t, Fault::Drop.at(At::kind(MsgKind::Pages, 2)));
-        Box::new(t)
-    };
-    let cut_requests = |t: Box<dyn Transport>| -> Box<dyn Transport> {
-        let (t, _) = FaultTransport::new(t, Fault::Drop.at(At::kind(MsgKind::PageRequest, 0)));
-        Box::new(t)
-    };
+    let cut_push = drop_frame(MsgKind::Pages, 2);
+    let cut_requests = drop_frame(MsgKind::PageRequest, 0);
     let (dest, report) = migrate_with(
         &src,
         pc,
@@ -565,11 +553,7 @@ fn a_slow_push_keeps_the_destination_listening() {
             &mut || None,
         )
     });
-    let pc = PostcopyConfig {
-        after_rounds: 0,
-        on_non_convergence: false,
-        ..Default::default()
-    };
+    let pc = pure();
     let config = MigrationConfig {
         io_timeout: timeout,
         max_bandwidth: Some(1 << 20),
@@ -591,11 +575,7 @@ fn a_restore_that_reads_guest_memory_gets_its_page_before_go() {
     let src = SoftVm::new(&layout(), &SoftConfig::default()).unwrap();
     src.fill(6);
     src.start();
-    let pc = PostcopyConfig {
-        after_rounds: 0,
-        on_non_convergence: false,
-        ..Default::default()
-    };
+    let pc = pure();
     let mut vcpu = Vcpu::new(Duration::from_secs(30));
     let record = Arc::new(Mutex::new(None));
     vcpu.restore_read = Some(record.clone());
