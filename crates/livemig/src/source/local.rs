@@ -12,7 +12,7 @@ use crate::deadline::PauseDeadline;
 use crate::error::{ErrorKind, MigrationError, Phase};
 use crate::local::LocalIdentity;
 use crate::policy::{ConfigError, MigrationConfig};
-use crate::protocol::{state_frames, Go, Hello, HelloReply, MsgKind, Ready, MAX_FRAME_PAYLOAD};
+use crate::protocol::{Go, Hello, HelloReply, Ready};
 use crate::report::{DowntimeBreakdown, Progress, Report, Status};
 use crate::transport::Transport;
 use crate::vm::SourceVm;
@@ -215,7 +215,7 @@ fn switchover<V: SourceVm + ?Sized>(
         .save_state()
         .map_err(|e| kept(MigrationError::new(Phase::State, e)))?;
     let saved = Instant::now();
-    let (state_bytes, frames) = send_state(fw, sections).map_err(expired)?;
+    let (state_bytes, frames) = super::switchover::send_state(fw, sections).map_err(expired)?;
     let ready: Ready = control.recv(Phase::Completion).map_err(expired)?;
     let ready_at = Instant::now();
     let cp = Phase::Completion;
@@ -249,22 +249,4 @@ fn switchover<V: SourceVm + ?Sized>(
         resumed.resume_us,
         (state_bytes, frames, bytes),
     ))
-}
-
-/// Sends the state frames and `Complete`.
-fn send_state(
-    fw: &mut ControlWriter,
-    sections: Vec<crate::state::Section>,
-) -> Result<(u64, u32), MigrationError> {
-    let st = Phase::State;
-    let data_bytes = sections.iter().map(|s| s.data.len() as u64).sum();
-    let frames =
-        state_frames(sections, MAX_FRAME_PAYLOAD).map_err(|e| MigrationError::new(st, e))?;
-    for state in &frames {
-        fw.send(state).map_err(|e| MigrationError::new(st, e))?;
-    }
-    fw.write_frame(MsgKind::Complete, &[])
-        .and_then(|_| fw.flush())
-        .map_err(|e| MigrationError::new(st, e))?;
-    Ok((data_bytes, frames.len() as u32))
 }

@@ -11,6 +11,7 @@ use super::rounds::merge_vmm_writes;
 use super::session::{Session, Tracking};
 use crate::bitmap::DirtyBitmap;
 use crate::commit::{commit, Commit};
+use crate::control::ControlWriter;
 use crate::deadline::PauseDeadline;
 use crate::error::{ErrorKind, MigrationError, Phase};
 use crate::protocol::{state_frames, Go, MsgKind, Ready, Resumed, MAX_FRAME_PAYLOAD};
@@ -139,7 +140,7 @@ fn copy<V: SourceVm + ?Sized>(
         final_memory(t, &bitmap)?
     };
     let mem = Instant::now();
-    let (state_bytes, state_frames) = send_state(t, sections)?;
+    let (state_bytes, state_frames) = send_state(&mut t.sender.fw, sections)?;
     let ready: Ready = t.control.recv(Phase::Completion)?;
     let times = SwitchTimes {
         pause,
@@ -174,14 +175,17 @@ fn final_memory(t: &mut Tracking<'_>, bitmap: &DirtyBitmap) -> Result<u64, Migra
     Ok(sender.counts.pages - before.pages + sender.counts.zero - before.zero)
 }
 
-/// Sends the state frames and `Complete`; returns the sections' data bytes
-/// and the number of frames.
-fn send_state(t: &mut Tracking<'_>, sections: Vec<Section>) -> Result<(u64, u32), MigrationError> {
+/// Sends the state frames and `Complete` on `fw` (the control connection);
+/// returns the sections' data bytes and the number of frames. The local
+/// hand-over sends its state with this too.
+pub(super) fn send_state(
+    fw: &mut ControlWriter,
+    sections: Vec<Section>,
+) -> Result<(u64, u32), MigrationError> {
     let st = Phase::State;
     let data_bytes = sections.iter().map(|s| s.data.len() as u64).sum();
     let frames =
         state_frames(sections, MAX_FRAME_PAYLOAD).map_err(|e| MigrationError::new(st, e))?;
-    let fw = &mut t.sender.fw;
     for state in &frames {
         fw.send(state).map_err(|e| MigrationError::new(st, e))?;
     }
