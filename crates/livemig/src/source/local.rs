@@ -58,13 +58,7 @@ pub fn migrate_local<V: SourceVm + ?Sized>(
     hello.local = Some(identity);
     let result = run(vm, transport, hello, config, cancel, progress);
     cancel.detach_all();
-    let (times, ready, resumed_us, state) = result.map_err(|mut e| {
-        if cancel.is_cancelled() && !e.is_ambiguous() {
-            e.kind = ErrorKind::Cancelled;
-        }
-        log::warn!("{e}");
-        e
-    })?;
+    let (times, ready, resumed_us, state) = result.map_err(|e| super::failed(e, cancel))?;
     let downtime_ms = ms(times.done - times.pause);
     progress(&Progress::Completed { downtime_ms });
     Ok(Report {

@@ -133,15 +133,18 @@ fn migrate_checked<V: SourceVm + ?Sized>(
     };
     let result = run(&mut s, transport, opener, desc);
     cancel.detach_all();
-    result.map_err(|mut e| {
-        // A cancel shuts the transport down; the I/O error it causes is
-        // the cancel, not a failure.
-        if cancel.is_cancelled() && !e.is_ambiguous() {
-            e.kind = ErrorKind::Cancelled;
-        }
-        log::warn!("{e}");
-        e
-    })
+    result.map_err(|e| failed(e, cancel))
+}
+
+/// A failed migration, as the caller sees it (logged): a cancel shuts the
+/// transport down, and the I/O error it causes is the cancel, not a
+/// failure — unless the outcome is ambiguous, which stays so.
+pub(super) fn failed(mut e: MigrationError, cancel: &CancelToken) -> MigrationError {
+    if cancel.is_cancelled() && !e.is_ambiguous() {
+        e.kind = ErrorKind::Cancelled;
+    }
+    log::warn!("{e}");
+    e
 }
 
 /// The phases, in order. Errors before dirty logging is on leave nothing
