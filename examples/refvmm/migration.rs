@@ -388,7 +388,7 @@ pub(crate) fn outcome_of(
             // A post-copy that broke after `Go`: the guest ran on the
             // destination, so this side must never resume it.
             let interrupted = matches!(e.kind, livemig::ErrorKind::PostcopyInterrupted { .. });
-            let ambiguous = (e.is_ambiguous() || interrupted).then(|| e.to_string());
+            let ambiguous = e.source_must_stay_paused().then(|| e.to_string());
             let status = if interrupted {
                 "postcopy-interrupted"
             } else if ambiguous.is_some() {

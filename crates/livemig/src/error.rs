@@ -272,6 +272,15 @@ impl MigrationError {
         matches!(self.kind, ErrorKind::Ambiguous(_))
     }
 
+    /// Whether the source must never resume the guest after this error:
+    /// the outcome is ambiguous ([`MigrationError::is_ambiguous`]), or a
+    /// post-copy broke after `Go` ([`ErrorKind::PostcopyInterrupted`]: the
+    /// guest ran on the destination). The engine leaves the source paused
+    /// in both cases.
+    pub fn source_must_stay_paused(&self) -> bool {
+        self.is_ambiguous() || matches!(self.kind, ErrorKind::PostcopyInterrupted { .. })
+    }
+
     /// See [`ErrorKind::is_link_failure`].
     pub fn is_link_failure(&self) -> bool {
         self.kind.is_link_failure()

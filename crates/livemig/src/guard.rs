@@ -161,11 +161,9 @@ impl MigrationGuard {
     pub(crate) fn leave<T>(&self, r: &Result<T, MigrationError>) {
         *self.lock() = match r {
             Ok(_) => GuardState::Migrated,
-            Err(e) if e.is_ambiguous() => GuardState::Ambiguous,
-            // The guest ran on the destination: never resume it here.
-            Err(e) if matches!(e.kind, ErrorKind::PostcopyInterrupted { .. }) => {
-                GuardState::Ambiguous
-            }
+            // Ambiguous, or the guest ran on the destination (post-copy):
+            // never resume it here.
+            Err(e) if e.source_must_stay_paused() => GuardState::Ambiguous,
             Err(_) => GuardState::Idle,
         };
     }
