@@ -20,7 +20,7 @@ use crate::vm::{check_layout, DestinationVm, VmDescription, VmError};
 
 /// Refuses the migration: a `HelloReply` with `reason` (best effort), and
 /// the error.
-fn refuse(fw: &mut ControlWriter, reason: String) -> MigrationError {
+pub(super) fn refuse(fw: &mut ControlWriter, reason: String) -> MigrationError {
     let _ = fw.send(&HelloReply::refused(reason.clone()));
     let _ = fw.flush();
     MigrationError::new(Phase::Handshake, ErrorKind::Refused(reason))

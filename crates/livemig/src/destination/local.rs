@@ -56,19 +56,19 @@ where
     let Some(identity) = hello.local.as_ref() else {
         let why = "this destination takes only a local hand-over (its memory is the \
                    source's), and the source asked for a migration that copies memory";
-        return Err(refuse(link, why.to_string()));
+        return Err(handshake::refuse(&mut link.fw, why.to_string()));
     };
     if link.version < 3 {
         let why = format!(
             "a local hand-over needs protocol version 3 (chose {})",
             link.version
         );
-        return Err(refuse(link, why));
+        return Err(handshake::refuse(&mut link.fw, why));
     }
     let mut vm = handshake::create_vm(&mut link.fw, &hello.desc, create)?;
     if let Err(e) = identity.check(vm.memory()) {
         let why = format!("local hand-over: {e}");
-        return Err(refuse(link, why));
+        return Err(handshake::refuse(&mut link.fw, why));
     }
     let mut reply = HelloReply::accepted(1, [0; 16]);
     reply.version = link.version;
@@ -91,16 +91,6 @@ where
         ..ReceiveReport::default()
     };
     Ok((vm, report))
-}
-
-/// Refuses with a `HelloReply` saying why.
-fn refuse(link: &mut Link, why: String) -> MigrationError {
-    let _ = control::send(
-        &mut link.fw,
-        &HelloReply::refused(why.clone()),
-        Phase::Handshake,
-    );
-    MigrationError::new(Phase::Handshake, ErrorKind::Refused(why))
 }
 
 /// The state frames until `Complete`; a page (or anything else) is refused.
