@@ -426,6 +426,22 @@ enum Incoming {
     Local(Box<dyn Transport>, crate::local::Received),
 }
 
+/// A control connection and, from a post-copy source, its fault connection.
+type ControlAndFault = (Box<dyn Transport>, Option<Box<dyn Transport>>);
+
+/// The control connection and, from a post-copy source, its fault
+/// connection: such a source connects the fault connection first (told
+/// apart by its first bytes) and the control connection next (`next`).
+fn control_and_fault(
+    first: Box<dyn Transport>,
+    next: impl FnOnce() -> Result<Box<dyn Transport>, Fail>,
+) -> Result<ControlAndFault, Fail> {
+    match classify(first).map_err(runtime)? {
+        First::Control(t) => Ok((t, None)),
+        First::Fault(f) => Ok((next()?, Some(f))),
+    }
+}
+
 fn accept_incoming(
     endpoint: &Endpoint,
     tls: Option<livemig_tls::TlsConfig>,
@@ -459,15 +475,10 @@ fn accept_incoming(
             eprintln!("refvmm: waiting for a migration on {endpoint}");
             let s = acceptor.accept().map_err(runtime)?;
             if !crate::local::is_handover(&s, Duration::from_secs(10)).map_err(runtime)? {
-                // A post-copy source's first connection is its fault
-                // connection; the control connection follows.
-                let (t, fault) = match classify(acceptor.transport(s)).map_err(runtime)? {
-                    First::Control(t) => (t, None),
-                    First::Fault(f) => {
-                        let s = acceptor.accept().map_err(runtime)?;
-                        (acceptor.transport(s), Some(f))
-                    }
-                };
+                let (t, fault) = control_and_fault(acceptor.transport(s), || {
+                    let s = acceptor.accept().map_err(runtime)?;
+                    Ok(acceptor.transport(s))
+                })?;
                 return Ok(Incoming::Remote(t, Box::new(acceptor), fault));
             }
             let received = crate::local::recv_handover(&s).map_err(runtime)?;
@@ -483,15 +494,8 @@ fn accept_incoming(
                 listener.local_endpoint()
             );
             let t = listener.accept().map_err(|e| runtime(e.to_string()))?;
-            // A post-copy source's first connection is its fault
-            // connection; the control connection follows.
-            let (t, fault) = match classify(t).map_err(runtime)? {
-                First::Control(t) => (t, None),
-                First::Fault(f) => (
-                    listener.accept().map_err(|e| runtime(e.to_string()))?,
-                    Some(f),
-                ),
-            };
+            let (t, fault) =
+                control_and_fault(t, || listener.accept().map_err(|e| runtime(e.to_string())))?;
             Ok(Incoming::Remote(
                 t,
                 Box::new(OwnedAcceptor(Some(listener))),
