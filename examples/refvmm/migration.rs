@@ -6,6 +6,7 @@ use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Duration;
 
+#[allow(deprecated)]
 use livemig::destination::postcopy::receive_postcopy_streams;
 use livemig::policy::{MigrationConfig, OnLimit};
 use livemig::source::postcopy::{PostcopyConfig, SwitchRequest};
@@ -606,6 +607,9 @@ pub(crate) fn cmd_receive(args: ReceiveArgs) -> Result<(), Fail> {
     };
     let result = match (acceptor, fault) {
         (Some(mut a), Some(fault)) => {
+            // The deprecated free function until refvmm's post-copy receive
+            // moves to `Reception::postcopy` (its pager takes the VM).
+            #[allow(deprecated)]
             let r =
                 receive_postcopy_streams(transport, fault, Some(&mut *a), &cfg, create, uffd_pager);
             drop(a);
@@ -615,7 +619,7 @@ pub(crate) fn cmd_receive(args: ReceiveArgs) -> Result<(), Fail> {
             .config(cfg)
             .accept_streams(&mut *a)
             .run(create),
-        (None, _) => livemig::destination::local::receive_local(transport, &cfg, create),
+        (None, _) => Reception::new(transport).config(cfg).local().run(create),
     };
     match result {
         Ok((

@@ -89,16 +89,16 @@ pub(crate) fn do_local(
         }
     };
     let transport = Box::new(UnixTransport::new(sock, path));
-    let result = m.guard.migrate_local(
-        &**m,
-        active.count(transport),
-        &cfg,
-        &active.cancel.clone(),
-        &mut |p| {
+    let result = livemig::Migration::new(&**m)
+        .guard(&m.guard)
+        .config(cfg.clone())
+        .cancel(active.cancel.clone())
+        .progress(|p: &Progress| {
             active.progress(p);
             progress(p);
-        },
-    );
+        })
+        .local()
+        .run(active.count(transport));
     let cancelled_by = active.cancelled_by();
     active.finish(&result);
     match &result {

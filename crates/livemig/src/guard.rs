@@ -200,9 +200,14 @@ impl MigrationGuard {
         }
     }
 
-    /// [`crate::source::local::migrate_local`] (the same-host hand-over)
-    /// under the guard, with the same states as
+    /// The same-host hand-over under the guard, with the same states as
     /// [`MigrationGuard::migrate_streams`].
+    ///
+    /// Kept for one release; use `Migration::new(vm).guard(&guard).local()`.
+    #[deprecated(
+        since = "0.2.0",
+        note = "use livemig::Migration::new(vm).guard(&guard).local()...run(transport)"
+    )]
     pub fn migrate_local<V: SourceVm + ?Sized>(
         &self,
         vm: &V,
@@ -211,10 +216,13 @@ impl MigrationGuard {
         cancel: &CancelToken,
         progress: &mut dyn FnMut(&Progress),
     ) -> Result<Report, MigrationError> {
-        self.enter()?;
-        let r = crate::source::local::migrate_local(vm, transport, config, cancel, progress);
-        self.leave(&r);
-        r
+        Migration::new(vm)
+            .guard(self)
+            .config(config.clone())
+            .cancel(cancel.clone())
+            .progress(progress)
+            .local()
+            .run(transport)
     }
 
     /// A migration under the guard (see [`MigrationGuard::migrate_streams`]).

@@ -1,15 +1,42 @@
 //! [`Reception`]: the one entry point of the destination side.
 
-use crate::error::MigrationError;
+use crate::error::{MigrationError, Phase};
+use crate::memory::{GuestMemory, MemoryLayout};
+use crate::policy::ConfigError;
 use crate::report::ReceiveProgress;
 use crate::source::CancelToken;
 use crate::transport::{StreamAcceptor, Transport};
 use crate::vm::{DestinationVm, VmDescription, VmError};
 
+use super::postcopy::{PostcopyMemory, Reconnect};
 use super::{ReceiveConfig, ReceiveReport};
 
 /// A progress callback.
 type Callback<'a> = Box<dyn FnMut(&ReceiveProgress) + 'a>;
+
+/// Builds the post-copy page installer for the new VM's memory (given to
+/// [`Reception::postcopy`]); called once, when the source switches to
+/// post-copy, before the state is restored.
+pub type Pager<'a> =
+    dyn FnOnce(&dyn GuestMemory, &MemoryLayout) -> Result<Box<dyn PostcopyMemory>, VmError> + 'a;
+
+/// What [`Reception::postcopy`] set.
+struct PostcopyPlan<'a> {
+    fault: Box<dyn Transport>,
+    pager: Box<Pager<'a>>,
+    reconnect: Option<Box<Reconnect<'a>>>,
+}
+
+/// What kind of reception [`Reception::run`] runs.
+enum Mode<'a> {
+    /// Memory copied (pre-copy), the default.
+    Copy,
+    /// Memory copied, and post-copy granted to a source that offers it.
+    Postcopy(PostcopyPlan<'a>),
+    /// The same-host hand-over: the memory is the source's, only the state
+    /// travels.
+    Local,
+}
 
 /// One incoming migration: the settings, then [`run`](Reception::run)
 /// with the function that builds the VM.
@@ -18,6 +45,7 @@ type Callback<'a> = Box<dyn FnMut(&ReceiveProgress) + 'a>;
 /// Reception::new(transport)        // the control connection from the source
 ///     .config(cfg)                 // ReceiveConfig (default: ReceiveConfig::default())
 ///     .accept_streams(acceptor)    // optional: grant page streams, accepted here
+///     .postcopy(fault, pager)      // optional: grant post-copy (or .local(): same-host hand-over)
 ///     .cancel(token.clone())       // optional: cancel from another thread
 ///     .progress(|p| log(p))        // optional: events (never while the guest is paused)
 ///     .run(|desc| make_vm(desc))?  // blocks; (VM, ReceiveReport)
@@ -59,6 +87,9 @@ pub struct Reception<'a> {
     acceptor: Option<Box<dyn StreamAcceptor + 'a>>,
     cancel: CancelToken,
     progress: Option<Callback<'a>>,
+    mode: Mode<'a>,
+    /// Both `postcopy` and `local` were asked for (refused by `run`).
+    conflict: bool,
 }
 
 impl<'a> Reception<'a> {
@@ -72,6 +103,8 @@ impl<'a> Reception<'a> {
             acceptor: None,
             cancel: CancelToken::new(),
             progress: None,
+            mode: Mode::Copy,
+            conflict: false,
         }
     }
 
@@ -111,6 +144,71 @@ impl<'a> Reception<'a> {
         self
     }
 
+    /// Grants post-copy (`docs/postcopy.md`) to a source that offers it:
+    /// `fault` is the second connection of the migration (the source's
+    /// [`crate::Migration::postcopy`] opened it), for page requests and
+    /// their answers only. When the source switches, `pager` is called
+    /// with the new VM's memory and the layout for its page installer (a
+    /// `livemig_uffd` userfaultfd pager, say); the pages still to come are
+    /// made missing before the state is restored, the VM resumes after
+    /// `Go`, and [`run`](Reception::run) returns once every page is in
+    /// (with [`ReceiveReport::postcopy`]). A source that does not switch
+    /// gets a plain pre-copy reception (`pager` is not called), and one
+    /// that asks for page streams (which rules post-copy out) gets them
+    /// when [`Reception::accept_streams`] is set.
+    ///
+    /// A failure after `Go` is [`crate::ErrorKind::PostcopyInterrupted`]
+    /// (the VM is dropped, the installer leaked: see
+    /// [`postcopy`](super::postcopy)) unless
+    /// [`Reception::postcopy_reconnect`] continues on new connections.
+    /// Cannot be combined with [`Reception::local`].
+    pub fn postcopy(
+        mut self,
+        fault: Box<dyn Transport>,
+        pager: impl FnOnce(&dyn GuestMemory, &MemoryLayout) -> Result<Box<dyn PostcopyMemory>, VmError>
+            + 'a,
+    ) -> Self {
+        self.conflict |= matches!(self.mode, Mode::Local);
+        self.mode = Mode::Postcopy(PostcopyPlan {
+            fault,
+            pager: Box::new(pager),
+            reconnect: None,
+        });
+        self
+    }
+
+    /// With [`Reception::postcopy`]: when a connection breaks after `Go`,
+    /// `reconnect` gives a new (control, fault) pair from the same source
+    /// (or `None` to give up; it decides how long to wait) and the copy
+    /// continues: the pages installed so far stay, the vCPUs waiting for a
+    /// page keep waiting. Without `postcopy` this does nothing.
+    pub fn postcopy_reconnect(
+        mut self,
+        reconnect: impl FnMut() -> Option<(Box<dyn Transport>, Box<dyn Transport>)> + 'a,
+    ) -> Self {
+        if let Mode::Postcopy(plan) = &mut self.mode {
+            plan.reconnect = Some(Box::new(reconnect));
+        }
+        self
+    }
+
+    /// Takes over a guest from a source on the same host
+    /// ([`crate::Migration::local`] there) whose memory the VM built by
+    /// `create` maps: the same shared files (memfds), at the same offsets,
+    /// as the source's `Hello` names them. No page is ever written here;
+    /// only the state travels. Refused in the handshake (with the reason
+    /// sent back): a source that does not ask for a local hand-over, one
+    /// on another host, and a VM whose memory is not the source's. Any
+    /// failure before `Go` leaves the guest running on the source.
+    ///
+    /// An acceptor given with [`Reception::accept_streams`] is not used
+    /// (one connection). Cannot be combined with [`Reception::postcopy`].
+    pub fn local(mut self) -> Self {
+        self.conflict |= matches!(self.mode, Mode::Postcopy(_));
+        self.mode = Mode::Local;
+        self
+    }
+
     /// Receives the migration. Blocks until the guest runs here (or
     /// failed).
     pub fn run<V, F>(mut self, create: F) -> Result<(V, ReceiveReport), MigrationError>
@@ -118,6 +216,16 @@ impl<'a> Reception<'a> {
         V: DestinationVm,
         F: FnOnce(&VmDescription) -> Result<V, VmError>,
     {
+        if self.conflict {
+            let e = ConfigError {
+                field: "mode",
+                value: "postcopy and local".into(),
+                rule: "a local hand-over copies no memory: choose one of Reception::postcopy \
+                       and Reception::local"
+                    .into(),
+            };
+            return Err(MigrationError::new(Phase::Handshake, e));
+        }
         let acceptor = self
             .acceptor
             .as_mut()
@@ -132,6 +240,28 @@ impl<'a> Reception<'a> {
             cancel: &self.cancel,
             progress,
         };
-        super::receive_checked(self.transport, acceptor, call, create)
+        match self.mode {
+            Mode::Copy => super::receive_checked(self.transport, acceptor, call, create),
+            Mode::Local => super::local::receive(self.transport, call, create),
+            Mode::Postcopy(plan) => {
+                let pager = plan.pager;
+                let pager = move |vm: &V, layout: &MemoryLayout| pager(vm.memory(), layout);
+                let mut never = || None;
+                let mut given = plan.reconnect;
+                let reconnect: &mut Reconnect<'_> = match given.as_mut() {
+                    Some(r) => &mut **r,
+                    None => &mut never,
+                };
+                super::postcopy::receive_inner(
+                    self.transport,
+                    plan.fault,
+                    acceptor,
+                    call,
+                    create,
+                    pager,
+                    reconnect,
+                )
+            }
+        }
     }
 }

@@ -55,6 +55,39 @@ fn wait_for_go(link: &mut Link, cancel: &CancelToken) -> Result<(), MigrationErr
     }
 }
 
+/// Says `Ready` (the state restored in `restore`) and waits for `Go`;
+/// returns once the destination is committed. A cancel from here on no
+/// longer breaks the connections, and one that came before `Go` was read
+/// fails with [`ErrorKind::Cancelled`] in the completion phase, which
+/// makes the failure path answer `Abandoned` (the VM never runs, the
+/// source resumes). Once this returned, a cancel is ignored.
+pub(super) fn ready_then_go(
+    link: &mut Link,
+    restore: Duration,
+    cancel: &CancelToken,
+) -> Result<(), MigrationError> {
+    let cp = Phase::Completion;
+    let ready = Ready {
+        restore_us: restore.as_micros() as u64,
+    };
+    // From `Ready` on the source may send `Go` at any moment: a cancel
+    // must not break the connection any more (the source, without an
+    // answer to `Go`, would stay paused as ambiguous) but only be noticed,
+    // so that the failure path can answer `Abandoned`.
+    cancel.detach_all();
+    if cancel.is_cancelled() {
+        return Err(MigrationError::new(cp, ErrorKind::Cancelled));
+    }
+    control::send(&mut link.fw, &ready, cp)?;
+    wait_for_go(link, cancel)?;
+    // Committed: from here a cancel is ignored. One that came first makes
+    // this side answer `Abandoned` (the VM never runs; the source resumes).
+    if !cancel.commit() {
+        return Err(MigrationError::new(cp, ErrorKind::Cancelled));
+    }
+    Ok(())
+}
+
 /// How long the restore and the resume took.
 pub(super) struct Timings {
     pub(super) restore: Duration,
@@ -75,25 +108,8 @@ pub(super) fn commit<V: DestinationVm>(
     vm.restore_state(sections)
         .map_err(|e| MigrationError::new(Phase::State, e))?;
     let restore = t.elapsed();
+    ready_then_go(link, restore, cancel)?;
     let cp = Phase::Completion;
-    let ready = Ready {
-        restore_us: restore.as_micros() as u64,
-    };
-    // From `Ready` on the source may send `Go` at any moment: a cancel
-    // must not break the connection any more (the source, without an
-    // answer to `Go`, would stay paused as ambiguous) but only be noticed,
-    // so that the failure path can answer `Abandoned`.
-    cancel.detach_all();
-    if cancel.is_cancelled() {
-        return Err(MigrationError::new(cp, ErrorKind::Cancelled));
-    }
-    control::send(&mut link.fw, &ready, cp)?;
-    wait_for_go(link, cancel)?;
-    // Committed: from here a cancel is ignored. One that came first makes
-    // this side answer `Abandoned` (the VM never runs; the source resumes).
-    if !cancel.commit() {
-        return Err(MigrationError::new(cp, ErrorKind::Cancelled));
-    }
     let t = Instant::now();
     if running {
         vm.resume().map_err(|e| MigrationError::new(cp, e))?;

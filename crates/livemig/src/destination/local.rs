@@ -1,4 +1,5 @@
-//! The same-host hand-over on the destination ([`receive_local`]).
+//! The same-host hand-over on the destination
+//! ([`crate::Reception::local`]).
 //!
 //! The destination's memory *is* the source's guest memory (the same
 //! shared file, mapped a second time). So this path never builds the
@@ -7,26 +8,26 @@
 
 use std::time::Instant;
 
-use super::{commit, handshake, memory, ms, Link, ReceiveConfig, ReceiveReport};
+use super::{commit, handshake, memory, ms, Call, Link, ReceiveConfig, ReceiveReport};
 use crate::control::{self, unexpected, ControlReader};
 use crate::error::{ErrorKind, MigrationError, Phase};
 use crate::protocol::{HelloReply, MsgKind, State};
+use crate::report::ReceiveProgress;
 use crate::state::Section;
 use crate::transport::Transport;
 use crate::vm::{DestinationVm, VmDescription, VmError};
 
-/// Takes over a guest from a source on the same host ([`migrate_local`]
-/// there) whose memory `create`'s VM maps: the same shared files (memfds),
-/// at the same offsets, as the source's `Hello` names them.
+/// Takes over a guest from a source on the same host whose memory
+/// `create`'s VM maps: `Reception::new(transport).config(..).local()
+/// .run(create)`.
 ///
-/// Refused in the handshake (with the reason sent back): a source that
-/// does not ask for a local hand-over, one on another host (boot id), and
-/// a VM whose memory is not the source's (another file, another offset,
-/// memory that is not a shared file). No page is ever written: the VM's
-/// memory is the source's, and the guest keeps running there if anything
-/// fails before `Go`. Returns the VM as [`crate::receive`] does.
-///
-/// [`migrate_local`]: crate::source::local::migrate_local
+/// Kept for one release so that callers keep compiling; use
+/// [`crate::Reception::local`], which says what the hand-over checks and
+/// also takes a cancel token and a progress callback.
+#[deprecated(
+    since = "0.2.0",
+    note = "use livemig::Reception::new(transport).local()...run(create)"
+)]
 pub fn receive_local<V, F>(
     transport: Box<dyn Transport>,
     config: &ReceiveConfig,
@@ -36,17 +37,32 @@ where
     V: DestinationVm,
     F: FnOnce(&VmDescription) -> Result<V, VmError>,
 {
-    config
-        .validate()
-        .map_err(|e| MigrationError::new(Phase::Handshake, e))?;
-    let never = crate::source::CancelToken::new();
-    super::on_link(transport, config.io_timeout, &never, |link| {
-        run(link, create)
-    })
+    crate::Reception::new(transport)
+        .config(config.clone())
+        .local()
+        .run(create)
+}
+
+/// The hand-over ([`crate::Reception::local`]).
+pub(super) fn receive<V, F>(
+    transport: Box<dyn Transport>,
+    call: Call<'_>,
+    create: F,
+) -> Result<(V, ReceiveReport), MigrationError>
+where
+    V: DestinationVm,
+    F: FnOnce(&VmDescription) -> Result<V, VmError>,
+{
+    let (config, cancel) = (call.config, call.cancel);
+    super::on_checked_link(transport, config, cancel, |link| run(link, call, create))
 }
 
 /// Handshake (with the identity check), state, commit.
-fn run<V, F>(link: &mut Link, create: F) -> Result<(V, ReceiveReport), MigrationError>
+fn run<V, F>(
+    link: &mut Link,
+    call: Call<'_>,
+    create: F,
+) -> Result<(V, ReceiveReport), MigrationError>
 where
     V: DestinationVm,
     F: FnOnce(&VmDescription) -> Result<V, VmError>,
@@ -70,16 +86,19 @@ where
         let why = format!("local hand-over: {e}");
         return Err(handshake::refuse(&mut link.fw, why));
     }
+    (call.progress)(&ReceiveProgress::Accepted {
+        memory_bytes: hello.desc.layout.total_bytes(),
+        vcpus: hello.desc.vcpus,
+        streams_asked: hello.streams,
+    });
     let mut reply = HelloReply::accepted(1, [0; 16]);
     reply.version = link.version;
     reply.local = true;
     control::send(&mut link.fw, &reply, Phase::Handshake)?;
     let sections = read_state(&mut link.control)?;
     let running = !hello.paused;
-    // No cancel token here yet (`Reception` does not offer the local
-    // hand-over): this one is never cancelled.
-    let never = crate::source::CancelToken::new();
-    let times = commit::commit(&mut vm, link, &sections, running, &never)?;
+    let times = commit::commit(&mut vm, link, &sections, running, call.cancel)?;
+    (call.progress)(&ReceiveProgress::Completed { running });
     let report = ReceiveReport {
         bytes: link.control.bytes_read(),
         streams: 1,

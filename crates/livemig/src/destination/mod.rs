@@ -32,7 +32,7 @@ pub mod local;
 mod memory;
 pub mod postcopy;
 
-pub use builder::Reception;
+pub use builder::{Pager, Reception};
 pub use handshake::STREAM_HELLO_TIMEOUT;
 
 /// What the destination saw.
@@ -168,19 +168,29 @@ where
     V: DestinationVm,
     F: FnOnce(&VmDescription) -> Result<V, VmError>,
 {
+    let (config, cancel) = (call.config, call.cancel);
+    on_checked_link(transport, config, cancel, |link| {
+        run(link, acceptor, call, create)
+    })
+}
+
+/// What every mode of [`Reception::run`] does around its phases: checks
+/// the settings and the cancel token, lets a cancel shut `transport` down
+/// (until `Ready`: see `commit`), and runs `body` on the control
+/// connection ([`on_link`]).
+pub(super) fn on_checked_link<T>(
+    transport: Box<dyn Transport>,
+    config: &ReceiveConfig,
+    cancel: &CancelToken,
+    body: impl FnOnce(&mut Link) -> Result<T, MigrationError>,
+) -> Result<T, MigrationError> {
     let hs = Phase::Handshake;
-    call.config
-        .validate()
-        .map_err(|e| MigrationError::new(hs, e))?;
-    let cancel = call.cancel;
+    config.validate().map_err(|e| MigrationError::new(hs, e))?;
     if cancel.is_cancelled() {
         return Err(MigrationError::new(hs, ErrorKind::Cancelled));
     }
     cancel.attach(transport.try_clone().ok());
-    let timeout = call.config.io_timeout;
-    let result = on_link(transport, timeout, cancel, |link| {
-        run(link, acceptor, call, create)
-    });
+    let result = on_link(transport, config.io_timeout, cancel, body);
     cancel.detach_all();
     result
 }

@@ -19,8 +19,8 @@ use crate::control::{self, unexpected};
 use crate::error::{ErrorKind, MigrationError, Phase};
 use crate::memory::{MemoryLayout, PAGE_SIZE};
 use crate::protocol::{
-    decompress_pages, page_records, FrameReader, FrameWriter, Go, MsgKind, PageRequest, PageRun,
-    PostcopyComplete, PostcopyResume, PostcopySwitch, Ready, Resumed,
+    decompress_pages, page_records, FrameReader, FrameWriter, MsgKind, PageRequest, PageRun,
+    PostcopyComplete, PostcopyResume, PostcopySwitch, Resumed,
 };
 use crate::transport::{StreamAcceptor, Transport};
 use crate::vm::{DestinationVm, VmDescription, VmError};
@@ -153,6 +153,14 @@ pub struct PostcopyStats {
 /// zero). Pages that never arrived were never installed, so nothing read a
 /// wrong page. [`receive_postcopy_resumable`] continues over new
 /// connections instead.
+///
+/// Kept for one release so that callers keep compiling; use
+/// [`crate::Reception::postcopy`], which also takes a cancel token and a
+/// progress callback.
+#[deprecated(
+    since = "0.2.0",
+    note = "use livemig::Reception::new(transport).postcopy(fault, pager)...run(create)"
+)]
 pub fn receive_postcopy<V, F, P>(
     transport: Box<dyn Transport>,
     fault: Box<dyn Transport>,
@@ -165,13 +173,44 @@ where
     F: FnOnce(&VmDescription) -> Result<V, VmError>,
     P: FnOnce(&V, &MemoryLayout) -> Result<Box<dyn PostcopyMemory>, VmError>,
 {
-    receive_postcopy_resumable(transport, fault, config, create, pager, &mut || None)
+    legacy(transport, fault, None, config, create, pager, &mut || None)
+}
+
+/// What the deprecated functions run: no cancel, no progress.
+fn legacy<V, F, P>(
+    transport: Box<dyn Transport>,
+    fault: Box<dyn Transport>,
+    acceptor: Option<&mut dyn StreamAcceptor>,
+    config: &ReceiveConfig,
+    create: F,
+    pager: P,
+    reconnect: &mut Reconnect<'_>,
+) -> Result<(V, ReceiveReport), MigrationError>
+where
+    V: DestinationVm,
+    F: FnOnce(&VmDescription) -> Result<V, VmError>,
+    P: FnOnce(&V, &MemoryLayout) -> Result<Box<dyn PostcopyMemory>, VmError>,
+{
+    let call = super::Call {
+        config,
+        cancel: &crate::source::CancelToken::new(),
+        progress: &mut |_| {},
+    };
+    receive_inner(transport, fault, acceptor, call, create, pager, reconnect)
 }
 
 /// Like [`receive_postcopy`], and grants page streams (accepted from
 /// `acceptor`, as [`crate::receive_streams`] does) to a source that asks
 /// for them — such a source does not use post-copy (`migrate_postcopy`
 /// refuses streams), so one call serves both kinds of source.
+///
+/// Kept for one release so that callers keep compiling; use
+/// [`crate::Reception::postcopy`] with
+/// [`crate::Reception::accept_streams`].
+#[deprecated(
+    since = "0.2.0",
+    note = "use livemig::Reception::new(transport).postcopy(fault, pager).accept_streams(acceptor)...run(create)"
+)]
 pub fn receive_postcopy_streams<V, F, P>(
     transport: Box<dyn Transport>,
     fault: Box<dyn Transport>,
@@ -185,7 +224,7 @@ where
     F: FnOnce(&VmDescription) -> Result<V, VmError>,
     P: FnOnce(&V, &MemoryLayout) -> Result<Box<dyn PostcopyMemory>, VmError>,
 {
-    receive_inner(
+    legacy(
         transport,
         fault,
         acceptor,
@@ -206,6 +245,14 @@ pub type Reconnect<'a> = dyn FnMut() -> Option<(Box<dyn Transport>, Box<dyn Tran
 /// missing ([`PostcopyResume`]) as the first frame of the new control
 /// connection and asks again for the pages vCPUs wait for. The pages
 /// installed so far stay; the vCPUs keep waiting meanwhile.
+///
+/// Kept for one release so that callers keep compiling; use
+/// [`crate::Reception::postcopy`] with
+/// [`crate::Reception::postcopy_reconnect`].
+#[deprecated(
+    since = "0.2.0",
+    note = "use livemig::Reception::new(transport).postcopy(fault, pager).postcopy_reconnect(r)...run(create)"
+)]
 pub fn receive_postcopy_resumable<V, F, P>(
     transport: Box<dyn Transport>,
     fault: Box<dyn Transport>,
@@ -219,14 +266,16 @@ where
     F: FnOnce(&VmDescription) -> Result<V, VmError>,
     P: FnOnce(&V, &MemoryLayout) -> Result<Box<dyn PostcopyMemory>, VmError>,
 {
-    receive_inner(transport, fault, None, config, create, pager, reconnect)
+    legacy(transport, fault, None, config, create, pager, reconnect)
 }
 
-fn receive_inner<V, F, P>(
+/// The post-copy reception ([`crate::Reception::postcopy`]): the settings,
+/// cancel token and progress callback in `call`.
+pub(super) fn receive_inner<V, F, P>(
     transport: Box<dyn Transport>,
     fault: Box<dyn Transport>,
     acceptor: Option<&mut dyn StreamAcceptor>,
-    config: &ReceiveConfig,
+    call: super::Call<'_>,
     create: F,
     pager: P,
     reconnect: &mut Reconnect<'_>,
@@ -236,12 +285,9 @@ where
     F: FnOnce(&VmDescription) -> Result<V, VmError>,
     P: FnOnce(&V, &MemoryLayout) -> Result<Box<dyn PostcopyMemory>, VmError>,
 {
-    config
-        .validate()
-        .map_err(|e| MigrationError::new(Phase::Handshake, e))?;
-    let never = crate::source::CancelToken::new();
-    super::on_link(transport, config.io_timeout, &never, |link| {
-        run(link, fault, acceptor, config, create, pager, reconnect)
+    let (config, cancel) = (call.config, call.cancel);
+    super::on_checked_link(transport, config, cancel, |link| {
+        run(link, fault, acceptor, call, create, pager, reconnect)
     })
 }
 
@@ -249,7 +295,7 @@ fn run<V, F, P>(
     link: &mut Link,
     fault: Box<dyn Transport>,
     acceptor: Option<&mut dyn StreamAcceptor>,
-    config: &ReceiveConfig,
+    call: super::Call<'_>,
     create: F,
     pager: P,
     reconnect: &mut Reconnect<'_>,
@@ -260,16 +306,24 @@ where
     P: FnOnce(&V, &MemoryLayout) -> Result<Box<dyn PostcopyMemory>, VmError>,
 {
     let started = Instant::now();
-    // Post-copy's entry points take no cancel token yet (`Reception` does
-    // not offer post-copy): this one is never cancelled.
-    let never = crate::source::CancelToken::new();
+    let (config, cancel) = (call.config, call.cancel);
+    // A cancel before `Ready` breaks the fault connection too.
+    cancel.attach(fault.try_clone().ok());
     let hello = handshake::read_hello(link)?;
     link.postcopy = hello.postcopy;
     let layout = hello.desc.layout.clone();
     let mut vm = handshake::create_vm(&mut link.fw, &hello.desc, create)?;
     let received = {
         let ram = handshake::prepare_memory(&mut link.fw, &vm, &layout, hello.local.as_ref())?;
-        let readers = handshake::reply(link, acceptor, hello.streams, config.io_timeout, &never)?;
+        (call.progress)(&super::ReceiveProgress::Accepted {
+            memory_bytes: layout.total_bytes(),
+            vcpus: hello.desc.vcpus,
+            streams_asked: hello.streams,
+        });
+        let readers = handshake::reply(link, acceptor, hello.streams, config.io_timeout, cancel)?;
+        for r in &readers {
+            cancel.attach(r.get_ref().try_clone().ok());
+        }
         memory::receive(&mut link.control, readers, &layout, &ram)?
     };
     let running = !hello.paused;
@@ -283,7 +337,8 @@ where
         ..ReceiveReport::default()
     };
     let Some(switch) = received.switch else {
-        let times = super::commit::commit(&mut vm, link, &received.sections, running, &never)?;
+        let times = super::commit::commit(&mut vm, link, &received.sections, running, cancel)?;
+        (call.progress)(&super::ReceiveProgress::Completed { running });
         report.restore_ms = ms(times.restore);
         report.resume_ms = ms(times.resume);
         report.bytes = link.control.bytes_read();
@@ -303,9 +358,9 @@ where
         vm.restore_state(sections)
             .map_err(|e| MigrationError::new(Phase::State, e))?;
         restore_ms = ms(t.elapsed());
-        let restore_us = t.elapsed().as_micros() as u64;
-        control::send(&mut link.fw, &Ready { restore_us }, cp)?;
-        link.control.recv::<Go>(cp)?;
+        // `Ready`, then `Go`: a cancel until `Go` was read abandons the
+        // migration (the source resumes); from `Go` on it is ignored.
+        super::commit::ready_then_go(link, t.elapsed(), cancel)?;
         let t = Instant::now();
         if running {
             vm.resume().map_err(|e| MigrationError::new(cp, e))?;
@@ -325,6 +380,7 @@ where
     report.postcopy = Some(PostcopyStats { arm_ms, ..stats.0 });
     report.bytes = link.control.bytes_read();
     report.total_ms = ms(started.elapsed());
+    (call.progress)(&super::ReceiveProgress::Completed { running });
     Ok((vm, report))
 }
 

@@ -21,6 +21,7 @@ type Callback<'a> = Box<dyn FnMut(&Progress) + 'a>;
 ///     .cancel(token.clone())       // optional: cancel from another thread
 ///     .progress(|p| log(p))        // optional: events (see below)
 ///     .guard(&guard)               // optional: under the VM's MigrationGuard
+///     .postcopy(fault, pc)         // optional: offer post-copy (or .local(): same-host hand-over)
 ///     .run(transport)?             // blocks until done; Report
 /// ```
 ///
@@ -67,6 +68,7 @@ pub struct Migration<'a, V: SourceVm + ?Sized> {
     progress: Option<Callback<'a>>,
     guard: Option<&'a MigrationGuard>,
     postcopy: Option<super::postcopy::Plan>,
+    local: bool,
 }
 
 impl<'a, V: SourceVm + ?Sized> Migration<'a, V> {
@@ -81,6 +83,7 @@ impl<'a, V: SourceVm + ?Sized> Migration<'a, V> {
             progress: None,
             guard: None,
             postcopy: None,
+            local: false,
         }
     }
 
@@ -152,6 +155,29 @@ impl<'a, V: SourceVm + ?Sized> Migration<'a, V> {
         self
     }
 
+    /// Hands the VM over to a destination on the same host that maps the
+    /// same guest memory ([`crate::Reception::local`] there) instead of
+    /// copying it: no page is sent and no dirty tracking runs; the source
+    /// pauses the VM, saves its state, sends it, and commits with `Go` as
+    /// in a migration. See `docs/protocol.md`, "Local hand-over".
+    ///
+    /// Every region of the VM's memory must be
+    /// [`Backing::SharedFile`](crate::memory::Backing::SharedFile) memory
+    /// the destination maps too (the embedder passes the descriptors, for
+    /// example with `SCM_RIGHTS`); otherwise [`run`](Migration::run)
+    /// refuses before anything is sent. A destination that does not grant
+    /// the hand-over, runs on another host or maps other memory is refused
+    /// in the handshake; any failure before `Go` leaves the VM running
+    /// here. [`MigrationConfig::downtime_limit`] is not used (nothing
+    /// converges); `max_pause` and `io_timeout` are. Page streams (more
+    /// than one) and [`Migration::postcopy`] are refused with a `Config`
+    /// error. Progress: [`Progress::Accepted`], [`Progress::Paused`] (with
+    /// no page left) and [`Progress::Completed`].
+    pub fn local(mut self) -> Self {
+        self.local = true;
+        self
+    }
+
     /// The settings as [`Migration::run`] will use them, checked: the
     /// streams override applied, every field in range, and an opener for
     /// more than one stream.
@@ -167,6 +193,19 @@ impl<'a, V: SourceVm + ?Sized> Migration<'a, V> {
         }
         if self.postcopy.is_some() {
             super::postcopy::check_streams(config.streams)?;
+        }
+        if self.local {
+            super::local::check_config(&config)?;
+            if self.postcopy.is_some() {
+                let e = crate::policy::ConfigError {
+                    field: "mode",
+                    value: "postcopy and local".into(),
+                    rule: "a local hand-over copies no memory: choose one of \
+                           Migration::postcopy and Migration::local"
+                        .into(),
+                };
+                return Err(MigrationError::new(hs, e));
+            }
         }
         Ok(config)
     }
@@ -194,6 +233,15 @@ impl<'a, V: SourceVm + ?Sized> Migration<'a, V> {
             Some(p) => &mut **p,
             None => &mut no_progress,
         };
+        if self.local {
+            return super::local::migrate_local_checked(
+                self.vm,
+                transport,
+                &config,
+                &self.cancel,
+                progress,
+            );
+        }
         let postcopy = self.postcopy.take();
         super::migrate_checked(
             self.vm,

@@ -21,24 +21,34 @@ use crate::vm::SourceVm;
 pub const LOCAL_TRACKING_NOTE: &str = "none (local hand-over: memory shared, no page sent)";
 
 /// Hands `vm` over to a destination on the same host that maps the same
-/// guest memory (`receive_local` there), over `transport`.
+/// guest memory, over `transport`:
+/// `Migration::new(vm).config(..).cancel(..).progress(..).local().run(transport)`.
 ///
-/// Every region of `vm.memory()` must be [`Backing::SharedFile`] memory
-/// that the destination maps too (the embedder passes the descriptors, for
-/// example with `SCM_RIGHTS`); otherwise this refuses before anything is
-/// sent. No page is sent and no dirty tracking runs: the source pauses the
-/// VM, saves its state, sends it, and commits with `Go` as in a migration.
-/// A destination that does not grant the hand-over (another build, or one
-/// that was not called with `receive_local`), runs on another host, or
-/// maps other memory is refused in the handshake; any failure before `Go`
-/// leaves the VM running here, its memory untouched by the destination.
-///
-/// [`MigrationConfig::downtime_limit`] is not used (nothing converges);
-/// [`MigrationConfig::max_pause`] and [`MigrationConfig::io_timeout`] are;
-/// [`MigrationConfig::streams`] must be 1.
-///
-/// [`Backing::SharedFile`]: crate::memory::Backing::SharedFile
+/// Kept for one release so that callers keep compiling; use
+/// [`Migration::local`](crate::Migration::local), which says what the
+/// hand-over needs and does.
+#[deprecated(
+    since = "0.2.0",
+    note = "use livemig::Migration::new(vm).local()...run(transport)"
+)]
 pub fn migrate_local<V: SourceVm + ?Sized>(
+    vm: &V,
+    transport: Box<dyn Transport>,
+    config: &MigrationConfig,
+    cancel: &CancelToken,
+    progress: &mut dyn FnMut(&Progress),
+) -> Result<Report, MigrationError> {
+    crate::Migration::new(vm)
+        .config(config.clone())
+        .cancel(cancel.clone())
+        .progress(progress)
+        .local()
+        .run(transport)
+}
+
+/// The hand-over ([`crate::Migration::local`]), with settings that
+/// [`crate::Migration::checked_config`] passed.
+pub(super) fn migrate_local_checked<V: SourceVm + ?Sized>(
     vm: &V,
     transport: Box<dyn Transport>,
     config: &MigrationConfig,
@@ -47,7 +57,9 @@ pub fn migrate_local<V: SourceVm + ?Sized>(
 ) -> Result<Report, MigrationError> {
     let started = Instant::now();
     let hs = Phase::Handshake;
-    check_config(config)?;
+    if cancel.is_cancelled() {
+        return Err(MigrationError::new(hs, ErrorKind::Cancelled));
+    }
     let desc = vm.describe().map_err(|e| MigrationError::new(hs, e))?;
     let identity = LocalIdentity::of(vm.memory()).map_err(|e| MigrationError::new(hs, e))?;
     let memory_bytes = desc.layout.total_bytes();
@@ -85,7 +97,7 @@ pub fn migrate_local<V: SourceVm + ?Sized>(
 }
 
 /// The settings (nothing is sent before).
-fn check_config(config: &MigrationConfig) -> Result<(), MigrationError> {
+pub(super) fn check_config(config: &MigrationConfig) -> Result<(), MigrationError> {
     let hs = Phase::Handshake;
     config.validate().map_err(|e| MigrationError::new(hs, e))?;
     if config.streams > 1 {
