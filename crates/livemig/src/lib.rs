@@ -19,8 +19,10 @@
 //!   VMM's own writes, from [`memory::GuestMemory::take_vmm_dirty`], into
 //!   every round);
 //! * [`state::DeviceState`] — one versioned state section per device;
-//! * [`transport::Transport`] — an ordered, reliable byte stream (TCP, Unix
-//!   socket, in-memory pipe, or anything else implementing the trait).
+//! * [`transport::Transport`] — an ordered, reliable byte stream (TCP or
+//!   Unix socket with the default feature `net`, an in-memory pipe, any
+//!   reader/writer pair through [`transport::duplex`], or anything else
+//!   implementing the trait).
 //!
 //! The `livemig-kvm` crate implements the VM seams for real KVM guests.
 //!
@@ -45,8 +47,10 @@
 //! enable it, elsewhere the example is shown but not compiled). A KVM VMM
 //! passes its `livemig_kvm::KvmVm`, or its own wrapper that also pauses its
 //! devices, instead: the calls are the same. Over a network the transports
-//! come from [`transport::connect`] on the source and
-//! [`transport::listen`]`(..)?.accept()` on the destination.
+//! come from `transport::connect` on the source and
+//! `transport::listen(..)?.accept()` on the destination (TCP or Unix
+//! sockets, default feature `net`), or from the embedder's own
+//! [`transport::Transport`].
 //!
 #![cfg_attr(feature = "test-util", doc = "```")]
 #![cfg_attr(not(feature = "test-util"), doc = "```ignore")]

@@ -249,6 +249,7 @@ fn destination_cancelled_before_start() {
 /// Connecting fails: `?` turns the transport error into a `MigrationError`
 /// of the handshake phase, matchable as a link failure.
 #[test]
+#[cfg(feature = "net")]
 fn a_transport_error_is_a_link_failure() {
     fn connect_and_migrate(vm: &SoftVm) -> Result<(), MigrationError> {
         let ep = "unix:/nonexistent/livemig-builder-test.sock".parse()?;

@@ -11,7 +11,9 @@ use std::time::Duration;
 use livemig::memory::{MemoryLayout, RegionDesc};
 use livemig::protocol::{FrameWriter, StreamHello};
 use livemig::testing::soft::{SoftConfig, SoftVm};
-use livemig::transport::{mem, Dialer, OwnedAcceptor, StreamAcceptor, StreamOpener, Transport};
+use livemig::transport::{mem, StreamAcceptor, StreamOpener, Transport};
+#[cfg(feature = "net")]
+use livemig::transport::{Dialer, OwnedAcceptor};
 use livemig::{
     migrate, migrate_streams, receive_streams, CancelToken, ErrorKind, MigrationConfig,
     ReceiveConfig,
@@ -286,6 +288,7 @@ fn a_broken_stream_fails_safely() {
 }
 
 #[test]
+#[cfg(feature = "net")]
 fn tcp_streams_end_to_end() {
     let src = running_source(&layout(), &busy(), 7);
     let listener = livemig::transport::listen(&"tcp:127.0.0.1:0".parse().unwrap()).unwrap();

@@ -115,7 +115,7 @@ impl<'a> Reception<'a> {
     }
 
     /// Grants a source's request for several page streams and accepts them
-    /// through `acceptor` (a [`crate::transport::OwnedAcceptor`],
+    /// through `acceptor` (a `transport::OwnedAcceptor` (feature `net`),
     /// `livemig_tls::TlsAcceptor`, or your own). Without it one stream is
     /// granted (everything on the control connection).
     ///

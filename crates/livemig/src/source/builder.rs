@@ -96,7 +96,7 @@ impl<'a, V: SourceVm + ?Sized> Migration<'a, V> {
 
     /// Asks for `n` page streams (1..=[`crate::protocol::MAX_STREAMS`]);
     /// the extra ones are opened through `opener` (a
-    /// [`crate::transport::Dialer`], `livemig_tls::TlsDialer`, or your
+    /// `transport::Dialer` (feature `net`), `livemig_tls::TlsDialer`, or your
     /// own), the control exchange stays on the transport given to
     /// [`Migration::run`]. The destination may grant fewer (one when it
     /// runs without an acceptor); with one, `opener` is not used.
