@@ -34,6 +34,16 @@
 //!
 //! On the destination, call [`KvmParts::check_incoming`] in the closure
 //! passed to `livemig::receive` (besides checking the memory layout).
+//!
+//! **Two ways to hold the vCPU fds.** [`KvmParts::new`] keeps each
+//! `VcpuFd` in an `Arc<Mutex<_>>` its thread locks around `KVM_RUN`;
+//! state is saved and restored from the migration thread through the
+//! lock. [`KvmParts::with_vcpu_threads`] keeps none: each vCPU thread owns
+//! its fd (Firecracker's shape) and parks in
+//! [`crate::pause::VcpuPauser::before_run_serving`], and the same methods
+//! (`save_state`, `restore_state`, `check_incoming`) run each vCPU's part
+//! on its own thread, all at once, through
+//! [`PauseGate::on_vcpu_threads`] (see [`threads`]).
 
 use std::collections::BTreeMap;
 use std::sync::{Arc, Mutex, MutexGuard};
@@ -49,14 +59,24 @@ use crate::setup::msr_indices;
 use crate::state::{restore_all, save_all};
 use crate::vm::{check_properties, KvmVmError, TscPlan};
 
-/// A KVM VM's fd, its vCPUs (each shared with the VMM's vCPU thread), the
-/// [`PauseGate`] those threads follow, and what saving and describing the
-/// VM needs (MSR list, CPUID hash, TSC rate).
+pub mod threads;
+
+/// Where the vCPU fds are.
+enum Vcpus {
+    /// Each in a mutex shared with its thread ([`KvmParts::new`]).
+    Shared(Vec<Arc<Mutex<VcpuFd>>>),
+    /// This many, each owned by its thread ([`KvmParts::with_vcpu_threads`]).
+    OnThreads(usize),
+}
+
+/// A KVM VM's fd, its vCPUs (each shared with the VMM's vCPU thread, or
+/// owned by it), the [`PauseGate`] those threads follow, and what saving
+/// and describing the VM needs (MSR list, CPUID hash, TSC rate).
 pub struct KvmParts {
     vm: VmFd,
-    vcpus: Vec<Arc<Mutex<VcpuFd>>>,
+    vcpus: Vcpus,
     gate: PauseGate,
-    msrs: Vec<u32>,
+    msrs: Arc<[u32]>,
     cpuid_hash: u64,
     tsc_khz: u32,
 }
@@ -73,6 +93,44 @@ impl KvmParts {
     /// [`PauseGate`] for them. Start one thread per vCPU that attaches to
     /// [`KvmParts::gate`] with its fd from [`KvmParts::vcpu`].
     pub fn new(kvm: &Kvm, vm: VmFd, vcpus: Vec<VcpuFd>) -> Result<Self, KvmVmError> {
+        let mut parts = Self::with_vcpu_threads(kvm, vm, &vcpus)?;
+        parts.vcpus = Vcpus::Shared(vcpus.into_iter().map(|v| Arc::new(Mutex::new(v))).collect());
+        Ok(parts)
+    }
+
+    /// Like [`KvmParts::new`] for a VMM whose vCPU threads own their fds:
+    /// reads what it needs from `vcpus` (their count, vCPU 0's TSC rate)
+    /// and keeps none of them. Move each fd into its thread, which
+    /// attaches to [`KvmParts::gate`] with it and parks with
+    /// [`crate::pause::VcpuPauser::before_run_serving`]`(&fd)`: the state
+    /// methods then run on those threads ([`threads`]), and fail naming a
+    /// vCPU whose thread parks any other way.
+    ///
+    /// ```no_run
+    /// use kvm_ioctls::{Kvm, VcpuExit};
+    /// use livemig_kvm::{parts::KvmParts, setup};
+    /// # fn main() -> Result<(), Box<dyn std::error::Error>> {
+    /// let kvm = Kvm::new()?;
+    /// let vm = setup::create_vm(&kvm)?;
+    /// let fds = setup::create_vcpus(&kvm, &vm, 2)?;
+    /// let parts = KvmParts::with_vcpu_threads(&kvm, vm, &fds)?;
+    /// for (i, mut fd) in fds.into_iter().enumerate() {
+    ///     let gate = parts.gate().clone();
+    ///     std::thread::spawn(move || {
+    ///         // SAFETY: `fd` outlives `pauser`, both dropped on this thread.
+    ///         let Ok(mut pauser) = (unsafe { gate.attach(i, &mut fd) }) else { return };
+    ///         while pauser.before_run_serving(&fd) { // parked: runs the gate's requests on fd
+    ///             let exit = fd.run();
+    ///             pauser.after_run(&exit);
+    ///             match exit { /* port I/O, MMIO, … */ _ => {} }
+    ///         }
+    ///     });
+    /// }
+    /// // The gate starts paused: the state methods run on the threads now.
+    /// let sections = parts.save_state(&[])?;
+    /// # let _ = sections; Ok(()) }
+    /// ```
+    pub fn with_vcpu_threads(kvm: &Kvm, vm: VmFd, vcpus: &[VcpuFd]) -> Result<Self, KvmVmError> {
         let kvm_err = |op| move |source| KvmVmError::Kvm { op, source };
         let cpuid = supported_cpuid(kvm).map_err(kvm_err("KVM_GET_SUPPORTED_CPUID"))?;
         let tsc_khz = match vcpus.first() {
@@ -82,8 +140,8 @@ impl KvmParts {
         Ok(KvmParts {
             vm,
             gate: PauseGate::new(vcpus.len())?,
-            vcpus: vcpus.into_iter().map(|v| Arc::new(Mutex::new(v))).collect(),
-            msrs: msr_indices(kvm)?,
+            vcpus: Vcpus::OnThreads(vcpus.len()),
+            msrs: msr_indices(kvm)?.into(),
             cpuid_hash: hash_cpuid(&cpuid),
             tsc_khz,
         })
@@ -95,14 +153,22 @@ impl KvmParts {
     }
 
     /// vCPU `index`'s fd. Its thread locks it around each `KVM_RUN` and
-    /// not while parked; everyone else locks it only while paused.
+    /// not while parked; everyone else locks it only while paused. `None`
+    /// for parts made with [`KvmParts::with_vcpu_threads`] (the threads
+    /// have the fds: reach them with [`PauseGate::on_vcpu_threads`]).
     pub fn vcpu(&self, index: usize) -> Option<&Arc<Mutex<VcpuFd>>> {
-        self.vcpus.get(index)
+        match &self.vcpus {
+            Vcpus::Shared(v) => v.get(index),
+            Vcpus::OnThreads(_) => None,
+        }
     }
 
     /// Number of vCPUs.
     pub fn vcpu_count(&self) -> usize {
-        self.vcpus.len()
+        match &self.vcpus {
+            Vcpus::Shared(v) => v.len(),
+            Vcpus::OnThreads(n) => *n,
+        }
     }
 
     /// The gate the vCPU threads follow (see [`crate::pause`]).
@@ -122,7 +188,7 @@ impl KvmParts {
     pub fn describe(&self, layout: MemoryLayout, nics: Vec<NicInfo>) -> VmDescription {
         VmDescription {
             layout,
-            vcpus: self.vcpus.len() as u32,
+            vcpus: self.vcpu_count() as u32,
             nics,
             properties: self.properties(),
         }
@@ -140,17 +206,24 @@ impl KvmParts {
     /// ([`crate::cpu::adopt_tsc_khz`]). The memory layout is the VMM's to
     /// check (`livemig::vm::check_layout`).
     pub fn check_incoming(&mut self, desc: &VmDescription) -> Result<TscPlan, VmError> {
-        if desc.vcpus as usize != self.vcpus.len() {
+        let n = self.vcpu_count();
+        if desc.vcpus as usize != n {
             return Err(VmError::Incompatible(format!(
-                "vCPU count differs: source {}, destination {}",
-                desc.vcpus,
-                self.vcpus.len()
+                "vCPU count differs: source {}, destination {n}",
+                desc.vcpus
             )));
         }
         check_properties(desc)?;
-        let fds: Vec<_> = self.vcpus.iter().map(|v| locked(v)).collect();
-        let refs: Vec<&VcpuFd> = fds.iter().map(|g| &**g).collect();
-        let plan = adopt_tsc_khz(&self.vm, &refs, self.tsc_khz, desc)?;
+        let plan = match &self.vcpus {
+            Vcpus::Shared(v) => {
+                let fds: Vec<_> = v.iter().map(|v| locked(v)).collect();
+                let refs: Vec<&VcpuFd> = fds.iter().map(|g| &**g).collect();
+                adopt_tsc_khz(&self.vm, &refs, self.tsc_khz, desc)?
+            }
+            Vcpus::OnThreads(_) => {
+                threads::adopt_tsc_khz(&self.gate, &self.vm, self.tsc_khz, desc)?
+            }
+        };
         if let TscPlan::Scale(khz) = plan {
             self.tsc_khz = khz;
         }
@@ -180,20 +253,29 @@ impl KvmParts {
     }
 
     /// Every vCPU's, the VM-wide and `devices`' sections
-    /// ([`crate::state::save_all`]). Refused while the vCPUs run.
+    /// ([`crate::state::save_all`]). Refused while the vCPUs run. With
+    /// [`KvmParts::with_vcpu_threads`], each vCPU is saved on its thread
+    /// ([`threads::save_all`]).
     pub fn save_state(&self, devices: &[&dyn DeviceState]) -> Result<Vec<Section>, VmError> {
         if self.gate.is_running() {
             return Err(VmError::Pause(
                 "save_state called while the vCPUs run".into(),
             ));
         }
-        let fds: Vec<_> = self.vcpus.iter().map(|v| locked(v)).collect();
-        let refs: Vec<&VcpuFd> = fds.iter().map(|g| &**g).collect();
-        Ok(save_all(&self.vm, &refs, &self.msrs, devices)?)
+        match &self.vcpus {
+            Vcpus::Shared(v) => {
+                let fds: Vec<_> = v.iter().map(|v| locked(v)).collect();
+                let refs: Vec<&VcpuFd> = fds.iter().map(|g| &**g).collect();
+                Ok(save_all(&self.vm, &refs, &self.msrs, devices)?)
+            }
+            Vcpus::OnThreads(_) => threads::save_all(&self.gate, &self.vm, &self.msrs, devices),
+        }
     }
 
     /// Restores what [`KvmParts::save_state`] saved, in KVM's order
-    /// ([`crate::state::restore_all`]). Refused while the vCPUs run.
+    /// ([`crate::state::restore_all`]). Refused while the vCPUs run. With
+    /// [`KvmParts::with_vcpu_threads`], each vCPU is restored on its
+    /// thread ([`threads::restore_all`]).
     pub fn restore_state(
         &self,
         sections: &[Section],
@@ -205,9 +287,16 @@ impl KvmParts {
                 reason: "restore while running".into(),
             }));
         }
-        let fds: Vec<_> = self.vcpus.iter().map(|v| locked(v)).collect();
-        let refs: Vec<&VcpuFd> = fds.iter().map(|g| &**g).collect();
-        Ok(restore_all(&self.vm, &refs, devices, sections)?)
+        match &self.vcpus {
+            Vcpus::Shared(v) => {
+                let fds: Vec<_> = v.iter().map(|v| locked(v)).collect();
+                let refs: Vec<&VcpuFd> = fds.iter().map(|g| &**g).collect();
+                Ok(restore_all(&self.vm, &refs, devices, sections)?)
+            }
+            Vcpus::OnThreads(n) => {
+                threads::restore_all(&self.gate, &self.vm, *n, devices, sections)
+            }
+        }
     }
 }
 
@@ -245,9 +334,9 @@ mod tests {
         }
         let kvm = Kvm::new().unwrap();
         let src = parts(&kvm, 2);
-        let mut regs = locked(&src.vcpus[1]).get_regs().unwrap();
+        let mut regs = locked(src.vcpu(1).unwrap()).get_regs().unwrap();
         regs.rdx = 0xabcd;
-        locked(&src.vcpus[1]).set_regs(&regs).unwrap();
+        locked(src.vcpu(1).unwrap()).set_regs(&regs).unwrap();
         let desc = src.describe(x86_layout(2 << 20).unwrap(), vec![]);
         assert_eq!(desc.vcpus, 2);
         let sections = src.save_state(&[]).unwrap();
@@ -255,7 +344,7 @@ mod tests {
         let mut dst = parts(&kvm, 2);
         dst.check_incoming(&desc).expect("same host, same shape");
         dst.restore_state(&sections, &mut []).unwrap();
-        assert_eq!(locked(&dst.vcpus[1]).get_regs().unwrap().rdx, 0xabcd);
+        assert_eq!(locked(dst.vcpu(1).unwrap()).get_regs().unwrap().rdx, 0xabcd);
 
         let e = parts(&kvm, 1).check_incoming(&desc).unwrap_err();
         assert!(e.to_string().contains("vCPU count differs"), "{e}");

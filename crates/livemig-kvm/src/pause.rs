@@ -67,8 +67,11 @@
 //! # Ok(()) }
 //! ```
 
+mod request;
+
 use std::cell::Cell;
 use std::marker::PhantomData;
+use std::os::fd::{AsRawFd, RawFd};
 use std::sync::{Arc, Condvar, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
@@ -140,6 +143,15 @@ struct Ctl {
     /// Times a parked thread woke up and found it still had to stay
     /// parked (a wake-up meant for someone else).
     idle_wakeups: u64,
+    /// Per vCPU: how its thread is parked, for [`PauseGate::on_vcpu_threads`].
+    serving: Vec<request::Serving>,
+    /// The request parked threads are asked to run, if any.
+    request: Option<request::Request>,
+    /// Identifies requests (the last one handed out).
+    last_request: u64,
+    /// Counts [`PauseGate::resume`]s: a request that saw it change ran on
+    /// threads that did not all stay parked.
+    resumes: u64,
 }
 
 impl Ctl {
@@ -158,6 +170,8 @@ struct Shared {
     ctl: Mutex<Ctl>,
     run_cv: Condvar,
     done_cv: Condvar,
+    /// Held by [`PauseGate::on_vcpu_threads`]: one request at a time.
+    requests: Mutex<()>,
 }
 
 impl Shared {
@@ -193,9 +207,14 @@ impl PauseGate {
                     exited: 0,
                     fatal: None,
                     idle_wakeups: 0,
+                    serving: vec![request::Serving::No; vcpus],
+                    request: None,
+                    last_request: 0,
+                    resumes: 0,
                 }),
                 run_cv: Condvar::new(),
                 done_cv: Condvar::new(),
+                requests: Mutex::new(()),
             }),
             timeout: DEFAULT_PAUSE_TIMEOUT,
         })
@@ -232,8 +251,11 @@ impl PauseGate {
     /// id until then). The pauser cannot leave the thread (it is not
     /// `Send`); do not `mem::forget` it.
     pub unsafe fn attach(&self, index: usize, fd: &mut VcpuFd) -> Result<VcpuPauser, VcpuError> {
+        let raw = fd.as_raw_fd();
         // SAFETY: forwarded to the caller (see above).
-        unsafe { self.attach_raw(index, fd.get_kvm_run()) }
+        let mut pauser = unsafe { self.attach_raw(index, fd.get_kvm_run()) }?;
+        pauser.fd = Some(raw);
+        Ok(pauser)
     }
 
     /// [`PauseGate::attach`] with the `kvm_run` page given directly (the
@@ -260,6 +282,7 @@ impl PauseGate {
             shared: self.shared.clone(),
             index,
             run,
+            fd: None,
             completed: true,
             _not_send: PhantomData,
         })
@@ -305,6 +328,7 @@ impl PauseGate {
                 return;
             }
             ctl.want = Want::Run;
+            ctl.resumes += 1;
         }
         self.shared.run_cv.notify_all();
     }
@@ -394,6 +418,8 @@ pub struct VcpuPauser {
     shared: Arc<Shared>,
     index: usize,
     run: *mut kvm_run,
+    /// The descriptor of the `VcpuFd` attached ([`PauseGate::attach`]).
+    fd: Option<RawFd>,
     /// The last `KVM_RUN` returned `EINTR`/`EAGAIN` (or there was none):
     /// KVM has finished every instruction it exited for.
     completed: bool,
@@ -409,6 +435,24 @@ impl VcpuPauser {
     /// the instruction without running the guest); otherwise parks until
     /// resumed. Returns `false` once the gate is closed: end the loop.
     pub fn before_run(&mut self) -> bool {
+        self.before_run_with(request::Serving::NotAsked, None)
+    }
+
+    /// [`VcpuPauser::before_run`] for a thread that owns its vCPU's fd
+    /// (no other thread can reach it): while parked, the thread also runs
+    /// the gate's requests on `fd` ([`PauseGate::on_vcpu_threads`]: saving
+    /// or restoring this vCPU's state). `fd` must be the one attached; a
+    /// thread that parks with another serves nothing, and requests fail
+    /// naming it.
+    pub fn before_run_serving(&mut self, fd: &VcpuFd) -> bool {
+        if self.fd == Some(fd.as_raw_fd()) {
+            self.before_run_with(request::Serving::Yes, Some(fd))
+        } else {
+            self.before_run_with(request::Serving::WrongFd, None)
+        }
+    }
+
+    fn before_run_with(&mut self, serving: request::Serving, fd: Option<&VcpuFd>) -> bool {
         let mut ctl = self.shared.lock();
         if ctl.want != Want::Run && !self.completed {
             drop(ctl);
@@ -416,7 +460,7 @@ impl VcpuPauser {
             return true;
         }
         if ctl.want != Want::Run {
-            ctl = self.park(ctl);
+            ctl = park(&self.shared, self.index, ctl, serving, fd);
             if ctl.want == Want::Exit {
                 return false;
             }
@@ -447,6 +491,7 @@ impl VcpuPauser {
         }
         ctl.parked += 1;
         ctl.at[self.index] = Where::Parked;
+        ctl.serving[self.index] = request::Serving::Stopped;
         self.shared.done_cv.notify_all();
         while ctl.want != Want::Exit {
             ctl = self
@@ -456,33 +501,9 @@ impl VcpuPauser {
                 .unwrap_or_else(|e| e.into_inner());
         }
         ctl.parked -= 1;
+        ctl.serving[self.index] = request::Serving::No;
         // SAFETY: pthread_self has no preconditions.
         ctl.at[self.index] = Where::Running(unsafe { libc::pthread_self() });
-    }
-
-    /// Parks until the gate is resumed or closed; the thread counts as
-    /// parked meanwhile.
-    fn park<'a>(&self, mut ctl: MutexGuard<'a, Ctl>) -> MutexGuard<'a, Ctl> {
-        let running = ctl.at[self.index];
-        ctl.parked += 1;
-        ctl.at[self.index] = Where::Parked;
-        // Only the last thread to park wakes the controller.
-        if ctl.all_parked() {
-            self.shared.done_cv.notify_all();
-        }
-        while ctl.want == Want::Pause {
-            ctl = self
-                .shared
-                .run_cv
-                .wait(ctl)
-                .unwrap_or_else(|e| e.into_inner());
-            if ctl.want == Want::Pause {
-                ctl.idle_wakeups += 1;
-            }
-        }
-        ctl.parked -= 1;
-        ctl.at[self.index] = running;
-        ctl
     }
 
     fn set_immediate_exit(&self, value: u8) {
@@ -491,6 +512,47 @@ impl VcpuPauser {
         // writes the same byte, volatile as here.
         unsafe { std::ptr::write_volatile(&mut (*self.run).immediate_exit, value) };
     }
+}
+
+/// Parks until the gate is resumed or closed; the thread counts as
+/// parked meanwhile. With `fd`, it runs each request posted for it
+/// (before it leaves, too: a request never waits for a thread that
+/// left).
+fn park<'a>(
+    shared: &'a Shared,
+    index: usize,
+    mut ctl: MutexGuard<'a, Ctl>,
+    serving: request::Serving,
+    fd: Option<&VcpuFd>,
+) -> MutexGuard<'a, Ctl> {
+    let running = ctl.at[index];
+    ctl.parked += 1;
+    ctl.at[index] = Where::Parked;
+    ctl.serving[index] = serving;
+    // Only the last thread to park wakes the controller.
+    if ctl.all_parked() {
+        shared.done_cv.notify_all();
+    }
+    loop {
+        if let Some(fd) = fd {
+            if let Some(job) = ctl.request_for(index) {
+                ctl = request::serve(shared, index, ctl, job, fd);
+                continue;
+            }
+        }
+        if ctl.want != Want::Pause {
+            break;
+        }
+        ctl = shared.run_cv.wait(ctl).unwrap_or_else(|e| e.into_inner());
+        let for_me = fd.is_some() && ctl.request_for(index).is_some();
+        if ctl.want == Want::Pause && !for_me {
+            ctl.idle_wakeups += 1;
+        }
+    }
+    ctl.parked -= 1;
+    ctl.at[index] = running;
+    ctl.serving[index] = request::Serving::No;
+    ctl
 }
 
 impl Drop for VcpuPauser {

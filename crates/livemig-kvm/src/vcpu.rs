@@ -85,6 +85,28 @@ pub enum VcpuError {
     /// Pausing did not complete in time.
     #[error("vCPUs did not park within {0:?}")]
     PauseTimeout(Duration),
+    /// A request for the vCPU threads ([`PauseGate::on_vcpu_threads`])
+    /// while the gate lets them run or is closed.
+    #[error("the vCPUs are not paused: pause them before running a request on their threads")]
+    NotPaused,
+    /// A vCPU's thread cannot run a request on its fd.
+    #[error("vCPU {index} cannot run a request on its thread: {reason}")]
+    NotServing {
+        /// The vCPU.
+        index: usize,
+        /// Why (how its thread is parked, or that it is not).
+        reason: String,
+    },
+    /// A vCPU thread did not finish a request in time.
+    #[error("the vCPU threads did not finish a request within {0:?}")]
+    RequestTimeout(Duration),
+    /// A request panicked on a vCPU's thread.
+    #[error("a request panicked on vCPU {0}'s thread")]
+    RequestPanicked(usize),
+    /// The gate was resumed while a request ran: its results are not all
+    /// from one pause.
+    #[error("the vCPUs were resumed while a request ran on their threads")]
+    ResumedDuringRequest,
 }
 
 /// A set of vCPUs, each on its own thread, that start parked. The threads
