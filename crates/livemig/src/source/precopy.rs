@@ -11,7 +11,7 @@ use super::throttle::Throttler;
 use crate::bitmap::DirtyBitmap;
 use crate::error::{ErrorKind, MigrationError, Phase};
 use crate::memory::{MemoryLayout, PAGE_SIZE};
-use crate::policy::{decide, Decision, RoundEstimate, Throttle};
+use crate::policy::{decide, Decision, LinkMeter, RoundEstimate, Throttle};
 use crate::protocol::RoundEnd;
 use crate::report::{Progress, RoundReport};
 use crate::vm::{Rearm, SourceVm};
@@ -52,9 +52,8 @@ struct Precopy {
     round: u32,
     start: Instant,
     throttle: Throttle,
-    /// All bytes and all sending time so far (the bandwidth estimate).
-    total_sent: u64,
-    total_time: Duration,
+    /// The bandwidth estimate.
+    link: LinkMeter,
     summary: PrecopySummary,
 }
 
@@ -81,8 +80,7 @@ pub(super) fn precopy<V: SourceVm + ?Sized>(
         round: 0,
         start,
         throttle: Throttle::default(),
-        total_sent: 0,
-        total_time: Duration::ZERO,
+        link: LinkMeter::default(),
         summary: PrecopySummary::default(),
     };
     loop {
@@ -178,13 +176,12 @@ impl Precopy {
         sent: &Sent,
         dirty: u64,
     ) -> RoundEstimate {
-        // Bandwidth estimate: all bytes sent so far over all sending time,
-        // so a tiny round (dominated by fixed costs) cannot drag it down.
-        self.total_sent += sent.bytes;
-        self.total_time += sent.sending;
+        // Bandwidth: measured on rounds that carried enough to fill the
+        // link (a round of a few pages is mostly fixed costs).
+        self.link.record(sent.bytes, sent.sending);
         let est = RoundEstimate {
             remaining_bytes: dirty * PAGE_SIZE,
-            bandwidth: self.total_sent as f64 / self.total_time.as_secs_f64().max(1e-6),
+            link: self.link,
             state_time: t.estimate.time,
             state_bytes: t.estimate.wire_bytes,
         };
