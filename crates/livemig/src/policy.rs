@@ -2,9 +2,11 @@
 //!
 //! After every pre-copy round the source estimates the downtime a switchover
 //! would cause now ([`RoundEstimate::expected_downtime`]): the time to send
-//! the bytes still dirty and the device state ([`LinkMeter::transfer_time`]),
-//! plus the time the device state took when it was measured at setup
-//! (pause, save, restore, resume). When the estimate is within [`MigrationConfig::downtime_limit`], the source stops the VM and
+//! the bytes still dirty, the device state and what is still queued on the
+//! link ([`LinkMeter::transfer_time`]), plus the time the device state took
+//! when it was measured at setup (pause, save, restore, resume), plus two
+//! round trips of the link (`Ready` and `Resumed`). When the estimate is
+//! within [`MigrationConfig::downtime_limit`], the source stops the VM and
 //! sends the rest.
 //!
 //! The link's bandwidth is measured only on rounds that carried at least
@@ -287,6 +289,12 @@ impl Throttle {
 /// iterations of at least 100 ms).
 pub const MIN_SAMPLE_BYTES: u64 = 1 << 20;
 
+/// At the end of each round the source waits, bounded, until the
+/// connections hold at most this many unacknowledged bytes (64 KiB; only
+/// with transports that report them, see
+/// [`crate::transport::Transport::unacked_bytes`]).
+pub const DRAIN_BYTES: u64 = 64 << 10;
+
 /// The link as pre-copy measured it: the bandwidth of the latest round that
 /// carried at least [`MIN_SAMPLE_BYTES`], and what every round cost.
 #[derive(Debug, Default, Clone, Copy, PartialEq)]
@@ -350,8 +358,13 @@ impl LinkMeter {
 pub struct RoundEstimate {
     /// Dirty bytes that would have to be sent while paused.
     pub remaining_bytes: u64,
+    /// Bytes already sent but not yet acknowledged by the destination (0
+    /// where the transport cannot tell): the final copy queues behind them.
+    pub queued_bytes: u64,
     /// The link's bandwidth and the rounds' cost.
     pub link: LinkMeter,
+    /// The link's round-trip time (zero where the transport cannot tell).
+    pub round_trip: Duration,
     /// Measured switchover overhead beyond memory: pause, state save, the
     /// destination's restore and resume (see `source::handshake::measure_state`).
     pub state_time: Duration,
@@ -360,12 +373,17 @@ pub struct RoundEstimate {
 }
 
 impl RoundEstimate {
-    /// Expected downtime if the switchover happened now: the remaining
-    /// and state bytes over the link ([`LinkMeter::transfer_time`]) and the
-    /// state's own time.
+    /// Expected downtime if the switchover happened now: the remaining,
+    /// state and queued bytes over the link ([`LinkMeter::transfer_time`]),
+    /// the state's own time, and two round trips (the final data reaches
+    /// the destination and `Ready` comes back; `Go` goes and `Resumed`
+    /// comes back).
     pub fn expected_downtime(&self) -> Duration {
-        let bytes = self.remaining_bytes.saturating_add(self.state_bytes);
-        self.link.transfer_time(bytes) + self.state_time
+        let bytes = self
+            .remaining_bytes
+            .saturating_add(self.state_bytes)
+            .saturating_add(self.queued_bytes);
+        self.link.transfer_time(bytes) + self.state_time + 2 * self.round_trip
     }
 }
 
@@ -416,7 +434,9 @@ mod tests {
     fn est(bytes: u64) -> RoundEstimate {
         RoundEstimate {
             remaining_bytes: bytes,
+            queued_bytes: 0,
             link: gigabyte_link(),
+            round_trip: Duration::ZERO,
             state_time: Duration::from_millis(1),
             state_bytes: 0,
         }
@@ -455,7 +475,9 @@ mod tests {
         assert_eq!(m.transfer_time(9000), Duration::from_micros(300));
         let e = RoundEstimate {
             remaining_bytes: 0,
+            queued_bytes: 0,
             link: m,
+            round_trip: Duration::ZERO,
             state_time: Duration::from_millis(1),
             state_bytes: 40,
         };
@@ -474,6 +496,25 @@ mod tests {
             Duration::from_secs_f64(f64::from(2 << 20) / lower)
         ));
         assert_eq!(m.transfer_time(4096), Duration::from_micros(100));
+    }
+
+    #[test]
+    fn queued_bytes_and_round_trips_count() {
+        let c = MigrationConfig::default();
+        // 5 MB dirty at 1 GB/s: 5 ms + 1 ms state.
+        let mut e = est(5_000_000);
+        assert!(close(e.expected_downtime(), Duration::from_millis(6)));
+        assert_eq!(decide(&c, 1, Duration::ZERO, &e), Decision::Switchover);
+        // 16 MB still queued on the link: the final pages wait behind them.
+        e.queued_bytes = 16_000_000;
+        assert!(close(e.expected_downtime(), Duration::from_millis(22)));
+        assert_eq!(decide(&c, 1, Duration::ZERO, &e), Decision::Continue);
+        // Nothing queued, but a 8 ms round trip: Ready and Resumed each
+        // wait one.
+        e.queued_bytes = 0;
+        e.round_trip = Duration::from_millis(8);
+        assert!(close(e.expected_downtime(), Duration::from_millis(22)));
+        assert_eq!(decide(&c, 1, Duration::ZERO, &e), Decision::Continue);
     }
 
     #[test]
