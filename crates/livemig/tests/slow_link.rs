@@ -199,3 +199,72 @@ fn the_expected_downtime_counts_two_round_trips() {
         report.to_json()
     );
 }
+
+/// A transport whose queue never drains (it always reports 16 MiB
+/// unacknowledged): each round's wait is bounded, the queue counts in the
+/// expected downtime, and the migration fails by policy after its rounds
+/// instead of waiting forever.
+#[test]
+fn a_queue_that_never_drains_is_counted_not_waited_for() {
+    struct Stuck(Box<dyn Transport>);
+    impl Read for Stuck {
+        fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+            self.0.read(buf)
+        }
+    }
+    impl Write for Stuck {
+        fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
+            self.0.write(buf)
+        }
+        fn flush(&mut self) -> io::Result<()> {
+            self.0.flush()
+        }
+    }
+    impl Transport for Stuck {
+        fn set_read_timeout(&mut self, t: Option<Duration>) -> io::Result<()> {
+            self.0.set_read_timeout(t)
+        }
+        fn set_write_timeout(&mut self, t: Option<Duration>) -> io::Result<()> {
+            self.0.set_write_timeout(t)
+        }
+        fn shutdown(&self) -> io::Result<()> {
+            self.0.shutdown()
+        }
+        fn peer(&self) -> String {
+            "stuck".into()
+        }
+        fn try_clone(&self) -> io::Result<Box<dyn Transport>> {
+            Ok(Box::new(Stuck(self.0.try_clone()?)))
+        }
+        fn unacked_bytes(&self) -> Option<u64> {
+            Some(16 << 20)
+        }
+    }
+    let layout = MemoryLayout::new(vec![RegionDesc {
+        guest_addr: 0,
+        size: 4 << 20,
+    }])
+    .expect("layout");
+    let src = SoftVm::new(&layout, &SoftConfig::idle()).expect("source VM");
+    src.fill(5);
+    src.start();
+    let (a, b) = mem::pair();
+    let dest = std::thread::spawn(move || {
+        Reception::new(Box::new(b)).run(|desc| SoftVm::new(&desc.layout, &SoftConfig::idle()))
+    });
+    let config = MigrationConfig {
+        max_rounds: 3,
+        // Keepalive interval, and so the bound of each round's wait: 100 ms.
+        io_timeout: Duration::from_millis(400),
+        ..Default::default()
+    };
+    let e = Migration::new(&src)
+        .config(config)
+        .run(Box::new(Stuck(Box::new(a))))
+        .expect_err("16 MiB never leave the queue: over the 20 ms limit");
+    assert!(
+        matches!(e.kind, livemig::ErrorKind::NotConverged { rounds: 3, .. }),
+        "{e}"
+    );
+    let _ = dest.join();
+}
