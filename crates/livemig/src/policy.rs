@@ -1,11 +1,18 @@
 //! Migration settings and the convergence policy.
 //!
 //! After every pre-copy round the source estimates the downtime a switchover
-//! would cause now: the bytes still dirty divided by the bandwidth measured
-//! in the last round, plus the time the device state took when it was
-//! measured at setup (pause, save, resume), plus that state's transfer time.
-//! When the estimate is within [`MigrationConfig::downtime_limit`], the
-//! source stops the VM and sends the rest.
+//! would cause now ([`RoundEstimate::expected_downtime`]): the time to send
+//! the bytes still dirty, the device state and what is still queued on the
+//! link ([`LinkMeter::transfer_time`]), plus the time the device state took
+//! when it was measured at setup (pause, save, restore, resume), plus two
+//! round trips of the link (`Ready` and `Resumed`). When the estimate is
+//! within [`MigrationConfig::downtime_limit`], the source stops the VM and
+//! sends the rest.
+//!
+//! The link's bandwidth is measured only on rounds that carried at least
+//! [`MIN_SAMPLE_BYTES`]: a round of a few pages takes the time of its fixed
+//! costs (scanning the bitmap, re-arming, the round's frames), and bytes
+//! over that time say nothing about the link.
 
 use std::time::Duration;
 
@@ -277,13 +284,87 @@ impl Throttle {
     }
 }
 
+/// Rounds that sent fewer bytes than this (1 MiB) are not bandwidth
+/// samples: their time is mostly fixed costs (QEMU likewise measures over
+/// iterations of at least 100 ms).
+pub const MIN_SAMPLE_BYTES: u64 = 1 << 20;
+
+/// At the end of each round the source waits, bounded, until the
+/// connections hold at most this many unacknowledged bytes (64 KiB; only
+/// with transports that report them, see
+/// [`crate::transport::Transport::unacked_bytes`]).
+pub const DRAIN_BYTES: u64 = 64 << 10;
+
+/// The link as pre-copy measured it: the bandwidth of the latest round that
+/// carried at least [`MIN_SAMPLE_BYTES`], and what every round cost.
+#[derive(Debug, Default, Clone, Copy, PartialEq)]
+pub struct LinkMeter {
+    /// Bytes per second of the latest round of at least
+    /// [`MIN_SAMPLE_BYTES`], if there was one.
+    sample: Option<f64>,
+    /// All bytes and all time of every round (a lower bound of the rate).
+    total_bytes: u64,
+    total_time: Duration,
+    /// How long the latest round took.
+    last_round: Duration,
+}
+
+impl LinkMeter {
+    /// Accounts a round that sent `bytes` in `time` (until they were
+    /// delivered, where the transport tells).
+    pub fn record(&mut self, bytes: u64, time: Duration) {
+        let time = time.max(Duration::from_micros(1));
+        self.total_bytes = self.total_bytes.saturating_add(bytes);
+        self.total_time += time;
+        self.last_round = time;
+        if bytes >= MIN_SAMPLE_BYTES {
+            self.sample = Some(bytes as f64 / time.as_secs_f64());
+        }
+    }
+
+    /// The measured bandwidth, bytes per second: the latest sample, or
+    /// before any, all bytes over all time (a lower bound); 0 when nothing
+    /// was sent.
+    pub fn bandwidth(&self) -> f64 {
+        self.sample
+            .unwrap_or_else(|| self.total_bytes as f64 / self.total_time.as_secs_f64().max(1e-9))
+    }
+
+    /// Whether a round carried enough to measure the link.
+    pub fn measured(&self) -> bool {
+        self.sample.is_some()
+    }
+
+    /// How long sending `bytes` should take: at the sampled bandwidth; with
+    /// no sample yet, a payload below [`MIN_SAMPLE_BYTES`] costs what the
+    /// latest round cost (one more round of the same kind: fixed costs
+    /// dominate), a larger one its bytes at the lower bound
+    /// ([`LinkMeter::bandwidth`]; "very long" when nothing was sent, so
+    /// the next round measures).
+    pub fn transfer_time(&self, bytes: u64) -> Duration {
+        if bytes == 0 {
+            return Duration::ZERO;
+        }
+        if self.sample.is_none() && bytes < MIN_SAMPLE_BYTES {
+            return self.last_round;
+        }
+        let bw = self.bandwidth().max(1.0);
+        Duration::from_secs_f64((bytes as f64 / bw).min(1.0e6))
+    }
+}
+
 /// The inputs to one convergence decision.
 #[derive(Debug, Clone, Copy)]
 pub struct RoundEstimate {
     /// Dirty bytes that would have to be sent while paused.
     pub remaining_bytes: u64,
-    /// Bandwidth measured in the last round, bytes per second.
-    pub bandwidth: f64,
+    /// Bytes already sent but not yet acknowledged by the destination (0
+    /// where the transport cannot tell): the final copy queues behind them.
+    pub queued_bytes: u64,
+    /// The link's bandwidth and the rounds' cost.
+    pub link: LinkMeter,
+    /// The link's round-trip time (zero where the transport cannot tell).
+    pub round_trip: Duration,
     /// Measured switchover overhead beyond memory: pause, state save, the
     /// destination's restore and resume (see `source::handshake::measure_state`).
     pub state_time: Duration,
@@ -292,11 +373,17 @@ pub struct RoundEstimate {
 }
 
 impl RoundEstimate {
-    /// Expected downtime if the switchover happened now.
+    /// Expected downtime if the switchover happened now: the remaining,
+    /// state and queued bytes over the link ([`LinkMeter::transfer_time`]),
+    /// the state's own time, and two round trips (the final data reaches
+    /// the destination and `Ready` comes back; `Go` goes and `Resumed`
+    /// comes back).
     pub fn expected_downtime(&self) -> Duration {
-        let bw = self.bandwidth.max(1.0);
-        let secs = (self.remaining_bytes + self.state_bytes) as f64 / bw;
-        Duration::from_secs_f64(secs.min(1.0e6)) + self.state_time
+        let bytes = self
+            .remaining_bytes
+            .saturating_add(self.state_bytes)
+            .saturating_add(self.queued_bytes);
+        self.link.transfer_time(bytes) + self.state_time + 2 * self.round_trip
     }
 }
 
@@ -337,13 +424,97 @@ pub fn decide(
 mod tests {
     use super::*;
 
+    /// A link measured at 1 GB/s (a 10 MB round in 10 ms).
+    fn gigabyte_link() -> LinkMeter {
+        let mut m = LinkMeter::default();
+        m.record(10_000_000, Duration::from_millis(10));
+        m
+    }
+
     fn est(bytes: u64) -> RoundEstimate {
         RoundEstimate {
             remaining_bytes: bytes,
-            bandwidth: 1e9,
+            queued_bytes: 0,
+            link: gigabyte_link(),
+            round_trip: Duration::ZERO,
             state_time: Duration::from_millis(1),
             state_bytes: 0,
         }
+    }
+
+    fn close(a: Duration, b: Duration) -> bool {
+        a.abs_diff(b) < Duration::from_micros(10)
+    }
+
+    #[test]
+    fn near_empty_rounds_do_not_measure_the_link() {
+        let mut m = gigabyte_link();
+        // A round of three pages that took 2 ms of fixed costs: not a
+        // sample (3 pages / 2 ms would be 6 MB/s).
+        m.record(3 * 4096, Duration::from_millis(2));
+        assert!(m.measured());
+        assert!((m.bandwidth() - 1e9).abs() < 1.0);
+        assert!(close(
+            m.transfer_time(20_000_000),
+            Duration::from_millis(20)
+        ));
+        // A later full round is the new sample.
+        m.record(2 << 20, Duration::from_millis(4));
+        assert!((m.bandwidth() - f64::from(2 << 20) / 0.004).abs() < 1.0);
+    }
+
+    #[test]
+    fn an_unmeasured_link_costs_a_small_payload_one_round() {
+        // An idle guest: round 0 sent nothing at all.
+        let mut m = LinkMeter::default();
+        m.record(0, Duration::from_micros(300));
+        assert!(!m.measured());
+        assert_eq!(m.bandwidth(), 0.0);
+        assert_eq!(m.transfer_time(0), Duration::ZERO);
+        // The state (a few KB) costs one more such round, not KB / (0 B/s).
+        assert_eq!(m.transfer_time(9000), Duration::from_micros(300));
+        let e = RoundEstimate {
+            remaining_bytes: 0,
+            queued_bytes: 0,
+            link: m,
+            round_trip: Duration::ZERO,
+            state_time: Duration::from_millis(1),
+            state_bytes: 40,
+        };
+        let c = MigrationConfig::default();
+        assert_eq!(decide(&c, 0, Duration::ZERO, &e), Decision::Switchover);
+        // A payload of a sample's size or more on an unmeasured link is
+        // not guessed: at the lower bound it is far over the limit.
+        assert!(m.transfer_time(MIN_SAMPLE_BYTES) > Duration::from_secs(1000));
+        // Rounds of a few pages: the lower bound (all bytes over all time).
+        m.record(8192, Duration::from_micros(100));
+        assert!(!m.measured());
+        let lower = 8192.0 / 400e-6;
+        assert!((m.bandwidth() - lower).abs() < 1e-3 * lower);
+        assert!(close(
+            m.transfer_time(2 << 20),
+            Duration::from_secs_f64(f64::from(2 << 20) / lower)
+        ));
+        assert_eq!(m.transfer_time(4096), Duration::from_micros(100));
+    }
+
+    #[test]
+    fn queued_bytes_and_round_trips_count() {
+        let c = MigrationConfig::default();
+        // 5 MB dirty at 1 GB/s: 5 ms + 1 ms state.
+        let mut e = est(5_000_000);
+        assert!(close(e.expected_downtime(), Duration::from_millis(6)));
+        assert_eq!(decide(&c, 1, Duration::ZERO, &e), Decision::Switchover);
+        // 16 MB still queued on the link: the final pages wait behind them.
+        e.queued_bytes = 16_000_000;
+        assert!(close(e.expected_downtime(), Duration::from_millis(22)));
+        assert_eq!(decide(&c, 1, Duration::ZERO, &e), Decision::Continue);
+        // Nothing queued, but a 8 ms round trip: Ready and Resumed each
+        // wait one.
+        e.queued_bytes = 0;
+        e.round_trip = Duration::from_millis(8);
+        assert!(close(e.expected_downtime(), Duration::from_millis(22)));
+        assert_eq!(decide(&c, 1, Duration::ZERO, &e), Decision::Continue);
     }
 
     #[test]

@@ -5,15 +5,17 @@
 use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant};
 
+use super::cancel::CancelToken;
 use super::rounds::merge_vmm_writes;
 use super::session::{ms, Session, Tracking};
 use super::throttle::Throttler;
 use crate::bitmap::DirtyBitmap;
 use crate::error::{ErrorKind, MigrationError, Phase};
 use crate::memory::{MemoryLayout, PAGE_SIZE};
-use crate::policy::{decide, Decision, RoundEstimate, Throttle};
+use crate::policy::{decide, Decision, LinkMeter, RoundEstimate, Throttle, DRAIN_BYTES};
 use crate::protocol::RoundEnd;
 use crate::report::{Progress, RoundReport};
+use crate::transport::Transport;
 use crate::vm::{Rearm, SourceVm};
 
 /// The policy decided to switch over.
@@ -45,6 +47,8 @@ struct Sent {
     duration: Duration,
     /// The round minus re-arming the dirty log.
     sending: Duration,
+    /// Bytes still unacknowledged on the connections after the drain.
+    queued: u64,
 }
 
 /// The rounds' running state.
@@ -52,9 +56,10 @@ struct Precopy {
     round: u32,
     start: Instant,
     throttle: Throttle,
-    /// All bytes and all sending time so far (the bandwidth estimate).
-    total_sent: u64,
-    total_time: Duration,
+    /// The bandwidth estimate.
+    link: LinkMeter,
+    /// The smallest round-trip time the control connection reported.
+    round_trip: Option<Duration>,
     summary: PrecopySummary,
 }
 
@@ -81,8 +86,9 @@ pub(super) fn precopy<V: SourceVm + ?Sized>(
         round: 0,
         start,
         throttle: Throttle::default(),
-        total_sent: 0,
-        total_time: Duration::ZERO,
+        link: LinkMeter::default(),
+        // Before any page: the link's round trip without a queue.
+        round_trip: round_trip(&t.links),
         summary: PrecopySummary::default(),
     };
     loop {
@@ -151,6 +157,7 @@ fn send_round<V: SourceVm + ?Sized>(
         .fw
         .send(&RoundEnd { round, pages })
         .map_err(|e| MigrationError::new(phase, e))?;
+    let queued = drain(&t.links, sender.alive_every, s.cancel);
     let duration = t0.elapsed();
     Ok(Sent {
         pages,
@@ -160,11 +167,36 @@ fn send_round<V: SourceVm + ?Sized>(
         // Sending time: the round minus re-arming the dirty log (a round 0
         // of a mostly idle guest is nearly all re-arming; counting it as
         // transfer time made the link look slow and an idle guest "not
-        // converge" under load).
+        // converge" under load). It includes the drain: the bandwidth is
+        // what reached the destination.
         sending: duration
             .saturating_sub(sender.clear_time)
             .max(Duration::from_micros(50)),
+        queued,
     })
+}
+
+/// The end of a round on a slow or deep link: waits, at most `bound` (the
+/// keepalive interval), until the connections that can tell
+/// ([`Transport::unacked_bytes`]) hold at most [`DRAIN_BYTES`] that the
+/// destination has not acknowledged, so that the dirty pages are counted
+/// and the switchover decided when the round's pages have arrived, and the
+/// final copy does not queue behind them. Returns what is still
+/// unacknowledged then (0 where no transport tells).
+fn drain(links: &[Box<dyn Transport>], bound: Duration, cancel: &CancelToken) -> u64 {
+    let until = Instant::now() + bound;
+    loop {
+        let queued: u64 = links.iter().filter_map(|l| l.unacked_bytes()).sum();
+        if queued <= DRAIN_BYTES || cancel.is_cancelled() || Instant::now() >= until {
+            return queued;
+        }
+        std::thread::sleep(Duration::from_micros(500));
+    }
+}
+
+/// The control connection's round-trip time, if its transport tells.
+fn round_trip(links: &[Box<dyn Transport>]) -> Option<Duration> {
+    links.first().and_then(|l| l.round_trip())
 }
 
 impl Precopy {
@@ -178,13 +210,19 @@ impl Precopy {
         sent: &Sent,
         dirty: u64,
     ) -> RoundEstimate {
-        // Bandwidth estimate: all bytes sent so far over all sending time,
-        // so a tiny round (dominated by fixed costs) cannot drag it down.
-        self.total_sent += sent.bytes;
-        self.total_time += sent.sending;
+        // Bandwidth: measured on rounds that carried enough to fill the
+        // link (a round of a few pages is mostly fixed costs).
+        self.link.record(sent.bytes, sent.sending);
+        // The round trip: the smallest seen (a queue inflates it).
+        self.round_trip = match (self.round_trip, round_trip(&t.links)) {
+            (Some(a), Some(b)) => Some(a.min(b)),
+            (a, b) => a.or(b),
+        };
         let est = RoundEstimate {
             remaining_bytes: dirty * PAGE_SIZE,
-            bandwidth: self.total_sent as f64 / self.total_time.as_secs_f64().max(1e-6),
+            queued_bytes: sent.queued,
+            link: self.link,
+            round_trip: self.round_trip.unwrap_or_default(),
             state_time: t.estimate.time,
             state_bytes: t.estimate.wire_bytes,
         };

@@ -24,6 +24,7 @@ use std::io;
 use std::time::Duration;
 
 pub mod duplex;
+mod link_info;
 pub mod mem;
 #[cfg(feature = "net")]
 pub mod net;
@@ -70,6 +71,27 @@ pub trait Transport: io::Read + io::Write + Send {
 
     /// A second handle to the same connection.
     fn try_clone(&self) -> io::Result<Box<dyn Transport>>;
+
+    /// Bytes written on this connection that the peer has not yet
+    /// acknowledged (still queued on this host or on the link), if the
+    /// transport can tell; `None` (the default) if it cannot.
+    ///
+    /// Pre-copy waits, bounded, for them to drain at the end of every
+    /// round and counts what is left in the expected downtime
+    /// (docs/architecture.md, "Slow links"). TCP and Unix sockets report
+    /// their send queue (`SIOCOUTQ`).
+    fn unacked_bytes(&self) -> Option<u64> {
+        None
+    }
+
+    /// The connection's round-trip time as the transport measured it, if
+    /// it can tell; `None` (the default) if it cannot. The expected
+    /// downtime counts two of them (`Ready` and `Resumed` each come back
+    /// one round trip after what they answer). TCP reports the kernel's
+    /// smoothed RTT (`TCP_INFO`).
+    fn round_trip(&self) -> Option<Duration> {
+        None
+    }
 }
 
 impl Transport for Box<dyn Transport> {
@@ -91,6 +113,14 @@ impl Transport for Box<dyn Transport> {
 
     fn try_clone(&self) -> io::Result<Box<dyn Transport>> {
         (**self).try_clone()
+    }
+
+    fn unacked_bytes(&self) -> Option<u64> {
+        (**self).unacked_bytes()
+    }
+
+    fn round_trip(&self) -> Option<Duration> {
+        (**self).round_trip()
     }
 }
 

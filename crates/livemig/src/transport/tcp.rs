@@ -2,6 +2,7 @@
 
 use std::io::{self, IoSlice, IoSliceMut, Read, Write};
 use std::net::{Shutdown, TcpStream, ToSocketAddrs};
+use std::os::fd::AsRawFd;
 use std::time::Duration;
 
 use super::Transport;
@@ -107,6 +108,14 @@ impl Transport for TcpTransport {
 
     fn peer(&self) -> String {
         self.peer.clone()
+    }
+
+    fn unacked_bytes(&self) -> Option<u64> {
+        super::link_info::unacked_bytes(self.stream.as_raw_fd())
+    }
+
+    fn round_trip(&self) -> Option<Duration> {
+        super::link_info::tcp_round_trip(self.stream.as_raw_fd())
     }
 
     fn try_clone(&self) -> io::Result<Box<dyn Transport>> {

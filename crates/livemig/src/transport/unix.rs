@@ -2,6 +2,7 @@
 
 use std::io::{self, IoSlice, IoSliceMut, Read, Write};
 use std::net::Shutdown;
+use std::os::fd::AsRawFd;
 use std::os::unix::net::UnixStream;
 use std::path::Path;
 use std::time::Duration;
@@ -78,6 +79,10 @@ impl Transport for UnixTransport {
 
     fn peer(&self) -> String {
         self.peer.clone()
+    }
+
+    fn unacked_bytes(&self) -> Option<u64> {
+        super::link_info::unacked_bytes(self.stream.as_raw_fd())
     }
 
     fn try_clone(&self) -> io::Result<Box<dyn Transport>> {
