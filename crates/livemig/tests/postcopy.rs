@@ -714,3 +714,80 @@ fn a_page_dirtied_after_the_prepare_is_dropped_at_the_switch() {
     assert_eq!(o.vcpu.read.lock().unwrap().clone(), Some((1, 3)));
     check(src.vm(), o);
 }
+
+/// A destination of an older build (it grants post-copy without the
+/// preparation: grant byte `1`), simulated by rewriting its `HelloReply` on
+/// the way to the source: the source falls back to the old order (the
+/// destination arms inside the downtime) and the migration is correct.
+#[test]
+fn a_destination_that_does_not_prepare_gets_the_old_order() {
+    let soft = SoftVm::new(&layout(), &SoftConfig::default()).unwrap();
+    soft.fill(9);
+    soft.start();
+    let vcpu = Vcpu::new(Duration::from_secs(30));
+    let slot = vcpu.pager.clone();
+    let armed_at_pause: Arc<Mutex<Vec<bool>>> = Arc::default();
+    let seen = armed_at_pause.clone();
+    let src = livemig::testing::hooked::HookedVm::new(soft).on_pause(move |vm| {
+        let armed = slot.lock().unwrap().as_ref().is_some_and(|p| p.armed());
+        seen.lock().unwrap().push(armed);
+        SourceVm::pause(vm)
+    });
+    let pc = PostcopyConfig {
+        after_rounds: 1,
+        on_non_convergence: false,
+        ..Default::default()
+    };
+    let config = MigrationConfig {
+        downtime_limit: Duration::from_nanos(1),
+        ..Default::default()
+    };
+    let (dest, report) = migrate_with(&src, pc, &config, &vcpu, without_prepare_grant, |t| t);
+    let (dest, received) = dest.expect("destination");
+    let report = report.expect("source");
+    let rp = report.postcopy.clone().expect("switched to post-copy");
+    let st = received.postcopy.clone().expect("destination stats");
+    assert_eq!(armed_at_pause.lock().unwrap().last(), Some(&false));
+    assert_eq!((rp.prepared_pages, rp.late_discard_pages), (0, 0), "{rp:?}");
+    assert!(!st.prepared, "{st:?}");
+    assert_eq!(st.discard_pages, rp.discard_pages);
+    let o = Outcome {
+        report,
+        received,
+        dest,
+        vcpu,
+    };
+    check(src.vm(), o);
+}
+
+/// The source's control connection through a proxy that passes every
+/// frame, except that the destination's `HelloReply` loses its grant of the
+/// preparation (what an older destination sends).
+fn without_prepare_grant(to_dst: Box<dyn Transport>) -> Box<dyn Transport> {
+    use livemig::protocol::{FrameReader, FrameWriter, HelloReply, Message};
+    let (src_end, proxy) = mem::pair();
+    let (mut up_rx, mut up_tx) = (proxy.try_clone().unwrap(), to_dst.try_clone().unwrap());
+    std::thread::spawn(move || {
+        let _ = std::io::copy(&mut up_rx, &mut up_tx);
+        let _ = up_tx.shutdown();
+    });
+    std::thread::spawn(move || {
+        let mut fr = FrameReader::new(to_dst);
+        let mut fw = FrameWriter::new(Box::new(proxy) as Box<dyn Transport>);
+        while let Ok(f) = fr.read_frame() {
+            let sent = if f.kind == MsgKind::HelloReply {
+                let mut reply = HelloReply::decode(f.payload).unwrap();
+                assert!(reply.postcopy_prepare, "a new destination grants it");
+                reply.postcopy_prepare = false;
+                fw.send(&reply)
+            } else {
+                fw.write_frame(f.kind, &[f.payload])
+            };
+            if sent.and_then(|_| fw.flush()).is_err() {
+                break;
+            }
+        }
+        let _ = fw.get_ref().shutdown();
+    });
+    Box::new(src_end)
+}
