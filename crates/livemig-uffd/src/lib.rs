@@ -21,6 +21,7 @@
 //! need `FALLOC_FL_PUNCH_HOLE` and shmem registration; not built).
 
 use std::os::fd::AsRawFd;
+use std::sync::{Mutex, MutexGuard};
 use std::time::Duration;
 
 use livemig::bitmap::DirtyBitmap;
@@ -41,8 +42,9 @@ pub struct HostRegion {
 pub struct UffdPager {
     uffd: Uffd,
     regions: Vec<HostRegion>,
-    /// The missing set given to `arm`.
-    missing: std::sync::OnceLock<DirtyBitmap>,
+    /// The missing set given to `arm`, grown by `discard` (`None` until
+    /// armed).
+    missing: Mutex<Option<DirtyBitmap>>,
     /// A pidfd of this process, for `process_madvise` (`None` where the
     /// kernel has no `pidfd_open`).
     pidfd: Option<i32>,
@@ -93,7 +95,7 @@ impl UffdPager {
         Ok(UffdPager {
             uffd,
             regions,
-            missing: std::sync::OnceLock::new(),
+            missing: Mutex::new(None),
             pidfd: i32::try_from(pidfd).ok().filter(|fd| *fd >= 0),
         })
     }
@@ -178,6 +180,22 @@ impl UffdPager {
         usize::try_from(r).ok()
     }
 
+    fn missing(&self) -> MutexGuard<'_, Option<DirtyBitmap>> {
+        self.missing.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Drops the runs of `pages` in every region.
+    fn drop_pages(&self, pages: &DirtyBitmap) -> Result<(), PostcopyError> {
+        for (region, r) in self.regions.iter().enumerate() {
+            let runs: Vec<(u64, u64)> = pages
+                .runs_in(region, 0, r.pages, u64::MAX)
+                .map(|run| (run.first_page, run.npages))
+                .collect();
+            self.drop_runs(region, &runs)?;
+        }
+        Ok(())
+    }
+
     /// The region and page of a host address.
     fn locate(&self, addr: usize) -> Option<(usize, u64)> {
         self.regions.iter().enumerate().find_map(|(i, r)| {
@@ -190,32 +208,47 @@ impl UffdPager {
 
 impl PostcopyMemory for UffdPager {
     fn arm(&self, missing: &DirtyBitmap) -> Result<(), PostcopyError> {
-        self.missing
-            .set(missing.clone())
-            .map_err(|_| PostcopyError::Other("armed twice".into()))?;
-        for (region, r) in self.regions.iter().enumerate() {
-            let mut page = 0;
-            // Runs of missing pages are dropped; the others stay as they
-            // are (a never-touched one is zero-filled at its first fault).
-            let mut runs = Vec::new();
-            while page < r.pages {
-                let m = missing.is_set(region, page);
-                let mut end = page + 1;
-                while end < r.pages && missing.is_set(region, end) == m {
-                    end += 1;
-                }
-                if m {
-                    runs.push((page, end - page));
-                }
-                page = end;
+        {
+            let mut m = self.missing();
+            if m.is_some() {
+                return Err(PostcopyError::Other("armed twice".into()));
             }
-            self.drop_runs(region, &runs)?;
+            *m = Some(missing.clone());
+        }
+        // Runs of missing pages are dropped; the others stay as they are
+        // (a never-touched one is zero-filled at its first fault).
+        self.drop_pages(missing)?;
+        for r in &self.regions {
             let len = (r.pages * PAGE_SIZE) as usize;
             self.uffd
                 .register(r.addr as *mut libc::c_void, len)
                 .map_err(os("UFFDIO_REGISTER"))?;
         }
         Ok(())
+    }
+
+    fn discard(&self, more: &DirtyBitmap) -> Result<(), PostcopyError> {
+        // The pages of `more` not missing yet: marked missing first (a
+        // fault on one of them from now on is the engine's, not a
+        // zero-fill), then dropped. `MADV_DONTNEED` on a registered range
+        // leaves the page absent, so its next access raises a missing
+        // fault.
+        let fresh = {
+            let mut m = self.missing();
+            let Some(missing) = m.as_mut() else {
+                return Err(PostcopyError::Other("discard before arm".into()));
+            };
+            let mut fresh = more.clone();
+            fresh.and_not(missing);
+            for region in 0..fresh.num_regions() {
+                let end = fresh.region_pages(region);
+                for run in fresh.runs_in(region, 0, end, u64::MAX) {
+                    missing.set_range(region, run.first_page, run.npages);
+                }
+            }
+            fresh
+        };
+        self.drop_pages(&fresh)
     }
 
     fn next_fault(&self, timeout: Duration) -> Result<Option<(usize, u64)>, PostcopyError> {
@@ -245,7 +278,10 @@ impl PostcopyMemory for UffdPager {
                 let (region, page) = self.locate(addr as usize).ok_or_else(|| {
                     PostcopyError::Other(format!("a fault outside guest memory at {addr:?}"))
                 })?;
-                let missing = self.missing.get().is_some_and(|m| m.is_set(region, page));
+                let missing = self
+                    .missing()
+                    .as_ref()
+                    .is_some_and(|m| m.is_set(region, page));
                 if missing {
                     return Ok(Some((region, page)));
                 }

@@ -155,3 +155,64 @@ fn a_reader_of_a_missing_page_waits_for_exactly_its_contents() {
     }
     drop(pager);
 }
+
+/// `discard` after `arm` (the source prepared, then paused): a page that
+/// was present keeps no stale byte — a reader blocks on it and then reads
+/// exactly what is installed; a page not discarded keeps its contents.
+#[test]
+fn a_page_discarded_after_arm_faults_until_installed() {
+    if !uffd_available() {
+        return;
+    }
+    let mem = Anon::new();
+    // SAFETY: inside the mapping.
+    unsafe {
+        std::ptr::write_bytes(mem.page(7), 0x77, PS);
+        std::ptr::write_bytes(mem.page(8), 0x88, PS);
+    }
+    let layout = MemoryLayout::new(vec![RegionDesc {
+        guest_addr: 0,
+        size: PAGES * PAGE_SIZE,
+    }])
+    .unwrap();
+    let mut missing = DirtyBitmap::new(&layout);
+    missing.set(0, 1);
+    let regions = vec![HostRegion {
+        addr: mem.0 as usize,
+        pages: PAGES,
+    }];
+    // SAFETY: `mem` outlives the pager (dropped after it, below).
+    let pager = unsafe { UffdPager::new(regions) }.expect("userfaultfd");
+    pager.arm(&missing).expect("arm");
+    let mut more = DirtyBitmap::new(&layout);
+    more.set(0, 1); // missing already: stays missing
+    more.set(0, 7);
+    pager.discard(&more).expect("discard");
+
+    // SAFETY: inside the mapping; page 8 is present.
+    unsafe {
+        assert_eq!(*mem.page(8), 0x88);
+    }
+    let addr = mem.page(7) as usize;
+    let reader = std::thread::spawn(move || {
+        let p = addr as *const u8;
+        // SAFETY: inside the mapping; blocks until page 7 is installed.
+        (0..PS)
+            .map(|i| unsafe { std::ptr::read_volatile(p.add(i)) })
+            .collect::<Vec<u8>>()
+    });
+    let fault = loop {
+        if let Some(f) = pager.next_fault(Duration::from_millis(100)).unwrap() {
+            break f;
+        }
+        assert!(
+            !reader.is_finished(),
+            "read a discarded page without a fault"
+        );
+    };
+    assert_eq!(fault, (0, 7));
+    pager.install(0, 7, &[0x5A; PS]).expect("install");
+    let got = reader.join().unwrap();
+    assert!(got.iter().all(|&b| b == 0x5A), "stale or zero bytes read");
+    drop(pager);
+}

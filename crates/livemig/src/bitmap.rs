@@ -71,6 +71,16 @@ impl DirtyBitmap {
         }
     }
 
+    /// Clears every page that is set in `other` (regions `other` lacks are
+    /// left alone).
+    pub fn and_not(&mut self, other: &DirtyBitmap) {
+        for (r, o) in self.regions.iter_mut().zip(&other.regions) {
+            for (dst, src) in r.words.iter_mut().zip(&o.words) {
+                *dst &= !*src;
+            }
+        }
+    }
+
     /// Marks every page dirty.
     pub fn set_all(&mut self) {
         for r in &mut self.regions {
@@ -344,6 +354,20 @@ mod tests {
         assert_eq!(bm.runs_in(0, 0, 1024, u64::MAX).count(), 0);
         let all_clear = read() - before;
         assert!(all_clear <= 1024 / 64 + 2, "read {all_clear} words");
+    }
+
+    #[test]
+    fn and_not_clears_the_pages_of_the_other_bitmap() {
+        let mut a = DirtyBitmap::new(&layout());
+        let mut b = DirtyBitmap::new(&layout());
+        a.set_range(0, 0, 100);
+        a.set(1, 3);
+        b.set_range(0, 10, 80);
+        b.set(1, 4);
+        a.and_not(&b);
+        assert_eq!(a.count(), 10 + 10 + 1);
+        assert!(a.is_set(0, 9) && !a.is_set(0, 10) && !a.is_set(0, 89) && a.is_set(0, 90));
+        assert!(a.is_set(1, 3));
     }
 
     fn layout() -> MemoryLayout {

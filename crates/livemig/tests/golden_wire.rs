@@ -114,6 +114,67 @@ const HELLO_REPLY_LOCAL: &str = r#"
     02                                # local hand-over granted
 "#;
 
+// HELLO_V3_POSTCOPY_PREPARE: a version-3 Hello offering post-copy and its
+// preparation before the pause (docs/postcopy.md, "Negotiation")
+const HELLO_V3_POSTCOPY_PREPARE: &str = r#"
+    4c4956454d494700                  # magic "LIVEMIG\0"
+    03000000                          # protocol_version 3
+    02000000                          # min_protocol_version 2
+    00100000                          # page_size 4096
+    02000000                          # 2 regions
+    0000000000000000                  #   guest_addr 0x0
+    00000a0000000000                  #   size 0xa0000
+    0000100000000000                  #   guest_addr 0x100000
+    0000000400000000                  #   size 64 MiB
+    02000000                          # 2 vCPUs
+    01000000                          # 1 NIC
+    525400123456                      #   mac 52:54:00:12:34:56
+    01                                #   has_ip
+    0a000002                          #   ipv4 10.0.0.2
+    03000000                          # 3 properties
+    0700                              #   length 7
+    6d616368696e65                    #   key "machine"
+    0600                              #   length 6
+    726566766d6d                      #   value "refvmm"
+    1000                              #   length 16
+    6c6976656d69672e706f7374636f7079  #   key "livemig.postcopy"
+    0100                              #   length 1
+    31                                #   value "1"
+    1800                              #   length 24
+    6c6976656d69672e706f7374636f7079  #   key "livemig.postcopy
+    2e70726570617265                  #        .prepare"
+    0100                              #   length 1
+    31                                #   value "1"
+    01000000                          # streams 1
+"#;
+
+// HELLO_REPLY_POSTCOPY_PREPARE: 28 bytes (a version-3 reply granting
+// post-copy and its preparation to a source that offered both)
+const HELLO_REPLY_POSTCOPY_PREPARE: &str = r#"
+    01                                # accepted
+    0000                              # reason: length 0
+    01000000                          # streams 1
+    000102030405060708090a0b0c0d0e0f  # token
+    03000000                          # version 3
+    03                                # post-copy with preparation granted
+"#;
+
+// POSTCOPY_PREPARE: 44 bytes
+const POSTCOPY_PREPARE: &str = r#"
+    02000000                          # 2 runs
+    00000000                          #   region 0
+    0500000000000000                  #   first_page 5
+    0300000000000000                  #   npages 3
+    01000000                          #   region 1
+    0001000000000000                  #   first_page 256
+    1000000000000000                  #   npages 16
+"#;
+
+// POSTCOPY_ARMED: 8 bytes
+const POSTCOPY_ARMED: &str = r#"
+    1879000000000000                  # arm_us 31000
+"#;
+
 // PAGE_REQUEST: 16 bytes
 const PAGE_REQUEST: &str = r#"
     01000000                          # region 1
@@ -303,6 +364,7 @@ fn hello(protocol_version: u32, paused: bool) -> Hello {
         streams: 2,
         paused,
         postcopy: false,
+        postcopy_prepare: false,
         local: None,
     }
 }
@@ -331,6 +393,8 @@ fn kind_bytes() {
         (PostcopyPushed, 18),
         (PostcopyComplete, 19),
         (PostcopyResume, 20),
+        (PostcopyPrepare, 21),
+        (PostcopyArmed, 22),
     ];
     assert_eq!(table.len(), MsgKind::ALL.len());
     for (kind, byte) in table {
@@ -364,6 +428,7 @@ fn hello_reply_v3() {
             token: TOKEN,
             version: 3,
             postcopy: false,
+            postcopy_prepare: false,
             local: false,
         },
     );
@@ -380,6 +445,7 @@ fn hello_reply_granting_postcopy() {
             token: TOKEN,
             version: 3,
             postcopy: true,
+            postcopy_prepare: false,
             local: false,
         },
     );
@@ -396,8 +462,65 @@ fn hello_reply_granting_a_local_hand_over() {
             token: TOKEN,
             version: 3,
             postcopy: false,
+            postcopy_prepare: false,
             local: true,
         },
+    );
+}
+
+#[test]
+fn hello_offering_postcopy_with_its_preparation() {
+    let mut h = hello(3, false);
+    h.streams = 1;
+    h.postcopy = true;
+    h.postcopy_prepare = true;
+    check(HELLO_V3_POSTCOPY_PREPARE, &h);
+}
+
+#[test]
+fn hello_reply_granting_postcopy_with_its_preparation() {
+    check(
+        HELLO_REPLY_POSTCOPY_PREPARE,
+        &HelloReply {
+            accepted: true,
+            reason: String::new(),
+            streams: 1,
+            token: TOKEN,
+            version: 3,
+            postcopy: true,
+            postcopy_prepare: true,
+            local: false,
+        },
+    );
+}
+
+#[test]
+fn postcopy_prepare() {
+    use livemig::protocol::{PageRun, PostcopyPrepare};
+    check(
+        POSTCOPY_PREPARE,
+        &PostcopyPrepare {
+            discard: vec![
+                PageRun {
+                    region: 0,
+                    first_page: 5,
+                    npages: 3,
+                },
+                PageRun {
+                    region: 1,
+                    first_page: 256,
+                    npages: 16,
+                },
+            ],
+        },
+    );
+}
+
+#[test]
+fn postcopy_armed() {
+    check(
+        POSTCOPY_ARMED,
+        &livemig::protocol::PostcopyArmed { arm_us: 31_000 },
     );
 }
 
@@ -424,6 +547,7 @@ fn hello_reply_v2() {
             token: TOKEN,
             version: 2,
             postcopy: false,
+            postcopy_prepare: false,
             local: false,
         },
     );

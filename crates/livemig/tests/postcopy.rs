@@ -68,6 +68,8 @@ struct Vcpu {
     /// `restore_state` reads the last missing page through the installer
     /// and records the page and what it got (`None`: nothing in time).
     restore_read: Option<RestoreRead>,
+    /// The destination's installer, once built (shared with the test).
+    pager: Slot,
 }
 
 /// What a restore read: the page, and its bytes if they came in time.
@@ -103,6 +105,7 @@ impl Vcpu {
             ask_in_round_1: None,
             reconnect: Arc::default(),
             restore_read: None,
+            pager: Slot::default(),
         }
     }
 
@@ -210,8 +213,8 @@ fn drop_frame(kind: MsgKind, n: u32) -> impl FnOnce(Box<dyn Transport>) -> Box<d
     }
 }
 
-fn migrate_with(
-    src: &SoftVm,
+fn migrate_with<V: SourceVm + ?Sized>(
+    src: &V,
     pc: PostcopyConfig,
     config: &MigrationConfig,
     vcpu: &Vcpu,
@@ -225,7 +228,7 @@ fn migrate_with(
     let (fa, fb) = mem::pair();
     let fb = dst_fault(Box::new(fb));
     let a = src_control(Box::new(a));
-    let slot: Slot = Arc::default();
+    let slot = vcpu.pager.clone();
     let pager = pager_into(slot.clone());
     let dst_vcpu = vcpu.clone();
     let (src_pair, mut dst_next) = match vcpu.reconnect.lock().unwrap().take() {
@@ -605,4 +608,189 @@ fn a_restore_that_reads_guest_memory_gets_its_page_before_go() {
         "the restore's page differs"
     );
     check(&src, o);
+}
+
+/// The expensive part of the switch (the destination dropping the pages
+/// still to come and registering its memory with the installer) happens
+/// while the guest still runs on the source, not inside the downtime: the
+/// installer is armed when the source pauses.
+#[test]
+fn the_destination_arms_before_the_source_pauses() {
+    let soft = SoftVm::new(&layout(), &SoftConfig::default()).unwrap();
+    soft.fill(4);
+    soft.start();
+    let vcpu = Vcpu::new(Duration::from_secs(30));
+    let slot = vcpu.pager.clone();
+    let armed_at_pause: Arc<Mutex<Vec<bool>>> = Arc::default();
+    let seen = armed_at_pause.clone();
+    let src = livemig::testing::hooked::HookedVm::new(soft).on_pause(move |vm| {
+        let armed = slot.lock().unwrap().as_ref().is_some_and(|p| p.armed());
+        seen.lock().unwrap().push(armed);
+        SourceVm::pause(vm)
+    });
+    let pc = PostcopyConfig {
+        after_rounds: 2,
+        on_non_convergence: false,
+        ..Default::default()
+    };
+    let config = MigrationConfig {
+        downtime_limit: Duration::from_nanos(1),
+        ..Default::default()
+    };
+    let (dest, report) = migrate_with(&src, pc, &config, &vcpu, |t| t, |t| t);
+    let (dest, received) = dest.expect("destination");
+    let report = report.expect("source");
+    // The handshake pauses to measure the state; the last pause is the
+    // switchover's.
+    let pauses = armed_at_pause.lock().unwrap().clone();
+    assert_eq!(
+        pauses.last(),
+        Some(&true),
+        "the switchover's pause came after the destination armed: {pauses:?}"
+    );
+    let rp = report.postcopy.clone().expect("switched to post-copy");
+    let st = received.postcopy.clone().expect("destination stats");
+    assert!(st.prepared, "{st:?}");
+    assert_eq!(st.discard_pages, rp.discard_pages);
+    assert_eq!(
+        rp.prepared_pages + rp.late_discard_pages,
+        rp.discard_pages,
+        "{rp:?}"
+    );
+    assert_eq!(st.late_discard_pages, rp.late_discard_pages);
+    let o = Outcome {
+        report,
+        received,
+        dest,
+        vcpu,
+    };
+    check(src.vm(), o);
+}
+
+/// A page the guest writes after the prepare (between the destination's
+/// arming and the pause) is named by the switch: the destination drops its
+/// stale copy and gets the new one.
+#[test]
+fn a_page_dirtied_after_the_prepare_is_dropped_at_the_switch() {
+    let soft = SoftVm::new(&layout(), &SoftConfig::idle()).unwrap();
+    soft.fill(8);
+    soft.start();
+    let vcpu = Vcpu::new(Duration::from_secs(30));
+    let slot = vcpu.pager.clone();
+    let late_addr = (4 << 30) + 3 * PAGE_SIZE;
+    let src = livemig::testing::hooked::HookedVm::new(soft).on_pause(move |vm| {
+        // The handshake's pauses come before the installer exists.
+        if slot.lock().unwrap().as_ref().is_some_and(|p| p.armed()) {
+            vm.write_as_guest(late_addr, 0x5EED_F1A7)?;
+        }
+        SourceVm::pause(vm)
+    });
+    let pc = PostcopyConfig {
+        after_rounds: 2,
+        on_non_convergence: false,
+        ..Default::default()
+    };
+    let config = MigrationConfig {
+        downtime_limit: Duration::from_nanos(1),
+        ..Default::default()
+    };
+    let (dest, report) = migrate_with(&src, pc, &config, &vcpu, |t| t, |t| t);
+    let (dest, received) = dest.expect("destination");
+    let report = report.expect("source");
+    let rp = report.postcopy.clone().expect("switched to post-copy");
+    let st = received.postcopy.clone().expect("destination stats");
+    // An idle guest: nothing to drop at the prepare, one page at the switch.
+    assert_eq!(
+        (rp.prepared_pages, rp.late_discard_pages, rp.discard_pages),
+        (0, 1, 1),
+        "{rp:?}"
+    );
+    assert!(st.prepared, "{st:?}");
+    assert_eq!((st.late_discard_pages, st.discard_pages), (1, 1), "{st:?}");
+    let o = Outcome {
+        report,
+        received,
+        dest,
+        vcpu,
+    };
+    // The vCPU reads the last missing page: the late one, with its new value.
+    assert_eq!(o.vcpu.read.lock().unwrap().clone(), Some((1, 3)));
+    check(src.vm(), o);
+}
+
+/// A destination of an older build (it grants post-copy without the
+/// preparation: grant byte `1`), simulated by rewriting its `HelloReply` on
+/// the way to the source: the source falls back to the old order (the
+/// destination arms inside the downtime) and the migration is correct.
+#[test]
+fn a_destination_that_does_not_prepare_gets_the_old_order() {
+    let soft = SoftVm::new(&layout(), &SoftConfig::default()).unwrap();
+    soft.fill(9);
+    soft.start();
+    let vcpu = Vcpu::new(Duration::from_secs(30));
+    let slot = vcpu.pager.clone();
+    let armed_at_pause: Arc<Mutex<Vec<bool>>> = Arc::default();
+    let seen = armed_at_pause.clone();
+    let src = livemig::testing::hooked::HookedVm::new(soft).on_pause(move |vm| {
+        let armed = slot.lock().unwrap().as_ref().is_some_and(|p| p.armed());
+        seen.lock().unwrap().push(armed);
+        SourceVm::pause(vm)
+    });
+    let pc = PostcopyConfig {
+        after_rounds: 1,
+        on_non_convergence: false,
+        ..Default::default()
+    };
+    let config = MigrationConfig {
+        downtime_limit: Duration::from_nanos(1),
+        ..Default::default()
+    };
+    let (dest, report) = migrate_with(&src, pc, &config, &vcpu, without_prepare_grant, |t| t);
+    let (dest, received) = dest.expect("destination");
+    let report = report.expect("source");
+    let rp = report.postcopy.clone().expect("switched to post-copy");
+    let st = received.postcopy.clone().expect("destination stats");
+    assert_eq!(armed_at_pause.lock().unwrap().last(), Some(&false));
+    assert_eq!((rp.prepared_pages, rp.late_discard_pages), (0, 0), "{rp:?}");
+    assert!(!st.prepared, "{st:?}");
+    assert_eq!(st.discard_pages, rp.discard_pages);
+    let o = Outcome {
+        report,
+        received,
+        dest,
+        vcpu,
+    };
+    check(src.vm(), o);
+}
+
+/// The source's control connection through a proxy that passes every
+/// frame, except that the destination's `HelloReply` loses its grant of the
+/// preparation (what an older destination sends).
+fn without_prepare_grant(to_dst: Box<dyn Transport>) -> Box<dyn Transport> {
+    use livemig::protocol::{FrameReader, FrameWriter, HelloReply, Message};
+    let (src_end, proxy) = mem::pair();
+    let (mut up_rx, mut up_tx) = (proxy.try_clone().unwrap(), to_dst.try_clone().unwrap());
+    std::thread::spawn(move || {
+        let _ = std::io::copy(&mut up_rx, &mut up_tx);
+        let _ = up_tx.shutdown();
+    });
+    std::thread::spawn(move || {
+        let mut fr = FrameReader::new(to_dst);
+        let mut fw = FrameWriter::new(Box::new(proxy) as Box<dyn Transport>);
+        while let Ok(f) = fr.read_frame() {
+            let sent = if f.kind == MsgKind::HelloReply {
+                let mut reply = HelloReply::decode(f.payload).unwrap();
+                assert!(reply.postcopy_prepare, "a new destination grants it");
+                reply.postcopy_prepare = false;
+                fw.send(&reply)
+            } else {
+                fw.write_frame(f.kind, &[f.payload])
+            };
+            if sent.and_then(|_| fw.flush()).is_err() {
+                break;
+            }
+        }
+        let _ = fw.get_ref().shutdown();
+    });
+    Box::new(src_end)
 }

@@ -115,6 +115,7 @@ pub(super) fn reply(
     reply.version = link.version;
     // Granted only in version 3 or later (the byte follows `version`).
     reply.postcopy = link.postcopy && link.version >= 3;
+    reply.postcopy_prepare = reply.postcopy && link.postcopy_prepare;
     link.granted = streams;
     crate::control::send(&mut link.fw, &reply, Phase::Handshake)?;
     match acceptor {

@@ -10,8 +10,8 @@ use crate::error::InternalError;
 use crate::error::{ErrorKind, MigrationError, PeerError, Phase};
 use crate::memory::MemoryLayout;
 use crate::protocol::{
-    decompress_pages, page_records, stream_of, FrameReader, Message, MsgKind, ProtocolError,
-    RoundEnd, State, MAX_STATE_FRAMES, STREAM_CHUNK_PAGES,
+    decompress_pages, page_records, stream_of, FrameReader, Message, MsgKind, PostcopyPrepare,
+    ProtocolError, RoundEnd, State, MAX_STATE_FRAMES, STREAM_CHUNK_PAGES,
 };
 use crate::ram::HostRam;
 use crate::state::Section;
@@ -185,6 +185,12 @@ pub(super) struct Received {
     pub(super) switch: Option<crate::protocol::PostcopySwitch>,
 }
 
+/// What the destination does with a `PostcopyPrepare` (drop the pages,
+/// arm the installer, answer `PostcopyArmed`); `None` where post-copy's
+/// preparation was not granted (the frame is then refused).
+pub(super) type OnPrepare<'h> =
+    Option<&'h mut dyn FnMut(&PostcopyPrepare) -> Result<(), MigrationError>>;
+
 /// The memory phase: pages on every connection, round ends and the state
 /// on the control one, until `Complete`. A failing page stream stops the
 /// others and is named as the cause.
@@ -193,6 +199,7 @@ pub(super) fn receive(
     readers: Vec<FrameReader<Box<dyn Transport>>>,
     layout: &MemoryLayout,
     ram: &HostRam<'_>,
+    on_prepare: OnPrepare<'_>,
 ) -> Result<Received, MigrationError> {
     let streams = readers.len().max(1) as u32;
     let shared = StreamShared {
@@ -230,7 +237,7 @@ pub(super) fn receive(
             }
         }
         let mut cl = ControlLoop::new(layout, ram, streams);
-        let r = cl.run(control);
+        let r = cl.run(control, on_prepare);
         if r.is_err() {
             stop();
         }
@@ -279,6 +286,9 @@ struct ControlLoop<'a> {
     sections: Option<Vec<Section>>,
     state_frames: usize,
     switch: Option<crate::protocol::PostcopySwitch>,
+    /// A `PostcopyPrepare` arrived: the memory is armed, so no `Pages`
+    /// may follow and the phase must end with a `PostcopySwitch`.
+    prepared: bool,
 }
 
 impl<'a> ControlLoop<'a> {
@@ -291,16 +301,41 @@ impl<'a> ControlLoop<'a> {
             sections: None,
             state_frames: 0,
             switch: None,
+            prepared: false,
         }
     }
 
     /// Reads until `Complete`; returns the state sections.
-    fn run(&mut self, control: &mut ControlReader) -> Result<Vec<Section>, MigrationError> {
+    fn run(
+        &mut self,
+        control: &mut ControlReader,
+        mut on_prepare: OnPrepare<'_>,
+    ) -> Result<Vec<Section>, MigrationError> {
         const EXPECTED: &str = "Pages, RoundEnd, State or Complete";
         loop {
             let f = control.next(self.phase, EXPECTED)?;
             let at = |e: ErrorKind| MigrationError::new(self.phase, e);
             match f.kind {
+                MsgKind::Pages | MsgKind::PagesLz4 if self.prepared => {
+                    // Writing into armed memory would fault on a dropped
+                    // page (and nothing serves faults yet).
+                    let e = ErrorKind::Unexpected {
+                        got: format!("{} after PostcopyPrepare", f.kind),
+                        expected: "PostcopySwitch",
+                    };
+                    return Err(at(e));
+                }
+                MsgKind::PostcopyPrepare if !self.prepared && self.switch.is_none() => {
+                    let Some(hook) = on_prepare.as_mut() else {
+                        return Err(unexpected(f.kind, EXPECTED, self.phase));
+                    };
+                    let p = PostcopyPrepare::decode(f.payload).map_err(|e| at(e.into()))?;
+                    for run in &p.discard {
+                        run.check(self.sink.layout).map_err(|e| at(e.into()))?;
+                    }
+                    self.prepared = true;
+                    hook(&p)?;
+                }
                 MsgKind::Pages | MsgKind::PagesLz4 => {
                     if self.streams > 1 {
                         return Err(at(PeerError::PagesOnControl.into()));
@@ -326,6 +361,13 @@ impl<'a> ControlLoop<'a> {
                     }
                     self.switch = Some(sw);
                     self.phase = Phase::FinalMemory;
+                }
+                MsgKind::Complete if self.prepared && self.switch.is_none() => {
+                    let e = ErrorKind::Unexpected {
+                        got: "Complete after PostcopyPrepare".into(),
+                        expected: "PostcopySwitch",
+                    };
+                    return Err(at(e));
                 }
                 MsgKind::Complete => break,
                 MsgKind::Cancel => return Err(at(ErrorKind::Cancelled)),

@@ -211,6 +211,7 @@ pub(super) fn on_link<T>(
         version: PROTOCOL_VERSION,
         granted: 1,
         postcopy: false,
+        postcopy_prepare: false,
     };
     body(&mut link).map_err(|e| fail(&mut link, e, cancel))
 }
@@ -249,6 +250,9 @@ pub(super) struct Link {
     /// Post-copy granted (only by `postcopy::receive_postcopy`, to a source
     /// that offered it).
     postcopy: bool,
+    /// With `postcopy`: the source offered to prepare the switch before its
+    /// pause (`PostcopyPrepare`), and it is granted.
+    postcopy_prepare: bool,
 }
 
 /// The phases, in order: handshake, memory and state, restore and commit.
@@ -279,7 +283,7 @@ where
         for r in &readers {
             call.cancel.attach(r.get_ref().try_clone().ok());
         }
-        memory::receive(&mut link.control, readers, &layout, &ram)?
+        memory::receive(&mut link.control, readers, &layout, &ram, None)?
     };
     if received.switch.is_some() {
         let e = ErrorKind::Unexpected {

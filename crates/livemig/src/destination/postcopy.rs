@@ -13,14 +13,18 @@ use std::time::{Duration, Instant};
 
 use serde::Serialize;
 
+mod arm;
+
+use arm::Armed;
+
 use super::{handshake, memory, ms, Link, ReceiveConfig, ReceiveReport};
 use crate::bitmap::DirtyBitmap;
 use crate::control::{self, unexpected};
 use crate::error::{ErrorKind, MigrationError, Phase};
 use crate::memory::{MemoryLayout, PAGE_SIZE};
 use crate::protocol::{
-    decompress_pages, page_records, FrameReader, FrameWriter, MsgKind, PageRequest, PageRun,
-    PostcopyComplete, PostcopyResume, PostcopySwitch, Resumed,
+    decompress_pages, page_records, FrameReader, FrameWriter, Go, MsgKind, PageRequest, PageRun,
+    PostcopyComplete, PostcopyResume, Ready, Resumed,
 };
 use crate::transport::{StreamAcceptor, Transport};
 use crate::vm::{DestinationVm, VmDescription, VmError};
@@ -51,6 +55,12 @@ pub trait PostcopyMemory: Send + Sync {
     /// it never had any) and never faults. Called once, before the guest
     /// runs.
     fn arm(&self, missing: &DirtyBitmap) -> Result<(), PostcopyError>;
+    /// After [`PostcopyMemory::arm`], before the guest runs: makes the
+    /// pages of `more` fault too (their contents here are stale: they are
+    /// dropped), as if they had been in `arm`'s set. Pages of `more` that
+    /// are missing already stay missing. Called at most once, when the
+    /// source prepared the switch (`PostcopyPrepare`) and then paused.
+    fn discard(&self, more: &DirtyBitmap) -> Result<(), PostcopyError>;
     /// Waits at most `timeout` for an access to a missing page; returns
     /// `(region, page)`. May return a page that was installed since (the
     /// engine then calls [`PostcopyMemory::wake`]).
@@ -69,6 +79,9 @@ pub trait PostcopyMemory: Send + Sync {
 impl<T: PostcopyMemory + ?Sized> PostcopyMemory for Arc<T> {
     fn arm(&self, missing: &DirtyBitmap) -> Result<(), PostcopyError> {
         (**self).arm(missing)
+    }
+    fn discard(&self, more: &DirtyBitmap) -> Result<(), PostcopyError> {
+        (**self).discard(more)
     }
     fn next_fault(&self, timeout: Duration) -> Result<Option<(usize, u64)>, PostcopyError> {
         (**self).next_fault(timeout)
@@ -131,9 +144,18 @@ pub struct PostcopyStats {
     pub blocked_ms: f64,
     /// From the resume to the last page installed, ms.
     pub switch_to_last_page_ms: f64,
-    /// [`PostcopyMemory::arm`], ms (inside the downtime: between the
-    /// source's pause and `Go`).
+    /// [`PostcopyMemory::arm`], ms: before the source paused when
+    /// `prepared`, otherwise inside the downtime (between the source's
+    /// pause and `Go`).
     pub arm_ms: f64,
+    /// The source prepared the switch (`PostcopyPrepare`): the installer
+    /// was armed while the guest still ran on the source.
+    pub prepared: bool,
+    /// After a prepare: pages the source dirtied between the prepare and
+    /// its pause, dropped at `PostcopySwitch` ([`PostcopyMemory::discard`]).
+    pub late_discard_pages: u64,
+    /// Dropping them, ms (inside the downtime).
+    pub late_discard_ms: f64,
 }
 
 /// Like [`crate::receive`], and grants post-copy to a source that offers
@@ -311,8 +333,11 @@ where
     cancel.attach(fault.try_clone().ok());
     let hello = handshake::read_hello(link)?;
     link.postcopy = hello.postcopy;
+    link.postcopy_prepare = hello.postcopy && hello.postcopy_prepare;
     let layout = hello.desc.layout.clone();
     let mut vm = handshake::create_vm(&mut link.fw, &hello.desc, create)?;
+    let mut pager = Some(pager);
+    let mut prepared: Option<Armed> = None;
     let received = {
         let ram = handshake::prepare_memory(&mut link.fw, &vm, &layout, hello.local.as_ref())?;
         (call.progress)(&super::ReceiveProgress::Accepted {
@@ -324,7 +349,15 @@ where
         for r in &readers {
             cancel.attach(r.get_ref().try_clone().ok());
         }
-        memory::receive(&mut link.control, readers, &layout, &ram)?
+        let granted = link.postcopy && link.postcopy_prepare && link.version >= 3;
+        let fw = &mut link.fw;
+        let mut hook = |p: &crate::protocol::PostcopyPrepare| {
+            let pager = pager.take().ok_or_else(|| twice("PostcopyPrepare"))?;
+            prepared = Some(arm::prepare(fw, &vm, &layout, p, pager)?);
+            Ok(())
+        };
+        let on_prepare: memory::OnPrepare<'_> = if granted { Some(&mut hook) } else { None };
+        memory::receive(&mut link.control, readers, &layout, &ram, on_prepare)?
     };
     let running = !hello.paused;
     let mut report = ReceiveReport {
@@ -336,7 +369,7 @@ where
         running,
         ..ReceiveReport::default()
     };
-    let Some(switch) = received.switch else {
+    let Some(switch) = received.switch.as_ref() else {
         let times = super::commit::commit(&mut vm, link, &received.sections, running, cancel)?;
         (call.progress)(&super::ReceiveProgress::Completed { running });
         report.restore_ms = ms(times.restore);
@@ -345,7 +378,19 @@ where
         report.total_ms = ms(started.elapsed());
         return Ok((vm, report));
     };
-    let (pager, discard, arm_ms) = arm(link, &vm, &layout, &switch, pager)?;
+    let armed = match (prepared, pager.take()) {
+        (Some(a), _) => arm::late_discard(a, &layout, switch)?,
+        (None, Some(p)) => arm::arm(link.postcopy, &vm, &layout, switch, p)?,
+        (None, None) => return Err(twice("PostcopySwitch")),
+    };
+    let Armed {
+        pager,
+        discard,
+        arm_ms,
+        prepared,
+        late_pages,
+        late_ms,
+    } = armed;
     // The page server runs from here, before the restore: a device whose
     // restore reads guest memory (a virtio queue) faults on a missing page
     // like a vCPU does, and the source answers requests from the switch on.
@@ -377,7 +422,13 @@ where
         }
     };
     report.resume_ms = stats.1;
-    report.postcopy = Some(PostcopyStats { arm_ms, ..stats.0 });
+    report.postcopy = Some(PostcopyStats {
+        arm_ms,
+        prepared,
+        late_discard_pages: late_pages,
+        late_discard_ms: late_ms,
+        ..stats.0
+    });
     report.bytes = link.control.bytes_read();
     report.total_ms = ms(started.elapsed());
     (call.progress)(&super::ReceiveProgress::Completed { running });
@@ -393,50 +444,6 @@ where
 fn abandon<V>(vm: V, pager: Box<dyn PostcopyMemory>) {
     drop(vm);
     std::mem::forget(pager);
-}
-
-fn vm_error(e: PostcopyError) -> VmError {
-    VmError::failed(crate::vm::VmOp::Resume, "post-copy memory", e)
-}
-
-/// The pages of `switch` as a bitmap (the runs were checked against the
-/// layout when the frame arrived).
-/// The switch to post-copy (refused unless granted): builds the installer
-/// for `vm` and arms every page the source has not sent. Returns the
-/// installer, those pages and how long arming took (ms).
-fn arm<V, P>(
-    link: &Link,
-    vm: &V,
-    layout: &MemoryLayout,
-    switch: &PostcopySwitch,
-    pager: P,
-) -> Result<(Box<dyn PostcopyMemory>, DirtyBitmap, f64), MigrationError>
-where
-    P: FnOnce(&V, &MemoryLayout) -> Result<Box<dyn PostcopyMemory>, VmError>,
-{
-    let fm = Phase::FinalMemory;
-    if !link.postcopy {
-        let e = ErrorKind::Unexpected {
-            got: "PostcopySwitch".into(),
-            expected: "Pages, RoundEnd, State or Complete (post-copy was not granted)",
-        };
-        return Err(MigrationError::new(fm, e));
-    }
-    let discard = discard_bitmap(layout, switch);
-    let pager = pager(vm, layout).map_err(|e| MigrationError::new(fm, e))?;
-    let armed = Instant::now();
-    pager
-        .arm(&discard)
-        .map_err(|e| MigrationError::new(fm, vm_error(e)))?;
-    Ok((pager, discard, ms(armed.elapsed())))
-}
-
-fn discard_bitmap(layout: &MemoryLayout, switch: &PostcopySwitch) -> DirtyBitmap {
-    let mut b = DirtyBitmap::new(layout);
-    for r in &switch.discard {
-        b.set_range(r.region as usize, r.first_page, r.npages);
-    }
-    b
 }
 
 /// What the page server's threads share.
@@ -833,9 +840,15 @@ impl<'a> Server<'a> {
                 .last_install
                 .map(|t| ms(t.saturating_duration_since(resumed_at)))
                 .unwrap_or(0.0),
-            arm_ms: 0.0,
+            ..PostcopyStats::default()
         }
     }
+}
+
+/// The installer was built already (a second switch or prepare).
+fn twice(what: &str) -> MigrationError {
+    let why = format!("{what}: the post-copy installer was built already");
+    MigrationError::new(Phase::FinalMemory, ErrorKind::Internal(internal(why)))
 }
 
 fn internal(why: String) -> crate::error::InternalError {

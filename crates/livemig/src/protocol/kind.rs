@@ -64,11 +64,19 @@ pub enum MsgKind {
     /// the old one broke during post-copy: the pages still missing
     /// ([`PostcopyResume`](super::PostcopyResume)).
     PostcopyResume = 20,
+    /// Source → destination, control connection, only when post-copy was
+    /// granted with preparation: before the source pauses, the pages to
+    /// drop now and arm the installer for
+    /// ([`PostcopyPrepare`](super::PostcopyPrepare)).
+    PostcopyPrepare = 21,
+    /// Destination → source: the pages of the `PostcopyPrepare` are
+    /// dropped and the installer armed ([`PostcopyArmed`](super::PostcopyArmed)).
+    PostcopyArmed = 22,
 }
 
 impl MsgKind {
     /// Every kind, in wire order.
-    pub const ALL: [MsgKind; 20] = [
+    pub const ALL: [MsgKind; 22] = [
         MsgKind::Hello,
         MsgKind::HelloReply,
         MsgKind::Pages,
@@ -89,6 +97,8 @@ impl MsgKind {
         MsgKind::PostcopyPushed,
         MsgKind::PostcopyComplete,
         MsgKind::PostcopyResume,
+        MsgKind::PostcopyPrepare,
+        MsgKind::PostcopyArmed,
     ];
 
     /// The kind for a wire byte, if known.
@@ -120,6 +130,8 @@ impl MsgKind {
             MsgKind::PostcopyPushed => "PostcopyPushed",
             MsgKind::PostcopyComplete => "PostcopyComplete",
             MsgKind::PostcopyResume => "PostcopyResume",
+            MsgKind::PostcopyPrepare => "PostcopyPrepare",
+            MsgKind::PostcopyArmed => "PostcopyArmed",
         }
     }
 }

@@ -24,6 +24,11 @@ pub const PAUSED_PROPERTY: &str = "livemig.paused";
 /// see `docs/postcopy.md`). Sent only by a source that may use post-copy,
 /// so a source that does not sends the bytes it always sent.
 pub const POSTCOPY_PROPERTY: &str = "livemig.postcopy";
+/// The property key by which a [`Hello`] that offers post-copy also offers
+/// to prepare it before the pause (value `"1"`: `PostcopyPrepare` /
+/// `PostcopyArmed`, see `docs/postcopy.md`). A destination that does not
+/// know it reads it as an ordinary property and grants plain post-copy.
+pub const POSTCOPY_PREPARE_PROPERTY: &str = "livemig.postcopy.prepare";
 /// The property key by which a [`Hello`] offers a same-host hand-over
 /// (local mode; value: the source host's boot id), with one
 /// `livemig.local.<i>` property per memory region (value
@@ -77,6 +82,9 @@ pub struct Hello {
     pub paused: bool,
     /// The source offers post-copy ([`POSTCOPY_PROPERTY`]).
     pub postcopy: bool,
+    /// With `postcopy`: the preparation before the pause is offered too
+    /// (the [`POSTCOPY_PREPARE_PROPERTY`]).
+    pub postcopy_prepare: bool,
     /// The source asks for a same-host hand-over of the memory it names
     /// ([`LOCAL_PROPERTY`]).
     pub local: Option<LocalIdentity>,
@@ -94,6 +102,7 @@ impl Hello {
             streams: 1,
             paused: false,
             postcopy: false,
+            postcopy_prepare: false,
             local: None,
         }
     }
@@ -171,6 +180,9 @@ impl Message for Hello {
         if self.postcopy {
             props.push((POSTCOPY_PROPERTY, "1"));
         }
+        if self.postcopy_prepare {
+            props.push((POSTCOPY_PREPARE_PROPERTY, "1"));
+        }
         let local = local_properties(self.local.as_ref());
         props.extend(local.iter().map(|(k, v)| (k.as_str(), v.as_str())));
         put_count(out, M, "properties", props.len(), MAX_PROPERTIES)?;
@@ -236,6 +248,7 @@ impl Message for Hello {
             streams,
             paused: flags.paused,
             postcopy: flags.postcopy,
+            postcopy_prepare: flags.postcopy_prepare,
             local: flags.local()?,
         })
     }
@@ -246,6 +259,7 @@ impl Message for Hello {
 struct HelloFlags {
     paused: bool,
     postcopy: bool,
+    postcopy_prepare: bool,
     /// [`LOCAL_PROPERTY`]'s value.
     boot_id: Option<String>,
     /// The `livemig.local.<i>` properties, by index.
@@ -389,6 +403,7 @@ fn read_properties(
         let flag = match k.as_str() {
             PAUSED_PROPERTY => Some(&mut flags.paused),
             POSTCOPY_PROPERTY => Some(&mut flags.postcopy),
+            POSTCOPY_PREPARE_PROPERTY => Some(&mut flags.postcopy_prepare),
             _ => None,
         };
         let Some(flag) = flag else {
@@ -428,8 +443,12 @@ pub struct HelloReply {
     /// migration (the newest in both ranges); 0 in a refusal.
     pub version: u32,
     /// Post-copy granted (only to a source that offered it, in version 3
-    /// and later: one more byte after `version`, `1`).
+    /// and later: one more byte after `version`, `1`; `3` with
+    /// `postcopy_prepare`).
     pub postcopy: bool,
+    /// With `postcopy`: the preparation before the pause granted too (only
+    /// to a source that offered it: the grant byte is `3` instead of `1`).
+    pub postcopy_prepare: bool,
     /// A local hand-over granted (only to a source that asked for one, in
     /// version 3 and later: one more byte after `version`, `2`).
     pub local: bool,
@@ -445,6 +464,7 @@ impl HelloReply {
             token: [0; 16],
             version: 0,
             postcopy: false,
+            postcopy_prepare: false,
             local: false,
         }
     }
@@ -459,6 +479,7 @@ impl HelloReply {
             token,
             version: PROTOCOL_VERSION,
             postcopy: false,
+            postcopy_prepare: false,
             local: false,
         }
     }
@@ -482,7 +503,9 @@ impl Message for HelloReply {
         // field; a refusal (version 0) has none either.
         if self.version >= 3 {
             put_u32(out, self.version);
-            if self.postcopy {
+            if self.postcopy && self.postcopy_prepare {
+                out.push(3);
+            } else if self.postcopy {
                 out.push(1);
             } else if self.local {
                 out.push(2);
@@ -519,7 +542,10 @@ impl Message for HelloReply {
         } else {
             None
         };
-        let (postcopy, local) = (grant == Some(1), grant == Some(2));
+        // `3`: post-copy with its preparation (only to a source that offered
+        // that too).
+        let postcopy_prepare = grant == Some(3);
+        let (postcopy, local) = (grant == Some(1) || postcopy_prepare, grant == Some(2));
         if postcopy || local {
             c.pos += 1;
         }
@@ -531,6 +557,7 @@ impl Message for HelloReply {
             token,
             version,
             postcopy,
+            postcopy_prepare,
             local,
         })
     }
@@ -1030,6 +1057,7 @@ mod tests {
                     token: [0; 16],
                     version: 0,
                     postcopy: false,
+                    postcopy_prepare: false,
                     local: false,
                 }),
             ),
@@ -1068,9 +1096,9 @@ mod tests {
     #[test]
     fn round_trip_every_message() {
         let msgs = all_messages();
-        // All but Pages, PagesLz4 and the five post-copy kinds (their round
+        // All but Pages, PagesLz4 and the seven post-copy kinds (their round
         // trips are in protocol/postcopy.rs).
-        assert_eq!(msgs.len(), MsgKind::ALL.len() - 7);
+        assert_eq!(msgs.len(), MsgKind::ALL.len() - 9);
         round_trip(&HelloReply {
             accepted: true,
             reason: String::new(),
@@ -1078,6 +1106,7 @@ mod tests {
             token: [0; 16],
             version: PROTOCOL_VERSION,
             postcopy: false,
+            postcopy_prepare: false,
             local: false,
         });
         round_trip(&State::default());
@@ -1089,7 +1118,7 @@ mod tests {
             assert_eq!(MsgKind::from_u8(k as u8), Some(k));
         }
         assert_eq!(MsgKind::from_u8(0), None);
-        assert_eq!(MsgKind::from_u8(21), None);
+        assert_eq!(MsgKind::from_u8(23), None);
     }
 
     #[test]
@@ -1102,6 +1131,7 @@ mod tests {
             token: [0; 16],
             version: PROTOCOL_VERSION,
             postcopy: false,
+            postcopy_prepare: false,
             local: false,
         }
         .encode()
@@ -1367,6 +1397,7 @@ mod tests {
             token: [0; 16],
             version: 0,
             postcopy: false,
+            postcopy_prepare: false,
             local: false,
         };
         assert_eq!(

@@ -68,15 +68,15 @@ pub use kind::MsgKind;
 pub use messages::{
     state_frames, Abandoned, Cancel, Complete, ErrorMsg, Go, Hello, HelloReply, Keepalive, Message,
     Ready, Resumed, RoundEnd, State, StreamHello, HELLO_MAGIC, LOCAL_PROPERTY, PAUSED_PROPERTY,
-    POSTCOPY_PROPERTY,
+    POSTCOPY_PREPARE_PROPERTY, POSTCOPY_PROPERTY,
 };
 pub use pages::{
     compress_pages, decompress_pages, page_records, stream_of, PageBatch, PageRecord, PageRecords,
     RecordHeader, PAGE_RECORD_HEADER_LEN, STREAM_CHUNK_PAGES,
 };
 pub use postcopy::{
-    PageRequest, PageRun, PostcopyComplete, PostcopyPushed, PostcopyResume, PostcopySwitch,
-    MAX_DISCARD_RUNS, MAX_REQUEST_PAGES,
+    PageRequest, PageRun, PostcopyArmed, PostcopyComplete, PostcopyPrepare, PostcopyPushed,
+    PostcopyResume, PostcopySwitch, MAX_DISCARD_RUNS, MAX_REQUEST_PAGES,
 };
 
 /// Default (and largest useful) payload size of one frame.

@@ -1,5 +1,6 @@
-//! The post-copy messages (kinds 16–19, only sent once both sides agreed on
-//! post-copy in the handshake; see `docs/postcopy.md`).
+//! The post-copy messages (kinds 16–22, only sent once both sides agreed on
+//! post-copy in the handshake; 21–22 only when the destination also granted
+//! the preparation; see `docs/postcopy.md`).
 
 use super::codec::{put_count, put_u32, put_u64, Cursor};
 use super::{Message, MsgKind, ProtocolError};
@@ -53,6 +54,56 @@ impl PageRun {
 pub struct PostcopySwitch {
     /// The pages to drop, sorted by (region, page), non-overlapping.
     pub discard: Vec<PageRun>,
+}
+
+/// Source → destination, before the source pauses (only when the
+/// destination granted the preparation): the pages the destination does
+/// not have (dirtied since sent, or never sent) as the running source sees
+/// them now. The destination drops them, arms its installer and answers
+/// [`PostcopyArmed`]; no `Pages` frame follows (the next memory frame is
+/// the [`PostcopySwitch`] with the pages dirtied since).
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub struct PostcopyPrepare {
+    /// The pages to drop, sorted by (region, page), non-overlapping.
+    pub discard: Vec<PageRun>,
+}
+
+/// Destination → source: the pages of the [`PostcopyPrepare`] are dropped
+/// and the installer is armed.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct PostcopyArmed {
+    /// How long arming took on the destination, µs.
+    pub arm_us: u64,
+}
+
+impl Message for PostcopyPrepare {
+    const KIND: MsgKind = MsgKind::PostcopyPrepare;
+
+    fn encode_into(&self, out: &mut Vec<u8>) -> Result<(), ProtocolError> {
+        put_runs(out, "PostcopyPrepare", &self.discard)
+    }
+
+    fn decode(payload: &[u8]) -> Result<Self, ProtocolError> {
+        Ok(PostcopyPrepare {
+            discard: read_runs("PostcopyPrepare", payload)?,
+        })
+    }
+}
+
+impl Message for PostcopyArmed {
+    const KIND: MsgKind = MsgKind::PostcopyArmed;
+
+    fn encode_into(&self, out: &mut Vec<u8>) -> Result<(), ProtocolError> {
+        put_u64(out, self.arm_us);
+        Ok(())
+    }
+
+    fn decode(payload: &[u8]) -> Result<Self, ProtocolError> {
+        let mut c = Cursor::new("PostcopyArmed", payload);
+        let arm_us = c.u64()?;
+        c.finish()?;
+        Ok(PostcopyArmed { arm_us })
+    }
 }
 
 /// Destination → source, first frame of a new control connection after the
@@ -265,6 +316,11 @@ mod tests {
         });
         round_trip(&PostcopyPushed { pages: 9 });
         round_trip(&PostcopyComplete { pages: 9 });
+        round_trip(&PostcopyPrepare {
+            discard: vec![run(0, 1, 2), run(1, 5, 9)],
+        });
+        round_trip(&PostcopyPrepare::default());
+        round_trip(&PostcopyArmed { arm_us: 31_000 });
     }
 
     #[test]
@@ -314,6 +370,7 @@ mod tests {
             .encode()
             .unwrap();
             assert!(PostcopySwitch::decode(&bytes).is_err(), "{bad:?}");
+            assert!(PostcopyPrepare::decode(&bytes).is_err(), "{bad:?}");
         }
     }
 

@@ -30,6 +30,8 @@ pub(super) struct Accepted {
     pub(super) granted: u32,
     /// Post-copy granted.
     pub(super) postcopy: bool,
+    /// With `postcopy`: its preparation before the pause granted too.
+    pub(super) postcopy_prepare: bool,
 }
 
 /// What the switchover will cost beyond memory, measured before any page.
@@ -58,6 +60,7 @@ pub(super) fn handshake<V: SourceVm + ?Sized>(
     hello.streams = config.streams;
     hello.paused = s.paused;
     hello.postcopy = super::postcopy::offer(s);
+    hello.postcopy_prepare = hello.postcopy;
     fw.send(&hello).map_err(|e| MigrationError::new(hs, e))?;
     let reply: HelloReply = control.recv(hs)?;
     check_reply(&reply, config.streams)?;
@@ -80,6 +83,7 @@ pub(super) fn handshake<V: SourceVm + ?Sized>(
         version: reply.version,
         granted: reply.streams,
         postcopy: reply.postcopy,
+        postcopy_prepare: reply.postcopy && reply.postcopy_prepare,
     })
 }
 

@@ -2,6 +2,8 @@
 //! when to switch, the switch itself (`PostcopySwitch` instead of the final
 //! pages) and, after `Go`, serving requests and pushing the rest.
 
+mod prepare;
+
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Instant;
@@ -96,6 +98,18 @@ pub struct PostcopySourceReport {
     pub switch_to_complete_ms: f64,
     /// Times the post-copy phase continued over new connections.
     pub reconnects: u32,
+    /// Pages the destination dropped before the pause (`PostcopyPrepare`;
+    /// 0 when the destination does not prepare: then it drops the whole
+    /// discard set inside the downtime).
+    pub prepared_pages: u64,
+    /// From `PostcopyPrepare` to the destination's `PostcopyArmed`, ms
+    /// (the guest ran here meanwhile).
+    pub prepare_ms: f64,
+    /// The destination's arming, as it reported it, ms.
+    pub destination_arm_ms: f64,
+    /// Pages dirtied between the prepare and the pause: the only ones the
+    /// destination drops inside the downtime.
+    pub late_discard_pages: u64,
 }
 
 /// Gives a new (control, fault) pair of connections to the same
@@ -110,6 +124,9 @@ pub(super) struct Plan {
     fault: Mutex<Option<Box<dyn Transport>>>,
     reconnect: Mutex<Option<Reconnect>>,
     reason: Mutex<Option<(String, u32)>>,
+    /// The destination armed before the pause, and the late pages the
+    /// switch named.
+    prepared: Mutex<Option<(prepare::Prepared, u64)>>,
 }
 
 /// Like [`crate::migrate`], offering post-copy; `fault` is a second
@@ -148,6 +165,7 @@ impl Plan {
             fault: Mutex::new(Some(fault)),
             reconnect: Mutex::new(None),
             reason: Mutex::new(None),
+            prepared: Mutex::new(None),
         }
     }
 
@@ -297,20 +315,26 @@ pub(super) fn switch_now<V: SourceVm + ?Sized>(
     }
 }
 
-/// The switch, while paused: `PostcopySwitch` with the pages still to
-/// come, instead of the final pages. Returns the pages sent (none).
-pub(super) fn switch(t: &mut Tracking<'_>, bitmap: &DirtyBitmap) -> Result<u64, MigrationError> {
-    let mut discard = Vec::new();
-    for region in 0..bitmap.num_regions() {
-        let end = bitmap.region_pages(region);
-        for r in bitmap.runs_in(region, 0, end, u64::MAX) {
-            discard.push(PageRun {
-                region: region as u32,
-                first_page: r.first_page,
-                npages: r.npages,
-            });
-        }
-    }
+/// The switch, while paused: `PostcopySwitch` instead of the final pages,
+/// with the pages still to come (`bitmap`) — after a prepare, only those
+/// the destination has not dropped yet. Returns the pages sent (none).
+pub(super) fn switch<V: SourceVm + ?Sized>(
+    s: &Session<'_, V>,
+    t: &mut Tracking<'_>,
+    bitmap: &DirtyBitmap,
+) -> Result<u64, MigrationError> {
+    let prepared = s.postcopy.as_ref().map(|p| lock(&p.prepared));
+    let discard = match prepared {
+        Some(mut guard) => match guard.as_mut() {
+            Some((p, late)) => {
+                let (runs, pages) = prepare::late_runs(bitmap, p);
+                *late = pages;
+                runs
+            }
+            None => prepare::runs_of(bitmap),
+        },
+        None => prepare::runs_of(bitmap),
+    };
     let fm = Phase::FinalMemory;
     let fw = &mut t.sender.fw;
     fw.send(&PostcopySwitch { discard })
@@ -347,6 +371,13 @@ pub(super) fn switch_and_serve<V: SourceVm + ?Sized>(
     std::thread::scope(|scope| {
         let server = scope.spawn(|| shared.answer(FrameReader::new(fault_rx), fault));
         let r = (|| {
+            let mut converged = converged;
+            if t.postcopy_prepare {
+                let p = prepare::prepare(s, t, &mut converged.bitmap)?;
+                if let Some(plan) = &s.postcopy {
+                    *lock(&plan.prepared) = Some((p, 0));
+                }
+            }
             let paused = converged.stop_and_copy(s, t)?;
             let committed = paused.commit(s, t)?;
             // The guest runs on the destination from here; any failure
@@ -397,6 +428,12 @@ fn after_commit<V: SourceVm + ?Sized>(
     )?;
     report.reason = reason;
     report.rounds_before = rounds_before;
+    if let Some((p, late)) = lock(&plan.prepared).take() {
+        report.prepared_pages = p.set.count();
+        report.prepare_ms = p.prepare_ms;
+        report.destination_arm_ms = p.arm_us as f64 / 1000.0;
+        report.late_discard_pages = late;
+    }
     report.switch_to_complete_ms = ms(started.elapsed());
     t.postcopy_report = Some(report);
     Ok(())

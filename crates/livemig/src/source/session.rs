@@ -62,6 +62,9 @@ pub(super) struct Tracking<'a> {
     pub(super) streams: u32,
     /// Post-copy granted by the destination.
     pub(super) postcopy: bool,
+    /// With `postcopy`: the destination arms before the pause
+    /// (`PostcopyPrepare`); otherwise the switch arms inside the downtime.
+    pub(super) postcopy_prepare: bool,
     /// Set at the switch to post-copy: the pages the destination drops.
     pub(super) discard: Option<crate::bitmap::DirtyBitmap>,
     /// The post-copy phase's report, once it ran.
@@ -108,6 +111,7 @@ impl<'a> Tracking<'a> {
             setup_ms: ms(s.started.elapsed()),
             streams: accepted.granted,
             postcopy: accepted.postcopy,
+            postcopy_prepare: accepted.postcopy_prepare,
             discard: None,
             postcopy_report: None,
         })

@@ -135,7 +135,7 @@ fn copy<V: SourceVm + ?Sized>(
         remaining_pages: bitmap.count(),
     });
     let final_pages = if super::postcopy::switched(s) {
-        super::postcopy::switch(t, &bitmap)?
+        super::postcopy::switch(s, t, &bitmap)?
     } else {
         final_memory(t, &bitmap)?
     };

@@ -105,6 +105,11 @@ impl SoftPager {
         Some(out)
     }
 
+    /// Whether [`PostcopyMemory::arm`] was called.
+    pub fn armed(&self) -> bool {
+        self.lock().missing.is_some()
+    }
+
     /// Pages still missing.
     pub fn missing(&self) -> u64 {
         self.lock().missing.as_ref().map_or(0, |m| m.count())
@@ -144,20 +149,46 @@ impl SoftPager {
     }
 }
 
-impl PostcopyMemory for SoftPager {
-    fn arm(&self, missing: &DirtyBitmap) -> Result<(), PostcopyError> {
-        // What a real installer does: the missing pages' stale contents are
-        // dropped (here: overwritten with a poison byte, so a read that
-        // bypassed the fault would be caught by the content check).
-        for region in 0..missing.num_regions() {
-            let end = missing.region_pages(region);
-            for r in missing.runs_in(region, 0, end, u64::MAX) {
+impl SoftPager {
+    /// What a real installer does to pages it makes missing: their stale
+    /// contents are dropped (here: overwritten with a poison byte, so a
+    /// read that bypassed the fault would be caught by the content check).
+    fn poison(&self, pages: &DirtyBitmap) -> Result<(), PostcopyError> {
+        for region in 0..pages.num_regions() {
+            let end = pages.region_pages(region);
+            for r in pages.runs_in(region, 0, end, u64::MAX) {
                 let p = self.ptr(region, r.first_page, r.npages)?;
                 // SAFETY: inside the mapping (checked); the VM is not running.
                 unsafe { std::ptr::write_bytes(p, 0xEE, (r.npages * PAGE_SIZE) as usize) };
             }
         }
-        self.lock().missing = Some(missing.clone());
+        Ok(())
+    }
+}
+
+impl PostcopyMemory for SoftPager {
+    fn arm(&self, missing: &DirtyBitmap) -> Result<(), PostcopyError> {
+        let mut st = self.lock();
+        if st.missing.is_some() {
+            return Err(PostcopyError::Other("armed twice".into()));
+        }
+        self.poison(missing)?;
+        st.missing = Some(missing.clone());
+        Ok(())
+    }
+
+    fn discard(&self, more: &DirtyBitmap) -> Result<(), PostcopyError> {
+        let mut st = self.lock();
+        let Some(missing) = st.missing.as_mut() else {
+            return Err(PostcopyError::Other("discard before arm".into()));
+        };
+        self.poison(more)?;
+        for region in 0..more.num_regions() {
+            let end = more.region_pages(region);
+            for r in more.runs_in(region, 0, end, u64::MAX) {
+                missing.set_range(region, r.first_page, r.npages);
+            }
+        }
         Ok(())
     }
 
