@@ -189,9 +189,12 @@ fn pipe(mut from: TcpStream, mut to: TcpStream) {
 }
 
 /// The link breaks while the guest already runs on the destination and
-/// pages are still missing. refvmm does not wire the resume (`--resume`):
-/// both sides report the loss, the source stays paused (it must not
-/// resume the guest) and no vCPU ever read a wrong or zero page.
+/// pages are still missing, and nobody resumes: the source does not retry
+/// (`postcopy_retry_for` 0) and gives up on `migrate-cancel`, the
+/// destination gives up after its `--postcopy-resume-timeout`. Both sides
+/// report the loss, the source stays paused (it must not resume the guest)
+/// and no vCPU ever read a wrong or zero page. (The resume itself:
+/// tests/postcopy_resume.rs.)
 #[test]
 fn link_dropped_during_postcopy_reports_the_loss_without_corruption() {
     let Some(_kvm) = common::kvm_or_skip("link_dropped_during_postcopy") else {
@@ -199,7 +202,8 @@ fn link_dropped_during_postcopy_reports_the_loss_without_corruption() {
     };
     let dir = scratch_dir("pc-cut");
     let mut src = source(&dir, "ws=64 rate=20 pattern=rand fresh=1 smp=2");
-    let (mut dst, ep) = start_destination(&dir, "dst", &[]).unwrap();
+    let (mut dst, ep) =
+        start_destination(&dir, "dst", &["--postcopy-resume-timeout", "1"]).unwrap();
     let proxy = Proxy::start(&ep);
     // Pure post-copy of ~64 MiB of data at 8 MiB/s: about 8 s of push.
     let to = proxy.endpoint.clone();
@@ -208,7 +212,8 @@ fn link_dropped_during_postcopy_reports_the_loss_without_corruption() {
         std::thread::spawn(move || {
             livemig_suite::harness::api_request(
                 &api,
-                &json!({"cmd":"migrate","to":to,"postcopy":true,"max_bandwidth_mib":8}),
+                &json!({"cmd":"migrate","to":to,"postcopy":true,"max_bandwidth_mib":8,
+                        "postcopy_retry_for":0}),
                 |_| {},
             )
         })
@@ -220,6 +225,16 @@ fn link_dropped_during_postcopy_reports_the_loss_without_corruption() {
     .unwrap();
     let cut_at = Instant::now();
     proxy.cut();
+    // The source waits for a resume until an operator gives up.
+    let api = src.api.clone();
+    let give_up = || {
+        livemig_suite::harness::api_request(&api, &json!({"cmd":"migrate-cancel"}), |_| {}).unwrap()
+    };
+    let t0 = Instant::now();
+    while give_up()["status"] != "giving-up" {
+        assert!(t0.elapsed() < T, "the source never waited for a resume");
+        std::thread::sleep(Duration::from_millis(100));
+    }
     let reply = mig.join().unwrap().unwrap();
     assert_eq!(reply["status"], "postcopy-interrupted", "{reply}");
     assert!(

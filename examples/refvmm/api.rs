@@ -11,9 +11,10 @@
 //! | `... "streams":N` in `migrate` | spread the pages over N extra connections (1..=16) |
 //! | `... "compress":true` in `migrate` | LZ4-compress page frames |
 //! | a second `migrate` while one runs, or after one succeeded or became ambiguous | `{"result":"error","phase":"setup","error":"... refused: ..."}` |
-//! | `{"cmd":"migrate-status"}` (or `query-migrate`), from any client | the running migration, else the last one's outcome, else `"status":"none"`: `status` (`setup`, `active`, `cancelling`, `device` = paused for the switchover, then `completed`, `failed`, `cancelled` or `ambiguous`), `phase`, `round`, `total-time`, `setup-time`, `expected-downtime`, `downtime` (ms), `cpu-throttle-percentage`, `ram` {`total`, `transferred`, `remaining`, `mbps`, `dirty-pages-rate`, `dirty-sync-count`, `normal`, `duplicate`, `page-size`}, `cancel-requested-by`, `error-desc` (see docs/operations.md) |
+//! | `{"cmd":"migrate-status"}` (or `query-migrate`), from any client | the running migration, else the last one's outcome, else `"status":"none"`: `status` (`setup`, `active`, `cancelling`, `device` = paused for the switchover, `postcopy-recover` / `postcopy-paused` = a post-copy's link broke, reconnecting / waiting for `migrate-resume` (with `postcopy-recovery`), then `completed`, `failed`, `cancelled`, `ambiguous` or `postcopy-interrupted`), `phase`, `round`, `total-time`, `setup-time`, `expected-downtime`, `downtime` (ms), `cpu-throttle-percentage`, `ram` {`total`, `transferred`, `remaining`, `mbps`, `dirty-pages-rate`, `dirty-sync-count`, `normal`, `duplicate`, `page-size`}, `cancel-requested-by`, `error-desc` (see docs/operations.md) |
 //! | `{"cmd":"migrate-postcopy"}`, from any client (or in band, answered `{"event":"postcopy-requested"}`) | `{"result":"ok","status":"switching"}`: the running migration switches to post-copy after its current pre-copy round; refused when none runs, when it was started without a post-copy option (`postcopy`, `postcopy_after_rounds`, `postcopy_auto`, `postcopy_on_request`) or when it is past its rounds |
-//! | `{"cmd":"migrate-cancel"}`, from any client | `{"result":"ok","status":"cancelling"}`; `{"result":"error",...}` when no migration runs or its switchover has begun |
+//! | `{"cmd":"migrate-cancel"}`, from any client | `{"result":"ok","status":"cancelling"}`; `{"result":"error",...}` when no migration runs or its switchover has begun; `{"result":"ok","status":"giving-up"}` for a post-copy whose link broke (status `postcopy-recover` or `postcopy-paused`): it gives the migration up, the source exits without resuming the guest |
+//! | `{"cmd":"migrate-resume"}` (optional `"to":ENDPOINT`), from any client | `{"result":"ok","status":"resuming"}`: a post-copy whose automatic retries ran out (status `postcopy-paused`) reconnects to its destination (or `to`) and continues; the asking client gets the outcome as before (events `postcopy-interrupted`, `postcopy-paused`, `postcopy-resuming`, `postcopy-resumed`, `postcopy-given-up`); refused otherwise |
 //!
 //! While a migration runs, its own connection takes two requests, answered
 //! as events: `migrate-cancel` (`{"event":"cancelling"}` or
@@ -328,11 +329,30 @@ fn handle(
             },
             "migrate-cancel" => match monitor.cancel("an API client's migrate-cancel") {
                 Ok(()) => json!({"result":"ok","status":"cancelling"}),
-                Err(e) => json!({"result":"error","error":e.to_string()}),
+                // A post-copy waiting for resume: this cancel gives it up.
+                Err(e) => match monitor.give_up_postcopy("an API client's migrate-cancel") {
+                    Ok(()) => json!({"result":"ok","status":"giving-up"}),
+                    Err(_) => json!({"result":"error","error":e.to_string()}),
+                },
             },
+            "migrate-resume" => resume_request(&req, monitor),
             other => json!({"result":"error","error":format!("unknown command '{other}'")}),
         };
         send(&mut w, &reply).map_err(|e| e.to_string())?;
+    }
+}
+
+/// `migrate-resume`: continues a post-copy that waits for resume, to `to`
+/// if given (else where it went).
+fn resume_request(req: &Value, monitor: &MigrationMonitor) -> Value {
+    let to = match req.get("to").and_then(Value::as_str).map(str::parse) {
+        None => None,
+        Some(Ok(ep)) => Some(ep),
+        Some(Err(e)) => return json!({"result":"error","error":format!("to: {e}")}),
+    };
+    match monitor.request_resume(to) {
+        Ok(()) => json!({"result":"ok","status":"resuming"}),
+        Err(e) => json!({"result":"error","error":e}),
     }
 }
 
@@ -382,10 +402,10 @@ fn migrate_request(
     let w = conn.try_clone().map_err(|e| e.to_string())?;
     // A client that stops reading must not stall the migration.
     let _ = w.set_write_timeout(Some(Duration::from_secs(2)));
-    let line = ClientLine {
+    let line = Arc::new(ClientLine {
         w: Mutex::new(w),
         deaf: AtomicBool::new(false),
-    };
+    });
     let opts = match MigrateOptions::from_request(req) {
         Ok(o) => o,
         Err(e) => {
@@ -406,7 +426,11 @@ fn migrate_request(
                 }
             }
         };
-        let r = do_migrate(&opts, m, monitor, &mut to_client);
+        let to_line = line.clone();
+        let notify = Arc::new(move |v: &Value| {
+            let _ = to_line.send(v);
+        });
+        let r = do_migrate(&opts, m, monitor, &mut to_client, notify);
         done.store(true, Ordering::SeqCst);
         // Wakes the watcher's read.
         let _ = conn.shutdown(std::net::Shutdown::Read);

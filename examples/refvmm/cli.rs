@@ -145,6 +145,11 @@ pub(crate) struct ReceiveArgs {
     /// comparing memory with a source kept by `keep_source`).
     #[arg(long)]
     pub(crate) start_paused: bool,
+    /// After a link break during post-copy, wait at most this long
+    /// (seconds) for the source to resume, then give the guest up (default:
+    /// wait without limit; the guest waits for its missing pages meanwhile).
+    #[arg(long, value_name = "SECS")]
+    pub(crate) postcopy_resume_timeout: Option<u64>,
     #[command(flatten)]
     pub(crate) tls: TlsArgs,
     #[command(flatten)]

@@ -44,6 +44,8 @@ mod multiboot;
 mod net;
 mod place;
 mod postcopy;
+mod postcopy_recovery;
+mod postcopy_resume;
 mod run;
 mod upgrade;
 mod vmm;
@@ -62,6 +64,11 @@ fn main() -> ExitCode {
     let r = match cli.cmd {
         Cmd::Run(args) => cmd_run(args),
         Cmd::Receive(args) => cmd_receive(args),
+        Cmd::Migrate {
+            api_socket,
+            auto: _,
+            opts,
+        } if opts.resume => migrate_client::cmd_resume(&api_socket, &opts),
         Cmd::Migrate {
             api_socket,
             auto,

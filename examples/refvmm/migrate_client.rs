@@ -303,6 +303,8 @@ fn event_text(ev: &Value) -> Option<String> {
             ev["error"].as_str().unwrap_or("?")
         ),
         "status" => return None,
+        // refvmm's own events (post-copy recovery) say what they mean.
+        _ if ev["message"].is_string() => ev["message"].as_str()?.to_string(),
         other => other.to_string(),
     })
 }
@@ -389,6 +391,22 @@ fn outcome(reply: &Value) -> Result<Value, ClientFail> {
             "migration failed ({phase}): {error}; the guest stays on the source"
         ))),
     }
+}
+
+/// `refvmm migrate --resume`: asks the source to continue the post-copy
+/// that waits for resume (its automatic retries ran out), to `opts.to`.
+/// The outcome goes to the client that started the migration (and
+/// `migrate-status`); this one only says whether the source took the
+/// request.
+pub(crate) fn cmd_resume(api_socket: &Path, opts: &MigrateOptions) -> Result<(), Fail> {
+    let to = opts.endpoint().map_err(|e| usage(format!("--to: {e}")))?;
+    let req = json!({"cmd":"migrate-resume","to":to.to_string()});
+    let v = one_request(api_socket, &req).map_err(|f| Fail(f.0, f.1))?;
+    if v["result"] != "ok" {
+        return Err(Fail(1, v["error"].as_str().unwrap_or("?").into()));
+    }
+    eprintln!("refvmm: the source resumes its post-copy to {to}; `refvmm migrate-status` shows how it goes");
+    Ok(())
 }
 
 /// `refvmm migrate` once its destination is known: checks the options as

@@ -7,7 +7,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 #[allow(deprecated)]
-use livemig::destination::postcopy::receive_postcopy_streams;
+use livemig::destination::postcopy::{receive_postcopy_resumable, receive_postcopy_streams};
 use livemig::policy::{MigrationConfig, OnLimit};
 use livemig::source::postcopy::{PostcopyConfig, SwitchRequest};
 use livemig::transport::{
@@ -27,6 +27,8 @@ use crate::cli::{
 use crate::monitor::MigrationMonitor;
 use crate::net;
 use crate::postcopy::{classify, open_fault, uffd_pager, First};
+use crate::postcopy_recovery::{Notify, ResumeGate, SourceRecovery};
+use crate::postcopy_resume::{new_token, wait_for_resume, Token};
 use crate::run::{open_console, open_nets, run_machine};
 use crate::vmm::{DestMachine, Machine, MachineConfig};
 
@@ -109,6 +111,17 @@ pub struct MigrateOptions {
     #[arg(long)]
     #[serde(default, skip_serializing_if = "is_false")]
     pub postcopy_on_request: bool,
+    /// After a link break during post-copy, reconnect to the destination
+    /// by itself for this long (seconds; default 30, 0: not at all); then
+    /// wait for `migrate --resume` (see docs/postcopy.md).
+    #[arg(long = "postcopy-retry-for", value_name = "SECS")]
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub postcopy_retry_for: Option<u64>,
+    /// Continue the post-copy migration that waits for resume (its
+    /// automatic retries ran out), to --to (API `migrate-resume`).
+    #[arg(long)]
+    #[serde(skip)]
+    pub resume: bool,
     #[command(flatten)]
     #[serde(default, skip_serializing_if = "MigrateTls::is_empty")]
     pub tls: MigrateTls,
@@ -130,6 +143,9 @@ pub struct MigrateOptions {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub upgrade_binary: Option<PathBuf>,
 }
+
+/// `--postcopy-retry-for`'s default, in seconds.
+pub(crate) const DEFAULT_POSTCOPY_RETRY_S: u64 = 30;
 
 fn is_false(b: &bool) -> bool {
     !*b
@@ -206,6 +222,11 @@ impl MigrateOptions {
             on_non_convergence: self.postcopy_auto,
             request,
         })
+    }
+
+    /// How long a post-copy source reconnects by itself after a break.
+    pub fn postcopy_retry(&self) -> Duration {
+        Duration::from_secs(self.postcopy_retry_for.unwrap_or(DEFAULT_POSTCOPY_RETRY_S))
     }
 
     /// The options of an API `migrate` request (its `cmd` aside); unknown
@@ -297,12 +318,13 @@ fn connect_to(opts: &MigrateOptions, endpoint: &Endpoint) -> Result<Connected, S
 
 /// Runs the migration `opts` asks for on `m`, reported to `monitor` (for
 /// every API client) and to `progress` (the engine's events, for the
-/// asking client).
+/// asking client; `notify` sends it refvmm's own, from any thread).
 pub(crate) fn do_migrate(
     opts: &MigrateOptions,
     m: &Arc<Machine>,
     monitor: &MigrationMonitor,
     progress: &mut dyn FnMut(&Progress),
+    notify: Notify,
 ) -> Outcome {
     // Refuse before connecting anywhere (the engine's guard checks again).
     if let Err(e) = m.guard.check() {
@@ -324,9 +346,17 @@ pub(crate) fn do_migrate(
         Ok(a) => a,
         Err(e) => return setup_error(e.into()),
     };
-    // A post-copy source opens its fault connection first (postcopy.rs).
+    // A post-copy source opens its fault connection first (postcopy.rs),
+    // with the token that ties a later resume to this migration.
+    let token = match new_token() {
+        Ok(t) => t,
+        Err(e) => {
+            active.abort(&e);
+            return setup_error(e);
+        }
+    };
     let fault = if opts.wants_postcopy() {
-        match open_fault(&endpoint) {
+        match open_fault(&endpoint, &token) {
             Ok(f) => Some(f),
             Err(e) => {
                 active.abort(&e);
@@ -365,8 +395,19 @@ pub(crate) fn do_migrate(
                 return setup_error("no fault connection".into());
             };
             active.allow_postcopy_request(switch);
+            let gate = ResumeGate::default();
+            active.allow_resume(gate.clone());
+            let mut recovery = SourceRecovery {
+                endpoint: endpoint.clone(),
+                token,
+                retry_for: opts.postcopy_retry(),
+                gate,
+                notify,
+                wrap: Box::new(active.counter()),
+            };
             migration
                 .postcopy(active.count(fault), pc)
+                .postcopy_reconnect(Box::new(move || recovery.reconnect()))
                 .run(active.count(transport))
         }
     };
@@ -419,27 +460,40 @@ pub(crate) fn outcome_of(
 enum Incoming {
     /// The control connection, the page-stream acceptor and, from a
     /// post-copy source, its fault connection (which came first).
-    Remote(
-        Box<dyn Transport>,
-        Box<dyn StreamAcceptor>,
-        Option<Box<dyn Transport>>,
-    ),
+    Remote(Box<dyn Transport>, Box<dyn StreamAcceptor>, Option<Fault>),
     Local(Box<dyn Transport>, crate::local::Received),
 }
 
+/// A post-copy source's fault connection, its resume token (`None` from a
+/// source of the first build) and where a resume connects (the listening
+/// endpoint, resolved).
+struct Fault {
+    t: Box<dyn Transport>,
+    token: Option<Token>,
+    listen: Endpoint,
+}
+
 /// A control connection and, from a post-copy source, its fault connection.
-type ControlAndFault = (Box<dyn Transport>, Option<Box<dyn Transport>>);
+type ControlAndFault = (Box<dyn Transport>, Option<Fault>);
 
 /// The control connection and, from a post-copy source, its fault
 /// connection: such a source connects the fault connection first (told
 /// apart by its first bytes) and the control connection next (`next`).
 fn control_and_fault(
     first: Box<dyn Transport>,
+    listen: &Endpoint,
     next: impl FnOnce() -> Result<Box<dyn Transport>, Fail>,
 ) -> Result<ControlAndFault, Fail> {
     match classify(first).map_err(runtime)? {
         First::Control(t) => Ok((t, None)),
-        First::Fault(f) => Ok((next()?, Some(f))),
+        First::Fault(t, token) => {
+            let fault = Fault {
+                t,
+                token,
+                listen: listen.clone(),
+            };
+            Ok((next()?, Some(fault)))
+        }
     }
 }
 
@@ -476,7 +530,7 @@ fn accept_incoming(
             eprintln!("refvmm: waiting for a migration on {endpoint}");
             let s = acceptor.accept().map_err(runtime)?;
             if !crate::local::is_handover(&s, Duration::from_secs(10)).map_err(runtime)? {
-                let (t, fault) = control_and_fault(acceptor.transport(s), || {
+                let (t, fault) = control_and_fault(acceptor.transport(s), endpoint, || {
                     let s = acceptor.accept().map_err(runtime)?;
                     Ok(acceptor.transport(s))
                 })?;
@@ -495,8 +549,10 @@ fn accept_incoming(
                 listener.local_endpoint()
             );
             let t = listener.accept().map_err(|e| runtime(e.to_string()))?;
-            let (t, fault) =
-                control_and_fault(t, || listener.accept().map_err(|e| runtime(e.to_string())))?;
+            let at = listener.local_endpoint().clone();
+            let (t, fault) = control_and_fault(t, &at, || {
+                listener.accept().map_err(|e| runtime(e.to_string()))
+            })?;
             Ok(Incoming::Remote(
                 t,
                 Box::new(OwnedAcceptor(Some(listener))),
@@ -514,9 +570,11 @@ pub(crate) fn cmd_receive(args: ReceiveArgs) -> Result<(), Fail> {
         io_timeout,
         no_announce,
         start_paused,
+        postcopy_resume_timeout,
         tls,
         common,
     } = args;
+    let resume_timeout = postcopy_resume_timeout.map(Duration::from_secs);
     let (announce, tls) = (!no_announce, tls.config(None));
     let endpoint: Endpoint = listen_at
         .parse()
@@ -606,9 +664,27 @@ pub(crate) fn cmd_receive(args: ReceiveArgs) -> Result<(), Fail> {
         })
     };
     let result = match (acceptor, fault) {
-        (Some(mut a), Some(fault)) => {
-            // The deprecated free function until refvmm's post-copy receive
+        (
+            Some(a),
+            Some(Fault {
+                t: fault,
+                token: Some(token),
+                listen,
+            }),
+        ) => {
+            // A post-copy source uses one page stream: the listener closes
+            // now, as after any handshake, and opens again only to take the
+            // source's resume after a break (postcopy_resume.rs).
+            drop(a);
+            let mut reconnect = || wait_for_resume(&listen, &token, resume_timeout);
+            // The deprecated free functions until refvmm's post-copy receive
             // moves to `Reception::postcopy` (its pager takes the VM).
+            #[allow(deprecated)]
+            let r =
+                receive_postcopy_resumable(transport, fault, &cfg, create, uffd_pager, &mut reconnect);
+            r
+        }
+        (Some(mut a), Some(Fault { t: fault, .. })) => {
             #[allow(deprecated)]
             let r =
                 receive_postcopy_streams(transport, fault, Some(&mut *a), &cfg, create, uffd_pager);
@@ -747,6 +823,18 @@ mod tests {
             "1"
         ])
         .is_err());
+        let o = parse(&["--to", "tcp:h:1", "--postcopy", "--postcopy-retry-for", "5"]);
+        assert_eq!(o.to_request()["postcopy_retry_for"], 5);
+        let back = MigrateOptions::from_request(&o.to_request()).unwrap();
+        assert_eq!(back.postcopy_retry(), Duration::from_secs(5));
+        assert_eq!(
+            pure.postcopy_retry(),
+            Duration::from_secs(DEFAULT_POSTCOPY_RETRY_S)
+        );
+        // --resume is a different request (migrate-resume), never a field.
+        let r = parse(&["--to", "tcp:h:1", "--resume"]);
+        assert!(r.resume && r.to_request().get("resume").is_none());
+        assert!(MigrateOptions::from_request(&json!({"to":"tcp:h:1","resume":true})).is_err());
         let bad = parse(&["--to", "tcp:h:1", "--postcopy", "--streams", "2"]);
         assert!(bad.config().unwrap_err().contains("one page stream"));
     }

@@ -67,6 +67,8 @@ struct Running {
     switch: Option<livemig::source::postcopy::SwitchRequest>,
     /// Why the migration switched to post-copy, once it did.
     postcopy: Option<String>,
+    /// Post-copy's recovery from a broken link, when it offers post-copy.
+    resume: Option<crate::postcopy_recovery::ResumeGate>,
     cancelled_by: Option<String>,
     stage: Stage,
     started: Instant,
@@ -154,6 +156,7 @@ impl MigrationMonitor {
             cancel: cancel.clone(),
             switch: None,
             postcopy: None,
+            resume: None,
             cancelled_by: None,
             stage: Stage::Setup,
             started: now,
@@ -230,6 +233,27 @@ impl MigrationMonitor {
         Ok(())
     }
 
+    /// API `migrate-resume`: continues a post-copy that waits for resume
+    /// (its retries ran out), to `to` if given.
+    pub fn request_resume(
+        &self,
+        to: Option<livemig::transport::Endpoint>,
+    ) -> Result<(), &'static str> {
+        let g = self.lock();
+        let gate = g.as_ref().and_then(|r| r.resume.as_ref());
+        gate.ok_or("no post-copy is waiting for resume")?
+            .request_resume(to)
+    }
+
+    /// API `migrate-cancel` (from an API client, not the asking client's
+    /// Ctrl-C or hang-up) while a post-copy waits for resume: gives it up.
+    pub fn give_up_postcopy(&self, by: &str) -> Result<(), &'static str> {
+        let g = self.lock();
+        let gate = g.as_ref().and_then(|r| r.resume.as_ref());
+        gate.ok_or("no post-copy is waiting for resume")?
+            .give_up(by)
+    }
+
     /// The `migrate-status` reply: the running migration, else the last
     /// one's final status, else `none`.
     pub fn status(&self) -> Value {
@@ -263,6 +287,25 @@ impl Active<'_> {
     pub fn allow_postcopy_request(&self, switch: livemig::source::postcopy::SwitchRequest) {
         if let Some(r) = self.monitor.lock().as_mut() {
             r.switch = Some(switch);
+        }
+    }
+
+    /// Lets API `migrate-resume` requests reach this migration.
+    pub fn allow_resume(&self, gate: crate::postcopy_recovery::ResumeGate) {
+        if let Some(r) = self.monitor.lock().as_mut() {
+            r.resume = Some(gate);
+        }
+    }
+
+    /// Wraps a connection opened later (a post-copy resume) so its bytes
+    /// are counted, from any thread.
+    pub fn counter(&self) -> impl Fn(Box<dyn Transport>) -> Box<dyn Transport> + Send + 'static {
+        let sent = self.sent.clone();
+        move |t| {
+            Box::new(CountingTransport {
+                inner: t,
+                sent: sent.clone(),
+            }) as Box<dyn Transport>
         }
     }
 
@@ -374,7 +417,7 @@ impl Running {
         let sent = self.sent.load(Ordering::Relaxed);
         let in_round = sent.saturating_sub(self.sent_at_round_start);
         let lr = self.last_round.as_ref();
-        json!({
+        let mut v = json!({
             "result": "ok",
             "status": self.stage.status(),
             "phase": match (self.stage, &self.postcopy) {
@@ -403,7 +446,15 @@ impl Running {
                 "page-size": PAGE_SIZE as u64,
             },
             "cancel-requested-by": self.cancelled_by,
-        })
+        });
+        if let Some((status, desc)) = self.resume.as_ref().and_then(|g| g.status()) {
+            v["status"] = json!(status);
+            v["postcopy-recovery"] = json!(desc);
+        }
+        if let Some(n) = self.resume.as_ref().map(|g| g.resumes()).filter(|n| *n > 0) {
+            v["postcopy-resumes"] = json!(n);
+        }
+        v
     }
 
     fn final_status(&self, outcome: &Result<Report, MigrationError>) -> Value {

@@ -4,8 +4,9 @@
 //!
 //! The fault connection goes to the destination's one listener (`--listen`,
 //! the same endpoint as the control connection): a source asking for
-//! post-copy opens it *first*, sends [`FAULT_MAGIC`] on it, then opens the
-//! control connection. The destination reads the first 16 bytes of the
+//! post-copy opens it *first*, sends [`FAULT_MAGIC`] and the migration's
+//! resume token ([`crate::postcopy_resume`]) on it, then opens the control
+//! connection. The destination reads the first 16 bytes of the
 //! first connection it accepts: the magic makes it the fault connection
 //! (and the next one the control connection), anything else is the control
 //! connection (those bytes are the header of `Hello`, replayed to the
@@ -25,16 +26,25 @@ use livemig::transport::{connect, Endpoint, Transport};
 use livemig::vm::{DestinationVm, VmError};
 use livemig_uffd::{HostRegion, UffdPager};
 
-/// The first bytes the source sends on the fault connection.
-pub(crate) const FAULT_MAGIC: [u8; 16] = *b"livemig-fault/1\n";
+use crate::postcopy_resume::Token;
+
+/// The first bytes the source sends on the fault connection; the
+/// migration's resume token follows.
+pub(crate) const FAULT_MAGIC: [u8; 16] = *b"livemig-fault/2\n";
+/// The first build's fault connection (no token follows): a source of that
+/// build migrates, but cannot resume.
+const FAULT_MAGIC_V1: [u8; 16] = *b"livemig-fault/1\n";
 
 /// The source's side, before the control connection: connects to
-/// `endpoint` and identifies the connection as the fault connection.
-pub(crate) fn open_fault(endpoint: &Endpoint) -> Result<Box<dyn Transport>, String> {
+/// `endpoint` and identifies the connection as the fault connection of the
+/// migration `token` names.
+pub(crate) fn open_fault(endpoint: &Endpoint, token: &Token) -> Result<Box<dyn Transport>, String> {
     let timeout = Some(Duration::from_secs(10));
     let mut t = connect(endpoint, timeout)
         .map_err(|e| format!("opening the post-copy fault connection to {endpoint}: {e}"))?;
-    t.write_all(&FAULT_MAGIC)
+    let mut head = FAULT_MAGIC.to_vec();
+    head.extend_from_slice(token);
+    t.write_all(&head)
         .and_then(|_| t.flush())
         .map_err(|e| format!("opening the post-copy fault connection to {endpoint}: {e}"))?;
     Ok(t)
@@ -44,8 +54,9 @@ pub(crate) fn open_fault(endpoint: &Endpoint) -> Result<Box<dyn Transport>, Stri
 /// a post-copy source (which opens it before the control connection), or
 /// the control connection.
 pub(crate) enum First {
-    /// It started with [`FAULT_MAGIC`]; the control connection follows.
-    Fault(Box<dyn Transport>),
+    /// It started with [`FAULT_MAGIC`] (and the token, `None` from a
+    /// source of the first build); the control connection follows.
+    Fault(Box<dyn Transport>, Option<Token>),
     /// Anything else: the control connection, with the bytes read to tell
     /// replayed to the engine.
     Control(Box<dyn Transport>),
@@ -59,8 +70,16 @@ pub(crate) fn classify(mut t: Box<dyn Transport>) -> Result<First, String> {
         .and_then(|_| t.read_exact(&mut head))
         .and_then(|_| t.set_read_timeout(None))
         .map_err(|e| format!("reading the first bytes from {}: {e}", t.peer()))?;
+    if head == FAULT_MAGIC_V1 {
+        return Ok(First::Fault(t, None));
+    }
     if head == FAULT_MAGIC {
-        return Ok(First::Fault(t));
+        let mut token = [0u8; 16];
+        t.set_read_timeout(Some(Duration::from_secs(10)))
+            .and_then(|_| t.read_exact(&mut token))
+            .and_then(|_| t.set_read_timeout(None))
+            .map_err(|e| format!("reading the post-copy token from {}: {e}", t.peer()))?;
+        return Ok(First::Fault(t, Some(token)));
     }
     Ok(First::Control(Box::new(Replay {
         head: Arc::new(Mutex::new(head.to_vec())),
