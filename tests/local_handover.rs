@@ -248,3 +248,331 @@ fn local_without_shareable_memory_is_refused() {
     let _ = src.api(&json!({"cmd": "quit"}), |_| {});
     let _ = std::fs::remove_dir_all(dir);
 }
+
+/// The VMM `upgrade` starts repeats how the old one was started: a guest
+/// handed to a `receive` with non-default settings (no announce, another
+/// I/O timeout, classic dirty log, a console socket) keeps them across an
+/// upgrade. Behaviour first: with `--no-announce` the new VMM must not ask
+/// the guest to announce itself either (it did before the settings were
+/// carried); then the new VMM's `status` names the same settings.
+#[test]
+fn upgrade_carries_the_vmm_settings() {
+    const TEST: &str = "upgrade_carries_the_vmm_settings";
+    let Some(_kvm) = common::kvm_or_skip(TEST) else {
+        return;
+    };
+    if !common::netns::prerequisites(TEST) {
+        return;
+    }
+    let net = common::netns::Bridge::new("lmS", "s", None).unwrap();
+    let dir = scratch_dir("upgrade-settings");
+    let netspec = "tap=lmps,mac=52:54:00:4c:4d:07,ip=10.78.0.2";
+    let mut src = net.vmm(
+        &dir,
+        "src",
+        &[
+            "run",
+            "--memory",
+            "128M",
+            "--kernel",
+            "builtin:testguest",
+            "--cmdline",
+            "ws=8 rate=10",
+            "--memory-backend",
+            "memfd",
+            "--net",
+            netspec,
+        ],
+    );
+    src.wait_ready(Duration::from_secs(30)).unwrap();
+    src.wait_heartbeats(200, Duration::from_secs(30)).unwrap();
+    // The VMM to upgrade: a `receive` with settings other than the defaults.
+    let to = format!("unix:{}", dir.join("mid.h").display());
+    let console = format!("unix:{}", dir.join("vm.console").display());
+    let mut mid = net.vmm(
+        &dir,
+        "mid",
+        &[
+            "receive",
+            "--listen",
+            &to,
+            "--io-timeout",
+            "33",
+            "--no-announce",
+            "--dirty-log",
+            "classic",
+            "--memory-backend",
+            "memfd",
+            "--console",
+            &console,
+        ],
+    );
+    assert_eq!(mid.listen_endpoint(Duration::from_secs(20)).unwrap(), to);
+    let report = migrate(&src, &to, json!({"local": true})).unwrap();
+    assert_eq!(report["status"], "completed", "{report}");
+    mid.wait_api(Duration::from_secs(10)).unwrap();
+    let before = mid.heartbeat_count();
+    mid.wait_heartbeats(before + 300, Duration::from_secs(30))
+        .unwrap();
+    let announced = |v: &Vmm| log_of(v).other.iter().any(|l| l == "NET announce");
+    assert!(!announced(&mid), "--no-announce is obeyed at the hand-over");
+    let old = api_request(&mid.api, &json!({"cmd": "status"}), |_| {}).unwrap();
+    let out = Command::new(refvmm_path())
+        .arg("upgrade")
+        .arg("--api-socket")
+        .arg(&mid.api)
+        .arg("--binary")
+        .arg(refvmm_path())
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    let st = api_request(&mid.api, &json!({"cmd": "status"}), |_| {});
+    let mut new = KillPid(
+        st.as_ref()
+            .ok()
+            .and_then(|v| v["pid"].as_u64())
+            .map(|p| p as u32),
+    );
+    assert!(out.status.success(), "upgrade: {stderr}\n{}", mid.stderr());
+    let st = st.unwrap();
+    assert_ne!(st["pid"], old["pid"], "{st}");
+    // The new VMM writes the guest's output to the old one's stdout.
+    let before = mid.heartbeat_count();
+    wait_log(&mid, "500 heartbeats from the new VMM", |g| {
+        g.heartbeats.len() >= before + 500
+    });
+    assert!(
+        !announced(&mid),
+        "the upgraded VMM asked the guest to announce itself: --no-announce was not carried\n{}",
+        mid.stderr()
+    );
+    assert!(log_of(&mid).corrupt.is_empty());
+    let settings = &st["settings"];
+    assert_eq!(settings, &old["settings"], "{st}\nold: {old}");
+    assert_eq!(settings["io_timeout"], 33, "{st}");
+    assert_eq!(settings["no_announce"], true, "{st}");
+    assert_eq!(settings["dirty_log"], "classic", "{st}");
+    assert_eq!(settings["console"], console.as_str(), "{st}");
+    assert_eq!(settings["memory_backend"], "memfd", "{st}");
+    let r = api_request(&mid.api, &json!({"cmd": "quit"}), |_| {});
+    assert!(r.is_ok(), "{r:?}");
+    new.0 = None;
+    let _ = src.api(&json!({"cmd": "quit"}), |_| {});
+    let _ = std::fs::remove_dir_all(dir);
+}
+
+/// The session of `pid` (getsid).
+fn session_of(pid: u32) -> i32 {
+    // SAFETY: getsid(2) reads a process attribute; no memory is involved.
+    unsafe { libc::getsid(pid as libc::pid_t) }
+}
+
+/// What a supervisor sees across an upgrade: the pid file names the new
+/// VMM by the time the old one has exited (systemd's `PIDFile=` re-reads
+/// it then), and the new VMM is in a session of its own, so a signal to
+/// the old VMM's session or process group (a terminal's hang-up or Ctrl-C,
+/// the kill of a job) does not reach it.
+#[test]
+fn upgrade_hands_the_pid_file_to_a_detached_vmm() {
+    const TEST: &str = "upgrade_hands_the_pid_file_to_a_detached_vmm";
+    let Some(_kvm) = common::kvm_or_skip(TEST) else {
+        return;
+    };
+    let dir = scratch_dir("upgrade-pid");
+    let pid_file = dir.join("vm.pid");
+    let pid_arg = pid_file.to_string_lossy().into_owned();
+    let mut src = start_source_with(
+        &dir,
+        "src",
+        "64M",
+        1,
+        "ws=8 rate=10",
+        &["--memory-backend", "memfd", "--pid-file", &pid_arg],
+    )
+    .unwrap();
+    src.wait_ready(Duration::from_secs(30)).unwrap();
+    src.wait_heartbeats(200, Duration::from_secs(30)).unwrap();
+    let old_pid = src.pid();
+    let pid_in_file = || {
+        std::fs::read_to_string(&pid_file)
+            .ok()
+            .and_then(|s| s.trim().parse::<u32>().ok())
+    };
+    assert_eq!(pid_in_file(), Some(old_pid), "run writes its pid");
+    let out = Command::new(refvmm_path())
+        .arg("upgrade")
+        .arg("--api-socket")
+        .arg(&src.api)
+        .arg("--binary")
+        .arg(refvmm_path())
+        .output()
+        .unwrap();
+    let st = api_request(&src.api, &json!({"cmd": "status"}), |_| {});
+    let new_pid = st
+        .as_ref()
+        .ok()
+        .and_then(|v| v["pid"].as_u64())
+        .map(|p| p as u32);
+    let mut new = KillPid(new_pid);
+    assert!(
+        out.status.success(),
+        "upgrade: {}\n{}",
+        String::from_utf8_lossy(&out.stderr),
+        src.stderr()
+    );
+    let new_pid = new_pid.unwrap();
+    assert_ne!(new_pid, old_pid);
+    assert!(
+        src.wait_exit(Duration::from_secs(10)).is_some(),
+        "the old VMM exits"
+    );
+    assert_eq!(
+        pid_in_file(),
+        Some(new_pid),
+        "when the old VMM has exited, the pid file names the new one"
+    );
+    let (sid, ours) = (session_of(new_pid), session_of(0));
+    assert_eq!(
+        sid, new_pid as i32,
+        "the new VMM leads a session of its own (ours: {ours})"
+    );
+    // The new VMM goes on; at its end it removes the pid file it owns.
+    let before = src.heartbeat_count();
+    wait_log(&src, "200 heartbeats from the new VMM", |g| {
+        g.heartbeats.len() >= before + 200
+    });
+    let r = api_request(&src.api, &json!({"cmd": "quit"}), |_| {});
+    assert!(r.is_ok(), "{r:?}");
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while pid_file.exists() && Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    assert!(
+        !pid_file.exists(),
+        "the new VMM removes its pid file at exit"
+    );
+    new.0 = None;
+    let _ = std::fs::remove_dir_all(dir);
+}
+
+/// `HugePages_Free` of /proc/meminfo.
+fn free_huge_pages() -> u64 {
+    std::fs::read_to_string("/proc/meminfo")
+        .unwrap_or_default()
+        .lines()
+        .find_map(|l| l.strip_prefix("HugePages_Free:")?.trim().parse().ok())
+        .unwrap_or(0)
+}
+
+/// `--memory-backend memfd,hugetlb` asking for more huge pages than the
+/// host has free fails at start with the numbers and the way out, instead
+/// of falling back to ordinary pages or dying of SIGBUS later.
+#[test]
+fn hugetlb_without_enough_huge_pages_is_a_clear_error() {
+    const TEST: &str = "hugetlb_without_enough_huge_pages_is_a_clear_error";
+    let Some(_kvm) = common::kvm_or_skip(TEST) else {
+        return;
+    };
+    let mib = (free_huge_pages() + 16) * 2;
+    let out = Command::new(refvmm_path())
+        .args(["run", "--memory", &format!("{mib}M")])
+        .args(["--kernel", "builtin:testguest", "--serial", "none"])
+        .args(["--memory-backend", "memfd,hugetlb"])
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{stderr}");
+    assert!(stderr.contains("huge pages"), "{stderr}");
+    assert!(stderr.contains("free"), "{stderr}");
+    assert!(stderr.contains("/proc/sys/vm/nr_hugepages"), "{stderr}");
+}
+
+/// A guest in huge pages (`memfd,hugetlb`) is handed over by `upgrade`
+/// (the new VMM maps the same hugetlb memfd) and then migrated over TCP to
+/// a hugetlb destination, dirtying memory and writing fresh pages, with no
+/// CORRUPT page. Skipped loudly where the host has too few huge pages
+/// (`echo 200 > /proc/sys/vm/nr_hugepages` is enough).
+#[test]
+fn a_hugetlb_guest_is_upgraded_and_migrated() {
+    const TEST: &str = "a_hugetlb_guest_is_upgraded_and_migrated";
+    let Some(_kvm) = common::kvm_or_skip(TEST) else {
+        return;
+    };
+    // Two 128 MiB guests (source, TCP destination), in 2 MiB pages.
+    if free_huge_pages() < 2 * 64 {
+        eprintln!(
+            "\n*** SKIPPED {TEST}: {} huge pages free, 128 needed (echo 200 > /proc/sys/vm/nr_hugepages) ***\n",
+            free_huge_pages()
+        );
+        return;
+    }
+    let dir = scratch_dir("hugetlb");
+    let mut src = start_source_with(
+        &dir,
+        "src",
+        "128M",
+        1,
+        CMDLINE,
+        &["--memory-backend", "memfd,hugetlb"],
+    )
+    .unwrap();
+    src.wait_ready(Duration::from_secs(30)).unwrap();
+    src.wait_heartbeats(500, Duration::from_secs(30)).unwrap();
+    let st = api_request(&src.api, &json!({"cmd": "status"}), |_| {}).unwrap();
+    assert_eq!(st["huge_pages"], true, "{st}");
+    let out = Command::new(refvmm_path())
+        .arg("upgrade")
+        .arg("--api-socket")
+        .arg(&src.api)
+        .arg("--binary")
+        .arg(refvmm_path())
+        .output()
+        .unwrap();
+    let st = api_request(&src.api, &json!({"cmd": "status"}), |_| {});
+    let mut new = KillPid(
+        st.as_ref()
+            .ok()
+            .and_then(|v| v["pid"].as_u64())
+            .map(|p| p as u32),
+    );
+    assert!(
+        out.status.success(),
+        "upgrade: {}\n{}",
+        String::from_utf8_lossy(&out.stderr),
+        src.stderr()
+    );
+    let st = st.unwrap();
+    assert_eq!(
+        st["huge_pages"], true,
+        "the new VMM maps the hugetlb memfd: {st}"
+    );
+    assert_eq!(st["settings"]["memory_backend"], "memfd,hugetlb", "{st}");
+    let before = src.heartbeat_count();
+    wait_log(&src, "500 heartbeats from the new VMM", |g| {
+        g.heartbeats.len() >= before + 500
+    });
+    // The upgraded VMM migrates the guest over TCP into huge pages again.
+    let (mut dst, to) = livemig_suite::harness::start_destination(
+        &dir,
+        "dst",
+        &["--memory-backend", "memfd,hugetlb"],
+    )
+    .unwrap();
+    let report = migrate(&src, &to, json!({}))
+        .unwrap_or_else(|e| panic!("TCP migration from the upgraded VMM: {e}\n{}", dst.stderr()));
+    assert_eq!(report["status"], "completed", "{report}");
+    new.0 = None;
+    dst.wait_api(Duration::from_secs(10)).unwrap();
+    let dst_st = api_request(&dst.api, &json!({"cmd": "status"}), |_| {}).unwrap();
+    assert_eq!(dst_st["huge_pages"], true, "{dst_st}");
+    dst.wait_heartbeats(1000, Duration::from_secs(30)).unwrap();
+    let status = dst.query_status(Duration::from_secs(10)).unwrap();
+    assert_eq!(status.corrupt, 0, "{status:?}");
+    common::assert_no_corruption(&src, &dst, "hugetlb upgrade + TCP migration");
+    eprintln!(
+        "hugetlb: upgraded, then TCP: {} pages sent, {} zero, downtime {} ms",
+        report["pages_sent"], report["zero_pages"], report["downtime_ms"]
+    );
+    let _ = dst.api(&json!({"cmd": "quit"}), |_| {});
+    let _ = std::fs::remove_dir_all(dir);
+}

@@ -4,7 +4,7 @@
 //!
 //! | request | reply |
 //! |---|---|
-//! | `{"cmd":"status"}` | `{"result":"ok","running":true,"migration":"idle","vcpus":1,"memory":...}` (`migration`: `idle`, `migrating`, `migrated` or `ambiguous`) |
+//! | `{"cmd":"status"}` | `{"result":"ok","version":...,"pid":...,"running":true,"migration":"idle","vcpus":1,"memory":...,"settings":{...}}` (`migration`: `idle`, `migrating`, `migrated` or `ambiguous`; `settings`: the `run`/`receive` options an `upgrade` carries, carry.rs; `huge_pages`: every region is a hugetlb memfd) |
 //! | `{"cmd":"pause"}` / `{"cmd":"resume"}` | `{"result":"ok"}`; refused with `{"result":"error","error":"refused: ..."}` while a migration runs and for good after one succeeded or became ambiguous (`livemig::MigrationGuard`) |
 //! | `{"cmd":"migrate","to":"tcp:HOST:PORT","downtime_limit_ms":20,"max_bandwidth_mib":0,"keep_source":false}` | progress lines `{"event":...}`, then `{"result":"ok","report":{...}}` or `{"result":"error","phase":...,"status":"failed"\|"cancelled"\|"ambiguous","error":...,"cancelled_by":...}`; the last request on its connection (the VMM closes it after the result). The fields are `MigrateOptions` (migration.rs), the same as the `refvmm migrate` flags; an unknown field is refused |
 //! | `... "tls":{"cert":P,"key":P,"ca":P,"server_name":S}` in `migrate` | migrate over mutual TLS |
@@ -150,6 +150,14 @@ fn send(w: &mut UnixStream, v: &Value) -> std::io::Result<()> {
     w.write_all(line.as_bytes())
 }
 
+/// Whether every region of `m`'s guest memory is a hugetlb memfd.
+fn huge_pages(m: &Machine) -> bool {
+    m.vm.ram().iter().all(|r| {
+        r.file_offset()
+            .is_some_and(|f| livemig_kvm::memfd::is_hugetlb(f.file()))
+    })
+}
+
 fn hash_regions(mem: &GuestRam) -> Vec<Value> {
     let mut out = Vec::new();
     for r in mem.iter() {
@@ -211,6 +219,8 @@ fn handle(
                 "migration": m.guard.state().name(),
                 "vcpus": m.vm.vcpus().len(),
                 "memory": m.vm.ram().iter().map(|r| r.len()).sum::<u64>(),
+                "settings": crate::carry::recorded().map(crate::carry::Settings::to_json),
+                "huge_pages": huge_pages(m),
             }),
             // Through the migration guard: refused while a migration runs
             // and for good after one committed or became ambiguous.

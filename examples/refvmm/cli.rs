@@ -6,6 +6,7 @@ use std::path::PathBuf;
 use clap::{Parser, Subcommand};
 use livemig_kvm::serial::SerialOutput;
 use livemig_kvm::DirtyMode;
+use serde::Serialize;
 
 use crate::migration;
 
@@ -20,7 +21,11 @@ pub(crate) struct Cli {
     pub(crate) cmd: Cmd,
 }
 
-#[derive(clap::Args, Clone)]
+/// The options of `run` and `receive`. Every field but `net` is a setting
+/// `upgrade` gives the new VMM as the same option (`carry.rs`: a new field
+/// here is carried without more code; mark it `#[serde(skip)]` if it must
+/// not be).
+#[derive(clap::Args, Clone, Debug, PartialEq, Serialize)]
 pub(crate) struct Common {
     /// Serial console (COM1) output: `stdio`, `file:<PATH>` (created or
     /// truncated), `append:<PATH>` (appended to; what `upgrade` gives the
@@ -45,12 +50,21 @@ pub(crate) struct Common {
     /// ring, ENTRIES a power of two from 256 to 65536, default 4096).
     #[arg(long, default_value = "auto")]
     pub(crate) dirty_log: String,
-    /// Guest memory: `anonymous` (private anonymous mappings) or `memfd`
-    /// (one memfd per region, mapped shared, with 2 MiB huge pages when
-    /// every region is a multiple of 2 MiB and enough are free, else
-    /// ordinary pages). Either side of a migration may use either.
+    /// Guest memory: `anonymous` (private anonymous mappings), `memfd` (one
+    /// memfd per region, mapped shared: what a same-host hand-over needs)
+    /// or `memfd,hugetlb` (the same with 2 MiB huge pages, reserved at
+    /// start: refused with the host's free count where too few are free,
+    /// or where the memory size is not whole 2 MiB). Either side of a
+    /// migration may use any.
     #[arg(long, default_value = "anonymous")]
     pub(crate) memory_backend: String,
+    /// Write this VMM's pid to PATH (a temporary file renamed over it) once
+    /// it runs a guest: `run` at boot, `receive` when the guest arrived.
+    /// After an `upgrade` the old VMM writes the new VMM's pid there before
+    /// it exits (systemd's `PIDFile=` follows that); a VMM removes the file
+    /// when it exits only if it still names it.
+    #[arg(long, value_name = "PATH")]
+    pub(crate) pid_file: Option<PathBuf>,
     /// A NIC backed by a TAP device (opened, or created if missing):
     /// `tap=<IFNAME>,mac=<MAC>[,ip=<IPv4>][,ip6=<IPv6>]...` (`ip6=` may be
     /// repeated). Repeatable. NIC i is a
@@ -64,6 +78,9 @@ pub(crate) struct Common {
     /// IPv6 addresses travel with the migration: a destination `--net`
     /// without them takes the source's.
     #[arg(long = "net")]
+    // Not an option of the new VMM after an upgrade: the TAP descriptors
+    // and their specs travel with the hand-over.
+    #[serde(skip)]
     pub(crate) net: Vec<String>,
 }
 
@@ -132,15 +149,8 @@ pub(crate) struct ReceiveArgs {
     /// Expected vCPU count (default: take it from the stream).
     #[arg(long)]
     pub(crate) vcpus: Option<u32>,
-    /// Seconds without data from the source before giving up.
-    #[arg(long, default_value_t = 10)]
-    pub(crate) io_timeout: u64,
-    /// Do not announce the NICs after the switchover (for tests that
-    /// show what happens without the announce): turns off both the
-    /// VMM's RARP / gratuitous-ARP announce and the guest announce
-    /// request (virtio-net VIRTIO_NET_S_ANNOUNCE).
-    #[arg(long)]
-    pub(crate) no_announce: bool,
+    #[command(flatten)]
+    pub(crate) settings: ReceiveSettings,
     /// Leave the migrated guest paused until an API `resume` (for
     /// comparing memory with a source kept by `keep_source`).
     #[arg(long)]
@@ -154,6 +164,36 @@ pub(crate) struct ReceiveArgs {
     pub(crate) tls: TlsArgs,
     #[command(flatten)]
     pub(crate) common: Common,
+}
+
+/// The options only `receive` has that `upgrade` carries to the new VMM
+/// (which is a `receive`); a VMM started by `run` has the defaults. A new
+/// field here is carried without more code (`carry.rs`). Not here, and not
+/// carried: `--listen` (the new VMM listens on a private socket),
+/// `--memory`/`--vcpus` (they come with the guest), `--start-paused` (the
+/// guest's paused or running state comes with it), TLS (no connection
+/// but the local one).
+#[derive(clap::Args, Clone, Debug, PartialEq, Serialize)]
+pub(crate) struct ReceiveSettings {
+    /// Seconds without data from the source before giving up.
+    #[arg(long, default_value_t = 10)]
+    pub(crate) io_timeout: u64,
+    /// Do not announce the NICs after the switchover (for tests that
+    /// show what happens without the announce): turns off both the
+    /// VMM's RARP / gratuitous-ARP announce and the guest announce
+    /// request (virtio-net VIRTIO_NET_S_ANNOUNCE).
+    #[arg(long)]
+    pub(crate) no_announce: bool,
+}
+
+impl Default for ReceiveSettings {
+    /// The clap defaults (a test checks they agree).
+    fn default() -> Self {
+        ReceiveSettings {
+            io_timeout: 10,
+            no_announce: false,
+        }
+    }
 }
 
 #[derive(Subcommand)]

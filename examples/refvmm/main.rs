@@ -28,6 +28,7 @@
 mod agent;
 mod api;
 mod auto;
+mod carry;
 mod cli;
 mod console;
 mod console_client;
@@ -42,6 +43,7 @@ mod migration;
 mod monitor;
 mod multiboot;
 mod net;
+mod pidfile;
 mod place;
 mod postcopy;
 mod postcopy_recovery;

@@ -567,14 +567,18 @@ pub(crate) fn cmd_receive(args: ReceiveArgs) -> Result<(), Fail> {
         listen: listen_at,
         memory,
         vcpus,
-        io_timeout,
-        no_announce,
+        settings,
         start_paused,
         postcopy_resume_timeout,
         tls,
         common,
     } = args;
     let resume_timeout = postcopy_resume_timeout.map(Duration::from_secs);
+    crate::carry::record(&common, &settings);
+    let crate::cli::ReceiveSettings {
+        io_timeout,
+        no_announce,
+    } = settings;
     let (announce, tls) = (!no_announce, tls.config(None));
     let endpoint: Endpoint = listen_at
         .parse()
@@ -586,12 +590,6 @@ pub(crate) fn cmd_receive(args: ReceiveArgs) -> Result<(), Fail> {
     // Open the TAPs before accepting anything: a bad --net fails early.
     let nets = open_nets(&common.net)?;
     let mut console = open_console(common.console.as_deref(), true)?;
-    crate::upgrade::record_launch(crate::upgrade::Launch {
-        api_socket: common.api_socket.clone(),
-        serial: common.serial.clone(),
-        console: common.console.clone(),
-        dirty_log: common.dirty_log.clone(),
-    });
     let tls_plain = tls.is_none();
     let incoming = accept_incoming(&endpoint, tls)?;
     let local = matches!(incoming, Incoming::Local(..));

@@ -79,6 +79,11 @@ pub(crate) fn run_machine(
         Some(p) => Some(api::serve(p, machine.clone(), tx.clone(), takeover).map_err(runtime)?),
         None => None,
     };
+    // The guest is this VMM's now: supervisors follow the pid file.
+    let pid_file = crate::carry::recorded().and_then(|s| s.pid_file());
+    if let Some(p) = pid_file {
+        crate::pidfile::write(p, std::process::id()).map_err(runtime)?;
+    }
     if start {
         machine.start();
     }
@@ -124,6 +129,9 @@ pub(crate) fn run_machine(
             let _ = std::fs::remove_file(p);
         }
     }
+    if let Some(p) = pid_file {
+        crate::pidfile::remove_if_ours(p);
+    }
     // Stop the vCPUs before the process exits so no thread runs the guest
     // while the process tears down.
     let _ = machine.vm.pause_vcpus();
@@ -143,6 +151,7 @@ pub(crate) fn cmd_run(args: RunArgs) -> Result<(), Fail> {
         vcpus,
         common,
     } = args;
+    crate::carry::record(&common, &crate::cli::ReceiveSettings::default());
     let memory = parse_size(&memory)?;
     let serial = parse_serial(&common.serial)?;
     let dirty_mode = parse_dirty(&common.dirty_log)?;
@@ -197,11 +206,5 @@ pub(crate) fn cmd_run(args: RunArgs) -> Result<(), Fail> {
         loaded.info_addr
     );
     machine.set_multiboot_entry(&loaded).map_err(runtime)?;
-    crate::upgrade::record_launch(crate::upgrade::Launch {
-        api_socket: common.api_socket.clone(),
-        serial: common.serial.clone(),
-        console: common.console.clone(),
-        dirty_log: common.dirty_log.clone(),
-    });
     run_machine(machine, common.api_socket, true, console, false)
 }

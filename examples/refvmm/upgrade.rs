@@ -1,12 +1,13 @@
 //! The same-host hand-over as the source runs it (`migrate --local`), and
 //! `refvmm upgrade`: the source VMM starts the new binary as a local
-//! destination with its own serial, console and API socket settings, hands
-//! the guest over, and exits; the new VMM takes over the API socket path,
+//! destination with its own settings (`carry.rs`), hands the guest over,
+//! writes the new VMM's pid to its pid file, and exits; the new VMM takes over the API socket path,
 //! the console socket and the NICs (their TAP descriptors travelled).
 
+use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command};
-use std::sync::{Arc, OnceLock};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use livemig::policy::MigrationConfig;
@@ -19,24 +20,6 @@ use crate::cli::{usage, Fail};
 use crate::migration::{outcome_of, setup_error, MigrateOptions, Outcome};
 use crate::monitor::MigrationMonitor;
 use crate::vmm::Machine;
-
-/// How this VMM was started, as far as a new VMM taking over from it must
-/// repeat it.
-#[derive(Debug, Clone)]
-pub struct Launch {
-    pub api_socket: Option<PathBuf>,
-    /// `--serial` (`file:` is given to the new VMM as `append:`).
-    pub serial: String,
-    pub console: Option<String>,
-    pub dirty_log: String,
-}
-
-static LAUNCH: OnceLock<Launch> = OnceLock::new();
-
-/// Records how this VMM was started (once, by `run` or `receive`).
-pub fn record_launch(l: Launch) {
-    let _ = LAUNCH.set(l);
-}
 
 /// How long the new VMM may take to listen.
 const START_TIMEOUT: Duration = Duration::from_secs(10);
@@ -102,8 +85,18 @@ pub(crate) fn do_local(
     let cancelled_by = active.cancelled_by();
     active.finish(&result);
     match &result {
-        // The new VMM runs the guest (or may: ambiguous); it stays.
-        Ok(_) => {}
+        // The new VMM runs the guest: its pid goes into the pid file before
+        // this VMM exits (supervisors that follow the file see no gap).
+        Ok(_) => {
+            if let (Some(c), Some(p)) =
+                (&child, crate::carry::recorded().and_then(|s| s.pid_file()))
+            {
+                if let Err(e) = crate::pidfile::write(p, c.id()) {
+                    eprintln!("refvmm: {e}");
+                }
+            }
+        }
+        // The new VMM may run the guest (ambiguous); it stays.
         Err(e) if e.is_ambiguous() => {}
         Err(_) => kill(child),
     }
@@ -134,31 +127,34 @@ fn connect(
     }
 }
 
-/// Starts `bin` as `receive --listen unix:PATH` with this VMM's serial,
-/// console, API socket and dirty-log settings; it inherits standard input,
+/// Starts `bin` as `receive --listen unix:PATH` with this VMM's settings
+/// (`carry.rs`), in a session of its own; it inherits standard input,
 /// output and error (so `--serial stdio` goes where it went, and console
 /// input keeps coming from the same place once this VMM is gone).
+///
+/// Its own session and process group: a signal meant for the old VMM's
+/// group (a terminal's Ctrl-C or hang-up, a supervisor's kill of the job)
+/// does not reach it, and a terminal does not stop it (SIGTTIN) for
+/// reading once the old VMM's job is gone. It stays this VMM's child until
+/// this VMM exits; supervisors follow the pid file (`--pid-file`).
 fn start_new(bin: &Path, path: &Path) -> Result<Child, String> {
-    let launch = LAUNCH
-        .get()
-        .ok_or("this VMM does not know how it was started")?;
+    let settings = crate::carry::recorded().ok_or("this VMM does not know how it was started")?;
     let _ = std::fs::remove_file(path);
     let mut cmd = Command::new(bin);
     cmd.arg("receive")
         .arg("--listen")
         .arg(format!("unix:{}", path.display()))
-        .arg("--dirty-log")
-        .arg(&launch.dirty_log)
-        .arg("--serial")
-        .arg(match launch.serial.strip_prefix("file:") {
-            Some(p) => format!("append:{p}"),
-            None => launch.serial.clone(),
+        .args(settings.receive_args()?);
+    // SAFETY: the closure runs in the forked child before exec and calls
+    // only setsid(2), which is async-signal-safe; the child is not a
+    // process group leader (its group is ours), so setsid succeeds.
+    unsafe {
+        cmd.pre_exec(|| {
+            if libc::setsid() < 0 {
+                return Err(std::io::Error::last_os_error());
+            }
+            Ok(())
         });
-    if let Some(c) = &launch.console {
-        cmd.arg("--console").arg(c);
-    }
-    if let Some(a) = &launch.api_socket {
-        cmd.arg("--api-socket").arg(a);
     }
     cmd.spawn()
         .map_err(|e| format!("starting {}: {e}", bin.display()))

@@ -5,11 +5,12 @@
 //! A memfd region is built as a vm-memory `GuestRegionMmap` with a
 //! `FileOffset`, mapped `MAP_SHARED`, so the engine sees its backing
 //! (`livemig::ram`'s `Backing::SharedFile`: the file's holes read as zero,
-//! and a destination zeroes it by punching holes). Huge pages are tried
-//! first (`MFD_HUGETLB`, the system's default huge page size) when every
-//! region is a multiple of 2 MiB; where `memfd_create` or the mapping's
-//! huge-page reservation fails (no huge pages configured, or not enough
-//! free), the memory is a plain (4 KiB page) memfd instead.
+//! and a destination zeroes it by punching holes). `memfd` is ordinary
+//! (4 KiB) pages; `memfd,hugetlb` is huge pages (`MFD_HUGETLB`, 2 MiB),
+//! reserved when the memory is mapped, or a [`MemfdError::HugePages`] that
+//! says how many the host has free and how to reserve more — never a
+//! silent fall-back to ordinary pages, and never huge pages nobody asked
+//! for (an operator reserves them for the VMs that ask).
 
 use std::ffi::CStr;
 use std::fs::File;
@@ -31,8 +32,12 @@ pub enum MemoryBackend {
     /// Private anonymous mappings: pages the guest never touches cost nothing.
     #[default]
     Anonymous,
-    /// One memfd per region, mapped `MAP_SHARED` (huge pages where available).
+    /// One memfd per region, mapped `MAP_SHARED`, ordinary pages.
     Memfd,
+    /// One hugetlb memfd per region (`MFD_HUGETLB`, [`HUGE_PAGE_SIZE`]
+    /// pages), mapped `MAP_SHARED`; every region must be a multiple of
+    /// [`HUGE_PAGE_SIZE`] and the host must have enough huge pages free.
+    MemfdHugetlb,
 }
 
 impl FromStr for MemoryBackend {
@@ -42,8 +47,19 @@ impl FromStr for MemoryBackend {
         match s {
             "anonymous" => Ok(MemoryBackend::Anonymous),
             "memfd" => Ok(MemoryBackend::Memfd),
+            "memfd,hugetlb" => Ok(MemoryBackend::MemfdHugetlb),
             other => Err(MemfdError::UnknownBackend(other.to_string())),
         }
+    }
+}
+
+impl std::fmt::Display for MemoryBackend {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            MemoryBackend::Anonymous => "anonymous",
+            MemoryBackend::Memfd => "memfd",
+            MemoryBackend::MemfdHugetlb => "memfd,hugetlb",
+        })
     }
 }
 
@@ -59,9 +75,35 @@ pub enum PageKind {
 /// Failures building guest memory.
 #[derive(Debug, thiserror::Error)]
 pub enum MemfdError {
-    /// Not `anonymous` or `memfd`.
-    #[error("memory backend '{0}': expected anonymous or memfd")]
+    /// Not `anonymous`, `memfd` or `memfd,hugetlb`.
+    #[error("memory backend '{0}': expected anonymous, memfd or memfd,hugetlb")]
     UnknownBackend(String),
+    /// Huge pages asked for, and the host cannot give them.
+    #[error(
+        "huge pages: the guest memory needs {needed} huge pages of 2 MiB and the host has \
+         {free} free (HugePages_Free in /proc/meminfo; {why}); reserve more with \
+         `echo N > /proc/sys/vm/nr_hugepages` (N = the pages this host's guests need in all), \
+         or use --memory-backend memfd"
+    )]
+    HugePages {
+        /// Huge pages the memory needs.
+        needed: u64,
+        /// Huge pages the host had free.
+        free: u64,
+        /// What failed.
+        why: String,
+    },
+    /// A region that is not whole huge pages.
+    #[error(
+        "huge pages: region 0x{guest_addr:x}+0x{size:x} is not a multiple of 2 MiB (give the \
+         guest a memory size in whole 2 MiB, or use --memory-backend memfd)"
+    )]
+    NotHugeAligned {
+        /// The region's guest-physical start.
+        guest_addr: u64,
+        /// Its size.
+        size: u64,
+    },
     /// `memfd_create` failed.
     #[error("memfd_create: {0}")]
     Create(#[source] std::io::Error),
@@ -78,8 +120,9 @@ pub enum MemfdError {
     Map(#[source] Box<dyn std::error::Error + Send + Sync + 'static>),
 }
 
-/// Guest memory for `layout` in `backend`; for [`MemoryBackend::Memfd`],
-/// hugetlb pages where the system has enough free, ordinary ones otherwise.
+/// Guest memory for `layout` in `backend`: [`PageKind::Huge`] exactly for
+/// [`MemoryBackend::MemfdHugetlb`], which fails (no fall-back) where the
+/// host has too few huge pages free or a region is not whole huge pages.
 pub fn allocate_memory(
     layout: &MemoryLayout,
     backend: MemoryBackend,
@@ -88,19 +131,53 @@ pub fn allocate_memory(
         MemoryBackend::Anonymous => allocate(layout)
             .map(|m| (m, PageKind::Small))
             .map_err(|e| MemfdError::Map(e.into())),
-        MemoryBackend::Memfd => {
-            let huge_fits = layout.regions().iter().all(|r| {
-                r.size.is_multiple_of(HUGE_PAGE_SIZE) && r.guest_addr.is_multiple_of(HUGE_PAGE_SIZE)
-            });
-            if huge_fits {
-                match memfd_memory(layout, PageKind::Huge) {
-                    Ok(m) => return Ok((m, PageKind::Huge)),
-                    Err(e) => log::info!("guest memory: no huge pages ({e}); using a plain memfd"),
+        MemoryBackend::Memfd => memfd_memory(layout, PageKind::Small).map(|m| (m, PageKind::Small)),
+        MemoryBackend::MemfdHugetlb => {
+            let mut needed = 0;
+            for r in layout.regions() {
+                if !r.size.is_multiple_of(HUGE_PAGE_SIZE)
+                    || !r.guest_addr.is_multiple_of(HUGE_PAGE_SIZE)
+                {
+                    return Err(MemfdError::NotHugeAligned {
+                        guest_addr: r.guest_addr,
+                        size: r.size,
+                    });
                 }
+                needed += r.size / HUGE_PAGE_SIZE;
             }
-            memfd_memory(layout, PageKind::Small).map(|m| (m, PageKind::Small))
+            let short = |why: String| MemfdError::HugePages {
+                needed,
+                free: free_huge_pages(),
+                why,
+            };
+            match memfd_memory(layout, PageKind::Huge) {
+                Ok(m) => Ok((m, PageKind::Huge)),
+                // No huge pages at all: memfd_create or the mapping's
+                // reservation fails (ENOMEM, EINVAL where none are
+                // configured).
+                Err(e @ (MemfdError::Create(_) | MemfdError::Map(_))) => Err(short(e.to_string())),
+                Err(e) => Err(e),
+            }
         }
     }
+}
+
+/// `HugePages_Free` of `/proc/meminfo` (0 where it cannot be read).
+pub fn free_huge_pages() -> u64 {
+    std::fs::read_to_string("/proc/meminfo")
+        .unwrap_or_default()
+        .lines()
+        .find_map(|l| l.strip_prefix("HugePages_Free:")?.trim().parse().ok())
+        .unwrap_or(0)
+}
+
+/// Whether `file` is on hugetlbfs (a `MFD_HUGETLB` memfd).
+pub fn is_hugetlb(file: &File) -> bool {
+    // SAFETY: an all-zero statfs is a valid value of this plain C struct.
+    let mut st: libc::statfs = unsafe { std::mem::zeroed() };
+    // SAFETY: fstatfs on an open descriptor writes one statfs into `st`.
+    let r = unsafe { libc::fstatfs(std::os::fd::AsRawFd::as_raw_fd(file), &mut st) };
+    r == 0 && st.f_type == libc::HUGETLBFS_MAGIC
 }
 
 /// One memfd per region of `layout`, mapped shared.
@@ -167,10 +244,12 @@ pub fn map_shared(layout: &MemoryLayout, files: Vec<(File, u64)>) -> Result<Gues
             ));
         }
         let size = usize::try_from(r.size).map_err(|e| MemfdError::Map(e.into()))?;
+        let huge = is_hugetlb(&file);
         let mapping = MmapRegionBuilder::new_with_bitmap(size, AtomicBitmap::with_len(size))
             .with_file_offset(FileOffset::from_arc(Arc::new(file), offset))
             .with_mmap_prot(libc::PROT_READ | libc::PROT_WRITE)
             .with_mmap_flags(libc::MAP_SHARED)
+            .with_hugetlbfs(huge)
             .build()
             .map_err(|e| MemfdError::Map(e.into()))?;
         let region =
@@ -224,7 +303,11 @@ mod tests {
             MemoryBackend::Anonymous
         );
         let e = "shm".parse::<MemoryBackend>().unwrap_err();
-        assert!(e.to_string().contains("expected anonymous or memfd"), "{e}");
+        assert!(
+            e.to_string()
+                .contains("expected anonymous, memfd or memfd,hugetlb"),
+            "{e}"
+        );
     }
 
     /// Every region is a shared mapping of a memfd of its size, and what is
@@ -259,36 +342,58 @@ mod tests {
         assert_eq!(u64::from_ne_bytes(buf), 0xdead_beef);
     }
 
-    /// A region that is not a multiple of the huge page size gets ordinary pages.
+    /// `memfd` is ordinary pages, whatever the host has free.
     #[test]
-    fn odd_sizes_get_small_pages() {
-        let l = layout(&[(0, 4096 * 3)]);
-        let (mem, kind) = allocate_memory(&l, MemoryBackend::Memfd).unwrap();
-        assert_eq!(kind, PageKind::Small);
-        assert!(mem.iter().all(|r| r.file_offset().is_some()));
-    }
-
-    fn free_huge_pages() -> u64 {
-        std::fs::read_to_string("/proc/meminfo")
-            .unwrap_or_default()
-            .lines()
-            .find_map(|l| l.strip_prefix("HugePages_Free:")?.trim().parse().ok())
-            .unwrap_or(0)
-    }
-
-    /// Huge pages when enough are free, otherwise ordinary pages — never a
-    /// mapping whose first touch raises SIGBUS: every page is written here.
-    #[test]
-    fn huge_pages_only_where_there_are_enough() {
-        let size = 8u64 << 20;
-        let (mem, kind) = allocate_memory(&layout(&[(0, size)]), MemoryBackend::Memfd).unwrap();
-        if free_huge_pages() * HUGE_PAGE_SIZE < size {
+    fn plain_memfd_is_small_pages() {
+        for l in [layout(&[(0, 4096 * 3)]), layout(&[(0, 8 << 20)])] {
+            let (mem, kind) = allocate_memory(&l, MemoryBackend::Memfd).unwrap();
             assert_eq!(kind, PageKind::Small);
+            assert!(mem.iter().all(|r| r.file_offset().is_some()));
+            assert!(mem
+                .iter()
+                .all(|r| !is_hugetlb(r.file_offset().unwrap().file())));
         }
-        for page in (0..size).step_by(4096) {
-            mem.write_obj(page, GuestAddress(page)).unwrap();
+    }
+
+    /// `memfd,hugetlb`: huge pages, every page usable (never a mapping whose
+    /// first touch raises SIGBUS: every page is written here), or — where
+    /// the host has too few free — an error that says so; never ordinary
+    /// pages. A region that is not whole huge pages is refused.
+    #[test]
+    fn hugetlb_is_huge_pages_or_a_clear_error() {
+        let size = 8u64 << 20;
+        let l = layout(&[(0, size)]);
+        match allocate_memory(&l, MemoryBackend::MemfdHugetlb) {
+            Ok((mem, kind)) => {
+                assert_eq!(kind, PageKind::Huge);
+                let r = mem.iter().next().unwrap();
+                assert!(is_hugetlb(r.file_offset().unwrap().file()));
+                for page in (0..size).step_by(4096) {
+                    mem.write_obj(page, GuestAddress(page)).unwrap();
+                }
+                eprintln!("8 MiB hugetlb memfd: huge pages");
+            }
+            Err(e) => {
+                let msg = e.to_string();
+                assert!(
+                    matches!(e, MemfdError::HugePages { needed: 4, .. }),
+                    "{msg}"
+                );
+                assert!(msg.contains("/proc/sys/vm/nr_hugepages"), "{msg}");
+                eprintln!("8 MiB hugetlb memfd refused: {msg}");
+            }
         }
-        eprintln!("8 MiB memfd: {kind:?} pages");
+        let e = allocate_memory(&layout(&[(0, 3 << 20)]), MemoryBackend::MemfdHugetlb)
+            .err()
+            .unwrap();
+        assert!(matches!(e, MemfdError::NotHugeAligned { .. }), "{e}");
+        assert_eq!(
+            "memfd,hugetlb"
+                .parse::<MemoryBackend>()
+                .unwrap()
+                .to_string(),
+            "memfd,hugetlb"
+        );
     }
 
     #[test]
