@@ -1,6 +1,7 @@
 //! The VM: KVM with its in-kernel irqchip and PIT, one memory slot over
-//! [`Ram`], one vCPU on its own thread (`vcpu.rs`), built from
-//! livemig-kvm's separate pieces (`setup`, `parts::KvmParts`).
+//! [`Ram`], one vCPU on its own thread, which owns its fd (`vcpu.rs`),
+//! built from livemig-kvm's separate pieces (`setup`,
+//! `parts::KvmParts::with_vcpu_threads`).
 
 use std::sync::Arc;
 
@@ -68,9 +69,9 @@ impl Machine {
             }
             _ => None,
         };
-        let parts = KvmParts::new(&kvm, vm, fds)?;
-        if let Some(fd) = parts.vcpu(0) {
-            crate::vcpu::spawn(fd.clone(), parts.gate().clone(), ring.clone())
+        let parts = KvmParts::with_vcpu_threads(&kvm, vm, &fds)?;
+        for fd in fds {
+            crate::vcpu::spawn(fd, parts.gate().clone(), ring.clone())
                 .map_err(MachineError::Thread)?;
         }
         Ok(Machine {

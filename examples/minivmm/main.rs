@@ -6,7 +6,7 @@
 //!
 //! ```text
 //! minivmm run [--memory MiB] [--cmdline "ws=32 rate=10"]
-//!             [--dirty-log classic|manual|ring [--ring-entries 4096]]
+//!             [--dirty-log|--dirty classic|manual|ring [--ring-entries 4096]]
 //!             [--migrate-to tcp:HOST:PORT|unix:PATH [--after-ms N] [--downtime-limit-ms 20]
 //!             [--max-bandwidth MiB/s]]
 //! minivmm receive --listen tcp:HOST:PORT|unix:PATH [--memory MiB]
@@ -66,8 +66,8 @@ enum Cmd {
         /// The test guest's command line (`tsc_khz=` is added).
         #[arg(long, default_value = "")]
         cmdline: String,
-        /// Dirty tracking mode for a migration.
-        #[arg(long, value_enum, default_value = "manual")]
+        /// Dirty tracking mode for a migration (`--dirty` is the same).
+        #[arg(long, visible_alias = "dirty", value_enum, default_value = "manual")]
         dirty_log: Dirty,
         /// Entries of the vCPU's dirty ring (`--dirty-log ring`): a power
         /// of two, at least 256.
@@ -178,10 +178,14 @@ fn boot(memory: u64, cmdline: &str, mode: DirtyMode) -> Result<Machine, String> 
     let image = livemig_testguest::image().map_err(|e| e.to_string())?;
     let cmdline = format!("{cmdline} tsc_khz={}", m.kvm.tsc_khz());
     let entry = boot::load(&m.ram, &image, cmdline.trim(), memory).map_err(|e| e.to_string())?;
-    let fd = m.kvm.vcpu(0).ok_or("no vCPU")?;
-    let fd = fd.lock().map_err(|_| "vCPU lock poisoned")?;
-    boot::set_entry_state(&fd, entry).map_err(|e| e.to_string())?;
-    drop(fd);
+    // The vCPU thread owns the fd: it sets the registers, parked.
+    let set = m
+        .kvm
+        .gate()
+        .on_vcpu_threads(move |_, fd| boot::set_entry_state(fd, entry).map_err(|e| e.to_string()));
+    set.map_err(|e| e.to_string())?
+        .into_iter()
+        .collect::<Result<(), _>>()?;
     Ok(m)
 }
 

@@ -1,27 +1,26 @@
-//! minivmm's one vCPU: a thread running `KVM_RUN` in a loop, with a tiny
-//! serial port in its exit handler. It follows the pause protocol
-//! (docs/embedding.md) through livemig-kvm's `PauseGate`: `before_run`
-//! parks it while paused, and after an I/O or MMIO exit it first re-enters
-//! `KVM_RUN` with `immediate_exit = 1` so KVM completes the instruction.
+//! minivmm's one vCPU: a thread that owns its `VcpuFd` (no other thread
+//! can reach it) running `KVM_RUN` in a loop, with a tiny serial port in
+//! its exit handler. It follows the pause protocol (docs/embedding.md)
+//! through livemig-kvm's `PauseGate`: `before_run_serving` parks it while
+//! paused and, parked, runs the gate's requests on its fd (setting the
+//! boot registers, saving and restoring state for a migration); after an
+//! I/O or MMIO exit it first re-enters `KVM_RUN` with `immediate_exit = 1`
+//! so KVM completes the instruction.
 
 use std::io::Write;
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 
 use kvm_bindings::KVM_EXIT_DIRTY_RING_FULL;
 use kvm_ioctls::{VcpuExit, VcpuFd};
 use livemig_kvm::dirty::DirtyRing;
 use livemig_kvm::pause::{PauseGate, VcpuPauser};
 
-/// Starts the vCPU thread; it parks until the gate is resumed.
-pub fn spawn(
-    fd: Arc<Mutex<VcpuFd>>,
-    gate: PauseGate,
-    ring: Option<Arc<DirtyRing>>,
-) -> std::io::Result<()> {
+/// Starts the vCPU thread with its fd; it parks until the gate is resumed.
+pub fn spawn(fd: VcpuFd, gate: PauseGate, ring: Option<Arc<DirtyRing>>) -> std::io::Result<()> {
     std::thread::Builder::new()
         .name("vcpu0".into())
         .spawn(move || {
-            if let Err(e) = vcpu_thread(&fd, &gate, ring.as_deref()) {
+            if let Err(e) = vcpu_thread(fd, &gate, ring.as_deref()) {
                 eprintln!("minivmm: vCPU stopped: {e}");
                 std::process::exit(2);
             }
@@ -31,19 +30,12 @@ pub fn spawn(
 
 /// The vCPU thread: runs the guest until a guest error (which ends the
 /// process; minivmm never closes the gate).
-fn vcpu_thread(
-    fd: &Mutex<VcpuFd>,
-    gate: &PauseGate,
-    ring: Option<&DirtyRing>,
-) -> Result<(), String> {
-    let mut vcpu = fd.lock().map_err(|_| "vCPU lock poisoned")?;
-    // SAFETY: the VcpuFd lives in an Arc this thread holds (and the
-    // process never drops the VM); `pauser` is dropped on this thread.
-    let mut pauser = unsafe { gate.attach(0, &mut vcpu) }.map_err(|e| e.to_string())?;
-    drop(vcpu);
-    while pauser.before_run() {
-        let mut vcpu = fd.lock().map_err(|_| "vCPU lock poisoned")?;
-        step(&mut vcpu, &mut pauser, ring)?;
+fn vcpu_thread(mut fd: VcpuFd, gate: &PauseGate, ring: Option<&DirtyRing>) -> Result<(), String> {
+    // SAFETY: `fd` outlives `pauser` (declared before it), and both are
+    // dropped on this thread.
+    let mut pauser = unsafe { gate.attach(0, &mut fd) }.map_err(|e| e.to_string())?;
+    while pauser.before_run_serving(&fd) {
+        step(&mut fd, &mut pauser, ring)?;
     }
     Ok(())
 }

@@ -678,8 +678,14 @@ pub(crate) fn cmd_receive(args: ReceiveArgs) -> Result<(), Fail> {
             // The deprecated free functions until refvmm's post-copy receive
             // moves to `Reception::postcopy` (its pager takes the VM).
             #[allow(deprecated)]
-            let r =
-                receive_postcopy_resumable(transport, fault, &cfg, create, uffd_pager, &mut reconnect);
+            let r = receive_postcopy_resumable(
+                transport,
+                fault,
+                &cfg,
+                create,
+                uffd_pager,
+                &mut reconnect,
+            );
             r
         }
         (Some(mut a), Some(Fault { t: fault, .. })) => {

@@ -529,6 +529,14 @@ impl Transport for CountingTransport {
             sent: self.sent.clone(),
         }))
     }
+
+    fn unacked_bytes(&self) -> Option<u64> {
+        self.inner.unacked_bytes()
+    }
+
+    fn round_trip(&self) -> Option<Duration> {
+        self.inner.round_trip()
+    }
 }
 
 /// A [`StreamOpener`] whose connections count their bytes into the

@@ -26,6 +26,10 @@ pub struct RoundReport {
     pub expected_downtime_ms: f64,
     /// vCPU throttle (auto-converge) in force after this round, percent.
     pub throttle_pct: u32,
+    /// Whether this round's page frames were LZ4-compressed (with
+    /// [`crate::MigrationConfig::compress`], decided after each round for
+    /// the next; see [`crate::policy::compression_pays`]).
+    pub compressed: bool,
 }
 
 /// Where the downtime went (all on the source clock, ms).
@@ -185,12 +189,13 @@ impl std::fmt::Display for RoundReport {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         write!(
             f,
-            "round {}: {} pages ({} zero) in {:.1} ms, {:.0} MB/s; dirty rate {:.0} MB/s, {} pages left, expected downtime {:.1} ms",
+            "round {}: {} pages ({} zero) in {:.1} ms, {:.0} MB/s{}; dirty rate {:.0} MB/s, {} pages left, expected downtime {:.1} ms",
             self.round,
             self.pages,
             self.zero_pages,
             self.duration_ms,
             self.bandwidth_mbps,
+            if self.compressed { " LZ4" } else { "" },
             self.dirty_rate_mbps,
             self.dirty_pages_after,
             self.expected_downtime_ms

@@ -23,9 +23,10 @@ use crate::control::{self, unexpected};
 use crate::error::{ErrorKind, MigrationError, Phase};
 use crate::memory::{MemoryLayout, PAGE_SIZE};
 use crate::protocol::{
-    decompress_pages, page_records, FrameReader, FrameWriter, Go, MsgKind, PageRequest, PageRun,
-    PostcopyComplete, PostcopyResume, Ready, Resumed,
+    decompress_pages, page_records, FrameReader, FrameWriter, MsgKind, PageRequest, PageRun,
+    PostcopyComplete, PostcopyResume, Resumed,
 };
+use crate::state::Section;
 use crate::transport::{StreamAcceptor, Transport};
 use crate::vm::{DestinationVm, VmDescription, VmError};
 
@@ -317,7 +318,7 @@ fn run<V, F, P>(
     link: &mut Link,
     fault: Box<dyn Transport>,
     acceptor: Option<&mut dyn StreamAcceptor>,
-    call: super::Call<'_>,
+    mut call: super::Call<'_>,
     create: F,
     pager: P,
     reconnect: &mut Reconnect<'_>,
@@ -331,44 +332,15 @@ where
     let (config, cancel) = (call.config, call.cancel);
     // A cancel before `Ready` breaks the fault connection too.
     cancel.attach(fault.try_clone().ok());
-    let hello = handshake::read_hello(link)?;
-    link.postcopy = hello.postcopy;
-    link.postcopy_prepare = hello.postcopy && hello.postcopy_prepare;
-    let layout = hello.desc.layout.clone();
-    let mut vm = handshake::create_vm(&mut link.fw, &hello.desc, create)?;
-    let mut pager = Some(pager);
-    let mut prepared: Option<Armed> = None;
-    let received = {
-        let ram = handshake::prepare_memory(&mut link.fw, &vm, &layout, hello.local.as_ref())?;
-        (call.progress)(&super::ReceiveProgress::Accepted {
-            memory_bytes: layout.total_bytes(),
-            vcpus: hello.desc.vcpus,
-            streams_asked: hello.streams,
-        });
-        let readers = handshake::reply(link, acceptor, hello.streams, config.io_timeout, cancel)?;
-        for r in &readers {
-            cancel.attach(r.get_ref().try_clone().ok());
-        }
-        let granted = link.postcopy && link.postcopy_prepare && link.version >= 3;
-        let fw = &mut link.fw;
-        let mut hook = |p: &crate::protocol::PostcopyPrepare| {
-            let pager = pager.take().ok_or_else(|| twice("PostcopyPrepare"))?;
-            prepared = Some(arm::prepare(fw, &vm, &layout, p, pager)?);
-            Ok(())
-        };
-        let on_prepare: memory::OnPrepare<'_> = if granted { Some(&mut hook) } else { None };
-        memory::receive(&mut link.control, readers, &layout, &ram, on_prepare)?
-    };
-    let running = !hello.paused;
-    let mut report = ReceiveReport {
-        pages: received.pages,
-        zero_pages: received.zero,
-        rounds: received.rounds,
-        streams: link.granted,
-        version: link.version,
+    let Precopied {
+        mut vm,
+        layout,
+        received,
         running,
-        ..ReceiveReport::default()
-    };
+        prepared,
+        mut pager,
+    } = precopy_part(link, acceptor, &mut call, create, pager)?;
+    let mut report = report_of(&received, link, running);
     let Some(switch) = received.switch.as_ref() else {
         let times = super::commit::commit(&mut vm, link, &received.sections, running, cancel)?;
         (call.progress)(&super::ReceiveProgress::Completed { running });
@@ -383,56 +355,140 @@ where
         (None, Some(p)) => arm::arm(link.postcopy, &vm, &layout, switch, p)?,
         (None, None) => return Err(twice("PostcopySwitch")),
     };
-    let Armed {
-        pager,
-        discard,
-        arm_ms,
-        prepared,
-        late_pages,
-        late_ms,
-    } = armed;
     // The page server runs from here, before the restore: a device whose
     // restore reads guest memory (a virtio queue) faults on a missing page
     // like a vCPU does, and the source answers requests from the switch on.
-    let cp = Phase::Completion;
-    let sections = &received.sections;
     let mut restore_ms = 0.0;
-    let server = Server::new(&layout, &*pager, discard);
+    let server = Server::new(&layout, &*armed.pager, armed.discard);
     let stats = server.run_with(link, fault, config, reconnect, |link: &mut Link| {
-        let t = Instant::now();
-        vm.restore_state(sections)
-            .map_err(|e| MigrationError::new(Phase::State, e))?;
-        restore_ms = ms(t.elapsed());
-        // `Ready`, then `Go`: a cancel until `Go` was read abandons the
-        // migration (the source resumes); from `Go` on it is ignored.
-        super::commit::ready_then_go(link, t.elapsed(), cancel)?;
-        let t = Instant::now();
-        if running {
-            vm.resume().map_err(|e| MigrationError::new(cp, e))?;
-        }
-        Ok(t.elapsed())
+        let (restored, resumed) =
+            restore_and_go(&mut vm, link, &received.sections, running, cancel)?;
+        restore_ms = restored;
+        Ok(resumed)
     });
     drop(server);
     report.restore_ms = restore_ms;
     let stats = match stats {
         Ok(s) => s,
         Err(e) => {
-            abandon(vm, pager);
+            abandon(vm, armed.pager);
             return Err(e);
         }
     };
     report.resume_ms = stats.1;
     report.postcopy = Some(PostcopyStats {
-        arm_ms,
-        prepared,
-        late_discard_pages: late_pages,
-        late_discard_ms: late_ms,
+        arm_ms: armed.arm_ms,
+        prepared: armed.prepared,
+        late_discard_pages: armed.late_pages,
+        late_discard_ms: armed.late_ms,
         ..stats.0
     });
     report.bytes = link.control.bytes_read();
     report.total_ms = ms(started.elapsed());
     (call.progress)(&super::ReceiveProgress::Completed { running });
     Ok((vm, report))
+}
+
+/// The report's counts from the pre-copy part.
+fn report_of(received: &memory::Received, link: &Link, running: bool) -> ReceiveReport {
+    ReceiveReport {
+        pages: received.pages,
+        zero_pages: received.zero,
+        rounds: received.rounds,
+        streams: link.granted,
+        version: link.version,
+        running,
+        ..ReceiveReport::default()
+    }
+}
+
+/// Under the page server: restores the state, answers `Ready`, waits for
+/// `Go` (a cancel until `Go` was read abandons the migration and the source
+/// resumes; from `Go` on it is ignored) and resumes the guest. Returns the
+/// restore time (ms) and the resume time.
+fn restore_and_go<V: DestinationVm>(
+    vm: &mut V,
+    link: &mut Link,
+    sections: &[Section],
+    running: bool,
+    cancel: &crate::source::CancelToken,
+) -> Result<(f64, Duration), MigrationError> {
+    let t = Instant::now();
+    vm.restore_state(sections)
+        .map_err(|e| MigrationError::new(Phase::State, e))?;
+    let restored = t.elapsed();
+    super::commit::ready_then_go(link, restored, cancel)?;
+    let t = Instant::now();
+    if running {
+        vm.resume()
+            .map_err(|e| MigrationError::new(Phase::Completion, e))?;
+    }
+    Ok((ms(restored), t.elapsed()))
+}
+
+/// What the pre-copy part left: the VM, its memory's layout, the pages and
+/// state received, and the installer — armed already when the source asked
+/// for it before pausing (`PostcopyPrepare`), else still to be made.
+struct Precopied<V, P> {
+    vm: V,
+    layout: MemoryLayout,
+    received: memory::Received,
+    running: bool,
+    prepared: Option<Armed>,
+    pager: Option<P>,
+}
+
+/// The hello, the VM, the handshake's reply and the pre-copy rounds (with
+/// the early arming on `PostcopyPrepare` where granted), up to the switch
+/// or the final state.
+fn precopy_part<V, F, P>(
+    link: &mut Link,
+    acceptor: Option<&mut dyn StreamAcceptor>,
+    call: &mut super::Call<'_>,
+    create: F,
+    pager: P,
+) -> Result<Precopied<V, P>, MigrationError>
+where
+    V: DestinationVm,
+    F: FnOnce(&VmDescription) -> Result<V, VmError>,
+    P: FnOnce(&V, &MemoryLayout) -> Result<Box<dyn PostcopyMemory>, VmError>,
+{
+    let (config, cancel) = (call.config, call.cancel);
+    let hello = handshake::read_hello(link)?;
+    link.postcopy = hello.postcopy;
+    link.postcopy_prepare = hello.postcopy && hello.postcopy_prepare;
+    let layout = hello.desc.layout.clone();
+    let vm = handshake::create_vm(&mut link.fw, &hello.desc, create)?;
+    let mut pager = Some(pager);
+    let mut prepared: Option<Armed> = None;
+    let ram = handshake::prepare_memory(&mut link.fw, &vm, &layout, hello.local.as_ref())?;
+    (call.progress)(&super::ReceiveProgress::Accepted {
+        memory_bytes: layout.total_bytes(),
+        vcpus: hello.desc.vcpus,
+        streams_asked: hello.streams,
+    });
+    let readers = handshake::reply(link, acceptor, hello.streams, config.io_timeout, cancel)?;
+    for r in &readers {
+        cancel.attach(r.get_ref().try_clone().ok());
+    }
+    let granted = link.postcopy && link.postcopy_prepare && link.version >= 3;
+    let fw = &mut link.fw;
+    let mut hook = |p: &crate::protocol::PostcopyPrepare| {
+        let pager = pager.take().ok_or_else(|| twice("PostcopyPrepare"))?;
+        prepared = Some(arm::prepare(fw, &vm, &layout, p, pager)?);
+        Ok(())
+    };
+    let on_prepare: memory::OnPrepare<'_> = if granted { Some(&mut hook) } else { None };
+    let received = memory::receive(&mut link.control, readers, &layout, &ram, on_prepare)?;
+    drop(ram);
+    Ok(Precopied {
+        vm,
+        layout,
+        received,
+        running: !hello.paused,
+        prepared,
+        pager,
+    })
 }
 
 /// A failure after `Go`: the guest ran here and pages are missing. The VM

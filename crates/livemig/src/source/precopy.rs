@@ -12,7 +12,10 @@ use super::throttle::Throttler;
 use crate::bitmap::DirtyBitmap;
 use crate::error::{ErrorKind, MigrationError, Phase};
 use crate::memory::{MemoryLayout, PAGE_SIZE};
-use crate::policy::{decide, Decision, LinkMeter, RoundEstimate, Throttle, DRAIN_BYTES};
+use crate::policy::{
+    compression_pays, decide, CompressionSample, Decision, LinkMeter, RoundEstimate, Throttle,
+    DRAIN_BYTES,
+};
 use crate::protocol::RoundEnd;
 use crate::report::{Progress, RoundReport};
 use crate::transport::Transport;
@@ -49,6 +52,9 @@ struct Sent {
     sending: Duration,
     /// Bytes still unacknowledged on the connections after the drain.
     queued: u64,
+    /// Whether the round's page frames were compressed, and what LZ4 did.
+    compressed: bool,
+    lz4: CompressionSample,
 }
 
 /// The rounds' running state.
@@ -143,6 +149,7 @@ fn send_round<V: SourceVm + ?Sized>(
     sender.skip_zero = round == 0;
     sender.skip_untouched = round == 0 && s.config.skip_untouched;
     sender.clear_time = Duration::ZERO;
+    let compressed = sender.lz4.is_some() && sender.lz4_on.load(Ordering::SeqCst);
     let tracker = if t.tracker.rearm_mode() == Rearm::BeforeRead {
         Some(&mut *t.tracker)
     } else {
@@ -153,6 +160,12 @@ fn send_round<V: SourceVm + ?Sized>(
     sender.skip_zero = false;
     sender.skip_untouched = false;
     let pages = sender.counts.pages - before.pages;
+    let c = sender.counts.since(&before);
+    let lz4 = CompressionSample {
+        raw_bytes: c.lz4_raw,
+        packed_bytes: c.lz4_packed,
+        time: Duration::from_nanos(c.lz4_ns),
+    };
     sender
         .fw
         .send(&RoundEnd { round, pages })
@@ -173,6 +186,8 @@ fn send_round<V: SourceVm + ?Sized>(
             .saturating_sub(sender.clear_time)
             .max(Duration::from_micros(50)),
         queued,
+        compressed,
+        lz4,
     })
 }
 
@@ -250,7 +265,9 @@ impl Precopy {
             bandwidth_mbps: sent.bytes as f64 / sent.sending.as_secs_f64() / 1e6,
             expected_downtime_ms: ms(est.expected_downtime()),
             throttle_pct: pct,
+            compressed: sent.compressed,
         };
+        self.choose_compression(t, sent);
         log::info!("{rr}");
         (s.progress)(&Progress::Round(rr.clone()));
         let summary = &mut self.summary;
@@ -258,6 +275,33 @@ impl Precopy {
         summary.expected_downtime_ms = rr.expected_downtime_ms;
         summary.rounds.push(rr);
         est
+    }
+
+    /// With [`crate::MigrationConfig::compress`]: whether the next round
+    /// compresses ([`compression_pays`]; unchanged when the round says
+    /// nothing).
+    fn choose_compression(&self, t: &Tracking<'_>, sent: &Sent) {
+        if t.sender.lz4.is_none() {
+            return;
+        }
+        let pays = compression_pays(
+            sent.bytes,
+            sent.sending,
+            t.streams,
+            sent.compressed,
+            &sent.lz4,
+        );
+        if let Some(on) = pays.filter(|on| *on != sent.compressed) {
+            log::info!(
+                "round {}: LZ4 {} for the next round ({} of {} bytes in {:?})",
+                self.round,
+                if on { "on" } else { "off" },
+                sent.lz4.packed_bytes,
+                sent.lz4.raw_bytes,
+                sent.lz4.time
+            );
+            t.sender.lz4_on.store(on, Ordering::SeqCst);
+        }
     }
 
     fn converged(mut self, bitmap: DirtyBitmap, forced: bool) -> Converged {

@@ -7,7 +7,7 @@ use std::time::{Duration, Instant};
 
 use super::streams::StreamPool;
 use crate::memory::{MemoryLayout, PAGE_SIZE};
-use crate::policy::MigrationConfig;
+use crate::policy::{MigrationConfig, COMPRESS_SAMPLE};
 use crate::protocol::{compress_pages, FrameWriter, MsgKind, PageBatch, ProtocolError};
 use crate::ram::HostRam;
 use crate::transport::Transport;
@@ -61,6 +61,12 @@ pub(super) struct Counts {
     pub(super) pages: u64,
     pub(super) zero: u64,
     pub(super) bytes: u64,
+    /// Page-frame bytes given to LZ4 (every frame while compression is
+    /// on, one in [`COMPRESS_SAMPLE`] while it is off), what they became,
+    /// and the time it took, ns.
+    pub(super) lz4_raw: u64,
+    pub(super) lz4_packed: u64,
+    pub(super) lz4_ns: u64,
 }
 
 impl Counts {
@@ -68,6 +74,21 @@ impl Counts {
         self.pages += c.pages;
         self.zero += c.zero;
         self.bytes += c.bytes;
+        self.lz4_raw += c.lz4_raw;
+        self.lz4_packed += c.lz4_packed;
+        self.lz4_ns += c.lz4_ns;
+    }
+
+    /// What has been counted since `earlier`.
+    pub(super) fn since(&self, earlier: &Counts) -> Counts {
+        Counts {
+            pages: self.pages - earlier.pages,
+            zero: self.zero - earlier.zero,
+            bytes: self.bytes - earlier.bytes,
+            lz4_raw: self.lz4_raw - earlier.lz4_raw,
+            lz4_packed: self.lz4_packed - earlier.lz4_packed,
+            lz4_ns: self.lz4_ns - earlier.lz4_ns,
+        }
     }
 }
 
@@ -92,8 +113,15 @@ pub(super) struct PageSender<'a> {
     /// When the control connection last carried a frame (keepalives while
     /// the pages go elsewhere).
     pub(super) last_control: Instant,
-    /// Compression buffer, when compressing.
+    /// Compression buffer, when compression is allowed
+    /// ([`MigrationConfig::compress`]).
     pub(super) lz4: Option<Vec<u8>>,
+    /// Whether page frames are compressed now: decided after each round
+    /// (shared by every stream).
+    pub(super) lz4_on: Arc<AtomicBool>,
+    /// Page frames written (one in [`COMPRESS_SAMPLE`] is compressed to
+    /// measure while compression is off).
+    frames: u64,
     /// Time spent re-arming the dirty log (not sending) in this round.
     pub(super) clear_time: Duration,
     /// Longest this connection stays silent ([`keepalive_every`]).
@@ -112,6 +140,7 @@ impl<'a> PageSender<'a> {
         layout: &MemoryLayout,
         rate: Option<u64>,
         lifted: Arc<AtomicBool>,
+        lz4_on: Arc<AtomicBool>,
         config: &MigrationConfig,
     ) -> Self {
         let batch_pages = config.batch_pages.max(1);
@@ -129,6 +158,8 @@ impl<'a> PageSender<'a> {
             pool: None,
             last_control: Instant::now(),
             lz4: config.compress.then(Vec::new),
+            lz4_on,
+            frames: 0,
             clear_time: Duration::ZERO,
             alive_every: keepalive_every(config.io_timeout),
             first_page: None,
@@ -165,11 +196,18 @@ impl PageSender<'_> {
         }
         let before = self.fw.bytes_written();
         let raw = self.batch.as_bytes();
-        match self.lz4.as_mut() {
+        let on = self.lz4_on.load(Ordering::Relaxed);
+        let sample = on || self.frames.is_multiple_of(COMPRESS_SAMPLE);
+        self.frames += 1;
+        match self.lz4.as_mut().filter(|_| sample) {
             Some(buf) => {
+                let t0 = Instant::now();
                 compress_pages(raw, buf);
+                self.counts.lz4_ns += t0.elapsed().as_nanos() as u64;
+                self.counts.lz4_raw += raw.len() as u64;
+                self.counts.lz4_packed += buf.len() as u64;
                 // Keep it only if it saves at least an eighth.
-                if buf.len() < raw.len() - raw.len() / 8 {
+                if on && buf.len() < raw.len() - raw.len() / 8 {
                     self.fw.write_frame(MsgKind::PagesLz4, &[buf])?;
                 } else {
                     self.fw.write_frame(MsgKind::Pages, &[raw])?;

@@ -90,9 +90,14 @@ impl<'a> Tracking<'a> {
                 .map_err(|e| MigrationError::new(hs, e))?;
         let dirty_tracking = tracker.describe();
         let lifted = Arc::new(AtomicBool::new(false));
+        // Compression, when allowed, starts on; each round decides the next.
+        let lz4_on = Arc::new(AtomicBool::new(config.compress));
         let nstreams = accepted.streams.len() as u64;
         let per_stream = config.max_bandwidth.map(|r| (r / nstreams.max(1)).max(1));
-        let new = |fw, rate| PageSender::new(fw, ram.clone(), layout, rate, lifted.clone(), config);
+        let new = |fw, rate| {
+            let (lifted, lz4_on) = (lifted.clone(), lz4_on.clone());
+            PageSender::new(fw, ram.clone(), layout, rate, lifted, lz4_on, config)
+        };
         let workers = accepted
             .streams
             .into_iter()

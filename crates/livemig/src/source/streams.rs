@@ -230,11 +230,7 @@ impl Worker<'_> {
             return false;
         }
         let c = self.sender.counts;
-        let delta = Counts {
-            pages: c.pages - self.reported.pages,
-            zero: c.zero - self.reported.zero,
-            bytes: c.bytes - self.reported.bytes,
-        };
+        let delta = c.since(&self.reported);
         self.reported = c;
         self.done.send(Ok(delta)).is_ok()
     }
