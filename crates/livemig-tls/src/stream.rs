@@ -118,7 +118,8 @@ struct Shared {
     session: Mutex<Connection>,
     rx: Mutex<RxHalf>,
     tx: Mutex<TxHalf>,
-    /// For shutdown only; never held across blocking I/O.
+    /// For shutdown and the link's send queue and round trip; never held
+    /// across blocking I/O.
     ctl: Mutex<Box<dyn Transport>>,
     timeouts: Mutex<Timeouts>,
     /// The session holds output that the reading side produced.
@@ -381,6 +382,16 @@ impl Transport for TlsTransport {
         Ok(Box::new(TlsTransport {
             shared: Arc::clone(&self.shared),
         }))
+    }
+
+    /// The underlying connection's (records written by a flush are on
+    /// it; nothing stays in the session after a flush).
+    fn unacked_bytes(&self) -> Option<u64> {
+        lock(&self.shared.ctl).unacked_bytes()
+    }
+
+    fn round_trip(&self) -> Option<Duration> {
+        lock(&self.shared.ctl).round_trip()
     }
 }
 

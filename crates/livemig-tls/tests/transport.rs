@@ -224,3 +224,25 @@ fn connect_refused_names_the_endpoint() {
     assert!(matches!(e, TlsError::Transport(_)), "{e}");
     assert!(e.to_string().contains(&ep.to_string()), "{e}");
 }
+
+#[test]
+fn reports_the_tcp_send_queue_and_round_trip_under_it() {
+    // Pre-copy waits for the send queue to drain at the end of a round and
+    // counts the round trip in the expected downtime: a TLS connection must
+    // pass the TCP connection's figures on (it reported none before).
+    let pki = Pki::new("linkinfo");
+    let (mut a, b) = tls_pair(&pki.identity("src"), &pki.identity("dst"));
+    assert!(a.round_trip().is_some(), "no round trip over TLS on TCP");
+    // 8 MiB that nobody reads: some of it stays queued on this side.
+    a.set_write_timeout(Some(Duration::from_millis(200)))
+        .unwrap();
+    let chunk = vec![7u8; 64 << 10];
+    for _ in 0..128 {
+        if a.write_all(&chunk).and_then(|_| a.flush()).is_err() {
+            break;
+        }
+    }
+    let queued = a.unacked_bytes().expect("no send queue over TLS on TCP");
+    assert!(queued > 0, "nothing queued with an unread peer");
+    drop(b);
+}

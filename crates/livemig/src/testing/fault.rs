@@ -672,6 +672,14 @@ impl Transport for FaultTransport {
             shared: self.shared.clone(),
         }))
     }
+
+    fn unacked_bytes(&self) -> Option<u64> {
+        self.inner.unacked_bytes()
+    }
+
+    fn round_trip(&self) -> Option<Duration> {
+        self.inner.round_trip()
+    }
 }
 
 #[cfg(test)]

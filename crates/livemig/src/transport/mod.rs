@@ -24,6 +24,7 @@ use std::io;
 use std::time::Duration;
 
 pub mod duplex;
+#[cfg(feature = "net")]
 mod link_info;
 pub mod mem;
 #[cfg(feature = "net")]
