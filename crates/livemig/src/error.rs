@@ -149,6 +149,20 @@ pub enum ErrorKind {
         /// How long the guest was paused when the source gave up.
         paused: std::time::Duration,
     },
+    /// Guest memory was written on the source while the VM was paused,
+    /// after the final dirty sync: something [`crate::vm::SourceVm::pause`]
+    /// did not stop (a device, a VMM thread) wrote it through the VMM's
+    /// tracked path, and the destination would run with an older copy of
+    /// those pages. Checked just before `Go`: the source resumed its guest.
+    #[error("guest memory was written while the VM was paused: {pages} page(s) after the final dirty sync, the first page {page} of region {region}; SourceVm::pause must stop every device that writes guest memory (the source resumed its guest)")]
+    WrittenWhilePaused {
+        /// Pages written after the final sync.
+        pages: u64,
+        /// The region of the first one.
+        region: u32,
+        /// Its page index in that region (4 KiB pages).
+        page: u64,
+    },
     /// The destination answered `Go` with `Abandoned`: it dropped the VM
     /// and will never run it, so the source resumed the guest.
     #[error("the destination gave the guest up after Go and will never run it ({0}); the source runs the guest again")]

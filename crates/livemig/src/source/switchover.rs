@@ -142,6 +142,9 @@ fn copy<V: SourceVm + ?Sized>(
     let mem = Instant::now();
     let (state_bytes, state_frames) = send_state(&mut t.sender.fw, sections)?;
     let ready: Ready = t.control.recv(Phase::Completion)?;
+    // The last moment before `Go`: a write since the final sync would be
+    // missing on the destination.
+    super::quiet::check(s.vm, &bitmap)?;
     let times = SwitchTimes {
         pause,
         paused,
