@@ -28,6 +28,10 @@
 //!    (or has stopped for good, [`VcpuPauser::stop`]); it kicks the ones
 //!    still running again every millisecond (a safety net only), and gives
 //!    up after the gate's timeout ([`VcpuError::PauseTimeout`]).
+//! 5. **Resume.** [`PauseGate::resume`] wakes the parked threads and
+//!    returns; each woken thread yields its CPU once (`sched_yield`) before
+//!    it re-enters `KVM_RUN`, so that the resuming thread is not held up
+//!    by it.
 //!
 //! The loop calls two methods around each `KVM_RUN`:
 //!
@@ -528,8 +532,8 @@ impl VcpuPauser {
 /// host). Yielding lets the waker go on first; the vCPU runs when it is
 /// next scheduled (at once where a CPU is free).
 fn yield_to_waker() {
-    // SAFETY: sched_yield has no preconditions; it cannot fail on Linux.
-    unsafe { libc::sched_yield() };
+    // `sched_yield` on Linux.
+    std::thread::yield_now();
 }
 
 /// Parks until the gate is resumed or closed; the thread counts as
