@@ -9,7 +9,7 @@ mod common;
 
 use std::time::Duration;
 
-use livemig_suite::harness::{log_of, scratch_dir, start_source, Vmm};
+use livemig_suite::harness::{log_of, migrate, scratch_dir, start_destination, start_source, Vmm};
 use livemig_testguest::{expected_qword, GEN_TABLE, WS_BASE};
 use serde_json::json;
 
@@ -242,5 +242,125 @@ fn smp_mode_an_application_processor_writes_and_checks_its_part() {
     eprintln!(
         "smp: CPU 0 wrote {} pages, CPU 1 {} (status written={})",
         g.cpus[4].pages_written, g.cpus[5].pages_written, third.pages_written
+    );
+}
+
+#[test]
+fn cpl0_mode_keeps_every_cpus_loop_in_kernel_mode_and_still_checks_pages() {
+    let Some(_kvm) = common::kvm_or_skip("cpl0_mode") else {
+        return;
+    };
+    let dir = scratch_dir("cpl0");
+    // Under PVM every instruction at CPL0 is emulated: one page write or verify takes
+    // milliseconds, so the pace is slow but the checks are the same.
+    let mut vm = start_source(
+        &dir,
+        "cpl0",
+        "128M",
+        2,
+        "ws=16 rate=1 hb=20000 fresh=1 smp=2 cpl0=1",
+    )
+    .unwrap();
+    vm.wait_ready(T).unwrap();
+    let info = log_of(&vm).other.clone();
+    assert!(
+        info.iter()
+            .any(|l| l.starts_with("INFO ") && l.ends_with(" smp=2 cpl=0")),
+        "{info:?}"
+    );
+    assert!(info.iter().any(|l| l == "SMP cpus=2"), "{info:?}");
+    // Both CPUs' loops run with the kernel code selector (CPL0), not 0x23.
+    let r = vm.api(&json!({"cmd":"vcpu-regs"}), |_| {}).unwrap();
+    let v = r["vcpus"].as_array().unwrap();
+    assert_eq!(
+        (&v[0]["cs"], &v[1]["cs"]),
+        (&json!("0x8"), &json!("0x8")),
+        "{r}"
+    );
+    vm.wait_heartbeats(20, T).unwrap();
+    // Each CPU writes and verifies its own part (BSP 0..2048, AP 2048..4096).
+    wait_written(&vm, 3);
+    wait_written(&vm, 2051);
+    poke(&vm, 3, 64, 0xdead_beef);
+    poke(&vm, 2051, 64, 0xdead_beef);
+    vm.wait_for("two CORRUPT lines", T, |g| g.corrupt.len() >= 2)
+        .unwrap();
+    let status = vm.query_status(T).unwrap();
+    let g = log_of(&vm);
+    let mut pages = g.corrupt_pages.clone();
+    pages.sort_unstable();
+    assert_eq!(pages, vec![3, 2051], "{:?}", g.corrupt);
+    assert_eq!(status.corrupt, 2, "{status:?}");
+    assert!(status.pages_verified > 0, "{status:?}");
+    let r = vm.api(&json!({"cmd":"vcpu-regs"}), |_| {}).unwrap();
+    assert_eq!(r["vcpus"][0]["cs"], "0x8", "{r}");
+    eprintln!("cpl0: {} heartbeats, status {status:?}", g.heartbeats.len());
+}
+
+#[test]
+fn cpl0_needs_the_whole_token() {
+    let Some(_kvm) = common::kvm_or_skip("cpl0_token") else {
+        return;
+    };
+    let dir = scratch_dir("cpl0tok");
+    // Neither a longer key, nor a longer value, nor another value selects kernel mode.
+    let mut vm = start_source(&dir, "cpl3", "64M", 1, "xcpl0=1 cpl0=10 cpl0=0 ws=16").unwrap();
+    vm.wait_ready(T).unwrap();
+    let info = log_of(&vm).other.clone();
+    assert!(
+        info.iter()
+            .any(|l| l.starts_with("INFO ") && l.ends_with(" cpl=3")),
+        "{info:?}"
+    );
+    let r = vm.api(&json!({"cmd":"vcpu-regs"}), |_| {}).unwrap();
+    assert_eq!(r["vcpus"][0]["cs"], "0x23", "{r}");
+}
+
+/// A guest whose loops run in kernel mode (on PVM: in KVM's instruction emulator, mid-emulation
+/// when it is paused) moves intact: on the destination both CPUs go on at CPL0, writing and
+/// verifying, and no page reads back wrong. Prints the engine's downtime breakdown.
+#[test]
+fn cpl0_guest_migrates_intact() {
+    let Some(_kvm) = common::kvm_or_skip("cpl0_migrates") else {
+        return;
+    };
+    let dir = scratch_dir("cpl0mig");
+    let mut src = start_source(
+        &dir,
+        "src",
+        "1G",
+        2,
+        "ws=16 rate=1 hb=20000 fresh=1 smp=2 cpl0=1",
+    )
+    .unwrap();
+    src.wait_ready(T).unwrap();
+    src.wait_heartbeats(50, T).unwrap();
+    let before = src.query_status(T).unwrap();
+    let (mut dst, ep) = start_destination(&dir, "dst", &[]).unwrap();
+    let report = migrate(&src, &ep, json!({"downtime_limit_ms": 10})).unwrap();
+    assert_eq!(report["status"], "completed", "{report}");
+    assert!(src.wait_exit(T).is_some_and(|st| st.success()));
+    let r = dst.api(&json!({"cmd":"vcpu-regs"}), |_| {}).unwrap();
+    let v = r["vcpus"].as_array().unwrap();
+    assert_eq!(
+        (&v[0]["cs"], &v[1]["cs"]),
+        (&json!("0x8"), &json!("0x8")),
+        "{r}"
+    );
+    dst.wait_heartbeats(100, T).unwrap();
+    let after = dst.query_status(T).unwrap();
+    assert!(
+        after.pages_written > before.pages_written,
+        "{before:?} {after:?}"
+    );
+    assert!(
+        after.pages_verified > before.pages_verified,
+        "{before:?} {after:?}"
+    );
+    assert_eq!(after.corrupt, 0, "{after:?}");
+    common::assert_no_corruption(&src, &dst, "cpl0 guest");
+    eprintln!(
+        "cpl0 migration: downtime {} ms (expected {}), breakdown {}",
+        report["downtime_ms"], report["expected_downtime_ms"], report["downtime_breakdown"]
     );
 }

@@ -57,6 +57,7 @@ const PARAM_MAX: u64 = 1_000_000_000;
 const PRNG_SEED: u64 = 0x2545_F491_4F6C_DD1D;
 const COM1: i32 = 0x3f8;
 
+mod kmode;
 mod net;
 mod smp;
 
@@ -137,6 +138,8 @@ mod var {
     pub const AP_SLOT: i32 = 424;
     /// BSP only: a spinlock the APs hold while they load the shared TSS.
     pub const AP_LOCK: i32 = 432;
+    /// BSP only: 1 when the program runs at CPL0 (`cpl0=1`); the APs then stay at CPL0 too.
+    pub const KMODE: i32 = 440;
     /// Console line buffer (`LINE_MAX` bytes and a NUL).
     pub const LINEBUF: i32 = 512;
 }
@@ -281,6 +284,7 @@ struct Labels {
     s_info: CodeLabel,
     s_info_hb: CodeLabel,
     s_info_pat: CodeLabel,
+    s_info_cpl: CodeLabel,
     s_ready: CodeLabel,
     s_ready_rate: CodeLabel,
     s_corrupt: CodeLabel,
@@ -322,6 +326,7 @@ impl Labels {
             s_info: a.create_label(),
             s_info_hb: a.create_label(),
             s_info_pat: a.create_label(),
+            s_info_cpl: a.create_label(),
             s_ready: a.create_label(),
             s_ready_rate: a.create_label(),
             s_corrupt: a.create_label(),
@@ -400,6 +405,12 @@ pub(crate) fn code64() -> Result<Code64, Error> {
     a.ltr(ax)?;
     a.mov(esp, KSTACK_TOP as u32)?;
     a.mov(edi, ebx)?; // Multiboot info pointer, zero-extended
+                      // `cpl0=1` on the command line: run the program at CPL0 (kernel mode) instead.
+    let mut to_user = a.create_label();
+    kmode::scan_cmdline(&mut a, to_user)?;
+    a.mov(esp, USTACK_TOP as u32)?;
+    a.jmp(user_entry)?;
+    a.set_label(&mut to_user)?;
     a.push(i32::from(SEL_UDATA))?;
     a.push(USTACK_TOP as i32)?;
     a.push(USER_RFLAGS)?;
@@ -445,6 +456,7 @@ fn init_and_parse(a: &mut CodeAssembler, l: &Labels) -> Result<(), Error> {
     a.mov(v(var::TCOUNT), HEARTBEATS_PER_TLINE as i32)?;
     a.mov(v(var::SMP), 1)?;
     a.mov(v(var::CPUS), 1)?;
+    kmode::record(a, var::KMODE)?;
     a.mov(rax, PRNG_SEED)?;
     a.mov(v(var::PRNG), rax)?;
 
@@ -674,6 +686,9 @@ fn validate_and_setup(a: &mut CodeAssembler, l: &Labels) -> Result<(), Error> {
         print_str(a, l, label)?;
         print_var(a, l, off)?;
     }
+    print_str(a, l, l.s_info_cpl)?;
+    kmode::current_cpl(a)?;
+    a.call(l.put_dec)?;
     print_char(a, l, b'\n')?;
 
     // The application processors, with smp= above 1 (prints `SMP cpus=<n>`).
@@ -1215,6 +1230,7 @@ fn strings(a: &mut CodeAssembler, mut l: Labels) -> Result<CodeLabel, Error> {
     string(a, &mut l.s_info, b"INFO tsc_khz=")?;
     string(a, &mut l.s_info_hb, b" hb=")?;
     string(a, &mut l.s_info_pat, b" pattern=")?;
+    string(a, &mut l.s_info_cpl, b" cpl=")?;
     string(a, &mut l.s_ready, b"READY ws=")?;
     string(a, &mut l.s_ready_rate, b" rate=")?;
     string(a, &mut l.s_corrupt, b"\nCORRUPT page=")?;
@@ -1357,9 +1373,10 @@ mod tests {
         let ap_user = CODE64_ADDR + c.ap_user as u64;
         assert!(ap_entry < user && user < ap_user && ap_user < data);
 
-        // The BSP's CPL0 part: short, and it ends with the iretq to CPL3.
+        // The BSP's CPL0 part: short (the `cpl0=1` scan, then the jump to the program at
+        // CPL0 or the iretq to CPL3).
         let cpl0: Vec<&Instruction> = ins.iter().filter(|i| i.ip() < ap_entry).collect();
-        assert!(cpl0.len() <= 16, "{} CPL0 instructions", cpl0.len());
+        assert!(cpl0.len() <= 40, "{} CPL0 instructions", cpl0.len());
         assert_eq!(cpl0.last().map(|i| i.code()), Some(Code::Iretq));
         assert!(cpl0.iter().any(|i| i.mnemonic() == Mnemonic::Ltr));
         assert!(ins.iter().any(|i| i.ip() == user));
@@ -1369,7 +1386,7 @@ mod tests {
             .iter()
             .filter(|i| (ap_entry..user).contains(&i.ip()))
             .collect();
-        assert!(ap0.len() <= 32, "{} AP CPL0 instructions", ap0.len());
+        assert!(ap0.len() <= 34, "{} AP CPL0 instructions", ap0.len());
         let m: Vec<Mnemonic> = ap0.iter().map(|i| i.mnemonic()).collect();
         for want in [Mnemonic::Ltr, Mnemonic::Iretq, Mnemonic::Hlt] {
             assert!(m.contains(&want), "{want:?} in {m:?}");

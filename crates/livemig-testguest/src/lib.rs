@@ -62,6 +62,7 @@
 //! | `tsc_khz=<n>` | TSC frequency in kHz; absent or 0: calibrated with PIT channel 2 (see below) | (calibrate) |
 //! | `fresh=0\|1` | `1`: the verifier never reads a page whose generation is 0 (never written), so the first write to each page is its first touch, as a page a real guest clears for the first time (any non-zero value counts as 1) | 0 |
 //! | `zero=<n>` | every `n`-th write of a page (generations `n`, `2n`, ...) writes it all zero, and the verifier expects all zero for those generations ([`generation_is_zero`]); `0` = never | 0 |
+//! | `cpl0=1` | the program runs at CPL0 (kernel mode) instead of CPL3, on every CPU (see "Kernel mode") | CPL3 |
 //! | `smp=<n>` | number of CPUs that write and verify: the boot processor and `n - 1` application processors (clamped to 1 ..= [`MAX_CPUS`]), each on its own part of the working set ([`cpu_pages`]) | 1 |
 //! | `net=mmio:<addr>:<irq>,ip=<a.b.c.d>` | a virtio-net device (virtio-mmio version 2) at guest-physical `<addr>` (`0x` hex or decimal, 4-aligned, at least [`NET_MEM_END`], below 8 GiB); `<irq>` is parsed and unused (the guest polls); the guest's IPv4 address (see "Network") | no network |
 //!
@@ -76,8 +77,9 @@
 //!
 //! # Serial protocol (COM1, port 0x3f8, one `out` per byte)
 //!
-//! - `INFO tsc_khz=<n> hb=<µs> pattern=<seq|rand> fresh=<0|1> zero=<n> smp=<n>` — once, the
-//!   effective settings (an [`Event::Other`] line for the parser).
+//! - `INFO tsc_khz=<n> hb=<µs> pattern=<seq|rand> fresh=<0|1> zero=<n> smp=<n> cpl=<0|3>` —
+//!   once, the effective settings and the privilege level the program runs at (read from CS)
+//!   (an [`Event::Other`] line for the parser).
 //! - `SMP cpus=<n>` — once, before `READY`, with `smp=` above 1: how many CPUs write (the boot
 //!   processor and the APs that reached CPL3); preceded by `ERROR smp <n> of <smp> cpus
 //!   started` if fewer than `smp` came up.
@@ -163,6 +165,22 @@
 //! `gen[p]`; with `fresh=1` a page at generation 0 is skipped without being read (and not
 //! counted); otherwise all 512 qwords are compared with [`expected_content`]. Each step handles
 //! one page (about a microsecond natively), so heartbeats are accurate to a few µs.
+//!
+//! # Kernel mode (`cpl0=1`)
+//!
+//! Before its `iretq`, the boot processor's CPL0 code scans the command line for the whole
+//! token `cpl0=1` (about seven instructions per byte). If it is there, the boot processor
+//! jumps to the same program at CPL0 instead (kernel code and data selectors `0x08`/`0x10`,
+//! `rsp` = [`USTACK_TOP`]); the program records that in its variables, and each AP's CPL0
+//! entry then jumps to the AP program at CPL0 instead of its `iretq`. Everything else is the
+//! same program, so pages are written and verified and heartbeats printed as at CPL3 — but
+//! under PVM every instruction now runs in KVM's instruction emulator (about 1 µs each): one
+//! page write or verify takes a few milliseconds, so heartbeats come only every few
+//! milliseconds and a `rate=` above a few pages per heartbeat cannot be met. With an `hb=`
+//! shorter than one page write the write budget is refilled before it is spent and the
+//! verifier never runs (`rate=1` with the default `hb=1000` verifies nothing): give it an
+//! `hb=` of tens of milliseconds (the tests use `hb=20000`). This is the mode real guest
+//! kernels run in on such hosts.
 //!
 //! # Several CPUs (`smp=<n>`)
 //!
@@ -459,6 +477,8 @@ pub struct GuestConfig {
     /// application processors, each on its own part of the working set); 1 = the boot
     /// processor alone.
     pub smp: u32,
+    /// `cpl0=1`: the program runs at CPL0 (kernel mode) instead of CPL3.
+    pub cpl0: bool,
 }
 
 impl Default for GuestConfig {
@@ -472,14 +492,16 @@ impl Default for GuestConfig {
             fresh: false,
             zero_every: 0,
             smp: 1,
+            cpl0: false,
         }
     }
 }
 
 impl GuestConfig {
     /// The Multiboot command line for these settings, e.g.
-    /// `ws=64 rate=100 hb=1000 pattern=seq tsc_khz=2445404 fresh=1 zero=4 smp=2`
-    /// (`tsc_khz`, `fresh`, `zero` and `smp` only when they differ from the guest's default).
+    /// `ws=64 rate=100 hb=1000 pattern=seq tsc_khz=2445404 fresh=1 zero=4 smp=2 cpl0=1`
+    /// (`tsc_khz`, `fresh`, `zero`, `smp` and `cpl0` only when they differ from the guest's
+    /// default).
     #[must_use]
     pub fn cmdline(&self) -> String {
         let mut s = format!(
@@ -497,6 +519,9 @@ impl GuestConfig {
         }
         if self.smp > 1 {
             s.push_str(&format!(" smp={}", self.smp));
+        }
+        if self.cpl0 {
+            s.push_str(" cpl0=1");
         }
         s
     }
@@ -586,6 +611,9 @@ mod tests {
             c.cmdline(),
             "ws=64 rate=max hb=500 pattern=rand tsc_khz=2445404 fresh=1 zero=4 smp=2"
         );
+        assert!(GuestConfig { cpl0: true, ..c }
+            .cmdline()
+            .ends_with(" smp=2 cpl0=1"));
         assert_eq!(c.cpu_pages(0), 0..8192);
         assert_eq!(c.cpu_pages(1), 8192..16384);
         assert_eq!(

@@ -199,6 +199,9 @@ pub(super) fn ap_cpl0(
     a.add(eax, CPU_BLOCKS as i32)?;
     a.mov(edi, eax)?;
     a.lea(rsp, ptr(rdi + CPU_BLOCK_SIZE as i32))?;
+    // With `cpl0=1` the AP stays at CPL0 too.
+    a.cmp(dword_ptr(VARS_ADDR + var::KMODE as u64), 0)?;
+    a.jne(ap_user)?;
     a.mov(rax, rsp)?;
     a.push(i32::from(SEL_UDATA))?;
     a.push(rax)?;

@@ -227,7 +227,8 @@ impl Precopy {
     ) -> RoundEstimate {
         // Bandwidth: measured on rounds that carried enough to fill the
         // link (a round of a few pages is mostly fixed costs).
-        self.link.record(sent.bytes, sent.sending);
+        let handled = (sent.pages + sent.zero) * PAGE_SIZE;
+        self.link.record_round(sent.bytes, handled, sent.sending);
         // The round trip: the smallest seen (a queue inflates it).
         self.round_trip = match (self.round_trip, round_trip(&t.links)) {
             (Some(a), Some(b)) => Some(a.min(b)),

@@ -1,0 +1,54 @@
+#!/bin/bash
+# Switchover downtime per part: migrates the test guest between two refvmm
+# processes over loopback TCP, RUNS times, and prints one line per run: the
+# engine's downtime, its expected downtime, the guest-observed gap (last
+# heartbeat on the source's serial output to the first on the destination's,
+# stamped as they arrive), the source's largest heartbeat gap from its first heartbeat
+# to its pause (pre-copy included), the downtime breakdown (ms), the state's bytes
+# and the status.
+# Usage: benches/switchover.sh RUNS MEMORY VCPUS "CMDLINE" [LIMIT_MS]
+#   e.g. benches/switchover.sh 5 1G 1 "cpl0=1" 10          (kernel-mode guest)
+#        benches/switchover.sh 5 512M 32 "ws=16 rate=0 hb=200" 20
+# after `cargo build --example refvmm`. Environment: R (the refvmm binary),
+# BOOT (seconds the guest runs first, default 1.5), KEEP (copy the last
+# report to $KEEP). Uses a random TCP port in 47200..47699 on 127.0.0.1.
+set -u
+R=${R:-$(dirname "$0")/../target/debug/examples/refvmm}
+N=$1; MEM=$2; V=$3; CL=$4; LIM=${5:-10}
+D=$(mktemp -d /tmp/livemig-switchover.XXXXXX)
+STAMP='
+import os, sys, time
+open(sys.argv[1] + ".ready", "w").close()
+first = last = None; most = 0.0
+while True:
+    b = os.read(0, 65536)
+    if not b: break
+    if b"." in b:
+        t = time.monotonic(); first = first or t
+        if last is not None: most = max(most, t - last)
+        last = t
+open(sys.argv[1], "w").write("%r %r %r\n" % (first, last, most))
+'
+PORT=$((47200 + RANDOM % 500))
+for i in $(seq 1 $N); do
+  rm -rf $D/*
+  $R run --memory $MEM --vcpus $V --kernel builtin:testguest --cmdline "$CL" --api-socket $D/a.sock --serial stdio </dev/null 2>$D/a.err | python3 -c "$STAMP" $D/a.t &
+  for t in $(seq 200); do [ -S $D/a.sock ] && [ -e $D/a.t.ready ] && break; sleep 0.05; done
+  sleep ${BOOT:-1.5}
+  $R receive --listen tcp:127.0.0.1:$PORT --api-socket $D/b.sock --serial stdio </dev/null 2>$D/b.err | python3 -c "$STAMP" $D/b.t &
+  for t in $(seq 100); do [ -e $D/b.t.ready ] && break; sleep 0.05; done
+  sleep 0.3
+  $R migrate --api-socket $D/a.sock --to tcp:127.0.0.1:$PORT --downtime-limit-ms $LIM >$D/rep.json 2>$D/m.err
+  sleep 0.3
+  python3 -c "
+import socket
+s=socket.socket(socket.AF_UNIX);s.connect('$D/b.sock');s.sendall(b'{\"cmd\":\"quit\"}\n');s.recv(100)" 2>/dev/null
+  wait
+  python3 -c "
+import json
+r=json.load(open('$D/rep.json')); b=r['downtime_breakdown']
+a=open('$D/a.t').read().split(); d=open('$D/b.t').read().split()
+g=(float(d[0])-float(a[1]))*1e3
+print('dt %.2f exp %.2f gap %.2f floor %.2f | ' % (r['downtime_ms'], r['expected_downtime_ms'], g, float(a[2])*1e3) + ' '.join('%s=%.2f'%(k.replace('_ms',''),v) for k,v in b.items()), 'sb', r['state_bytes'], r['status'])" || { tail -5 $D/m.err; tail -3 $D/a.err; tail -3 $D/b.err; }
+done
+[ -n "${KEEP:-}" ] && cp $D/rep.json "$KEEP"; rm -rf $D
