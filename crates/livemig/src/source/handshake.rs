@@ -63,6 +63,10 @@ pub(super) fn handshake<V: SourceVm + ?Sized>(
     hello.postcopy_prepare = hello.postcopy;
     fw.send(&hello).map_err(|e| MigrationError::new(hs, e))?;
     let reply: HelloReply = control.recv(hs)?;
+    log::debug!(
+        "set-up: HelloReply at {:.2} ms",
+        s.started.elapsed().as_secs_f64() * 1000.0
+    );
     check_reply(&reply, config.streams)?;
     super::postcopy::check_grant(hello.postcopy, reply.postcopy)?;
     let streams = if reply.streams > 1 {

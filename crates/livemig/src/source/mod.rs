@@ -38,6 +38,7 @@ mod session;
 mod streams;
 mod switchover;
 mod throttle;
+mod unarmed;
 
 pub use builder::Migration;
 pub use cancel::CancelToken;
