@@ -68,7 +68,14 @@ impl PageSender<'_> {
                         r.map_err(|e| MigrationError::new(phase, e))?;
                     }
                 }
+                let t_scan = Instant::now();
                 let skip = self.untouched_chunks(bitmap, region, block, end);
+                if self.first_page.is_none() {
+                    log::debug!(
+                        "round 0: block {block} of region {region} scanned in {:.2} ms",
+                        t_scan.elapsed().as_secs_f64() * 1000.0
+                    );
+                }
                 let mut chunk = block;
                 while chunk < end {
                     let chunk_end = (chunk + CHUNK_PAGES).min(end);
