@@ -123,6 +123,21 @@ fn pages_born_on_two_vcpus_under_load_every_mode() {
     }
 }
 
+/// The same, but the verifier reads each page before its first write
+/// (`fresh=0`): the host maps such a page to its shared zero page, which
+/// the engine counts as reading zero without reading it, until the write
+/// gives the page its own memory during the migration. In each mode.
+#[test]
+fn pages_read_before_their_first_write_every_mode() {
+    let Some(_kvm) = common::kvm_or_skip("pages_read_before_their_first_write_every_mode") else {
+        return;
+    };
+    for mode in MODES {
+        let cmdline = "ws=512 rate=64 fresh=0 smp=2 zero=5";
+        migrate_after_ready("1G", 2, cmdline, mode, true, Duration::from_millis(1500));
+    }
+}
+
 /// A large, mostly untouched memory with a small working set that is still
 /// growing: 8 GiB, 64 MiB being written for the first time.
 #[test]

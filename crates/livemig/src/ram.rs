@@ -230,7 +230,9 @@ impl<'a> HostRam<'a> {
     /// The page ranges `(first, n)` of `first .. end` of `region` that may
     /// hold non-zero data, in address order; the pages between them
     /// certainly read as zero (the same knowledge as
-    /// [`HostRam::populated`], and the same "about this instant" rule).
+    /// [`HostRam::populated`], and the same "about this instant" rule; with
+    /// `PAGEMAP_SCAN`, pages mapped to the kernel's shared zero page — read
+    /// but never written — also count as certainly zero).
     ///
     /// Costs what the backing's index of populated memory costs, not one
     /// step per page: private anonymous memory asks the kernel's
@@ -465,12 +467,15 @@ const PAGEMAP_SCAN: libc::c_ulong = (3 << 30)
     | ((std::mem::size_of::<PmScanArg>() as libc::c_ulong) << 16)
     | ((b'f' as libc::c_ulong) << 8)
     | 16;
-/// `PAGE_IS_PRESENT` and `PAGE_IS_SWAPPED`.
+/// `PAGE_IS_PRESENT`, `PAGE_IS_SWAPPED` and `PAGE_IS_PFNZERO` (mapped to
+/// the shared zero page).
 const PAGE_IS_PRESENT: u64 = 1 << 3;
 const PAGE_IS_SWAPPED: u64 = 1 << 4;
+const PAGE_IS_PFNZERO: u64 = 1 << 5;
 
 /// The ranges of the `npages` engine pages from host address `start`
-/// whose host pages are present or swapped, as `(first, n)` in engine
+/// whose host pages are present (and not the shared zero page: a page only
+/// ever read reads as zero) or swapped, as `(first, n)` in engine
 /// pages from `start`, through the `PAGEMAP_SCAN` ioctl on `pm`.
 fn pagemap_scan(
     pm: &File,
@@ -494,6 +499,9 @@ fn pagemap_scan(
             end: wide_end,
             vec: vec.as_mut_ptr() as u64,
             vec_len: vec.len() as u64,
+            // Inverted and required: the zero-page bit must be clear.
+            category_inverted: PAGE_IS_PFNZERO,
+            category_mask: PAGE_IS_PFNZERO,
             category_anyof_mask: PAGE_IS_PRESENT | PAGE_IS_SWAPPED,
             return_mask: PAGE_IS_PRESENT | PAGE_IS_SWAPPED,
             ..PmScanArg::default()
@@ -677,6 +685,30 @@ mod tests {
     /// `populated_ranges` (PAGEMAP_SCAN, and its pagemap fallback) says
     /// exactly what `populated` says, for sub-ranges that cut runs.
     #[cfg(feature = "vm-memory")]
+    #[test]
+    fn pages_only_read_are_not_populated_for_the_scan() {
+        let layout = MemoryLayout::new(vec![crate::memory::RegionDesc {
+            guest_addr: 0,
+            size: 64 * PAGE_SIZE,
+        }])
+        .unwrap();
+        let mem = crate::memory::allocate(&layout).unwrap();
+        let ram = HostRam::new(&mem, &layout).unwrap();
+        let mut buf = [0u8; PAGE_SIZE as usize];
+        // Read (the kernel maps its zero page), then written.
+        for p in [3u64, 4, 9, 40] {
+            assert!(ram.read_pages(0, p, &mut buf));
+        }
+        assert!(ram.write_pages(0, 4, &[1u8; PAGE_SIZE as usize]));
+        assert!(ram.write_pages(0, 41, &[2u8; PAGE_SIZE as usize]));
+        let mut flags = [false; 64];
+        ram.populated(0, 0, &mut flags);
+        assert!(flags[3] && flags[4], "pagemap entries count read pages");
+        if ram.scans_cheaply(0) {
+            assert_eq!(ram.populated_ranges(0, 0, 64), vec![(4, 1), (41, 1)]);
+        }
+    }
+
     #[test]
     fn populated_ranges_match_the_page_by_page_answer() {
         let pages = 3 * 512 + 77;

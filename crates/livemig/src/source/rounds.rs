@@ -46,6 +46,7 @@ impl PageSender<'_> {
         phase: Phase,
     ) -> Result<(), MigrationError> {
         let mut populated = Vec::new();
+        let (t_all, mut t_scans) = (Instant::now(), std::time::Duration::ZERO);
         for region in 0..bitmap.num_regions() {
             let pages = bitmap.region_pages(region);
             // A region `unarmed.rs` does not track (its scan would cost a
@@ -70,6 +71,7 @@ impl PageSender<'_> {
                 }
                 let t_scan = Instant::now();
                 let skip = self.untouched_chunks(bitmap, region, block, end);
+                t_scans += t_scan.elapsed();
                 if self.first_page.is_none() {
                     log::debug!(
                         "round 0: block {block} of region {region} scanned in {:.2} ms",
@@ -97,6 +99,11 @@ impl PageSender<'_> {
                 block = end;
             }
         }
+        log::debug!(
+            "pages handed out in {:.2} ms, of which scans for populated memory {:.2} ms",
+            t_all.elapsed().as_secs_f64() * 1000.0,
+            t_scans.as_secs_f64() * 1000.0
+        );
         Ok(())
     }
 

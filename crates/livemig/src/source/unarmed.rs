@@ -157,8 +157,16 @@ impl DirtyTracker for Unarmed<'_> {
     }
 
     fn sync(&mut self, bitmap: &mut DirtyBitmap) -> Result<(), VmError> {
+        let t0 = std::time::Instant::now();
         self.inner.sync(bitmap)?;
-        self.settle(bitmap)
+        let t1 = std::time::Instant::now();
+        let r = self.settle(bitmap);
+        log::debug!(
+            "sync {:.2} ms, unarmed chunks sorted out in {:.2} ms",
+            (t1 - t0).as_secs_f64() * 1000.0,
+            t1.elapsed().as_secs_f64() * 1000.0
+        );
+        r
     }
 
     fn rearm_mode(&self) -> Rearm {
