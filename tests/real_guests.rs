@@ -186,16 +186,6 @@ fn soak_100_migrations_pages_born_on_two_vcpus() {
     }
 }
 
-/// Cost against guest size (issue 16): the same guest (`ws=512 rate=64`,
-/// its working set written once) in a 2 GiB and in a 64 GiB VM, in
-/// manual-protect mode, idle host; prints the engine's timings. A
-/// measurement, ignored by default:
-/// `cargo test --release --test real_guests guest_size_cost -- --ignored --nocapture`
-/// (`LIVEMIG_COST_SIZES=2G,64G`, `LIVEMIG_COST_CMDLINE="ws=512 rate=64"`,
-/// `LIVEMIG_COST_RUNS=1` change it; `LIVEMIG_COST_ATTACH_MS` waits that
-/// long between starting the destination and migrating, to attach a tracer;
-/// `LIVEMIG_COST_PREPARED=0` starts the destination without `--memory`, so
-/// it makes its VM only when the source connects).
 /// The largest gap between the source guest's heartbeats over the last
 /// 500 ms, in ms: what the machine alone does to the guest just before a
 /// measurement.
@@ -214,6 +204,17 @@ fn noise_floor_ms(src: &Vmm) -> f64 {
         .fold(0.0, f64::max)
 }
 
+/// Cost against guest size (issue 16): the same guest (`ws=512 rate=64`,
+/// its working set written once) in a 2 GiB and in a 64 GiB VM, in
+/// manual-protect mode, idle host; prints the engine's timings and the
+/// source guest's noise floor ([`noise_floor_ms`]). A
+/// measurement, ignored by default:
+/// `cargo test --release --test real_guests guest_size_cost -- --ignored --nocapture`
+/// (`LIVEMIG_COST_SIZES=2G,64G`, `LIVEMIG_COST_CMDLINE="ws=512 rate=64"`,
+/// `LIVEMIG_COST_RUNS=1` change it; `LIVEMIG_COST_ATTACH_MS` waits that
+/// long between starting the destination and migrating, to attach a tracer;
+/// `LIVEMIG_COST_PREPARED=0` starts the destination without `--memory`, so
+/// it makes its VM only when the source connects).
 #[test]
 #[ignore]
 fn guest_size_cost() {
