@@ -367,6 +367,48 @@ fn memory_mismatch_refused_before_any_page() {
     assert!(log_of(&src).corrupt.is_empty());
 }
 
+/// `receive --memory` of the source's size: the destination makes its VM
+/// (KVM's memory-slot registration, which costs what the guest's size
+/// costs) before the source connects, and the guest continues there.
+#[test]
+fn destination_with_memory_makes_its_vm_before_the_source_connects() {
+    let Some(_kvm) =
+        common::kvm_or_skip("destination_with_memory_makes_its_vm_before_the_source_connects")
+    else {
+        return;
+    };
+    let dir = scratch_dir("prepared");
+    let mut src = start_source(&dir, "src", "256M", 1, "ws=32 rate=64").unwrap();
+    src.wait_ready(Duration::from_secs(30)).unwrap();
+    src.wait_for("a T line", Duration::from_secs(30), |g| {
+        !g.tlines.is_empty()
+    })
+    .unwrap();
+    let (mut dst, ep) = start_destination(&dir, "dst", &["--memory", "256M"]).unwrap();
+    assert!(
+        dst.wait_stderr("made before the source connects", Duration::from_secs(10)),
+        "{}",
+        dst.stderr()
+    );
+    let t0 = Instant::now();
+    let report = migrate(&src, &ep, json!({"downtime_limit_ms": 50}))
+        .unwrap_or_else(|e| panic!("prepared destination: {e}"));
+    assert_eq!(report["status"], "completed", "{report}");
+    let st = src
+        .wait_exit(Duration::from_secs(10))
+        .expect("source exits");
+    assert!(st.success(), "source exit {st}");
+    dst.wait_for(
+        "a T line on the destination",
+        Duration::from_secs(30),
+        |g| !g.tlines.is_empty(),
+    )
+    .unwrap();
+    dst.wait_heartbeats(500, Duration::from_secs(30)).unwrap();
+    check_continuation(&src, &dst, t0, "prepared destination");
+    let _ = std::fs::remove_dir_all(dir);
+}
+
 #[test]
 fn migrate_to_auto_chooses_with_placement_and_migrates() {
     let Some(_kvm) = common::kvm_or_skip("migrate_to_auto_chooses_with_placement_and_migrates")

@@ -11,7 +11,9 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use livemig_suite::harness::{migrate, scratch_dir, start_destination, start_source_with};
+use livemig_suite::harness::{
+    log_of, migrate, scratch_dir, start_destination, start_source_with, Vmm,
+};
 use serde_json::json;
 
 /// The three dirty-tracking modes, as `refvmm --dirty-log` names them.
@@ -121,6 +123,21 @@ fn pages_born_on_two_vcpus_under_load_every_mode() {
     }
 }
 
+/// The same, but the verifier reads each page before its first write
+/// (`fresh=0`): the host maps such a page to its shared zero page, which
+/// the engine counts as reading zero without reading it, until the write
+/// gives the page its own memory during the migration. In each mode.
+#[test]
+fn pages_read_before_their_first_write_every_mode() {
+    let Some(_kvm) = common::kvm_or_skip("pages_read_before_their_first_write_every_mode") else {
+        return;
+    };
+    for mode in MODES {
+        let cmdline = "ws=512 rate=64 fresh=0 smp=2 zero=5";
+        migrate_after_ready("1G", 2, cmdline, mode, true, Duration::from_millis(1500));
+    }
+}
+
 /// A large, mostly untouched memory with a small working set that is still
 /// growing: 8 GiB, 64 MiB being written for the first time.
 #[test]
@@ -169,14 +186,35 @@ fn soak_100_migrations_pages_born_on_two_vcpus() {
     }
 }
 
+/// The largest gap between the source guest's heartbeats over the last
+/// 500 ms, in ms: what the machine alone does to the guest just before a
+/// measurement.
+fn noise_floor_ms(src: &Vmm) -> f64 {
+    let now = Instant::now();
+    let log = log_of(src);
+    let recent: Vec<Instant> = log
+        .heartbeats
+        .iter()
+        .copied()
+        .filter(|t| now.duration_since(*t) <= Duration::from_millis(500))
+        .collect();
+    recent
+        .windows(2)
+        .map(|w| (w[1] - w[0]).as_secs_f64() * 1000.0)
+        .fold(0.0, f64::max)
+}
+
 /// Cost against guest size (issue 16): the same guest (`ws=512 rate=64`,
 /// its working set written once) in a 2 GiB and in a 64 GiB VM, in
-/// manual-protect mode, idle host; prints the engine's timings. A
+/// manual-protect mode, idle host; prints the engine's timings and the
+/// source guest's noise floor ([`noise_floor_ms`]). A
 /// measurement, ignored by default:
 /// `cargo test --release --test real_guests guest_size_cost -- --ignored --nocapture`
 /// (`LIVEMIG_COST_SIZES=2G,64G`, `LIVEMIG_COST_CMDLINE="ws=512 rate=64"`,
 /// `LIVEMIG_COST_RUNS=1` change it; `LIVEMIG_COST_ATTACH_MS` waits that
-/// long between starting the destination and migrating, to attach a tracer).
+/// long between starting the destination and migrating, to attach a tracer;
+/// `LIVEMIG_COST_PREPARED=0` starts the destination without `--memory`, so
+/// it makes its VM only when the source connects).
 #[test]
 #[ignore]
 fn guest_size_cost() {
@@ -194,10 +232,15 @@ fn guest_size_cost() {
             src.wait_ready(Duration::from_secs(60)).unwrap();
             // READY: the working set has been written once.
             std::thread::sleep(Duration::from_millis(500));
-            let (mut dst, ep) = start_destination(&dir, "dst", &[]).unwrap();
+            // `receive --memory` (unless LIVEMIG_COST_PREPARED=0): the
+            // destination makes its VM before the source connects.
+            let prepared = env("LIVEMIG_COST_PREPARED", "1") != "0";
+            let args: &[&str] = if prepared { &["--memory", memory] } else { &[] };
+            let (mut dst, ep) = start_destination(&dir, "dst", args).unwrap();
             // Time to attach a tracer to both sides, if asked for.
             let wait: u64 = env("LIVEMIG_COST_ATTACH_MS", "0").parse().unwrap_or(0);
             std::thread::sleep(Duration::from_millis(wait));
+            let noise = noise_floor_ms(&src);
             let r = migrate(&src, &ep, json!({})).unwrap_or_else(|e| panic!("{memory}: {e}"));
             assert_eq!(r["status"], "completed", "{memory}: {r}");
             let rounds = r["rounds"].as_array().cloned().unwrap_or_default();
@@ -206,8 +249,8 @@ fn guest_size_cost() {
                 .map(|x| format!("{:.1}", x["duration_ms"].as_f64().unwrap_or(0.0)))
                 .collect();
             println!(
-                "{memory} {cmdline}: total {:.1} ms, set-up {:.1} ms, first page {:.1} ms, \
-                 rounds {round_ms:?} ms, downtime {:.2} ms (final sync {:.2} ms), {}",
+                "{memory} {cmdline} (prepared destination: {prepared}): total {:.1} ms, set-up {:.1} ms, first page {:.1} ms, \
+                 rounds {round_ms:?} ms, downtime {:.2} ms (final sync {:.2} ms), {}, noise floor {noise:.2} ms",
                 r["total_ms"].as_f64().unwrap_or(0.0),
                 r["setup_ms"].as_f64().unwrap_or(0.0),
                 r["first_page_ms"].as_f64().unwrap_or(0.0),

@@ -143,7 +143,9 @@ pub(crate) struct ReceiveArgs {
     #[arg(long)]
     pub(crate) listen: String,
     /// Expected guest memory; if given, a source with a different size is
-    /// refused in the handshake (default: take it from the stream).
+    /// refused in the handshake, and the KVM VM with its memory slots is
+    /// made before listening, outside the source's set-up (default: take
+    /// the size from the stream and make the VM then).
     #[arg(long)]
     pub(crate) memory: Option<String>,
     /// Expected vCPU count (default: take it from the stream).

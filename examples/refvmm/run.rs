@@ -186,6 +186,7 @@ pub(crate) fn cmd_run(args: RunArgs) -> Result<(), Fail> {
         console: console.as_ref().map(|(_, log)| log.clone()),
         memory_backend,
         shared_memory: None,
+        prepared: None,
     })
     .map_err(runtime)?;
     let mut cmdline = cmdline;

@@ -124,6 +124,10 @@ pub struct MachineConfig {
     /// Guest memory made elsewhere (a same-host hand-over: the source's
     /// memfds, mapped shared) instead of `memory_backend`'s.
     pub shared_memory: Option<livemig::memory::GuestRam>,
+    /// The KVM VM with its memory registered, made ahead (`receive
+    /// --memory`: before the source connects); used instead of
+    /// `memory_backend`'s when `shared_memory` is `None`.
+    pub prepared: Option<livemig_kvm::PreparedVm>,
 }
 
 impl Machine {
@@ -174,9 +178,12 @@ impl Machine {
             nics: cfg.nets.iter().map(|n| n.info()).collect::<Vec<NicInfo>>(),
             dirty_mode: cfg.dirty_mode,
         };
-        let vm = match cfg.shared_memory {
-            Some(mem) => KvmVm::create_with_memory(&vm_config, mem, bus, devices),
-            None => KvmVm::create_with_backend(&vm_config, cfg.memory_backend, bus, devices),
+        let vm = match (cfg.shared_memory, cfg.prepared) {
+            (Some(mem), _) => KvmVm::create_with_memory(&vm_config, mem, bus, devices),
+            (None, Some(p)) => KvmVm::create_prepared(&vm_config, p, bus, devices),
+            (None, None) => {
+                KvmVm::create_with_backend(&vm_config, cfg.memory_backend, bus, devices)
+            }
         }
         .map_err(|e| e.to_string())?;
         {

@@ -25,6 +25,7 @@ pub mod memfd;
 pub mod parts;
 pub mod pause;
 mod pool;
+pub mod prepared;
 pub mod serial;
 pub mod setup;
 pub mod state;
@@ -33,6 +34,7 @@ pub mod vm;
 
 pub use dirty::DirtyMode;
 pub use memfd::MemoryBackend;
+pub use prepared::PreparedVm;
 pub use vcpu::ExitHandler;
 pub use vm::{
     check_compatible, check_properties, check_tsc_khz, x86_layout, KvmVm, KvmVmError, SharedDevice,

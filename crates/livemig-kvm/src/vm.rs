@@ -14,7 +14,6 @@ use livemig::state::{DeviceState, Section, StateError};
 use livemig::vm::{
     DestinationVm, DirtyTracker, NicInfo, SourceVm, VcpuThrottle, VmDescription, VmError, VmOp,
 };
-use vm_memory::{GuestMemoryBackend, GuestMemoryRegion};
 
 use crate::cpu::{
     hash_cpuid, host_tsc_khz, properties, set_vcpu_tsc_khz, source_tsc_khz, supported_cpuid,
@@ -23,7 +22,8 @@ use crate::cpu::{
 use crate::dirty::{DirtyMode, DirtyRing, KvmDirtyTracker, Slot};
 use crate::memfd::{allocate_memory, MemoryBackend};
 use crate::pool::Pool;
-use crate::setup::{create_vcpus, create_vm, enable_dirty_mode, msr_indices};
+use crate::prepared::PreparedVm;
+use crate::setup::{create_vcpus, msr_indices};
 use crate::state::{
     check_sections, find_section, kvm_section_names, restore_vcpu, restore_vm_before_vcpus,
     restore_vm_last, save_vcpu, save_vm, vcpu_section_name,
@@ -188,37 +188,45 @@ impl KvmVm {
                 config.vcpus
             )));
         }
-        let layout = x86_layout(config.memory)?;
-        let have = MemoryLayout::of(&memory).map_err(|e| KvmVmError::Memory(e.into()))?;
-        if have != layout {
+        let prepared = PreparedVm::with_memory(config.memory, memory, config.dirty_mode)?;
+        Self::create_prepared(config, prepared, handler, devices)
+    }
+
+    /// Like [`KvmVm::create`], on a VM made ahead ([`PreparedVm`]: its
+    /// memory already registered). Its memory must be `config.memory`
+    /// bytes and made for the dirty mode `config` asks for.
+    pub fn create_prepared(
+        config: &VmConfig,
+        prepared: PreparedVm,
+        handler: Arc<dyn ExitHandler>,
+        devices: Vec<SharedDevice>,
+    ) -> Result<Self, KvmVmError> {
+        if config.vcpus == 0 || config.vcpus > MAX_VCPUS {
             return Err(KvmVmError::Config(format!(
-                "guest memory {:?} is not the layout of {} bytes {:?}",
-                have.regions(),
-                config.memory,
-                layout.regions()
+                "{} vCPUs: must be between 1 and {MAX_VCPUS}",
+                config.vcpus
             )));
         }
-        let kvm = Kvm::new().map_err(KvmVmError::OpenKvm)?;
-        let vm = create_vm(&kvm)?;
-        let wanted = config.dirty_mode.unwrap_or(DirtyMode::ManualProtect);
-        let dirty_mode = enable_dirty_mode(&vm, wanted)?;
-
-        let mut slots = Vec::new();
-        for (i, r) in memory.iter().enumerate() {
-            let host = memory
-                .get_host_address(r.start_addr())
-                .map_err(|e| KvmVmError::Memory(e.into()))?;
-            let slot = Slot {
-                slot: i as u32,
-                guest_addr: r.start_addr().0,
-                size: r.len(),
-                host_addr: host as u64,
-            };
-            slot.register(&vm, 0)
-                .map_err(kvm_err("KVM_SET_USER_MEMORY_REGION"))?;
-            slots.push(slot);
+        if prepared.bytes != config.memory {
+            return Err(KvmVmError::Config(format!(
+                "the prepared VM has {} bytes of memory, not {}",
+                prepared.bytes, config.memory
+            )));
         }
-
+        if config.dirty_mode != prepared.asked {
+            return Err(KvmVmError::Config(format!(
+                "the prepared VM was made for dirty mode {:?}, not {:?}",
+                prepared.asked, config.dirty_mode
+            )));
+        }
+        let PreparedVm {
+            kvm,
+            vm,
+            memory,
+            slots,
+            dirty_mode,
+            ..
+        } = prepared;
         let cpuid = supported_cpuid(&kvm).map_err(kvm_err("KVM_GET_SUPPORTED_CPUID"))?;
         let cpuid_hash = hash_cpuid(&cpuid);
         let fds = create_vcpus(&kvm, &vm, config.vcpus)?;

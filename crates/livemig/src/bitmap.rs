@@ -114,6 +114,27 @@ impl DirtyBitmap {
         }
     }
 
+    /// Marks pages `first..first + n` of `region` clean (clipped to the
+    /// region), a word at a time.
+    pub fn clear_range(&mut self, region: usize, first: u64, n: u64) {
+        let Some(r) = self.regions.get_mut(region) else {
+            return;
+        };
+        let end = first.saturating_add(n).min(r.pages);
+        let mut p = first;
+        while p < end {
+            let (w, bit) = ((p / 64) as usize, p % 64);
+            let take = (64 - bit).min(end - p);
+            let mask = if take == 64 {
+                u64::MAX
+            } else {
+                ((1u64 << take) - 1) << bit
+            };
+            r.words[w] &= !mask;
+            p += take;
+        }
+    }
+
     /// Whether a page is dirty.
     pub fn is_set(&self, region: usize, page: u64) -> bool {
         self.regions.get(region).is_some_and(|r| {
@@ -327,6 +348,27 @@ impl Iterator for Runs<'_> {
 mod tests {
     use super::*;
     use crate::memory::RegionDesc;
+
+    #[test]
+    fn clear_range_clears_exactly_its_pages() {
+        let l = MemoryLayout::new(vec![RegionDesc {
+            guest_addr: 0,
+            size: 300 * 4096,
+        }])
+        .unwrap();
+        for (first, n) in [(0, 300), (3, 1), (60, 70), (64, 64), (130, 1000), (299, 5)] {
+            let mut bm = DirtyBitmap::new(&l);
+            bm.set_all();
+            bm.clear_range(0, first, n);
+            for p in 0..300 {
+                assert_eq!(
+                    bm.is_set(0, p),
+                    !(first..first + n).contains(&p),
+                    "{first}+{n}: {p}"
+                );
+            }
+        }
+    }
 
     /// `runs_in` over one chunk looks at that chunk's words, however much
     /// of the region lies beyond it set (or clear): walking a 64 GiB

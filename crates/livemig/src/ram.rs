@@ -230,7 +230,9 @@ impl<'a> HostRam<'a> {
     /// The page ranges `(first, n)` of `first .. end` of `region` that may
     /// hold non-zero data, in address order; the pages between them
     /// certainly read as zero (the same knowledge as
-    /// [`HostRam::populated`], and the same "about this instant" rule).
+    /// [`HostRam::populated`], and the same "about this instant" rule; with
+    /// `PAGEMAP_SCAN`, pages mapped to the kernel's shared zero page — read
+    /// but never written — also count as certainly zero).
     ///
     /// Costs what the backing's index of populated memory costs, not one
     /// step per page: private anonymous memory asks the kernel's
@@ -266,6 +268,21 @@ impl<'a> HostRam<'a> {
         }
     }
 
+    /// Whether [`HostRam::populated_ranges`] over `region` costs what the
+    /// region's populated memory costs — the kernel's `PAGEMAP_SCAN` over
+    /// private anonymous memory (probed here) — rather than a step per page.
+    pub fn scans_cheaply(&self, region: usize) -> bool {
+        let Some(r) = self.regions.get(region) else {
+            return false;
+        };
+        match (r.zero, &self.pagemap) {
+            (ZeroKnowledge::Pagemap, Some(pm)) => {
+                pagemap_scan(pm, self.host_page, r.ptr as u64, 1).is_ok()
+            }
+            _ => false,
+        }
+    }
+
     /// [`HostRam::populated_ranges`] through [`HostRam::populated`], a
     /// chunk of flags at a time.
     fn ranges_from_flags(&self, region: usize, first: u64, end: u64) -> Vec<(u64, u64)> {
@@ -291,8 +308,9 @@ impl<'a> HostRam<'a> {
     }
 
     /// Makes every page of every region read as zero, cheaply where the
-    /// backing allows: private anonymous memory is dropped
-    /// (`MADV_DONTNEED`, if the region is whole host pages), a shared
+    /// backing allows: private anonymous memory's populated pages are
+    /// dropped (`MADV_DONTNEED`, if the region is whole host pages; the
+    /// pages `PAGEMAP_SCAN` finds, or all of them), a shared
     /// file's range is punched out
     /// (`FALLOC_FL_PUNCH_HOLE`), anything else is overwritten with zeros.
     /// Only for memory no vCPU runs on (the destination before the guest
@@ -306,9 +324,9 @@ impl<'a> HostRam<'a> {
                 // GuestMemory contract); dropping its pages makes them read
                 // as zero, which is the point. Only whole host pages: the
                 // kernel would round a shorter length up, past the region.
-                ZeroKnowledge::Pagemap if self.host_aligned(r.ptr, len) => unsafe {
-                    libc::madvise(r.ptr as *mut libc::c_void, len, libc::MADV_DONTNEED) == 0
-                },
+                ZeroKnowledge::Pagemap if self.host_aligned(r.ptr, len) => {
+                    self.drop_populated(r, len)
+                }
                 ZeroKnowledge::Pagemap => false,
                 ZeroKnowledge::FileHoles { fd, offset } => {
                     // SAFETY: fallocate on a descriptor the guest memory
@@ -336,6 +354,37 @@ impl<'a> HostRam<'a> {
 }
 
 impl HostRam<'_> {
+    /// Drops (`MADV_DONTNEED`) the pages of private anonymous region `r`
+    /// (`len` bytes, whole host pages) that are populated — every page of
+    /// it where the kernel cannot say which (no `PAGEMAP_SCAN`). Dropping
+    /// memory never touched is not free: the kernel walks the range, and
+    /// for memory registered with KVM so does KVM's MMU notifier (over its
+    /// per-page metadata on a shadow-paging host: 10–43 ms for 61 GiB
+    /// measured here). True if every `madvise` succeeded.
+    fn drop_populated(&self, r: &Mapped<'_>, len: usize) -> bool {
+        let scanned = self
+            .pagemap
+            .as_ref()
+            .and_then(|pm| pagemap_scan(pm, self.host_page, r.ptr as u64, r.pages).ok());
+        let ranges = scanned.unwrap_or_else(|| vec![(0, r.pages)]);
+        ranges.iter().all(|&(p, n)| {
+            let start = p * PAGE_SIZE / self.host_page * self.host_page;
+            let end = ((p + n) * PAGE_SIZE).div_ceil(self.host_page) * self.host_page;
+            let end = end.min(len as u64);
+            // SAFETY: start..end lies inside the region (clipped to `len`),
+            // which is private anonymous memory (the GuestMemory contract)
+            // in whole host pages; dropping its pages makes them read as
+            // zero, which is the point.
+            unsafe {
+                libc::madvise(
+                    r.ptr.add(start as usize) as *mut libc::c_void,
+                    (end - start) as usize,
+                    libc::MADV_DONTNEED,
+                ) == 0
+            }
+        })
+    }
+
     /// Whether `ptr .. ptr + len` is whole host pages.
     fn host_aligned(&self, ptr: *mut u8, len: usize) -> bool {
         (ptr as u64).is_multiple_of(self.host_page) && (len as u64).is_multiple_of(self.host_page)
@@ -418,12 +467,15 @@ const PAGEMAP_SCAN: libc::c_ulong = (3 << 30)
     | ((std::mem::size_of::<PmScanArg>() as libc::c_ulong) << 16)
     | ((b'f' as libc::c_ulong) << 8)
     | 16;
-/// `PAGE_IS_PRESENT` and `PAGE_IS_SWAPPED`.
+/// `PAGE_IS_PRESENT`, `PAGE_IS_SWAPPED` and `PAGE_IS_PFNZERO` (mapped to
+/// the shared zero page).
 const PAGE_IS_PRESENT: u64 = 1 << 3;
 const PAGE_IS_SWAPPED: u64 = 1 << 4;
+const PAGE_IS_PFNZERO: u64 = 1 << 5;
 
 /// The ranges of the `npages` engine pages from host address `start`
-/// whose host pages are present or swapped, as `(first, n)` in engine
+/// whose host pages are present (and not the shared zero page: a page only
+/// ever read reads as zero) or swapped, as `(first, n)` in engine
 /// pages from `start`, through the `PAGEMAP_SCAN` ioctl on `pm`.
 fn pagemap_scan(
     pm: &File,
@@ -447,6 +499,9 @@ fn pagemap_scan(
             end: wide_end,
             vec: vec.as_mut_ptr() as u64,
             vec_len: vec.len() as u64,
+            // Inverted and required: the zero-page bit must be clear.
+            category_inverted: PAGE_IS_PFNZERO,
+            category_mask: PAGE_IS_PFNZERO,
             category_anyof_mask: PAGE_IS_PRESENT | PAGE_IS_SWAPPED,
             return_mask: PAGE_IS_PRESENT | PAGE_IS_SWAPPED,
             ..PmScanArg::default()
@@ -631,6 +686,30 @@ mod tests {
     /// exactly what `populated` says, for sub-ranges that cut runs.
     #[cfg(feature = "vm-memory")]
     #[test]
+    fn pages_only_read_are_not_populated_for_the_scan() {
+        let layout = MemoryLayout::new(vec![crate::memory::RegionDesc {
+            guest_addr: 0,
+            size: 64 * PAGE_SIZE,
+        }])
+        .unwrap();
+        let mem = crate::memory::allocate(&layout).unwrap();
+        let ram = HostRam::new(&mem, &layout).unwrap();
+        let mut buf = [0u8; PAGE_SIZE as usize];
+        // Read (the kernel maps its zero page), then written.
+        for p in [3u64, 4, 9, 40] {
+            assert!(ram.read_pages(0, p, &mut buf));
+        }
+        assert!(ram.write_pages(0, 4, &[1u8; PAGE_SIZE as usize]));
+        assert!(ram.write_pages(0, 41, &[2u8; PAGE_SIZE as usize]));
+        let mut flags = [false; 64];
+        ram.populated(0, 0, &mut flags);
+        assert!(flags[3] && flags[4], "pagemap entries count read pages");
+        if ram.scans_cheaply(0) {
+            assert_eq!(ram.populated_ranges(0, 0, 64), vec![(4, 1), (41, 1)]);
+        }
+    }
+
+    #[test]
     fn populated_ranges_match_the_page_by_page_answer() {
         let pages = 3 * 512 + 77;
         let layout = MemoryLayout::new(vec![crate::memory::RegionDesc {
@@ -685,8 +764,15 @@ mod tests {
         ram.populated(0, 0, &mut out);
         let got: Vec<usize> = (0..64).filter(|i| out[*i]).collect();
         assert_eq!(got, vec![7]);
+        for p in [30, 31, 63] {
+            assert!(ram.write_pages(0, p, &[p as u8; PAGE_SIZE as usize]));
+        }
+        // Only the populated pages are dropped (one `madvise` per run).
         assert_eq!(ram.scrub(), 0);
-        assert!(ram.is_zero(0, 7));
+        assert!(ram.populated_ranges(0, 0, 64).is_empty());
+        for p in 0..64 {
+            assert!(ram.is_zero(0, p), "page {p}");
+        }
     }
 
     /// A hugetlb memfd (2 MiB pages) as `SharedFile` memory: hugetlbfs

@@ -50,7 +50,9 @@ where
     V: DestinationVm,
     F: FnOnce(&VmDescription) -> Result<V, VmError>,
 {
+    let t0 = Instant::now();
     let vm = create(desc).map_err(|e| refuse(fw, e.to_string()))?;
+    log::debug!("destination VM created in {:.2} ms", ms(t0.elapsed()));
     check_layout(vm.memory(), desc).map_err(|e| refuse(fw, e.to_string()))?;
     Ok(vm)
 }

@@ -5,6 +5,7 @@
 use std::time::{Duration, Instant};
 
 use super::session::Session;
+use crate::bitmap::DirtyBitmap;
 use crate::control::{self, ControlReader, ControlWriter};
 use crate::error::{ErrorKind, MigrationError, PeerError, Phase};
 use crate::protocol::{
@@ -56,13 +57,23 @@ pub(super) fn handshake<V: SourceVm + ?Sized>(
     let (mut control, mut fw) = control::open(transport, config.io_timeout)?;
     let mut links: Vec<Box<dyn Transport>> = Vec::new();
     links.extend(fw.get_ref().try_clone().ok());
+    let layout = desc.layout.clone();
     let mut hello = Hello::new(desc);
     hello.streams = config.streams;
     hello.paused = s.paused;
     hello.postcopy = super::postcopy::offer(s);
     hello.postcopy_prepare = hello.postcopy;
     fw.send(&hello).map_err(|e| MigrationError::new(hs, e))?;
+    // While the destination makes its VM: drop the VMM's writes recorded so
+    // far. Round 0 reads every page that may hold data after this (and
+    // after dirty logging is on), so each of them is in round 0; a VMM
+    // write after this stays recorded for the round 0 sync.
+    super::rounds::merge_vmm_writes(s.vm, &mut DirtyBitmap::new(&layout));
     let reply: HelloReply = control.recv(hs)?;
+    log::debug!(
+        "set-up: HelloReply at {:.2} ms",
+        s.started.elapsed().as_secs_f64() * 1000.0
+    );
     check_reply(&reply, config.streams)?;
     super::postcopy::check_grant(hello.postcopy, reply.postcopy)?;
     let streams = if reply.streams > 1 {

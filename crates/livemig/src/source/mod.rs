@@ -39,6 +39,7 @@ mod session;
 mod streams;
 mod switchover;
 mod throttle;
+mod unarmed;
 
 pub use builder::Migration;
 pub use cancel::CancelToken;

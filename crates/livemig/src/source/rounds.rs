@@ -21,17 +21,23 @@ impl PageSender<'_> {
     /// pages are re-armed just before they are read.
     ///
     /// With [`PageSender::skip_untouched`] set (round 0), the bitmap is
-    /// walked a block of [`BLOCK_PAGES`] at a time: the block is re-armed
-    /// and scanned once for memory that may hold data, chunks without any
-    /// are left out whole; each other chunk is re-armed again and its pages
-    /// narrowed to those that may hold data ([`HostRam::populated`]) — after
-    /// its re-arm, so a page first written between the two is either seen
-    /// as populated here or logged dirty for the next round. Round 0 thus
-    /// costs one re-arm and one scan per 256 MiB of guest memory plus work
-    /// in proportion to the chunks that hold data.
+    /// walked a block of [`BLOCK_PAGES`] at a time: the block is scanned
+    /// once for memory that may hold data and chunks without any are left
+    /// out whole, *not re-armed* (see `untouched_chunks`); each other chunk
+    /// is re-armed and its pages narrowed to those that may hold data
+    /// ([`HostRam::populated`]) — after its re-arm, so a page first written
+    /// between the two is either seen as populated here or logged dirty for
+    /// the next round. Round 0 thus costs one scan per 256 MiB of guest
+    /// memory plus work in proportion to the chunks that hold data. A region
+    /// whose scan costs a step per page ([`HostRam::scans_cheaply`]) is
+    /// re-armed a block at a time, before the block's scan, instead: it is
+    /// not left to `unarmed.rs`, which scans at every sync.
     ///
     /// Pages may still be buffered (here or in the stream threads) when this
     /// returns: [`PageSender::end_round`] flushes and accounts them.
+    ///
+    /// [`HostRam::populated`]: crate::ram::HostRam::populated
+    /// [`HostRam::scans_cheaply`]: crate::ram::HostRam::scans_cheaply
     pub(super) fn send_bitmap(
         &mut self,
         bitmap: &DirtyBitmap,
@@ -40,22 +46,38 @@ impl PageSender<'_> {
         phase: Phase,
     ) -> Result<(), MigrationError> {
         let mut populated = Vec::new();
+        let (t_all, mut t_scans) = (Instant::now(), std::time::Duration::ZERO);
         for region in 0..bitmap.num_regions() {
             let pages = bitmap.region_pages(region);
+            // A region `unarmed.rs` does not track (its scan would cost a
+            // step per page) is re-armed a block at a time in round 0, so
+            // that its untouched chunks are armed too.
+            let rearm_blocks = self.skip_untouched && !self.ram.scans_cheaply(region);
             let mut block = 0;
             while block < pages {
                 let end = (block + BLOCK_PAGES).min(pages);
-                // Round 0: one re-arm and one scan for populated memory per
-                // block, so the chunks nothing was ever written to cost
-                // nothing more (see `untouched_chunks`).
-                let skip = self.untouched_chunks(
-                    bitmap,
-                    tracker.as_deref_mut(),
-                    region,
-                    block,
-                    end,
-                    phase,
-                )?;
+                // Round 0: one scan for populated memory per block, so the
+                // chunks nothing was ever written to cost nothing more
+                // (see `untouched_chunks`).
+                if rearm_blocks && bitmap.any_in(region, block, end) {
+                    if let Some(t) = tracker.as_deref_mut() {
+                        // Before the scan: a page written after the re-arm
+                        // is then seen by the scan or logged.
+                        let t0 = Instant::now();
+                        let r = t.rearm(region, block, end - block, bitmap);
+                        self.clear_time += t0.elapsed();
+                        r.map_err(|e| MigrationError::new(phase, e))?;
+                    }
+                }
+                let t_scan = Instant::now();
+                let skip = self.untouched_chunks(bitmap, region, block, end);
+                t_scans += t_scan.elapsed();
+                if self.first_page.is_none() {
+                    log::debug!(
+                        "round 0: block {block} of region {region} scanned in {:.2} ms",
+                        t_scan.elapsed().as_secs_f64() * 1000.0
+                    );
+                }
                 let mut chunk = block;
                 while chunk < end {
                     let chunk_end = (chunk + CHUNK_PAGES).min(end);
@@ -77,36 +99,38 @@ impl PageSender<'_> {
                 block = end;
             }
         }
+        log::debug!(
+            "pages handed out in {:.2} ms, of which scans for populated memory {:.2} ms",
+            t_all.elapsed().as_secs_f64() * 1000.0,
+            t_scans.as_secs_f64() * 1000.0
+        );
         Ok(())
     }
 
-    /// With [`PageSender::skip_untouched`] (round 0): re-arms the pages of
-    /// `bitmap` in `block..end` (with a `tracker`), then asks which pages
-    /// of the block may hold data ([`HostRam::populated_ranges`]); returns,
-    /// per chunk of the block, whether it holds none. Such a chunk needs
-    /// nothing this round: none of its pages held data before the re-arm
-    /// (the scan came after it and saw none), and every page written after
-    /// it is logged dirty for the next round — its chunk is not re-armed
-    /// again in this round. Without `skip_untouched`: nothing skipped.
+    /// With [`PageSender::skip_untouched`] (round 0): asks which pages of
+    /// `block..end` of `region` may hold data
+    /// ([`HostRam::populated_ranges`]); returns, per chunk of the block,
+    /// whether it holds none. Such a chunk is left out of this round and
+    /// not re-armed: it reads as zero (the destination's value) now, and a
+    /// page written after the scan is reported by the next sync — by a
+    /// [`Rearm::OnSync`] tracker because tracking started before this
+    /// round, by a [`Rearm::BeforeRead`] one because a page never re-armed
+    /// stays reported (`unarmed.rs` keeps such chunks out of later rounds
+    /// until they hold data). Without `skip_untouched`: nothing skipped.
     ///
     /// [`HostRam::populated_ranges`]: crate::ram::HostRam::populated_ranges
+    /// [`HostRam::scans_cheaply`]: crate::ram::HostRam::scans_cheaply
+    /// [`Rearm::OnSync`]: crate::vm::Rearm::OnSync
+    /// [`Rearm::BeforeRead`]: crate::vm::Rearm::BeforeRead
     fn untouched_chunks(
         &mut self,
         bitmap: &DirtyBitmap,
-        tracker: Option<&mut (dyn DirtyTracker + '_)>,
         region: usize,
         block: u64,
         end: u64,
-        phase: Phase,
-    ) -> Result<Vec<bool>, MigrationError> {
+    ) -> Vec<bool> {
         if !self.skip_untouched || !bitmap.any_in(region, block, end) {
-            return Ok(Vec::new());
-        }
-        if let Some(t) = tracker {
-            let t0 = Instant::now();
-            let r = t.rearm(region, block, end - block, bitmap);
-            self.clear_time += t0.elapsed();
-            r.map_err(|e| MigrationError::new(phase, e))?;
+            return Vec::new();
         }
         let mut skip = vec![true; (end - block).div_ceil(CHUNK_PAGES) as usize];
         for (first, n) in self.ram.populated_ranges(region, block, end) {
@@ -118,7 +142,7 @@ impl PageSender<'_> {
                 *s = false;
             }
         }
-        Ok(skip)
+        skip
     }
 
     /// Sends the pages of `bitmap` in `span` = (region, `chunk..end`) (one

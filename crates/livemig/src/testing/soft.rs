@@ -107,6 +107,8 @@ struct Shared {
     tracking: SoftTracking,
     logging: AtomicBool,
     writes: AtomicU64,
+    /// Manual-protect model: pages re-armed so far (bits cleared).
+    rearmed: AtomicU64,
     /// Writer PRNG states, part of the migrated state.
     seeds: Mutex<Vec<u64>>,
 }
@@ -284,6 +286,7 @@ impl SoftVm {
             tracking,
             logging: AtomicBool::new(false),
             writes: AtomicU64::new(0),
+            rearmed: AtomicU64::new(0),
             seeds: Mutex::new(
                 (0..n as u64)
                     .map(|i| 0x9E37_79B9_7F4A_7C15 ^ (i + 1))
@@ -334,6 +337,13 @@ impl SoftVm {
     /// Total writes so far (all writers).
     pub fn writes(&self) -> u64 {
         self.shared.writes.load(Ordering::SeqCst)
+    }
+
+    /// Pages the engine re-armed so far ([`SoftTracking::ManualProtect`]:
+    /// each page whose bit a `rearm` cleared, as `KVM_CLEAR_DIRTY_LOG`
+    /// write-protects it; 0 in [`SoftTracking::Bitmap`]).
+    pub fn rearmed_pages(&self) -> u64 {
+        self.shared.rearmed.load(Ordering::SeqCst)
     }
 
     /// Whether the writers write again within `limit` (polled every 5 ms):
@@ -605,14 +615,17 @@ impl DirtyTracker for SoftTracker<'_> {
         };
         let _mmu = sh.mmu.write().unwrap_or_else(|e| e.into_inner());
         let end = (first_page + npages).min(bitmap.region_pages(region));
+        let mut n = 0;
         for p in first_page..end {
             if bitmap.is_set(region, p) {
                 // KVM_CLEAR_DIRTY_LOG: clear the bit, write-protect the page.
                 let addr = (p * PAGE_SIZE) as usize;
                 log.reset_addr_range(addr, 1);
                 prot.set_addr_range(addr, 1);
+                n += 1;
             }
         }
+        sh.rearmed.fetch_add(n, Ordering::SeqCst);
         Ok(())
     }
 
