@@ -31,6 +31,7 @@ const BANDWIDTH_MIB: f64 = 50.0;
 struct Sample {
     guest_mb_s: f64,
     total: f64,
+    mb_sent: f64,
     downtime: f64,
     switchover_gap: f64,
     noise_floor: f64,
@@ -132,6 +133,7 @@ fn measure_once(name: &str, run: usize, opts: Value) -> Sample {
     let mut s = Sample {
         guest_mb_s,
         total: report["total_ms"].as_f64().unwrap_or(f64::NAN),
+        mb_sent: report["bytes_sent"].as_f64().unwrap_or(f64::NAN) / f64::from(1u32 << 20),
         downtime: report["downtime_ms"].as_f64().unwrap_or(f64::NAN),
         switchover_gap: ms(gaps.switchover_gap),
         noise_floor: ms(gaps.noise_floor),
@@ -154,6 +156,7 @@ impl Sample {
         Sample {
             guest_mb_s: n,
             total: n,
+            mb_sent: n,
             downtime: n,
             switchover_gap: n,
             noise_floor: n,
@@ -203,11 +206,12 @@ fn postcopy_part(s: &mut Sample, st: &Value) {
 fn print_run(name: &str, run: usize, s: &Sample, report: &Value) {
     eprintln!(
         "MEASURE {name} run {run}: guest dirtying {:.0} MB/s; total {:.0} ms ({:.2}x memory/bandwidth), \
-         downtime {:.2} ms {}, switchover gap {:.1} ms, noise floor {:.1} ms, rounds {}, throttle max {}%, \
+         {:.0} MiB sent, downtime {:.2} ms {}, switchover gap {:.1} ms, noise floor {:.1} ms, rounds {}, throttle max {}%, \
          guest writes {:.0} MB/s in its first second on the destination",
         s.guest_mb_s,
         s.total,
         s.total / 1e3 / (MEMORY_MIB / BANDWIDTH_MIB),
+        s.mb_sent,
         s.downtime,
         report["downtime_breakdown"],
         s.switchover_gap,
@@ -253,7 +257,7 @@ fn median(v: impl Iterator<Item = f64>) -> f64 {
 fn print_medians(name: &str, s: &[Sample]) {
     let m = |f: fn(&Sample) -> f64| median(s.iter().map(f));
     eprintln!(
-        "MEDIAN {name} ({} runs): guest {:.0} MB/s | total {:.2} s ({:.2}x) | downtime {:.2} ms | \
+        "MEDIAN {name} ({} runs): guest {:.0} MB/s | total {:.2} s ({:.2}x) | {:.0} MiB sent | downtime {:.2} ms | \
          switchover gap {:.1} ms | noise floor {:.1} ms | rounds {} | throttle max {}% | \
          destination writes {:.0} MB/s | faults {} | latency {}/{}/{} us | blocked {:.0} ms summed, \
          {:.0} ms wall-clock, {:.2} s/GiB | to last page {:.0} ms | arm {:.1} ms | late {} pages, {:.2} ms",
@@ -261,6 +265,7 @@ fn print_medians(name: &str, s: &[Sample]) {
         m(|x| x.guest_mb_s),
         m(|x| x.total) / 1e3,
         m(|x| x.total) / 1e3 / (MEMORY_MIB / BANDWIDTH_MIB),
+        m(|x| x.mb_sent),
         m(|x| x.downtime),
         m(|x| x.switchover_gap),
         m(|x| x.noise_floor),
