@@ -321,6 +321,10 @@ fn pure_postcopy_serves_a_fault_and_pushes_the_rest() {
         "each page installed once"
     );
     assert!(st.fault_latency.max_us >= st.fault_latency.median_us);
+    // A fault was waited for; the wall-clock figure is the union of the
+    // intervals whose sum is `blocked_ms`, so never more.
+    assert!(st.blocked_wall_ms > 0.0, "{st:?}");
+    assert!(st.blocked_wall_ms <= st.blocked_ms, "{st:?}");
     check(&src, o);
 }
 

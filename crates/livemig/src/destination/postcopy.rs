@@ -898,14 +898,16 @@ impl<'a> Server<'a> {
 
     fn stats(&self, resumed_at: Instant) -> PostcopyStats {
         let st = self.lock();
-        let blocked_us: u64 = st.latencies.iter().sum();
+        // From the same instants as the union (not the µs-truncated
+        // latencies), so that the union is never more than the sum.
+        let blocked: Duration = st.waits.iter().map(|(a, b)| *b - *a).sum();
         PostcopyStats {
             discard_pages: self.discard.count(),
             faults: st.faults,
             requested_pages: st.requested_pages,
             pushed_pages: st.pushed_pages,
             fault_latency: LatencySummary::of(st.latencies.clone()),
-            blocked_ms: blocked_us as f64 / 1000.0,
+            blocked_ms: ms(blocked),
             blocked_wall_ms: ms(union_of(st.waits.clone())),
             switch_to_last_page_ms: st
                 .last_install
