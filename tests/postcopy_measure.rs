@@ -34,6 +34,9 @@ struct Sample {
     mb_sent: f64,
     downtime: f64,
     switchover_gap: f64,
+    /// Largest destination heartbeat gap from the request to the end
+    /// (post-copy: while pages were still arriving).
+    dst_gap: f64,
     noise_floor: f64,
     rounds: f64,
     throttle_pct: f64,
@@ -130,16 +133,25 @@ fn measure_once(name: &str, run: usize, opts: Value) -> Sample {
             .unwrap_or_else(|e| panic!("{name}: {e}"))
     };
     let ms = |d: Duration| d.as_secs_f64() * 1e3;
+    // One guard at a time: two `log_of(&dst)` in one statement deadlock.
+    let (dest_mb_s, dst_gap) = {
+        let d = log_of(&dst);
+        (
+            write_rate(&d, 0),
+            ms(livemig_suite::harness::largest_gap(&d, t0, t1)),
+        )
+    };
     let mut s = Sample {
         guest_mb_s,
         total: report["total_ms"].as_f64().unwrap_or(f64::NAN),
         mb_sent: report["bytes_sent"].as_f64().unwrap_or(f64::NAN) / f64::from(1u32 << 20),
         downtime: report["downtime_ms"].as_f64().unwrap_or(f64::NAN),
         switchover_gap: ms(gaps.switchover_gap),
+        dst_gap,
         noise_floor: ms(gaps.noise_floor),
         rounds: report["rounds"].as_array().map_or(0, |r| r.len()) as f64,
         throttle_pct: report["throttle_max_pct"].as_f64().unwrap_or(0.0),
-        dest_mb_s: write_rate(&log_of(&dst), 0),
+        dest_mb_s,
         ..Sample::nan()
     };
     if report["postcopy"].is_object() {
@@ -159,6 +171,7 @@ impl Sample {
             mb_sent: n,
             downtime: n,
             switchover_gap: n,
+            dst_gap: n,
             noise_floor: n,
             rounds: n,
             throttle_pct: n,
@@ -206,8 +219,8 @@ fn postcopy_part(s: &mut Sample, st: &Value) {
 fn print_run(name: &str, run: usize, s: &Sample, report: &Value) {
     eprintln!(
         "MEASURE {name} run {run}: guest dirtying {:.0} MB/s; total {:.0} ms ({:.2}x memory/bandwidth), \
-         {:.0} MiB sent, downtime {:.2} ms {}, switchover gap {:.1} ms, noise floor {:.1} ms, rounds {}, throttle max {}%, \
-         guest writes {:.0} MB/s in its first second on the destination",
+         {:.0} MiB sent, downtime {:.2} ms {}, switchover gap {:.1} ms, largest destination gap {:.1} ms, noise floor {:.1} ms, rounds {}, \
+         throttle max {}%, guest writes {:.0} MB/s in its first second on the destination",
         s.guest_mb_s,
         s.total,
         s.total / 1e3 / (MEMORY_MIB / BANDWIDTH_MIB),
@@ -215,6 +228,7 @@ fn print_run(name: &str, run: usize, s: &Sample, report: &Value) {
         s.downtime,
         report["downtime_breakdown"],
         s.switchover_gap,
+        s.dst_gap,
         s.noise_floor,
         s.rounds,
         s.throttle_pct,
@@ -258,7 +272,7 @@ fn print_medians(name: &str, s: &[Sample]) {
     let m = |f: fn(&Sample) -> f64| median(s.iter().map(f));
     eprintln!(
         "MEDIAN {name} ({} runs): guest {:.0} MB/s | total {:.2} s ({:.2}x) | {:.0} MiB sent | downtime {:.2} ms | \
-         switchover gap {:.1} ms | noise floor {:.1} ms | rounds {} | throttle max {}% | \
+         switchover gap {:.1} ms | largest destination gap {:.1} ms | noise floor {:.1} ms | rounds {} | throttle max {}% | \
          destination writes {:.0} MB/s | faults {} | latency {}/{}/{} us | blocked {:.0} ms summed, \
          {:.0} ms wall-clock, {:.2} s/GiB | to last page {:.0} ms | arm {:.1} ms | late {} pages, {:.2} ms",
         s.len(),
@@ -268,6 +282,7 @@ fn print_medians(name: &str, s: &[Sample]) {
         m(|x| x.mb_sent),
         m(|x| x.downtime),
         m(|x| x.switchover_gap),
+        m(|x| x.dst_gap),
         m(|x| x.noise_floor),
         m(|x| x.rounds),
         m(|x| x.throttle_pct),
