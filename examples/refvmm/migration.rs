@@ -280,7 +280,7 @@ impl MigrateOptions {
         let tls = self.tls.config()?;
         if self.wants_postcopy() {
             if cfg.streams > 1 {
-                return Err("post-copy uses one page stream (give no --streams)".into());
+                return Err("streams: post-copy uses one page stream (give no --streams)".into());
             }
             if tls.is_some() {
                 return Err("post-copy over TLS is not built in refvmm".into());
@@ -874,6 +874,39 @@ mod tests {
         assert!(MigrateOptions::from_request(&json!({"to":"tcp:h:1","resume":true})).is_err());
         let bad = parse(&["--to", "tcp:h:1", "--postcopy", "--streams", "2"]);
         assert!(bad.config().unwrap_err().contains("one page stream"));
+    }
+
+    /// Every post-copy option with `--streams 2` is refused by the check
+    /// both the CLI (usage error, exit 2) and the API's `migrate` request
+    /// (an error before connecting) run; `--streams 1` is accepted.
+    #[test]
+    fn postcopy_with_page_streams_is_refused_on_the_cli_and_the_api() {
+        let postcopy: [&[&str]; 4] = [
+            &["--postcopy"],
+            &["--postcopy-after-rounds", "1"],
+            &["--postcopy-auto"],
+            &["--postcopy-on-request"],
+        ];
+        for flags in postcopy {
+            let args = |n: &'static str| {
+                let mut a = vec!["--to", "tcp:h:1", "--streams", n];
+                a.extend_from_slice(flags);
+                a
+            };
+            let e = parse(&args("2")).config().unwrap_err();
+            assert_eq!(
+                e, "streams: post-copy uses one page stream (give no --streams)",
+                "{flags:?}"
+            );
+            assert!(parse(&args("1")).config().is_ok(), "{flags:?}");
+            let req = parse(&args("2")).to_request();
+            assert_eq!(req["streams"], 2, "{req}");
+            let e = MigrateOptions::from_request(&req).unwrap().config();
+            assert!(e.unwrap_err().contains("one page stream"), "{flags:?}");
+        }
+        let api = json!({"cmd":"migrate","to":"tcp:h:1","postcopy_auto":true,"streams":2});
+        let e = MigrateOptions::from_request(&api).unwrap().config();
+        assert!(e.unwrap_err().contains("one page stream"));
     }
 
     #[test]

@@ -321,6 +321,10 @@ fn pure_postcopy_serves_a_fault_and_pushes_the_rest() {
         "each page installed once"
     );
     assert!(st.fault_latency.max_us >= st.fault_latency.median_us);
+    // A fault was waited for; the wall-clock figure is the union of the
+    // intervals whose sum is `blocked_ms`, so never more.
+    assert!(st.blocked_wall_ms > 0.0, "{st:?}");
+    assert!(st.blocked_wall_ms <= st.blocked_ms, "{st:?}");
     check(&src, o);
 }
 
@@ -793,4 +797,36 @@ fn without_prepare_grant(to_dst: Box<dyn Transport>) -> Box<dyn Transport> {
         let _ = fw.get_ref().shutdown();
     });
     Box::new(src_end)
+}
+
+/// Post-copy uses one page stream: asking for two with it is refused at
+/// the API, before anything is sent (no `Hello` on the control connection,
+/// no stream opened), and the source guest keeps running.
+#[test]
+fn page_streams_with_postcopy_are_refused_before_anything_is_sent() {
+    use std::io::Read;
+    let src = SoftVm::new(&layout(), &SoftConfig::default()).unwrap();
+    src.start();
+    for pc in [pure(), PostcopyConfig::default()] {
+        let (a, mut b) = mem::pair();
+        let (fa, _fb) = mem::pair();
+        let (opener, mut acceptor) = mem::streams();
+        let e = Migration::new(&src)
+            .postcopy(Box::new(fa), pc)
+            .streams(2, opener)
+            .run(Box::new(a))
+            .expect_err("refused");
+        let ErrorKind::Config(c) = &e.kind else {
+            panic!("not a configuration error: {e}");
+        };
+        assert_eq!(c.field, "streams", "{e}");
+        assert!(e.to_string().contains("one page stream"), "{e}");
+        assert_eq!(e.phase, Phase::Handshake);
+        assert!(!e.is_ambiguous());
+        let mut buf = [0u8; 16];
+        assert_eq!(b.read(&mut buf).unwrap(), 0, "something was sent");
+        use livemig::transport::StreamAcceptor;
+        assert!(acceptor.accept_stream(Duration::from_millis(50)).is_err());
+        assert!(!src.is_paused());
+    }
 }

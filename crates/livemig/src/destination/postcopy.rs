@@ -140,9 +140,20 @@ pub struct PostcopyStats {
     pub pushed_pages: u64,
     /// From a fault being read to its page being installed.
     pub fault_latency: LatencySummary,
-    /// The sum of those latencies over all faults, ms: vCPU time spent
-    /// waiting, summed over vCPUs (not QEMU's wall-clock "blocktime").
+    /// The sum of those latencies, ms: one interval per requested page,
+    /// from the page server reading its first fault to its installation.
+    /// A page several threads wait on counts once; threads waiting on
+    /// different pages at the same time count each. Not QEMU's
+    /// `postcopy-blocktime` (the time during which *all* vCPUs were blocked
+    /// at once) nor its per-vCPU blocktime: the faulting thread is not
+    /// known here.
     pub blocked_ms: f64,
+    /// Wall-clock time during which at least one requested page was
+    /// awaited, ms: the union of the intervals summed in `blocked_ms`
+    /// (`blocked_wall_ms <= blocked_ms`). With one thread faulting it is
+    /// that thread's blocked time; it counts faults of VMM threads (device
+    /// emulation) as well as vCPUs'.
+    pub blocked_wall_ms: f64,
     /// From the resume to the last page installed, ms.
     pub switch_to_last_page_ms: f64,
     /// [`PostcopyMemory::arm`], ms: before the source paused when
@@ -519,6 +530,8 @@ struct ServerState {
     missing: u64,
     requested: HashMap<(usize, u64), Instant>,
     latencies: Vec<u64>,
+    /// (fault read, page installed) of every requested page.
+    waits: Vec<(Instant, Instant)>,
     faults: u64,
     requested_pages: u64,
     pushed_pages: u64,
@@ -867,6 +880,7 @@ impl<'a> Server<'a> {
         for p in page..page + n {
             if let Some(t) = st.requested.remove(&(region, p)) {
                 st.latencies.push(now.duration_since(t).as_micros() as u64);
+                st.waits.push((t, now));
             }
         }
         if answered {
@@ -884,14 +898,17 @@ impl<'a> Server<'a> {
 
     fn stats(&self, resumed_at: Instant) -> PostcopyStats {
         let st = self.lock();
-        let blocked_us: u64 = st.latencies.iter().sum();
+        // From the same instants as the union (not the µs-truncated
+        // latencies), so that the union is never more than the sum.
+        let blocked: Duration = st.waits.iter().map(|(a, b)| *b - *a).sum();
         PostcopyStats {
             discard_pages: self.discard.count(),
             faults: st.faults,
             requested_pages: st.requested_pages,
             pushed_pages: st.pushed_pages,
             fault_latency: LatencySummary::of(st.latencies.clone()),
-            blocked_ms: blocked_us as f64 / 1000.0,
+            blocked_ms: ms(blocked),
+            blocked_wall_ms: ms(union_of(st.waits.clone())),
             switch_to_last_page_ms: st
                 .last_install
                 .map(|t| ms(t.saturating_duration_since(resumed_at)))
@@ -899,6 +916,24 @@ impl<'a> Server<'a> {
             ..PostcopyStats::default()
         }
     }
+}
+
+/// The total length of the union of `spans` (start, end).
+fn union_of(mut spans: Vec<(Instant, Instant)>) -> Duration {
+    spans.sort_unstable();
+    let mut total = Duration::ZERO;
+    let mut open: Option<(Instant, Instant)> = None;
+    for (a, b) in spans {
+        open = match open {
+            Some((s, e)) if a <= e => Some((s, e.max(b))),
+            Some((s, e)) => {
+                total += e - s;
+                Some((a, b))
+            }
+            None => Some((a, b)),
+        };
+    }
+    total + open.map_or(Duration::ZERO, |(s, e)| e - s)
 }
 
 /// The installer was built already (a second switch or prepare).
@@ -913,7 +948,25 @@ fn internal(why: String) -> crate::error::InternalError {
 
 #[cfg(test)]
 mod tests {
-    use super::LatencySummary;
+    use super::{union_of, LatencySummary};
+    use std::time::{Duration, Instant};
+
+    #[test]
+    fn the_wall_clock_blocked_time_counts_overlapping_waits_once() {
+        let z = Instant::now();
+        let at = |ms: u64| z + Duration::from_millis(ms);
+        assert_eq!(union_of(Vec::new()), Duration::ZERO);
+        // 0..10 and 5..12 overlap (12 ms), 20..21 apart, 30..31 inside
+        // 30..40: 12 + 1 + 10 = 23 ms where the sum would be 33.
+        let spans = vec![
+            (at(20), at(21)),
+            (at(5), at(12)),
+            (at(30), at(40)),
+            (at(0), at(10)),
+            (at(30), at(31)),
+        ];
+        assert_eq!(union_of(spans), Duration::from_millis(23));
+    }
 
     #[test]
     fn latency_summary_uses_nearest_rank() {
