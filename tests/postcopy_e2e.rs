@@ -5,11 +5,8 @@
 //! guest keeps heartbeating on the destination.
 
 mod common;
+use common::proxy::Proxy;
 
-use std::io::{Read, Write};
-use std::net::{Shutdown, TcpListener, TcpStream};
-use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use livemig_suite::harness::{log_of, migrate, scratch_dir, start_destination, start_source, Vmm};
@@ -126,66 +123,6 @@ fn pure_postcopy_two_vcpus() {
     );
     assert_eq!(report["postcopy"]["rounds_before"], 0);
     assert!(stats["discard_pages"].as_u64().unwrap() > 0);
-}
-
-/// A TCP proxy that forwards every connection to `to` until `cut`.
-struct Proxy {
-    endpoint: String,
-    conns: Arc<Mutex<Vec<TcpStream>>>,
-    cut: Arc<AtomicBool>,
-}
-
-impl Proxy {
-    fn start(to: &str) -> Proxy {
-        let to = to.strip_prefix("tcp:").unwrap().to_string();
-        let l = TcpListener::bind("127.0.0.1:0").unwrap();
-        let endpoint = format!("tcp:{}", l.local_addr().unwrap());
-        let conns: Arc<Mutex<Vec<TcpStream>>> = Arc::default();
-        let cut = Arc::new(AtomicBool::new(false));
-        let (c, k) = (conns.clone(), cut.clone());
-        std::thread::spawn(move || {
-            for a in l.incoming() {
-                let Ok(a) = a else { return };
-                if k.load(Ordering::SeqCst) {
-                    continue;
-                }
-                let Ok(b) = TcpStream::connect(&to) else {
-                    continue;
-                };
-                let _ = (a.set_nodelay(true), b.set_nodelay(true));
-                c.lock()
-                    .unwrap()
-                    .extend([a.try_clone().unwrap(), b.try_clone().unwrap()]);
-                pipe(a.try_clone().unwrap(), b.try_clone().unwrap());
-                pipe(b, a);
-            }
-        });
-        Proxy {
-            endpoint,
-            conns,
-            cut,
-        }
-    }
-
-    /// Breaks every connection (both directions, both ends).
-    fn cut(&self) {
-        self.cut.store(true, Ordering::SeqCst);
-        for s in self.conns.lock().unwrap().iter() {
-            let _ = s.shutdown(Shutdown::Both);
-        }
-    }
-}
-
-fn pipe(mut from: TcpStream, mut to: TcpStream) {
-    std::thread::spawn(move || {
-        let mut buf = vec![0u8; 64 << 10];
-        while let Ok(n) = from.read(&mut buf) {
-            if n == 0 || to.write_all(&buf[..n]).is_err() {
-                break;
-            }
-        }
-        let _ = to.shutdown(Shutdown::Both);
-    });
 }
 
 /// The link breaks while the guest already runs on the destination and

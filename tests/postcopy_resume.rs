@@ -6,11 +6,8 @@
 //! destination says so.
 
 mod common;
+use common::proxy::Proxy;
 
-use std::io::{Read, Write};
-use std::net::{Shutdown, TcpListener, TcpStream};
-use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
@@ -24,73 +21,6 @@ const T: Duration = Duration::from_secs(30);
 /// A working set of 128 MiB: the guest is still fetching it when the link
 /// breaks (early), so its vCPUs wait during the outage.
 const GUEST: &str = "ws=128 rate=20 pattern=rand fresh=1 smp=2";
-
-/// A TCP proxy that forwards every connection to `to`; `cut` breaks them
-/// all and drops new ones until `heal`.
-struct Proxy {
-    endpoint: String,
-    conns: Arc<Mutex<Vec<TcpStream>>>,
-    cut: Arc<AtomicBool>,
-}
-
-impl Proxy {
-    fn start(to: &str) -> Proxy {
-        let to = to.strip_prefix("tcp:").unwrap().to_string();
-        let l = TcpListener::bind("127.0.0.1:0").unwrap();
-        let endpoint = format!("tcp:{}", l.local_addr().unwrap());
-        let conns: Arc<Mutex<Vec<TcpStream>>> = Arc::default();
-        let cut = Arc::new(AtomicBool::new(false));
-        let (c, k) = (conns.clone(), cut.clone());
-        std::thread::spawn(move || {
-            for a in l.incoming() {
-                let Ok(a) = a else { return };
-                if k.load(Ordering::SeqCst) {
-                    continue;
-                }
-                let Ok(b) = TcpStream::connect(&to) else {
-                    continue;
-                };
-                let _ = (a.set_nodelay(true), b.set_nodelay(true));
-                c.lock()
-                    .unwrap()
-                    .extend([a.try_clone().unwrap(), b.try_clone().unwrap()]);
-                pipe(a.try_clone().unwrap(), b.try_clone().unwrap());
-                pipe(b, a);
-            }
-        });
-        Proxy {
-            endpoint,
-            conns,
-            cut,
-        }
-    }
-
-    /// Breaks every connection (both directions, both ends); new ones are
-    /// dropped at once.
-    fn cut(&self) {
-        self.cut.store(true, Ordering::SeqCst);
-        for s in self.conns.lock().unwrap().drain(..) {
-            let _ = s.shutdown(Shutdown::Both);
-        }
-    }
-
-    /// Forwards new connections again.
-    fn heal(&self) {
-        self.cut.store(false, Ordering::SeqCst);
-    }
-}
-
-fn pipe(mut from: TcpStream, mut to: TcpStream) {
-    std::thread::spawn(move || {
-        let mut buf = vec![0u8; 64 << 10];
-        while let Ok(n) = from.read(&mut buf) {
-            if n == 0 || to.write_all(&buf[..n]).is_err() {
-                break;
-            }
-        }
-        let _ = to.shutdown(Shutdown::Both);
-    });
-}
 
 /// A post-copy migration under way through a proxy: the source, the
 /// destination, the proxy, and the thread waiting for the migration's

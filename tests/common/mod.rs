@@ -2,6 +2,7 @@
 #![allow(dead_code)]
 
 pub mod netns;
+pub mod proxy;
 
 use std::sync::{Mutex, MutexGuard};
 
