@@ -159,12 +159,7 @@ impl KvmVm {
         handler: Arc<dyn ExitHandler>,
         devices: Vec<SharedDevice>,
     ) -> Result<Self, KvmVmError> {
-        if config.vcpus == 0 || config.vcpus > MAX_VCPUS {
-            return Err(KvmVmError::Config(format!(
-                "{} vCPUs: must be between 1 and {MAX_VCPUS}",
-                config.vcpus
-            )));
-        }
+        check_vcpus(config)?;
         let layout = x86_layout(config.memory)?;
         let (memory, pages) =
             allocate_memory(&layout, backend).map_err(|e| KvmVmError::Memory(e.into()))?;
@@ -182,12 +177,7 @@ impl KvmVm {
         handler: Arc<dyn ExitHandler>,
         devices: Vec<SharedDevice>,
     ) -> Result<Self, KvmVmError> {
-        if config.vcpus == 0 || config.vcpus > MAX_VCPUS {
-            return Err(KvmVmError::Config(format!(
-                "{} vCPUs: must be between 1 and {MAX_VCPUS}",
-                config.vcpus
-            )));
-        }
+        check_vcpus(config)?;
         let prepared = PreparedVm::with_memory(config.memory, memory, config.dirty_mode)?;
         Self::create_prepared(config, prepared, handler, devices)
     }
@@ -201,12 +191,7 @@ impl KvmVm {
         handler: Arc<dyn ExitHandler>,
         devices: Vec<SharedDevice>,
     ) -> Result<Self, KvmVmError> {
-        if config.vcpus == 0 || config.vcpus > MAX_VCPUS {
-            return Err(KvmVmError::Config(format!(
-                "{} vCPUs: must be between 1 and {MAX_VCPUS}",
-                config.vcpus
-            )));
-        }
+        check_vcpus(config)?;
         if prepared.bytes != config.memory {
             return Err(KvmVmError::Config(format!(
                 "the prepared VM has {} bytes of memory, not {}",
@@ -635,6 +620,17 @@ pub fn check_tsc_khz(source_khz: u32, dest_khz: u32, can_scale: bool) -> Result<
          (more than {TSC_TOLERANCE_PPM} ppm apart), and this host's KVM cannot scale a \
          guest's TSC (no KVM_CAP_TSC_CONTROL): the guest's clock would run at the wrong rate"
     )))
+}
+
+/// A vCPU count `KvmVm` can make: 1 ..= [`MAX_VCPUS`].
+fn check_vcpus(config: &VmConfig) -> Result<(), KvmVmError> {
+    if config.vcpus == 0 || config.vcpus > MAX_VCPUS {
+        return Err(KvmVmError::Config(format!(
+            "{} vCPUs: must be between 1 and {MAX_VCPUS}",
+            config.vcpus
+        )));
+    }
+    Ok(())
 }
 
 #[cfg(test)]

@@ -614,24 +614,41 @@ fn a_restore_that_reads_guest_memory_gets_its_page_before_go() {
     check(&src, o);
 }
 
-/// The expensive part of the switch (the destination dropping the pages
-/// still to come and registering its memory with the installer) happens
-/// while the guest still runs on the source, not inside the downtime: the
-/// installer is armed when the source pauses.
-#[test]
-fn the_destination_arms_before_the_source_pauses() {
+/// At each of the source's pauses, whether the destination's installer
+/// was armed by then.
+type ArmedAtPause = Arc<Mutex<Vec<bool>>>;
+
+/// A running soft source filled from `seed` that records [`ArmedAtPause`],
+/// and a destination vCPU.
+fn recording_armed_at_pause(
+    seed: u64,
+) -> (
+    livemig::testing::hooked::HookedVm<'static, SoftVm>,
+    Vcpu,
+    ArmedAtPause,
+) {
     let soft = SoftVm::new(&layout(), &SoftConfig::default()).unwrap();
-    soft.fill(4);
+    soft.fill(seed);
     soft.start();
     let vcpu = Vcpu::new(Duration::from_secs(30));
     let slot = vcpu.pager.clone();
-    let armed_at_pause: Arc<Mutex<Vec<bool>>> = Arc::default();
+    let armed_at_pause: ArmedAtPause = Arc::default();
     let seen = armed_at_pause.clone();
     let src = livemig::testing::hooked::HookedVm::new(soft).on_pause(move |vm| {
         let armed = slot.lock().unwrap().as_ref().is_some_and(|p| p.armed());
         seen.lock().unwrap().push(armed);
         SourceVm::pause(vm)
     });
+    (src, vcpu, armed_at_pause)
+}
+
+/// The expensive part of the switch (the destination dropping the pages
+/// still to come and registering its memory with the installer) happens
+/// while the guest still runs on the source, not inside the downtime: the
+/// installer is armed when the source pauses.
+#[test]
+fn the_destination_arms_before_the_source_pauses() {
+    let (src, vcpu, armed_at_pause) = recording_armed_at_pause(4);
     let pc = PostcopyConfig {
         after_rounds: 2,
         on_non_convergence: false,
@@ -728,18 +745,7 @@ fn a_page_dirtied_after_the_prepare_is_dropped_at_the_switch() {
 /// destination arms inside the downtime) and the migration is correct.
 #[test]
 fn a_destination_that_does_not_prepare_gets_the_old_order() {
-    let soft = SoftVm::new(&layout(), &SoftConfig::default()).unwrap();
-    soft.fill(9);
-    soft.start();
-    let vcpu = Vcpu::new(Duration::from_secs(30));
-    let slot = vcpu.pager.clone();
-    let armed_at_pause: Arc<Mutex<Vec<bool>>> = Arc::default();
-    let seen = armed_at_pause.clone();
-    let src = livemig::testing::hooked::HookedVm::new(soft).on_pause(move |vm| {
-        let armed = slot.lock().unwrap().as_ref().is_some_and(|p| p.armed());
-        seen.lock().unwrap().push(armed);
-        SourceVm::pause(vm)
-    });
+    let (src, vcpu, armed_at_pause) = recording_armed_at_pause(9);
     let pc = PostcopyConfig {
         after_rounds: 1,
         on_non_convergence: false,
