@@ -277,12 +277,33 @@ pub(super) fn narrow_runs(runs: &[(u64, u64)], base: u64, keep: &[bool]) -> Vec<
 ///
 /// [`GuestMemory::take_vmm_dirty`]: crate::memory::GuestMemory::take_vmm_dirty
 pub(super) fn merge_vmm_writes<V: SourceVm + ?Sized>(vm: &V, bitmap: &mut DirtyBitmap) {
+    let pages = region_pages(bitmap);
+    take_vmm_writes(vm, &pages, |region, words| bitmap.or_words(region, words));
+}
+
+/// The page count of each region of `bitmap`'s layout.
+pub(super) fn region_pages(bitmap: &DirtyBitmap) -> Vec<u64> {
+    (0..bitmap.num_regions())
+        .map(|r| bitmap.region_pages(r))
+        .collect()
+}
+
+/// Takes the VMM's own writes since the previous take
+/// ([`GuestMemory::take_vmm_dirty`]) region by region (`pages`: each
+/// region's page count) and hands each region's words to `f`.
+///
+/// [`GuestMemory::take_vmm_dirty`]: crate::memory::GuestMemory::take_vmm_dirty
+pub(super) fn take_vmm_writes<V: SourceVm + ?Sized>(
+    vm: &V,
+    pages: &[u64],
+    mut f: impl FnMut(usize, &[u64]),
+) {
     let mem = vm.memory();
     let mut words = Vec::new();
-    for region in 0..bitmap.num_regions() {
+    for (region, n) in pages.iter().enumerate() {
         words.clear();
-        words.resize(bitmap.region_pages(region).div_ceil(64) as usize, 0);
+        words.resize(n.div_ceil(64) as usize, 0);
         mem.take_vmm_dirty(region, &mut words);
-        bitmap.or_words(region, &words);
+        f(region, &words);
     }
 }
