@@ -13,25 +13,8 @@ set -u
 R=${R:-$(dirname "$0")/../target/debug/examples/refvmm}
 D=$(mktemp -d /tmp/livemig-localbench.XXXXXX); N=${1:-3}
 trap 'rm -rf "$D"' EXIT
-# Reads a VMM's serial output on stdin; writes to $1 the arrival times of
-# the first and the last chunk that held a heartbeat ('.'), and the largest
-# gap between such chunks (for the source: the noise floor before the
-# migration, what the busy machine alone does to the heartbeats).
-# It says it is ready (file $1.ready) before the migration starts: a reader
-# that starts late would stamp the first beats late (they wait in the pipe).
-STAMP='
-import os, sys, time
-open(sys.argv[1] + ".ready", "w").close()
-first = last = None; most = 0.0
-while True:
-    b = os.read(0, 65536)
-    if not b: break
-    if b"." in b:
-        t = time.monotonic(); first = first or t
-        if last is not None: most = max(most, t - last)
-        last = t
-open(sys.argv[1], "w").write("%r %r %r\n" % (first, last, most))
-'
+# The serial stamper (what it writes: benches/serial_stamp.py).
+STAMP=$(cat "$(dirname "$0")/serial_stamp.py")
 for i in $(seq 1 $N); do
  for mode in ${MODES:-local tcp}; do
   rm -rf $D/*

@@ -16,19 +16,7 @@ set -u
 R=${R:-$(dirname "$0")/../target/debug/examples/refvmm}
 N=$1; MEM=$2; V=$3; CL=$4; LIM=${5:-10}
 D=$(mktemp -d /tmp/livemig-switchover.XXXXXX)
-STAMP='
-import os, sys, time
-open(sys.argv[1] + ".ready", "w").close()
-first = last = None; most = 0.0
-while True:
-    b = os.read(0, 65536)
-    if not b: break
-    if b"." in b:
-        t = time.monotonic(); first = first or t
-        if last is not None: most = max(most, t - last)
-        last = t
-open(sys.argv[1], "w").write("%r %r %r\n" % (first, last, most))
-'
+STAMP=$(cat "$(dirname "$0")/serial_stamp.py")
 PORT=$((47200 + RANDOM % 500))
 for i in $(seq 1 $N); do
   rm -rf $D/*
