@@ -469,7 +469,9 @@ fn tcp_gbs() -> f64 {
     livemig_suite::limits::loopback_tcp_rate(2 << 30) / 1e9
 }
 
-fn median(mut v: Vec<f64>) -> f64 {
+/// The median of the figures that are there (NaN = not measured), or NaN.
+fn median(v: Vec<f64>) -> f64 {
+    let mut v: Vec<f64> = v.into_iter().filter(|x| !x.is_nan()).collect();
     if v.is_empty() {
         return f64::NAN;
     }
@@ -707,7 +709,8 @@ struct CmpSample {
     downtime_ms: f64,
     mb_sent: f64,
     rounds: f64,
-    /// QEMU's `setup-time` (QEMU only; unused for ours).
+    /// Set-up before pages move: QEMU's `setup-time`, our report's
+    /// `setup_ms`.
     setup_ms: f64,
     corrupt: usize,
 }
@@ -847,6 +850,7 @@ fn cmp_ours(sc: &CmpScenario, runs: usize, limits: &[CmpLimit]) -> Option<u64> {
                     s.downtime_ms = rep["downtime_ms"].as_f64().unwrap_or(f64::NAN);
                     s.mb_sent = rep["bytes_sent"].as_f64().unwrap_or(f64::NAN) / 1e6;
                     s.rounds = rep["rounds"].as_array().map_or(0, |x| x.len()) as f64;
+                    s.setup_ms = rep["setup_ms"].as_f64().unwrap_or(f64::NAN);
                     assert_eq!(s.corrupt, 0, "{}: the guest saw corruption", sc.name);
                     src = dst;
                 }
@@ -1018,6 +1022,25 @@ fn bench_qemu_side_by_side(_c: &mut Criterion) {
     );
 }
 
+/// Pages moved per second once set up: MB sent over (total − set-up).
+/// Below 50 MB sent (an idle guest) the figure says nothing about the
+/// transfer path and is left out (NaN).
+fn transfer_mbs(s: &CmpSample) -> f64 {
+    let moving_ms = s.total_ms - s.setup_ms;
+    if s.mb_sent < 50.0 || !(moving_ms > 0.0) {
+        return f64::NAN;
+    }
+    s.mb_sent / (moving_ms / 1e3)
+}
+
+/// "ours / QEMU / ratio" of two transfer rates, or "–" without both.
+fn rate((a, b): (f64, f64)) -> String {
+    if a.is_nan() || b.is_nan() {
+        return "–".into();
+    }
+    format!("{a:.0} / {b:.0} / {:.2}", a / b)
+}
+
 /// The side-by-side table (markdown) and rows (JSON), medians of the ok runs.
 fn cmp_summary() -> Option<(String, Vec<Value>)> {
     let info = QEMU_INFO.lock().unwrap().clone()?;
@@ -1026,7 +1049,7 @@ fn cmp_summary() -> Option<(String, Vec<Value>)> {
         "### QEMU side by side\n\nPeer: {info}. Same guest image and command line (heartbeat {HB_US} µs), loopback TCP, 1 vCPU; QEMU `max-bandwidth` {} GiB/s (uncapped) in every run; medians of the successful runs; ratio = ours / QEMU (below 1: we are better).\n\n",
         QEMU_MAX_BANDWIDTH >> 30
     );
-    md.push_str("| scenario | limit | runs ok (ours / QEMU) | switchover gap ms (ours / QEMU / ratio) | blackout ms (ours / QEMU / ratio) | total ms (ours / QEMU / ratio) | downtime ms, self-reported (ours / QEMU / ratio) | noise floor ms (ours / QEMU) | MB sent (ours / QEMU) | rounds (ours) / dirty syncs (QEMU) |\n|---|---|---|---|---|---|---|---|---|---|\n");
+    md.push_str("| scenario | limit | runs ok (ours / QEMU) | switchover gap ms (ours / QEMU / ratio) | blackout ms (ours / QEMU / ratio) | total ms (ours / QEMU / ratio) | downtime ms, self-reported (ours / QEMU / ratio) | noise floor ms (ours / QEMU) | MB sent (ours / QEMU) | transfer MB/s (ours / QEMU / ratio, above 1: we are faster) | rounds (ours) / dirty syncs (QEMU) |\n|---|---|---|---|---|---|---|---|---|---|---|\n");
     let mut rows = Vec::new();
     for sc in cmp_scenarios() {
         for lim in &CMP_LIMITS {
@@ -1051,7 +1074,7 @@ fn cmp_summary() -> Option<(String, Vec<Value>)> {
                 continue;
             }
             let m = |v: &[CmpSample], f: Field| median(v.iter().map(f).collect());
-            let fields: [(&str, Field); 7] = [
+            let fields: [(&str, Field); 8] = [
                 ("switchover_gap_ms", |s| s.switchover_gap_ms),
                 ("blackout_ms", |s| s.blackout_ms),
                 ("total_ms", |s| s.total_ms),
@@ -1059,6 +1082,7 @@ fn cmp_summary() -> Option<(String, Vec<Value>)> {
                 ("noise_floor_ms", |s| s.noise_floor_ms),
                 ("mb_sent", |s| s.mb_sent),
                 ("rounds", |s| s.rounds),
+                ("transfer_mbs", transfer_mbs),
             ];
             let mut row = json!({
                 "scenario": sc.name, "limit": lim.label,
@@ -1084,13 +1108,14 @@ fn cmp_summary() -> Option<(String, Vec<Value>)> {
             let (mb_o, mb_q) = v["mb_sent"];
             let (r_o, r_q) = v["rounds"];
             md.push_str(&format!(
-                "| {} | {} | {on} ({ook}) / {qn} ({qok}) | {} | {} | {} | {} | {nf_o:.2} / {nf_q:.2} | {mb_o:.0} / {mb_q:.0} | {r_o:.0} / {r_q:.0} |\n",
+                "| {} | {} | {on} ({ook}) / {qn} ({qok}) | {} | {} | {} | {} | {nf_o:.2} / {nf_q:.2} | {mb_o:.0} / {mb_q:.0} | {} | {r_o:.0} / {r_q:.0} |\n",
                 sc.name,
                 lim.label,
                 tri("switchover_gap_ms"),
                 tri("blackout_ms"),
                 tri("total_ms"),
                 tri("downtime_ms"),
+                rate(v["transfer_mbs"]),
             ));
             rows.push(row);
         }

@@ -645,12 +645,40 @@ pub fn state_frames(
     sections: Vec<Section>,
     max_payload: usize,
 ) -> Result<Vec<State>, ProtocolError> {
-    const M: &str = "State";
+    let frames = pack_state(sections, max_payload)?;
+    for f in &frames {
+        check_state_frame(f, f.encode()?.len(), max_payload)?;
+    }
+    check_state_frame_count(frames.len())?;
+    Ok(frames)
+}
+
+/// [`state_frames`], encoded: the payload of each `State` frame, each
+/// encoded once (the switchover sends these bytes as they are).
+pub fn encoded_state_frames(
+    sections: Vec<Section>,
+    max_payload: usize,
+) -> Result<Vec<Vec<u8>>, ProtocolError> {
+    let frames = pack_state(sections, max_payload)?;
+    let mut encoded = Vec::with_capacity(frames.len());
+    for f in &frames {
+        let bytes = f.encode()?;
+        check_state_frame(f, bytes.len(), max_payload)?;
+        encoded.push(bytes);
+    }
+    check_state_frame_count(encoded.len())?;
+    Ok(encoded)
+}
+
+/// Groups `sections` (names unique) into `State` messages in order, a new
+/// one whenever the next section would not fit in `max_payload` bytes or
+/// the message holds [`MAX_SECTIONS`]; at least one message.
+fn pack_state(sections: Vec<Section>, max_payload: usize) -> Result<Vec<State>, ProtocolError> {
     let mut seen = HashSet::with_capacity(sections.len());
     for s in &sections {
         if !seen.insert(s.name.clone()) {
             return Err(ProtocolError::Unencodable {
-                msg: M,
+                msg: "State",
                 reason: format!("section '{}' appears twice", s.name),
             });
         }
@@ -674,28 +702,34 @@ pub fn state_frames(
     if frames.is_empty() {
         frames.push(State::default());
     }
-    for f in &frames {
-        let n = f.encode()?.len();
-        if n > max_payload {
-            return Err(ProtocolError::Unencodable {
-                msg: M,
-                reason: format!(
-                    "section '{}' needs a frame of {n} bytes, more than the limit of {max_payload}",
-                    f.sections[0].name
-                ),
-            });
-        }
-    }
-    if frames.len() > MAX_STATE_FRAMES {
-        return Err(ProtocolError::Unencodable {
-            msg: M,
-            reason: format!(
-                "the state needs {} frames, more than the limit of {MAX_STATE_FRAMES}",
-                frames.len()
-            ),
-        });
-    }
     Ok(frames)
+}
+
+/// A `State` message of `encoded` bytes must fit in `max_payload`.
+fn check_state_frame(f: &State, encoded: usize, max_payload: usize) -> Result<(), ProtocolError> {
+    if encoded <= max_payload {
+        return Ok(());
+    }
+    let first = f.sections.first().map_or("", |s| s.name.as_str());
+    Err(ProtocolError::Unencodable {
+        msg: "State",
+        reason: format!(
+            "section '{first}' needs a frame of {encoded} bytes, more than the limit of {max_payload}"
+        ),
+    })
+}
+
+/// At most [`MAX_STATE_FRAMES`] `State` messages.
+fn check_state_frame_count(frames: usize) -> Result<(), ProtocolError> {
+    if frames <= MAX_STATE_FRAMES {
+        return Ok(());
+    }
+    Err(ProtocolError::Unencodable {
+        msg: "State",
+        reason: format!(
+            "the state needs {frames} frames, more than the limit of {MAX_STATE_FRAMES}"
+        ),
+    })
 }
 
 fn check_section_name(name: &str) -> Result<(), String> {

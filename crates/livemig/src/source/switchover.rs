@@ -14,7 +14,7 @@ use crate::commit::{commit, Commit};
 use crate::control::ControlWriter;
 use crate::deadline::PauseDeadline;
 use crate::error::{ErrorKind, MigrationError, Phase};
-use crate::protocol::{state_frames, Go, MsgKind, Ready, Resumed, MAX_FRAME_PAYLOAD};
+use crate::protocol::{encoded_state_frames, Go, MsgKind, Ready, Resumed, MAX_FRAME_PAYLOAD};
 use crate::report::Progress;
 use crate::state::Section;
 use crate::vm::SourceVm;
@@ -187,10 +187,11 @@ pub(super) fn send_state(
 ) -> Result<(u64, u32), MigrationError> {
     let st = Phase::State;
     let data_bytes = sections.iter().map(|s| s.data.len() as u64).sum();
-    let frames =
-        state_frames(sections, MAX_FRAME_PAYLOAD).map_err(|e| MigrationError::new(st, e))?;
+    let frames = encoded_state_frames(sections, MAX_FRAME_PAYLOAD)
+        .map_err(|e| MigrationError::new(st, e))?;
     for state in &frames {
-        fw.send(state).map_err(|e| MigrationError::new(st, e))?;
+        fw.write_frame(MsgKind::State, &[state])
+            .map_err(|e| MigrationError::new(st, e))?;
     }
     fw.write_frame(MsgKind::Complete, &[])
         .and_then(|_| fw.flush())
