@@ -1011,6 +1011,45 @@ mod tests {
     use crate::protocol::test_support::layout;
     use std::fmt;
 
+    fn sections(n: usize, len: usize) -> Vec<Section> {
+        (0..n)
+            .map(|i| Section {
+                name: format!("dev{i}"),
+                version: 1,
+                data: vec![i as u8; len],
+            })
+            .collect()
+    }
+
+    #[test]
+    fn encoded_state_frames_are_the_state_frames_encoded() {
+        // 10 sections of 1014 bytes each on the wire, frames of at most
+        // 3000: two per frame, 5 frames.
+        let frames = state_frames(sections(10, 1000), 3000).unwrap();
+        let encoded = encoded_state_frames(sections(10, 1000), 3000).unwrap();
+        assert_eq!(frames.len(), 5);
+        let again: Vec<Vec<u8>> = frames.iter().map(|f| f.encode().unwrap()).collect();
+        assert_eq!(encoded, again);
+        assert!(encoded.iter().all(|e| e.len() <= 3000));
+        let back: Vec<Section> = encoded
+            .iter()
+            .flat_map(|e| State::decode(e).unwrap().sections)
+            .collect();
+        assert_eq!(back, sections(10, 1000));
+    }
+
+    #[test]
+    fn encoded_state_frames_refuse_what_state_frames_refuse() {
+        let mut dup = sections(2, 10);
+        dup[1].name = dup[0].name.clone();
+        let too_big = sections(1, 5000);
+        for (input, max) in [(dup, 3000), (too_big, 3000)] {
+            let a = state_frames(input.clone(), max).unwrap_err().to_string();
+            let b = encoded_state_frames(input, max).unwrap_err().to_string();
+            assert_eq!(a, b);
+        }
+    }
+
     fn desc() -> VmDescription {
         let mut properties = BTreeMap::new();
         properties.insert("cpu.vendor".to_string(), "GenuineIntel".to_string());
