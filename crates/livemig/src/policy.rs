@@ -99,11 +99,12 @@ pub struct MigrationConfig {
     /// Default 1: everything on the one connection.
     pub streams: u32,
     /// Allow LZ4 compression of page frames (for slow links; a frame that
-    /// does not shrink by an eighth is sent as it is). Round 0 compresses;
-    /// after each round of at least [`MIN_SAMPLE_BYTES`] the source decides
-    /// for the next from what it measured ([`compression_pays`]): on when
-    /// the link, not the compression, is the bottleneck and the pages
-    /// compress. While off, one frame in [`COMPRESS_SAMPLE`] is still
+    /// does not shrink by an eighth is sent as it is). Round 0 starts
+    /// compressing; every connection decides again after each 8 MiB of page
+    /// frames it sent, and after a round of at least [`MIN_SAMPLE_BYTES`]
+    /// too short for that the source decides for the next, from what was
+    /// measured ([`compression_pays`]): on when the link, not the
+    /// compression, is the bottleneck and the pages compress. While off, one frame in [`COMPRESS_SAMPLE`] is still
     /// compressed (and sent raw) to measure. Each round's choice is in its
     /// report ([`crate::report::RoundReport::compressed`]). Off by default:
     /// on a fast link the compression costs more time than the bytes it

@@ -26,10 +26,18 @@ pub struct RoundReport {
     pub expected_downtime_ms: f64,
     /// vCPU throttle (auto-converge) in force after this round, percent.
     pub throttle_pct: u32,
-    /// Whether this round's page frames were LZ4-compressed (with
-    /// [`crate::MigrationConfig::compress`], decided after each round for
-    /// the next; see [`crate::policy::compression_pays`]).
+    /// Whether LZ4 was on for this round's page frames when it began, or
+    /// switched on within it (with [`crate::MigrationConfig::compress`]:
+    /// decided from every 8 MiB of page frames a connection sends, and
+    /// after a round too short for that, for the next; see
+    /// [`crate::policy::compression_pays`]).
     pub compressed: bool,
+    /// Page-frame bytes given to LZ4 in this round (every frame while it
+    /// was on, one in [`crate::policy::COMPRESS_SAMPLE`] while off, to
+    /// measure), and what they became.
+    pub lz4_input_bytes: u64,
+    /// What LZ4 made of [`RoundReport::lz4_input_bytes`].
+    pub lz4_output_bytes: u64,
 }
 
 /// Where the downtime went (all on the source clock, ms).

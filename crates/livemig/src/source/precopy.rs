@@ -52,9 +52,15 @@ struct Sent {
     sending: Duration,
     /// Bytes still unacknowledged on the connections after the drain.
     queued: u64,
-    /// Whether the round's page frames were compressed, and what LZ4 did.
+    /// Whether LZ4 was on when the round began or any of its page frames
+    /// went compressed, and what LZ4 did.
     compressed: bool,
+    /// Whether LZ4 was on when the round began.
+    compressed_from_start: bool,
     lz4: CompressionSample,
+    /// Whether a sender already decided within the round
+    /// ([`super::sender::LZ4_WINDOW_BYTES`]).
+    lz4_looked: bool,
 }
 
 /// The rounds' running state.
@@ -153,6 +159,8 @@ fn send_round<V: SourceVm + ?Sized>(
     sender.skip_zero = round == 0;
     sender.skip_untouched = round == 0 && s.config.skip_untouched;
     sender.clear_time = Duration::ZERO;
+    // A window spans one round: not the sync and decision between two.
+    sender.lz4_window = None;
     let compressed = sender.lz4.is_some() && sender.lz4_on.load(Ordering::SeqCst);
     let tracker = if t.tracker.rearm_mode() == Rearm::BeforeRead {
         Some(&mut *t.tracker)
@@ -190,8 +198,10 @@ fn send_round<V: SourceVm + ?Sized>(
             .saturating_sub(sender.clear_time)
             .max(Duration::from_micros(50)),
         queued,
-        compressed,
+        compressed: compressed || c.lz4_frames > 0,
+        compressed_from_start: compressed,
         lz4,
+        lz4_looked: c.lz4_looks > 0,
     })
 }
 
@@ -271,6 +281,8 @@ impl Precopy {
             expected_downtime_ms: ms(est.expected_downtime()),
             throttle_pct: pct,
             compressed: sent.compressed,
+            lz4_input_bytes: sent.lz4.raw_bytes,
+            lz4_output_bytes: sent.lz4.packed_bytes,
         };
         self.choose_compression(t, sent);
         log::info!("{rr}");
@@ -284,19 +296,20 @@ impl Precopy {
 
     /// With [`crate::MigrationConfig::compress`]: whether the next round
     /// compresses ([`compression_pays`]; unchanged when the round says
-    /// nothing).
+    /// nothing, or when a sender already decided within it from a
+    /// window of its frames: the round's sums then mix both settings).
     fn choose_compression(&self, t: &Tracking<'_>, sent: &Sent) {
-        if t.sender.lz4.is_none() {
+        if t.sender.lz4.is_none() || sent.lz4_looked {
             return;
         }
         let pays = compression_pays(
             sent.bytes,
             sent.sending,
             t.streams,
-            sent.compressed,
+            sent.compressed_from_start,
             &sent.lz4,
         );
-        if let Some(on) = pays.filter(|on| *on != sent.compressed) {
+        if let Some(on) = pays.filter(|on| *on != sent.compressed_from_start) {
             log::info!(
                 "round {}: LZ4 {} for the next round ({} of {} bytes in {:?})",
                 self.round,

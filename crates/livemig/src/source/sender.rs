@@ -7,7 +7,7 @@ use std::time::{Duration, Instant};
 
 use super::streams::StreamPool;
 use crate::memory::{MemoryLayout, PAGE_SIZE};
-use crate::policy::{MigrationConfig, COMPRESS_SAMPLE};
+use crate::policy::{compression_pays, CompressionSample, MigrationConfig, COMPRESS_SAMPLE};
 use crate::protocol::{compress_pages, FrameWriter, MsgKind, PageBatch, ProtocolError};
 use crate::ram::HostRam;
 use crate::transport::Transport;
@@ -67,6 +67,11 @@ pub(super) struct Counts {
     pub(super) lz4_raw: u64,
     pub(super) lz4_packed: u64,
     pub(super) lz4_ns: u64,
+    /// Page frames sent LZ4-compressed.
+    pub(super) lz4_frames: u64,
+    /// Times a sender looked, within a round, at whether LZ4 pays
+    /// ([`LZ4_WINDOW_BYTES`]).
+    pub(super) lz4_looks: u64,
 }
 
 impl Counts {
@@ -77,6 +82,8 @@ impl Counts {
         self.lz4_raw += c.lz4_raw;
         self.lz4_packed += c.lz4_packed;
         self.lz4_ns += c.lz4_ns;
+        self.lz4_frames += c.lz4_frames;
+        self.lz4_looks += c.lz4_looks;
     }
 
     /// What has been counted since `earlier`.
@@ -88,6 +95,8 @@ impl Counts {
             lz4_raw: self.lz4_raw - earlier.lz4_raw,
             lz4_packed: self.lz4_packed - earlier.lz4_packed,
             lz4_ns: self.lz4_ns - earlier.lz4_ns,
+            lz4_frames: self.lz4_frames - earlier.lz4_frames,
+            lz4_looks: self.lz4_looks - earlier.lz4_looks,
         }
     }
 }
@@ -129,6 +138,23 @@ pub(super) struct PageSender<'a> {
     /// When the first page was handed to a connection (the report's
     /// `first_page_ms`).
     pub(super) first_page: Option<Instant>,
+    /// The page frames since this sender last looked at whether LZ4 pays.
+    pub(super) lz4_window: Option<Lz4Window>,
+}
+
+/// Page data (bytes of the pages, before compression) a sender writes
+/// between two looks at whether LZ4 pays, within a round: a long round on a slow link (round 0 above all)
+/// need not run to its end uncompressed before the policy may decide.
+pub(super) const LZ4_WINDOW_BYTES: u64 = 8 << 20;
+
+/// Where a sender's current [`LZ4_WINDOW_BYTES`] window began.
+pub(super) struct Lz4Window {
+    start: Instant,
+    base: Counts,
+    /// Bytes still unacknowledged on the connection then.
+    unacked: u64,
+    /// Whether LZ4 was on then.
+    on: bool,
 }
 
 impl<'a> PageSender<'a> {
@@ -163,6 +189,7 @@ impl<'a> PageSender<'a> {
             clear_time: Duration::ZERO,
             alive_every: keepalive_every(config.io_timeout),
             first_page: None,
+            lz4_window: None,
         }
     }
 
@@ -195,8 +222,16 @@ impl PageSender<'_> {
             return Ok(());
         }
         let before = self.fw.bytes_written();
-        let raw = self.batch.as_bytes();
         let on = self.lz4_on.load(Ordering::Relaxed);
+        if self.lz4.is_some() && self.lz4_window.is_none() {
+            self.lz4_window = Some(Lz4Window {
+                start: Instant::now(),
+                base: self.counts,
+                unacked: self.fw.get_ref().unacked_bytes().unwrap_or(0),
+                on,
+            });
+        }
+        let raw = self.batch.as_bytes();
         let sample = on || self.frames.is_multiple_of(COMPRESS_SAMPLE);
         self.frames += 1;
         match self.lz4.as_mut().filter(|_| sample) {
@@ -209,6 +244,7 @@ impl PageSender<'_> {
                 // Keep it only if it saves at least an eighth.
                 if on && buf.len() < raw.len() - raw.len() / 8 {
                     self.fw.write_frame(MsgKind::PagesLz4, &[buf])?;
+                    self.counts.lz4_frames += 1;
                 } else {
                     self.fw.write_frame(MsgKind::Pages, &[raw])?;
                 }
@@ -220,7 +256,48 @@ impl PageSender<'_> {
         self.batch.clear();
         self.last_control = Instant::now();
         let wait = self.pacer.account(n);
-        self.pace(wait)
+        self.pace(wait)?;
+        self.look_at_lz4();
+        Ok(())
+    }
+
+    /// Once [`LZ4_WINDOW_BYTES`] of page data went out since the window began: whether
+    /// LZ4 pays on this connection ([`compression_pays`] over the window:
+    /// the bytes delivered, the time, what LZ4 did), switching it for
+    /// every stream if not as it is. A window in which another stream
+    /// switched is dropped undecided.
+    fn look_at_lz4(&mut self) {
+        let Some(w) = self.lz4_window.take() else {
+            return;
+        };
+        let c = self.counts.since(&w.base);
+        if c.pages * PAGE_SIZE < LZ4_WINDOW_BYTES {
+            self.lz4_window = Some(w);
+            return;
+        }
+        if self.lz4_on.load(Ordering::SeqCst) != w.on {
+            return;
+        }
+        let unacked = self.fw.get_ref().unacked_bytes().unwrap_or(0);
+        let delivered = (c.bytes + w.unacked).saturating_sub(unacked);
+        let sample = CompressionSample {
+            raw_bytes: c.lz4_raw,
+            packed_bytes: c.lz4_packed,
+            time: Duration::from_nanos(c.lz4_ns),
+        };
+        self.counts.lz4_looks += 1;
+        let pays = compression_pays(delivered, w.start.elapsed(), 1, w.on, &sample);
+        if let Some(on) = pays.filter(|on| *on != w.on) {
+            log::info!(
+                "LZ4 {} within the round ({} of {} bytes in {:?}; {delivered} bytes delivered in {:?})",
+                if on { "on" } else { "off" },
+                sample.packed_bytes,
+                sample.raw_bytes,
+                sample.time,
+                w.start.elapsed()
+            );
+            self.lz4_on.store(on, Ordering::SeqCst);
+        }
     }
 
     /// Waits `wait` for the bandwidth cap, in slices of at most

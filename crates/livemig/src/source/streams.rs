@@ -232,6 +232,9 @@ impl Worker<'_> {
         let c = self.sender.counts;
         let delta = c.since(&self.reported);
         self.reported = c;
+        // The round ended: the next window starts with its next frame,
+        // not across the wait for the next round.
+        self.sender.lz4_window = None;
         self.done.send(Ok(delta)).is_ok()
     }
 }
