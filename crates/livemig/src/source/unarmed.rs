@@ -202,6 +202,10 @@ impl DirtyTracker for Unarmed<'_> {
         self.inner.stop()
     }
 
+    fn stop_migrated(&mut self) -> Result<(), VmError> {
+        self.inner.stop_migrated()
+    }
+
     fn describe(&self) -> String {
         self.inner.describe()
     }
