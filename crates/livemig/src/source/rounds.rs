@@ -56,6 +56,13 @@ impl PageSender<'_> {
             let mut block = 0;
             while block < pages {
                 let end = (block + BLOCK_PAGES).min(pages);
+                if !bitmap.any_in(region, block, end) {
+                    // Nothing to send or re-arm: one pass over the block's
+                    // words instead of a check (and a keepalive look) per
+                    // chunk — a mostly clean 64 GiB bitmap is 16 K chunks.
+                    block = end;
+                    continue;
+                }
                 // Round 0: one scan for populated memory per block, so the
                 // chunks nothing was ever written to cost nothing more
                 // (see `untouched_chunks`).
