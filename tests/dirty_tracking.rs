@@ -915,3 +915,104 @@ fn a_signal_during_ring_reset_loses_nothing() {
     );
     t.stop().unwrap();
 }
+
+/// Whether KVM holds a dirty log for `slot` (logging on): KVM_GET_DIRTY_LOG
+/// fails on a slot whose logging is off.
+fn logging_on(w: &PageWriter, slot: u32, size: u64) -> bool {
+    w.vm.vm_fd().get_dirty_log(slot, size as usize).is_ok()
+}
+
+/// Issue 16: after a completed migration (`stop_migrated`) the KVM tracker
+/// leaves dirty logging on, for the VM's teardown; the VM turns it off
+/// before its vCPUs run again, and so does a new tracker before it
+/// starts. `stop` (a failed or cancelled migration) turns it off at once.
+#[test]
+fn logging_left_on_by_a_completed_migration_is_off_before_the_guest_runs() {
+    let Some(_kvm) = common::kvm_or_skip("logging_left_on_by_a_completed_migration") else {
+        return;
+    };
+    let w = PageWriter::new(MEM, DirtyMode::ManualProtect);
+    assert!(!logging_on(&w, 0, MEM));
+    // A failed migration: off at once.
+    let mut t = w.vm.kvm_dirty_tracker();
+    t.start().unwrap();
+    assert!(logging_on(&w, 0, MEM));
+    t.stop().unwrap();
+    drop(t);
+    assert!(!logging_on(&w, 0, MEM) && !w.vm.dirty_logging_left_on());
+    // A completed one: left on, until the vCPUs run again.
+    let mut t = w.vm.kvm_dirty_tracker();
+    t.start().unwrap();
+    t.stop_migrated().unwrap();
+    drop(t);
+    assert!(logging_on(&w, 0, MEM) && w.vm.dirty_logging_left_on());
+    SourceVm::resume(&w.vm).unwrap();
+    assert!(!logging_on(&w, 0, MEM) && !w.vm.dirty_logging_left_on());
+    SourceVm::pause(&w.vm).unwrap();
+    // Left on, then a new tracker: it starts from a fresh log (every page
+    // reported again in manual-protect mode), and its stop turns it off.
+    let layout = MemoryLayout::of(w.vm.memory()).unwrap();
+    let mut t = w.vm.kvm_dirty_tracker();
+    t.start().unwrap();
+    let mut all = DirtyBitmap::new(&layout);
+    all.set_all();
+    clear_all(&mut t, &all);
+    t.stop_migrated().unwrap();
+    drop(t);
+    let mut t = w.vm.kvm_dirty_tracker();
+    t.start().unwrap();
+    assert!(!w.vm.dirty_logging_left_on());
+    let mut b = DirtyBitmap::new(&layout);
+    t.sync(&mut b).unwrap();
+    assert_eq!(b.count(), MEM / 4096, "a fresh log reports every page");
+    t.stop().unwrap();
+    drop(t);
+    assert!(!logging_on(&w, 0, MEM));
+    // A tracker made without the VM's flag turns logging off either way.
+    let slots = [livemig_kvm::dirty::Slot {
+        slot: 0,
+        guest_addr: 0,
+        size: MEM,
+        host_addr: w.vm.memory().regions()[0].host as u64,
+    }];
+    let mut t = livemig_kvm::dirty::KvmDirtyTracker::new(
+        w.vm.vm_fd(),
+        &slots,
+        DirtyMode::ManualProtect,
+        None,
+    );
+    t.start().unwrap();
+    t.stop_migrated().unwrap();
+    assert!(!logging_on(&w, 0, MEM));
+}
+
+/// Issue 16: a manual-protect tracker started for some slots only turns
+/// logging on for those; `start_region` adds one (every page of it
+/// reported, as at a start), and `stop` turns off exactly what is on.
+#[test]
+fn start_regions_turns_logging_on_for_the_slots_asked_only() {
+    let Some(_kvm) = common::kvm_or_skip("start_regions_turns_logging_on") else {
+        return;
+    };
+    let mem = (3 << 30) + (64 << 20);
+    let high = 64u64 << 20;
+    let w = PageWriter::new(mem, DirtyMode::ManualProtect);
+    let layout = MemoryLayout::of(w.vm.memory()).unwrap();
+    let mut t = w.vm.kvm_dirty_tracker();
+    t.start_regions(&[true, false]).unwrap();
+    assert!(logging_on(&w, 0, 3 << 30) && !logging_on(&w, 1, high));
+    let mut b = DirtyBitmap::new(&layout);
+    t.sync(&mut b).unwrap();
+    assert_eq!(b.count(), (3u64 << 30) / 4096, "region 1 reports nothing");
+    let mut all = DirtyBitmap::new(&layout);
+    all.set_all();
+    assert!(t.rearm(1, 0, 64, &all).is_err(), "region 1 is not tracked");
+    t.start_region(1).unwrap();
+    assert!(logging_on(&w, 1, high));
+    let mut b = DirtyBitmap::new(&layout);
+    t.sync(&mut b).unwrap();
+    assert_eq!(b.count_in(1, 0, high / 4096), high / 4096);
+    t.rearm(1, 0, high / 4096, &all).unwrap();
+    t.stop().unwrap();
+    assert!(!logging_on(&w, 0, 3 << 30) && !logging_on(&w, 1, high));
+}

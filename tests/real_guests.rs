@@ -260,6 +260,7 @@ fn guest_size_cost() {
                     .unwrap_or(0.0),
                 r["dirty_tracking"],
             );
+            println!("  downtime breakdown: {}", r["downtime_breakdown"]);
             let _ = src.wait_exit(Duration::from_secs(10));
             dst.kill();
             let _ = std::fs::remove_dir_all(dir);

@@ -3,7 +3,7 @@
 //! [`SourceVm`] and [`DestinationVm`] seams.
 
 use std::collections::BTreeMap;
-use std::sync::atomic::{AtomicU32, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -19,7 +19,7 @@ use crate::cpu::{
     hash_cpuid, host_tsc_khz, properties, set_vcpu_tsc_khz, source_tsc_khz, supported_cpuid,
     CPUID_PROPERTY,
 };
-use crate::dirty::{DirtyMode, DirtyRing, KvmDirtyTracker, Slot};
+use crate::dirty::{turn_off_left_on, DirtyMode, DirtyRing, KvmDirtyTracker, Slot};
 use crate::memfd::{allocate_memory, MemoryBackend};
 use crate::pool::Pool;
 use crate::prepared::PreparedVm;
@@ -137,6 +137,10 @@ pub struct KvmVm {
     state_pool: Pool,
     /// The vCPUs' MSR list, shared with the state helpers.
     msr_list: Arc<Vec<u32>>,
+    /// A completed outgoing migration left dirty logging on (see
+    /// [`DirtyTracker::stop_migrated`]): turned off before the vCPUs run
+    /// again or a new tracker starts.
+    dirty_left_on: AtomicBool,
 }
 
 impl KvmVm {
@@ -247,6 +251,7 @@ impl KvmVm {
             tsc_khz: AtomicU32::new(tsc_khz),
             state_pool: Pool::new(std::thread::available_parallelism().map_or(1, |n| n.get()) - 1),
             msr_list: Arc::new(msr_indices),
+            dirty_left_on: AtomicBool::new(false),
         })
     }
 
@@ -285,8 +290,32 @@ impl KvmVm {
 
     /// A dirty tracker over all of guest memory (the same one
     /// [`SourceVm::dirty_tracker`] returns, with its concrete type).
+    ///
+    /// After a completed migration it leaves dirty logging on
+    /// ([`DirtyTracker::stop_migrated`]); the VM turns it off before its
+    /// vCPUs run again ([`KvmVm::resume_vcpus`], [`SourceVm::resume`]) and
+    /// a new tracker turns it off before it starts. Dropping the VM frees
+    /// it with the memory slots.
     pub fn kvm_dirty_tracker(&self) -> KvmDirtyTracker<'_> {
         KvmDirtyTracker::new(&self.vm, &self.slots, self.dirty_mode, self.ring.as_deref())
+            .with_left_on(&self.dirty_left_on)
+    }
+
+    /// Whether a completed migration left dirty logging on (it is turned
+    /// off before the vCPUs run again).
+    pub fn dirty_logging_left_on(&self) -> bool {
+        self.dirty_left_on.load(Ordering::SeqCst)
+    }
+
+    /// Turns off the dirty logging a completed migration left on, before
+    /// the vCPUs run again.
+    fn logging_off_if_left_on(&self) -> Result<(), VmError> {
+        turn_off_left_on(
+            &self.vm,
+            &self.slots,
+            self.ring.as_deref(),
+            &self.dirty_left_on,
+        )
     }
 
     /// The guest's TSC frequency in kHz as KVM reported it when the VM was
@@ -395,8 +424,13 @@ impl KvmVm {
         Ok(self.vcpus.pause()?)
     }
 
-    /// Resumes every vCPU.
+    /// Resumes every vCPU (turning off first the dirty logging a completed
+    /// migration left on; should that fail, the guest runs with it, only
+    /// slower, and the error is logged).
     pub fn resume_vcpus(&self) {
+        if let Err(e) = self.logging_off_if_left_on() {
+            log::error!("turning dirty logging off before resuming: {e}");
+        }
         self.vcpus.resume()
     }
 
@@ -439,6 +473,7 @@ impl SourceVm for KvmVm {
         if let Some(e) = self.vcpus.fatal() {
             return Err(VmError::failed(VmOp::Resume, "a vCPU stopped for good", e));
         }
+        self.logging_off_if_left_on()?;
         self.vcpus.resume();
         Ok(())
     }
@@ -480,6 +515,7 @@ impl VcpuThrottle for KvmVm {
     }
 
     fn resume_vcpus(&self) -> Result<(), VmError> {
+        self.logging_off_if_left_on()?;
         self.vcpus.resume();
         Ok(())
     }
@@ -523,6 +559,7 @@ impl DestinationVm for KvmVm {
     }
 
     fn resume(&mut self) -> Result<(), VmError> {
+        self.logging_off_if_left_on()?;
         self.vcpus.resume();
         Ok(())
     }

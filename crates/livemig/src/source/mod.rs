@@ -163,7 +163,9 @@ fn run<V: SourceVm + ?Sized>(
     let estimate = handshake::estimate_state(s, &accepted)?;
     let mut t = Tracking::start(s, accepted, estimate, &layout)?;
     let outcome = transfer(s, &mut t);
-    let bytes_sent = t.stop();
+    // Only a completed migration may leave the log to the VM's teardown:
+    // after any other outcome the source may run the guest again.
+    let bytes_sent = t.stop(outcome.is_ok());
     match outcome {
         Ok(committed) => {
             let mut report = assemble(s, &t, committed, layout.total_bytes(), bytes_sent);

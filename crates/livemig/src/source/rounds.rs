@@ -56,6 +56,13 @@ impl PageSender<'_> {
             let mut block = 0;
             while block < pages {
                 let end = (block + BLOCK_PAGES).min(pages);
+                if !bitmap.any_in(region, block, end) {
+                    // Nothing to send or re-arm: one pass over the block's
+                    // words instead of a check (and a keepalive look) per
+                    // chunk — a mostly clean 64 GiB bitmap is 16 K chunks.
+                    block = end;
+                    continue;
+                }
                 // Round 0: one scan for populated memory per block, so the
                 // chunks nothing was ever written to cost nothing more
                 // (see `untouched_chunks`).
@@ -277,8 +284,13 @@ pub(super) fn narrow_runs(runs: &[(u64, u64)], base: u64, keep: &[bool]) -> Vec<
 ///
 /// [`GuestMemory::take_vmm_dirty`]: crate::memory::GuestMemory::take_vmm_dirty
 pub(super) fn merge_vmm_writes<V: SourceVm + ?Sized>(vm: &V, bitmap: &mut DirtyBitmap) {
+    let t0 = Instant::now();
     let pages = region_pages(bitmap);
     take_vmm_writes(vm, &pages, |region, words| bitmap.or_words(region, words));
+    log::debug!(
+        "the VMM's writes merged in {:.2} ms",
+        t0.elapsed().as_secs_f64() * 1000.0
+    );
 }
 
 /// The page count of each region of `bitmap`'s layout.

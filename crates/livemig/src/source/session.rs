@@ -133,12 +133,24 @@ impl<'a> Tracking<'a> {
         })
     }
 
-    /// Turns dirty logging off; returns the bytes written on every
-    /// connection.
-    pub(super) fn stop(&mut self) -> u64 {
-        if let Err(e) = self.tracker.stop() {
+    /// Turns dirty logging off — or, after a completed migration
+    /// (`migrated`), lets the tracker leave that to the VM's teardown
+    /// ([`DirtyTracker::stop_migrated`]); returns the bytes written on
+    /// every connection.
+    pub(super) fn stop(&mut self, migrated: bool) -> u64 {
+        let t0 = Instant::now();
+        let r = if migrated {
+            self.tracker.stop_migrated()
+        } else {
+            self.tracker.stop()
+        };
+        if let Err(e) = r {
             log::error!("stopping dirty logging: {e}");
         }
+        log::debug!(
+            "dirty tracking stopped (migrated: {migrated}) in {:.2} ms",
+            ms(t0.elapsed())
+        );
         // With page streams their bytes are counted in the sender's counts
         // (the barriers collect them); add the control connection's.
         if self.streams > 1 {

@@ -29,6 +29,15 @@
 //! a chunk) mark a chunk armed when they re-arm every page of it (round 0
 //! does, for the chunks holding data).
 //!
+//! A region none of whose pages is populated when tracking starts is not
+//! tracked by the inner tracker at all ([`DirtyTracker::start_regions`]):
+//! every chunk of it is unarmed, so the scan alone watches it, and its
+//! tracking starts ([`DirtyTracker::start_region`]) just before the first
+//! re-arm of any of its pages — which makes every page of it reported and
+//! unarmed, the state the argument above starts from. An idle guest's
+//! untouched memory thus costs the hypervisor nothing: no dirty logging
+//! turned on and off for it, no log read at each sync.
+//!
 //! Only regions whose scan is cheap ([`HostRam::scans_cheaply`]: private
 //! anonymous memory and Linux 6.7's `PAGEMAP_SCAN`) are tracked here, since
 //! the scan runs at every sync, the final one included; round 0 re-arms the
@@ -49,6 +58,8 @@ pub(super) struct Unarmed<'a> {
     ram: HostRam<'a>,
     /// Per region, per chunk: no page of it was ever re-armed.
     unarmed: Vec<Vec<bool>>,
+    /// Per region: the inner tracker tracks it (see the module docs).
+    started: Vec<bool>,
     /// All clear between calls: the pages [`Unarmed::arm`] re-arms.
     scratch: DirtyBitmap,
 }
@@ -64,18 +75,38 @@ impl<'a> Unarmed<'a> {
         let scratch = DirtyBitmap::new(layout);
         // A region the scan would cost a step per page of is not tracked
         // here: round 0 re-arms it whole (see `untouched_chunks`).
-        let unarmed = (0..scratch.num_regions())
+        let unarmed: Vec<Vec<bool>> = (0..scratch.num_regions())
             .map(|r| {
                 let chunks = scratch.region_pages(r).div_ceil(CHUNK_PAGES) as usize;
                 vec![ram.scans_cheaply(r); chunks]
             })
             .collect();
+        let started = vec![true; unarmed.len()];
         Unarmed {
             inner,
             ram,
             unarmed,
+            started,
             scratch,
         }
+    }
+
+    /// Whether the inner tracker must track `region` from the start: unless
+    /// every chunk of it is unarmed and none of its pages is populated.
+    fn needs_tracking(&self, region: usize) -> bool {
+        let pages = self.scratch.region_pages(region);
+        !self.unarmed[region].iter().all(|u| *u)
+            || !self.ram.populated_ranges(region, 0, pages).is_empty()
+    }
+
+    /// Starts the inner tracker's tracking of `region` if it was left out.
+    fn ensure_started(&mut self, region: usize) -> Result<(), VmError> {
+        if let Some(s) = self.started.get_mut(region).filter(|s| !**s) {
+            self.inner.start_region(region)?;
+            *s = true;
+            log::debug!("dirty tracking of region {region} started: it holds data now");
+        }
+        Ok(())
     }
 
     /// Pages `(first, end)` of chunk `c` of `region`.
@@ -87,6 +118,7 @@ impl<'a> Unarmed<'a> {
 
     /// Re-arms every page of chunk `c` of `region` and marks it armed.
     fn arm(&mut self, region: usize, c: usize) -> Result<(), VmError> {
+        self.ensure_started(region)?;
         let (first, end) = self.span(region, c);
         self.scratch.set_range(region, first, end - first);
         let r = self.inner.rearm(region, first, end - first, &self.scratch);
@@ -153,7 +185,14 @@ impl<'a> Unarmed<'a> {
 
 impl DirtyTracker for Unarmed<'_> {
     fn start(&mut self) -> Result<(), VmError> {
-        self.inner.start()
+        // A page populated after this scan is found by a sync's scan, which
+        // starts its region before re-arming it.
+        let started: Vec<bool> = (0..self.unarmed.len())
+            .map(|r| self.needs_tracking(r))
+            .collect();
+        self.inner.start_regions(&started)?;
+        self.started = started;
+        Ok(())
     }
 
     fn sync(&mut self, bitmap: &mut DirtyBitmap) -> Result<(), VmError> {
@@ -180,6 +219,7 @@ impl DirtyTracker for Unarmed<'_> {
         npages: u64,
         dirty: &DirtyBitmap,
     ) -> Result<(), VmError> {
+        self.ensure_started(region)?;
         self.inner.rearm(region, first_page, npages, dirty)?;
         let Some(chunks) = self.unarmed.get(region) else {
             return Ok(());
@@ -200,6 +240,10 @@ impl DirtyTracker for Unarmed<'_> {
 
     fn stop(&mut self) -> Result<(), VmError> {
         self.inner.stop()
+    }
+
+    fn stop_migrated(&mut self) -> Result<(), VmError> {
+        self.inner.stop_migrated()
     }
 
     fn describe(&self) -> String {
