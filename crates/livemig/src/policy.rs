@@ -100,11 +100,12 @@ pub struct MigrationConfig {
     pub streams: u32,
     /// Allow LZ4 compression of page frames (for slow links; a frame that
     /// does not shrink by an eighth is sent as it is). Round 0 starts
-    /// compressing; every connection decides again after each 8 MiB of page
-    /// frames it sent, and after a round of at least [`MIN_SAMPLE_BYTES`]
-    /// too short for that the source decides for the next, from what was
-    /// measured ([`compression_pays`]): on when the link, not the
-    /// compression, is the bottleneck and the pages compress. While off, one frame in [`COMPRESS_SAMPLE`] is still
+    /// compressing; every connection decides again after each 8 MiB of
+    /// page data it sent ([`lz4_pays_in_window`]: on while the link, not
+    /// the compression, is the bottleneck and the pages compress), and
+    /// after a round of at least [`MIN_SAMPLE_BYTES`] too short for that
+    /// the source decides for the next ([`compression_pays`]), both from
+    /// what was measured. While off, one frame in [`COMPRESS_SAMPLE`] is still
     /// compressed (and sent raw) to measure. Each round's choice is in its
     /// report ([`crate::report::RoundReport::compressed`]). Off by default:
     /// on a fast link the compression costs more time than the bytes it
@@ -441,6 +442,83 @@ pub fn compression_pays(
     Some(saved > cost)
 }
 
+/// One connection's window of page frames, for [`lz4_pays_in_window`].
+#[derive(Debug, Clone, Copy, Default, PartialEq)]
+pub struct LinkWindow {
+    /// Page-frame bytes written, as sent.
+    pub wire_bytes: u64,
+    /// The page data they carried (before compression).
+    pub raw_bytes: u64,
+    /// The window's wall time.
+    pub time: Duration,
+    /// Of `time`, spent waiting for the link: inside writes of page
+    /// frames (a full socket buffer blocks them) and in the bandwidth
+    /// cap's pauses.
+    pub blocked: Duration,
+    /// Whether LZ4 was on for the window's frames.
+    pub compressing: bool,
+    /// What LZ4 did (every frame while on, one in [`COMPRESS_SAMPLE`]
+    /// while off).
+    pub lz4: CompressionSample,
+}
+
+/// A window whose sender waited for the link at least this share of its
+/// time had the link as its bottleneck.
+const LINK_BOUND: f64 = 0.5;
+
+/// How much faster LZ4 must make the page data move before it is used.
+const LZ4_MARGIN: f64 = 1.1;
+
+/// Whether LZ4 should be on for a connection's next frames, from one
+/// window of them (`w`), and the link's rate in raw bytes per second as
+/// last measured while it was off and the bottleneck (`link_rate`; the
+/// second value returned is that rate, updated). `None`: the window says
+/// nothing (no frame given to LZ4, or less than [`MIN_SAMPLE_BYTES`]).
+///
+/// The sender compresses a frame while the kernel sends the ones before
+/// it, so with compression page data moves at min(LZ4's rate, link rate ÷
+/// compression ratio), without it at the link's rate (when the link is
+/// the bottleneck: the sender waited for it). Hence:
+/// * off, link-bound: on when LZ4's rate and the ratio both beat the link
+///   by [`LZ4_MARGIN`];
+/// * on, link-bound: stays on (compressed frames fill the link, so page
+///   data moves at link ÷ ratio);
+/// * on, not link-bound (LZ4 is the bottleneck): the rate it reached
+///   against the link's last known rate; with none known, off, which
+///   measures it;
+/// * off, not link-bound: neither is the bottleneck LZ4 would relieve:
+///   off.
+///
+/// Pages that do not shrink by an eighth are sent as they are, so such a
+/// ratio is "off" whatever the rates.
+pub fn lz4_pays_in_window(w: &LinkWindow, link_rate: Option<f64>) -> (Option<bool>, Option<f64>) {
+    let secs = w.time.as_secs_f64();
+    if w.lz4.raw_bytes == 0 || w.wire_bytes < MIN_SAMPLE_BYTES || secs <= 0.0 {
+        return (None, link_rate);
+    }
+    let ratio = w.lz4.packed_bytes as f64 / w.lz4.raw_bytes as f64;
+    let lz4_secs = w.lz4.time.as_secs_f64().max(1e-9);
+    let lz4_rate = w.lz4.raw_bytes as f64 / lz4_secs;
+    let link_bound = w.blocked.as_secs_f64() >= LINK_BOUND * secs;
+    if ratio > 7.0 / 8.0 {
+        return (Some(false), link_rate);
+    }
+    match (w.compressing, link_bound) {
+        (false, true) => {
+            let link = w.wire_bytes as f64 / secs;
+            let pays = lz4_rate > LZ4_MARGIN * link && 1.0 / ratio > LZ4_MARGIN;
+            (Some(pays), Some(link))
+        }
+        (true, true) => (Some(true), link_rate),
+        (true, false) => {
+            let reached = w.raw_bytes as f64 / secs;
+            let pays = link_rate.is_some_and(|link| reached > LZ4_MARGIN * link);
+            (Some(pays), link_rate)
+        }
+        (false, false) => (Some(false), link_rate),
+    }
+}
+
 /// The inputs to one convergence decision.
 #[derive(Debug, Clone, Copy)]
 pub struct RoundEstimate {
@@ -686,6 +764,84 @@ mod tests {
         let none = CompressionSample::default();
         assert_eq!(compression_pays(mb(100), slow, 1, false, &none), None);
         assert_eq!(compression_pays(4096, slow, 1, false, &quarter), None);
+    }
+
+    #[test]
+    fn lz4_pays_in_window_when_the_link_is_the_bottleneck() {
+        let mb = |n: u64| n * 1_000_000;
+        let ms = Duration::from_millis;
+        // LZ4 at 250 MB/s to 40 %.
+        let lz4 = |raw: u64| CompressionSample {
+            raw_bytes: raw,
+            packed_bytes: raw * 2 / 5,
+            time: Duration::from_secs_f64(raw as f64 / 250e6),
+        };
+        // Off on a 118 MB/s link that blocked the sender: on, and the
+        // link's rate learnt.
+        let off_slow = LinkWindow {
+            wire_bytes: mb(118),
+            raw_bytes: mb(118),
+            time: ms(1000),
+            blocked: ms(800),
+            compressing: false,
+            lz4: lz4(mb(15)),
+        };
+        assert_eq!(
+            lz4_pays_in_window(&off_slow, None),
+            (Some(true), Some(118e6))
+        );
+        // Off on a 1 GB/s link: LZ4 is slower than the link: off.
+        let off_fast = LinkWindow {
+            wire_bytes: mb(1000),
+            raw_bytes: mb(1000),
+            lz4: lz4(mb(125)),
+            ..off_slow
+        };
+        assert_eq!(lz4_pays_in_window(&off_fast, None).0, Some(false));
+        // Off and never waiting for the link: nothing LZ4 would relieve.
+        let off_cpu = LinkWindow {
+            blocked: ms(100),
+            ..off_slow
+        };
+        assert_eq!(lz4_pays_in_window(&off_cpu, None), (Some(false), None));
+        // On and the link still the bottleneck: stays on.
+        let on_slow = LinkWindow {
+            wire_bytes: mb(118),
+            raw_bytes: mb(295),
+            compressing: true,
+            lz4: lz4(mb(295)),
+            ..off_slow
+        };
+        assert_eq!(lz4_pays_in_window(&on_slow, None).0, Some(true));
+        // On and LZ4 the bottleneck (250 MB/s of page data, the link
+        // idle half the time): stays on against a 118 MB/s link, goes off
+        // against a 1 GB/s one, and off to measure with no link known.
+        let on_cpu = LinkWindow {
+            wire_bytes: mb(100),
+            raw_bytes: mb(250),
+            blocked: ms(50),
+            compressing: true,
+            lz4: lz4(mb(250)),
+            ..off_slow
+        };
+        assert_eq!(lz4_pays_in_window(&on_cpu, Some(118e6)).0, Some(true));
+        assert_eq!(lz4_pays_in_window(&on_cpu, Some(1e9)).0, Some(false));
+        assert_eq!(lz4_pays_in_window(&on_cpu, None).0, Some(false));
+        // Pages that do not shrink by an eighth: off, whatever the link.
+        let random = LinkWindow {
+            lz4: CompressionSample {
+                packed_bytes: mb(15),
+                ..lz4(mb(15))
+            },
+            ..off_slow
+        };
+        assert_eq!(lz4_pays_in_window(&random, None).0, Some(false));
+        // Too little measured: no decision, the link rate kept.
+        let tiny = LinkWindow {
+            wire_bytes: 4096,
+            ..off_slow
+        };
+        assert_eq!(lz4_pays_in_window(&tiny, Some(5.0)), (None, Some(5.0)));
     }
 
     #[test]

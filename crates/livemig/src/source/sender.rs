@@ -7,7 +7,9 @@ use std::time::{Duration, Instant};
 
 use super::streams::StreamPool;
 use crate::memory::{MemoryLayout, PAGE_SIZE};
-use crate::policy::{compression_pays, CompressionSample, MigrationConfig, COMPRESS_SAMPLE};
+use crate::policy::{
+    lz4_pays_in_window, CompressionSample, LinkWindow, MigrationConfig, COMPRESS_SAMPLE,
+};
 use crate::protocol::{compress_pages, FrameWriter, MsgKind, PageBatch, ProtocolError};
 use crate::ram::HostRam;
 use crate::transport::Transport;
@@ -72,6 +74,9 @@ pub(super) struct Counts {
     /// Times a sender looked, within a round, at whether LZ4 pays
     /// ([`LZ4_WINDOW_BYTES`]).
     pub(super) lz4_looks: u64,
+    /// Time spent waiting for the link, ns: inside writes of page frames
+    /// and in the bandwidth cap's pauses.
+    pub(super) blocked_ns: u64,
 }
 
 impl Counts {
@@ -84,6 +89,7 @@ impl Counts {
         self.lz4_ns += c.lz4_ns;
         self.lz4_frames += c.lz4_frames;
         self.lz4_looks += c.lz4_looks;
+        self.blocked_ns += c.blocked_ns;
     }
 
     /// What has been counted since `earlier`.
@@ -97,6 +103,7 @@ impl Counts {
             lz4_ns: self.lz4_ns - earlier.lz4_ns,
             lz4_frames: self.lz4_frames - earlier.lz4_frames,
             lz4_looks: self.lz4_looks - earlier.lz4_looks,
+            blocked_ns: self.blocked_ns - earlier.blocked_ns,
         }
     }
 }
@@ -140,6 +147,9 @@ pub(super) struct PageSender<'a> {
     pub(super) first_page: Option<Instant>,
     /// The page frames since this sender last looked at whether LZ4 pays.
     pub(super) lz4_window: Option<Lz4Window>,
+    /// The link's rate (bytes/s) as last measured while LZ4 was off and
+    /// the link the bottleneck ([`lz4_pays_in_window`]).
+    link_rate: Option<f64>,
 }
 
 /// Page data (bytes of the pages, before compression) a sender writes
@@ -151,8 +161,6 @@ pub(super) const LZ4_WINDOW_BYTES: u64 = 8 << 20;
 pub(super) struct Lz4Window {
     start: Instant,
     base: Counts,
-    /// Bytes still unacknowledged on the connection then.
-    unacked: u64,
     /// Whether LZ4 was on then.
     on: bool,
 }
@@ -190,6 +198,7 @@ impl<'a> PageSender<'a> {
             alive_every: keepalive_every(config.io_timeout),
             first_page: None,
             lz4_window: None,
+            link_rate: None,
         }
     }
 
@@ -227,15 +236,15 @@ impl PageSender<'_> {
             self.lz4_window = Some(Lz4Window {
                 start: Instant::now(),
                 base: self.counts,
-                unacked: self.fw.get_ref().unacked_bytes().unwrap_or(0),
                 on,
             });
         }
         let raw = self.batch.as_bytes();
         let sample = on || self.frames.is_multiple_of(COMPRESS_SAMPLE);
         self.frames += 1;
-        match self.lz4.as_mut().filter(|_| sample) {
-            Some(buf) => {
+        let mut written = None;
+        if let Some(buf) = self.lz4.as_mut().filter(|_| sample) {
+            {
                 let t0 = Instant::now();
                 compress_pages(raw, buf);
                 self.counts.lz4_ns += t0.elapsed().as_nanos() as u64;
@@ -243,29 +252,37 @@ impl PageSender<'_> {
                 self.counts.lz4_packed += buf.len() as u64;
                 // Keep it only if it saves at least an eighth.
                 if on && buf.len() < raw.len() - raw.len() / 8 {
+                    let t0 = Instant::now();
                     self.fw.write_frame(MsgKind::PagesLz4, &[buf])?;
+                    written = Some(t0.elapsed());
                     self.counts.lz4_frames += 1;
-                } else {
-                    self.fw.write_frame(MsgKind::Pages, &[raw])?;
                 }
             }
-            None => self.fw.write_frame(MsgKind::Pages, &[raw])?,
         }
+        let write = match written {
+            Some(t) => t,
+            None => {
+                let t0 = Instant::now();
+                self.fw.write_frame(MsgKind::Pages, &[raw])?;
+                t0.elapsed()
+            }
+        };
+        self.counts.blocked_ns += write.as_nanos() as u64;
         let n = self.fw.bytes_written() - before;
         self.counts.bytes += n;
         self.batch.clear();
         self.last_control = Instant::now();
         let wait = self.pacer.account(n);
+        self.counts.blocked_ns += wait.as_nanos() as u64;
         self.pace(wait)?;
         self.look_at_lz4();
         Ok(())
     }
 
-    /// Once [`LZ4_WINDOW_BYTES`] of page data went out since the window began: whether
-    /// LZ4 pays on this connection ([`compression_pays`] over the window:
-    /// the bytes delivered, the time, what LZ4 did), switching it for
-    /// every stream if not as it is. A window in which another stream
-    /// switched is dropped undecided.
+    /// Once [`LZ4_WINDOW_BYTES`] of page data went out since the window
+    /// began: whether LZ4 pays on this connection ([`lz4_pays_in_window`]),
+    /// switching it for every stream if not as it is. A window in which
+    /// another stream switched is dropped undecided.
     fn look_at_lz4(&mut self) {
         let Some(w) = self.lz4_window.take() else {
             return;
@@ -278,23 +295,25 @@ impl PageSender<'_> {
         if self.lz4_on.load(Ordering::SeqCst) != w.on {
             return;
         }
-        let unacked = self.fw.get_ref().unacked_bytes().unwrap_or(0);
-        let delivered = (c.bytes + w.unacked).saturating_sub(unacked);
-        let sample = CompressionSample {
-            raw_bytes: c.lz4_raw,
-            packed_bytes: c.lz4_packed,
-            time: Duration::from_nanos(c.lz4_ns),
+        let window = LinkWindow {
+            wire_bytes: c.bytes,
+            raw_bytes: c.pages * PAGE_SIZE,
+            time: w.start.elapsed(),
+            blocked: Duration::from_nanos(c.blocked_ns),
+            compressing: w.on,
+            lz4: CompressionSample {
+                raw_bytes: c.lz4_raw,
+                packed_bytes: c.lz4_packed,
+                time: Duration::from_nanos(c.lz4_ns),
+            },
         };
         self.counts.lz4_looks += 1;
-        let pays = compression_pays(delivered, w.start.elapsed(), 1, w.on, &sample);
+        let (pays, link_rate) = lz4_pays_in_window(&window, self.link_rate);
+        self.link_rate = link_rate;
         if let Some(on) = pays.filter(|on| *on != w.on) {
             log::info!(
-                "LZ4 {} within the round ({} of {} bytes in {:?}; {delivered} bytes delivered in {:?})",
-                if on { "on" } else { "off" },
-                sample.packed_bytes,
-                sample.raw_bytes,
-                sample.time,
-                w.start.elapsed()
+                "LZ4 {} within the round: {window:?}",
+                if on { "on" } else { "off" }
             );
             self.lz4_on.store(on, Ordering::SeqCst);
         }
