@@ -18,7 +18,8 @@ use std::time::Duration;
 use livemig::memory::{GuestRam, MemoryLayout, RegionDesc, PAGE_SIZE};
 use livemig::protocol::{
     page_records, Cancel, Complete, ErrorMsg, FrameReader, FrameWriter, Go, Hello, HelloReply,
-    Message, MsgKind, ProtocolError, Ready, Resumed, RoundEnd, State, FRAME_HEADER_LEN,
+    Message, MsgKind, PayloadSink, ProtocolError, Ready, Resumed, RoundEnd, State,
+    FRAME_HEADER_LEN,
 };
 use livemig::state::{Section, StateReader, StateWriter};
 use livemig::testing::soft::{SoftConfig, SoftVm};
@@ -491,6 +492,84 @@ pub fn frame_reader(data: &[u8]) {
     let (frames2, err2) = read_all(&mut pieces, true);
     assert_eq!(frames, frames2, "frames differ when read in pieces");
     assert_eq!(err, err2, "errors differ when read in pieces");
+    // The same pieces, with `Pages` payloads read into a sink (as the
+    // destination reads them into guest memory) in slices of odd sizes.
+    let chunky = Chunky {
+        data,
+        pos: 0,
+        max: 1 << (mode & 0x0f),
+        every: match mode >> 4 {
+            1 => 2,
+            n => u32::from(n),
+        },
+        calls: 0,
+    };
+    let mut sunk = FrameReader::new(chunky).with_max_payload(FUZZ_MAX_PAYLOAD);
+    let (frames3, err3) = read_all_into(&mut sunk, usize::from(mode % 13) + 1);
+    assert_eq!(frames, frames3, "frames differ when read into a sink");
+    assert_eq!(err, err3, "errors differ when read into a sink");
+}
+
+/// A [`PayloadSink`] that takes `Pages` payloads in slices of at most
+/// `step` bytes.
+struct Collect {
+    step: usize,
+    got: Vec<u8>,
+    open: bool,
+    slice: Vec<u8>,
+}
+
+impl PayloadSink for Collect {
+    fn begin(&mut self, kind: MsgKind, _len: usize) -> bool {
+        self.open = kind == MsgKind::Pages;
+        self.got.clear();
+        self.open
+    }
+    fn next_buf(&mut self, left: usize) -> Option<&mut [u8]> {
+        self.slice.resize(self.step.min(left), 0);
+        Some(&mut self.slice)
+    }
+    fn advance(&mut self, n: usize) {
+        self.got.extend_from_slice(&self.slice[..n]);
+    }
+}
+
+/// [`read_all`] (retrying timeouts) through [`FrameReader::read_frame_into`].
+fn read_all_into<R: Read>(
+    fr: &mut FrameReader<R>,
+    step: usize,
+) -> (Vec<(MsgKind, u32, Vec<u8>)>, String) {
+    let mut sink = Collect {
+        step,
+        got: Vec::new(),
+        open: false,
+        slice: Vec::new(),
+    };
+    let mut got = Vec::new();
+    let mut timeouts = 0u32;
+    loop {
+        match fr.read_frame_into(&mut sink) {
+            Ok(f) => {
+                let payload = if sink.open {
+                    assert!(f.payload.is_empty(), "streamed frame with a payload");
+                    sink.open = false;
+                    std::mem::take(&mut sink.got)
+                } else {
+                    f.payload.to_vec()
+                };
+                got.push((f.kind, f.seq, payload));
+            }
+            Err(e) if e.is_timeout() && timeouts < 1_000_000 => timeouts += 1,
+            Err(e) => {
+                let again = fr.read_frame_into(&mut sink).map(|f| f.kind);
+                assert!(
+                    matches!(again, Err(ProtocolError::Broken { .. })),
+                    "reader usable after {e}: {again:?}"
+                );
+                return (got, e.to_string());
+            }
+        }
+    }
 }
 
 /// Decoded, re-encoded and decoded again: the same message.

@@ -174,3 +174,224 @@ impl PayloadSink for PageSink<'_> {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use std::io::{self, Read};
+
+    use proptest::prelude::*;
+
+    use super::*;
+    use crate::memory::{allocate, MemoryLayout, RegionDesc};
+    use crate::protocol::{FrameReader, FrameWriter, RecordHeader};
+    use crate::ram::HostRam;
+
+    fn layout() -> MemoryLayout {
+        MemoryLayout::new(vec![
+            RegionDesc {
+                guest_addr: 0,
+                size: 16 * PAGE_SIZE,
+            },
+            RegionDesc {
+                guest_addr: 0x100000,
+                size: 32 * PAGE_SIZE,
+            },
+        ])
+        .unwrap()
+    }
+
+    /// At most `max` bytes per read, a timeout every `every` calls (0 =
+    /// never).
+    struct Chunky {
+        data: Vec<u8>,
+        pos: usize,
+        max: usize,
+        every: u32,
+        calls: u32,
+    }
+
+    impl Read for Chunky {
+        fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+            self.calls += 1;
+            if self.calls.checked_rem(self.every) == Some(0) {
+                return Err(io::ErrorKind::WouldBlock.into());
+            }
+            let n = buf.len().min(self.max).min(self.data.len() - self.pos);
+            buf[..n].copy_from_slice(&self.data[self.pos..self.pos + n]);
+            self.pos += n;
+            Ok(n)
+        }
+    }
+
+    /// Receives `stream` into fresh memory, `Pages` frames read straight
+    /// into it (`direct`) or whole; returns each frame's outcome and the
+    /// memory.
+    fn receive(stream: &[u8], direct: bool, max: usize, every: u32) -> (Vec<String>, Vec<u8>) {
+        let l = layout();
+        let mem = allocate(&l).unwrap();
+        let ram = HostRam::new(&mem, &l).unwrap();
+        let mut sink = PageSink::new(&l, &ram, None);
+        sink.direct = direct;
+        let mut fr = FrameReader::new(Chunky {
+            data: stream.to_vec(),
+            pos: 0,
+            max,
+            every,
+            calls: 0,
+        });
+        let mut out = Vec::new();
+        loop {
+            match fr.read_frame_into(&mut sink) {
+                Ok(f) => {
+                    let r = sink.complete(f.kind, f.payload);
+                    out.push(format!("{r:?}"));
+                    if r.is_err() {
+                        break;
+                    }
+                }
+                Err(e) if e.is_timeout() => {}
+                Err(e) => {
+                    out.push(e.to_string());
+                    break;
+                }
+            }
+        }
+        let mut bytes = Vec::new();
+        for r in 0..l.regions().len() {
+            let pages = l.regions()[r].pages();
+            let mut b = vec![0u8; (pages * PAGE_SIZE) as usize];
+            assert!(ram.read_pages(r, 0, &mut b));
+            bytes.extend(b);
+        }
+        (out, bytes)
+    }
+
+    /// A `Pages` payload: records (data when `fill` is not 0), and the
+    /// offsets of their headers.
+    fn payload(recs: &[(u64, u32, u8)]) -> (Vec<u8>, Vec<usize>) {
+        let mut p = Vec::new();
+        let mut headers = Vec::new();
+        for &(gpa, npages, fill) in recs {
+            let kind = if fill == 0 {
+                RecordHeader::KIND_ZERO
+            } else {
+                RecordHeader::KIND_DATA
+            };
+            headers.push(p.len());
+            p.extend(RecordHeader::new(gpa, npages, kind).encode());
+            if fill != 0 {
+                p.extend(vec![fill; npages as usize * PAGE_SIZE as usize]);
+            }
+        }
+        (p, headers)
+    }
+
+    fn frames(payloads: &[Vec<u8>]) -> Vec<u8> {
+        let mut w = FrameWriter::new(Vec::new());
+        for p in payloads {
+            w.write_frame(MsgKind::Pages, &[p]).unwrap();
+        }
+        w.into_inner()
+    }
+
+    fn record() -> impl Strategy<Value = (u64, u32, u8)> {
+        // Mostly inside the layout, sometimes across or outside it.
+        let gpa = prop_oneof![
+            (0u64..20).prop_map(|p| p * PAGE_SIZE),
+            (0u64..36).prop_map(|p| 0x100000 + p * PAGE_SIZE),
+        ];
+        (gpa, 1u32..5, any::<u8>())
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig::with_cases(500))]
+
+        /// Read straight into memory or whole, in pieces and with timeouts:
+        /// the same outcome frame by frame, and the same memory when every
+        /// frame passed.
+        #[test]
+        fn direct_and_buffered_agree(
+            payloads in prop::collection::vec(prop::collection::vec(record(), 0..6), 1..4),
+            flip in prop::option::of((0u8..3, any::<prop::sample::Index>(), 0u8..8)),
+            tail in prop::collection::vec(any::<u8>(), 0..20),
+            cut in prop::option::of(any::<prop::sample::Index>()),
+            max in 1usize..9000,
+            every in 0u32..4,
+        ) {
+            let mut built: Vec<(Vec<u8>, Vec<usize>)> =
+                payloads.iter().map(|r| payload(r)).collect();
+            // Trailing bytes: a record header cut short, or more records.
+            if let Some(last) = built.last_mut() {
+                last.0.extend_from_slice(&tail);
+            }
+            let mut payloads: Vec<Vec<u8>> = built.iter().map(|b| b.0.clone()).collect();
+            let mut stream = frames(&payloads);
+            match flip {
+                // A well-framed payload with a bad record header.
+                Some((0, i, bit)) => {
+                    let (last, headers) = built.last().unwrap();
+                    if !headers.is_empty() {
+                        let at = headers[i.index(headers.len())] + i.index(16);
+                        let mut p = last.clone();
+                        p[at] ^= 1 << bit;
+                        *payloads.last_mut().unwrap() = p;
+                        stream = frames(&payloads);
+                    }
+                }
+                // A well-framed payload with any byte changed.
+                Some((1, i, bit)) => {
+                    let last = payloads.last_mut().unwrap();
+                    if !last.is_empty() {
+                        let at = i.index(last.len());
+                        last[at] ^= 1 << bit;
+                        stream = frames(&payloads);
+                    }
+                }
+                // A corrupted frame.
+                Some((_, i, bit)) => {
+                    let at = i.index(stream.len());
+                    stream[at] ^= 1 << bit;
+                }
+                None => {}
+            }
+            if let Some(c) = cut {
+                stream.truncate(c.index(stream.len() + 1));
+            }
+            let every = if every == 1 { 2 } else { every };
+            let (a, mem_a) = receive(&stream, false, usize::MAX, 0);
+            let (b, mem_b) = receive(&stream, true, max, every);
+            prop_assert_eq!(&a, &b);
+            let clean = a.iter().take(a.len() - 1).all(|o| o == "Ok(())")
+                && a.last().is_some_and(|e| e.contains("connection closed by the peer after 0 of 16"));
+            if clean {
+                prop_assert!(mem_a == mem_b, "memory differs");
+            }
+        }
+    }
+
+    #[test]
+    fn bad_record_then_good_crc_and_next_frame() {
+        // Frame 0: a good record, then one outside memory, then data that
+        // is discarded; frame 1 is never read (the caller stops).
+        let (p0, _) = payload(&[(0, 1, 7), (0x800000, 1, 9), (PAGE_SIZE, 1, 8)]);
+        let stream = frames(&[p0]);
+        let (out, mem) = receive(&stream, true, 100, 3);
+        assert_eq!(out.len(), 1);
+        assert!(out[0].contains("PagesOutsideMemory"), "{out:?}");
+        // Applied before the bad record (as when read whole).
+        assert!(mem[..PAGE_SIZE as usize].iter().all(|&b| b == 7));
+        assert!(mem[PAGE_SIZE as usize..2 * PAGE_SIZE as usize]
+            .iter()
+            .all(|&b| b == 0));
+
+        // The same frame corrupted in its discarded tail: a CRC mismatch.
+        let mut bad = stream.clone();
+        let n = bad.len();
+        bad[n - 1] ^= 1;
+        let (out, _) = receive(&bad, true, 100, 3);
+        assert!(
+            out[0].starts_with("frame 0: crc mismatch (got 0x"),
+            "{out:?}"
+        );
+    }
+}

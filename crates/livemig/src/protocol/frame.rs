@@ -1131,6 +1131,107 @@ mod tests {
         assert!(timeouts > 30);
     }
 
+    /// Takes `Pages` payloads, 3 bytes per slice.
+    #[derive(Default)]
+    struct Threes {
+        got: Vec<u8>,
+        slice: [u8; 3],
+        begun: Vec<(MsgKind, usize)>,
+    }
+    impl PayloadSink for Threes {
+        fn begin(&mut self, kind: MsgKind, len: usize) -> bool {
+            self.begun.push((kind, len));
+            kind == MsgKind::Pages
+        }
+        fn next_buf(&mut self, _left: usize) -> Option<&mut [u8]> {
+            Some(&mut self.slice)
+        }
+        fn advance(&mut self, n: usize) {
+            self.got.extend_from_slice(&self.slice[..n]);
+        }
+    }
+
+    #[test]
+    fn reader_streams_into_a_sink() {
+        let payload: Vec<u8> = (0..100u8).collect();
+        let bytes = frames_bytes(&[
+            (MsgKind::Pages, &payload),
+            (MsgKind::Cancel, b"x"),
+            (MsgKind::Pages, &payload),
+        ]);
+        let mut r = FrameReader::new(Stutter {
+            data: bytes.clone(),
+            pos: 0,
+            tick: false,
+        });
+        let mut sink = Threes::default();
+        let mut got = Vec::new();
+        loop {
+            match r.read_frame_into(&mut sink) {
+                Ok(f) => got.push((f.kind, f.payload.to_vec())),
+                Err(e) if e.is_timeout() => {}
+                Err(e) => {
+                    assert!(e.is_clean_eof(), "{e}");
+                    break;
+                }
+            }
+        }
+        // Pages payloads went to the sink (each byte once), the rest not.
+        assert_eq!(
+            got,
+            vec![
+                (MsgKind::Pages, vec![]),
+                (MsgKind::Cancel, b"x".to_vec()),
+                (MsgKind::Pages, vec![])
+            ]
+        );
+        assert_eq!(sink.got, [&payload[..], &payload[..]].concat());
+        assert_eq!(r.bytes_read() as usize, bytes.len());
+
+        // A corrupted payload is a CRC mismatch, after the sink saw it.
+        let mut bad = bytes.clone();
+        bad[FRAME_HEADER_LEN + 50] ^= 4;
+        let mut sink = Threes::default();
+        let e = FrameReader::new(&bad[..])
+            .read_frame_into(&mut sink)
+            .unwrap_err();
+        assert!(e.to_string().starts_with("frame 0: crc mismatch"), "{e}");
+        assert_eq!(sink.got.len(), 100);
+
+        // A frame out of sequence is not offered to the sink.
+        let mut r = FrameReader::new(&bytes[FRAME_HEADER_LEN + 100..]);
+        let mut sink = Threes::default();
+        let e = r.read_frame_into(&mut sink).unwrap_err();
+        assert!(matches!(
+            e,
+            ProtocolError::BadSeq {
+                got: 1,
+                expected: 0
+            }
+        ));
+        assert!(sink.begun.is_empty());
+    }
+
+    #[test]
+    fn streamed_frame_cannot_resume_without_its_sink() {
+        let bytes = frames_bytes(&[(MsgKind::Pages, &[5; 10])]);
+        let mut r = FrameReader::new(Stutter {
+            data: bytes,
+            pos: 0,
+            tick: false,
+        });
+        let mut sink = Threes::default();
+        // Until some of the payload is in.
+        while sink.got.is_empty() {
+            let e = r.read_frame_into(&mut sink).unwrap_err();
+            assert!(e.is_timeout(), "{e}");
+        }
+        assert!(matches!(
+            r.read_frame(),
+            Err(ProtocolError::Broken { frame: 0 })
+        ));
+    }
+
     #[test]
     fn writer_refuses_after_error() {
         struct Fails;
