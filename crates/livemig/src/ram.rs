@@ -183,6 +183,10 @@ impl<'a> HostRam<'a> {
     ///
     /// Nothing else may access these pages (no other slice, no copy into or
     /// out of them, no running vCPU) while the returned slice lives.
+    // A mutable slice from `&self` is this function's purpose: guest
+    // memory is not owned by HostRam, and exclusivity is the caller's
+    // promise above.
+    #[allow(clippy::mut_from_ref)]
     pub unsafe fn pages_mut(&self, region: usize, page: u64, npages: u64) -> Option<&mut [u8]> {
         let r = self.regions.get(region)?;
         if page.checked_add(npages).is_none_or(|e| e > r.pages) {

@@ -394,4 +394,60 @@ mod tests {
             "{out:?}"
         );
     }
+    /// The receive path alone, without a socket: `Pages` frames of 64
+    /// pages (512 MiB of data) from memory into guest memory, read whole
+    /// then copied (before issue 16) or read straight in, alternately, 10
+    /// times each into memory already populated, then 3 times each into
+    /// fresh memory; prints the rates. Not a check (no timing asserts):
+    /// `cargo test --release -p livemig --lib -- --ignored receive_path_rate --nocapture`.
+    #[test]
+    #[ignore]
+    fn receive_path_rate() {
+        const PAGES: u64 = 128 * 1024;
+        let l = MemoryLayout::new(vec![RegionDesc {
+            guest_addr: 0,
+            size: PAGES * PAGE_SIZE,
+        }])
+        .unwrap();
+        let mut w = FrameWriter::new(Vec::new());
+        let data: Vec<u8> = (0..64 * PAGE_SIZE as usize)
+            .map(|i| (i * 7) as u8)
+            .collect();
+        for f in 0..PAGES / 64 {
+            let mut p = RecordHeader::new(f * 64 * PAGE_SIZE, 64, RecordHeader::KIND_DATA)
+                .encode()
+                .to_vec();
+            p.extend_from_slice(&data);
+            w.write_frame(MsgKind::Pages, &[&p]).unwrap();
+        }
+        let stream = w.into_inner();
+        let populated = allocate(&l).unwrap();
+        for round in 0..27 {
+            let direct = round % 2 == 0;
+            let fresh = round >= 21;
+            let new_mem = fresh.then(|| allocate(&l).unwrap());
+            let mem = new_mem.as_ref().unwrap_or(&populated);
+            let ram = HostRam::new(mem, &l).unwrap();
+            let mut sink = PageSink::new(&l, &ram, None);
+            sink.direct = direct;
+            let mut fr = FrameReader::new(&stream[..]);
+            let t = std::time::Instant::now();
+            for _ in 0..PAGES / 64 {
+                let f = fr.read_frame_into(&mut sink).unwrap();
+                let (kind, payload) = (f.kind, f.payload);
+                sink.complete(kind, payload).unwrap();
+            }
+            let s = t.elapsed().as_secs_f64();
+            let what = if direct { "direct" } else { "whole+copy" };
+            let first = if fresh || round == 0 {
+                " (fresh memory)"
+            } else {
+                ""
+            };
+            println!(
+                "{what}: {:.2} GB/s{first}",
+                (PAGES * PAGE_SIZE) as f64 / s / 1e9
+            );
+        }
+    }
 }
