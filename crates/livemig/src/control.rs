@@ -10,7 +10,8 @@ use std::time::Duration;
 
 use crate::error::{ErrorKind, MigrationError, Phase};
 use crate::protocol::{
-    Abandoned, ErrorMsg, Frame, FrameReader, FrameWriter, Message, MsgKind, ProtocolError,
+    Abandoned, ErrorMsg, Frame, FrameReader, FrameWriter, Message, MsgKind, PayloadSink,
+    ProtocolError,
 };
 use crate::transport::Transport;
 
@@ -77,28 +78,19 @@ impl ControlReader {
         expected: &'static str,
     ) -> Result<Frame<'_>, MigrationError> {
         let timeout = self.timeout;
-        let f = self.fr.read_frame().map_err(|e| {
-            let kind = if e.is_timeout() {
-                ErrorKind::Timeout {
-                    waiting_for: expected,
-                    after: timeout,
-                }
-            } else {
-                ErrorKind::Protocol(e)
-            };
-            MigrationError::new(phase, kind)
-        })?;
-        if f.kind != MsgKind::Error {
-            return Ok(f);
-        }
-        let m = ErrorMsg::decode(f.payload).map_err(|e| MigrationError::new(phase, e))?;
-        Err(MigrationError::new(
-            phase,
-            ErrorKind::Remote {
-                phase: m.phase,
-                message: m.message,
-            },
-        ))
+        judge(self.fr.read_frame(), phase, expected, timeout)
+    }
+
+    /// [`ControlReader::next`], with the payload of the frames `sink`
+    /// accepts read into it ([`FrameReader::read_frame_into`]).
+    pub(crate) fn next_into(
+        &mut self,
+        phase: Phase,
+        expected: &'static str,
+        sink: &mut dyn PayloadSink,
+    ) -> Result<Frame<'_>, MigrationError> {
+        let timeout = self.timeout;
+        judge(self.fr.read_frame_into(sink), phase, expected, timeout)
     }
 
     /// Reads the next message, which must be an `M`.
@@ -162,6 +154,38 @@ pub(crate) fn unexpected(got: MsgKind, expected: &'static str, phase: Phase) -> 
             expected,
         },
     )
+}
+
+/// What [`ControlReader::next`] makes of a read: a peer's `Error` frame
+/// and a timeout (waiting for `expected`) become errors in `phase`.
+fn judge<'f>(
+    read: Result<Frame<'f>, ProtocolError>,
+    phase: Phase,
+    expected: &'static str,
+    timeout: Duration,
+) -> Result<Frame<'f>, MigrationError> {
+    let f = read.map_err(|e| {
+        let kind = if e.is_timeout() {
+            ErrorKind::Timeout {
+                waiting_for: expected,
+                after: timeout,
+            }
+        } else {
+            ErrorKind::Protocol(e)
+        };
+        MigrationError::new(phase, kind)
+    })?;
+    if f.kind != MsgKind::Error {
+        return Ok(f);
+    }
+    let m = ErrorMsg::decode(f.payload).map_err(|e| MigrationError::new(phase, e))?;
+    Err(MigrationError::new(
+        phase,
+        ErrorKind::Remote {
+            phase: m.phase,
+            message: m.message,
+        },
+    ))
 }
 
 #[cfg(test)]

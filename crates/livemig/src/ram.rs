@@ -175,6 +175,30 @@ impl<'a> HostRam<'a> {
         true
     }
 
+    /// The host bytes of `npages` pages at `page`, for reading page data
+    /// from a connection straight into guest memory; `None` if out of
+    /// bounds.
+    ///
+    /// # Safety
+    ///
+    /// Nothing else may access these pages (no other slice, no copy into or
+    /// out of them, no running vCPU) while the returned slice lives.
+    // A mutable slice from `&self` is this function's purpose: guest
+    // memory is not owned by HostRam, and exclusivity is the caller's
+    // promise above.
+    #[allow(clippy::mut_from_ref)]
+    pub unsafe fn pages_mut(&self, region: usize, page: u64, npages: u64) -> Option<&mut [u8]> {
+        let r = self.regions.get(region)?;
+        if page.checked_add(npages).is_none_or(|e| e > r.pages) {
+            return None;
+        }
+        let dst = self.page_ptr(region, page)?;
+        let len = usize::try_from(npages * PAGE_SIZE).ok()?;
+        // SAFETY: bounds checked above, inside a mapping that lives for
+        // 'a; exclusive access is the caller's promise.
+        Some(unsafe { std::slice::from_raw_parts_mut(dst, len) })
+    }
+
     /// Zeroes `npages` pages at `page`. Returns false if out of bounds.
     pub fn zero_pages(&self, region: usize, page: u64, npages: u64) -> bool {
         let Some(r) = self.regions.get(region) else {

@@ -10,8 +10,8 @@ use crate::error::InternalError;
 use crate::error::{ErrorKind, MigrationError, PeerError, Phase};
 use crate::memory::MemoryLayout;
 use crate::protocol::{
-    decompress_pages, page_records, stream_of, FrameReader, Message, MsgKind, PostcopyPrepare,
-    ProtocolError, RoundEnd, State, MAX_STATE_FRAMES, STREAM_CHUNK_PAGES,
+    decompress_pages, page_records, stream_of, FrameReader, Message, MsgKind, PageRecord,
+    PostcopyPrepare, ProtocolError, RoundEnd, State, MAX_STATE_FRAMES, STREAM_CHUNK_PAGES,
 };
 use crate::ram::HostRam;
 use crate::state::Section;
@@ -21,6 +21,10 @@ use crate::transport::Transport;
 /// which pages received data (the fresh memory is zero, so a zero marker for
 /// a page never written costs nothing and must not touch, i.e. allocate, the
 /// page) and a buffer for decompressing `PagesLz4` frames.
+///
+/// `Pages` frames are read straight into guest memory when `direct` is set
+/// (see `destination::direct`); `PagesLz4` frames, and `Pages` frames read
+/// whole, go through [`PageSink::apply`].
 pub(super) struct PageSink<'a> {
     pub(super) layout: &'a MemoryLayout,
     pub(super) ram: &'a HostRam<'a>,
@@ -32,6 +36,10 @@ pub(super) struct PageSink<'a> {
     /// `Some((index, streams))`: every record must belong to that page
     /// stream (see [`stream_of`]).
     pub(super) stream: Option<(u32, u32)>,
+    /// Whether to take `Pages` frames straight into guest memory.
+    pub(super) direct: bool,
+    /// The `Pages` frame being read into guest memory.
+    pub(super) rx: Option<super::direct::Streamed>,
 }
 
 impl<'a> PageSink<'a> {
@@ -48,10 +56,21 @@ impl<'a> PageSink<'a> {
             zero: 0,
             scratch: Vec::new(),
             stream,
+            direct: true,
+            rx: None,
         }
     }
 
-    /// Applies one `Pages` or `PagesLz4` frame.
+    /// Applies one `Pages` or `PagesLz4` frame `read_frame_into` returned:
+    /// the end of one streamed into guest memory, or one read whole.
+    pub(super) fn complete(&mut self, kind: MsgKind, payload: &[u8]) -> Result<(), ErrorKind> {
+        match self.rx.take() {
+            Some(rx) => rx.finish(),
+            None => self.apply(kind, payload),
+        }
+    }
+
+    /// Applies one `Pages` or `PagesLz4` frame read whole.
     pub(super) fn apply(&mut self, kind: MsgKind, payload: &[u8]) -> Result<(), ErrorKind> {
         let mut scratch = std::mem::take(&mut self.scratch);
         let r = if kind == MsgKind::PagesLz4 {
@@ -66,52 +85,76 @@ impl<'a> PageSink<'a> {
     }
 
     pub(super) fn apply_records(&mut self, payload: &[u8]) -> Result<(), ErrorKind> {
-        let (layout, ram) = (self.layout, self.ram);
         for rec in page_records(payload) {
             let rec = rec?;
-            let (region, page) = rec.check(layout)?;
-            let n = u64::from(rec.npages);
-            if let Some((index, streams)) = self.stream {
-                let last = page + n.saturating_sub(1);
-                if page / STREAM_CHUNK_PAGES != last / STREAM_CHUNK_PAGES
-                    || stream_of(layout, region, page, streams) != index
-                {
-                    return Err(PeerError::WrongStream {
-                        gpa: rec.gpa,
-                        npages: rec.npages,
-                        index,
-                    }
-                    .into());
-                }
-            }
-            let ok = match rec.data {
+            let (region, page) = self.place(rec.gpa, rec.npages)?;
+            match rec.data {
                 Some(data) => {
-                    self.pages += n;
-                    self.written.set_range(region, page, n);
-                    ram.write_pages(region, page, data)
-                }
-                None => {
-                    self.zero += n;
-                    let mut ok = true;
-                    for p in page..page + n {
-                        if self.written.is_set(region, p) {
-                            ok &= ram.zero_pages(region, p, 1);
-                            self.written.unset(region, p);
-                        }
+                    self.take_data(region, page, rec.npages);
+                    if !self.ram.write_pages(region, page, data) {
+                        return Err(outside(rec.gpa, rec.npages));
                     }
-                    ok
                 }
-            };
-            if !ok {
-                return Err(PeerError::OutsideMemory {
-                    gpa: rec.gpa,
-                    npages: rec.npages,
-                }
-                .into());
+                None => self.apply_zero(region, page, rec.gpa, rec.npages)?,
             }
         }
         Ok(())
     }
+
+    /// Where the record's pages lie (region, first page), checked against
+    /// the layout and, on a page stream, against the stream they belong to.
+    pub(super) fn place(&self, gpa: u64, npages: u32) -> Result<(usize, u64), ErrorKind> {
+        let rec = PageRecord {
+            gpa,
+            npages,
+            data: None,
+        };
+        let (region, page) = rec.check(self.layout)?;
+        if let Some((index, streams)) = self.stream {
+            let last = page + u64::from(npages).saturating_sub(1);
+            if page / STREAM_CHUNK_PAGES != last / STREAM_CHUNK_PAGES
+                || stream_of(self.layout, region, page, streams) != index
+            {
+                return Err(PeerError::WrongStream { gpa, npages, index }.into());
+            }
+        }
+        Ok((region, page))
+    }
+
+    /// Counts a placed data record's pages as written.
+    pub(super) fn take_data(&mut self, region: usize, page: u64, npages: u32) {
+        let n = u64::from(npages);
+        self.pages += n;
+        self.written.set_range(region, page, n);
+    }
+
+    /// Applies a placed zero record: zeroes the pages that received data.
+    pub(super) fn apply_zero(
+        &mut self,
+        region: usize,
+        page: u64,
+        gpa: u64,
+        npages: u32,
+    ) -> Result<(), ErrorKind> {
+        let n = u64::from(npages);
+        self.zero += n;
+        let mut ok = true;
+        for p in page..page + n {
+            if self.written.is_set(region, p) {
+                ok &= self.ram.zero_pages(region, p, 1);
+                self.written.unset(region, p);
+            }
+        }
+        if !ok {
+            return Err(outside(gpa, npages));
+        }
+        Ok(())
+    }
+}
+
+/// The error of a record that does not fit in guest memory.
+pub(super) fn outside(gpa: u64, npages: u32) -> ErrorKind {
+    PeerError::OutsideMemory { gpa, npages }.into()
 }
 
 /// What the page-stream threads share with the control loop.
@@ -137,13 +180,13 @@ pub(super) fn stream_reader(
         if shared.abort.load(Ordering::SeqCst) {
             break Ok(());
         }
-        let f = match fr.read_frame() {
+        let f = match fr.read_frame_into(&mut sink) {
             Ok(f) => f,
             Err(e) => break Err(e.into()),
         };
         match f.kind {
             MsgKind::Pages | MsgKind::PagesLz4 => {
-                if let Err(e) = sink.apply(f.kind, f.payload) {
+                if let Err(e) = sink.complete(f.kind, f.payload) {
                     break Err(e);
                 }
             }
@@ -313,7 +356,11 @@ impl<'a> ControlLoop<'a> {
     ) -> Result<Vec<Section>, MigrationError> {
         const EXPECTED: &str = "Pages, RoundEnd, State or Complete";
         loop {
-            let f = control.next(self.phase, EXPECTED)?;
+            // Pages go straight into guest memory only where this is the
+            // one connection and the memory is not armed for post-copy
+            // (other `Pages` are read whole, to be refused below).
+            self.sink.direct = self.streams <= 1 && !self.prepared;
+            let f = control.next_into(self.phase, EXPECTED, &mut self.sink)?;
             let at = |e: ErrorKind| MigrationError::new(self.phase, e);
             match f.kind {
                 MsgKind::Pages | MsgKind::PagesLz4 if self.prepared => {
@@ -340,7 +387,7 @@ impl<'a> ControlLoop<'a> {
                     if self.streams > 1 {
                         return Err(at(PeerError::PagesOnControl.into()));
                     }
-                    self.sink.apply(f.kind, f.payload).map_err(at)?;
+                    self.sink.complete(f.kind, f.payload).map_err(at)?;
                 }
                 MsgKind::RoundEnd => {
                     let r = RoundEnd::decode(f.payload).map_err(|e| at(e.into()))?;

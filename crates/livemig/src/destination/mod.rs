@@ -27,6 +27,7 @@ use crate::vm::{DestinationVm, VmDescription, VmError};
 
 mod builder;
 mod commit;
+mod direct;
 mod handshake;
 pub mod local;
 mod memory;

@@ -369,6 +369,58 @@ impl Frame<'_> {
     }
 }
 
+/// Takes the payload of some frames as it arrives, instead of the reader's
+/// buffer: see [`FrameReader::read_frame_into`].
+///
+/// The reader asks the sink for the slice the next bytes go into
+/// ([`PayloadSink::next_buf`]), reads into it and reports how many bytes
+/// arrived ([`PayloadSink::advance`]); the bytes are therefore *not* yet
+/// covered by a checked CRC when the sink gets them. A sink must treat them
+/// as untrusted until the read call returns the frame (the CRC is checked
+/// at its end), and must be able to discard what it did with them when the
+/// frame fails instead.
+pub trait PayloadSink {
+    /// Whether to take the payload of this frame (`kind`, `len` bytes),
+    /// whose header passed every check and whose sequence number is the
+    /// expected one. Called once per frame, before any payload byte.
+    fn begin(&mut self, kind: MsgKind, len: usize) -> bool;
+
+    /// The slice the next payload bytes go into: non-empty and at most
+    /// `left` (the payload bytes still to come, at least 1) long; or `None`
+    /// if the sink has failed and wants the rest of the payload discarded
+    /// (the reader still reads and checksums it, so that a corrupted frame
+    /// is reported as such).
+    fn next_buf(&mut self, left: usize) -> Option<&mut [u8]>;
+
+    /// `n` bytes (at least 1) arrived in the slice [`PayloadSink::next_buf`]
+    /// returned last.
+    fn advance(&mut self, n: usize);
+}
+
+/// The sink of [`FrameReader::read_frame`]: takes nothing.
+struct NoSink;
+
+impl PayloadSink for NoSink {
+    fn begin(&mut self, _: MsgKind, _: usize) -> bool {
+        false
+    }
+    fn next_buf(&mut self, _: usize) -> Option<&mut [u8]> {
+        None
+    }
+    fn advance(&mut self, _: usize) {}
+}
+
+/// Where the payload of the frame being read goes.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Dest {
+    /// The reader's buffer.
+    Buffer,
+    /// The sink, with the CRC so far.
+    Sink(u32),
+    /// The sink failed: discarded, with the CRC so far.
+    Discard(u32),
+}
+
 /// A header that passed [`FrameHeader::check`], with what the check returned.
 #[derive(Clone, Copy)]
 struct Header {
@@ -395,6 +447,7 @@ pub struct FrameReader<R: Read> {
     hdr_have: usize,
     header: Option<Header>,
     payload_have: usize,
+    dest: Dest,
     broken: bool,
 }
 
@@ -446,6 +499,7 @@ impl<R: Read> FrameReader<R> {
             hdr_have: 0,
             header: None,
             payload_have: 0,
+            dest: Dest::Buffer,
             broken: false,
         }
     }
@@ -463,16 +517,42 @@ impl<R: Read> FrameReader<R> {
 
     /// Reads the next frame and checks it completely.
     pub fn read_frame(&mut self) -> Result<Frame<'_>, ProtocolError> {
+        if self.dest != Dest::Buffer && self.header.is_some() {
+            // A frame streamed into a sink cannot be resumed without it.
+            self.broken = true;
+        }
+        self.read_frame_into(&mut NoSink)
+    }
+
+    /// Reads the next frame and checks it completely, like
+    /// [`FrameReader::read_frame`], except that the payload of a frame
+    /// `sink` accepts ([`PayloadSink::begin`]) is read straight into the
+    /// slices the sink hands out, with no copy through the reader's
+    /// buffer. The CRC is computed over exactly the bytes read, as they
+    /// arrive, and checked at the end of the frame, as is every other
+    /// check: such a frame is returned with an empty payload once it has
+    /// passed them all; until then, what the sink received is unverified.
+    ///
+    /// After a read timeout, the next call must pass the same sink: it
+    /// continues the frame where the timeout left it.
+    pub fn read_frame_into<S: PayloadSink + ?Sized>(
+        &mut self,
+        sink: &mut S,
+    ) -> Result<Frame<'_>, ProtocolError> {
         if self.broken {
             return Err(ProtocolError::Broken {
                 frame: self.next_seq,
             });
         }
-        match self.read_frame_inner() {
-            Ok(h) => Ok(Frame {
+        match self.read_frame_inner(sink) {
+            Ok((h, streamed)) => Ok(Frame {
                 kind: h.kind,
                 seq: h.raw.seq,
-                payload: self.buf.get(..h.len).unwrap_or_default(),
+                payload: if streamed {
+                    &[]
+                } else {
+                    self.buf.get(..h.len).unwrap_or_default()
+                },
             }),
             Err(e) => {
                 if !e.is_timeout() {
@@ -483,35 +563,24 @@ impl<R: Read> FrameReader<R> {
         }
     }
 
-    fn read_frame_inner(&mut self) -> Result<Header, ProtocolError> {
+    /// The frame's header and whether its payload went to `sink`.
+    fn read_frame_inner<S: PayloadSink + ?Sized>(
+        &mut self,
+        sink: &mut S,
+    ) -> Result<(Header, bool), ProtocolError> {
         let frame = self.next_seq;
-        let read_err = |part, source| ProtocolError::Read {
-            frame,
-            part,
-            source,
-        };
         let header = match self.header {
             Some(h) => h,
             None => {
-                let r = fill(
-                    &mut self.inner,
-                    &mut self.hdr,
-                    &mut self.hdr_have,
-                    &mut self.bytes_read,
-                );
-                match r.map_err(|e| read_err("header", e))? {
-                    Fill::Done => {}
-                    Fill::Eof(got) => {
-                        return Err(ProtocolError::Eof {
-                            frame,
-                            part: "header",
-                            got,
-                            wanted: FRAME_HEADER_LEN,
-                        })
-                    }
-                }
-                let h = self.parse_header()?;
-                if self.buf.len() < h.len {
+                let h = self.read_header()?;
+                // A frame out of sequence is read whole, so that it fails
+                // (crc first, then seq) as it always did.
+                self.dest = if h.raw.seq == frame && sink.begin(h.kind, h.len) {
+                    Dest::Sink(crc32c::crc32c(&self.hdr[..CRC_COVERS]))
+                } else {
+                    Dest::Buffer
+                };
+                if self.dest == Dest::Buffer && self.buf.len() < h.len {
                     self.buf.resize(h.len, 0);
                 }
                 self.header = Some(h);
@@ -519,30 +588,23 @@ impl<R: Read> FrameReader<R> {
                 h
             }
         };
-        let payload = self.buf.get_mut(..header.len).unwrap_or_default();
-        let r = fill(
-            &mut self.inner,
-            payload,
-            &mut self.payload_have,
-            &mut self.bytes_read,
-        );
-        match r.map_err(|e| read_err("payload", e))? {
-            Fill::Done => {}
-            Fill::Eof(got) => {
-                return Err(ProtocolError::Eof {
-                    frame,
-                    part: "payload",
-                    got,
-                    wanted: header.len,
-                })
-            }
+        if self.dest == Dest::Buffer {
+            self.fill_payload(header.len)?;
+        } else {
+            self.stream_payload(header.len, sink)?;
         }
         // The frame is complete; whatever happens next, start afresh.
         self.header = None;
         self.hdr_have = 0;
         self.payload_have = 0;
-        let payload = self.buf.get(..header.len).unwrap_or_default();
-        let computed = header.raw.compute_crc(&[payload]);
+        let dest = std::mem::replace(&mut self.dest, Dest::Buffer);
+        let computed = match dest {
+            Dest::Buffer => {
+                let payload = self.buf.get(..header.len).unwrap_or_default();
+                header.raw.compute_crc(&[payload])
+            }
+            Dest::Sink(crc) | Dest::Discard(crc) => crc,
+        };
         if computed != header.raw.crc {
             return Err(ProtocolError::CrcMismatch {
                 frame,
@@ -557,7 +619,136 @@ impl<R: Read> FrameReader<R> {
             });
         }
         self.next_seq = self.next_seq.wrapping_add(1);
-        Ok(header)
+        Ok((header, dest != Dest::Buffer))
+    }
+
+    /// Reads (the rest of) the header and checks it.
+    fn read_header(&mut self) -> Result<Header, ProtocolError> {
+        let frame = self.next_seq;
+        let r = fill(
+            &mut self.inner,
+            &mut self.hdr,
+            &mut self.hdr_have,
+            &mut self.bytes_read,
+        );
+        match r.map_err(|source| ProtocolError::Read {
+            frame,
+            part: "header",
+            source,
+        })? {
+            Fill::Done => self.parse_header(),
+            Fill::Eof(got) => Err(ProtocolError::Eof {
+                frame,
+                part: "header",
+                got,
+                wanted: FRAME_HEADER_LEN,
+            }),
+        }
+    }
+
+    /// Reads (the rest of) a `len`-byte payload into the buffer.
+    fn fill_payload(&mut self, len: usize) -> Result<(), ProtocolError> {
+        let frame = self.next_seq;
+        let payload = self.buf.get_mut(..len).unwrap_or_default();
+        let r = fill(
+            &mut self.inner,
+            payload,
+            &mut self.payload_have,
+            &mut self.bytes_read,
+        );
+        match r.map_err(|source| ProtocolError::Read {
+            frame,
+            part: "payload",
+            source,
+        })? {
+            Fill::Done => Ok(()),
+            Fill::Eof(got) => Err(ProtocolError::Eof {
+                frame,
+                part: "payload",
+                got,
+                wanted: len,
+            }),
+        }
+    }
+
+    /// Reads (the rest of) a `len`-byte payload into `sink`, or discards
+    /// it once the sink has failed, updating the CRC in `self.dest` with
+    /// every byte read.
+    fn stream_payload<S: PayloadSink + ?Sized>(
+        &mut self,
+        len: usize,
+        sink: &mut S,
+    ) -> Result<(), ProtocolError> {
+        /// Most bytes discarded per read.
+        const DISCARD_CHUNK: usize = 64 << 10;
+        while self.payload_have < len {
+            let left = len - self.payload_have;
+            let n = match self.dest {
+                Dest::Sink(crc) => match sink.next_buf(left) {
+                    Some(b) if !b.is_empty() => {
+                        let end = b.len().min(left);
+                        let b = &mut b[..end];
+                        let n = self.read_payload(len, b)?;
+                        self.dest = Dest::Sink(crc32c::crc32c_append(crc, &b[..n]));
+                        sink.advance(n);
+                        n
+                    }
+                    // A failed sink (an empty slice would read as the end
+                    // of the stream: treated as a failure too).
+                    _ => {
+                        self.dest = Dest::Discard(crc);
+                        continue;
+                    }
+                },
+                Dest::Discard(crc) => {
+                    let mut buf = std::mem::take(&mut self.buf);
+                    let chunk = left.min(DISCARD_CHUNK);
+                    if buf.len() < chunk {
+                        buf.resize(chunk, 0);
+                    }
+                    let r = self.read_payload(len, &mut buf[..chunk]);
+                    if let Ok(n) = r {
+                        self.dest = Dest::Discard(crc32c::crc32c_append(crc, &buf[..n]));
+                    }
+                    self.buf = buf;
+                    r?
+                }
+                Dest::Buffer => return Ok(()),
+            };
+            self.payload_have += n;
+        }
+        Ok(())
+    }
+
+    /// One read of payload bytes into `buf` (non-empty); the end of the
+    /// stream is an error.
+    fn read_payload(&mut self, len: usize, buf: &mut [u8]) -> Result<usize, ProtocolError> {
+        let frame = self.next_seq;
+        loop {
+            match self.inner.read(buf) {
+                Ok(0) => {
+                    return Err(ProtocolError::Eof {
+                        frame,
+                        part: "payload",
+                        got: self.payload_have,
+                        wanted: len,
+                    })
+                }
+                Ok(n) => {
+                    let n = n.min(buf.len());
+                    self.bytes_read += n as u64;
+                    return Ok(n);
+                }
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+                Err(source) => {
+                    return Err(ProtocolError::Read {
+                        frame,
+                        part: "payload",
+                        source,
+                    })
+                }
+            }
+        }
     }
 
     /// Decodes and checks the header in `self.hdr` (everything but seq and crc).
@@ -938,6 +1129,107 @@ mod tests {
         }
         assert_eq!(got, vec![MsgKind::Ready, MsgKind::Cancel]);
         assert!(timeouts > 30);
+    }
+
+    /// Takes `Pages` payloads, 3 bytes per slice.
+    #[derive(Default)]
+    struct Threes {
+        got: Vec<u8>,
+        slice: [u8; 3],
+        begun: Vec<(MsgKind, usize)>,
+    }
+    impl PayloadSink for Threes {
+        fn begin(&mut self, kind: MsgKind, len: usize) -> bool {
+            self.begun.push((kind, len));
+            kind == MsgKind::Pages
+        }
+        fn next_buf(&mut self, _left: usize) -> Option<&mut [u8]> {
+            Some(&mut self.slice)
+        }
+        fn advance(&mut self, n: usize) {
+            self.got.extend_from_slice(&self.slice[..n]);
+        }
+    }
+
+    #[test]
+    fn reader_streams_into_a_sink() {
+        let payload: Vec<u8> = (0..100u8).collect();
+        let bytes = frames_bytes(&[
+            (MsgKind::Pages, &payload),
+            (MsgKind::Cancel, b"x"),
+            (MsgKind::Pages, &payload),
+        ]);
+        let mut r = FrameReader::new(Stutter {
+            data: bytes.clone(),
+            pos: 0,
+            tick: false,
+        });
+        let mut sink = Threes::default();
+        let mut got = Vec::new();
+        loop {
+            match r.read_frame_into(&mut sink) {
+                Ok(f) => got.push((f.kind, f.payload.to_vec())),
+                Err(e) if e.is_timeout() => {}
+                Err(e) => {
+                    assert!(e.is_clean_eof(), "{e}");
+                    break;
+                }
+            }
+        }
+        // Pages payloads went to the sink (each byte once), the rest not.
+        assert_eq!(
+            got,
+            vec![
+                (MsgKind::Pages, vec![]),
+                (MsgKind::Cancel, b"x".to_vec()),
+                (MsgKind::Pages, vec![])
+            ]
+        );
+        assert_eq!(sink.got, [&payload[..], &payload[..]].concat());
+        assert_eq!(r.bytes_read() as usize, bytes.len());
+
+        // A corrupted payload is a CRC mismatch, after the sink saw it.
+        let mut bad = bytes.clone();
+        bad[FRAME_HEADER_LEN + 50] ^= 4;
+        let mut sink = Threes::default();
+        let e = FrameReader::new(&bad[..])
+            .read_frame_into(&mut sink)
+            .unwrap_err();
+        assert!(e.to_string().starts_with("frame 0: crc mismatch"), "{e}");
+        assert_eq!(sink.got.len(), 100);
+
+        // A frame out of sequence is not offered to the sink.
+        let mut r = FrameReader::new(&bytes[FRAME_HEADER_LEN + 100..]);
+        let mut sink = Threes::default();
+        let e = r.read_frame_into(&mut sink).unwrap_err();
+        assert!(matches!(
+            e,
+            ProtocolError::BadSeq {
+                got: 1,
+                expected: 0
+            }
+        ));
+        assert!(sink.begun.is_empty());
+    }
+
+    #[test]
+    fn streamed_frame_cannot_resume_without_its_sink() {
+        let bytes = frames_bytes(&[(MsgKind::Pages, &[5; 10])]);
+        let mut r = FrameReader::new(Stutter {
+            data: bytes,
+            pos: 0,
+            tick: false,
+        });
+        let mut sink = Threes::default();
+        // Until some of the payload is in.
+        while sink.got.is_empty() {
+            let e = r.read_frame_into(&mut sink).unwrap_err();
+            assert!(e.is_timeout(), "{e}");
+        }
+        assert!(matches!(
+            r.read_frame(),
+            Err(ProtocolError::Broken { frame: 0 })
+        ));
     }
 
     #[test]

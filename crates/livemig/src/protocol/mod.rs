@@ -63,13 +63,16 @@ mod postcopy;
 mod test_support;
 
 pub use error::ProtocolError;
-pub use frame::{Frame, FrameHeader, FrameReader, FrameWriter, FRAME_HEADER_LEN, FRAME_MAGIC};
+pub use frame::{
+    Frame, FrameHeader, FrameReader, FrameWriter, PayloadSink, FRAME_HEADER_LEN, FRAME_MAGIC,
+};
 pub use kind::MsgKind;
 pub use messages::{
     encoded_state_frames, state_frames, Abandoned, Cancel, Complete, ErrorMsg, Go, Hello,
     HelloReply, Keepalive, Message, Ready, Resumed, RoundEnd, State, StreamHello, HELLO_MAGIC,
     LOCAL_PROPERTY, PAUSED_PROPERTY, POSTCOPY_PREPARE_PROPERTY, POSTCOPY_PROPERTY,
 };
+pub(crate) use pages::check_record;
 pub use pages::{
     compress_pages, decompress_pages, page_records, stream_of, PageBatch, PageRecord, PageRecords,
     RecordHeader, PAGE_RECORD_HEADER_LEN, STREAM_CHUNK_PAGES,

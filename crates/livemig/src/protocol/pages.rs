@@ -230,54 +230,110 @@ pub fn page_records(payload: &[u8]) -> PageRecords<'_> {
 
 impl<'a> PageRecords<'a> {
     fn next_record(&mut self) -> Result<PageRecord<'a>, ProtocolError> {
-        const M: &str = "Pages record";
         let at = self.pos;
-        let mut c = Cursor {
-            msg: M,
-            data: self.payload,
-            pos: at,
-        };
-        let RecordHeader {
-            gpa,
-            npages,
-            kind,
-            reserved,
-        } = RecordHeader::read(&mut c)?;
-        if reserved != [0; 3] {
-            return Err(c.malformed_at(at, format!("reserved bytes {reserved:02x?} are not zero")));
-        }
-        if !page_aligned(gpa) {
-            return Err(c.malformed_at(at, format!("address 0x{gpa:x} is not page aligned")));
-        }
-        if npages == 0 {
-            return Err(c.malformed_at(at, "zero pages"));
-        }
-        let len = u64::from(npages) * PAGE_SIZE;
-        if gpa.checked_add(len).is_none() {
-            return Err(c.malformed_at(
-                at,
-                format!("pages 0x{gpa:x}+{npages} wrap around the address space"),
-            ));
-        }
-        let data = match kind {
-            RecordHeader::KIND_ZERO => None,
-            RecordHeader::KIND_DATA => {
-                let len = usize::try_from(len).unwrap_or(usize::MAX);
-                if len > c.left() {
-                    return Err(c.malformed_at(
-                        at,
-                        format!(
-                            "data runs past end of frame ({npages} pages need {len} bytes, {} left)",
-                            c.left()
-                        ),
-                    ));
-                }
-                Some(c.bytes(len)?)
+        let hdr_end = at
+            .saturating_add(PAGE_RECORD_HEADER_LEN)
+            .min(self.payload.len());
+        let hdr = self.payload.get(at..hdr_end).unwrap_or_default();
+        let left = self.payload.len() - hdr_end;
+        let (h, data_len) = check_record(hdr, at, left)?;
+        let data = data_len.map(|n| &self.payload[hdr_end..hdr_end + n]);
+        self.pos = hdr_end + data_len.unwrap_or(0);
+        Ok(PageRecord {
+            gpa: h.gpa,
+            npages: h.npages,
+            data,
+        })
+    }
+}
+
+/// Checks one record header of a `Pages` payload, as [`page_records`]
+/// does: `hdr` holds the header's bytes (fewer than
+/// [`PAGE_RECORD_HEADER_LEN`] only where the payload ends inside the
+/// header), `at` is its offset in the payload, `left` the payload bytes
+/// after it. Returns the header and, for a data record, the length of its
+/// data (which fits in `left`). Errors name offsets in the whole payload,
+/// so that a payload checked record by record as it arrives
+/// (`destination::memory`) fails exactly like one checked in one piece.
+pub(crate) fn check_record(
+    hdr: &[u8],
+    at: usize,
+    left: usize,
+) -> Result<(RecordHeader, Option<usize>), ProtocolError> {
+    check_record_at0(hdr, left).map_err(|e| shift(e, at))
+}
+
+/// [`check_record`] for a header at offset 0.
+fn check_record_at0(
+    hdr: &[u8],
+    left: usize,
+) -> Result<(RecordHeader, Option<usize>), ProtocolError> {
+    let mut c = Cursor::new("Pages record", hdr);
+    let h = RecordHeader::read(&mut c)?;
+    let RecordHeader {
+        gpa,
+        npages,
+        kind,
+        reserved,
+    } = h;
+    if reserved != [0; 3] {
+        return Err(c.malformed_at(0, format!("reserved bytes {reserved:02x?} are not zero")));
+    }
+    if !page_aligned(gpa) {
+        return Err(c.malformed_at(0, format!("address 0x{gpa:x} is not page aligned")));
+    }
+    if npages == 0 {
+        return Err(c.malformed_at(0, "zero pages"));
+    }
+    let len = u64::from(npages) * PAGE_SIZE;
+    if gpa.checked_add(len).is_none() {
+        return Err(c.malformed_at(
+            0,
+            format!("pages 0x{gpa:x}+{npages} wrap around the address space"),
+        ));
+    }
+    match kind {
+        RecordHeader::KIND_ZERO => Ok((h, None)),
+        RecordHeader::KIND_DATA => {
+            let len = usize::try_from(len).unwrap_or(usize::MAX);
+            if len > left {
+                return Err(c.malformed_at(
+                    0,
+                    format!(
+                        "data runs past end of frame ({npages} pages need {len} bytes, {left} left)"
+                    ),
+                ));
             }
-            k => return Err(c.malformed_at(at, format!("unknown record kind {k}"))),
-        };
-        self.pos = c.pos;
-        Ok(PageRecord { gpa, npages, data })
+            Ok((h, Some(len)))
+        }
+        k => Err(c.malformed_at(0, format!("unknown record kind {k}"))),
+    }
+}
+
+/// `e` with its payload offset moved on by `at`.
+fn shift(e: ProtocolError, at: usize) -> ProtocolError {
+    match e {
+        ProtocolError::Malformed {
+            msg,
+            offset,
+            reason,
+        } => ProtocolError::Malformed {
+            msg,
+            offset: offset + at,
+            reason,
+        },
+        ProtocolError::Truncated {
+            msg,
+            offset,
+            wanted,
+            left,
+        } => ProtocolError::Truncated {
+            msg,
+            offset: offset + at,
+            wanted,
+            left,
+        },
+        e => e,
     }
 }
 
