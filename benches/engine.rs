@@ -201,8 +201,22 @@ fn bench(c: &mut Criterion) {
         ("streams-1", Content::Random, 1, Dest::Fresh, None, false),
         ("streams-2", Content::Random, 2, Dest::Fresh, None, false),
         ("streams-4", Content::Random, 4, Dest::Fresh, None, false),
-        ("streams-1-prefault", Content::Random, 1, Dest::Prefault, None, false),
-        ("streams-2-prefault", Content::Random, 2, Dest::Prefault, None, false),
+        (
+            "streams-1-prefault",
+            Content::Random,
+            1,
+            Dest::Prefault,
+            None,
+            false,
+        ),
+        (
+            "streams-2-prefault",
+            Content::Random,
+            2,
+            Dest::Prefault,
+            None,
+            false,
+        ),
         ("streams-1-thp", Content::Random, 1, Dest::Thp, None, false),
         ("streams-2-thp", Content::Random, 2, Dest::Thp, None, false),
         (
@@ -237,7 +251,14 @@ fn bench(c: &mut Criterion) {
             Some(200 << 20),
             true,
         ),
-        ("lz4-text-uncapped", Content::Text, 1, Dest::Fresh, None, true),
+        (
+            "lz4-text-uncapped",
+            Content::Text,
+            1,
+            Dest::Fresh,
+            None,
+            true,
+        ),
     ];
     for (name, content, streams, dest_memory, cap, compress) in cases {
         let vm = if content == Content::Text {

@@ -420,7 +420,12 @@ mod tests {
             } else {
                 PageKind::Small
             };
-            assert_eq!(kind, want, "shmem THP {:?}", thp::host_setting(Sharing::Shmem));
+            assert_eq!(
+                kind,
+                want,
+                "shmem THP {:?}",
+                thp::host_setting(Sharing::Shmem)
+            );
             let off = MemoryOptions {
                 backend: MemoryBackend::Memfd,
                 thp: Thp::Off,
@@ -538,11 +543,17 @@ mod tests {
                 .parse()
                 .unwrap();
             let flag = if thp == Thp::On { "hg" } else { "nh" };
-            assert!(flags.split_whitespace().any(|f| f == flag), "{thp}: {flags}");
+            assert!(
+                flags.split_whitespace().any(|f| f == flag),
+                "{thp}: {flags}"
+            );
             if thp == Thp::Off {
                 assert_eq!(huge_kb, 0, "THP off");
             } else if thp::host_gives_huge(Sharing::Anonymous, thp) {
-                assert!(huge_kb >= 2048, "THP on, host honours it: {huge_kb} kB huge");
+                assert!(
+                    huge_kb >= 2048,
+                    "THP on, host honours it: {huge_kb} kB huge"
+                );
             }
             eprintln!("{thp}: {huge_kb} kB of 8 MiB in huge pages");
         }

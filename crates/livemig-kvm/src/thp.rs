@@ -6,11 +6,18 @@
 //! for anonymous guest RAM) lets the kernel back each aligned 2 MiB of the
 //! region with one huge page: a first touch faults in and zeroes 2 MiB at
 //! once instead of 512 faults of 4 KiB (a migration destination filling
-//! fresh memory: 1.4 GB/s with 4 KiB pages against 9.6 GB/s advised, 512
-//! MiB with `MADV_POPULATE_WRITE` on this project's hosts), and KVM can
-//! map it with large pages. The price: memory follows what the guest
-//! touched at 2 MiB granularity — a guest touching one byte per 2 MiB holds
-//! 2 MiB per touch, not 4 KiB. [`Thp::Off`] keeps 4 KiB pages.
+//! fresh memory: `MADV_POPULATE_WRITE` of 256–512 MiB measured 1.4 against
+//! 9.6 GB/s on a quiet development host, 0.2–0.8 against 2.2–4.4 GB/s on a
+//! loaded one — but see docs/benchmarks.md, issue 16: inside a VM whose
+//! balloon returns freed memory to its host, a huge page that was handed
+//! back is slower to fault in than 4 KiB pages), and KVM can map it with
+//! large pages. The price: memory follows what the guest touched at 2 MiB
+//! granularity — a guest touching one byte per 2 MiB holds 2 MiB per touch,
+//! not 4 KiB. [`Thp::Off`] keeps 4 KiB pages.
+//!
+//! Post-copy (livemig-uffd) works on advised memory: its `arm` drops every
+//! missing page (`MADV_DONTNEED` splits a huge page), so a missing page
+//! inside a huge page that was filled before the switchover still faults.
 //!
 //! The advice never fails a VM: where the host has no THP (the kernel built
 //! without it, or its setting `never`), or shared memory without shmem THP

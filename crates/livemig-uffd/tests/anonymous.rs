@@ -259,7 +259,10 @@ fn missing_pages_inside_a_transparent_huge_page_still_fault() {
     let huge = std::fs::read_to_string("/proc/self/smaps_rollup")
         .unwrap_or_default()
         .lines()
-        .find_map(|l| l.strip_prefix("AnonHugePages:").map(|v| v.trim().to_string()));
+        .find_map(|l| {
+            l.strip_prefix("AnonHugePages:")
+                .map(|v| v.trim().to_string())
+        });
     eprintln!("AnonHugePages after one write: {huge:?}");
     let layout = MemoryLayout::new(vec![RegionDesc {
         guest_addr: 0,

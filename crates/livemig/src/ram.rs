@@ -742,7 +742,11 @@ mod tests {
         }
         // SAFETY: the region's own mapping; advice changes no contents.
         let rc = unsafe {
-            libc::madvise(base.cast(), (pages * PAGE_SIZE) as usize, libc::MADV_HUGEPAGE)
+            libc::madvise(
+                base.cast(),
+                (pages * PAGE_SIZE) as usize,
+                libc::MADV_HUGEPAGE,
+            )
         };
         assert_eq!(rc, 0);
         let ram = HostRam::new(&mem, &layout).unwrap();
@@ -764,14 +768,21 @@ mod tests {
         );
         eprintln!(
             "huge zero page {} by PAGEMAP_SCAN",
-            if got == flagged { "left out" } else { "reported" }
+            if got == flagged {
+                "left out"
+            } else {
+                "reported"
+            }
         );
         for p in (HUGE..2 * HUGE).filter(|p| *p != HUGE + 88) {
             assert!(ram.is_zero(0, p), "page {p}");
         }
         assert!(!ram.is_zero(0, HUGE + 88));
         // A sub-range that cuts the huge page.
-        assert_eq!(ram.populated_ranges(0, HUGE + 500, HUGE + 600), vec![(HUGE + 500, 12)]);
+        assert_eq!(
+            ram.populated_ranges(0, HUGE + 500, HUGE + 600),
+            vec![(HUGE + 500, 12)]
+        );
         assert_eq!(ram.scrub(), 0);
         assert!(ram.populated_ranges(0, 0, pages).is_empty());
         assert!(ram.is_zero(0, HUGE + 88));
