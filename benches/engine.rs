@@ -9,6 +9,9 @@
 //! * `streams-N-prefault`: the same, with the destination's memory
 //!   populated (`MADV_POPULATE_WRITE`) while it creates the VM, i.e. without
 //!   the kernel's cost of faulting in fresh pages during the transfer;
+//! * `streams-N-thp`: into fresh destination memory advised for transparent
+//!   huge pages (`livemig_kvm::thp::advise`, what `livemig_kvm` does to
+//!   guest memory by default): the kernel faults in 2 MiB at a time;
 //! * `cap200-{plain,lz4}-{text,random}`: a 200 MiB/s `max_bandwidth` cap
 //!   (a slow link), without and with LZ4, on compressible ("text": repeated
 //!   structure) and incompressible memory.
@@ -77,11 +80,30 @@ fn populate(vm: &SoftVm, layout: &MemoryLayout) {
     }
 }
 
+/// The destination's memory before the first page arrives.
+#[derive(Clone, Copy, PartialEq)]
+enum Dest {
+    /// Fresh anonymous memory, 4 KiB pages.
+    Fresh,
+    /// Populated (`MADV_POPULATE_WRITE`) while the VM is created.
+    Prefault,
+    /// Fresh, advised for transparent huge pages.
+    Thp,
+}
+
+fn advise_thp(vm: &SoftVm) {
+    if let Some(ram) = vm.ram() {
+        if let Err(e) = livemig_kvm::thp::advise(ram, livemig_kvm::Thp::On) {
+            eprintln!("MADV_HUGEPAGE refused: {e}");
+        }
+    }
+}
+
 /// One migration; returns the source's report.
 fn migrate_once(
     src: &SoftVm,
     streams: u32,
-    prefault: bool,
+    dest_memory: Dest,
     cap: Option<u64>,
     compress: bool,
 ) -> livemig::Report {
@@ -93,8 +115,10 @@ fn migrate_once(
         let mut acc = OwnedAcceptor(Some(listener));
         receive_streams(t, Some(&mut acc), &ReceiveConfig::default(), |d| {
             let vm = SoftVm::new(&d.layout, &SoftConfig::idle())?;
-            if prefault {
-                populate(&vm, &d.layout);
+            match dest_memory {
+                Dest::Fresh => {}
+                Dest::Prefault => populate(&vm, &d.layout),
+                Dest::Thp => advise_thp(&vm),
             }
             Ok(vm)
         })
@@ -128,13 +152,18 @@ fn migrate_once(
     r
 }
 
-fn fault_rate() -> f64 {
+/// The rate of `MADV_POPULATE_WRITE` into fresh memory, 4 KiB pages or
+/// (`thp`) advised for transparent huge pages.
+fn fault_rate(thp: bool) -> f64 {
     let layout = MemoryLayout::new(vec![RegionDesc {
         guest_addr: 0,
         size: MIB << 20,
     }])
     .expect("layout");
     let vm = SoftVm::new(&layout, &SoftConfig::idle()).expect("vm");
+    if thp {
+        advise_thp(&vm);
+    }
     let t = Instant::now();
     populate(&vm, &layout);
     (MIB << 20) as f64 / t.elapsed().as_secs_f64()
@@ -150,12 +179,15 @@ struct Row {
 fn bench(c: &mut Criterion) {
     let lo = livemig_suite::limits::loopback_tcp_rate(1 << 30);
     let mc = livemig_suite::limits::memcpy_rate((MIB << 20) as usize);
-    let fr = fault_rate();
+    let fr = fault_rate(false);
+    let fr_thp = fault_rate(true);
     eprintln!(
-        "limits: loopback TCP {:.2} GB/s, memcpy {:.1} GB/s, fresh-memory faults {:.2} GB/s",
+        "limits: loopback TCP {:.2} GB/s, memcpy {:.1} GB/s, fresh-memory faults {:.2} GB/s \
+         ({:.2} GB/s advised for THP)",
         lo / 1e9,
         mc / 1e9,
-        fr / 1e9
+        fr / 1e9,
+        fr_thp / 1e9
     );
     let mut rows: Vec<Row> = Vec::new();
     let mut g = c.benchmark_group("engine");
@@ -164,18 +196,34 @@ fn bench(c: &mut Criterion) {
     g.measurement_time(Duration::from_secs(5));
     let random = source(Content::Random);
     let text = source(Content::Text);
-    type Case = (&'static str, Content, u32, bool, Option<u64>, bool);
+    type Case = (&'static str, Content, u32, Dest, Option<u64>, bool);
     let cases: Vec<Case> = vec![
-        ("streams-1", Content::Random, 1, false, None, false),
-        ("streams-2", Content::Random, 2, false, None, false),
-        ("streams-4", Content::Random, 4, false, None, false),
-        ("streams-1-prefault", Content::Random, 1, true, None, false),
-        ("streams-2-prefault", Content::Random, 2, true, None, false),
+        ("streams-1", Content::Random, 1, Dest::Fresh, None, false),
+        ("streams-2", Content::Random, 2, Dest::Fresh, None, false),
+        ("streams-4", Content::Random, 4, Dest::Fresh, None, false),
+        (
+            "streams-1-prefault",
+            Content::Random,
+            1,
+            Dest::Prefault,
+            None,
+            false,
+        ),
+        (
+            "streams-2-prefault",
+            Content::Random,
+            2,
+            Dest::Prefault,
+            None,
+            false,
+        ),
+        ("streams-1-thp", Content::Random, 1, Dest::Thp, None, false),
+        ("streams-2-thp", Content::Random, 2, Dest::Thp, None, false),
         (
             "cap200-plain-text",
             Content::Text,
             1,
-            false,
+            Dest::Fresh,
             Some(200 << 20),
             false,
         ),
@@ -183,7 +231,7 @@ fn bench(c: &mut Criterion) {
             "cap200-lz4-text",
             Content::Text,
             1,
-            false,
+            Dest::Fresh,
             Some(200 << 20),
             true,
         ),
@@ -191,7 +239,7 @@ fn bench(c: &mut Criterion) {
             "cap200-plain-random",
             Content::Random,
             1,
-            false,
+            Dest::Fresh,
             Some(200 << 20),
             false,
         ),
@@ -199,13 +247,20 @@ fn bench(c: &mut Criterion) {
             "cap200-lz4-random",
             Content::Random,
             1,
-            false,
+            Dest::Fresh,
             Some(200 << 20),
             true,
         ),
-        ("lz4-text-uncapped", Content::Text, 1, false, None, true),
+        (
+            "lz4-text-uncapped",
+            Content::Text,
+            1,
+            Dest::Fresh,
+            None,
+            true,
+        ),
     ];
-    for (name, content, streams, prefault, cap, compress) in cases {
+    for (name, content, streams, dest_memory, cap, compress) in cases {
         let vm = if content == Content::Text {
             &text
         } else {
@@ -221,7 +276,7 @@ fn bench(c: &mut Criterion) {
             b.iter_custom(|iters| {
                 let mut total = Duration::ZERO;
                 for _ in 0..iters {
-                    let r = migrate_once(vm, streams, prefault, cap, compress);
+                    let r = migrate_once(vm, streams, dest_memory, cap, compress);
                     let r0 = &r.rounds[0];
                     let d = Duration::from_secs_f64(r0.duration_ms / 1000.0);
                     row.round0_ms.push(r0.duration_ms);
@@ -238,11 +293,12 @@ fn bench(c: &mut Criterion) {
 
     let mut md = format!(
         "Limits measured in this run: loopback TCP {:.2} GB/s (one stream), memcpy {:.1} GB/s ({MIB} MiB buffers), \
-         fresh-memory population {:.2} GB/s (`MADV_POPULATE_WRITE` of {MIB} MiB).\n\n\
+         fresh-memory population {:.2} GB/s (`MADV_POPULATE_WRITE` of {MIB} MiB; {:.2} GB/s advised for THP).\n\n\
          | scenario | runs | round 0 ms (median) | page data GB/s | share of loopback | wire MB | wire/data |\n|---|---|---|---|---|---|---|\n",
         lo / 1e9,
         mc / 1e9,
-        fr / 1e9
+        fr / 1e9,
+        fr_thp / 1e9
     );
     for r in rows.iter().filter(|r| !r.round0_ms.is_empty()) {
         let mut v = r.round0_ms.clone();

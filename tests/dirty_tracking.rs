@@ -14,7 +14,7 @@ use livemig::bitmap::DirtyBitmap;
 use livemig::memory::MemoryLayout;
 use livemig::testing::dirty::{check_dirty_tracker, PageRun, PageWindow};
 use livemig::vm::{DirtyTracker, Rearm, SourceVm};
-use livemig_kvm::DirtyMode;
+use livemig_kvm::{DirtyMode, Thp};
 use livemig_suite::harness::{log_of, migrate, refvmm_path, scratch_dir, start_destination, Vmm};
 use pagewriter::PageWriter;
 use serde_json::json;
@@ -659,9 +659,9 @@ const SMP_CASES: [SmpCase; 4] = [
 /// for the first time all along, modelled as the engine runs it: start
 /// tracking; round 0 (see [`Mirror::round0`]); `SMP_ROUNDS` or more rounds
 /// of sync + copy; pause; final sync + copy; compare.
-fn smp_migration(mode: DirtyMode, case: &SmpCase) -> SmpRun {
+fn smp_migration(mode: DirtyMode, case: &SmpCase, thp: Thp) -> SmpRun {
     const VCPUS: usize = 2;
-    let w = PageWriter::with_vcpus(SMP_MEM, VCPUS as u32, mode);
+    let w = PageWriter::with_vcpus_thp(SMP_MEM, VCPUS as u32, mode, thp);
     let layout = MemoryLayout::of(w.vm.memory()).unwrap();
     assert_eq!(layout.regions().len(), 2, "two regions");
     let m = Mirror::new(&w);
@@ -730,18 +730,30 @@ fn smp_migration(mode: DirtyMode, case: &SmpCase) -> SmpRun {
 
 /// Runs `smp_migration` `runs` times per case of [`SMP_CASES`] (only the
 /// one named by `LIVEMIG_SMP_CASE`, if set) and panics with the losses if
-/// any run lost a page or a vCPU thread failed.
+/// any run lost a page or a vCPU thread failed. Guest memory in 4 KiB
+/// pages (`Thp::Off`): the host then populates each page at its first
+/// write, which is what the pagemap check of first writes sees.
 fn smp_runs(mode: DirtyMode, runs: usize) {
+    smp_runs_with(mode, runs, Thp::Off)
+}
+
+/// [`smp_runs`] with guest memory advised `thp`. With THP the host
+/// populates 2 MiB at a guest's first write to any page of it, so the
+/// pagemap sees first writes per huge page: the `rewrites` case (16 MiB per
+/// vCPU, all populated before tracking starts) has none to check and is
+/// left out.
+fn smp_runs_with(mode: DirtyMode, runs: usize, thp: Thp) {
     let mut failures = Vec::new();
     let only = std::env::var("LIVEMIG_SMP_CASE").ok();
     for case in SMP_CASES
         .iter()
         .filter(|c| only.as_deref().is_none_or(|o| o == c.name))
+        .filter(|c| thp == Thp::Off || c.pages >= SMP_PAGES)
     {
         let what = case.name;
         for i in 0..runs {
             let t0 = Instant::now();
-            let r = smp_migration(mode, case);
+            let r = smp_migration(mode, case, thp);
             let lost: u64 = r.lost.iter().sum();
             eprintln!(
                 "{mode:?} {what} run {i}: lost {lost} {:?} (per vCPU, other), fresh pages written while tracking {:?}, ring-full exits {}, vCPU error {:?}, {:?}",
@@ -786,6 +798,24 @@ fn smp_first_writes_survive_manual_protect() {
         return;
     };
     smp_runs(DirtyMode::ManualProtect, 1);
+}
+
+/// The SMP first-write runs on guest memory advised for transparent huge
+/// pages (livemig-kvm's default), in every mode.
+#[test]
+fn smp_first_writes_survive_every_mode_with_thp() {
+    let Some(_kvm) = common::kvm_or_skip("smp_first_writes_survive_every_mode_with_thp") else {
+        return;
+    };
+    for mode in [
+        DirtyMode::Classic,
+        DirtyMode::ManualProtect,
+        DirtyMode::Ring {
+            entries: livemig_kvm::dirty::DEFAULT_RING_ENTRIES,
+        },
+    ] {
+        smp_runs_with(mode, 1, Thp::On);
+    }
 }
 
 #[test]

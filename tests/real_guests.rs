@@ -214,7 +214,10 @@ fn noise_floor_ms(src: &Vmm) -> f64 {
 /// `LIVEMIG_COST_RUNS=1` change it; `LIVEMIG_COST_ATTACH_MS` waits that
 /// long between starting the destination and migrating, to attach a tracer;
 /// `LIVEMIG_COST_PREPARED=0` starts the destination without `--memory`, so
-/// it makes its VM only when the source connects).
+/// it makes its VM only when the source connects; `LIVEMIG_COST_THP=off`
+/// gives both VMMs `--thp off`, 4 KiB guest pages). Also prints round 0's
+/// page rate and both VMMs' resident memory (the source's before the
+/// migration, the destination's after it).
 #[test]
 #[ignore]
 fn guest_size_cost() {
@@ -225,18 +228,32 @@ fn guest_size_cost() {
     let sizes = env("LIVEMIG_COST_SIZES", "2G,64G");
     let cmdline = env("LIVEMIG_COST_CMDLINE", "ws=512 rate=64");
     let runs: usize = env("LIVEMIG_COST_RUNS", "1").parse().unwrap_or(1);
+    let thp = env("LIVEMIG_COST_THP", "on");
+    let rss_mb = |pid: u32| {
+        std::fs::read_to_string(format!("/proc/{pid}/status"))
+            .unwrap_or_default()
+            .lines()
+            .find_map(|l| l.strip_prefix("VmRSS:"))
+            .and_then(|v| v.trim().trim_end_matches("kB").trim().parse::<f64>().ok())
+            .map_or(0.0, |kb| kb / 1024.0)
+    };
     for _ in 0..runs {
         for memory in sizes.split(',') {
             let dir = scratch_dir("sizecost");
-            let mut src = start_source_with(&dir, "src", memory, 1, &cmdline, &[]).unwrap();
+            let thp_args = ["--thp", thp.as_str()];
+            let mut src = start_source_with(&dir, "src", memory, 1, &cmdline, &thp_args).unwrap();
             src.wait_ready(Duration::from_secs(60)).unwrap();
             // READY: the working set has been written once.
             std::thread::sleep(Duration::from_millis(500));
+            let src_rss = rss_mb(src.pid());
             // `receive --memory` (unless LIVEMIG_COST_PREPARED=0): the
             // destination makes its VM before the source connects.
             let prepared = env("LIVEMIG_COST_PREPARED", "1") != "0";
-            let args: &[&str] = if prepared { &["--memory", memory] } else { &[] };
-            let (mut dst, ep) = start_destination(&dir, "dst", args).unwrap();
+            let mut args = thp_args.to_vec();
+            if prepared {
+                args.extend(["--memory", memory]);
+            }
+            let (mut dst, ep) = start_destination(&dir, "dst", &args).unwrap();
             // Time to attach a tracer to both sides, if asked for.
             let wait: u64 = env("LIVEMIG_COST_ATTACH_MS", "0").parse().unwrap_or(0);
             std::thread::sleep(Duration::from_millis(wait));
@@ -248,9 +265,18 @@ fn guest_size_cost() {
                 .iter()
                 .map(|x| format!("{:.1}", x["duration_ms"].as_f64().unwrap_or(0.0)))
                 .collect();
+            let round0_mbs = rounds.first().map_or(0.0, |x| {
+                x["bytes"].as_f64().unwrap_or(0.0)
+                    / 1e6
+                    / (x["duration_ms"].as_f64().unwrap_or(0.0) / 1000.0).max(1e-9)
+            });
+            // The destination runs the guest now.
+            std::thread::sleep(Duration::from_millis(300));
+            let dst_rss = rss_mb(dst.pid());
             println!(
-                "{memory} {cmdline} (prepared destination: {prepared}): total {:.1} ms, set-up {:.1} ms, first page {:.1} ms, \
-                 rounds {round_ms:?} ms, downtime {:.2} ms (final sync {:.2} ms), {}, noise floor {noise:.2} ms",
+                "{memory} {cmdline} thp {thp} (prepared destination: {prepared}): total {:.1} ms, set-up {:.1} ms, first page {:.1} ms, \
+                 rounds {round_ms:?} ms, round 0 {round0_mbs:.0} MB/s, downtime {:.2} ms (final sync {:.2} ms), {}, noise floor {noise:.2} ms, \
+                 RSS source {src_rss:.0} MB, destination {dst_rss:.0} MB",
                 r["total_ms"].as_f64().unwrap_or(0.0),
                 r["setup_ms"].as_f64().unwrap_or(0.0),
                 r["first_page_ms"].as_f64().unwrap_or(0.0),

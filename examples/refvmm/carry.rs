@@ -123,6 +123,7 @@ mod tests {
         s.common.api_socket = Some("/run/vm.sock".into());
         s.common.dirty_log = "ring:1024".into();
         s.common.memory_backend = "memfd,hugetlb".into();
+        s.common.thp = "off".into();
         s.common.pid_file = Some("/run/vm.pid".into());
         s.receive.io_timeout = 33;
         s.receive.no_announce = true;

@@ -22,7 +22,7 @@ use serde_json::{json, Value};
 use vm_memory::{GuestMemoryBackend, GuestMemoryRegion};
 
 use crate::cli::{
-    parse_dirty, parse_memory_backend, parse_serial, parse_size, runtime, usage, Fail, ReceiveArgs,
+    parse_dirty, parse_memory_options, parse_serial, parse_size, runtime, usage, Fail, ReceiveArgs,
 };
 use crate::monitor::MigrationMonitor;
 use crate::net;
@@ -571,7 +571,7 @@ fn accept_incoming(
 /// reason).
 fn prepare_vm(
     memory: Option<u64>,
-    backend: livemig_kvm::memfd::MemoryBackend,
+    backend: livemig_kvm::MemoryOptions,
     dirty_mode: Option<livemig_kvm::DirtyMode>,
 ) -> Option<livemig_kvm::PreparedVm> {
     let bytes = memory?;
@@ -615,13 +615,13 @@ pub(crate) fn cmd_receive(args: ReceiveArgs) -> Result<(), Fail> {
         .map_err(|e| usage(format!("--listen: {e}")))?;
     let memory = memory.as_deref().map(parse_size).transpose()?;
     let dirty_mode = parse_dirty(&common.dirty_log)?;
-    let memory_backend = parse_memory_backend(&common.memory_backend)?;
+    let memory_options = parse_memory_options(&common)?;
     let serial = parse_serial(&common.serial)?;
     // Open the TAPs before accepting anything: a bad --net fails early.
     let nets = open_nets(&common.net)?;
     let mut console = open_console(common.console.as_deref(), true)?;
     let tls_plain = tls.is_none();
-    let mut prepared = prepare_vm(memory, memory_backend, dirty_mode);
+    let mut prepared = prepare_vm(memory, memory_options, dirty_mode);
     let incoming = accept_incoming(&endpoint, tls)?;
     let local = matches!(incoming, Incoming::Local(..));
     let mut shared_memory = None;
@@ -629,7 +629,8 @@ pub(crate) fn cmd_receive(args: ReceiveArgs) -> Result<(), Fail> {
     // memory here is a shared memfd (the userfaultfd installer takes
     // private anonymous memory only) or the migration runs over TLS (the
     // fault connection is plain): such a source then migrates by pre-copy.
-    let postcopy_ok = tls_plain && memory_backend == livemig_kvm::memfd::MemoryBackend::Anonymous;
+    let postcopy_ok =
+        tls_plain && memory_options.backend == livemig_kvm::memfd::MemoryBackend::Anonymous;
     let mut nets = Some(nets);
     let (transport, acceptor, mut fault) = match incoming {
         Incoming::Remote(t, a, f) => (t, Some(a), f),
@@ -680,7 +681,7 @@ pub(crate) fn cmd_receive(args: ReceiveArgs) -> Result<(), Fail> {
             nets: my_nets,
             dirty_mode,
             console: console.as_ref().map(|(_, log)| log.clone()),
-            memory_backend,
+            memory_options,
             shared_memory: shared_memory.take(),
             prepared: prepared.take(),
         })

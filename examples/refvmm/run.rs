@@ -11,7 +11,7 @@ use livemig_kvm::x86_layout;
 
 use crate::api::ApiEvent;
 use crate::cli::{
-    parse_dirty, parse_memory_backend, parse_serial, parse_size, runtime, usage, Fail, RunArgs,
+    parse_dirty, parse_memory_options, parse_serial, parse_size, runtime, usage, Fail, RunArgs,
 };
 use crate::vmm::{Machine, MachineConfig};
 use crate::{api, console, console_server, multiboot, net};
@@ -155,7 +155,7 @@ pub(crate) fn cmd_run(args: RunArgs) -> Result<(), Fail> {
     let memory = parse_size(&memory)?;
     let serial = parse_serial(&common.serial)?;
     let dirty_mode = parse_dirty(&common.dirty_log)?;
-    let memory_backend = parse_memory_backend(&common.memory_backend)?;
+    let memory_options = parse_memory_options(&common)?;
     if vcpus == 0 || vcpus > livemig_kvm::vm::MAX_VCPUS {
         return Err(usage(format!(
             "--vcpus {vcpus}: must be between 1 and {}",
@@ -184,7 +184,7 @@ pub(crate) fn cmd_run(args: RunArgs) -> Result<(), Fail> {
         nets,
         dirty_mode,
         console: console.as_ref().map(|(_, log)| log.clone()),
-        memory_backend,
+        memory_options,
         shared_memory: None,
         prepared: None,
     })

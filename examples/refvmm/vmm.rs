@@ -10,7 +10,7 @@ use kvm_bindings::kvm_segment;
 use livemig::state::DeviceState;
 use livemig::vm::NicInfo;
 use livemig_kvm::serial::{SerialDevice, SerialOutput, COM1_IRQ, COM1_PORT};
-use livemig_kvm::{DirtyMode, ExitHandler, KvmVm, MemoryBackend, SharedDevice, VmConfig};
+use livemig_kvm::{DirtyMode, ExitHandler, KvmVm, MemoryOptions, SharedDevice, VmConfig};
 use livemig_virtio::{NetCounters, VirtioNet, MMIO_WINDOW};
 
 use livemig::memory::GuestMemory;
@@ -120,13 +120,15 @@ pub struct MachineConfig {
     pub dirty_mode: Option<DirtyMode>,
     /// With `--console`: the guest's output also goes to this log.
     pub console: Option<Arc<crate::console_server::ConsoleLog>>,
-    pub memory_backend: MemoryBackend,
+    /// Backend and transparent-huge-page advice of the guest memory.
+    pub memory_options: MemoryOptions,
     /// Guest memory made elsewhere (a same-host hand-over: the source's
-    /// memfds, mapped shared) instead of `memory_backend`'s.
+    /// memfds, mapped shared) instead of `memory_options`'; given the same
+    /// THP advice.
     pub shared_memory: Option<livemig::memory::GuestRam>,
     /// The KVM VM with its memory registered, made ahead (`receive
     /// --memory`: before the source connects); used instead of
-    /// `memory_backend`'s when `shared_memory` is `None`.
+    /// `memory_options`' when `shared_memory` is `None`.
     pub prepared: Option<livemig_kvm::PreparedVm>,
 }
 
@@ -179,10 +181,15 @@ impl Machine {
             dirty_mode: cfg.dirty_mode,
         };
         let vm = match (cfg.shared_memory, cfg.prepared) {
-            (Some(mem), _) => KvmVm::create_with_memory(&vm_config, mem, bus, devices),
+            (Some(mem), _) => {
+                if let Err(e) = livemig_kvm::thp::advise(&mem, cfg.memory_options.thp) {
+                    log::warn!("shared guest memory: THP advice refused ({e})");
+                }
+                KvmVm::create_with_memory(&vm_config, mem, bus, devices)
+            }
             (None, Some(p)) => KvmVm::create_prepared(&vm_config, p, bus, devices),
             (None, None) => {
-                KvmVm::create_with_backend(&vm_config, cfg.memory_backend, bus, devices)
+                KvmVm::create_with_backend(&vm_config, cfg.memory_options, bus, devices)
             }
         }
         .map_err(|e| e.to_string())?;

@@ -171,14 +171,29 @@ impl PageWriter {
     /// CPL3 with the same page tables, parked. The guest maps 0..5 GiB with
     /// 2 MiB pages (RAM below 3 GiB and from 4 GiB on).
     pub fn with_vcpus(memory: u64, vcpus: u32, mode: DirtyMode) -> PageWriter {
+        Self::with_vcpus_thp(memory, vcpus, mode, livemig_kvm::Thp::default())
+    }
+
+    /// [`PageWriter::with_vcpus`] with guest memory given the transparent
+    /// huge page advice `thp`.
+    pub fn with_vcpus_thp(
+        memory: u64,
+        vcpus: u32,
+        mode: DirtyMode,
+        thp: livemig_kvm::Thp,
+    ) -> PageWriter {
         assert!(memory > WRITE_BASE);
         let done = Arc::new(Done::default());
-        let vm = KvmVm::create(
+        let vm = KvmVm::create_with_backend(
             &VmConfig {
                 memory,
                 vcpus,
                 nics: vec![],
                 dirty_mode: Some(mode),
+            },
+            livemig_kvm::MemoryOptions {
+                backend: livemig_kvm::MemoryBackend::Anonymous,
+                thp,
             },
             done.clone(),
             vec![],

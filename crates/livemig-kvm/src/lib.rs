@@ -29,12 +29,14 @@ pub mod prepared;
 pub mod serial;
 pub mod setup;
 pub mod state;
+pub mod thp;
 pub mod vcpu;
 pub mod vm;
 
 pub use dirty::DirtyMode;
-pub use memfd::MemoryBackend;
+pub use memfd::{MemoryBackend, MemoryOptions};
 pub use prepared::PreparedVm;
+pub use thp::Thp;
 pub use vcpu::ExitHandler;
 pub use vm::{
     check_compatible, check_properties, check_tsc_khz, x86_layout, KvmVm, KvmVmError, SharedDevice,

@@ -11,6 +11,10 @@
 //! says how many the host has free and how to reserve more — never a
 //! silent fall-back to ordinary pages, and never huge pages nobody asked
 //! for (an operator reserves them for the VMs that ask).
+//!
+//! Anonymous and plain memfd memory is advised for transparent huge pages
+//! by default ([`Thp::On`], see [`crate::thp`]); [`MemoryOptions::thp`]
+//! turns that off.
 
 use std::ffi::CStr;
 use std::fs::File;
@@ -22,6 +26,8 @@ use livemig::memory::{allocate, GuestRam, MemoryLayout};
 use vm_memory::bitmap::{AtomicBitmap, NewBitmap};
 use vm_memory::mmap::MmapRegionBuilder;
 use vm_memory::{FileOffset, GuestAddress, GuestRegionMmap};
+
+use crate::thp::{self, Sharing, Thp};
 
 /// Huge page size tried with `MFD_HUGETLB` (the x86 default).
 pub const HUGE_PAGE_SIZE: u64 = 2 << 20;
@@ -63,11 +69,39 @@ impl std::fmt::Display for MemoryBackend {
     }
 }
 
+/// How [`allocate_memory`] builds guest memory: the backend, and the
+/// transparent-huge-page advice for a backend that is not hugetlb. A
+/// [`MemoryBackend`] alone is these options with the default advice
+/// ([`Thp::On`]).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct MemoryOptions {
+    /// Where the memory comes from.
+    pub backend: MemoryBackend,
+    /// Transparent huge pages for [`MemoryBackend::Anonymous`] and
+    /// [`MemoryBackend::Memfd`] (ignored for hugetlb, which is huge pages
+    /// already). Default [`Thp::On`].
+    pub thp: Thp,
+}
+
+impl From<MemoryBackend> for MemoryOptions {
+    fn from(backend: MemoryBackend) -> Self {
+        MemoryOptions {
+            backend,
+            thp: Thp::default(),
+        }
+    }
+}
+
 /// What [`allocate_memory`] built.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum PageKind {
-    /// Anonymous memory, or a memfd of ordinary pages.
+    /// Anonymous memory, or a memfd of ordinary pages (no THP advice, or a
+    /// host whose THP setting ignores it).
     Small,
+    /// Anonymous memory, or a memfd, advised for transparent huge pages on
+    /// a host whose setting honours the advice: 2 MiB pages wherever the
+    /// kernel finds them free (4 KiB where it does not).
+    Transparent,
     /// A hugetlb memfd ([`HUGE_PAGE_SIZE`] pages).
     Huge,
 }
@@ -120,18 +154,29 @@ pub enum MemfdError {
     Map(#[source] Box<dyn std::error::Error + Send + Sync + 'static>),
 }
 
-/// Guest memory for `layout` in `backend`: [`PageKind::Huge`] exactly for
-/// [`MemoryBackend::MemfdHugetlb`], which fails (no fall-back) where the
-/// host has too few huge pages free or a region is not whole huge pages.
+/// Guest memory for `layout` as `options` say (a [`MemoryBackend`] alone:
+/// that backend, advised for transparent huge pages): [`PageKind::Huge`]
+/// exactly for [`MemoryBackend::MemfdHugetlb`], which fails (no fall-back)
+/// where the host has too few huge pages free or a region is not whole
+/// huge pages; [`PageKind::Transparent`] where THP advice was given and the
+/// host's setting honours it. The THP advice itself never fails the
+/// allocation (a host without THP: ordinary pages, logged).
 pub fn allocate_memory(
     layout: &MemoryLayout,
-    backend: MemoryBackend,
+    options: impl Into<MemoryOptions>,
 ) -> Result<(GuestRam, PageKind), MemfdError> {
+    let MemoryOptions { backend, thp } = options.into();
     match backend {
-        MemoryBackend::Anonymous => allocate(layout)
-            .map(|m| (m, PageKind::Small))
-            .map_err(|e| MemfdError::Map(e.into())),
-        MemoryBackend::Memfd => memfd_memory(layout, PageKind::Small).map(|m| (m, PageKind::Small)),
+        MemoryBackend::Anonymous => {
+            let mem = allocate(layout).map_err(|e| MemfdError::Map(e.into()))?;
+            let kind = advise(&mem, thp, Sharing::Anonymous);
+            Ok((mem, kind))
+        }
+        MemoryBackend::Memfd => {
+            let mem = memfd_memory(layout, PageKind::Small)?;
+            let kind = advise(&mem, thp, Sharing::Shmem);
+            Ok((mem, kind))
+        }
         MemoryBackend::MemfdHugetlb => {
             let mut needed = 0;
             for r in layout.regions() {
@@ -160,6 +205,25 @@ pub fn allocate_memory(
             }
         }
     }
+}
+
+/// Gives `mem` the advice of `thp`; what the host makes of it. A refused
+/// advice is logged, never an error: the memory works in 4 KiB pages.
+fn advise(mem: &GuestRam, thp: Thp, sharing: Sharing) -> PageKind {
+    if let Err(e) = thp::advise(mem, thp) {
+        log::warn!("guest memory: THP advice {thp} refused ({e}); 4 KiB pages");
+        return PageKind::Small;
+    }
+    if thp::host_gives_huge(sharing, thp) {
+        return PageKind::Transparent;
+    }
+    if thp == Thp::On {
+        log::info!(
+            "guest memory: THP advised, but the host's {sharing:?} THP setting is {:?}: 4 KiB pages",
+            thp::host_setting(sharing)
+        );
+    }
+    PageKind::Small
 }
 
 /// `HugePages_Free` of `/proc/meminfo` (0 where it cannot be read).
@@ -194,7 +258,7 @@ fn memfd_memory(layout: &MemoryLayout, kind: PageKind) -> Result<GuestRam, Memfd
         // here (ENOMEM) instead of as a SIGBUS at the guest's first touch.
         let flags = match kind {
             PageKind::Huge => libc::MAP_SHARED,
-            PageKind::Small => libc::MAP_SHARED | libc::MAP_NORESERVE,
+            PageKind::Small | PageKind::Transparent => libc::MAP_SHARED | libc::MAP_NORESERVE,
         };
         let size = usize::try_from(r.size).map_err(|e| MemfdError::Map(e.into()))?;
         let mapping = MmapRegionBuilder::new_with_bitmap(size, AtomicBitmap::with_len(size))
@@ -342,12 +406,31 @@ mod tests {
         assert_eq!(u64::from_ne_bytes(buf), 0xdead_beef);
     }
 
-    /// `memfd` is ordinary pages, whatever the host has free.
+    /// `memfd` is never hugetlb, whatever the host has free; advised for
+    /// THP it is transparent huge pages exactly where the host's
+    /// `shmem_enabled` honours the advice (not on a `never` host, the
+    /// common default), and never fails for it.
     #[test]
     fn plain_memfd_is_small_pages() {
+        let shmem_thp = thp::host_gives_huge(Sharing::Shmem, Thp::On);
         for l in [layout(&[(0, 4096 * 3)]), layout(&[(0, 8 << 20)])] {
             let (mem, kind) = allocate_memory(&l, MemoryBackend::Memfd).unwrap();
-            assert_eq!(kind, PageKind::Small);
+            let want = if shmem_thp {
+                PageKind::Transparent
+            } else {
+                PageKind::Small
+            };
+            assert_eq!(
+                kind,
+                want,
+                "shmem THP {:?}",
+                thp::host_setting(Sharing::Shmem)
+            );
+            let off = MemoryOptions {
+                backend: MemoryBackend::Memfd,
+                thp: Thp::Off,
+            };
+            assert_eq!(allocate_memory(&l, off).unwrap().1, PageKind::Small);
             assert!(mem.iter().all(|r| r.file_offset().is_some()));
             assert!(mem
                 .iter()
@@ -400,7 +483,79 @@ mod tests {
     fn anonymous_has_no_file() {
         let (mem, kind) =
             allocate_memory(&layout(&[(0, 1 << 20)]), MemoryBackend::Anonymous).unwrap();
-        assert_eq!(kind, PageKind::Small);
+        let thp_here = thp::host_gives_huge(Sharing::Anonymous, Thp::On);
+        assert_eq!(kind == PageKind::Transparent, thp_here);
         assert!(mem.iter().all(|r| r.file_offset().is_none()));
+    }
+
+    /// The `/proc/self/smaps` lines of the mapping holding `addr`.
+    fn smaps_of(addr: usize) -> Vec<String> {
+        let text = std::fs::read_to_string("/proc/self/smaps").unwrap();
+        let mut out = Vec::new();
+        let mut inside = false;
+        for line in text.lines() {
+            let head = line.split_whitespace().next().unwrap_or("");
+            if let Some((a, b)) = head.split_once('-') {
+                if let (Ok(a), Ok(b)) = (usize::from_str_radix(a, 16), usize::from_str_radix(b, 16))
+                {
+                    inside = a <= addr && addr < b;
+                    continue;
+                }
+            }
+            if inside {
+                out.push(line.to_string());
+            }
+        }
+        out
+    }
+
+    fn smaps_field(lines: &[String], name: &str) -> String {
+        lines
+            .iter()
+            .find_map(|l| l.strip_prefix(name))
+            .unwrap_or_else(|| panic!("no {name} in {lines:?}"))
+            .trim()
+            .to_string()
+    }
+
+    /// Anonymous memory is advised `MADV_HUGEPAGE` by default and
+    /// `MADV_NOHUGEPAGE` with [`Thp::Off`] (the mapping's `VmFlags` `hg` /
+    /// `nh`); where the host honours the advice, writing every page of an
+    /// 8 MiB region makes it huge pages, and with `Off` never.
+    #[test]
+    fn anonymous_memory_is_thp_advised_unless_turned_off() {
+        let size = 8u64 << 20;
+        for thp in [Thp::On, Thp::Off] {
+            let options = MemoryOptions {
+                backend: MemoryBackend::Anonymous,
+                thp,
+            };
+            let (mem, _) = allocate_memory(&layout(&[(0, size)]), options).unwrap();
+            for page in (0..size).step_by(4096) {
+                mem.write_obj(1u8, GuestAddress(page)).unwrap();
+            }
+            let host = mem.get_host_address(GuestAddress(0)).unwrap() as usize;
+            let lines = smaps_of(host);
+            let flags = smaps_field(&lines, "VmFlags:");
+            let huge_kb: u64 = smaps_field(&lines, "AnonHugePages:")
+                .trim_end_matches("kB")
+                .trim()
+                .parse()
+                .unwrap();
+            let flag = if thp == Thp::On { "hg" } else { "nh" };
+            assert!(
+                flags.split_whitespace().any(|f| f == flag),
+                "{thp}: {flags}"
+            );
+            if thp == Thp::Off {
+                assert_eq!(huge_kb, 0, "THP off");
+            } else if thp::host_gives_huge(Sharing::Anonymous, thp) {
+                assert!(
+                    huge_kb >= 2048,
+                    "THP on, host honours it: {huge_kb} kB huge"
+                );
+            }
+            eprintln!("{thp}: {huge_kb} kB of 8 MiB in huge pages");
+        }
     }
 }

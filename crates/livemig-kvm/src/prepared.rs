@@ -16,7 +16,7 @@ use livemig::memory::{GuestRam, MemoryLayout};
 use vm_memory::{GuestMemoryBackend, GuestMemoryRegion};
 
 use crate::dirty::{DirtyMode, Slot};
-use crate::memfd::{allocate_memory, MemoryBackend};
+use crate::memfd::{allocate_memory, MemoryOptions};
 use crate::setup::{create_vm, enable_dirty_mode};
 use crate::vm::{x86_layout, KvmVmError};
 
@@ -46,16 +46,23 @@ impl std::fmt::Debug for PreparedVm {
 impl PreparedVm {
     /// Creates the VM, enables `dirty_mode` (`None`: manual-protect where
     /// KVM offers it), allocates `bytes` of guest memory in the standard
-    /// x86 layout ([`x86_layout`]) from `backend`, and registers it.
+    /// x86 layout ([`x86_layout`]) as `memory` says (a
+    /// [`crate::MemoryBackend`], advised for transparent huge pages, or
+    /// [`MemoryOptions`]), and registers it.
     pub fn new(
         bytes: u64,
-        backend: MemoryBackend,
+        memory: impl Into<MemoryOptions>,
         dirty_mode: Option<DirtyMode>,
     ) -> Result<Self, KvmVmError> {
         let layout = x86_layout(bytes)?;
+        let options = memory.into();
         let (memory, pages) =
-            allocate_memory(&layout, backend).map_err(|e| KvmVmError::Memory(e.into()))?;
-        log::info!("guest memory: {backend:?}, {pages:?} pages");
+            allocate_memory(&layout, options).map_err(|e| KvmVmError::Memory(e.into()))?;
+        log::info!(
+            "guest memory: {}, THP {}: {pages:?} pages",
+            options.backend,
+            options.thp
+        );
         Self::with_memory(bytes, memory, dirty_mode)
     }
 

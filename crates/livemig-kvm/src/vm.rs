@@ -20,7 +20,7 @@ use crate::cpu::{
     CPUID_PROPERTY,
 };
 use crate::dirty::{turn_off_left_on, DirtyMode, DirtyRing, KvmDirtyTracker, Slot};
-use crate::memfd::{allocate_memory, MemoryBackend};
+use crate::memfd::{allocate_memory, MemoryBackend, MemoryOptions};
 use crate::pool::Pool;
 use crate::prepared::PreparedVm;
 use crate::setup::{create_vcpus, msr_indices};
@@ -145,7 +145,8 @@ pub struct KvmVm {
 
 impl KvmVm {
     /// Creates a VM with in-kernel irqchip and PIT, guest memory for
-    /// `config.memory`, and paused vCPU threads whose exits go to `handler`.
+    /// `config.memory` (private anonymous, advised for transparent huge
+    /// pages: [`KvmVm::create_with_backend`] chooses), and paused vCPU threads whose exits go to `handler`.
     /// `devices` are saved and restored with the VM.
     pub fn create(
         config: &VmConfig,
@@ -155,19 +156,26 @@ impl KvmVm {
         Self::create_with_backend(config, MemoryBackend::Anonymous, handler, devices)
     }
 
-    /// Like [`KvmVm::create`], with guest memory in `backend` (see
-    /// [`crate::memfd`]).
+    /// Like [`KvmVm::create`], with guest memory built as `memory` says: a
+    /// [`MemoryBackend`] (advised for transparent huge pages), or
+    /// [`MemoryOptions`] with the THP advice chosen (see [`crate::memfd`]
+    /// and [`crate::thp`]).
     pub fn create_with_backend(
         config: &VmConfig,
-        backend: MemoryBackend,
+        memory: impl Into<MemoryOptions>,
         handler: Arc<dyn ExitHandler>,
         devices: Vec<SharedDevice>,
     ) -> Result<Self, KvmVmError> {
         check_vcpus(config)?;
         let layout = x86_layout(config.memory)?;
+        let options = memory.into();
         let (memory, pages) =
-            allocate_memory(&layout, backend).map_err(|e| KvmVmError::Memory(e.into()))?;
-        log::info!("guest memory: {backend:?}, {pages:?} pages");
+            allocate_memory(&layout, options).map_err(|e| KvmVmError::Memory(e.into()))?;
+        log::info!(
+            "guest memory: {}, THP {}: {pages:?} pages",
+            options.backend,
+            options.thp
+        );
         Self::create_with_memory(config, memory, handler, devices)
     }
 

@@ -216,3 +216,103 @@ fn a_page_discarded_after_arm_faults_until_installed() {
     assert!(got.iter().all(|&b| b == 0x5A), "stale or zero bytes read");
     drop(pager);
 }
+
+/// Guest memory advised for transparent huge pages (livemig-kvm's default):
+/// a page written before the switchover fills its whole 2 MiB huge page,
+/// so the missing pages inside it are present (zero) until `arm` drops
+/// them. They must still fault and wait for the engine — never read as
+/// zero — and the huge page's other pages keep their data; a missing page
+/// of a never-touched huge page faults too, and a never-touched page
+/// outside the missing set reads as zero without being reported.
+#[test]
+fn missing_pages_inside_a_transparent_huge_page_still_fault() {
+    if !uffd_available() {
+        return;
+    }
+    const HUGE: usize = 2 << 20;
+    const HP: u64 = (HUGE / PS) as u64;
+    let pages = 4 * HP;
+    let len = pages as usize * PS;
+    // SAFETY: a fresh private anonymous mapping, one huge page larger so an
+    // aligned range of `len` fits; unmapped at the end.
+    let raw = unsafe {
+        libc::mmap(
+            std::ptr::null_mut(),
+            len + HUGE,
+            libc::PROT_READ | libc::PROT_WRITE,
+            libc::MAP_PRIVATE | libc::MAP_ANONYMOUS,
+            -1,
+            0,
+        )
+    };
+    assert_ne!(raw, libc::MAP_FAILED);
+    let base = (raw as usize).next_multiple_of(HUGE);
+    // SAFETY: base .. base + len lies inside the mapping.
+    assert_eq!(
+        unsafe { libc::madvise(base as *mut libc::c_void, len, libc::MADV_HUGEPAGE) },
+        0
+    );
+    let page = |i: u64| (base + i as usize * PS) as *mut u8;
+    // Huge page 0: one page written (the kernel fills 2 MiB at once).
+    // SAFETY: inside the mapping.
+    unsafe { std::ptr::write_bytes(page(10), 0x10, PS) };
+    let huge = std::fs::read_to_string("/proc/self/smaps_rollup")
+        .unwrap_or_default()
+        .lines()
+        .find_map(|l| {
+            l.strip_prefix("AnonHugePages:")
+                .map(|v| v.trim().to_string())
+        });
+    eprintln!("AnonHugePages after one write: {huge:?}");
+    let layout = MemoryLayout::new(vec![RegionDesc {
+        guest_addr: 0,
+        size: pages * PAGE_SIZE,
+    }])
+    .unwrap();
+    let mut missing = DirtyBitmap::new(&layout);
+    for p in [11, 300, 2 * HP + 5] {
+        missing.set(0, p);
+    }
+    // SAFETY: the mapping outlives the pager (unmapped after it, below).
+    let pager = unsafe { UffdPager::new(vec![HostRegion { addr: base, pages }]) }.expect("uffd");
+    pager.arm(&missing).expect("arm");
+    // The written page stays, its never-written neighbour reads zero, and
+    // neither faults to the engine.
+    // SAFETY: inside the mapping; present pages.
+    unsafe {
+        assert_eq!(*page(10).add(5), 0x10);
+        assert_eq!(*page(12), 0);
+    }
+    let zero_at = page(3 * HP + 7) as usize;
+    let zero_reader = std::thread::spawn(move || {
+        // SAFETY: inside the mapping.
+        unsafe { std::ptr::read_volatile(zero_at as *const u8) }
+    });
+    while !zero_reader.is_finished() {
+        assert_eq!(pager.next_fault(Duration::from_millis(10)).unwrap(), None);
+    }
+    assert_eq!(zero_reader.join().unwrap(), 0);
+    for p in [11u64, 300, 2 * HP + 5] {
+        let at = page(p) as usize;
+        let reader = std::thread::spawn(move || {
+            // SAFETY: inside the mapping; blocks until installed.
+            (0..PS)
+                .map(|i| unsafe { std::ptr::read_volatile((at as *const u8).add(i)) })
+                .collect::<Vec<u8>>()
+        });
+        let fault = loop {
+            if let Some(f) = pager.next_fault(Duration::from_millis(100)).unwrap() {
+                break f;
+            }
+            assert!(!reader.is_finished(), "page {p} read without a fault");
+        };
+        assert_eq!(fault, (0, p));
+        pager.install(0, p, &[p as u8 | 1; PS]).expect("install");
+        assert!(reader.join().unwrap().iter().all(|&b| b == p as u8 | 1));
+    }
+    // SAFETY: inside the mapping.
+    unsafe { assert_eq!(*page(10), 0x10) };
+    drop(pager);
+    // SAFETY: our own mapping.
+    unsafe { libc::munmap(raw, len + HUGE) };
+}
