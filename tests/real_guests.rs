@@ -214,8 +214,8 @@ fn noise_floor_ms(src: &Vmm) -> f64 {
 /// `LIVEMIG_COST_RUNS=1` change it; `LIVEMIG_COST_ATTACH_MS` waits that
 /// long between starting the destination and migrating, to attach a tracer;
 /// `LIVEMIG_COST_PREPARED=0` starts the destination without `--memory`, so
-/// it makes its VM only when the source connects; `LIVEMIG_COST_THP=off`
-/// gives both VMMs `--thp off`, 4 KiB guest pages). Also prints round 0's
+/// it makes its VM only when the source connects; `LIVEMIG_COST_THP=on` or `off`
+/// gives both VMMs that `--thp` (default `host`: no advice)). Also prints round 0's
 /// page rate and both VMMs' resident memory (the source's before the
 /// migration, the destination's after it).
 #[test]
@@ -228,7 +228,7 @@ fn guest_size_cost() {
     let sizes = env("LIVEMIG_COST_SIZES", "2G,64G");
     let cmdline = env("LIVEMIG_COST_CMDLINE", "ws=512 rate=64");
     let runs: usize = env("LIVEMIG_COST_RUNS", "1").parse().unwrap_or(1);
-    let thp = env("LIVEMIG_COST_THP", "on");
+    let thp = env("LIVEMIG_COST_THP", "host");
     let rss_mb = |pid: u32| {
         std::fs::read_to_string(format!("/proc/{pid}/status"))
             .unwrap_or_default()

@@ -59,17 +59,16 @@ pub(crate) struct Common {
     #[arg(long, default_value = "anonymous")]
     pub(crate) memory_backend: String,
     /// Transparent huge pages for `anonymous` and `memfd` guest memory:
-    /// `on` advises the kernel to back each aligned 2 MiB with one huge
-    /// page (`madvise(MADV_HUGEPAGE)`, as QEMU and Cloud Hypervisor do):
-    /// faster first touches and page fills (a migration destination fills
-    /// fresh memory several times faster), but memory is then held in
-    /// 2 MiB steps of what the guest touched; `off` keeps 4 KiB pages
-    /// (`MADV_NOHUGEPAGE`). The host decides in the end: its
-    /// /sys/kernel/mm/transparent_hugepage/enabled (`always` or `madvise`
-    /// for anonymous memory) and `shmem_enabled` (for memfd; `never` on most
-    /// hosts, so memfd stays in 4 KiB pages) — never a failure. Ignored for
-    /// `memfd,hugetlb`.
-    #[arg(long, default_value = "on")]
+    /// `host` (the default) gives no advice, so the host's
+    /// /sys/kernel/mm/transparent_hugepage settings decide (`enabled` for
+    /// anonymous memory, `shmem_enabled` for memfd); `on` advises the
+    /// kernel to back each aligned 2 MiB with one huge page
+    /// (`madvise(MADV_HUGEPAGE)`, as QEMU and Cloud Hypervisor do): fewer
+    /// faults, but memory held in 2 MiB steps of what the guest touched
+    /// (and on this project's development VM, real migrations were slower:
+    /// docs/benchmarks.md); `off` keeps 4 KiB pages (`MADV_NOHUGEPAGE`).
+    /// Never a failure. Ignored for `memfd,hugetlb`.
+    #[arg(long, default_value = "host")]
     pub(crate) thp: String,
     /// Write this VMM's pid to PATH (a temporary file renamed over it) once
     /// it runs a guest: `run` at boot, `receive` when the guest arrived.

@@ -13,7 +13,7 @@
 //! for (an operator reserves them for the VMs that ask).
 //!
 //! Anonymous and plain memfd memory is advised for transparent huge pages
-//! by default ([`Thp::On`], see [`crate::thp`]); [`MemoryOptions::thp`]
+//! on request ([`Thp::On`]; by default the host's setting decides, [`Thp::Host`]; see [`crate::thp`]); [`MemoryOptions::thp`]
 //! turns that off.
 
 use std::ffi::CStr;
@@ -72,14 +72,14 @@ impl std::fmt::Display for MemoryBackend {
 /// How [`allocate_memory`] builds guest memory: the backend, and the
 /// transparent-huge-page advice for a backend that is not hugetlb. A
 /// [`MemoryBackend`] alone is these options with the default advice
-/// ([`Thp::On`]).
+/// ([`Thp::Host`]: no advice).
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 pub struct MemoryOptions {
     /// Where the memory comes from.
     pub backend: MemoryBackend,
     /// Transparent huge pages for [`MemoryBackend::Anonymous`] and
     /// [`MemoryBackend::Memfd`] (ignored for hugetlb, which is huge pages
-    /// already). Default [`Thp::On`].
+    /// already). Default [`Thp::Host`] (no advice).
     pub thp: Thp,
 }
 

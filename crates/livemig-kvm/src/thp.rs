@@ -35,10 +35,18 @@ const SYSFS: &str = "/sys/kernel/mm/transparent_hugepage";
 /// Transparent huge pages for guest memory that is not hugetlb.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 pub enum Thp {
-    /// `madvise(MADV_HUGEPAGE)` every region (the default): 2 MiB pages
-    /// where the host's THP setting (`enabled` for anonymous memory,
-    /// `shmem_enabled` for a memfd) is `always` or `madvise`/`advise`.
+    /// No advice (the default): the host's THP setting decides — huge
+    /// pages only where it is `always` (`enabled` for anonymous memory,
+    /// `shmem_enabled` `always`, `within_size` or `force` for a memfd).
+    /// Measured on this project's development host (a VM whose balloon
+    /// reports free memory to its host), advising huge pages made real
+    /// migrations slower (docs/benchmarks.md, issue 16), so nothing is
+    /// advised unless asked.
     #[default]
+    Host,
+    /// `madvise(MADV_HUGEPAGE)` every region (what QEMU and Cloud
+    /// Hypervisor do by default): 2 MiB pages where the host's setting is
+    /// `always` or `madvise`/`advise`.
     On,
     /// `madvise(MADV_NOHUGEPAGE)` every region: 4 KiB pages even where the
     /// host's setting is `always` — memory that follows what the guest
@@ -51,9 +59,10 @@ impl FromStr for Thp {
 
     fn from_str(s: &str) -> Result<Self, Self::Err> {
         match s {
+            "host" => Ok(Thp::Host),
             "on" => Ok(Thp::On),
             "off" => Ok(Thp::Off),
-            other => Err(format!("'{other}': expected on or off")),
+            other => Err(format!("'{other}': expected host, on or off")),
         }
     }
 }
@@ -61,6 +70,7 @@ impl FromStr for Thp {
 impl std::fmt::Display for Thp {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.write_str(match self {
+            Thp::Host => "host",
             Thp::On => "on",
             Thp::Off => "off",
         })
@@ -107,6 +117,8 @@ pub fn host_gives_huge(sharing: Sharing, thp: Thp) -> bool {
 fn gives_huge(setting: &str, thp: Thp) -> bool {
     match (thp, setting) {
         (Thp::Off, _) => false,
+        (Thp::Host, "always" | "within_size" | "force") => true,
+        (Thp::Host, _) => false,
         // `force` ignores the advice, `always` and `within_size` do not
         // need it (and `MADV_NOHUGEPAGE`, Off, refuses them).
         (Thp::On, "always" | "madvise" | "advise" | "within_size" | "force") => true,
@@ -127,6 +139,7 @@ fn read_choice(path: &str) -> Option<String> {
 /// is left as it was and stays usable: callers log it and go on.
 pub fn advise(memory: &GuestRam, thp: Thp) -> std::io::Result<()> {
     let advice = match thp {
+        Thp::Host => return Ok(()),
         Thp::On => libc::MADV_HUGEPAGE,
         Thp::Off => libc::MADV_NOHUGEPAGE,
     };
@@ -152,11 +165,14 @@ mod tests {
 
     #[test]
     fn parses_and_prints_on_and_off() {
-        for t in [Thp::On, Thp::Off] {
+        for t in [Thp::Host, Thp::On, Thp::Off] {
             assert_eq!(t.to_string().parse::<Thp>().unwrap(), t);
         }
-        assert_eq!(Thp::default(), Thp::On);
-        assert!("yes".parse::<Thp>().unwrap_err().contains("on or off"));
+        assert_eq!(Thp::default(), Thp::Host);
+        assert!("yes"
+            .parse::<Thp>()
+            .unwrap_err()
+            .contains("host, on or off"));
     }
 
     #[test]
@@ -167,6 +183,13 @@ mod tests {
         }
         for s in ["never", "deny", "inherit"] {
             assert!(!gives_huge(s, Thp::On), "{s}");
+        }
+        // No advice: only the settings that need none.
+        for s in ["always", "within_size", "force"] {
+            assert!(gives_huge(s, Thp::Host), "{s}");
+        }
+        for s in ["madvise", "advise", "never", "deny"] {
+            assert!(!gives_huge(s, Thp::Host), "{s}");
         }
     }
 
