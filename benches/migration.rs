@@ -1027,7 +1027,7 @@ fn bench_qemu_side_by_side(_c: &mut Criterion) {
 /// transfer path and is left out (NaN).
 fn transfer_mbs(s: &CmpSample) -> f64 {
     let moving_ms = s.total_ms - s.setup_ms;
-    if s.mb_sent < 50.0 || !(moving_ms > 0.0) {
+    if s.mb_sent < 50.0 || moving_ms.is_nan() || moving_ms <= 0.0 {
         return f64::NAN;
     }
     s.mb_sent / (moving_ms / 1e3)
