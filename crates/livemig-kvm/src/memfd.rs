@@ -414,7 +414,11 @@ mod tests {
     fn plain_memfd_is_small_pages() {
         let shmem_thp = thp::host_gives_huge(Sharing::Shmem, Thp::On);
         for l in [layout(&[(0, 4096 * 3)]), layout(&[(0, 8 << 20)])] {
-            let (mem, kind) = allocate_memory(&l, MemoryBackend::Memfd).unwrap();
+            let on = MemoryOptions {
+                backend: MemoryBackend::Memfd,
+                thp: Thp::On,
+            };
+            let (mem, kind) = allocate_memory(&l, on).unwrap();
             let want = if shmem_thp {
                 PageKind::Transparent
             } else {
@@ -483,7 +487,9 @@ mod tests {
     fn anonymous_has_no_file() {
         let (mem, kind) =
             allocate_memory(&layout(&[(0, 1 << 20)]), MemoryBackend::Anonymous).unwrap();
-        let thp_here = thp::host_gives_huge(Sharing::Anonymous, Thp::On);
+        // The default advice ([`Thp::Host`]): huge pages only where the host
+        // gives them unasked.
+        let thp_here = thp::host_gives_huge(Sharing::Anonymous, Thp::default());
         assert_eq!(kind == PageKind::Transparent, thp_here);
         assert!(mem.iter().all(|r| r.file_offset().is_none()));
     }
