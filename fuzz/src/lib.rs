@@ -392,6 +392,24 @@ struct Chunky<'a> {
     calls: u32,
 }
 
+impl<'a> Chunky<'a> {
+    /// `data` in reads of 1 byte to 32 KiB (`mode`'s low 4 bits) with a
+    /// timeout every n-th call (its high 4 bits; never on every call: no
+    /// progress at all).
+    fn new(data: &'a [u8], mode: u8) -> Self {
+        Chunky {
+            data,
+            pos: 0,
+            max: 1 << (mode & 0x0f),
+            every: match mode >> 4 {
+                1 => 2,
+                n => u32::from(n),
+            },
+            calls: 0,
+        }
+    }
+}
+
 impl Read for Chunky<'_> {
     fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
         self.calls += 1;
@@ -476,35 +494,13 @@ pub fn frame_reader(data: &[u8]) {
         off += FRAME_HEADER_LEN + payload.len();
     }
     // The same bytes in pieces, with timeouts in between.
-    let chunky = Chunky {
-        data,
-        pos: 0,
-        // 1 byte to 32 KiB per read.
-        max: 1 << (mode & 0x0f),
-        // Never a timeout on every call (no progress at all).
-        every: match mode >> 4 {
-            1 => 2,
-            n => u32::from(n),
-        },
-        calls: 0,
-    };
-    let mut pieces = FrameReader::new(chunky).with_max_payload(FUZZ_MAX_PAYLOAD);
+    let mut pieces = FrameReader::new(Chunky::new(data, mode)).with_max_payload(FUZZ_MAX_PAYLOAD);
     let (frames2, err2) = read_all(&mut pieces, true);
     assert_eq!(frames, frames2, "frames differ when read in pieces");
     assert_eq!(err, err2, "errors differ when read in pieces");
     // The same pieces, with `Pages` payloads read into a sink (as the
     // destination reads them into guest memory) in slices of odd sizes.
-    let chunky = Chunky {
-        data,
-        pos: 0,
-        max: 1 << (mode & 0x0f),
-        every: match mode >> 4 {
-            1 => 2,
-            n => u32::from(n),
-        },
-        calls: 0,
-    };
-    let mut sunk = FrameReader::new(chunky).with_max_payload(FUZZ_MAX_PAYLOAD);
+    let mut sunk = FrameReader::new(Chunky::new(data, mode)).with_max_payload(FUZZ_MAX_PAYLOAD);
     let (frames3, err3) = read_all_into(&mut sunk, usize::from(mode % 13) + 1);
     assert_eq!(frames, frames3, "frames differ when read into a sink");
     assert_eq!(err, err3, "errors differ when read into a sink");
