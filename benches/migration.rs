@@ -315,9 +315,9 @@ fn vcpus_mode() -> &'static str {
 }
 
 fn bench_vcpus(_c: &mut Criterion) {
-    if vcpus_mode() == "off" || links_mode() == "only" {
+    if vcpus_mode() == "off" || links_mode() == "only" || qemu_mode() == "only" {
         eprintln!(
-            "*** SKIPPED vCPU scenario: LIVEMIG_BENCH_VCPUS=0 or LIVEMIG_BENCH_LINKS=only ***"
+            "*** SKIPPED vCPU scenario: LIVEMIG_BENCH_VCPUS=0, LIVEMIG_BENCH_LINKS=only or LIVEMIG_BENCH_QEMU=only ***"
         );
         return;
     }
