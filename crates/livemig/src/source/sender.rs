@@ -242,32 +242,26 @@ impl PageSender<'_> {
         let raw = self.batch.as_bytes();
         let sample = on || self.frames.is_multiple_of(COMPRESS_SAMPLE);
         self.frames += 1;
-        let mut written = None;
-        if let Some(buf) = self.lz4.as_mut().filter(|_| sample) {
-            {
+        let compressed = match self.lz4.as_mut().filter(|_| sample) {
+            Some(buf) => {
                 let t0 = Instant::now();
                 compress_pages(raw, buf);
                 self.counts.lz4_ns += t0.elapsed().as_nanos() as u64;
                 self.counts.lz4_raw += raw.len() as u64;
                 self.counts.lz4_packed += buf.len() as u64;
                 // Keep it only if it saves at least an eighth.
-                if on && buf.len() < raw.len() - raw.len() / 8 {
-                    let t0 = Instant::now();
-                    self.fw.write_frame(MsgKind::PagesLz4, &[buf])?;
-                    written = Some(t0.elapsed());
-                    self.counts.lz4_frames += 1;
-                }
+                on && buf.len() < raw.len() - raw.len() / 8
             }
-        }
-        let write = match written {
-            Some(t) => t,
-            None => {
-                let t0 = Instant::now();
-                self.fw.write_frame(MsgKind::Pages, &[raw])?;
-                t0.elapsed()
-            }
+            None => false,
         };
-        self.counts.blocked_ns += write.as_nanos() as u64;
+        let (kind, payload) = match &self.lz4 {
+            Some(buf) if compressed => (MsgKind::PagesLz4, buf.as_slice()),
+            _ => (MsgKind::Pages, raw),
+        };
+        let t0 = Instant::now();
+        self.fw.write_frame(kind, &[payload])?;
+        self.counts.blocked_ns += t0.elapsed().as_nanos() as u64;
+        self.counts.lz4_frames += u64::from(compressed);
         let n = self.fw.bytes_written() - before;
         self.counts.bytes += n;
         self.batch.clear();
