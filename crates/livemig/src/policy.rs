@@ -101,11 +101,10 @@ pub struct MigrationConfig {
     /// Allow LZ4 compression of page frames (for slow links; a frame that
     /// does not shrink by an eighth is sent as it is). Round 0 starts
     /// compressing; every connection decides again after each 8 MiB of
-    /// page data it sent ([`lz4_pays_in_window`]: on while the link, not
-    /// the compression, is the bottleneck and the pages compress), and
-    /// after a round of at least [`MIN_SAMPLE_BYTES`] too short for that
-    /// the source decides for the next ([`compression_pays`]), both from
-    /// what was measured. While off, one frame in [`COMPRESS_SAMPLE`] is still
+    /// page data it sent, within a round or over several short ones
+    /// ([`lz4_pays_in_window`]: on while the link, not the compression, is
+    /// the bottleneck and the pages compress; the time between rounds is
+    /// left out). While off, one frame in [`COMPRESS_SAMPLE`] is still
     /// compressed (and sent raw) to measure. Each round's choice is in its
     /// report ([`crate::report::RoundReport::compressed`]). Off by default:
     /// on a fast link the compression costs more time than the bytes it
@@ -401,47 +400,6 @@ pub struct CompressionSample {
     pub time: Duration,
 }
 
-/// Whether to compress the next round, from one round: `wire_bytes` (page
-/// frames as sent) in `time` (until delivered where the transport tells,
-/// see [`crate::transport::Transport::unacked_bytes`]), `streams` page
-/// streams compressing in parallel, and what LZ4 did (`lz4`), with
-/// `compressing` whether it was on. `None` when the round says nothing: no
-/// frame was given to LZ4, or the round sent less than
-/// [`MIN_SAMPLE_BYTES`].
-///
-/// The link's rate is the round's wire bytes over its time minus the time
-/// spent compressing (per stream). Compression pays when the link time it
-/// saves per raw byte, (1 − ratio) / link rate, is more than the time it
-/// costs per raw byte, compression time / (raw bytes × streams): the
-/// sender compresses and writes one after the other.
-pub fn compression_pays(
-    wire_bytes: u64,
-    time: Duration,
-    streams: u32,
-    compressing: bool,
-    lz4: &CompressionSample,
-) -> Option<bool> {
-    if lz4.raw_bytes == 0 || wire_bytes < MIN_SAMPLE_BYTES {
-        return None;
-    }
-    let streams = f64::from(streams.max(1));
-    let compress_secs = lz4.time.as_secs_f64() / streams;
-    let link_secs = if compressing {
-        time.as_secs_f64() - compress_secs
-    } else {
-        time.as_secs_f64()
-    };
-    if link_secs <= 0.0 {
-        // All of the round was compression: the CPU is the bottleneck.
-        return Some(false);
-    }
-    let link_rate = wire_bytes as f64 / link_secs;
-    let ratio = lz4.packed_bytes as f64 / lz4.raw_bytes as f64;
-    let saved = (1.0 - ratio) / link_rate;
-    let cost = compress_secs / lz4.raw_bytes as f64;
-    Some(saved > cost)
-}
-
 /// One connection's window of page frames, for [`lz4_pays_in_window`].
 #[derive(Debug, Clone, Copy, Default, PartialEq)]
 pub struct LinkWindow {
@@ -718,52 +676,6 @@ mod tests {
             decide(&c, 1, Duration::ZERO, &est(100_000_000)),
             Decision::Continue
         );
-    }
-
-    #[test]
-    fn compression_pays_only_on_a_slow_link_with_compressible_pages() {
-        let mb = |n: u64| n * 1_000_000;
-        // 100 MB/s link (100 MB in 1 s), pages that shrink to a quarter at
-        // 500 MB/s: saves 7.5 ns per byte, costs 2 ns.
-        let quarter = CompressionSample {
-            raw_bytes: mb(100),
-            packed_bytes: mb(25),
-            time: Duration::from_millis(200),
-        };
-        let slow = Duration::from_secs(1);
-        assert_eq!(
-            compression_pays(mb(100), slow, 1, false, &quarter),
-            Some(true)
-        );
-        // A 10 GB/s link: saves 0.075 ns per byte, costs 2 ns.
-        let fast = Duration::from_millis(10);
-        assert_eq!(
-            compression_pays(mb(100), fast, 1, false, &quarter),
-            Some(false)
-        );
-        // Pages that do not compress: nothing saved.
-        let random = CompressionSample {
-            packed_bytes: mb(100),
-            ..quarter
-        };
-        assert_eq!(
-            compression_pays(mb(100), slow, 1, false, &random),
-            Some(false)
-        );
-        // While compressing, its time is not the link's: 25 MB sent in
-        // 0.45 s of which 0.2 s compressing is 100 MB/s on the link.
-        let on = Duration::from_millis(450);
-        assert_eq!(compression_pays(mb(25), on, 1, true, &quarter), Some(true));
-        // A round that was all compression: the CPU is the bottleneck.
-        let cpu = Duration::from_millis(150);
-        assert_eq!(
-            compression_pays(mb(25), cpu, 1, true, &quarter),
-            Some(false)
-        );
-        // Nothing measured: no decision.
-        let none = CompressionSample::default();
-        assert_eq!(compression_pays(mb(100), slow, 1, false, &none), None);
-        assert_eq!(compression_pays(4096, slow, 1, false, &quarter), None);
     }
 
     #[test]

@@ -28,9 +28,8 @@ pub struct RoundReport {
     pub throttle_pct: u32,
     /// Whether LZ4 was on for this round's page frames when it began, or
     /// switched on within it (with [`crate::MigrationConfig::compress`]:
-    /// decided from every 8 MiB of page frames a connection sends, and
-    /// after a round too short for that, for the next; see
-    /// [`crate::policy::compression_pays`]).
+    /// decided from every 8 MiB of page data a connection sends, over one
+    /// round or several; see [`crate::policy::lz4_pays_in_window`]).
     pub compressed: bool,
     /// Page-frame bytes given to LZ4 in this round (every frame while it
     /// was on, one in [`crate::policy::COMPRESS_SAMPLE`] while off, to

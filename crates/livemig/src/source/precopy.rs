@@ -13,8 +13,7 @@ use crate::bitmap::DirtyBitmap;
 use crate::error::{ErrorKind, MigrationError, Phase};
 use crate::memory::{MemoryLayout, PAGE_SIZE};
 use crate::policy::{
-    compression_pays, decide, CompressionSample, Decision, LinkMeter, RoundEstimate, Throttle,
-    DRAIN_BYTES,
+    decide, CompressionSample, Decision, LinkMeter, RoundEstimate, Throttle, DRAIN_BYTES,
 };
 use crate::protocol::RoundEnd;
 use crate::report::{Progress, RoundReport};
@@ -55,12 +54,7 @@ struct Sent {
     /// Whether LZ4 was on when the round began or any of its page frames
     /// went compressed, and what LZ4 did.
     compressed: bool,
-    /// Whether LZ4 was on when the round began.
-    compressed_from_start: bool,
     lz4: CompressionSample,
-    /// Whether a sender already decided within the round
-    /// ([`super::sender::LZ4_WINDOW_BYTES`]).
-    lz4_looked: bool,
 }
 
 /// The rounds' running state.
@@ -159,8 +153,6 @@ fn send_round<V: SourceVm + ?Sized>(
     sender.skip_zero = round == 0;
     sender.skip_untouched = round == 0 && s.config.skip_untouched;
     sender.clear_time = Duration::ZERO;
-    // A window spans one round: not the sync and decision between two.
-    sender.lz4_window = None;
     let compressed = sender.lz4.is_some() && sender.lz4_on.load(Ordering::SeqCst);
     let tracker = if t.tracker.rearm_mode() == Rearm::BeforeRead {
         Some(&mut *t.tracker)
@@ -169,6 +161,7 @@ fn send_round<V: SourceVm + ?Sized>(
     };
     sender.send_bitmap(bitmap, tracker, s.cancel, phase)?;
     sender.end_round(phase, false)?;
+    sender.pause_lz4_window();
     sender.skip_zero = false;
     sender.skip_untouched = false;
     let pages = sender.counts.pages - before.pages;
@@ -199,9 +192,7 @@ fn send_round<V: SourceVm + ?Sized>(
             .max(Duration::from_micros(50)),
         queued,
         compressed: compressed || c.lz4_frames > 0,
-        compressed_from_start: compressed,
         lz4,
-        lz4_looked: c.lz4_looks > 0,
     })
 }
 
@@ -284,7 +275,6 @@ impl Precopy {
             lz4_input_bytes: sent.lz4.raw_bytes,
             lz4_output_bytes: sent.lz4.packed_bytes,
         };
-        self.choose_compression(t, sent);
         log::info!("{rr}");
         (s.progress)(&Progress::Round(rr.clone()));
         let summary = &mut self.summary;
@@ -292,34 +282,6 @@ impl Precopy {
         summary.expected_downtime_ms = rr.expected_downtime_ms;
         summary.rounds.push(rr);
         est
-    }
-
-    /// With [`crate::MigrationConfig::compress`]: whether the next round
-    /// compresses ([`compression_pays`]; unchanged when the round says
-    /// nothing, or when a sender already decided within it from a
-    /// window of its frames: the round's sums then mix both settings).
-    fn choose_compression(&self, t: &Tracking<'_>, sent: &Sent) {
-        if t.sender.lz4.is_none() || sent.lz4_looked {
-            return;
-        }
-        let pays = compression_pays(
-            sent.bytes,
-            sent.sending,
-            t.streams,
-            sent.compressed_from_start,
-            &sent.lz4,
-        );
-        if let Some(on) = pays.filter(|on| *on != sent.compressed_from_start) {
-            log::info!(
-                "round {}: LZ4 {} for the next round ({} of {} bytes in {:?})",
-                self.round,
-                if on { "on" } else { "off" },
-                sent.lz4.packed_bytes,
-                sent.lz4.raw_bytes,
-                sent.lz4.time
-            );
-            t.sender.lz4_on.store(on, Ordering::SeqCst);
-        }
     }
 
     fn converged(mut self, bitmap: DirtyBitmap, forced: bool) -> Converged {

@@ -71,9 +71,6 @@ pub(super) struct Counts {
     pub(super) lz4_ns: u64,
     /// Page frames sent LZ4-compressed.
     pub(super) lz4_frames: u64,
-    /// Times a sender looked, within a round, at whether LZ4 pays
-    /// ([`LZ4_WINDOW_BYTES`]).
-    pub(super) lz4_looks: u64,
     /// Time spent waiting for the link, ns: inside writes of page frames
     /// and in the bandwidth cap's pauses.
     pub(super) blocked_ns: u64,
@@ -88,7 +85,6 @@ impl Counts {
         self.lz4_packed += c.lz4_packed;
         self.lz4_ns += c.lz4_ns;
         self.lz4_frames += c.lz4_frames;
-        self.lz4_looks += c.lz4_looks;
         self.blocked_ns += c.blocked_ns;
     }
 
@@ -102,7 +98,6 @@ impl Counts {
             lz4_packed: self.lz4_packed - earlier.lz4_packed,
             lz4_ns: self.lz4_ns - earlier.lz4_ns,
             lz4_frames: self.lz4_frames - earlier.lz4_frames,
-            lz4_looks: self.lz4_looks - earlier.lz4_looks,
             blocked_ns: self.blocked_ns - earlier.blocked_ns,
         }
     }
@@ -132,8 +127,8 @@ pub(super) struct PageSender<'a> {
     /// Compression buffer, when compression is allowed
     /// ([`MigrationConfig::compress`]).
     pub(super) lz4: Option<Vec<u8>>,
-    /// Whether page frames are compressed now: decided after each round
-    /// (shared by every stream).
+    /// Whether page frames are compressed now: decided by each connection
+    /// from its windows of page frames (shared by every stream).
     pub(super) lz4_on: Arc<AtomicBool>,
     /// Page frames written (one in [`COMPRESS_SAMPLE`] is compressed to
     /// measure while compression is off).
@@ -153,16 +148,31 @@ pub(super) struct PageSender<'a> {
 }
 
 /// Page data (bytes of the pages, before compression) a sender writes
-/// between two looks at whether LZ4 pays, within a round: a long round on a slow link (round 0 above all)
-/// need not run to its end uncompressed before the policy may decide.
+/// between two looks at whether LZ4 pays: a long round on a slow link
+/// (round 0 above all) need not run to its end before the policy may
+/// decide, and rounds shorter than this add up to one window.
 pub(super) const LZ4_WINDOW_BYTES: u64 = 8 << 20;
 
-/// Where a sender's current [`LZ4_WINDOW_BYTES`] window began.
+/// Where a sender's current [`LZ4_WINDOW_BYTES`] window began. A window
+/// may span rounds; the time between them (the dirty-log sync, the
+/// convergence decision, the drain) is not the link's and is left out.
 pub(super) struct Lz4Window {
     start: Instant,
     base: Counts,
     /// Whether LZ4 was on then.
     on: bool,
+    /// Time between rounds, left out of the window's time.
+    idle: Duration,
+    /// Set when a round ended with this window open.
+    idle_since: Option<Instant>,
+}
+
+impl Lz4Window {
+    /// The window's time spent in rounds.
+    fn busy(&self) -> Duration {
+        let idle = self.idle + self.idle_since.map_or(Duration::ZERO, |t| t.elapsed());
+        self.start.elapsed().saturating_sub(idle)
+    }
 }
 
 impl<'a> PageSender<'a> {
@@ -232,12 +242,22 @@ impl PageSender<'_> {
         }
         let before = self.fw.bytes_written();
         let on = self.lz4_on.load(Ordering::Relaxed);
-        if self.lz4.is_some() && self.lz4_window.is_none() {
-            self.lz4_window = Some(Lz4Window {
-                start: Instant::now(),
-                base: self.counts,
-                on,
-            });
+        match &mut self.lz4_window {
+            Some(w) => {
+                if let Some(t) = w.idle_since.take() {
+                    w.idle += t.elapsed();
+                }
+            }
+            None if self.lz4.is_some() => {
+                self.lz4_window = Some(Lz4Window {
+                    start: Instant::now(),
+                    base: self.counts,
+                    on,
+                    idle: Duration::ZERO,
+                    idle_since: None,
+                });
+            }
+            None => {}
         }
         let raw = self.batch.as_bytes();
         let sample = on || self.frames.is_multiple_of(COMPRESS_SAMPLE);
@@ -273,6 +293,14 @@ impl PageSender<'_> {
         Ok(())
     }
 
+    /// The round ended (its frames are written): the time until this
+    /// connection's next page frame does not count in its LZ4 window.
+    pub(super) fn pause_lz4_window(&mut self) {
+        if let Some(w) = &mut self.lz4_window {
+            w.idle_since.get_or_insert_with(Instant::now);
+        }
+    }
+
     /// Once [`LZ4_WINDOW_BYTES`] of page data went out since the window
     /// began: whether LZ4 pays on this connection ([`lz4_pays_in_window`]),
     /// switching it for every stream if not as it is. A window in which
@@ -292,7 +320,7 @@ impl PageSender<'_> {
         let window = LinkWindow {
             wire_bytes: c.bytes,
             raw_bytes: c.pages * PAGE_SIZE,
-            time: w.start.elapsed(),
+            time: w.busy(),
             blocked: Duration::from_nanos(c.blocked_ns),
             compressing: w.on,
             lz4: CompressionSample {
@@ -301,7 +329,6 @@ impl PageSender<'_> {
                 time: Duration::from_nanos(c.lz4_ns),
             },
         };
-        self.counts.lz4_looks += 1;
         let (pays, link_rate) = lz4_pays_in_window(&window, self.link_rate);
         self.link_rate = link_rate;
         if let Some(on) = pays.filter(|on| *on != w.on) {

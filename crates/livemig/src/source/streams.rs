@@ -232,9 +232,8 @@ impl Worker<'_> {
         let c = self.sender.counts;
         let delta = c.since(&self.reported);
         self.reported = c;
-        // The round ended: the next window starts with its next frame,
-        // not across the wait for the next round.
-        self.sender.lz4_window = None;
+        // The round ended: the wait for the next one is not the link's.
+        self.sender.pause_lz4_window();
         self.done.send(Ok(delta)).is_ok()
     }
 }
