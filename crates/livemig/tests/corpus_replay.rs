@@ -109,6 +109,26 @@ fn harness_crc_matches_livemig() {
     assert!(e.to_string().contains("crc mismatch"), "{e}");
 }
 
+/// A `Pages` frame whose records are valid but whose CRC is not fails the
+/// reception, and the harness's memory check then holds every page to
+/// what the good frames wrote: a receiver that reads frames whole writes
+/// nothing of a frame that fails (the check loosens only where
+/// `PAGES_READ_INTO_GUEST_MEMORY` says pages are read into guest memory
+/// before the CRC is known).
+#[test]
+fn a_pages_frame_with_a_bad_crc_writes_nothing() {
+    let frames = harness::valid_frames();
+    // Hello, round 0's Pages and RoundEnd, round 1's Pages: flip one byte
+    // of the last frame's page data.
+    let mut stream = harness::frames(&frames[..4]);
+    let end = stream.len();
+    stream[end - 100] ^= 0xff;
+    let r = harness::receive_stream(&stream);
+    let e = r.result.expect_err("a corrupted Pages frame was accepted");
+    assert!(e.to_string().contains("crc mismatch"), "{e}");
+    assert!(r.created);
+}
+
 /// Writes the seeds to `$LIVEMIG_SEED_DIR/<target>/seed-<name>` (used to
 /// start a fuzzing campaign, see docs/fuzzing.md).
 #[test]

@@ -26,7 +26,7 @@ use crate::transport::Transport;
 /// although the receive path alone, without a socket, is 30 % faster. Why
 /// (reads into guest pages from the socket against one copy in user space)
 /// is not known; until it is, the buffered path stays.
-pub(super) const DIRECT_PAGES: bool = false;
+pub(crate) const DIRECT_PAGES: bool = false;
 
 /// Where one connection's pages go: guest memory, with the bookkeeping of
 /// which pages received data (the fresh memory is zero, so a zero marker for

@@ -31,6 +31,8 @@ mod direct;
 mod handshake;
 pub mod local;
 mod memory;
+#[cfg(any(test, feature = "test-util"))]
+pub(crate) use memory::DIRECT_PAGES;
 pub mod postcopy;
 
 pub use builder::{Pager, Reception};

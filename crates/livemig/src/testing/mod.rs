@@ -20,3 +20,10 @@ pub mod soft;
 pub mod transport;
 
 pub use dirty::check_dirty_tracker;
+
+/// Whether a destination reads `Pages` frames straight into guest memory
+/// (then a frame that fails its CRC may have written some of the pages its
+/// records name before the failure is seen) or whole into a buffer first
+/// (then a failed frame writes nothing). For checks of a failed
+/// reception's memory, such as the fuzz harness's.
+pub const PAGES_READ_INTO_GUEST_MEMORY: bool = crate::destination::DIRECT_PAGES;
