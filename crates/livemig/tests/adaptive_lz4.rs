@@ -4,6 +4,7 @@
 //! whole round and deciding only for round 1.
 
 use livemig::policy::COMPRESS_SAMPLE;
+use livemig::report::Report;
 use livemig::testing::soft::{SoftConfig, SoftVm};
 use livemig::transport::mem;
 use livemig::vm_memory::{Bytes, GuestAddress};
@@ -35,11 +36,12 @@ fn fill_random(vm: &SoftVm, pages: u64) {
     }
 }
 
-#[test]
-fn lz4_that_cannot_pay_stops_within_round_zero() {
-    let size = 64 * MIB;
+/// Migrates an idle soft VM of `size` bytes, filled by `fill`, with LZ4
+/// allowed and the bandwidth capped at `cap`; checks that the destination
+/// holds the source's memory.
+fn migrate_compressing(size: u64, fill: fn(&SoftVm, u64), cap: Option<u64>) -> Report {
     let src = SoftVm::new(&one_region(size), &SoftConfig::idle()).unwrap();
-    fill_random(&src, size / 4096);
+    fill(&src, size / 4096);
     src.start();
     let (a, b) = mem::pair();
     let dest = std::thread::spawn(move || {
@@ -48,6 +50,7 @@ fn lz4_that_cannot_pay_stops_within_round_zero() {
     let report = Migration::new(&src)
         .config(MigrationConfig {
             compress: true,
+            max_bandwidth: cap,
             ..Default::default()
         })
         .run(Box::new(a))
@@ -55,6 +58,13 @@ fn lz4_that_cannot_pay_stops_within_round_zero() {
     let (dst, _) = dest.join().unwrap().expect("received");
     dst.stop();
     assert_eq!(dst.snapshot(), src.snapshot());
+    report
+}
+
+#[test]
+fn lz4_that_cannot_pay_stops_within_round_zero() {
+    let size = 64 * MIB;
+    let report = migrate_compressing(size, fill_random, None);
 
     let r0 = &report.rounds[0];
     let data = r0.pages * 4096;
@@ -93,26 +103,9 @@ fn fill_text(vm: &SoftVm, pages: u64) {
 #[test]
 fn lz4_that_pays_on_a_capped_link_stays_on_for_every_window() {
     let size = 32 * MIB;
-    let src = SoftVm::new(&one_region(size), &SoftConfig::idle()).unwrap();
-    fill_text(&src, size / 4096);
-    src.start();
-    let (a, b) = mem::pair();
-    let dest = std::thread::spawn(move || {
-        Reception::new(Box::new(b)).run(|d| SoftVm::new(&d.layout, &SoftConfig::idle()))
-    });
     // The cap makes the link the bottleneck: the sender waits for it most
     // of every window, and LZ4 (far faster than 64 MB/s) pays.
-    let report = Migration::new(&src)
-        .config(MigrationConfig {
-            compress: true,
-            max_bandwidth: Some(64_000_000),
-            ..Default::default()
-        })
-        .run(Box::new(a))
-        .expect("migrates");
-    let (dst, _) = dest.join().unwrap().expect("received");
-    dst.stop();
-    assert_eq!(dst.snapshot(), src.snapshot());
+    let report = migrate_compressing(size, fill_text, Some(64_000_000));
 
     let r0 = &report.rounds[0];
     let data = r0.pages * 4096;
