@@ -71,6 +71,19 @@ impl DirtyBitmap {
         }
     }
 
+    /// ORs `bits` into word `word` of region `region` (bit `i` is page
+    /// `64 * word + i`); bits beyond the region's end are ignored.
+    pub fn or_word(&mut self, region: usize, word: usize, bits: u64) {
+        if let Some(r) = self.regions.get_mut(region) {
+            if let Some(w) = r.words.get_mut(word) {
+                *w |= bits;
+                if word + 1 == r.words.len() {
+                    r.mask_tail();
+                }
+            }
+        }
+    }
+
     /// Clears every page that is set in `other` (regions `other` lacks are
     /// left alone).
     pub fn and_not(&mut self, other: &DirtyBitmap) {
