@@ -215,17 +215,18 @@ mod tests {
         m.write_obj(1u8, page(4)).unwrap();
         let mut words = vec![0u64; 4096];
         m.take_vmm_dirty(0, &mut words);
-        assert_eq!((words[0], words.iter().filter(|w| **w != 0).count()), (1 << 4, 1));
+        assert_eq!(
+            (words[0], words.iter().filter(|w| **w != 0).count()),
+            (1 << 4, 1)
+        );
     }
 
     #[test]
     fn atomic_bitmap_memory_still_implements_guest_memory() {
         use vm_memory::{Bytes, GuestAddress};
-        let m = vm_memory::GuestMemoryMmap::<AtomicBitmap>::from_ranges(&[(
-            GuestAddress(0),
-            4 << 20,
-        )])
-        .unwrap();
+        let m =
+            vm_memory::GuestMemoryMmap::<AtomicBitmap>::from_ranges(&[(GuestAddress(0), 4 << 20)])
+                .unwrap();
         assert_eq!(m.regions().len(), 1);
         m.write_obj(1u16, GuestAddress(700 * PAGE_SIZE)).unwrap();
         assert_eq!(taken(&m), [700]);
