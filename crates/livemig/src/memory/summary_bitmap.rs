@@ -97,6 +97,12 @@ impl SummaryBitmap {
         }
     }
 
+    /// Forgets every mark (a take that hands nothing out; named as
+    /// `AtomicBitmap::reset`).
+    pub fn reset(&self) {
+        self.take(|_, _| {});
+    }
+
     /// Marks pages `first..=last` (`last` < `self.pages`).
     fn mark_pages(&self, first: usize, last: usize) {
         for w in first / 64..=last / 64 {
@@ -216,6 +222,9 @@ mod tests {
         assert!(!b.dirty_at(64 * PAGE));
         b.slice_at(8 * PAGE).mark_dirty(PAGE, 1);
         assert_eq!(taken(&b), [9].into());
+        b.mark_dirty(0, 3 * PAGE);
+        b.reset();
+        assert!(taken(&b).is_empty() && !b.dirty_at(0));
     }
 
     #[test]
