@@ -470,7 +470,8 @@ mod tests {
     /// the passes again, after a clear (the region's summary).
     #[test]
     fn every_setter_after_a_clear_is_seen() {
-        let setters: [(&str, fn(&mut DirtyBitmap)); 5] = [
+        type Setter = (&'static str, fn(&mut DirtyBitmap));
+        let setters: [Setter; 5] = [
             ("set", |b| b.set(1, 7)),
             ("set_range", |b| b.set_range(1, 7, 1)),
             ("or_words", |b| b.or_words(1, &[1 << 7])),

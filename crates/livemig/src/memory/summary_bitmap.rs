@@ -259,7 +259,7 @@ mod tests {
         };
         // Each writer marks its own pages once each, in a scattered order, so a
         // page taken twice or never shows.
-        assert!(WRITERS * MARKS <= PAGES);
+        const _: () = assert!(WRITERS * MARKS <= PAGES);
         let writers: Vec<_> = (0..WRITERS)
             .map(|t| {
                 let b = b.clone();
