@@ -22,8 +22,9 @@ use std::os::fd::FromRawFd;
 use std::str::FromStr;
 use std::sync::Arc;
 
+use livemig::memory::SummaryBitmap;
 use livemig::memory::{allocate, GuestRam, MemoryLayout};
-use vm_memory::bitmap::{AtomicBitmap, NewBitmap};
+use vm_memory::bitmap::NewBitmap;
 use vm_memory::mmap::MmapRegionBuilder;
 use vm_memory::{FileOffset, GuestAddress, GuestRegionMmap};
 
@@ -261,7 +262,7 @@ fn memfd_memory(layout: &MemoryLayout, kind: PageKind) -> Result<GuestRam, Memfd
             PageKind::Small | PageKind::Transparent => libc::MAP_SHARED | libc::MAP_NORESERVE,
         };
         let size = usize::try_from(r.size).map_err(|e| MemfdError::Map(e.into()))?;
-        let mapping = MmapRegionBuilder::new_with_bitmap(size, AtomicBitmap::with_len(size))
+        let mapping = MmapRegionBuilder::new_with_bitmap(size, SummaryBitmap::with_len(size))
             .with_file_offset(FileOffset::from_arc(Arc::new(file), 0))
             .with_mmap_prot(libc::PROT_READ | libc::PROT_WRITE)
             .with_mmap_flags(flags)
@@ -309,7 +310,7 @@ pub fn map_shared(layout: &MemoryLayout, files: Vec<(File, u64)>) -> Result<Gues
         }
         let size = usize::try_from(r.size).map_err(|e| MemfdError::Map(e.into()))?;
         let huge = is_hugetlb(&file);
-        let mapping = MmapRegionBuilder::new_with_bitmap(size, AtomicBitmap::with_len(size))
+        let mapping = MmapRegionBuilder::new_with_bitmap(size, SummaryBitmap::with_len(size))
             .with_file_offset(FileOffset::from_arc(Arc::new(file), offset))
             .with_mmap_prot(libc::PROT_READ | libc::PROT_WRITE)
             .with_mmap_flags(libc::MAP_SHARED)

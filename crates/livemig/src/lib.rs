@@ -13,8 +13,9 @@
 //!   memory as a [`memory::GuestMemory`], pause/resume, state sections);
 //! * [`memory::GuestMemory`] — the regions as (guest address, host pointer,
 //!   length, backing) and the VMM's own dirty bits; implemented for
-//!   vm-memory's `GuestMemoryMmap<AtomicBitmap>` ([`memory::GuestRam`],
-//!   default feature `vm-memory`, that version re-exported as `vm_memory`);
+//!   vm-memory's `GuestMemoryMmap<SummaryBitmap>` ([`memory::GuestRam`]) and
+//!   `GuestMemoryMmap<AtomicBitmap>` (default feature `vm-memory`, that
+//!   version re-exported as `vm_memory`);
 //! * [`vm::DirtyTracker`] — the hypervisor's dirty log (the engine merges the
 //!   VMM's own writes, from [`memory::GuestMemory::take_vmm_dirty`], into
 //!   every round);
@@ -135,8 +136,8 @@ pub mod transport;
 pub mod vm;
 
 /// The vm-memory version [`memory::GuestRam`] adapts (feature `vm-memory`).
-/// A VMM on this version can hand its `GuestMemoryMmap<AtomicBitmap>` to the
-/// engine as it is; one on another version (or with its own memory)
+/// A VMM on this version can hand its `GuestMemoryMmap<SummaryBitmap>` or
+/// `GuestMemoryMmap<AtomicBitmap>` to the engine as it is; one on another version (or with its own memory)
 /// implements [`memory::GuestMemory`].
 #[cfg(feature = "vm-memory")]
 pub use vm_memory;

@@ -3,8 +3,9 @@
 //! VMM's own dirty bits), and the memory *layout* (region addresses and
 //! sizes) exchanged in the handshake.
 //!
-//! With the default feature `vm-memory`, vm-memory's
-//! `GuestMemoryMmap<AtomicBitmap>` ([`GuestRam`]) implements [`GuestMemory`];
+//! With the default feature `vm-memory`, vm-memory's `GuestMemoryMmap<B>`
+//! implements [`GuestMemory`] for the dirty bitmaps of [`VmmBitmap`]:
+//! [`SummaryBitmap`] ([`GuestRam`]) and vm-memory's `AtomicBitmap`;
 //! the vm-memory version adapted is re-exported as [`crate::vm_memory`].
 //! Any other memory (a VMM's own mmap, another vm-memory version) plugs in
 //! by implementing [`GuestMemory`] itself.
@@ -14,9 +15,13 @@ use std::os::fd::BorrowedFd;
 use serde::{Deserialize, Serialize};
 
 #[cfg(feature = "vm-memory")]
+mod summary_bitmap;
+#[cfg(feature = "vm-memory")]
 mod vm_adapter;
 #[cfg(feature = "vm-memory")]
-pub use vm_adapter::{allocate, GuestRam};
+pub use summary_bitmap::SummaryBitmap;
+#[cfg(feature = "vm-memory")]
+pub use vm_adapter::{allocate, GuestRam, VmmBitmap};
 
 /// Size of a guest page as the engine counts it: the unit of dirty
 /// tracking, of the dirty bitmaps and of transfer (the wire format's page).
@@ -160,6 +165,25 @@ pub unsafe trait GuestMemory: Send + Sync {
     /// instead, leaves `words` alone; it must say why in its
     /// implementation, since a write reported by neither is lost.
     fn take_vmm_dirty(&self, region: usize, words: &mut [u64]);
+
+    /// The same as [`GuestMemory::take_vmm_dirty`], handing each word with
+    /// a written page to `f` as (word index, bits) instead of ORing all of
+    /// the region's words into a buffer; the engine calls this one.
+    ///
+    /// The default calls [`GuestMemory::take_vmm_dirty`] with a buffer of
+    /// the region's size. An implementation whose record of writes is
+    /// sparse (vm-memory's adapter with [`SummaryBitmap`]) overrides it so
+    /// that a take costs what was written, not the region's size.
+    fn take_vmm_dirty_words(&self, region: usize, f: &mut dyn FnMut(usize, u64)) {
+        let Some(r) = self.regions().into_iter().nth(region) else {
+            return;
+        };
+        let mut words = vec![0; r.len.div_ceil(PAGE_SIZE * 64) as usize];
+        self.take_vmm_dirty(region, &mut words);
+        for (i, w) in words.into_iter().enumerate().filter(|(_, w)| *w != 0) {
+            f(i, w);
+        }
+    }
 }
 
 /// Why a [`GuestMemory`] cannot be used for a layout.

@@ -886,8 +886,9 @@ mod tests {
     #[cfg(feature = "vm-memory")]
     #[test]
     fn hugetlb_memfd_pages_are_all_populated_and_scrub_zeroes() {
+        use crate::memory::SummaryBitmap;
         use std::sync::Arc;
-        use vm_memory::bitmap::{AtomicBitmap, NewBitmap};
+        use vm_memory::bitmap::NewBitmap;
         use vm_memory::mmap::MmapRegionBuilder;
         use vm_memory::{FileOffset, GuestAddress, GuestRegionMmap};
         const SIZE: u64 = 4 << 20;
@@ -899,13 +900,16 @@ mod tests {
         let f = (fd >= 0).then(|| unsafe { File::from_raw_fd(fd) });
         let built = f.and_then(|f| {
             f.set_len(SIZE).ok()?;
-            MmapRegionBuilder::new_with_bitmap(SIZE as usize, AtomicBitmap::with_len(SIZE as usize))
-                .with_file_offset(FileOffset::from_arc(Arc::new(f), 0))
-                .with_mmap_prot(libc::PROT_READ | libc::PROT_WRITE)
-                .with_mmap_flags(libc::MAP_SHARED)
-                .with_hugetlbfs(true)
-                .build()
-                .ok()
+            MmapRegionBuilder::new_with_bitmap(
+                SIZE as usize,
+                SummaryBitmap::with_len(SIZE as usize),
+            )
+            .with_file_offset(FileOffset::from_arc(Arc::new(f), 0))
+            .with_mmap_prot(libc::PROT_READ | libc::PROT_WRITE)
+            .with_mmap_flags(libc::MAP_SHARED)
+            .with_hugetlbfs(true)
+            .build()
+            .ok()
         });
         let Some(mapping) = built else {
             eprintln!("*** SKIPPED: no free huge pages (hugetlb memfd) ***");

@@ -14,13 +14,14 @@ use std::io::Write;
 use std::os::fd::FromRawFd;
 use std::time::Duration;
 
+use livemig::memory::SummaryBitmap;
 use livemig::memory::{allocate, GuestRam, MemoryLayout, RegionDesc, PAGE_SIZE};
 use livemig::testing::soft::{SoftConfig, SoftTracking, SoftVm};
 use livemig::transport::mem;
 use livemig::{
     migrate, migrate_streams, receive, receive_streams, CancelToken, MigrationConfig, ReceiveConfig,
 };
-use vm_memory::bitmap::{AtomicBitmap, NewBitmap};
+use vm_memory::bitmap::NewBitmap;
 use vm_memory::{FileOffset, GuestAddress, GuestRegionMmap, MmapRegion};
 
 fn region(guest_addr: u64, mib: u64) -> RegionDesc {
@@ -262,15 +263,15 @@ fn write_odd_pages(f: &mut File, mib: u64) {
     }
 }
 
-fn file_region(addr: u64, size: usize, file: File, flags: i32) -> GuestRegionMmap<AtomicBitmap> {
+fn file_region(addr: u64, size: usize, file: File, flags: i32) -> GuestRegionMmap<SummaryBitmap> {
     let mapping =
-        vm_memory::mmap::MmapRegionBuilder::new_with_bitmap(size, AtomicBitmap::with_len(size))
+        vm_memory::mmap::MmapRegionBuilder::new_with_bitmap(size, SummaryBitmap::with_len(size))
             .with_file_offset(FileOffset::new(file, 0))
             .with_mmap_flags(flags | libc::MAP_NORESERVE)
             .with_mmap_prot(libc::PROT_READ | libc::PROT_WRITE)
             .build()
             .expect("mmap");
-    let mapping: MmapRegion<AtomicBitmap> = mapping;
+    let mapping: MmapRegion<SummaryBitmap> = mapping;
     GuestRegionMmap::new(mapping, GuestAddress(addr)).expect("region")
 }
 

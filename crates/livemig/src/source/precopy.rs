@@ -78,8 +78,13 @@ pub(super) fn precopy<V: SourceVm + ?Sized>(
     let start = Instant::now();
     let layout = t.sender.layout.clone();
     // The VMM's writes recorded before the handshake were dropped there
-    // (round 0 sends every page that may hold data anyway).
-    let mut bitmap = first_round_pages(&layout);
+    // (round 0 sends every page that may hold data anyway); the handshake
+    // built round 0's bitmap while the destination made its VM.
+    let mut bitmap = t
+        .round0
+        .take()
+        .filter(|b| b.num_regions() == layout.regions().len())
+        .unwrap_or_else(|| first_round_pages(&layout));
     log::debug!(
         "set-up: round 0 starts at {:.2} ms (bitmap built: {:.2} ms)",
         super::session::ms(s.started.elapsed()),

@@ -8,7 +8,7 @@
 //!
 //! [`GuestMemory::take_vmm_dirty`]: crate::memory::GuestMemory::take_vmm_dirty
 
-use super::rounds::{region_pages, take_vmm_writes};
+use super::rounds::take_vmm_writes;
 use crate::bitmap::DirtyBitmap;
 use crate::error::{ErrorKind, MigrationError, Phase};
 use crate::vm::SourceVm;
@@ -23,12 +23,10 @@ pub(super) fn check<V: SourceVm + ?Sized>(
 ) -> Result<(), MigrationError> {
     let mut pages = 0u64;
     let mut first: Option<(u32, u64)> = None;
-    take_vmm_writes(vm, &region_pages(layout), |region, words| {
-        for (i, w) in words.iter().enumerate().filter(|(_, w)| **w != 0) {
-            pages += u64::from(w.count_ones());
-            let page = i as u64 * 64 + u64::from(w.trailing_zeros());
-            first.get_or_insert((region as u32, page));
-        }
+    take_vmm_writes(vm, layout.num_regions(), |region, word, bits| {
+        pages += u64::from(bits.count_ones());
+        let page = word as u64 * 64 + u64::from(bits.trailing_zeros());
+        first.get_or_insert((region as u32, page));
     });
     match first {
         None => Ok(()),

@@ -285,37 +285,28 @@ pub(super) fn narrow_runs(runs: &[(u64, u64)], base: u64, keep: &[bool]) -> Vec<
 /// [`GuestMemory::take_vmm_dirty`]: crate::memory::GuestMemory::take_vmm_dirty
 pub(super) fn merge_vmm_writes<V: SourceVm + ?Sized>(vm: &V, bitmap: &mut DirtyBitmap) {
     let t0 = Instant::now();
-    let pages = region_pages(bitmap);
-    take_vmm_writes(vm, &pages, |region, words| bitmap.or_words(region, words));
+    take_vmm_writes(vm, bitmap.num_regions(), |region, word, bits| {
+        bitmap.or_word(region, word, bits)
+    });
     log::debug!(
         "the VMM's writes merged in {:.2} ms",
         t0.elapsed().as_secs_f64() * 1000.0
     );
 }
 
-/// The page count of each region of `bitmap`'s layout.
-pub(super) fn region_pages(bitmap: &DirtyBitmap) -> Vec<u64> {
-    (0..bitmap.num_regions())
-        .map(|r| bitmap.region_pages(r))
-        .collect()
-}
-
 /// Takes the VMM's own writes since the previous take
-/// ([`GuestMemory::take_vmm_dirty`]) region by region (`pages`: each
-/// region's page count) and hands each region's words to `f`.
+/// ([`GuestMemory::take_vmm_dirty_words`]) from the first `regions`
+/// regions and hands each word with a written page to `f` as
+/// (region, word index, bits).
 ///
-/// [`GuestMemory::take_vmm_dirty`]: crate::memory::GuestMemory::take_vmm_dirty
+/// [`GuestMemory::take_vmm_dirty_words`]: crate::memory::GuestMemory::take_vmm_dirty_words
 pub(super) fn take_vmm_writes<V: SourceVm + ?Sized>(
     vm: &V,
-    pages: &[u64],
-    mut f: impl FnMut(usize, &[u64]),
+    regions: usize,
+    mut f: impl FnMut(usize, usize, u64),
 ) {
     let mem = vm.memory();
-    let mut words = Vec::new();
-    for (region, n) in pages.iter().enumerate() {
-        words.clear();
-        words.resize(n.div_ceil(64) as usize, 0);
-        mem.take_vmm_dirty(region, &mut words);
-        f(region, &words);
+    for region in 0..regions {
+        mem.take_vmm_dirty_words(region, &mut |word, bits| f(region, word, bits));
     }
 }

@@ -68,6 +68,8 @@ pub(super) struct Tracking<'a> {
     pub(super) postcopy_prepare: bool,
     /// Set at the switch to post-copy: the pages the destination drops.
     pub(super) discard: Option<crate::bitmap::DirtyBitmap>,
+    /// Round 0's bitmap, built in the handshake (taken by round 0).
+    pub(super) round0: Option<crate::bitmap::DirtyBitmap>,
     /// The post-copy phase's report, once it ran.
     pub(super) postcopy_report: Option<super::postcopy::PostcopySourceReport>,
 }
@@ -130,6 +132,7 @@ impl<'a> Tracking<'a> {
             postcopy_prepare: accepted.postcopy_prepare,
             discard: None,
             postcopy_report: None,
+            round0: Some(accepted.round0),
         })
     }
 
