@@ -366,6 +366,7 @@ fn hello(protocol_version: u32, paused: bool) -> Hello {
         postcopy: false,
         postcopy_prepare: false,
         local: None,
+        probe: false,
     }
 }
 
@@ -395,6 +396,8 @@ fn kind_bytes() {
         (PostcopyResume, 20),
         (PostcopyPrepare, 21),
         (PostcopyArmed, 22),
+        (Probe, 23),
+        (ProbeReply, 24),
     ];
     assert_eq!(table.len(), MsgKind::ALL.len());
     for (kind, byte) in table {
@@ -430,6 +433,7 @@ fn hello_reply_v3() {
             postcopy: false,
             postcopy_prepare: false,
             local: false,
+            probe: false,
         },
     );
 }
@@ -447,6 +451,7 @@ fn hello_reply_granting_postcopy() {
             postcopy: true,
             postcopy_prepare: false,
             local: false,
+            probe: false,
         },
     );
 }
@@ -490,6 +495,7 @@ fn hello_reply_granting_postcopy_with_its_preparation() {
             postcopy: true,
             postcopy_prepare: true,
             local: false,
+            probe: false,
         },
     );
 }
@@ -549,6 +555,7 @@ fn hello_reply_v2() {
             postcopy: false,
             postcopy_prepare: false,
             local: false,
+            probe: false,
         },
     );
 }

@@ -125,6 +125,7 @@ fn any_message() -> impl Strategy<Value = (MsgKind, Vec<u8>)> {
                 postcopy: false,
                 postcopy_prepare: false,
                 local: false,
+                probe: false,
             }
             .encode()
         )),
