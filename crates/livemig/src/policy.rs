@@ -580,8 +580,8 @@ impl RoundEstimate {
     ///
     /// With a probe: the remaining and queued bytes over the link, the
     /// state's own time, the state's measured burst and two measured hops
-    /// in place of the state's bytes at the link's rate and the two
-    /// round trips.
+    /// (each at least the transport's round trip) in place of the state's
+    /// bytes at the link's rate and the two round trips.
     pub fn expected_downtime(&self) -> Duration {
         let bytes = self.remaining_bytes.saturating_add(self.queued_bytes);
         match self.probe {
@@ -590,7 +590,8 @@ impl RoundEstimate {
                 self.link.transfer_time(bytes) + self.state_time + 2 * self.round_trip
             }
             Some(p) => {
-                self.link.transfer_time(bytes) + self.state_time + 2 * p.hop + p.state_burst
+                let hop = p.hop.max(self.round_trip);
+                self.link.transfer_time(bytes) + self.state_time + 2 * hop + p.state_burst
             }
         }
     }
@@ -765,6 +766,11 @@ mod tests {
             state_burst: Duration::from_millis(2),
         });
         assert!(close(e.expected_downtime(), Duration::from_millis(14)));
+        // A transport that says its round trip is longer than the hop
+        // measured: the longer one.
+        e.round_trip = Duration::from_millis(4);
+        assert!(close(e.expected_downtime(), Duration::from_millis(16)));
+        e.round_trip = Duration::from_millis(1);
         // Hops slower than the limit allows: keep going.
         e.probe = Some(ProbeTimes {
             hop: Duration::from_millis(8),

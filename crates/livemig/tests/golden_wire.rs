@@ -492,7 +492,6 @@ fn hello_reply_granting_a_local_hand_over() {
             postcopy_prepare: false,
             local: true,
             probe: false,
-            probe: false,
         },
     );
 }
@@ -514,7 +513,10 @@ fn hello_reply_granting_the_probe_and_the_probe_messages() {
         },
     );
     check(PROBE, &livemig::protocol::Probe { id: 5, pad: 3 });
-    check(PROBE_REPLY, &livemig::protocol::ProbeReply { id: 5, pad: 3 });
+    check(
+        PROBE_REPLY,
+        &livemig::protocol::ProbeReply { id: 5, pad: 3 },
+    );
 }
 
 #[test]

@@ -212,10 +212,20 @@ fn the_destination_refuses_probes_not_granted_or_malformed() {
         fw.write_frame(MsgKind::Probe, &[&probe]).unwrap();
         fw.flush().unwrap();
         let Err(e) = dest.join().unwrap() else {
-            panic!("a probe {} was accepted", if hello.probe { "with a dirty pad" } else { "not granted" })
+            panic!(
+                "a probe {} was accepted",
+                if hello.probe {
+                    "with a dirty pad"
+                } else {
+                    "not granted"
+                }
+            )
         };
         assert!(
-            matches!(e.kind, ErrorKind::Unexpected { .. } | ErrorKind::Protocol(_)),
+            matches!(
+                e.kind,
+                ErrorKind::Unexpected { .. } | ErrorKind::Protocol(_)
+            ),
             "{e}"
         );
     }
@@ -263,6 +273,39 @@ fn the_destination_answers_each_probe() {
     assert_eq!(fr.read_frame().unwrap().kind, MsgKind::Resumed);
     let (_vm, report) = dest.join().unwrap().expect("runs");
     assert!(report.running);
+}
+
+/// A corrupted answer fails the migration before the pause: the source
+/// keeps running, the outcome is not ambiguous.
+#[test]
+fn a_corrupted_answer_fails_before_the_pause() {
+    let vm = idle_source();
+    let (a, b) = mem::pair();
+    let (b, dprobe) = FaultTransport::new(
+        Box::new(b),
+        Fault::Flip(0x40).at(At::kind(MsgKind::ProbeReply, 1).offset(17)),
+    );
+    let dest = std::thread::spawn(move || {
+        livemig::receive(b_box(b), &receive_config(), |d| {
+            SoftVm::new(&d.layout, &SoftConfig::idle())
+        })
+    });
+    let e = migrate(
+        &vm,
+        Box::new(a),
+        &config(),
+        &CancelToken::new(),
+        &mut |_| {},
+    )
+    .unwrap_err();
+    assert!(
+        dest.join().unwrap().is_err(),
+        "the destination must not run it"
+    );
+    assert_eq!(dprobe.fired().len(), 1);
+    assert!(!e.is_ambiguous(), "{e}");
+    assert!(matches!(e.phase, livemig::Phase::Precopy(_)), "{e}");
+    assert!(!vm.is_paused(), "the source must run");
 }
 
 /// A grant the source did not ask for is refused in the handshake, and the

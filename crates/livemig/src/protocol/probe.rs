@@ -59,7 +59,9 @@ impl Message for Probe {
         let at = c.pos;
         let pad = c.u32()?;
         if pad > MAX_PROBE_PAD {
-            return Err(c.malformed_at(at, format!("{pad} padding bytes (at most {MAX_PROBE_PAD})")));
+            return Err(
+                c.malformed_at(at, format!("{pad} padding bytes (at most {MAX_PROBE_PAD})"))
+            );
         }
         let at = c.pos;
         let bytes = c.bytes(pad as usize)?;
@@ -87,7 +89,9 @@ impl Message for ProbeReply {
         let at = c.pos;
         let pad = c.u32()?;
         if pad > MAX_PROBE_PAD {
-            return Err(c.malformed_at(at, format!("{pad} padding bytes (at most {MAX_PROBE_PAD})")));
+            return Err(
+                c.malformed_at(at, format!("{pad} padding bytes (at most {MAX_PROBE_PAD})"))
+            );
         }
         c.finish()?;
         Ok(ProbeReply { id, pad })
@@ -141,8 +145,18 @@ mod tests {
         huge.extend_from_slice(&(MAX_PROBE_PAD + 1).to_le_bytes());
         assert!(Probe::decode(&huge).is_err());
         assert!(ProbeReply::decode(&huge).is_err());
-        assert!(Probe { id: 0, pad: MAX_PROBE_PAD + 1 }.encode().is_err());
-        assert!(ProbeReply { id: 0, pad: MAX_PROBE_PAD + 1 }.encode().is_err());
+        assert!(Probe {
+            id: 0,
+            pad: MAX_PROBE_PAD + 1
+        }
+        .encode()
+        .is_err());
+        assert!(ProbeReply {
+            id: 0,
+            pad: MAX_PROBE_PAD + 1
+        }
+        .encode()
+        .is_err());
         let r = ProbeReply { id: 1, pad: 2 }.encode().unwrap();
         for cut in 0..r.len() {
             assert!(ProbeReply::decode(&r[..cut]).is_err(), "{cut}");

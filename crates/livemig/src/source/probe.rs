@@ -128,8 +128,8 @@ impl Prober {
             };
             match f.kind {
                 MsgKind::ProbeReply => {
-                    let r = ProbeReply::decode(f.payload)
-                        .map_err(|e| MigrationError::new(phase, e))?;
+                    let r =
+                        ProbeReply::decode(f.payload).map_err(|e| MigrationError::new(phase, e))?;
                     if r.id == id && r.pad == pad {
                         return Ok(Some(t0.elapsed()));
                     }
@@ -181,8 +181,8 @@ impl Prober {
                     return Ready::decode(f.payload).map_err(|e| MigrationError::new(phase, e))
                 }
                 MsgKind::ProbeReply if !self.late.is_empty() => {
-                    let r = ProbeReply::decode(f.payload)
-                        .map_err(|e| MigrationError::new(phase, e))?;
+                    let r =
+                        ProbeReply::decode(f.payload).map_err(|e| MigrationError::new(phase, e))?;
                     let want = self.late[0];
                     self.take_late(&r, want, phase)?;
                 }
@@ -252,7 +252,8 @@ mod tests {
         }
         // A malformed answer, and another kind.
         let (mut fw, mut rx, mut peer, _peer_rx) = ends();
-        peer.write_frame(MsgKind::ProbeReply, &[&[1, 2, 3]]).unwrap();
+        peer.write_frame(MsgKind::ProbeReply, &[&[1, 2, 3]])
+            .unwrap();
         peer.flush().unwrap();
         let mut p = Prober::new(0, Duration::from_secs(5));
         assert!(p.measure(&mut fw, &mut rx, Phase::Precopy(0)).is_err());
@@ -283,7 +284,10 @@ mod tests {
         assert!(p.late.is_empty());
         // A late answer before Ready is dropped; an answer to nothing is not.
         let mut p = Prober::new(0, Duration::from_millis(20));
-        assert_eq!(p.measure(&mut fw, &mut rx, Phase::Precopy(0)).unwrap(), None);
+        assert_eq!(
+            p.measure(&mut fw, &mut rx, Phase::Precopy(0)).unwrap(),
+            None
+        );
         peer.send(&ProbeReply { id: 0, pad: 0 }).unwrap();
         peer.send(&Ready { restore_us: 7 }).unwrap();
         let r = p.recv_ready(&mut rx, Phase::Completion).unwrap();
@@ -297,14 +301,23 @@ mod tests {
         let (mut fw, mut rx, _peer, mut peer_rx) = ends();
         let mut p = Prober::new(0, Duration::from_millis(5));
         for _ in 0..MAX_LATE {
-            assert_eq!(p.measure(&mut fw, &mut rx, Phase::Precopy(0)).unwrap(), None);
+            assert_eq!(
+                p.measure(&mut fw, &mut rx, Phase::Precopy(0)).unwrap(),
+                None
+            );
         }
-        assert_eq!(p.measure(&mut fw, &mut rx, Phase::Precopy(0)).unwrap(), None);
+        assert_eq!(
+            p.measure(&mut fw, &mut rx, Phase::Precopy(0)).unwrap(),
+            None
+        );
         // One probe per try, none after the last.
         for _ in 0..MAX_LATE {
             assert_eq!(peer_rx.read_frame().unwrap().kind, MsgKind::Probe);
         }
-        peer_rx.get_mut().set_read_timeout(Some(Duration::from_millis(20))).unwrap();
+        peer_rx
+            .get_mut()
+            .set_read_timeout(Some(Duration::from_millis(20)))
+            .unwrap();
         assert!(peer_rx.read_frame().is_err());
     }
 }
