@@ -38,6 +38,7 @@ fn config() -> MigrationConfig {
         // whatever the probe measures (and the probe waits that long).
         downtime_limit: Duration::from_secs(2),
         io_timeout: IO,
+        switchover_probe: true,
         ..Default::default()
     }
 }
@@ -125,7 +126,7 @@ fn a_destination_without_the_probe_gets_none() {
     let (a, b) = mem::pair();
     let dest = std::thread::spawn(move || {
         let (hello, mut fr, mut fw) = hand_destination(Box::new(b), Some(IO));
-        assert!(hello.probe, "this build's source offers the probe");
+        assert!(hello.probe, "the source offers the probe");
         fw.send(&HelloReply::accepted(1, [0; 16])).unwrap();
         fw.flush().unwrap();
         loop {
