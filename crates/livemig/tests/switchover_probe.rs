@@ -276,6 +276,32 @@ fn the_destination_answers_each_probe() {
     assert!(report.running);
 }
 
+/// An answer later than the wait (the downtime limit): the round keeps
+/// the estimate without the probe, the migration goes on and completes,
+/// and the late answer (read before `Ready`) is dropped.
+#[test]
+fn a_late_answer_neither_hangs_nor_fails_the_migration() {
+    let vm = idle_source();
+    let (a, b) = mem::pair();
+    // Frame 1 of the destination: the first ProbeReply, held 300 ms.
+    let hold = Fault::Stall(Duration::from_millis(300)).at(At::frame(1));
+    let (b, dprobe) = FaultTransport::new(Box::new(b), hold);
+    let dest = std::thread::spawn(move || {
+        livemig::receive(b_box(b), &receive_config(), |d| {
+            SoftVm::new(&d.layout, &SoftConfig::idle())
+        })
+    });
+    let c = MigrationConfig {
+        downtime_limit: Duration::from_millis(100),
+        ..config()
+    };
+    let report = run(&vm, Box::new(a), &c);
+    dest.join().unwrap().expect("the destination runs it");
+    assert_eq!(dprobe.fired().len(), 1);
+    assert_eq!(dprobe.fired()[0].kind, Some(MsgKind::ProbeReply));
+    assert_eq!(report.rounds[0].probe_hop_ms, None, "no answer in time");
+}
+
 /// A corrupted answer fails the migration before the pause: the source
 /// keeps running, the outcome is not ambiguous.
 #[test]
