@@ -11,7 +11,8 @@
 #        benches/switchover.sh 5 512M 32 "ws=16 rate=0 hb=200" 20
 # after `cargo build --example refvmm`. Environment: R (the refvmm binary),
 # BOOT (seconds the guest runs first, default 1.5), KEEP (copy the last
-# report to $KEEP). Uses a random TCP port in 47200..47699 on 127.0.0.1.
+# report to $KEEP), MIGRATE_ARGS (more `refvmm migrate` flags, e.g.
+# --switchover-probe). Uses a random TCP port in 47200..47699 on 127.0.0.1.
 set -u
 R=${R:-$(dirname "$0")/../target/debug/examples/refvmm}
 N=$1; MEM=$2; V=$3; CL=$4; LIM=${5:-10}
@@ -26,7 +27,7 @@ for i in $(seq 1 $N); do
   $R receive --listen tcp:127.0.0.1:$PORT --api-socket $D/b.sock --serial stdio </dev/null 2>$D/b.err | python3 -c "$STAMP" $D/b.t &
   for t in $(seq 100); do [ -e $D/b.t.ready ] && break; sleep 0.05; done
   sleep 0.3
-  $R migrate --api-socket $D/a.sock --to tcp:127.0.0.1:$PORT --downtime-limit-ms $LIM >$D/rep.json 2>$D/m.err
+  $R migrate --api-socket $D/a.sock --to tcp:127.0.0.1:$PORT --downtime-limit-ms $LIM ${MIGRATE_ARGS:-} >$D/rep.json 2>$D/m.err
   sleep 0.3
   python3 -c "
 import socket

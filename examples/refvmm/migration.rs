@@ -90,6 +90,12 @@ pub struct MigrateOptions {
     #[arg(long)]
     #[serde(default)]
     pub compress: bool,
+    /// Offer the switchover probe: time the control connection's hops and
+    /// the state's burst after each round and count them in the expected
+    /// downtime (off by default; see docs/protocol.md).
+    #[arg(long)]
+    #[serde(default, skip_serializing_if = "is_false")]
+    pub switchover_probe: bool,
     /// Pure post-copy: no pre-copy round; the guest runs on the
     /// destination as soon as its vCPU and device state arrived, its
     /// memory follows (on demand and pushed). See docs/postcopy.md.
@@ -277,6 +283,7 @@ impl MigrateOptions {
             cfg.streams = n;
         }
         cfg.compress = self.compress;
+        cfg.switchover_probe = self.switchover_probe;
         let tls = self.tls.config()?;
         if self.wants_postcopy() {
             if cfg.streams > 1 {

@@ -273,7 +273,10 @@ pub fn valid_stream() -> Vec<u8> {
 /// * 12: the same with a corrupted crc;
 /// * 13: the same with a sequence number one too high;
 /// * 14: the payload as raw bytes, no frame;
-/// * 15: a template: kind 1, the valid `Hello`; kind 5, a `State` with one
+/// * 15: a template: kind 1, the valid `Hello` (offering the switchover
+///   probe when `payload[0]` is odd); kind 0, a `Probe` frame (kind byte
+///   23) with id `payload[0]` and `payload[1]` zero padding bytes (a
+///   non-zero `payload[2]` makes the last padding byte that value); kind 5, a `State` with one
 ///   `soft.writers` section of version `payload[0]` and data `payload[1..]`;
 ///   kind 3, a `Pages` frame from 4-byte records `page, npages, kind, fill`
 ///   (page bit 7 selects the second region; data records carry `npages`
@@ -306,7 +309,11 @@ pub fn frames_from_script(script: &[u8]) -> Vec<u8> {
         let frame_seq = if mode == 13 { seq.wrapping_add(1) } else { seq };
         let mut header = [0u8; FRAME_HEADER_LEN];
         header[0..2].copy_from_slice(&livemig::protocol::FRAME_MAGIC.to_le_bytes());
-        header[2] = kind;
+        header[2] = if mode == 15 && kind == 0 {
+            MsgKind::Probe as u8
+        } else {
+            kind
+        };
         header[4..8].copy_from_slice(&frame_seq.to_le_bytes());
         header[8..12].copy_from_slice(&(body.len() as u32).to_le_bytes());
         let mut crc = crc32c_software(&header[..12], &body);
@@ -347,7 +354,22 @@ pub fn crc32c_software(a: &[u8], b: &[u8]) -> u32 {
 
 fn template(kind: u8, payload: &[u8]) -> Vec<u8> {
     match kind {
-        1 => encode(&Hello::new(description())),
+        1 => {
+            let mut h = Hello::new(description());
+            h.probe = payload.first().is_some_and(|b| b & 1 == 1);
+            encode(&h)
+        }
+        0 => {
+            let id = payload.first().copied().map_or(0, u32::from);
+            let pad = payload.get(1).copied().map_or(0, u32::from);
+            let mut v = encode(&livemig::protocol::Probe { id, pad });
+            if let (Some(&b), true) = (payload.get(2), pad > 0) {
+                if let Some(last) = v.last_mut() {
+                    *last = b;
+                }
+            }
+            v
+        }
         5 => {
             let version = payload.first().copied().map_or(1, u32::from);
             let data = payload.get(1..).unwrap_or_default().to_vec();
@@ -686,7 +708,7 @@ pub fn decode_messages(data: &[u8]) {
     let Some((k, payload)) = data.split_first() else {
         return;
     };
-    match k % 11 {
+    match k % 13 {
         0 => drop(round_trip::<HelloReply>(payload)),
         1 => drop(round_trip::<RoundEnd>(payload)),
         2 => drop(round_trip::<Complete>(payload)),
@@ -697,6 +719,8 @@ pub fn decode_messages(data: &[u8]) {
         7 => drop(round_trip::<Cancel>(payload)),
         8 => decode_hello(payload),
         9 => decode_state(payload),
+        10 => drop(round_trip::<livemig::protocol::Probe>(payload)),
+        11 => drop(round_trip::<livemig::protocol::ProbeReply>(payload)),
         _ => page_records_target(payload),
     }
 }
@@ -775,8 +799,13 @@ fn check_memory(stream: &[u8], ram: &GuestRam, ok: bool) {
         .map(|r| vec![false; r.pages() as usize])
         .collect();
     let mut fr = FrameReader::new(stream);
-    // The Hello was accepted (the VM exists).
-    let _ = fr.read_frame();
+    // The Hello was accepted (the VM exists); the probe was granted if it
+    // offered it.
+    let probe = fr
+        .read_frame()
+        .ok()
+        .and_then(|f| Hello::decode(f.payload).ok())
+        .is_some_and(|h| h.probe);
     let mut states = 0;
     loop {
         let at = fr.bytes_read() as usize;
@@ -789,6 +818,9 @@ fn check_memory(stream: &[u8], ram: &GuestRam, ok: bool) {
         let good = match f.kind {
             MsgKind::Pages => apply_model(&layout, f.payload, &mut model),
             MsgKind::RoundEnd => RoundEnd::decode(f.payload).is_ok(),
+            MsgKind::Probe => {
+                probe && states == 0 && livemig::protocol::Probe::decode(f.payload).is_ok()
+            }
             MsgKind::State => {
                 states += 1;
                 states <= 1 && State::decode(f.payload).is_ok()
@@ -965,6 +997,23 @@ pub fn seeds() -> Vec<(&'static str, String, Vec<u8>)> {
     ]
     .concat();
     out.push(("receive_frames", "valid".into(), script));
+    // The same with the switchover probe offered and two probes answered
+    // (one padded) between the rounds.
+    let round1 = encode(&RoundEnd { round: 1, pages: 1 });
+    let script = [
+        op(15, 1, &[1]),
+        op(15, 3, &[0, 2, 1, 0xaa, 0x81, 1, 1, 0xbb, 4, 1, 0, 0]),
+        op(0, 4, &round0),
+        op(15, 0, &[0, 0]),
+        op(15, 0, &[1, 200]),
+        op(15, 3, &[7, 1, 1, 0xcc]),
+        op(0, 4, &round1),
+        op(15, 5, &state),
+        op(0, 6, &[]),
+        op(0, 8, &[]),
+    ]
+    .concat();
+    out.push(("receive_frames", "probed".into(), script));
     // A compressed Pages payload (as PagesLz4 carries), and one whose
     // claimed size is wrong.
     if let Some((_, pages)) = valid.iter().find(|(k, _)| *k == MsgKind::Pages) {

@@ -370,6 +370,25 @@ pub enum PeerError {
     /// `Complete` before any `State` frame.
     #[error("Complete before any State")]
     NoState,
+    /// A `ProbeReply` that answers no probe waiting for one, or with
+    /// another padding length than the probe's.
+    #[error(
+        "a ProbeReply for probe {id} with {pad} padding bytes; probe {want} with {want_pad} \
+         (or an earlier unanswered one) was expected"
+    )]
+    ProbeReply {
+        /// The id answered.
+        id: u32,
+        /// The padding length answered.
+        pad: u32,
+        /// The probe waiting for its answer.
+        want: u32,
+        /// Its padding length.
+        want_pad: u32,
+    },
+    /// A probe the destination answered without having granted probes.
+    #[error("a switchover probe was granted but not offered")]
+    ProbeNotOffered,
 }
 
 /// A failure inside this side of the migration, not caused by the VM or the

@@ -37,6 +37,22 @@ pub struct RoundReport {
     pub lz4_input_bytes: u64,
     /// What LZ4 made of [`RoundReport::lz4_input_bytes`].
     pub lz4_output_bytes: u64,
+    /// The switchover probe after this round (see
+    /// [`crate::MigrationConfig::switchover_probe`]): one hop of the control
+    /// connection through both engines, ms — the median of three `Probe` →
+    /// `ProbeReply` round trips, counted twice in
+    /// [`RoundReport::expected_downtime_ms`] (its counterparts in the
+    /// switchover: `state_transfer_ms − dest_restore_ms` without the
+    /// state's burst, `resume_ack_ms − dest_resume_ms`). `None` without a
+    /// probe (not granted, or no answer in time: the estimate is then the
+    /// one without it).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub probe_hop_ms: Option<f64>,
+    /// The state's burst the probe measured, ms: the round trip of a probe
+    /// padded to the state's wire size, minus the hop (counted once in the
+    /// expected downtime instead of the state's bytes at the link's rate).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub probe_state_burst_ms: Option<f64>,
 }
 
 /// Where the downtime went (all on the source clock, ms).
@@ -196,7 +212,7 @@ impl std::fmt::Display for RoundReport {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         write!(
             f,
-            "round {}: {} pages ({} zero) in {:.1} ms, {:.0} MB/s{}; dirty rate {:.0} MB/s, {} pages left, expected downtime {:.1} ms",
+            "round {}: {} pages ({} zero) in {:.1} ms, {:.0} MB/s{}; dirty rate {:.0} MB/s, {} pages left, expected downtime {:.1} ms{}",
             self.round,
             self.pages,
             self.zero_pages,
@@ -205,7 +221,11 @@ impl std::fmt::Display for RoundReport {
             if self.compressed { " LZ4" } else { "" },
             self.dirty_rate_mbps,
             self.dirty_pages_after,
-            self.expected_downtime_ms
+            self.expected_downtime_ms,
+            match (self.probe_hop_ms, self.probe_state_burst_ms) {
+                (Some(h), Some(b)) => format!(" (probe: hop {h:.2} ms, state burst {b:.2} ms)"),
+                _ => String::new(),
+            }
         )
     }
 }

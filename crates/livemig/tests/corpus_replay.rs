@@ -89,6 +89,16 @@ fn valid_stream_is_received() {
         .expect("script seed");
     let r = harness::receive_stream(&harness::frames_from_script(&script));
     r.result.expect("the valid script is received");
+    // With the switchover probe offered and two probes answered: received,
+    // and the answers (2 × 24 bytes) and the grant byte went back besides.
+    let (_, _, script) = harness::seeds()
+        .into_iter()
+        .find(|(t, n, _)| *t == "receive_frames" && n == "probed")
+        .expect("probed seed");
+    let p = harness::receive_stream(&harness::frames_from_script(&script));
+    let report = p.result.expect("the probed script is received");
+    assert_eq!(report.rounds, 2);
+    assert_eq!(p.replied, r.replied + 2 * 24 + 1, "two ProbeReply frames");
 }
 
 /// The independent CRC agrees with the frames livemig writes.

@@ -75,6 +75,10 @@ fn config() -> MigrationConfig {
         on_limit: OnLimit::ForceSwitchover,
         io_timeout: IO,
         batch_pages: 64,
+        // The points below name frames as they follow each other without
+        // the switchover probe's; faults on the probe's own frames are in
+        // switchover_probe.rs.
+        switchover_probe: false,
         ..Default::default()
     }
 }

@@ -114,6 +114,28 @@ const HELLO_REPLY_LOCAL: &str = r#"
     02                                # local hand-over granted
 "#;
 
+// HELLO_REPLY_PROBE: 28 bytes (a version-3 reply granting the switchover
+// probe to a source that offered it; docs/protocol.md)
+const HELLO_REPLY_PROBE: &str = r#"
+    01                                # accepted
+    0000                              # reason: length 0
+    01000000                          # streams 1
+    000102030405060708090a0b0c0d0e0f  # token
+    03000000                          # version 3
+    04                                # switchover probe granted
+"#;
+
+// PROBE: a probe with 3 padding bytes, and its answer
+const PROBE: &str = r#"
+    05000000                          # id 5
+    03000000                          # pad 3
+    000000                            # the padding
+"#;
+const PROBE_REPLY: &str = r#"
+    05000000                          # id 5
+    03000000                          # pad 3
+"#;
+
 // HELLO_V3_POSTCOPY_PREPARE: a version-3 Hello offering post-copy and its
 // preparation before the pause (docs/postcopy.md, "Negotiation")
 const HELLO_V3_POSTCOPY_PREPARE: &str = r#"
@@ -366,6 +388,7 @@ fn hello(protocol_version: u32, paused: bool) -> Hello {
         postcopy: false,
         postcopy_prepare: false,
         local: None,
+        probe: false,
     }
 }
 
@@ -395,6 +418,8 @@ fn kind_bytes() {
         (PostcopyResume, 20),
         (PostcopyPrepare, 21),
         (PostcopyArmed, 22),
+        (Probe, 23),
+        (ProbeReply, 24),
     ];
     assert_eq!(table.len(), MsgKind::ALL.len());
     for (kind, byte) in table {
@@ -430,6 +455,7 @@ fn hello_reply_v3() {
             postcopy: false,
             postcopy_prepare: false,
             local: false,
+            probe: false,
         },
     );
 }
@@ -447,6 +473,7 @@ fn hello_reply_granting_postcopy() {
             postcopy: true,
             postcopy_prepare: false,
             local: false,
+            probe: false,
         },
     );
 }
@@ -464,7 +491,31 @@ fn hello_reply_granting_a_local_hand_over() {
             postcopy: false,
             postcopy_prepare: false,
             local: true,
+            probe: false,
         },
+    );
+}
+
+#[test]
+fn hello_reply_granting_the_probe_and_the_probe_messages() {
+    check(
+        HELLO_REPLY_PROBE,
+        &HelloReply {
+            accepted: true,
+            reason: String::new(),
+            streams: 1,
+            token: TOKEN,
+            version: 3,
+            postcopy: false,
+            postcopy_prepare: false,
+            local: false,
+            probe: true,
+        },
+    );
+    check(PROBE, &livemig::protocol::Probe { id: 5, pad: 3 });
+    check(
+        PROBE_REPLY,
+        &livemig::protocol::ProbeReply { id: 5, pad: 3 },
     );
 }
 
@@ -490,6 +541,7 @@ fn hello_reply_granting_postcopy_with_its_preparation() {
             postcopy: true,
             postcopy_prepare: true,
             local: false,
+            probe: false,
         },
     );
 }
@@ -549,6 +601,7 @@ fn hello_reply_v2() {
             postcopy: false,
             postcopy_prepare: false,
             local: false,
+            probe: false,
         },
     );
 }

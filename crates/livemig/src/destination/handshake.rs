@@ -118,6 +118,10 @@ pub(super) fn reply(
     // Granted only in version 3 or later (the byte follows `version`).
     reply.postcopy = link.postcopy && link.version >= 3;
     reply.postcopy_prepare = reply.postcopy && link.postcopy_prepare;
+    // The same byte: never together with post-copy (whose reception does
+    // not answer probes) in this build.
+    link.probe = link.probe && link.version >= 3 && !reply.postcopy;
+    reply.probe = link.probe;
     link.granted = streams;
     crate::control::send(&mut link.fw, &reply, Phase::Handshake)?;
     match acceptor {

@@ -5,13 +5,14 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Mutex;
 
 use crate::bitmap::DirtyBitmap;
-use crate::control::{unexpected, ControlReader};
+use crate::control::{unexpected, ControlReader, ControlWriter};
 use crate::error::InternalError;
 use crate::error::{ErrorKind, MigrationError, PeerError, Phase};
 use crate::memory::MemoryLayout;
 use crate::protocol::{
     decompress_pages, page_records, stream_of, FrameReader, Message, MsgKind, PageRecord,
-    PostcopyPrepare, ProtocolError, RoundEnd, State, MAX_STATE_FRAMES, STREAM_CHUNK_PAGES,
+    PostcopyPrepare, Probe, ProbeReply, ProtocolError, RoundEnd, State, MAX_STATE_FRAMES,
+    STREAM_CHUNK_PAGES,
 };
 use crate::ram::HostRam;
 use crate::state::Section;
@@ -248,13 +249,15 @@ pub(super) type OnPrepare<'h> =
 
 /// The memory phase: pages on every connection, round ends and the state
 /// on the control one, until `Complete`. A failing page stream stops the
-/// others and is named as the cause.
+/// others and is named as the cause. With `probe` (the switchover probe
+/// granted) each `Probe` is answered on it at once.
 pub(super) fn receive(
     control: &mut ControlReader,
     readers: Vec<FrameReader<Box<dyn Transport>>>,
     layout: &MemoryLayout,
     ram: &HostRam<'_>,
     on_prepare: OnPrepare<'_>,
+    probe: Option<&mut ControlWriter>,
 ) -> Result<Received, MigrationError> {
     let streams = readers.len().max(1) as u32;
     let shared = StreamShared {
@@ -292,7 +295,7 @@ pub(super) fn receive(
             }
         }
         let mut cl = ControlLoop::new(layout, ram, streams);
-        let r = cl.run(control, on_prepare);
+        let r = cl.run(control, on_prepare, probe);
         if r.is_err() {
             stop();
         }
@@ -365,6 +368,7 @@ impl<'a> ControlLoop<'a> {
         &mut self,
         control: &mut ControlReader,
         mut on_prepare: OnPrepare<'_>,
+        mut probe: Option<&mut ControlWriter>,
     ) -> Result<Vec<Section>, MigrationError> {
         const EXPECTED: &str = "Pages, RoundEnd, State or Complete";
         loop {
@@ -407,6 +411,16 @@ impl<'a> ControlLoop<'a> {
                     self.phase = Phase::Precopy(self.rounds);
                 }
                 MsgKind::Keepalive => {}
+                MsgKind::Probe if probe.is_some() && self.sections.is_none() => {
+                    let p = Probe::decode(f.payload).map_err(|e| at(e.into()))?;
+                    if let Some(fw) = probe.as_deref_mut() {
+                        let reply = ProbeReply {
+                            id: p.id,
+                            pad: p.pad,
+                        };
+                        crate::control::send(fw, &reply, self.phase)?;
+                    }
+                }
                 MsgKind::State => {
                     self.phase = Phase::State;
                     let state = State::decode(f.payload);

@@ -215,6 +215,7 @@ pub(super) fn on_link<T>(
         granted: 1,
         postcopy: false,
         postcopy_prepare: false,
+        probe: false,
     };
     body(&mut link).map_err(|e| fail(&mut link, e, cancel))
 }
@@ -256,6 +257,10 @@ pub(super) struct Link {
     /// With `postcopy`: the source offered to prepare the switch before its
     /// pause (`PostcopyPrepare`), and it is granted.
     postcopy_prepare: bool,
+    /// The switchover probe offered by the source and granted (only by
+    /// the copying reception without post-copy: its control reader answers
+    /// each `Probe`).
+    probe: bool,
 }
 
 /// The phases, in order: handshake, memory and state, restore and commit.
@@ -272,6 +277,7 @@ where
 {
     let started = Instant::now();
     let hello = handshake::read_hello(link)?;
+    link.probe = hello.probe;
     let layout = hello.desc.layout.clone();
     let mut vm = handshake::create_vm(&mut link.fw, &hello.desc, create)?;
     let received = {
@@ -286,7 +292,8 @@ where
         for r in &readers {
             call.cancel.attach(r.get_ref().try_clone().ok());
         }
-        memory::receive(&mut link.control, readers, &layout, &ram, None)?
+        let probe = link.probe.then_some(&mut link.fw);
+        memory::receive(&mut link.control, readers, &layout, &ram, None, probe)?
     };
     if received.switch.is_some() {
         let e = ErrorKind::Unexpected {

@@ -490,7 +490,7 @@ where
         Ok(())
     };
     let on_prepare: memory::OnPrepare<'_> = if granted { Some(&mut hook) } else { None };
-    let received = memory::receive(&mut link.control, readers, &layout, &ram, on_prepare)?;
+    let received = memory::receive(&mut link.control, readers, &layout, &ram, on_prepare, None)?;
     drop(ram);
     Ok(Precopied {
         vm,

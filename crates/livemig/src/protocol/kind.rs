@@ -72,11 +72,19 @@ pub enum MsgKind {
     /// Destination → source: the pages of the `PostcopyPrepare` are
     /// dropped and the installer armed ([`PostcopyArmed`](super::PostcopyArmed)).
     PostcopyArmed = 22,
+    /// Source → destination, control connection, only when the switchover
+    /// probe was granted: a request the destination answers at once
+    /// ([`Probe`](super::Probe)), timing the control connection's hop
+    /// through both engines before the switchover.
+    Probe = 23,
+    /// Destination → source: the answer to a [`Probe`](super::Probe)
+    /// ([`ProbeReply`](super::ProbeReply)).
+    ProbeReply = 24,
 }
 
 impl MsgKind {
     /// Every kind, in wire order.
-    pub const ALL: [MsgKind; 22] = [
+    pub const ALL: [MsgKind; 24] = [
         MsgKind::Hello,
         MsgKind::HelloReply,
         MsgKind::Pages,
@@ -99,6 +107,8 @@ impl MsgKind {
         MsgKind::PostcopyResume,
         MsgKind::PostcopyPrepare,
         MsgKind::PostcopyArmed,
+        MsgKind::Probe,
+        MsgKind::ProbeReply,
     ];
 
     /// The kind for a wire byte, if known.
@@ -132,6 +142,8 @@ impl MsgKind {
             MsgKind::PostcopyResume => "PostcopyResume",
             MsgKind::PostcopyPrepare => "PostcopyPrepare",
             MsgKind::PostcopyArmed => "PostcopyArmed",
+            MsgKind::Probe => "Probe",
+            MsgKind::ProbeReply => "ProbeReply",
         }
     }
 }

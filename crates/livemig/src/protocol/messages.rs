@@ -35,6 +35,11 @@ pub const POSTCOPY_PREPARE_PROPERTY: &str = "livemig.postcopy.prepare";
 /// `dev:ino:offset:len`, see [`RegionIdentity`]). Sent only by
 /// `migrate_local`.
 pub const LOCAL_PROPERTY: &str = "livemig.local";
+/// The property key by which a [`Hello`] offers the switchover probe
+/// (value `"1"`: kinds 23–24, `Probe` / `ProbeReply`, see
+/// `docs/protocol.md`). A destination that does not know it reads it as an
+/// ordinary property and never grants it; the source then sends no probe.
+pub const PROBE_PROPERTY: &str = "livemig.probe";
 
 /// A message with a typed payload (every kind except `Pages`).
 pub trait Message: Sized {
@@ -88,6 +93,8 @@ pub struct Hello {
     /// The source asks for a same-host hand-over of the memory it names
     /// ([`LOCAL_PROPERTY`]).
     pub local: Option<LocalIdentity>,
+    /// The source offers the switchover probe ([`PROBE_PROPERTY`]).
+    pub probe: bool,
 }
 
 impl Hello {
@@ -104,6 +111,7 @@ impl Hello {
             postcopy: false,
             postcopy_prepare: false,
             local: None,
+            probe: false,
         }
     }
 
@@ -183,6 +191,9 @@ impl Message for Hello {
         if self.postcopy_prepare {
             props.push((POSTCOPY_PREPARE_PROPERTY, "1"));
         }
+        if self.probe {
+            props.push((PROBE_PROPERTY, "1"));
+        }
         let local = local_properties(self.local.as_ref());
         props.extend(local.iter().map(|(k, v)| (k.as_str(), v.as_str())));
         put_count(out, M, "properties", props.len(), MAX_PROPERTIES)?;
@@ -250,6 +261,7 @@ impl Message for Hello {
             postcopy: flags.postcopy,
             postcopy_prepare: flags.postcopy_prepare,
             local: flags.local()?,
+            probe: flags.probe,
         })
     }
 }
@@ -260,6 +272,7 @@ struct HelloFlags {
     paused: bool,
     postcopy: bool,
     postcopy_prepare: bool,
+    probe: bool,
     /// [`LOCAL_PROPERTY`]'s value.
     boot_id: Option<String>,
     /// The `livemig.local.<i>` properties, by index.
@@ -404,6 +417,7 @@ fn read_properties(
             PAUSED_PROPERTY => Some(&mut flags.paused),
             POSTCOPY_PROPERTY => Some(&mut flags.postcopy),
             POSTCOPY_PREPARE_PROPERTY => Some(&mut flags.postcopy_prepare),
+            PROBE_PROPERTY => Some(&mut flags.probe),
             _ => None,
         };
         let Some(flag) = flag else {
@@ -452,6 +466,10 @@ pub struct HelloReply {
     /// A local hand-over granted (only to a source that asked for one, in
     /// version 3 and later: one more byte after `version`, `2`).
     pub local: bool,
+    /// The switchover probe granted (only to a source that offered it, in
+    /// version 3 and later: one more byte after `version`, `4`; never
+    /// together with the other grants in this build).
+    pub probe: bool,
 }
 
 impl HelloReply {
@@ -466,6 +484,7 @@ impl HelloReply {
             postcopy: false,
             postcopy_prepare: false,
             local: false,
+            probe: false,
         }
     }
 
@@ -481,6 +500,7 @@ impl HelloReply {
             postcopy: false,
             postcopy_prepare: false,
             local: false,
+            probe: false,
         }
     }
 }
@@ -509,6 +529,8 @@ impl Message for HelloReply {
                 out.push(1);
             } else if self.local {
                 out.push(2);
+            } else if self.probe {
+                out.push(4);
             }
         }
         Ok(())
@@ -546,7 +568,9 @@ impl Message for HelloReply {
         // that too).
         let postcopy_prepare = grant == Some(3);
         let (postcopy, local) = (grant == Some(1) || postcopy_prepare, grant == Some(2));
-        if postcopy || local {
+        // `4`: the switchover probe (only to a source that offered it).
+        let probe = grant == Some(4);
+        if postcopy || local || probe {
             c.pos += 1;
         }
         c.finish()?;
@@ -559,6 +583,7 @@ impl Message for HelloReply {
             postcopy,
             postcopy_prepare,
             local,
+            probe,
         })
     }
 }
@@ -1132,6 +1157,7 @@ mod tests {
                     postcopy: false,
                     postcopy_prepare: false,
                     local: false,
+                    probe: false,
                 }),
             ),
             (
@@ -1169,9 +1195,10 @@ mod tests {
     #[test]
     fn round_trip_every_message() {
         let msgs = all_messages();
-        // All but Pages, PagesLz4 and the seven post-copy kinds (their round
-        // trips are in protocol/postcopy.rs).
-        assert_eq!(msgs.len(), MsgKind::ALL.len() - 9);
+        // All but Pages, PagesLz4, the seven post-copy kinds and the two
+        // probe kinds (their round trips are in protocol/postcopy.rs and
+        // protocol/probe.rs).
+        assert_eq!(msgs.len(), MsgKind::ALL.len() - 11);
         round_trip(&HelloReply {
             accepted: true,
             reason: String::new(),
@@ -1181,6 +1208,7 @@ mod tests {
             postcopy: false,
             postcopy_prepare: false,
             local: false,
+            probe: false,
         });
         round_trip(&State::default());
         let mut d = desc();
@@ -1191,7 +1219,7 @@ mod tests {
             assert_eq!(MsgKind::from_u8(k as u8), Some(k));
         }
         assert_eq!(MsgKind::from_u8(0), None);
-        assert_eq!(MsgKind::from_u8(23), None);
+        assert_eq!(MsgKind::from_u8(25), None);
     }
 
     #[test]
@@ -1206,6 +1234,7 @@ mod tests {
             postcopy: false,
             postcopy_prepare: false,
             local: false,
+            probe: false,
         }
         .encode()
         .unwrap();
@@ -1472,6 +1501,7 @@ mod tests {
             postcopy: false,
             postcopy_prepare: false,
             local: false,
+            probe: false,
         };
         assert_eq!(
             HelloReply::decode(&r.encode().unwrap())

@@ -59,6 +59,7 @@ mod kind;
 mod messages;
 mod pages;
 mod postcopy;
+mod probe;
 #[cfg(test)]
 mod test_support;
 
@@ -70,7 +71,7 @@ pub use kind::MsgKind;
 pub use messages::{
     encoded_state_frames, state_frames, Abandoned, Cancel, Complete, ErrorMsg, Go, Hello,
     HelloReply, Keepalive, Message, Ready, Resumed, RoundEnd, State, StreamHello, HELLO_MAGIC,
-    LOCAL_PROPERTY, PAUSED_PROPERTY, POSTCOPY_PREPARE_PROPERTY, POSTCOPY_PROPERTY,
+    LOCAL_PROPERTY, PAUSED_PROPERTY, POSTCOPY_PREPARE_PROPERTY, POSTCOPY_PROPERTY, PROBE_PROPERTY,
 };
 pub(crate) use pages::check_record;
 pub use pages::{
@@ -81,6 +82,7 @@ pub use postcopy::{
     PageRequest, PageRun, PostcopyArmed, PostcopyComplete, PostcopyPrepare, PostcopyPushed,
     PostcopyResume, PostcopySwitch, MAX_DISCARD_RUNS, MAX_REQUEST_PAGES,
 };
+pub use probe::{Probe, ProbeReply, MAX_PROBE_PAD};
 
 /// Default (and largest useful) payload size of one frame.
 pub const MAX_FRAME_PAYLOAD: usize = 8 << 20;

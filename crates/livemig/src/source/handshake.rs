@@ -36,6 +36,8 @@ pub(super) struct Accepted {
     /// Round 0's pages (every page), built while the destination made its
     /// VM: at 64 GiB, writing its 2 MiB of fresh words takes about 1 ms.
     pub(super) round0: DirtyBitmap,
+    /// The switchover probe granted.
+    pub(super) probe: bool,
 }
 
 /// What the switchover will cost beyond memory, measured before any page.
@@ -66,6 +68,8 @@ pub(super) fn handshake<V: SourceVm + ?Sized>(
     hello.paused = s.paused;
     hello.postcopy = super::postcopy::offer(s);
     hello.postcopy_prepare = hello.postcopy;
+    // Not with post-copy: its control messages are read elsewhere.
+    hello.probe = config.switchover_probe && s.postcopy.is_none();
     fw.send(&hello).map_err(|e| MigrationError::new(hs, e))?;
     // While the destination makes its VM: drop the VMM's writes recorded so
     // far. Round 0 reads every page that may hold data after this (and
@@ -82,6 +86,9 @@ pub(super) fn handshake<V: SourceVm + ?Sized>(
     );
     check_reply(&reply, config.streams)?;
     super::postcopy::check_grant(hello.postcopy, reply.postcopy)?;
+    if reply.probe && !hello.probe {
+        return Err(MigrationError::new(hs, PeerError::ProbeNotOffered));
+    }
     let streams = if reply.streams > 1 {
         // `Migration::run` refused streams > 1 without an opener, and the
         // destination grants no more than asked for.
@@ -102,6 +109,7 @@ pub(super) fn handshake<V: SourceVm + ?Sized>(
         postcopy: reply.postcopy,
         postcopy_prepare: reply.postcopy && reply.postcopy_prepare,
         round0,
+        probe: reply.probe,
     })
 }
 

@@ -32,6 +32,7 @@ mod handshake;
 pub mod local;
 pub mod postcopy;
 mod precopy;
+mod probe;
 mod quiet;
 mod rounds;
 mod sender;

@@ -13,7 +13,8 @@ use crate::bitmap::DirtyBitmap;
 use crate::error::{ErrorKind, MigrationError, Phase};
 use crate::memory::{MemoryLayout, PAGE_SIZE};
 use crate::policy::{
-    decide, CompressionSample, Decision, LinkMeter, RoundEstimate, Throttle, DRAIN_BYTES,
+    decide, CompressionSample, Decision, LinkMeter, ProbeTimes, RoundEstimate, Throttle,
+    DRAIN_BYTES,
 };
 use crate::protocol::RoundEnd;
 use crate::report::{Progress, RoundReport};
@@ -115,7 +116,11 @@ pub(super) fn precopy<V: SourceVm + ?Sized>(
             .sync(&mut bitmap)
             .map_err(|e| MigrationError::new(phase, e))?;
         merge_vmm_writes(s.vm, &mut bitmap);
-        let est = p.account(s, t, throttler, &sent, bitmap.count());
+        let probe = match t.prober.as_mut() {
+            Some(pr) => pr.measure(&mut t.sender.fw, &mut t.control, phase)?,
+            None => None,
+        };
+        let est = p.account(s, t, throttler, &sent, bitmap.count(), probe);
         if s.cancel.is_cancelled() {
             return Err(MigrationError::new(phase, ErrorKind::Cancelled));
         }
@@ -234,6 +239,7 @@ impl Precopy {
         throttler: &Throttler,
         sent: &Sent,
         dirty: u64,
+        probe: Option<ProbeTimes>,
     ) -> RoundEstimate {
         // Bandwidth: measured on rounds that carried enough to fill the
         // link (a round of a few pages is mostly fixed costs).
@@ -251,6 +257,7 @@ impl Precopy {
             round_trip: self.round_trip.unwrap_or_default(),
             state_time: t.estimate.time,
             state_bytes: t.estimate.wire_bytes,
+            probe,
         };
         // With post-copy standing in for auto-converge, the guest is never
         // throttled: a non-converging pre-copy switches instead.
@@ -279,6 +286,8 @@ impl Precopy {
             compressed: sent.compressed,
             lz4_input_bytes: sent.lz4.raw_bytes,
             lz4_output_bytes: sent.lz4.packed_bytes,
+            probe_hop_ms: probe.map(|p| ms(p.hop)),
+            probe_state_burst_ms: probe.map(|p| ms(p.state_burst)),
         };
         log::info!("{rr}");
         (s.progress)(&Progress::Round(rr.clone()));

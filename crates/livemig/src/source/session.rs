@@ -8,6 +8,7 @@ use std::time::{Duration, Instant};
 
 use super::cancel::CancelToken;
 use super::handshake::{Accepted, StateEstimate};
+use super::probe::Prober;
 use super::sender::PageSender;
 use super::unarmed::Unarmed;
 use crate::control::ControlReader;
@@ -72,6 +73,8 @@ pub(super) struct Tracking<'a> {
     pub(super) round0: Option<crate::bitmap::DirtyBitmap>,
     /// The post-copy phase's report, once it ran.
     pub(super) postcopy_report: Option<super::postcopy::PostcopySourceReport>,
+    /// The switchover probe, when the destination granted it.
+    pub(super) prober: Option<Prober>,
 }
 
 impl<'a> Tracking<'a> {
@@ -111,6 +114,12 @@ impl<'a> Tracking<'a> {
             .map(|w| new(w, per_stream))
             .collect();
         let sender = new(accepted.fw, config.max_bandwidth);
+        // An answer slower than the whole downtime limit is no hop the
+        // switchover could afford: the round keeps the estimate without.
+        let wait = config.downtime_limit.min(config.io_timeout);
+        let prober = accepted
+            .probe
+            .then(|| Prober::new(estimate.wire_bytes, wait));
         let t_start = Instant::now();
         tracker.start().map_err(|e| MigrationError::new(hs, e))?;
         log::debug!(
@@ -133,6 +142,7 @@ impl<'a> Tracking<'a> {
             discard: None,
             postcopy_report: None,
             round0: Some(accepted.round0),
+            prober,
         })
     }
 

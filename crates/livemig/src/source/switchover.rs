@@ -141,7 +141,10 @@ fn copy<V: SourceVm + ?Sized>(
     };
     let mem = Instant::now();
     let (state_bytes, state_frames) = send_state(&mut t.sender.fw, sections)?;
-    let ready: Ready = t.control.recv(Phase::Completion)?;
+    let ready: Ready = match t.prober.as_mut() {
+        Some(p) => p.recv_ready(&mut t.control, Phase::Completion)?,
+        None => t.control.recv(Phase::Completion)?,
+    };
     // The last moment before `Go`: a write since the final sync would be
     // missing on the destination.
     super::quiet::check(s.vm, &bitmap)?;
