@@ -92,7 +92,8 @@ pub struct MigrateOptions {
     pub compress: bool,
     /// Offer the switchover probe: time the control connection's hops and
     /// the state's burst after each round and count them in the expected
-    /// downtime (off by default; see docs/protocol.md).
+    /// downtime (without it, offered only where the transport cannot tell
+    /// its round trip, e.g. a Unix socket; see docs/protocol.md).
     #[arg(long)]
     #[serde(default, skip_serializing_if = "is_false")]
     pub switchover_probe: bool,
@@ -283,7 +284,7 @@ impl MigrateOptions {
             cfg.streams = n;
         }
         cfg.compress = self.compress;
-        cfg.switchover_probe = self.switchover_probe;
+        cfg.switchover_probe = self.switchover_probe.then_some(true);
         let tls = self.tls.config()?;
         if self.wants_postcopy() {
             if cfg.streams > 1 {

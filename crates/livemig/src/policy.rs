@@ -118,7 +118,12 @@ pub struct MigrationConfig {
     /// the kernel's back, for example served by a userfaultfd handler on
     /// first access: such a page looks untouched but is not zero.
     pub skip_untouched: bool,
-    /// Offer the switchover probe in the handshake (default off): where the
+    /// Offer the switchover probe in the handshake: `Some(true)` always,
+    /// `Some(false)` never, `None` (the default) exactly where the control
+    /// connection's transport cannot tell its round trip
+    /// ([`crate::transport::Transport::round_trip`] is `None`: Unix
+    /// sockets, in-memory pairs, and every transport that does not
+    /// implement it — a VMM's own vsock or RDMA link, say). Where the
     /// destination grants it (this build's copying destination, protocol
     /// version 3), the source times after each pre-copy round the control
     /// connection's round trip through both engines (`Probe` →
@@ -127,11 +132,11 @@ pub struct MigrationConfig {
     /// those instead of the transport's round trip in the expected
     /// downtime ([`RoundEstimate::probe`]). A destination that does not
     /// grant it (release 0.1.0, post-copy, a local hand-over) gets no
-    /// probe and the estimate is the one without it. Off by default: on
-    /// this project's machine the estimate with it was no closer to the
-    /// actual downtime than without (docs/benchmarks.md, "The switchover
-    /// probe").
-    pub switchover_probe: bool,
+    /// probe and the estimate is the one without it. Not on by default
+    /// where the transport knows its round trip (TCP): there the estimate
+    /// with it was no closer to the actual downtime than without
+    /// (docs/benchmarks.md, "The switchover probe").
+    pub switchover_probe: Option<bool>,
 }
 
 impl Default for MigrationConfig {
@@ -152,7 +157,7 @@ impl Default for MigrationConfig {
             streams: 1,
             compress: false,
             skip_untouched: true,
-            switchover_probe: false,
+            switchover_probe: None,
         }
     }
 }

@@ -100,7 +100,7 @@ fn a_partition_during_the_final_copy_resumes_the_source_after_max_pause() {
             io_timeout: Duration::from_secs(30),
             max_pause,
             // No probe frames between RoundEnd #1 and the final copy.
-            switchover_probe: false,
+            switchover_probe: Some(false),
             ..Default::default()
         };
         let r = migrate(&*s2, Box::new(a), &cfg, &CancelToken::new(), &mut |_| {});

@@ -78,7 +78,7 @@ fn config() -> MigrationConfig {
         // The points below name frames as they follow each other without
         // the switchover probe's; faults on the probe's own frames are in
         // switchover_probe.rs.
-        switchover_probe: false,
+        switchover_probe: Some(false),
         ..Default::default()
     }
 }

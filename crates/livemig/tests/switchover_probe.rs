@@ -38,7 +38,7 @@ fn config() -> MigrationConfig {
         // whatever the probe measures (and the probe waits that long).
         downtime_limit: Duration::from_secs(2),
         io_timeout: IO,
-        switchover_probe: true,
+        switchover_probe: Some(true),
         ..Default::default()
     }
 }
@@ -163,7 +163,7 @@ fn a_source_without_the_probe_migrates_as_before() {
         })
     });
     let c = MigrationConfig {
-        switchover_probe: false,
+        switchover_probe: Some(false),
         ..config()
     };
     let report = run(&vm, Box::new(a), &c);
@@ -351,11 +351,59 @@ fn a_probe_grant_not_offered_is_refused() {
         let _ = fr.read_frame();
     });
     let c = MigrationConfig {
-        switchover_probe: false,
+        switchover_probe: Some(false),
         ..config()
     };
     let e = migrate(&vm, Box::new(a), &c, &CancelToken::new(), &mut |_| {}).unwrap_err();
     dest.join().unwrap();
     assert!(e.to_string().contains("not offered"), "{e}");
     assert!(!vm.is_paused(), "the source must run");
+}
+
+/// The `Probe` frames among those a fault transport saw written.
+fn probes_sent(frames: &[livemig::testing::fault::FrameInfo]) -> usize {
+    frames
+        .iter()
+        .filter(|f| f.kind == Some(MsgKind::Probe))
+        .count()
+}
+
+/// By default (`switchover_probe: None`) the source offers the probe
+/// exactly where the control connection's transport cannot tell its round
+/// trip: an in-memory pair (no `round_trip`) is probed, loopback TCP
+/// (`TCP_INFO`'s smoothed RTT) is not.
+#[test]
+fn by_default_only_a_transport_without_a_round_trip_is_probed() {
+    let default = MigrationConfig {
+        io_timeout: IO,
+        ..Default::default()
+    };
+    assert_eq!(default.switchover_probe, None);
+
+    let vm = idle_source();
+    let (a, b) = mem::pair();
+    assert!(a.round_trip().is_none());
+    let (a, probe) = FaultTransport::with_plan(Box::new(a), vec![]);
+    let dest = soft_destination(b, receive_config());
+    let report = run(&vm, Box::new(a), &default);
+    dest.join().unwrap().expect("the destination runs it");
+    assert_eq!(probes_sent(&probe.frames()), 4 * report.rounds.len());
+
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let addr = listener.local_addr().unwrap().to_string();
+    let dest = std::thread::spawn(move || {
+        let (s, _) = listener.accept().unwrap();
+        let t = livemig::transport::TcpTransport::new(s).unwrap();
+        livemig::receive(Box::new(t), &receive_config(), |d| {
+            SoftVm::new(&d.layout, &SoftConfig::idle())
+        })
+    });
+    let tcp = livemig::transport::TcpTransport::connect(&addr, Some(IO)).unwrap();
+    assert!(tcp.round_trip().is_some(), "TCP reports its round trip");
+    let (tcp, probe) = FaultTransport::with_plan(Box::new(tcp), vec![]);
+    let vm = idle_source();
+    let report = run(&vm, Box::new(tcp), &default);
+    dest.join().unwrap().expect("the destination runs it");
+    assert_eq!(probes_sent(&probe.frames()), 0);
+    assert!(report.rounds.iter().all(|r| r.probe_hop_ms.is_none()));
 }

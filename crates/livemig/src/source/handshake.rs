@@ -68,8 +68,10 @@ pub(super) fn handshake<V: SourceVm + ?Sized>(
     hello.paused = s.paused;
     hello.postcopy = super::postcopy::offer(s);
     hello.postcopy_prepare = hello.postcopy;
-    // Not with post-copy: its control messages are read elsewhere.
-    hello.probe = config.switchover_probe && s.postcopy.is_none();
+    // Not with post-copy: its control messages are read elsewhere. By
+    // default only where the transport cannot tell its round trip.
+    let unknown_rtt = links.first().is_none_or(|l| l.round_trip().is_none());
+    hello.probe = config.switchover_probe.unwrap_or(unknown_rtt) && s.postcopy.is_none();
     fw.send(&hello).map_err(|e| MigrationError::new(hs, e))?;
     // While the destination makes its VM: drop the VMM's writes recorded so
     // far. Round 0 reads every page that may hold data after this (and
