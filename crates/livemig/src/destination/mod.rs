@@ -28,6 +28,7 @@ use crate::vm::{DestinationVm, VmDescription, VmError};
 mod builder;
 mod commit;
 mod direct;
+mod fill;
 mod handshake;
 pub mod local;
 mod memory;
@@ -62,6 +63,10 @@ pub struct ReceiveReport {
     /// (by its operator) when the migration started; the VM is then
     /// returned paused and [`DestinationVm::resume`] was not called.
     pub running: bool,
+    /// Pages written into fresh memory by `UFFDIO_COPY`
+    /// ([`Reception::fresh_fill`]); 0 where the fill was off or
+    /// unavailable.
+    pub filled_pages: u64,
     /// The post-copy phase's measurements, when the migration used it.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub postcopy: Option<postcopy::PostcopyStats>,
@@ -155,6 +160,8 @@ pub(super) struct Call<'c> {
     pub(super) config: &'c ReceiveConfig,
     pub(super) cancel: &'c CancelToken,
     pub(super) progress: &'c mut dyn FnMut(&ReceiveProgress),
+    /// Fill fresh memory by `UFFDIO_COPY` ([`Reception::fresh_fill`]).
+    pub(super) fill: bool,
 }
 
 /// The reception: checks the settings, runs the phases, and on error tells
@@ -284,7 +291,7 @@ where
         for r in &readers {
             call.cancel.attach(r.get_ref().try_clone().ok());
         }
-        memory::receive(&mut link.control, readers, &layout, &ram, None)?
+        memory::receive(&mut link.control, readers, &layout, &ram, None, call.fill)?
     };
     if received.switch.is_some() {
         let e = ErrorKind::Unexpected {
@@ -307,6 +314,7 @@ where
         total_ms: ms(started.elapsed()),
         version: link.version,
         running,
+        filled_pages: received.filled,
         postcopy: None,
     };
     Ok((vm, report))
