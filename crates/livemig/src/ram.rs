@@ -209,6 +209,13 @@ impl<'a> HostRam<'a> {
         self.page_ptr(region, page)
     }
 
+    /// Whether `region` is a shared file ([`Backing::SharedFile`]).
+    pub fn is_shared_file(&self, region: usize) -> bool {
+        self.regions
+            .get(region)
+            .is_some_and(|r| matches!(r.zero, ZeroKnowledge::FileHoles { .. }))
+    }
+
     /// The host mapping of `region` (address, bytes) where its backing lets
     /// the destination fill never-written pages with `UFFDIO_COPY`
     /// (`destination::fill`): private anonymous memory, or a shared file

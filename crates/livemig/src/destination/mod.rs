@@ -4,8 +4,10 @@
 //! One file per phase: `handshake.rs` (`Hello`, the VM built and its
 //! memory scrubbed, `HelloReply`, the page streams), `memory.rs` (pages on
 //! every connection, round ends and the state on the control one, until
-//! `Complete`), `commit.rs` (restore → `Ready` → `Go` → resume →
-//! `Resumed`). Control messages are read through `crate::control`.
+//! `Complete`; pages never written there go in by `UFFDIO_COPY` through
+//! `fill.rs` while that phase lasts), `commit.rs` (restore → `Ready` →
+//! `Go` → resume → `Resumed`). Control messages are read through
+//! `crate::control`.
 //!
 //! The stream is hostile until proven otherwise: every frame is checked
 //! (length bound before allocation, sequence number, crc32c), every page
