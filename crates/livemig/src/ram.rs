@@ -199,6 +199,7 @@ impl<'a> HostRam<'a> {
         Some(unsafe { std::slice::from_raw_parts_mut(dst, len) })
     }
 
+    #[cfg(feature = "uffd-fill")]
     /// The host address of `npages` pages at `page` of `region`, if they
     /// lie inside it.
     pub fn host_pages(&self, region: usize, page: u64, npages: u64) -> Option<*mut u8> {
@@ -209,6 +210,7 @@ impl<'a> HostRam<'a> {
         self.page_ptr(region, page)
     }
 
+    #[cfg(feature = "uffd-fill")]
     /// Whether `region` is a shared file ([`Backing::SharedFile`]).
     pub fn is_shared_file(&self, region: usize) -> bool {
         self.regions
@@ -216,6 +218,7 @@ impl<'a> HostRam<'a> {
             .is_some_and(|r| matches!(r.zero, ZeroKnowledge::FileHoles { .. }))
     }
 
+    #[cfg(feature = "uffd-fill")]
     /// The host mapping of `region` (address, bytes) where its backing lets
     /// the destination fill never-written pages with `UFFDIO_COPY`
     /// (`destination::fill`): private anonymous memory, or a shared file
@@ -451,6 +454,7 @@ impl HostRam<'_> {
     }
 }
 
+#[cfg(feature = "uffd-fill")]
 /// Whether `fd` is a file on hugetlbfs (`fstatfs`); false where it
 /// cannot be told.
 fn on_hugetlbfs(fd: BorrowedFd<'_>) -> bool {

@@ -363,7 +363,10 @@ mod tests {
         let ram = HostRam::new(&mem, &layout).unwrap();
         let (p, len) = ram.fillable(0).unwrap();
         // SAFETY: advice on the region's own mapping; no contents change.
-        assert_eq!(unsafe { libc::madvise(p.cast(), len, libc::MADV_HUGEPAGE) }, 0);
+        assert_eq!(
+            unsafe { libc::madvise(p.cast(), len, libc::MADV_HUGEPAGE) },
+            0
+        );
         if !thp::expects_huge_pages(p as usize, false) {
             eprintln!("*** SKIPPED: the host gives no transparent huge pages ***");
             return;

@@ -139,11 +139,12 @@ impl<'a> PageSink<'a> {
         let n = data.len() as u64 / PAGE_SIZE;
         let mut at = 0;
         while at < n {
-            let fresh = !self.written.is_set(region, page + at);
+            let written = self.written.is_set(region, page + at);
             let mut end = at + 1;
-            while end < n && !self.written.is_set(region, page + end) == fresh {
+            while end < n && self.written.is_set(region, page + end) == written {
                 end += 1;
             }
+            let fresh = !written;
             let d = &data[(at * PAGE_SIZE) as usize..(end * PAGE_SIZE) as usize];
             if !(fresh && fill.copy(self.ram, region, page + at, d).map_err(Some)?) {
                 plain(page + at, d)?;
