@@ -16,6 +16,10 @@
 //!   (a slow link), without and with LZ4, on compressible ("text": repeated
 //!   structure) and incompressible memory.
 //!
+//! `LIVEMIG_BENCH_FILL=off` turns the destination's fresh-memory fill
+//! (`Reception::fresh_fill`, `UFFDIO_COPY`) off, to measure the same
+//! binary both ways.
+//!
 //! criterion "times" round 0 (through `iter_custom`); the bench also writes
 //! `target/livemig-bench/engine.md` with the rates as a share of the
 //! loopback TCP bandwidth, the memcpy bandwidth and the fresh-memory fault
@@ -30,7 +34,7 @@ use criterion::{criterion_group, criterion_main, Criterion};
 use livemig::memory::{MemoryLayout, RegionDesc};
 use livemig::testing::soft::{SoftConfig, SoftVm};
 use livemig::transport::{self, Dialer, Endpoint, OwnedAcceptor};
-use livemig::{migrate_streams, receive_streams, CancelToken, MigrationConfig, ReceiveConfig};
+use livemig::{migrate_streams, CancelToken, MigrationConfig, Reception};
 use vm_memory::{Bytes, GuestAddress, GuestMemoryBackend};
 
 const MIB: u64 = 512;
@@ -99,6 +103,13 @@ fn advise_thp(vm: &SoftVm) {
     }
 }
 
+/// Whether the destination fills fresh memory by `UFFDIO_COPY`
+/// (`Reception::fresh_fill`): on unless `LIVEMIG_BENCH_FILL=off`, for
+/// measuring the same binary both ways.
+fn fresh_fill() -> bool {
+    std::env::var("LIVEMIG_BENCH_FILL").map_or(true, |v| v != "off")
+}
+
 /// One migration; returns the source's report.
 fn migrate_once(
     src: &SoftVm,
@@ -112,17 +123,31 @@ fn migrate_once(
     let ep = listener.local_endpoint().clone();
     let dest = std::thread::spawn(move || {
         let t = listener.accept().expect("accept");
-        let mut acc = OwnedAcceptor(Some(listener));
-        receive_streams(t, Some(&mut acc), &ReceiveConfig::default(), |d| {
-            let vm = SoftVm::new(&d.layout, &SoftConfig::idle())?;
-            match dest_memory {
-                Dest::Fresh => {}
-                Dest::Prefault => populate(&vm, &d.layout),
-                Dest::Thp => advise_thp(&vm),
-            }
-            Ok(vm)
-        })
-        .map(|(vm, _)| drop(vm))
+        let acc = OwnedAcceptor(Some(listener));
+        Reception::new(t)
+            .accept_streams(acc)
+            .fresh_fill(fresh_fill())
+            .run(|d| {
+                let vm = SoftVm::new(&d.layout, &SoftConfig::idle())?;
+                match dest_memory {
+                    Dest::Fresh => {}
+                    Dest::Prefault => populate(&vm, &d.layout),
+                    Dest::Thp => advise_thp(&vm),
+                }
+                Ok(vm)
+            })
+            .map(|(vm, r)| {
+                drop(vm);
+                static ONCE: std::sync::Once = std::sync::Once::new();
+                ONCE.call_once(|| {
+                    eprintln!(
+                        "fresh-memory fill {}: {} of {} data pages by UFFDIO_COPY",
+                        if fresh_fill() { "on" } else { "off" },
+                        r.filled_pages,
+                        r.pages
+                    )
+                });
+            })
     });
     let t = transport::connect(&ep, Some(Duration::from_secs(5))).expect("connect");
     let mut dialer = Dialer {

@@ -754,13 +754,14 @@ pub(crate) fn cmd_receive(args: ReceiveArgs) -> Result<(), Fail> {
             // (`report.running` is false): it waits for an API resume.
             let run = !start_paused && report.running;
             eprintln!(
-                "refvmm: {} received ({} pages, {} zero, {} rounds, restore {:.2} ms); guest {}",
+                "refvmm: {} received ({} pages ({} by UFFDIO_COPY), {} zero, {} rounds, restore {:.2} ms); guest {}",
                 if local {
                     "local hand-over"
                 } else {
                     "migration"
                 },
                 report.pages,
+                report.filled_pages,
                 report.zero_pages,
                 report.rounds,
                 report.restore_ms,

@@ -79,6 +79,24 @@ impl DestinationVm for Dest {
 
 #[test]
 fn pure_postcopy_into_userfaultfd_memory() {
+    postcopy_into_userfaultfd_memory(0);
+}
+
+/// Round 0 first, received into fresh memory by the destination's own
+/// fill (`Reception::fresh_fill`, a userfaultfd of its own over the same
+/// memory): the fill is released before the installer arms (a range has
+/// one userfaultfd at a time; arming would fail with `EBUSY`), and the
+/// pages it installed stay.
+#[test]
+fn postcopy_after_a_round_filled_by_userfaultfd() {
+    if let Some(report) = postcopy_into_userfaultfd_memory(1) {
+        assert!(report.filled_pages > 0, "round 0 went through the fill");
+    }
+}
+
+/// A post-copy migration after `after_rounds` rounds, checked byte for
+/// byte; `None` where userfaultfd is unavailable.
+fn postcopy_into_userfaultfd_memory(after_rounds: u32) -> Option<livemig::ReceiveReport> {
     // SAFETY: a plain syscall, closed at once.
     let fd = unsafe { libc::syscall(libc::SYS_userfaultfd, libc::O_CLOEXEC) };
     if fd < 0 {
@@ -87,7 +105,7 @@ fn pure_postcopy_into_userfaultfd_memory() {
             "no userfaultfd"
         );
         eprintln!("SKIPPED: userfaultfd unavailable");
-        return;
+        return None;
     }
     // SAFETY: the fd we got.
     unsafe { libc::close(fd as i32) };
@@ -131,7 +149,7 @@ fn pure_postcopy_into_userfaultfd_memory() {
         )
     });
     let pc = PostcopyConfig {
-        after_rounds: 0,
+        after_rounds,
         on_non_convergence: false,
         ..Default::default()
     };
@@ -140,7 +158,11 @@ fn pure_postcopy_into_userfaultfd_memory() {
         Box::new(a),
         Box::new(fa),
         &pc,
-        &MigrationConfig::default(),
+        &MigrationConfig {
+            // Never converged: the switch comes after `after_rounds`.
+            downtime_limit: std::time::Duration::from_nanos(1),
+            ..MigrationConfig::default()
+        },
         &CancelToken::new(),
         &mut |_| {},
     )
@@ -158,7 +180,7 @@ fn pure_postcopy_into_userfaultfd_memory() {
     }
     dest.vm.stop();
     assert!(dest.vm.snapshot() == want, "destination memory differs");
-    let st = received.postcopy.expect("post-copy stats");
+    let st = received.postcopy.clone().expect("post-copy stats");
     assert_eq!(st.requested_pages + st.pushed_pages, st.discard_pages);
     eprintln!(
         "userfaultfd post-copy of {MIB} MiB: {} faults, latency median {} us, p99 {} us, max {} us, \
@@ -171,4 +193,5 @@ fn pure_postcopy_into_userfaultfd_memory() {
         st.switch_to_last_page_ms,
         report.postcopy
     );
+    Some(received)
 }

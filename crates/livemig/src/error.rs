@@ -418,4 +418,9 @@ pub enum InternalError {
     /// A page-stream thread panicked.
     #[error("page stream thread panicked")]
     Panicked,
+    /// The fresh-memory fill (`UFFDIO_COPY`, see
+    /// [`crate::Reception::fresh_fill`]) failed and its memory could not be
+    /// released for plain copies.
+    #[error("fresh-memory fill: {0}")]
+    Fill(#[source] std::io::Error),
 }

@@ -199,6 +199,45 @@ impl<'a> HostRam<'a> {
         Some(unsafe { std::slice::from_raw_parts_mut(dst, len) })
     }
 
+    #[cfg(feature = "uffd-fill")]
+    /// The host address of `npages` pages at `page` of `region`, if they
+    /// lie inside it.
+    pub fn host_pages(&self, region: usize, page: u64, npages: u64) -> Option<*mut u8> {
+        let r = self.regions.get(region)?;
+        if page.checked_add(npages).is_none_or(|e| e > r.pages) {
+            return None;
+        }
+        self.page_ptr(region, page)
+    }
+
+    #[cfg(feature = "uffd-fill")]
+    /// Whether `region` is a shared file ([`Backing::SharedFile`]).
+    pub fn is_shared_file(&self, region: usize) -> bool {
+        self.regions
+            .get(region)
+            .is_some_and(|r| matches!(r.zero, ZeroKnowledge::FileHoles { .. }))
+    }
+
+    #[cfg(feature = "uffd-fill")]
+    /// The host mapping of `region` (address, bytes) where its backing lets
+    /// the destination fill never-written pages with `UFFDIO_COPY`
+    /// (`destination::fill`): private anonymous memory, or a shared file
+    /// that is not hugetlbfs (whose pages are copied a huge page at a
+    /// time), on a host whose pages are [`PAGE_SIZE`] bytes.
+    pub fn fillable(&self, region: usize) -> Option<(*mut u8, usize)> {
+        let r = self.regions.get(region)?;
+        if self.host_page != PAGE_SIZE {
+            return None;
+        }
+        let ok = match r.zero {
+            ZeroKnowledge::Pagemap => true,
+            ZeroKnowledge::FileHoles { fd, .. } => !on_hugetlbfs(fd),
+            ZeroKnowledge::Nothing => false,
+        };
+        let len = usize::try_from(r.pages * PAGE_SIZE).ok()?;
+        ok.then_some((r.ptr, len))
+    }
+
     /// Zeroes `npages` pages at `page`. Returns false if out of bounds.
     pub fn zero_pages(&self, region: usize, page: u64, npages: u64) -> bool {
         let Some(r) = self.regions.get(region) else {
@@ -413,6 +452,19 @@ impl HostRam<'_> {
     fn host_aligned(&self, ptr: *mut u8, len: usize) -> bool {
         (ptr as u64).is_multiple_of(self.host_page) && (len as u64).is_multiple_of(self.host_page)
     }
+}
+
+#[cfg(feature = "uffd-fill")]
+/// Whether `fd` is a file on hugetlbfs (`fstatfs`); false where it
+/// cannot be told.
+fn on_hugetlbfs(fd: BorrowedFd<'_>) -> bool {
+    const HUGETLBFS_MAGIC: i64 = 0x9584_58f6;
+    // SAFETY: an all-zero statfs is a valid value of this plain C struct.
+    let mut st: libc::statfs = unsafe { std::mem::zeroed() };
+    // SAFETY: fstatfs on a descriptor the guest memory keeps open, into a
+    // struct that lives across the call.
+    let rc = unsafe { libc::fstatfs(fd.as_raw_fd(), &mut st) };
+    rc == 0 && st.f_type as i64 == HUGETLBFS_MAGIC
 }
 
 /// `/proc/self/pagemap`, or `None` (logged once per session) where it

@@ -90,6 +90,8 @@ pub struct Reception<'a> {
     mode: Mode<'a>,
     /// Both `postcopy` and `local` were asked for (refused by `run`).
     conflict: bool,
+    /// See [`Reception::fresh_fill`].
+    fill: bool,
 }
 
 impl<'a> Reception<'a> {
@@ -105,6 +107,7 @@ impl<'a> Reception<'a> {
             progress: None,
             mode: Mode::Copy,
             conflict: false,
+            fill: true,
         }
     }
 
@@ -135,6 +138,30 @@ impl<'a> Reception<'a> {
     /// another thread, until `Go` (see the type's documentation).
     pub fn cancel(mut self, token: CancelToken) -> Self {
         self.cancel = token;
+        self
+    }
+
+    /// Whether pages the destination never wrote are installed with
+    /// `UFFDIO_COPY` (on by default; Linux, feature `uffd-fill`): the page
+    /// arrives with its data in one step instead of the kernel faulting in
+    /// and zeroing fresh memory that the copy then overwrites. Used for
+    /// regions that are private anonymous memory or a shared file (not
+    /// hugetlbfs), through a userfaultfd registered after the memory was
+    /// scrubbed and released at the end of the memory phase, before the
+    /// state is restored, on success and on every failure
+    /// ([`ReceiveReport::filled_pages`] counts the pages). Where
+    /// userfaultfd is unavailable pages are copied plainly.
+    ///
+    /// While it is on, a thread of the VMM that reads or writes a guest
+    /// page not received yet during the memory phase waits until that page
+    /// arrives or the memory phase ends (kernel accesses, such as KVM's,
+    /// fail with `EFAULT` instead); the VM is not running then, so a VMM
+    /// has no reason to. Pages filled this way are 4 KiB pages even in
+    /// memory advised for transparent huge pages (khugepaged may merge
+    /// them later). Post-copy arms its own userfaultfd on the same memory:
+    /// the fill is released first.
+    pub fn fresh_fill(mut self, on: bool) -> Self {
+        self.fill = on;
         self
     }
 
@@ -239,6 +266,7 @@ impl<'a> Reception<'a> {
             config: &self.config,
             cancel: &self.cancel,
             progress,
+            fill: self.fill,
         };
         match self.mode {
             Mode::Copy => super::receive_checked(self.transport, acceptor, call, create),

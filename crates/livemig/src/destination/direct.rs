@@ -230,7 +230,7 @@ mod tests {
         let l = layout();
         let mem = allocate(&l).unwrap();
         let ram = HostRam::new(&mem, &l).unwrap();
-        let mut sink = PageSink::new(&l, &ram, None);
+        let mut sink = PageSink::new(&l, &ram, None, None);
         sink.direct = direct;
         let mut fr = FrameReader::new(Chunky {
             data: stream.to_vec(),
@@ -428,7 +428,7 @@ mod tests {
             let new_mem = fresh.then(|| allocate(&l).unwrap());
             let mem = new_mem.as_ref().unwrap_or(&populated);
             let ram = HostRam::new(mem, &l).unwrap();
-            let mut sink = PageSink::new(&l, &ram, None);
+            let mut sink = PageSink::new(&l, &ram, None, None);
             sink.direct = direct;
             let mut fr = FrameReader::new(&stream[..]);
             let t = std::time::Instant::now();

@@ -8,7 +8,7 @@ use crate::bitmap::DirtyBitmap;
 use crate::control::{unexpected, ControlReader, ControlWriter};
 use crate::error::InternalError;
 use crate::error::{ErrorKind, MigrationError, PeerError, Phase};
-use crate::memory::MemoryLayout;
+use crate::memory::{MemoryLayout, PAGE_SIZE};
 use crate::protocol::{
     decompress_pages, page_records, stream_of, FrameReader, Message, MsgKind, PageRecord,
     PostcopyPrepare, Probe, ProbeReply, ProtocolError, RoundEnd, State, MAX_STATE_FRAMES,
@@ -17,6 +17,8 @@ use crate::protocol::{
 use crate::ram::HostRam;
 use crate::state::Section;
 use crate::transport::Transport;
+
+use super::fill::Fill;
 
 /// Whether migrations read `Pages` frames straight into guest memory.
 /// Off: measured end to end on a quiet machine (`cargo bench --bench
@@ -53,6 +55,9 @@ pub(super) struct PageSink<'a> {
     pub(super) direct: bool,
     /// The `Pages` frame being read into guest memory.
     pub(super) rx: Option<super::direct::Streamed>,
+    /// Pages this sink never wrote are filled by `UFFDIO_COPY` (see
+    /// `destination::fill`; then `direct` stays off).
+    pub(super) fill: Option<&'a Fill>,
 }
 
 impl<'a> PageSink<'a> {
@@ -60,6 +65,7 @@ impl<'a> PageSink<'a> {
         layout: &'a MemoryLayout,
         ram: &'a HostRam<'a>,
         stream: Option<(u32, u32)>,
+        fill: Option<&'a Fill>,
     ) -> Self {
         PageSink {
             layout,
@@ -69,8 +75,9 @@ impl<'a> PageSink<'a> {
             zero: 0,
             scratch: Vec::new(),
             stream,
-            direct: DIRECT_PAGES,
+            direct: DIRECT_PAGES && fill.is_none(),
             rx: None,
+            fill,
         }
     }
 
@@ -103,13 +110,47 @@ impl<'a> PageSink<'a> {
             let (region, page) = self.place(rec.gpa, rec.npages)?;
             match rec.data {
                 Some(data) => {
+                    self.write_data(region, page, data).map_err(|e| match e {
+                        Some(e) => InternalError::Fill(e).into(),
+                        None => outside(rec.gpa, rec.npages),
+                    })?;
                     self.take_data(region, page, rec.npages);
-                    if !self.ram.write_pages(region, page, data) {
-                        return Err(outside(rec.gpa, rec.npages));
-                    }
                 }
                 None => self.apply_zero(region, page, rec.gpa, rec.npages)?,
             }
+        }
+        Ok(())
+    }
+
+    /// Writes a placed data record's pages: runs of pages this sink never
+    /// wrote through the fill where there is one (they are not present:
+    /// only [`Fill::copy`] may touch them), the others (and every page
+    /// without a fill) by a plain copy. `Err(None)` if out of bounds,
+    /// `Err(Some(_))` if the fill failed.
+    fn write_data(
+        &self,
+        region: usize,
+        page: u64,
+        data: &[u8],
+    ) -> Result<(), Option<std::io::Error>> {
+        let plain = |p: u64, d: &[u8]| self.ram.write_pages(region, p, d).then_some(()).ok_or(None);
+        let Some(fill) = self.fill else {
+            return plain(page, data);
+        };
+        let n = data.len() as u64 / PAGE_SIZE;
+        let mut at = 0;
+        while at < n {
+            let written = self.written.is_set(region, page + at);
+            let mut end = at + 1;
+            while end < n && self.written.is_set(region, page + end) == written {
+                end += 1;
+            }
+            let fresh = !written;
+            let d = &data[(at * PAGE_SIZE) as usize..(end * PAGE_SIZE) as usize];
+            if !(fresh && fill.copy(self.ram, region, page + at, d).map_err(Some)?) {
+                plain(page + at, d)?;
+            }
+            at = end;
         }
         Ok(())
     }
@@ -171,11 +212,13 @@ pub(super) fn outside(gpa: u64, npages: u32) -> ErrorKind {
 }
 
 /// What the page-stream threads share with the control loop.
-pub(super) struct StreamShared {
+pub(super) struct StreamShared<'f> {
     /// The first failure of any stream.
     pub(super) error: Mutex<Option<(u32, ErrorKind)>>,
     /// Set when the control loop gives up (stream threads stop).
     pub(super) abort: AtomicBool,
+    /// The fresh-memory fill, if on.
+    pub(super) fill: Option<&'f Fill>,
 }
 
 /// One page stream: applies pages until `Complete`.
@@ -185,10 +228,10 @@ pub(super) fn stream_reader(
     mut fr: FrameReader<Box<dyn Transport>>,
     layout: &MemoryLayout,
     ram: &HostRam<'_>,
-    shared: &StreamShared,
+    shared: &StreamShared<'_>,
     control: Option<Box<dyn Transport>>,
 ) -> (u64, u64, u64) {
-    let mut sink = PageSink::new(layout, ram, Some((index, streams)));
+    let mut sink = PageSink::new(layout, ram, Some((index, streams)), shared.fill);
     let r: Result<(), ErrorKind> = loop {
         if shared.abort.load(Ordering::SeqCst) {
             break Ok(());
@@ -239,6 +282,8 @@ pub(super) struct Received {
     /// The source switched to post-copy: the pages to drop
     /// (`destination::postcopy`; refused unless post-copy was granted).
     pub(super) switch: Option<crate::protocol::PostcopySwitch>,
+    /// Pages installed by `UFFDIO_COPY` (`destination::fill`).
+    pub(super) filled: u64,
 }
 
 /// What the destination does with a `PostcopyPrepare` (drop the pages,
@@ -258,11 +303,21 @@ pub(super) fn receive(
     ram: &HostRam<'_>,
     on_prepare: OnPrepare<'_>,
     probe: Option<&mut ControlWriter>,
+    fresh_fill: bool,
 ) -> Result<Received, MigrationError> {
     let streams = readers.len().max(1) as u32;
+    // Registered after the scrub, released when this returns (or unwinds):
+    // before the state is restored and the guest can run.
+    let fill = if fresh_fill {
+        Fill::new(ram, layout.regions().len())
+    } else {
+        None
+    };
+    let fill = fill.as_ref();
     let shared = StreamShared {
         error: Mutex::new(None),
         abort: AtomicBool::new(false),
+        fill,
     };
     let handles: Vec<Box<dyn Transport>> = readers
         .iter()
@@ -294,7 +349,7 @@ pub(super) fn receive(
                 }
             }
         }
-        let mut cl = ControlLoop::new(layout, ram, streams);
+        let mut cl = ControlLoop::new(layout, ram, streams, fill);
         let r = cl.run(control, on_prepare, probe);
         if r.is_err() {
             stop();
@@ -321,11 +376,12 @@ pub(super) fn receive(
         }
         got.sections = r?;
         got.switch = cl.switch.take();
+        got.filled = fill.map_or(0, Fill::filled);
         Ok(got)
     })
 }
 
-impl StreamShared {
+impl StreamShared<'_> {
     /// Records the first failure.
     fn fail(&self, index: u32, kind: ErrorKind) {
         if let Ok(mut g) = self.error.lock() {
@@ -350,9 +406,14 @@ struct ControlLoop<'a> {
 }
 
 impl<'a> ControlLoop<'a> {
-    fn new(layout: &'a MemoryLayout, ram: &'a HostRam<'a>, streams: u32) -> Self {
+    fn new(
+        layout: &'a MemoryLayout,
+        ram: &'a HostRam<'a>,
+        streams: u32,
+        fill: Option<&'a Fill>,
+    ) -> Self {
         ControlLoop {
-            sink: PageSink::new(layout, ram, None),
+            sink: PageSink::new(layout, ram, None, fill),
             phase: Phase::Precopy(0),
             streams,
             rounds: 0,
@@ -375,7 +436,8 @@ impl<'a> ControlLoop<'a> {
             // Pages could go straight into guest memory only where this is
             // the one connection and the memory is not armed for post-copy
             // (other `Pages` are read whole, to be refused below).
-            self.sink.direct = DIRECT_PAGES && self.streams <= 1 && !self.prepared;
+            self.sink.direct =
+                DIRECT_PAGES && self.streams <= 1 && !self.prepared && self.sink.fill.is_none();
             let f = control.next_into(self.phase, EXPECTED, &mut self.sink)?;
             let at = |e: ErrorKind| MigrationError::new(self.phase, e);
             match f.kind {
@@ -397,6 +459,11 @@ impl<'a> ControlLoop<'a> {
                         run.check(self.sink.layout).map_err(|e| at(e.into()))?;
                     }
                     self.prepared = true;
+                    // Post-copy arms its own userfaultfd on this memory.
+                    if let Some(fill) = self.sink.fill {
+                        let e = |e| at(InternalError::Fill(e).into());
+                        fill.release().map_err(e)?;
+                    }
                     hook(&p)?;
                 }
                 MsgKind::Pages | MsgKind::PagesLz4 => {

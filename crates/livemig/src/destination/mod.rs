@@ -4,8 +4,10 @@
 //! One file per phase: `handshake.rs` (`Hello`, the VM built and its
 //! memory scrubbed, `HelloReply`, the page streams), `memory.rs` (pages on
 //! every connection, round ends and the state on the control one, until
-//! `Complete`), `commit.rs` (restore → `Ready` → `Go` → resume →
-//! `Resumed`). Control messages are read through `crate::control`.
+//! `Complete`; pages never written there go in by `UFFDIO_COPY` through
+//! `fill.rs` while that phase lasts), `commit.rs` (restore → `Ready` →
+//! `Go` → resume → `Resumed`). Control messages are read through
+//! `crate::control`.
 //!
 //! The stream is hostile until proven otherwise: every frame is checked
 //! (length bound before allocation, sequence number, crc32c), every page
@@ -28,6 +30,7 @@ use crate::vm::{DestinationVm, VmDescription, VmError};
 mod builder;
 mod commit;
 mod direct;
+mod fill;
 mod handshake;
 pub mod local;
 mod memory;
@@ -64,6 +67,10 @@ pub struct ReceiveReport {
     /// (by its operator) when the migration started; the VM is then
     /// returned paused and [`DestinationVm::resume`] was not called.
     pub running: bool,
+    /// Pages written into fresh memory by `UFFDIO_COPY`
+    /// ([`Reception::fresh_fill`]); 0 where the fill was off or
+    /// unavailable.
+    pub filled_pages: u64,
     /// The post-copy phase's measurements, when the migration used it.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub postcopy: Option<postcopy::PostcopyStats>,
@@ -157,6 +164,8 @@ pub(super) struct Call<'c> {
     pub(super) config: &'c ReceiveConfig,
     pub(super) cancel: &'c CancelToken,
     pub(super) progress: &'c mut dyn FnMut(&ReceiveProgress),
+    /// Fill fresh memory by `UFFDIO_COPY` ([`Reception::fresh_fill`]).
+    pub(super) fill: bool,
 }
 
 /// The reception: checks the settings, runs the phases, and on error tells
@@ -293,7 +302,15 @@ where
             call.cancel.attach(r.get_ref().try_clone().ok());
         }
         let probe = link.probe.then_some(&mut link.fw);
-        memory::receive(&mut link.control, readers, &layout, &ram, None, probe)?
+        memory::receive(
+            &mut link.control,
+            readers,
+            &layout,
+            &ram,
+            None,
+            probe,
+            call.fill,
+        )?
     };
     if received.switch.is_some() {
         let e = ErrorKind::Unexpected {
@@ -316,6 +333,7 @@ where
         total_ms: ms(started.elapsed()),
         version: link.version,
         running,
+        filled_pages: received.filled,
         postcopy: None,
     };
     Ok((vm, report))

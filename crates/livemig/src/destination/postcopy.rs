@@ -229,6 +229,7 @@ where
         config,
         cancel: &crate::source::CancelToken::new(),
         progress: &mut |_| {},
+        fill: true,
     };
     receive_inner(transport, fault, acceptor, call, create, pager, reconnect)
 }
@@ -409,6 +410,7 @@ fn report_of(received: &memory::Received, link: &Link, running: bool) -> Receive
         streams: link.granted,
         version: link.version,
         running,
+        filled_pages: received.filled,
         ..ReceiveReport::default()
     }
 }
@@ -490,7 +492,15 @@ where
         Ok(())
     };
     let on_prepare: memory::OnPrepare<'_> = if granted { Some(&mut hook) } else { None };
-    let received = memory::receive(&mut link.control, readers, &layout, &ram, on_prepare, None)?;
+    let received = memory::receive(
+        &mut link.control,
+        readers,
+        &layout,
+        &ram,
+        on_prepare,
+        None,
+        call.fill,
+    )?;
     drop(ram);
     Ok(Precopied {
         vm,
