@@ -28,6 +28,14 @@ use common::{hand_destination, one_region, soft_destination};
 
 const IO: Duration = Duration::from_secs(5);
 
+/// The source's ends of its connection, played by hand.
+type Reader = FrameReader<Box<dyn Transport>>;
+type Writer = FrameWriter<Box<dyn Transport>>;
+
+/// The thread of [`soft_destination`].
+type DestinationThread =
+    std::thread::JoinHandle<Result<(SoftVm, livemig::ReceiveReport), livemig::MigrationError>>;
+
 fn receive_config() -> ReceiveConfig {
     ReceiveConfig { io_timeout: IO }
 }
@@ -52,6 +60,26 @@ fn idle_source() -> SoftVm {
 
 fn run(vm: &SoftVm, t: Box<dyn Transport>, config: &MigrationConfig) -> Report {
     migrate(vm, t, config, &CancelToken::new(), &mut |_| {}).expect("migrates")
+}
+
+/// A destination on the software VM, and a source played by hand: sends
+/// `hello`, reads the `HelloReply` (checked to be one) and hands back the
+/// destination's thread, both ends of the source's connection and the
+/// reply.
+fn scripted_source(hello: &Hello) -> (DestinationThread, Reader, Writer, HelloReply) {
+    let (a, b) = mem::pair();
+    let dest = soft_destination(b, receive_config());
+    let t: Box<dyn Transport> = Box::new(a);
+    let mut rx = t.try_clone().unwrap();
+    rx.set_read_timeout(Some(IO)).unwrap();
+    let mut fr = FrameReader::new(rx);
+    let mut fw = FrameWriter::new(t);
+    fw.send(hello).unwrap();
+    fw.flush().unwrap();
+    let f = fr.read_frame().unwrap();
+    assert_eq!(f.kind, MsgKind::HelloReply);
+    let reply = HelloReply::decode(f.payload).unwrap();
+    (dest, fr, fw, reply)
 }
 
 /// Both sides of this build: the probe is granted, every round has its
@@ -196,18 +224,7 @@ fn the_destination_refuses_probes_not_granted_or_malformed() {
         (no_offer, Probe { id: 0, pad: 0 }.encode().unwrap()),
         (offer, dirty),
     ] {
-        let (a, b) = mem::pair();
-        let dest = soft_destination(b, receive_config());
-        let t: Box<dyn Transport> = Box::new(a);
-        let mut rx = t.try_clone().unwrap();
-        rx.set_read_timeout(Some(IO)).unwrap();
-        let mut fr = FrameReader::new(rx);
-        let mut fw = FrameWriter::new(t);
-        fw.send(&hello).unwrap();
-        fw.flush().unwrap();
-        let f = fr.read_frame().unwrap();
-        assert_eq!(f.kind, MsgKind::HelloReply);
-        let reply = HelloReply::decode(f.payload).unwrap();
+        let (dest, _fr, mut fw, reply) = scripted_source(&hello);
         assert!(reply.accepted);
         assert_eq!(reply.probe, hello.probe, "granted exactly when offered");
         fw.write_frame(MsgKind::Probe, &[&probe]).unwrap();
@@ -236,19 +253,10 @@ fn the_destination_refuses_probes_not_granted_or_malformed() {
 /// padding length, and goes on to migrate.
 #[test]
 fn the_destination_answers_each_probe() {
-    let (a, b) = mem::pair();
-    let dest = soft_destination(b, receive_config());
-    let t: Box<dyn Transport> = Box::new(a);
-    let mut rx = t.try_clone().unwrap();
-    rx.set_read_timeout(Some(IO)).unwrap();
-    let mut fr = FrameReader::new(rx);
-    let mut fw = FrameWriter::new(t);
     let frames = harness::valid_frames();
     let mut hello = Hello::new(harness::description());
     hello.probe = true;
-    fw.send(&hello).unwrap();
-    fw.flush().unwrap();
-    let reply = HelloReply::decode(fr.read_frame().unwrap().payload).unwrap();
+    let (dest, mut fr, mut fw, reply) = scripted_source(&hello);
     assert!(reply.accepted && reply.probe);
     let go = frames.len() - 1;
     for (i, (kind, payload)) in frames[1..go].iter().enumerate() {

@@ -42,6 +42,18 @@ fn check_pad(msg: &'static str, pad: u32) -> Result<(), ProtocolError> {
     Ok(())
 }
 
+/// The id and padding length both messages begin with; the length is
+/// checked against [`MAX_PROBE_PAD`].
+fn id_and_pad(c: &mut Cursor<'_>) -> Result<(u32, u32), ProtocolError> {
+    let id = c.u32()?;
+    let at = c.pos;
+    let pad = c.u32()?;
+    if pad > MAX_PROBE_PAD {
+        return Err(c.malformed_at(at, format!("{pad} padding bytes (at most {MAX_PROBE_PAD})")));
+    }
+    Ok((id, pad))
+}
+
 impl Message for Probe {
     const KIND: MsgKind = MsgKind::Probe;
 
@@ -55,14 +67,7 @@ impl Message for Probe {
 
     fn decode(payload: &[u8]) -> Result<Self, ProtocolError> {
         let mut c = Cursor::new("Probe", payload);
-        let id = c.u32()?;
-        let at = c.pos;
-        let pad = c.u32()?;
-        if pad > MAX_PROBE_PAD {
-            return Err(
-                c.malformed_at(at, format!("{pad} padding bytes (at most {MAX_PROBE_PAD})"))
-            );
-        }
+        let (id, pad) = id_and_pad(&mut c)?;
         let at = c.pos;
         let bytes = c.bytes(pad as usize)?;
         if let Some(i) = bytes.iter().position(|b| *b != 0) {
@@ -85,14 +90,7 @@ impl Message for ProbeReply {
 
     fn decode(payload: &[u8]) -> Result<Self, ProtocolError> {
         let mut c = Cursor::new("ProbeReply", payload);
-        let id = c.u32()?;
-        let at = c.pos;
-        let pad = c.u32()?;
-        if pad > MAX_PROBE_PAD {
-            return Err(
-                c.malformed_at(at, format!("{pad} padding bytes (at most {MAX_PROBE_PAD})"))
-            );
-        }
+        let (id, pad) = id_and_pad(&mut c)?;
         c.finish()?;
         Ok(ProbeReply { id, pad })
     }
