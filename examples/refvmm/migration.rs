@@ -76,6 +76,12 @@ pub struct MigrateOptions {
     #[arg(long)]
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub max_rounds: Option<u64>,
+    /// Extra pre-copy rounds once the expected downtime fits the limit,
+    /// run while each is expected to cut it by at least 1 ms and a quarter
+    /// (default 3; 0: switch over at the first round that fits).
+    #[arg(long)]
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub polish_rounds: Option<u32>,
     /// Switch over when a cap is reached instead of giving up.
     #[arg(long)]
     #[serde(default)]
@@ -267,6 +273,9 @@ impl MigrateOptions {
         }
         if let Some(mib) = self.max_bandwidth_mib.filter(|v| *v > 0) {
             cfg.max_bandwidth = Some(mib << 20);
+        }
+        if let Some(n) = self.polish_rounds {
+            cfg.polish_rounds = n;
         }
         if let Some(r) = self.max_rounds {
             cfg.max_rounds = r.clamp(1, 10_000) as u32;

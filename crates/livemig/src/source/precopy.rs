@@ -13,8 +13,8 @@ use crate::bitmap::DirtyBitmap;
 use crate::error::{ErrorKind, MigrationError, Phase};
 use crate::memory::{MemoryLayout, PAGE_SIZE};
 use crate::policy::{
-    decide, CompressionSample, Decision, LinkMeter, ProbeTimes, RoundEstimate, Throttle,
-    DRAIN_BYTES,
+    decide, polish, CompressionSample, Decision, LinkMeter, MigrationConfig, ProbeTimes,
+    RoundEstimate, Throttle, DRAIN_BYTES,
 };
 use crate::protocol::RoundEnd;
 use crate::report::{Progress, RoundReport};
@@ -67,6 +67,8 @@ struct Precopy {
     link: LinkMeter,
     /// The smallest round-trip time the control connection reported.
     round_trip: Option<Duration>,
+    /// Rounds run after the estimate fitted the limit.
+    polished: u32,
     summary: PrecopySummary,
 }
 
@@ -105,6 +107,7 @@ pub(super) fn precopy<V: SourceVm + ?Sized>(
         link: LinkMeter::default(),
         // Before any page: the link's round trip without a queue.
         round_trip: round_trip(&t.links),
+        polished: 0,
         summary: PrecopySummary::default(),
     };
     loop {
@@ -130,6 +133,7 @@ pub(super) fn precopy<V: SourceVm + ?Sized>(
         }
         match decision {
             Decision::Continue => p.round += 1,
+            Decision::Switchover if p.polish(s.config, &est) => p.round += 1,
             Decision::Switchover => return Ok(p.converged(bitmap, false)),
             Decision::ForceSwitchover => return Ok(p.converged(bitmap, true)),
             Decision::GiveUp => return Err(not_converged(s, p.round, &est)),
@@ -296,6 +300,34 @@ impl Precopy {
         summary.expected_downtime_ms = rr.expected_downtime_ms;
         summary.rounds.push(rr);
         est
+    }
+
+    /// The estimate fits the limit: whether to run one more round anyway
+    /// ([`MigrationConfig::polish_rounds`], [`polish::another_round`]).
+    fn polish(&mut self, config: &MigrationConfig, est: &RoundEstimate) -> bool {
+        if self.polished >= config.polish_rounds
+            || self.round + 1 >= config.max_rounds
+            || self.start.elapsed() >= config.max_precopy_time
+        {
+            return false;
+        }
+        let rate = self
+            .summary
+            .rounds
+            .last()
+            .map_or(f64::NAN, |r| r.dirty_rate_mbps * 1e6);
+        let Some(after) = polish::another_round(est, rate) else {
+            return false;
+        };
+        self.polished += 1;
+        log::info!(
+            "round {}: the expected downtime {:.2} ms fits the limit; one more round \
+             is expected to bring it to {:.2} ms",
+            self.round,
+            ms(est.expected_downtime()),
+            ms(after)
+        );
+        true
     }
 
     fn converged(mut self, bitmap: DirtyBitmap, forced: bool) -> Converged {
