@@ -109,11 +109,12 @@ impl Vcpu {
         }
     }
 
-    /// Waits for the read to finish; the page and what it read.
-    fn result(&self) -> ((usize, u64), Option<Vec<u8>>) {
+    /// Waits for the read to finish; the page and what it read (`None`: no
+    /// page was missing at the resume, so none was read).
+    fn result(&self) -> Option<((usize, u64), Option<Vec<u8>>)> {
         self.done.wait();
-        let read = self.read.lock().unwrap().expect("a page was read");
-        (read, self.got.lock().unwrap().take().expect("a result"))
+        let read = (*self.read.lock().unwrap())?;
+        Some((read, self.got.lock().unwrap().take().expect("a result")))
     }
 }
 
@@ -144,7 +145,16 @@ impl DestinationVm for Dest {
     }
     fn resume(&mut self) -> Result<(), VmError> {
         let pager = self.slot.lock().unwrap().clone().expect("armed before Go");
-        let (region, page) = pager.last_missing().expect("a page to come");
+        let Some((region, page)) = pager.last_missing() else {
+            // Nothing left to fault on: the switchover's discard set is
+            // empty when the writer threads did not run between the last
+            // round and the pause (a loaded host). The "vCPU" reads nothing
+            // and `check` has no faulted page to compare; tests that need
+            // one force a dirty page at the pause (`recording_armed_at_pause`).
+            let vcpu = self.vcpu.clone();
+            std::thread::spawn(move || vcpu.done.wait());
+            return self.vm.resume();
+        };
         *self.vcpu.read.lock().unwrap() = Some((region, page));
         let p = pager.clone();
         let vcpu = self.vcpu.clone();
@@ -282,7 +292,9 @@ fn check(src: &SoftVm, o: Outcome) {
     o.dest.vm.stop();
     let want = src.snapshot();
     assert!(o.dest.vm.snapshot() == want, "destination memory differs");
-    let ((region, page), read) = o.vcpu.result();
+    let Some(((region, page), read)) = o.vcpu.result() else {
+        return;
+    };
     let at = (layout().regions()[..region]
         .iter()
         .map(|r| r.size)
@@ -398,7 +410,7 @@ fn a_broken_link_during_postcopy_leaves_missing_pages_missing() {
     // The destination's "vCPU" waited for its page and never got one: no
     // zero page, no stale page (its fault was lost and the push broke off
     // before reaching it).
-    let (_, got) = vcpu.result();
+    let (_, got) = vcpu.result().expect("a page was missing at the resume");
     assert!(got.is_none(), "a missing page was read");
 }
 

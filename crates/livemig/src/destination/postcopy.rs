@@ -659,7 +659,16 @@ impl<'a> Server<'a> {
             }
             let r = r.and_then(|()| {
                 let pages = self.push_loop(link, config.io_timeout)?;
-                control::send(&mut link.fw, &PostcopyComplete { pages }, pc)
+                // Every page is installed: the guest is whole here whatever
+                // becomes of the acknowledgement (a source that read it may
+                // close the connection before this side's flush returns).
+                if let Err(e) = control::send(&mut link.fw, &PostcopyComplete { pages }, pc) {
+                    log::warn!(
+                        "post-copy complete ({pages} pages installed) but the acknowledgement \
+                         could not be sent: {e}"
+                    );
+                }
+                Ok(())
             });
             stop.store(true, Ordering::SeqCst);
             let _ = stopper.shutdown();
