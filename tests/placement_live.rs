@@ -68,6 +68,21 @@ impl Agent {
         self.try_ask(req).unwrap()
     }
 
+    /// The receivers that hold a guest, once there are `n` of them (at
+    /// most 10 s): the agent learns that a receiver got its guest from the
+    /// receiver's stderr, on a thread of its own, so its capacity may lag
+    /// the source's "completed" by a moment.
+    fn running_once(&self, n: usize) -> Vec<Value> {
+        let until = std::time::Instant::now() + Duration::from_secs(10);
+        loop {
+            let running = self.running();
+            if running.len() == n || std::time::Instant::now() >= until {
+                return running;
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
     /// The receivers that hold a guest now.
     fn running(&self) -> Vec<Value> {
         let cap = self.ask(&json!({"cmd":"capacity"}));
@@ -254,7 +269,7 @@ fn auto_says_not_migrated_with_every_reason_then_falls_back_to_the_next_host() {
     );
     assert!(err.contains("tried after `ghost` failed"), "{err}");
     // The guest runs in the receiver hostA's agent started, intact.
-    let running = a.running();
+    let running = a.running_once(1);
     assert_eq!(running.len(), 1, "{running:?}");
     let rx_api = PathBuf::from(running[0]["api_socket"].as_str().unwrap());
     let st = api_request(&rx_api, &json!({"cmd":"status"}), |_| {}).unwrap();
@@ -326,8 +341,8 @@ fn evacuate_moves_every_vm_that_fits_and_leaves_the_rest_running() {
         (Some("idle"), Some(true))
     );
     // Capacity was updated as VMs landed: two on each host.
-    assert_eq!(a.running().len(), 2, "{err}");
-    assert_eq!(b.running().len(), 2, "{err}");
+    assert_eq!(a.running_once(2).len(), 2, "{err}");
+    assert_eq!(b.running_once(2).len(), 2, "{err}");
     for v in &vms[..4] {
         let st = v.api(&json!({"cmd":"status"}), |_| {});
         assert!(st.is_err() || st.unwrap()["migration"] == "migrated");
