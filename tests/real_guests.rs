@@ -233,7 +233,9 @@ fn written_working_set(src: &mut Vmm, cmdline: &str) -> Option<u64> {
 /// measurement, ignored by default:
 /// `cargo test --release --test real_guests guest_size_cost -- --ignored --nocapture`
 /// (`LIVEMIG_COST_SIZES=2G,64G`, `LIVEMIG_COST_CMDLINE="ws=512 rate=64"`,
-/// `LIVEMIG_COST_RUNS=1` change it; `LIVEMIG_COST_ATTACH_MS` waits that
+/// `LIVEMIG_COST_RUNS=1` change it; `LIVEMIG_COST_WAIT=ready` migrates 500 ms
+/// after READY instead, with whatever part of the working set is written then
+/// (what this test did before 2026-12-03); `LIVEMIG_COST_ATTACH_MS` waits that
 /// long between starting the destination and migrating, to attach a tracer;
 /// `LIVEMIG_COST_PREPARED=0` starts the destination without `--memory`, so
 /// it makes its VM only when the source connects; `LIVEMIG_COST_THP=on` or `off`
@@ -268,7 +270,11 @@ fn guest_size_cost() {
             // The scenario: migrated once every page of the working
             // set was written (READY only says the loop started). A guest
             // that writes nothing (`rate=0`) is migrated idle.
-            let written = written_working_set(&mut src, &cmdline);
+            let written = if env("LIVEMIG_COST_WAIT", "written") == "ready" {
+                None
+            } else {
+                written_working_set(&mut src, &cmdline)
+            };
             std::thread::sleep(Duration::from_millis(500));
             let src_rss = rss_mb(src.pid());
             if let Some(ws_mib) = written {
