@@ -311,6 +311,11 @@ fn guest_size_cost() {
                 .iter()
                 .map(|x| format!("{:.1}", x["duration_ms"].as_f64().unwrap_or(0.0)))
                 .collect();
+            // What round 0 moved: a guest still writing fresh pages has
+            // written more by the time a slower destination is ready.
+            let round0_mb = rounds
+                .first()
+                .map_or(0.0, |x| x["bytes"].as_f64().unwrap_or(0.0) / 1e6);
             let round0_mbs = rounds.first().map_or(0.0, |x| {
                 x["bytes"].as_f64().unwrap_or(0.0)
                     / 1e6
@@ -321,7 +326,7 @@ fn guest_size_cost() {
             let dst_rss = rss_mb(dst.pid());
             println!(
                 "{memory} {cmdline} thp {thp} (prepared destination: {prepared}, working set written: {}): total {:.1} ms, set-up {:.1} ms, first page {:.1} ms, \
-                 rounds {round_ms:?} ms, round 0 {round0_mbs:.0} MB/s, downtime {:.2} ms (final sync {:.2} ms), {}, noise floor {noise:.2} ms \
+                 rounds {round_ms:?} ms, round 0 {round0_mb:.0} MB at {round0_mbs:.0} MB/s, downtime {:.2} ms (final sync {:.2} ms), {}, noise floor {noise:.2} ms \
                  (destination start {dst_gap:.2} ms), RSS source {src_rss:.0} MB, destination {dst_rss:.0} MB",
                 written.is_some(),
                 r["total_ms"].as_f64().unwrap_or(0.0),
