@@ -309,6 +309,16 @@ impl Vmm {
         })
     }
 
+    /// Waits until a `T` line reports at least `pages` pages written since
+    /// boot (`T` lines come every 1000th heartbeat).
+    pub fn wait_pages_written(&mut self, pages: u64, timeout: Duration) -> Result<(), String> {
+        self.wait_for(
+            &format!("a T line with {pages} pages written"),
+            timeout,
+            |g| g.tlines.last().is_some_and(|t| t.pages_written >= pages),
+        )
+    }
+
     /// Types `text` on the guest's serial console (refvmm forwards its stdin to the UART).
     pub fn console_write(&mut self, text: &str) -> Result<(), String> {
         let w = self

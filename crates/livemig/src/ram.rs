@@ -4,6 +4,7 @@
 use std::fs::File;
 use std::os::fd::{AsRawFd, BorrowedFd};
 use std::os::unix::fs::FileExt;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 
 use crate::memory::{
@@ -21,6 +22,17 @@ enum ZeroKnowledge<'a> {
     FileHoles { fd: BorrowedFd<'a>, offset: u64 },
     /// Nothing: every page may hold data.
     Nothing,
+}
+
+/// `PAGEMAP_SCAN` ioctls this process made (that succeeded), through every [`HostRam`]: what
+/// the scans for populated memory cost, counted for tests
+/// (`livemig::testing::pagemap_scans`).
+static PAGEMAP_SCANS: AtomicU64 = AtomicU64::new(0);
+
+/// `PAGEMAP_SCAN` ioctls this process has made so far (see [`PAGEMAP_SCANS`]).
+#[cfg(feature = "test-util")]
+pub(crate) fn pagemap_scans() -> u64 {
+    PAGEMAP_SCANS.load(Ordering::Relaxed)
 }
 
 /// Host view of one guest region.
@@ -346,6 +358,36 @@ impl<'a> HostRam<'a> {
         }
     }
 
+    /// Per chunk of `chunk_pages` pages of `region` (the last one may be
+    /// shorter): whether it holds a page [`HostRam::populated_ranges`]
+    /// would return, from one pass of the kernel's `PAGEMAP_SCAN` over the
+    /// whole region, so the answer costs what the region's populated memory
+    /// costs, not its size. `None` where the region is not indexed that
+    /// cheaply ([`HostRam::scans_cheaply`]) or the scan failed. The same
+    /// "about this instant" rule as [`HostRam::populated`].
+    pub fn populated_chunks(&self, region: usize, chunk_pages: u64) -> Option<Vec<bool>> {
+        let r = self.regions.get(region)?;
+        let pm = match (r.zero, &self.pagemap) {
+            (ZeroKnowledge::Pagemap, Some(pm)) => pm,
+            _ => return None,
+        };
+        let chunk_pages = chunk_pages.max(1);
+        let mut out = vec![false; r.pages.div_ceil(chunk_pages) as usize];
+        let scanned = pagemap_scan_each(pm, self.host_page, r.ptr as u64, r.pages, |p, n| {
+            let (a, b) = (p / chunk_pages, (p + n - 1) / chunk_pages);
+            for c in out.iter_mut().take(b as usize + 1).skip(a as usize) {
+                *c = true;
+            }
+        });
+        match scanned {
+            Ok(()) => Some(out),
+            Err(e) => {
+                log::debug!("PAGEMAP_SCAN of region {region}: {e}; scanned a block at a time");
+                None
+            }
+        }
+    }
+
     /// [`HostRam::populated_ranges`] through [`HostRam::populated`], a
     /// chunk of flags at a time.
     fn ranges_from_flags(&self, region: usize, first: u64, end: u64) -> Vec<(u64, u64)> {
@@ -559,6 +601,24 @@ fn pagemap_scan(
     start: u64,
     npages: u64,
 ) -> std::io::Result<Vec<(u64, u64)>> {
+    let mut out: Vec<(u64, u64)> = Vec::new();
+    pagemap_scan_each(pm, host_page, start, npages, |p, n| match out.last_mut() {
+        Some((f, m)) if *f + *m >= p => *m = (*m).max(p + n - *f),
+        _ => out.push((p, n)),
+    })?;
+    Ok(out)
+}
+
+/// Hands `f` the ranges [`pagemap_scan`] returns, `(first, n)` in engine
+/// pages from `start`, in address order (adjacent ones not merged), as the
+/// kernel reports them: nothing is kept here, however many there are.
+fn pagemap_scan_each(
+    pm: &File,
+    host_page: u64,
+    start: u64,
+    npages: u64,
+    mut f: impl FnMut(u64, u64),
+) -> std::io::Result<()> {
     let end = start + npages * PAGE_SIZE;
     // The scan works in host pages: widen to whole host pages, clip back.
     let (wide_start, wide_end) = (
@@ -566,7 +626,6 @@ fn pagemap_scan(
         end.div_ceil(host_page) * host_page,
     );
     let mut vec = [PageRegion::default(); 256];
-    let mut out: Vec<(u64, u64)> = Vec::new();
     let mut at = wide_start;
     while at < wide_end {
         let mut arg = PmScanArg {
@@ -590,23 +649,21 @@ fn pagemap_scan(
         if n < 0 {
             return Err(std::io::Error::last_os_error());
         }
+        PAGEMAP_SCANS.fetch_add(1, Ordering::Relaxed);
         for r in vec.iter().take(n as usize) {
             let (a, b) = (r.start.max(start), r.end.min(end));
             if a >= b {
                 continue;
             }
             let (p, q) = ((a - start) / PAGE_SIZE, (b - start).div_ceil(PAGE_SIZE));
-            match out.last_mut() {
-                Some((f, m)) if *f + *m >= p => *m = (*m).max(q - *f),
-                _ => out.push((p, q - p)),
-            }
+            f(p, q - p);
         }
         if arg.walk_end <= at {
             return Err(std::io::Error::other("PAGEMAP_SCAN made no progress"));
         }
         at = arg.walk_end;
     }
-    Ok(out)
+    Ok(())
 }
 
 /// Marks the pages of `out` (from byte `start` of the file) that hold data

@@ -10,8 +10,9 @@ use crate::error::{ErrorKind, MigrationError, Phase};
 use crate::protocol::{stream_of, MsgKind};
 use crate::vm::{DirtyTracker, SourceVm};
 
-/// Round 0 re-arms and scans for populated memory a block of this many
-/// pages (256 MiB) at a time, before its chunks (see
+/// Round 0 walks the bitmap a block of this many pages (256 MiB) at a
+/// time; a region the kernel does not index cheaply is re-armed and
+/// scanned for populated memory a block at a time, before its chunks (see
 /// [`PageSender::send_bitmap`]).
 pub(super) const BLOCK_PAGES: u64 = 64 * CHUNK_PAGES;
 
@@ -20,23 +21,28 @@ impl PageSender<'_> {
     /// ([`Rearm::BeforeRead`](crate::vm::Rearm::BeforeRead)) each chunk's
     /// pages are re-armed just before they are read.
     ///
-    /// With [`PageSender::skip_untouched`] set (round 0), the bitmap is
-    /// walked a block of [`BLOCK_PAGES`] at a time: the block is scanned
-    /// once for memory that may hold data and chunks without any are left
-    /// out whole, *not re-armed* (see `untouched_chunks`); each other chunk
-    /// is re-armed and its pages narrowed to those that may hold data
-    /// ([`HostRam::populated`]) — after its re-arm, so a page first written
-    /// between the two is either seen as populated here or logged dirty for
-    /// the next round. Round 0 thus costs one scan per 256 MiB of guest
-    /// memory plus work in proportion to the chunks that hold data. A region
-    /// whose scan costs a step per page ([`HostRam::scans_cheaply`]) is
-    /// re-armed a block at a time, before the block's scan, instead: it is
-    /// not left to `unarmed.rs`, which scans at every sync.
+    /// With [`PageSender::skip_untouched`] set (round 0), each region is
+    /// scanned once for memory that may hold data
+    /// ([`HostRam::populated_chunks`]: the kernel's index of populated
+    /// memory, whose cost follows what the guest touched) and the chunks
+    /// without any are left out whole, *not re-armed* (see
+    /// `untouched_chunks`); each other chunk is re-armed and its pages
+    /// narrowed to those that may hold data ([`HostRam::populated`]) —
+    /// after its re-arm, so a page first written between the two is either
+    /// seen as populated here or logged dirty for the next round (a page
+    /// first written in a left-out chunk after the scan stays reported: it
+    /// was never re-armed). Round 0 thus costs one scan per region plus work
+    /// in proportion to the chunks that hold data. A region whose scan
+    /// costs a step per page ([`HostRam::scans_cheaply`]) is re-armed and
+    /// scanned a block of [`BLOCK_PAGES`] at a time, the re-arm before the
+    /// block's scan, instead: it is not left to `unarmed.rs`, which scans at
+    /// every sync.
     ///
     /// Pages may still be buffered (here or in the stream threads) when this
     /// returns: [`PageSender::end_round`] flushes and accounts them.
     ///
     /// [`HostRam::populated`]: crate::ram::HostRam::populated
+    /// [`HostRam::populated_chunks`]: crate::ram::HostRam::populated_chunks
     /// [`HostRam::scans_cheaply`]: crate::ram::HostRam::scans_cheaply
     pub(super) fn send_bitmap(
         &mut self,
@@ -53,6 +59,13 @@ impl PageSender<'_> {
             // step per page) is re-armed a block at a time in round 0, so
             // that its untouched chunks are armed too.
             let rearm_blocks = self.skip_untouched && !self.ram.scans_cheaply(region);
+            // Any other region in round 0: one scan of the whole region
+            // for the chunks that hold data, not one per block.
+            let t_scan = Instant::now();
+            let chunk_map = (self.skip_untouched && !rearm_blocks)
+                .then(|| self.ram.populated_chunks(region, CHUNK_PAGES))
+                .flatten();
+            t_scans += t_scan.elapsed();
             let mut block = 0;
             while block < pages {
                 let end = (block + BLOCK_PAGES).min(pages);
@@ -77,8 +90,17 @@ impl PageSender<'_> {
                     }
                 }
                 let t_scan = Instant::now();
-                let skip = self.untouched_chunks(bitmap, region, block, end);
+                let skip = match &chunk_map {
+                    Some(map) => untouched_in(map, block, end),
+                    None => self.untouched_chunks(bitmap, region, block, end),
+                };
                 t_scans += t_scan.elapsed();
+                if !skip.is_empty() && skip.iter().all(|s| *s) {
+                    // No chunk of the block holds data: one count for all.
+                    self.skipped += bitmap.count_in(region, block, end);
+                    block = end;
+                    continue;
+                }
                 if self.first_page.is_none() {
                     log::debug!(
                         "round 0: block {block} of region {region} scanned in {:.2} ms",
@@ -107,14 +129,17 @@ impl PageSender<'_> {
             }
         }
         log::debug!(
-            "pages handed out in {:.2} ms, of which scans for populated memory {:.2} ms",
+            "pages handed out in {:.2} ms, of which scans for populated memory {:.2} ms, \
+             re-arming the dirty log {:.2} ms",
             t_all.elapsed().as_secs_f64() * 1000.0,
-            t_scans.as_secs_f64() * 1000.0
+            t_scans.as_secs_f64() * 1000.0,
+            self.clear_time.as_secs_f64() * 1000.0
         );
         Ok(())
     }
 
-    /// With [`PageSender::skip_untouched`] (round 0): asks which pages of
+    /// With [`PageSender::skip_untouched`] (round 0), in a region scanned
+    /// a block at a time: asks which pages of
     /// `block..end` of `region` may hold data
     /// ([`HostRam::populated_ranges`]); returns, per chunk of the block,
     /// whether it holds none. Such a chunk is left out of this round and
@@ -247,6 +272,17 @@ impl PageSender<'_> {
         }
         Ok(())
     }
+}
+
+/// Per chunk of `block..end`: whether `map` (one flag per chunk of the
+/// region, [`HostRam::populated_chunks`]) says it holds no data.
+///
+/// [`HostRam::populated_chunks`]: crate::ram::HostRam::populated_chunks
+fn untouched_in(map: &[bool], block: u64, end: u64) -> Vec<bool> {
+    let (c0, c1) = (block / CHUNK_PAGES, end.div_ceil(CHUNK_PAGES));
+    (c0..c1)
+        .map(|c| !map.get(c as usize).copied().unwrap_or(true))
+        .collect()
 }
 
 #[cfg(test)]

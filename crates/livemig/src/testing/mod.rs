@@ -21,6 +21,14 @@ pub mod transport;
 
 pub use dirty::check_dirty_tracker;
 
+/// `PAGEMAP_SCAN` ioctls this process has made so far: the engine's scans
+/// for populated memory (round 0, the syncs of never-armed memory, the
+/// destination's scrub). Process-wide: compare counts in a test binary that
+/// runs one migration at a time.
+pub fn pagemap_scans() -> u64 {
+    crate::ram::pagemap_scans()
+}
+
 /// Whether a destination reads `Pages` frames straight into guest memory
 /// (then a frame that fails its CRC may have written some of the pages its
 /// records name before the failure is seen) or whole into a buffer first
