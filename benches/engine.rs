@@ -18,7 +18,10 @@
 //! fault instead.
 //! * `cap200-{plain,lz4}-{text,random}`: a 200 MiB/s `max_bandwidth` cap
 //!   (a slow link), without and with LZ4, on compressible ("text": repeated
-//!   structure) and incompressible memory.
+//!   structure) and incompressible memory;
+//! * `{lz4,plain}-text-uncapped`: compressible memory on uncapped loopback,
+//!   LZ4 allowed and not (the link is not the bottleneck there: what
+//!   allowing LZ4 costs).
 //!
 //! `LIVEMIG_BENCH_FILL=off` turns the destination's fresh-memory fill
 //! (`Reception::fresh_fill`, `UFFDIO_COPY`) off, to measure the same
@@ -268,6 +271,14 @@ fn bench(c: &mut Criterion) {
             Dest::Fresh,
             None,
             true,
+        ),
+        (
+            "plain-text-uncapped",
+            Content::Text,
+            1,
+            Dest::Fresh,
+            None,
+            false,
         ),
     ];
     for (name, content, streams, dest_memory, cap, compress) in cases {
