@@ -72,8 +72,11 @@ struct Vcpu {
     pager: Slot,
 }
 
+/// A page (region, page) and its bytes if they came in time.
+type PageRead = ((usize, u64), Option<Vec<u8>>);
+
 /// What a restore read: the page, and its bytes if they came in time.
-type RestoreRead = Arc<Mutex<Option<((usize, u64), Option<Vec<u8>>)>>>;
+type RestoreRead = Arc<Mutex<Option<PageRead>>>;
 
 type Pair = (Box<dyn Transport>, Box<dyn Transport>);
 
@@ -111,7 +114,7 @@ impl Vcpu {
 
     /// Waits for the read to finish; the page and what it read (`None`: no
     /// page was missing at the resume, so none was read).
-    fn result(&self) -> Option<((usize, u64), Option<Vec<u8>>)> {
+    fn result(&self) -> Option<PageRead> {
         self.done.wait();
         let read = (*self.read.lock().unwrap())?;
         Some((read, self.got.lock().unwrap().take().expect("a result")))
