@@ -13,9 +13,14 @@
 //!
 //! Not modelled: auto-converge throttling (which lowers `D` after slow
 //! rounds), compression, zero pages (skipped, so real round 0 is shorter),
-//! the device state and the fixed pause/resume cost (milliseconds). So the
-//! time is an upper bound for a guest whose dirty rate stays as measured,
-//! and the downtime a lower bound by those milliseconds.
+//! the device state and the fixed pause/resume cost (milliseconds), and the
+//! engine's polish rounds (`MigrationConfig::polish_rounds`: up to 3 more
+//! rounds once the leftover fits the limit, each run only when it is
+//! expected to cut the downtime by at least 1 ms and a quarter). So the
+//! time is an upper bound for a guest whose dirty rate stays as measured
+//! (but for the few milliseconds polish rounds add), and the downtime is the
+//! one the engine would have without polish rounds: a slowly dirtying
+//! guest's actual downtime can be several times lower.
 //!
 //! The score's `migration_time` term uses the closed form `M / (B - D)`
 //! (infinitely many rounds; [`crate::score::migration_time_s`]), which
