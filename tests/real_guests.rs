@@ -313,13 +313,10 @@ fn guest_size_cost() {
                 .collect();
             // What round 0 moved: a guest still writing fresh pages has
             // written more by the time a slower destination is ready.
-            let round0_mb = rounds
-                .first()
-                .map_or(0.0, |x| x["bytes"].as_f64().unwrap_or(0.0) / 1e6);
-            let round0_mbs = rounds.first().map_or(0.0, |x| {
-                x["bytes"].as_f64().unwrap_or(0.0)
-                    / 1e6
-                    / (x["duration_ms"].as_f64().unwrap_or(0.0) / 1000.0).max(1e-9)
+            let (round0_mb, round0_mbs) = rounds.first().map_or((0.0, 0.0), |x| {
+                let mb = x["bytes"].as_f64().unwrap_or(0.0) / 1e6;
+                let secs = x["duration_ms"].as_f64().unwrap_or(0.0) / 1000.0;
+                (mb, mb / secs.max(1e-9))
             });
             // The destination runs the guest now.
             std::thread::sleep(Duration::from_millis(300));

@@ -250,13 +250,12 @@ impl KvmVm {
         let t_ring = t0.elapsed();
         let vcpus = VcpuSet::spawn_with_ring(fds, handler, ring.clone())?;
         log::debug!(
-            "prepared VM completed in {:.2} ms: CPUID {:.2} ms, vCPUs created by {:.2} ms, \
-             MSR list and rings by {:.2} ms, vCPU threads by {:.2} ms",
+            "prepared VM completed in {:.2} ms: CPUID by {:.2} ms, vCPUs created by {:.2} ms, \
+             MSR list and rings by {:.2} ms, then the vCPU threads",
             ms(t0.elapsed()),
             ms(t_cpuid),
             ms(t_vcpus),
             ms(t_ring),
-            ms(t0.elapsed())
         );
         Ok(KvmVm {
             kvm,

@@ -4,6 +4,7 @@
 use std::fs::File;
 use std::os::fd::{AsRawFd, BorrowedFd};
 use std::os::unix::fs::FileExt;
+#[cfg(feature = "test-util")]
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 
@@ -27,7 +28,27 @@ enum ZeroKnowledge<'a> {
 /// `PAGEMAP_SCAN` ioctls this process made (that succeeded), through every [`HostRam`]: what
 /// the scans for populated memory cost, counted for tests
 /// (`livemig::testing::pagemap_scans`).
+#[cfg(feature = "test-util")]
 static PAGEMAP_SCANS: AtomicU64 = AtomicU64::new(0);
+
+/// Sets to `value` the flags of `flags` (one per chunk of `chunk_pages`
+/// pages, the first at page `base`) of the chunks that pages
+/// `first..first + n` touch (`n` > 0; flags past the end are left out).
+pub(crate) fn mark_chunks(
+    flags: &mut [bool],
+    base: u64,
+    chunk_pages: u64,
+    (first, n): (u64, u64),
+    value: bool,
+) {
+    let (a, b) = (
+        (first - base) / chunk_pages,
+        (first + n - 1 - base) / chunk_pages,
+    );
+    for f in flags.iter_mut().take(b as usize + 1).skip(a as usize) {
+        *f = value;
+    }
+}
 
 /// `PAGEMAP_SCAN` ioctls this process has made so far (see [`PAGEMAP_SCANS`]).
 #[cfg(feature = "test-util")]
@@ -374,10 +395,7 @@ impl<'a> HostRam<'a> {
         let chunk_pages = chunk_pages.max(1);
         let mut out = vec![false; r.pages.div_ceil(chunk_pages) as usize];
         let scanned = pagemap_scan_each(pm, self.host_page, r.ptr as u64, r.pages, |p, n| {
-            let (a, b) = (p / chunk_pages, (p + n - 1) / chunk_pages);
-            for c in out.iter_mut().take(b as usize + 1).skip(a as usize) {
-                *c = true;
-            }
+            mark_chunks(&mut out, 0, chunk_pages, (p, n), true)
         });
         match scanned {
             Ok(()) => Some(out),
@@ -649,6 +667,7 @@ fn pagemap_scan_each(
         if n < 0 {
             return Err(std::io::Error::last_os_error());
         }
+        #[cfg(feature = "test-util")]
         PAGEMAP_SCANS.fetch_add(1, Ordering::Relaxed);
         for r in vec.iter().take(n as usize) {
             let (a, b) = (r.start.max(start), r.end.min(end));

@@ -115,8 +115,9 @@ impl Vcpu {
     /// Waits for the read to finish; the page and what it read (`None`: no
     /// page was missing at the resume, so none was read).
     fn result(&self) -> Option<PageRead> {
-        self.done.wait();
+        // `resume` names the page (or none) before it starts the read.
         let read = (*self.read.lock().unwrap())?;
+        self.done.wait();
         Some((read, self.got.lock().unwrap().take().expect("a result")))
     }
 }
@@ -152,10 +153,9 @@ impl DestinationVm for Dest {
             // Nothing left to fault on: the switchover's discard set is
             // empty when the writer threads did not run between the last
             // round and the pause (a loaded host). The "vCPU" reads nothing
-            // and `check` has no faulted page to compare; tests that need
-            // one force a dirty page at the pause (`recording_armed_at_pause`).
-            let vcpu = self.vcpu.clone();
-            std::thread::spawn(move || vcpu.done.wait());
+            // (`Vcpu::result` is `None`) and `check` has no faulted page to
+            // compare; tests that need one force a dirty page at the pause
+            // (`recording_armed_at_pause`).
             return self.vm.resume();
         };
         *self.vcpu.read.lock().unwrap() = Some((region, page));

@@ -8,6 +8,7 @@ use super::{cancel::CancelToken, sender::PageSender, streams::Job, CHUNK_PAGES};
 use crate::bitmap::DirtyBitmap;
 use crate::error::{ErrorKind, MigrationError, Phase};
 use crate::protocol::{stream_of, MsgKind};
+use crate::ram::mark_chunks;
 use crate::vm::{DirtyTracker, SourceVm};
 
 /// Round 0 walks the bitmap a block of this many pages (256 MiB) at a
@@ -165,14 +166,8 @@ impl PageSender<'_> {
             return Vec::new();
         }
         let mut skip = vec![true; (end - block).div_ceil(CHUNK_PAGES) as usize];
-        for (first, n) in self.ram.populated_ranges(region, block, end) {
-            let (a, b) = (
-                (first - block) / CHUNK_PAGES,
-                (first + n - 1 - block) / CHUNK_PAGES,
-            );
-            for s in skip.iter_mut().take(b as usize + 1).skip(a as usize) {
-                *s = false;
-            }
+        for range in self.ram.populated_ranges(region, block, end) {
+            mark_chunks(&mut skip, block, CHUNK_PAGES, range, false);
         }
         skip
     }
