@@ -237,9 +237,47 @@ fn migrate_with<V: SourceVm + ?Sized>(
     Result<(Dest, ReceiveReport), MigrationError>,
     Result<Report, MigrationError>,
 ) {
+    let wraps = Wraps {
+        src_control,
+        dst_control: |t| t,
+        dst_fault,
+    };
+    migrate_wrapped(src, pc, config, vcpu, wraps)
+}
+
+/// What [`migrate_wrapped`] puts around each connection.
+struct Wraps<S, C, F> {
+    /// The source's end of the control connection.
+    src_control: S,
+    /// The destination's end of the control connection.
+    dst_control: C,
+    /// The destination's end of the fault connection.
+    dst_fault: F,
+}
+
+fn migrate_wrapped<V: SourceVm + ?Sized>(
+    src: &V,
+    pc: PostcopyConfig,
+    config: &MigrationConfig,
+    vcpu: &Vcpu,
+    wraps: Wraps<
+        impl FnOnce(Box<dyn Transport>) -> Box<dyn Transport>,
+        impl FnOnce(Box<dyn Transport>) -> Box<dyn Transport>,
+        impl FnOnce(Box<dyn Transport>) -> Box<dyn Transport> + Send + 'static,
+    >,
+) -> (
+    Result<(Dest, ReceiveReport), MigrationError>,
+    Result<Report, MigrationError>,
+) {
+    let Wraps {
+        src_control,
+        dst_control,
+        dst_fault,
+    } = wraps;
     let (a, b) = mem::pair();
     let (fa, fb) = mem::pair();
     let fb = dst_fault(Box::new(fb));
+    let b = dst_control(Box::new(b));
     let a = src_control(Box::new(a));
     let slot = vcpu.pager.clone();
     let pager = pager_into(slot.clone());
@@ -254,7 +292,7 @@ fn migrate_with<V: SourceVm + ?Sized>(
     });
     let dest = std::thread::spawn(move || {
         receive_postcopy_resumable(
-            Box::new(b),
+            b,
             fb,
             &ReceiveConfig::default(),
             |desc| {
@@ -792,6 +830,43 @@ fn a_destination_that_does_not_prepare_gets_the_old_order() {
         vcpu,
     };
     check(src.vm(), o);
+}
+
+/// Every page is installed, then the destination's `PostcopyComplete`
+/// cannot be sent (its control connection breaks right before it): the
+/// guest is whole on the destination, which succeeds with a warning; the
+/// source, which never hears it, keeps its copy paused and stops writing.
+#[test]
+fn a_lost_completion_acknowledgement_leaves_a_whole_destination() {
+    let src = SoftVm::new(&layout(), &SoftConfig::default()).unwrap();
+    src.fill(11);
+    src.start();
+    let vcpu = Vcpu::new(Duration::from_secs(30));
+    let wraps = Wraps {
+        src_control: |t| t,
+        dst_control: drop_frame(MsgKind::PostcopyComplete, 0),
+        dst_fault: |t| t,
+    };
+    let (dest, report) = migrate_wrapped(&src, pure(), &MigrationConfig::default(), &vcpu, wraps);
+    let (dest, received) = dest.unwrap_or_else(|e| {
+        panic!(
+            "destination: {e}; source: {:?}",
+            report.as_ref().map(|_| "Ok")
+        )
+    });
+    assert!(received.postcopy.is_some(), "switched to post-copy");
+    // The source never heard that the pages were installed.
+    let e = report.expect_err("the source cannot know the destination finished");
+    assert_eq!(e.phase, Phase::Postcopy, "{e}");
+    assert!(SourceVm::is_paused(&src));
+    let writes = src.writes();
+    std::thread::sleep(Duration::from_millis(20));
+    assert_eq!(src.writes(), writes);
+    dest.vm.stop();
+    assert!(
+        dest.vm.snapshot() == src.snapshot(),
+        "destination memory differs"
+    );
 }
 
 /// The source's control connection through a proxy that passes every
