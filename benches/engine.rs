@@ -25,7 +25,8 @@
 //!
 //! `LIVEMIG_BENCH_FILL=off` turns the destination's fresh-memory fill
 //! (`Reception::fresh_fill`, `UFFDIO_COPY`) off, to measure the same
-//! binary both ways.
+//! binary both ways; `LIVEMIG_BENCH_BATCH=N` sends N pages per frame
+//! (`MigrationConfig::batch_pages`, default 256).
 //!
 //! criterion "times" round 0 (through `iter_custom`); the bench also writes
 //! `target/livemig-bench/engine.md` with the rates as a share of the
@@ -140,6 +141,13 @@ struct Cost {
     dest_cpu: Duration,
 }
 
+/// Pages per `Pages` frame (`MigrationConfig::batch_pages`) from
+/// `LIVEMIG_BENCH_BATCH`, for measuring other frame sizes with the same
+/// binary; unset: the default.
+fn batch_pages() -> Option<u32> {
+    std::env::var("LIVEMIG_BENCH_BATCH").ok()?.parse().ok()
+}
+
 /// One migration; returns the source's report.
 fn migrate_once(
     src: &SoftVm,
@@ -186,13 +194,16 @@ fn migrate_once(
         endpoint: ep,
         timeout: Some(Duration::from_secs(5)),
     };
-    let cfg = MigrationConfig {
+    let mut cfg = MigrationConfig {
         streams,
         compress,
         max_bandwidth: cap,
         downtime_limit: Duration::from_millis(200),
         ..Default::default()
     };
+    if let Some(n) = batch_pages() {
+        cfg.batch_pages = n;
+    }
     let r = migrate_streams(
         src,
         t,
