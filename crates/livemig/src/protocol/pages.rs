@@ -693,7 +693,8 @@ mod tests {
     #[test]
     fn a_reused_batch_shows_only_its_payload() {
         let mut b = PageBatch::with_capacity(0);
-        b.push_data(0, 2, &[page(0xaa), page(0xbb)].concat()).unwrap();
+        b.push_data(0, 2, &[page(0xaa), page(0xbb)].concat())
+            .unwrap();
         b.clear();
         b.push_data_over(0x8000, 1, |dst: &mut [u8]| {
             assert!(dst.iter().all(|&x| x == 0xaa), "old bytes are left there");
