@@ -25,12 +25,16 @@
 //!
 //! `LIVEMIG_BENCH_FILL=off` turns the destination's fresh-memory fill
 //! (`Reception::fresh_fill`, `UFFDIO_COPY`) off, to measure the same
-//! binary both ways.
+//! binary both ways; `LIVEMIG_BENCH_BATCH=N` sends N pages per frame
+//! (`MigrationConfig::batch_pages`, default 256).
 //!
 //! criterion "times" round 0 (through `iter_custom`); the bench also writes
 //! `target/livemig-bench/engine.md` with the rates as a share of the
 //! loopback TCP bandwidth, the memcpy bandwidth and the fresh-memory fault
-//! rate, all measured at start.
+//! rate, all measured at start, and the CPU time each migration took (the
+//! whole process, and the destination's main thread, `getrusage`): on a
+//! busy machine round 0's wall time mostly measures the other load, the
+//! CPU time much less so.
 // The 0.1 entry points (`migrate`, `receive`, ...) are deprecated thin
 // wrappers over `Migration`/`Reception`; these tests keep exercising them.
 #![allow(deprecated)]
@@ -115,6 +119,35 @@ fn fresh_fill() -> bool {
     std::env::var("LIVEMIG_BENCH_FILL").map_or(true, |v| v != "off")
 }
 
+/// CPU time (user + system) used so far by this process (`RUSAGE_SELF`)
+/// or by the calling thread (`RUSAGE_THREAD`).
+fn cpu_time(who: libc::c_int) -> Duration {
+    // SAFETY: `getrusage` writes one `rusage` into the zeroed value.
+    let mut ru: libc::rusage = unsafe { std::mem::zeroed() };
+    // SAFETY: as above; `ru` outlives the call.
+    if unsafe { libc::getrusage(who, &mut ru) } != 0 {
+        return Duration::ZERO;
+    }
+    let tv = |t: libc::timeval| Duration::new(t.tv_sec as u64, t.tv_usec as u32 * 1000);
+    tv(ru.ru_utime) + tv(ru.ru_stime)
+}
+
+/// What one migration cost: the source's report, the CPU time of the
+/// whole process (both sides) and of the destination's main thread (which
+/// reads the pages of a one-stream migration).
+struct Cost {
+    report: livemig::Report,
+    cpu: Duration,
+    dest_cpu: Duration,
+}
+
+/// Pages per `Pages` frame (`MigrationConfig::batch_pages`) from
+/// `LIVEMIG_BENCH_BATCH`, for measuring other frame sizes with the same
+/// binary; unset: the default.
+fn batch_pages() -> Option<u32> {
+    std::env::var("LIVEMIG_BENCH_BATCH").ok()?.parse().ok()
+}
+
 /// One migration; returns the source's report.
 fn migrate_once(
     src: &SoftVm,
@@ -122,11 +155,13 @@ fn migrate_once(
     dest_memory: Dest,
     cap: Option<u64>,
     compress: bool,
-) -> livemig::Report {
+) -> Cost {
+    let cpu0 = cpu_time(libc::RUSAGE_SELF);
     let listener =
         transport::listen(&"tcp:127.0.0.1:0".parse::<Endpoint>().expect("ep")).expect("listen");
     let ep = listener.local_endpoint().clone();
     let dest = std::thread::spawn(move || {
+        let cpu0 = cpu_time(libc::RUSAGE_THREAD);
         let t = listener.accept().expect("accept");
         let acc = OwnedAcceptor(Some(listener));
         Reception::new(t)
@@ -152,19 +187,23 @@ fn migrate_once(
                     )
                 });
             })
+            .map(|()| cpu_time(libc::RUSAGE_THREAD).saturating_sub(cpu0))
     });
     let t = transport::connect(&ep, Some(Duration::from_secs(5))).expect("connect");
     let mut dialer = Dialer {
         endpoint: ep,
         timeout: Some(Duration::from_secs(5)),
     };
-    let cfg = MigrationConfig {
+    let mut cfg = MigrationConfig {
         streams,
         compress,
         max_bandwidth: cap,
         downtime_limit: Duration::from_millis(200),
         ..Default::default()
     };
+    if let Some(n) = batch_pages() {
+        cfg.batch_pages = n;
+    }
     let r = migrate_streams(
         src,
         t,
@@ -174,11 +213,15 @@ fn migrate_once(
         &mut |_| {},
     )
     .expect("migration");
-    dest.join().expect("destination thread").expect("receive");
+    let dest_cpu = dest.join().expect("destination thread").expect("receive");
     // The source is paused after a successful migration; run it again.
     use livemig::vm::SourceVm;
     let _ = src.resume();
-    r
+    Cost {
+        report: r,
+        cpu: cpu_time(libc::RUSAGE_SELF).saturating_sub(cpu0),
+        dest_cpu,
+    }
 }
 
 /// The rate of `MADV_POPULATE_WRITE` into fresh memory, 4 KiB pages or
@@ -201,6 +244,10 @@ fn fault_rate(thp: bool) -> f64 {
 struct Row {
     name: String,
     round0_ms: Vec<f64>,
+    /// Per migration: CPU ms of the process, and of the destination's
+    /// main thread.
+    cpu_ms: Vec<f64>,
+    dest_cpu_ms: Vec<f64>,
     bytes: u64,
     pages: u64,
 }
@@ -290,6 +337,8 @@ fn bench(c: &mut Criterion) {
         let mut row = Row {
             name: name.to_string(),
             round0_ms: Vec::new(),
+            cpu_ms: Vec::new(),
+            dest_cpu_ms: Vec::new(),
             bytes: 0,
             pages: 0,
         };
@@ -297,8 +346,10 @@ fn bench(c: &mut Criterion) {
             b.iter_custom(|iters| {
                 let mut total = Duration::ZERO;
                 for _ in 0..iters {
-                    let r = migrate_once(vm, streams, dest_memory, cap, compress);
-                    let r0 = &r.rounds[0];
+                    let c = migrate_once(vm, streams, dest_memory, cap, compress);
+                    row.cpu_ms.push(c.cpu.as_secs_f64() * 1000.0);
+                    row.dest_cpu_ms.push(c.dest_cpu.as_secs_f64() * 1000.0);
+                    let r0 = &c.report.rounds[0];
                     let d = Duration::from_secs_f64(r0.duration_ms / 1000.0);
                     row.round0_ms.push(r0.duration_ms);
                     row.bytes = r0.bytes;
@@ -315,33 +366,41 @@ fn bench(c: &mut Criterion) {
     let mut md = format!(
         "Limits measured in this run: loopback TCP {:.2} GB/s (one stream), memcpy {:.1} GB/s ({MIB} MiB buffers), \
          fresh-memory population {:.2} GB/s (`MADV_POPULATE_WRITE` of {MIB} MiB; {:.2} GB/s advised for THP).\n\n\
-         | scenario | runs | round 0 ms (median) | page data GB/s | share of loopback | wire MB | wire/data |\n|---|---|---|---|---|---|---|\n",
+         | scenario | runs | round 0 ms (median) | page data GB/s | share of loopback | wire MB | wire/data | CPU ms per migration (median; destination thread) |\n|---|---|---|---|---|---|---|---|\n",
         lo / 1e9,
         mc / 1e9,
         fr / 1e9,
         fr_thp / 1e9
     );
     for r in rows.iter().filter(|r| !r.round0_ms.is_empty()) {
-        let mut v = r.round0_ms.clone();
-        v.sort_by(f64::total_cmp);
-        let med = v.get(v.len() / 2).copied().unwrap_or(0.0);
+        let v = &r.round0_ms;
+        let med = median(v);
         let data = r.pages as f64 * 4096.0;
         let rate = data / (med / 1000.0).max(1e-9);
         md.push_str(&format!(
-            "| {} | {} | {:.1} | {:.2} | {:.0} % | {:.0} | {:.2} |\n",
+            "| {} | {} | {:.1} | {:.2} | {:.0} % | {:.0} | {:.2} | {:.0} ({:.0}) |\n",
             r.name,
             v.len(),
             med,
             rate / 1e9,
             100.0 * rate / lo,
             r.bytes as f64 / 1e6,
-            r.bytes as f64 / data.max(1.0)
+            r.bytes as f64 / data.max(1.0),
+            median(&r.cpu_ms),
+            median(&r.dest_cpu_ms)
         ));
     }
     let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("target/livemig-bench");
     let _ = std::fs::create_dir_all(&dir);
     let _ = std::fs::write(dir.join("engine.md"), &md);
     eprintln!("\n{md}");
+}
+
+/// The median of `v` (the upper one of an even count; 0 if empty).
+fn median(v: &[f64]) -> f64 {
+    let mut v = v.to_vec();
+    v.sort_by(f64::total_cmp);
+    v.get(v.len() / 2).copied().unwrap_or(0.0)
 }
 
 criterion_group!(benches, bench);

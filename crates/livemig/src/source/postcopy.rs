@@ -662,7 +662,7 @@ impl Shared<'_> {
             if self.ram.is_zero(region, p) {
                 batch.push_zero(gpa, 1)?;
             } else {
-                batch.push_data_with(gpa, 1, |dst| {
+                batch.push_data_over(gpa, 1, |dst| {
                     if self.ram.read_pages(region, p, dst) {
                         Ok(())
                     } else {

@@ -393,7 +393,7 @@ impl PageSender<'_> {
                 self.counts.zero += n;
             } else {
                 let ram = &self.ram;
-                self.batch.push_data_with(gpa, n as u32, |dst| {
+                self.batch.push_data_over(gpa, n as u32, |dst| {
                     if ram.read_pages(region, p, dst) {
                         Ok(())
                     } else {
