@@ -56,7 +56,11 @@ pub struct MigrationConfig {
     pub downtime_limit: Duration,
     /// Bandwidth cap for memory pages, in bytes per second (`None` = as fast
     /// as the transport goes); at least one page per second per stream.
-    /// Lifted at the pause: the final copy goes as fast as it can.
+    /// It caps the whole migration: the control connection and every page
+    /// stream share one budget (a stream with nothing to send leaves its
+    /// share to the others), and post-copy's background push is paced by
+    /// it too (not its answers to page requests). Lifted at the pause: the
+    /// final copy goes as fast as it can.
     pub max_bandwidth: Option<u64>,
     /// Most pre-copy rounds (round 0, the full pass, included).
     pub max_rounds: u32,
@@ -269,8 +273,9 @@ impl MigrationConfig {
             ));
         }
         if let Some(b) = self.max_bandwidth {
-            // Each page stream gets an equal share; every share must be at
-            // least a page per second.
+            // The rule dates from when each page stream had its own equal
+            // share of the cap (they share one budget now); kept, so that a
+            // configuration accepted before is accepted now and vice versa.
             let min = crate::memory::PAGE_SIZE * u64::from(self.streams);
             if b < min {
                 return Err(invalid("max_bandwidth", b, format!("must be None (no cap) or at least {min} bytes/s (one page per second per stream)")));
