@@ -197,7 +197,10 @@ pub(super) struct PageSender<'a> {
     /// The page frames since this sender last looked at whether LZ4 pays.
     pub(super) lz4_window: Option<Lz4Window>,
     /// The link's rate (bytes/s) as last measured while LZ4 was off and
-    /// the link the bottleneck ([`lz4_pays_in_window`]).
+    /// the link the bottleneck ([`lz4_pays_in_window`]); before that, the
+    /// bandwidth cap if there is one: uncompressed, page data cannot move
+    /// faster than the cap (all connections share it), so LZ4 reaching
+    /// more than that pays without switching it off to measure.
     link_rate: Option<f64>,
 }
 
@@ -261,7 +264,7 @@ impl<'a> PageSender<'a> {
             alive_every: keepalive_every(config.io_timeout),
             first_page: None,
             lz4_window: None,
-            link_rate: None,
+            link_rate: config.max_bandwidth.map(|r| r as f64),
         }
     }
 
