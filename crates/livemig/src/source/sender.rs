@@ -10,7 +10,7 @@ use crate::memory::{MemoryLayout, PAGE_SIZE};
 use crate::policy::{
     lz4_pays_in_window, CompressionSample, LinkWindow, MigrationConfig, COMPRESS_SAMPLE,
 };
-use crate::protocol::{compress_pages, FrameWriter, MsgKind, PageBatch, ProtocolError};
+use crate::protocol::{compress_pages_into, FrameWriter, MsgKind, PageBatch, ProtocolError};
 use crate::ram::HostRam;
 use crate::transport::Transport;
 
@@ -318,20 +318,21 @@ impl PageSender<'_> {
         let raw = self.batch.as_bytes();
         let sample = on || self.frames.is_multiple_of(COMPRESS_SAMPLE);
         self.frames += 1;
-        let compressed = match self.lz4.as_mut().filter(|_| sample) {
+        let packed = match self.lz4.as_mut().filter(|_| sample) {
             Some(buf) => {
                 let t0 = Instant::now();
-                compress_pages(raw, buf);
+                let n = compress_pages_into(raw, buf);
                 self.counts.lz4_ns += t0.elapsed().as_nanos() as u64;
                 self.counts.lz4_raw += raw.len() as u64;
-                self.counts.lz4_packed += buf.len() as u64;
-                // Keep it only if it saves at least an eighth.
-                on && buf.len() < raw.len() - raw.len() / 8
+                self.counts.lz4_packed += n as u64;
+                Some(n)
             }
-            None => false,
+            None => None,
         };
-        let (kind, payload) = match &self.lz4 {
-            Some(buf) if compressed => (MsgKind::PagesLz4, buf.as_slice()),
+        // Keep it only if it saves at least an eighth.
+        let compressed = on && packed.is_some_and(|n| n < raw.len() - raw.len() / 8);
+        let (kind, payload) = match (&self.lz4, packed) {
+            (Some(buf), Some(n)) if compressed => (MsgKind::PagesLz4, &buf[..n]),
             _ => (MsgKind::Pages, raw),
         };
         let t0 = Instant::now();
