@@ -2,18 +2,22 @@
 //! QEMU's max-bandwidth caps all its channels), while the guest runs: the
 //! bytes written on the control connection and on every page stream are
 //! counted as they are written, up to the pause (the final copy is
-//! uncapped: every millisecond of it is downtime).
+//! uncapped: every millisecond of it is downtime). Post-copy's push, after
+//! the pause, is paced by the same budget.
 
 use std::io::{self, Read, Write};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
+use livemig::destination::postcopy::PostcopyMemory;
 use livemig::memory::MemoryLayout;
 use livemig::protocol::STREAM_CHUNK_PAGES;
+use livemig::source::postcopy::PostcopyConfig;
+use livemig::testing::postcopy::SoftPager;
 use livemig::testing::soft::{SoftConfig, SoftVm};
 use livemig::transport::{mem, StreamOpener, Transport};
 use livemig::vm_memory::{Bytes, GuestAddress};
-use livemig::{Migration, MigrationConfig, Progress, Reception, Report};
+use livemig::{Migration, MigrationConfig, Progress, ReceiveConfig, Reception, Report};
 
 #[allow(deprecated)]
 mod common;
@@ -307,5 +311,76 @@ fn a_stream_with_all_the_pages_gets_the_idle_streams_share() {
         "page stream 0 carried {busy} bytes in {elapsed:.2} s while page stream 1 idled: \
          no more than half the cap allows ({half:.0}): {}",
         run.report.to_json()
+    );
+}
+
+#[test]
+fn the_post_copy_push_stays_within_the_cap() {
+    // Pure post-copy of 8 MiB of pages: no round, every page pushed on the
+    // control connection after the switch, at 4 MiB/s: about two seconds.
+    let layout = one_region(8 * MIB);
+    let src = SoftVm::new(&layout, &SoftConfig::idle()).unwrap();
+    fill_all(&src);
+    src.start(); // running: a paused VM is never offered post-copy
+    let log: Log = Arc::default();
+    let (a, b) = mem::pair();
+    let (fa, fb) = mem::pair();
+    let dest = std::thread::spawn(move || {
+        Reception::new(Box::new(b))
+            .config(ReceiveConfig {
+                io_timeout: Duration::from_secs(5),
+            })
+            .postcopy(Box::new(fb), |memory, layout| {
+                Ok(Box::new(SoftPager::new(memory, layout)) as Box<dyn PostcopyMemory>)
+            })
+            .run(|desc| SoftVm::new(&desc.layout, &SoftConfig::idle()))
+    });
+    let control = Counted {
+        inner: Box::new(a),
+        conn: 0,
+        log: log.clone(),
+    };
+    let pc = PostcopyConfig {
+        after_rounds: 0,
+        on_non_convergence: false,
+        ..Default::default()
+    };
+    let start = Instant::now();
+    let report = Migration::new(&src)
+        .config(MigrationConfig {
+            max_bandwidth: Some(CAP),
+            ..Default::default()
+        })
+        .postcopy(Box::new(fa), pc)
+        .run(Box::new(control))
+        .expect("migrates");
+    let (dst, _) = dest.join().unwrap().expect("received");
+    dst.stop();
+    assert_eq!(dst.snapshot(), src.snapshot(), "memory differs");
+    let pushed = report.postcopy.as_ref().expect("post-copy").pushed_pages;
+    assert!(pushed * PAGE >= 8 * MIB, "{pushed} pages pushed");
+    let run = Run {
+        report,
+        writes: log.lock().unwrap().clone(),
+        start,
+        paused: Instant::now(),
+    };
+    let total = bytes_on(&run, 0);
+    let elapsed = start.elapsed().as_secs_f64();
+    let excess = worst_excess(&run, CAP);
+    println!(
+        "post-copy: {total} bytes on the control connection in {elapsed:.2} s ({:.2} MiB/s, \
+         cap {} MiB/s); worst stretch {excess:.0} bytes beyond the cap",
+        total as f64 / elapsed / MIB as f64,
+        CAP / MIB
+    );
+    let allowance = frames_allowance(1) as f64;
+    let limit = CAP as f64 * elapsed + allowance;
+    assert!((total as f64) <= limit, "{total} bytes in {elapsed:.2} s");
+    let burst = CAP as f64 * BURST.as_secs_f64() + allowance;
+    assert!(
+        excess <= burst,
+        "some stretch carried {excess:.0} bytes more than {CAP} B/s allows \
+         (at most one burst, {burst:.0})"
     );
 }
