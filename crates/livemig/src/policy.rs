@@ -56,7 +56,11 @@ pub struct MigrationConfig {
     pub downtime_limit: Duration,
     /// Bandwidth cap for memory pages, in bytes per second (`None` = as fast
     /// as the transport goes); at least one page per second per stream.
-    /// Lifted at the pause: the final copy goes as fast as it can.
+    /// It caps the whole migration: the control connection and every page
+    /// stream share one budget (a stream with nothing to send leaves its
+    /// share to the others), and post-copy's background push is paced by
+    /// it too (not its answers to page requests). Lifted at the pause: the
+    /// final copy goes as fast as it can.
     pub max_bandwidth: Option<u64>,
     /// Most pre-copy rounds (round 0, the full pass, included).
     pub max_rounds: u32,
@@ -269,8 +273,9 @@ impl MigrationConfig {
             ));
         }
         if let Some(b) = self.max_bandwidth {
-            // Each page stream gets an equal share; every share must be at
-            // least a page per second.
+            // The rule dates from when each page stream had its own equal
+            // share of the cap (they share one budget now); kept, so that a
+            // configuration accepted before is accepted now and vice versa.
             let min = crate::memory::PAGE_SIZE * u64::from(self.streams);
             if b < min {
                 return Err(invalid("max_bandwidth", b, format!("must be None (no cap) or at least {min} bytes/s (one page per second per stream)")));
@@ -465,7 +470,16 @@ const LZ4_MARGIN: f64 = 1.1;
 /// window of them (`w`), and the link's rate in raw bytes per second as
 /// last measured while it was off and the bottleneck (`link_rate`; the
 /// second value returned is that rate, updated). `None`: the window says
-/// nothing (no frame given to LZ4, or less than [`MIN_SAMPLE_BYTES`]).
+/// nothing (no frame given to LZ4, or less than [`MIN_SAMPLE_BYTES`] of
+/// page data measured).
+///
+/// The sample threshold is on the page data the window carried, not on
+/// its wire bytes: a window of pages that LZ4 shrinks more than 8:1 puts
+/// under a MiB on the wire per 8 MiB of pages and must still decide (it
+/// never did, and LZ4 stayed on for the whole migration where it was the
+/// bottleneck). The link's rate is learnt only while LZ4 is off, when the
+/// wire carries at least the page data, so from at least
+/// [`MIN_SAMPLE_BYTES`] too.
 ///
 /// The sender compresses a frame while the kernel sends the ones before
 /// it, so with compression page data moves at min(LZ4's rate, link rate ÷
@@ -485,7 +499,7 @@ const LZ4_MARGIN: f64 = 1.1;
 /// ratio is "off" whatever the rates.
 pub fn lz4_pays_in_window(w: &LinkWindow, link_rate: Option<f64>) -> (Option<bool>, Option<f64>) {
     let secs = w.time.as_secs_f64();
-    if w.lz4.raw_bytes == 0 || w.wire_bytes < MIN_SAMPLE_BYTES || secs <= 0.0 {
+    if w.lz4.raw_bytes == 0 || w.raw_bytes < MIN_SAMPLE_BYTES || secs <= 0.0 {
         return (None, link_rate);
     }
     let ratio = w.lz4.packed_bytes as f64 / w.lz4.raw_bytes as f64;
@@ -845,12 +859,54 @@ mod tests {
             ..off_slow
         };
         assert_eq!(lz4_pays_in_window(&random, None).0, Some(false));
-        // Too little measured: no decision, the link rate kept.
+        // Too little measured: no decision, the link rate kept. (What
+        // counts is the page data measured: a window of 118 MB of pages
+        // that went out as 4 KiB decides, see
+        // `lz4_window_of_pages_that_shrink_tenfold_decides`.)
         let tiny = LinkWindow {
             wire_bytes: 4096,
+            raw_bytes: 4096,
             ..off_slow
         };
         assert_eq!(lz4_pays_in_window(&tiny, Some(5.0)), (None, Some(5.0)));
+    }
+
+    /// A sender's 8 MiB window (`LZ4_WINDOW_BYTES`) of pages that LZ4
+    /// shrinks 10:1 puts well under [`MIN_SAMPLE_BYTES`] on the wire; the
+    /// window measured 8 MiB of page data all the same and must decide.
+    #[test]
+    fn lz4_window_of_pages_that_shrink_tenfold_decides() {
+        let raw = 8 << 20;
+        let ms = Duration::from_millis;
+        // LZ4 at 1 GB/s to a tenth, on a link that never kept the sender
+        // waiting: LZ4 is the bottleneck.
+        let on_cpu = LinkWindow {
+            wire_bytes: raw / 10,
+            raw_bytes: raw,
+            time: ms(9),
+            blocked: ms(1),
+            compressing: true,
+            lz4: CompressionSample {
+                raw_bytes: raw,
+                packed_bytes: raw / 10,
+                time: ms(8),
+            },
+        };
+        assert!(on_cpu.wire_bytes < MIN_SAMPLE_BYTES);
+        // No link rate known: off, which measures it.
+        assert_eq!(lz4_pays_in_window(&on_cpu, None), (Some(false), None));
+        // A link known to be slower than what LZ4 reached: stays on.
+        assert_eq!(
+            lz4_pays_in_window(&on_cpu, Some(100e6)),
+            (Some(true), Some(100e6))
+        );
+        // Link-bound while compressing: stays on; the link's rate is not
+        // learnt from compressed frames.
+        let on_slow = LinkWindow {
+            blocked: ms(8),
+            ..on_cpu
+        };
+        assert_eq!(lz4_pays_in_window(&on_slow, None), (Some(true), None));
     }
 
     #[test]

@@ -51,14 +51,16 @@ fn run_mem(
     streams: u32,
     dest_acceptor: bool,
 ) -> (livemig::Report, livemig::ReceiveReport, bool) {
-    run_mem_with(src, streams, dest_acceptor, false)
+    run_mem_with(src, streams, dest_acceptor, false, None)
 }
 
+/// [`run_mem`] with LZ4 allowed or not and a bandwidth cap (bytes/s).
 fn run_mem_with(
     src: &SoftVm,
     streams: u32,
     dest_acceptor: bool,
     compress: bool,
+    max_bandwidth: Option<u64>,
 ) -> (livemig::Report, livemig::ReceiveReport, bool) {
     let (a, b) = mem::pair();
     let (mut opener, mut acceptor) = mem::streams();
@@ -78,6 +80,7 @@ fn run_mem_with(
     let mc = MigrationConfig {
         streams,
         compress,
+        max_bandwidth,
         downtime_limit: Duration::from_millis(200),
         ..Default::default()
     };
@@ -350,7 +353,11 @@ fn plain_receive_still_works_with_one_stream() {
 }
 
 /// LZ4-compressed page frames, on one stream and on three: memory identical,
-/// and fewer bytes on the wire for compressible memory.
+/// and fewer bytes on the wire for compressible memory. The compressing run
+/// is capped at 16 MiB/s, a link LZ4 beats many times over on these pages,
+/// so the adaptive policy keeps it on; uncapped, on this in-memory link
+/// LZ4 itself is the bottleneck and its first window turns it off (until
+/// its windows decided, they never did on pages this compressible).
 #[test]
 fn compressed_pages_memory_identical() {
     for streams in [1, 3] {
@@ -365,7 +372,7 @@ fn compressed_pages_memory_identical() {
                 .unwrap();
         }
         src.start();
-        let (plain, _, same) = run_mem_with(&src, streams, true, false);
+        let (plain, _, same) = run_mem_with(&src, streams, true, false, None);
         assert!(same);
         drop(src);
         let src = SoftVm::new(&layout(), &busy()).unwrap();
@@ -377,7 +384,7 @@ fn compressed_pages_memory_identical() {
                 .unwrap();
         }
         src.start();
-        let (z, dr, same) = run_mem_with(&src, streams, true, true);
+        let (z, dr, same) = run_mem_with(&src, streams, true, true, Some(16 << 20));
         assert!(same, "memory differs with compression ({streams} streams)");
         assert_eq!(z.pages_sent, dr.pages);
         assert!(

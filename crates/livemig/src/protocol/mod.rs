@@ -75,8 +75,8 @@ pub use messages::{
 };
 pub(crate) use pages::check_record;
 pub use pages::{
-    compress_pages, decompress_pages, page_records, stream_of, PageBatch, PageRecord, PageRecords,
-    RecordHeader, PAGE_RECORD_HEADER_LEN, STREAM_CHUNK_PAGES,
+    compress_pages, compress_pages_into, decompress_pages, page_records, stream_of, PageBatch,
+    PageRecord, PageRecords, RecordHeader, PAGE_RECORD_HEADER_LEN, STREAM_CHUNK_PAGES,
 };
 pub use postcopy::{
     PageRequest, PageRun, PostcopyArmed, PostcopyComplete, PostcopyPrepare, PostcopyPushed,

@@ -2,7 +2,7 @@
 //! [`page_records`] (decoding), LZ4 compression, and which stream carries a
 //! page ([`stream_of`]).
 
-use super::codec::{put_u32, Cursor};
+use super::codec::Cursor;
 use super::{ProtocolError, MAX_FRAME_PAYLOAD};
 use crate::memory::{MemoryLayout, PAGE_SIZE};
 
@@ -135,17 +135,28 @@ pub fn stream_of(layout: &MemoryLayout, region: usize, page: u64, streams: u32) 
 /// [`MsgKind::PagesLz4`](super::MsgKind::PagesLz4) payload.
 pub fn compress_pages(pages: &[u8], out: &mut Vec<u8>) {
     out.clear();
-    put_u32(out, pages.len() as u32);
-    let start = out.len();
-    out.resize(
-        start + lz4_flex::block::get_maximum_output_size(pages.len()),
-        0,
-    );
-    match lz4_flex::block::compress_into(pages, &mut out[start..]) {
-        Ok(n) => out.truncate(start + n),
+    let n = compress_pages_into(pages, out);
+    out.truncate(n);
+}
+
+/// Compresses a `Pages` payload into `out` as a
+/// [`MsgKind::PagesLz4`](super::MsgKind::PagesLz4) payload and returns its
+/// length: the payload is `out[..n]`, what follows is left over. `out`
+/// only grows (zero-filled as it does, to the largest output a payload of
+/// this size may need); a buffer reused frame after frame is not cleared
+/// and zero-filled again for every frame, as [`compress_pages`] does.
+pub fn compress_pages_into(pages: &[u8], out: &mut Vec<u8>) -> usize {
+    const LEN: usize = 4;
+    let need = LEN + lz4_flex::block::get_maximum_output_size(pages.len());
+    if out.len() < need {
+        out.resize(need, 0);
+    }
+    out[..LEN].copy_from_slice(&(pages.len() as u32).to_le_bytes());
+    match lz4_flex::block::compress_into(pages, &mut out[LEN..need]) {
+        Ok(n) => LEN + n,
         // Cannot happen with a buffer of the maximum size; send it raw-sized
         // garbage-free anyway: an empty block decodes to a length mismatch.
-        Err(_) => out.truncate(start),
+        Err(_) => LEN,
     }
 }
 
@@ -580,6 +591,12 @@ mod tests {
         let mut z = Vec::new();
         compress_pages(&raw, &mut z);
         assert!(z.len() < raw.len() / 2, "{} of {}", z.len(), raw.len());
+        // Into a buffer left over from a larger, different payload: the
+        // same bytes, whatever follows them.
+        let mut reused = vec![0xa5; 4 * raw.len()];
+        let n = compress_pages_into(&raw, &mut reused);
+        assert_eq!(reused[..n], z[..]);
+        assert_eq!(reused.len(), 4 * raw.len(), "a large enough buffer is kept");
         let mut back = Vec::new();
         decompress_pages(&z, &mut back).unwrap();
         assert_eq!(back, raw);

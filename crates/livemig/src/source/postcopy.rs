@@ -11,6 +11,7 @@ use std::time::Instant;
 use serde::Serialize;
 
 use super::precopy::Converged;
+use super::sender::wait_with_keepalives;
 use super::session::{ms, Session, Tracking};
 use super::switchover::{Committed, NotCommitted};
 use super::CancelToken;
@@ -713,7 +714,7 @@ impl Shared<'_> {
     /// then the destination's `PostcopyComplete`. Returns the pages pushed.
     fn push(&self, t: &mut Tracking<'_>, pushed: &mut u64) -> Result<(), String> {
         let alive_every = t.sender.alive_every;
-        let (fw, pacer) = (&mut t.sender.fw, &mut t.sender.pacer);
+        let (fw, pacer) = (&mut t.sender.fw, &t.sender.pacer);
         let mut batch = PageBatch::with_capacity(PageBatch::data_record_len(PUSH_PAGES as u32));
         let mut cursor = (0, 0);
         while let Some((region, page, n)) = self.next_run(&mut cursor) {
@@ -725,25 +726,12 @@ impl Shared<'_> {
                 .map_err(|e| e.to_string())?;
             *pushed += n;
             // `max_bandwidth` caps the push too (the guest's network is
-            // shared while it runs on the destination); answers are not
-            // paced: they are few and a vCPU waits for each.
+            // shared while it runs on the destination): the migration's
+            // one budget, with keepalives while it waits (the destination
+            // reads with its I/O timeout). Answers are not paced: they are
+            // few and a vCPU waits for each.
             let wait = pacer.account(batch.len_bytes() as u64);
-            if !wait.is_zero() {
-                // In slices, each followed by a keepalive: the destination
-                // reads with its I/O timeout.
-                let until = Instant::now() + wait;
-                loop {
-                    let left = until.saturating_duration_since(Instant::now());
-                    if left.is_zero() {
-                        break;
-                    }
-                    std::thread::sleep(left.min(alive_every));
-                    fw.write_frame(MsgKind::Keepalive, &[])
-                        .and_then(|_| fw.flush())
-                        .map_err(|e| e.to_string())?;
-                }
-                pacer.rewind();
-            }
+            wait_with_keepalives(fw, wait, alive_every).map_err(|e| e.to_string())?;
         }
         let (_, requested) = *lock(&self.requests);
         fw.send(&PostcopyPushed {

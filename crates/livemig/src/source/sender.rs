@@ -2,7 +2,7 @@
 //! bandwidth cap and keepalives.
 
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use super::streams::StreamPool;
@@ -10,50 +10,104 @@ use crate::memory::{MemoryLayout, PAGE_SIZE};
 use crate::policy::{
     lz4_pays_in_window, CompressionSample, LinkWindow, MigrationConfig, COMPRESS_SAMPLE,
 };
-use crate::protocol::{compress_pages, FrameWriter, MsgKind, PageBatch, ProtocolError};
+use crate::protocol::{compress_pages_into, FrameWriter, MsgKind, PageBatch, ProtocolError};
 use crate::ram::HostRam;
 use crate::transport::Transport;
 
-/// Simple pacing for `max_bandwidth`.
+/// The bandwidth cap ([`MigrationConfig::max_bandwidth`]): one budget for
+/// the whole migration, shared by the writers of every connection (the
+/// control connection's and each page stream's clone the same [`Pacer`]),
+/// so that all of them together stay within the cap and a stream with
+/// nothing to send leaves its share to the others.
+///
+/// Each writer accounts the bytes it just wrote ([`Pacer::account`]) and
+/// then waits the time returned: until the link, sending at the cap since
+/// the budget began, would have carried every byte accounted so far by
+/// any writer. Time nobody sent in is credit for at most [`PACER_CREDIT`]:
+/// after an idle stretch the writers may burst that much, no more.
+#[derive(Clone)]
 pub(super) struct Pacer {
-    pub(super) rate: Option<u64>,
-    pub(super) start: Instant,
-    pub(super) bytes: u64,
-    /// Shared by all streams: set when the cap no longer applies.
-    pub(super) lifted: Arc<AtomicBool>,
+    budget: Arc<Budget>,
 }
 
+/// What the writers sharing a [`Pacer`] share.
+struct Budget {
+    /// Bytes per second; `None` (or 0): no cap.
+    rate: Option<u64>,
+    /// When the link, at `rate`, has carried every byte accounted so far.
+    paid_until: Mutex<Instant>,
+    /// Set when the cap no longer applies (the final copy, while paused).
+    lifted: AtomicBool,
+}
+
+/// How long a budget remembers time nobody sent in (a burst after an idle
+/// stretch carries at most this much time of the cap).
+pub(super) const PACER_CREDIT: Duration = Duration::from_secs(1);
+
 impl Pacer {
-    pub(super) fn new(rate: Option<u64>, lifted: Arc<AtomicBool>) -> Self {
+    /// A budget of `rate` bytes/s (`None`: no cap) that begins now.
+    pub(super) fn new(rate: Option<u64>) -> Self {
         Pacer {
-            rate,
-            start: Instant::now(),
-            bytes: 0,
-            lifted,
+            budget: Arc::new(Budget {
+                rate: rate.filter(|r| *r > 0),
+                paid_until: Mutex::new(Instant::now()),
+                lifted: AtomicBool::new(false),
+            }),
         }
     }
 
-    /// Accounts `bytes` just sent; returns how long to wait before sending
-    /// more (the caller waits, sending keepalives, see
-    /// [`PageSender::pace`]).
-    pub(super) fn account(&mut self, bytes: u64) -> Duration {
-        let Some(rate) = self.rate.filter(|r| *r > 0) else {
+    /// Lifts the cap for every writer sharing it, for good.
+    pub(super) fn lift(&self) {
+        self.budget.lifted.store(true, Ordering::SeqCst);
+    }
+
+    /// Accounts `bytes` just sent by one of the writers; returns how long
+    /// that writer is to wait before sending more (it waits sending
+    /// keepalives, see [`wait_with_keepalives`]). Zero without a cap or
+    /// once it is lifted.
+    pub(super) fn account(&self, bytes: u64) -> Duration {
+        let Some(rate) = self.budget.rate else {
             return Duration::ZERO;
         };
-        if self.lifted.load(Ordering::Relaxed) {
+        if self.budget.lifted.load(Ordering::Relaxed) {
             return Duration::ZERO;
         }
-        self.bytes += bytes;
-        let due = Duration::from_secs_f64(self.bytes as f64 / rate as f64);
-        due.saturating_sub(self.start.elapsed())
+        let now = Instant::now();
+        let mut paid = self
+            .budget
+            .paid_until
+            .lock()
+            .unwrap_or_else(|e| e.into_inner());
+        let from = match now.checked_sub(PACER_CREDIT) {
+            Some(oldest) => (*paid).max(oldest),
+            None => *paid,
+        };
+        *paid = from + Duration::from_secs_f64(bytes as f64 / rate as f64);
+        paid.saturating_duration_since(now)
     }
+}
 
-    /// After the wait: keep the window short so bursts after idle periods
-    /// stay bounded.
-    pub(super) fn rewind(&mut self) {
-        if self.start.elapsed() > Duration::from_secs(1) {
-            self.start = Instant::now();
-            self.bytes = 0;
+/// Waits `wait` (for the bandwidth cap) in slices of at most `every`,
+/// writing a `Keepalive` on `fw` after each slice that leaves more to wait:
+/// a slow cap never keeps the peer's read timeout waiting. Returns whether
+/// it wrote any.
+pub(super) fn wait_with_keepalives(
+    fw: &mut FrameWriter<Box<dyn Transport>>,
+    wait: Duration,
+    every: Duration,
+) -> Result<bool, ProtocolError> {
+    let until = Instant::now() + wait;
+    let mut wrote = false;
+    loop {
+        let left = until.saturating_duration_since(Instant::now());
+        if left.is_zero() {
+            return Ok(wrote);
+        }
+        std::thread::sleep(left.min(every));
+        if Instant::now() < until {
+            fw.write_frame(MsgKind::Keepalive, &[])?;
+            fw.flush()?;
+            wrote = true;
         }
     }
 }
@@ -143,7 +197,10 @@ pub(super) struct PageSender<'a> {
     /// The page frames since this sender last looked at whether LZ4 pays.
     pub(super) lz4_window: Option<Lz4Window>,
     /// The link's rate (bytes/s) as last measured while LZ4 was off and
-    /// the link the bottleneck ([`lz4_pays_in_window`]).
+    /// the link the bottleneck ([`lz4_pays_in_window`]); before that, the
+    /// bandwidth cap if there is one: uncompressed, page data cannot move
+    /// faster than the cap (all connections share it), so LZ4 reaching
+    /// more than that pays without switching it off to measure.
     link_rate: Option<f64>,
 }
 
@@ -177,13 +234,12 @@ impl Lz4Window {
 
 impl<'a> PageSender<'a> {
     /// A writer of the pages of `ram` (laid out as `layout`) on `fw`,
-    /// capped at `rate` bytes/s until `lifted` is set.
+    /// paced by `pacer` (the migration's one bandwidth budget).
     pub(super) fn new(
         fw: FrameWriter<Box<dyn Transport>>,
         ram: HostRam<'a>,
         layout: &MemoryLayout,
-        rate: Option<u64>,
-        lifted: Arc<AtomicBool>,
+        pacer: Pacer,
         lz4_on: Arc<AtomicBool>,
         config: &MigrationConfig,
     ) -> Self {
@@ -194,7 +250,7 @@ impl<'a> PageSender<'a> {
             batch_pages: u64::from(batch_pages),
             layout: layout.clone(),
             ram,
-            pacer: Pacer::new(rate, lifted),
+            pacer,
             counts: Counts::default(),
             skip_zero: true,
             skip_untouched: false,
@@ -208,7 +264,7 @@ impl<'a> PageSender<'a> {
             alive_every: keepalive_every(config.io_timeout),
             first_page: None,
             lz4_window: None,
-            link_rate: None,
+            link_rate: config.max_bandwidth.map(|r| r as f64),
         }
     }
 
@@ -262,20 +318,21 @@ impl PageSender<'_> {
         let raw = self.batch.as_bytes();
         let sample = on || self.frames.is_multiple_of(COMPRESS_SAMPLE);
         self.frames += 1;
-        let compressed = match self.lz4.as_mut().filter(|_| sample) {
+        let packed = match self.lz4.as_mut().filter(|_| sample) {
             Some(buf) => {
                 let t0 = Instant::now();
-                compress_pages(raw, buf);
+                let n = compress_pages_into(raw, buf);
                 self.counts.lz4_ns += t0.elapsed().as_nanos() as u64;
                 self.counts.lz4_raw += raw.len() as u64;
-                self.counts.lz4_packed += buf.len() as u64;
-                // Keep it only if it saves at least an eighth.
-                on && buf.len() < raw.len() - raw.len() / 8
+                self.counts.lz4_packed += n as u64;
+                Some(n)
             }
-            None => false,
+            None => None,
         };
-        let (kind, payload) = match &self.lz4 {
-            Some(buf) if compressed => (MsgKind::PagesLz4, buf.as_slice()),
+        // Keep it only if it saves at least an eighth.
+        let compressed = on && packed.is_some_and(|n| n < raw.len() - raw.len() / 8);
+        let (kind, payload) = match (&self.lz4, packed) {
+            (Some(buf), Some(n)) if compressed => (MsgKind::PagesLz4, &buf[..n]),
             _ => (MsgKind::Pages, raw),
         };
         let t0 = Instant::now();
@@ -340,25 +397,12 @@ impl PageSender<'_> {
         }
     }
 
-    /// Waits `wait` for the bandwidth cap, in slices of at most
-    /// the keepalive interval, with a `Keepalive` on this connection after each
-    /// slice that leaves more to wait: a slow cap never keeps the peer's
-    /// read timeout waiting.
+    /// Waits `wait` for the bandwidth cap, sending keepalives on this
+    /// connection meanwhile ([`wait_with_keepalives`]).
     pub(super) fn pace(&mut self, wait: Duration) -> Result<(), ProtocolError> {
-        let until = Instant::now() + wait;
-        loop {
-            let left = until.saturating_duration_since(Instant::now());
-            if left.is_zero() {
-                break;
-            }
-            std::thread::sleep(left.min(self.alive_every));
-            if Instant::now() < until {
-                self.fw.write_frame(MsgKind::Keepalive, &[])?;
-                self.fw.flush()?;
-                self.last_control = Instant::now();
-            }
+        if wait_with_keepalives(&mut self.fw, wait, self.alive_every)? {
+            self.last_control = Instant::now();
         }
-        self.pacer.rewind();
         Ok(())
     }
 
@@ -425,5 +469,32 @@ impl PageSender<'_> {
             self.last_control = Instant::now();
         }
         Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Every clone of a [`Pacer`] draws on one budget: what one writer
+    /// sent makes the next writer wait too, and lifting it lifts it for
+    /// all. (Bounds are loose: only the waits computed are compared, a
+    /// stalled test thread can only make them shorter.)
+    #[test]
+    fn clones_of_a_pacer_share_one_budget() {
+        let rate = 1 << 20;
+        let a = Pacer::new(Some(rate));
+        let b = a.clone();
+        let half = Duration::from_millis(500);
+        // No credit at the start: half a second's bytes wait about that.
+        let wa = a.account(rate / 2);
+        assert!(wa <= half && wa > half / 2, "{wa:?}");
+        // The other writer queues behind them: about a second in all
+        // (with a budget of its own, half a second).
+        let wb = b.account(rate / 2);
+        assert!(wb <= 2 * half && wb > half + half / 2, "{wb:?}");
+        a.lift();
+        assert_eq!(b.account(rate), Duration::ZERO);
+        assert_eq!(Pacer::new(None).account(rate), Duration::ZERO);
     }
 }

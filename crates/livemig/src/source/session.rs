@@ -9,7 +9,7 @@ use std::time::{Duration, Instant};
 use super::cancel::CancelToken;
 use super::handshake::{Accepted, StateEstimate};
 use super::probe::Prober;
-use super::sender::PageSender;
+use super::sender::{Pacer, PageSender};
 use super::unarmed::Unarmed;
 use crate::control::ControlReader;
 use crate::error::{MigrationError, Phase};
@@ -99,21 +99,18 @@ impl<'a> Tracking<'a> {
             tracker = Box::new(Unarmed::new(tracker, ram.clone(), layout));
         }
         let dirty_tracking = tracker.describe();
-        let lifted = Arc::new(AtomicBool::new(false));
+        // One budget for every connection: the cap is the whole
+        // migration's, and a stream with nothing to send leaves its share
+        // to the others.
+        let pacer = Pacer::new(config.max_bandwidth);
         // Compression, when allowed, starts on; each round decides the next.
         let lz4_on = Arc::new(AtomicBool::new(config.compress));
-        let nstreams = accepted.streams.len() as u64;
-        let per_stream = config.max_bandwidth.map(|r| (r / nstreams.max(1)).max(1));
-        let new = |fw, rate| {
-            let (lifted, lz4_on) = (lifted.clone(), lz4_on.clone());
-            PageSender::new(fw, ram.clone(), layout, rate, lifted, lz4_on, config)
+        let new = |fw| {
+            let (pacer, lz4_on) = (pacer.clone(), lz4_on.clone());
+            PageSender::new(fw, ram.clone(), layout, pacer, lz4_on, config)
         };
-        let workers = accepted
-            .streams
-            .into_iter()
-            .map(|w| new(w, per_stream))
-            .collect();
-        let sender = new(accepted.fw, config.max_bandwidth);
+        let workers = accepted.streams.into_iter().map(new).collect();
+        let sender = new(accepted.fw);
         // An answer slower than the whole downtime limit is no hop the
         // switchover could afford: the round keeps the estimate without.
         let wait = config.downtime_limit.min(config.io_timeout);

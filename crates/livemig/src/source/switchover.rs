@@ -2,7 +2,6 @@
 //! and the commit point ([`Paused::commit`] → [`Committed`], or the
 //! ambiguous outcome).
 
-use std::sync::atomic::Ordering;
 use std::time::Instant;
 
 use super::cancel::CancelToken;
@@ -173,7 +172,7 @@ fn final_memory(t: &mut Tracking<'_>, bitmap: &DirtyBitmap) -> Result<u64, Migra
     // The bandwidth cap protects the guest's network while it runs; while
     // it is paused every millisecond is downtime (QEMU lifts its limit at
     // completion too).
-    sender.pacer.lifted.store(true, Ordering::SeqCst);
+    sender.pacer.lift();
     // Paused: no need to re-arm the log, nothing is writing.
     sender.send_bitmap(bitmap, None, &CancelToken::new(), fm)?;
     // One barrier: every stream flushes and ends with `Complete`.
