@@ -5,7 +5,7 @@
 use std::collections::BTreeMap;
 use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
 use std::sync::{Arc, Mutex};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use kvm_bindings::KVM_MAX_CPUID_ENTRIES;
 use kvm_ioctls::{Cap, Kvm, VcpuFd, VmFd};
@@ -576,6 +576,18 @@ impl DestinationVm for KvmVm {
             d.restore_section(find_section(sections, &name)?)?;
         }
         Ok(restore_vm_last(&self.vm, sections)?)
+    }
+
+    /// Saves this not-yet-running VM's state (vCPUs, VM-wide, devices) and
+    /// times restoring exactly that: the same ioctls on the same helpers
+    /// as the switchover's restore, loading the values the VM already has
+    /// (no guest memory is written; the switchover's restore loads the
+    /// source's state over them).
+    fn rehearse_restore(&mut self) -> Result<Option<Duration>, VmError> {
+        let sections = SourceVm::save_state(self)?;
+        let t = Instant::now();
+        DestinationVm::restore_state(self, &sections)?;
+        Ok(Some(t.elapsed()))
     }
 
     fn resume(&mut self) -> Result<(), VmError> {

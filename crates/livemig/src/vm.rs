@@ -318,6 +318,29 @@ pub trait DestinationVm: Send {
     /// Loads all non-memory state. Must refuse unknown sections or versions.
     fn restore_state(&mut self, sections: &[Section]) -> Result<(), VmError>;
 
+    /// Times a restore like the switchover's, so that the source can count
+    /// the restore as long as this VM takes it instead of as long as its own
+    /// save (a restore issues other calls than a save, and this host may
+    /// be slower or faster than the source's).
+    ///
+    /// Called in the handshake, right after the VM was built and before any
+    /// page or state arrives, only when the source asked for it (a source
+    /// of this build does): twice, and the shorter time is sent (once when
+    /// the first call returns `None`). An implementation saves the state
+    /// this not-yet-running VM has now and restores exactly that, returning
+    /// how long the restore took: it must leave the VM as it found it (the
+    /// switchover's [`DestinationVm::restore_state`] loads the source's
+    /// state over it afterwards) and write no guest memory. An error
+    /// refuses the migration before any page is sent: a VM that cannot
+    /// restore its own state would fail the switchover's restore too.
+    ///
+    /// The default returns `Ok(None)`: not measured. The source then takes
+    /// the restore as long as its own save, as sources did before this
+    /// method existed.
+    fn rehearse_restore(&mut self) -> Result<Option<std::time::Duration>, VmError> {
+        Ok(None)
+    }
+
     /// Starts the vCPUs. Called once, after `restore_state` succeeded and the
     /// source committed to the switchover — not at all when the source VM
     /// was paused (the VM is then handed back paused). On error no vCPU may

@@ -11,7 +11,8 @@ use crate::error::{ErrorKind, MigrationError, Phase};
 use crate::local::LocalIdentity;
 use crate::memory::MemoryLayout;
 use crate::protocol::{
-    FrameReader, Hello, HelloReply, Message, MsgKind, ProtocolError, StreamHello, MAX_STREAMS,
+    FrameReader, Hello, HelloReply, Message, MsgKind, ProtocolError, StreamHello, MAX_RESTORE_COST,
+    MAX_STREAMS,
 };
 use crate::ram::HostRam;
 use crate::source::CancelToken;
@@ -55,6 +56,36 @@ where
     log::debug!("destination VM created in {:.2} ms", ms(t0.elapsed()));
     check_layout(vm.memory(), desc).map_err(|e| refuse(fw, e.to_string()))?;
     Ok(vm)
+}
+
+/// How many times the restore is rehearsed; the shortest is kept.
+const REHEARSALS: usize = 2;
+
+/// Times the VM's restore of its own state
+/// ([`DestinationVm::rehearse_restore`]) for a source that asked:
+/// [`REHEARSALS`] times, keeping the shortest (one restore slowed by host
+/// load must not make the source believe that every switchover costs that
+/// much, and never switch over). A VM that cannot restore its own state is
+/// refused now, before any page.
+pub(super) fn rehearse_restore<V: DestinationVm>(
+    fw: &mut ControlWriter,
+    vm: &mut V,
+) -> Result<Option<Duration>, MigrationError> {
+    let mut best: Option<Duration> = None;
+    for _ in 0..REHEARSALS {
+        let cost = vm.rehearse_restore().map_err(|e| {
+            refuse(
+                fw,
+                format!("this destination's VM cannot restore its own state: {e}"),
+            )
+        })?;
+        let Some(c) = cost else {
+            return Ok(None);
+        };
+        log::debug!("restore rehearsed in {:.3} ms", ms(c));
+        best = Some(best.map_or(c, |b| b.min(c)));
+    }
+    Ok(best.map(|c| c.min(MAX_RESTORE_COST)))
 }
 
 /// The VM's memory, every page reading as zero: the source leaves out
@@ -122,6 +153,7 @@ pub(super) fn reply(
     // not answer probes) in this build.
     link.probe = link.probe && link.version >= 3 && !reply.postcopy;
     reply.probe = link.probe;
+    reply.restore_cost = link.restore_cost.filter(|_| link.version >= 3);
     link.granted = streams;
     crate::control::send(&mut link.fw, &reply, Phase::Handshake)?;
     match acceptor {
