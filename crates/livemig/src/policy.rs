@@ -4,8 +4,11 @@
 //! would cause now ([`RoundEstimate::expected_downtime`]): the time to send
 //! the bytes still dirty, the device state and what is still queued on the
 //! link ([`LinkMeter::transfer_time`]), plus the time the device state took
-//! when it was measured at setup (pause, save, restore, resume), plus two
-//! round trips of the link (`Ready` and `Resumed`). When the estimate is
+//! when it was measured at setup (pause, save, resume; the restore as the
+//! destination timed it, or as long as the save), plus the latest round's
+//! dirty-log sync (the final sync), plus two round trips of the link
+//! (`Ready` and `Resumed`). The report shows these parts
+//! ([`crate::report::ExpectedBreakdown`]). When the estimate is
 //! within [`MigrationConfig::downtime_limit`], the source stops the VM and
 //! sends the rest.
 //!
