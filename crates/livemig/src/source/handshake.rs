@@ -326,6 +326,12 @@ pub(super) fn measure_state<V: SourceVm + ?Sized>(
             restore_measured: false,
             resume: t_resumed - t_saved,
         };
+        log::debug!(
+            "state measurement: pause {:.3} ms, save {:.3} ms, resume {:.3} ms",
+            super::session::ms(t_paused - t),
+            super::session::ms(this.save),
+            super::session::ms(this.resume)
+        );
         let kept = match best {
             Some(b) if b.total() <= this.total() => b,
             _ => this,
