@@ -12,7 +12,8 @@ use kvm_ioctls::{Cap, Kvm, VcpuFd, VmFd};
 use livemig::memory::{GuestMemory, GuestRam, MemoryLayout, RegionDesc};
 use livemig::state::{DeviceState, Section, StateError};
 use livemig::vm::{
-    DestinationVm, DirtyTracker, NicInfo, SourceVm, VcpuThrottle, VmDescription, VmError, VmOp,
+    DestinationVm, DirtyTracker, NicInfo, RestoreRehearsal, SourceVm, VcpuThrottle, VmDescription,
+    VmError, VmOp,
 };
 
 use crate::cpu::{
@@ -578,16 +579,21 @@ impl DestinationVm for KvmVm {
         Ok(restore_vm_last(&self.vm, sections)?)
     }
 
-    /// Saves this not-yet-running VM's state (vCPUs, VM-wide, devices) and
-    /// times restoring exactly that: the same ioctls on the same helpers
-    /// as the switchover's restore, loading the values the VM already has
-    /// (no guest memory is written; the switchover's restore loads the
-    /// source's state over them).
-    fn rehearse_restore(&mut self) -> Result<Option<Duration>, VmError> {
+    /// Saves this not-yet-running VM's state (vCPUs, VM-wide, devices),
+    /// timing the save, and times restoring exactly that: the same ioctls
+    /// on the same helpers as the switchover's save and restore, loading
+    /// the values the VM already has (no guest memory is written; the
+    /// switchover's restore loads the source's state over them).
+    fn rehearse_restore(&mut self) -> Result<Option<RestoreRehearsal>, VmError> {
+        let t = Instant::now();
         let sections = SourceVm::save_state(self)?;
+        let save = t.elapsed();
         let t = Instant::now();
         DestinationVm::restore_state(self, &sections)?;
-        Ok(Some(t.elapsed()))
+        Ok(Some(RestoreRehearsal {
+            save,
+            restore: t.elapsed(),
+        }))
     }
 
     fn resume(&mut self) -> Result<(), VmError> {

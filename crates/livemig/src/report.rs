@@ -95,13 +95,18 @@ pub struct ExpectedBreakdown {
     /// state at the link's measured rate (with the switchover probe: the
     /// state's measured burst instead of its bytes).
     pub transfer_ms: f64,
-    /// The destination's restore: as the destination timed it in the
-    /// handshake when [`ExpectedBreakdown::dest_restore_measured`], else as
+    /// The destination's restore: when
+    /// [`ExpectedBreakdown::dest_restore_measured`], the save times the
+    /// destination's rehearsed restore / save (bounded to 0.25–4), else as
     /// long as the save.
     pub dest_restore_ms: f64,
-    /// Whether [`ExpectedBreakdown::dest_restore_ms`] is the destination's
-    /// own measurement.
+    /// Whether [`ExpectedBreakdown::dest_restore_ms`] was scaled by the
+    /// destination's rehearsal.
     pub dest_restore_measured: bool,
+    /// The destination's rehearsed save (0 when it sent none).
+    pub dest_rehearsal_save_ms: f64,
+    /// The destination's rehearsed restore (0 when it sent none).
+    pub dest_rehearsal_restore_ms: f64,
     /// The destination's resume, as long as the source's resume in the
     /// handshake's measurement.
     pub dest_resume_ms: f64,

@@ -125,9 +125,9 @@ const HELLO_REPLY_PROBE: &str = r#"
     04                                # switchover probe granted
 "#;
 
-// HELLO_REPLY_RESTORE_COST: 37 bytes (a version-3 reply granting the
-// switchover probe and carrying the destination's restore cost, 1234 µs,
-// to a source that asked for it; docs/protocol.md)
+// HELLO_REPLY_RESTORE_COST: 45 bytes (a version-3 reply granting the
+// switchover probe and carrying the destination's rehearsed save, 1234 µs,
+// and restore, 4321 µs, to a source that asked for it; docs/protocol.md)
 const HELLO_REPLY_RESTORE_COST: &str = r#"
     01                                # accepted
     0000                              # reason: length 0
@@ -136,7 +136,8 @@ const HELLO_REPLY_RESTORE_COST: &str = r#"
     03000000                          # version 3
     04                                # switchover probe granted
     05                                # restore cost follows
-    d204000000000000                  # 1234 µs
+    d204000000000000                  # save 1234 µs
+    e110000000000000                  # restore 4321 µs
 "#;
 
 // HELLO_V3_RESTORE_COST: HELLO_V3 asking for the restore cost (one more
@@ -584,7 +585,10 @@ fn hello_asking_for_the_restore_cost_and_a_reply_carrying_it() {
             postcopy_prepare: false,
             local: false,
             probe: true,
-            restore_cost: Some(std::time::Duration::from_micros(1234)),
+            restore_cost: Some(livemig::vm::RestoreRehearsal {
+                save: std::time::Duration::from_micros(1234),
+                restore: std::time::Duration::from_micros(4321),
+            }),
         },
     );
 }

@@ -1,7 +1,8 @@
 //! The destination's restore in the expected downtime: a destination
-//! that times a restore of its own state in the handshake
-//! (`DestinationVm::rehearse_restore`) sends it in `HelloReply`, and the
-//! source counts that instead of a restore as long as its own save.
+//! that times a save and a restore of its own state in the handshake
+//! (`DestinationVm::rehearse_restore`) sends both in `HelloReply`, and the
+//! source counts its own save times that restore / save ratio instead of a
+//! restore as long as its own save.
 //!
 //! The software VMs are told how long their save and restore take (sleeps:
 //! a sleep never ends early, so every bound below is a lower bound that
@@ -14,7 +15,7 @@ use livemig::state::Section;
 use livemig::testing::hooked::HookedVm;
 use livemig::testing::soft::{SoftConfig, SoftVm};
 use livemig::transport::mem;
-use livemig::vm::{DestinationVm, SourceVm, VmError};
+use livemig::vm::{DestinationVm, RestoreRehearsal, SourceVm, VmError};
 use livemig::{Migration, MigrationConfig, Reception, Report};
 
 /// The source's save.
@@ -45,7 +46,10 @@ fn slow_saving_source() -> HookedVm<'static, SoftVm> {
 /// How the destination answers `rehearse_restore`.
 #[derive(Clone, Copy)]
 enum Rehearsal {
-    /// Saves its own state and times restoring it (the slow restore).
+    /// Reports the save and restore it was told to take ([`SAVE`],
+    /// [`RESTORE`]): a ratio of exactly 3.
+    Told,
+    /// Times a save that sleeps [`SAVE`] and its slow restore.
     Timed,
     /// The trait's default: not measured.
     Default,
@@ -71,14 +75,24 @@ impl DestinationVm for SlowRestore {
         self.vm.restore_state(sections)
     }
 
-    fn rehearse_restore(&mut self) -> Result<Option<Duration>, VmError> {
+    fn rehearse_restore(&mut self) -> Result<Option<RestoreRehearsal>, VmError> {
         self.rehearsals += 1;
         match self.rehearsal {
+            Rehearsal::Told => Ok(Some(RestoreRehearsal {
+                save: SAVE,
+                restore: RESTORE,
+            })),
             Rehearsal::Timed => {
+                let t = Instant::now();
+                std::thread::sleep(SAVE);
                 let sections = SourceVm::save_state(&self.vm)?;
+                let save = t.elapsed();
                 let t = Instant::now();
                 self.restore_state(&sections)?;
-                Ok(Some(t.elapsed()))
+                Ok(Some(RestoreRehearsal {
+                    save,
+                    restore: t.elapsed(),
+                }))
             }
             Rehearsal::Default => Ok(None),
             Rehearsal::Fails => Err(VmError::State(livemig::state::StateError::Missing(
@@ -124,23 +138,35 @@ fn migrate(
     (src, report, dst)
 }
 
-/// A destination whose restore takes three times the source's save: the
-/// expected downtime covers the save and the restore as the VMs were told
-/// to take them, and says the restore is the destination's measurement.
-/// (Before the destination could tell, the estimate counted a restore as
-/// long as the save: ~2 × 10 ms plus the pause and resume, against at
-/// least 10 + 30 ms.)
+/// A destination whose restore takes three times its save (and the
+/// source's): the expected downtime covers the source's save and three
+/// times that for the restore, and says the restore was scaled by the
+/// destination's rehearsal. (Before the destination could tell, the
+/// estimate counted a restore as long as the save: ~2 × 10 ms plus the
+/// pause and resume, against at least 10 + 30 ms.)
 #[test]
 fn a_destination_restoring_three_times_slower_is_in_the_expected_downtime() {
-    let (src, report, dst) = migrate(Rehearsal::Timed);
+    let (src, report, dst) = migrate(Rehearsal::Told);
     let report = report.expect("migrated");
-    // Rehearsed twice (the shorter is sent).
-    assert_eq!(dst.expect("received").rehearsals, 2);
+    // Rehearsed once.
+    assert_eq!(dst.expect("received").rehearsals, 1);
     let ms = |d: Duration| d.as_secs_f64() * 1e3;
     let e = &report.expected_breakdown;
     assert!(e.dest_restore_measured, "{}", report.to_json());
-    assert!(e.dest_restore_ms >= ms(RESTORE), "{}", report.to_json());
+    assert_eq!(e.dest_rehearsal_save_ms, ms(SAVE), "{}", report.to_json());
+    assert_eq!(
+        e.dest_rehearsal_restore_ms,
+        ms(RESTORE),
+        "{}",
+        report.to_json()
+    );
     assert!(e.state_save_ms >= ms(SAVE), "{}", report.to_json());
+    // The restore is the source's save (at least SAVE) times 3.
+    assert!(
+        (e.dest_restore_ms - 3.0 * e.state_save_ms).abs() < 0.01,
+        "{}",
+        report.to_json()
+    );
     // The switchover takes at least SAVE + RESTORE, and so does the
     // estimate (each of its parts is at least what the VMs were told).
     assert!(
@@ -164,6 +190,33 @@ fn a_destination_restoring_three_times_slower_is_in_the_expected_downtime() {
     );
     assert!(report.downtime_breakdown.dest_restore_ms >= ms(RESTORE));
     assert!(src.is_paused(), "handed over: the source stays paused");
+}
+
+/// A destination that times its rehearsal: the source gets both halves as
+/// timed (each at least what the VM was told) and scales its save by their
+/// ratio.
+#[test]
+fn a_timed_rehearsal_scales_the_source_s_save() {
+    let (_src, report, dst) = migrate(Rehearsal::Timed);
+    let report = report.expect("migrated");
+    assert_eq!(dst.expect("received").rehearsals, 1);
+    let ms = |d: Duration| d.as_secs_f64() * 1e3;
+    let e = &report.expected_breakdown;
+    assert!(e.dest_restore_measured, "{}", report.to_json());
+    assert!(e.dest_rehearsal_save_ms >= ms(SAVE), "{}", report.to_json());
+    assert!(
+        e.dest_rehearsal_restore_ms >= ms(RESTORE),
+        "{}",
+        report.to_json()
+    );
+    // The report's times are rounded to µs; the ratio within the bounds.
+    let ratio = (e.dest_rehearsal_restore_ms / e.dest_rehearsal_save_ms).clamp(0.25, 4.0);
+    let want = e.state_save_ms * ratio;
+    assert!(
+        (e.dest_restore_ms - want).abs() <= 0.01 * want,
+        "{want:.3}: {}",
+        report.to_json()
+    );
 }
 
 /// A destination that cannot time its restore (the trait's default): the

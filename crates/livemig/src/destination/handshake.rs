@@ -17,7 +17,7 @@ use crate::protocol::{
 use crate::ram::HostRam;
 use crate::source::CancelToken;
 use crate::transport::{StreamAcceptor, Transport};
-use crate::vm::{check_layout, DestinationVm, VmDescription, VmError};
+use crate::vm::{check_layout, DestinationVm, RestoreRehearsal, VmDescription, VmError};
 
 /// Refuses the migration: a `HelloReply` with `reason` (best effort), and
 /// the error.
@@ -58,34 +58,31 @@ where
     Ok(vm)
 }
 
-/// How many times the restore is rehearsed; the shortest is kept.
-const REHEARSALS: usize = 2;
-
-/// Times the VM's restore of its own state
-/// ([`DestinationVm::rehearse_restore`]) for a source that asked:
-/// [`REHEARSALS`] times, keeping the shortest (one restore slowed by host
-/// load must not make the source believe that every switchover costs that
-/// much, and never switch over). A VM that cannot restore its own state is
-/// refused now, before any page.
+/// Times the VM's save and restore of its own state
+/// ([`DestinationVm::rehearse_restore`], once) for a source that asked. A
+/// VM that cannot restore its own state is refused now, before any page.
+/// Times over [`MAX_RESTORE_COST`] are sent as that.
 pub(super) fn rehearse_restore<V: DestinationVm>(
     fw: &mut ControlWriter,
     vm: &mut V,
-) -> Result<Option<Duration>, MigrationError> {
-    let mut best: Option<Duration> = None;
-    for _ in 0..REHEARSALS {
-        let cost = vm.rehearse_restore().map_err(|e| {
-            refuse(
-                fw,
-                format!("this destination's VM cannot restore its own state: {e}"),
-            )
-        })?;
-        let Some(c) = cost else {
-            return Ok(None);
-        };
-        log::debug!("restore rehearsed in {:.3} ms", ms(c));
-        best = Some(best.map_or(c, |b| b.min(c)));
-    }
-    Ok(best.map(|c| c.min(MAX_RESTORE_COST)))
+) -> Result<Option<RestoreRehearsal>, MigrationError> {
+    let rehearsal = vm.rehearse_restore().map_err(|e| {
+        refuse(
+            fw,
+            format!("this destination's VM cannot restore its own state: {e}"),
+        )
+    })?;
+    Ok(rehearsal.map(|r| {
+        log::debug!(
+            "restore rehearsed: save {:.3} ms, restore {:.3} ms",
+            ms(r.save),
+            ms(r.restore)
+        );
+        RestoreRehearsal {
+            save: r.save.min(MAX_RESTORE_COST),
+            restore: r.restore.min(MAX_RESTORE_COST),
+        }
+    }))
 }
 
 /// The VM's memory, every page reading as zero: the source leaves out

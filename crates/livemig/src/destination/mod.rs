@@ -271,9 +271,9 @@ pub(super) struct Link {
     /// the copying reception without post-copy: its control reader answers
     /// each `Probe`).
     probe: bool,
-    /// The VM's restore, timed in the handshake for a source that asked
-    /// ([`DestinationVm::rehearse_restore`]); sent in `HelloReply`.
-    restore_cost: Option<Duration>,
+    /// The VM's save and restore, timed in the handshake for a source that
+    /// asked ([`DestinationVm::rehearse_restore`]); sent in `HelloReply`.
+    restore_cost: Option<crate::vm::RestoreRehearsal>,
 }
 
 /// The phases, in order: handshake, memory and state, restore and commit.

@@ -13,7 +13,7 @@ use super::{
 use crate::local::{LocalIdentity, RegionIdentity};
 use crate::memory::{MemoryLayout, RegionDesc, MAX_REGIONS, PAGE_SIZE};
 use crate::state::{Section, MAX_SECTION_LEN, MAX_SECTION_NAME};
-use crate::vm::{NicInfo, VmDescription};
+use crate::vm::{NicInfo, RestoreRehearsal, VmDescription};
 
 /// Magic at the start of a [`Hello`].
 pub const HELLO_MAGIC: [u8; 8] = *b"LIVEMIG\0";
@@ -50,11 +50,12 @@ pub const PROBE_PROPERTY: &str = "livemig.probe";
 pub const RESTORE_COST_PROPERTY: &str = "livemig.restore_cost";
 
 /// The byte that introduces [`HelloReply::restore_cost`] (after the grant
-/// byte, if any; distinct from every grant byte).
+/// byte, if any; distinct from every grant byte): then the rehearsal's save
+/// and restore, in µs, each a u64.
 const RESTORE_COST_TAG: u8 = 5;
 
-/// The longest restore cost a `HelloReply` may carry (60 s); a longer one
-/// is refused as malformed.
+/// The longest save or restore a `HelloReply`'s restore cost may carry
+/// (60 s each); a longer one is refused as malformed.
 pub const MAX_RESTORE_COST: Duration = Duration::from_secs(60);
 
 /// A message with a typed payload (every kind except `Pages`).
@@ -496,13 +497,14 @@ pub struct HelloReply {
     /// version 3 and later: one more byte after `version`, `4`; never
     /// together with the other grants in this build).
     pub probe: bool,
-    /// How long the destination's VM took to restore a state like the
-    /// switchover's, timed in the handshake
+    /// How long the destination's VM took to save its own state and to
+    /// restore exactly that, timed in the handshake
     /// ([`crate::vm::DestinationVm::rehearse_restore`]): only to a source
     /// that asked for it ([`Hello::restore_cost`]), in version 3 and later,
-    /// after the grant byte (if any): the byte `5`, then the time in µs as
-    /// a u64 (at most [`MAX_RESTORE_COST`]). `None` when not measured.
-    pub restore_cost: Option<Duration>,
+    /// after the grant byte (if any): the byte `5`, then the save and the
+    /// restore in µs, each a u64 (each at most [`MAX_RESTORE_COST`]).
+    /// `None` when not measured.
+    pub restore_cost: Option<RestoreRehearsal>,
 }
 
 impl HelloReply {
@@ -567,15 +569,19 @@ impl Message for HelloReply {
             } else if self.probe {
                 out.push(4);
             }
-            if let Some(cost) = self.restore_cost {
-                if cost > MAX_RESTORE_COST {
+            if let Some(r) = self.restore_cost {
+                let too_long = [r.save, r.restore]
+                    .into_iter()
+                    .find(|d| *d > MAX_RESTORE_COST);
+                if let Some(d) = too_long {
                     return Err(ProtocolError::Unencodable {
                         msg: "HelloReply",
-                        reason: format!("restore cost {cost:?} is over {MAX_RESTORE_COST:?}"),
+                        reason: format!("restore cost {d:?} is over {MAX_RESTORE_COST:?}"),
                     });
                 }
                 out.push(RESTORE_COST_TAG);
-                put_u64(out, cost.as_micros() as u64);
+                put_u64(out, r.save.as_micros() as u64);
+                put_u64(out, r.restore.as_micros() as u64);
             }
         }
         Ok(())
@@ -641,11 +647,18 @@ impl Message for HelloReply {
 
 /// Reads [`HelloReply::restore_cost`] if its tag byte comes next (any other
 /// byte is left to `finish`, which refuses it as trailing).
-fn read_restore_cost(c: &mut Cursor<'_>) -> Result<Option<Duration>, ProtocolError> {
+fn read_restore_cost(c: &mut Cursor<'_>) -> Result<Option<RestoreRehearsal>, ProtocolError> {
     if c.data.get(c.pos) != Some(&RESTORE_COST_TAG) {
         return Ok(None);
     }
     c.pos += 1;
+    let save = read_cost_micros(c)?;
+    let restore = read_cost_micros(c)?;
+    Ok(Some(RestoreRehearsal { save, restore }))
+}
+
+/// One time of the restore cost: µs as a u64, at most [`MAX_RESTORE_COST`].
+fn read_cost_micros(c: &mut Cursor<'_>) -> Result<Duration, ProtocolError> {
     let at = c.pos;
     let cost = Duration::from_micros(c.u64()?);
     if cost > MAX_RESTORE_COST {
@@ -654,7 +667,7 @@ fn read_restore_cost(c: &mut Cursor<'_>) -> Result<Option<Duration>, ProtocolErr
             format!("restore cost {cost:?} is over {MAX_RESTORE_COST:?}"),
         ));
     }
-    Ok(Some(cost))
+    Ok(cost)
 }
 
 /// First frame of an extra page stream (source → destination): which
@@ -1587,8 +1600,12 @@ mod tests {
 
     #[test]
     fn the_restore_cost_round_trips_after_any_grant_and_is_bounded() {
+        let us = Duration::from_micros;
         let mut r = HelloReply::accepted(1, [0; 16]);
-        r.restore_cost = Some(Duration::from_micros(4321));
+        r.restore_cost = Some(RestoreRehearsal {
+            save: us(1234),
+            restore: us(4321),
+        });
         for (probe, postcopy, local) in [
             (false, false, false),
             (true, false, false),
@@ -1609,21 +1626,37 @@ mod tests {
         v2.version = 2;
         let back = HelloReply::decode(&v2.encode().unwrap()).unwrap();
         assert_eq!(back.restore_cost, None);
-        // Over the bound: not encoded, and refused when read.
-        r.restore_cost = Some(MAX_RESTORE_COST + Duration::from_micros(1));
-        assert!(r.encode().is_err());
-        let mut b = HelloReply::accepted(1, [0; 16]).encode().unwrap();
-        b.push(RESTORE_COST_TAG);
-        b.extend_from_slice(&(MAX_RESTORE_COST.as_micros() as u64 + 1).to_le_bytes());
-        let e = HelloReply::decode(&b).unwrap_err().to_string();
-        assert!(e.contains("restore cost"), "{e}");
-        // Cut short, or followed by anything: refused.
+        // Either time over the bound: not encoded, and refused when read.
+        let over = MAX_RESTORE_COST + us(1);
+        let ok = MAX_RESTORE_COST.as_micros() as u64;
+        for (save, restore) in [(over, us(1)), (us(1), over)] {
+            r.restore_cost = Some(RestoreRehearsal { save, restore });
+            assert!(r.encode().is_err());
+        }
+        for (save, restore) in [(ok + 1, 1), (1, ok + 1)] {
+            let mut b = HelloReply::accepted(1, [0; 16]).encode().unwrap();
+            b.push(RESTORE_COST_TAG);
+            b.extend_from_slice(&save.to_le_bytes());
+            b.extend_from_slice(&restore.to_le_bytes());
+            let e = HelloReply::decode(&b).unwrap_err().to_string();
+            assert!(e.contains("restore cost"), "{e}");
+        }
+        // Cut short (in either time), or followed by anything: refused.
         let mut b = HelloReply::accepted(1, [0; 16]).encode().unwrap();
         b.push(RESTORE_COST_TAG);
         b.extend_from_slice(&[1, 2, 3]);
         assert!(HelloReply::decode(&b).is_err());
         b.extend_from_slice(&[0; 5]);
-        assert!(HelloReply::decode(&b).is_ok());
+        assert!(HelloReply::decode(&b).is_err());
+        b.extend_from_slice(&[2, 0, 0, 0, 0, 0, 0, 0]);
+        let back = HelloReply::decode(&b).unwrap();
+        assert_eq!(
+            back.restore_cost,
+            Some(RestoreRehearsal {
+                save: us(0x030201),
+                restore: us(2)
+            })
+        );
         b.push(0);
         assert!(HelloReply::decode(&b).is_err());
     }

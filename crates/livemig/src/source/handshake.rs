@@ -13,7 +13,7 @@ use crate::protocol::{
     MIN_PROTOCOL_VERSION, PROTOCOL_VERSION,
 };
 use crate::transport::{StreamOpener, Transport};
-use crate::vm::{SourceVm, VmDescription};
+use crate::vm::{RestoreRehearsal, SourceVm, VmDescription};
 
 /// The destination accepted the migration.
 pub(super) struct Accepted {
@@ -38,9 +38,10 @@ pub(super) struct Accepted {
     pub(super) round0: DirtyBitmap,
     /// The switchover probe granted.
     pub(super) probe: bool,
-    /// The destination's restore as it timed it in the handshake (`None`:
-    /// not measured, or a destination that does not know the request).
-    pub(super) restore_cost: Option<Duration>,
+    /// The destination's save and restore as it timed them in the
+    /// handshake (`None`: not measured, or a destination that does not know
+    /// the request).
+    pub(super) restore_cost: Option<RestoreRehearsal>,
 }
 
 /// What the switchover will cost beyond memory, part by part, measured
@@ -51,10 +52,14 @@ pub(crate) struct StateParts {
     pub(crate) pause: Duration,
     /// Saving the state.
     pub(crate) save: Duration,
-    /// The destination's restore: as it timed it, or as long as the save.
+    /// The destination's restore: this side's save scaled by the
+    /// destination's rehearsal ([`scaled_restore`]), or as long as the save.
     pub(crate) restore: Duration,
-    /// Whether [`StateParts::restore`] is the destination's measurement.
+    /// Whether [`StateParts::restore`] was scaled by the destination's
+    /// rehearsal.
     pub(crate) restore_measured: bool,
+    /// The destination's rehearsal, as it sent it.
+    pub(crate) rehearsal: Option<RestoreRehearsal>,
     /// The destination's resume, taken as long as this side's resume.
     pub(crate) resume: Duration,
 }
@@ -215,7 +220,11 @@ pub(super) fn estimate_state<V: SourceVm + ?Sized>(
 ) -> Result<StateEstimate, MigrationError> {
     let hs = Phase::Handshake;
     let (mut parts, sections) = measure_state(s.vm, s.paused, s.config.downtime_limit)?;
-    if let Some(restore) = accepted.restore_cost {
+    parts.rehearsal = accepted.restore_cost;
+    if let Some(restore) = accepted
+        .restore_cost
+        .and_then(|r| scaled_restore(parts.save, r))
+    {
         parts.restore = restore;
         parts.restore_measured = true;
     }
@@ -224,10 +233,13 @@ pub(super) fn estimate_state<V: SourceVm + ?Sized>(
         super::session::ms(parts.pause),
         super::session::ms(parts.save),
         super::session::ms(parts.restore),
-        if parts.restore_measured {
-            "the destination's"
-        } else {
-            "as the save"
+        match parts.rehearsal {
+            Some(r) if parts.restore_measured => format!(
+                "the save x the destination's restore {:.3} ms / save {:.3} ms",
+                super::session::ms(r.restore),
+                super::session::ms(r.save)
+            ),
+            _ => "as the save".to_string(),
         },
         super::session::ms(parts.resume)
     );
@@ -239,6 +251,28 @@ pub(super) fn estimate_state<V: SourceVm + ?Sized>(
         state_frames(sections, MAX_FRAME_PAYLOAD).map_err(|e| MigrationError::new(hs, e))?;
     check_old_peer(accepted.version, s.paused, frames.len())?;
     Ok(StateEstimate { parts, wire_bytes })
+}
+
+/// The bounds of the destination's restore / save ratio in
+/// [`scaled_restore`]: a ratio outside is taken as the bound (one half of
+/// the rehearsal hit by a host hiccup the other missed must not make the
+/// estimate, counted every round, absurd).
+pub(crate) const RESTORE_RATIO_BOUNDS: (f64, f64) = (0.25, 4.0);
+
+/// The destination's restore, estimated as this side's `save` times the
+/// destination's rehearsed restore / save: the source's save and the
+/// destination's restore then come from one host's pause each, and a
+/// slowdown common to both halves of the rehearsal (the destination's host
+/// busy with the still-running source, say) cancels. The ratio is bounded
+/// by [`RESTORE_RATIO_BOUNDS`]. `None` (the caller counts the restore as
+/// long as the save) when the destination's save took 0 µs: no ratio.
+pub(crate) fn scaled_restore(save: Duration, rehearsal: RestoreRehearsal) -> Option<Duration> {
+    if rehearsal.save.is_zero() {
+        return None;
+    }
+    let (lo, hi) = RESTORE_RATIO_BOUNDS;
+    let ratio = (rehearsal.restore.as_secs_f64() / rehearsal.save.as_secs_f64()).clamp(lo, hi);
+    Some(save.mul_f64(ratio))
 }
 
 /// What a destination that speaks only protocol version 2 (release 0.1.0)
@@ -324,6 +358,7 @@ pub(super) fn measure_state<V: SourceVm + ?Sized>(
             save: t_saved - t_paused,
             restore: t_saved - t_paused,
             restore_measured: false,
+            rehearsal: None,
             resume: t_resumed - t_saved,
         };
         log::debug!(
@@ -344,4 +379,50 @@ pub(super) fn measure_state<V: SourceVm + ?Sized>(
         }
     }
     Ok((best.unwrap_or_default(), sections))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn rehearsal(save_us: u64, restore_us: u64) -> RestoreRehearsal {
+        RestoreRehearsal {
+            save: Duration::from_micros(save_us),
+            restore: Duration::from_micros(restore_us),
+        }
+    }
+
+    #[test]
+    fn the_restore_is_the_save_times_the_destination_s_ratio() {
+        let save = Duration::from_micros(2000);
+        // Both halves slowed alike: the ratio is what counts.
+        assert_eq!(
+            scaled_restore(save, rehearsal(1000, 3000)),
+            Some(Duration::from_micros(6000))
+        );
+        assert_eq!(
+            scaled_restore(save, rehearsal(4000, 12000)),
+            Some(Duration::from_micros(6000))
+        );
+        assert_eq!(
+            scaled_restore(save, rehearsal(1000, 500)),
+            Some(Duration::from_micros(1000))
+        );
+    }
+
+    #[test]
+    fn the_ratio_is_bounded_and_a_zero_save_gives_none() {
+        let save = Duration::from_micros(2000);
+        let (lo, hi) = RESTORE_RATIO_BOUNDS;
+        assert_eq!(
+            scaled_restore(save, rehearsal(1, 60_000_000)),
+            Some(save.mul_f64(hi))
+        );
+        assert_eq!(
+            scaled_restore(save, rehearsal(60_000_000, 0)),
+            Some(save.mul_f64(lo))
+        );
+        assert_eq!(scaled_restore(save, rehearsal(0, 5000)), None);
+        assert_eq!(scaled_restore(save, rehearsal(0, 0)), None);
+    }
 }

@@ -364,6 +364,8 @@ fn expected_breakdown(
         transfer_ms: ms(est.transfer_part()),
         dest_restore_ms: ms(parts.restore),
         dest_restore_measured: parts.restore_measured,
+        dest_rehearsal_save_ms: parts.rehearsal.map_or(0.0, |r| ms(r.save)),
+        dest_rehearsal_restore_ms: parts.rehearsal.map_or(0.0, |r| ms(r.restore)),
         dest_resume_ms: ms(parts.resume),
         round_trips_ms: ms(est.round_trip_part()),
     }
