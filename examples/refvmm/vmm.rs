@@ -464,6 +464,9 @@ impl livemig::vm::DestinationVm for DestMachine {
     fn restore_state(&mut self, sections: &[livemig::state::Section]) -> Result<(), VmError> {
         self.machine.vm.restore_state(sections)
     }
+    fn rehearse_restore(&mut self) -> Result<Option<livemig::vm::RestoreRehearsal>, VmError> {
+        self.machine.vm.rehearse_restore()
+    }
     fn resume(&mut self) -> Result<(), VmError> {
         // The console path is this VMM's from now on, before the source
         // learns that the migration completed (and tells its clients).

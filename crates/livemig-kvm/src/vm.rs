@@ -5,14 +5,15 @@
 use std::collections::BTreeMap;
 use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
 use std::sync::{Arc, Mutex};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use kvm_bindings::KVM_MAX_CPUID_ENTRIES;
 use kvm_ioctls::{Cap, Kvm, VcpuFd, VmFd};
 use livemig::memory::{GuestMemory, GuestRam, MemoryLayout, RegionDesc};
 use livemig::state::{DeviceState, Section, StateError};
 use livemig::vm::{
-    DestinationVm, DirtyTracker, NicInfo, SourceVm, VcpuThrottle, VmDescription, VmError, VmOp,
+    DestinationVm, DirtyTracker, NicInfo, RestoreRehearsal, SourceVm, VcpuThrottle, VmDescription,
+    VmError, VmOp,
 };
 
 use crate::cpu::{
@@ -576,6 +577,23 @@ impl DestinationVm for KvmVm {
             d.restore_section(find_section(sections, &name)?)?;
         }
         Ok(restore_vm_last(&self.vm, sections)?)
+    }
+
+    /// Saves this not-yet-running VM's state (vCPUs, VM-wide, devices),
+    /// timing the save, and times restoring exactly that: the same ioctls
+    /// on the same helpers as the switchover's save and restore, loading
+    /// the values the VM already has (no guest memory is written; the
+    /// switchover's restore loads the source's state over them).
+    fn rehearse_restore(&mut self) -> Result<Option<RestoreRehearsal>, VmError> {
+        let t = Instant::now();
+        let sections = SourceVm::save_state(self)?;
+        let save = t.elapsed();
+        let t = Instant::now();
+        DestinationVm::restore_state(self, &sections)?;
+        Ok(Some(RestoreRehearsal {
+            save,
+            restore: t.elapsed(),
+        }))
     }
 
     fn resume(&mut self) -> Result<(), VmError> {

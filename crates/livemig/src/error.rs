@@ -389,6 +389,10 @@ pub enum PeerError {
     /// A probe the destination answered without having granted probes.
     #[error("a switchover probe was granted but not offered")]
     ProbeNotOffered,
+    /// The destination sent its restore cost to a source that did not ask
+    /// for it.
+    #[error("the destination sent a restore cost that was not asked for")]
+    RestoreCostNotAsked,
 }
 
 /// A failure inside this side of the migration, not caused by the VM or the

@@ -4,8 +4,11 @@
 //! would cause now ([`RoundEstimate::expected_downtime`]): the time to send
 //! the bytes still dirty, the device state and what is still queued on the
 //! link ([`LinkMeter::transfer_time`]), plus the time the device state took
-//! when it was measured at setup (pause, save, restore, resume), plus two
-//! round trips of the link (`Ready` and `Resumed`). When the estimate is
+//! when it was measured at setup (pause, save, resume; the restore as the
+//! destination timed it, or as long as the save), plus the latest round's
+//! dirty-log sync (the final sync), plus two round trips of the link
+//! (`Ready` and `Resumed`). The report shows these parts
+//! ([`crate::report::ExpectedBreakdown`]). When the estimate is
 //! within [`MigrationConfig::downtime_limit`], the source stops the VM and
 //! sends the rest.
 //!
@@ -537,8 +540,12 @@ pub struct RoundEstimate {
     pub link: LinkMeter,
     /// The link's round-trip time (zero where the transport cannot tell).
     pub round_trip: Duration,
-    /// Measured switchover overhead beyond memory: pause, state save, the
-    /// destination's restore and resume (see `source::handshake::measure_state`).
+    /// Measured switchover overhead beyond memory and messages: pause,
+    /// state save, the final dirty-log sync, the destination's restore and
+    /// resume. The engine measures the pause, save and resume in the
+    /// handshake (`source::handshake::measure_state`), takes the restore
+    /// as the destination timed it there (as long as the save when it did
+    /// not) and the sync as long as the latest round's.
     pub state_time: Duration,
     /// Bytes of state to send while paused.
     pub state_bytes: u64,
@@ -577,16 +584,29 @@ impl RoundEstimate {
     /// (each at least the transport's round trip) in place of the state's
     /// bytes at the link's rate and the two round trips.
     pub fn expected_downtime(&self) -> Duration {
+        self.transfer_part() + self.state_time + self.round_trip_part()
+    }
+
+    /// The bytes' part of [`RoundEstimate::expected_downtime`]: the
+    /// remaining and queued bytes over the link, plus the state's bytes
+    /// over the link (without a probe) or the probe's measured state burst.
+    pub fn transfer_part(&self) -> Duration {
         let bytes = self.remaining_bytes.saturating_add(self.queued_bytes);
         match self.probe {
-            None => {
-                let bytes = bytes.saturating_add(self.state_bytes);
-                self.link.transfer_time(bytes) + self.state_time + 2 * self.round_trip
-            }
-            Some(p) => {
-                let hop = p.hop.max(self.round_trip);
-                self.link.transfer_time(bytes) + self.state_time + 2 * hop + p.state_burst
-            }
+            None => self
+                .link
+                .transfer_time(bytes.saturating_add(self.state_bytes)),
+            Some(p) => self.link.transfer_time(bytes) + p.state_burst,
+        }
+    }
+
+    /// The messages' part of [`RoundEstimate::expected_downtime`]: two
+    /// round trips of the transport, or with a probe two measured hops
+    /// (each at least the transport's round trip).
+    pub fn round_trip_part(&self) -> Duration {
+        match self.probe {
+            None => 2 * self.round_trip,
+            Some(p) => 2 * p.hop.max(self.round_trip),
         }
     }
 }

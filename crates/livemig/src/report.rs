@@ -77,6 +77,44 @@ pub struct DowntimeBreakdown {
     pub dest_resume_ms: f64,
 }
 
+/// What the expected downtime ([`Report::expected_downtime_ms`]) was made
+/// of, part by part (ms), as estimated after the last pre-copy round: set
+/// beside [`DowntimeBreakdown`], it shows which part the estimate missed.
+/// The parts add up to the expected downtime.
+#[derive(Debug, Clone, Default, Serialize)]
+#[non_exhaustive]
+pub struct ExpectedBreakdown {
+    /// Pausing the vCPUs, as the handshake's state measurement paused them
+    /// (at most 2 ms).
+    pub pause_ms: f64,
+    /// Saving the state, as the handshake measured it.
+    pub state_save_ms: f64,
+    /// The final dirty-log sync: as long as the last round's sync.
+    pub final_sync_ms: f64,
+    /// The bytes: the remaining pages, the bytes still queued and the
+    /// state at the link's measured rate (with the switchover probe: the
+    /// state's measured burst instead of its bytes).
+    pub transfer_ms: f64,
+    /// The destination's restore: when
+    /// [`ExpectedBreakdown::dest_restore_measured`], the save times the
+    /// destination's rehearsed restore / save (bounded to 0.25–4), else as
+    /// long as the save.
+    pub dest_restore_ms: f64,
+    /// Whether [`ExpectedBreakdown::dest_restore_ms`] was scaled by the
+    /// destination's rehearsal.
+    pub dest_restore_measured: bool,
+    /// The destination's rehearsed save (0 when it sent none).
+    pub dest_rehearsal_save_ms: f64,
+    /// The destination's rehearsed restore (0 when it sent none).
+    pub dest_rehearsal_restore_ms: f64,
+    /// The destination's resume, as long as the source's resume in the
+    /// handshake's measurement.
+    pub dest_resume_ms: f64,
+    /// Two round trips of the link (`Complete` → `Ready`, `Go` →
+    /// `Resumed`), or with the switchover probe two measured hops.
+    pub round_trips_ms: f64,
+}
+
 /// The outcome.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
 #[serde(rename_all = "kebab-case")]
@@ -113,6 +151,8 @@ pub struct Report {
     pub expected_downtime_ms: f64,
     /// Breakdown of the downtime.
     pub downtime_breakdown: DowntimeBreakdown,
+    /// Breakdown of the expected downtime.
+    pub expected_breakdown: ExpectedBreakdown,
     /// Whether the switchover was forced by a cap.
     pub forced: bool,
     /// Pre-copy rounds.
@@ -158,6 +198,7 @@ impl Report {
             downtime_limit_ms,
             expected_downtime_ms: 0.0,
             downtime_breakdown: DowntimeBreakdown::default(),
+            expected_breakdown: ExpectedBreakdown::default(),
             forced: false,
             rounds: Vec::new(),
             final_pages: 0,

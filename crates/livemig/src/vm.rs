@@ -304,6 +304,16 @@ pub trait SourceVm: Send + Sync {
     fn throttle(&self) -> Option<&dyn VcpuThrottle>;
 }
 
+/// What [`DestinationVm::rehearse_restore`] measured: a save of the
+/// destination VM's own state and the restore of exactly that state.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct RestoreRehearsal {
+    /// How long saving the state took.
+    pub save: std::time::Duration,
+    /// How long restoring it took.
+    pub restore: std::time::Duration,
+}
+
 /// The VM on the destination side, created from the source's
 /// [`VmDescription`] and not running until [`DestinationVm::resume`].
 pub trait DestinationVm: Send {
@@ -317,6 +327,30 @@ pub trait DestinationVm: Send {
 
     /// Loads all non-memory state. Must refuse unknown sections or versions.
     fn restore_state(&mut self, sections: &[Section]) -> Result<(), VmError>;
+
+    /// Times a save and a restore like the switchover's, so that the source
+    /// can count the restore as long as this VM takes it instead of as long
+    /// as its own save (a restore issues other calls than a save, and this
+    /// host may be slower or faster than the source's).
+    ///
+    /// Called once in the handshake, right after the VM was built and
+    /// before any page or state arrives, only when the source asked for it
+    /// (a source of this build does). An implementation saves the state
+    /// this not-yet-running VM has now, timing the save, and restores
+    /// exactly that, timing the restore: it must leave the VM as it found
+    /// it (the switchover's [`DestinationVm::restore_state`] loads the
+    /// source's state over it afterwards) and write no guest memory. The
+    /// source scales its own save by this restore / save ratio, so a
+    /// slowdown that hits both halves alike (host load) cancels. An error
+    /// refuses the migration before any page is sent: a VM that cannot
+    /// restore its own state would fail the switchover's restore too.
+    ///
+    /// The default returns `Ok(None)`: not measured. The source then takes
+    /// the restore as long as its own save, as sources did before this
+    /// method existed.
+    fn rehearse_restore(&mut self) -> Result<Option<RestoreRehearsal>, VmError> {
+        Ok(None)
+    }
 
     /// Starts the vCPUs. Called once, after `restore_state` succeeded and the
     /// source committed to the switchover — not at all when the source VM

@@ -125,6 +125,50 @@ const HELLO_REPLY_PROBE: &str = r#"
     04                                # switchover probe granted
 "#;
 
+// HELLO_REPLY_RESTORE_COST: 45 bytes (a version-3 reply granting the
+// switchover probe and carrying the destination's rehearsed save, 1234 µs,
+// and restore, 4321 µs, to a source that asked for it; docs/protocol.md)
+const HELLO_REPLY_RESTORE_COST: &str = r#"
+    01                                # accepted
+    0000                              # reason: length 0
+    01000000                          # streams 1
+    000102030405060708090a0b0c0d0e0f  # token
+    03000000                          # version 3
+    04                                # switchover probe granted
+    05                                # restore cost follows
+    d204000000000000                  # save 1234 µs
+    e110000000000000                  # restore 4321 µs
+"#;
+
+// HELLO_V3_RESTORE_COST: HELLO_V3 asking for the restore cost (one more
+// property, `livemig.restore_cost` = "1")
+const HELLO_V3_RESTORE_COST: &str = r#"
+    4c4956454d494700              # magic "LIVEMIG\0"
+    03000000                      # protocol_version 3
+    02000000                      # min_protocol_version 2
+    00100000                      # page_size 4096
+    02000000                      # 2 regions
+    0000000000000000              #   guest_addr 0x0
+    00000a0000000000              #   size 0xa0000
+    0000100000000000              #   guest_addr 0x100000
+    0000000400000000              #   size 64 MiB
+    02000000                      # 2 vCPUs
+    01000000                      # 1 NIC
+    525400123456                  #   mac 52:54:00:12:34:56
+    01                            #   has_ip
+    0a000002                      #   ipv4 10.0.0.2
+    02000000                      # 2 properties
+    0700                          #   length 7
+    6d616368696e65                #   key "machine"
+    0600                          #   length 6
+    726566766d6d                  #   value "refvmm"
+    1400                          #   length 20
+    6c6976656d69672e726573746f72655f636f7374  # key "livemig.restore_cost"
+    0100                          #   length 1
+    31                            #   value "1"
+    02000000                      # streams 2
+"#;
+
 // PROBE: a probe with 3 padding bytes, and its answer
 const PROBE: &str = r#"
     05000000                          # id 5
@@ -389,6 +433,7 @@ fn hello(protocol_version: u32, paused: bool) -> Hello {
         postcopy_prepare: false,
         local: None,
         probe: false,
+        restore_cost: false,
     }
 }
 
@@ -456,6 +501,7 @@ fn hello_reply_v3() {
             postcopy_prepare: false,
             local: false,
             probe: false,
+            restore_cost: None,
         },
     );
 }
@@ -474,6 +520,7 @@ fn hello_reply_granting_postcopy() {
             postcopy_prepare: false,
             local: false,
             probe: false,
+            restore_cost: None,
         },
     );
 }
@@ -492,6 +539,7 @@ fn hello_reply_granting_a_local_hand_over() {
             postcopy_prepare: false,
             local: true,
             probe: false,
+            restore_cost: None,
         },
     );
 }
@@ -510,12 +558,38 @@ fn hello_reply_granting_the_probe_and_the_probe_messages() {
             postcopy_prepare: false,
             local: false,
             probe: true,
+            restore_cost: None,
         },
     );
     check(PROBE, &livemig::protocol::Probe { id: 5, pad: 3 });
     check(
         PROBE_REPLY,
         &livemig::protocol::ProbeReply { id: 5, pad: 3 },
+    );
+}
+
+#[test]
+fn hello_asking_for_the_restore_cost_and_a_reply_carrying_it() {
+    let mut h = hello(3, false);
+    h.restore_cost = true;
+    check(HELLO_V3_RESTORE_COST, &h);
+    check(
+        HELLO_REPLY_RESTORE_COST,
+        &HelloReply {
+            accepted: true,
+            reason: String::new(),
+            streams: 1,
+            token: TOKEN,
+            version: 3,
+            postcopy: false,
+            postcopy_prepare: false,
+            local: false,
+            probe: true,
+            restore_cost: Some(livemig::vm::RestoreRehearsal {
+                save: std::time::Duration::from_micros(1234),
+                restore: std::time::Duration::from_micros(4321),
+            }),
+        },
     );
 }
 
@@ -542,6 +616,7 @@ fn hello_reply_granting_postcopy_with_its_preparation() {
             postcopy_prepare: true,
             local: false,
             probe: false,
+            restore_cost: None,
         },
     );
 }
@@ -602,6 +677,7 @@ fn hello_reply_v2() {
             postcopy_prepare: false,
             local: false,
             probe: false,
+            restore_cost: None,
         },
     );
 }

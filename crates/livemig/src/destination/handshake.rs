@@ -11,12 +11,13 @@ use crate::error::{ErrorKind, MigrationError, Phase};
 use crate::local::LocalIdentity;
 use crate::memory::MemoryLayout;
 use crate::protocol::{
-    FrameReader, Hello, HelloReply, Message, MsgKind, ProtocolError, StreamHello, MAX_STREAMS,
+    FrameReader, Hello, HelloReply, Message, MsgKind, ProtocolError, StreamHello, MAX_RESTORE_COST,
+    MAX_STREAMS,
 };
 use crate::ram::HostRam;
 use crate::source::CancelToken;
 use crate::transport::{StreamAcceptor, Transport};
-use crate::vm::{check_layout, DestinationVm, VmDescription, VmError};
+use crate::vm::{check_layout, DestinationVm, RestoreRehearsal, VmDescription, VmError};
 
 /// Refuses the migration: a `HelloReply` with `reason` (best effort), and
 /// the error.
@@ -55,6 +56,33 @@ where
     log::debug!("destination VM created in {:.2} ms", ms(t0.elapsed()));
     check_layout(vm.memory(), desc).map_err(|e| refuse(fw, e.to_string()))?;
     Ok(vm)
+}
+
+/// Times the VM's save and restore of its own state
+/// ([`DestinationVm::rehearse_restore`], once) for a source that asked. A
+/// VM that cannot restore its own state is refused now, before any page.
+/// Times over [`MAX_RESTORE_COST`] are sent as that.
+pub(super) fn rehearse_restore<V: DestinationVm>(
+    fw: &mut ControlWriter,
+    vm: &mut V,
+) -> Result<Option<RestoreRehearsal>, MigrationError> {
+    let rehearsal = vm.rehearse_restore().map_err(|e| {
+        refuse(
+            fw,
+            format!("this destination's VM cannot restore its own state: {e}"),
+        )
+    })?;
+    Ok(rehearsal.map(|r| {
+        log::debug!(
+            "restore rehearsed: save {:.3} ms, restore {:.3} ms",
+            ms(r.save),
+            ms(r.restore)
+        );
+        RestoreRehearsal {
+            save: r.save.min(MAX_RESTORE_COST),
+            restore: r.restore.min(MAX_RESTORE_COST),
+        }
+    }))
 }
 
 /// The VM's memory, every page reading as zero: the source leaves out
@@ -122,6 +150,7 @@ pub(super) fn reply(
     // not answer probes) in this build.
     link.probe = link.probe && link.version >= 3 && !reply.postcopy;
     reply.probe = link.probe;
+    reply.restore_cost = link.restore_cost.filter(|_| link.version >= 3);
     link.granted = streams;
     crate::control::send(&mut link.fw, &reply, Phase::Handshake)?;
     match acceptor {

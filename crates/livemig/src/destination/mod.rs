@@ -225,6 +225,7 @@ pub(super) fn on_link<T>(
         postcopy: false,
         postcopy_prepare: false,
         probe: false,
+        restore_cost: None,
     };
     body(&mut link).map_err(|e| fail(&mut link, e, cancel))
 }
@@ -270,6 +271,9 @@ pub(super) struct Link {
     /// the copying reception without post-copy: its control reader answers
     /// each `Probe`).
     probe: bool,
+    /// The VM's save and restore, timed in the handshake for a source that
+    /// asked ([`DestinationVm::rehearse_restore`]); sent in `HelloReply`.
+    restore_cost: Option<crate::vm::RestoreRehearsal>,
 }
 
 /// The phases, in order: handshake, memory and state, restore and commit.
@@ -289,6 +293,9 @@ where
     link.probe = hello.probe;
     let layout = hello.desc.layout.clone();
     let mut vm = handshake::create_vm(&mut link.fw, &hello.desc, create)?;
+    if hello.restore_cost && link.version >= 3 {
+        link.restore_cost = handshake::rehearse_restore(&mut link.fw, &mut vm)?;
+    }
     let received = {
         let ram = handshake::prepare_memory(&mut link.fw, &vm, &layout, hello.local.as_ref())?;
         (call.progress)(&ReceiveProgress::Accepted {

@@ -1,6 +1,7 @@
 //! The typed control messages ([`Message`] and its implementations).
 
 use std::collections::{BTreeMap, HashSet};
+use std::time::Duration;
 
 use super::codec::{
     put_count, put_streams, put_string, put_u16, put_u32, put_u64, truncate_text, Cursor,
@@ -12,7 +13,7 @@ use super::{
 use crate::local::{LocalIdentity, RegionIdentity};
 use crate::memory::{MemoryLayout, RegionDesc, MAX_REGIONS, PAGE_SIZE};
 use crate::state::{Section, MAX_SECTION_LEN, MAX_SECTION_NAME};
-use crate::vm::{NicInfo, VmDescription};
+use crate::vm::{NicInfo, RestoreRehearsal, VmDescription};
 
 /// Magic at the start of a [`Hello`].
 pub const HELLO_MAGIC: [u8; 8] = *b"LIVEMIG\0";
@@ -40,6 +41,22 @@ pub const LOCAL_PROPERTY: &str = "livemig.local";
 /// `docs/protocol.md`). A destination that does not know it reads it as an
 /// ordinary property and never grants it; the source then sends no probe.
 pub const PROBE_PROPERTY: &str = "livemig.probe";
+/// The property key by which a [`Hello`] asks the destination for its
+/// restore cost (value `"1"`): a destination that knows it answers with
+/// [`HelloReply::restore_cost`] when its VM could time a restore. A
+/// destination that does not know it reads it as an ordinary property and
+/// answers without one; the source then estimates the restore as long as
+/// its own save.
+pub const RESTORE_COST_PROPERTY: &str = "livemig.restore_cost";
+
+/// The byte that introduces [`HelloReply::restore_cost`] (after the grant
+/// byte, if any; distinct from every grant byte): then the rehearsal's save
+/// and restore, in µs, each a u64.
+const RESTORE_COST_TAG: u8 = 5;
+
+/// The longest save or restore a `HelloReply`'s restore cost may carry
+/// (60 s each); a longer one is refused as malformed.
+pub const MAX_RESTORE_COST: Duration = Duration::from_secs(60);
 
 /// A message with a typed payload (every kind except `Pages`).
 pub trait Message: Sized {
@@ -95,6 +112,9 @@ pub struct Hello {
     pub local: Option<LocalIdentity>,
     /// The source offers the switchover probe ([`PROBE_PROPERTY`]).
     pub probe: bool,
+    /// The source asks for the destination's restore cost
+    /// ([`RESTORE_COST_PROPERTY`]).
+    pub restore_cost: bool,
 }
 
 impl Hello {
@@ -112,6 +132,7 @@ impl Hello {
             postcopy_prepare: false,
             local: None,
             probe: false,
+            restore_cost: false,
         }
     }
 
@@ -194,6 +215,9 @@ impl Message for Hello {
         if self.probe {
             props.push((PROBE_PROPERTY, "1"));
         }
+        if self.restore_cost {
+            props.push((RESTORE_COST_PROPERTY, "1"));
+        }
         let local = local_properties(self.local.as_ref());
         props.extend(local.iter().map(|(k, v)| (k.as_str(), v.as_str())));
         put_count(out, M, "properties", props.len(), MAX_PROPERTIES)?;
@@ -262,6 +286,7 @@ impl Message for Hello {
             postcopy_prepare: flags.postcopy_prepare,
             local: flags.local()?,
             probe: flags.probe,
+            restore_cost: flags.restore_cost,
         })
     }
 }
@@ -273,6 +298,7 @@ struct HelloFlags {
     postcopy: bool,
     postcopy_prepare: bool,
     probe: bool,
+    restore_cost: bool,
     /// [`LOCAL_PROPERTY`]'s value.
     boot_id: Option<String>,
     /// The `livemig.local.<i>` properties, by index.
@@ -418,6 +444,7 @@ fn read_properties(
             POSTCOPY_PROPERTY => Some(&mut flags.postcopy),
             POSTCOPY_PREPARE_PROPERTY => Some(&mut flags.postcopy_prepare),
             PROBE_PROPERTY => Some(&mut flags.probe),
+            RESTORE_COST_PROPERTY => Some(&mut flags.restore_cost),
             _ => None,
         };
         let Some(flag) = flag else {
@@ -470,6 +497,14 @@ pub struct HelloReply {
     /// version 3 and later: one more byte after `version`, `4`; never
     /// together with the other grants in this build).
     pub probe: bool,
+    /// How long the destination's VM took to save its own state and to
+    /// restore exactly that, timed in the handshake
+    /// ([`crate::vm::DestinationVm::rehearse_restore`]): only to a source
+    /// that asked for it ([`Hello::restore_cost`]), in version 3 and later,
+    /// after the grant byte (if any): the byte `5`, then the save and the
+    /// restore in µs, each a u64 (each at most [`MAX_RESTORE_COST`]).
+    /// `None` when not measured.
+    pub restore_cost: Option<RestoreRehearsal>,
 }
 
 impl HelloReply {
@@ -485,6 +520,7 @@ impl HelloReply {
             postcopy_prepare: false,
             local: false,
             probe: false,
+            restore_cost: None,
         }
     }
 
@@ -501,6 +537,7 @@ impl HelloReply {
             postcopy_prepare: false,
             local: false,
             probe: false,
+            restore_cost: None,
         }
     }
 }
@@ -531,6 +568,20 @@ impl Message for HelloReply {
                 out.push(2);
             } else if self.probe {
                 out.push(4);
+            }
+            if let Some(r) = self.restore_cost {
+                let too_long = [r.save, r.restore]
+                    .into_iter()
+                    .find(|d| *d > MAX_RESTORE_COST);
+                if let Some(d) = too_long {
+                    return Err(ProtocolError::Unencodable {
+                        msg: "HelloReply",
+                        reason: format!("restore cost {d:?} is over {MAX_RESTORE_COST:?}"),
+                    });
+                }
+                out.push(RESTORE_COST_TAG);
+                put_u64(out, r.save.as_micros() as u64);
+                put_u64(out, r.restore.as_micros() as u64);
             }
         }
         Ok(())
@@ -573,6 +624,11 @@ impl Message for HelloReply {
         if postcopy || local || probe {
             c.pos += 1;
         }
+        let restore_cost = if version >= 3 {
+            read_restore_cost(&mut c)?
+        } else {
+            None
+        };
         c.finish()?;
         Ok(HelloReply {
             accepted,
@@ -584,8 +640,34 @@ impl Message for HelloReply {
             postcopy_prepare,
             local,
             probe,
+            restore_cost,
         })
     }
+}
+
+/// Reads [`HelloReply::restore_cost`] if its tag byte comes next (any other
+/// byte is left to `finish`, which refuses it as trailing).
+fn read_restore_cost(c: &mut Cursor<'_>) -> Result<Option<RestoreRehearsal>, ProtocolError> {
+    if c.data.get(c.pos) != Some(&RESTORE_COST_TAG) {
+        return Ok(None);
+    }
+    c.pos += 1;
+    let save = read_cost_micros(c)?;
+    let restore = read_cost_micros(c)?;
+    Ok(Some(RestoreRehearsal { save, restore }))
+}
+
+/// One time of the restore cost: µs as a u64, at most [`MAX_RESTORE_COST`].
+fn read_cost_micros(c: &mut Cursor<'_>) -> Result<Duration, ProtocolError> {
+    let at = c.pos;
+    let cost = Duration::from_micros(c.u64()?);
+    if cost > MAX_RESTORE_COST {
+        return Err(c.malformed_at(
+            at,
+            format!("restore cost {cost:?} is over {MAX_RESTORE_COST:?}"),
+        ));
+    }
+    Ok(cost)
 }
 
 /// First frame of an extra page stream (source → destination): which
@@ -1158,6 +1240,7 @@ mod tests {
                     postcopy_prepare: false,
                     local: false,
                     probe: false,
+                    restore_cost: None,
                 }),
             ),
             (
@@ -1209,6 +1292,7 @@ mod tests {
             postcopy_prepare: false,
             local: false,
             probe: false,
+            restore_cost: None,
         });
         round_trip(&State::default());
         let mut d = desc();
@@ -1235,6 +1319,7 @@ mod tests {
             postcopy_prepare: false,
             local: false,
             probe: false,
+            restore_cost: None,
         }
         .encode()
         .unwrap();
@@ -1502,6 +1587,7 @@ mod tests {
             postcopy_prepare: false,
             local: false,
             probe: false,
+            restore_cost: None,
         };
         assert_eq!(
             HelloReply::decode(&r.encode().unwrap())
@@ -1510,6 +1596,80 @@ mod tests {
                 .len(),
             MAX_TEXT_LEN
         );
+    }
+
+    #[test]
+    fn the_restore_cost_round_trips_after_any_grant_and_is_bounded() {
+        let us = Duration::from_micros;
+        let mut r = HelloReply::accepted(1, [0; 16]);
+        r.restore_cost = Some(RestoreRehearsal {
+            save: us(1234),
+            restore: us(4321),
+        });
+        for (probe, postcopy, local) in [
+            (false, false, false),
+            (true, false, false),
+            (false, true, false),
+            (false, false, true),
+        ] {
+            r.probe = probe;
+            r.postcopy = postcopy;
+            r.local = local;
+            let back = HelloReply::decode(&r.encode().unwrap()).unwrap();
+            assert_eq!(back, r);
+        }
+        r.probe = false;
+        r.postcopy = false;
+        r.local = false;
+        // Version 2 has no room for it: not encoded, not read.
+        let mut v2 = r.clone();
+        v2.version = 2;
+        let back = HelloReply::decode(&v2.encode().unwrap()).unwrap();
+        assert_eq!(back.restore_cost, None);
+        // Either time over the bound: not encoded, and refused when read.
+        let over = MAX_RESTORE_COST + us(1);
+        let ok = MAX_RESTORE_COST.as_micros() as u64;
+        for (save, restore) in [(over, us(1)), (us(1), over)] {
+            r.restore_cost = Some(RestoreRehearsal { save, restore });
+            assert!(r.encode().is_err());
+        }
+        for (save, restore) in [(ok + 1, 1), (1, ok + 1)] {
+            let mut b = HelloReply::accepted(1, [0; 16]).encode().unwrap();
+            b.push(RESTORE_COST_TAG);
+            b.extend_from_slice(&save.to_le_bytes());
+            b.extend_from_slice(&restore.to_le_bytes());
+            let e = HelloReply::decode(&b).unwrap_err().to_string();
+            assert!(e.contains("restore cost"), "{e}");
+        }
+        // Cut short (in either time), or followed by anything: refused.
+        let mut b = HelloReply::accepted(1, [0; 16]).encode().unwrap();
+        b.push(RESTORE_COST_TAG);
+        b.extend_from_slice(&[1, 2, 3]);
+        assert!(HelloReply::decode(&b).is_err());
+        b.extend_from_slice(&[0; 5]);
+        assert!(HelloReply::decode(&b).is_err());
+        b.extend_from_slice(&[2, 0, 0, 0, 0, 0, 0, 0]);
+        let back = HelloReply::decode(&b).unwrap();
+        assert_eq!(
+            back.restore_cost,
+            Some(RestoreRehearsal {
+                save: us(0x030201),
+                restore: us(2)
+            })
+        );
+        b.push(0);
+        assert!(HelloReply::decode(&b).is_err());
+    }
+
+    #[test]
+    fn the_restore_cost_request_is_a_flag() {
+        let mut h = Hello::new(desc());
+        h.restore_cost = true;
+        let back = Hello::decode(&h.encode().unwrap()).unwrap();
+        assert!(back.restore_cost);
+        assert!(!back.desc.properties.contains_key(RESTORE_COST_PROPERTY));
+        h.restore_cost = false;
+        assert!(!Hello::decode(&h.encode().unwrap()).unwrap().restore_cost);
     }
 
     #[test]

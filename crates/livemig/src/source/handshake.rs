@@ -13,7 +13,7 @@ use crate::protocol::{
     MIN_PROTOCOL_VERSION, PROTOCOL_VERSION,
 };
 use crate::transport::{StreamOpener, Transport};
-use crate::vm::{SourceVm, VmDescription};
+use crate::vm::{RestoreRehearsal, SourceVm, VmDescription};
 
 /// The destination accepted the migration.
 pub(super) struct Accepted {
@@ -38,12 +38,43 @@ pub(super) struct Accepted {
     pub(super) round0: DirtyBitmap,
     /// The switchover probe granted.
     pub(super) probe: bool,
+    /// The destination's save and restore as it timed them in the
+    /// handshake (`None`: not measured, or a destination that does not know
+    /// the request).
+    pub(super) restore_cost: Option<RestoreRehearsal>,
+}
+
+/// What the switchover will cost beyond memory, part by part, measured
+/// before any page (see [`measure_state`]).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub(crate) struct StateParts {
+    /// Pausing the vCPUs (at most 2 ms).
+    pub(crate) pause: Duration,
+    /// Saving the state.
+    pub(crate) save: Duration,
+    /// The destination's restore: this side's save scaled by the
+    /// destination's rehearsal ([`scaled_restore`]), or as long as the save.
+    pub(crate) restore: Duration,
+    /// Whether [`StateParts::restore`] was scaled by the destination's
+    /// rehearsal.
+    pub(crate) restore_measured: bool,
+    /// The destination's rehearsal, as it sent it.
+    pub(crate) rehearsal: Option<RestoreRehearsal>,
+    /// The destination's resume, taken as long as this side's resume.
+    pub(crate) resume: Duration,
+}
+
+impl StateParts {
+    /// Pause, save, restore and resume together.
+    pub(crate) fn total(&self) -> Duration {
+        self.pause + self.save + self.restore + self.resume
+    }
 }
 
 /// What the switchover will cost beyond memory, measured before any page.
 pub(super) struct StateEstimate {
     /// Pause, save, restore and resume (see [`measure_state`]).
-    pub(super) time: Duration,
+    pub(super) parts: StateParts,
     /// The state's size on the wire (sections with their headers): what
     /// the policy adds to the remaining memory each round.
     pub(super) wire_bytes: u64,
@@ -72,6 +103,7 @@ pub(super) fn handshake<V: SourceVm + ?Sized>(
     // default only where the transport cannot tell its round trip.
     let unknown_rtt = links.first().is_none_or(|l| l.round_trip().is_none());
     hello.probe = config.switchover_probe.unwrap_or(unknown_rtt) && s.postcopy.is_none();
+    hello.restore_cost = true;
     fw.send(&hello).map_err(|e| MigrationError::new(hs, e))?;
     // While the destination makes its VM: drop the VMM's writes recorded so
     // far. Round 0 reads every page that may hold data after this (and
@@ -90,6 +122,9 @@ pub(super) fn handshake<V: SourceVm + ?Sized>(
     super::postcopy::check_grant(hello.postcopy, reply.postcopy)?;
     if reply.probe && !hello.probe {
         return Err(MigrationError::new(hs, PeerError::ProbeNotOffered));
+    }
+    if reply.restore_cost.is_some() && !hello.restore_cost {
+        return Err(MigrationError::new(hs, PeerError::RestoreCostNotAsked));
     }
     let streams = if reply.streams > 1 {
         // `Migration::run` refused streams > 1 without an opener, and the
@@ -112,6 +147,7 @@ pub(super) fn handshake<V: SourceVm + ?Sized>(
         postcopy_prepare: reply.postcopy && reply.postcopy_prepare,
         round0,
         probe: reply.probe,
+        restore_cost: reply.restore_cost,
     })
 }
 
@@ -174,14 +210,39 @@ fn open_streams<V: SourceVm + ?Sized>(
     Ok(streams)
 }
 
-/// Measures the state (see [`measure_state`]) and refuses now, not after
-/// the pause, a state that cannot travel or an old peer that cannot take it.
+/// Measures the state (see [`measure_state`]; the restore is the
+/// destination's own measurement when it sent one) and refuses now, not
+/// after the pause, a state that cannot travel or an old peer that cannot
+/// take it.
 pub(super) fn estimate_state<V: SourceVm + ?Sized>(
     s: &Session<'_, V>,
     accepted: &Accepted,
 ) -> Result<StateEstimate, MigrationError> {
     let hs = Phase::Handshake;
-    let (time, sections) = measure_state(s.vm, s.paused, s.config.downtime_limit)?;
+    let (mut parts, sections) = measure_state(s.vm, s.paused, s.config.downtime_limit)?;
+    parts.rehearsal = accepted.restore_cost;
+    if let Some(restore) = accepted
+        .restore_cost
+        .and_then(|r| scaled_restore(parts.save, r))
+    {
+        parts.restore = restore;
+        parts.restore_measured = true;
+    }
+    log::debug!(
+        "state measured: pause {:.3} ms, save {:.3} ms, restore {:.3} ms ({}), resume {:.3} ms",
+        super::session::ms(parts.pause),
+        super::session::ms(parts.save),
+        super::session::ms(parts.restore),
+        match parts.rehearsal {
+            Some(r) if parts.restore_measured => format!(
+                "the save x the destination's restore {:.3} ms / save {:.3} ms",
+                super::session::ms(r.restore),
+                super::session::ms(r.save)
+            ),
+            _ => "as the save".to_string(),
+        },
+        super::session::ms(parts.resume)
+    );
     let wire_bytes = sections
         .iter()
         .map(|s| s.data.len() as u64 + s.name.len() as u64 + 16)
@@ -189,7 +250,29 @@ pub(super) fn estimate_state<V: SourceVm + ?Sized>(
     let frames =
         state_frames(sections, MAX_FRAME_PAYLOAD).map_err(|e| MigrationError::new(hs, e))?;
     check_old_peer(accepted.version, s.paused, frames.len())?;
-    Ok(StateEstimate { time, wire_bytes })
+    Ok(StateEstimate { parts, wire_bytes })
+}
+
+/// The bounds of the destination's restore / save ratio in
+/// [`scaled_restore`]: a ratio outside is taken as the bound (one half of
+/// the rehearsal hit by a host hiccup the other missed must not make the
+/// estimate, counted every round, absurd).
+pub(crate) const RESTORE_RATIO_BOUNDS: (f64, f64) = (0.25, 4.0);
+
+/// The destination's restore, estimated as this side's `save` times the
+/// destination's rehearsed restore / save: the source's save and the
+/// destination's restore then come from one host's pause each, and a
+/// slowdown common to both halves of the rehearsal (the destination's host
+/// busy with the still-running source, say) cancels. The ratio is bounded
+/// by [`RESTORE_RATIO_BOUNDS`]. `None` (the caller counts the restore as
+/// long as the save) when the destination's save took 0 µs: no ratio.
+pub(crate) fn scaled_restore(save: Duration, rehearsal: RestoreRehearsal) -> Option<Duration> {
+    if rehearsal.save.is_zero() {
+        return None;
+    }
+    let (lo, hi) = RESTORE_RATIO_BOUNDS;
+    let ratio = (rehearsal.restore.as_secs_f64() / rehearsal.save.as_secs_f64()).clamp(lo, hi);
+    Some(save.mul_f64(ratio))
 }
 
 /// What a destination that speaks only protocol version 2 (release 0.1.0)
@@ -226,28 +309,36 @@ pub(super) fn check_old_peer(
 ///
 /// The estimate: the pause latency capped at 2 ms (one slow pause under
 /// host load must not make the policy believe every switchover costs that
-/// much and never converge), the save, the destination's restore (taken as
-/// long as the save: it issues the same state calls in reverse) and the
-/// destination's resume (taken as long as this resume: as many vCPUs to
-/// wake). A measurement over a quarter of `limit` is repeated (twice at
-/// most) and the smallest kept, for the same reason. The state's bytes are
-/// added at the measured bandwidth each round.
+/// much and never converge), the save, the destination's restore (here
+/// taken as long as the save; [`estimate_state`] puts in the destination's
+/// own measurement when it sent one) and the destination's resume (taken
+/// as long as this resume: as many vCPUs to wake). A measurement whose
+/// parts add up to over a quarter of `limit` is repeated (twice at most)
+/// and the smallest kept, for the same reason. The state's bytes are added
+/// at the measured bandwidth each round.
 ///
-/// A VM the operator paused is only saved (never resumed). If pausing a
-/// running VM fails, it is resumed (a pause that failed half-way may have
-/// stopped some vCPUs), so it runs as before.
+/// A VM the operator paused is only saved (never paused or resumed here,
+/// nor resumed on the destination). If pausing a running VM fails, it is
+/// resumed (a pause that failed half-way may have stopped some vCPUs), so
+/// it runs as before.
 pub(super) fn measure_state<V: SourceVm + ?Sized>(
     vm: &V,
     paused: bool,
     limit: Duration,
-) -> Result<(Duration, Vec<crate::state::Section>), MigrationError> {
+) -> Result<(StateParts, Vec<crate::state::Section>), MigrationError> {
     let hs = Phase::Handshake;
     if paused {
         let t = Instant::now();
         let sections = vm.save_state().map_err(|e| MigrationError::new(hs, e))?;
-        return Ok((t.elapsed(), sections));
+        let save = t.elapsed();
+        let parts = StateParts {
+            save,
+            restore: save,
+            ..StateParts::default()
+        };
+        return Ok((parts, sections));
     }
-    let mut state_time = Duration::MAX;
+    let mut best: Option<StateParts> = None;
     let mut sections = Vec::new();
     for _ in 0..3 {
         let t = Instant::now();
@@ -262,15 +353,76 @@ pub(super) fn measure_state<V: SourceVm + ?Sized>(
         let t_saved = Instant::now();
         let resumed = vm.resume();
         let t_resumed = Instant::now();
-        let this = (t_paused - t).min(Duration::from_millis(2))
-            + 2 * (t_saved - t_paused)
-            + (t_resumed - t_saved);
-        state_time = state_time.min(this);
+        let this = StateParts {
+            pause: (t_paused - t).min(Duration::from_millis(2)),
+            save: t_saved - t_paused,
+            restore: t_saved - t_paused,
+            restore_measured: false,
+            rehearsal: None,
+            resume: t_resumed - t_saved,
+        };
+        log::debug!(
+            "state measurement: pause {:.3} ms, save {:.3} ms, resume {:.3} ms",
+            super::session::ms(t_paused - t),
+            super::session::ms(this.save),
+            super::session::ms(this.resume)
+        );
+        let kept = match best {
+            Some(b) if b.total() <= this.total() => b,
+            _ => this,
+        };
+        best = Some(kept);
         sections = saved.map_err(|e| MigrationError::new(hs, e))?;
         resumed.map_err(|e| MigrationError::new(hs, e))?;
-        if state_time <= limit / 4 {
+        if kept.total() <= limit / 4 {
             break;
         }
     }
-    Ok((state_time, sections))
+    Ok((best.unwrap_or_default(), sections))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn rehearsal(save_us: u64, restore_us: u64) -> RestoreRehearsal {
+        RestoreRehearsal {
+            save: Duration::from_micros(save_us),
+            restore: Duration::from_micros(restore_us),
+        }
+    }
+
+    #[test]
+    fn the_restore_is_the_save_times_the_destination_s_ratio() {
+        let save = Duration::from_micros(2000);
+        // Both halves slowed alike: the ratio is what counts.
+        assert_eq!(
+            scaled_restore(save, rehearsal(1000, 3000)),
+            Some(Duration::from_micros(6000))
+        );
+        assert_eq!(
+            scaled_restore(save, rehearsal(4000, 12000)),
+            Some(Duration::from_micros(6000))
+        );
+        assert_eq!(
+            scaled_restore(save, rehearsal(1000, 500)),
+            Some(Duration::from_micros(1000))
+        );
+    }
+
+    #[test]
+    fn the_ratio_is_bounded_and_a_zero_save_gives_none() {
+        let save = Duration::from_micros(2000);
+        let (lo, hi) = RESTORE_RATIO_BOUNDS;
+        assert_eq!(
+            scaled_restore(save, rehearsal(1, 60_000_000)),
+            Some(save.mul_f64(hi))
+        );
+        assert_eq!(
+            scaled_restore(save, rehearsal(60_000_000, 0)),
+            Some(save.mul_f64(lo))
+        );
+        assert_eq!(scaled_restore(save, rehearsal(0, 5000)), None);
+        assert_eq!(scaled_restore(save, rehearsal(0, 0)), None);
+    }
 }

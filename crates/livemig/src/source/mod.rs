@@ -272,6 +272,7 @@ fn assemble<V: SourceVm + ?Sized>(
         downtime_breakdown: breakdown(&c),
         forced: p.summary.forced,
         expected_downtime_ms: p.summary.expected_downtime_ms,
+        expected_breakdown: p.summary.expected.clone(),
         rounds: p.summary.rounds.clone(),
         final_pages: p.copied.final_pages,
         bytes_sent,

@@ -17,7 +17,7 @@ use crate::policy::{
     RoundEstimate, Throttle, DRAIN_BYTES,
 };
 use crate::protocol::RoundEnd;
-use crate::report::{Progress, RoundReport};
+use crate::report::{ExpectedBreakdown, Progress, RoundReport};
 use crate::transport::Transport;
 use crate::vm::{Rearm, SourceVm};
 
@@ -38,6 +38,8 @@ pub(super) struct PrecopySummary {
     pub(super) forced: bool,
     /// The downtime expected after the last round, ms.
     pub(super) expected_downtime_ms: f64,
+    /// Its parts.
+    pub(super) expected: ExpectedBreakdown,
     /// The highest vCPU throttle applied, percent.
     pub(super) throttle_max_pct: u32,
 }
@@ -56,6 +58,9 @@ struct Sent {
     /// went compressed, and what LZ4 did.
     compressed: bool,
     lz4: CompressionSample,
+    /// The dirty-log sync after the round (the hypervisor's log and the
+    /// VMM's writes): the final sync is estimated as long.
+    sync: Duration,
 }
 
 /// The rounds' running state.
@@ -112,13 +117,15 @@ pub(super) fn precopy<V: SourceVm + ?Sized>(
     };
     loop {
         let phase = Phase::Precopy(p.round);
-        let sent = send_round(s, t, &bitmap, p.round)?;
+        let mut sent = send_round(s, t, &bitmap, p.round)?;
         t.sender.first_page.get_or_insert_with(Instant::now);
         bitmap.clear();
+        let t_sync = Instant::now();
         t.tracker
             .sync(&mut bitmap)
             .map_err(|e| MigrationError::new(phase, e))?;
         merge_vmm_writes(s.vm, &mut bitmap);
+        sent.sync = t_sync.elapsed();
         let probe = match t.prober.as_mut() {
             Some(pr) => pr.measure(&mut t.sender.fw, &mut t.control, phase)?,
             None => None,
@@ -207,6 +214,7 @@ fn send_round<V: SourceVm + ?Sized>(
         queued,
         compressed: compressed || c.lz4_frames > 0,
         lz4,
+        sync: Duration::ZERO,
     })
 }
 
@@ -259,10 +267,11 @@ impl Precopy {
             queued_bytes: sent.queued,
             link: self.link,
             round_trip: self.round_trip.unwrap_or_default(),
-            state_time: t.estimate.time,
+            state_time: t.estimate.parts.total() + sent.sync,
             state_bytes: t.estimate.wire_bytes,
             probe,
         };
+        let expected = expected_breakdown(&est, &t.estimate.parts, sent.sync);
         // With post-copy standing in for auto-converge, the guest is never
         // throttled: a non-converging pre-copy switches instead.
         let pct = if self.round > 0 && !super::postcopy::replaces_throttle(s, t) {
@@ -298,6 +307,7 @@ impl Precopy {
         let summary = &mut self.summary;
         summary.throttle_max_pct = summary.throttle_max_pct.max(pct);
         summary.expected_downtime_ms = rr.expected_downtime_ms;
+        summary.expected = expected;
         summary.rounds.push(rr);
         est
     }
@@ -336,6 +346,28 @@ impl Precopy {
             bitmap,
             summary: self.summary,
         }
+    }
+}
+
+/// The parts of `est`'s expected downtime: `parts` (the handshake's state
+/// measurement) and `sync` (the round's dirty-log sync) are in its
+/// `state_time`.
+fn expected_breakdown(
+    est: &RoundEstimate,
+    parts: &super::handshake::StateParts,
+    sync: Duration,
+) -> ExpectedBreakdown {
+    ExpectedBreakdown {
+        pause_ms: ms(parts.pause),
+        state_save_ms: ms(parts.save),
+        final_sync_ms: ms(sync),
+        transfer_ms: ms(est.transfer_part()),
+        dest_restore_ms: ms(parts.restore),
+        dest_restore_measured: parts.restore_measured,
+        dest_rehearsal_save_ms: parts.rehearsal.map_or(0.0, |r| ms(r.save)),
+        dest_rehearsal_restore_ms: parts.rehearsal.map_or(0.0, |r| ms(r.restore)),
+        dest_resume_ms: ms(parts.resume),
+        round_trips_ms: ms(est.round_trip_part()),
     }
 }
 
