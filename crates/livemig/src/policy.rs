@@ -489,7 +489,7 @@ const LZ4_MARGIN: f64 = 1.1;
 /// compression ratio), without it at the link's rate (when the link is
 /// the bottleneck: the sender waited for it). Hence:
 /// * off, link-bound: on when LZ4's rate and the ratio both beat the link
-///   by [`LZ4_MARGIN`];
+///   by `LZ4_MARGIN` (1.1);
 /// * on, link-bound: stays on (compressed frames fill the link, so page
 ///   data moves at link ÷ ratio);
 /// * on, not link-bound (LZ4 is the bottleneck): the rate it reached
