@@ -3,27 +3,14 @@
 //! unchanged and the guest running from where it would have started.
 
 mod common;
-use common::kvm_or_skip;
+use common::{kvm_or_skip, Ignore};
 
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use livemig::vm::DestinationVm;
-use livemig_kvm::{ExitHandler, KvmVm, VmConfig};
+use livemig_kvm::{KvmVm, VmConfig};
 use vm_memory::{Bytes, GuestAddress};
-
-struct Ignore;
-
-impl ExitHandler for Ignore {
-    fn pio_read(&self, _: u16, data: &mut [u8]) {
-        data.fill(0xff);
-    }
-    fn pio_write(&self, _: u16, _: &[u8]) {}
-    fn mmio_read(&self, _: u64, data: &mut [u8]) {
-        data.fill(0xff);
-    }
-    fn mmio_write(&self, _: u64, _: &[u8]) {}
-}
 
 /// Where the guest counts.
 const COUNTER: u64 = 0x2000;

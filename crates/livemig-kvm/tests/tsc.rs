@@ -6,28 +6,15 @@
 #![allow(deprecated)]
 
 mod common;
-use common::kvm_or_skip;
+use common::{kvm_or_skip, Ignore};
 
 use std::sync::{Arc, Mutex};
 
 use livemig::testing::hooked::HookedVm;
 use livemig::vm::SourceVm;
 use livemig::Phase;
-use livemig_kvm::{check_properties, ExitHandler, KvmVm, VmConfig, TSC_KHZ_PROPERTY};
+use livemig_kvm::{check_properties, KvmVm, VmConfig, TSC_KHZ_PROPERTY};
 use vm_memory::{Bytes, GuestAddress};
-
-struct Ignore;
-
-impl ExitHandler for Ignore {
-    fn pio_read(&self, _: u16, data: &mut [u8]) {
-        data.fill(0xff);
-    }
-    fn pio_write(&self, _: u16, _: &[u8]) {}
-    fn mmio_read(&self, _: u64, data: &mut [u8]) {
-        data.fill(0xff);
-    }
-    fn mmio_write(&self, _: u64, _: &[u8]) {}
-}
 
 fn config() -> VmConfig {
     VmConfig {
