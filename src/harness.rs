@@ -99,6 +99,9 @@ pub struct GuestLog {
     pub status: Vec<StatusLine>,
     /// Every `CPU` line.
     pub cpus: Vec<CpuLine>,
+    /// Every `GAP` line (`gap=` on the command line): when it arrived, and the stall the guest
+    /// measured with its own TSC.
+    pub gaps: Vec<(Instant, Duration)>,
     /// Every byte, as it came.
     pub raw: Vec<u8>,
 }
@@ -175,6 +178,7 @@ pub fn spawn_serial_reader(
                         pages_verified,
                         corrupt,
                     }),
+                    Event::Gap { us } => g.gaps.push((at, Duration::from_micros(us))),
                     Event::Other(s) => g.other.push(s),
                 }
             }

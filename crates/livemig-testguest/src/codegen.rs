@@ -57,6 +57,7 @@ const PARAM_MAX: u64 = 1_000_000_000;
 const PRNG_SEED: u64 = 0x2545_F491_4F6C_DD1D;
 const COM1: i32 = 0x3f8;
 
+mod gap;
 mod kmode;
 mod net;
 mod smp;
@@ -140,6 +141,12 @@ mod var {
     pub const AP_LOCK: i32 = 432;
     /// BSP only: 1 when the program runs at CPL0 (`cpl0=1`); the APs then stay at CPL0 too.
     pub const KMODE: i32 = 440;
+    /// `gap=` (µs; 0 = the stall meter is off), the same in TSC ticks, the TSC of the previous
+    /// main-loop iteration, and the last stall printed (µs).
+    pub const GAP_US: i32 = 448;
+    pub const GAP_TICKS: i32 = 456;
+    pub const GAP_PREV: i32 = 464;
+    pub const GAP_LAST: i32 = 472;
     /// Console line buffer (`LINE_MAX` bytes and a NUL).
     pub const LINEBUF: i32 = 512;
 }
@@ -292,6 +299,7 @@ struct Labels {
     s_want: CodeLabel,
     n: net::NetLabels,
     s: smp::SmpLabels,
+    g: gap::GapLabels,
 }
 
 impl Labels {
@@ -334,6 +342,7 @@ impl Labels {
             s_want: a.create_label(),
             n: net::NetLabels::new(a),
             s: smp::SmpLabels::new(a),
+            g: gap::GapLabels::new(a),
         }
     }
 }
@@ -557,6 +566,7 @@ fn init_and_parse(a: &mut CodeAssembler, l: &Labels) -> Result<(), Error> {
         (l.s.k_fresh, var::FRESH),
         (l.s.k_zero, var::ZERO_N),
         (l.s.k_smp, var::SMP),
+        (l.g.k_gap, var::GAP_US),
     ] {
         let mut next = a.create_label();
         a.lea(rdi, ptr(key))?;
@@ -665,6 +675,7 @@ fn validate_and_setup(a: &mut CodeAssembler, l: &Labels) -> Result<(), Error> {
     a.inc(eax)?;
     a.set_label(&mut period_ok)?;
     a.mov(v(var::PERIOD), rax)?;
+    gap::setup(a)?;
 
     // INFO tsc_khz=<n> hb=<n> pattern=<seq|rand>
     print_str(a, l, l.s_info)?;
@@ -724,6 +735,7 @@ fn validate_and_setup(a: &mut CodeAssembler, l: &Labels) -> Result<(), Error> {
     rdtsc64(a)?;
     a.add(rax, v(var::PERIOD))?;
     a.mov(v(var::NEXT), rax)?;
+    gap::restart(a)?;
     Ok(())
 }
 
@@ -753,6 +765,7 @@ fn main_loop(a: &mut CodeAssembler, l: &Labels) -> Result<(), Error> {
     a.set_label(&mut top)?;
     net::poll_rx(a, l)?;
     rdtsc64(a)?;
+    gap::check(a, l)?;
     a.cmp(rax, v(var::NEXT))?;
     a.jae(beat)?;
     a.cmp(v(var::RATE_MAX), 0)?;
@@ -783,6 +796,7 @@ fn main_loop(a: &mut CodeAssembler, l: &Labels) -> Result<(), Error> {
         print_sum(a, l, off)?;
     }
     print_char(a, l, b'\n')?;
+    gap::restart(a)?;
     a.set_label(&mut no_tline)?;
     advance_next(a)?;
     a.mov(rax, v(var::RATE))?;
@@ -1238,6 +1252,7 @@ fn strings(a: &mut CodeAssembler, mut l: Labels) -> Result<CodeLabel, Error> {
     string(a, &mut l.s_want, b" want=")?;
     net::strings(a, &mut l.n)?;
     smp::strings(a, &mut l.s)?;
+    gap::strings(a, &mut l.g)?;
     Ok(l.k_ws)
 }
 

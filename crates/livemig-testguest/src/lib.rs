@@ -64,6 +64,7 @@
 //! | `zero=<n>` | every `n`-th write of a page (generations `n`, `2n`, ...) writes it all zero, and the verifier expects all zero for those generations ([`generation_is_zero`]); `0` = never | 0 |
 //! | `cpl0=1` | the program runs at CPL0 (kernel mode) instead of CPL3, on every CPU (see "Kernel mode") | CPL3 |
 //! | `smp=<n>` | number of CPUs that write and verify: the boot processor and `n - 1` application processors (clamped to 1 ..= [`MAX_CPUS`]), each on its own part of the working set ([`cpu_pages`]) | 1 |
+//! | `gap=<µs>` | the stall meter: print `GAP <µs>` when more than this many microseconds pass between two iterations of the boot processor's main loop (see "Stall meter"); `0` = off | 0 |
 //! | `net=mmio:<addr>:<irq>,ip=<a.b.c.d>` | a virtio-net device (virtio-mmio version 2) at guest-physical `<addr>` (`0x` hex or decimal, 4-aligned, at least [`NET_MEM_END`], below 8 GiB); `<irq>` is parsed and unused (the guest polls); the guest's IPv4 address (see "Network") | no network |
 //!
 //! See [`GuestConfig::cmdline`] to build one.
@@ -105,6 +106,8 @@
 //!   driver is up; `ERROR net <reason>` instead if the token is malformed or the device cannot
 //!   be driven (the guest then runs on without a network).
 //! - `\nNET announce\n` — the device asked for an announce; the guest sent a gratuitous ARP.
+//! - `\nGAP <µs>\n` — with `gap=`: a stall of the boot processor's main loop longer than
+//!   `gap=` ([`Event::Gap`]; see "Stall meter").
 //!
 //! # Console input
 //!
@@ -165,6 +168,22 @@
 //! `gen[p]`; with `fresh=1` a page at generation 0 is skipped without being read (and not
 //! counted); otherwise all 512 qwords are compared with [`expected_content`]. Each step handles
 //! one page (about a microsecond natively), so heartbeats are accurate to a few µs.
+//!
+//! # Stall meter (`gap=<µs>`)
+//!
+//! At the top of every main-loop iteration the boot processor reads the TSC; when more than
+//! `gap=` microseconds (converted with `tsc_khz`) passed since the previous iteration it prints
+//! `GAP <µs>`, the elapsed time. A pause of the VM, a host stall and a migration's switchover
+//! (the iteration that straddles it starts on the source and ends on the destination) each show
+//! as one `GAP` line: on the destination's serial port for a switchover. It is the blackout as
+//! the guest's own clock saw it, without the delay with which a host tool reads the serial
+//! port, and without the up-to-one-heartbeat uncertainty of heartbeat stamps. It assumes the
+//! TSC runs on across the stall (guest TSC = host TSC on one host; across hosts only with
+//! synchronised TSCs). The time spent printing a `T` line or a `GAP` line is not counted (the
+//! meter restarts after them), so a stall inside one of those prints is missed; a heartbeat
+//! iteration (a `.` and the console and network polls, a few port exits) is counted, so
+//! `gap=` must be above its cost (a few hundred µs is safe at CPL3; at CPL0, where an
+//! iteration verifying a page takes milliseconds in the emulator, much more).
 //!
 //! # Kernel mode (`cpl0=1`)
 //!
@@ -479,6 +498,8 @@ pub struct GuestConfig {
     pub smp: u32,
     /// `cpl0=1`: the program runs at CPL0 (kernel mode) instead of CPL3.
     pub cpl0: bool,
+    /// `gap=<µs>`: the stall meter's threshold (0 = off; see "Stall meter").
+    pub gap_us: u64,
 }
 
 impl Default for GuestConfig {
@@ -493,15 +514,16 @@ impl Default for GuestConfig {
             zero_every: 0,
             smp: 1,
             cpl0: false,
+            gap_us: 0,
         }
     }
 }
 
 impl GuestConfig {
     /// The Multiboot command line for these settings, e.g.
-    /// `ws=64 rate=100 hb=1000 pattern=seq tsc_khz=2445404 fresh=1 zero=4 smp=2 cpl0=1`
-    /// (`tsc_khz`, `fresh`, `zero`, `smp` and `cpl0` only when they differ from the guest's
-    /// default).
+    /// `ws=64 rate=100 hb=1000 pattern=seq tsc_khz=2445404 fresh=1 zero=4 smp=2 cpl0=1 gap=500`
+    /// (`tsc_khz`, `fresh`, `zero`, `smp`, `cpl0` and `gap` only when they differ from the
+    /// guest's default).
     #[must_use]
     pub fn cmdline(&self) -> String {
         let mut s = format!(
@@ -522,6 +544,9 @@ impl GuestConfig {
         }
         if self.cpl0 {
             s.push_str(" cpl0=1");
+        }
+        if self.gap_us != 0 {
+            s.push_str(&format!(" gap={}", self.gap_us));
         }
         s
     }
@@ -614,6 +639,9 @@ mod tests {
         assert!(GuestConfig { cpl0: true, ..c }
             .cmdline()
             .ends_with(" smp=2 cpl0=1"));
+        assert!(GuestConfig { gap_us: 500, ..c }
+            .cmdline()
+            .ends_with(" smp=2 gap=500"));
         assert_eq!(c.cpu_pages(0), 0..8192);
         assert_eq!(c.cpu_pages(1), 8192..16384);
         assert_eq!(

@@ -72,13 +72,20 @@ pub enum Event {
         /// Corrupt pages this CPU found.
         corrupt: u64,
     },
+    /// `GAP <µs>`: with `gap=` on the command line, the boot processor saw more than that many
+    /// microseconds pass between two iterations of its main loop (a pause, a migration's
+    /// switchover, a host stall), measured with its own TSC.
+    Gap {
+        /// The stall, in microseconds.
+        us: u64,
+    },
     /// Any other complete, non-empty line (e.g. `INFO ...`, `ERROR ...`, firmware output).
     Other(String),
 }
 
 impl Event {
     /// Parses one complete line (without its newline). Lines that do not match `READY`, `T`,
-    /// `CORRUPT`, `STATUS` or `CPU` exactly become [`Event::Other`].
+    /// `CORRUPT`, `STATUS`, `CPU` or `GAP` exactly become [`Event::Other`].
     #[must_use]
     pub fn from_line(line: &str) -> Event {
         parse_ready(line)
@@ -86,6 +93,7 @@ impl Event {
             .or_else(|| parse_corrupt(line))
             .or_else(|| parse_status(line))
             .or_else(|| parse_cpu(line))
+            .or_else(|| parse_gap(line))
             .unwrap_or_else(|| Event::Other(line.to_string()))
     }
 }
@@ -183,6 +191,18 @@ fn parse_cpu(line: &str) -> Option<Event> {
         pages_verified: n[1],
         corrupt: n[2],
     })
+}
+
+fn parse_gap(line: &str) -> Option<Event> {
+    let mut t = line.split_whitespace();
+    if t.next()? != "GAP" {
+        return None;
+    }
+    let us = t.next()?.parse().ok()?;
+    if t.next().is_some() {
+        return None;
+    }
+    Some(Event::Gap { us })
 }
 
 /// Incremental parser of the guest's serial output.
@@ -533,6 +553,24 @@ mod tests {
             "CPU 1 verified=2 written=1 corrupt=3",
             "SMP cpus=2",
         ] {
+            assert_eq!(Event::from_line(l), Event::Other(l.into()), "{l}");
+        }
+    }
+
+    #[test]
+    fn gap_lines() {
+        let t = t0();
+        let mut p = OutputParser::new();
+        assert_eq!(
+            p.feed(b"..\nGAP 1234\n.", t),
+            vec![
+                Event::Heartbeat(t),
+                Event::Heartbeat(t),
+                Event::Gap { us: 1234 },
+                Event::Heartbeat(t),
+            ]
+        );
+        for l in ["GAP", "GAP x", "GAP -1", "GAP 1 2", "GAPS 1"] {
             assert_eq!(Event::from_line(l), Event::Other(l.into()), "{l}");
         }
     }
