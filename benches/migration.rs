@@ -41,8 +41,8 @@ use std::time::{Duration, Instant};
 
 use criterion::{criterion_group, criterion_main, Criterion, SamplingMode};
 use livemig_suite::harness::{
-    log_of, migrate, refvmm_path, scratch_dir, start_destination, start_source, switchover_gaps,
-    GuestLog, SwitchoverGaps as Gaps, Vmm,
+    guest_switchover_gap, log_of, migrate, refvmm_path, scratch_dir, start_destination,
+    start_source, switchover_gaps, GuestLog, SwitchoverGaps as Gaps, Vmm,
 };
 use livemig_suite::qemu::{
     qboot_path, qemu_path, qemu_version, write_guest_image, QemuConfig, QemuMigrateParams, QemuVm,
@@ -70,6 +70,9 @@ struct Scenario {
 }
 
 const HB_US: u64 = 200;
+/// The side by side's guests report stalls of their main loop above this
+/// (`gap=`): the switchover's is the guest-measured gap.
+const GAP_US: u64 = 200;
 
 fn scenarios() -> Vec<Scenario> {
     let s = |name, memory, ws_mib, rate_mbs, pattern, quick| Scenario {
@@ -501,7 +504,7 @@ fn write_summary() {
     md.push_str(&format!(
         "Physical limits measured in this run: memcpy {memcpy:.1} GB/s (256 MiB buffers), loopback TCP {tcp:.2} GB/s (one stream).\n\n"
     ));
-    md.push_str("| scenario | runs (ok) | switchover gap ms (median) | blackout ms (median / max) | noise floor ms | engine downtime ms | breakdown (sync / mem / state save / state xfer / restore / ack) ms | total ms | rounds | MB sent | dirty rate MB/s | rate vs loopback |\n|---|---|---|---|---|---|---|---|---|---|---|---|\n");
+    md.push_str("| scenario | runs (ok) | switchover gap ms (median) | blackout ms (median / max) | noise floor ms | engine downtime ms | breakdown (sync / mem / state save / state xfer / restore / ack) ms | total ms | rounds | MB sent | dirty rate MB/s | rate vs loopback |\n|---|---|---|---|---|---|---|---|---|---|---|---|---|---|\n");
     let mut rows = Vec::new();
     for n in &names {
         let all: Vec<&Sample> = results
@@ -715,6 +718,8 @@ struct CmpSample {
     ok: bool,
     error: String,
     switchover_gap_ms: f64,
+    /// The switchover as the guest's own TSC saw it (its `GAP` line).
+    guest_gap_ms: f64,
     blackout_ms: f64,
     noise_floor_ms: f64,
     total_ms: f64,
@@ -730,10 +735,11 @@ struct CmpSample {
 impl CmpSample {
     /// Takes the gaps of a completed migration, or marks the run failed
     /// (it then stays out of every median and is listed under "Failed runs").
-    fn apply(&mut self, gaps: Result<Gaps, String>) {
+    fn apply(&mut self, gaps: Result<(Gaps, Duration), String>) {
         match gaps {
-            Ok(g) => {
+            Ok((g, guest)) => {
                 self.ok = true;
+                self.guest_gap_ms = gap_ms(guest);
                 self.switchover_gap_ms = gap_ms(g.switchover_gap);
                 self.blackout_ms = gap_ms(g.blackout);
                 self.noise_floor_ms = gap_ms(g.noise_floor);
@@ -754,11 +760,27 @@ static QEMU_INFO: Mutex<Option<String>> = Mutex::new(None);
 
 fn cmp_cmdline(sc: &CmpScenario, tsc_khz: Option<u64>) -> String {
     let per_hb = (sc.rate_mbs as f64 * 1e6 / 4096.0 * HB_US as f64 / 1e6).round() as u64;
-    let mut c = format!("ws={} rate={per_hb} hb={HB_US} pattern=seq", sc.ws_mib);
+    let mut c = format!(
+        "ws={} rate={per_hb} hb={HB_US} pattern=seq gap={GAP_US}",
+        sc.ws_mib
+    );
     if let Some(k) = tsc_khz {
         c.push_str(&format!(" tsc_khz={k}"));
     }
     c
+}
+
+/// Both kinds of switchover gap of a side-by-side run: the heartbeats'
+/// (stamped by the bench's serial readers) and the guest's own (`GAP`).
+fn cmp_gaps(
+    sl: &GuestLog,
+    dl: &GuestLog,
+    t0: Instant,
+    t1: Instant,
+) -> Result<(Gaps, Duration), String> {
+    let g = measure_gaps(sl, dl, t0, t1)?;
+    let guest = guest_switchover_gap(dl).map_err(|e| format!("measurement failed: {e}"))?;
+    Ok((g, guest))
 }
 
 fn cmp_warm_heartbeats(sc: &CmpScenario) -> usize {
@@ -855,7 +877,7 @@ fn cmp_ours(sc: &CmpScenario, runs: usize, limits: &[CmpLimit]) -> Option<u64> {
                     {
                         let sl = log_of(&src);
                         let dl = log_of(&dst);
-                        s.apply(waited.and_then(|_| measure_gaps(&sl, &dl, t0, t1)));
+                        s.apply(waited.and_then(|_| cmp_gaps(&sl, &dl, t0, t1)));
                         s.corrupt = sl.corrupt.len() + dl.corrupt.len();
                     }
                     s.total_ms = rep["total_ms"].as_f64().unwrap_or(f64::NAN);
@@ -953,7 +975,7 @@ fn cmp_qemu(
                     {
                         let sl = src.log();
                         let dl = dst.log();
-                        s.apply(waited.and_then(|_| measure_gaps(&sl, &dl, t0, t1)));
+                        s.apply(waited.and_then(|_| cmp_gaps(&sl, &dl, t0, t1)));
                         s.corrupt = sl.corrupt.len() + dl.corrupt.len();
                         if s.corrupt > 0 {
                             eprintln!(
@@ -1058,10 +1080,10 @@ fn cmp_summary() -> Option<(String, Vec<Value>)> {
     let info = QEMU_INFO.lock().unwrap().clone()?;
     let results = CMP.lock().unwrap().clone();
     let mut md = format!(
-        "### QEMU side by side\n\nPeer: {info}. Same guest image and command line (heartbeat {HB_US} µs), loopback TCP, 1 vCPU; QEMU `max-bandwidth` {} GiB/s (uncapped) in every run; medians of the successful runs; ratio = ours / QEMU (below 1: we are better).\n\n",
+        "### QEMU side by side\n\nPeer: {info}. Same guest image and command line (heartbeat {HB_US} µs), loopback TCP, 1 vCPU; QEMU `max-bandwidth` {} GiB/s (uncapped) in every run; medians of the successful runs; ratio = ours / QEMU (below 1: we are better). The switchover gap is the heartbeats' as the bench's serial readers stamp them (it includes the readers' own scheduling delay and up to one heartbeat period); the guest-measured gap is the guest's own (`gap={GAP_US}`: its TSC from its last main-loop iteration on the source to its first on the destination; a run without it fails).\n\n",
         QEMU_MAX_BANDWIDTH >> 30
     );
-    md.push_str("| scenario | limit | runs ok (ours / QEMU) | switchover gap ms (ours / QEMU / ratio) | blackout ms (ours / QEMU / ratio) | total ms (ours / QEMU / ratio) | downtime ms, self-reported (ours / QEMU / ratio) | noise floor ms (ours / QEMU) | MB sent (ours / QEMU) | transfer MB/s (ours / QEMU / ratio, above 1: we are faster) | rounds (ours) / dirty syncs (QEMU) |\n|---|---|---|---|---|---|---|---|---|---|---|\n");
+    md.push_str("| scenario | limit | runs ok (ours / QEMU) | switchover gap ms (ours / QEMU / ratio) | guest-measured gap ms (ours / QEMU / ratio) | guest gap − downtime ms (ours) | blackout ms (ours / QEMU / ratio) | total ms (ours / QEMU / ratio) | downtime ms, self-reported (ours / QEMU / ratio) | noise floor ms (ours / QEMU) | MB sent (ours / QEMU) | transfer MB/s (ours / QEMU / ratio, above 1: we are faster) | rounds (ours) / dirty syncs (QEMU) |\n|---|---|---|---|---|---|---|---|---|---|---|\n");
     let mut rows = Vec::new();
     for sc in cmp_scenarios() {
         for lim in &CMP_LIMITS {
@@ -1086,8 +1108,12 @@ fn cmp_summary() -> Option<(String, Vec<Value>)> {
                 continue;
             }
             let m = |v: &[CmpSample], f: Field| median(v.iter().map(f).collect());
-            let fields: [(&str, Field); 8] = [
+            let fields: [(&str, Field); 10] = [
                 ("switchover_gap_ms", |s| s.switchover_gap_ms),
+                ("guest_gap_ms", |s| s.guest_gap_ms),
+                ("guest_gap_minus_downtime_ms", |s| {
+                    s.guest_gap_ms - s.downtime_ms
+                }),
                 ("blackout_ms", |s| s.blackout_ms),
                 ("total_ms", |s| s.total_ms),
                 ("downtime_ms", |s| s.downtime_ms),
@@ -1120,10 +1146,12 @@ fn cmp_summary() -> Option<(String, Vec<Value>)> {
             let (mb_o, mb_q) = v["mb_sent"];
             let (r_o, r_q) = v["rounds"];
             md.push_str(&format!(
-                "| {} | {} | {on} ({ook}) / {qn} ({qok}) | {} | {} | {} | {} | {nf_o:.2} / {nf_q:.2} | {mb_o:.0} / {mb_q:.0} | {} | {r_o:.0} / {r_q:.0} |\n",
+                "| {} | {} | {on} ({ook}) / {qn} ({qok}) | {} | {} | {:.2} | {} | {} | {} | {nf_o:.2} / {nf_q:.2} | {mb_o:.0} / {mb_q:.0} | {} | {r_o:.0} / {r_q:.0} |\n",
                 sc.name,
                 lim.label,
                 tri("switchover_gap_ms"),
+                tri("guest_gap_ms"),
+                v["guest_gap_minus_downtime_ms"].0,
                 tri("blackout_ms"),
                 tri("total_ms"),
                 tri("downtime_ms"),

@@ -3,7 +3,8 @@
 # processes over loopback TCP, RUNS times, and prints one line per run: the
 # engine's downtime, its expected downtime, the guest-observed gap (last
 # heartbeat on the source's serial output to the first on the destination's,
-# stamped as they arrive), the source's largest heartbeat gap from its first heartbeat
+# stamped as they arrive), the guest-measured gap (the destination's first
+# `GAP` line: put `gap=<us>` in CMDLINE, else nan), the source's largest heartbeat gap from its first heartbeat
 # to its pause (pre-copy included), the downtime breakdown (ms), the state's bytes
 # and the status.
 # Usage: benches/switchover.sh RUNS MEMORY VCPUS "CMDLINE" [LIMIT_MS]
@@ -38,6 +39,7 @@ import json
 r=json.load(open('$D/rep.json')); b=r['downtime_breakdown']
 a=open('$D/a.t').read().split(); d=open('$D/b.t').read().split()
 g=(float(d[0])-float(a[1]))*1e3
-print('dt %.2f exp %.2f gap %.2f floor %.2f | ' % (r['downtime_ms'], r['expected_downtime_ms'], g, float(a[2])*1e3) + ' '.join('%s=%.2f'%(k.replace('_ms',''),v) for k,v in b.items()), 'sb', r['state_bytes'], r['status'])" || { tail -5 $D/m.err; tail -3 $D/a.err; tail -3 $D/b.err; }
+gg=float(d[3])*1e3 if len(d)>3 and float(d[3])>=0 else float('nan')
+print('dt %.2f exp %.2f gap %.2f guest-gap %.2f floor %.2f | ' % (r['downtime_ms'], r['expected_downtime_ms'], g, gg, float(a[2])*1e3) + ' '.join('%s=%.2f'%(k.replace('_ms',''),v) for k,v in b.items()), 'sb', r['state_bytes'], r['status'])" || { tail -5 $D/m.err; tail -3 $D/a.err; tail -3 $D/b.err; }
 done
 [ -n "${KEEP:-}" ] && cp $D/rep.json "$KEEP"; rm -rf $D

@@ -808,6 +808,33 @@ impl Drop for ConsoleClient {
     }
 }
 
+/// The switchover as the guest's own stall meter saw it (`gap=` on its
+/// command line): the destination's first `GAP` line. The guest measures
+/// the stall at its first TSC read on the destination (the top of a
+/// main-loop iteration, or right after a heartbeat byte it was writing when
+/// paused) and prints it at the top of the next iteration, so it arrives no
+/// later than the destination's second heartbeat. It is the TSC time from
+/// the guest's last TSC read on the source to its first on the destination:
+/// free of the delay with which the serial reader runs, and of the
+/// heartbeat period.
+///
+/// Fails — it never makes up a number — when the destination printed no
+/// `GAP` line by its second heartbeat (then the switchover was shorter than
+/// `gap=`, and a later line is another stall).
+pub fn guest_switchover_gap(dst: &GuestLog) -> Result<Duration, String> {
+    let &(at, gap) = dst.gaps.first().ok_or(
+        "the destination's guest printed no GAP line (no gap= on its command line, or a switchover shorter than it)",
+    )?;
+    match dst.heartbeats.get(1) {
+        Some(hb) if at <= *hb => Ok(gap),
+        Some(_) => Err(format!(
+            "the destination's first GAP line ({:.3} ms) came after its second heartbeat: the switchover was shorter than gap=",
+            gap.as_secs_f64() * 1e3
+        )),
+        None => Err("fewer than two destination heartbeats".into()),
+    }
+}
+
 /// The guest-observed figures of one migration, from the heartbeats'
 /// arrival times: the same for refvmm and QEMU.
 #[derive(Debug, Clone, Copy)]

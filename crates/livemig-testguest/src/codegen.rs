@@ -141,12 +141,14 @@ mod var {
     pub const AP_LOCK: i32 = 432;
     /// BSP only: 1 when the program runs at CPL0 (`cpl0=1`); the APs then stay at CPL0 too.
     pub const KMODE: i32 = 440;
-    /// `gap=` (µs; 0 = the stall meter is off), the same in TSC ticks, the TSC of the previous
-    /// main-loop iteration, and the last stall printed (µs).
+    /// `gap=` (µs; 0 = the stall meter is off), the same in TSC ticks, the TSC of the meter's
+    /// previous tick (0 = not armed yet), a stall (ticks) waiting to be printed (0 = none), and
+    /// the last stall printed (µs).
     pub const GAP_US: i32 = 448;
     pub const GAP_TICKS: i32 = 456;
     pub const GAP_PREV: i32 = 464;
-    pub const GAP_LAST: i32 = 472;
+    pub const GAP_PENDING: i32 = 472;
+    pub const GAP_LAST: i32 = 480;
     /// Console line buffer (`LINE_MAX` bytes and a NUL).
     pub const LINEBUF: i32 = 512;
 }
@@ -735,7 +737,7 @@ fn validate_and_setup(a: &mut CodeAssembler, l: &Labels) -> Result<(), Error> {
     rdtsc64(a)?;
     a.add(rax, v(var::PERIOD))?;
     a.mov(v(var::NEXT), rax)?;
-    gap::restart(a)?;
+    gap::arm(a)?;
     Ok(())
 }
 
@@ -796,7 +798,6 @@ fn main_loop(a: &mut CodeAssembler, l: &Labels) -> Result<(), Error> {
         print_sum(a, l, off)?;
     }
     print_char(a, l, b'\n')?;
-    gap::restart(a)?;
     a.set_label(&mut no_tline)?;
     advance_next(a)?;
     a.mov(rax, v(var::RATE))?;
@@ -847,7 +848,8 @@ fn subroutines(a: &mut CodeAssembler, l: &Labels) -> Result<(), Error> {
     a.set_label(&mut l.putc)?;
     a.mov(edx, COM1 as u32)?;
     a.out(dx, al)?;
-    a.ret()?;
+    a.jmp(l.g.tick)?;
+    gap::subroutine(a, l)?;
 
     // puts: rsi = NUL-terminated string. Clobbers rax, rdx, rsi.
     {

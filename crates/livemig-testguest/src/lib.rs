@@ -171,19 +171,22 @@
 //!
 //! # Stall meter (`gap=<µs>`)
 //!
-//! At the top of every main-loop iteration the boot processor reads the TSC; when more than
-//! `gap=` microseconds (converted with `tsc_khz`) passed since the previous iteration it prints
-//! `GAP <µs>`, the elapsed time. A pause of the VM, a host stall and a migration's switchover
-//! (the iteration that straddles it starts on the source and ends on the destination) each show
-//! as one `GAP` line: on the destination's serial port for a switchover. It is the blackout as
-//! the guest's own clock saw it, without the delay with which a host tool reads the serial
-//! port, and without the up-to-one-heartbeat uncertainty of heartbeat stamps. It assumes the
-//! TSC runs on across the stall (guest TSC = host TSC on one host; across hosts only with
-//! synchronised TSCs). The time spent printing a `T` line or a `GAP` line is not counted (the
-//! meter restarts after them), so a stall inside one of those prints is missed; a heartbeat
-//! iteration (a `.` and the console and network polls, a few port exits) is counted, so
-//! `gap=` must be above its cost (a few hundred µs is safe at CPL3; at CPL0, where an
-//! iteration verifying a page takes milliseconds in the emulator, much more).
+//! The boot processor reads the TSC at the top of every main-loop iteration and after every
+//! byte it writes to the serial port; when more than `gap=` microseconds (converted with
+//! `tsc_khz`) passed between two such reads, it prints `GAP <µs>`, the elapsed time, at the
+//! top of the next iteration (one stall waits to be printed at a time: a second one before
+//! that print is dropped). A pause of the VM, a host stall and a migration's switchover (it
+//! starts on the source and ends on the destination) each show as one `GAP` line: for a
+//! switchover, the destination's first line, printed before its first heartbeat. It is the
+//! blackout as the guest's own clock saw it, without the delay with which a host tool reads
+//! the serial port, and without the up-to-one-heartbeat uncertainty of heartbeat stamps. It
+//! assumes the TSC runs on across the stall (guest TSC = host TSC on one host; across hosts
+//! only with synchronised TSCs). Because the TSC is read around every port write, a stall
+//! inside a print is measured like any other and the prints themselves never add up to a
+//! false stall; the longest stretch between two reads without a stall is one iteration (a
+//! page verified or written, or a heartbeat's console and network polls), so `gap=` must be
+//! above that (a few hundred µs is safe at CPL3; at CPL0, where an iteration verifying a page
+//! takes milliseconds in the emulator, much more). The boot's own output is not measured.
 //!
 //! # Kernel mode (`cpl0=1`)
 //!
