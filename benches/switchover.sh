@@ -13,7 +13,9 @@
 # after `cargo build --example refvmm`. Environment: R (the refvmm binary),
 # BOOT (seconds the guest runs first, default 1.5), KEEP (copy the last
 # report to $KEEP), MIGRATE_ARGS (more `refvmm migrate` flags, e.g.
-# --switchover-probe). Uses a random TCP port in 47200..47699 on 127.0.0.1.
+# --switchover-probe), MIGRATE_TIMEOUT (seconds one migration may take,
+# default 120: then both VMMs are killed and the run reported as without a
+# result). Uses a random TCP port in 47200..47699 on 127.0.0.1.
 set -u
 R=${R:-$(dirname "$0")/../target/debug/examples/refvmm}
 N=$1; MEM=$2; V=$3; CL=$4; LIM=${5:-10}
@@ -28,7 +30,14 @@ for i in $(seq 1 $N); do
   $R receive --listen tcp:127.0.0.1:$PORT --api-socket $D/b.sock --serial stdio </dev/null 2>$D/b.err | python3 -c "$STAMP" $D/b.t &
   for t in $(seq 100); do [ -e $D/b.t.ready ] && break; sleep 0.05; done
   sleep 0.3
-  $R migrate --api-socket $D/a.sock --to tcp:127.0.0.1:$PORT --downtime-limit-ms $LIM ${MIGRATE_ARGS:-} >$D/rep.json 2>$D/m.err
+  timeout ${MIGRATE_TIMEOUT:-120} $R migrate --api-socket $D/a.sock --to tcp:127.0.0.1:$PORT --downtime-limit-ms $LIM ${MIGRATE_ARGS:-} >$D/rep.json 2>$D/m.err
+  if [ $? -eq 124 ]; then
+    # A migration that did not finish in time (e.g. never converged): say so, stop both VMMs
+    # (otherwise `wait` below waits for ever) and go on with the next run.
+    echo "run $i: no result within ${MIGRATE_TIMEOUT:-120} s; both VMMs killed"
+    pkill -f -- "--api-socket $D/a.sock"; pkill -f -- "--api-socket $D/b.sock"
+    wait; continue
+  fi
   sleep 0.3
   python3 -c "
 import socket
