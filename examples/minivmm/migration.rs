@@ -66,6 +66,10 @@ impl DestinationVm for Machine {
     fn resume(&mut self) -> Result<(), VmError> {
         self.kvm.resume()
     }
+
+    fn resume_then(&mut self, started: &mut dyn FnMut()) -> Result<(), VmError> {
+        self.kvm.resume_then(started)
+    }
 }
 
 /// Sends the running guest to `to`. On success the guest runs there.

@@ -468,6 +468,12 @@ impl livemig::vm::DestinationVm for DestMachine {
         self.machine.vm.rehearse_restore()
     }
     fn resume(&mut self) -> Result<(), VmError> {
+        self.resume_then(&mut || {})
+    }
+    /// Nothing here fails: `started` (the engine's `Resumed` to the source)
+    /// goes right before the vCPUs are woken, so a vCPU thread that takes
+    /// the CPU first holds nothing up.
+    fn resume_then(&mut self, started: &mut dyn FnMut()) -> Result<(), VmError> {
         // The console path is this VMM's from now on, before the source
         // learns that the migration completed (and tells its clients).
         if let Some((listener, _)) = self.console.as_mut() {
@@ -476,6 +482,7 @@ impl livemig::vm::DestinationVm for DestMachine {
             }
         }
         if self.start_paused {
+            started();
             return Ok(());
         }
         // The NICs drop what reached this host's TAPs before the guest ran
@@ -485,6 +492,7 @@ impl livemig::vm::DestinationVm for DestMachine {
         if self.local {
             self.machine.each_nic(VirtioNet::keep_queued_frames);
         }
+        started();
         self.machine.start();
         if self.announce {
             self.start_announce();

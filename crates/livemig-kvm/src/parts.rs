@@ -240,9 +240,18 @@ impl KvmParts {
 
     /// Lets the vCPU threads run; refused if a vCPU stopped for good.
     pub fn resume(&self) -> Result<(), VmError> {
+        self.resume_then(&mut || {})
+    }
+
+    /// [`KvmParts::resume`], calling `started` once nothing can fail any
+    /// more, right before the vCPU threads are woken: what a VMM's
+    /// `DestinationVm::resume_then` needs, so that the engine's `Resumed`
+    /// is on its way before any vCPU thread competes for a CPU.
+    pub fn resume_then(&self, started: &mut dyn FnMut()) -> Result<(), VmError> {
         if let Some(e) = self.gate.fatal() {
             return Err(VmError::failed(VmOp::Resume, "a vCPU stopped for good", e));
         }
+        started();
         self.gate.resume();
         Ok(())
     }

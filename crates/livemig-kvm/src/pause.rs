@@ -29,9 +29,10 @@
 //!    still running again every millisecond (a safety net only), and gives
 //!    up after the gate's timeout ([`VcpuError::PauseTimeout`]).
 //! 5. **Resume.** [`PauseGate::resume`] wakes the parked threads and
-//!    returns; each woken thread yields its CPU once (`sched_yield`) before
-//!    it re-enters `KVM_RUN`, so that the resuming thread is not held up
-//!    by it.
+//!    returns; each woken thread re-enters `KVM_RUN` as soon as it runs.
+//!    (A migration's destination sends its acknowledgement before this
+//!    wake-up, `DestinationVm::resume_then`, so a woken thread that takes
+//!    the CPU holds nothing up.)
 //!
 //! The loop calls two methods around each `KVM_RUN`:
 //!
@@ -469,7 +470,6 @@ impl VcpuPauser {
                 return false;
             }
             drop(ctl);
-            yield_to_waker();
         }
         self.completed = false;
         true
@@ -518,22 +518,6 @@ impl VcpuPauser {
         // writes the same byte, volatile as here.
         unsafe { std::ptr::write_volatile(&mut (*self.run).immediate_exit, value) };
     }
-}
-
-/// Gives the CPU back once after leaving the park, before `KVM_RUN`.
-///
-/// The thread that resumed the gate (for a migration's destination: the
-/// engine, which acknowledges the resume to the source right after it) is
-/// often preempted by this freshly woken thread; a guest whose code runs in
-/// kernel mode then keeps the CPU inside `KVM_RUN` (KVM's instruction
-/// emulator on PVM) for milliseconds, and the acknowledgement, the end of
-/// the source's downtime, waited for it (the destination's resume took
-/// 1.5–9 ms in 5 of ~25 migrations of such a guest on a loaded 2-core
-/// host). Yielding lets the waker go on first; the vCPU runs when it is
-/// next scheduled (at once where a CPU is free).
-fn yield_to_waker() {
-    // `sched_yield` on Linux.
-    std::thread::yield_now();
 }
 
 /// Parks until the gate is resumed or closed; the thread counts as

@@ -597,7 +597,16 @@ impl DestinationVm for KvmVm {
     }
 
     fn resume(&mut self) -> Result<(), VmError> {
+        self.resume_then(&mut || {})
+    }
+
+    /// Turns dirty logging off if still on (the only step that can fail),
+    /// calls `started`, then wakes the vCPU threads (which cannot fail):
+    /// the engine's `Resumed` is on its way before any vCPU thread competes
+    /// with the engine's thread for a CPU.
+    fn resume_then(&mut self, started: &mut dyn FnMut()) -> Result<(), VmError> {
         self.logging_off_if_left_on()?;
+        started();
         self.vcpus.resume();
         Ok(())
     }

@@ -174,8 +174,8 @@
 //! The boot processor reads the TSC at the top of every main-loop iteration and after every
 //! byte it writes to the serial port; when more than `gap=` microseconds (converted with
 //! `tsc_khz`) passed between two such reads, it prints `GAP <µs>`, the elapsed time, at the
-//! top of the next iteration (one stall waits to be printed at a time: a second one before
-//! that print is dropped). A pause of the VM, a host stall and a migration's switchover (it
+//! top of the next iteration (one stall waits to be printed at a time: of several seen
+//! before that print, the longest). A pause of the VM, a host stall and a migration's switchover (it
 //! starts on the source and ends on the destination) each show as one `GAP` line: for a
 //! switchover, the destination's first line, printed before its first heartbeat. It is the
 //! blackout as the guest's own clock saw it, without the delay with which a host tool reads

@@ -357,7 +357,29 @@ pub trait DestinationVm: Send {
     /// was paused (the VM is then handed back paused). On error no vCPU may
     /// be left running: the engine drops the VM and tells the source that
     /// the guest will never run here (the source then resumes it).
+    ///
+    /// A pre-copy switchover calls it through
+    /// [`DestinationVm::resume_then`]; a post-copy switchover calls it
+    /// directly and acknowledges after it returns.
     fn resume(&mut self) -> Result<(), VmError>;
+
+    /// [`DestinationVm::resume`], calling `started` exactly once on success:
+    /// the engine sends the source its `Resumed` acknowledgement (the end of
+    /// the source's downtime) from `started`. On error `started` is not
+    /// called and, as for `resume`, no vCPU may be left running.
+    ///
+    /// The default resumes, then calls `started`. An implementation whose
+    /// last step cannot fail may call `started` right before that step (the
+    /// wake-up of the vCPU threads): then a vCPU thread the host schedules
+    /// ahead of the engine's thread neither holds up the acknowledgement nor
+    /// has to give way to it, and the guest runs as soon as a CPU takes it.
+    /// `KvmVm` does this. Calling `started` and then failing is a bug: the
+    /// source, told the guest runs here, never runs it again.
+    fn resume_then(&mut self, started: &mut dyn FnMut()) -> Result<(), VmError> {
+        self.resume()?;
+        started();
+        Ok(())
+    }
 }
 
 /// Checks a destination memory object against a description's layout.

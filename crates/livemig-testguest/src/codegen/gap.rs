@@ -61,8 +61,9 @@ pub(super) fn arm(a: &mut CodeAssembler) -> Result<(), Error> {
 }
 
 /// The `tick` subroutine: reads the TSC and, if the armed meter sees more than `gap=` since
-/// the previous tick, keeps the stall (in ticks) as pending unless one already waits to be
-/// printed. Preserves every register but the flags.
+/// the previous tick, keeps the stall (in ticks) as pending unless a longer one already waits
+/// to be printed (so a stall seen just before a switchover, not printed yet, cannot hide the
+/// switchover's, which is then printed instead). Preserves every register but the flags.
 pub(super) fn subroutine(a: &mut CodeAssembler, l: &mut Labels) -> Result<(), Error> {
     let mut off = a.create_label();
     let mut done = a.create_label();
@@ -80,8 +81,8 @@ pub(super) fn subroutine(a: &mut CodeAssembler, l: &mut Labels) -> Result<(), Er
     a.mov(v(var::GAP_PREV), rax)?;
     a.cmp(rcx, v(var::GAP_TICKS))?;
     a.jbe(done)?;
-    a.cmp(v(var::GAP_PENDING), 0)?;
-    a.jne(done)?;
+    a.cmp(rcx, v(var::GAP_PENDING))?;
+    a.jbe(done)?;
     a.mov(v(var::GAP_PENDING), rcx)?;
     a.set_label(&mut done)?;
     a.pop(rdx)?;

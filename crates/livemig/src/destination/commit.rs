@@ -111,17 +111,24 @@ pub(super) fn commit<V: DestinationVm>(
     ready_then_go(link, restore, cancel)?;
     let cp = Phase::Completion;
     let t = Instant::now();
-    if running {
-        vm.resume().map_err(|e| MigrationError::new(cp, e))?;
-    }
-    let resume = t.elapsed();
-    // The guest runs here now. If the acknowledgement cannot be sent the
-    // source stays paused (it committed with Go), so keep running.
-    let resumed = Resumed {
-        resume_us: resume.as_micros() as u64,
+    let mut resume = Duration::ZERO;
+    // From here the guest runs (or is about to, infallibly: see
+    // `DestinationVm::resume_then`). If the acknowledgement cannot be sent
+    // the source stays paused (it committed with Go), so keep running.
+    let mut acknowledge = || {
+        resume = t.elapsed();
+        let resumed = Resumed {
+            resume_us: resume.as_micros() as u64,
+        };
+        if let Err(e) = control::send(&mut link.fw, &resumed, cp) {
+            log::warn!("guest resumed but the acknowledgement could not be sent: {e}");
+        }
     };
-    if let Err(e) = control::send(&mut link.fw, &resumed, cp) {
-        log::warn!("guest resumed but the acknowledgement could not be sent: {e}");
+    if running {
+        vm.resume_then(&mut acknowledge)
+            .map_err(|e| MigrationError::new(cp, e))?;
+    } else {
+        acknowledge();
     }
     Ok(Timings { restore, resume })
 }
