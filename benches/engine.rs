@@ -26,7 +26,9 @@
 //! `LIVEMIG_BENCH_FILL=off` turns the destination's fresh-memory fill
 //! (`Reception::fresh_fill`, `UFFDIO_COPY`) off, to measure the same
 //! binary both ways; `LIVEMIG_BENCH_BATCH=N` sends N pages per frame
-//! (`MigrationConfig::batch_pages`, default 256).
+//! (`MigrationConfig::batch_pages`, default 256); `LIVEMIG_BENCH_ZC=off`
+//! sends copied `Pages` frames instead of `PagesGather` frames from guest
+//! memory (`MigrationConfig::zero_copy` off).
 //!
 //! criterion "times" round 0 (through `iter_custom`); the bench also writes
 //! `target/livemig-bench/engine.md` with the rates as a share of the
@@ -204,6 +206,7 @@ fn migrate_once(
     if let Some(n) = batch_pages() {
         cfg.batch_pages = n;
     }
+    cfg.zero_copy = std::env::var("LIVEMIG_BENCH_ZC").map_or(true, |v| v != "off");
     let r = migrate_streams(
         src,
         t,
