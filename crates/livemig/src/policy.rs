@@ -167,7 +167,9 @@ pub struct MigrationConfig {
     /// still torn when memory is complete fails the migration before the
     /// commit point. LZ4-compressed frames (and the frames sampled for LZ4)
     /// are copied as before. Not with post-copy (a source that offers it
-    /// asks for no `PagesGather`). Default on (docs/benchmarks.md,
+    /// asks for no `PagesGather`). Default off: on this project's machine
+    /// it saved no measurable CPU (the copy's cost was reading guest memory
+    /// from DRAM, which the page CRCs now pay; docs/benchmarks.md,
     /// "Zero-copy page sends").
     pub zero_copy: bool,
 }
@@ -192,7 +194,7 @@ impl Default for MigrationConfig {
             skip_untouched: true,
             switchover_probe: None,
             polish_rounds: 3,
-            zero_copy: true,
+            zero_copy: false,
         }
     }
 }

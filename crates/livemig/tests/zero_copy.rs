@@ -27,7 +27,7 @@ use livemig::protocol::{
 use livemig::testing::soft::{SoftConfig, SoftVm};
 use livemig::transport::{mem, Transport};
 use livemig::vm::SourceVm;
-use livemig::{ErrorKind, Migration, MigrationConfig, MigrationError, Reception, ReceiveReport};
+use livemig::{ErrorKind, Migration, MigrationConfig, MigrationError, ReceiveReport, Reception};
 
 /// 4 MiB at guest address 0.
 fn layout() -> MemoryLayout {
@@ -76,7 +76,9 @@ struct Edits {
 impl Edits {
     fn count(&self, kind: MsgKind) -> u64 {
         let k = self.kinds.lock().unwrap();
-        k.iter().find(|(b, _)| *b == kind as u8).map_or(0, |(_, n)| *n)
+        k.iter()
+            .find(|(b, _)| *b == kind as u8)
+            .map_or(0, |(_, n)| *n)
     }
 
     fn seen(&self, kind: MsgKind) {
@@ -279,7 +281,11 @@ fn a_page_corrupted_on_the_wire_fails_before_the_commit() {
     let (a, b) = mem::pair();
     let t = relayed(b, &edits);
     let (report, dest) = migrate(&src, config(true), Box::new(t), a);
-    let gpa = edits.corrupted.lock().unwrap().expect("a frame was corrupted");
+    let gpa = edits
+        .corrupted
+        .lock()
+        .unwrap()
+        .expect("a frame was corrupted");
     let e = dest.map(|_| ()).expect_err("the destination refused");
     match &e.kind {
         ErrorKind::Peer(PeerError::TornPages { pages, first }) => {
@@ -299,7 +305,11 @@ fn a_page_corrupted_on_the_wire_fails_before_the_commit() {
 /// migrate. With both sides of this build, only `PagesGather` frames.
 #[test]
 fn older_peers_get_pages_frames() {
-    for (zero_copy, strip_grant, gather) in [(true, true, false), (false, false, false), (true, false, true)] {
+    for (zero_copy, strip_grant, gather) in [
+        (true, true, false),
+        (false, false, false),
+        (true, false, true),
+    ] {
         let src = idle_source();
         let edits = Arc::new(Edits {
             strip_grant,
@@ -313,6 +323,53 @@ fn older_peers_get_pages_frames() {
         let (dst, _) = dest.unwrap_or_else(|e| panic!("{what}: {e}"));
         assert_eq!(edits.count(MsgKind::PagesGather) > 0, gather, "{what}");
         assert_eq!(edits.count(MsgKind::Pages) > 0, !gather, "{what}");
+        assert!(src.snapshot() == dst.snapshot(), "{what}: memory differs");
+    }
+}
+
+/// A guest writing all along, `PagesGather` frames on one and on two page
+/// streams, with LZ4 allowed (compressed frames are copied) and under a
+/// bandwidth cap (every frame paced): the destination ends with the
+/// paused source's memory in every combination.
+#[test]
+fn streams_lz4_and_the_cap_keep_working() {
+    let cases = [
+        (1, false, None),
+        (2, false, None),
+        (1, true, None),
+        (2, true, None),
+        (1, false, Some(64 << 20)),
+        (2, false, Some(64 << 20)),
+    ];
+    for (streams, compress, cap) in cases {
+        let what = format!("streams {streams}, compress {compress}, cap {cap:?}");
+        let src = SoftVm::new(&layout(), &SoftConfig::busy()).unwrap();
+        src.fill(5);
+        src.start();
+        let (a, b) = mem::pair();
+        let (opener, acceptor) = mem::streams();
+        let dest = std::thread::spawn(move || {
+            Reception::new(Box::new(b))
+                .accept_streams(acceptor)
+                .run(|d| SoftVm::new(&d.layout, &SoftConfig::idle()))
+        });
+        let cfg = MigrationConfig {
+            compress,
+            max_bandwidth: cap,
+            ..config(true)
+        };
+        let mut m = Migration::new(&src).config(cfg);
+        if streams > 1 {
+            m = m.streams(streams, opener);
+        }
+        let report = m.run(Box::new(a)).unwrap_or_else(|e| panic!("{what}: {e}"));
+        let (dst, rr) = dest
+            .join()
+            .unwrap()
+            .unwrap_or_else(|e| panic!("{what}: {e}"));
+        assert_eq!(rr.streams, streams, "{what}");
+        assert!(!report.rounds.is_empty(), "{what}: {}", report.to_json());
+        assert!(src.is_paused(), "{what}");
         assert!(src.snapshot() == dst.snapshot(), "{what}: memory differs");
     }
 }

@@ -1315,10 +1315,11 @@ mod tests {
     #[test]
     fn round_trip_every_message() {
         let msgs = all_messages();
-        // All but Pages, PagesLz4, the seven post-copy kinds and the two
-        // probe kinds (their round trips are in protocol/postcopy.rs and
+        // All but Pages, PagesLz4, PagesGather, the seven post-copy kinds
+        // and the two probe kinds (their round trips are in
+        // protocol/pages_gather.rs, protocol/postcopy.rs and
         // protocol/probe.rs).
-        assert_eq!(msgs.len(), MsgKind::ALL.len() - 11);
+        assert_eq!(msgs.len(), MsgKind::ALL.len() - 12);
         round_trip(&HelloReply {
             accepted: true,
             reason: String::new(),
@@ -1330,7 +1331,7 @@ mod tests {
             local: false,
             probe: false,
             restore_cost: None,
-            pages_gather: false,
+            pages_gather: true,
         });
         round_trip(&State::default());
         let mut d = desc();
@@ -1341,7 +1342,7 @@ mod tests {
             assert_eq!(MsgKind::from_u8(k as u8), Some(k));
         }
         assert_eq!(MsgKind::from_u8(0), None);
-        assert_eq!(MsgKind::from_u8(25), None);
+        assert_eq!(MsgKind::from_u8(26), None);
     }
 
     #[test]

@@ -73,8 +73,8 @@ pub use kind::MsgKind;
 pub use messages::{
     encoded_state_frames, state_frames, Abandoned, Cancel, Complete, ErrorMsg, Go, Hello,
     HelloReply, Keepalive, Message, Ready, Resumed, RoundEnd, State, StreamHello, HELLO_MAGIC,
-    LOCAL_PROPERTY, MAX_RESTORE_COST, PAUSED_PROPERTY, POSTCOPY_PREPARE_PROPERTY,
-    PAGES_GATHER_PROPERTY, POSTCOPY_PROPERTY, PROBE_PROPERTY, RESTORE_COST_PROPERTY,
+    LOCAL_PROPERTY, MAX_RESTORE_COST, PAGES_GATHER_PROPERTY, PAUSED_PROPERTY,
+    POSTCOPY_PREPARE_PROPERTY, POSTCOPY_PROPERTY, PROBE_PROPERTY, RESTORE_COST_PROPERTY,
 };
 pub(crate) use pages::check_record;
 pub use pages::{

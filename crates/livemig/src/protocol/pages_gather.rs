@@ -355,7 +355,10 @@ mod tests {
         let mut p = good.clone();
         p[8] = 1; // gpa 0x1001
         let e = gather_payload(&p).unwrap_err().to_string();
-        assert!(e.contains("offset 8") && e.contains("not page aligned"), "{e}");
+        assert!(
+            e.contains("offset 8") && e.contains("not page aligned"),
+            "{e}"
+        );
         // Truncated anywhere.
         for cut in 0..good.len() {
             assert!(gather_payload(&good[..cut]).is_err(), "cut {cut}");
@@ -364,5 +367,62 @@ mod tests {
         assert!(m.push_data(0, &[0; 10]).is_err());
         assert!(m.push_zero(1, 1).is_err());
         assert!(m.push_zero(0, 0).is_err());
+    }
+
+    /// The source's per-page work over 512 MiB (beyond any cache), 1 MiB
+    /// frames, 5 times each, alternately: the copying path (copy into a
+    /// frame buffer, one CRC over it) and the gather path (one CRC per page
+    /// over guest memory; the kernel's copy comes after either); prints
+    /// the rates. Not a check (no timing asserts): `cargo test --release
+    /// -p livemig --lib -- --ignored gather_crc_rate --nocapture`.
+    #[test]
+    #[ignore]
+    fn gather_crc_rate() {
+        const PAGES: usize = 128 * 1024;
+        const FRAME: usize = 256 * PAGE_BYTES;
+        let mem: Vec<u8> = (0..PAGES * PAGE_BYTES)
+            .map(|i| (i * 7 + i / 4096) as u8)
+            .collect();
+        let mut buf = vec![0u8; FRAME];
+        for round in 0..10 {
+            let t = std::time::Instant::now();
+            let mut x = 0u32;
+            let what = if round % 2 == 0 {
+                for chunk in mem.chunks(FRAME) {
+                    buf.copy_from_slice(chunk);
+                    x ^= crc32c::crc32c(&buf);
+                }
+                "copy + one CRC per frame"
+            } else {
+                for page in mem.chunks(PAGE_BYTES) {
+                    x ^= crc32c::crc32c(page);
+                }
+                "one CRC per page, no copy"
+            };
+            let gbs = mem.len() as f64 / t.elapsed().as_secs_f64() / 1e9;
+            println!("{what}: {gbs:.2} GB/s ({x})");
+        }
+        // The same, memory in cache: per-page calls against one call.
+        let hot = &mem[..FRAME];
+        for round in 0..6 {
+            let t = std::time::Instant::now();
+            let mut x = 0u32;
+            for _ in 0..512 {
+                if round % 2 == 0 {
+                    x ^= crc32c::crc32c(hot);
+                } else {
+                    for page in hot.chunks(PAGE_BYTES) {
+                        x ^= crc32c::crc32c(page);
+                    }
+                }
+            }
+            let gbs = (512 * FRAME) as f64 / t.elapsed().as_secs_f64() / 1e9;
+            let what = if round % 2 == 0 {
+                "in cache, one CRC per frame"
+            } else {
+                "in cache, one CRC per page"
+            };
+            println!("{what}: {gbs:.2} GB/s ({x})");
+        }
     }
 }
