@@ -373,3 +373,35 @@ fn streams_lz4_and_the_cap_keep_working() {
         assert!(src.snapshot() == dst.snapshot(), "{what}: memory differs");
     }
 }
+
+/// The largest frames (`batch_pages` 1024): a frame holding 1022 pages
+/// when a run of 1024 more comes (two zero pages at the end of a chunk,
+/// whose neighbours end one run and begin the next) must not grow past
+/// the 8 MiB frame limit; each page's crc makes `PagesGather` metadata 4
+/// bytes a page longer than `Pages`'.
+#[test]
+fn the_largest_frames_stay_within_the_limit() {
+    let layout = MemoryLayout::new(vec![RegionDesc {
+        guest_addr: 0,
+        size: 16 << 20,
+    }])
+    .unwrap();
+    let src = SoftVm::new(&layout, &SoftConfig::idle()).unwrap();
+    src.fill(3);
+    for word in 0..1024 {
+        src.write_as_guest(1022 * 4096 + word * 8, 0).unwrap();
+    }
+    src.start();
+    let (a, b) = mem::pair();
+    let dest = std::thread::spawn(move || {
+        Reception::new(Box::new(b)).run(|d| SoftVm::new(&d.layout, &SoftConfig::idle()))
+    });
+    let cfg = MigrationConfig {
+        batch_pages: 1024,
+        ..config(true)
+    };
+    let report = Migration::new(&src).config(cfg).run(Box::new(a));
+    report.expect("migrated");
+    let (dst, _) = dest.join().unwrap().expect("received");
+    assert!(src.snapshot() == dst.snapshot(), "memory differs");
+}

@@ -319,6 +319,20 @@ impl PageSender<'_> {
         }
     }
 
+    /// The most pages the next run may add: [`PageSender::batch_pages`],
+    /// or what a `PagesGather` frame being built has room for (its page
+    /// crcs make it 4 bytes a page longer than a `Pages` frame, which two
+    /// runs of nearly `batch_pages` each could otherwise push past the
+    /// frame limit).
+    fn run_room(&self) -> u64 {
+        match &self.gather {
+            Some(g) if !self.copy_frame && !g.is_empty() => {
+                self.batch_pages.saturating_sub(g.data_pages()).max(1)
+            }
+            _ => self.batch_pages,
+        }
+    }
+
     /// The frame being built: data pages and payload bytes.
     fn frame_size(&self) -> (u64, u64) {
         match &self.gather {
@@ -475,8 +489,9 @@ impl PageSender<'_> {
         let end = first + npages;
         while p < end {
             let zero = self.ram.is_zero(region, p);
+            let room = self.run_room();
             let mut q = p + 1;
-            while q < end && q - p < self.batch_pages && self.ram.is_zero(region, q) == zero {
+            while q < end && q - p < room && self.ram.is_zero(region, q) == zero {
                 q += 1;
             }
             let n = q - p;
