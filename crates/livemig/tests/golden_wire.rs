@@ -839,7 +839,7 @@ fn pages_gather_frame() {
     let e = FrameReader::new(&bad[..])
         .read_frame()
         .expect_err("metadata");
-    assert!(e.to_string().contains("CRC"), "{e}");
+    assert!(e.to_string().contains("crc mismatch"), "{e}");
 }
 
 #[test]
