@@ -392,7 +392,7 @@ fn write_all_gather<W: Write>(w: &mut W, header: &[u8], parts: &[&[u8]]) -> io::
 const MAX_GATHER_IOV: usize = 1024;
 
 /// Writes every byte of `bufs`, in order: `write_vectored` with at most
-/// [`MAX_GATHER_IOV`] slices at a time, continuing after short writes
+/// 1024 slices (Linux's `IOV_MAX`) at a time, continuing after short writes
 /// ([`IoSlice::advance_slices`]) and retrying on `Interrupted`; a write of
 /// 0 bytes with bytes left fails with `WriteZero`. (`Write::write_all_vectored`
 /// is not stable; std's default `write_vectored` writes only the first
@@ -883,6 +883,58 @@ mod tests {
     use crate::protocol::test_support::layout;
     use crate::protocol::{page_records, Complete, Go, PageBatch, Ready, Resumed, RoundEnd};
     use crate::transport::{self, Transport};
+
+    /// A writer that takes at most 3 bytes a call through `write` only
+    /// (std's default `write_vectored`: the first non-empty slice), fails
+    /// its first call with `Interrupted`, and then ends after `cap` bytes.
+    struct Stingy {
+        out: Vec<u8>,
+        interrupted: bool,
+        cap: usize,
+    }
+
+    impl Write for Stingy {
+        fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
+            if !self.interrupted {
+                self.interrupted = true;
+                return Err(io::ErrorKind::Interrupted.into());
+            }
+            let n = buf.len().min(3).min(self.cap - self.out.len());
+            self.out.extend_from_slice(&buf[..n]);
+            Ok(n)
+        }
+        fn flush(&mut self) -> io::Result<()> {
+            Ok(())
+        }
+    }
+
+    /// Every byte of every slice arrives, in order, through short writes,
+    /// an interruption, empty slices and more slices than one call takes;
+    /// a writer that stops taking bytes fails with `WriteZero`.
+    #[test]
+    fn write_all_vectored_writes_everything_in_order() {
+        let parts: Vec<Vec<u8>> = (0..1500u32)
+            .map(|i| (0..(i % 5) as u8).map(|b| b ^ i as u8).collect())
+            .collect();
+        let want = parts.concat();
+        let mut w = Stingy {
+            out: Vec::new(),
+            interrupted: false,
+            cap: usize::MAX,
+        };
+        let mut iov: Vec<IoSlice<'_>> = parts.iter().map(|p| IoSlice::new(p)).collect();
+        write_all_vectored(&mut w, &mut iov).unwrap();
+        assert_eq!(w.out, want);
+        let mut short = Stingy {
+            out: Vec::new(),
+            interrupted: true,
+            cap: 10,
+        };
+        let mut iov: Vec<IoSlice<'_>> = parts.iter().map(|p| IoSlice::new(p)).collect();
+        let e = write_all_vectored(&mut short, &mut iov).unwrap_err();
+        assert_eq!(e.kind(), io::ErrorKind::WriteZero);
+        assert_eq!(short.out, want[..10]);
+    }
 
     #[test]
     fn frame_header_owns_the_layout() {
