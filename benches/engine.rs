@@ -26,7 +26,10 @@
 //! `LIVEMIG_BENCH_FILL=off` turns the destination's fresh-memory fill
 //! (`Reception::fresh_fill`, `UFFDIO_COPY`) off, to measure the same
 //! binary both ways; `LIVEMIG_BENCH_BATCH=N` sends N pages per frame
-//! (`MigrationConfig::batch_pages`, default 256).
+//! (`MigrationConfig::batch_pages`, default 256); `LIVEMIG_BENCH_ZC=on`
+//! sends `PagesGather` frames straight from guest memory instead of
+//! copied `Pages` frames (`MigrationConfig::zero_copy`, default off;
+//! `LIVEMIG_BENCH_ZC=off` the default).
 //!
 //! criterion "times" round 0 (through `iter_custom`); the bench also writes
 //! `target/livemig-bench/engine.md` with the rates as a share of the
@@ -139,6 +142,9 @@ struct Cost {
     report: livemig::Report,
     cpu: Duration,
     dest_cpu: Duration,
+    /// The source's calling thread (which sends every page of a
+    /// one-stream migration; with page streams, their threads send).
+    src_cpu: Duration,
 }
 
 /// Pages per `Pages` frame (`MigrationConfig::batch_pages`) from
@@ -204,6 +210,10 @@ fn migrate_once(
     if let Some(n) = batch_pages() {
         cfg.batch_pages = n;
     }
+    if let Ok(v) = std::env::var("LIVEMIG_BENCH_ZC") {
+        cfg.zero_copy = v == "on";
+    }
+    let src_cpu0 = cpu_time(libc::RUSAGE_THREAD);
     let r = migrate_streams(
         src,
         t,
@@ -213,6 +223,7 @@ fn migrate_once(
         &mut |_| {},
     )
     .expect("migration");
+    let src_cpu = cpu_time(libc::RUSAGE_THREAD).saturating_sub(src_cpu0);
     let dest_cpu = dest.join().expect("destination thread").expect("receive");
     // The source is paused after a successful migration; run it again.
     use livemig::vm::SourceVm;
@@ -221,6 +232,7 @@ fn migrate_once(
         report: r,
         cpu: cpu_time(libc::RUSAGE_SELF).saturating_sub(cpu0),
         dest_cpu,
+        src_cpu,
     }
 }
 
@@ -248,6 +260,8 @@ struct Row {
     /// main thread.
     cpu_ms: Vec<f64>,
     dest_cpu_ms: Vec<f64>,
+    /// CPU ms of the source's calling thread.
+    src_cpu_ms: Vec<f64>,
     bytes: u64,
     pages: u64,
 }
@@ -339,6 +353,7 @@ fn bench(c: &mut Criterion) {
             round0_ms: Vec::new(),
             cpu_ms: Vec::new(),
             dest_cpu_ms: Vec::new(),
+            src_cpu_ms: Vec::new(),
             bytes: 0,
             pages: 0,
         };
@@ -349,6 +364,7 @@ fn bench(c: &mut Criterion) {
                     let c = migrate_once(vm, streams, dest_memory, cap, compress);
                     row.cpu_ms.push(c.cpu.as_secs_f64() * 1000.0);
                     row.dest_cpu_ms.push(c.dest_cpu.as_secs_f64() * 1000.0);
+                    row.src_cpu_ms.push(c.src_cpu.as_secs_f64() * 1000.0);
                     let r0 = &c.report.rounds[0];
                     let d = Duration::from_secs_f64(r0.duration_ms / 1000.0);
                     row.round0_ms.push(r0.duration_ms);
@@ -366,7 +382,7 @@ fn bench(c: &mut Criterion) {
     let mut md = format!(
         "Limits measured in this run: loopback TCP {:.2} GB/s (one stream), memcpy {:.1} GB/s ({MIB} MiB buffers), \
          fresh-memory population {:.2} GB/s (`MADV_POPULATE_WRITE` of {MIB} MiB; {:.2} GB/s advised for THP).\n\n\
-         | scenario | runs | round 0 ms (median) | page data GB/s | share of loopback | wire MB | wire/data | CPU ms per migration (median; destination thread) |\n|---|---|---|---|---|---|---|---|\n",
+         | scenario | runs | round 0 ms (median) | page data GB/s | share of loopback | wire MB | wire/data | CPU ms per migration (median; destination thread) | source thread CPU ms (median) |\n|---|---|---|---|---|---|---|---|---|\n",
         lo / 1e9,
         mc / 1e9,
         fr / 1e9,
@@ -378,7 +394,7 @@ fn bench(c: &mut Criterion) {
         let data = r.pages as f64 * 4096.0;
         let rate = data / (med / 1000.0).max(1e-9);
         md.push_str(&format!(
-            "| {} | {} | {:.1} | {:.2} | {:.0} % | {:.0} | {:.2} | {:.0} ({:.0}) |\n",
+            "| {} | {} | {:.1} | {:.2} | {:.0} % | {:.0} | {:.2} | {:.0} ({:.0}) | {:.0} |\n",
             r.name,
             v.len(),
             med,
@@ -387,7 +403,8 @@ fn bench(c: &mut Criterion) {
             r.bytes as f64 / 1e6,
             r.bytes as f64 / data.max(1.0),
             median(&r.cpu_ms),
-            median(&r.dest_cpu_ms)
+            median(&r.dest_cpu_ms),
+            median(&r.src_cpu_ms)
         ));
     }
     let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("target/livemig-bench");

@@ -393,6 +393,25 @@ pub enum PeerError {
     /// for it.
     #[error("the destination sent a restore cost that was not asked for")]
     RestoreCostNotAsked,
+    /// The destination granted `PagesGather` frames to a source that did
+    /// not ask for them.
+    #[error("the destination granted PagesGather frames that were not asked for")]
+    PagesGatherNotAsked,
+    /// Pages of `PagesGather` frames failed their page CRC and no intact
+    /// copy followed before memory was complete. A page the guest changed
+    /// while the source sent it is always sent again; one that never is
+    /// was corrupted on the way (or the source is broken). Reported before
+    /// the commit point: nothing of it was installed.
+    #[error(
+        "{pages} page(s) failed their page CRC and were never sent again intact \
+         (the first at 0x{first:x}): page data corrupted on the way"
+    )]
+    TornPages {
+        /// Pages still without an intact copy.
+        pages: u64,
+        /// Guest-physical address of the first of them.
+        first: u64,
+    },
 }
 
 /// A failure inside this side of the migration, not caused by the VM or the

@@ -157,6 +157,21 @@ pub struct MigrationConfig {
     /// the expected downtime's memory part in total time. Default 3; 0
     /// switches over at the first round whose estimate fits the limit.
     pub polish_rounds: u32,
+    /// Send page data straight from guest memory (`PagesGather` frames,
+    /// gathered with `write_vectored`) instead of copying it into a frame
+    /// buffer first, where the destination grants it (this build's copying
+    /// destination does; release 0.1.0 and earlier builds do not, and get
+    /// `Pages` frames). Each data page then carries its own CRC: a page the
+    /// guest changes between its CRC and the send arrives torn, is not
+    /// installed, and is sent again (the guest's write dirtied it); a page
+    /// still torn when memory is complete fails the migration before the
+    /// commit point. LZ4-compressed frames (and the frames sampled for LZ4)
+    /// are copied as before. Not with post-copy (a source that offers it
+    /// asks for no `PagesGather`). Default off: on this project's machine
+    /// it saved no measurable CPU (the copy's cost was reading guest memory
+    /// from DRAM, which the page CRCs now pay; docs/benchmarks.md,
+    /// "Zero-copy page sends").
+    pub zero_copy: bool,
 }
 
 impl Default for MigrationConfig {
@@ -179,6 +194,7 @@ impl Default for MigrationConfig {
             skip_untouched: true,
             switchover_probe: None,
             polish_rounds: 3,
+            zero_copy: false,
         }
     }
 }

@@ -232,6 +232,31 @@ impl<'a> HostRam<'a> {
         Some(unsafe { std::slice::from_raw_parts_mut(dst, len) })
     }
 
+    /// The host bytes of `npages` pages at `page` as a shared slice, for
+    /// sending them without a copy (a checksum, then the kernel's copy into
+    /// a socket); `None` if out of bounds.
+    ///
+    /// # Safety
+    ///
+    /// The guest (or the VMM) may write these pages while the slice lives:
+    /// the pre-copy race the type's docs describe. The caller must hand the
+    /// slice only to code that reads its bytes without relying on two reads
+    /// agreeing (a checksum, a copy, the kernel's `writev`), and must drop
+    /// it before the memory can go away (within the migration that
+    /// borrowed it).
+    pub unsafe fn guest_bytes(&self, region: usize, page: u64, npages: u64) -> Option<&[u8]> {
+        let r = self.regions.get(region)?;
+        if page.checked_add(npages).is_none_or(|e| e > r.pages) {
+            return None;
+        }
+        let src = self.page_ptr(region, page)?;
+        let len = usize::try_from(npages * PAGE_SIZE).ok()?;
+        // SAFETY: bounds checked above, inside a mapping that lives for
+        // 'a; that its bytes may change under the slice is the caller's
+        // promise above (readers that tolerate it).
+        Some(unsafe { std::slice::from_raw_parts(src, len) })
+    }
+
     #[cfg(feature = "uffd-fill")]
     /// The host address of `npages` pages at `page` of `region`, if they
     /// lie inside it.

@@ -21,13 +21,14 @@
 
 use std::collections::BTreeMap;
 use std::fmt::Debug;
+use std::io::IoSlice;
 
 use livemig::memory::{MemoryLayout, RegionDesc};
 use livemig::protocol::{
-    compress_pages, decompress_pages, page_records, Abandoned, Cancel, Complete, ErrorMsg,
-    FrameHeader, FrameReader, FrameWriter, Go, Hello, HelloReply, Keepalive, Message, MsgKind,
-    PageBatch, PageRecord, Ready, RecordHeader, Resumed, RoundEnd, State, StreamHello,
-    FRAME_HEADER_LEN, HELLO_MAGIC,
+    compress_pages, decompress_pages, gather_payload, page_records, Abandoned, Cancel, Complete,
+    ErrorMsg, FrameHeader, FrameReader, FrameWriter, GatherMeta, Go, Hello, HelloReply, Keepalive,
+    Message, MsgKind, PageBatch, PageRecord, Ready, RecordHeader, Resumed, RoundEnd, State,
+    StreamHello, FRAME_HEADER_LEN, HELLO_MAGIC,
 };
 use livemig::state::Section;
 use livemig::vm::{NicInfo, VmDescription};
@@ -342,6 +343,30 @@ const PAGE_STREAM: &str = r#"
     5a*4096           #     data: 4096 bytes of 0x5a
 "#;
 
+// PAGES_GATHER: the records of PAGE_STREAM's page frame as a PagesGather
+// frame (seq 0): 4156 bytes. The frame CRC covers the header's first 12
+// bytes and the 44 bytes of metadata; the data page has its own CRC.
+const PAGES_GATHER: &str = r#"
+    4d4c              # magic
+    19                # kind 25 (PagesGather)
+    00                # flags
+    00000000          # seq 0
+    2c100000          # len 4140
+    78322693          # crc32c of header[0..12] + metadata
+    02000000          # 2 records
+    01000000          # 1 data page
+    0000000000000000  # record: gpa 0x0
+    02000000          #   npages 2
+    00                #   kind 0 (zero pages)
+    000000            #   reserved
+    0020000000000000  # record: gpa 0x2000
+    01000000          #   npages 1
+    01                #   kind 1 (data)
+    000000            #   reserved
+    498cf137          # crc32c of the data page
+    5a*4096           # data: 4096 bytes of 0x5a
+"#;
+
 // PAGES_LZ4: the page frame's payload (PAGE_STREAM from offset 32) as a
 // PagesLz4 payload, as release v0.1.0's compressor wrote it. Only decoding is
 // pinned: any LZ4 block that decodes to the same payload is valid on the
@@ -434,6 +459,7 @@ fn hello(protocol_version: u32, paused: bool) -> Hello {
         local: None,
         probe: false,
         restore_cost: false,
+        pages_gather: false,
     }
 }
 
@@ -465,6 +491,7 @@ fn kind_bytes() {
         (PostcopyArmed, 22),
         (Probe, 23),
         (ProbeReply, 24),
+        (PagesGather, 25),
     ];
     assert_eq!(table.len(), MsgKind::ALL.len());
     for (kind, byte) in table {
@@ -502,6 +529,7 @@ fn hello_reply_v3() {
             local: false,
             probe: false,
             restore_cost: None,
+            pages_gather: false,
         },
     );
 }
@@ -521,6 +549,7 @@ fn hello_reply_granting_postcopy() {
             local: false,
             probe: false,
             restore_cost: None,
+            pages_gather: false,
         },
     );
 }
@@ -540,6 +569,7 @@ fn hello_reply_granting_a_local_hand_over() {
             local: true,
             probe: false,
             restore_cost: None,
+            pages_gather: false,
         },
     );
 }
@@ -559,6 +589,7 @@ fn hello_reply_granting_the_probe_and_the_probe_messages() {
             local: false,
             probe: true,
             restore_cost: None,
+            pages_gather: false,
         },
     );
     check(PROBE, &livemig::protocol::Probe { id: 5, pad: 3 });
@@ -589,6 +620,7 @@ fn hello_asking_for_the_restore_cost_and_a_reply_carrying_it() {
                 save: std::time::Duration::from_micros(1234),
                 restore: std::time::Duration::from_micros(4321),
             }),
+            pages_gather: false,
         },
     );
 }
@@ -617,6 +649,7 @@ fn hello_reply_granting_postcopy_with_its_preparation() {
             local: false,
             probe: false,
             restore_cost: None,
+            pages_gather: false,
         },
     );
 }
@@ -678,6 +711,7 @@ fn hello_reply_v2() {
             local: false,
             probe: false,
             restore_cost: None,
+            pages_gather: false,
         },
     );
 }
@@ -760,6 +794,64 @@ fn page_records_value() -> Vec<PageRecord<'static>> {
             data: Some(&DATA),
         },
     ]
+}
+
+/// The `PagesGather` frame: read and decoded, every page intact; written
+/// by `GatherMeta` and `write_frame_split` to the same bytes; a changed
+/// data byte tears that page only, a changed metadata byte fails the frame.
+#[test]
+fn pages_gather_frame() {
+    let stream = hex(PAGES_GATHER);
+    let mut r = FrameReader::new(&stream[..]);
+    let f = r.read_frame().expect("frame");
+    assert_eq!(
+        (f.kind, f.seq, f.payload.len()),
+        (MsgKind::PagesGather, 0, 4140)
+    );
+    let g = gather_payload(f.payload).expect("payload");
+    let recs = g.records();
+    assert_eq!((recs.len(), recs[0].gpa, recs[0].npages), (2, 0, 2));
+    assert!(recs[0].data.is_none());
+    let d = recs[1].data.expect("data");
+    assert_eq!((recs[1].gpa, recs[1].npages), (0x2000, 1));
+    assert!(d.intact(0) && d.page(0) == [0x5a; 4096]);
+
+    let mut m = GatherMeta::default();
+    m.push_zero(0, 2).expect("zero");
+    m.push_data(0x2000, &[0x5a; 4096]).expect("data");
+    let mut w = FrameWriter::new(Vec::new());
+    let data = [0x5a; 4096];
+    w.write_frame_split(MsgKind::PagesGather, &m.parts(), &[IoSlice::new(&data)])
+        .expect("write");
+    assert_eq!(to_hex(&w.into_inner()), to_hex(&stream));
+
+    let mut torn = stream.clone();
+    let n = torn.len();
+    torn[n - 1] ^= 1;
+    let mut r = FrameReader::new(&torn[..]);
+    let f = r
+        .read_frame()
+        .expect("the frame CRC does not cover page data");
+    let g = gather_payload(f.payload).expect("payload");
+    assert!(!g.records()[1].data.expect("data").intact(0));
+    let mut bad = stream.clone();
+    bad[FRAME_HEADER_LEN + 8] ^= 1;
+    let e = FrameReader::new(&bad[..])
+        .read_frame()
+        .expect_err("metadata");
+    assert!(e.to_string().contains("crc mismatch"), "{e}");
+}
+
+#[test]
+fn hello_reply_granting_pages_gather() {
+    let mut bytes = hex(HELLO_REPLY_V3);
+    bytes.push(6);
+    let r = HelloReply::decode(&bytes).expect("decodes");
+    assert!(r.pages_gather);
+    assert_eq!(r.encode().expect("encodes"), bytes);
+    // Only as the last byte: after it, nothing.
+    bytes.push(6);
+    assert!(HelloReply::decode(&bytes).is_err());
 }
 
 #[test]

@@ -151,6 +151,7 @@ pub(super) fn reply(
     link.probe = link.probe && link.version >= 3 && !reply.postcopy;
     reply.probe = link.probe;
     reply.restore_cost = link.restore_cost.filter(|_| link.version >= 3);
+    reply.pages_gather = link.pages_gather;
     link.granted = streams;
     crate::control::send(&mut link.fw, &reply, Phase::Handshake)?;
     match acceptor {

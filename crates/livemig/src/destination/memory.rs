@@ -58,6 +58,16 @@ pub(super) struct PageSink<'a> {
     /// Pages this sink never wrote are filled by `UFFDIO_COPY` (see
     /// `destination::fill`; then `direct` stays off).
     pub(super) fill: Option<&'a Fill>,
+    /// Whether `PagesGather` frames were granted (others are refused).
+    pub(super) gather: bool,
+    /// Pages whose last copy arrived torn (a `PagesGather` page that failed
+    /// its CRC) and was not installed: each must be followed by an intact
+    /// copy before memory is complete (`destination::gather`).
+    pub(super) torn: DirtyBitmap,
+    /// Torn pages received (each time one arrived torn).
+    pub(super) torn_pages: u64,
+    /// Which pages of the `PagesGather` record being applied are intact.
+    pub(super) intact: Vec<bool>,
 }
 
 impl<'a> PageSink<'a> {
@@ -78,6 +88,10 @@ impl<'a> PageSink<'a> {
             direct: DIRECT_PAGES && fill.is_none(),
             rx: None,
             fill,
+            gather: false,
+            torn: DirtyBitmap::new(layout),
+            torn_pages: 0,
+            intact: Vec::new(),
         }
     }
 
@@ -97,6 +111,8 @@ impl<'a> PageSink<'a> {
             decompress_pages(payload, &mut scratch)
                 .map_err(ErrorKind::from)
                 .and_then(|_| self.apply_records(&scratch))
+        } else if kind == MsgKind::PagesGather {
+            self.apply_gather(payload)
         } else {
             self.apply_records(payload)
         };
@@ -127,7 +143,7 @@ impl<'a> PageSink<'a> {
     /// only [`Fill::copy`] may touch them), the others (and every page
     /// without a fill) by a plain copy. `Err(None)` if out of bounds,
     /// `Err(Some(_))` if the fill failed.
-    fn write_data(
+    pub(super) fn write_data(
         &self,
         region: usize,
         page: u64,
@@ -180,6 +196,7 @@ impl<'a> PageSink<'a> {
         let n = u64::from(npages);
         self.pages += n;
         self.written.set_range(region, page, n);
+        self.torn.clear_range(region, page, n);
     }
 
     /// Applies a placed zero record: zeroes the pages that received data.
@@ -198,6 +215,7 @@ impl<'a> PageSink<'a> {
                 ok &= self.ram.zero_pages(region, p, 1);
                 self.written.unset(region, p);
             }
+            self.torn.unset(region, p);
         }
         if !ok {
             return Err(outside(gpa, npages));
@@ -219,6 +237,8 @@ pub(super) struct StreamShared<'f> {
     pub(super) abort: AtomicBool,
     /// The fresh-memory fill, if on.
     pub(super) fill: Option<&'f Fill>,
+    /// `PagesGather` frames granted.
+    pub(super) gather: bool,
 }
 
 /// One page stream: applies pages until `Complete`.
@@ -230,8 +250,9 @@ pub(super) fn stream_reader(
     ram: &HostRam<'_>,
     shared: &StreamShared<'_>,
     control: Option<Box<dyn Transport>>,
-) -> (u64, u64, u64) {
+) -> StreamCounts {
     let mut sink = PageSink::new(layout, ram, Some((index, streams)), shared.fill);
+    sink.gather = shared.gather;
     let r: Result<(), ErrorKind> = loop {
         if shared.abort.load(Ordering::SeqCst) {
             break Ok(());
@@ -241,13 +262,13 @@ pub(super) fn stream_reader(
             Err(e) => break Err(e.into()),
         };
         match f.kind {
-            MsgKind::Pages | MsgKind::PagesLz4 => {
+            MsgKind::Pages | MsgKind::PagesLz4 | MsgKind::PagesGather => {
                 if let Err(e) = sink.complete(f.kind, f.payload) {
                     break Err(e);
                 }
             }
             MsgKind::Keepalive => {}
-            MsgKind::Complete => break Ok(()),
+            MsgKind::Complete => break sink.check_torn(),
             other => {
                 break Err(ErrorKind::Unexpected {
                     got: format!("{other:?}"),
@@ -263,7 +284,20 @@ pub(super) fn stream_reader(
             let _ = c.shutdown();
         }
     }
-    (sink.pages, sink.zero, fr.bytes_read())
+    StreamCounts {
+        pages: sink.pages,
+        zero: sink.zero,
+        bytes: fr.bytes_read(),
+        torn: sink.torn_pages,
+    }
+}
+
+/// What one page stream received ([`stream_reader`]).
+pub(super) struct StreamCounts {
+    pages: u64,
+    zero: u64,
+    bytes: u64,
+    torn: u64,
 }
 
 /// What the memory phase received.
@@ -284,6 +318,8 @@ pub(super) struct Received {
     pub(super) switch: Option<crate::protocol::PostcopySwitch>,
     /// Pages installed by `UFFDIO_COPY` (`destination::fill`).
     pub(super) filled: u64,
+    /// `PagesGather` pages that arrived torn (each later sent again intact).
+    pub(super) torn: u64,
 }
 
 /// What the destination does with a `PostcopyPrepare` (drop the pages,
@@ -292,10 +328,20 @@ pub(super) struct Received {
 pub(super) type OnPrepare<'h> =
     Option<&'h mut dyn FnMut(&PostcopyPrepare) -> Result<(), MigrationError>>;
 
+/// How the memory phase takes pages ([`receive`]).
+#[derive(Debug, Clone, Copy, Default)]
+pub(super) struct Intake {
+    /// Fill fresh memory by `UFFDIO_COPY` (`destination::fill`).
+    pub(super) fresh_fill: bool,
+    /// `PagesGather` frames granted (refused otherwise).
+    pub(super) gather: bool,
+}
+
 /// The memory phase: pages on every connection, round ends and the state
 /// on the control one, until `Complete`. A failing page stream stops the
 /// others and is named as the cause. With `probe` (the switchover probe
-/// granted) each `Probe` is answered on it at once.
+/// granted) each `Probe` is answered on it at once. A page that arrived
+/// torn and was not sent again intact fails it at `Complete`.
 pub(super) fn receive(
     control: &mut ControlReader,
     readers: Vec<FrameReader<Box<dyn Transport>>>,
@@ -303,8 +349,9 @@ pub(super) fn receive(
     ram: &HostRam<'_>,
     on_prepare: OnPrepare<'_>,
     probe: Option<&mut ControlWriter>,
-    fresh_fill: bool,
+    intake: Intake,
 ) -> Result<Received, MigrationError> {
+    let fresh_fill = intake.fresh_fill;
     let streams = readers.len().max(1) as u32;
     // Registered after the scrub, released when this returns (or unwinds):
     // before the state is restored and the guest can run.
@@ -318,6 +365,7 @@ pub(super) fn receive(
         error: Mutex::new(None),
         abort: AtomicBool::new(false),
         fill,
+        gather: intake.gather,
     };
     let handles: Vec<Box<dyn Transport>> = readers
         .iter()
@@ -350,6 +398,7 @@ pub(super) fn receive(
             }
         }
         let mut cl = ControlLoop::new(layout, ram, streams, fill);
+        cl.sink.gather = intake.gather;
         let r = cl.run(control, on_prepare, probe);
         if r.is_err() {
             stop();
@@ -357,10 +406,11 @@ pub(super) fn receive(
         let mut got = cl.received();
         for h in threads {
             match h.join() {
-                Ok((pages, zero, bytes)) => {
-                    got.pages += pages;
-                    got.zero += zero;
-                    got.stream_bytes += bytes;
+                Ok(c) => {
+                    got.pages += c.pages;
+                    got.zero += c.zero;
+                    got.stream_bytes += c.bytes;
+                    got.torn += c.torn;
                 }
                 Err(_) => shared.fail(u32::MAX, InternalError::Panicked.into()),
             }
@@ -441,7 +491,7 @@ impl<'a> ControlLoop<'a> {
             let f = control.next_into(self.phase, EXPECTED, &mut self.sink)?;
             let at = |e: ErrorKind| MigrationError::new(self.phase, e);
             match f.kind {
-                MsgKind::Pages | MsgKind::PagesLz4 if self.prepared => {
+                MsgKind::Pages | MsgKind::PagesLz4 | MsgKind::PagesGather if self.prepared => {
                     // Writing into armed memory would fault on a dropped
                     // page (and nothing serves faults yet).
                     let e = ErrorKind::Unexpected {
@@ -466,7 +516,7 @@ impl<'a> ControlLoop<'a> {
                     }
                     hook(&p)?;
                 }
-                MsgKind::Pages | MsgKind::PagesLz4 => {
+                MsgKind::Pages | MsgKind::PagesLz4 | MsgKind::PagesGather => {
                     if self.streams > 1 {
                         return Err(at(PeerError::PagesOnControl.into()));
                     }
@@ -509,7 +559,10 @@ impl<'a> ControlLoop<'a> {
                     };
                     return Err(at(e));
                 }
-                MsgKind::Complete => break,
+                MsgKind::Complete => {
+                    self.sink.check_torn().map_err(at)?;
+                    break;
+                }
                 MsgKind::Cancel => return Err(at(ErrorKind::Cancelled)),
                 other => return Err(unexpected(other, EXPECTED, self.phase)),
             }
@@ -529,6 +582,7 @@ impl<'a> ControlLoop<'a> {
             pages: self.sink.pages,
             zero: self.sink.zero,
             rounds: self.rounds,
+            torn: self.sink.torn_pages,
             ..Received::default()
         }
     }

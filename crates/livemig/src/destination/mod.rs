@@ -31,6 +31,7 @@ mod builder;
 mod commit;
 mod direct;
 mod fill;
+mod gather;
 mod handshake;
 pub mod local;
 mod memory;
@@ -71,6 +72,11 @@ pub struct ReceiveReport {
     /// ([`Reception::fresh_fill`]); 0 where the fill was off or
     /// unavailable.
     pub filled_pages: u64,
+    /// Pages of `PagesGather` frames that arrived torn (the guest changed
+    /// them while the source sent them) and were not installed; each was
+    /// installed from a later, intact copy
+    /// ([`MigrationConfig::zero_copy`](crate::MigrationConfig::zero_copy)).
+    pub torn_pages: u64,
     /// The post-copy phase's measurements, when the migration used it.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub postcopy: Option<postcopy::PostcopyStats>,
@@ -226,6 +232,7 @@ pub(super) fn on_link<T>(
         postcopy_prepare: false,
         probe: false,
         restore_cost: None,
+        pages_gather: false,
     };
     body(&mut link).map_err(|e| fail(&mut link, e, cancel))
 }
@@ -274,6 +281,9 @@ pub(super) struct Link {
     /// The VM's save and restore, timed in the handshake for a source that
     /// asked ([`DestinationVm::rehearse_restore`]); sent in `HelloReply`.
     restore_cost: Option<crate::vm::RestoreRehearsal>,
+    /// `PagesGather` frames asked for by the source and granted (only by
+    /// the copying reception without post-copy).
+    pages_gather: bool,
 }
 
 /// The phases, in order: handshake, memory and state, restore and commit.
@@ -291,6 +301,7 @@ where
     let started = Instant::now();
     let hello = handshake::read_hello(link)?;
     link.probe = hello.probe;
+    link.pages_gather = hello.pages_gather && link.version >= 3;
     let layout = hello.desc.layout.clone();
     let mut vm = handshake::create_vm(&mut link.fw, &hello.desc, create)?;
     if hello.restore_cost && link.version >= 3 {
@@ -316,7 +327,10 @@ where
             &ram,
             None,
             probe,
-            call.fill,
+            memory::Intake {
+                fresh_fill: call.fill,
+                gather: link.pages_gather,
+            },
         )?
     };
     if received.switch.is_some() {
@@ -341,6 +355,7 @@ where
         version: link.version,
         running,
         filled_pages: received.filled,
+        torn_pages: received.torn,
         postcopy: None,
     };
     Ok((vm, report))

@@ -499,7 +499,10 @@ where
         &ram,
         on_prepare,
         None,
-        call.fill,
+        memory::Intake {
+            fresh_fill: call.fill,
+            gather: false,
+        },
     )?;
     drop(ram);
     Ok(Precopied {

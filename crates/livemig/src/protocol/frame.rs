@@ -3,7 +3,7 @@
 use std::fmt;
 use std::io::{self, IoSlice, Read, Write};
 
-use super::{Message, MsgKind, ProtocolError, MAX_FRAME_PAYLOAD};
+use super::{gather_meta_len, Message, MsgKind, ProtocolError, MAX_FRAME_PAYLOAD};
 
 /// Frame magic, `"LM"` read as a little-endian `u16` (on the wire: `4D 4C`).
 pub const FRAME_MAGIC: u16 = 0x4C4D;
@@ -135,6 +135,16 @@ impl FrameHeader {
     }
 }
 
+/// Payload bytes a frame's CRC covers: all of them, except in a
+/// `PagesGather` frame, whose CRC covers only the metadata
+/// ([`gather_meta_len`]).
+pub fn crc_covered(kind: MsgKind, payload: &[u8]) -> &[u8] {
+    match kind {
+        MsgKind::PagesGather => &payload[..gather_meta_len(payload)],
+        _ => payload,
+    }
+}
+
 /// Most slices handed to one `write_vectored` call.
 const MAX_IOV: usize = 8;
 
@@ -207,6 +217,51 @@ impl<W: Write> FrameWriter<W> {
         // `len <= max_payload <= u32::MAX` was checked above.
         let header = FrameHeader::new(kind, self.seq, parts).encode();
         if let Err(source) = write_all_gather(&mut self.inner, &header, parts) {
+            self.broken = true;
+            return Err(ProtocolError::Write {
+                frame: self.seq,
+                source,
+            });
+        }
+        self.bytes_written += (FRAME_HEADER_LEN + len) as u64;
+        self.seq = self.seq.wrapping_add(1);
+        Ok(())
+    }
+
+    /// Writes one frame whose payload is `covered` followed by `rest`, with
+    /// a CRC over the header and `covered` only (as a `PagesGather` frame
+    /// carries it: `covered` is its metadata, `rest` the page data, which
+    /// the frame CRC does not cover). Every slice is written as it is, in
+    /// as few `write_vectored` calls as the writer takes
+    /// ([`write_all_vectored`]); nothing is copied.
+    pub fn write_frame_split(
+        &mut self,
+        kind: MsgKind,
+        covered: &[&[u8]],
+        rest: &[IoSlice<'_>],
+    ) -> Result<(), ProtocolError> {
+        if self.broken {
+            return Err(ProtocolError::Broken { frame: self.seq });
+        }
+        let head: usize = covered.iter().map(|p| p.len()).sum();
+        let len = head + rest.iter().map(|p| p.len()).sum::<usize>();
+        if len > self.max_payload {
+            return Err(ProtocolError::PayloadTooLarge {
+                frame: self.seq,
+                len: len as u64,
+                limit: self.max_payload,
+            });
+        }
+        let mut h = FrameHeader::new(kind, self.seq, covered);
+        // `len <= max_payload <= u32::MAX` was checked above.
+        h.len = len as u32;
+        h.crc = h.compute_crc(covered);
+        let header = h.encode();
+        let mut iov = Vec::with_capacity(1 + covered.len() + rest.len());
+        iov.push(IoSlice::new(&header));
+        iov.extend(covered.iter().map(|p| IoSlice::new(p)));
+        iov.extend_from_slice(rest);
+        if let Err(source) = write_all_vectored(&mut self.inner, &mut iov) {
             self.broken = true;
             return Err(ProtocolError::Write {
                 frame: self.seq,
@@ -327,6 +382,38 @@ fn write_all_gather<W: Write>(w: &mut W, header: &[u8], parts: &[&[u8]]) -> io::
         while idx < count && piece(idx).len() == off {
             idx += 1;
             off = 0;
+        }
+    }
+    Ok(())
+}
+
+/// Most slices handed to one `write_vectored` call by
+/// [`write_all_vectored`] (Linux's `IOV_MAX`).
+const MAX_GATHER_IOV: usize = 1024;
+
+/// Writes every byte of `bufs`, in order: `write_vectored` with at most
+/// 1024 slices (Linux's `IOV_MAX`) at a time, continuing after short writes
+/// ([`IoSlice::advance_slices`]) and retrying on `Interrupted`; a write of
+/// 0 bytes with bytes left fails with `WriteZero`. (`Write::write_all_vectored`
+/// is not stable; std's default `write_vectored` writes only the first
+/// non-empty slice, which this handles too, one call per slice.)
+pub fn write_all_vectored<W: Write + ?Sized>(
+    w: &mut W,
+    mut bufs: &mut [IoSlice<'_>],
+) -> io::Result<()> {
+    IoSlice::advance_slices(&mut bufs, 0);
+    while !bufs.is_empty() {
+        let take = bufs.len().min(MAX_GATHER_IOV);
+        match w.write_vectored(&bufs[..take]) {
+            Ok(0) => {
+                return Err(io::Error::new(
+                    io::ErrorKind::WriteZero,
+                    "failed to write the whole frame",
+                ))
+            }
+            Ok(n) => IoSlice::advance_slices(&mut bufs, n),
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+            Err(e) => return Err(e),
         }
     }
     Ok(())
@@ -575,7 +662,10 @@ impl<R: Read> FrameReader<R> {
                 let h = self.read_header()?;
                 // A frame out of sequence is read whole, so that it fails
                 // (crc first, then seq) as it always did.
-                self.dest = if h.raw.seq == frame && sink.begin(h.kind, h.len) {
+                // A frame whose CRC does not cover its whole payload is
+                // never streamed: the streamed CRC covers every byte.
+                let whole = h.kind != MsgKind::PagesGather;
+                self.dest = if whole && h.raw.seq == frame && sink.begin(h.kind, h.len) {
                     Dest::Sink(crc32c::crc32c(&self.hdr[..CRC_COVERS]))
                 } else {
                     Dest::Buffer
@@ -601,7 +691,7 @@ impl<R: Read> FrameReader<R> {
         let computed = match dest {
             Dest::Buffer => {
                 let payload = self.buf.get(..header.len).unwrap_or_default();
-                header.raw.compute_crc(&[payload])
+                header.raw.compute_crc(&[crc_covered(header.kind, payload)])
             }
             Dest::Sink(crc) | Dest::Discard(crc) => crc,
         };
@@ -793,6 +883,58 @@ mod tests {
     use crate::protocol::test_support::layout;
     use crate::protocol::{page_records, Complete, Go, PageBatch, Ready, Resumed, RoundEnd};
     use crate::transport::{self, Transport};
+
+    /// A writer that takes at most 3 bytes a call through `write` only
+    /// (std's default `write_vectored`: the first non-empty slice), fails
+    /// its first call with `Interrupted`, and then ends after `cap` bytes.
+    struct Stingy {
+        out: Vec<u8>,
+        interrupted: bool,
+        cap: usize,
+    }
+
+    impl Write for Stingy {
+        fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
+            if !self.interrupted {
+                self.interrupted = true;
+                return Err(io::ErrorKind::Interrupted.into());
+            }
+            let n = buf.len().min(3).min(self.cap - self.out.len());
+            self.out.extend_from_slice(&buf[..n]);
+            Ok(n)
+        }
+        fn flush(&mut self) -> io::Result<()> {
+            Ok(())
+        }
+    }
+
+    /// Every byte of every slice arrives, in order, through short writes,
+    /// an interruption, empty slices and more slices than one call takes;
+    /// a writer that stops taking bytes fails with `WriteZero`.
+    #[test]
+    fn write_all_vectored_writes_everything_in_order() {
+        let parts: Vec<Vec<u8>> = (0..1500u32)
+            .map(|i| (0..(i % 5) as u8).map(|b| b ^ i as u8).collect())
+            .collect();
+        let want = parts.concat();
+        let mut w = Stingy {
+            out: Vec::new(),
+            interrupted: false,
+            cap: usize::MAX,
+        };
+        let mut iov: Vec<IoSlice<'_>> = parts.iter().map(|p| IoSlice::new(p)).collect();
+        write_all_vectored(&mut w, &mut iov).unwrap();
+        assert_eq!(w.out, want);
+        let mut short = Stingy {
+            out: Vec::new(),
+            interrupted: true,
+            cap: 10,
+        };
+        let mut iov: Vec<IoSlice<'_>> = parts.iter().map(|p| IoSlice::new(p)).collect();
+        let e = write_all_vectored(&mut short, &mut iov).unwrap_err();
+        assert_eq!(e.kind(), io::ErrorKind::WriteZero);
+        assert_eq!(short.out, want[..10]);
+    }
 
     #[test]
     fn frame_header_owns_the_layout() {

@@ -80,11 +80,17 @@ pub enum MsgKind {
     /// Destination → source: the answer to a [`Probe`](super::Probe)
     /// ([`ProbeReply`](super::ProbeReply)).
     ProbeReply = 24,
+    /// Source → destination, only when granted (`Hello` property
+    /// `livemig.pages_gather`): guest pages sent straight from guest
+    /// memory; the frame CRC covers the header and the page metadata, each
+    /// data page has a CRC of its own
+    /// ([`gather_payload`](super::gather_payload)).
+    PagesGather = 25,
 }
 
 impl MsgKind {
     /// Every kind, in wire order.
-    pub const ALL: [MsgKind; 24] = [
+    pub const ALL: [MsgKind; 25] = [
         MsgKind::Hello,
         MsgKind::HelloReply,
         MsgKind::Pages,
@@ -109,6 +115,7 @@ impl MsgKind {
         MsgKind::PostcopyArmed,
         MsgKind::Probe,
         MsgKind::ProbeReply,
+        MsgKind::PagesGather,
     ];
 
     /// The kind for a wire byte, if known.
@@ -144,6 +151,7 @@ impl MsgKind {
             MsgKind::PostcopyArmed => "PostcopyArmed",
             MsgKind::Probe => "Probe",
             MsgKind::ProbeReply => "ProbeReply",
+            MsgKind::PagesGather => "PagesGather",
         }
     }
 }

@@ -49,6 +49,18 @@ pub const PROBE_PROPERTY: &str = "livemig.probe";
 /// its own save.
 pub const RESTORE_COST_PROPERTY: &str = "livemig.restore_cost";
 
+/// The property key by which a [`Hello`] asks for `PagesGather` frames
+/// (value `"1"`): page data sent straight from guest memory, each page
+/// with its own CRC. A destination that knows them grants them with
+/// [`HelloReply::pages_gather`]; one that does not reads the key as an
+/// ordinary property and never grants it, and the source then sends the
+/// `Pages` frames it always sent.
+pub const PAGES_GATHER_PROPERTY: &str = "livemig.pages_gather";
+
+/// The byte that grants [`HelloReply::pages_gather`] (last in the reply,
+/// after the restore cost if any).
+const PAGES_GATHER_TAG: u8 = 6;
+
 /// The byte that introduces [`HelloReply::restore_cost`] (after the grant
 /// byte, if any; distinct from every grant byte): then the rehearsal's save
 /// and restore, in µs, each a u64.
@@ -115,6 +127,9 @@ pub struct Hello {
     /// The source asks for the destination's restore cost
     /// ([`RESTORE_COST_PROPERTY`]).
     pub restore_cost: bool,
+    /// The source asks for `PagesGather` frames
+    /// ([`PAGES_GATHER_PROPERTY`]).
+    pub pages_gather: bool,
 }
 
 impl Hello {
@@ -133,6 +148,7 @@ impl Hello {
             local: None,
             probe: false,
             restore_cost: false,
+            pages_gather: false,
         }
     }
 
@@ -218,6 +234,9 @@ impl Message for Hello {
         if self.restore_cost {
             props.push((RESTORE_COST_PROPERTY, "1"));
         }
+        if self.pages_gather {
+            props.push((PAGES_GATHER_PROPERTY, "1"));
+        }
         let local = local_properties(self.local.as_ref());
         props.extend(local.iter().map(|(k, v)| (k.as_str(), v.as_str())));
         put_count(out, M, "properties", props.len(), MAX_PROPERTIES)?;
@@ -287,6 +306,7 @@ impl Message for Hello {
             local: flags.local()?,
             probe: flags.probe,
             restore_cost: flags.restore_cost,
+            pages_gather: flags.pages_gather,
         })
     }
 }
@@ -299,6 +319,7 @@ struct HelloFlags {
     postcopy_prepare: bool,
     probe: bool,
     restore_cost: bool,
+    pages_gather: bool,
     /// [`LOCAL_PROPERTY`]'s value.
     boot_id: Option<String>,
     /// The `livemig.local.<i>` properties, by index.
@@ -445,6 +466,7 @@ fn read_properties(
             POSTCOPY_PREPARE_PROPERTY => Some(&mut flags.postcopy_prepare),
             PROBE_PROPERTY => Some(&mut flags.probe),
             RESTORE_COST_PROPERTY => Some(&mut flags.restore_cost),
+            PAGES_GATHER_PROPERTY => Some(&mut flags.pages_gather),
             _ => None,
         };
         let Some(flag) = flag else {
@@ -505,6 +527,10 @@ pub struct HelloReply {
     /// restore in µs, each a u64 (each at most [`MAX_RESTORE_COST`]).
     /// `None` when not measured.
     pub restore_cost: Option<RestoreRehearsal>,
+    /// `PagesGather` frames granted: only to a source that asked for them
+    /// ([`Hello::pages_gather`]), in version 3 and later, as the last byte
+    /// of the reply: `6`.
+    pub pages_gather: bool,
 }
 
 impl HelloReply {
@@ -521,6 +547,7 @@ impl HelloReply {
             local: false,
             probe: false,
             restore_cost: None,
+            pages_gather: false,
         }
     }
 
@@ -538,6 +565,7 @@ impl HelloReply {
             local: false,
             probe: false,
             restore_cost: None,
+            pages_gather: false,
         }
     }
 }
@@ -582,6 +610,9 @@ impl Message for HelloReply {
                 out.push(RESTORE_COST_TAG);
                 put_u64(out, r.save.as_micros() as u64);
                 put_u64(out, r.restore.as_micros() as u64);
+            }
+            if self.pages_gather {
+                out.push(PAGES_GATHER_TAG);
             }
         }
         Ok(())
@@ -629,6 +660,10 @@ impl Message for HelloReply {
         } else {
             None
         };
+        // Only a source that asked gets this byte; any other is left to
+        // `finish`, which refuses it as trailing.
+        let pages_gather = version >= 3 && c.data.get(c.pos) == Some(&PAGES_GATHER_TAG);
+        c.pos += usize::from(pages_gather);
         c.finish()?;
         Ok(HelloReply {
             accepted,
@@ -641,6 +676,7 @@ impl Message for HelloReply {
             local,
             probe,
             restore_cost,
+            pages_gather,
         })
     }
 }
@@ -1241,6 +1277,7 @@ mod tests {
                     local: false,
                     probe: false,
                     restore_cost: None,
+                    pages_gather: false,
                 }),
             ),
             (
@@ -1278,10 +1315,11 @@ mod tests {
     #[test]
     fn round_trip_every_message() {
         let msgs = all_messages();
-        // All but Pages, PagesLz4, the seven post-copy kinds and the two
-        // probe kinds (their round trips are in protocol/postcopy.rs and
+        // All but Pages, PagesLz4, PagesGather, the seven post-copy kinds
+        // and the two probe kinds (their round trips are in
+        // protocol/pages_gather.rs, protocol/postcopy.rs and
         // protocol/probe.rs).
-        assert_eq!(msgs.len(), MsgKind::ALL.len() - 11);
+        assert_eq!(msgs.len(), MsgKind::ALL.len() - 12);
         round_trip(&HelloReply {
             accepted: true,
             reason: String::new(),
@@ -1293,6 +1331,7 @@ mod tests {
             local: false,
             probe: false,
             restore_cost: None,
+            pages_gather: true,
         });
         round_trip(&State::default());
         let mut d = desc();
@@ -1303,7 +1342,7 @@ mod tests {
             assert_eq!(MsgKind::from_u8(k as u8), Some(k));
         }
         assert_eq!(MsgKind::from_u8(0), None);
-        assert_eq!(MsgKind::from_u8(25), None);
+        assert_eq!(MsgKind::from_u8(26), None);
     }
 
     #[test]
@@ -1320,6 +1359,7 @@ mod tests {
             local: false,
             probe: false,
             restore_cost: None,
+            pages_gather: false,
         }
         .encode()
         .unwrap();
@@ -1588,6 +1628,7 @@ mod tests {
             local: false,
             probe: false,
             restore_cost: None,
+            pages_gather: false,
         };
         assert_eq!(
             HelloReply::decode(&r.encode().unwrap())

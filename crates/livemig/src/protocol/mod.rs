@@ -58,6 +58,7 @@ mod frame;
 mod kind;
 mod messages;
 mod pages;
+mod pages_gather;
 mod postcopy;
 mod probe;
 #[cfg(test)]
@@ -65,19 +66,24 @@ mod test_support;
 
 pub use error::ProtocolError;
 pub use frame::{
-    Frame, FrameHeader, FrameReader, FrameWriter, PayloadSink, FRAME_HEADER_LEN, FRAME_MAGIC,
+    crc_covered, write_all_vectored, Frame, FrameHeader, FrameReader, FrameWriter, PayloadSink,
+    FRAME_HEADER_LEN, FRAME_MAGIC,
 };
 pub use kind::MsgKind;
 pub use messages::{
     encoded_state_frames, state_frames, Abandoned, Cancel, Complete, ErrorMsg, Go, Hello,
     HelloReply, Keepalive, Message, Ready, Resumed, RoundEnd, State, StreamHello, HELLO_MAGIC,
-    LOCAL_PROPERTY, MAX_RESTORE_COST, PAUSED_PROPERTY, POSTCOPY_PREPARE_PROPERTY,
-    POSTCOPY_PROPERTY, PROBE_PROPERTY, RESTORE_COST_PROPERTY,
+    LOCAL_PROPERTY, MAX_RESTORE_COST, PAGES_GATHER_PROPERTY, PAUSED_PROPERTY,
+    POSTCOPY_PREPARE_PROPERTY, POSTCOPY_PROPERTY, PROBE_PROPERTY, RESTORE_COST_PROPERTY,
 };
 pub(crate) use pages::check_record;
 pub use pages::{
     compress_pages, compress_pages_into, decompress_pages, page_records, stream_of, PageBatch,
     PageRecord, PageRecords, RecordHeader, PAGE_RECORD_HEADER_LEN, STREAM_CHUNK_PAGES,
+};
+pub use pages_gather::{
+    gather_meta_len, gather_payload, GatherData, GatherMeta, GatherPayload, GatherRecord,
+    GATHER_HEAD_LEN,
 };
 pub use postcopy::{
     PageRequest, PageRun, PostcopyArmed, PostcopyComplete, PostcopyPrepare, PostcopyPushed,

@@ -42,6 +42,8 @@ pub(super) struct Accepted {
     /// handshake (`None`: not measured, or a destination that does not know
     /// the request).
     pub(super) restore_cost: Option<RestoreRehearsal>,
+    /// `PagesGather` frames granted.
+    pub(super) pages_gather: bool,
 }
 
 /// What the switchover will cost beyond memory, part by part, measured
@@ -104,6 +106,10 @@ pub(super) fn handshake<V: SourceVm + ?Sized>(
     let unknown_rtt = links.first().is_none_or(|l| l.round_trip().is_none());
     hello.probe = config.switchover_probe.unwrap_or(unknown_rtt) && s.postcopy.is_none();
     hello.restore_cost = true;
+    // Not with post-copy: a page torn in pre-copy is sent again, but the
+    // switch to post-copy does not check that it was (see
+    // `destination::memory`'s check of torn pages).
+    hello.pages_gather = config.zero_copy && !hello.postcopy;
     fw.send(&hello).map_err(|e| MigrationError::new(hs, e))?;
     // While the destination makes its VM: drop the VMM's writes recorded so
     // far. Round 0 reads every page that may hold data after this (and
@@ -125,6 +131,9 @@ pub(super) fn handshake<V: SourceVm + ?Sized>(
     }
     if reply.restore_cost.is_some() && !hello.restore_cost {
         return Err(MigrationError::new(hs, PeerError::RestoreCostNotAsked));
+    }
+    if reply.pages_gather && !hello.pages_gather {
+        return Err(MigrationError::new(hs, PeerError::PagesGatherNotAsked));
     }
     let streams = if reply.streams > 1 {
         // `Migration::run` refused streams > 1 without an opener, and the
@@ -148,6 +157,7 @@ pub(super) fn handshake<V: SourceVm + ?Sized>(
         round0,
         probe: reply.probe,
         restore_cost: reply.restore_cost,
+        pages_gather: reply.pages_gather,
     })
 }
 

@@ -28,6 +28,7 @@ use crate::vm::{SourceVm, VmDescription};
 
 mod builder;
 mod cancel;
+mod gather;
 mod handshake;
 pub mod local;
 pub mod postcopy;

@@ -5,6 +5,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
+use super::gather::GatherFrame;
 use super::streams::StreamPool;
 use crate::memory::{MemoryLayout, PAGE_SIZE};
 use crate::policy::{
@@ -160,6 +161,12 @@ impl Counts {
 pub(super) struct PageSender<'a> {
     pub(super) fw: FrameWriter<Box<dyn Transport>>,
     pub(super) batch: PageBatch,
+    /// `PagesGather` frames, when granted ([`MigrationConfig::zero_copy`]):
+    /// the frame being built.
+    gather: Option<GatherFrame>,
+    /// Whether the frame being built copies its pages into `batch` (no
+    /// `PagesGather` granted, or a frame LZ4 will compress or sample).
+    copy_frame: bool,
     pub(super) batch_pages: u64,
     pub(super) ram: HostRam<'a>,
     pub(super) layout: MemoryLayout,
@@ -234,7 +241,9 @@ impl Lz4Window {
 
 impl<'a> PageSender<'a> {
     /// A writer of the pages of `ram` (laid out as `layout`) on `fw`,
-    /// paced by `pacer` (the migration's one bandwidth budget).
+    /// paced by `pacer` (the migration's one bandwidth budget); with
+    /// `gather` (`PagesGather` granted), pages not compressed go straight
+    /// from guest memory.
     pub(super) fn new(
         fw: FrameWriter<Box<dyn Transport>>,
         ram: HostRam<'a>,
@@ -242,10 +251,13 @@ impl<'a> PageSender<'a> {
         pacer: Pacer,
         lz4_on: Arc<AtomicBool>,
         config: &MigrationConfig,
+        gather: bool,
     ) -> Self {
         let batch_pages = config.batch_pages.max(1);
         PageSender {
             fw,
+            gather: gather.then(GatherFrame::default),
+            copy_frame: true,
             batch: PageBatch::with_capacity(batch_pages as usize * PAGE_SIZE as usize + 4096),
             batch_pages: u64::from(batch_pages),
             layout: layout.clone(),
@@ -292,8 +304,45 @@ pub(super) fn keepalive_every(io_timeout: Duration) -> Duration {
 }
 
 impl PageSender<'_> {
+    /// Whether a frame is being built.
+    fn frame_empty(&self) -> bool {
+        self.batch.is_empty() && self.gather.as_ref().is_none_or(GatherFrame::is_empty)
+    }
+
+    /// Before a push: at the start of a frame, chooses whether it copies
+    /// its pages (see [`PageSender::copy_frame`]).
+    fn start_frame(&mut self) {
+        if self.frame_empty() {
+            let on = self.lz4_on.load(Ordering::Relaxed);
+            let lz4 = self.lz4.is_some() && (on || self.frames.is_multiple_of(COMPRESS_SAMPLE));
+            self.copy_frame = self.gather.is_none() || lz4;
+        }
+    }
+
+    /// The most pages the next run may add: [`PageSender::batch_pages`],
+    /// or what a `PagesGather` frame being built has room for (its page
+    /// crcs make it 4 bytes a page longer than a `Pages` frame, which two
+    /// runs of nearly `batch_pages` each could otherwise push past the
+    /// frame limit).
+    fn run_room(&self) -> u64 {
+        match &self.gather {
+            Some(g) if !self.copy_frame && !g.is_empty() => {
+                self.batch_pages.saturating_sub(g.data_pages()).max(1)
+            }
+            _ => self.batch_pages,
+        }
+    }
+
+    /// The frame being built: data pages and payload bytes.
+    fn frame_size(&self) -> (u64, u64) {
+        match &self.gather {
+            Some(g) if !self.copy_frame => (g.data_pages(), g.len_bytes()),
+            _ => (self.batch.data_pages(), self.batch.len_bytes() as u64),
+        }
+    }
+
     pub(super) fn flush(&mut self) -> Result<(), ProtocolError> {
-        if self.batch.is_empty() {
+        if self.frame_empty() {
             return Ok(());
         }
         let before = self.fw.bytes_written();
@@ -315,6 +364,30 @@ impl PageSender<'_> {
             }
             None => {}
         }
+        let compressed = match self.gather.as_mut().filter(|g| !g.is_empty()) {
+            Some(g) => {
+                self.frames += 1;
+                let t0 = Instant::now();
+                g.write(&mut self.fw, &self.ram)?;
+                self.counts.blocked_ns += t0.elapsed().as_nanos() as u64;
+                false
+            }
+            None => self.write_batch(on)?,
+        };
+        self.counts.lz4_frames += u64::from(compressed);
+        let n = self.fw.bytes_written() - before;
+        self.counts.bytes += n;
+        self.last_control = Instant::now();
+        let wait = self.pacer.account(n);
+        self.counts.blocked_ns += wait.as_nanos() as u64;
+        self.pace(wait)?;
+        self.look_at_lz4();
+        Ok(())
+    }
+
+    /// Writes the copied frame in `batch` (LZ4-compressed where `on` and it
+    /// pays) and empties it; returns whether it went compressed.
+    fn write_batch(&mut self, on: bool) -> Result<bool, ProtocolError> {
         let raw = self.batch.as_bytes();
         let sample = on || self.frames.is_multiple_of(COMPRESS_SAMPLE);
         self.frames += 1;
@@ -338,16 +411,8 @@ impl PageSender<'_> {
         let t0 = Instant::now();
         self.fw.write_frame(kind, &[payload])?;
         self.counts.blocked_ns += t0.elapsed().as_nanos() as u64;
-        self.counts.lz4_frames += u64::from(compressed);
-        let n = self.fw.bytes_written() - before;
-        self.counts.bytes += n;
         self.batch.clear();
-        self.last_control = Instant::now();
-        let wait = self.pacer.account(n);
-        self.counts.blocked_ns += wait.as_nanos() as u64;
-        self.pace(wait)?;
-        self.look_at_lz4();
-        Ok(())
+        Ok(compressed)
     }
 
     /// The round ended (its frames are written): the time until this
@@ -424,13 +489,26 @@ impl PageSender<'_> {
         let end = first + npages;
         while p < end {
             let zero = self.ram.is_zero(region, p);
+            let room = self.run_room();
             let mut q = p + 1;
-            while q < end && q - p < self.batch_pages && self.ram.is_zero(region, q) == zero {
+            while q < end && q - p < room && self.ram.is_zero(region, q) == zero {
                 q += 1;
             }
             let n = q - p;
             let gpa = self.gpa(region, p);
-            if zero {
+            if !(zero && self.skip_zero) {
+                self.start_frame();
+            }
+            let gather = self.gather.as_mut().filter(|_| !self.copy_frame);
+            if let Some(g) = gather {
+                if !zero {
+                    g.push_data(&self.ram, region, p, n, gpa)?;
+                    self.counts.pages += n;
+                } else if !self.skip_zero {
+                    g.push_zero(gpa, n as u32)?;
+                }
+                self.counts.zero += if zero { n } else { 0 };
+            } else if zero {
                 if !self.skip_zero {
                     self.batch.push_zero(gpa, n as u32)?;
                 }
@@ -449,9 +527,8 @@ impl PageSender<'_> {
                 })?;
                 self.counts.pages += n;
             }
-            if self.batch.data_pages() >= self.batch_pages
-                || self.batch.len_bytes() as u64 >= self.batch_pages * PAGE_SIZE
-            {
+            let (data_pages, bytes) = self.frame_size();
+            if data_pages >= self.batch_pages || bytes >= self.batch_pages * PAGE_SIZE {
                 self.flush()?;
             }
             p = q;

@@ -105,9 +105,10 @@ impl<'a> Tracking<'a> {
         let pacer = Pacer::new(config.max_bandwidth);
         // Compression, when allowed, starts on; each round decides the next.
         let lz4_on = Arc::new(AtomicBool::new(config.compress));
+        let gather = accepted.pages_gather;
         let new = |fw| {
             let (pacer, lz4_on) = (pacer.clone(), lz4_on.clone());
-            PageSender::new(fw, ram.clone(), layout, pacer, lz4_on, config)
+            PageSender::new(fw, ram.clone(), layout, pacer, lz4_on, config, gather)
         };
         let workers = accepted.streams.into_iter().map(new).collect();
         let sender = new(accepted.fw);

@@ -39,7 +39,7 @@
 //! # Ok::<(), std::io::Error>(())
 //! ```
 
-use std::io::{self, Read, Write};
+use std::io::{self, IoSlice, Read, Write};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Condvar, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
@@ -318,6 +318,10 @@ impl Read for DuplexTransport {
 impl Write for DuplexTransport {
     fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
         self.with_deadline(|w| w.write(buf))
+    }
+
+    fn write_vectored(&mut self, bufs: &[IoSlice<'_>]) -> io::Result<usize> {
+        self.with_deadline(|w| w.write_vectored(bufs))
     }
 
     fn write_all(&mut self, buf: &[u8]) -> io::Result<()> {
