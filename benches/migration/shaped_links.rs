@@ -465,6 +465,10 @@ fn ours_once(
         for r in rep["rounds"].as_array().into_iter().flatten() {
             eprintln!("  round {r}");
         }
+        // With RUST_LOG=livemig=info: the source's LZ4 switches.
+        for l in src.stderr().lines().filter(|l| l.contains("LZ4 ")) {
+            eprintln!("  {l}");
+        }
     }
     let outcome = dst
         .wait_heartbeats(2000, Duration::from_secs(30))

@@ -30,6 +30,7 @@ mod builder;
 mod cancel;
 mod handshake;
 pub mod local;
+pub(crate) mod lz4;
 pub mod postcopy;
 mod precopy;
 mod probe;

@@ -5,11 +5,11 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
+use super::lz4::Lz4Switch;
 use super::streams::StreamPool;
 use crate::memory::{MemoryLayout, PAGE_SIZE};
-use crate::policy::{
-    lz4_pays_in_window, CompressionSample, LinkWindow, MigrationConfig, COMPRESS_SAMPLE,
-};
+use crate::policy::lz4::Lz4Decider;
+use crate::policy::{CompressionSample, LinkWindow, MigrationConfig};
 use crate::protocol::{compress_pages_into, FrameWriter, MsgKind, PageBatch, ProtocolError};
 use crate::ram::HostRam;
 use crate::transport::Transport;
@@ -183,9 +183,9 @@ pub(super) struct PageSender<'a> {
     pub(super) lz4: Option<Vec<u8>>,
     /// Whether page frames are compressed now: decided by each connection
     /// from its windows of page frames (shared by every stream).
-    pub(super) lz4_on: Arc<AtomicBool>,
-    /// Page frames written (one in [`COMPRESS_SAMPLE`] is compressed to
-    /// measure while compression is off).
+    pub(super) lz4_on: Arc<Lz4Switch>,
+    /// Page frames written (one in [`Lz4Decider::sample_every`] is
+    /// compressed to measure while compression is off).
     frames: u64,
     /// Time spent re-arming the dirty log (not sending) in this round.
     pub(super) clear_time: Duration,
@@ -196,12 +196,10 @@ pub(super) struct PageSender<'a> {
     pub(super) first_page: Option<Instant>,
     /// The page frames since this sender last looked at whether LZ4 pays.
     pub(super) lz4_window: Option<Lz4Window>,
-    /// The link's rate (bytes/s) as last measured while LZ4 was off and
-    /// the link the bottleneck ([`lz4_pays_in_window`]); before that, the
-    /// bandwidth cap if there is one: uncompressed, page data cannot move
-    /// faster than the cap (all connections share it), so LZ4 reaching
-    /// more than that pays without switching it off to measure.
-    link_rate: Option<f64>,
+    /// This connection's LZ4 decisions; it starts knowing the bandwidth
+    /// cap if there is one: uncompressed, page data cannot move faster
+    /// than the cap (all connections share it).
+    lz4_decider: Lz4Decider,
 }
 
 /// Page data (bytes of the pages, before compression) a sender writes
@@ -240,7 +238,7 @@ impl<'a> PageSender<'a> {
         ram: HostRam<'a>,
         layout: &MemoryLayout,
         pacer: Pacer,
-        lz4_on: Arc<AtomicBool>,
+        lz4_on: Arc<Lz4Switch>,
         config: &MigrationConfig,
     ) -> Self {
         let batch_pages = config.batch_pages.max(1);
@@ -264,7 +262,7 @@ impl<'a> PageSender<'a> {
             alive_every: keepalive_every(config.io_timeout),
             first_page: None,
             lz4_window: None,
-            link_rate: config.max_bandwidth.map(|r| r as f64),
+            lz4_decider: Lz4Decider::new(config.max_bandwidth),
         }
     }
 
@@ -297,7 +295,7 @@ impl PageSender<'_> {
             return Ok(());
         }
         let before = self.fw.bytes_written();
-        let on = self.lz4_on.load(Ordering::Relaxed);
+        let on = self.lz4_on.is_on();
         match &mut self.lz4_window {
             Some(w) => {
                 if let Some(t) = w.idle_since.take() {
@@ -316,7 +314,7 @@ impl PageSender<'_> {
             None => {}
         }
         let raw = self.batch.as_bytes();
-        let sample = on || self.frames.is_multiple_of(COMPRESS_SAMPLE);
+        let sample = on || self.frames.is_multiple_of(self.lz4_decider.sample_every());
         self.frames += 1;
         let packed = match self.lz4.as_mut().filter(|_| sample) {
             Some(buf) => {
@@ -359,7 +357,7 @@ impl PageSender<'_> {
     }
 
     /// Once [`LZ4_WINDOW_BYTES`] of page data went out since the window
-    /// began: whether LZ4 pays on this connection ([`lz4_pays_in_window`]),
+    /// began: whether LZ4 pays on this connection ([`Lz4Decider::decide`]),
     /// switching it for every stream if not as it is. A window in which
     /// another stream switched is dropped undecided.
     fn look_at_lz4(&mut self) {
@@ -371,7 +369,7 @@ impl PageSender<'_> {
             self.lz4_window = Some(w);
             return;
         }
-        if self.lz4_on.load(Ordering::SeqCst) != w.on {
+        if self.lz4_on.is_on() != w.on {
             return;
         }
         let window = LinkWindow {
@@ -386,14 +384,14 @@ impl PageSender<'_> {
                 time: Duration::from_nanos(c.lz4_ns),
             },
         };
-        let (pays, link_rate) = lz4_pays_in_window(&window, self.link_rate);
-        self.link_rate = link_rate;
-        if let Some(on) = pays.filter(|on| *on != w.on) {
-            log::info!(
-                "LZ4 {} within the round: {window:?}",
-                if on { "on" } else { "off" }
-            );
-            self.lz4_on.store(on, Ordering::SeqCst);
+        if let Some(v) = self.lz4_decider.decide(&window) {
+            if self.lz4_on.apply(v) {
+                log::info!(
+                    "LZ4 {} ({:?}) within the round: {window:?}",
+                    if v.on { "on" } else { "off" },
+                    v.reason
+                );
+            }
         }
     }
 

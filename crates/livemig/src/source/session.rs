@@ -2,18 +2,19 @@
 //! ([`Session`]) and, once dirty logging is on, the connections and the
 //! tracker ([`Tracking`]).
 
-use std::sync::atomic::AtomicBool;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use super::cancel::CancelToken;
 use super::handshake::{Accepted, StateEstimate};
+use super::lz4::Lz4Switch;
 use super::probe::Prober;
 use super::sender::{Pacer, PageSender};
 use super::unarmed::Unarmed;
 use crate::control::ControlReader;
 use crate::error::{MigrationError, Phase};
 use crate::memory::MemoryLayout;
+use crate::policy::lz4::Lz4Decider;
 use crate::policy::MigrationConfig;
 use crate::ram::HostRam;
 use crate::report::Progress;
@@ -103,8 +104,10 @@ impl<'a> Tracking<'a> {
         // migration's, and a stream with nothing to send leaves its share
         // to the others.
         let pacer = Pacer::new(config.max_bandwidth);
-        // Compression, when allowed, starts on; each round decides the next.
-        let lz4_on = Arc::new(AtomicBool::new(config.compress));
+        // Compression, when allowed, starts as the decider says; every
+        // window of page data decides again.
+        let first = Lz4Decider::new(config.max_bandwidth).initial();
+        let lz4_on = Arc::new(Lz4Switch::new(config.compress, first));
         let new = |fw| {
             let (pacer, lz4_on) = (pacer.clone(), lz4_on.clone());
             PageSender::new(fw, ram.clone(), layout, pacer, lz4_on, config)
