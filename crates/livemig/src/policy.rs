@@ -109,16 +109,19 @@ pub struct MigrationConfig {
     /// Default 1: everything on the one connection.
     pub streams: u32,
     /// Allow LZ4 compression of page frames (for slow links; a frame that
-    /// does not shrink by an eighth is sent as it is). Round 0 starts
-    /// compressing; every connection decides again after each 8 MiB of
-    /// page data it sent, within a round or over several short ones
-    /// ([`lz4_pays_in_window`]: on while the link, not the compression, is
-    /// the bottleneck and the pages compress; the time between rounds is
-    /// left out). While off, one frame in [`COMPRESS_SAMPLE`] is still
-    /// compressed (and sent raw) to measure. Each round's choice is in its
-    /// report ([`crate::report::RoundReport::compressed`]). Off by default:
-    /// on a fast link the compression costs more time than the bytes it
-    /// saves.
+    /// does not shrink by an eighth is sent as it is). Every connection
+    /// decides after each 8 MiB of page data it sent, within a round or
+    /// over several short ones, whether LZ4 is on for the next
+    /// ([`lz4::Lz4Decider`]: on when the sender waited for the link and
+    /// LZ4 with the sender's own work is expected to move the pages faster
+    /// than the link did, and while compressing does; off when the link
+    /// has room, the pages do not shrink, or compressing did not pay, with
+    /// retries damped). It starts off (on under
+    /// [`MigrationConfig::max_bandwidth`]); while off, the start of a frame
+    /// now and then is compressed to measure (within 2 % of the sender's
+    /// time) and the frame sent raw. Each round's decision, its reason and
+    /// the compression time are in its report
+    /// ([`crate::report::RoundReport::lz4`]). Off by default.
     pub compress: bool,
     /// Round 0 leaves out pages that certainly read as zero without reading
     /// them: in private anonymous memory the pages `/proc/self/pagemap`
@@ -428,11 +431,13 @@ impl LinkMeter {
 }
 
 /// While compression is off ([`MigrationConfig::compress`] set), one page
-/// frame in this many is compressed anyway, to measure (and sent raw).
+/// frame in this many at most has its start compressed to measure (and is
+/// sent raw): until LZ4 and a window were measured; then as rarely as
+/// [`lz4::Lz4Decider::sample_every`] says.
 pub const COMPRESS_SAMPLE: u64 = 8;
 
 /// What LZ4 did to the page frames it was given in a round (every frame
-/// while compression was on, one in [`COMPRESS_SAMPLE`] while off).
+/// while compression was on, the samples while off).
 #[derive(Debug, Default, Clone, Copy, PartialEq)]
 pub struct CompressionSample {
     /// Bytes given to LZ4.
@@ -458,8 +463,7 @@ pub struct LinkWindow {
     pub blocked: Duration,
     /// Whether LZ4 was on for the window's frames.
     pub compressing: bool,
-    /// What LZ4 did (every frame while on, one in [`COMPRESS_SAMPLE`]
-    /// while off).
+    /// What LZ4 did (every frame while on, the samples while off).
     pub lz4: CompressionSample,
 }
 

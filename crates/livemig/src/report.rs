@@ -33,8 +33,8 @@ pub struct RoundReport {
     /// and its reason are in [`RoundReport::lz4`]).
     pub compressed: bool,
     /// Page-frame bytes given to LZ4 in this round (every frame while it
-    /// was on, one in [`crate::policy::COMPRESS_SAMPLE`] while off, to
-    /// measure), and what they became.
+    /// was on; while off, the start of a frame now and then, to measure:
+    /// see [`crate::policy::lz4::Lz4Decider::sample_every`]).
     pub lz4_input_bytes: u64,
     /// What LZ4 made of [`RoundReport::lz4_input_bytes`].
     pub lz4_output_bytes: u64,
@@ -281,13 +281,22 @@ impl std::fmt::Display for RoundReport {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         write!(
             f,
-            "round {}: {} pages ({} zero) in {:.1} ms, {:.0} MB/s{}; dirty rate {:.0} MB/s, {} pages left, expected downtime {:.1} ms{}",
+            "round {}: {} pages ({} zero) in {:.1} ms, {:.0} MB/s{}{}; dirty rate {:.0} MB/s, {} pages left, expected downtime {:.1} ms{}",
             self.round,
             self.pages,
             self.zero_pages,
             self.duration_ms,
             self.bandwidth_mbps,
             if self.compressed { " LZ4" } else { "" },
+            match self.lz4 {
+                Some(l) => format!(
+                    " (LZ4 {} now: {:?}, {} switches)",
+                    if l.on { "on" } else { "off" },
+                    l.reason,
+                    l.switches
+                ),
+                None => String::new(),
+            },
             self.dirty_rate_mbps,
             self.dirty_pages_after,
             self.expected_downtime_ms,

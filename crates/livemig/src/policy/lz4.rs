@@ -23,6 +23,11 @@ const LZ4_MARGIN: f64 = 1.1;
 /// within this share of the latest window's time per byte.
 pub const SAMPLE_BUDGET: f64 = 0.02;
 
+/// While LZ4 is off, a sampled frame has only its first this many bytes
+/// (256 KiB) compressed: enough to measure LZ4's rate and ratio, a quarter
+/// of a default frame's cost.
+pub const SAMPLE_BYTES: usize = 256 << 10;
+
 /// The fewest frames per sample while off: 1024 (with 1 MiB frames, one
 /// sample per GiB of page data).
 pub const MAX_SAMPLE_EVERY: u64 = 1024;
@@ -109,8 +114,9 @@ pub struct Lz4Verdict {
 /// fast link look slow enough for LZ4. With none yet, the bandwidth cap
 /// if there is one.
 ///
-/// Samples: while off, one frame in [`Lz4Decider::sample_every`] is
-/// compressed to measure (and sent raw): one in [`COMPRESS_SAMPLE`] until
+/// Samples: while off, the first [`SAMPLE_BYTES`] of one frame in
+/// [`Lz4Decider::sample_every`] are compressed to measure (the frame is
+/// sent raw): one in [`COMPRESS_SAMPLE`] until
 /// LZ4 was measured, then as few as keep its time within
 /// [`SAMPLE_BUDGET`] of the sender's (at 10 Gbit/s LZ4 compressed the
 /// benchmark guest's pages at ~0.3 GB/s: one frame in 8 cost ~15 % of the
@@ -217,9 +223,7 @@ impl Lz4Decider {
             self.streak = 0;
             return verdict(false, Lz4Reason::NotLinkBound);
         }
-        let Some((lz4_per_byte, ratio)) = self.lz4 else {
-            return None;
-        };
+        let (lz4_per_byte, ratio) = self.lz4?;
         if ratio > 7.0 / 8.0 {
             self.streak = 0;
             return verdict(false, Lz4Reason::Incompressible);

@@ -8,7 +8,7 @@ use std::time::{Duration, Instant};
 use super::lz4::Lz4Switch;
 use super::streams::StreamPool;
 use crate::memory::{MemoryLayout, PAGE_SIZE};
-use crate::policy::lz4::Lz4Decider;
+use crate::policy::lz4::{Lz4Decider, SAMPLE_BYTES};
 use crate::policy::{CompressionSample, LinkWindow, MigrationConfig};
 use crate::protocol::{compress_pages_into, FrameWriter, MsgKind, PageBatch, ProtocolError};
 use crate::ram::HostRam;
@@ -118,7 +118,7 @@ pub(super) struct Counts {
     pub(super) zero: u64,
     pub(super) bytes: u64,
     /// Page-frame bytes given to LZ4 (every frame while compression is
-    /// on, one in [`COMPRESS_SAMPLE`] while it is off), what they became,
+    /// on, the samples while it is off), what they became,
     /// and the time it took, ns.
     pub(super) lz4_raw: u64,
     pub(super) lz4_packed: u64,
@@ -318,10 +318,16 @@ impl PageSender<'_> {
         self.frames += 1;
         let packed = match self.lz4.as_mut().filter(|_| sample) {
             Some(buf) => {
+                // While off, a sample measures LZ4 on the frame's start.
+                let input = if on {
+                    raw
+                } else {
+                    &raw[..raw.len().min(SAMPLE_BYTES)]
+                };
                 let t0 = Instant::now();
-                let n = compress_pages_into(raw, buf);
+                let n = compress_pages_into(input, buf);
                 self.counts.lz4_ns += t0.elapsed().as_nanos() as u64;
-                self.counts.lz4_raw += raw.len() as u64;
+                self.counts.lz4_raw += input.len() as u64;
                 self.counts.lz4_packed += n as u64;
                 Some(n)
             }
