@@ -200,6 +200,9 @@ pub(super) struct PageSender<'a> {
     /// cap if there is one: uncompressed, page data cannot move faster
     /// than the cap (all connections share it).
     lz4_decider: Lz4Decider,
+    /// Whether this connection's windows decide (with page streams, only
+    /// the first stream's do).
+    lz4_decides: bool,
 }
 
 /// Page data (bytes of the pages, before compression) a sender writes
@@ -263,7 +266,14 @@ impl<'a> PageSender<'a> {
             first_page: None,
             lz4_window: None,
             lz4_decider: Lz4Decider::new(config.max_bandwidth),
+            lz4_decides: true,
         }
+    }
+
+    /// Sets whether this connection's windows decide whether LZ4 is on.
+    pub(super) fn deciding_lz4(mut self, decides: bool) -> Self {
+        self.lz4_decides = decides;
+        self
     }
 
     /// Stops the page-stream threads, if any (on success they have
@@ -314,7 +324,8 @@ impl PageSender<'_> {
             None => {}
         }
         let raw = self.batch.as_bytes();
-        let sample = on || self.frames.is_multiple_of(self.lz4_decider.sample_every());
+        let sample =
+            on || (self.lz4_decides && self.frames.is_multiple_of(self.lz4_decider.sample_every()));
         self.frames += 1;
         let packed = match self.lz4.as_mut().filter(|_| sample) {
             Some(buf) => {
@@ -375,7 +386,7 @@ impl PageSender<'_> {
             self.lz4_window = Some(w);
             return;
         }
-        if self.lz4_on.is_on() != w.on {
+        if !self.lz4_decides || self.lz4_on.is_on() != w.on {
             return;
         }
         let window = LinkWindow {
