@@ -270,9 +270,11 @@ impl<'a> PageSender<'a> {
         }
     }
 
-    /// Sets whether this connection's windows decide whether LZ4 is on.
-    pub(super) fn deciding_lz4(mut self, decides: bool) -> Self {
+    /// Sets whether this connection's windows decide whether LZ4 is on,
+    /// for all of `streams` page streams.
+    pub(super) fn deciding_lz4(mut self, decides: bool, streams: u32) -> Self {
         self.lz4_decides = decides;
+        self.lz4_decider = self.lz4_decider.for_streams(streams);
         self
     }
 

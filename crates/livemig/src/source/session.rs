@@ -115,8 +115,9 @@ impl<'a> Tracking<'a> {
         // With page streams, the first decides for all (one decider, one
         // hysteresis; each stream deciding on its share tried LZ4 four
         // times as often with 4 streams).
+        let n = accepted.streams.len() as u32;
         let workers = (accepted.streams.into_iter().enumerate())
-            .map(|(i, fw)| new(fw).deciding_lz4(i == 0))
+            .map(|(i, fw)| new(fw).deciding_lz4(i == 0, n))
             .collect();
         let sender = new(accepted.fw);
         // An answer slower than the whole downtime limit is no hop the
