@@ -175,12 +175,13 @@ impl Lz4Decider {
         }
     }
 
-    /// The same decider for one of `streams` page streams that all carry
-    /// pages and would all compress: the link's rate it sees is its own
-    /// share, and LZ4's rate it measures is counted as shared by all of
-    /// them (compression is not assumed to run on more cores than one;
-    /// over 10 Gbit/s with 4 streams on 2 cores, each stream's own share
-    /// made LZ4 look 4 times as fast as it was).
+    /// The same decider for one of several page streams that all carry
+    /// pages and would all compress at once, `streams` of them on each
+    /// core (the engine passes the streams over the host's cores, rounded
+    /// up): the link's rate it sees is its own share, and LZ4's rate it
+    /// measures is counted as shared by that many. Over 10 Gbit/s with 4
+    /// streams on 2 cores, each stream's own share made LZ4 look 4 times as
+    /// fast as it was.
     pub fn for_streams(mut self, streams: u32) -> Self {
         self.streams = streams.max(1);
         self

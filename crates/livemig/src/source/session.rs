@@ -115,7 +115,10 @@ impl<'a> Tracking<'a> {
         // With page streams, the first decides for all (one decider, one
         // hysteresis; each stream deciding on its share tried LZ4 four
         // times as often with 4 streams).
-        let n = accepted.streams.len() as u32;
+        // The streams' compression shares the host's cores: as many
+        // streams as cores compress at once.
+        let cores = std::thread::available_parallelism().map_or(1, |c| c.get());
+        let n = accepted.streams.len().div_ceil(cores).max(1) as u32;
         let workers = (accepted.streams.into_iter().enumerate())
             .map(|(i, fw)| new(fw).deciding_lz4(i == 0, n))
             .collect();
