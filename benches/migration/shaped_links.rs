@@ -21,6 +21,15 @@
 //! `LIVEMIG_BENCH_LINK_RUNS=N` sets the runs per configuration (default 3,
 //! 1 with `LIVEMIG_BENCH_QUICK`, which also keeps only the 1 Gbit/s link);
 //! `LIVEMIG_BENCH_QEMU=0` leaves QEMU out.
+//! `LIVEMIG_BENCH_LINK_SELECT=a,b,...` runs only the (link, guest,
+//! configuration) triples whose "link / guest / configuration" label
+//! contains every one of the comma-separated words and none of those
+//! written with a leading `!` (for example `10 Gbit,written,1 stream`:
+//! both 1-stream configurations of ours, with and without LZ4;
+//! `10 Gbit,written,1 stream,!LZ4`: only the one without); each of ours
+//! prints its report's rounds (bytes, time, LZ4 decision and reason) and,
+//! with `RUST_LOG=livemig::source::sender=info`, the source's LZ4
+//! switches.
 
 use std::path::Path;
 use std::sync::Mutex;
@@ -184,6 +193,21 @@ fn runs() -> usize {
         .unwrap_or(if quick() { 1 } else { 3 })
 }
 
+/// `LIVEMIG_BENCH_LINK_SELECT`: the words a configuration's label must all
+/// contain (none: every configuration).
+fn selected(spec: &LinkSpec, g: &Guest, config: &str) -> bool {
+    let label = format!("{} / {} / {config}", spec.label, g.label);
+    std::env::var("LIVEMIG_BENCH_LINK_SELECT").map_or(true, |words| {
+        words
+            .split(',')
+            .filter(|w| !w.is_empty())
+            .all(|w| match w.strip_prefix('!') {
+                Some(not) => !label.contains(not),
+                None => label.contains(w),
+            })
+    })
+}
+
 fn cmdline(g: &Guest, tsc_khz: Option<u64>) -> String {
     let per_hb = (g.rate_mbs as f64 * 1e6 / 4096.0 * HB_US as f64 / 1e6).round() as u64;
     let mut c = format!("ws={} rate={per_hb} hb={HB_US} pattern=seq", g.ws_mib);
@@ -222,6 +246,12 @@ pub(super) fn bench_shaped_links(_c: &mut criterion::Criterion) {
     ensure_refvmm();
     let started = Instant::now();
     for spec in LINKS.iter().filter(|l| !quick() || l.quick) {
+        let any = GUESTS
+            .iter()
+            .any(|g| CONFIGS.iter().any(|(c, _)| selected(spec, g, c)));
+        if !any {
+            continue;
+        }
         let link = match ShapedLink::new("bench", spec.rate_bps, spec.rtt) {
             Ok(l) => l,
             Err(LinkError::Unavailable(why)) => {
@@ -234,6 +264,9 @@ pub(super) fn bench_shaped_links(_c: &mut criterion::Criterion) {
         for g in &GUESTS {
             let mut tsc_khz = None;
             for (config, peer) in CONFIGS {
+                if !selected(spec, g, config) {
+                    continue;
+                }
                 match peer {
                     Peer::Ours { streams, compress } => {
                         let t = ours(spec, &link, g, config, streams, compress);
@@ -434,6 +467,15 @@ fn ours_once(
         Err(e) => return (src, Err(Failure::Migration(e.to_string()))),
     };
     let num = |k: &str| rep[k].as_f64().unwrap_or(f64::NAN);
+    if std::env::var_os("LIVEMIG_BENCH_LINK_SELECT").is_some() {
+        for r in rep["rounds"].as_array().into_iter().flatten() {
+            eprintln!("  round {r}");
+        }
+        // With RUST_LOG=livemig=info: the source's LZ4 switches.
+        for l in src.stderr().lines().filter(|l| l.contains("LZ4 ")) {
+            eprintln!("  {l}");
+        }
+    }
     let outcome = dst
         .wait_heartbeats(2000, Duration::from_secs(30))
         .map_err(Failure::Measurement)

@@ -21,6 +21,7 @@ use std::time::Duration;
 
 use serde::Serialize;
 
+pub mod lz4;
 pub mod polish;
 
 /// The default downtime limit: 20 ms.
@@ -108,16 +109,19 @@ pub struct MigrationConfig {
     /// Default 1: everything on the one connection.
     pub streams: u32,
     /// Allow LZ4 compression of page frames (for slow links; a frame that
-    /// does not shrink by an eighth is sent as it is). Round 0 starts
-    /// compressing; every connection decides again after each 8 MiB of
-    /// page data it sent, within a round or over several short ones
-    /// ([`lz4_pays_in_window`]: on while the link, not the compression, is
-    /// the bottleneck and the pages compress; the time between rounds is
-    /// left out). While off, one frame in [`COMPRESS_SAMPLE`] is still
-    /// compressed (and sent raw) to measure. Each round's choice is in its
-    /// report ([`crate::report::RoundReport::compressed`]). Off by default:
-    /// on a fast link the compression costs more time than the bytes it
-    /// saves.
+    /// does not shrink by an eighth is sent as it is). Every connection
+    /// decides after each 8 MiB of page data it sent, within a round or
+    /// over several short ones, whether LZ4 is on for the next
+    /// ([`lz4::Lz4Decider`]: on when the sender waited for the link and
+    /// LZ4 with the sender's own work is expected to move the pages faster
+    /// than the link did, and while compressing does; off when the link
+    /// has room, the pages do not shrink, or compressing did not pay, with
+    /// retries damped). It starts off (on under
+    /// [`MigrationConfig::max_bandwidth`]); while off, the start of a frame
+    /// now and then is compressed to measure (within 2 % of the sender's
+    /// time) and the frame sent raw. Each round's decision, its reason and
+    /// the compression time are in its report
+    /// ([`crate::report::RoundReport::lz4`]). Off by default.
     pub compress: bool,
     /// Round 0 leaves out pages that certainly read as zero without reading
     /// them: in private anonymous memory the pages `/proc/self/pagemap`
@@ -443,11 +447,13 @@ impl LinkMeter {
 }
 
 /// While compression is off ([`MigrationConfig::compress`] set), one page
-/// frame in this many is compressed anyway, to measure (and sent raw).
+/// frame in this many at most has its start compressed to measure (and is
+/// sent raw): until LZ4 and a window were measured; then as rarely as
+/// [`lz4::Lz4Decider::sample_every`] says.
 pub const COMPRESS_SAMPLE: u64 = 8;
 
 /// What LZ4 did to the page frames it was given in a round (every frame
-/// while compression was on, one in [`COMPRESS_SAMPLE`] while off).
+/// while compression was on, the samples while off).
 #[derive(Debug, Default, Clone, Copy, PartialEq)]
 pub struct CompressionSample {
     /// Bytes given to LZ4.
@@ -458,7 +464,7 @@ pub struct CompressionSample {
     pub time: Duration,
 }
 
-/// One connection's window of page frames, for [`lz4_pays_in_window`].
+/// One connection's window of page frames, for [`lz4::Lz4Decider::decide`].
 #[derive(Debug, Clone, Copy, Default, PartialEq)]
 pub struct LinkWindow {
     /// Page-frame bytes written, as sent.
@@ -473,75 +479,20 @@ pub struct LinkWindow {
     pub blocked: Duration,
     /// Whether LZ4 was on for the window's frames.
     pub compressing: bool,
-    /// What LZ4 did (every frame while on, one in [`COMPRESS_SAMPLE`]
-    /// while off).
+    /// What LZ4 did (every frame while on, the samples while off).
     pub lz4: CompressionSample,
 }
 
-/// A window whose sender waited for the link at least this share of its
-/// time had the link as its bottleneck.
-const LINK_BOUND: f64 = 0.5;
-
-/// How much faster LZ4 must make the page data move before it is used.
-const LZ4_MARGIN: f64 = 1.1;
-
-/// Whether LZ4 should be on for a connection's next frames, from one
-/// window of them (`w`), and the link's rate in raw bytes per second as
-/// last measured while it was off and the bottleneck (`link_rate`; the
-/// second value returned is that rate, updated). `None`: the window says
-/// nothing (no frame given to LZ4, or less than [`MIN_SAMPLE_BYTES`] of
-/// page data measured).
-///
-/// The sample threshold is on the page data the window carried, not on
-/// its wire bytes: a window of pages that LZ4 shrinks more than 8:1 puts
-/// under a MiB on the wire per 8 MiB of pages and must still decide (it
-/// never did, and LZ4 stayed on for the whole migration where it was the
-/// bottleneck). The link's rate is learnt only while LZ4 is off, when the
-/// wire carries at least the page data, so from at least
-/// [`MIN_SAMPLE_BYTES`] too.
-///
-/// The sender compresses a frame while the kernel sends the ones before
-/// it, so with compression page data moves at min(LZ4's rate, link rate ÷
-/// compression ratio), without it at the link's rate (when the link is
-/// the bottleneck: the sender waited for it). Hence:
-/// * off, link-bound: on when LZ4's rate and the ratio both beat the link
-///   by `LZ4_MARGIN` (1.1);
-/// * on, link-bound: stays on (compressed frames fill the link, so page
-///   data moves at link ÷ ratio);
-/// * on, not link-bound (LZ4 is the bottleneck): the rate it reached
-///   against the link's last known rate; with none known, off, which
-///   measures it;
-/// * off, not link-bound: neither is the bottleneck LZ4 would relieve:
-///   off.
-///
-/// Pages that do not shrink by an eighth are sent as they are, so such a
-/// ratio is "off" whatever the rates.
+/// Whether LZ4 should be on after one window `w`, given the link's rate
+/// as last measured (`link_rate`): a [`lz4::Lz4Decider`] that knows only
+/// that rate decides once (without its hysteresis, which needs the windows
+/// before); the second value is the link's rate, updated. `None`: the
+/// window says nothing.
+#[deprecated(note = "use policy::lz4::Lz4Decider, which keeps its state from window to window")]
 pub fn lz4_pays_in_window(w: &LinkWindow, link_rate: Option<f64>) -> (Option<bool>, Option<f64>) {
-    let secs = w.time.as_secs_f64();
-    if w.lz4.raw_bytes == 0 || w.raw_bytes < MIN_SAMPLE_BYTES || secs <= 0.0 {
-        return (None, link_rate);
-    }
-    let ratio = w.lz4.packed_bytes as f64 / w.lz4.raw_bytes as f64;
-    let lz4_secs = w.lz4.time.as_secs_f64().max(1e-9);
-    let lz4_rate = w.lz4.raw_bytes as f64 / lz4_secs;
-    let link_bound = w.blocked.as_secs_f64() >= LINK_BOUND * secs;
-    if ratio > 7.0 / 8.0 {
-        return (Some(false), link_rate);
-    }
-    match (w.compressing, link_bound) {
-        (false, true) => {
-            let link = w.wire_bytes as f64 / secs;
-            let pays = lz4_rate > LZ4_MARGIN * link && 1.0 / ratio > LZ4_MARGIN;
-            (Some(pays), Some(link))
-        }
-        (true, true) => (Some(true), link_rate),
-        (true, false) => {
-            let reached = w.raw_bytes as f64 / secs;
-            let pays = link_rate.is_some_and(|link| reached > LZ4_MARGIN * link);
-            (Some(pays), link_rate)
-        }
-        (false, false) => (Some(false), link_rate),
-    }
+    let mut d = lz4::Lz4Decider::knowing(link_rate);
+    let v = d.decide(w);
+    (v.map(|v| v.on), d.link_rate())
 }
 
 /// The inputs to one convergence decision.
@@ -826,6 +777,7 @@ mod tests {
     }
 
     #[test]
+    #[allow(deprecated)]
     fn lz4_pays_in_window_when_the_link_is_the_bottleneck() {
         let mb = |n: u64| n * 1_000_000;
         let ms = Duration::from_millis;
@@ -862,7 +814,11 @@ mod tests {
             blocked: ms(100),
             ..off_slow
         };
-        assert_eq!(lz4_pays_in_window(&off_cpu, None), (Some(false), None));
+        // (Such a window shows the link carries at least its rate.)
+        assert_eq!(
+            lz4_pays_in_window(&off_cpu, None),
+            (Some(false), Some(118e6))
+        );
         // On and the link still the bottleneck: stays on.
         let on_slow = LinkWindow {
             wire_bytes: mb(118),
@@ -911,6 +867,7 @@ mod tests {
     /// shrinks 10:1 puts well under [`MIN_SAMPLE_BYTES`] on the wire; the
     /// window measured 8 MiB of page data all the same and must decide.
     #[test]
+    #[allow(deprecated)]
     fn lz4_window_of_pages_that_shrink_tenfold_decides() {
         let raw = 8 << 20;
         let ms = Duration::from_millis;

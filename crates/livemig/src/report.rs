@@ -29,14 +29,20 @@ pub struct RoundReport {
     /// Whether LZ4 was on for this round's page frames when it began, or
     /// switched on within it (with [`crate::MigrationConfig::compress`]:
     /// decided from every 8 MiB of page data a connection sends, over one
-    /// round or several; see [`crate::policy::lz4_pays_in_window`]).
+    /// round or several; see [`crate::policy::lz4::Lz4Decider`]; the decision
+    /// and its reason are in [`RoundReport::lz4`]).
     pub compressed: bool,
     /// Page-frame bytes given to LZ4 in this round (every frame while it
-    /// was on, one in [`crate::policy::COMPRESS_SAMPLE`] while off, to
-    /// measure), and what they became.
+    /// was on; while off, the start of a frame now and then, to measure:
+    /// see [`crate::policy::lz4::Lz4Decider::sample_every`]).
     pub lz4_input_bytes: u64,
     /// What LZ4 made of [`RoundReport::lz4_input_bytes`].
     pub lz4_output_bytes: u64,
+    /// LZ4's decision in force at the end of this round and why, and
+    /// what was decided within it (`None` when compression is not allowed,
+    /// [`crate::MigrationConfig::compress`]).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub lz4: Option<Lz4RoundReport>,
     /// The switchover probe after this round (see
     /// [`crate::MigrationConfig::switchover_probe`]): one hop of the control
     /// connection through both engines, ms — the median of three `Probe` →
@@ -53,6 +59,28 @@ pub struct RoundReport {
     /// expected downtime instead of the state's bytes at the link's rate).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub probe_state_burst_ms: Option<f64>,
+}
+
+/// LZ4 in one pre-copy round ([`RoundReport::lz4`]): the decision in force
+/// when the round ended and its reason, the windows of page data that
+/// decided within the round (each connection decides after every 8 MiB of
+/// page data it sent, so a short round may decide nothing and keep the
+/// previous decision) and how many of them switched LZ4 on or off.
+#[derive(Debug, Clone, Copy, PartialEq, Serialize)]
+#[non_exhaustive]
+pub struct Lz4RoundReport {
+    /// Whether LZ4 was on when the round ended.
+    pub on: bool,
+    /// Why (the reason of the latest decision; see
+    /// [`crate::policy::lz4::Lz4Decider`]).
+    pub reason: crate::policy::lz4::Lz4Reason,
+    /// Windows that decided within the round.
+    pub decisions: u32,
+    /// Of those, the ones that switched LZ4 on or off.
+    pub switches: u32,
+    /// Time spent compressing in the round (every frame while on, the
+    /// samples while off), summed over the page streams, ms.
+    pub compress_ms: f64,
 }
 
 /// Where the downtime went (all on the source clock, ms).
@@ -253,13 +281,22 @@ impl std::fmt::Display for RoundReport {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         write!(
             f,
-            "round {}: {} pages ({} zero) in {:.1} ms, {:.0} MB/s{}; dirty rate {:.0} MB/s, {} pages left, expected downtime {:.1} ms{}",
+            "round {}: {} pages ({} zero) in {:.1} ms, {:.0} MB/s{}{}; dirty rate {:.0} MB/s, {} pages left, expected downtime {:.1} ms{}",
             self.round,
             self.pages,
             self.zero_pages,
             self.duration_ms,
             self.bandwidth_mbps,
             if self.compressed { " LZ4" } else { "" },
+            match self.lz4 {
+                Some(l) => format!(
+                    " (LZ4 {} now: {:?}, {} switches)",
+                    if l.on { "on" } else { "off" },
+                    l.reason,
+                    l.switches
+                ),
+                None => String::new(),
+            },
             self.dirty_rate_mbps,
             self.dirty_pages_after,
             self.expected_downtime_ms,

@@ -4,7 +4,7 @@
 //! whole round and deciding only for round 1.
 
 use std::io::{self, Read, Write};
-use std::sync::mpsc;
+use std::sync::{mpsc, Arc, Mutex};
 use std::time::Duration;
 
 use livemig::policy::COMPRESS_SAMPLE;
@@ -13,6 +13,7 @@ use livemig::testing::soft::{SoftConfig, SoftVm};
 use livemig::transport::{mem, Transport};
 use livemig::vm_memory::{Bytes, GuestAddress};
 use livemig::{Migration, MigrationConfig, Reception};
+use serde_json::json;
 
 // The shared set-ups still use the deprecated free functions.
 #[allow(deprecated)]
@@ -144,15 +145,19 @@ fn lz4_that_pays_on_a_capped_link_stays_on_for_every_window() {
 /// The source's end of a link that never keeps a writer waiting: writes
 /// go to an unbounded queue that a thread forwards to the wrapped end, so
 /// a sender is never link-bound whatever the destination's speed (the
-/// in-memory pair blocks once 16 chunks are in flight).
+/// in-memory pair blocks once 16 chunks are in flight). A write costs a
+/// copy into a buffer the forwarder gave back (a fresh buffer per write
+/// cost as much as LZ4 on some pages: the sender saw it as waiting).
 struct Roomy {
     inner: Box<dyn Transport>,
     queue: mpsc::Sender<Vec<u8>>,
+    spare: Arc<Mutex<mpsc::Receiver<Vec<u8>>>>,
 }
 
 impl Roomy {
     fn wrap(inner: mem::MemTransport) -> Box<dyn Transport> {
         let (queue, rx) = mpsc::channel::<Vec<u8>>();
+        let (give_back, spare) = mpsc::channel::<Vec<u8>>();
         let mut out = inner.clone();
         std::thread::spawn(move || {
             // Ends when every handle is gone (or the peer hung up).
@@ -160,11 +165,13 @@ impl Roomy {
                 if out.write_all(&chunk).is_err() {
                     return;
                 }
+                let _ = give_back.send(chunk);
             }
         });
         Box::new(Roomy {
             inner: Box::new(inner),
             queue,
+            spare: Arc::new(Mutex::new(spare)),
         })
     }
 }
@@ -177,8 +184,12 @@ impl Read for Roomy {
 
 impl Write for Roomy {
     fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
+        let spare = self.spare.lock().unwrap().try_recv();
+        let mut chunk = spare.unwrap_or_default();
+        chunk.clear();
+        chunk.extend_from_slice(buf);
         self.queue
-            .send(buf.to_vec())
+            .send(chunk)
             .map_err(|_| io::Error::new(io::ErrorKind::BrokenPipe, "forwarder gone"))?;
         Ok(buf.len())
     }
@@ -209,6 +220,7 @@ impl Transport for Roomy {
         Ok(Box::new(Roomy {
             inner: self.inner.try_clone()?,
             queue: self.queue.clone(),
+            spare: self.spare.clone(),
         }))
     }
 }
@@ -244,4 +256,38 @@ fn lz4_on_pages_that_shrink_more_than_eightfold_decides_within_round_zero() {
         "round 0 gave LZ4 {} of {data} bytes (bound {bound}): no window decided",
         r0.lz4_input_bytes
     );
+}
+
+/// On a link of unknown speed LZ4 starts off and only samples: pages it
+/// cannot shrink, over a link that never keeps the sender waiting, never
+/// go through LZ4 a whole window long (compression used to start on and
+/// compress the first window of 8 MiB in full before it could decide;
+/// over 10 Gbit/s that was most of LZ4 allowed's 60 % cost), no round is
+/// marked compressed, and each round reports the decision and why.
+#[test]
+fn lz4_starts_off_and_only_samples_on_a_link_of_unknown_speed() {
+    let size = 48 * MIB;
+    let report = migrate_compressing_over(size, fill_random, None, Roomy::wrap);
+
+    let r0 = &report.rounds[0];
+    let data = r0.pages * 4096;
+    assert!(data >= 46 * MIB, "round 0 sent {data} bytes of pages");
+    let off = [json!("not-link-bound"), json!("incompressible")];
+    for r in &report.rounds {
+        assert!(!r.compressed, "round {} compressed: {r:?}", r.round);
+        let lz4 = r.lz4.expect("LZ4 allowed: its decision is reported");
+        assert!(!lz4.on, "round {}: {lz4:?}", r.round);
+        let reason = serde_json::to_value(lz4.reason).unwrap();
+        assert!(off.contains(&reason), "round {}: {lz4:?}", r.round);
+    }
+    // One frame in COMPRESS_SAMPLE at most (and one frame of slack).
+    let bound = data / COMPRESS_SAMPLE + MIB;
+    assert!(
+        r0.lz4_input_bytes <= bound,
+        "round 0 gave LZ4 {} of {data} bytes (bound {bound})",
+        r0.lz4_input_bytes
+    );
+    let lz4 = r0.lz4.expect("reported");
+    assert!(lz4.decisions >= 1, "no window decided in round 0: {lz4:?}");
+    assert_eq!(lz4.switches, 0, "{lz4:?}");
 }

@@ -31,6 +31,7 @@ mod cancel;
 mod gather;
 mod handshake;
 pub mod local;
+pub(crate) mod lz4;
 pub mod postcopy;
 mod precopy;
 mod probe;

@@ -174,7 +174,7 @@ fn send_round<V: SourceVm + ?Sized>(
     sender.skip_zero = round == 0;
     sender.skip_untouched = round == 0 && s.config.skip_untouched;
     sender.clear_time = Duration::ZERO;
-    let compressed = sender.lz4.is_some() && sender.lz4_on.load(Ordering::SeqCst);
+    let compressed = sender.lz4.is_some() && sender.lz4_on.is_on();
     let tracker = if t.tracker.rearm_mode() == Rearm::BeforeRead {
         Some(&mut *t.tracker)
     } else {
@@ -299,6 +299,11 @@ impl Precopy {
             compressed: sent.compressed,
             lz4_input_bytes: sent.lz4.raw_bytes,
             lz4_output_bytes: sent.lz4.packed_bytes,
+            lz4: t
+                .sender
+                .lz4
+                .is_some()
+                .then(|| t.sender.lz4_on.take_round(ms(sent.lz4.time))),
             probe_hop_ms: probe.map(|p| ms(p.hop)),
             probe_state_burst_ms: probe.map(|p| ms(p.state_burst)),
         };

@@ -6,11 +6,11 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use super::gather::GatherFrame;
+use super::lz4::Lz4Switch;
 use super::streams::StreamPool;
 use crate::memory::{MemoryLayout, PAGE_SIZE};
-use crate::policy::{
-    lz4_pays_in_window, CompressionSample, LinkWindow, MigrationConfig, COMPRESS_SAMPLE,
-};
+use crate::policy::lz4::{Lz4Decider, SAMPLE_BYTES};
+use crate::policy::{CompressionSample, LinkWindow, MigrationConfig};
 use crate::protocol::{compress_pages_into, FrameWriter, MsgKind, PageBatch, ProtocolError};
 use crate::ram::HostRam;
 use crate::transport::Transport;
@@ -119,7 +119,7 @@ pub(super) struct Counts {
     pub(super) zero: u64,
     pub(super) bytes: u64,
     /// Page-frame bytes given to LZ4 (every frame while compression is
-    /// on, one in [`COMPRESS_SAMPLE`] while it is off), what they became,
+    /// on, the samples while it is off), what they became,
     /// and the time it took, ns.
     pub(super) lz4_raw: u64,
     pub(super) lz4_packed: u64,
@@ -190,9 +190,9 @@ pub(super) struct PageSender<'a> {
     pub(super) lz4: Option<Vec<u8>>,
     /// Whether page frames are compressed now: decided by each connection
     /// from its windows of page frames (shared by every stream).
-    pub(super) lz4_on: Arc<AtomicBool>,
-    /// Page frames written (one in [`COMPRESS_SAMPLE`] is compressed to
-    /// measure while compression is off).
+    pub(super) lz4_on: Arc<Lz4Switch>,
+    /// Page frames written (one in [`Lz4Decider::sample_every`] is
+    /// compressed to measure while compression is off).
     frames: u64,
     /// Time spent re-arming the dirty log (not sending) in this round.
     pub(super) clear_time: Duration,
@@ -203,12 +203,13 @@ pub(super) struct PageSender<'a> {
     pub(super) first_page: Option<Instant>,
     /// The page frames since this sender last looked at whether LZ4 pays.
     pub(super) lz4_window: Option<Lz4Window>,
-    /// The link's rate (bytes/s) as last measured while LZ4 was off and
-    /// the link the bottleneck ([`lz4_pays_in_window`]); before that, the
-    /// bandwidth cap if there is one: uncompressed, page data cannot move
-    /// faster than the cap (all connections share it), so LZ4 reaching
-    /// more than that pays without switching it off to measure.
-    link_rate: Option<f64>,
+    /// This connection's LZ4 decisions; it starts knowing the bandwidth
+    /// cap if there is one: uncompressed, page data cannot move faster
+    /// than the cap (all connections share it).
+    lz4_decider: Lz4Decider,
+    /// Whether this connection's windows decide (with page streams, only
+    /// the first stream's do).
+    lz4_decides: bool,
 }
 
 /// Page data (bytes of the pages, before compression) a sender writes
@@ -249,7 +250,7 @@ impl<'a> PageSender<'a> {
         ram: HostRam<'a>,
         layout: &MemoryLayout,
         pacer: Pacer,
-        lz4_on: Arc<AtomicBool>,
+        lz4_on: Arc<Lz4Switch>,
         config: &MigrationConfig,
         gather: bool,
     ) -> Self {
@@ -276,8 +277,17 @@ impl<'a> PageSender<'a> {
             alive_every: keepalive_every(config.io_timeout),
             first_page: None,
             lz4_window: None,
-            link_rate: config.max_bandwidth.map(|r| r as f64),
+            lz4_decider: Lz4Decider::new(config.max_bandwidth),
+            lz4_decides: true,
         }
+    }
+
+    /// Sets whether this connection's windows decide whether LZ4 is on,
+    /// for all of `streams` page streams.
+    pub(super) fn deciding_lz4(mut self, decides: bool, streams: u32) -> Self {
+        self.lz4_decides = decides;
+        self.lz4_decider = self.lz4_decider.for_streams(streams);
+        self
     }
 
     /// Stops the page-stream threads, if any (on success they have
@@ -313,10 +323,15 @@ impl PageSender<'_> {
     /// its pages (see [`PageSender::copy_frame`]).
     fn start_frame(&mut self) {
         if self.frame_empty() {
-            let on = self.lz4_on.load(Ordering::Relaxed);
-            let lz4 = self.lz4.is_some() && (on || self.frames.is_multiple_of(COMPRESS_SAMPLE));
+            let lz4 = self.lz4.is_some() && self.lz4_takes_next(self.lz4_on.is_on());
             self.copy_frame = self.gather.is_none() || lz4;
         }
+    }
+
+    /// Whether the next page frame goes through LZ4: every frame while it
+    /// is `on`, else the deciding connection's samples.
+    fn lz4_takes_next(&self, on: bool) -> bool {
+        on || (self.lz4_decides && self.frames.is_multiple_of(self.lz4_decider.sample_every()))
     }
 
     /// The most pages the next run may add: [`PageSender::batch_pages`],
@@ -346,7 +361,7 @@ impl PageSender<'_> {
             return Ok(());
         }
         let before = self.fw.bytes_written();
-        let on = self.lz4_on.load(Ordering::Relaxed);
+        let on = self.lz4_on.is_on();
         match &mut self.lz4_window {
             Some(w) => {
                 if let Some(t) = w.idle_since.take() {
@@ -389,14 +404,20 @@ impl PageSender<'_> {
     /// pays) and empties it; returns whether it went compressed.
     fn write_batch(&mut self, on: bool) -> Result<bool, ProtocolError> {
         let raw = self.batch.as_bytes();
-        let sample = on || self.frames.is_multiple_of(COMPRESS_SAMPLE);
+        let sample = self.lz4_takes_next(on);
         self.frames += 1;
         let packed = match self.lz4.as_mut().filter(|_| sample) {
             Some(buf) => {
+                // While off, a sample measures LZ4 on the frame's start.
+                let input = if on {
+                    raw
+                } else {
+                    &raw[..raw.len().min(SAMPLE_BYTES)]
+                };
                 let t0 = Instant::now();
-                let n = compress_pages_into(raw, buf);
+                let n = compress_pages_into(input, buf);
                 self.counts.lz4_ns += t0.elapsed().as_nanos() as u64;
-                self.counts.lz4_raw += raw.len() as u64;
+                self.counts.lz4_raw += input.len() as u64;
                 self.counts.lz4_packed += n as u64;
                 Some(n)
             }
@@ -424,7 +445,7 @@ impl PageSender<'_> {
     }
 
     /// Once [`LZ4_WINDOW_BYTES`] of page data went out since the window
-    /// began: whether LZ4 pays on this connection ([`lz4_pays_in_window`]),
+    /// began: whether LZ4 pays on this connection ([`Lz4Decider::decide`]),
     /// switching it for every stream if not as it is. A window in which
     /// another stream switched is dropped undecided.
     fn look_at_lz4(&mut self) {
@@ -436,7 +457,7 @@ impl PageSender<'_> {
             self.lz4_window = Some(w);
             return;
         }
-        if self.lz4_on.load(Ordering::SeqCst) != w.on {
+        if !self.lz4_decides || self.lz4_on.is_on() != w.on {
             return;
         }
         let window = LinkWindow {
@@ -451,14 +472,14 @@ impl PageSender<'_> {
                 time: Duration::from_nanos(c.lz4_ns),
             },
         };
-        let (pays, link_rate) = lz4_pays_in_window(&window, self.link_rate);
-        self.link_rate = link_rate;
-        if let Some(on) = pays.filter(|on| *on != w.on) {
-            log::info!(
-                "LZ4 {} within the round: {window:?}",
-                if on { "on" } else { "off" }
-            );
-            self.lz4_on.store(on, Ordering::SeqCst);
+        if let Some(v) = self.lz4_decider.decide(&window) {
+            if self.lz4_on.apply(v) {
+                log::info!(
+                    "LZ4 {} ({:?}) within the round: {window:?}",
+                    if v.on { "on" } else { "off" },
+                    v.reason
+                );
+            }
         }
     }
 

@@ -2,18 +2,19 @@
 //! ([`Session`]) and, once dirty logging is on, the connections and the
 //! tracker ([`Tracking`]).
 
-use std::sync::atomic::AtomicBool;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use super::cancel::CancelToken;
 use super::handshake::{Accepted, StateEstimate};
+use super::lz4::Lz4Switch;
 use super::probe::Prober;
 use super::sender::{Pacer, PageSender};
 use super::unarmed::Unarmed;
 use crate::control::ControlReader;
 use crate::error::{MigrationError, Phase};
 use crate::memory::MemoryLayout;
+use crate::policy::lz4::Lz4Decider;
 use crate::policy::MigrationConfig;
 use crate::ram::HostRam;
 use crate::report::Progress;
@@ -103,14 +104,25 @@ impl<'a> Tracking<'a> {
         // migration's, and a stream with nothing to send leaves its share
         // to the others.
         let pacer = Pacer::new(config.max_bandwidth);
-        // Compression, when allowed, starts on; each round decides the next.
-        let lz4_on = Arc::new(AtomicBool::new(config.compress));
+        // Compression, when allowed, starts as the decider says; every
+        // window of page data decides again.
+        let first = Lz4Decider::new(config.max_bandwidth).initial();
+        let lz4_on = Arc::new(Lz4Switch::new(config.compress, first));
         let gather = accepted.pages_gather;
         let new = |fw| {
             let (pacer, lz4_on) = (pacer.clone(), lz4_on.clone());
             PageSender::new(fw, ram.clone(), layout, pacer, lz4_on, config, gather)
         };
-        let workers = accepted.streams.into_iter().map(new).collect();
+        // With page streams, the first decides for all (one decider, one
+        // hysteresis; each stream deciding on its share tried LZ4 four
+        // times as often with 4 streams).
+        // The streams' compression shares the host's cores: as many
+        // streams as cores compress at once.
+        let cores = std::thread::available_parallelism().map_or(1, |c| c.get());
+        let n = accepted.streams.len().div_ceil(cores).max(1) as u32;
+        let workers = (accepted.streams.into_iter().enumerate())
+            .map(|(i, fw)| new(fw).deciding_lz4(i == 0, n))
+            .collect();
         let sender = new(accepted.fw);
         // An answer slower than the whole downtime limit is no hop the
         // switchover could afford: the round keeps the estimate without.
