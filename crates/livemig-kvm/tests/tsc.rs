@@ -6,7 +6,7 @@
 #![allow(deprecated)]
 
 mod common;
-use common::{kvm_or_skip, Ignore};
+use common::{kvm_or_skip, spinning_vm, Ignore};
 
 use std::sync::{Arc, Mutex};
 
@@ -14,7 +14,6 @@ use livemig::testing::hooked::HookedVm;
 use livemig::vm::SourceVm;
 use livemig::Phase;
 use livemig_kvm::{check_properties, KvmVm, VmConfig, TSC_KHZ_PROPERTY};
-use vm_memory::{Bytes, GuestAddress};
 
 fn config() -> VmConfig {
     VmConfig {
@@ -27,28 +26,6 @@ fn config() -> VmConfig {
 
 fn vm() -> KvmVm {
     KvmVm::create(&config(), Arc::new(Ignore), vec![]).expect("create VM")
-}
-
-/// A VM whose (real-mode) guest spins on `jmp $` at 0x1000.
-fn spinning_vm() -> KvmVm {
-    let vm = vm();
-    vm.ram()
-        .write_slice(&[0xEB, 0xFE], GuestAddress(0x1000))
-        .unwrap();
-    vm.with_vcpu(0, |fd| {
-        let mut s = fd.get_sregs().unwrap();
-        s.cs.base = 0;
-        s.cs.selector = 0;
-        fd.set_sregs(&s).unwrap();
-        fd.set_regs(&kvm_bindings::kvm_regs {
-            rip: 0x1000,
-            rflags: 0x2,
-            ..Default::default()
-        })
-        .unwrap();
-    })
-    .unwrap();
-    vm
 }
 
 /// A source VM on a host with another TSC rate: `KvmVm` with its

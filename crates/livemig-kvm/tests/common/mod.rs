@@ -35,3 +35,35 @@ impl livemig_kvm::ExitHandler for Ignore {
     }
     fn mmio_write(&self, _: u64, _: &[u8]) {}
 }
+
+/// A 2 MiB, 1-vCPU VM whose (real-mode) guest spins on `jmp $` at 0x1000,
+/// its vCPU parked (not yet resumed).
+#[allow(dead_code)]
+pub fn spinning_vm() -> livemig_kvm::KvmVm {
+    use vm_memory::{Bytes, GuestAddress};
+    let config = livemig_kvm::VmConfig {
+        memory: 2 << 20,
+        vcpus: 1,
+        nics: vec![],
+        dirty_mode: None,
+    };
+    let vm = livemig_kvm::KvmVm::create(&config, std::sync::Arc::new(Ignore), vec![])
+        .expect("create VM");
+    vm.ram()
+        .write_slice(&[0xEB, 0xFE], GuestAddress(0x1000))
+        .expect("guest code");
+    vm.with_vcpu(0, |fd| {
+        let mut s = fd.get_sregs().expect("sregs");
+        s.cs.base = 0;
+        s.cs.selector = 0;
+        fd.set_sregs(&s).expect("set sregs");
+        fd.set_regs(&kvm_bindings::kvm_regs {
+            rip: 0x1000,
+            rflags: 0x2,
+            ..Default::default()
+        })
+        .expect("set regs");
+    })
+    .expect("vCPU 0");
+    vm
+}

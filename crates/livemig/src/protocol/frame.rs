@@ -203,10 +203,20 @@ impl<W: Write> FrameWriter<W> {
     /// The parts are written as they are (gathered with `write_vectored`),
     /// never copied into a frame buffer.
     pub fn write_frame(&mut self, kind: MsgKind, parts: &[&[u8]]) -> Result<(), ProtocolError> {
+        let len: usize = parts.iter().map(|p| p.len()).sum();
+        self.check_next(len)?;
+        // `len <= max_payload <= u32::MAX` was checked above.
+        let header = FrameHeader::new(kind, self.seq, parts).encode();
+        let written = write_all_gather(&mut self.inner, &header, parts);
+        self.account(written, len)
+    }
+
+    /// Refuses the next frame, of `len` payload bytes, if the writer broke
+    /// earlier or the payload is over the limit.
+    fn check_next(&self, len: usize) -> Result<(), ProtocolError> {
         if self.broken {
             return Err(ProtocolError::Broken { frame: self.seq });
         }
-        let len: usize = parts.iter().map(|p| p.len()).sum();
         if len > self.max_payload {
             return Err(ProtocolError::PayloadTooLarge {
                 frame: self.seq,
@@ -214,9 +224,13 @@ impl<W: Write> FrameWriter<W> {
                 limit: self.max_payload,
             });
         }
-        // `len <= max_payload <= u32::MAX` was checked above.
-        let header = FrameHeader::new(kind, self.seq, parts).encode();
-        if let Err(source) = write_all_gather(&mut self.inner, &header, parts) {
+        Ok(())
+    }
+
+    /// After writing a frame of `len` payload bytes: counts it, or marks
+    /// the writer broken (part of a frame may be on the wire).
+    fn account(&mut self, written: std::io::Result<()>, len: usize) -> Result<(), ProtocolError> {
+        if let Err(source) = written {
             self.broken = true;
             return Err(ProtocolError::Write {
                 frame: self.seq,
@@ -240,18 +254,9 @@ impl<W: Write> FrameWriter<W> {
         covered: &[&[u8]],
         rest: &[IoSlice<'_>],
     ) -> Result<(), ProtocolError> {
-        if self.broken {
-            return Err(ProtocolError::Broken { frame: self.seq });
-        }
         let head: usize = covered.iter().map(|p| p.len()).sum();
         let len = head + rest.iter().map(|p| p.len()).sum::<usize>();
-        if len > self.max_payload {
-            return Err(ProtocolError::PayloadTooLarge {
-                frame: self.seq,
-                len: len as u64,
-                limit: self.max_payload,
-            });
-        }
+        self.check_next(len)?;
         let mut h = FrameHeader::new(kind, self.seq, covered);
         // `len <= max_payload <= u32::MAX` was checked above.
         h.len = len as u32;
@@ -261,16 +266,8 @@ impl<W: Write> FrameWriter<W> {
         iov.push(IoSlice::new(&header));
         iov.extend(covered.iter().map(|p| IoSlice::new(p)));
         iov.extend_from_slice(rest);
-        if let Err(source) = write_all_vectored(&mut self.inner, &mut iov) {
-            self.broken = true;
-            return Err(ProtocolError::Write {
-                frame: self.seq,
-                source,
-            });
-        }
-        self.bytes_written += (FRAME_HEADER_LEN + len) as u64;
-        self.seq = self.seq.wrapping_add(1);
-        Ok(())
+        let written = write_all_vectored(&mut self.inner, &mut iov);
+        self.account(written, len)
     }
 
     /// Encodes `msg` (into a reused buffer) and writes it as one frame.
