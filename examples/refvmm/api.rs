@@ -10,6 +10,7 @@
 //! | `... "tls":{"cert":P,"key":P,"ca":P,"server_name":S}` in `migrate` | migrate over mutual TLS |
 //! | `... "streams":N` in `migrate` | spread the pages over N extra connections (1..=16) |
 //! | `... "compress":true` in `migrate` | LZ4-compress page frames |
+//! | `... "zero_copy":true` in `migrate` | send page data straight from guest memory (`PagesGather`, where granted) |
 //! | `... "polish_rounds":N` in `migrate` | at most N extra pre-copy rounds once the expected downtime fits the limit, each run only when expected to cut it by at least 1 ms and a quarter (default 3; 0: switch over at the first round that fits) |
 //! | `... "switchover_probe":true` in `migrate` | time the control connection's hops before the switchover and count them in the expected downtime (docs/protocol.md, "The switchover probe") |
 //! | a second `migrate` while one runs, or after one succeeded or became ambiguous | `{"result":"error","phase":"setup","error":"... refused: ..."}` |

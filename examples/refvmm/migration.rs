@@ -96,6 +96,12 @@ pub struct MigrateOptions {
     #[arg(long)]
     #[serde(default)]
     pub compress: bool,
+    /// Send page data straight from guest memory (`PagesGather` frames,
+    /// where the destination grants them; off by default: no gain measured
+    /// on the development machine, see docs/benchmarks.md).
+    #[arg(long)]
+    #[serde(default, skip_serializing_if = "is_false")]
+    pub zero_copy: bool,
     /// Offer the switchover probe: time the control connection's hops and
     /// the state's burst after each round and count them in the expected
     /// downtime (without it, offered only where the transport cannot tell
@@ -293,6 +299,7 @@ impl MigrateOptions {
             cfg.streams = n;
         }
         cfg.compress = self.compress;
+        cfg.zero_copy = self.zero_copy;
         cfg.switchover_probe = self.switchover_probe.then_some(true);
         let tls = self.tls.config()?;
         if self.wants_postcopy() {
@@ -763,7 +770,7 @@ pub(crate) fn cmd_receive(args: ReceiveArgs) -> Result<(), Fail> {
             // (`report.running` is false): it waits for an API resume.
             let run = !start_paused && report.running;
             eprintln!(
-                "refvmm: {} received ({} pages ({} by UFFDIO_COPY), {} zero, {} rounds, restore {:.2} ms); guest {}",
+                "refvmm: {} received ({} pages ({} by UFFDIO_COPY), {} zero, {} torn and sent again, {} rounds, restore {:.2} ms); guest {}",
                 if local {
                     "local hand-over"
                 } else {
@@ -772,6 +779,7 @@ pub(crate) fn cmd_receive(args: ReceiveArgs) -> Result<(), Fail> {
                 report.pages,
                 report.filled_pages,
                 report.zero_pages,
+                report.torn_pages,
                 report.rounds,
                 report.restore_ms,
                 if run { "running" } else { "paused" }

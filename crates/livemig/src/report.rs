@@ -204,6 +204,11 @@ pub struct Report {
     pub dirty_tracking: String,
     /// Page streams used (1 = pages on the control connection).
     pub streams: u32,
+    /// Whether page data went straight from guest memory
+    /// ([`MigrationConfig::zero_copy`](crate::MigrationConfig::zero_copy)
+    /// asked for it and the destination granted `PagesGather` frames);
+    /// false when not asked, and when asked but not granted.
+    pub zero_copy: bool,
     /// Highest vCPU throttle applied by auto-converge, percent (0 = none;
     /// `None` = the VM cannot be throttled).
     pub throttle_max_pct: Option<u32>,
@@ -238,6 +243,7 @@ impl Report {
             state_frames: 0,
             dirty_tracking: String::new(),
             streams: 1,
+            zero_copy: false,
             throttle_max_pct: Some(0),
             error: None,
             postcopy: None,

@@ -284,6 +284,7 @@ fn assemble<V: SourceVm + ?Sized>(
         state_frames: p.copied.state_frames,
         dirty_tracking: t.dirty_tracking.clone(),
         streams: t.streams,
+        zero_copy: t.sender.sends_gathered(),
         throttle_max_pct: throttled.then_some(p.summary.throttle_max_pct),
         ..Report::new(memory_bytes, ms(config.downtime_limit))
     }

@@ -314,6 +314,12 @@ pub(super) fn keepalive_every(io_timeout: Duration) -> Duration {
 }
 
 impl PageSender<'_> {
+    /// Whether page data goes straight from guest memory (`PagesGather`
+    /// granted; frames LZ4 takes are still copied).
+    pub(super) fn sends_gathered(&self) -> bool {
+        self.gather.is_some()
+    }
+
     /// Whether a frame is being built.
     fn frame_empty(&self) -> bool {
         self.batch.is_empty() && self.gather.as_ref().is_none_or(GatherFrame::is_empty)
