@@ -142,9 +142,11 @@ impl DirtyBitmap {
         }
     }
 
-    /// Marks one page clean. Out-of-range pages are ignored.
+    /// Marks one page clean. Out-of-range pages are ignored; a clean region
+    /// is left untouched (as [`DirtyBitmap::clear_range`] does), so a bitmap
+    /// nothing was ever set in costs no memory writes.
     pub fn unset(&mut self, region: usize, page: u64) {
-        if let Some(r) = self.regions.get_mut(region) {
+        if let Some(r) = self.regions.get_mut(region).filter(|r| !r.clean) {
             if page < r.pages {
                 r.full = false;
                 r.words[(page / 64) as usize] &= !(1 << (page % 64));
