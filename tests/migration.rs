@@ -138,28 +138,47 @@ fn hashes(v: &Vmm) -> Value {
     r["regions"].clone()
 }
 
-#[test]
-fn memory_identical_after_final_round() {
-    let Some(_kvm) = common::kvm_or_skip("memory_identical_after_final_round") else {
-        return;
-    };
-    let dir = scratch_dir("memeq");
-    let mut src =
-        start_source(&dir, "src", "256M", 1, "ws=64 rate=20 pattern=rand fresh=1").unwrap();
+/// Migrates a guest running `cmdline` (after 500 heartbeats) with
+/// `keep_source` and `extra` into a destination started paused, and checks
+/// that both memories are equal while both are paused. Returns the source,
+/// the destination, the report and the destination's memory hash.
+fn migrate_into_paused(tag: &str, cmdline: &str, extra: Value) -> (Vmm, Vmm, Value, Value) {
+    let dir = scratch_dir(tag);
+    let mut src = start_source(&dir, "src", "256M", 1, cmdline).unwrap();
     src.wait_ready(Duration::from_secs(30)).unwrap();
     src.wait_heartbeats(500, Duration::from_secs(30)).unwrap();
     let (mut dst, ep) = start_destination(&dir, "dst", &["--start-paused"]).unwrap();
-    migrate(&src, &ep, json!({"keep_source": true})).unwrap();
+    let mut request = json!({"keep_source": true});
+    if let (Some(r), Some(more)) = (request.as_object_mut(), extra.as_object()) {
+        r.extend(more.clone());
+    }
+    let report = migrate(&src, &ep, request).unwrap();
     dst.wait_api(Duration::from_secs(10)).unwrap();
     // Both paused: the source after its final round, the destination before running.
     let (a, b) = (hashes(&src), hashes(&dst));
     assert_eq!(a, b, "memory differs between source and destination");
+    (src, dst, report, b)
+}
+
+/// Resumes the paused destination and lets its guest check 1200
+/// heartbeats' worth of pages: none may be corrupt.
+fn resume_and_verify(dst: &mut Vmm) {
     assert_eq!(
         dst.api(&json!({"cmd":"resume"}), |_| {}).unwrap()["result"],
         "ok"
     );
     dst.wait_heartbeats(1200, Duration::from_secs(30)).unwrap();
-    assert!(log_of(&dst).corrupt.is_empty());
+    assert!(log_of(dst).corrupt.is_empty(), "{:?}", log_of(dst).corrupt);
+}
+
+#[test]
+fn memory_identical_after_final_round() {
+    let Some(_kvm) = common::kvm_or_skip("memory_identical_after_final_round") else {
+        return;
+    };
+    let (src, mut dst, _, b) =
+        migrate_into_paused("memeq", "ws=64 rate=20 pattern=rand fresh=1", json!({}));
+    resume_and_verify(&mut dst);
     // The hash really covers memory: it changes once the guest runs again.
     assert_eq!(
         dst.api(&json!({"cmd":"pause"}), |_| {}).unwrap()["result"],
@@ -179,33 +198,19 @@ fn zero_copy_sends_of_a_writing_guest_arrive_whole() {
     let Some(_kvm) = common::kvm_or_skip("zero_copy_sends_of_a_writing_guest_arrive_whole") else {
         return;
     };
-    let dir = scratch_dir("zerocopy");
-    let mut src =
-        start_source(&dir, "src", "256M", 1, "ws=64 rate=40 pattern=rand fresh=1").unwrap();
-    src.wait_ready(Duration::from_secs(30)).unwrap();
-    src.wait_heartbeats(500, Duration::from_secs(30)).unwrap();
-    let (mut dst, ep) = start_destination(&dir, "dst", &["--start-paused"]).unwrap();
-    let report = migrate(&src, &ep, json!({"keep_source": true, "zero_copy": true})).unwrap();
+    let (src, mut dst, report, _) = migrate_into_paused(
+        "zerocopy",
+        "ws=64 rate=40 pattern=rand fresh=1",
+        json!({"zero_copy": true}),
+    );
     assert_eq!(report["zero_copy"], true, "granted and used: {report}");
-    dst.wait_api(Duration::from_secs(10)).unwrap();
-    let (a, b) = (hashes(&src), hashes(&dst));
-    assert_eq!(a, b, "memory differs between source and destination");
     let received = dst.stderr();
     let line = received
         .lines()
         .find(|l| l.contains("torn and sent again"))
         .unwrap_or_else(|| panic!("no receive line: {received}"));
     eprintln!("zero copy: {line}; rounds {}", report["rounds"]);
-    assert_eq!(
-        dst.api(&json!({"cmd":"resume"}), |_| {}).unwrap()["result"],
-        "ok"
-    );
-    dst.wait_heartbeats(1200, Duration::from_secs(30)).unwrap();
-    assert!(
-        log_of(&dst).corrupt.is_empty(),
-        "{:?}",
-        log_of(&dst).corrupt
-    );
+    resume_and_verify(&mut dst);
     let _ = src.api(&json!({"cmd":"quit"}), |_| {});
 }
 
