@@ -149,11 +149,7 @@ fn migrate_capped(layout: &MemoryLayout, fill: impl Fn(&SoftVm), streams: u32) -
     let log: Log = Arc::default();
     let (a, b) = mem::pair();
     let (opener, acceptor) = mem::streams();
-    let dest = std::thread::spawn(move || {
-        Reception::new(Box::new(b))
-            .accept_streams(acceptor)
-            .run(|d| SoftVm::new(&d.layout, &SoftConfig::idle()))
-    });
+    let dest = common::soft_destination_with_streams(b, acceptor);
     let paused = Arc::new(Mutex::new(None));
     let seen = paused.clone();
     let control = Counted {

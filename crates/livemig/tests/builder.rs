@@ -4,6 +4,8 @@
 //! destination callback while the guest is paused), and setup failures as
 //! `MigrationError`s.
 
+mod common;
+
 use std::io::Read;
 use std::sync::{Arc, Mutex};
 
@@ -74,11 +76,7 @@ fn streams_with_an_opener_are_used() {
     let src = running_source();
     let (a, b) = mem::pair();
     let (opener, acceptor) = mem::streams();
-    let dest = std::thread::spawn(move || {
-        Reception::new(Box::new(b))
-            .accept_streams(acceptor)
-            .run(|d| SoftVm::new(&d.layout, &SoftConfig::idle()))
-    });
+    let dest = common::soft_destination_with_streams(b, acceptor);
     let report = Migration::new(&src)
         .streams(3, opener)
         .config(MigrationConfig::default()) // streams: 1, overridden

@@ -14,6 +14,8 @@
 //! on, so that a test can count the kinds, change one frame, or take the
 //! grant out of the reply.
 
+mod common;
+
 use std::io::{self, IoSlice, Read, Write};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
@@ -350,11 +352,7 @@ fn streams_lz4_and_the_cap_keep_working() {
         src.start();
         let (a, b) = mem::pair();
         let (opener, acceptor) = mem::streams();
-        let dest = std::thread::spawn(move || {
-            Reception::new(Box::new(b))
-                .accept_streams(acceptor)
-                .run(|d| SoftVm::new(&d.layout, &SoftConfig::idle()))
-        });
+        let dest = common::soft_destination_with_streams(b, acceptor);
         let cfg = MigrationConfig {
             compress,
             max_bandwidth: cap,

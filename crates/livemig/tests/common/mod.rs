@@ -9,11 +9,14 @@ use std::time::Duration;
 use livemig::memory::{MemoryLayout, RegionDesc};
 use livemig::protocol::{FrameReader, FrameWriter, Hello, Message, MsgKind};
 use livemig::testing::soft::{SoftConfig, SoftVm};
+use livemig::transport::mem::MemAcceptor;
 use livemig::transport::Transport;
 use livemig::vm::SourceVm;
+// Some helpers keep exercising the deprecated 0.1 entry points.
+#[allow(deprecated)]
 use livemig::{
     migrate, receive, CancelToken, MigrationConfig, MigrationError, ReceiveConfig, ReceiveReport,
-    Report,
+    Reception, Report,
 };
 
 /// One region of `size` bytes at guest address 0.
@@ -36,6 +39,7 @@ pub fn running_source(layout: &MemoryLayout, config: &SoftConfig, seed: u64) -> 
 
 /// `receive` on a thread, over `t`, with `config`, into an idle soft VM of
 /// the source's layout.
+#[allow(deprecated)]
 pub fn soft_destination(
     t: impl Transport + 'static,
     config: ReceiveConfig,
@@ -47,8 +51,22 @@ pub fn soft_destination(
     })
 }
 
+/// A `Reception` on a thread, over `t`, taking page streams from
+/// `acceptor`, into an idle soft VM of the source's layout.
+pub fn soft_destination_with_streams(
+    t: impl Transport + 'static,
+    acceptor: MemAcceptor,
+) -> JoinHandle<Result<(SoftVm, ReceiveReport), MigrationError>> {
+    std::thread::spawn(move || {
+        Reception::new(Box::new(t))
+            .accept_streams(acceptor)
+            .run(|d| SoftVm::new(&d.layout, &SoftConfig::idle()))
+    })
+}
+
 /// `migrate` of `vm` over `t` with the default configuration, no
 /// cancellation and no progress callback.
+#[allow(deprecated)]
 pub fn migrate_with_defaults<V: SourceVm + ?Sized>(
     vm: &V,
     t: impl Transport + 'static,
