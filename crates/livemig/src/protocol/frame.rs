@@ -145,7 +145,8 @@ pub fn crc_covered(kind: MsgKind, payload: &[u8]) -> &[u8] {
     }
 }
 
-/// Most slices handed to one `write_vectored` call.
+/// Parts of a frame whose slices [`FrameWriter::write_frame`] keeps on the
+/// stack (more are collected into a `Vec`).
 const MAX_IOV: usize = 8;
 
 /// Writes frames to a byte stream.
@@ -321,67 +322,19 @@ impl<W: Write> FrameWriter<W> {
     }
 }
 
-/// Writes `header` followed by every part, gathering up to [`MAX_IOV`]
-/// slices per `write_vectored` call and handling short writes.
+/// Writes `header` followed by every part ([`write_all_vectored`]); the
+/// slices of a frame of fewer than [`MAX_IOV`] parts stay on the stack.
 fn write_all_gather<W: Write>(w: &mut W, header: &[u8], parts: &[&[u8]]) -> io::Result<()> {
-    // The remaining pieces: the current one (possibly partly written) and the
-    // index of the next one.
-    let piece = |i: usize| -> &[u8] {
-        if i == 0 {
-            header
-        } else {
-            parts[i - 1]
-        }
-    };
-    let count = parts.len() + 1;
-    let mut idx = 0usize;
-    let mut off = 0usize;
-    while idx < count {
+    let slices = std::iter::once(header)
+        .chain(parts.iter().copied())
+        .map(IoSlice::new);
+    if parts.len() < MAX_IOV {
         let mut iov = [IoSlice::new(&[]); MAX_IOV];
-        let mut n_iov = 0;
-        let mut j = idx;
-        while j < count && n_iov < MAX_IOV {
-            let p = piece(j);
-            let p = if j == idx { &p[off..] } else { p };
-            if !p.is_empty() {
-                iov[n_iov] = IoSlice::new(p);
-                n_iov += 1;
-            }
-            j += 1;
-        }
-        if n_iov == 0 {
-            break;
-        }
-        let mut n = match w.write_vectored(&iov[..n_iov]) {
-            Ok(0) => {
-                return Err(io::Error::new(
-                    io::ErrorKind::WriteZero,
-                    "failed to write the whole frame",
-                ))
-            }
-            Ok(n) => n,
-            Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
-            Err(e) => return Err(e),
-        };
-        // Advance past `n` bytes.
-        while n > 0 && idx < count {
-            let left = piece(idx).len() - off;
-            if n >= left {
-                n -= left;
-                idx += 1;
-                off = 0;
-            } else {
-                off += n;
-                n = 0;
-            }
-        }
-        // Skip empty pieces.
-        while idx < count && piece(idx).len() == off {
-            idx += 1;
-            off = 0;
-        }
+        let n = iov.iter_mut().zip(slices).map(|(d, s)| *d = s).count();
+        write_all_vectored(w, &mut iov[..n])
+    } else {
+        write_all_vectored(w, &mut slices.collect::<Vec<_>>())
     }
-    Ok(())
 }
 
 /// Most slices handed to one `write_vectored` call by
