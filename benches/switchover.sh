@@ -1,7 +1,8 @@
 #!/bin/bash
 # Switchover downtime per part: migrates the test guest between two refvmm
 # processes over loopback TCP, RUNS times, and prints one line per run: the
-# engine's downtime, its expected downtime, the guest-observed gap (last
+# engine's downtime (pause → the destination started the guest), the pause
+# until the source read `Resumed` (ack), its expected downtime, the guest-observed gap (last
 # heartbeat on the source's serial output to the first on the destination's,
 # stamped as they arrive), the guest-measured gap (the destination's first
 # `GAP` line: put `gap=<us>` in CMDLINE, else nan), the source's largest heartbeat gap from its first heartbeat
@@ -49,6 +50,6 @@ r=json.load(open('$D/rep.json')); b=r['downtime_breakdown']
 a=open('$D/a.t').read().split(); d=open('$D/b.t').read().split()
 g=(float(d[0])-float(a[1]))*1e3
 gg=float(d[3])*1e3 if len(d)>3 and float(d[3])>=0 else float('nan')
-print('dt %.2f exp %.2f gap %.2f guest-gap %.2f floor %.2f | ' % (r['downtime_ms'], r['expected_downtime_ms'], g, gg, float(a[2])*1e3) + ' '.join('%s=%.2f'%(k.replace('_ms',''),v) for k,v in b.items()), 'sb', r['state_bytes'], r['status'])" || { tail -5 $D/m.err; tail -3 $D/a.err; tail -3 $D/b.err; }
+print('dt %.2f ack %.2f exp %.2f gap %.2f guest-gap %.2f floor %.2f | ' % (r['downtime_ms'], r.get('acknowledged_ms', float('nan')), r['expected_downtime_ms'], g, gg, float(a[2])*1e3) + ' '.join('%s=%.2f'%(k.replace('_ms',''),v) for k,v in b.items()), 'sb', r['state_bytes'], r['status'])" || { tail -5 $D/m.err; tail -3 $D/a.err; tail -3 $D/b.err; }
 done
 [ -n "${KEEP:-}" ] && cp $D/rep.json "$KEEP"; rm -rf $D

@@ -6,8 +6,8 @@
 //! link ([`LinkMeter::transfer_time`]), plus the time the device state took
 //! when it was measured at setup (pause, save, resume; the restore as the
 //! destination timed it, or as long as the save), plus the latest round's
-//! dirty-log sync (the final sync), plus two round trips of the link
-//! (`Ready` and `Resumed`). The report shows these parts
+//! dirty-log sync (the final sync), plus one and a half round trips of the
+//! link (`Ready` comes back, `Go` reaches the destination). The report shows these parts
 //! ([`crate::report::ExpectedBreakdown`]). When the estimate is
 //! within [`MigrationConfig::downtime_limit`], the source stops the VM and
 //! sends the rest.
@@ -527,9 +527,11 @@ pub struct RoundEstimate {
 pub struct ProbeTimes {
     /// One hop of the control connection through both engines' threads
     /// and the transport: the median of a few `Probe` → `ProbeReply`
-    /// round trips without padding. The switchover has two beyond the
-    /// destination's work: `Complete` → `Ready` (beyond the restore) and
-    /// `Go` → `Resumed` (beyond the resume).
+    /// round trips without padding (a round trip, despite the name). The
+    /// downtime holds one and a half beyond the destination's work:
+    /// `Complete` → `Ready` (beyond the restore) and `Go`'s way there
+    /// (before the resume; the downtime ends when the destination starts
+    /// the guest, not when `Resumed` is back).
     pub hop: Duration,
     /// The state's bytes in one burst to the (not yet running)
     /// destination: the round trip of a `Probe` padded to the state's
@@ -541,15 +543,16 @@ impl RoundEstimate {
     /// Expected downtime if the switchover happened now.
     ///
     /// Without a probe: the remaining, state and queued bytes over the
-    /// link ([`LinkMeter::transfer_time`]), the state's own time, and two
-    /// round trips of the transport (the final data reaches the
-    /// destination and `Ready` comes back; `Go` goes and `Resumed` comes
-    /// back).
+    /// link ([`LinkMeter::transfer_time`]), the state's own time, and one
+    /// and a half round trips of the transport (the final data reaches the
+    /// destination and `Ready` comes back; `Go` reaches the destination,
+    /// which then starts the guest — the downtime ends there, see
+    /// [`crate::Report::downtime_ms`]).
     ///
     /// With a probe: the remaining and queued bytes over the link, the
-    /// state's own time, the state's measured burst and two measured hops
-    /// (each at least the transport's round trip) in place of the state's
-    /// bytes at the link's rate and the two round trips.
+    /// state's own time, the state's measured burst and one and a half
+    /// measured hops (each at least the transport's round trip) in place
+    /// of the state's bytes at the link's rate and the round trips.
     pub fn expected_downtime(&self) -> Duration {
         self.transfer_part() + self.state_time + self.round_trip_part()
     }
@@ -567,14 +570,16 @@ impl RoundEstimate {
         }
     }
 
-    /// The messages' part of [`RoundEstimate::expected_downtime`]: two
-    /// round trips of the transport, or with a probe two measured hops
-    /// (each at least the transport's round trip).
+    /// The messages' part of [`RoundEstimate::expected_downtime`]: one and
+    /// a half round trips of the transport (`Complete` → `Ready`, then
+    /// `Go`'s way), or with a probe one and a half measured hops (each at
+    /// least the transport's round trip).
     pub fn round_trip_part(&self) -> Duration {
-        match self.probe {
-            None => 2 * self.round_trip,
-            Some(p) => 2 * p.hop.max(self.round_trip),
-        }
+        let one = match self.probe {
+            None => self.round_trip,
+            Some(p) => p.hop.max(self.round_trip),
+        };
+        one + one / 2
     }
 }
 
@@ -724,11 +729,11 @@ mod tests {
         e.queued_bytes = 16_000_000;
         assert!(close(e.expected_downtime(), Duration::from_millis(22)));
         assert_eq!(decide(&c, 1, Duration::ZERO, &e), Decision::Continue);
-        // Nothing queued, but a 8 ms round trip: Ready and Resumed each
-        // wait one.
+        // Nothing queued, but a 10 ms round trip: Ready waits one, Go
+        // half of one (the guest starts before Resumed comes back).
         e.queued_bytes = 0;
-        e.round_trip = Duration::from_millis(8);
-        assert!(close(e.expected_downtime(), Duration::from_millis(22)));
+        e.round_trip = Duration::from_millis(10);
+        assert!(close(e.expected_downtime(), Duration::from_millis(21)));
         assert_eq!(decide(&c, 1, Duration::ZERO, &e), Decision::Continue);
     }
 
@@ -736,28 +741,28 @@ mod tests {
     fn a_probe_replaces_the_round_trips_and_the_state_bytes() {
         let c = MigrationConfig::default();
         // 5 MB dirty at 1 GB/s, 1 ms state, 4 MB of state (4 ms at the
-        // link's rate), a 1 ms round trip: 5 + 4 + 1 + 2 = 12 ms.
+        // link's rate), a 2 ms round trip: 5 + 4 + 1 + 3 = 13 ms.
         let mut e = est(5_000_000);
         e.state_bytes = 4_000_000;
-        e.round_trip = Duration::from_millis(1);
-        assert!(close(e.expected_downtime(), Duration::from_millis(12)));
-        // Measured: each hop 3 ms, the state's burst 2 ms: 5 + 1 + 6 + 2.
+        e.round_trip = Duration::from_millis(2);
+        assert!(close(e.expected_downtime(), Duration::from_millis(13)));
+        // Measured: each hop 4 ms, the state's burst 2 ms: 5 + 1 + 6 + 2.
         e.probe = Some(ProbeTimes {
-            hop: Duration::from_millis(3),
+            hop: Duration::from_millis(4),
             state_burst: Duration::from_millis(2),
         });
         assert!(close(e.expected_downtime(), Duration::from_millis(14)));
         // A transport that says its round trip is longer than the hop
         // measured: the longer one.
-        e.round_trip = Duration::from_millis(4);
-        assert!(close(e.expected_downtime(), Duration::from_millis(16)));
+        e.round_trip = Duration::from_millis(6);
+        assert!(close(e.expected_downtime(), Duration::from_millis(17)));
         e.round_trip = Duration::from_millis(1);
         // Hops slower than the limit allows: keep going.
         e.probe = Some(ProbeTimes {
-            hop: Duration::from_millis(8),
+            hop: Duration::from_millis(10),
             state_burst: Duration::ZERO,
         });
-        assert!(close(e.expected_downtime(), Duration::from_millis(22)));
+        assert!(close(e.expected_downtime(), Duration::from_millis(21)));
         assert_eq!(decide(&c, 1, Duration::ZERO, &e), Decision::Continue);
     }
 

@@ -46,10 +46,10 @@ pub struct RoundReport {
     /// The switchover probe after this round (see
     /// [`crate::MigrationConfig::switchover_probe`]): one hop of the control
     /// connection through both engines, ms — the median of three `Probe` →
-    /// `ProbeReply` round trips, counted twice in
+    /// `ProbeReply` round trips, counted one and a half times in
     /// [`RoundReport::expected_downtime_ms`] (its counterparts in the
     /// switchover: `state_transfer_ms − dest_restore_ms` without the
-    /// state's burst, `resume_ack_ms − dest_resume_ms`). `None` without a
+    /// state's burst, and `go_hop_ms`). `None` without a
     /// probe (not granted, or no answer in time: the estimate is then the
     /// one without it).
     #[serde(skip_serializing_if = "Option::is_none")]
@@ -83,7 +83,10 @@ pub struct Lz4RoundReport {
     pub compress_ms: f64,
 }
 
-/// Where the downtime went (all on the source clock, ms).
+/// Where the downtime went (ms, on the source's clock unless said).
+/// [`Report::downtime_ms`] is `pause_ms + state_save_ms + final_sync_ms +
+/// final_memory_ms + state_transfer_ms + go_hop_ms + dest_resume_ms`
+/// (`state_transfer_ms` holds `dest_restore_ms`).
 #[derive(Debug, Clone, Default, Serialize)]
 #[non_exhaustive]
 pub struct DowntimeBreakdown {
@@ -99,8 +102,16 @@ pub struct DowntimeBreakdown {
     pub state_transfer_ms: f64,
     /// Restoring state on the destination (destination clock).
     pub dest_restore_ms: f64,
-    /// From `Go` until the destination reported its vCPUs running.
+    /// From `Go` until the source read the destination's `Resumed` (not
+    /// part of [`Report::downtime_ms`], which ends when the destination
+    /// starts the guest: `go_hop_ms` and `dest_resume_ms` are its share of
+    /// this).
     pub resume_ack_ms: f64,
+    /// `Go`'s way to the destination as the source places it: half the
+    /// shortest round trip the control connection showed (the transport's
+    /// own, the state's without the restore, the acknowledgement's without
+    /// the resume).
+    pub go_hop_ms: f64,
     /// Resuming on the destination (destination clock).
     pub dest_resume_ms: f64,
 }
@@ -138,8 +149,9 @@ pub struct ExpectedBreakdown {
     /// The destination's resume, as long as the source's resume in the
     /// handshake's measurement.
     pub dest_resume_ms: f64,
-    /// Two round trips of the link (`Complete` → `Ready`, `Go` →
-    /// `Resumed`), or with the switchover probe two measured hops.
+    /// One and a half round trips of the link (`Complete` → `Ready`, then
+    /// `Go`'s way to the destination), or with the switchover probe one
+    /// and a half measured hops.
     pub round_trips_ms: f64,
 }
 
@@ -171,8 +183,16 @@ pub struct Report {
     /// round), ms: the set-up plus round 0's scan for the first page worth
     /// sending.
     pub first_page_ms: f64,
-    /// Source pause → destination's "running" acknowledgement, ms.
+    /// Source pause → the destination started the guest's vCPUs, ms, on the
+    /// source's clock: pause → `Ready` read, `Go`'s way to the destination
+    /// and the destination's resume ([`DowntimeBreakdown`]). The source's
+    /// later read of `Resumed` is [`Report::acknowledged_ms`].
     pub downtime_ms: f64,
+    /// Source pause → the source read the destination's `Resumed`, ms (what
+    /// `downtime_ms` was until 2026-12-04): the downtime plus the
+    /// acknowledgement's way back and however late the source's thread got
+    /// a CPU, while the guest already ran on the destination.
+    pub acknowledged_ms: f64,
     /// The downtime limit in force, ms.
     pub downtime_limit_ms: f64,
     /// The downtime the policy expected at switchover, ms.
@@ -228,6 +248,7 @@ impl Report {
             setup_ms: 0.0,
             first_page_ms: 0.0,
             downtime_ms: 0.0,
+            acknowledged_ms: 0.0,
             downtime_limit_ms,
             expected_downtime_ms: 0.0,
             downtime_breakdown: DowntimeBreakdown::default(),

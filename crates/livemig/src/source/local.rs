@@ -2,8 +2,9 @@
 //! shared with the destination, so only the state travels. See
 //! `docs/protocol.md`, "Local hand-over".
 
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
+use super::downtime::GuestStart;
 use super::session::ms;
 use super::CancelToken;
 use crate::commit::{commit, Commit};
@@ -68,22 +69,34 @@ pub(super) fn migrate_local_checked<V: SourceVm + ?Sized>(
     let mut hello = Hello::new(desc);
     hello.paused = paused;
     hello.local = Some(identity);
+    let round_trip = transport.round_trip();
     let result = run(vm, transport, hello, config, cancel, progress);
     cancel.detach_all();
     let (times, ready, resumed_us, state) = result.map_err(|e| super::failed(e, cancel))?;
-    let downtime_ms = ms(times.done - times.pause);
+    let start = GuestStart {
+        pause: times.pause,
+        state_sent: times.saved,
+        ready: times.ready,
+        done: times.done,
+        restore: Duration::from_micros(ready.restore_us),
+        resume: Duration::from_micros(resumed_us),
+        round_trip,
+    };
+    let downtime_ms = ms(start.downtime());
     progress(&Progress::Completed { downtime_ms });
     Ok(Report {
         status: Status::Completed,
         total_ms: ms(started.elapsed()),
         setup_ms: ms(times.pause - started),
         downtime_ms,
+        acknowledged_ms: ms(start.acknowledged()),
         downtime_breakdown: DowntimeBreakdown {
             pause_ms: ms(times.paused - times.pause),
             state_save_ms: ms(times.saved - times.paused),
             state_transfer_ms: ms(times.ready - times.saved),
             dest_restore_ms: ready.restore_us as f64 / 1000.0,
             resume_ack_ms: ms(times.done - times.ready),
+            go_hop_ms: ms(start.go_hop()),
             dest_resume_ms: resumed_us as f64 / 1000.0,
             ..DowntimeBreakdown::default()
         },

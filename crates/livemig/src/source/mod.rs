@@ -28,6 +28,7 @@ use crate::vm::{SourceVm, VmDescription};
 
 mod builder;
 mod cancel;
+mod downtime;
 mod gather;
 mod handshake;
 pub mod local;
@@ -257,7 +258,8 @@ fn assemble<V: SourceVm + ?Sized>(
     bytes_sent: u64,
 ) -> Report {
     let p = &c.paused;
-    let downtime_ms = ms(c.done - p.times.pause);
+    let start = guest_start(&c, t);
+    let downtime_ms = ms(start.downtime());
     (s.progress)(&Progress::Completed { downtime_ms });
     let config = s.config;
     let counts = t.sender.counts;
@@ -271,7 +273,8 @@ fn assemble<V: SourceVm + ?Sized>(
             .first_page
             .map_or(0.0, |f| ms(f.saturating_duration_since(s.started))),
         downtime_ms,
-        downtime_breakdown: breakdown(&c),
+        acknowledged_ms: ms(start.acknowledged()),
+        downtime_breakdown: breakdown(&c, &start),
         forced: p.summary.forced,
         expected_downtime_ms: p.summary.expected_downtime_ms,
         expected_breakdown: p.summary.expected.clone(),
@@ -290,8 +293,22 @@ fn assemble<V: SourceVm + ?Sized>(
     }
 }
 
+/// What the source saw of the destination's start.
+fn guest_start(c: &Committed, t: &Tracking<'_>) -> downtime::GuestStart {
+    let times = &c.paused.times;
+    downtime::GuestStart {
+        pause: times.pause,
+        state_sent: times.mem,
+        ready: times.ready,
+        done: c.done,
+        restore: std::time::Duration::from_micros(c.paused.ready.restore_us),
+        resume: std::time::Duration::from_micros(c.resumed.resume_us),
+        round_trip: t.links.first().and_then(|l| l.round_trip()),
+    }
+}
+
 /// Where the downtime went.
-fn breakdown(c: &Committed) -> DowntimeBreakdown {
+fn breakdown(c: &Committed, start: &downtime::GuestStart) -> DowntimeBreakdown {
     let t = &c.paused.times;
     DowntimeBreakdown {
         pause_ms: ms(t.paused - t.pause),
@@ -301,6 +318,7 @@ fn breakdown(c: &Committed) -> DowntimeBreakdown {
         state_transfer_ms: ms(t.ready - t.mem),
         dest_restore_ms: c.paused.ready.restore_us as f64 / 1000.0,
         resume_ack_ms: ms(c.done - t.ready),
+        go_hop_ms: ms(start.go_hop()),
         dest_resume_ms: c.resumed.resume_us as f64 / 1000.0,
     }
 }

@@ -87,9 +87,11 @@ pub trait Transport: io::Read + io::Write + Send {
 
     /// The connection's round-trip time as the transport measured it, if
     /// it can tell; `None` (the default) if it cannot. The expected
-    /// downtime counts two of them (`Ready` and `Resumed` each come back
-    /// one round trip after what they answer). TCP reports the kernel's
-    /// smoothed RTT (`TCP_INFO`).
+    /// downtime counts one and a half of them (`Ready` comes back one
+    /// round trip after the state; `Go` reaches the destination half of
+    /// one later), and the report places `Go`'s way with it
+    /// ([`crate::report::DowntimeBreakdown::go_hop_ms`]). TCP reports the
+    /// kernel's smoothed RTT (`TCP_INFO`).
     fn round_trip(&self) -> Option<Duration> {
         None
     }
