@@ -333,9 +333,11 @@ pub trait DestinationVm: Send {
     /// as its own save (a restore issues other calls than a save, and this
     /// host may be slower or faster than the source's).
     ///
-    /// Called once in the handshake, right after the VM was built and
-    /// before any page or state arrives, only when the source asked for it
-    /// (a source of this build does). An implementation saves the state
+    /// Called in the handshake, right after the VM was built and before
+    /// any page or state arrives, only when the source asked for it (a
+    /// source of this build does): three times, and the fastest save and
+    /// fastest restore are sent (once when it returns `Ok(None)`). An
+    /// implementation saves the state
     /// this not-yet-running VM has now, timing the save, and restores
     /// exactly that, timing the restore: it must leave the VM as it found
     /// it (the switchover's [`DestinationVm::restore_state`] loads the
