@@ -115,8 +115,10 @@ fn the_probe_is_negotiated_measured_and_reported() {
 /// The expected downtime counts the measured hop: a destination whose
 /// every frame after `HelloReply` is held 25 ms (its probe answers, and
 /// later its `Ready` and `Resumed`) makes the expected downtime at least
-/// the two hops the switchover will wait for. Without the probe the
-/// expectation knew nothing of them (it failed before the probe).
+/// the one and a half hops the downtime holds (`Ready`'s round trip, then
+/// `Go`'s way; `Resumed` comes back after the destination started the
+/// guest). Without the probe the expectation knew nothing of them (it
+/// failed before the probe).
 #[test]
 fn the_expected_downtime_includes_the_measured_hop() {
     const HOLD: Duration = Duration::from_millis(25);
@@ -135,7 +137,7 @@ fn the_expected_downtime_includes_the_measured_hop() {
     dest.join().unwrap().expect("the destination runs it");
     let expected = report.expected_downtime_ms;
     assert!(
-        expected >= 2.0 * HOLD.as_secs_f64() * 1000.0,
+        expected >= 1.5 * HOLD.as_secs_f64() * 1000.0,
         "expected downtime {expected:.2} ms, actual {:.2} ms: the held answers are not in it",
         report.downtime_ms
     );
