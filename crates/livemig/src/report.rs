@@ -130,10 +130,27 @@ pub struct ExpectedBreakdown {
     pub state_save_ms: f64,
     /// The final dirty-log sync: as long as the last round's sync.
     pub final_sync_ms: f64,
+    /// The final copy's fixed cost beyond its pages' bytes (its
+    /// counterpart: [`DowntimeBreakdown::final_memory_ms`] less the last
+    /// pages at the link's rate): as long as the last round's end (every
+    /// stream flushed, the page streams' barrier, `RoundEnd` written).
+    pub final_barrier_ms: f64,
     /// The bytes: the remaining pages, the bytes still queued and the
     /// state at the link's measured rate (with the switchover probe: the
     /// state's measured burst instead of its bytes).
     pub transfer_ms: f64,
+    /// Framing the state for the wire (the `State` frames' headers and
+    /// CRCs), as the source timed it on the state saved in the handshake.
+    /// With [`ExpectedBreakdown::state_decode_ms`], the state's bytes in
+    /// [`ExpectedBreakdown::transfer_ms`] and one of the two round trips,
+    /// the counterpart of [`DowntimeBreakdown::state_transfer_ms`] less
+    /// [`DowntimeBreakdown::dest_restore_ms`].
+    pub state_encode_ms: f64,
+    /// The destination's read and decode of the `State` frames: the source
+    /// runs the destination's code (a fresh buffer filled with each frame,
+    /// its CRC, the decode into sections) on its own frames in the
+    /// handshake and counts as long.
+    pub state_decode_ms: f64,
     /// The destination's restore: when
     /// [`ExpectedBreakdown::dest_restore_measured`], the save times the
     /// destination's rehearsed restore / save (bounded to 0.25–4), else as

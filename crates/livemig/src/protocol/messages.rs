@@ -816,7 +816,10 @@ pub fn encoded_state_frames(
 /// Groups `sections` (names unique) into `State` messages in order, a new
 /// one whenever the next section would not fit in `max_payload` bytes or
 /// the message holds [`MAX_SECTIONS`]; at least one message.
-fn pack_state(sections: Vec<Section>, max_payload: usize) -> Result<Vec<State>, ProtocolError> {
+pub(super) fn pack_state(
+    sections: Vec<Section>,
+    max_payload: usize,
+) -> Result<Vec<State>, ProtocolError> {
     let mut seen = HashSet::with_capacity(sections.len());
     for s in &sections {
         if !seen.insert(s.name.clone()) {
@@ -849,7 +852,11 @@ fn pack_state(sections: Vec<Section>, max_payload: usize) -> Result<Vec<State>, 
 }
 
 /// A `State` message of `encoded` bytes must fit in `max_payload`.
-fn check_state_frame(f: &State, encoded: usize, max_payload: usize) -> Result<(), ProtocolError> {
+pub(super) fn check_state_frame(
+    f: &State,
+    encoded: usize,
+    max_payload: usize,
+) -> Result<(), ProtocolError> {
     if encoded <= max_payload {
         return Ok(());
     }
@@ -863,7 +870,7 @@ fn check_state_frame(f: &State, encoded: usize, max_payload: usize) -> Result<()
 }
 
 /// At most [`MAX_STATE_FRAMES`] `State` messages.
-fn check_state_frame_count(frames: usize) -> Result<(), ProtocolError> {
+pub(super) fn check_state_frame_count(frames: usize) -> Result<(), ProtocolError> {
     if frames <= MAX_STATE_FRAMES {
         return Ok(());
     }
@@ -894,13 +901,21 @@ fn check_section_name(name: &str) -> Result<(), String> {
     Ok(())
 }
 
-impl Message for State {
-    const KIND: MsgKind = MsgKind::State;
-
-    fn encode_into(&self, out: &mut Vec<u8>) -> Result<(), ProtocolError> {
+impl State {
+    /// Checks the message as [`Message::encode_into`] does (at most
+    /// [`MAX_SECTIONS`] sections, valid and unique names, sections of at
+    /// most [`MAX_SECTION_LEN`]) and appends its bytes *except the
+    /// sections' data* to `heads`: the section count, then each section's
+    /// header (name length, name, version, data length). Returns, per
+    /// section, where its header ends in `heads` (counted from where this
+    /// call began): the encoded message is `heads` with each section's
+    /// data put in at its cut.
+    pub(super) fn encode_heads(&self, heads: &mut Vec<u8>) -> Result<Vec<usize>, ProtocolError> {
         const M: &str = "State";
-        put_count(out, M, "sections", self.sections.len(), MAX_SECTIONS)?;
+        let start = heads.len();
+        put_count(heads, M, "sections", self.sections.len(), MAX_SECTIONS)?;
         let mut seen = HashSet::with_capacity(self.sections.len());
+        let mut cuts = Vec::with_capacity(self.sections.len());
         for s in &self.sections {
             check_section_name(&s.name)
                 .map_err(|reason| ProtocolError::Unencodable { msg: M, reason })?;
@@ -921,12 +936,29 @@ impl Message for State {
                 });
             }
             // Both lengths were bounded above.
-            put_u16(out, s.name.len() as u16);
-            out.extend_from_slice(s.name.as_bytes());
-            put_u32(out, s.version);
-            put_u32(out, s.data.len() as u32);
-            out.extend_from_slice(&s.data);
+            put_u16(heads, s.name.len() as u16);
+            heads.extend_from_slice(s.name.as_bytes());
+            put_u32(heads, s.version);
+            put_u32(heads, s.data.len() as u32);
+            cuts.push(heads.len() - start);
         }
+        Ok(cuts)
+    }
+}
+
+impl Message for State {
+    const KIND: MsgKind = MsgKind::State;
+
+    fn encode_into(&self, out: &mut Vec<u8>) -> Result<(), ProtocolError> {
+        let mut heads = Vec::new();
+        let cuts = self.encode_heads(&mut heads)?;
+        let mut at = 0;
+        for (s, &cut) in self.sections.iter().zip(&cuts) {
+            out.extend_from_slice(&heads[at..cut]);
+            out.extend_from_slice(&s.data);
+            at = cut;
+        }
+        out.extend_from_slice(&heads[at..]);
         Ok(())
     }
 

@@ -61,6 +61,7 @@ mod pages;
 mod pages_gather;
 mod postcopy;
 mod probe;
+mod state_frames;
 #[cfg(test)]
 mod test_support;
 
@@ -90,6 +91,7 @@ pub use postcopy::{
     PostcopyResume, PostcopySwitch, MAX_DISCARD_RUNS, MAX_REQUEST_PAGES,
 };
 pub use probe::{Probe, ProbeReply, MAX_PROBE_PAD};
+pub use state_frames::StateFrames;
 
 /// Default (and largest useful) payload size of one frame.
 pub const MAX_FRAME_PAYLOAD: usize = 8 << 20;

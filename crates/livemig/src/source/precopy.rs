@@ -61,6 +61,11 @@ struct Sent {
     /// The dirty-log sync after the round (the hypervisor's log and the
     /// VMM's writes): the final sync is estimated as long.
     sync: Duration,
+    /// The round's end: every stream flushed (and, with page streams, the
+    /// barrier where each says it is done) and `RoundEnd` written. The
+    /// final copy ends with the same barrier (each stream ending with
+    /// `Complete`): its fixed cost is estimated as long.
+    barrier: Duration,
 }
 
 /// The rounds' running state.
@@ -181,6 +186,7 @@ fn send_round<V: SourceVm + ?Sized>(
         None
     };
     sender.send_bitmap(bitmap, tracker, s.cancel, phase)?;
+    let t_end = Instant::now();
     sender.end_round(phase, false)?;
     sender.pause_lz4_window();
     sender.skip_zero = false;
@@ -196,6 +202,7 @@ fn send_round<V: SourceVm + ?Sized>(
         .fw
         .send(&RoundEnd { round, pages })
         .map_err(|e| MigrationError::new(phase, e))?;
+    let barrier = t_end.elapsed();
     let queued = drain(&t.links, sender.alive_every, s.cancel);
     let duration = t0.elapsed();
     Ok(Sent {
@@ -215,6 +222,7 @@ fn send_round<V: SourceVm + ?Sized>(
         compressed: compressed || c.lz4_frames > 0,
         lz4,
         sync: Duration::ZERO,
+        barrier,
     })
 }
 
@@ -267,11 +275,11 @@ impl Precopy {
             queued_bytes: sent.queued,
             link: self.link,
             round_trip: self.round_trip.unwrap_or_default(),
-            state_time: t.estimate.parts.total() + sent.sync,
+            state_time: t.estimate.parts.total() + sent.sync + sent.barrier,
             state_bytes: t.estimate.wire_bytes,
             probe,
         };
-        let expected = expected_breakdown(&est, &t.estimate.parts, sent.sync);
+        let expected = expected_breakdown(&est, &t.estimate.parts, sent);
         // With post-copy standing in for auto-converge, the guest is never
         // throttled: a non-converging pre-copy switches instead.
         let pct = if self.round > 0 && !super::postcopy::replaces_throttle(s, t) {
@@ -355,18 +363,21 @@ impl Precopy {
 }
 
 /// The parts of `est`'s expected downtime: `parts` (the handshake's state
-/// measurement) and `sync` (the round's dirty-log sync) are in its
-/// `state_time`.
+/// measurement) and the round's dirty-log sync and end-of-round barrier
+/// (`sent`) are in its `state_time`.
 fn expected_breakdown(
     est: &RoundEstimate,
     parts: &super::handshake::StateParts,
-    sync: Duration,
+    sent: &Sent,
 ) -> ExpectedBreakdown {
     ExpectedBreakdown {
         pause_ms: ms(parts.pause),
         state_save_ms: ms(parts.save),
-        final_sync_ms: ms(sync),
+        final_sync_ms: ms(sent.sync),
+        final_barrier_ms: ms(sent.barrier),
         transfer_ms: ms(est.transfer_part()),
+        state_encode_ms: ms(parts.encode),
+        state_decode_ms: ms(parts.decode),
         dest_restore_ms: ms(parts.restore),
         dest_restore_measured: parts.restore_measured,
         dest_rehearsal_save_ms: parts.rehearsal.map_or(0.0, |r| ms(r.save)),

@@ -13,7 +13,7 @@ use crate::commit::{commit, Commit};
 use crate::control::ControlWriter;
 use crate::deadline::PauseDeadline;
 use crate::error::{ErrorKind, MigrationError, Phase};
-use crate::protocol::{encoded_state_frames, Go, MsgKind, Ready, Resumed, MAX_FRAME_PAYLOAD};
+use crate::protocol::{Go, MsgKind, Ready, Resumed, StateFrames, MAX_FRAME_PAYLOAD};
 use crate::report::Progress;
 use crate::state::Section;
 use crate::vm::SourceVm;
@@ -181,24 +181,23 @@ fn final_memory(t: &mut Tracking<'_>, bitmap: &DirtyBitmap) -> Result<u64, Migra
 }
 
 /// Sends the state frames and `Complete` on `fw` (the control connection);
-/// returns the sections' data bytes and the number of frames. The local
-/// hand-over sends its state with this too.
+/// returns the sections' data bytes and the number of frames. The
+/// sections' data is written as it is ([`StateFrames`]), not copied into
+/// an encoded frame first. The local hand-over sends its state with this
+/// too.
 pub(super) fn send_state(
     fw: &mut ControlWriter,
     sections: Vec<Section>,
 ) -> Result<(u64, u32), MigrationError> {
     let st = Phase::State;
-    let data_bytes = sections.iter().map(|s| s.data.len() as u64).sum();
-    let frames = encoded_state_frames(sections, MAX_FRAME_PAYLOAD)
-        .map_err(|e| MigrationError::new(st, e))?;
-    for state in &frames {
-        fw.write_frame(MsgKind::State, &[state])
-            .map_err(|e| MigrationError::new(st, e))?;
-    }
-    fw.write_frame(MsgKind::Complete, &[])
+    let frames =
+        StateFrames::new(sections, MAX_FRAME_PAYLOAD).map_err(|e| MigrationError::new(st, e))?;
+    frames
+        .write(fw)
+        .and_then(|_| fw.write_frame(MsgKind::Complete, &[]))
         .and_then(|_| fw.flush())
         .map_err(|e| MigrationError::new(st, e))?;
-    Ok((data_bytes, frames.len() as u32))
+    Ok((frames.data_bytes(), frames.len() as u32))
 }
 
 impl Paused {
