@@ -133,7 +133,10 @@ pub struct ExpectedBreakdown {
     /// The final copy's fixed cost beyond its pages' bytes (its
     /// counterpart: [`DowntimeBreakdown::final_memory_ms`] less the last
     /// pages at the link's rate): as long as the last round's end (every
-    /// stream flushed, the page streams' barrier, `RoundEnd` written).
+    /// stream flushed, the page streams' barrier, `RoundEnd` written) less
+    /// the bytes that end accounted at the link's measured rate (with page
+    /// streams these are all the bytes they sent in the round, so this is
+    /// what the barrier took beyond them; 0 if nothing).
     pub final_barrier_ms: f64,
     /// The bytes: the remaining pages, the bytes still queued and the
     /// state at the link's measured rate (with the switchover probe: the

@@ -64,8 +64,13 @@ struct Sent {
     /// The round's end: every stream flushed (and, with page streams, the
     /// barrier where each says it is done) and `RoundEnd` written. The
     /// final copy ends with the same barrier (each stream ending with
-    /// `Complete`): its fixed cost is estimated as long.
-    barrier: Duration,
+    /// `Complete`); its fixed cost is estimated from this
+    /// ([`Precopy::account`]).
+    end: Duration,
+    /// Bytes the round's end accounted: the frame it flushed, and with page
+    /// streams everything they sent in the round (their counts come back at
+    /// the barrier).
+    end_bytes: u64,
 }
 
 /// The rounds' running state.
@@ -187,7 +192,9 @@ fn send_round<V: SourceVm + ?Sized>(
     };
     sender.send_bitmap(bitmap, tracker, s.cancel, phase)?;
     let t_end = Instant::now();
+    let bytes_before_end = sender.counts.bytes;
     sender.end_round(phase, false)?;
+    let end_bytes = sender.counts.bytes - bytes_before_end;
     sender.pause_lz4_window();
     sender.skip_zero = false;
     sender.skip_untouched = false;
@@ -202,7 +209,7 @@ fn send_round<V: SourceVm + ?Sized>(
         .fw
         .send(&RoundEnd { round, pages })
         .map_err(|e| MigrationError::new(phase, e))?;
-    let barrier = t_end.elapsed();
+    let end = t_end.elapsed();
     let queued = drain(&t.links, sender.alive_every, s.cancel);
     let duration = t0.elapsed();
     Ok(Sent {
@@ -222,7 +229,8 @@ fn send_round<V: SourceVm + ?Sized>(
         compressed: compressed || c.lz4_frames > 0,
         lz4,
         sync: Duration::ZERO,
-        barrier,
+        end,
+        end_bytes,
     })
 }
 
@@ -265,6 +273,12 @@ impl Precopy {
         // link (a round of a few pages is mostly fixed costs).
         let handled = (sent.pages + sent.zero) * PAGE_SIZE;
         self.link.record_round(sent.bytes, handled, sent.sending);
+        // The final copy's fixed cost: the round's end beyond the bytes it
+        // waited for at the link's rate (those of the final copy are in
+        // the transfer part).
+        let barrier = sent
+            .end
+            .saturating_sub(self.link.transfer_time(sent.end_bytes));
         // The round trip: the smallest seen (a queue inflates it).
         self.round_trip = match (self.round_trip, round_trip(&t.links)) {
             (Some(a), Some(b)) => Some(a.min(b)),
@@ -275,11 +289,11 @@ impl Precopy {
             queued_bytes: sent.queued,
             link: self.link,
             round_trip: self.round_trip.unwrap_or_default(),
-            state_time: t.estimate.parts.total() + sent.sync + sent.barrier,
+            state_time: t.estimate.parts.total() + sent.sync + barrier,
             state_bytes: t.estimate.wire_bytes,
             probe,
         };
-        let expected = expected_breakdown(&est, &t.estimate.parts, sent);
+        let expected = expected_breakdown(&est, &t.estimate.parts, sent.sync, barrier);
         // With post-copy standing in for auto-converge, the guest is never
         // throttled: a non-converging pre-copy switches instead.
         let pct = if self.round > 0 && !super::postcopy::replaces_throttle(s, t) {
@@ -363,18 +377,19 @@ impl Precopy {
 }
 
 /// The parts of `est`'s expected downtime: `parts` (the handshake's state
-/// measurement) and the round's dirty-log sync and end-of-round barrier
-/// (`sent`) are in its `state_time`.
+/// measurement), the round's dirty-log `sync` and the final copy's fixed
+/// cost (`barrier`) are in its `state_time`.
 fn expected_breakdown(
     est: &RoundEstimate,
     parts: &super::handshake::StateParts,
-    sent: &Sent,
+    sync: Duration,
+    barrier: Duration,
 ) -> ExpectedBreakdown {
     ExpectedBreakdown {
         pause_ms: ms(parts.pause),
         state_save_ms: ms(parts.save),
-        final_sync_ms: ms(sent.sync),
-        final_barrier_ms: ms(sent.barrier),
+        final_sync_ms: ms(sync),
+        final_barrier_ms: ms(barrier),
         transfer_ms: ms(est.transfer_part()),
         state_encode_ms: ms(parts.encode),
         state_decode_ms: ms(parts.decode),
