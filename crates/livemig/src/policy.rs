@@ -5,8 +5,11 @@
 //! the bytes still dirty, the device state and what is still queued on the
 //! link ([`LinkMeter::transfer_time`]), plus the time the device state took
 //! when it was measured at setup (pause, save, resume; the restore as the
-//! destination timed it, or as long as the save), plus the latest round's
-//! dirty-log sync (the final sync), plus one and a half round trips of the
+//! destination timed it, or as long as the save; the state's framing for
+//! the wire and the destination's read and decode of its frames), plus the
+//! latest round's dirty-log sync (the final sync) and the final copy's
+//! fixed cost (the latest round's end beyond its bytes at the link's rate),
+//! plus one and a half round trips of the
 //! link (`Ready` comes back, `Go` reaches the destination). The report shows these parts
 //! ([`crate::report::ExpectedBreakdown`]). When the estimate is
 //! within [`MigrationConfig::downtime_limit`], the source stops the VM and
@@ -508,11 +511,17 @@ pub struct RoundEstimate {
     /// The link's round-trip time (zero where the transport cannot tell).
     pub round_trip: Duration,
     /// Measured switchover overhead beyond memory and messages: pause,
-    /// state save, the final dirty-log sync, the destination's restore and
-    /// resume. The engine measures the pause, save and resume in the
-    /// handshake (`source::handshake::measure_state`), takes the restore
-    /// as the destination timed it there (as long as the save when it did
-    /// not) and the sync as long as the latest round's.
+    /// state save, the final dirty-log sync, the final copy's fixed cost,
+    /// the state's framing and the destination's read and decode of it,
+    /// the destination's restore and resume. The engine measures the
+    /// pause, save and resume in the handshake
+    /// (`source::handshake::measure_state`), frames the state saved there
+    /// and runs the destination's decode on those frames
+    /// (`source::handshake::time_state_frames`), takes the restore as the
+    /// destination timed it there (as long as the save when it did not),
+    /// the sync as long as the latest round's and the final copy's fixed
+    /// cost as the latest round's end less the bytes that end waited for at
+    /// the link's rate.
     pub state_time: Duration,
     /// Bytes of state to send while paused.
     pub state_bytes: u64,
