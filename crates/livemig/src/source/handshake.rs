@@ -468,6 +468,38 @@ mod tests {
     }
 
     #[test]
+    fn the_state_s_framing_and_decode_are_in_the_total() {
+        let ms = Duration::from_millis;
+        let parts = StateParts {
+            pause: ms(1),
+            save: ms(2),
+            restore: ms(3),
+            resume: ms(4),
+            encode: ms(5),
+            decode: ms(6),
+            ..StateParts::default()
+        };
+        assert_eq!(parts.total(), ms(21));
+    }
+
+    #[test]
+    fn the_state_frames_are_timed_or_refused() {
+        use crate::state::Section;
+        let sections: Vec<Section> = (0..3)
+            .map(|i| Section::new(format!("vcpu.{i}"), 1, vec![i as u8; 7000]))
+            .collect();
+        let (frames, _, _) = time_state_frames(sections.clone()).unwrap();
+        assert_eq!(frames, 1);
+        // A state that cannot be sent is refused as the switchover would.
+        let mut dup = sections;
+        dup[1].name = dup[0].name.clone();
+        let want = StateFrames::new(dup.clone(), MAX_FRAME_PAYLOAD)
+            .unwrap_err()
+            .to_string();
+        assert_eq!(time_state_frames(dup).unwrap_err().to_string(), want);
+    }
+
+    #[test]
     fn the_ratio_is_bounded_and_a_zero_save_gives_none() {
         let save = Duration::from_micros(2000);
         let (lo, hi) = RESTORE_RATIO_BOUNDS;

@@ -273,12 +273,7 @@ impl Precopy {
         // link (a round of a few pages is mostly fixed costs).
         let handled = (sent.pages + sent.zero) * PAGE_SIZE;
         self.link.record_round(sent.bytes, handled, sent.sending);
-        // The final copy's fixed cost: the round's end beyond the bytes it
-        // waited for at the link's rate (those of the final copy are in
-        // the transfer part).
-        let barrier = sent
-            .end
-            .saturating_sub(self.link.transfer_time(sent.end_bytes));
+        let barrier = final_barrier(sent.end, sent.end_bytes, &self.link);
         // The round trip: the smallest seen (a queue inflates it).
         self.round_trip = match (self.round_trip, round_trip(&t.links)) {
             (Some(a), Some(b)) => Some(a.min(b)),
@@ -402,6 +397,14 @@ fn expected_breakdown(
     }
 }
 
+/// The final copy's fixed cost, from a round's `end` (see [`Sent::end`])
+/// that accounted `end_bytes`: the end beyond those bytes at `link`'s rate
+/// (the final copy's own bytes are in the transfer part); zero if the
+/// bytes alone take as long.
+fn final_barrier(end: Duration, end_bytes: u64, link: &LinkMeter) -> Duration {
+    end.saturating_sub(link.transfer_time(end_bytes))
+}
+
 /// The policy gave up after `round`.
 fn not_converged<V: SourceVm + ?Sized>(
     s: &Session<'_, V>,
@@ -416,4 +419,29 @@ fn not_converged<V: SourceVm + ?Sized>(
             limit_ms: ms(s.config.downtime_limit),
         },
     )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A link measured at 1 GB/s.
+    fn gigabyte_link() -> LinkMeter {
+        let mut link = LinkMeter::default();
+        link.record(10_000_000, Duration::from_millis(10));
+        link
+    }
+
+    #[test]
+    fn the_final_barrier_is_the_round_s_end_beyond_its_bytes() {
+        let link = gigabyte_link();
+        let us = Duration::from_micros;
+        // An end that flushed nothing: all of it is fixed cost.
+        assert_eq!(final_barrier(us(80), 0, &link), us(80));
+        // 1 MB flushed at 1 GB/s is 1 ms of a 1.2 ms end.
+        let b = final_barrier(us(1200), 1_000_000, &link);
+        assert!(b.abs_diff(us(200)) < us(1), "{b:?}");
+        // A capped link's end that only waited for its bytes: nothing.
+        assert_eq!(final_barrier(us(900), 1_000_000, &link), Duration::ZERO);
+    }
 }
