@@ -18,6 +18,20 @@ use crate::state::Section;
 /// The `State` frames of a device state: the sections packed as
 /// [`super::state_frames`] packs them (and refused where it refuses), each
 /// frame's headers encoded, the data not copied.
+///
+/// ```
+/// use livemig::protocol::{encoded_state_frames, FrameWriter, StateFrames, MAX_FRAME_PAYLOAD};
+/// use livemig::state::Section;
+///
+/// let sections = vec![Section::new("vcpu.0", 2, vec![7; 4096])];
+/// let frames = StateFrames::new(sections.clone(), MAX_FRAME_PAYLOAD)?;
+/// // The bytes of the encoded frames, written without copying the data.
+/// assert_eq!(frames.encoded(0), encoded_state_frames(sections, MAX_FRAME_PAYLOAD)?[0]);
+/// let mut fw = FrameWriter::new(Vec::new());
+/// frames.write(&mut fw)?;
+/// assert_eq!(fw.bytes_written(), 16 + frames.encoded(0).len() as u64);
+/// # Ok::<(), livemig::protocol::ProtocolError>(())
+/// ```
 #[derive(Debug)]
 pub struct StateFrames {
     frames: Vec<Framed>,
