@@ -145,7 +145,7 @@ pub struct ExpectedBreakdown {
     /// Framing the state for the wire (the `State` frames' headers and
     /// CRCs), as the source timed it on the state saved in the handshake.
     /// With [`ExpectedBreakdown::state_decode_ms`], the state's bytes in
-    /// [`ExpectedBreakdown::transfer_ms`] and one of the two round trips,
+    /// [`ExpectedBreakdown::transfer_ms`] and the first round trip (`Complete` → `Ready`),
     /// the counterpart of [`DowntimeBreakdown::state_transfer_ms`] less
     /// [`DowntimeBreakdown::dest_restore_ms`].
     pub state_encode_ms: f64,
