@@ -197,7 +197,7 @@ impl Default for MigrationConfig {
             throttle_increment: 10,
             throttle_max: 99,
             streams: 1,
-            compress: false,
+            compress: true,
             skip_untouched: true,
             switchover_probe: None,
             polish_rounds: 3,
