@@ -9,7 +9,7 @@
 //! | `{"cmd":"migrate","to":"tcp:HOST:PORT","downtime_limit_ms":20,"max_bandwidth_mib":0,"keep_source":false}` | progress lines `{"event":...}`, then `{"result":"ok","report":{...}}` or `{"result":"error","phase":...,"status":"failed"\|"cancelled"\|"ambiguous","error":...,"cancelled_by":...}`; the last request on its connection (the VMM closes it after the result). The fields are `MigrateOptions` (migration.rs), the same as the `refvmm migrate` flags; an unknown field is refused |
 //! | `... "tls":{"cert":P,"key":P,"ca":P,"server_name":S}` in `migrate` | migrate over mutual TLS |
 //! | `... "streams":N` in `migrate` | spread the pages over N extra connections (1..=16) |
-//! | `... "compress":true` in `migrate` | LZ4-compress page frames |
+//! | `... "compress":false` in `migrate` | never LZ4-compress page frames (`true`, the default: where it pays) |
 //! | `... "zero_copy":true` in `migrate` | send page data straight from guest memory (`PagesGather`, where granted) |
 //! | `... "polish_rounds":N` in `migrate` | at most N extra pre-copy rounds once the expected downtime fits the limit, each run only when expected to cut it by at least 1 ms and a quarter (default 3; 0: switch over at the first round that fits) |
 //! | `... "switchover_probe":true` in `migrate` | time the control connection's hops before the switchover and count them in the expected downtime (docs/protocol.md, "The switchover probe") |

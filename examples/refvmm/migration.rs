@@ -92,10 +92,13 @@ pub struct MigrateOptions {
     #[arg(long)]
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub streams: Option<u32>,
-    /// Compress page frames with LZ4 (for slow links; off by default).
-    #[arg(long)]
-    #[serde(default)]
-    pub compress: bool,
+    /// LZ4 for page frames where it pays: `--compress` or `--compress
+    /// true` allows it (the engine's default: on only while the link, not
+    /// the CPU, holds the pages back and they shrink), `--compress false`
+    /// never compresses. Without the flag, the engine's default.
+    #[arg(long, num_args = 0..=1, default_missing_value = "true", value_name = "BOOL")]
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub compress: Option<bool>,
     /// Send page data straight from guest memory (`PagesGather` frames,
     /// where the destination grants them; off by default: no gain measured
     /// on the development machine, see docs/benchmarks.md).
@@ -298,7 +301,9 @@ impl MigrateOptions {
             }
             cfg.streams = n;
         }
-        cfg.compress = self.compress;
+        if let Some(c) = self.compress {
+            cfg.compress = c;
+        }
         cfg.zero_copy = self.zero_copy;
         cfg.switchover_probe = self.switchover_probe.then_some(true);
         let tls = self.tls.config()?;
@@ -941,7 +946,7 @@ mod tests {
         let o = MigrateOptions::from_request(&json!({"cmd":"migrate","to":"unix:/x"})).unwrap();
         assert_eq!(
             o.to_request(),
-            json!({"cmd":"migrate","to":"unix:/x","force":false,"compress":false,"keep_source":false})
+            json!({"cmd":"migrate","to":"unix:/x","force":false,"keep_source":false})
         );
         let cfg = o.config().unwrap();
         let d = MigrationConfig::default();

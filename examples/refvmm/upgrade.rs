@@ -42,7 +42,8 @@ pub(crate) fn do_local(
             "--local hands the guest over on this host through a Unix socket: --to unix:PATH, not {endpoint}"
         ));
     };
-    if cfg.streams > 1 || opts.tls.config().ok().flatten().is_some() || opts.compress {
+    if cfg.streams > 1 || opts.tls.config().ok().flatten().is_some() || opts.compress == Some(true)
+    {
         return setup_error("--local sends no pages: no --streams, --compress or TLS".into());
     }
     let memory = m.vm.ram().iter().map(|r| r.len()).sum::<u64>();

@@ -48,6 +48,8 @@ fn config(zero_copy: bool) -> MigrationConfig {
         io_timeout: Duration::from_secs(5),
         batch_pages: 64,
         zero_copy,
+        // Compressed frames are copies: zero-copy sends raw pages only.
+        compress: false,
         ..Default::default()
     }
 }
