@@ -96,6 +96,10 @@ pub struct DowntimeBreakdown {
     pub final_sync_ms: f64,
     /// Sending the last dirty pages.
     pub final_memory_ms: f64,
+    /// Of `final_memory_ms`, the time spent in LZ4 (compressing the last
+    /// page frames while LZ4 is on; summed over the page streams, which
+    /// compress in parallel).
+    pub final_memory_lz4_ms: f64,
     /// Saving vCPU, VM and device state.
     pub state_save_ms: f64,
     /// Sending the state until the destination reported it restored.

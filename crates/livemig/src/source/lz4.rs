@@ -12,6 +12,9 @@ use crate::report::Lz4RoundReport;
 /// senders' deciders ([`crate::policy::lz4::Lz4Decider`]).
 pub(super) struct Lz4Switch {
     on: AtomicBool,
+    /// Whether senders may compress a frame's start to measure while LZ4
+    /// is off (until the final copy: paused, nothing is decided any more).
+    sampling: AtomicBool,
     state: Mutex<Decisions>,
 }
 
@@ -31,6 +34,7 @@ impl Lz4Switch {
     pub(super) fn new(allowed: bool, initial: Lz4Verdict) -> Self {
         Lz4Switch {
             on: AtomicBool::new(allowed && initial.on),
+            sampling: AtomicBool::new(true),
             state: Mutex::new(Decisions {
                 verdict: initial,
                 decided: 0,
@@ -42,6 +46,17 @@ impl Lz4Switch {
     /// Whether page frames are to be compressed now.
     pub(super) fn is_on(&self) -> bool {
         self.on.load(Ordering::SeqCst)
+    }
+
+    /// Whether a sender may sample a frame while LZ4 is off.
+    pub(super) fn samples(&self) -> bool {
+        self.sampling.load(Ordering::SeqCst)
+    }
+
+    /// No more samples, for every sender: the guest is paused and the
+    /// decision stands as it is (LZ4 on stays on).
+    pub(super) fn stop_sampling(&self) {
+        self.sampling.store(false, Ordering::SeqCst);
     }
 
     /// Records a window's decision and sets the switch as it says; returns

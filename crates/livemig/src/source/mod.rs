@@ -315,6 +315,7 @@ fn breakdown(c: &Committed, start: &downtime::GuestStart) -> DowntimeBreakdown {
         state_save_ms: ms(t.saved - t.paused),
         final_sync_ms: ms(t.synced - t.saved),
         final_memory_ms: ms(t.mem - t.synced),
+        final_memory_lz4_ms: ms(c.paused.copied.final_lz4),
         state_transfer_ms: ms(t.ready - t.mem),
         dest_restore_ms: c.paused.ready.restore_us as f64 / 1000.0,
         resume_ack_ms: ms(c.done - t.ready),

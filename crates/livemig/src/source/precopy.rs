@@ -62,7 +62,8 @@ struct Sent {
     /// VMM's writes): the final sync is estimated as long.
     sync: Duration,
     /// The round's end: every stream flushed (and, with page streams, the
-    /// barrier where each says it is done) and `RoundEnd` written. The
+    /// barrier where each says it is done) and `RoundEnd` written, without
+    /// the time LZ4 took meanwhile. The
     /// final copy ends with the same barrier (each stream ending with
     /// `Complete`); its fixed cost is estimated from this
     /// ([`Precopy::account`]).
@@ -192,9 +193,18 @@ fn send_round<V: SourceVm + ?Sized>(
     };
     sender.send_bitmap(bitmap, tracker, s.cancel, phase)?;
     let t_end = Instant::now();
-    let bytes_before_end = sender.counts.bytes;
+    let before_end = sender.counts;
     sender.end_round(phase, false)?;
-    let end_bytes = sender.counts.bytes - bytes_before_end;
+    let end_bytes = sender.counts.bytes - before_end.bytes;
+    // LZ4 while the last frames were flushed: a sample, which the final
+    // copy does not take (`Lz4Switch::stop_sampling`), or compressing
+    // pages, which their bytes at the link's rate stand for. (With page
+    // streams the barrier brings the streams' counts of the whole round,
+    // compressed in parallel: nothing of it is the end's.)
+    let end_lz4 = match sender.pool {
+        None => Duration::from_nanos(sender.counts.lz4_ns - before_end.lz4_ns),
+        Some(_) => Duration::ZERO,
+    };
     sender.pause_lz4_window();
     sender.skip_zero = false;
     sender.skip_untouched = false;
@@ -209,7 +219,7 @@ fn send_round<V: SourceVm + ?Sized>(
         .fw
         .send(&RoundEnd { round, pages })
         .map_err(|e| MigrationError::new(phase, e))?;
-    let end = t_end.elapsed();
+    let end = t_end.elapsed().saturating_sub(end_lz4);
     let queued = drain(&t.links, sender.alive_every, s.cancel);
     let duration = t0.elapsed();
     Ok(Sent {

@@ -335,9 +335,12 @@ impl PageSender<'_> {
     }
 
     /// Whether the next page frame goes through LZ4: every frame while it
-    /// is `on`, else the deciding connection's samples.
+    /// is `on`, else the deciding connection's samples (none once the
+    /// final copy began, [`Lz4Switch::stop_sampling`]).
     fn lz4_takes_next(&self, on: bool) -> bool {
-        on || (self.lz4_decides && self.frames.is_multiple_of(self.lz4_decider.sample_every()))
+        on || (self.lz4_decides
+            && self.lz4_on.samples()
+            && self.frames.is_multiple_of(self.lz4_decider.sample_every()))
     }
 
     /// The most pages the next run may add: [`PageSender::batch_pages`],

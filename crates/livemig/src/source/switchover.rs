@@ -33,6 +33,9 @@ pub(super) struct SwitchTimes {
 pub(super) struct Copied {
     /// Pages sent while paused (data and zero).
     pub(super) final_pages: u64,
+    /// Of the final copy, the time spent in LZ4 (summed over the page
+    /// streams).
+    pub(super) final_lz4: std::time::Duration,
     /// Bytes of the state sections' data.
     pub(super) state_bytes: u64,
     /// `State` frames the state took.
@@ -133,8 +136,8 @@ fn copy<V: SourceVm + ?Sized>(
     (s.progress)(&Progress::Paused {
         remaining_pages: bitmap.count(),
     });
-    let final_pages = if super::postcopy::switched(s) {
-        super::postcopy::switch(s, t, &bitmap)?
+    let (final_pages, final_lz4) = if super::postcopy::switched(s) {
+        (super::postcopy::switch(s, t, &bitmap)?, Default::default())
     } else {
         final_memory(t, &bitmap)?
     };
@@ -157,6 +160,7 @@ fn copy<V: SourceVm + ?Sized>(
     };
     let copied = Copied {
         final_pages,
+        final_lz4,
         state_bytes,
         state_frames,
     };
@@ -164,8 +168,11 @@ fn copy<V: SourceVm + ?Sized>(
 }
 
 /// Sends the last dirty pages; every stream ends with `Complete`. Returns
-/// the pages sent (data and zero).
-fn final_memory(t: &mut Tracking<'_>, bitmap: &DirtyBitmap) -> Result<u64, MigrationError> {
+/// the pages sent (data and zero) and the time spent in LZ4.
+fn final_memory(
+    t: &mut Tracking<'_>,
+    bitmap: &DirtyBitmap,
+) -> Result<(u64, std::time::Duration), MigrationError> {
     let fm = Phase::FinalMemory;
     let sender = &mut t.sender;
     let before = sender.counts;
@@ -173,11 +180,15 @@ fn final_memory(t: &mut Tracking<'_>, bitmap: &DirtyBitmap) -> Result<u64, Migra
     // it is paused every millisecond is downtime (QEMU lifts its limit at
     // completion too).
     sender.pacer.lift();
+    // Nor does LZ4 measure any more (its samples serve later decisions;
+    // there are none): it compresses only if it is on.
+    sender.lz4_on.stop_sampling();
     // Paused: no need to re-arm the log, nothing is writing.
     sender.send_bitmap(bitmap, None, &CancelToken::new(), fm)?;
     // One barrier: every stream flushes and ends with `Complete`.
     sender.end_round(fm, true)?;
-    Ok(sender.counts.pages - before.pages + sender.counts.zero - before.zero)
+    let c = sender.counts.since(&before);
+    Ok((c.pages + c.zero, std::time::Duration::from_nanos(c.lz4_ns)))
 }
 
 /// Sends the state frames and `Complete` on `fw` (the control connection);
