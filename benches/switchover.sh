@@ -40,9 +40,17 @@ for i in $(seq 1 $N); do
     wait; continue
   fi
   sleep 0.3
-  python3 -c "
+  # Quit the destination, and the source too if it still runs (a failed
+  # migration leaves it running: `wait` would wait for ever).
+  for sock in $D/b.sock $D/a.sock; do
+    python3 -c "
 import socket
-s=socket.socket(socket.AF_UNIX);s.connect('$D/b.sock');s.sendall(b'{\"cmd\":\"quit\"}\n');s.recv(100)" 2>/dev/null
+s=socket.socket(socket.AF_UNIX);s.connect('$sock');s.sendall(b'{\"cmd\":\"quit\"}\n');s.recv(100)" 2>/dev/null
+  done
+  # A VMM still there 5 s later (a receiver that never got a connection)
+  # is killed.
+  for t in $(seq 50); do pgrep -f -- "--api-socket $D/" >/dev/null || break; sleep 0.1; done
+  pkill -f -- "--api-socket $D/"
   wait
   python3 -c "
 import json
