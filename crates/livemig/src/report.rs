@@ -179,6 +179,51 @@ pub struct ExpectedBreakdown {
     pub round_trips_ms: f64,
 }
 
+impl DowntimeBreakdown {
+    /// The parts that make up [`Report::downtime_ms`], added: pause, state
+    /// save, final sync, final memory, state transfer (which holds the
+    /// destination's restore), `Go`'s way and the destination's resume.
+    /// `resume_ack_ms` and the parts' own parts (`dest_restore_ms`,
+    /// `final_memory_lz4_ms`) are not added again.
+    ///
+    /// ```
+    /// let b = livemig::report::DowntimeBreakdown::default();
+    /// assert_eq!(b.total_ms(), 0.0);
+    /// ```
+    pub fn total_ms(&self) -> f64 {
+        self.pause_ms
+            + self.state_save_ms
+            + self.final_sync_ms
+            + self.final_memory_ms
+            + self.state_transfer_ms
+            + self.go_hop_ms
+            + self.dest_resume_ms
+    }
+}
+
+impl ExpectedBreakdown {
+    /// The parts that make up [`Report::expected_downtime_ms`], added (the
+    /// rehearsal's figures, from which `dest_restore_ms` was scaled, are
+    /// not added).
+    ///
+    /// ```
+    /// let e = livemig::report::ExpectedBreakdown::default();
+    /// assert_eq!(e.total_ms(), 0.0);
+    /// ```
+    pub fn total_ms(&self) -> f64 {
+        self.pause_ms
+            + self.state_save_ms
+            + self.final_sync_ms
+            + self.final_barrier_ms
+            + self.transfer_ms
+            + self.state_encode_ms
+            + self.state_decode_ms
+            + self.dest_restore_ms
+            + self.dest_resume_ms
+            + self.round_trips_ms
+    }
+}
+
 /// The outcome.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
 #[serde(rename_all = "kebab-case")]

@@ -171,13 +171,7 @@ fn the_late_read_is_in_the_acknowledgement_and_the_parts_add_up() {
         report.to_json()
     );
     let b = &report.downtime_breakdown;
-    let parts = b.pause_ms
-        + b.state_save_ms
-        + b.final_sync_ms
-        + b.final_memory_ms
-        + b.state_transfer_ms
-        + b.go_hop_ms
-        + b.dest_resume_ms;
+    let parts = b.total_ms();
     assert!(
         (parts - report.downtime_ms).abs() < 0.01,
         "the parts add up to {parts:.3} ms, the downtime is {:.3} ms: {}",

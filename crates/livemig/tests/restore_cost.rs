@@ -190,16 +190,7 @@ fn a_destination_restoring_three_times_slower_is_in_the_expected_downtime() {
         report.to_json()
     );
     // The parts add up to the expected downtime.
-    let sum = e.pause_ms
-        + e.state_save_ms
-        + e.final_sync_ms
-        + e.final_barrier_ms
-        + e.transfer_ms
-        + e.state_encode_ms
-        + e.state_decode_ms
-        + e.dest_restore_ms
-        + e.dest_resume_ms
-        + e.round_trips_ms;
+    let sum = e.total_ms();
     assert!(
         (sum - report.expected_downtime_ms).abs() < 0.01,
         "parts {sum:.3} ms, expected {:.3} ms",

@@ -10,13 +10,15 @@
 //! are measured (a state of 4 MiB takes more than nothing to frame and
 //! decode) and counted.
 
+use std::time::Duration;
+
 use livemig::memory::{GuestMemory, MemoryLayout, RegionDesc};
 use livemig::state::Section;
 use livemig::testing::hooked::HookedVm;
 use livemig::testing::soft::{SoftConfig, SoftVm};
 use livemig::transport::mem;
 use livemig::vm::{DestinationVm, SourceVm, VmError};
-use livemig::{Migration, Reception, Report};
+use livemig::{Migration, MigrationConfig, Reception, Report};
 
 /// Sections of this many bytes each, this many of them: 4 MiB of state,
 /// like a VM with a few hundred vCPUs (one frame).
@@ -83,7 +85,17 @@ fn migrate() -> (Report, TakesBlobs) {
             })
         })
     });
-    let report = Migration::new(&src).run(Box::new(a)).expect("migrated");
+    // A limit the 4 MiB state fits on a loaded machine too: with the
+    // default 20 ms its framing and decode alone were estimated at 47–59 ms
+    // under load and the migration failed as not converging.
+    let config = MigrationConfig {
+        downtime_limit: Duration::from_secs(10),
+        ..Default::default()
+    };
+    let report = Migration::new(&src)
+        .config(config)
+        .run(Box::new(a))
+        .expect("migrated");
     let (dst, _) = dest.join().expect("destination thread").expect("received");
     (report, dst)
 }
@@ -101,16 +113,7 @@ fn a_large_state_s_framing_and_decode_are_in_the_expected_downtime() {
     assert!(e.state_encode_ms > 0.0, "{json}");
     assert!(e.state_decode_ms > 0.0, "{json}");
     assert!(e.final_barrier_ms > 0.0, "{json}");
-    let sum = e.pause_ms
-        + e.state_save_ms
-        + e.final_sync_ms
-        + e.final_barrier_ms
-        + e.transfer_ms
-        + e.state_encode_ms
-        + e.state_decode_ms
-        + e.dest_restore_ms
-        + e.dest_resume_ms
-        + e.round_trips_ms;
+    let sum = e.total_ms();
     assert!(
         (sum - report.expected_downtime_ms).abs() < 0.001,
         "parts {sum:.4} ms, expected {:.4} ms: {json}",
