@@ -27,7 +27,8 @@
 //! written with a leading `!` (for example `10 Gbit,written,1 stream`:
 //! both 1-stream configurations of ours, with and without LZ4;
 //! `10 Gbit,written,1 stream,!LZ4`: only the one without); each of ours
-//! prints its report's rounds (bytes, time, LZ4 decision and reason) and,
+//! prints its set-up and first-page times, its report's rounds (bytes,
+//! time, LZ4 decision and reason) and,
 //! with `RUST_LOG=livemig::source::sender=info`, the source's LZ4
 //! switches.
 
@@ -468,6 +469,13 @@ fn ours_once(
     };
     let num = |k: &str| rep[k].as_f64().unwrap_or(f64::NAN);
     if std::env::var_os("LIVEMIG_BENCH_LINK_SELECT").is_some() {
+        // Where the time outside the rounds went (set-up: handshake, the
+        // destination's VM and memory, the state measurement).
+        eprintln!(
+            "  setup {:.1} ms, first page {:.1} ms",
+            num("setup_ms"),
+            num("first_page_ms")
+        );
         for r in rep["rounds"].as_array().into_iter().flatten() {
             eprintln!("  round {r}");
         }
