@@ -818,6 +818,23 @@ mod tests {
             .opts
     }
 
+    /// LZ4: the engine's default (allowed) without the flag, allowed with
+    /// `--compress`, never with `--compress false`; an API request without
+    /// the field takes the default too.
+    #[test]
+    fn compress_is_the_engine_default_unless_given() {
+        let cfg = |args: &[&str]| parse(args).config().unwrap().compress;
+        assert!(MigrationConfig::default().compress);
+        assert!(cfg(&["--to", "tcp:h:1"]));
+        assert!(cfg(&["--to", "tcp:h:1", "--compress"]));
+        assert!(cfg(&["--to", "tcp:h:1", "--compress", "true"]));
+        assert!(!cfg(&["--to", "tcp:h:1", "--compress", "false"]));
+        let off = parse(&["--to", "tcp:h:1", "--compress", "false"]).to_request();
+        assert_eq!(off["compress"], false);
+        let back = MigrateOptions::from_request(&off).unwrap();
+        assert!(!back.config().unwrap().compress);
+    }
+
     #[test]
     fn flags_become_the_api_request_the_source_reads() {
         let o = parse(&[

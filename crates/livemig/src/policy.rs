@@ -9,8 +9,8 @@
 //! the wire and the destination's read and decode of its frames), plus the
 //! latest round's dirty-log sync (the final sync) and the final copy's
 //! fixed cost (the latest round's end beyond its bytes at the link's rate),
-//! plus one and a half round trips of the
-//! link (`Ready` comes back, `Go` reaches the destination). The report shows these parts
+//! plus one and a half round trips of the link (`Ready` comes back, `Go`
+//! reaches the destination). The report shows these parts
 //! ([`crate::report::ExpectedBreakdown`]). When the estimate is
 //! within [`MigrationConfig::downtime_limit`], the source stops the VM and
 //! sends the rest.

@@ -258,7 +258,7 @@ pub struct Report {
     /// later read of `Resumed` is [`Report::acknowledged_ms`].
     pub downtime_ms: f64,
     /// Source pause → the source read the destination's `Resumed`, ms (what
-    /// `downtime_ms` was until 2026-12-04): the downtime plus the
+    /// `downtime_ms` was before 2026-12-03, session 4): the downtime plus the
     /// acknowledgement's way back and however late the source's thread got
     /// a CPU, while the guest already ran on the destination.
     pub acknowledged_ms: f64,

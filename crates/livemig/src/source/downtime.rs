@@ -2,7 +2,7 @@
 //! never sees that moment; it places it on its own clock from what it
 //! did see (see [`GuestStart::downtime`]).
 //!
-//! Until 2026-12-04 the downtime ended when the source read `Resumed`.
+//! Before 2026-12-03 (session 4) the downtime ended when the source read `Resumed`.
 //! That read comes one way back after the start and whenever the source's
 //! thread gets a CPU: on the 2-core test host the source reported 3.3–4.7
 //! ms in 4 of 10 runs whose guest measured its whole gap at 0.83–1.04 ms
