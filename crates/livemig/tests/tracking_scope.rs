@@ -75,14 +75,14 @@ enum Call {
 }
 
 /// The source: `vm` with its tracker wrapped in [`Scoped`]; with
-/// `fail_save` every save once dirty tracking started fails (the
-/// handshake's state measurement, before it, saves once or more); on the
-/// `write_at_sync`-th sync (1 = the first)
+/// `fail_save` every save after the first (the handshake measures the
+/// state with one) fails; on the `write_at_sync`-th sync (1 = the first)
 /// the guest writes a page of region 1.
 struct Source {
     vm: SoftVm,
     calls: Mutex<Vec<Call>>,
     syncs: AtomicU32,
+    saves: AtomicU32,
     write_at_sync: u32,
     fail_save: bool,
 }
@@ -93,6 +93,7 @@ impl Source {
             vm: source(),
             calls: Mutex::new(Vec::new()),
             syncs: AtomicU32::new(0),
+            saves: AtomicU32::new(0),
             write_at_sync,
             fail_save,
         }
@@ -201,7 +202,7 @@ impl SourceVm for Source {
         self.vm.is_paused()
     }
     fn save_state(&self) -> Result<Vec<Section>, VmError> {
-        if self.fail_save && !self.calls().is_empty() {
+        if self.fail_save && self.saves.fetch_add(1, Ordering::SeqCst) > 0 {
             return Err(VmError::State(livemig::state::StateError::Malformed {
                 name: "test".into(),
                 reason: "injected".into(),

@@ -370,10 +370,7 @@ pub(super) fn check_old_peer(
 /// own measurement when it sent one) and the destination's resume (taken
 /// as long as this resume: as many vCPUs to wake). A measurement whose
 /// parts add up to over a quarter of `limit` is repeated (twice at most)
-/// and the smallest kept, for the same reason; so is the first one when
-/// another pause and save cost the guest at most an eighth of `limit`
-/// (one measurement may hold a one-off, such as a resume whose thread lost
-/// its CPU). The state's bytes are added
+/// and the smallest kept, for the same reason. The state's bytes are added
 /// at the measured bandwidth each round.
 ///
 /// A VM the operator paused is only saved (never paused or resumed here,
@@ -399,7 +396,7 @@ pub(super) fn measure_state<V: SourceVm + ?Sized>(
     }
     let mut best: Option<StateParts> = None;
     let mut sections = Vec::new();
-    for n in 1..=3 {
+    for _ in 0..3 {
         let t = Instant::now();
         if let Err(e) = vm.pause() {
             if let Err(re) = vm.resume() {
@@ -434,11 +431,7 @@ pub(super) fn measure_state<V: SourceVm + ?Sized>(
         best = Some(kept);
         sections = saved.map_err(|e| MigrationError::new(hs, e))?;
         resumed.map_err(|e| MigrationError::new(hs, e))?;
-        // One measurement may hold a one-off (a resume whose thread lost
-        // its CPU for milliseconds): a second is taken when another pause
-        // and save cost the guest little (at most an eighth of the limit).
-        let another_is_cheap = this.pause + this.save <= limit / 8;
-        if kept.total() <= limit / 4 && (n > 1 || !another_is_cheap) {
+        if kept.total() <= limit / 4 {
             break;
         }
     }
