@@ -465,13 +465,33 @@ impl Vmm {
     }
 }
 
+/// How long dropping a [`Vmm`] waits for its output readers after the kill.
+const READER_WAIT: Duration = Duration::from_secs(5);
+
 impl Drop for Vmm {
+    /// Kills the process and waits, at most [`READER_WAIT`], for its output
+    /// readers to see the end of its pipes. A process this one started and
+    /// that outlived it (an upgraded VMM inherits the serial pipe) keeps
+    /// them open: the readers are then left behind rather than waited for
+    /// for ever (a failed upgrade test hung here instead of failing).
     fn drop(&mut self) {
         self.stdin = None;
         self.kill();
         let _ = std::fs::remove_file(&self.api);
+        let deadline = Instant::now() + READER_WAIT;
         for r in self.readers.drain(..) {
-            let _ = r.join();
+            while !r.is_finished() && Instant::now() < deadline {
+                std::thread::sleep(Duration::from_millis(5));
+            }
+            if r.is_finished() {
+                let _ = r.join();
+            } else {
+                eprintln!(
+                    "*** {}: an output reader still runs {READER_WAIT:?} after the kill \
+                     (another process holds the pipe); left behind",
+                    self.name
+                );
+            }
         }
     }
 }

@@ -109,6 +109,21 @@ impl Drop for KillPid {
     }
 }
 
+/// Kills, when the test ends however it ends, every process started with
+/// an argument under `dir` (the VMMs of this test: an upgraded one whose
+/// pid the test never learned, after a failed upgrade, too).
+struct ReapDir(std::path::PathBuf);
+
+impl Drop for ReapDir {
+    fn drop(&mut self) {
+        let _ = Command::new("pkill")
+            .arg("-KILL")
+            .arg("-f")
+            .arg(self.0.as_os_str())
+            .status();
+    }
+}
+
 #[test]
 fn upgrade_keeps_the_api_socket_and_the_guest() {
     let Some(_kvm) = common::kvm_or_skip("upgrade_keeps_the_api_socket_and_the_guest") else {
@@ -124,6 +139,9 @@ fn upgrade_keeps_the_api_socket_and_the_guest() {
         &["--memory-backend", "memfd"],
     )
     .unwrap();
+    // Dropped before `src`, whose serial reader an upgraded VMM that
+    // outlives the test would keep waiting.
+    let _reap = ReapDir(dir.clone());
     src.wait_ready(Duration::from_secs(30)).unwrap();
     src.wait_heartbeats(500, Duration::from_secs(30)).unwrap();
     let old_pid = src.pid();
