@@ -57,10 +57,13 @@ fn start_postcopy(tag: &str, extra: Value, dst_args: &[&str]) -> UnderWay {
         });
         (r, events)
     });
-    dst.wait_for("heartbeats on the destination", T, |g| {
+    // On failure, the source's side too (a migration that ended in round 0
+    // once in CI says only "connection closed by the peer" on this side).
+    if let Err(e) = dst.wait_for("heartbeats on the destination", T, |g| {
         g.heartbeats.len() > 2
-    })
-    .unwrap();
+    }) {
+        panic!("{e}\nsource's stderr:\n{}", src.stderr());
+    }
     UnderWay {
         dir,
         src,
