@@ -781,9 +781,10 @@ pub struct State {
 /// `max_payload` bytes (in order), checking everything the encoder and the
 /// destination check: valid and unique names, sections of at most
 /// [`MAX_SECTION_LEN`], at most [`MAX_SECTIONS`] per frame and
-/// [`MAX_STATE_FRAMES`] frames. The source calls it at the handshake (on the
-/// measured state: a state that cannot be sent is refused before any page)
-/// and again at the switchover.
+/// [`MAX_STATE_FRAMES`] frames. The source packs its state the same way
+/// with [`super::StateFrames`], which shares the packing and the checks
+/// (at the handshake, on the measured state: a state that cannot be sent
+/// is refused before any page; and at the switchover).
 pub fn state_frames(
     sections: Vec<Section>,
     max_payload: usize,
@@ -797,7 +798,8 @@ pub fn state_frames(
 }
 
 /// [`state_frames`], encoded: the payload of each `State` frame, each
-/// encoded once (the switchover sends these bytes as they are).
+/// encoded once into its own buffer. The switchover does not copy: it
+/// writes the same bytes from the sections ([`super::StateFrames`]).
 pub fn encoded_state_frames(
     sections: Vec<Section>,
     max_payload: usize,
