@@ -15,23 +15,18 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
-use livemig::memory::{GuestMemory, MemoryLayout, RegionDesc};
+use livemig::memory::GuestMemory;
 use livemig::state::Section;
 use livemig::testing::soft::{SoftConfig, SoftVm};
 use livemig::transport::{mem, Transport};
 use livemig::vm::{DestinationVm, VmError};
 use livemig::{Migration, Reception, Report};
 
+mod common;
+use common::{one_region, running_source};
+
 /// How late the source's thread reads `Resumed`.
 const LATE: Duration = Duration::from_millis(1500);
-
-fn layout() -> MemoryLayout {
-    MemoryLayout::new(vec![RegionDesc {
-        guest_addr: 0,
-        size: 1 << 20,
-    }])
-    .expect("layout")
-}
 
 /// The source's end of the link: once the destination has started the
 /// guest, the next read that returns data returns `LATE` later (the
@@ -120,10 +115,8 @@ impl DestinationVm for Starts {
 
 /// Migrates an idle soft guest whose source reads `Resumed` `LATE` after
 /// the destination started it.
-fn migrate_with_a_late_source() -> (Report, SoftVm, SoftVm) {
-    let src = SoftVm::new(&layout(), &SoftConfig::idle()).expect("source VM");
-    src.fill(7);
-    src.start();
+fn migrate_with_a_late_source() -> (Report, Arc<SoftVm>, SoftVm) {
+    let src = running_source(&one_region(1 << 20), &SoftConfig::idle(), 7);
     let (a, b) = mem::pair();
     let started = Arc::new(AtomicBool::new(false));
     let link = LateReader {
@@ -139,7 +132,7 @@ fn migrate_with_a_late_source() -> (Report, SoftVm, SoftVm) {
             })
         })
     });
-    let report = Migration::new(&src)
+    let report = Migration::new(&*src)
         .run(Box::new(link))
         .expect("the migration completes");
     let (dst, _) = dest.join().expect("destination thread").expect("received");

@@ -8,18 +8,15 @@
 
 use std::time::Duration;
 
-use livemig::memory::{MemoryLayout, RegionDesc};
 use livemig::testing::soft::{SoftConfig, SoftVm};
 use livemig::transport::mem;
 use livemig::{Migration, MigrationConfig, OnLimit, Reception};
 
+mod common;
+use common::{one_region, running_source};
+
 #[test]
 fn the_final_copy_does_not_sample_lz4() {
-    let layout = MemoryLayout::new(vec![RegionDesc {
-        guest_addr: 0,
-        size: 8 << 20,
-    }])
-    .expect("layout");
     // A writer dirtying pages as fast as it can: the final copy has many
     // frames of a few pages each.
     let writer = SoftConfig {
@@ -27,9 +24,7 @@ fn the_final_copy_does_not_sample_lz4() {
         device_writers: 0,
         pages_per_ms: 0,
     };
-    let src = SoftVm::new(&layout, &writer).expect("source VM");
-    src.fill(5);
-    src.start();
+    let src = running_source(&one_region(8 << 20), &writer, 5);
     let (a, b) = mem::pair();
     let dest = std::thread::spawn(move || {
         Reception::new(Box::new(b)).run(|d| SoftVm::new(&d.layout, &SoftConfig::idle()))
@@ -42,7 +37,7 @@ fn the_final_copy_does_not_sample_lz4() {
         on_limit: OnLimit::ForceSwitchover,
         ..Default::default()
     };
-    let report = Migration::new(&src)
+    let report = Migration::new(&*src)
         .config(config)
         .run(Box::new(a))
         .expect("migrated");

@@ -12,7 +12,7 @@
 
 use std::time::Duration;
 
-use livemig::memory::{GuestMemory, MemoryLayout, RegionDesc};
+use livemig::memory::GuestMemory;
 use livemig::state::Section;
 use livemig::testing::hooked::HookedVm;
 use livemig::testing::soft::{SoftConfig, SoftVm};
@@ -20,19 +20,13 @@ use livemig::transport::mem;
 use livemig::vm::{DestinationVm, SourceVm, VmError};
 use livemig::{Migration, MigrationConfig, Reception, Report};
 
+mod common;
+use common::one_region;
+
 /// Sections of this many bytes each, this many of them: 4 MiB of state,
 /// like a VM with a few hundred vCPUs (one frame).
 const BLOB_LEN: usize = 64 << 10;
 const BLOBS: usize = 64;
-
-/// 1 MiB at guest address 0.
-fn layout() -> MemoryLayout {
-    MemoryLayout::new(vec![RegionDesc {
-        guest_addr: 0,
-        size: 1 << 20,
-    }])
-    .expect("layout")
-}
 
 /// The soft VM's own sections and [`BLOBS`] more of [`BLOB_LEN`] bytes.
 fn large_state(vm: &SoftVm) -> Result<Vec<Section>, VmError> {
@@ -72,7 +66,7 @@ impl DestinationVm for TakesBlobs {
 }
 
 fn migrate() -> (Report, TakesBlobs) {
-    let vm = SoftVm::new(&layout(), &SoftConfig::idle()).expect("source VM");
+    let vm = SoftVm::new(&one_region(1 << 20), &SoftConfig::idle()).expect("source VM");
     vm.fill(3);
     vm.start();
     let src = HookedVm::new(vm).on_save_state(large_state);

@@ -63,10 +63,9 @@ struct Sent {
     sync: Duration,
     /// The round's end: every stream flushed (and, with page streams, the
     /// barrier where each says it is done) and `RoundEnd` written, without
-    /// the time LZ4 took meanwhile. The
-    /// final copy ends with the same barrier (each stream ending with
-    /// `Complete`); its fixed cost is estimated from this
-    /// ([`Precopy::account`]).
+    /// the time LZ4 took meanwhile. The final copy ends with the same
+    /// barrier (each stream ending with `Complete`); its fixed cost is
+    /// estimated from this ([`Precopy::account`]).
     end: Duration,
     /// Bytes the round's end accounted: the frame it flushed, and with page
     /// streams everything they sent in the round (their counts come back at
@@ -195,14 +194,15 @@ fn send_round<V: SourceVm + ?Sized>(
     let t_end = Instant::now();
     let before_end = sender.counts;
     sender.end_round(phase, false)?;
-    let end_bytes = sender.counts.bytes - before_end.bytes;
+    let ended = sender.counts.since(&before_end);
+    let end_bytes = ended.bytes;
     // LZ4 while the last frames were flushed: a sample, which the final
     // copy does not take (`Lz4Switch::stop_sampling`), or compressing
     // pages, which their bytes at the link's rate stand for. (With page
     // streams the barrier brings the streams' counts of the whole round,
     // compressed in parallel: nothing of it is the end's.)
     let end_lz4 = match sender.pool {
-        None => Duration::from_nanos(sender.counts.lz4_ns - before_end.lz4_ns),
+        None => Duration::from_nanos(ended.lz4_ns),
         Some(_) => Duration::ZERO,
     };
     sender.pause_lz4_window();
