@@ -111,15 +111,19 @@ impl Drop for KillPid {
 
 /// Kills, when the test ends however it ends, every process started with
 /// an argument under `dir` (the VMMs of this test: an upgraded one whose
-/// pid the test never learned, after a failed upgrade, too).
+/// pid the test never learned, after a failed upgrade, too). Declared
+/// after the source `Vmm`, so that it runs before the source's drop,
+/// whose serial reader such a VMM would keep waiting.
 struct ReapDir(std::path::PathBuf);
 
 impl Drop for ReapDir {
     fn drop(&mut self) {
+        // The dir's entries, not the dir's name: another test's dir may
+        // start with it (`...-4` and `...-41`).
         let _ = Command::new("pkill")
             .arg("-KILL")
             .arg("-f")
-            .arg(self.0.as_os_str())
+            .arg(format!("{}/", self.0.display()))
             .status();
     }
 }
@@ -139,8 +143,6 @@ fn upgrade_keeps_the_api_socket_and_the_guest() {
         &["--memory-backend", "memfd"],
     )
     .unwrap();
-    // Dropped before `src`, whose serial reader an upgraded VMM that
-    // outlives the test would keep waiting.
     let _reap = ReapDir(dir.clone());
     src.wait_ready(Duration::from_secs(30)).unwrap();
     src.wait_heartbeats(500, Duration::from_secs(30)).unwrap();
@@ -302,6 +304,7 @@ fn upgrade_carries_the_vmm_settings() {
             netspec,
         ],
     );
+    let _reap = ReapDir(dir.clone());
     src.wait_ready(Duration::from_secs(30)).unwrap();
     src.wait_heartbeats(200, Duration::from_secs(30)).unwrap();
     // The VMM to upgrade: a `receive` with settings other than the defaults.
@@ -408,6 +411,7 @@ fn upgrade_hands_the_pid_file_to_a_detached_vmm() {
         &["--memory-backend", "memfd", "--pid-file", &pid_arg],
     )
     .unwrap();
+    let _reap = ReapDir(dir.clone());
     src.wait_ready(Duration::from_secs(30)).unwrap();
     src.wait_heartbeats(200, Duration::from_secs(30)).unwrap();
     let old_pid = src.pid();
@@ -534,6 +538,7 @@ fn a_hugetlb_guest_is_upgraded_and_migrated() {
         &["--memory-backend", "memfd,hugetlb"],
     )
     .unwrap();
+    let _reap = ReapDir(dir.clone());
     src.wait_ready(Duration::from_secs(30)).unwrap();
     src.wait_heartbeats(500, Duration::from_secs(30)).unwrap();
     let st = api_request(&src.api, &json!({"cmd": "status"}), |_| {}).unwrap();
