@@ -39,8 +39,7 @@
 
 use std::io::{BufRead, BufReader, Write};
 use std::os::fd::AsRawFd;
-use std::os::unix::net::{UnixListener, UnixStream};
-use std::path::{Path, PathBuf};
+use std::os::unix::net::UnixStream;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::mpsc::Sender;
 use std::sync::{Arc, Mutex};
@@ -53,6 +52,7 @@ use vm_memory::{Bytes, GuestAddress, GuestMemoryBackend, GuestMemoryRegion};
 
 use crate::migration::{do_migrate, setup_error, MigrateOptions, Outcome};
 use crate::monitor::MigrationMonitor;
+use crate::socket_path::Listener;
 use crate::vmm::Machine;
 
 /// What the API tells the main loop.
@@ -68,55 +68,15 @@ pub enum ApiEvent {
     Quit,
 }
 
-/// Device and inode of the file at `path`.
-pub fn file_id(path: &Path) -> Option<(u64, u64)> {
-    use std::os::unix::fs::MetadataExt;
-    std::fs::symlink_metadata(path)
-        .ok()
-        .map(|m| (m.dev(), m.ino()))
-}
-
-/// Starts the API server thread on `path`; returns the socket file's
-/// identity (remove `path` at exit only if it is still this file: a VMM
-/// that took the path over may own it by then).
-///
-/// With `takeover` (a VMM that received a local hand-over: the old VMM may
-/// still listen on `path`), the socket is bound beside `path` and renamed
-/// over it, so a client connecting to `path` reaches one VMM or the other.
+/// Starts the API server thread on `listener` (bound by the caller: `run`
+/// at its path, `receive` beside it until it takes the path over).
 pub fn serve(
-    path: &Path,
+    listener: &Listener,
     machine: Arc<Machine>,
     events: Sender<ApiEvent>,
-    takeover: bool,
-) -> Result<(u64, u64), String> {
-    let bind_at = if takeover {
-        let mut name = path.as_os_str().to_owned();
-        name.push(format!(".{}.new", std::process::id()));
-        PathBuf::from(name)
-    } else {
-        path.to_path_buf()
-    };
-    if bind_at.exists() {
-        // A stale socket from an earlier run: refuse if someone listens on it.
-        if UnixStream::connect(&bind_at).is_ok() {
-            return Err(format!("API socket {} is in use", bind_at.display()));
-        }
-        let _ = std::fs::remove_file(&bind_at);
-    }
+) -> Result<(), String> {
     let monitor = Arc::new(MigrationMonitor::default());
-    let listener = UnixListener::bind(&bind_at)
-        .map_err(|e| format!("API socket {}: {e}", bind_at.display()))?;
-    let id = file_id(&bind_at).ok_or_else(|| format!("API socket {}: gone", bind_at.display()))?;
-    if takeover {
-        std::fs::rename(&bind_at, path).map_err(|e| {
-            let _ = std::fs::remove_file(&bind_at);
-            format!(
-                "API socket: renaming {} to {}: {e}",
-                bind_at.display(),
-                path.display()
-            )
-        })?;
-    }
+    let listener = listener.try_clone()?;
     std::thread::Builder::new()
         .name("api".into())
         .spawn(move || {
@@ -144,7 +104,7 @@ pub fn serve(
             }
         })
         .map_err(|e| format!("API thread: {e}"))?;
-    Ok(id)
+    Ok(())
 }
 
 fn send(w: &mut UnixStream, v: &Value) -> std::io::Result<()> {

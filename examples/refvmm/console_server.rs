@@ -30,15 +30,15 @@ use std::collections::VecDeque;
 use std::fs::File;
 use std::io::{self, Write};
 use std::os::fd::AsFd;
-use std::os::unix::fs::MetadataExt;
-use std::os::unix::net::{UnixListener, UnixStream};
-use std::path::{Path, PathBuf};
+use std::os::unix::net::UnixStream;
+use std::path::PathBuf;
 use std::sync::{Arc, Condvar, Mutex, MutexGuard, Weak};
 use std::time::{Duration, Instant};
 
 use livemig_kvm::serial::SerialOutput;
 
 use crate::console_proto::{Decoder, Frame, ProtoError, FROM_NOW, MAX_PAYLOAD};
+pub use crate::socket_path::Listener;
 use crate::vmm::Machine;
 
 /// Guest output kept for a client that attaches (or reattaches after a
@@ -241,94 +241,14 @@ pub fn teed_output(serial: SerialOutput, log: Arc<ConsoleLog>) -> io::Result<Ser
     Ok(SerialOutput::Writer(Box::new(Tee { log, other })))
 }
 
-/// The console socket. Removes its path when dropped, if the path still
-/// names this socket (a destination may have taken it over).
-pub struct Listener {
-    listener: UnixListener,
-    path: PathBuf,
-    /// While waiting to take over `path` (on `receive`): where it is bound.
-    tmp: Option<PathBuf>,
-    /// (device, inode) of the socket file.
-    id: (u64, u64),
-}
-
-fn file_id(path: &Path) -> Option<(u64, u64)> {
-    std::fs::symlink_metadata(path)
-        .ok()
-        .map(|m| (m.dev(), m.ino()))
-}
-
-impl Listener {
-    fn bind_at(at: &Path, path: &Path, tmp: Option<PathBuf>) -> Result<Self, String> {
-        let listener =
-            UnixListener::bind(at).map_err(|e| format!("console socket {}: {e}", at.display()))?;
-        let id = file_id(at).ok_or_else(|| format!("console socket {} vanished", at.display()))?;
-        Ok(Listener {
-            listener,
-            path: path.to_path_buf(),
-            tmp,
-            id,
-        })
-    }
-
-    /// Binds `path` (`run`). A stale socket file is replaced; one somebody
-    /// listens on is refused.
-    pub fn bind(path: &Path) -> Result<Self, String> {
-        if path.exists() {
-            if UnixStream::connect(path).is_ok() {
-                return Err(format!("console socket {} is in use", path.display()));
-            }
-            let _ = std::fs::remove_file(path);
-        }
-        Self::bind_at(path, path, None)
-    }
-
-    /// Binds a temporary socket next to `path` (`receive`), to be renamed
-    /// over `path` by [`Listener::take_over`] when the guest runs here.
-    pub fn bind_for_takeover(path: &Path) -> Result<Self, String> {
-        let mut name = path.as_os_str().to_owned();
-        name.push(format!(".{}.new", std::process::id()));
-        let tmp = PathBuf::from(name);
-        let _ = std::fs::remove_file(&tmp);
-        Self::bind_at(&tmp, path, Some(tmp.clone()))
-    }
-
-    /// Makes `path` name this socket (atomically: a client connecting to
-    /// `path` reaches either the old VMM or this one).
-    pub fn take_over(&mut self) -> Result<(), String> {
-        let Some(tmp) = self.tmp.take() else {
-            return Ok(());
-        };
-        std::fs::rename(&tmp, &self.path).map_err(|e| {
-            format!(
-                "console: renaming {} to {}: {e}",
-                tmp.display(),
-                self.path.display()
-            )
-        })
-    }
-}
-
-impl Drop for Listener {
-    fn drop(&mut self) {
-        let at = self.tmp.as_ref().unwrap_or(&self.path);
-        if file_id(at) == Some(self.id) {
-            let _ = std::fs::remove_file(at);
-        }
-    }
-}
-
 /// Starts accepting console clients on `listener` for `machine`.
 pub fn serve(
     listener: &Listener,
     log: Arc<ConsoleLog>,
     machine: Weak<Machine>,
 ) -> Result<(), String> {
-    let accept = listener
-        .listener
-        .try_clone()
-        .map_err(|e| format!("console socket: {e}"))?;
-    let path = listener.path.clone();
+    let accept = listener.try_clone()?;
+    let path = listener.path().to_path_buf();
     std::thread::Builder::new()
         .name("console-accept".into())
         .spawn(move || {
@@ -518,28 +438,5 @@ mod tests {
         );
         assert!(parse_console("unix:").is_err());
         assert!(parse_console("tcp:1.2.3.4:5").is_err());
-    }
-
-    #[test]
-    fn takeover_renames_and_only_the_owner_unlinks() {
-        let dir = std::env::temp_dir().join(format!("refvmm-console-{}", std::process::id()));
-        let _ = std::fs::create_dir_all(&dir);
-        let path = dir.join("c.sock");
-        let old = Listener::bind(&path).unwrap();
-        assert!(Listener::bind(&path).is_err(), "bound twice");
-        let mut new = Listener::bind_for_takeover(&path).unwrap();
-        new.take_over().unwrap();
-        // The old VMM exits: the path is the new one's now and stays.
-        drop(old);
-        assert_eq!(file_id(&path), Some(new.id));
-        drop(new);
-        assert!(!path.exists());
-        // A takeover that never happened leaves nothing behind.
-        let pending = Listener::bind_for_takeover(&path).unwrap();
-        let tmp = pending.tmp.clone().unwrap();
-        assert!(tmp.exists());
-        drop(pending);
-        assert!(!tmp.exists() && !path.exists());
-        let _ = std::fs::remove_dir_all(&dir);
     }
 }

@@ -49,6 +49,7 @@ mod postcopy;
 mod postcopy_recovery;
 mod postcopy_resume;
 mod run;
+mod socket_path;
 mod upgrade;
 mod vmm;
 

@@ -29,7 +29,8 @@ use crate::net;
 use crate::postcopy::{classify, open_fault, uffd_pager, First};
 use crate::postcopy_recovery::{Notify, ResumeGate, SourceRecovery};
 use crate::postcopy_resume::{new_token, wait_for_resume, Token};
-use crate::run::{open_console, open_nets, run_machine};
+use crate::run::{bind_api, open_console, open_nets, run_machine};
+use crate::socket_path::Listener;
 use crate::vmm::{DestMachine, Machine, MachineConfig};
 
 // ---- source ----
@@ -653,6 +654,14 @@ pub(crate) fn cmd_receive(args: ReceiveArgs) -> Result<(), Fail> {
     let mut prepared = prepare_vm(memory, memory_options, dirty_mode);
     let incoming = accept_incoming(&endpoint, tls)?;
     let local = matches!(incoming, Incoming::Local(..));
+    // A local hand-over's API socket is bound now, beside its path, and
+    // renamed over the path when the guest resumes here, before the old VMM
+    // learns that the hand-over completed (and removes the path at exit if
+    // it still names its own socket).
+    let mut api = match (&common.api_socket, local) {
+        (Some(p), true) => Some(Listener::bind_for_takeover("API socket", p).map_err(runtime)?),
+        _ => None,
+    };
     let mut shared_memory = None;
     // Post-copy is granted to a source that offers it unless the guest
     // memory here is a shared memfd (the userfaultfd installer takes
@@ -721,6 +730,7 @@ pub(crate) fn cmd_receive(args: ReceiveArgs) -> Result<(), Fail> {
             start_paused,
             announce,
             console: console.take(),
+            api: api.take(),
             local,
         })
     };
@@ -767,7 +777,10 @@ pub(crate) fn cmd_receive(args: ReceiveArgs) -> Result<(), Fail> {
     match result {
         Ok((
             DestMachine {
-                machine, console, ..
+                machine,
+                console,
+                api,
+                ..
             },
             report,
         )) => {
@@ -795,7 +808,11 @@ pub(crate) fn cmd_receive(args: ReceiveArgs) -> Result<(), Fail> {
                     serde_json::to_string(pc).unwrap_or_default()
                 );
             }
-            run_machine(machine, common.api_socket, run, console, local)
+            let api = match api {
+                Some(l) => Some(l),
+                None => bind_api(common.api_socket.as_deref())?,
+            };
+            run_machine(machine, api, run, console)
         }
         Err(e) => Err(runtime(format!("incoming {e}"))),
     }

@@ -2,7 +2,7 @@
 //! `run` and `receive` share (serve the API and the console until the
 //! guest dies, migrates away, or the VMM is told to quit).
 
-use std::path::PathBuf;
+use std::path::Path;
 use std::sync::mpsc::{channel, RecvTimeoutError};
 use std::sync::Arc;
 use std::time::Duration;
@@ -13,6 +13,7 @@ use crate::api::ApiEvent;
 use crate::cli::{
     parse_dirty, parse_memory_options, parse_serial, parse_size, runtime, usage, Fail, RunArgs,
 };
+use crate::socket_path::Listener;
 use crate::vmm::{Machine, MachineConfig};
 use crate::{api, console, console_server, multiboot, net};
 
@@ -43,28 +44,36 @@ pub(crate) fn require_kvm() -> Result<(), Fail> {
 pub(crate) fn open_console(
     spec: Option<&str>,
     takeover: bool,
-) -> Result<Option<(console_server::Listener, Arc<console_server::ConsoleLog>)>, Fail> {
+) -> Result<Option<(Listener, Arc<console_server::ConsoleLog>)>, Fail> {
     let Some(spec) = spec else { return Ok(None) };
     let path = console_server::parse_console(spec).map_err(usage)?;
     let listener = if takeover {
-        console_server::Listener::bind_for_takeover(&path)
+        Listener::bind_for_takeover("console socket", &path)
     } else {
-        console_server::Listener::bind(&path)
+        Listener::bind("console socket", &path)
     }
     .map_err(runtime)?;
     Ok(Some((listener, Arc::default())))
 }
 
-/// Runs the machine until it dies, migrates away, or is told to quit.
-///
-/// With `takeover` (a local hand-over arrived), the API socket path is taken
-/// over from the old VMM that may still listen there.
+/// The API socket of `run` and of a `receive` whose migration came over
+/// the network, bound at its path (a local hand-over's is bound before the
+/// guest arrives and taken over when it resumes, in `DestMachine`).
+pub(crate) fn bind_api(path: Option<&Path>) -> Result<Option<Listener>, Fail> {
+    path.map(|p| Listener::bind("API socket", p))
+        .transpose()
+        .map_err(runtime)
+}
+
+/// Runs the machine until it dies, migrates away, or is told to quit,
+/// serving the API on `api`. At exit, the API and console socket paths are
+/// removed if they still name this VMM's sockets (after a local hand-over
+/// the new VMM has taken them over already: they stay).
 pub(crate) fn run_machine(
     machine: Machine,
-    api_socket: Option<PathBuf>,
+    api: Option<Listener>,
     start: bool,
-    console: Option<(console_server::Listener, Arc<console_server::ConsoleLog>)>,
-    takeover: bool,
+    console: Option<(Listener, Arc<console_server::ConsoleLog>)>,
 ) -> Result<(), Fail> {
     let machine = Arc::new(machine);
     match &console {
@@ -75,10 +84,9 @@ pub(crate) fn run_machine(
         None => console::forward_stdin(&machine),
     }
     let (tx, rx) = channel();
-    let api_id = match &api_socket {
-        Some(p) => Some(api::serve(p, machine.clone(), tx.clone(), takeover).map_err(runtime)?),
-        None => None,
-    };
+    if let Some(l) = &api {
+        api::serve(l, machine.clone(), tx.clone()).map_err(runtime)?;
+    }
     // The guest is this VMM's now: supervisors follow the pid file.
     let pid_file = crate::carry::recorded().and_then(|s| s.pid_file());
     if let Some(p) = pid_file {
@@ -124,11 +132,7 @@ pub(crate) fn run_machine(
         }
     };
     // Only our own socket: after a hand-over the new VMM owns the path.
-    if let (Some(p), Some(id)) = (&api_socket, api_id) {
-        if api::file_id(p) == Some(id) {
-            let _ = std::fs::remove_file(p);
-        }
-    }
+    drop(api);
     if let Some(p) = pid_file {
         crate::pidfile::remove_if_ours(p);
     }
@@ -207,5 +211,6 @@ pub(crate) fn cmd_run(args: RunArgs) -> Result<(), Fail> {
         loaded.info_addr
     );
     machine.set_multiboot_entry(&loaded).map_err(runtime)?;
-    run_machine(machine, common.api_socket, true, console, false)
+    let api = bind_api(common.api_socket.as_deref())?;
+    run_machine(machine, api, true, console)
 }

@@ -422,7 +422,13 @@ pub struct DestMachine {
     /// the guest runs.
     pub announce: bool,
     /// The console socket, to take over its path when the guest resumes.
-    pub console: Option<(console_server::Listener, Arc<console_server::ConsoleLog>)>,
+    pub console: Option<(
+        crate::socket_path::Listener,
+        Arc<console_server::ConsoleLog>,
+    )>,
+    /// A local hand-over's API socket, to take over its path when the
+    /// guest resumes.
+    pub api: Option<crate::socket_path::Listener>,
     /// A same-host hand-over: the TAPs are the source's, and the frames
     /// queued on them arrived for this guest during the pause (kept).
     pub local: bool,
@@ -474,9 +480,11 @@ impl livemig::vm::DestinationVm for DestMachine {
     /// goes right before the vCPUs are woken, so a vCPU thread that takes
     /// the CPU first holds nothing up.
     fn resume_then(&mut self, started: &mut dyn FnMut()) -> Result<(), VmError> {
-        // The console path is this VMM's from now on, before the source
-        // learns that the migration completed (and tells its clients).
-        if let Some((listener, _)) = self.console.as_mut() {
+        // The console and API paths are this VMM's from now on, before the
+        // source learns that the migration completed (tells its clients,
+        // and removes its paths at exit if they still name its sockets).
+        let console = self.console.as_mut().map(|(l, _)| l);
+        for listener in console.into_iter().chain(self.api.as_mut()) {
             if let Err(e) = listener.take_over() {
                 eprintln!("refvmm: {e}");
             }
