@@ -159,12 +159,12 @@ pub struct ExpectedBreakdown {
     /// handshake and counts as long.
     pub state_decode_ms: f64,
     /// The destination's restore: when
-    /// [`ExpectedBreakdown::dest_restore_measured`], the save times the
-    /// destination's rehearsed restore / save (bounded to 0.25–4), else as
-    /// long as the save.
+    /// [`ExpectedBreakdown::dest_restore_measured`], the destination's
+    /// rehearsed restore (the fastest of its rehearsals), else as long as
+    /// the save.
     pub dest_restore_ms: f64,
-    /// Whether [`ExpectedBreakdown::dest_restore_ms`] was scaled by the
-    /// destination's rehearsal.
+    /// Whether [`ExpectedBreakdown::dest_restore_ms`] is the destination's
+    /// rehearsed restore.
     pub dest_restore_measured: bool,
     /// The destination's rehearsed save (0 when it sent none).
     pub dest_rehearsal_save_ms: f64,

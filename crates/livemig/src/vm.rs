@@ -342,8 +342,8 @@ pub trait DestinationVm: Send {
     /// exactly that, timing the restore: it must leave the VM as it found
     /// it (the switchover's [`DestinationVm::restore_state`] loads the
     /// source's state over it afterwards) and write no guest memory. The
-    /// source scales its own save by this restore / save ratio, so a
-    /// slowdown that hits both halves alike (host load) cancels. An error
+    /// source counts the restore sent as the switchover's restore in its
+    /// expected downtime (the save is reported beside it). An error
     /// refuses the migration before any page is sent: a VM that cannot
     /// restore its own state would fail the switchover's restore too.
     ///

@@ -54,11 +54,11 @@ pub(crate) struct StateParts {
     pub(crate) pause: Duration,
     /// Saving the state.
     pub(crate) save: Duration,
-    /// The destination's restore: this side's save scaled by the
-    /// destination's rehearsal ([`scaled_restore`]), or as long as the save.
+    /// The destination's restore: its rehearsed restore, or as long as the
+    /// save when it sent none.
     pub(crate) restore: Duration,
-    /// Whether [`StateParts::restore`] was scaled by the destination's
-    /// rehearsal.
+    /// Whether [`StateParts::restore`] is the destination's rehearsed
+    /// restore.
     pub(crate) restore_measured: bool,
     /// The destination's rehearsal, as it sent it.
     pub(crate) rehearsal: Option<RestoreRehearsal>,
@@ -239,11 +239,8 @@ pub(super) fn estimate_state<V: SourceVm + ?Sized>(
     let hs = Phase::Handshake;
     let (mut parts, sections) = measure_state(s.vm, s.paused, s.config.downtime_limit)?;
     parts.rehearsal = accepted.restore_cost;
-    if let Some(restore) = accepted
-        .restore_cost
-        .and_then(|r| scaled_restore(parts.save, r))
-    {
-        parts.restore = restore;
+    if let Some(r) = accepted.restore_cost {
+        parts.restore = r.restore;
         parts.restore_measured = true;
     }
     log::debug!(
@@ -252,9 +249,8 @@ pub(super) fn estimate_state<V: SourceVm + ?Sized>(
         super::session::ms(parts.save),
         super::session::ms(parts.restore),
         match parts.rehearsal {
-            Some(r) if parts.restore_measured => format!(
-                "the save x the destination's restore {:.3} ms / save {:.3} ms",
-                super::session::ms(r.restore),
+            Some(r) => format!(
+                "the destination's rehearsal; its save {:.3} ms",
                 super::session::ms(r.save)
             ),
             _ => "as the save".to_string(),
@@ -309,28 +305,6 @@ pub(super) fn time_state_frames(
     Ok((frames.len(), encode, decode))
 }
 
-/// The bounds of the destination's restore / save ratio in
-/// [`scaled_restore`]: a ratio outside is taken as the bound (one half of
-/// the rehearsal hit by a host hiccup the other missed must not make the
-/// estimate, counted every round, absurd).
-pub(crate) const RESTORE_RATIO_BOUNDS: (f64, f64) = (0.25, 4.0);
-
-/// The destination's restore, estimated as this side's `save` times the
-/// destination's rehearsed restore / save: the source's save and the
-/// destination's restore then come from one host's pause each, and a
-/// slowdown common to both halves of the rehearsal (the destination's host
-/// busy with the still-running source, say) cancels. The ratio is bounded
-/// by [`RESTORE_RATIO_BOUNDS`]. `None` (the caller counts the restore as
-/// long as the save) when the destination's save took 0 µs: no ratio.
-pub(crate) fn scaled_restore(save: Duration, rehearsal: RestoreRehearsal) -> Option<Duration> {
-    if rehearsal.save.is_zero() {
-        return None;
-    }
-    let (lo, hi) = RESTORE_RATIO_BOUNDS;
-    let ratio = (rehearsal.restore.as_secs_f64() / rehearsal.save.as_secs_f64()).clamp(lo, hi);
-    Some(save.mul_f64(ratio))
-}
-
 /// What a destination that speaks only protocol version 2 (release 0.1.0)
 /// cannot do, refused before any page: keep a paused VM paused (it would
 /// resume it), and read a state of several `State` frames.
@@ -367,7 +341,7 @@ pub(super) fn check_old_peer(
 /// host load must not make the policy believe every switchover costs that
 /// much and never converge), the save, the destination's restore (here
 /// taken as long as the save; [`estimate_state`] puts in the destination's
-/// own measurement when it sent one) and the destination's resume (taken
+/// rehearsed restore when it sent one) and the destination's resume (taken
 /// as long as this resume: as many vCPUs to wake). A measurement whose
 /// parts add up to over a quarter of `limit` is repeated (twice at most)
 /// and the smallest kept, for the same reason. The state's bytes are added
@@ -442,31 +416,6 @@ pub(super) fn measure_state<V: SourceVm + ?Sized>(
 mod tests {
     use super::*;
 
-    fn rehearsal(save_us: u64, restore_us: u64) -> RestoreRehearsal {
-        RestoreRehearsal {
-            save: Duration::from_micros(save_us),
-            restore: Duration::from_micros(restore_us),
-        }
-    }
-
-    #[test]
-    fn the_restore_is_the_save_times_the_destination_s_ratio() {
-        let save = Duration::from_micros(2000);
-        // Both halves slowed alike: the ratio is what counts.
-        assert_eq!(
-            scaled_restore(save, rehearsal(1000, 3000)),
-            Some(Duration::from_micros(6000))
-        );
-        assert_eq!(
-            scaled_restore(save, rehearsal(4000, 12000)),
-            Some(Duration::from_micros(6000))
-        );
-        assert_eq!(
-            scaled_restore(save, rehearsal(1000, 500)),
-            Some(Duration::from_micros(1000))
-        );
-    }
-
     #[test]
     fn the_state_s_framing_and_decode_are_in_the_total() {
         let ms = Duration::from_millis;
@@ -497,21 +446,5 @@ mod tests {
             .unwrap_err()
             .to_string();
         assert_eq!(time_state_frames(dup).unwrap_err().to_string(), want);
-    }
-
-    #[test]
-    fn the_ratio_is_bounded_and_a_zero_save_gives_none() {
-        let save = Duration::from_micros(2000);
-        let (lo, hi) = RESTORE_RATIO_BOUNDS;
-        assert_eq!(
-            scaled_restore(save, rehearsal(1, 60_000_000)),
-            Some(save.mul_f64(hi))
-        );
-        assert_eq!(
-            scaled_restore(save, rehearsal(60_000_000, 0)),
-            Some(save.mul_f64(lo))
-        );
-        assert_eq!(scaled_restore(save, rehearsal(0, 5000)), None);
-        assert_eq!(scaled_restore(save, rehearsal(0, 0)), None);
     }
 }
