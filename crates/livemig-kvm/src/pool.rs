@@ -11,11 +11,18 @@
 //! next vCPU index from one counter until none is left, and the caller
 //! waits only for items a helper has *claimed*. A helper that wakes up
 //! late finds nothing left and goes back to sleep.
+//!
+//! Before each batch the helpers are kept off the CPU the caller runs on
+//! (their affinity: the caller's CPUs but that one). Woken on the caller's
+//! CPU, a helper preempted the caller there and did the whole batch alone
+//! while the other CPU sat idle: on real KVM at 64 vCPUs (2026-12-03) the
+//! destination's restore took 5.2–5.4 ms in such runs against 2.9–3.2 ms
+//! with both threads working.
 
 use std::panic::{catch_unwind, resume_unwind, AssertUnwindSafe};
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicI64, AtomicUsize, Ordering};
 use std::sync::mpsc::{channel, Sender};
-use std::sync::{Arc, Condvar, Mutex, MutexGuard};
+use std::sync::{Arc, Condvar, Mutex, MutexGuard, OnceLock};
 
 /// A job the helpers run: claim and do items until none is left.
 type Job = Arc<dyn Fn() + Send + Sync>;
@@ -57,10 +64,19 @@ impl<R> Batch<R> {
     }
 }
 
+/// One helper thread: where its jobs go, and, once the thread has run,
+/// its id and the CPUs it was started with.
+struct Helper {
+    jobs: Sender<Job>,
+    started: Arc<OnceLock<(libc::pid_t, libc::cpu_set_t)>>,
+}
+
 /// Long-lived helper threads (started on first use).
 pub(crate) struct Pool {
     helpers: usize,
-    senders: Mutex<Vec<Sender<Job>>>,
+    senders: Mutex<Vec<Helper>>,
+    /// The caller's CPU the helpers were last kept off (-1: none yet).
+    kept_off: AtomicI64,
 }
 
 impl Pool {
@@ -70,6 +86,7 @@ impl Pool {
         Pool {
             helpers,
             senders: Mutex::new(Vec::new()),
+            kept_off: AtomicI64::new(-1),
         }
     }
 
@@ -126,21 +143,100 @@ impl Pool {
         if senders.is_empty() {
             for k in 0..self.helpers {
                 let (tx, rx) = channel::<Job>();
-                let started = std::thread::Builder::new()
+                let started = Arc::new(OnceLock::new());
+                let me = started.clone();
+                let spawned = std::thread::Builder::new()
                     .name(format!("vcpu-state{k}"))
                     .spawn(move || {
+                        if let Some(cpus) = own_cpus() {
+                            let _ = me.set((current_tid(), cpus));
+                        }
                         for job in rx {
                             job();
                         }
                     });
-                match started {
-                    Ok(_) => senders.push(tx),
+                match spawned {
+                    Ok(_) => senders.push(Helper { jobs: tx, started }),
                     Err(e) => log::warn!("vCPU state helper {k} not started: {e}"),
                 }
             }
         }
-        senders.retain(|tx| tx.send(job.clone()).is_ok());
+        self.keep_helpers_off_this_cpu(&senders);
+        senders.retain(|h| h.jobs.send(job.clone()).is_ok());
     }
+
+    /// Keeps every helper whose thread id is known off the CPU the caller
+    /// runs on now (only when that CPU changed since the last batch: two
+    /// system calls per helper otherwise saved). A helper the host cannot
+    /// move (one CPU allowed, an error) stays where it may run.
+    fn keep_helpers_off_this_cpu(&self, helpers: &[Helper]) {
+        // SAFETY: sched_getcpu takes no arguments and only returns a value.
+        let cpu = unsafe { libc::sched_getcpu() };
+        if cpu < 0 || i64::from(cpu) == self.kept_off.load(Ordering::Relaxed) {
+            return;
+        }
+        let mut all = true;
+        for h in helpers {
+            all &= match h.started.get() {
+                Some(&(tid, cpus)) => keep_off(tid, cpus, cpu as usize),
+                None => false,
+            };
+        }
+        if all {
+            self.kept_off.store(i64::from(cpu), Ordering::Relaxed);
+        }
+    }
+
+    /// The helpers' thread ids (0: not run yet).
+    #[cfg(test)]
+    fn helper_tids(&self) -> Vec<libc::pid_t> {
+        let senders = self.senders.lock().unwrap_or_else(|e| e.into_inner());
+        senders
+            .iter()
+            .map(|h| h.started.get().map_or(0, |s| s.0))
+            .collect()
+    }
+}
+
+/// The calling thread's id.
+fn current_tid() -> libc::pid_t {
+    // SAFETY: gettid takes no arguments and cannot fail.
+    unsafe { libc::gettid() }
+}
+
+/// The CPUs the calling thread may run on.
+fn own_cpus() -> Option<libc::cpu_set_t> {
+    // SAFETY: an all-zero cpu_set_t is a valid (empty) set.
+    let mut set: libc::cpu_set_t = unsafe { std::mem::zeroed() };
+    // SAFETY: `set` is a cpu_set_t of the size passed, written by the call.
+    let r = unsafe { libc::sched_getaffinity(0, std::mem::size_of::<libc::cpu_set_t>(), &mut set) };
+    (r == 0).then_some(set)
+}
+
+/// CPUs a `cpu_set_t` holds.
+const CPU_SETSIZE: usize = 8 * std::mem::size_of::<libc::cpu_set_t>();
+
+/// How many CPUs `set` holds.
+fn cpu_count(set: &libc::cpu_set_t) -> u32 {
+    // SAFETY: reads only the set, a valid cpu_set_t.
+    let n = unsafe { libc::CPU_COUNT(set) };
+    u32::try_from(n).unwrap_or(0)
+}
+
+/// Lets thread `tid` run on `cpus` except `cpu`; whether it was set (not
+/// when that leaves no CPU, or the call failed).
+fn keep_off(tid: libc::pid_t, mut set: libc::cpu_set_t, cpu: usize) -> bool {
+    if cpu >= CPU_SETSIZE {
+        return false;
+    }
+    // SAFETY: `cpu` is within the set (checked above).
+    unsafe { libc::CPU_CLR(cpu, &mut set) };
+    if cpu_count(&set) == 0 {
+        return false;
+    }
+    // SAFETY: `set` is a valid cpu_set_t of the size passed; the call
+    // only reads it.
+    unsafe { libc::sched_setaffinity(tid, std::mem::size_of::<libc::cpu_set_t>(), &set) == 0 }
 }
 
 #[cfg(test)]
@@ -204,6 +300,54 @@ mod tests {
             vec![true, true],
             "the second batch returned only after the busy helper's item ended"
         );
+    }
+
+    /// Before a batch, the helpers are kept off the caller's CPU: woken
+    /// there, a helper preempted the caller and did the batch alone.
+    #[test]
+    fn the_helpers_keep_off_the_caller_s_cpu() {
+        let Some(mine) = own_cpus() else {
+            panic!("sched_getaffinity failed");
+        };
+        if cpu_count(&mine) < 2 {
+            eprintln!("SKIPPED: one CPU: nowhere else for a helper to run");
+            return;
+        }
+        let pool = Pool::new(1);
+        // The first batch starts the helper.
+        pool.run(4, |i| i);
+        let t0 = std::time::Instant::now();
+        while pool.helper_tids()[0] == 0 {
+            assert!(
+                t0.elapsed() < Duration::from_secs(10),
+                "the helper never ran"
+            );
+            std::thread::sleep(Duration::from_millis(1));
+        }
+        // The caller stays on one CPU for the batch.
+        // SAFETY: no arguments.
+        let cpu = unsafe { libc::sched_getcpu() };
+        assert!(cpu >= 0);
+        // SAFETY: an all-zero cpu_set_t is a valid (empty) set.
+        let mut one: libc::cpu_set_t = unsafe { std::mem::zeroed() };
+        // SAFETY: the CPU the caller runs on is within the set.
+        unsafe { libc::CPU_SET(cpu as usize, &mut one) };
+        let size = std::mem::size_of::<libc::cpu_set_t>();
+        // SAFETY: valid sets of the size passed; pid 0 is this thread.
+        assert_eq!(unsafe { libc::sched_setaffinity(0, size, &one) }, 0);
+        pool.run(64, |i| i);
+        // SAFETY: an all-zero cpu_set_t is a valid (empty) set.
+        let mut helper: libc::cpu_set_t = unsafe { std::mem::zeroed() };
+        let tid = pool.helper_tids()[0];
+        // SAFETY: as above; the call writes `helper`.
+        let got = unsafe { libc::sched_getaffinity(tid, size, &mut helper) };
+        // SAFETY: as above: this thread gets its CPUs back.
+        unsafe { libc::sched_setaffinity(0, size, &mine) };
+        assert_eq!(got, 0);
+        // SAFETY: the caller's CPU is within the set.
+        let on_it = unsafe { libc::CPU_ISSET(cpu as usize, &helper) };
+        assert!(!on_it, "the helper may still run on the caller's CPU {cpu}");
+        assert!(cpu_count(&helper) >= 1);
     }
 
     #[test]
