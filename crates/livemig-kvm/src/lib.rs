@@ -18,6 +18,7 @@
 //! [`parts::KvmParts`].
 #![deny(missing_docs)]
 
+mod affinity;
 pub mod cpu;
 pub mod dirty;
 pub mod fdpass;

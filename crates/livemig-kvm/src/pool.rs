@@ -24,6 +24,8 @@ use std::sync::atomic::{AtomicI64, AtomicUsize, Ordering};
 use std::sync::mpsc::{channel, Sender};
 use std::sync::{Arc, Condvar, Mutex, MutexGuard, OnceLock};
 
+use crate::affinity::{current_cpu, current_tid, keep_off, own_cpus};
+
 /// A job the helpers run: claim and do items until none is left.
 type Job = Arc<dyn Fn() + Send + Sync>;
 
@@ -170,20 +172,21 @@ impl Pool {
     /// system calls per helper otherwise saved). A helper the host cannot
     /// move (one CPU allowed, an error) stays where it may run.
     fn keep_helpers_off_this_cpu(&self, helpers: &[Helper]) {
-        // SAFETY: sched_getcpu takes no arguments and only returns a value.
-        let cpu = unsafe { libc::sched_getcpu() };
-        if cpu < 0 || i64::from(cpu) == self.kept_off.load(Ordering::Relaxed) {
+        let Some(cpu) = current_cpu() else {
+            return;
+        };
+        if cpu as i64 == self.kept_off.load(Ordering::Relaxed) {
             return;
         }
         let mut all = true;
         for h in helpers {
             all &= match h.started.get() {
-                Some(&(tid, cpus)) => keep_off(tid, cpus, cpu as usize),
+                Some(&(tid, cpus)) => keep_off(tid, cpus, cpu),
                 None => false,
             };
         }
         if all {
-            self.kept_off.store(i64::from(cpu), Ordering::Relaxed);
+            self.kept_off.store(cpu as i64, Ordering::Relaxed);
         }
     }
 
@@ -198,50 +201,10 @@ impl Pool {
     }
 }
 
-/// The calling thread's id.
-fn current_tid() -> libc::pid_t {
-    // SAFETY: gettid takes no arguments and cannot fail.
-    unsafe { libc::gettid() }
-}
-
-/// The CPUs the calling thread may run on.
-fn own_cpus() -> Option<libc::cpu_set_t> {
-    // SAFETY: an all-zero cpu_set_t is a valid (empty) set.
-    let mut set: libc::cpu_set_t = unsafe { std::mem::zeroed() };
-    // SAFETY: `set` is a cpu_set_t of the size passed, written by the call.
-    let r = unsafe { libc::sched_getaffinity(0, std::mem::size_of::<libc::cpu_set_t>(), &mut set) };
-    (r == 0).then_some(set)
-}
-
-/// CPUs a `cpu_set_t` holds.
-const CPU_SETSIZE: usize = 8 * std::mem::size_of::<libc::cpu_set_t>();
-
-/// How many CPUs `set` holds.
-fn cpu_count(set: &libc::cpu_set_t) -> u32 {
-    // SAFETY: reads only the set, a valid cpu_set_t.
-    let n = unsafe { libc::CPU_COUNT(set) };
-    u32::try_from(n).unwrap_or(0)
-}
-
-/// Lets thread `tid` run on `cpus` except `cpu`; whether it was set (not
-/// when that leaves no CPU, or the call failed).
-fn keep_off(tid: libc::pid_t, mut set: libc::cpu_set_t, cpu: usize) -> bool {
-    if cpu >= CPU_SETSIZE {
-        return false;
-    }
-    // SAFETY: `cpu` is within the set (checked above).
-    unsafe { libc::CPU_CLR(cpu, &mut set) };
-    if cpu_count(&set) == 0 {
-        return false;
-    }
-    // SAFETY: `set` is a valid cpu_set_t of the size passed; the call
-    // only reads it.
-    unsafe { libc::sched_setaffinity(tid, std::mem::size_of::<libc::cpu_set_t>(), &set) == 0 }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::affinity::cpu_count;
     use std::time::Duration;
 
     #[test]
