@@ -13,11 +13,13 @@
 //! late finds nothing left and goes back to sleep.
 //!
 //! Before each batch the helpers are kept off the CPU the caller runs on
-//! (their affinity: the caller's CPUs but that one). Woken on the caller's
-//! CPU, a helper preempted the caller there and did the whole batch alone
-//! while the other CPU sat idle: on real KVM at 64 vCPUs (2026-12-03) the
-//! destination's restore took 5.2–5.4 ms in such runs against 2.9–3.2 ms
-//! with both threads working.
+//! (their affinity: the CPUs they were started with but that one). Woken
+//! on the caller's CPU, a helper preempted the caller there and did most
+//! or all of the batch alone while the other CPU sat idle: on real KVM at
+//! 64 vCPUs (2026-12-03) the destination's restore took 5.2–6.6 ms in such
+//! runs against 2.9–3.2 ms with both threads working. A helper kept off
+//! may land behind other work on its CPU; the caller then claims the items
+//! itself, as above.
 
 use std::panic::{catch_unwind, resume_unwind, AssertUnwindSafe};
 use std::sync::atomic::{AtomicI64, AtomicUsize, Ordering};
@@ -168,9 +170,9 @@ impl Pool {
     }
 
     /// Keeps every helper whose thread id is known off the CPU the caller
-    /// runs on now (only when that CPU changed since the last batch: two
-    /// system calls per helper otherwise saved). A helper the host cannot
-    /// move (one CPU allowed, an error) stays where it may run.
+    /// runs on now; nothing to do when that is the CPU they were kept off
+    /// for the last batch. A helper the host cannot move (started with one
+    /// CPU allowed, an error) stays where it may run.
     fn keep_helpers_off_this_cpu(&self, helpers: &[Helper]) {
         let Some(cpu) = current_cpu() else {
             return;
