@@ -36,6 +36,12 @@
 //! | `{"cmd":"memory-hash"}` | FNV-1a hash of each memory region (pause first for a stable answer) |
 //! | `{"cmd":"dirty-rate","window-ms":500}` (or `calc-dirty-rate`) | `{"result":"ok","dirty-rate-mib-s":R,"dirty-pages":N,"window-ms":W,"memory":B,...}`: distinct pages the vCPUs wrote in the window (a tracker of its own; refused while a migration runs, and a migration is refused while it runs) |
 //! | `{"cmd":"quit"}` | `{"result":"ok"}`, then the VMM exits |
+//!
+//! A `receive` serves its API socket before the guest arrives (`api_state.rs`): while it
+//! waits for a migration, `status` answers `{"result":"ok","version":...,"pid":...,"running":false,"migration":"waiting","listen":ENDPOINT}`,
+//! `quit` ends it, `migrate-status` answers `"status":"none"` and the other `migrate-*`
+//! requests are refused; once a migration arrived, `status` waits up to 2 s for the guest, else
+//! answers `"migration":"incoming"`; every other request is answered when the guest is here.
 
 use std::io::{BufRead, BufReader, Write};
 use std::os::fd::AsRawFd;
@@ -50,6 +56,7 @@ use livemig::Progress;
 use serde_json::{json, Value};
 use vm_memory::{Bytes, GuestAddress, GuestMemoryBackend, GuestMemoryRegion};
 
+use crate::api_state::{ApiState, Early, Ready};
 use crate::migration::{do_migrate, setup_error, MigrateOptions, Outcome};
 use crate::monitor::MigrationMonitor;
 use crate::socket_path::Listener;
@@ -68,14 +75,27 @@ pub enum ApiEvent {
     Quit,
 }
 
+/// An API socket being served: its listener (whose path is removed when
+/// dropped, if it is still this socket) and what its clients are answered
+/// by.
+pub struct ApiSocket {
+    pub listener: Listener,
+    pub state: Arc<ApiState>,
+}
+
+impl ApiSocket {
+    /// Serves `listener` per `state` from now on.
+    pub fn start(listener: Listener, state: Arc<ApiState>) -> Result<Self, String> {
+        serve(&listener, state.clone())?;
+        Ok(ApiSocket { listener, state })
+    }
+}
+
 /// Starts the API server thread on `listener` (bound by the caller: `run`
-/// at its path, `receive` beside it until it takes the path over).
-pub fn serve(
-    listener: &Listener,
-    machine: Arc<Machine>,
-    events: Sender<ApiEvent>,
-) -> Result<(), String> {
-    let monitor = Arc::new(MigrationMonitor::default());
+/// at its path, `receive` at its path or beside it until it takes the path
+/// over). Each client is answered per `state`: by the machine once it is
+/// here, before that as `api_state.rs` says.
+pub fn serve(listener: &Listener, state: Arc<ApiState>) -> Result<(), String> {
     let listener = listener.try_clone()?;
     std::thread::Builder::new()
         .name("api".into())
@@ -85,12 +105,10 @@ pub fn serve(
             for conn in listener.incoming() {
                 match conn {
                     Ok(c) => {
-                        let machine = machine.clone();
-                        let monitor = monitor.clone();
-                        let events = events.clone();
+                        let state = state.clone();
                         let spawned = std::thread::Builder::new().name("api-client".into()).spawn(
                             move || {
-                                if let Err(e) = handle(c, &machine, &monitor, &events) {
+                                if let Err(e) = serve_client(c, &state) {
                                     log::warn!("API client: {e}");
                                 }
                             },
@@ -105,6 +123,40 @@ pub fn serve(
         })
         .map_err(|e| format!("API thread: {e}"))?;
     Ok(())
+}
+
+/// One client: answered by the machine once it is here, before that per
+/// [`ApiState::answer_early`].
+fn serve_client(conn: UnixStream, state: &ApiState) -> Result<(), String> {
+    let mut w = conn.try_clone().map_err(|e| e.to_string())?;
+    let mut reader = BufReader::new(conn.try_clone().map_err(|e| e.to_string())?);
+    loop {
+        if let Some(r) = state.ready_now() {
+            return handle(conn, reader, None, &r);
+        }
+        let mut line = String::new();
+        if reader.read_line(&mut line).map_err(|e| e.to_string())? == 0 {
+            return Ok(());
+        }
+        if line.trim().is_empty() {
+            continue;
+        }
+        let cmd = serde_json::from_str::<Value>(&line)
+            .ok()
+            .and_then(|v| v["cmd"].as_str().map(str::to_string))
+            .unwrap_or_default();
+        match state.answer_early(&cmd) {
+            Early::Reply(v) => send(&mut w, &v).map_err(|e| e.to_string())?,
+            Early::Quit => {
+                send(&mut w, &json!({"result": "ok"})).map_err(|e| e.to_string())?;
+                state.quit_waiting();
+            }
+            Early::Guest => {
+                let r = state.wait_ready();
+                return handle(conn, reader, Some(line), &r);
+            }
+        }
+    }
 }
 
 fn send(w: &mut UnixStream, v: &Value) -> std::io::Result<()> {
@@ -146,18 +198,25 @@ fn hash_regions(mem: &GuestRam) -> Vec<Value> {
     out
 }
 
+/// Answers `conn`'s requests with the machine of `r`, starting with
+/// `first` (a line already read from `reader`) if given.
 fn handle(
     conn: UnixStream,
-    m: &Arc<Machine>,
-    monitor: &MigrationMonitor,
-    events: &Sender<ApiEvent>,
+    mut reader: BufReader<UnixStream>,
+    mut first: Option<String>,
+    r: &Ready,
 ) -> Result<(), String> {
+    let (m, monitor, events) = (&r.machine, &*r.monitor, &r.events);
     let mut w = conn.try_clone().map_err(|e| e.to_string())?;
-    let mut reader = BufReader::new(conn.try_clone().map_err(|e| e.to_string())?);
     loop {
         let mut line = String::new();
-        if reader.read_line(&mut line).map_err(|e| e.to_string())? == 0 {
-            return Ok(());
+        match first.take() {
+            Some(l) => line = l,
+            None => {
+                if reader.read_line(&mut line).map_err(|e| e.to_string())? == 0 {
+                    return Ok(());
+                }
+            }
         }
         if line.trim().is_empty() {
             continue;

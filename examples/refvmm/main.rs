@@ -27,6 +27,7 @@
 
 mod agent;
 mod api;
+mod api_state;
 mod auto;
 mod carry;
 mod cli;

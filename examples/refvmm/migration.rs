@@ -21,6 +21,8 @@ use serde::{Deserialize, Serialize};
 use serde_json::{json, Value};
 use vm_memory::{GuestMemoryBackend, GuestMemoryRegion};
 
+use crate::api::ApiSocket;
+use crate::api_state::ApiState;
 use crate::cli::{
     parse_dirty, parse_memory_options, parse_serial, parse_size, runtime, usage, Fail, ReceiveArgs,
 };
@@ -622,6 +624,31 @@ fn prepare_vm(
     }
 }
 
+/// The API socket of a `receive`, served while it waits for a migration
+/// (`api_state.rs`), when its path is free; `None` without `--api-socket`
+/// or when a VMM listens there (an upgrade's old VMM: the socket is then
+/// bound once the hand-over arrives). A `quit` while waiting removes it and
+/// the console's socket.
+fn waiting_api(
+    path: Option<&std::path::Path>,
+    listen: &str,
+    console: Option<&(Listener, Arc<crate::console_server::ConsoleLog>)>,
+) -> Result<Option<ApiSocket>, Fail> {
+    let Some(path) = path else { return Ok(None) };
+    if std::os::unix::net::UnixStream::connect(path).is_ok() {
+        return Ok(None);
+    }
+    let listener = Listener::bind("API socket", path).map_err(runtime)?;
+    let state = ApiState::waiting(listen.to_string());
+    let (p, id) = listener.bound_file();
+    state.remove_on_quit(p, id);
+    if let Some((c, _)) = console {
+        let (p, id) = c.bound_file();
+        state.remove_on_quit(p, id);
+    }
+    ApiSocket::start(listener, state).map(Some).map_err(runtime)
+}
+
 pub(crate) fn cmd_receive(args: ReceiveArgs) -> Result<(), Fail> {
     let ReceiveArgs {
         listen: listen_at,
@@ -652,14 +679,23 @@ pub(crate) fn cmd_receive(args: ReceiveArgs) -> Result<(), Fail> {
     let mut console = open_console(common.console.as_deref(), true)?;
     let tls_plain = tls.is_none();
     let mut prepared = prepare_vm(memory, memory_options, dirty_mode);
+    let waiting = waiting_api(common.api_socket.as_deref(), &listen_at, console.as_ref())?;
     let incoming = accept_incoming(&endpoint, tls)?;
+    if let Some(a) = &waiting {
+        a.state.incoming();
+    }
     let local = matches!(incoming, Incoming::Local(..));
-    // A local hand-over's API socket is bound now, beside its path, and
-    // renamed over the path when the guest resumes here, before the old VMM
-    // learns that the hand-over completed (and removes the path at exit if
-    // it still names its own socket).
-    let mut api = match (&common.api_socket, local) {
-        (Some(p), true) => Some(Listener::bind_for_takeover("API socket", p).map_err(runtime)?),
+    // A local hand-over to a VMM whose API socket path was in use while it
+    // waited (an upgrade: the old VMM listens there): the socket is bound
+    // now, beside the path, and renamed over the path when the guest
+    // resumes here, before the old VMM learns that the hand-over completed
+    // (and removes the path at exit if it still names its own socket).
+    let mut api = match (&common.api_socket, local, &waiting) {
+        (Some(p), true, None) => Some(
+            Listener::bind_for_takeover("API socket", p)
+                .and_then(|l| ApiSocket::start(l, ApiState::coming()))
+                .map_err(runtime)?,
+        ),
         _ => None,
     };
     let mut shared_memory = None;
@@ -808,9 +844,9 @@ pub(crate) fn cmd_receive(args: ReceiveArgs) -> Result<(), Fail> {
                     serde_json::to_string(pc).unwrap_or_default()
                 );
             }
-            let api = match api {
-                Some(l) => Some(l),
-                None => bind_api(common.api_socket.as_deref())?,
+            let api = match (api, waiting) {
+                (Some(a), _) | (None, Some(a)) => Some(a),
+                (None, None) => bind_api(common.api_socket.as_deref())?,
             };
             run_machine(machine, api, run, console)
         }

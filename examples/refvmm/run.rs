@@ -9,13 +9,14 @@ use std::time::Duration;
 
 use livemig_kvm::x86_layout;
 
-use crate::api::ApiEvent;
+use crate::api::{ApiEvent, ApiSocket};
+use crate::api_state::ApiState;
 use crate::cli::{
     parse_dirty, parse_memory_options, parse_serial, parse_size, runtime, usage, Fail, RunArgs,
 };
 use crate::socket_path::Listener;
 use crate::vmm::{Machine, MachineConfig};
-use crate::{api, console, console_server, multiboot, net};
+use crate::{console, console_server, multiboot, net};
 
 /// Checks every `--net` (usage errors first), then KVM, then opens the TAPs.
 pub(crate) fn open_nets(specs: &[String]) -> Result<Vec<net::NetBackend>, Fail> {
@@ -56,12 +57,14 @@ pub(crate) fn open_console(
     Ok(Some((listener, Arc::default())))
 }
 
-/// The API socket of `run` and of a `receive` whose migration came over
-/// the network, bound at its path (a local hand-over's is bound before the
-/// guest arrives and taken over when it resumes, in `DestMachine`).
-pub(crate) fn bind_api(path: Option<&Path>) -> Result<Option<Listener>, Fail> {
-    path.map(|p| Listener::bind("API socket", p))
-        .transpose()
+/// The API socket of `run` (and of a `receive` that could not bind its
+/// path while it waited), bound at its path and served from now on; its
+/// requests wait for the machine.
+pub(crate) fn bind_api(path: Option<&Path>) -> Result<Option<ApiSocket>, Fail> {
+    let Some(p) = path else { return Ok(None) };
+    let listener = Listener::bind("API socket", p).map_err(runtime)?;
+    ApiSocket::start(listener, ApiState::coming())
+        .map(Some)
         .map_err(runtime)
 }
 
@@ -71,7 +74,7 @@ pub(crate) fn bind_api(path: Option<&Path>) -> Result<Option<Listener>, Fail> {
 /// the new VMM has taken them over already: they stay).
 pub(crate) fn run_machine(
     machine: Machine,
-    api: Option<Listener>,
+    api: Option<ApiSocket>,
     start: bool,
     console: Option<(Listener, Arc<console_server::ConsoleLog>)>,
 ) -> Result<(), Fail> {
@@ -84,8 +87,8 @@ pub(crate) fn run_machine(
         None => console::forward_stdin(&machine),
     }
     let (tx, rx) = channel();
-    if let Some(l) = &api {
-        api::serve(l, machine.clone(), tx.clone()).map_err(runtime)?;
+    if let Some(a) = &api {
+        a.state.ready(machine.clone(), tx.clone());
     }
     // The guest is this VMM's now: supervisors follow the pid file.
     let pid_file = crate::carry::recorded().and_then(|s| s.pid_file());

@@ -91,6 +91,15 @@ impl Listener {
         })
     }
 
+    /// Where the socket file is now (beside the path until taken over)
+    /// and its identity (device, inode).
+    pub fn bound_file(&self) -> (PathBuf, (u64, u64)) {
+        (
+            self.tmp.clone().unwrap_or_else(|| self.path.clone()),
+            self.id,
+        )
+    }
+
     /// The path this socket serves (or will, once taken over).
     pub fn path(&self) -> &Path {
         &self.path

@@ -428,7 +428,7 @@ pub struct DestMachine {
     )>,
     /// A local hand-over's API socket, to take over its path when the
     /// guest resumes.
-    pub api: Option<crate::socket_path::Listener>,
+    pub api: Option<crate::api::ApiSocket>,
     /// A same-host hand-over: the TAPs are the source's, and the frames
     /// queued on them arrived for this guest during the pause (kept).
     pub local: bool,
@@ -484,7 +484,8 @@ impl livemig::vm::DestinationVm for DestMachine {
         // source learns that the migration completed (tells its clients,
         // and removes its paths at exit if they still name its sockets).
         let console = self.console.as_mut().map(|(l, _)| l);
-        for listener in console.into_iter().chain(self.api.as_mut()) {
+        let api = self.api.as_mut().map(|a| &mut a.listener);
+        for listener in console.into_iter().chain(api) {
             if let Err(e) = listener.take_over() {
                 eprintln!("refvmm: {e}");
             }

@@ -1,0 +1,202 @@
+//! The API before the guest is here: a `receive` serves its API socket
+//! from the start, not only once a migration has arrived.
+//!
+//! While no migration has arrived ([`Phase::Waiting`]), `status` answers
+//! at once (`"running":false,"migration":"waiting"` and the endpoint it
+//! listens on), `quit` ends the VMM (there is no guest to lose),
+//! `migrate-status` says `none` and the other `migrate-*` requests are
+//! refused. Once a migration has arrived, `status` waits up to
+//! [`STATUS_WAIT`] for the guest, else answers `"migration":"incoming"`.
+//! Every other request waits until the guest is here and is then answered
+//! as by any VMM that runs one; a reception that fails ends the process,
+//! which closes the connection (the wait is as bounded as the
+//! reception's own timeouts).
+
+use std::path::PathBuf;
+use std::sync::mpsc::Sender;
+use std::sync::{Arc, Condvar, Mutex, MutexGuard};
+use std::time::Duration;
+
+use serde_json::{json, Value};
+
+use crate::api::ApiEvent;
+use crate::monitor::MigrationMonitor;
+use crate::vmm::Machine;
+
+/// What an API client is answered by: the machine, once it is here.
+#[derive(Clone)]
+pub struct Ready {
+    pub machine: Arc<Machine>,
+    pub events: Sender<ApiEvent>,
+    pub monitor: Arc<MigrationMonitor>,
+}
+
+/// Where the VMM behind the API socket is.
+enum Phase {
+    /// A `receive` waiting for a migration on this endpoint.
+    Waiting(String),
+    /// A migration arrived, or the machine is being made: requests wait.
+    Coming,
+    /// The machine runs here.
+    Ready(Ready),
+}
+
+/// The API's view of its VMM, shared by its client threads.
+pub struct ApiState {
+    phase: Mutex<Phase>,
+    ready_cv: Condvar,
+    /// Socket files a `quit` while waiting removes (each only if it is
+    /// still the file this VMM bound: device and inode).
+    cleanup: Mutex<Vec<(PathBuf, (u64, u64))>>,
+}
+
+impl ApiState {
+    /// A `receive` waiting for a migration on `endpoint`.
+    pub fn waiting(endpoint: String) -> Arc<Self> {
+        Self::new(Phase::Waiting(endpoint))
+    }
+
+    /// A VMM whose machine is being made (`run`, or a `receive` that
+    /// binds its API socket only once the guest arrived).
+    pub fn coming() -> Arc<Self> {
+        Self::new(Phase::Coming)
+    }
+
+    fn new(phase: Phase) -> Arc<Self> {
+        Arc::new(ApiState {
+            phase: Mutex::new(phase),
+            ready_cv: Condvar::new(),
+            cleanup: Mutex::new(Vec::new()),
+        })
+    }
+
+    fn lock(&self) -> MutexGuard<'_, Phase> {
+        self.phase.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// A migration arrived: from now on every request waits for the guest.
+    pub fn incoming(&self) {
+        let mut p = self.lock();
+        if matches!(*p, Phase::Waiting(_)) {
+            *p = Phase::Coming;
+        }
+    }
+
+    /// The machine runs here: waiting requests are answered.
+    pub fn ready(&self, machine: Arc<Machine>, events: Sender<ApiEvent>) {
+        *self.lock() = Phase::Ready(Ready {
+            machine,
+            events,
+            monitor: Arc::new(MigrationMonitor::default()),
+        });
+        self.ready_cv.notify_all();
+    }
+
+    /// Removes `path` (if it is still the file `id`) should a `quit` end
+    /// this VMM while it waits.
+    pub fn remove_on_quit(&self, path: PathBuf, id: (u64, u64)) {
+        self.cleanup
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .push((path, id));
+    }
+
+    /// The machine, if it is here.
+    pub fn ready_now(&self) -> Option<Ready> {
+        match &*self.lock() {
+            Phase::Ready(r) => Some(r.clone()),
+            _ => None,
+        }
+    }
+
+    /// Blocks until the machine is here.
+    pub fn wait_ready(&self) -> Ready {
+        let mut p = self.lock();
+        loop {
+            if let Phase::Ready(r) = &*p {
+                return r.clone();
+            }
+            p = self.ready_cv.wait(p).unwrap_or_else(|e| e.into_inner());
+        }
+    }
+
+    /// What to answer `cmd` with before the machine is here.
+    pub fn answer_early(&self, cmd: &str) -> Early {
+        let p = self.lock();
+        match &*p {
+            Phase::Ready(_) => Early::Guest,
+            Phase::Waiting(endpoint) => match cmd {
+                "status" => Early::Reply(status("waiting", Some(endpoint))),
+                "quit" => Early::Quit,
+                "migrate-status" | "query-migrate" => {
+                    Early::Reply(json!({"result": "ok", "status": "none"}))
+                }
+                "migrate-cancel" | "migrate-postcopy" | "migrate-resume" => Early::Reply(json!({
+                    "result": "error",
+                    "error": "no migration runs from here: this VMM waits for an incoming one",
+                })),
+                _ => Early::Guest,
+            },
+            Phase::Coming if cmd == "status" => {
+                let (p, _) = self
+                    .ready_cv
+                    .wait_timeout_while(p, STATUS_WAIT, |p| !matches!(p, Phase::Ready(_)))
+                    .unwrap_or_else(|e| e.into_inner());
+                match &*p {
+                    Phase::Ready(_) => Early::Guest,
+                    _ => Early::Reply(status("incoming", None)),
+                }
+            }
+            Phase::Coming => Early::Guest,
+        }
+    }
+
+    /// Ends the process after a `quit` while waiting, removing the socket
+    /// files given to [`ApiState::remove_on_quit`]. Under the phase's
+    /// lock: a migration that arrives now finds the process gone before
+    /// anything was committed (its source keeps the guest).
+    pub fn quit_waiting(&self) -> ! {
+        let _p = self.lock();
+        eprintln!("refvmm: asked to quit while waiting for a migration; exits");
+        for (path, id) in self
+            .cleanup
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .iter()
+        {
+            if crate::socket_path::file_id(path) == Some(*id) {
+                let _ = std::fs::remove_file(path);
+            }
+        }
+        std::process::exit(0)
+    }
+}
+
+/// How long a `status` waits for a guest that is arriving before it says
+/// so (`"migration":"incoming"`).
+const STATUS_WAIT: Duration = Duration::from_secs(2);
+
+/// What to do with a request that came before the machine.
+pub enum Early {
+    /// Send this answer.
+    Reply(Value),
+    /// Answer `ok`, then [`ApiState::quit_waiting`].
+    Quit,
+    /// Wait for the machine and let it answer.
+    Guest,
+}
+
+/// `status` before the machine is here.
+fn status(migration: &str, listen: Option<&String>) -> Value {
+    let mut v = json!({
+        "result": "ok",
+        "version": env!("CARGO_PKG_VERSION"),
+        "pid": std::process::id(),
+        "running": false,
+        "migration": migration,
+    });
+    if let Some(l) = listen {
+        v["listen"] = json!(l);
+    }
+    v
+}

@@ -1,0 +1,81 @@
+//! `refvmm receive` serves its API socket while it waits for a migration
+//! (an operator can ask what it is doing and stop it, as with any VMM),
+//! not only once a guest has arrived. Needs /dev/kvm (skipped loudly
+//! where absent).
+
+mod common;
+
+use std::time::Duration;
+
+use livemig_suite::harness::{api_request, migrate, scratch_dir, start_destination, start_source};
+use serde_json::json;
+
+const T: Duration = Duration::from_secs(30);
+
+/// While waiting: `status` says so at once; a request that needs the
+/// guest waits for it and is answered by the VMM once it runs the guest.
+#[test]
+fn a_waiting_receive_answers_status_and_holds_other_requests_for_the_guest() {
+    let Some(_kvm) = common::kvm_or_skip("a_waiting_receive_answers_status") else {
+        return;
+    };
+    let dir = scratch_dir("rx-wait");
+    let (dst, ep) = start_destination(&dir, "dst", &[]).unwrap();
+    let st = api_request(&dst.api, &json!({"cmd": "status"}), |_| {})
+        .unwrap_or_else(|e| panic!("no API while waiting: {e}\n{}", dst.stderr()));
+    assert_eq!(st["result"], "ok", "{st}");
+    assert_eq!(st["migration"], "waiting", "{st}");
+    assert_eq!(st["running"], false, "{st}");
+    assert_eq!(st["pid"], json!(dst.pid()), "{st}");
+    assert!(st["listen"].as_str().is_some(), "{st}");
+    // No outgoing migration to report or cancel: answered at once.
+    let ms = api_request(&dst.api, &json!({"cmd": "migrate-status"}), |_| {}).unwrap();
+    assert_eq!(ms["status"], "none", "{ms}");
+    let mc = api_request(&dst.api, &json!({"cmd": "migrate-cancel"}), |_| {}).unwrap();
+    assert_eq!(mc["result"], "error", "{mc}");
+    // A request for the guest's memory, asked before the guest is here.
+    let api = dst.api.clone();
+    let held =
+        std::thread::spawn(move || api_request(&api, &json!({"cmd": "memory-hash"}), |_| {}));
+    std::thread::sleep(Duration::from_millis(300));
+    assert!(!held.is_finished(), "answered before the guest arrived");
+    let mut src = start_source(&dir, "src", "256M", 1, "hb=1000").unwrap();
+    src.wait_ready(T).unwrap();
+    let report = migrate(&src, &ep, json!({})).unwrap_or_else(|e| panic!("{e}"));
+    assert_eq!(report["status"], "completed", "{report}");
+    let r = held.join().unwrap().unwrap();
+    assert_eq!(r["result"], "ok", "{r}");
+    assert!(
+        r["regions"].as_array().is_some_and(|a| !a.is_empty()),
+        "{r}"
+    );
+    let st = api_request(&dst.api, &json!({"cmd": "status"}), |_| {}).unwrap();
+    assert_eq!(st["running"], true, "{st}");
+    assert_eq!(st["migration"], "idle", "{st}");
+    let _ = api_request(&dst.api, &json!({"cmd": "quit"}), |_| {});
+    let _ = src.wait_exit(Duration::from_secs(10));
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+/// `quit` while waiting ends the VMM with status 0 and removes its API
+/// socket.
+#[test]
+fn quit_stops_a_waiting_receive_and_removes_its_socket() {
+    let Some(_kvm) = common::kvm_or_skip("quit_stops_a_waiting_receive") else {
+        return;
+    };
+    let dir = scratch_dir("rx-quit");
+    let (mut dst, _ep) = start_destination(&dir, "dst", &[]).unwrap();
+    let r = api_request(&dst.api, &json!({"cmd": "quit"}), |_| {})
+        .unwrap_or_else(|e| panic!("no API while waiting: {e}\n{}", dst.stderr()));
+    assert_eq!(r["result"], "ok", "{r}");
+    let st = dst.wait_exit(Duration::from_secs(10)).expect("exits");
+    assert!(st.success(), "exit {st}: {}", dst.stderr());
+    assert!(!dst.api.exists(), "the API socket is left behind");
+    assert!(
+        dst.stderr().contains("asked to quit while waiting"),
+        "{}",
+        dst.stderr()
+    );
+    let _ = std::fs::remove_dir_all(&dir);
+}
