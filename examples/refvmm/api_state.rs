@@ -51,7 +51,8 @@ pub struct ApiState {
 }
 
 impl ApiState {
-    /// A `receive` waiting for a migration on `endpoint`.
+    /// A `receive` waiting for a migration on `endpoint` (as given, until
+    /// [`ApiState::listening_on`]).
     pub fn waiting(endpoint: String) -> Arc<Self> {
         Self::new(Phase::Waiting(endpoint))
     }
@@ -72,6 +73,14 @@ impl ApiState {
 
     fn lock(&self) -> MutexGuard<'_, Phase> {
         self.phase.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// The endpoint the `receive` listens on, once bound (a port 0 given
+    /// becomes the port chosen).
+    pub fn listening_on(&self, endpoint: String) {
+        if let Phase::Waiting(e) = &mut *self.lock() {
+            *e = endpoint;
+        }
     }
 
     /// A migration arrived: from now on every request waits for the guest.

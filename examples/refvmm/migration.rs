@@ -529,15 +529,19 @@ fn control_and_fault(
     }
 }
 
+/// Listens on `endpoint` (telling `listening` where, once bound) and
+/// takes the first migration or local hand-over.
 fn accept_incoming(
     endpoint: &Endpoint,
     tls: Option<livemig_tls::TlsConfig>,
+    listening: &dyn Fn(String),
 ) -> Result<Incoming, Fail> {
     match (tls, endpoint) {
         (Some(cfg), _) => {
             let id = cfg.load().map_err(|e| usage(e.to_string()))?;
             let listener = livemig_tls::TlsListener::bind(endpoint, &id)
                 .map_err(|e| runtime(e.to_string()))?;
+            listening(listener.local_endpoint().to_string());
             eprintln!(
                 "refvmm: waiting for a migration on {} (mutual TLS)",
                 listener.local_endpoint()
@@ -559,6 +563,7 @@ fn accept_incoming(
             let acceptor = crate::local::UnixAcceptor::bind(path).map_err(runtime)?;
             // Either a migration or a local hand-over (told apart by the
             // first bytes); the line is the one `receive` always prints.
+            listening(endpoint.to_string());
             eprintln!("refvmm: waiting for a migration on {endpoint}");
             let s = acceptor.accept().map_err(runtime)?;
             if !crate::local::is_handover(&s, Duration::from_secs(10)).map_err(runtime)? {
@@ -576,6 +581,7 @@ fn accept_incoming(
         }
         (None, _) => {
             let listener = listen(endpoint).map_err(|e| runtime(e.to_string()))?;
+            listening(listener.local_endpoint().to_string());
             eprintln!(
                 "refvmm: waiting for a migration on {}",
                 listener.local_endpoint()
@@ -680,7 +686,11 @@ pub(crate) fn cmd_receive(args: ReceiveArgs) -> Result<(), Fail> {
     let tls_plain = tls.is_none();
     let mut prepared = prepare_vm(memory, memory_options, dirty_mode);
     let waiting = waiting_api(common.api_socket.as_deref(), &listen_at, console.as_ref())?;
-    let incoming = accept_incoming(&endpoint, tls)?;
+    let incoming = accept_incoming(&endpoint, tls, &|at| {
+        if let Some(a) = &waiting {
+            a.state.listening_on(at);
+        }
+    })?;
     if let Some(a) = &waiting {
         a.state.incoming();
     }
