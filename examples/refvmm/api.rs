@@ -39,7 +39,7 @@
 //!
 //! A `receive` serves its API socket before the guest arrives (`api_state.rs`): while it
 //! waits for a migration, `status` answers `{"result":"ok","version":...,"pid":...,"running":false,"migration":"waiting","listen":ENDPOINT}`,
-//! `quit` ends it, `migrate-status` answers `"status":"none"` and the other `migrate-*`
+//! `quit` ends it (once a migration arrived, it waits for the guest), `migrate-status` answers `"status":"none"` and the other `migrate-*`
 //! requests are refused; once a migration arrived, `status` waits up to 2 s for the guest, else
 //! answers `"migration":"incoming"`; every other request is answered when the guest is here.
 
@@ -147,11 +147,13 @@ fn serve_client(conn: UnixStream, state: &ApiState) -> Result<(), String> {
             .unwrap_or_default();
         match state.answer_early(&cmd) {
             Early::Reply(v) => send(&mut w, &v).map_err(|e| e.to_string())?,
-            Early::Quit => {
-                send(&mut w, &json!({"result": "ok"})).map_err(|e| e.to_string())?;
-                state.quit_waiting();
-            }
-            Early::Guest => {
+            later => {
+                if let Early::Quit = later {
+                    // Returns only if a migration arrived meanwhile.
+                    state.quit_if_waiting(&mut || {
+                        let _ = send(&mut w, &json!({"result": "ok"}));
+                    });
+                }
                 let r = state.wait_ready();
                 return handle(conn, reader, Some(line), &r);
             }

@@ -3,7 +3,8 @@
 //!
 //! While no migration has arrived ([`Phase::Waiting`]), `status` answers
 //! at once (`"running":false,"migration":"waiting"` and the endpoint it
-//! listens on), `quit` ends the VMM (there is no guest to lose),
+//! listens on), `quit` ends the VMM (there is no guest to lose; once a
+//! migration has arrived, a `quit` waits for the guest as below),
 //! `migrate-status` says `none` and the other `migrate-*` requests are
 //! refused. Once a migration has arrived, `status` waits up to
 //! [`STATUS_WAIT`] for the guest, else answers `"migration":"incoming"`.
@@ -160,12 +161,18 @@ impl ApiState {
         }
     }
 
-    /// Ends the process after a `quit` while waiting, removing the socket
-    /// files given to [`ApiState::remove_on_quit`]. Under the phase's
-    /// lock: a migration that arrives now finds the process gone before
-    /// anything was committed (its source keeps the guest).
-    pub fn quit_waiting(&self) -> ! {
-        let _p = self.lock();
+    /// A `quit`: while still waiting, calls `answer` (the `ok`), removes
+    /// the socket files given to [`ApiState::remove_on_quit`] and ends the
+    /// process, all under the phase's lock, so that a migration accepted
+    /// meanwhile finds the process gone before anything was committed (its
+    /// source keeps the guest). Returns once a migration has arrived: the
+    /// `quit` then waits for the guest as any other request.
+    pub fn quit_if_waiting(&self, answer: &mut dyn FnMut()) {
+        let p = self.lock();
+        if !matches!(*p, Phase::Waiting(_)) {
+            return;
+        }
+        answer();
         eprintln!("refvmm: asked to quit while waiting for a migration; exits");
         for (path, id) in self
             .cleanup
@@ -173,9 +180,7 @@ impl ApiState {
             .unwrap_or_else(|e| e.into_inner())
             .iter()
         {
-            if crate::socket_path::file_id(path) == Some(*id) {
-                let _ = std::fs::remove_file(path);
-            }
+            crate::socket_path::remove_if_ours(path, *id);
         }
         std::process::exit(0)
     }
@@ -189,7 +194,7 @@ const STATUS_WAIT: Duration = Duration::from_secs(2);
 pub enum Early {
     /// Send this answer.
     Reply(Value),
-    /// Answer `ok`, then [`ApiState::quit_waiting`].
+    /// [`ApiState::quit_if_waiting`], else as [`Early::Guest`].
     Quit,
     /// Wait for the machine and let it answer.
     Guest,

@@ -641,10 +641,9 @@ fn waiting_api(
     console: Option<&(Listener, Arc<crate::console_server::ConsoleLog>)>,
 ) -> Result<Option<ApiSocket>, Fail> {
     let Some(path) = path else { return Ok(None) };
-    if std::os::unix::net::UnixStream::connect(path).is_ok() {
+    let Some(listener) = Listener::bind_if_free("API socket", path).map_err(runtime)? else {
         return Ok(None);
-    }
-    let listener = Listener::bind("API socket", path).map_err(runtime)?;
+    };
     let state = ApiState::waiting(listen.to_string());
     let (p, id) = listener.bound_file();
     state.remove_on_quit(p, id);

@@ -25,10 +25,18 @@ pub struct Listener {
 }
 
 /// Device and inode of the file at `path`.
-pub fn file_id(path: &Path) -> Option<(u64, u64)> {
+fn file_id(path: &Path) -> Option<(u64, u64)> {
     std::fs::symlink_metadata(path)
         .ok()
         .map(|m| (m.dev(), m.ino()))
+}
+
+/// Removes `path` if it is still the file `id` (device, inode): another
+/// VMM may have renamed its own socket over it.
+pub fn remove_if_ours(path: &Path, id: (u64, u64)) {
+    if file_id(path) == Some(id) {
+        let _ = std::fs::remove_file(path);
+    }
 }
 
 impl Listener {
@@ -53,13 +61,19 @@ impl Listener {
     /// Binds `path`. A stale socket file there is replaced; one somebody
     /// listens on is refused.
     pub fn bind(what: &'static str, path: &Path) -> Result<Self, String> {
+        Self::bind_if_free(what, path)?
+            .ok_or_else(|| format!("{what} {} is in use", path.display()))
+    }
+
+    /// [`Listener::bind`], or `None` when somebody listens on `path`.
+    pub fn bind_if_free(what: &'static str, path: &Path) -> Result<Option<Self>, String> {
         if path.exists() {
             if UnixStream::connect(path).is_ok() {
-                return Err(format!("{what} {} is in use", path.display()));
+                return Ok(None);
             }
             let _ = std::fs::remove_file(path);
         }
-        Self::bind_at(what, path, path, None)
+        Self::bind_at(what, path, path, None).map(Some)
     }
 
     /// Binds a temporary socket next to `path` (`PATH.<pid>.new`), to be
@@ -94,10 +108,11 @@ impl Listener {
     /// Where the socket file is now (beside the path until taken over)
     /// and its identity (device, inode).
     pub fn bound_file(&self) -> (PathBuf, (u64, u64)) {
-        (
-            self.tmp.clone().unwrap_or_else(|| self.path.clone()),
-            self.id,
-        )
+        (self.bound_at().to_path_buf(), self.id)
+    }
+
+    fn bound_at(&self) -> &Path {
+        self.tmp.as_deref().unwrap_or(&self.path)
     }
 
     /// The path this socket serves (or will, once taken over).
@@ -115,10 +130,7 @@ impl Listener {
 
 impl Drop for Listener {
     fn drop(&mut self) {
-        let at = self.tmp.as_ref().unwrap_or(&self.path);
-        if file_id(at) == Some(self.id) {
-            let _ = std::fs::remove_file(at);
-        }
+        remove_if_ours(self.bound_at(), self.id);
     }
 }
 
