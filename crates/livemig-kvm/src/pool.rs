@@ -22,7 +22,7 @@
 //! itself, as above.
 
 use std::panic::{catch_unwind, resume_unwind, AssertUnwindSafe};
-use std::sync::atomic::{AtomicI64, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::mpsc::{channel, Sender};
 use std::sync::{Arc, Condvar, Mutex, MutexGuard, OnceLock};
 
@@ -78,9 +78,14 @@ struct Helper {
 /// Long-lived helper threads (started on first use).
 pub(crate) struct Pool {
     helpers: usize,
-    senders: Mutex<Vec<Helper>>,
-    /// The caller's CPU the helpers were last kept off (-1: none yet).
-    kept_off: AtomicI64,
+    senders: Mutex<Helpers>,
+}
+
+/// The helpers started, and the caller's CPU they were last kept off.
+#[derive(Default)]
+struct Helpers {
+    list: Vec<Helper>,
+    kept_off: Option<usize>,
 }
 
 impl Pool {
@@ -89,8 +94,7 @@ impl Pool {
     pub(crate) fn new(helpers: usize) -> Self {
         Pool {
             helpers,
-            senders: Mutex::new(Vec::new()),
-            kept_off: AtomicI64::new(-1),
+            senders: Mutex::default(),
         }
     }
 
@@ -144,7 +148,7 @@ impl Pool {
     /// that cannot be started is simply not there: the caller does its part.
     fn post(&self, job: Job) {
         let mut senders = self.senders.lock().unwrap_or_else(|e| e.into_inner());
-        if senders.is_empty() {
+        if senders.list.is_empty() {
             for k in 0..self.helpers {
                 let (tx, rx) = channel::<Job>();
                 let started = Arc::new(OnceLock::new());
@@ -160,36 +164,13 @@ impl Pool {
                         }
                     });
                 match spawned {
-                    Ok(_) => senders.push(Helper { jobs: tx, started }),
+                    Ok(_) => senders.list.push(Helper { jobs: tx, started }),
                     Err(e) => log::warn!("vCPU state helper {k} not started: {e}"),
                 }
             }
         }
-        self.keep_helpers_off_this_cpu(&senders);
-        senders.retain(|h| h.jobs.send(job.clone()).is_ok());
-    }
-
-    /// Keeps every helper whose thread id is known off the CPU the caller
-    /// runs on now; nothing to do when that is the CPU they were kept off
-    /// for the last batch. A helper the host cannot move (started with one
-    /// CPU allowed, an error) stays where it may run.
-    fn keep_helpers_off_this_cpu(&self, helpers: &[Helper]) {
-        let Some(cpu) = current_cpu() else {
-            return;
-        };
-        if cpu as i64 == self.kept_off.load(Ordering::Relaxed) {
-            return;
-        }
-        let mut all = true;
-        for h in helpers {
-            all &= match h.started.get() {
-                Some(&(tid, cpus)) => keep_off(tid, cpus, cpu),
-                None => false,
-            };
-        }
-        if all {
-            self.kept_off.store(cpu as i64, Ordering::Relaxed);
-        }
+        senders.keep_off_this_cpu();
+        senders.list.retain(|h| h.jobs.send(job.clone()).is_ok());
     }
 
     /// The helpers' thread ids (0: not run yet).
@@ -197,9 +178,35 @@ impl Pool {
     fn helper_tids(&self) -> Vec<libc::pid_t> {
         let senders = self.senders.lock().unwrap_or_else(|e| e.into_inner());
         senders
+            .list
             .iter()
             .map(|h| h.started.get().map_or(0, |s| s.0))
             .collect()
+    }
+}
+
+impl Helpers {
+    /// Keeps every helper whose thread id is known off the CPU the caller
+    /// runs on now; nothing to do when that is the CPU they were kept off
+    /// for the last batch. A helper the host cannot move (started with one
+    /// CPU allowed, an error) stays where it may run.
+    fn keep_off_this_cpu(&mut self) {
+        let Some(cpu) = current_cpu() else {
+            return;
+        };
+        if self.kept_off == Some(cpu) {
+            return;
+        }
+        let mut all = true;
+        for h in &self.list {
+            all &= match h.started.get() {
+                Some(&(tid, cpus)) => keep_off(tid, cpus, cpu),
+                None => false,
+            };
+        }
+        if all {
+            self.kept_off = Some(cpu);
+        }
     }
 }
 
