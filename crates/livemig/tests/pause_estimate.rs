@@ -21,7 +21,7 @@ use livemig::vm::SourceVm;
 use livemig::{Migration, MigrationConfig, Reception};
 
 mod common;
-use common::one_region;
+use common::{one_region, started_source};
 
 /// The first pause: vCPUs that run in the guest take this long to stop.
 const FIRST_PAUSE: Duration = Duration::from_millis(1);
@@ -32,9 +32,7 @@ const LIMIT: Duration = Duration::from_millis(100);
 
 #[test]
 fn a_repeated_state_measurement_keeps_the_pause_of_running_vcpus() {
-    let vm = SoftVm::new(&one_region(1 << 20), &SoftConfig::idle()).expect("source VM");
-    vm.fill(3);
-    vm.start();
+    let vm = started_source(&one_region(1 << 20), &SoftConfig::idle(), 3);
     let pauses = Arc::new(AtomicU32::new(0));
     let counted = pauses.clone();
     let src = HookedVm::new(vm)

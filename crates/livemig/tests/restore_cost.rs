@@ -10,13 +10,16 @@
 
 use std::time::{Duration, Instant};
 
-use livemig::memory::{GuestMemory, MemoryLayout, RegionDesc};
+use livemig::memory::GuestMemory;
 use livemig::state::Section;
 use livemig::testing::hooked::HookedVm;
 use livemig::testing::soft::{SoftConfig, SoftVm};
 use livemig::transport::mem;
 use livemig::vm::{DestinationVm, RestoreRehearsal, SourceVm, VmError};
 use livemig::{Migration, MigrationConfig, Reception, Report};
+
+mod common;
+use common::{one_region, started_source};
 
 /// The source's save.
 const SAVE: Duration = Duration::from_millis(10);
@@ -25,20 +28,9 @@ const RESTORE: Duration = Duration::from_millis(30);
 /// A first rehearsal's restore that took longer than the restore does.
 const OUTLIER: Duration = Duration::from_millis(35);
 
-/// 1 MiB at guest address 0.
-fn layout() -> MemoryLayout {
-    MemoryLayout::new(vec![RegionDesc {
-        guest_addr: 0,
-        size: 1 << 20,
-    }])
-    .expect("layout")
-}
-
 /// A running idle soft VM whose save takes at least [`SAVE`].
 fn slow_saving_source() -> HookedVm<'static, SoftVm> {
-    let vm = SoftVm::new(&layout(), &SoftConfig::idle()).expect("source VM");
-    vm.fill(7);
-    vm.start();
+    let vm = started_source(&one_region(1 << 20), &SoftConfig::idle(), 7);
     HookedVm::new(vm).on_save_state(|vm| {
         std::thread::sleep(SAVE);
         vm.save_state()

@@ -21,7 +21,7 @@ use livemig::vm::{DestinationVm, SourceVm, VmError};
 use livemig::{Migration, MigrationConfig, Reception, Report};
 
 mod common;
-use common::one_region;
+use common::{one_region, started_source};
 
 /// Sections of this many bytes each, this many of them: 4 MiB of state,
 /// like a VM with a few hundred vCPUs (one frame).
@@ -66,9 +66,7 @@ impl DestinationVm for TakesBlobs {
 }
 
 fn migrate() -> (Report, TakesBlobs) {
-    let vm = SoftVm::new(&one_region(1 << 20), &SoftConfig::idle()).expect("source VM");
-    vm.fill(3);
-    vm.start();
+    let vm = started_source(&one_region(1 << 20), &SoftConfig::idle(), 3);
     let src = HookedVm::new(vm).on_save_state(large_state);
     let (a, b) = mem::pair();
     let dest = std::thread::spawn(move || {

@@ -30,11 +30,16 @@ pub fn one_region(size: u64) -> MemoryLayout {
 
 /// A soft VM with writers per `config`, every page filled from `seed`,
 /// its writers started.
-pub fn running_source(layout: &MemoryLayout, config: &SoftConfig, seed: u64) -> Arc<SoftVm> {
+pub fn started_source(layout: &MemoryLayout, config: &SoftConfig, seed: u64) -> SoftVm {
     let vm = SoftVm::new(layout, config).unwrap();
     vm.fill(seed);
     vm.start();
-    Arc::new(vm)
+    vm
+}
+
+/// [`started_source`], shared.
+pub fn running_source(layout: &MemoryLayout, config: &SoftConfig, seed: u64) -> Arc<SoftVm> {
+    Arc::new(started_source(layout, config, seed))
 }
 
 /// `receive` on a thread, over `t`, with `config`, into an idle soft VM of
