@@ -372,3 +372,50 @@ fn cpl0_guest_migrates_intact() {
         report["downtime_ms"], report["expected_downtime_ms"], report["downtime_breakdown"]
     );
 }
+
+#[test]
+fn laps_mode_writes_every_page_that_many_times_then_only_verifies() {
+    let Some(_kvm) = common::kvm_or_skip("laps_mode") else {
+        return;
+    };
+    let dir = scratch_dir("laps");
+    // 4096 pages on two CPUs (2048 each), written as fast as they can, two laps: then the guest
+    // idles, as one that allocated its memory and now only reads it.
+    let mut vm = start_source(
+        &dir,
+        "laps",
+        "128M",
+        2,
+        "ws=16 rate=max laps=2 fresh=1 smp=2",
+    )
+    .unwrap();
+    vm.wait_ready(T).unwrap();
+    vm.wait_pages_written(2 * 4096, T).unwrap();
+    let first = vm.query_status(T).unwrap();
+    assert_eq!(first.pages_written, 2 * 4096, "{first:?}");
+    vm.wait_heartbeats(300, T).unwrap();
+    let second = vm.query_status(T).unwrap();
+    assert_eq!(
+        second.pages_written,
+        2 * 4096,
+        "writes after the laps: {second:?}"
+    );
+    assert!(
+        second.pages_verified > first.pages_verified,
+        "the verifier runs once the writes stop: {first:?} {second:?}"
+    );
+    for page in [0, 1000, 2047, 2048, 3000, 4095] {
+        assert_eq!(generation(&vm, page), 2, "page {page}");
+    }
+    // The checker still fires on a page of the second CPU.
+    poke(&vm, 3000, 64, 0xdead_beef);
+    vm.wait_for("CORRUPT", T, |g| !g.corrupt.is_empty())
+        .unwrap();
+    let g = log_of(&vm);
+    assert_eq!(g.corrupt_pages, vec![3000], "{:?}", g.corrupt);
+    let want = format!(
+        "got=00000000deadbeef want={:016x}",
+        expected_qword(3000, 2, 8)
+    );
+    assert!(g.corrupt[0].ends_with(&want), "{:?}", g.corrupt);
+}

@@ -149,6 +149,8 @@ mod var {
     pub const GAP_PREV: i32 = 464;
     pub const GAP_PENDING: i32 = 472;
     pub const GAP_LAST: i32 = 480;
+    /// `laps=`: after this many writes per page of its part, a CPU stops writing (0 = never).
+    pub const LAPS: i32 = 488;
     /// Console line buffer (`LINE_MAX` bytes and a NUL).
     pub const LINEBUF: i32 = 512;
 }
@@ -567,6 +569,7 @@ fn init_and_parse(a: &mut CodeAssembler, l: &Labels) -> Result<(), Error> {
     for (key, off) in [
         (l.s.k_fresh, var::FRESH),
         (l.s.k_zero, var::ZERO_N),
+        (l.s.k_laps, var::LAPS),
         (l.s.k_smp, var::SMP),
         (l.g.k_gap, var::GAP_US),
     ] {
@@ -1141,6 +1144,19 @@ fn subroutines(a: &mut CodeAssembler, l: &Labels) -> Result<(), Error> {
         a.mov(r13d, eax)?;
         a.call(l.fill_gen)?;
         a.inc(v(var::WRITTEN))?;
+        // laps=: once this CPU wrote LAPS × its part's page count, it writes no more (rate 0:
+        // it only verifies from now on).
+        let mut go_on = a.create_label();
+        a.mov(rax, v(var::LAPS))?;
+        a.test(rax, rax)?;
+        a.jz(go_on)?;
+        a.imul_2(rax, v(var::PART_COUNT))?;
+        a.cmp(v(var::WRITTEN), rax)?;
+        a.jb(go_on)?;
+        a.mov(v(var::RATE), 0)?;
+        a.mov(v(var::RATE_MAX), 0)?;
+        a.mov(v(var::BUDGET), 0)?;
+        a.set_label(&mut go_on)?;
         a.ret()?;
     }
 

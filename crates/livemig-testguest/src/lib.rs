@@ -62,6 +62,7 @@
 //! | `tsc_khz=<n>` | TSC frequency in kHz; absent or 0: calibrated with PIT channel 2 (see below) | (calibrate) |
 //! | `fresh=0\|1` | `1`: the verifier never reads a page whose generation is 0 (never written), so the first write to each page is its first touch, as a page a real guest clears for the first time (any non-zero value counts as 1) | 0 |
 //! | `zero=<n>` | every `n`-th write of a page (generations `n`, `2n`, ...) writes it all zero, and the verifier expects all zero for those generations ([`generation_is_zero`]); `0` = never | 0 |
+//! | `laps=<n>` | each CPU stops writing once it has written `n` times as many pages as its part of the working set holds (with `pattern=seq`, `n` full laps: every page written `n` times); from then on it only verifies, as a guest that allocated its memory and now idles; `0` = never stop | 0 |
 //! | `cpl0=1` | the program runs at CPL0 (kernel mode) instead of CPL3, on every CPU (see "Kernel mode") | CPL3 |
 //! | `smp=<n>` | number of CPUs that write and verify: the boot processor and `n - 1` application processors (clamped to 1 ..= [`MAX_CPUS`]), each on its own part of the working set ([`cpu_pages`]) | 1 |
 //! | `gap=<µs>` | the stall meter: print `GAP <µs>` when more than this many microseconds pass between two iterations of the boot processor's main loop (see "Stall meter"); `0` = off | 0 |
@@ -503,6 +504,9 @@ pub struct GuestConfig {
     pub cpl0: bool,
     /// `gap=<µs>`: the stall meter's threshold (0 = off; see "Stall meter").
     pub gap_us: u64,
+    /// `laps=<n>`: each CPU stops writing after `n` × its part's page count writes (with
+    /// [`Pattern::Seq`], `n` full laps of its part) and only verifies from then on; 0 = never.
+    pub laps: u32,
 }
 
 impl Default for GuestConfig {
@@ -518,6 +522,7 @@ impl Default for GuestConfig {
             smp: 1,
             cpl0: false,
             gap_us: 0,
+            laps: 0,
         }
     }
 }
@@ -525,7 +530,7 @@ impl Default for GuestConfig {
 impl GuestConfig {
     /// The Multiboot command line for these settings, e.g.
     /// `ws=64 rate=100 hb=1000 pattern=seq tsc_khz=2445404 fresh=1 zero=4 smp=2 cpl0=1 gap=500`
-    /// (`tsc_khz`, `fresh`, `zero`, `smp`, `cpl0` and `gap` only when they differ from the
+    /// (`tsc_khz`, `fresh`, `zero`, `smp`, `cpl0`, `gap` and `laps` only when they differ from the
     /// guest's default).
     #[must_use]
     pub fn cmdline(&self) -> String {
@@ -550,6 +555,9 @@ impl GuestConfig {
         }
         if self.gap_us != 0 {
             s.push_str(&format!(" gap={}", self.gap_us));
+        }
+        if self.laps != 0 {
+            s.push_str(&format!(" laps={}", self.laps));
         }
         s
     }
@@ -645,6 +653,9 @@ mod tests {
         assert!(GuestConfig { gap_us: 500, ..c }
             .cmdline()
             .ends_with(" smp=2 gap=500"));
+        assert!(GuestConfig { laps: 1, ..c }
+            .cmdline()
+            .ends_with(" smp=2 laps=1"));
         assert_eq!(c.cpu_pages(0), 0..8192);
         assert_eq!(c.cpu_pages(1), 8192..16384);
         assert_eq!(

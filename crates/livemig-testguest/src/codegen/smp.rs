@@ -54,6 +54,7 @@ pub(super) struct SmpLabels {
     pub report_ap: CodeLabel,
     pub k_fresh: CodeLabel,
     pub k_zero: CodeLabel,
+    pub k_laps: CodeLabel,
     pub k_smp: CodeLabel,
     pub s_info_fresh: CodeLabel,
     pub s_info_zero: CodeLabel,
@@ -81,6 +82,7 @@ impl SmpLabels {
             report_ap: a.create_label(),
             k_fresh: a.create_label(),
             k_zero: a.create_label(),
+            k_laps: a.create_label(),
             k_smp: a.create_label(),
             s_info_fresh: a.create_label(),
             s_info_zero: a.create_label(),
@@ -103,6 +105,7 @@ impl SmpLabels {
 pub(super) fn strings(a: &mut CodeAssembler, s: &mut SmpLabels) -> Result<(), Error> {
     string(a, &mut s.k_fresh, b"fresh=")?;
     string(a, &mut s.k_zero, b"zero=")?;
+    string(a, &mut s.k_laps, b"laps=")?;
     string(a, &mut s.k_smp, b"smp=")?;
     string(a, &mut s.s_info_fresh, b" fresh=")?;
     string(a, &mut s.s_info_zero, b" zero=")?;
@@ -396,6 +399,7 @@ fn partition(a: &mut CodeAssembler, l: &mut Labels) -> Result<(), Error> {
         var::TSC_KHZ,
         var::FRESH,
         var::ZERO_N,
+        var::LAPS,
         var::CPUS,
     ] {
         a.mov(rax, v(off))?;
