@@ -11,7 +11,9 @@
 //! run also migrates the same guest image between two QEMU processes and
 //! compares (see `docs/benchmarks.md`). `LIVEMIG_BENCH_QEMU=0` skips that,
 //! `LIVEMIG_BENCH_QEMU=only` runs only that; `LIVEMIG_BENCH_QEMU_RUNS=N`
-//! sets the runs per (scenario, limit, VMM) (default 5, quick mode 3).
+//! sets the runs per (scenario, limit, VMM) (default 5, quick mode 3),
+//! `LIVEMIG_BENCH_QEMU_SCENARIOS=idle-1G,written1G-64G` runs only those,
+//! `LIVEMIG_BENCH_KEEP=<dir>` keeps refvmm's reports there.
 //!
 //! The vCPU scenario migrates an idle 512 MiB guest with 1, 8, 32 and 64
 //! vCPUs (5 runs each, quick mode 3, `LIVEMIG_BENCH_VCPU_RUNS=N` sets it)
@@ -666,6 +668,11 @@ struct CmpScenario {
     memory_mib: u64,
     ws_mib: u64,
     rate_mbs: u64,
+    /// The guest writes its working set once, as fast as it can, and then
+    /// only verifies it (`rate=max laps=1 fresh=1`): the runs start once
+    /// every page is written, and `rate_mbs` is unused. The destination
+    /// VMM makes its VM before the source connects (QEMU's always does).
+    written: bool,
     quick: bool,
 }
 
@@ -675,15 +682,29 @@ fn cmp_scenarios() -> Vec<CmpScenario> {
         memory_mib,
         ws_mib,
         rate_mbs,
+        written: false,
         quick,
     };
-    vec![
+    let all = vec![
         c("idle-1G", 1024, 16, 0, true),
         c("idle-4G", 4096, 16, 0, false),
         c("ws256-100MBs", 1024, 256, 100, true),
         // 1 GiB working set needs 16 MiB + 1 GiB of RAM above 1 MiB.
         c("ws1G-1GBs", 1536, 1024, 1000, false),
-    ]
+        // Issue 16's "idle 64 GiB guest with 1 GiB touched", written.
+        CmpScenario {
+            written: true,
+            ..c("written1G-64G", 65536, 1024, 0, false)
+        },
+    ];
+    // `LIVEMIG_BENCH_QEMU_SCENARIOS=a,b`: only those.
+    match std::env::var("LIVEMIG_BENCH_QEMU_SCENARIOS") {
+        Ok(only) => all
+            .into_iter()
+            .filter(|s| only.split(',').any(|n| n == s.name))
+            .collect(),
+        Err(_) => all,
+    }
 }
 
 /// A downtime-limit setting: both at the same limit, or each at its default.
@@ -761,8 +782,13 @@ static QEMU_INFO: Mutex<Option<String>> = Mutex::new(None);
 
 fn cmp_cmdline(sc: &CmpScenario, tsc_khz: Option<u64>) -> String {
     let per_hb = (sc.rate_mbs as f64 * 1e6 / 4096.0 * HB_US as f64 / 1e6).round() as u64;
+    let rate = if sc.written {
+        "max laps=1 fresh=1".to_string()
+    } else {
+        per_hb.to_string()
+    };
     let mut c = format!(
-        "ws={} rate={per_hb} hb={HB_US} pattern=seq gap={GAP_US}",
+        "ws={} rate={rate} hb={HB_US} pattern=seq gap={GAP_US}",
         sc.ws_mib
     );
     if let Some(k) = tsc_khz {
@@ -788,6 +814,18 @@ fn cmp_warm_heartbeats(sc: &CmpScenario) -> usize {
     let ms = if sc.rate_mbs > 0 { 3000 } else { 500 };
     ms * (1000 / HB_US as usize)
 }
+
+/// Whether a `written` scenario's guest wrote its whole working set (its
+/// last `T` line says so); always true for the others.
+fn cmp_written(sc: &CmpScenario, g: &GuestLog) -> bool {
+    !sc.written
+        || g.tlines
+            .last()
+            .is_some_and(|t| t.pages_written >= sc.ws_mib * 256)
+}
+
+/// How long a `written` scenario's guest may take to write its working set.
+const CMP_WRITE_TIMEOUT: Duration = Duration::from_secs(180);
 
 /// `LIVEMIG_BENCH_QEMU`: unset/`1` = run the comparison when QEMU is
 /// installed, `0` = never, `only` = only the comparison.
@@ -816,8 +854,17 @@ fn cmp_record(sc: &CmpScenario, lim: &CmpLimit, vmm: &'static str, s: CmpSample)
         );
     } else {
         eprintln!(
-            "{} [{}] {vmm}: gap {:.2} ms, blackout {:.2} ms, total {:.0} ms, downtime {:.2} ms",
-            sc.name, lim.label, s.switchover_gap_ms, s.blackout_ms, s.total_ms, s.downtime_ms
+            "{} [{}] {vmm}: gap {:.2} ms, blackout {:.2} ms, total {:.0} ms, downtime {:.2} ms, \
+             set-up {:.1} ms, {:.0} MB in {} rounds",
+            sc.name,
+            lim.label,
+            s.switchover_gap_ms,
+            s.blackout_ms,
+            s.total_ms,
+            s.downtime_ms,
+            s.setup_ms,
+            s.mb_sent,
+            s.rounds
         );
     }
     CMP.lock()
@@ -840,6 +887,11 @@ fn cmp_ours(sc: &CmpScenario, runs: usize, limits: &[CmpLimit]) -> Option<u64> {
     if let Err(e) = src
         .wait_ready(Duration::from_secs(60))
         .and_then(|_| src.wait_heartbeats(cmp_warm_heartbeats(sc), Duration::from_secs(60)))
+        .and_then(|_| {
+            src.wait_for("the working set written", CMP_WRITE_TIMEOUT, |g| {
+                cmp_written(sc, g)
+            })
+        })
     {
         eprintln!("{}: refvmm warm-up: {e}", sc.name);
         return None;
@@ -849,7 +901,9 @@ fn cmp_ours(sc: &CmpScenario, runs: usize, limits: &[CmpLimit]) -> Option<u64> {
     for lim in limits {
         for _ in 0..runs {
             n += 1;
-            let (mut dst, ep) = match start_destination(&dir, &format!("d{n}"), &[]) {
+            let prepare = ["--memory", mem.as_str()];
+            let dst_args: &[&str] = if sc.written { &prepare } else { &[] };
+            let (mut dst, ep) = match start_destination(&dir, &format!("d{n}"), dst_args) {
                 Ok(x) => x,
                 Err(e) => {
                     cmp_record(
@@ -886,6 +940,10 @@ fn cmp_ours(sc: &CmpScenario, runs: usize, limits: &[CmpLimit]) -> Option<u64> {
                     s.mb_sent = rep["bytes_sent"].as_f64().unwrap_or(f64::NAN) / 1e6;
                     s.rounds = rep["rounds"].as_array().map_or(0, |x| x.len()) as f64;
                     s.setup_ms = rep["setup_ms"].as_f64().unwrap_or(f64::NAN);
+                    keep_report(
+                        &format!("{}-{}-{n}", sc.name, lim.ours_ms.unwrap_or(20)),
+                        &rep,
+                    );
                     assert_eq!(s.corrupt, 0, "{}: the guest saw corruption", sc.name);
                     src = dst;
                 }
@@ -900,6 +958,17 @@ fn cmp_ours(sc: &CmpScenario, runs: usize, limits: &[CmpLimit]) -> Option<u64> {
     drop(src);
     let _ = std::fs::remove_dir_all(&dir);
     tsc_khz
+}
+
+/// With `LIVEMIG_BENCH_KEEP=<dir>`, writes refvmm's migration report to
+/// `<dir>/<name>.json` (per-round figures the summary leaves out).
+fn keep_report(name: &str, rep: &Value) {
+    if let Some(dir) = std::env::var_os("LIVEMIG_BENCH_KEEP") {
+        let p = std::path::Path::new(&dir).join(format!("{name}.json"));
+        if let Err(e) = std::fs::write(&p, rep.to_string()) {
+            eprintln!("LIVEMIG_BENCH_KEEP: {}: {e}", p.display());
+        }
+    }
 }
 
 /// QEMU's runs of one scenario at `limits`.
@@ -936,6 +1005,11 @@ fn cmp_qemu(
     if let Err(e) = src
         .wait_ready(Duration::from_secs(60))
         .and_then(|_| src.wait_heartbeats(cmp_warm_heartbeats(sc), Duration::from_secs(60)))
+        .and_then(|_| {
+            src.wait_for("the working set written", CMP_WRITE_TIMEOUT, |g| {
+                cmp_written(sc, g)
+            })
+        })
     {
         eprintln!("{}: QEMU warm-up: {e}", sc.name);
         return;

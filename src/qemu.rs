@@ -75,7 +75,7 @@ pub struct QemuConfig {
     pub kernel: PathBuf,
     /// The guest's command line (`-append`).
     pub cmdline: String,
-    /// Guest memory in MiB (`-m`).
+    /// Guest memory in MiB (`-m`, in a `memory-backend-ram` with `reserve=off`).
     pub memory_mib: u64,
     /// Number of vCPUs (`-smp`).
     pub vcpus: u32,
@@ -92,7 +92,7 @@ impl QemuConfig {
             "-cpu",
             "host,-arch-capabilities",
             "-machine",
-            "pc",
+            "pc,memory-backend=ram0",
             "-nodefaults",
             "-display",
             "none",
@@ -106,6 +106,15 @@ impl QemuConfig {
         .map(|s| s.to_string())
         .collect();
         a.extend([
+            // The RAM as a backend with `reserve=off` (`MAP_NORESERVE`), as refvmm maps its
+            // RAM: a guest larger than the host's memory and swap (a sparse 64 GiB guest on a
+            // 24 GiB host) starts, where plain `-m` fails "Cannot allocate memory" under the
+            // kernel's default overcommit heuristic. Same memory otherwise.
+            "-object".into(),
+            format!(
+                "memory-backend-ram,id=ram0,size={}M,reserve=off",
+                self.memory_mib
+            ),
             "-m".into(),
             format!("{}M", self.memory_mib),
             "-smp".into(),

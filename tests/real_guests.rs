@@ -239,7 +239,8 @@ fn written_working_set(src: &mut Vmm, cmdline: &str) -> Option<u64> {
 /// long between starting the destination and migrating, to attach a tracer;
 /// `LIVEMIG_COST_PREPARED=0` starts the destination without `--memory`, so
 /// it makes its VM only when the source connects; `LIVEMIG_COST_THP=on` or `off`
-/// gives both VMMs that `--thp` (default `host`: no advice)). Also prints round 0's
+/// gives both VMMs that `--thp` (default `host`: no advice); `LIVEMIG_COST_MIGRATE` adds
+/// to the `migrate` request, e.g. `{"streams":2}`). Also prints round 0's
 /// page rate and both VMMs' resident memory (the source's before the
 /// migration, the destination's after it).
 #[test]
@@ -304,7 +305,9 @@ fn guest_size_cost() {
             // Time to attach a tracer to both sides, if asked for.
             let wait: u64 = env("LIVEMIG_COST_ATTACH_MS", "0").parse().unwrap_or(0);
             std::thread::sleep(Duration::from_millis(wait));
-            let r = migrate(&src, &ep, json!({})).unwrap_or_else(|e| panic!("{memory}: {e}"));
+            let extra: serde_json::Value = serde_json::from_str(&env("LIVEMIG_COST_MIGRATE", "{}"))
+                .unwrap_or_else(|e| panic!("LIVEMIG_COST_MIGRATE: {e}"));
+            let r = migrate(&src, &ep, extra).unwrap_or_else(|e| panic!("{memory}: {e}"));
             assert_eq!(r["status"], "completed", "{memory}: {r}");
             let rounds = r["rounds"].as_array().cloned().unwrap_or_default();
             let round_ms: Vec<String> = rounds
