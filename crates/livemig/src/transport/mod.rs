@@ -35,7 +35,7 @@ mod tcp;
 mod unix;
 
 #[cfg(feature = "net")]
-pub use net::{connect, listen, Dialer, Endpoint, Listener, OwnedAcceptor};
+pub use net::{connect, listen, Dialer, Endpoint, Listener, OwnedAcceptor, DEFAULT_RECEIVE_BUFFER};
 #[cfg(feature = "net")]
 pub use tcp::TcpTransport;
 #[cfg(feature = "net")]

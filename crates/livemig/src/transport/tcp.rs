@@ -63,6 +63,34 @@ impl TcpTransport {
     pub fn stream(&self) -> &TcpStream {
         &self.stream
     }
+
+    /// Fixes the socket's receive buffer at `bytes` (`SO_RCVBUF`; the
+    /// kernel doubles the value for its bookkeeping and stops growing the
+    /// buffer by itself). What the kernel has taken into this buffer counts
+    /// as acknowledged on the peer's side, where
+    /// [`Transport::unacked_bytes`] no longer sees it: a bounded buffer keeps
+    /// a reader that falls behind from hiding a backlog there (see
+    /// [`super::DEFAULT_RECEIVE_BUFFER`]).
+    pub fn set_receive_buffer(&self, bytes: usize) -> io::Result<()> {
+        let n = libc::c_int::try_from(bytes).unwrap_or(libc::c_int::MAX);
+        // SAFETY: SO_RCVBUF reads one int through the pointer, which points
+        // to `n` (alive for the call) with its size; a bad fd or value makes
+        // the call fail, nothing else.
+        let r = unsafe {
+            libc::setsockopt(
+                self.stream.as_raw_fd(),
+                libc::SOL_SOCKET,
+                libc::SO_RCVBUF,
+                (&n as *const libc::c_int).cast(),
+                std::mem::size_of::<libc::c_int>() as libc::socklen_t,
+            )
+        };
+        if r == 0 {
+            Ok(())
+        } else {
+            Err(io::Error::last_os_error())
+        }
+    }
 }
 
 impl Read for TcpTransport {
