@@ -368,9 +368,9 @@ pub(super) fn check_old_peer(
 /// taken as long as the save; [`estimate_state`] puts in the destination's
 /// rehearsed restore when it sent one) and the destination's resume: taken
 /// as long as this resume (as many vCPUs to wake) when `counts_resume`,
-/// else none (the destination said it starts the guest before it wakes
-/// its vCPU threads; this resume is still timed and logged). A measurement whose
-/// parts add up to over a quarter of `limit` is repeated (twice at most)
+/// else none (the destination said it starts the guest before it wakes its
+/// vCPU threads; this resume is still timed and logged). A measurement
+/// whose parts add up to over a quarter of `limit` is repeated (twice at most)
 /// and the smallest kept, for the same reason — but with the first
 /// measurement's pause: a repeat pauses right after a resume, before the
 /// vCPU threads are back in the guest, and on real KVM its pause read ~0
