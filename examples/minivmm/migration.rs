@@ -70,6 +70,12 @@ impl DestinationVm for Machine {
     fn resume_then(&mut self, started: &mut dyn FnMut()) -> Result<(), VmError> {
         self.kvm.resume_then(started)
     }
+
+    /// `true`: `KvmParts::resume_then` checks that no vCPU stopped for
+    /// good, calls `started`, then wakes the vCPU.
+    fn started_before_wake(&self) -> bool {
+        true
+    }
 }
 
 /// Sends the running guest to `to`. On success the guest runs there.

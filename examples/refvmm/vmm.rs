@@ -508,4 +508,11 @@ impl livemig::vm::DestinationVm for DestMachine {
         }
         Ok(())
     }
+
+    /// `true`: before `started`, `resume_then` only renames the console
+    /// and API sockets into place and sets a flag per NIC; the vCPU
+    /// threads are woken after it.
+    fn started_before_wake(&self) -> bool {
+        true
+    }
 }

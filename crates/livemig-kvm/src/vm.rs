@@ -610,6 +610,13 @@ impl DestinationVm for KvmVm {
         self.vcpus.resume();
         Ok(())
     }
+
+    /// `true`: before `started`, [`KvmVm::resume_then`] only checks that
+    /// dirty logging is off (a destination never turns it on); the vCPU
+    /// threads are woken after it.
+    fn started_before_wake(&self) -> bool {
+        true
+    }
 }
 
 /// Checks that a destination built with `config` can host the VM described

@@ -397,6 +397,12 @@ pub enum PeerError {
     /// not ask for them.
     #[error("the destination granted PagesGather frames that were not asked for")]
     PagesGatherNotAsked,
+    /// The destination said its VM starts the guest before it wakes the
+    /// vCPU threads to a source that did not ask.
+    #[error(
+        "the destination said its VM starts the guest before waking the vCPUs, which was not asked"
+    )]
+    StartedBeforeWakeNotAsked,
     /// Pages of `PagesGather` frames failed their page CRC and no intact
     /// copy followed before memory was complete. A page the guest changed
     /// while the source sent it is always sent again; one that never is

@@ -170,9 +170,14 @@ pub struct ExpectedBreakdown {
     pub dest_rehearsal_save_ms: f64,
     /// The destination's rehearsed restore (0 when it sent none).
     pub dest_rehearsal_restore_ms: f64,
-    /// The destination's resume, as long as the source's resume in the
-    /// handshake's measurement.
+    /// The destination's resume (`Go` → its guest started): 0 when
+    /// [`ExpectedBreakdown::dest_started_before_wake`], else as long as the
+    /// source's resume in the handshake's measurement.
     pub dest_resume_ms: f64,
+    /// Whether the destination said its VM starts the guest before it
+    /// wakes the vCPU threads (`HelloReply`, to a source that asked), so
+    /// that its resume is counted as 0.
+    pub dest_started_before_wake: bool,
     /// One and a half round trips of the link (`Complete` → `Ready`, then
     /// `Go`'s way to the destination), or with the switchover probe one
     /// and a half measured hops.

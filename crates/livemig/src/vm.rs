@@ -382,6 +382,34 @@ pub trait DestinationVm: Send {
         started();
         Ok(())
     }
+
+    /// Whether this VM's [`DestinationVm::resume_then`] calls `started`
+    /// before the part of the resume that grows with the vCPUs (waking the
+    /// vCPU threads), with nothing before `started` whose time grows with
+    /// the guest (no call per vCPU, no wait for another thread).
+    ///
+    /// What for: the destination's share of the downtime is its resume
+    /// from `Go` to `started` (it times it and sends it in `Resumed`). The
+    /// source estimates its downtime before the switchover, and counts
+    /// this resume as long as its own resume (as many vCPU threads to wake)
+    /// unless the destination says `true` here: then it counts none. The
+    /// copying reception asks once, in the handshake, for a source that
+    /// asked, and sends the answer in `HelloReply` (post-copy's reception
+    /// does not: its switchover resumes with [`DestinationVm::resume`] and
+    /// acknowledges after it).
+    ///
+    /// Said, not measured: the steps before `started` cannot be timed
+    /// before the switchover without starting the guest, and what an
+    /// implementation can say honestly is its own order. So a `true` is
+    /// counted as no time at all: say it only when the steps before
+    /// `started` are a few calls whose time does not depend on the guest's
+    /// size (`KvmVm`: a check that dirty logging is off).
+    ///
+    /// The default says `false`, as [`DestinationVm::resume_then`]'s
+    /// default resumes before calling `started`. `KvmVm` says `true`.
+    fn started_before_wake(&self) -> bool {
+        false
+    }
 }
 
 /// Checks a destination memory object against a description's layout.

@@ -170,6 +170,53 @@ const HELLO_V3_RESTORE_COST: &str = r#"
     02000000                      # streams 2
 "#;
 
+// HELLO_V3_STARTED_BEFORE_WAKE: HELLO_V3 asking whether the destination
+// starts the guest before it wakes the vCPU threads (one more property,
+// `livemig.started_before_wake` = "1")
+const HELLO_V3_STARTED_BEFORE_WAKE: &str = r#"
+    4c4956454d494700              # magic "LIVEMIG\0"
+    03000000                      # protocol_version 3
+    02000000                      # min_protocol_version 2
+    00100000                      # page_size 4096
+    02000000                      # 2 regions
+    0000000000000000              #   guest_addr 0x0
+    00000a0000000000              #   size 0xa0000
+    0000100000000000              #   guest_addr 0x100000
+    0000000400000000              #   size 64 MiB
+    02000000                      # 2 vCPUs
+    01000000                      # 1 NIC
+    525400123456                  #   mac 52:54:00:12:34:56
+    01                            #   has_ip
+    0a000002                      #   ipv4 10.0.0.2
+    02000000                      # 2 properties
+    0700                          #   length 7
+    6d616368696e65                #   key "machine"
+    0600                          #   length 6
+    726566766d6d                  #   value "refvmm"
+    1b00                          #   length 27
+    6c6976656d69672e737461727465645f6265666f72655f77616b65  # key "livemig.started_before_wake"
+    0100                          #   length 1
+    31                            #   value "1"
+    02000000                      # streams 2
+"#;
+
+// HELLO_REPLY_STARTED_BEFORE_WAKE: 46 bytes (a version-3 reply carrying
+// the restore cost, granting PagesGather and saying that the destination
+// starts the guest before it wakes the vCPU threads, to a source that
+// asked for all three; docs/protocol.md)
+const HELLO_REPLY_STARTED_BEFORE_WAKE: &str = r#"
+    01                                # accepted
+    0000                              # reason: length 0
+    01000000                          # streams 1
+    000102030405060708090a0b0c0d0e0f  # token
+    03000000                          # version 3
+    05                                # restore cost follows
+    d204000000000000                  # save 1234 µs
+    e110000000000000                  # restore 4321 µs
+    06                                # PagesGather granted
+    07                                # started before the vCPUs wake
+"#;
+
 // PROBE: a probe with 3 padding bytes, and its answer
 const PROBE: &str = r#"
     05000000                          # id 5
@@ -460,6 +507,7 @@ fn hello(protocol_version: u32, paused: bool) -> Hello {
         probe: false,
         restore_cost: false,
         pages_gather: false,
+        started_before_wake: false,
     }
 }
 
@@ -530,6 +578,7 @@ fn hello_reply_v3() {
             probe: false,
             restore_cost: None,
             pages_gather: false,
+            started_before_wake: false,
         },
     );
 }
@@ -550,6 +599,7 @@ fn hello_reply_granting_postcopy() {
             probe: false,
             restore_cost: None,
             pages_gather: false,
+            started_before_wake: false,
         },
     );
 }
@@ -570,6 +620,7 @@ fn hello_reply_granting_a_local_hand_over() {
             probe: false,
             restore_cost: None,
             pages_gather: false,
+            started_before_wake: false,
         },
     );
 }
@@ -590,6 +641,7 @@ fn hello_reply_granting_the_probe_and_the_probe_messages() {
             probe: true,
             restore_cost: None,
             pages_gather: false,
+            started_before_wake: false,
         },
     );
     check(PROBE, &livemig::protocol::Probe { id: 5, pad: 3 });
@@ -621,8 +673,44 @@ fn hello_asking_for_the_restore_cost_and_a_reply_carrying_it() {
                 restore: std::time::Duration::from_micros(4321),
             }),
             pages_gather: false,
+            started_before_wake: false,
         },
     );
+}
+
+#[test]
+fn hello_asking_whether_the_guest_starts_before_the_wake_and_a_reply_saying_so() {
+    let mut h = hello(3, false);
+    h.started_before_wake = true;
+    check(HELLO_V3_STARTED_BEFORE_WAKE, &h);
+    check(
+        HELLO_REPLY_STARTED_BEFORE_WAKE,
+        &HelloReply {
+            accepted: true,
+            reason: String::new(),
+            streams: 1,
+            token: TOKEN,
+            version: 3,
+            postcopy: false,
+            postcopy_prepare: false,
+            local: false,
+            probe: false,
+            restore_cost: Some(livemig::vm::RestoreRehearsal {
+                save: std::time::Duration::from_micros(1234),
+                restore: std::time::Duration::from_micros(4321),
+            }),
+            pages_gather: true,
+            started_before_wake: true,
+        },
+    );
+    // Only as the last byte: twice, or before the PagesGather grant, is
+    // refused.
+    let mut bytes = hex(HELLO_REPLY_V3);
+    bytes.extend_from_slice(&[7, 7]);
+    assert!(HelloReply::decode(&bytes).is_err());
+    let mut bytes = hex(HELLO_REPLY_V3);
+    bytes.extend_from_slice(&[7, 6]);
+    assert!(HelloReply::decode(&bytes).is_err());
 }
 
 #[test]
@@ -650,6 +738,7 @@ fn hello_reply_granting_postcopy_with_its_preparation() {
             probe: false,
             restore_cost: None,
             pages_gather: false,
+            started_before_wake: false,
         },
     );
 }
@@ -712,6 +801,7 @@ fn hello_reply_v2() {
             probe: false,
             restore_cost: None,
             pages_gather: false,
+            started_before_wake: false,
         },
     );
 }
@@ -849,7 +939,7 @@ fn hello_reply_granting_pages_gather() {
     let r = HelloReply::decode(&bytes).expect("decodes");
     assert!(r.pages_gather);
     assert_eq!(r.encode().expect("encodes"), bytes);
-    // Only as the last byte: after it, nothing.
+    // After it, only the byte 7 (started before the wake): not itself.
     bytes.push(6);
     assert!(HelloReply::decode(&bytes).is_err());
 }

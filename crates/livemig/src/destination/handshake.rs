@@ -167,6 +167,7 @@ pub(super) fn reply(
     reply.probe = link.probe;
     reply.restore_cost = link.restore_cost.filter(|_| link.version >= 3);
     reply.pages_gather = link.pages_gather;
+    reply.started_before_wake = link.started_before_wake;
     link.granted = streams;
     crate::control::send(&mut link.fw, &reply, Phase::Handshake)?;
     match acceptor {

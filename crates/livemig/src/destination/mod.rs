@@ -233,6 +233,7 @@ pub(super) fn on_link<T>(
         probe: false,
         restore_cost: None,
         pages_gather: false,
+        started_before_wake: false,
     };
     body(&mut link).map_err(|e| fail(&mut link, e, cancel))
 }
@@ -284,6 +285,12 @@ pub(super) struct Link {
     /// `PagesGather` frames asked for by the source and granted (only by
     /// the copying reception without post-copy).
     pages_gather: bool,
+    /// The source asked whether the VM starts the guest before it wakes
+    /// the vCPU threads, and it does
+    /// ([`DestinationVm::started_before_wake`]): said in `HelloReply` (only
+    /// by the copying reception, whose switchover resumes through
+    /// `resume_then`).
+    started_before_wake: bool,
 }
 
 /// The phases, in order: handshake, memory and state, restore and commit.
@@ -307,6 +314,8 @@ where
     if hello.restore_cost && link.version >= 3 {
         link.restore_cost = handshake::rehearse_restore(&mut link.fw, &mut vm)?;
     }
+    link.started_before_wake =
+        hello.started_before_wake && link.version >= 3 && vm.started_before_wake();
     let received = {
         let ram = handshake::prepare_memory(&mut link.fw, &vm, &layout, hello.local.as_ref())?;
         (call.progress)(&ReceiveProgress::Accepted {

@@ -57,9 +57,22 @@ pub const RESTORE_COST_PROPERTY: &str = "livemig.restore_cost";
 /// `Pages` frames it always sent.
 pub const PAGES_GATHER_PROPERTY: &str = "livemig.pages_gather";
 
-/// The byte that grants [`HelloReply::pages_gather`] (last in the reply,
-/// after the restore cost if any).
+/// The property key by which a [`Hello`] asks whether the destination's
+/// VM starts the guest before it wakes the vCPU threads (value `"1"`;
+/// [`crate::vm::DestinationVm::started_before_wake`]): a destination that
+/// knows it answers with [`HelloReply::started_before_wake`] when its VM
+/// says so. A destination that does not know it reads it as an ordinary
+/// property and never answers; the source then counts the destination's
+/// resume as long as its own.
+pub const STARTED_BEFORE_WAKE_PROPERTY: &str = "livemig.started_before_wake";
+
+/// The byte that grants [`HelloReply::pages_gather`] (after the restore
+/// cost if any).
 const PAGES_GATHER_TAG: u8 = 6;
+
+/// The byte that says [`HelloReply::started_before_wake`] (last in the
+/// reply, after the `PagesGather` grant if any).
+const STARTED_BEFORE_WAKE_TAG: u8 = 7;
 
 /// The byte that introduces [`HelloReply::restore_cost`] (after the grant
 /// byte, if any; distinct from every grant byte): then the rehearsal's save
@@ -130,6 +143,10 @@ pub struct Hello {
     /// The source asks for `PagesGather` frames
     /// ([`PAGES_GATHER_PROPERTY`]).
     pub pages_gather: bool,
+    /// The source asks whether the destination's VM starts the guest
+    /// before it wakes the vCPU threads
+    /// ([`STARTED_BEFORE_WAKE_PROPERTY`]).
+    pub started_before_wake: bool,
 }
 
 impl Hello {
@@ -149,6 +166,7 @@ impl Hello {
             probe: false,
             restore_cost: false,
             pages_gather: false,
+            started_before_wake: false,
         }
     }
 
@@ -237,6 +255,9 @@ impl Message for Hello {
         if self.pages_gather {
             props.push((PAGES_GATHER_PROPERTY, "1"));
         }
+        if self.started_before_wake {
+            props.push((STARTED_BEFORE_WAKE_PROPERTY, "1"));
+        }
         let local = local_properties(self.local.as_ref());
         props.extend(local.iter().map(|(k, v)| (k.as_str(), v.as_str())));
         put_count(out, M, "properties", props.len(), MAX_PROPERTIES)?;
@@ -307,6 +328,7 @@ impl Message for Hello {
             probe: flags.probe,
             restore_cost: flags.restore_cost,
             pages_gather: flags.pages_gather,
+            started_before_wake: flags.started_before_wake,
         })
     }
 }
@@ -320,6 +342,7 @@ struct HelloFlags {
     probe: bool,
     restore_cost: bool,
     pages_gather: bool,
+    started_before_wake: bool,
     /// [`LOCAL_PROPERTY`]'s value.
     boot_id: Option<String>,
     /// The `livemig.local.<i>` properties, by index.
@@ -467,6 +490,7 @@ fn read_properties(
             PROBE_PROPERTY => Some(&mut flags.probe),
             RESTORE_COST_PROPERTY => Some(&mut flags.restore_cost),
             PAGES_GATHER_PROPERTY => Some(&mut flags.pages_gather),
+            STARTED_BEFORE_WAKE_PROPERTY => Some(&mut flags.started_before_wake),
             _ => None,
         };
         let Some(flag) = flag else {
@@ -528,9 +552,17 @@ pub struct HelloReply {
     /// `None` when not measured.
     pub restore_cost: Option<RestoreRehearsal>,
     /// `PagesGather` frames granted: only to a source that asked for them
-    /// ([`Hello::pages_gather`]), in version 3 and later, as the last byte
-    /// of the reply: `6`.
+    /// ([`Hello::pages_gather`]), in version 3 and later, after the restore
+    /// cost (if any): the byte `6`.
     pub pages_gather: bool,
+    /// The destination's VM starts the guest before it wakes the vCPU
+    /// threads ([`crate::vm::DestinationVm::started_before_wake`]): its
+    /// resume from `Go` to the start, which ends the downtime, does not
+    /// grow with the vCPUs. Only to a source that asked
+    /// ([`Hello::started_before_wake`]), in version 3 and later, as the
+    /// last byte of the reply: `7`. Absent (`false`) from a VM that does
+    /// not say so and from a destination that does not know the question.
+    pub started_before_wake: bool,
 }
 
 impl HelloReply {
@@ -548,6 +580,7 @@ impl HelloReply {
             probe: false,
             restore_cost: None,
             pages_gather: false,
+            started_before_wake: false,
         }
     }
 
@@ -566,6 +599,7 @@ impl HelloReply {
             probe: false,
             restore_cost: None,
             pages_gather: false,
+            started_before_wake: false,
         }
     }
 }
@@ -613,6 +647,9 @@ impl Message for HelloReply {
             }
             if self.pages_gather {
                 out.push(PAGES_GATHER_TAG);
+            }
+            if self.started_before_wake {
+                out.push(STARTED_BEFORE_WAKE_TAG);
             }
         }
         Ok(())
@@ -664,6 +701,10 @@ impl Message for HelloReply {
         // `finish`, which refuses it as trailing.
         let pages_gather = version >= 3 && c.data.get(c.pos) == Some(&PAGES_GATHER_TAG);
         c.pos += usize::from(pages_gather);
+        // The same: only to a source that asked, last.
+        let started_before_wake =
+            version >= 3 && c.data.get(c.pos) == Some(&STARTED_BEFORE_WAKE_TAG);
+        c.pos += usize::from(started_before_wake);
         c.finish()?;
         Ok(HelloReply {
             accepted,
@@ -677,6 +718,7 @@ impl Message for HelloReply {
             probe,
             restore_cost,
             pages_gather,
+            started_before_wake,
         })
     }
 }
@@ -1312,6 +1354,7 @@ mod tests {
                     probe: false,
                     restore_cost: None,
                     pages_gather: false,
+                    started_before_wake: false,
                 }),
             ),
             (
@@ -1366,6 +1409,7 @@ mod tests {
             probe: false,
             restore_cost: None,
             pages_gather: true,
+            started_before_wake: false,
         });
         round_trip(&State::default());
         let mut d = desc();
@@ -1394,6 +1438,7 @@ mod tests {
             probe: false,
             restore_cost: None,
             pages_gather: false,
+            started_before_wake: false,
         }
         .encode()
         .unwrap();
@@ -1663,6 +1708,7 @@ mod tests {
             probe: false,
             restore_cost: None,
             pages_gather: false,
+            started_before_wake: false,
         };
         assert_eq!(
             HelloReply::decode(&r.encode().unwrap())
@@ -1745,6 +1791,87 @@ mod tests {
         assert!(!back.desc.properties.contains_key(RESTORE_COST_PROPERTY));
         h.restore_cost = false;
         assert!(!Hello::decode(&h.encode().unwrap()).unwrap().restore_cost);
+    }
+
+    #[test]
+    fn the_started_before_wake_answer_round_trips_last_and_is_strict() {
+        let us = Duration::from_micros;
+        let mut r = HelloReply::accepted(1, [0; 16]);
+        r.started_before_wake = true;
+        // After any grant byte, the restore cost and the PagesGather grant.
+        for (probe, postcopy, local, cost, gather) in [
+            (false, false, false, false, false),
+            (true, false, false, false, false),
+            (false, true, false, false, false),
+            (false, false, true, false, false),
+            (false, false, false, true, false),
+            (false, false, false, false, true),
+            (true, false, false, true, true),
+        ] {
+            r.probe = probe;
+            r.postcopy = postcopy;
+            r.local = local;
+            r.restore_cost = cost.then_some(RestoreRehearsal {
+                save: us(12),
+                restore: us(34),
+            });
+            r.pages_gather = gather;
+            let b = r.encode().unwrap();
+            assert_eq!(b.last(), Some(&STARTED_BEFORE_WAKE_TAG));
+            assert_eq!(HelloReply::decode(&b).unwrap(), r);
+        }
+        // Not said: no byte.
+        let mut unsaid = r.clone();
+        unsaid.started_before_wake = false;
+        let (b, ub) = (r.encode().unwrap(), unsaid.encode().unwrap());
+        assert_eq!(b[..b.len() - 1], ub[..]);
+        assert!(!HelloReply::decode(&ub).unwrap().started_before_wake);
+        let plain = HelloReply::accepted(1, [0; 16]).encode().unwrap();
+        // Twice, before the PagesGather grant, or followed by anything:
+        // refused (trailing bytes).
+        for bad in [
+            vec![STARTED_BEFORE_WAKE_TAG, STARTED_BEFORE_WAKE_TAG],
+            vec![STARTED_BEFORE_WAKE_TAG, PAGES_GATHER_TAG],
+            vec![STARTED_BEFORE_WAKE_TAG, 0],
+            vec![8],
+        ] {
+            let mut b = plain.clone();
+            b.extend_from_slice(&bad);
+            let e = HelloReply::decode(&b).unwrap_err().to_string();
+            assert!(e.contains("trailing"), "{bad:?}: {e}");
+        }
+        // Version 2 has no room for it: not encoded, not read.
+        let mut v2 = HelloReply::accepted(1, [0; 16]);
+        v2.version = 2;
+        v2.started_before_wake = true;
+        let back = HelloReply::decode(&v2.encode().unwrap()).unwrap();
+        assert_eq!(back.version, 2);
+        assert!(!back.started_before_wake);
+        // A refusal carries nothing after its reason.
+        let mut no = HelloReply::refused("no".into());
+        no.started_before_wake = true;
+        assert!(
+            !HelloReply::decode(&no.encode().unwrap())
+                .unwrap()
+                .started_before_wake
+        );
+    }
+
+    #[test]
+    fn the_started_before_wake_question_is_a_flag() {
+        let mut h = Hello::new(desc());
+        h.started_before_wake = true;
+        let back = Hello::decode(&h.encode().unwrap()).unwrap();
+        assert!(back.started_before_wake);
+        let key = STARTED_BEFORE_WAKE_PROPERTY;
+        assert!(!back.desc.properties.contains_key(key));
+        h.started_before_wake = false;
+        let back = Hello::decode(&h.encode().unwrap()).unwrap();
+        assert!(!back.started_before_wake);
+        // A description may not carry it as its own property.
+        let mut d = desc();
+        d.properties.insert(key.to_string(), "1".to_string());
+        assert!(Hello::new(d).encode().is_err());
     }
 
     #[test]

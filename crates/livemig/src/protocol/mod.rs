@@ -76,6 +76,7 @@ pub use messages::{
     HelloReply, Keepalive, Message, Ready, Resumed, RoundEnd, State, StreamHello, HELLO_MAGIC,
     LOCAL_PROPERTY, MAX_RESTORE_COST, PAGES_GATHER_PROPERTY, PAUSED_PROPERTY,
     POSTCOPY_PREPARE_PROPERTY, POSTCOPY_PROPERTY, PROBE_PROPERTY, RESTORE_COST_PROPERTY,
+    STARTED_BEFORE_WAKE_PROPERTY,
 };
 pub(crate) use pages::check_record;
 pub use pages::{

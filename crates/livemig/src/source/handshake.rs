@@ -44,6 +44,10 @@ pub(super) struct Accepted {
     pub(super) restore_cost: Option<RestoreRehearsal>,
     /// `PagesGather` frames granted.
     pub(super) pages_gather: bool,
+    /// The destination said its VM starts the guest before it wakes the
+    /// vCPU threads (`HelloReply::started_before_wake`): its resume is
+    /// counted as none.
+    pub(super) started_before_wake: bool,
 }
 
 /// What the switchover will cost beyond memory, part by part, measured
@@ -62,8 +66,13 @@ pub(crate) struct StateParts {
     pub(crate) restore_measured: bool,
     /// The destination's rehearsal, as it sent it.
     pub(crate) rehearsal: Option<RestoreRehearsal>,
-    /// The destination's resume, taken as long as this side's resume.
+    /// The destination's resume (`Go` → its guest started): none when
+    /// [`StateParts::started_before_wake`], else as long as this side's
+    /// resume.
     pub(crate) resume: Duration,
+    /// Whether the destination said its VM starts the guest before it
+    /// wakes the vCPU threads, so that [`StateParts::resume`] is zero.
+    pub(crate) started_before_wake: bool,
     /// Framing the saved state for the wire, as the switchover does it
     /// ([`StateFrames`] and the frames' CRCs), timed on the measured state
     /// ([`time_state_frames`]).
@@ -118,6 +127,7 @@ pub(super) fn handshake<V: SourceVm + ?Sized>(
     // switch to post-copy does not check that it was (see
     // `destination::memory`'s check of torn pages).
     hello.pages_gather = config.zero_copy && !hello.postcopy;
+    hello.started_before_wake = true;
     fw.send(&hello).map_err(|e| MigrationError::new(hs, e))?;
     // While the destination makes its VM: drop the VMM's writes recorded so
     // far. Round 0 reads every page that may hold data after this (and
@@ -143,6 +153,12 @@ pub(super) fn handshake<V: SourceVm + ?Sized>(
     if reply.pages_gather && !hello.pages_gather {
         return Err(MigrationError::new(hs, PeerError::PagesGatherNotAsked));
     }
+    if reply.started_before_wake && !hello.started_before_wake {
+        return Err(MigrationError::new(
+            hs,
+            PeerError::StartedBeforeWakeNotAsked,
+        ));
+    }
     let streams = if reply.streams > 1 {
         // `Migration::run` refused streams > 1 without an opener, and the
         // destination grants no more than asked for.
@@ -166,6 +182,7 @@ pub(super) fn handshake<V: SourceVm + ?Sized>(
         probe: reply.probe,
         restore_cost: reply.restore_cost,
         pages_gather: reply.pages_gather,
+        started_before_wake: reply.started_before_wake,
     })
 }
 
@@ -229,22 +246,25 @@ fn open_streams<V: SourceVm + ?Sized>(
 }
 
 /// Measures the state (see [`measure_state`]; the restore is the
-/// destination's own measurement when it sent one) and refuses now, not
-/// after the pause, a state that cannot travel or an old peer that cannot
-/// take it.
+/// destination's own measurement when it sent one, and the destination's
+/// resume is none when it said it starts the guest before waking the vCPU
+/// threads) and refuses now, not after the pause, a state that cannot
+/// travel or an old peer that cannot take it.
 pub(super) fn estimate_state<V: SourceVm + ?Sized>(
     s: &Session<'_, V>,
     accepted: &Accepted,
 ) -> Result<StateEstimate, MigrationError> {
     let hs = Phase::Handshake;
-    let (mut parts, sections) = measure_state(s.vm, s.paused, s.config.downtime_limit)?;
+    let counts_resume = !accepted.started_before_wake;
+    let limit = s.config.downtime_limit;
+    let (mut parts, sections) = measure_state(s.vm, s.paused, limit, counts_resume)?;
     parts.rehearsal = accepted.restore_cost;
     if let Some(r) = accepted.restore_cost {
         parts.restore = r.restore;
         parts.restore_measured = true;
     }
     log::debug!(
-        "state measured: pause {:.3} ms, save {:.3} ms, restore {:.3} ms ({}), resume {:.3} ms",
+        "state measured: pause {:.3} ms, save {:.3} ms, restore {:.3} ms ({}), resume {:.3} ms{}",
         super::session::ms(parts.pause),
         super::session::ms(parts.save),
         super::session::ms(parts.restore),
@@ -255,7 +275,12 @@ pub(super) fn estimate_state<V: SourceVm + ?Sized>(
             ),
             _ => "as the save".to_string(),
         },
-        super::session::ms(parts.resume)
+        super::session::ms(parts.resume),
+        if parts.started_before_wake {
+            " (the destination starts the guest before it wakes the vCPUs)"
+        } else {
+            ""
+        }
     );
     let wire_bytes = sections
         .iter()
@@ -341,9 +366,11 @@ pub(super) fn check_old_peer(
 /// host load must not make the policy believe every switchover costs that
 /// much and never converge), the save, the destination's restore (here
 /// taken as long as the save; [`estimate_state`] puts in the destination's
-/// rehearsed restore when it sent one) and the destination's resume (taken
-/// as long as this resume: as many vCPUs to wake). A measurement whose
-/// parts add up to over a quarter of `limit` is repeated (twice at most)
+/// rehearsed restore when it sent one) and the destination's resume: taken
+/// as long as this resume (as many vCPUs to wake) when `counts_resume`,
+/// else none (the destination said it starts the guest before it wakes its
+/// vCPU threads; this resume is still timed and logged). A measurement
+/// whose parts add up to over a quarter of `limit` is repeated (twice at most)
 /// and the smallest kept, for the same reason — but with the first
 /// measurement's pause: a repeat pauses right after a resume, before the
 /// vCPU threads are back in the guest, and on real KVM its pause read ~0
@@ -358,6 +385,7 @@ pub(super) fn measure_state<V: SourceVm + ?Sized>(
     vm: &V,
     paused: bool,
     limit: Duration,
+    counts_resume: bool,
 ) -> Result<(StateParts, Vec<crate::state::Section>), MigrationError> {
     let hs = Phase::Handshake;
     if paused {
@@ -367,6 +395,7 @@ pub(super) fn measure_state<V: SourceVm + ?Sized>(
         let parts = StateParts {
             save,
             restore: save,
+            started_before_wake: !counts_resume,
             ..StateParts::default()
         };
         return Ok((parts, sections));
@@ -393,14 +422,19 @@ pub(super) fn measure_state<V: SourceVm + ?Sized>(
             restore: t_saved - t_paused,
             restore_measured: false,
             rehearsal: None,
-            resume: t_resumed - t_saved,
+            resume: if counts_resume {
+                t_resumed - t_saved
+            } else {
+                Duration::ZERO
+            },
+            started_before_wake: !counts_resume,
             ..StateParts::default()
         };
         log::debug!(
             "state measurement: pause {:.3} ms, save {:.3} ms, resume {:.3} ms",
             super::session::ms(t_paused - t),
             super::session::ms(this.save),
-            super::session::ms(this.resume)
+            super::session::ms(t_resumed - t_saved)
         );
         let kept = match best {
             Some(b) if b.total() <= this.total() => b,

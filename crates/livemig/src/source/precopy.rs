@@ -403,6 +403,7 @@ fn expected_breakdown(
         dest_rehearsal_save_ms: parts.rehearsal.map_or(0.0, |r| ms(r.save)),
         dest_rehearsal_restore_ms: parts.rehearsal.map_or(0.0, |r| ms(r.restore)),
         dest_resume_ms: ms(parts.resume),
+        dest_started_before_wake: parts.started_before_wake,
         round_trips_ms: ms(est.round_trip_part()),
     }
 }
