@@ -266,9 +266,10 @@ enum ListenerInner {
 /// buffer count as acknowledged. Left to itself the kernel grows that
 /// buffer while the reader keeps up (to `net.ipv4.tcp_rmem`'s maximum, 32
 /// MiB on this project's host), and a destination that then falls behind
-/// holds tens of MB the source never sees: a 64 GiB guest's migration went
-/// into its switchover with ~25 MB unread on the destination and a downtime
-/// of 22 ms against a 10 ms limit (expected 1.3 ms). Bounded, the backlog
+/// holds tens of MB the source never sees: in a 64 GiB guest's migration
+/// the state waited 21.6 ms behind round 0's pages on the destination (~25
+/// MB at the rate they moved), a downtime of 22 ms against a 10 ms limit
+/// (expected 1.3 ms). Bounded, the backlog
 /// stays in the source's send queue, where the source waits for it. 1 MiB
 /// carries 10 Gbit/s over a round trip of up to ~0.8 ms (the kernel
 /// doubles the value; its own overhead takes part of that).
