@@ -15,17 +15,14 @@
 //! early, so every bound below is a lower bound that holds on a loaded
 //! machine; nothing asserts an upper bound on a time).
 
-use std::io::IoSlice;
 use std::time::Duration;
 
 use livemig::memory::GuestMemory;
-use livemig::protocol::{
-    crc_covered, FrameReader, FrameWriter, Hello, HelloReply, Message, MsgKind,
-};
+use livemig::protocol::{Hello, HelloReply, Message, MsgKind};
 use livemig::state::Section;
 use livemig::testing::hooked::HookedVm;
 use livemig::testing::soft::{SoftConfig, SoftVm};
-use livemig::transport::{mem, Transport};
+use livemig::transport::mem;
 use livemig::vm::{DestinationVm, SourceVm, VmError};
 use livemig::{Migration, MigrationConfig, MigrationError, Reception, Report};
 
@@ -86,40 +83,32 @@ struct Older {
     destination: bool,
 }
 
-/// Relays frames from `from` to `to` until either end closes, changing
-/// `Hello` and `HelloReply` per `older`; sends on `replies` whether each
-/// `HelloReply` carried the answer as the destination sent it.
-fn relay(
-    from: Box<dyn Transport>,
-    to: Box<dyn Transport>,
-    older: Older,
-    replies: std::sync::mpsc::Sender<bool>,
-) {
-    let mut fr = FrameReader::new(from);
-    let mut fw = FrameWriter::new(to);
-    while let Ok(f) = fr.read_frame() {
-        let mut payload = f.payload.to_vec();
-        if f.kind == MsgKind::Hello && older.source {
-            let mut h = Hello::decode(&payload).expect("a Hello");
+/// What the relay changes on the way to the destination: the request
+/// out of `Hello` for an older source.
+fn upstream(older: Older) -> common::FrameEdit {
+    Box::new(move |kind, payload| {
+        if kind == MsgKind::Hello && older.source {
+            let mut h = Hello::decode(payload).expect("a Hello");
             h.started_before_wake = false;
-            payload = h.encode().expect("encoded");
+            *payload = h.encode().expect("encoded");
         }
-        if f.kind == MsgKind::HelloReply {
-            let mut r = HelloReply::decode(&payload).expect("a HelloReply");
+    })
+}
+
+/// What the relay changes on the way back: the answer out of
+/// `HelloReply` for an older destination; sends on `replies` whether each
+/// `HelloReply` carried the answer as the destination sent it.
+fn downstream(older: Older, replies: std::sync::mpsc::Sender<bool>) -> common::FrameEdit {
+    Box::new(move |kind, payload| {
+        if kind == MsgKind::HelloReply {
+            let mut r = HelloReply::decode(payload).expect("a HelloReply");
             let _ = replies.send(r.started_before_wake);
             if older.destination {
                 r.started_before_wake = false;
-                payload = r.encode().expect("encoded");
+                *payload = r.encode().expect("encoded");
             }
         }
-        let (head, rest) = payload.split_at(crc_covered(f.kind, &payload).len());
-        if fw
-            .write_frame_split(f.kind, &[head], &[IoSlice::new(rest)])
-            .is_err()
-        {
-            break;
-        }
-    }
+    })
 }
 
 /// Migrates a [`slow_resuming_source`] through a relay per `older` to a
@@ -135,16 +124,9 @@ fn migrate(
     bool,
 ) {
     let src = slow_resuming_source();
-    let (src_end, relay_src) = mem::pair();
     let (relay_dst, dst_end) = mem::pair();
     let (tx, rx) = std::sync::mpsc::channel();
-    let up_from: Box<dyn Transport> = Box::new(relay_src);
-    let down_to = up_from.try_clone().expect("clone");
-    let up_to: Box<dyn Transport> = Box::new(relay_dst);
-    let down_from = up_to.try_clone().expect("clone");
-    let (tx1, tx2) = (tx.clone(), tx);
-    std::thread::spawn(move || relay(up_from, up_to, older, tx1));
-    std::thread::spawn(move || relay(down_from, down_to, older, tx2));
+    let src_end = common::relayed(relay_dst, upstream(older), downstream(older, tx));
     let dest = std::thread::spawn(move || {
         Reception::new(Box::new(dst_end)).run(|d| {
             Ok(StartsBeforeWake {

@@ -23,9 +23,7 @@ use std::time::Duration;
 
 use livemig::error::PeerError;
 use livemig::memory::{MemoryLayout, RegionDesc};
-use livemig::protocol::{
-    crc_covered, gather_payload, FrameReader, FrameWriter, HelloReply, Message, MsgKind,
-};
+use livemig::protocol::{crc_covered, gather_payload, HelloReply, Message, MsgKind};
 use livemig::testing::soft::{SoftConfig, SoftVm};
 use livemig::transport::{mem, Transport};
 use livemig::vm::SourceVm;
@@ -94,53 +92,38 @@ impl Edits {
     }
 }
 
-/// Relays frames from `from` to `to` until either end closes (then drops
-/// its ends, as the peers would), applying
-/// `edits` (`upstream`: this direction is source → destination).
-fn relay(from: Box<dyn Transport>, to: Box<dyn Transport>, edits: Arc<Edits>, upstream: bool) {
-    let mut fr = FrameReader::new(from);
-    let mut fw = FrameWriter::new(to);
+/// What the relay does to the frames it carries, per [`Edits`]
+/// (`upstream`: source → destination).
+fn edit(edits: Arc<Edits>, upstream: bool) -> common::FrameEdit {
     let mut corrupted = false;
-    while let Ok(f) = fr.read_frame() {
-        let mut payload = f.payload.to_vec();
+    Box::new(move |kind, payload| {
         if upstream {
-            edits.seen(f.kind);
+            edits.seen(kind);
         }
-        if f.kind == MsgKind::HelloReply && edits.strip_grant {
-            let mut r = HelloReply::decode(&payload).unwrap();
+        if kind == MsgKind::HelloReply && edits.strip_grant {
+            let mut r = HelloReply::decode(payload).unwrap();
             r.pages_gather = false;
-            payload = r.encode().unwrap();
+            *payload = r.encode().unwrap();
         }
-        let covered = crc_covered(f.kind, &payload).len();
-        if f.kind == MsgKind::PagesGather && edits.corrupt_first_gather && !corrupted {
-            let g = gather_payload(&payload).unwrap();
+        if kind == MsgKind::PagesGather && edits.corrupt_first_gather && !corrupted {
+            let covered = crc_covered(kind, payload).len();
+            let g = gather_payload(payload).unwrap();
             let gpa = g.records().iter().find(|r| r.data.is_some()).unwrap().gpa;
             *edits.corrupted.lock().unwrap() = Some(gpa);
             payload[covered + 100] ^= 0x5a;
             corrupted = true;
         }
-        let (head, rest) = payload.split_at(covered);
-        if fw
-            .write_frame_split(f.kind, &[head], &[IoSlice::new(rest)])
-            .is_err()
-        {
-            break;
-        }
-    }
+    })
 }
 
-/// A relay between a source end and a destination end; returns the
-/// source's end.
+/// A relay with `edits` between a source end and a destination end;
+/// returns the source's end.
 fn relayed(dest_end: mem::MemTransport, edits: &Arc<Edits>) -> mem::MemTransport {
-    let (src_end, relay_src) = mem::pair();
-    let up_from: Box<dyn Transport> = Box::new(relay_src);
-    let down_to = up_from.try_clone().unwrap();
-    let up_to: Box<dyn Transport> = Box::new(dest_end);
-    let down_from = up_to.try_clone().unwrap();
-    let (e1, e2) = (edits.clone(), edits.clone());
-    std::thread::spawn(move || relay(up_from, up_to, e1, true));
-    std::thread::spawn(move || relay(down_from, down_to, e2, false));
-    src_end
+    common::relayed(
+        dest_end,
+        edit(edits.clone(), true),
+        edit(edits.clone(), false),
+    )
 }
 
 /// Migrates `src` with `config` through a relay with `edits`; returns the

@@ -2,14 +2,15 @@
 //! file uses some of them).
 #![allow(dead_code)]
 
+use std::io::IoSlice;
 use std::sync::Arc;
 use std::thread::JoinHandle;
 use std::time::Duration;
 
 use livemig::memory::{MemoryLayout, RegionDesc};
-use livemig::protocol::{FrameReader, FrameWriter, Hello, Message, MsgKind};
+use livemig::protocol::{crc_covered, FrameReader, FrameWriter, Hello, Message, MsgKind};
 use livemig::testing::soft::{SoftConfig, SoftVm};
-use livemig::transport::mem::MemAcceptor;
+use livemig::transport::mem::{self, MemAcceptor, MemTransport};
 use livemig::transport::Transport;
 use livemig::vm::SourceVm;
 // Some helpers keep exercising the deprecated 0.1 entry points.
@@ -121,4 +122,45 @@ pub fn assert_paused(vm: &SoftVm, what: &str) {
         vm.writes_none_during(Duration::from_millis(200)),
         "{what}: the source's writers run"
     );
+}
+
+/// What a relay may do to a frame it carries: `edit(kind, payload)` may
+/// change the payload before it goes on.
+pub type FrameEdit = Box<dyn FnMut(MsgKind, &mut Vec<u8>) + Send>;
+
+/// Relays frames from `from` to `to` until either end closes (then drops
+/// its ends, as the peers would), passing each through `edit` first. The
+/// frame is written anew (its CRC over what `edit` left in the part the
+/// CRC covers, `crc_covered`), so an edit past that part reaches the peer
+/// as it would from the wire.
+pub fn relay_frames(from: Box<dyn Transport>, to: Box<dyn Transport>, mut edit: FrameEdit) {
+    let mut fr = FrameReader::new(from);
+    let mut fw = FrameWriter::new(to);
+    while let Ok(f) = fr.read_frame() {
+        let mut payload = f.payload.to_vec();
+        edit(f.kind, &mut payload);
+        let (head, rest) = payload.split_at(crc_covered(f.kind, &payload).len());
+        if fw
+            .write_frame_split(f.kind, &[head], &[IoSlice::new(rest)])
+            .is_err()
+        {
+            break;
+        }
+    }
+}
+
+/// Puts a relay ([`relay_frames`]) between a new source end and
+/// `dest_end`: frames to the destination pass `up`, frames back pass
+/// `down`. Returns the source's end.
+pub fn relayed(dest_end: MemTransport, up: FrameEdit, down: FrameEdit) -> MemTransport {
+    let (src_end, relay_src) = mem::pair();
+    let up_from: Box<dyn Transport> = Box::new(relay_src);
+    let down_to = up_from.try_clone().expect("clone the relay's source end");
+    let up_to: Box<dyn Transport> = Box::new(dest_end);
+    let down_from = up_to
+        .try_clone()
+        .expect("clone the relay's destination end");
+    std::thread::spawn(move || relay_frames(up_from, up_to, up));
+    std::thread::spawn(move || relay_frames(down_from, down_to, down));
+    src_end
 }
