@@ -403,6 +403,19 @@ pub enum PeerError {
         "the destination said its VM starts the guest before waking the vCPUs, which was not asked"
     )]
     StartedBeforeWakeNotAsked,
+    /// The destination granted the read count (`ReadQuery` / `ReadCount`)
+    /// to a source that did not offer it.
+    #[error("the destination granted the read count, which was not offered")]
+    ReadCountNotOffered,
+    /// A `ReadCount` that answers no question asked (or asked and given up
+    /// on).
+    #[error("a ReadCount for question {id}; question {want} (or an earlier unanswered one) was expected")]
+    ReadCount {
+        /// The id answered.
+        id: u32,
+        /// The question waiting for its answer (`u32::MAX`: none).
+        want: u32,
+    },
     /// Pages of `PagesGather` frames failed their page CRC and no intact
     /// copy followed before memory was complete. A page the guest changed
     /// while the source sent it is always sent again; one that never is

@@ -59,6 +59,17 @@ pub struct RoundReport {
     /// expected downtime instead of the state's bytes at the link's rate).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub probe_state_burst_ms: Option<f64>,
+    /// Bytes of this round (and earlier ones) that the destination's engine
+    /// had not read when the round ended, as the destination answered the
+    /// read count (`ReadQuery` → `ReadCount`; the round waits, at most the
+    /// keepalive interval, until at most [`crate::policy::DRAIN_BYTES`]
+    /// are left; without an answer in time, everything written since the
+    /// latest answer). They count in [`RoundReport::expected_downtime_ms`].
+    /// `None` where the destination did not grant the read count (an
+    /// older destination, or post-copy): the round then ends on the send
+    /// queue alone.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub unread_bytes: Option<u64>,
 }
 
 /// LZ4 in one pre-copy round ([`RoundReport::lz4`]): the decision in force

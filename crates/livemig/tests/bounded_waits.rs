@@ -80,12 +80,14 @@ fn a_partition_during_the_final_copy_resumes_the_source_after_max_pause() {
     let started = Instant::now();
     let (r, d) = within(Duration::from_secs(60), move || {
         let (a, b) = mem::pair();
-        // Two rounds, then the final copy: its first frame follows
-        // RoundEnd #1. The stall holds that write like a full socket buffer
-        // of a peer that stopped reading; only a shutdown cuts it short.
+        // Two rounds, then the final copy: its first frame follows round
+        // 1's question of the read count (`ReadQuery` #1; one per round:
+        // the destination answers once it has read the round). The stall
+        // holds that write like a full socket buffer of a peer that stopped
+        // reading; only a shutdown cuts it short.
         let (a, probe) = FaultTransport::new(
             Box::new(a),
-            Fault::Stall(Duration::from_secs(40)).at(At::after(MsgKind::RoundEnd, 1)),
+            Fault::Stall(Duration::from_secs(40)).at(At::after(MsgKind::ReadQuery, 1)),
         );
         let dest = soft_destination(
             b,

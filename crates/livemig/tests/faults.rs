@@ -414,10 +414,12 @@ fn source_side_handshake() {
 fn copy_expect(drop_from: Phase, phase: Phase) -> impl Fn(Fault) -> Expect {
     move |f| match f {
         _ if is_short(f) => Expect::Succeeds,
+        // The destination finds the connection gone when it reads, or
+        // when it writes its answer to the read count.
         Fault::Drop => Expect::Fails {
             first: drop_from,
             last: phase,
-            reasons: &[CLOSED],
+            reasons: &[CLOSED, "writing"],
         },
         Fault::Flip(_) => fails_in(phase, &[CRC]),
         // A frame cut short: what follows is read as its rest (CRC, bad
@@ -444,22 +446,24 @@ fn source_side_round_0() {
 
 #[test]
 fn source_side_later_round() {
-    // The first frame of round 1 (it follows RoundEnd 0).
-    let at = At::after(MsgKind::RoundEnd, 0);
+    // The first frame of round 1 (it follows round 0's question of the
+    // read count, `ReadQuery` 0, which follows RoundEnd 0).
+    let at = At::after(MsgKind::ReadQuery, 0);
     let expect = copy_expect(Phase::Precopy(0), Phase::Precopy(1));
     point(300, Side::Source, at, 17, expect);
 }
 
 #[test]
 fn source_side_final_memory() {
-    // The first frame after the last RoundEnd: the source is paused and
-    // sends its last dirty pages. The destination cannot tell the final
+    // The first frame after the last round's question of the read count
+    // (`ReadQuery` 2, after RoundEnd 2): the source is paused and sends its
+    // last dirty pages. The destination cannot tell the final
     // pages from another round (no frame marks the pause), so it names
     // "pre-copy round 3".
     //
     // Round 2 is short; a harmless stall at its end lets the writers dirty
     // pages for the final copy.
-    let at = At::after(MsgKind::RoundEnd, 2);
+    let at = At::after(MsgKind::ReadQuery, 2);
     let slow = [(
         Side::Source,
         Fault::Stall(Duration::from_millis(30)).at(At::kind(MsgKind::RoundEnd, 2)),
@@ -571,10 +575,42 @@ fn destination_side_handshake() {
         Fault::Truncate | Fault::Blackhole => fails_in(Phase::Precopy(0), &[CLOSED, TIMEOUT]),
         // The destination finds the source gone when the stall ends.
         Fault::Stall(_) => fails_in(Phase::Handshake, &["writing"]),
-        // The source reads the copy where Ready should be (it is there
-        // already when the source looks), before Go, and tells the
-        // destination, which may still be sending Ready.
-        Fault::Duplicate => fails_in(Phase::Completion, &[REMOTE, "writing"]),
+        // The source reads the copy where round 0's answer to the read
+        // count should be, and tells the destination, which is then in
+        // round 0 or 1 (or, had the read count not been granted, where
+        // Ready should be, before Go).
+        Fault::Duplicate => Expect::Fails {
+            first: Phase::Precopy(0),
+            last: Phase::Completion,
+            reasons: &[REMOTE, "writing"],
+        },
+    });
+}
+
+/// Round 0's question of the read count (`ReadQuery` 0, after RoundEnd 0:
+/// the destination is in round 1), cut in its id.
+#[test]
+fn source_side_read_query() {
+    let at = At::kind(MsgKind::ReadQuery, 0);
+    let expect = copy_expect(Phase::Precopy(0), Phase::Precopy(1));
+    point(1100, Side::Source, at, 18, expect);
+}
+
+/// The destination's answer to round 0's question (`ReadCount` 0): every
+/// fault but a short stall fails the migration before the pause — the
+/// source reads a broken, repeated or missing answer, or times out on a
+/// destination stalled in its write, and tells the destination or hangs
+/// up — never ambiguously, with the source's guest running.
+#[test]
+fn destination_side_read_count() {
+    let at = At::kind(MsgKind::ReadCount, 0);
+    point(1200, Side::Destination, at, 18, |f| match f {
+        _ if is_short(f) => Expect::Succeeds,
+        _ => Expect::Fails {
+            first: Phase::Precopy(0),
+            last: Phase::Completion,
+            reasons: &[REMOTE, CLOSED, TIMEOUT, "writing"],
+        },
     });
 }
 

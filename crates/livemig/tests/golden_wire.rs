@@ -217,6 +217,58 @@ const HELLO_REPLY_STARTED_BEFORE_WAKE: &str = r#"
     07                                # started before the vCPUs wake
 "#;
 
+// HELLO_V3_READ_COUNT: HELLO_V3 offering the read count (one more
+// property, `livemig.read_count` = "1")
+const HELLO_V3_READ_COUNT: &str = r#"
+    4c4956454d494700              # magic "LIVEMIG\0"
+    03000000                      # protocol_version 3
+    02000000                      # min_protocol_version 2
+    00100000                      # page_size 4096
+    02000000                      # 2 regions
+    0000000000000000              #   guest_addr 0x0
+    00000a0000000000              #   size 0xa0000
+    0000100000000000              #   guest_addr 0x100000
+    0000000400000000              #   size 64 MiB
+    02000000                      # 2 vCPUs
+    01000000                      # 1 NIC
+    525400123456                  #   mac 52:54:00:12:34:56
+    01                            #   has_ip
+    0a000002                      #   ipv4 10.0.0.2
+    02000000                      # 2 properties
+    0700                          #   length 7
+    6d616368696e65                #   key "machine"
+    0600                          #   length 6
+    726566766d6d                  #   value "refvmm"
+    1200                          #   length 18
+    6c6976656d69672e726561645f636f756e74  # key "livemig.read_count"
+    0100                          #   length 1
+    31                            #   value "1"
+    02000000                      # streams 2
+"#;
+
+// HELLO_REPLY_READ_COUNT: 29 bytes (a version-3 reply that says the
+// destination starts the guest before it wakes the vCPU threads and
+// grants the read count, to a source that asked for both;
+// docs/protocol.md)
+const HELLO_REPLY_READ_COUNT: &str = r#"
+    01                                # accepted
+    0000                              # reason: length 0
+    01000000                          # streams 1
+    000102030405060708090a0b0c0d0e0f  # token
+    03000000                          # version 3
+    07                                # started before the vCPUs wake
+    08                                # read count granted
+"#;
+
+// READ_QUERY: the source's question 5, and its answer (1 MiB + 2 read)
+const READ_QUERY: &str = r#"
+    05000000                          # id 5
+"#;
+const READ_COUNT: &str = r#"
+    05000000                          # id 5
+    0200100000000000                  # bytes 0x100002
+"#;
+
 // PROBE: a probe with 3 padding bytes, and its answer
 const PROBE: &str = r#"
     05000000                          # id 5
@@ -508,6 +560,7 @@ fn hello(protocol_version: u32, paused: bool) -> Hello {
         restore_cost: false,
         pages_gather: false,
         started_before_wake: false,
+        read_count: false,
     }
 }
 
@@ -540,6 +593,8 @@ fn kind_bytes() {
         (Probe, 23),
         (ProbeReply, 24),
         (PagesGather, 25),
+        (ReadQuery, 26),
+        (ReadCount, 27),
     ];
     assert_eq!(table.len(), MsgKind::ALL.len());
     for (kind, byte) in table {
@@ -579,6 +634,7 @@ fn hello_reply_v3() {
             restore_cost: None,
             pages_gather: false,
             started_before_wake: false,
+            read_count: false,
         },
     );
 }
@@ -600,6 +656,7 @@ fn hello_reply_granting_postcopy() {
             restore_cost: None,
             pages_gather: false,
             started_before_wake: false,
+            read_count: false,
         },
     );
 }
@@ -621,6 +678,7 @@ fn hello_reply_granting_a_local_hand_over() {
             restore_cost: None,
             pages_gather: false,
             started_before_wake: false,
+            read_count: false,
         },
     );
 }
@@ -642,6 +700,7 @@ fn hello_reply_granting_the_probe_and_the_probe_messages() {
             restore_cost: None,
             pages_gather: false,
             started_before_wake: false,
+            read_count: false,
         },
     );
     check(PROBE, &livemig::protocol::Probe { id: 5, pad: 3 });
@@ -674,6 +733,7 @@ fn hello_asking_for_the_restore_cost_and_a_reply_carrying_it() {
             }),
             pages_gather: false,
             started_before_wake: false,
+            read_count: false,
         },
     );
 }
@@ -701,6 +761,7 @@ fn hello_asking_whether_the_guest_starts_before_the_wake_and_a_reply_saying_so()
             }),
             pages_gather: true,
             started_before_wake: true,
+            read_count: false,
         },
     );
     // Only as the last byte: twice, or before the PagesGather grant, is
@@ -710,6 +771,47 @@ fn hello_asking_whether_the_guest_starts_before_the_wake_and_a_reply_saying_so()
     assert!(HelloReply::decode(&bytes).is_err());
     let mut bytes = hex(HELLO_REPLY_V3);
     bytes.extend_from_slice(&[7, 6]);
+    assert!(HelloReply::decode(&bytes).is_err());
+}
+
+#[test]
+fn hello_offering_the_read_count_and_a_reply_granting_it() {
+    let mut h = hello(3, false);
+    h.read_count = true;
+    check(HELLO_V3_READ_COUNT, &h);
+    check(
+        HELLO_REPLY_READ_COUNT,
+        &HelloReply {
+            accepted: true,
+            reason: String::new(),
+            streams: 1,
+            token: TOKEN,
+            version: 3,
+            postcopy: false,
+            postcopy_prepare: false,
+            local: false,
+            probe: false,
+            restore_cost: None,
+            pages_gather: false,
+            started_before_wake: true,
+            read_count: true,
+        },
+    );
+    check(READ_QUERY, &livemig::protocol::ReadQuery { id: 5 });
+    check(
+        READ_COUNT,
+        &livemig::protocol::ReadCount {
+            id: 5,
+            bytes: 0x10_0002,
+        },
+    );
+    // Only as the last byte: twice, or before started_before_wake, is
+    // refused.
+    let mut bytes = hex(HELLO_REPLY_V3);
+    bytes.extend_from_slice(&[8, 8]);
+    assert!(HelloReply::decode(&bytes).is_err());
+    let mut bytes = hex(HELLO_REPLY_V3);
+    bytes.extend_from_slice(&[8, 7]);
     assert!(HelloReply::decode(&bytes).is_err());
 }
 
@@ -739,6 +841,7 @@ fn hello_reply_granting_postcopy_with_its_preparation() {
             restore_cost: None,
             pages_gather: false,
             started_before_wake: false,
+            read_count: false,
         },
     );
 }
@@ -802,6 +905,7 @@ fn hello_reply_v2() {
             restore_cost: None,
             pages_gather: false,
             started_before_wake: false,
+            read_count: false,
         },
     );
 }

@@ -164,6 +164,29 @@ fn four_streams_busy_vm_memory_identical() {
     println!("{}", r.to_json());
 }
 
+/// With page streams, each round ends when the destination has read what
+/// the source wrote on every connection (the read count): the
+/// destination's count of the streams' bytes and the control connection's
+/// must add up to the source's, or every round would wait out its bound
+/// and report the difference as unread.
+#[test]
+fn every_round_ends_read_on_every_stream() {
+    let src = running_source(&layout(), &busy(), 9);
+    std::thread::sleep(Duration::from_millis(30));
+    let (r, _, same) = run_mem(&src, 4, true);
+    assert!(same, "memory differs after a 4-stream migration");
+    assert!(!r.rounds.is_empty());
+    for round in &r.rounds {
+        let unread = round.unread_bytes.expect("the read count is granted");
+        assert!(
+            unread <= livemig::policy::DRAIN_BYTES,
+            "round {}: {unread} bytes unread: {}",
+            round.round,
+            r.to_json()
+        );
+    }
+}
+
 #[test]
 fn destination_without_acceptor_grants_one_stream() {
     let src = running_source(&layout(), &busy(), 4);

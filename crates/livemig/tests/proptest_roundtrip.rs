@@ -129,6 +129,7 @@ fn any_message() -> impl Strategy<Value = (MsgKind, Vec<u8>)> {
                 restore_cost: None,
                 pages_gather: false,
                 started_before_wake: false,
+                read_count: false,
             }
             .encode()
         )),
@@ -268,7 +269,7 @@ proptest! {
     #[test]
     fn hello_reply_round_trip(accepted in any::<bool>(), reason in text()) {
         let version = if accepted { livemig::protocol::PROTOCOL_VERSION } else { 0 };
-        let m = HelloReply { accepted, reason, streams: 1, token: [0; 16], version, postcopy: false, postcopy_prepare: false, local: false, probe: false, restore_cost: None, pages_gather: false, started_before_wake: false };
+        let m = HelloReply { accepted, reason, streams: 1, token: [0; 16], version, postcopy: false, postcopy_prepare: false, local: false, probe: false, restore_cost: None, pages_gather: false, started_before_wake: false, read_count: false };
         if m.reason.len() <= MAX_TEXT_LEN && accepted {
             round_trip(&m)?;
         } else if m.reason.len() <= MAX_TEXT_LEN {

@@ -168,6 +168,9 @@ pub(super) fn reply(
     reply.restore_cost = link.restore_cost.filter(|_| link.version >= 3);
     reply.pages_gather = link.pages_gather;
     reply.started_before_wake = link.started_before_wake;
+    // Not with post-copy either (its reception answers no question).
+    link.read_count = link.read_count && link.version >= 3 && !reply.postcopy;
+    reply.read_count = link.read_count;
     link.granted = streams;
     crate::control::send(&mut link.fw, &reply, Phase::Handshake)?;
     match acceptor {

@@ -1,7 +1,7 @@
 //! The memory phase: where pages go ([`PageSink`]) and the readers of the
 //! control connection and of each page stream.
 
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Mutex;
 
 use crate::bitmap::DirtyBitmap;
@@ -11,8 +11,8 @@ use crate::error::{ErrorKind, MigrationError, PeerError, Phase};
 use crate::memory::{MemoryLayout, PAGE_SIZE};
 use crate::protocol::{
     decompress_pages, page_records, stream_of, FrameReader, Message, MsgKind, PageRecord,
-    PostcopyPrepare, Probe, ProbeReply, ProtocolError, RoundEnd, State, MAX_STATE_FRAMES,
-    STREAM_CHUNK_PAGES,
+    PostcopyPrepare, Probe, ProbeReply, ProtocolError, ReadCount, ReadQuery, RoundEnd, State,
+    MAX_STATE_FRAMES, STREAM_CHUNK_PAGES,
 };
 use crate::ram::HostRam;
 use crate::state::Section;
@@ -239,6 +239,9 @@ pub(super) struct StreamShared<'f> {
     pub(super) fill: Option<&'f Fill>,
     /// `PagesGather` frames granted.
     pub(super) gather: bool,
+    /// Bytes of whole frames the page streams read and applied, all
+    /// together (for the read count).
+    pub(super) read: AtomicU64,
 }
 
 /// One page stream: applies pages until `Complete`.
@@ -253,7 +256,11 @@ pub(super) fn stream_reader(
 ) -> StreamCounts {
     let mut sink = PageSink::new(layout, ram, Some((index, streams)), shared.fill);
     sink.gather = shared.gather;
+    let mut counted = 0;
     let r: Result<(), ErrorKind> = loop {
+        let read = fr.bytes_read();
+        shared.read.fetch_add(read - counted, Ordering::SeqCst);
+        counted = read;
         if shared.abort.load(Ordering::SeqCst) {
             break Ok(());
         }
@@ -335,11 +342,17 @@ pub(super) struct Intake {
     pub(super) fresh_fill: bool,
     /// `PagesGather` frames granted (refused otherwise).
     pub(super) gather: bool,
+    /// The switchover probe granted: each `Probe` is answered.
+    pub(super) probe: bool,
+    /// The read count granted: each `ReadQuery` is answered.
+    pub(super) read_count: bool,
 }
 
 /// The memory phase: pages on every connection, round ends and the state
 /// on the control one, until `Complete`. A failing page stream stops the
-/// others and is named as the cause. With `probe` (the switchover probe
+/// others and is named as the cause. With `answers`, the questions granted
+/// in `intake` are answered on it: each `ReadQuery` with the bytes of whole
+/// frames read so far on every connection. With `probe` (the switchover probe
 /// granted) each `Probe` is answered on it at once. A page that arrived
 /// torn and was not sent again intact fails it at `Complete`.
 pub(super) fn receive(
@@ -348,7 +361,7 @@ pub(super) fn receive(
     layout: &MemoryLayout,
     ram: &HostRam<'_>,
     on_prepare: OnPrepare<'_>,
-    probe: Option<&mut ControlWriter>,
+    answers: Option<&mut ControlWriter>,
     intake: Intake,
 ) -> Result<Received, MigrationError> {
     let fresh_fill = intake.fresh_fill;
@@ -366,6 +379,7 @@ pub(super) fn receive(
         abort: AtomicBool::new(false),
         fill,
         gather: intake.gather,
+        read: AtomicU64::new(0),
     };
     let handles: Vec<Box<dyn Transport>> = readers
         .iter()
@@ -399,7 +413,9 @@ pub(super) fn receive(
         }
         let mut cl = ControlLoop::new(layout, ram, streams, fill);
         cl.sink.gather = intake.gather;
-        let r = cl.run(control, on_prepare, probe);
+        cl.probe = intake.probe;
+        cl.read_count = intake.read_count.then_some(&shared.read);
+        let r = cl.run(control, on_prepare, answers);
         if r.is_err() {
             stop();
         }
@@ -453,6 +469,11 @@ struct ControlLoop<'a> {
     /// A `PostcopyPrepare` arrived: the memory is armed, so no `Pages`
     /// may follow and the phase must end with a `PostcopySwitch`.
     prepared: bool,
+    /// The switchover probe granted: each `Probe` is answered.
+    probe: bool,
+    /// The read count granted: each `ReadQuery` is answered with this
+    /// connection's bytes read and these, the page streams'.
+    read_count: Option<&'a AtomicU64>,
 }
 
 impl<'a> ControlLoop<'a> {
@@ -471,6 +492,8 @@ impl<'a> ControlLoop<'a> {
             state_frames: 0,
             switch: None,
             prepared: false,
+            probe: false,
+            read_count: None,
         }
     }
 
@@ -479,7 +502,7 @@ impl<'a> ControlLoop<'a> {
         &mut self,
         control: &mut ControlReader,
         mut on_prepare: OnPrepare<'_>,
-        mut probe: Option<&mut ControlWriter>,
+        mut answers: Option<&mut ControlWriter>,
     ) -> Result<Vec<Section>, MigrationError> {
         const EXPECTED: &str = "Pages, RoundEnd, State or Complete";
         loop {
@@ -528,13 +551,24 @@ impl<'a> ControlLoop<'a> {
                     self.phase = Phase::Precopy(self.rounds);
                 }
                 MsgKind::Keepalive => {}
-                MsgKind::Probe if probe.is_some() && self.sections.is_none() => {
+                MsgKind::Probe if self.probe && answers.is_some() && self.sections.is_none() => {
                     let p = Probe::decode(f.payload).map_err(|e| at(e.into()))?;
-                    if let Some(fw) = probe.as_deref_mut() {
+                    if let Some(fw) = answers.as_deref_mut() {
                         let reply = ProbeReply {
                             id: p.id,
                             pad: p.pad,
                         };
+                        crate::control::send(fw, &reply, self.phase)?;
+                    }
+                }
+                MsgKind::ReadQuery if answers.is_some() && self.sections.is_none() => {
+                    let Some(streams_read) = self.read_count else {
+                        return Err(unexpected(f.kind, EXPECTED, self.phase));
+                    };
+                    let q = ReadQuery::decode(f.payload).map_err(|e| at(e.into()))?;
+                    let bytes = control.bytes_read() + streams_read.load(Ordering::SeqCst);
+                    if let Some(fw) = answers.as_deref_mut() {
+                        let reply = ReadCount { id: q.id, bytes };
                         crate::control::send(fw, &reply, self.phase)?;
                     }
                 }

@@ -234,6 +234,7 @@ pub(super) fn on_link<T>(
         restore_cost: None,
         pages_gather: false,
         started_before_wake: false,
+        read_count: false,
     };
     body(&mut link).map_err(|e| fail(&mut link, e, cancel))
 }
@@ -291,6 +292,10 @@ pub(super) struct Link {
     /// by the copying reception, whose switchover resumes through
     /// `resume_then`).
     started_before_wake: bool,
+    /// The read count offered by the source and granted (only by the
+    /// copying reception without post-copy: its control loop answers each
+    /// `ReadQuery`).
+    read_count: bool,
 }
 
 /// The phases, in order: handshake, memory and state, restore and commit.
@@ -308,6 +313,7 @@ where
     let started = Instant::now();
     let hello = handshake::read_hello(link)?;
     link.probe = hello.probe;
+    link.read_count = hello.read_count && link.version >= 3;
     link.pages_gather = hello.pages_gather && link.version >= 3;
     let layout = hello.desc.layout.clone();
     let mut vm = handshake::create_vm(&mut link.fw, &hello.desc, create)?;
@@ -328,17 +334,19 @@ where
         for r in &readers {
             call.cancel.attach(r.get_ref().try_clone().ok());
         }
-        let probe = link.probe.then_some(&mut link.fw);
+        let answers = (link.probe || link.read_count).then_some(&mut link.fw);
         memory::receive(
             &mut link.control,
             readers,
             &layout,
             &ram,
             None,
-            probe,
+            answers,
             memory::Intake {
                 fresh_fill: call.fill,
                 gather: link.pages_gather,
+                probe: link.probe,
+                read_count: link.read_count,
             },
         )?
     };

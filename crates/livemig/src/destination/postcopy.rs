@@ -501,7 +501,7 @@ where
         None,
         memory::Intake {
             fresh_fill: call.fill,
-            gather: false,
+            ..Default::default()
         },
     )?;
     drop(ram);

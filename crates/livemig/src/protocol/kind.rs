@@ -86,11 +86,18 @@ pub enum MsgKind {
     /// data page has a CRC of its own
     /// ([`gather_payload`](super::gather_payload)).
     PagesGather = 25,
+    /// Source → destination, control connection, only when the read count
+    /// was granted (`Hello` property `livemig.read_count`): how many bytes
+    /// has the destination's engine read ([`ReadQuery`](super::ReadQuery))?
+    ReadQuery = 26,
+    /// Destination → source: the answer to a [`ReadQuery`](super::ReadQuery)
+    /// ([`ReadCount`](super::ReadCount)).
+    ReadCount = 27,
 }
 
 impl MsgKind {
     /// Every kind, in wire order.
-    pub const ALL: [MsgKind; 25] = [
+    pub const ALL: [MsgKind; 27] = [
         MsgKind::Hello,
         MsgKind::HelloReply,
         MsgKind::Pages,
@@ -116,6 +123,8 @@ impl MsgKind {
         MsgKind::Probe,
         MsgKind::ProbeReply,
         MsgKind::PagesGather,
+        MsgKind::ReadQuery,
+        MsgKind::ReadCount,
     ];
 
     /// The kind for a wire byte, if known.
@@ -152,6 +161,8 @@ impl MsgKind {
             MsgKind::Probe => "Probe",
             MsgKind::ProbeReply => "ProbeReply",
             MsgKind::PagesGather => "PagesGather",
+            MsgKind::ReadQuery => "ReadQuery",
+            MsgKind::ReadCount => "ReadCount",
         }
     }
 }

@@ -66,13 +66,25 @@ pub const PAGES_GATHER_PROPERTY: &str = "livemig.pages_gather";
 /// resume as long as its own.
 pub const STARTED_BEFORE_WAKE_PROPERTY: &str = "livemig.started_before_wake";
 
+/// The property key by which a [`Hello`] offers the read count (value
+/// `"1"`: kinds 26–27, `ReadQuery` / `ReadCount`, see `docs/protocol.md`):
+/// a destination that knows it grants it with [`HelloReply::read_count`]
+/// and answers each `ReadQuery`. One that does not reads the key as an
+/// ordinary property and never grants it; the source then ends its rounds
+/// on its send queue alone, as before.
+pub const READ_COUNT_PROPERTY: &str = "livemig.read_count";
+
 /// The byte that grants [`HelloReply::pages_gather`] (after the restore
 /// cost if any).
 const PAGES_GATHER_TAG: u8 = 6;
 
-/// The byte that says [`HelloReply::started_before_wake`] (last in the
-/// reply, after the `PagesGather` grant if any).
+/// The byte that says [`HelloReply::started_before_wake`] (after the
+/// `PagesGather` grant if any).
 const STARTED_BEFORE_WAKE_TAG: u8 = 7;
+
+/// The byte that grants [`HelloReply::read_count`] (last in the reply,
+/// after the `started_before_wake` byte if any).
+const READ_COUNT_TAG: u8 = 8;
 
 /// The byte that introduces [`HelloReply::restore_cost`] (after the grant
 /// byte, if any; distinct from every grant byte): then the rehearsal's save
@@ -147,6 +159,9 @@ pub struct Hello {
     /// before it wakes the vCPU threads
     /// ([`STARTED_BEFORE_WAKE_PROPERTY`]).
     pub started_before_wake: bool,
+    /// The source offers to ask for the destination's read count
+    /// ([`READ_COUNT_PROPERTY`]).
+    pub read_count: bool,
 }
 
 impl Hello {
@@ -167,6 +182,7 @@ impl Hello {
             restore_cost: false,
             pages_gather: false,
             started_before_wake: false,
+            read_count: false,
         }
     }
 
@@ -258,6 +274,9 @@ impl Message for Hello {
         if self.started_before_wake {
             props.push((STARTED_BEFORE_WAKE_PROPERTY, "1"));
         }
+        if self.read_count {
+            props.push((READ_COUNT_PROPERTY, "1"));
+        }
         let local = local_properties(self.local.as_ref());
         props.extend(local.iter().map(|(k, v)| (k.as_str(), v.as_str())));
         put_count(out, M, "properties", props.len(), MAX_PROPERTIES)?;
@@ -329,6 +348,7 @@ impl Message for Hello {
             restore_cost: flags.restore_cost,
             pages_gather: flags.pages_gather,
             started_before_wake: flags.started_before_wake,
+            read_count: flags.read_count,
         })
     }
 }
@@ -343,6 +363,7 @@ struct HelloFlags {
     restore_cost: bool,
     pages_gather: bool,
     started_before_wake: bool,
+    read_count: bool,
     /// [`LOCAL_PROPERTY`]'s value.
     boot_id: Option<String>,
     /// The `livemig.local.<i>` properties, by index.
@@ -491,6 +512,7 @@ fn read_properties(
             RESTORE_COST_PROPERTY => Some(&mut flags.restore_cost),
             PAGES_GATHER_PROPERTY => Some(&mut flags.pages_gather),
             STARTED_BEFORE_WAKE_PROPERTY => Some(&mut flags.started_before_wake),
+            READ_COUNT_PROPERTY => Some(&mut flags.read_count),
             _ => None,
         };
         let Some(flag) = flag else {
@@ -559,10 +581,16 @@ pub struct HelloReply {
     /// threads ([`crate::vm::DestinationVm::started_before_wake`]): its
     /// resume from `Go` to the start, which ends the downtime, does not
     /// grow with the vCPUs. Only to a source that asked
-    /// ([`Hello::started_before_wake`]), in version 3 and later, as the
-    /// last byte of the reply: `7`. Absent (`false`) from a VM that does
-    /// not say so and from a destination that does not know the question.
+    /// ([`Hello::started_before_wake`]), in version 3 and later, after
+    /// the `PagesGather` grant (if any): the byte `7`. Absent (`false`)
+    /// from a VM that does not say so and from a destination that does not
+    /// know the question.
     pub started_before_wake: bool,
+    /// The read count granted: the destination answers each `ReadQuery`
+    /// with a `ReadCount`. Only to a source that offered it
+    /// ([`Hello::read_count`]), in version 3 and later, as the last byte
+    /// of the reply: `8`.
+    pub read_count: bool,
 }
 
 impl HelloReply {
@@ -581,6 +609,7 @@ impl HelloReply {
             restore_cost: None,
             pages_gather: false,
             started_before_wake: false,
+            read_count: false,
         }
     }
 
@@ -600,6 +629,7 @@ impl HelloReply {
             restore_cost: None,
             pages_gather: false,
             started_before_wake: false,
+            read_count: false,
         }
     }
 }
@@ -650,6 +680,9 @@ impl Message for HelloReply {
             }
             if self.started_before_wake {
                 out.push(STARTED_BEFORE_WAKE_TAG);
+            }
+            if self.read_count {
+                out.push(READ_COUNT_TAG);
             }
         }
         Ok(())
@@ -705,6 +738,9 @@ impl Message for HelloReply {
         let started_before_wake =
             version >= 3 && c.data.get(c.pos) == Some(&STARTED_BEFORE_WAKE_TAG);
         c.pos += usize::from(started_before_wake);
+        // The same: only to a source that offered it, last.
+        let read_count = version >= 3 && c.data.get(c.pos) == Some(&READ_COUNT_TAG);
+        c.pos += usize::from(read_count);
         c.finish()?;
         Ok(HelloReply {
             accepted,
@@ -719,6 +755,7 @@ impl Message for HelloReply {
             restore_cost,
             pages_gather,
             started_before_wake,
+            read_count,
         })
     }
 }
@@ -1355,6 +1392,7 @@ mod tests {
                     restore_cost: None,
                     pages_gather: false,
                     started_before_wake: false,
+                    read_count: false,
                 }),
             ),
             (
@@ -1392,11 +1430,11 @@ mod tests {
     #[test]
     fn round_trip_every_message() {
         let msgs = all_messages();
-        // All but Pages, PagesLz4, PagesGather, the seven post-copy kinds
-        // and the two probe kinds (their round trips are in
-        // protocol/pages_gather.rs, protocol/postcopy.rs and
-        // protocol/probe.rs).
-        assert_eq!(msgs.len(), MsgKind::ALL.len() - 12);
+        // All but Pages, PagesLz4, PagesGather, the seven post-copy kinds,
+        // the two probe kinds and the two read-count kinds (their round
+        // trips are in protocol/pages_gather.rs, protocol/postcopy.rs,
+        // protocol/probe.rs and protocol/read_count.rs).
+        assert_eq!(msgs.len(), MsgKind::ALL.len() - 14);
         round_trip(&HelloReply {
             accepted: true,
             reason: String::new(),
@@ -1410,6 +1448,7 @@ mod tests {
             restore_cost: None,
             pages_gather: true,
             started_before_wake: false,
+            read_count: false,
         });
         round_trip(&State::default());
         let mut d = desc();
@@ -1420,7 +1459,7 @@ mod tests {
             assert_eq!(MsgKind::from_u8(k as u8), Some(k));
         }
         assert_eq!(MsgKind::from_u8(0), None);
-        assert_eq!(MsgKind::from_u8(26), None);
+        assert_eq!(MsgKind::from_u8(28), None);
     }
 
     #[test]
@@ -1439,6 +1478,7 @@ mod tests {
             restore_cost: None,
             pages_gather: false,
             started_before_wake: false,
+            read_count: false,
         }
         .encode()
         .unwrap();
@@ -1709,6 +1749,7 @@ mod tests {
             restore_cost: None,
             pages_gather: false,
             started_before_wake: false,
+            read_count: false,
         };
         assert_eq!(
             HelloReply::decode(&r.encode().unwrap())
@@ -1833,7 +1874,7 @@ mod tests {
             vec![STARTED_BEFORE_WAKE_TAG, STARTED_BEFORE_WAKE_TAG],
             vec![STARTED_BEFORE_WAKE_TAG, PAGES_GATHER_TAG],
             vec![STARTED_BEFORE_WAKE_TAG, 0],
-            vec![8],
+            vec![9],
         ] {
             let mut b = plain.clone();
             b.extend_from_slice(&bad);
@@ -1855,6 +1896,65 @@ mod tests {
                 .unwrap()
                 .started_before_wake
         );
+    }
+
+    #[test]
+    fn the_read_count_grant_round_trips_last_and_is_strict() {
+        let mut r = HelloReply::accepted(2, [0; 16]);
+        r.read_count = true;
+        // After any grant byte, the PagesGather grant and started_before_wake.
+        for (probe, gather, wake) in [
+            (false, false, false),
+            (true, false, false),
+            (false, true, false),
+            (false, false, true),
+            (true, true, true),
+        ] {
+            r.probe = probe;
+            r.pages_gather = gather;
+            r.started_before_wake = wake;
+            let b = r.encode().unwrap();
+            assert_eq!(b.last(), Some(&READ_COUNT_TAG));
+            assert_eq!(HelloReply::decode(&b).unwrap(), r);
+        }
+        let mut ungranted = r.clone();
+        ungranted.read_count = false;
+        let (b, ub) = (r.encode().unwrap(), ungranted.encode().unwrap());
+        assert_eq!(b[..b.len() - 1], ub[..]);
+        assert!(!HelloReply::decode(&ub).unwrap().read_count);
+        let plain = HelloReply::accepted(1, [0; 16]).encode().unwrap();
+        // Twice, before started_before_wake, or followed by anything:
+        // refused (trailing bytes).
+        for bad in [
+            vec![READ_COUNT_TAG, READ_COUNT_TAG],
+            vec![READ_COUNT_TAG, STARTED_BEFORE_WAKE_TAG],
+            vec![READ_COUNT_TAG, 0],
+        ] {
+            let mut b = plain.clone();
+            b.extend_from_slice(&bad);
+            let e = HelloReply::decode(&b).unwrap_err().to_string();
+            assert!(e.contains("trailing"), "{bad:?}: {e}");
+        }
+        // Version 2 has no room for it.
+        let mut v2 = HelloReply::accepted(1, [0; 16]);
+        v2.version = 2;
+        v2.read_count = true;
+        assert!(
+            !HelloReply::decode(&v2.encode().unwrap())
+                .unwrap()
+                .read_count
+        );
+    }
+
+    #[test]
+    fn the_read_count_offer_is_a_flag() {
+        let mut h = Hello::new(desc());
+        h.read_count = true;
+        let back = Hello::decode(&h.encode().unwrap()).unwrap();
+        assert!(back.read_count);
+        assert!(!back.desc.properties.contains_key(READ_COUNT_PROPERTY));
+        h.read_count = false;
+        assert!(!Hello::decode(&h.encode().unwrap()).unwrap().read_count);
     }
 
     #[test]

@@ -61,6 +61,7 @@ mod pages;
 mod pages_gather;
 mod postcopy;
 mod probe;
+mod read_count;
 mod state_frames;
 #[cfg(test)]
 mod test_support;
@@ -75,8 +76,8 @@ pub use messages::{
     encoded_state_frames, state_frames, Abandoned, Cancel, Complete, ErrorMsg, Go, Hello,
     HelloReply, Keepalive, Message, Ready, Resumed, RoundEnd, State, StreamHello, HELLO_MAGIC,
     LOCAL_PROPERTY, MAX_RESTORE_COST, PAGES_GATHER_PROPERTY, PAUSED_PROPERTY,
-    POSTCOPY_PREPARE_PROPERTY, POSTCOPY_PROPERTY, PROBE_PROPERTY, RESTORE_COST_PROPERTY,
-    STARTED_BEFORE_WAKE_PROPERTY,
+    POSTCOPY_PREPARE_PROPERTY, POSTCOPY_PROPERTY, PROBE_PROPERTY, READ_COUNT_PROPERTY,
+    RESTORE_COST_PROPERTY, STARTED_BEFORE_WAKE_PROPERTY,
 };
 pub(crate) use pages::check_record;
 pub use pages::{
@@ -92,6 +93,7 @@ pub use postcopy::{
     PostcopyResume, PostcopySwitch, MAX_DISCARD_RUNS, MAX_REQUEST_PAGES,
 };
 pub use probe::{Probe, ProbeReply, MAX_PROBE_PAD};
+pub use read_count::{ReadCount, ReadQuery};
 pub use state_frames::StateFrames;
 
 /// Default (and largest useful) payload size of one frame.

@@ -48,6 +48,9 @@ pub(super) struct Accepted {
     /// vCPU threads (`HelloReply::started_before_wake`): its resume is
     /// counted as none.
     pub(super) started_before_wake: bool,
+    /// The read count granted: rounds end once the destination has read
+    /// them (`source::read_count`).
+    pub(super) read_count: bool,
 }
 
 /// What the switchover will cost beyond memory, part by part, measured
@@ -128,6 +131,8 @@ pub(super) fn handshake<V: SourceVm + ?Sized>(
     // `destination::memory`'s check of torn pages).
     hello.pages_gather = config.zero_copy && !hello.postcopy;
     hello.started_before_wake = true;
+    // Not with post-copy either: its reception answers no question.
+    hello.read_count = s.postcopy.is_none();
     fw.send(&hello).map_err(|e| MigrationError::new(hs, e))?;
     // While the destination makes its VM: drop the VMM's writes recorded so
     // far. Round 0 reads every page that may hold data after this (and
@@ -159,6 +164,9 @@ pub(super) fn handshake<V: SourceVm + ?Sized>(
             PeerError::StartedBeforeWakeNotAsked,
         ));
     }
+    if reply.read_count && !hello.read_count {
+        return Err(MigrationError::new(hs, PeerError::ReadCountNotOffered));
+    }
     let streams = if reply.streams > 1 {
         // `Migration::run` refused streams > 1 without an opener, and the
         // destination grants no more than asked for.
@@ -183,6 +191,7 @@ pub(super) fn handshake<V: SourceVm + ?Sized>(
         restore_cost: reply.restore_cost,
         pages_gather: reply.pages_gather,
         started_before_wake: reply.started_before_wake,
+        read_count: reply.read_count,
     })
 }
 

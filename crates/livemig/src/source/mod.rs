@@ -37,6 +37,7 @@ pub mod postcopy;
 mod precopy;
 mod probe;
 mod quiet;
+mod read_count;
 mod rounds;
 mod sender;
 mod session;

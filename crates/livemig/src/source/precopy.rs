@@ -52,8 +52,13 @@ struct Sent {
     duration: Duration,
     /// The round minus re-arming the dirty log.
     sending: Duration,
-    /// Bytes still unacknowledged on the connections after the drain.
+    /// Bytes the destination had not received after the round's wait: not
+    /// read by its engine when it answered the read count, else not
+    /// acknowledged by its kernel.
     queued: u64,
+    /// What the destination's read count said it had not read (`None`:
+    /// not granted).
+    unread: Option<u64>,
     /// Whether LZ4 was on when the round began or any of its page frames
     /// went compressed, and what LZ4 did.
     compressed: bool,
@@ -137,7 +142,13 @@ pub(super) fn precopy<V: SourceVm + ?Sized>(
         merge_vmm_writes(s.vm, &mut bitmap);
         sent.sync = t_sync.elapsed();
         let probe = match t.prober.as_mut() {
-            Some(pr) => pr.measure(&mut t.sender.fw, &mut t.control, phase)?,
+            Some(pr) => {
+                let mut reads_late = |f: &crate::protocol::Frame<'_>| match t.reads.as_mut() {
+                    Some(r) => r.take_late(f, phase),
+                    None => Ok(false),
+                };
+                pr.measure_with(&mut t.sender.fw, &mut t.control, phase, &mut reads_late)?
+            }
             None => None,
         };
         let est = p.account(s, t, throttler, &sent, bitmap.count(), probe);
@@ -220,12 +231,15 @@ fn send_round<V: SourceVm + ?Sized>(
         .send(&RoundEnd { round, pages })
         .map_err(|e| MigrationError::new(phase, e))?;
     let end = t_end.elapsed().saturating_sub(end_lz4);
-    let queued = drain(&t.links, sender.alive_every, s.cancel);
+    let zero = sender.counts.zero - before.zero + sender.skipped - skipped_before;
+    let bytes = sender.counts.bytes - before.bytes;
+    let clear_time = sender.clear_time;
+    let (queued, unread) = wait_until_arrived(s, t, phase)?;
     let duration = t0.elapsed();
     Ok(Sent {
         pages,
-        zero: sender.counts.zero - before.zero + sender.skipped - skipped_before,
-        bytes: sender.counts.bytes - before.bytes,
+        zero,
+        bytes,
         duration,
         // Sending time: the round minus re-arming the dirty log (a round 0
         // of a mostly idle guest is nearly all re-arming; counting it as
@@ -233,9 +247,10 @@ fn send_round<V: SourceVm + ?Sized>(
         // converge" under load). It includes the drain: the bandwidth is
         // what reached the destination.
         sending: duration
-            .saturating_sub(sender.clear_time)
+            .saturating_sub(clear_time)
             .max(Duration::from_micros(50)),
         queued,
+        unread,
         compressed: compressed || c.lz4_frames > 0,
         lz4,
         sync: Duration::ZERO,
@@ -244,15 +259,49 @@ fn send_round<V: SourceVm + ?Sized>(
     })
 }
 
-/// The end of a round on a slow or deep link: waits, at most `bound` (the
-/// keepalive interval), until the connections that can tell
+/// The end of a round: waits, at most the keepalive interval in all, until
+/// the destination's engine has read all but [`DRAIN_BYTES`] of what was
+/// written (when the read count was granted) and its kernel has
+/// acknowledged all but that ([`drain`]). Returns the larger of what was
+/// not read and not acknowledged then, and what the read count said
+/// (`None`: not granted; without an answer in time, everything since its
+/// latest answer counts as not read, so that no switchover is decided on
+/// bytes the destination has not confirmed).
+fn wait_until_arrived<V: SourceVm + ?Sized>(
+    s: &mut Session<'_, V>,
+    t: &mut Tracking<'_>,
+    phase: Phase,
+) -> Result<(u64, Option<u64>), MigrationError> {
+    let until = Instant::now() + t.sender.alive_every;
+    let written = t.bytes_written();
+    let Some(reads) = t.reads.as_mut() else {
+        return Ok((drain(&t.links, until, s.cancel), None));
+    };
+    let mut probe_late = |f: &crate::protocol::Frame<'_>| match t.prober.as_mut() {
+        Some(p) => p.take_late_frame(f, phase),
+        None => Ok(false),
+    };
+    let unread = reads.wait(
+        &mut t.sender.fw,
+        &mut t.control,
+        written,
+        until,
+        s.cancel,
+        phase,
+        &mut probe_late,
+    )?;
+    let queued = drain(&t.links, until, s.cancel);
+    Ok((queued.max(unread), Some(unread)))
+}
+
+/// The end of a round on a slow or deep link: waits, until `until` at
+/// most, until the connections that can tell
 /// ([`Transport::unacked_bytes`]) hold at most [`DRAIN_BYTES`] that the
 /// destination has not acknowledged, so that the dirty pages are counted
 /// and the switchover decided when the round's pages have arrived, and the
 /// final copy does not queue behind them. Returns what is still
 /// unacknowledged then (0 where no transport tells).
-fn drain(links: &[Box<dyn Transport>], bound: Duration, cancel: &CancelToken) -> u64 {
-    let until = Instant::now() + bound;
+fn drain(links: &[Box<dyn Transport>], until: Instant, cancel: &CancelToken) -> u64 {
     loop {
         let queued: u64 = links.iter().filter_map(|l| l.unacked_bytes()).sum();
         if queued <= DRAIN_BYTES || cancel.is_cancelled() || Instant::now() >= until {
@@ -333,6 +382,7 @@ impl Precopy {
                 .then(|| t.sender.lz4_on.take_round(ms(sent.lz4.time))),
             probe_hop_ms: probe.map(|p| ms(p.hop)),
             probe_state_burst_ms: probe.map(|p| ms(p.state_burst)),
+            unread_bytes: sent.unread,
         };
         log::info!("{rr}");
         (s.progress)(&Progress::Round(rr.clone()));

@@ -13,10 +13,11 @@
 
 use std::time::{Duration, Instant};
 
+use super::read_count::LateFrames;
 use crate::control::{unexpected, ControlReader, ControlWriter};
 use crate::error::{ErrorKind, MigrationError, PeerError, Phase};
 use crate::policy::ProbeTimes;
-use crate::protocol::{Message, MsgKind, Probe, ProbeReply, Ready, MAX_PROBE_PAD};
+use crate::protocol::{Frame, Message, MsgKind, Probe, ProbeReply, MAX_PROBE_PAD};
 
 /// Unpadded round trips per measurement (their median is the hop).
 const HOPS: usize = 3;
@@ -51,17 +52,30 @@ impl Prober {
     /// [`HOPS`] unpadded probes and one padded to the state's size; `None`
     /// when an answer did not come within the wait (or too many are
     /// missing already).
+    #[cfg(test)]
     pub(super) fn measure(
         &mut self,
         fw: &mut ControlWriter,
         control: &mut ControlReader,
         phase: Phase,
     ) -> Result<Option<ProbeTimes>, MigrationError> {
+        self.measure_with(fw, control, phase, &mut |_| Ok(false))
+    }
+
+    /// [`Prober::measure`], with `other` consuming the late answers of
+    /// other questions (the read count's) read meanwhile.
+    pub(super) fn measure_with(
+        &mut self,
+        fw: &mut ControlWriter,
+        control: &mut ControlReader,
+        phase: Phase,
+        other: LateFrames<'_>,
+    ) -> Result<Option<ProbeTimes>, MigrationError> {
         if self.late.len() >= MAX_LATE {
             return Ok(None);
         }
         let restore = control.timeout();
-        let r = self.measure_all(fw, control, phase);
+        let r = self.measure_all(fw, control, phase, other);
         control
             .set_timeout(restore)
             .map_err(|e| MigrationError::new(phase, e))?;
@@ -73,17 +87,18 @@ impl Prober {
         fw: &mut ControlWriter,
         control: &mut ControlReader,
         phase: Phase,
+        other: LateFrames<'_>,
     ) -> Result<Option<ProbeTimes>, MigrationError> {
         let mut hops = [Duration::ZERO; HOPS];
         for h in &mut hops {
-            match self.exchange(fw, control, 0, phase)? {
+            match self.exchange(fw, control, 0, phase, other)? {
                 Some(d) => *h = d,
                 None => return Ok(None),
             }
         }
         hops.sort();
         let hop = hops[HOPS / 2];
-        let Some(burst) = self.exchange(fw, control, self.pad, phase)? else {
+        let Some(burst) = self.exchange(fw, control, self.pad, phase, other)? else {
             return Ok(None);
         };
         Ok(Some(ProbeTimes {
@@ -100,6 +115,7 @@ impl Prober {
         control: &mut ControlReader,
         pad: u32,
         phase: Phase,
+        other: LateFrames<'_>,
     ) -> Result<Option<Duration>, MigrationError> {
         let id = self.next_id;
         self.next_id = self.next_id.wrapping_add(1);
@@ -136,9 +152,30 @@ impl Prober {
                     self.take_late(&r, (id, pad), phase)?;
                 }
                 MsgKind::Keepalive => {}
-                other => return Err(unexpected(other, "ProbeReply", phase)),
+                kind => {
+                    if !other(&f)? {
+                        return Err(unexpected(kind, "ProbeReply", phase));
+                    }
+                }
             }
         }
+    }
+
+    /// Whether `f`, read while waiting for something else, is the late
+    /// answer to a probe given up on (then it is consumed); a `ProbeReply`
+    /// that answers no probe is a protocol error.
+    pub(super) fn take_late_frame(
+        &mut self,
+        f: &Frame<'_>,
+        phase: Phase,
+    ) -> Result<bool, MigrationError> {
+        if f.kind != MsgKind::ProbeReply {
+            return Ok(false);
+        }
+        let r = ProbeReply::decode(f.payload).map_err(|e| MigrationError::new(phase, e))?;
+        let want = self.late.first().copied().unwrap_or((u32::MAX, 0));
+        self.take_late(&r, want, phase)?;
+        Ok(true)
     }
 
     /// `r` answers a late probe (which is then no longer waited for);
@@ -165,38 +202,13 @@ impl Prober {
             }
         }
     }
-
-    /// `Ready`, after the late answers still on their way (every answer
-    /// precedes `Ready`: the destination answers a probe when it reads it,
-    /// before the `Complete` sent after it).
-    pub(super) fn recv_ready(
-        &mut self,
-        control: &mut ControlReader,
-        phase: Phase,
-    ) -> Result<Ready, MigrationError> {
-        loop {
-            let f = control.next(phase, "Ready")?;
-            match f.kind {
-                MsgKind::Ready => {
-                    return Ready::decode(f.payload).map_err(|e| MigrationError::new(phase, e))
-                }
-                MsgKind::ProbeReply if !self.late.is_empty() => {
-                    let r =
-                        ProbeReply::decode(f.payload).map_err(|e| MigrationError::new(phase, e))?;
-                    let want = self.late[0];
-                    self.take_late(&r, want, phase)?;
-                }
-                other => return Err(unexpected(other, "Ready", phase)),
-            }
-        }
-    }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
     use crate::control;
-    use crate::protocol::FrameWriter;
+    use crate::protocol::{FrameWriter, Ready};
     use crate::transport::{mem, Transport};
 
     /// The source's ends, the peer's writer, and the peer's reader.
@@ -290,10 +302,18 @@ mod tests {
         );
         peer.send(&ProbeReply { id: 0, pad: 0 }).unwrap();
         peer.send(&Ready { restore_us: 7 }).unwrap();
-        let r = p.recv_ready(&mut rx, Phase::Completion).unwrap();
+        let r =
+            super::super::switchover::recv_ready(&mut rx, Some(&mut p), None, Phase::Completion)
+                .unwrap();
         assert_eq!(r.restore_us, 7);
         peer.send(&ProbeReply { id: 0, pad: 0 }).unwrap();
-        assert!(p.recv_ready(&mut rx, Phase::Completion).is_err());
+        assert!(super::super::switchover::recv_ready(
+            &mut rx,
+            Some(&mut p),
+            None,
+            Phase::Completion
+        )
+        .is_err());
     }
 
     #[test]

@@ -9,6 +9,7 @@ use super::cancel::CancelToken;
 use super::handshake::{Accepted, StateEstimate};
 use super::lz4::Lz4Switch;
 use super::probe::Prober;
+use super::read_count::ReadCounter;
 use super::sender::{Pacer, PageSender};
 use super::unarmed::Unarmed;
 use crate::control::ControlReader;
@@ -76,6 +77,8 @@ pub(super) struct Tracking<'a> {
     pub(super) postcopy_report: Option<super::postcopy::PostcopySourceReport>,
     /// The switchover probe, when the destination granted it.
     pub(super) prober: Option<Prober>,
+    /// The read count, when the destination granted it.
+    pub(super) reads: Option<ReadCounter>,
 }
 
 impl<'a> Tracking<'a> {
@@ -153,6 +156,7 @@ impl<'a> Tracking<'a> {
             postcopy_report: None,
             round0: Some(accepted.round0),
             prober,
+            reads: accepted.read_count.then(ReadCounter::new),
         })
     }
 
@@ -174,6 +178,12 @@ impl<'a> Tracking<'a> {
             "dirty tracking stopped (migrated: {migrated}) in {:.2} ms",
             ms(t0.elapsed())
         );
+        self.bytes_written()
+    }
+
+    /// Bytes written on every connection so far (the page streams' as of
+    /// their last barrier).
+    pub(super) fn bytes_written(&self) -> u64 {
         // With page streams their bytes are counted in the sender's counts
         // (the barriers collect them); add the control connection's.
         if self.streams > 1 {

@@ -6,14 +6,16 @@ use std::time::Instant;
 
 use super::cancel::CancelToken;
 use super::precopy::{Converged, PrecopySummary};
+use super::probe::Prober;
+use super::read_count::ReadCounter;
 use super::rounds::merge_vmm_writes;
 use super::session::{Session, Tracking};
 use crate::bitmap::DirtyBitmap;
 use crate::commit::{commit, Commit};
-use crate::control::ControlWriter;
+use crate::control::{unexpected, ControlReader, ControlWriter};
 use crate::deadline::PauseDeadline;
 use crate::error::{ErrorKind, MigrationError, Phase};
-use crate::protocol::{Go, MsgKind, Ready, Resumed, StateFrames, MAX_FRAME_PAYLOAD};
+use crate::protocol::{Go, Message, MsgKind, Ready, Resumed, StateFrames, MAX_FRAME_PAYLOAD};
 use crate::report::Progress;
 use crate::state::Section;
 use crate::vm::SourceVm;
@@ -143,10 +145,12 @@ fn copy<V: SourceVm + ?Sized>(
     };
     let mem = Instant::now();
     let (state_bytes, state_frames) = send_state(&mut t.sender.fw, sections)?;
-    let ready: Ready = match t.prober.as_mut() {
-        Some(p) => p.recv_ready(&mut t.control, Phase::Completion)?,
-        None => t.control.recv(Phase::Completion)?,
-    };
+    let ready = recv_ready(
+        &mut t.control,
+        t.prober.as_mut(),
+        t.reads.as_mut(),
+        Phase::Completion,
+    )?;
     // The last moment before `Go`: a write since the final sync would be
     // missing on the destination.
     super::quiet::check(s.vm, &bitmap)?;
@@ -165,6 +169,31 @@ fn copy<V: SourceVm + ?Sized>(
         state_frames,
     };
     Ok((times, copied, ready))
+}
+
+/// `Ready`, after the late answers still on their way (the probe's and
+/// the read count's: the destination answers each question when it reads
+/// it, before the `Complete` sent after it).
+pub(super) fn recv_ready(
+    control: &mut ControlReader,
+    mut prober: Option<&mut Prober>,
+    mut reads: Option<&mut ReadCounter>,
+    phase: Phase,
+) -> Result<Ready, MigrationError> {
+    loop {
+        let f = control.next(phase, "Ready")?;
+        if f.kind == MsgKind::Ready {
+            return Ready::decode(f.payload).map_err(|e| MigrationError::new(phase, e));
+        }
+        let late = match (f.kind, prober.as_deref_mut(), reads.as_deref_mut()) {
+            (MsgKind::ProbeReply, Some(p), _) => p.take_late_frame(&f, phase)?,
+            (MsgKind::ReadCount, _, Some(r)) => r.take_late(&f, phase)?,
+            _ => false,
+        };
+        if !late {
+            return Err(unexpected(f.kind, "Ready", phase));
+        }
+    }
 }
 
 /// Sends the last dirty pages; every stream ends with `Complete`. Returns

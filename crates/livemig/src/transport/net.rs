@@ -305,8 +305,10 @@ impl Listener {
     /// ([`DEFAULT_RECEIVE_BUFFER`] unless changed; `None`: the kernel's
     /// autotuning, for a link whose bandwidth × round trip needs more —
     /// then a destination that falls behind can hide a backlog from the
-    /// source's estimate). Unix sockets are not touched: their send queue
-    /// already counts what the peer has not read.
+    /// source's send queue, which only a source and destination that
+    /// negotiated the read count see: protocol.md, "The read count"). Unix
+    /// sockets are not touched: their send queue already counts what the
+    /// peer has not read.
     pub fn set_receive_buffer(&mut self, bytes: Option<usize>) {
         self.receive_buffer = bytes;
     }
