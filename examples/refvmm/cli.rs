@@ -169,6 +169,12 @@ pub(crate) struct ReceiveArgs {
     /// comparing memory with a source kept by `keep_source`).
     #[arg(long)]
     pub(crate) start_paused: bool,
+    /// Receive buffer of each accepted TCP connection (`SO_RCVBUF`), in
+    /// bytes (or with a K/M/G suffix), or `auto` for the kernel's autotuning
+    /// (default: the engine's 1 MiB, `livemig::transport::DEFAULT_RECEIVE_BUFFER`;
+    /// see docs/operations.md).
+    #[arg(long, value_name = "BYTES|auto")]
+    pub(crate) receive_buffer: Option<String>,
     /// After a link break during post-copy, wait at most this long
     /// (seconds) for the source to resume, then give the guest up (default:
     /// wait without limit; the guest waits for its missing pages meanwhile).

@@ -534,13 +534,17 @@ fn control_and_fault(
 fn accept_incoming(
     endpoint: &Endpoint,
     tls: Option<livemig_tls::TlsConfig>,
+    receive_buffer: Option<Option<usize>>,
     listening: &dyn Fn(String),
 ) -> Result<Incoming, Fail> {
     match (tls, endpoint) {
         (Some(cfg), _) => {
             let id = cfg.load().map_err(|e| usage(e.to_string()))?;
-            let listener = livemig_tls::TlsListener::bind(endpoint, &id)
+            let mut listener = livemig_tls::TlsListener::bind(endpoint, &id)
                 .map_err(|e| runtime(e.to_string()))?;
+            if let Some(bytes) = receive_buffer {
+                listener.set_receive_buffer(bytes);
+            }
             listening(listener.local_endpoint().to_string());
             eprintln!(
                 "refvmm: waiting for a migration on {} (mutual TLS)",
@@ -580,7 +584,10 @@ fn accept_incoming(
             Ok(Incoming::Local(t, received))
         }
         (None, _) => {
-            let listener = listen(endpoint).map_err(|e| runtime(e.to_string()))?;
+            let mut listener = listen(endpoint).map_err(|e| runtime(e.to_string()))?;
+            if let Some(bytes) = receive_buffer {
+                listener.set_receive_buffer(bytes);
+            }
             listening(listener.local_endpoint().to_string());
             eprintln!(
                 "refvmm: waiting for a migration on {}",
@@ -654,6 +661,30 @@ fn waiting_api(
     ApiSocket::start(listener, state).map(Some).map_err(runtime)
 }
 
+/// `--receive-buffer`: `auto` (the kernel's autotuning: `None`), a byte
+/// count, or a size with a K/M/G suffix.
+fn parse_receive_buffer(s: &str) -> Result<Option<usize>, Fail> {
+    if s == "auto" {
+        return Ok(None);
+    }
+    let bad = || {
+        usage(format!(
+            "--receive-buffer: {s:?} is neither a size nor auto"
+        ))
+    };
+    // A bare number is bytes here (`parse_size` reads it as MiB).
+    let bytes = match s.chars().last() {
+        Some(c) if c.is_ascii_alphabetic() => parse_size(s).map_err(|_| bad())?,
+        _ => s.parse::<u64>().map_err(|_| bad())?,
+    };
+    match usize::try_from(bytes) {
+        Ok(b) if b > 0 => Ok(Some(b)),
+        _ => Err(usage(format!(
+            "--receive-buffer: {s:?} is not a usable size"
+        ))),
+    }
+}
+
 pub(crate) fn cmd_receive(args: ReceiveArgs) -> Result<(), Fail> {
     let ReceiveArgs {
         listen: listen_at,
@@ -661,10 +692,15 @@ pub(crate) fn cmd_receive(args: ReceiveArgs) -> Result<(), Fail> {
         vcpus,
         settings,
         start_paused,
+        receive_buffer,
         postcopy_resume_timeout,
         tls,
         common,
     } = args;
+    let receive_buffer = receive_buffer
+        .as_deref()
+        .map(parse_receive_buffer)
+        .transpose()?;
     let resume_timeout = postcopy_resume_timeout.map(Duration::from_secs);
     crate::carry::record(&common, &settings);
     let crate::cli::ReceiveSettings {
@@ -685,7 +721,7 @@ pub(crate) fn cmd_receive(args: ReceiveArgs) -> Result<(), Fail> {
     let tls_plain = tls.is_none();
     let mut prepared = prepare_vm(memory, memory_options, dirty_mode);
     let waiting = waiting_api(common.api_socket.as_deref(), &listen_at, console.as_ref())?;
-    let incoming = accept_incoming(&endpoint, tls, &|at| {
+    let incoming = accept_incoming(&endpoint, tls, receive_buffer, &|at| {
         if let Some(a) = &waiting {
             a.state.listening_on(at);
         }
@@ -878,6 +914,18 @@ mod tests {
         Cli::try_parse_from(std::iter::once("refvmm").chain(args.iter().copied()))
             .unwrap()
             .opts
+    }
+
+    /// `--receive-buffer`: `auto` is the kernel's autotuning, a size is
+    /// that many bytes, anything else (zero included) is a usage error.
+    #[test]
+    fn receive_buffer_is_auto_or_a_size() {
+        assert_eq!(parse_receive_buffer("auto").ok(), Some(None));
+        assert_eq!(parse_receive_buffer("4M").ok(), Some(Some(4 << 20)));
+        assert_eq!(parse_receive_buffer("65536").ok(), Some(Some(65536)));
+        for bad in ["0", "lots", "", "-1"] {
+            assert!(parse_receive_buffer(bad).is_err(), "{bad:?}");
+        }
     }
 
     /// LZ4: the engine's default (allowed) without the flag, allowed with

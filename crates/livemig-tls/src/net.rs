@@ -86,6 +86,13 @@ impl TlsListener {
         self.handshake_timeout = timeout;
     }
 
+    /// The receive buffer of each accepted TCP connection, as
+    /// [`livemig::transport::Listener::set_receive_buffer`] says (`None`:
+    /// the kernel's autotuning).
+    pub fn set_receive_buffer(&mut self, bytes: Option<usize>) {
+        self.inner.set_receive_buffer(bytes);
+    }
+
     /// Waits for one connection and completes the TLS handshake.
     pub fn accept(&self) -> Result<Box<dyn Transport>, TlsError> {
         let inner = self.inner.accept()?;
