@@ -325,6 +325,13 @@ fn progress_from_a_second_client_then_cancel_from_a_third() {
     assert_eq!(r["status"], "cancelled", "{r}");
     assert!(events.iter().any(|e| e["event"] == "round"), "{events:?}");
     assert_guest_stayed(&mut src, &mut dst, "after a cancel from another client");
+    // The destination heard why (not just a closed connection).
+    let derr = dst.stderr();
+    assert!(
+        derr.contains("peer reported an error") && derr.contains(": cancelled"),
+        "the destination does not say the source cancelled: {derr}\nsource: {}",
+        src.stderr()
+    );
     let q = src.api(&json!({"cmd":"migrate-status"}), |_| {}).unwrap();
     assert_eq!(q["status"], "cancelled", "{q}");
     // Nothing left to cancel: the CLI says so and fails.

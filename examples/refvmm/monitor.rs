@@ -207,8 +207,8 @@ impl MigrationMonitor {
             Stage::Cancelling => Ok(()),
             Stage::Setup | Stage::Active => {
                 // Under the lock: the progress callback cannot report
-                // `Paused` (and the engine cannot reach `Go`) before the
-                // connections are shut down.
+                // `Paused` before the token is cancelled, and the engine
+                // looks at the token after the pause, before `Go`.
                 r.cancel.cancel();
                 r.stage = Stage::Cancelling;
                 r.cancelled_by = Some(by.to_string());

@@ -151,4 +151,4 @@ pub use policy::{MigrationConfig, OnLimit};
 pub use report::{Progress, ReceiveProgress, Report};
 #[allow(deprecated)]
 pub use source::{migrate, migrate_streams};
-pub use source::{CancelToken, Migration};
+pub use source::{CancelToken, Migration, SOURCE_CANCEL_GRACE};

@@ -285,6 +285,147 @@ fn cancel_keeps_source_running() {
     assert!(src.writes() > w);
 }
 
+/// An operator's cancel on the source reaches the destination as the
+/// source's reason ("cancelled"), not as a connection that closed: the
+/// source stops between two frames and says why before it closes.
+#[test]
+fn a_source_cancel_tells_the_destination_why() {
+    let src = SoftVm::new(&layout(64), &SoftConfig::default()).unwrap();
+    src.fill(4);
+    src.start();
+    let (a, b) = mem::pair();
+    let cancel = CancelToken::new();
+    let c2 = cancel.clone();
+    let dest = soft_destination(b, ReceiveConfig::default());
+    let mc = MigrationConfig {
+        max_bandwidth: Some(50 << 20),
+        ..Default::default()
+    };
+    let canceller = std::thread::spawn(move || {
+        std::thread::sleep(Duration::from_millis(100));
+        c2.cancel();
+    });
+    let e = migrate(&src, Box::new(a), &mc, &cancel, &mut |_| {}).unwrap_err();
+    canceller.join().unwrap();
+    assert!(matches!(e.kind, ErrorKind::Cancelled), "{e}");
+    let Err(de) = dest.join().unwrap() else {
+        panic!("the destination completed a cancelled migration");
+    };
+    match &de.kind {
+        ErrorKind::Remote { message, .. } if message == "cancelled" => {}
+        _ => panic!("the destination did not hear that the source cancelled: {de}"),
+    }
+    let w = src.writes();
+    std::thread::sleep(Duration::from_millis(50));
+    assert!(src.writes() > w, "the source's guest runs on");
+}
+
+/// A transport whose writes block, after `limit` bytes, until it (or a
+/// clone) is shut down: a link that stopped carrying anything.
+struct Stalls {
+    inner: Box<dyn Transport>,
+    written: u64,
+    limit: u64,
+    shut: std::sync::Arc<(std::sync::Mutex<bool>, std::sync::Condvar)>,
+}
+
+impl Read for Stalls {
+    fn read(&mut self, b: &mut [u8]) -> std::io::Result<usize> {
+        self.inner.read(b)
+    }
+}
+
+impl Write for Stalls {
+    fn write(&mut self, b: &[u8]) -> std::io::Result<usize> {
+        if self.written >= self.limit {
+            let (m, cv) = &*self.shut;
+            let mut shut = m.lock().unwrap();
+            while !*shut {
+                shut = cv.wait(shut).unwrap();
+            }
+            return Err(std::io::ErrorKind::BrokenPipe.into());
+        }
+        let n = (b.len() as u64).min(self.limit - self.written) as usize;
+        let n = self.inner.write(&b[..n])?;
+        self.written += n as u64;
+        Ok(n)
+    }
+    fn flush(&mut self) -> std::io::Result<()> {
+        self.inner.flush()
+    }
+}
+
+impl Transport for Stalls {
+    fn set_read_timeout(&mut self, t: Option<Duration>) -> std::io::Result<()> {
+        self.inner.set_read_timeout(t)
+    }
+    fn set_write_timeout(&mut self, t: Option<Duration>) -> std::io::Result<()> {
+        self.inner.set_write_timeout(t)
+    }
+    fn shutdown(&self) -> std::io::Result<()> {
+        *self.shut.0.lock().unwrap() = true;
+        self.shut.1.notify_all();
+        self.inner.shutdown()
+    }
+    fn peer(&self) -> String {
+        "stalls".into()
+    }
+    fn try_clone(&self) -> std::io::Result<Box<dyn Transport>> {
+        Ok(Box::new(Stalls {
+            inner: self.inner.try_clone()?,
+            written: self.written,
+            limit: self.limit,
+            shut: self.shut.clone(),
+        }))
+    }
+}
+
+/// A source cancelled while its write is blocked on a link that carries
+/// nothing any more cannot stop between two frames: the cancel shuts the
+/// connection down after its grace period, the write returns, and the
+/// migration ends `Cancelled` with the guest running on the source.
+#[test]
+fn a_source_cancel_interrupts_a_stalled_write() {
+    let src = std::sync::Arc::new(SoftVm::new(&layout(64), &SoftConfig::default()).unwrap());
+    src.fill(4);
+    src.start();
+    let (a, b) = mem::pair();
+    let stalls = Stalls {
+        inner: Box::new(a),
+        written: 0,
+        limit: 2 << 20,
+        shut: Default::default(),
+    };
+    let cancel = CancelToken::new();
+    let c2 = cancel.clone();
+    let dest = soft_destination(b, ReceiveConfig::default());
+    // Not a scoped thread: if the cancel failed to interrupt the write, the
+    // test must fail below, not wait for the thread for ever.
+    let (done_tx, done_rx) = std::sync::mpsc::channel();
+    let src2 = src.clone();
+    std::thread::spawn(move || {
+        let mc = MigrationConfig::default();
+        let r = migrate(&*src2, Box::new(stalls), &mc, &c2, &mut |_| {});
+        let _ = done_tx.send(r.map(|_| ()));
+    });
+    // Cancel once the source is stuck in its write (it cannot return
+    // before the cancel: the link carries nothing after 2 MiB).
+    assert!(
+        done_rx.recv_timeout(Duration::from_millis(300)).is_err(),
+        "the migration ended before the cancel"
+    );
+    cancel.cancel();
+    let e = done_rx
+        .recv_timeout(Duration::from_secs(60))
+        .expect("the cancelled migration did not return")
+        .unwrap_err();
+    assert!(matches!(e.kind, ErrorKind::Cancelled), "{e}");
+    assert!(dest.join().unwrap().is_err());
+    let w = src.writes();
+    std::thread::sleep(Duration::from_millis(50));
+    assert!(src.writes() > w, "the source's guest runs on");
+}
+
 #[test]
 fn not_converging_fails_by_policy_and_source_runs() {
     let cfg = SoftConfig {

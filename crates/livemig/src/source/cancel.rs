@@ -1,7 +1,8 @@
 //! Cancelling a running migration from another thread (either side).
 
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Arc, Mutex, MutexGuard};
+use std::sync::{Arc, Condvar, Mutex, MutexGuard};
+use std::time::Duration;
 
 use crate::transport::Transport;
 
@@ -19,12 +20,33 @@ use crate::transport::Transport;
 ///   guest, so dropping this one would lose the guest).
 ///
 /// A cancel shuts the migration's connections down
-/// ([`Transport::shutdown`]) so that a blocked read or write returns at
-/// once. Use one token per migration: once cancelled it stays cancelled.
+/// ([`Transport::shutdown`]) so that a blocked read or write returns. On
+/// the destination that happens at once. On the source it happens only if
+/// the migration has not ended [`SOURCE_CANCEL_GRACE`] after the cancel:
+/// in that time the source normally sees the cancel between two frames,
+/// hands the guest back, tells the destination why (an `Error` frame,
+/// "cancelled": the destination then reports
+/// [`crate::ErrorKind::Remote`] instead of a closed connection) and closes
+/// the connections itself. A read or write blocked longer (a stalled link)
+/// is interrupted by the shutdown; the destination then sees the
+/// connection close. Use one token per migration: once cancelled it stays
+/// cancelled.
 #[derive(Clone, Default)]
 pub struct CancelToken {
     flag: Arc<AtomicBool>,
-    inner: Arc<Mutex<Links>>,
+    inner: Arc<Shared>,
+}
+
+/// How long a source's cancel leaves the migration to stop by itself (and
+/// tell the destination) before it shuts the connections down.
+pub const SOURCE_CANCEL_GRACE: Duration = Duration::from_millis(100);
+
+#[derive(Default)]
+struct Shared {
+    links: Mutex<Links>,
+    /// Signalled when the connections are forgotten (the migration ended
+    /// or the destination committed).
+    detached: Condvar,
 }
 
 #[derive(Default)]
@@ -32,6 +54,15 @@ struct Links {
     transports: Vec<Box<dyn Transport>>,
     /// The destination heard `Go`: cancels are ignored from now on.
     committed: bool,
+    /// Set by a source: how long a cancel waits for the migration to stop
+    /// before it shuts the connections down (`None`: at once).
+    grace: Option<Duration>,
+}
+
+fn shut_down(transports: &[Box<dyn Transport>]) {
+    for t in transports {
+        let _ = t.shutdown();
+    }
 }
 
 impl std::fmt::Debug for CancelToken {
@@ -49,12 +80,14 @@ impl CancelToken {
     }
 
     fn links(&self) -> MutexGuard<'_, Links> {
-        self.inner.lock().unwrap_or_else(|e| e.into_inner())
+        self.inner.links.lock().unwrap_or_else(|e| e.into_inner())
     }
 
     /// Requests cancellation; a blocked read or write on the migration's
-    /// connections is interrupted. Ignored (the flag stays clear) once a
-    /// destination is committed.
+    /// connections is interrupted (on a source after
+    /// [`SOURCE_CANCEL_GRACE`], unless the migration stopped first). Returns
+    /// at once. Ignored (the flag stays clear) once a destination is
+    /// committed.
     pub fn cancel(&self) {
         let g = self.links();
         if g.committed {
@@ -62,14 +95,50 @@ impl CancelToken {
             return;
         }
         self.flag.store(true, Ordering::SeqCst);
-        for t in g.transports.iter() {
-            let _ = t.shutdown();
+        match g.grace {
+            Some(grace) if !g.transports.is_empty() => {
+                drop(g);
+                self.shut_down_after(grace);
+            }
+            _ => shut_down(&g.transports),
+        }
+    }
+
+    /// Shuts the connections down once `grace` has passed, on a thread of
+    /// its own, unless the migration forgot them first ([`Self::detach_all`]).
+    fn shut_down_after(&self, grace: Duration) {
+        let token = self.clone();
+        let spawned = std::thread::Builder::new()
+            .name("livemig-cancel".into())
+            .spawn(move || {
+                let g = token.links();
+                let (g, _) = token
+                    .inner
+                    .detached
+                    .wait_timeout_while(g, grace, |l| !l.transports.is_empty())
+                    .unwrap_or_else(|e| e.into_inner());
+                if !g.transports.is_empty() {
+                    log::warn!(
+                        "cancel: the migration did not stop within {grace:?}; shutting its connections down"
+                    );
+                }
+                shut_down(&g.transports);
+            });
+        if let Err(e) = spawned {
+            log::warn!("cancel: no thread for the grace period ({e}); shutting down at once");
+            shut_down(&self.links().transports);
         }
     }
 
     /// Whether cancellation was requested (and not ignored).
     pub fn is_cancelled(&self) -> bool {
         self.flag.load(Ordering::SeqCst)
+    }
+
+    /// A source's token: a cancel leaves the migration `grace` to stop and
+    /// tell the destination before it shuts the connections down.
+    pub(crate) fn set_grace(&self, grace: Duration) {
+        self.links().grace = Some(grace);
     }
 
     /// Adds a connection to shut down on cancel (at once if the token is
@@ -94,6 +163,7 @@ impl CancelToken {
         }
         g.committed = true;
         g.transports.clear();
+        self.inner.detached.notify_all();
         true
     }
 
@@ -102,5 +172,6 @@ impl CancelToken {
         let mut g = self.links();
         g.transports.clear();
         g.committed = false;
+        self.inner.detached.notify_all();
     }
 }

@@ -47,7 +47,7 @@ mod throttle;
 mod unarmed;
 
 pub use builder::Migration;
-pub use cancel::CancelToken;
+pub use cancel::{CancelToken, SOURCE_CANCEL_GRACE};
 use session::{ms, Session, Tracking};
 use switchover::{Committed, NotCommitted};
 use throttle::Throttler;
@@ -128,6 +128,9 @@ fn migrate_checked<V: SourceVm + ?Sized>(
     let desc = vm
         .describe()
         .map_err(|e| MigrationError::new(Phase::Handshake, e))?;
+    // A cancel lets the migration stop by itself first, so that the
+    // destination hears why (fail_safe's `Error` frame).
+    cancel.set_grace(SOURCE_CANCEL_GRACE);
     cancel.attach(transport.try_clone().ok());
     let mut s = Session {
         vm,
@@ -233,8 +236,13 @@ fn phases<V: SourceVm + ?Sized>(
 fn fail_safe<V: SourceVm + ?Sized>(
     s: &Session<'_, V>,
     t: &mut Tracking<'_>,
-    e: MigrationError,
+    mut e: MigrationError,
 ) -> MigrationError {
+    // A sender stopped by the cancel fails with an I/O error of its own:
+    // the destination hears the reason, "cancelled".
+    if s.cancel.is_cancelled() && !e.is_ambiguous() {
+        e.kind = ErrorKind::Cancelled;
+    }
     if !s.paused {
         if let Err(re) = s.vm.resume() {
             log::error!("resuming the source after a failed migration: {re}");

@@ -731,7 +731,7 @@ impl Shared<'_> {
             // reads with its I/O timeout). Answers are not paced: they are
             // few and a vCPU waits for each.
             let wait = pacer.account(batch.len_bytes() as u64);
-            wait_with_keepalives(fw, wait, alive_every).map_err(|e| e.to_string())?;
+            wait_with_keepalives(fw, wait, alive_every, &|| false).map_err(|e| e.to_string())?;
         }
         let (_, requested) = *lock(&self.requests);
         fw.send(&PostcopyPushed {

@@ -5,6 +5,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
+use super::cancel::CancelToken;
 use super::gather::GatherFrame;
 use super::lz4::Lz4Switch;
 use super::streams::StreamPool;
@@ -88,30 +89,45 @@ impl Pacer {
     }
 }
 
-/// Waits `wait` (for the bandwidth cap) in slices of at most `every`,
-/// writing a `Keepalive` on `fw` after each slice that leaves more to wait:
-/// a slow cap never keeps the peer's read timeout waiting. Returns whether
-/// it wrote any.
+/// Waits `wait` (for the bandwidth cap), writing a `Keepalive` on `fw`
+/// whenever `every` passed without one and more is left to wait: a slow
+/// cap never keeps the peer's read timeout waiting. Returns early, with
+/// nothing written then, once `stop` says so (looked at every
+/// [`STOP_POLL`]). Returns whether it wrote any keepalive.
 pub(super) fn wait_with_keepalives(
     fw: &mut FrameWriter<Box<dyn Transport>>,
     wait: Duration,
     every: Duration,
+    stop: &dyn Fn() -> bool,
 ) -> Result<bool, ProtocolError> {
     let until = Instant::now() + wait;
+    let mut quiet_since = Instant::now();
     let mut wrote = false;
     loop {
-        let left = until.saturating_duration_since(Instant::now());
-        if left.is_zero() {
+        let now = Instant::now();
+        if now >= until || stop() {
             return Ok(wrote);
         }
-        std::thread::sleep(left.min(every));
-        if Instant::now() < until {
+        let alive_at = quiet_since + every;
+        std::thread::sleep(
+            until
+                .min(alive_at)
+                .saturating_duration_since(now)
+                .min(STOP_POLL),
+        );
+        let now = Instant::now();
+        if now < until && now >= alive_at {
             fw.write_frame(MsgKind::Keepalive, &[])?;
             fw.flush()?;
+            quiet_since = now;
             wrote = true;
         }
     }
 }
+
+/// How often a wait for the bandwidth cap looks at whether the migration
+/// was cancelled.
+const STOP_POLL: Duration = Duration::from_millis(10);
 
 #[derive(Default, Clone, Copy, Debug)]
 pub(super) struct Counts {
@@ -210,6 +226,9 @@ pub(super) struct PageSender<'a> {
     /// Whether this connection's windows decide (with page streams, only
     /// the first stream's do).
     lz4_decides: bool,
+    /// Stop after the frame being written once this is cancelled
+    /// ([`PageSender::stop_on`]).
+    stop: Option<CancelToken>,
 }
 
 /// Page data (bytes of the pages, before compression) a sender writes
@@ -279,6 +298,7 @@ impl<'a> PageSender<'a> {
             lz4_window: None,
             lz4_decider: Lz4Decider::new(config.max_bandwidth),
             lz4_decides: true,
+            stop: None,
         }
     }
 
@@ -500,10 +520,28 @@ impl PageSender<'_> {
     /// Waits `wait` for the bandwidth cap, sending keepalives on this
     /// connection meanwhile ([`wait_with_keepalives`]).
     pub(super) fn pace(&mut self, wait: Duration) -> Result<(), ProtocolError> {
-        if wait_with_keepalives(&mut self.fw, wait, self.alive_every)? {
+        let stop = self.stop.clone();
+        let stop = || stop.as_ref().is_some_and(CancelToken::is_cancelled);
+        if wait_with_keepalives(&mut self.fw, wait, self.alive_every, &stop)? {
             self.last_control = Instant::now();
         }
+        if stop() {
+            return Err(ProtocolError::Io(std::io::Error::new(
+                std::io::ErrorKind::Interrupted,
+                "cancelled",
+            )));
+        }
         Ok(())
+    }
+
+    /// Stops this sender after the page frame it is writing once `cancel`
+    /// is cancelled (its next frame fails with an `Interrupted` I/O error),
+    /// so that a cancelled migration can still tell the destination why
+    /// (the cancel shuts the connections down only after
+    /// [`super::SOURCE_CANCEL_GRACE`]).
+    pub(super) fn stop_on(mut self, cancel: &CancelToken) -> Self {
+        self.stop = Some(cancel.clone());
+        self
     }
 
     pub(super) fn gpa(&self, region: usize, page: u64) -> u64 {

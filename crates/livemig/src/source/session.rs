@@ -115,6 +115,7 @@ impl<'a> Tracking<'a> {
         let new = |fw| {
             let (pacer, lz4_on) = (pacer.clone(), lz4_on.clone());
             PageSender::new(fw, ram.clone(), layout, pacer, lz4_on, config, gather)
+                .stop_on(s.cancel)
         };
         // With page streams, the first decides for all (one decider, one
         // hysteresis; each stream deciding on its share tried LZ4 four
