@@ -469,7 +469,7 @@ impl Vmm {
 const READER_WAIT: Duration = Duration::from_secs(5);
 
 impl Drop for Vmm {
-    /// Kills the process and waits, at most [`READER_WAIT`], for its output
+    /// Kills the process and waits, at most `READER_WAIT` (5 s), for its output
     /// readers to see the end of its pipes. A process this one started and
     /// that outlived it (an upgraded VMM inherits the serial pipe) keeps
     /// them open: the readers are then left behind rather than waited for

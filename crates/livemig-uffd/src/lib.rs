@@ -1,7 +1,7 @@
 //! # livemig-uffd — a userfaultfd page installer for post-copy
 //!
 //! [`UffdPager`] implements livemig's
-//! [`PostcopyMemory`](livemig::destination::postcopy::PostcopyMemory) over
+//! [`PostcopyMemory`] over
 //! host mappings of guest memory: the pages still to come are dropped
 //! (`MADV_DONTNEED`), then the regions are registered with userfaultfd in
 //! missing-page mode. A page outside the missing set that was never

@@ -117,7 +117,7 @@ impl PauseGate {
     /// restores vCPU state (what [`crate::parts::KvmParts`] does for
     /// parts made with [`crate::parts::KvmParts::with_vcpu_threads`]).
     ///
-    /// Every thread must park in [`VcpuPauser::before_run_serving`] with
+    /// Every thread must park in [`VcpuPauser::before_run_serving`](super::VcpuPauser::before_run_serving) with
     /// the fd it attached. First waits (up to the gate's timeout) until
     /// every vCPU is attached and parked.
     ///
