@@ -57,6 +57,65 @@ fn a_waiting_receive_answers_status_and_holds_other_requests_for_the_guest() {
     let _ = std::fs::remove_dir_all(&dir);
 }
 
+/// While a migration arrives, the destination's `migrate-status` follows
+/// it: `receiving`, the pre-copy rounds the source ended and the bytes
+/// read by then, growing (before, it waited for the guest: an operator of
+/// the destination saw nothing until the end).
+#[test]
+fn a_receive_reports_the_migration_arriving() {
+    let Some(_kvm) = common::kvm_or_skip("a_receive_reports_the_migration_arriving") else {
+        return;
+    };
+    let dir = scratch_dir("rx-progress");
+    let (dst, ep) = start_destination(&dir, "dst", &[]).unwrap();
+    let mut src = start_source(&dir, "src", "256M", 1, "ws=32 rate=8 hb=1000").unwrap();
+    src.wait_ready(T).unwrap();
+    // Every page of the working set written once (the guest's `T` lines).
+    src.wait_pages_written(32 * 256, Duration::from_secs(120))
+        .unwrap_or_else(|e| panic!("{e}"));
+    // Capped at 16 MiB/s: round 0 (the 32 MiB working set) takes about two
+    // seconds, and each later round what the guest keeps writing (~8 MB/s).
+    let going = std::thread::scope(|scope| {
+        let m = scope.spawn(|| migrate(&src, &ep, json!({"max_bandwidth_mib": 16})));
+        let mut seen = Vec::new();
+        while !m.is_finished() {
+            if let Ok(r) = api_request(&dst.api, &json!({"cmd": "migrate-status"}), |_| {}) {
+                if r["status"] == "receiving" {
+                    seen.push(r);
+                }
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        let report = m.join().unwrap().unwrap_or_else(|e| panic!("{e}"));
+        (report, seen)
+    });
+    let (report, seen) = going;
+    assert_eq!(report["status"], "completed", "{report}");
+    assert!(
+        !seen.is_empty(),
+        "never answered receiving while it arrived"
+    );
+    for r in &seen {
+        assert_eq!(r["result"], "ok", "{r}");
+        assert_eq!(r["direction"], "incoming", "{r}");
+        assert_eq!(r["ram"]["total"], json!(256u64 << 20), "{r}");
+    }
+    let rounds: Vec<(u64, u64)> = seen
+        .iter()
+        .filter_map(|r| Some((r["round"].as_u64()?, r["ram"]["transferred"].as_u64()?)))
+        .collect();
+    assert!(!rounds.is_empty(), "no round reported: {seen:?}");
+    assert!(
+        rounds.windows(2).all(|w| w[1] >= w[0]),
+        "rounds or bytes went back: {rounds:?}"
+    );
+    // Round 0 carried the working set the guest wrote.
+    assert!(rounds[0].1 >= 16 << 20, "{rounds:?}");
+    let _ = api_request(&dst.api, &json!({"cmd": "quit"}), |_| {});
+    let _ = src.wait_exit(Duration::from_secs(10));
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
 /// `quit` while waiting ends the VMM with status 0 and removes its API
 /// socket.
 #[test]

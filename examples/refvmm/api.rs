@@ -41,7 +41,10 @@
 //! waits for a migration, `status` answers `{"result":"ok","version":...,"pid":...,"running":false,"migration":"waiting","listen":ENDPOINT}`,
 //! `quit` ends it (once a migration arrived, it waits for the guest), `migrate-status` answers `"status":"none"` and the other `migrate-*`
 //! requests are refused; once a migration arrived, `status` waits up to 2 s for the guest, else
-//! answers `"migration":"incoming"`; every other request is answered when the guest is here.
+//! answers `"migration":"incoming"`, `migrate-status` answers at once with the migration arriving
+//! (`{"result":"ok","status":"receiving","direction":"incoming","round":N,"total-time":MS,"ram":{"total":B,"transferred":B}}`:
+//! the last pre-copy round the source ended, `null` before the first, and the bytes read by then);
+//! every other request is answered when the guest is here.
 
 use std::io::{BufRead, BufReader, Write};
 use std::os::fd::AsRawFd;

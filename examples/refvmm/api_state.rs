@@ -7,7 +7,10 @@
 //! migration has arrived, a `quit` waits for the guest as below),
 //! `migrate-status` says `none` and the other `migrate-*` requests are
 //! refused. Once a migration has arrived, `status` waits up to
-//! [`STATUS_WAIT`] for the guest, else answers `"migration":"incoming"`.
+//! [`STATUS_WAIT`] for the guest, else answers `"migration":"incoming"`,
+//! and `migrate-status` answers at once with the migration arriving
+//! (`"status":"receiving"`, the last pre-copy round the source ended and
+//! the bytes read by then).
 //! Every other request waits until the guest is here and is then answered
 //! as by any VMM that runs one; a reception that fails ends the process,
 //! which closes the connection (the wait is as bounded as the
@@ -16,8 +19,9 @@
 use std::path::PathBuf;
 use std::sync::mpsc::Sender;
 use std::sync::{Arc, Condvar, Mutex, MutexGuard};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
+use livemig::ReceiveProgress;
 use serde_json::{json, Value};
 
 use crate::api::ApiEvent;
@@ -42,9 +46,24 @@ enum Phase {
     Ready(Ready),
 }
 
+/// What a `receive` knows of the migration arriving (the engine's
+/// `ReceiveProgress`), for `migrate-status` before the guest is here.
+#[derive(Default)]
+struct Arriving {
+    /// When the source's `Hello` was accepted.
+    since: Option<Instant>,
+    /// Guest memory, bytes.
+    memory: u64,
+    /// The last pre-copy round the source ended.
+    round: Option<u32>,
+    /// Bytes read when it ended.
+    bytes: u64,
+}
+
 /// The API's view of its VMM, shared by its client threads.
 pub struct ApiState {
     phase: Mutex<Phase>,
+    arriving: Mutex<Arriving>,
     ready_cv: Condvar,
     /// Socket files a `quit` while waiting removes (each only if it is
     /// still the file this VMM bound: device and inode).
@@ -67,6 +86,7 @@ impl ApiState {
     fn new(phase: Phase) -> Arc<Self> {
         Arc::new(ApiState {
             phase: Mutex::new(phase),
+            arriving: Mutex::new(Arriving::default()),
             ready_cv: Condvar::new(),
             cleanup: Mutex::new(Vec::new()),
         })
@@ -90,6 +110,38 @@ impl ApiState {
         if matches!(*p, Phase::Waiting(_)) {
             *p = Phase::Coming;
         }
+    }
+
+    /// The engine's progress of the migration arriving (the reception's
+    /// callback: only a lock and a few fields, the engine waits for it).
+    pub fn receive_progress(&self, p: &ReceiveProgress) {
+        let mut a = self.arriving.lock().unwrap_or_else(|e| e.into_inner());
+        match p {
+            ReceiveProgress::Accepted { memory_bytes, .. } => {
+                a.since = Some(Instant::now());
+                a.memory = *memory_bytes;
+            }
+            ReceiveProgress::RoundReceived { round, bytes } => {
+                a.round = Some(*round);
+                a.bytes = *bytes;
+            }
+            _ => {}
+        }
+    }
+
+    /// `migrate-status` while a migration arrives: `receiving`, the last
+    /// round the source ended and the bytes read by then.
+    fn arriving_status(&self) -> Value {
+        let a = self.arriving.lock().unwrap_or_else(|e| e.into_inner());
+        let ms = a.since.map_or(0.0, |t| t.elapsed().as_secs_f64() * 1e3);
+        json!({
+            "result": "ok",
+            "status": if a.since.is_some() { "receiving" } else { "setup" },
+            "direction": "incoming",
+            "round": a.round,
+            "total-time": ms,
+            "ram": {"total": a.memory, "transferred": a.bytes},
+        })
     }
 
     /// The machine runs here: waiting requests are answered.
@@ -147,6 +199,9 @@ impl ApiState {
                 })),
                 _ => Early::Guest,
             },
+            Phase::Coming if matches!(cmd, "migrate-status" | "query-migrate") => {
+                Early::Reply(self.arriving_status())
+            }
             Phase::Coming if cmd == "status" => {
                 let (p, _) = self
                     .ready_cv

@@ -815,6 +815,14 @@ pub(crate) fn cmd_receive(args: ReceiveArgs) -> Result<(), Fail> {
             local,
         })
     };
+    // The engine's progress of the arriving migration, for the waiting
+    // API's `migrate-status` (a local hand-over's API comes later).
+    let arriving = waiting.as_ref().map(|a| a.state.clone());
+    let follow = move |p: &livemig::ReceiveProgress| {
+        if let Some(s) = &arriving {
+            s.receive_progress(p);
+        }
+    };
     let result = match (acceptor, fault) {
         (
             Some(a),
@@ -852,8 +860,13 @@ pub(crate) fn cmd_receive(args: ReceiveArgs) -> Result<(), Fail> {
         (Some(mut a), None) => Reception::new(transport)
             .config(cfg)
             .accept_streams(&mut *a)
+            .progress(follow)
             .run(create),
-        (None, _) => Reception::new(transport).config(cfg).local().run(create),
+        (None, _) => Reception::new(transport)
+            .config(cfg)
+            .local()
+            .progress(follow)
+            .run(create),
     };
     match result {
         Ok((

@@ -423,10 +423,12 @@ impl std::fmt::Display for RoundReport {
 /// Progress events of the destination, delivered to the callback given to
 /// [`crate::Reception::progress`].
 ///
-/// None arrives while the guest is paused: `Accepted` comes before the
-/// destination answers the source's `Hello` (so before the source can send
-/// a page, let alone pause), `Completed` after the destination told the
-/// source that the guest runs here.
+/// `Accepted` comes before the destination answers the source's `Hello`
+/// (so before the source can send a page, let alone pause),
+/// `RoundReceived` after each pre-copy round (the source may pause its
+/// guest right after the last one: a slow callback can then add to the
+/// downtime), `Completed` after the destination told the source that the
+/// guest runs here.
 #[derive(Debug, Clone, Serialize)]
 #[serde(tag = "event", rename_all = "kebab-case")]
 #[non_exhaustive]
@@ -440,6 +442,20 @@ pub enum ReceiveProgress {
         vcpus: u32,
         /// Page streams the source asked for.
         streams_asked: u32,
+    },
+    /// The source ended a pre-copy round (its `RoundEnd` was read; with
+    /// several page streams some of the round's pages may still be on
+    /// their way): what an operator of the destination can follow while
+    /// the guest still runs on the source. Delivered on the thread that reads the
+    /// migration, as the source's next round (or its pause) proceeds:
+    /// keep the callback short.
+    RoundReceived {
+        /// The round (0 for the first).
+        round: u32,
+        /// Bytes of whole frames read so far on every connection of the
+        /// migration (its pages, compressed or not, and the frames around
+        /// them).
+        bytes: u64,
     },
     /// The source committed (`Go`) and the VM was resumed (or left paused,
     /// `running: false`, when the source VM had been paused by its

@@ -94,7 +94,7 @@ type Seen<T> = Arc<Mutex<Vec<(T, bool)>>>;
 
 /// The source's events in order; exactly one (`Paused`) arrives while the
 /// source VM is paused before the commit. The destination's events,
-/// `Accepted` then `Completed`, arrive while the guest runs on one side.
+/// `Accepted`, one `RoundReceived` per pre-copy round, then `Completed`.
 #[test]
 fn progress_on_both_sides_and_the_blackout() {
     let src = Arc::new(running_source());
@@ -107,6 +107,9 @@ fn progress_on_both_sides_and_the_blackout() {
                 let name = match p {
                     ReceiveProgress::Accepted { .. } => "accepted".to_string(),
                     ReceiveProgress::Completed { running } => format!("completed {running}"),
+                    ReceiveProgress::RoundReceived { round, bytes } => {
+                        format!("round {round} {bytes}")
+                    }
                     other => format!("{other:?}"),
                 };
                 seen.lock().unwrap().push((name, probe.is_paused()));
@@ -145,7 +148,29 @@ fn progress_on_both_sides_and_the_blackout() {
         .collect();
     assert_eq!(paused_before_commit, ["paused"], "{source_seen:?}");
 
-    let dest_seen = dest_seen.lock().unwrap().clone();
+    let mut dest_seen = dest_seen.lock().unwrap().clone();
+    // One `RoundReceived` per round the source reported, numbered from 0,
+    // with the bytes read growing; the last may come once the source
+    // paused (the source pauses as soon as the round is read).
+    let rounds: Vec<(u32, u64)> = dest_seen
+        .iter()
+        .filter_map(|(n, _)| {
+            let mut w = n.strip_prefix("round ")?.split(' ');
+            Some((w.next()?.parse().ok()?, w.next()?.parse().ok()?))
+        })
+        .collect();
+    let source_rounds = names.iter().filter(|n| **n == "round").count();
+    assert_eq!(rounds.len(), source_rounds, "{dest_seen:?} / {names:?}");
+    for (i, w) in rounds.windows(2).enumerate() {
+        assert_eq!((w[0].0, w[1].0), (i as u32, i as u32 + 1), "{rounds:?}");
+        assert!(w[1].1 > w[0].1, "bytes read do not grow: {rounds:?}");
+    }
+    assert_eq!(rounds[0].0, 0, "{rounds:?}");
+    assert!(
+        rounds[0].1 > 4 << 20,
+        "round 0 carried the memory: {rounds:?}"
+    );
+    dest_seen.retain(|(n, _)| !n.starts_with("round "));
     assert_eq!(
         dest_seen,
         [

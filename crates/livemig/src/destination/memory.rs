@@ -15,6 +15,7 @@ use crate::protocol::{
     MAX_STATE_FRAMES, STREAM_CHUNK_PAGES,
 };
 use crate::ram::HostRam;
+use crate::report::ReceiveProgress;
 use crate::state::Section;
 use crate::transport::Transport;
 
@@ -335,6 +336,16 @@ pub(super) struct Received {
 pub(super) type OnPrepare<'h> =
     Option<&'h mut dyn FnMut(&PostcopyPrepare) -> Result<(), MigrationError>>;
 
+/// What the memory phase calls out to ([`receive`]).
+pub(super) struct Hooks<'h> {
+    /// Post-copy's preparation ([`OnPrepare`]).
+    pub(super) on_prepare: OnPrepare<'h>,
+    /// Where the questions granted in [`Intake`] are answered.
+    pub(super) answers: Option<&'h mut ControlWriter>,
+    /// The reception's progress callback (`RoundReceived`).
+    pub(super) progress: &'h mut dyn FnMut(&ReceiveProgress),
+}
+
 /// How the memory phase takes pages ([`receive`]).
 #[derive(Debug, Clone, Copy, Default)]
 pub(super) struct Intake {
@@ -350,7 +361,8 @@ pub(super) struct Intake {
 
 /// The memory phase: pages on every connection, round ends and the state
 /// on the control one, until `Complete`. A failing page stream stops the
-/// others and is named as the cause. With `answers`, the questions granted
+/// others and is named as the cause. Each round end is reported to
+/// `hooks.progress`. With `hooks.answers`, the questions granted
 /// in `intake` are answered on it: each `ReadQuery` with the bytes of whole
 /// frames read so far on every connection. With `probe` (the switchover probe
 /// granted) each `Probe` is answered on it at once. A page that arrived
@@ -360,8 +372,7 @@ pub(super) fn receive(
     readers: Vec<FrameReader<Box<dyn Transport>>>,
     layout: &MemoryLayout,
     ram: &HostRam<'_>,
-    on_prepare: OnPrepare<'_>,
-    answers: Option<&mut ControlWriter>,
+    hooks: Hooks<'_>,
     intake: Intake,
 ) -> Result<Received, MigrationError> {
     let fresh_fill = intake.fresh_fill;
@@ -415,7 +426,8 @@ pub(super) fn receive(
         cl.sink.gather = intake.gather;
         cl.probe = intake.probe;
         cl.read_count = intake.read_count.then_some(&shared.read);
-        let r = cl.run(control, on_prepare, answers);
+        cl.streams_read = Some(&shared.read);
+        let r = cl.run(control, hooks);
         if r.is_err() {
             stop();
         }
@@ -474,6 +486,9 @@ struct ControlLoop<'a> {
     /// The read count granted: each `ReadQuery` is answered with this
     /// connection's bytes read and these, the page streams'.
     read_count: Option<&'a AtomicU64>,
+    /// Bytes of whole frames the page streams have read, for
+    /// [`ReceiveProgress::RoundReceived`].
+    streams_read: Option<&'a AtomicU64>,
 }
 
 impl<'a> ControlLoop<'a> {
@@ -494,6 +509,7 @@ impl<'a> ControlLoop<'a> {
             prepared: false,
             probe: false,
             read_count: None,
+            streams_read: None,
         }
     }
 
@@ -501,9 +517,13 @@ impl<'a> ControlLoop<'a> {
     fn run(
         &mut self,
         control: &mut ControlReader,
-        mut on_prepare: OnPrepare<'_>,
-        mut answers: Option<&mut ControlWriter>,
+        hooks: Hooks<'_>,
     ) -> Result<Vec<Section>, MigrationError> {
+        let Hooks {
+            mut on_prepare,
+            mut answers,
+            progress,
+        } = hooks;
         const EXPECTED: &str = "Pages, RoundEnd, State or Complete";
         loop {
             // Pages could go straight into guest memory only where this is
@@ -549,6 +569,11 @@ impl<'a> ControlLoop<'a> {
                     let r = RoundEnd::decode(f.payload).map_err(|e| at(e.into()))?;
                     self.rounds = r.round.saturating_add(1);
                     self.phase = Phase::Precopy(self.rounds);
+                    let streams = self.streams_read.map_or(0, |n| n.load(Ordering::SeqCst));
+                    progress(&ReceiveProgress::RoundReceived {
+                        round: r.round,
+                        bytes: control.bytes_read() + streams,
+                    });
                 }
                 MsgKind::Keepalive => {}
                 MsgKind::Probe if self.probe && answers.is_some() && self.sections.is_none() => {

@@ -340,8 +340,11 @@ where
             readers,
             &layout,
             &ram,
-            None,
-            answers,
+            memory::Hooks {
+                on_prepare: None,
+                answers,
+                progress: &mut *call.progress,
+            },
             memory::Intake {
                 fresh_fill: call.fill,
                 gather: link.pages_gather,

@@ -497,8 +497,11 @@ where
         readers,
         &layout,
         &ram,
-        on_prepare,
-        None,
+        memory::Hooks {
+            on_prepare,
+            answers: None,
+            progress: &mut *call.progress,
+        },
         memory::Intake {
             fresh_fill: call.fill,
             ..Default::default()
