@@ -43,7 +43,9 @@
 //! requests are refused; once a migration arrived, `status` waits up to 2 s for the guest, else
 //! answers `"migration":"incoming"`, `migrate-status` answers at once with the migration arriving
 //! (`{"result":"ok","status":"receiving","direction":"incoming","round":N,"total-time":MS,"ram":{"total":B,"transferred":B}}`:
-//! the last pre-copy round the source ended, `null` before the first, and the bytes read by then);
+//! the last pre-copy round the source ended, `null` before the first, and the bytes read by then;
+//! `total-time` and `ram` are `null` for a reception that may switch to post-copy, which reports no
+//! progress);
 //! every other request is answered when the guest is here.
 
 use std::io::{BufRead, BufReader, Write};

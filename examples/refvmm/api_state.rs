@@ -130,17 +130,21 @@ impl ApiState {
     }
 
     /// `migrate-status` while a migration arrives: `receiving`, the last
-    /// round the source ended and the bytes read by then.
+    /// round the source ended and the bytes read by then (`null` where the
+    /// reception reports no progress: refvmm's post-copy receptions).
     fn arriving_status(&self) -> Value {
         let a = self.arriving.lock().unwrap_or_else(|e| e.into_inner());
-        let ms = a.since.map_or(0.0, |t| t.elapsed().as_secs_f64() * 1e3);
+        let known = a.since.is_some();
         json!({
             "result": "ok",
-            "status": if a.since.is_some() { "receiving" } else { "setup" },
+            "status": "receiving",
             "direction": "incoming",
             "round": a.round,
-            "total-time": ms,
-            "ram": {"total": a.memory, "transferred": a.bytes},
+            "total-time": a.since.map(|t| t.elapsed().as_secs_f64() * 1e3),
+            "ram": {
+                "total": known.then_some(a.memory),
+                "transferred": known.then_some(a.bytes),
+            },
         })
     }
 
