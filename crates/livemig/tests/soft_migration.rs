@@ -8,6 +8,7 @@ use std::io::{Read, Write};
 use std::time::Duration;
 
 use livemig::memory::{MemoryLayout, RegionDesc};
+use livemig::testing::fault::{At, Fault, FaultTransport};
 use livemig::testing::hooked::HookedVm;
 use livemig::testing::soft::{SoftConfig, SoftVm};
 use livemig::transport::{mem, Transport};
@@ -292,66 +293,6 @@ fn cancel_keeps_source_running_and_tells_the_destination() {
     assert!(src.writes() > w);
 }
 
-/// A transport whose writes block, after `limit` bytes, until it (or a
-/// clone) is shut down: a link that stopped carrying anything.
-struct Stalls {
-    inner: Box<dyn Transport>,
-    written: u64,
-    limit: u64,
-    shut: std::sync::Arc<(std::sync::Mutex<bool>, std::sync::Condvar)>,
-}
-
-impl Read for Stalls {
-    fn read(&mut self, b: &mut [u8]) -> std::io::Result<usize> {
-        self.inner.read(b)
-    }
-}
-
-impl Write for Stalls {
-    fn write(&mut self, b: &[u8]) -> std::io::Result<usize> {
-        if self.written >= self.limit {
-            let (m, cv) = &*self.shut;
-            let mut shut = m.lock().unwrap();
-            while !*shut {
-                shut = cv.wait(shut).unwrap();
-            }
-            return Err(std::io::ErrorKind::BrokenPipe.into());
-        }
-        let n = (b.len() as u64).min(self.limit - self.written) as usize;
-        let n = self.inner.write(&b[..n])?;
-        self.written += n as u64;
-        Ok(n)
-    }
-    fn flush(&mut self) -> std::io::Result<()> {
-        self.inner.flush()
-    }
-}
-
-impl Transport for Stalls {
-    fn set_read_timeout(&mut self, t: Option<Duration>) -> std::io::Result<()> {
-        self.inner.set_read_timeout(t)
-    }
-    fn set_write_timeout(&mut self, t: Option<Duration>) -> std::io::Result<()> {
-        self.inner.set_write_timeout(t)
-    }
-    fn shutdown(&self) -> std::io::Result<()> {
-        *self.shut.0.lock().unwrap() = true;
-        self.shut.1.notify_all();
-        self.inner.shutdown()
-    }
-    fn peer(&self) -> String {
-        "stalls".into()
-    }
-    fn try_clone(&self) -> std::io::Result<Box<dyn Transport>> {
-        Ok(Box::new(Stalls {
-            inner: self.inner.try_clone()?,
-            written: self.written,
-            limit: self.limit,
-            shut: self.shut.clone(),
-        }))
-    }
-}
-
 /// A source cancelled while its write is blocked on a link that carries
 /// nothing any more cannot stop between two frames: the cancel shuts the
 /// connection down after its grace period, the write returns, and the
@@ -362,12 +303,10 @@ fn a_source_cancel_interrupts_a_stalled_write() {
     src.fill(4);
     src.start();
     let (a, b) = mem::pair();
-    let stalls = Stalls {
-        inner: Box::new(a),
-        written: 0,
-        limit: 2 << 20,
-        shut: Default::default(),
-    };
+    // The link carries nothing after 2 MiB: the write there is held until
+    // the transport is shut down (an hour otherwise).
+    let stall = Fault::Stall(Duration::from_secs(3600)).at(At::Byte(2 << 20));
+    let (stalls, probe) = FaultTransport::new(Box::new(a), stall);
     let cancel = CancelToken::new();
     let c2 = cancel.clone();
     let dest = soft_destination(b, ReceiveConfig::default());
@@ -380,12 +319,14 @@ fn a_source_cancel_interrupts_a_stalled_write() {
         let r = migrate(&*src2, Box::new(stalls), &mc, &c2, &mut |_| {});
         let _ = done_tx.send(r.map(|_| ()));
     });
-    // Cancel once the source is stuck in its write (it cannot return
-    // before the cancel: the link carries nothing after 2 MiB).
-    assert!(
-        done_rx.recv_timeout(Duration::from_millis(300)).is_err(),
-        "the migration ended before the cancel"
-    );
+    // Cancel once the source is stuck in its write.
+    while probe.fired().is_empty() {
+        assert!(
+            done_rx.try_recv().is_err(),
+            "the migration ended before its write stalled"
+        );
+        std::thread::sleep(Duration::from_millis(5));
+    }
     cancel.cancel();
     let e = done_rx
         .recv_timeout(Duration::from_secs(60))

@@ -146,14 +146,21 @@ fn migrate_checked<V: SourceVm + ?Sized>(
     result.map_err(|e| failed(e, cancel))
 }
 
-/// A failed migration, as the caller sees it (logged): a cancel shuts the
-/// transport down, and the I/O error it causes is the cancel, not a
-/// failure — unless the outcome is ambiguous, which stays so.
-pub(super) fn failed(mut e: MigrationError, cancel: &CancelToken) -> MigrationError {
+/// A failed migration, as the caller sees it (logged), with a cancel
+/// named as the cause ([`as_cancelled`]).
+pub(super) fn failed(e: MigrationError, cancel: &CancelToken) -> MigrationError {
+    let e = as_cancelled(e, cancel);
+    log::warn!("{e}");
+    e
+}
+
+/// A cancelled migration's error is the cancel, whatever error it caused
+/// (a sender stopped by it, a transport it shut down) — unless the outcome
+/// is ambiguous, which stays so.
+fn as_cancelled(mut e: MigrationError, cancel: &CancelToken) -> MigrationError {
     if cancel.is_cancelled() && !e.is_ambiguous() {
         e.kind = ErrorKind::Cancelled;
     }
-    log::warn!("{e}");
     e
 }
 
@@ -236,13 +243,11 @@ fn phases<V: SourceVm + ?Sized>(
 fn fail_safe<V: SourceVm + ?Sized>(
     s: &Session<'_, V>,
     t: &mut Tracking<'_>,
-    mut e: MigrationError,
+    e: MigrationError,
 ) -> MigrationError {
-    // A sender stopped by the cancel fails with an I/O error of its own:
-    // the destination hears the reason, "cancelled".
-    if s.cancel.is_cancelled() && !e.is_ambiguous() {
-        e.kind = ErrorKind::Cancelled;
-    }
+    // The destination hears the reason: "cancelled", not the I/O error of
+    // the sender the cancel stopped.
+    let e = as_cancelled(e, s.cancel);
     if !s.paused {
         if let Err(re) = s.vm.resume() {
             log::error!("resuming the source after a failed migration: {re}");

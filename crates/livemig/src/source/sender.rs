@@ -520,8 +520,8 @@ impl PageSender<'_> {
     /// Waits `wait` for the bandwidth cap, sending keepalives on this
     /// connection meanwhile ([`wait_with_keepalives`]).
     pub(super) fn pace(&mut self, wait: Duration) -> Result<(), ProtocolError> {
-        let stop = self.stop.clone();
-        let stop = || stop.as_ref().is_some_and(CancelToken::is_cancelled);
+        let cancel = self.stop.as_ref();
+        let stop = || cancel.is_some_and(CancelToken::is_cancelled);
         if wait_with_keepalives(&mut self.fw, wait, self.alive_every, &stop)? {
             self.last_control = Instant::now();
         }
