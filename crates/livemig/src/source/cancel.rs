@@ -21,7 +21,8 @@ use crate::transport::Transport;
 ///
 /// A cancel shuts the migration's connections down
 /// ([`Transport::shutdown`]) so that a blocked read or write returns. On
-/// the destination that happens at once. On the source it happens only if
+/// the destination and in a same-host hand-over that happens at once. On
+/// the source of a migration over a transport it happens only if
 /// the migration has not ended [`SOURCE_CANCEL_GRACE`] after the cancel:
 /// in that time the source normally sees the cancel between two frames,
 /// hands the guest back, tells the destination why (an `Error` frame,
