@@ -669,9 +669,10 @@ struct CmpScenario {
     ws_mib: u64,
     rate_mbs: u64,
     /// The guest writes its working set once, as fast as it can, and then
-    /// only verifies it (`rate=max laps=1 fresh=1`): the runs start once
-    /// every page is written, and `rate_mbs` is unused. The destination
-    /// VMM makes its VM before the source connects (QEMU's always does).
+    /// only verifies it (`rate=max laps=1 fresh=1`), and `rate_mbs` is
+    /// unused. The runs of every scenario with a working set start once
+    /// every page of it is written; every destination VMM makes its VM
+    /// before the source connects (QEMU's always does).
     written: bool,
     quick: bool,
 }
@@ -815,10 +816,11 @@ fn cmp_warm_heartbeats(sc: &CmpScenario) -> usize {
     ms * (1000 / HB_US as usize)
 }
 
-/// Whether a `written` scenario's guest wrote its whole working set (its
-/// last `T` line says so); always true for the others.
+/// Whether a `written` or dirtying scenario's guest wrote its whole working
+/// set at least once (its last `T` line says so), so that every run starts
+/// from the same steady state; always true for the idle ones.
 fn cmp_written(sc: &CmpScenario, g: &GuestLog) -> bool {
-    !sc.written
+    (!sc.written && sc.rate_mbs == 0)
         || g.tlines
             .last()
             .is_some_and(|t| t.pages_written >= sc.ws_mib * 256)
@@ -901,9 +903,11 @@ fn cmp_ours(sc: &CmpScenario, runs: usize, limits: &[CmpLimit]) -> Option<u64> {
     for lim in limits {
         for _ in 0..runs {
             n += 1;
+            // The destination's VM is built before the migration arrives,
+            // as QEMU's (`-m` with `-incoming`) and as an operator's agent
+            // does it (`prepare-receive`).
             let prepare = ["--memory", mem.as_str()];
-            let dst_args: &[&str] = if sc.written { &prepare } else { &[] };
-            let (mut dst, ep) = match start_destination(&dir, &format!("d{n}"), dst_args) {
+            let (mut dst, ep) = match start_destination(&dir, &format!("d{n}"), &prepare) {
                 Ok(x) => x,
                 Err(e) => {
                     cmp_record(

@@ -7,8 +7,11 @@
 //! only), per guest (idle 1 GiB; 1 GiB with a 256 MiB working set written
 //! at ~40 MB/s), per configuration (ours: 1 or 4 page streams, with and
 //! without LZ4; QEMU: default, multifd with 4 channels), a fresh source is
-//! warmed up on host A and migrated `runs` times, ping-pong between the
-//! hosts. Every run records total time, engine downtime (QEMU: its own
+//! warmed up on host A (the dirtying guest until it has written its whole
+//! working set once, so every run starts from the same steady state) and
+//! migrated `runs` times, ping-pong between the hosts. Every destination
+//! builds its VM before the source connects (refvmm `receive --memory`,
+//! QEMU `-m` with `-incoming`). Every run records total time, engine downtime (QEMU: its own
 //! `downtime`), the switchover gap and the noise floor (heartbeats), MB
 //! sent, the MB the source's shaped qdisc carried, and rounds.
 //!
@@ -223,6 +226,23 @@ fn warm_heartbeats(g: &Guest) -> usize {
     ms * (1000 / HB_US as usize)
 }
 
+/// Whether a dirtying guest has written its whole working set once (its
+/// last `T` line), so that every run of every configuration migrates the
+/// same steady state: a guest still on its first lap has touched more
+/// memory the later a run starts (sessions 5–8 compared 130 MB against
+/// 183 MB). An idle guest has nothing to write.
+fn working_set_written(g: &Guest, log: &livemig_suite::harness::GuestLog) -> bool {
+    g.rate_mbs == 0
+        || log
+            .tlines
+            .last()
+            .is_some_and(|t| t.pages_written >= g.ws_mib * 256)
+}
+
+/// How long a guest may take to write its working set once (256 MiB at
+/// ~40 MB/s: ~6.5 s).
+const WRITE_TIMEOUT: Duration = Duration::from_secs(120);
+
 /// The criterion group function (not a criterion benchmark: a handful of
 /// runs per configuration, listed in the summary).
 pub(super) fn bench_shaped_links(_c: &mut criterion::Criterion) {
@@ -408,6 +428,9 @@ fn ours(
         v.wait_api(Duration::from_secs(20))?;
         v.wait_ready(Duration::from_secs(60))?;
         v.wait_heartbeats(warm_heartbeats(g), Duration::from_secs(60))?;
+        v.wait_for("the working set written", WRITE_TIMEOUT, |l| {
+            working_set_written(g, l)
+        })?;
         Ok(v)
     });
     let mut src = match started {
@@ -420,7 +443,12 @@ fn ours(
     let tsc_khz = log_of(&src).tsc_khz();
     let mut side = Side::A;
     for n in 1..=runs() {
-        let (next, outcome) = ours_once(link, &dir, src, side, n, streams, compress);
+        let how = OursRun {
+            memory: &mem,
+            streams,
+            compress,
+        };
+        let (next, outcome) = ours_once(link, &dir, src, side, n, &how);
         if outcome.is_ok() {
             side = side.other();
         }
@@ -432,6 +460,17 @@ fn ours(
     tsc_khz
 }
 
+/// How refvmm migrates in one configuration.
+struct OursRun<'a> {
+    /// The guest's memory size, given to the destination (`receive
+    /// --memory`) as QEMU's destination is given `-m`: both build their VM
+    /// before the migration arrives, as an operator's agent does
+    /// (`prepare-receive`).
+    memory: &'a str,
+    streams: u32,
+    compress: bool,
+}
+
 /// One refvmm migration from `side` to the other; returns the VM that
 /// runs the guest afterwards and the run's figures.
 fn ours_once(
@@ -440,13 +479,14 @@ fn ours_once(
     src: Vmm,
     side: Side,
     n: usize,
-    streams: u32,
-    compress: bool,
+    how: &OursRun,
 ) -> (Vmm, Result<Figures, Failure>) {
+    let (streams, compress) = (how.streams, how.compress);
     let to = side.other();
     let listen = format!("tcp:{}:0", link.addr(to));
+    let args = ["receive", "--listen", &listen, "--memory", how.memory];
     let dst = link
-        .refvmm(to, dir, &format!("d{n}"), &["receive", "--listen", &listen])
+        .refvmm(to, dir, &format!("d{n}"), &args)
         .and_then(|mut v| v.listen_endpoint(Duration::from_secs(20)).map(|ep| (v, ep)));
     let (mut dst, ep) = match dst {
         Ok(x) => x,
@@ -529,6 +569,9 @@ fn theirs(
         QemuVm::start_source_in(&dir, "qs0", &cfg, &link.exec_prefix(Side::A)).and_then(|mut v| {
             v.wait_ready(Duration::from_secs(60))?;
             v.wait_heartbeats(warm_heartbeats(g), Duration::from_secs(60))?;
+            v.wait_for("the working set written", WRITE_TIMEOUT, |l| {
+                working_set_written(g, l)
+            })?;
             Ok(v)
         });
     let mut src = match started {
