@@ -66,7 +66,57 @@ fn a_receive_reports_the_migration_arriving() {
     let Some(_kvm) = common::kvm_or_skip("a_receive_reports_the_migration_arriving") else {
         return;
     };
-    let dir = scratch_dir("rx-progress");
+    let (report, _) = watch_arrival("rx-progress", json!({}), None);
+    assert!(report["postcopy"].is_null(), "{report}");
+}
+
+/// The same for a source that offers post-copy (here
+/// `--postcopy-on-request`; `--postcopy-after-rounds N` and
+/// `--postcopy-auto` offer it alike): refvmm's reception may then switch to
+/// post-copy, and until the switch it reports the rounds and bytes as a
+/// pre-copy reception does (before, `round`, `total-time` and `ram` stayed
+/// null throughout). The test asks for the switch (`migrate-postcopy`) once
+/// the destination has reported two rounds.
+#[test]
+fn a_receive_reports_a_migration_that_may_switch_to_postcopy() {
+    let Some(_kvm) =
+        common::kvm_or_skip("a_receive_reports_a_migration_that_may_switch_to_postcopy")
+    else {
+        return;
+    };
+    // A downtime limit pre-copy cannot meet: it runs rounds until asked.
+    let opts = json!({"postcopy_on_request": true, "downtime_limit_ms": 1});
+    let (report, rounds) = watch_arrival("rx-progress-pc", opts, Some(2));
+    let pc = &report["postcopy"];
+    assert!(
+        pc["reason"]
+            .as_str()
+            .is_some_and(|r| r.contains("requested")),
+        "{report}"
+    );
+    assert!(
+        pc["rounds_before"].as_u64().is_some_and(|n| n >= 2),
+        "{report}"
+    );
+    // Two rounds were seen before the switch, and the bytes grew.
+    let (first, last) = (rounds[0], rounds[rounds.len() - 1]);
+    assert!(last.0 > first.0 && last.1 > first.1, "{rounds:?}");
+}
+
+/// Migrates a guest that keeps writing, capped at 16 MiB/s, from a new
+/// source to a new destination with `opts` (the API `migrate` request's
+/// fields), asking the destination's `migrate-status` every 20 ms while it
+/// arrives; with `switch_after`, asks the source for post-copy once the
+/// destination has reported that many different rounds. Checks every
+/// `receiving` answer and returns the source's report and the (round,
+/// bytes) pairs seen, which never go back, round 0 carrying the working
+/// set.
+fn watch_arrival(
+    name: &str,
+    opts: serde_json::Value,
+    switch_after: Option<usize>,
+) -> (serde_json::Value, Vec<(u64, u64)>) {
+    let dir = scratch_dir(name);
     let (dst, ep) = start_destination(&dir, "dst", &[]).unwrap();
     let mut src = start_source(&dir, "src", "256M", 1, "ws=32 rate=8 hb=1000").unwrap();
     src.wait_ready(T).unwrap();
@@ -74,15 +124,28 @@ fn a_receive_reports_the_migration_arriving() {
     src.wait_pages_written(32 * 256, Duration::from_secs(120))
         .unwrap_or_else(|e| panic!("{e}"));
     // Capped at 16 MiB/s: round 0 (the 32 MiB working set) takes about two
-    // seconds, and each later round what the guest keeps writing (~8 MB/s).
+    // seconds, and each later round what the guest keeps writing.
+    let mut req = json!({"max_bandwidth_mib": 16});
+    if let (Some(r), Some(more)) = (req.as_object_mut(), opts.as_object()) {
+        r.extend(more.clone());
+    }
     let going = std::thread::scope(|scope| {
-        let m = scope.spawn(|| migrate(&src, &ep, json!({"max_bandwidth_mib": 16})));
+        let m = scope.spawn(|| migrate(&src, &ep, req));
         let mut seen = Vec::new();
+        let mut rounds_seen = std::collections::BTreeSet::new();
+        let mut switch_after = switch_after;
         while !m.is_finished() {
             if let Ok(r) = api_request(&dst.api, &json!({"cmd": "migrate-status"}), |_| {}) {
                 if r["status"] == "receiving" {
+                    rounds_seen.extend(r["round"].as_u64());
                     seen.push(r);
                 }
+            }
+            if switch_after.is_some_and(|n| rounds_seen.len() >= n) {
+                switch_after = None;
+                let r = api_request(&src.api, &json!({"cmd": "migrate-postcopy"}), |_| {});
+                let r = r.unwrap_or_else(|e| panic!("migrate-postcopy: {e}"));
+                assert_eq!(r["result"], "ok", "migrate-postcopy: {r}");
             }
             std::thread::sleep(Duration::from_millis(20));
         }
@@ -106,20 +169,28 @@ fn a_receive_reports_the_migration_arriving() {
             assert_eq!(r["ram"]["total"], json!(256u64 << 20), "{r}");
         }
     }
-    let rounds: Vec<(u64, u64)> = seen
+    let mut rounds: Vec<(u64, u64)> = seen
         .iter()
         .filter_map(|r| Some((r["round"].as_u64()?, r["ram"]["transferred"].as_u64()?)))
         .collect();
-    assert!(!rounds.is_empty(), "no round reported: {seen:?}");
+    assert!(
+        !rounds.is_empty(),
+        "no round reported in {} answers; the last: {}",
+        seen.len(),
+        seen[seen.len() - 1]
+    );
     assert!(
         rounds.windows(2).all(|w| w[1] >= w[0]),
         "rounds or bytes went back: {rounds:?}"
     );
     // Round 0 carried the working set the guest wrote.
     assert!(rounds[0].1 >= 16 << 20, "{rounds:?}");
+    rounds.dedup();
+    eprintln!("{name}: (round, bytes) seen: {rounds:?}");
     let _ = api_request(&dst.api, &json!({"cmd": "quit"}), |_| {});
     let _ = src.wait_exit(Duration::from_secs(10));
     let _ = std::fs::remove_dir_all(&dir);
+    (report, rounds)
 }
 
 /// `quit` while waiting ends the VMM with status 0 and removes its API

@@ -44,9 +44,9 @@
 //! answers `"migration":"incoming"`, `migrate-status` answers at once with the migration arriving
 //! (`{"result":"ok","status":"receiving","direction":"incoming","round":N,"total-time":MS,"ram":{"total":B,"transferred":B}}`:
 //! the last pre-copy round the source ended, `null` before the first, and the bytes read by then;
-//! `total-time` and `ram` are `null` until the destination built its VM for the source, and
-//! throughout a reception that may switch to post-copy, which reports no progress; `round` stays
-//! `null` in a local hand-over, which moves no memory by rounds);
+//! `total-time` and `ram` are `null` until the destination built its VM for the source; a
+//! reception that switched to post-copy keeps the last round's values until every page is in;
+//! `round` stays `null` in a local hand-over, which moves no memory by rounds);
 //! every other request is answered when the guest is here.
 
 use std::io::{BufRead, BufReader, Write};

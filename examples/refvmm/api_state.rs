@@ -131,8 +131,8 @@ impl ApiState {
 
     /// `migrate-status` while a migration arrives: `receiving`, the last
     /// round the source ended and the bytes read by then (`null` until the
-    /// engine's `Accepted`, and where the reception reports no progress:
-    /// refvmm's post-copy receptions; no round in a local hand-over).
+    /// engine's `Accepted`; after a switch to post-copy, the last pre-copy
+    /// round's until every page is in; no round in a local hand-over).
     fn arriving_status(&self) -> Value {
         let a = self.arriving.lock().unwrap_or_else(|e| e.into_inner());
         let known = a.since.is_some();

@@ -6,8 +6,6 @@ use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Duration;
 
-#[allow(deprecated)]
-use livemig::destination::postcopy::{receive_postcopy_resumable, receive_postcopy_streams};
 use livemig::policy::{MigrationConfig, OnLimit};
 use livemig::source::postcopy::{PostcopyConfig, SwitchRequest};
 use livemig::transport::{
@@ -823,6 +821,10 @@ pub(crate) fn cmd_receive(args: ReceiveArgs) -> Result<(), Fail> {
             s.receive_progress(p);
         }
     };
+    // Every kind of reception reports its progress to the waiting API (one
+    // that switches to post-copy up to its last pre-copy round: the engine
+    // reports nothing from the switch until every page is in).
+    let reception = Reception::new(transport).config(cfg).progress(follow);
     let result = match (acceptor, fault) {
         (
             Some(a),
@@ -836,37 +838,18 @@ pub(crate) fn cmd_receive(args: ReceiveArgs) -> Result<(), Fail> {
             // now, as after any handshake, and opens again only to take the
             // source's resume after a break (postcopy_resume.rs).
             drop(a);
-            let mut reconnect = || wait_for_resume(&listen, &token, resume_timeout);
-            // The deprecated free functions until refvmm's post-copy receive
-            // moves to `Reception::postcopy` (its pager takes the VM).
-            #[allow(deprecated)]
-            let r = receive_postcopy_resumable(
-                transport,
-                fault,
-                &cfg,
-                create,
-                uffd_pager,
-                &mut reconnect,
-            );
-            r
+            reception
+                .postcopy(fault, uffd_pager)
+                .postcopy_reconnect(move || wait_for_resume(&listen, &token, resume_timeout))
+                .run(create)
         }
-        (Some(mut a), Some(Fault { t: fault, .. })) => {
-            #[allow(deprecated)]
-            let r =
-                receive_postcopy_streams(transport, fault, Some(&mut *a), &cfg, create, uffd_pager);
-            drop(a);
-            r
-        }
-        (Some(mut a), None) => Reception::new(transport)
-            .config(cfg)
-            .accept_streams(&mut *a)
-            .progress(follow)
+        // A source of the first build: post-copy without resume.
+        (Some(a), Some(Fault { t: fault, .. })) => reception
+            .postcopy(fault, uffd_pager)
+            .accept_streams(a)
             .run(create),
-        (None, _) => Reception::new(transport)
-            .config(cfg)
-            .local()
-            .progress(follow)
-            .run(create),
+        (Some(a), None) => reception.accept_streams(a).run(create),
+        (None, _) => reception.local().run(create),
     };
     match result {
         Ok((

@@ -21,9 +21,9 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use livemig::destination::postcopy::PostcopyMemory;
-use livemig::memory::{Backing, MemoryLayout, PAGE_SIZE};
+use livemig::memory::{Backing, GuestMemory, MemoryLayout, PAGE_SIZE};
 use livemig::transport::{connect, Endpoint, Transport};
-use livemig::vm::{DestinationVm, VmError};
+use livemig::vm::VmError;
 use livemig_uffd::{HostRegion, UffdPager};
 
 use crate::postcopy_resume::Token;
@@ -143,14 +143,15 @@ impl Transport for Replay {
     }
 }
 
-/// The userfaultfd installer over `vm`'s memory. Private anonymous memory
-/// only: a `MAP_SHARED` memfd (`--memory-backend memfd`) is refused (refvmm
-/// does not even grant post-copy with it: see `cmd_receive`).
-pub(crate) fn uffd_pager<V: DestinationVm>(
-    vm: &V,
+/// The userfaultfd installer over the new VM's guest memory (the pager of
+/// `Reception::postcopy`, which passes the VM's `DestinationVm::memory`).
+/// Private anonymous memory only: a `MAP_SHARED` memfd (`--memory-backend
+/// memfd`) is refused (refvmm does not even grant post-copy with it: see
+/// `cmd_receive`).
+pub(crate) fn uffd_pager(
+    memory: &dyn GuestMemory,
     layout: &MemoryLayout,
 ) -> Result<Box<dyn PostcopyMemory>, VmError> {
-    let memory = vm.memory();
     let regions = memory.regions();
     if regions.len() != layout.regions().len() {
         return Err(VmError::Create(format!(
@@ -173,10 +174,11 @@ pub(crate) fn uffd_pager<V: DestinationVm>(
             pages: r.len / PAGE_SIZE,
         });
     }
-    // SAFETY: the regions are the VM's private anonymous mappings (checked
-    // above), which live as long as the VM; the engine drops the pager
-    // before it hands the VM back, and only the pager populates the
-    // missing pages after `arm`.
+    // SAFETY: the regions are the new VM's private anonymous mappings
+    // (checked above; `Reception::postcopy` passes that VM's memory), which
+    // live as long as the VM; the engine drops the pager before it hands
+    // the VM back, and only the pager populates the missing pages after
+    // `arm`.
     let pager = unsafe { UffdPager::new(host) }.map_err(|e| VmError::Create(e.to_string()))?;
     Ok(Box::new(pager))
 }

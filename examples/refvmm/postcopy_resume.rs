@@ -12,7 +12,7 @@
 //! token, and answers [`ACCEPTED`] on the control connection once it has
 //! both; only then does the source hand the pair to the engine, which
 //! continues the copy (`Migration::postcopy_reconnect`,
-//! `receive_postcopy_resumable`).
+//! `Reception::postcopy_reconnect`).
 //!
 //! The token tells this migration's source from anyone else who connects;
 //! it travels in clear (post-copy is refused over TLS in this build), so it
