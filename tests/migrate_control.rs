@@ -351,6 +351,62 @@ fn progress_from_a_second_client_then_cancel_from_a_third() {
     let _ = std::fs::remove_dir_all(dir);
 }
 
+/// An operator cancels a migration over four page streams in the middle of
+/// round 0: `refvmm migrate --streams 4` (capped at 10 MiB/s) runs, and
+/// once `migrate-status` says 8 MiB went out in round 0, `refvmm
+/// migrate-cancel` from another terminal. The client exits 4 (cancelled),
+/// the guest runs on at the source uncorrupted, and the destination says
+/// that the source cancelled (not a broken page stream) and never ran the
+/// guest. Until session 9 (2026-12-04) its message was `page stream N: ...
+/// connection closed by the peer`.
+#[test]
+fn a_cancel_in_round_0_over_four_page_streams() {
+    let Some(_kvm) = common::kvm_or_skip("a_cancel_in_round_0_over_four_page_streams") else {
+        return;
+    };
+    let (dir, mut src, mut dst, ep) = source_and_destination("cancel-streams");
+    let api = api_path(&src);
+    let mut client = Client::spawn(&[
+        "migrate",
+        "--api-socket",
+        &api,
+        "--to",
+        &ep,
+        "--max-bandwidth",
+        "10",
+        "--streams",
+        "4",
+    ]);
+    client.wait_stderr("accepted", Duration::from_secs(30));
+    let deadline = Instant::now() + Duration::from_secs(60);
+    let q = loop {
+        let q = src.api(&json!({"cmd":"migrate-status"}), |_| {}).unwrap();
+        assert_eq!(q["status"], "active", "not in pre-copy: {q}");
+        assert_eq!(q["round"], 0, "round 0 ended before 8 MiB went out: {q}");
+        if q["ram"]["transferred"].as_u64().unwrap() >= 8 * MIB {
+            break q;
+        }
+        assert!(Instant::now() < deadline, "8 MiB not sent: {q}");
+        std::thread::sleep(Duration::from_millis(50));
+    };
+    eprintln!("cancelling at: {q}");
+    let mut cancel = Client::spawn(&["migrate-cancel", "--api-socket", &api]);
+    let cst = cancel.wait(Duration::from_secs(10));
+    assert!(cst.success(), "migrate-cancel: {cst}: {}", cancel.stderr());
+    let st = client.wait(Duration::from_secs(30));
+    let err = client.stderr();
+    assert_eq!(st.code(), Some(4), "client exit {st}:\n{err}");
+    assert!(err.contains("stays on the source"), "{err}");
+    assert_guest_stayed(&mut src, &mut dst, "after a cancel over four page streams");
+    let derr = dst.stderr();
+    assert!(
+        derr.contains("peer reported an error") && derr.contains(": cancelled"),
+        "the destination does not say the source cancelled: {derr}\nsource: {}",
+        src.stderr()
+    );
+    let _ = std::fs::remove_dir_all(dir);
+}
+
 #[test]
 fn a_client_gone_during_the_switchover_does_not_stop_it_and_the_source_exits() {
     let Some(_kvm) = common::kvm_or_skip("a_client_gone_during_the_switchover") else {

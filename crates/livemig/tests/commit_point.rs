@@ -11,8 +11,9 @@
 // wrappers over `Migration`/`Reception`; these tests keep exercising them.
 #![allow(deprecated)]
 
-use std::sync::{mpsc, Arc};
-use std::time::Duration;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{mpsc, Arc, Mutex};
+use std::time::{Duration, Instant};
 
 use livemig::memory::{GuestMemory, MemoryLayout};
 use livemig::protocol::{ErrorMsg, FrameWriter, HelloReply, MsgKind, Ready};
@@ -21,8 +22,8 @@ use livemig::testing::soft::{SoftConfig, SoftVm};
 use livemig::transport::{mem, Transport};
 use livemig::vm::{DestinationVm, VmError};
 use livemig::{
-    migrate, receive, CancelToken, MigrationConfig, MigrationError, OnLimit, Phase, ReceiveConfig,
-    Report,
+    migrate, receive, CancelToken, ErrorKind, Migration, MigrationConfig, MigrationError, OnLimit,
+    Phase, Progress, ReceiveConfig, ReceiveReport, Reception, Report, SOURCE_CANCEL_GRACE,
 };
 
 mod common;
@@ -253,4 +254,214 @@ fn destination_timing_out_before_go_resumes_the_source() {
     assert_eq!(de.phase, Phase::Completion, "{de}");
     assert!(de.to_string().contains("timed out"), "{de}");
     assert_abandoned(r, &src, "timed out");
+}
+
+/// A destination soft VM that records whether its guest was started, and
+/// runs `before_resume` first (on `Go`, before the guest starts).
+struct Watched {
+    vm: SoftVm,
+    resumed: Arc<AtomicBool>,
+    before_resume: Option<Box<dyn FnOnce() + Send>>,
+}
+
+impl DestinationVm for Watched {
+    fn memory(&self) -> &dyn GuestMemory {
+        DestinationVm::memory(&self.vm)
+    }
+
+    fn restore_state(&mut self, sections: &[Section]) -> Result<(), VmError> {
+        self.vm.restore_state(sections)
+    }
+
+    fn resume(&mut self) -> Result<(), VmError> {
+        if let Some(f) = self.before_resume.take() {
+            f();
+        }
+        self.resumed.store(true, Ordering::SeqCst);
+        DestinationVm::resume(&mut self.vm)
+    }
+}
+
+/// When a cancel was asked for (set by whoever cancels).
+type CancelledAt = Arc<Mutex<Option<Instant>>>;
+
+/// What both sides of a migration whose source was cancelled returned:
+/// the source's result and how long after the cancel it returned (an
+/// upper bound on when it stopped), the destination's result and whether
+/// its guest was started.
+struct Outcome {
+    source: Result<Report, MigrationError>,
+    source_took: Duration,
+    destination: Result<ReceiveReport, MigrationError>,
+    started_there: bool,
+}
+
+/// Migrates a busy source `src` (cancel token `cancel`, `progress` as its
+/// callback) to a destination whose VM runs `before_resume` on `Go`; both
+/// sides under the watchdog. Whoever cancels records when in `at`.
+fn migrate_and_cancel(
+    src: &Arc<SoftVm>,
+    cancel: &CancelToken,
+    at: &CancelledAt,
+    progress: impl FnMut(&Progress) + Send + 'static,
+    before_resume: impl FnOnce(Box<dyn Transport>) + Send + 'static,
+) -> Outcome {
+    let (a, b) = mem::pair();
+    let resumed = Arc::new(AtomicBool::new(false));
+    let (dtx, drx) = mpsc::channel();
+    let r2 = resumed.clone();
+    std::thread::spawn(move || {
+        let cut = b.try_clone().expect("clone the destination's end");
+        let r = Reception::new(Box::new(b))
+            .config(ReceiveConfig { io_timeout: IO })
+            .run(move |d| {
+                let vm = SoftVm::new(&d.layout, &SoftConfig::idle())?;
+                let before_resume: Box<dyn FnOnce() + Send> = Box::new(move || before_resume(cut));
+                Ok(Watched {
+                    vm,
+                    resumed: r2,
+                    before_resume: Some(before_resume),
+                })
+            })
+            .map(|(_, report)| report);
+        let _ = dtx.send(r);
+    });
+    let (stx, srx) = mpsc::channel();
+    let (src2, c2, at2) = (src.clone(), cancel.clone(), at.clone());
+    std::thread::spawn(move || {
+        let r = Migration::new(&*src2)
+            .config(config())
+            .cancel(c2)
+            .progress(progress)
+            .run(Box::new(a));
+        let took = at2.lock().unwrap().map(|t| t.elapsed());
+        let _ = stx.send((r, took));
+    });
+    let (source, took) = srx.recv_timeout(WATCHDOG).expect("the source hung");
+    let destination = drx.recv_timeout(WATCHDOG).expect("the destination hung");
+    Outcome {
+        source,
+        source_took: took.expect("the migration ended before the cancel"),
+        destination,
+        started_there: resumed.load(Ordering::SeqCst),
+    }
+}
+
+/// An operator's cancel while the source is paused for the stop-and-copy
+/// (here: from the `Paused` event, before the last pages, the state and
+/// `Go`): the source runs its guest again and fails `Cancelled`, not
+/// ambiguous; the destination hears why and never starts the guest.
+#[test]
+fn a_source_cancel_during_the_stop_and_copy_keeps_the_guest_on_the_source() {
+    let src = source(7);
+    let cancel = CancelToken::new();
+    let at = CancelledAt::default();
+    let (c2, at2) = (cancel.clone(), at.clone());
+    let o = migrate_and_cancel(
+        &src,
+        &cancel,
+        &at,
+        move |p| {
+            if let Progress::Paused { .. } = p {
+                *at2.lock().unwrap() = Some(Instant::now());
+                c2.cancel();
+            }
+        },
+        |_| {},
+    );
+    let e = o
+        .source
+        .expect_err("a migration cancelled before Go completed");
+    let de = o.destination.expect_err("the destination completed");
+    println!(
+        "source: {e} ({:?} after the cancel)\ndestination: {de}",
+        o.source_took
+    );
+    assert!(matches!(e.kind, ErrorKind::Cancelled), "source: {e}");
+    assert!(!e.is_ambiguous(), "source: {e}");
+    assert_running(&src, "a cancel during the stop-and-copy");
+    assert!(!o.started_there, "the destination started the guest too");
+    match &de.kind {
+        ErrorKind::Remote { message, .. } if message == "cancelled" => {}
+        _ if o.source_took >= SOURCE_CANCEL_GRACE => {}
+        _ => panic!("the destination did not hear that the source cancelled: {de}"),
+    }
+}
+
+/// An operator's cancel after the commit point (here: from the
+/// destination's resume, which runs once it read `Go`) cannot undo it: the
+/// guest runs on the destination, and only there. The destination answers
+/// at once; the source completes — or, if its token shut the connection
+/// down before it read the answer (the source took longer than
+/// `SOURCE_CANCEL_GRACE`), stays paused with an ambiguous outcome.
+#[test]
+fn a_source_cancel_after_go_leaves_the_guest_on_the_destination() {
+    let src = source(8);
+    let cancel = CancelToken::new();
+    let at = CancelledAt::default();
+    let (c2, at2) = (cancel.clone(), at.clone());
+    let o = migrate_and_cancel(
+        &src,
+        &cancel,
+        &at,
+        |_| {},
+        move |_| {
+            *at2.lock().unwrap() = Some(Instant::now());
+            c2.cancel();
+        },
+    );
+    let received = o.destination.expect("the destination runs the guest");
+    assert!(received.running && o.started_there);
+    match o.source {
+        Ok(report) => assert_eq!(report.status, livemig::report::Status::Completed),
+        Err(e) if e.is_ambiguous() && o.source_took >= SOURCE_CANCEL_GRACE => {
+            eprintln!("source: {e} ({:?} after the cancel)", o.source_took)
+        }
+        Err(e) => panic!(
+            "a cancel after Go: source {e} ({:?} after it)",
+            o.source_took
+        ),
+    }
+    assert_paused(&src, "a cancel after Go");
+}
+
+/// As [`a_source_cancel_after_go_leaves_the_guest_on_the_destination`],
+/// with a destination that answers only once the source's token has shut
+/// the connection down (`SOURCE_CANCEL_GRACE` after the cancel): the answer
+/// never reaches the source, which stays paused with an ambiguous outcome
+/// (as `CancelToken` says: a cancel after `Go` cannot undo it); the guest
+/// runs on the destination only.
+#[test]
+fn a_source_cancel_after_go_that_cuts_the_answer_is_ambiguous() {
+    let src = source(9);
+    let cancel = CancelToken::new();
+    let at = CancelledAt::default();
+    let (c2, at2) = (cancel.clone(), at.clone());
+    let o = migrate_and_cancel(
+        &src,
+        &cancel,
+        &at,
+        |_| {},
+        move |mut cut| {
+            *at2.lock().unwrap() = Some(Instant::now());
+            c2.cancel();
+            // After `Go` the source sends nothing: this read returns when the
+            // token shuts the connection down.
+            cut.set_read_timeout(Some(WATCHDOG)).unwrap();
+            let got = std::io::Read::read(&mut cut, &mut [0u8; 1]);
+            assert!(
+                matches!(got, Ok(0)),
+                "the connection was not shut down: {got:?}"
+            );
+        },
+    );
+    let received = o.destination.expect("the destination runs the guest");
+    assert!(received.running && o.started_there);
+    let e = o
+        .source
+        .expect_err("the source heard Resumed on a shut connection");
+    println!("source: {e}");
+    assert!(e.is_ambiguous(), "a cancel after Go: {e}");
+    assert_eq!(e.phase, Phase::Completion, "{e}");
+    assert_paused(&src, "a cancel after Go");
 }

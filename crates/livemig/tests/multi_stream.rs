@@ -5,22 +5,29 @@
 #![allow(deprecated)]
 
 use std::io::Write;
+use std::sync::atomic::{AtomicU32, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
 use livemig::memory::{MemoryLayout, RegionDesc};
-use livemig::protocol::{FrameWriter, StreamHello};
+use livemig::protocol::{FrameWriter, MsgKind, StreamHello};
+use livemig::report::Progress;
+use livemig::testing::fault::{At, Fault, FaultProbe, FaultTransport};
 use livemig::testing::soft::{SoftConfig, SoftVm};
 use livemig::transport::{mem, StreamAcceptor, StreamOpener, Transport};
 #[cfg(feature = "net")]
 use livemig::transport::{Dialer, OwnedAcceptor};
+use livemig::vm::SourceVm;
 use livemig::{
-    migrate, migrate_streams, receive_streams, CancelToken, ErrorKind, MigrationConfig,
-    ReceiveConfig,
+    migrate, migrate_streams, receive_streams, CancelToken, ErrorKind, Migration, MigrationConfig,
+    ReceiveConfig, Reception,
 };
 
 mod common;
-use common::{migrate_with_defaults, running_source, soft_destination};
+use common::{
+    assert_heard_the_cancel, migrate_with_defaults, running_source, soft_destination, wait_until,
+    within, VmFate, WatchedVm,
+};
 
 fn layout() -> MemoryLayout {
     MemoryLayout::new(vec![
@@ -456,4 +463,139 @@ fn a_silent_stray_cannot_hold_off_the_streams() {
         done: false,
     };
     migrate_over_two_streams(&src, a, &mut opener, dest, Some(Duration::from_secs(4)));
+}
+
+/// A stream opener that records the bytes written on every stream it
+/// opened ([`FaultTransport`] without faults).
+struct Counting {
+    inner: mem::MemOpener,
+    probes: Arc<std::sync::Mutex<Vec<FaultProbe>>>,
+}
+
+impl StreamOpener for Counting {
+    fn open(&mut self) -> std::io::Result<Box<dyn Transport>> {
+        let (t, probe) = FaultTransport::with_plan(self.inner.open()?, Vec::new());
+        self.probes.lock().unwrap().push(probe);
+        Ok(Box::new(t))
+    }
+}
+
+/// An operator cancels a migration over four page streams in the middle of
+/// round 0 (8 MiB of a filled 57 MiB guest sent, capped at 16 MiB/s): the
+/// source stops every page sender, keeps its guest as it was (running,
+/// memory untouched) and fails `Cancelled`; the destination hears why (the
+/// source's `Error` "cancelled", not a broken page stream) and runs
+/// nothing. Both return within a bound. (The source VM has no writers, so
+/// that its memory can be compared byte for byte; its run state is what a
+/// pause or a throttle would change.)
+#[test]
+fn a_source_cancel_in_round_0_over_four_streams_tells_the_destination() {
+    let src = Arc::new(SoftVm::new(&layout(), &SoftConfig::idle()).unwrap());
+    src.fill(12);
+    src.start();
+    let before = src.snapshot();
+    let (a, b) = mem::pair();
+    let (opener, acceptor) = mem::streams();
+    let fate = VmFate::default();
+    let (dest_tx, dest_rx) = std::sync::mpsc::channel();
+    let dest_fate = fate.clone();
+    std::thread::spawn(move || {
+        let r = Reception::new(Box::new(b))
+            .accept_streams(acceptor)
+            .run(|d| WatchedVm::new(&d.layout, &dest_fate))
+            .map(|(_, report)| report);
+        let _ = dest_tx.send(r);
+    });
+    let probes = Arc::new(std::sync::Mutex::new(Vec::new()));
+    let opener = Counting {
+        inner: opener,
+        probes: probes.clone(),
+    };
+    let cancel = CancelToken::new();
+    let rounds = Arc::new(AtomicU32::new(0));
+    let (done_tx, done_rx) = std::sync::mpsc::channel();
+    let (src2, c2, r2) = (src.clone(), cancel.clone(), rounds.clone());
+    std::thread::spawn(move || {
+        let mc = MigrationConfig {
+            max_bandwidth: Some(16 << 20),
+            ..Default::default()
+        };
+        let r = Migration::new(&*src2)
+            .config(mc)
+            .streams(4, opener)
+            .cancel(c2)
+            .progress(move |p| {
+                if let Progress::Round(_) = p {
+                    r2.fetch_add(1, Ordering::SeqCst);
+                }
+            })
+            .run(Box::new(a));
+        let _ = done_tx.send(r);
+    });
+    let on_streams = || -> u64 {
+        probes
+            .lock()
+            .unwrap()
+            .iter()
+            .map(|p| p.bytes_written())
+            .sum()
+    };
+    wait_until(Duration::from_secs(30), "8 MiB on the page streams", || {
+        on_streams() >= 8 << 20
+    });
+    assert_eq!(
+        rounds.load(Ordering::SeqCst),
+        0,
+        "round 0 ended before the cancel"
+    );
+    assert_eq!(probes.lock().unwrap().len(), 4, "four page streams");
+    let t0 = std::time::Instant::now();
+    cancel.cancel();
+    let limit = Duration::from_secs(30);
+    let e = within(&done_rx, limit, "the cancelled source").expect_err("the source completed");
+    let took = t0.elapsed();
+    assert!(matches!(e.kind, ErrorKind::Cancelled), "source: {e}");
+    assert!(!e.is_ambiguous(), "source: {e}");
+    assert!(!src.is_paused(), "the source's guest does not run again");
+    assert!(
+        src.snapshot() == before,
+        "the migration changed the source's memory"
+    );
+    let de = within(&dest_rx, limit, "the destination").expect_err("the destination completed");
+    assert_heard_the_cancel(&de, took);
+    fate.assert_nothing_runs("a cancel over four streams");
+    println!("source: {e}\ndestination: {de}");
+}
+
+/// A frame corrupted on the control connection of a migration with page
+/// streams: the destination fails with that corruption (and tells the
+/// source), not with the page streams it shut down itself once it gave up.
+#[test]
+fn a_control_failure_is_not_blamed_on_the_streams_it_stopped() {
+    let (src, a, opener, dest) = busy_source_and_destination(13, ReceiveConfig::default());
+    // The payload of the first `RoundEnd`: its CRC no longer matches.
+    let flip = Fault::Flip(0x01).at(At::kind(MsgKind::RoundEnd, 0).offset(20));
+    let (control, probe) = FaultTransport::new(Box::new(a), flip);
+    let mc = MigrationConfig {
+        streams: 4,
+        ..Default::default()
+    };
+    let e = Migration::new(&*src)
+        .config(mc)
+        .streams(4, opener)
+        .run(Box::new(control))
+        .expect_err("a corrupted control frame");
+    assert_eq!(probe.fired().len(), 1, "the flip did not strike");
+    let de = dest
+        .join()
+        .unwrap()
+        .err()
+        .expect("the destination must fail");
+    println!("source: {e}\ndestination: {de}");
+    assert!(
+        matches!(&de.kind, ErrorKind::Protocol(p) if p.to_string().contains("crc mismatch")),
+        "the destination blames something else than the corrupted frame: {de}"
+    );
+    assert!(e.to_string().contains("crc mismatch"), "source: {e}");
+    common::assert_running(&src, "after a corrupted control frame");
 }

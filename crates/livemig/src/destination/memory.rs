@@ -258,6 +258,8 @@ pub(super) fn stream_reader(
     let mut sink = PageSink::new(layout, ram, Some((index, streams)), shared.fill);
     sink.gather = shared.gather;
     let mut counted = 0;
+    // The source closed this stream between two frames.
+    let mut closed = false;
     let r: Result<(), ErrorKind> = loop {
         let read = fr.bytes_read();
         shared.read.fetch_add(read - counted, Ordering::SeqCst);
@@ -267,7 +269,10 @@ pub(super) fn stream_reader(
         }
         let f = match fr.read_frame_into(&mut sink) {
             Ok(f) => f,
-            Err(e) => break Err(e.into()),
+            Err(e) => {
+                closed = e.is_clean_eof();
+                break Err(e.into());
+            }
         };
         match f.kind {
             MsgKind::Pages | MsgKind::PagesLz4 | MsgKind::PagesGather => {
@@ -285,12 +290,21 @@ pub(super) fn stream_reader(
             }
         }
     };
-    if let Err(kind) = r {
-        shared.fail(index, kind);
-        // Wake the control loop up.
-        if let Some(c) = control {
-            let _ = c.shutdown();
+    // A stream the control loop stopped (it gave up first and shut the
+    // streams down) did not fail: its read error is that shutdown.
+    match r {
+        Err(kind) if !shared.abort.load(Ordering::SeqCst) => {
+            shared.fail(index, kind);
+            // Wake the control loop up — unless the source closed this
+            // stream between two frames: a source that gives up does so
+            // after it sent its reason on the control connection (or by
+            // going away, which ends that connection too), and a shutdown
+            // now could lose the reason not yet read there.
+            if let Some(c) = control.filter(|_| !closed) {
+                let _ = c.shutdown();
+            }
         }
+        _ => {}
     }
     StreamCounts {
         pages: sink.pages,
@@ -361,7 +375,10 @@ pub(super) struct Intake {
 
 /// The memory phase: pages on every connection, round ends and the state
 /// on the control one, until `Complete`. A failing page stream stops the
-/// others and is named as the cause. Each round end is reported to
+/// others and is named as the cause — unless the source said why it gave
+/// up (an `Error` frame on the control connection: that reason is
+/// returned), or the control loop failed first (its error is returned; the
+/// streams it stopped did not fail). Each round end is reported to
 /// `hooks.progress`. With `hooks.answers`, the questions granted
 /// in `intake` are answered on it: each `ReadQuery` with the bytes of whole
 /// frames read so far on every connection. With `probe` (the switchover probe
@@ -443,8 +460,15 @@ pub(super) fn receive(
                 Err(_) => shared.fail(u32::MAX, InternalError::Panicked.into()),
             }
         }
-        // A stream's failure is the real cause of whatever the control
-        // connection saw (the stream shut it down).
+        // The source's own reason (its `Error` frame) is the cause of
+        // whatever its page streams did after it gave up (it closes them
+        // once it has said why).
+        let r = match r {
+            Err(e) if matches!(e.kind, ErrorKind::Remote { .. }) => return Err(e),
+            r => r,
+        };
+        // Otherwise a stream's failure is the real cause of whatever the
+        // control connection saw (the stream shut it down).
         if let Some((index, kind)) = shared.error.lock().ok().and_then(|mut g| g.take()) {
             let source = Box::new(kind);
             return Err(MigrationError::new(

@@ -24,14 +24,15 @@ use crate::transport::Transport;
 /// the destination and in a same-host hand-over that happens at once. On
 /// the source of a migration over a transport it happens only if
 /// the migration has not ended [`SOURCE_CANCEL_GRACE`] after the cancel:
-/// in that time the source normally sees the cancel between two frames,
-/// hands the guest back, tells the destination why (an `Error` frame,
-/// "cancelled": the destination then reports
-/// [`crate::ErrorKind::Remote`] instead of a closed connection) and closes
-/// the connections itself. A read or write blocked longer (a stalled link)
-/// is interrupted by the shutdown; the destination then sees the
-/// connection close. Use one token per migration: once cancelled it stays
-/// cancelled.
+/// in that time the source normally sees the cancel between two frames
+/// (each page stream's sender too), tells the destination why (an `Error`
+/// frame, "cancelled", on the control connection once every page sender
+/// stopped: the destination then reports [`crate::ErrorKind::Remote`]
+/// instead of a closed connection), turns dirty logging off, hands the
+/// guest back and closes the connections itself. A read or write blocked
+/// longer (a stalled link) is interrupted by the shutdown; the destination
+/// then sees the connection close. Use one token per migration: once
+/// cancelled it stays cancelled.
 #[derive(Clone, Default)]
 pub struct CancelToken {
     flag: Arc<AtomicBool>,

@@ -129,7 +129,7 @@ fn migrate_checked<V: SourceVm + ?Sized>(
         .describe()
         .map_err(|e| MigrationError::new(Phase::Handshake, e))?;
     // A cancel lets the migration stop by itself first, so that the
-    // destination hears why (fail_safe's `Error` frame).
+    // destination hears why (`tell_destination`'s `Error` frame).
     cancel.set_grace(SOURCE_CANCEL_GRACE);
     cancel.attach(transport.try_clone().ok());
     let mut s = Session {
@@ -165,8 +165,9 @@ fn as_cancelled(mut e: MigrationError, cancel: &CancelToken) -> MigrationError {
 }
 
 /// The phases, in order. Errors before dirty logging is on leave nothing
-/// to undo; after, [`fail_safe`] hands the guest back to the source unless
-/// the outcome is ambiguous.
+/// to undo; after, unless the outcome is ambiguous, [`tell_destination`]
+/// says why, dirty logging goes off and [`fail_safe`] hands the guest back
+/// to the source.
 fn run<V: SourceVm + ?Sized>(
     s: &mut Session<'_, V>,
     transport: Box<dyn Transport>,
@@ -177,7 +178,12 @@ fn run<V: SourceVm + ?Sized>(
     let accepted = handshake::handshake(s, transport, opener, desc)?;
     let estimate = handshake::estimate_state(s, &accepted)?;
     let mut t = Tracking::start(s, accepted, estimate, &layout)?;
-    let outcome = transfer(s, &mut t);
+    let outcome = match transfer(s, &mut t) {
+        // The destination hears why first: turning the dirty log off can
+        // take the hypervisor longer than a cancel's grace period.
+        Err(NotCommitted::Kept(e)) => Err(NotCommitted::Kept(tell_destination(s, &mut t, e))),
+        outcome => outcome,
+    };
     // Only a completed migration may leave the log to the VM's teardown:
     // after any other outcome the source may run the guest again.
     let bytes_sent = t.stop(outcome.is_ok());
@@ -237,10 +243,10 @@ fn phases<V: SourceVm + ?Sized>(
     Ok(committed)
 }
 
-/// The source keeps the guest, in the run state the operator left it in,
-/// and tells the destination why (or, when the connection broke, fetches
-/// the destination's own reason if it sent one).
-fn fail_safe<V: SourceVm + ?Sized>(
+/// The source keeps the guest: tells the destination why (on the control
+/// connection, every page sender stopped already), and returns the error
+/// as the caller sees it.
+fn tell_destination<V: SourceVm + ?Sized>(
     s: &Session<'_, V>,
     t: &mut Tracking<'_>,
     e: MigrationError,
@@ -248,12 +254,24 @@ fn fail_safe<V: SourceVm + ?Sized>(
     // The destination hears the reason: "cancelled", not the I/O error of
     // the sender the cancel stopped.
     let e = as_cancelled(e, s.cancel);
+    crate::control::send_failure(&mut t.sender.fw, &e, false);
+    e
+}
+
+/// After [`tell_destination`] and with dirty logging off: the source runs
+/// the guest again, in the run state the operator left it in (or, when
+/// the connection broke, fetches the destination's own reason if it sent
+/// one).
+fn fail_safe<V: SourceVm + ?Sized>(
+    s: &Session<'_, V>,
+    t: &mut Tracking<'_>,
+    e: MigrationError,
+) -> MigrationError {
     if !s.paused {
         if let Err(re) = s.vm.resume() {
             log::error!("resuming the source after a failed migration: {re}");
         }
     }
-    crate::control::send_failure(&mut t.sender.fw, &e, false);
     match &e.kind {
         ErrorKind::Protocol(pe) if pe.is_disconnect() => {
             let wait = std::time::Duration::from_millis(200);

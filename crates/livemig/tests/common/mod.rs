@@ -164,3 +164,135 @@ pub fn relayed(dest_end: MemTransport, up: FrameEdit, down: FrameEdit) -> MemTra
     std::thread::spawn(move || relay_frames(down_from, down_to, down));
     src_end
 }
+
+/// What became of a VM a destination built ([`WatchedVm`]): whether it
+/// was ever resumed, and whether it was dropped. Clones share it.
+#[derive(Clone, Default, Debug)]
+pub struct VmFate {
+    built: Arc<std::sync::atomic::AtomicBool>,
+    resumed: Arc<std::sync::atomic::AtomicBool>,
+    dropped: Arc<std::sync::atomic::AtomicBool>,
+}
+
+impl VmFate {
+    /// Whether the destination built its VM.
+    pub fn built(&self) -> bool {
+        self.built.load(std::sync::atomic::Ordering::SeqCst)
+    }
+
+    /// Whether that VM's vCPUs were ever started.
+    pub fn resumed(&self) -> bool {
+        self.resumed.load(std::sync::atomic::Ordering::SeqCst)
+    }
+
+    /// Whether that VM was dropped.
+    pub fn dropped(&self) -> bool {
+        self.dropped.load(std::sync::atomic::Ordering::SeqCst)
+    }
+
+    /// No VM runs on the destination: it was built (the migration got that
+    /// far), never resumed, and dropped.
+    pub fn assert_nothing_runs(&self, what: &str) {
+        assert!(self.built(), "{what}: the destination never built its VM");
+        assert!(!self.resumed(), "{what}: the destination ran the guest");
+        assert!(self.dropped(), "{what}: the destination kept its VM");
+    }
+}
+
+/// An idle soft VM as a destination builds it, recording its fate.
+pub struct WatchedVm {
+    pub vm: SoftVm,
+    fate: VmFate,
+}
+
+impl WatchedVm {
+    /// An idle soft VM of `layout` whose fate `fate` records.
+    pub fn new(layout: &MemoryLayout, fate: &VmFate) -> Result<Self, livemig::vm::VmError> {
+        let vm = SoftVm::new(layout, &SoftConfig::idle())?;
+        fate.built.store(true, std::sync::atomic::Ordering::SeqCst);
+        Ok(WatchedVm {
+            vm,
+            fate: fate.clone(),
+        })
+    }
+}
+
+impl livemig::vm::DestinationVm for WatchedVm {
+    fn memory(&self) -> &dyn livemig::memory::GuestMemory {
+        livemig::vm::DestinationVm::memory(&self.vm)
+    }
+
+    fn restore_state(
+        &mut self,
+        sections: &[livemig::state::Section],
+    ) -> Result<(), livemig::vm::VmError> {
+        livemig::vm::DestinationVm::restore_state(&mut self.vm, sections)
+    }
+
+    fn resume(&mut self) -> Result<(), livemig::vm::VmError> {
+        self.fate
+            .resumed
+            .store(true, std::sync::atomic::Ordering::SeqCst);
+        livemig::vm::DestinationVm::resume(&mut self.vm)
+    }
+}
+
+impl Drop for WatchedVm {
+    fn drop(&mut self) {
+        self.fate
+            .dropped
+            .store(true, std::sync::atomic::Ordering::SeqCst);
+    }
+}
+
+/// What `rx` brings within `limit`; fails naming `what` if nothing comes
+/// (a side that hangs) or its sender is gone (a thread that panicked).
+pub fn within<T>(rx: &std::sync::mpsc::Receiver<T>, limit: Duration, what: &str) -> T {
+    match rx.recv_timeout(limit) {
+        Ok(v) => v,
+        Err(std::sync::mpsc::RecvTimeoutError::Timeout) => {
+            panic!("{what} did not return within {limit:?}")
+        }
+        Err(std::sync::mpsc::RecvTimeoutError::Disconnected) => {
+            panic!("{what} ended without a result (its thread panicked)")
+        }
+    }
+}
+
+/// Waits until `cond` holds, looking every 2 ms for at most `limit`;
+/// fails naming `what` if it never does.
+pub fn wait_until(limit: Duration, what: &str, mut cond: impl FnMut() -> bool) {
+    let deadline = std::time::Instant::now() + limit;
+    while !cond() {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "{what}: not within {limit:?}"
+        );
+        std::thread::sleep(Duration::from_millis(2));
+    }
+}
+
+/// The destination of a migration its source cancelled failed with the
+/// source's reason, `ErrorKind::Remote` "cancelled" — which is what it
+/// hears whenever the source stopped by itself. The token shuts the
+/// connections down only if the source has not stopped
+/// [`livemig::SOURCE_CANCEL_GRACE`] after the cancel; so when the source
+/// took longer than that from the cancel to its return (`source_took`:
+/// an upper bound, measured from before the cancel), the destination may
+/// instead have seen its connections close, and only that it failed is
+/// asserted (the caller asserts that nothing runs there).
+pub fn assert_heard_the_cancel(de: &MigrationError, source_took: Duration) {
+    match &de.kind {
+        livemig::ErrorKind::Remote { message, .. } if message == "cancelled" => {}
+        _ if source_took >= livemig::SOURCE_CANCEL_GRACE => {
+            eprintln!(
+                "the source took {source_took:?} to stop (a loaded host): the token shut the \
+                 connections down, and the destination saw: {de}"
+            );
+        }
+        _ => panic!(
+            "the destination did not hear that the source cancelled (the source stopped \
+             {source_took:?} after the cancel): {de}"
+        ),
+    }
+}
