@@ -81,6 +81,13 @@ fn record(events: &Events) -> impl FnMut(&ReceiveProgress) + 'static {
     move |p| {
         let name = match p {
             ReceiveProgress::Accepted { .. } => "accepted",
+            ReceiveProgress::PostcopyActive { .. } => "postcopy-active",
+            // The pages arriving, as often as the push goes: only the
+            // last one (every page in) is kept.
+            ReceiveProgress::PostcopyInstalled { missing_pages, .. } if *missing_pages > 0 => {
+                return
+            }
+            ReceiveProgress::PostcopyInstalled { .. } => "all-in",
             ReceiveProgress::Completed { .. } => "completed",
             _ => "other",
         };
@@ -156,7 +163,8 @@ fn a_destination_cancel_after_go_in_postcopy_is_ignored() {
     assert!(src.is_paused());
     dest.vm.stop();
     assert!(dest.vm.snapshot() == src.snapshot());
-    assert_eq!(*events.lock().unwrap(), vec!["accepted", "completed"]);
+    let want = vec!["accepted", "postcopy-active", "all-in", "completed"];
+    assert_eq!(*events.lock().unwrap(), want);
 }
 
 #[test]
@@ -165,7 +173,8 @@ fn a_postcopy_reception_reports_progress() {
     let (_, r, received) = postcopy(CancelAt::Never, &CancelToken::new(), &events);
     r.expect("source");
     received.expect("received");
-    assert_eq!(*events.lock().unwrap(), vec!["accepted", "completed"]);
+    let want = vec!["accepted", "postcopy-active", "all-in", "completed"];
+    assert_eq!(*events.lock().unwrap(), want);
 }
 
 #[test]
@@ -369,5 +378,131 @@ fn local_and_postcopy_are_one_or_the_other() {
     assert!(
         matches!(&e.kind, ErrorKind::Config(c) if c.field == "streams"),
         "{e}"
+    );
+}
+
+/// A [`ReceiveProgress`] of a post-copy reception, as the test keeps it.
+#[derive(Debug, Clone, Copy, PartialEq)]
+enum Seen {
+    Accepted,
+    Round,
+    Active {
+        running: bool,
+        missing: u64,
+    },
+    Installed {
+        installed: u64,
+        missing: u64,
+        bytes: u64,
+    },
+    Completed,
+}
+
+fn seen(p: &ReceiveProgress) -> Option<Seen> {
+    Some(match p {
+        ReceiveProgress::Accepted { .. } => Seen::Accepted,
+        ReceiveProgress::RoundReceived { .. } => Seen::Round,
+        ReceiveProgress::PostcopyActive {
+            running,
+            missing_pages,
+        } => Seen::Active {
+            running: *running,
+            missing: *missing_pages,
+        },
+        ReceiveProgress::PostcopyInstalled {
+            installed_pages,
+            missing_pages,
+            bytes,
+        } => Seen::Installed {
+            installed: *installed_pages,
+            missing: *missing_pages,
+            bytes: *bytes,
+        },
+        ReceiveProgress::Completed { .. } => Seen::Completed,
+        _ => return None,
+    })
+}
+
+#[test]
+fn a_postcopy_reception_reports_the_guest_running_here_and_the_pages_arriving() {
+    // Pure post-copy of a filled, idle guest: every page is pushed after
+    // `Go`, at 1 MiB/s (the 4 MiB take seconds: the push loop reads many
+    // frames and keepalives while pages are still missing).
+    let src = SoftVm::new(&layout(), &SoftConfig::idle()).unwrap();
+    src.fill(5);
+    src.start(); // running: a paused VM is never offered post-copy
+    let (a, b) = mem::pair();
+    let (fa, fb) = mem::pair();
+    let events: Arc<Mutex<Vec<Seen>>> = Arc::default();
+    let ev = events.clone();
+    let dest = std::thread::spawn(move || {
+        Reception::new(Box::new(b))
+            .postcopy(Box::new(fb), soft_pager)
+            .progress(move |p| ev.lock().unwrap().extend(seen(p)))
+            .run(|d| SoftVm::new(&d.layout, &SoftConfig::idle()))
+    });
+    let pc = PostcopyConfig {
+        after_rounds: 0,
+        on_non_convergence: false,
+        ..Default::default()
+    };
+    let config = MigrationConfig {
+        max_bandwidth: Some(1 << 20),
+        ..Default::default()
+    };
+    let report = Migration::new(&src)
+        .config(config)
+        .postcopy(Box::new(fa), pc)
+        .run(Box::new(a))
+        .expect("source");
+    assert!(report.postcopy.is_some(), "switched to post-copy");
+    let (dst, received) = dest.join().unwrap().expect("destination");
+    dst.stop();
+    assert!(dst.snapshot() == src.snapshot());
+    let total = received.postcopy.expect("post-copy stats").discard_pages;
+    assert!(total > 0, "pages were missing at the switch");
+    let events = events.lock().unwrap().clone();
+    assert_eq!(events.first(), Some(&Seen::Accepted), "{events:?}");
+    assert_eq!(events.last(), Some(&Seen::Completed), "{events:?}");
+    let body = &events[1..events.len() - 1];
+    let active = body
+        .iter()
+        .position(|e| matches!(e, Seen::Active { .. }))
+        .unwrap_or_else(|| panic!("no PostcopyActive: {events:?}"));
+    assert!(
+        body[..active].iter().all(|e| *e == Seen::Round),
+        "{events:?}"
+    );
+    let want = Seen::Active {
+        running: true,
+        missing: total,
+    };
+    assert_eq!(body[active], want, "every page missing at the resume");
+    let installed: Vec<(u64, u64, u64)> = body[active + 1..]
+        .iter()
+        .map(|e| match e {
+            Seen::Installed {
+                installed,
+                missing,
+                bytes,
+            } => (*installed, *missing, *bytes),
+            other => panic!("{other:?} after PostcopyActive: {events:?}"),
+        })
+        .collect();
+    assert!(installed.len() >= 2, "the push was followed: {events:?}");
+    for w in installed.windows(2) {
+        assert!(w[0].0 < w[1].0, "installed pages grow: {events:?}");
+        assert!(w[0].2 <= w[1].2, "bytes grow: {events:?}");
+    }
+    for (i, m, _) in &installed {
+        assert_eq!(i + m, total, "installed + missing = discarded: {events:?}");
+    }
+    let last = installed[installed.len() - 1];
+    assert_eq!((last.0, last.1), (total, 0), "{events:?}");
+    assert!(last.2 >= total * 4096, "every page's bytes: {events:?}");
+    assert_eq!(
+        installed.iter().filter(|(_, m, _)| *m == 0).count(),
+        1,
+        "one event when every page is in: {events:?}"
     );
 }
