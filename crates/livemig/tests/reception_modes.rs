@@ -10,8 +10,10 @@ use std::sync::{Arc, Mutex};
 
 use livemig::destination::postcopy::PostcopyMemory;
 use livemig::memory::{Backing, GuestMemory, HostRegion, MemoryLayout, RegionDesc};
+use livemig::protocol::MsgKind;
 use livemig::source::postcopy::PostcopyConfig;
 use livemig::state::Section;
+use livemig::testing::fault::{At, Fault, FaultTransport};
 use livemig::testing::postcopy::SoftPager;
 use livemig::testing::soft::{SoftConfig, SoftTracking, SoftVm};
 use livemig::transport::{mem, Transport};
@@ -423,21 +425,36 @@ fn seen(p: &ReceiveProgress) -> Option<Seen> {
     })
 }
 
-#[test]
-fn a_postcopy_reception_reports_the_guest_running_here_and_the_pages_arriving() {
-    // Pure post-copy of a filled, idle guest: every page is pushed after
-    // `Go`, at 1 MiB/s (the 4 MiB take seconds: the push loop reads many
-    // frames and keepalives while pages are still missing).
+/// What [`follow_postcopy`] saw: the events, the pages missing at the
+/// switch and the source's reconnections.
+struct Followed {
+    events: Vec<Seen>,
+    total: u64,
+    reconnects: u32,
+}
+
+/// Pure post-copy of a filled, idle guest into a `Reception` with a
+/// progress callback: every page is pushed after `Go`, at 1 MiB/s (the
+/// 4 MiB take seconds: the push loop reads many frames and keepalives
+/// while pages are still missing). With `cut`, the source's control
+/// connection breaks before the third pushed `Pages` frame and both sides
+/// continue on a new pair of connections.
+fn follow_postcopy(cut: bool) -> Followed {
     let src = SoftVm::new(&layout(), &SoftConfig::idle()).unwrap();
     src.fill(5);
     src.start(); // running: a paused VM is never offered post-copy
     let (a, b) = mem::pair();
     let (fa, fb) = mem::pair();
+    let (na, nb) = mem::pair();
+    let (nfa, nfb) = mem::pair();
+    let mut src_next = Some((Box::new(na) as Box<dyn Transport>, Box::new(nfa) as _));
+    let mut dst_next = Some((Box::new(nb) as Box<dyn Transport>, Box::new(nfb) as _));
     let events: Arc<Mutex<Vec<Seen>>> = Arc::default();
     let ev = events.clone();
     let dest = std::thread::spawn(move || {
         Reception::new(Box::new(b))
             .postcopy(Box::new(fb), soft_pager)
+            .postcopy_reconnect(move || dst_next.take())
             .progress(move |p| ev.lock().unwrap().extend(seen(p)))
             .run(|d| SoftVm::new(&d.layout, &SoftConfig::idle()))
     });
@@ -450,18 +467,38 @@ fn a_postcopy_reception_reports_the_guest_running_here_and_the_pages_arriving() 
         max_bandwidth: Some(1 << 20),
         ..Default::default()
     };
+    let a: Box<dyn Transport> = if cut {
+        let spec = Fault::Drop.at(At::kind(MsgKind::Pages, 2));
+        Box::new(FaultTransport::new(Box::new(a), spec).0)
+    } else {
+        Box::new(a)
+    };
     let report = Migration::new(&src)
         .config(config)
         .postcopy(Box::new(fa), pc)
-        .run(Box::new(a))
+        .postcopy_reconnect(Box::new(move || src_next.take()))
+        .run(a)
         .expect("source");
-    assert!(report.postcopy.is_some(), "switched to post-copy");
+    let rp = report.postcopy.expect("switched to post-copy");
     let (dst, received) = dest.join().unwrap().expect("destination");
     dst.stop();
     assert!(dst.snapshot() == src.snapshot());
     let total = received.postcopy.expect("post-copy stats").discard_pages;
     assert!(total > 0, "pages were missing at the switch");
     let events = events.lock().unwrap().clone();
+    Followed {
+        events,
+        total,
+        reconnects: rp.reconnects,
+    }
+}
+
+/// The event order of a post-copy reception: `Accepted`, rounds,
+/// `PostcopyActive` with every page missing, `PostcopyInstalled` with the
+/// installed pages and bytes growing and the missing pages reaching 0
+/// once, `Completed`.
+fn check_postcopy_events(f: &Followed) {
+    let (events, total) = (&f.events, f.total);
     assert_eq!(events.first(), Some(&Seen::Accepted), "{events:?}");
     assert_eq!(events.last(), Some(&Seen::Completed), "{events:?}");
     let body = &events[1..events.len() - 1];
@@ -505,4 +542,18 @@ fn a_postcopy_reception_reports_the_guest_running_here_and_the_pages_arriving() 
         1,
         "one event when every page is in: {events:?}"
     );
+}
+
+#[test]
+fn a_postcopy_reception_reports_the_guest_running_here_and_the_pages_arriving() {
+    let f = follow_postcopy(false);
+    assert_eq!(f.reconnects, 0);
+    check_postcopy_events(&f);
+}
+
+#[test]
+fn a_postcopy_reception_resumed_after_a_break_keeps_reporting_the_pages_arriving() {
+    let f = follow_postcopy(true);
+    assert_eq!(f.reconnects, 1, "the push broke and resumed");
+    check_postcopy_events(&f);
 }
