@@ -66,8 +66,9 @@ fn a_receive_reports_the_migration_arriving() {
     let Some(_kvm) = common::kvm_or_skip("a_receive_reports_the_migration_arriving") else {
         return;
     };
-    let (report, _) = watch_arrival("rx-progress", json!({}), None);
+    let (report, _, postcopy) = watch_arrival("rx-progress", json!({}), None);
     assert!(report["postcopy"].is_null(), "{report}");
+    assert!(postcopy.is_empty(), "{postcopy:?}");
 }
 
 /// The same for a source that offers post-copy (here
@@ -76,7 +77,13 @@ fn a_receive_reports_the_migration_arriving() {
 /// post-copy, and until the switch it reports the rounds and bytes as a
 /// pre-copy reception does (before, `round`, `total-time` and `ram` stayed
 /// null throughout). The test asks for the switch (`migrate-postcopy`) once
-/// the destination has reported two rounds.
+/// the destination has reported two rounds. From the resume on, until
+/// every page is in, the destination answers `postcopy-active` with the
+/// pages still missing and the bytes growing (before, it kept answering
+/// `receiving` with the last round's bytes). The guest writes faster than
+/// the 16 MiB/s cap lets pages through, so much of its working set is
+/// still missing at the switch: the push takes about a second, and the
+/// destination is asked every 20 ms.
 #[test]
 fn a_receive_reports_a_migration_that_may_switch_to_postcopy() {
     let Some(_kvm) =
@@ -86,7 +93,7 @@ fn a_receive_reports_a_migration_that_may_switch_to_postcopy() {
     };
     // A downtime limit pre-copy cannot meet: it runs rounds until asked.
     let opts = json!({"postcopy_on_request": true, "downtime_limit_ms": 1});
-    let (report, rounds) = watch_arrival("rx-progress-pc", opts, Some(2));
+    let (report, rounds, postcopy) = watch_arrival("rx-progress-pc", opts, Some(2));
     let pc = &report["postcopy"];
     assert!(
         pc["reason"]
@@ -101,21 +108,46 @@ fn a_receive_reports_a_migration_that_may_switch_to_postcopy() {
     // Two rounds were seen before the switch, and the bytes grew.
     let (first, last) = (rounds[0], rounds[rounds.len() - 1]);
     assert!(last.0 > first.0 && last.1 > first.1, "{rounds:?}");
+    // The guest ran here while pages were missing, and they arrived.
+    assert!(
+        !postcopy.is_empty(),
+        "never answered postcopy-active; rounds seen: {rounds:?}"
+    );
+    // The round is the last pre-copy round (one seen, or one after it).
+    assert!(
+        postcopy
+            .iter()
+            .all(|p| p.0 == postcopy[0].0 && p.0 >= last.0),
+        "{rounds:?} then {postcopy:?}"
+    );
+    assert!(postcopy[0].1 >= last.1, "{rounds:?} then {postcopy:?}");
+    assert!(
+        postcopy
+            .windows(2)
+            .all(|w| w[1].1 >= w[0].1 && w[1].2 <= w[0].2),
+        "bytes went back or missing pages grew: {postcopy:?}"
+    );
+    eprintln!("(round, bytes, missing pages) seen in post-copy: {postcopy:?}");
 }
+
+/// A `postcopy-active` answer of the destination: the round, the bytes
+/// read and the pages still missing.
+type Postcopy = (u64, u64, u64);
 
 /// Migrates a guest that keeps writing, capped at 16 MiB/s, from a new
 /// source to a new destination with `opts` (the API `migrate` request's
 /// fields), asking the destination's `migrate-status` every 20 ms while it
 /// arrives; with `switch_after`, asks the source for post-copy once the
 /// destination has reported that many different rounds. Checks every
-/// `receiving` answer and returns the source's report and the (round,
-/// bytes) pairs seen, which never go back, round 0 carrying the working
-/// set.
+/// `receiving` answer and returns the source's report, the (round, bytes)
+/// pairs seen, which never go back, round 0 carrying the working set, and
+/// the (round, bytes, missing pages) of the `postcopy-active` answers,
+/// which come after every `receiving` one.
 fn watch_arrival(
     name: &str,
     opts: serde_json::Value,
     switch_after: Option<usize>,
-) -> (serde_json::Value, Vec<(u64, u64)>) {
+) -> (serde_json::Value, Vec<(u64, u64)>, Vec<Postcopy>) {
     let dir = scratch_dir(name);
     let (dst, ep) = start_destination(&dir, "dst", &[]).unwrap();
     let mut src = start_source(&dir, "src", "256M", 1, "ws=32 rate=8 hb=1000").unwrap();
@@ -136,7 +168,7 @@ fn watch_arrival(
         let mut switch_after = switch_after;
         while !m.is_finished() {
             if let Ok(r) = api_request(&dst.api, &json!({"cmd": "migrate-status"}), |_| {}) {
-                if r["status"] == "receiving" {
+                if r["status"] == "receiving" || r["status"] == "postcopy-active" {
                     rounds_seen.extend(r["round"].as_u64());
                     seen.push(r);
                 }
@@ -169,6 +201,23 @@ fn watch_arrival(
             assert_eq!(r["ram"]["total"], json!(256u64 << 20), "{r}");
         }
     }
+    let active = seen
+        .iter()
+        .position(|r| r["status"] == "postcopy-active")
+        .unwrap_or(seen.len());
+    let (seen, active) = seen.split_at(active);
+    let postcopy: Vec<Postcopy> = active
+        .iter()
+        .map(|r| {
+            assert_eq!(
+                r["status"], "postcopy-active",
+                "receiving after postcopy-active: {r}"
+            );
+            let n = |v: &serde_json::Value| v.as_u64().unwrap_or_else(|| panic!("{r}"));
+            let missing = &r["postcopy"]["missing-pages"];
+            (n(&r["round"]), n(&r["ram"]["transferred"]), n(missing))
+        })
+        .collect();
     let mut rounds: Vec<(u64, u64)> = seen
         .iter()
         .filter_map(|r| Some((r["round"].as_u64()?, r["ram"]["transferred"].as_u64()?)))
@@ -190,7 +239,7 @@ fn watch_arrival(
     let _ = api_request(&dst.api, &json!({"cmd": "quit"}), |_| {});
     let _ = src.wait_exit(Duration::from_secs(10));
     let _ = std::fs::remove_dir_all(&dir);
-    (report, rounds)
+    (report, rounds, postcopy)
 }
 
 /// `quit` while waiting ends the VMM with status 0 and removes its API

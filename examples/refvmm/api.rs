@@ -44,8 +44,10 @@
 //! answers `"migration":"incoming"`, `migrate-status` answers at once with the migration arriving
 //! (`{"result":"ok","status":"receiving","direction":"incoming","round":N,"total-time":MS,"ram":{"total":B,"transferred":B}}`:
 //! the last pre-copy round the source ended, `null` before the first, and the bytes read by then;
-//! `total-time` and `ram` are `null` until the destination built its VM for the source; a
-//! reception that switched to post-copy keeps the last round's values until every page is in;
+//! `total-time` and `ram` are `null` until the destination built its VM for the source; once a
+//! reception that switched to post-copy runs the guest here, until every page is in, `status` is
+//! `postcopy-active` with `"postcopy":{"missing-pages":N}`, `round` the last pre-copy round
+//! (`null` in pure post-copy) and `transferred` growing as the pages arrive;
 //! `round` stays `null` in a local hand-over, which moves no memory by rounds);
 //! every other request is answered when the guest is here.
 

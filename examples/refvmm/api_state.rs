@@ -56,8 +56,12 @@ struct Arriving {
     memory: u64,
     /// The last pre-copy round the source ended.
     round: Option<u32>,
-    /// Bytes read when it ended.
+    /// Bytes read when it ended (after a switch to post-copy: when the
+    /// engine last reported the pages installed).
     bytes: u64,
+    /// Pages still missing once the guest runs here in post-copy (from the
+    /// engine's `PostcopyActive` on).
+    missing: Option<u64>,
 }
 
 /// The API's view of its VMM, shared by its client threads.
@@ -125,20 +129,34 @@ impl ApiState {
                 a.round = Some(*round);
                 a.bytes = *bytes;
             }
+            ReceiveProgress::PostcopyActive { missing_pages, .. } => {
+                a.missing = Some(*missing_pages);
+            }
+            ReceiveProgress::PostcopyInstalled {
+                missing_pages,
+                bytes,
+                ..
+            } => {
+                a.missing = Some(*missing_pages);
+                a.bytes = *bytes;
+            }
             _ => {}
         }
     }
 
     /// `migrate-status` while a migration arrives: `receiving`, the last
     /// round the source ended and the bytes read by then (`null` until the
-    /// engine's `Accepted`; after a switch to post-copy, the last pre-copy
-    /// round's until every page is in; no round in a local hand-over).
+    /// engine's `Accepted`; no round in a local hand-over). After a switch
+    /// to post-copy, once the guest runs here (the engine's
+    /// `PostcopyActive`) until every page is in: `postcopy-active`, the
+    /// last pre-copy round (`null` in pure post-copy), the bytes read as
+    /// the pages arrive and `"postcopy":{"missing-pages":N}`.
     fn arriving_status(&self) -> Value {
         let a = self.arriving.lock().unwrap_or_else(|e| e.into_inner());
         let known = a.since.is_some();
-        json!({
+        let mut v = json!({
             "result": "ok",
-            "status": "receiving",
+            "status": if a.missing.is_some() { "postcopy-active" } else { "receiving" },
             "direction": "incoming",
             "round": a.round,
             "total-time": a.since.map(|t| t.elapsed().as_secs_f64() * 1e3),
@@ -146,7 +164,11 @@ impl ApiState {
                 "total": known.then_some(a.memory),
                 "transferred": known.then_some(a.bytes),
             },
-        })
+        });
+        if let Some(missing) = a.missing {
+            v["postcopy"] = json!({ "missing-pages": missing });
+        }
+        v
     }
 
     /// The machine runs here: waiting requests are answered.
@@ -273,4 +295,43 @@ fn status(migration: &str, listen: Option<&String>) -> Value {
         v["listen"] = json!(l);
     }
     v
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn an_arriving_postcopy_is_reported_active_with_the_pages_missing() {
+        let s = ApiState::coming();
+        s.receive_progress(&ReceiveProgress::Accepted {
+            memory_bytes: 1 << 30,
+            vcpus: 1,
+            streams_asked: 1,
+        });
+        s.receive_progress(&ReceiveProgress::RoundReceived {
+            round: 2,
+            bytes: 1000,
+        });
+        assert_eq!(s.arriving_status()["status"], "receiving");
+        assert!(s.arriving_status()["postcopy"].is_null());
+        s.receive_progress(&ReceiveProgress::PostcopyActive {
+            running: true,
+            missing_pages: 30,
+        });
+        let v = s.arriving_status();
+        assert_eq!(v["status"], "postcopy-active", "{v}");
+        assert_eq!(v["round"], 2, "{v}");
+        assert_eq!(v["ram"]["transferred"], 1000, "{v}");
+        assert_eq!(v["postcopy"]["missing-pages"], 30, "{v}");
+        s.receive_progress(&ReceiveProgress::PostcopyInstalled {
+            installed_pages: 20,
+            missing_pages: 10,
+            bytes: 90_000,
+        });
+        let v = s.arriving_status();
+        assert_eq!(v["status"], "postcopy-active", "{v}");
+        assert_eq!(v["ram"]["transferred"], 90_000, "{v}");
+        assert_eq!(v["postcopy"]["missing-pages"], 10, "{v}");
+    }
 }

@@ -822,8 +822,8 @@ pub(crate) fn cmd_receive(args: ReceiveArgs) -> Result<(), Fail> {
         }
     };
     // Every kind of reception reports its progress to the waiting API (one
-    // that switches to post-copy up to its last pre-copy round: the engine
-    // reports nothing from the switch until every page is in).
+    // that switches to post-copy its rounds, then the pages arriving while
+    // the guest runs here).
     let reception = Reception::new(transport).config(cfg).progress(follow);
     let result = match (acceptor, fault) {
         (

@@ -428,7 +428,9 @@ impl std::fmt::Display for RoundReport {
 /// `RoundReceived` after each pre-copy round (the source may pause its
 /// guest right after the last one: a slow callback can then add to the
 /// downtime), `Completed` after the destination told the source that the
-/// guest runs here.
+/// guest runs here. After a switch to post-copy the guest runs here from
+/// `PostcopyActive` on, `PostcopyInstalled` follows the pages arriving,
+/// and `Completed` comes once every page is in.
 #[derive(Debug, Clone, Serialize)]
 #[serde(tag = "event", rename_all = "kebab-case")]
 #[non_exhaustive]
@@ -457,9 +459,46 @@ pub enum ReceiveProgress {
         /// them).
         bytes: u64,
     },
+    /// Post-copy ([`crate::Reception::postcopy`]): the source committed
+    /// (`Go`), the VM was resumed here (or left paused, `running: false`,
+    /// when the source VM had been paused by its operator) and `Resumed`
+    /// was sent, while `missing_pages` pages are still to come (from the
+    /// source's push and its answers to faults). Delivered once, on the
+    /// calling thread, right after `Resumed` was sent and before any
+    /// [`ReceiveProgress::PostcopyInstalled`]; [`ReceiveProgress::Completed`]
+    /// follows once every page is in.
+    PostcopyActive {
+        /// Whether the guest runs here now.
+        running: bool,
+        /// Pages missing at the resume (the switch's discard set, less the
+        /// pages installed while the state was restored).
+        missing_pages: u64,
+    },
+    /// Post-copy, after [`ReceiveProgress::PostcopyActive`]: pages are
+    /// being installed while the guest runs here. Delivered on the calling
+    /// thread (which reads the source's push on the control connection)
+    /// after a frame of the push (pages or a keepalive) is read: after the
+    /// first one, then at most once every 100 ms while pages are missing,
+    /// and exactly once more when every page is in (`missing_pages` 0),
+    /// before [`ReceiveProgress::Completed`]. After a broken connection was
+    /// replaced ([`crate::Reception::postcopy_reconnect`]) the events go on
+    /// from the new connection's first frame, counts carrying on. Keep the
+    /// callback short: the push is not read meanwhile.
+    PostcopyInstalled {
+        /// Pages installed since the switch (pushed or answered to a
+        /// fault).
+        installed_pages: u64,
+        /// Pages still missing.
+        missing_pages: u64,
+        /// Bytes of whole frames read so far on every connection of the
+        /// migration (the pre-copy part's included; after a broken
+        /// connection, what the broken ones had read included).
+        bytes: u64,
+    },
     /// The source committed (`Go`) and the VM was resumed (or left paused,
     /// `running: false`, when the source VM had been paused by its
-    /// operator); `Resumed` was sent.
+    /// operator); `Resumed` was sent. After a switch to post-copy: every
+    /// page is installed too.
     Completed {
         /// Whether the guest runs here now.
         running: bool,

@@ -10,8 +10,10 @@ use std::sync::{Arc, Mutex};
 
 use livemig::destination::postcopy::PostcopyMemory;
 use livemig::memory::{Backing, GuestMemory, HostRegion, MemoryLayout, RegionDesc};
+use livemig::protocol::MsgKind;
 use livemig::source::postcopy::PostcopyConfig;
 use livemig::state::Section;
+use livemig::testing::fault::{At, Fault, FaultTransport};
 use livemig::testing::postcopy::SoftPager;
 use livemig::testing::soft::{SoftConfig, SoftTracking, SoftVm};
 use livemig::transport::{mem, Transport};
@@ -81,6 +83,13 @@ fn record(events: &Events) -> impl FnMut(&ReceiveProgress) + 'static {
     move |p| {
         let name = match p {
             ReceiveProgress::Accepted { .. } => "accepted",
+            ReceiveProgress::PostcopyActive { .. } => "postcopy-active",
+            // The pages arriving, as often as the push goes: only the
+            // last one (every page in) is kept.
+            ReceiveProgress::PostcopyInstalled { missing_pages, .. } if *missing_pages > 0 => {
+                return
+            }
+            ReceiveProgress::PostcopyInstalled { .. } => "all-in",
             ReceiveProgress::Completed { .. } => "completed",
             _ => "other",
         };
@@ -156,7 +165,8 @@ fn a_destination_cancel_after_go_in_postcopy_is_ignored() {
     assert!(src.is_paused());
     dest.vm.stop();
     assert!(dest.vm.snapshot() == src.snapshot());
-    assert_eq!(*events.lock().unwrap(), vec!["accepted", "completed"]);
+    let want = vec!["accepted", "postcopy-active", "all-in", "completed"];
+    assert_eq!(*events.lock().unwrap(), want);
 }
 
 #[test]
@@ -165,7 +175,8 @@ fn a_postcopy_reception_reports_progress() {
     let (_, r, received) = postcopy(CancelAt::Never, &CancelToken::new(), &events);
     r.expect("source");
     received.expect("received");
-    assert_eq!(*events.lock().unwrap(), vec!["accepted", "completed"]);
+    let want = vec!["accepted", "postcopy-active", "all-in", "completed"];
+    assert_eq!(*events.lock().unwrap(), want);
 }
 
 #[test]
@@ -370,4 +381,179 @@ fn local_and_postcopy_are_one_or_the_other() {
         matches!(&e.kind, ErrorKind::Config(c) if c.field == "streams"),
         "{e}"
     );
+}
+
+/// A [`ReceiveProgress`] of a post-copy reception, as the test keeps it.
+#[derive(Debug, Clone, Copy, PartialEq)]
+enum Seen {
+    Accepted,
+    Round,
+    Active {
+        running: bool,
+        missing: u64,
+    },
+    Installed {
+        installed: u64,
+        missing: u64,
+        bytes: u64,
+    },
+    Completed,
+}
+
+fn seen(p: &ReceiveProgress) -> Option<Seen> {
+    Some(match p {
+        ReceiveProgress::Accepted { .. } => Seen::Accepted,
+        ReceiveProgress::RoundReceived { .. } => Seen::Round,
+        ReceiveProgress::PostcopyActive {
+            running,
+            missing_pages,
+        } => Seen::Active {
+            running: *running,
+            missing: *missing_pages,
+        },
+        ReceiveProgress::PostcopyInstalled {
+            installed_pages,
+            missing_pages,
+            bytes,
+        } => Seen::Installed {
+            installed: *installed_pages,
+            missing: *missing_pages,
+            bytes: *bytes,
+        },
+        ReceiveProgress::Completed { .. } => Seen::Completed,
+        _ => return None,
+    })
+}
+
+/// What [`follow_postcopy`] saw: the events, the pages missing at the
+/// switch and the source's reconnections.
+struct Followed {
+    events: Vec<Seen>,
+    total: u64,
+    reconnects: u32,
+}
+
+/// Pure post-copy of a filled, idle guest into a `Reception` with a
+/// progress callback: every page is pushed after `Go`, at 1 MiB/s (the
+/// 4 MiB take seconds: the push loop reads many frames and keepalives
+/// while pages are still missing). With `cut`, the source's control
+/// connection breaks before the third pushed `Pages` frame and both sides
+/// continue on a new pair of connections.
+fn follow_postcopy(cut: bool) -> Followed {
+    let src = SoftVm::new(&layout(), &SoftConfig::idle()).unwrap();
+    src.fill(5);
+    src.start(); // running: a paused VM is never offered post-copy
+    let (a, b) = mem::pair();
+    let (fa, fb) = mem::pair();
+    let (na, nb) = mem::pair();
+    let (nfa, nfb) = mem::pair();
+    let mut src_next = Some((Box::new(na) as Box<dyn Transport>, Box::new(nfa) as _));
+    let mut dst_next = Some((Box::new(nb) as Box<dyn Transport>, Box::new(nfb) as _));
+    let events: Arc<Mutex<Vec<Seen>>> = Arc::default();
+    let ev = events.clone();
+    let dest = std::thread::spawn(move || {
+        Reception::new(Box::new(b))
+            .postcopy(Box::new(fb), soft_pager)
+            .postcopy_reconnect(move || dst_next.take())
+            .progress(move |p| ev.lock().unwrap().extend(seen(p)))
+            .run(|d| SoftVm::new(&d.layout, &SoftConfig::idle()))
+    });
+    let pc = PostcopyConfig {
+        after_rounds: 0,
+        on_non_convergence: false,
+        ..Default::default()
+    };
+    let config = MigrationConfig {
+        max_bandwidth: Some(1 << 20),
+        ..Default::default()
+    };
+    let a: Box<dyn Transport> = if cut {
+        let spec = Fault::Drop.at(At::kind(MsgKind::Pages, 2));
+        Box::new(FaultTransport::new(Box::new(a), spec).0)
+    } else {
+        Box::new(a)
+    };
+    let report = Migration::new(&src)
+        .config(config)
+        .postcopy(Box::new(fa), pc)
+        .postcopy_reconnect(Box::new(move || src_next.take()))
+        .run(a)
+        .expect("source");
+    let rp = report.postcopy.expect("switched to post-copy");
+    let (dst, received) = dest.join().unwrap().expect("destination");
+    dst.stop();
+    assert!(dst.snapshot() == src.snapshot());
+    let total = received.postcopy.expect("post-copy stats").discard_pages;
+    assert!(total > 0, "pages were missing at the switch");
+    let events = events.lock().unwrap().clone();
+    Followed {
+        events,
+        total,
+        reconnects: rp.reconnects,
+    }
+}
+
+/// The event order of a post-copy reception: `Accepted`, rounds,
+/// `PostcopyActive` with every page missing, `PostcopyInstalled` with the
+/// installed pages and bytes growing and the missing pages reaching 0
+/// once, `Completed`.
+fn check_postcopy_events(f: &Followed) {
+    let (events, total) = (&f.events, f.total);
+    assert_eq!(events.first(), Some(&Seen::Accepted), "{events:?}");
+    assert_eq!(events.last(), Some(&Seen::Completed), "{events:?}");
+    let body = &events[1..events.len() - 1];
+    let active = body
+        .iter()
+        .position(|e| matches!(e, Seen::Active { .. }))
+        .unwrap_or_else(|| panic!("no PostcopyActive: {events:?}"));
+    assert!(
+        body[..active].iter().all(|e| *e == Seen::Round),
+        "{events:?}"
+    );
+    let want = Seen::Active {
+        running: true,
+        missing: total,
+    };
+    assert_eq!(body[active], want, "every page missing at the resume");
+    let installed: Vec<(u64, u64, u64)> = body[active + 1..]
+        .iter()
+        .map(|e| match e {
+            Seen::Installed {
+                installed,
+                missing,
+                bytes,
+            } => (*installed, *missing, *bytes),
+            other => panic!("{other:?} after PostcopyActive: {events:?}"),
+        })
+        .collect();
+    assert!(installed.len() >= 2, "the push was followed: {events:?}");
+    for w in installed.windows(2) {
+        assert!(w[0].0 < w[1].0, "installed pages grow: {events:?}");
+        assert!(w[0].2 <= w[1].2, "bytes grow: {events:?}");
+    }
+    for (i, m, _) in &installed {
+        assert_eq!(i + m, total, "installed + missing = discarded: {events:?}");
+    }
+    let last = installed[installed.len() - 1];
+    assert_eq!((last.0, last.1), (total, 0), "{events:?}");
+    assert!(last.2 >= total * 4096, "every page's bytes: {events:?}");
+    assert_eq!(
+        installed.iter().filter(|(_, m, _)| *m == 0).count(),
+        1,
+        "one event when every page is in: {events:?}"
+    );
+}
+
+#[test]
+fn a_postcopy_reception_reports_the_guest_running_here_and_the_pages_arriving() {
+    let f = follow_postcopy(false);
+    assert_eq!(f.reconnects, 0);
+    check_postcopy_events(&f);
+}
+
+#[test]
+fn a_postcopy_reception_resumed_after_a_break_keeps_reporting_the_pages_arriving() {
+    let f = follow_postcopy(true);
+    assert_eq!(f.reconnects, 1, "the push broke and resumed");
+    check_postcopy_events(&f);
 }

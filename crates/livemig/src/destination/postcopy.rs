@@ -7,7 +7,7 @@
 //! software one whose "vCPUs" block on a condition variable.
 
 use std::collections::HashMap;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Condvar, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
@@ -17,7 +17,7 @@ mod arm;
 
 use arm::Armed;
 
-use super::{handshake, memory, ms, Link, ReceiveConfig, ReceiveReport};
+use super::{handshake, memory, ms, Link, ReceiveConfig, ReceiveProgress, ReceiveReport};
 use crate::bitmap::DirtyBitmap;
 use crate::control::{self, unexpected};
 use crate::error::{ErrorKind, MigrationError, Phase};
@@ -355,7 +355,7 @@ where
     let mut report = report_of(&received, link, running);
     let Some(switch) = received.switch.as_ref() else {
         let times = super::commit::commit(&mut vm, link, &received.sections, running, cancel)?;
-        (call.progress)(&super::ReceiveProgress::Completed { running });
+        (call.progress)(&ReceiveProgress::Completed { running });
         report.restore_ms = ms(times.restore);
         report.resume_ms = ms(times.resume);
         report.bytes = link.control.bytes_read();
@@ -371,13 +371,21 @@ where
     // restore reads guest memory (a virtio queue) faults on a missing page
     // like a vCPU does, and the source answers requests from the switch on.
     let mut restore_ms = 0.0;
-    let server = Server::new(&layout, &*armed.pager, armed.discard);
-    let stats = server.run_with(link, fault, config, reconnect, |link: &mut Link| {
-        let (restored, resumed) =
-            restore_and_go(&mut vm, link, &received.sections, running, cancel)?;
-        restore_ms = restored;
-        Ok(resumed)
-    });
+    let server = Server::new(&layout, &*armed.pager, armed.discard, running);
+    let progress = &mut *call.progress;
+    let stats = server.run_with(
+        link,
+        fault,
+        config,
+        reconnect,
+        progress,
+        |link: &mut Link| {
+            let (restored, resumed) =
+                restore_and_go(&mut vm, link, &received.sections, running, cancel)?;
+            restore_ms = restored;
+            Ok(resumed)
+        },
+    );
     drop(server);
     report.restore_ms = restore_ms;
     let stats = match stats {
@@ -397,7 +405,7 @@ where
     });
     report.bytes = link.control.bytes_read();
     report.total_ms = ms(started.elapsed());
-    (call.progress)(&super::ReceiveProgress::Completed { running });
+    (call.progress)(&ReceiveProgress::Completed { running });
     Ok((vm, report))
 }
 
@@ -475,7 +483,7 @@ where
     let mut pager = Some(pager);
     let mut prepared: Option<Armed> = None;
     let ram = handshake::prepare_memory(&mut link.fw, &vm, &layout, hello.local.as_ref())?;
-    (call.progress)(&super::ReceiveProgress::Accepted {
+    (call.progress)(&ReceiveProgress::Accepted {
         memory_bytes: layout.total_bytes(),
         vcpus: hello.desc.vcpus,
         streams_asked: hello.streams,
@@ -529,11 +537,26 @@ fn abandon<V>(vm: V, pager: Box<dyn PostcopyMemory>) {
     std::mem::forget(pager);
 }
 
+/// At most how often the push loop reports the pages installed
+/// ([`ReceiveProgress::PostcopyInstalled`]) while some are missing.
+const INSTALLED_EVERY: Duration = Duration::from_millis(100);
+
+/// The progress callback of the reception.
+type OnProgress<'p> = &'p mut dyn FnMut(&ReceiveProgress);
+
 /// What the page server's threads share.
 struct Server<'a> {
     layout: &'a MemoryLayout,
     pager: &'a dyn PostcopyMemory,
     discard: DirtyBitmap,
+    /// Whether the guest runs here after `Go` (said in
+    /// [`ReceiveProgress::PostcopyActive`]).
+    running: bool,
+    /// Bytes read on control connections that broke (replaced by
+    /// `reconnect`).
+    earlier_bytes: AtomicU64,
+    /// Bytes read on the fault connections.
+    fault_bytes: AtomicU64,
     st: Mutex<ServerState>,
     all_in: Condvar,
 }
@@ -556,7 +579,12 @@ struct ServerState {
 }
 
 impl<'a> Server<'a> {
-    fn new(layout: &'a MemoryLayout, pager: &'a dyn PostcopyMemory, discard: DirtyBitmap) -> Self {
+    fn new(
+        layout: &'a MemoryLayout,
+        pager: &'a dyn PostcopyMemory,
+        discard: DirtyBitmap,
+        running: bool,
+    ) -> Self {
         let st = ServerState {
             installed: Some(DirtyBitmap::new(layout)),
             missing: discard.count(),
@@ -566,6 +594,9 @@ impl<'a> Server<'a> {
             layout,
             pager,
             discard,
+            running,
+            earlier_bytes: AtomicU64::new(0),
+            fault_bytes: AtomicU64::new(0),
             st: Mutex::new(st),
             all_in: Condvar::new(),
         }
@@ -585,13 +616,17 @@ impl<'a> Server<'a> {
     /// Starts the fault threads, restores and resumes the VM (`resume`:
     /// restore, `Ready`, `Go`, resume), answers `Resumed` and installs
     /// pages until all are in; when a connection breaks after that,
-    /// continues over the pair `reconnect` gives (if any).
+    /// continues over the pair `reconnect` gives (if any). Reports
+    /// [`ReceiveProgress::PostcopyActive`] and
+    /// [`ReceiveProgress::PostcopyInstalled`] to `progress` (on this
+    /// thread).
     fn run_with<R>(
         &self,
         link: &mut Link,
         fault: Box<dyn Transport>,
         config: &ReceiveConfig,
         reconnect: &mut Reconnect<'_>,
+        progress: OnProgress<'_>,
         resume: R,
     ) -> Result<(PostcopyStats, f64), MigrationError>
     where
@@ -601,7 +636,7 @@ impl<'a> Server<'a> {
         let mut resume = Some(resume);
         let mut took = None;
         loop {
-            let e = match self.attempt(link, fault, config, &mut resume, &mut took) {
+            let e = match self.attempt(link, fault, config, &mut resume, &mut took, progress) {
                 Ok(()) => {
                     let (resumed_at, took) = took.unwrap_or((Instant::now(), Duration::ZERO));
                     return Ok((self.stats(resumed_at), ms(took)));
@@ -619,6 +654,8 @@ impl<'a> Server<'a> {
             log::warn!("post-copy: {e}; continuing on new connections");
             let (reader, writer) =
                 control::open(control, config.io_timeout).map_err(|e| self.interrupted(e))?;
+            let broken = link.control.bytes_read();
+            self.earlier_bytes.fetch_add(broken, Ordering::SeqCst);
             link.control = reader;
             link.fw = writer;
             let resume_msg = PostcopyResume {
@@ -639,6 +676,7 @@ impl<'a> Server<'a> {
         config: &ReceiveConfig,
         resume: &mut Option<R>,
         took: &mut Option<(Instant, Duration)>,
+        progress: OnProgress<'_>,
     ) -> Result<(), MigrationError>
     where
         R: FnOnce(&mut Link) -> Result<Duration, MigrationError>,
@@ -661,10 +699,15 @@ impl<'a> Server<'a> {
                     if let Err(e) = control::send(&mut link.fw, &resumed, Phase::Completion) {
                         log::warn!("guest resumed but the acknowledgement could not be sent: {e}");
                     }
+                    let missing_pages = self.lock().missing;
+                    progress(&ReceiveProgress::PostcopyActive {
+                        running: self.running,
+                        missing_pages,
+                    });
                 });
             }
             let r = r.and_then(|()| {
-                let pages = self.push_loop(link, config.io_timeout)?;
+                let pages = self.push_loop(link, config.io_timeout, progress)?;
                 // Every page is installed: the guest is whole here whatever
                 // becomes of the acknowledgement (a source that read it may
                 // close the connection before this side's flush returns).
@@ -728,11 +771,19 @@ impl<'a> Server<'a> {
     }
 
     /// The control connection: pushed pages until `PostcopyPushed`, then
-    /// waits for the last answers. Returns the pages installed.
-    fn push_loop(&self, link: &mut Link, wait: Duration) -> Result<u64, MigrationError> {
+    /// waits for the last answers. Returns the pages installed. Reports
+    /// the pages installed after the first frame, then at most every
+    /// [`INSTALLED_EVERY`] while some are missing, and once all are in.
+    fn push_loop(
+        &self,
+        link: &mut Link,
+        wait: Duration,
+        progress: OnProgress<'_>,
+    ) -> Result<u64, MigrationError> {
         let pc = Phase::Postcopy;
         const EXPECTED: &str = "Pages or PostcopyPushed";
         let mut scratch = Vec::new();
+        let mut reported: Option<Instant> = None;
         loop {
             if let Some(why) = self.lock().error.clone() {
                 return Err(MigrationError::new(pc, ErrorKind::Internal(internal(why))));
@@ -748,6 +799,7 @@ impl<'a> Server<'a> {
                 other => return Err(unexpected(other, EXPECTED, pc)),
             }
             .map_err(|why| MigrationError::new(pc, ErrorKind::Internal(internal(why))))?;
+            self.follow(link, &mut *progress, &mut reported);
         }
         // Every page was sent; answers to requests may still be on the way.
         let deadline = Instant::now() + wait;
@@ -770,7 +822,40 @@ impl<'a> Server<'a> {
         if let Some(why) = st.error.clone() {
             return Err(MigrationError::new(pc, ErrorKind::Internal(internal(why))));
         }
-        Ok(st.requested_pages + st.pushed_pages)
+        let all_in = self.installed_event(&st, link);
+        let pages = st.requested_pages + st.pushed_pages;
+        drop(st);
+        progress(&all_in);
+        Ok(pages)
+    }
+
+    /// A [`ReceiveProgress::PostcopyInstalled`] while pages are missing,
+    /// unless one was reported (at `reported`) less than
+    /// [`INSTALLED_EVERY`] ago.
+    fn follow(&self, link: &Link, progress: OnProgress<'_>, reported: &mut Option<Instant>) {
+        if reported.is_some_and(|t| t.elapsed() < INSTALLED_EVERY) {
+            return;
+        }
+        let st = self.lock();
+        if st.missing == 0 {
+            return;
+        }
+        let event = self.installed_event(&st, link);
+        drop(st);
+        *reported = Some(Instant::now());
+        progress(&event);
+    }
+
+    /// The pages installed and missing now, and the bytes read so far.
+    fn installed_event(&self, st: &ServerState, link: &Link) -> ReceiveProgress {
+        let bytes = self.earlier_bytes.load(Ordering::SeqCst)
+            + link.control.bytes_read()
+            + self.fault_bytes.load(Ordering::SeqCst);
+        ReceiveProgress::PostcopyInstalled {
+            installed_pages: st.requested_pages + st.pushed_pages,
+            missing_pages: st.missing,
+            bytes,
+        }
     }
 
     /// Faults → requests on the fault connection. Requests made on an
@@ -833,6 +918,7 @@ impl<'a> Server<'a> {
 
     /// Answers to requests, from the fault connection.
     fn answer_loop(&self, mut fr: FrameReader<Box<dyn Transport>>, stop: &AtomicBool) {
+        let mut counted = 0;
         loop {
             let f = match fr.read_frame() {
                 Ok(f) => f,
@@ -848,6 +934,10 @@ impl<'a> Server<'a> {
                 MsgKind::Keepalive => Ok(()),
                 other => Err(format!("unexpected {other} frame on the fault connection")),
             };
+            let read = fr.bytes_read();
+            self.fault_bytes
+                .fetch_add(read.saturating_sub(counted), Ordering::SeqCst);
+            counted = read;
             if let Err(why) = r {
                 return self.fail(why);
             }
