@@ -421,13 +421,21 @@ impl QemuVm {
         let effective = self.qmp.execute("query-migrate-parameters", json!({}))?;
         self.qmp.execute("migrate", json!({ "uri": uri }))?;
         let deadline = Instant::now() + params.timeout;
+        let mut ended = None;
         loop {
             let q = self.qmp.execute("query-migrate", json!({}))?;
             let status = q["status"].as_str().unwrap_or("").to_string();
             match status.as_str() {
+                // QEMU 7.2 sets `completed` before it computes `total-time`
+                // and `downtime` (`migration_completion`, then
+                // `migration_calculate_complete`): a poll in between reads
+                // both as 0 (seen once in 2026-12-04's runs). Poll on until
+                // they are there; the completion is when it was first seen.
                 "completed" => {
-                    let ended = Instant::now();
-                    return Ok(QemuReport::from_query(&q, &effective, ended));
+                    let at = *ended.get_or_insert_with(Instant::now);
+                    if QemuReport::times_are_set(&q) {
+                        return Ok(QemuReport::from_query(&q, &effective, at));
+                    }
                 }
                 "failed" | "cancelled" => {
                     return Err(format!(
@@ -437,6 +445,13 @@ impl QemuVm {
                     ));
                 }
                 _ => {}
+            }
+            if Instant::now() > deadline && ended.is_some() {
+                return Err(format!(
+                    "{}: migration completed but QEMU reported no total time and downtime within \
+                     {:?} (last: {q}): not a measurement",
+                    self.name, params.timeout
+                ));
             }
             if Instant::now() > deadline {
                 let _ = self.qmp.execute("migrate_cancel", json!({}));
@@ -522,6 +537,12 @@ pub struct QemuReport {
 }
 
 impl QemuReport {
+    /// Whether a `completed` reply carries its times (`total-time` above
+    /// 0, `downtime` present): see [`QemuVm::migrate`].
+    fn times_are_set(q: &Value) -> bool {
+        q["total-time"].as_f64().is_some_and(|t| t > 0.0) && q["downtime"].as_f64().is_some()
+    }
+
     fn from_query(q: &Value, params: &Value, completed_at: Instant) -> QemuReport {
         let f = |v: &Value| v.as_f64().unwrap_or(f64::NAN);
         let u = |v: &Value| v.as_u64().unwrap_or(0);
@@ -557,5 +578,23 @@ impl QemuReport {
             "downtime_limit_ms": self.downtime_limit_ms,
             "max_bandwidth": self.max_bandwidth,
         })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::QemuReport;
+    use serde_json::json;
+
+    /// QEMU 7.2 answers `completed` a moment before it fills in the times:
+    /// that reply is no measurement; the one after it is.
+    #[test]
+    fn a_completed_reply_without_its_times_is_no_measurement() {
+        let early = json!({"status":"completed","total-time":0,"downtime":0});
+        let missing = json!({"status":"completed","total-time":5699});
+        let full = json!({"status":"completed","total-time":5699,"downtime":6});
+        assert!(!QemuReport::times_are_set(&early));
+        assert!(!QemuReport::times_are_set(&missing));
+        assert!(QemuReport::times_are_set(&full));
     }
 }
