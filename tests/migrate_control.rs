@@ -37,6 +37,17 @@ fn source_and_destination(tag: &str) -> (std::path::PathBuf, Vmm, Vmm, String) {
 
 /// After a cancelled migration: the source still has the guest, running and
 /// uncorrupted, and no migration runs; the destination gave up.
+/// The destination heard why the source stopped (its `Error`
+/// "cancelled"), not just a closed connection.
+fn assert_destination_heard_the_cancel(src: &Vmm, dst: &Vmm) {
+    let derr = dst.stderr();
+    assert!(
+        derr.contains("peer reported an error") && derr.contains(": cancelled"),
+        "the destination does not say the source cancelled: {derr}\nsource: {}",
+        src.stderr()
+    );
+}
+
 fn assert_guest_stayed(src: &mut Vmm, dst: &mut Vmm, what: &str) {
     let deadline = Instant::now() + Duration::from_secs(20);
     let status = loop {
@@ -325,13 +336,7 @@ fn progress_from_a_second_client_then_cancel_from_a_third() {
     assert_eq!(r["status"], "cancelled", "{r}");
     assert!(events.iter().any(|e| e["event"] == "round"), "{events:?}");
     assert_guest_stayed(&mut src, &mut dst, "after a cancel from another client");
-    // The destination heard why (not just a closed connection).
-    let derr = dst.stderr();
-    assert!(
-        derr.contains("peer reported an error") && derr.contains(": cancelled"),
-        "the destination does not say the source cancelled: {derr}\nsource: {}",
-        src.stderr()
-    );
+    assert_destination_heard_the_cancel(&src, &dst);
     let q = src.api(&json!({"cmd":"migrate-status"}), |_| {}).unwrap();
     assert_eq!(q["status"], "cancelled", "{q}");
     // Nothing left to cancel: the CLI says so and fails.
@@ -398,12 +403,7 @@ fn a_cancel_in_round_0_over_four_page_streams() {
     assert_eq!(st.code(), Some(4), "client exit {st}:\n{err}");
     assert!(err.contains("stays on the source"), "{err}");
     assert_guest_stayed(&mut src, &mut dst, "after a cancel over four page streams");
-    let derr = dst.stderr();
-    assert!(
-        derr.contains("peer reported an error") && derr.contains(": cancelled"),
-        "the destination does not say the source cancelled: {derr}\nsource: {}",
-        src.stderr()
-    );
+    assert_destination_heard_the_cancel(&src, &dst);
     let _ = std::fs::remove_dir_all(dir);
 }
 

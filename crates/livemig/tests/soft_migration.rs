@@ -9,13 +9,12 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use livemig::bitmap::DirtyBitmap;
-use livemig::memory::{GuestMemory, MemoryLayout, RegionDesc};
-use livemig::state::Section;
+use livemig::memory::{MemoryLayout, RegionDesc};
 use livemig::testing::fault::{At, Fault, FaultTransport};
 use livemig::testing::hooked::HookedVm;
 use livemig::testing::soft::{SoftConfig, SoftVm};
 use livemig::transport::{mem, Transport};
-use livemig::vm::{DirtyTracker, Rearm, SourceVm, VcpuThrottle, VmDescription, VmError};
+use livemig::vm::{DirtyTracker, Rearm, SourceVm, VmError};
 use livemig::{
     migrate, receive, CancelToken, ErrorKind, Migration, MigrationConfig, Phase, ReceiveConfig,
     SOURCE_CANCEL_GRACE,
@@ -344,13 +343,9 @@ fn a_source_cancel_interrupts_a_stalled_write() {
     assert!(src.writes() > w, "the source's guest runs on");
 }
 
-/// A source VM whose hypervisor takes its time to turn dirty logging off
-/// (three times `SOURCE_CANCEL_GRACE`; 256 MiB under PVM took 131 ms with
-/// the working set re-armed), noting when it began: everything else is the
-/// soft VM's.
-struct SlowLogOff(SoftVm, Arc<Mutex<Option<Instant>>>);
-
-/// The soft VM's dirty log, with a slow `stop` that notes when it began.
+/// A dirty log whose hypervisor takes its time to turn it off (three times
+/// `SOURCE_CANCEL_GRACE`; 256 MiB under PVM took 131 ms with the working
+/// set re-armed), noting when it began: everything else is the soft VM's.
 struct SlowStop<'a>(Box<dyn DirtyTracker + 'a>, Arc<Mutex<Option<Instant>>>);
 
 impl DirtyTracker for SlowStop<'_> {
@@ -391,33 +386,6 @@ impl DirtyTracker for SlowStop<'_> {
     }
 }
 
-impl SourceVm for SlowLogOff {
-    fn memory(&self) -> &dyn GuestMemory {
-        SourceVm::memory(&self.0)
-    }
-    fn describe(&self) -> Result<VmDescription, VmError> {
-        self.0.describe()
-    }
-    fn dirty_tracker(&self) -> Result<Box<dyn DirtyTracker + '_>, VmError> {
-        Ok(Box::new(SlowStop(self.0.dirty_tracker()?, self.1.clone())))
-    }
-    fn pause(&self) -> Result<(), VmError> {
-        SourceVm::pause(&self.0)
-    }
-    fn resume(&self) -> Result<(), VmError> {
-        SourceVm::resume(&self.0)
-    }
-    fn is_paused(&self) -> bool {
-        self.0.is_paused()
-    }
-    fn save_state(&self) -> Result<Vec<Section>, VmError> {
-        self.0.save_state()
-    }
-    fn throttle(&self) -> Option<&dyn VcpuThrottle> {
-        self.0.throttle()
-    }
-}
-
 /// A cancelled source tells the destination why before it turns dirty
 /// logging off: a hypervisor slow to do that (longer than
 /// `SOURCE_CANCEL_GRACE`) must not turn the destination's "cancelled" into
@@ -428,13 +396,12 @@ impl SourceVm for SlowLogOff {
 #[test]
 fn a_cancelled_source_says_why_before_a_slow_dirty_log_teardown() {
     let log_off = Arc::new(Mutex::new(None));
-    let src = SlowLogOff(
-        SoftVm::new(&layout(64), &SoftConfig::idle()).unwrap(),
-        log_off.clone(),
-    );
-    src.0.fill(6);
-    src.0.start();
-    let before = src.0.snapshot();
+    let noted = log_off.clone();
+    let src = HookedVm::new(SoftVm::new(&layout(64), &SoftConfig::idle()).unwrap())
+        .on_dirty_tracker(move |vm| Ok(Box::new(SlowStop(vm.dirty_tracker()?, noted.clone()))));
+    src.vm().fill(6);
+    src.vm().start();
+    let before = src.vm().snapshot();
     let (a, b) = mem::pair();
     let cancel = CancelToken::new();
     let dest = soft_destination(b, ReceiveConfig::default());
@@ -459,7 +426,7 @@ fn a_cancelled_source_says_why_before_a_slow_dirty_log_teardown() {
     assert!(matches!(e.kind, ErrorKind::Cancelled), "{e}");
     assert!(!src.is_paused(), "the source's guest does not run again");
     assert!(
-        src.0.snapshot() == before,
+        src.vm().snapshot() == before,
         "the migration changed the source's memory"
     );
     let Err(de) = dest.join().unwrap() else {

@@ -35,12 +35,17 @@ use crate::vm::{DirtyTracker, SourceVm, VcpuThrottle, VmDescription, VmError};
 /// wrapped VM's own behaviour calls it).
 type Hook<'a, V, T> = Box<dyn Fn(&V) -> Result<T, VmError> + Send + Sync + 'a>;
 
+/// A dirty-tracker hook: the tracker it returns borrows the wrapped VM.
+type TrackerHook<'a, V> =
+    Box<dyn for<'v> Fn(&'v V) -> Result<Box<dyn DirtyTracker + 'v>, VmError> + Send + Sync + 'a>;
+
 /// A source VM that delegates to `V`, except for the calls given a hook
-/// (`describe`, `pause`, `resume`, `save_state`) and, after
-/// [`HookedVm::without_throttle`], the throttle.
+/// (`describe`, `dirty_tracker`, `pause`, `resume`, `save_state`) and,
+/// after [`HookedVm::without_throttle`], the throttle.
 pub struct HookedVm<'a, V> {
     vm: V,
     describe: Option<Hook<'a, V, VmDescription>>,
+    dirty_tracker: Option<TrackerHook<'a, V>>,
     pause: Option<Hook<'a, V, ()>>,
     resume: Option<Hook<'a, V, ()>>,
     save_state: Option<Hook<'a, V, Vec<Section>>>,
@@ -53,6 +58,7 @@ impl<'a, V: SourceVm> HookedVm<'a, V> {
         HookedVm {
             vm,
             describe: None,
+            dirty_tracker: None,
             pause: None,
             resume: None,
             save_state: None,
@@ -71,6 +77,16 @@ impl<'a, V: SourceVm> HookedVm<'a, V> {
         f: impl Fn(&V) -> Result<VmDescription, VmError> + Send + Sync + 'a,
     ) -> Self {
         self.describe = Some(Box::new(f));
+        self
+    }
+
+    /// `dirty_tracker` calls `f` instead (to wrap the wrapped VM's own
+    /// tracker, say: a slow `stop`, a `sync` that loses pages).
+    pub fn on_dirty_tracker(
+        mut self,
+        f: impl for<'v> Fn(&'v V) -> Result<Box<dyn DirtyTracker + 'v>, VmError> + Send + Sync + 'a,
+    ) -> Self {
+        self.dirty_tracker = Some(Box::new(f));
         self
     }
 
@@ -123,7 +139,10 @@ impl<V: SourceVm> SourceVm for HookedVm<'_, V> {
         call(&self.vm, &self.describe, V::describe)
     }
     fn dirty_tracker(&self) -> Result<Box<dyn DirtyTracker + '_>, VmError> {
-        self.vm.dirty_tracker()
+        match &self.dirty_tracker {
+            Some(f) => f(&self.vm),
+            None => self.vm.dirty_tracker(),
+        }
     }
     fn pause(&self) -> Result<(), VmError> {
         call(&self.vm, &self.pause, V::pause)
